@@ -1,0 +1,70 @@
+# Pimesh. `make image` builds the Raspberry Pi image; `make test` runs every test, the
+# QEMU aarch64 boot of that image included. Both install what they need (Debian, root).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -1)
+IMAGE := out/pimesh-$(VERSION)-arm64.img.xz
+AMD64_ROOT := out/pimesh-$(VERSION)-amd64.root
+# Everything the image is made of: a change to any of these rebuilds it.
+IMAGE_INPUTS := $(shell git ls-files Cargo.toml Cargo.lock README.md image systemd configs \
+	daemon schema supervisor proxy 2>/dev/null)
+
+.PHONY: help deps image image-amd64 cross host-bins test test-rust test-qemu qemu bench-boot lint clean
+
+help:
+	@echo "make image        build $(IMAGE) (the Raspberry Pi SD card image)"
+	@echo "make test         run all tests: Rust (host) and the QEMU aarch64 boot of the image"
+	@echo "make qemu         boot the image in QEMU (SSH on 127.0.0.1:2222, status on 127.0.0.1:4200)"
+	@echo "make cross        build the aarch64 release binaries into out/bin/aarch64/"
+	@echo "make image-amd64  build the amd64 root filesystem ($(AMD64_ROOT)) for nspawn tests"
+	@echo "make bench-boot   measure boot to supervisor READY against boot without Pimesh"
+
+deps:
+	./image/host-deps.sh
+
+image: $(IMAGE)
+
+$(IMAGE): $(IMAGE_INPUTS)
+	./image/host-deps.sh
+	./image/cross.sh
+	ARCH=arm64 ./image/assemble.sh
+
+cross:
+	./image/cross.sh
+
+host-bins:
+	cargo build --release --locked --workspace --bins
+	install -D -m 0755 -t out/bin/x86_64 target/release/pimesh-supervisor target/release/pimesh-proxy
+
+image-amd64: host-bins
+	./image/host-deps.sh
+	ARCH=amd64 ./image/assemble.sh
+
+test: test-rust test-qemu
+
+test-rust:
+	cargo test --locked --workspace
+
+test-qemu: $(IMAGE)
+	./tests/qemu/run.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --locked --workspace --all-targets -- -D warnings
+
+qemu: $(IMAGE)
+	./image/host-deps.sh
+	mkdir -p out/qemu
+	xz -dc $(IMAGE) > out/qemu/base.img
+	@if [ -n "$(SEED)" ]; then mcopy -o -i out/qemu/base.img@@4M "$(SEED)" ::/pimesh.toml; fi
+	rm -f out/qemu/overlay.qcow2
+	qemu-img create -q -f qcow2 -b base.img -F raw out/qemu/overlay.qcow2 8G
+	@echo "Booting; the console is here (Ctrl-a x quits). SSH: ssh -p 2222 root@127.0.0.1 (keys from the seed);"
+	@echo "status: curl http://127.0.0.1:4200/status"
+	DISK_FORMAT=qcow2 BOOT_FROM=out/qemu/base.img ./image/qemu.sh out/qemu/overlay.qcow2
+
+bench-boot: $(IMAGE)
+	./tests/qemu/run.sh --bench-boot
+
+clean:
+	rm -rf out target

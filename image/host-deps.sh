@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Installs what the build machine (Debian 12, root) needs to build and boot the image.
+# Idempotent: does nothing when every tool is already present at a usable version.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# qemu 10, mmdebstrap 1.5 and e2fsprogs 1.47 (mkfs.ext4 -d from a tarball) come from
+# bookworm-backports; the rest from bookworm.
+for tool in mmdebstrap qemu-system-aarch64 qemu-system-x86_64 qemu-aarch64-static mcopy mkfs.vfat \
+            sfdisk depmod xz unshare systemd-nspawn ssh-keygen ssh script curl jq python3 zstd; do
+  have "$tool" || need+=("$tool")
+done
+e2fs_ok() { mke2fs -V 2>&1 | grep -qE 'mke2fs 1\.(47|48|49)'; }
+e2fs_ok || need+=(e2fsprogs-backports)
+
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "host-deps: installing for: ${need[*]}"
+  if . /etc/os-release && [ "${VERSION_CODENAME:-}" = bookworm ]; then
+    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      cat > /etc/apt/sources.list.d/pimesh-bookworm-backports.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    fi
+    bpo=(-t bookworm-backports)
+  else
+    bpo=()
+  fi
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${bpo[@]}" \
+    mmdebstrap qemu-system-arm qemu-system-x86 qemu-user-static qemu-utils e2fsprogs
+  apt-get install -y -q --no-install-recommends \
+    mtools dosfstools fdisk xz-utils util-linux systemd-container openssh-client \
+    bsdutils curl jq python3 zstd ca-certificates binfmt-support arch-test \
+    debian-archive-keyring gpg kmod
+fi
+
+# Run arm64 programs (the rootfs' maintainer scripts, cross-built binaries) transparently.
+if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
+  mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+fi
+if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+  conf=/usr/lib/binfmt.d/qemu-aarch64.conf
+  [ -f "$conf" ] || { echo "host-deps: $conf missing (qemu-user-static)" >&2; exit 1; }
+  cat "$conf" > /proc/sys/fs/binfmt_misc/register
+fi
+echo "host-deps: ready"

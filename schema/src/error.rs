@@ -1,0 +1,117 @@
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A configuration file that could not be used, located as precisely as the input allows.
+///
+/// `line` and `column` are 1-based and present whenever the fault can be tied to a place in
+/// the text; `key` is the dotted path of the offending key (`central.url`,
+/// `ssh_authorized_keys[1]`) whenever the fault belongs to one key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub key: Option<String>,
+    /// What is wrong and what was expected instead.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error about the whole file (unreadable, missing).
+    pub fn file(file: &Path, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            line: None,
+            column: None,
+            key: None,
+            message: message.into(),
+        }
+    }
+
+    /// An error about `key`, located at byte offset `at` of `text` when known.
+    pub fn at_key(
+        file: &Path,
+        text: &str,
+        at: Option<usize>,
+        key: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        let (line, column) = match at {
+            Some(offset) => {
+                let (line, column) = line_column(text, offset);
+                (Some(line), Some(column))
+            }
+            None => (None, None),
+        };
+        ConfigError {
+            file: file.to_path_buf(),
+            line,
+            column,
+            key: Some(key.to_owned()),
+            message: message.into(),
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`; offsets past the end
+/// or inside a character are clamped to the nearest preceding character boundary.
+pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": key `{key}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_and_column_are_one_based() {
+        let text = "a = 1\nbb = \"é2\"\n";
+        assert_eq!(line_column(text, 0), (1, 1));
+        assert_eq!(line_column(text, 6), (2, 1));
+        // the byte after 'é' (two bytes) is the 8th character of line 2
+        let after_e = text.find('2').unwrap_or_default();
+        assert_eq!(line_column(text, after_e), (2, 8));
+        assert_eq!(line_column(text, 10_000), (3, 1));
+    }
+
+    #[test]
+    fn display_names_file_line_key_and_message() {
+        let err = ConfigError::at_key(
+            Path::new("/boot/firmware/pimesh.toml"),
+            "site = \"x\"\nrole = \"captain\"\n",
+            Some(18),
+            "role",
+            "expected `init` or `join`",
+        );
+        assert_eq!(
+            err.to_string(),
+            "/boot/firmware/pimesh.toml:2:8: key `role`: expected `init` or `join`"
+        );
+    }
+}

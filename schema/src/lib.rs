@@ -1,0 +1,16 @@
+//! Typed Pimesh configuration files.
+//!
+//! Every file Pimesh reads is TOML decoded into the types of this crate with unknown keys
+//! refused. Every failure is a [`ConfigError`] that names the file, the line and column,
+//! the key, and what was expected, so that an operator can fix a file on an SD card
+//! without reading source code.
+
+mod error;
+mod load;
+mod names;
+pub mod seed;
+
+pub use error::ConfigError;
+pub use load::parse_toml;
+pub use names::{DnsLabel, NameError};
+pub use seed::{Central, JoinToken, Role, Seed, SigningKey, SshPublicKey};

@@ -1,0 +1,376 @@
+//! The seed: `pimesh.toml` on the boot partition, the one file a user edits after flashing.
+//!
+//! It says which site the node belongs to and how it gets there. Everything else (services,
+//! policies, replica counts) comes later from the site configuration.
+
+use std::fmt;
+use std::path::Path;
+
+use crate::load::top_level_offset;
+use crate::{parse_toml, ConfigError, DnsLabel};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+/// Seeds larger than this are refused unread: a seed is a few hundred bytes.
+pub const MAX_SEED_BYTES: u64 = 64 * 1024;
+
+/// A validated seed. Holding one means every field is well formed and the fields agree
+/// with each other (a joining node has a join token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seed {
+    pub site: DnsLabel,
+    pub role: Role,
+    /// The node's name; `None` lets the node derive one from its board serial number.
+    pub node: Option<DnsLabel>,
+    pub join_token: Option<JoinToken>,
+    /// Servers to join; empty means discover them on the local network.
+    pub servers: Vec<ServerAddress>,
+    pub ssh_authorized_keys: Vec<SshPublicKey>,
+    pub central: Option<Central>,
+}
+
+/// What a node does on first boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum Role {
+    /// The site's first server: creates the trust root and the cluster.
+    Init,
+    /// Joins the site's existing servers.
+    #[default]
+    Join,
+}
+
+impl TryFrom<String> for Role {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        match text.as_str() {
+            "init" => Ok(Role::Init),
+            "join" => Ok(Role::Join),
+            _ => Err(format!("expected `init` or `join`, found {text:?}")),
+        }
+    }
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Init => "init",
+            Role::Join => "join",
+        }
+    }
+}
+
+/// The central server that serves this site's signed configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Central {
+    pub url: CentralUrl,
+    pub public_key: SigningKey,
+}
+
+/// An `https://` URL with a host.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct CentralUrl(url::Url);
+
+impl CentralUrl {
+    pub fn as_url(&self) -> &url::Url {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for CentralUrl {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        let url = url::Url::parse(&text)
+            .map_err(|err| format!("expected an https:// URL, found {text:?} ({err})"))?;
+        if url.scheme() != "https" {
+            return Err(format!(
+                "expected an https:// URL, found scheme {:?}",
+                url.scheme()
+            ));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(format!(
+                "expected an https:// URL with a host, found {text:?}"
+            ));
+        }
+        Ok(CentralUrl(url))
+    }
+}
+
+/// The site's Ed25519 configuration-signing public key, written `ed25519:<base64>`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct SigningKey([u8; 32]);
+
+impl SigningKey {
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for SigningKey {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        let expected = "expected `ed25519:` followed by 32 bytes in base64";
+        let encoded = text
+            .strip_prefix("ed25519:")
+            .ok_or_else(|| format!("{expected}, found {text:?}"))?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|err| format!("{expected}: {err}"))?;
+        let key: [u8; 32] = bytes
+            .try_into()
+            .map_err(|bytes: Vec<u8>| format!("{expected}, found {} bytes", bytes.len()))?;
+        Ok(SigningKey(key))
+    }
+}
+
+impl fmt::Display for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ed25519:{}",
+            base64::engine::general_purpose::STANDARD.encode(self.0)
+        )
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A site join token, `K10<sha256 of the site trust anchor, hex>::<secret>`: the joining
+/// node proves the secret and checks that the server it reached holds that anchor.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct JoinToken {
+    anchor_sha256: [u8; 32],
+    secret: String,
+}
+
+impl JoinToken {
+    pub fn anchor_sha256(&self) -> &[u8; 32] {
+        &self.anchor_sha256
+    }
+
+    pub fn anchor_sha256_hex(&self) -> String {
+        self.anchor_sha256
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+}
+
+impl TryFrom<String> for JoinToken {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        let expected = "expected `K10<64 hex digits>::<secret of at least 16 letters or digits>`";
+        let (hash, secret) = text
+            .strip_prefix("K10")
+            .and_then(|rest| rest.split_once("::"))
+            .ok_or_else(|| format!("{expected}, found a token of another form"))?;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "{expected}; the anchor hash has {} characters",
+                hash.len()
+            ));
+        }
+        if secret.len() < 16 || !secret.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(format!(
+                "{expected}; the secret is too short or has other characters"
+            ));
+        }
+        let mut anchor_sha256 = [0u8; 32];
+        for (i, byte) in anchor_sha256.iter_mut().enumerate() {
+            let pair = &hash[2 * i..2 * i + 2];
+            *byte = u8::from_str_radix(pair, 16).map_err(|err| format!("{expected}: {err}"))?;
+        }
+        Ok(JoinToken {
+            anchor_sha256,
+            secret: secret.to_owned(),
+        })
+    }
+}
+
+/// The secret never appears in logs or status output.
+impl fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "K10{}::<redacted>", self.anchor_sha256_hex())
+    }
+}
+
+/// A server to join: `host` or `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ServerAddress(String);
+
+impl TryFrom<String> for ServerAddress {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        let expected = "expected `host` or `host:port`";
+        let url = url::Url::parse(&format!("https://{text}/"))
+            .map_err(|err| format!("{expected}, found {text:?} ({err})"))?;
+        if url.path() != "/" || url.query().is_some() || !url.username().is_empty() {
+            return Err(format!("{expected}, found {text:?}"));
+        }
+        Ok(ServerAddress(text))
+    }
+}
+
+impl From<ServerAddress> for String {
+    fn from(address: ServerAddress) -> String {
+        address.0
+    }
+}
+
+/// One OpenSSH public key line, `<type> <base64 blob> [comment]`, whose blob is a key of
+/// the named type.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct SshPublicKey(String);
+
+const SSH_KEY_TYPES: &[&str] = &[
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "ssh-rsa",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
+
+impl SshPublicKey {
+    /// The key as one `authorized_keys` line (without the newline).
+    pub fn as_line(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for SshPublicKey {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        let expected =
+            "expected an OpenSSH public key line such as `ssh-ed25519 AAAA... user@host`";
+        let line = text.trim();
+        if line.contains('\n') {
+            return Err(format!("{expected}, found several lines"));
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
+            return Err(format!("{expected}, found {line:?}"));
+        };
+        if !SSH_KEY_TYPES.contains(&kind) {
+            return Err(format!("{expected}; unknown key type {kind:?}"));
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(blob)
+            .map_err(|err| format!("{expected}; the key data is not base64: {err}"))?;
+        // The blob starts with the key type as an SSH string: a 4-byte length, then the name.
+        let declared = bytes
+            .get(..4)
+            .and_then(|len| <[u8; 4]>::try_from(len).ok())
+            .map(|len| u32::from_be_bytes(len) as usize)
+            .and_then(|len| bytes.get(4..4 + len));
+        if declared != Some(kind.as_bytes()) {
+            return Err(format!("{expected}; the key data is not a {kind} key"));
+        }
+        Ok(SshPublicKey(line.to_owned()))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSeed {
+    site: DnsLabel,
+    #[serde(default)]
+    role: Role,
+    node: Option<DnsLabel>,
+    join_token: Option<JoinToken>,
+    #[serde(default)]
+    servers: Vec<ServerAddress>,
+    #[serde(default)]
+    ssh_authorized_keys: Vec<SshPublicKey>,
+    central: Option<Central>,
+}
+
+impl Seed {
+    /// Reads and validates the seed at `file`.
+    pub fn load(file: &Path) -> Result<Seed, ConfigError> {
+        let text = read_small(file)?;
+        Seed::parse(file, &text)
+    }
+
+    /// Validates `text`, the contents of `file`.
+    pub fn parse(file: &Path, text: &str) -> Result<Seed, ConfigError> {
+        let raw: RawSeed = parse_toml(file, text)?;
+        let role = raw.role;
+        if role == Role::Join && raw.join_token.is_none() {
+            return Err(ConfigError::at_key(
+                file,
+                text,
+                top_level_offset(text, "role"),
+                "join_token",
+                "missing: a node with role `join` needs the site's join token \
+                 (`pimeshctl site init` prints it); set role = \"init\" for the site's first server",
+            ));
+        }
+        Ok(Seed {
+            site: raw.site,
+            role,
+            node: raw.node,
+            join_token: raw.join_token,
+            servers: raw.servers,
+            ssh_authorized_keys: raw.ssh_authorized_keys,
+            central: raw.central,
+        })
+    }
+}
+
+/// Whether `text` holds no settings at all (only comments and blank lines): an unedited
+/// template rather than a broken file.
+pub fn is_blank(text: &str) -> bool {
+    text.lines()
+        .map(str::trim)
+        .all(|line| line.is_empty() || line.starts_with('#'))
+}
+
+/// Reads a configuration file, refusing one larger than [`MAX_SEED_BYTES`] or not UTF-8.
+pub fn read_small(file: &Path) -> Result<String, ConfigError> {
+    use std::io::Read as _;
+    let handle = std::fs::File::open(file)
+        .map_err(|err| ConfigError::file(file, format!("cannot open: {err}")))?;
+    let mut bytes = Vec::new();
+    handle
+        .take(MAX_SEED_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|err| ConfigError::file(file, format!("cannot read: {err}")))?;
+    if bytes.len() as u64 > MAX_SEED_BYTES {
+        return Err(ConfigError::file(
+            file,
+            format!("expected at most {MAX_SEED_BYTES} bytes, the file is larger"),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|err| {
+        let text = String::from_utf8_lossy(err.as_bytes()).into_owned();
+        let offset = err.utf8_error().valid_up_to();
+        let mut error = ConfigError::file(file, "expected UTF-8 text, found invalid bytes");
+        let (line, column) = crate::error::line_column(&text, offset);
+        error.line = Some(line);
+        error.column = Some(column);
+        error
+    })
+}

@@ -1,0 +1,97 @@
+//! Command-line options. The defaults are a node's real paths; tests point them elsewhere.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub const USAGE: &str = "\
+usage: pimesh-supervisor [options]
+  --seed PATH          the seed file (default /boot/firmware/pimesh.toml)
+  --status-addr ADDR   where the status API listens (default 127.0.0.1:4200)
+  --etc-dir PATH       active configuration (default /etc/pimesh)
+  --manifest PATH      the image manifest (default /usr/share/pimesh/manifest.json)
+  --k3s-bin PATH       where K3s is installed (default /usr/local/bin/k3s)
+  --no-node-setup      do not set the hostname or SSH keys (for running off a node)";
+
+/// Where the supervisor finds and keeps things on the node.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub etc_dir: PathBuf,
+    pub manifest: PathBuf,
+    pub k3s_bin: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub seed_path: PathBuf,
+    pub status_addr: SocketAddr,
+    pub paths: Paths,
+    pub node_setup: bool,
+    pub help: bool,
+}
+
+impl Options {
+    pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
+        let mut options = Options {
+            seed_path: PathBuf::from("/boot/firmware/pimesh.toml"),
+            status_addr: SocketAddr::from(([127, 0, 0, 1], 4200)),
+            paths: Paths {
+                etc_dir: PathBuf::from("/etc/pimesh"),
+                manifest: PathBuf::from("/usr/share/pimesh/manifest.json"),
+                k3s_bin: PathBuf::from("/usr/local/bin/k3s"),
+            },
+            node_setup: true,
+            help: false,
+        };
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+            match arg.as_str() {
+                "--seed" => options.seed_path = value("--seed")?.into(),
+                "--status-addr" => {
+                    let text = value("--status-addr")?;
+                    options.status_addr = text.parse().map_err(|err| {
+                        format!("--status-addr: expected IP:PORT, found {text:?} ({err})")
+                    })?;
+                }
+                "--etc-dir" => options.paths.etc_dir = value("--etc-dir")?.into(),
+                "--manifest" => options.paths.manifest = value("--manifest")?.into(),
+                "--k3s-bin" => options.paths.k3s_bin = value("--k3s-bin")?.into(),
+                "--no-node-setup" => options.node_setup = false,
+                "-h" | "--help" => options.help = true,
+                other => return Err(format!("unknown option {other:?}")),
+            }
+        }
+        Ok(options)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Options, String> {
+        Options::from_args(args.iter().map(|a| a.to_string()))
+    }
+
+    #[test]
+    fn defaults_are_the_node_paths() {
+        let options = parse(&[]).expect("defaults");
+        assert_eq!(
+            options.seed_path,
+            PathBuf::from("/boot/firmware/pimesh.toml")
+        );
+        assert_eq!(options.status_addr.to_string(), "127.0.0.1:4200");
+        assert!(options.node_setup);
+    }
+
+    #[test]
+    fn bad_options_are_named() {
+        assert!(parse(&["--status-addr", "nowhere"])
+            .unwrap_err()
+            .contains("--status-addr"));
+        assert!(parse(&["--seed"]).unwrap_err().contains("--seed"));
+        assert!(parse(&["--frobnicate"])
+            .unwrap_err()
+            .contains("--frobnicate"));
+    }
+}

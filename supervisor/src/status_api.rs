@@ -1,0 +1,93 @@
+//! The status API on 127.0.0.1:4200: `GET /status` (JSON), `GET /live`.
+
+use std::convert::Infallible;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{header, Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use crate::status::NodeStatus;
+
+/// At most this many connections are served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 32;
+/// A client must send its request headers within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn serve(listener: TcpListener, status: Arc<RwLock<NodeStatus>>) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                warn!(%err, "status API: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let status = Arc::clone(&status);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let status = Arc::clone(&status);
+                async move { Ok::<_, Infallible>(route(&request, &status)) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(err) = connection.await {
+                debug!(%peer, %err, "status API connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}
+
+fn route(request: &Request<Incoming>, status: &RwLock<NodeStatus>) -> Response<Full<Bytes>> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/status") => {
+            let body = match status.read() {
+                Ok(status) => serde_json::to_vec_pretty(&*status),
+                Err(poisoned) => serde_json::to_vec_pretty(&*poisoned.into_inner()),
+            };
+            match body {
+                Ok(body) => json(StatusCode::OK, body),
+                Err(err) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("cannot encode status: {err}"),
+                ),
+            }
+        }
+        (&Method::GET, "/live") => json(StatusCode::OK, b"{\"live\":true}".to_vec()),
+        (_, "/status" | "/live") => error(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed"),
+        (_, path) => error(
+            StatusCode::NOT_FOUND,
+            &format!("no such path {path:?}; try /status"),
+        ),
+    }
+}
+
+fn json(code: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error(code: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": message })
+        .to_string()
+        .into_bytes();
+    json(code, body)
+}

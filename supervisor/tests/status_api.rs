@@ -1,0 +1,198 @@
+//! The supervisor binary on the host: reads a seed, serves `/status`, stops on SIGTERM.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Supervisor {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Supervisor {
+    fn start(seed: &Path, extra: &[&str]) -> Supervisor {
+        let addr = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_pimesh-supervisor"))
+            .arg("--seed")
+            .arg(seed)
+            .args(["--status-addr", &addr.to_string(), "--no-node-setup"])
+            .args(extra)
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start pimesh-supervisor");
+        let supervisor = Supervisor { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "status API did not come up on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        supervisor
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(self.addr).expect("connect");
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status line");
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (code, body)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let (code, body) = self.get("/status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status is JSON")
+    }
+
+    /// Sends SIGTERM and returns the exit status and everything logged.
+    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let exit = loop {
+            if let Some(exit) = self.child.try_wait().expect("wait") {
+                break exit;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "supervisor did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut logs = String::new();
+        if let Some(mut stderr) = self.child.stderr.take() {
+            stderr.read_to_string(&mut logs).expect("logs");
+        }
+        (exit, logs)
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+#[test]
+fn status_reports_the_seed_and_k3s_presence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seed = dir.path().join("pimesh.toml");
+    std::fs::write(
+        &seed,
+        "site = \"fleet-depot-7\"\nrole = \"init\"\nnode = \"pi-a\"\nservers = [\"10.0.0.10\"]\n",
+    )
+    .expect("seed");
+    let k3s = dir.path().join("k3s");
+    let manifest = dir.path().join("manifest.json");
+    std::fs::write(
+        &manifest,
+        r#"{"version":"9.9.9","k3s":{"version":"v1.33.5+k3s1"}}"#,
+    )
+    .expect("manifest");
+
+    // K3s absent: never reported present.
+    let supervisor = Supervisor::start(
+        &seed,
+        &[
+            "--k3s-bin",
+            k3s.to_str().expect("utf-8"),
+            "--manifest",
+            manifest.to_str().expect("utf-8"),
+        ],
+    );
+    let status = supervisor.status();
+    assert_eq!(status["seed"]["state"], "valid");
+    assert_eq!(status["seed"]["summary"]["site"], "fleet-depot-7");
+    assert_eq!(status["seed"]["summary"]["role"], "init");
+    assert_eq!(status["seed"]["summary"]["servers"][0], "10.0.0.10");
+    assert_eq!(status["node"]["name"], "pi-a");
+    assert_eq!(status["node"]["name_source"], "seed");
+    assert_eq!(status["k3s"]["present"], false);
+    assert_eq!(status["image"]["version"], "9.9.9");
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    let (code, _) = supervisor.get("/nowhere");
+    assert_eq!(code, 404);
+    let (exit, _) = supervisor.terminate();
+    assert!(exit.success(), "clean exit on SIGTERM: {exit}");
+
+    // An executable at the K3s path: reported present, with the manifest's version.
+    std::fs::write(&k3s, "#!/bin/sh\n").expect("k3s file");
+    std::fs::set_permissions(&k3s, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let supervisor = Supervisor::start(
+        &seed,
+        &[
+            "--k3s-bin",
+            k3s.to_str().expect("utf-8"),
+            "--manifest",
+            manifest.to_str().expect("utf-8"),
+        ],
+    );
+    let status = supervisor.status();
+    assert_eq!(status["k3s"]["present"], true);
+    assert_eq!(status["k3s"]["version"], "v1.33.5+k3s1");
+}
+
+#[test]
+fn a_broken_seed_is_reported_with_line_and_key_and_the_daemon_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seed = dir.path().join("pimesh.toml");
+    std::fs::write(&seed, "site = \"fleet-depot-7\"\nrole = \"captain\"\n").expect("seed");
+    let supervisor = Supervisor::start(&seed, &[]);
+    let status = supervisor.status();
+    assert_eq!(status["seed"]["state"], "invalid");
+    assert_eq!(status["seed"]["error"]["line"], 2);
+    assert_eq!(status["seed"]["error"]["key"], "role");
+    assert_eq!(
+        status["seed"]["error"]["file"],
+        seed.to_str().expect("utf-8")
+    );
+    assert!(status["seed"]["reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("`init` or `join`")));
+    // Still serving after the error.
+    assert_eq!(supervisor.status()["seed"]["state"], "invalid");
+    let (exit, logs) = supervisor.terminate();
+    assert!(exit.success(), "{exit}");
+    let location = format!("{}:2:8: key `role`", seed.display());
+    assert!(
+        logs.contains(&location),
+        "the log names file, line and key: {logs}"
+    );
+}
+
+#[test]
+fn an_unedited_template_is_unconfigured() {
+    let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/pimesh.toml");
+    let supervisor = Supervisor::start(&template, &[]);
+    let status = supervisor.status();
+    assert_eq!(status["seed"]["state"], "unconfigured");
+    assert!(status["node"]["name"]
+        .as_str()
+        .is_some_and(|n| n.starts_with("pimesh")));
+}

@@ -1,0 +1,192 @@
+"""A Pimesh node: the real arm64 image booted in QEMU (-M virt, TCG) by image/qemu.sh.
+
+Each node gets its own sparse copy of the image (grown to DISK_GIB, so first boot has
+room to grow into), its own seed written into the FAT boot partition with mtools (no
+mount), free host ports forwarded to SSH and to the status API, and a serial console log.
+"""
+
+import base64
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BOOT_OFFSET = 4 * 1024 * 1024
+DISK_GIB = 4
+BOOT_TIMEOUT = float(os.environ.get("PIMESH_BOOT_TIMEOUT", "420"))
+
+
+def image_path():
+    """The image under test: $PIMESH_IMAGE, or the newest out/pimesh-*-arm64.img.xz."""
+    if os.environ.get("PIMESH_IMAGE"):
+        return os.environ["PIMESH_IMAGE"]
+    images = sorted(glob.glob(os.path.join(REPO, "out", "pimesh-*-arm64.img.xz")), key=os.path.getmtime)
+    if not images:
+        raise RuntimeError("no out/pimesh-*-arm64.img.xz: run `make image` first")
+    return images[-1]
+
+
+def decompress(image, dest):
+    with open(dest, "wb") as out:
+        subprocess.run(["xz", "-dc", "-T2", image], stdout=out, check=True)
+    return dest
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_ssh_key(path, comment):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path], check=True)
+    with open(path + ".pub") as f:
+        return f.read().strip()
+
+
+class Node:
+    def __init__(self, workdir, base_image, seed_text, ssh_key, credential_pubkey=None, append=""):
+        self.workdir = workdir
+        self.disk = os.path.join(workdir, "disk.img")
+        self.console = os.path.join(workdir, "console.log")
+        self.ssh_key = ssh_key
+        self.ssh_port = free_port()
+        self.status_port = free_port()
+        self.process = None
+        shutil.copyfile(base_image, self.disk)
+        os.truncate(self.disk, DISK_GIB * 1024**3)
+        if seed_text is not None:
+            seed = os.path.join(workdir, "pimesh.toml")
+            with open(seed, "w") as f:
+                f.write(seed_text)
+            self.write_boot_file(seed, "pimesh.toml")
+        self.append = append
+        if credential_pubkey:
+            # systemd's own provisioning (tmpfiles.d/provision.conf) installs this as root's
+            # authorized key: a way in that does not depend on the seed.
+            encoded = base64.b64encode((credential_pubkey + "\n").encode()).decode()
+            self.append += f" systemd.set_credential_binary=ssh.authorized_keys.root:{encoded}"
+
+    def write_boot_file(self, source, name):
+        subprocess.run(["mcopy", "-o", "-i", f"{self.disk}@@{BOOT_OFFSET}", source, f"::/{name}"], check=True)
+
+    def read_boot_file(self, name):
+        return subprocess.run(
+            ["mtype", "-i", f"{self.disk}@@{BOOT_OFFSET}", f"::/{name}"], check=True, capture_output=True, text=True
+        ).stdout
+
+    def boot(self):
+        env = dict(os.environ, SSH_PORT=str(self.ssh_port), STATUS_PORT=str(self.status_port),
+                   CONSOLE=self.console, APPEND=self.append)
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            [os.path.join(REPO, "image", "qemu.sh"), self.disk],
+            env=env, stdin=subprocess.DEVNULL,
+            stdout=open(os.path.join(self.workdir, "qemu.out"), "w"), stderr=subprocess.STDOUT,
+        )
+        return self
+
+    # --- reaching the node ------------------------------------------------------------
+    def ssh(self, command, check=True, timeout=60):
+        args = ["ssh", "-i", self.ssh_key, "-p", str(self.ssh_port),
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10", "-o", "BatchMode=yes",
+                "root@127.0.0.1", command]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"ssh {command!r} failed ({result.returncode}): {result.stderr.strip()}")
+        return result.stdout.strip()
+
+    def wait_for_ssh(self):
+        """Waits until root can log in over SSH; returns the seconds since QEMU started."""
+        deadline = self.started + BOOT_TIMEOUT
+        while time.monotonic() < deadline:
+            self.assert_running()
+            if self._ssh_ok():
+                return time.monotonic() - self.started
+            time.sleep(3)
+        raise TimeoutError(f"no SSH within {BOOT_TIMEOUT}s; console tail:\n{self.console_tail()}")
+
+    def _ssh_ok(self):
+        try:
+            return self.ssh("echo ok", check=False, timeout=30) == "ok"
+        except subprocess.TimeoutExpired:
+            return False
+
+    def wait_for_unit_active(self, unit, timeout=120):
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.ssh(f"systemctl is-active {unit}", check=False)
+            if state == "active":
+                return
+            time.sleep(2)
+        raise TimeoutError(f"{unit} is {state!r}, not active, after {timeout}s")
+
+    def wait_until_settled(self, timeout=180):
+        """Waits until systemd has finished booting; returns is-system-running's answer."""
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.ssh("systemctl is-system-running", check=False)
+            if state not in ("starting", "initializing", ""):
+                return state
+            time.sleep(2)
+        return state
+
+    def status(self):
+        url = f"http://127.0.0.1:{self.status_port}/status"
+        with urllib.request.urlopen(url, timeout=20) as response:
+            assert response.status == 200
+            return json.loads(response.read())
+
+    def wait_for_status(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        error = None
+        while time.monotonic() < deadline:
+            try:
+                return self.status()
+            except OSError as e:
+                error = e
+                time.sleep(2)
+        raise TimeoutError(f"status API not reachable on the forwarded port: {error}")
+
+    def unit_property(self, unit, prop):
+        return self.ssh(f"systemctl show -p {prop} --value {unit}")
+
+    def host_key_fingerprint(self):
+        scan = subprocess.run(["ssh-keyscan", "-t", "ed25519", "-p", str(self.ssh_port), "127.0.0.1"],
+                              capture_output=True, text=True, timeout=30).stdout
+        line = next(l for l in scan.splitlines() if "ssh-ed25519" in l)
+        return subprocess.run(["ssh-keygen", "-l", "-f", "-"], input=line, capture_output=True,
+                              text=True, check=True).stdout.split()[1]
+
+    # --- stopping -----------------------------------------------------------------------
+    def poweroff(self, timeout=180):
+        """Powers the node off from inside and returns QEMU's exit code."""
+        self.ssh("systemctl poweroff --no-block", check=False)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"the node did not power off within {timeout}s:\n{self.console_tail()}")
+
+    def kill(self):
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def assert_running(self):
+        if self.process.poll() is not None:
+            raise RuntimeError(f"QEMU exited with {self.process.returncode}:\n{self.console_tail()}")
+
+    def console_tail(self, lines=40):
+        try:
+            with open(self.console, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return "(no console log)"

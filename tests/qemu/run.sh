@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs the QEMU aarch64 tests of the built image (pytest; installed when missing).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+"$here/../../image/host-deps.sh" >/dev/null
+python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q pytest
+if [ "${1:-}" = --bench-boot ]; then
+  exec python3 "$here/bench_boot.py"
+fi
+cd "$here"
+exec python3 -m pytest -v -s -p no:cacheprovider "$@" test_boot.py

@@ -1,0 +1,179 @@
+"""The real arm64 Pimesh image, booted in QEMU aarch64: what a user checks after flashing.
+
+Case 1 boots with a valid seed written into the boot partition; case 2 with a broken one.
+Each powers the node off cleanly at the end.
+"""
+
+import json
+import os
+import re
+import subprocess
+
+import pytest
+
+from node import BOOT_OFFSET, DISK_GIB, Node, decompress, image_path, make_ssh_key
+
+FIGURES = {}
+HOST_KEYS = {}
+
+
+@pytest.fixture(scope="module")
+def base_image(tmp_path_factory):
+    return decompress(image_path(), str(tmp_path_factory.mktemp("image") / "pimesh.img"))
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    return {
+        "seed": (str(d / "seed_key"), make_ssh_key(str(d / "seed_key"), "seed@e2e")),
+        "console": (str(d / "console_key"), make_ssh_key(str(d / "console_key"), "console@e2e")),
+    }
+
+
+@pytest.fixture
+def node_factory(tmp_path):
+    nodes = []
+
+    def make(**kwargs):
+        node = Node(str(tmp_path), **kwargs)
+        nodes.append(node)
+        return node.boot()
+
+    yield make
+    for node in nodes:
+        node.kill()
+
+
+def root_partition_sectors(disk):
+    table = json.loads(subprocess.run(["sfdisk", "-J", disk], capture_output=True, text=True, check=True).stdout)
+    return table["partitiontable"]["partitions"][1]
+
+
+def test_image_ships_no_host_keys_and_a_blank_seed(base_image):
+    root = root_partition_sectors(base_image)
+    listing = subprocess.run(["debugfs", "-R", "ls /etc/ssh", f"{base_image}?offset={root['start'] * 512}"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "sshd_config" in listing, listing
+    assert "ssh_host_" not in listing, "host keys must be generated on first boot, never shipped"
+    seed = subprocess.run(["mtype", "-i", f"{base_image}@@{BOOT_OFFSET}", "::/pimesh.toml"],
+                          capture_output=True, text=True, check=True).stdout
+    settings = [l for l in seed.splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    assert settings == [], f"the shipped seed is a commented template: {settings}"
+    config = subprocess.run(["mtype", "-i", f"{base_image}@@{BOOT_OFFSET}", "::/config.txt"],
+                            capture_output=True, text=True, check=True).stdout
+    cmdline = subprocess.run(["mtype", "-i", f"{base_image}@@{BOOT_OFFSET}", "::/cmdline.txt"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "arm_64bit=1" in config and "enable_uart=1" in config
+    assert "root=PARTUUID=50696d65-02" in cmdline
+    assert "cgroup_memory=1" in cmdline and "cgroup_enable=memory" in cmdline
+    files = subprocess.run(["mdir", "-b", "-i", f"{base_image}@@{BOOT_OFFSET}", "::/"],
+                           capture_output=True, text=True, check=True).stdout
+    for dtb in ("bcm2711-rpi-4-b.dtb", "bcm2711-rpi-400.dtb", "bcm2711-rpi-cm4-io.dtb", "bcm2712-rpi-5-b.dtb"):
+        assert dtb in files, f"{dtb} missing from the boot partition"
+    assert "start4.elf" in files and "fixup4.dat" in files
+
+
+def test_first_boot_with_a_valid_seed(base_image, keys, node_factory):
+    seed_key, seed_pub = keys["seed"]
+    seed = (
+        'site = "e2e-site"\n'
+        'role = "init"\n'
+        'node = "pi-e2e"\n'
+        'servers = ["10.0.0.10"]\n'
+        f'ssh_authorized_keys = ["{seed_pub}"]\n'
+    )
+    # Only the seed grants SSH access here: logging in proves the seed's keys were applied.
+    node = node_factory(base_image=base_image, seed_text=seed, ssh_key=seed_key)
+    image_root_bytes = root_partition_sectors(node.disk)["size"] * 512
+    FIGURES["ssh_after_s"] = node.wait_for_ssh()
+    node.wait_for_unit_active("pimesh-supervisor.service")
+
+    status = node.wait_for_status()
+    assert status["seed"]["state"] == "valid", status["seed"]
+    summary = status["seed"]["summary"]
+    assert summary["site"] == "e2e-site"
+    assert summary["role"] == "init"
+    assert summary["servers"] == ["10.0.0.10"]
+    assert summary["ssh_authorized_keys"] == 1
+    assert status["node"]["name"] == "pi-e2e"
+    assert status["k3s"]["present"] is False, "this build machine cannot fetch K3s"
+    assert status["image"]["arch"] == "arm64"
+    assert status["image"]["k3s"]["present"] is False
+    assert {t["task"]: t["outcome"] for t in status["setup"]} == {
+        "hostname": "changed", "ssh-authorized-keys": "changed"}
+
+    # First-boot tasks.
+    assert node.ssh("hostname") == "pi-e2e"
+    assert node.ssh("cat /etc/hostname") == "pi-e2e"
+    root_bytes = int(node.ssh("findmnt -bno SIZE /"))
+    assert root_bytes > image_root_bytes * 2, (root_bytes, image_root_bytes)
+    assert root_bytes > (DISK_GIB - 1) * 1024**3, f"root filesystem not grown to the disk: {root_bytes}"
+    keygen_log = node.ssh("journalctl -b -o cat -u pimesh-ssh-hostkeys.service")
+    presented = node.host_key_fingerprint()
+    assert presented in keygen_log, f"sshd presents {presented}, generated this boot: {keygen_log}"
+    HOST_KEYS["valid-seed"] = presented
+
+    state = node.wait_until_settled()
+    failed = node.ssh("systemctl --failed --no-legend --plain")
+    assert failed == "", f"failed units:\n{failed}"
+    assert state == "running", state
+    assert node.unit_property("pimesh-supervisor.service", "NRestarts") == "0"
+
+    # Figures for the closing note (printed, never asserted).
+    pid = node.unit_property("pimesh-supervisor.service", "MainPID")
+    FIGURES["supervisor_rss_kib"] = int(node.ssh(f"awk '/VmRSS/ {{print $2}}' /proc/{pid}/status"))
+    FIGURES["ready_since_kernel_s"] = int(node.unit_property(
+        "pimesh-supervisor.service", "ActiveEnterTimestampMonotonic")) / 1e6
+    FIGURES["multi_user_since_kernel_s"] = int(node.unit_property(
+        "multi-user.target", "ActiveEnterTimestampMonotonic")) / 1e6
+
+    assert node.poweroff() == 0
+    with open(node.console, errors="replace") as f:
+        assert "reboot: Power down" in f.read()
+
+
+def test_broken_seed_is_reported_and_nothing_crashes(base_image, keys, node_factory):
+    console_key, console_pub = keys["console"]
+    broken = 'site = "e2e-site"\nrole = "captain"\n'
+    # The broken seed grants nothing; the operator's way in is a systemd credential.
+    node = node_factory(base_image=base_image, seed_text=broken, ssh_key=console_key,
+                        credential_pubkey=console_pub)
+    node.wait_for_ssh()
+    node.wait_for_unit_active("pimesh-supervisor.service")
+
+    status = node.wait_for_status()
+    seed = status["seed"]
+    assert seed["state"] == "invalid", seed
+    assert seed["error"]["file"] == "/boot/firmware/pimesh.toml"
+    assert seed["error"]["line"] == 2
+    assert seed["error"]["key"] == "role"
+    assert "`init` or `join`" in seed["reason"]
+
+    journal = node.ssh("journalctl -b -o cat -u pimesh-supervisor.service")
+    assert re.search(r"/boot/firmware/pimesh\.toml:2:\d+: key `role`", journal), journal
+
+    # The node still named itself: pimesh- and the end of its machine ID.
+    machine_id = node.ssh("cat /etc/machine-id")
+    assert node.ssh("hostname") == f"pimesh-{machine_id[-6:]}"
+    assert status["node"]["name"] == f"pimesh-{machine_id[-6:]}"
+
+    state = node.wait_until_settled()
+    assert node.ssh("systemctl --failed --no-legend --plain") == ""
+    assert state == "running", state
+    assert node.unit_property("pimesh-supervisor.service", "NRestarts") == "0"
+    assert node.unit_property("pimesh-supervisor.service", "ActiveState") == "active"
+
+    presented = node.host_key_fingerprint()
+    if "valid-seed" in HOST_KEYS:
+        assert presented != HOST_KEYS["valid-seed"], "two nodes from one image share a host key"
+    assert node.poweroff() == 0
+
+
+def teardown_module(module):
+    if FIGURES:
+        print("\nFIGURES " + json.dumps(FIGURES, sort_keys=True))
+        path = os.environ.get("PIMESH_FIGURES")
+        if path:
+            with open(path, "w") as f:
+                json.dump(FIGURES, f, indent=2, sort_keys=True)
