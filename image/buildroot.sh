@@ -36,6 +36,7 @@ touch "$tmp/.pimesh-complete"
 rm -rf "$root"
 mv "$tmp" "$root"
 trap - EXIT
+prune_cache "$root" "$PIMESH_CACHE/buildroot/$SUITE-"
 log "buildroot: built in $(( $(date +%s) - start ))s"
 chroot "$root" rustc --version >&2
 echo "$root"

@@ -13,12 +13,21 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 # Prints the non-comment lines of package list files, one per line.
 package_list() { sed -e 's/#.*//' -e 's/[[:space:]]//g' "$@" | grep -v '^$'; }
 
-# Prints a short hash over files and strings: the cache key of whatever they produce.
+# Prints a short hash over the contents of files and over strings: the cache key of
+# whatever they produce. File paths are not part of it, so every checkout shares the key.
 input_key() {
   local item
   for item in "$@"; do
-    if [ -f "$item" ]; then sha256sum "$item"; else printf '%s\n' "$item"; fi
+    if [ -f "$item" ]; then sha256sum < "$item"; else printf '%s\n' "$item"; fi
   done | sha256sum | cut -c1-16
+}
+
+# Removes the cached siblings of $1 (same prefix, other keys): superseded inputs.
+prune_cache() {
+  local keep=$1 prefix=$2 entry
+  for entry in "$prefix"*; do
+    [ "$entry" = "$keep" ] || [ ! -e "$entry" ] || { log "cache: removing superseded $entry"; rm -rf "$entry"; }
+  done
 }
 
 # Host CA certificates (this machine reaches the registries through an intercepting proxy)

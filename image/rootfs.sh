@@ -56,5 +56,6 @@ mmdebstrap --mode=root --format=tar --variant=minbase --arch="$ARCH" --component
   "deb $DEBIAN_SECURITY_MIRROR $SUITE-security ${components//,/ }" >&2
 mv "$tmp" "$out"
 trap - EXIT
+prune_cache "$out" "$PIMESH_CACHE/rootfs/$ARCH-$SUITE-"
 log "rootfs: built in $(( $(date +%s) - start ))s, $(du -h "$out" | cut -f1)"
 echo "$out"
