@@ -50,7 +50,10 @@ def make_ssh_key(path, comment):
 
 
 class Node:
-    def __init__(self, workdir, base_image, seed_text, ssh_key, credential_pubkey=None, append=""):
+    def __init__(self, workdir, base_image, seed_text, ssh_key, credential_pubkey=None, append="",
+                 fresh_disk=True):
+        """A node in `workdir`. With fresh_disk=False the disk already there (booted
+        before) is booted again as it is."""
         self.workdir = workdir
         self.disk = os.path.join(workdir, "disk.img")
         self.console = os.path.join(workdir, "console.log")
@@ -58,8 +61,9 @@ class Node:
         self.ssh_port = free_port()
         self.status_port = free_port()
         self.process = None
-        shutil.copyfile(base_image, self.disk)
-        os.truncate(self.disk, DISK_GIB * 1024**3)
+        if fresh_disk or not os.path.exists(self.disk):
+            shutil.copyfile(base_image, self.disk)
+            os.truncate(self.disk, DISK_GIB * 1024**3)
         if seed_text is not None:
             seed = os.path.join(workdir, "pimesh.toml")
             with open(seed, "w") as f:
