@@ -55,7 +55,8 @@ def main():
     print(f"{'boot':34} {'READY (s)':>10} {'multi-user (s)':>15} {'status wall (s)':>16} {'RSS (KiB)':>10}")
     for label, row in rows:
         def cell(key, fmt):
-            return format(row[key], fmt) if key in row else "-"
+            width = int(fmt.split(".")[0].rstrip("d"))
+            return format(row[key], fmt) if key in row else "-".rjust(width)
         print(f"{label:34} {cell('ready_s', '10.1f')} {cell('multi_user_s', '15.1f')} "
               f"{cell('status_wall_s', '16.1f')} {cell('rss_kib', '10d')}")
     for label, row in rows:
