@@ -7,9 +7,12 @@ IMAGE := out/pimesh-$(VERSION)-arm64.img.xz
 AMD64_ROOT := out/pimesh-$(VERSION)-amd64.root
 # Everything the image is made of: a change to any of these rebuilds it.
 IMAGE_INPUTS := $(shell git ls-files Cargo.toml Cargo.lock README.md image systemd configs \
-	daemon schema supervisor proxy 2>/dev/null)
+	daemon schema identity supervisor proxy control 2>/dev/null)
+# The daemons that run on a node (the image's binaries).
+NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 
-.PHONY: help deps image image-amd64 cross host-bins test test-rust test-qemu qemu bench-boot lint clean
+.PHONY: central help deps image image-amd64 cross host-bins test test-rust test-qemu test-nspawn qemu bench-boot \
+	bench-heal lint clean
 
 help:
 	@echo "make image        build $(IMAGE) (the Raspberry Pi SD card image)"
@@ -17,7 +20,10 @@ help:
 	@echo "make qemu         boot the image in QEMU (SSH on 127.0.0.1:2222, status on 127.0.0.1:4200)"
 	@echo "make cross        build the aarch64 release binaries into out/bin/aarch64/"
 	@echo "make image-amd64  build the amd64 root filesystem ($(AMD64_ROOT)) for nspawn tests"
+	@echo "make central      run the central server locally with a demo site"
 	@echo "make bench-boot   measure boot to supervisor READY against boot without Pimesh"
+	@echo "make test-nspawn  test the supervisor against real systemd/D-Bus (amd64 root in systemd-nspawn)"
+	@echo "make bench-heal   measure kill/hang → ready again and the supervisor's CPU and RSS"
 
 deps:
 	./image/host-deps.sh
@@ -33,20 +39,24 @@ cross:
 	./image/cross.sh
 
 host-bins:
-	cargo build --release --locked --workspace --bins
-	install -D -m 0755 -t out/bin/x86_64 target/release/pimesh-supervisor target/release/pimesh-proxy
+	cargo build --release --locked $(NODE_CRATES)
+	install -D -m 0755 -t out/bin/x86_64 target/release/pimesh-supervisor target/release/pimesh-proxy \
+		target/release/pimesh-control
 
 image-amd64: host-bins
 	./image/host-deps.sh
 	ARCH=amd64 ./image/assemble.sh
 
-test: test-rust test-qemu
+test: test-rust test-nspawn test-qemu
 
 test-rust:
 	cargo test --locked --workspace
 
 test-qemu: $(IMAGE)
 	./tests/qemu/run.sh
+
+test-nspawn: image-amd64
+	./tests/nspawn/run.sh
 
 lint:
 	cargo fmt --all -- --check
@@ -65,6 +75,12 @@ qemu: $(IMAGE)
 
 bench-boot: $(IMAGE)
 	./tests/qemu/run.sh --bench-boot
+
+bench-heal: image-amd64
+	./tests/nspawn/run.sh --bench-heal
+
+central:
+	./central/demo.sh
 
 clean:
 	rm -rf out target

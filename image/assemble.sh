@@ -26,7 +26,7 @@ FIRST_MIB=4
 "$here/host-deps.sh" >&2
 rootfs_tar=$(ARCH=$ARCH "$here/rootfs.sh")
 k3s_bin=$(ARCH=$ARCH "$here/k3s.sh")
-for bin in pimesh-supervisor pimesh-proxy; do
+for bin in pimesh-supervisor pimesh-proxy pimesh-control; do
   [ -x "$bin_dir/$bin" ] || die "$bin_dir/$bin is missing: build it first (make cross)"
 done
 
@@ -40,11 +40,13 @@ tar -C "$stage" --numeric-owner --xattrs --xattrs-include='*' -xpf "$rootfs_tar"
 
 # --- Pimesh's files --------------------------------------------------------------------
 install -d "$stage/usr/share/pimesh" "$stage/usr/share/doc/pimesh"
-install -m 0755 "$bin_dir/pimesh-supervisor" "$bin_dir/pimesh-proxy" "$stage/usr/bin/"
+install -m 0755 "$bin_dir/pimesh-supervisor" "$bin_dir/pimesh-proxy" "$bin_dir/pimesh-control" "$stage/usr/bin/"
 install -m 0644 "$repo"/systemd/*.service "$repo"/systemd/*.socket "$stage/usr/lib/systemd/system/"
 cp -a "$here/overlay/." "$stage/"
 install -m 0644 "$repo/configs/pimesh.toml" "$stage/usr/share/pimesh/pimesh.toml.template"
 install -m 0644 "$repo/configs/pimesh.example.toml" "$stage/usr/share/pimesh/pimesh.example.toml"
+install -m 0644 "$repo/configs/cluster.example.toml" "$stage/usr/share/pimesh/cluster.example.toml"
+install -m 0644 "$repo/configs/supervisor.toml" "$stage/usr/share/pimesh/supervisor.toml"
 install -m 0644 "$repo/README.md" "$stage/usr/share/doc/pimesh/README.md"
 if [ -n "$k3s_bin" ]; then
   install -D -m 0755 "$k3s_bin" "$stage/usr/local/bin/k3s"
@@ -77,7 +79,7 @@ FSTAB
     > "$stage/etc/default/raspi-firmware"
 fi
 
-binaries_json=$(cd "$stage/usr/bin" && sha256sum pimesh-supervisor pimesh-proxy \
+binaries_json=$(cd "$stage/usr/bin" && sha256sum pimesh-supervisor pimesh-proxy pimesh-control \
   | jq -R 'split("  ") | {(.[1]): .[0]}' | jq -s add)
 k3s_json=$(if [ -n "$k3s_bin" ]; then
   jq -n --arg v "${K3S_BIN:+$("$k3s_bin" --version 2>/dev/null | head -1 || echo given)}" \

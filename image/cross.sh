@@ -30,9 +30,9 @@ unshare --mount --propagation private -- sh -euc '
     CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
     CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
     CARGO_TERM_COLOR=never \
-    sh -c "cd /src && cargo build --release --locked --target $target --workspace --bins"
+    sh -c "cd /src && cargo build --release --locked --target $target -p pimesh-supervisor -p pimesh-proxy -p pimesh-control"
 ' sh "$root" "$repo" "$cargo_home" "$target_dir" "$target" >&2
-for bin in pimesh-supervisor pimesh-proxy; do
+for bin in pimesh-supervisor pimesh-proxy pimesh-control; do
   install -m 0755 "$target_dir/$target/release/$bin" "$out/$bin"
 done
 log "cross: built in $(( $(date +%s) - start ))s: $(cd "$out" && ls | tr '\n' ' ')"

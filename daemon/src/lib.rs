@@ -1,6 +1,9 @@
 //! What every Pimesh daemon shares with systemd: structured logs to the journal (stderr off
-//! a node), `Type=notify` readiness, status and watchdog, and shutdown on SIGTERM.
+//! a node), `Type=notify` readiness, status and watchdog, shutdown on SIGTERM, and the
+//! `/live` and `/ready` health endpoints.
 
+pub mod atomic_file;
+pub mod health;
 pub mod logging;
 pub mod notify;
 

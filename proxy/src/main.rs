@@ -4,12 +4,10 @@
 //! the supervisor and the image can manage a real proxy process; the data plane (mTLS,
 //! routing, traffic split, faults, tracing, metrics) is built on this skeleton.
 
-mod admin;
-
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use pimesh_daemon::{logging, notify};
+use pimesh_daemon::{health, logging, notify};
 use tracing::{error, info};
 
 const USAGE: &str = "usage: pimesh-proxy [--admin-addr IP:PORT]   (default 0.0.0.0:4191)";
@@ -59,7 +57,10 @@ async fn run(admin_addr: SocketAddr) -> Result<(), String> {
         .await
         .map_err(|err| format!("cannot listen on {admin_addr} for the admin endpoints: {err}"))?;
     info!(addr = %admin_addr, version = env!("CARGO_PKG_VERSION"), "admin endpoints listening");
-    let admin = tokio::spawn(admin::serve(listener));
+    let readiness = health::Readiness::new();
+    let admin = tokio::spawn(health::serve(listener, std::sync::Arc::clone(&readiness)));
+    // Nothing else to bring up yet: ready as soon as the admin endpoints answer.
+    readiness.set(true);
     notify::ready("admin endpoints up; no mesh routes configured");
     let watchdog = notify::spawn_watchdog();
     pimesh_daemon::shutdown_signal()

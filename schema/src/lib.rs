@@ -9,8 +9,10 @@ mod error;
 mod load;
 mod names;
 pub mod seed;
+pub mod supervisor;
 
 pub use error::ConfigError;
 pub use load::parse_toml;
 pub use names::{DnsLabel, NameError};
 pub use seed::{Central, JoinToken, Role, Seed, SigningKey, SshPublicKey};
+pub use supervisor::{HealSettings, ManagedUnit, ProbeUrl, SupervisorConfig, UnitName};

@@ -34,10 +34,20 @@ fn toml_error(file: &Path, text: &str, err: &toml::de::Error, key: Option<String
     }
 }
 
-/// Byte offset of the value of top-level `key` in `text`, for errors that concern a key
-/// only once the whole file is read (a field that another field makes necessary).
-pub(crate) fn top_level_offset(text: &str, key: &str) -> Option<usize> {
-    let table: std::collections::BTreeMap<String, toml::Spanned<toml::Value>> =
-        toml::from_str(text).ok()?;
-    table.get(key).map(|value| value.span().start)
+/// Byte offset in `text` of the value at `path` (table keys; array indices as decimal
+/// strings), for errors found only once the whole file is read, such as a field that
+/// names another. `None` when the text does not parse or the path is absent.
+pub(crate) fn locate(text: &str, path: &[&str]) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let root = DeTable::parse(text).ok()?;
+    let (first, rest) = path.split_first()?;
+    let mut value = root.get_ref().get(*first)?;
+    for segment in rest {
+        value = match value.get_ref() {
+            DeValue::Table(table) => table.get(*segment)?,
+            DeValue::Array(array) => array.get(segment.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(value.span().start)
 }

@@ -6,7 +6,7 @@
 use std::fmt;
 use std::path::Path;
 
-use crate::load::top_level_offset;
+use crate::load::locate;
 use crate::{parse_toml, ConfigError, DnsLabel};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -322,7 +322,7 @@ impl Seed {
             return Err(ConfigError::at_key(
                 file,
                 text,
-                top_level_offset(text, "role"),
+                locate(text, &["role"]),
                 "join_token",
                 "missing: a node with role `join` needs the site's join token \
                  (`pimeshctl site init` prints it); set role = \"init\" for the site's first server",

@@ -10,6 +10,8 @@ usage: pimesh-supervisor [options]
   --etc-dir PATH       active configuration (default /etc/pimesh)
   --manifest PATH      the image manifest (default /usr/share/pimesh/manifest.json)
   --k3s-bin PATH       where K3s is installed (default /usr/local/bin/k3s)
+  --supervisor-config PATH
+                       the units to keep running and how (default /etc/pimesh/supervisor.toml)
   --no-node-setup      do not set the hostname or SSH keys (for running off a node)";
 
 /// Where the supervisor finds and keeps things on the node.
@@ -23,6 +25,7 @@ pub struct Paths {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub seed_path: PathBuf,
+    pub supervisor_config: PathBuf,
     pub status_addr: SocketAddr,
     pub paths: Paths,
     pub node_setup: bool,
@@ -33,6 +36,7 @@ impl Options {
     pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
         let mut options = Options {
             seed_path: PathBuf::from("/boot/firmware/pimesh.toml"),
+            supervisor_config: PathBuf::from(pimesh_schema::supervisor::DEFAULT_PATH),
             status_addr: SocketAddr::from(([127, 0, 0, 1], 4200)),
             paths: Paths {
                 etc_dir: PathBuf::from("/etc/pimesh"),
@@ -47,6 +51,9 @@ impl Options {
             let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
             match arg.as_str() {
                 "--seed" => options.seed_path = value("--seed")?.into(),
+                "--supervisor-config" => {
+                    options.supervisor_config = value("--supervisor-config")?.into();
+                }
                 "--status-addr" => {
                     let text = value("--status-addr")?;
                     options.status_addr = text.parse().map_err(|err| {
@@ -82,6 +89,12 @@ mod tests {
         );
         assert_eq!(options.status_addr.to_string(), "127.0.0.1:4200");
         assert!(options.node_setup);
+        assert_eq!(
+            options.supervisor_config,
+            PathBuf::from("/etc/pimesh/supervisor.toml")
+        );
+        let options = parse(&["--supervisor-config", "/tmp/s.toml"]).expect("flag");
+        assert_eq!(options.supervisor_config, PathBuf::from("/tmp/s.toml"));
     }
 
     #[test]

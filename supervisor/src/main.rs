@@ -1,24 +1,32 @@
 //! `pimesh-supervisor`: the daemon on every Pimesh node.
 //!
-//! Today it reads the seed, gives the node its name and SSH access, and serves the node's
-//! status; it is the place where K3s bootstrap, trust provisioning and self-heal grow.
+//! Today it reads the seed, gives the node its name and SSH access, keeps the mesh proxy
+//! and the control replicas running through systemd (`keeper`, `heal`, `systemd`), and
+//! serves the node's status; it is the place where K3s bootstrap and trust provisioning
+//! grow.
 
-mod atomic_file;
 mod cli;
+mod heal;
+mod keeper;
 mod node;
 mod node_setup;
+mod probe;
 mod seed_state;
 mod status;
 mod status_api;
+mod systemd;
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use pimesh_daemon::notify::Heartbeat;
 use pimesh_daemon::{logging, notify};
-use tracing::{error, info};
+use pimesh_schema::SupervisorConfig;
+use tracing::{error, info, warn};
 
 use crate::cli::Options;
-use crate::status::{NodeStatus, StatusHandle};
+use crate::keeper::Keeper;
+use crate::status::{ConfigReport, NodeStatus, StatusHandle};
 
 fn main() -> ExitCode {
     let options = match Options::from_args(std::env::args().skip(1)) {
@@ -64,7 +72,14 @@ async fn run(options: Options) -> Result<(), String> {
     } else {
         Vec::new()
     };
-    let status = StatusHandle::new(NodeStatus::new(&facts, &seed, tasks));
+    let (supervisor_config, config_report) = load_supervisor_config(&options);
+    let mut status_line = seed.one_line_summary(&facts.node_name);
+    if let Some(err) = &config_report.error {
+        status_line.push_str(&format!(
+            "; supervisor config error (using defaults): {err}"
+        ));
+    }
+    let status = StatusHandle::new(NodeStatus::new(&facts, &seed, tasks, config_report));
 
     let listener = tokio::net::TcpListener::bind(options.status_addr)
         .await
@@ -77,8 +92,13 @@ async fn run(options: Options) -> Result<(), String> {
     info!(addr = %options.status_addr, "status API listening");
     let server = tokio::spawn(status_api::serve(listener, Arc::clone(&status.0)));
 
-    notify::ready(&seed.one_line_summary(&facts.node_name));
-    let watchdog = notify::spawn_watchdog();
+    let heartbeat = Heartbeat::new();
+    heartbeat.beat();
+    let keeper =
+        tokio::spawn(Keeper::new(supervisor_config, status.clone(), Arc::clone(&heartbeat)).run());
+
+    notify::ready(&status_line);
+    let watchdog = notify::spawn_watchdog_fed_by(heartbeat);
 
     pimesh_daemon::shutdown_signal()
         .await
@@ -86,8 +106,46 @@ async fn run(options: Options) -> Result<(), String> {
     info!("shutting down");
     notify::stopping();
     server.abort();
+    keeper.abort();
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
     Ok(())
+}
+
+/// The supervisor's configuration: the file, the defaults when it is missing, and the
+/// defaults (with the error reported) when it is broken. Never fails.
+fn load_supervisor_config(options: &Options) -> (SupervisorConfig, ConfigReport) {
+    let file = options.supervisor_config.clone();
+    match SupervisorConfig::load(&file) {
+        Ok(config) => {
+            let source = if file.exists() { "file" } else { "defaults" };
+            info!(
+                file = %file.display(),
+                source,
+                units = config.units.len(),
+                "supervisor configuration from {source}: {} units",
+                config.units.len()
+            );
+            (
+                config,
+                ConfigReport {
+                    file,
+                    source,
+                    error: None,
+                },
+            )
+        }
+        Err(err) => {
+            warn!(file = %file.display(), "{err}; managing the default units meanwhile");
+            (
+                SupervisorConfig::default(),
+                ConfigReport {
+                    file,
+                    source: "defaults",
+                    error: Some(err),
+                },
+            )
+        }
+    }
 }

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::atomic_file;
 use crate::cli::Paths;
 use crate::node::NodeFacts;
 use crate::seed_state::SeedState;
+use pimesh_daemon::atomic_file;
 
 /// The outcome of one setup task, as shown in the status API.
 #[derive(Debug, Clone, Serialize)]

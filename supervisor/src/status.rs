@@ -20,6 +20,73 @@ pub struct NodeStatus {
     pub setup: Vec<TaskReport>,
     /// Seconds since the Unix epoch when the supervisor started.
     pub started_at: u64,
+    /// The supervisor's own configuration file and whether it could be used.
+    pub supervisor_config: ConfigReport,
+    /// Every configuration problem in one list (the file's, and units that do not exist),
+    /// each a full sentence naming the file or unit.
+    pub config_errors: Vec<String>,
+    /// The supervisor's connection to systemd over D-Bus.
+    pub dbus: BusReport,
+    /// The units the supervisor keeps running, in configuration order.
+    pub units: Vec<UnitReport>,
+}
+
+/// Which supervisor configuration is in force.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigReport {
+    pub file: std::path::PathBuf,
+    /// `file`, or `defaults` when the file is missing or broken.
+    pub source: &'static str,
+    /// Why the file could not be used (file, line, key, message).
+    pub error: Option<pimesh_schema::ConfigError>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BusReport {
+    pub connected: bool,
+    /// Successful connections since the start (more than one: the bus was restarted).
+    pub connections: u64,
+    pub last_error: Option<String>,
+}
+
+/// One managed unit: what Pimesh wants, what systemd says, what Pimesh did about it.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnitReport {
+    pub name: String,
+    /// Always `running` for now.
+    pub desired_state: &'static str,
+    pub load_state: Option<String>,
+    pub active_state: Option<String>,
+    pub sub_state: Option<String>,
+    pub result: Option<String>,
+    pub main_pid: Option<u32>,
+    /// Restarts done by systemd itself (`NRestarts`, from its `Restart=` setting).
+    pub systemd_restarts: Option<u32>,
+    /// The last readiness probe answer since the process started; `null` before the
+    /// first one or for a unit without a probe.
+    pub ready: Option<bool>,
+    /// Starts and restarts of this unit that Pimesh asked systemd for.
+    pub restarts_by_pimesh: u64,
+    /// Heal attempts in the current failure episode (0 once the unit is stable).
+    pub heal_attempts: u32,
+    pub escalation: crate::heal::Escalation,
+    pub last_action: Option<ActionReport>,
+    /// Every action taken for this unit since the supervisor started, by name
+    /// (`start`, `reset-failed-and-start`, `restart`, `restart-dependencies`, `reboot`).
+    pub action_counts: std::collections::BTreeMap<&'static str, u64>,
+    /// Why the unit cannot be managed (e.g. it does not exist).
+    pub error: Option<String>,
+}
+
+/// An action the supervisor took, why, and how systemd took it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActionReport {
+    pub action: &'static str,
+    pub reason: String,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// `ok` or the D-Bus error.
+    pub outcome: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -32,7 +99,12 @@ pub struct NodeReport {
 }
 
 impl NodeStatus {
-    pub fn new(facts: &NodeFacts, seed: &SeedState, setup: Vec<TaskReport>) -> NodeStatus {
+    pub fn new(
+        facts: &NodeFacts,
+        seed: &SeedState,
+        setup: Vec<TaskReport>,
+        supervisor_config: ConfigReport,
+    ) -> NodeStatus {
         NodeStatus {
             version: env!("CARGO_PKG_VERSION"),
             node: NodeReport {
@@ -50,6 +122,14 @@ impl NodeStatus {
             started_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            config_errors: supervisor_config
+                .error
+                .iter()
+                .map(|err| format!("{err} (using the default configuration)"))
+                .collect(),
+            supervisor_config,
+            dbus: BusReport::default(),
+            units: Vec::new(),
         }
     }
 }
@@ -61,5 +141,14 @@ pub struct StatusHandle(pub Arc<RwLock<NodeStatus>>);
 impl StatusHandle {
     pub fn new(status: NodeStatus) -> Self {
         StatusHandle(Arc::new(RwLock::new(status)))
+    }
+
+    /// Applies `change` under the write lock (recovering it if a writer panicked).
+    pub fn update(&self, change: impl FnOnce(&mut NodeStatus)) {
+        let mut guard = match self.0.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        change(&mut guard);
     }
 }

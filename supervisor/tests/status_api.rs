@@ -9,22 +9,37 @@ use std::time::{Duration, Instant};
 struct Supervisor {
     child: Child,
     addr: SocketAddr,
+    _scratch: tempfile::TempDir,
 }
 
 impl Supervisor {
     fn start(seed: &Path, extra: &[&str]) -> Supervisor {
         let addr = free_port();
+        // Off a node there is no systemd to manage units with: manage none unless a test
+        // names its own supervisor configuration.
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let mut own_config = Vec::new();
+        if !extra.contains(&"--supervisor-config") {
+            let config = scratch.path().join("supervisor.toml");
+            std::fs::write(&config, "unit = []\n").expect("supervisor config");
+            own_config = vec!["--supervisor-config".into(), config.into_os_string()];
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_pimesh-supervisor"))
             .arg("--seed")
             .arg(seed)
             .args(["--status-addr", &addr.to_string(), "--no-node-setup"])
+            .args(own_config)
             .args(extra)
             .env_remove("JOURNAL_STREAM")
             .env_remove("NOTIFY_SOCKET")
             .stderr(Stdio::piped())
             .spawn()
             .expect("start pimesh-supervisor");
-        let supervisor = Supervisor { child, addr };
+        let supervisor = Supervisor {
+            child,
+            addr,
+            _scratch: scratch,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).is_err() {
             assert!(
@@ -195,4 +210,36 @@ fn an_unedited_template_is_unconfigured() {
     assert!(status["node"]["name"]
         .as_str()
         .is_some_and(|n| n.starts_with("pimesh")));
+}
+
+#[test]
+fn a_broken_supervisor_config_is_reported_and_the_defaults_are_used() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seed = dir.path().join("pimesh.toml");
+    std::fs::write(&seed, "site = \"fleet-depot-7\"\nrole = \"init\"\n").expect("seed");
+    let config = dir.path().join("supervisor.toml");
+    std::fs::write(&config, "[heal]\nprobe_intervall_ms = 5\n").expect("config");
+    let supervisor = Supervisor::start(
+        &seed,
+        &["--supervisor-config", config.to_str().expect("utf-8")],
+    );
+    let status = supervisor.status();
+    assert_eq!(status["supervisor_config"]["source"], "defaults");
+    assert_eq!(status["supervisor_config"]["error"]["line"], 2);
+    assert!(status["config_errors"][0]
+        .as_str()
+        .is_some_and(|e| e.contains("probe_intervall_ms") && e.contains(":2:")));
+    // The default units are what the supervisor keeps (or tries to, without systemd).
+    let units: Vec<_> = status["units"]
+        .as_array()
+        .expect("units")
+        .iter()
+        .map(|u| u["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(units.len(), 4, "{units:?}");
+    assert_eq!(units[0], "pimesh-proxy.service");
+    assert!(status["units"][0]["desired_state"] == "running");
+    let (exit, logs) = supervisor.terminate();
+    assert!(exit.success(), "{exit}");
+    assert!(logs.contains("probe_intervall_ms"), "{logs}");
 }

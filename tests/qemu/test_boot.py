@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -43,6 +44,22 @@ def node_factory(tmp_path):
     yield make
     for node in nodes:
         node.kill()
+
+
+MESH_UNITS = {"pimesh-proxy.service", "pimesh-control@1.service", "pimesh-control@2.service",
+              "pimesh-control@3.service"}
+
+
+def wait_for_units_ready(node, also=lambda units: True, timeout=120):
+    """Polls /status until every managed unit is active and ready (and `also` holds)."""
+    deadline = time.monotonic() + timeout
+    units = {}
+    while time.monotonic() < deadline:
+        units = {u["name"]: u for u in node.status()["units"]}
+        if units and all(u["active_state"] == "active" and u["ready"] for u in units.values()) and also(units):
+            return units
+        time.sleep(1)
+    raise TimeoutError(f"managed units not all ready after {timeout}s: {json.dumps(units, indent=1)}")
 
 
 def root_partition_sectors(disk):
@@ -119,6 +136,14 @@ def test_first_boot_with_a_valid_seed(base_image, keys, node_factory):
     assert failed == "", f"failed units:\n{failed}"
     assert state == "running", state
     assert node.unit_property("pimesh-supervisor.service", "NRestarts") == "0"
+
+    # The supervisor starts the mesh units and heals them through systemd's D-Bus API.
+    units = wait_for_units_ready(node)
+    assert set(units) == MESH_UNITS, units.keys()
+    killed = units["pimesh-proxy.service"]["main_pid"]
+    node.ssh(f"kill -9 {killed}")
+    healed = wait_for_units_ready(node, lambda u: u["pimesh-proxy.service"]["main_pid"] != killed)
+    assert healed["pimesh-proxy.service"]["active_state"] == "active"
 
     # Figures for the closing note (printed, never asserted).
     pid = node.unit_property("pimesh-supervisor.service", "MainPID")

@@ -1,0 +1,353 @@
+//! The supervisor's own configuration: `/etc/pimesh/supervisor.toml`.
+//!
+//! It names the systemd units the supervisor keeps running (the mesh proxy and the control
+//! replicas), how their readiness is probed, and how hard the supervisor tries to heal
+//! them. A missing file means [`SupervisorConfig::default`]; every setting has a default,
+//! so a file only holds what differs.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::seed::read_small;
+use crate::{parse_toml, ConfigError};
+
+/// Where the supervisor looks for its configuration on a node.
+pub const DEFAULT_PATH: &str = "/etc/pimesh/supervisor.toml";
+
+/// How many control replicas a node runs when the file does not say otherwise.
+pub const DEFAULT_CONTROL_REPLICAS: u16 = 3;
+
+/// A validated supervisor configuration.
+///
+/// Invariants: unit names are unique; `0 < backoff_initial <= backoff_max`;
+/// `probe_interval > 0`; `hang_threshold >= probe_interval`; `escalate_after >= 1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SupervisorConfig {
+    pub heal: HealSettings,
+    pub units: Vec<ManagedUnit>,
+}
+
+/// How the supervisor probes and heals every managed unit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealSettings {
+    /// How often each unit's readiness endpoint is asked.
+    pub probe_interval: Duration,
+    /// An active unit whose readiness probe fails for this long is hung and is restarted.
+    pub hang_threshold: Duration,
+    /// The first retry waits this long (plus jitter); each further one twice as long...
+    pub backoff_initial: Duration,
+    /// ...up to this cap.
+    pub backoff_max: Duration,
+    /// Consecutive failed heal attempts before climbing the next rung of the escalation
+    /// ladder (restart the unit's dependencies, then reboot).
+    pub escalate_after: u32,
+    /// Whether the last rung may reboot the node (through systemd). Off by default: a
+    /// reboot loop is worse than one dead unit.
+    pub allow_reboot: bool,
+}
+
+/// One unit the supervisor keeps running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagedUnit {
+    pub name: UnitName,
+    /// `http://` URL that answers 2xx when the unit can do its job; none means the unit
+    /// counts as ready whenever systemd says it is active.
+    #[serde(default)]
+    pub ready_url: Option<ProbeUrl>,
+    /// Units restarted on the first escalation rung (e.g. what this unit talks to).
+    #[serde(default)]
+    pub dependencies: Vec<UnitName>,
+}
+
+/// A systemd service name: `name.service` or `template@instance.service`, in the
+/// characters systemd allows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct UnitName(String);
+
+impl UnitName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for UnitName {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        const MAX_LEN: usize = 255;
+        let Some(stem) = text.strip_suffix(".service") else {
+            return Err(format!(
+                "expected a systemd service name ending in `.service`, found {text:?}"
+            ));
+        };
+        let allowed = |c: char| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c);
+        if stem.is_empty()
+            || text.len() > MAX_LEN
+            || !stem.chars().all(allowed)
+            || stem.starts_with('@')
+        {
+            return Err(format!(
+                "expected a systemd service name (letters, digits, `:-_.\\@`, at most \
+                 {MAX_LEN} characters, ending in `.service`), found {text:?}"
+            ));
+        }
+        Ok(UnitName(text))
+    }
+}
+
+impl From<UnitName> for String {
+    fn from(name: UnitName) -> String {
+        name.0
+    }
+}
+
+impl fmt::Display for UnitName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A plain `http://host:port/path` URL (readiness endpoints are local and unencrypted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ProbeUrl(url::Url);
+
+impl ProbeUrl {
+    pub fn as_url(&self) -> &url::Url {
+        &self.0
+    }
+
+    /// `host:port`, the port defaulting to 80.
+    pub fn authority(&self) -> String {
+        let host = self.0.host_str().unwrap_or_default();
+        let port = self.0.port_or_known_default().unwrap_or(80);
+        format!("{host}:{port}")
+    }
+
+    /// The path and query, as sent in the request line.
+    pub fn path_and_query(&self) -> String {
+        match self.0.query() {
+            Some(query) => format!("{}?{query}", self.0.path()),
+            None => self.0.path().to_owned(),
+        }
+    }
+}
+
+impl TryFrom<String> for ProbeUrl {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        let url = url::Url::parse(&text)
+            .map_err(|err| format!("expected an http:// URL, found {text:?} ({err})"))?;
+        if url.scheme() != "http" || url.host_str().is_none() {
+            return Err(format!(
+                "expected an http:// URL with a host, found {text:?}"
+            ));
+        }
+        Ok(ProbeUrl(url))
+    }
+}
+
+impl From<ProbeUrl> for String {
+    fn from(url: ProbeUrl) -> String {
+        url.0.into()
+    }
+}
+
+impl fmt::Display for ProbeUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+impl Default for HealSettings {
+    fn default() -> Self {
+        HealSettings {
+            probe_interval: Duration::from_secs(1),
+            hang_threshold: Duration::from_secs(3),
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            escalate_after: 5,
+            allow_reboot: false,
+        }
+    }
+}
+
+impl Default for SupervisorConfig {
+    /// The mesh proxy and control replicas 1..=3, each with its readiness endpoint.
+    fn default() -> Self {
+        SupervisorConfig {
+            heal: HealSettings::default(),
+            units: default_units(),
+        }
+    }
+}
+
+fn managed(name: &str, ready_url: &str) -> ManagedUnit {
+    ManagedUnit {
+        name: UnitName(name.to_owned()),
+        ready_url: url::Url::parse(ready_url).ok().map(ProbeUrl),
+        dependencies: Vec::new(),
+    }
+}
+
+/// The proxy and [`DEFAULT_CONTROL_REPLICAS`] control replicas (replica N on 8085+N).
+pub fn default_units() -> Vec<ManagedUnit> {
+    let mut units = vec![managed(
+        "pimesh-proxy.service",
+        "http://127.0.0.1:4191/ready",
+    )];
+    units.extend((1..=DEFAULT_CONTROL_REPLICAS).map(|replica| {
+        managed(
+            &format!("pimesh-control@{replica}.service"),
+            &format!("http://127.0.0.1:{}/ready", 8085 + replica),
+        )
+    }));
+    units
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    heal: RawHeal,
+    /// `[[unit]]` tables; absent means the default set.
+    unit: Option<Vec<ManagedUnit>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHeal {
+    probe_interval_ms: u64,
+    hang_threshold_ms: u64,
+    backoff_initial_ms: u64,
+    backoff_max_ms: u64,
+    escalate_after: u32,
+    allow_reboot: bool,
+}
+
+impl Default for RawHeal {
+    fn default() -> Self {
+        let heal = HealSettings::default();
+        RawHeal {
+            probe_interval_ms: millis(heal.probe_interval),
+            hang_threshold_ms: millis(heal.hang_threshold),
+            backoff_initial_ms: millis(heal.backoff_initial),
+            backoff_max_ms: millis(heal.backoff_max),
+            escalate_after: heal.escalate_after,
+            allow_reboot: heal.allow_reboot,
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl SupervisorConfig {
+    /// Reads `file`; a file that does not exist means the defaults.
+    pub fn load(file: &Path) -> Result<SupervisorConfig, ConfigError> {
+        match std::fs::metadata(file) {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(SupervisorConfig::default())
+            }
+            _ => {}
+        }
+        let text = read_small(file)?;
+        SupervisorConfig::parse(file, &text)
+    }
+
+    /// Validates `text`, the contents of `file`.
+    pub fn parse(file: &Path, text: &str) -> Result<SupervisorConfig, ConfigError> {
+        let raw: RawConfig = parse_toml(file, text)?;
+        let at = |key: &str, message: String| {
+            ConfigError::at_key(file, text, assignment_offset(text, key), key, message)
+        };
+        let h = raw.heal;
+        if h.probe_interval_ms == 0 {
+            return Err(at(
+                "heal.probe_interval_ms",
+                "expected a positive number of milliseconds, found 0".into(),
+            ));
+        }
+        if h.hang_threshold_ms < h.probe_interval_ms {
+            return Err(at(
+                "heal.hang_threshold_ms",
+                format!(
+                    "expected at least heal.probe_interval_ms ({}), found {}",
+                    h.probe_interval_ms, h.hang_threshold_ms
+                ),
+            ));
+        }
+        if h.backoff_initial_ms == 0 {
+            return Err(at(
+                "heal.backoff_initial_ms",
+                "expected a positive number of milliseconds, found 0".into(),
+            ));
+        }
+        if h.backoff_max_ms < h.backoff_initial_ms {
+            return Err(at(
+                "heal.backoff_max_ms",
+                format!(
+                    "expected at least heal.backoff_initial_ms ({}), found {}",
+                    h.backoff_initial_ms, h.backoff_max_ms
+                ),
+            ));
+        }
+        if h.escalate_after == 0 {
+            return Err(at(
+                "heal.escalate_after",
+                "expected at least 1, found 0".into(),
+            ));
+        }
+        let units = raw.unit.unwrap_or_else(default_units);
+        let mut seen = std::collections::BTreeSet::new();
+        for (index, unit) in units.iter().enumerate() {
+            if !seen.insert(&unit.name) {
+                let quoted = format!("\"{}\"", unit.name);
+                let offset = text.rfind(&quoted);
+                return Err(ConfigError::at_key(
+                    file,
+                    text,
+                    offset,
+                    &format!("unit[{index}].name"),
+                    format!("unit {} is listed twice", unit.name),
+                ));
+            }
+        }
+        Ok(SupervisorConfig {
+            heal: HealSettings {
+                probe_interval: Duration::from_millis(h.probe_interval_ms),
+                hang_threshold: Duration::from_millis(h.hang_threshold_ms),
+                backoff_initial: Duration::from_millis(h.backoff_initial_ms),
+                backoff_max: Duration::from_millis(h.backoff_max_ms),
+                escalate_after: h.escalate_after,
+                allow_reboot: h.allow_reboot,
+            },
+            units,
+        })
+    }
+}
+
+/// Byte offset of the value assigned to the last component of dotted `key` (`heal.x` →
+/// the `x = ...` line), for errors found once the whole file is decoded.
+fn assignment_offset(text: &str, key: &str) -> Option<usize> {
+    let name = key.rsplit('.').next().unwrap_or(key);
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix(name) {
+            if let Some(value) = rest.trim_start().strip_prefix('=') {
+                let value_start = line.len() - value.trim_start().len();
+                return Some(offset + value_start);
+            }
+        }
+        offset += line.len();
+    }
+    None
+}

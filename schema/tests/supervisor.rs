@@ -1,0 +1,133 @@
+use std::path::Path;
+use std::time::Duration;
+
+use pimesh_schema::SupervisorConfig;
+
+const FILE: &str = "/etc/pimesh/supervisor.toml";
+
+fn parse(text: &str) -> Result<SupervisorConfig, pimesh_schema::ConfigError> {
+    SupervisorConfig::parse(Path::new(FILE), text)
+}
+
+#[test]
+fn defaults_manage_the_proxy_and_three_control_replicas() {
+    let config = SupervisorConfig::default();
+    let names: Vec<_> = config.units.iter().map(|u| u.name.to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "pimesh-proxy.service",
+            "pimesh-control@1.service",
+            "pimesh-control@2.service",
+            "pimesh-control@3.service"
+        ]
+    );
+    let urls: Vec<_> = config
+        .units
+        .iter()
+        .map(|u| u.ready_url.as_ref().map(|url| url.to_string()))
+        .collect();
+    assert_eq!(urls[0].as_deref(), Some("http://127.0.0.1:4191/ready"));
+    assert_eq!(urls[3].as_deref(), Some("http://127.0.0.1:8088/ready"));
+    assert_eq!(config.heal.probe_interval, Duration::from_secs(1));
+    assert_eq!(config.heal.hang_threshold, Duration::from_secs(3));
+    assert_eq!(config.heal.backoff_initial, Duration::from_millis(200));
+    assert_eq!(config.heal.backoff_max, Duration::from_secs(30));
+    assert!(!config.heal.allow_reboot);
+}
+
+#[test]
+fn an_empty_file_and_a_missing_file_are_the_defaults() {
+    assert_eq!(parse("").expect("empty"), SupervisorConfig::default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("supervisor.toml");
+    assert_eq!(
+        SupervisorConfig::load(&missing).expect("missing"),
+        SupervisorConfig::default()
+    );
+}
+
+#[test]
+fn the_shipped_example_is_the_default() {
+    let text = include_str!("../../configs/supervisor.toml");
+    assert_eq!(
+        parse(text).expect("configs/supervisor.toml"),
+        SupervisorConfig::default()
+    );
+}
+
+#[test]
+fn a_complete_file_is_read_whole() {
+    let config = parse(
+        r#"
+[heal]
+probe_interval_ms = 500
+hang_threshold_ms = 2000
+backoff_initial_ms = 100
+backoff_max_ms = 5000
+escalate_after = 3
+allow_reboot = true
+
+[[unit]]
+name = "pimesh-proxy.service"
+ready_url = "http://127.0.0.1:4191/ready"
+dependencies = ["pimesh-control@1.service"]
+
+[[unit]]
+name = "pimesh-control@1.service"
+"#,
+    )
+    .expect("valid");
+    assert_eq!(config.units.len(), 2);
+    assert_eq!(
+        config.units[0].dependencies[0].as_str(),
+        "pimesh-control@1.service"
+    );
+    assert!(config.units[1].ready_url.is_none());
+    assert_eq!(config.heal.escalate_after, 3);
+    assert!(config.heal.allow_reboot);
+}
+
+#[test]
+fn unknown_keys_are_refused_with_line_and_key() {
+    let err = parse("[heal]\nprobe_interval_ms = 500\nbackof_max_ms = 3\n").unwrap_err();
+    assert_eq!(err.line, Some(3), "{err}");
+    assert!(err.to_string().contains("backof_max_ms"), "{err}");
+}
+
+#[test]
+fn bad_unit_names_and_urls_name_their_key() {
+    let err = parse("[[unit]]\nname = \"pimesh-proxy\"\n").unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("unit[0].name"), "{err}");
+    assert_eq!(err.line, Some(2));
+    assert!(err.message.contains(".service"), "{err}");
+
+    let err =
+        parse("[[unit]]\nname = \"a.service\"\nready_url = \"https://x/ready\"\n").unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("unit[0].ready_url"), "{err}");
+    assert_eq!(err.line, Some(3));
+}
+
+#[test]
+fn inconsistent_heal_settings_are_refused() {
+    let err = parse("[heal]\nbackoff_initial_ms = 5000\nbackoff_max_ms = 100\n").unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("heal.backoff_max_ms"), "{err}");
+    assert_eq!(err.line, Some(3), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "/etc/pimesh/supervisor.toml:3:18: key `heal.backoff_max_ms`: expected at least \
+         heal.backoff_initial_ms (5000), found 100"
+    );
+    let err = parse("[heal]\nprobe_interval_ms = 0\n").unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("heal.probe_interval_ms"));
+    let err = parse("[heal]\nhang_threshold_ms = 10\n").unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("heal.hang_threshold_ms"));
+}
+
+#[test]
+fn duplicate_units_are_refused() {
+    let err =
+        parse("[[unit]]\nname = \"a.service\"\n[[unit]]\nname = \"a.service\"\n").unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("unit[1].name"));
+    assert_eq!(err.line, Some(4));
+}

@@ -1,0 +1,469 @@
+//! The unit keeper: the event loop that keeps the managed units running. It feeds what
+//! systemd reports (D-Bus signals, event-driven) and what readiness probes answer (polled)
+//! to the heal policy (`crate::heal`), carries out its decisions through systemd, and
+//! publishes everything in the node status.
+//!
+//! Invariants: the keeper never starts a process itself, only asks systemd; it beats its
+//! [`Heartbeat`] at least every [`MAX_TURN`], so the supervisor's watchdog is fed exactly
+//! while this loop turns; when the bus goes away it reconnects with backoff, keeping what
+//! the policy learnt (attempts, backoff, escalation) across connections.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{BuildHasher as _, Hasher as _};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use pimesh_daemon::notify::Heartbeat;
+use pimesh_schema::{HealSettings, ManagedUnit, SupervisorConfig};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn};
+use zbus::zvariant::OwnedObjectPath;
+
+use crate::heal::{self, Action, Decision, UnitHealer};
+use crate::probe;
+use crate::status::{ActionReport, StatusHandle, UnitReport};
+use crate::systemd::{BusEvent, Systemd, CALL_TIMEOUT};
+
+/// The loop turns (and beats) at least this often.
+const MAX_TURN: Duration = Duration::from_secs(1);
+/// Waits between reconnection attempts: from this...
+const RECONNECT_INITIAL: Duration = Duration::from_millis(200);
+/// ...doubling up to this.
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// A probe gives up after this long (or the probe interval, if shorter).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One managed unit: its configuration, the policy's memory, and what the keeper did.
+struct Managed {
+    config: ManagedUnit,
+    healer: UnitHealer,
+    path: Option<OwnedObjectPath>,
+    last_action: Option<ActionReport>,
+    /// How many times each action was taken for this unit since the supervisor started.
+    action_counts: BTreeMap<&'static str, u64>,
+    /// Why the unit cannot be managed; logged once when it appears.
+    error: Option<String>,
+}
+
+/// A readiness probe answer for the process `main_pid` of unit `index`.
+struct ProbeAnswer {
+    index: usize,
+    main_pid: u32,
+    /// When the probe was sent: a probe that times out says the unit was not ready then.
+    sent_at: Instant,
+    result: Result<(), String>,
+}
+
+pub struct Keeper {
+    settings: HealSettings,
+    units: Vec<Managed>,
+    status: StatusHandle,
+    heartbeat: Arc<Heartbeat>,
+    connections: u64,
+}
+
+impl Keeper {
+    pub fn new(config: SupervisorConfig, status: StatusHandle, heartbeat: Arc<Heartbeat>) -> Self {
+        let units = config
+            .units
+            .into_iter()
+            .map(|unit| Managed {
+                healer: UnitHealer::new(&unit),
+                config: unit,
+                path: None,
+                last_action: None,
+                action_counts: BTreeMap::new(),
+                error: None,
+            })
+            .collect();
+        Keeper {
+            settings: config.heal,
+            units,
+            status,
+            heartbeat,
+            connections: 0,
+        }
+    }
+
+    /// Runs for ever: connects, keeps the units, reconnects when the bus goes away.
+    pub async fn run(mut self) {
+        self.publish();
+        if self.units.is_empty() {
+            info!("no units to manage");
+            loop {
+                self.heartbeat.beat();
+                tokio::time::sleep(MAX_TURN).await;
+            }
+        }
+        let mut failures = 0u32;
+        loop {
+            self.heartbeat.beat();
+            let outcome = match tokio::time::timeout(CALL_TIMEOUT, Systemd::connect()).await {
+                Ok(Ok(bus)) => {
+                    failures = 0;
+                    self.connections += 1;
+                    info!(
+                        connection = self.connections,
+                        "connected to systemd over D-Bus"
+                    );
+                    self.set_bus(true, None);
+                    let why = self.session(&bus).await;
+                    warn!(reason = %why, "lost the connection to systemd ({why}); reconnecting");
+                    why
+                }
+                Ok(Err(err)) => {
+                    let why = format!("cannot connect to systemd over D-Bus: {err}");
+                    warn!(attempt = failures + 1, "{why}");
+                    why
+                }
+                Err(_) => {
+                    let why = format!(
+                        "cannot connect to systemd over D-Bus: no answer within {} s",
+                        CALL_TIMEOUT.as_secs()
+                    );
+                    warn!(attempt = failures + 1, "{why}");
+                    why
+                }
+            };
+            failures = failures.saturating_add(1);
+            self.set_bus(false, Some(outcome));
+            let wait = heal::backoff::delay(failures, RECONNECT_INITIAL, RECONNECT_MAX, random());
+            self.sleep_beating(wait).await;
+        }
+    }
+
+    async fn sleep_beating(&self, duration: Duration) {
+        let end = Instant::now() + duration;
+        while Instant::now() < end {
+            self.heartbeat.beat();
+            tokio::time::sleep((end - Instant::now()).min(MAX_TURN)).await;
+        }
+    }
+
+    /// Keeps the units over one connection; returns why the connection ended.
+    async fn session(&mut self, bus: &Systemd) -> String {
+        let mut watched = Vec::new();
+        for (index, unit) in self.units.iter_mut().enumerate() {
+            // Each call may take up to CALL_TIMEOUT: beat between them.
+            self.heartbeat.beat();
+            match bus.load_unit(unit.config.name.as_str()).await {
+                Ok(path) => {
+                    watched.push((index, path.clone()));
+                    unit.path = Some(path);
+                }
+                Err(err) => {
+                    return format!("LoadUnit({}) failed: {err}", unit.config.name);
+                }
+            }
+        }
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let mut watchers = JoinSet::new();
+        if let Err(err) = bus.watch(&watched, &events_tx, &mut watchers).await {
+            return format!("cannot subscribe to unit signals: {err}");
+        }
+        // Read everything once after subscribing, so no change falls in between.
+        for index in 0..self.units.len() {
+            self.heartbeat.beat();
+            if let Err(why) = self.refresh(bus, index).await {
+                return why;
+            }
+        }
+        let (probes_tx, mut probes) = mpsc::unbounded_channel::<ProbeAnswer>();
+        let mut probe_tick = tokio::time::interval(self.settings.probe_interval);
+        probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.heartbeat.beat();
+            if let Err(why) = self.heal_all(bus).await {
+                return why;
+            }
+            self.publish();
+            let now = Instant::now();
+            let wake = self
+                .units
+                .iter()
+                .filter_map(|unit| unit.healer.next_deadline(now, &self.settings))
+                .min()
+                .unwrap_or(now + MAX_TURN)
+                .min(now + MAX_TURN);
+            tokio::select! {
+                event = events.recv() => {
+                    let Some(event) = event else {
+                        return "the signal watchers stopped".to_owned();
+                    };
+                    let mut dirty = BTreeSet::new();
+                    let mut next = Some(event);
+                    while let Some(event) = next {
+                        match event {
+                            BusEvent::UnitChanged(index) => {
+                                dirty.insert(index);
+                            }
+                            BusEvent::JobRemoved { unit, result } => {
+                                if let Some(index) = self.index_of(&unit) {
+                                    debug!(%unit, %result, "job finished");
+                                    self.units[index].healer.observe_job_finished();
+                                    dirty.insert(index);
+                                }
+                            }
+                            BusEvent::Lost(why) => return why.to_owned(),
+                        }
+                        next = events.try_recv().ok();
+                    }
+                    for index in dirty {
+                        self.heartbeat.beat();
+                        if let Err(why) = self.refresh(bus, index).await {
+                            return why;
+                        }
+                    }
+                }
+                Some(answer) = probes.recv() => self.observe_probe(answer),
+                _ = probe_tick.tick() => self.spawn_probes(&probes_tx),
+                () = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+
+    fn index_of(&self, unit_name: &str) -> Option<usize> {
+        self.units
+            .iter()
+            .position(|unit| unit.config.name.as_str() == unit_name)
+    }
+
+    /// Reads unit `index`'s properties and hands them to the policy.
+    async fn refresh(&mut self, bus: &Systemd, index: usize) -> Result<(), String> {
+        let unit = &mut self.units[index];
+        let Some(path) = &unit.path else {
+            return Ok(());
+        };
+        let state = bus
+            .read_state(path)
+            .await
+            .map_err(|err| format!("cannot read the properties of {}: {err}", unit.config.name))?;
+        let problem = heal::unmanageable(&state);
+        if problem.is_some() && problem != unit.error {
+            error!(
+                unit = %unit.config.name,
+                load_state = %state.load_state,
+                "cannot manage {}: {}",
+                unit.config.name,
+                problem.as_deref().unwrap_or_default()
+            );
+        }
+        unit.error = problem;
+        unit.healer.observe_state(state);
+        Ok(())
+    }
+
+    fn observe_probe(&mut self, answer: ProbeAnswer) {
+        let unit = &mut self.units[answer.index];
+        let current_pid = unit.healer.state.as_ref().map(|state| state.main_pid);
+        if current_pid != Some(answer.main_pid) {
+            return; // about a process that is gone
+        }
+        if let Err(reason) = &answer.result {
+            if unit.healer.ready != Some(false) {
+                warn!(unit = %unit.config.name, %reason, "{}: readiness probe failing: {reason}", unit.config.name);
+            }
+        } else if unit.healer.ready == Some(false) {
+            info!(unit = %unit.config.name, "readiness probe passing again");
+        }
+        unit.healer
+            .observe_probe(answer.sent_at, answer.result.is_ok());
+    }
+
+    /// Probes every active unit that has a readiness URL, concurrently.
+    fn spawn_probes(&self, answers: &mpsc::UnboundedSender<ProbeAnswer>) {
+        let timeout = PROBE_TIMEOUT.min(self.settings.probe_interval);
+        for (index, unit) in self.units.iter().enumerate() {
+            let (Some(url), Some(state)) = (&unit.config.ready_url, &unit.healer.state) else {
+                continue;
+            };
+            if state.active_state != "active" {
+                continue;
+            }
+            let url = url.clone();
+            let main_pid = state.main_pid;
+            let answers = answers.clone();
+            tokio::spawn(async move {
+                let sent_at = Instant::now();
+                let result = probe::is_ready(&url, timeout).await;
+                let _ = answers.send(ProbeAnswer {
+                    index,
+                    main_pid,
+                    sent_at,
+                    result,
+                });
+            });
+        }
+    }
+
+    /// Asks the policy about every unit and carries out what it decides.
+    async fn heal_all(&mut self, bus: &Systemd) -> Result<(), String> {
+        for index in 0..self.units.len() {
+            self.heartbeat.beat();
+            let now = Instant::now();
+            let Some(decision) = self.units[index]
+                .healer
+                .decide(now, &self.settings, random())
+            else {
+                continue;
+            };
+            self.act(bus, index, decision).await?;
+        }
+        Ok(())
+    }
+
+    async fn act(&mut self, bus: &Systemd, index: usize, decision: Decision) -> Result<(), String> {
+        let unit = &mut self.units[index];
+        let name = unit.config.name.as_str();
+        info!(
+            unit = %name,
+            action = decision.action.name(),
+            reason = %decision.reason,
+            attempt = unit.healer.attempts,
+            escalation = ?unit.healer.escalation,
+            "healing {name}: {} ({})",
+            decision.action.name(),
+            decision.reason
+        );
+        let manager = bus.manager();
+        let outcome: zbus::Result<()> = match &decision.action {
+            Action::Start { reset_failed } => {
+                let reset = if *reset_failed {
+                    manager.reset_failed_unit(name).await
+                } else {
+                    Ok(())
+                };
+                match reset {
+                    Ok(()) => manager.start_unit(name, "replace").await.map(drop),
+                    Err(err) => Err(err),
+                }
+            }
+            Action::Restart => manager.restart_unit(name, "replace").await.map(drop),
+            Action::RestartDependencies(dependencies) => {
+                let mut outcome = Ok(());
+                for dependency in dependencies {
+                    info!(unit = %name, %dependency, "restarting a dependency");
+                    if let Err(err) = manager.restart_unit(dependency.as_str(), "replace").await {
+                        outcome = Err(err);
+                    }
+                }
+                // No job of this unit to wait for.
+                unit.healer.observe_job_finished();
+                outcome
+            }
+            Action::Reboot => {
+                error!(unit = %name, reason = %decision.reason, "rebooting the node");
+                manager
+                    .start_unit("reboot.target", "replace-irreversibly")
+                    .await
+                    .map(drop)
+            }
+        };
+        let outcome = match outcome {
+            Ok(()) => "ok".to_owned(),
+            Err(err) => {
+                warn!(
+                    unit = %name,
+                    action = decision.action.name(),
+                    %err,
+                    "systemd refused to {} {name}: {err}",
+                    decision.action.name()
+                );
+                unit.healer.observe_job_finished();
+                if is_connection_error(&err) {
+                    return Err(format!("D-Bus call failed: {err}"));
+                }
+                format!("error: {err}")
+            }
+        };
+        *unit
+            .action_counts
+            .entry(decision.action.name())
+            .or_default() += 1;
+        unit.last_action = Some(ActionReport {
+            action: decision.action.name(),
+            reason: decision.reason,
+            at_ms: unix_millis(),
+            outcome,
+        });
+        Ok(())
+    }
+
+    fn set_bus(&self, connected: bool, error: Option<String>) {
+        let connections = self.connections;
+        self.status.update(|status| {
+            status.dbus.connected = connected;
+            status.dbus.connections = connections;
+            if error.is_some() {
+                status.dbus.last_error = error;
+            }
+        });
+        self.publish();
+    }
+
+    /// Copies every unit's state into the node status.
+    fn publish(&self) {
+        let reports: Vec<UnitReport> = self.units.iter().map(Managed::report).collect();
+        let unit_errors: Vec<String> = self
+            .units
+            .iter()
+            .filter_map(|unit| {
+                let error = unit.error.as_ref()?;
+                Some(format!("unit {}: {error}", unit.config.name))
+            })
+            .collect();
+        self.status.update(|status| {
+            status.units = reports;
+            status
+                .config_errors
+                .retain(|error| !error.starts_with("unit "));
+            status.config_errors.extend(unit_errors);
+        });
+    }
+}
+
+impl Managed {
+    fn report(&self) -> UnitReport {
+        let state = self.healer.state.as_ref();
+        UnitReport {
+            name: self.config.name.to_string(),
+            desired_state: "running",
+            load_state: state.map(|s| s.load_state.clone()),
+            active_state: state.map(|s| s.active_state.clone()),
+            sub_state: state.map(|s| s.sub_state.clone()),
+            result: state.map(|s| s.result.clone()),
+            main_pid: state.map(|s| s.main_pid),
+            systemd_restarts: state.map(|s| s.n_restarts),
+            ready: self.healer.ready,
+            restarts_by_pimesh: self.healer.restarts_by_pimesh,
+            heal_attempts: self.healer.attempts,
+            escalation: self.healer.escalation,
+            last_action: self.last_action.clone(),
+            action_counts: self.action_counts.clone(),
+            error: self.error.clone(),
+        }
+    }
+}
+
+/// Whether `err` means the connection itself is unusable (rather than systemd refusing).
+fn is_connection_error(err: &zbus::Error) -> bool {
+    matches!(err, zbus::Error::InputOutput(_) | zbus::Error::InvalidReply)
+}
+
+/// A different `u64` on every call, for backoff jitter (std's hasher keys are random).
+fn random() -> u64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

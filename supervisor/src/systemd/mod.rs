@@ -1,0 +1,142 @@
+//! The supervisor's connection to systemd over the system D-Bus: unit control, unit
+//! properties, and the signals that report their changes.
+//!
+//! A [`Systemd`] is one connection. When the bus goes away (D-Bus restarted) its streams
+//! end and its calls fail; the caller drops it and connects again with
+//! [`Systemd::connect`], which subscribes afresh.
+
+mod proxies;
+
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use zbus::fdo::PropertiesProxy;
+use zbus::proxy::CacheProperties;
+use zbus::zvariant::OwnedObjectPath;
+use zbus::Connection;
+
+use crate::heal::UnitState;
+pub use proxies::{ManagerProxy, ServiceProxy, UnitProxy};
+
+/// Every D-Bus call gives up after this long: a stuck bus must not stall the event loop.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the watchers report to the event loop.
+#[derive(Debug)]
+pub enum BusEvent {
+    /// A property of the managed unit at this index changed (read it again).
+    UnitChanged(usize),
+    /// A job of `unit` finished with `result`.
+    JobRemoved { unit: String, result: String },
+    /// A signal stream ended: the connection is gone.
+    Lost(&'static str),
+}
+
+/// One connection to systemd, subscribed to its signals.
+pub struct Systemd {
+    connection: Connection,
+    manager: ManagerProxy<'static>,
+}
+
+impl Systemd {
+    /// Connects to the system bus and subscribes to systemd's signals.
+    pub async fn connect() -> zbus::Result<Systemd> {
+        let connection = zbus::connection::Builder::system()?
+            .method_timeout(CALL_TIMEOUT)
+            .build()
+            .await?;
+        let manager = ManagerProxy::builder(&connection)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await?;
+        manager.subscribe().await?;
+        Ok(Systemd {
+            connection,
+            manager,
+        })
+    }
+
+    pub fn manager(&self) -> &ManagerProxy<'static> {
+        &self.manager
+    }
+
+    /// The unit's object path, loading the unit if needed.
+    pub async fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath> {
+        self.manager.load_unit(name).await
+    }
+
+    /// Reads the unit's properties afresh. `Service` properties are read only for a unit
+    /// that is loaded (a missing unit has none).
+    pub async fn read_state(&self, path: &OwnedObjectPath) -> zbus::Result<UnitState> {
+        let unit = UnitProxy::builder(&self.connection)
+            .path(path.clone())?
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await?;
+        let mut state = UnitState {
+            load_state: unit.load_state().await?,
+            active_state: unit.active_state().await?,
+            sub_state: unit.sub_state().await?,
+            ..UnitState::default()
+        };
+        if state.load_state == "loaded" {
+            let service = ServiceProxy::builder(&self.connection)
+                .path(path.clone())?
+                .cache_properties(CacheProperties::No)
+                .build()
+                .await?;
+            state.result = service.result().await?;
+            state.n_restarts = service.n_restarts().await?;
+            state.main_pid = service.main_pid().await?;
+            state.exec_main_status = service.exec_main_status().await?;
+        }
+        Ok(state)
+    }
+
+    /// Starts tasks (in `watchers`) that turn systemd's signals into [`BusEvent`]s:
+    /// `PropertiesChanged` of each `(index, path)` in `units`, and `JobRemoved`.
+    pub async fn watch(
+        &self,
+        units: &[(usize, OwnedObjectPath)],
+        events: &mpsc::UnboundedSender<BusEvent>,
+        watchers: &mut JoinSet<()>,
+    ) -> zbus::Result<()> {
+        let mut jobs = self.manager.receive_job_removed().await?;
+        let sender = events.clone();
+        watchers.spawn(async move {
+            while let Some(signal) = jobs.next().await {
+                if let Ok(args) = signal.args() {
+                    let event = BusEvent::JobRemoved {
+                        unit: args.unit().to_string(),
+                        result: args.result().to_string(),
+                    };
+                    if sender.send(event).is_err() {
+                        return;
+                    }
+                }
+            }
+            let _ = sender.send(BusEvent::Lost("JobRemoved stream ended"));
+        });
+        for (index, path) in units.iter().cloned() {
+            let properties = PropertiesProxy::builder(&self.connection)
+                .destination("org.freedesktop.systemd1")?
+                .path(path)?
+                .cache_properties(CacheProperties::No)
+                .build()
+                .await?;
+            let mut changes = properties.receive_properties_changed().await?;
+            let sender = events.clone();
+            watchers.spawn(async move {
+                while changes.next().await.is_some() {
+                    if sender.send(BusEvent::UnitChanged(index)).is_err() {
+                        return;
+                    }
+                }
+                let _ = sender.send(BusEvent::Lost("PropertiesChanged stream ended"));
+            });
+        }
+        Ok(())
+    }
+}
