@@ -5,14 +5,17 @@
 //! the key, and what was expected, so that an operator can fix a file on an SD card
 //! without reading source code.
 
+pub mod cluster;
 mod error;
 mod load;
 mod names;
 pub mod seed;
+mod spiffe;
 pub mod supervisor;
 
 pub use error::ConfigError;
 pub use load::parse_toml;
 pub use names::{DnsLabel, NameError};
 pub use seed::{Central, JoinToken, Role, Seed, SigningKey, SshPublicKey};
+pub use spiffe::{SpiffeId, Workload};
 pub use supervisor::{HealSettings, ManagedUnit, ProbeUrl, SupervisorConfig, UnitName};

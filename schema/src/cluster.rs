@@ -1,0 +1,368 @@
+//! The site configuration, `cluster.toml`: the desired state of a site — its services,
+//! where they run, how traffic to them is split, delayed or aborted, who may call them —
+//! plus the control plane, K3s and proxy settings. The operator validates it with
+//! `pimeshctl`, the central server serves it signed, and the supervisor, the control
+//! replicas and the proxies all read it through these types.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::load::locate;
+use crate::{parse_toml, ConfigError, DnsLabel, SpiffeId};
+
+/// A validated site configuration. Holding one means every cross-reference holds: split
+/// backends are services with endpoints, authorization names identities of this site,
+/// counts are in range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    pub site: DnsLabel,
+    pub control: ControlSettings,
+    pub k3s: K3sSettings,
+    pub proxy: ProxySettings,
+    pub services: BTreeMap<DnsLabel, Service>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSettings {
+    /// Control replicas per server node (`pimesh-control@1..N`), 1 to 9.
+    pub replicas: u8,
+}
+
+impl Default for ControlSettings {
+    fn default() -> Self {
+        ControlSettings { replicas: 3 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct K3sSettings {
+    /// How many nodes are K3s servers (embedded etcd quorum): 1, 3 or 5. Later nodes join
+    /// as agents.
+    pub servers: u8,
+    /// Packaged K3s components to turn off (`--disable`).
+    pub disable: Vec<String>,
+}
+
+impl Default for K3sSettings {
+    fn default() -> Self {
+        K3sSettings {
+            servers: 3,
+            disable: vec!["traefik".to_owned()],
+        }
+    }
+}
+
+/// Limits and defaults of every proxy on the site.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySettings {
+    /// Open client connections a proxy accepts before refusing new ones.
+    pub max_connections: u32,
+    /// Largest request head (request line and headers) accepted, in bytes.
+    pub max_header_bytes: u32,
+    /// A client must send its request head within this time.
+    pub header_timeout: HumanDuration,
+    /// Retries may add at most this percentage to the requests sent (0 to 100).
+    pub retry_budget_percent: u8,
+    /// Where spans are exported (Zipkin v2 JSON over HTTP), if anywhere.
+    pub zipkin_url: Option<String>,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        ProxySettings {
+            max_connections: 10_000,
+            max_header_bytes: 16 * 1024,
+            header_timeout: HumanDuration(Duration::from_secs(10)),
+            retry_budget_percent: 20,
+            zipkin_url: None,
+        }
+    }
+}
+
+/// A service: endpoints (a port on each node it is placed on), or a traffic split over
+/// other services (SMI TrafficSplit: the apex service has no endpoints of its own), or
+/// both (the split then decides), with its policies.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// The port the service listens on, on each of its nodes.
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// The nodes the service is placed on.
+    #[serde(default)]
+    pub nodes: Vec<DnsLabel>,
+    /// Weighted backends; empty means no split.
+    #[serde(default)]
+    pub split: Vec<Backend>,
+    pub fault: Option<Fault>,
+    /// Whole-request deadline.
+    pub timeout: Option<HumanDuration>,
+    /// A connection idle this long is closed.
+    pub idle_timeout: Option<HumanDuration>,
+    /// Extra attempts for idempotent requests and connect failures (0 to 5), within the
+    /// site's retry budget.
+    #[serde(default)]
+    pub retries: u8,
+    /// Identities allowed to call the service; absent means any identity of the site.
+    pub allow: Option<Vec<SpiffeRef>>,
+}
+
+/// How the proxy treats a service's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Detect HTTP/1.1, HTTP/2 or opaque TCP per connection.
+    #[default]
+    Auto,
+    Http,
+    /// Opaque TCP, never inspected.
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub service: DnsLabel,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    pub abort: Option<Abort>,
+    pub delay: Option<Delay>,
+}
+
+/// Answer a share of requests with `status` without sending them on.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Abort {
+    pub status: ErrorStatus,
+    pub percent: Percent,
+}
+
+/// Hold a share of requests for `duration` before sending them on.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delay {
+    pub duration: HumanDuration,
+    pub percent: Percent,
+}
+
+/// A duration written for humans: `250ms`, `5s`, `1m 30s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct HumanDuration(pub Duration);
+
+impl TryFrom<String> for HumanDuration {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        humantime::parse_duration(&text)
+            .map(HumanDuration)
+            .map_err(|err| {
+                format!("expected a duration such as \"250ms\" or \"5s\", found {text:?} ({err})")
+            })
+    }
+}
+
+/// A share of requests, 0 to 100.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(try_from = "f64")]
+pub struct Percent(pub f64);
+
+impl TryFrom<f64> for Percent {
+    type Error = String;
+
+    fn try_from(value: f64) -> Result<Self, String> {
+        if (0.0..=100.0).contains(&value) {
+            Ok(Percent(value))
+        } else {
+            Err(format!(
+                "expected a percentage from 0 to 100, found {value}"
+            ))
+        }
+    }
+}
+
+/// An HTTP error status, 400 to 599.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "u16")]
+pub struct ErrorStatus(pub u16);
+
+impl TryFrom<u16> for ErrorStatus {
+    type Error = String;
+
+    fn try_from(code: u16) -> Result<Self, String> {
+        if (400..=599).contains(&code) {
+            Ok(ErrorStatus(code))
+        } else {
+            Err(format!(
+                "expected an HTTP error status from 400 to 599, found {code}"
+            ))
+        }
+    }
+}
+
+/// A SPIFFE ID in an authorization list.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct SpiffeRef(pub SpiffeId);
+
+impl TryFrom<String> for SpiffeRef {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse().map(SpiffeRef)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    site: DnsLabel,
+    #[serde(default)]
+    control: ControlSettings,
+    #[serde(default)]
+    k3s: K3sSettings,
+    #[serde(default)]
+    proxy: ProxySettings,
+    #[serde(default)]
+    services: BTreeMap<DnsLabel, Service>,
+}
+
+impl ClusterConfig {
+    /// Validates `text`, the contents of `file`.
+    pub fn parse(file: &Path, text: &str) -> Result<ClusterConfig, ConfigError> {
+        let raw: RawCluster = parse_toml(file, text)?;
+        let fail = |path: &[&str], message: String| {
+            let key = path.join(".");
+            ConfigError::at_key(file, text, locate(text, path), &key, message)
+        };
+        if !(1..=9).contains(&raw.control.replicas) {
+            let found = raw.control.replicas;
+            return Err(fail(
+                &["control", "replicas"],
+                format!("expected 1 to 9 replicas, found {found}"),
+            ));
+        }
+        if ![1, 3, 5].contains(&raw.k3s.servers) {
+            let found = raw.k3s.servers;
+            return Err(fail(
+                &["k3s", "servers"],
+                format!("expected 1, 3 or 5 servers (an odd quorum), found {found}"),
+            ));
+        }
+        if raw.proxy.retry_budget_percent > 100 {
+            let found = raw.proxy.retry_budget_percent;
+            return Err(fail(
+                &["proxy", "retry_budget_percent"],
+                format!("expected 0 to 100, found {found}"),
+            ));
+        }
+        for (name, service) in &raw.services {
+            let name = name.as_str();
+            let has_endpoints = !service.nodes.is_empty();
+            if has_endpoints && service.port.is_none() {
+                return Err(fail(
+                    &["services", name, "nodes"],
+                    "a service placed on nodes needs a `port`".into(),
+                ));
+            }
+            if !has_endpoints && service.split.is_empty() {
+                return Err(fail(
+                    &["services", name],
+                    "expected `nodes` and `port` (where it runs) or `split` (the services it sends to)".into(),
+                ));
+            }
+            let mut seen_nodes = BTreeSet::new();
+            for (i, node) in service.nodes.iter().enumerate() {
+                if !seen_nodes.insert(node) {
+                    return Err(fail(
+                        &["services", name, "nodes", &i.to_string()],
+                        format!("node {node} is listed twice"),
+                    ));
+                }
+            }
+            if service.retries > 5 {
+                return Err(fail(
+                    &["services", name, "retries"],
+                    format!("expected 0 to 5, found {}", service.retries),
+                ));
+            }
+            let mut seen_backends = BTreeSet::new();
+            for (i, backend) in service.split.iter().enumerate() {
+                let at = ["services", name, "split", &i.to_string(), "service"];
+                let Some(target) = raw.services.get(&backend.service) else {
+                    return Err(fail(
+                        &at,
+                        format!(
+                            "expected the name of a service in this file, found {}",
+                            backend.service
+                        ),
+                    ));
+                };
+                if !target.split.is_empty() {
+                    return Err(fail(
+                        &at,
+                        format!("{} has a split itself; splits do not nest", backend.service),
+                    ));
+                }
+                if target.nodes.is_empty() {
+                    return Err(fail(
+                        &at,
+                        format!("{} is placed on no node", backend.service),
+                    ));
+                }
+                if !seen_backends.insert(&backend.service) {
+                    return Err(fail(&at, format!("{} is listed twice", backend.service)));
+                }
+            }
+            if !service.split.is_empty() && service.split.iter().all(|b| b.weight == 0) {
+                return Err(fail(
+                    &["services", name, "split"],
+                    "expected at least one backend with a weight above 0".into(),
+                ));
+            }
+            for (i, id) in service.allow.iter().flatten().enumerate() {
+                if id.0.site != raw.site {
+                    return Err(fail(
+                        &["services", name, "allow", &i.to_string()],
+                        format!("expected an identity of site {}, found {}", raw.site, id.0),
+                    ));
+                }
+            }
+        }
+        Ok(ClusterConfig {
+            site: raw.site,
+            control: raw.control,
+            k3s: raw.k3s,
+            proxy: raw.proxy,
+            services: raw.services,
+        })
+    }
+
+    /// Reads and validates the site configuration at `file`.
+    pub fn load(file: &Path) -> Result<ClusterConfig, ConfigError> {
+        let text = crate::seed::read_small(file)?;
+        ClusterConfig::parse(file, &text)
+    }
+
+    /// The identities a node may hold: its own and those of the services placed on it.
+    pub fn identities_of_node(&self, node: &DnsLabel) -> BTreeSet<SpiffeId> {
+        let mut ids = BTreeSet::from([SpiffeId::node(&self.site, node)]);
+        for (name, service) in &self.services {
+            if service.nodes.contains(node) {
+                ids.insert(SpiffeId::service(&self.site, name));
+            }
+        }
+        ids
+    }
+}

@@ -1,0 +1,145 @@
+use std::path::Path;
+use std::time::Duration;
+
+use pimesh_schema::cluster::{ClusterConfig, Protocol};
+use pimesh_schema::{DnsLabel, SpiffeId};
+
+const FILE: &str = "/etc/pimesh/cluster.toml";
+
+fn parse(text: &str) -> Result<ClusterConfig, pimesh_schema::ConfigError> {
+    ClusterConfig::parse(Path::new(FILE), text)
+}
+
+fn label(s: &str) -> DnsLabel {
+    DnsLabel::try_from(s.to_owned()).expect("label")
+}
+
+#[test]
+fn the_example_site_is_read_whole() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/cluster.example.toml");
+    let config = ClusterConfig::load(&file).unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(config.site.as_str(), "fleet-depot-7");
+    assert_eq!(config.control.replicas, 3);
+    assert_eq!(config.k3s.servers, 3);
+    let apex = &config.services[&label("fleetman-staff-service")];
+    let weights: Vec<_> = apex
+        .split
+        .iter()
+        .map(|b| (b.service.as_str(), b.weight))
+        .collect();
+    assert_eq!(
+        weights,
+        [
+            ("fleetman-staff-service-stable", 90),
+            ("error-injector", 10)
+        ]
+    );
+    let injector = &config.services[&label("error-injector")];
+    let abort = injector
+        .fault
+        .as_ref()
+        .and_then(|f| f.abort.as_ref())
+        .expect("abort");
+    assert_eq!((abort.status.0, abort.percent.0), (503, 100.0));
+    let stable = &config.services[&label("fleetman-staff-service-stable")];
+    let delay = stable
+        .fault
+        .as_ref()
+        .and_then(|f| f.delay.as_ref())
+        .expect("delay");
+    assert_eq!(delay.duration.0, Duration::from_millis(200));
+    assert_eq!(
+        config.services[&label("fleetman-queue")].protocol,
+        Protocol::Tcp
+    );
+}
+
+#[test]
+fn a_node_may_hold_its_own_identity_and_its_services_only() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/cluster.example.toml");
+    let config = ClusterConfig::load(&file).unwrap_or_else(|err| panic!("{err}"));
+    let ids: Vec<String> = config
+        .identities_of_node(&label("pi-a"))
+        .iter()
+        .map(SpiffeId::to_string)
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "spiffe://fleet-depot-7/node/pi-a",
+            "spiffe://fleet-depot-7/svc/fleetman-staff-service-stable",
+            "spiffe://fleet-depot-7/svc/fleetman-webapp",
+        ]
+    );
+}
+
+#[test]
+fn defaults_fill_what_is_not_said() {
+    let config = parse("site = \"s\"\n").expect("minimal");
+    assert_eq!(config.control.replicas, 3);
+    assert_eq!(config.k3s.disable, ["traefik"]);
+    assert_eq!(config.proxy.retry_budget_percent, 20);
+    assert!(config.services.is_empty());
+}
+
+#[test]
+fn each_broken_rule_names_its_key_and_line() {
+    let cases: &[(&str, &str, usize, &str)] = &[
+        ("site = \"s\"\n[control]\nreplicas = 0\n", "control.replicas", 3, "1 to 9"),
+        ("site = \"s\"\n[k3s]\nservers = 2\n", "k3s.servers", 3, "odd quorum"),
+        ("site = \"s\"\n[services.a]\nnodes = [\"pi-a\"]\n", "services.a.nodes", 3, "port"),
+        ("site = \"s\"\n[services.a]\nport = 80\n", "services.a", 2, "split"),
+        (
+            "site = \"s\"\n[services.a]\nsplit = [{ service = \"b\", weight = 1 }]\n",
+            "services.a.split.0.service",
+            3,
+            "name of a service",
+        ),
+        (
+            "site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\n[services.a]\nsplit = [\n  { service = \"b\", weight = 0 },\n]\n",
+            "services.a.split",
+            6,
+            "weight above 0",
+        ),
+        (
+            "site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\", \"n\"]\n",
+            "services.b.nodes.1",
+            4,
+            "twice",
+        ),
+        (
+            "site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\nallow = [\"spiffe://other/svc/x\"]\n",
+            "services.b.allow.0",
+            5,
+            "site s",
+        ),
+        ("site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\nretries = 9\n", "services.b.retries", 5, "0 to 5"),
+    ];
+    for (text, key, line, says) in cases {
+        let err = parse(text).expect_err(text);
+        assert_eq!(err.key.as_deref(), Some(*key), "{text}\n{err}");
+        assert_eq!(err.line, Some(*line), "{text}\n{err}");
+        assert!(err.message.contains(says), "{err}");
+    }
+}
+
+#[test]
+fn malformed_values_are_refused_where_they_are() {
+    let cases: &[(&str, &str, usize)] = &[
+        ("site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\nfault = { abort = { status = 200, percent = 5.0 } }\n", "services.b.fault.abort.status", 5),
+        ("site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\nfault = { delay = { duration = \"soon\", percent = 5.0 } }\n", "services.b.fault.delay.duration", 5),
+        ("site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\nfault = { delay = { duration = \"1s\", percent = 150.0 } }\n", "services.b.fault.delay.percent", 5),
+        ("site = \"s\"\n[services.b]\nport = 70000\nnodes = [\"n\"]\n", "services.b.port", 3),
+        ("site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\nprotocol = \"udp\"\n", "services.b.protocol", 5),
+        ("site = \"s\"\n[services.B]\nport = 1\n", "services", 2),
+        ("site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\nweight = 3\n", "services.b", 5),
+    ];
+    for (text, key, line) in cases {
+        let err = parse(text).expect_err(text);
+        assert!(
+            err.key.as_deref().is_some_and(|k| k.starts_with(key)),
+            "{text}\n{err}"
+        );
+        assert_eq!(err.line, Some(*line), "{text}\n{err}");
+    }
+}
