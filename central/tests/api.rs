@@ -1,0 +1,383 @@
+//! The central server binary over real TLS: an operator publishes signed revisions, nodes
+//! long-poll for them with their node certificates and report back.
+
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+use pimesh_bundle::{Mode, Revision};
+use pimesh_identity::{LeafRequest, SpiffeId, TrustRoot};
+use pimesh_schema::DnsLabel;
+use reqwest::blocking::Client;
+use ring::signature::KeyPair as _;
+
+fn label(s: &str) -> DnsLabel {
+    DnsLabel::try_from(s.to_owned()).expect("label")
+}
+
+struct TestSite {
+    name: DnsLabel,
+    root: TrustRoot,
+    signing_pkcs8: Vec<u8>,
+    public_key: String,
+    anchor_path: PathBuf,
+}
+
+impl TestSite {
+    fn new(dir: &Path, name: &str) -> TestSite {
+        let root = TrustRoot::generate(&label(name), SystemTime::now()).expect("root");
+        let anchor_path = dir.join(format!("{name}-anchor.pem"));
+        std::fs::write(&anchor_path, root.anchor.cert_pem()).expect("anchor");
+        let rng = ring::rand::SystemRandom::new();
+        let signing_pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+            .expect("key")
+            .as_ref()
+            .to_vec();
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8(&signing_pkcs8).expect("pair");
+        let public_key = format!(
+            "ed25519:{}",
+            base64::engine::general_purpose::STANDARD.encode(pair.public_key().as_ref())
+        );
+        TestSite {
+            name: label(name),
+            root,
+            signing_pkcs8,
+            public_key,
+            anchor_path,
+        }
+    }
+
+    /// PEM identity of `node` (leaf, issuer, key) for a reqwest client.
+    fn node_identity(&self, node: &str) -> Vec<u8> {
+        let id = SpiffeId::node(&self.name, &label(node));
+        let request = LeafRequest::new(std::slice::from_ref(&id)).expect("request");
+        let leaf = self
+            .root
+            .issuer
+            .sign_leaf(
+                &request.csr,
+                &self.name,
+                &BTreeSet::from([id]),
+                SystemTime::now(),
+            )
+            .expect("leaf");
+        format!(
+            "{}{}{}",
+            leaf.pem,
+            self.root.issuer.cert_pem(),
+            request.key.serialize_pem()
+        )
+        .into_bytes()
+    }
+
+    fn revision(&self, number: u64, config: &str) -> Vec<u8> {
+        Revision {
+            site: self.name.clone(),
+            revision: number,
+            mode: Mode::Apply,
+            config: config.to_owned(),
+        }
+        .sign(&self.signing_pkcs8)
+        .expect("sign")
+        .to_json()
+    }
+}
+
+struct Central {
+    child: Child,
+    addr: SocketAddr,
+    config: PathBuf,
+    server_pem: Vec<u8>,
+}
+
+impl Central {
+    fn start(dir: &Path, sites: &[&TestSite]) -> Central {
+        let server =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("server cert");
+        std::fs::write(dir.join("server.pem"), server.cert.pem()).expect("cert");
+        std::fs::write(dir.join("server.key"), server.signing_key.serialize_pem()).expect("key");
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr");
+        let mut config = format!(
+            "listen = \"{addr}\"\nstate_dir = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nlong_poll_max = \"30s\"\n",
+            dir.join("state").display(),
+            dir.join("server.pem").display(),
+            dir.join("server.key").display()
+        );
+        for site in sites {
+            config.push_str(&format!(
+                "[[sites]]\nname = \"{}\"\nanchor = \"{}\"\npublic_key = \"{}\"\n",
+                site.name,
+                site.anchor_path.display(),
+                site.public_key
+            ));
+        }
+        let config_path = dir.join("central.toml");
+        std::fs::write(&config_path, config).expect("config");
+        let mut central = Central {
+            child: spawn(&config_path),
+            addr,
+            config: config_path,
+            server_pem: server.cert.pem().into_bytes(),
+        };
+        central.wait_up();
+        central
+    }
+
+    fn wait_up(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(self.addr).is_err() {
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                panic!("pimesh-central exited: {exit}");
+            }
+            assert!(Instant::now() < deadline, "pimesh-central did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill_and_restart(&mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("wait");
+        self.child = spawn(&self.config);
+        self.wait_up();
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.addr.port())
+    }
+
+    fn client(&self, identity: Option<&[u8]>) -> Client {
+        let mut builder = Client::builder()
+            .use_rustls_tls()
+            .resolve("localhost", self.addr)
+            .add_root_certificate(reqwest::Certificate::from_pem(&self.server_pem).expect("root"))
+            .timeout(Duration::from_secs(40));
+        if let Some(pem) = identity {
+            builder = builder.identity(reqwest::Identity::from_pem(pem).expect("identity"));
+        }
+        builder.build().expect("client")
+    }
+}
+
+impl Drop for Central {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_pimesh-central"))
+        .arg("--config")
+        .arg(config)
+        .env_remove("NOTIFY_SOCKET")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pimesh-central")
+}
+
+const CONFIG_1: &str = "site = \"depot-7\"\n[services.web]\nport = 8080\nnodes = [\"pi-a\"]\n";
+const CONFIG_2: &str = "site = \"depot-7\"\n[services.web]\nport = 8081\nnodes = [\"pi-a\"]\n";
+
+fn revision_of(body: &str) -> u64 {
+    serde_json::from_str::<serde_json::Value>(body).expect("json")["revision"]
+        .as_u64()
+        .expect("revision")
+}
+
+#[test]
+fn publish_then_nodes_long_poll_and_report() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = TestSite::new(dir.path(), "depot-7");
+    let central = Central::start(dir.path(), &[&site]);
+    let operator = central.client(None);
+    let node = central.client(Some(&site.node_identity("pi-a")));
+
+    let published = operator
+        .put(central.url("/v1/sites/depot-7/revisions"))
+        .body(site.revision(1, CONFIG_1))
+        .send()
+        .expect("publish");
+    assert_eq!(published.status(), 201);
+
+    // Newer than what the node has: answered at once.
+    let fetched = node
+        .get(central.url("/v1/sites/depot-7/config?after=0&wait=20"))
+        .send()
+        .expect("fetch");
+    assert_eq!(fetched.status(), 200);
+    assert_eq!(revision_of(&fetched.text().expect("body")), 1);
+
+    // Nothing newer: held, then empty.
+    let empty = node
+        .get(central.url("/v1/sites/depot-7/config?after=1&wait=1"))
+        .send()
+        .expect("poll");
+    assert_eq!(empty.status(), 204);
+
+    // A publish while a node waits wakes it with the new revision.
+    let publisher = {
+        let operator = operator.clone();
+        let url = central.url("/v1/sites/depot-7/revisions");
+        let body = site.revision(2, CONFIG_2);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            operator
+                .put(url)
+                .body(body)
+                .send()
+                .expect("publish 2")
+                .status()
+        })
+    };
+    let woken = node
+        .get(central.url("/v1/sites/depot-7/config?after=1&wait=30"))
+        .send()
+        .expect("long-poll");
+    assert_eq!(woken.status(), 200);
+    assert_eq!(revision_of(&woken.text().expect("body")), 2);
+    assert_eq!(publisher.join().expect("publisher"), 201);
+
+    // The node reports; the fleet view names it by its certificate.
+    let report = node
+        .post(central.url("/v1/sites/depot-7/reports"))
+        .body(r#"{"revision": 2, "state": "applied", "detail": ""}"#)
+        .send()
+        .expect("report");
+    assert_eq!(report.status(), 200);
+    let fleet: serde_json::Value = serde_json::from_str(
+        &operator
+            .get(central.url("/v1/fleet"))
+            .send()
+            .expect("fleet")
+            .text()
+            .expect("body"),
+    )
+    .expect("json");
+    assert_eq!(fleet["sites"][0]["latest_revision"], 2);
+    assert_eq!(fleet["sites"][0]["nodes"][0]["node"], "pi-a");
+    assert_eq!(fleet["sites"][0]["nodes"][0]["revision"], 2);
+    assert_eq!(fleet["sites"][0]["nodes"][0]["state"], "applied");
+}
+
+#[test]
+fn bad_publishes_and_strangers_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = TestSite::new(dir.path(), "depot-7");
+    let other = TestSite::new(dir.path(), "depot-8");
+    let central = Central::start(dir.path(), &[&site, &other]);
+    let operator = central.client(None);
+    let put = |body: Vec<u8>| {
+        operator
+            .put(central.url("/v1/sites/depot-7/revisions"))
+            .body(body)
+            .send()
+            .expect("publish")
+    };
+
+    assert_eq!(put(site.revision(1, CONFIG_1)).status(), 201);
+    let replay = put(site.revision(1, CONFIG_1));
+    assert_eq!(replay.status(), 409);
+    assert!(replay.text().expect("body").contains("not newer"));
+    let forged = Revision {
+        site: site.name.clone(),
+        revision: 2,
+        mode: Mode::Apply,
+        config: CONFIG_2.to_owned(),
+    }
+    .sign(&other.signing_pkcs8)
+    .expect("sign");
+    assert_eq!(put(forged.to_json()).status(), 403);
+    let invalid = put(site.revision(
+        3,
+        "site = \"depot-7\"\n[services.web]\nnodes = [\"pi-a\"]\n",
+    ));
+    assert_eq!(invalid.status(), 400);
+    assert!(invalid.text().expect("body").contains("services.web.nodes"));
+    assert_eq!(put(b"{\"truncated\": ".to_vec()).status(), 400);
+    // An oversized body is refused before it is read; the server then closes that
+    // connection, so it goes on a client of its own.
+    let oversized = central
+        .client(None)
+        .put(central.url("/v1/sites/depot-7/revisions"))
+        .body(vec![b' '; 2 * 1024 * 1024])
+        .send()
+        .expect("publish");
+    assert_eq!(oversized.status(), 413);
+
+    // Without a node certificate, or with a node certificate of another site.
+    let anonymous = operator
+        .get(central.url("/v1/sites/depot-7/config?after=0"))
+        .send()
+        .expect("fetch");
+    assert_eq!(anonymous.status(), 401);
+    let stranger = central.client(Some(&other.node_identity("pi-a")));
+    let refused = stranger
+        .get(central.url("/v1/sites/depot-7/config?after=0"))
+        .send()
+        .expect("fetch");
+    assert_eq!(refused.status(), 403);
+    // A certificate from an anchor the server does not know fails the handshake.
+    let unknown = TestSite::new(&dir.path().join(".."), "depot-7");
+    let outsider = central.client(Some(&unknown.node_identity("pi-a")));
+    assert!(outsider
+        .get(central.url("/v1/sites/depot-7/config?after=0"))
+        .send()
+        .is_err());
+    assert_eq!(
+        operator
+            .get(central.url("/v1/sites/nowhere/config"))
+            .send()
+            .expect("fetch")
+            .status(),
+        404
+    );
+}
+
+#[test]
+fn revisions_survive_a_kill_and_interrupted_writes_are_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = TestSite::new(dir.path(), "depot-7");
+    let mut central = Central::start(dir.path(), &[&site]);
+    let operator = central.client(None);
+    for (number, config) in [(1, CONFIG_1), (2, CONFIG_2)] {
+        let status = operator
+            .put(central.url("/v1/sites/depot-7/revisions"))
+            .body(site.revision(number, config))
+            .send()
+            .expect("publish")
+            .status();
+        assert_eq!(status, 201);
+    }
+    // What a crash in the middle of storing revision 3 leaves behind: a temporary file.
+    let revisions = dir.path().join("state/depot-7/revisions");
+    std::fs::write(
+        revisions.join(".3.json.tmp-4242"),
+        &site.revision(3, CONFIG_1)[..40],
+    )
+    .expect("torn write");
+    central.kill_and_restart();
+
+    let node = central.client(Some(&site.node_identity("pi-a")));
+    let fetched = node
+        .get(central.url("/v1/sites/depot-7/config?after=0"))
+        .send()
+        .expect("fetch");
+    assert_eq!(
+        revision_of(&fetched.text().expect("body")),
+        2,
+        "the newest complete revision"
+    );
+    let status = operator
+        .put(central.url("/v1/sites/depot-7/revisions"))
+        .body(site.revision(2, CONFIG_2))
+        .send()
+        .expect("replay")
+        .status();
+    assert_eq!(status, 409, "revision order survives the restart");
+}

@@ -1,0 +1,78 @@
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::path::Path;
+
+use pimesh_schema::Seed;
+
+/// The seed's name on the boot partition.
+const SEED_NAME: &str = "pimesh.toml";
+/// MBR partition types of FAT file systems.
+const FAT_TYPES: [u8; 4] = [0x0b, 0x0c, 0x0e, 0x06];
+
+/// Validates `seed` and writes it as `pimesh.toml` into the first (FAT) partition of the
+/// raw image `image`, through the FAT structures in the file: no mount, no root.
+pub fn configure(image: &Path, seed: &Path) -> Result<(), String> {
+    let parsed = Seed::load(seed).map_err(|err| format!("refusing an invalid seed: {err}"))?;
+    let text =
+        std::fs::read(seed).map_err(|err| format!("cannot read {}: {err}", seed.display()))?;
+    if image.extension().is_some_and(|ext| ext == "xz") {
+        return Err(format!(
+            "{} is compressed: run `xz -dk {}` and configure the .img",
+            image.display(),
+            image.display()
+        ));
+    }
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .map_err(|err| format!("cannot open {}: {err}", image.display()))?;
+    let mbr = mbrman::MBR::read_from(&mut file, 512)
+        .map_err(|err| format!("{}: no MBR partition table: {err}", image.display()))?;
+    let boot = &mbr[1];
+    if !FAT_TYPES.contains(&boot.sys) || boot.sectors == 0 {
+        return Err(format!(
+            "{}: partition 1 is not a FAT boot partition (type {:#04x})",
+            image.display(),
+            boot.sys
+        ));
+    }
+    let start = u64::from(boot.starting_lba) * 512;
+    let end = start + u64::from(boot.sectors) * 512;
+    let slice = fscommon::StreamSlice::new(&mut file, start, end).map_err(|err| {
+        format!(
+            "{}: partition 1 lies outside the file: {err}",
+            image.display()
+        )
+    })?;
+    let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new()).map_err(|err| {
+        format!(
+            "{}: partition 1 is not a readable FAT file system: {err}",
+            image.display()
+        )
+    })?;
+    {
+        let mut target = fs
+            .root_dir()
+            .create_file(SEED_NAME)
+            .map_err(|err| format!("cannot create {SEED_NAME} in the boot partition: {err}"))?;
+        target
+            .truncate()
+            .and_then(|()| target.write_all(&text))
+            .and_then(|()| target.flush())
+            .map_err(|err| format!("cannot write {SEED_NAME} in the boot partition: {err}"))?;
+    }
+    fs.unmount()
+        .map_err(|err| format!("cannot finish writing the boot partition: {err}"))?;
+    file.sync_all()
+        .map_err(|err| format!("cannot flush {}: {err}", image.display()))?;
+    println!(
+        "{}: wrote {} ({} bytes; site {}, role {}) to the boot partition",
+        image.display(),
+        SEED_NAME,
+        text.len(),
+        parsed.site,
+        parsed.role.as_str()
+    );
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! `pimeshctl`: what an operator runs on a laptop to create a site, check its
+//! configuration and prepare SD card images.
+
+mod central;
+mod config;
+mod image;
+mod secret_file;
+mod site;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "pimeshctl", version, about = "Operate Pimesh sites")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create and inspect sites.
+    Site {
+        #[command(subcommand)]
+        command: SiteCommand,
+    },
+    /// Check site configurations (cluster.toml).
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Show every site's newest revision and what each node reported.
+    Status {
+        #[command(flatten)]
+        central: CentralArgs,
+    },
+    /// Prepare SD card images.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SiteCommand {
+    /// Create a site: its trust anchor and issuer, its configuration-signing key and its
+    /// join token, written to a folder that stays with the operator.
+    Init {
+        /// The site's name (lowercase letters, digits, '-').
+        site: String,
+        /// The central server the site's nodes take their configuration from.
+        #[arg(long)]
+        central_url: Option<String>,
+        /// Where to write the site's keys (default: ./<site>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a site configuration; prints what it says, or the error with file, line
+    /// and key.
+    Validate { file: PathBuf },
+    /// Validate, sign offline with the site key, and upload a revision to the central
+    /// server. The revision number is one above the newest the server holds unless given.
+    Publish {
+        file: PathBuf,
+        /// The site folder `pimeshctl site init` made (holds signing.pk8).
+        #[arg(long)]
+        site_dir: PathBuf,
+        #[command(flatten)]
+        central: CentralArgs,
+        #[arg(long)]
+        revision: Option<u64>,
+        /// Nodes revert this revision unless it is confirmed within the window.
+        #[arg(long = "try")]
+        try_mode: bool,
+    },
+}
+
+/// How to reach the central server.
+#[derive(clap::Args)]
+pub struct CentralArgs {
+    /// The central server, e.g. https://central.example.net:8443
+    #[arg(long)]
+    pub central: String,
+    /// A PEM CA certificate to trust for the central server (default: the system's roots).
+    #[arg(long)]
+    pub central_ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Write a seed into an image's boot partition as pimesh.toml, without mounting it.
+    Configure {
+        /// A raw Pimesh image (decompress the .img.xz first).
+        image: PathBuf,
+        /// The seed to write; it is validated first.
+        #[arg(long)]
+        seed: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Site {
+            command:
+                SiteCommand::Init {
+                    site,
+                    central_url,
+                    out,
+                },
+        } => site::init(&site, central_url.as_deref(), out),
+        Command::Config {
+            command: ConfigCommand::Validate { file },
+        } => config::validate(&file),
+        Command::Config {
+            command:
+                ConfigCommand::Publish {
+                    file,
+                    site_dir,
+                    central,
+                    revision,
+                    try_mode,
+                },
+        } => central::publish(&file, &site_dir, &central, revision, try_mode),
+        Command::Status { central } => central::status(&central),
+        Command::Image {
+            command: ImageCommand::Configure { image, seed },
+        } => image::configure(&image, &seed),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("pimeshctl: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,89 @@
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use base64::Engine as _;
+use pimesh_identity::{anchor_sha256, TrustRoot};
+use pimesh_schema::DnsLabel;
+use ring::rand::{SecureRandom as _, SystemRandom};
+use ring::signature::KeyPair as _;
+
+use crate::secret_file;
+
+/// Length of the join token's secret, in letters and digits (about 143 bits).
+const SECRET_LEN: usize = 24;
+
+/// Creates a site's keys in `out` (default `./<site>`) and prints the seed values.
+pub fn init(site: &str, central_url: Option<&str>, out: Option<PathBuf>) -> Result<(), String> {
+    let site = DnsLabel::try_from(site.to_owned()).map_err(|err| format!("site name: {err}"))?;
+    let out = out.unwrap_or_else(|| PathBuf::from(site.as_str()));
+    if out.exists() {
+        return Err(format!(
+            "{} exists: a site is created once; choose another --out",
+            out.display()
+        ));
+    }
+    std::fs::create_dir_all(&out)
+        .map_err(|err| format!("cannot create {}: {err}", out.display()))?;
+    std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(|err| format!("cannot restrict {}: {err}", out.display()))?;
+
+    let root = TrustRoot::generate(&site, SystemTime::now()).map_err(|err| err.to_string())?;
+    let rng = SystemRandom::new();
+    let signing = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+        .map_err(|_| "cannot generate the site signing key".to_owned())?;
+    let public = ring::signature::Ed25519KeyPair::from_pkcs8(signing.as_ref())
+        .map_err(|_| "cannot read back the site signing key".to_owned())?
+        .public_key()
+        .as_ref()
+        .to_vec();
+    let public_key = format!(
+        "ed25519:{}",
+        base64::engine::general_purpose::STANDARD.encode(&public)
+    );
+    let join_token = format!(
+        "K10{}::{}",
+        hex(&anchor_sha256(root.anchor.cert_der())),
+        random_secret(&rng)?
+    );
+
+    let write = |name: &str, contents: &[u8], public: bool| {
+        secret_file::create(&out.join(name), contents, public)
+    };
+    write("anchor.pem", root.anchor.cert_pem().as_bytes(), true)?;
+    write("anchor.key", root.anchor.key_pem().as_bytes(), false)?;
+    write("issuer.pem", root.issuer.cert_pem().as_bytes(), true)?;
+    write("issuer.key", root.issuer.key_pem().as_bytes(), false)?;
+    write("signing.pk8", signing.as_ref(), false)?;
+    write("join-token", format!("{join_token}\n").as_bytes(), false)?;
+
+    println!("Created site {site} in {}/ (keep it private; *.key, signing.pk8 and join-token are secrets).", out.display());
+    println!("Seed values for its nodes (pimesh.toml):\n");
+    println!("site = \"{site}\"");
+    println!("join_token = \"{join_token}\"");
+    if let Some(url) = central_url {
+        println!("\n[central]\nurl = \"{url}\"\npublic_key = \"{public_key}\"");
+    } else {
+        println!("# central public_key = \"{public_key}\"");
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Letters and digits from the secure random source, without modulo bias.
+fn random_secret(rng: &SystemRandom) -> Result<String, String> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut secret = String::with_capacity(SECRET_LEN);
+    while secret.len() < SECRET_LEN {
+        let mut byte = [0u8; 1];
+        rng.fill(&mut byte)
+            .map_err(|_| "the system random source failed".to_owned())?;
+        // 248 = 4 * 62: bytes at or above it would favour the first letters.
+        if byte[0] < 248 {
+            secret.push(char::from(ALPHABET[usize::from(byte[0]) % ALPHABET.len()]));
+        }
+    }
+    Ok(secret)
+}
