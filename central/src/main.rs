@@ -16,10 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
-use pimesh_daemon::{logging, notify};
+use pimesh_daemon::notify;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::CentralConfig;
 use crate::sites::{Registry, Site};
@@ -43,31 +43,14 @@ fn main() -> ExitCode {
             }
         }
     }
-    logging::init();
     let config = match CentralConfig::load(&config_path) {
         Ok(config) => config,
         Err(err) => {
-            error!("{err}");
+            eprintln!("pimesh-central: {err}");
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            error!(%err, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            error!("{message}");
-            ExitCode::FAILURE
-        }
-    }
+    pimesh_daemon::run(pimesh_daemon::Threads::PerCore, run(config))
 }
 
 async fn run(config: CentralConfig) -> Result<(), String> {

@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use pimesh_daemon::{health, logging, notify};
-use tracing::{error, info};
+use pimesh_daemon::{health, notify};
+use tracing::info;
 
 const USAGE: &str =
     "usage: pimesh-control --replica N   (N in 1..=64; listens on 127.0.0.1:8085+N)";
@@ -57,24 +57,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    logging::init();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            error!(%err, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(replica)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            error!("{message}");
-            ExitCode::FAILURE
-        }
-    }
+    pimesh_daemon::run(pimesh_daemon::Threads::One, run(replica))
 }
 
 async fn run(replica: u16) -> Result<(), String> {

@@ -18,3 +18,46 @@ pub async fn shutdown_signal() -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// How many threads a daemon's runtime has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// One thread: the node daemons, whose footprint matters most on a Pi.
+    One,
+    /// One per core: servers with many concurrent clients (cargo feature `multi-thread`).
+    #[cfg(feature = "multi-thread")]
+    PerCore,
+}
+
+/// Runs a daemon: installs logging, starts the async runtime, and drives `main` to the
+/// end. A failure is logged, shown as the unit's status, and exits with status 1.
+pub fn run<F>(threads: Threads, main: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = Result<(), String>>,
+{
+    logging::init();
+    let runtime = match threads {
+        Threads::One => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        #[cfg(feature = "multi-thread")]
+        Threads::PerCore => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!(%err, "cannot start the async runtime");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            notify::status(&format!("failed: {message}"));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

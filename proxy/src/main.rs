@@ -7,8 +7,8 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use pimesh_daemon::{health, logging, notify};
-use tracing::{error, info};
+use pimesh_daemon::{health, notify};
+use tracing::info;
 
 const USAGE: &str = "usage: pimesh-proxy [--admin-addr IP:PORT]   (default 0.0.0.0:4191)";
 
@@ -32,24 +32,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    logging::init();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            error!(%err, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(admin_addr)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            error!("{message}");
-            ExitCode::FAILURE
-        }
-    }
+    pimesh_daemon::run(pimesh_daemon::Threads::One, run(admin_addr))
 }
 
 async fn run(admin_addr: SocketAddr) -> Result<(), String> {

@@ -19,10 +19,10 @@ mod systemd;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use pimesh_daemon::notify;
 use pimesh_daemon::notify::Heartbeat;
-use pimesh_daemon::{logging, notify};
 use pimesh_schema::SupervisorConfig;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::cli::Options;
 use crate::keeper::Keeper;
@@ -40,26 +40,8 @@ fn main() -> ExitCode {
         println!("{}", cli::USAGE);
         return ExitCode::SUCCESS;
     }
-    logging::init();
     // One thread is plenty for a supervisor and keeps its footprint small on a Pi.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            error!(%err, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(options)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            error!("{message}");
-            notify::status(&format!("failed: {message}"));
-            ExitCode::FAILURE
-        }
-    }
+    pimesh_daemon::run(pimesh_daemon::Threads::One, run(options))
 }
 
 async fn run(options: Options) -> Result<(), String> {
