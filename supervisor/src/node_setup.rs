@@ -62,10 +62,13 @@ trait Hostname1 {
     fn static_hostname(&self) -> zbus::Result<String>;
 }
 
+/// How long systemd-hostnamed gets to answer.
+const HOSTNAMED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Sets the static and transient hostname through systemd-hostnamed over D-Bus.
 async fn set_hostname(name: &str) -> TaskReport {
     const TASK: &str = "hostname";
-    let result: zbus::Result<bool> = async {
+    let change = async {
         let bus = zbus::Connection::system().await?;
         let hostnamed = Hostname1Proxy::new(&bus).await?;
         if hostnamed.static_hostname().await? == name {
@@ -73,9 +76,16 @@ async fn set_hostname(name: &str) -> TaskReport {
         }
         hostnamed.set_static_hostname(name, false).await?;
         hostnamed.set_hostname(name, false).await?;
-        Ok(true)
-    }
-    .await;
+        Ok::<_, zbus::Error>(true)
+    };
+    // A stuck bus must not hold back the supervisor's readiness (systemd would kill it).
+    let result = match tokio::time::timeout(HOSTNAMED_TIMEOUT, change).await {
+        Ok(result) => result,
+        Err(_) => Err(zbus::Error::Failure(format!(
+            "no answer within {}s",
+            HOSTNAMED_TIMEOUT.as_secs()
+        ))),
+    };
     match result {
         Ok(true) => TaskReport::new(TASK, "changed", format!("hostname set to {name}")),
         Ok(false) => TaskReport::new(TASK, "unchanged", format!("hostname is {name}")),
