@@ -105,7 +105,7 @@ fn config_validate_accepts_the_example_and_locates_errors() {
     let err = text(&run.stderr);
     assert!(
         err.contains(&format!("{}:3:", broken.display()))
-            && err.contains("services.a.split.0.service"),
+            && err.contains("services.a.split[0].service"),
         "{err}"
     );
 }

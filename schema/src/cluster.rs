@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::load::locate;
+use crate::load::{key_name, locate};
 use crate::{parse_toml, ConfigError, DnsLabel, SpiffeId};
 
 /// A validated site configuration. Holding one means every cross-reference holds: split
@@ -243,8 +243,7 @@ impl ClusterConfig {
     pub fn parse(file: &Path, text: &str) -> Result<ClusterConfig, ConfigError> {
         let raw: RawCluster = parse_toml(file, text)?;
         let fail = |path: &[&str], message: String| {
-            let key = path.join(".");
-            ConfigError::at_key(file, text, locate(text, path), &key, message)
+            ConfigError::at_key(file, text, locate(text, path), &key_name(path), message)
         };
         if !(1..=9).contains(&raw.control.replicas) {
             let found = raw.control.replicas;

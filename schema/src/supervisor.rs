@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::load::{key_name, locate};
 use crate::seed::read_small;
 use crate::{parse_toml, ConfigError};
 
@@ -265,19 +266,19 @@ impl SupervisorConfig {
     /// Validates `text`, the contents of `file`.
     pub fn parse(file: &Path, text: &str) -> Result<SupervisorConfig, ConfigError> {
         let raw: RawConfig = parse_toml(file, text)?;
-        let at = |key: &str, message: String| {
-            ConfigError::at_key(file, text, assignment_offset(text, key), key, message)
+        let at = |path: &[&str], message: String| {
+            ConfigError::at_key(file, text, locate(text, path), &key_name(path), message)
         };
         let h = raw.heal;
         if h.probe_interval_ms == 0 {
             return Err(at(
-                "heal.probe_interval_ms",
+                &["heal", "probe_interval_ms"],
                 "expected a positive number of milliseconds, found 0".into(),
             ));
         }
         if h.hang_threshold_ms < h.probe_interval_ms {
             return Err(at(
-                "heal.hang_threshold_ms",
+                &["heal", "hang_threshold_ms"],
                 format!(
                     "expected at least heal.probe_interval_ms ({}), found {}",
                     h.probe_interval_ms, h.hang_threshold_ms
@@ -286,13 +287,13 @@ impl SupervisorConfig {
         }
         if h.backoff_initial_ms == 0 {
             return Err(at(
-                "heal.backoff_initial_ms",
+                &["heal", "backoff_initial_ms"],
                 "expected a positive number of milliseconds, found 0".into(),
             ));
         }
         if h.backoff_max_ms < h.backoff_initial_ms {
             return Err(at(
-                "heal.backoff_max_ms",
+                &["heal", "backoff_max_ms"],
                 format!(
                     "expected at least heal.backoff_initial_ms ({}), found {}",
                     h.backoff_initial_ms, h.backoff_max_ms
@@ -301,7 +302,7 @@ impl SupervisorConfig {
         }
         if h.escalate_after == 0 {
             return Err(at(
-                "heal.escalate_after",
+                &["heal", "escalate_after"],
                 "expected at least 1, found 0".into(),
             ));
         }
@@ -309,15 +310,9 @@ impl SupervisorConfig {
         let mut seen = std::collections::BTreeSet::new();
         for (index, unit) in units.iter().enumerate() {
             if !seen.insert(&unit.name) {
-                let quoted = format!("\"{}\"", unit.name);
-                let offset = text.rfind(&quoted);
-                return Err(ConfigError::at_key(
-                    file,
-                    text,
-                    offset,
-                    &format!("unit[{index}].name"),
-                    format!("unit {} is listed twice", unit.name),
-                ));
+                let index = index.to_string();
+                let message = format!("unit {} is listed twice", unit.name);
+                return Err(at(&["unit", &index, "name"], message));
             }
         }
         Ok(SupervisorConfig {
@@ -332,22 +327,4 @@ impl SupervisorConfig {
             units,
         })
     }
-}
-
-/// Byte offset of the value assigned to the last component of dotted `key` (`heal.x` →
-/// the `x = ...` line), for errors found once the whole file is decoded.
-fn assignment_offset(text: &str, key: &str) -> Option<usize> {
-    let name = key.rsplit('.').next().unwrap_or(key);
-    let mut offset = 0;
-    for line in text.split_inclusive('\n') {
-        let trimmed = line.trim_start();
-        if let Some(rest) = trimmed.strip_prefix(name) {
-            if let Some(value) = rest.trim_start().strip_prefix('=') {
-                let value_start = line.len() - value.trim_start().len();
-                return Some(offset + value_start);
-            }
-        }
-        offset += line.len();
-    }
-    None
 }

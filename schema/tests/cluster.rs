@@ -91,7 +91,7 @@ fn each_broken_rule_names_its_key_and_line() {
         ("site = \"s\"\n[services.a]\nport = 80\n", "services.a", 2, "split"),
         (
             "site = \"s\"\n[services.a]\nsplit = [{ service = \"b\", weight = 1 }]\n",
-            "services.a.split.0.service",
+            "services.a.split[0].service",
             3,
             "name of a service",
         ),
@@ -103,13 +103,13 @@ fn each_broken_rule_names_its_key_and_line() {
         ),
         (
             "site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\", \"n\"]\n",
-            "services.b.nodes.1",
+            "services.b.nodes[1]",
             4,
             "twice",
         ),
         (
             "site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\nallow = [\"spiffe://other/svc/x\"]\n",
-            "services.b.allow.0",
+            "services.b.allow[0]",
             5,
             "site s",
         ),
