@@ -3,23 +3,15 @@
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::process::{Command, Output};
 
 use pimesh_identity::anchor_sha256;
 use pimesh_schema::{JoinToken, Seed};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::CertificateDer;
 
-fn pimeshctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pimeshctl"))
-        .args(args)
-        .output()
-        .expect("run pimeshctl")
-}
+mod common;
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::{pimeshctl, text};
 
 #[test]
 fn site_init_writes_private_keys_and_a_token_pinning_the_anchor() {

@@ -5,16 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn pimeshctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pimeshctl"))
-        .args(args)
-        .output()
-        .expect("run pimeshctl")
-}
+mod common;
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::{pimeshctl, text};
 
 /// The central server binary of this workspace, built when missing.
 fn central_binary() -> PathBuf {
