@@ -1,59 +1,85 @@
 //! `pimesh-proxy`: the node's mesh data plane.
 //!
-//! This first cut serves only the admin endpoints (`/live`, `/ready` on port 4191) so that
-//! the supervisor and the image can manage a real proxy process; the data plane (mTLS,
-//! routing, traffic split, faults, tracing, metrics) is built on this skeleton.
+//! What it does today: it loads the site config (`cluster.toml`, default
+//! `/etc/pimesh/cluster.toml`), validates it with the schema plus the checks only this node
+//! can make (open-file limit for `proxy.max_connections`), keeps the last good config in
+//! use, and reloads it on SIGHUP and when the file changes (polled every 2 s). Its admin
+//! port (4191) serves `/live`, `/ready` (503 with the reason while the last load failed)
+//! and `/config` (the SHA-256 of the config in use, so the supervisor can tell which
+//! revision runs). A missing file is not an error: the proxy runs with no routes.
+//!
+//! The data plane (mTLS, routing, traffic split, faults, tracing, metrics) comes next and
+//! reads the config through [`state::Snapshot`].
 
-use std::net::SocketAddr;
+mod admin;
+mod cli;
+mod site_config;
+mod state;
+
 use std::process::ExitCode;
+use std::time::Duration;
 
-use pimesh_daemon::{health, notify};
+use pimesh_daemon::notify;
+use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
-const USAGE: &str = "usage: pimesh-proxy [--admin-addr IP:PORT]   (default 0.0.0.0:4191)";
+/// How often the config file's (mtime, size, inode) is compared with the last load's.
+const POLL_INTERVAL: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
-    let mut admin_addr = SocketAddr::from(([0, 0, 0, 0], 4191));
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match (arg.as_str(), args.next()) {
-            ("--admin-addr", Some(value)) => match value.parse() {
-                Ok(addr) => admin_addr = addr,
-                Err(err) => {
-                    eprintln!(
-                        "pimesh-proxy: --admin-addr: expected IP:PORT, found {value:?} ({err})"
-                    );
-                    return ExitCode::from(2);
-                }
-            },
-            _ => {
-                eprintln!("{USAGE}");
-                return ExitCode::from(2);
-            }
+    match cli::parse(std::env::args_os().skip(1)) {
+        Ok(cli::Command::Run(options)) => {
+            pimesh_daemon::run(pimesh_daemon::Threads::One, run(options))
+        }
+        Ok(cli::Command::Help) => {
+            println!("{}", cli::USAGE);
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("pimesh-proxy: {message}\n{}", cli::USAGE);
+            ExitCode::from(2)
         }
     }
-    pimesh_daemon::run(pimesh_daemon::Threads::One, run(admin_addr))
 }
 
-async fn run(admin_addr: SocketAddr) -> Result<(), String> {
+async fn run(options: cli::Options) -> Result<(), String> {
+    // Before anything else: SIGHUP's default action would kill the process.
+    let mut hangup =
+        signal(SignalKind::hangup()).map_err(|err| format!("cannot watch for SIGHUP: {err}"))?;
+    let shutdown = pimesh_daemon::shutdown_signal();
+    tokio::pin!(shutdown);
+
+    let admin_addr = options.admin_addr;
     let listener = tokio::net::TcpListener::bind(admin_addr)
         .await
         .map_err(|err| format!("cannot listen on {admin_addr} for the admin endpoints: {err}"))?;
-    info!(addr = %admin_addr, version = env!("CARGO_PKG_VERSION"), "admin endpoints listening");
-    let readiness = health::Readiness::new();
-    let admin = tokio::spawn(health::serve(listener, std::sync::Arc::clone(&readiness)));
-    // Nothing else to bring up yet: ready as soon as the admin endpoints answer.
-    readiness.set(true);
-    notify::ready("admin endpoints up; no mesh routes configured");
+    let bound = listener.local_addr().unwrap_or(admin_addr);
+    info!(addr = %bound, version = env!("CARGO_PKG_VERSION"), "admin endpoints listening");
+
+    // READY after the first attempt even when it failed: the process is up and /ready
+    // tells the truth about the config.
+    let (mut reloader, snapshots) = state::Reloader::start(&options.config);
+    let admin = tokio::spawn(admin::serve(listener, snapshots));
+    notify::ready(&reloader.current().summary());
     let watchdog = notify::spawn_watchdog();
-    pimesh_daemon::shutdown_signal()
-        .await
-        .map_err(|err| format!("cannot watch for SIGTERM: {err}"))?;
+
+    let mut poll = tokio::time::interval(POLL_INTERVAL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    poll.tick().await; // the first tick is immediate; the first load just happened
+    let result = loop {
+        tokio::select! {
+            signalled = &mut shutdown => {
+                break signalled.map_err(|err| format!("cannot watch for SIGTERM: {err}"));
+            }
+            Some(()) = hangup.recv() => reloader.reload("SIGHUP"),
+            _ = poll.tick() => reloader.poll(),
+        }
+    };
     info!("shutting down");
     notify::stopping();
     admin.abort();
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
-    Ok(())
+    result
 }

@@ -1,0 +1,170 @@
+//! The admin endpoints on port 4191: `/live` (the process answers), `/ready` (the last
+//! site config load succeeded, or there is no file yet; otherwise 503 and why) and
+//! `/config` (which config is in use, as JSON). Everything else is 404.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::state::Snapshot;
+
+/// A client must send its request headers within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the admin endpoints on `listener` until the task is dropped. Each request reads
+/// the latest snapshot, so answers never mix two configs.
+pub async fn serve(listener: TcpListener, snapshots: watch::Receiver<Arc<Snapshot>>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                warn!(%err, "admin endpoints: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let snapshots = snapshots.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let snapshot = Arc::clone(&snapshots.borrow());
+                async move {
+                    Ok::<_, Infallible>(route(request.method(), request.uri().path(), &snapshot))
+                }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(err) = connection.await {
+                debug!(%peer, %err, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn route(method: &Method, path: &str, snapshot: &Snapshot) -> Response<Full<Bytes>> {
+    let known = matches!(path, "/live" | "/ready" | "/config");
+    if known && method != Method::GET {
+        let mut response = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is allowed\n".into(),
+        );
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET"));
+        return response;
+    }
+    match path {
+        "/live" => text(StatusCode::OK, "live\n".into()),
+        "/ready" => match &snapshot.last_error {
+            None => text(StatusCode::OK, "ready\n".into()),
+            Some(err) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {err}\n"),
+            ),
+        },
+        "/config" => {
+            let mut body = config_json(snapshot).to_string();
+            body.push('\n');
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /live, /ready or /config\n".into(),
+        ),
+    }
+}
+
+/// `{"file", "sha256", "site", "services", "loaded_at_ms", "last_error"}`: the config in
+/// use (`sha256` and `site` null when there is no file) and why the last load failed.
+pub fn config_json(snapshot: &Snapshot) -> serde_json::Value {
+    let loaded = snapshot.in_use.site_config.as_ref();
+    serde_json::json!({
+        "file": snapshot.file.to_string_lossy(),
+        "sha256": loaded.map(|l| l.sha256_hex()),
+        "site": loaded.map(|l| l.config.site.to_string()),
+        "services": loaded.map_or(0, |l| l.config.services.len()),
+        "loaded_at_ms": snapshot.in_use.loaded_at_ms,
+        "last_error": snapshot.last_error,
+    })
+}
+
+fn text(code: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::InUse;
+
+    fn snapshot(last_error: Option<&str>) -> Snapshot {
+        Snapshot {
+            file: "/etc/pimesh/cluster.toml".into(),
+            in_use: Arc::new(InUse {
+                site_config: None,
+                loaded_at_ms: 42,
+            }),
+            last_error: last_error.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn routes_and_readiness() {
+        let ok = snapshot(None);
+        let bad = snapshot(Some("cluster.toml: key `x`: nope"));
+        assert_eq!(route(&Method::GET, "/live", &bad).status(), StatusCode::OK);
+        assert_eq!(route(&Method::GET, "/ready", &ok).status(), StatusCode::OK);
+        assert_eq!(
+            route(&Method::GET, "/ready", &bad).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            route(&Method::GET, "/config", &bad).status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            route(&Method::POST, "/config", &ok).status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            route(&Method::GET, "/metrics", &ok).status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    #[test]
+    fn config_json_without_a_file() {
+        let json = config_json(&snapshot(None));
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "file": "/etc/pimesh/cluster.toml",
+                "sha256": null,
+                "site": null,
+                "services": 0,
+                "loaded_at_ms": 42,
+                "last_error": null,
+            })
+        );
+    }
+}

@@ -1,0 +1,125 @@
+//! The command line: `pimesh-proxy [--admin-addr IP:PORT] [--config PATH]`.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub const USAGE: &str = "\
+usage: pimesh-proxy [--admin-addr IP:PORT] [--config PATH]
+  --admin-addr IP:PORT  where /live, /ready and /config answer (default 0.0.0.0:4191)
+  --config PATH         the site config (default /etc/pimesh/cluster.toml); a missing
+                        file means no site config yet, and SIGHUP or a change reloads it";
+
+/// What the proxy was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Run(Options),
+    /// `--help`: print [`USAGE`] and exit 0.
+    Help,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    pub admin_addr: SocketAddr,
+    pub config: PathBuf,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            admin_addr: SocketAddr::from(([0, 0, 0, 0], 4191)),
+            config: PathBuf::from("/etc/pimesh/cluster.toml"),
+        }
+    }
+}
+
+/// Parses the arguments after the program name. An `Err` is a one-line message for
+/// stderr; the caller adds [`USAGE`] and exits 2. Paths need not be UTF-8.
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
+    let mut options = Options::default();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let Some(flag) = arg.to_str() else {
+            return Err(format!("unexpected argument {arg:?}"));
+        };
+        // `--flag=value` and `--flag value` both work.
+        let (flag, inline) = match flag.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag, Some(OsString::from(value))),
+            _ => (flag, None),
+        };
+        let mut value = |flag: &str| {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{flag}: missing value"))
+        };
+        match flag {
+            "-h" | "--help" => return Ok(Command::Help),
+            "--admin-addr" => {
+                let value = value(flag)?;
+                let text = value.to_string_lossy();
+                options.admin_addr = text.parse().map_err(|err| {
+                    format!("--admin-addr: expected IP:PORT, found {text:?} ({err})")
+                })?;
+            }
+            "--config" => {
+                let value = value(flag)?;
+                if value.is_empty() {
+                    return Err("--config: expected a file path, found an empty string".into());
+                }
+                options.config = PathBuf::from(value);
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(Command::Run(options))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Command, String> {
+        parse(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn defaults_are_the_node_paths() {
+        assert_eq!(run(&[]), Ok(Command::Run(Options::default())));
+        let options = Options::default();
+        assert_eq!(options.admin_addr.to_string(), "0.0.0.0:4191");
+        assert_eq!(options.config, PathBuf::from("/etc/pimesh/cluster.toml"));
+    }
+
+    #[test]
+    fn both_flags_in_both_spellings() {
+        let expected = Command::Run(Options {
+            admin_addr: "127.0.0.1:9000".parse().expect("valid address"),
+            config: PathBuf::from("/tmp/c.toml"),
+        });
+        assert_eq!(
+            run(&["--admin-addr", "127.0.0.1:9000", "--config", "/tmp/c.toml"]),
+            Ok(expected.clone())
+        );
+        assert_eq!(
+            run(&["--config=/tmp/c.toml", "--admin-addr=127.0.0.1:9000"]),
+            Ok(expected)
+        );
+    }
+
+    #[test]
+    fn bad_arguments_are_named() {
+        let err = run(&["--admin-addr", "localhost"]).expect_err("not an IP:PORT");
+        assert!(
+            err.contains("--admin-addr") && err.contains("localhost"),
+            "{err}"
+        );
+        let err = run(&["--config"]).expect_err("missing value");
+        assert!(err.contains("--config: missing value"), "{err}");
+        let err = run(&["--config", ""]).expect_err("empty path");
+        assert!(err.contains("empty"), "{err}");
+        let err = run(&["--verbose"]).expect_err("unknown flag");
+        assert!(err.contains("--verbose"), "{err}");
+        assert_eq!(run(&["--help"]), Ok(Command::Help));
+    }
+}
