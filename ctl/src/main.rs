@@ -4,6 +4,7 @@
 mod central;
 mod config;
 mod image;
+mod node;
 mod secret_file;
 mod site;
 
@@ -35,6 +36,11 @@ enum Command {
     Status {
         #[command(flatten)]
         central: CentralArgs,
+    },
+    /// Enroll nodes.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
     },
     /// Prepare SD card images.
     Image {
@@ -93,6 +99,28 @@ pub struct CentralArgs {
 }
 
 #[derive(Subcommand)]
+enum NodeCommand {
+    /// Sign a node's certificate request (/var/lib/pimesh/identity/node.csr on the node)
+    /// with the site's issuer; prints the certificate chain for the node's node.pem.
+    Sign {
+        /// The node's request (PEM).
+        csr: PathBuf,
+        /// The site folder `pimeshctl site init` made (holds issuer.pem and issuer.key).
+        #[arg(long)]
+        site_dir: PathBuf,
+        /// The node's name: the request must ask for exactly spiffe://<site>/node/<node>.
+        #[arg(long)]
+        node: String,
+        /// How long the certificate is valid, in days (at most the issuer's remaining life).
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+        /// Write the chain here instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum ImageCommand {
     /// Write a seed into an image's boot partition as pimesh.toml, without mounting it.
     Configure {
@@ -129,6 +157,16 @@ fn main() -> ExitCode {
                 },
         } => central::publish(&file, &site_dir, &central, revision, try_mode),
         Command::Status { central } => central::status(&central),
+        Command::Node {
+            command:
+                NodeCommand::Sign {
+                    csr,
+                    site_dir,
+                    node,
+                    days,
+                    out,
+                },
+        } => node::sign(&csr, &site_dir, &node, days, out.as_deref()),
         Command::Image {
             command: ImageCommand::Configure { image, seed },
         } => image::configure(&image, &seed),

@@ -9,6 +9,21 @@ use ring::signature::KeyPair as _;
 
 use crate::secret_file;
 
+/// The file in a site folder that names the site.
+pub const SITE_NAME_FILE: &str = "site-name";
+
+/// The site a site folder belongs to.
+pub fn name_of(site_dir: &std::path::Path) -> Result<DnsLabel, String> {
+    let path = site_dir.join(SITE_NAME_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|err| {
+        format!(
+            "cannot read {}: {err} (is this a folder made by `pimeshctl site init`?)",
+            path.display()
+        )
+    })?;
+    DnsLabel::try_from(text.trim().to_owned()).map_err(|err| format!("{}: {err}", path.display()))
+}
+
 /// Length of the join token's secret, in letters and digits (about 143 bits).
 const SECRET_LEN: usize = 24;
 
@@ -55,6 +70,7 @@ pub fn init(site: &str, central_url: Option<&str>, out: Option<PathBuf>) -> Resu
     write("issuer.key", root.issuer.key_pem().as_bytes(), false)?;
     write("signing.pk8", signing.as_ref(), false)?;
     write("join-token", format!("{join_token}\n").as_bytes(), false)?;
+    write(SITE_NAME_FILE, format!("{site}\n").as_bytes(), true)?;
 
     println!("Created site {site} in {}/ (keep it private; *.key, signing.pk8 and join-token are secrets).", out.display());
     println!("Seed values for its nodes (pimesh.toml):\n");

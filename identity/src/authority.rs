@@ -152,6 +152,19 @@ impl Authority {
         permitted: &BTreeSet<SpiffeId>,
         now: SystemTime,
     ) -> Result<Leaf, IssueError> {
+        self.sign_leaf_for(csr, site, permitted, now, LEAF_LIFETIME)
+    }
+
+    /// [`Authority::sign_leaf`] with another lifetime (never past this authority's own
+    /// expiry): for node credentials that an operator enrolls by hand.
+    pub fn sign_leaf_for(
+        &self,
+        csr: &CertificateSigningRequestDer<'_>,
+        site: &DnsLabel,
+        permitted: &BTreeSet<SpiffeId>,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<Leaf, IssueError> {
         let request = CertificateSigningRequestParams::from_der(csr)
             .map_err(|err| IssueError::MalformedRequest(err.to_string()))?;
         let mut identities = Vec::new();
@@ -174,7 +187,7 @@ impl Authority {
         if identities.is_empty() {
             return Err(IssueError::NoIdentity);
         }
-        let lifetime = LEAF_LIFETIME.min(self.not_after.duration_since(now).unwrap_or_default());
+        let lifetime = lifetime.min(self.not_after.duration_since(now).unwrap_or_default());
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.not_before = (now - BACKDATE).into();

@@ -10,6 +10,8 @@ use crate::IdentityError;
 pub struct LeafRequest {
     pub key: KeyPair,
     pub csr: CertificateSigningRequestDer<'static>,
+    /// `csr` as a PEM `CERTIFICATE REQUEST` block, for files and operators.
+    pub csr_pem: String,
 }
 
 impl LeafRequest {
@@ -25,6 +27,7 @@ impl LeafRequest {
         let csr = params.serialize_request(&key)?;
         Ok(LeafRequest {
             csr: csr.der().clone(),
+            csr_pem: csr.pem()?,
             key,
         })
     }

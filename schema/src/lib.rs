@@ -16,6 +16,8 @@ pub mod supervisor;
 pub use error::ConfigError;
 pub use load::parse_toml;
 pub use names::{DnsLabel, NameError};
-pub use seed::{Central, JoinToken, Role, Seed, SigningKey, SshPublicKey};
+pub use seed::{Central, JoinToken, PemCertificates, Role, Seed, SigningKey, SshPublicKey};
 pub use spiffe::{SpiffeId, Workload};
-pub use supervisor::{HealSettings, ManagedUnit, ProbeUrl, SupervisorConfig, UnitName};
+pub use supervisor::{
+    HealSettings, ManagedUnit, OtaSettings, ProbeUrl, SupervisorConfig, UnitName,
+};

@@ -67,6 +67,53 @@ impl Role {
 pub struct Central {
     pub url: CentralUrl,
     pub public_key: SigningKey,
+    /// The certificate authority that signed the central server's TLS certificate, when it
+    /// is not one of the public roots the node ships with.
+    #[serde(default)]
+    pub ca: Option<PemCertificates>,
+}
+
+/// One or more PEM `CERTIFICATE` blocks, as text. Holding one means the text has at least
+/// one well-delimited certificate block and nothing but certificate blocks.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct PemCertificates(String);
+
+impl PemCertificates {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for PemCertificates {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+        const END: &str = "-----END CERTIFICATE-----";
+        let expected = "expected one or more PEM blocks `-----BEGIN CERTIFICATE----- ... -----END CERTIFICATE-----`";
+        let mut rest = text.trim();
+        let mut blocks = 0;
+        while !rest.is_empty() {
+            let body = rest
+                .strip_prefix(BEGIN)
+                .ok_or_else(|| format!("{expected}, found text outside a certificate block"))?;
+            let end = body
+                .find(END)
+                .ok_or_else(|| format!("{expected}; a block has no END line"))?;
+            let (base64_lines, after) = body.split_at(end);
+            let encoded: String = base64_lines.split_whitespace().collect();
+            base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .map_err(|err| format!("{expected}; a block is not base64: {err}"))?;
+            rest = after[END.len()..].trim_start();
+            blocks += 1;
+        }
+        if blocks == 0 {
+            return Err(format!("{expected}, found nothing"));
+        }
+        Ok(PemCertificates(text))
+    }
 }
 
 /// An `https://` URL with a host.

@@ -28,7 +28,44 @@ pub const DEFAULT_CONTROL_REPLICAS: u16 = 3;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SupervisorConfig {
     pub heal: HealSettings,
+    pub ota: OtaSettings,
     pub units: Vec<ManagedUnit>,
+}
+
+/// How the supervisor takes configuration revisions over the air.
+///
+/// Invariants: `settle <= health_deadline`; `long_poll_wait > 0`; `max_bundle_bytes > 0`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OtaSettings {
+    /// After applying a revision, every managed unit must be active and ready, and the
+    /// proxy must run the new configuration, within this long; otherwise the node rolls
+    /// back to the previous revision.
+    pub health_deadline: Duration,
+    /// ...and stay so for this long before the revision counts as healthy.
+    pub settle: Duration,
+    /// A `try` revision reverts unless a newer revision confirms it within this window.
+    pub try_window: Duration,
+    /// How long the central server may hold one long-poll before answering "nothing new".
+    pub long_poll_wait: Duration,
+    /// Signed revisions larger than this are refused unread.
+    pub max_bundle_bytes: usize,
+    /// The proxy's admin endpoint that says which configuration it runs.
+    pub proxy_config_url: ProbeUrl,
+}
+
+impl Default for OtaSettings {
+    fn default() -> Self {
+        OtaSettings {
+            health_deadline: Duration::from_secs(60),
+            settle: Duration::from_secs(2),
+            try_window: Duration::from_secs(300),
+            long_poll_wait: Duration::from_secs(55),
+            max_bundle_bytes: 1024 * 1024,
+            proxy_config_url: ProbeUrl(
+                url::Url::parse("http://127.0.0.1:4191/config").expect("a constant valid URL"),
+            ),
+        }
+    }
 }
 
 /// How the supervisor probes and heals every managed unit.
@@ -184,6 +221,7 @@ impl Default for SupervisorConfig {
     fn default() -> Self {
         SupervisorConfig {
             heal: HealSettings::default(),
+            ota: OtaSettings::default(),
             units: default_units(),
         }
     }
@@ -217,6 +255,8 @@ pub fn default_units() -> Vec<ManagedUnit> {
 struct RawConfig {
     #[serde(default)]
     heal: RawHeal,
+    #[serde(default)]
+    ota: RawOta,
     /// `[[unit]]` tables; absent means the default set.
     unit: Option<Vec<ManagedUnit>>,
 }
@@ -242,6 +282,31 @@ impl Default for RawHeal {
             backoff_max_ms: millis(heal.backoff_max),
             escalate_after: heal.escalate_after,
             allow_reboot: heal.allow_reboot,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawOta {
+    health_deadline_ms: u64,
+    settle_ms: u64,
+    try_window_ms: u64,
+    long_poll_wait_s: u64,
+    max_bundle_bytes: usize,
+    proxy_config_url: ProbeUrl,
+}
+
+impl Default for RawOta {
+    fn default() -> Self {
+        let ota = OtaSettings::default();
+        RawOta {
+            health_deadline_ms: millis(ota.health_deadline),
+            settle_ms: millis(ota.settle),
+            try_window_ms: millis(ota.try_window),
+            long_poll_wait_s: ota.long_poll_wait.as_secs(),
+            max_bundle_bytes: ota.max_bundle_bytes,
+            proxy_config_url: ota.proxy_config_url,
         }
     }
 }
@@ -306,6 +371,28 @@ impl SupervisorConfig {
                 "expected at least 1, found 0".into(),
             ));
         }
+        let o = raw.ota;
+        if o.settle_ms > o.health_deadline_ms {
+            return Err(at(
+                &["ota", "settle_ms"],
+                format!(
+                    "expected at most ota.health_deadline_ms ({}), found {}",
+                    o.health_deadline_ms, o.settle_ms
+                ),
+            ));
+        }
+        if o.long_poll_wait_s == 0 {
+            return Err(at(
+                &["ota", "long_poll_wait_s"],
+                "expected a positive number of seconds, found 0".into(),
+            ));
+        }
+        if o.max_bundle_bytes == 0 {
+            return Err(at(
+                &["ota", "max_bundle_bytes"],
+                "expected a positive number of bytes, found 0".into(),
+            ));
+        }
         let units = raw.unit.unwrap_or_else(default_units);
         let mut seen = std::collections::BTreeSet::new();
         for (index, unit) in units.iter().enumerate() {
@@ -323,6 +410,14 @@ impl SupervisorConfig {
                 backoff_max: Duration::from_millis(h.backoff_max_ms),
                 escalate_after: h.escalate_after,
                 allow_reboot: h.allow_reboot,
+            },
+            ota: OtaSettings {
+                health_deadline: Duration::from_millis(o.health_deadline_ms),
+                settle: Duration::from_millis(o.settle_ms),
+                try_window: Duration::from_millis(o.try_window_ms),
+                long_poll_wait: Duration::from_secs(o.long_poll_wait_s),
+                max_bundle_bytes: o.max_bundle_bytes,
+                proxy_config_url: o.proxy_config_url,
             },
             units,
         })

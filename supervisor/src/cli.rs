@@ -8,6 +8,7 @@ usage: pimesh-supervisor [options]
   --seed PATH          the seed file (default /boot/firmware/pimesh.toml)
   --status-addr ADDR   where the status API listens (default 127.0.0.1:4200)
   --etc-dir PATH       active configuration (default /etc/pimesh)
+  --state-dir PATH     keys, revisions, reports (default /var/lib/pimesh)
   --manifest PATH      the image manifest (default /usr/share/pimesh/manifest.json)
   --k3s-bin PATH       where K3s is installed (default /usr/local/bin/k3s)
   --supervisor-config PATH
@@ -18,6 +19,7 @@ usage: pimesh-supervisor [options]
 #[derive(Debug, Clone)]
 pub struct Paths {
     pub etc_dir: PathBuf,
+    pub state_dir: PathBuf,
     pub manifest: PathBuf,
     pub k3s_bin: PathBuf,
 }
@@ -40,6 +42,7 @@ impl Options {
             status_addr: SocketAddr::from(([127, 0, 0, 1], 4200)),
             paths: Paths {
                 etc_dir: PathBuf::from("/etc/pimesh"),
+                state_dir: PathBuf::from("/var/lib/pimesh"),
                 manifest: PathBuf::from("/usr/share/pimesh/manifest.json"),
                 k3s_bin: PathBuf::from("/usr/local/bin/k3s"),
             },
@@ -61,6 +64,7 @@ impl Options {
                     })?;
                 }
                 "--etc-dir" => options.paths.etc_dir = value("--etc-dir")?.into(),
+                "--state-dir" => options.paths.state_dir = value("--state-dir")?.into(),
                 "--manifest" => options.paths.manifest = value("--manifest")?.into(),
                 "--k3s-bin" => options.paths.k3s_bin = value("--k3s-bin")?.into(),
                 "--no-node-setup" => options.node_setup = false,

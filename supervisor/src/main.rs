@@ -6,10 +6,12 @@
 //! grow.
 
 mod cli;
+mod credential;
 mod heal;
 mod keeper;
 mod node;
 mod node_setup;
+mod ota;
 mod probe;
 mod seed_state;
 mod status;
@@ -74,6 +76,8 @@ async fn run(options: Options) -> Result<(), String> {
     info!(addr = %options.status_addr, "status API listening");
     let server = tokio::spawn(status_api::serve(listener, Arc::clone(&status.0)));
 
+    let ota = ota_context(&options, &facts, &seed, &supervisor_config, &status)
+        .map(|context| tokio::spawn(ota::run(context)));
     let heartbeat = Heartbeat::new();
     heartbeat.beat();
     let keeper =
@@ -89,10 +93,44 @@ async fn run(options: Options) -> Result<(), String> {
     notify::stopping();
     server.abort();
     keeper.abort();
+    if let Some(ota) = ota {
+        ota.abort();
+    }
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
     Ok(())
+}
+
+/// What the OTA client needs, when the seed names a central server and the node has a
+/// usable name.
+fn ota_context(
+    options: &Options,
+    facts: &node::NodeFacts,
+    seed: &seed_state::SeedState,
+    config: &SupervisorConfig,
+    status: &StatusHandle,
+) -> Option<ota::OtaContext> {
+    let seed = seed.seed()?;
+    let central = seed.central.clone()?;
+    let node = match pimesh_schema::DnsLabel::try_from(facts.node_name.clone()) {
+        Ok(node) => node,
+        Err(err) => {
+            warn!(node = %facts.node_name, %err, "the node name is not usable in an identity; no OTA configuration");
+            return None;
+        }
+    };
+    Some(ota::OtaContext {
+        settings: config.ota.clone(),
+        units: config.units.clone(),
+        site: seed.site.clone(),
+        node,
+        central,
+        ota_dir: options.paths.state_dir.join("ota"),
+        credential: credential::CredentialFiles::new(&options.paths.state_dir),
+        active_config: options.paths.etc_dir.join("cluster.toml"),
+        status: status.clone(),
+    })
 }
 
 /// The supervisor's configuration: the file, the defaults when it is missing, and the

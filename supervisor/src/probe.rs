@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use http_body_util::Empty;
+use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::body::Bytes;
-use hyper::Request;
+use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use pimesh_schema::ProbeUrl;
 use tokio::net::TcpStream;
@@ -13,13 +13,32 @@ use tokio::net::TcpStream;
 /// Whether `url` answers 2xx within `timeout`. Every failure (refused, timeout, bad
 /// answer) is "not ready"; the reason is returned for the logs.
 pub async fn is_ready(url: &ProbeUrl, timeout: Duration) -> Result<(), String> {
+    let (status, body) = fetch(url, timeout).await?;
+    if status.is_success() {
+        Ok(())
+    } else {
+        let body = String::from_utf8_lossy(&body);
+        let reason = body.trim();
+        if reason.is_empty() {
+            Err(format!("GET {url}: {status}"))
+        } else {
+            Err(format!("GET {url}: {status}: {reason}"))
+        }
+    }
+}
+
+/// At most this much of an answer's body is read.
+const MAX_BODY: usize = 64 * 1024;
+
+/// `GET url`: the status and (up to 64 KiB of) the body, within `timeout`.
+pub async fn fetch(url: &ProbeUrl, timeout: Duration) -> Result<(StatusCode, Bytes), String> {
     match tokio::time::timeout(timeout, get(url)).await {
         Ok(result) => result,
         Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
     }
 }
 
-async fn get(url: &ProbeUrl) -> Result<(), String> {
+async fn get(url: &ProbeUrl) -> Result<(StatusCode, Bytes), String> {
     let authority = url.authority();
     let stream = TcpStream::connect(&authority)
         .await
@@ -33,14 +52,22 @@ async fn get(url: &ProbeUrl) -> Result<(), String> {
         .header(hyper::header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())
         .map_err(|err| format!("cannot build the request: {err}"))?;
-    let response = sender.send_request(request).await;
-    driver.abort();
-    let response = response.map_err(|err| format!("GET {url}: {err}"))?;
-    if response.status().is_success() {
-        Ok(())
-    } else {
-        Err(format!("GET {url}: {}", response.status()))
+    let answer = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|err| format!("GET {url}: {err}"))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|err| format!("GET {url}: reading the body: {err}"))?
+            .to_bytes();
+        Ok((status, body))
     }
+    .await;
+    driver.abort();
+    answer
 }
 
 #[cfg(test)]

@@ -29,6 +29,8 @@ pub struct NodeStatus {
     pub dbus: BusReport,
     /// The units the supervisor keeps running, in configuration order.
     pub units: Vec<UnitReport>,
+    /// Over-the-air configuration from the central server.
+    pub ota: crate::ota::OtaReport,
 }
 
 /// Which supervisor configuration is in force.
@@ -130,6 +132,10 @@ impl NodeStatus {
             supervisor_config,
             dbus: BusReport::default(),
             units: Vec::new(),
+            ota: crate::ota::OtaReport {
+                state: "disabled",
+                ..Default::default()
+            },
         }
     }
 }

@@ -43,6 +43,13 @@ pub struct Systemd {
 impl Systemd {
     /// Connects to the system bus and subscribes to systemd's signals.
     pub async fn connect() -> zbus::Result<Systemd> {
+        let systemd = Systemd::connect_unsubscribed().await?;
+        systemd.manager.subscribe().await?;
+        Ok(systemd)
+    }
+
+    /// Connects to the system bus for method calls only (no signals are sent to it).
+    pub async fn connect_unsubscribed() -> zbus::Result<Systemd> {
         let connection = zbus::connection::Builder::system()?
             .method_timeout(CALL_TIMEOUT)
             .build()
@@ -51,7 +58,6 @@ impl Systemd {
             .cache_properties(CacheProperties::No)
             .build()
             .await?;
-        manager.subscribe().await?;
         Ok(Systemd {
             connection,
             manager,

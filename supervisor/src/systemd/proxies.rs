@@ -18,6 +18,9 @@ pub trait Manager {
 
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
 
+    /// Asks the unit to reload its configuration (`ExecReload=`).
+    fn reload_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+
     /// Clears the failed state and the start rate limit counter.
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
 

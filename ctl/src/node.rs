@@ -1,0 +1,58 @@
+//! `pimeshctl node sign`: the operator's side of enrolling a node by hand. The node made
+//! its key and request itself; the issuer signs exactly the node identity named on the
+//! command line, and nothing else the request may ask for.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use pimesh_identity::Authority;
+use pimesh_schema::{DnsLabel, SpiffeId, Workload};
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::CertificateSigningRequestDer;
+
+use crate::site;
+
+pub fn sign(
+    csr: &Path,
+    site_dir: &Path,
+    node: &str,
+    days: u64,
+    out: Option<&Path>,
+) -> Result<(), String> {
+    let site = site::name_of(site_dir)?;
+    let node = DnsLabel::try_from(node.to_owned()).map_err(|err| format!("--node: {err}"))?;
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map_err(|err| format!("cannot read {}: {err}", path.display()))
+    };
+    let issuer_pem = read(&site_dir.join("issuer.pem"))?;
+    let issuer = Authority::from_pem(&issuer_pem, &read(&site_dir.join("issuer.key"))?)
+        .map_err(|err| format!("{}: {err}", site_dir.join("issuer.pem").display()))?;
+    let request =
+        CertificateSigningRequestDer::from_pem_slice(read(csr)?.as_bytes()).map_err(|err| {
+            format!(
+                "{}: expected a PEM CERTIFICATE REQUEST: {err}",
+                csr.display()
+            )
+        })?;
+    let id = SpiffeId {
+        site: site.clone(),
+        workload: Workload::Node(node),
+    };
+    let permitted = BTreeSet::from([id.clone()]);
+    let lifetime = Duration::from_secs(days.saturating_mul(24 * 3600));
+    let leaf = issuer
+        .sign_leaf_for(&request, &site, &permitted, SystemTime::now(), lifetime)
+        .map_err(|err| format!("{}: not signed: {err}", csr.display()))?;
+    let chain = format!("{}{}", leaf.pem, issuer_pem);
+    match out {
+        Some(path) => {
+            std::fs::write(path, chain)
+                .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+            eprintln!("signed {id} into {}", path.display());
+        }
+        None => print!("{chain}"),
+    }
+    Ok(())
+}

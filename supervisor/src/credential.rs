@@ -1,0 +1,75 @@
+//! The node credential: the key and certificate with which the node proves, over TLS, that
+//! it is `spiffe://<site>/node/<node>`.
+//!
+//! The key is made on the node and never leaves it (`node.key`, 0600); the node writes a
+//! signing request beside it (`node.csr`) and uses the certificate chain (`node.pem`) as
+//! soon as it appears there. Today the operator signs the request with the site's issuer
+//! (`pimeshctl node sign`); the control plane's identity API automates the same exchange.
+
+use std::path::{Path, PathBuf};
+
+use pimesh_identity::LeafRequest;
+use pimesh_schema::{DnsLabel, SpiffeId, Workload};
+
+use crate::ota::central::NodeCredential;
+
+pub struct CredentialFiles {
+    pub dir: PathBuf,
+}
+
+impl CredentialFiles {
+    pub fn new(state_dir: &Path) -> CredentialFiles {
+        CredentialFiles {
+            dir: state_dir.join("identity"),
+        }
+    }
+
+    pub fn key(&self) -> PathBuf {
+        self.dir.join("node.key")
+    }
+
+    pub fn request(&self) -> PathBuf {
+        self.dir.join("node.csr")
+    }
+
+    pub fn chain(&self) -> PathBuf {
+        self.dir.join("node.pem")
+    }
+
+    /// Makes the node key and its signing request when there is no key yet. Idempotent:
+    /// an existing key is kept (a new one would orphan a certificate being signed).
+    pub fn ensure_request(&self, site: &DnsLabel, node: &DnsLabel) -> Result<(), String> {
+        if self.key().exists() {
+            return Ok(());
+        }
+        let id = SpiffeId {
+            site: site.clone(),
+            workload: Workload::Node(node.clone()),
+        };
+        let request = LeafRequest::new(std::slice::from_ref(&id))
+            .map_err(|err| format!("cannot make the node key: {err}"))?;
+        // The request first: a key without its request is regenerated, never the reverse.
+        pimesh_daemon::atomic_file::replace(&self.request(), request.csr_pem.as_bytes(), 0o644)
+            .map_err(|err| format!("cannot write {}: {err}", self.request().display()))?;
+        pimesh_daemon::atomic_file::replace(
+            &self.key(),
+            request.key.serialize_pem().as_bytes(),
+            0o600,
+        )
+        .map_err(|err| format!("cannot write {}: {err}", self.key().display()))?;
+        tracing::info!(request = %self.request().display(), %id, "node key made; waiting for its certificate");
+        Ok(())
+    }
+
+    /// The credential, once the certificate is there.
+    pub fn load(&self) -> Result<Option<NodeCredential>, String> {
+        let chain_pem = match std::fs::read_to_string(self.chain()) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(format!("cannot read {}: {err}", self.chain().display())),
+        };
+        let key_pem = std::fs::read_to_string(self.key())
+            .map_err(|err| format!("cannot read {}: {err}", self.key().display()))?;
+        Ok(Some(NodeCredential { chain_pem, key_pem }))
+    }
+}

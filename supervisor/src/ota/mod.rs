@@ -1,0 +1,633 @@
+//! Over-the-air configuration: the node's side of `pimesh-central`.
+//!
+//! The node long-polls its central server for revisions newer than the ones it has seen,
+//! verifies each (size, shape, Ed25519 signature with the seed's key, site, revision
+//! order, configuration validity), stores it, makes it the active `cluster.toml` in one
+//! atomic step, reloads or restarts only the units that read what changed, and then
+//! holds a health gate. Healthy: the revision is committed (or, for `try` revisions, kept
+//! on trial until a newer revision confirms it). Unhealthy: the node goes back to the
+//! committed revision by itself. Every outcome is reported to the central server through
+//! an on-disk outbox that survives outages and restarts.
+//!
+//! Crash safety comes from ordering and the [`journal`]: the journal records a pending
+//! revision before the active file changes and drops it only after the outcome is queued
+//! for the central server; at start, a pending entry is finished (gate again, then commit
+//! or roll back), so a power cut anywhere leaves the old or the new revision, complete.
+
+pub mod central;
+mod gate;
+mod journal;
+mod outbox;
+mod revisions;
+mod rollout;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use pimesh_bundle::{Mode, Rejection, Verified, Verifier};
+use pimesh_schema::cluster::ClusterConfig;
+use pimesh_schema::{Central, DnsLabel, ManagedUnit, OtaSettings};
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::credential::CredentialFiles;
+use crate::status::StatusHandle;
+use crate::systemd::Systemd;
+use central::{CentralClient, Poll};
+use gate::Gate;
+use journal::{Journal, JournalFile, Pending, Phase};
+use outbox::{Outbox, Report};
+use revisions::{sha256_hex, Revisions};
+
+/// First wait before reaching the central server again after a failure; it doubles.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// Longest wait between attempts to reach the central server.
+const MAX_RETRY: Duration = Duration::from_secs(15);
+/// How long to wait before asking again after the server offered something refused that
+/// did not move the poll position (garbage, a replay).
+const REFUSED_PAUSE: Duration = Duration::from_secs(30);
+
+/// What `GET /status` shows about over-the-air configuration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OtaReport {
+    /// `disabled` (no central server in the seed), `waiting-for-credential`, `idle`,
+    /// `applying`, `trying`, `rolling-back`.
+    pub state: &'static str,
+    pub central: Option<String>,
+    /// The revision the node falls back to.
+    pub committed: Option<u64>,
+    /// A revision being applied or on trial.
+    pub pending: Option<u64>,
+    pub highest_verified: u64,
+    /// The SHA-256 of the active `cluster.toml` (`None`: no file).
+    pub active_sha256: Option<String>,
+    /// The latest outcome, as reported to the central server.
+    pub last_outcome: Option<Report>,
+    /// Reports waiting to reach the central server.
+    pub queued_reports: usize,
+    /// Why the central server could not be used, while that lasts.
+    pub last_error: Option<String>,
+    /// What the node waits for, in words.
+    pub detail: Option<String>,
+}
+
+/// Everything the OTA client needs from the rest of the supervisor.
+pub struct OtaContext {
+    pub settings: OtaSettings,
+    pub units: Vec<ManagedUnit>,
+    pub site: DnsLabel,
+    pub node: DnsLabel,
+    pub central: Central,
+    /// `<state>/ota`: journal, stored revisions, outbox.
+    pub ota_dir: PathBuf,
+    pub credential: CredentialFiles,
+    /// `/etc/pimesh/cluster.toml`.
+    pub active_config: PathBuf,
+    pub status: StatusHandle,
+}
+
+/// Runs the OTA client for the life of the supervisor.
+pub async fn run(context: OtaContext) {
+    let mut report = OtaReport {
+        state: "waiting-for-credential",
+        central: Some(context.central.url.as_url().to_string()),
+        ..OtaReport::default()
+    };
+    let client = loop {
+        match connect(&context) {
+            Ok(Some(client)) => break client,
+            Ok(None) => {
+                report.detail = Some(format!(
+                    "waiting for the node certificate {}: sign {} with `pimeshctl node sign`",
+                    context.credential.chain().display(),
+                    context.credential.request().display()
+                ));
+                report.last_error = None;
+            }
+            Err(err) => {
+                warn!("{err}");
+                report.last_error = Some(err);
+            }
+        }
+        publish(&context.status, &report);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    report.detail = None;
+    let client = Arc::new(client);
+    let wake = Arc::new(Notify::new());
+    let outbox = Outbox::new(&context.ota_dir);
+    tokio::spawn(deliver_reports(
+        Arc::clone(&client),
+        Outbox::new(&context.ota_dir),
+        Arc::clone(&wake),
+        context.status.clone(),
+    ));
+    let journal_file = JournalFile::new(&context.ota_dir);
+    let journal = journal_file.load().unwrap_or_else(|err| {
+        error!("{err}; starting from an empty journal (the next revision applies in full)");
+        Journal::default()
+    });
+    let mut verifier = Verifier::new(context.site.clone(), context.central.public_key.clone());
+    verifier.max_bytes = context.settings.max_bundle_bytes;
+    let mut ota = Ota {
+        revisions: Revisions::new(&context.ota_dir, context.active_config.clone()),
+        context,
+        client,
+        journal_file,
+        journal,
+        verifier,
+        outbox,
+        wake,
+        report,
+        bus: None,
+        last_refused: None,
+        retry: FIRST_RETRY,
+    };
+    ota.recover().await;
+    loop {
+        ota.step().await;
+    }
+}
+
+/// The client, once the node has its certificate.
+fn connect(context: &OtaContext) -> Result<Option<CentralClient>, String> {
+    context
+        .credential
+        .ensure_request(&context.site, &context.node)?;
+    let Some(credential) = context.credential.load()? else {
+        return Ok(None);
+    };
+    CentralClient::new(
+        &context.central,
+        &context.site,
+        &credential,
+        context.settings.long_poll_wait,
+    )
+    .map(Some)
+}
+
+fn publish(status: &StatusHandle, report: &OtaReport) {
+    let report = report.clone();
+    status.update(|status| {
+        let queued = status.ota.queued_reports;
+        status.ota = report;
+        status.ota.queued_reports = queued;
+    });
+}
+
+/// Sends queued reports, oldest first, whenever there are some and the server answers.
+async fn deliver_reports(
+    client: Arc<CentralClient>,
+    outbox: Outbox,
+    wake: Arc<Notify>,
+    status: StatusHandle,
+) {
+    let mut retry = Duration::from_secs(1);
+    loop {
+        let queued = outbox.len();
+        status.update(|status| status.ota.queued_reports = queued);
+        let Some((path, report)) = outbox.oldest() else {
+            wake.notified().await;
+            continue;
+        };
+        match client.send_report(&report).await {
+            Ok(_) => {
+                outbox.remove(&path);
+                retry = FIRST_RETRY;
+            }
+            Err(err) => {
+                warn!(%err, queued, "cannot deliver a report; keeping it for later");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(MAX_RETRY);
+            }
+        }
+    }
+}
+
+struct Ota {
+    context: OtaContext,
+    client: Arc<CentralClient>,
+    journal_file: JournalFile,
+    journal: Journal,
+    revisions: Revisions,
+    verifier: Verifier,
+    outbox: Outbox,
+    wake: Arc<Notify>,
+    report: OtaReport,
+    bus: Option<Systemd>,
+    /// The SHA-256 of the last refused document, so that one bad offer is reported once.
+    last_refused: Option<String>,
+    /// The wait before the next attempt to reach the central server.
+    retry: Duration,
+}
+
+impl Ota {
+    /// One long-poll and what follows from it; also ends a trial whose window passed.
+    async fn step(&mut self) {
+        if let Some(until) = self.trial_deadline() {
+            if until <= Instant::now() {
+                let window = humantime::format_duration(self.context.settings.try_window);
+                self.roll_back(
+                    "reverted",
+                    format!("not confirmed by a newer revision within {window}"),
+                )
+                .await;
+                return;
+            }
+        }
+        self.set_state();
+        let wait = self.context.settings.long_poll_wait;
+        let poll = self
+            .client
+            .poll(self.journal.poll_after, wait, self.verifier.max_bytes);
+        let answer = match self.trial_deadline() {
+            Some(until) => tokio::select! {
+                answer = poll => answer,
+                () = tokio::time::sleep_until(until) => return,
+            },
+            None => poll.await,
+        };
+        match answer {
+            Ok(Poll::Nothing) => self.reached(),
+            Ok(Poll::TooLarge { size }) => {
+                self.reached();
+                let max = self.verifier.max_bytes;
+                self.refuse(
+                    &format!("too-large:{size}"),
+                    None,
+                    Rejection::TooLarge { size, max },
+                )
+                .await;
+            }
+            Ok(Poll::Offered(bytes)) => {
+                self.reached();
+                let current =
+                    (self.journal.highest_verified > 0).then_some(self.journal.highest_verified);
+                match self.verifier.verify(&bytes, current) {
+                    Ok(verified) => self.apply(verified, &bytes).await,
+                    Err(rejection) => {
+                        let claimed = claimed_revision(&bytes);
+                        self.refuse(&sha256_hex(&bytes), claimed, rejection).await;
+                    }
+                }
+            }
+            Err(err) => {
+                warn!(%err, "central server unreachable");
+                self.report.last_error = Some(err);
+                self.publish();
+                self.pause(self.retry).await;
+                self.retry = (self.retry * 2).min(MAX_RETRY);
+            }
+        }
+    }
+
+    fn reached(&mut self) {
+        self.retry = FIRST_RETRY;
+        if self.report.last_error.take().is_some() {
+            self.publish();
+        }
+    }
+
+    fn trial_deadline(&self) -> Option<Instant> {
+        match &self.journal.pending {
+            Some(Pending {
+                phase: Phase::Trying { until_ms },
+                ..
+            }) => {
+                let left = until_ms.saturating_sub(unix_millis());
+                Some(Instant::now() + Duration::from_millis(left))
+            }
+            _ => None,
+        }
+    }
+
+    /// Sleeps for `duration`, but not past the end of a trial.
+    async fn pause(&self, duration: Duration) {
+        let mut until = Instant::now() + duration;
+        if let Some(trial) = self.trial_deadline() {
+            until = until.min(trial);
+        }
+        tokio::time::sleep_until(until).await;
+    }
+
+    /// The revision the node runs now: on trial, or committed.
+    fn running(&self) -> Option<u64> {
+        match &self.journal.pending {
+            Some(Pending {
+                revision,
+                phase: Phase::Trying { .. },
+                ..
+            }) => Some(*revision),
+            _ => self.journal.committed,
+        }
+    }
+
+    /// A refused offer: reported once, never applied, and not asked for again.
+    async fn refuse(&mut self, fingerprint: &str, claimed: Option<u64>, rejection: Rejection) {
+        let offered = claimed.map_or_else(
+            || "an unreadable revision".to_owned(),
+            |n| format!("revision {n}"),
+        );
+        let detail = format!("{offered} refused: {rejection}");
+        let repeated = self.last_refused.as_deref() == Some(fingerprint);
+        if !repeated {
+            warn!(%detail, "revision refused; the current configuration stays");
+            self.last_refused = Some(fingerprint.to_owned());
+            self.queue(Report {
+                revision: self.running(),
+                state: "rejected".into(),
+                detail,
+            });
+        }
+        match claimed {
+            Some(n) if n > self.journal.poll_after => {
+                self.journal.poll_after = n;
+                self.save();
+            }
+            _ => self.pause(REFUSED_PAUSE).await,
+        }
+    }
+
+    async fn apply(&mut self, verified: Verified, bytes: &[u8]) {
+        let revision = verified.signed.revision;
+        let mode = verified.signed.mode;
+        info!(revision, ?mode, "applying a new revision");
+        if let Err(err) = self.revisions.store(revision, bytes) {
+            // Nothing changed yet; the next poll offers it again.
+            error!("{err}");
+            self.report.last_error = Some(err);
+            self.publish();
+            self.pause(MAX_RETRY).await;
+            return;
+        }
+        self.journal.highest_verified = revision;
+        self.journal.poll_after = self.journal.poll_after.max(revision);
+        self.journal.pending = Some(Pending {
+            revision,
+            mode,
+            phase: Phase::Applying,
+        });
+        self.save();
+        let from = self.revisions.active_text().ok().flatten();
+        self.finish_apply(revision, mode, &verified.signed.config, from.as_deref())
+            .await;
+    }
+
+    /// From an `Applying` journal entry: activate, touch, gate, then commit, trial or
+    /// roll back. `from` is the configuration the units run now (`None`: unknown).
+    async fn finish_apply(&mut self, revision: u64, mode: Mode, config: &str, from: Option<&str>) {
+        self.set_state();
+        match self.switch_to(Some(config), from).await {
+            Ok(()) => match mode {
+                Mode::Apply => self.commit(revision),
+                Mode::Try => self.start_trial(revision),
+            },
+            Err(reason) => {
+                warn!(revision, %reason, "revision unhealthy; rolling back");
+                self.roll_back("rolled-back", reason).await;
+            }
+        }
+    }
+
+    fn commit(&mut self, revision: u64) {
+        let previous = self.journal.committed;
+        self.queue(Report {
+            revision: Some(revision),
+            state: "applied".into(),
+            detail: String::new(),
+        });
+        self.journal.committed = Some(revision);
+        self.journal.pending = None;
+        self.save();
+        let keep: Vec<u64> = [Some(revision), previous].into_iter().flatten().collect();
+        self.revisions.prune(&keep);
+        info!(revision, "revision committed");
+        self.set_state();
+    }
+
+    fn start_trial(&mut self, revision: u64) {
+        let window = self.context.settings.try_window;
+        let until_ms =
+            unix_millis().saturating_add(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
+        self.journal.pending = Some(Pending {
+            revision,
+            mode: Mode::Try,
+            phase: Phase::Trying { until_ms },
+        });
+        self.save();
+        let window = humantime::format_duration(window);
+        self.queue(Report {
+            revision: Some(revision),
+            state: "trying".into(),
+            detail: format!("healthy; reverts in {window} unless a newer revision confirms it"),
+        });
+        info!(revision, %window, "trial revision healthy; on trial");
+        self.set_state();
+    }
+
+    /// Goes back to the committed revision and reports `outcome` with `reason`.
+    async fn roll_back(&mut self, outcome: &str, reason: String) {
+        let Some(pending) = self.journal.pending.clone() else {
+            return;
+        };
+        self.journal.pending = Some(Pending {
+            phase: Phase::RollingBack {
+                outcome: outcome.to_owned(),
+                reason: reason.clone(),
+            },
+            ..pending.clone()
+        });
+        self.save();
+        self.set_state();
+        let target = match self.journal.committed {
+            Some(committed) => match self.revisions.load(committed, &self.verifier) {
+                Ok(signed) => Some(signed.config),
+                Err(err) => {
+                    // Without the committed revision there is nothing whole to go back
+                    // to: keep what runs and say so loudly.
+                    error!(%err, "cannot roll back: the committed revision is unreadable");
+                    self.report.last_error = Some(format!("cannot roll back: {err}"));
+                    self.publish();
+                    return;
+                }
+            },
+            None => None,
+        };
+        let from = self.revisions.active_text().ok().flatten();
+        let mut detail = format!("revision {}: {reason}", pending.revision);
+        if let Err(err) = self.switch_to(target.as_deref(), from.as_deref()).await {
+            error!(%err, "the previous revision is not healthy either");
+            detail.push_str(&format!("; after going back: {err}"));
+        }
+        self.queue(Report {
+            revision: self.journal.committed,
+            state: outcome.to_owned(),
+            detail,
+        });
+        self.journal.pending = None;
+        self.save();
+        info!(
+            outcome,
+            revision = pending.revision,
+            "back on the committed revision"
+        );
+        self.set_state();
+    }
+
+    /// Makes `target` the active configuration, touches the units that read what
+    /// changed since `from`, and holds the health gate.
+    async fn switch_to(&mut self, target: Option<&str>, from: Option<&str>) -> Result<(), String> {
+        let deadline = Instant::now() + self.context.settings.health_deadline;
+        self.revisions.activate(target)?;
+        self.report.active_sha256 = target.map(|text| sha256_hex(text.as_bytes()));
+        self.publish();
+        let parse = |text: &str| ClusterConfig::parse(self.revisions.active_path(), text).ok();
+        let plan = rollout::plan(
+            &self.context.units,
+            from.and_then(parse).as_ref(),
+            target.and_then(parse).as_ref(),
+        );
+        self.connect_bus().await?;
+        let Some(bus) = self.bus.as_ref() else {
+            return Err("no D-Bus connection".to_owned());
+        };
+        rollout::touch(bus, &plan, deadline).await?;
+        let gate = Gate {
+            units: &self.context.units,
+            proxy_config_url: &self.context.settings.proxy_config_url,
+            expected_sha256: target.map(|text| sha256_hex(text.as_bytes())),
+            settle: self.context.settings.settle,
+        };
+        let result = gate.pass(bus, deadline).await;
+        if result.is_err() {
+            // A broken bus connection is dropped; the next use makes a new one.
+            self.bus = None;
+        }
+        result
+    }
+
+    async fn connect_bus(&mut self) -> Result<(), String> {
+        if self.bus.is_none() {
+            let bus = Systemd::connect_unsubscribed()
+                .await
+                .map_err(|err| format!("cannot reach systemd over D-Bus: {err}"))?;
+            self.bus = Some(bus);
+        }
+        Ok(())
+    }
+
+    /// Finishes whatever the journal says was under way when the supervisor stopped.
+    async fn recover(&mut self) {
+        self.report.active_sha256 = self
+            .revisions
+            .active_text()
+            .ok()
+            .flatten()
+            .map(|text| sha256_hex(text.as_bytes()));
+        let Some(pending) = self.journal.pending.clone() else {
+            self.restore_committed().await;
+            self.set_state();
+            return;
+        };
+        info!(revision = pending.revision, phase = ?pending.phase, "finishing an interrupted change");
+        match pending.phase {
+            Phase::Applying => match self.revisions.load(pending.revision, &self.verifier) {
+                // The units may or may not have seen the new file: touch them all.
+                Ok(signed) => {
+                    self.finish_apply(pending.revision, pending.mode, &signed.config, None)
+                        .await;
+                }
+                Err(err) => self.roll_back("rolled-back", err).await,
+            },
+            Phase::Trying { .. } => match self.revisions.load(pending.revision, &self.verifier) {
+                Ok(signed) => {
+                    if self.revisions.active_text().ok().flatten().as_deref()
+                        != Some(signed.config.as_str())
+                    {
+                        if let Err(reason) = self.switch_to(Some(&signed.config), None).await {
+                            self.roll_back("rolled-back", reason).await;
+                        }
+                    }
+                }
+                Err(err) => self.roll_back("rolled-back", err).await,
+            },
+            Phase::RollingBack { outcome, reason } => self.roll_back(&outcome, reason).await,
+        }
+        self.set_state();
+    }
+
+    /// With nothing pending, the active file must hold the committed revision; anything
+    /// else (an edit by hand) is put back.
+    async fn restore_committed(&mut self) {
+        let target = match self.journal.committed {
+            Some(committed) => match self.revisions.load(committed, &self.verifier) {
+                Ok(signed) => Some(signed.config),
+                Err(err) => {
+                    error!(%err, "the committed revision is unreadable; keeping the active file");
+                    return;
+                }
+            },
+            None => return,
+        };
+        let active = self.revisions.active_text().ok().flatten();
+        if active == target {
+            return;
+        }
+        warn!(file = %self.revisions.active_path().display(), "the active configuration differs from the committed revision; restoring it");
+        if let Err(err) = self.switch_to(target.as_deref(), active.as_deref()).await {
+            error!(%err, "the committed revision is not healthy after restoring it");
+        }
+    }
+
+    fn queue(&mut self, report: Report) {
+        if let Err(err) = self.outbox.push(&report) {
+            error!(%err, "cannot queue a report");
+        }
+        self.report.last_outcome = Some(report);
+        self.wake.notify_one();
+        self.publish();
+    }
+
+    fn save(&mut self) {
+        if let Err(err) = self.journal_file.store(&self.journal) {
+            error!(%err, "cannot write the OTA journal");
+            self.report.last_error = Some(err);
+        }
+    }
+
+    fn set_state(&mut self) {
+        self.report.state = match &self.journal.pending {
+            None => "idle",
+            Some(Pending { phase, .. }) => match phase {
+                Phase::Applying => "applying",
+                Phase::Trying { .. } => "trying",
+                Phase::RollingBack { .. } => "rolling-back",
+            },
+        };
+        self.report.committed = self.journal.committed;
+        self.report.pending = self.journal.pending.as_ref().map(|p| p.revision);
+        self.report.highest_verified = self.journal.highest_verified;
+        self.publish();
+    }
+
+    fn publish(&self) {
+        publish(&self.context.status, &self.report);
+    }
+}
+
+/// The revision number a document claims, read without trusting it.
+fn claimed_revision(bytes: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()?
+        .get("revision")?
+        .as_u64()
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -1,0 +1,183 @@
+//! Which units a configuration change touches, and touching them through systemd.
+//!
+//! The proxy reads the site configuration's `site`, `proxy` and `services`; it reloads in
+//! place (`ReloadUnit`, SIGHUP), keeping its open connections. The control replicas read
+//! `site`, `control` and `services`; they restart one at a time, each ready before the
+//! next goes down, so the site never loses its control plane. Nothing else is touched.
+
+use std::time::Duration;
+
+use pimesh_schema::cluster::ClusterConfig;
+use pimesh_schema::ManagedUnit;
+use tokio::time::Instant;
+
+use crate::systemd::Systemd;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touch {
+    Reload,
+    Restart,
+}
+
+/// The site configuration's consumers among the managed units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Consumer {
+    Proxy,
+    Control,
+}
+
+fn consumer_of(unit: &ManagedUnit) -> Option<Consumer> {
+    let name = unit.name.as_str();
+    if name == "pimesh-proxy.service" {
+        Some(Consumer::Proxy)
+    } else if name.starts_with("pimesh-control@") {
+        Some(Consumer::Control)
+    } else {
+        None
+    }
+}
+
+fn changes_for(
+    consumer: Consumer,
+    old: Option<&ClusterConfig>,
+    new: Option<&ClusterConfig>,
+) -> bool {
+    match (old, new) {
+        (Some(old), Some(new)) => {
+            old.site != new.site
+                || old.services != new.services
+                || match consumer {
+                    Consumer::Proxy => old.proxy != new.proxy,
+                    Consumer::Control => old.control != new.control,
+                }
+        }
+        (None, None) => false,
+        _ => true,
+    }
+}
+
+/// The units to touch, in order, when the active configuration goes from `old` to `new`
+/// (`None`: no configuration, or one not known — then every consumer is touched).
+pub fn plan(
+    units: &[ManagedUnit],
+    old: Option<&ClusterConfig>,
+    new: Option<&ClusterConfig>,
+) -> Vec<(ManagedUnit, Touch)> {
+    units
+        .iter()
+        .filter_map(|unit| {
+            let consumer = consumer_of(unit)?;
+            changes_for(consumer, old, new).then(|| {
+                let touch = match consumer {
+                    Consumer::Proxy => Touch::Reload,
+                    Consumer::Control => Touch::Restart,
+                };
+                (unit.clone(), touch)
+            })
+        })
+        .collect()
+}
+
+/// Reloads or restarts each planned unit; a restarted unit must be active and ready
+/// before the next one goes down (bounded by `deadline`). Units that do not exist are
+/// skipped (the keeper reports them).
+pub async fn touch(
+    bus: &Systemd,
+    plan: &[(ManagedUnit, Touch)],
+    deadline: Instant,
+) -> Result<(), String> {
+    for (unit, touch) in plan {
+        let name = unit.name.as_str();
+        let path = bus
+            .load_unit(name)
+            .await
+            .map_err(|err| format!("cannot load {name}: {err}"))?;
+        let state = bus
+            .read_state(&path)
+            .await
+            .map_err(|err| format!("cannot read {name}: {err}"))?;
+        if state.load_state != "loaded" {
+            continue;
+        }
+        let inactive = state.active_state != "active";
+        let result = match touch {
+            // A reload needs a running unit; a stopped one is started with the new file.
+            Touch::Reload if !inactive => bus.manager().reload_unit(name, "replace").await,
+            _ => bus.manager().restart_unit(name, "replace").await,
+        };
+        result.map_err(|err| format!("cannot {touch:?} {name}: {err}").to_lowercase())?;
+        tracing::info!(unit = name, action = ?touch, "unit touched for the new configuration");
+        if *touch == Touch::Restart {
+            wait_ready(bus, unit, &path, deadline).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until `unit` is active and its readiness probe answers.
+async fn wait_ready(
+    bus: &Systemd,
+    unit: &ManagedUnit,
+    path: &zbus::zvariant::OwnedObjectPath,
+    deadline: Instant,
+) -> Result<(), String> {
+    let name = unit.name.as_str();
+    let mut last = String::from("not checked yet");
+    while Instant::now() < deadline {
+        match super::gate::unit_health(bus, unit, path).await {
+            Ok(()) => return Ok(()),
+            Err(reason) => last = reason,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!(
+        "{name} did not come back after its restart: {last}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> ClusterConfig {
+        ClusterConfig::parse(std::path::Path::new("cluster.toml"), text).expect("valid config")
+    }
+
+    fn names(plan: &[(ManagedUnit, Touch)]) -> Vec<(String, Touch)> {
+        plan.iter()
+            .map(|(unit, touch)| (unit.name.to_string(), *touch))
+            .collect()
+    }
+
+    const BASE: &str = "site = \"s\"\n[control]\nreplicas = 3\n[proxy]\nmax_connections = 100\n";
+
+    #[test]
+    fn proxy_settings_reload_only_the_proxy_and_replica_settings_restart_only_replicas() {
+        let units = pimesh_schema::supervisor::default_units();
+        let base = config(BASE);
+        let proxy_change = config(&BASE.replace("max_connections = 100", "max_connections = 200"));
+        let control_change = config(&BASE.replace("replicas = 3", "replicas = 2"));
+        assert_eq!(
+            names(&plan(&units, Some(&base), Some(&proxy_change))),
+            vec![("pimesh-proxy.service".to_owned(), Touch::Reload)]
+        );
+        let restarted = names(&plan(&units, Some(&base), Some(&control_change)));
+        assert_eq!(restarted.len(), 3);
+        assert!(restarted
+            .iter()
+            .all(|(name, touch)| name.starts_with("pimesh-control@") && *touch == Touch::Restart));
+        assert!(plan(&units, Some(&base), Some(&base.clone())).is_empty());
+    }
+
+    #[test]
+    fn services_and_unknown_origins_touch_every_consumer() {
+        let units = pimesh_schema::supervisor::default_units();
+        let base = config(BASE);
+        let with_service = config(&format!(
+            "{BASE}[services.web]\nport = 8080\nnodes = [\"n\"]\n"
+        ));
+        assert_eq!(plan(&units, Some(&base), Some(&with_service)).len(), 4);
+        assert_eq!(plan(&units, None, Some(&base)).len(), 4);
+        assert_eq!(plan(&units, Some(&base), None).len(), 4);
+    }
+}
