@@ -38,8 +38,9 @@ $(IMAGE): $(IMAGE_INPUTS)
 cross:
 	./image/cross.sh
 
+# The node's daemons (for the amd64 root) and the host tools the tests drive them with.
 host-bins:
-	cargo build --release --locked $(NODE_CRATES)
+	cargo build --release --locked $(NODE_CRATES) -p pimesh-central -p pimesh-ctl
 	install -D -m 0755 -t out/bin/x86_64 target/release/pimesh-supervisor target/release/pimesh-proxy \
 		target/release/pimesh-control
 
@@ -84,3 +85,10 @@ central:
 
 clean:
 	rm -rf out target
+
+# The central server under 5000 long-polling mTLS nodes: memory per parked long-poll,
+# fan-out latency of one publish, requests/s (central/examples/long_poll_load.rs).
+.PHONY: bench-central
+bench-central:
+	cargo build --release --locked -p pimesh-central
+	cargo run --release --locked -p pimesh-central --example long_poll_load -- --nodes 5000

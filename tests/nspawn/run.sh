@@ -11,4 +11,7 @@ cd "$here"
 if [ "${1:-}" = --bench-heal ]; then
   exec python3 "$here/bench_heal.py"
 fi
-exec python3 -m pytest -v -s -p no:cacheprovider "$@" test_heal.py
+if [ $# -gt 0 ]; then
+  exec python3 -m pytest -v -s -p no:cacheprovider "$@"
+fi
+exec python3 -m pytest -v -s -p no:cacheprovider test_heal.py test_ota.py

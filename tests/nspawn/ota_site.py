@@ -1,0 +1,253 @@
+"""A Pimesh site for over-the-air tests: its keys (made by the real `pimeshctl site init`),
+the real `pimesh-central` serving it, and a node container whose seed points at it.
+
+The central server and `pimeshctl` are host binaries (target/release) run inside the
+container's network namespace (nsenter -n), so the node reaches the central server on its
+own 127.0.0.1 exactly as it would reach a remote one: over TLS, with its node certificate.
+
+`forge()` builds revision documents independently of the Rust code (the signed format is
+written out here from its definition and signed with openssl), so tests can hand the node
+documents that the real central server would never serve: tampered, for another site,
+replayed, oversized, truncated, garbage, or validly signed over an invalid configuration.
+"""
+
+import base64
+import json
+import os
+import re
+import struct
+import subprocess
+import tempfile
+import time
+
+from container import REPO, Container
+
+BIN = os.path.join(REPO, "target", "release")
+PIMESHCTL = os.path.join(BIN, "pimeshctl")
+CENTRAL = os.path.join(BIN, "pimesh-central")
+PORT = 8443
+FORMAT = "pimesh-revision/1"
+HOSTILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hostile_central.py")
+
+
+def sha256_hex(text):
+    import hashlib
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cluster_config(site, max_connections=1000, services=("web",), replicas=3, extra=""):
+    """A small valid site configuration; each argument changes what a different unit reads."""
+    text = f'site = "{site}"\n\n[control]\nreplicas = {replicas}\n\n[proxy]\nmax_connections = {max_connections}\n'
+    for index, name in enumerate(services):
+        text += f'\n[services.{name}]\nport = {8080 + index}\nnodes = ["pi-a"]\n'
+    return text + extra
+
+
+class Site:
+    def __init__(self, name="lab", node="pi-a", ota=None):
+        self.name = name
+        self.node = node
+        self.dir = tempfile.mkdtemp(prefix="pimesh-site-", dir="/var/tmp")
+        self.keys = os.path.join(self.dir, name)
+        out = subprocess.run([PIMESHCTL, "site", "init", name, "--central-url",
+                              f"https://127.0.0.1:{PORT}", "--out", self.keys],
+                             capture_output=True, text=True, check=True).stdout
+        self.public_key = re.search(r'public_key = "([^"]+)"', out).group(1)
+        self.server_cert = os.path.join(self.dir, "server.pem")
+        self.server_key = os.path.join(self.dir, "server.key")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:P-256", "-nodes", "-days", "30", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-addext", "basicConstraints=critical,CA:FALSE",
+                        "-addext", "extendedKeyUsage=serverAuth",
+                        "-keyout", self.server_key, "-out", self.server_cert],
+                       capture_output=True, check=True)
+        self.central_config = os.path.join(self.dir, "central.toml")
+        with open(self.central_config, "w") as f:
+            f.write(f'listen = "127.0.0.1:{PORT}"\nstate_dir = "{self.dir}/state"\n'
+                    f'tls_cert = "{self.server_cert}"\ntls_key = "{self.server_key}"\n'
+                    f'long_poll_max = "60s"\n\n[[sites]]\nname = "{name}"\n'
+                    f'anchor = "{self.keys}/anchor.pem"\npublic_key = "{self.public_key}"\n')
+        self.ota = ota or {}
+        self.container = None
+        self.central = None
+        self.hostile = None
+        self.revision = 0
+
+    # --- the node ------------------------------------------------------------------------
+    def seed(self):
+        with open(self.server_cert) as f:
+            ca = f.read()
+        return (f'site = "{self.name}"\nrole = "init"\nnode = "{self.node}"\n\n[central]\n'
+                f'url = "https://127.0.0.1:{PORT}"\npublic_key = "{self.public_key}"\n'
+                f'ca = """\n{ca}"""\n')
+
+    def supervisor_config(self):
+        lines = "".join(f"{key} = {value}\n" for key, value in self.ota.items())
+        return f"[ota]\n{lines}"
+
+    def boot_node(self):
+        """Boots the node, starts the central server, and enrolls the node: signs the
+        request its supervisor made with `pimeshctl node sign`."""
+        self.container = Container()
+        self.container.write("/boot/firmware/pimesh.toml", self.seed())
+        self.container.write("/etc/pimesh/supervisor.toml", self.supervisor_config())
+        self.container.boot()
+        self.start_central()
+        csr = self.node_path("/var/lib/pimesh/identity/node.csr")
+        self.container.wait_for("the node's certificate request", lambda: os.path.exists(csr))
+        chain = os.path.join(self.dir, "node.pem")
+        subprocess.run([PIMESHCTL, "node", "sign", csr, "--site-dir", self.keys, "--node", self.node,
+                        "--out", chain], capture_output=True, text=True, check=True)
+        with open(chain) as f:
+            self.container.write("/var/lib/pimesh/identity/node.pem", f.read())
+        self.container.wait_for("the OTA client to start polling",
+                                lambda: self.ota_status()["state"] == "idle", timeout=30)
+        return self.container
+
+    def node_path(self, path):
+        return os.path.join(self.container.root, path.lstrip("/"))
+
+    def ota_status(self):
+        return self.container.status()["ota"]
+
+    def active_config(self):
+        """The node's /etc/pimesh/cluster.toml, None when absent."""
+        try:
+            with open(self.node_path("/etc/pimesh/cluster.toml")) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def proxy_config(self):
+        code, body = self.container.http_get("http://127.0.0.1:4191/config")
+        if code != 200:
+            raise RuntimeError(f"proxy /config: {code} {body}")
+        return json.loads(body)
+
+    def wait_committed(self, revision, timeout=60):
+        return self.container.wait_for(
+            f"revision {revision} committed",
+            lambda: (lambda s: s if s["committed"] == revision and s["state"] == "idle" else None)(
+                self.ota_status()), timeout=timeout)
+
+    # --- the central server --------------------------------------------------------------
+    def in_netns(self, argv):
+        return ["nsenter", "-t", str(self.container.leader), "-n", *argv]
+
+    def start_central(self):
+        log = open(os.path.join(self.dir, "central.log"), "a")
+        self.central = subprocess.Popen(self.in_netns([CENTRAL, "--config", self.central_config]),
+                                        stdout=log, stderr=log)
+        self.wait_port()
+
+    def kill_central(self):
+        if self.central and self.central.poll() is None:
+            self.central.kill()
+            self.central.wait(timeout=10)
+        self.central = None
+
+    def wait_port(self):
+        deadline = time.monotonic() + 20
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {PORT}), 1)"
+        while time.monotonic() < deadline:
+            if subprocess.run(self.in_netns(["python3", "-c", probe]),
+                              capture_output=True).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"nothing listens on 127.0.0.1:{PORT} in the container")
+
+    def ctl(self, *args, check=True):
+        result = subprocess.run(self.in_netns([PIMESHCTL, *args]), capture_output=True, text=True)
+        if check and result.returncode != 0:
+            raise AssertionError(f"pimeshctl {' '.join(args)}: {result.stderr}")
+        return result
+
+    def publish(self, config, try_mode=False):
+        """Publishes `config` as the next revision through the real central server."""
+        path = os.path.join(self.dir, "cluster.toml")
+        with open(path, "w") as f:
+            f.write(config)
+        self.revision += 1
+        args = ["config", "publish", path, "--site-dir", self.keys, "--central",
+                f"https://127.0.0.1:{PORT}", "--central-ca", self.server_cert,
+                "--revision", str(self.revision)]
+        self.ctl(*args, *(["--try"] if try_mode else []))
+        return self.revision
+
+    def fleet_node(self):
+        out = self.ctl("status", "--central", f"https://127.0.0.1:{PORT}",
+                       "--central-ca", self.server_cert).stdout
+        return out
+
+    def central_report(self):
+        """What the central server holds for this node (its stored report)."""
+        path = os.path.join(self.dir, "state", self.name, "reports", f"{self.node}.json")
+        with open(path) as f:
+            return json.load(f)
+
+    # --- a hostile server ----------------------------------------------------------------
+    def start_hostile(self):
+        """Replaces the central server with one that serves whatever `offer()` gives it,
+        once each, and records the node's reports."""
+        self.kill_central()
+        self.hostile_dir = os.path.join(self.dir, "hostile")
+        os.makedirs(self.hostile_dir, exist_ok=True)
+        log = open(os.path.join(self.dir, "hostile.log"), "a")
+        self.hostile = subprocess.Popen(self.in_netns(
+            ["python3", HOSTILE, str(PORT), self.server_cert, self.server_key,
+             os.path.join(self.keys, "anchor.pem"), self.hostile_dir]), stdout=log, stderr=log)
+        self.wait_port()
+
+    def stop_hostile(self):
+        if self.hostile:
+            self.hostile.kill()
+            self.hostile.wait(timeout=10)
+            self.hostile = None
+
+    def offer(self, document):
+        temp = os.path.join(self.hostile_dir, ".offer")
+        with open(temp, "wb") as f:
+            f.write(document)
+        os.rename(temp, os.path.join(self.hostile_dir, "offer"))
+
+    def hostile_reports(self):
+        try:
+            with open(os.path.join(self.hostile_dir, "reports.jsonl")) as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def forge(self, config, revision, site=None, mode="apply", key_dir=None):
+        """A revision document signed with the site key (or another site's), built from the
+        format's definition: FORMAT NUL, len+site, revision, mode byte, len+config."""
+        site = site or self.name
+        payload = (FORMAT.encode() + b"\0" + struct.pack(">Q", len(site)) + site.encode()
+                   + struct.pack(">Q", revision) + bytes([1 if mode == "try" else 0])
+                   + struct.pack(">Q", len(config.encode())) + config.encode())
+        signature = openssl_ed25519_sign(os.path.join(key_dir or self.keys, "signing.pk8"), payload)
+        return json.dumps({"format": FORMAT, "site": site, "revision": revision, "mode": mode,
+                           "config": config,
+                           "signature": base64.b64encode(signature).decode()}).encode()
+
+    def close(self):
+        self.kill_central()
+        self.stop_hostile()
+        if self.container:
+            self.container.shutdown()
+
+
+def openssl_ed25519_sign(pk8_path, payload):
+    """Ed25519 signature with openssl. `pimeshctl` writes PKCS#8 v2 (seed and public key),
+    which openssl 3.0 does not read; the seed is re-wrapped as PKCS#8 v1."""
+    with open(pk8_path, "rb") as f:
+        der = f.read()
+    prefix = bytes.fromhex("302e020100300506032b657004220420")
+    with tempfile.TemporaryDirectory() as tmp:
+        key, data = os.path.join(tmp, "key.der"), os.path.join(tmp, "payload")
+        with open(key, "wb") as f:
+            f.write(prefix + der[16:48])
+        with open(data, "wb") as f:
+            f.write(payload)
+        return subprocess.run(["openssl", "pkeyutl", "-sign", "-inkey", key, "-keyform", "DER",
+                               "-rawin", "-in", data], capture_output=True, check=True).stdout

@@ -1,0 +1,203 @@
+"""Over-the-air configuration end to end: `pimeshctl` → the real `pimesh-central` → the
+supervisor on a node (the amd64 root filesystem booted in systemd-nspawn, real systemd and
+D-Bus) → its proxy and control replicas. One site and one node for the whole file; the
+cases run in order and each starts from the state the previous one left.
+
+The node's OTA settings are shortened for the test (health deadline 15 s, settle 1 s,
+trial window 6 s, bundles up to 64 KiB); everything else is the image's default.
+"""
+
+import json
+import os
+import random
+import shutil
+import time
+
+import pytest
+
+from ota_site import Site, cluster_config, sha256_hex
+
+PROXY = "pimesh-proxy.service"
+CONTROLS = [f"pimesh-control@{n}.service" for n in (1, 2, 3)]
+OTA = {"health_deadline_ms": 15000, "settle_ms": 1000, "try_window_ms": 6000,
+       "long_poll_wait_s": 20, "max_bundle_bytes": 65536}
+# Power-cut iterations restart the supervisor at once, not after systemd's growing delay.
+QUICK_RESTART = "[Service]\nRestartSec=200ms\nRestartSteps=0\n"
+
+
+@pytest.fixture(scope="module")
+def site():
+    site = Site(ota=OTA)
+    try:
+        site.boot_node()
+        yield site
+    finally:
+        site.close()
+
+
+def outcome(site, state):
+    """The node's last reported outcome when it is `state` and nothing is pending."""
+    status = site.ota_status()
+    last = status["last_outcome"]
+    if last and last["state"] == state and status["state"] == "idle":
+        return status
+    return None
+
+
+def test_a_published_revision_is_applied_on_the_node_and_reported(site):
+    config = cluster_config(site.name)
+    revision = site.publish(config)
+    site.wait_committed(revision)
+    assert site.active_config() == config
+    assert site.proxy_config()["sha256"] == sha256_hex(config)
+    report = site.central_report()
+    assert (report["revision"], report["state"]) == (revision, "applied")
+    fleet = " ".join(site.fleet_node().split())
+    assert f"{site.node} revision {revision} applied" in fleet, fleet
+
+
+def test_only_the_units_that_read_a_change_are_touched(site):
+    proxy_pid = site.container.main_pid(PROXY)
+    control_pids = [site.container.main_pid(unit) for unit in CONTROLS]
+
+    config = cluster_config(site.name, max_connections=2000)
+    site.wait_committed(site.publish(config))
+    assert site.proxy_config()["sha256"] == sha256_hex(config)
+    assert site.container.main_pid(PROXY) == proxy_pid, "the proxy reloads in place"
+    assert [site.container.main_pid(u) for u in CONTROLS] == control_pids, "replicas untouched"
+
+    config = cluster_config(site.name, max_connections=2000, services=("web", "api"))
+    site.wait_committed(site.publish(config))
+    assert site.proxy_config()["sha256"] == sha256_hex(config)
+    assert site.container.main_pid(PROXY) == proxy_pid
+    after = [site.container.main_pid(u) for u in CONTROLS]
+    assert all(new != old and new > 0 for new, old in zip(after, control_pids)), \
+        "a services change restarts every control replica"
+
+
+def test_a_revision_the_proxy_refuses_is_rolled_back(site):
+    good = site.active_config()
+    committed = site.ota_status()["committed"]
+    # Schema-valid, but no node has the open files for it: the proxy refuses it and its
+    # readiness fails, so the health gate fails.
+    bad = cluster_config(site.name, max_connections=4000000000, services=("web", "api"))
+    revision = site.publish(bad)
+    status = site.container.wait_for("the rollback", lambda: outcome(site, "rolled-back"), timeout=60)
+    assert status["committed"] == committed
+    assert f"revision {revision}" in status["last_outcome"]["detail"]
+    assert "max_connections" in status["last_outcome"]["detail"]
+    assert site.active_config() == good
+    assert site.proxy_config()["sha256"] == sha256_hex(good)
+    report = site.central_report()
+    assert report["state"] == "rolled-back" and "max_connections" in report["detail"]
+
+
+def test_a_trial_revision_reverts_unless_a_newer_one_confirms_it(site):
+    good = site.active_config()
+    committed = site.ota_status()["committed"]
+    trial = cluster_config(site.name, max_connections=3000, services=("web", "api"))
+    revision = site.publish(trial, try_mode=True)
+    site.container.wait_for("the trial", lambda: site.ota_status()["state"] == "trying"
+                            and site.ota_status()["pending"] == revision, timeout=30)
+    assert site.active_config() == trial
+    assert site.central_report()["state"] == "trying"
+    status = site.container.wait_for("the revert", lambda: outcome(site, "reverted"), timeout=30)
+    assert status["committed"] == committed
+    assert site.active_config() == good
+    assert site.proxy_config()["sha256"] == sha256_hex(good)
+
+    # Confirmed: the same configuration published again as a normal revision in the window.
+    revision = site.publish(trial, try_mode=True)
+    site.container.wait_for("the second trial", lambda: site.ota_status()["state"] == "trying"
+                            and site.ota_status()["pending"] == revision, timeout=30)
+    confirmed = site.publish(trial)
+    site.wait_committed(confirmed)
+    time.sleep(7)  # past the first trial's window: nothing reverts any more
+    assert site.ota_status()["committed"] == confirmed
+    assert site.active_config() == trial
+
+
+def test_reports_wait_on_disk_while_the_central_server_is_down(site):
+    trial = cluster_config(site.name, max_connections=3500, services=("web", "api"))
+    revision = site.publish(trial, try_mode=True)
+    site.container.wait_for("the trial", lambda: site.ota_status()["pending"] == revision, timeout=30)
+    site.kill_central()
+    site.container.wait_for("the revert with the central server down",
+                            lambda: outcome(site, "reverted"), timeout=30)
+    assert site.ota_status()["queued_reports"] >= 1
+    outbox = site.node_path("/var/lib/pimesh/ota/outbox")
+    assert os.listdir(outbox), "the report is on disk"
+    # The supervisor itself dies and comes back: the report is still there.
+    site.container.kill(site.container.main_pid("pimesh-supervisor.service"))
+    site.container.wait_for("the supervisor back", lambda: site.ota_status()["state"] == "idle", timeout=60)
+    assert site.ota_status()["queued_reports"] >= 1
+    site.start_central()
+    site.container.wait_for("the queued report at the central server",
+                            lambda: site.central_report()["state"] == "reverted", timeout=60)
+    site.container.wait_for("an empty outbox", lambda: site.ota_status()["queued_reports"] == 0)
+
+
+def test_bad_documents_are_refused_reported_and_change_nothing(site):
+    good = site.active_config()
+    committed = site.ota_status()["committed"]
+    replay = open(os.path.join(site.dir, "state", site.name, "revisions", f"{committed}.json"), "rb").read()
+    valid = site.forge(good, 100)
+    tampered = json.loads(site.forge(good, 101))
+    tampered["config"] = tampered["config"].replace("max_connections = 3000", "max_connections = 9")
+    elsewhere = os.path.join(site.dir, "elsewhere")
+    shutil.copytree(site.keys, elsewhere)  # the same signing key reused for another site
+    cases = [
+        ("tampered", json.dumps(tampered).encode(), "signature does not verify"),
+        ("for another site", site.forge(good.replace(f'"{site.name}"', '"elsewhere"'), 102,
+                                        site="elsewhere", key_dir=elsewhere), "for site elsewhere"),
+        ("replayed", replay, "not newer"),
+        ("older", site.forge(good, 1), "not newer"),
+        ("truncated", valid[: len(valid) // 2], "not a pimesh-revision/1 document"),
+        ("oversized", site.forge(good + "#" * 70000 + "\n", 103), "more than the 65536 allowed"),
+        ("garbage", os.urandom(300), "not a pimesh-revision/1 document"),
+        ("signed but invalid", site.forge(f'site = "{site.name}"\n[control]\nreplicas = 12\n', 104),
+         "control.replicas"),
+    ]
+    site.start_hostile()
+    try:
+        for name, document, expected in cases:
+            before = len(site.hostile_reports())
+            site.offer(document)
+            site.container.wait_for(f"the node's report on the {name} document",
+                                    lambda: len(site.hostile_reports()) > before, timeout=30)
+            report = site.hostile_reports()[-1]
+            assert report["state"] == "rejected", (name, report)
+            assert expected in report["detail"], (name, report)
+            assert report["revision"] == committed, (name, report)
+            assert site.active_config() == good, name
+            assert site.ota_status()["committed"] == committed, name
+            assert site.proxy_config()["sha256"] == sha256_hex(good), name
+    finally:
+        site.stop_hostile()
+        site.start_central()
+    # The refused documents claimed revisions up to 104: the site moves past them.
+    site.revision = 200
+
+
+def test_a_power_cut_during_apply_leaves_the_old_or_the_new_revision_whole(site):
+    container = site.container
+    container.write("/etc/systemd/system/pimesh-supervisor.service.d/quick-restart.conf", QUICK_RESTART)
+    container.systemctl("daemon-reload")
+    rng = random.Random(20261126)
+    iterations = int(os.environ.get("PIMESH_POWER_CUTS", "50"))
+    seen = {"old": 0, "new": 0}
+    for iteration in range(iterations):
+        old = site.active_config()
+        services = ("web", "api") if iteration % 3 else ("web", "api", f"batch{iteration}")
+        new = cluster_config(site.name, max_connections=1000 + iteration, services=services)
+        revision = site.publish(new)
+        time.sleep(rng.uniform(0.0, 1.5))
+        container.kill(container.main_pid("pimesh-supervisor.service"))
+        on_disk = site.active_config()
+        assert on_disk in (old, new), f"iteration {iteration}: cluster.toml is neither revision"
+        seen["old" if on_disk == old else "new"] += 1
+        site.wait_committed(revision, timeout=60)
+        assert site.active_config() == new
+        assert site.proxy_config()["sha256"] == sha256_hex(new), f"iteration {iteration}"
+    print(f"power cuts: {iterations}, cut before the switch: {seen['old']}, after: {seen['new']}")
+    assert site.central_report()["state"] == "applied"
