@@ -12,7 +12,7 @@ IMAGE_INPUTS := $(shell git ls-files Cargo.toml Cargo.lock README.md image syste
 NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 
 .PHONY: central help deps image image-amd64 cross host-bins test test-rust test-qemu test-nspawn qemu bench-boot \
-	bench-heal lint clean
+	bench bench-heal bench-ota lint clean
 
 help:
 	@echo "make image        build $(IMAGE) (the Raspberry Pi SD card image)"
@@ -24,6 +24,9 @@ help:
 	@echo "make bench-boot   measure boot to supervisor READY against boot without Pimesh"
 	@echo "make test-nspawn  test the supervisor against real systemd/D-Bus (amd64 root in systemd-nspawn)"
 	@echo "make bench-heal   measure kill/hang → ready again and the supervisor's CPU and RSS"
+	@echo "make bench-ota    measure publish → applied on a node, and bad revision → rolled back"
+	@echo "make bench-central measure the central server under 5000 long-polling nodes"
+	@echo "make bench        all of the benchmarks above"
 
 deps:
 	./image/host-deps.sh
@@ -79,6 +82,11 @@ bench-boot: $(IMAGE)
 
 bench-heal: image-amd64
 	./tests/nspawn/run.sh --bench-heal
+
+bench: bench-heal bench-ota bench-central bench-boot
+
+bench-ota: image-amd64
+	./tests/nspawn/run.sh --bench-ota
 
 central:
 	./central/demo.sh

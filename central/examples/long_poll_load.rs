@@ -15,7 +15,10 @@
 //!   central and of this load generator, which share the machine's cores.
 //!
 //! usage: long_poll_load [--nodes N] [--certs N] [--workers N] [--duration SECS]
-//!        [--handshakes N] [--phase-timeout SECS] [--central PATH]
+//!        [--handshakes N] [--phase-timeout SECS] [--bundle-kib N] [--central PATH]
+//!
+//! `--bundle-kib N` pads the published configuration (configs/cluster.example.toml) with a
+//! TOML comment to about N KiB, to see what a bigger bundle costs in B and C.
 
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -63,6 +66,7 @@ struct Args {
     duration: Duration,
     handshakes: usize,
     phase_timeout: Duration,
+    bundle_kib: usize,
     central: PathBuf,
 }
 
@@ -75,6 +79,7 @@ impl Args {
             duration: Duration::from_secs(10),
             handshakes: 64,
             phase_timeout: Duration::from_secs(300),
+            bundle_kib: 0,
             central: default_central_path()?,
         };
         let mut it = std::env::args().skip(1);
@@ -92,6 +97,7 @@ impl Args {
                 "--duration" => args.duration = Duration::from_secs(number()? as u64),
                 "--handshakes" => args.handshakes = number()?,
                 "--phase-timeout" => args.phase_timeout = Duration::from_secs(number()? as u64),
+                "--bundle-kib" => args.bundle_kib = number()?,
                 "--central" => args.central = value.into(),
                 _ => return Err(format!("unknown flag {flag}")),
             }
@@ -155,7 +161,7 @@ async fn run(args: Args) -> Result<(), Error> {
     let nofile = raise_nofile(args.nodes + args.workers + 256)?;
     let dir = tempfile::tempdir().map_err(|err| format!("tempdir: {err}"))?;
     let started = Instant::now();
-    let site = BenchSite::new(dir.path(), args.certs)?;
+    let site = BenchSite::new(dir.path(), args.certs, args.bundle_kib)?;
     eprintln!(
         "made {} node certificates in {:.1} s",
         args.certs,
@@ -221,6 +227,7 @@ struct BenchSite {
     anchor_path: PathBuf,
     signing_pkcs8: Vec<u8>,
     public_key: String,
+    bundle_kib: usize,
     nodes: Vec<Arc<ClientConfig>>,
     server_cert_pem: String,
     server_key_pem: String,
@@ -228,7 +235,7 @@ struct BenchSite {
 }
 
 impl BenchSite {
-    fn new(dir: &Path, certs: usize) -> Result<BenchSite, Error> {
+    fn new(dir: &Path, certs: usize, bundle_kib: usize) -> Result<BenchSite, Error> {
         let name = label(SITE)?;
         let root = TrustRoot::generate(&name, SystemTime::now()).map_err(|e| e.to_string())?;
         let anchor_path = dir.join("anchor.pem");
@@ -248,6 +255,7 @@ impl BenchSite {
             anchor_path,
             signing_pkcs8,
             public_key,
+            bundle_kib,
             nodes,
             server_cert_pem: server.cert.pem(),
             server_key_pem: server.signing_key.serialize_pem(),
@@ -268,10 +276,15 @@ impl BenchSite {
         ))
     }
 
-    /// Revision `number` of the example site configuration, signed.
+    /// Revision `number` of the example site configuration (padded to `--bundle-kib`),
+    /// signed.
     fn revision(&self, number: u64) -> Result<Vec<u8>, Error> {
-        let config =
+        let mut config =
             include_str!("../../configs/cluster.example.toml").replace("fleet-depot-7", SITE);
+        let line = format!("# {}\n", "x".repeat(61));
+        while config.len() < self.bundle_kib * 1024 {
+            config.push_str(&line);
+        }
         let signed = Revision {
             site: label(SITE)?,
             revision: number,

@@ -7,7 +7,7 @@
 //! | `POST /v1/sites/<site>/reports` | node of `<site>` (mTLS) | what the node applied; recorded under the node name of its certificate |
 //! | `GET /v1/fleet` | anyone reaching the server | every site's newest revision and node reports |
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -17,7 +17,7 @@ use pimesh_identity::{verify_leaf, Usage};
 use pimesh_schema::{DnsLabel, Workload};
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::sites::{PublishError, Registry, Site};
 use crate::storage::NodeReport;
@@ -27,6 +27,7 @@ const MAX_REVISION_BYTES: usize = pimesh_bundle::DEFAULT_MAX_BYTES;
 const MAX_REPORT_BYTES: usize = 64 * 1024;
 
 /// A refusal: the status and what to tell the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Refusal(StatusCode, String);
 
 impl Refusal {
@@ -35,12 +36,9 @@ impl Refusal {
     }
 }
 
-/// The certificate chain a client presented at the handshake (empty: none).
-pub type PeerChain = Arc<Vec<CertificateDer<'static>>>;
-
 pub async fn route(
     request: Request<Incoming>,
-    peer: PeerChain,
+    peer: Arc<Peer>,
     registry: Arc<Registry>,
 ) -> Response<Full<Bytes>> {
     let path: Vec<String> = request
@@ -65,14 +63,18 @@ pub async fn route(
             };
             match (method, *action) {
                 (Method::PUT, "revisions") => publish(request, site, &registry).await,
-                (Method::GET, "config") => match authorize_node(&peer, site) {
-                    Ok(node) => config(request.uri().query(), site, &node, &registry).await,
-                    Err(refusal) => refusal.into_response(),
-                },
-                (Method::POST, "reports") => match authorize_node(&peer, site) {
-                    Ok(node) => report(request, site, &node, &registry).await,
-                    Err(refusal) => refusal.into_response(),
-                },
+                (Method::GET, "config") => {
+                    match peer.authorize(&site.name, &site.anchor, SystemTime::now()) {
+                        Ok(node) => config(request.uri().query(), site, &node, &registry).await,
+                        Err(refusal) => refusal.into_response(),
+                    }
+                }
+                (Method::POST, "reports") => {
+                    match peer.authorize(&site.name, &site.anchor, SystemTime::now()) {
+                        Ok(node) => report(request, site, &node, &registry).await,
+                        Err(refusal) => refusal.into_response(),
+                    }
+                }
                 (_, "revisions" | "config" | "reports") => {
                     error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
                 }
@@ -83,21 +85,144 @@ pub async fn route(
     }
 }
 
-/// The node name in the client certificate, when it is a valid node identity of `site`
-/// under `site`'s own anchor.
-fn authorize_node(peer: &PeerChain, site: &Site) -> Result<DnsLabel, Refusal> {
-    let Some((leaf, intermediates)) = peer.split_first() else {
-        let message = "a node certificate is required".to_owned();
-        return Err(Refusal(StatusCode::UNAUTHORIZED, message));
+/// How long one connection reuses an answer at most, even when no certificate of its chain
+/// changes validity sooner: a bound on top of the validity window should a site's anchor
+/// ever change while the server runs (it does not today).
+const AUTHORIZATION_TTL: Duration = Duration::from_secs(5 * 60);
+
+/// The client at the other end of one connection: the certificate chain it presented at
+/// the handshake (empty: none) and what that chain authorizes, per site.
+///
+/// rustls checked the chain at the handshake against the union of every site's anchor;
+/// which site it belongs to is checked here against that site's anchor alone
+/// (`verify_leaf`). Invariant: per connection and site, that check runs at most once per
+/// validity window, not per request. Its answer — the node name or the refusal — is reused
+/// by the connection's later requests to that site while the clock stays in
+/// `[checked_at, fresh_until)`, `fresh_until` being the earliest of
+/// `checked_at + AUTHORIZATION_TTL` and the next instant at which a certificate of the
+/// chain becomes valid (its `not_before`) or expires (one second past its `not_after`, as
+/// webpki counts). So the answer is exactly what a check per request would give: a
+/// connection that outlives its certificate is checked again, and refused, once past its
+/// `not_after`; a clock set back is checked again too. Nothing else goes into the answer:
+/// the chain is fixed for the connection's life, a site's anchor for the server's.
+pub struct Peer {
+    chain: Vec<CertificateDer<'static>>,
+    /// At most one per site of the registry (a node's connection addresses one).
+    verdicts: Mutex<Vec<Verdict>>,
+}
+
+/// One site's answer for a connection, and while it holds.
+struct Verdict {
+    site: DnsLabel,
+    checked_at: SystemTime,
+    fresh_until: SystemTime,
+    answer: Result<DnsLabel, Refusal>,
+}
+
+impl Peer {
+    /// The client of a new connection, with the chain it presented (empty: none).
+    pub fn new(chain: Vec<CertificateDer<'static>>) -> Peer {
+        Peer {
+            chain,
+            verdicts: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The node name in the client certificate, when it is a valid node identity of
+    /// `site` under `anchor` (that site's own) at `now`; checked once per connection, site
+    /// and validity window (see [`Peer`]).
+    fn authorize(
+        &self,
+        site: &DnsLabel,
+        anchor: &CertificateDer<'static>,
+        now: SystemTime,
+    ) -> Result<DnsLabel, Refusal> {
+        self.authorize_with(site, now, || verify_node(&self.chain, site, anchor, now))
+    }
+
+    /// [`Peer::authorize`] with the check as `verify`, which runs only when this
+    /// connection has no fresh answer for `site` at `now`.
+    fn authorize_with(
+        &self,
+        site: &DnsLabel,
+        now: SystemTime,
+        verify: impl FnOnce() -> Result<DnsLabel, Refusal>,
+    ) -> Result<DnsLabel, Refusal> {
+        if self.chain.is_empty() {
+            return Err(no_certificate());
+        }
+        // Held across the check, so that it runs once even if requests ever overlap.
+        let mut verdicts = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(verdict) = verdicts.iter().find(|verdict| &verdict.site == site) {
+            if verdict.checked_at <= now && now < verdict.fresh_until {
+                return verdict.answer.clone();
+            }
+        }
+        let answer = verify();
+        let ttl_end = now + AUTHORIZATION_TTL;
+        let fresh_until =
+            next_validity_change(&self.chain, now).map_or(ttl_end, |change| change.min(ttl_end));
+        debug!(%site, node = ?answer.as_ref().ok().map(DnsLabel::as_str), "client certificate checked");
+        verdicts.retain(|verdict| &verdict.site != site);
+        verdicts.push(Verdict {
+            site: site.clone(),
+            checked_at: now,
+            fresh_until,
+            answer: answer.clone(),
+        });
+        answer
+    }
+}
+
+/// The first instant after `now` at which a certificate of `chain` becomes valid or
+/// expires, i.e. at which `verify_leaf`'s answer may change (webpki compares whole
+/// seconds: valid from `not_before` through `not_after`). A certificate whose validity does
+/// not parse is skipped: webpki refuses it whatever the time (and the TTL bounds the answer
+/// anyway).
+fn next_validity_change(chain: &[CertificateDer<'_>], now: SystemTime) -> Option<SystemTime> {
+    let at = |seconds: i64| {
+        u64::try_from(seconds).map_or(Some(SystemTime::UNIX_EPOCH), |s| {
+            SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(s))
+        })
     };
-    let anchors = std::slice::from_ref(&site.anchor);
-    let now = SystemTime::now();
-    let ids = verify_leaf(leaf, intermediates, anchors, &site.name, Usage::Client, now).map_err(
-        |err| {
-            let message = format!("not a node of site {}: {err}", site.name);
+    chain
+        .iter()
+        .filter_map(|cert| {
+            let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+            let validity = parsed.validity();
+            Some((
+                validity.not_before.timestamp(),
+                validity.not_after.timestamp(),
+            ))
+        })
+        .flat_map(|(not_before, not_after)| [at(not_before), at(not_after.saturating_add(1))])
+        .flatten()
+        .filter(|&change| change > now)
+        .min()
+}
+
+fn no_certificate() -> Refusal {
+    let message = "a node certificate is required".to_owned();
+    Refusal(StatusCode::UNAUTHORIZED, message)
+}
+
+/// The node name in `chain`'s leaf, when it is a valid node identity of `site` under
+/// `anchor` at `now`.
+fn verify_node(
+    chain: &[CertificateDer<'static>],
+    site: &DnsLabel,
+    anchor: &CertificateDer<'static>,
+    now: SystemTime,
+) -> Result<DnsLabel, Refusal> {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Err(no_certificate());
+    };
+    let anchors = std::slice::from_ref(anchor);
+    let ids =
+        verify_leaf(leaf, intermediates, anchors, site, Usage::Client, now).map_err(|err| {
+            let message = format!("not a node of site {site}: {err}");
             Refusal(StatusCode::FORBIDDEN, message)
-        },
-    )?;
+        })?;
     ids.into_iter()
         .find_map(|id| match id.workload {
             Workload::Node(node) => Some(node),
@@ -176,7 +301,7 @@ async fn config(
     loop {
         if let Some(current) = latest.borrow_and_update().clone() {
             if current.revision > after {
-                tracing::debug!(site = %site.name, %node, revision = current.revision, "serving revision");
+                debug!(site = %site.name, %node, revision = current.revision, "serving revision");
                 let mut response = Response::new(Full::new(Bytes::from(current.json.clone())));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -289,4 +414,125 @@ fn json_response(code: StatusCode, value: &serde_json::Value) -> Response<Full<B
 
 fn error(code: StatusCode, message: &str) -> Response<Full<Bytes>> {
     json_response(code, &json!({ "error": message }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::collections::BTreeSet;
+
+    use pimesh_identity::{LeafRequest, SpiffeId, TrustRoot};
+
+    use super::*;
+
+    fn label(s: &str) -> DnsLabel {
+        DnsLabel::try_from(s.to_owned()).expect("label")
+    }
+
+    /// A node certificate of `site` for `node`, valid for `lifetime` from `now`, with its
+    /// issuer: the chain a node presents.
+    fn node_chain(
+        root: &TrustRoot,
+        site: &DnsLabel,
+        node: &str,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Vec<CertificateDer<'static>> {
+        let id = SpiffeId::node(site, &label(node));
+        let request = LeafRequest::new(std::slice::from_ref(&id)).expect("request");
+        let leaf = root
+            .issuer
+            .sign_leaf_for(&request.csr, site, &BTreeSet::from([id]), now, lifetime)
+            .expect("leaf");
+        vec![leaf.der, root.issuer.cert_der().clone()]
+    }
+
+    #[test]
+    fn checked_once_per_connection_and_site_refusals_included() {
+        let now = SystemTime::now();
+        let (a, b) = (label("depot-7"), label("depot-8"));
+        let peer = Peer::new(vec![CertificateDer::from(b"not parsed here".to_vec())]);
+        let checks = Cell::new(0);
+        let accept = || {
+            checks.set(checks.get() + 1);
+            Ok(label("pi-a"))
+        };
+        let refuse = || {
+            checks.set(checks.get() + 1);
+            Err(Refusal(
+                StatusCode::FORBIDDEN,
+                "not a node of depot-8".to_owned(),
+            ))
+        };
+        assert_eq!(peer.authorize_with(&a, now, accept), Ok(label("pi-a")));
+        let later = now + Duration::from_secs(60);
+        assert_eq!(peer.authorize_with(&a, later, accept), Ok(label("pi-a")));
+        assert_eq!(checks.get(), 1, "the second request reuses the answer");
+        let refused = peer.authorize_with(&b, now, refuse);
+        assert_eq!(
+            refused.as_ref().map_err(|r| r.0),
+            Err(StatusCode::FORBIDDEN)
+        );
+        assert_eq!(peer.authorize_with(&b, later, refuse), refused);
+        assert_eq!(checks.get(), 2, "each site once, a refusal too");
+        // Checked again past the TTL, and when the clock was set back.
+        peer.authorize_with(&a, now + AUTHORIZATION_TTL, accept)
+            .expect("a");
+        assert_eq!(checks.get(), 3);
+        peer.authorize_with(&a, now, accept).expect("a");
+        assert_eq!(checks.get(), 4);
+        // Without a certificate there is nothing to check.
+        let anonymous = Peer::new(Vec::new()).authorize_with(&a, now, accept);
+        assert_eq!(anonymous.map_err(|r| r.0), Err(StatusCode::UNAUTHORIZED));
+        assert_eq!(checks.get(), 4);
+    }
+
+    #[test]
+    fn a_connection_outliving_its_certificate_is_refused() {
+        let now = SystemTime::now();
+        let site = label("depot-7");
+        let root = TrustRoot::generate(&site, now).expect("root");
+        // Expires in a minute: well before the TTL would end the answer.
+        let peer = Peer::new(node_chain(
+            &root,
+            &site,
+            "pi-a",
+            now,
+            Duration::from_secs(60),
+        ));
+        let anchor = root.anchor.cert_der().clone();
+        let at = |seconds: u64| now + Duration::from_secs(seconds);
+        assert_eq!(peer.authorize(&site, &anchor, now), Ok(label("pi-a")));
+        assert_eq!(peer.authorize(&site, &anchor, at(30)), Ok(label("pi-a")));
+        let expired = peer.authorize(&site, &anchor, at(62)).expect_err("expired");
+        assert_eq!(expired.0, StatusCode::FORBIDDEN);
+        assert!(
+            expired.1.contains("not a node of site depot-7"),
+            "{}",
+            expired.1
+        );
+    }
+
+    #[test]
+    fn a_node_of_another_site_is_refused() {
+        let now = SystemTime::now();
+        let (site, other) = (label("depot-7"), label("depot-8"));
+        let root = TrustRoot::generate(&site, now).expect("root");
+        let other_root = TrustRoot::generate(&other, now).expect("root");
+        let lifetime = Duration::from_secs(3600);
+        let stranger = Peer::new(node_chain(&other_root, &other, "pi-a", now, lifetime));
+        let anchor = root.anchor.cert_der().clone();
+        for _ in 0..2 {
+            let refused = stranger
+                .authorize(&site, &anchor, now)
+                .expect_err("stranger");
+            assert_eq!(refused.0, StatusCode::FORBIDDEN);
+        }
+        // The same connection is a node of its own site.
+        let other_anchor = other_root.anchor.cert_der().clone();
+        assert_eq!(
+            stranger.authorize(&other, &other_anchor, now),
+            Ok(label("pi-a"))
+        );
+    }
 }

@@ -13,7 +13,7 @@ use std::convert::Infallible;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use pimesh_daemon::notify;
@@ -30,6 +30,15 @@ const USAGE: &str =
 /// A client must complete its TLS handshake within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (out of descriptors, mostly) before the next.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+/// At most one warning about failed accepts per this long.
+const ACCEPT_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+/// The fleet the open-file limit should fit at least: below it, a warning at start.
+const PLANNED_NODES: u64 = 10_000;
+/// Descriptors per node: its long-poll connection, plus room for reports on a second
+/// connection and for reconnect storms (old connections not yet closed).
+const DESCRIPTORS_PER_NODE: u64 = 4;
 
 fn main() -> ExitCode {
     let mut config_path = PathBuf::from("/etc/pimesh-central/central.toml");
@@ -54,6 +63,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: CentralConfig) -> Result<(), String> {
+    raise_open_file_limit();
     let storage = Arc::new(FileStorage::new(&config.state_dir).map_err(|err| {
         format!(
             "{}: cannot use as state folder: {err}",
@@ -101,13 +111,108 @@ async fn run(config: CentralConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: each node holds a connection (one
+/// descriptor) open for as long as it long-polls. Warns when even the hard limit leaves
+/// fewer than [`DESCRIPTORS_PER_NODE`] descriptors for each of [`PLANNED_NODES`] nodes.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(err) => {
+            warn!(%err, "cannot read the open-file limit (RLIMIT_NOFILE)");
+            return;
+        }
+    };
+    let mut raised = soft;
+    if soft < hard {
+        // An unlimited hard limit still stops at the kernel's fs.nr_open.
+        let target = if hard == RLIM_INFINITY {
+            std::fs::read_to_string("/proc/sys/fs/nr_open")
+                .ok()
+                .and_then(|text| text.trim().parse().ok())
+                .unwrap_or(hard)
+        } else {
+            hard
+        };
+        match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+            Ok(()) => raised = target,
+            Err(err) => warn!(%err, soft, hard, "cannot raise the open-file limit (RLIMIT_NOFILE)"),
+        }
+    }
+    info!(
+        soft = raised,
+        hard,
+        was = soft,
+        "open-file limit (RLIMIT_NOFILE)"
+    );
+    let wanted = PLANNED_NODES * DESCRIPTORS_PER_NODE;
+    if hard < wanted {
+        warn!(
+            hard,
+            wanted,
+            "the open-file hard limit (RLIMIT_NOFILE) serves only about {} long-polling nodes; raise it (LimitNOFILE= in the unit)",
+            hard / DESCRIPTORS_PER_NODE
+        );
+    }
+}
+
+/// Failed accepts, warned about at most once per [`ACCEPT_WARNING_INTERVAL`]: out of
+/// descriptors, every retry fails, and a warning each would flood the journal.
+#[derive(Default)]
+struct AcceptErrors {
+    last_warning: Option<Instant>,
+    /// Failures since the last warning.
+    unreported: u64,
+}
+
+impl AcceptErrors {
+    fn failed(&mut self, err: &std::io::Error) {
+        let Some(failures) = self.warning_due(Instant::now()) else {
+            return;
+        };
+        match err.raw_os_error() {
+            Some(nix::libc::EMFILE) => {
+                use nix::sys::resource::{getrlimit, Resource};
+                let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(0, |(soft, _)| soft);
+                warn!(
+                    %err,
+                    failures,
+                    limit,
+                    "cannot accept connections: all {limit} descriptors of the open-file limit (RLIMIT_NOFILE) are in use; raise LimitNOFILE="
+                );
+            }
+            Some(nix::libc::ENFILE) => warn!(
+                %err,
+                failures,
+                "cannot accept connections: the system's open-file table (fs.file-max) is full"
+            ),
+            _ => warn!(%err, failures, "accept failed"),
+        }
+    }
+
+    /// Counts one failure at `now`; when a warning is due, the failures it reports.
+    fn warning_due(&mut self, now: Instant) -> Option<u64> {
+        self.unreported += 1;
+        if self
+            .last_warning
+            .is_some_and(|last| now.saturating_duration_since(last) < ACCEPT_WARNING_INTERVAL)
+        {
+            return None;
+        }
+        self.last_warning = Some(now);
+        Some(std::mem::take(&mut self.unreported))
+    }
+}
+
 async fn serve(listener: TcpListener, acceptor: TlsAcceptor, registry: Arc<Registry>) {
+    let mut accept_errors = AcceptErrors::default();
     loop {
         let (tcp, peer_addr) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(err) => {
-                warn!(%err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // The connection stays in the backlog; retry once descriptors may be free.
+                accept_errors.failed(&err);
+                tokio::time::sleep(ACCEPT_RETRY).await;
                 continue;
             }
         };
@@ -125,17 +230,19 @@ async fn serve(listener: TcpListener, acceptor: TlsAcceptor, registry: Arc<Regis
                     return;
                 }
             };
-            let chain: api::PeerChain = Arc::new(
+            // The chain and, once a request needs it, what it authorizes: for this
+            // connection's every request.
+            let peer = Arc::new(api::Peer::new(
                 tls.get_ref()
                     .1
                     .peer_certificates()
                     .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
                     .unwrap_or_default(),
-            );
+            ));
             let service = hyper::service::service_fn(move |request| {
-                let chain = Arc::clone(&chain);
+                let peer = Arc::clone(&peer);
                 let registry = Arc::clone(&registry);
-                async move { Ok::<_, Infallible>(api::route(request, chain, registry).await) }
+                async move { Ok::<_, Infallible>(api::route(request, peer, registry).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -145,5 +252,23 @@ async fn serve(listener: TcpListener, acceptor: TlsAcceptor, registry: Arc<Regis
                 debug!(%peer_addr, %err, "connection ended with an error");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_failures_are_warned_about_at_most_once_per_interval() {
+        let mut errors = AcceptErrors::default();
+        let start = Instant::now();
+        assert_eq!(errors.warning_due(start), Some(1));
+        for n in 1..200 {
+            assert_eq!(errors.warning_due(start + ACCEPT_RETRY * n), None);
+        }
+        let next = start + ACCEPT_WARNING_INTERVAL;
+        assert_eq!(errors.warning_due(next), Some(200));
+        assert_eq!(errors.warning_due(next + ACCEPT_RETRY), None);
     }
 }

@@ -1,7 +1,7 @@
 //! The server's TLS: TLS 1.3 only; a client certificate is optional at the handshake (the
 //! operator's publish and the fleet view need none) and, when given, must chain to one
-//! of the registered sites' anchors. Which site it belongs to is checked per request
-//! (see `api::authorize_node`), against that site's anchor alone.
+//! of the registered sites' anchors. Which site it belongs to is checked against that
+//! site's anchor alone, once per connection and site (see `api::Peer`).
 
 use std::path::Path;
 use std::sync::Arc;

@@ -2,6 +2,7 @@
 //! long-poll for them with their node certificates and report back.
 
 use std::collections::BTreeSet;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,6 +14,8 @@ use pimesh_identity::{LeafRequest, SpiffeId, TrustRoot};
 use pimesh_schema::DnsLabel;
 use reqwest::blocking::Client;
 use ring::signature::KeyPair as _;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 fn label(s: &str) -> DnsLabel {
     DnsLabel::try_from(s.to_owned()).expect("label")
@@ -161,6 +164,90 @@ impl Central {
             builder = builder.identity(reqwest::Identity::from_pem(pem).expect("identity"));
         }
         builder.build().expect("client")
+    }
+}
+
+/// One kept-alive HTTP/1.1 connection over TLS: every request goes on the same connection
+/// (reqwest pools, so it cannot show that).
+struct Connection {
+    stream: BufReader<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
+}
+
+impl Connection {
+    fn open(central: &Central, identity: Option<&[u8]>) -> Connection {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(&central.server_pem).expect("server cert"))
+            .expect("root");
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots);
+        let config = match identity {
+            Some(pem) => builder
+                .with_client_auth_cert(
+                    CertificateDer::pem_slice_iter(pem)
+                        .collect::<Result<_, _>>()
+                        .expect("chain"),
+                    PrivateKeyDer::from_pem_slice(pem).expect("key"),
+                )
+                .expect("client auth"),
+            None => builder.with_no_client_auth(),
+        };
+        let name = ServerName::try_from("localhost").expect("name");
+        let tls = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("tls");
+        let tcp = TcpStream::connect(central.addr).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        Connection {
+            stream: BufReader::new(rustls::StreamOwned::new(tls, tcp)),
+        }
+    }
+
+    /// Sends one request and reads its response: the status and the body.
+    fn request(&mut self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let stream = self.stream.get_mut();
+        stream.write_all(request.as_bytes()).expect("send");
+        stream.flush().expect("flush");
+        let mut status_line = String::new();
+        self.stream
+            .read_line(&mut status_line)
+            .expect("status line");
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {status_line:?}"));
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            self.stream.read_line(&mut line).expect("header");
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                assert!(
+                    !name.eq_ignore_ascii_case("connection") || !value.contains("close"),
+                    "the server closes the connection"
+                );
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().expect("content-length");
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        self.stream.read_exact(&mut body).expect("body");
+        (status, String::from_utf8(body).expect("utf-8"))
+    }
+
+    fn get(&mut self, path: &str) -> u16 {
+        self.request("GET", path, "").0
     }
 }
 
@@ -337,6 +424,47 @@ fn bad_publishes_and_strangers_are_refused() {
             .status(),
         404
     );
+}
+
+#[test]
+fn requests_on_one_kept_alive_connection_share_its_authorization() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = TestSite::new(dir.path(), "depot-7");
+    let other = TestSite::new(dir.path(), "depot-8");
+    let central = Central::start(dir.path(), &[&site, &other]);
+    let published = central
+        .client(None)
+        .put(central.url("/v1/sites/depot-7/revisions"))
+        .body(site.revision(1, CONFIG_1))
+        .send()
+        .expect("publish");
+    assert_eq!(published.status(), 201);
+
+    // A node: its certificate is checked by the first request, the next ones reuse that.
+    let mut node = Connection::open(&central, Some(&site.node_identity("pi-a")));
+    let (status, body) = node.request("GET", "/v1/sites/depot-7/config?after=0", "");
+    assert_eq!(status, 200);
+    assert_eq!(revision_of(&body), 1);
+    assert_eq!(node.get("/v1/sites/depot-7/config?after=1&wait=0"), 204);
+    let report = r#"{"revision": 1, "state": "applied", "detail": ""}"#;
+    let (status, _) = node.request("POST", "/v1/sites/depot-7/reports", report);
+    assert_eq!(status, 200);
+
+    // A node of another site: refused on every request, while the same connection remains
+    // a node of its own site.
+    let mut stranger = Connection::open(&central, Some(&other.node_identity("pi-b")));
+    for _ in 0..2 {
+        assert_eq!(stranger.get("/v1/sites/depot-7/config?after=0"), 403);
+    }
+    assert_eq!(stranger.get("/v1/sites/depot-8/config?after=0&wait=0"), 204);
+    assert_eq!(stranger.get("/v1/sites/depot-7/config?after=0"), 403);
+
+    // No certificate: refused on every request.
+    let mut anonymous = Connection::open(&central, None);
+    for _ in 0..2 {
+        assert_eq!(anonymous.get("/v1/sites/depot-7/config?after=0"), 401);
+    }
+    assert_eq!(anonymous.get("/v1/fleet"), 200);
 }
 
 #[test]

@@ -88,8 +88,9 @@ fn route(method: &Method, path: &str, snapshot: &Snapshot) -> Response<Full<Byte
     }
 }
 
-/// `{"file", "sha256", "site", "services", "loaded_at_ms", "last_error"}`: the config in
-/// use (`sha256` and `site` null when there is no file) and why the last load failed.
+/// `{"file", "sha256", "site", "services", "loaded_at_ms", "last_error", "refused_sha256"}`:
+/// the config in use (`sha256` and `site` null when there is no file), why the last load
+/// failed, and the SHA-256 of the refused file.
 pub fn config_json(snapshot: &Snapshot) -> serde_json::Value {
     let loaded = snapshot.in_use.site_config.as_ref();
     serde_json::json!({
@@ -99,6 +100,7 @@ pub fn config_json(snapshot: &Snapshot) -> serde_json::Value {
         "services": loaded.map_or(0, |l| l.config.services.len()),
         "loaded_at_ms": snapshot.in_use.loaded_at_ms,
         "last_error": snapshot.last_error,
+        "refused_sha256": snapshot.refused_sha256,
     })
 }
 
@@ -125,6 +127,7 @@ mod tests {
                 loaded_at_ms: 42,
             }),
             last_error: last_error.map(str::to_owned),
+            refused_sha256: None,
         }
     }
 
@@ -164,6 +167,7 @@ mod tests {
                 "services": 0,
                 "loaded_at_ms": 42,
                 "last_error": null,
+                "refused_sha256": null,
             })
         );
     }

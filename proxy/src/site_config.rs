@@ -26,8 +26,17 @@ pub struct SiteConfig {
 
 impl SiteConfig {
     pub fn sha256_hex(&self) -> String {
-        self.sha256.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.sha256)
     }
+}
+
+/// The hex SHA-256 of `bytes`.
+pub fn sha256_hex_of(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Reads and checks the site config at `file`.

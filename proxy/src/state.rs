@@ -30,6 +30,9 @@ pub struct Snapshot {
     /// Why the last load attempt failed; `None` when it succeeded (or found no file).
     /// While set, `in_use` is the config from before the failure and the proxy is not ready.
     pub last_error: Option<String>,
+    /// The SHA-256 (hex) of the file that was refused, when `last_error` is set and the
+    /// file could be read: lets the supervisor tell "refused" from "not yet seen".
+    pub refused_sha256: Option<String>,
 }
 
 impl Snapshot {
@@ -87,6 +90,7 @@ impl Reloader {
                 loaded_at_ms: now_ms(),
             }),
             last_error: Some("not loaded yet".to_owned()),
+            refused_sha256: None,
         });
         let (sender, receiver) = watch::channel(placeholder);
         let mut reloader = Reloader {
@@ -133,12 +137,16 @@ impl Reloader {
                     file: self.file.clone(),
                     in_use,
                     last_error: None,
+                    refused_sha256: None,
                 }
             }
             Err(err) => Snapshot {
                 file: self.file.clone(),
                 in_use: Arc::clone(&previous.in_use),
                 last_error: Some(err.to_string()),
+                refused_sha256: std::fs::read(&self.file)
+                    .ok()
+                    .map(|bytes| site_config::sha256_hex_of(&bytes)),
             },
         };
         let summary = next.summary();

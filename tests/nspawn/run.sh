@@ -3,6 +3,7 @@
 # (make image-amd64) booted in systemd-nspawn (pytest; installed when missing).
 #   tests/nspawn/run.sh [pytest args]   the tests
 #   tests/nspawn/run.sh --bench-heal    the heal benchmark (prints figures)
+#   tests/nspawn/run.sh --bench-ota     the OTA benchmark (prints figures)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 "$here/../../image/host-deps.sh" >/dev/null   # systemd-nspawn, script, nsenter, python3
@@ -10,6 +11,9 @@ python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q pytest
 cd "$here"
 if [ "${1:-}" = --bench-heal ]; then
   exec python3 "$here/bench_heal.py"
+fi
+if [ "${1:-}" = --bench-ota ]; then
+  exec python3 "$here/bench_ota.py"
 fi
 if [ $# -gt 0 ]; then
   exec python3 -m pytest -v -s -p no:cacheprovider "$@"

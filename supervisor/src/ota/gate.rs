@@ -12,6 +12,7 @@ use zbus::zvariant::OwnedObjectPath;
 use crate::probe;
 use crate::systemd::Systemd;
 
+const PROXY: &str = "pimesh-proxy.service";
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -32,15 +33,17 @@ impl Gate<'_> {
         let mut last = String::from("never checked");
         loop {
             match self.check(bus).await {
+                // The proxy refused exactly this configuration: waiting will not help.
+                Err(Verdict::Refused(reason)) => return Err(reason),
+                Err(Verdict::NotYet(reason)) => {
+                    healthy_since = None;
+                    last = reason;
+                }
                 Ok(()) => {
                     let since = *healthy_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= self.settle {
                         return Ok(());
                     }
-                }
-                Err(reason) => {
-                    healthy_since = None;
-                    last = reason;
                 }
             }
             if Instant::now() >= deadline {
@@ -50,53 +53,82 @@ impl Gate<'_> {
         }
     }
 
-    async fn check(&self, bus: &Systemd) -> Result<(), String> {
-        let mut proxy_managed = false;
+    async fn check(&self, bus: &Systemd) -> Result<(), Verdict> {
+        // The proxy's own verdict first: a refused configuration fails the gate at once,
+        // even while the proxy's readiness (which reports the same refusal) is down.
+        let proxy_listed = self.units.iter().any(|unit| unit.name.as_str() == PROXY);
+        let proxy = if proxy_listed {
+            match self.proxy_runs_expected().await {
+                Err(Verdict::Refused(reason)) => return Err(Verdict::Refused(reason)),
+                other => Some(other),
+            }
+        } else {
+            None
+        };
+        let mut proxy_loaded = false;
         for unit in self.units {
             let name = unit.name.as_str();
             let path = bus
                 .load_unit(name)
                 .await
-                .map_err(|err| format!("cannot load {name}: {err}"))?;
+                .map_err(|err| Verdict::NotYet(format!("cannot load {name}: {err}")))?;
             let state = bus
                 .read_state(&path)
                 .await
-                .map_err(|err| format!("cannot read {name}: {err}"))?;
+                .map_err(|err| Verdict::NotYet(format!("cannot read {name}: {err}")))?;
             if state.load_state != "loaded" {
                 continue;
             }
-            proxy_managed |= name == "pimesh-proxy.service";
-            unit_health(bus, unit, &path).await?;
+            proxy_loaded |= name == PROXY;
+            unit_health(bus, unit, &path)
+                .await
+                .map_err(Verdict::NotYet)?;
         }
-        if proxy_managed {
-            self.proxy_runs_expected().await?;
+        match proxy {
+            Some(result) if proxy_loaded => result,
+            _ => Ok(()),
         }
-        Ok(())
     }
 
-    async fn proxy_runs_expected(&self) -> Result<(), String> {
+    async fn proxy_runs_expected(&self) -> Result<(), Verdict> {
         let url = self.proxy_config_url;
-        let (status, body) = probe::fetch(url, PROBE_TIMEOUT).await?;
+        let (status, body) = probe::fetch(url, PROBE_TIMEOUT)
+            .await
+            .map_err(Verdict::NotYet)?;
         if !status.is_success() {
-            return Err(format!("GET {url}: {status}"));
+            return Err(Verdict::NotYet(format!("GET {url}: {status}")));
         }
-        let answer: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|err| format!("GET {url}: not JSON: {err}"))?;
+        let answer: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|err| Verdict::NotYet(format!("GET {url}: not JSON: {err}")))?;
         let running = answer.get("sha256").and_then(|sha| sha.as_str());
         if running == self.expected_sha256.as_deref() {
             return Ok(());
         }
+        let refused = answer.get("refused_sha256").and_then(|sha| sha.as_str());
         let rejected = answer
             .get("last_error")
             .and_then(|err| err.as_str())
             .map(|err| format!("; the proxy refused it: {err}"))
             .unwrap_or_default();
-        Err(format!(
+        let reason = format!(
             "the proxy runs configuration {}, not {}{rejected}",
             short(running),
             short(self.expected_sha256.as_deref())
-        ))
+        );
+        if refused.is_some() && refused == self.expected_sha256.as_deref() {
+            Err(Verdict::Refused(reason))
+        } else {
+            Err(Verdict::NotYet(reason))
+        }
     }
+}
+
+/// Why a check did not pass.
+enum Verdict {
+    /// Not healthy yet; may still become so before the deadline.
+    NotYet(String),
+    /// The new configuration was refused outright; no point in waiting.
+    Refused(String),
 }
 
 fn short(sha: Option<&str>) -> String {
