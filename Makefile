@@ -56,7 +56,7 @@ test: test-rust test-nspawn test-qemu
 test-rust:
 	cargo test --locked --workspace
 
-test-qemu: $(IMAGE)
+test-qemu: $(IMAGE) host-bins
 	./tests/qemu/run.sh
 
 test-nspawn: image-amd64

@@ -44,27 +44,33 @@ def cluster_config(site, max_connections=1000, services=("web",), replicas=3, ex
 
 
 class Site:
-    def __init__(self, name="lab", node="pi-a", ota=None):
+    def __init__(self, name="lab", node="pi-a", ota=None, address="127.0.0.1", port=PORT):
+        """`address`:`port` is where nodes reach the central server (a QEMU guest reaches
+        the host's 127.0.0.1 as 10.0.2.2); the server listens on 127.0.0.1:`port` of the
+        network namespace it runs in (the container's, or the host's without one)."""
         self.name = name
         self.node = node
+        self.address = address
+        self.port = port
         self.dir = tempfile.mkdtemp(prefix="pimesh-site-", dir="/var/tmp")
         self.keys = os.path.join(self.dir, name)
+        self.container = None
         out = subprocess.run([PIMESHCTL, "site", "init", name, "--central-url",
-                              f"https://127.0.0.1:{PORT}", "--out", self.keys],
+                              f"https://{address}:{port}", "--out", self.keys],
                              capture_output=True, text=True, check=True).stdout
         self.public_key = re.search(r'public_key = "([^"]+)"', out).group(1)
         self.server_cert = os.path.join(self.dir, "server.pem")
         self.server_key = os.path.join(self.dir, "server.key")
         subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:P-256", "-nodes", "-days", "30", "-subj", "/CN=127.0.0.1",
-                        "-addext", "subjectAltName=IP:127.0.0.1",
+                        "ec_paramgen_curve:P-256", "-nodes", "-days", "30", "-subj", f"/CN={address}",
+                        "-addext", f"subjectAltName=IP:{address},IP:127.0.0.1",
                         "-addext", "basicConstraints=critical,CA:FALSE",
                         "-addext", "extendedKeyUsage=serverAuth",
                         "-keyout", self.server_key, "-out", self.server_cert],
                        capture_output=True, check=True)
         self.central_config = os.path.join(self.dir, "central.toml")
         with open(self.central_config, "w") as f:
-            f.write(f'listen = "127.0.0.1:{PORT}"\nstate_dir = "{self.dir}/state"\n'
+            f.write(f'listen = "127.0.0.1:{port}"\nstate_dir = "{self.dir}/state"\n'
                     f'tls_cert = "{self.server_cert}"\ntls_key = "{self.server_key}"\n'
                     f'long_poll_max = "60s"\n\n[[sites]]\nname = "{name}"\n'
                     f'anchor = "{self.keys}/anchor.pem"\npublic_key = "{self.public_key}"\n')
@@ -75,11 +81,12 @@ class Site:
         self.revision = 0
 
     # --- the node ------------------------------------------------------------------------
-    def seed(self):
+    def seed(self, top=""):
+        """The node's seed; `top` adds top-level settings (e.g. ssh_authorized_keys)."""
         with open(self.server_cert) as f:
             ca = f.read()
-        return (f'site = "{self.name}"\nrole = "init"\nnode = "{self.node}"\n\n[central]\n'
-                f'url = "https://127.0.0.1:{PORT}"\npublic_key = "{self.public_key}"\n'
+        return (f'site = "{self.name}"\nrole = "init"\nnode = "{self.node}"\n{top}\n[central]\n'
+                f'url = "https://{self.address}:{self.port}"\npublic_key = "{self.public_key}"\n'
                 f'ca = """\n{ca}"""\n')
 
     def supervisor_config(self):
@@ -96,14 +103,18 @@ class Site:
         self.start_central()
         csr = self.node_path("/var/lib/pimesh/identity/node.csr")
         self.container.wait_for("the node's certificate request", lambda: os.path.exists(csr))
-        chain = os.path.join(self.dir, "node.pem")
-        subprocess.run([PIMESHCTL, "node", "sign", csr, "--site-dir", self.keys, "--node", self.node,
-                        "--out", chain], capture_output=True, text=True, check=True)
-        with open(chain) as f:
-            self.container.write("/var/lib/pimesh/identity/node.pem", f.read())
+        self.container.write("/var/lib/pimesh/identity/node.pem", self.sign_node(csr))
         self.container.wait_for("the OTA client to start polling",
                                 lambda: self.ota_status()["state"] == "idle", timeout=30)
         return self.container
+
+    def sign_node(self, csr_path):
+        """The certificate chain for the node's request, as `pimeshctl node sign` makes it."""
+        chain = os.path.join(self.dir, "node.pem")
+        subprocess.run([PIMESHCTL, "node", "sign", csr_path, "--site-dir", self.keys, "--node",
+                        self.node, "--out", chain], capture_output=True, text=True, check=True)
+        with open(chain) as f:
+            return f.read()
 
     def node_path(self, path):
         return os.path.join(self.container.root, path.lstrip("/"))
@@ -133,6 +144,9 @@ class Site:
 
     # --- the central server --------------------------------------------------------------
     def in_netns(self, argv):
+        """argv in the node container's network namespace (as is, without a container)."""
+        if self.container is None:
+            return list(argv)
         return ["nsenter", "-t", str(self.container.leader), "-n", *argv]
 
     def start_central(self):
@@ -149,13 +163,13 @@ class Site:
 
     def wait_port(self):
         deadline = time.monotonic() + 20
-        probe = f"import socket; socket.create_connection(('127.0.0.1', {PORT}), 1)"
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {self.port}), 1)"
         while time.monotonic() < deadline:
             if subprocess.run(self.in_netns(["python3", "-c", probe]),
                               capture_output=True).returncode == 0:
                 return
             time.sleep(0.1)
-        raise AssertionError(f"nothing listens on 127.0.0.1:{PORT} in the container")
+        raise AssertionError(f"nothing listens on 127.0.0.1:{self.port}")
 
     def ctl(self, *args, check=True):
         result = subprocess.run(self.in_netns([PIMESHCTL, *args]), capture_output=True, text=True)
@@ -170,13 +184,13 @@ class Site:
             f.write(config)
         self.revision += 1
         args = ["config", "publish", path, "--site-dir", self.keys, "--central",
-                f"https://127.0.0.1:{PORT}", "--central-ca", self.server_cert,
+                f"https://127.0.0.1:{self.port}", "--central-ca", self.server_cert,
                 "--revision", str(self.revision)]
         self.ctl(*args, *(["--try"] if try_mode else []))
         return self.revision
 
     def fleet_node(self):
-        out = self.ctl("status", "--central", f"https://127.0.0.1:{PORT}",
+        out = self.ctl("status", "--central", f"https://127.0.0.1:{self.port}",
                        "--central-ca", self.server_cert).stdout
         return out
 
@@ -195,7 +209,7 @@ class Site:
         os.makedirs(self.hostile_dir, exist_ok=True)
         log = open(os.path.join(self.dir, "hostile.log"), "a")
         self.hostile = subprocess.Popen(self.in_netns(
-            ["python3", HOSTILE, str(PORT), self.server_cert, self.server_key,
+            ["python3", HOSTILE, str(self.port), self.server_cert, self.server_key,
              os.path.join(self.keys, "anchor.pem"), self.hostile_dir]), stdout=log, stderr=log)
         self.wait_port()
 

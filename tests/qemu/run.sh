@@ -8,4 +8,7 @@ if [ "${1:-}" = --bench-boot ]; then
   exec python3 "$here/bench_boot.py"
 fi
 cd "$here"
-exec python3 -m pytest -v -s -p no:cacheprovider "$@" test_boot.py
+if [ $# -gt 0 ]; then
+  exec python3 -m pytest -v -s -p no:cacheprovider "$@"
+fi
+exec python3 -m pytest -v -s -p no:cacheprovider test_boot.py test_ota.py
