@@ -143,6 +143,16 @@ fn each_malformed_value_is_refused_at_its_key() {
             5,
         ),
         ("site = \"s\"\nrole = 3\n".into(), "role", 2),
+        (
+            format!("site = \"s\"\nrole = \"init\"\n[central]\nurl = \"https://c\"\npublic_key = \"ed25519:{key}\"\nca = \"not a certificate\"\n"),
+            "central.ca",
+            6,
+        ),
+        (
+            format!("site = \"s\"\nrole = \"init\"\n[central]\nurl = \"https://c\"\npublic_key = \"ed25519:{key}\"\nca = \"-----BEGIN CERTIFICATE-----\\n%%%\\n-----END CERTIFICATE-----\"\n"),
+            "central.ca",
+            6,
+        ),
     ];
     for (text, key, line) in cases {
         let err = parse(&text).expect_err(&text);
@@ -153,6 +163,18 @@ fn each_malformed_value_is_refused_at_its_key() {
             "says what was expected: {err}"
         );
     }
+}
+
+#[test]
+fn a_central_ca_in_pem_is_kept() {
+    let key = base64::engine::general_purpose::STANDARD.encode([1u8; 32]);
+    let pem = "-----BEGIN CERTIFICATE-----\nAQID\n-----END CERTIFICATE-----\n";
+    let seed = parse(&format!(
+        "site = \"s\"\nrole = \"init\"\n[central]\nurl = \"https://c\"\npublic_key = \"ed25519:{key}\"\nca = \"\"\"\n{pem}\"\"\"\n"
+    ))
+    .expect("valid");
+    let ca = seed.central.and_then(|c| c.ca).expect("ca");
+    assert!(ca.as_str().contains("AQID"));
 }
 
 #[test]

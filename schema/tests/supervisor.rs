@@ -131,3 +131,32 @@ fn duplicate_units_are_refused() {
     assert_eq!(err.key.as_deref(), Some("unit[1].name"));
     assert_eq!(err.line, Some(4));
 }
+
+#[test]
+fn ota_settings_are_read_and_checked() {
+    let config =
+        parse("[ota]\nhealth_deadline_ms = 15000\nsettle_ms = 1000\ntry_window_ms = 6000\n")
+            .expect("valid");
+    assert_eq!(config.ota.health_deadline, Duration::from_secs(15));
+    assert_eq!(config.ota.settle, Duration::from_secs(1));
+    assert_eq!(config.ota.try_window, Duration::from_secs(6));
+    for (text, key, line) in [
+        (
+            "[ota]\nhealth_deadline_ms = 1000\nsettle_ms = 2000\n",
+            "ota.settle_ms",
+            3,
+        ),
+        ("[ota]\nlong_poll_wait_s = 0\n", "ota.long_poll_wait_s", 2),
+        ("[ota]\nmax_bundle_bytes = 0\n", "ota.max_bundle_bytes", 2),
+        (
+            "[ota]\nproxy_config_url = \"ftp://x\"\n",
+            "ota.proxy_config_url",
+            2,
+        ),
+        ("[ota]\nwindow = 3\n", "ota.window", 2),
+    ] {
+        let err = parse(text).expect_err(text);
+        assert_eq!(err.key.as_deref(), Some(key), "{text}: {err}");
+        assert_eq!(err.line, Some(line), "{text}: {err}");
+    }
+}
