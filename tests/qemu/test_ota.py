@@ -87,7 +87,7 @@ def test_power_cuts_during_apply_leave_the_old_or_the_new_revision(site, tmp_pat
             old, new = config, cluster_config(site.name, max_connections=1001 + cut,
                                               services=("web", f"svc{cut}"))
             revision = site.publish(new)
-            time.sleep(rng.uniform(0.5, 6.0))
+            time.sleep(rng.uniform(0.0, 3.0))
             node.kill()  # the power cut
             node = Node(workdir, image, None, key, fresh_disk=False).boot()
             node.wait_for_ssh()
