@@ -11,6 +11,7 @@ whole, then converge on the new one — with the proxy running exactly that conf
 import json
 import os
 import random
+import shlex
 import sys
 import time
 
@@ -41,9 +42,10 @@ def active_config(node):
 def proxy_sha(node):
     """The SHA-256 of the configuration the proxy runs (its admin /config, read with bash:
     the image has no HTTP client)."""
-    answer = node.ssh("exec 3<>/dev/tcp/127.0.0.1/4191; "
-                      "printf 'GET /config HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3")
-    return json.loads(answer.split("\r\n\r\n", 1)[1])["sha256"]
+    script = "exec 3<>/dev/tcp/127.0.0.1/4191; printf 'GET /config HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
+    answer = node.ssh("bash -c " + shlex.quote(script))
+    # (ssh output arrives with its line ends translated to \\n)
+    return json.loads(answer.replace("\r\n", "\n").split("\n\n", 1)[1])["sha256"]
 
 
 def wait_committed(node, revision, timeout=240):
