@@ -6,13 +6,35 @@ use pimesh_schema::Seed;
 
 /// The seed's name on the boot partition.
 const SEED_NAME: &str = "pimesh.toml";
+/// Where an init node finds the site's anchor and issuer on the boot partition.
+const TRUST_DIR: &str = "pimesh-trust";
+const TRUST_FILES: [&str; 3] = ["anchor.pem", "issuer.pem", "issuer.key"];
 /// MBR partition types of FAT file systems.
 const FAT_TYPES: [u8; 4] = [0x0b, 0x0c, 0x0e, 0x06];
 
 /// Validates `seed` and writes it as `pimesh.toml` into the first (FAT) partition of the
 /// raw image `image`, through the FAT structures in the file: no mount, no root.
-pub fn configure(image: &Path, seed: &Path) -> Result<(), String> {
+///
+/// With `trust` (a site folder from `pimeshctl site init`), also writes the site's anchor
+/// and issuer into `pimesh-trust/` for an `init` node to import at first boot (bring your
+/// own anchor: the one the central server knows); the node moves the keys off the boot
+/// partition when it imports them.
+pub fn configure(image: &Path, seed: &Path, trust: Option<&Path>) -> Result<(), String> {
     let parsed = Seed::load(seed).map_err(|err| format!("refusing an invalid seed: {err}"))?;
+    let mut trust_files = Vec::new();
+    if let Some(site_dir) = trust {
+        if parsed.role != pimesh_schema::Role::Init {
+            return Err(
+                "--trust is for the site's init node: the seed's role is not `init`".into(),
+            );
+        }
+        for name in TRUST_FILES {
+            let path = site_dir.join(name);
+            let bytes = std::fs::read(&path)
+                .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+            trust_files.push((name, bytes));
+        }
+    }
     let text =
         std::fs::read(seed).map_err(|err| format!("cannot read {}: {err}", seed.display()))?;
     if image.extension().is_some_and(|ext| ext == "xz") {
@@ -61,6 +83,25 @@ pub fn configure(image: &Path, seed: &Path) -> Result<(), String> {
             .and_then(|()| target.write_all(&text))
             .and_then(|()| target.flush())
             .map_err(|err| format!("cannot write {SEED_NAME} in the boot partition: {err}"))?;
+    }
+    if !trust_files.is_empty() {
+        let root = fs.root_dir();
+        let dir = match root.open_dir(TRUST_DIR) {
+            Ok(dir) => dir,
+            Err(_) => root.create_dir(TRUST_DIR).map_err(|err| {
+                format!("cannot create {TRUST_DIR}/ in the boot partition: {err}")
+            })?,
+        };
+        for (name, bytes) in &trust_files {
+            let mut target = dir
+                .create_file(name)
+                .map_err(|err| format!("cannot create {TRUST_DIR}/{name}: {err}"))?;
+            target
+                .truncate()
+                .and_then(|()| target.write_all(bytes))
+                .and_then(|()| target.flush())
+                .map_err(|err| format!("cannot write {TRUST_DIR}/{name}: {err}"))?;
+        }
     }
     fs.unmount()
         .map_err(|err| format!("cannot finish writing the boot partition: {err}"))?;

@@ -129,6 +129,10 @@ enum ImageCommand {
         /// The seed to write; it is validated first.
         #[arg(long)]
         seed: PathBuf,
+        /// For the site's init node: also write the site's anchor and issuer (from this
+        /// site folder) for the node to import at first boot.
+        #[arg(long)]
+        trust: Option<PathBuf>,
     },
 }
 
@@ -168,8 +172,8 @@ fn main() -> ExitCode {
                 },
         } => node::sign(&csr, &site_dir, &node, days, out.as_deref()),
         Command::Image {
-            command: ImageCommand::Configure { image, seed },
-        } => image::configure(&image, &seed),
+            command: ImageCommand::Configure { image, seed, trust },
+        } => image::configure(&image, &seed, trust.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

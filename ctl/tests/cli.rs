@@ -143,6 +143,10 @@ fn make_image(path: &Path) {
 }
 
 fn read_seed(path: &Path) -> String {
+    read_boot_file(path, "pimesh.toml")
+}
+
+fn read_boot_file(path: &Path, name: &str) -> String {
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -153,8 +157,8 @@ fn read_seed(path: &Path) -> String {
     let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new()).expect("fs");
     let mut contents = String::new();
     fs.root_dir()
-        .open_file("pimesh.toml")
-        .expect("seed")
+        .open_file(name)
+        .expect(name)
         .read_to_string(&mut contents)
         .expect("read");
     contents
@@ -207,4 +211,65 @@ fn image_configure_writes_a_valid_seed_into_the_boot_partition() {
         "{}",
         text(&run.stderr)
     );
+}
+
+#[test]
+fn image_configure_with_trust_puts_the_sites_anchor_and_issuer_for_the_init_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("pimesh.img");
+    make_image(&image);
+    let site = dir.path().join("depot-7");
+    let run = pimeshctl(&[
+        "site",
+        "init",
+        "depot-7",
+        "--out",
+        site.to_str().expect("utf-8"),
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let seed = dir.path().join("seed.toml");
+    let image_arg = image.to_str().expect("utf-8");
+    let seed_arg = seed.to_str().expect("utf-8");
+    let site_arg = site.to_str().expect("utf-8");
+
+    std::fs::write(&seed, "site = \"depot-7\"\nrole = \"init\"\n").expect("seed");
+    let run = pimeshctl(&[
+        "image",
+        "configure",
+        image_arg,
+        "--seed",
+        seed_arg,
+        "--trust",
+        site_arg,
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    for name in ["anchor.pem", "issuer.pem", "issuer.key"] {
+        let expected = std::fs::read_to_string(site.join(name)).expect("site file");
+        assert_eq!(
+            read_boot_file(&image, &format!("pimesh-trust/{name}")),
+            expected
+        );
+    }
+
+    // Only the init node takes the site's issuer.
+    let token = std::fs::read_to_string(site.join("join-token")).expect("token");
+    std::fs::write(
+        &seed,
+        format!(
+            "site = \"depot-7\"\nrole = \"join\"\njoin_token = \"{}\"\n",
+            token.trim()
+        ),
+    )
+    .expect("seed");
+    let run = pimeshctl(&[
+        "image",
+        "configure",
+        image_arg,
+        "--seed",
+        seed_arg,
+        "--trust",
+        site_arg,
+    ]);
+    assert!(!run.status.success());
+    assert!(text(&run.stderr).contains("init"), "{}", text(&run.stderr));
 }

@@ -13,7 +13,10 @@ usage: pimesh-supervisor [options]
   --k3s-bin PATH       where K3s is installed (default /usr/local/bin/k3s)
   --supervisor-config PATH
                        the units to keep running and how (default /etc/pimesh/supervisor.toml)
-  --no-node-setup      do not set the hostname or SSH keys (for running off a node)";
+  --no-node-setup      do not set the hostname or SSH keys (for running off a node)
+  --export-anchor-key  print the site anchor's private key (kept in the state folder on
+                       the init node) and exit
+  --remove-anchor-key  with --export-anchor-key: then delete it from the node";
 
 /// Where the supervisor finds and keeps things on the node.
 #[derive(Debug, Clone)]
@@ -32,6 +35,8 @@ pub struct Options {
     pub paths: Paths,
     pub node_setup: bool,
     pub help: bool,
+    /// `Some(remove)`: export the anchor key instead of running.
+    pub export_anchor_key: Option<bool>,
 }
 
 impl Options {
@@ -48,7 +53,9 @@ impl Options {
             },
             node_setup: true,
             help: false,
+            export_anchor_key: None,
         };
+        let mut remove_anchor_key = false;
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
@@ -68,9 +75,16 @@ impl Options {
                 "--manifest" => options.paths.manifest = value("--manifest")?.into(),
                 "--k3s-bin" => options.paths.k3s_bin = value("--k3s-bin")?.into(),
                 "--no-node-setup" => options.node_setup = false,
+                "--export-anchor-key" => options.export_anchor_key = Some(false),
+                "--remove-anchor-key" => remove_anchor_key = true,
                 "-h" | "--help" => options.help = true,
                 other => return Err(format!("unknown option {other:?}")),
             }
+        }
+        match (options.export_anchor_key, remove_anchor_key) {
+            (Some(_), remove) => options.export_anchor_key = Some(remove),
+            (None, true) => return Err("--remove-anchor-key needs --export-anchor-key".into()),
+            (None, false) => {}
         }
         Ok(options)
     }

@@ -11,7 +11,18 @@ use std::path::{Path, PathBuf};
 use pimesh_identity::LeafRequest;
 use pimesh_schema::{DnsLabel, SpiffeId, Workload};
 
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::CertificateSigningRequestDer;
+
 use crate::ota::central::NodeCredential;
+use crate::trust::TrustFiles;
+
+/// How long a certificate the node signs for itself lasts: as long as one the operator
+/// signs with `pimeshctl node sign` (never past the issuer's own expiry).
+const SELF_ENROLLED_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub struct CredentialFiles {
     pub dir: PathBuf,
@@ -58,6 +69,45 @@ impl CredentialFiles {
         )
         .map_err(|err| format!("cannot write {}: {err}", self.key().display()))?;
         tracing::info!(request = %self.request().display(), %id, "node key made; waiting for its certificate");
+        Ok(())
+    }
+
+    /// On a node that holds the site's issuer (the `init` node): signs the node's own
+    /// request, so it needs no enrollment by hand. Does nothing when the certificate is
+    /// there or the node has no issuer.
+    pub fn self_enroll(
+        &self,
+        trust: &TrustFiles,
+        site: &DnsLabel,
+        node: &DnsLabel,
+    ) -> Result<(), String> {
+        if self.chain().exists() {
+            return Ok(());
+        }
+        let Some(issuer) = trust.issuer()? else {
+            return Ok(());
+        };
+        let request_pem = std::fs::read(self.request())
+            .map_err(|err| format!("cannot read {}: {err}", self.request().display()))?;
+        let request = CertificateSigningRequestDer::from_pem_slice(&request_pem)
+            .map_err(|err| format!("{}: not a PEM request: {err}", self.request().display()))?;
+        let id = SpiffeId {
+            site: site.clone(),
+            workload: Workload::Node(node.clone()),
+        };
+        let leaf = issuer
+            .sign_leaf_for(
+                &request,
+                site,
+                &BTreeSet::from([id.clone()]),
+                SystemTime::now(),
+                SELF_ENROLLED_LIFETIME,
+            )
+            .map_err(|err| format!("cannot sign the node's own request: {err}"))?;
+        let chain = format!("{}{}", leaf.pem, issuer.cert_pem());
+        pimesh_daemon::atomic_file::replace(&self.chain(), chain.as_bytes(), 0o644)
+            .map_err(|err| format!("cannot write {}: {err}", self.chain().display()))?;
+        tracing::info!(%id, "node certificate signed by the node's own site issuer");
         Ok(())
     }
 

@@ -17,6 +17,7 @@ mod seed_state;
 mod status;
 mod status_api;
 mod systemd;
+mod trust;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -42,6 +43,15 @@ fn main() -> ExitCode {
         println!("{}", cli::USAGE);
         return ExitCode::SUCCESS;
     }
+    if let Some(remove) = options.export_anchor_key {
+        return match trust::export_anchor_key(&options.paths.state_dir, remove) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("pimesh-supervisor: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // One thread is plenty for a supervisor and keeps its footprint small on a Pi.
     pimesh_daemon::run(pimesh_daemon::Threads::One, run(options))
 }
@@ -56,6 +66,11 @@ async fn run(options: Options) -> Result<(), String> {
     } else {
         Vec::new()
     };
+    let boot_dir = options
+        .seed_path
+        .parent()
+        .unwrap_or(std::path::Path::new("/boot/firmware"));
+    let trust = trust::TrustFiles::new(&options.paths.state_dir).provision(seed.seed(), boot_dir);
     let (supervisor_config, config_report) = load_supervisor_config(&options);
     let mut status_line = seed.one_line_summary(&facts.node_name);
     if let Some(err) = &config_report.error {
@@ -64,6 +79,7 @@ async fn run(options: Options) -> Result<(), String> {
         ));
     }
     let status = StatusHandle::new(NodeStatus::new(&facts, &seed, tasks, config_report));
+    status.update(|status| status.trust = trust);
 
     let listener = tokio::net::TcpListener::bind(options.status_addr)
         .await
@@ -128,6 +144,7 @@ fn ota_context(
         central,
         ota_dir: options.paths.state_dir.join("ota"),
         credential: credential::CredentialFiles::new(&options.paths.state_dir),
+        trust: trust::TrustFiles::new(&options.paths.state_dir),
         active_config: options.paths.etc_dir.join("cluster.toml"),
         status: status.clone(),
     })

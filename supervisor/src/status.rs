@@ -31,6 +31,8 @@ pub struct NodeStatus {
     pub units: Vec<UnitReport>,
     /// Over-the-air configuration from the central server.
     pub ota: crate::ota::OtaReport,
+    /// The site's trust root on this node.
+    pub trust: crate::trust::TrustReport,
 }
 
 /// Which supervisor configuration is in force.
@@ -136,6 +138,7 @@ impl NodeStatus {
                 state: "disabled",
                 ..Default::default()
             },
+            trust: crate::trust::TrustReport::default(),
         }
     }
 }

@@ -44,10 +44,16 @@ def cluster_config(site, max_connections=1000, services=("web",), replicas=3, ex
 
 
 class Site:
-    def __init__(self, name="lab", node="pi-a", ota=None, address="127.0.0.1", port=PORT):
+    def __init__(self, name="lab", node="pi-a", ota=None, address="127.0.0.1", port=PORT,
+                 byo_init=False):
         """`address`:`port` is where nodes reach the central server (a QEMU guest reaches
         the host's 127.0.0.1 as 10.0.2.2); the server listens on 127.0.0.1:`port` of the
-        network namespace it runs in (the container's, or the host's without one)."""
+        network namespace it runs in (the container's, or the host's without one).
+
+        The node joins the site and is enrolled by hand (`pimeshctl node sign`); with
+        `byo_init` it is the site's init node instead, given the site's anchor and issuer
+        on its boot partition, and signs its own certificate."""
+        self.byo_init = byo_init
         self.name = name
         self.node = node
         self.address = address
@@ -85,7 +91,10 @@ class Site:
         """The node's seed; `top` adds top-level settings (e.g. ssh_authorized_keys)."""
         with open(self.server_cert) as f:
             ca = f.read()
-        return (f'site = "{self.name}"\nrole = "init"\nnode = "{self.node}"\n{top}\n[central]\n'
+        with open(os.path.join(self.keys, "join-token")) as f:
+            token = f.read().strip()
+        role = "init" if self.byo_init else "join"
+        return (f'site = "{self.name}"\nrole = "{role}"\nnode = "{self.node}"\njoin_token = "{token}"\n{top}\n[central]\n'
                 f'url = "https://{self.address}:{self.port}"\npublic_key = "{self.public_key}"\n'
                 f'ca = """\n{ca}"""\n')
 
@@ -99,8 +108,16 @@ class Site:
         self.container = Container()
         self.container.write("/boot/firmware/pimesh.toml", self.seed())
         self.container.write("/etc/pimesh/supervisor.toml", self.supervisor_config())
+        if self.byo_init:
+            for name in ("anchor.pem", "issuer.pem", "issuer.key"):
+                with open(os.path.join(self.keys, name)) as f:
+                    self.container.write(f"/boot/firmware/pimesh-trust/{name}", f.read())
         self.container.boot()
         self.start_central()
+        if self.byo_init:
+            self.container.wait_for("the OTA client to start polling",
+                                    lambda: self.ota_status()["state"] == "idle", timeout=30)
+            return self.container
         csr = self.node_path("/var/lib/pimesh/identity/node.csr")
         self.container.wait_for("the node's certificate request", lambda: os.path.exists(csr))
         self.container.write("/var/lib/pimesh/identity/node.pem", self.sign_node(csr))

@@ -84,6 +84,8 @@ pub struct OtaContext {
     /// `<state>/ota`: journal, stored revisions, outbox.
     pub ota_dir: PathBuf,
     pub credential: CredentialFiles,
+    /// The site's issuer, on the node that holds it: signs the node's own request.
+    pub trust: crate::trust::TrustFiles,
     /// `/etc/pimesh/cluster.toml`.
     pub active_config: PathBuf,
     pub status: StatusHandle,
@@ -157,6 +159,9 @@ fn connect(context: &OtaContext) -> Result<Option<CentralClient>, String> {
     context
         .credential
         .ensure_request(&context.site, &context.node)?;
+    context
+        .credential
+        .self_enroll(&context.trust, &context.site, &context.node)?;
     let Some(credential) = context.credential.load()? else {
         return Ok(None);
     };
