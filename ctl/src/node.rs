@@ -2,12 +2,11 @@
 //! its key and request itself; the issuer signs exactly the node identity named on the
 //! command line, and nothing else the request may ask for.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use pimesh_identity::Authority;
-use pimesh_schema::{DnsLabel, SpiffeId, Workload};
+use pimesh_schema::DnsLabel;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::CertificateSigningRequestDer;
 
@@ -36,21 +35,15 @@ pub fn sign(
                 csr.display()
             )
         })?;
-    let id = SpiffeId {
-        site: site.clone(),
-        workload: Workload::Node(node),
-    };
-    let permitted = BTreeSet::from([id.clone()]);
     let lifetime = Duration::from_secs(days.saturating_mul(24 * 3600));
-    let leaf = issuer
-        .sign_leaf_for(&request, &site, &permitted, SystemTime::now(), lifetime)
+    let chain = issuer
+        .sign_node_chain(&request, &site, &node, SystemTime::now(), lifetime)
         .map_err(|err| format!("{}: not signed: {err}", csr.display()))?;
-    let chain = format!("{}{}", leaf.pem, issuer_pem);
     match out {
         Some(path) => {
             std::fs::write(path, chain)
                 .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
-            eprintln!("signed {id} into {}", path.display());
+            eprintln!("signed spiffe://{site}/node/{node} into {}", path.display());
         }
         None => print!("{chain}"),
     }

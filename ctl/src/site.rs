@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::time::SystemTime;
 
 use base64::Engine as _;
-use pimesh_identity::{anchor_sha256, TrustRoot};
+use pimesh_identity::{anchor_sha256_hex, TrustRoot};
 use pimesh_schema::DnsLabel;
 use ring::rand::{SecureRandom as _, SystemRandom};
 use ring::signature::KeyPair as _;
@@ -57,7 +57,7 @@ pub fn init(site: &str, central_url: Option<&str>, out: Option<PathBuf>) -> Resu
     );
     let join_token = format!(
         "K10{}::{}",
-        hex(&anchor_sha256(root.anchor.cert_der())),
+        anchor_sha256_hex(root.anchor.cert_der()),
         random_secret(&rng)?
     );
 
@@ -82,10 +82,6 @@ pub fn init(site: &str, central_url: Option<&str>, out: Option<PathBuf>) -> Resu
         println!("# central public_key = \"{public_key}\"");
     }
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Letters and digits from the secure random source, without modulo bias.

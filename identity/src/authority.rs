@@ -155,6 +155,25 @@ impl Authority {
         self.sign_leaf_for(csr, site, permitted, now, LEAF_LIFETIME)
     }
 
+    /// A node credential for `node` of `site` from its own request: exactly
+    /// `spiffe://<site>/node/<node>`, valid for `lifetime` (see [`Authority::sign_leaf_for`]),
+    /// returned as the PEM chain the node presents (the leaf, then this authority).
+    pub fn sign_node_chain(
+        &self,
+        csr: &CertificateSigningRequestDer<'_>,
+        site: &DnsLabel,
+        node: &DnsLabel,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<String, IssueError> {
+        let id = SpiffeId {
+            site: site.clone(),
+            workload: pimesh_schema::Workload::Node(node.clone()),
+        };
+        let leaf = self.sign_leaf_for(csr, site, &BTreeSet::from([id]), now, lifetime)?;
+        Ok(format!("{}{}", leaf.pem, self.cert_pem))
+    }
+
     /// [`Authority::sign_leaf`] with another lifetime (never past this authority's own
     /// expiry): for node credentials that an operator enrolls by hand.
     pub fn sign_leaf_for(
@@ -229,6 +248,14 @@ pub fn anchor_sha256(anchor: &CertificateDer<'_>) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref());
     out
+}
+
+/// [`anchor_sha256`] in lowercase hex, as a join token writes it.
+pub fn anchor_sha256_hex(anchor: &CertificateDer<'_>) -> String {
+    anchor_sha256(anchor)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 fn ca_params(

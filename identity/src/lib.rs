@@ -12,7 +12,7 @@ mod error;
 mod request;
 mod verify;
 
-pub use authority::{anchor_sha256, Authority, Leaf, TrustRoot, LEAF_LIFETIME};
+pub use authority::{anchor_sha256, anchor_sha256_hex, Authority, Leaf, TrustRoot, LEAF_LIFETIME};
 pub use error::{IdentityError, IssueError, VerifyError};
 pub use pimesh_schema::{SpiffeId, Workload};
 pub use request::LeafRequest;

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use pimesh_identity::LeafRequest;
 use pimesh_schema::{DnsLabel, SpiffeId, Workload};
 
-use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::pem::PemObject as _;
@@ -91,23 +90,18 @@ impl CredentialFiles {
             .map_err(|err| format!("cannot read {}: {err}", self.request().display()))?;
         let request = CertificateSigningRequestDer::from_pem_slice(&request_pem)
             .map_err(|err| format!("{}: not a PEM request: {err}", self.request().display()))?;
-        let id = SpiffeId {
-            site: site.clone(),
-            workload: Workload::Node(node.clone()),
-        };
-        let leaf = issuer
-            .sign_leaf_for(
+        let chain = issuer
+            .sign_node_chain(
                 &request,
                 site,
-                &BTreeSet::from([id.clone()]),
+                node,
                 SystemTime::now(),
                 SELF_ENROLLED_LIFETIME,
             )
             .map_err(|err| format!("cannot sign the node's own request: {err}"))?;
-        let chain = format!("{}{}", leaf.pem, issuer.cert_pem());
         pimesh_daemon::atomic_file::replace(&self.chain(), chain.as_bytes(), 0o644)
             .map_err(|err| format!("cannot write {}: {err}", self.chain().display()))?;
-        tracing::info!(%id, "node certificate signed by the node's own site issuer");
+        tracing::info!(%site, %node, "node certificate signed by the node's own site issuer");
         Ok(())
     }
 

@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use pimesh_identity::{anchor_sha256, Authority, TrustRoot};
+use pimesh_identity::{anchor_sha256, anchor_sha256_hex, Authority, TrustRoot};
 use pimesh_schema::{Role, Seed};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::CertificateDer;
@@ -76,7 +76,7 @@ impl TrustFiles {
         TrustReport {
             present: anchor.is_some(),
             source: Some(source),
-            anchor_sha256: anchor.map(|der| hex(&anchor_sha256(&der))),
+            anchor_sha256: anchor.map(|der| anchor_sha256_hex(&der)),
             anchor_key_on_node: self.anchor_key().exists(),
             error: None,
         }
@@ -153,7 +153,7 @@ impl TrustFiles {
                 return Err(format!(
                     "{} has SHA-256 {}, but the seed's join token pins {}",
                     from.join("anchor.pem").display(),
-                    hex(&anchor_sha256(&anchor)),
+                    anchor_sha256_hex(&anchor),
                     token.anchor_sha256_hex()
                 ));
             }
@@ -222,8 +222,4 @@ pub fn export_anchor_key(state_dir: &Path, remove: bool) -> Result<(), String> {
         eprintln!("removed {}", path.display());
     }
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

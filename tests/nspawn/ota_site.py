@@ -81,7 +81,6 @@ class Site:
                     f'long_poll_max = "60s"\n\n[[sites]]\nname = "{name}"\n'
                     f'anchor = "{self.keys}/anchor.pem"\npublic_key = "{self.public_key}"\n')
         self.ota = ota or {}
-        self.container = None
         self.central = None
         self.hostile = None
         self.revision = 0

@@ -68,17 +68,13 @@ impl Gate<'_> {
         let mut proxy_loaded = false;
         for unit in self.units {
             let name = unit.name.as_str();
-            let path = bus
-                .load_unit(name)
+            let Some((path, _)) = bus
+                .loaded_unit(name)
                 .await
-                .map_err(|err| Verdict::NotYet(format!("cannot load {name}: {err}")))?;
-            let state = bus
-                .read_state(&path)
-                .await
-                .map_err(|err| Verdict::NotYet(format!("cannot read {name}: {err}")))?;
-            if state.load_state != "loaded" {
+                .map_err(|err| Verdict::NotYet(format!("cannot read {name}: {err}")))?
+            else {
                 continue;
-            }
+            };
             proxy_loaded |= name == PROXY;
             unit_health(bus, unit, &path)
                 .await

@@ -88,17 +88,13 @@ pub async fn touch(
 ) -> Result<(), String> {
     for (unit, touch) in plan {
         let name = unit.name.as_str();
-        let path = bus
-            .load_unit(name)
+        let Some((path, state)) = bus
+            .loaded_unit(name)
             .await
-            .map_err(|err| format!("cannot load {name}: {err}"))?;
-        let state = bus
-            .read_state(&path)
-            .await
-            .map_err(|err| format!("cannot read {name}: {err}"))?;
-        if state.load_state != "loaded" {
+            .map_err(|err| format!("cannot read {name}: {err}"))?
+        else {
             continue;
-        }
+        };
         let inactive = state.active_state != "active";
         let result = match touch {
             // A reload needs a running unit; a stopped one is started with the new file.

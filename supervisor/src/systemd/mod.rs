@@ -73,6 +73,17 @@ impl Systemd {
         self.manager.load_unit(name).await
     }
 
+    /// The unit's object path and state when systemd has it loaded; `None` for a unit
+    /// that does not exist (its `LoadState` is `not-found` or similar).
+    pub async fn loaded_unit(
+        &self,
+        name: &str,
+    ) -> zbus::Result<Option<(OwnedObjectPath, UnitState)>> {
+        let path = self.load_unit(name).await?;
+        let state = self.read_state(&path).await?;
+        Ok((state.load_state == "loaded").then_some((path, state)))
+    }
+
     /// Reads the unit's properties afresh. `Service` properties are read only for a unit
     /// that is loaded (a missing unit has none).
     pub async fn read_state(&self, path: &OwnedObjectPath) -> zbus::Result<UnitState> {
