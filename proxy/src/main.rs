@@ -12,9 +12,14 @@
 //! reads the config through [`state::Snapshot`].
 
 mod admin;
+mod balance;
+mod budget;
 mod cli;
+mod metrics;
 mod site_config;
 mod state;
+mod tls;
+mod trace;
 
 use std::process::ExitCode;
 use std::time::Duration;
