@@ -5,6 +5,7 @@
 //! replicas and the proxies all read it through these types.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
@@ -22,7 +23,43 @@ pub struct ClusterConfig {
     pub control: ControlSettings,
     pub k3s: K3sSettings,
     pub proxy: ProxySettings,
+    /// Where each node's proxy accepts mesh traffic. A node placed in a service but absent
+    /// here has no known address until discovery supplies one.
+    pub nodes: BTreeMap<DnsLabel, Node>,
     pub services: BTreeMap<DnsLabel, Service>,
+}
+
+/// The port a node's proxy accepts mTLS mesh traffic on unless its address says otherwise.
+pub const DEFAULT_INBOUND_PORT: u16 = 4143;
+
+/// A node of the site, as proxies reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// `IP` (port 4143) or `IP:PORT` of the node's proxy inbound listener.
+    pub address: NodeAddress,
+}
+
+/// A node's mesh address: an IP with the inbound port, written `IP` or `IP:PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct NodeAddress(pub SocketAddr);
+
+impl TryFrom<String> for NodeAddress {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(NodeAddress(addr));
+        }
+        text.parse::<IpAddr>()
+            .map(|ip| NodeAddress(SocketAddr::new(ip, DEFAULT_INBOUND_PORT)))
+            .map_err(|_| {
+                format!(
+                    "expected an IP address or IP:PORT such as \"192.168.1.20\", found {text:?}"
+                )
+            })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -98,6 +135,9 @@ pub struct Service {
     /// The nodes the service is placed on.
     #[serde(default)]
     pub nodes: Vec<DnsLabel>,
+    /// Every proxy listens on `127.0.0.1:<local_port>` and sends what arrives there to this
+    /// service: a way in for local apps that cannot use the HTTP proxy port.
+    pub local_port: Option<u16>,
     /// Weighted backends; empty means no split.
     #[serde(default)]
     pub split: Vec<Backend>,
@@ -235,8 +275,18 @@ struct RawCluster {
     #[serde(default)]
     proxy: ProxySettings,
     #[serde(default)]
+    nodes: BTreeMap<DnsLabel, Node>,
+    #[serde(default)]
     services: BTreeMap<DnsLabel, Service>,
 }
+
+/// Ports a node's own daemons hold, which a service's `local_port` must not take.
+const RESERVED_PORTS: &[(u16, &str)] = &[
+    (4140, "the proxy's outbound port"),
+    (4143, "the proxy's inbound port"),
+    (4191, "the proxy's admin port"),
+    (4200, "the supervisor's status port"),
+];
 
 impl ClusterConfig {
     /// Validates `text`, the contents of `file`.
@@ -266,8 +316,27 @@ impl ClusterConfig {
                 format!("expected 0 to 100, found {found}"),
             ));
         }
+        let mut local_ports = BTreeMap::new();
         for (name, service) in &raw.services {
             let name = name.as_str();
+            if let Some(port) = service.local_port {
+                let at = ["services", name, "local_port"];
+                if let Some((_, owner)) = RESERVED_PORTS.iter().find(|(p, _)| *p == port) {
+                    return Err(fail(&at, format!("port {port} is {owner}")));
+                }
+                if (8086..=8094).contains(&port) || port == 0 {
+                    return Err(fail(
+                        &at,
+                        format!("expected a free port (1 to 65535, not 8086 to 8094 of the control replicas), found {port}"),
+                    ));
+                }
+                if let Some(other) = local_ports.insert(port, name) {
+                    return Err(fail(
+                        &at,
+                        format!("port {port} is already the local port of {other}"),
+                    ));
+                }
+            }
             let has_endpoints = !service.nodes.is_empty();
             if has_endpoints && service.port.is_none() {
                 return Err(fail(
@@ -344,6 +413,7 @@ impl ClusterConfig {
             control: raw.control,
             k3s: raw.k3s,
             proxy: raw.proxy,
+            nodes: raw.nodes,
             services: raw.services,
         })
     }

@@ -34,6 +34,11 @@ fn the_example_site_is_read_whole() {
             ("error-injector", 10)
         ]
     );
+    assert_eq!(apex.local_port, Some(18082));
+    assert_eq!(
+        config.nodes[&label("pi-b")].address.0,
+        "192.168.1.22:4143".parse().expect("address")
+    );
     let injector = &config.services[&label("error-injector")];
     let abort = injector
         .fault
@@ -142,4 +147,36 @@ fn malformed_values_are_refused_where_they_are() {
         );
         assert_eq!(err.line, Some(*line), "{text}\n{err}");
     }
+}
+
+#[test]
+fn node_addresses_and_local_ports_are_checked() {
+    let ok = parse(
+        "site = \"s\"\n[nodes.a]\naddress = \"127.0.0.1:24143\"\n\
+         [services.web]\nport = 80\nnodes = [\"a\"]\nlocal_port = 18080\n",
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(ok.nodes[&label("a")].address.0.port(), 24143);
+    let err = parse("site = \"s\"\n[nodes.a]\naddress = \"pi-a.local\"\n")
+        .expect_err("a host name is not an address");
+    let text = err.to_string();
+    assert!(
+        text.contains("nodes.a.address") && text.contains("IP"),
+        "{text}"
+    );
+    let err =
+        parse("site = \"s\"\n[services.web]\nport = 80\nnodes = [\"a\"]\nlocal_port = 4143\n")
+            .expect_err("the inbound port is taken");
+    let text = err.to_string();
+    assert!(
+        text.contains("services.web.local_port") && text.contains("inbound"),
+        "{text}"
+    );
+    let err = parse(
+        "site = \"s\"\n[services.web]\nport = 80\nnodes = [\"a\"]\nlocal_port = 9000\n\
+         [services.api]\nport = 81\nnodes = [\"a\"]\nlocal_port = 9000\n",
+    )
+    .expect_err("one port, two services");
+    let text = err.to_string();
+    assert!(text.contains("already the local port of"), "{text}");
 }
