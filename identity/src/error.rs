@@ -74,9 +74,19 @@ impl std::error::Error for IssueError {}
 /// Why a presented certificate chain is not a valid identity of the site.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VerifyError {
-    /// The chain does not lead to a trusted anchor, or a certificate in it is expired, not
-    /// yet valid, malformed, or not allowed for the usage; the string is webpki's reason.
+    /// A certificate in the chain is malformed or not allowed for the usage (or any other
+    /// chain failure not listed below); the string is webpki's reason.
     Chain(String),
+    /// The chain leads to none of the trusted anchors (another site's, or a dropped
+    /// anchor): no issuer is found, or a same-named one whose signature does not verify;
+    /// the string is webpki's reason.
+    UnknownIssuer(String),
+    /// A certificate in the chain expired before the time of the check; the string is
+    /// webpki's reason (with the times).
+    Expired(String),
+    /// A certificate in the chain is not valid yet at the time of the check; the string is
+    /// webpki's reason (with the times).
+    NotValidYet(String),
     /// The leaf carries no SPIFFE ID of the site.
     NoIdentity,
 }
@@ -84,7 +94,10 @@ pub enum VerifyError {
 impl fmt::Display for VerifyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            VerifyError::Chain(why) => write!(f, "certificate not trusted: {why}"),
+            VerifyError::Chain(why)
+            | VerifyError::UnknownIssuer(why)
+            | VerifyError::Expired(why)
+            | VerifyError::NotValidYet(why) => write!(f, "certificate not trusted: {why}"),
             VerifyError::NoIdentity => {
                 f.write_str("certificate carries no spiffe:// identity of this site")
             }

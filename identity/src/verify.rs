@@ -51,7 +51,16 @@ pub fn verify_leaf(
         None,
         None,
     )
-    .map_err(|err| VerifyError::Chain(err.to_string()))?;
+    .map_err(|err| match err {
+        // Anchors and issuers of a site share their names across rotations, so a chain
+        // under another anchor usually finds a same-named candidate whose signature fails.
+        webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+            VerifyError::UnknownIssuer(err.to_string())
+        }
+        webpki::Error::CertExpired { .. } => VerifyError::Expired(err.to_string()),
+        webpki::Error::CertNotValidYet { .. } => VerifyError::NotValidYet(err.to_string()),
+        _ => VerifyError::Chain(err.to_string()),
+    })?;
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|err| VerifyError::Chain(err.to_string()))?;
     let names = parsed

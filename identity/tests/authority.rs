@@ -166,17 +166,17 @@ fn leaves_from_another_site_expired_or_not_yet_valid_are_rejected() {
     let foreign = other.issue(&[other.node("pi-a")]).expect("issued");
     assert!(matches!(
         site.verify(&foreign, site.now),
-        Err(VerifyError::Chain(_))
+        Err(VerifyError::UnknownIssuer(_))
     ));
 
     let expired = site.verify(&leaf, site.now + LEAF_LIFETIME + Duration::from_secs(60));
     assert!(
-        matches!(&expired, Err(VerifyError::Chain(why)) if why.contains("Expired")),
+        matches!(&expired, Err(VerifyError::Expired(why)) if why.contains("Expired")),
         "{expired:?}"
     );
     let early = site.verify(&leaf, site.now - Duration::from_secs(3600));
     assert!(
-        matches!(&early, Err(VerifyError::Chain(why)) if why.contains("NotValidYet")),
+        matches!(&early, Err(VerifyError::NotValidYet(why)) if why.contains("NotValidYet")),
         "{early:?}"
     );
 }

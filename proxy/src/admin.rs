@@ -1,6 +1,7 @@
 //! The admin endpoints on port 4191: `/live` (the process answers), `/ready` (the last
-//! site config load succeeded, or there is no file yet; otherwise 503 and why) and
-//! `/config` (which config is in use, as JSON). Everything else is 404.
+//! site config load succeeded, or there is no file yet; otherwise 503 and why),
+//! `/config` (which config and node identity are in use, as JSON) and `/metrics`
+//! (Prometheus text). Everything else is 404.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,14 +16,21 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use crate::metrics::Metrics;
 use crate::state::Snapshot;
+use crate::tls::Identity;
 
 /// A client must send its request headers within this time.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the admin endpoints on `listener` until the task is dropped. Each request reads
 /// the latest snapshot, so answers never mix two configs.
-pub async fn serve(listener: TcpListener, snapshots: watch::Receiver<Arc<Snapshot>>) {
+pub async fn serve(
+    listener: TcpListener,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    identity: watch::Receiver<Option<Identity>>,
+    metrics: Arc<Metrics>,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -33,12 +41,23 @@ pub async fn serve(listener: TcpListener, snapshots: watch::Receiver<Arc<Snapsho
             }
         };
         let snapshots = snapshots.clone();
+        let identity = identity.clone();
+        let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let snapshot = Arc::clone(&snapshots.borrow());
-                async move {
-                    Ok::<_, Infallible>(route(request.method(), request.uri().path(), &snapshot))
-                }
+                let response = if request.uri().path() == "/metrics" {
+                    metrics_response(request.method(), &metrics)
+                } else {
+                    let identity = identity.borrow();
+                    route(
+                        request.method(),
+                        request.uri().path(),
+                        &snapshot,
+                        identity.as_ref(),
+                    )
+                };
+                async move { Ok::<_, Infallible>(response) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -51,7 +70,31 @@ pub async fn serve(listener: TcpListener, snapshots: watch::Receiver<Arc<Snapsho
     }
 }
 
-fn route(method: &Method, path: &str, snapshot: &Snapshot) -> Response<Full<Bytes>> {
+fn metrics_response(method: &Method, metrics: &Metrics) -> Response<Full<Bytes>> {
+    if method != Method::GET {
+        let mut response = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is allowed\n".into(),
+        );
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET"));
+        return response;
+    }
+    let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    response
+}
+
+fn route(
+    method: &Method,
+    path: &str,
+    snapshot: &Snapshot,
+    identity: Option<&Identity>,
+) -> Response<Full<Bytes>> {
     let known = matches!(path, "/live" | "/ready" | "/config");
     if known && method != Method::GET {
         let mut response = text(
@@ -73,7 +116,9 @@ fn route(method: &Method, path: &str, snapshot: &Snapshot) -> Response<Full<Byte
             ),
         },
         "/config" => {
-            let mut body = config_json(snapshot).to_string();
+            let mut json = config_json(snapshot);
+            json["identity"] = identity_json(identity);
+            let mut body = json.to_string();
             body.push('\n');
             let mut response = Response::new(Full::new(Bytes::from(body)));
             response
@@ -83,9 +128,26 @@ fn route(method: &Method, path: &str, snapshot: &Snapshot) -> Response<Full<Byte
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live, /ready or /config\n".into(),
+            "not found; try /live, /ready, /config or /metrics\n".into(),
         ),
     }
+}
+
+/// `{"node", "site", "ids", "not_after_ms"}` of the identity in use, or null.
+fn identity_json(identity: Option<&Identity>) -> serde_json::Value {
+    let Some(identity) = identity else {
+        return serde_json::Value::Null;
+    };
+    let not_after_ms = identity
+        .not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    serde_json::json!({
+        "node": identity.node.as_str(),
+        "site": identity.site.as_str(),
+        "ids": identity.ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "not_after_ms": not_after_ms,
+    })
 }
 
 /// `{"file", "sha256", "site", "services", "loaded_at_ms", "last_error", "refused_sha256"}`:
@@ -135,22 +197,28 @@ mod tests {
     fn routes_and_readiness() {
         let ok = snapshot(None);
         let bad = snapshot(Some("cluster.toml: key `x`: nope"));
-        assert_eq!(route(&Method::GET, "/live", &bad).status(), StatusCode::OK);
-        assert_eq!(route(&Method::GET, "/ready", &ok).status(), StatusCode::OK);
         assert_eq!(
-            route(&Method::GET, "/ready", &bad).status(),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
-        assert_eq!(
-            route(&Method::GET, "/config", &bad).status(),
+            route(&Method::GET, "/live", &bad, None).status(),
             StatusCode::OK
         );
         assert_eq!(
-            route(&Method::POST, "/config", &ok).status(),
+            route(&Method::GET, "/ready", &ok, None).status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            route(&Method::GET, "/ready", &bad, None).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            route(&Method::GET, "/config", &bad, None).status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            route(&Method::POST, "/config", &ok, None).status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
         assert_eq!(
-            route(&Method::GET, "/metrics", &ok).status(),
+            route(&Method::GET, "/nope", &ok, None).status(),
             StatusCode::NOT_FOUND
         );
     }

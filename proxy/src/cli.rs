@@ -1,14 +1,22 @@
-//! The command line: `pimesh-proxy [--admin-addr IP:PORT] [--config PATH]`.
+//! The command line: `pimesh-proxy [--admin-addr IP:PORT] [--config PATH] ...`.
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 pub const USAGE: &str = "\
-usage: pimesh-proxy [--admin-addr IP:PORT] [--config PATH]
-  --admin-addr IP:PORT  where /live, /ready and /config answer (default 0.0.0.0:4191)
-  --config PATH         the site config (default /etc/pimesh/cluster.toml); a missing
-                        file means no site config yet, and SIGHUP or a change reloads it";
+usage: pimesh-proxy [--admin-addr IP:PORT] [--config PATH] [--identity-dir DIR]
+                    [--inbound-addr IP:PORT] [--outbound-addr IP:PORT] [--local-ip IP]
+  --admin-addr IP:PORT     /live, /ready, /config, /metrics (default 0.0.0.0:4191)
+  --config PATH            the site config (default /etc/pimesh/cluster.toml); a missing
+                           file means no site config yet, and SIGHUP or a change reloads it
+  --identity-dir DIR       node.pem (leaf and issuer), node.key, anchor.pem (default: the
+                           unit's credentials directory, else the supervisor's files under
+                           /var/lib/pimesh); reloaded on SIGHUP and on change
+  --inbound-addr IP:PORT   mTLS from other nodes' proxies (default 0.0.0.0:4143)
+  --outbound-addr IP:PORT  the HTTP proxy port for local apps and iptables redirects
+                           (default 127.0.0.1:4140)
+  --local-ip IP            where services' local ports listen (default 127.0.0.1)";
 
 /// What the proxy was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +30,11 @@ pub enum Command {
 pub struct Options {
     pub admin_addr: SocketAddr,
     pub config: PathBuf,
+    /// `None`: the default places (see [`USAGE`]).
+    pub identity_dir: Option<PathBuf>,
+    pub inbound_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
+    pub local_ip: IpAddr,
 }
 
 impl Default for Options {
@@ -29,6 +42,10 @@ impl Default for Options {
         Options {
             admin_addr: SocketAddr::from(([0, 0, 0, 0], 4191)),
             config: PathBuf::from("/etc/pimesh/cluster.toml"),
+            identity_dir: None,
+            inbound_addr: SocketAddr::from(([0, 0, 0, 0], 4143)),
+            outbound_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 4140)),
+            local_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         }
     }
 }
@@ -53,14 +70,31 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
                 .or_else(|| args.next())
                 .ok_or_else(|| format!("{flag}: missing value"))
         };
+        let socket_addr = |flag: &str, value: OsString| -> Result<SocketAddr, String> {
+            let text = value.to_string_lossy();
+            text.parse()
+                .map_err(|err| format!("{flag}: expected IP:PORT, found {text:?} ({err})"))
+        };
         match flag {
             "-h" | "--help" => return Ok(Command::Help),
-            "--admin-addr" => {
+            "--admin-addr" => options.admin_addr = socket_addr(flag, value(flag)?)?,
+            "--inbound-addr" => options.inbound_addr = socket_addr(flag, value(flag)?)?,
+            "--outbound-addr" => options.outbound_addr = socket_addr(flag, value(flag)?)?,
+            "--local-ip" => {
                 let value = value(flag)?;
                 let text = value.to_string_lossy();
-                options.admin_addr = text.parse().map_err(|err| {
-                    format!("--admin-addr: expected IP:PORT, found {text:?} ({err})")
-                })?;
+                options.local_ip = text
+                    .parse()
+                    .map_err(|err| format!("--local-ip: expected an IP, found {text:?} ({err})"))?;
+            }
+            "--identity-dir" => {
+                let value = value(flag)?;
+                if value.is_empty() {
+                    return Err(
+                        "--identity-dir: expected a directory, found an empty string".into(),
+                    );
+                }
+                options.identity_dir = Some(PathBuf::from(value));
             }
             "--config" => {
                 let value = value(flag)?;
@@ -96,6 +130,7 @@ mod tests {
         let expected = Command::Run(Options {
             admin_addr: "127.0.0.1:9000".parse().expect("valid address"),
             config: PathBuf::from("/tmp/c.toml"),
+            ..Options::default()
         });
         assert_eq!(
             run(&["--admin-addr", "127.0.0.1:9000", "--config", "/tmp/c.toml"]),
@@ -105,6 +140,27 @@ mod tests {
             run(&["--config=/tmp/c.toml", "--admin-addr=127.0.0.1:9000"]),
             Ok(expected)
         );
+    }
+
+    #[test]
+    fn mesh_addresses_and_identity() {
+        let Ok(Command::Run(options)) = run(&[
+            "--identity-dir",
+            "/run/id",
+            "--inbound-addr=127.0.0.1:24143",
+            "--outbound-addr",
+            "127.0.0.2:24140",
+            "--local-ip",
+            "127.0.0.2",
+        ]) else {
+            panic!("valid flags")
+        };
+        assert_eq!(options.identity_dir, Some(PathBuf::from("/run/id")));
+        assert_eq!(options.inbound_addr.port(), 24143);
+        assert_eq!(options.outbound_addr.to_string(), "127.0.0.2:24140");
+        assert_eq!(options.local_ip.to_string(), "127.0.0.2");
+        let err = run(&["--local-ip", "x"]).expect_err("not an IP");
+        assert!(err.contains("--local-ip"), "{err}");
     }
 
     #[test]

@@ -1,35 +1,63 @@
 //! `pimesh-proxy`: the node's mesh data plane.
 //!
-//! What it does today: it loads the site config (`cluster.toml`, default
-//! `/etc/pimesh/cluster.toml`), validates it with the schema plus the checks only this node
-//! can make (open-file limit for `proxy.max_connections`), keeps the last good config in
-//! use, and reloads it on SIGHUP and when the file changes (polled every 2 s). Its admin
-//! port (4191) serves `/live`, `/ready` (503 with the reason while the last load failed)
-//! and `/config` (the SHA-256 of the config in use, so the supervisor can tell which
-//! revision runs). A missing file is not an error: the proxy runs with no routes.
+//! Local apps reach services through the outbound side (the HTTP proxy port 4140, a
+//! service's local port, or iptables redirection to 4140); the proxy routes each request
+//! or connection by the site config (`cluster.toml`) — split, faults, timeouts, retries,
+//! load balancing — and carries it over one pooled mTLS HTTP/2 connection per peer node
+//! to that node's proxy, whose inbound side (4143) checks the caller's identity and the
+//! service's policy and hands it to the app on 127.0.0.1. Trace context is propagated
+//! and spans exported; every hop is counted in Prometheus metrics on the admin port
+//! (4191: `/live`, `/ready`, `/config`, `/metrics`).
 //!
-//! The data plane (mTLS, routing, traffic split, faults, tracing, metrics) comes next and
-//! reads the config through [`state::Snapshot`].
+//! The config and the node identity reload on SIGHUP and when their files change
+//! (polled every 2 s), swapping the routing table without touching open connections; a
+//! refused config or identity leaves the last good one in use. SIGTERM drains: listeners
+//! close, connections finish what they carry, and the process exits.
 
 mod admin;
 mod balance;
 mod budget;
 mod cli;
+mod context;
+mod detect;
+mod drain;
+mod http_util;
+mod inbound;
+mod listeners;
 mod metrics;
+mod node_identity;
+mod original_dst;
+mod outbound;
+mod peers;
+mod routes;
 mod site_config;
+mod splice;
 mod state;
 mod tls;
 mod trace;
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use pimesh_daemon::notify;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tokio::sync::watch;
+use tracing::{info, warn};
 
-/// How often the config file's (mtime, size, inode) is compared with the last load's.
+use crate::context::Context;
+use crate::metrics::Metrics;
+use crate::node_identity::IdentityReloader;
+use crate::routes::RouteTable;
+use crate::state::Snapshot;
+use crate::tls::{Identity, IdentityFiles};
+use crate::trace::SpanSink;
+
+/// How often the config and identity files are compared with the last load's.
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// How long open connections get to finish after SIGTERM (the unit allows 10 s).
+const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
 
 fn main() -> ExitCode {
     match cli::parse(std::env::args_os().skip(1)) {
@@ -54,17 +82,67 @@ async fn run(options: cli::Options) -> Result<(), String> {
     let shutdown = pimesh_daemon::shutdown_signal();
     tokio::pin!(shutdown);
 
-    let admin_addr = options.admin_addr;
-    let listener = tokio::net::TcpListener::bind(admin_addr)
-        .await
-        .map_err(|err| format!("cannot listen on {admin_addr} for the admin endpoints: {err}"))?;
-    let bound = listener.local_addr().unwrap_or(admin_addr);
-    info!(addr = %bound, version = env!("CARGO_PKG_VERSION"), "admin endpoints listening");
+    let bind = |addr: SocketAddr, what: &str| {
+        listeners::bind(addr).map_err(|err| format!("cannot listen on {addr} for {what}: {err}"))
+    };
+    let admin_listener = bind(options.admin_addr, "the admin endpoints")?;
+    let outbound_listener = bind(options.outbound_addr, "outbound traffic")?;
+    let inbound_listener = bind(options.inbound_addr, "inbound mesh traffic")?;
+    info!(
+        admin = %options.admin_addr,
+        outbound = %options.outbound_addr,
+        inbound = %options.inbound_addr,
+        version = env!("CARGO_PKG_VERSION"),
+        "listening"
+    );
 
+    let metrics = Arc::new(Metrics::new());
+    let (mut reloader, mut snapshots) = state::Reloader::start(&options.config);
+    let files = match &options.identity_dir {
+        Some(dir) => IdentityFiles::in_dir(dir),
+        None => node_identity::default_files(),
+    };
+    let (mut identity_reloader, mut identities) = IdentityReloader::start(files);
+    let own_inbound = own_inbound(options.inbound_addr);
+    let mut tracing_sink = TracingSink::default();
+    let first = compile(
+        &snapshots.borrow(),
+        &identities.borrow(),
+        own_inbound,
+        &metrics,
+        &mut tracing_sink,
+    );
+    let (routes_tx, routes_rx) = watch::channel(Arc::new(first));
+    let context = Arc::new(Context::new(
+        routes_rx,
+        identities.clone(),
+        Arc::clone(&metrics),
+    ));
+
+    let (drain_signal, drain_watch) = drain::channel();
+    let mut bindings = listeners::LocalBindings::new(options.local_ip);
+    bindings.update(&context.table(), &context, &drain_watch);
+    let accept_loops = [
+        tokio::spawn(listeners::outbound_loop(
+            outbound_listener,
+            None,
+            Arc::clone(&context),
+            drain_watch.clone(),
+        )),
+        tokio::spawn(listeners::inbound_loop(
+            inbound_listener,
+            Arc::clone(&context),
+            drain_watch.clone(),
+        )),
+    ];
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        snapshots.clone(),
+        identities.clone(),
+        Arc::clone(&metrics),
+    ));
     // READY after the first attempt even when it failed: the process is up and /ready
     // tells the truth about the config.
-    let (mut reloader, snapshots) = state::Reloader::start(&options.config);
-    let admin = tokio::spawn(admin::serve(listener, snapshots));
     notify::ready(&reloader.current().summary());
     let watchdog = notify::spawn_watchdog();
 
@@ -76,15 +154,111 @@ async fn run(options: cli::Options) -> Result<(), String> {
             signalled = &mut shutdown => {
                 break signalled.map_err(|err| format!("cannot watch for SIGTERM: {err}"));
             }
-            Some(()) = hangup.recv() => reloader.reload("SIGHUP"),
-            _ = poll.tick() => reloader.poll(),
+            Some(()) = hangup.recv() => {
+                reloader.reload("SIGHUP");
+                identity_reloader.reload("SIGHUP");
+            }
+            _ = poll.tick() => {
+                reloader.poll();
+                identity_reloader.poll();
+            }
+            Ok(()) = snapshots.changed() => {
+                let ok = snapshots.borrow_and_update().last_error.is_none();
+                metrics.config_reload(ok);
+            }
+            Ok(()) = identities.changed() => {
+                identities.borrow_and_update();
+                // New connections to peers use the new certificate; open streams finish.
+                context.peers.clear();
+            }
         }
+        let table = compile(
+            &snapshots.borrow(),
+            &identities.borrow(),
+            own_inbound,
+            &metrics,
+            &mut tracing_sink,
+        );
+        routes_tx.send_replace(Arc::new(table));
+        bindings.update(&context.table(), &context, &drain_watch);
     };
-    info!("shutting down");
+    info!("draining");
     notify::stopping();
+    for task in accept_loops {
+        task.abort();
+    }
+    bindings.close_all();
+    drop(drain_watch);
+    if drain_signal.drain(DRAIN_DEADLINE).await {
+        info!("all connections finished; exiting");
+    } else {
+        warn!(deadline = ?DRAIN_DEADLINE, "connections still open at the drain deadline; exiting");
+    }
     admin.abort();
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
     result
+}
+
+/// Where this proxy's own node takes mesh traffic when the config does not say: the
+/// inbound address, with loopback for a wildcard.
+fn own_inbound(inbound: SocketAddr) -> SocketAddr {
+    if inbound.ip().is_unspecified() {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, inbound.port()))
+    } else {
+        inbound
+    }
+}
+
+/// The span exporter for the configured collector URL; restarted only when it changes.
+#[derive(Default)]
+struct TracingSink {
+    url: Option<String>,
+    sink: Option<SpanSink>,
+}
+
+/// The routing table for the config and identity in use.
+fn compile(
+    snapshot: &Snapshot,
+    identity: &Option<Identity>,
+    own_inbound: SocketAddr,
+    metrics: &Metrics,
+    tracing_sink: &mut TracingSink,
+) -> RouteTable {
+    let Some(loaded) = snapshot.in_use.site_config.as_ref() else {
+        return RouteTable::empty();
+    };
+    let config = &loaded.config;
+    if tracing_sink.url != config.proxy.zipkin_url {
+        tracing_sink.url.clone_from(&config.proxy.zipkin_url);
+        tracing_sink.sink = config.proxy.zipkin_url.as_deref().and_then(|url| {
+            let counters = metrics.span_counters();
+            let service = format!(
+                "pimesh-proxy.{}",
+                identity.as_ref().map_or("unknown", |id| id.node.as_str())
+            );
+            SpanSink::spawn(
+                url,
+                service,
+                counters.exported,
+                counters.dropped,
+                counters.failed,
+            )
+            .map_err(|err| warn!(error = %err, "spans will not be exported"))
+            .ok()
+        });
+    }
+    // A config for another site than the identity's is not this proxy's to serve.
+    let node = identity
+        .as_ref()
+        .filter(|id| id.site == config.site)
+        .map(|id| &id.node);
+    RouteTable::build(
+        config,
+        node,
+        own_inbound,
+        metrics,
+        tracing_sink.sink.clone(),
+    )
 }

@@ -63,6 +63,12 @@ impl Proxy {
             let child = command
                 .arg("--admin-addr")
                 .arg(addr.to_string())
+                .arg("--outbound-addr")
+                .arg(free_port().to_string())
+                .arg("--inbound-addr")
+                .arg(free_port().to_string())
+                .arg("--identity-dir")
+                .arg(dir.join("no-identity"))
                 .arg("--config")
                 .arg(config)
                 .env("RUST_LOG", "info")

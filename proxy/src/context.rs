@@ -1,0 +1,106 @@
+//! What every connection handler shares: the current routing table and identity (each
+//! replaced whole on reload), the peer pool, the clients to local apps, metrics, and the
+//! connection limit.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::watch;
+
+use crate::metrics::{ConnectionGuard, Direction, Metrics};
+use crate::peers::{Body, Peers};
+use crate::routes::RouteTable;
+use crate::tls::Identity;
+
+pub struct Context {
+    pub routes: watch::Receiver<Arc<RouteTable>>,
+    pub identity: watch::Receiver<Option<Identity>>,
+    pub peers: Peers,
+    pub metrics: Arc<Metrics>,
+    /// Pooled keep-alive HTTP/1.1 connections to the apps on this node.
+    pub app_h1: Client<HttpConnector, Body>,
+    /// Pooled prior-knowledge HTTP/2 connections to the apps on this node.
+    pub app_h2: Client<HttpConnector, Body>,
+    /// Open connections per direction (outbound: from local apps; inbound: from peer
+    /// proxies), each limited to `proxy.max_connections` on its own, so that apps filling
+    /// their limit never lock other nodes out.
+    open_connections: [AtomicU32; 2],
+}
+
+/// One accepted connection, counted against `proxy.max_connections` until dropped.
+pub struct Admitted {
+    context: Arc<Context>,
+    direction: Direction,
+    _gauge: ConnectionGuard,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.context
+            .counter(self.direction)
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Context {
+    pub fn new(
+        routes: watch::Receiver<Arc<RouteTable>>,
+        identity: watch::Receiver<Option<Identity>>,
+        metrics: Arc<Metrics>,
+    ) -> Context {
+        let connector = || {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            connector
+        };
+        Context {
+            routes,
+            identity,
+            peers: Peers::new(Arc::clone(&metrics)),
+            metrics,
+            app_h1: Client::builder(TokioExecutor::new()).build(connector()),
+            app_h2: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(connector()),
+            open_connections: [AtomicU32::new(0), AtomicU32::new(0)],
+        }
+    }
+
+    fn counter(&self, direction: Direction) -> &AtomicU32 {
+        match direction {
+            Direction::Outbound => &self.open_connections[0],
+            Direction::Inbound => &self.open_connections[1],
+        }
+    }
+
+    pub fn table(&self) -> Arc<RouteTable> {
+        Arc::clone(&self.routes.borrow())
+    }
+
+    pub fn identity(&self) -> Option<Identity> {
+        self.identity.borrow().clone()
+    }
+
+    /// Admits one more client connection unless `proxy.max_connections` are open (then
+    /// the refusal is counted and the caller closes the socket).
+    pub fn admit(self: &Arc<Self>, direction: Direction) -> Option<Admitted> {
+        let max = self.routes.borrow().settings.max_connections;
+        let admitted = self
+            .counter(direction)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .is_ok();
+        if !admitted {
+            self.metrics.rejected(direction, "connection_limit");
+            return None;
+        }
+        Some(Admitted {
+            context: Arc::clone(self),
+            direction,
+            _gauge: self.metrics.open_connection(direction),
+        })
+    }
+}

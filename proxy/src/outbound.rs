@@ -1,0 +1,551 @@
+//! The outbound side: connections from local apps — through the HTTP proxy port (routed
+//! by authority), a service's local port, or transparently redirected by iptables — sent
+//! on to the node that runs the chosen service, over the pooled mTLS HTTP/2 connection to
+//! that node's proxy.
+//!
+//! Per HTTP request, in order: route (unknown service → 503), split (weighted backend),
+//! faults (delay, then abort), trace context, endpoint choice (power of two choices over
+//! peak-EWMA latency), send with the service's timeout (→ 504), retries of connect
+//! failures and of failed idempotent bodyless requests within the retry budget, and a
+//! 502 naming the peer when the node cannot be reached. Opaque TCP rides a CONNECT stream.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt as _;
+use hyper::body::{Body as _, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pimesh_schema::DnsLabel;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::context::{Admitted, Context};
+use crate::detect::{detect, Detected};
+use crate::drain;
+use crate::http_util::{
+    self, error_response, strip_hop_by_hop, DST_HEADER, FAULT_HEADER, PROTO_HEADER,
+};
+use crate::metrics::{Direction, FaultKind};
+use crate::peers::Body;
+use crate::routes::{RouteTable, ServiceRoute};
+use crate::trace;
+
+/// How long a client connection may stay silent before an `auto` service treats it as
+/// opaque TCP (a server-speaks-first protocol).
+pub const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How a client connection reached the outbound side.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// The HTTP proxy port: each request names its service in its authority.
+    HttpProxy,
+    /// A service's local port.
+    Binding(DnsLabel),
+    /// Redirected by iptables; the client dialled this address.
+    Intercepted(SocketAddr),
+}
+
+/// The HTTP version a client spoke; the app on the far side is spoken to in the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientProto {
+    H1,
+    H2,
+}
+
+impl ClientProto {
+    fn header(self) -> HeaderValue {
+        match self {
+            ClientProto::H1 => HeaderValue::from_static("h1"),
+            ClientProto::H2 => HeaderValue::from_static("h2"),
+        }
+    }
+}
+
+/// Serves one client connection until it closes or the drain finishes it.
+pub async fn serve(
+    context: Arc<Context>,
+    stream: TcpStream,
+    entry: Entry,
+    admitted: Admitted,
+    drain: drain::Watch,
+) {
+    let _admitted = admitted;
+    let _ = stream.set_nodelay(true);
+    let table = context.table();
+    let fixed = match &entry {
+        Entry::HttpProxy => None,
+        Entry::Binding(name) => match table.by_name(name.as_str()) {
+            Some(route) => Some(Arc::clone(route)),
+            // The binding went away in a reload between accept and here.
+            None => return,
+        },
+        Entry::Intercepted(dst) => match table.by_original_dst(*dst) {
+            Some(route) => Some(Arc::clone(route)),
+            None => return passthrough(stream, *dst).await,
+        },
+    };
+    let detected = match fixed.as_ref().map(|route| route.protocol) {
+        Some(pimesh_schema::cluster::Protocol::Tcp) => Detected::Opaque,
+        _ => detect(&stream, DETECT_TIMEOUT).await,
+    };
+    match (detected, fixed) {
+        (Detected::Closed, _) => {}
+        (Detected::Http2, fixed) => {
+            serve_http(context, stream, fixed, ClientProto::H2, drain).await
+        }
+        (Detected::Http1, fixed) | (Detected::Opaque | Detected::Silent, fixed @ None) => {
+            // On the proxy port anything that is not HTTP/2 is served as HTTP/1, which
+            // answers garbage with 400 and silence with the header timeout.
+            serve_http(context, stream, fixed, ClientProto::H1, drain).await
+        }
+        (Detected::Opaque | Detected::Silent, Some(route)) => {
+            tunnel(context, &table, stream, route, drain).await
+        }
+    }
+}
+
+async fn serve_http(
+    context: Arc<Context>,
+    stream: TcpStream,
+    fixed: Option<Arc<ServiceRoute>>,
+    proto: ClientProto,
+    mut drain: drain::Watch,
+) {
+    let settings = context.table().settings.clone();
+    let metrics = Arc::clone(&context.metrics);
+    let io = TokioIo::new(stream);
+    let service = service_fn(move |request| {
+        let context = Arc::clone(&context);
+        let fixed = fixed.clone();
+        async move { Ok::<_, Infallible>(handle(context, request, fixed, proto).await) }
+    });
+    let result = match proto {
+        ClientProto::H1 => {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(settings.header_timeout.0)
+                .max_buf_size(
+                    usize::try_from(settings.max_header_bytes)
+                        .unwrap_or(usize::MAX)
+                        .max(8192),
+                );
+            let connection = builder.serve_connection(io, service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = drain.signaled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
+        }
+        ClientProto::H2 => {
+            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(settings.max_header_bytes)
+                .serve_connection(io, service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = drain.signaled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
+        }
+    };
+    if let Err(err) = result {
+        let reason = client_error_reason(&err);
+        metrics.rejected(Direction::Outbound, reason);
+        debug!(error = %err, reason, "client connection ended with an error");
+    }
+}
+
+/// The metric label for a client connection that hyper ended with `err`.
+pub fn client_error_reason(err: &hyper::Error) -> &'static str {
+    if err.is_parse_too_large() {
+        "header_too_large"
+    } else if err.is_parse() || err.is_parse_status() {
+        "malformed_http"
+    } else if err.is_timeout() {
+        "header_timeout"
+    } else if err.is_incomplete_message() {
+        "incomplete_message"
+    } else {
+        "connection_error"
+    }
+}
+
+async fn handle(
+    context: Arc<Context>,
+    request: Request<Incoming>,
+    fixed: Option<Arc<ServiceRoute>>,
+    proto: ClientProto,
+) -> Response<Body> {
+    let started = Instant::now();
+    let (mut parts, body) = request.into_parts();
+    let table = context.table();
+    let apex = match fixed {
+        Some(route) => table.by_name(route.name.as_str()).cloned().or(Some(route)),
+        None => authority_of(&parts).and_then(|authority| table.by_authority(authority).cloned()),
+    };
+    let Some(apex) = apex else {
+        context
+            .metrics
+            .rejected(Direction::Outbound, "unknown_service");
+        let named = authority_of(&parts).unwrap_or("(none)").to_owned();
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("unknown service: the authority {named:?} names no service of this site"),
+        );
+    };
+    apex.outbound.request();
+    table.budget.deposit();
+    // Spans are made only where they can be exported: otherwise the next hop would
+    // name a parent that no collector ever receives.
+    let span = match table.spans {
+        Some(_) => trace::begin(
+            &mut parts.headers,
+            trace::Kind::Client,
+            &parts.method,
+            parts.uri.path(),
+            apex.name.as_str(),
+        ),
+        None => None,
+    };
+    let response = match apex.timeout {
+        None => forward(&context, &table, &apex, parts, body, proto).await,
+        Some(limit) => {
+            match tokio::time::timeout(limit, forward(&context, &table, &apex, parts, body, proto))
+                .await
+            {
+                Ok(response) => response,
+                Err(_) => error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!(
+                        "service {} did not answer within its timeout of {limit:?}",
+                        apex.name
+                    ),
+                ),
+            }
+        }
+    };
+    let status = response.status().as_u16();
+    apex.outbound.response(status, started.elapsed());
+    if let Some(span) = span {
+        span.finish(status, table.spans.as_ref());
+    }
+    response
+}
+
+/// The authority a request names: the URI's (absolute form, HTTP/2) or the Host header.
+fn authority_of(parts: &http::request::Parts) -> Option<&str> {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| parts.headers.get(header::HOST)?.to_str().ok())
+}
+
+fn hit(percent: f64) -> bool {
+    percent >= 100.0 || (percent > 0.0 && fastrand::f64() * 100.0 < percent)
+}
+
+/// Applies `route`'s faults; `Some` is the response of an injected abort.
+async fn inject_faults(route: &ServiceRoute) -> Option<Response<Body>> {
+    let fault = route.fault.as_ref()?;
+    if let Some(delay) = &fault.delay {
+        if hit(delay.percent.0) {
+            route.outbound.fault(FaultKind::Delay);
+            tokio::time::sleep(delay.duration.0).await;
+        }
+    }
+    if let Some(abort) = &fault.abort {
+        if hit(abort.percent.0) {
+            route.outbound.fault(FaultKind::Abort);
+            let status =
+                StatusCode::from_u16(abort.status.0).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            let mut response = Response::new(http_util::full(format!(
+                "fault injected by the mesh for service {}\n",
+                route.name
+            )));
+            *response.status_mut() = status;
+            response
+                .headers_mut()
+                .insert(FAULT_HEADER, HeaderValue::from_static("abort"));
+            return Some(response);
+        }
+    }
+    None
+}
+
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+async fn forward(
+    context: &Context,
+    table: &RouteTable,
+    apex: &Arc<ServiceRoute>,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    proto: ClientProto,
+) -> Response<Body> {
+    let backend = apex.choose_backend();
+    if !apex.split.is_empty() {
+        context
+            .metrics
+            .split(apex.name.as_str(), backend.name.as_str());
+        if let Some(aborted) = inject_faults(apex).await {
+            return aborted;
+        }
+    }
+    if let Some(aborted) = inject_faults(&backend).await {
+        return aborted;
+    }
+    let Some(identity) = context.identity() else {
+        context.metrics.rejected(Direction::Outbound, "no_identity");
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this proxy has no node identity yet, so it cannot reach other nodes",
+        );
+    };
+
+    strip_hop_by_hop(&mut parts.headers);
+    let authority = authority_of(&parts)
+        .map(str::to_owned)
+        .unwrap_or_else(|| table.mesh_name(&backend.name));
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    let uri = match Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(path)
+        .build()
+    {
+        Ok(uri) => uri,
+        Err(err) => {
+            context
+                .metrics
+                .rejected(Direction::Outbound, "malformed_http");
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                &format!("bad request target: {err}"),
+            );
+        }
+    };
+    parts.uri = uri;
+    parts.version = Version::HTTP_2;
+    parts
+        .headers
+        .insert(DST_HEADER, http_util::header_value(backend.name.as_str()));
+    parts.headers.insert(PROTO_HEADER, proto.header());
+
+    let retryable = idempotent(&parts.method) && body.is_end_stream();
+    let max_retries = apex.retries.max(backend.retries);
+    let mut body = Some(body.boxed());
+    let mut retries = 0u8;
+    loop {
+        let Some(pick) = backend.endpoints.pick() else {
+            context
+                .metrics
+                .rejected(Direction::Outbound, "no_endpoints");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "service {} has no endpoints: no node with a known address runs it",
+                    backend.name
+                ),
+            );
+        };
+        let may_retry = |retries: u8| {
+            if retries >= max_retries {
+                return false;
+            }
+            if table.budget.try_withdraw() {
+                apex.outbound.retry();
+                true
+            } else {
+                apex.outbound.retry_budget_exhausted();
+                false
+            }
+        };
+        let node = pick.endpoint.node.clone();
+        let sender = match context
+            .peers
+            .sender(&identity, &node, pick.endpoint.addr)
+            .await
+        {
+            Ok(sender) => sender,
+            Err(err) => {
+                pick.failure();
+                // Nothing was sent: any request may go to another endpoint.
+                if may_retry(retries) {
+                    retries += 1;
+                    continue;
+                }
+                return error_response(StatusCode::BAD_GATEWAY, &err.0);
+            }
+        };
+        let this_body = match body.take() {
+            Some(body) => body,
+            None => http_util::empty(),
+        };
+        let mut attempt = Request::new(this_body);
+        *attempt.method_mut() = parts.method.clone();
+        *attempt.uri_mut() = parts.uri.clone();
+        *attempt.version_mut() = Version::HTTP_2;
+        *attempt.headers_mut() = if retryable && retries < max_retries {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        let sent = Instant::now();
+        let mut sender = sender;
+        match sender.send_request(attempt).await {
+            Ok(response) => {
+                let proxy_failed = response.headers().contains_key(http_util::ERROR_HEADER)
+                    && matches!(response.status().as_u16(), 502 | 503);
+                if proxy_failed {
+                    pick.failure();
+                } else {
+                    pick.success(sent.elapsed());
+                }
+                let (mut head, body) = response.into_parts();
+                strip_hop_by_hop(&mut head.headers);
+                head.version = match proto {
+                    ClientProto::H1 => Version::HTTP_11,
+                    ClientProto::H2 => Version::HTTP_2,
+                };
+                return Response::from_parts(head, body.boxed());
+            }
+            Err(err) => {
+                pick.failure();
+                if retryable && may_retry(retries) {
+                    retries += 1;
+                    continue;
+                }
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("node {node} failed the request: {err}"),
+                );
+            }
+        }
+    }
+}
+
+/// Carries an opaque TCP connection to `apex` (or its split's choice) through a CONNECT
+/// stream to the node that runs it.
+async fn tunnel(
+    context: Arc<Context>,
+    table: &RouteTable,
+    mut client: TcpStream,
+    apex: Arc<ServiceRoute>,
+    // Held for the tunnel's life: a drain waits for it up to the drain deadline.
+    _drain: drain::Watch,
+) {
+    let backend = apex.choose_backend();
+    if !apex.split.is_empty() {
+        context
+            .metrics
+            .split(apex.name.as_str(), backend.name.as_str());
+    }
+    let Some(identity) = context.identity() else {
+        context.metrics.rejected(Direction::Outbound, "no_identity");
+        return;
+    };
+    let metrics = &apex.tcp_outbound;
+    metrics.open();
+    let mut attempts = 0;
+    let upgraded = loop {
+        attempts += 1;
+        let Some(pick) = backend.endpoints.pick() else {
+            context
+                .metrics
+                .rejected(Direction::Outbound, "no_endpoints");
+            metrics.close(0, 0);
+            return;
+        };
+        let node = pick.endpoint.node.clone();
+        let target = format!(
+            "{}:{}",
+            table.mesh_name(&backend.name),
+            backend.port.unwrap_or_default()
+        );
+        let connect = async {
+            let mut sender = context
+                .peers
+                .sender(&identity, &node, pick.endpoint.addr)
+                .await
+                .map_err(|err| err.0)?;
+            let request = Request::builder()
+                .method(Method::CONNECT)
+                .uri(target.as_str())
+                .header(DST_HEADER, http_util::header_value(backend.name.as_str()))
+                .body(http_util::empty())
+                .map_err(|err| err.to_string())?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|err| err.to_string())?;
+            if response.status() != StatusCode::OK {
+                let reason = response
+                    .headers()
+                    .get(http_util::ERROR_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                return Err(format!(
+                    "node {node} refused the tunnel: {} {reason}",
+                    response.status()
+                ));
+            }
+            hyper::upgrade::on(response)
+                .await
+                .map_err(|err| err.to_string())
+        };
+        let started = Instant::now();
+        match connect.await {
+            Ok(upgraded) => {
+                pick.success(started.elapsed());
+                break upgraded;
+            }
+            Err(err) => {
+                pick.failure();
+                debug!(service = %backend.name, error = %err, "tunnel failed");
+                if attempts > usize::from(apex.retries.max(backend.retries)) {
+                    metrics.close(0, 0);
+                    return;
+                }
+            }
+        }
+    };
+    let mut upgraded = TokioIo::new(upgraded);
+    let idle = apex.idle_timeout.or(backend.idle_timeout);
+    let (read, written) = crate::splice::splice(&mut client, &mut upgraded, idle).await;
+    let _ = client.shutdown().await;
+    metrics.close(read, written);
+}
+
+/// A redirected connection to an address that is not a mesh service: sent on as it was.
+async fn passthrough(mut client: TcpStream, dst: SocketAddr) {
+    let Ok(Ok(mut server)) =
+        tokio::time::timeout(crate::peers::CONNECT_TIMEOUT, TcpStream::connect(dst)).await
+    else {
+        return;
+    };
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+}

@@ -1,0 +1,141 @@
+//! Connections to other nodes' proxies: one long-lived mTLS connection per peer carrying
+//! multiplexed HTTP/2 — requests as streams, opaque TCP as CONNECT tunnels — so that a
+//! client opening a connection per request costs the mesh a stream, not a handshake.
+//!
+//! Invariant: at most one connection attempt per peer is in flight; requests for a peer
+//! whose connection is being set up wait for that attempt instead of starting their own.
+//! A connection that fails or is closed by the peer is dropped from the pool, and the next
+//! request dials again.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pimesh_schema::DnsLabel;
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use crate::metrics::{Direction, Metrics};
+use crate::tls::{handshake_failure_reason, Identity};
+
+/// The body of every request the proxy sends on.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// How long dialling a peer (TCP connect and TLS handshake) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why a peer could not be reached; the data path turns it into a 502.
+#[derive(Debug)]
+pub struct DialError(pub String);
+
+type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Body>>>>;
+
+/// The pool of peer connections. Cheap to clone.
+#[derive(Clone)]
+pub struct Peers {
+    slots: Arc<Mutex<HashMap<(DnsLabel, SocketAddr), Slot>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Peers {
+    pub fn new(metrics: Arc<Metrics>) -> Peers {
+        Peers {
+            slots: Arc::default(),
+            metrics,
+        }
+    }
+
+    /// A sender on the connection to `node` at `addr`, dialled with `identity` when there
+    /// is none yet (or the last one closed).
+    pub async fn sender(
+        &self,
+        identity: &Identity,
+        node: &DnsLabel,
+        addr: SocketAddr,
+    ) -> Result<SendRequest<Body>, DialError> {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(slots.entry((node.clone(), addr)).or_default())
+        };
+        let mut current = slot.lock().await;
+        if let Some(sender) = current.as_ref() {
+            if !sender.is_closed() {
+                return Ok(sender.clone());
+            }
+        }
+        *current = None;
+        let sender = self.dial(identity, node, addr).await?;
+        *current = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Forgets every pooled connection (after an identity change): open streams finish on
+    /// their connections, new requests dial with the new identity.
+    pub fn clear(&self) {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    async fn dial(
+        &self,
+        identity: &Identity,
+        node: &DnsLabel,
+        addr: SocketAddr,
+    ) -> Result<SendRequest<Body>, DialError> {
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| DialError(format!("connecting to node {node} at {addr} timed out")))?
+            .map_err(|err| DialError(format!("cannot connect to node {node} at {addr}: {err}")))?;
+        let _ = tcp.set_nodelay(true);
+        let handshake = identity
+            .connector()
+            .connect(identity.server_name(node), tcp);
+        let tls = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(err)) => {
+                let reason = handshake_failure_reason(&err);
+                self.metrics
+                    .tls_handshake_failure(Direction::Outbound, reason);
+                return Err(DialError(format!(
+                    "TLS with node {node} at {addr} failed ({reason}): {err}"
+                )));
+            }
+            Err(_) => {
+                self.metrics
+                    .tls_handshake_failure(Direction::Outbound, "timeout");
+                return Err(DialError(format!(
+                    "TLS with node {node} at {addr} timed out"
+                )));
+            }
+        };
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|err| DialError(format!("HTTP/2 with node {node} at {addr}: {err}")))?;
+        let peer = node.clone();
+        tokio::spawn(async move {
+            match connection.await {
+                Ok(()) => debug!(node = %peer, %addr, "peer connection closed"),
+                Err(err) => warn!(node = %peer, %addr, error = %err, "peer connection failed"),
+            }
+        });
+        debug!(%node, %addr, "peer connection up");
+        Ok(sender)
+    }
+}
+
+impl From<DialError> for io::Error {
+    fn from(err: DialError) -> io::Error {
+        io::Error::other(err.0)
+    }
+}

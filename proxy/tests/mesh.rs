@@ -1,0 +1,539 @@
+//! Two real proxies (nodes `a` and `b` of one site) with real backends on 127.0.0.1:
+//! every request goes client → proxy a (outbound) → mTLS HTTP/2 → proxy b (inbound) →
+//! backend, and back. Statistical assertions use bounds of six standard deviations.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Version};
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    a: Proxy,
+    b: Proxy,
+}
+
+/// Starts proxies a and b; `services` is the `[services...]` part of the config, with
+/// `{B}` standing for node b (where backends run).
+async fn mesh(site: &Site, extra: &str) -> Mesh {
+    mesh_with(site, "", extra).await
+}
+
+/// [`mesh`] with `proxy_settings` added to the `[proxy]` table.
+async fn mesh_with(site: &Site, proxy_settings: &str, extra: &str) -> Mesh {
+    // The default connection limit (10 000) may be above a test machine's open files.
+    let extra_proxy = format!("[proxy]\nmax_connections = 1000\n{proxy_settings}\n");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a_port = free_port();
+    let b_port = free_port();
+    let text = format!(
+        "site = \"{}\"\n{extra_proxy}[nodes.a]\naddress = \"127.0.0.1:{a_port}\"\n\
+         [nodes.b]\naddress = \"127.0.0.1:{b_port}\"\n{extra}",
+        site.name
+    );
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(&config, text).expect("config");
+    let a_id = site.identity_dir(dir.path(), "a", &[]);
+    let b_id = site.identity_dir(dir.path(), "b", &[]);
+    let b = Proxy::start(ProxyOptions {
+        dir: dir.path(),
+        name: "b",
+        config: &config,
+        identity: Some(&b_id),
+        inbound_port: b_port,
+        local_ip: "127.0.0.2",
+    })
+    .await;
+    let a = Proxy::start(ProxyOptions {
+        dir: dir.path(),
+        name: "a",
+        config: &config,
+        identity: Some(&a_id),
+        inbound_port: a_port,
+        local_ip: "127.0.0.1",
+    })
+    .await;
+    Mesh {
+        _dir: dir,
+        config,
+        a,
+        b,
+    }
+}
+
+type H1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn h1(addr: std::net::SocketAddr) -> H1 {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+/// `GET path` with `Host: host` on `sender`: (status, headers, body).
+async fn get(sender: &mut H1, host: &str, path: &str) -> (u16, http::HeaderMap, String) {
+    get_with(sender, host, path, &[]).await
+}
+
+async fn get_with(
+    sender: &mut H1,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, http::HeaderMap, String) {
+    let mut request = Request::get(path).header("host", host);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(Bytes::new())).expect("request");
+    sender.ready().await.expect("connection ready");
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn service(name: &str, port: u16, extra: &str) -> String {
+    format!("[services.{name}]\nport = {port}\nnodes = [\"b\"]\n{extra}\n")
+}
+
+#[tokio::test]
+async fn http1_crosses_the_mesh_by_authority_and_by_local_port() {
+    let site = Site::new("depot");
+    let web = Backend::start("web").await;
+    let local = free_port();
+    let m = mesh(
+        &site,
+        &service("web", web.port, &format!("local_port = {local}")),
+    )
+    .await;
+
+    let mut client = h1(m.a.outbound).await;
+    for host in ["web", "web.depot.pimesh", "web.depot.pimesh:80"] {
+        let (status, _, body) = get(&mut client, host, "/hello?x=1").await;
+        assert_eq!((status, body.as_str()), (200, "web\n"), "Host: {host}");
+    }
+    let mut bound = h1(([127, 0, 0, 1], local).into()).await;
+    let (status, _, body) = get(&mut bound, "anything", "/bound").await;
+    assert_eq!((status, body.as_str()), (200, "web\n"));
+
+    let seen = web.seen();
+    assert_eq!(seen.len(), 4);
+    assert_eq!(seen[0].path, "/hello");
+    assert_eq!(seen[0].version, Version::HTTP_11, "HTTP/1 in, HTTP/1 out");
+    assert_eq!(seen[0].headers["host"], "web");
+    assert!(
+        !seen[0].headers.contains_key("pimesh-dst"),
+        "the mesh's own headers stay in the mesh"
+    );
+
+    // The metrics count what was sent, on both sides of the hop.
+    let labels = "{direction=\"outbound\",dst_service=\"web\"}";
+    assert_eq!(m.a.metric(&format!("request_total{labels}")).await, 4.0);
+    let inbound = "{direction=\"inbound\",dst_service=\"web\"}";
+    assert_eq!(m.b.metric(&format!("request_total{inbound}")).await, 4.0);
+    let metrics = m.a.metrics().await;
+    assert!(
+        metrics.contains("response_total{direction=\"outbound\",dst_service=\"web\",status_code=\"200\",classification=\"success\"} 4"),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "response_latency_ms_count{direction=\"outbound\",dst_service=\"web\"}"
+        ),
+        4.0
+    );
+}
+
+#[tokio::test]
+async fn unknown_services_and_refusing_backends_get_named_errors() {
+    let site = Site::new("depot");
+    let dead_port = free_port(); // nothing listens here
+    let m = mesh(&site, &service("gone", dead_port, "")).await;
+    let mut client = h1(m.a.outbound).await;
+
+    let (status, headers, _) = get(&mut client, "nosuch", "/").await;
+    assert_eq!(status, 503);
+    let reason = headers["pimesh-proxy-error"].to_str().expect("ascii");
+    assert!(
+        reason.contains("unknown service") && reason.contains("nosuch"),
+        "{reason}"
+    );
+
+    let (status, headers, _) = get(&mut client, "gone", "/").await;
+    assert_eq!(status, 502, "Linkerd answers 502 when the app refuses");
+    let reason = headers["pimesh-proxy-error"].to_str().expect("ascii");
+    assert!(
+        reason.contains("gone") && reason.contains("refused"),
+        "{reason}"
+    );
+    assert_eq!(
+        m.a.metric("pimesh_rejected_total{direction=\"outbound\",reason=\"unknown_service\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn http2_and_streaming_cross_the_mesh() {
+    let site = Site::new("depot");
+    let grpc = Backend::start("grpc").await;
+    let local = free_port();
+    let _mesh = mesh(
+        &site,
+        &service("grpc", grpc.port, &format!("local_port = {local}")),
+    )
+    .await;
+
+    let stream = TcpStream::connect(("127.0.0.1", local))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, http_body_util::combinators::BoxBody<Bytes, std::io::Error>>(TokioIo::new(
+            stream,
+        ))
+        .await
+        .expect("h2c handshake");
+    tokio::spawn(connection);
+
+    let request = Request::get("http://grpc/unary")
+        .body(
+            Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    assert_eq!(response.version(), Version::HTTP_2);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(&body[..], b"grpc\n");
+    assert_eq!(
+        grpc.seen()[0].version,
+        Version::HTTP_2,
+        "HTTP/2 in, HTTP/2 out"
+    );
+
+    // gRPC-style bidirectional streaming: each message comes back before the next is sent.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    let body = StreamBody::new(tokio_stream_from(rx));
+    let request = Request::post("http://grpc/echo")
+        .body(body.boxed())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    let mut body = response.into_body();
+    for i in 0..5 {
+        let message = Bytes::from(format!("message {i}"));
+        tx.send(Ok(Frame::data(message.clone())))
+            .await
+            .expect("send");
+        let frame = tokio::time::timeout(DEADLINE, body.frame())
+            .await
+            .expect("the echo arrives while the stream stays open")
+            .expect("a frame")
+            .expect("data");
+        assert_eq!(frame.into_data().expect("data"), message);
+    }
+    drop(tx);
+}
+
+/// A `Stream` over an mpsc receiver (what tokio-stream's ReceiverStream does).
+fn tokio_stream_from<T>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test]
+async fn opaque_tcp_rides_a_tunnel() {
+    let site = Site::new("depot");
+    let (echo, _task) = tcp_echo().await;
+    let local = free_port();
+    let m = mesh(
+        &site,
+        &service(
+            "queue",
+            echo,
+            &format!("protocol = \"tcp\"\nlocal_port = {local}"),
+        ),
+    )
+    .await;
+    let mut stream = TcpStream::connect(("127.0.0.1", local))
+        .await
+        .expect("connect");
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut read, mut write) = stream.split();
+    let writer = async {
+        write.write_all(&payload).await.expect("write");
+        write.shutdown().await.expect("shutdown");
+    };
+    let mut echoed = Vec::new();
+    let reader = read.read_to_end(&mut echoed);
+    let (_, read_result) = tokio::time::timeout(DEADLINE, async { tokio::join!(writer, reader) })
+        .await
+        .expect("the echo finishes");
+    read_result.expect("read");
+    assert_eq!(echoed, payload);
+    drop(stream);
+
+    // Counted when the tunnel closes.
+    let deadline = Instant::now() + DEADLINE;
+    let labels = "{direction=\"outbound\",dst_service=\"queue\"}";
+    while m.a.metric(&format!("tcp_close_total{labels}")).await < 1.0 {
+        assert!(Instant::now() < deadline, "{}", m.a.metrics().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(m.a.metric(&format!("tcp_open_total{labels}")).await, 1.0);
+    assert_eq!(
+        m.a.metric(&format!("tcp_read_bytes_total{labels}")).await,
+        100_000.0
+    );
+    assert_eq!(
+        m.a.metric(&format!("tcp_write_bytes_total{labels}")).await,
+        100_000.0
+    );
+}
+
+#[tokio::test]
+async fn the_split_sends_ten_percent_to_the_canary() {
+    let site = Site::new("depot");
+    let stable = Backend::start("stable").await;
+    let canary = Backend::start("canary").await;
+    let services = format!(
+        "{}{}[services.staff]\nsplit = [{{ service = \"stable\", weight = 90 }}, {{ service = \"canary\", weight = 10 }}]\n",
+        service("stable", stable.port, ""),
+        service("canary", canary.port, ""),
+    );
+    let m = mesh(&site, &services).await;
+    let mut client = h1(m.a.outbound).await;
+    let n = 1000;
+    let mut to_canary = 0;
+    for _ in 0..n {
+        let (status, _, body) = get(&mut client, "staff", "/").await;
+        assert_eq!(status, 200);
+        if body == "canary\n" {
+            to_canary += 1;
+        }
+    }
+    // Binomial(1000, 0.1): mean 100, standard deviation 9.5.
+    assert!(
+        (43..=157).contains(&to_canary),
+        "{to_canary} of {n} went to the canary"
+    );
+    assert_eq!(canary.seen().len(), to_canary);
+    assert_eq!(
+        m.a.metric("pimesh_split_total{service=\"staff\",backend=\"canary\"}")
+            .await,
+        f64::from(u32::try_from(to_canary).expect("small"))
+    );
+}
+
+#[tokio::test]
+async fn faults_abort_and_delay_their_share_of_requests() {
+    let site = Site::new("depot");
+    let web = Backend::start("web").await;
+    let m = mesh(
+        &site,
+        &service(
+            "web",
+            web.port,
+            "fault = { abort = { status = 503, percent = 30.0 }, delay = { duration = \"20ms\", percent = 10.0 } }",
+        ),
+    )
+    .await;
+    let mut client = h1(m.a.outbound).await;
+    let n = 1000;
+    let (mut aborted, mut slow) = (0u32, 0u32);
+    for _ in 0..n {
+        let started = Instant::now();
+        let (status, headers, _) = get(&mut client, "web", "/").await;
+        if started.elapsed() >= Duration::from_millis(20) {
+            slow += 1;
+        }
+        match status {
+            200 => {}
+            503 => {
+                assert_eq!(headers["pimesh-fault"], "abort");
+                aborted += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    // Binomial(1000, 0.3): mean 300, sd 14.5; Binomial(1000, 0.1): mean 100, sd 9.5.
+    assert!((213..=387).contains(&aborted), "{aborted} aborted");
+    let delayed =
+        m.a.metric("pimesh_fault_injected_total{dst_service=\"web\",kind=\"delay\"}")
+            .await;
+    assert!((43.0..=157.0).contains(&delayed), "{delayed} delayed");
+    assert!(
+        f64::from(slow) >= delayed,
+        "every delayed request took the delay"
+    );
+    assert_eq!(
+        m.a.metric("pimesh_fault_injected_total{dst_service=\"web\",kind=\"abort\"}")
+            .await,
+        f64::from(aborted)
+    );
+    assert_eq!(
+        web.seen().len(),
+        usize::try_from(n - aborted).expect("small"),
+        "aborted requests never reach the app"
+    );
+}
+
+#[tokio::test]
+async fn trace_context_reaches_the_backend_and_spans_the_collector() {
+    let site = Site::new("depot");
+    let web = Backend::start("web").await;
+    let collector = Collector::start().await;
+    let zipkin = format!("zipkin_url = \"{}\"", collector.url);
+    let m = mesh_with(&site, &zipkin, &service("web", web.port, "")).await;
+    let mut client = h1(m.a.outbound).await;
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace_id}-{client_span}-01");
+    let (status, _, _) = get_with(
+        &mut client,
+        "web",
+        "/traced",
+        &[("traceparent", &traceparent)],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let seen = web.seen();
+    let arrived = seen[0].headers["traceparent"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let parts: Vec<&str> = arrived.split('-').collect();
+    assert_eq!(parts.len(), 4, "{arrived}");
+    assert_eq!(parts[1], trace_id, "same trace");
+    assert_ne!(parts[2], client_span, "the proxies add their spans");
+
+    // B3 multi-header arrives as B3 multi-header.
+    let (status, _, _) = get_with(
+        &mut client,
+        "web",
+        "/b3",
+        &[
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-sampled", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let seen = web.seen();
+    assert_eq!(seen[1].headers["x-b3-traceid"], "463ac35c9f6413ad");
+    assert_ne!(seen[1].headers["x-b3-spanid"], "a2fb4a1d1a96d312");
+
+    // Both hops export a span; the chain of parents is client → a → b → backend.
+    let deadline = Instant::now() + DEADLINE;
+    let spans = loop {
+        let spans: Vec<_> = collector
+            .spans()
+            .into_iter()
+            .filter(|s| s["traceId"] == trace_id)
+            .collect();
+        if spans.len() >= 2 {
+            break spans;
+        }
+        assert!(Instant::now() < deadline, "spans did not arrive: {spans:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let client_side = spans
+        .iter()
+        .find(|s| s["kind"] == "CLIENT")
+        .expect("proxy a's span");
+    let server_side = spans
+        .iter()
+        .find(|s| s["kind"] == "SERVER")
+        .expect("proxy b's span");
+    assert_eq!(client_side["parentId"], client_span);
+    assert_eq!(server_side["parentId"], client_side["id"]);
+    assert_eq!(
+        server_side["id"], parts[2],
+        "the backend's parent is b's span"
+    );
+    assert_eq!(client_side["tags"]["http.status_code"], "200");
+}
+
+#[tokio::test]
+async fn a_reload_keeps_open_connections_and_adds_routes() {
+    let site = Site::new("depot");
+    let web = Backend::start("web").await;
+    let api = Backend::start("api").await;
+    let (echo, _task) = tcp_echo().await;
+    let tcp_port = free_port();
+    let before = format!(
+        "{}{}",
+        service("web", web.port, ""),
+        service(
+            "queue",
+            echo,
+            &format!("protocol = \"tcp\"\nlocal_port = {tcp_port}")
+        )
+    );
+    let m = mesh(&site, &before).await;
+    let mut client = h1(m.a.outbound).await;
+    assert_eq!(get(&mut client, "web", "/").await.0, 200);
+    assert_eq!(get(&mut client, "api", "/").await.0, 503);
+    let mut tunnel = TcpStream::connect(("127.0.0.1", tcp_port))
+        .await
+        .expect("connect");
+    tunnel.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 4];
+    tunnel.read_exact(&mut buf).await.expect("echo");
+
+    let text = std::fs::read_to_string(&m.config).expect("config");
+    replace(
+        &m.config,
+        &format!("{text}{}", service("api", api.port, "")),
+    );
+    m.a.signal(nix::sys::signal::Signal::SIGHUP);
+    m.b.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + DEADLINE;
+    while get(&mut client, "api", "/").await.0 != 200 {
+        assert!(Instant::now() < deadline, "the new route never appeared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The same client connection and the same tunnel carry on.
+    assert_eq!(get(&mut client, "web", "/").await.2, "web\n");
+    tunnel.write_all(b"pong").await.expect("write");
+    tunnel
+        .read_exact(&mut buf)
+        .await
+        .expect("echo after reload");
+    assert_eq!(&buf, b"pong");
+    assert!(
+        m.a.metric("pimesh_config_reloads_total{result=\"ok\"}")
+            .await
+            >= 1.0,
+        "{}",
+        m.a.metrics().await
+    );
+}
