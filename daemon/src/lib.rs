@@ -8,15 +8,20 @@ pub mod logging;
 pub mod notify;
 
 /// Resolves on SIGTERM (systemd stopping the unit) or SIGINT (a terminal).
-pub async fn shutdown_signal() -> std::io::Result<()> {
+pub fn shutdown_signal() -> impl std::future::Future<Output = std::io::Result<()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = interrupt.recv() => {}
+    // The handlers are installed here, not when the future is first polled: a SIGTERM
+    // that arrives before the caller's first await must not take the default action.
+    let term = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        let (mut term, mut interrupt) = (term?, interrupt?);
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// How many threads a daemon's runtime has.

@@ -126,6 +126,7 @@ impl<E: Clone> Balancer<E> {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.endpoints.len()
     }
@@ -320,13 +321,13 @@ mod tests {
         assert!(counts[0] > 3_000 && counts[1] > 3_000, "{counts:?}");
     }
 
-    /// A pick of endpoint `i`, whichever the balancer would choose.
-    fn pick_of(balancer: &Balancer<usize>, i: usize, now: Instant) -> Pick<usize> {
-        loop {
-            let pick = balancer.pick_at(now).expect("pick");
-            if pick.endpoint == i {
-                return pick;
-            }
+    /// A pick of endpoint `i`, made as `pick_at` makes one, whatever the costs.
+    fn pick_of(balancer: &Balancer<usize>, i: usize) -> Pick<usize> {
+        balancer.stats[i].in_flight.fetch_add(1, Ordering::Relaxed);
+        Pick {
+            endpoint: i,
+            stats: Arc::clone(&balancer.stats[i]),
+            epoch: balancer.epoch,
         }
     }
 
@@ -335,17 +336,17 @@ mod tests {
         fastrand::seed(3);
         let balancer = Balancer::new(vec![0, 1]);
         let now = Instant::now();
-        pick_of(&balancer, 0, now).success_at(Duration::from_millis(5), now);
-        pick_of(&balancer, 1, now).success_at(Duration::from_millis(10), now);
+        pick_of(&balancer, 0).success_at(Duration::from_millis(5), now);
+        pick_of(&balancer, 1).success_at(Duration::from_millis(10), now);
         // With two endpoints both are always the candidates: the faster one wins.
         assert_eq!(counts(&balancer, 100, now), vec![100, 0]);
-        // One request in flight on 0: 5 ms × 2 = 10 ms, a tie, still 0 (first candidate
-        // on ties, so split by the random order).
         let first = balancer.pick_at(now).expect("pick");
         assert_eq!(first.endpoint, 0);
+        // One request in flight on 0: 5 ms × 2 = 10 ms, a tie with 1.
         assert_eq!(balancer.stats[0].cost(now), 10e6);
+        assert_eq!(balancer.stats[1].cost(now), 10e6);
         // Two in flight: 15 ms > 10 ms, 1 wins.
-        let second = pick_of(&balancer, 0, now);
+        let second = pick_of(&balancer, 0);
         assert_eq!(counts(&balancer, 100, now), vec![0, 100]);
         // Dropping picks (recorded or not) ends their in-flight count.
         drop(second);

@@ -39,7 +39,9 @@ type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Body>>>>;
 /// The pool of peer connections. Cheap to clone.
 #[derive(Clone)]
 pub struct Peers {
-    slots: Arc<Mutex<HashMap<(DnsLabel, SocketAddr), Slot>>>,
+    /// Keyed by the peer's address alone (one node per address), so that a lookup
+    /// allocates nothing.
+    slots: Arc<Mutex<HashMap<SocketAddr, Slot>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -61,7 +63,7 @@ impl Peers {
     ) -> Result<SendRequest<Body>, DialError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(slots.entry((node.clone(), addr)).or_default())
+            Arc::clone(slots.entry(addr).or_default())
         };
         let mut current = slot.lock().await;
         if let Some(sender) = current.as_ref() {

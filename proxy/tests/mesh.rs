@@ -537,3 +537,46 @@ async fn a_reload_keeps_open_connections_and_adds_routes() {
         m.a.metrics().await
     );
 }
+
+#[tokio::test]
+async fn sigterm_lets_a_request_in_flight_finish_then_exits() {
+    let site = Site::new("depot");
+    let web = Backend::start("web").await;
+    let mut m = mesh(
+        &site,
+        &service(
+            "web",
+            web.port,
+            "fault = { delay = { duration = \"1s\", percent = 100.0 } }",
+        ),
+    )
+    .await;
+    let mut client = h1(m.a.outbound).await;
+    let in_flight = tokio::spawn(async move { get(&mut client, "web", "/slow").await });
+    // The request is inside proxy a (held by the delay) when the drain starts.
+    let deadline = Instant::now() + DEADLINE;
+    while m
+        .a
+        .metric("pimesh_fault_injected_total{dst_service=\"web\",kind=\"delay\"}")
+        .await
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "the request never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    m.a.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, _, body) = tokio::time::timeout(DEADLINE, in_flight)
+        .await
+        .expect("the request finishes")
+        .expect("the client task");
+    assert_eq!((status, body.as_str()), (200, "web\n"));
+    let exit = loop {
+        if let Some(status) = m.a.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running after the drain");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit}\n{}", m.a.log_text());
+    assert!(m.a.log_text().contains("all connections finished"));
+}
