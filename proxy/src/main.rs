@@ -24,6 +24,7 @@ mod drain;
 mod http_util;
 mod inbound;
 mod listeners;
+mod memory;
 mod metrics;
 mod node_identity;
 mod original_dst;
@@ -161,6 +162,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
             _ = poll.tick() => {
                 reloader.poll();
                 identity_reloader.poll();
+                memory::release_free_pages();
             }
             Ok(()) = snapshots.changed() => {
                 let ok = snapshots.borrow_and_update().last_error.is_none();

@@ -40,6 +40,10 @@ use crate::trace;
 /// opaque TCP (a server-speaks-first protocol).
 pub const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How many other endpoints a request tries when a node cannot be reached (nothing was
+/// sent, so this is safe for any request), within the retry budget.
+const MAX_REDIALS: u8 = 2;
+
 /// How a client connection reached the outbound side.
 #[derive(Debug, Clone)]
 pub enum Entry {
@@ -127,15 +131,14 @@ async fn serve_http(
     });
     let result = match proto {
         ClientProto::H1 => {
+            let max_header = usize::try_from(settings.max_header_bytes).unwrap_or(usize::MAX);
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(settings.header_timeout.0)
-                .max_buf_size(
-                    usize::try_from(settings.max_header_bytes)
-                        .unwrap_or(usize::MAX)
-                        .max(8192),
-                );
+                .max_header_size(max_header)
+                // Request heads are buffered whole; bodies stream through.
+                .max_buf_size(max_header.max(8192));
             let connection = builder.serve_connection(io, service);
             tokio::pin!(connection);
             tokio::select! {
@@ -358,6 +361,7 @@ async fn forward(
     let max_retries = apex.retries.max(backend.retries);
     let mut body = Some(body.boxed());
     let mut retries = 0u8;
+    let mut redials = 0u8;
     loop {
         let Some(pick) = backend.endpoints.pick() else {
             context
@@ -371,8 +375,8 @@ async fn forward(
                 ),
             );
         };
-        let may_retry = |retries: u8| {
-            if retries >= max_retries {
+        let may_retry = |done: u8, limit: u8| {
+            if done >= limit {
                 return false;
             }
             if table.budget.try_withdraw() {
@@ -392,9 +396,10 @@ async fn forward(
             Ok(sender) => sender,
             Err(err) => {
                 pick.failure();
-                // Nothing was sent: any request may go to another endpoint.
-                if may_retry(retries) {
-                    retries += 1;
+                // Nothing was sent: any request may go to another endpoint, whatever the
+                // service's `retries`.
+                if may_retry(redials, MAX_REDIALS) {
+                    redials += 1;
                     continue;
                 }
                 return error_response(StatusCode::BAD_GATEWAY, &err.0);
@@ -434,7 +439,7 @@ async fn forward(
             }
             Err(err) => {
                 pick.failure();
-                if retryable && may_retry(retries) {
+                if retryable && may_retry(retries, max_retries) {
                     retries += 1;
                     continue;
                 }

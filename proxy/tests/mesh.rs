@@ -580,3 +580,49 @@ async fn sigterm_lets_a_request_in_flight_finish_then_exits() {
     assert!(exit.success(), "{exit}\n{}", m.a.log_text());
     assert!(m.a.log_text().contains("all connections finished"));
 }
+
+#[tokio::test]
+async fn an_unreachable_node_is_retried_elsewhere_and_a_slow_one_times_out() {
+    let site = Site::new("depot");
+    let web = Backend::start("web").await;
+    let dead = free_port(); // node c's proxy: nothing listens there
+    let services = format!(
+        "[nodes.c]\naddress = \"127.0.0.1:{dead}\"\n\
+         [services.web]\nport = {}\nnodes = [\"b\", \"c\"]\n\
+         [services.slow]\nport = {}\nnodes = [\"b\"]\ntimeout = \"200ms\"\n\
+         fault = {{ delay = {{ duration = \"5s\", percent = 100.0 }} }}\n",
+        web.port, web.port
+    );
+    let m = mesh(&site, &services).await;
+    // Sixty requests at once, on their own connections: with every endpoint unmeasured
+    // and then b loaded, the balancer sends many of them to c first.
+    let outbound = m.a.outbound;
+    let wave: Vec<_> = (0..60)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut client = h1(outbound).await;
+                get(&mut client, "web", "/").await
+            })
+        })
+        .collect();
+    for request in wave {
+        let (status, headers, body) = request.await.expect("request task");
+        assert_eq!((status, body.as_str()), (200, "web\n"), "{headers:?}");
+    }
+    let retried =
+        m.a.metric("pimesh_retry_total{direction=\"outbound\",dst_service=\"web\"}")
+            .await;
+    assert!(
+        retried >= 1.0,
+        "node c was tried, and each such request went to b"
+    );
+
+    let mut client = h1(m.a.outbound).await;
+    let (status, headers, _) = get(&mut client, "slow", "/").await;
+    assert_eq!(status, 504);
+    let reason = headers["pimesh-proxy-error"].to_str().expect("ascii");
+    assert!(
+        reason.contains("timeout") && reason.contains("slow"),
+        "{reason}"
+    );
+}
