@@ -20,6 +20,7 @@ use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pimesh_schema::cluster::Protocol;
 use pimesh_schema::DnsLabel;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
@@ -94,23 +95,26 @@ pub async fn serve(
             None => return passthrough(stream, *dst).await,
         },
     };
-    let detected = match fixed.as_ref().map(|route| route.protocol) {
-        Some(pimesh_schema::cluster::Protocol::Tcp) => Detected::Opaque,
+    let protocol = fixed.as_ref().map(|route| route.protocol);
+    let detected = match protocol {
+        Some(Protocol::Tcp) => Detected::Opaque,
         _ => detect(&stream, DETECT_TIMEOUT).await,
     };
+    // Only an `auto` service's port carries what is not HTTP as opaque TCP. On the proxy
+    // port and an `http` service's port, HTTP/1 answers garbage with 400 and silence with
+    // the header timeout.
+    let opaque_allowed = matches!(protocol, Some(Protocol::Auto | Protocol::Tcp));
     match (detected, fixed) {
         (Detected::Closed, _) => {}
+        // Boxed: a task's future is as large as its largest state, and each idle client
+        // connection holds one; the states differ a lot in size.
         (Detected::Http2, fixed) => {
-            serve_http(context, stream, fixed, ClientProto::H2, drain).await
+            Box::pin(serve_http(context, stream, fixed, ClientProto::H2, drain)).await
         }
-        (Detected::Http1, fixed) | (Detected::Opaque | Detected::Silent, fixed @ None) => {
-            // On the proxy port anything that is not HTTP/2 is served as HTTP/1, which
-            // answers garbage with 400 and silence with the header timeout.
-            serve_http(context, stream, fixed, ClientProto::H1, drain).await
+        (Detected::Opaque | Detected::Silent, Some(route)) if opaque_allowed => {
+            Box::pin(tunnel(context, &table, stream, route, drain)).await
         }
-        (Detected::Opaque | Detected::Silent, Some(route)) => {
-            tunnel(context, &table, stream, route, drain).await
-        }
+        (_, fixed) => Box::pin(serve_http(context, stream, fixed, ClientProto::H1, drain)).await,
     }
 }
 

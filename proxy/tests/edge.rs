@@ -22,7 +22,7 @@ async fn node(site: &Site, proxy_settings: &str) -> Node {
     let web = Backend::start("web").await;
     let port = free_port();
     let config = dir.path().join("cluster.toml");
-    // The default (10 000) may be above a test machine's open-file limit.
+    // Low, so that many test proxies fit the open-file limit.
     let limit = if proxy_settings.contains("max_connections") {
         ""
     } else {

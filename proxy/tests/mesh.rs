@@ -31,7 +31,7 @@ async fn mesh(site: &Site, extra: &str) -> Mesh {
 
 /// [`mesh`] with `proxy_settings` added to the `[proxy]` table.
 async fn mesh_with(site: &Site, proxy_settings: &str, extra: &str) -> Mesh {
-    // The default connection limit (10 000) may be above a test machine's open files.
+    // The connection limit is set low so that many test proxies fit the open-file limit.
     let extra_proxy = format!("[proxy]\nmax_connections = 1000\n{proxy_settings}\n");
     let dir = tempfile::tempdir().expect("temp dir");
     let a_port = free_port();

@@ -98,7 +98,9 @@ impl Default for K3sSettings {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxySettings {
-    /// Open client connections a proxy accepts before refusing new ones.
+    /// Open connections a proxy accepts before refusing new ones, counted apart for local
+    /// apps and for other nodes' proxies. Each needs two open files; the default fits
+    /// common hard limits (systemd's 524288, containers' 20000) with room to spare.
     pub max_connections: u32,
     /// Largest request head (request line and headers) accepted, in bytes.
     pub max_header_bytes: u32,
@@ -113,7 +115,7 @@ pub struct ProxySettings {
 impl Default for ProxySettings {
     fn default() -> Self {
         ProxySettings {
-            max_connections: 10_000,
+            max_connections: 4_096,
             max_header_bytes: 16 * 1024,
             header_timeout: HumanDuration(Duration::from_secs(10)),
             retry_budget_percent: 20,

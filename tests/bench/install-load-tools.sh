@@ -8,10 +8,8 @@
 set -euo pipefail
 
 OHA_VERSION="${OHA_VERSION:-1.16.0}"
-# Plain HTTP only: no TLS backend in oha (halves its build time, no aws-lc).
-OHA_FEATURES="${OHA_FEATURES:-nofeatures}"
 TOOLS_DIR="${PIMESH_TOOLS_DIR:-/var/cache/pimesh/tools}"
-OHA_ROOT="$TOOLS_DIR/oha-$OHA_VERSION-$OHA_FEATURES"
+OHA_ROOT="$TOOLS_DIR/oha-$OHA_VERSION"
 
 log() { echo "install-load-tools: $*" >&2; }
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -66,15 +64,14 @@ if [ -x "$oha_bin" ] && "$oha_bin" --version >/dev/null 2>&1; then
   log "oha $OHA_VERSION cached at $oha_bin"
 else
   have cargo || { log "cargo not found: oha needs the Rust toolchain (rustup)"; exit 1; }
-  log "building oha $OHA_VERSION (cargo install --locked, ~3-6 min on 2 cores)"
+  log "building oha $OHA_VERSION (cargo install --locked, ~6 min on 2 idle cores)"
   mkdir -p "$TOOLS_DIR"
+  rm -rf "$TOOLS_DIR"/oha-*.tmp.*   # what an interrupted or failed build left
   tmp_root="$OHA_ROOT.tmp.$$"
-  rm -rf "$tmp_root"
-  feat=()
-  [ "$OHA_FEATURES" = nofeatures ] && feat=(--no-default-features)
-  # Build in its own target dir, never the workspace's.
+  # Default features: oha 1.16 does not compile without its TLS feature. Its own target dir,
+  # never the workspace's; kept on failure so a retry reuses what was built.
   CARGO_TARGET_DIR="$TOOLS_DIR/.build-oha-$OHA_VERSION" \
-    cargo install oha --version "=$OHA_VERSION" --locked "${feat[@]}" --root "$tmp_root" >&2
+    cargo install oha --version "=$OHA_VERSION" --locked --root "$tmp_root" >&2
   rm -rf "$OHA_ROOT"
   mv "$tmp_root" "$OHA_ROOT"
   rm -rf "$TOOLS_DIR/.build-oha-$OHA_VERSION"

@@ -13,11 +13,13 @@ request), oha at a fixed 5000 req/s with latency correction (p50/p99 and the p99
 direct), and the proxies' VmRSS idle and with 1000 open idle client connections on proxy A.
 
 On 2 cores the load generator, nginx and both proxies share the machine: requests/s are
-bounded by that sharing, CPU per request and latency at a fixed rate are what compare.
+bounded by that sharing, CPU per request and latency at a fixed rate are what compare. A
+note says how much CPU other processes (builds, tests) took during each row's runs: with
+much of it, latency figures above all are not comparable.
 
 Environment (all optional):
   OHA                 oha binary (default: found on PATH or under /var/cache/pimesh/tools)
-  PIMESH_BIN_DIR      where pimesh-proxy and pimesh-ctl are (default: target/release)
+  PIMESH_BIN_DIR      where pimesh-proxy and pimeshctl (package pimesh-ctl) are (default: target/release)
   PIMESH_BUILD_ERROR  set by the Makefile when the build failed: the pimesh row says why
   BENCH_DURATION      seconds per wrk/oha run (default 10)
   BENCH_ROWS          comma list of rows to run (default direct,haproxy,pimesh)
@@ -59,6 +61,9 @@ PIMESH_B_OUTBOUND = "127.0.0.2:24140"
 PIMESH_A_ADMIN = "127.0.0.1:24191"
 PIMESH_B_ADMIN = "127.0.0.1:24291"
 PIMESH_LOCAL_PORT = 18080
+PIMESH_MAX_CONNECTIONS = 4000
+# Seconds the idle connections are held before their RSS is read.
+IDLE_SETTLE_S = 3
 
 GOALS = {
     "cpu_us": 25.0,         # keepalive, both hops, per request
@@ -369,7 +374,9 @@ def start_pimesh_pair(procs, tmp, backend_port):
     bin_dir = os.environ.get("PIMESH_BIN_DIR") or os.path.join(
         os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target"), "release")
     proxy = os.path.join(bin_dir, "pimesh-proxy")
-    ctl = os.path.join(bin_dir, "pimesh-ctl")
+    # The pimesh-ctl package's binary is `pimeshctl`.
+    ctl = next((os.path.join(bin_dir, n) for n in ("pimeshctl", "pimesh-ctl")
+                if os.access(os.path.join(bin_dir, n), os.X_OK)), os.path.join(bin_dir, "pimeshctl"))
     for b in (proxy, ctl):
         if not os.access(b, os.X_OK):
             raise Unavailable(f"pimesh-proxy did not become ready: {b} not built")
@@ -392,6 +399,11 @@ port = {backend_port}
 nodes = ["b"]
 local_port = {PIMESH_LOCAL_PORT}
 protocol = "http"
+
+# As HAProxy's maxconn here. The default (10000) needs 20064 open files, above this
+# machine's hard limit (20000), which a sandbox without CAP_SYS_RESOURCE cannot raise.
+[proxy]
+max_connections = {PIMESH_MAX_CONNECTIONS}
 """)
     def argv(node, inbound, outbound, admin, local_ip):
         return [proxy, "--config", conf, "--identity-dir", ids[node],
@@ -420,9 +432,44 @@ def cpu_of(pids):
     return sum(cpu_ticks(p) for p in pids)
 
 
+# CPU that other processes on the machine took during the load runs (noise), per row:
+# machine busy time (/proc/stat) less the bench's own processes (nginx, the proxies, the
+# load tools as reaped children).
+OWN_PIDS = []
+NOISE = {}
+CURRENT_ROW = [None]
+
+
+def machine_ticks():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]  # idle + iowait
+    return sum(v[:8]) - idle, sum(v[:8])
+
+
+def children_ticks():
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (ru.ru_utime + ru.ru_stime) * CLK_TCK
+
+
 def run_tool(argv, timeout):
+    def own():
+        total = children_ticks()
+        for pid in OWN_PIDS:
+            try:
+                total += cpu_ticks(pid)
+            except OSError:
+                pass
+        return total
+    busy0, all0 = machine_ticks()
+    own0 = own()
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                        stdin=subprocess.DEVNULL)
+    busy1, all1 = machine_ticks()
+    other = max((busy1 - busy0) - (own() - own0), 0)
+    acc = NOISE.setdefault(CURRENT_ROW[0], [0.0, 0.0])
+    acc[0] += other
+    acc[1] += all1 - all0
     if r.returncode != 0:
         raise RuntimeError(f"{argv[0]} exited {r.returncode}: {(r.stderr or r.stdout).strip()[-400:]}")
     return r.stdout
@@ -483,13 +530,17 @@ def oha_fixed_rate(url, pids):
     summary = data["summary"]
     pct = data["latencyPercentiles"]
     ok = sum(v for k, v in data.get("statusCodeDistribution", {}).items() if k == "200")
-    errors = sum(data.get("errorDistribution", {}).values())
+    # Requests still in flight when -z ends are cut off: not failures.
+    errs = {k: v for k, v in data.get("errorDistribution", {}).items()
+            if "aborted due to deadline" not in k}
+    errors = sum(errs.values())
     return {
         "p50_ms": pct["p50"] * 1e3,
         "p99_ms": pct["p99"] * 1e3,
         "rps": summary.get("requestsPerSec"),
         "ok": ok,
         "errors": errors,
+        "error_kinds": errs,
         "success": summary.get("successRate"),
         "cpu_us": ((after - before) / CLK_TCK * 1e6 / ok) if (pids and ok) else None,
     }
@@ -547,7 +598,9 @@ def measure_row(name, url, pids):
         log(f"{name}: {IDLE_CONNS} idle client connections")
         socks = hold_idle_connections(url, IDLE_CONNS)
         try:
-            time.sleep(1)
+            # Steady state of 1000 idle connections, not the burst of their 1000
+            # simultaneous first requests: the same wait for every row.
+            time.sleep(IDLE_SETTLE_S)
             row["rss_1000"] = [rss_kib(p) for p in pids]
         finally:
             for s in socks:
@@ -589,7 +642,8 @@ def print_table(rows, notes):
         lines.append([name, f"{ka['rps']:.0f}", fmt(ka["cpu_us"], ".1f"), f"{cl['rps']:.0f}",
                       fmt(cl["cpu_us"], ".1f"), f"{fx['p50_ms']:.2f}", f"{fx['p99_ms']:.2f}",
                       fmt(added, "+.2f"), rss("rss_idle"), rss("rss_1000")])
-    widths = [max(len(hdr[i]), *(len(l[i]) for l in lines if len(l) > i)) for i in range(len(hdr))]
+    widths = [max([len(hdr[i])] + [len(l[i]) for l in lines if len(l) == len(hdr)])
+              for i in range(len(hdr))]
     def render(cells):
         if len(cells) == 2 and len(hdr) > 2:
             return f"{cells[0]:<{widths[0]}} | {cells[1]}"
@@ -606,6 +660,8 @@ def print_table(rows, notes):
     print(f"keepalive: wrk -t{WRK_THREADS} -c{WRK_CONNS}; conn-close: wrk -t{WRK_THREADS} "
           f"-c{CLOSE_CONNS} -H 'Connection: close'; fixed rate: oha -q {RATE} -c{OHA_CONNS} "
           f"--latency-correction. CPU = utime+stime of both proxy processes / requests.")
+    print("conn-close: HAProxy in TCP mode makes a TLS handshake A->B per client connection; "
+          "a proxy that keeps its A->B mTLS connections open does not.")
     print_goals(rows, direct_p99)
     for n in notes:
         print(f"note: {n}")
@@ -659,7 +715,14 @@ def print_goals(rows, direct_p99):
 # --------------------------------------------------------------------------- main
 
 def raise_nofile():
+    """Up to 65536 open files for the bench and what it starts (as a unit's LimitNOFILE)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 65536:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))  # root only
+            soft, hard = 65536, 65536
+        except (ValueError, OSError):
+            pass
     want = max(soft, min(hard, 65536))
     if want > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
@@ -686,12 +749,13 @@ def main():
     rows, notes = {}, []
     try:
         backend_port = free_port()
-        start_nginx(procs, tmp, backend_port)
+        nginx = start_nginx(procs, tmp, backend_port)
         direct_url = f"http://127.0.0.1:{backend_port}/"
         check_body(direct_url)
         for name in wanted:
             pair = []
             mark = len(procs.procs)
+            CURRENT_ROW[0] = name
             try:
                 if name == "direct":
                     url, pair = direct_url, []
@@ -701,12 +765,21 @@ def main():
                     pair, url = start_pimesh_pair(procs, tmp, backend_port)
                 else:
                     raise Unavailable(f"unknown row {name!r}")
+                OWN_PIDS[:] = [nginx.pid] + [p.pid for p in pair]
                 rows[name] = measure_row(name, url, [p.pid for p in pair])
                 for part in ("keepalive", "close", "fixed"):
                     r = rows[name][part]
                     errs = r.get("errors") or 0
                     if errs:
-                        notes.append(f"{name} {part}: {errs} failed requests (not counted)")
+                        kinds = r.get("error_kinds")
+                        notes.append(f"{name} {part}: {errs} failed requests (not counted)"
+                                     + (f": {kinds}" if kinds else ""))
+                busy = NOISE.get(name)
+                if busy and busy[1]:
+                    share = 100.0 * busy[0] / busy[1]
+                    notes.append(f"{name}: other processes on the machine took {share:.0f}% of "
+                                 f"its CPU during the runs"
+                                 + (" (noisy: figures less reliable)" if share > 10 else ""))
                 if rows[name]["fixed"]["rps"] and rows[name]["fixed"]["rps"] < RATE * 0.95:
                     notes.append(f"{name}: oha reached only {rows[name]['fixed']['rps']:.0f} "
                                  f"of {RATE} req/s")
