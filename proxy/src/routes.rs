@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pimesh_schema::cluster::{ClusterConfig, Fault, Protocol, ProxySettings};
+use pimesh_schema::cluster::{ClusterConfig, Fault, Protocol, ProxySettings, Service};
 use pimesh_schema::{DnsLabel, SpiffeId};
 
 use crate::balance::Balancer;
@@ -141,8 +141,11 @@ impl RouteTable {
                 None => None,
             }
         };
-        let concrete = |name: &DnsLabel| -> Arc<ServiceRoute> {
-            let service = &config.services[name];
+        let compile_service = |name: &DnsLabel,
+                               service: &Service,
+                               split: Vec<(Arc<ServiceRoute>, u32)>|
+         -> Arc<ServiceRoute> {
+            let split_total = split.iter().map(|(_, w)| u64::from(*w)).sum();
             let endpoints = service
                 .nodes
                 .iter()
@@ -157,8 +160,8 @@ impl RouteTable {
                 name: name.clone(),
                 protocol: service.protocol,
                 port: service.port,
-                split: Vec::new(),
-                split_total: 0,
+                split,
+                split_total,
                 fault: service.fault.clone(),
                 timeout: service.timeout.map(|d| d.0),
                 idle_timeout: service.idle_timeout.map(|d| d.0),
@@ -180,7 +183,12 @@ impl RouteTable {
             .services
             .iter()
             .filter(|(_, s)| s.split.is_empty())
-            .map(|(name, _)| (name.as_str().to_owned(), concrete(name)))
+            .map(|(name, service)| {
+                (
+                    name.as_str().to_owned(),
+                    compile_service(name, service, Vec::new()),
+                )
+            })
             .collect();
         for (name, service) in config.services.iter().filter(|(_, s)| !s.split.is_empty()) {
             let split: Vec<_> = service
@@ -193,12 +201,8 @@ impl RouteTable {
                         .map(|route| (Arc::clone(route), b.weight))
                 })
                 .collect();
-            let split_total = split.iter().map(|(_, w)| u64::from(*w)).sum();
-            let mut route = Arc::into_inner(concrete(name))
-                .unwrap_or_else(|| unreachable!("a freshly built route has exactly one owner"));
-            route.split = split;
-            route.split_total = split_total;
-            services.insert(name.as_str().to_owned(), Arc::new(route));
+            let apex = compile_service(name, service, split);
+            services.insert(name.as_str().to_owned(), apex);
         }
         let mut by_addr = HashMap::new();
         let mut by_port = HashMap::new();

@@ -132,6 +132,18 @@ async fn a_slowloris_client_is_cut_off_at_the_header_timeout() {
         1.0,
     )
     .await;
+
+    // A keep-alive connection that stays idle after its response is closed the same way.
+    let mut idle = TcpStream::connect(n.proxy.outbound).await.expect("connect");
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 512];
+    let len = idle.read(&mut buf).await.expect("read");
+    assert!(buf[..len].starts_with(b"HTTP/1.1 200"));
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(DEADLINE, idle.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the idle keep-alive connection was closed");
 }
 
 #[tokio::test]

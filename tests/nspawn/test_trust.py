@@ -12,6 +12,7 @@ knows the same anchor, with no enrollment by hand.
 """
 
 import hashlib
+import json
 import os
 import ssl
 import stat
@@ -83,6 +84,18 @@ def test_an_init_node_imports_the_operators_anchor_and_enrolls_itself():
         site.wait_committed(site.publish(config))
         assert site.proxy_config()["sha256"] == sha256_hex(config)
         assert site.central_report()["state"] == "applied"
+
+        # The proxy (a DynamicUser unit) gets the node's certificate, key and the site's
+        # anchor as systemd credentials when it starts: it now holds the node identity.
+        container.systemctl("restart", "pimesh-proxy.service")
+
+        def proxy_identity():
+            code, body = container.http_get("http://127.0.0.1:4191/config")
+            return json.loads(body).get("identity") if code == 200 else None
+
+        identity = container.wait_for("the proxy's node identity", proxy_identity)
+        assert identity["node"] == site.node and identity["site"] == site.name
+        assert f"spiffe://{site.name}/node/{site.node}" in identity["ids"]
     finally:
         site.close()
 
