@@ -55,14 +55,20 @@ impl Context {
             connector.set_nodelay(true);
             connector
         };
+        // A burst of requests opens as many app connections as it needs; afterwards only
+        // this many per app stay pooled, so a burst does not leave its size in memory.
+        const IDLE_APP_CONNECTIONS: usize = 32;
         Context {
             routes,
             identity,
             peers: Peers::new(Arc::clone(&metrics)),
             metrics,
-            app_h1: Client::builder(TokioExecutor::new()).build(connector()),
+            app_h1: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(IDLE_APP_CONNECTIONS)
+                .build(connector()),
             app_h2: Client::builder(TokioExecutor::new())
                 .http2_only(true)
+                .pool_max_idle_per_host(IDLE_APP_CONNECTIONS)
                 .build(connector()),
             open_connections: [AtomicU32::new(0), AtomicU32::new(0)],
         }

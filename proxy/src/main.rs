@@ -24,7 +24,6 @@ mod drain;
 mod http_util;
 mod inbound;
 mod listeners;
-mod memory;
 mod metrics;
 mod node_identity;
 mod original_dst;
@@ -162,7 +161,6 @@ async fn run(options: cli::Options) -> Result<(), String> {
             _ = poll.tick() => {
                 reloader.poll();
                 identity_reloader.poll();
-                memory::release_free_pages();
             }
             Ok(()) = snapshots.changed() => {
                 let ok = snapshots.borrow_and_update().last_error.is_none();
