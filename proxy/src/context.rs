@@ -57,7 +57,7 @@ impl Context {
         };
         // A burst of requests opens as many app connections as it needs; afterwards only
         // this many per app stay pooled, so a burst does not leave its size in memory.
-        const IDLE_APP_CONNECTIONS: usize = 32;
+        const IDLE_APP_CONNECTIONS: usize = 128;
         Context {
             routes,
             identity,
