@@ -12,7 +12,7 @@ IMAGE_INPUTS := $(shell git ls-files Cargo.toml Cargo.lock README.md image syste
 NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 
 .PHONY: central help deps image image-amd64 cross host-bins test test-rust test-qemu test-nspawn qemu bench-boot \
-	bench bench-heal bench-ota lint clean
+	bench bench-heal bench-ota bench-central bench-proxy lint clean
 
 help:
 	@echo "make image        build $(IMAGE) (the Raspberry Pi SD card image)"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench-heal   measure kill/hang → ready again and the supervisor's CPU and RSS"
 	@echo "make bench-ota    measure publish → applied on a node, and bad revision → rolled back"
 	@echo "make bench-central measure the central server under 5000 long-polling nodes"
+	@echo "make bench-proxy  measure the mesh path (two proxies, mTLS) next to two HAProxy instances and direct"
 	@echo "make bench        all of the benchmarks above"
 
 deps:
