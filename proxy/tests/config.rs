@@ -2,8 +2,10 @@
 //! `/config`, readiness, reload on SIGHUP and on file change. Tests wait with deadlines
 //! but never assert on speed.
 
+mod common;
+
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -152,8 +154,7 @@ impl Drop for Proxy {
 }
 
 fn free_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local address")
+    SocketAddr::from(([127, 0, 0, 1], common::free_port()))
 }
 
 /// A minimal HTTP/1.1 GET: status code and body, `None` when the connection fails.
