@@ -301,42 +301,17 @@ async fn the_mesh_port_refuses_plaintext_strangers_and_bad_certificates() {
 #[tokio::test]
 async fn a_service_allow_list_answers_others_with_403() {
     let site = Site::new("depot");
-    let dir = tempfile::tempdir().expect("temp dir");
     let web = Backend::start("web").await;
-    let (a_port, b_port) = (free_port(), free_port());
-    let config = dir.path().join("cluster.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "site = \"depot\"\n[proxy]\nmax_connections = 1000\n[nodes.a]\naddress = \"127.0.0.1:{a_port}\"\n\
-             [nodes.b]\naddress = \"127.0.0.1:{b_port}\"\n\
-             [services.web]\nport = {}\nnodes = [\"b\"]\nallow = [\"spiffe://depot/node/c\"]\n",
+    let m = mesh(
+        &site,
+        &format!(
+            "[services.web]\nport = {}\nnodes = [\"b\"]\nallow = [\"spiffe://depot/node/c\"]\n",
             web.port
         ),
     )
-    .expect("config");
-    let a_id = site.identity_dir(dir.path(), "a", &[]);
-    let b_id = site.identity_dir(dir.path(), "b", &[]);
-    let b = Proxy::start(ProxyOptions {
-        dir: dir.path(),
-        name: "b",
-        config: &config,
-        identity: Some(&b_id),
-        inbound_port: b_port,
-        local_ip: "127.0.0.2",
-    })
-    .await;
-    let a = Proxy::start(ProxyOptions {
-        dir: dir.path(),
-        name: "a",
-        config: &config,
-        identity: Some(&a_id),
-        inbound_port: a_port,
-        local_ip: "127.0.0.1",
-    })
     .await;
     let answer = exchange(
-        a.outbound,
+        m.a.outbound,
         b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
     )
     .await;
@@ -347,7 +322,7 @@ async fn a_service_allow_list_answers_others_with_403() {
     );
     assert!(web.seen().is_empty());
     wait_metric(
-        &b,
+        &m.b,
         "pimesh_rejected_total{direction=\"inbound\",reason=\"unauthorized\"}",
         1.0,
     )

@@ -44,43 +44,19 @@ fn redirected_connections_are_routed_by_their_original_destination() {
 
 async fn scenario() {
     let site = Site::new("depot");
-    let dir = tempfile::tempdir().expect("temp dir");
     // The app on node b listens where the service's port says; the client below dials
     // the service address 10.77.0.2 on that port, where nothing listens.
     let web = Backend::start_on("web", 8080).await;
     let (echo, _echo_task) = tcp_echo().await;
-    let (a_port, b_port) = (free_port(), free_port());
-    let config = dir.path().join("cluster.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "site = \"depot\"\n[proxy]\nmax_connections = 1000\n[nodes.a]\naddress = \"127.0.0.1:{a_port}\"\n\
-             [nodes.b]\naddress = \"127.0.0.1:{b_port}\"\n\
-             [services.web]\nport = 8080\nnodes = [\"b\"]\n\
+    let m = mesh(
+        &site,
+        &format!(
+            "[services.web]\nport = 8080\nnodes = [\"b\"]\n\
              [services.queue]\nport = {echo}\nnodes = [\"b\"]\nprotocol = \"tcp\"\n"
         ),
     )
-    .expect("config");
-    let a_id = site.identity_dir(dir.path(), "a", &[]);
-    let b_id = site.identity_dir(dir.path(), "b", &[]);
-    let _b = Proxy::start(ProxyOptions {
-        dir: dir.path(),
-        name: "b",
-        config: &config,
-        identity: Some(&b_id),
-        inbound_port: b_port,
-        local_ip: "127.0.0.2",
-    })
     .await;
-    let a = Proxy::start(ProxyOptions {
-        dir: dir.path(),
-        name: "a",
-        config: &config,
-        identity: Some(&a_id),
-        inbound_port: a_port,
-        local_ip: "127.0.0.1",
-    })
-    .await;
+    let a = &m.a;
     let to = a.outbound.port().to_string();
     for port in ["8080", &echo.to_string()] {
         run(

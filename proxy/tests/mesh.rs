@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,61 +14,6 @@ use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-
-struct Mesh {
-    _dir: tempfile::TempDir,
-    config: PathBuf,
-    a: Proxy,
-    b: Proxy,
-}
-
-/// Starts proxies a and b; `services` is the `[services...]` part of the config, with
-/// `{B}` standing for node b (where backends run).
-async fn mesh(site: &Site, extra: &str) -> Mesh {
-    mesh_with(site, "", extra).await
-}
-
-/// [`mesh`] with `proxy_settings` added to the `[proxy]` table.
-async fn mesh_with(site: &Site, proxy_settings: &str, extra: &str) -> Mesh {
-    // The connection limit is set low so that many test proxies fit the open-file limit.
-    let extra_proxy = format!("[proxy]\nmax_connections = 1000\n{proxy_settings}\n");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let a_port = free_port();
-    let b_port = free_port();
-    let text = format!(
-        "site = \"{}\"\n{extra_proxy}[nodes.a]\naddress = \"127.0.0.1:{a_port}\"\n\
-         [nodes.b]\naddress = \"127.0.0.1:{b_port}\"\n{extra}",
-        site.name
-    );
-    let config = dir.path().join("cluster.toml");
-    std::fs::write(&config, text).expect("config");
-    let a_id = site.identity_dir(dir.path(), "a", &[]);
-    let b_id = site.identity_dir(dir.path(), "b", &[]);
-    let b = Proxy::start(ProxyOptions {
-        dir: dir.path(),
-        name: "b",
-        config: &config,
-        identity: Some(&b_id),
-        inbound_port: b_port,
-        local_ip: "127.0.0.2",
-    })
-    .await;
-    let a = Proxy::start(ProxyOptions {
-        dir: dir.path(),
-        name: "a",
-        config: &config,
-        identity: Some(&a_id),
-        inbound_port: a_port,
-        local_ip: "127.0.0.1",
-    })
-    .await;
-    Mesh {
-        _dir: dir,
-        config,
-        a,
-        b,
-    }
-}
 
 type H1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 

@@ -430,3 +430,58 @@ pub fn replace(file: &Path, text: &str) {
     std::fs::write(&tmp, text).expect("write");
     std::fs::rename(&tmp, file).expect("rename");
 }
+
+/// Two proxies of one site, nodes `a` and `b`, sharing one `cluster.toml`; backends run
+/// in the test process and are placed on node `b`.
+pub struct Mesh {
+    _dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub a: Proxy,
+    pub b: Proxy,
+}
+
+/// Starts proxies a and b; `services` is the config after the `[nodes]` tables.
+pub async fn mesh(site: &Site, services: &str) -> Mesh {
+    mesh_with(site, "", services).await
+}
+
+/// [`mesh`] with `proxy_settings` added to the `[proxy]` table.
+pub async fn mesh_with(site: &Site, proxy_settings: &str, services: &str) -> Mesh {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (a_port, b_port) = (free_port(), free_port());
+    // The connection limit is set low so that many test proxies fit the open-file limit.
+    let text = format!(
+        "site = \"{}\"\n[proxy]\nmax_connections = 1000\n{proxy_settings}\n\
+         [nodes.a]\naddress = \"127.0.0.1:{a_port}\"\n\
+         [nodes.b]\naddress = \"127.0.0.1:{b_port}\"\n{services}",
+        site.name
+    );
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(&config, text).expect("config");
+    let a_id = site.identity_dir(dir.path(), "a", &[]);
+    let b_id = site.identity_dir(dir.path(), "b", &[]);
+    let b = Proxy::start(ProxyOptions {
+        dir: dir.path(),
+        name: "b",
+        config: &config,
+        identity: Some(&b_id),
+        inbound_port: b_port,
+        local_ip: "127.0.0.2",
+    })
+    .await;
+    let a = Proxy::start(ProxyOptions {
+        dir: dir.path(),
+        name: "a",
+        config: &config,
+        identity: Some(&a_id),
+        inbound_port: a_port,
+        local_ip: "127.0.0.1",
+    })
+    .await;
+    Mesh {
+        _dir: dir,
+        config,
+        a,
+        b,
+    }
+}
