@@ -141,20 +141,35 @@ impl<E: Clone> Balancer<E> {
     /// none (all ejected), the one whose ejection ends soonest, as a probe. `None` only when
     /// there are no endpoints. The pick counts as in flight until it is recorded or dropped.
     pub fn pick_at(&self, now: Instant) -> Option<Pick<E>> {
+        self.pick_where(now, |_| true)
+    }
+
+    /// [`Balancer::pick`] among the endpoints not in `tried`: where a request goes after
+    /// those refused it. `None` when every endpoint has been tried.
+    pub fn pick_except(&self, tried: &[E]) -> Option<Pick<E>>
+    where
+        E: PartialEq,
+    {
+        self.pick_where(Instant::now(), |i| !tried.contains(&self.endpoints[i]))
+    }
+
+    /// The pick among the endpoints `allowed` accepts (by index).
+    fn pick_where(&self, now: Instant, allowed: impl Fn(usize) -> bool) -> Option<Pick<E>> {
         let n = self.stats.len();
         let now_ns = nanos_since(self.epoch, now);
+        let usable = |i: usize| allowed(i) && self.stats[i].eligible(now_ns);
         let chosen = match n {
             0 => return None,
-            1 => 0,
+            1 => allowed(0).then_some(0)?,
             _ => {
-                // Two distinct uniform indices; if both are eligible they are a uniform pair
-                // of eligible endpoints (rejection sampling), the common case.
+                // Two distinct uniform indices; if both are usable they are a uniform pair
+                // of usable endpoints (rejection sampling), the common case.
                 let a = fastrand::usize(..n);
                 let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-                if self.stats[a].eligible(now_ns) && self.stats[b].eligible(now_ns) {
+                if usable(a) && usable(b) {
                     self.cheaper(a, b, now)
                 } else {
-                    self.pick_among_eligible(now_ns, now)
+                    self.pick_among(&allowed, &usable, now)?
                 }
             }
         };
@@ -174,30 +189,27 @@ impl<E: Clone> Balancer<E> {
         }
     }
 
-    /// The slow path, when some endpoints are ejected: two distinct random eligible ones,
-    /// the only eligible one, or the probe.
-    fn pick_among_eligible(&self, now_ns: u64, now: Instant) -> usize {
-        let eligible = self.stats.iter().filter(|s| s.eligible(now_ns)).count();
-        let nth_eligible = |rank: usize| {
-            self.stats
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.eligible(now_ns))
-                .nth(rank)
-                .map_or(0, |(i, _)| i)
-        };
-        match eligible {
-            0 => self
-                .stats
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, s)| s.ejected_until.load(Ordering::Relaxed))
-                .map_or(0, |(i, _)| i),
-            1 => nth_eligible(0),
+    /// The slow path, when some endpoints are ejected or not allowed: two distinct random
+    /// usable ones, the only usable one, or, when none is usable, the allowed one whose
+    /// ejection ends soonest, as a probe. `None` when none is allowed.
+    fn pick_among(
+        &self,
+        allowed: &impl Fn(usize) -> bool,
+        usable: &impl Fn(usize) -> bool,
+        now: Instant,
+    ) -> Option<usize> {
+        let n = self.stats.len();
+        let count = (0..n).filter(|&i| usable(i)).count();
+        let nth_usable = |rank: usize| (0..n).filter(|&i| usable(i)).nth(rank);
+        match count {
+            0 => (0..n)
+                .filter(|&i| allowed(i))
+                .min_by_key(|&i| self.stats[i].ejected_until.load(Ordering::Relaxed)),
+            1 => nth_usable(0),
             _ => {
-                let a = fastrand::usize(..eligible);
-                let b = (a + 1 + fastrand::usize(..eligible - 1)) % eligible;
-                self.cheaper(nth_eligible(a), nth_eligible(b), now)
+                let a = fastrand::usize(..count);
+                let b = (a + 1 + fastrand::usize(..count - 1)) % count;
+                Some(self.cheaper(nth_usable(a)?, nth_usable(b)?, now))
             }
         }
     }
@@ -279,6 +291,19 @@ mod tests {
             counts[pick.endpoint] += 1;
         }
         counts
+    }
+
+    #[test]
+    fn a_redial_never_returns_to_an_endpoint_already_tried() {
+        let balancer = Balancer::new(vec![10usize, 11, 12]);
+        for _ in 0..1000 {
+            let pick = balancer.pick_except(&[10, 12]).expect("11 is left");
+            assert_eq!(pick.endpoint, 11);
+        }
+        assert!(balancer.pick_except(&[10, 11, 12]).is_none());
+        let single = Balancer::new(vec![7usize]);
+        assert!(single.pick_except(&[7]).is_none());
+        assert_eq!(single.pick_except(&[]).map(|p| p.endpoint), Some(7));
     }
 
     #[test]

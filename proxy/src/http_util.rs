@@ -3,7 +3,8 @@
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Response, StatusCode};
+use http::uri::{Authority, PathAndQuery};
+use http::{Response, StatusCode, Uri};
 use http_body_util::{BodyExt as _, Empty, Full};
 
 use crate::peers::Body;
@@ -54,6 +55,24 @@ pub fn header_value(text: &str) -> HeaderValue {
         })
         .collect();
     HeaderValue::from_str(&clean).unwrap_or_else(|_| HeaderValue::from_static("error"))
+}
+
+/// `http://<authority><path and query of uri>`: the absolute form a request takes on its
+/// next hop (HTTP/2 needs scheme and authority; the app's client needs its address).
+pub fn rebase<A>(uri: &Uri, authority: A) -> Result<Uri, http::Error>
+where
+    Authority: TryFrom<A>,
+    <Authority as TryFrom<A>>::Error: Into<http::Error>,
+{
+    let path = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
 }
 
 /// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -187,17 +187,13 @@ async fn deliver(
             }
         }
     }
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
-    parts.uri = match Uri::builder()
-        .scheme("http")
-        .authority(app.to_string().as_str())
-        .path_and_query(path)
-        .build()
-    {
+    let Some(authority) = route.app_authority.clone() else {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("service {} has no port", route.name),
+        );
+    };
+    parts.uri = match http_util::rebase(&parts.uri, authority) {
         Ok(uri) => uri,
         Err(err) => {
             return error_response(

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
@@ -34,7 +34,7 @@ use crate::http_util::{
 };
 use crate::metrics::{Direction, FaultKind};
 use crate::peers::Body;
-use crate::routes::{RouteTable, ServiceRoute};
+use crate::routes::{Endpoint, RouteTable, ServiceRoute};
 use crate::trace;
 
 /// How long a client connection may stay silent before an `auto` service treats it as
@@ -332,17 +332,7 @@ async fn forward(
     let authority = authority_of(&parts)
         .map(str::to_owned)
         .unwrap_or_else(|| table.mesh_name(&backend.name));
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
-    let uri = match Uri::builder()
-        .scheme("http")
-        .authority(authority.as_str())
-        .path_and_query(path)
-        .build()
-    {
+    let uri = match http_util::rebase(&parts.uri, authority.as_str()) {
         Ok(uri) => uri,
         Err(err) => {
             context
@@ -356,18 +346,28 @@ async fn forward(
     };
     parts.uri = uri;
     parts.version = Version::HTTP_2;
-    parts
-        .headers
-        .insert(DST_HEADER, http_util::header_value(backend.name.as_str()));
+    parts.headers.insert(DST_HEADER, backend.dst_header.clone());
     parts.headers.insert(PROTO_HEADER, proto.header());
 
     let retryable = idempotent(&parts.method) && body.is_end_stream();
     let max_retries = apex.retries.max(backend.retries);
     let mut body = Some(body.boxed());
     let mut retries = 0u8;
-    let mut redials = 0u8;
+    // Endpoints that could not be reached for this request; a redial goes elsewhere.
+    let mut refused: Vec<Endpoint> = Vec::new();
     loop {
-        let Some(pick) = backend.endpoints.pick() else {
+        let pick = if refused.is_empty() {
+            backend.endpoints.pick()
+        } else {
+            backend.endpoints.pick_except(&refused)
+        };
+        let Some(pick) = pick else {
+            if !refused.is_empty() {
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("no node running service {} could be reached", backend.name),
+                );
+            }
             context
                 .metrics
                 .rejected(Direction::Outbound, "no_endpoints");
@@ -399,11 +399,12 @@ async fn forward(
         {
             Ok(sender) => sender,
             Err(err) => {
-                pick.failure();
                 // Nothing was sent: any request may go to another endpoint, whatever the
                 // service's `retries`.
+                let redials = u8::try_from(refused.len()).unwrap_or(u8::MAX);
+                refused.push(pick.endpoint.clone());
+                pick.failure();
                 if may_retry(redials, MAX_REDIALS) {
-                    redials += 1;
                     continue;
                 }
                 return error_response(StatusCode::BAD_GATEWAY, &err.0);
@@ -478,13 +479,22 @@ async fn tunnel(
     };
     let metrics = &apex.tcp_outbound;
     metrics.open();
-    let mut attempts = 0;
+    // Nothing has reached the app until the tunnel is up, so a failed attempt goes to
+    // another endpoint, up to the redial limit or the service's retries.
+    let max_attempts = 1 + usize::from(MAX_REDIALS.max(apex.retries).max(backend.retries));
+    let mut refused: Vec<Endpoint> = Vec::new();
     let upgraded = loop {
-        attempts += 1;
-        let Some(pick) = backend.endpoints.pick() else {
-            context
-                .metrics
-                .rejected(Direction::Outbound, "no_endpoints");
+        let pick = if refused.is_empty() {
+            backend.endpoints.pick()
+        } else {
+            backend.endpoints.pick_except(&refused)
+        };
+        let Some(pick) = pick else {
+            if refused.is_empty() {
+                context
+                    .metrics
+                    .rejected(Direction::Outbound, "no_endpoints");
+            }
             metrics.close(0, 0);
             return;
         };
@@ -503,7 +513,7 @@ async fn tunnel(
             let request = Request::builder()
                 .method(Method::CONNECT)
                 .uri(target.as_str())
-                .header(DST_HEADER, http_util::header_value(backend.name.as_str()))
+                .header(DST_HEADER, backend.dst_header.clone())
                 .body(http_util::empty())
                 .map_err(|err| err.to_string())?;
             let response = sender
@@ -533,9 +543,10 @@ async fn tunnel(
                 break upgraded;
             }
             Err(err) => {
+                refused.push(pick.endpoint.clone());
                 pick.failure();
                 debug!(service = %backend.name, error = %err, "tunnel failed");
-                if attempts > usize::from(apex.retries.max(backend.retries)) {
+                if refused.len() >= max_attempts {
                     metrics.close(0, 0);
                     return;
                 }

@@ -41,6 +41,12 @@ pub struct ServiceRoute {
     pub protocol: Protocol,
     /// The port the service listens on at each of its nodes (on 127.0.0.1 there).
     pub port: Option<u16>,
+    /// `127.0.0.1:<port>`, where the inbound side reaches the app; made once here, not
+    /// per request.
+    pub app_authority: Option<http::uri::Authority>,
+    /// The name as the `pimesh-dst` header value that tells the inbound side which
+    /// service a request is for.
+    pub dst_header: http::HeaderValue,
     /// Weighted backends (apex services); empty when the service is concrete.
     pub split: Vec<(Arc<ServiceRoute>, u32)>,
     split_total: u64,
@@ -160,6 +166,10 @@ impl RouteTable {
                 name: name.clone(),
                 protocol: service.protocol,
                 port: service.port,
+                dst_header: crate::http_util::header_value(name.as_str()),
+                app_authority: service.port.and_then(|port| {
+                    http::uri::Authority::try_from(format!("127.0.0.1:{port}")).ok()
+                }),
                 split,
                 split_total,
                 fault: service.fault.clone(),
