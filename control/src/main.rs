@@ -1,110 +1,134 @@
-//! `pimesh-control --replica N`: control replica N of the node, one of the stateless
-//! replicas that will sign proxy certificates and serve discovery and policy (issue 5).
+//! `pimesh-control --replica N`: control replica N of a server node, one of the stateless
+//! replicas that sign proxy identities (and, next, serve discovery and policy; issue 5).
 //!
-//! This skeleton is honest about what it is: it serves `/live` and `/ready` on
-//! `127.0.0.1:(8085+N)`, tells systemd it is ready (`Type=notify`) and feeds the watchdog,
-//! so that the supervisor has a real replica to start, probe and heal.
+//! # One port per replica
+//!
+//! Replica N listens on `0.0.0.0:(8085+N)` (`--listen` overrides), the design's one port
+//! per replica, and serves on it both:
+//!
+//! - the identity API over mutual TLS 1.3 (`identity_api`): a client certificate chaining
+//!   to the site's trust bundle is required at the handshake;
+//! - `/live` and `/ready` in plain HTTP, so the supervisor's default readiness URL
+//!   `http://127.0.0.1:(8085+N)/ready` is unchanged.
+//!
+//! The two are told apart by a connection's first byte (`server`). Plain HTTP reaches
+//! nothing but the health endpoints. This beats a second port per replica: no new port
+//! to open, reserve, or list in a proxy's replica list.
+//!
+//! # Inputs
+//!
+//! - the trust folder (`--trust-dir`, default `/var/lib/pimesh/trust`): `anchor.pem`
+//!   (the bundle), `issuer.pem`, `issuer.key` (`trust`);
+//! - the site config (`--config`, default `/etc/pimesh/cluster.toml`): which services are
+//!   placed on which node; a missing file places none (`site_config`);
+//! - the site: from the site config, or `--site` while there is none.
+//!
+//! Ready (`/ready` 200, systemd status) once the site, the config (or its absence) and the
+//! issuer are loaded; until then `/ready` answers 503 with the reason and loading is
+//! retried every [`TICK`]. SIGHUP reloads both inputs, each part keeping its previous
+//! version when the new one fails (`state`). SIGTERM stops accepting and exits; a request
+//! cut short is simply retried by the proxy (issuing is idempotent).
 
-use std::net::SocketAddr;
+mod cli;
+mod identity_api;
+mod server;
+mod site_config;
+mod state;
+mod tls;
+mod trust;
+
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use pimesh_daemon::{health, notify};
+use pimesh_daemon::notify;
+use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
-const USAGE: &str =
-    "usage: pimesh-control --replica N   (N in 1..=64; listens on 127.0.0.1:8085+N)";
+use crate::state::{Sources, State};
 
-/// Replica numbers are small: the ports 8086.. must stay below other well-known ones.
-const MAX_REPLICA: u16 = 64;
-const BASE_PORT: u16 = 8085;
-
-/// Parses the command line into the replica number.
-fn replica_from_args(args: impl IntoIterator<Item = String>) -> Result<u16, String> {
-    let mut args = args.into_iter();
-    let mut replica = None;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--replica" => {
-                let value = args.next().ok_or("--replica needs a value")?;
-                let number = value
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|n| (1..=MAX_REPLICA).contains(n))
-                    .ok_or_else(|| {
-                        format!(
-                            "--replica: expected a number in 1..={MAX_REPLICA}, found {value:?}"
-                        )
-                    })?;
-                replica = Some(number);
-            }
-            other => return Err(format!("unknown option {other:?}")),
-        }
-    }
-    replica.ok_or_else(|| "--replica is required".to_owned())
-}
-
-/// Where replica `replica` serves its health endpoints.
-fn health_addr(replica: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], BASE_PORT + replica))
-}
+/// How often the serving certificate's age is checked and, while not ready, loading is
+/// retried.
+const TICK: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
-    let replica = match replica_from_args(std::env::args().skip(1)) {
-        Ok(replica) => replica,
-        Err(message) => {
-            eprintln!("pimesh-control: {message}\n{USAGE}");
-            return ExitCode::from(2);
+    match cli::parse(std::env::args_os().skip(1)) {
+        Ok(cli::Command::Run(options)) => {
+            pimesh_daemon::run(pimesh_daemon::Threads::One, run(options))
         }
-    };
-    pimesh_daemon::run(pimesh_daemon::Threads::One, run(replica))
+        Ok(cli::Command::Help) => {
+            println!("{}", cli::USAGE);
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("pimesh-control: {message}\n{}", cli::USAGE);
+            ExitCode::from(2)
+        }
+    }
 }
 
-async fn run(replica: u16) -> Result<(), String> {
-    let addr = health_addr(replica);
+async fn run(options: cli::Options) -> Result<(), String> {
+    // Before anything else: SIGHUP's default action would kill the process.
+    let mut hangup =
+        signal(SignalKind::hangup()).map_err(|err| format!("cannot watch for SIGHUP: {err}"))?;
+    let shutdown = pimesh_daemon::shutdown_signal();
+    tokio::pin!(shutdown);
+
+    let replica = options.replica;
+    let addr = options.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|err| format!("cannot listen on {addr} for the health endpoints: {err}"))?;
-    info!(replica, %addr, version = env!("CARGO_PKG_VERSION"), "health endpoints listening");
-    let readiness = health::Readiness::new();
-    let server = tokio::spawn(health::serve(listener, Arc::clone(&readiness)));
-    // No site config to load yet (issue 5): ready once the endpoints answer.
-    readiness.set(true);
-    notify::ready(&format!("replica {replica} on {addr}; no site config yet"));
+        .map_err(|err| format!("cannot listen on {addr}: {err}"))?;
+    info!(replica, %addr, version = env!("CARGO_PKG_VERSION"), "listening");
+
+    let state = Arc::new(State::new(
+        replica,
+        Sources {
+            trust_dir: options.trust_dir,
+            config: options.config,
+            site: options.site,
+        },
+    ));
+    state.reload("start", false, SystemTime::now());
+    let server = tokio::spawn(server::serve(listener, Arc::clone(&state)));
+    // READY once the port is open, even when loading failed: the process is up, and
+    // /ready and the status tell the truth.
+    notify::ready(&status_line(replica, &state));
     let watchdog = notify::spawn_watchdog();
-    pimesh_daemon::shutdown_signal()
-        .await
-        .map_err(|err| format!("cannot watch for SIGTERM: {err}"))?;
+
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate; the first load just happened
+    let result = loop {
+        tokio::select! {
+            signalled = &mut shutdown => {
+                break signalled.map_err(|err| format!("cannot watch for SIGTERM: {err}"));
+            }
+            Some(()) = hangup.recv() => {
+                state.reload("SIGHUP", false, SystemTime::now());
+                notify::status(&status_line(replica, &state));
+            }
+            _ = tick.tick() => {
+                let was_ready = state.snapshot().is_some();
+                state.tick(SystemTime::now());
+                if !was_ready && state.snapshot().is_some() {
+                    notify::status(&status_line(replica, &state));
+                }
+            }
+        }
+    };
     info!(replica, "shutting down");
     notify::stopping();
     server.abort();
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
-    Ok(())
+    result
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(args: &[&str]) -> Result<u16, String> {
-        replica_from_args(args.iter().map(|a| a.to_string()))
-    }
-
-    #[test]
-    fn the_replica_number_picks_the_port() {
-        assert_eq!(parse(&["--replica", "1"]), Ok(1));
-        assert_eq!(health_addr(1).to_string(), "127.0.0.1:8086");
-        assert_eq!(health_addr(3).to_string(), "127.0.0.1:8088");
-    }
-
-    #[test]
-    fn bad_arguments_are_named() {
-        assert!(parse(&[]).unwrap_err().contains("--replica is required"));
-        assert!(parse(&["--replica"]).unwrap_err().contains("needs a value"));
-        assert!(parse(&["--replica", "0"]).unwrap_err().contains("1..=64"));
-        assert!(parse(&["--replica", "x"]).unwrap_err().contains("\"x\""));
-        assert!(parse(&["--frob"]).unwrap_err().contains("--frob"));
+fn status_line(replica: u16, state: &State) -> String {
+    match state.readiness() {
+        Ok(status) => format!("replica {replica}: {status}"),
+        Err(reason) => format!("replica {replica}: not ready: {reason}"),
     }
 }

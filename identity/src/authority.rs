@@ -289,3 +289,55 @@ fn random_serial() -> Option<SerialNumber> {
     bytes[0] &= 0x7f;
     Some(SerialNumber::from_slice(&bytes))
 }
+
+impl Authority {
+    /// A serving certificate for the process that holds this authority itself (a control
+    /// replica signing its own TLS certificate), valid for [`LEAF_LIFETIME`] from `now`
+    /// (never past this authority's own expiry), with a fresh ECDSA P-256 key made here.
+    ///
+    /// Unlike [`Authority::sign_leaf`], which signs only SPIFFE IDs for a requester, this
+    /// leaf also names `dns_names` and `ips`, so that ordinary TLS clients can check the
+    /// host they dialled; it is for server authentication only (no `clientAuth`), so it
+    /// cannot be used as a node credential. The caller picks `id`: nothing checks it
+    /// against a placement, as the key never leaves the authority's own process.
+    pub fn issue_server_leaf(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        now: SystemTime,
+    ) -> Result<(Leaf, KeyPair), IssueError> {
+        let sign = |err: rcgen::Error| IssueError::Sign(err.to_string());
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign)?;
+        let lifetime = LEAF_LIFETIME.min(self.not_after.duration_since(now).unwrap_or_default());
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + lifetime).into();
+        params.serial_number = Some(
+            random_serial().ok_or_else(|| IssueError::Sign(IdentityError::Entropy.to_string()))?,
+        );
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let mut names = vec![SanType::URI(id.to_string().try_into().map_err(sign)?)];
+        for name in dns_names {
+            names.push(SanType::DnsName(name.as_str().try_into().map_err(sign)?));
+        }
+        names.extend(ips.iter().copied().map(SanType::IpAddress));
+        params.subject_alt_names = names;
+        let issuer = self
+            .issuer()
+            .map_err(|err| IssueError::Sign(err.to_string()))?;
+        let cert = params.signed_by(&key, &issuer).map_err(sign)?;
+        let leaf = Leaf {
+            pem: cert.pem(),
+            der: cert.der().clone(),
+            identities: vec![id.clone()],
+            not_before: now - BACKDATE,
+            not_after: now + lifetime,
+        };
+        Ok((leaf, key))
+    }
+}

@@ -1,0 +1,148 @@
+//! The replica's one port: mutual TLS for the identity API, plain HTTP for `/live` and
+//! `/ready`, told apart by the first byte a client sends (`0x16`, a TLS handshake record,
+//! or anything else: plain HTTP).
+//!
+//! Invariant: plain HTTP never reaches the identity API — it answers `/live`, `/ready`
+//! and a 404 pointing at TLS, nothing else; every TLS connection has passed the client
+//! certificate check of the snapshot current at its handshake.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use crate::identity_api;
+use crate::state::{Counters, State};
+
+/// A client must send its first byte, and complete its TLS handshake, within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client must send its request headers within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (out of descriptors, mostly) before the next.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Serves `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, state: Arc<State>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                warn!(%err, "accept failed");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        tokio::spawn(connection(tcp, peer, Arc::clone(&state)));
+    }
+}
+
+async fn connection(tcp: TcpStream, peer: SocketAddr, state: Arc<State>) {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => tls(tcp, peer, state).await,
+        Ok(Ok(1)) => plain(tcp, peer, state).await,
+        Ok(Ok(_)) => {} // closed without a byte
+        Ok(Err(err)) => debug!(%peer, %err, "connection failed before its first byte"),
+        Err(_) => debug!(%peer, "no first byte in time"),
+    }
+}
+
+async fn tls(tcp: TcpStream, peer: SocketAddr, state: Arc<State>) {
+    // The snapshot current now decides the handshake: its serving certificate and anchors.
+    let Some(config) = state
+        .snapshot()
+        .map(|snapshot| Arc::clone(&snapshot.serving.config))
+    else {
+        debug!(%peer, "TLS connection while not ready: closed");
+        return;
+    };
+    let stream = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsAcceptor::from(config).accept(tcp),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            Counters::count(&state.counters.handshakes_refused);
+            debug!(%peer, %err, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            Counters::count(&state.counters.handshakes_refused);
+            debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let chain: Arc<Vec<_>> = Arc::new(
+        stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default(),
+    );
+    let service = hyper::service::service_fn(move |request| {
+        let chain = Arc::clone(&chain);
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(identity_api::route(request, chain, state).await) }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    if let Err(err) = served.await {
+        debug!(%peer, %err, "TLS connection ended with an error");
+    }
+}
+
+async fn plain(tcp: TcpStream, peer: SocketAddr, state: Arc<State>) {
+    let service = hyper::service::service_fn(move |request| {
+        let answer = health(&request, &state);
+        async move { Ok::<_, Infallible>(answer) }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(tcp), service);
+    if let Err(err) = served.await {
+        debug!(%peer, %err, "plain connection ended with an error");
+    }
+}
+
+/// `/live` (the process answers) and `/ready` (it can issue: 503 with the reason when
+/// not), as `pimesh_daemon::health` answers them.
+fn health(request: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
+    let (code, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/live") => (StatusCode::OK, "live\n".to_owned()),
+        (&Method::GET, "/ready") => match state.readiness() {
+            Ok(status) => (StatusCode::OK, format!("ready: {status}\n")),
+            Err(reason) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n"),
+            ),
+        },
+        (_, "/live" | "/ready") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is allowed\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "not found: plain HTTP serves /live and /ready; the identity API needs mutual TLS on this port\n"
+                .to_owned(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = code;
+    response
+}

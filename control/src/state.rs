@@ -1,0 +1,365 @@
+//! What the replica serves with, and how it is (re)loaded.
+//!
+//! A [`Snapshot`] is immutable and replaced whole: a connection or request works with the
+//! snapshot it started with. The replica is ready while it has one. Loading happens at
+//! start, on SIGHUP and, while there is no snapshot yet, every few seconds (so a trust
+//! folder provisioned after the replica started is picked up); a part that fails to
+//! reload keeps its previous version, so a broken file never takes a serving replica down.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::SystemTime;
+
+use pimesh_schema::cluster::ClusterConfig;
+use pimesh_schema::DnsLabel;
+use tracing::{info, warn};
+
+use crate::site_config;
+use crate::tls::Serving;
+use crate::trust::Trust;
+
+/// Where the replica's inputs come from.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    pub trust_dir: PathBuf,
+    pub config: PathBuf,
+    /// `--site`: when given, every site config must name this site.
+    pub site: Option<DnsLabel>,
+}
+
+/// Everything a request needs, consistent with itself.
+///
+/// Invariants: `site` is fixed for the process's life once a first snapshot exists (a
+/// later config naming another site is refused); `config`, when present, is of `site`;
+/// `serving` was issued from `trust` for `site`.
+pub struct Snapshot {
+    pub site: DnsLabel,
+    /// `None`: no site config file, so no service is placed and nodes get their node
+    /// identity only.
+    pub config: Option<ClusterConfig>,
+    pub trust: Arc<Trust>,
+    pub serving: Arc<Serving>,
+}
+
+impl Snapshot {
+    /// One line for logs and systemd's status.
+    pub fn summary(&self) -> String {
+        let services = self.config.as_ref().map_or(0, |config| {
+            config
+                .services
+                .values()
+                .filter(|service| !service.nodes.is_empty())
+                .count()
+        });
+        let config = if self.config.is_some() {
+            format!("{services} placed service(s)")
+        } else {
+            "no site config (node identities only)".to_owned()
+        };
+        format!(
+            "site {}, {config}, {} anchor(s)",
+            self.site,
+            self.trust.anchors.len()
+        )
+    }
+}
+
+/// Counts since start, in memory only.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub issued: AtomicU64,
+    pub refused: AtomicU64,
+    /// TLS handshakes that failed: no client certificate, an untrusted one, or not TLS 1.3.
+    pub handshakes_refused: AtomicU64,
+}
+
+impl Counters {
+    pub fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+pub struct State {
+    pub replica: u16,
+    sources: Sources,
+    current: RwLock<Current>,
+    pub counters: Counters,
+}
+
+#[derive(Default)]
+struct Current {
+    snapshot: Option<Arc<Snapshot>>,
+    /// What went wrong in the last load, whole or in part; `None` when all of it loaded.
+    problem: Option<String>,
+}
+
+impl State {
+    /// A replica with nothing loaded yet: not ready until [`State::reload`] succeeds.
+    pub fn new(replica: u16, sources: Sources) -> State {
+        State {
+            replica,
+            sources,
+            current: RwLock::new(Current::default()),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.read(|current| current.snapshot.clone())
+    }
+
+    /// `Ok(status)` when ready (the status names a failed reload, if any), `Err(reason)`
+    /// when not.
+    pub fn readiness(&self) -> Result<String, String> {
+        self.read(|current| match (&current.snapshot, &current.problem) {
+            (Some(snapshot), None) => Ok(snapshot.summary()),
+            (Some(snapshot), Some(problem)) => Ok(format!(
+                "{}; last reload failed: {problem}",
+                snapshot.summary()
+            )),
+            (None, problem) => Err(problem
+                .clone()
+                .unwrap_or_else(|| "nothing loaded yet".to_owned())),
+        })
+    }
+
+    /// Reads the site config and the trust folder again (`why`: for the log). Parts that
+    /// fail keep their previous version; with no previous version, the replica stays (or
+    /// becomes) not ready. A `quiet` reload logs a failure only when it differs from the
+    /// last one (the retries while not ready).
+    pub fn reload(&self, why: &str, quiet: bool, now: SystemTime) {
+        let previous = self.snapshot();
+        let (snapshot, problem) = match assemble(&self.sources, previous.as_deref(), now) {
+            Ok((snapshot, problems)) => {
+                let problem = (!problems.is_empty()).then(|| problems.join("; "));
+                (Some(Arc::new(snapshot)), problem)
+            }
+            Err(problem) => (previous, Some(problem)),
+        };
+        let changed = self.write(|current| {
+            let changed = current.problem != problem;
+            current.snapshot = snapshot.clone();
+            current.problem = problem.clone();
+            changed
+        });
+        match (&snapshot, &problem) {
+            (Some(snapshot), None) => info!(why, "loaded: {}", snapshot.summary()),
+            (Some(_), Some(problem)) => warn!(why, "reload failed in part: {problem}"),
+            (None, Some(problem)) if changed || !quiet => {
+                warn!(why, "not ready: {problem}");
+            }
+            (None, _) => {}
+        }
+    }
+
+    /// Keeps the serving certificate fresh and, while not ready, retries loading. Called
+    /// every few seconds.
+    pub fn tick(&self, now: SystemTime) {
+        let Some(snapshot) = self.snapshot() else {
+            self.reload("retry", true, now);
+            return;
+        };
+        if now < snapshot.serving.renew_at {
+            return;
+        }
+        match Serving::issue(&snapshot.trust, &snapshot.site, now) {
+            Ok(serving) => {
+                info!("serving certificate renewed");
+                let renewed = Arc::new(Snapshot {
+                    site: snapshot.site.clone(),
+                    config: snapshot.config.clone(),
+                    trust: Arc::clone(&snapshot.trust),
+                    serving: Arc::new(serving),
+                });
+                self.write(|current| current.snapshot = Some(renewed));
+            }
+            // The old certificate serves until it expires; the next tick tries again.
+            Err(err) => warn!(
+                "cannot renew the serving certificate (it expires at {:?}): {err}",
+                snapshot.serving.not_after
+            ),
+        }
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Current) -> T) -> T {
+        f(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&mut Current) -> T) -> T {
+        f(&mut self.current.write().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// A new snapshot from `sources`, taking from `previous` the parts that fail to load, with
+/// what failed; `Err` when a part fails and there is no previous version of it.
+fn assemble(
+    sources: &Sources,
+    previous: Option<&Snapshot>,
+    now: SystemTime,
+) -> Result<(Snapshot, Vec<String>), String> {
+    let mut problems = Vec::new();
+    let file = sources.config.display();
+    let fixed_site = previous
+        .map(|snapshot| snapshot.site.clone())
+        .or_else(|| sources.site.clone());
+    let loaded = site_config::load(&sources.config)
+        .map_err(|err| err.to_string())
+        .and_then(|config| match (&config, &fixed_site) {
+            (Some(config), Some(site)) if &config.site != site => Err(format!(
+                "{file}: names site {}, but this replica serves site {site}",
+                config.site
+            )),
+            _ => Ok(config),
+        });
+    let config = match (loaded, previous) {
+        (Ok(config), _) => config,
+        (Err(problem), Some(previous)) => {
+            problems.push(format!("{problem} (keeping the site config loaded before)"));
+            previous.config.clone()
+        }
+        (Err(problem), None) => return Err(problem),
+    };
+    let site = fixed_site
+        .or_else(|| config.as_ref().map(|config| config.site.clone()))
+        .ok_or_else(|| format!("no site known: {file} does not exist and no --site was given"))?;
+    let fresh = Trust::load(&sources.trust_dir).and_then(|trust| {
+        let serving = Serving::issue(&trust, &site, now)?;
+        Ok((Arc::new(trust), Arc::new(serving)))
+    });
+    let (trust, serving) = match (fresh, previous) {
+        (Ok(pair), _) => pair,
+        (Err(problem), Some(previous)) => {
+            problems.push(format!("{problem} (keeping the trust loaded before)"));
+            (Arc::clone(&previous.trust), Arc::clone(&previous.serving))
+        }
+        (Err(problem), None) => return Err(problem),
+    };
+    Ok((
+        Snapshot {
+            site,
+            config,
+            trust,
+            serving,
+        },
+        problems,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pimesh_identity::TrustRoot;
+    use std::path::Path;
+
+    fn label(s: &str) -> DnsLabel {
+        DnsLabel::try_from(s.to_owned()).expect("label")
+    }
+
+    fn write_trust(dir: &Path, site: &str) {
+        let root = TrustRoot::generate(&label(site), SystemTime::now()).expect("root");
+        std::fs::create_dir_all(dir).expect("mkdir");
+        std::fs::write(dir.join("anchor.pem"), root.anchor.cert_pem()).expect("anchor");
+        std::fs::write(dir.join("issuer.pem"), root.issuer.cert_pem()).expect("issuer");
+        std::fs::write(dir.join("issuer.key"), root.issuer.key_pem()).expect("key");
+    }
+
+    fn state(dir: &Path, site: Option<&str>) -> State {
+        State::new(
+            1,
+            Sources {
+                trust_dir: dir.join("trust"),
+                config: dir.join("cluster.toml"),
+                site: site.map(label),
+            },
+        )
+    }
+
+    const WEB_ON_PI_A: &str =
+        "site = \"depot-7\"\n[services.web]\nport = 8080\nnodes = [\"pi-a\"]\n";
+
+    #[test]
+    fn without_a_site_or_a_trust_folder_the_replica_is_not_ready_and_says_why() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = state(dir.path(), None);
+        let now = SystemTime::now();
+        state.reload("start", false, now);
+        let reason = state.readiness().expect_err("no site");
+        assert!(reason.contains("no site known"), "{reason}");
+
+        std::fs::write(dir.path().join("cluster.toml"), WEB_ON_PI_A).expect("config");
+        state.tick(now);
+        let reason = state.readiness().expect_err("no trust");
+        assert!(reason.contains("anchor.pem"), "{reason}");
+
+        write_trust(&dir.path().join("trust"), "depot-7");
+        state.tick(now);
+        let status = state.readiness().expect("ready");
+        assert!(
+            status.contains("site depot-7, 1 placed service(s)"),
+            "{status}"
+        );
+    }
+
+    #[test]
+    fn a_missing_config_with_a_site_flag_is_ready_with_node_identities_only() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        write_trust(&dir.path().join("trust"), "depot-7");
+        let state = state(dir.path(), Some("depot-7"));
+        state.reload("start", false, SystemTime::now());
+        let status = state.readiness().expect("ready");
+        assert!(status.contains("node identities only"), "{status}");
+    }
+
+    #[test]
+    fn a_broken_reload_keeps_what_was_loaded_and_the_site_never_changes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        write_trust(&dir.path().join("trust"), "depot-7");
+        let config = dir.path().join("cluster.toml");
+        std::fs::write(&config, WEB_ON_PI_A).expect("config");
+        let state = state(dir.path(), None);
+        let now = SystemTime::now();
+        state.reload("start", false, now);
+        let first = state.snapshot().expect("loaded");
+
+        std::fs::write(&config, "site = \"depot-7\"\nfrob = 1\n").expect("broken");
+        std::fs::remove_file(dir.path().join("trust/issuer.key")).expect("rm");
+        state.reload("SIGHUP", false, now);
+        let status = state.readiness().expect("still ready");
+        assert!(
+            status.contains("frob") && status.contains("issuer.key"),
+            "{status}"
+        );
+        let kept = state.snapshot().expect("kept");
+        assert_eq!(kept.config, first.config);
+        assert!(Arc::ptr_eq(&kept.trust, &first.trust));
+
+        std::fs::write(&config, WEB_ON_PI_A.replace("depot-7", "depot-8")).expect("other");
+        state.reload("SIGHUP", false, now);
+        let status = state.readiness().expect("still ready");
+        assert!(status.contains("names site depot-8"), "{status}");
+        assert_eq!(state.snapshot().expect("kept").site, label("depot-7"));
+    }
+
+    #[test]
+    fn the_serving_certificate_is_renewed_from_two_thirds_of_its_life() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        write_trust(&dir.path().join("trust"), "depot-7");
+        let state = state(dir.path(), Some("depot-7"));
+        let now = SystemTime::now();
+        state.reload("start", false, now);
+        let first = state.snapshot().expect("loaded");
+        state.tick(now);
+        let same = state.snapshot().expect("loaded");
+        assert!(Arc::ptr_eq(&first.serving, &same.serving), "not due yet");
+        state.tick(first.serving.renew_at);
+        let renewed = state.snapshot().expect("loaded");
+        assert!(!Arc::ptr_eq(&first.serving, &renewed.serving));
+        assert!(renewed.serving.not_after > first.serving.not_after);
+        assert!(Arc::ptr_eq(&first.trust, &renewed.trust));
+    }
+}

@@ -1,0 +1,157 @@
+//! The replica's TLS: TLS 1.3 only, a client certificate required and verified against the
+//! trust bundle at the handshake, and a serving certificate the replica issues itself.
+//!
+//! The serving certificate is a leaf signed by the site's issuer (which the replica holds
+//! anyway) for `spiffe://<site>/svc/pimesh-control` (a reserved name: see
+//! `site_config::CONTROL_SERVICE`), plus the DNS names `localhost` and the machine's host
+//! name and the IPs `127.0.0.1` and `::1`, so that a proxy can check "a control replica of
+//! my site" by SPIFFE ID and a local operator by host name. It lives
+//! `pimesh_identity::LEAF_LIFETIME` (never past the issuer) and is renewed at two thirds
+//! of its life (see `state`).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use pimesh_identity::{verify_leaf, Usage};
+use pimesh_schema::DnsLabel;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::site_config::control_identity;
+use crate::trust::Trust;
+
+/// A server configuration with a fresh serving certificate.
+///
+/// Invariant: the certificate chains to one of the trust's anchors through its issuer and
+/// was valid for serving at `issued_at` (checked with `verify_leaf` when made, which also
+/// proves that the issuer belongs under the bundle); client certificates must chain to
+/// the same anchors.
+pub struct Serving {
+    pub config: Arc<ServerConfig>,
+    pub not_after: SystemTime,
+    /// Two thirds into the certificate's life: make a new one from then on.
+    pub renew_at: SystemTime,
+}
+
+impl Serving {
+    /// Issues a serving certificate for `site` from `trust`'s issuer and builds the server
+    /// configuration around it.
+    pub fn issue(trust: &Trust, site: &DnsLabel, now: SystemTime) -> Result<Serving, String> {
+        let id = control_identity(site)?;
+        let ips = [
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ];
+        let (leaf, key) = trust
+            .issuer
+            .issue_server_leaf(&id, &dns_names(), &ips, now)
+            .map_err(|err| format!("cannot issue the serving certificate: {err}"))?;
+        let issuer = trust.issuer.cert_der().clone();
+        verify_leaf(
+            &leaf.der,
+            std::slice::from_ref(&issuer),
+            &trust.anchors,
+            site,
+            Usage::Server,
+            now,
+        )
+        .map_err(|err| {
+            format!("issuer.pem is not usable under anchor.pem (expired, or signed by another anchor): {err}")
+        })?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let config = server_config(vec![leaf.der, issuer], key, &trust.anchors)?;
+        let life = leaf.not_after.duration_since(now).unwrap_or_default();
+        Ok(Serving {
+            config,
+            not_after: leaf.not_after,
+            renew_at: now + life * 2 / 3,
+        })
+    }
+}
+
+/// TLS 1.3, HTTP/1.1, a client certificate chaining to `anchors` required.
+fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    anchors: &[CertificateDer<'static>],
+) -> Result<Arc<ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for anchor in anchors {
+        roots
+            .add(anchor.clone())
+            .map_err(|err| format!("anchor.pem: unusable anchor: {err}"))?;
+    }
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .build()
+            .map_err(|err| format!("cannot build the client certificate verifier: {err}"))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|err| format!("TLS 1.3 unavailable: {err}"))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|err| format!("the serving key does not fit its certificate: {err}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// `localhost` and this machine's host name when it is a DNS label.
+fn dns_names() -> Vec<String> {
+    let mut names = vec!["localhost".to_owned()];
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    if let Ok(host) = DnsLabel::try_from(host.trim().to_owned()) {
+        if host.as_str() != "localhost" {
+            names.push(host.as_str().to_owned());
+        }
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pimesh_identity::TrustRoot;
+
+    fn label(s: &str) -> DnsLabel {
+        DnsLabel::try_from(s.to_owned()).expect("label")
+    }
+
+    fn trust(root: TrustRoot, anchors: Vec<CertificateDer<'static>>) -> Trust {
+        Trust {
+            anchors,
+            issuer_pem: root.issuer.cert_pem().to_owned(),
+            issuer: root.issuer,
+        }
+    }
+
+    #[test]
+    fn the_serving_certificate_is_renewed_at_two_thirds_of_its_life() {
+        let site = label("depot-7");
+        let now = SystemTime::now();
+        let root = TrustRoot::generate(&site, now).expect("root");
+        let anchors = vec![root.anchor.cert_der().clone()];
+        let serving = Serving::issue(&trust(root, anchors), &site, now).expect("serving");
+        let life = serving.not_after.duration_since(now).expect("future");
+        assert_eq!(life, pimesh_identity::LEAF_LIFETIME);
+        assert_eq!(serving.renew_at, now + life * 2 / 3);
+    }
+
+    #[test]
+    fn an_issuer_outside_the_bundle_is_refused() {
+        let site = label("depot-7");
+        let now = SystemTime::now();
+        let root = TrustRoot::generate(&site, now).expect("root");
+        let stranger = TrustRoot::generate(&site, now).expect("root");
+        let anchors = vec![stranger.anchor.cert_der().clone()];
+        let err = Serving::issue(&trust(root, anchors), &site, now)
+            .err()
+            .expect("refused");
+        assert!(
+            err.contains("issuer.pem") && err.contains("anchor.pem"),
+            "{err}"
+        );
+    }
+}
