@@ -11,6 +11,7 @@ usage: pimesh-supervisor [options]
   --state-dir PATH     keys, revisions, reports (default /var/lib/pimesh)
   --manifest PATH      the image manifest (default /usr/share/pimesh/manifest.json)
   --k3s-bin PATH       where K3s is installed (default /usr/local/bin/k3s)
+  --run-dir PATH       runtime files for other units, e.g. proxy.env (default /run/pimesh)
   --supervisor-config PATH
                        the units to keep running and how (default /etc/pimesh/supervisor.toml)
   --no-node-setup      do not set the hostname or SSH keys (for running off a node)
@@ -25,6 +26,8 @@ pub struct Paths {
     pub state_dir: PathBuf,
     pub manifest: PathBuf,
     pub k3s_bin: PathBuf,
+    /// Runtime files for other units (`proxy.env`).
+    pub run_dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +53,7 @@ impl Options {
                 state_dir: PathBuf::from("/var/lib/pimesh"),
                 manifest: PathBuf::from("/usr/share/pimesh/manifest.json"),
                 k3s_bin: PathBuf::from("/usr/local/bin/k3s"),
+                run_dir: PathBuf::from("/run/pimesh"),
             },
             node_setup: true,
             help: false,
@@ -74,6 +78,7 @@ impl Options {
                 "--state-dir" => options.paths.state_dir = value("--state-dir")?.into(),
                 "--manifest" => options.paths.manifest = value("--manifest")?.into(),
                 "--k3s-bin" => options.paths.k3s_bin = value("--k3s-bin")?.into(),
+                "--run-dir" => options.paths.run_dir = value("--run-dir")?.into(),
                 "--no-node-setup" => options.node_setup = false,
                 "--export-anchor-key" => options.export_anchor_key = Some(false),
                 "--remove-anchor-key" => remove_anchor_key = true,

@@ -6,6 +6,7 @@
 //! grow.
 
 mod cli;
+mod control_plane;
 mod credential;
 mod heal;
 mod keeper;
@@ -71,7 +72,13 @@ async fn run(options: Options) -> Result<(), String> {
         .parent()
         .unwrap_or(std::path::Path::new("/boot/firmware"));
     let trust = trust::TrustFiles::new(&options.paths.state_dir).provision(seed.seed(), boot_dir);
-    let (supervisor_config, config_report) = load_supervisor_config(&options);
+    let (mut supervisor_config, config_report) = load_supervisor_config(&options);
+    let holds_issuer = trust::TrustFiles::new(&options.paths.state_dir)
+        .dir
+        .join("issuer.key")
+        .exists();
+    let mut control = control_plane::place(&mut supervisor_config.units, holds_issuer);
+    control_plane::write_proxy_env(&options.paths.run_dir, &mut control);
     let mut status_line = seed.one_line_summary(&facts.node_name);
     if let Some(err) = &config_report.error {
         status_line.push_str(&format!(
@@ -79,7 +86,10 @@ async fn run(options: Options) -> Result<(), String> {
         ));
     }
     let status = StatusHandle::new(NodeStatus::new(&facts, &seed, tasks, config_report));
-    status.update(|status| status.trust = trust);
+    status.update(|status| {
+        status.trust = trust;
+        status.control = control;
+    });
 
     let listener = tokio::net::TcpListener::bind(options.status_addr)
         .await

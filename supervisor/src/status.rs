@@ -33,6 +33,8 @@ pub struct NodeStatus {
     pub ota: crate::ota::OtaReport,
     /// The site's trust root on this node.
     pub trust: crate::trust::TrustReport,
+    /// Whether this node runs control replicas and where its proxy finds them.
+    pub control: crate::control_plane::ControlReport,
 }
 
 /// Which supervisor configuration is in force.
@@ -139,6 +141,7 @@ impl NodeStatus {
                 ..Default::default()
             },
             trust: crate::trust::TrustReport::default(),
+            control: crate::control_plane::ControlReport::default(),
         }
     }
 }

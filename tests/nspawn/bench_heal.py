@@ -143,6 +143,8 @@ def window(pid, seconds, during=None):
 
 def main():
     container = Container()
+    # The site's init node: it holds the issuer, so it runs the control replicas.
+    container.write("/boot/firmware/pimesh.toml", 'site = "lab"\nrole = "init"\nnode = "pi-a"\n')
     try:
         container.boot()
         container.wait_for("every unit ready", lambda: all(

@@ -39,11 +39,15 @@ name = "pimesh-does-not-exist.service"
 """
 ALWAYS_FAILING = "[Service]\nExecStart=\nExecStart=/bin/false\n"
 SHORT_WATCHDOG = "[Service]\nWatchdogSec=4s\n"
+# Control replicas run only on a node holding the site issuer: each node here is its site's
+# init node, which makes the trust root on first boot.
+INIT_SEED = 'site = "lab"\nrole = "init"\nnode = "pi-a"\n'
 
 
 @pytest.fixture(scope="class")
 def node():
     container = Container()
+    container.write("/boot/firmware/pimesh.toml", INIT_SEED)
     try:
         container.boot()
         yield container
@@ -54,6 +58,7 @@ def node():
 @pytest.fixture(scope="class")
 def troubled():
     container = Container()
+    container.write("/boot/firmware/pimesh.toml", INIT_SEED)
     try:
         container.write("/etc/pimesh/supervisor.toml", TROUBLED_CONFIG)
         container.write("/etc/systemd/system/pimesh-control@3.service.d/fail.conf", ALWAYS_FAILING)
@@ -66,6 +71,7 @@ def troubled():
 @pytest.fixture(scope="class")
 def watched():
     container = Container()
+    container.write("/boot/firmware/pimesh.toml", INIT_SEED)
     try:
         container.write("/etc/systemd/system/pimesh-supervisor.service.d/watchdog.conf", SHORT_WATCHDOG)
         container.boot()

@@ -27,7 +27,9 @@ QUICK_RESTART = "[Service]\nRestartSec=200ms\nRestartSteps=0\n"
 
 @pytest.fixture(scope="module")
 def site():
-    site = Site(ota=OTA)
+    # The site's init node (given the site's anchor and issuer): it runs the control
+    # replicas whose restarts the cases below check.
+    site = Site(ota=OTA, byo_init=True)
     try:
         site.boot_node()
         yield site

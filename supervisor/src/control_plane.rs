@@ -1,0 +1,142 @@
+//! Where the node's control plane is: whether this node runs control replicas, and which
+//! replicas its proxy asks for identity and discovery.
+//!
+//! A control replica signs leaves with the site's issuer, so it runs only on a node that
+//! holds the issuer (a server node: the `init` node, or one the operator gave the trust
+//! folder). On any other node the replica units of the managed set are left out — never
+//! started, so never healed in a loop for want of a key — and the status says why.
+//!
+//! The proxy learns its replicas from `/run/pimesh/proxy.env` (`PIMESH_PROXY_ARGS`, read
+//! by `pimesh-proxy.service` at its start), written before any unit is started. Invariant:
+//! the file names exactly the replicas this node runs; with none it says so by an empty
+//! value, and the proxy keeps to its file configuration.
+
+use std::path::Path;
+
+use pimesh_schema::ManagedUnit;
+use serde::Serialize;
+use tracing::{info, warn};
+
+/// Replica N of `pimesh-control@N.service` listens on `CONTROL_BASE_PORT + N`.
+const CONTROL_BASE_PORT: u16 = 8085;
+const CONTROL_TEMPLATE: &str = "pimesh-control@";
+
+/// What `GET /status` shows about the control plane on this node.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ControlReport {
+    /// Whether this node runs control replicas.
+    pub runs_replicas: bool,
+    /// The replica units this node runs.
+    pub replicas: Vec<String>,
+    /// The replica addresses the proxy is given (`--control`).
+    pub proxy_control: Vec<String>,
+    /// Why the node runs no replicas, or what went wrong telling the proxy.
+    pub note: Option<String>,
+}
+
+/// The replica number of a `pimesh-control@N.service` unit.
+fn replica_number(unit: &ManagedUnit) -> Option<u16> {
+    unit.name
+        .as_str()
+        .strip_prefix(CONTROL_TEMPLATE)?
+        .strip_suffix(".service")?
+        .parse()
+        .ok()
+}
+
+/// Leaves the control replicas out of `units` unless the node holds the issuer, and
+/// returns which replicas run and where the proxy finds them.
+pub fn place(units: &mut Vec<ManagedUnit>, holds_issuer: bool) -> ControlReport {
+    let is_replica = |unit: &ManagedUnit| unit.name.as_str().starts_with(CONTROL_TEMPLATE);
+    if !holds_issuer {
+        let before = units.len();
+        units.retain(|unit| !is_replica(unit));
+        let left_out = before - units.len();
+        if left_out > 0 {
+            info!(
+                left_out,
+                "this node holds no site issuer: its control replicas are not run"
+            );
+        }
+        return ControlReport {
+            note: Some(
+                "this node holds no site issuer (not a server node): it runs no control \
+                 replicas"
+                    .into(),
+            ),
+            ..ControlReport::default()
+        };
+    }
+    let replicas: Vec<&ManagedUnit> = units.iter().filter(|unit| is_replica(unit)).collect();
+    ControlReport {
+        runs_replicas: !replicas.is_empty(),
+        replicas: replicas
+            .iter()
+            .map(|unit| unit.name.as_str().to_owned())
+            .collect(),
+        proxy_control: replicas
+            .iter()
+            .filter_map(|unit| replica_number(unit))
+            .map(|n| format!("127.0.0.1:{}", CONTROL_BASE_PORT + n))
+            .collect(),
+        note: None,
+    }
+}
+
+/// Writes the proxy's environment file (see the module doc). A failure is noted in the
+/// report; the proxy then starts without replicas.
+pub fn write_proxy_env(run_dir: &Path, report: &mut ControlReport) {
+    let args = if report.proxy_control.is_empty() {
+        String::new()
+    } else {
+        format!("--control {}", report.proxy_control.join(","))
+    };
+    let text = format!(
+        "# Written by pimesh-supervisor at its start: the control replicas of this node.\n\
+         PIMESH_PROXY_ARGS={args}\n"
+    );
+    let path = run_dir.join("proxy.env");
+    if let Err(err) = pimesh_daemon::atomic_file::replace(&path, text.as_bytes(), 0o644) {
+        warn!(path = %path.display(), %err, "cannot tell the proxy where the control replicas are");
+        report.note = Some(format!("cannot write {}: {err}", path.display()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn units() -> Vec<ManagedUnit> {
+        pimesh_schema::SupervisorConfig::default().units
+    }
+
+    #[test]
+    fn a_node_without_the_issuer_runs_no_replica_and_says_why() {
+        let mut units = units();
+        let report = place(&mut units, false);
+        let names: Vec<&str> = units.iter().map(|unit| unit.name.as_str()).collect();
+        assert_eq!(names, ["pimesh-proxy.service"]);
+        assert!(!report.runs_replicas);
+        assert!(report.proxy_control.is_empty());
+        assert!(report.note.unwrap_or_default().contains("no site issuer"));
+    }
+
+    #[test]
+    fn a_server_node_runs_its_replicas_and_its_proxy_is_told_their_ports() {
+        let mut units = units();
+        let report = place(&mut units, true);
+        assert_eq!(units.len(), 4);
+        assert_eq!(
+            report.proxy_control,
+            ["127.0.0.1:8086", "127.0.0.1:8087", "127.0.0.1:8088"]
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut report = report;
+        write_proxy_env(dir.path(), &mut report);
+        let env = std::fs::read_to_string(dir.path().join("proxy.env")).expect("written");
+        assert!(env.contains(
+            "PIMESH_PROXY_ARGS=--control 127.0.0.1:8086,127.0.0.1:8087,127.0.0.1:8088\n"
+        ));
+        assert!(report.note.is_none());
+    }
+}
