@@ -250,6 +250,45 @@ pub fn anchor_sha256(anchor: &CertificateDer<'_>) -> [u8; 32] {
     out
 }
 
+/// The validity window of a certificate (DER): `(not_before, not_after)`.
+pub fn cert_validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), IdentityError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|err| IdentityError::Load(format!("certificate is not X.509: {err}")))?;
+    let at = |time: x509_parser::time::ASN1Time| {
+        let secs = time.timestamp();
+        match u64::try_from(secs) {
+            Ok(secs) => SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+            Err(_) => SystemTime::UNIX_EPOCH,
+        }
+    };
+    Ok((
+        at(parsed.validity().not_before),
+        at(parsed.validity().not_after),
+    ))
+}
+
+/// Whether `cert` carries a signature by `ca`'s key (ECDSA P-256 with SHA-256, the only
+/// algorithm a site uses). Checks the signature only — not validity, names or constraints:
+/// it answers "which anchor of a bundle signed this issuer", not "is this chain trusted"
+/// (that is [`crate::verify_leaf`]). `false` for anything unparsable.
+pub fn issued_by(cert: &CertificateDer<'_>, ca: &CertificateDer<'_>) -> bool {
+    let (Ok((_, cert)), Ok((_, ca))) = (
+        x509_parser::parse_x509_certificate(cert),
+        x509_parser::parse_x509_certificate(ca),
+    ) else {
+        return false;
+    };
+    let key = ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_ASN1,
+        ca.public_key().subject_public_key.data.as_ref(),
+    );
+    key.verify(
+        cert.tbs_certificate.as_ref(),
+        cert.signature_value.data.as_ref(),
+    )
+    .is_ok()
+}
+
 /// [`anchor_sha256`] in lowercase hex, as a join token writes it.
 pub fn anchor_sha256_hex(anchor: &CertificateDer<'_>) -> String {
     anchor_sha256(anchor)

@@ -12,8 +12,12 @@ mod error;
 mod request;
 mod verify;
 
-pub use authority::{anchor_sha256, anchor_sha256_hex, Authority, Leaf, TrustRoot, LEAF_LIFETIME};
+pub use authority::{
+    anchor_sha256, anchor_sha256_hex, cert_validity, issued_by, Authority, Leaf, TrustRoot,
+    ISSUER_LIFETIME, LEAF_LIFETIME,
+};
 pub use error::{IdentityError, IssueError, VerifyError};
 pub use pimesh_schema::{SpiffeId, Workload};
 pub use request::LeafRequest;
+pub use verify::leaf_identities;
 pub use verify::{verify_leaf, Usage};

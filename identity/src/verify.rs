@@ -61,6 +61,19 @@ pub fn verify_leaf(
         webpki::Error::CertNotValidYet { .. } => VerifyError::NotValidYet(err.to_string()),
         _ => VerifyError::Chain(err.to_string()),
     })?;
+    let ids: Vec<SpiffeId> = leaf_identities(leaf)?
+        .into_iter()
+        .filter(|id| &id.site == site)
+        .collect();
+    if ids.is_empty() {
+        return Err(VerifyError::NoIdentity);
+    }
+    Ok(ids)
+}
+
+/// The SPIFFE IDs in a certificate's subject alternative names, of any site, without
+/// checking the certificate in any other way (use [`verify_leaf`] for trust).
+pub fn leaf_identities(leaf: &CertificateDer<'_>) -> Result<Vec<SpiffeId>, VerifyError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|err| VerifyError::Chain(err.to_string()))?;
     let names = parsed
@@ -68,16 +81,11 @@ pub fn verify_leaf(
         .map_err(|err| VerifyError::Chain(err.to_string()))?
         .map(|ext| ext.value.general_names.clone())
         .unwrap_or_default();
-    let ids: Vec<SpiffeId> = names
+    Ok(names
         .iter()
         .filter_map(|name| match name {
             x509_parser::extensions::GeneralName::URI(uri) => uri.parse::<SpiffeId>().ok(),
             _ => None,
         })
-        .filter(|id| &id.site == site)
-        .collect();
-    if ids.is_empty() {
-        return Err(VerifyError::NoIdentity);
-    }
-    Ok(ids)
+        .collect())
 }

@@ -275,3 +275,25 @@ fn authorities_round_trip_through_pem_and_the_pin_is_stable() {
     let leaf_as_ca = Authority::from_pem(&leaf.pem, &request.key.serialize_pem());
     assert!(leaf_as_ca.is_err(), "a leaf is not a CA");
 }
+
+#[test]
+fn issued_by_names_the_anchor_that_signed_an_issuer() {
+    let site = Site::new("depot-7");
+    let other = Site::new("depot-7");
+    let issuer = site.root.issuer.cert_der();
+    assert!(pimesh_identity::issued_by(
+        issuer,
+        site.root.anchor.cert_der()
+    ));
+    assert!(!pimesh_identity::issued_by(
+        issuer,
+        other.root.anchor.cert_der()
+    ));
+    assert!(!pimesh_identity::issued_by(issuer, issuer));
+    let (not_before, not_after) =
+        pimesh_identity::cert_validity(issuer).expect("validity of the issuer");
+    assert!(not_before <= site.now && site.now < not_after);
+    // Certificates hold whole seconds.
+    let expected = site.now + pimesh_identity::ISSUER_LIFETIME;
+    assert!(not_after <= expected && expected - Duration::from_secs(1) <= not_after);
+}

@@ -15,9 +15,18 @@ usage: pimesh-supervisor [options]
   --supervisor-config PATH
                        the units to keep running and how (default /etc/pimesh/supervisor.toml)
   --no-node-setup      do not set the hostname or SSH keys (for running off a node)
-  --export-anchor-key  print the site anchor's private key (kept in the state folder on
-                       the init node) and exit
-  --remove-anchor-key  with --export-anchor-key: then delete it from the node";
+
+usage: pimesh-supervisor trust COMMAND [--state-dir PATH] [--seed PATH] [--force]
+  status                    the trust root as JSON: anchors, issuer, rotation phase
+  rotate-issuer             a new issuer from the anchor that signed the current one
+  anchor begin              a new anchor joins the bundle (old + new); the issuer stays
+  anchor switch             a new issuer signed by the new anchor becomes the issuer
+  anchor finish             the bundle keeps only the new anchor; the old anchor key is
+                            deleted (--force: within 24 h of the switch)
+  export-anchor-key FILE    write the anchor key to FILE (0600), then remove it from the node
+  import-anchor-key FILE    put an exported anchor key back
+  --state-dir defaults to /var/lib/pimesh; --seed (for the site's name) to
+  /boot/firmware/pimesh.toml";
 
 /// Where the supervisor finds and keeps things on the node.
 #[derive(Debug, Clone)]
@@ -38,8 +47,20 @@ pub struct Options {
     pub paths: Paths,
     pub node_setup: bool,
     pub help: bool,
-    /// `Some(remove)`: export the anchor key instead of running.
-    pub export_anchor_key: Option<bool>,
+    /// A `trust` command to run instead of the daemon.
+    pub trust: Option<TrustAction>,
+}
+
+/// `pimesh-supervisor trust ...`: one step of the trust root's lifecycle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustAction {
+    Status,
+    RotateIssuer,
+    AnchorBegin,
+    AnchorSwitch,
+    AnchorFinish { force: bool },
+    ExportAnchorKey(PathBuf),
+    ImportAnchorKey(PathBuf),
 }
 
 impl Options {
@@ -57,10 +78,20 @@ impl Options {
             },
             node_setup: true,
             help: false,
-            export_anchor_key: None,
+            trust: None,
         };
-        let mut remove_anchor_key = false;
-        let mut args = args.into_iter();
+        let mut args = args.into_iter().peekable();
+        let mut trust_words = Vec::new();
+        let mut force = false;
+        if args.peek().map(String::as_str) == Some("trust") {
+            args.next();
+            while let Some(word) = args.next_if(|arg| !arg.starts_with('-')) {
+                trust_words.push(word);
+            }
+            if trust_words.is_empty() {
+                return Err("trust: expected a command (status, rotate-issuer, anchor begin|switch|finish, export-anchor-key FILE, import-anchor-key FILE)".into());
+            }
+        }
         while let Some(arg) = args.next() {
             let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
             match arg.as_str() {
@@ -80,16 +111,33 @@ impl Options {
                 "--k3s-bin" => options.paths.k3s_bin = value("--k3s-bin")?.into(),
                 "--run-dir" => options.paths.run_dir = value("--run-dir")?.into(),
                 "--no-node-setup" => options.node_setup = false,
-                "--export-anchor-key" => options.export_anchor_key = Some(false),
-                "--remove-anchor-key" => remove_anchor_key = true,
+                "--force" if !trust_words.is_empty() => force = true,
                 "-h" | "--help" => options.help = true,
                 other => return Err(format!("unknown option {other:?}")),
             }
         }
-        match (options.export_anchor_key, remove_anchor_key) {
-            (Some(_), remove) => options.export_anchor_key = Some(remove),
-            (None, true) => return Err("--remove-anchor-key needs --export-anchor-key".into()),
-            (None, false) => {}
+        if !trust_words.is_empty() {
+            let words: Vec<&str> = trust_words.iter().map(String::as_str).collect();
+            let action = match words.as_slice() {
+                ["status"] => TrustAction::Status,
+                ["rotate-issuer"] => TrustAction::RotateIssuer,
+                ["anchor", "begin"] => TrustAction::AnchorBegin,
+                ["anchor", "switch"] => TrustAction::AnchorSwitch,
+                ["anchor", "finish"] => TrustAction::AnchorFinish { force },
+                ["export-anchor-key", file] => TrustAction::ExportAnchorKey(file.into()),
+                ["import-anchor-key", file] => TrustAction::ImportAnchorKey(file.into()),
+                _ => {
+                    return Err(format!(
+                        "trust: unknown command {:?}; expected status, rotate-issuer, \
+                         anchor begin|switch|finish, export-anchor-key FILE or import-anchor-key FILE",
+                        words.join(" ")
+                    ))
+                }
+            };
+            if force && !matches!(action, TrustAction::AnchorFinish { .. }) {
+                return Err("--force applies only to `trust anchor finish`".into());
+            }
+            options.trust = Some(action);
         }
         Ok(options)
     }
@@ -118,6 +166,44 @@ mod tests {
         );
         let options = parse(&["--supervisor-config", "/tmp/s.toml"]).expect("flag");
         assert_eq!(options.supervisor_config, PathBuf::from("/tmp/s.toml"));
+    }
+
+    #[test]
+    fn trust_commands_parse_with_their_state_dir() {
+        let options = parse(&[
+            "trust",
+            "anchor",
+            "finish",
+            "--state-dir",
+            "/tmp/s",
+            "--force",
+        ])
+        .expect("finish");
+        assert_eq!(
+            options.trust,
+            Some(TrustAction::AnchorFinish { force: true })
+        );
+        assert_eq!(options.paths.state_dir, PathBuf::from("/tmp/s"));
+        let options = parse(&["trust", "export-anchor-key", "/root/a.key"]).expect("export");
+        assert_eq!(
+            options.trust,
+            Some(TrustAction::ExportAnchorKey(PathBuf::from("/root/a.key")))
+        );
+        assert_eq!(options.paths.state_dir, PathBuf::from("/var/lib/pimesh"));
+        assert_eq!(
+            parse(&["trust", "status"]).expect("status").trust,
+            Some(TrustAction::Status)
+        );
+        assert!(parse(&["trust"])
+            .unwrap_err()
+            .contains("expected a command"));
+        assert!(parse(&["trust", "anchor", "rewind"])
+            .unwrap_err()
+            .contains("anchor rewind"));
+        assert!(parse(&["trust", "status", "--force"])
+            .unwrap_err()
+            .contains("--force"));
+        assert!(parse(&["--force"]).unwrap_err().contains("--force"));
     }
 
     #[test]

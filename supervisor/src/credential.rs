@@ -105,6 +105,65 @@ impl CredentialFiles {
         Ok(())
     }
 
+    /// Re-signs the node's certificate with `issuer` when the chain in `node.pem` names
+    /// another issuer (after an issuer rotation or an anchor switch), from the request kept
+    /// beside the key: the key does not change, and the new certificate carries exactly the
+    /// node IDs of the old one. Returns whether it re-signed; nothing to do without
+    /// `node.pem`.
+    pub fn renew_from(
+        &self,
+        issuer: &pimesh_identity::Authority,
+        now: SystemTime,
+    ) -> Result<bool, String> {
+        use rustls_pki_types::CertificateDer;
+        let chain_pem = match std::fs::read(self.chain()) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(err) => return Err(format!("cannot read {}: {err}", self.chain().display())),
+        };
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&chain_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|err| {
+                format!(
+                    "{}: expected PEM certificates (leaf, issuer): {err}",
+                    self.chain().display()
+                )
+            })?;
+        if chain.get(1) == Some(issuer.cert_der()) {
+            return Ok(false);
+        }
+        let Some(leaf) = chain.first() else {
+            return Err(format!(
+                "{}: expected PEM certificates (leaf, issuer), found none",
+                self.chain().display()
+            ));
+        };
+        let permitted = crate::trust::lifecycle::node_ids(leaf);
+        let Some(site) = permitted.iter().next().map(|id| id.site.clone()) else {
+            return Err(format!(
+                "{}: the certificate names no spiffe://<site>/node/<node> identity to re-sign",
+                self.chain().display()
+            ));
+        };
+        let request_pem = std::fs::read(self.request())
+            .map_err(|err| format!("cannot read {}: {err}", self.request().display()))?;
+        let request = CertificateSigningRequestDer::from_pem_slice(&request_pem)
+            .map_err(|err| format!("{}: not a PEM request: {err}", self.request().display()))?;
+        let leaf = issuer
+            .sign_leaf_for(&request, &site, &permitted, now, SELF_ENROLLED_LIFETIME)
+            .map_err(|err| {
+                format!(
+                    "cannot re-sign {} with the current issuer: {err}",
+                    self.request().display()
+                )
+            })?;
+        let chain = format!("{}{}", leaf.pem, issuer.cert_pem());
+        pimesh_daemon::atomic_file::replace(&self.chain(), chain.as_bytes(), 0o644)
+            .map_err(|err| format!("cannot write {}: {err}", self.chain().display()))?;
+        tracing::info!(chain = %self.chain().display(), "node certificate re-signed by the current issuer");
+        Ok(true)
+    }
+
     /// The credential, once the certificate is there.
     pub fn load(&self) -> Result<Option<NodeCredential>, String> {
         let chain_pem = match std::fs::read_to_string(self.chain()) {

@@ -44,11 +44,14 @@ fn main() -> ExitCode {
         println!("{}", cli::USAGE);
         return ExitCode::SUCCESS;
     }
-    if let Some(remove) = options.export_anchor_key {
-        return match trust::export_anchor_key(&options.paths.state_dir, remove) {
-            Ok(()) => ExitCode::SUCCESS,
+    if let Some(action) = &options.trust {
+        return match trust_command(&options, action) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
             Err(err) => {
-                eprintln!("pimesh-supervisor: {err}");
+                eprintln!("pimesh-supervisor trust: {err}");
                 ExitCode::FAILURE
             }
         };
@@ -71,12 +74,10 @@ async fn run(options: Options) -> Result<(), String> {
         .seed_path
         .parent()
         .unwrap_or(std::path::Path::new("/boot/firmware"));
-    let trust = trust::TrustFiles::new(&options.paths.state_dir).provision(seed.seed(), boot_dir);
+    let trust_files = trust::TrustFiles::new(&options.paths.state_dir);
+    let trust = trust_files.provision(seed.seed(), boot_dir);
     let (mut supervisor_config, config_report) = load_supervisor_config(&options);
-    let holds_issuer = trust::TrustFiles::new(&options.paths.state_dir)
-        .dir
-        .join("issuer.key")
-        .exists();
+    let holds_issuer = trust_files.dir.join("issuer.key").exists();
     let mut control = control_plane::place(&mut supervisor_config.units, holds_issuer);
     control_plane::write_proxy_env(&options.paths.run_dir, &mut control);
     let mut status_line = seed.one_line_summary(&facts.node_name);
@@ -86,6 +87,7 @@ async fn run(options: Options) -> Result<(), String> {
         ));
     }
     let status = StatusHandle::new(NodeStatus::new(&facts, &seed, tasks, config_report));
+    let trust_present = trust.present;
     status.update(|status| {
         status.trust = trust;
         status.control = control;
@@ -108,6 +110,25 @@ async fn run(options: Options) -> Result<(), String> {
     heartbeat.beat();
     let keeper =
         tokio::spawn(Keeper::new(supervisor_config, status.clone(), Arc::clone(&heartbeat)).run());
+    let trust_check = trust_present
+        .then(|| seed.seed().map(|seed| seed.site.clone()))
+        .flatten()
+        .map(|site| {
+            let credential = credential::CredentialFiles::new(&options.paths.state_dir);
+            let status = status.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(trust::CHECK_EVERY);
+                loop {
+                    every.tick().await;
+                    let mut report = trust_files.check(&site, &credential);
+                    status.update(|status| {
+                        // How the root came to be stays what the start found.
+                        report.source = status.trust.source.or(report.source);
+                        status.trust = report;
+                    });
+                }
+            })
+        });
 
     notify::ready(&status_line);
     let watchdog = notify::spawn_watchdog_fed_by(heartbeat);
@@ -119,6 +140,9 @@ async fn run(options: Options) -> Result<(), String> {
     notify::stopping();
     server.abort();
     keeper.abort();
+    if let Some(check) = trust_check {
+        check.abort();
+    }
     if let Some(ota) = ota {
         ota.abort();
     }
@@ -126,6 +150,56 @@ async fn run(options: Options) -> Result<(), String> {
         watchdog.abort();
     }
     Ok(())
+}
+
+/// Runs one `pimesh-supervisor trust ...` command; returns what to print.
+fn trust_command(options: &Options, action: &cli::TrustAction) -> Result<String, String> {
+    use trust::lifecycle;
+    let state_dir = &options.paths.state_dir;
+    let files = trust::TrustFiles::new(state_dir);
+    let store = &files.store;
+    store.recover()?;
+    let credential = credential::CredentialFiles::new(state_dir);
+    let site = || {
+        let seed = seed_state::SeedState::load(&options.seed_path);
+        seed.seed().map(|seed| seed.site.clone()).ok_or_else(|| {
+            format!(
+                "the site's name comes from the seed {}, which is not usable: {}",
+                options.seed_path.display(),
+                seed.one_line_summary("this node")
+            )
+        })
+    };
+    let now = std::time::SystemTime::now();
+    match action {
+        cli::TrustAction::Status => serde_json::to_string_pretty(&lifecycle::status(store)?)
+            .map_err(|err| format!("cannot show the status: {err}")),
+        cli::TrustAction::RotateIssuer => {
+            let n = lifecycle::rotate_issuer(store, &site()?, now)?;
+            let issuer = files.issuer()?;
+            let resigned = match &issuer {
+                Some(issuer) => credential.renew_from(issuer, now)?,
+                None => false,
+            };
+            Ok(format!(
+                "issuer rotated (generation {n}){}",
+                if resigned {
+                    "; this node's credential is re-signed by it"
+                } else {
+                    ""
+                }
+            ))
+        }
+        cli::TrustAction::AnchorBegin => lifecycle::anchor_begin(store, &site()?, now),
+        cli::TrustAction::AnchorSwitch => {
+            lifecycle::anchor_switch(store, &site()?, &credential, now)
+        }
+        cli::TrustAction::AnchorFinish { force } => {
+            lifecycle::anchor_finish(store, &credential, now, *force)
+        }
+        cli::TrustAction::ExportAnchorKey(file) => lifecycle::export_anchor_key(store, file),
+        cli::TrustAction::ImportAnchorKey(file) => lifecycle::import_anchor_key(store, file),
+    }
 }
 
 /// What the OTA client needs, when the seed names a central server and the node has a

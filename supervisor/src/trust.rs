@@ -8,9 +8,14 @@
 //! when there is none, generates a new root for the site. A join token in the seed pins the
 //! anchor: a root whose anchor does not hash to the pinned value is refused.
 //!
-//! Invariant: the folder appears whole or not at all. It is assembled in `trust.new/`
-//! (files fsynced, keys 0600) and renamed into place; a cut before the rename leaves no
-//! trust folder and the next start begins again.
+//! Invariant: the folder appears whole or not at all, and changes whole: `trust` is a link
+//! to a complete generation `trust.d/<n>/`, swapped in one rename ([`store`]). A cut before
+//! the first swap leaves no trust folder and the next start begins again. What happens to
+//! the root after provisioning (issuer and anchor rotation, the anchor key leaving the
+//! node) is in [`lifecycle`].
+
+pub mod lifecycle;
+pub mod store;
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -22,6 +27,8 @@ use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 use tracing::{info, warn};
 
+use store::{TrustState, TrustStore};
+
 /// What `GET /status` shows about the trust root.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TrustReport {
@@ -32,20 +39,31 @@ pub struct TrustReport {
     pub anchor_sha256: Option<String>,
     /// Whether the anchor's private key is still on this node.
     pub anchor_key_on_node: bool,
+    /// The issuer: expiry, days left, when it rotates, which anchor signed it.
+    pub issuer: Option<lifecycle::IssuerInfo>,
+    /// What needs the operator: an issuer that cannot be rotated here (no anchor key on
+    /// the node), or one close to expiry.
+    pub warning: Option<String>,
     pub error: Option<String>,
 }
 
+/// The trust folder as its readers see it (`dir` is the `trust` link), and the store of
+/// generations behind it.
 pub struct TrustFiles {
     pub dir: PathBuf,
+    pub store: TrustStore,
 }
 
-const CERT_MODE: u32 = 0o644;
-const KEY_MODE: u32 = 0o600;
-
 impl TrustFiles {
+    /// The node's trust folder; `issuer.key` is given to `pimesh-control` when it exists.
     pub fn new(state_dir: &Path) -> TrustFiles {
+        TrustFiles::with_store(TrustStore::on_node(state_dir))
+    }
+
+    pub fn with_store(store: TrustStore) -> TrustFiles {
         TrustFiles {
-            dir: state_dir.join("trust"),
+            dir: store.link(),
+            store,
         }
     }
 
@@ -53,10 +71,16 @@ impl TrustFiles {
         self.dir.join("anchor.key")
     }
 
-    /// The issuer, when the node holds one.
+    /// The issuer, when the node holds one. Read from one generation (the link resolved
+    /// once), so the key and certificate always belong together.
     pub fn issuer(&self) -> Result<Option<Authority>, String> {
-        let cert = self.dir.join("issuer.pem");
-        let key = self.dir.join("issuer.key");
+        let dir = match std::fs::canonicalize(&self.dir) {
+            Ok(dir) => dir,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(format!("cannot resolve {}: {err}", self.dir.display())),
+        };
+        let cert = dir.join("issuer.pem");
+        let key = dir.join("issuer.key");
         if !cert.exists() || !key.exists() {
             return Ok(None);
         }
@@ -73,18 +97,72 @@ impl TrustFiles {
         let anchor = std::fs::read(self.dir.join("anchor.pem"))
             .ok()
             .and_then(|pem| CertificateDer::from_pem_slice(&pem).ok());
+        let (issuer, warning, error) = match lifecycle::issuer_report(&self.store) {
+            Ok((issuer, warning)) => (Some(issuer), warning, None),
+            Err(err) => (None, None, Some(err)),
+        };
+        // Loud only when it is urgent: a node without its anchor key is the recommended
+        // state, and its note stays in the report.
+        match (&warning, &issuer) {
+            (Some(warning), Some(issuer)) if issuer.days_left < lifecycle::WARN_DAYS => {
+                warn!("{warning}")
+            }
+            (Some(warning), _) => info!("{warning}"),
+            (None, _) => {}
+        }
         TrustReport {
             present: anchor.is_some(),
             source: Some(source),
             anchor_sha256: anchor.map(|der| anchor_sha256_hex(&der)),
             anchor_key_on_node: self.anchor_key().exists(),
-            error: None,
+            issuer,
+            warning,
+            error,
         }
+    }
+
+    /// The periodic check (at start and every [`CHECK_EVERY`]): rotates the issuer when one
+    /// third of its life is left and the anchor key is here, keeps the node's credential
+    /// signed by the current issuer, and reports. `site` is the seed's.
+    pub fn check(
+        &self,
+        site: &pimesh_schema::DnsLabel,
+        credential: &crate::credential::CredentialFiles,
+    ) -> TrustReport {
+        if let Err(err) = self.store.recover() {
+            warn!(%err, "cannot bring the trust folder to a consistent state");
+        }
+        if let Err(err) = lifecycle::maintain(&self.store, site, credential, SystemTime::now()) {
+            warn!(%err, "trust maintenance failed");
+        }
+        self.report("existing")
     }
 
     /// Provisions the trust root from the seed (see the module doc). Never fails: what
     /// went wrong is in the report.
     pub fn provision(&self, seed: Option<&Seed>, boot_dir: &Path) -> TrustReport {
+        let lock = match self.store.lock() {
+            Ok(lock) => lock,
+            Err(err) => {
+                return TrustReport {
+                    error: Some(err),
+                    ..TrustReport::default()
+                }
+            }
+        };
+        let report = self.provision_locked(seed, boot_dir);
+        drop(lock);
+        report
+    }
+
+    fn provision_locked(&self, seed: Option<&Seed>, boot_dir: &Path) -> TrustReport {
+        if let Err(err) = self.store.recover_locked() {
+            warn!(%err, "cannot bring the trust folder to a consistent state");
+            return TrustReport {
+                error: Some(err),
+                ..TrustReport::default()
+            };
+        }
         if self.dir.join("issuer.key").exists() && self.dir.join("anchor.pem").exists() {
             return self.report("existing");
         }
@@ -123,12 +201,14 @@ impl TrustFiles {
         }
         let root = TrustRoot::generate(&seed.site, SystemTime::now())
             .map_err(|err| format!("cannot generate the site trust root: {err}"))?;
-        self.install(&[
-            ("anchor.pem", root.anchor.cert_pem().as_bytes(), CERT_MODE),
-            ("anchor.key", root.anchor.key_pem().as_bytes(), KEY_MODE),
-            ("issuer.pem", root.issuer.cert_pem().as_bytes(), CERT_MODE),
-            ("issuer.key", root.issuer.key_pem().as_bytes(), KEY_MODE),
-        ])
+        self.install(&TrustState {
+            anchor_bundle: root.anchor.cert_pem().to_owned(),
+            issuer_cert: root.issuer.cert_pem().to_owned(),
+            issuer_key: root.issuer.key_pem(),
+            anchor_key: Some(root.anchor.key_pem()),
+            next_anchor_cert: None,
+            next_anchor_key: None,
+        })
     }
 
     fn import(&self, seed: &Seed, from: &Path) -> Result<(), String> {
@@ -159,15 +239,14 @@ impl TrustFiles {
             }
         }
         let anchor_key = std::fs::read_to_string(from.join("anchor.key")).ok();
-        let mut files = vec![
-            ("anchor.pem", anchor_pem.as_bytes(), CERT_MODE),
-            ("issuer.pem", issuer_pem.as_bytes(), CERT_MODE),
-            ("issuer.key", issuer_key.as_bytes(), KEY_MODE),
-        ];
-        if let Some(key) = &anchor_key {
-            files.push(("anchor.key", key.as_bytes(), KEY_MODE));
-        }
-        self.install(&files)?;
+        self.install(&TrustState {
+            anchor_bundle: anchor_pem,
+            issuer_cert: issuer_pem,
+            issuer_key,
+            anchor_key,
+            next_anchor_cert: None,
+            next_anchor_key: None,
+        })?;
         // The keys have a safe home now; the boot partition is readable by anyone who
         // holds the card. (Deleting from FAT does not scrub the blocks.)
         for name in ["issuer.key", "anchor.key"] {
@@ -181,45 +260,81 @@ impl TrustFiles {
         Ok(())
     }
 
-    /// Writes `files` into `trust.new/` and renames it to the trust folder.
-    fn install(&self, files: &[(&str, &[u8], u32)]) -> Result<(), String> {
-        let staging = self.dir.with_extension("new");
-        let fail = |what: &str, path: &Path, err: std::io::Error| {
-            format!("cannot {what} {}: {err}", path.display())
-        };
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging).map_err(|err| fail("clear", &staging, err))?;
-        }
-        std::fs::create_dir_all(&staging).map_err(|err| fail("create", &staging, err))?;
-        for (name, contents, mode) in files {
-            pimesh_daemon::atomic_file::replace(&staging.join(name), contents, *mode)
-                .map_err(|err| fail("write", &staging.join(name), err))?;
-        }
-        std::fs::rename(&staging, &self.dir).map_err(|err| fail("install", &self.dir, err))?;
-        if let Some(parent) = self.dir.parent() {
-            std::fs::File::open(parent)
-                .and_then(|dir| dir.sync_all())
-                .map_err(|err| fail("sync", parent, err))?;
-        }
-        Ok(())
+    /// Makes `state` the first generation and links it.
+    fn install(&self, state: &TrustState) -> Result<(), String> {
+        self.store.commit(state).map(|_| ())
     }
 }
 
-/// `--export-anchor-key`: prints the anchor's private key (to keep offline) and, with
-/// `remove`, deletes it from the node — daily work needs only the issuer.
-pub fn export_anchor_key(state_dir: &Path, remove: bool) -> Result<(), String> {
-    let trust = TrustFiles::new(state_dir);
-    let path = trust.anchor_key();
-    let key = std::fs::read_to_string(&path)
-        .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
-    print!("{key}");
-    if remove {
-        std::fs::remove_file(&path)
-            .map_err(|err| format!("cannot remove {}: {err}", path.display()))?;
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::File::open(dir).and_then(|dir| dir.sync_all());
-        }
-        eprintln!("removed {}", path.display());
+/// How often the running supervisor checks the issuer.
+pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    fn init_seed() -> Seed {
+        Seed::parse(
+            Path::new("/boot/firmware/pimesh.toml"),
+            "site = \"depot-7\"\nrole = \"init\"\n",
+        )
+        .expect("seed")
     }
-    Ok(())
+
+    #[test]
+    fn a_generated_root_is_the_first_generation_behind_the_link() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = TrustFiles::with_store(TrustStore::new(dir.path(), None));
+        let report = files.provision(Some(&init_seed()), &dir.path().join("boot"));
+        assert_eq!((report.present, report.source), (true, Some("generated")));
+        assert!(report.anchor_key_on_node);
+        let issuer = report.issuer.expect("issuer report");
+        assert!(issuer.days_left > 300, "{issuer:?}");
+        assert_eq!(issuer.signed_by, report.anchor_sha256);
+        assert_eq!(report.warning, None);
+        assert_eq!(
+            std::fs::read_link(dir.path().join("trust")).expect("link"),
+            Path::new("trust.d/1")
+        );
+        let mode = |name: &str| {
+            std::fs::metadata(dir.path().join("trust").join(name))
+                .expect(name)
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!((mode("issuer.key"), mode("anchor.key")), (0o600, 0o600));
+        assert_eq!((mode("issuer.pem"), mode("anchor.pem")), (0o644, 0o644));
+        assert!(files.issuer().expect("issuer").is_some());
+
+        let again = files.provision(Some(&init_seed()), &dir.path().join("boot"));
+        assert_eq!(again.source, Some("existing"));
+        assert_eq!(files.store.generations().expect("list"), vec![1]);
+    }
+
+    #[test]
+    fn an_older_supervisors_plain_folder_is_kept_and_linked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = TrustRoot::generate(&init_seed().site, SystemTime::now()).expect("root");
+        let plain = dir.path().join("trust");
+        std::fs::create_dir(&plain).expect("mkdir");
+        std::fs::write(plain.join("anchor.pem"), root.anchor.cert_pem()).expect("write");
+        std::fs::write(plain.join("issuer.pem"), root.issuer.cert_pem()).expect("write");
+        std::fs::write(plain.join("issuer.key"), root.issuer.key_pem()).expect("write");
+        let files = TrustFiles::with_store(TrustStore::new(dir.path(), None));
+        let report = files.provision(Some(&init_seed()), &dir.path().join("boot"));
+        assert_eq!((report.present, report.source), (true, Some("existing")));
+        assert_eq!(
+            report.anchor_sha256,
+            Some(anchor_sha256_hex(root.anchor.cert_der()))
+        );
+        assert!(std::fs::symlink_metadata(&plain)
+            .expect("link")
+            .file_type()
+            .is_symlink());
+        // Without the anchor key the node cannot rotate the issuer, and says so.
+        let warning = report.warning.expect("warning");
+        assert!(warning.contains("anchor key not on node"), "{warning}");
+    }
 }
