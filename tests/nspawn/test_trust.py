@@ -59,8 +59,14 @@ def test_an_init_node_generates_the_site_root_once_and_can_give_up_the_anchor_ke
     assert again["source"] == "existing"
     assert again["anchor_sha256"] == trust["anchor_sha256"], "the root is made once"
 
-    exported = init_node.run(["pimesh-supervisor", "--export-anchor-key", "--remove-anchor-key"])
-    assert "BEGIN PRIVATE KEY" in exported.stdout
+    control_uid = int(init_node.run(["id", "-u", "pimesh-control"]).stdout)
+    issuer_key = os.path.join(init_node.root, TRUST.lstrip("/"), "issuer.key")
+    assert os.stat(issuer_key).st_uid == control_uid, "the issuer key belongs to the replicas' user"
+
+    init_node.run(["pimesh-supervisor", "trust", "export-anchor-key", "/root/anchor.key"])
+    with open(os.path.join(init_node.root, "root/anchor.key")) as f:
+        assert "BEGIN PRIVATE KEY" in f.read()
+    assert mode(init_node, "/root/anchor.key") == 0o600
     assert not os.path.exists(os.path.join(init_node.root, TRUST.lstrip("/"), "anchor.key"))
     init_node.systemctl("restart", "pimesh-supervisor.service")
     after = init_node.wait_for("the supervisor back", lambda: init_node.status()["trust"])
