@@ -27,7 +27,13 @@ pub struct Trust {
 impl Trust {
     /// Reads `anchor.pem`, `issuer.pem` and `issuer.key` from `dir`. The error names the
     /// file and what is wrong with it.
+    ///
+    /// `dir` may be a link that the supervisor swaps to a new generation of the folder
+    /// (a rotation): it is resolved once, so the three files come from one generation.
     pub fn load(dir: &Path) -> Result<Trust, String> {
+        // A folder that cannot be resolved is reported below by the file it lacks.
+        let resolved = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let dir = resolved.as_path();
         let read = |name: &str| {
             let path = dir.join(name);
             std::fs::read_to_string(&path)
