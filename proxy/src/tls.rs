@@ -990,6 +990,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_control_replica_is_known_by_its_spiffe_id_whatever_name_is_dialled() {
+        let site = Site::new("depot-7");
+        let client = site.identity("pi-a");
+        let name = ServerName::try_from("localhost").expect("name");
+        let cred = site.credential("srv", &[CONTROL_SERVICE], site.now, DAY);
+        let replica = Identity::from_pem(&cred.chain, &cred.key, &cred.anchors).expect("id");
+        let (connected, accepted) = handshake(
+            &client.control_connector(),
+            name.clone(),
+            &replica.acceptor(),
+        )
+        .await;
+        connected.expect("a certificate with the control ID is a replica");
+        accepted.expect("the replica accepts the node");
+
+        // A node of the site without the control ID is not a replica.
+        let node = site.identity("pi-b");
+        let (connected, _) =
+            handshake(&client.control_connector(), name.clone(), &node.acceptor()).await;
+        let err = connected.expect_err("a plain node is refused");
+        assert_eq!(handshake_failure_reason(&err), "wrong_identity");
+
+        // Nor is a replica of another site.
+        let other = Site::new("depot-8");
+        let cred = other.credential("srv", &[CONTROL_SERVICE], other.now, DAY);
+        let foreign = Identity::from_pem(&cred.chain, &cred.key, &cred.anchors).expect("id");
+        let (connected, _) =
+            handshake(&client.control_connector(), name, &foreign.acceptor()).await;
+        let err = connected.expect_err("another site's replica is refused");
+        assert_eq!(handshake_failure_reason(&err), "unknown_ca");
+    }
+
+    #[tokio::test]
     async fn a_client_reaching_the_wrong_node_refuses_it() {
         let site = Site::new("depot-7");
         let client = site.identity("pi-a");
