@@ -68,7 +68,9 @@ impl Document {
     }
 }
 
-/// Heartbeat addresses override or extend the config's `[nodes]`.
+/// Heartbeat addresses override or extend the config's `[nodes]`, except that a loopback
+/// address never overrides one the config gives: a proxy that reaches a replica on its
+/// own node over loopback is seen from 127.0.0.1, an address useless to other nodes.
 fn merge_nodes(config: &mut ClusterConfig, nodes: &BTreeMap<String, String>) -> Result<(), String> {
     for (name, addr) in nodes {
         let node = DnsLabel::try_from(name.clone())
@@ -76,6 +78,9 @@ fn merge_nodes(config: &mut ClusterConfig, nodes: &BTreeMap<String, String>) -> 
         let addr: SocketAddr = addr.parse().map_err(|err| {
             format!("key `nodes.{name}`: expected IP:PORT, found {addr:?}: {err}")
         })?;
+        if addr.ip().is_loopback() && config.nodes.contains_key(&node) {
+            continue;
+        }
         config.nodes.insert(
             node,
             Node {
@@ -114,7 +119,12 @@ mod tests {
     fn heartbeat_addresses_override_and_extend_the_configs_nodes() {
         let doc = document(
             Some(CONFIG),
-            &[("b", "10.0.0.9:5000"), ("c", "10.0.0.3:4143")],
+            &[
+                ("a", "127.0.0.1:4143"),
+                ("b", "10.0.0.9:5000"),
+                ("c", "10.0.0.3:4143"),
+                ("d", "127.0.0.1:4143"),
+            ],
         );
         let loaded = doc
             .site_config("replica 127.0.0.1:8086", &label("lab"))
@@ -124,6 +134,7 @@ mod tests {
         assert_eq!(addr("a"), "10.0.0.1:4143");
         assert_eq!(addr("b"), "10.0.0.9:5000");
         assert_eq!(addr("c"), "10.0.0.3:4143");
+        assert_eq!(addr("d"), "127.0.0.1:4143", "loopback extends");
         assert_eq!(
             loaded.sha256_hex(),
             site_config::sha256_hex_of(CONFIG.as_bytes())
