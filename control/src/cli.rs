@@ -1,22 +1,26 @@
 //! The command line: `pimesh-control --replica N [--listen IP:PORT] [--trust-dir PATH]
-//! [--config PATH] [--site NAME]`.
+//! [--config PATH] [--site NAME] [--heartbeat-ttl SECS]`.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use pimesh_schema::DnsLabel;
 
 pub const USAGE: &str = "\
 usage: pimesh-control --replica N [--listen IP:PORT] [--trust-dir PATH] [--config PATH] [--site NAME]
+                      [--heartbeat-ttl SECS]
   --replica N         this replica's number, 1..=64
-  --listen IP:PORT    the replica's one port (default 0.0.0.0:8085+N): the identity API over
-                      mutual TLS, and /live and /ready in plain HTTP
+  --listen IP:PORT    the replica's one port (default 0.0.0.0:8085+N): the identity and
+                      discovery APIs over mutual TLS, and /live and /ready in plain HTTP
   --trust-dir PATH    anchor.pem (the trust bundle), issuer.pem, issuer.key
                       (default /var/lib/pimesh/trust)
   --config PATH       the site config (default /etc/pimesh/cluster.toml); a missing file
-                      places no service; SIGHUP reloads it and the trust folder
-  --site NAME         the site, when no site config says it yet; must match the config's";
+                      places no service; SIGHUP or a change (polled every 2 s) reloads it
+                      and the trust folder
+  --site NAME         the site, when no site config says it yet; must match the config's
+  --heartbeat-ttl SECS  how long a node's heartbeat keeps it in discovery (default 30)";
 
 /// Replica numbers are small: the ports 8086.. must stay below other well-known ones.
 pub const MAX_REPLICA: u16 = 64;
@@ -40,7 +44,12 @@ pub struct Options {
     pub trust_dir: PathBuf,
     pub config: PathBuf,
     pub site: Option<DnsLabel>,
+    /// How long a heartbeat lasts; at least a second.
+    pub heartbeat_ttl: Duration,
 }
+
+/// `--heartbeat-ttl` unless given: three of the proxies' 10 s heartbeat intervals.
+pub const DEFAULT_HEARTBEAT_TTL: Duration = Duration::from_secs(30);
 
 /// Where replica `replica` listens unless told otherwise: every address, port
 /// `BASE_PORT + replica`.
@@ -56,6 +65,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
     let mut trust_dir = PathBuf::from("/var/lib/pimesh/trust");
     let mut config = PathBuf::from("/etc/pimesh/cluster.toml");
     let mut site = None;
+    let mut heartbeat_ttl = DEFAULT_HEARTBEAT_TTL;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let Some(flag) = arg.to_str() else {
@@ -109,6 +119,17 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
                 let text = value.to_string_lossy().into_owned();
                 site = Some(DnsLabel::try_from(text).map_err(|err| format!("--site: {err}"))?);
             }
+            "--heartbeat-ttl" => {
+                let value = value(flag)?;
+                let text = value.to_string_lossy();
+                let seconds = text
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|s| (1..=86_400).contains(s));
+                heartbeat_ttl = seconds.map(Duration::from_secs).ok_or_else(|| {
+                    format!("--heartbeat-ttl: expected seconds in 1..=86400, found {text:?}")
+                })?;
+            }
             other => return Err(format!("unknown option {other:?}")),
         }
     }
@@ -119,6 +140,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         trust_dir,
         config,
         site,
+        heartbeat_ttl,
     }))
 }
 
@@ -144,6 +166,7 @@ mod tests {
         assert_eq!(one.trust_dir, PathBuf::from("/var/lib/pimesh/trust"));
         assert_eq!(one.config, PathBuf::from("/etc/pimesh/cluster.toml"));
         assert_eq!(one.site, None);
+        assert_eq!(one.heartbeat_ttl, Duration::from_secs(30));
         assert_eq!(options(&["--replica=3"]).listen.to_string(), "0.0.0.0:8088");
     }
 
@@ -158,7 +181,9 @@ mod tests {
             "--site=depot-7",
             "--replica",
             "2",
+            "--heartbeat-ttl=5",
         ]);
+        assert_eq!(given.heartbeat_ttl, Duration::from_secs(5));
         assert_eq!(given.replica, 2);
         assert_eq!(given.listen.to_string(), "127.0.0.1:9000");
         assert_eq!(given.trust_dir, PathBuf::from("/tmp/t"));
@@ -177,6 +202,7 @@ mod tests {
         assert!(err(&["--replica", "1", "--listen", "localhost"]).contains("--listen"));
         assert!(err(&["--replica", "1", "--config", ""]).contains("empty"));
         assert!(err(&["--replica", "1", "--site", "Not A Label"]).contains("--site"));
+        assert!(err(&["--replica", "1", "--heartbeat-ttl", "0"]).contains("--heartbeat-ttl"));
         assert_eq!(run(&["--help"]), Ok(Command::Help));
     }
 }

@@ -55,7 +55,8 @@ pub async fn route(
         }
         _ => error(
             StatusCode::NOT_FOUND,
-            "no such resource; try POST /v1/identity or GET /v1/stats",
+            "no such resource; try POST /v1/identity, GET /v1/stats, POST /v1/heartbeat \
+             or GET /v1/discovery",
         ),
     }
 }
@@ -203,7 +204,7 @@ fn stats(state: &State) -> Response<Full<Bytes>> {
 /// The body, or 413 when it is (or says it will be) larger than `limit`: a declared
 /// length over the limit is refused before any of the body is read, so a client that
 /// sent `Expect: 100-continue` never sends it.
-async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {
+pub async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {
     let too_large = || {
         let message = format!("body larger than {limit} bytes");
         Refusal(StatusCode::PAYLOAD_TOO_LARGE, message)
@@ -242,7 +243,7 @@ fn json_response(code: StatusCode, value: &serde_json::Value) -> Response<Full<B
     response
 }
 
-fn error(code: StatusCode, message: &str) -> Response<Full<Bytes>> {
+pub fn error(code: StatusCode, message: &str) -> Response<Full<Bytes>> {
     json_response(code, &json!({ "error": message }))
 }
 
@@ -279,17 +280,15 @@ mod tests {
             issuer_pem: root.issuer.cert_pem().to_owned(),
         };
         let serving = Serving::issue(&trust, &site, now).expect("serving");
-        let config = ClusterConfig::parse(
-            Path::new("cluster.toml"),
-            "site = \"depot-7\"\n[services.web]\nport = 8080\nnodes = [\"pi-a\"]\n\
-             [services.pimesh-control]\nport = 8086\nnodes = [\"pi-a\"]\n",
-        )
-        .expect("config");
+        let text = "site = \"depot-7\"\n[services.web]\nport = 8080\nnodes = [\"pi-a\"]\n\
+             [services.pimesh-control]\nport = 8086\nnodes = [\"pi-a\"]\n";
+        let config = ClusterConfig::parse(Path::new("cluster.toml"), text).expect("config");
         Fixture {
             root,
             snapshot: Snapshot {
                 site,
                 config: Some(config),
+                config_text: Some(text.to_owned()),
                 trust: Arc::new(trust),
                 serving: Arc::new(serving),
             },

@@ -1,13 +1,15 @@
 //! `pimesh-control --replica N`: control replica N of a server node, one of the stateless
-//! replicas that sign proxy identities (and, next, serve discovery and policy; issue 5).
+//! replicas that sign proxy identities and serve discovery and policy to proxies.
 //!
 //! # One port per replica
 //!
 //! Replica N listens on `0.0.0.0:(8085+N)` (`--listen` overrides), the design's one port
 //! per replica, and serves on it both:
 //!
-//! - the identity API over mutual TLS 1.3 (`identity_api`): a client certificate chaining
-//!   to the site's trust bundle is required at the handshake;
+//! - the identity API (`identity_api`) and the discovery API (`discovery`: heartbeats in,
+//!   a stream of site config and live node addresses out) over mutual TLS 1.3, HTTP/2 or
+//!   HTTP/1.1: a client certificate chaining to the site's trust bundle is required at
+//!   the handshake;
 //! - `/live` and `/ready` in plain HTTP, so the supervisor's default readiness URL
 //!   `http://127.0.0.1:(8085+N)/ready` is unchanged.
 //!
@@ -25,11 +27,15 @@
 //!
 //! Ready (`/ready` 200, systemd status) once the site, the config (or its absence) and the
 //! issuer are loaded; until then `/ready` answers 503 with the reason and loading is
-//! retried every [`TICK`]. SIGHUP reloads both inputs, each part keeping its previous
-//! version when the new one fails (`state`). SIGTERM stops accepting and exits; a request
+//! retried every [`TICK`]. SIGHUP, and a change of an input file (polled every [`POLL`]),
+//! reloads both inputs, each part keeping its previous version when the new one fails
+//! (`state`). Heartbeats are soft state: nothing is written to disk. SIGTERM stops accepting and exits; a request
 //! cut short is simply retried by the proxy (issuing is idempotent).
 
+mod api;
 mod cli;
+mod discovery;
+mod heartbeats;
 mod identity_api;
 mod server;
 mod site_config;
@@ -39,17 +45,22 @@ mod trust;
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use pimesh_daemon::notify;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
+use crate::discovery::Discovery;
 use crate::state::{Sources, State};
 
 /// How often the serving certificate's age is checked and, while not ready, loading is
 /// retried.
 const TICK: Duration = Duration::from_secs(5);
+/// How often the input files are compared with the last load's, and heartbeats expired.
+const POLL: Duration = Duration::from_secs(2);
+/// How often expired heartbeats are dropped: an expiry shows within this of the TTL.
+const EXPIRE: Duration = Duration::from_millis(500);
 
 fn main() -> ExitCode {
     match cli::parse(std::env::args_os().skip(1)) {
@@ -90,7 +101,13 @@ async fn run(options: cli::Options) -> Result<(), String> {
         },
     ));
     state.reload("start", false, SystemTime::now());
-    let server = tokio::spawn(server::serve(listener, Arc::clone(&state)));
+    let discovery = Arc::new(Discovery::new(options.heartbeat_ttl));
+    discovery.refresh(&state);
+    let server = tokio::spawn(server::serve(
+        listener,
+        Arc::clone(&state),
+        Arc::clone(&discovery),
+    ));
     // READY once the port is open, even when loading failed: the process is up, and
     // /ready and the status tell the truth.
     notify::ready(&status_line(replica, &state));
@@ -99,6 +116,11 @@ async fn run(options: cli::Options) -> Result<(), String> {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // the first tick is immediate; the first load just happened
+    let mut poll = tokio::time::interval(POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    poll.tick().await;
+    let mut expire = tokio::time::interval(EXPIRE);
+    expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {
             signalled = &mut shutdown => {
@@ -106,11 +128,22 @@ async fn run(options: cli::Options) -> Result<(), String> {
             }
             Some(()) = hangup.recv() => {
                 state.reload("SIGHUP", false, SystemTime::now());
+                discovery.refresh(&state);
                 notify::status(&status_line(replica, &state));
             }
+            _ = poll.tick() => {
+                let was_ready = state.snapshot().is_some();
+                state.poll(SystemTime::now());
+                discovery.refresh(&state);
+                if !was_ready && state.snapshot().is_some() {
+                    notify::status(&status_line(replica, &state));
+                }
+            }
+            _ = expire.tick() => discovery.expire(&state, Instant::now()),
             _ = tick.tick() => {
                 let was_ready = state.snapshot().is_some();
                 state.tick(SystemTime::now());
+                discovery.refresh(&state);
                 if !was_ready && state.snapshot().is_some() {
                     notify::status(&status_line(replica, &state));
                 }

@@ -1,10 +1,11 @@
-//! The replica's one port: mutual TLS for the identity API, plain HTTP for `/live` and
-//! `/ready`, told apart by the first byte a client sends (`0x16`, a TLS handshake record,
-//! or anything else: plain HTTP).
+//! The replica's one port: mutual TLS for the identity and discovery APIs (`api`), plain
+//! HTTP for `/live` and `/ready`, told apart by the first byte a client sends (`0x16`, a
+//! TLS handshake record, or anything else: plain HTTP). The TLS side speaks HTTP/2 and
+//! HTTP/1.1 (ALPN `h2`, `http/1.1`); the plain side HTTP/1.1.
 //!
-//! Invariant: plain HTTP never reaches the identity API — it answers `/live`, `/ready`
-//! and a 404 pointing at TLS, nothing else; every TLS connection has passed the client
-//! certificate check of the snapshot current at its handshake.
+//! Invariant: plain HTTP never reaches the APIs — it answers `/live`, `/ready` and a 404
+//! pointing at TLS, nothing else; every TLS connection has passed the client certificate
+//! check of the snapshot current at its handshake.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,12 +15,13 @@ use std::time::Duration;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
-use crate::identity_api;
+use crate::api;
+use crate::discovery::Discovery;
 use crate::state::{Counters, State};
 
 /// A client must send its first byte, and complete its TLS handshake, within this time.
@@ -32,7 +34,7 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Serves `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, state: Arc<State>) {
+pub async fn serve(listener: TcpListener, state: Arc<State>, discovery: Arc<Discovery>) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -42,14 +44,24 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
                 continue;
             }
         };
-        tokio::spawn(connection(tcp, peer, Arc::clone(&state)));
+        tokio::spawn(connection(
+            tcp,
+            peer,
+            Arc::clone(&state),
+            Arc::clone(&discovery),
+        ));
     }
 }
 
-async fn connection(tcp: TcpStream, peer: SocketAddr, state: Arc<State>) {
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    state: Arc<State>,
+    discovery: Arc<Discovery>,
+) {
     let mut first = [0u8; 1];
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
-        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => tls(tcp, peer, state).await,
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => tls(tcp, peer, state, discovery).await,
         Ok(Ok(1)) => plain(tcp, peer, state).await,
         Ok(Ok(_)) => {} // closed without a byte
         Ok(Err(err)) => debug!(%peer, %err, "connection failed before its first byte"),
@@ -57,7 +69,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, state: Arc<State>) {
     }
 }
 
-async fn tls(tcp: TcpStream, peer: SocketAddr, state: Arc<State>) {
+async fn tls(tcp: TcpStream, peer: SocketAddr, state: Arc<State>, discovery: Arc<Discovery>) {
     // The snapshot current now decides the handshake: its serving certificate and anchors.
     let Some(config) = state
         .snapshot()
@@ -95,12 +107,16 @@ async fn tls(tcp: TcpStream, peer: SocketAddr, state: Arc<State>) {
     let service = hyper::service::service_fn(move |request| {
         let chain = Arc::clone(&chain);
         let state = Arc::clone(&state);
-        async move { Ok::<_, Infallible>(identity_api::route(request, chain, state).await) }
+        let discovery = Arc::clone(&discovery);
+        async move { Ok::<_, Infallible>(api::route(request, peer, chain, state, discovery).await) }
     });
-    let served = hyper::server::conn::http1::Builder::new()
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service);
+        .header_read_timeout(HEADER_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let served = builder.serve_connection(TokioIo::new(stream), service);
     if let Err(err) = served.await {
         debug!(%peer, %err, "TLS connection ended with an error");
     }

@@ -20,15 +20,29 @@ pub fn control_identity(site: &DnsLabel) -> Result<SpiffeId, String> {
     Ok(SpiffeId::service(site, &name))
 }
 
+/// A validated site config with the exact text it was parsed from (discovery serves the
+/// text, so that proxies validate it with the same schema).
+///
+/// Invariant: `config` is `ClusterConfig::parse` of `text`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    pub config: ClusterConfig,
+    pub text: String,
+}
+
 /// Reads and validates the site config at `file`. `Ok(None)` when there is no file at that
 /// path (not delivered yet: no service is placed anywhere). Every other failure, a dangling
 /// symlink or an unreadable file included, is an `Err` naming the file and, when the fault
 /// belongs to one, the key.
-pub fn load(file: &Path) -> Result<Option<ClusterConfig>, ConfigError> {
+pub fn load(file: &Path) -> Result<Option<Loaded>, ConfigError> {
     match std::fs::symlink_metadata(file) {
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(err) => Err(ConfigError::file(file, format!("cannot inspect: {err}"))),
-        Ok(_) => ClusterConfig::load(file).map(Some),
+        Ok(_) => {
+            let text = pimesh_schema::seed::read_small(file)?;
+            let config = ClusterConfig::parse(file, &text)?;
+            Ok(Some(Loaded { config, text }))
+        }
     }
 }
 
@@ -102,9 +116,8 @@ mod tests {
         let err = load(&file).expect_err("unknown key");
         assert!(err.to_string().contains("cluster.toml"), "{err}");
         std::fs::write(&file, CONFIG).expect("write");
-        assert_eq!(
-            load(&file).expect("valid").map(|c| c.services.len()),
-            Some(3)
-        );
+        let loaded = load(&file).expect("valid").expect("present");
+        assert_eq!(loaded.config.services.len(), 3);
+        assert_eq!(loaded.text, CONFIG);
     }
 }

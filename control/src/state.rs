@@ -6,9 +6,9 @@
 //! folder provisioned after the replica started is picked up); a part that fails to
 //! reload keeps its previous version, so a broken file never takes a serving replica down.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::SystemTime;
 
 use pimesh_schema::cluster::ClusterConfig;
@@ -38,6 +38,8 @@ pub struct Snapshot {
     /// `None`: no site config file, so no service is placed and nodes get their node
     /// identity only.
     pub config: Option<ClusterConfig>,
+    /// The text `config` was parsed from, byte for byte (what discovery serves).
+    pub config_text: Option<String>,
     pub trust: Arc<Trust>,
     pub serving: Arc<Serving>,
 }
@@ -88,7 +90,28 @@ pub struct State {
     pub replica: u16,
     sources: Sources,
     current: RwLock<Current>,
+    /// The input files as they were just before the last load attempt.
+    seen: Mutex<Vec<Fingerprint>>,
     pub counters: Counters,
+}
+
+/// What identifies one version of an input file without reading it: a change of any part
+/// means "reload". `None`: the file could not be inspected (absent, mostly).
+///
+/// Blind spot, accepted: an in-place rewrite of the same length within one tick of the
+/// file system's clock; SIGHUP covers it, and writers that replace by rename are seen.
+type Fingerprint = Option<(u64, u64, u64, i64, i64)>;
+
+fn fingerprint(file: &Path) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(file).ok()?;
+    Some((
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+    ))
 }
 
 #[derive(Default)]
@@ -105,6 +128,7 @@ impl State {
             replica,
             sources,
             current: RwLock::new(Current::default()),
+            seen: Mutex::new(Vec::new()),
             counters: Counters::default(),
         }
     }
@@ -133,6 +157,7 @@ impl State {
     /// becomes) not ready. A `quiet` reload logs a failure only when it differs from the
     /// last one (the retries while not ready).
     pub fn reload(&self, why: &str, quiet: bool, now: SystemTime) {
+        *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = self.fingerprints();
         let previous = self.snapshot();
         let (snapshot, problem) = match assemble(&self.sources, previous.as_deref(), now) {
             Ok((snapshot, problems)) => {
@@ -149,12 +174,45 @@ impl State {
         });
         match (&snapshot, &problem) {
             (Some(snapshot), None) => info!(why, "loaded: {}", snapshot.summary()),
-            (Some(_), Some(problem)) => warn!(why, "reload failed in part: {problem}"),
+            (Some(_), Some(problem)) if changed || !quiet => {
+                warn!(why, "reload failed in part: {problem}");
+            }
+            (Some(_), Some(_)) => {}
             (None, Some(problem)) if changed || !quiet => {
                 warn!(why, "not ready: {problem}");
             }
             (None, _) => {}
         }
+    }
+
+    /// Reloads when an input file changed (mtime, size, inode) since the last attempt, or
+    /// when the last attempt failed in part: a supervisor swapping the issuer's
+    /// certificate and key one file at a time leaves a moment where they do not match;
+    /// that load keeps the last good issuer, and the next poll tries again. Called every
+    /// few seconds, in addition to SIGHUP.
+    pub fn poll(&self, now: SystemTime) {
+        let changed =
+            *self.seen.lock().unwrap_or_else(PoisonError::into_inner) != self.fingerprints();
+        let failed = self.read(|current| current.problem.is_some());
+        if changed {
+            self.reload("file change", false, now);
+        } else if failed {
+            self.reload("retry", true, now);
+        }
+    }
+
+    /// The site config and the three trust files, in that order.
+    fn fingerprints(&self) -> Vec<Fingerprint> {
+        let trust = &self.sources.trust_dir;
+        [
+            self.sources.config.clone(),
+            trust.join("anchor.pem"),
+            trust.join("issuer.pem"),
+            trust.join("issuer.key"),
+        ]
+        .iter()
+        .map(|file| fingerprint(file))
+        .collect()
     }
 
     /// Keeps the serving certificate fresh and, while not ready, retries loading. Called
@@ -173,6 +231,7 @@ impl State {
                 let renewed = Arc::new(Snapshot {
                     site: snapshot.site.clone(),
                     config: snapshot.config.clone(),
+                    config_text: snapshot.config_text.clone(),
                     trust: Arc::clone(&snapshot.trust),
                     serving: Arc::new(serving),
                 });
@@ -210,17 +269,18 @@ fn assemble(
     let loaded = site_config::load(&sources.config)
         .map_err(|err| err.to_string())
         .and_then(|config| match (&config, &fixed_site) {
-            (Some(config), Some(site)) if &config.site != site => Err(format!(
+            (Some(loaded), Some(site)) if &loaded.config.site != site => Err(format!(
                 "{file}: names site {}, but this replica serves site {site}",
-                config.site
+                loaded.config.site
             )),
             _ => Ok(config),
         });
-    let config = match (loaded, previous) {
-        (Ok(config), _) => config,
+    let (config, config_text) = match (loaded, previous) {
+        (Ok(Some(loaded)), _) => (Some(loaded.config), Some(loaded.text)),
+        (Ok(None), _) => (None, None),
         (Err(problem), Some(previous)) => {
             problems.push(format!("{problem} (keeping the site config loaded before)"));
-            previous.config.clone()
+            (previous.config.clone(), previous.config_text.clone())
         }
         (Err(problem), None) => return Err(problem),
     };
@@ -243,6 +303,7 @@ fn assemble(
         Snapshot {
             site,
             config,
+            config_text,
             trust,
             serving,
         },
@@ -254,7 +315,6 @@ fn assemble(
 mod tests {
     use super::*;
     use pimesh_identity::TrustRoot;
-    use std::path::Path;
 
     fn label(s: &str) -> DnsLabel {
         DnsLabel::try_from(s.to_owned()).expect("label")

@@ -71,7 +71,7 @@ impl Serving {
     }
 }
 
-/// TLS 1.3, HTTP/1.1, a client certificate chaining to `anchors` required.
+/// TLS 1.3, HTTP/2 or HTTP/1.1, a client certificate chaining to `anchors` required.
 fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -94,7 +94,7 @@ fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|err| format!("the serving key does not fit its certificate: {err}"))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

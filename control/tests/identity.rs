@@ -152,8 +152,7 @@ fn without_a_client_certificate_the_handshake_is_refused() {
         "",
         request.csr_pem.as_bytes(),
     )
-    .err()
-    .expect("no answer without a certificate");
+    .expect_err("no answer without a certificate");
     assert_eq!(
         alert(&refused),
         Some(rustls::AlertDescription::CertificateRequired),
@@ -187,8 +186,7 @@ fn a_node_of_another_site_is_refused_at_the_handshake() {
             "",
             request.csr_pem.as_bytes(),
         )
-        .err()
-        .expect("no answer to a foreign certificate");
+        .expect_err("no answer to a foreign certificate");
         assert_eq!(
             alert(&refused),
             Some(expected),

@@ -1,6 +1,7 @@
 //! The admin endpoints on port 4191: `/live` (the process answers), `/ready` (the last
 //! site config load succeeded, or there is no file yet; otherwise 503 and why),
-//! `/config` (which config and node identity are in use, as JSON) and `/metrics`
+//! `/config` (which config and node identity are in use, and with `--control` the control
+//! plane's state, as JSON) and `/metrics`
 //! (Prometheus text). Everything else is 404.
 
 use std::convert::Infallible;
@@ -16,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use crate::discovery::Control;
 use crate::metrics::Metrics;
 use crate::state::Snapshot;
 use crate::tls::Identity;
@@ -30,6 +32,7 @@ pub async fn serve(
     snapshots: watch::Receiver<Arc<Snapshot>>,
     identity: watch::Receiver<Option<Identity>>,
     metrics: Arc<Metrics>,
+    control: Option<Arc<Control>>,
 ) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -43,6 +46,7 @@ pub async fn serve(
         let snapshots = snapshots.clone();
         let identity = identity.clone();
         let metrics = Arc::clone(&metrics);
+        let control = control.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let snapshot = Arc::clone(&snapshots.borrow());
@@ -50,12 +54,21 @@ pub async fn serve(
                     metrics_response(request.method(), &metrics)
                 } else {
                     let identity = identity.borrow();
-                    route(
+                    let mut response = route(
                         request.method(),
                         request.uri().path(),
                         &snapshot,
                         identity.as_ref(),
-                    )
+                    );
+                    if request.uri().path() == "/config" && response.status() == StatusCode::OK {
+                        let mut json = config_json(&snapshot);
+                        json["identity"] = identity_json(identity.as_ref());
+                        json["control"] = control
+                            .as_ref()
+                            .map_or(serde_json::Value::Null, |c| c.status().json());
+                        response = json_response(&json);
+                    }
+                    response
                 };
                 async move { Ok::<_, Infallible>(response) }
             });
@@ -118,19 +131,24 @@ fn route(
         "/config" => {
             let mut json = config_json(snapshot);
             json["identity"] = identity_json(identity);
-            let mut body = json.to_string();
-            body.push('\n');
-            let mut response = Response::new(Full::new(Bytes::from(body)));
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
+            json["control"] = serde_json::Value::Null;
+            json_response(&json)
         }
         _ => text(
             StatusCode::NOT_FOUND,
             "not found; try /live, /ready, /config or /metrics\n".into(),
         ),
     }
+}
+
+fn json_response(json: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut body = json.to_string();
+    body.push('\n');
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 /// `{"node", "site", "ids", "not_after_ms"}` of the identity in use, or null.

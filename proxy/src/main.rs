@@ -11,8 +11,11 @@
 //!
 //! The config and the node identity reload on SIGHUP and when their files change
 //! (polled every 2 s), swapping the routing table without touching open connections; a
-//! refused config or identity leaves the last good one in use. SIGTERM drains: listeners
-//! close, connections finish what they carry, and the process exits.
+//! refused config or identity leaves the last good one in use. With `--control`, the
+//! site config comes from the control replicas' discovery stream (`discovery`), with
+//! live node addresses merged in; the file config serves only until a discovery
+//! document (live, or cached from an earlier run) is accepted. SIGTERM drains:
+//! listeners close, connections finish what they carry, and the process exits.
 
 mod admin;
 mod balance;
@@ -20,6 +23,7 @@ mod budget;
 mod cli;
 mod context;
 mod detect;
+mod discovery;
 mod drain;
 mod http_util;
 mod inbound;
@@ -50,6 +54,7 @@ use crate::context::Context;
 use crate::metrics::Metrics;
 use crate::node_identity::IdentityReloader;
 use crate::routes::RouteTable;
+use crate::site_config::SiteConfig;
 use crate::state::Snapshot;
 use crate::tls::{Identity, IdentityFiles};
 use crate::trace::SpanSink;
@@ -62,7 +67,7 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
 fn main() -> ExitCode {
     match cli::parse(std::env::args_os().skip(1)) {
         Ok(cli::Command::Run(options)) => {
-            pimesh_daemon::run(pimesh_daemon::Threads::One, run(options))
+            pimesh_daemon::run(pimesh_daemon::Threads::One, run(*options))
         }
         Ok(cli::Command::Help) => {
             println!("{}", cli::USAGE);
@@ -104,9 +109,27 @@ async fn run(options: cli::Options) -> Result<(), String> {
     };
     let (mut identity_reloader, mut identities) = IdentityReloader::start(files);
     let own_inbound = own_inbound(options.inbound_addr);
+    // Without --control, a watch that never changes: the file config is always used.
+    let (_no_control, mut discovered) = watch::channel(None::<Arc<SiteConfig>>);
+    let control = (!options.control.is_empty()).then(|| {
+        let control = discovery::Control::start(
+            discovery::Options {
+                replicas: options.control.clone(),
+                inbound_port: options.inbound_addr.port(),
+                state_dir: options
+                    .state_dir
+                    .clone()
+                    .unwrap_or_else(cli::default_state_dir),
+            },
+            identities.clone(),
+            Arc::clone(&metrics),
+        );
+        discovered = control.configs();
+        Arc::new(control)
+    });
     let mut tracing_sink = TracingSink::default();
     let first = compile(
-        &snapshots.borrow(),
+        in_use(&snapshots.borrow(), &discovered.borrow()),
         &identities.borrow(),
         own_inbound,
         &metrics,
@@ -140,6 +163,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
         snapshots.clone(),
         identities.clone(),
         Arc::clone(&metrics),
+        control.clone(),
     ));
     // READY after the first attempt even when it failed: the process is up and /ready
     // tells the truth about the config.
@@ -166,6 +190,9 @@ async fn run(options: cli::Options) -> Result<(), String> {
                 let ok = snapshots.borrow_and_update().last_error.is_none();
                 metrics.config_reload(ok);
             }
+            Ok(()) = discovered.changed() => {
+                discovered.borrow_and_update();
+            }
             Ok(()) = identities.changed() => {
                 identities.borrow_and_update();
                 // New connections to peers use the new certificate; open streams finish.
@@ -173,7 +200,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
             }
         }
         let table = compile(
-            &snapshots.borrow(),
+            in_use(&snapshots.borrow(), &discovered.borrow()),
             &identities.borrow(),
             own_inbound,
             &metrics,
@@ -218,15 +245,25 @@ struct TracingSink {
     sink: Option<SpanSink>,
 }
 
+/// The site config to route by: the discovered one when there is one, else the file's.
+fn in_use<'a>(
+    snapshot: &'a Snapshot,
+    discovered: &'a Option<Arc<SiteConfig>>,
+) -> Option<&'a SiteConfig> {
+    discovered
+        .as_deref()
+        .or(snapshot.in_use.site_config.as_ref())
+}
+
 /// The routing table for the config and identity in use.
 fn compile(
-    snapshot: &Snapshot,
+    site_config: Option<&SiteConfig>,
     identity: &Option<Identity>,
     own_inbound: SocketAddr,
     metrics: &Metrics,
     tracing_sink: &mut TracingSink,
 ) -> RouteTable {
-    let Some(loaded) = snapshot.in_use.site_config.as_ref() else {
+    let Some(loaded) = site_config else {
         return RouteTable::empty();
     };
     let config = &loaded.config;

@@ -192,6 +192,8 @@ pub struct Metrics {
     registry: Registry,
     families: Families,
     spans: SpanCounters,
+    /// The control plane client's metrics (see `discovery`).
+    pub control: ControlMetrics,
     /// `split`'s counters by apex then backend, so that a split decision looks its counter up
     /// by `&str` without allocating.
     split_cache: Mutex<HashMap<String, HashMap<String, Counter>>>,
@@ -221,8 +223,34 @@ impl Metrics {
             dropped: Counter::default(),
             failed: Counter::default(),
         };
+        let control = ControlMetrics::default();
         let f = &families;
         let mut registry = Registry::default();
+        registry.register(
+            "pimesh_control_failovers",
+            "Times the discovery watch left a control replica (error, end, silence) for the next",
+            control.failovers.clone(),
+        );
+        registry.register(
+            "pimesh_discovery_updates",
+            "Discovery documents put in use",
+            control.updates.clone(),
+        );
+        registry.register(
+            "pimesh_discovery_rejected",
+            "Discovery documents refused (the last good one stays in use)",
+            control.rejected.clone(),
+        );
+        registry.register(
+            "pimesh_control_heartbeat_failures",
+            "Heartbeats to a control replica that failed",
+            control.heartbeat_failures.clone(),
+        );
+        registry.register(
+            "pimesh_control_connected",
+            "1 while a discovery watch to a control replica is open",
+            control.connected.clone(),
+        );
         // Counter names are registered without `_total`: the encoder appends it.
         registry.register(
             "request",
@@ -314,6 +342,7 @@ impl Metrics {
             registry,
             families,
             spans,
+            control,
             split_cache: Mutex::new(HashMap::new()),
         }
     }
@@ -435,6 +464,18 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+/// The control plane client's metrics: `pimesh_control_failovers_total`,
+/// `pimesh_discovery_updates_total`, `pimesh_discovery_rejected_total`,
+/// `pimesh_control_heartbeat_failures_total`, `pimesh_control_connected`.
+#[derive(Clone, Default)]
+pub struct ControlMetrics {
+    pub failovers: Counter,
+    pub updates: Counter,
+    pub rejected: Counter,
+    pub heartbeat_failures: Counter,
+    pub connected: Gauge,
 }
 
 /// The span exporter's counters: `pimesh_spans_exported_total`, `pimesh_spans_dropped_total`,

@@ -83,6 +83,7 @@ pub struct Identity {
     anchors: Arc<[CertificateDer<'static>]>,
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    control: Arc<ClientConfig>,
 }
 
 impl fmt::Debug for Identity {
@@ -243,6 +244,8 @@ impl Identity {
             .map_err(|err| format!("{}: cannot build the TLS server config: {err}", names.chain))?;
         let client = client_config(&provider, &chain, &key, &site, &anchors)
             .map_err(|err| format!("{}: cannot build the TLS client config: {err}", names.chain))?;
+        let control = control_client_config(&provider, &chain, &key, &site, &anchors)
+            .map_err(|err| format!("{}: cannot build the TLS client config: {err}", names.chain))?;
         Ok(Identity {
             site,
             node,
@@ -252,6 +255,7 @@ impl Identity {
             anchors,
             server: Arc::new(server),
             client: Arc::new(client),
+            control: Arc::new(control),
         })
     }
 
@@ -269,6 +273,15 @@ impl Identity {
     /// `connect` (make it with [`Identity::server_name`]). TLS 1.3 only, ALPN `h2`.
     pub fn connector(&self) -> TlsConnector {
         TlsConnector::from(Arc::clone(&self.client))
+    }
+
+    /// The client side of a connection to a control replica: presents this identity and
+    /// accepts only a server certificate that chains to one of the anchors, is valid now,
+    /// allows server authentication and carries `spiffe://<site>/svc/pimesh-control`. The
+    /// server name is not checked (replicas are reached by address; their DNS and IP
+    /// names are for operators). TLS 1.3 only, ALPN `h2`.
+    pub fn control_connector(&self) -> TlsConnector {
+        TlsConnector::from(Arc::clone(&self.control))
     }
 
     /// The site's anchor bundle this identity trusts.
@@ -389,6 +402,30 @@ fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(server_verifier(provider, site, anchors))
+        .with_client_auth_cert(chain.to_vec(), key.clone_key())?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+fn control_client_config(
+    provider: &Arc<CryptoProvider>,
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+    site: &DnsLabel,
+    anchors: &Arc<[CertificateDer<'static>]>,
+) -> Result<ClientConfig, Error> {
+    let service = DnsLabel::try_from(CONTROL_SERVICE.to_owned())
+        .map_err(|err| Error::General(format!("{CONTROL_SERVICE}: {err}")))?;
+    let verifier = Arc::new(ControlServerVerifier {
+        site: site.clone(),
+        expected: SpiffeId::service(site, &service),
+        anchors: Arc::clone(anchors),
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut config = ClientConfig::builder_with_provider(Arc::clone(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain.to_vec(), key.clone_key())?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
@@ -523,6 +560,68 @@ impl ServerCertVerifier for MeshServerVerifier {
         )
         .map_err(certificate_error)?;
         if !ids.contains(&expected) {
+            return Err(Error::InvalidCertificate(CertificateError::NotValidForName));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The service name every control replica of a site serves under (the replicas' own
+/// `site_config::CONTROL_SERVICE`): `spiffe://<site>/svc/pimesh-control`.
+pub const CONTROL_SERVICE: &str = "pimesh-control";
+
+/// Checks a control replica's serving certificate: a chain to one of `anchors`, valid
+/// now, for server authentication, carrying `expected` (the site's control identity),
+/// whatever name the client dialled.
+#[derive(Debug)]
+struct ControlServerVerifier {
+    site: DnsLabel,
+    expected: SpiffeId,
+    anchors: Arc<[CertificateDer<'static>]>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for ControlServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let ids = verify_leaf(
+            end_entity,
+            intermediates,
+            &self.anchors,
+            &self.site,
+            Usage::Server,
+            system_time(now),
+        )
+        .map_err(certificate_error)?;
+        if !ids.contains(&self.expected) {
             return Err(Error::InvalidCertificate(CertificateError::NotValidForName));
         }
         Ok(ServerCertVerified::assertion())
@@ -888,6 +987,39 @@ mod tests {
         assert_eq!(handshake_failure_reason(&err), "not_tls");
         drop(err);
         client.await.expect("client task");
+    }
+
+    #[tokio::test]
+    async fn a_control_replica_is_known_by_its_spiffe_id_whatever_name_is_dialled() {
+        let site = Site::new("depot-7");
+        let client = site.identity("pi-a");
+        let name = ServerName::try_from("localhost").expect("name");
+        let cred = site.credential("srv", &[CONTROL_SERVICE], site.now, DAY);
+        let replica = Identity::from_pem(&cred.chain, &cred.key, &cred.anchors).expect("id");
+        let (connected, accepted) = handshake(
+            &client.control_connector(),
+            name.clone(),
+            &replica.acceptor(),
+        )
+        .await;
+        connected.expect("a certificate with the control ID is a replica");
+        accepted.expect("the replica accepts the node");
+
+        // A node of the site without the control ID is not a replica.
+        let node = site.identity("pi-b");
+        let (connected, _) =
+            handshake(&client.control_connector(), name.clone(), &node.acceptor()).await;
+        let err = connected.expect_err("a plain node is refused");
+        assert_eq!(handshake_failure_reason(&err), "wrong_identity");
+
+        // Nor is a replica of another site.
+        let other = Site::new("depot-8");
+        let cred = other.credential("srv", &[CONTROL_SERVICE], other.now, DAY);
+        let foreign = Identity::from_pem(&cred.chain, &cred.key, &cred.anchors).expect("id");
+        let (connected, _) =
+            handshake(&client.control_connector(), name, &foreign.acceptor()).await;
+        let err = connected.expect_err("another site's replica is refused");
+        assert_eq!(handshake_failure_reason(&err), "unknown_ca");
     }
 
     #[tokio::test]

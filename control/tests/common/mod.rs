@@ -192,6 +192,7 @@ pub fn plain_get(port: u16, path: &str) -> Option<(u16, String)> {
     ))
 }
 
+#[derive(Debug)]
 pub struct HttpResponse {
     pub status: u16,
     /// Lower-case names.
@@ -312,5 +313,106 @@ pub fn alert(err: &std::io::Error) -> Option<rustls::AlertDescription> {
     match err.get_ref()?.downcast_ref::<rustls::Error>()? {
         rustls::Error::AlertReceived(alert) => Some(*alert),
         _ => None,
+    }
+}
+
+/// A `GET /v1/discovery` stream over HTTP/1.1 and TLS: the response head, then the body's
+/// lines as they arrive (chunked transfer coding decoded here).
+pub struct DiscoveryStream {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    reader: BufReader<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
+    pending: Vec<u8>,
+}
+
+impl DiscoveryStream {
+    pub fn open(port: u16, config: Arc<rustls::ClientConfig>) -> std::io::Result<DiscoveryStream> {
+        let name = ServerName::try_from("localhost").expect("name");
+        let connection =
+            rustls::ClientConnection::new(config, name).map_err(std::io::Error::other)?;
+        let tcp = TcpStream::connect(("127.0.0.1", port))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut stream = rustls::StreamOwned::new(connection, tcp);
+        stream.write_all(b"GET /v1/discovery HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+        stream.flush()?;
+        let mut reader = BufReader::new(stream);
+        let mut status_line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut status_line)?;
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("not a status line: {status_line:?}")))?;
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut reader, &mut line)?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+            }
+        }
+        Ok(DiscoveryStream {
+            status,
+            headers,
+            reader,
+            pending: Vec::new(),
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The next line of the body (without its newline); keepalives are empty lines.
+    pub fn next_line(&mut self) -> std::io::Result<String> {
+        use std::io::{BufRead as _, Read as _};
+        loop {
+            if let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                return Ok(String::from_utf8_lossy(&line[..end]).into_owned());
+            }
+            let mut size = String::new();
+            self.reader.read_line(&mut size)?;
+            let size = usize::from_str_radix(size.trim(), 16)
+                .map_err(|_| std::io::Error::other(format!("not a chunk size: {size:?}")))?;
+            if size == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+            }
+            let mut chunk = vec![0; size + 2];
+            self.reader.read_exact(&mut chunk)?;
+            self.pending.extend_from_slice(&chunk[..size]);
+        }
+    }
+
+    /// The next document (skipping keepalives), parsed.
+    pub fn next_document(&mut self) -> serde_json::Value {
+        loop {
+            let line = self.next_line().expect("a line of the discovery stream");
+            if !line.is_empty() {
+                return serde_json::from_str(&line).expect("a JSON document");
+            }
+        }
+    }
+
+    /// Reads documents until one satisfies `done`; panics after 30 documents or on a
+    /// read timeout.
+    pub fn document_where(
+        &mut self,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        for _ in 0..30 {
+            let document = self.next_document();
+            if done(&document) {
+                return document;
+            }
+        }
+        panic!("no such discovery document in 30");
     }
 }

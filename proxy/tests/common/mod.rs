@@ -121,6 +121,11 @@ pub struct ProxyOptions<'a> {
 
 impl Proxy {
     pub async fn start(options: ProxyOptions<'_>) -> Proxy {
+        Proxy::start_with(options, &[]).await
+    }
+
+    /// [`Proxy::start`] with `extra` arguments (e.g. `--control`, `--state-dir`).
+    pub async fn start_with(options: ProxyOptions<'_>, extra: &[String]) -> Proxy {
         let log = options.dir.join(format!("{}.log", options.name));
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let outbound: SocketAddr = ([127, 0, 0, 1], free_port()).into();
@@ -140,11 +145,13 @@ impl Proxy {
             .arg(options.config)
             .arg("--identity-dir")
             .arg(identity)
+            .args(extra)
             .env("RUST_LOG", "debug")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
             .env_remove("JOURNAL_STREAM")
             .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("STATE_DIRECTORY")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -177,6 +184,12 @@ impl Proxy {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// `/config` as JSON.
+    pub async fn config(&self) -> serde_json::Value {
+        let (_, body) = get_text(self.admin, "/config").await.expect("/config");
+        serde_json::from_str(&body).expect("/config is JSON")
     }
 
     pub fn log_text(&self) -> String {

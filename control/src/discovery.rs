@@ -1,0 +1,323 @@
+//! The discovery and policy API, over mutual TLS.
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `POST /v1/heartbeat` | body `{"port": P}` (at most [`MAX_HEARTBEAT_BYTES`]): the requesting node's proxy takes mesh traffic at the connection's peer IP, port `P`; answer 204. Kept for the TTL (`--heartbeat-ttl`) |
+//! | `GET /v1/discovery` | a stream, `application/x-ndjson`: one [`Document`] per line at once, a new one whenever its content changes, an empty line after [`KEEPALIVE`] without one |
+//!
+//! A document is `{"version","site","config","nodes"}`: `config` is the text of the site
+//! config the replica has loaded (or null), so a proxy validates it with the very same
+//! schema as a file config; `nodes` maps each node with a live heartbeat to `IP:PORT`;
+//! `version` is the hex SHA-256 of the content (`site`, `config`, `nodes`).
+//!
+//! Invariant: the document depends on nothing but the site config and the live heartbeats
+//! — no replica number, no time — so two replicas with the same inputs serve the same
+//! `version`, and a proxy may switch replicas without seeing a change.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::{header, Request, Response, StatusCode};
+use rustls_pki_types::CertificateDer;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info};
+
+use crate::heartbeats::Heartbeats;
+use crate::identity_api::{self, Refusal};
+use crate::state::{Snapshot, State};
+
+/// Largest heartbeat body accepted: `{"port": 65535}` is 15 bytes.
+pub const MAX_HEARTBEAT_BYTES: usize = 4 * 1024;
+/// An empty line is sent after this long without a document, so that a proxy can tell a
+/// quiet stream from a dead one.
+pub const KEEPALIVE: Duration = Duration::from_secs(10);
+/// The content type of the discovery stream: newline-delimited JSON.
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// One discovery answer, serialized once for every stream.
+///
+/// Invariant: `line` is the JSON document followed by one `\n`, and `version` is the hex
+/// SHA-256 of its content without the version.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Document {
+    pub version: String,
+    pub line: Bytes,
+}
+
+impl Document {
+    /// The document for `snapshot`'s site and config and the live `nodes`.
+    pub fn new(snapshot: &Snapshot, nodes: &BTreeMap<String, String>) -> Document {
+        let content = json!({
+            "site": snapshot.site.as_str(),
+            "config": snapshot.config_text,
+            "nodes": nodes,
+        });
+        // serde_json's maps are ordered by key: the same content, the same bytes.
+        let digest = ring::digest::digest(&ring::digest::SHA256, content.to_string().as_bytes());
+        let version: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let mut document = content;
+        document["version"] = json!(version);
+        let mut line = document.to_string();
+        line.push('\n');
+        Document {
+            version,
+            line: Bytes::from(line),
+        }
+    }
+}
+
+/// The heartbeats and the current document, shared by all connections.
+pub struct Discovery {
+    pub heartbeats: Heartbeats,
+    current: watch::Sender<Option<Arc<Document>>>,
+}
+
+impl Discovery {
+    pub fn new(ttl: Duration) -> Discovery {
+        Discovery {
+            heartbeats: Heartbeats::new(ttl),
+            current: watch::Sender::new(None),
+        }
+    }
+
+    /// Recomputes the document from `state`'s snapshot and the live heartbeats; streams
+    /// see it only when its version differs from the current one.
+    pub fn refresh(&self, state: &State) {
+        let Some(snapshot) = state.snapshot() else {
+            return;
+        };
+        let document = Document::new(&snapshot, &self.heartbeats.live());
+        self.current.send_if_modified(|current| {
+            if current.as_ref().map(|d| &d.version) == Some(&document.version) {
+                return false;
+            }
+            info!(version = %document.version, "discovery document changed");
+            *current = Some(Arc::new(document));
+            true
+        });
+    }
+
+    /// Forgets expired heartbeats and refreshes the document when any was forgotten.
+    pub fn expire(&self, state: &State, now: Instant) {
+        if self.heartbeats.expire(now) {
+            self.refresh(state);
+        }
+    }
+
+    /// The current document's version, if there is one.
+    #[cfg(test)]
+    fn version(&self) -> Option<String> {
+        self.current.borrow().as_ref().map(|d| d.version.clone())
+    }
+}
+
+/// The response body of every route: whole answers and the discovery stream alike.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// `POST /v1/heartbeat` from the node of `chain`, connected from `peer`.
+pub async fn heartbeat(
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    chain: &[CertificateDer<'static>],
+    state: &State,
+    discovery: &Discovery,
+) -> Response<Full<Bytes>> {
+    let Some(snapshot) = state.snapshot() else {
+        return identity_api::error(StatusCode::SERVICE_UNAVAILABLE, "not ready");
+    };
+    let node = match identity_api::requesting_node(chain, &snapshot, SystemTime::now()) {
+        Ok(node) => node,
+        Err(Refusal(code, message)) => return identity_api::error(code, &message),
+    };
+    let body = match identity_api::read_body(request, MAX_HEARTBEAT_BYTES).await {
+        Ok(body) => body,
+        Err(Refusal(code, message)) => return identity_api::error(code, &message),
+    };
+    let port = match heartbeat_port(&body) {
+        Ok(port) => port,
+        Err(message) => {
+            debug!(%node, %peer, "heartbeat refused: {message}");
+            return identity_api::error(StatusCode::BAD_REQUEST, &message);
+        }
+    };
+    let addr = SocketAddr::new(peer.ip().to_canonical(), port);
+    if discovery.heartbeats.beat(&node, addr, Instant::now()) {
+        discovery.refresh(state);
+    }
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+}
+
+/// The port of a heartbeat body, `{"port": P}` with P in 1..=65535 and nothing else.
+pub fn heartbeat_port(body: &[u8]) -> Result<u16, String> {
+    const EXPECTED: &str =
+        "expected a JSON object {\"port\": P}, P the proxy's inbound port in 1..=65535";
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|err| format!("{EXPECTED}; the body is not JSON: {err}"))?;
+    let serde_json::Value::Object(fields) = value else {
+        return Err(format!("{EXPECTED}; found {value}"));
+    };
+    if let Some(other) = fields.keys().find(|key| *key != "port") {
+        return Err(format!("{EXPECTED}; found an unknown field {other:?}"));
+    }
+    match fields.get("port") {
+        None => Err(format!("{EXPECTED}; the field \"port\" is missing")),
+        Some(port) => port
+            .as_u64()
+            .and_then(|port| u16::try_from(port).ok())
+            .filter(|port| *port != 0)
+            .ok_or_else(|| format!("{EXPECTED}; found \"port\": {port}")),
+    }
+}
+
+/// `GET /v1/discovery` from the node of `chain`: the stream of documents.
+pub fn watch(
+    chain: &[CertificateDer<'static>],
+    state: &State,
+    discovery: &Discovery,
+) -> Response<Body> {
+    use http_body_util::BodyExt as _;
+    let whole = |response: Response<Full<Bytes>>| response.map(|body| body.boxed());
+    let Some(snapshot) = state.snapshot() else {
+        return whole(identity_api::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready",
+        ));
+    };
+    let node = match identity_api::requesting_node(chain, &snapshot, SystemTime::now()) {
+        Ok(node) => node,
+        Err(Refusal(code, message)) => return whole(identity_api::error(code, &message)),
+    };
+    let mut documents = discovery.current.subscribe();
+    if documents.borrow().is_none() {
+        return whole(identity_api::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no discovery document yet",
+        ));
+    }
+    debug!(%node, "discovery stream opened");
+    let (lines, receiver) = mpsc::channel::<Bytes>(2);
+    tokio::spawn(async move {
+        loop {
+            let line = documents
+                .borrow_and_update()
+                .as_ref()
+                .map(|d| d.line.clone());
+            if let Some(line) = line {
+                if lines.send(line).await.is_err() {
+                    break;
+                }
+            }
+            // Wait for a change, sending keepalives meanwhile.
+            loop {
+                tokio::select! {
+                    changed = documents.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                    () = tokio::time::sleep(KEEPALIVE) => {
+                        if lines.send(Bytes::from_static(b"\n")).await.is_err() {
+                            debug!(%node, "discovery stream closed");
+                            return;
+                        }
+                    }
+                    () = lines.closed() => {
+                        debug!(%node, "discovery stream closed");
+                        return;
+                    }
+                }
+            }
+        }
+        debug!(%node, "discovery stream closed");
+    });
+    let mut response = Response::new(Lines(receiver).boxed());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(NDJSON),
+    );
+    response
+}
+
+/// A body made of the lines a task sends; it ends when the task drops its sender.
+struct Lines(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Lines {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|line| line.map(|line| Ok(Frame::data(line))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_is_a_port_and_nothing_else() {
+        assert_eq!(heartbeat_port(br#"{"port": 4143}"#), Ok(4143));
+        for (body, says) in [
+            (&b"4143"[..], "found 4143"),
+            (b"{}", "missing"),
+            (br#"{"port": 0}"#, "\"port\": 0"),
+            (br#"{"port": 70000}"#, "70000"),
+            (br#"{"port": "4143"}"#, "\"4143\""),
+            (br#"{"port": 4143, "ip": "1.2.3.4"}"#, "\"ip\""),
+            (b"port=4143", "not JSON"),
+        ] {
+            let err = heartbeat_port(body).expect_err("refused");
+            assert!(err.contains("{\"port\": P}") && err.contains(says), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_version_depends_on_the_content_only() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let trust = dir.path().join("trust");
+        std::fs::create_dir_all(&trust).expect("mkdir");
+        let site = pimesh_schema::DnsLabel::try_from("depot-7".to_owned()).expect("label");
+        let root =
+            pimesh_identity::TrustRoot::generate(&site, SystemTime::now()).expect("trust root");
+        std::fs::write(trust.join("anchor.pem"), root.anchor.cert_pem()).expect("anchor");
+        std::fs::write(trust.join("issuer.pem"), root.issuer.cert_pem()).expect("issuer");
+        std::fs::write(trust.join("issuer.key"), root.issuer.key_pem()).expect("key");
+        let versions: Vec<Option<String>> = (1..=2)
+            .map(|replica| {
+                let state = State::new(
+                    replica,
+                    crate::state::Sources {
+                        trust_dir: trust.clone(),
+                        config: dir.path().join("cluster.toml"),
+                        site: Some(site.clone()),
+                    },
+                );
+                state.reload("test", false, SystemTime::now());
+                let discovery = Discovery::new(Duration::from_secs(30));
+                let node = pimesh_schema::DnsLabel::try_from("pi-a".to_owned()).expect("label");
+                let addr: SocketAddr = "10.0.0.1:4143".parse().expect("addr");
+                discovery.heartbeats.beat(&node, addr, Instant::now());
+                discovery.refresh(&state);
+                discovery.version()
+            })
+            .collect();
+        assert!(versions[0].is_some());
+        assert_eq!(versions[0], versions[1], "separately issued serving certs");
+    }
+}

@@ -1,0 +1,111 @@
+//! Node heartbeats: soft state with a time to live.
+//!
+//! A proxy posts `{"port": P}` every few seconds; the node is the one its client
+//! certificate names and its mesh address is the connection's peer IP with port `P`.
+//! Nothing is persisted: a restarted replica knows every live node again after one
+//! heartbeat interval, which is what makes replicas interchangeable.
+//!
+//! Invariant: [`Heartbeats::live`] lists exactly the nodes whose last heartbeat is younger
+//! than the TTL as of the last [`Heartbeats::expire`] or [`Heartbeats::beat`]; a refresh
+//! that keeps a node's address does not count as a change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use pimesh_schema::DnsLabel;
+use tracing::info;
+
+/// The heartbeats a replica has seen, with their expiry.
+#[derive(Debug)]
+pub struct Heartbeats {
+    ttl: Duration,
+    nodes: Mutex<HashMap<DnsLabel, Beat>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Beat {
+    addr: SocketAddr,
+    expires: Instant,
+}
+
+impl Heartbeats {
+    pub fn new(ttl: Duration) -> Heartbeats {
+        Heartbeats {
+            ttl,
+            nodes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records a heartbeat of `node` at `addr`; `true` when the set of live nodes or an
+    /// address changed (a node appeared or moved), `false` for a plain refresh.
+    pub fn beat(&self, node: &DnsLabel, addr: SocketAddr, now: Instant) -> bool {
+        let expires = now + self.ttl;
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        let previous = nodes.insert(node.clone(), Beat { addr, expires });
+        match previous {
+            Some(beat) if beat.addr == addr && beat.expires > now => false,
+            Some(beat) if beat.expires > now => {
+                info!(%node, from = %beat.addr, to = %addr, "node moved");
+                true
+            }
+            _ => {
+                info!(%node, %addr, "node live");
+                true
+            }
+        }
+    }
+
+    /// Forgets the nodes whose TTL has run out at `now`; `true` when any was forgotten.
+    pub fn expire(&self, now: Instant) -> bool {
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = nodes.len();
+        nodes.retain(|node, beat| {
+            let live = beat.expires > now;
+            if !live {
+                info!(%node, addr = %beat.addr, "heartbeat expired");
+            }
+            live
+        });
+        nodes.len() != before
+    }
+
+    /// The live nodes and their addresses, ordered by node name.
+    pub fn live(&self) -> BTreeMap<String, String> {
+        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes
+            .iter()
+            .map(|(node, beat)| (node.as_str().to_owned(), beat.addr.to_string()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(s: &str) -> DnsLabel {
+        DnsLabel::try_from(s.to_owned()).expect("label")
+    }
+
+    #[test]
+    fn a_node_is_live_until_its_ttl_runs_out_and_only_moves_count_as_changes() {
+        let beats = Heartbeats::new(Duration::from_secs(30));
+        let start = Instant::now();
+        let a: SocketAddr = "10.0.0.1:4143".parse().expect("addr");
+        let b: SocketAddr = "10.0.0.2:4143".parse().expect("addr");
+        assert!(beats.beat(&label("pi-a"), a, start));
+        assert!(!beats.beat(&label("pi-a"), a, start + Duration::from_secs(20)));
+        assert!(beats.beat(&label("pi-a"), b, start + Duration::from_secs(21)));
+        assert_eq!(
+            beats.live(),
+            BTreeMap::from([("pi-a".to_owned(), "10.0.0.2:4143".to_owned())])
+        );
+        assert!(!beats.expire(start + Duration::from_secs(50)));
+        assert!(beats.expire(start + Duration::from_secs(51)));
+        assert!(beats.live().is_empty());
+        // Back after expiry: a change again.
+        assert!(beats.beat(&label("pi-a"), b, start + Duration::from_secs(52)));
+    }
+}
