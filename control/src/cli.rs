@@ -1,14 +1,17 @@
 //! The command line: `pimesh-control --replica N [--listen IP:PORT] [--trust-dir PATH]
-//! [--config PATH] [--site NAME]`.
+//! [--config PATH] [--site NAME] [--leaf-lifetime SECS]`.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use pimesh_identity::LEAF_LIFETIME;
 use pimesh_schema::DnsLabel;
 
 pub const USAGE: &str = "\
 usage: pimesh-control --replica N [--listen IP:PORT] [--trust-dir PATH] [--config PATH] [--site NAME]
+                      [--leaf-lifetime SECS]
   --replica N         this replica's number, 1..=64
   --listen IP:PORT    the replica's one port (default 0.0.0.0:8085+N): the identity API over
                       mutual TLS, and /live and /ready in plain HTTP
@@ -16,7 +19,9 @@ usage: pimesh-control --replica N [--listen IP:PORT] [--trust-dir PATH] [--confi
                       (default /var/lib/pimesh/trust)
   --config PATH       the site config (default /etc/pimesh/cluster.toml); a missing file
                       places no service; SIGHUP reloads it and the trust folder
-  --site NAME         the site, when no site config says it yet; must match the config's";
+  --site NAME         the site, when no site config says it yet; must match the config's
+  --leaf-lifetime SECS  how long the leaves this replica signs live (default 86400, 24 h;
+                      shorter for tests and benchmarks of renewal)";
 
 /// Replica numbers are small: the ports 8086.. must stay below other well-known ones.
 pub const MAX_REPLICA: u16 = 64;
@@ -40,6 +45,8 @@ pub struct Options {
     pub trust_dir: PathBuf,
     pub config: PathBuf,
     pub site: Option<DnsLabel>,
+    /// How long a signed leaf lives: at least 1 s, default [`LEAF_LIFETIME`].
+    pub leaf_lifetime: Duration,
 }
 
 /// Where replica `replica` listens unless told otherwise: every address, port
@@ -56,6 +63,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
     let mut trust_dir = PathBuf::from("/var/lib/pimesh/trust");
     let mut config = PathBuf::from("/etc/pimesh/cluster.toml");
     let mut site = None;
+    let mut leaf_lifetime = LEAF_LIFETIME;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let Some(flag) = arg.to_str() else {
@@ -109,6 +117,20 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
                 let text = value.to_string_lossy().into_owned();
                 site = Some(DnsLabel::try_from(text).map_err(|err| format!("--site: {err}"))?);
             }
+            "--leaf-lifetime" => {
+                let value = value(flag)?;
+                let text = value.to_string_lossy();
+                let secs = text
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|s| *s >= 1)
+                    .ok_or_else(|| {
+                        format!(
+                            "--leaf-lifetime: expected a number of seconds >= 1, found {text:?}"
+                        )
+                    })?;
+                leaf_lifetime = Duration::from_secs(secs);
+            }
             other => return Err(format!("unknown option {other:?}")),
         }
     }
@@ -119,6 +141,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         trust_dir,
         config,
         site,
+        leaf_lifetime,
     }))
 }
 
@@ -144,6 +167,7 @@ mod tests {
         assert_eq!(one.trust_dir, PathBuf::from("/var/lib/pimesh/trust"));
         assert_eq!(one.config, PathBuf::from("/etc/pimesh/cluster.toml"));
         assert_eq!(one.site, None);
+        assert_eq!(one.leaf_lifetime, LEAF_LIFETIME);
         assert_eq!(options(&["--replica=3"]).listen.to_string(), "0.0.0.0:8088");
     }
 
@@ -156,6 +180,8 @@ mod tests {
             "--config",
             "/tmp/c.toml",
             "--site=depot-7",
+            "--leaf-lifetime",
+            "6",
             "--replica",
             "2",
         ]);
@@ -164,6 +190,7 @@ mod tests {
         assert_eq!(given.trust_dir, PathBuf::from("/tmp/t"));
         assert_eq!(given.config, PathBuf::from("/tmp/c.toml"));
         assert_eq!(given.site.as_ref().map(DnsLabel::as_str), Some("depot-7"));
+        assert_eq!(given.leaf_lifetime, Duration::from_secs(6));
     }
 
     #[test]
@@ -177,6 +204,8 @@ mod tests {
         assert!(err(&["--replica", "1", "--listen", "localhost"]).contains("--listen"));
         assert!(err(&["--replica", "1", "--config", ""]).contains("empty"));
         assert!(err(&["--replica", "1", "--site", "Not A Label"]).contains("--site"));
+        assert!(err(&["--replica", "1", "--leaf-lifetime", "0"]).contains("--leaf-lifetime"));
+        assert!(err(&["--replica", "1", "--leaf-lifetime", "1h"]).contains("\"1h\""));
         assert_eq!(run(&["--help"]), Ok(Command::Help));
     }
 }

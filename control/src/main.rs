@@ -81,14 +81,16 @@ async fn run(options: cli::Options) -> Result<(), String> {
         .map_err(|err| format!("cannot listen on {addr}: {err}"))?;
     info!(replica, %addr, version = env!("CARGO_PKG_VERSION"), "listening");
 
-    let state = Arc::new(State::new(
+    let mut state = State::new(
         replica,
         Sources {
             trust_dir: options.trust_dir,
             config: options.config,
             site: options.site,
         },
-    ));
+    );
+    state.leaf_lifetime = options.leaf_lifetime;
+    let state = Arc::new(state);
     state.reload("start", false, SystemTime::now());
     let server = tokio::spawn(server::serve(listener, Arc::clone(&state)));
     // READY once the port is open, even when loading failed: the process is up, and
