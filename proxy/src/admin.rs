@@ -1,6 +1,7 @@
 //! The admin endpoints on port 4191: `/live` (the process answers), `/ready` (the last
 //! site config load succeeded, or there is no file yet; otherwise 503 and why),
-//! `/config` (which config and node identity are in use, as JSON) and `/metrics`
+//! `/config` (which config and identity are in use, and with `--control` how enrollment
+//! goes, as JSON) and `/metrics`
 //! (Prometheus text). Everything else is 404.
 
 use std::convert::Infallible;
@@ -16,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use crate::enroll;
 use crate::metrics::Metrics;
 use crate::state::Snapshot;
 use crate::tls::Identity;
@@ -29,6 +31,7 @@ pub async fn serve(
     listener: TcpListener,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     identity: watch::Receiver<Option<Identity>>,
+    enrollment: Option<watch::Receiver<enroll::Status>>,
     metrics: Arc<Metrics>,
 ) {
     loop {
@@ -42,6 +45,7 @@ pub async fn serve(
         };
         let snapshots = snapshots.clone();
         let identity = identity.clone();
+        let enrollment = enrollment.clone();
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -49,12 +53,14 @@ pub async fn serve(
                 let response = if request.uri().path() == "/metrics" {
                     metrics_response(request.method(), &metrics)
                 } else {
-                    let identity = identity.borrow();
+                    let identity = identity.borrow().clone();
+                    let enrollment = enrollment.as_ref().map(|status| status.borrow().to_json());
                     route(
                         request.method(),
                         request.uri().path(),
                         &snapshot,
                         identity.as_ref(),
+                        enrollment,
                     )
                 };
                 async move { Ok::<_, Infallible>(response) }
@@ -94,6 +100,7 @@ fn route(
     path: &str,
     snapshot: &Snapshot,
     identity: Option<&Identity>,
+    enrollment: Option<serde_json::Value>,
 ) -> Response<Full<Bytes>> {
     let known = matches!(path, "/live" | "/ready" | "/config");
     if known && method != Method::GET {
@@ -118,6 +125,7 @@ fn route(
         "/config" => {
             let mut json = config_json(snapshot);
             json["identity"] = identity_json(identity);
+            json["enrollment"] = enrollment.unwrap_or(serde_json::Value::Null);
             let mut body = json.to_string();
             body.push('\n');
             let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -133,7 +141,10 @@ fn route(
     }
 }
 
-/// `{"node", "site", "ids", "not_after_ms"}` of the identity in use, or null.
+/// `{"node", "site", "ids", "not_after_ms", "not_after", "source", "issuer",
+/// "issuer_sha256", "anchor_sha256", "bundle_sha256"}` of the identity in use, or null:
+/// `source` is `node-credential`, `control` or `cache`; `anchor_sha256` is the anchor the
+/// leaf chains to, `bundle_sha256` every anchor trusted.
 fn identity_json(identity: Option<&Identity>) -> serde_json::Value {
     let Some(identity) = identity else {
         return serde_json::Value::Null;
@@ -147,6 +158,12 @@ fn identity_json(identity: Option<&Identity>) -> serde_json::Value {
         "site": identity.site.as_str(),
         "ids": identity.ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "not_after_ms": not_after_ms,
+        "not_after": not_after_ms / 1000,
+        "source": identity.source.as_str(),
+        "issuer": identity.issuer_subject,
+        "issuer_sha256": identity.issuer_sha256,
+        "anchor_sha256": identity.anchor_sha256,
+        "bundle_sha256": identity.anchors().iter().map(crate::tls::sha256_hex).collect::<Vec<_>>(),
     })
 }
 
@@ -198,27 +215,27 @@ mod tests {
         let ok = snapshot(None);
         let bad = snapshot(Some("cluster.toml: key `x`: nope"));
         assert_eq!(
-            route(&Method::GET, "/live", &bad, None).status(),
+            route(&Method::GET, "/live", &bad, None, None).status(),
             StatusCode::OK
         );
         assert_eq!(
-            route(&Method::GET, "/ready", &ok, None).status(),
+            route(&Method::GET, "/ready", &ok, None, None).status(),
             StatusCode::OK
         );
         assert_eq!(
-            route(&Method::GET, "/ready", &bad, None).status(),
+            route(&Method::GET, "/ready", &bad, None, None).status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(
-            route(&Method::GET, "/config", &bad, None).status(),
+            route(&Method::GET, "/config", &bad, None, None).status(),
             StatusCode::OK
         );
         assert_eq!(
-            route(&Method::POST, "/config", &ok, None).status(),
+            route(&Method::POST, "/config", &ok, None, None).status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
         assert_eq!(
-            route(&Method::GET, "/nope", &ok, None).status(),
+            route(&Method::GET, "/nope", &ok, None, None).status(),
             StatusCode::NOT_FOUND
         );
     }

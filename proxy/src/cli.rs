@@ -7,6 +7,7 @@ use std::path::PathBuf;
 pub const USAGE: &str = "\
 usage: pimesh-proxy [--admin-addr IP:PORT] [--config PATH] [--identity-dir DIR]
                     [--inbound-addr IP:PORT] [--outbound-addr IP:PORT] [--local-ip IP]
+                    [--control ADDR[,ADDR...]] [--state-dir PATH]
   --admin-addr IP:PORT     /live, /ready, /config, /metrics (default 0.0.0.0:4191)
   --config PATH            the site config (default /etc/pimesh/cluster.toml); a missing
                            file means no site config yet, and SIGHUP or a change reloads it
@@ -16,9 +17,21 @@ usage: pimesh-proxy [--admin-addr IP:PORT] [--config PATH] [--identity-dir DIR]
   --inbound-addr IP:PORT   mTLS from other nodes' proxies (default 0.0.0.0:4143)
   --outbound-addr IP:PORT  the HTTP proxy port for local apps and iptables redirects
                            (default 127.0.0.1:4140)
-  --local-ip IP            where services' local ports listen (default 127.0.0.1)";
+  --local-ip IP            where services' local ports listen (default 127.0.0.1)
+  --control ADDR[,ADDR...] the site's control replicas (IP:PORT each); with them the proxy
+                           gets its workload identity from them, authenticating with the
+                           node credential, and renews it (default: none, the node
+                           credential alone is the identity)
+  --state-dir PATH         where the proxy keeps what it learnt (identity/: the last leaf,
+                           its key and the trust bundle) (default $STATE_DIRECTORY, else
+                           /var/lib/pimesh-proxy)";
+
+/// `--state-dir` when neither the flag nor `$STATE_DIRECTORY` says.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/pimesh-proxy";
 
 /// What the proxy was asked to do.
+// Made once per process: the size of `Run` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Run(Options),
@@ -35,6 +48,10 @@ pub struct Options {
     pub inbound_addr: SocketAddr,
     pub outbound_addr: SocketAddr,
     pub local_ip: IpAddr,
+    /// The control replicas, in the order given; empty: no replicas (the node credential
+    /// is the identity, as before they existed).
+    pub control: Vec<SocketAddr>,
+    pub state_dir: PathBuf,
 }
 
 impl Default for Options {
@@ -46,6 +63,8 @@ impl Default for Options {
             inbound_addr: SocketAddr::from(([0, 0, 0, 0], 4143)),
             outbound_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 4140)),
             local_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            control: Vec::new(),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
         }
     }
 }
@@ -53,7 +72,19 @@ impl Default for Options {
 /// Parses the arguments after the program name. An `Err` is a one-line message for
 /// stderr; the caller adds [`USAGE`] and exits 2. Paths need not be UTF-8.
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
+    parse_with(args, std::env::var_os("STATE_DIRECTORY"))
+}
+
+/// [`parse`] with `$STATE_DIRECTORY` given (systemd's `StateDirectory=`): the default of
+/// `--state-dir` when set and not empty.
+fn parse_with(
+    args: impl IntoIterator<Item = OsString>,
+    state_directory: Option<OsString>,
+) -> Result<Command, String> {
     let mut options = Options::default();
+    if let Some(dir) = state_directory.filter(|dir| !dir.is_empty()) {
+        options.state_dir = PathBuf::from(dir);
+    }
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let Some(flag) = arg.to_str() else {
@@ -103,6 +134,27 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
                 }
                 options.config = PathBuf::from(value);
             }
+            "--control" => {
+                let value = value(flag)?;
+                let text = value.to_string_lossy();
+                options.control = text
+                    .split(',')
+                    .map(|addr| {
+                        addr.trim().parse().map_err(|err| {
+                            format!(
+                                "--control: expected IP:PORT[,IP:PORT...], found {addr:?} ({err})"
+                            )
+                        })
+                    })
+                    .collect::<Result<_, String>>()?;
+            }
+            "--state-dir" => {
+                let value = value(flag)?;
+                if value.is_empty() {
+                    return Err("--state-dir: expected a directory, found an empty string".into());
+                }
+                options.state_dir = PathBuf::from(value);
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -112,9 +164,10 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn run(args: &[&str]) -> Result<Command, String> {
-        parse(args.iter().map(OsString::from))
+        parse_with(args.iter().map(OsString::from), None)
     }
 
     #[test]
@@ -161,6 +214,40 @@ mod tests {
         assert_eq!(options.local_ip.to_string(), "127.0.0.2");
         let err = run(&["--local-ip", "x"]).expect_err("not an IP");
         assert!(err.contains("--local-ip"), "{err}");
+    }
+
+    #[test]
+    fn control_replicas_and_the_state_dir() {
+        let Ok(Command::Run(options)) = run(&[
+            "--control",
+            "127.0.0.1:8086,10.0.0.2:8087",
+            "--state-dir=/tmp/s",
+        ]) else {
+            panic!("valid flags")
+        };
+        assert_eq!(options.control.len(), 2);
+        assert_eq!(options.control[1].to_string(), "10.0.0.2:8087");
+        assert_eq!(options.state_dir, PathBuf::from("/tmp/s"));
+        let err = run(&["--control", "127.0.0.1:8086,replica-2"]).expect_err("not IP:PORT");
+        assert!(
+            err.contains("--control") && err.contains("replica-2"),
+            "{err}"
+        );
+        let err = run(&["--state-dir", ""]).expect_err("empty");
+        assert!(err.contains("--state-dir"), "{err}");
+
+        let from_env = |env: Option<&str>| match parse_with(Vec::new(), env.map(OsString::from)) {
+            Ok(Command::Run(options)) => options.state_dir,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(from_env(None), PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(from_env(Some("")), PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(from_env(Some("/var/lib/x")), PathBuf::from("/var/lib/x"));
+        let given = parse_with(
+            [OsString::from("--state-dir"), OsString::from("/y")],
+            Some(OsString::from("/var/lib/x")),
+        );
+        assert!(matches!(given, Ok(Command::Run(o)) if o.state_dir == Path::new("/y")));
     }
 
     #[test]

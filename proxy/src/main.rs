@@ -9,7 +9,10 @@
 //! and spans exported; every hop is counted in Prometheus metrics on the admin port
 //! (4191: `/live`, `/ready`, `/config`, `/metrics`).
 //!
-//! The config and the node identity reload on SIGHUP and when their files change
+//! With `--control`, the identity in use is a leaf that the control replicas sign for the
+//! node and the services placed on it, renewed before it expires (`enroll`); the node
+//! credential then only authenticates the first request. The config and the node identity
+//! reload on SIGHUP and when their files change
 //! (polled every 2 s), swapping the routing table without touching open connections; a
 //! refused config or identity leaves the last good one in use. SIGTERM drains: listeners
 //! close, connections finish what they carry, and the process exits.
@@ -21,6 +24,7 @@ mod cli;
 mod context;
 mod detect;
 mod drain;
+mod enroll;
 mod http_util;
 mod inbound;
 mod listeners;
@@ -102,7 +106,25 @@ async fn run(options: cli::Options) -> Result<(), String> {
         Some(dir) => IdentityFiles::in_dir(dir),
         None => node_identity::default_files(),
     };
-    let (mut identity_reloader, mut identities) = IdentityReloader::start(files);
+    let (mut identity_reloader, node_credential) = IdentityReloader::start(files);
+    let (mut identities, enrollment, enroll_task) = if options.control.is_empty() {
+        (node_credential, None, None)
+    } else {
+        let settings = enroll::Settings {
+            replicas: options.control.clone(),
+            state_dir: options.state_dir.clone(),
+        };
+        let (identities, status, task) = enroll::spawn(
+            settings,
+            node_credential,
+            snapshots.clone(),
+            metrics.identity.clone(),
+        );
+        (identities, Some(status), Some(task))
+    };
+    if let Some(identity) = identities.borrow().as_ref() {
+        metrics.identity.expires_at(identity.not_after);
+    }
     let own_inbound = own_inbound(options.inbound_addr);
     let mut tracing_sink = TracingSink::default();
     let first = compile(
@@ -139,6 +161,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
         admin_listener,
         snapshots.clone(),
         identities.clone(),
+        enrollment,
         Arc::clone(&metrics),
     ));
     // READY after the first attempt even when it failed: the process is up and /ready
@@ -167,7 +190,9 @@ async fn run(options: cli::Options) -> Result<(), String> {
                 metrics.config_reload(ok);
             }
             Ok(()) = identities.changed() => {
-                identities.borrow_and_update();
+                if let Some(identity) = identities.borrow_and_update().as_ref() {
+                    metrics.identity.expires_at(identity.not_after);
+                }
                 // New connections to peers use the new certificate; open streams finish.
                 context.peers.clear();
             }
@@ -195,6 +220,9 @@ async fn run(options: cli::Options) -> Result<(), String> {
         warn!(deadline = ?DRAIN_DEADLINE, "connections still open at the drain deadline; exiting");
     }
     admin.abort();
+    if let Some(task) = enroll_task {
+        task.abort();
+    }
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
