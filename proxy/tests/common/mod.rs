@@ -121,6 +121,11 @@ pub struct ProxyOptions<'a> {
 
 impl Proxy {
     pub async fn start(options: ProxyOptions<'_>) -> Proxy {
+        Proxy::start_with(options, &[]).await
+    }
+
+    /// [`Proxy::start`] with `extra` arguments after the usual ones.
+    pub async fn start_with(options: ProxyOptions<'_>, extra: &[String]) -> Proxy {
         let log = options.dir.join(format!("{}.log", options.name));
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let outbound: SocketAddr = ([127, 0, 0, 1], free_port()).into();
@@ -140,6 +145,7 @@ impl Proxy {
             .arg(options.config)
             .arg("--identity-dir")
             .arg(identity)
+            .args(extra)
             .env("RUST_LOG", "debug")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
