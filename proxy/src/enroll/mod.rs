@@ -223,9 +223,9 @@ impl Enroller {
         true
     }
 
-    /// The identities to ask for: the node ID of the node credential, plus the services
-    /// the site config in use places on the node (never the replicas' reserved one).
-    /// `None` without a node credential.
+    /// The identities to ask for: the node ID (of the node credential, else of the leaf
+    /// in use), plus the services the site config in use places on the node (never the
+    /// replicas' reserved one). `None` with neither a node credential nor a leaf.
     fn wanted(&self) -> Option<BTreeSet<SpiffeId>> {
         let (site, node) = {
             let credential = self.node_credential.borrow();
