@@ -334,15 +334,18 @@ impl Enroller {
                 identity.node, identity.site, auth.node, auth.site
             ));
         }
-        let got = ids_of(&identity);
-        if got != wanted {
+        // Every name of the leaf, of any kind or site, must be one asked for, and all of them.
+        let asked: BTreeSet<String> = wanted.iter().map(ToString::to_string).collect();
+        let named = identity
+            .chain()
+            .first()
+            .map(|leaf| leaf_names(leaf))
+            .transpose()
+            .map_err(|why| format!("{what}: {why}"))?
+            .unwrap_or_default();
+        if named != asked {
             return Err(format!(
-                "{what}: the leaf names {:?}, but {:?} was asked for",
-                got.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                wanted_list
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
+                "{what}: the leaf names {named:?}, but {asked:?} was asked for"
             ));
         }
         if let Err(err) = store::save(
@@ -395,6 +398,26 @@ impl Enroller {
     }
 }
 
+/// Every subject alternative name of the DER certificate `leaf`: URIs as written, other
+/// kinds as `other:<value>` (never equal to a SPIFFE ID).
+fn leaf_names(leaf: &CertificateDer<'_>) -> Result<BTreeSet<String>, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|err| format!("the leaf is not X.509: {err}"))?;
+    let names = cert
+        .subject_alternative_name()
+        .map_err(|err| format!("the leaf's subject alternative names are malformed: {err}"))?
+        .map(|ext| ext.value.general_names.clone())
+        .unwrap_or_default();
+    Ok(names
+        .iter()
+        .map(|name| match name {
+            GeneralName::URI(uri) => (*uri).to_owned(),
+            other => format!("other:{other}"),
+        })
+        .collect())
+}
+
 /// The site IDs of `identity`, as a set.
 fn ids_of(identity: &Identity) -> BTreeSet<SpiffeId> {
     identity.ids.iter().cloned().collect()
@@ -414,4 +437,42 @@ fn unix_ms(at: SystemTime) -> u64 {
 /// In `-1.0..1.0`.
 fn jitter() -> f64 {
     fastrand::f64() * 2.0 - 1.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pimesh_identity::TrustRoot;
+    use pimesh_schema::DnsLabel;
+
+    #[test]
+    fn every_name_of_a_leaf_is_listed_whatever_its_kind_or_site() {
+        let site = DnsLabel::try_from("depot".to_owned()).expect("label");
+        let root = TrustRoot::generate(&site, SystemTime::now()).expect("root");
+        let id = client::control_id(&site).expect("id");
+        let (leaf, _) = root
+            .issuer
+            .issue_server_leaf(
+                &id,
+                &["localhost".to_owned()],
+                &[std::net::Ipv4Addr::LOCALHOST.into()],
+                SystemTime::now(),
+            )
+            .expect("leaf");
+        let names = leaf_names(&leaf.der).expect("names");
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert!(
+            names.contains("spiffe://depot/svc/pimesh-control"),
+            "{names:?}"
+        );
+        assert!(
+            names
+                .iter()
+                .filter(|name| name.starts_with("other:"))
+                .count()
+                == 2,
+            "{names:?}"
+        );
+        assert!(leaf_names(&CertificateDer::from(vec![1, 2, 3])).is_err());
+    }
 }
