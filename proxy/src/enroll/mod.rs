@@ -95,7 +95,21 @@ pub fn spawn(
     watch::Receiver<Status>,
     tokio::task::JoinHandle<()>,
 ) {
+    let credential = node_credential.borrow().clone();
     let cached = match store::load(&settings.state_dir) {
+        // A state directory from another node (moved disk, changed credential): not ours.
+        Ok(Some(identity))
+            if credential
+                .as_ref()
+                .is_some_and(|c| c.site != identity.site || c.node != identity.node) =>
+        {
+            warn!(
+                dir = %store::dir(&settings.state_dir).display(),
+                saved = %SpiffeId::node(&identity.site, &identity.node),
+                "the saved leaf is another node's; ignoring it"
+            );
+            None
+        }
         Ok(Some(identity)) => {
             info!(
                 dir = %store::dir(&settings.state_dir).display(),
@@ -111,7 +125,7 @@ pub fn spawn(
             None
         }
     };
-    let first = cached.clone().or_else(|| node_credential.borrow().clone());
+    let first = cached.clone().or(credential);
     let (identity_tx, identity_rx) = watch::channel(first);
     let (status_tx, status_rx) = watch::channel(Status {
         replicas: settings.replicas.clone(),
