@@ -1,16 +1,17 @@
 //! The command line: `pimesh-control --replica N [--listen IP:PORT] [--trust-dir PATH]
-//! [--config PATH] [--site NAME] [--heartbeat-ttl SECS]`.
+//! [--config PATH] [--site NAME] [--heartbeat-ttl SECS] [--leaf-lifetime SECS]`.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use pimesh_identity::LEAF_LIFETIME;
 use pimesh_schema::DnsLabel;
 
 pub const USAGE: &str = "\
 usage: pimesh-control --replica N [--listen IP:PORT] [--trust-dir PATH] [--config PATH] [--site NAME]
-                      [--heartbeat-ttl SECS]
+                      [--heartbeat-ttl SECS] [--leaf-lifetime SECS]
   --replica N         this replica's number, 1..=64
   --listen IP:PORT    the replica's one port (default 0.0.0.0:8085+N): the identity and
                       discovery APIs over mutual TLS, and /live and /ready in plain HTTP
@@ -20,7 +21,9 @@ usage: pimesh-control --replica N [--listen IP:PORT] [--trust-dir PATH] [--confi
                       places no service; SIGHUP or a change (polled every 2 s) reloads it
                       and the trust folder
   --site NAME         the site, when no site config says it yet; must match the config's
-  --heartbeat-ttl SECS  how long a node's heartbeat keeps it in discovery (default 30)";
+  --heartbeat-ttl SECS  how long a node's heartbeat keeps it in discovery (default 30)
+  --leaf-lifetime SECS  how long the leaves this replica signs live (default 86400, 24 h;
+                      shorter for tests and benchmarks of renewal)";
 
 /// Replica numbers are small: the ports 8086.. must stay below other well-known ones.
 pub const MAX_REPLICA: u16 = 64;
@@ -46,6 +49,8 @@ pub struct Options {
     pub site: Option<DnsLabel>,
     /// How long a heartbeat lasts; at least a second.
     pub heartbeat_ttl: Duration,
+    /// How long a signed leaf lives: at least 1 s, default [`LEAF_LIFETIME`].
+    pub leaf_lifetime: Duration,
 }
 
 /// `--heartbeat-ttl` unless given: three of the proxies' 10 s heartbeat intervals.
@@ -66,6 +71,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
     let mut config = PathBuf::from("/etc/pimesh/cluster.toml");
     let mut site = None;
     let mut heartbeat_ttl = DEFAULT_HEARTBEAT_TTL;
+    let mut leaf_lifetime = LEAF_LIFETIME;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let Some(flag) = arg.to_str() else {
@@ -130,6 +136,20 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
                     format!("--heartbeat-ttl: expected seconds in 1..=86400, found {text:?}")
                 })?;
             }
+            "--leaf-lifetime" => {
+                let value = value(flag)?;
+                let text = value.to_string_lossy();
+                let secs = text
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|s| *s >= 1)
+                    .ok_or_else(|| {
+                        format!(
+                            "--leaf-lifetime: expected a number of seconds >= 1, found {text:?}"
+                        )
+                    })?;
+                leaf_lifetime = Duration::from_secs(secs);
+            }
             other => return Err(format!("unknown option {other:?}")),
         }
     }
@@ -141,6 +161,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         config,
         site,
         heartbeat_ttl,
+        leaf_lifetime,
     }))
 }
 
@@ -167,6 +188,7 @@ mod tests {
         assert_eq!(one.config, PathBuf::from("/etc/pimesh/cluster.toml"));
         assert_eq!(one.site, None);
         assert_eq!(one.heartbeat_ttl, Duration::from_secs(30));
+        assert_eq!(one.leaf_lifetime, LEAF_LIFETIME);
         assert_eq!(options(&["--replica=3"]).listen.to_string(), "0.0.0.0:8088");
     }
 
@@ -179,6 +201,8 @@ mod tests {
             "--config",
             "/tmp/c.toml",
             "--site=depot-7",
+            "--leaf-lifetime",
+            "6",
             "--replica",
             "2",
             "--heartbeat-ttl=5",
@@ -189,6 +213,7 @@ mod tests {
         assert_eq!(given.trust_dir, PathBuf::from("/tmp/t"));
         assert_eq!(given.config, PathBuf::from("/tmp/c.toml"));
         assert_eq!(given.site.as_ref().map(DnsLabel::as_str), Some("depot-7"));
+        assert_eq!(given.leaf_lifetime, Duration::from_secs(6));
     }
 
     #[test]
@@ -203,6 +228,8 @@ mod tests {
         assert!(err(&["--replica", "1", "--config", ""]).contains("empty"));
         assert!(err(&["--replica", "1", "--site", "Not A Label"]).contains("--site"));
         assert!(err(&["--replica", "1", "--heartbeat-ttl", "0"]).contains("--heartbeat-ttl"));
+        assert!(err(&["--replica", "1", "--leaf-lifetime", "0"]).contains("--leaf-lifetime"));
+        assert!(err(&["--replica", "1", "--leaf-lifetime", "1h"]).contains("\"1h\""));
         assert_eq!(run(&["--help"]), Ok(Command::Help));
     }
 }

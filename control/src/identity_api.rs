@@ -3,19 +3,21 @@
 //! | method and path | what |
 //! |---|---|
 //! | `POST /v1/identity` | body: a PEM `CERTIFICATE REQUEST` (at most [`MAX_CSR_BYTES`]); answer: the leaf and the issuer in PEM (`application/x-pem-file`), `pimesh-not-after: <unix seconds>` |
+//! | `GET /v1/trust-bundle` | the replica's current anchors (the trust bundle) in PEM (`application/x-pem-file`), as read from `anchor.pem`: how a proxy learns a new anchor during an anchor rotation |
 //! | `GET /v1/stats` | JSON: leaves issued and refused, handshakes refused, since start |
 //!
 //! The requester is the node named by the `spiffe://<site>/node/<node>` URI of the client
 //! certificate it presented at the handshake (its node credential, or a leaf this API
 //! issued earlier). Invariant: a leaf is signed only when every identity the request
 //! names is in `site_config::permitted` for that node — its node ID and the services the
-//! site config places on it — and the refusal names the first one that is not. Refusals:
+//! site config places on it — and the refusal names the first one that is not. A leaf
+//! lives `State::leaf_lifetime` (`--leaf-lifetime`), never past the issuer. Refusals:
 //! 400 for a request that is not a valid CSR or names something other than SPIFFE IDs,
 //! 403 for an identity not permitted, 413 for a body over the limit; the handshake
 //! itself has already refused clients without a certificate of the site's bundle.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::{Body as _, Bytes, Incoming};
@@ -49,14 +51,15 @@ pub async fn route(
 ) -> Response<Full<Bytes>> {
     match (request.method(), request.uri().path()) {
         (&Method::POST, "/v1/identity") => identity(request, &chain, &state).await,
+        (&Method::GET, "/v1/trust-bundle") => trust_bundle(&chain, &state),
         (&Method::GET, "/v1/stats") => stats(&state),
-        (_, "/v1/identity" | "/v1/stats") => {
+        (_, "/v1/identity" | "/v1/trust-bundle" | "/v1/stats") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         }
         _ => error(
             StatusCode::NOT_FOUND,
-            "no such resource; try POST /v1/identity, GET /v1/stats, POST /v1/heartbeat \
-             or GET /v1/discovery",
+            "no such resource; try POST /v1/identity, GET /v1/trust-bundle, GET /v1/stats, \
+             POST /v1/heartbeat or GET /v1/discovery",
         ),
     }
 }
@@ -78,7 +81,7 @@ async fn identity(
         Ok(body) => body,
         Err(refusal) => return refused(state, Some(&node), refusal),
     };
-    match issue(&body, &node, &snapshot, now) {
+    match issue(&body, &node, &snapshot, now, state.leaf_lifetime) {
         Ok(leaf) => {
             Counters::count(&state.counters.issued);
             let ids: Vec<String> = leaf.identities.iter().map(ToString::to_string).collect();
@@ -96,6 +99,42 @@ async fn identity(
         }
         Err(refusal) => refused(state, Some(&node), refusal),
     }
+}
+
+/// The anchors of the snapshot in use, in PEM, to a client that is (still) a node of the
+/// site under them: the same check as for signing, so that only nodes learn the bundle.
+fn trust_bundle(chain: &[CertificateDer<'static>], state: &State) -> Response<Full<Bytes>> {
+    let Some(snapshot) = state.snapshot() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "not ready");
+    };
+    if let Err(refusal) = requesting_node(chain, &snapshot, SystemTime::now()) {
+        return refused(state, None, refusal);
+    }
+    let pem: String = snapshot
+        .trust
+        .anchors
+        .iter()
+        .map(|anchor| pem_certificate(anchor))
+        .collect();
+    let mut response = Response::new(Full::new(Bytes::from(pem)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(PEM_CONTENT_TYPE),
+    );
+    response
+}
+
+/// One DER certificate as a PEM `CERTIFICATE` block with 64-column lines.
+fn pem_certificate(der: &CertificateDer<'_>) -> String {
+    use base64::Engine as _;
+    let text = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in text.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
 }
 
 fn refused(state: &State, node: Option<&DnsLabel>, refusal: Refusal) -> Response<Full<Bytes>> {
@@ -150,13 +189,15 @@ pub fn requesting_node(
     }
 }
 
-/// Signs the PEM signing request `body` for `node` with `snapshot`'s issuer, when every
-/// identity it names is permitted to `node` by `snapshot`'s site config.
+/// Signs the PEM signing request `body` for `node` with `snapshot`'s issuer, for
+/// `lifetime` from `now`, when every identity it names is permitted to `node` by
+/// `snapshot`'s site config.
 pub fn issue(
     body: &[u8],
     node: &DnsLabel,
     snapshot: &Snapshot,
     now: SystemTime,
+    lifetime: Duration,
 ) -> Result<Leaf, Refusal> {
     let csr = CertificateSigningRequestDer::from_pem_slice(body).map_err(|err| {
         let message = format!("expected a PEM CERTIFICATE REQUEST: {err}");
@@ -166,7 +207,7 @@ pub fn issue(
     snapshot
         .trust
         .issuer
-        .sign_leaf(&csr, &snapshot.site, &permitted, now)
+        .sign_leaf_for(&csr, &snapshot.site, &permitted, now, lifetime)
         .map_err(|err| {
             let code = match err {
                 IssueError::MalformedRequest(_)
@@ -257,8 +298,20 @@ mod tests {
     use std::collections::BTreeSet;
     use std::path::Path;
 
+    const LIFETIME: Duration = Duration::from_secs(6);
+
     fn label(s: &str) -> DnsLabel {
         DnsLabel::try_from(s.to_owned()).expect("label")
+    }
+
+    #[test]
+    fn the_bundle_is_written_as_pem_that_reads_back() {
+        let f = fixture();
+        let pem = pem_certificate(f.root.anchor.cert_der());
+        let back: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("PEM");
+        assert_eq!(back, vec![f.root.anchor.cert_der().clone()]);
     }
 
     struct Fixture {
@@ -363,12 +416,14 @@ mod tests {
             &pi_a,
             &f.snapshot,
             now,
+            LIFETIME,
         )
         .expect("issued");
         assert_eq!(leaf.identities.len(), 2);
+        assert_eq!(leaf.not_after, now + LIFETIME);
 
         let refuse = |ids: &[&str], node: &DnsLabel| {
-            issue(&csr(ids), node, &f.snapshot, now).expect_err("refused")
+            issue(&csr(ids), node, &f.snapshot, now, LIFETIME).expect_err("refused")
         };
         let refusal = refuse(&["spiffe://depot-7/svc/db"], &pi_a);
         assert_eq!(refusal.0, StatusCode::FORBIDDEN);
@@ -402,7 +457,7 @@ mod tests {
             b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
             &[0xff, 0xfe, 0x00, 0x16][..],
         ] {
-            let refusal = issue(body, &pi_a, &f.snapshot, now).expect_err("garbage");
+            let refusal = issue(body, &pi_a, &f.snapshot, now, LIFETIME).expect_err("garbage");
             assert_eq!(
                 refusal.0,
                 StatusCode::BAD_REQUEST,

@@ -92,14 +92,16 @@ async fn run(options: cli::Options) -> Result<(), String> {
         .map_err(|err| format!("cannot listen on {addr}: {err}"))?;
     info!(replica, %addr, version = env!("CARGO_PKG_VERSION"), "listening");
 
-    let state = Arc::new(State::new(
+    let mut state = State::new(
         replica,
         Sources {
             trust_dir: options.trust_dir,
             config: options.config,
             site: options.site,
         },
-    ));
+    );
+    state.leaf_lifetime = options.leaf_lifetime;
+    let state = Arc::new(state);
     state.reload("start", false, SystemTime::now());
     let discovery = Arc::new(Discovery::new(options.heartbeat_ttl));
     discovery.refresh(&state);

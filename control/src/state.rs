@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use pimesh_schema::cluster::ClusterConfig;
 use pimesh_schema::DnsLabel;
@@ -88,6 +88,9 @@ impl Counters {
 
 pub struct State {
     pub replica: u16,
+    /// How long the leaves this replica signs live (`--leaf-lifetime`); set before the
+    /// state is shared, [`pimesh_identity::LEAF_LIFETIME`] by default.
+    pub leaf_lifetime: Duration,
     sources: Sources,
     current: RwLock<Current>,
     /// The input files as they were just before the last load attempt.
@@ -126,6 +129,7 @@ impl State {
     pub fn new(replica: u16, sources: Sources) -> State {
         State {
             replica,
+            leaf_lifetime: pimesh_identity::LEAF_LIFETIME,
             sources,
             current: RwLock::new(Current::default()),
             seen: Mutex::new(Vec::new()),

@@ -321,3 +321,67 @@ fn stats_count_issued_refused_and_refused_handshakes() {
     assert_eq!(stats["refused"], 1);
     assert_eq!(stats["handshakes_refused"], 1);
 }
+
+#[test]
+fn the_trust_bundle_is_served_to_nodes_and_leaves_live_the_leaf_lifetime() {
+    let (_dir, dir) = temp_dir();
+    let site = TestSite::new(SITE);
+    let next = TestSite::new(SITE);
+    let trust = dir.join("trust");
+    site.write_trust(&trust);
+    let bundle = format!(
+        "{}{}",
+        site.root.anchor.cert_pem(),
+        next.root.anchor.cert_pem()
+    );
+    std::fs::write(trust.join("anchor.pem"), bundle).expect("bundle");
+    let mut replica = Replica::start(&[
+        "--trust-dir",
+        &common::path(&trust),
+        "--config",
+        &common::path(&dir.join("cluster.toml")),
+        "--site",
+        SITE,
+        "--leaf-lifetime",
+        "6",
+    ]);
+    replica.wait_ready();
+
+    let credential = site.node_credential("pi-a");
+    let config = client_config(site.root.anchor.cert_der(), Some(&credential));
+    let response =
+        tls_request(replica.port, config, "GET", "/v1/trust-bundle", "", b"").expect("answered");
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(
+        response.header("content-type"),
+        Some("application/x-pem-file")
+    );
+    let anchors: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&response.body)
+        .collect::<Result<_, _>>()
+        .expect("PEM bundle");
+    assert_eq!(
+        anchors,
+        vec![
+            site.root.anchor.cert_der().clone(),
+            next.root.anchor.cert_der().clone()
+        ]
+    );
+    // Plain HTTP on the same port never reaches it.
+    let (status, _) = plain_get(replica.port, "/v1/trust-bundle").expect("answered");
+    assert_eq!(status, 404);
+
+    let (response, _) = ask(replica.port, &site, &credential, &[site.node_id("pi-a")]);
+    assert_eq!(response.status, 200, "{}", response.text());
+    let not_after: u64 = response
+        .header("pimesh-not-after")
+        .and_then(|v| v.parse().ok())
+        .expect("pimesh-not-after");
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("now")
+        .as_secs();
+    assert!(
+        (now..=now + 7).contains(&not_after),
+        "{not_after} vs now {now}"
+    );
+}

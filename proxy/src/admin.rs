@@ -1,7 +1,7 @@
 //! The admin endpoints on port 4191: `/live` (the process answers), `/ready` (the last
 //! site config load succeeded, or there is no file yet; otherwise 503 and why),
-//! `/config` (which config and node identity are in use, and with `--control` the control
-//! plane's state, as JSON) and `/metrics`
+//! `/config` (which config and identity are in use, and with `--control` the state of
+//! discovery and of enrollment, as JSON) and `/metrics`
 //! (Prometheus text). Everything else is 404.
 
 use std::convert::Infallible;
@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::discovery::Control;
+use crate::enroll;
 use crate::metrics::Metrics;
 use crate::state::Snapshot;
 use crate::tls::Identity;
@@ -31,6 +32,7 @@ pub async fn serve(
     listener: TcpListener,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     identity: watch::Receiver<Option<Identity>>,
+    enrollment: Option<watch::Receiver<enroll::Status>>,
     metrics: Arc<Metrics>,
     control: Option<Arc<Control>>,
 ) {
@@ -45,6 +47,7 @@ pub async fn serve(
         };
         let snapshots = snapshots.clone();
         let identity = identity.clone();
+        let enrollment = enrollment.clone();
         let metrics = Arc::clone(&metrics);
         let control = control.clone();
         tokio::spawn(async move {
@@ -53,22 +56,18 @@ pub async fn serve(
                 let response = if request.uri().path() == "/metrics" {
                     metrics_response(request.method(), &metrics)
                 } else {
-                    let identity = identity.borrow();
-                    let mut response = route(
+                    let identity = identity.borrow().clone();
+                    let control_plane = ControlPlane {
+                        control: control.as_ref().map(|c| c.status().json()),
+                        enrollment: enrollment.as_ref().map(|status| status.borrow().to_json()),
+                    };
+                    route(
                         request.method(),
                         request.uri().path(),
                         &snapshot,
                         identity.as_ref(),
-                    );
-                    if request.uri().path() == "/config" && response.status() == StatusCode::OK {
-                        let mut json = config_json(&snapshot);
-                        json["identity"] = identity_json(identity.as_ref());
-                        json["control"] = control
-                            .as_ref()
-                            .map_or(serde_json::Value::Null, |c| c.status().json());
-                        response = json_response(&json);
-                    }
-                    response
+                        control_plane,
+                    )
                 };
                 async move { Ok::<_, Infallible>(response) }
             });
@@ -102,11 +101,20 @@ fn metrics_response(method: &Method, metrics: &Metrics) -> Response<Full<Bytes>>
     response
 }
 
+/// What `/config` shows of the control plane with `--control`: the discovery watch and
+/// enrollment (each `null` without `--control`).
+#[derive(Default)]
+struct ControlPlane {
+    control: Option<serde_json::Value>,
+    enrollment: Option<serde_json::Value>,
+}
+
 fn route(
     method: &Method,
     path: &str,
     snapshot: &Snapshot,
     identity: Option<&Identity>,
+    control_plane: ControlPlane,
 ) -> Response<Full<Bytes>> {
     let known = matches!(path, "/live" | "/ready" | "/config");
     if known && method != Method::GET {
@@ -131,7 +139,8 @@ fn route(
         "/config" => {
             let mut json = config_json(snapshot);
             json["identity"] = identity_json(identity);
-            json["control"] = serde_json::Value::Null;
+            json["control"] = control_plane.control.unwrap_or_default();
+            json["enrollment"] = control_plane.enrollment.unwrap_or_default();
             json_response(&json)
         }
         _ => text(
@@ -151,7 +160,10 @@ fn json_response(json: &serde_json::Value) -> Response<Full<Bytes>> {
     response
 }
 
-/// `{"node", "site", "ids", "not_after_ms"}` of the identity in use, or null.
+/// `{"node", "site", "ids", "not_after_ms", "not_after", "source", "issuer",
+/// "issuer_sha256", "anchor_sha256", "bundle_sha256"}` of the identity in use, or null:
+/// `source` is `node-credential`, `control` or `cache`; `anchor_sha256` is the anchor the
+/// leaf chains to, `bundle_sha256` every anchor trusted.
 fn identity_json(identity: Option<&Identity>) -> serde_json::Value {
     let Some(identity) = identity else {
         return serde_json::Value::Null;
@@ -165,6 +177,12 @@ fn identity_json(identity: Option<&Identity>) -> serde_json::Value {
         "site": identity.site.as_str(),
         "ids": identity.ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "not_after_ms": not_after_ms,
+        "not_after": not_after_ms / 1000,
+        "source": identity.source.as_str(),
+        "issuer": identity.issuer_subject,
+        "issuer_sha256": identity.issuer_sha256,
+        "anchor_sha256": identity.anchor_sha256,
+        "bundle_sha256": identity.anchors().iter().map(crate::tls::sha256_hex).collect::<Vec<_>>(),
     })
 }
 
@@ -216,27 +234,27 @@ mod tests {
         let ok = snapshot(None);
         let bad = snapshot(Some("cluster.toml: key `x`: nope"));
         assert_eq!(
-            route(&Method::GET, "/live", &bad, None).status(),
+            route(&Method::GET, "/live", &bad, None, ControlPlane::default()).status(),
             StatusCode::OK
         );
         assert_eq!(
-            route(&Method::GET, "/ready", &ok, None).status(),
+            route(&Method::GET, "/ready", &ok, None, ControlPlane::default()).status(),
             StatusCode::OK
         );
         assert_eq!(
-            route(&Method::GET, "/ready", &bad, None).status(),
+            route(&Method::GET, "/ready", &bad, None, ControlPlane::default()).status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(
-            route(&Method::GET, "/config", &bad, None).status(),
+            route(&Method::GET, "/config", &bad, None, ControlPlane::default()).status(),
             StatusCode::OK
         );
         assert_eq!(
-            route(&Method::POST, "/config", &ok, None).status(),
+            route(&Method::POST, "/config", &ok, None, ControlPlane::default()).status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
         assert_eq!(
-            route(&Method::GET, "/nope", &ok, None).status(),
+            route(&Method::GET, "/nope", &ok, None, ControlPlane::default()).status(),
             StatusCode::NOT_FOUND
         );
     }

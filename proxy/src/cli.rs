@@ -7,7 +7,7 @@ use std::path::PathBuf;
 pub const USAGE: &str = "\
 usage: pimesh-proxy [--admin-addr IP:PORT] [--config PATH] [--identity-dir DIR]
                     [--inbound-addr IP:PORT] [--outbound-addr IP:PORT] [--local-ip IP]
-                    [--control IP:PORT[,IP:PORT...]] [--state-dir PATH]
+                    [--control ADDR[,ADDR...]] [--state-dir PATH]
   --admin-addr IP:PORT     /live, /ready, /config, /metrics (default 0.0.0.0:4191)
   --config PATH            the site config (default /etc/pimesh/cluster.toml); a missing
                            file means no site config yet, and SIGHUP or a change reloads it
@@ -18,18 +18,23 @@ usage: pimesh-proxy [--admin-addr IP:PORT] [--config PATH] [--identity-dir DIR]
   --outbound-addr IP:PORT  the HTTP proxy port for local apps and iptables redirects
                            (default 127.0.0.1:4140)
   --local-ip IP            where services' local ports listen (default 127.0.0.1)
-  --control ADDRS          control replicas, IP:PORT separated by commas: the site config
-                           and node addresses come from their discovery stream (cached
-                           under --state-dir), the config file serves until one answers;
-                           default none: the config file only
-  --state-dir PATH         where the last discovery answer is kept (default
-                           $STATE_DIRECTORY, else /var/lib/pimesh-proxy)";
+  --control ADDR[,ADDR...] the site's control replicas (IP:PORT each); with them the proxy
+                           gets its workload identity from them, authenticating with the
+                           node credential, and renews it (default: none, the node
+                           credential alone is the identity)
+  --state-dir PATH         where the proxy keeps what it learnt (identity/: the last leaf,
+                           its key and the trust bundle) (default $STATE_DIRECTORY, else
+                           /var/lib/pimesh-proxy)";
+
+/// `--state-dir` when neither the flag nor `$STATE_DIRECTORY` says.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/pimesh-proxy";
 
 /// What the proxy was asked to do.
+// Made once per process: the size of `Run` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// Boxed: the options are large next to `Help`.
-    Run(Box<Options>),
+    Run(Options),
     /// `--help`: print [`USAGE`] and exit 0.
     Help,
 }
@@ -43,23 +48,10 @@ pub struct Options {
     pub inbound_addr: SocketAddr,
     pub outbound_addr: SocketAddr,
     pub local_ip: IpAddr,
-    /// `--control`: empty for none (the config file only).
+    /// The control replicas, in the order given; empty: no replicas (the node credential
+    /// is the identity, as before they existed).
     pub control: Vec<SocketAddr>,
-    /// `None`: [`default_state_dir`].
-    pub state_dir: Option<PathBuf>,
-}
-
-/// `$STATE_DIRECTORY` (its first entry, as systemd's `StateDirectory=` sets it), else
-/// `/var/lib/pimesh-proxy`.
-pub fn default_state_dir() -> PathBuf {
-    std::env::var_os("STATE_DIRECTORY")
-        .and_then(|dirs| {
-            let dirs = dirs.to_string_lossy().into_owned();
-            dirs.split(':')
-                .find(|dir| !dir.is_empty())
-                .map(PathBuf::from)
-        })
-        .unwrap_or_else(|| PathBuf::from("/var/lib/pimesh-proxy"))
+    pub state_dir: PathBuf,
 }
 
 impl Default for Options {
@@ -72,7 +64,7 @@ impl Default for Options {
             outbound_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 4140)),
             local_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             control: Vec::new(),
-            state_dir: None,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
         }
     }
 }
@@ -80,7 +72,19 @@ impl Default for Options {
 /// Parses the arguments after the program name. An `Err` is a one-line message for
 /// stderr; the caller adds [`USAGE`] and exits 2. Paths need not be UTF-8.
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
+    parse_with(args, std::env::var_os("STATE_DIRECTORY"))
+}
+
+/// [`parse`] with `$STATE_DIRECTORY` given (systemd's `StateDirectory=`): the default of
+/// `--state-dir` when set and not empty.
+fn parse_with(
+    args: impl IntoIterator<Item = OsString>,
+    state_directory: Option<OsString>,
+) -> Result<Command, String> {
     let mut options = Options::default();
+    if let Some(dir) = state_directory.filter(|dir| !dir.is_empty()) {
+        options.state_dir = PathBuf::from(dir);
+    }
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let Some(flag) = arg.to_str() else {
@@ -123,6 +127,13 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
                 }
                 options.identity_dir = Some(PathBuf::from(value));
             }
+            "--config" => {
+                let value = value(flag)?;
+                if value.is_empty() {
+                    return Err("--config: expected a file path, found an empty string".into());
+                }
+                options.config = PathBuf::from(value);
+            }
             "--control" => {
                 let value = value(flag)?;
                 let text = value.to_string_lossy();
@@ -135,39 +146,33 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
                             )
                         })
                     })
-                    .collect::<Result<_, _>>()?;
+                    .collect::<Result<_, String>>()?;
             }
             "--state-dir" => {
                 let value = value(flag)?;
                 if value.is_empty() {
                     return Err("--state-dir: expected a directory, found an empty string".into());
                 }
-                options.state_dir = Some(PathBuf::from(value));
-            }
-            "--config" => {
-                let value = value(flag)?;
-                if value.is_empty() {
-                    return Err("--config: expected a file path, found an empty string".into());
-                }
-                options.config = PathBuf::from(value);
+                options.state_dir = PathBuf::from(value);
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    Ok(Command::Run(Box::new(options)))
+    Ok(Command::Run(options))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn run(args: &[&str]) -> Result<Command, String> {
-        parse(args.iter().map(OsString::from))
+        parse_with(args.iter().map(OsString::from), None)
     }
 
     #[test]
     fn defaults_are_the_node_paths() {
-        assert_eq!(run(&[]), Ok(Command::Run(Box::default())));
+        assert_eq!(run(&[]), Ok(Command::Run(Options::default())));
         let options = Options::default();
         assert_eq!(options.admin_addr.to_string(), "0.0.0.0:4191");
         assert_eq!(options.config, PathBuf::from("/etc/pimesh/cluster.toml"));
@@ -175,11 +180,11 @@ mod tests {
 
     #[test]
     fn both_flags_in_both_spellings() {
-        let expected = Command::Run(Box::new(Options {
+        let expected = Command::Run(Options {
             admin_addr: "127.0.0.1:9000".parse().expect("valid address"),
             config: PathBuf::from("/tmp/c.toml"),
             ..Options::default()
-        }));
+        });
         assert_eq!(
             run(&["--admin-addr", "127.0.0.1:9000", "--config", "/tmp/c.toml"]),
             Ok(expected.clone())
@@ -207,7 +212,6 @@ mod tests {
         assert_eq!(options.inbound_addr.port(), 24143);
         assert_eq!(options.outbound_addr.to_string(), "127.0.0.2:24140");
         assert_eq!(options.local_ip.to_string(), "127.0.0.2");
-        assert!(options.control.is_empty());
         let err = run(&["--local-ip", "x"]).expect_err("not an IP");
         assert!(err.contains("--local-ip"), "{err}");
     }
@@ -216,20 +220,34 @@ mod tests {
     fn control_replicas_and_the_state_dir() {
         let Ok(Command::Run(options)) = run(&[
             "--control",
-            "10.0.0.1:8086,10.0.0.2:8087",
-            "--state-dir=/var/lib/x",
+            "127.0.0.1:8086,10.0.0.2:8087",
+            "--state-dir=/tmp/s",
         ]) else {
             panic!("valid flags")
         };
-        let control: Vec<String> = options.control.iter().map(ToString::to_string).collect();
-        assert_eq!(control, ["10.0.0.1:8086", "10.0.0.2:8087"]);
-        assert_eq!(options.state_dir, Some(PathBuf::from("/var/lib/x")));
-        let err = run(&["--control", "10.0.0.1:8086,replica-2"]).expect_err("not IP:PORT");
+        assert_eq!(options.control.len(), 2);
+        assert_eq!(options.control[1].to_string(), "10.0.0.2:8087");
+        assert_eq!(options.state_dir, PathBuf::from("/tmp/s"));
+        let err = run(&["--control", "127.0.0.1:8086,replica-2"]).expect_err("not IP:PORT");
         assert!(
             err.contains("--control") && err.contains("replica-2"),
             "{err}"
         );
-        assert!(run(&["--state-dir", ""]).is_err());
+        let err = run(&["--state-dir", ""]).expect_err("empty");
+        assert!(err.contains("--state-dir"), "{err}");
+
+        let from_env = |env: Option<&str>| match parse_with(Vec::new(), env.map(OsString::from)) {
+            Ok(Command::Run(options)) => options.state_dir,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(from_env(None), PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(from_env(Some("")), PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(from_env(Some("/var/lib/x")), PathBuf::from("/var/lib/x"));
+        let given = parse_with(
+            [OsString::from("--state-dir"), OsString::from("/y")],
+            Some(OsString::from("/var/lib/x")),
+        );
+        assert!(matches!(given, Ok(Command::Run(o)) if o.state_dir == Path::new("/y")));
     }
 
     #[test]

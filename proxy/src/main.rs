@@ -9,7 +9,10 @@
 //! and spans exported; every hop is counted in Prometheus metrics on the admin port
 //! (4191: `/live`, `/ready`, `/config`, `/metrics`).
 //!
-//! The config and the node identity reload on SIGHUP and when their files change
+//! With `--control`, the identity in use is a leaf that the control replicas sign for the
+//! node and the services placed on it, renewed before it expires (`enroll`); the node
+//! credential then only authenticates the first request. The config and the node identity
+//! reload on SIGHUP and when their files change
 //! (polled every 2 s), swapping the routing table without touching open connections; a
 //! refused config or identity leaves the last good one in use. With `--control`, the
 //! site config comes from the control replicas' discovery stream (`discovery`), with
@@ -25,6 +28,7 @@ mod context;
 mod detect;
 mod discovery;
 mod drain;
+mod enroll;
 mod http_util;
 mod inbound;
 mod listeners;
@@ -67,7 +71,7 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
 fn main() -> ExitCode {
     match cli::parse(std::env::args_os().skip(1)) {
         Ok(cli::Command::Run(options)) => {
-            pimesh_daemon::run(pimesh_daemon::Threads::One, run(*options))
+            pimesh_daemon::run(pimesh_daemon::Threads::One, run(options))
         }
         Ok(cli::Command::Help) => {
             println!("{}", cli::USAGE);
@@ -107,7 +111,25 @@ async fn run(options: cli::Options) -> Result<(), String> {
         Some(dir) => IdentityFiles::in_dir(dir),
         None => node_identity::default_files(),
     };
-    let (mut identity_reloader, mut identities) = IdentityReloader::start(files);
+    let (mut identity_reloader, node_credential) = IdentityReloader::start(files);
+    let (mut identities, enrollment, enroll_task) = if options.control.is_empty() {
+        (node_credential, None, None)
+    } else {
+        let settings = enroll::Settings {
+            replicas: options.control.clone(),
+            state_dir: options.state_dir.clone(),
+        };
+        let (identities, status, task) = enroll::spawn(
+            settings,
+            node_credential,
+            snapshots.clone(),
+            metrics.identity.clone(),
+        );
+        (identities, Some(status), Some(task))
+    };
+    if let Some(identity) = identities.borrow().as_ref() {
+        metrics.identity.expires_at(identity.not_after);
+    }
     let own_inbound = own_inbound(options.inbound_addr);
     // Without --control, a watch that never changes: the file config is always used.
     let (_no_control, mut discovered) = watch::channel(None::<Arc<SiteConfig>>);
@@ -116,10 +138,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
             discovery::Options {
                 replicas: options.control.clone(),
                 inbound_port: options.inbound_addr.port(),
-                state_dir: options
-                    .state_dir
-                    .clone()
-                    .unwrap_or_else(cli::default_state_dir),
+                state_dir: options.state_dir.clone(),
             },
             identities.clone(),
             Arc::clone(&metrics),
@@ -162,6 +181,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
         admin_listener,
         snapshots.clone(),
         identities.clone(),
+        enrollment,
         Arc::clone(&metrics),
         control.clone(),
     ));
@@ -194,7 +214,9 @@ async fn run(options: cli::Options) -> Result<(), String> {
                 discovered.borrow_and_update();
             }
             Ok(()) = identities.changed() => {
-                identities.borrow_and_update();
+                if let Some(identity) = identities.borrow_and_update().as_ref() {
+                    metrics.identity.expires_at(identity.not_after);
+                }
                 // New connections to peers use the new certificate; open streams finish.
                 context.peers.clear();
             }
@@ -222,6 +244,9 @@ async fn run(options: cli::Options) -> Result<(), String> {
         warn!(deadline = ?DRAIN_DEADLINE, "connections still open at the drain deadline; exiting");
     }
     admin.abort();
+    if let Some(task) = enroll_task {
+        task.abort();
+    }
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }

@@ -190,6 +190,8 @@ struct Families {
 /// All of the proxy's metrics; share it as `Arc<Metrics>`.
 pub struct Metrics {
     registry: Registry,
+    /// The identity's renewals and expiry (`enroll::metrics`).
+    pub identity: crate::enroll::IdentityMetrics,
     families: Families,
     spans: SpanCounters,
     /// The control plane client's metrics (see `discovery`).
@@ -338,8 +340,10 @@ impl Metrics {
             "Site config reload attempts, by result",
             f.config_reloads.clone(),
         );
+        let identity = crate::enroll::IdentityMetrics::register(&mut registry);
         Metrics {
             registry,
+            identity,
             families,
             spans,
             control,

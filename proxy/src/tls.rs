@@ -63,6 +63,27 @@ impl IdentityFiles {
     }
 }
 
+/// Where an identity in use came from, for `/config` and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The node credential files (`--identity-dir`, the credentials directory).
+    NodeCredential,
+    /// A leaf a control replica signed in this process's life.
+    Control,
+    /// A leaf a control replica signed earlier, read back from the state directory.
+    Cache,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::NodeCredential => "node-credential",
+            Source::Control => "control",
+            Source::Cache => "cache",
+        }
+    }
+}
+
 /// A loaded, checked node identity and the TLS configs built from it.
 ///
 /// Invariants: the leaf chains (through the rest of the chain) to one of `anchors`, was
@@ -80,6 +101,16 @@ pub struct Identity {
     pub not_before: SystemTime,
     /// When the leaf expires: the identity must be replaced before then.
     pub not_after: SystemTime,
+    pub source: Source,
+    /// The leaf's issuer name (the subject of the certificate that signed it).
+    pub issuer_subject: String,
+    /// SHA-256 (hex) of the issuer certificate sent after the leaf, when there is one: it
+    /// tells issuers apart across a rotation, as they share their names.
+    pub issuer_sha256: Option<String>,
+    /// SHA-256 (hex) of the anchor of `anchors` the leaf chains to (the first, when several).
+    pub anchor_sha256: String,
+    chain: Arc<[CertificateDer<'static>]>,
+    key: Arc<PrivateKeyDer<'static>>,
     anchors: Arc<[CertificateDer<'static>]>,
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
@@ -94,6 +125,8 @@ impl fmt::Debug for Identity {
             .field("ids", &self.ids)
             .field("not_before", &self.not_before)
             .field("not_after", &self.not_after)
+            .field("source", &self.source)
+            .field("issuer_sha256", &self.issuer_sha256)
             .field("anchors", &self.anchors.len())
             .finish_non_exhaustive()
     }
@@ -132,12 +165,39 @@ impl Identity {
     /// node ID.
     #[cfg(test)]
     pub fn from_pem(chain_pem: &str, key_pem: &str, anchors_pem: &str) -> Result<Identity, String> {
+        Identity::from_pem_named(chain_pem, key_pem, anchors_pem, "node")
+    }
+
+    /// [`Identity::from_pem`] with errors naming the inputs `<what> chain`, `<what> key`
+    /// and `<what> bundle` (`what`: where they came from, e.g. a replica's address).
+    pub fn from_pem_named(
+        chain_pem: &str,
+        key_pem: &str,
+        anchors_pem: &str,
+        what: &str,
+    ) -> Result<Identity, String> {
         let names = Names {
-            chain: "node chain",
-            key: "node key",
-            anchors: "anchor bundle",
+            chain: &format!("{what} chain"),
+            key: &format!("{what} key"),
+            anchors: &format!("{what} bundle"),
         };
         Identity::build(chain_pem, key_pem, anchors_pem, &names, SystemTime::now())
+    }
+
+    /// The same identity, labelled as coming from `source`.
+    pub fn with_source(mut self, source: Source) -> Identity {
+        self.source = source;
+        self
+    }
+
+    /// The chain presented (leaf first, then the issuer).
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// The leaf's private key.
+    pub fn key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
     }
 
     /// [`Identity::from_pem`] checking validity at `now` instead of the current time:
@@ -239,6 +299,17 @@ impl Identity {
             })?;
         }
 
+        // Which anchor the leaf chains to: the one that verifies it alone.
+        let anchor_sha256 = anchors
+            .iter()
+            .find(|anchor| {
+                let one = std::slice::from_ref(*anchor);
+                verify_leaf(leaf, intermediates, one, &site, Usage::Client, now).is_ok()
+            })
+            .or(anchors.first())
+            .map(|anchor| sha256_hex(anchor))
+            .unwrap_or_default();
+        let issuer_sha256 = intermediates.first().map(|issuer| sha256_hex(issuer));
         let anchors: Arc<[CertificateDer<'static>]> = anchors.into();
         let server = server_config(&provider, &chain, &key, &site, &anchors)
             .map_err(|err| format!("{}: cannot build the TLS server config: {err}", names.chain))?;
@@ -252,6 +323,12 @@ impl Identity {
             ids,
             not_before: leaf_info.not_before,
             not_after: leaf_info.not_after,
+            source: Source::NodeCredential,
+            issuer_subject: leaf_info.issuer,
+            issuer_sha256,
+            anchor_sha256,
+            chain: chain.into(),
+            key: Arc::new(key),
             anchors,
             server: Arc::new(server),
             client: Arc::new(client),
@@ -285,7 +362,6 @@ impl Identity {
     }
 
     /// The site's anchor bundle this identity trusts.
-    #[cfg(test)]
     pub fn anchors(&self) -> &[CertificateDer<'static>] {
         &self.anchors
     }
@@ -320,8 +396,15 @@ fn certificates(
     Ok(certs)
 }
 
+/// SHA-256 of a certificate (DER) in lowercase hex: how `/config` names certificates.
+pub fn sha256_hex(cert: &CertificateDer<'_>) -> String {
+    pimesh_identity::anchor_sha256_hex(cert)
+}
+
 /// What [`Identity::build`] reads from the leaf before verifying it.
 struct LeafInfo {
+    /// The issuer's distinguished name.
+    issuer: String,
     /// Every SPIFFE ID among the URI SANs, of any site.
     ids: Vec<SpiffeId>,
     not_before: SystemTime,
@@ -343,6 +426,7 @@ impl LeafInfo {
             }
         };
         Ok(LeafInfo {
+            issuer: cert.issuer().to_string(),
             ids: spiffe_ids(&cert)?,
             not_before: time(&validity.not_before),
             not_after: time(&validity.not_after),
