@@ -12,7 +12,7 @@ IMAGE_INPUTS := $(shell git ls-files Cargo.toml Cargo.lock README.md image syste
 NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 
 .PHONY: central help deps image image-amd64 cross host-bins test test-rust test-qemu test-nspawn qemu bench-boot \
-	bench bench-heal bench-ota bench-central bench-proxy lint clean
+	bench bench-heal bench-ota bench-central bench-proxy bench-control lint clean
 
 help:
 	@echo "make image        build $(IMAGE) (the Raspberry Pi SD card image)"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench-ota    measure publish → applied on a node, and bad revision → rolled back"
 	@echo "make bench-central measure the central server under 5000 long-polling nodes"
 	@echo "make bench-proxy  measure the mesh path (two proxies, mTLS) next to two HAProxy instances and direct"
+	@echo "make bench-control measure CSR -> certificate, replica RSS, config change -> every proxy, failover"
 	@echo "make bench        all of the benchmarks above"
 
 deps:
@@ -86,7 +87,7 @@ bench-boot: $(IMAGE)
 bench-heal: image-amd64
 	./tests/nspawn/run.sh --bench-heal
 
-bench: bench-heal bench-ota bench-central bench-boot bench-proxy
+bench: bench-heal bench-ota bench-central bench-boot bench-proxy bench-control
 
 bench-ota: image-amd64
 	./tests/nspawn/run.sh --bench-ota
@@ -110,3 +111,11 @@ bench-central:
 .PHONY: bench-proxy
 bench-proxy:
 	./tests/bench/proxy/run.sh
+
+# Control replicas and proxies of a temporary site on 127.0.0.1: CSR -> certificate p50/p99,
+# a replica's RSS, config change -> every proxy p50/p99, failover time
+# (control/examples/control_bench.rs).
+.PHONY: bench-control
+bench-control:
+	cargo build --release --locked -p pimesh-control -p pimesh-proxy
+	cargo run --release --locked -p pimesh-control --example control_bench

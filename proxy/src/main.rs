@@ -112,6 +112,9 @@ async fn run(options: cli::Options) -> Result<(), String> {
         None => node_identity::default_files(),
     };
     let (mut identity_reloader, node_credential) = IdentityReloader::start(files);
+    // The site config in use (discovery's, else the file's), for what needs only that.
+    let (site_config_tx, site_config_rx) =
+        watch::channel(snapshots.borrow().in_use.site_config.clone().map(Arc::new));
     let (mut identities, enrollment, enroll_task) = if options.control.is_empty() {
         (node_credential, None, None)
     } else {
@@ -122,7 +125,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
         let (identities, status, task) = enroll::spawn(
             settings,
             node_credential,
-            snapshots.clone(),
+            site_config_rx,
             metrics.identity.clone(),
         );
         (identities, Some(status), Some(task))
@@ -221,13 +224,25 @@ async fn run(options: cli::Options) -> Result<(), String> {
                 context.peers.clear();
             }
         }
-        let table = compile(
-            in_use(&snapshots.borrow(), &discovered.borrow()),
-            &identities.borrow(),
-            own_inbound,
-            &metrics,
-            &mut tracing_sink,
-        );
+        let table = {
+            let snapshot = snapshots.borrow();
+            let discovered = discovered.borrow();
+            let site_config = in_use(&snapshot, &discovered);
+            site_config_tx.send_if_modified(|current| {
+                let changed = current.as_ref().map(|c| c.sha256) != site_config.map(|c| c.sha256);
+                if changed {
+                    *current = site_config.cloned().map(Arc::new);
+                }
+                changed
+            });
+            compile(
+                site_config,
+                &identities.borrow(),
+                own_inbound,
+                &metrics,
+                &mut tracing_sink,
+            )
+        };
         routes_tx.send_replace(Arc::new(table));
         bindings.update(&context.table(), &context, &drain_watch);
     };

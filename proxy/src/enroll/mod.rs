@@ -38,7 +38,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::state::Snapshot;
+use crate::site_config::SiteConfig;
 use crate::tls::{Identity, Source};
 
 pub use metrics::IdentityMetrics;
@@ -88,7 +88,7 @@ pub struct Settings {
 pub fn spawn(
     settings: Settings,
     node_credential: watch::Receiver<Option<Identity>>,
-    config: watch::Receiver<Arc<Snapshot>>,
+    config: watch::Receiver<Option<Arc<SiteConfig>>>,
     metrics: IdentityMetrics,
 ) -> (
     watch::Receiver<Option<Identity>>,
@@ -149,7 +149,7 @@ pub fn spawn(
 struct Enroller {
     settings: Settings,
     node_credential: watch::Receiver<Option<Identity>>,
-    config: watch::Receiver<Arc<Snapshot>>,
+    config: watch::Receiver<Option<Arc<SiteConfig>>>,
     metrics: IdentityMetrics,
     identity_tx: watch::Sender<Option<Identity>>,
     status_tx: watch::Sender<Status>,
@@ -251,8 +251,8 @@ impl Enroller {
                 }
             }
         };
-        let snapshot = Arc::clone(&self.config.borrow());
-        let mut ids = match snapshot.in_use.site_config.as_ref() {
+        let in_use = self.config.borrow().clone();
+        let mut ids = match in_use.as_deref() {
             Some(loaded) if loaded.config.site == site => loaded.config.identities_of_node(&node),
             _ => BTreeSet::from([SpiffeId::node(&site, &node)]),
         };
