@@ -1,9 +1,11 @@
 //! Which units a configuration change touches, and touching them through systemd.
 //!
-//! The proxy reads the site configuration's `site`, `proxy` and `services`; it reloads in
-//! place (`ReloadUnit`, SIGHUP), keeping its open connections. The control replicas read
-//! `site`, `control` and `services`; they restart one at a time, each ready before the
-//! next goes down, so the site never loses its control plane. Nothing else is touched.
+//! The proxy reads the site configuration's `site`, `proxy` and `services`; the control
+//! replicas read `site`, `control` and `services`. Each reloads in place (`ReloadUnit`,
+//! SIGHUP) when what it reads changed, keeping its open connections (the replicas' open
+//! discovery streams carry the new configuration to every proxy). A unit that is not
+//! running is restarted instead, and must be ready before the next one is touched.
+//! Nothing else is touched.
 
 use std::time::Duration;
 
@@ -15,8 +17,8 @@ use crate::systemd::Systemd;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Touch {
+    /// Reload in place (SIGHUP); a unit that is not running is restarted instead.
     Reload,
-    Restart,
 }
 
 /// The site configuration's consumers among the managed units.
@@ -67,19 +69,13 @@ pub fn plan(
         .iter()
         .filter_map(|unit| {
             let consumer = consumer_of(unit)?;
-            changes_for(consumer, old, new).then(|| {
-                let touch = match consumer {
-                    Consumer::Proxy => Touch::Reload,
-                    Consumer::Control => Touch::Restart,
-                };
-                (unit.clone(), touch)
-            })
+            changes_for(consumer, old, new).then(|| (unit.clone(), Touch::Reload))
         })
         .collect()
 }
 
-/// Reloads or restarts each planned unit; a restarted unit must be active and ready
-/// before the next one goes down (bounded by `deadline`). Units that do not exist are
+/// Reloads each planned unit (restarts it when it is not running); a restarted unit must
+/// be active and ready before the next one is touched (bounded by `deadline`). Units that do not exist are
 /// skipped (the keeper reports them).
 pub async fn touch(
     bus: &Systemd,
@@ -96,14 +92,20 @@ pub async fn touch(
             continue;
         };
         let inactive = state.active_state != "active";
-        let result = match touch {
-            // A reload needs a running unit; a stopped one is started with the new file.
-            Touch::Reload if !inactive => bus.manager().reload_unit(name, "replace").await,
-            _ => bus.manager().restart_unit(name, "replace").await,
+        // A reload needs a running unit; a stopped one is started with the new file.
+        let (action, result) = match touch {
+            Touch::Reload if !inactive => {
+                ("reload", bus.manager().reload_unit(name, "replace").await)
+            }
+            Touch::Reload => ("restart", bus.manager().restart_unit(name, "replace").await),
         };
-        result.map_err(|err| format!("cannot {touch:?} {name}: {err}").to_lowercase())?;
-        tracing::info!(unit = name, action = ?touch, "unit touched for the new configuration");
-        if *touch == Touch::Restart {
+        result.map_err(|err| format!("cannot {action} {name}: {err}"))?;
+        tracing::info!(
+            unit = name,
+            action,
+            "unit touched for the new configuration"
+        );
+        if inactive {
             wait_ready(bus, unit, &path, deadline).await?;
         }
     }
@@ -148,7 +150,7 @@ mod tests {
     const BASE: &str = "site = \"s\"\n[control]\nreplicas = 3\n[proxy]\nmax_connections = 100\n";
 
     #[test]
-    fn proxy_settings_reload_only_the_proxy_and_replica_settings_restart_only_replicas() {
+    fn proxy_settings_reload_only_the_proxy_and_replica_settings_only_replicas() {
         let units = pimesh_schema::supervisor::default_units();
         let base = config(BASE);
         let proxy_change = config(&BASE.replace("max_connections = 100", "max_connections = 200"));
@@ -157,11 +159,11 @@ mod tests {
             names(&plan(&units, Some(&base), Some(&proxy_change))),
             vec![("pimesh-proxy.service".to_owned(), Touch::Reload)]
         );
-        let restarted = names(&plan(&units, Some(&base), Some(&control_change)));
-        assert_eq!(restarted.len(), 3);
-        assert!(restarted
+        let reloaded = names(&plan(&units, Some(&base), Some(&control_change)));
+        assert_eq!(reloaded.len(), 3);
+        assert!(reloaded
             .iter()
-            .all(|(name, touch)| name.starts_with("pimesh-control@") && *touch == Touch::Restart));
+            .all(|(name, touch)| name.starts_with("pimesh-control@") && *touch == Touch::Reload));
         assert!(plan(&units, Some(&base), Some(&base.clone())).is_empty());
     }
 
