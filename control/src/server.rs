@@ -44,6 +44,9 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, discovery: Arc<Disc
                 continue;
             }
         };
+        // Answers are small writes (TLS records, then headers and body): without this,
+        // Nagle holds one back for the peer's delayed ACK (40 ms) on a new connection.
+        let _ = tcp.set_nodelay(true);
         tokio::spawn(connection(
             tcp,
             peer,

@@ -78,6 +78,7 @@ async fn exchange_inner(
     let tcp = TcpStream::connect(replica)
         .await
         .map_err(|err| format!("replica {replica}: cannot connect: {err}"))?;
+    let _ = tcp.set_nodelay(true);
     // The name is not checked (see the module's invariants); an IP needs no DNS.
     let name = ServerName::IpAddress(replica.ip().into());
     let tls = TlsConnector::from(config)
