@@ -7,13 +7,15 @@
 //! started, so never healed in a loop for want of a key — and the status says why.
 //!
 //! The proxy learns its replicas from `/run/pimesh/proxy.env` (`PIMESH_PROXY_ARGS`, read
-//! by `pimesh-proxy.service` at its start), written before any unit is started. Invariant:
-//! the file names exactly the replicas this node runs; with none it says so by an empty
-//! value, and the proxy keeps to its file configuration.
+//! by `pimesh-proxy.service` at its start), and the replicas the seed's site from
+//! `/run/pimesh/control.env` (`PIMESH_CONTROL_ARGS`: they serve node identities before
+//! any site config arrives), both written before any unit is started. Invariant: the
+//! proxy's file names exactly the replicas this node runs; with none it says so by an
+//! empty value, and the proxy keeps to its file configuration.
 
 use std::path::Path;
 
-use pimesh_schema::ManagedUnit;
+use pimesh_schema::{DnsLabel, ManagedUnit};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -83,22 +85,37 @@ pub fn place(units: &mut Vec<ManagedUnit>, holds_issuer: bool) -> ControlReport 
     }
 }
 
-/// Writes the proxy's environment file (see the module doc). A failure is noted in the
-/// report; the proxy then starts without replicas.
-pub fn write_proxy_env(run_dir: &Path, report: &mut ControlReport) {
-    let args = if report.proxy_control.is_empty() {
+/// Writes the proxy's and the replicas' environment files (see the module doc). A
+/// failure is noted in the report; the units then start without these arguments.
+pub fn write_unit_env(run_dir: &Path, site: Option<&DnsLabel>, report: &mut ControlReport) {
+    let proxy_args = if report.proxy_control.is_empty() {
         String::new()
     } else {
         format!("--control {}", report.proxy_control.join(","))
     };
-    let text = format!(
-        "# Written by pimesh-supervisor at its start: the control replicas of this node.\n\
-         PIMESH_PROXY_ARGS={args}\n"
-    );
-    let path = run_dir.join("proxy.env");
-    if let Err(err) = pimesh_daemon::atomic_file::replace(&path, text.as_bytes(), 0o644) {
-        warn!(path = %path.display(), %err, "cannot tell the proxy where the control replicas are");
-        report.note = Some(format!("cannot write {}: {err}", path.display()));
+    let control_args = site.map_or(String::new(), |site| format!("--site {site}"));
+    let files = [
+        (
+            "proxy.env",
+            "PIMESH_PROXY_ARGS",
+            "the control replicas of this node",
+            proxy_args,
+        ),
+        (
+            "control.env",
+            "PIMESH_CONTROL_ARGS",
+            "the seed's site",
+            control_args,
+        ),
+    ];
+    for (name, variable, what, args) in files {
+        let text =
+            format!("# Written by pimesh-supervisor at its start: {what}.\n{variable}={args}\n");
+        let path = run_dir.join(name);
+        if let Err(err) = pimesh_daemon::atomic_file::replace(&path, text.as_bytes(), 0o644) {
+            warn!(path = %path.display(), %err, "cannot write a unit's environment: {what}");
+            report.note = Some(format!("cannot write {}: {err}", path.display()));
+        }
     }
 }
 
@@ -132,11 +149,14 @@ mod tests {
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let mut report = report;
-        write_proxy_env(dir.path(), &mut report);
+        let site = DnsLabel::try_from("lab".to_owned()).expect("label");
+        write_unit_env(dir.path(), Some(&site), &mut report);
         let env = std::fs::read_to_string(dir.path().join("proxy.env")).expect("written");
         assert!(env.contains(
             "PIMESH_PROXY_ARGS=--control 127.0.0.1:8086,127.0.0.1:8087,127.0.0.1:8088\n"
         ));
+        let env = std::fs::read_to_string(dir.path().join("control.env")).expect("written");
+        assert!(env.contains("PIMESH_CONTROL_ARGS=--site lab\n"));
         assert!(report.note.is_none());
     }
 }

@@ -78,8 +78,12 @@ async fn run(options: Options) -> Result<(), String> {
     let trust = trust_files.provision(seed.seed(), boot_dir);
     let (mut supervisor_config, config_report) = load_supervisor_config(&options);
     let holds_issuer = trust_files.dir.join("issuer.key").exists();
+    if holds_issuer {
+        enroll_self(&options, &facts, &seed, &trust_files);
+    }
     let mut control = control_plane::place(&mut supervisor_config.units, holds_issuer);
-    control_plane::write_proxy_env(&options.paths.run_dir, &mut control);
+    let site = seed.seed().map(|seed| &seed.site);
+    control_plane::write_unit_env(&options.paths.run_dir, site, &mut control);
     let mut status_line = seed.one_line_summary(&facts.node_name);
     if let Some(err) = &config_report.error {
         status_line.push_str(&format!(
@@ -199,6 +203,31 @@ fn trust_command(options: &Options, action: &cli::TrustAction) -> Result<String,
         }
         cli::TrustAction::ExportAnchorKey(file) => lifecycle::export_anchor_key(store, file),
         cli::TrustAction::ImportAnchorKey(file) => lifecycle::import_anchor_key(store, file),
+    }
+}
+
+/// On a node holding the site issuer: makes the node's key and request and signs its own
+/// certificate before any unit starts, so the proxy (which reads its credentials when it
+/// starts) has one from its first start and can ask the replicas for its leaf. A failure
+/// is logged; the OTA client tries again.
+fn enroll_self(
+    options: &Options,
+    facts: &node::NodeFacts,
+    seed: &seed_state::SeedState,
+    trust: &trust::TrustFiles,
+) {
+    let Some(seed) = seed.seed() else {
+        return;
+    };
+    let Ok(node) = pimesh_schema::DnsLabel::try_from(facts.node_name.clone()) else {
+        return; // reported where the OTA context is made
+    };
+    let credential = credential::CredentialFiles::new(&options.paths.state_dir);
+    let result = credential
+        .ensure_request(&seed.site, &node)
+        .and_then(|()| credential.self_enroll(trust, &seed.site, &node));
+    if let Err(err) = result {
+        warn!(%err, "cannot sign the node's own certificate");
     }
 }
 

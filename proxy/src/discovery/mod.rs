@@ -18,7 +18,7 @@ mod client;
 mod document;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
@@ -98,7 +98,8 @@ impl Status {
 /// The state the client tasks share.
 pub(crate) struct Shared {
     options: Options,
-    cache_file: PathBuf,
+    /// The newest live document, for [`keep_cache`] to write.
+    to_cache: watch::Sender<Option<Arc<[u8]>>>,
     identities: watch::Receiver<Option<Identity>>,
     metrics: Arc<Metrics>,
     configs: watch::Sender<Option<Arc<SiteConfig>>>,
@@ -156,15 +157,29 @@ impl Shared {
             status.last_error = None;
         });
         if origin == Source::Live {
-            let file = self.cache_file.clone();
-            let raw = raw.to_vec();
-            tokio::task::spawn_blocking(move || {
-                if let Err(err) = cache::store(&file, &raw) {
-                    warn!(file = %file.display(), %err, "cannot keep the discovery document");
-                }
-            });
+            self.to_cache.send_replace(Some(Arc::from(raw)));
         }
         true
+    }
+}
+
+/// Writes each new live document to `file`, one write at a time and always the newest:
+/// two documents that arrive together never race for the file, and an older one never
+/// lands after a newer one.
+async fn keep_cache(mut documents: watch::Receiver<Option<Arc<[u8]>>>, file: PathBuf) {
+    while documents.changed().await.is_ok() {
+        let Some(raw) = documents.borrow_and_update().clone() else {
+            continue;
+        };
+        let path = file.clone();
+        let written = tokio::task::spawn_blocking(move || cache::store(&path, &raw)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                warn!(file = %file.display(), %err, "cannot keep the discovery document");
+            }
+            Err(err) => warn!(%err, "the discovery cache writer stopped"),
+        }
     }
 }
 
@@ -192,12 +207,13 @@ impl Control {
                 last_error: None,
             }),
             options,
-            cache_file,
+            to_cache: watch::Sender::new(None),
             identities,
             metrics,
             configs: watch::Sender::new(None),
         });
-        load_cache(&shared);
+        load_cache(&shared, &cache_file);
+        tokio::spawn(keep_cache(shared.to_cache.subscribe(), cache_file));
         client::spawn(&shared);
         Control { shared }
     }
@@ -213,8 +229,7 @@ impl Control {
 }
 
 /// The cached document, put in use when valid.
-fn load_cache(shared: &Shared) {
-    let file = &shared.cache_file;
+fn load_cache(shared: &Shared, file: &Path) {
     match cache::load(file) {
         Ok(Some(cached)) => {
             let source = file.display().to_string();
