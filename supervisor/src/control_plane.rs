@@ -13,6 +13,7 @@
 //! proxy's file names exactly the replicas this node runs; with none it says so by an
 //! empty value, and the proxy keeps to its file configuration.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use pimesh_schema::{DnsLabel, ManagedUnit};
@@ -47,42 +48,70 @@ fn replica_number(unit: &ManagedUnit) -> Option<u16> {
 }
 
 /// Leaves the control replicas out of `units` unless the node holds the issuer, and
-/// returns which replicas run and where the proxy finds them.
-pub fn place(units: &mut Vec<ManagedUnit>, holds_issuer: bool) -> ControlReport {
+/// returns which replicas run and where the proxy finds them: this node's replicas on
+/// 127.0.0.1, else the same replica ports on each of the seed's `servers` given as an IP
+/// (a server named by host name is skipped: the proxy dials addresses).
+pub fn place(
+    units: &mut Vec<ManagedUnit>,
+    holds_issuer: bool,
+    servers: &[String],
+) -> ControlReport {
     let is_replica = |unit: &ManagedUnit| unit.name.as_str().starts_with(CONTROL_TEMPLATE);
+    let ports: Vec<u16> = units
+        .iter()
+        .filter(|unit| is_replica(unit))
+        .filter_map(replica_number)
+        .map(|n| CONTROL_BASE_PORT + n)
+        .collect();
     if !holds_issuer {
         let before = units.len();
         units.retain(|unit| !is_replica(unit));
-        let left_out = before - units.len();
-        if left_out > 0 {
+        if before > units.len() {
             info!(
-                left_out,
+                left_out = before - units.len(),
                 "this node holds no site issuer: its control replicas are not run"
             );
         }
+        let proxy_control = servers
+            .iter()
+            .filter_map(|server| server_ip(server))
+            .flat_map(|ip| {
+                ports
+                    .iter()
+                    .map(move |port| SocketAddr::new(ip, *port).to_string())
+            })
+            .collect();
         return ControlReport {
+            proxy_control,
             note: Some(
                 "this node holds no site issuer (not a server node): it runs no control \
-                 replicas"
+                 replicas; its proxy asks those of the seed's servers"
                     .into(),
             ),
             ..ControlReport::default()
         };
     }
-    let replicas: Vec<&ManagedUnit> = units.iter().filter(|unit| is_replica(unit)).collect();
     ControlReport {
-        runs_replicas: !replicas.is_empty(),
-        replicas: replicas
+        runs_replicas: !ports.is_empty(),
+        replicas: units
             .iter()
+            .filter(|unit| is_replica(unit))
             .map(|unit| unit.name.as_str().to_owned())
             .collect(),
-        proxy_control: replicas
+        proxy_control: ports
             .iter()
-            .filter_map(|unit| replica_number(unit))
-            .map(|n| format!("127.0.0.1:{}", CONTROL_BASE_PORT + n))
+            .map(|port| format!("127.0.0.1:{port}"))
             .collect(),
         note: None,
     }
+}
+
+/// The IP of a seed's `servers` entry (`host` or `host:port`), when the host is one.
+fn server_ip(server: &str) -> Option<IpAddr> {
+    server
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| server.parse::<SocketAddr>().ok().map(|addr| addr.ip()))
 }
 
 /// Writes the proxy's and the replicas' environment files (see the module doc). A
@@ -130,18 +159,34 @@ mod tests {
     #[test]
     fn a_node_without_the_issuer_runs_no_replica_and_says_why() {
         let mut units = units();
-        let report = place(&mut units, false);
+        let servers = [
+            "10.0.0.10".to_owned(),
+            "pi-b.local".to_owned(),
+            "10.0.0.11:6443".to_owned(),
+        ];
+        let report = place(&mut units, false, &servers);
         let names: Vec<&str> = units.iter().map(|unit| unit.name.as_str()).collect();
         assert_eq!(names, ["pimesh-proxy.service"]);
         assert!(!report.runs_replicas);
-        assert!(report.proxy_control.is_empty());
+        assert_eq!(
+            report.proxy_control,
+            [
+                "10.0.0.10:8086",
+                "10.0.0.10:8087",
+                "10.0.0.10:8088",
+                "10.0.0.11:8086",
+                "10.0.0.11:8087",
+                "10.0.0.11:8088"
+            ],
+            "the replicas of the seed's servers given by IP"
+        );
         assert!(report.note.unwrap_or_default().contains("no site issuer"));
     }
 
     #[test]
     fn a_server_node_runs_its_replicas_and_its_proxy_is_told_their_ports() {
         let mut units = units();
-        let report = place(&mut units, true);
+        let report = place(&mut units, true, &["10.0.0.10".to_owned()]);
         assert_eq!(units.len(), 4);
         assert_eq!(
             report.proxy_control,

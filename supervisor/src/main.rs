@@ -81,7 +81,16 @@ async fn run(options: Options) -> Result<(), String> {
     if holds_issuer {
         enroll_self(&options, &facts, &seed, &trust_files);
     }
-    let mut control = control_plane::place(&mut supervisor_config.units, holds_issuer);
+    let servers: Vec<String> = seed
+        .seed()
+        .map(|seed| {
+            seed.servers
+                .iter()
+                .map(|s| String::from(s.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut control = control_plane::place(&mut supervisor_config.units, holds_issuer, &servers);
     let site = seed.seed().map(|seed| &seed.site);
     control_plane::write_unit_env(&options.paths.run_dir, site, &mut control);
     let mut status_line = seed.one_line_summary(&facts.node_name);
