@@ -18,4 +18,4 @@ fi
 if [ $# -gt 0 ]; then
   exec python3 -m pytest -v -s -p no:cacheprovider "$@"
 fi
-exec python3 -m pytest -v -s -p no:cacheprovider test_heal.py test_ota.py test_trust.py
+exec python3 -m pytest -v -s -p no:cacheprovider test_heal.py test_ota.py test_trust.py test_control.py

@@ -76,7 +76,7 @@ def test_only_the_units_that_read_a_change_are_touched(site):
         "a services change reloads the control replicas in place"
     def replica_loaded_both():
         journal = site.container.run(["journalctl", "-u", "pimesh-control@1.service", "-o", "cat"]).stdout
-        return "loaded: 2 placed service(s)" in journal
+        return "loaded: site lab, 2 placed service(s)" in journal
     site.container.wait_for("replica 1 serving the new services", replica_loaded_both, timeout=15)
 
 
