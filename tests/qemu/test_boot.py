@@ -62,6 +62,32 @@ def wait_for_units_ready(node, also=lambda units: True, timeout=120):
     raise TimeoutError(f"managed units not all ready after {timeout}s: {json.dumps(units, indent=1)}")
 
 
+def proxy_config(node):
+    """The proxy's /config, read on the node over SSH (the image has no HTTP client; bash's
+    /dev/tcp does)."""
+    raw = node.ssh("exec 3<>/dev/tcp/127.0.0.1/4191 && printf 'GET /config HTTP/1.0\\r\\n\\r\\n' >&3 "
+                   "&& cat <&3", check=False)
+    body = raw.replace("\r\n", "\n").partition("\n\n")[2]
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def wait_for_proxy_identity(node, accept, timeout=120):
+    """Polls the proxy's /config until its identity satisfies `accept`; returns it."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        config = proxy_config(node)
+        last = config and config.get("identity")
+        if last and accept(last):
+            return last
+        time.sleep(3)
+    raise TimeoutError(f"proxy identity not as expected after {timeout}s: {last!r}; "
+                       f"enrollment: {config and config.get('enrollment')!r}")
+
+
 def root_partition_sectors(disk):
     table = json.loads(subprocess.run(["sfdisk", "-J", disk], capture_output=True, text=True, check=True).stdout)
     return table["partitiontable"]["partitions"][1]
@@ -145,9 +171,18 @@ def test_first_boot_with_a_valid_seed(base_image, keys, node_factory):
     healed = wait_for_units_ready(node, lambda u: u["pimesh-proxy.service"]["main_pid"] != killed)
     assert healed["pimesh-proxy.service"]["active_state"] == "active"
 
+    # The proxy takes its leaf from this node's control replicas.
+    identity = wait_for_proxy_identity(node, lambda i: i.get("source") == "control")
+    assert identity["ids"] == ["spiffe://e2e-site/node/pi-e2e"], identity
+
     # Figures for the closing note (printed, never asserted).
-    pid = node.unit_property("pimesh-supervisor.service", "MainPID")
-    FIGURES["supervisor_rss_kib"] = int(node.ssh(f"awk '/VmRSS/ {{print $2}}' /proc/{pid}/status"))
+    def rss_kib(unit):
+        pid = node.unit_property(unit, "MainPID")
+        return int(node.ssh(f"awk '/VmRSS/ {{print $2}}' /proc/{pid}/status"))
+
+    FIGURES["supervisor_rss_kib"] = rss_kib("pimesh-supervisor.service")
+    FIGURES["proxy_rss_kib"] = rss_kib("pimesh-proxy.service")
+    FIGURES["control_replica_rss_kib"] = [rss_kib(f"pimesh-control@{n}.service") for n in (1, 2, 3)]
     FIGURES["ready_since_kernel_s"] = int(node.unit_property(
         "pimesh-supervisor.service", "ActiveEnterTimestampMonotonic")) / 1e6
     FIGURES["multi_user_since_kernel_s"] = int(node.unit_property(
