@@ -19,6 +19,9 @@ use rustls_pki_types::CertificateSigningRequestDer;
 use crate::ota::central::NodeCredential;
 use crate::trust::TrustFiles;
 
+/// The proxy's system user (systemd/pimesh.sysusers): the node key is its.
+const PROXY_USER: &str = "pimesh-proxy";
+
 /// How long a certificate the node signs for itself lasts: as long as one the operator
 /// signs with `pimeshctl node sign` (never past the issuer's own expiry).
 const SELF_ENROLLED_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -31,6 +34,36 @@ impl CredentialFiles {
     pub fn new(state_dir: &Path) -> CredentialFiles {
         CredentialFiles {
             dir: state_dir.join("identity"),
+        }
+    }
+
+    /// Makes the node key (0600) the proxy's, when its user exists: the proxy reads the
+    /// node credential from these files and notices a new certificate by itself. The
+    /// folder stays readable (0755): the key's mode is what protects it. Idempotent, so a
+    /// cut between writing the key and this leaves it for the next start; a failure is
+    /// logged (the proxy then has no node credential, and says so).
+    fn give_key_to_proxy(&self) {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let user = match nix::unistd::User::from_name(PROXY_USER) {
+            Ok(Some(user)) => user,
+            Ok(None) => return, // a development host: the key stays the supervisor's
+            Err(err) => {
+                tracing::warn!(user = PROXY_USER, %err, "cannot look up the user; the node key stays root's");
+                return;
+            }
+        };
+        let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
+        let result = std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o755))
+            .and_then(|()| std::fs::metadata(self.key()))
+            .and_then(|meta| {
+                if (meta.uid(), meta.gid()) == (uid, gid) {
+                    Ok(())
+                } else {
+                    std::os::unix::fs::chown(self.key(), Some(uid), Some(gid))
+                }
+            });
+        if let Err(err) = result {
+            tracing::warn!(key = %self.key().display(), %err, "cannot give the node key to the proxy's user");
         }
     }
 
@@ -50,6 +83,7 @@ impl CredentialFiles {
     /// an existing key is kept (a new one would orphan a certificate being signed).
     pub fn ensure_request(&self, site: &DnsLabel, node: &DnsLabel) -> Result<(), String> {
         if self.key().exists() {
+            self.give_key_to_proxy();
             return Ok(());
         }
         let id = SpiffeId {
@@ -67,6 +101,7 @@ impl CredentialFiles {
             0o600,
         )
         .map_err(|err| format!("cannot write {}: {err}", self.key().display()))?;
+        self.give_key_to_proxy();
         tracing::info!(request = %self.request().display(), %id, "node key made; waiting for its certificate");
         Ok(())
     }

@@ -78,9 +78,7 @@ async fn run(options: Options) -> Result<(), String> {
     let trust = trust_files.provision(seed.seed(), boot_dir);
     let (mut supervisor_config, config_report) = load_supervisor_config(&options);
     let holds_issuer = trust_files.dir.join("issuer.key").exists();
-    if holds_issuer {
-        enroll_self(&options, &facts, &seed, &trust_files);
-    }
+    prepare_node_credential(&options, &facts, &seed, &trust_files, holds_issuer);
     let servers: Vec<String> = seed
         .seed()
         .map(|seed| {
@@ -215,15 +213,18 @@ fn trust_command(options: &Options, action: &cli::TrustAction) -> Result<String,
     }
 }
 
-/// On a node holding the site issuer: makes the node's key and request and signs its own
-/// certificate before any unit starts, so the proxy (which reads its credentials when it
-/// starts) has one from its first start and can ask the replicas for its leaf. A failure
-/// is logged; the OTA client tries again.
-fn enroll_self(
+/// Before any unit starts: makes the node's key (the proxy's) and its signing request when
+/// there are none, and on a node holding the site issuer signs the node's own certificate,
+/// so that the proxy has a credential from its first start and can ask the replicas for
+/// its leaf. On other nodes the operator signs the request (`pimeshctl node sign`); the
+/// proxy takes the certificate up when it appears. A failure is logged; the OTA client
+/// tries again.
+fn prepare_node_credential(
     options: &Options,
     facts: &node::NodeFacts,
     seed: &seed_state::SeedState,
     trust: &trust::TrustFiles,
+    holds_issuer: bool,
 ) {
     let Some(seed) = seed.seed() else {
         return;
@@ -232,11 +233,12 @@ fn enroll_self(
         return; // reported where the OTA context is made
     };
     let credential = credential::CredentialFiles::new(&options.paths.state_dir);
-    let result = credential
-        .ensure_request(&seed.site, &node)
-        .and_then(|()| credential.self_enroll(trust, &seed.site, &node));
+    let mut result = credential.ensure_request(&seed.site, &node);
+    if holds_issuer {
+        result = result.and_then(|()| credential.self_enroll(trust, &seed.site, &node));
+    }
     if let Err(err) = result {
-        warn!(%err, "cannot sign the node's own certificate");
+        warn!(%err, "cannot prepare the node's credential");
     }
 }
 

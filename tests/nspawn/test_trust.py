@@ -91,9 +91,11 @@ def test_an_init_node_imports_the_operators_anchor_and_enrolls_itself():
         assert site.proxy_config()["sha256"] == sha256_hex(config)
         assert site.central_report()["state"] == "applied"
 
-        # The proxy (a DynamicUser unit) gets the node's certificate, key and the site's
-        # anchor as systemd credentials when it starts: it now holds the node identity.
-        container.systemctl("restart", "pimesh-proxy.service")
+        # The proxy reads the node credential from its files (the key is its user's) and
+        # takes it up without a restart.
+        proxy_uid = int(container.run(["id", "-u", "pimesh-proxy"]).stdout)
+        node_key = os.path.join(container.root, "var/lib/pimesh/identity/node.key")
+        assert os.stat(node_key).st_uid == proxy_uid and mode(container, "/var/lib/pimesh/identity/node.key") == 0o600
 
         def proxy_identity():
             code, body = container.http_get("http://127.0.0.1:4191/config")
@@ -125,3 +127,30 @@ def test_a_seed_pinning_another_anchor_is_refused():
     finally:
         site.close()
         other.close()
+
+
+def test_a_joining_node_enrolled_by_hand_gives_its_proxy_the_certificate_without_a_restart():
+    site = Site()  # role join: the operator signs the node's request (pimeshctl node sign)
+    try:
+        container = site.boot_node()
+        status = container.status()
+        assert not status["control"]["runs_replicas"], "no issuer here: no replicas"
+        assert "no site issuer" in status["control"]["note"]
+        assert {u["name"] for u in status["units"]} == {"pimesh-proxy.service"}
+        proxy_uid = int(container.run(["id", "-u", "pimesh-proxy"]).stdout)
+        node_key = os.path.join(container.root, "var/lib/pimesh/identity/node.key")
+        assert os.stat(node_key).st_uid == proxy_uid
+        assert mode(container, "/var/lib/pimesh/identity/node.key") == 0o600
+
+        def proxy_identity():
+            code, body = container.http_get("http://127.0.0.1:4191/config")
+            return json.loads(body).get("identity") if code == 200 else None
+
+        identity = container.wait_for("the proxy's node identity", proxy_identity)
+        assert identity["node"] == site.node and identity["source"] == "node-credential"
+        pid = container.main_pid("pimesh-proxy.service")
+        started = int(container.run(["stat", "-c", "%Y", f"/proc/{pid}"]).stdout)
+        signed = os.stat(os.path.join(container.root, "var/lib/pimesh/identity/node.pem")).st_mtime
+        assert started <= signed, "the proxy running since before the certificate took it up"
+    finally:
+        site.close()
