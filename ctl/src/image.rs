@@ -6,7 +6,7 @@ use pimesh_schema::Seed;
 
 /// The seed's name on the boot partition.
 const SEED_NAME: &str = "pimesh.toml";
-/// Where an init node finds the site's anchor and issuer on the boot partition.
+/// Where a node finds the site's anchor (and an init node the issuer) on the boot partition.
 const TRUST_DIR: &str = "pimesh-trust";
 const TRUST_FILES: [&str; 3] = ["anchor.pem", "issuer.pem", "issuer.key"];
 /// MBR partition types of FAT file systems.
@@ -15,20 +15,21 @@ const FAT_TYPES: [u8; 4] = [0x0b, 0x0c, 0x0e, 0x06];
 /// Validates `seed` and writes it as `pimesh.toml` into the first (FAT) partition of the
 /// raw image `image`, through the FAT structures in the file: no mount, no root.
 ///
-/// With `trust` (a site folder from `pimeshctl site init`), also writes the site's anchor
-/// and issuer into `pimesh-trust/` for an `init` node to import at first boot (bring your
-/// own anchor: the one the central server knows); the node moves the keys off the boot
-/// partition when it imports them.
+/// With `trust` (a site folder from `pimeshctl site init`), also writes into
+/// `pimesh-trust/` what the node imports at first boot: for an `init` node the site's
+/// anchor and issuer (bring your own anchor: the one the central server knows; the node
+/// moves the keys off the boot partition), for a joining node the anchor alone (whom its
+/// proxy trusts; checked against the join token's pin).
 pub fn configure(image: &Path, seed: &Path, trust: Option<&Path>) -> Result<(), String> {
     let parsed = Seed::load(seed).map_err(|err| format!("refusing an invalid seed: {err}"))?;
     let mut trust_files = Vec::new();
     if let Some(site_dir) = trust {
-        if parsed.role != pimesh_schema::Role::Init {
-            return Err(
-                "--trust is for the site's init node: the seed's role is not `init`".into(),
-            );
-        }
-        for name in TRUST_FILES {
+        let names: &[&str] = if parsed.role == pimesh_schema::Role::Init {
+            &TRUST_FILES
+        } else {
+            &TRUST_FILES[..1]
+        };
+        for name in names.iter().copied() {
             let path = site_dir.join(name);
             let bytes = std::fs::read(&path)
                 .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
@@ -86,6 +87,7 @@ pub fn configure(image: &Path, seed: &Path, trust: Option<&Path>) -> Result<(), 
     }
     if !trust_files.is_empty() {
         let root = fs.root_dir();
+        let joining = trust_files.len() < TRUST_FILES.len();
         let dir = match root.open_dir(TRUST_DIR) {
             Ok(dir) => dir,
             Err(_) => root.create_dir(TRUST_DIR).map_err(|err| {
@@ -101,6 +103,14 @@ pub fn configure(image: &Path, seed: &Path, trust: Option<&Path>) -> Result<(), 
                 .and_then(|()| target.write_all(bytes))
                 .and_then(|()| target.flush())
                 .map_err(|err| format!("cannot write {TRUST_DIR}/{name}: {err}"))?;
+        }
+        if joining {
+            // An image configured before for an init node must not keep the issuer.
+            for name in &TRUST_FILES[1..] {
+                if dir.remove(name).is_ok() {
+                    println!("removed {TRUST_DIR}/{name}: a joining node gets the anchor alone");
+                }
+            }
         }
     }
     fs.unmount()

@@ -129,8 +129,8 @@ enum ImageCommand {
         /// The seed to write; it is validated first.
         #[arg(long)]
         seed: PathBuf,
-        /// For the site's init node: also write the site's anchor and issuer (from this
-        /// site folder) for the node to import at first boot.
+        /// Also write the site's anchor (from this site folder) for the node to import at
+        /// first boot, and for the site's init node its issuer too.
         #[arg(long)]
         trust: Option<PathBuf>,
     },

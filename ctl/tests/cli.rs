@@ -147,6 +147,10 @@ fn read_seed(path: &Path) -> String {
 }
 
 fn read_boot_file(path: &Path, name: &str) -> String {
+    read_boot_file_opt(path, name).unwrap_or_else(|| panic!("{name} is not in the boot partition"))
+}
+
+fn read_boot_file_opt(path: &Path, name: &str) -> Option<String> {
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -156,12 +160,9 @@ fn read_boot_file(path: &Path, name: &str) -> String {
         fscommon::StreamSlice::new(&mut file, 8192 * 512, (8192 + 80 * 2048) * 512).expect("slice");
     let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new()).expect("fs");
     let mut contents = String::new();
-    fs.root_dir()
-        .open_file(name)
-        .expect(name)
-        .read_to_string(&mut contents)
-        .expect("read");
-    contents
+    let mut file = fs.root_dir().open_file(name).ok()?;
+    file.read_to_string(&mut contents).expect("read");
+    Some(contents)
 }
 
 #[test]
@@ -214,7 +215,8 @@ fn image_configure_writes_a_valid_seed_into_the_boot_partition() {
 }
 
 #[test]
-fn image_configure_with_trust_puts_the_sites_anchor_and_issuer_for_the_init_node() {
+fn image_configure_with_trust_puts_anchor_and_issuer_for_the_init_node_and_the_anchor_alone_for_a_joining_one(
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("pimesh.img");
     make_image(&image);
@@ -251,7 +253,7 @@ fn image_configure_with_trust_puts_the_sites_anchor_and_issuer_for_the_init_node
         );
     }
 
-    // Only the init node takes the site's issuer.
+    // A joining node takes the anchor alone; the init node's issuer leaves the image.
     let token = std::fs::read_to_string(site.join("join-token")).expect("token");
     std::fs::write(
         &seed,
@@ -270,6 +272,15 @@ fn image_configure_with_trust_puts_the_sites_anchor_and_issuer_for_the_init_node
         "--trust",
         site_arg,
     ]);
-    assert!(!run.status.success());
-    assert!(text(&run.stderr).contains("init"), "{}", text(&run.stderr));
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert_eq!(
+        read_boot_file(&image, "pimesh-trust/anchor.pem"),
+        std::fs::read_to_string(site.join("anchor.pem")).expect("anchor")
+    );
+    for key in ["issuer.pem", "issuer.key"] {
+        assert!(
+            read_boot_file_opt(&image, &format!("pimesh-trust/{key}")).is_none(),
+            "a joining node gets the anchor alone, never {key}"
+        );
+    }
 }

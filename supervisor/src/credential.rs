@@ -8,13 +8,13 @@
 
 use std::path::{Path, PathBuf};
 
-use pimesh_identity::LeafRequest;
-use pimesh_schema::{DnsLabel, SpiffeId, Workload};
+use pimesh_identity::{anchor_sha256, anchor_sha256_hex, LeafRequest};
+use pimesh_schema::{DnsLabel, Seed, SpiffeId, Workload};
 
 use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::CertificateSigningRequestDer;
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 
 use crate::ota::central::NodeCredential;
 use crate::trust::TrustFiles;
@@ -65,6 +65,41 @@ impl CredentialFiles {
         if let Err(err) = result {
             tracing::warn!(key = %self.key().display(), %err, "cannot give the node key to the proxy's user");
         }
+    }
+
+    /// The anchors a node without the site's trust folder (a joining node) trusts.
+    pub fn anchors(&self) -> PathBuf {
+        self.dir.join("anchor.pem")
+    }
+
+    /// On a joining node: takes the site's anchor that the operator put on the boot
+    /// partition (`pimesh-trust/anchor.pem`, written by `pimeshctl image configure
+    /// --trust`) into [`CredentialFiles::anchors`], once its SHA-256 matches the join
+    /// token's pin (when the seed has a token). Returns whether it wrote the file; a node
+    /// already holding the same anchor, or a card without one, is left as it is.
+    pub fn import_anchor(&self, boot_dir: &Path, seed: &Seed) -> Result<bool, String> {
+        let source = boot_dir.join("pimesh-trust").join("anchor.pem");
+        let Ok(pem) = std::fs::read(&source) else {
+            return Ok(false);
+        };
+        let anchor = CertificateDer::from_pem_slice(&pem)
+            .map_err(|err| format!("{}: expected a PEM certificate: {err}", source.display()))?;
+        if let Some(token) = &seed.join_token {
+            if &anchor_sha256(&anchor) != token.anchor_sha256() {
+                return Err(format!(
+                    "{} has SHA-256 {}, but the seed's join token pins {}",
+                    source.display(),
+                    anchor_sha256_hex(&anchor),
+                    token.anchor_sha256_hex()
+                ));
+            }
+        }
+        let written = pimesh_daemon::atomic_file::replace(&self.anchors(), &pem, 0o644)
+            .map_err(|err| format!("cannot write {}: {err}", self.anchors().display()))?;
+        if written {
+            tracing::info!(anchor = %anchor_sha256_hex(&anchor), file = %self.anchors().display(), "site anchor imported from the boot partition");
+        }
+        Ok(written)
     }
 
     pub fn key(&self) -> PathBuf {
@@ -209,5 +244,52 @@ impl CredentialFiles {
         let key_pem = std::fs::read_to_string(self.key())
             .map_err(|err| format!("cannot read {}: {err}", self.key().display()))?;
         Ok(Some(NodeCredential { chain_pem, key_pem }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pimesh_identity::TrustRoot;
+
+    fn joining_seed(pinned: &[u8; 32]) -> Seed {
+        let pin: String = pinned.iter().map(|b| format!("{b:02x}")).collect();
+        let text = format!(
+            "site = \"depot-7\"\nrole = \"join\"\njoin_token = \"K10{pin}::secret0123456789abcdef\"\n"
+        );
+        Seed::parse(Path::new("/boot/firmware/pimesh.toml"), &text).expect("seed")
+    }
+
+    #[test]
+    fn a_joining_node_takes_the_cards_anchor_only_when_the_token_pins_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let site = DnsLabel::try_from("depot-7".to_owned()).expect("label");
+        let root = TrustRoot::generate(&site, SystemTime::now()).expect("root");
+        let other = TrustRoot::generate(&site, SystemTime::now()).expect("root");
+        let boot = dir.path().join("boot");
+        std::fs::create_dir_all(boot.join("pimesh-trust")).expect("boot");
+        std::fs::write(boot.join("pimesh-trust/anchor.pem"), root.anchor.cert_pem()).expect("card");
+        let files = CredentialFiles::new(&dir.path().join("state"));
+
+        let wrong = joining_seed(&anchor_sha256(other.anchor.cert_der()));
+        let err = files.import_anchor(&boot, &wrong).expect_err("another pin");
+        assert!(err.contains("pins") && err.contains("anchor.pem"), "{err}");
+        assert!(
+            !files.anchors().exists(),
+            "nothing written for a wrong anchor"
+        );
+
+        let right = joining_seed(&anchor_sha256(root.anchor.cert_der()));
+        assert!(files.import_anchor(&boot, &right).expect("pinned"));
+        assert_eq!(
+            std::fs::read_to_string(files.anchors()).expect("written"),
+            root.anchor.cert_pem()
+        );
+        assert!(
+            !files.import_anchor(&boot, &right).expect("again"),
+            "idempotent"
+        );
+        let empty = dir.path().join("empty-boot");
+        assert!(!files.import_anchor(&empty, &right).expect("no card file"));
     }
 }

@@ -78,7 +78,14 @@ async fn run(options: Options) -> Result<(), String> {
     let trust = trust_files.provision(seed.seed(), boot_dir);
     let (mut supervisor_config, config_report) = load_supervisor_config(&options);
     let holds_issuer = trust_files.dir.join("issuer.key").exists();
-    prepare_node_credential(&options, &facts, &seed, &trust_files, holds_issuer);
+    prepare_node_credential(
+        &options,
+        &facts,
+        &seed,
+        &trust_files,
+        holds_issuer,
+        boot_dir,
+    );
     let servers: Vec<String> = seed
         .seed()
         .map(|seed| {
@@ -216,8 +223,9 @@ fn trust_command(options: &Options, action: &cli::TrustAction) -> Result<String,
 /// Before any unit starts: makes the node's key (the proxy's) and its signing request when
 /// there are none, and on a node holding the site issuer signs the node's own certificate,
 /// so that the proxy has a credential from its first start and can ask the replicas for
-/// its leaf. On other nodes the operator signs the request (`pimeshctl node sign`); the
-/// proxy takes the certificate up when it appears. A failure is logged; the OTA client
+/// its leaf. On other nodes the operator signs the request (`pimeshctl node sign`), the
+/// proxy takes the certificate up when it appears, and trusts the site anchor the card
+/// brought (checked against the join token's pin). A failure is logged; the OTA client
 /// tries again.
 fn prepare_node_credential(
     options: &Options,
@@ -225,6 +233,7 @@ fn prepare_node_credential(
     seed: &seed_state::SeedState,
     trust: &trust::TrustFiles,
     holds_issuer: bool,
+    boot_dir: &std::path::Path,
 ) {
     let Some(seed) = seed.seed() else {
         return;
@@ -236,6 +245,8 @@ fn prepare_node_credential(
     let mut result = credential.ensure_request(&seed.site, &node);
     if holds_issuer {
         result = result.and_then(|()| credential.self_enroll(trust, &seed.site, &node));
+    } else {
+        result = result.and_then(|()| credential.import_anchor(boot_dir, seed).map(|_| ()));
     }
     if let Err(err) = result {
         warn!(%err, "cannot prepare the node's credential");

@@ -107,10 +107,11 @@ class Site:
         self.container = Container()
         self.container.write("/boot/firmware/pimesh.toml", self.seed())
         self.container.write("/etc/pimesh/supervisor.toml", self.supervisor_config())
-        if self.byo_init:
-            for name in ("anchor.pem", "issuer.pem", "issuer.key"):
-                with open(os.path.join(self.keys, name)) as f:
-                    self.container.write(f"/boot/firmware/pimesh-trust/{name}", f.read())
+        # What `pimeshctl image configure --trust` writes: the anchor, and for the init
+        # node its issuer too.
+        for name in ("anchor.pem", "issuer.pem", "issuer.key") if self.byo_init else ("anchor.pem",):
+            with open(os.path.join(self.keys, name)) as f:
+                self.container.write(f"/boot/firmware/pimesh-trust/{name}", f.read())
         self.container.boot()
         self.start_central()
         if self.byo_init:

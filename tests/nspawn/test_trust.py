@@ -129,7 +129,7 @@ def test_a_seed_pinning_another_anchor_is_refused():
         other.close()
 
 
-def test_a_joining_node_runs_no_replica_and_its_key_is_the_proxys():
+def test_a_joining_node_enrolled_by_hand_gives_its_proxy_the_certificate_without_a_restart():
     site = Site()  # role join: the operator signs the node's request (pimeshctl node sign)
     try:
         container = site.boot_node()
@@ -141,5 +141,19 @@ def test_a_joining_node_runs_no_replica_and_its_key_is_the_proxys():
         node_key = os.path.join(container.root, "var/lib/pimesh/identity/node.key")
         assert os.stat(node_key).st_uid == proxy_uid
         assert mode(container, "/var/lib/pimesh/identity/node.key") == 0o600
+        with open(os.path.join(site.keys, "anchor.pem")) as f, \
+                open(os.path.join(container.root, "var/lib/pimesh/identity/anchor.pem")) as g:
+            assert f.read() == g.read(), "the card's anchor, checked against the join token"
+
+        def proxy_identity():
+            code, body = container.http_get("http://127.0.0.1:4191/config")
+            return json.loads(body).get("identity") if code == 200 else None
+
+        identity = container.wait_for("the proxy's node identity", proxy_identity)
+        assert identity["node"] == site.node and identity["source"] == "node-credential"
+        pid = container.main_pid("pimesh-proxy.service")
+        started = int(container.run(["stat", "-c", "%Y", f"/proc/{pid}"]).stdout)
+        signed = os.stat(os.path.join(container.root, "var/lib/pimesh/identity/node.pem")).st_mtime
+        assert started <= signed, "the proxy running since before the certificate took it up"
     finally:
         site.close()
