@@ -29,8 +29,9 @@
 //! issuer are loaded; until then `/ready` answers 503 with the reason and loading is
 //! retried every [`TICK`]. SIGHUP, and a change of an input file (polled every [`POLL`]),
 //! reloads both inputs, each part keeping its previous version when the new one fails
-//! (`state`). Heartbeats are soft state: nothing is written to disk. SIGTERM stops accepting and exits; a request
-//! cut short is simply retried by the proxy (issuing is idempotent).
+//! (`state`). Heartbeats are soft state: nothing is written to disk. SIGTERM stops
+//! accepting and exits; a request cut short is simply retried by the proxy (issuing is
+//! idempotent).
 
 mod api;
 mod cli;
