@@ -5,12 +5,16 @@
 //! Nothing is persisted: a restarted replica knows every live node again after one
 //! heartbeat interval, which is what makes replicas interchangeable.
 //!
+//! A proxy on the replica's own node calls it over loopback, which no other node could
+//! dial: once the replica has seen its own address on a connection from another node
+//! ([`Heartbeats::learn_own_ip`]), such a heartbeat is recorded at that address instead.
+//!
 //! Invariant: [`Heartbeats::live`] lists exactly the nodes whose last heartbeat is younger
 //! than the TTL as of the last [`Heartbeats::expire`] or [`Heartbeats::beat`]; a refresh
 //! that keeps a node's address does not count as a change.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -22,6 +26,8 @@ use tracing::info;
 pub struct Heartbeats {
     ttl: Duration,
     nodes: Mutex<HashMap<DnsLabel, Beat>>,
+    /// This node's address as other nodes dial it, once one has.
+    own_ip: Mutex<Option<IpAddr>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -35,12 +41,30 @@ impl Heartbeats {
         Heartbeats {
             ttl,
             nodes: Mutex::new(HashMap::new()),
+            own_ip: Mutex::new(None),
+        }
+    }
+
+    /// Notes the local address of a connection from `peer`: when neither is loopback,
+    /// `local` is how other nodes reach this one.
+    pub fn learn_own_ip(&self, local: SocketAddr, peer: SocketAddr) {
+        let usable = |ip: IpAddr| !ip.is_loopback() && !ip.is_unspecified();
+        if usable(local.ip()) && usable(peer.ip()) {
+            let mut own = self.own_ip.lock().unwrap_or_else(PoisonError::into_inner);
+            if *own != Some(local.ip()) {
+                info!(ip = %local.ip(), "this node's address, as other nodes dial it");
+                *own = Some(local.ip());
+            }
         }
     }
 
     /// Records a heartbeat of `node` at `addr`; `true` when the set of live nodes or an
     /// address changed (a node appeared or moved), `false` for a plain refresh.
     pub fn beat(&self, node: &DnsLabel, addr: SocketAddr, now: Instant) -> bool {
+        let addr = match *self.own_ip.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(own) if addr.ip().is_loopback() => SocketAddr::new(own, addr.port()),
+            _ => addr,
+        };
         let expires = now + self.ttl;
         let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         let previous = nodes.insert(node.clone(), Beat { addr, expires });
@@ -107,5 +131,48 @@ mod tests {
         assert!(beats.live().is_empty());
         // Back after expiry: a change again.
         assert!(beats.beat(&label("pi-a"), b, start + Duration::from_secs(52)));
+    }
+}
+
+#[cfg(test)]
+mod own_address_tests {
+    use super::*;
+
+    #[test]
+    fn a_local_proxy_is_published_at_the_address_other_nodes_dial() {
+        let beats = Heartbeats::new(Duration::from_secs(30));
+        let now = Instant::now();
+        let node = DnsLabel::try_from("pi-a".to_owned()).expect("label");
+        let loopback: SocketAddr = "127.0.0.1:4143".parse().expect("addr");
+        assert!(beats.beat(&node, loopback, now));
+        assert_eq!(
+            beats.live()["pi-a"],
+            "127.0.0.1:4143",
+            "all on one host: kept"
+        );
+
+        // Loopback connections teach nothing; one from another node does.
+        beats.learn_own_ip(
+            "127.0.0.1:8086".parse().expect("addr"),
+            "127.0.0.1:50000".parse().expect("addr"),
+        );
+        assert!(!beats.beat(&node, loopback, now));
+        beats.learn_own_ip(
+            "192.168.1.10:8086".parse().expect("addr"),
+            "192.168.1.20:50000".parse().expect("addr"),
+        );
+        assert!(
+            beats.beat(&node, loopback, now),
+            "the node moved to its LAN address"
+        );
+        assert_eq!(beats.live()["pi-a"], "192.168.1.10:4143");
+        let remote: SocketAddr = "192.168.1.20:4143".parse().expect("addr");
+        let other = DnsLabel::try_from("pi-b".to_owned()).expect("label");
+        assert!(beats.beat(&other, remote, now));
+        assert_eq!(
+            beats.live()["pi-b"],
+            "192.168.1.20:4143",
+            "others keep their own"
+        );
     }
 }

@@ -73,6 +73,9 @@ async fn connection(
 }
 
 async fn tls(tcp: TcpStream, peer: SocketAddr, state: Arc<State>, discovery: Arc<Discovery>) {
+    if let Ok(local) = tcp.local_addr() {
+        discovery.heartbeats.learn_own_ip(local, peer);
+    }
     // The snapshot current now decides the handshake: its serving certificate and anchors.
     let Some(config) = state
         .snapshot()
