@@ -110,7 +110,6 @@ pub struct Identity {
     /// SHA-256 (hex) of the anchor of `anchors` the leaf chains to (the first, when several).
     pub anchor_sha256: String,
     chain: Arc<[CertificateDer<'static>]>,
-    key: Arc<PrivateKeyDer<'static>>,
     anchors: Arc<[CertificateDer<'static>]>,
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
@@ -193,11 +192,6 @@ impl Identity {
     /// The chain presented (leaf first, then the issuer).
     pub fn chain(&self) -> &[CertificateDer<'static>] {
         &self.chain
-    }
-
-    /// The leaf's private key.
-    pub fn key(&self) -> &PrivateKeyDer<'static> {
-        &self.key
     }
 
     /// [`Identity::from_pem`] checking validity at `now` instead of the current time:
@@ -328,7 +322,6 @@ impl Identity {
             issuer_sha256,
             anchor_sha256,
             chain: chain.into(),
-            key: Arc::new(key),
             anchors,
             server: Arc::new(server),
             client: Arc::new(client),

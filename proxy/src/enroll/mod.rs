@@ -257,7 +257,7 @@ impl Enroller {
             _ => BTreeSet::from([SpiffeId::node(&site, &node)]),
         };
         ids.retain(|id| match &id.workload {
-            Workload::Service(name) => name.as_str() != client::CONTROL_SERVICE,
+            Workload::Service(name) => name.as_str() != crate::tls::CONTROL_SERVICE,
             Workload::Node(_) => true,
         });
         Some(ids)
