@@ -30,6 +30,10 @@ pub struct SupervisorConfig {
     pub heal: HealSettings,
     pub ota: OtaSettings,
     pub units: Vec<ManagedUnit>,
+    /// Whether the number of control replicas follows the site configuration's
+    /// `[control] replicas`: true exactly when the file lists no `[[unit]]` (the default
+    /// set); a file that lists units fixes the set it lists.
+    pub replicas_follow_site: bool,
 }
 
 /// How the supervisor takes configuration revisions over the air.
@@ -223,6 +227,7 @@ impl Default for SupervisorConfig {
             heal: HealSettings::default(),
             ota: OtaSettings::default(),
             units: default_units(),
+            replicas_follow_site: true,
         }
     }
 }
@@ -235,19 +240,23 @@ fn managed(name: &str, ready_url: &str) -> ManagedUnit {
     }
 }
 
-/// The proxy and [`DEFAULT_CONTROL_REPLICAS`] control replicas (replica N on 8085+N).
+/// The proxy and [`DEFAULT_CONTROL_REPLICAS`] control replicas.
 pub fn default_units() -> Vec<ManagedUnit> {
     let mut units = vec![managed(
         "pimesh-proxy.service",
         "http://127.0.0.1:4191/ready",
     )];
-    units.extend((1..=DEFAULT_CONTROL_REPLICAS).map(|replica| {
-        managed(
-            &format!("pimesh-control@{replica}.service"),
-            &format!("http://127.0.0.1:{}/ready", 8085 + replica),
-        )
-    }));
+    units.extend((1..=DEFAULT_CONTROL_REPLICAS).map(control_replica));
     units
+}
+
+/// Control replica `replica` (`pimesh-control@<replica>.service`), ready on its port
+/// 8085 + `replica`.
+pub fn control_replica(replica: u16) -> ManagedUnit {
+    managed(
+        &format!("pimesh-control@{replica}.service"),
+        &format!("http://127.0.0.1:{}/ready", 8085 + replica),
+    )
 }
 
 #[derive(Deserialize)]
@@ -393,6 +402,7 @@ impl SupervisorConfig {
                 "expected a positive number of bytes, found 0".into(),
             ));
         }
+        let replicas_follow_site = raw.unit.is_none();
         let units = raw.unit.unwrap_or_else(default_units);
         let mut seen = std::collections::BTreeSet::new();
         for (index, unit) in units.iter().enumerate() {
@@ -420,6 +430,7 @@ impl SupervisorConfig {
                 proxy_config_url: o.proxy_config_url,
             },
             units,
+            replicas_follow_site,
         })
     }
 }

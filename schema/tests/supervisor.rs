@@ -86,6 +86,23 @@ name = "pimesh-control@1.service"
     assert!(config.units[1].ready_url.is_none());
     assert_eq!(config.heal.escalate_after, 3);
     assert!(config.heal.allow_reboot);
+    assert!(
+        !config.replicas_follow_site,
+        "a listed set is kept as listed"
+    );
+}
+
+#[test]
+fn without_listed_units_the_replica_count_follows_the_site() {
+    assert!(SupervisorConfig::default().replicas_follow_site);
+    let config = parse("[heal]\nescalate_after = 2\n").expect("valid");
+    assert!(config.replicas_follow_site);
+    let replica = pimesh_schema::supervisor::control_replica(5);
+    assert_eq!(replica.name.as_str(), "pimesh-control@5.service");
+    assert_eq!(
+        replica.ready_url.map(|url| url.to_string()).as_deref(),
+        Some("http://127.0.0.1:8090/ready")
+    );
 }
 
 #[test]

@@ -9,9 +9,12 @@
 //! The proxy learns its replicas from `/run/pimesh/proxy.env` (`PIMESH_PROXY_ARGS`, read
 //! by `pimesh-proxy.service` at its start), and the replicas the seed's site from
 //! `/run/pimesh/control.env` (`PIMESH_CONTROL_ARGS`: they serve node identities before
-//! any site config arrives), both written before any unit is started. Invariant: the
-//! proxy's file names exactly the replicas this node runs; with none it says so by an
-//! empty value, and the proxy keeps to its file configuration.
+//! any site config arrives), both written before any unit is started and again whenever
+//! the managed set changes (`crate::managed_units`). Invariant: the proxy's file names
+//! exactly the replicas this node runs, or on a node without the issuer those the seed's
+//! servers run; with none it says so by an empty value, and the proxy keeps to its file
+//! configuration. A running proxy keeps the list it started with: a replica that leaves it
+//! is failed over, one that joins it is asked from the proxy's next start.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -47,6 +50,11 @@ fn replica_number(unit: &ManagedUnit) -> Option<u16> {
         .ok()
 }
 
+/// Whether `unit` is a control replica (`pimesh-control@N.service`).
+pub fn is_replica(unit: &ManagedUnit) -> bool {
+    unit.name.as_str().starts_with(CONTROL_TEMPLATE)
+}
+
 /// Leaves the control replicas out of `units` unless the node holds the issuer, and
 /// returns which replicas run and where the proxy finds them: this node's replicas on
 /// 127.0.0.1, else the same replica ports on each of the seed's `servers` given as an IP
@@ -56,7 +64,6 @@ pub fn place(
     holds_issuer: bool,
     servers: &[String],
 ) -> ControlReport {
-    let is_replica = |unit: &ManagedUnit| unit.name.as_str().starts_with(CONTROL_TEMPLATE);
     let ports: Vec<u16> = units
         .iter()
         .filter(|unit| is_replica(unit))
@@ -138,8 +145,7 @@ pub fn write_unit_env(run_dir: &Path, site: Option<&DnsLabel>, report: &mut Cont
         ),
     ];
     for (name, variable, what, args) in files {
-        let text =
-            format!("# Written by pimesh-supervisor at its start: {what}.\n{variable}={args}\n");
+        let text = format!("# Written by pimesh-supervisor: {what}.\n{variable}={args}\n");
         let path = run_dir.join(name);
         if let Err(err) = pimesh_daemon::atomic_file::replace(&path, text.as_bytes(), 0o644) {
             warn!(path = %path.display(), %err, "cannot write a unit's environment: {what}");

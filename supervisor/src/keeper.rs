@@ -3,6 +3,10 @@
 //! to the heal policy (`crate::heal`), carries out its decisions through systemd, and
 //! publishes everything in the node status.
 //!
+//! The set of units comes from `crate::managed_units` and may change while the keeper
+//! runs: a unit that joins the set is started like any unit that is down, one that leaves
+//! it is stopped (`StopUnit`) and forgotten.
+//!
 //! Invariants: the keeper never starts a process itself, only asks systemd; it beats its
 //! [`Heartbeat`] at least every [`MAX_TURN`], so the supervisor's watchdog is fed exactly
 //! while this loop turns; when the bus goes away it reconnects with backoff, keeping what
@@ -14,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use pimesh_daemon::notify::Heartbeat;
-use pimesh_schema::{HealSettings, ManagedUnit, SupervisorConfig};
-use tokio::sync::mpsc;
+use pimesh_schema::{HealSettings, ManagedUnit};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 use zbus::zvariant::OwnedObjectPath;
@@ -55,8 +59,17 @@ struct ProbeAnswer {
     result: Result<(), String>,
 }
 
+/// Why a session over one connection ended.
+enum SessionEnd {
+    /// The connection is unusable, for this reason.
+    Lost(String),
+    /// The managed set changed: take it, then go on over the same connection.
+    SetChanged,
+}
+
 pub struct Keeper {
     settings: HealSettings,
+    desired: watch::Receiver<Vec<ManagedUnit>>,
     units: Vec<Managed>,
     status: StatusHandle,
     heartbeat: Arc<Heartbeat>,
@@ -64,21 +77,21 @@ pub struct Keeper {
 }
 
 impl Keeper {
-    pub fn new(config: SupervisorConfig, status: StatusHandle, heartbeat: Arc<Heartbeat>) -> Self {
-        let units = config
-            .units
-            .into_iter()
-            .map(|unit| Managed {
-                healer: UnitHealer::new(&unit),
-                config: unit,
-                path: None,
-                last_action: None,
-                action_counts: BTreeMap::new(),
-                error: None,
-            })
+    pub fn new(
+        settings: HealSettings,
+        mut desired: watch::Receiver<Vec<ManagedUnit>>,
+        status: StatusHandle,
+        heartbeat: Arc<Heartbeat>,
+    ) -> Self {
+        let units = desired
+            .borrow_and_update()
+            .iter()
+            .cloned()
+            .map(Managed::new)
             .collect();
         Keeper {
-            settings: config.heal,
+            settings,
+            desired,
             units,
             status,
             heartbeat,
@@ -89,13 +102,6 @@ impl Keeper {
     /// Runs for ever: connects, keeps the units, reconnects when the bus goes away.
     pub async fn run(mut self) {
         self.publish();
-        if self.units.is_empty() {
-            info!("no units to manage");
-            loop {
-                self.heartbeat.beat();
-                tokio::time::sleep(MAX_TURN).await;
-            }
-        }
         let mut failures = 0u32;
         loop {
             self.heartbeat.beat();
@@ -108,7 +114,7 @@ impl Keeper {
                         "connected to systemd over D-Bus"
                     );
                     self.set_bus(true, None);
-                    let why = self.session(&bus).await;
+                    let why = self.keep_over(&bus).await;
                     warn!(reason = %why, "lost the connection to systemd ({why}); reconnecting");
                     why
                 }
@@ -141,8 +147,65 @@ impl Keeper {
         }
     }
 
-    /// Keeps the units over one connection; returns why the connection ended.
-    async fn session(&mut self, bus: &Systemd) -> String {
+    /// Keeps the units over one connection, taking each new managed set as it comes;
+    /// returns why the connection ended.
+    async fn keep_over(&mut self, bus: &Systemd) -> String {
+        loop {
+            if self.desired.has_changed().unwrap_or(false) {
+                if let Err(why) = self.take_new_set(bus).await {
+                    return why;
+                }
+            }
+            match self.session(bus).await {
+                SessionEnd::Lost(why) => return why,
+                SessionEnd::SetChanged => {}
+            }
+        }
+    }
+
+    /// Makes the managed units the desired set: stops (through systemd) and forgets the
+    /// units that left it, adds those that joined it; what the policy learnt about the
+    /// units that stay is kept.
+    async fn take_new_set(&mut self, bus: &Systemd) -> Result<(), String> {
+        let desired = self.desired.borrow_and_update().clone();
+        let mut old: Vec<Managed> = std::mem::take(&mut self.units);
+        for unit in old
+            .iter()
+            .filter(|unit| !desired.iter().any(|d| d.name == unit.config.name))
+        {
+            self.heartbeat.beat();
+            let name = unit.config.name.as_str();
+            info!(unit = %name, "stopping {name}: it left the managed set");
+            if let Err(err) = bus.manager().stop_unit(name, "replace").await {
+                if is_connection_error(&err) {
+                    self.units = old;
+                    return Err(format!("D-Bus call failed: {err}"));
+                }
+                warn!(unit = %name, %err, "systemd refused to stop {name}: {err}");
+            }
+        }
+        self.units = desired
+            .into_iter()
+            .map(
+                |config| match old.iter().position(|unit| unit.config.name == config.name) {
+                    Some(index) => {
+                        let mut kept = old.swap_remove(index);
+                        kept.config = config;
+                        kept
+                    }
+                    None => {
+                        info!(unit = %config.name, "{} joined the managed set", config.name);
+                        Managed::new(config)
+                    }
+                },
+            )
+            .collect();
+        self.publish();
+        Ok(())
+    }
+
+    /// Keeps the current units over one connection, until it is lost or the set changes.
+    async fn session(&mut self, bus: &Systemd) -> SessionEnd {
         let mut watched = Vec::new();
         for (index, unit) in self.units.iter_mut().enumerate() {
             // Each call may take up to CALL_TIMEOUT: beat between them.
@@ -153,29 +216,35 @@ impl Keeper {
                     unit.path = Some(path);
                 }
                 Err(err) => {
-                    return format!("LoadUnit({}) failed: {err}", unit.config.name);
+                    return SessionEnd::Lost(format!(
+                        "LoadUnit({}) failed: {err}",
+                        unit.config.name
+                    ));
                 }
             }
         }
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let mut watchers = JoinSet::new();
         if let Err(err) = bus.watch(&watched, &events_tx, &mut watchers).await {
-            return format!("cannot subscribe to unit signals: {err}");
+            return SessionEnd::Lost(format!("cannot subscribe to unit signals: {err}"));
         }
         // Read everything once after subscribing, so no change falls in between.
         for index in 0..self.units.len() {
             self.heartbeat.beat();
             if let Err(why) = self.refresh(bus, index).await {
-                return why;
+                return SessionEnd::Lost(why);
             }
         }
         let (probes_tx, mut probes) = mpsc::unbounded_channel::<ProbeAnswer>();
         let mut probe_tick = tokio::time::interval(self.settings.probe_interval);
+        // A clone, so that waiting for a change does not borrow `self`; it has seen what
+        // `self.desired` has seen.
+        let mut desired = self.desired.clone();
         probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.heartbeat.beat();
             if let Err(why) = self.heal_all(bus).await {
-                return why;
+                return SessionEnd::Lost(why);
             }
             self.publish();
             let now = Instant::now();
@@ -189,7 +258,7 @@ impl Keeper {
             tokio::select! {
                 event = events.recv() => {
                     let Some(event) = event else {
-                        return "the signal watchers stopped".to_owned();
+                        return SessionEnd::Lost("the signal watchers stopped".to_owned());
                     };
                     let mut dirty = BTreeSet::new();
                     let mut next = Some(event);
@@ -205,18 +274,19 @@ impl Keeper {
                                     dirty.insert(index);
                                 }
                             }
-                            BusEvent::Lost(why) => return why.to_owned(),
+                            BusEvent::Lost(why) => return SessionEnd::Lost(why.to_owned()),
                         }
                         next = events.try_recv().ok();
                     }
                     for index in dirty {
                         self.heartbeat.beat();
                         if let Err(why) = self.refresh(bus, index).await {
-                            return why;
+                            return SessionEnd::Lost(why);
                         }
                     }
                 }
                 Some(answer) = probes.recv() => self.observe_probe(answer),
+                Ok(()) = desired.changed() => return SessionEnd::SetChanged,
                 _ = probe_tick.tick() => self.spawn_probes(&probes_tx),
                 () = tokio::time::sleep_until(wake.into()) => {}
             }
@@ -424,6 +494,17 @@ impl Keeper {
 }
 
 impl Managed {
+    fn new(config: ManagedUnit) -> Managed {
+        Managed {
+            healer: UnitHealer::new(&config),
+            config,
+            path: None,
+            last_action: None,
+            action_counts: BTreeMap::new(),
+            error: None,
+        }
+    }
+
     fn report(&self) -> UnitReport {
         let state = self.healer.state.as_ref();
         UnitReport {

@@ -10,6 +10,7 @@ mod control_plane;
 mod credential;
 mod heal;
 mod keeper;
+mod managed_units;
 mod node;
 mod node_setup;
 mod ota;
@@ -76,7 +77,7 @@ async fn run(options: Options) -> Result<(), String> {
         .unwrap_or(std::path::Path::new("/boot/firmware"));
     let trust_files = trust::TrustFiles::new(&options.paths.state_dir);
     let trust = trust_files.provision(seed.seed(), boot_dir);
-    let (mut supervisor_config, config_report) = load_supervisor_config(&options);
+    let (supervisor_config, config_report) = load_supervisor_config(&options);
     let holds_issuer = trust_files.dir.join("issuer.key").exists();
     prepare_node_credential(
         &options,
@@ -95,9 +96,6 @@ async fn run(options: Options) -> Result<(), String> {
                 .collect()
         })
         .unwrap_or_default();
-    let mut control = control_plane::place(&mut supervisor_config.units, holds_issuer, &servers);
-    let site = seed.seed().map(|seed| &seed.site);
-    control_plane::write_unit_env(&options.paths.run_dir, site, &mut control);
     let mut status_line = seed.one_line_summary(&facts.node_name);
     if let Some(err) = &config_report.error {
         status_line.push_str(&format!(
@@ -106,10 +104,21 @@ async fn run(options: Options) -> Result<(), String> {
     }
     let status = StatusHandle::new(NodeStatus::new(&facts, &seed, tasks, config_report));
     let trust_present = trust.present;
-    status.update(|status| {
-        status.trust = trust;
-        status.control = control;
-    });
+    status.update(|status| status.trust = trust);
+    let units = {
+        let status = status.clone();
+        Arc::new(managed_units::ManagedUnits::new(
+            &supervisor_config,
+            managed_units::Placement {
+                holds_issuer,
+                servers,
+                site: seed.seed().map(|seed| seed.site.clone()),
+                run_dir: options.paths.run_dir.clone(),
+            },
+            active_site_config(&options).as_ref(),
+            Box::new(move |report| status.update(|status| status.control = report)),
+        ))
+    };
 
     let listener = tokio::net::TcpListener::bind(options.status_addr)
         .await
@@ -122,12 +131,17 @@ async fn run(options: Options) -> Result<(), String> {
     info!(addr = %options.status_addr, "status API listening");
     let server = tokio::spawn(status_api::serve(listener, Arc::clone(&status.0)));
 
-    let ota = ota_context(&options, &facts, &seed, &supervisor_config, &status)
-        .map(|context| tokio::spawn(ota::run(context)));
     let heartbeat = Heartbeat::new();
     heartbeat.beat();
-    let keeper =
-        tokio::spawn(Keeper::new(supervisor_config, status.clone(), Arc::clone(&heartbeat)).run());
+    let keeper = Keeper::new(
+        supervisor_config.heal.clone(),
+        units.subscribe(),
+        status.clone(),
+        Arc::clone(&heartbeat),
+    );
+    let keeper = tokio::spawn(keeper.run());
+    let ota = ota_context(&options, &facts, &seed, &supervisor_config, &units, &status)
+        .map(|context| tokio::spawn(ota::run(context)));
     let trust_check = trust_present
         .then(|| seed.seed().map(|seed| seed.site.clone()))
         .flatten()
@@ -260,6 +274,7 @@ fn ota_context(
     facts: &node::NodeFacts,
     seed: &seed_state::SeedState,
     config: &SupervisorConfig,
+    units: &Arc<managed_units::ManagedUnits>,
     status: &StatusHandle,
 ) -> Option<ota::OtaContext> {
     let seed = seed.seed()?;
@@ -273,7 +288,7 @@ fn ota_context(
     };
     Some(ota::OtaContext {
         settings: config.ota.clone(),
-        units: config.units.clone(),
+        units: Arc::clone(units),
         site: seed.site.clone(),
         node,
         central,
@@ -283,6 +298,17 @@ fn ota_context(
         active_config: options.paths.etc_dir.join("cluster.toml"),
         status: status.clone(),
     })
+}
+
+/// The site configuration the node runs (`cluster.toml`), when there is a usable one.
+fn active_site_config(options: &Options) -> Option<pimesh_schema::cluster::ClusterConfig> {
+    let file = options.paths.etc_dir.join("cluster.toml");
+    if !file.exists() {
+        return None;
+    }
+    pimesh_schema::cluster::ClusterConfig::load(&file)
+        .map_err(|err| warn!(%err, "the active site configuration is not usable; the default units meanwhile"))
+        .ok()
 }
 
 /// The supervisor's configuration: the file, the defaults when it is missing, and the

@@ -80,6 +80,37 @@ def test_only_the_units_that_read_a_change_are_touched(site):
     site.container.wait_for("replica 1 serving the new services", replica_loaded_both, timeout=15)
 
 
+def test_the_replica_count_follows_the_site_configuration(site):
+    proxy_pid = site.container.main_pid(PROXY)
+    kept_pids = [site.container.main_pid(unit) for unit in CONTROLS[:2]]
+
+    two = cluster_config(site.name, max_connections=2000, services=("web", "api"), replicas=2)
+    site.wait_committed(site.publish(two))
+    site.container.wait_for(
+        "replica 3 stopped",
+        lambda: site.container.show(CONTROLS[2], "ActiveState")["ActiveState"] == "inactive",
+        timeout=15)
+    status = site.container.status()
+    assert [unit["name"] for unit in status["units"]] == [PROXY, *CONTROLS[:2]]
+    assert status["control"]["replicas"] == CONTROLS[:2]
+    env = site.container.run(["cat", "/run/pimesh/proxy.env"]).stdout
+    assert "PIMESH_PROXY_ARGS=--control 127.0.0.1:8086,127.0.0.1:8087\n" in env, env
+    assert site.container.main_pid(PROXY) == proxy_pid, "the proxy keeps running"
+    assert [site.container.main_pid(u) for u in CONTROLS[:2]] == kept_pids, \
+        "the replicas that stay keep running"
+
+    three = cluster_config(site.name, max_connections=2000, services=("web", "api"))
+    site.wait_committed(site.publish(three))
+    # Committed: the health gate saw every unit of the new set active and ready.
+    assert site.container.show(CONTROLS[2], "ActiveState")["ActiveState"] == "active"
+    status = site.container.status()
+    assert [unit["name"] for unit in status["units"]] == [PROXY, *CONTROLS]
+    assert status["control"]["replicas"] == CONTROLS
+    code, _ = site.container.http_get("http://127.0.0.1:8088/ready")
+    assert code == 200, "replica 3 serves again"
+    assert site.container.main_pid(PROXY) == proxy_pid
+
+
 def test_a_revision_the_proxy_refuses_is_rolled_back(site):
     good = site.active_config()
     committed = site.ota_status()["committed"]

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime};
 
 use pimesh_bundle::{Mode, Rejection, Verified, Verifier};
 use pimesh_schema::cluster::ClusterConfig;
-use pimesh_schema::{Central, DnsLabel, ManagedUnit, OtaSettings};
+use pimesh_schema::{Central, DnsLabel, OtaSettings};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -77,7 +77,8 @@ pub struct OtaReport {
 /// Everything the OTA client needs from the rest of the supervisor.
 pub struct OtaContext {
     pub settings: OtaSettings,
-    pub units: Vec<ManagedUnit>,
+    /// The units the node keeps; they follow the active site configuration.
+    pub units: Arc<crate::managed_units::ManagedUnits>,
     pub site: DnsLabel,
     pub node: DnsLabel,
     pub central: Central,
@@ -490,10 +491,13 @@ impl Ota {
         self.report.active_sha256 = target.map(|text| sha256_hex(text.as_bytes()));
         self.publish();
         let parse = |text: &str| ClusterConfig::parse(self.revisions.active_path(), text).ok();
+        let target_config = target.and_then(parse);
+        self.context.units.follow(target_config.as_ref());
+        let units = self.context.units.current();
         let plan = rollout::plan(
-            &self.context.units,
+            &units,
             from.and_then(parse).as_ref(),
-            target.and_then(parse).as_ref(),
+            target_config.as_ref(),
         );
         self.connect_bus().await?;
         let Some(bus) = self.bus.as_ref() else {
@@ -501,7 +505,7 @@ impl Ota {
         };
         rollout::touch(bus, &plan, deadline).await?;
         let gate = Gate {
-            units: &self.context.units,
+            units: &units,
             proxy_config_url: &self.context.settings.proxy_config_url,
             expected_sha256: target.map(|text| sha256_hex(text.as_bytes())),
             settle: self.context.settings.settle,

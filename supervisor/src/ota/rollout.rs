@@ -4,8 +4,10 @@
 //! replicas read `site`, `control` and `services`. Each reloads in place (`ReloadUnit`,
 //! SIGHUP) when what it reads changed, keeping its open connections (the replicas' open
 //! discovery streams carry the new configuration to every proxy). A unit that is not
-//! running is restarted instead, and must be ready before the next one is touched.
-//! Nothing else is touched.
+//! running is restarted instead, and must be ready before the next one is touched:
+//! so a replica that joins the managed set with a new `[control] replicas` (see
+//! `crate::managed_units`) is started and ready before the health gate. Nothing else is
+//! touched.
 
 use std::time::Duration;
 

@@ -1,0 +1,220 @@
+//! The set of units the supervisor keeps running, and how it follows the site
+//! configuration.
+//!
+//! With the default set (`supervisor.toml` lists no `[[unit]]`) a server node runs control
+//! replicas `1..=N`, N being the active site configuration's `[control] replicas` (the
+//! default set's three while there is none); a set the file lists stays as listed. Which
+//! replicas may run at all, and where the proxy finds them, is `control_plane`'s call.
+//!
+//! Invariants: the published set, the node status's `control` report and the units'
+//! environment files always describe the same replicas; the set changes only through
+//! [`ManagedUnits::follow`], which the OTA client calls whenever it makes a site
+//! configuration active; the keeper starts what joins the set and stops what leaves it.
+
+use std::path::PathBuf;
+
+use pimesh_schema::cluster::ClusterConfig;
+use pimesh_schema::{DnsLabel, ManagedUnit, SupervisorConfig};
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::control_plane::{self, ControlReport};
+
+/// Where each new [`ControlReport`] goes (the node status).
+pub type ReportSink = Box<dyn Fn(ControlReport) + Send + Sync>;
+
+/// What decides where this node's replicas run, fixed for the supervisor's life.
+pub struct Placement {
+    /// Whether this node holds the site issuer (a server node).
+    pub holds_issuer: bool,
+    /// The seed's `servers`, whose replicas a node without the issuer asks.
+    pub servers: Vec<String>,
+    /// The seed's site, passed to the replicas.
+    pub site: Option<DnsLabel>,
+    /// Where the units' environment files go (`/run/pimesh`).
+    pub run_dir: PathBuf,
+}
+
+pub struct ManagedUnits {
+    configured: Vec<ManagedUnit>,
+    replicas_follow_site: bool,
+    placement: Placement,
+    report: ReportSink,
+    set: watch::Sender<Vec<ManagedUnit>>,
+}
+
+impl ManagedUnits {
+    /// The set for the site configuration `active` (the node's `cluster.toml`, if any),
+    /// with its environment files written and its report given to `report`.
+    pub fn new(
+        config: &SupervisorConfig,
+        placement: Placement,
+        active: Option<&ClusterConfig>,
+        report: ReportSink,
+    ) -> ManagedUnits {
+        let (set, _) = watch::channel(Vec::new());
+        let units = ManagedUnits {
+            configured: config.units.clone(),
+            replicas_follow_site: config.replicas_follow_site,
+            placement,
+            report,
+            set,
+        };
+        let first = units.place(active);
+        units.set.send_replace(first);
+        units
+    }
+
+    /// The set as it changes; the receiver has not seen the current value yet.
+    pub fn subscribe(&self) -> watch::Receiver<Vec<ManagedUnit>> {
+        let mut receiver = self.set.subscribe();
+        receiver.mark_changed();
+        receiver
+    }
+
+    /// The set now.
+    pub fn current(&self) -> Vec<ManagedUnit> {
+        self.set.borrow().clone()
+    }
+
+    /// Makes the set the one for the site configuration `site` (`None`: none is active).
+    /// Returns whether it changed.
+    pub fn follow(&self, site: Option<&ClusterConfig>) -> bool {
+        if !self.replicas_follow_site {
+            return false;
+        }
+        let units = self.place(site);
+        let changed = self.set.send_if_modified(|current| {
+            if *current == units {
+                return false;
+            }
+            *current = units;
+            true
+        });
+        if changed {
+            let names: Vec<String> = self
+                .set
+                .borrow()
+                .iter()
+                .map(|u| u.name.to_string())
+                .collect();
+            info!(units = ?names, "the managed set follows the site configuration");
+        }
+        changed
+    }
+
+    /// The units for `site`, placed, with the environment files and the status's control
+    /// report brought in line with them.
+    fn place(&self, site: Option<&ClusterConfig>) -> Vec<ManagedUnit> {
+        let mut units = desired(&self.configured, self.replicas_follow_site, site);
+        let p = &self.placement;
+        let mut report = control_plane::place(&mut units, p.holds_issuer, &p.servers);
+        control_plane::write_unit_env(&p.run_dir, p.site.as_ref(), &mut report);
+        (self.report)(report);
+        units
+    }
+}
+
+/// The configured units, with the control replicas numbered after `site`'s `[control]
+/// replicas` when they follow the site and a site configuration is active.
+fn desired(
+    configured: &[ManagedUnit],
+    replicas_follow_site: bool,
+    site: Option<&ClusterConfig>,
+) -> Vec<ManagedUnit> {
+    let (true, Some(site)) = (replicas_follow_site, site) else {
+        return configured.to_vec();
+    };
+    configured
+        .iter()
+        .filter(|unit| !control_plane::is_replica(unit))
+        .cloned()
+        .chain(
+            (1..=u16::from(site.control.replicas)).map(pimesh_schema::supervisor::control_replica),
+        )
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn site(replicas: u8) -> ClusterConfig {
+        let text = format!("site = \"lab\"\n[control]\nreplicas = {replicas}\n");
+        ClusterConfig::parse(Path::new("cluster.toml"), &text).expect("valid")
+    }
+
+    fn names(units: &[ManagedUnit]) -> Vec<&str> {
+        units.iter().map(|unit| unit.name.as_str()).collect()
+    }
+
+    #[test]
+    fn the_default_set_runs_as_many_replicas_as_the_site_asks() {
+        let config = SupervisorConfig::default();
+        let one = desired(&config.units, true, Some(&site(1)));
+        assert_eq!(
+            names(&one),
+            ["pimesh-proxy.service", "pimesh-control@1.service"]
+        );
+        let five = desired(&config.units, true, Some(&site(5)));
+        assert_eq!(five.len(), 6);
+        assert_eq!(five[5].name.as_str(), "pimesh-control@5.service");
+        assert_eq!(
+            desired(&config.units, true, None),
+            config.units,
+            "no site configuration: the default three"
+        );
+    }
+
+    #[test]
+    fn a_listed_set_stays_as_listed() {
+        let config = SupervisorConfig::default();
+        assert_eq!(desired(&config.units, false, Some(&site(1))), config.units);
+    }
+
+    #[test]
+    fn following_the_site_rewrites_what_the_proxy_is_told() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reported = std::sync::Arc::new(std::sync::Mutex::new(ControlReport::default()));
+        let sink = std::sync::Arc::clone(&reported);
+        let units = ManagedUnits::new(
+            &SupervisorConfig::default(),
+            Placement {
+                holds_issuer: true,
+                servers: Vec::new(),
+                site: None,
+                run_dir: dir.path().to_owned(),
+            },
+            Some(&site(2)),
+            Box::new(move |report| {
+                if let Ok(mut reported) = sink.lock() {
+                    *reported = report;
+                }
+            }),
+        );
+        let mut set = units.subscribe();
+        assert!(
+            set.has_changed().unwrap_or(false),
+            "a new subscriber sees the set"
+        );
+        assert_eq!(names(&set.borrow_and_update()).len(), 3);
+        let env = || std::fs::read_to_string(dir.path().join("proxy.env")).expect("written");
+        assert!(env().contains("--control 127.0.0.1:8086,127.0.0.1:8087\n"));
+
+        assert!(units.follow(Some(&site(3))));
+        assert!(set.has_changed().unwrap_or(false));
+        assert_eq!(set.borrow_and_update().len(), 4);
+        assert!(env().contains("--control 127.0.0.1:8086,127.0.0.1:8087,127.0.0.1:8088\n"));
+        let replicas = reported
+            .lock()
+            .map(|r| r.replicas.len())
+            .unwrap_or_default();
+        assert_eq!(replicas, 3, "the status reports the new replicas");
+        assert!(
+            !units.follow(Some(&site(3))),
+            "the same count changes nothing"
+        );
+    }
+}
