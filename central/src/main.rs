@@ -64,6 +64,8 @@ fn main() -> ExitCode {
 
 async fn run(config: CentralConfig) -> Result<(), String> {
     raise_open_file_limit();
+    // Bursts of connections must not pin their peak memory (see pimesh_daemon::memory).
+    pimesh_daemon::memory::spawn_trimmer(pimesh_daemon::memory::TRIM_EVERY);
     let storage = Arc::new(FileStorage::new(&config.state_dir).map_err(|err| {
         format!(
             "{}: cannot use as state folder: {err}",

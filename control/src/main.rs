@@ -84,6 +84,8 @@ async fn run(options: cli::Options) -> Result<(), String> {
     let mut hangup =
         signal(SignalKind::hangup()).map_err(|err| format!("cannot watch for SIGHUP: {err}"))?;
     let shutdown = pimesh_daemon::shutdown_signal();
+    // Bursts of connections must not pin their peak memory (see pimesh_daemon::memory).
+    pimesh_daemon::memory::spawn_trimmer(pimesh_daemon::memory::TRIM_EVERY);
     tokio::pin!(shutdown);
 
     let replica = options.replica;

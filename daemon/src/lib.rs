@@ -1,10 +1,11 @@
 //! What every Pimesh daemon shares with systemd: structured logs to the journal (stderr off
 //! a node), `Type=notify` readiness, status and watchdog, shutdown on SIGTERM, and the
-//! `/live` and `/ready` health endpoints.
+//! `/live` and `/ready` health endpoints; and giving freed heap back to the kernel.
 
 pub mod atomic_file;
 pub mod health;
 pub mod logging;
+pub mod memory;
 pub mod notify;
 
 /// Resolves on SIGTERM (systemd stopping the unit) or SIGINT (a terminal).

@@ -90,6 +90,8 @@ async fn run(options: cli::Options) -> Result<(), String> {
         signal(SignalKind::hangup()).map_err(|err| format!("cannot watch for SIGHUP: {err}"))?;
     let shutdown = pimesh_daemon::shutdown_signal();
     tokio::pin!(shutdown);
+    // Bursts of connections must not pin their peak memory (see pimesh_daemon::memory).
+    pimesh_daemon::memory::spawn_trimmer(pimesh_daemon::memory::TRIM_EVERY);
 
     let bind = |addr: SocketAddr, what: &str| {
         listeners::bind(addr).map_err(|err| format!("cannot listen on {addr} for {what}: {err}"))
