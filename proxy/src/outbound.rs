@@ -131,7 +131,10 @@ async fn serve_http(
     let service = service_fn(move |request| {
         let context = Arc::clone(&context);
         let fixed = fixed.clone();
-        async move { Ok::<_, Infallible>(handle(context, request, fixed, proto).await) }
+        // Boxed: hyper keeps room for one in-flight future in every HTTP/1 connection for
+        // the connection's life, and a request's future is several KiB. Boxed, an idle
+        // connection holds a pointer, and that state exists only while a request does.
+        Box::pin(async move { Ok::<_, Infallible>(handle(context, request, fixed, proto).await) })
     });
     let result = match proto {
         ClientProto::H1 => {
