@@ -178,7 +178,9 @@ impl Keeper {
             info!(unit = %name, "stopping {name}: it left the managed set");
             if let Err(err) = bus.manager().stop_unit(name, "replace").await {
                 if is_connection_error(&err) {
+                    // Taken again over the next connection.
                     self.units = old;
+                    self.desired.mark_changed();
                     return Err(format!("D-Bus call failed: {err}"));
                 }
                 warn!(unit = %name, %err, "systemd refused to stop {name}: {err}");
