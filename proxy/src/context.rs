@@ -89,6 +89,11 @@ impl Context {
         self.identity.borrow().clone()
     }
 
+    /// Whether there is a node identity, without copying it.
+    pub fn has_identity(&self) -> bool {
+        self.identity.borrow().is_some()
+    }
+
     /// Admits one more client connection unless `proxy.max_connections` are open (then
     /// the refusal is counted and the caller closes the socket).
     pub fn admit(self: &Arc<Self>, direction: Direction) -> Option<Admitted> {

@@ -323,13 +323,13 @@ async fn forward(
     if let Some(aborted) = inject_faults(&backend).await {
         return aborted;
     }
-    let Some(identity) = context.identity() else {
+    if !context.has_identity() {
         context.metrics.rejected(Direction::Outbound, "no_identity");
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "this proxy has no node identity yet, so it cannot reach other nodes",
         );
-    };
+    }
 
     strip_hop_by_hop(&mut parts.headers);
     let authority = authority_of(&parts)
@@ -397,7 +397,7 @@ async fn forward(
         let node = pick.endpoint.node.clone();
         let sender = match context
             .peers
-            .sender(&identity, &node, pick.endpoint.addr)
+            .sender(|| context.identity(), &node, pick.endpoint.addr)
             .await
         {
             Ok(sender) => sender,
@@ -510,7 +510,7 @@ async fn tunnel(
         let connect = async {
             let mut sender = context
                 .peers
-                .sender(&identity, &node, pick.endpoint.addr)
+                .sender(|| Some(identity.clone()), &node, pick.endpoint.addr)
                 .await
                 .map_err(|err| err.0)?;
             let request = Request::builder()

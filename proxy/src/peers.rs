@@ -53,11 +53,12 @@ impl Peers {
         }
     }
 
-    /// A sender on the connection to `node` at `addr`, dialled with `identity` when there
-    /// is none yet (or the last one closed).
+    /// A sender on the connection to `node` at `addr`. When there is none yet (or the last
+    /// one closed) it is dialled with the identity `identity` gives, which is asked only
+    /// then: a pooled request copies no identity.
     pub async fn sender(
         &self,
-        identity: &Identity,
+        identity: impl FnOnce() -> Option<Identity>,
         node: &DnsLabel,
         addr: SocketAddr,
     ) -> Result<SendRequest<Body>, DialError> {
@@ -72,7 +73,12 @@ impl Peers {
             }
         }
         *current = None;
-        let sender = self.dial(identity, node, addr).await?;
+        let identity = identity().ok_or_else(|| {
+            DialError(format!(
+                "no node identity to dial node {node} at {addr} with"
+            ))
+        })?;
+        let sender = self.dial(&identity, node, addr).await?;
         *current = Some(sender.clone());
         Ok(sender)
     }
