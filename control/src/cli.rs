@@ -28,7 +28,7 @@ usage: pimesh-control --replica N [--listen IP:PORT] [--trust-dir PATH] [--confi
 /// Replica numbers are small: the ports 8086.. must stay below other well-known ones.
 pub const MAX_REPLICA: u16 = 64;
 /// Replica N's port is `BASE_PORT + N` (the design's contract).
-pub const BASE_PORT: u16 = 8085;
+pub use pimesh_schema::supervisor::CONTROL_BASE_PORT as BASE_PORT;
 
 /// What the replica was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]

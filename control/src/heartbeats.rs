@@ -132,11 +132,6 @@ mod tests {
         // Back after expiry: a change again.
         assert!(beats.beat(&label("pi-a"), b, start + Duration::from_secs(52)));
     }
-}
-
-#[cfg(test)]
-mod own_address_tests {
-    use super::*;
 
     #[test]
     fn a_local_proxy_is_published_at_the_address_other_nodes_dial() {

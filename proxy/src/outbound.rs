@@ -476,10 +476,10 @@ async fn tunnel(
             .metrics
             .split(apex.name.as_str(), backend.name.as_str());
     }
-    let Some(identity) = context.identity() else {
+    if !context.has_identity() {
         context.metrics.rejected(Direction::Outbound, "no_identity");
         return;
-    };
+    }
     let metrics = &apex.tcp_outbound;
     metrics.open();
     // Nothing has reached the app until the tunnel is up, so a failed attempt goes to
@@ -510,7 +510,7 @@ async fn tunnel(
         let connect = async {
             let mut sender = context
                 .peers
-                .sender(|| Some(identity.clone()), &node, pick.endpoint.addr)
+                .sender(|| context.identity(), &node, pick.endpoint.addr)
                 .await
                 .map_err(|err| err.0)?;
             let request = Request::builder()

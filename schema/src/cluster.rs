@@ -283,6 +283,9 @@ struct RawCluster {
 }
 
 /// Ports a node's own daemons hold, which a service's `local_port` must not take.
+/// The most control replicas a server node runs (`[control] replicas`).
+pub const MAX_REPLICAS: u8 = 9;
+
 const RESERVED_PORTS: &[(u16, &str)] = &[
     (4140, "the proxy's outbound port"),
     (4143, "the proxy's inbound port"),
@@ -297,11 +300,11 @@ impl ClusterConfig {
         let fail = |path: &[&str], message: String| {
             ConfigError::at_key(file, text, locate(text, path), &key_name(path), message)
         };
-        if !(1..=9).contains(&raw.control.replicas) {
+        if !(1..=MAX_REPLICAS).contains(&raw.control.replicas) {
             let found = raw.control.replicas;
             return Err(fail(
                 &["control", "replicas"],
-                format!("expected 1 to 9 replicas, found {found}"),
+                format!("expected 1 to {MAX_REPLICAS} replicas, found {found}"),
             ));
         }
         if ![1, 3, 5].contains(&raw.k3s.servers) {
@@ -326,10 +329,13 @@ impl ClusterConfig {
                 if let Some((_, owner)) = RESERVED_PORTS.iter().find(|(p, _)| *p == port) {
                     return Err(fail(&at, format!("port {port} is {owner}")));
                 }
-                if (8086..=8094).contains(&port) || port == 0 {
+                let replicas = crate::supervisor::CONTROL_BASE_PORT + 1
+                    ..=crate::supervisor::CONTROL_BASE_PORT + u16::from(MAX_REPLICAS);
+                if replicas.contains(&port) || port == 0 {
+                    let (first, last) = (replicas.start(), replicas.end());
                     return Err(fail(
                         &at,
-                        format!("expected a free port (1 to 65535, not 8086 to 8094 of the control replicas), found {port}"),
+                        format!("expected a free port (1 to 65535, not {first} to {last} of the control replicas), found {port}"),
                     ));
                 }
                 if let Some(other) = local_ports.insert(port, name) {

@@ -18,6 +18,10 @@ use crate::{parse_toml, ConfigError};
 /// Where the supervisor looks for its configuration on a node.
 pub const DEFAULT_PATH: &str = "/etc/pimesh/supervisor.toml";
 
+/// Control replica N (`pimesh-control@N.service`) listens on `CONTROL_BASE_PORT + N`: the
+/// design's contract between the replicas, the supervisor and the proxies.
+pub const CONTROL_BASE_PORT: u16 = 8085;
+
 /// How many control replicas a node runs when the file does not say otherwise.
 pub const DEFAULT_CONTROL_REPLICAS: u16 = 3;
 
@@ -251,11 +255,11 @@ pub fn default_units() -> Vec<ManagedUnit> {
 }
 
 /// Control replica `replica` (`pimesh-control@<replica>.service`), ready on its port
-/// 8085 + `replica`.
+/// [`CONTROL_BASE_PORT`] + `replica`.
 pub fn control_replica(replica: u16) -> ManagedUnit {
     managed(
         &format!("pimesh-control@{replica}.service"),
-        &format!("http://127.0.0.1:{}/ready", 8085 + replica),
+        &format!("http://127.0.0.1:{}/ready", CONTROL_BASE_PORT + replica),
     )
 }
 

@@ -19,12 +19,11 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
+use pimesh_schema::supervisor::CONTROL_BASE_PORT;
 use pimesh_schema::{DnsLabel, ManagedUnit};
 use serde::Serialize;
 use tracing::{info, warn};
 
-/// Replica N of `pimesh-control@N.service` listens on `CONTROL_BASE_PORT + N`.
-const CONTROL_BASE_PORT: u16 = 8085;
 const CONTROL_TEMPLATE: &str = "pimesh-control@";
 
 /// What `GET /status` shows about the control plane on this node.
