@@ -34,7 +34,7 @@ use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use pimesh_bundle::{Mode, Revision};
+use pimesh_revision::{Mode, Revision};
 use pimesh_identity::{LeafRequest, SpiffeId, TrustRoot};
 use pimesh_schema::DnsLabel;
 use ring::signature::KeyPair as _;

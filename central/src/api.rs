@@ -23,7 +23,7 @@ use crate::sites::{PublishError, Registry, Site};
 use crate::storage::NodeReport;
 
 /// Largest revision accepted by publish (the nodes apply the same limit).
-const MAX_REVISION_BYTES: usize = pimesh_bundle::DEFAULT_MAX_BYTES;
+const MAX_REVISION_BYTES: usize = pimesh_revision::DEFAULT_MAX_BYTES;
 const MAX_REPORT_BYTES: usize = 64 * 1024;
 
 /// A refusal: the status and what to tell the client.
@@ -254,7 +254,7 @@ async fn publish(
             )
         }
         Err(PublishError::Rejected(rejection)) => {
-            use pimesh_bundle::Rejection::*;
+            use pimesh_revision::Rejection::*;
             let code = match rejection {
                 BadSignature | WrongSite { .. } => StatusCode::FORBIDDEN,
                 NotNewer { .. } => StatusCode::CONFLICT,

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
-use pimesh_daemon::notify;
+use pimesh_runtime::notify;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -59,13 +59,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    pimesh_daemon::run(pimesh_daemon::Threads::PerCore, run(config))
+    pimesh_runtime::run(pimesh_runtime::Threads::PerCore, run(config))
 }
 
 async fn run(config: CentralConfig) -> Result<(), String> {
     raise_open_file_limit();
-    // Bursts of connections must not pin their peak memory (see pimesh_daemon::memory).
-    pimesh_daemon::memory::spawn_trimmer(pimesh_daemon::memory::TRIM_EVERY);
+    // Bursts of connections must not pin their peak memory (see pimesh_runtime::memory).
+    pimesh_runtime::memory::spawn_trimmer(pimesh_runtime::memory::TRIM_EVERY);
     let storage = Arc::new(FileStorage::new(&config.state_dir).map_err(|err| {
         format!(
             "{}: cannot use as state folder: {err}",
@@ -101,7 +101,7 @@ async fn run(config: CentralConfig) -> Result<(), String> {
     let watchdog = notify::spawn_watchdog();
     tokio::select! {
         () = serve(listener, acceptor, registry) => {}
-        signal = pimesh_daemon::shutdown_signal() => {
+        signal = pimesh_runtime::shutdown_signal() => {
             signal.map_err(|err| format!("cannot watch for SIGTERM: {err}"))?;
             info!("shutting down");
             notify::stopping();

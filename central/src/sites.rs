@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use pimesh_bundle::{Rejection, SignedRevision, Verifier};
+use pimesh_revision::{Rejection, SignedRevision, Verifier};
 use pimesh_schema::DnsLabel;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::CertificateDer;

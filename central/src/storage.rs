@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use pimesh_bundle::SignedRevision;
-use pimesh_daemon::atomic_file;
+use pimesh_revision::SignedRevision;
+use pimesh_runtime::atomic_file;
 use pimesh_schema::DnsLabel;
 use serde::{Deserialize, Serialize};
 use tracing::warn;

@@ -143,7 +143,7 @@ async fn plain(tcp: TcpStream, peer: SocketAddr, state: Arc<State>) {
 }
 
 /// `/live` (the process answers) and `/ready` (it can issue: 503 with the reason when
-/// not), as `pimesh_daemon::health` answers them.
+/// not), as `pimesh_runtime::health` answers them.
 fn health(request: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
     let (code, body) = match (request.method(), request.uri().path()) {
         (&Method::GET, "/live") => (StatusCode::OK, "live\n".to_owned()),

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use pimesh_bundle::{Mode, Revision};
+use pimesh_revision::{Mode, Revision};
 use pimesh_schema::cluster::ClusterConfig;
 use reqwest::blocking::Client;
 

@@ -49,7 +49,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pimesh_daemon::notify;
+use pimesh_runtime::notify;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -71,7 +71,7 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
 fn main() -> ExitCode {
     match cli::parse(std::env::args_os().skip(1)) {
         Ok(cli::Command::Run(options)) => {
-            pimesh_daemon::run(pimesh_daemon::Threads::One, run(options))
+            pimesh_runtime::run(pimesh_runtime::Threads::One, run(options))
         }
         Ok(cli::Command::Help) => {
             println!("{}", cli::USAGE);
@@ -88,10 +88,10 @@ async fn run(options: cli::Options) -> Result<(), String> {
     // Before anything else: SIGHUP's default action would kill the process.
     let mut hangup =
         signal(SignalKind::hangup()).map_err(|err| format!("cannot watch for SIGHUP: {err}"))?;
-    let shutdown = pimesh_daemon::shutdown_signal();
+    let shutdown = pimesh_runtime::shutdown_signal();
     tokio::pin!(shutdown);
-    // Bursts of connections must not pin their peak memory (see pimesh_daemon::memory).
-    pimesh_daemon::memory::spawn_trimmer(pimesh_daemon::memory::TRIM_EVERY);
+    // Bursts of connections must not pin their peak memory (see pimesh_runtime::memory).
+    pimesh_runtime::memory::spawn_trimmer(pimesh_runtime::memory::TRIM_EVERY);
 
     let bind = |addr: SocketAddr, what: &str| {
         listeners::bind(addr).map_err(|err| format!("cannot listen on {addr} for {what}: {err}"))

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use pimesh_daemon::notify;
+use pimesh_runtime::notify;
 use tokio::sync::watch;
 use tracing::{info, warn};
 

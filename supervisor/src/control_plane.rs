@@ -146,7 +146,7 @@ pub fn write_unit_env(run_dir: &Path, site: Option<&DnsLabel>, report: &mut Cont
     for (name, variable, what, args) in files {
         let text = format!("# Written by pimesh-supervisor: {what}.\n{variable}={args}\n");
         let path = run_dir.join(name);
-        if let Err(err) = pimesh_daemon::atomic_file::replace(&path, text.as_bytes(), 0o644) {
+        if let Err(err) = pimesh_runtime::atomic_file::replace(&path, text.as_bytes(), 0o644) {
             warn!(path = %path.display(), %err, "cannot write a unit's environment: {what}");
             report.note = Some(format!("cannot write {}: {err}", path.display()));
         }

@@ -94,7 +94,7 @@ impl CredentialFiles {
                 ));
             }
         }
-        let written = pimesh_daemon::atomic_file::replace(&self.anchors(), &pem, 0o644)
+        let written = pimesh_runtime::atomic_file::replace(&self.anchors(), &pem, 0o644)
             .map_err(|err| format!("cannot write {}: {err}", self.anchors().display()))?;
         if written {
             tracing::info!(anchor = %anchor_sha256_hex(&anchor), file = %self.anchors().display(), "site anchor imported from the boot partition");
@@ -128,9 +128,9 @@ impl CredentialFiles {
         let request = LeafRequest::new(std::slice::from_ref(&id))
             .map_err(|err| format!("cannot make the node key: {err}"))?;
         // The request first: a key without its request is regenerated, never the reverse.
-        pimesh_daemon::atomic_file::replace(&self.request(), request.csr_pem.as_bytes(), 0o644)
+        pimesh_runtime::atomic_file::replace(&self.request(), request.csr_pem.as_bytes(), 0o644)
             .map_err(|err| format!("cannot write {}: {err}", self.request().display()))?;
-        pimesh_daemon::atomic_file::replace(
+        pimesh_runtime::atomic_file::replace(
             &self.key(),
             request.key.serialize_pem().as_bytes(),
             0o600,
@@ -169,7 +169,7 @@ impl CredentialFiles {
                 SELF_ENROLLED_LIFETIME,
             )
             .map_err(|err| format!("cannot sign the node's own request: {err}"))?;
-        pimesh_daemon::atomic_file::replace(&self.chain(), chain.as_bytes(), 0o644)
+        pimesh_runtime::atomic_file::replace(&self.chain(), chain.as_bytes(), 0o644)
             .map_err(|err| format!("cannot write {}: {err}", self.chain().display()))?;
         tracing::info!(%site, %node, "node certificate signed by the node's own site issuer");
         Ok(())
@@ -228,7 +228,7 @@ impl CredentialFiles {
                 )
             })?;
         let chain = format!("{}{}", leaf.pem, issuer.cert_pem());
-        pimesh_daemon::atomic_file::replace(&self.chain(), chain.as_bytes(), 0o644)
+        pimesh_runtime::atomic_file::replace(&self.chain(), chain.as_bytes(), 0o644)
             .map_err(|err| format!("cannot write {}: {err}", self.chain().display()))?;
         tracing::info!(chain = %self.chain().display(), "node certificate re-signed by the current issuer");
         Ok(true)

@@ -17,7 +17,7 @@ use std::hash::{BuildHasher as _, Hasher as _};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use pimesh_daemon::notify::Heartbeat;
+use pimesh_runtime::notify::Heartbeat;
 use pimesh_schema::{HealSettings, ManagedUnit};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;

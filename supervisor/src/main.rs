@@ -24,8 +24,8 @@ mod trust;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use pimesh_daemon::notify;
-use pimesh_daemon::notify::Heartbeat;
+use pimesh_runtime::notify;
+use pimesh_runtime::notify::Heartbeat;
 use pimesh_schema::SupervisorConfig;
 use tracing::{info, warn};
 
@@ -58,7 +58,7 @@ fn main() -> ExitCode {
         };
     }
     // One thread is plenty for a supervisor and keeps its footprint small on a Pi.
-    pimesh_daemon::run(pimesh_daemon::Threads::One, run(options))
+    pimesh_runtime::run(pimesh_runtime::Threads::One, run(options))
 }
 
 async fn run(options: Options) -> Result<(), String> {
@@ -165,7 +165,7 @@ async fn run(options: Options) -> Result<(), String> {
     notify::ready(&status_line);
     let watchdog = notify::spawn_watchdog_fed_by(heartbeat);
 
-    pimesh_daemon::shutdown_signal()
+    pimesh_runtime::shutdown_signal()
         .await
         .map_err(|err| format!("cannot watch for SIGTERM: {err}"))?;
     info!("shutting down");

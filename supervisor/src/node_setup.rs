@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use crate::cli::Paths;
 use crate::node::NodeFacts;
 use crate::seed_state::SeedState;
-use pimesh_daemon::atomic_file;
+use pimesh_runtime::atomic_file;
 
 /// The outcome of one setup task, as shown in the status API.
 #[derive(Debug, Clone, Serialize)]

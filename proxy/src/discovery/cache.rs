@@ -53,7 +53,7 @@ pub fn load(file: &Path) -> Result<Option<Cached>, String> {
 
 /// Replaces the cached document with `raw` (one document line), atomically, mode 0600.
 pub fn store(file: &Path, raw: &[u8]) -> io::Result<()> {
-    pimesh_daemon::atomic_file::replace(file, raw, 0o600).map(|_| ())
+    pimesh_runtime::atomic_file::replace(file, raw, 0o600).map(|_| ())
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ pub fn save(
         (&files.anchors, bundle_pem, 0o644),
         (&files.chain, chain_pem, 0o644),
     ] {
-        pimesh_daemon::atomic_file::replace(path, text.as_bytes(), mode)
+        pimesh_runtime::atomic_file::replace(path, text.as_bytes(), mode)
             .map_err(|err| format!("{}: cannot write: {err}", path.display()))?;
     }
     Ok(())
@@ -106,7 +106,7 @@ mod tests {
 
         // A crash between the key and the chain: the new key with the old chain.
         let (_, other_key, _) = leaf(&root, "a", SystemTime::now());
-        pimesh_daemon::atomic_file::replace(
+        pimesh_runtime::atomic_file::replace(
             &dir(state.path()).join("leaf.key"),
             other_key.as_bytes(),
             0o600,

@@ -10,7 +10,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use pimesh_bundle::Mode;
+use pimesh_revision::Mode;
 use serde::{Deserialize, Serialize};
 
 /// The journal's contents.
@@ -79,7 +79,7 @@ impl JournalFile {
     pub fn store(&self, journal: &Journal) -> Result<(), String> {
         let bytes = serde_json::to_vec_pretty(journal)
             .map_err(|err| format!("cannot encode the OTA journal: {err}"))?;
-        pimesh_daemon::atomic_file::replace(&self.path, &bytes, 0o600)
+        pimesh_runtime::atomic_file::replace(&self.path, &bytes, 0o600)
             .map(|_changed| ())
             .map_err(|err| format!("cannot write {}: {err}", self.path.display()))
     }

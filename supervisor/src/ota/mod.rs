@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use pimesh_bundle::{Mode, Rejection, Verified, Verifier};
+use pimesh_revision::{Mode, Rejection, Verified, Verifier};
 use pimesh_schema::cluster::ClusterConfig;
 use pimesh_schema::{Central, DnsLabel, OtaSettings};
 use serde::Serialize;

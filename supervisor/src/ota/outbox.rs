@@ -63,7 +63,7 @@ impl Outbox {
         let path = self.dir.join(format!("{next:020}.json"));
         let bytes =
             serde_json::to_vec(report).map_err(|err| format!("cannot encode a report: {err}"))?;
-        pimesh_daemon::atomic_file::replace(&path, &bytes, 0o600)
+        pimesh_runtime::atomic_file::replace(&path, &bytes, 0o600)
             .map_err(|err| format!("cannot queue a report in {}: {err}", path.display()))?;
         let excess = (queued.len() + 1).saturating_sub(MAX_QUEUED);
         for (_, old) in queued.iter().take(excess) {

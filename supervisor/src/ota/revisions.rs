@@ -9,7 +9,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use pimesh_bundle::{SignedRevision, Verifier};
+use pimesh_revision::{SignedRevision, Verifier};
 
 /// The stored signed revisions and the active configuration file.
 pub struct Revisions {
@@ -36,7 +36,7 @@ impl Revisions {
     /// Stores the signed document of `revision` durably.
     pub fn store(&self, revision: u64, signed_json: &[u8]) -> Result<(), String> {
         let path = self.path_of(revision);
-        pimesh_daemon::atomic_file::replace(&path, signed_json, 0o600)
+        pimesh_runtime::atomic_file::replace(&path, signed_json, 0o600)
             .map(|_changed| ())
             .map_err(|err| format!("cannot store {}: {err}", path.display()))
     }
@@ -84,7 +84,7 @@ impl Revisions {
     pub fn activate(&self, config: Option<&str>) -> Result<bool, String> {
         let path = &self.active;
         match config {
-            Some(text) => pimesh_daemon::atomic_file::replace(path, text.as_bytes(), 0o644)
+            Some(text) => pimesh_runtime::atomic_file::replace(path, text.as_bytes(), 0o644)
                 .map_err(|err| format!("cannot write {}: {err}", path.display())),
             None => match std::fs::remove_file(path) {
                 Ok(()) => {

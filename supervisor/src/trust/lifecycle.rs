@@ -906,7 +906,7 @@ mod tests {
         anchor_begin(&node.store, &node.site, now).expect("begin");
         anchor_switch(&node.store, &node.site, &node.credential, now).expect("switch");
         // As if the switch had been cut before the node credential was re-signed.
-        pimesh_daemon::atomic_file::replace(&node.credential.chain(), old_chain.as_bytes(), 0o644)
+        pimesh_runtime::atomic_file::replace(&node.credential.chain(), old_chain.as_bytes(), 0o644)
             .expect("restore");
         let out = anchor_finish(&node.store, &node.credential, now, true).expect("finish");
         assert!(out.contains("re-signed"), "{out}");

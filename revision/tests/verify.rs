@@ -1,5 +1,5 @@
 use base64::Engine as _;
-use pimesh_bundle::{Mode, Rejection, Revision, Verifier};
+use pimesh_revision::{Mode, Rejection, Revision, Verifier};
 use pimesh_schema::{DnsLabel, SigningKey};
 use ring::signature::KeyPair as _;
 
