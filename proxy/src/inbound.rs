@@ -18,6 +18,7 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pimesh_meshtls::HandshakeFailure;
 use pimesh_schema::SpiffeId;
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -28,7 +29,6 @@ use crate::http_util::{self, error_response, strip_hop_by_hop, DST_HEADER, PROTO
 use crate::metrics::Direction;
 use crate::peers::Body;
 use crate::routes::{RouteTable, ServiceRoute};
-use crate::tls::{handshake_failure_reason, peer_ids};
 use crate::trace;
 
 /// A peer must finish the TLS handshake within this time.
@@ -50,26 +50,27 @@ pub async fn serve(
         metrics.rejected(Direction::Inbound, "no_identity");
         return;
     };
-    let tls =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, identity.acceptor().accept(stream)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(err)) => {
-                let reason = handshake_failure_reason(&err);
-                metrics.tls_handshake_failure(Direction::Inbound, reason);
-                debug!(error = %err, reason, "inbound TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                metrics.tls_handshake_failure(Direction::Inbound, "timeout");
-                return;
-            }
-        };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, identity.acceptor().accept(stream))
+        .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            let reason = HandshakeFailure::of(&err).label();
+            metrics.tls_handshake_failure(Direction::Inbound, reason);
+            debug!(error = %err, reason, "inbound TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            metrics.tls_handshake_failure(Direction::Inbound, HandshakeFailure::Timeout.label());
+            return;
+        }
+    };
     let (_, session) = tls.get_ref();
-    if session.alpn_protocol() != Some(b"h2") {
-        metrics.tls_handshake_failure(Direction::Inbound, "protocol");
+    if session.alpn_protocol() != Some(pimesh_meshtls::ALPN_H2) {
+        metrics.tls_handshake_failure(Direction::Inbound, HandshakeFailure::Protocol.label());
         return;
     }
-    let caller: Arc<[SpiffeId]> = peer_ids(session, &identity.site).into();
+    let caller: Arc<[SpiffeId]> = pimesh_meshtls::peer_ids(session, &identity.site).into();
     let settings = context.table().settings.clone();
     let service = service_fn(move |request| {
         let context = Arc::clone(&context);

@@ -17,12 +17,13 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pimesh_meshtls::HandshakeFailure;
 use pimesh_schema::DnsLabel;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use crate::metrics::{Direction, Metrics};
-use crate::tls::{handshake_failure_reason, Identity};
+use crate::tls::Identity;
 
 /// The body of every request the proxy sends on.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -106,7 +107,7 @@ impl Peers {
         let tls = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(err)) => {
-                let reason = handshake_failure_reason(&err);
+                let reason = HandshakeFailure::of(&err).label();
                 self.metrics
                     .tls_handshake_failure(Direction::Outbound, reason);
                 return Err(DialError(format!(
@@ -115,7 +116,7 @@ impl Peers {
             }
             Err(_) => {
                 self.metrics
-                    .tls_handshake_failure(Direction::Outbound, "timeout");
+                    .tls_handshake_failure(Direction::Outbound, HandshakeFailure::Timeout.label());
                 return Err(DialError(format!(
                     "TLS with node {node} at {addr} timed out"
                 )));

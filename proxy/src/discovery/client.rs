@@ -23,7 +23,6 @@ use hyper::body::Bytes;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::pki_types::{DnsName, ServerName};
 use tracing::{debug, info, warn};
 
 use super::{Shared, Source};
@@ -243,9 +242,7 @@ async fn connect(
         .map_err(|err| format!("cannot connect: {err}"))?;
     let _ = tcp.set_nodelay(true);
     // Not checked by the control verifier; sent as SNI.
-    let name = DnsName::try_from("pimesh-control")
-        .map(|name| ServerName::DnsName(name.to_owned()))
-        .map_err(|err| format!("server name: {err}"))?;
+    let name = pimesh_meshtls::control_server_name();
     let tls = tokio::time::timeout(
         CONNECT_TIMEOUT,
         identity.control_connector().connect(name, tcp),

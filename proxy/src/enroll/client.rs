@@ -15,12 +15,11 @@ use bytes::Bytes;
 use http::{header, Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use pimesh_schema::{DnsLabel, SpiffeId};
 use rustls::pki_types::ServerName;
 use rustls::CertificateError;
 use tokio::net::TcpStream;
 
-use crate::tls::{Identity, CONTROL_SERVICE};
+use crate::tls::Identity;
 
 /// An exchange (connect, handshake, both requests) must finish within this time.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,12 +33,6 @@ pub struct Answer {
     pub bundle_pem: String,
     /// The signed chain, PEM: leaf then issuer (at least one certificate).
     pub chain_pem: String,
-}
-
-/// `spiffe://<site>/svc/pimesh-control`.
-pub fn control_id(site: &DnsLabel) -> Result<SpiffeId, String> {
-    let name = DnsLabel::try_from(CONTROL_SERVICE.to_owned()).map_err(|err| err.to_string())?;
-    Ok(SpiffeId::service(site, &name))
 }
 
 /// Connects to `replica` presenting `identity`, fetches `GET /v1/trust-bundle`, then
@@ -155,7 +148,8 @@ fn refusal_reason(err: &std::io::Error, identity: &Identity) -> String {
         ),
         Some(rustls::Error::InvalidCertificate(CertificateError::NotValidForName)) => format!(
             "the replica's certificate does not name {}",
-            control_id(&identity.site).map_or_else(|err| err, |id| id.to_string())
+            pimesh_meshtls::control_id(&identity.site)
+                .map_or_else(|err| err.to_string(), |id| id.to_string())
         ),
         Some(rustls::Error::InvalidCertificate(kind)) => {
             format!("the replica's certificate is not trusted: {kind:?}")

@@ -257,7 +257,7 @@ impl Enroller {
             _ => BTreeSet::from([SpiffeId::node(&site, &node)]),
         };
         ids.retain(|id| match &id.workload {
-            Workload::Service(name) => name.as_str() != crate::tls::CONTROL_SERVICE,
+            Workload::Service(name) => name.as_str() != pimesh_meshtls::CONTROL_SERVICE,
             Workload::Node(_) => true,
         });
         Some(ids)
@@ -463,7 +463,7 @@ mod tests {
     fn every_name_of_a_leaf_is_listed_whatever_its_kind_or_site() {
         let site = DnsLabel::try_from("depot".to_owned()).expect("label");
         let root = TrustRoot::generate(&site, SystemTime::now()).expect("root");
-        let id = client::control_id(&site).expect("id");
+        let id = pimesh_meshtls::control_id(&site).expect("id");
         let (leaf, _) = root
             .issuer
             .issue_server_leaf(
