@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{header, Method, Request, Response, StatusCode};
-use pimesh_identity::{verify_leaf, Usage};
-use pimesh_schema::{DnsLabel, Workload};
+use pimesh_meshtls::{Expected, Refusal as PeerRefusal, SiteTrust, SpiffeVerifier};
+use pimesh_schema::DnsLabel;
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
 use tracing::{debug, info, warn};
@@ -95,7 +95,7 @@ const AUTHORIZATION_TTL: Duration = Duration::from_secs(5 * 60);
 ///
 /// rustls checked the chain at the handshake against the union of every site's anchor;
 /// which site it belongs to is checked here against that site's anchor alone
-/// (`verify_leaf`). Invariant: per connection and site, that check runs at most once per
+/// (`pimesh_meshtls::SpiffeVerifier::check_client`, on `verify_leaf`). Invariant: per connection and site, that check runs at most once per
 /// validity window, not per request. Its answer — the node name or the refusal — is reused
 /// by the connection's later requests to that site while the clock stays in
 /// `[checked_at, fresh_until)`, `fresh_until` being the earliest of
@@ -206,34 +206,31 @@ fn no_certificate() -> Refusal {
     Refusal(StatusCode::UNAUTHORIZED, message)
 }
 
-/// The node name in `chain`'s leaf, when it is a valid node identity of `site` under
-/// `anchor` at `now`.
+/// The node name in `chain`'s leaf, when it is a valid identity of exactly one node of
+/// `site` under `anchor` at `now` (`Expected::OneNode`).
 fn verify_node(
     chain: &[CertificateDer<'static>],
     site: &DnsLabel,
     anchor: &CertificateDer<'static>,
     now: SystemTime,
 ) -> Result<DnsLabel, Refusal> {
-    let Some((leaf, intermediates)) = chain.split_first() else {
-        return Err(no_certificate());
-    };
-    let anchors = std::slice::from_ref(anchor);
-    let ids =
-        verify_leaf(leaf, intermediates, anchors, site, Usage::Client, now).map_err(|err| {
-            let message = format!("not a node of site {site}: {err}");
-            Refusal(StatusCode::FORBIDDEN, message)
+    let forbidden = |why: String| Refusal(StatusCode::FORBIDDEN, why);
+    let trust = SiteTrust::new(site.clone(), vec![anchor.clone()])
+        .map_err(|err| forbidden(format!("not a node of site {site}: {err}")))?;
+    let verified = SpiffeVerifier::new(trust, Expected::OneNode)
+        .check_client(chain, now)
+        .map_err(|refusal| match refusal {
+            PeerRefusal::NoCertificate => no_certificate(),
+            PeerRefusal::Invalid(err) => forbidden(format!("not a node of site {site}: {err}")),
+            PeerRefusal::SeveralNodes => {
+                forbidden("the certificate names more than one node".to_owned())
+            }
+            _ => forbidden("the certificate names no node".to_owned()),
         })?;
-    ids.into_iter()
-        .find_map(|id| match id.workload {
-            Workload::Node(node) => Some(node),
-            Workload::Service(_) => None,
-        })
-        .ok_or_else(|| {
-            Refusal(
-                StatusCode::FORBIDDEN,
-                "the certificate names no node".to_owned(),
-            )
-        })
+    verified
+        .node()
+        .cloned()
+        .ok_or_else(|| forbidden("the certificate names no node".to_owned()))
 }
 
 async fn publish(

@@ -1,58 +1,43 @@
-//! The server's TLS: TLS 1.3 only; a client certificate is optional at the handshake (the
-//! operator's publish and the fleet view need none) and, when given, must chain to one
-//! of the registered sites' anchors. Which site it belongs to is checked against that
-//! site's anchor alone, once per connection and site (see `api::Peer`).
+//! The server's TLS, as `pimesh_meshtls::central_server` configures it: TLS 1.3 only; a
+//! client certificate is optional at the handshake (the operator's publish and the fleet
+//! view need none) and, when given, must chain to one of the registered sites' anchors.
+//! Which site it belongs to is checked against that site's anchor alone, once per
+//! connection and site (see `api::Peer`). What is the server's own here: reading its
+//! certificate and key from the files the operator names.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use pimesh_meshtls::{pem, Credential, CredentialError};
+use rustls::pki_types::CertificateDer;
+use rustls::ServerConfig;
 
+/// The server configuration presenting the chain in `cert` with the key in `key` (PEM
+/// files), taking client certificates under `anchors`. Errors name the file at fault.
 pub fn server_config(
     cert: &Path,
     key: &Path,
     anchors: &[CertificateDer<'static>],
 ) -> Result<Arc<ServerConfig>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<_, _>>())
-        .map_err(|err| format!("{}: expected PEM certificates: {err}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!(
-            "{}: expected PEM certificates, found none",
-            cert.display()
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|err| format!("{}: expected a PEM private key: {err}", key.display()))?;
-    let verifier = if anchors.is_empty() {
-        WebPkiClientVerifier::no_client_auth()
-    } else {
-        let mut roots = RootCertStore::empty();
-        for anchor in anchors {
-            roots
-                .add(anchor.clone())
-                .map_err(|err| format!("unusable site anchor: {err}"))?;
-        }
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-            .allow_unauthenticated()
-            .build()
-            .map_err(|err| format!("cannot build the client certificate verifier: {err}"))?
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|err| format!("{}: cannot read: {err}", path.display()))
     };
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|err| format!("TLS 1.3 unavailable: {err}"))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|err| {
-            format!(
-                "{}: the key does not fit the certificate: {err}",
-                cert.display()
-            )
-        })?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let chain =
+        pem::certificates(&read(cert)?).map_err(|err| format!("{}: {err}", cert.display()))?;
+    let key_der =
+        pem::private_key(&read(key)?).map_err(|err| format!("{}: {err}", key.display()))?;
+    let credential = Credential::new(chain, key_der).map_err(|err| match err {
+        CredentialError::UnsupportedKey(_) => format!("{}: {err}", key.display()),
+        CredentialError::KeyMismatch => format!(
+            "{}: the key in {} does not fit the certificate",
+            cert.display(),
+            key.display()
+        ),
+        other => format!("{}: {other}", cert.display()),
+    })?;
+    let config = pimesh_meshtls::central_server(&credential, anchors).map_err(|err| match err {
+        pimesh_meshtls::ConfigError::Trust(err) => format!("unusable site anchor: {err}"),
+        other => other.to_string(),
+    })?;
     Ok(Arc::new(config))
 }

@@ -22,8 +22,9 @@ use std::time::{Duration, SystemTime};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::{header, Method, Request, Response, StatusCode};
-use pimesh_identity::{verify_leaf, IssueError, Leaf, Usage};
-use pimesh_schema::{DnsLabel, Workload};
+use pimesh_identity::{IssueError, Leaf};
+use pimesh_meshtls::{Expected, Refusal as PeerRefusal, SiteTrust, SpiffeVerifier};
+use pimesh_schema::DnsLabel;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 use serde_json::json;
@@ -151,42 +152,38 @@ fn refused(state: &State, node: Option<&DnsLabel>, refusal: Refusal) -> Response
 
 /// The node named by the client certificate `chain` (leaf first, then intermediates),
 /// when it is valid for client authentication under `snapshot`'s anchors at `now` and
-/// names exactly one node of the site. rustls checked the chain at the handshake; this
-/// check adds the site and extracts the node, and catches a connection that outlived its
-/// certificate or an anchor removed since.
+/// names exactly one node of the site (`Expected::OneNode`). rustls checked the chain at
+/// the handshake; this check adds the site and extracts the node, and catches a
+/// connection that outlived its certificate or an anchor removed since.
 pub fn requesting_node(
     chain: &[CertificateDer<'static>],
     snapshot: &Snapshot,
     now: SystemTime,
 ) -> Result<DnsLabel, Refusal> {
-    let Some((leaf, intermediates)) = chain.split_first() else {
-        let message = "a node certificate is required".to_owned();
-        return Err(Refusal(StatusCode::UNAUTHORIZED, message));
-    };
     let site = &snapshot.site;
-    let anchors = &snapshot.trust.anchors;
-    let ids =
-        verify_leaf(leaf, intermediates, anchors, site, Usage::Client, now).map_err(|err| {
-            Refusal(
-                StatusCode::FORBIDDEN,
-                format!("not a node of site {site}: {err}"),
-            )
+    let forbidden = |why: String| Refusal(StatusCode::FORBIDDEN, why);
+    let trust = SiteTrust::new(site.clone(), snapshot.trust.anchors.clone())
+        .map_err(|err| forbidden(format!("not a node of site {site}: {err}")))?;
+    let verified = SpiffeVerifier::new(trust, Expected::OneNode)
+        .check_client(chain, now)
+        .map_err(|refusal| match refusal {
+            PeerRefusal::NoCertificate => Refusal(
+                StatusCode::UNAUTHORIZED,
+                "a node certificate is required".to_owned(),
+            ),
+            PeerRefusal::Invalid(err) => forbidden(format!("not a node of site {site}: {err}")),
+            PeerRefusal::SeveralNodes => {
+                forbidden("the client certificate names more than one node".to_owned())
+            }
+            _ => forbidden(format!(
+                "the client certificate names no node of site {site}"
+            )),
         })?;
-    let mut nodes = ids.into_iter().filter_map(|id| match id.workload {
-        Workload::Node(node) => Some(node),
-        Workload::Service(_) => None,
-    });
-    match (nodes.next(), nodes.next()) {
-        (Some(node), None) => Ok(node),
-        (None, _) => Err(Refusal(
-            StatusCode::FORBIDDEN,
-            format!("the client certificate names no node of site {site}"),
-        )),
-        (Some(_), Some(_)) => Err(Refusal(
-            StatusCode::FORBIDDEN,
-            "the client certificate names more than one node".to_owned(),
-        )),
-    }
+    verified.node().cloned().ok_or_else(|| {
+        forbidden(format!(
+            "the client certificate names no node of site {site}"
+        ))
+    })
 }
 
 /// Signs the PEM signing request `body` for `node` with `snapshot`'s issuer, for

@@ -8,18 +8,6 @@ use std::path::Path;
 use pimesh_schema::cluster::ClusterConfig;
 use pimesh_schema::{ConfigError, DnsLabel, SpiffeId};
 
-/// The service name under which every control replica of a site serves
-/// (`spiffe://<site>/svc/pimesh-control`, see `tls`). Reserved: the identity API never
-/// issues it, even when a site config places a service of that name on a node, so that
-/// no node can pose as a control replica.
-pub const CONTROL_SERVICE: &str = "pimesh-control";
-
-/// The identity control replicas of `site` serve under.
-pub fn control_identity(site: &DnsLabel) -> Result<SpiffeId, String> {
-    let name = DnsLabel::try_from(CONTROL_SERVICE.to_owned()).map_err(|err| err.to_string())?;
-    Ok(SpiffeId::service(site, &name))
-}
-
 /// A validated site config with the exact text it was parsed from (discovery serves the
 /// text, so that proxies validate it with the same schema).
 ///
@@ -47,8 +35,10 @@ pub fn load(file: &Path) -> Result<Option<Loaded>, ConfigError> {
 }
 
 /// The identities `node` of `site` may hold: its node ID, plus `svc/<s>` for each service
-/// that `config` (of the same site) places on it, minus the reserved control identity.
-/// Without a config, the node ID alone.
+/// that `config` (of the same site) places on it, minus the reserved control identity
+/// (`pimesh_meshtls::control_id`, under which every replica serves: the identity API never
+/// issues it, even when a site config places a service of that name on a node, so that
+/// no node can pose as a control replica). Without a config, the node ID alone.
 pub fn permitted(
     config: Option<&ClusterConfig>,
     site: &DnsLabel,
@@ -58,7 +48,7 @@ pub fn permitted(
         Some(config) if &config.site == site => config.identities_of_node(node),
         _ => BTreeSet::from([SpiffeId::node(site, node)]),
     };
-    if let Ok(control) = control_identity(site) {
+    if let Ok(control) = pimesh_meshtls::control_id(site) {
         ids.remove(&control);
     }
     ids

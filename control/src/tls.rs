@@ -1,9 +1,10 @@
-//! The replica's TLS: TLS 1.3 only, a client certificate required and verified against the
-//! trust bundle at the handshake, and a serving certificate the replica issues itself.
+//! The replica's serving certificate, which it issues itself; the server configuration
+//! around it is `pimesh_meshtls::control_server` (TLS 1.3 only, a client certificate
+//! required and verified against the trust bundle at the handshake).
 //!
 //! The serving certificate is a leaf signed by the site's issuer (which the replica holds
 //! anyway) for `spiffe://<site>/svc/pimesh-control` (a reserved name: see
-//! `site_config::CONTROL_SERVICE`), plus the DNS names `localhost` and the machine's host
+//! `pimesh_meshtls::CONTROL_SERVICE`), plus the DNS names `localhost` and the machine's host
 //! name and the IPs `127.0.0.1` and `::1`, so that a proxy can check "a control replica of
 //! my site" by SPIFFE ID and a local operator by host name. It lives
 //! `pimesh_identity::LEAF_LIFETIME` (never past the issuer) and is renewed at two thirds
@@ -14,12 +15,11 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use pimesh_identity::{verify_leaf, Usage};
+use pimesh_meshtls::{ConfigError, Credential};
 use pimesh_schema::DnsLabel;
-use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::ServerConfig;
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::site_config::control_identity;
 use crate::trust::Trust;
 
 /// A server configuration with a fresh serving certificate.
@@ -39,7 +39,7 @@ impl Serving {
     /// Issues a serving certificate for `site` from `trust`'s issuer and builds the server
     /// configuration around it.
     pub fn issue(trust: &Trust, site: &DnsLabel, now: SystemTime) -> Result<Serving, String> {
-        let id = control_identity(site)?;
+        let id = pimesh_meshtls::control_id(site).map_err(|err| err.to_string())?;
         let ips = [
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -61,41 +61,21 @@ impl Serving {
             format!("issuer.pem is not usable under anchor.pem (expired, or signed by another anchor): {err}")
         })?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let config = server_config(vec![leaf.der, issuer], key, &trust.anchors)?;
+        let credential = Credential::new(vec![leaf.der, issuer], key)
+            .map_err(|err| format!("the serving key does not fit its certificate: {err}"))?;
+        let config = pimesh_meshtls::control_server(&credential, &trust.anchors).map_err(
+            |err| match err {
+                ConfigError::Trust(err) => format!("anchor.pem: {err}"),
+                other => other.to_string(),
+            },
+        )?;
         let life = leaf.not_after.duration_since(now).unwrap_or_default();
         Ok(Serving {
-            config,
+            config: Arc::new(config),
             not_after: leaf.not_after,
             renew_at: now + life * 2 / 3,
         })
     }
-}
-
-/// TLS 1.3, HTTP/2 or HTTP/1.1, a client certificate chaining to `anchors` required.
-fn server_config(
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    anchors: &[CertificateDer<'static>],
-) -> Result<Arc<ServerConfig>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    for anchor in anchors {
-        roots
-            .add(anchor.clone())
-            .map_err(|err| format!("anchor.pem: unusable anchor: {err}"))?;
-    }
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-            .build()
-            .map_err(|err| format!("cannot build the client certificate verifier: {err}"))?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|err| format!("TLS 1.3 unavailable: {err}"))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|err| format!("the serving key does not fit its certificate: {err}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
 }
 
 /// `localhost` and this machine's host name when it is a DNS label.
@@ -114,6 +94,7 @@ fn dns_names() -> Vec<String> {
 mod tests {
     use super::*;
     use pimesh_identity::TrustRoot;
+    use rustls_pki_types::CertificateDer;
 
     fn label(s: &str) -> DnsLabel {
         DnsLabel::try_from(s.to_owned()).expect("label")
