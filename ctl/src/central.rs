@@ -16,9 +16,13 @@ fn client(args: &CentralArgs) -> Result<Client, String> {
     if let Some(ca) = &args.central_ca {
         let pem =
             std::fs::read(ca).map_err(|err| format!("cannot read {}: {err}", ca.display()))?;
-        let cert = reqwest::Certificate::from_pem(&pem)
-            .map_err(|err| format!("{}: expected a PEM certificate: {err}", ca.display()))?;
-        builder = builder.add_root_certificate(cert);
+        for der in pimesh_meshtls::pem::certificates(&pem)
+            .map_err(|err| format!("{}: {err}", ca.display()))?
+        {
+            let cert = reqwest::Certificate::from_der(&der)
+                .map_err(|err| format!("{}: {err}", ca.display()))?;
+            builder = builder.add_root_certificate(cert);
+        }
     }
     builder
         .build()

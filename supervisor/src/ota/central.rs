@@ -52,9 +52,11 @@ impl CentralClient {
             .pool_idle_timeout(long_poll_wait + Duration::from_secs(30))
             .user_agent(concat!("pimesh-supervisor/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &central.ca {
-            for cert in reqwest::Certificate::from_pem_bundle(ca.as_str().as_bytes())
+            for der in pimesh_meshtls::pem::certificates(ca.as_str().as_bytes())
                 .map_err(|err| format!("seed central.ca: {err}"))?
             {
+                let cert = reqwest::Certificate::from_der(&der)
+                    .map_err(|err| format!("seed central.ca: {err}"))?;
                 builder = builder.add_root_certificate(cert);
             }
         }
