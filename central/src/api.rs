@@ -95,8 +95,9 @@ const AUTHORIZATION_TTL: Duration = Duration::from_secs(5 * 60);
 ///
 /// rustls checked the chain at the handshake against the union of every site's anchor;
 /// which site it belongs to is checked here against that site's anchor alone
-/// (`pimesh_meshtls::SpiffeVerifier::check_client`, on `verify_leaf`). Invariant: per connection and site, that check runs at most once per
-/// validity window, not per request. Its answer — the node name or the refusal — is reused
+/// (`pimesh_meshtls::SpiffeVerifier::check_client`, on `verify_leaf`). Invariant: per
+/// connection and site, that check runs at most once per validity window, not per
+/// request. Its answer — the node name or the refusal — is reused
 /// by the connection's later requests to that site while the clock stays in
 /// `[checked_at, fresh_until)`, `fresh_until` being the earliest of
 /// `checked_at + AUTHORIZATION_TTL` and the next instant at which a certificate of the
