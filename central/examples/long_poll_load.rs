@@ -34,8 +34,8 @@ use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use pimesh_revision::{Mode, Revision};
 use pimesh_identity::{LeafRequest, SpiffeId, TrustRoot};
+use pimesh_revision::{Mode, Revision};
 use pimesh_schema::DnsLabel;
 use ring::signature::KeyPair as _;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -291,7 +291,8 @@ impl BenchSite {
             mode: Mode::Apply,
             config,
         }
-        .sign(&self.signing_pkcs8)?;
+        .sign(&self.signing_pkcs8)
+        .map_err(|err| err.to_string())?;
         Ok(signed.to_json())
     }
 }
