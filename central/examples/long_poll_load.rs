@@ -291,7 +291,8 @@ impl BenchSite {
             mode: Mode::Apply,
             config,
         }
-        .sign(&self.signing_pkcs8)?;
+        .sign(&self.signing_pkcs8)
+        .map_err(|err| err.to_string())?;
         Ok(signed.to_json())
     }
 }

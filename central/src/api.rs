@@ -14,13 +14,14 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{header, Method, Request, Response, StatusCode};
 use pimesh_meshtls::{Expected, Refusal as PeerRefusal, SiteTrust, SpiffeVerifier};
+use pimesh_revision::path::{ConfigQuery, Route, SiteResource};
+use pimesh_revision::{FleetView, NodeReport, NodeView, RecordedReport, SiteView};
 use pimesh_schema::DnsLabel;
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::sites::{PublishError, Registry, Site};
-use crate::storage::NodeReport;
 
 /// Largest revision accepted by publish (the nodes apply the same limit).
 const MAX_REVISION_BYTES: usize = pimesh_revision::DEFAULT_MAX_BYTES;
@@ -41,18 +42,11 @@ pub async fn route(
     peer: Arc<Peer>,
     registry: Arc<Registry>,
 ) -> Response<Full<Bytes>> {
-    let path: Vec<String> = request
-        .uri()
-        .path()
-        .split('/')
-        .skip(1)
-        .map(str::to_owned)
-        .collect();
-    let segments: Vec<&str> = path.iter().map(String::as_str).collect();
-    match (request.method().clone(), segments.as_slice()) {
-        (Method::GET, ["v1", "fleet"]) => fleet(&registry),
-        (method, ["v1", "sites", site, action]) => {
-            let Some(site) = DnsLabel::try_from((*site).to_owned())
+    let path = request.uri().path().to_owned();
+    match (request.method().clone(), Route::parse(&path)) {
+        (Method::GET, Some(Route::Fleet)) => fleet(&registry),
+        (method, Some(Route::Site { site, resource })) => {
+            let Some(site) = DnsLabel::try_from(site.to_owned())
                 .ok()
                 .and_then(|s| registry.sites.get(&s))
             else {
@@ -61,24 +55,24 @@ pub async fn route(
                     &format!("no site {site:?} on this server"),
                 );
             };
-            match (method, *action) {
-                (Method::PUT, "revisions") => publish(request, site, &registry).await,
-                (Method::GET, "config") => {
+            match (method, resource) {
+                (Method::PUT, Some(SiteResource::Revisions)) => {
+                    publish(request, site, &registry).await
+                }
+                (Method::GET, Some(SiteResource::Config)) => {
                     match peer.authorize(&site.name, &site.anchor, SystemTime::now()) {
                         Ok(node) => config(request.uri().query(), site, &node, &registry).await,
                         Err(refusal) => refusal.into_response(),
                     }
                 }
-                (Method::POST, "reports") => {
+                (Method::POST, Some(SiteResource::Reports)) => {
                     match peer.authorize(&site.name, &site.anchor, SystemTime::now()) {
                         Ok(node) => report(request, site, &node, &registry).await,
                         Err(refusal) => refusal.into_response(),
                     }
                 }
-                (_, "revisions" | "config" | "reports") => {
-                    error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
-                }
-                _ => error(StatusCode::NOT_FOUND, "no such resource"),
+                (_, Some(_)) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here"),
+                (_, None) => error(StatusCode::NOT_FOUND, "no such resource"),
             }
         }
         _ => error(StatusCode::NOT_FOUND, "no such resource; see /v1/fleet"),
@@ -278,21 +272,10 @@ async fn config(
     node: &DnsLabel,
     registry: &Registry,
 ) -> Response<Full<Bytes>> {
-    let mut after = 0u64;
-    let mut wait = Duration::ZERO;
-    for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
-        match (key.as_ref(), value.parse::<u64>()) {
-            ("after", Ok(n)) => after = n,
-            ("wait", Ok(s)) => wait = Duration::from_secs(s).min(registry.long_poll_max),
-            ("after" | "wait", Err(_)) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("{key} must be a whole number"),
-                )
-            }
-            _ => {}
-        }
-    }
+    let (after, wait) = match ConfigQuery::parse(query) {
+        Ok(query) => (query.after, query.wait.min(registry.long_poll_max)),
+        Err(err) => return error(StatusCode::BAD_REQUEST, &err.to_string()),
+    };
     let mut latest = site.subscribe();
     let deadline = tokio::time::sleep(wait);
     tokio::pin!(deadline);
@@ -331,7 +314,7 @@ async fn report(
         Ok(body) => body,
         Err(refusal) => return refusal.into_response(),
     };
-    let mut report: NodeReport = match serde_json::from_slice(&body) {
+    let report: NodeReport = match serde_json::from_slice(&body) {
         Ok(report) => report,
         Err(err) => {
             return error(
@@ -340,11 +323,15 @@ async fn report(
             )
         }
     };
-    report.received_at = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    match registry.storage.record_report(&site.name, node, &report) {
+    let recorded = RecordedReport {
+        report,
+        received_at: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    match registry.storage.record_report(&site.name, node, &recorded) {
         Ok(()) => {
+            let report = &recorded.report;
             info!(site = %site.name, %node, state = %report.state, revision = ?report.revision, "node report");
             json_response(StatusCode::OK, &json!({ "recorded": true }))
         }
@@ -358,7 +345,7 @@ async fn report(
 fn fleet(registry: &Registry) -> Response<Full<Bytes>> {
     let mut sites = Vec::new();
     for site in registry.sites.values() {
-        let nodes = match registry.storage.reports(&site.name) {
+        let reports = match registry.storage.reports(&site.name) {
             Ok(reports) => reports,
             Err(err) => {
                 return error(
@@ -367,19 +354,22 @@ fn fleet(registry: &Registry) -> Response<Full<Bytes>> {
                 )
             }
         };
-        sites.push(json!({
-            "site": site.name.as_str(),
-            "latest_revision": site.latest_revision(),
-            "nodes": nodes.iter().map(|(node, report)| json!({
-                "node": node.as_str(),
-                "revision": report.revision,
-                "state": report.state,
-                "detail": report.detail,
-                "received_at": report.received_at,
-            })).collect::<Vec<_>>(),
-        }));
+        sites.push(SiteView {
+            site: site.name.clone(),
+            latest_revision: site.latest_revision(),
+            nodes: reports
+                .into_iter()
+                .map(|(node, recorded)| NodeView { node, recorded })
+                .collect(),
+        });
     }
-    json_response(StatusCode::OK, &json!({ "sites": sites }))
+    match serde_json::to_value(FleetView { sites }) {
+        Ok(view) => json_response(StatusCode::OK, &view),
+        Err(err) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot encode the fleet view: {err}"),
+        ),
+    }
 }
 
 async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {

@@ -74,7 +74,7 @@ async fn run(config: CentralConfig) -> Result<(), String> {
     })?);
     let mut sites = BTreeMap::new();
     for entry in &config.sites {
-        let site = Site::load(entry, storage.as_ref())?;
+        let site = Site::load(entry, storage.as_ref()).map_err(|err| err.to_string())?;
         info!(site = %site.name, latest = ?site.latest_revision(), "site loaded");
         sites.insert(site.name.clone(), site);
     }

@@ -2,11 +2,13 @@
 //! newest revision as a watch channel that long-polls wait on.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use pimesh_revision::{Rejection, SignedRevision, Verifier};
 use pimesh_schema::DnsLabel;
-use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::pem::{self, PemObject as _};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{watch, Mutex};
 
@@ -31,23 +33,69 @@ pub struct Site {
 }
 
 /// Why a publish was refused.
+#[derive(Debug)]
 pub enum PublishError {
+    /// The revision itself is refused: the publisher's to fix.
     Rejected(Rejection),
+    /// The revision is fine but could not be stored: the server's to fix.
     Storage(std::io::Error),
 }
 
+/// Why a site of the server's configuration cannot be served.
+#[derive(Debug)]
+pub enum SiteLoadError {
+    /// The site's anchor file is not a PEM certificate (or cannot be read).
+    Anchor {
+        site: DnsLabel,
+        path: PathBuf,
+        source: pem::Error,
+    },
+    /// The stored revisions cannot be listed.
+    Storage {
+        site: DnsLabel,
+        source: std::io::Error,
+    },
+}
+
+impl fmt::Display for SiteLoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SiteLoadError::Anchor { site, path, source } => write!(
+                f,
+                "site {site}: {}: expected a PEM certificate: {source}",
+                path.display()
+            ),
+            SiteLoadError::Storage { site, source } => {
+                write!(f, "site {site}: cannot read stored revisions: {source}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for SiteLoadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SiteLoadError::Anchor { source, .. } => Some(source),
+            SiteLoadError::Storage { source, .. } => Some(source),
+        }
+    }
+}
+
 impl Site {
-    pub fn load(entry: &SiteEntry, storage: &dyn Storage) -> Result<Site, String> {
-        let anchor = CertificateDer::from_pem_file(&entry.anchor).map_err(|err| {
-            format!(
-                "site {}: {}: expected a PEM certificate: {err}",
-                entry.name,
-                entry.anchor.display()
-            )
+    pub fn load(entry: &SiteEntry, storage: &dyn Storage) -> Result<Site, SiteLoadError> {
+        let anchor = CertificateDer::from_pem_file(&entry.anchor).map_err(|source| {
+            SiteLoadError::Anchor {
+                site: entry.name.clone(),
+                path: entry.anchor.clone(),
+                source,
+            }
         })?;
         let latest = storage
             .latest(&entry.name)
-            .map_err(|err| format!("site {}: cannot read stored revisions: {err}", entry.name))?
+            .map_err(|source| SiteLoadError::Storage {
+                site: entry.name.clone(),
+                source,
+            })?
             .map(|revision| {
                 Arc::new(Latest {
                     revision: revision.revision,

@@ -8,39 +8,25 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use pimesh_revision::SignedRevision;
+use pimesh_revision::{RecordedReport, SignedRevision};
 use pimesh_runtime::atomic_file;
 use pimesh_schema::DnsLabel;
-use serde::{Deserialize, Serialize};
 use tracing::warn;
-
-/// What a node last said about its configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeReport {
-    /// The revision the node runs (`None`: none yet).
-    pub revision: Option<u64>,
-    /// `applied`, `rejected`, `rolled-back` or `pending`.
-    pub state: String,
-    /// Why, for anything but `applied`.
-    #[serde(default)]
-    pub detail: String,
-    /// Seconds since the Unix epoch when the central server received the report.
-    #[serde(default)]
-    pub received_at: u64,
-}
 
 pub trait Storage: Send + Sync {
     /// The newest stored revision of `site`.
     fn latest(&self, site: &DnsLabel) -> io::Result<Option<SignedRevision>>;
     /// Stores a revision durably; returns once it survives a power cut.
     fn store(&self, revision: &SignedRevision) -> io::Result<()>;
+    /// Keeps `report` as `node`'s latest, replacing the one before.
     fn record_report(
         &self,
         site: &DnsLabel,
         node: &DnsLabel,
-        report: &NodeReport,
+        report: &RecordedReport,
     ) -> io::Result<()>;
-    fn reports(&self, site: &DnsLabel) -> io::Result<BTreeMap<DnsLabel, NodeReport>>;
+    /// The latest report of each node of `site`.
+    fn reports(&self, site: &DnsLabel) -> io::Result<BTreeMap<DnsLabel, RecordedReport>>;
 }
 
 /// `<root>/<site>/revisions/<n>.json` and `<root>/<site>/reports/<node>.json`.
@@ -120,20 +106,21 @@ impl Storage for FileStorage {
         &self,
         site: &DnsLabel,
         node: &DnsLabel,
-        report: &NodeReport,
+        report: &RecordedReport,
     ) -> io::Result<()> {
         let path = self.reports_dir(site).join(format!("{node}.json"));
         let bytes = serde_json::to_vec(report).map_err(io::Error::other)?;
         atomic_file::replace(&path, &bytes, 0o644).map(drop)
     }
 
-    fn reports(&self, site: &DnsLabel) -> io::Result<BTreeMap<DnsLabel, NodeReport>> {
+    fn reports(&self, site: &DnsLabel) -> io::Result<BTreeMap<DnsLabel, RecordedReport>> {
         let mut reports = BTreeMap::new();
         for (stem, path) in json_files(&self.reports_dir(site))? {
             let Ok(node) = DnsLabel::try_from(stem) else {
                 continue;
             };
-            match std::fs::read(&path).map(|bytes| serde_json::from_slice::<NodeReport>(&bytes)) {
+            match std::fs::read(&path).map(|bytes| serde_json::from_slice::<RecordedReport>(&bytes))
+            {
                 Ok(Ok(report)) => {
                     reports.insert(node, report);
                 }
@@ -141,5 +128,55 @@ impl Storage for FileStorage {
             }
         }
         Ok(reports)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pimesh_revision::{NodeReport, ReportState};
+
+    use super::*;
+
+    fn label(s: &str) -> DnsLabel {
+        DnsLabel::try_from(s.to_owned()).expect("label")
+    }
+
+    #[test]
+    fn a_report_is_kept_per_node_as_written_and_an_unknown_state_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = FileStorage::new(dir.path()).expect("storage");
+        let site = label("depot-7");
+        // A report file as the server has always written it.
+        let reports = dir.path().join("depot-7/reports");
+        std::fs::create_dir_all(&reports).expect("mkdir");
+        let stored = r#"{"revision":3,"state":"rolled-back","detail":"revision 4: unhealthy","received_at":1764000000}"#;
+        std::fs::write(reports.join("pi-a.json"), stored).expect("write");
+        // A newer node's report with a state this server does not know.
+        let newer = RecordedReport {
+            report: serde_json::from_str(r#"{"revision":4,"state":"draining","detail":"x"}"#)
+                .expect("report"),
+            received_at: 7,
+        };
+        storage
+            .record_report(&site, &label("pi-b"), &newer)
+            .expect("record");
+
+        let read = storage.reports(&site).expect("reports");
+        assert_eq!(
+            read.get(&label("pi-a")),
+            Some(&RecordedReport {
+                report: NodeReport {
+                    revision: Some(3),
+                    state: ReportState::RolledBack,
+                    detail: "revision 4: unhealthy".to_owned(),
+                },
+                received_at: 1_764_000_000,
+            })
+        );
+        assert_eq!(read.get(&label("pi-b")), Some(&newer));
+        assert_eq!(
+            std::fs::read_to_string(reports.join("pi-b.json")).expect("read"),
+            r#"{"revision":4,"state":"draining","detail":"x","received_at":7}"#
+        );
     }
 }

@@ -1,49 +1,194 @@
 //! Talking to the central server: publishing signed revisions and reading the fleet view.
 
-use std::path::Path;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pimesh_revision::{Mode, Revision};
+use pimesh_revision::{path, FleetView, Mode, Revision, SignError};
 use pimesh_schema::cluster::ClusterConfig;
+use pimesh_schema::{ConfigError, DnsLabel};
 use reqwest::blocking::Client;
+use reqwest::StatusCode;
 
 use crate::CentralArgs;
 
-fn client(args: &CentralArgs) -> Result<Client, String> {
+/// Why talking to the central server failed.
+#[derive(Debug)]
+pub enum CentralError {
+    /// A file the command needs cannot be read.
+    Read {
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// The site's signing key cannot be read.
+    SiteKey {
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// `--central-ca` holds no PEM certificate, or text that is not PEM.
+    CaBundle {
+        path: PathBuf,
+        source: pimesh_meshtls::pem::PemError,
+    },
+    /// `--central-ca` is not a PEM certificate.
+    NotCertificate {
+        path: PathBuf,
+        source: reqwest::Error,
+    },
+    Tls(reqwest::Error),
+    Unreachable {
+        url: String,
+        source: reqwest::Error,
+    },
+    /// The answer's body could not be read.
+    Answer {
+        url: String,
+        source: reqwest::Error,
+    },
+    /// The server answered with an error status.
+    Status {
+        url: String,
+        status: StatusCode,
+        body: String,
+    },
+    /// The server's answer is not a fleet view.
+    NotFleetView {
+        url: String,
+        source: serde_json::Error,
+    },
+    InvalidConfig(ConfigError),
+    SiteNotServed(DnsLabel),
+    Sign(SignError),
+    /// The server refused the revision; `body` says why.
+    Refused {
+        revision: u64,
+        site: DnsLabel,
+        status: StatusCode,
+        body: String,
+    },
+}
+
+impl fmt::Display for CentralError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CentralError::Read { path, source } => {
+                write!(f, "cannot read {}: {source}", path.display())
+            }
+            CentralError::SiteKey { path, source } => {
+                write!(f, "cannot read the site key {}: {source}", path.display())
+            }
+            CentralError::CaBundle { path, source } => {
+                write!(f, "{}: expected PEM certificates: {source}", path.display())
+            }
+            CentralError::NotCertificate { path, source } => {
+                write!(
+                    f,
+                    "{}: expected a PEM certificate: {source}",
+                    path.display()
+                )
+            }
+            CentralError::Tls(source) => write!(f, "cannot set up TLS: {source}"),
+            CentralError::Unreachable { url, source } => write!(f, "cannot reach {url}: {source}"),
+            CentralError::Answer { url, source } => {
+                write!(f, "cannot read the answer of {url}: {source}")
+            }
+            CentralError::Status { url, status, body } => {
+                write!(f, "{url} answered {status}: {body}")
+            }
+            CentralError::NotFleetView { url, source } => write!(
+                f,
+                "{url} answered something other than the fleet view: {source}"
+            ),
+            CentralError::InvalidConfig(err) => err.fmt(f),
+            CentralError::SiteNotServed(site) => {
+                write!(f, "the central server does not serve site {site}")
+            }
+            CentralError::Sign(err) => err.fmt(f),
+            CentralError::Refused {
+                revision,
+                site,
+                status,
+                body,
+            } => write!(
+                f,
+                "the central server refused revision {revision} of site {site} ({status}): {body}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for CentralError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CentralError::Read { source, .. } | CentralError::SiteKey { source, .. } => {
+                Some(source)
+            }
+            CentralError::NotCertificate { source, .. }
+            | CentralError::Tls(source)
+            | CentralError::Unreachable { source, .. }
+            | CentralError::Answer { source, .. } => Some(source),
+            CentralError::NotFleetView { source, .. } => Some(source),
+            CentralError::CaBundle { source, .. } => Some(source),
+            CentralError::InvalidConfig(err) => Some(err),
+            CentralError::Sign(err) => Some(err),
+            CentralError::Status { .. }
+            | CentralError::SiteNotServed(_)
+            | CentralError::Refused { .. } => None,
+        }
+    }
+}
+
+fn client(args: &CentralArgs) -> Result<Client, CentralError> {
     let mut builder = Client::builder()
         .use_rustls_tls()
         .timeout(Duration::from_secs(30));
     if let Some(ca) = &args.central_ca {
-        let pem =
-            std::fs::read(ca).map_err(|err| format!("cannot read {}: {err}", ca.display()))?;
-        for der in pimesh_meshtls::pem::certificates(&pem)
-            .map_err(|err| format!("{}: {err}", ca.display()))?
-        {
-            let cert = reqwest::Certificate::from_der(&der)
-                .map_err(|err| format!("{}: {err}", ca.display()))?;
+        let pem = std::fs::read(ca).map_err(|source| CentralError::Read {
+            path: ca.clone(),
+            source,
+        })?;
+        let certificates =
+            pimesh_meshtls::pem::certificates(&pem).map_err(|source| CentralError::CaBundle {
+                path: ca.clone(),
+                source,
+            })?;
+        for der in certificates {
+            let cert = reqwest::Certificate::from_der(&der).map_err(|source| {
+                CentralError::NotCertificate {
+                    path: ca.clone(),
+                    source,
+                }
+            })?;
             builder = builder.add_root_certificate(cert);
         }
     }
-    builder
-        .build()
-        .map_err(|err| format!("cannot set up TLS: {err}"))
+    builder.build().map_err(CentralError::Tls)
 }
 
-fn fleet(client: &Client, args: &CentralArgs) -> Result<serde_json::Value, String> {
-    let url = format!("{}/v1/fleet", args.central.trim_end_matches('/'));
+/// `<central><path>`.
+fn url(args: &CentralArgs, path: &str) -> String {
+    format!("{}{path}", args.central.trim_end_matches('/'))
+}
+
+fn fleet(client: &Client, args: &CentralArgs) -> Result<FleetView, CentralError> {
+    let url = url(args, path::FLEET);
     let response = client
         .get(&url)
         .send()
-        .map_err(|err| format!("cannot reach {url}: {err}"))?;
+        .map_err(|source| CentralError::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
     let status = response.status();
-    let body = response
-        .text()
-        .map_err(|err| format!("cannot read the answer of {url}: {err}"))?;
+    let body = response.text().map_err(|source| CentralError::Answer {
+        url: url.clone(),
+        source,
+    })?;
     if !status.is_success() {
-        return Err(format!("{url} answered {status}: {body}"));
+        return Err(CentralError::Status { url, status, body });
     }
-    serde_json::from_str(&body)
-        .map_err(|err| format!("{url} answered something other than the fleet view: {err}"))
+    serde_json::from_str(&body).map_err(|source| CentralError::NotFleetView { url, source })
 }
 
 pub fn publish(
@@ -52,24 +197,26 @@ pub fn publish(
     args: &CentralArgs,
     revision: Option<u64>,
     try_mode: bool,
-) -> Result<(), String> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|err| format!("cannot read {}: {err}", file.display()))?;
-    let config = ClusterConfig::parse(file, &text).map_err(|err| err.to_string())?;
+) -> Result<(), CentralError> {
+    let text = std::fs::read_to_string(file).map_err(|source| CentralError::Read {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    let config = ClusterConfig::parse(file, &text).map_err(CentralError::InvalidConfig)?;
     let key_path = site_dir.join("signing.pk8");
-    let key = std::fs::read(&key_path)
-        .map_err(|err| format!("cannot read the site key {}: {err}", key_path.display()))?;
+    let key = std::fs::read(&key_path).map_err(|source| CentralError::SiteKey {
+        path: key_path,
+        source,
+    })?;
     let client = client(args)?;
     let number = match revision {
         Some(number) => number,
         None => {
             let fleet = fleet(&client, args)?;
-            let latest = fleet["sites"]
-                .as_array()
-                .and_then(|sites| sites.iter().find(|s| s["site"] == config.site.as_str()))
-                .ok_or_else(|| format!("the central server does not serve site {}", config.site))?
-                ["latest_revision"]
-                .as_u64()
+            let latest = fleet
+                .site(&config.site)
+                .ok_or_else(|| CentralError::SiteNotServed(config.site.clone()))?
+                .latest_revision
                 .unwrap_or(0);
             latest + 1
         }
@@ -80,54 +227,48 @@ pub fn publish(
         mode: if try_mode { Mode::Try } else { Mode::Apply },
         config: text,
     }
-    .sign(&key)?;
-    let url = format!(
-        "{}/v1/sites/{}/revisions",
-        args.central.trim_end_matches('/'),
-        config.site
-    );
+    .sign(&key)
+    .map_err(CentralError::Sign)?;
+    let url = url(args, &path::revisions(&config.site));
     let response = client
         .put(&url)
         .header("content-type", "application/json")
         .body(signed.to_json())
         .send()
-        .map_err(|err| format!("cannot reach {url}: {err}"))?;
+        .map_err(|source| CentralError::Unreachable { url, source })?;
     let status = response.status();
     let body = response.text().unwrap_or_default();
     if !status.is_success() {
-        return Err(format!(
-            "the central server refused revision {number} of site {} ({status}): {body}",
-            config.site
-        ));
+        return Err(CentralError::Refused {
+            revision: number,
+            site: config.site,
+            status,
+            body,
+        });
     }
     println!("published revision {number} of site {}", config.site);
     Ok(())
 }
 
-pub fn status(args: &CentralArgs) -> Result<(), String> {
+pub fn status(args: &CentralArgs) -> Result<(), CentralError> {
     let fleet = fleet(&client(args)?, args)?;
-    for site in fleet["sites"].as_array().into_iter().flatten() {
-        let latest = site["latest_revision"]
-            .as_u64()
+    for site in &fleet.sites {
+        let latest = site
+            .latest_revision
             .map_or("none".to_owned(), |n| n.to_string());
-        println!(
-            "site {}: newest revision {latest}",
-            site["site"].as_str().unwrap_or("?")
-        );
-        for node in site["nodes"].as_array().into_iter().flatten() {
-            let revision = node["revision"]
-                .as_u64()
-                .map_or("-".to_owned(), |n| n.to_string());
-            let detail = node["detail"].as_str().unwrap_or_default();
+        println!("site {}: newest revision {latest}", site.site);
+        for node in &site.nodes {
+            let report = &node.recorded.report;
+            let revision = report.revision.map_or("-".to_owned(), |n| n.to_string());
             println!(
                 "  {:<20} revision {:<6} {}{}",
-                node["node"].as_str().unwrap_or("?"),
+                node.node.as_str(),
                 revision,
-                node["state"].as_str().unwrap_or("?"),
-                if detail.is_empty() {
+                report.state.as_str(),
+                if report.detail.is_empty() {
                     String::new()
                 } else {
-                    format!(": {detail}")
+                    format!(": {}", report.detail)
                 }
             );
         }

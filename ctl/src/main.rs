@@ -159,8 +159,9 @@ fn main() -> ExitCode {
                     revision,
                     try_mode,
                 },
-        } => central::publish(&file, &site_dir, &central, revision, try_mode),
-        Command::Status { central } => central::status(&central),
+        } => central::publish(&file, &site_dir, &central, revision, try_mode)
+            .map_err(|err| err.to_string()),
+        Command::Status { central } => central::status(&central).map_err(|err| err.to_string()),
         Command::Node {
             command:
                 NodeCommand::Sign {

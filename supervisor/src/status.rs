@@ -137,7 +137,7 @@ impl NodeStatus {
             dbus: BusReport::default(),
             units: Vec::new(),
             ota: crate::ota::OtaReport {
-                state: "disabled",
+                state: crate::ota::OtaState::Disabled,
                 ..Default::default()
             },
             trust: crate::trust::TrustReport::default(),

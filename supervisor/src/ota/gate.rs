@@ -1,11 +1,13 @@
 //! The health gate: after a configuration change, every managed unit that exists must be
 //! active and answer its readiness probe, and the proxy must report that it runs exactly
 //! the new configuration — continuously for `settle`, within `deadline`. Otherwise the
-//! change failed, and the reason says which unit and why.
+//! change failed, and [`Unhealthy`] says which unit and why.
 
+use std::fmt;
 use std::time::Duration;
 
-use pimesh_schema::{ManagedUnit, ProbeUrl};
+use hyper::StatusCode;
+use pimesh_schema::{ManagedUnit, ProbeUrl, UnitName};
 use tokio::time::Instant;
 use zbus::zvariant::OwnedObjectPath;
 
@@ -25,19 +27,166 @@ pub struct Gate<'a> {
     pub settle: Duration,
 }
 
+/// Why the gate did not pass: the last thing that was wrong.
+#[derive(Debug)]
+pub enum Unhealthy {
+    /// Healthy at every check, but not yet for the whole `settle` when the deadline came.
+    NotSettled {
+        settle: Duration,
+    },
+    Unit(UnitUnhealthy),
+    Proxy(ProxyUnhealthy),
+}
+
+impl Unhealthy {
+    /// Whether waiting cannot help: the proxy refused exactly the new configuration.
+    fn is_final(&self) -> bool {
+        matches!(self, Unhealthy::Proxy(ProxyUnhealthy::Refused(_)))
+    }
+}
+
+impl fmt::Display for Unhealthy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unhealthy::NotSettled { settle } => write!(
+                f,
+                "healthy for less than {} before the deadline",
+                humantime::format_duration(*settle)
+            ),
+            Unhealthy::Unit(unit) => unit.fmt(f),
+            Unhealthy::Proxy(proxy) => proxy.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for Unhealthy {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Unhealthy::NotSettled { .. } => None,
+            Unhealthy::Unit(unit) => unit.source(),
+            Unhealthy::Proxy(proxy) => proxy.source(),
+        }
+    }
+}
+
+/// Why one unit is not healthy.
+#[derive(Debug)]
+pub enum UnitUnhealthy {
+    /// systemd did not say how the unit is.
+    Unreadable { unit: UnitName, source: zbus::Error },
+    /// Not active (failed, activating, inactive...).
+    Inactive {
+        unit: UnitName,
+        active_state: String,
+        sub_state: String,
+    },
+    /// Active, but its readiness probe does not answer 2xx; the probe says why.
+    NotReady { unit: UnitName, reason: String },
+}
+
+impl fmt::Display for UnitUnhealthy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnitUnhealthy::Unreadable { unit, source } => write!(f, "cannot read {unit}: {source}"),
+            UnitUnhealthy::Inactive {
+                unit,
+                active_state,
+                sub_state,
+            } => write!(f, "{unit} is {active_state} ({sub_state})"),
+            UnitUnhealthy::NotReady { unit, reason } => write!(f, "{unit} is not ready: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for UnitUnhealthy {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            UnitUnhealthy::Unreadable { source, .. } => Some(source),
+            UnitUnhealthy::Inactive { .. } | UnitUnhealthy::NotReady { .. } => None,
+        }
+    }
+}
+
+/// Why the proxy does not count as running the new configuration.
+#[derive(Debug)]
+pub enum ProxyUnhealthy {
+    /// Its configuration endpoint did not answer; the probe says why.
+    Unreachable(String),
+    /// Its configuration endpoint answered with an error status.
+    Status { url: String, status: StatusCode },
+    /// Its configuration endpoint answered something other than JSON.
+    NotJson {
+        url: String,
+        source: serde_json::Error,
+    },
+    /// It runs another configuration (so far).
+    RunsOther(Mismatch),
+    /// It refused exactly the new configuration.
+    Refused(Mismatch),
+}
+
+/// The configuration the proxy runs, and the one it should.
+#[derive(Debug)]
+pub struct Mismatch {
+    /// SHA-256 (hex) of what the proxy runs; `None`: no configuration.
+    pub running: Option<String>,
+    pub expected: Option<String>,
+    /// The proxy's last error, naming what it refused.
+    pub proxy_error: Option<String>,
+}
+
+impl fmt::Display for ProxyUnhealthy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProxyUnhealthy::Unreachable(reason) => f.write_str(reason),
+            ProxyUnhealthy::Status { url, status } => write!(f, "GET {url}: {status}"),
+            ProxyUnhealthy::NotJson { url, source } => write!(f, "GET {url}: not JSON: {source}"),
+            ProxyUnhealthy::RunsOther(mismatch) | ProxyUnhealthy::Refused(mismatch) => {
+                mismatch.fmt(f)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the proxy runs configuration {}, not {}",
+            short(self.running.as_deref()),
+            short(self.expected.as_deref())
+        )?;
+        match &self.proxy_error {
+            Some(err) => write!(f, "; the proxy refused it: {err}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for ProxyUnhealthy {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ProxyUnhealthy::NotJson { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
 impl Gate<'_> {
     /// Passes once everything has been healthy for `settle` without a break; fails at
-    /// `deadline` with the last thing that was wrong.
-    pub async fn pass(&self, bus: &Systemd, deadline: Instant) -> Result<(), String> {
+    /// `deadline` with the last thing that was wrong, or at once when the proxy refused
+    /// the new configuration.
+    pub async fn pass(&self, bus: &Systemd, deadline: Instant) -> Result<(), Unhealthy> {
         let mut healthy_since: Option<Instant> = None;
-        let mut last = String::from("never checked");
+        let mut last = Unhealthy::NotSettled {
+            settle: self.settle,
+        };
         loop {
             match self.check(bus).await {
-                // The proxy refused exactly this configuration: waiting will not help.
-                Err(Verdict::Refused(reason)) => return Err(reason),
-                Err(Verdict::NotYet(reason)) => {
+                Err(unhealthy) if unhealthy.is_final() => return Err(unhealthy),
+                Err(unhealthy) => {
                     healthy_since = None;
-                    last = reason;
+                    last = unhealthy;
                 }
                 Ok(()) => {
                     let since = *healthy_since.get_or_insert_with(Instant::now);
@@ -53,13 +202,13 @@ impl Gate<'_> {
         }
     }
 
-    async fn check(&self, bus: &Systemd) -> Result<(), Verdict> {
+    async fn check(&self, bus: &Systemd) -> Result<(), Unhealthy> {
         // The proxy's own verdict first: a refused configuration fails the gate at once,
         // even while the proxy's readiness (which reports the same refusal) is down.
         let proxy_listed = self.units.iter().any(|unit| unit.name.as_str() == PROXY);
         let proxy = if proxy_listed {
             match self.proxy_runs_expected().await {
-                Err(Verdict::Refused(reason)) => return Err(Verdict::Refused(reason)),
+                Err(refused @ ProxyUnhealthy::Refused(_)) => return Err(Unhealthy::Proxy(refused)),
                 other => Some(other),
             }
         } else {
@@ -68,63 +217,59 @@ impl Gate<'_> {
         let mut proxy_loaded = false;
         for unit in self.units {
             let name = unit.name.as_str();
-            let Some((path, _)) = bus
-                .loaded_unit(name)
-                .await
-                .map_err(|err| Verdict::NotYet(format!("cannot read {name}: {err}")))?
+            let Some((path, _)) = bus.loaded_unit(name).await.map_err(|source| {
+                Unhealthy::Unit(UnitUnhealthy::Unreadable {
+                    unit: unit.name.clone(),
+                    source,
+                })
+            })?
             else {
                 continue;
             };
             proxy_loaded |= name == PROXY;
             unit_health(bus, unit, &path)
                 .await
-                .map_err(Verdict::NotYet)?;
+                .map_err(Unhealthy::Unit)?;
         }
         match proxy {
-            Some(result) if proxy_loaded => result,
+            Some(result) if proxy_loaded => result.map_err(Unhealthy::Proxy),
             _ => Ok(()),
         }
     }
 
-    async fn proxy_runs_expected(&self) -> Result<(), Verdict> {
+    async fn proxy_runs_expected(&self) -> Result<(), ProxyUnhealthy> {
         let url = self.proxy_config_url;
         let (status, body) = probe::fetch(url, PROBE_TIMEOUT)
             .await
-            .map_err(Verdict::NotYet)?;
+            .map_err(ProxyUnhealthy::Unreachable)?;
         if !status.is_success() {
-            return Err(Verdict::NotYet(format!("GET {url}: {status}")));
+            return Err(ProxyUnhealthy::Status {
+                url: url.to_string(),
+                status,
+            });
         }
-        let answer: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|err| Verdict::NotYet(format!("GET {url}: not JSON: {err}")))?;
-        let running = answer.get("sha256").and_then(|sha| sha.as_str());
+        let answer: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|source| ProxyUnhealthy::NotJson {
+                url: url.to_string(),
+                source,
+            })?;
+        let text = |field: &str| answer.get(field).and_then(|value| value.as_str());
+        let running = text("sha256");
         if running == self.expected_sha256.as_deref() {
             return Ok(());
         }
-        let refused = answer.get("refused_sha256").and_then(|sha| sha.as_str());
-        let rejected = answer
-            .get("last_error")
-            .and_then(|err| err.as_str())
-            .map(|err| format!("; the proxy refused it: {err}"))
-            .unwrap_or_default();
-        let reason = format!(
-            "the proxy runs configuration {}, not {}{rejected}",
-            short(running),
-            short(self.expected_sha256.as_deref())
-        );
+        let refused = text("refused_sha256");
+        let mismatch = Mismatch {
+            running: running.map(str::to_owned),
+            expected: self.expected_sha256.clone(),
+            proxy_error: text("last_error").map(str::to_owned),
+        };
         if refused.is_some() && refused == self.expected_sha256.as_deref() {
-            Err(Verdict::Refused(reason))
+            Err(ProxyUnhealthy::Refused(mismatch))
         } else {
-            Err(Verdict::NotYet(reason))
+            Err(ProxyUnhealthy::RunsOther(mismatch))
         }
     }
-}
-
-/// Why a check did not pass.
-enum Verdict {
-    /// Not healthy yet; may still become so before the deadline.
-    NotYet(String),
-    /// The new configuration was refused outright; no point in waiting.
-    Refused(String),
 }
 
 fn short(sha: Option<&str>) -> String {
@@ -136,22 +281,69 @@ pub async fn unit_health(
     bus: &Systemd,
     unit: &ManagedUnit,
     path: &OwnedObjectPath,
-) -> Result<(), String> {
-    let name = unit.name.as_str();
+) -> Result<(), UnitUnhealthy> {
     let state = bus
         .read_state(path)
         .await
-        .map_err(|err| format!("cannot read {name}: {err}"))?;
+        .map_err(|source| UnitUnhealthy::Unreadable {
+            unit: unit.name.clone(),
+            source,
+        })?;
     if state.active_state != "active" {
-        return Err(format!(
-            "{name} is {} ({})",
-            state.active_state, state.sub_state
-        ));
+        return Err(UnitUnhealthy::Inactive {
+            unit: unit.name.clone(),
+            active_state: state.active_state,
+            sub_state: state.sub_state,
+        });
     }
     if let Some(url) = &unit.ready_url {
         probe::is_ready(url, PROBE_TIMEOUT)
             .await
-            .map_err(|reason| format!("{name} is not ready: {reason}"))?;
+            .map_err(|reason| UnitUnhealthy::NotReady {
+                unit: unit.name.clone(),
+                reason,
+            })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reasons_read_as_the_rollback_detail_says_them() {
+        let sha = |c: char| Some(c.to_string().repeat(64));
+        let refused = Unhealthy::Proxy(ProxyUnhealthy::Refused(Mismatch {
+            running: sha('a'),
+            expected: sha('b'),
+            proxy_error: Some("proxy.max_connections: expected at most 100000".to_owned()),
+        }));
+        assert!(refused.is_final(), "waiting cannot help");
+        assert_eq!(
+            refused.to_string(),
+            "the proxy runs configuration aaaaaaaaaaaa, not bbbbbbbbbbbb; the proxy refused \
+             it: proxy.max_connections: expected at most 100000"
+        );
+        let other = Unhealthy::Proxy(ProxyUnhealthy::RunsOther(Mismatch {
+            running: None,
+            expected: sha('b'),
+            proxy_error: None,
+        }));
+        assert_eq!(
+            other.to_string(),
+            "the proxy runs configuration none, not bbbbbbbbbbbb"
+        );
+        assert!(!other.is_final());
+        let unit = UnitName::try_from("pimesh-proxy.service".to_owned()).expect("unit");
+        let inactive = Unhealthy::Unit(UnitUnhealthy::Inactive {
+            unit,
+            active_state: "failed".to_owned(),
+            sub_state: "failed".to_owned(),
+        });
+        assert_eq!(
+            inactive.to_string(),
+            "pimesh-proxy.service is failed (failed)"
+        );
+    }
 }

@@ -7,11 +7,14 @@
 //! `pending.revision` while a revision is pending (or is about to, when the cut came
 //! before the write), and of `committed` otherwise (no file when `committed` is `None`).
 
+use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use pimesh_revision::Mode;
 use serde::{Deserialize, Serialize};
+
+use super::outcome::Rollback;
 
 /// The journal's contents.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,9 +51,54 @@ pub enum Phase {
     /// A `try` revision that passed the health gate; it reverts at `until_ms` (Unix
     /// milliseconds) unless a newer revision arrives first.
     Trying { until_ms: u64 },
-    /// Going back to `committed`; `outcome` (`rolled-back` or `reverted`) and `reason`
-    /// are what gets reported when it is done.
-    RollingBack { outcome: String, reason: String },
+    /// Going back to `committed`; `outcome` and `reason` are what gets reported when it
+    /// is done.
+    RollingBack { outcome: Rollback, reason: String },
+}
+
+/// Why the journal could not be read or written.
+#[derive(Debug)]
+pub enum JournalError {
+    Read {
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// The file is there but is not a journal (damaged, or written by hand).
+    Damaged {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    Encode(serde_json::Error),
+    Write {
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+impl fmt::Display for JournalError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JournalError::Read { path, source } => {
+                write!(f, "cannot read {}: {source}", path.display())
+            }
+            JournalError::Damaged { path, source } => {
+                write!(f, "{}: not an OTA journal: {source}", path.display())
+            }
+            JournalError::Encode(source) => write!(f, "cannot encode the OTA journal: {source}"),
+            JournalError::Write { path, source } => {
+                write!(f, "cannot write {}: {source}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for JournalError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            JournalError::Read { source, .. } | JournalError::Write { source, .. } => Some(source),
+            JournalError::Damaged { source, .. } | JournalError::Encode(source) => Some(source),
+        }
+    }
 }
 
 /// Where the journal lives.
@@ -66,22 +114,29 @@ impl JournalFile {
     }
 
     /// The journal on disk; an absent file is a node that never took a revision.
-    pub fn load(&self) -> Result<Journal, String> {
+    pub fn load(&self) -> Result<Journal, JournalError> {
         match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|err| format!("{}: not an OTA journal: {err}", self.path.display())),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| JournalError::Damaged {
+                path: self.path.clone(),
+                source,
+            }),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Journal::default()),
-            Err(err) => Err(format!("cannot read {}: {err}", self.path.display())),
+            Err(source) => Err(JournalError::Read {
+                path: self.path.clone(),
+                source,
+            }),
         }
     }
 
     /// Replaces the journal durably (temporary file, fsync, rename, fsync of the folder).
-    pub fn store(&self, journal: &Journal) -> Result<(), String> {
-        let bytes = serde_json::to_vec_pretty(journal)
-            .map_err(|err| format!("cannot encode the OTA journal: {err}"))?;
+    pub fn store(&self, journal: &Journal) -> Result<(), JournalError> {
+        let bytes = serde_json::to_vec_pretty(journal).map_err(JournalError::Encode)?;
         pimesh_runtime::atomic_file::replace(&self.path, &bytes, 0o600)
             .map(|_changed| ())
-            .map_err(|err| format!("cannot write {}: {err}", self.path.display()))
+            .map_err(|source| JournalError::Write {
+                path: self.path.clone(),
+                source,
+            })
     }
 }
 
@@ -93,7 +148,7 @@ mod tests {
     fn a_journal_survives_a_round_trip_and_absence_means_fresh() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = JournalFile::new(dir.path());
-        assert_eq!(file.load(), Ok(Journal::default()));
+        assert_eq!(file.load().expect("no journal yet"), Journal::default());
         let journal = Journal {
             committed: Some(3),
             highest_verified: 5,
@@ -105,7 +160,7 @@ mod tests {
             }),
         };
         file.store(&journal).expect("store");
-        assert_eq!(file.load(), Ok(journal));
+        assert_eq!(file.load().expect("load"), journal);
     }
 
     #[test]
@@ -114,6 +169,39 @@ mod tests {
         let file = JournalFile::new(dir.path());
         std::fs::write(dir.path().join("journal.json"), b"{\"committed\": ").expect("write");
         let err = file.load().expect_err("damaged");
-        assert!(err.contains("journal.json"), "{err}");
+        assert!(matches!(err, JournalError::Damaged { .. }), "{err:?}");
+        assert!(err.to_string().contains("journal.json"), "{err}");
+    }
+
+    #[test]
+    fn a_rollback_under_way_reads_as_every_supervisor_writes_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = JournalFile::new(dir.path());
+        for (outcome, written) in [
+            (Rollback::Unhealthy, "rolled-back"),
+            (Rollback::Unconfirmed, "reverted"),
+        ] {
+            let text = format!(
+                r#"{{"committed": 3, "highest_verified": 4, "poll_after": 4, "pending":
+                   {{"revision": 4, "mode": "try", "phase": {{"phase": "rolling-back",
+                   "outcome": "{written}", "reason": "why"}}}}}}"#
+            );
+            std::fs::write(dir.path().join("journal.json"), text).expect("write");
+            let journal = file.load().expect("load");
+            let pending = journal.pending.clone().expect("pending");
+            assert_eq!(
+                pending.phase,
+                Phase::RollingBack {
+                    outcome,
+                    reason: "why".to_owned()
+                }
+            );
+            file.store(&journal).expect("store");
+            let stored: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(dir.path().join("journal.json")).expect("read"),
+            )
+            .expect("json");
+            assert_eq!(stored["pending"]["phase"]["outcome"], written);
+        }
     }
 }

@@ -18,14 +18,16 @@ pub mod central;
 mod gate;
 mod journal;
 mod outbox;
+mod outcome;
 mod revisions;
 mod rollout;
 
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use pimesh_revision::{Mode, Rejection, Verified, Verifier};
+use pimesh_revision::{Mode, NodeReport, Rejection, Verified, Verifier};
 use pimesh_schema::cluster::ClusterConfig;
 use pimesh_schema::{Central, DnsLabel, OtaSettings};
 use serde::Serialize;
@@ -36,10 +38,11 @@ use tracing::{error, info, warn};
 use crate::credential::CredentialFiles;
 use crate::status::StatusHandle;
 use crate::systemd::Systemd;
-use central::{CentralClient, Poll};
+use central::{CentralClient, Poll, SetupError};
 use gate::Gate;
 use journal::{Journal, JournalFile, Pending, Phase};
-use outbox::{Outbox, Report};
+use outbox::Outbox;
+use outcome::{ApplyError, Outcome, Rollback};
 use revisions::{sha256_hex, Revisions};
 
 /// First wait before reaching the central server again after a failure; it doubles.
@@ -50,12 +53,24 @@ const MAX_RETRY: Duration = Duration::from_secs(15);
 /// did not move the poll position (garbage, a replay).
 const REFUSED_PAUSE: Duration = Duration::from_secs(30);
 
+/// What the OTA client is doing, as `GET /status` shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OtaState {
+    /// No central server in the seed.
+    #[default]
+    Disabled,
+    WaitingForCredential,
+    Idle,
+    Applying,
+    Trying,
+    RollingBack,
+}
+
 /// What `GET /status` shows about over-the-air configuration.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct OtaReport {
-    /// `disabled` (no central server in the seed), `waiting-for-credential`, `idle`,
-    /// `applying`, `trying`, `rolling-back`.
-    pub state: &'static str,
+    pub state: OtaState,
     pub central: Option<String>,
     /// The revision the node falls back to.
     pub committed: Option<u64>,
@@ -65,7 +80,7 @@ pub struct OtaReport {
     /// The SHA-256 of the active `cluster.toml` (`None`: no file).
     pub active_sha256: Option<String>,
     /// The latest outcome, as reported to the central server.
-    pub last_outcome: Option<Report>,
+    pub last_outcome: Option<NodeReport>,
     /// Reports waiting to reach the central server.
     pub queued_reports: usize,
     /// Why the central server could not be used, while that lasts.
@@ -95,7 +110,7 @@ pub struct OtaContext {
 /// Runs the OTA client for the life of the supervisor.
 pub async fn run(context: OtaContext) {
     let mut report = OtaReport {
-        state: "waiting-for-credential",
+        state: OtaState::WaitingForCredential,
         central: Some(context.central.url.as_url().to_string()),
         ..OtaReport::default()
     };
@@ -112,7 +127,7 @@ pub async fn run(context: OtaContext) {
             }
             Err(err) => {
                 warn!("{err}");
-                report.last_error = Some(err);
+                report.last_error = Some(err.to_string());
             }
         }
         publish(&context.status, &report);
@@ -155,15 +170,42 @@ pub async fn run(context: OtaContext) {
     }
 }
 
+/// Why the OTA client cannot reach its central server yet.
+#[derive(Debug)]
+enum ConnectError {
+    /// The node credential cannot be made or read; the text says which file and why.
+    Credential(String),
+    Client(SetupError),
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectError::Credential(why) => f.write_str(why),
+            ConnectError::Client(err) => err.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConnectError::Credential(_) => None,
+            ConnectError::Client(err) => Some(err),
+        }
+    }
+}
+
 /// The client, once the node has its certificate.
-fn connect(context: &OtaContext) -> Result<Option<CentralClient>, String> {
-    context
-        .credential
-        .ensure_request(&context.site, &context.node)?;
-    context
-        .credential
-        .self_enroll(&context.trust, &context.site, &context.node)?;
-    let Some(credential) = context.credential.load()? else {
+fn connect(context: &OtaContext) -> Result<Option<CentralClient>, ConnectError> {
+    let credential = &context.credential;
+    credential
+        .ensure_request(&context.site, &context.node)
+        .map_err(ConnectError::Credential)?;
+    credential
+        .self_enroll(&context.trust, &context.site, &context.node)
+        .map_err(ConnectError::Credential)?;
+    let Some(credential) = credential.load().map_err(ConnectError::Credential)? else {
         return Ok(None);
     };
     CentralClient::new(
@@ -173,6 +215,7 @@ fn connect(context: &OtaContext) -> Result<Option<CentralClient>, String> {
         context.settings.long_poll_wait,
     )
     .map(Some)
+    .map_err(ConnectError::Client)
 }
 
 fn publish(status: &StatusHandle, report: &OtaReport) {
@@ -237,7 +280,7 @@ impl Ota {
             if until <= Instant::now() {
                 let window = humantime::format_duration(self.context.settings.try_window);
                 self.roll_back(
-                    "reverted",
+                    Rollback::Unconfirmed,
                     format!("not confirmed by a newer revision within {window}"),
                 )
                 .await;
@@ -282,7 +325,7 @@ impl Ota {
             }
             Err(err) => {
                 warn!(%err, "central server unreachable");
-                self.report.last_error = Some(err);
+                self.report.last_error = Some(err.to_string());
                 self.publish();
                 self.pause(self.retry).await;
                 self.retry = (self.retry * 2).min(MAX_RETRY);
@@ -333,20 +376,16 @@ impl Ota {
 
     /// A refused offer: reported once, never applied, and not asked for again.
     async fn refuse(&mut self, fingerprint: &str, claimed: Option<u64>, rejection: Rejection) {
-        let offered = claimed.map_or_else(
-            || "an unreadable revision".to_owned(),
-            |n| format!("revision {n}"),
-        );
-        let detail = format!("{offered} refused: {rejection}");
         let repeated = self.last_refused.as_deref() == Some(fingerprint);
         if !repeated {
-            warn!(%detail, "revision refused; the current configuration stays");
+            let outcome = Outcome::Refused {
+                running: self.running(),
+                offered: claimed,
+                rejection,
+            };
+            warn!(detail = %outcome.detail(), "revision refused; the current configuration stays");
             self.last_refused = Some(fingerprint.to_owned());
-            self.queue(Report {
-                revision: self.running(),
-                state: "rejected".into(),
-                detail,
-            });
+            self.queue(&outcome);
         }
         match claimed {
             Some(n) if n > self.journal.poll_after => {
@@ -364,7 +403,7 @@ impl Ota {
         if let Err(err) = self.revisions.store(revision, bytes) {
             // Nothing changed yet; the next poll offers it again.
             error!("{err}");
-            self.report.last_error = Some(err);
+            self.report.last_error = Some(err.to_string());
             self.publish();
             self.pause(MAX_RETRY).await;
             return;
@@ -393,18 +432,15 @@ impl Ota {
             },
             Err(reason) => {
                 warn!(revision, %reason, "revision unhealthy; rolling back");
-                self.roll_back("rolled-back", reason).await;
+                self.roll_back(Rollback::Unhealthy, reason.to_string())
+                    .await;
             }
         }
     }
 
     fn commit(&mut self, revision: u64) {
         let previous = self.journal.committed;
-        self.queue(Report {
-            revision: Some(revision),
-            state: "applied".into(),
-            detail: String::new(),
-        });
+        self.queue(&Outcome::Applied { revision });
         self.journal.committed = Some(revision);
         self.journal.pending = None;
         self.save();
@@ -424,24 +460,20 @@ impl Ota {
             phase: Phase::Trying { until_ms },
         });
         self.save();
+        self.queue(&Outcome::OnTrial { revision, window });
         let window = humantime::format_duration(window);
-        self.queue(Report {
-            revision: Some(revision),
-            state: "trying".into(),
-            detail: format!("healthy; reverts in {window} unless a newer revision confirms it"),
-        });
         info!(revision, %window, "trial revision healthy; on trial");
         self.set_state();
     }
 
     /// Goes back to the committed revision and reports `outcome` with `reason`.
-    async fn roll_back(&mut self, outcome: &str, reason: String) {
+    async fn roll_back(&mut self, outcome: Rollback, reason: String) {
         let Some(pending) = self.journal.pending.clone() else {
             return;
         };
         self.journal.pending = Some(Pending {
             phase: Phase::RollingBack {
-                outcome: outcome.to_owned(),
+                outcome,
                 reason: reason.clone(),
             },
             ..pending.clone()
@@ -463,20 +495,25 @@ impl Ota {
             None => None,
         };
         let from = self.revisions.active_text().ok().flatten();
-        let mut detail = format!("revision {}: {reason}", pending.revision);
-        if let Err(err) = self.switch_to(target.as_deref(), from.as_deref()).await {
+        let still_failing = self
+            .switch_to(target.as_deref(), from.as_deref())
+            .await
+            .err();
+        if let Some(err) = &still_failing {
             error!(%err, "the previous revision is not healthy either");
-            detail.push_str(&format!("; after going back: {err}"));
         }
-        self.queue(Report {
-            revision: self.journal.committed,
-            state: outcome.to_owned(),
-            detail,
-        });
+        let went_back = Outcome::WentBack {
+            rollback: outcome,
+            revision: pending.revision,
+            running: self.journal.committed,
+            reason,
+            still_failing,
+        };
+        self.queue(&went_back);
         self.journal.pending = None;
         self.save();
         info!(
-            outcome,
+            outcome = outcome.state().as_str(),
             revision = pending.revision,
             "back on the committed revision"
         );
@@ -485,9 +522,15 @@ impl Ota {
 
     /// Makes `target` the active configuration, touches the units that read what
     /// changed since `from`, and holds the health gate.
-    async fn switch_to(&mut self, target: Option<&str>, from: Option<&str>) -> Result<(), String> {
+    async fn switch_to(
+        &mut self,
+        target: Option<&str>,
+        from: Option<&str>,
+    ) -> Result<(), ApplyError> {
         let deadline = Instant::now() + self.context.settings.health_deadline;
-        self.revisions.activate(target)?;
+        self.revisions
+            .activate(target)
+            .map_err(ApplyError::Activate)?;
         self.report.active_sha256 = target.map(|text| sha256_hex(text.as_bytes()));
         self.publish();
         let parse = |text: &str| ClusterConfig::parse(self.revisions.active_path(), text).ok();
@@ -499,32 +542,28 @@ impl Ota {
             from.and_then(parse).as_ref(),
             target_config.as_ref(),
         );
-        self.connect_bus().await?;
-        let Some(bus) = self.bus.as_ref() else {
-            return Err("no D-Bus connection".to_owned());
+        let bus = match self.bus.take() {
+            Some(bus) => bus,
+            None => Systemd::connect_unsubscribed()
+                .await
+                .map_err(ApplyError::Bus)?,
         };
-        rollout::touch(bus, &plan, deadline).await?;
+        if let Err(err) = rollout::touch(&bus, &plan, deadline).await {
+            self.bus = Some(bus);
+            return Err(ApplyError::Touch(err));
+        }
         let gate = Gate {
             units: &units,
             proxy_config_url: &self.context.settings.proxy_config_url,
             expected_sha256: target.map(|text| sha256_hex(text.as_bytes())),
             settle: self.context.settings.settle,
         };
-        let result = gate.pass(bus, deadline).await;
-        if result.is_err() {
-            // A broken bus connection is dropped; the next use makes a new one.
-            self.bus = None;
-        }
-        result
-    }
-
-    async fn connect_bus(&mut self) -> Result<(), String> {
-        if self.bus.is_none() {
-            let bus = Systemd::connect_unsubscribed()
-                .await
-                .map_err(|err| format!("cannot reach systemd over D-Bus: {err}"))?;
-            self.bus = Some(bus);
-        }
+        // After a failed gate the bus connection is dropped, in case it is what broke; the
+        // next use makes a new one.
+        gate.pass(&bus, deadline)
+            .await
+            .map_err(ApplyError::Unhealthy)?;
+        self.bus = Some(bus);
         Ok(())
     }
 
@@ -549,7 +588,7 @@ impl Ota {
                     self.finish_apply(pending.revision, pending.mode, &signed.config, None)
                         .await;
                 }
-                Err(err) => self.roll_back("rolled-back", err).await,
+                Err(err) => self.roll_back(Rollback::Unhealthy, err.to_string()).await,
             },
             Phase::Trying { .. } => match self.revisions.load(pending.revision, &self.verifier) {
                 Ok(signed) => {
@@ -557,13 +596,14 @@ impl Ota {
                         != Some(signed.config.as_str())
                     {
                         if let Err(reason) = self.switch_to(Some(&signed.config), None).await {
-                            self.roll_back("rolled-back", reason).await;
+                            self.roll_back(Rollback::Unhealthy, reason.to_string())
+                                .await;
                         }
                     }
                 }
-                Err(err) => self.roll_back("rolled-back", err).await,
+                Err(err) => self.roll_back(Rollback::Unhealthy, err.to_string()).await,
             },
-            Phase::RollingBack { outcome, reason } => self.roll_back(&outcome, reason).await,
+            Phase::RollingBack { outcome, reason } => self.roll_back(outcome, reason).await,
         }
         self.set_state();
     }
@@ -591,7 +631,9 @@ impl Ota {
         }
     }
 
-    fn queue(&mut self, report: Report) {
+    /// Queues the report of `outcome` for the central server and shows it in the status.
+    fn queue(&mut self, outcome: &Outcome) {
+        let report = outcome.report();
         if let Err(err) = self.outbox.push(&report) {
             error!(%err, "cannot queue a report");
         }
@@ -603,17 +645,17 @@ impl Ota {
     fn save(&mut self) {
         if let Err(err) = self.journal_file.store(&self.journal) {
             error!(%err, "cannot write the OTA journal");
-            self.report.last_error = Some(err);
+            self.report.last_error = Some(err.to_string());
         }
     }
 
     fn set_state(&mut self) {
         self.report.state = match &self.journal.pending {
-            None => "idle",
+            None => OtaState::Idle,
             Some(Pending { phase, .. }) => match phase {
-                Phase::Applying => "applying",
-                Phase::Trying { .. } => "trying",
-                Phase::RollingBack { .. } => "rolling-back",
+                Phase::Applying => OtaState::Applying,
+                Phase::Trying { .. } => OtaState::Trying,
+                Phase::RollingBack { .. } => OtaState::RollingBack,
             },
         };
         self.report.committed = self.journal.committed;
@@ -639,4 +681,45 @@ fn unix_millis() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use pimesh_revision::ReportState;
+
+    use super::*;
+
+    #[test]
+    fn the_status_report_keeps_its_field_names_and_state_strings() {
+        let states = [
+            (OtaState::Disabled, "disabled"),
+            (OtaState::WaitingForCredential, "waiting-for-credential"),
+            (OtaState::Idle, "idle"),
+            (OtaState::Applying, "applying"),
+            (OtaState::Trying, "trying"),
+            (OtaState::RollingBack, "rolling-back"),
+        ];
+        for (state, text) in states {
+            assert_eq!(serde_json::to_value(state).expect("encode"), text);
+        }
+        let report = OtaReport {
+            state: OtaState::Idle,
+            committed: Some(3),
+            last_outcome: Some(NodeReport {
+                revision: Some(3),
+                state: ReportState::Applied,
+                detail: String::new(),
+            }),
+            queued_reports: 1,
+            ..OtaReport::default()
+        };
+        let json = serde_json::to_value(&report).expect("encode");
+        assert_eq!(json["state"], "idle");
+        assert_eq!(json["committed"], 3);
+        assert_eq!(json["queued_reports"], 1);
+        assert_eq!(
+            json["last_outcome"],
+            serde_json::json!({"revision": 3, "state": "applied", "detail": ""})
+        );
+    }
 }

@@ -6,23 +6,40 @@
 //! node's latest word even after days offline. The outbox is bounded: past
 //! [`MAX_QUEUED`] reports the oldest are dropped, as only the latest state matters most.
 
+use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use pimesh_revision::NodeReport;
 
 /// At most this many reports wait on disk.
 pub const MAX_QUEUED: usize = 64;
 
-/// What a node tells the central server about its configuration; the central server's
-/// `POST /v1/sites/<site>/reports` body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Report {
-    /// The revision the node runs after the event (`None`: none yet).
-    pub revision: Option<u64>,
-    /// `applied`, `trying`, `rejected`, `rolled-back` or `reverted`.
-    pub state: String,
-    /// Why, for anything but `applied`.
-    pub detail: String,
+/// Why a report could not be queued.
+#[derive(Debug)]
+pub enum QueueError {
+    Encode(serde_json::Error),
+    Write { path: PathBuf, source: io::Error },
+}
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QueueError::Encode(err) => write!(f, "cannot encode a report: {err}"),
+            QueueError::Write { path, source } => {
+                write!(f, "cannot queue a report in {}: {source}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for QueueError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            QueueError::Encode(err) => Some(err),
+            QueueError::Write { source, .. } => Some(source),
+        }
+    }
 }
 
 pub struct Outbox {
@@ -57,14 +74,14 @@ impl Outbox {
     }
 
     /// Queues `report` durably.
-    pub fn push(&self, report: &Report) -> Result<(), String> {
+    pub fn push(&self, report: &NodeReport) -> Result<(), QueueError> {
         let queued = self.queued();
         let next = queued.last().map_or(1, |(sequence, _)| sequence + 1);
         let path = self.dir.join(format!("{next:020}.json"));
-        let bytes =
-            serde_json::to_vec(report).map_err(|err| format!("cannot encode a report: {err}"))?;
-        pimesh_runtime::atomic_file::replace(&path, &bytes, 0o600)
-            .map_err(|err| format!("cannot queue a report in {}: {err}", path.display()))?;
+        let bytes = serde_json::to_vec(report).map_err(QueueError::Encode)?;
+        if let Err(source) = pimesh_runtime::atomic_file::replace(&path, &bytes, 0o600) {
+            return Err(QueueError::Write { path, source });
+        }
         let excess = (queued.len() + 1).saturating_sub(MAX_QUEUED);
         for (_, old) in queued.iter().take(excess) {
             tracing::warn!(file = %old.display(), "outbox full: dropping the oldest report");
@@ -74,7 +91,7 @@ impl Outbox {
     }
 
     /// The oldest queued report. A file that does not decode (damaged disk) is dropped.
-    pub fn oldest(&self) -> Option<(PathBuf, Report)> {
+    pub fn oldest(&self) -> Option<(PathBuf, NodeReport)> {
         for (_, path) in self.queued() {
             match std::fs::read(&path)
                 .ok()
@@ -100,12 +117,14 @@ impl Outbox {
 
 #[cfg(test)]
 mod tests {
+    use pimesh_revision::ReportState;
+
     use super::*;
 
-    fn report(n: u64) -> Report {
-        Report {
+    fn report(n: u64) -> NodeReport {
+        NodeReport {
             revision: Some(n),
-            state: "applied".into(),
+            state: ReportState::Applied,
             detail: String::new(),
         }
     }
@@ -134,5 +153,24 @@ mod tests {
         }
         assert_eq!(outbox.len(), MAX_QUEUED);
         assert_eq!(outbox.oldest().map(|(_, r)| r), Some(report(5)));
+    }
+
+    #[test]
+    fn queued_files_of_any_supervisor_are_delivered_as_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Outbox::new(dir.path());
+        let queued = dir.path().join("outbox");
+        std::fs::create_dir_all(&queued).expect("mkdir");
+        // One as this supervisor writes it, one of a newer supervisor's states.
+        let written = r#"{"revision":3,"state":"reverted","detail":"revision 4: not confirmed"}"#;
+        let newer = r#"{"revision":4,"state":"draining","detail":""}"#;
+        std::fs::write(queued.join(format!("{:020}.json", 1)), written).expect("write");
+        std::fs::write(queued.join(format!("{:020}.json", 2)), newer).expect("write");
+        let (path, first) = outbox.oldest().expect("a report");
+        assert_eq!(first.state, ReportState::Reverted);
+        assert_eq!(serde_json::to_string(&first).expect("encode"), written);
+        outbox.remove(&path);
+        let (_, second) = outbox.oldest().expect("the newer report is kept");
+        assert_eq!(serde_json::to_string(&second).expect("encode"), newer);
     }
 }

@@ -6,10 +6,92 @@
 //! The active configuration (`/etc/pimesh/cluster.toml`, what the proxy and the control
 //! replicas read) is only ever replaced whole.
 
+use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use pimesh_revision::{SignedRevision, Verifier};
+use pimesh_revision::{Rejection, SignedRevision, Verifier};
+
+/// Why a stored revision or the active configuration could not be used.
+#[derive(Debug)]
+pub enum RevisionsError {
+    /// A file could not be stored, read, written, removed or synced: `op` says which.
+    Io {
+        op: FileOp,
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// A stored revision no longer verifies.
+    Refused {
+        path: PathBuf,
+        rejection: Box<Rejection>,
+    },
+    /// A stored revision holds another number than its file name.
+    Misfiled {
+        path: PathBuf,
+        holds: u64,
+        wanted: u64,
+    },
+}
+
+/// What was done to a file when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileOp {
+    Store,
+    Read,
+    Write,
+    Remove,
+    Sync,
+}
+
+impl FileOp {
+    fn verb(self) -> &'static str {
+        match self {
+            FileOp::Store => "store",
+            FileOp::Read => "read",
+            FileOp::Write => "write",
+            FileOp::Remove => "remove",
+            FileOp::Sync => "sync",
+        }
+    }
+
+    fn on(self, path: &Path) -> impl FnOnce(io::Error) -> RevisionsError {
+        let path = path.to_path_buf();
+        move |source| RevisionsError::Io {
+            op: self,
+            path,
+            source,
+        }
+    }
+}
+
+impl fmt::Display for RevisionsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RevisionsError::Io { op, path, source } => {
+                write!(f, "cannot {} {}: {source}", op.verb(), path.display())
+            }
+            RevisionsError::Refused { path, rejection } => {
+                write!(f, "{}: {rejection}", path.display())
+            }
+            RevisionsError::Misfiled {
+                path,
+                holds,
+                wanted,
+            } => write!(f, "{} holds revision {holds}, not {wanted}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for RevisionsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RevisionsError::Io { source, .. } => Some(source),
+            RevisionsError::Refused { rejection, .. } => Some(rejection.as_ref()),
+            RevisionsError::Misfiled { .. } => None,
+        }
+    }
+}
 
 /// The stored signed revisions and the active configuration file.
 pub struct Revisions {
@@ -34,28 +116,37 @@ impl Revisions {
     }
 
     /// Stores the signed document of `revision` durably.
-    pub fn store(&self, revision: u64, signed_json: &[u8]) -> Result<(), String> {
+    pub fn store(&self, revision: u64, signed_json: &[u8]) -> Result<(), RevisionsError> {
         let path = self.path_of(revision);
         pimesh_runtime::atomic_file::replace(&path, signed_json, 0o600)
             .map(|_changed| ())
-            .map_err(|err| format!("cannot store {}: {err}", path.display()))
+            .map_err(FileOp::Store.on(&path))
     }
 
     /// The stored revision, verified again (signature and site) against `verifier`: the
     /// disk is not trusted more than the network.
-    pub fn load(&self, revision: u64, verifier: &Verifier) -> Result<SignedRevision, String> {
+    pub fn load(
+        &self,
+        revision: u64,
+        verifier: &Verifier,
+    ) -> Result<SignedRevision, RevisionsError> {
         let path = self.path_of(revision);
-        let bytes =
-            std::fs::read(&path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
-        let signed = verifier
-            .verify_signature(&bytes)
-            .map_err(|err| format!("{}: {err}", path.display()))?;
+        let bytes = std::fs::read(&path).map_err(FileOp::Read.on(&path))?;
+        let signed = match verifier.verify_signature(&bytes) {
+            Ok(signed) => signed,
+            Err(rejection) => {
+                return Err(RevisionsError::Refused {
+                    path,
+                    rejection: Box::new(rejection),
+                })
+            }
+        };
         if signed.revision != revision {
-            return Err(format!(
-                "{} holds revision {}, not {revision}",
-                path.display(),
-                signed.revision
-            ));
+            return Err(RevisionsError::Misfiled {
+                path,
+                holds: signed.revision,
+                wanted: revision,
+            });
         }
         Ok(signed)
     }
@@ -81,29 +172,28 @@ impl Revisions {
 
     /// Makes `config` the active configuration (`None`: no site configuration at all).
     /// Returns whether the file changed.
-    pub fn activate(&self, config: Option<&str>) -> Result<bool, String> {
+    pub fn activate(&self, config: Option<&str>) -> Result<bool, RevisionsError> {
         let path = &self.active;
         match config {
             Some(text) => pimesh_runtime::atomic_file::replace(path, text.as_bytes(), 0o644)
-                .map_err(|err| format!("cannot write {}: {err}", path.display())),
+                .map_err(FileOp::Write.on(path)),
             None => match std::fs::remove_file(path) {
                 Ok(()) => {
-                    sync_parent(path)
-                        .map_err(|err| format!("cannot sync {}: {err}", path.display()))?;
+                    sync_parent(path).map_err(FileOp::Sync.on(path))?;
                     Ok(true)
                 }
                 Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
-                Err(err) => Err(format!("cannot remove {}: {err}", path.display())),
+                Err(err) => Err(FileOp::Remove.on(path)(err)),
             },
         }
     }
 
     /// The active configuration's text, `None` when there is no file.
-    pub fn active_text(&self) -> Result<Option<String>, String> {
+    pub fn active_text(&self) -> Result<Option<String>, RevisionsError> {
         match std::fs::read_to_string(&self.active) {
             Ok(text) => Ok(Some(text)),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(err) => Err(format!("cannot read {}: {err}", self.active.display())),
+            Err(err) => Err(FileOp::Read.on(&self.active)(err)),
         }
     }
 }

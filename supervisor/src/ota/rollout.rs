@@ -9,12 +9,14 @@
 //! `crate::managed_units`) is started and ready before the health gate. Nothing else is
 //! touched.
 
+use std::fmt;
 use std::time::Duration;
 
 use pimesh_schema::cluster::ClusterConfig;
-use pimesh_schema::ManagedUnit;
+use pimesh_schema::{ManagedUnit, UnitName};
 use tokio::time::Instant;
 
+use super::gate::{unit_health, UnitUnhealthy};
 use crate::systemd::Systemd;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,35 +78,114 @@ pub fn plan(
         .collect()
 }
 
+/// What was done to a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Reload,
+    Restart,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Reload => "reload",
+            Action::Restart => "restart",
+        }
+    }
+}
+
+/// Why touching the units stopped.
+#[derive(Debug)]
+pub enum TouchError {
+    /// systemd did not say whether the unit is loaded.
+    Unreadable { unit: UnitName, source: zbus::Error },
+    /// systemd did not reload or restart the unit.
+    Failed {
+        action: Action,
+        unit: UnitName,
+        source: zbus::Error,
+    },
+    /// A restarted unit was not healthy by the deadline; `last` is why (`None`: the
+    /// deadline came before a check).
+    NotBack {
+        unit: UnitName,
+        last: Option<UnitUnhealthy>,
+    },
+}
+
+impl fmt::Display for TouchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TouchError::Unreadable { unit, source } => write!(f, "cannot read {unit}: {source}"),
+            TouchError::Failed {
+                action,
+                unit,
+                source,
+            } => write!(f, "cannot {} {unit}: {source}", action.as_str()),
+            TouchError::NotBack { unit, last } => {
+                write!(f, "{unit} did not come back after its restart: ")?;
+                match last {
+                    Some(reason) => reason.fmt(f),
+                    None => f.write_str("not checked yet"),
+                }
+            }
+        }
+    }
+}
+
+impl std::error::Error for TouchError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TouchError::Unreadable { source, .. } | TouchError::Failed { source, .. } => {
+                Some(source)
+            }
+            TouchError::NotBack { last, .. } => last
+                .as_ref()
+                .map(|reason| reason as &(dyn std::error::Error + 'static)),
+        }
+    }
+}
+
 /// Reloads each planned unit (restarts it when it is not running); a restarted unit must
-/// be active and ready before the next one is touched (bounded by `deadline`). Units that do not exist are
-/// skipped (the keeper reports them).
+/// be active and ready before the next one is touched (bounded by `deadline`). Units that
+/// do not exist are skipped (the keeper reports them).
 pub async fn touch(
     bus: &Systemd,
     plan: &[(ManagedUnit, Touch)],
     deadline: Instant,
-) -> Result<(), String> {
+) -> Result<(), TouchError> {
     for (unit, touch) in plan {
         let name = unit.name.as_str();
-        let Some((path, state)) = bus
-            .loaded_unit(name)
-            .await
-            .map_err(|err| format!("cannot read {name}: {err}"))?
+        let Some((path, state)) =
+            bus.loaded_unit(name)
+                .await
+                .map_err(|source| TouchError::Unreadable {
+                    unit: unit.name.clone(),
+                    source,
+                })?
         else {
             continue;
         };
         let inactive = state.active_state != "active";
         // A reload needs a running unit; a stopped one is started with the new file.
         let (action, result) = match touch {
-            Touch::Reload if !inactive => {
-                ("reload", bus.manager().reload_unit(name, "replace").await)
-            }
-            Touch::Reload => ("restart", bus.manager().restart_unit(name, "replace").await),
+            Touch::Reload if !inactive => (
+                Action::Reload,
+                bus.manager().reload_unit(name, "replace").await,
+            ),
+            Touch::Reload => (
+                Action::Restart,
+                bus.manager().restart_unit(name, "replace").await,
+            ),
         };
-        result.map_err(|err| format!("cannot {action} {name}: {err}"))?;
+        result.map_err(|source| TouchError::Failed {
+            action,
+            unit: unit.name.clone(),
+            source,
+        })?;
         tracing::info!(
             unit = name,
-            action,
+            action = action.as_str(),
             "unit touched for the new configuration"
         );
         if inactive {
@@ -120,19 +201,19 @@ async fn wait_ready(
     unit: &ManagedUnit,
     path: &zbus::zvariant::OwnedObjectPath,
     deadline: Instant,
-) -> Result<(), String> {
-    let name = unit.name.as_str();
-    let mut last = String::from("not checked yet");
+) -> Result<(), TouchError> {
+    let mut last = None;
     while Instant::now() < deadline {
-        match super::gate::unit_health(bus, unit, path).await {
+        match unit_health(bus, unit, path).await {
             Ok(()) => return Ok(()),
-            Err(reason) => last = reason,
+            Err(reason) => last = Some(reason),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(format!(
-        "{name} did not come back after its restart: {last}"
-    ))
+    Err(TouchError::NotBack {
+        unit: unit.name.clone(),
+        last,
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,227 @@
+//! The central server's URL paths: built here by its clients (the node's OTA client,
+//! `pimeshctl`) and parsed here by the server, so both sides name the same resources.
+//!
+//! | path | resource |
+//! |---|---|
+//! | `/v1/sites/<site>/revisions` | [`revisions`]: publish a signed revision (`PUT`) |
+//! | `/v1/sites/<site>/config?after=<n>&wait=<s>` | [`config`] and [`ConfigQuery`]: a node's long-poll (`GET`) |
+//! | `/v1/sites/<site>/reports` | [`reports`]: a node's report (`POST`) |
+//! | `/v1/fleet` | [`FLEET`]: the fleet view (`GET`) |
+
+use std::fmt;
+use std::time::Duration;
+
+use pimesh_schema::DnsLabel;
+
+/// The fleet view.
+pub const FLEET: &str = "/v1/fleet";
+
+/// What a path under `/v1/sites/<site>/` addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SiteResource {
+    Revisions,
+    Config,
+    Reports,
+}
+
+impl SiteResource {
+    /// The path's last segment.
+    pub const fn segment(self) -> &'static str {
+        match self {
+            SiteResource::Revisions => "revisions",
+            SiteResource::Config => "config",
+            SiteResource::Reports => "reports",
+        }
+    }
+
+    fn from_segment(segment: &str) -> Option<SiteResource> {
+        [
+            SiteResource::Revisions,
+            SiteResource::Config,
+            SiteResource::Reports,
+        ]
+        .into_iter()
+        .find(|resource| resource.segment() == segment)
+    }
+}
+
+/// `/v1/sites/<site>/<resource>`.
+pub fn site(site: &DnsLabel, resource: SiteResource) -> String {
+    format!("/v1/sites/{site}/{}", resource.segment())
+}
+
+/// `/v1/sites/<site>/revisions`.
+pub fn revisions(site_name: &DnsLabel) -> String {
+    site(site_name, SiteResource::Revisions)
+}
+
+/// `/v1/sites/<site>/config` (the query is a [`ConfigQuery`]).
+pub fn config(site_name: &DnsLabel) -> String {
+    site(site_name, SiteResource::Config)
+}
+
+/// `/v1/sites/<site>/reports`.
+pub fn reports(site_name: &DnsLabel) -> String {
+    site(site_name, SiteResource::Reports)
+}
+
+/// A path the server answers, parsed. Only whole paths match: no trailing `/`, no extra
+/// segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// [`FLEET`].
+    Fleet,
+    /// `/v1/sites/<site>/<segment>`; `resource` is `None` when the segment names none.
+    /// The site is as written in the path: not yet checked to be a name.
+    Site {
+        site: &'a str,
+        resource: Option<SiteResource>,
+    },
+}
+
+impl<'a> Route<'a> {
+    /// The route `path` (a URL's path, without its query) addresses, if any.
+    pub fn parse(path: &'a str) -> Option<Route<'a>> {
+        let segments: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
+        match segments.as_slice() {
+            ["v1", "fleet"] => Some(Route::Fleet),
+            ["v1", "sites", site, segment] => Some(Route::Site {
+                site,
+                resource: SiteResource::from_segment(segment),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The query of a configuration long-poll: answer with a revision newer than `after`, or
+/// wait up to `wait` (whole seconds) for one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConfigQuery {
+    pub after: u64,
+    pub wait: Duration,
+}
+
+/// A [`ConfigQuery`] parameter that is not a whole number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryError {
+    /// `after` or `wait`.
+    pub key: &'static str,
+}
+
+impl fmt::Display for QueryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} must be a whole number", self.key)
+    }
+}
+
+impl std::error::Error for QueryError {}
+
+impl ConfigQuery {
+    const AFTER: &'static str = "after";
+    const WAIT: &'static str = "wait";
+
+    /// `after=<n>&wait=<s>`, the part of the URL after `?`.
+    pub fn encode(&self) -> String {
+        format!(
+            "{}={}&{}={}",
+            Self::AFTER,
+            self.after,
+            Self::WAIT,
+            self.wait.as_secs()
+        )
+    }
+
+    /// Reads `after` and `wait` from a URL query (`None`: no query); a missing one is 0,
+    /// other parameters are ignored, the last of a repeated one counts.
+    pub fn parse(query: Option<&str>) -> Result<ConfigQuery, QueryError> {
+        let number =
+            |key: &'static str, value: &str| value.parse::<u64>().map_err(|_| QueryError { key });
+        let mut parsed = ConfigQuery::default();
+        for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            match key.as_ref() {
+                Self::AFTER => parsed.after = number(Self::AFTER, &value)?,
+                Self::WAIT => parsed.wait = Duration::from_secs(number(Self::WAIT, &value)?),
+                _ => {}
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(s: &str) -> DnsLabel {
+        DnsLabel::try_from(s.to_owned()).expect("label")
+    }
+
+    #[test]
+    fn built_paths_are_the_servers_and_parse_back() {
+        let depot = label("depot-7");
+        assert_eq!(revisions(&depot), "/v1/sites/depot-7/revisions");
+        assert_eq!(config(&depot), "/v1/sites/depot-7/config");
+        assert_eq!(reports(&depot), "/v1/sites/depot-7/reports");
+        assert_eq!(FLEET, "/v1/fleet");
+        for (path, resource) in [
+            (revisions(&depot), SiteResource::Revisions),
+            (config(&depot), SiteResource::Config),
+            (reports(&depot), SiteResource::Reports),
+        ] {
+            assert_eq!(
+                Route::parse(&path),
+                Some(Route::Site {
+                    site: "depot-7",
+                    resource: Some(resource)
+                })
+            );
+        }
+        assert_eq!(Route::parse(FLEET), Some(Route::Fleet));
+    }
+
+    #[test]
+    fn other_paths_are_no_route_or_no_resource() {
+        for path in [
+            "",
+            "/",
+            "/v1",
+            "/v1/fleet/",
+            "/v2/fleet",
+            "/v1/sites/depot-7",
+            "/v1/sites/depot-7/config/",
+            "v1/fleet",
+        ] {
+            assert_eq!(Route::parse(path), None, "{path:?}");
+        }
+        assert_eq!(
+            Route::parse("/v1/sites/NOT A SITE/status"),
+            Some(Route::Site {
+                site: "NOT A SITE",
+                resource: None
+            })
+        );
+    }
+
+    #[test]
+    fn the_config_query_round_trips_and_names_a_bad_number() {
+        let query = ConfigQuery {
+            after: 12,
+            wait: Duration::from_secs(50),
+        };
+        assert_eq!(query.encode(), "after=12&wait=50");
+        assert_eq!(ConfigQuery::parse(Some(&query.encode())), Ok(query));
+        assert_eq!(ConfigQuery::parse(None), Ok(ConfigQuery::default()));
+        assert_eq!(
+            ConfigQuery::parse(Some("wait=5&other=x")),
+            Ok(ConfigQuery {
+                after: 0,
+                wait: Duration::from_secs(5)
+            })
+        );
+        let err = ConfigQuery::parse(Some("after=-1")).expect_err("negative");
+        assert_eq!(err.to_string(), "after must be a whole number");
+        let err = ConfigQuery::parse(Some("after=1&wait=soon")).expect_err("words");
+        assert_eq!(err.to_string(), "wait must be a whole number");
+    }
+}

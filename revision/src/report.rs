@@ -1,0 +1,193 @@
+//! What a node tells the central server about its configuration, and what the central
+//! server keeps of it.
+//!
+//! A node posts a [`NodeReport`] (`POST /v1/sites/<site>/reports`):
+//!
+//! ```json
+//! {"revision": 12, "state": "rolled-back", "detail": "revision 13: the proxy ..."}
+//! ```
+//!
+//! The central server stores it as a [`RecordedReport`]: the same fields and
+//! `received_at`. A reader never loses a report over its state: a state it does not know
+//! (one a newer node sends) is kept verbatim as [`ReportState::Unrecognised`], stored,
+//! shown and serialised back exactly as received.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// What a node last said about its configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// The revision the node runs after the event (`None`: none yet).
+    pub revision: Option<u64>,
+    pub state: ReportState,
+    /// Why, for anything but [`ReportState::Applied`] (empty then).
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// A [`NodeReport`] as the central server recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedReport {
+    #[serde(flatten)]
+    pub report: NodeReport,
+    /// Seconds since the Unix epoch when the central server received the report (0: not
+    /// known).
+    #[serde(default)]
+    pub received_at: u64,
+}
+
+/// How a node's last change of configuration ended, as one word on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ReportState {
+    /// `applied`: the revision passed the health gate and is committed.
+    Applied,
+    /// `trying`: a `try` revision passed the health gate and runs on trial.
+    Trying,
+    /// `rejected`: an offered revision was refused; the node runs what it ran.
+    Rejected,
+    /// `rolled-back`: a revision failed to apply or its health gate; the node went back.
+    RolledBack,
+    /// `reverted`: a trial was not confirmed in time; the node went back.
+    Reverted,
+    /// A state this build does not know, kept as sent.
+    Unrecognised(UnrecognisedState),
+}
+
+/// A state string none of [`ReportState`]'s known variants stands for. Invariant: never
+/// one of the known strings (only [`ReportState::from`] makes one), so that each state
+/// has exactly one value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UnrecognisedState(String);
+
+impl UnrecognisedState {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl ReportState {
+    /// Every state this build knows, with its string.
+    pub const KNOWN: [(ReportState, &'static str); 5] = [
+        (ReportState::Applied, "applied"),
+        (ReportState::Trying, "trying"),
+        (ReportState::Rejected, "rejected"),
+        (ReportState::RolledBack, "rolled-back"),
+        (ReportState::Reverted, "reverted"),
+    ];
+
+    /// The state's string on the wire.
+    pub fn as_str(&self) -> &str {
+        match self {
+            ReportState::Applied => "applied",
+            ReportState::Trying => "trying",
+            ReportState::Rejected => "rejected",
+            ReportState::RolledBack => "rolled-back",
+            ReportState::Reverted => "reverted",
+            ReportState::Unrecognised(state) => state.as_str(),
+        }
+    }
+}
+
+impl From<&str> for ReportState {
+    fn from(text: &str) -> ReportState {
+        ReportState::KNOWN
+            .into_iter()
+            .find_map(|(state, known)| (known == text).then_some(state))
+            .unwrap_or_else(|| ReportState::Unrecognised(UnrecognisedState(text.to_owned())))
+    }
+}
+
+impl fmt::Display for ReportState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for ReportState {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ReportState {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<ReportState, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Ok(ReportState::from(text.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_known_state_is_its_exact_string_both_ways() {
+        let expected = ["applied", "trying", "rejected", "rolled-back", "reverted"];
+        assert_eq!(ReportState::KNOWN.map(|(_, text)| text), expected);
+        for (state, text) in ReportState::KNOWN {
+            assert_eq!(state.as_str(), text);
+            let json = serde_json::to_string(&state).expect("serialise");
+            assert_eq!(json, format!("\"{text}\""));
+            let parsed: ReportState = serde_json::from_str(&json).expect("parse");
+            assert_eq!(parsed, state);
+            assert!(!matches!(parsed, ReportState::Unrecognised(_)));
+        }
+    }
+
+    #[test]
+    fn a_report_as_a_node_writes_it_parses_and_writes_back_the_same() {
+        let sent =
+            r#"{"revision":12,"state":"rolled-back","detail":"revision 13: the proxy refused it"}"#;
+        let report: NodeReport = serde_json::from_str(sent).expect("parse");
+        assert_eq!(
+            report,
+            NodeReport {
+                revision: Some(12),
+                state: ReportState::RolledBack,
+                detail: "revision 13: the proxy refused it".to_owned(),
+            }
+        );
+        assert_eq!(serde_json::to_string(&report).expect("serialise"), sent);
+
+        let first =
+            r#"{"revision":null,"state":"rejected","detail":"an unreadable revision refused"}"#;
+        let report: NodeReport = serde_json::from_str(first).expect("parse");
+        assert_eq!(report.revision, None);
+        assert_eq!(serde_json::to_string(&report).expect("serialise"), first);
+    }
+
+    #[test]
+    fn a_recorded_report_is_the_report_and_when_it_came() {
+        let stored = r#"{"revision":2,"state":"applied","detail":"","received_at":1764000000}"#;
+        let recorded: RecordedReport = serde_json::from_str(stored).expect("parse");
+        assert_eq!(recorded.report.state, ReportState::Applied);
+        assert_eq!(recorded.report.revision, Some(2));
+        assert_eq!(recorded.received_at, 1_764_000_000);
+        assert_eq!(serde_json::to_string(&recorded).expect("serialise"), stored);
+        // Without a time, or a detail, it still reads.
+        let bare: RecordedReport =
+            serde_json::from_str(r#"{"revision":2,"state":"applied"}"#).expect("parse");
+        assert_eq!((bare.received_at, bare.report.detail.as_str()), (0, ""));
+    }
+
+    #[test]
+    fn an_unknown_state_is_kept_verbatim_and_the_report_with_it() {
+        let sent = r#"{"revision":7,"state":"paused-for-maintenance","detail":"until 18:00","extra":true}"#;
+        let report: NodeReport = serde_json::from_str(sent).expect("a newer node's report");
+        assert_eq!(report.revision, Some(7));
+        assert_eq!(report.detail, "until 18:00");
+        assert!(
+            matches!(&report.state, ReportState::Unrecognised(state) if state.as_str() == "paused-for-maintenance")
+        );
+        assert_eq!(report.state.to_string(), "paused-for-maintenance");
+        assert_eq!(
+            serde_json::to_string(&report).expect("serialise"),
+            r#"{"revision":7,"state":"paused-for-maintenance","detail":"until 18:00"}"#
+        );
+        // A state is a string: anything else is not a report.
+        assert!(serde_json::from_str::<NodeReport>(r#"{"revision":7,"state":3}"#).is_err());
+        assert!(serde_json::from_str::<NodeReport>(r#"{"revision":7}"#).is_err());
+    }
+}
