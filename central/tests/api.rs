@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
-use pimesh_revision::{Mode, Revision};
 use pimesh_identity::{LeafRequest, SpiffeId, TrustRoot};
+use pimesh_revision::{Mode, Revision};
 use pimesh_schema::DnsLabel;
 use reqwest::blocking::Client;
 use ring::signature::KeyPair as _;
