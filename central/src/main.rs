@@ -15,6 +15,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::Parser;
+use pimesh_runtime::cli::NonEmptyPath;
 use pimesh_runtime::{notify, serve};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -24,8 +26,6 @@ use crate::config::CentralConfig;
 use crate::sites::{Registry, Site};
 use crate::storage::FileStorage;
 
-const USAGE: &str =
-    "usage: pimesh-central [--config PATH]   (default /etc/pimesh-central/central.toml)";
 /// A client must complete its TLS handshake within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The fleet the open-file limit should fit at least: below it, a warning at start.
@@ -34,19 +34,19 @@ const PLANNED_NODES: u64 = 10_000;
 /// connection and for reconnect storms (old connections not yet closed).
 const DESCRIPTORS_PER_NODE: u64 = 4;
 
+/// The central server: stores each site's signed configuration revisions and serves them
+/// to the site's nodes.
+#[derive(Debug, Parser)]
+#[command(name = "pimesh-central", args_override_self = true)]
+struct Cli {
+    /// The server's configuration
+    #[arg(long = "config", value_name = "PATH", value_parser = NonEmptyPath, default_value = "/etc/pimesh-central/central.toml")]
+    config_path: PathBuf,
+}
+
 fn main() -> ExitCode {
-    let mut config_path = PathBuf::from("/etc/pimesh-central/central.toml");
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match (arg.as_str(), args.next()) {
-            ("--config", Some(path)) => config_path = path.into(),
-            _ => {
-                eprintln!("{USAGE}");
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let config = match CentralConfig::load(&config_path) {
+    let cli = Cli::parse();
+    let config = match CentralConfig::load(&cli.config_path) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("pimesh-central: {err}");
