@@ -96,6 +96,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// One step of the trust root's lifecycle
+    #[command(arg_required_else_help = false)]
     Trust {
         #[command(subcommand)]
         command: TrustCommand,
@@ -109,6 +110,7 @@ enum TrustCommand {
     /// A new issuer from the anchor that signed the current one
     RotateIssuer,
     /// Anchor rotation, one step at a time
+    #[command(arg_required_else_help = false)]
     Anchor {
         #[command(subcommand)]
         step: AnchorStep,
