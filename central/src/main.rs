@@ -13,10 +13,11 @@ use std::convert::Infallible;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hyper_util::rt::{TokioIo, TokioTimer};
-use pimesh_runtime::notify;
+use clap::Parser;
+use pimesh_runtime::cli::NonEmptyPath;
+use pimesh_runtime::{notify, serve};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -25,34 +26,27 @@ use crate::config::CentralConfig;
 use crate::sites::{Registry, Site};
 use crate::storage::FileStorage;
 
-const USAGE: &str =
-    "usage: pimesh-central [--config PATH]   (default /etc/pimesh-central/central.toml)";
 /// A client must complete its TLS handshake within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed accept (out of descriptors, mostly) before the next.
-const ACCEPT_RETRY: Duration = Duration::from_millis(50);
-/// At most one warning about failed accepts per this long.
-const ACCEPT_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 /// The fleet the open-file limit should fit at least: below it, a warning at start.
 const PLANNED_NODES: u64 = 10_000;
 /// Descriptors per node: its long-poll connection, plus room for reports on a second
 /// connection and for reconnect storms (old connections not yet closed).
 const DESCRIPTORS_PER_NODE: u64 = 4;
 
+/// The central server: stores each site's signed configuration revisions and serves them
+/// to the site's nodes.
+#[derive(Debug, Parser)]
+#[command(name = "pimesh-central", args_override_self = true)]
+struct Cli {
+    /// The server's configuration
+    #[arg(long = "config", value_name = "PATH", value_parser = NonEmptyPath, default_value = "/etc/pimesh-central/central.toml")]
+    config_path: PathBuf,
+}
+
 fn main() -> ExitCode {
-    let mut config_path = PathBuf::from("/etc/pimesh-central/central.toml");
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match (arg.as_str(), args.next()) {
-            ("--config", Some(path)) => config_path = path.into(),
-            _ => {
-                eprintln!("{USAGE}");
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let config = match CentralConfig::load(&config_path) {
+    let cli = Cli::parse();
+    let config = match CentralConfig::load(&cli.config_path) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("pimesh-central: {err}");
@@ -158,119 +152,47 @@ fn raise_open_file_limit() {
     }
 }
 
-/// Failed accepts, warned about at most once per [`ACCEPT_WARNING_INTERVAL`]: out of
-/// descriptors, every retry fails, and a warning each would flood the journal.
-#[derive(Default)]
-struct AcceptErrors {
-    last_warning: Option<Instant>,
-    /// Failures since the last warning.
-    unreported: u64,
-}
-
-impl AcceptErrors {
-    fn failed(&mut self, err: &std::io::Error) {
-        let Some(failures) = self.warning_due(Instant::now()) else {
-            return;
-        };
-        match err.raw_os_error() {
-            Some(nix::libc::EMFILE) => {
-                use nix::sys::resource::{getrlimit, Resource};
-                let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(0, |(soft, _)| soft);
-                warn!(
-                    %err,
-                    failures,
-                    limit,
-                    "cannot accept connections: all {limit} descriptors of the open-file limit (RLIMIT_NOFILE) are in use; raise LimitNOFILE="
-                );
-            }
-            Some(nix::libc::ENFILE) => warn!(
-                %err,
-                failures,
-                "cannot accept connections: the system's open-file table (fs.file-max) is full"
-            ),
-            _ => warn!(%err, failures, "accept failed"),
-        }
-    }
-
-    /// Counts one failure at `now`; when a warning is due, the failures it reports.
-    fn warning_due(&mut self, now: Instant) -> Option<u64> {
-        self.unreported += 1;
-        if self
-            .last_warning
-            .is_some_and(|last| now.saturating_duration_since(last) < ACCEPT_WARNING_INTERVAL)
-        {
-            return None;
-        }
-        self.last_warning = Some(now);
-        Some(std::mem::take(&mut self.unreported))
-    }
-}
-
+/// Serves the API on `listener`: each connection's TLS handshake (within
+/// [`HANDSHAKE_TIMEOUT`]), then HTTP/1.1 with the client's certificate chain at hand.
 async fn serve(listener: TcpListener, acceptor: TlsAcceptor, registry: Arc<Registry>) {
-    let mut accept_errors = AcceptErrors::default();
-    loop {
-        let (tcp, peer_addr) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                // The connection stays in the backlog; retry once descriptors may be free.
-                accept_errors.failed(&err);
-                tokio::time::sleep(ACCEPT_RETRY).await;
-                continue;
+    let limits = serve::Limits::named("central API");
+    serve::accept_loop(
+        listener,
+        limits,
+        std::future::pending(),
+        |tcp, peer_addr| {
+            let acceptor = acceptor.clone();
+            let registry = Arc::clone(&registry);
+            async move {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(err)) => {
+                        debug!(%peer_addr, %err, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer_addr, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                // The chain and, once a request needs it, what it authorizes: for this
+                // connection's every request.
+                let peer = Arc::new(api::Peer::new(
+                    tls.get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
+                        .unwrap_or_default(),
+                ));
+                let service = hyper::service::service_fn(move |request| {
+                    let peer = Arc::clone(&peer);
+                    let registry = Arc::clone(&registry);
+                    async move { Ok::<_, Infallible>(api::route(request, peer, registry).await) }
+                });
+                serve::http1(tls, service, peer_addr, limits.name).await;
             }
-        };
-        let acceptor = acceptor.clone();
-        let registry = Arc::clone(&registry);
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(err)) => {
-                    debug!(%peer_addr, %err, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%peer_addr, "TLS handshake timed out");
-                    return;
-                }
-            };
-            // The chain and, once a request needs it, what it authorizes: for this
-            // connection's every request.
-            let peer = Arc::new(api::Peer::new(
-                tls.get_ref()
-                    .1
-                    .peer_certificates()
-                    .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
-                    .unwrap_or_default(),
-            ));
-            let service = hyper::service::service_fn(move |request| {
-                let peer = Arc::clone(&peer);
-                let registry = Arc::clone(&registry);
-                async move { Ok::<_, Infallible>(api::route(request, peer, registry).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(tls), service);
-            if let Err(err) = connection.await {
-                debug!(%peer_addr, %err, "connection ended with an error");
-            }
-        });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn accept_failures_are_warned_about_at_most_once_per_interval() {
-        let mut errors = AcceptErrors::default();
-        let start = Instant::now();
-        assert_eq!(errors.warning_due(start), Some(1));
-        for n in 1..200 {
-            assert_eq!(errors.warning_due(start + ACCEPT_RETRY * n), None);
-        }
-        let next = start + ACCEPT_WARNING_INTERVAL;
-        assert_eq!(errors.warning_due(next), Some(200));
-        assert_eq!(errors.warning_due(next + ACCEPT_RETRY), None);
-    }
+        },
+    )
+    .await;
 }

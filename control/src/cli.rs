@@ -1,42 +1,21 @@
 //! The command line: `pimesh-control --replica N [--listen IP:PORT] [--trust-dir PATH]
-//! [--config PATH] [--site NAME] [--heartbeat-ttl SECS] [--leaf-lifetime SECS]`.
+//! [--config PATH] [--site NAME] [--heartbeat-ttl SECS] [--leaf-lifetime SECS]`, parsed by
+//! clap with the conventions of `pimesh_runtime::cli`.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::{CommandFactory as _, Parser};
 use pimesh_identity::LEAF_LIFETIME;
+use pimesh_runtime::cli::{usage_error, NonEmptyPath};
 use pimesh_schema::DnsLabel;
-
-pub const USAGE: &str = "\
-usage: pimesh-control --replica N [--listen IP:PORT] [--trust-dir PATH] [--config PATH] [--site NAME]
-                      [--heartbeat-ttl SECS] [--leaf-lifetime SECS]
-  --replica N         this replica's number, 1..=64
-  --listen IP:PORT    the replica's one port (default 0.0.0.0:8085+N): the identity and
-                      discovery APIs over mutual TLS, and /live and /ready in plain HTTP
-  --trust-dir PATH    anchor.pem (the trust bundle), issuer.pem, issuer.key
-                      (default /var/lib/pimesh/trust)
-  --config PATH       the site config (default /etc/pimesh/cluster.toml); a missing file
-                      places no service; SIGHUP or a change (polled every 2 s) reloads it
-                      and the trust folder
-  --site NAME         the site, when no site config says it yet; must match the config's
-  --heartbeat-ttl SECS  how long a node's heartbeat keeps it in discovery (default 30)
-  --leaf-lifetime SECS  how long the leaves this replica signs live (default 86400, 24 h;
-                      shorter for tests and benchmarks of renewal)";
 
 /// Replica numbers are small: the ports 8086.. must stay below other well-known ones.
 pub const MAX_REPLICA: u16 = 64;
 /// Replica N's port is `BASE_PORT + N` (the design's contract).
 pub use pimesh_schema::supervisor::CONTROL_BASE_PORT as BASE_PORT;
-
-/// What the replica was asked to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
-    Run(Options),
-    /// `--help`: print [`USAGE`] and exit 0.
-    Help,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
@@ -62,121 +41,75 @@ pub fn default_listen(replica: u16) -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], BASE_PORT + replica))
 }
 
-/// Parses the arguments after the program name. An `Err` is a one-line message for
-/// stderr; the caller adds [`USAGE`] and exits 2. Paths need not be UTF-8.
-pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
-    let mut replica = None;
-    let mut listen = None;
-    let mut trust_dir = PathBuf::from("/var/lib/pimesh/trust");
-    let mut config = PathBuf::from("/etc/pimesh/cluster.toml");
-    let mut site = None;
-    let mut heartbeat_ttl = DEFAULT_HEARTBEAT_TTL;
-    let mut leaf_lifetime = LEAF_LIFETIME;
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let Some(flag) = arg.to_str() else {
-            return Err(format!("unknown option {arg:?}"));
-        };
-        // `--flag=value` and `--flag value` both work.
-        let (flag, inline) = match flag.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => (flag, Some(OsString::from(value))),
-            _ => (flag, None),
-        };
-        let mut value = |flag: &str| {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
-        match flag {
-            "-h" | "--help" => return Ok(Command::Help),
-            "--replica" => {
-                let value = value(flag)?;
-                let text = value.to_string_lossy();
-                let number = text
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|n| (1..=MAX_REPLICA).contains(n))
-                    .ok_or_else(|| {
-                        format!("--replica: expected a number in 1..={MAX_REPLICA}, found {text:?}")
-                    })?;
-                replica = Some(number);
-            }
-            "--listen" => {
-                let value = value(flag)?;
-                let text = value.to_string_lossy();
-                listen = Some(text.parse().map_err(|err| {
-                    format!("--listen: expected IP:PORT, found {text:?} ({err})")
-                })?);
-            }
-            "--trust-dir" | "--config" => {
-                let value = value(flag)?;
-                if value.is_empty() {
-                    return Err(format!("{flag}: expected a path, found an empty string"));
-                }
-                if flag == "--config" {
-                    config = PathBuf::from(value);
-                } else {
-                    trust_dir = PathBuf::from(value);
-                }
-            }
-            "--site" => {
-                let value = value(flag)?;
-                let text = value.to_string_lossy().into_owned();
-                site = Some(DnsLabel::try_from(text).map_err(|err| format!("--site: {err}"))?);
-            }
-            "--heartbeat-ttl" => {
-                let value = value(flag)?;
-                let text = value.to_string_lossy();
-                let seconds = text
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|s| (1..=86_400).contains(s));
-                heartbeat_ttl = seconds.map(Duration::from_secs).ok_or_else(|| {
-                    format!("--heartbeat-ttl: expected seconds in 1..=86400, found {text:?}")
-                })?;
-            }
-            "--leaf-lifetime" => {
-                let value = value(flag)?;
-                let text = value.to_string_lossy();
-                let secs = text
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|s| *s >= 1)
-                    .ok_or_else(|| {
-                        format!(
-                            "--leaf-lifetime: expected a number of seconds >= 1, found {text:?}"
-                        )
-                    })?;
-                leaf_lifetime = Duration::from_secs(secs);
-            }
-            other => return Err(format!("unknown option {other:?}")),
-        }
-    }
-    let replica = replica.ok_or("--replica is required")?;
-    Ok(Command::Run(Options {
+/// Control replica N of a server node: signs proxy identities and serves discovery.
+#[derive(Debug, Parser)]
+#[command(name = "pimesh-control", args_override_self = true)]
+struct Cli {
+    /// This replica's number, 1..=64 [required]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=(MAX_REPLICA as i64)))]
+    replica: Option<u16>,
+    /// The replica's one port (default 0.0.0.0:8085+N): the identity and discovery APIs
+    /// over mutual TLS, and /live and /ready in plain HTTP
+    #[arg(long, value_name = "IP:PORT")]
+    listen: Option<SocketAddr>,
+    /// anchor.pem (the trust bundle), issuer.pem, issuer.key
+    #[arg(long, value_name = "PATH", value_parser = NonEmptyPath, default_value = "/var/lib/pimesh/trust")]
+    trust_dir: PathBuf,
+    /// The site config; a missing file places no service; SIGHUP or a change (polled every
+    /// 2 s) reloads it and the trust folder
+    #[arg(long, value_name = "PATH", value_parser = NonEmptyPath, default_value = "/etc/pimesh/cluster.toml")]
+    config: PathBuf,
+    /// The site, when no site config says it yet; must match the config's
+    #[arg(long, value_name = "NAME", value_parser = parse_site)]
+    site: Option<DnsLabel>,
+    /// How long a node's heartbeat keeps it in discovery, in seconds
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_HEARTBEAT_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    heartbeat_ttl: u64,
+    /// How long the leaves this replica signs live, in seconds (24 h by default; shorter
+    /// for tests and benchmarks of renewal)
+    #[arg(long, value_name = "SECS", default_value_t = LEAF_LIFETIME.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    leaf_lifetime: u64,
+}
+
+fn parse_site(text: &str) -> Result<DnsLabel, String> {
+    DnsLabel::try_from(text.to_owned()).map_err(|err| err.to_string())
+}
+
+/// Parses the arguments, program name first. An `Err` is clap's message: the caller exits
+/// with it (`clap::Error::exit`: 2 for a usage error, 0 after `--help`). Paths need not be
+/// UTF-8.
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Options, clap::Error> {
+    let cli = Cli::try_parse_from(args)?;
+    let replica = cli
+        .replica
+        .ok_or_else(|| usage_error(&mut Cli::command(), "--replica is required"))?;
+    Ok(Options {
         replica,
-        listen: listen.unwrap_or_else(|| default_listen(replica)),
-        trust_dir,
-        config,
-        site,
-        heartbeat_ttl,
-        leaf_lifetime,
-    }))
+        listen: cli.listen.unwrap_or_else(|| default_listen(replica)),
+        trust_dir: cli.trust_dir,
+        config: cli.config,
+        site: cli.site,
+        heartbeat_ttl: Duration::from_secs(cli.heartbeat_ttl),
+        leaf_lifetime: Duration::from_secs(cli.leaf_lifetime),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn run(args: &[&str]) -> Result<Command, String> {
-        parse(args.iter().map(OsString::from))
+    fn run(args: &[&str]) -> Result<Options, clap::Error> {
+        parse(
+            std::iter::once("pimesh-control")
+                .chain(args.iter().copied())
+                .map(OsString::from),
+        )
     }
 
     fn options(args: &[&str]) -> Options {
         match run(args) {
-            Ok(Command::Run(options)) => options,
-            other => panic!("{args:?}: {other:?}"),
+            Ok(options) => options,
+            Err(err) => panic!("{args:?}: {err}"),
         }
     }
 
@@ -218,18 +151,24 @@ mod tests {
 
     #[test]
     fn bad_arguments_are_named() {
-        let err = |args: &[&str]| run(args).expect_err("refused");
+        let err = |args: &[&str]| {
+            let err = run(args).expect_err("refused");
+            assert_eq!(err.exit_code(), 2, "{err}");
+            err.to_string()
+        };
         assert!(err(&[]).contains("--replica is required"));
-        assert!(err(&["--replica"]).contains("needs a value"));
+        assert!(err(&["--replica"]).contains("a value is required"));
         assert!(err(&["--replica", "0"]).contains("1..=64"));
-        assert!(err(&["--replica", "x"]).contains("\"x\""));
+        assert!(err(&["--replica", "x"]).contains("'x'"));
         assert!(err(&["--frob"]).contains("--frob"));
         assert!(err(&["--replica", "1", "--listen", "localhost"]).contains("--listen"));
         assert!(err(&["--replica", "1", "--config", ""]).contains("empty"));
         assert!(err(&["--replica", "1", "--site", "Not A Label"]).contains("--site"));
         assert!(err(&["--replica", "1", "--heartbeat-ttl", "0"]).contains("--heartbeat-ttl"));
         assert!(err(&["--replica", "1", "--leaf-lifetime", "0"]).contains("--leaf-lifetime"));
-        assert!(err(&["--replica", "1", "--leaf-lifetime", "1h"]).contains("\"1h\""));
-        assert_eq!(run(&["--help"]), Ok(Command::Help));
+        assert!(err(&["--replica", "1", "--leaf-lifetime", "1h"]).contains("'1h'"));
+        let help = run(&["--help"]).expect_err("help is not a run");
+        assert_eq!(help.kind(), clap::error::ErrorKind::DisplayHelp);
+        assert_eq!(help.exit_code(), 0);
     }
 }

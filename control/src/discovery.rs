@@ -308,7 +308,7 @@ mod tests {
                         site: Some(site.clone()),
                     },
                 );
-                state.reload("test", false, SystemTime::now());
+                state.reload("test", SystemTime::now());
                 let discovery = Discovery::new(Duration::from_secs(30));
                 let node = pimesh_schema::DnsLabel::try_from("pi-a".to_owned()).expect("label");
                 let addr: SocketAddr = "10.0.0.1:4143".parse().expect("addr");

@@ -27,8 +27,8 @@
 //!
 //! Ready (`/ready` 200, systemd status) once the site, the config (or its absence) and the
 //! issuer are loaded; until then `/ready` answers 503 with the reason and loading is
-//! retried every [`TICK`]. SIGHUP, and a change of an input file (polled every [`POLL`]),
-//! reloads both inputs, each part keeping its previous version when the new one fails
+//! retried every [`TICK`]. SIGHUP, and a change of an input file (polled every 2 s,
+//! `pimesh_runtime::watched`), reloads both inputs, each part keeping its previous version when the new one fails
 //! (`state`). Heartbeats are soft state: nothing is written to disk. SIGTERM stops
 //! accepting and exits; a request cut short is simply retried by the proxy (issuing is
 //! idempotent).
@@ -49,7 +49,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use pimesh_runtime::notify;
-use tokio::signal::unix::{signal, SignalKind};
+use pimesh_runtime::watched::{Trigger, Triggers};
 use tracing::info;
 
 use crate::discovery::Discovery;
@@ -58,31 +58,20 @@ use crate::state::{Sources, State};
 /// How often the serving certificate's age is checked and, while not ready, loading is
 /// retried.
 const TICK: Duration = Duration::from_secs(5);
-/// How often the input files are compared with the last load's, and heartbeats expired.
-const POLL: Duration = Duration::from_secs(2);
 /// How often expired heartbeats are dropped: an expiry shows within this of the TTL.
 const EXPIRE: Duration = Duration::from_millis(500);
 
 fn main() -> ExitCode {
-    match cli::parse(std::env::args_os().skip(1)) {
-        Ok(cli::Command::Run(options)) => {
-            pimesh_runtime::run(pimesh_runtime::Threads::One, run(options))
-        }
-        Ok(cli::Command::Help) => {
-            println!("{}", cli::USAGE);
-            ExitCode::SUCCESS
-        }
-        Err(message) => {
-            eprintln!("pimesh-control: {message}\n{}", cli::USAGE);
-            ExitCode::from(2)
-        }
+    match cli::parse(std::env::args_os()) {
+        Ok(options) => pimesh_runtime::run(pimesh_runtime::Threads::One, run(options)),
+        Err(err) => err.exit(),
     }
 }
 
 async fn run(options: cli::Options) -> Result<(), String> {
     // Before anything else: SIGHUP's default action would kill the process.
-    let mut hangup =
-        signal(SignalKind::hangup()).map_err(|err| format!("cannot watch for SIGHUP: {err}"))?;
+    let mut triggers =
+        Triggers::install().map_err(|err| format!("cannot watch for SIGHUP: {err}"))?;
     let shutdown = pimesh_runtime::shutdown_signal();
     // Bursts of connections must not pin their peak memory (see pimesh_runtime::memory).
     pimesh_runtime::memory::spawn_trimmer(pimesh_runtime::memory::TRIM_EVERY);
@@ -105,7 +94,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
     );
     state.leaf_lifetime = options.leaf_lifetime;
     let state = Arc::new(state);
-    state.reload("start", false, SystemTime::now());
+    state.reload("start", SystemTime::now());
     let discovery = Arc::new(Discovery::new(options.heartbeat_ttl));
     discovery.refresh(&state);
     let server = tokio::spawn(server::serve(
@@ -121,9 +110,6 @@ async fn run(options: cli::Options) -> Result<(), String> {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // the first tick is immediate; the first load just happened
-    let mut poll = tokio::time::interval(POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    poll.tick().await;
     let mut expire = tokio::time::interval(EXPIRE);
     expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
@@ -131,16 +117,11 @@ async fn run(options: cli::Options) -> Result<(), String> {
             signalled = &mut shutdown => {
                 break signalled.map_err(|err| format!("cannot watch for SIGTERM: {err}"));
             }
-            Some(()) = hangup.recv() => {
-                state.reload("SIGHUP", false, SystemTime::now());
-                discovery.refresh(&state);
-                notify::status(&status_line(replica, &state));
-            }
-            _ = poll.tick() => {
+            trigger = triggers.next() => {
                 let was_ready = state.snapshot().is_some();
-                state.poll(SystemTime::now());
+                state.on(trigger, SystemTime::now());
                 discovery.refresh(&state);
-                if !was_ready && state.snapshot().is_some() {
+                if trigger == Trigger::Hangup || (!was_ready && state.snapshot().is_some()) {
                     notify::status(&status_line(replica, &state));
                 }
             }

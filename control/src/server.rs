@@ -15,10 +15,10 @@ use std::time::Duration;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pimesh_runtime::serve;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::api;
 use crate::discovery::Discovery;
@@ -26,34 +26,19 @@ use crate::state::{Counters, State};
 
 /// A client must send its first byte, and complete its TLS handshake, within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A client must send its request headers within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed accept (out of descriptors, mostly) before the next.
-const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// The first byte of a TLS connection: a handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Serves `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<State>, discovery: Arc<Discovery>) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                warn!(%err, "accept failed");
-                tokio::time::sleep(ACCEPT_RETRY).await;
-                continue;
-            }
-        };
+    let limits = serve::Limits::named("replica port");
+    serve::accept_loop(listener, limits, std::future::pending(), |tcp, peer| {
         // Answers are small writes (TLS records, then headers and body): without this,
         // Nagle holds one back for the peer's delayed ACK (40 ms) on a new connection.
         let _ = tcp.set_nodelay(true);
-        tokio::spawn(connection(
-            tcp,
-            peer,
-            Arc::clone(&state),
-            Arc::clone(&discovery),
-        ));
-    }
+        connection(tcp, peer, Arc::clone(&state), Arc::clone(&discovery))
+    })
+    .await;
 }
 
 async fn connection(
@@ -116,16 +101,7 @@ async fn tls(tcp: TcpStream, peer: SocketAddr, state: Arc<State>, discovery: Arc
         let discovery = Arc::clone(&discovery);
         async move { Ok::<_, Infallible>(api::route(request, peer, chain, state, discovery).await) }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
-    let served = builder.serve_connection(TokioIo::new(stream), service);
-    if let Err(err) = served.await {
-        debug!(%peer, %err, "TLS connection ended with an error");
-    }
+    serve::http1_or_2(stream, service, peer, "replica port (TLS)").await;
 }
 
 async fn plain(tcp: TcpStream, peer: SocketAddr, state: Arc<State>) {
@@ -133,13 +109,7 @@ async fn plain(tcp: TcpStream, peer: SocketAddr, state: Arc<State>) {
         let answer = health(&request, &state);
         async move { Ok::<_, Infallible>(answer) }
     });
-    let served = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(tcp), service);
-    if let Err(err) = served.await {
-        debug!(%peer, %err, "plain connection ended with an error");
-    }
+    serve::http1(tcp, service, peer, "replica port (plain)").await;
 }
 
 /// `/live` (the process answers) and `/ready` (it can issue: 503 with the reason when

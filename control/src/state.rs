@@ -2,17 +2,21 @@
 //!
 //! A [`Snapshot`] is immutable and replaced whole: a connection or request works with the
 //! snapshot it started with. The replica is ready while it has one. Loading happens at
-//! start, on SIGHUP and, while there is no snapshot yet, every few seconds (so a trust
-//! folder provisioned after the replica started is picked up); a part that fails to
-//! reload keeps its previous version, so a broken file never takes a serving replica down.
+//! start, on SIGHUP, when an input file changes and, while the last load failed (in full
+//! or in part), every few seconds (so a trust folder provisioned after the replica started
+//! is picked up); a part that fails to reload keeps its previous version, so a broken file
+//! never takes a serving replica down. Watching the files, and keeping the snapshot when a
+//! load fails, is `pimesh_runtime::watched`'s; what is loaded and checked is this module's.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use pimesh_runtime::watched::{Current, Load, Outcome, Trigger, Watched};
 use pimesh_schema::cluster::ClusterConfig;
 use pimesh_schema::DnsLabel;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::site_config;
@@ -92,59 +96,44 @@ pub struct State {
     /// state is shared, [`pimesh_identity::LEAF_LIFETIME`] by default.
     pub leaf_lifetime: Duration,
     sources: Sources,
-    current: RwLock<Current>,
-    /// The input files as they were just before the last load attempt.
-    seen: Mutex<Vec<Fingerprint>>,
+    /// The site config and the three trust files, watched; the one writer of `current`.
+    watched: Mutex<Watched<Option<Arc<Snapshot>>, String>>,
+    /// The snapshot in use (`None`: nothing loaded yet) and what went wrong in the last
+    /// load, whole or in part (`None`: all of it loaded).
+    current: watch::Receiver<Current<Option<Arc<Snapshot>>, String>>,
     pub counters: Counters,
-}
-
-/// What identifies one version of an input file without reading it: a change of any part
-/// means "reload". `None`: the file could not be inspected (absent, mostly).
-///
-/// Blind spot, accepted: an in-place rewrite of the same length within one tick of the
-/// file system's clock; SIGHUP covers it, and writers that replace by rename are seen.
-type Fingerprint = Option<(u64, u64, u64, i64, i64)>;
-
-fn fingerprint(file: &Path) -> Fingerprint {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(file).ok()?;
-    Some((
-        meta.dev(),
-        meta.ino(),
-        meta.len(),
-        meta.mtime(),
-        meta.mtime_nsec(),
-    ))
-}
-
-#[derive(Default)]
-struct Current {
-    snapshot: Option<Arc<Snapshot>>,
-    /// What went wrong in the last load, whole or in part; `None` when all of it loaded.
-    problem: Option<String>,
 }
 
 impl State {
     /// A replica with nothing loaded yet: not ready until [`State::reload`] succeeds.
     pub fn new(replica: u16, sources: Sources) -> State {
+        let trust = &sources.trust_dir;
+        let files = vec![
+            sources.config.clone(),
+            trust.join("anchor.pem"),
+            trust.join("issuer.pem"),
+            trust.join("issuer.key"),
+        ];
+        let watched = Watched::new("site config and trust", files, None).retrying_failures();
         State {
             replica,
             leaf_lifetime: pimesh_identity::LEAF_LIFETIME,
             sources,
-            current: RwLock::new(Current::default()),
-            seen: Mutex::new(Vec::new()),
+            current: watched.subscribe(),
+            watched: Mutex::new(watched),
             counters: Counters::default(),
         }
     }
 
     pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
-        self.read(|current| current.snapshot.clone())
+        self.current.borrow().value.clone()
     }
 
     /// `Ok(status)` when ready (the status names a failed reload, if any), `Err(reason)`
     /// when not.
     pub fn readiness(&self) -> Result<String, String> {
-        self.read(|current| match (&current.snapshot, &current.problem) {
+        let current = self.current.borrow();
+        match (&current.value, &current.problem) {
             (Some(snapshot), None) => Ok(snapshot.summary()),
             (Some(snapshot), Some(problem)) => Ok(format!(
                 "{}; last reload failed: {problem}",
@@ -153,77 +142,66 @@ impl State {
             (None, problem) => Err(problem
                 .clone()
                 .unwrap_or_else(|| "nothing loaded yet".to_owned())),
-        })
+        }
     }
 
     /// Reads the site config and the trust folder again (`why`: for the log). Parts that
     /// fail keep their previous version; with no previous version, the replica stays (or
-    /// becomes) not ready. A `quiet` reload logs a failure only when it differs from the
-    /// last one (the retries while not ready).
-    pub fn reload(&self, why: &str, quiet: bool, now: SystemTime) {
-        *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = self.fingerprints();
-        let previous = self.snapshot();
-        let (snapshot, problem) = match assemble(&self.sources, previous.as_deref(), now) {
-            Ok((snapshot, problems)) => {
-                let problem = (!problems.is_empty()).then(|| problems.join("; "));
-                (Some(Arc::new(snapshot)), problem)
-            }
-            Err(problem) => (previous, Some(problem)),
-        };
-        let changed = self.write(|current| {
-            let changed = current.problem != problem;
-            current.snapshot = snapshot.clone();
-            current.problem = problem.clone();
-            changed
-        });
-        match (&snapshot, &problem) {
-            (Some(snapshot), None) => info!(why, "loaded: {}", snapshot.summary()),
-            (Some(_), Some(problem)) if changed || !quiet => {
-                warn!(why, "reload failed in part: {problem}");
-            }
-            (Some(_), Some(_)) => {}
-            (None, Some(problem)) if changed || !quiet => {
-                warn!(why, "not ready: {problem}");
-            }
-            (None, _) => {}
+    /// becomes) not ready. A failure is logged when it differs from the last one.
+    pub fn reload(&self, why: &str, now: SystemTime) {
+        let outcome = self
+            .watched()
+            .reload(why, |previous| self.load(previous, now));
+        self.loaded(why, outcome);
+    }
+
+    /// What `trigger` asks for: [`State::reload`] on SIGHUP; on a poll, a load when an
+    /// input file changed (mtime, size, inode) since the last attempt, or when the last
+    /// attempt failed in part: a supervisor swapping the issuer's certificate and key one
+    /// file at a time leaves a moment where they do not match; that load keeps the last
+    /// good issuer, and the next poll tries again.
+    pub fn on(&self, trigger: Trigger, now: SystemTime) {
+        let attempt = self
+            .watched()
+            .on(trigger, |previous| self.load(previous, now));
+        if let Some(attempt) = attempt {
+            self.loaded(attempt.trigger, attempt.outcome);
         }
     }
 
-    /// Reloads when an input file changed (mtime, size, inode) since the last attempt, or
-    /// when the last attempt failed in part: a supervisor swapping the issuer's
-    /// certificate and key one file at a time leaves a moment where they do not match;
-    /// that load keeps the last good issuer, and the next poll tries again. Called every
-    /// few seconds, in addition to SIGHUP.
-    pub fn poll(&self, now: SystemTime) {
-        let changed =
-            *self.seen.lock().unwrap_or_else(PoisonError::into_inner) != self.fingerprints();
-        let failed = self.read(|current| current.problem.is_some());
-        if changed {
-            self.reload("file change", false, now);
-        } else if failed {
-            self.reload("retry", true, now);
+    fn load(
+        &self,
+        previous: &Option<Arc<Snapshot>>,
+        now: SystemTime,
+    ) -> Load<Option<Arc<Snapshot>>, String> {
+        match assemble(&self.sources, previous.as_deref(), now) {
+            Ok((snapshot, problems)) if problems.is_empty() => {
+                Load::Loaded(Some(Arc::new(snapshot)))
+            }
+            Ok((snapshot, problems)) => Load::Partly(Some(Arc::new(snapshot)), problems.join("; ")),
+            Err(problem) => Load::Failed(problem),
         }
     }
 
-    /// The site config and the three trust files, in that order.
-    fn fingerprints(&self) -> Vec<Fingerprint> {
-        let trust = &self.sources.trust_dir;
-        [
-            self.sources.config.clone(),
-            trust.join("anchor.pem"),
-            trust.join("issuer.pem"),
-            trust.join("issuer.key"),
-        ]
-        .iter()
-        .map(|file| fingerprint(file))
-        .collect()
+    /// A load in full is logged with what is in use; failures were, by the watched files.
+    fn loaded(&self, why: &str, outcome: Outcome) {
+        if outcome != Outcome::Loaded {
+            return;
+        }
+        if let Some(snapshot) = self.snapshot() {
+            info!(why, "loaded: {}", snapshot.summary());
+        }
+    }
+
+    fn watched(&self) -> MutexGuard<'_, Watched<Option<Arc<Snapshot>>, String>> {
+        self.watched.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Keeps the serving certificate fresh and, while not ready, retries loading. Called
     /// every few seconds.
     pub fn tick(&self, now: SystemTime) {
         let Some(snapshot) = self.snapshot() else {
-            self.reload("retry", true, now);
+            self.reload("retry", now);
             return;
         };
         if now < snapshot.serving.renew_at {
@@ -239,7 +217,7 @@ impl State {
                     trust: Arc::clone(&snapshot.trust),
                     serving: Arc::new(serving),
                 });
-                self.write(|current| current.snapshot = Some(renewed));
+                self.watched().update(Some(renewed));
             }
             // The old certificate serves until it expires; the next tick tries again.
             Err(err) => warn!(
@@ -247,14 +225,6 @@ impl State {
                 snapshot.serving.not_after
             ),
         }
-    }
-
-    fn read<T>(&self, f: impl FnOnce(&Current) -> T) -> T {
-        f(&self.current.read().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    fn write<T>(&self, f: impl FnOnce(&mut Current) -> T) -> T {
-        f(&mut self.current.write().unwrap_or_else(PoisonError::into_inner))
     }
 }
 
@@ -319,6 +289,7 @@ fn assemble(
 mod tests {
     use super::*;
     use pimesh_identity::TrustRoot;
+    use std::path::Path;
 
     fn label(s: &str) -> DnsLabel {
         DnsLabel::try_from(s.to_owned()).expect("label")
@@ -351,7 +322,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let state = state(dir.path(), None);
         let now = SystemTime::now();
-        state.reload("start", false, now);
+        state.reload("start", now);
         let reason = state.readiness().expect_err("no site");
         assert!(reason.contains("no site known"), "{reason}");
 
@@ -374,7 +345,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         write_trust(&dir.path().join("trust"), "depot-7");
         let state = state(dir.path(), Some("depot-7"));
-        state.reload("start", false, SystemTime::now());
+        state.reload("start", SystemTime::now());
         let status = state.readiness().expect("ready");
         assert!(status.contains("node identities only"), "{status}");
     }
@@ -387,12 +358,12 @@ mod tests {
         std::fs::write(&config, WEB_ON_PI_A).expect("config");
         let state = state(dir.path(), None);
         let now = SystemTime::now();
-        state.reload("start", false, now);
+        state.reload("start", now);
         let first = state.snapshot().expect("loaded");
 
         std::fs::write(&config, "site = \"depot-7\"\nfrob = 1\n").expect("broken");
         std::fs::remove_file(dir.path().join("trust/issuer.key")).expect("rm");
-        state.reload("SIGHUP", false, now);
+        state.reload("SIGHUP", now);
         let status = state.readiness().expect("still ready");
         assert!(
             status.contains("frob") && status.contains("issuer.key"),
@@ -403,7 +374,7 @@ mod tests {
         assert!(Arc::ptr_eq(&kept.trust, &first.trust));
 
         std::fs::write(&config, WEB_ON_PI_A.replace("depot-7", "depot-8")).expect("other");
-        state.reload("SIGHUP", false, now);
+        state.reload("SIGHUP", now);
         let status = state.readiness().expect("still ready");
         assert!(status.contains("names site depot-8"), "{status}");
         assert_eq!(state.snapshot().expect("kept").site, label("depot-7"));
@@ -415,7 +386,7 @@ mod tests {
         write_trust(&dir.path().join("trust"), "depot-7");
         let state = state(dir.path(), Some("depot-7"));
         let now = SystemTime::now();
-        state.reload("start", false, now);
+        state.reload("start", now);
         let first = state.snapshot().expect("loaded");
         state.tick(now);
         let same = state.snapshot().expect("loaded");

@@ -6,16 +6,14 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use pimesh_runtime::serve;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{debug, warn};
 
 use crate::discovery::Control;
 use crate::enroll;
@@ -23,63 +21,45 @@ use crate::metrics::Metrics;
 use crate::state::Snapshot;
 use crate::tls::Identity;
 
-/// A client must send its request headers within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Serves the admin endpoints on `listener` until the task is dropped. Each request reads
 /// the latest snapshot, so answers never mix two configs.
 pub async fn serve(
     listener: TcpListener,
-    snapshots: watch::Receiver<Arc<Snapshot>>,
+    snapshots: watch::Receiver<Snapshot>,
     identity: watch::Receiver<Option<Identity>>,
     enrollment: Option<watch::Receiver<enroll::Status>>,
     metrics: Arc<Metrics>,
     control: Option<Arc<Control>>,
 ) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                warn!(%err, "admin endpoints: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let limits = serve::Limits::named("admin endpoints");
+    serve::serve_http1(listener, limits, std::future::pending(), move |_peer| {
         let snapshots = snapshots.clone();
         let identity = identity.clone();
         let enrollment = enrollment.clone();
         let metrics = Arc::clone(&metrics);
         let control = control.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let snapshot = Arc::clone(&snapshots.borrow());
-                let response = if request.uri().path() == "/metrics" {
-                    metrics_response(request.method(), &metrics)
-                } else {
-                    let identity = identity.borrow().clone();
-                    let control_plane = ControlPlane {
-                        control: control.as_ref().map(|c| c.status().json()),
-                        enrollment: enrollment.as_ref().map(|status| status.borrow().to_json()),
-                    };
-                    route(
-                        request.method(),
-                        request.uri().path(),
-                        &snapshot,
-                        identity.as_ref(),
-                        control_plane,
-                    )
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let snapshot = snapshots.borrow().clone();
+            let response = if request.uri().path() == "/metrics" {
+                metrics_response(request.method(), &metrics)
+            } else {
+                let identity = identity.borrow().clone();
+                let control_plane = ControlPlane {
+                    control: control.as_ref().map(|c| c.status().json()),
+                    enrollment: enrollment.as_ref().map(|status| status.borrow().to_json()),
                 };
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(err) = connection.await {
-                debug!(%peer, %err, "admin connection ended with an error");
-            }
-        });
-    }
+                route(
+                    request.method(),
+                    request.uri().path(),
+                    &snapshot,
+                    identity.as_ref(),
+                    control_plane,
+                )
+            };
+            async move { Ok::<_, Infallible>(response) }
+        })
+    })
+    .await;
 }
 
 fn metrics_response(method: &Method, metrics: &Metrics) -> Response<Full<Bytes>> {
@@ -129,7 +109,7 @@ fn route(
     }
     match path {
         "/live" => text(StatusCode::OK, "live\n".into()),
-        "/ready" => match &snapshot.last_error {
+        "/ready" => match &snapshot.problem {
             None => text(StatusCode::OK, "ready\n".into()),
             Some(err) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -190,15 +170,17 @@ fn identity_json(identity: Option<&Identity>) -> serde_json::Value {
 /// the config in use (`sha256` and `site` null when there is no file), why the last load
 /// failed, and the SHA-256 of the refused file.
 pub fn config_json(snapshot: &Snapshot) -> serde_json::Value {
-    let loaded = snapshot.in_use.site_config.as_ref();
+    let in_use = &snapshot.value;
+    let loaded = in_use.site_config.as_ref();
+    let refusal = snapshot.problem.as_ref();
     serde_json::json!({
-        "file": snapshot.file.to_string_lossy(),
+        "file": in_use.file.to_string_lossy(),
         "sha256": loaded.map(|l| l.sha256_hex()),
         "site": loaded.map(|l| l.config.site.to_string()),
         "services": loaded.map_or(0, |l| l.config.services.len()),
-        "loaded_at_ms": snapshot.in_use.loaded_at_ms,
-        "last_error": snapshot.last_error,
-        "refused_sha256": snapshot.refused_sha256,
+        "loaded_at_ms": in_use.loaded_at_ms,
+        "last_error": refusal.map(|r| r.message.as_str()),
+        "refused_sha256": refusal.and_then(|r| r.sha256.as_deref()),
     })
 }
 
@@ -215,17 +197,19 @@ fn text(code: StatusCode, body: String) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::InUse;
+    use crate::state::{InUse, Refusal};
 
     fn snapshot(last_error: Option<&str>) -> Snapshot {
         Snapshot {
-            file: "/etc/pimesh/cluster.toml".into(),
-            in_use: Arc::new(InUse {
+            value: Arc::new(InUse {
+                file: "/etc/pimesh/cluster.toml".into(),
                 site_config: None,
                 loaded_at_ms: 42,
             }),
-            last_error: last_error.map(str::to_owned),
-            refused_sha256: None,
+            problem: last_error.map(|message| Refusal {
+                message: message.to_owned(),
+                sha256: None,
+            }),
         }
     }
 

@@ -1,12 +1,16 @@
 //! Accept loops: the inbound mesh port, the outbound proxy port, and one listener per
 //! service `local_port`, opened and closed as reloads change the table. Each accepted
-//! connection is admitted against the connection limit and served on its own task.
+//! connection is admitted against the connection limit and served on its own task. A
+//! failed accept is handled as on every other port (`pimesh_runtime::serve::Acceptor`:
+//! a short pause, warnings at a bounded rate); the limit is the proxy's own, per direction
+//! and counted in its metrics, and a connection over it is closed at once rather than left
+//! in the backlog.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
+use pimesh_runtime::serve::Acceptor;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -21,8 +25,9 @@ use crate::{inbound, routes};
 
 /// Accepts on the inbound (mTLS) port until the task is dropped.
 pub async fn inbound_loop(listener: TcpListener, context: Arc<Context>, drain: drain::Watch) {
+    let mut acceptor = Acceptor::new(listener, "inbound");
     loop {
-        let Some(stream) = accept(&listener).await else {
+        let Some((stream, _peer)) = acceptor.accept().await else {
             continue;
         };
         let Some(admitted) = context.admit(Direction::Inbound) else {
@@ -46,8 +51,9 @@ pub async fn outbound_loop(
     context: Arc<Context>,
     drain: drain::Watch,
 ) {
+    let mut acceptor = Acceptor::new(listener, "outbound");
     loop {
-        let Some(stream) = accept(&listener).await else {
+        let Some((stream, _peer)) = acceptor.accept().await else {
             continue;
         };
         let Some(admitted) = context.admit(Direction::Outbound) else {
@@ -65,18 +71,6 @@ pub async fn outbound_loop(
             admitted,
             drain.clone(),
         ));
-    }
-}
-
-async fn accept(listener: &TcpListener) -> Option<tokio::net::TcpStream> {
-    match listener.accept().await {
-        Ok((stream, _)) => Some(stream),
-        Err(err) => {
-            // Out of descriptors or memory: back off rather than spin.
-            warn!(error = %err, "accept failed");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            None
-        }
     }
 }
 

@@ -50,7 +50,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pimesh_runtime::notify;
-use tokio::signal::unix::{signal, SignalKind};
+use pimesh_runtime::watched::Triggers;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -63,31 +63,20 @@ use crate::state::Snapshot;
 use crate::tls::{Identity, IdentityFiles};
 use crate::trace::SpanSink;
 
-/// How often the config and identity files are compared with the last load's.
-const POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// How long open connections get to finish after SIGTERM (the unit allows 10 s).
 const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
 
 fn main() -> ExitCode {
-    match cli::parse(std::env::args_os().skip(1)) {
-        Ok(cli::Command::Run(options)) => {
-            pimesh_runtime::run(pimesh_runtime::Threads::One, run(options))
-        }
-        Ok(cli::Command::Help) => {
-            println!("{}", cli::USAGE);
-            ExitCode::SUCCESS
-        }
-        Err(message) => {
-            eprintln!("pimesh-proxy: {message}\n{}", cli::USAGE);
-            ExitCode::from(2)
-        }
+    match cli::parse(std::env::args_os()) {
+        Ok(options) => pimesh_runtime::run(pimesh_runtime::Threads::One, run(options)),
+        Err(err) => err.exit(),
     }
 }
 
 async fn run(options: cli::Options) -> Result<(), String> {
     // Before anything else: SIGHUP's default action would kill the process.
-    let mut hangup =
-        signal(SignalKind::hangup()).map_err(|err| format!("cannot watch for SIGHUP: {err}"))?;
+    let mut triggers =
+        Triggers::install().map_err(|err| format!("cannot watch for SIGHUP: {err}"))?;
     let shutdown = pimesh_runtime::shutdown_signal();
     tokio::pin!(shutdown);
     // Bursts of connections must not pin their peak memory (see pimesh_runtime::memory).
@@ -116,7 +105,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
     let (mut identity_reloader, node_credential) = IdentityReloader::start(files);
     // The site config in use (discovery's, else the file's), for what needs only that.
     let (site_config_tx, site_config_rx) =
-        watch::channel(snapshots.borrow().in_use.site_config.clone().map(Arc::new));
+        watch::channel(snapshots.borrow().value.site_config.clone().map(Arc::new));
     let (mut identities, enrollment, enroll_task) = if options.control.is_empty() {
         (node_credential, None, None)
     } else {
@@ -192,27 +181,20 @@ async fn run(options: cli::Options) -> Result<(), String> {
     ));
     // READY after the first attempt even when it failed: the process is up and /ready
     // tells the truth about the config.
-    notify::ready(&reloader.current().summary());
+    notify::ready(&state::summary(&reloader.current()));
     let watchdog = notify::spawn_watchdog();
 
-    let mut poll = tokio::time::interval(POLL_INTERVAL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    poll.tick().await; // the first tick is immediate; the first load just happened
     let result = loop {
         tokio::select! {
             signalled = &mut shutdown => {
                 break signalled.map_err(|err| format!("cannot watch for SIGTERM: {err}"));
             }
-            Some(()) = hangup.recv() => {
-                reloader.reload("SIGHUP");
-                identity_reloader.reload("SIGHUP");
-            }
-            _ = poll.tick() => {
-                reloader.poll();
-                identity_reloader.poll();
+            trigger = triggers.next() => {
+                reloader.on(trigger);
+                identity_reloader.on(trigger);
             }
             Ok(()) = snapshots.changed() => {
-                let ok = snapshots.borrow_and_update().last_error.is_none();
+                let ok = snapshots.borrow_and_update().problem.is_none();
                 metrics.config_reload(ok);
             }
             Ok(()) = discovered.changed() => {
@@ -294,7 +276,7 @@ fn in_use<'a>(
 ) -> Option<&'a SiteConfig> {
     discovered
         .as_deref()
-        .or(snapshot.in_use.site_config.as_ref())
+        .or(snapshot.value.site_config.as_ref())
 }
 
 /// The routing table for the config and identity in use.

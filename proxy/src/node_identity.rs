@@ -2,14 +2,15 @@
 //! on start, SIGHUP and each poll), readers through a `watch` (the listeners, the peer
 //! pool and the admin endpoints).
 //!
-//! Invariant: a failed load never replaces a good identity; the proxy keeps serving with
-//! the one it has and logs why the new files were refused.
+//! Invariant: a failed load never replaces a good identity (`pimesh_runtime::watched`);
+//! the proxy keeps serving with the one it has and logs why the new files were refused.
+//! Readers are told only of identities that loaded.
 
 use std::path::PathBuf;
-use std::time::SystemTime;
 
+use pimesh_runtime::watched::{Load, Outcome, Trigger, Watched};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::tls::{Identity, IdentityFiles};
 
@@ -37,58 +38,65 @@ pub fn default_files() -> IdentityFiles {
     }
 }
 
-type Stamp = [Option<(SystemTime, u64)>; 3];
-
+/// The only writer of the node identity in use: loads [`IdentityFiles`] through a
+/// [`Watched`] and publishes each identity that loads.
 pub struct IdentityReloader {
     files: IdentityFiles,
+    watched: Watched<Option<Identity>, String>,
     sender: watch::Sender<Option<Identity>>,
-    seen: Option<Stamp>,
 }
 
 impl IdentityReloader {
+    /// Makes the first load attempt and returns the writer with a reader of the identity.
     pub fn start(files: IdentityFiles) -> (IdentityReloader, watch::Receiver<Option<Identity>>) {
         let (sender, receiver) = watch::channel(None);
+        let watched = Watched::new(
+            "node identity",
+            vec![
+                files.chain.clone(),
+                files.key.clone(),
+                files.anchors.clone(),
+            ],
+            None,
+        );
         let mut reloader = IdentityReloader {
             files,
+            watched,
             sender,
-            seen: None,
         };
         reloader.reload("start");
         (reloader, receiver)
     }
 
-    /// Reloads when any of the three files changed (mtime, size) since the last attempt.
-    pub fn poll(&mut self) {
-        if self.seen != Some(self.stamp()) {
-            self.reload("file change");
+    /// What `trigger` asks for: a load at once on SIGHUP, a load when any of the three
+    /// files changed on a poll.
+    pub fn on(&mut self, trigger: Trigger) {
+        let files = &self.files;
+        if let Some(attempt) = self.watched.on(trigger, |_| load(files)) {
+            self.published(attempt.trigger, attempt.outcome);
         }
     }
 
     pub fn reload(&mut self, trigger: &str) {
-        self.seen = Some(self.stamp());
-        match Identity::load(&self.files) {
-            Ok(identity) => {
-                info!(trigger, node = %identity.node, site = %identity.site, "node identity loaded");
-                self.sender.send_replace(Some(identity));
-            }
-            Err(err) if self.sender.borrow().is_some() => {
-                warn!(trigger, error = %err, "node identity refused; keeping the one in use");
-            }
-            Err(err) => {
-                warn!(trigger, error = %err, "no node identity: the mesh ports stay closed until one loads");
-            }
-        }
+        let files = &self.files;
+        let outcome = self.watched.reload(trigger, |_| load(files));
+        self.published(trigger, outcome);
     }
 
-    fn stamp(&self) -> Stamp {
-        let of = |path: &PathBuf| {
-            let meta = std::fs::metadata(path).ok()?;
-            Some((meta.modified().ok()?, meta.len()))
-        };
-        [
-            of(&self.files.chain),
-            of(&self.files.key),
-            of(&self.files.anchors),
-        ]
+    /// After a load: a new identity goes to the readers; a refused one was logged, and
+    /// until one loads the mesh ports stay closed.
+    fn published(&self, trigger: &str, outcome: Outcome) {
+        if outcome != Outcome::Loaded {
+            return;
+        }
+        let identity = self.watched.current().value.clone();
+        if let Some(identity) = &identity {
+            info!(trigger, node = %identity.node, site = %identity.site, "node identity loaded");
+        }
+        self.sender.send_replace(identity);
     }
+}
+
+fn load(files: &IdentityFiles) -> Load<Option<Identity>, String> {
+    Identity::load(files).map(Some).into()
 }

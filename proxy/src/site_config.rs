@@ -2,7 +2,6 @@
 //! schema: whether this node can actually run it.
 
 use std::io;
-use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 
 use pimesh_schema::cluster::ClusterConfig;
@@ -142,43 +141,10 @@ fn raise_soft_limit(to: u64, hard: u64) -> nix::Result<()> {
     setrlimit(Resource::RLIMIT_NOFILE, to, hard)
 }
 
-/// What identifies one version of the file cheaply, without reading it: a change of any
-/// part means "reload". Follows symlinks, so a retargeted link counts as a change.
-///
-/// Blind spot, accepted: an in-place rewrite of the same length within one tick of the
-/// file system's clock keeps (mtime, size, inode); SIGHUP covers it, and writers that
-/// replace by rename (a new inode) are always seen.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fingerprint {
-    Missing,
-    /// `stat` failed for another reason than absence.
-    Unreadable(io::ErrorKind),
-    File {
-        dev: u64,
-        ino: u64,
-        len: u64,
-        mtime: i64,
-        mtime_nsec: i64,
-    },
-}
-
-pub fn fingerprint(file: &Path) -> Fingerprint {
-    match std::fs::metadata(file) {
-        Ok(meta) => Fingerprint::File {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            len: meta.len(),
-            mtime: meta.mtime(),
-            mtime_nsec: meta.mtime_nsec(),
-        },
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Fingerprint::Missing,
-        Err(err) => Fingerprint::Unreadable(err.kind()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pimesh_runtime::watched::{fingerprint, Fingerprint};
 
     const VALID: &str = "site = \"lab\"\n[proxy]\nmax_connections = 100\n\
                          [services.web]\nport = 8080\nnodes = [\"pi-a\"]\n";

@@ -1,20 +1,25 @@
 //! The site config in use and how it changes: one writer (the [`Reloader`], driven by the
-//! main loop on start, SIGHUP and file changes) and any number of readers holding a
-//! `watch::Receiver<Arc<Snapshot>>` (the admin endpoints; the data plane next).
+//! main loop on start, SIGHUP and file changes through `pimesh_runtime::watched`) and any
+//! number of readers holding a `watch::Receiver<Snapshot>` (the admin endpoints, the
+//! routing table).
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pimesh_runtime::notify;
+use pimesh_runtime::watched::{Current, Load, Outcome, Trigger, Watched};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::site_config::{self, Fingerprint, SiteConfig};
+use crate::site_config::{self, SiteConfig};
 
 /// The config in use: the last one that loaded, or none when the file was absent.
 #[derive(Debug)]
 pub struct InUse {
+    /// The file it was read from (`--config`).
+    pub file: PathBuf,
     /// `None`: no file at the path, so no routes ("no site config yet").
     pub site_config: Option<SiteConfig>,
     /// When this config (these exact bytes, or this absence) was put in use, Unix ms.
@@ -22,27 +27,36 @@ pub struct InUse {
     pub loaded_at_ms: u64,
 }
 
-/// What readers see, replaced as a whole so that `in_use` and `last_error` always agree.
-#[derive(Debug, Clone)]
-pub struct Snapshot {
-    pub file: PathBuf,
-    pub in_use: Arc<InUse>,
-    /// Why the last load attempt failed; `None` when it succeeded (or found no file).
-    /// While set, `in_use` is the config from before the failure and the proxy is not ready.
-    pub last_error: Option<String>,
-    /// The SHA-256 (hex) of the file that was refused, when `last_error` is set and the
-    /// file could be read: lets the supervisor tell "refused" from "not yet seen".
-    pub refused_sha256: Option<String>,
+/// Why the last load attempt refused the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The error, naming the file and, when the fault belongs to one, the key.
+    pub message: String,
+    /// The SHA-256 (hex) of the refused file, when it could be read: lets the supervisor
+    /// tell "refused" from "not yet seen".
+    pub sha256: Option<String>,
 }
 
-impl Snapshot {
-    /// One line for `STATUS=` and logs.
-    pub fn summary(&self) -> String {
-        let in_use = describe(&self.in_use);
-        match &self.last_error {
-            None => in_use,
-            Some(err) => format!("config refused ({}); still using {in_use}", one_line(err)),
-        }
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// What readers see, replaced as a whole so that the config in use (`value`) and the last
+/// refusal (`problem`) always agree. While `problem` is set, `value` is the config from
+/// before the failure and the proxy is not ready.
+pub type Snapshot = Current<Arc<InUse>, Refusal>;
+
+/// One line for `STATUS=` and logs.
+pub fn summary(snapshot: &Snapshot) -> String {
+    let in_use = describe(&snapshot.value);
+    match &snapshot.problem {
+        None => in_use,
+        Some(refusal) => format!(
+            "config refused ({}); still using {in_use}",
+            one_line(&refusal.message)
+        ),
     }
 }
 
@@ -74,88 +88,93 @@ fn now_ms() -> u64 {
 /// The only writer of the snapshot.
 pub struct Reloader {
     file: PathBuf,
-    sender: watch::Sender<Arc<Snapshot>>,
-    /// The file as it was just before the last load attempt: a poll that sees another
-    /// fingerprint reloads, so a change racing with a load is picked up by the next poll.
-    seen: Fingerprint,
+    watched: Watched<Arc<InUse>, Refusal>,
 }
 
 impl Reloader {
     /// Makes the first load attempt and returns the writer with a reader of the result.
-    pub fn start(file: &Path) -> (Reloader, watch::Receiver<Arc<Snapshot>>) {
-        let placeholder = Arc::new(Snapshot {
+    pub fn start(file: &Path) -> (Reloader, watch::Receiver<Snapshot>) {
+        let nothing = Arc::new(InUse {
             file: file.to_path_buf(),
-            in_use: Arc::new(InUse {
-                site_config: None,
-                loaded_at_ms: now_ms(),
-            }),
-            last_error: Some("not loaded yet".to_owned()),
-            refused_sha256: None,
+            site_config: None,
+            loaded_at_ms: now_ms(),
         });
-        let (sender, receiver) = watch::channel(placeholder);
+        let watched = Watched::new("site config", vec![file.to_path_buf()], nothing);
+        let receiver = watched.subscribe();
         let mut reloader = Reloader {
             file: file.to_path_buf(),
-            sender,
-            seen: Fingerprint::Missing,
+            watched,
         };
         reloader.reload("start");
         (reloader, receiver)
     }
 
-    pub fn current(&self) -> Arc<Snapshot> {
-        Arc::clone(&self.sender.borrow())
+    pub fn current(&self) -> Snapshot {
+        self.watched.current().clone()
+    }
+
+    /// What `trigger` asks for: a load at once on SIGHUP, a load when the file's
+    /// fingerprint changed on a poll.
+    pub fn on(&mut self, trigger: Trigger) {
+        let file = &self.file;
+        if let Some(attempt) = self.watched.on(trigger, |previous| load(file, previous)) {
+            self.loaded(attempt.trigger, attempt.outcome);
+        }
     }
 
     /// Reloads when the file's fingerprint changed since the last attempt.
+    #[cfg(test)]
     pub fn poll(&mut self) {
-        if site_config::fingerprint(&self.file) != self.seen {
-            self.reload("file changed");
-        }
+        self.on(Trigger::Poll);
     }
 
     /// Re-reads the file. On success the new config is put in use; on failure the old one
-    /// stays in use and the error is recorded (not ready). Never panics on any input.
+    /// stays in use and the refusal is recorded (not ready). Never panics on any input.
     pub fn reload(&mut self, trigger: &str) {
-        self.seen = site_config::fingerprint(&self.file);
-        let previous = self.current();
-        let next = match site_config::load(&self.file) {
-            Ok(loaded) => {
-                let unchanged = match (&previous.in_use.site_config, &loaded) {
-                    (Some(old), Some(new)) => old.sha256 == new.sha256,
-                    (None, None) => true,
-                    _ => false,
-                };
-                let in_use = if unchanged {
-                    Arc::clone(&previous.in_use)
-                } else {
-                    Arc::new(InUse {
-                        site_config: loaded,
-                        loaded_at_ms: now_ms(),
-                    })
-                };
-                Snapshot {
-                    file: self.file.clone(),
-                    in_use,
-                    last_error: None,
-                    refused_sha256: None,
-                }
-            }
-            Err(err) => Snapshot {
-                file: self.file.clone(),
-                in_use: Arc::clone(&previous.in_use),
-                last_error: Some(err.to_string()),
-                refused_sha256: std::fs::read(&self.file)
-                    .ok()
-                    .map(|bytes| site_config::sha256_hex_of(&bytes)),
-            },
-        };
-        let summary = next.summary();
-        match &next.last_error {
-            None => info!(file = %self.file.display(), trigger, "{summary}"),
-            Some(_) => warn!(file = %self.file.display(), trigger, "{summary}"),
+        let file = &self.file;
+        let outcome = self
+            .watched
+            .reload(trigger, |previous| load(file, previous));
+        self.loaded(trigger, outcome);
+    }
+
+    /// After an attempt: a success is logged (a refusal was, by the watched file), and the
+    /// unit's status tells what is in use either way.
+    fn loaded(&self, trigger: &str, outcome: Outcome) {
+        let summary = summary(&self.current());
+        if outcome == Outcome::Loaded {
+            info!(file = %self.file.display(), trigger, "{summary}");
         }
         notify::status(&summary);
-        self.sender.send_replace(Arc::new(next));
+    }
+}
+
+/// Reads `file`; the config in use (`previous`) stays in use, with its load time, when the
+/// bytes (or the absence) are the same.
+fn load(file: &Path, previous: &Arc<InUse>) -> Load<Arc<InUse>, Refusal> {
+    match site_config::load(file) {
+        Ok(loaded) => {
+            let unchanged = match (&previous.site_config, &loaded) {
+                (Some(old), Some(new)) => old.sha256 == new.sha256,
+                (None, None) => true,
+                _ => false,
+            };
+            if unchanged {
+                Load::Loaded(Arc::clone(previous))
+            } else {
+                Load::Loaded(Arc::new(InUse {
+                    file: file.to_path_buf(),
+                    site_config: loaded,
+                    loaded_at_ms: now_ms(),
+                }))
+            }
+        }
+        Err(err) => Load::Failed(Refusal {
+            message: err.to_string(),
+            sha256: std::fs::read(file)
+                .ok()
+                .map(|bytes| site_config::sha256_hex_of(&bytes)),
+        }),
     }
 }
 
@@ -168,8 +187,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("cluster.toml");
         let (mut reloader, receiver) = Reloader::start(&file);
-        assert!(receiver.borrow().last_error.is_none());
-        assert!(receiver.borrow().in_use.site_config.is_none());
+        assert!(receiver.borrow().problem.is_none());
+        assert!(receiver.borrow().value.site_config.is_none());
 
         // max_connections set low: the default (10 000) needs more open files than some
         // test machines allow.
@@ -177,8 +196,8 @@ mod tests {
         std::fs::write(&file, good_text).expect("write");
         reloader.reload("test");
         let good = receiver.borrow().clone();
-        assert!(good.last_error.is_none());
-        assert!(good.summary().starts_with("site lab, 0 services, config "));
+        assert!(good.problem.is_none());
+        assert!(summary(&good).starts_with("site lab, 0 services, config "));
 
         std::fs::write(
             &file,
@@ -187,19 +206,19 @@ mod tests {
         .expect("write");
         reloader.poll();
         let bad = receiver.borrow().clone();
-        assert!(bad.last_error.is_some());
-        assert!(Arc::ptr_eq(&bad.in_use, &good.in_use));
+        assert!(bad.problem.is_some());
+        assert!(Arc::ptr_eq(&bad.value, &good.value));
         assert!(
-            bad.summary().contains("control.replicas"),
+            summary(&bad).contains("control.replicas"),
             "{}",
-            bad.summary()
+            summary(&bad)
         );
 
         // Same bytes as before: back in use with the original load time.
         std::fs::write(&file, good_text).expect("write");
         reloader.reload("test");
         let again = receiver.borrow().clone();
-        assert!(again.last_error.is_none());
-        assert!(Arc::ptr_eq(&again.in_use, &good.in_use));
+        assert!(again.problem.is_none());
+        assert!(Arc::ptr_eq(&again.value, &good.value));
     }
 }

@@ -4,17 +4,13 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
 
-/// A client must send its request headers within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::serve;
 
 /// Whether the daemon can do its job; `/ready` answers 503 until it is set.
 #[derive(Debug, Default)]
@@ -36,30 +32,15 @@ impl Readiness {
 
 /// Serves `/live` and `/ready` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                warn!(%err, "health endpoints: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let limits = serve::Limits::named("health endpoints");
+    serve::serve_http1(listener, limits, std::future::pending(), move |_peer| {
         let readiness = Arc::clone(&readiness);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let ready = readiness.is_ready();
-                async move { Ok::<_, Infallible>(route(&request, ready)) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(err) = connection.await {
-                debug!(%peer, %err, "health connection ended with an error");
-            }
-        });
-    }
+        hyper::service::service_fn(move |request| {
+            let ready = readiness.is_ready();
+            async move { Ok::<_, Infallible>(route(&request, ready)) }
+        })
+    })
+    .await;
 }
 
 fn route(request: &Request<Incoming>, ready: bool) -> Response<Full<Bytes>> {

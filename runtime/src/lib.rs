@@ -1,12 +1,19 @@
-//! What every Pimesh daemon shares with systemd: structured logs to the journal (stderr off
-//! a node), `Type=notify` readiness, status and watchdog, shutdown on SIGTERM, and the
-//! `/live` and `/ready` health endpoints; and giving freed heap back to the kernel.
+//! What every Pimesh daemon shares: structured logs to the journal (stderr off a node),
+//! `Type=notify` readiness, status and watchdog, shutdown on SIGTERM, the `/live` and
+//! `/ready` health endpoints, giving freed heap back to the kernel, and the mechanisms
+//! each daemon would otherwise write again: retry pauses ([`backoff`]), files reloaded when
+//! they change ([`watched`]), the HTTP accept loop with its limits ([`serve`]), the
+//! command line's conventions ([`cli`]) and atomic file replacement ([`atomic_file`]).
 
 pub mod atomic_file;
+pub mod backoff;
+pub mod cli;
 pub mod health;
 pub mod logging;
 pub mod memory;
 pub mod notify;
+pub mod serve;
+pub mod watched;
 
 /// Resolves on SIGTERM (systemd stopping the unit) or SIGINT (a terminal).
 pub fn shutdown_signal() -> impl std::future::Future<Output = std::io::Result<()>> {
@@ -37,9 +44,10 @@ pub enum Threads {
 
 /// Runs a daemon: installs logging, starts the async runtime, and drives `main` to the
 /// end. A failure is logged, shown as the unit's status, and exits with status 1.
-pub fn run<F>(threads: Threads, main: F) -> std::process::ExitCode
+pub fn run<F, E>(threads: Threads, main: F) -> std::process::ExitCode
 where
-    F: std::future::Future<Output = Result<(), String>>,
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
 {
     logging::init();
     let runtime = match threads {
@@ -65,5 +73,25 @@ where
             notify::status(&format!("failed: {message}"));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_takes_any_displayable_error_and_fails_with_it() {
+        let code = |code: std::process::ExitCode| format!("{code:?}");
+        let ok = run(Threads::One, async { Ok::<(), std::io::Error>(()) });
+        assert_eq!(code(ok), code(std::process::ExitCode::SUCCESS));
+        let typed = run(Threads::One, async {
+            Err::<(), _>(std::io::Error::other("cannot listen"))
+        });
+        assert_eq!(code(typed), code(std::process::ExitCode::FAILURE));
+        let boxed = run(Threads::One, async {
+            Err::<(), Box<dyn std::error::Error + Send + Sync>>("no seed".into())
+        });
+        assert_eq!(code(boxed), code(std::process::ExitCode::FAILURE));
     }
 }

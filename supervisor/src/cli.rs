@@ -1,32 +1,14 @@
-//! Command-line options. The defaults are a node's real paths; tests point them elsewhere.
+//! Command-line options, parsed by clap with the conventions of `pimesh_runtime::cli`. The
+//! defaults are a node's real paths; tests point them elsewhere.
+//!
+//! `pimesh-supervisor [options]` runs the daemon; `pimesh-supervisor trust COMMAND
+//! [--state-dir PATH] [--seed PATH]` runs one step of the trust root's lifecycle instead.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-pub const USAGE: &str = "\
-usage: pimesh-supervisor [options]
-  --seed PATH          the seed file (default /boot/firmware/pimesh.toml)
-  --status-addr ADDR   where the status API listens (default 127.0.0.1:4200)
-  --etc-dir PATH       active configuration (default /etc/pimesh)
-  --state-dir PATH     keys, revisions, reports (default /var/lib/pimesh)
-  --manifest PATH      the image manifest (default /usr/share/pimesh/manifest.json)
-  --k3s-bin PATH       where K3s is installed (default /usr/local/bin/k3s)
-  --run-dir PATH       runtime files for other units, e.g. proxy.env (default /run/pimesh)
-  --supervisor-config PATH
-                       the units to keep running and how (default /etc/pimesh/supervisor.toml)
-  --no-node-setup      do not set the hostname or SSH keys (for running off a node)
-
-usage: pimesh-supervisor trust COMMAND [--state-dir PATH] [--seed PATH] [--force]
-  status                    the trust root as JSON: anchors, issuer, rotation phase
-  rotate-issuer             a new issuer from the anchor that signed the current one
-  anchor begin              a new anchor joins the bundle (old + new); the issuer stays
-  anchor switch             a new issuer signed by the new anchor becomes the issuer
-  anchor finish             the bundle keeps only the new anchor; the old anchor key is
-                            deleted (--force: within 24 h of the switch)
-  export-anchor-key FILE    write the anchor key to FILE (0600), then remove it from the node
-  import-anchor-key FILE    put an exported anchor key back
-  --state-dir defaults to /var/lib/pimesh; --seed (for the site's name) to
-  /boot/firmware/pimesh.toml";
+use clap::{Parser, Subcommand};
 
 /// Where the supervisor finds and keeps things on the node.
 #[derive(Debug, Clone)]
@@ -46,7 +28,6 @@ pub struct Options {
     pub status_addr: SocketAddr,
     pub paths: Paths,
     pub node_setup: bool,
-    pub help: bool,
     /// A `trust` command to run instead of the daemon.
     pub trust: Option<TrustAction>,
 }
@@ -63,83 +44,133 @@ pub enum TrustAction {
     ImportAnchorKey(PathBuf),
 }
 
+/// The daemon on every Pimesh node.
+#[derive(Debug, Parser)]
+#[command(name = "pimesh-supervisor", args_override_self = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// The seed file (for `trust`: where the site's name comes from)
+    #[arg(
+        long = "seed",
+        value_name = "PATH",
+        global = true,
+        default_value = "/boot/firmware/pimesh.toml"
+    )]
+    seed_path: PathBuf,
+    /// Where the status API listens
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:4200")]
+    status_addr: SocketAddr,
+    /// Active configuration
+    #[arg(long, value_name = "PATH", default_value = "/etc/pimesh")]
+    etc_dir: PathBuf,
+    /// Keys, revisions, reports
+    #[arg(
+        long,
+        value_name = "PATH",
+        global = true,
+        default_value = "/var/lib/pimesh"
+    )]
+    state_dir: PathBuf,
+    /// The image manifest
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/usr/share/pimesh/manifest.json"
+    )]
+    manifest: PathBuf,
+    /// Where K3s is installed
+    #[arg(long, value_name = "PATH", default_value = "/usr/local/bin/k3s")]
+    k3s_bin: PathBuf,
+    /// Runtime files for other units, e.g. proxy.env
+    #[arg(long, value_name = "PATH", default_value = "/run/pimesh")]
+    run_dir: PathBuf,
+    /// The units to keep running and how
+    #[arg(long, value_name = "PATH", default_value = pimesh_schema::supervisor::DEFAULT_PATH)]
+    supervisor_config: PathBuf,
+    /// Do not set the hostname or SSH keys (for running off a node)
+    #[arg(long)]
+    no_node_setup: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// One step of the trust root's lifecycle
+    #[command(arg_required_else_help = false)]
+    Trust {
+        #[command(subcommand)]
+        command: TrustCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TrustCommand {
+    /// The trust root as JSON: anchors, issuer, rotation phase
+    Status,
+    /// A new issuer from the anchor that signed the current one
+    RotateIssuer,
+    /// Anchor rotation, one step at a time
+    #[command(arg_required_else_help = false)]
+    Anchor {
+        #[command(subcommand)]
+        step: AnchorStep,
+    },
+    /// Write the anchor key to FILE (0600), then remove it from the node
+    ExportAnchorKey {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Put an exported anchor key back
+    ImportAnchorKey {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AnchorStep {
+    /// A new anchor joins the bundle (old + new); the issuer stays
+    Begin,
+    /// A new issuer signed by the new anchor becomes the issuer
+    Switch,
+    /// The bundle keeps only the new anchor; the old anchor key is deleted
+    Finish {
+        /// Within 24 h of the switch too
+        #[arg(long)]
+        force: bool,
+    },
+}
+
 impl Options {
-    pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
-        let mut options = Options {
-            seed_path: PathBuf::from("/boot/firmware/pimesh.toml"),
-            supervisor_config: PathBuf::from(pimesh_schema::supervisor::DEFAULT_PATH),
-            status_addr: SocketAddr::from(([127, 0, 0, 1], 4200)),
-            paths: Paths {
-                etc_dir: PathBuf::from("/etc/pimesh"),
-                state_dir: PathBuf::from("/var/lib/pimesh"),
-                manifest: PathBuf::from("/usr/share/pimesh/manifest.json"),
-                k3s_bin: PathBuf::from("/usr/local/bin/k3s"),
-                run_dir: PathBuf::from("/run/pimesh"),
+    /// Parses the arguments, program name first. An `Err` is clap's message: the caller
+    /// exits with it (`clap::Error::exit`: 2 for a usage error, 0 after `--help`).
+    pub fn from_args(args: impl IntoIterator<Item = OsString>) -> Result<Options, clap::Error> {
+        let cli = Cli::try_parse_from(args)?;
+        let trust = cli.command.map(|Command::Trust { command }| match command {
+            TrustCommand::Status => TrustAction::Status,
+            TrustCommand::RotateIssuer => TrustAction::RotateIssuer,
+            TrustCommand::Anchor { step } => match step {
+                AnchorStep::Begin => TrustAction::AnchorBegin,
+                AnchorStep::Switch => TrustAction::AnchorSwitch,
+                AnchorStep::Finish { force } => TrustAction::AnchorFinish { force },
             },
-            node_setup: true,
-            help: false,
-            trust: None,
-        };
-        let mut args = args.into_iter().peekable();
-        let mut trust_words = Vec::new();
-        let mut force = false;
-        if args.peek().map(String::as_str) == Some("trust") {
-            args.next();
-            while let Some(word) = args.next_if(|arg| !arg.starts_with('-')) {
-                trust_words.push(word);
-            }
-            if trust_words.is_empty() {
-                return Err("trust: expected a command (status, rotate-issuer, anchor begin|switch|finish, export-anchor-key FILE, import-anchor-key FILE)".into());
-            }
-        }
-        while let Some(arg) = args.next() {
-            let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
-            match arg.as_str() {
-                "--seed" => options.seed_path = value("--seed")?.into(),
-                "--supervisor-config" => {
-                    options.supervisor_config = value("--supervisor-config")?.into();
-                }
-                "--status-addr" => {
-                    let text = value("--status-addr")?;
-                    options.status_addr = text.parse().map_err(|err| {
-                        format!("--status-addr: expected IP:PORT, found {text:?} ({err})")
-                    })?;
-                }
-                "--etc-dir" => options.paths.etc_dir = value("--etc-dir")?.into(),
-                "--state-dir" => options.paths.state_dir = value("--state-dir")?.into(),
-                "--manifest" => options.paths.manifest = value("--manifest")?.into(),
-                "--k3s-bin" => options.paths.k3s_bin = value("--k3s-bin")?.into(),
-                "--run-dir" => options.paths.run_dir = value("--run-dir")?.into(),
-                "--no-node-setup" => options.node_setup = false,
-                "--force" if !trust_words.is_empty() => force = true,
-                "-h" | "--help" => options.help = true,
-                other => return Err(format!("unknown option {other:?}")),
-            }
-        }
-        if !trust_words.is_empty() {
-            let words: Vec<&str> = trust_words.iter().map(String::as_str).collect();
-            let action = match words.as_slice() {
-                ["status"] => TrustAction::Status,
-                ["rotate-issuer"] => TrustAction::RotateIssuer,
-                ["anchor", "begin"] => TrustAction::AnchorBegin,
-                ["anchor", "switch"] => TrustAction::AnchorSwitch,
-                ["anchor", "finish"] => TrustAction::AnchorFinish { force },
-                ["export-anchor-key", file] => TrustAction::ExportAnchorKey(file.into()),
-                ["import-anchor-key", file] => TrustAction::ImportAnchorKey(file.into()),
-                _ => {
-                    return Err(format!(
-                        "trust: unknown command {:?}; expected status, rotate-issuer, \
-                         anchor begin|switch|finish, export-anchor-key FILE or import-anchor-key FILE",
-                        words.join(" ")
-                    ))
-                }
-            };
-            if force && !matches!(action, TrustAction::AnchorFinish { .. }) {
-                return Err("--force applies only to `trust anchor finish`".into());
-            }
-            options.trust = Some(action);
-        }
-        Ok(options)
+            TrustCommand::ExportAnchorKey { file } => TrustAction::ExportAnchorKey(file),
+            TrustCommand::ImportAnchorKey { file } => TrustAction::ImportAnchorKey(file),
+        });
+        Ok(Options {
+            seed_path: cli.seed_path,
+            supervisor_config: cli.supervisor_config,
+            status_addr: cli.status_addr,
+            paths: Paths {
+                etc_dir: cli.etc_dir,
+                state_dir: cli.state_dir,
+                manifest: cli.manifest,
+                k3s_bin: cli.k3s_bin,
+                run_dir: cli.run_dir,
+            },
+            node_setup: !cli.no_node_setup,
+            trust,
+        })
     }
 }
 
@@ -148,7 +179,11 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Options, String> {
-        Options::from_args(args.iter().map(|a| a.to_string()))
+        let argv = std::iter::once("pimesh-supervisor").chain(args.iter().copied());
+        Options::from_args(argv.map(OsString::from)).map_err(|err| {
+            assert_eq!(err.exit_code(), 2, "{err}");
+            err.to_string()
+        })
     }
 
     #[test]
@@ -194,12 +229,16 @@ mod tests {
             parse(&["trust", "status"]).expect("status").trust,
             Some(TrustAction::Status)
         );
-        assert!(parse(&["trust"])
-            .unwrap_err()
-            .contains("expected a command"));
-        assert!(parse(&["trust", "anchor", "rewind"])
-            .unwrap_err()
-            .contains("anchor rewind"));
+        let no_command = parse(&["trust"]).unwrap_err();
+        assert!(
+            no_command.contains("requires a subcommand") && no_command.contains("rotate-issuer"),
+            "{no_command}"
+        );
+        let unknown = parse(&["trust", "anchor", "rewind"]).unwrap_err();
+        assert!(
+            unknown.contains("rewind") && unknown.contains("trust anchor"),
+            "{unknown}"
+        );
         assert!(parse(&["trust", "status", "--force"])
             .unwrap_err()
             .contains("--force"));

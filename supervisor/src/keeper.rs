@@ -17,6 +17,7 @@ use std::hash::{BuildHasher as _, Hasher as _};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use pimesh_runtime::backoff::{Backoff, Jitter};
 use pimesh_runtime::notify::Heartbeat;
 use pimesh_schema::{HealSettings, ManagedUnit};
 use tokio::sync::{mpsc, watch};
@@ -31,10 +32,10 @@ use crate::systemd::{BusEvent, Systemd, CALL_TIMEOUT};
 
 /// The loop turns (and beats) at least this often.
 const MAX_TURN: Duration = Duration::from_secs(1);
-/// Waits between reconnection attempts: from this...
-const RECONNECT_INITIAL: Duration = Duration::from_millis(200);
-/// ...doubling up to this.
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// Waits between reconnection attempts: from 200 ms doubling up to 5 s, each in
+/// `[3/4 base, base]`.
+const RECONNECT: Backoff =
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(5)).with_jitter(Jitter::QUARTER);
 /// A probe gives up after this long (or the probe interval, if shorter).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -134,7 +135,7 @@ impl Keeper {
             };
             failures = failures.saturating_add(1);
             self.set_bus(false, Some(outcome));
-            let wait = heal::backoff::delay(failures, RECONNECT_INITIAL, RECONNECT_MAX, random());
+            let wait = RECONNECT.delay(failures, random());
             self.sleep_beating(wait).await;
         }
     }

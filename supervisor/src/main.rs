@@ -34,17 +34,10 @@ use crate::keeper::Keeper;
 use crate::status::{ConfigReport, NodeStatus, StatusHandle};
 
 fn main() -> ExitCode {
-    let options = match Options::from_args(std::env::args().skip(1)) {
+    let options = match Options::from_args(std::env::args_os()) {
         Ok(options) => options,
-        Err(message) => {
-            eprintln!("pimesh-supervisor: {message}\n\n{}", cli::USAGE);
-            return ExitCode::from(2);
-        }
+        Err(err) => err.exit(),
     };
-    if options.help {
-        println!("{}", cli::USAGE);
-        return ExitCode::SUCCESS;
-    }
     if let Some(action) = &options.trust {
         return match trust_command(&options, action) {
             Ok(out) => {

@@ -2,53 +2,28 @@
 
 use std::convert::Infallible;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{header, Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use pimesh_runtime::serve;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tracing::{debug, warn};
 
 use crate::status::NodeStatus;
 
 /// At most this many connections are served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 32;
-/// A client must send its request headers within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn serve(listener: TcpListener, status: Arc<RwLock<NodeStatus>>) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                warn!(%err, "status API: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let limits = serve::Limits::named("status API").with_max_connections(MAX_CONNECTIONS);
+    serve::serve_http1(listener, limits, std::future::pending(), move |_peer| {
         let status = Arc::clone(&status);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let status = Arc::clone(&status);
-                async move { Ok::<_, Infallible>(route(&request, &status)) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(err) = connection.await {
-                debug!(%peer, %err, "status API connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
+        hyper::service::service_fn(move |request| {
+            let status = Arc::clone(&status);
+            async move { Ok::<_, Infallible>(route(&request, &status)) }
+        })
+    })
+    .await;
 }
 
 fn route(request: &Request<Incoming>, status: &RwLock<NodeStatus>) -> Response<Full<Bytes>> {

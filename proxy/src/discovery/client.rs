@@ -3,7 +3,7 @@
 //! The watch stays on one replica while it answers; on a connection error, a refusal,
 //! the end of the stream or [`IDLE`] without a line (replicas send a keepalive line every
 //! 10 s), it moves on to the next replica of the list, round robin, after a short backoff
-//! with jitter (at most [`MAX_BACKOFF`]), so that a failover takes about a second. While
+//! with jitter (at most 2 s, [`BACKOFF`]), so that a failover takes about a second. While
 //! no replica answers, a warning is logged every [`WARN_EVERY`] naming what is in use.
 //!
 //! Heartbeats (`{"port": P}` every [`HEARTBEAT_EVERY`]) go to every replica
@@ -23,6 +23,7 @@ use hyper::body::Bytes;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pimesh_runtime::backoff::{Backoff, Jitter};
 use tracing::{debug, info, warn};
 
 use super::{Shared, Source};
@@ -32,10 +33,11 @@ use crate::tls::Identity;
 const IDLE: Duration = Duration::from_secs(25);
 /// Connecting (TCP and TLS) and each request's answer head must take less than this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// The longest pause between two watch attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// The first pause after a failure; doubled per failure in a row, up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// The pause before attempt number `failures + 1`: doubling from 100 ms up to 2 s, then
+/// between half and all of it (jitter, so that the proxies of a site do not reconnect in
+/// step).
+const BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(2)).with_jitter(Jitter::HALF);
 /// How often each replica is told this node is alive (the replicas keep it 30 s).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 /// While no replica answers, how often to say so.
@@ -92,17 +94,8 @@ async fn watch_loop(shared: Arc<Shared>) {
         }
         index = (index + 1) % replicas.len();
         failures = failures.saturating_add(1);
-        tokio::time::sleep(backoff(failures)).await;
+        tokio::time::sleep(BACKOFF.delay(failures, fastrand::u64(..))).await;
     }
-}
-
-/// The pause before attempt number `failures + 1`: doubling from [`FIRST_BACKOFF`] up
-/// to [`MAX_BACKOFF`], then between half and all of it (jitter, so that the proxies of
-/// a site do not reconnect in step).
-fn backoff(failures: u32) -> Duration {
-    let doubled = FIRST_BACKOFF.saturating_mul(1 << failures.min(8).saturating_sub(1));
-    let capped = doubled.min(MAX_BACKOFF);
-    capped / 2 + capped.mul_f64(fastrand::f64() / 2.0)
 }
 
 /// How one watch ended.
@@ -282,12 +275,13 @@ mod tests {
 
     #[test]
     fn the_backoff_grows_to_two_seconds_with_jitter() {
+        let backoff = |failures| BACKOFF.delay(failures, fastrand::u64(..));
         for failures in 1..40 {
             let pause = backoff(failures);
-            assert!(pause <= MAX_BACKOFF, "{failures}: {pause:?}");
-            assert!(pause >= FIRST_BACKOFF / 2, "{failures}: {pause:?}");
+            assert!(pause <= BACKOFF.cap(), "{failures}: {pause:?}");
+            assert!(pause >= BACKOFF.initial() / 2, "{failures}: {pause:?}");
         }
-        assert!(backoff(1) <= FIRST_BACKOFF);
-        assert!(backoff(30) >= MAX_BACKOFF / 2);
+        assert!(backoff(1) <= Duration::from_millis(100));
+        assert!(backoff(30) >= Duration::from_secs(2) / 2);
     }
 }

@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use pimesh_identity::LeafRequest;
+use pimesh_runtime::backoff::Retry;
 use pimesh_schema::{SpiffeId, Workload};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::CertificateDer;
@@ -140,7 +141,7 @@ pub fn spawn(
         status_tx,
         leaf: cached,
         cursor: 0,
-        backoff: schedule::Backoff::default(),
+        backoff: Retry::new(schedule::BACKOFF),
         failing_since: None,
     };
     (identity_rx, status_rx, tokio::spawn(enroller.run()))
@@ -157,7 +158,7 @@ struct Enroller {
     leaf: Option<Identity>,
     /// The replica to ask next: an index into `settings.replicas`.
     cursor: usize,
-    backoff: schedule::Backoff,
+    backoff: Retry,
     /// When the first of the current run of failed attempts was made.
     failing_since: Option<SystemTime>,
 }
@@ -268,7 +269,7 @@ impl Enroller {
         let Some(&replica) = self.settings.replicas.get(self.cursor) else {
             // No replica at all (`spawn` is only called with some): nothing to ask.
             self.cursor = 0;
-            return SystemTime::now() + schedule::BACKOFF_CAP;
+            return SystemTime::now() + schedule::BACKOFF.cap();
         };
         match self.enroll(replica).await {
             Ok(identity) => {
@@ -302,7 +303,7 @@ impl Enroller {
                 self.cursor = (self.cursor + 1) % self.settings.replicas.len().max(1);
                 self.status_tx
                     .send_modify(|status| status.last_error = Some(err));
-                SystemTime::now() + self.backoff.next(fastrand::f64())
+                SystemTime::now() + self.backoff.next_delay(fastrand::u64(..))
             }
         }
     }

@@ -2,11 +2,13 @@
 
 use std::time::{Duration, SystemTime};
 
-/// The first pause after a failed attempt.
-pub const BACKOFF_START: Duration = Duration::from_millis(250);
-/// The longest pause between failed attempts: a replica that comes back is used within
-/// a few seconds.
-pub const BACKOFF_CAP: Duration = Duration::from_secs(4);
+use pimesh_runtime::backoff::{Backoff, Jitter};
+
+/// The pauses after failed attempts: each drawn from the upper half of a window that
+/// doubles from 250 ms up to 4 s, so that a replica that comes back is used within a few
+/// seconds.
+pub const BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(250), Duration::from_secs(4)).with_jitter(Jitter::HALF);
 
 /// When to renew a leaf that was received (or read back) at `received` and expires at
 /// `not_after`: two thirds into the remaining life, moved by `jitter` (in `-1.0..=1.0`)
@@ -29,38 +31,10 @@ pub fn renew_at(received: SystemTime, not_after: SystemTime, jitter: f64) -> Sys
     }
 }
 
-/// Exponential backoff with jitter: each pause is drawn from the upper half of a window
-/// that doubles from [`BACKOFF_START`] up to [`BACKOFF_CAP`].
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    window: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            window: BACKOFF_START,
-        }
-    }
-}
-
-impl Backoff {
-    /// The pause before the next attempt, given `unit` (in `0.0..=1.0`, random).
-    pub fn next(&mut self, unit: f64) -> Duration {
-        let pause = self.window.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0));
-        self.window = (self.window * 2).min(BACKOFF_CAP);
-        pause
-    }
-
-    /// After a success: start small again.
-    pub fn reset(&mut self) {
-        self.window = BACKOFF_START;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pimesh_runtime::backoff::Retry;
 
     #[test]
     fn renewal_is_at_two_thirds_within_a_tenth_of_the_last_third() {
@@ -78,15 +52,17 @@ mod tests {
 
     #[test]
     fn backoff_doubles_to_the_cap_and_resets() {
-        let mut backoff = Backoff::default();
-        assert_eq!(backoff.next(1.0), BACKOFF_START);
-        assert_eq!(backoff.next(0.0), BACKOFF_START);
+        let start = Duration::from_millis(250);
+        let cap = Duration::from_secs(4);
+        let mut backoff = Retry::new(BACKOFF);
+        assert_eq!(backoff.next_delay(u64::MAX), start);
+        assert_eq!(backoff.next_delay(0), start);
         for _ in 0..10 {
-            assert!(backoff.next(1.0) <= BACKOFF_CAP);
+            assert!(backoff.next_delay(u64::MAX) <= cap);
         }
-        assert_eq!(backoff.next(1.0), BACKOFF_CAP);
-        assert_eq!(backoff.next(0.0), BACKOFF_CAP / 2);
+        assert_eq!(backoff.next_delay(u64::MAX), cap);
+        assert_eq!(backoff.next_delay(0), cap / 2);
         backoff.reset();
-        assert_eq!(backoff.next(1.0), BACKOFF_START);
+        assert_eq!(backoff.next_delay(u64::MAX), start);
     }
 }

@@ -10,7 +10,8 @@
 //! - active, but its readiness probe has failed for longer than the hang threshold (a hung
 //!   process) → restart it;
 //! - activating, deactivating, or waiting to be restarted by systemd itself → wait;
-//! - between two heal attempts, an exponential backoff with jitter, capped;
+//! - between two heal attempts, an exponential backoff with jitter, capped (each pause in
+//!   `[3/4 base, base]`);
 //! - after `escalate_after` attempts in a row without the unit becoming stable, restart its
 //!   dependencies once; after twice that many, reboot the node if the configuration allows
 //!   it, or record that it does not and keep retrying at the capped backoff.
@@ -18,10 +19,9 @@
 //! A unit is *stable* once it has been active and ready for [`STABLE_AFTER`]; that ends a
 //! failure episode (attempt count and escalation go back to zero).
 
-pub mod backoff;
-
 use std::time::{Duration, Instant};
 
+use pimesh_runtime::backoff::{Backoff, Jitter};
 use pimesh_schema::{HealSettings, ManagedUnit, UnitName};
 use serde::Serialize;
 
@@ -269,12 +269,9 @@ impl UnitHealer {
         }
         self.attempts = self.attempts.saturating_add(1);
         self.next_attempt_at = Some(
-            now + backoff::delay(
-                self.attempts,
-                settings.backoff_initial,
-                settings.backoff_max,
-                random,
-            ),
+            now + Backoff::new(settings.backoff_initial, settings.backoff_max)
+                .with_jitter(Jitter::QUARTER)
+                .delay(self.attempts, random),
         );
         self.awaiting_job_until = Some(now + JOB_GRACE);
         let decision = self.escalate(needed, settings);

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use pimesh_revision::{Mode, NodeReport, Rejection, Verified, Verifier};
+use pimesh_runtime::backoff::{Backoff, Retry};
 use pimesh_schema::cluster::ClusterConfig;
 use pimesh_schema::{Central, DnsLabel, OtaSettings};
 use serde::Serialize;
@@ -45,10 +46,9 @@ use outbox::Outbox;
 use outcome::{ApplyError, Outcome, Rollback};
 use revisions::{sha256_hex, Revisions};
 
-/// First wait before reaching the central server again after a failure; it doubles.
-const FIRST_RETRY: Duration = Duration::from_secs(1);
-/// Longest wait between attempts to reach the central server.
-const MAX_RETRY: Duration = Duration::from_secs(15);
+/// Waits before reaching the central server again after failures in a row: from 1 s,
+/// doubling up to 15 s.
+const RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(15));
 /// How long to wait before asking again after the server offered something refused that
 /// did not move the poll position (garbage, a replay).
 const REFUSED_PAUSE: Duration = Duration::from_secs(30);
@@ -162,7 +162,7 @@ pub async fn run(context: OtaContext) {
         report,
         bus: None,
         last_refused: None,
-        retry: FIRST_RETRY,
+        retry: Retry::new(RETRY),
     };
     ota.recover().await;
     loop {
@@ -234,7 +234,7 @@ async fn deliver_reports(
     wake: Arc<Notify>,
     status: StatusHandle,
 ) {
-    let mut retry = Duration::from_secs(1);
+    let mut retry = Retry::new(RETRY);
     loop {
         let queued = outbox.len();
         status.update(|status| status.ota.queued_reports = queued);
@@ -245,12 +245,11 @@ async fn deliver_reports(
         match client.send_report(&report).await {
             Ok(_) => {
                 outbox.remove(&path);
-                retry = FIRST_RETRY;
+                retry.reset();
             }
             Err(err) => {
                 warn!(%err, queued, "cannot deliver a report; keeping it for later");
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(MAX_RETRY);
+                tokio::time::sleep(retry.next_delay(0)).await;
             }
         }
     }
@@ -269,8 +268,8 @@ struct Ota {
     bus: Option<Systemd>,
     /// The SHA-256 of the last refused document, so that one bad offer is reported once.
     last_refused: Option<String>,
-    /// The wait before the next attempt to reach the central server.
-    retry: Duration,
+    /// Failed attempts in a row to reach the central server, and the wait before the next.
+    retry: Retry,
 }
 
 impl Ota {
@@ -327,14 +326,14 @@ impl Ota {
                 warn!(%err, "central server unreachable");
                 self.report.last_error = Some(err.to_string());
                 self.publish();
-                self.pause(self.retry).await;
-                self.retry = (self.retry * 2).min(MAX_RETRY);
+                let wait = self.retry.next_delay(0);
+                self.pause(wait).await;
             }
         }
     }
 
     fn reached(&mut self) {
-        self.retry = FIRST_RETRY;
+        self.retry.reset();
         if self.report.last_error.take().is_some() {
             self.publish();
         }
@@ -405,7 +404,7 @@ impl Ota {
             error!("{err}");
             self.report.last_error = Some(err.to_string());
             self.publish();
-            self.pause(MAX_RETRY).await;
+            self.pause(RETRY.cap()).await;
             return;
         }
         self.journal.highest_verified = revision;
