@@ -6,20 +6,15 @@
 //! grow.
 
 mod cli;
-mod control_plane;
 mod credential;
-mod heal;
-mod keeper;
-mod managed_units;
 mod node;
 mod node_setup;
 mod ota;
-mod probe;
 mod seed_state;
 mod status;
 mod status_api;
-mod systemd;
 mod trust;
+mod units;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -30,7 +25,7 @@ use pimesh_schema::SupervisorConfig;
 use tracing::{info, warn};
 
 use crate::cli::Options;
-use crate::keeper::Keeper;
+use crate::units::keeper::Keeper;
 use crate::status::{ConfigReport, NodeStatus, StatusHandle};
 
 fn main() -> ExitCode {
@@ -100,9 +95,9 @@ async fn run(options: Options) -> Result<(), String> {
     status.update(|status| status.trust = trust);
     let units = {
         let status = status.clone();
-        Arc::new(managed_units::ManagedUnits::new(
+        Arc::new(units::managed_set::ManagedUnits::new(
             &supervisor_config,
-            managed_units::Placement {
+            units::managed_set::Placement {
                 holds_issuer,
                 servers,
                 site: seed.seed().map(|seed| seed.site.clone()),
@@ -267,7 +262,7 @@ fn ota_context(
     facts: &node::NodeFacts,
     seed: &seed_state::SeedState,
     config: &SupervisorConfig,
-    units: &Arc<managed_units::ManagedUnits>,
+    units: &Arc<units::managed_set::ManagedUnits>,
     status: &StatusHandle,
 ) -> Option<ota::OtaContext> {
     let seed = seed.seed()?;

@@ -34,7 +34,7 @@ pub struct NodeStatus {
     /// The site's trust root on this node.
     pub trust: crate::trust::TrustReport,
     /// Whether this node runs control replicas and where its proxy finds them.
-    pub control: crate::control_plane::ControlReport,
+    pub control: crate::units::placement::ControlReport,
 }
 
 /// Which supervisor configuration is in force.
@@ -75,7 +75,7 @@ pub struct UnitReport {
     pub restarts_by_pimesh: u64,
     /// Heal attempts in the current failure episode (0 once the unit is stable).
     pub heal_attempts: u32,
-    pub escalation: crate::heal::Escalation,
+    pub escalation: crate::units::heal::Escalation,
     pub last_action: Option<ActionReport>,
     /// Every action taken for this unit since the supervisor started, by name
     /// (`start`, `reset-failed-and-start`, `restart`, `restart-dependencies`, `reboot`).
@@ -141,7 +141,7 @@ impl NodeStatus {
                 ..Default::default()
             },
             trust: crate::trust::TrustReport::default(),
-            control: crate::control_plane::ControlReport::default(),
+            control: crate::units::placement::ControlReport::default(),
         }
     }
 }

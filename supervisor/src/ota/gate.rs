@@ -11,8 +11,8 @@ use pimesh_schema::{ManagedUnit, ProbeUrl, UnitName};
 use tokio::time::Instant;
 use zbus::zvariant::OwnedObjectPath;
 
-use crate::probe;
-use crate::systemd::Systemd;
+use crate::units::probe;
+use crate::units::systemd::Systemd;
 
 const PROXY: &str = "pimesh-proxy.service";
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);

@@ -38,7 +38,7 @@ use tracing::{error, info, warn};
 
 use crate::credential::CredentialFiles;
 use crate::status::StatusHandle;
-use crate::systemd::Systemd;
+use crate::units::systemd::Systemd;
 use central::{CentralClient, Poll, SetupError};
 use gate::Gate;
 use journal::{Journal, JournalFile, Pending, Phase};
@@ -93,7 +93,7 @@ pub struct OtaReport {
 pub struct OtaContext {
     pub settings: OtaSettings,
     /// The units the node keeps; they follow the active site configuration.
-    pub units: Arc<crate::managed_units::ManagedUnits>,
+    pub units: Arc<crate::units::managed_set::ManagedUnits>,
     pub site: DnsLabel,
     pub node: DnsLabel,
     pub central: Central,

@@ -6,7 +6,7 @@
 //! discovery streams carry the new configuration to every proxy). A unit that is not
 //! running is restarted instead, and must be ready before the next one is touched:
 //! so a replica that joins the managed set with a new `[control] replicas` (see
-//! `crate::managed_units`) is started and ready before the health gate. Nothing else is
+//! `crate::units::managed_set`) is started and ready before the health gate. Nothing else is
 //! touched.
 
 use std::fmt;
@@ -17,7 +17,7 @@ use pimesh_schema::{ManagedUnit, UnitName};
 use tokio::time::Instant;
 
 use super::gate::{unit_health, UnitUnhealthy};
-use crate::systemd::Systemd;
+use crate::units::systemd::Systemd;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Touch {

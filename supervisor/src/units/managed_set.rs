@@ -18,7 +18,7 @@ use pimesh_schema::{DnsLabel, ManagedUnit, SupervisorConfig};
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::control_plane::{self, ControlReport};
+use crate::units::placement::{self, ControlReport};
 
 /// Where each new [`ControlReport`] goes (the node status).
 pub type ReportSink = Box<dyn Fn(ControlReport) + Send + Sync>;
@@ -108,8 +108,8 @@ impl ManagedUnits {
     fn place(&self, site: Option<&ClusterConfig>) -> Vec<ManagedUnit> {
         let mut units = desired(&self.configured, self.replicas_follow_site, site);
         let p = &self.placement;
-        let mut report = control_plane::place(&mut units, p.holds_issuer, &p.servers);
-        control_plane::write_unit_env(&p.run_dir, p.site.as_ref(), &mut report);
+        let mut report = placement::place(&mut units, p.holds_issuer, &p.servers);
+        placement::write_unit_env(&p.run_dir, p.site.as_ref(), &mut report);
         (self.report)(report);
         units
     }
@@ -127,7 +127,7 @@ fn desired(
     };
     configured
         .iter()
-        .filter(|unit| !control_plane::is_replica(unit))
+        .filter(|unit| !placement::is_replica(unit))
         .cloned()
         .chain(
             (1..=u16::from(site.control.replicas)).map(pimesh_schema::supervisor::control_replica),

@@ -1,6 +1,6 @@
 //! The heal policy: given what systemd and the readiness probe say about a unit, what the
 //! supervisor does about it, and when. Pure logic — no D-Bus, no clock, no randomness of
-//! its own — so that every rule is unit-tested; `crate::keeper` does the I/O.
+//! its own — so that every rule is unit-tested; `crate::units::keeper` does the I/O.
 //!
 //! The rules, for a unit whose desired state is "running":
 //! - failed or inactive (exited, stopped, never started) → start it; a failed one is reset

@@ -10,7 +10,7 @@
 //! by `pimesh-proxy.service` at its start), and the replicas the seed's site from
 //! `/run/pimesh/control.env` (`PIMESH_CONTROL_ARGS`: they serve node identities before
 //! any site config arrives), both written before any unit is started and again whenever
-//! the managed set changes (`crate::managed_units`). Invariant: the proxy's file names
+//! the managed set changes (`crate::units::managed_set`). Invariant: the proxy's file names
 //! exactly the replicas this node runs, or on a node without the issuer those the seed's
 //! servers run; with none it says so by an empty value, and the proxy keeps to its file
 //! configuration. A running proxy keeps the list it started with: a replica that leaves it

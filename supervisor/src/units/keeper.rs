@@ -1,9 +1,9 @@
 //! The unit keeper: the event loop that keeps the managed units running. It feeds what
 //! systemd reports (D-Bus signals, event-driven) and what readiness probes answer (polled)
-//! to the heal policy (`crate::heal`), carries out its decisions through systemd, and
+//! to the heal policy (`crate::units::heal`), carries out its decisions through systemd, and
 //! publishes everything in the node status.
 //!
-//! The set of units comes from `crate::managed_units` and may change while the keeper
+//! The set of units comes from `crate::units::managed_set` and may change while the keeper
 //! runs: a unit that joins the set is started like any unit that is down, one that leaves
 //! it is stopped (`StopUnit`) and forgotten.
 //!
@@ -25,10 +25,10 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 use zbus::zvariant::OwnedObjectPath;
 
-use crate::heal::{self, Action, Decision, UnitHealer};
-use crate::probe;
+use crate::units::heal::{self, Action, Decision, UnitHealer};
+use crate::units::probe;
 use crate::status::{ActionReport, StatusHandle, UnitReport};
-use crate::systemd::{BusEvent, Systemd, CALL_TIMEOUT};
+use crate::units::systemd::{BusEvent, Systemd, CALL_TIMEOUT};
 
 /// The loop turns (and beats) at least this often.
 const MAX_TURN: Duration = Duration::from_secs(1);

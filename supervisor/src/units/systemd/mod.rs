@@ -17,7 +17,7 @@ use zbus::proxy::CacheProperties;
 use zbus::zvariant::OwnedObjectPath;
 use zbus::Connection;
 
-use crate::heal::UnitState;
+use crate::units::heal::UnitState;
 pub use proxies::{ManagerProxy, ServiceProxy, UnitProxy};
 
 /// Every D-Bus call gives up after this long: a stuck bus must not stall the event loop.

@@ -1,0 +1,11 @@
+//! The units the supervisor keeps running through systemd: which units make the managed
+//! set ([`managed_set`]) and which control replicas run on this node ([`placement`]); the
+//! event loop that keeps them up ([`keeper`]) with its pure heal policy ([`heal`]); the
+//! D-Bus connection to systemd ([`systemd`]) and the readiness probes ([`probe`]).
+
+pub mod heal;
+pub mod keeper;
+pub mod managed_set;
+pub mod placement;
+pub mod probe;
+pub mod systemd;
