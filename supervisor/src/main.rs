@@ -8,9 +8,7 @@
 mod cli;
 mod credential;
 mod node;
-mod node_setup;
 mod ota;
-mod seed_state;
 mod status;
 mod status_api;
 mod trust;
@@ -51,11 +49,11 @@ fn main() -> ExitCode {
 
 async fn run(options: Options) -> Result<(), String> {
     info!(version = env!("CARGO_PKG_VERSION"), seed = %options.seed_path.display(), "starting");
-    let seed = seed_state::SeedState::load(&options.seed_path);
+    let seed = node::seed::SeedState::load(&options.seed_path);
     seed.log();
-    let facts = node::NodeFacts::gather(&options.paths, &seed);
+    let facts = node::facts::NodeFacts::gather(&options.paths, &seed);
     let tasks = if options.node_setup {
-        node_setup::apply(&options.paths, &facts, &seed).await
+        node::setup::apply(&options.paths, &facts, &seed).await
     } else {
         Vec::new()
     };
@@ -181,7 +179,7 @@ fn trust_command(options: &Options, action: &cli::TrustAction) -> Result<String,
     store.recover()?;
     let credential = credential::CredentialFiles::new(state_dir);
     let site = || {
-        let seed = seed_state::SeedState::load(&options.seed_path);
+        let seed = node::seed::SeedState::load(&options.seed_path);
         seed.seed().map(|seed| seed.site.clone()).ok_or_else(|| {
             format!(
                 "the site's name comes from the seed {}, which is not usable: {}",
@@ -231,8 +229,8 @@ fn trust_command(options: &Options, action: &cli::TrustAction) -> Result<String,
 /// tries again.
 fn prepare_node_credential(
     options: &Options,
-    facts: &node::NodeFacts,
-    seed: &seed_state::SeedState,
+    facts: &node::facts::NodeFacts,
+    seed: &node::seed::SeedState,
     trust: &trust::TrustFiles,
     holds_issuer: bool,
     boot_dir: &std::path::Path,
@@ -259,8 +257,8 @@ fn prepare_node_credential(
 /// usable name.
 fn ota_context(
     options: &Options,
-    facts: &node::NodeFacts,
-    seed: &seed_state::SeedState,
+    facts: &node::facts::NodeFacts,
+    seed: &node::seed::SeedState,
     config: &SupervisorConfig,
     units: &Arc<units::managed_set::ManagedUnits>,
     status: &StatusHandle,

@@ -4,9 +4,9 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
-use crate::node::{K3sPresence, NodeFacts};
-use crate::node_setup::TaskReport;
-use crate::seed_state::{SeedReport, SeedState};
+use crate::node::facts::{K3sPresence, NodeFacts};
+use crate::node::setup::TaskReport;
+use crate::node::seed::{SeedReport, SeedState};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeStatus {

@@ -8,8 +8,8 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::cli::Paths;
-use crate::node::NodeFacts;
-use crate::seed_state::SeedState;
+use crate::node::facts::NodeFacts;
+use crate::node::seed::SeedState;
 use pimesh_runtime::atomic_file;
 
 /// The outcome of one setup task, as shown in the status API.

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::cli::Paths;
-use crate::seed_state::SeedState;
+use crate::node::seed::SeedState;
 
 /// Where the board's serial number is (Raspberry Pi firmware fills it in the device tree).
 const DT_SERIAL: &str = "/sys/firmware/devicetree/base/serial-number";
