@@ -10,7 +10,6 @@ mod credential;
 mod node;
 mod ota;
 mod status;
-mod status_api;
 mod trust;
 mod units;
 
@@ -115,7 +114,7 @@ async fn run(options: Options) -> Result<(), String> {
             )
         })?;
     info!(addr = %options.status_addr, "status API listening");
-    let server = tokio::spawn(status_api::serve(listener, Arc::clone(&status.0)));
+    let server = tokio::spawn(status::api::serve(listener, Arc::clone(&status.0)));
 
     let heartbeat = Heartbeat::new();
     heartbeat.beat();

@@ -1,4 +1,6 @@
-//! The node's status as the supervisor knows it; what `GET /status` serves.
+//! The node's status as the supervisor knows it; what `GET /status` serves ([`api`]).
+
+pub mod api;
 
 use std::sync::{Arc, RwLock};
 
