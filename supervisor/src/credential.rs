@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 
-use crate::ota::central::NodeCredential;
+use crate::ota::central_client::NodeCredential;
 use crate::trust::TrustFiles;
 
 /// The proxy's system user (systemd/pimesh.sysusers): the node key is its.

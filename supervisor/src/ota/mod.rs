@@ -14,7 +14,7 @@
 //! for the central server; at start, a pending entry is finished (gate again, then commit
 //! or roll back), so a power cut anywhere leaves the old or the new revision, complete.
 
-pub mod central;
+pub mod central_client;
 mod gate;
 mod journal;
 mod outbox;
@@ -39,7 +39,7 @@ use tracing::{error, info, warn};
 use crate::credential::CredentialFiles;
 use crate::status::StatusHandle;
 use crate::units::systemd::Systemd;
-use central::{CentralClient, Poll, SetupError};
+use central_client::{CentralClient, Poll, SetupError};
 use gate::Gate;
 use journal::{Journal, JournalFile, Pending, Phase};
 use outbox::Outbox;
