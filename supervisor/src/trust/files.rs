@@ -1,21 +1,5 @@
-//! The site's trust root on the node: `/var/lib/pimesh/trust/` holds the anchor
-//! certificate (`anchor.pem`), the issuer that signs the site's leaves (`issuer.pem`,
-//! `issuer.key`) and, until the operator exports it, the anchor's key (`anchor.key`).
-//!
-//! Only a node with role `init` provisions it, once: it imports the anchor and issuer that
-//! the operator put on the boot partition (`pimesh-trust/`, written by `pimeshctl image
-//! configure --trust`) — bring your own anchor, the same one the central server knows — or,
-//! when there is none, generates a new root for the site. A join token in the seed pins the
-//! anchor: a root whose anchor does not hash to the pinned value is refused.
-//!
-//! Invariant: the folder appears whole or not at all, and changes whole: `trust` is a link
-//! to a complete generation `trust.d/<n>/`, swapped in one rename ([`store`]). A cut before
-//! the first swap leaves no trust folder and the next start begins again. What happens to
-//! the root after provisioning (issuer and anchor rotation, the anchor key leaving the
-//! node) is in [`lifecycle`].
-
-pub mod lifecycle;
-pub mod store;
+//! The trust folder as the rest of the supervisor uses it: provisioning at the first start
+//! of the `init` node, the periodic check, and the issuer for signing.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -27,7 +11,8 @@ use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use store::{TrustState, TrustStore};
+use super::lifecycle;
+use super::store::{TrustState, TrustStore};
 
 /// What `GET /status` shows about the trust root.
 #[derive(Debug, Clone, Default, Serialize)]
