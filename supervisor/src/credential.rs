@@ -6,6 +6,7 @@
 //! soon as it appears there. Today the operator signs the request with the site's issuer
 //! (`pimeshctl node sign`); the control plane's identity API automates the same exchange.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use pimesh_identity::{anchor_sha256, anchor_sha256_hex, LeafRequest};
@@ -16,16 +17,22 @@ use std::time::{Duration, SystemTime};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 
-use crate::ota::central_client::NodeCredential;
-use crate::trust::TrustFiles;
 
 /// The proxy's system user (systemd/pimesh.sysusers): the node key is its.
 const PROXY_USER: &str = "pimesh-proxy";
 
 /// How long a certificate the node signs for itself lasts: as long as one the operator
 /// signs with `pimeshctl node sign` (never past the issuer's own expiry).
-const SELF_ENROLLED_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+pub const SELF_ENROLLED_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// The node's TLS client credential: the certificate chain and the private key, in PEM.
+pub struct NodeCredential {
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+/// The node's files in `/var/lib/pimesh/identity/`: its key, its signing request, its
+/// certificate chain and, on a joining node, the site's anchor.
 pub struct CredentialFiles {
     pub dir: PathBuf,
 }
@@ -141,38 +148,24 @@ impl CredentialFiles {
         Ok(())
     }
 
-    /// On a node that holds the site's issuer (the `init` node): signs the node's own
-    /// request, so it needs no enrollment by hand. Does nothing when the certificate is
-    /// there or the node has no issuer.
-    pub fn self_enroll(
-        &self,
-        trust: &TrustFiles,
-        site: &DnsLabel,
-        node: &DnsLabel,
-    ) -> Result<(), String> {
-        if self.chain().exists() {
-            return Ok(());
-        }
-        let Some(issuer) = trust.issuer()? else {
-            return Ok(());
-        };
+    /// Whether the node's certificate chain is there.
+    pub fn has_certificate(&self) -> bool {
+        self.chain().exists()
+    }
+
+    /// The signing request kept beside the key.
+    pub fn signing_request(&self) -> Result<CertificateSigningRequestDer<'static>, String> {
         let request_pem = std::fs::read(self.request())
             .map_err(|err| format!("cannot read {}: {err}", self.request().display()))?;
-        let request = CertificateSigningRequestDer::from_pem_slice(&request_pem)
-            .map_err(|err| format!("{}: not a PEM request: {err}", self.request().display()))?;
-        let chain = issuer
-            .sign_node_chain(
-                &request,
-                site,
-                node,
-                SystemTime::now(),
-                SELF_ENROLLED_LIFETIME,
-            )
-            .map_err(|err| format!("cannot sign the node's own request: {err}"))?;
+        CertificateSigningRequestDer::from_pem_slice(&request_pem)
+            .map_err(|err| format!("{}: not a PEM request: {err}", self.request().display()))
+    }
+
+    /// Makes `chain` (PEM: the leaf, then its issuer) the node's certificate chain.
+    pub fn install_chain(&self, chain: &str) -> Result<(), String> {
         pimesh_runtime::atomic_file::replace(&self.chain(), chain.as_bytes(), 0o644)
-            .map_err(|err| format!("cannot write {}: {err}", self.chain().display()))?;
-        tracing::info!(%site, %node, "node certificate signed by the node's own site issuer");
-        Ok(())
+            .map(drop)
+            .map_err(|err| format!("cannot write {}: {err}", self.chain().display()))
     }
 
     /// Re-signs the node's certificate with `issuer` when the chain in `node.pem` names
@@ -208,17 +201,14 @@ impl CredentialFiles {
                 self.chain().display()
             ));
         };
-        let permitted = crate::trust::lifecycle::node_ids(leaf);
+        let permitted = node_ids(leaf);
         let Some(site) = permitted.iter().next().map(|id| id.site.clone()) else {
             return Err(format!(
                 "{}: the certificate names no spiffe://<site>/node/<node> identity to re-sign",
                 self.chain().display()
             ));
         };
-        let request_pem = std::fs::read(self.request())
-            .map_err(|err| format!("cannot read {}: {err}", self.request().display()))?;
-        let request = CertificateSigningRequestDer::from_pem_slice(&request_pem)
-            .map_err(|err| format!("{}: not a PEM request: {err}", self.request().display()))?;
+        let request = self.signing_request()?;
         let leaf = issuer
             .sign_leaf_for(&request, &site, &permitted, now, SELF_ENROLLED_LIFETIME)
             .map_err(|err| {
@@ -227,9 +217,7 @@ impl CredentialFiles {
                     self.request().display()
                 )
             })?;
-        let chain = format!("{}{}", leaf.pem, issuer.cert_pem());
-        pimesh_runtime::atomic_file::replace(&self.chain(), chain.as_bytes(), 0o644)
-            .map_err(|err| format!("cannot write {}: {err}", self.chain().display()))?;
+        self.install_chain(&format!("{}{}", leaf.pem, issuer.cert_pem()))?;
         tracing::info!(chain = %self.chain().display(), "node certificate re-signed by the current issuer");
         Ok(true)
     }
@@ -245,6 +233,15 @@ impl CredentialFiles {
             .map_err(|err| format!("cannot read {}: {err}", self.key().display()))?;
         Ok(Some(NodeCredential { chain_pem, key_pem }))
     }
+}
+
+/// The SPIFFE node IDs in `leaf`, as the set a re-signed credential may carry.
+pub fn node_ids(leaf: &CertificateDer<'_>) -> BTreeSet<SpiffeId> {
+    pimesh_identity::leaf_identities(leaf)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|id| matches!(id.workload, Workload::Node(_)))
+        .collect()
 }
 
 #[cfg(test)]

@@ -243,7 +243,7 @@ fn prepare_node_credential(
     let credential = credential::CredentialFiles::new(&options.paths.state_dir);
     let mut result = credential.ensure_request(&seed.site, &node);
     if holds_issuer {
-        result = result.and_then(|()| credential.self_enroll(trust, &seed.site, &node));
+        result = result.and_then(|()| trust.self_enroll(&credential, &seed.site, &node));
     } else {
         result = result.and_then(|()| credential.import_anchor(boot_dir, seed).map(|_| ()));
     }

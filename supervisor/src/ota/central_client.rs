@@ -10,6 +10,8 @@ use pimesh_revision::NodeReport;
 use pimesh_schema::{Central, DnsLabel};
 use reqwest::StatusCode;
 
+use crate::credential::NodeCredential;
+
 /// What one long-poll brought.
 pub enum Poll {
     /// Nothing newer within the wait.
@@ -24,12 +26,6 @@ pub struct CentralClient {
     http: reqwest::Client,
     config_url: String,
     reports_url: String,
-}
-
-/// The node's TLS client credential: the certificate chain and the private key, in PEM.
-pub struct NodeCredential {
-    pub chain_pem: String,
-    pub key_pem: String,
 }
 
 /// Why the client could not be set up.

@@ -202,8 +202,9 @@ fn connect(context: &OtaContext) -> Result<Option<CentralClient>, ConnectError> 
     credential
         .ensure_request(&context.site, &context.node)
         .map_err(ConnectError::Credential)?;
-    credential
-        .self_enroll(&context.trust, &context.site, &context.node)
+    context
+        .trust
+        .self_enroll(credential, &context.site, &context.node)
         .map_err(ConnectError::Credential)?;
     let Some(credential) = credential.load().map_err(ConnectError::Credential)? else {
         return Ok(None);

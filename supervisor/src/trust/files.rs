@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use pimesh_identity::{anchor_sha256, anchor_sha256_hex, Authority, TrustRoot};
-use pimesh_schema::{Role, Seed};
+use pimesh_schema::{DnsLabel, Role, Seed};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::CertificateDer;
 use serde::Serialize;
@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use super::lifecycle;
 use super::store::{TrustState, TrustStore};
+use crate::credential::{CredentialFiles, SELF_ENROLLED_LIFETIME};
 
 /// What `GET /status` shows about the trust root.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -78,6 +79,36 @@ impl TrustFiles {
             .map_err(|err| format!("{}: {err}", cert.display()))
     }
 
+    /// On a node that holds the site's issuer (the `init` node): signs the node's own
+    /// request, so it needs no enrollment by hand. Does nothing when the certificate is
+    /// there or the node has no issuer.
+    pub fn self_enroll(
+        &self,
+        credential: &CredentialFiles,
+        site: &DnsLabel,
+        node: &DnsLabel,
+    ) -> Result<(), String> {
+        if credential.has_certificate() {
+            return Ok(());
+        }
+        let Some(issuer) = self.issuer()? else {
+            return Ok(());
+        };
+        let request = credential.signing_request()?;
+        let chain = issuer
+            .sign_node_chain(
+                &request,
+                site,
+                node,
+                SystemTime::now(),
+                SELF_ENROLLED_LIFETIME,
+            )
+            .map_err(|err| format!("cannot sign the node's own request: {err}"))?;
+        credential.install_chain(&chain)?;
+        info!(%site, %node, "node certificate signed by the node's own site issuer");
+        Ok(())
+    }
+
     fn report(&self, source: &'static str) -> TrustReport {
         let anchor = std::fs::read(self.dir.join("anchor.pem"))
             .ok()
@@ -111,8 +142,8 @@ impl TrustFiles {
     /// signed by the current issuer, and reports. `site` is the seed's.
     pub fn check(
         &self,
-        site: &pimesh_schema::DnsLabel,
-        credential: &crate::credential::CredentialFiles,
+        site: &DnsLabel,
+        credential: &CredentialFiles,
     ) -> TrustReport {
         if let Err(err) = self.store.recover() {
             warn!(%err, "cannot bring the trust folder to a consistent state");

@@ -16,7 +16,6 @@
 //! is in the bundle; `anchor.key`, when present, belongs to an anchor of the bundle other
 //! than the next one; the issuer is signed by an anchor of the bundle.
 
-use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
@@ -619,17 +618,10 @@ pub fn maintain(
     Ok(())
 }
 
-/// The SPIFFE node IDs in `leaf`, as the set a re-signed credential may carry.
-pub fn node_ids(leaf: &CertificateDer<'_>) -> BTreeSet<pimesh_identity::SpiffeId> {
-    pimesh_identity::leaf_identities(leaf)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|id| matches!(id.workload, pimesh_identity::Workload::Node(_)))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
     use pimesh_identity::{verify_leaf, LeafRequest, SpiffeId, TrustRoot, Usage};
 
@@ -666,8 +658,8 @@ mod tests {
             credential
                 .ensure_request(&site, &label("pi-1"))
                 .expect("request");
-            credential
-                .self_enroll(&files, &site, &label("pi-1"))
+            files
+                .self_enroll(&credential, &site, &label("pi-1"))
                 .expect("enroll");
             Node {
                 dir,
