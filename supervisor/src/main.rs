@@ -87,7 +87,14 @@ async fn run(options: Options) -> Result<(), String> {
             "; supervisor config error (using defaults): {err}"
         ));
     }
-    let status = StatusHandle::new(NodeStatus::new(&facts, &seed, tasks, config_report));
+    let status = StatusHandle::new(NodeStatus::new(
+        facts.info(),
+        seed.report(),
+        facts.k3s.clone(),
+        facts.image.clone(),
+        tasks,
+        config_report,
+    ));
     let trust_present = trust.present;
     status.update(|status| status.trust = trust);
     let units = {

@@ -4,17 +4,18 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
-use serde::Serialize;
-
 use crate::cli::Paths;
 use crate::node::seed::SeedState;
+use crate::status::{K3sPresence, NodeInfo};
 
 /// Where the board's serial number is (Raspberry Pi firmware fills it in the device tree).
 const DT_SERIAL: &str = "/sys/firmware/devicetree/base/serial-number";
 const DT_MODEL: &str = "/sys/firmware/devicetree/base/model";
 const MACHINE_ID: &str = "/etc/machine-id";
+/// The kernel's boot ID: changes on every boot.
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct NodeFacts {
     /// The node's name: the seed's `node`, else `pimesh-` and the end of the board serial
     /// (or of the machine ID where the board has no serial, as on QEMU).
@@ -25,14 +26,6 @@ pub struct NodeFacts {
     pub k3s: K3sPresence,
     /// The image manifest as shipped (`null` off a Pimesh image).
     pub image: Option<serde_json::Value>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct K3sPresence {
-    pub present: bool,
-    pub path: String,
-    /// The version recorded in the image manifest when K3s is installed.
-    pub version: Option<String>,
 }
 
 impl NodeFacts {
@@ -57,6 +50,20 @@ impl NodeFacts {
             model: read_trimmed(Path::new(DT_MODEL)),
             k3s,
             image,
+        }
+    }
+}
+
+impl NodeFacts {
+    /// The node's name and board as the status shows them, with this boot's ID.
+    pub fn info(&self) -> NodeInfo {
+        NodeInfo {
+            name: self.node_name.clone(),
+            name_source: self.node_name_source,
+            model: self.model.clone(),
+            boot_id: std::fs::read_to_string(BOOT_ID)
+                .ok()
+                .map(|id| id.trim().to_owned()),
         }
     }
 }

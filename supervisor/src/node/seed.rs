@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use pimesh_schema::seed::{is_blank, read_small};
 use pimesh_schema::{ConfigError, Seed};
-use serde::Serialize;
 use tracing::{error, info, warn};
+
+use crate::status::{SeedReport, SeedSummary};
 
 #[derive(Debug, Clone)]
 pub enum SeedState {
@@ -101,7 +102,7 @@ impl SeedState {
             SeedState::Valid { path, seed } => SeedReport {
                 state: "valid",
                 file: path.clone(),
-                summary: Some(SeedSummary::of(seed)),
+                summary: Some(summary(seed)),
                 reason: None,
                 error: None,
             },
@@ -123,45 +124,17 @@ impl SeedState {
     }
 }
 
-/// The seed as the status API shows it: no secrets (the join token's secret is left out).
-#[derive(Debug, Clone, Serialize)]
-pub struct SeedReport {
-    /// `valid`, `unconfigured` or `invalid`.
-    pub state: &'static str,
-    pub file: PathBuf,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub summary: Option<SeedSummary>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<ConfigError>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct SeedSummary {
-    pub site: String,
-    pub role: &'static str,
-    pub node: Option<String>,
-    /// The trust anchor hash the join token pins (public; the secret is never shown).
-    pub join_token_anchor_sha256: Option<String>,
-    pub servers: Vec<String>,
-    pub ssh_authorized_keys: usize,
-    pub central_url: Option<String>,
-    pub central_public_key: Option<String>,
-}
-
-impl SeedSummary {
-    fn of(seed: &Seed) -> SeedSummary {
-        SeedSummary {
-            site: seed.site.to_string(),
-            role: seed.role.as_str(),
-            node: seed.node.as_ref().map(ToString::to_string),
-            join_token_anchor_sha256: seed.join_token.as_ref().map(|t| t.anchor_sha256_hex()),
-            servers: seed.servers.iter().cloned().map(String::from).collect(),
-            ssh_authorized_keys: seed.ssh_authorized_keys.len(),
-            central_url: seed.central.as_ref().map(|c| c.url.as_url().to_string()),
-            central_public_key: seed.central.as_ref().map(|c| c.public_key.to_string()),
-        }
+/// The seed's settings without its secrets.
+fn summary(seed: &Seed) -> SeedSummary {
+    SeedSummary {
+        site: seed.site.to_string(),
+        role: seed.role.as_str(),
+        node: seed.node.as_ref().map(ToString::to_string),
+        join_token_anchor_sha256: seed.join_token.as_ref().map(|t| t.anchor_sha256_hex()),
+        servers: seed.servers.iter().cloned().map(String::from).collect(),
+        ssh_authorized_keys: seed.ssh_authorized_keys.len(),
+        central_url: seed.central.as_ref().map(|c| c.url.as_url().to_string()),
+        central_public_key: seed.central.as_ref().map(|c| c.public_key.to_string()),
     }
 }
 

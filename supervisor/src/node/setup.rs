@@ -4,37 +4,27 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::cli::Paths;
 use crate::node::facts::NodeFacts;
 use crate::node::seed::SeedState;
+use crate::status::TaskReport;
 use pimesh_runtime::atomic_file;
 
-/// The outcome of one setup task, as shown in the status API.
-#[derive(Debug, Clone, Serialize)]
-pub struct TaskReport {
-    pub task: &'static str,
-    /// `changed`, `unchanged`, `skipped` or `failed`.
-    pub outcome: &'static str,
-    pub detail: String,
-}
-
-impl TaskReport {
-    fn new(task: &'static str, outcome: &'static str, detail: impl Into<String>) -> Self {
-        let report = TaskReport {
-            task,
-            outcome,
-            detail: detail.into(),
-        };
-        if outcome == "failed" {
-            warn!(task, detail = %report.detail, "node setup task failed");
-        } else {
-            info!(task, outcome, detail = %report.detail, "node setup task");
-        }
-        report
+/// The report of one setup task, logged as it is made.
+fn task_report(task: &'static str, outcome: &'static str, detail: impl Into<String>) -> TaskReport {
+    let report = TaskReport {
+        task,
+        outcome,
+        detail: detail.into(),
+    };
+    if outcome == "failed" {
+        warn!(task, detail = %report.detail, "node setup task failed");
+    } else {
+        info!(task, outcome, detail = %report.detail, "node setup task");
     }
+    report
 }
 
 pub async fn apply(paths: &Paths, facts: &NodeFacts, seed: &SeedState) -> Vec<TaskReport> {
@@ -87,9 +77,9 @@ async fn set_hostname(name: &str) -> TaskReport {
         ))),
     };
     match result {
-        Ok(true) => TaskReport::new(TASK, "changed", format!("hostname set to {name}")),
-        Ok(false) => TaskReport::new(TASK, "unchanged", format!("hostname is {name}")),
-        Err(err) => TaskReport::new(
+        Ok(true) => task_report(TASK, "changed", format!("hostname set to {name}")),
+        Ok(false) => task_report(TASK, "unchanged", format!("hostname is {name}")),
+        Err(err) => task_report(
             TASK,
             "failed",
             format!("cannot set hostname {name} through systemd-hostnamed: {err}"),
@@ -103,7 +93,7 @@ async fn set_hostname(name: &str) -> TaskReport {
 pub fn write_authorized_keys(path: &Path, seed: &SeedState) -> TaskReport {
     const TASK: &str = "ssh-authorized-keys";
     let Some(seed) = seed.seed() else {
-        return TaskReport::new(TASK, "skipped", "no valid seed: keys left as they were");
+        return task_report(TASK, "skipped", "no valid seed: keys left as they were");
     };
     let mut contents = String::from(
         "# Written by pimesh-supervisor from the seed's ssh_authorized_keys; edits are replaced.\n",
@@ -114,17 +104,17 @@ pub fn write_authorized_keys(path: &Path, seed: &SeedState) -> TaskReport {
     }
     let count = seed.ssh_authorized_keys.len();
     match atomic_file::replace(path, contents.as_bytes(), 0o600) {
-        Ok(true) => TaskReport::new(
+        Ok(true) => task_report(
             TASK,
             "changed",
             format!("{count} key(s) in {}", path.display()),
         ),
-        Ok(false) => TaskReport::new(
+        Ok(false) => task_report(
             TASK,
             "unchanged",
             format!("{count} key(s) in {}", path.display()),
         ),
-        Err(err) => TaskReport::new(
+        Err(err) => task_report(
             TASK,
             "failed",
             format!("cannot write {}: {err}", path.display()),

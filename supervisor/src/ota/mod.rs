@@ -27,17 +27,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use pimesh_revision::{Mode, NodeReport, Rejection, Verified, Verifier};
+use pimesh_revision::{Mode, Rejection, Verified, Verifier};
 use pimesh_runtime::backoff::{Backoff, Retry};
 use pimesh_schema::cluster::ClusterConfig;
 use pimesh_schema::{Central, DnsLabel, OtaSettings};
-use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::credential::CredentialFiles;
-use crate::status::StatusHandle;
+use crate::status::{OtaReport, OtaState, StatusHandle};
 use crate::units::systemd::Systemd;
 use central_client::{CentralClient, Poll, SetupError};
 use gate::Gate;
@@ -52,42 +51,6 @@ const RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(
 /// How long to wait before asking again after the server offered something refused that
 /// did not move the poll position (garbage, a replay).
 const REFUSED_PAUSE: Duration = Duration::from_secs(30);
-
-/// What the OTA client is doing, as `GET /status` shows it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OtaState {
-    /// No central server in the seed.
-    #[default]
-    Disabled,
-    WaitingForCredential,
-    Idle,
-    Applying,
-    Trying,
-    RollingBack,
-}
-
-/// What `GET /status` shows about over-the-air configuration.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct OtaReport {
-    pub state: OtaState,
-    pub central: Option<String>,
-    /// The revision the node falls back to.
-    pub committed: Option<u64>,
-    /// A revision being applied or on trial.
-    pub pending: Option<u64>,
-    pub highest_verified: u64,
-    /// The SHA-256 of the active `cluster.toml` (`None`: no file).
-    pub active_sha256: Option<String>,
-    /// The latest outcome, as reported to the central server.
-    pub last_outcome: Option<NodeReport>,
-    /// Reports waiting to reach the central server.
-    pub queued_reports: usize,
-    /// Why the central server could not be used, while that lasts.
-    pub last_error: Option<String>,
-    /// What the node waits for, in words.
-    pub detail: Option<String>,
-}
 
 /// Everything the OTA client needs from the rest of the supervisor.
 pub struct OtaContext {
@@ -681,45 +644,4 @@ fn unix_millis() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-#[cfg(test)]
-mod tests {
-    use pimesh_revision::ReportState;
-
-    use super::*;
-
-    #[test]
-    fn the_status_report_keeps_its_field_names_and_state_strings() {
-        let states = [
-            (OtaState::Disabled, "disabled"),
-            (OtaState::WaitingForCredential, "waiting-for-credential"),
-            (OtaState::Idle, "idle"),
-            (OtaState::Applying, "applying"),
-            (OtaState::Trying, "trying"),
-            (OtaState::RollingBack, "rolling-back"),
-        ];
-        for (state, text) in states {
-            assert_eq!(serde_json::to_value(state).expect("encode"), text);
-        }
-        let report = OtaReport {
-            state: OtaState::Idle,
-            committed: Some(3),
-            last_outcome: Some(NodeReport {
-                revision: Some(3),
-                state: ReportState::Applied,
-                detail: String::new(),
-            }),
-            queued_reports: 1,
-            ..OtaReport::default()
-        };
-        let json = serde_json::to_value(&report).expect("encode");
-        assert_eq!(json["state"], "idle");
-        assert_eq!(json["committed"], 3);
-        assert_eq!(json["queued_reports"], 1);
-        assert_eq!(
-            json["last_outcome"],
-            serde_json::json!({"revision": 3, "state": "applied", "detail": ""})
-        );
-    }
 }

@@ -1,19 +1,27 @@
-//! The node's status as the supervisor knows it; what `GET /status` serves ([`api`]).
+//! The node's status as the supervisor knows it: what `GET /status` serves ([`api`]).
+//!
+//! Every part of the supervisor writes its own section through a [`StatusHandle`]; the
+//! section types live here, so that this module depends on no other part: the keeper
+//! fills `units` and `dbus`, the OTA client `ota`, the trust files `trust`, the managed
+//! set `control`, and the start `node`, `seed`, `k3s`, `image` and `setup`.
+//!
+//! Invariant: the JSON field names and the text values below are the status API's
+//! contract with `pimeshctl`, the system tests and operators' scripts.
 
 pub mod api;
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
+use pimesh_revision::NodeReport;
+use pimesh_schema::ConfigError;
 use serde::Serialize;
-
-use crate::node::facts::{K3sPresence, NodeFacts};
-use crate::node::setup::TaskReport;
-use crate::node::seed::{SeedReport, SeedState};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeStatus {
     pub version: &'static str,
-    pub node: NodeReport,
+    pub node: NodeInfo,
     pub seed: SeedReport,
     pub k3s: K3sPresence,
     /// The image manifest (what the image holds), `null` off a Pimesh image.
@@ -32,21 +40,21 @@ pub struct NodeStatus {
     /// The units the supervisor keeps running, in configuration order.
     pub units: Vec<UnitReport>,
     /// Over-the-air configuration from the central server.
-    pub ota: crate::ota::OtaReport,
+    pub ota: OtaReport,
     /// The site's trust root on this node.
-    pub trust: crate::trust::TrustReport,
+    pub trust: TrustReport,
     /// Whether this node runs control replicas and where its proxy finds them.
-    pub control: crate::units::placement::ControlReport,
+    pub control: ControlReport,
 }
 
 /// Which supervisor configuration is in force.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConfigReport {
-    pub file: std::path::PathBuf,
+    pub file: PathBuf,
     /// `file`, or `defaults` when the file is missing or broken.
     pub source: &'static str,
     /// Why the file could not be used (file, line, key, message).
-    pub error: Option<pimesh_schema::ConfigError>,
+    pub error: Option<ConfigError>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -77,11 +85,13 @@ pub struct UnitReport {
     pub restarts_by_pimesh: u64,
     /// Heal attempts in the current failure episode (0 once the unit is stable).
     pub heal_attempts: u32,
-    pub escalation: crate::units::heal::Escalation,
+    /// How far up the heal policy's escalation ladder the current failure episode went:
+    /// `none`, `dependencies`, `reboot-refused` or `reboot`.
+    pub escalation: &'static str,
     pub last_action: Option<ActionReport>,
     /// Every action taken for this unit since the supervisor started, by name
     /// (`start`, `reset-failed-and-start`, `restart`, `restart-dependencies`, `reboot`).
-    pub action_counts: std::collections::BTreeMap<&'static str, u64>,
+    pub action_counts: BTreeMap<&'static str, u64>,
     /// Why the unit cannot be managed (e.g. it does not exist).
     pub error: Option<String>,
 }
@@ -97,8 +107,9 @@ pub struct ActionReport {
     pub outcome: String,
 }
 
+/// The node's name and board.
 #[derive(Debug, Clone, Serialize)]
-pub struct NodeReport {
+pub struct NodeInfo {
     pub name: String,
     pub name_source: &'static str,
     pub model: Option<String>,
@@ -107,25 +118,21 @@ pub struct NodeReport {
 }
 
 impl NodeStatus {
+    /// The status at the supervisor's start: what it found, before any part reports.
     pub fn new(
-        facts: &NodeFacts,
-        seed: &SeedState,
+        node: NodeInfo,
+        seed: SeedReport,
+        k3s: K3sPresence,
+        image: Option<serde_json::Value>,
         setup: Vec<TaskReport>,
         supervisor_config: ConfigReport,
     ) -> NodeStatus {
         NodeStatus {
             version: env!("CARGO_PKG_VERSION"),
-            node: NodeReport {
-                name: facts.node_name.clone(),
-                name_source: facts.node_name_source,
-                model: facts.model.clone(),
-                boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-                    .ok()
-                    .map(|id| id.trim().to_owned()),
-            },
-            seed: seed.report(),
-            k3s: facts.k3s.clone(),
-            image: facts.image.clone(),
+            node,
+            seed,
+            k3s,
+            image,
             setup,
             started_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -138,12 +145,12 @@ impl NodeStatus {
             supervisor_config,
             dbus: BusReport::default(),
             units: Vec::new(),
-            ota: crate::ota::OtaReport {
-                state: crate::ota::OtaState::Disabled,
+            ota: OtaReport {
+                state: OtaState::Disabled,
                 ..Default::default()
             },
-            trust: crate::trust::TrustReport::default(),
-            control: crate::units::placement::ControlReport::default(),
+            trust: TrustReport::default(),
+            control: ControlReport::default(),
         }
     }
 }
@@ -164,5 +171,169 @@ impl StatusHandle {
             Err(poisoned) => poisoned.into_inner(),
         };
         change(&mut guard);
+    }
+}
+
+/// The seed as the status API shows it: no secrets (the join token's secret is left out).
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedReport {
+    /// `valid`, `unconfigured` or `invalid`.
+    pub state: &'static str,
+    pub file: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<SeedSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ConfigError>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedSummary {
+    pub site: String,
+    pub role: &'static str,
+    pub node: Option<String>,
+    /// The trust anchor hash the join token pins (public; the secret is never shown).
+    pub join_token_anchor_sha256: Option<String>,
+    pub servers: Vec<String>,
+    pub ssh_authorized_keys: usize,
+    pub central_url: Option<String>,
+    pub central_public_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct K3sPresence {
+    pub present: bool,
+    pub path: String,
+    /// The version recorded in the image manifest when K3s is installed.
+    pub version: Option<String>,
+}
+
+/// The outcome of one setup task, as shown in the status API.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskReport {
+    pub task: &'static str,
+    /// `changed`, `unchanged`, `skipped` or `failed`.
+    pub outcome: &'static str,
+    pub detail: String,
+}
+
+/// What the OTA client is doing, as `GET /status` shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OtaState {
+    /// No central server in the seed.
+    #[default]
+    Disabled,
+    WaitingForCredential,
+    Idle,
+    Applying,
+    Trying,
+    RollingBack,
+}
+
+/// What `GET /status` shows about over-the-air configuration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OtaReport {
+    pub state: OtaState,
+    pub central: Option<String>,
+    /// The revision the node falls back to.
+    pub committed: Option<u64>,
+    /// A revision being applied or on trial.
+    pub pending: Option<u64>,
+    pub highest_verified: u64,
+    /// The SHA-256 of the active `cluster.toml` (`None`: no file).
+    pub active_sha256: Option<String>,
+    /// The latest outcome, as reported to the central server.
+    pub last_outcome: Option<NodeReport>,
+    /// Reports waiting to reach the central server.
+    pub queued_reports: usize,
+    /// Why the central server could not be used, while that lasts.
+    pub last_error: Option<String>,
+    /// What the node waits for, in words.
+    pub detail: Option<String>,
+}
+
+/// What `GET /status` shows about the trust root.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TrustReport {
+    pub present: bool,
+    /// `generated`, `imported` (this start), or `existing`.
+    pub source: Option<&'static str>,
+    /// Hex SHA-256 of the anchor certificate (DER): what join tokens pin.
+    pub anchor_sha256: Option<String>,
+    /// Whether the anchor's private key is still on this node.
+    pub anchor_key_on_node: bool,
+    /// The issuer: expiry, days left, when it rotates, which anchor signed it.
+    pub issuer: Option<IssuerInfo>,
+    /// What needs the operator: an issuer that cannot be rotated here (no anchor key on
+    /// the node), or one close to expiry.
+    pub warning: Option<String>,
+    pub error: Option<String>,
+}
+
+/// The issuer, as `pimesh-supervisor trust status` and `/status` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct IssuerInfo {
+    pub not_after: String,
+    /// Whole days until `not_after` (negative once expired).
+    pub days_left: i64,
+    /// When one third of its lifetime is left: the supervisor rotates it from then on.
+    pub rotate_from: String,
+    /// The SHA-256 of the bundle anchor that signed it; `None` if none did (broken root).
+    pub signed_by: Option<String>,
+}
+
+/// What `GET /status` shows about the control plane on this node.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ControlReport {
+    /// Whether this node runs control replicas.
+    pub runs_replicas: bool,
+    /// The replica units this node runs.
+    pub replicas: Vec<String>,
+    /// The replica addresses the proxy is given (`--control`).
+    pub proxy_control: Vec<String>,
+    /// Why the node runs no replicas, or what went wrong telling the proxy.
+    pub note: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use pimesh_revision::ReportState;
+
+    use super::*;
+
+    #[test]
+    fn the_status_report_keeps_its_field_names_and_state_strings() {
+        let states = [
+            (OtaState::Disabled, "disabled"),
+            (OtaState::WaitingForCredential, "waiting-for-credential"),
+            (OtaState::Idle, "idle"),
+            (OtaState::Applying, "applying"),
+            (OtaState::Trying, "trying"),
+            (OtaState::RollingBack, "rolling-back"),
+        ];
+        for (state, text) in states {
+            assert_eq!(serde_json::to_value(state).expect("encode"), text);
+        }
+        let report = OtaReport {
+            state: OtaState::Idle,
+            committed: Some(3),
+            last_outcome: Some(NodeReport {
+                revision: Some(3),
+                state: ReportState::Applied,
+                detail: String::new(),
+            }),
+            queued_reports: 1,
+            ..OtaReport::default()
+        };
+        let json = serde_json::to_value(&report).expect("encode");
+        assert_eq!(json["state"], "idle");
+        assert_eq!(json["committed"], 3);
+        assert_eq!(json["queued_reports"], 1);
+        assert_eq!(
+            json["last_outcome"],
+            serde_json::json!({"revision": 3, "state": "applied", "detail": ""})
+        );
     }
 }

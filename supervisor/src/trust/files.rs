@@ -8,30 +8,12 @@ use pimesh_identity::{anchor_sha256, anchor_sha256_hex, Authority, TrustRoot};
 use pimesh_schema::{DnsLabel, Role, Seed};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::CertificateDer;
-use serde::Serialize;
 use tracing::{info, warn};
 
 use super::lifecycle;
 use super::store::{TrustState, TrustStore};
 use crate::credential::{CredentialFiles, SELF_ENROLLED_LIFETIME};
-
-/// What `GET /status` shows about the trust root.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct TrustReport {
-    pub present: bool,
-    /// `generated`, `imported` (this start), or `existing`.
-    pub source: Option<&'static str>,
-    /// Hex SHA-256 of the anchor certificate (DER): what join tokens pin.
-    pub anchor_sha256: Option<String>,
-    /// Whether the anchor's private key is still on this node.
-    pub anchor_key_on_node: bool,
-    /// The issuer: expiry, days left, when it rotates, which anchor signed it.
-    pub issuer: Option<lifecycle::IssuerInfo>,
-    /// What needs the operator: an issuer that cannot be rotated here (no anchor key on
-    /// the node), or one close to expiry.
-    pub warning: Option<String>,
-    pub error: Option<String>,
-}
+use crate::status::TrustReport;
 
 /// The trust folder as its readers see it (`dir` is the `trust` link), and the store of
 /// generations behind it.

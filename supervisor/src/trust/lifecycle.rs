@@ -34,6 +34,7 @@ use super::store::{
     NEXT_ANCHOR_KEY,
 };
 use crate::credential::CredentialFiles;
+use crate::status::IssuerInfo;
 
 /// Below this many days of issuer life left, the supervisor warns on every check.
 pub const WARN_DAYS: i64 = 30;
@@ -56,18 +57,6 @@ pub struct AnchorInfo {
     pub not_after: String,
     /// `current`, or `next` for the anchor an unfinished rotation brings in.
     pub role: &'static str,
-}
-
-/// The issuer, as `trust status` and `/status` show it.
-#[derive(Debug, Clone, Serialize)]
-pub struct IssuerInfo {
-    pub not_after: String,
-    /// Whole days until `not_after` (negative once expired).
-    pub days_left: i64,
-    /// When one third of its lifetime is left: the supervisor rotates it from then on.
-    pub rotate_from: String,
-    /// The SHA-256 of the bundle anchor that signed it; `None` if none did (broken root).
-    pub signed_by: Option<String>,
 }
 
 /// `pimesh-supervisor trust status`.

@@ -18,4 +18,4 @@ pub mod files;
 pub mod lifecycle;
 pub mod store;
 
-pub use files::{TrustFiles, TrustReport, CHECK_EVERY};
+pub use files::{TrustFiles, CHECK_EVERY};

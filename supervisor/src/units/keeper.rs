@@ -522,7 +522,7 @@ impl Managed {
             ready: self.healer.ready,
             restarts_by_pimesh: self.healer.restarts_by_pimesh,
             heal_attempts: self.healer.attempts,
-            escalation: self.healer.escalation,
+            escalation: self.healer.escalation.name(),
             last_action: self.last_action.clone(),
             action_counts: self.action_counts.clone(),
             error: self.error.clone(),

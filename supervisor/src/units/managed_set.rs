@@ -18,7 +18,8 @@ use pimesh_schema::{DnsLabel, ManagedUnit, SupervisorConfig};
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::units::placement::{self, ControlReport};
+use crate::status::ControlReport;
+use crate::units::placement;
 
 /// Where each new [`ControlReport`] goes (the node status).
 pub type ReportSink = Box<dyn Fn(ControlReport) + Send + Sync>;

@@ -21,23 +21,11 @@ use std::path::Path;
 
 use pimesh_schema::supervisor::CONTROL_BASE_PORT;
 use pimesh_schema::{DnsLabel, ManagedUnit};
-use serde::Serialize;
 use tracing::{info, warn};
 
-const CONTROL_TEMPLATE: &str = "pimesh-control@";
+use crate::status::ControlReport;
 
-/// What `GET /status` shows about the control plane on this node.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ControlReport {
-    /// Whether this node runs control replicas.
-    pub runs_replicas: bool,
-    /// The replica units this node runs.
-    pub replicas: Vec<String>,
-    /// The replica addresses the proxy is given (`--control`).
-    pub proxy_control: Vec<String>,
-    /// Why the node runs no replicas, or what went wrong telling the proxy.
-    pub note: Option<String>,
-}
+const CONTROL_TEMPLATE: &str = "pimesh-control@";
 
 /// The replica number of a `pimesh-control@N.service` unit.
 fn replica_number(unit: &ManagedUnit) -> Option<u16> {

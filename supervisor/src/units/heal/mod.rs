@@ -80,8 +80,7 @@ pub struct Decision {
 }
 
 /// How far up the escalation ladder the current failure episode went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Escalation {
     None,
     /// The unit's dependencies were restarted (or there were none to restart).
@@ -90,6 +89,18 @@ pub enum Escalation {
     RebootRefused,
     /// A reboot was requested.
     Reboot,
+}
+
+impl Escalation {
+    /// The rung as the status shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Escalation::None => "none",
+            Escalation::Dependencies => "dependencies",
+            Escalation::RebootRefused => "reboot-refused",
+            Escalation::Reboot => "reboot",
+        }
+    }
 }
 
 /// The policy's memory of one unit. Invariant: `attempts` counts heal actions since the

@@ -308,3 +308,15 @@ fn missing_units_are_reported_not_acted_on() {
     healer.observe_state(missing);
     assert_eq!(healer.decide(Instant::now(), &settings(), 0), None);
 }
+
+#[test]
+fn escalation_rungs_are_named_as_the_status_shows_them() {
+    let names = [
+        Escalation::None,
+        Escalation::Dependencies,
+        Escalation::RebootRefused,
+        Escalation::Reboot,
+    ]
+    .map(Escalation::name);
+    assert_eq!(names, ["none", "dependencies", "reboot-refused", "reboot"]);
+}
