@@ -12,9 +12,9 @@ use tokio::time::Instant;
 use zbus::zvariant::OwnedObjectPath;
 
 use crate::units::probe;
+use crate::units::role::UnitRole;
 use crate::units::systemd::Systemd;
 
-const PROXY: &str = "pimesh-proxy.service";
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -205,7 +205,10 @@ impl Gate<'_> {
     async fn check(&self, bus: &Systemd) -> Result<(), Unhealthy> {
         // The proxy's own verdict first: a refused configuration fails the gate at once,
         // even while the proxy's readiness (which reports the same refusal) is down.
-        let proxy_listed = self.units.iter().any(|unit| unit.name.as_str() == PROXY);
+        let proxy_listed = self
+            .units
+            .iter()
+            .any(|unit| UnitRole::of(&unit.name) == UnitRole::Proxy);
         let proxy = if proxy_listed {
             match self.proxy_runs_expected().await {
                 Err(refused @ ProxyUnhealthy::Refused(_)) => return Err(Unhealthy::Proxy(refused)),
@@ -226,7 +229,7 @@ impl Gate<'_> {
             else {
                 continue;
             };
-            proxy_loaded |= name == PROXY;
+            proxy_loaded |= UnitRole::of(&unit.name) == UnitRole::Proxy;
             unit_health(bus, unit, &path)
                 .await
                 .map_err(Unhealthy::Unit)?;

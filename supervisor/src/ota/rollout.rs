@@ -17,6 +17,7 @@ use pimesh_schema::{ManagedUnit, UnitName};
 use tokio::time::Instant;
 
 use super::gate::{unit_health, UnitUnhealthy};
+use crate::units::role::UnitRole;
 use crate::units::systemd::Systemd;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,13 +34,10 @@ enum Consumer {
 }
 
 fn consumer_of(unit: &ManagedUnit) -> Option<Consumer> {
-    let name = unit.name.as_str();
-    if name == "pimesh-proxy.service" {
-        Some(Consumer::Proxy)
-    } else if name.starts_with("pimesh-control@") {
-        Some(Consumer::Control)
-    } else {
-        None
+    match UnitRole::of(&unit.name) {
+        UnitRole::Proxy => Some(Consumer::Proxy),
+        UnitRole::ControlReplica { .. } => Some(Consumer::Control),
+        UnitRole::Other => None,
     }
 }
 

@@ -24,22 +24,19 @@ use pimesh_schema::{DnsLabel, ManagedUnit};
 use tracing::{info, warn};
 
 use crate::status::ControlReport;
+use crate::units::role::UnitRole;
 
-const CONTROL_TEMPLATE: &str = "pimesh-control@";
-
-/// The replica number of a `pimesh-control@N.service` unit.
+/// The replica number of a control replica unit (`pimesh-control@N.service`).
 fn replica_number(unit: &ManagedUnit) -> Option<u16> {
-    unit.name
-        .as_str()
-        .strip_prefix(CONTROL_TEMPLATE)?
-        .strip_suffix(".service")?
-        .parse()
-        .ok()
+    match UnitRole::of(&unit.name) {
+        UnitRole::ControlReplica { replica } => replica,
+        UnitRole::Proxy | UnitRole::Other => None,
+    }
 }
 
 /// Whether `unit` is a control replica (`pimesh-control@N.service`).
 pub fn is_replica(unit: &ManagedUnit) -> bool {
-    unit.name.as_str().starts_with(CONTROL_TEMPLATE)
+    UnitRole::of(&unit.name).is_control_replica()
 }
 
 /// Leaves the control replicas out of `units` unless the node holds the issuer, and
