@@ -10,23 +10,12 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-/// Where the supervisor finds and keeps things on the node.
-#[derive(Debug, Clone)]
-pub struct Paths {
-    pub etc_dir: PathBuf,
-    pub state_dir: PathBuf,
-    pub manifest: PathBuf,
-    pub k3s_bin: PathBuf,
-    /// Runtime files for other units (`proxy.env`).
-    pub run_dir: PathBuf,
-}
+use crate::paths::{self, NodePaths};
 
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub seed_path: PathBuf,
-    pub supervisor_config: PathBuf,
     pub status_addr: SocketAddr,
-    pub paths: Paths,
+    pub paths: NodePaths,
     pub node_setup: bool,
     /// A `trust` command to run instead of the daemon.
     pub trust: Option<TrustAction>,
@@ -55,38 +44,34 @@ struct Cli {
         long = "seed",
         value_name = "PATH",
         global = true,
-        default_value = "/boot/firmware/pimesh.toml"
+        default_value = paths::SEED
     )]
     seed_path: PathBuf,
     /// Where the status API listens
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:4200")]
     status_addr: SocketAddr,
     /// Active configuration
-    #[arg(long, value_name = "PATH", default_value = "/etc/pimesh")]
+    #[arg(long, value_name = "PATH", default_value = paths::ETC_DIR)]
     etc_dir: PathBuf,
     /// Keys, revisions, reports
     #[arg(
         long,
         value_name = "PATH",
         global = true,
-        default_value = "/var/lib/pimesh"
+        default_value = paths::STATE_DIR
     )]
     state_dir: PathBuf,
     /// The image manifest
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/usr/share/pimesh/manifest.json"
-    )]
+    #[arg(long, value_name = "PATH", default_value = paths::MANIFEST)]
     manifest: PathBuf,
     /// Where K3s is installed
-    #[arg(long, value_name = "PATH", default_value = "/usr/local/bin/k3s")]
+    #[arg(long, value_name = "PATH", default_value = paths::K3S_BIN)]
     k3s_bin: PathBuf,
     /// Runtime files for other units, e.g. proxy.env
-    #[arg(long, value_name = "PATH", default_value = "/run/pimesh")]
+    #[arg(long, value_name = "PATH", default_value = paths::RUN_DIR)]
     run_dir: PathBuf,
     /// The units to keep running and how
-    #[arg(long, value_name = "PATH", default_value = pimesh_schema::supervisor::DEFAULT_PATH)]
+    #[arg(long, value_name = "PATH", default_value = paths::SUPERVISOR_CONFIG)]
     supervisor_config: PathBuf,
     /// Do not set the hostname or SSH keys (for running off a node)
     #[arg(long)]
@@ -158,15 +143,15 @@ impl Options {
             TrustCommand::ImportAnchorKey { file } => TrustAction::ImportAnchorKey(file),
         });
         Ok(Options {
-            seed_path: cli.seed_path,
-            supervisor_config: cli.supervisor_config,
             status_addr: cli.status_addr,
-            paths: Paths {
+            paths: NodePaths {
+                seed: cli.seed_path,
+                supervisor_config: cli.supervisor_config,
                 etc_dir: cli.etc_dir,
                 state_dir: cli.state_dir,
+                run_dir: cli.run_dir,
                 manifest: cli.manifest,
                 k3s_bin: cli.k3s_bin,
-                run_dir: cli.run_dir,
             },
             node_setup: !cli.no_node_setup,
             trust,
@@ -190,17 +175,20 @@ mod tests {
     fn defaults_are_the_node_paths() {
         let options = parse(&[]).expect("defaults");
         assert_eq!(
-            options.seed_path,
+            options.paths.seed,
             PathBuf::from("/boot/firmware/pimesh.toml")
         );
         assert_eq!(options.status_addr.to_string(), "127.0.0.1:4200");
         assert!(options.node_setup);
         assert_eq!(
-            options.supervisor_config,
+            options.paths.supervisor_config,
             PathBuf::from("/etc/pimesh/supervisor.toml")
         );
         let options = parse(&["--supervisor-config", "/tmp/s.toml"]).expect("flag");
-        assert_eq!(options.supervisor_config, PathBuf::from("/tmp/s.toml"));
+        assert_eq!(
+            options.paths.supervisor_config,
+            PathBuf::from("/tmp/s.toml")
+        );
     }
 
     #[test]

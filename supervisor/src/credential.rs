@@ -8,14 +8,14 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use pimesh_identity::{anchor_sha256, anchor_sha256_hex, LeafRequest};
 use pimesh_schema::{DnsLabel, Seed, SpiffeId, Workload};
-
-use std::time::{Duration, SystemTime};
-
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+
+use crate::paths::NodePaths;
 
 
 /// The proxy's system user (systemd/pimesh.sysusers): the node key is its.
@@ -38,10 +38,13 @@ pub struct CredentialFiles {
 }
 
 impl CredentialFiles {
-    pub fn new(state_dir: &Path) -> CredentialFiles {
-        CredentialFiles {
-            dir: state_dir.join("identity"),
-        }
+    /// The node's credential files in `dir`.
+    pub fn new(dir: PathBuf) -> CredentialFiles {
+        CredentialFiles { dir }
+    }
+
+    pub fn on_node(paths: &NodePaths) -> CredentialFiles {
+        CredentialFiles::new(paths.identity_dir())
     }
 
     /// Makes the node key (0600) the proxy's, when its user exists: the proxy reads the
@@ -80,12 +83,13 @@ impl CredentialFiles {
     }
 
     /// On a joining node: takes the site's anchor that the operator put on the boot
-    /// partition (`pimesh-trust/anchor.pem`, written by `pimeshctl image configure
-    /// --trust`) into [`CredentialFiles::anchors`], once its SHA-256 matches the join
-    /// token's pin (when the seed has a token). Returns whether it wrote the file; a node
-    /// already holding the same anchor, or a card without one, is left as it is.
-    pub fn import_anchor(&self, boot_dir: &Path, seed: &Seed) -> Result<bool, String> {
-        let source = boot_dir.join("pimesh-trust").join("anchor.pem");
+    /// partition (`pimesh-trust/anchor.pem` in `boot_trust_dir`, written by `pimeshctl
+    /// image configure --trust`) into [`CredentialFiles::anchors`], once its SHA-256
+    /// matches the join token's pin (when the seed has a token). Returns whether it wrote
+    /// the file; a node already holding the same anchor, or a card without one, is left as
+    /// it is.
+    pub fn import_anchor(&self, boot_trust_dir: &Path, seed: &Seed) -> Result<bool, String> {
+        let source = boot_trust_dir.join("anchor.pem");
         let Ok(pem) = std::fs::read(&source) else {
             return Ok(false);
         };
@@ -263,10 +267,11 @@ mod tests {
         let site = DnsLabel::try_from("depot-7".to_owned()).expect("label");
         let root = TrustRoot::generate(&site, SystemTime::now()).expect("root");
         let other = TrustRoot::generate(&site, SystemTime::now()).expect("root");
-        let boot = dir.path().join("boot");
-        std::fs::create_dir_all(boot.join("pimesh-trust")).expect("boot");
-        std::fs::write(boot.join("pimesh-trust/anchor.pem"), root.anchor.cert_pem()).expect("card");
-        let files = CredentialFiles::new(&dir.path().join("state"));
+        let paths = NodePaths::under(dir.path());
+        let boot = paths.boot_trust_dir();
+        std::fs::create_dir_all(&boot).expect("boot");
+        std::fs::write(boot.join("anchor.pem"), root.anchor.cert_pem()).expect("card");
+        let files = CredentialFiles::on_node(&paths);
 
         let wrong = joining_seed(&anchor_sha256(other.anchor.cert_der()));
         let err = files.import_anchor(&boot, &wrong).expect_err("another pin");
@@ -286,7 +291,7 @@ mod tests {
             !files.import_anchor(&boot, &right).expect("again"),
             "idempotent"
         );
-        let empty = dir.path().join("empty-boot");
+        let empty = dir.path().join("empty-boot/pimesh-trust");
         assert!(!files.import_anchor(&empty, &right).expect("no card file"));
     }
 }

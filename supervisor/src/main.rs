@@ -9,6 +9,7 @@ mod cli;
 mod credential;
 mod node;
 mod ota;
+mod paths;
 mod status;
 mod trust;
 mod units;
@@ -47,8 +48,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(options: Options) -> Result<(), String> {
-    info!(version = env!("CARGO_PKG_VERSION"), seed = %options.seed_path.display(), "starting");
-    let seed = node::seed::SeedState::load(&options.seed_path);
+    let paths = &options.paths;
+    info!(version = env!("CARGO_PKG_VERSION"), seed = %paths.seed.display(), "starting");
+    let seed = node::seed::SeedState::load(&paths.seed);
     seed.log();
     let facts = node::facts::NodeFacts::gather(&options.paths, &seed);
     let tasks = if options.node_setup {
@@ -56,22 +58,11 @@ async fn run(options: Options) -> Result<(), String> {
     } else {
         Vec::new()
     };
-    let boot_dir = options
-        .seed_path
-        .parent()
-        .unwrap_or(std::path::Path::new("/boot/firmware"));
-    let trust_files = trust::TrustFiles::new(&options.paths.state_dir);
-    let trust = trust_files.provision(seed.seed(), boot_dir);
+    let trust_files = trust::TrustFiles::on_node(paths);
+    let trust = trust_files.provision(seed.seed(), &paths.boot_trust_dir());
     let (supervisor_config, config_report) = load_supervisor_config(&options);
-    let holds_issuer = trust_files.dir.join("issuer.key").exists();
-    prepare_node_credential(
-        &options,
-        &facts,
-        &seed,
-        &trust_files,
-        holds_issuer,
-        boot_dir,
-    );
+    let holds_issuer = trust_files.holds_issuer();
+    prepare_node_credential(paths, &facts, &seed, &trust_files, holds_issuer);
     let servers: Vec<String> = seed
         .seed()
         .map(|seed| {
@@ -105,7 +96,7 @@ async fn run(options: Options) -> Result<(), String> {
                 holds_issuer,
                 servers,
                 site: seed.seed().map(|seed| seed.site.clone()),
-                run_dir: options.paths.run_dir.clone(),
+                paths: paths.clone(),
             },
             active_site_config(&options).as_ref(),
             Box::new(move |report| status.update(|status| status.control = report)),
@@ -138,7 +129,7 @@ async fn run(options: Options) -> Result<(), String> {
         .then(|| seed.seed().map(|seed| seed.site.clone()))
         .flatten()
         .map(|site| {
-            let credential = credential::CredentialFiles::new(&options.paths.state_dir);
+            let credential = credential::CredentialFiles::on_node(paths);
             let status = status.clone();
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(trust::CHECK_EVERY);
@@ -179,17 +170,17 @@ async fn run(options: Options) -> Result<(), String> {
 /// Runs one `pimesh-supervisor trust ...` command; returns what to print.
 fn trust_command(options: &Options, action: &cli::TrustAction) -> Result<String, String> {
     use trust::lifecycle;
-    let state_dir = &options.paths.state_dir;
-    let files = trust::TrustFiles::new(state_dir);
+    let paths = &options.paths;
+    let files = trust::TrustFiles::on_node(paths);
     let store = &files.store;
     store.recover()?;
-    let credential = credential::CredentialFiles::new(state_dir);
+    let credential = credential::CredentialFiles::on_node(paths);
     let site = || {
-        let seed = node::seed::SeedState::load(&options.seed_path);
+        let seed = node::seed::SeedState::load(&paths.seed);
         seed.seed().map(|seed| seed.site.clone()).ok_or_else(|| {
             format!(
                 "the site's name comes from the seed {}, which is not usable: {}",
-                options.seed_path.display(),
+                paths.seed.display(),
                 seed.one_line_summary("this node")
             )
         })
@@ -234,12 +225,11 @@ fn trust_command(options: &Options, action: &cli::TrustAction) -> Result<String,
 /// brought (checked against the join token's pin). A failure is logged; the OTA client
 /// tries again.
 fn prepare_node_credential(
-    options: &Options,
+    paths: &paths::NodePaths,
     facts: &node::facts::NodeFacts,
     seed: &node::seed::SeedState,
     trust: &trust::TrustFiles,
     holds_issuer: bool,
-    boot_dir: &std::path::Path,
 ) {
     let Some(seed) = seed.seed() else {
         return;
@@ -247,12 +237,12 @@ fn prepare_node_credential(
     let Ok(node) = pimesh_schema::DnsLabel::try_from(facts.node_name.clone()) else {
         return; // reported where the OTA context is made
     };
-    let credential = credential::CredentialFiles::new(&options.paths.state_dir);
+    let credential = credential::CredentialFiles::on_node(paths);
     let mut result = credential.ensure_request(&seed.site, &node);
     if holds_issuer {
         result = result.and_then(|()| trust.self_enroll(&credential, &seed.site, &node));
     } else {
-        result = result.and_then(|()| credential.import_anchor(boot_dir, seed).map(|_| ()));
+        result = result.and_then(|()| credential.import_anchor(&paths.boot_trust_dir(), seed).map(|_| ()));
     }
     if let Err(err) = result {
         warn!(%err, "cannot prepare the node's credential");
@@ -284,17 +274,17 @@ fn ota_context(
         site: seed.site.clone(),
         node,
         central,
-        ota_dir: options.paths.state_dir.join("ota"),
-        credential: credential::CredentialFiles::new(&options.paths.state_dir),
-        trust: trust::TrustFiles::new(&options.paths.state_dir),
-        active_config: options.paths.etc_dir.join("cluster.toml"),
+        ota_dir: options.paths.ota_dir(),
+        credential: credential::CredentialFiles::on_node(&options.paths),
+        trust: trust::TrustFiles::on_node(&options.paths),
+        active_config: options.paths.active_site_config(),
         status: status.clone(),
     })
 }
 
 /// The site configuration the node runs (`cluster.toml`), when there is a usable one.
 fn active_site_config(options: &Options) -> Option<pimesh_schema::cluster::ClusterConfig> {
-    let file = options.paths.etc_dir.join("cluster.toml");
+    let file = options.paths.active_site_config();
     if !file.exists() {
         return None;
     }
@@ -306,7 +296,7 @@ fn active_site_config(options: &Options) -> Option<pimesh_schema::cluster::Clust
 /// The supervisor's configuration: the file, the defaults when it is missing, and the
 /// defaults (with the error reported) when it is broken. Never fails.
 fn load_supervisor_config(options: &Options) -> (SupervisorConfig, ConfigReport) {
-    let file = options.supervisor_config.clone();
+    let file = options.paths.supervisor_config.clone();
     match SupervisorConfig::load(&file) {
         Ok(config) => {
             let source = if file.exists() { "file" } else { "defaults" };

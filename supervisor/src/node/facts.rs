@@ -4,7 +4,7 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
-use crate::cli::Paths;
+use crate::paths::NodePaths;
 use crate::node::seed::SeedState;
 use crate::status::{K3sPresence, NodeInfo};
 
@@ -29,7 +29,7 @@ pub struct NodeFacts {
 }
 
 impl NodeFacts {
-    pub fn gather(paths: &Paths, seed: &SeedState) -> NodeFacts {
+    pub fn gather(paths: &NodePaths, seed: &SeedState) -> NodeFacts {
         let (node_name, node_name_source) = match seed.seed().and_then(|s| s.node.as_ref()) {
             Some(node) => (node.to_string(), "seed"),
             None => derived_name(),

@@ -2,13 +2,13 @@
 //! hostname and who may log in over SSH. Each is idempotent; a failure is reported in the
 //! status and never stops the supervisor.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tracing::{info, warn};
 
-use crate::cli::Paths;
 use crate::node::facts::NodeFacts;
 use crate::node::seed::SeedState;
+use crate::paths::NodePaths;
 use crate::status::TaskReport;
 use pimesh_runtime::atomic_file;
 
@@ -27,17 +27,11 @@ fn task_report(task: &'static str, outcome: &'static str, detail: impl Into<Stri
     report
 }
 
-pub async fn apply(paths: &Paths, facts: &NodeFacts, seed: &SeedState) -> Vec<TaskReport> {
+pub async fn apply(paths: &NodePaths, facts: &NodeFacts, seed: &SeedState) -> Vec<TaskReport> {
     vec![
         set_hostname(&facts.node_name).await,
-        write_authorized_keys(&authorized_keys_path(paths, "root"), seed),
+        write_authorized_keys(&paths.authorized_keys("root"), seed),
     ]
-}
-
-/// Where sshd looks for the keys that the seed grants to `user` (see the image's
-/// `sshd_config.d/pimesh.conf`).
-pub fn authorized_keys_path(paths: &Paths, user: &str) -> PathBuf {
-    paths.etc_dir.join("authorized_keys").join(user)
 }
 
 #[zbus::proxy(

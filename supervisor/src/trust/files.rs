@@ -11,8 +11,11 @@ use rustls_pki_types::CertificateDer;
 use tracing::{info, warn};
 
 use super::lifecycle;
-use super::store::{TrustState, TrustStore};
+use super::store::{
+    TrustState, TrustStore, ANCHOR_BUNDLE, ANCHOR_KEY, ISSUER_CERT, ISSUER_KEY,
+};
 use crate::credential::{CredentialFiles, SELF_ENROLLED_LIFETIME};
+use crate::paths::NodePaths;
 use crate::status::TrustReport;
 
 /// The trust folder as its readers see it (`dir` is the `trust` link), and the store of
@@ -24,8 +27,8 @@ pub struct TrustFiles {
 
 impl TrustFiles {
     /// The node's trust folder; `issuer.key` is given to `pimesh-control` when it exists.
-    pub fn new(state_dir: &Path) -> TrustFiles {
-        TrustFiles::with_store(TrustStore::on_node(state_dir))
+    pub fn on_node(paths: &NodePaths) -> TrustFiles {
+        TrustFiles::with_store(TrustStore::on_node(paths))
     }
 
     pub fn with_store(store: TrustStore) -> TrustFiles {
@@ -35,8 +38,14 @@ impl TrustFiles {
         }
     }
 
+    /// Whether this node holds the site's issuer key: a server node, which runs the
+    /// control replicas.
+    pub fn holds_issuer(&self) -> bool {
+        self.dir.join(ISSUER_KEY).exists()
+    }
+
     pub fn anchor_key(&self) -> PathBuf {
-        self.dir.join("anchor.key")
+        self.dir.join(ANCHOR_KEY)
     }
 
     /// The issuer, when the node holds one. Read from one generation (the link resolved
@@ -47,8 +56,8 @@ impl TrustFiles {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(err) => return Err(format!("cannot resolve {}: {err}", self.dir.display())),
         };
-        let cert = dir.join("issuer.pem");
-        let key = dir.join("issuer.key");
+        let cert = dir.join(ISSUER_CERT);
+        let key = dir.join(ISSUER_KEY);
         if !cert.exists() || !key.exists() {
             return Ok(None);
         }
@@ -92,7 +101,7 @@ impl TrustFiles {
     }
 
     fn report(&self, source: &'static str) -> TrustReport {
-        let anchor = std::fs::read(self.dir.join("anchor.pem"))
+        let anchor = std::fs::read(self.dir.join(ANCHOR_BUNDLE))
             .ok()
             .and_then(|pem| CertificateDer::from_pem_slice(&pem).ok());
         let (issuer, warning, error) = match lifecycle::issuer_report(&self.store) {
@@ -136,9 +145,10 @@ impl TrustFiles {
         self.report("existing")
     }
 
-    /// Provisions the trust root from the seed (see the module doc). Never fails: what
-    /// went wrong is in the report.
-    pub fn provision(&self, seed: Option<&Seed>, boot_dir: &Path) -> TrustReport {
+    /// Provisions the trust root from the seed (see the module doc), importing it from
+    /// `boot_trust_dir` when the operator put one there. Never fails: what went wrong is in
+    /// the report.
+    pub fn provision(&self, seed: Option<&Seed>, boot_trust_dir: &Path) -> TrustReport {
         let lock = match self.store.lock() {
             Ok(lock) => lock,
             Err(err) => {
@@ -148,12 +158,12 @@ impl TrustFiles {
                 }
             }
         };
-        let report = self.provision_locked(seed, boot_dir);
+        let report = self.provision_locked(seed, boot_trust_dir);
         drop(lock);
         report
     }
 
-    fn provision_locked(&self, seed: Option<&Seed>, boot_dir: &Path) -> TrustReport {
+    fn provision_locked(&self, seed: Option<&Seed>, boot_trust_dir: &Path) -> TrustReport {
         if let Err(err) = self.store.recover_locked() {
             warn!(%err, "cannot bring the trust folder to a consistent state");
             return TrustReport {
@@ -161,15 +171,14 @@ impl TrustFiles {
                 ..TrustReport::default()
             };
         }
-        if self.dir.join("issuer.key").exists() && self.dir.join("anchor.pem").exists() {
+        if self.dir.join(ISSUER_KEY).exists() && self.dir.join(ANCHOR_BUNDLE).exists() {
             return self.report("existing");
         }
         let Some(seed) = seed.filter(|seed| seed.role == Role::Init) else {
             return TrustReport::default();
         };
-        let import = boot_dir.join("pimesh-trust");
-        let result = if import.join("issuer.key").exists() {
-            self.import(seed, &import).map(|()| "imported")
+        let result = if boot_trust_dir.join(ISSUER_KEY).exists() {
+            self.import(seed, boot_trust_dir).map(|()| "imported")
         } else {
             self.generate(seed).map(|()| "generated")
         };
@@ -215,28 +224,28 @@ impl TrustFiles {
             std::fs::read_to_string(&path)
                 .map_err(|err| format!("cannot read {}: {err}", path.display()))
         };
-        let anchor_pem = read("anchor.pem")?;
-        let issuer_pem = read("issuer.pem")?;
-        let issuer_key = read("issuer.key")?;
+        let anchor_pem = read(ANCHOR_BUNDLE)?;
+        let issuer_pem = read(ISSUER_CERT)?;
+        let issuer_key = read(ISSUER_KEY)?;
         let anchor = CertificateDer::from_pem_slice(anchor_pem.as_bytes()).map_err(|err| {
             format!(
                 "{}: expected a PEM certificate: {err}",
-                from.join("anchor.pem").display()
+                from.join(ANCHOR_BUNDLE).display()
             )
         })?;
         Authority::from_pem(&issuer_pem, &issuer_key)
-            .map_err(|err| format!("{}: {err}", from.join("issuer.pem").display()))?;
+            .map_err(|err| format!("{}: {err}", from.join(ISSUER_CERT).display()))?;
         if let Some(token) = &seed.join_token {
             if &anchor_sha256(&anchor) != token.anchor_sha256() {
                 return Err(format!(
                     "{} has SHA-256 {}, but the seed's join token pins {}",
-                    from.join("anchor.pem").display(),
+                    from.join(ANCHOR_BUNDLE).display(),
                     anchor_sha256_hex(&anchor),
                     token.anchor_sha256_hex()
                 ));
             }
         }
-        let anchor_key = std::fs::read_to_string(from.join("anchor.key")).ok();
+        let anchor_key = std::fs::read_to_string(from.join(ANCHOR_KEY)).ok();
         self.install(&TrustState {
             anchor_bundle: anchor_pem,
             issuer_cert: issuer_pem,
@@ -247,7 +256,7 @@ impl TrustFiles {
         })?;
         // The keys have a safe home now; the boot partition is readable by anyone who
         // holds the card. (Deleting from FAT does not scrub the blocks.)
-        for name in ["issuer.key", "anchor.key"] {
+        for name in [ISSUER_KEY, ANCHOR_KEY] {
             let path = from.join(name);
             if path.exists() {
                 if let Err(err) = std::fs::remove_file(&path) {
@@ -284,7 +293,7 @@ mod tests {
     fn a_generated_root_is_the_first_generation_behind_the_link() {
         let dir = tempfile::tempdir().expect("tempdir");
         let files = TrustFiles::with_store(TrustStore::new(dir.path(), None));
-        let report = files.provision(Some(&init_seed()), &dir.path().join("boot"));
+        let report = files.provision(Some(&init_seed()), &dir.path().join("boot/pimesh-trust"));
         assert_eq!((report.present, report.source), (true, Some("generated")));
         assert!(report.anchor_key_on_node);
         let issuer = report.issuer.expect("issuer report");
@@ -306,7 +315,7 @@ mod tests {
         assert_eq!((mode("issuer.pem"), mode("anchor.pem")), (0o644, 0o644));
         assert!(files.issuer().expect("issuer").is_some());
 
-        let again = files.provision(Some(&init_seed()), &dir.path().join("boot"));
+        let again = files.provision(Some(&init_seed()), &dir.path().join("boot/pimesh-trust"));
         assert_eq!(again.source, Some("existing"));
         assert_eq!(files.store.generations().expect("list"), vec![1]);
     }
@@ -321,7 +330,7 @@ mod tests {
         std::fs::write(plain.join("issuer.pem"), root.issuer.cert_pem()).expect("write");
         std::fs::write(plain.join("issuer.key"), root.issuer.key_pem()).expect("write");
         let files = TrustFiles::with_store(TrustStore::new(dir.path(), None));
-        let report = files.provision(Some(&init_seed()), &dir.path().join("boot"));
+        let report = files.provision(Some(&init_seed()), &dir.path().join("boot/pimesh-trust"));
         assert_eq!((report.present, report.source), (true, Some("existing")));
         assert_eq!(
             report.anchor_sha256,

@@ -642,7 +642,7 @@ mod tests {
                     next_anchor_key: None,
                 })
                 .expect("commit");
-            let credential = CredentialFiles::new(dir.path());
+            let credential = CredentialFiles::new(dir.path().join("identity"));
             let files = crate::trust::TrustFiles::with_store(store.clone());
             credential
                 .ensure_request(&site, &label("pi-1"))

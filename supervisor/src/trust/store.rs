@@ -31,6 +31,8 @@ use std::path::{Path, PathBuf};
 
 use tracing::{debug, info, warn};
 
+use crate::paths::NodePaths;
+
 pub const ANCHOR_BUNDLE: &str = "anchor.pem";
 pub const ANCHOR_KEY: &str = "anchor.key";
 pub const ISSUER_CERT: &str = "issuer.pem";
@@ -190,8 +192,8 @@ impl TrustStore {
     }
 
     /// The store of a node: `issuer.key` owned by `pimesh-control` when it exists.
-    pub fn on_node(state_dir: &Path) -> TrustStore {
-        TrustStore::new(state_dir, KeyOwner::control_user())
+    pub fn on_node(paths: &NodePaths) -> TrustStore {
+        TrustStore::new(&paths.state_dir, KeyOwner::control_user())
     }
 
     /// `<state>/trust`: the link every reader opens.

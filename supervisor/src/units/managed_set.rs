@@ -11,13 +11,12 @@
 //! [`ManagedUnits::follow`], which the OTA client calls whenever it makes a site
 //! configuration active; the keeper starts what joins the set and stops what leaves it.
 
-use std::path::PathBuf;
-
 use pimesh_schema::cluster::ClusterConfig;
 use pimesh_schema::{DnsLabel, ManagedUnit, SupervisorConfig};
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::paths::NodePaths;
 use crate::status::ControlReport;
 use crate::units::placement;
 
@@ -32,8 +31,8 @@ pub struct Placement {
     pub servers: Vec<String>,
     /// The seed's site, passed to the replicas.
     pub site: Option<DnsLabel>,
-    /// Where the units' environment files go (`/run/pimesh`).
-    pub run_dir: PathBuf,
+    /// Where the units' environment files go.
+    pub paths: NodePaths,
 }
 
 pub struct ManagedUnits {
@@ -110,7 +109,7 @@ impl ManagedUnits {
         let mut units = desired(&self.configured, self.replicas_follow_site, site);
         let p = &self.placement;
         let mut report = placement::place(&mut units, p.holds_issuer, &p.servers);
-        placement::write_unit_env(&p.run_dir, p.site.as_ref(), &mut report);
+        placement::write_unit_env(&p.paths, p.site.as_ref(), &mut report);
         (self.report)(report);
         units
     }
@@ -178,6 +177,7 @@ mod tests {
     #[test]
     fn following_the_site_rewrites_what_the_proxy_is_told() {
         let dir = tempfile::tempdir().expect("tempdir");
+        let paths = NodePaths::under(dir.path());
         let reported = std::sync::Arc::new(std::sync::Mutex::new(ControlReport::default()));
         let sink = std::sync::Arc::clone(&reported);
         let units = ManagedUnits::new(
@@ -186,7 +186,7 @@ mod tests {
                 holds_issuer: true,
                 servers: Vec::new(),
                 site: None,
-                run_dir: dir.path().to_owned(),
+                paths: paths.clone(),
             },
             Some(&site(2)),
             Box::new(move |report| {
@@ -201,7 +201,7 @@ mod tests {
             "a new subscriber sees the set"
         );
         assert_eq!(names(&set.borrow_and_update()).len(), 3);
-        let env = || std::fs::read_to_string(dir.path().join("proxy.env")).expect("written");
+        let env = || std::fs::read_to_string(paths.proxy_env()).expect("written");
         assert!(env().contains("--control 127.0.0.1:8086,127.0.0.1:8087\n"));
 
         assert!(units.follow(Some(&site(3))));

@@ -17,12 +17,12 @@
 //! is failed over, one that joins it is asked from the proxy's next start.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 
 use pimesh_schema::supervisor::CONTROL_BASE_PORT;
 use pimesh_schema::{DnsLabel, ManagedUnit};
 use tracing::{info, warn};
 
+use crate::paths::NodePaths;
 use crate::status::ControlReport;
 use crate::units::role::UnitRole;
 
@@ -107,7 +107,7 @@ fn server_ip(server: &str) -> Option<IpAddr> {
 
 /// Writes the proxy's and the replicas' environment files (see the module doc). A
 /// failure is noted in the report; the units then start without these arguments.
-pub fn write_unit_env(run_dir: &Path, site: Option<&DnsLabel>, report: &mut ControlReport) {
+pub fn write_unit_env(paths: &NodePaths, site: Option<&DnsLabel>, report: &mut ControlReport) {
     let proxy_args = if report.proxy_control.is_empty() {
         String::new()
     } else {
@@ -116,21 +116,20 @@ pub fn write_unit_env(run_dir: &Path, site: Option<&DnsLabel>, report: &mut Cont
     let control_args = site.map_or(String::new(), |site| format!("--site {site}"));
     let files = [
         (
-            "proxy.env",
+            paths.proxy_env(),
             "PIMESH_PROXY_ARGS",
             "the control replicas of this node",
             proxy_args,
         ),
         (
-            "control.env",
+            paths.control_env(),
             "PIMESH_CONTROL_ARGS",
             "the seed's site",
             control_args,
         ),
     ];
-    for (name, variable, what, args) in files {
+    for (path, variable, what, args) in files {
         let text = format!("# Written by pimesh-supervisor: {what}.\n{variable}={args}\n");
-        let path = run_dir.join(name);
         if let Err(err) = pimesh_runtime::atomic_file::replace(&path, text.as_bytes(), 0o644) {
             warn!(path = %path.display(), %err, "cannot write a unit's environment: {what}");
             report.note = Some(format!("cannot write {}: {err}", path.display()));
@@ -183,14 +182,15 @@ mod tests {
             ["127.0.0.1:8086", "127.0.0.1:8087", "127.0.0.1:8088"]
         );
         let dir = tempfile::tempdir().expect("tempdir");
+        let paths = NodePaths::under(dir.path());
         let mut report = report;
         let site = DnsLabel::try_from("lab".to_owned()).expect("label");
-        write_unit_env(dir.path(), Some(&site), &mut report);
-        let env = std::fs::read_to_string(dir.path().join("proxy.env")).expect("written");
+        write_unit_env(&paths, Some(&site), &mut report);
+        let env = std::fs::read_to_string(paths.proxy_env()).expect("written");
         assert!(env.contains(
             "PIMESH_PROXY_ARGS=--control 127.0.0.1:8086,127.0.0.1:8087,127.0.0.1:8088\n"
         ));
-        let env = std::fs::read_to_string(dir.path().join("control.env")).expect("written");
+        let env = std::fs::read_to_string(paths.control_env()).expect("written");
         assert!(env.contains("PIMESH_CONTROL_ARGS=--site lab\n"));
         assert!(report.note.is_none());
     }

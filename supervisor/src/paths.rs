@@ -1,0 +1,110 @@
+//! Every path the supervisor uses on a node, as one value ([`NodePaths`]) that the command
+//! line makes and every part takes. The folders are flags (tests point them elsewhere);
+//! what lies in them is named here, or by the one module that owns a folder's inside.
+//!
+//! ```text
+//! /boot/firmware/pimesh.toml       the seed; its folder is the boot partition
+//! /boot/firmware/pimesh-trust/     a site root or anchor the operator put on the card
+//! /etc/pimesh/                     the active configuration
+//!     supervisor.toml              the supervisor's own (units, heal, OTA)
+//!     cluster.toml                 the active site configuration
+//!     authorized_keys/<user>       the SSH keys the seed grants
+//! /var/lib/pimesh/                 what the node keeps across boots
+//!     trust -> trust.d/<n>/        the site's trust root (inside: `trust::store`)
+//!     identity/                    the node credential (inside: `credential`)
+//!     ota/                         journal, revisions, outbox (inside: `ota`)
+//! /run/pimesh/                     what other units read at their start
+//!     proxy.env, control.env       the proxy's and the replicas' arguments
+//! /usr/share/pimesh/manifest.json  what the image holds
+//! /usr/local/bin/k3s               K3s, when the image has it
+//! ```
+
+use std::path::{Path, PathBuf};
+
+/// The seed, on the boot partition.
+pub const SEED: &str = "/boot/firmware/pimesh.toml";
+/// The active configuration.
+pub const ETC_DIR: &str = "/etc/pimesh";
+/// The supervisor's own configuration.
+pub const SUPERVISOR_CONFIG: &str = pimesh_schema::supervisor::DEFAULT_PATH;
+/// Keys, revisions, reports.
+pub const STATE_DIR: &str = "/var/lib/pimesh";
+/// Runtime files for other units.
+pub const RUN_DIR: &str = "/run/pimesh";
+/// The image manifest.
+pub const MANIFEST: &str = "/usr/share/pimesh/manifest.json";
+/// Where K3s is installed.
+pub const K3S_BIN: &str = "/usr/local/bin/k3s";
+
+/// Where the boot partition is when the seed's path names no folder.
+const BOOT_DIR: &str = "/boot/firmware";
+
+/// The supervisor's paths on this node. See the module doc for the layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePaths {
+    pub seed: PathBuf,
+    pub supervisor_config: PathBuf,
+    pub etc_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub manifest: PathBuf,
+    pub k3s_bin: PathBuf,
+}
+
+impl NodePaths {
+    /// The boot partition: the seed's folder.
+    pub fn boot_dir(&self) -> &Path {
+        self.seed.parent().unwrap_or(Path::new(BOOT_DIR))
+    }
+
+    /// `pimesh-trust/` on the boot partition: what `pimeshctl image configure --trust`
+    /// writes (the site's anchor, and on the `init` node its issuer).
+    pub fn boot_trust_dir(&self) -> PathBuf {
+        self.boot_dir().join("pimesh-trust")
+    }
+
+    /// `cluster.toml`: the site configuration the node runs.
+    pub fn active_site_config(&self) -> PathBuf {
+        self.etc_dir.join("cluster.toml")
+    }
+
+    /// Where sshd looks for the keys that the seed grants to `user` (see the image's
+    /// `sshd_config.d/pimesh.conf`).
+    pub fn authorized_keys(&self, user: &str) -> PathBuf {
+        self.etc_dir.join("authorized_keys").join(user)
+    }
+
+    /// The node credential's folder.
+    pub fn identity_dir(&self) -> PathBuf {
+        self.state_dir.join("identity")
+    }
+
+    /// The OTA client's folder: journal, stored revisions, outbox.
+    pub fn ota_dir(&self) -> PathBuf {
+        self.state_dir.join("ota")
+    }
+
+    /// `PIMESH_PROXY_ARGS`, read by `pimesh-proxy.service` at its start.
+    pub fn proxy_env(&self) -> PathBuf {
+        self.run_dir.join("proxy.env")
+    }
+
+    /// `PIMESH_CONTROL_ARGS`, read by each `pimesh-control@.service` at its start.
+    pub fn control_env(&self) -> PathBuf {
+        self.run_dir.join("control.env")
+    }
+
+    /// Every folder under `root`, laid out as on a node: for tests.
+    #[cfg(test)]
+    pub fn under(root: &Path) -> NodePaths {
+        NodePaths {
+            seed: root.join("boot/firmware/pimesh.toml"),
+            supervisor_config: root.join("etc/pimesh/supervisor.toml"),
+            etc_dir: root.join("etc/pimesh"),
+            state_dir: root.join("var/lib/pimesh"),
+            run_dir: root.join("run/pimesh"),
+            manifest: root.join("usr/share/pimesh/manifest.json"),
+            k3s_bin: root.join("usr/local/bin/k3s"),
+        }
+    }
+}
