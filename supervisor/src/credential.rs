@@ -7,16 +7,17 @@
 //! (`pimeshctl node sign`); the control plane's identity API automates the same exchange.
 
 use std::collections::BTreeSet;
+use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use pimesh_identity::{anchor_sha256, anchor_sha256_hex, LeafRequest};
+use pimesh_identity::{anchor_sha256, anchor_sha256_hex, IdentityError, IssueError, LeafRequest};
 use pimesh_schema::{DnsLabel, Seed, SpiffeId, Workload};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 
 use crate::paths::NodePaths;
-
 
 /// The proxy's system user (systemd/pimesh.sysusers): the node key is its.
 const PROXY_USER: &str = "pimesh-proxy";
@@ -24,6 +25,145 @@ const PROXY_USER: &str = "pimesh-proxy";
 /// How long a certificate the node signs for itself lasts: as long as one the operator
 /// signs with `pimeshctl node sign` (never past the issuer's own expiry).
 pub const SELF_ENROLLED_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Why the node credential could not be made, read, imported or re-signed. Each names the
+/// file concerned.
+#[derive(Debug)]
+pub enum CredentialError {
+    /// A file could not be read or written: `action` says which.
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// A file is not the PEM it should be: `problem` says what was expected.
+    NotPem {
+        path: PathBuf,
+        problem: &'static str,
+        source: rustls_pki_types::pem::Error,
+    },
+    /// `node.pem` holds no certificate.
+    EmptyChain { path: PathBuf },
+    /// The certificate in `node.pem` names no node ID to carry into a new one.
+    NoNodeId { path: PathBuf },
+    /// An anchor is not the one the seed's join token pins.
+    Pin(PinMismatch),
+    /// The node key and its request could not be made.
+    MakeKey(IdentityError),
+    /// The issuer refused to re-sign the request kept at `request`.
+    Resign {
+        request: PathBuf,
+        source: IssueError,
+    },
+}
+
+impl CredentialError {
+    fn io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CredentialError {
+        let path = path.to_path_buf();
+        move |source| CredentialError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+
+    fn not_pem(
+        problem: &'static str,
+        path: &Path,
+    ) -> impl FnOnce(rustls_pki_types::pem::Error) -> CredentialError {
+        let path = path.to_path_buf();
+        move |source| CredentialError::NotPem {
+            path,
+            problem,
+            source,
+        }
+    }
+}
+
+impl fmt::Display for CredentialError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CredentialError::Io {
+                action,
+                path,
+                source,
+            } => write!(f, "cannot {action} {}: {source}", path.display()),
+            CredentialError::NotPem {
+                path,
+                problem,
+                source,
+            } => write!(f, "{}: {problem}: {source}", path.display()),
+            CredentialError::EmptyChain { path } => write!(
+                f,
+                "{}: expected PEM certificates (leaf, issuer), found none",
+                path.display()
+            ),
+            CredentialError::NoNodeId { path } => write!(
+                f,
+                "{}: the certificate names no spiffe://<site>/node/<node> identity to re-sign",
+                path.display()
+            ),
+            CredentialError::Pin(mismatch) => mismatch.fmt(f),
+            CredentialError::MakeKey(err) => write!(f, "cannot make the node key: {err}"),
+            CredentialError::Resign { request, source } => write!(
+                f,
+                "cannot re-sign {} with the current issuer: {source}",
+                request.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for CredentialError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CredentialError::Io { source, .. } => Some(source),
+            CredentialError::NotPem { source, .. } => Some(source),
+            CredentialError::Pin(mismatch) => Some(mismatch),
+            CredentialError::MakeKey(err) => Some(err),
+            CredentialError::Resign { source, .. } => Some(source),
+            CredentialError::EmptyChain { .. } | CredentialError::NoNodeId { .. } => None,
+        }
+    }
+}
+
+/// An anchor certificate (in `file`) whose SHA-256 is not the one the seed's join token
+/// pins: the card does not belong to the site the token joins.
+#[derive(Debug)]
+pub struct PinMismatch {
+    pub file: PathBuf,
+    /// Hex SHA-256 of the anchor found.
+    pub found: String,
+    /// Hex SHA-256 the join token pins.
+    pub pinned: String,
+}
+
+impl fmt::Display for PinMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} has SHA-256 {}, but the seed's join token pins {}",
+            self.file.display(),
+            self.found,
+            self.pinned
+        )
+    }
+}
+
+impl std::error::Error for PinMismatch {}
+
+/// Checks `anchor`, read from `file`, against the pin of the seed's join token; a seed
+/// without a token pins nothing.
+pub fn check_pin(anchor: &CertificateDer<'_>, seed: &Seed, file: &Path) -> Result<(), PinMismatch> {
+    match &seed.join_token {
+        Some(token) if &anchor_sha256(anchor) != token.anchor_sha256() => Err(PinMismatch {
+            file: file.to_path_buf(),
+            found: anchor_sha256_hex(anchor),
+            pinned: token.anchor_sha256_hex(),
+        }),
+        _ => Ok(()),
+    }
+}
 
 /// The node's TLS client credential: the certificate chain and the private key, in PEM.
 pub struct NodeCredential {
@@ -88,25 +228,22 @@ impl CredentialFiles {
     /// matches the join token's pin (when the seed has a token). Returns whether it wrote
     /// the file; a node already holding the same anchor, or a card without one, is left as
     /// it is.
-    pub fn import_anchor(&self, boot_trust_dir: &Path, seed: &Seed) -> Result<bool, String> {
+    pub fn import_anchor(
+        &self,
+        boot_trust_dir: &Path,
+        seed: &Seed,
+    ) -> Result<bool, CredentialError> {
         let source = boot_trust_dir.join("anchor.pem");
         let Ok(pem) = std::fs::read(&source) else {
             return Ok(false);
         };
-        let anchor = CertificateDer::from_pem_slice(&pem)
-            .map_err(|err| format!("{}: expected a PEM certificate: {err}", source.display()))?;
-        if let Some(token) = &seed.join_token {
-            if &anchor_sha256(&anchor) != token.anchor_sha256() {
-                return Err(format!(
-                    "{} has SHA-256 {}, but the seed's join token pins {}",
-                    source.display(),
-                    anchor_sha256_hex(&anchor),
-                    token.anchor_sha256_hex()
-                ));
-            }
-        }
+        let anchor = CertificateDer::from_pem_slice(&pem).map_err(CredentialError::not_pem(
+            "expected a PEM certificate",
+            &source,
+        ))?;
+        check_pin(&anchor, seed, &source).map_err(CredentialError::Pin)?;
         let written = pimesh_runtime::atomic_file::replace(&self.anchors(), &pem, 0o644)
-            .map_err(|err| format!("cannot write {}: {err}", self.anchors().display()))?;
+            .map_err(CredentialError::io("write", &self.anchors()))?;
         if written {
             tracing::info!(anchor = %anchor_sha256_hex(&anchor), file = %self.anchors().display(), "site anchor imported from the boot partition");
         }
@@ -127,7 +264,7 @@ impl CredentialFiles {
 
     /// Makes the node key and its signing request when there is no key yet. Idempotent:
     /// an existing key is kept (a new one would orphan a certificate being signed).
-    pub fn ensure_request(&self, site: &DnsLabel, node: &DnsLabel) -> Result<(), String> {
+    pub fn ensure_request(&self, site: &DnsLabel, node: &DnsLabel) -> Result<(), CredentialError> {
         if self.key().exists() {
             self.give_key_to_proxy();
             return Ok(());
@@ -136,17 +273,17 @@ impl CredentialFiles {
             site: site.clone(),
             workload: Workload::Node(node.clone()),
         };
-        let request = LeafRequest::new(std::slice::from_ref(&id))
-            .map_err(|err| format!("cannot make the node key: {err}"))?;
+        let request =
+            LeafRequest::new(std::slice::from_ref(&id)).map_err(CredentialError::MakeKey)?;
         // The request first: a key without its request is regenerated, never the reverse.
         pimesh_runtime::atomic_file::replace(&self.request(), request.csr_pem.as_bytes(), 0o644)
-            .map_err(|err| format!("cannot write {}: {err}", self.request().display()))?;
+            .map_err(CredentialError::io("write", &self.request()))?;
         pimesh_runtime::atomic_file::replace(
             &self.key(),
             request.key.serialize_pem().as_bytes(),
             0o600,
         )
-        .map_err(|err| format!("cannot write {}: {err}", self.key().display()))?;
+        .map_err(CredentialError::io("write", &self.key()))?;
         self.give_key_to_proxy();
         tracing::info!(request = %self.request().display(), %id, "node key made; waiting for its certificate");
         Ok(())
@@ -158,18 +295,21 @@ impl CredentialFiles {
     }
 
     /// The signing request kept beside the key.
-    pub fn signing_request(&self) -> Result<CertificateSigningRequestDer<'static>, String> {
-        let request_pem = std::fs::read(self.request())
-            .map_err(|err| format!("cannot read {}: {err}", self.request().display()))?;
-        CertificateSigningRequestDer::from_pem_slice(&request_pem)
-            .map_err(|err| format!("{}: not a PEM request: {err}", self.request().display()))
+    pub fn signing_request(
+        &self,
+    ) -> Result<CertificateSigningRequestDer<'static>, CredentialError> {
+        let request_pem =
+            std::fs::read(self.request()).map_err(CredentialError::io("read", &self.request()))?;
+        CertificateSigningRequestDer::from_pem_slice(&request_pem).map_err(
+            CredentialError::not_pem("not a PEM request", &self.request()),
+        )
     }
 
     /// Makes `chain` (PEM: the leaf, then its issuer) the node's certificate chain.
-    pub fn install_chain(&self, chain: &str) -> Result<(), String> {
+    pub fn install_chain(&self, chain: &str) -> Result<(), CredentialError> {
         pimesh_runtime::atomic_file::replace(&self.chain(), chain.as_bytes(), 0o644)
             .map(drop)
-            .map_err(|err| format!("cannot write {}: {err}", self.chain().display()))
+            .map_err(CredentialError::io("write", &self.chain()))
     }
 
     /// Re-signs the node's certificate with `issuer` when the chain in `node.pem` names
@@ -181,45 +321,34 @@ impl CredentialFiles {
         &self,
         issuer: &pimesh_identity::Authority,
         now: SystemTime,
-    ) -> Result<bool, String> {
-        use rustls_pki_types::CertificateDer;
+    ) -> Result<bool, CredentialError> {
         let chain_pem = match std::fs::read(self.chain()) {
             Ok(bytes) => bytes,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(err) => return Err(format!("cannot read {}: {err}", self.chain().display())),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(err) => return Err(CredentialError::io("read", &self.chain())(err)),
         };
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&chain_pem)
             .collect::<Result<_, _>>()
-            .map_err(|err| {
-                format!(
-                    "{}: expected PEM certificates (leaf, issuer): {err}",
-                    self.chain().display()
-                )
-            })?;
+            .map_err(CredentialError::not_pem(
+                "expected PEM certificates (leaf, issuer)",
+                &self.chain(),
+            ))?;
         if chain.get(1) == Some(issuer.cert_der()) {
             return Ok(false);
         }
         let Some(leaf) = chain.first() else {
-            return Err(format!(
-                "{}: expected PEM certificates (leaf, issuer), found none",
-                self.chain().display()
-            ));
+            return Err(CredentialError::EmptyChain { path: self.chain() });
         };
         let permitted = node_ids(leaf);
         let Some(site) = permitted.iter().next().map(|id| id.site.clone()) else {
-            return Err(format!(
-                "{}: the certificate names no spiffe://<site>/node/<node> identity to re-sign",
-                self.chain().display()
-            ));
+            return Err(CredentialError::NoNodeId { path: self.chain() });
         };
         let request = self.signing_request()?;
         let leaf = issuer
             .sign_leaf_for(&request, &site, &permitted, now, SELF_ENROLLED_LIFETIME)
-            .map_err(|err| {
-                format!(
-                    "cannot re-sign {} with the current issuer: {err}",
-                    self.request().display()
-                )
+            .map_err(|source| CredentialError::Resign {
+                request: self.request(),
+                source,
             })?;
         self.install_chain(&format!("{}{}", leaf.pem, issuer.cert_pem()))?;
         tracing::info!(chain = %self.chain().display(), "node certificate re-signed by the current issuer");
@@ -227,14 +356,14 @@ impl CredentialFiles {
     }
 
     /// The credential, once the certificate is there.
-    pub fn load(&self) -> Result<Option<NodeCredential>, String> {
+    pub fn load(&self) -> Result<Option<NodeCredential>, CredentialError> {
         let chain_pem = match std::fs::read_to_string(self.chain()) {
             Ok(text) => text,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(format!("cannot read {}: {err}", self.chain().display())),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(CredentialError::io("read", &self.chain())(err)),
         };
         let key_pem = std::fs::read_to_string(self.key())
-            .map_err(|err| format!("cannot read {}: {err}", self.key().display()))?;
+            .map_err(CredentialError::io("read", &self.key()))?;
         Ok(Some(NodeCredential { chain_pem, key_pem }))
     }
 }
@@ -274,7 +403,10 @@ mod tests {
         let files = CredentialFiles::on_node(&paths);
 
         let wrong = joining_seed(&anchor_sha256(other.anchor.cert_der()));
-        let err = files.import_anchor(&boot, &wrong).expect_err("another pin");
+        let err = files
+            .import_anchor(&boot, &wrong)
+            .expect_err("another pin")
+            .to_string();
         assert!(err.contains("pins") && err.contains("anchor.pem"), "{err}");
         assert!(
             !files.anchors().exists(),

@@ -23,8 +23,8 @@ use pimesh_schema::SupervisorConfig;
 use tracing::{info, warn};
 
 use crate::cli::Options;
-use crate::units::keeper::Keeper;
 use crate::status::{ConfigReport, NodeStatus, StatusHandle};
+use crate::units::keeper::Keeper;
 
 fn main() -> ExitCode {
     let options = match Options::from_args(std::env::args_os()) {
@@ -168,7 +168,10 @@ async fn run(options: Options) -> Result<(), String> {
 }
 
 /// Runs one `pimesh-supervisor trust ...` command; returns what to print.
-fn trust_command(options: &Options, action: &cli::TrustAction) -> Result<String, String> {
+fn trust_command(
+    options: &Options,
+    action: &cli::TrustAction,
+) -> Result<String, trust::TrustError> {
     use trust::lifecycle;
     let paths = &options.paths;
     let files = trust::TrustFiles::on_node(paths);
@@ -177,18 +180,17 @@ fn trust_command(options: &Options, action: &cli::TrustAction) -> Result<String,
     let credential = credential::CredentialFiles::on_node(paths);
     let site = || {
         let seed = node::seed::SeedState::load(&paths.seed);
-        seed.seed().map(|seed| seed.site.clone()).ok_or_else(|| {
-            format!(
-                "the site's name comes from the seed {}, which is not usable: {}",
-                paths.seed.display(),
-                seed.one_line_summary("this node")
-            )
-        })
+        seed.seed()
+            .map(|seed| seed.site.clone())
+            .ok_or_else(|| trust::TrustError::UnusableSeed {
+                seed: paths.seed.clone(),
+                summary: seed.one_line_summary("this node"),
+            })
     };
     let now = std::time::SystemTime::now();
     match action {
         cli::TrustAction::Status => serde_json::to_string_pretty(&lifecycle::status(store)?)
-            .map_err(|err| format!("cannot show the status: {err}")),
+            .map_err(trust::TrustError::Encode),
         cli::TrustAction::RotateIssuer => {
             let n = lifecycle::rotate_issuer(store, &site()?, now)?;
             let issuer = files.issuer()?;
@@ -238,12 +240,19 @@ fn prepare_node_credential(
         return; // reported where the OTA context is made
     };
     let credential = credential::CredentialFiles::on_node(paths);
-    let mut result = credential.ensure_request(&seed.site, &node);
-    if holds_issuer {
-        result = result.and_then(|()| trust.self_enroll(&credential, &seed.site, &node));
-    } else {
-        result = result.and_then(|()| credential.import_anchor(&paths.boot_trust_dir(), seed).map(|_| ()));
-    }
+    let result = credential
+        .ensure_request(&seed.site, &node)
+        .map_err(trust::TrustError::from)
+        .and_then(|()| {
+            if holds_issuer {
+                trust.self_enroll(&credential, &seed.site, &node)
+            } else {
+                credential
+                    .import_anchor(&paths.boot_trust_dir(), seed)
+                    .map(drop)
+                    .map_err(trust::TrustError::from)
+            }
+        });
     if let Err(err) = result {
         warn!(%err, "cannot prepare the node's credential");
     }

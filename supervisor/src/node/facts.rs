@@ -4,8 +4,8 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
-use crate::paths::NodePaths;
 use crate::node::seed::SeedState;
+use crate::paths::NodePaths;
 use crate::status::{K3sPresence, NodeInfo};
 
 /// Where the board's serial number is (Raspberry Pi firmware fills it in the device tree).

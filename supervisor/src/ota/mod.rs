@@ -35,8 +35,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::credential::CredentialFiles;
+use crate::credential::{CredentialError, CredentialFiles};
 use crate::status::{OtaReport, OtaState, StatusHandle};
+use crate::trust::TrustError;
 use crate::units::systemd::Systemd;
 use central_client::{CentralClient, Poll, SetupError};
 use gate::Gate;
@@ -136,15 +137,18 @@ pub async fn run(context: OtaContext) {
 /// Why the OTA client cannot reach its central server yet.
 #[derive(Debug)]
 enum ConnectError {
-    /// The node credential cannot be made or read; the text says which file and why.
-    Credential(String),
+    /// The node credential cannot be made or read.
+    Credential(CredentialError),
+    /// The node's own issuer cannot sign its credential.
+    SelfEnroll(TrustError),
     Client(SetupError),
 }
 
 impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConnectError::Credential(why) => f.write_str(why),
+            ConnectError::Credential(err) => err.fmt(f),
+            ConnectError::SelfEnroll(err) => err.fmt(f),
             ConnectError::Client(err) => err.fmt(f),
         }
     }
@@ -153,7 +157,8 @@ impl fmt::Display for ConnectError {
 impl std::error::Error for ConnectError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            ConnectError::Credential(_) => None,
+            ConnectError::Credential(err) => err.source(),
+            ConnectError::SelfEnroll(err) => err.source(),
             ConnectError::Client(err) => Some(err),
         }
     }
@@ -168,7 +173,7 @@ fn connect(context: &OtaContext) -> Result<Option<CentralClient>, ConnectError> 
     context
         .trust
         .self_enroll(credential, &context.site, &context.node)
-        .map_err(ConnectError::Credential)?;
+        .map_err(ConnectError::SelfEnroll)?;
     let Some(credential) = credential.load().map_err(ConnectError::Credential)? else {
         return Ok(None);
     };

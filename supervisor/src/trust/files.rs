@@ -4,17 +4,16 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use pimesh_identity::{anchor_sha256, anchor_sha256_hex, Authority, TrustRoot};
+use pimesh_identity::{anchor_sha256_hex, Authority, TrustRoot};
 use pimesh_schema::{DnsLabel, Role, Seed};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::CertificateDer;
 use tracing::{info, warn};
 
+use super::error::TrustError;
 use super::lifecycle;
-use super::store::{
-    TrustState, TrustStore, ANCHOR_BUNDLE, ANCHOR_KEY, ISSUER_CERT, ISSUER_KEY,
-};
-use crate::credential::{CredentialFiles, SELF_ENROLLED_LIFETIME};
+use super::store::{TrustState, TrustStore, ANCHOR_BUNDLE, ANCHOR_KEY, ISSUER_CERT, ISSUER_KEY};
+use crate::credential::{check_pin, CredentialFiles, SELF_ENROLLED_LIFETIME};
 use crate::paths::NodePaths;
 use crate::status::TrustReport;
 
@@ -50,24 +49,22 @@ impl TrustFiles {
 
     /// The issuer, when the node holds one. Read from one generation (the link resolved
     /// once), so the key and certificate always belong together.
-    pub fn issuer(&self) -> Result<Option<Authority>, String> {
+    pub fn issuer(&self) -> Result<Option<Authority>, TrustError> {
         let dir = match std::fs::canonicalize(&self.dir) {
             Ok(dir) => dir,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(format!("cannot resolve {}: {err}", self.dir.display())),
+            Err(err) => return Err(TrustError::io("resolve", &self.dir)(err)),
         };
         let cert = dir.join(ISSUER_CERT);
         let key = dir.join(ISSUER_KEY);
         if !cert.exists() || !key.exists() {
             return Ok(None);
         }
-        let read = |path: &Path| {
-            std::fs::read_to_string(path)
-                .map_err(|err| format!("cannot read {}: {err}", path.display()))
-        };
+        let read =
+            |path: &Path| std::fs::read_to_string(path).map_err(TrustError::io("read", path));
         Authority::from_pem(&read(&cert)?, &read(&key)?)
             .map(Some)
-            .map_err(|err| format!("{}: {err}", cert.display()))
+            .map_err(TrustError::authority(&cert))
     }
 
     /// On a node that holds the site's issuer (the `init` node): signs the node's own
@@ -78,7 +75,7 @@ impl TrustFiles {
         credential: &CredentialFiles,
         site: &DnsLabel,
         node: &DnsLabel,
-    ) -> Result<(), String> {
+    ) -> Result<(), TrustError> {
         if credential.has_certificate() {
             return Ok(());
         }
@@ -94,7 +91,7 @@ impl TrustFiles {
                 SystemTime::now(),
                 SELF_ENROLLED_LIFETIME,
             )
-            .map_err(|err| format!("cannot sign the node's own request: {err}"))?;
+            .map_err(TrustError::SignNode)?;
         credential.install_chain(&chain)?;
         info!(%site, %node, "node certificate signed by the node's own site issuer");
         Ok(())
@@ -106,7 +103,7 @@ impl TrustFiles {
             .and_then(|pem| CertificateDer::from_pem_slice(&pem).ok());
         let (issuer, warning, error) = match lifecycle::issuer_report(&self.store) {
             Ok((issuer, warning)) => (Some(issuer), warning, None),
-            Err(err) => (None, None, Some(err)),
+            Err(err) => (None, None, Some(err.to_string())),
         };
         // Loud only when it is urgent: a node without its anchor key is the recommended
         // state, and its note stays in the report.
@@ -131,11 +128,7 @@ impl TrustFiles {
     /// The periodic check (at start and every [`CHECK_EVERY`]): rotates the issuer when one
     /// third of its life is left and the anchor key is here, keeps the node's credential
     /// signed by the current issuer, and reports. `site` is the seed's.
-    pub fn check(
-        &self,
-        site: &DnsLabel,
-        credential: &CredentialFiles,
-    ) -> TrustReport {
+    pub fn check(&self, site: &DnsLabel, credential: &CredentialFiles) -> TrustReport {
         if let Err(err) = self.store.recover() {
             warn!(%err, "cannot bring the trust folder to a consistent state");
         }
@@ -153,7 +146,7 @@ impl TrustFiles {
             Ok(lock) => lock,
             Err(err) => {
                 return TrustReport {
-                    error: Some(err),
+                    error: Some(err.to_string()),
                     ..TrustReport::default()
                 }
             }
@@ -167,7 +160,7 @@ impl TrustFiles {
         if let Err(err) = self.store.recover_locked() {
             warn!(%err, "cannot bring the trust folder to a consistent state");
             return TrustReport {
-                error: Some(err),
+                error: Some(err.to_string()),
                 ..TrustReport::default()
             };
         }
@@ -191,23 +184,21 @@ impl TrustFiles {
             Err(err) => {
                 warn!(%err, "cannot provision the site trust root");
                 TrustReport {
-                    error: Some(err),
+                    error: Some(err.to_string()),
                     ..TrustReport::default()
                 }
             }
         }
     }
 
-    fn generate(&self, seed: &Seed) -> Result<(), String> {
+    fn generate(&self, seed: &Seed) -> Result<(), TrustError> {
         if let Some(token) = &seed.join_token {
-            return Err(format!(
-                "the seed's join token pins anchor {} but the boot partition has no pimesh-trust/ \
-                 with that anchor and its issuer (pimeshctl image configure --trust SITE_DIR)",
-                token.anchor_sha256_hex()
-            ));
+            return Err(TrustError::PinnedRootMissing {
+                pinned: token.anchor_sha256_hex(),
+            });
         }
         let root = TrustRoot::generate(&seed.site, SystemTime::now())
-            .map_err(|err| format!("cannot generate the site trust root: {err}"))?;
+            .map_err(TrustError::generate("generate the site trust root"))?;
         self.install(&TrustState {
             anchor_bundle: root.anchor.cert_pem().to_owned(),
             issuer_cert: root.issuer.cert_pem().to_owned(),
@@ -218,33 +209,24 @@ impl TrustFiles {
         })
     }
 
-    fn import(&self, seed: &Seed, from: &Path) -> Result<(), String> {
+    fn import(&self, seed: &Seed, from: &Path) -> Result<(), TrustError> {
         let read = |name: &str| {
             let path = from.join(name);
-            std::fs::read_to_string(&path)
-                .map_err(|err| format!("cannot read {}: {err}", path.display()))
+            std::fs::read_to_string(&path).map_err(TrustError::io("read", &path))
         };
         let anchor_pem = read(ANCHOR_BUNDLE)?;
         let issuer_pem = read(ISSUER_CERT)?;
         let issuer_key = read(ISSUER_KEY)?;
-        let anchor = CertificateDer::from_pem_slice(anchor_pem.as_bytes()).map_err(|err| {
-            format!(
-                "{}: expected a PEM certificate: {err}",
-                from.join(ANCHOR_BUNDLE).display()
-            )
+        let anchor = CertificateDer::from_pem_slice(anchor_pem.as_bytes()).map_err(|source| {
+            TrustError::NotPem {
+                path: from.join(ANCHOR_BUNDLE),
+                expected: "a PEM certificate",
+                source,
+            }
         })?;
         Authority::from_pem(&issuer_pem, &issuer_key)
-            .map_err(|err| format!("{}: {err}", from.join(ISSUER_CERT).display()))?;
-        if let Some(token) = &seed.join_token {
-            if &anchor_sha256(&anchor) != token.anchor_sha256() {
-                return Err(format!(
-                    "{} has SHA-256 {}, but the seed's join token pins {}",
-                    from.join(ANCHOR_BUNDLE).display(),
-                    anchor_sha256_hex(&anchor),
-                    token.anchor_sha256_hex()
-                ));
-            }
-        }
+            .map_err(TrustError::authority(&from.join(ISSUER_CERT)))?;
+        check_pin(&anchor, seed, &from.join(ANCHOR_BUNDLE)).map_err(TrustError::Pin)?;
         let anchor_key = std::fs::read_to_string(from.join(ANCHOR_KEY)).ok();
         self.install(&TrustState {
             anchor_bundle: anchor_pem,
@@ -268,8 +250,9 @@ impl TrustFiles {
     }
 
     /// Makes `state` the first generation and links it.
-    fn install(&self, state: &TrustState) -> Result<(), String> {
-        self.store.commit(state).map(|_| ())
+    fn install(&self, state: &TrustState) -> Result<(), TrustError> {
+        self.store.commit(state)?;
+        Ok(())
     }
 }
 

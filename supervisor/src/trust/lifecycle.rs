@@ -29,6 +29,7 @@ use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 use tracing::{info, warn};
 
+use super::error::{Refusal, TrustError};
 use super::store::{
     TrustState, TrustStore, ANCHOR_BUNDLE, ANCHOR_KEY, ISSUER_CERT, NEXT_ANCHOR_CERT,
     NEXT_ANCHOR_KEY,
@@ -90,35 +91,41 @@ struct Root {
 fn pem_certificates(
     text: &str,
     file: &Path,
-) -> Result<Vec<(String, CertificateDer<'static>)>, String> {
+) -> Result<Vec<(String, CertificateDer<'static>)>, TrustError> {
     const END: &str = "-----END CERTIFICATE-----";
     let mut out = Vec::new();
     let mut rest = text;
     while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
         let Some(end) = rest[start..].find(END) else {
-            return Err(format!(
-                "{}: a certificate block has no END line",
-                file.display()
-            ));
+            return Err(TrustError::UnterminatedCertificate {
+                path: file.to_path_buf(),
+            });
         };
         let block = format!("{}\n", &rest[start..start + end + END.len()]);
-        let der = CertificateDer::from_pem_slice(block.as_bytes())
-            .map_err(|err| format!("{}: expected PEM certificates: {err}", file.display()))?;
+        let der = CertificateDer::from_pem_slice(block.as_bytes()).map_err(|source| {
+            TrustError::NotPem {
+                path: file.to_path_buf(),
+                expected: "PEM certificates",
+                source,
+            }
+        })?;
         out.push((block, der));
         rest = &rest[start + end + END.len()..];
     }
     if out.is_empty() {
-        return Err(format!(
-            "{}: expected PEM certificates, found none",
-            file.display()
-        ));
+        return Err(TrustError::NoCertificates {
+            path: file.to_path_buf(),
+        });
     }
     Ok(out)
 }
 
-fn one_certificate(text: &str, file: &Path) -> Result<CertificateDer<'static>, String> {
-    CertificateDer::from_pem_slice(text.as_bytes())
-        .map_err(|err| format!("{}: expected a PEM certificate: {err}", file.display()))
+fn one_certificate(text: &str, file: &Path) -> Result<CertificateDer<'static>, TrustError> {
+    CertificateDer::from_pem_slice(text.as_bytes()).map_err(|source| TrustError::NotPem {
+        path: file.to_path_buf(),
+        expected: "a PEM certificate",
+        source,
+    })
 }
 
 fn rfc3339(time: SystemTime) -> String {
@@ -133,12 +140,9 @@ fn days_between(from: SystemTime, to: SystemTime) -> i64 {
 }
 
 impl Root {
-    fn load(store: &TrustStore) -> Result<Root, String> {
+    fn load(store: &TrustStore) -> Result<Root, TrustError> {
         let Some((generation, state)) = store.current()? else {
-            return Err(format!(
-                "no trust root at {}: only the site's init node holds one",
-                store.link().display()
-            ));
+            return Err(TrustError::NoRoot { link: store.link() });
         };
         let dir = store.generation_dir(generation);
         let anchors = pem_certificates(&state.anchor_bundle, &dir.join(ANCHOR_BUNDLE))?;
@@ -149,20 +153,18 @@ impl Root {
                 let path = dir.join(NEXT_ANCHOR_CERT);
                 let next = one_certificate(cert, &path)?;
                 if !anchors.iter().any(|(_, der)| der == &next) {
-                    return Err(format!(
-                        "{} is not in {}: the rotation's state is broken",
-                        path.display(),
-                        dir.join(ANCHOR_BUNDLE).display()
-                    ));
+                    return Err(TrustError::NextNotInBundle {
+                        next: path,
+                        bundle: dir.join(ANCHOR_BUNDLE),
+                    });
                 }
                 Some(next)
             }
             _ => {
-                return Err(format!(
-                    "{} and {} must exist together",
-                    dir.join(NEXT_ANCHOR_CERT).display(),
-                    dir.join(NEXT_ANCHOR_KEY).display()
-                ))
+                return Err(TrustError::HalfNextAnchor {
+                    cert: dir.join(NEXT_ANCHOR_CERT),
+                    key: dir.join(NEXT_ANCHOR_KEY),
+                })
             }
         };
         Ok(Root {
@@ -199,9 +201,9 @@ impl Root {
             .find_map(|key| Authority::from_pem(pem, key).ok())
     }
 
-    fn issuer_info(&self) -> Result<IssuerInfo, String> {
+    fn issuer_info(&self) -> Result<IssuerInfo, TrustError> {
         let (not_before, not_after) = cert_validity(&self.issuer)
-            .map_err(|err| format!("{}: {err}", self.dir.join(ISSUER_CERT).display()))?;
+            .map_err(TrustError::authority(&self.dir.join(ISSUER_CERT)))?;
         Ok(IssuerInfo {
             not_after: rfc3339(not_after),
             days_left: days_between(SystemTime::now(), not_after),
@@ -220,12 +222,12 @@ pub fn rotate_from(not_before: SystemTime, not_after: SystemTime) -> SystemTime 
 }
 
 /// `trust status`: what the linked generation holds.
-pub fn status(store: &TrustStore) -> Result<TrustStatus, String> {
+pub fn status(store: &TrustStore) -> Result<TrustStatus, TrustError> {
     let root = Root::load(store)?;
     let mut anchors = Vec::new();
     for (_, der) in &root.anchors {
-        let (_, not_after) = cert_validity(der)
-            .map_err(|err| format!("{}: {err}", root.dir.join(ANCHOR_BUNDLE).display()))?;
+        let (_, not_after) =
+            cert_validity(der).map_err(TrustError::authority(&root.dir.join(ANCHOR_BUNDLE)))?;
         anchors.push(AnchorInfo {
             sha256: anchor_sha256_hex(der),
             not_after: rfc3339(not_after),
@@ -249,7 +251,7 @@ pub fn status(store: &TrustStore) -> Result<TrustStatus, String> {
 }
 
 /// The issuer's state for `/status`, with a warning when it needs the operator.
-pub fn issuer_report(store: &TrustStore) -> Result<(IssuerInfo, Option<String>), String> {
+pub fn issuer_report(store: &TrustStore) -> Result<(IssuerInfo, Option<String>), TrustError> {
     let root = Root::load(store)?;
     let info = root.issuer_info()?;
     let warning = if root.signing_anchor().is_some() {
@@ -277,7 +279,11 @@ pub fn issuer_report(store: &TrustStore) -> Result<(IssuerInfo, Option<String>),
 /// `trust rotate-issuer`: a new issuer from the anchor that signed the current one (so
 /// leaves of the old issuer and of the new verify under the same bundle). Returns the new
 /// generation.
-pub fn rotate_issuer(store: &TrustStore, site: &DnsLabel, now: SystemTime) -> Result<u64, String> {
+pub fn rotate_issuer(
+    store: &TrustStore,
+    site: &DnsLabel,
+    now: SystemTime,
+) -> Result<u64, TrustError> {
     let _lock = store.lock()?;
     rotate_issuer_locked(store, site, now)
 }
@@ -286,20 +292,18 @@ fn rotate_issuer_locked(
     store: &TrustStore,
     site: &DnsLabel,
     now: SystemTime,
-) -> Result<u64, String> {
+) -> Result<u64, TrustError> {
     let root = Root::load(store)?;
     let Some(anchor) = root.signing_anchor() else {
-        return Err(format!(
-            "anchor key not on node: the key of the anchor that signed {} is not in {}; \
-             rotate the issuer with pimeshctl, or import the key first \
-             (pimesh-supervisor trust import-anchor-key FILE)",
-            root.dir.join(ISSUER_CERT).display(),
-            root.dir.display()
-        ));
+        return Err(Refusal::AnchorKeyNotOnNode {
+            issuer_cert: root.dir.join(ISSUER_CERT),
+            dir: root.dir,
+        }
+        .into());
     };
     let issuer = anchor
         .new_issuer(site, now)
-        .map_err(|err| format!("cannot make a new issuer: {err}"))?;
+        .map_err(TrustError::generate("make a new issuer"))?;
     let state = TrustState {
         issuer_cert: issuer.cert_pem().to_owned(),
         issuer_key: issuer.key_pem(),
@@ -311,10 +315,10 @@ fn rotate_issuer_locked(
 }
 
 /// Whether the issuer is due for rotation at `now` (one third of its life left).
-pub fn rotation_due(store: &TrustStore, now: SystemTime) -> Result<bool, String> {
+pub fn rotation_due(store: &TrustStore, now: SystemTime) -> Result<bool, TrustError> {
     let root = Root::load(store)?;
-    let (not_before, not_after) = cert_validity(&root.issuer)
-        .map_err(|err| format!("{}: {err}", root.dir.join(ISSUER_CERT).display()))?;
+    let (not_before, not_after) =
+        cert_validity(&root.issuer).map_err(TrustError::authority(&root.dir.join(ISSUER_CERT)))?;
     Ok(now >= rotate_from(not_before, not_after))
 }
 
@@ -323,18 +327,17 @@ pub fn anchor_begin(
     store: &TrustStore,
     site: &DnsLabel,
     now: SystemTime,
-) -> Result<String, String> {
+) -> Result<String, TrustError> {
     let _lock = store.lock()?;
     let root = Root::load(store)?;
     if root.phase() != Phase::Steady {
-        return Err(format!(
-            "an anchor rotation is already under way ({} exists): continue with \
-             `trust anchor switch` or `trust anchor finish`",
-            root.dir.join(NEXT_ANCHOR_CERT).display()
-        ));
+        return Err(Refusal::RotationUnderWay {
+            next: root.dir.join(NEXT_ANCHOR_CERT),
+        }
+        .into());
     }
-    let next = Authority::new_anchor(site, now)
-        .map_err(|err| format!("cannot make a new anchor: {err}"))?;
+    let next =
+        Authority::new_anchor(site, now).map_err(TrustError::generate("make a new anchor"))?;
     let mut bundle = root.state.anchor_bundle.clone();
     if !bundle.ends_with('\n') {
         bundle.push('\n');
@@ -363,32 +366,23 @@ pub fn anchor_switch(
     site: &DnsLabel,
     credential: &CredentialFiles,
     now: SystemTime,
-) -> Result<String, String> {
+) -> Result<String, TrustError> {
     let _lock = store.lock()?;
     let root = Root::load(store)?;
     match root.phase() {
-        Phase::Steady => {
-            return Err(
-                "no anchor rotation under way: run `pimesh-supervisor trust anchor begin` first"
-                    .into(),
-            )
-        }
-        Phase::Switched => {
-            return Err("already switched: the issuer is signed by the new anchor; \
-                 run `pimesh-supervisor trust anchor finish`"
-                .into())
-        }
+        Phase::Steady => return Err(Refusal::SwitchWithoutBegin.into()),
+        Phase::Switched => return Err(Refusal::AlreadySwitched.into()),
         Phase::Begun => {}
     }
     let (Some(cert), Some(key)) = (&root.state.next_anchor_cert, &root.state.next_anchor_key)
     else {
-        return Err(format!("{}: no next anchor", root.dir.display()));
+        return Err(TrustError::NoNextAnchor { dir: root.dir });
     };
     let next = Authority::from_pem(cert, key)
-        .map_err(|err| format!("{}: {err}", root.dir.join(NEXT_ANCHOR_KEY).display()))?;
+        .map_err(TrustError::authority(&root.dir.join(NEXT_ANCHOR_KEY)))?;
     let issuer = next
         .new_issuer(site, now)
-        .map_err(|err| format!("cannot make the new issuer: {err}"))?;
+        .map_err(TrustError::generate("make the new issuer"))?;
     let state = TrustState {
         issuer_cert: issuer.cert_pem().to_owned(),
         issuer_key: issuer.key_pem(),
@@ -423,43 +417,28 @@ pub fn anchor_finish(
     credential: &CredentialFiles,
     now: SystemTime,
     force: bool,
-) -> Result<String, String> {
+) -> Result<String, TrustError> {
     let _lock = store.lock()?;
     let root = Root::load(store)?;
     match root.phase() {
-        Phase::Steady => {
-            return Err(
-                "no anchor rotation under way: `trust anchor finish` ends one that \
-                 `trust anchor begin` started"
-                    .into(),
-            )
-        }
-        Phase::Begun => {
-            return Err("the issuer is still signed by the old anchor: run \
-                 `pimesh-supervisor trust anchor switch` first"
-                .into())
-        }
+        Phase::Steady => return Err(Refusal::FinishWithoutBegin.into()),
+        Phase::Begun => return Err(Refusal::FinishBeforeSwitch.into()),
         Phase::Switched => {}
     }
-    let (not_before, _) = cert_validity(&root.issuer)
-        .map_err(|err| format!("{}: {err}", root.dir.join(ISSUER_CERT).display()))?;
+    let (not_before, _) =
+        cert_validity(&root.issuer).map_err(TrustError::authority(&root.dir.join(ISSUER_CERT)))?;
     // The issuer is backdated a few minutes; leaves of the old one live at most a leaf's
     // lifetime after the switch.
     let safe_from = not_before + LEAF_LIFETIME + Duration::from_secs(10 * 60);
     if now < safe_from && !force {
-        return Err(format!(
-            "the switch was less than {} h ago: leaves signed by the old issuer may still be in \
-             use and would stop verifying; finish after {} or pass --force",
-            LEAF_LIFETIME.as_secs() / 3600,
-            rfc3339(safe_from)
-        ));
+        return Err(Refusal::FinishTooSoon { safe_from }.into());
     }
     let (Some(cert), Some(key)) = (&root.state.next_anchor_cert, &root.state.next_anchor_key)
     else {
-        return Err(format!("{}: no next anchor", root.dir.display()));
+        return Err(TrustError::NoNextAnchor { dir: root.dir });
     };
     let issuer = Authority::from_pem(&root.state.issuer_cert, &root.state.issuer_key)
-        .map_err(|err| format!("{}: {err}", root.dir.join(ISSUER_CERT).display()))?;
+        .map_err(TrustError::authority(&root.dir.join(ISSUER_CERT)))?;
     let resigned = credential.renew_from(&issuer, now)?;
     let had_old_key = root.state.anchor_key.is_some();
     let state = TrustState {
@@ -491,21 +470,17 @@ pub fn anchor_finish(
 /// `trust export-anchor-key FILE`: writes `anchor.key` to `file` (mode 0600, fsynced),
 /// then removes it from the node. Refuses when `file` exists and during an anchor
 /// rotation (finish it first: the node then holds one anchor key).
-pub fn export_anchor_key(store: &TrustStore, file: &Path) -> Result<String, String> {
+pub fn export_anchor_key(store: &TrustStore, file: &Path) -> Result<String, TrustError> {
     let _lock = store.lock()?;
     let root = Root::load(store)?;
     if root.phase() != Phase::Steady {
-        return Err(
-            "an anchor rotation is under way: finish it (`trust anchor switch`, `trust anchor finish`) \
-             before exporting the anchor key"
-                .into(),
-        );
+        return Err(Refusal::ExportDuringRotation.into());
     }
     let Some(key) = &root.state.anchor_key else {
-        return Err(format!(
-            "no anchor key on this node ({} is absent): it was exported already",
-            root.dir.join(ANCHOR_KEY).display()
-        ));
+        return Err(Refusal::AnchorKeyExported {
+            key: root.dir.join(ANCHOR_KEY),
+        }
+        .into());
     };
     let mut out = OpenOptions::new()
         .write(true)
@@ -513,22 +488,23 @@ pub fn export_anchor_key(store: &TrustStore, file: &Path) -> Result<String, Stri
         .mode(0o600)
         .open(file)
         .map_err(|err| match err.kind() {
-            std::io::ErrorKind::AlreadyExists => {
-                format!("{} exists: refusing to overwrite it", file.display())
+            std::io::ErrorKind::AlreadyExists => Refusal::ExportTargetExists {
+                file: file.to_path_buf(),
             }
-            _ => format!("cannot create {}: {err}", file.display()),
+            .into(),
+            _ => TrustError::io("create", file)(err),
         })?;
     out.set_permissions(fs::Permissions::from_mode(0o600))
         .and_then(|()| out.write_all(key.as_bytes()))
         .and_then(|()| out.sync_all())
-        .map_err(|err| format!("cannot write {}: {err}", file.display()))?;
+        .map_err(TrustError::io("write", file))?;
     let parent = match file.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
     fs::File::open(parent)
         .and_then(|dir| dir.sync_all())
-        .map_err(|err| format!("cannot fsync the folder {}: {err}", parent.display()))?;
+        .map_err(TrustError::io("fsync the folder", parent))?;
     let state = TrustState {
         anchor_key: None,
         ..root.state.clone()
@@ -543,33 +519,32 @@ pub fn export_anchor_key(store: &TrustStore, file: &Path) -> Result<String, Stri
 
 /// `trust import-anchor-key FILE`: puts an exported anchor key back, after checking that it
 /// belongs to an anchor of the bundle (not the next one: that key never leaves the node).
-pub fn import_anchor_key(store: &TrustStore, file: &Path) -> Result<String, String> {
-    let key =
-        fs::read_to_string(file).map_err(|err| format!("cannot read {}: {err}", file.display()))?;
+pub fn import_anchor_key(store: &TrustStore, file: &Path) -> Result<String, TrustError> {
+    let key = fs::read_to_string(file).map_err(TrustError::io("read", file))?;
     let _lock = store.lock()?;
     let root = Root::load(store)?;
     if root.state.anchor_key.is_some() {
-        return Err(format!(
-            "{} exists: this node already holds its anchor key",
-            root.dir.join(ANCHOR_KEY).display()
-        ));
+        return Err(Refusal::AnchorKeyPresent {
+            key: root.dir.join(ANCHOR_KEY),
+        }
+        .into());
     }
     let matching = root
         .anchors
         .iter()
         .find(|(pem, _)| Authority::from_pem(pem, &key).is_ok());
     let Some((_, der)) = matching else {
-        return Err(format!(
-            "{}: expected the PEM private key of an anchor in {}; it matches none",
-            file.display(),
-            root.dir.join(ANCHOR_BUNDLE).display()
-        ));
+        return Err(Refusal::KeyMatchesNoAnchor {
+            file: file.to_path_buf(),
+            bundle: root.dir.join(ANCHOR_BUNDLE),
+        }
+        .into());
     };
     if root.next.as_ref() == Some(der) {
-        return Err(format!(
-            "{}: this is the key of the next anchor, already on the node",
-            file.display()
-        ));
+        return Err(Refusal::NextAnchorKey {
+            file: file.to_path_buf(),
+        }
+        .into());
     }
     let sha = anchor_sha256_hex(der);
     let state = TrustState {
@@ -589,7 +564,7 @@ pub fn maintain(
     site: &DnsLabel,
     credential: &CredentialFiles,
     now: SystemTime,
-) -> Result<(), String> {
+) -> Result<(), TrustError> {
     let _lock = store.lock()?;
     if rotation_due(store, now)? {
         match rotate_issuer_locked(store, site, now) {
@@ -602,7 +577,7 @@ pub fn maintain(
         return Ok(());
     }
     let issuer = Authority::from_pem(&root.state.issuer_cert, &root.state.issuer_key)
-        .map_err(|err| format!("{}: {err}", root.dir.join(ISSUER_CERT).display()))?;
+        .map_err(TrustError::authority(&root.dir.join(ISSUER_CERT)))?;
     credential.renew_from(&issuer, now)?;
     Ok(())
 }
@@ -801,9 +776,13 @@ mod tests {
             .sha256
             .clone();
 
-        let err = anchor_switch(&node.store, &node.site, &node.credential, now).unwrap_err();
+        let err = anchor_switch(&node.store, &node.site, &node.credential, now)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("trust anchor begin"), "{err}");
-        let err = anchor_finish(&node.store, &node.credential, now, true).unwrap_err();
+        let err = anchor_finish(&node.store, &node.credential, now, true)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no anchor rotation"), "{err}");
 
         anchor_begin(&node.store, &node.site, now).expect("begin");
@@ -822,11 +801,17 @@ mod tests {
             "issuer unchanged"
         );
         assert_eq!(node.state().anchor_key, original.anchor_key);
-        let err = anchor_begin(&node.store, &node.site, now).unwrap_err();
+        let err = anchor_begin(&node.store, &node.site, now)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("already under way"), "{err}");
-        let err = anchor_finish(&node.store, &node.credential, now, true).unwrap_err();
+        let err = anchor_finish(&node.store, &node.credential, now, true)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("switch` first"), "{err}");
-        let err = export_anchor_key(&node.store, &node.dir.path().join("a.key")).unwrap_err();
+        let err = export_anchor_key(&node.store, &node.dir.path().join("a.key"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("rotation is under way"), "{err}");
 
         let old_leaf = node.leaf();
@@ -838,7 +823,9 @@ mod tests {
             switched.issuer.signed_by.as_deref(),
             Some(new_anchor.as_str())
         );
-        let err = anchor_switch(&node.store, &node.site, &node.credential, now).unwrap_err();
+        let err = anchor_switch(&node.store, &node.site, &node.credential, now)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("already switched"), "{err}");
         assert!(
             node.verifies(&old_leaf),
@@ -850,7 +837,9 @@ mod tests {
         );
         assert!(node.credential_verifies(now));
 
-        let err = anchor_finish(&node.store, &node.credential, now, false).unwrap_err();
+        let err = anchor_finish(&node.store, &node.credential, now, false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--force"), "{err}");
         let later = now + LEAF_LIFETIME + Duration::from_secs(3600);
         anchor_finish(&node.store, &node.credential, later, false).expect("finish");
@@ -901,7 +890,9 @@ mod tests {
         let out = node.dir.path().join("offline/anchor.key");
         fs::create_dir(out.parent().expect("parent")).expect("mkdir");
         fs::write(&out, "something precious").expect("existing");
-        let err = export_anchor_key(&node.store, &out).unwrap_err();
+        let err = export_anchor_key(&node.store, &out)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("exists"), "{err}");
         assert_eq!(
             fs::read_to_string(&out).expect("kept"),
@@ -919,7 +910,9 @@ mod tests {
             node.gens_holding(ANCHOR_KEY).is_empty(),
             "no generation keeps the key"
         );
-        let err = rotate_issuer(&node.store, &node.site, SystemTime::now()).unwrap_err();
+        let err = rotate_issuer(&node.store, &node.site, SystemTime::now())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("anchor key not on node"), "{err}");
         let (_, warning) = issuer_report(&node.store).expect("report");
         assert!(warning.expect("warning").contains("anchor key not on node"));
@@ -932,7 +925,9 @@ mod tests {
                 .key_pem(),
         )
         .expect("write");
-        let err = import_anchor_key(&node.store, &stranger).unwrap_err();
+        let err = import_anchor_key(&node.store, &stranger)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("matches none"), "{err}");
 
         import_anchor_key(&node.store, &out).expect("import");
@@ -942,7 +937,9 @@ mod tests {
             fs::metadata(&link).expect("meta").permissions().mode() & 0o777,
             0o600
         );
-        let err = import_anchor_key(&node.store, &out).unwrap_err();
+        let err = import_anchor_key(&node.store, &out)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("already holds"), "{err}");
         rotate_issuer(&node.store, &node.site, SystemTime::now()).expect("rotate with it back");
         let (_, warning) = issuer_report(&node.store).expect("report");

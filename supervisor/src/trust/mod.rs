@@ -14,8 +14,10 @@
 //! the root after provisioning (issuer and anchor rotation, the anchor key leaving the
 //! node) is in [`lifecycle`]; provisioning and the periodic check are in [`files`].
 
+pub mod error;
 pub mod files;
 pub mod lifecycle;
 pub mod store;
 
+pub use error::TrustError;
 pub use files::{TrustFiles, CHECK_EVERY};

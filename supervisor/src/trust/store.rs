@@ -24,11 +24,13 @@
 
 #[cfg(test)]
 use std::collections::BTreeMap;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write as _;
+use std::io::{self, Write as _};
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
 use tracing::{debug, info, warn};
 
 use crate::paths::NodePaths;
@@ -46,6 +48,70 @@ pub const CONTROL_USER: &str = "pimesh-control";
 const DIR_MODE: u32 = 0o755;
 const CERT_MODE: u32 = 0o644;
 const KEY_MODE: u32 = 0o600;
+
+/// Why the trust folder could not be read or changed. Each names the path concerned.
+#[derive(Debug)]
+pub enum StoreError {
+    /// A file-system call failed: `action` is what it was to do to `path`.
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// A file that every generation holds could not be read.
+    Unreadable {
+        path: PathBuf,
+        name: &'static str,
+        source: io::Error,
+    },
+    /// `link` names something other than a generation.
+    NotAGeneration { link: PathBuf, target: PathBuf },
+    /// `link` is a plain file.
+    NotALink { link: PathBuf },
+    /// The trust lock could not be taken.
+    Lock { path: PathBuf, source: Errno },
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Io {
+                action,
+                path,
+                source,
+            } => write!(f, "cannot {action} {}: {source}", path.display()),
+            StoreError::Unreadable { path, name, source } => write!(
+                f,
+                "cannot read {} (a trust folder holds {name}): {source}",
+                path.display()
+            ),
+            StoreError::NotAGeneration { link, target } => write!(
+                f,
+                "{} points to {}: expected trust.d/<generation number>",
+                link.display(),
+                target.display()
+            ),
+            StoreError::NotALink { link } => write!(
+                f,
+                "{} is a file: expected a link to trust.d/<n> or a folder",
+                link.display()
+            ),
+            StoreError::Lock { path, source } => {
+                write!(f, "cannot lock {}: {source}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Io { source, .. } | StoreError::Unreadable { source, .. } => Some(source),
+            StoreError::Lock { source, .. } => Some(source),
+            StoreError::NotAGeneration { .. } | StoreError::NotALink { .. } => None,
+        }
+    }
+}
 
 /// What one generation holds. `None` fields are files the generation does not have.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,22 +147,21 @@ impl TrustState {
     }
 
     /// Reads a generation folder (or the plain folder of an older supervisor).
-    pub fn read(dir: &Path) -> Result<TrustState, String> {
-        let required = |name: &str| {
+    pub fn read(dir: &Path) -> Result<TrustState, StoreError> {
+        let required = |name: &'static str| {
             let path = dir.join(name);
-            fs::read_to_string(&path).map_err(|err| {
-                format!(
-                    "cannot read {} (a trust folder holds {name}): {err}",
-                    path.display()
-                )
+            fs::read_to_string(&path).map_err(|source| StoreError::Unreadable {
+                path,
+                name,
+                source,
             })
         };
         let optional = |name: &str| {
             let path = dir.join(name);
             match fs::read_to_string(&path) {
                 Ok(text) => Ok(Some(text)),
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(err) => Err(format!("cannot read {}: {err}", path.display())),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(fail("read", &path, source)),
             }
         };
         Ok(TrustState {
@@ -152,29 +217,33 @@ pub struct TrustStore {
     issuer_key_owner: Option<KeyOwner>,
 }
 
-fn fail(what: &str, path: &Path, err: std::io::Error) -> String {
-    format!("cannot {what} {}: {err}", path.display())
+fn fail(action: &'static str, path: &Path, source: io::Error) -> StoreError {
+    StoreError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), String> {
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|dir| dir.sync_all())
         .map_err(|err| fail("fsync the folder", dir, err))
 }
 
-fn create_dir(dir: &Path) -> Result<(), String> {
+fn create_dir(dir: &Path) -> Result<(), StoreError> {
     match fs::create_dir(dir) {
         Ok(()) => {}
-        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
         Err(err) => return Err(fail("create", dir, err)),
     }
     fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))
         .map_err(|err| fail("set the mode of", dir, err))
 }
 
-fn remove_if_present(path: &Path) -> Result<bool, String> {
+fn remove_if_present(path: &Path) -> Result<bool, StoreError> {
     let result = match fs::symlink_metadata(path) {
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(err) => return Err(fail("inspect", path, err)),
         Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
         Ok(_) => fs::remove_file(path),
@@ -211,11 +280,11 @@ impl TrustStore {
     }
 
     /// The complete generations on disk, lowest first.
-    pub fn generations(&self) -> Result<Vec<u64>, String> {
+    pub fn generations(&self) -> Result<Vec<u64>, StoreError> {
         let dir = self.generations_dir();
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(err) => return Err(fail("list", &dir, err)),
         };
         let mut found = Vec::new();
@@ -234,11 +303,11 @@ impl TrustStore {
     }
 
     /// The generation the link names, `None` when there is no link.
-    pub fn current_generation(&self) -> Result<Option<u64>, String> {
+    pub fn current_generation(&self) -> Result<Option<u64>, StoreError> {
         let link = self.link();
         let target = match fs::read_link(&link) {
             Ok(target) => target,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(err) => return Err(fail("read the link", &link, err)),
         };
         target
@@ -246,17 +315,11 @@ impl TrustStore {
             .and_then(|name| name.to_str())
             .and_then(|name| name.parse::<u64>().ok())
             .map(Some)
-            .ok_or_else(|| {
-                format!(
-                    "{} points to {}: expected trust.d/<generation number>",
-                    link.display(),
-                    target.display()
-                )
-            })
+            .ok_or(StoreError::NotAGeneration { link, target })
     }
 
     /// The linked generation and what it holds; `None` when there is no trust root yet.
-    pub fn current(&self) -> Result<Option<(u64, TrustState)>, String> {
+    pub fn current(&self) -> Result<Option<(u64, TrustState)>, StoreError> {
         let Some(n) = self.current_generation()? else {
             return Ok(None);
         };
@@ -267,7 +330,7 @@ impl TrustStore {
     /// read-modify-write of the trust folder holds it, so that a `trust` command and the
     /// daemon's periodic check never build on the same generation or remove each other's
     /// staging. Released when the returned guard drops.
-    pub fn lock(&self) -> Result<TrustLock, String> {
+    pub fn lock(&self) -> Result<TrustLock, StoreError> {
         fs::create_dir_all(&self.state_dir).map_err(|err| fail("create", &self.state_dir, err))?;
         let path = self.state_dir.join("trust.lock");
         let file = OpenOptions::new()
@@ -279,11 +342,11 @@ impl TrustStore {
             .map_err(|err| fail("open", &path, err))?;
         nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
             .map(TrustLock)
-            .map_err(|(_, err)| format!("cannot lock {}: {err}", path.display()))
+            .map_err(|(_, source)| StoreError::Lock { path, source })
     }
 
     /// [`TrustStore::recover`] under [`TrustStore::lock`].
-    pub fn recover(&self) -> Result<Option<u64>, String> {
+    pub fn recover(&self) -> Result<Option<u64>, StoreError> {
         let _lock = self.lock()?;
         self.recover_locked()
     }
@@ -293,7 +356,7 @@ impl TrustStore {
     /// unfinished work, prunes, fixes modes and owners of the linked generation. Returns the
     /// linked generation, `None` when there is no trust root. Idempotent. The caller holds
     /// [`TrustStore::lock`].
-    pub fn recover_locked(&self) -> Result<Option<u64>, String> {
+    pub fn recover_locked(&self) -> Result<Option<u64>, StoreError> {
         let link = self.link();
         // An older supervisor assembled the folder here and renamed it whole.
         remove_if_present(&self.state_dir.join("trust.new"))?;
@@ -301,13 +364,8 @@ impl TrustStore {
         match fs::symlink_metadata(&link) {
             Ok(meta) if meta.file_type().is_symlink() => {}
             Ok(meta) if meta.is_dir() => self.migrate()?,
-            Ok(_) => {
-                return Err(format!(
-                    "{} is a file: expected a link to trust.d/<n> or a folder",
-                    link.display()
-                ))
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            Ok(_) => return Err(StoreError::NotALink { link }),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
                 // A cut between migrating a plain folder and linking it.
                 if let Some(&highest) = self.generations()?.last() {
                     info!(
@@ -349,7 +407,7 @@ impl TrustStore {
     }
 
     /// Turns a plain `trust/` folder into the next generation, then links it.
-    fn migrate(&self) -> Result<(), String> {
+    fn migrate(&self) -> Result<(), StoreError> {
         let link = self.link();
         let gens = self.generations_dir();
         create_dir(&gens)?;
@@ -367,7 +425,7 @@ impl TrustStore {
     }
 
     /// Sets the modes and owners that the module doc promises on a generation's files.
-    fn fix_modes(&self, dir: &Path) -> Result<(), String> {
+    fn fix_modes(&self, dir: &Path) -> Result<(), StoreError> {
         for (name, mode) in [
             (ANCHOR_BUNDLE, CERT_MODE),
             (ISSUER_CERT, CERT_MODE),
@@ -395,7 +453,7 @@ impl TrustStore {
 
     /// Writes `state` as generation `current + 1` (complete, fsynced, renamed into place)
     /// without linking it: the first half of [`TrustStore::commit`]. Returns its number.
-    pub fn build_generation(&self, state: &TrustState) -> Result<u64, String> {
+    pub fn build_generation(&self, state: &TrustState) -> Result<u64, StoreError> {
         let gens = self.generations_dir();
         let fresh = !gens.exists();
         // systemd makes the state folder on a node; a run off a node may not have it yet.
@@ -433,7 +491,7 @@ impl TrustStore {
 
     /// Points `trust` at generation `n` in one rename, then fsyncs the state folder: the
     /// second half of [`TrustStore::commit`].
-    pub fn activate(&self, n: u64) -> Result<(), String> {
+    pub fn activate(&self, n: u64) -> Result<(), StoreError> {
         let temp = self.temp_link();
         remove_if_present(&temp)?;
         let target = Path::new("trust.d").join(n.to_string());
@@ -447,7 +505,7 @@ impl TrustStore {
 
     /// Keeps the linked generation and the one before it; removes anchor keys from the one
     /// before (only the linked generation holds them).
-    fn prune(&self, current: u64) -> Result<(), String> {
+    fn prune(&self, current: u64) -> Result<(), StoreError> {
         let older: Vec<u64> = self
             .generations()?
             .into_iter()
@@ -472,7 +530,7 @@ impl TrustStore {
 
     /// Makes `state` the trust folder: a new generation, built whole, then linked; older
     /// generations pruned. Returns the new generation's number.
-    pub fn commit(&self, state: &TrustState) -> Result<u64, String> {
+    pub fn commit(&self, state: &TrustState) -> Result<u64, StoreError> {
         let n = self.build_generation(state)?;
         self.activate(n)?;
         self.prune(n)?;
@@ -487,7 +545,7 @@ fn write_new(
     contents: &[u8],
     mode: u32,
     owner: Option<KeyOwner>,
-) -> Result<(), String> {
+) -> Result<(), StoreError> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -25,9 +25,9 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 use zbus::zvariant::OwnedObjectPath;
 
+use crate::status::{ActionReport, StatusHandle, UnitReport};
 use crate::units::heal::{self, Action, Decision, UnitHealer};
 use crate::units::probe;
-use crate::status::{ActionReport, StatusHandle, UnitReport};
 use crate::units::systemd::{BusEvent, Systemd, CALL_TIMEOUT};
 
 /// The loop turns (and beats) at least this often.

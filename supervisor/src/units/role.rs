@@ -30,9 +30,7 @@ impl UnitRole {
         }
         match name.strip_prefix(CONTROL_TEMPLATE) {
             Some(instance) => UnitRole::ControlReplica {
-                replica: instance
-                    .strip_suffix(SERVICE)
-                    .and_then(|n| n.parse().ok()),
+                replica: instance.strip_suffix(SERVICE).and_then(|n| n.parse().ok()),
             },
             None => UnitRole::Other,
         }
