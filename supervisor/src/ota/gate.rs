@@ -11,7 +11,7 @@ use pimesh_schema::{ManagedUnit, ProbeUrl, UnitName};
 use tokio::time::Instant;
 use zbus::zvariant::OwnedObjectPath;
 
-use crate::units::probe;
+use crate::units::probe::{self, ProbeError};
 use crate::units::role::UnitRole;
 use crate::units::systemd::Systemd;
 
@@ -81,7 +81,7 @@ pub enum UnitUnhealthy {
         sub_state: String,
     },
     /// Active, but its readiness probe does not answer 2xx; the probe says why.
-    NotReady { unit: UnitName, reason: String },
+    NotReady { unit: UnitName, reason: ProbeError },
 }
 
 impl fmt::Display for UnitUnhealthy {
@@ -102,7 +102,8 @@ impl std::error::Error for UnitUnhealthy {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             UnitUnhealthy::Unreadable { source, .. } => Some(source),
-            UnitUnhealthy::Inactive { .. } | UnitUnhealthy::NotReady { .. } => None,
+            UnitUnhealthy::NotReady { reason, .. } => Some(reason),
+            UnitUnhealthy::Inactive { .. } => None,
         }
     }
 }
@@ -111,7 +112,7 @@ impl std::error::Error for UnitUnhealthy {
 #[derive(Debug)]
 pub enum ProxyUnhealthy {
     /// Its configuration endpoint did not answer; the probe says why.
-    Unreachable(String),
+    Unreachable(ProbeError),
     /// Its configuration endpoint answered with an error status.
     Status { url: String, status: StatusCode },
     /// Its configuration endpoint answered something other than JSON.
@@ -138,7 +139,7 @@ pub struct Mismatch {
 impl fmt::Display for ProxyUnhealthy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ProxyUnhealthy::Unreachable(reason) => f.write_str(reason),
+            ProxyUnhealthy::Unreachable(reason) => reason.fmt(f),
             ProxyUnhealthy::Status { url, status } => write!(f, "GET {url}: {status}"),
             ProxyUnhealthy::NotJson { url, source } => write!(f, "GET {url}: not JSON: {source}"),
             ProxyUnhealthy::RunsOther(mismatch) | ProxyUnhealthy::Refused(mismatch) => {
@@ -167,7 +168,10 @@ impl std::error::Error for ProxyUnhealthy {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             ProxyUnhealthy::NotJson { source, .. } => Some(source),
-            _ => None,
+            ProxyUnhealthy::Unreachable(reason) => Some(reason),
+            ProxyUnhealthy::Status { .. }
+            | ProxyUnhealthy::RunsOther(_)
+            | ProxyUnhealthy::Refused(_) => None,
         }
     }
 }

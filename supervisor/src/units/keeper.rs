@@ -13,13 +13,14 @@
 //! the policy learnt (attempts, backoff, escalation) across connections.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::hash::{BuildHasher as _, Hasher as _};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use pimesh_runtime::backoff::{Backoff, Jitter};
 use pimesh_runtime::notify::Heartbeat;
-use pimesh_schema::{HealSettings, ManagedUnit};
+use pimesh_schema::{HealSettings, ManagedUnit, UnitName};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
@@ -27,7 +28,7 @@ use zbus::zvariant::OwnedObjectPath;
 
 use crate::status::{ActionReport, StatusHandle, UnitReport};
 use crate::units::heal::{self, Action, Decision, UnitHealer};
-use crate::units::probe;
+use crate::units::probe::{self, ProbeError};
 use crate::units::systemd::{BusEvent, Systemd, CALL_TIMEOUT};
 
 /// The loop turns (and beats) at least this often.
@@ -57,15 +58,60 @@ struct ProbeAnswer {
     main_pid: u32,
     /// When the probe was sent: a probe that times out says the unit was not ready then.
     sent_at: Instant,
-    result: Result<(), String>,
+    result: Result<(), ProbeError>,
 }
 
 /// Why a session over one connection ended.
 enum SessionEnd {
     /// The connection is unusable, for this reason.
-    Lost(String),
+    Lost(Disconnected),
     /// The managed set changed: take it, then go on over the same connection.
     SetChanged,
+}
+
+/// Why the keeper has no usable connection to systemd: it reconnects, and the status's
+/// `dbus.last_error` says this.
+#[derive(Debug)]
+enum Disconnected {
+    /// Connecting failed.
+    Connect(zbus::Error),
+    /// Connecting got no answer within [`CALL_TIMEOUT`].
+    ConnectTimeout,
+    /// A call failed in a way that means the connection itself is unusable.
+    Call(zbus::Error),
+    /// A managed unit could not be loaded.
+    LoadUnit { unit: UnitName, source: zbus::Error },
+    /// A managed unit's properties could not be read.
+    ReadState { unit: UnitName, source: zbus::Error },
+    /// The unit signals could not be subscribed to.
+    Subscribe(zbus::Error),
+    /// Every signal watcher stopped.
+    WatchersStopped,
+    /// A signal stream ended (the bus went away); says which.
+    StreamEnded(&'static str),
+}
+
+impl fmt::Display for Disconnected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Disconnected::Connect(err) => write!(f, "cannot connect to systemd over D-Bus: {err}"),
+            Disconnected::ConnectTimeout => write!(
+                f,
+                "cannot connect to systemd over D-Bus: no answer within {} s",
+                CALL_TIMEOUT.as_secs()
+            ),
+            Disconnected::Call(err) => write!(f, "D-Bus call failed: {err}"),
+            Disconnected::LoadUnit { unit, source } => {
+                write!(f, "LoadUnit({unit}) failed: {source}")
+            }
+            Disconnected::ReadState { unit, source } => {
+                write!(f, "cannot read the properties of {unit}: {source}")
+            }
+            Disconnected::Subscribe(err) => write!(f, "cannot subscribe to unit signals: {err}"),
+            Disconnected::WatchersStopped => f.write_str("the signal watchers stopped"),
+            Disconnected::StreamEnded(which) => f.write_str(which),
+        }
+    }
 }
 
 pub struct Keeper {
@@ -106,7 +152,7 @@ impl Keeper {
         let mut failures = 0u32;
         loop {
             self.heartbeat.beat();
-            let outcome = match tokio::time::timeout(CALL_TIMEOUT, Systemd::connect()).await {
+            let why = match tokio::time::timeout(CALL_TIMEOUT, Systemd::connect()).await {
                 Ok(Ok(bus)) => {
                     failures = 0;
                     self.connections += 1;
@@ -120,21 +166,18 @@ impl Keeper {
                     why
                 }
                 Ok(Err(err)) => {
-                    let why = format!("cannot connect to systemd over D-Bus: {err}");
+                    let why = Disconnected::Connect(err);
                     warn!(attempt = failures + 1, "{why}");
                     why
                 }
                 Err(_) => {
-                    let why = format!(
-                        "cannot connect to systemd over D-Bus: no answer within {} s",
-                        CALL_TIMEOUT.as_secs()
-                    );
+                    let why = Disconnected::ConnectTimeout;
                     warn!(attempt = failures + 1, "{why}");
                     why
                 }
             };
             failures = failures.saturating_add(1);
-            self.set_bus(false, Some(outcome));
+            self.set_bus(false, Some(why.to_string()));
             let wait = RECONNECT.delay(failures, random());
             self.sleep_beating(wait).await;
         }
@@ -150,7 +193,7 @@ impl Keeper {
 
     /// Keeps the units over one connection, taking each new managed set as it comes;
     /// returns why the connection ended.
-    async fn keep_over(&mut self, bus: &Systemd) -> String {
+    async fn keep_over(&mut self, bus: &Systemd) -> Disconnected {
         loop {
             if self.desired.has_changed().unwrap_or(false) {
                 if let Err(why) = self.take_new_set(bus).await {
@@ -167,7 +210,7 @@ impl Keeper {
     /// Makes the managed units the desired set: stops (through systemd) and forgets the
     /// units that left it, adds those that joined it; what the policy learnt about the
     /// units that stay is kept.
-    async fn take_new_set(&mut self, bus: &Systemd) -> Result<(), String> {
+    async fn take_new_set(&mut self, bus: &Systemd) -> Result<(), Disconnected> {
         let desired = self.desired.borrow_and_update().clone();
         let mut old: Vec<Managed> = std::mem::take(&mut self.units);
         for unit in old
@@ -182,7 +225,7 @@ impl Keeper {
                     // Taken again over the next connection.
                     self.units = old;
                     self.desired.mark_changed();
-                    return Err(format!("D-Bus call failed: {err}"));
+                    return Err(Disconnected::Call(err));
                 }
                 warn!(unit = %name, %err, "systemd refused to stop {name}: {err}");
             }
@@ -218,18 +261,18 @@ impl Keeper {
                     watched.push((index, path.clone()));
                     unit.path = Some(path);
                 }
-                Err(err) => {
-                    return SessionEnd::Lost(format!(
-                        "LoadUnit({}) failed: {err}",
-                        unit.config.name
-                    ));
+                Err(source) => {
+                    return SessionEnd::Lost(Disconnected::LoadUnit {
+                        unit: unit.config.name.clone(),
+                        source,
+                    });
                 }
             }
         }
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let mut watchers = JoinSet::new();
         if let Err(err) = bus.watch(&watched, &events_tx, &mut watchers).await {
-            return SessionEnd::Lost(format!("cannot subscribe to unit signals: {err}"));
+            return SessionEnd::Lost(Disconnected::Subscribe(err));
         }
         // Read everything once after subscribing, so no change falls in between.
         for index in 0..self.units.len() {
@@ -261,7 +304,7 @@ impl Keeper {
             tokio::select! {
                 event = events.recv() => {
                     let Some(event) = event else {
-                        return SessionEnd::Lost("the signal watchers stopped".to_owned());
+                        return SessionEnd::Lost(Disconnected::WatchersStopped);
                     };
                     let mut dirty = BTreeSet::new();
                     let mut next = Some(event);
@@ -277,7 +320,9 @@ impl Keeper {
                                     dirty.insert(index);
                                 }
                             }
-                            BusEvent::Lost(why) => return SessionEnd::Lost(why.to_owned()),
+                            BusEvent::Lost(why) => {
+                                return SessionEnd::Lost(Disconnected::StreamEnded(why))
+                            }
                         }
                         next = events.try_recv().ok();
                     }
@@ -303,7 +348,7 @@ impl Keeper {
     }
 
     /// Reads unit `index`'s properties and hands them to the policy.
-    async fn refresh(&mut self, bus: &Systemd, index: usize) -> Result<(), String> {
+    async fn refresh(&mut self, bus: &Systemd, index: usize) -> Result<(), Disconnected> {
         let unit = &mut self.units[index];
         let Some(path) = &unit.path else {
             return Ok(());
@@ -311,7 +356,10 @@ impl Keeper {
         let state = bus
             .read_state(path)
             .await
-            .map_err(|err| format!("cannot read the properties of {}: {err}", unit.config.name))?;
+            .map_err(|source| Disconnected::ReadState {
+                unit: unit.config.name.clone(),
+                source,
+            })?;
         let problem = heal::unmanageable(&state);
         if problem.is_some() && problem != unit.error {
             error!(
@@ -371,7 +419,7 @@ impl Keeper {
     }
 
     /// Asks the policy about every unit and carries out what it decides.
-    async fn heal_all(&mut self, bus: &Systemd) -> Result<(), String> {
+    async fn heal_all(&mut self, bus: &Systemd) -> Result<(), Disconnected> {
         for index in 0..self.units.len() {
             self.heartbeat.beat();
             let now = Instant::now();
@@ -386,7 +434,12 @@ impl Keeper {
         Ok(())
     }
 
-    async fn act(&mut self, bus: &Systemd, index: usize, decision: Decision) -> Result<(), String> {
+    async fn act(
+        &mut self,
+        bus: &Systemd,
+        index: usize,
+        decision: Decision,
+    ) -> Result<(), Disconnected> {
         let unit = &mut self.units[index];
         let name = unit.config.name.as_str();
         info!(
@@ -445,7 +498,7 @@ impl Keeper {
                 );
                 unit.healer.observe_job_finished();
                 if is_connection_error(&err) {
-                    return Err(format!("D-Bus call failed: {err}"));
+                    return Err(Disconnected::Call(err));
                 }
                 format!("error: {err}")
             }

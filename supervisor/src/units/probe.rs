@@ -1,6 +1,7 @@
 //! Readiness probes: `GET <ready_url>` over HTTP/1.1; ready means a 2xx answer within the
 //! timeout. Polled on purpose: readiness is not something systemd can tell us.
 
+use std::fmt;
 use std::time::Duration;
 
 use http_body_util::{BodyExt as _, Empty, Limited};
@@ -10,20 +11,85 @@ use hyper_util::rt::TokioIo;
 use pimesh_schema::ProbeUrl;
 use tokio::net::TcpStream;
 
+/// Why a probe did not get a 2xx answer: the unit is not ready, and this says why.
+#[derive(Debug)]
+pub enum ProbeError {
+    /// Nothing answered within the timeout (a hung process, or a full backlog).
+    Timeout { after: Duration },
+    /// The connection was refused or failed.
+    Connect {
+        authority: String,
+        source: std::io::Error,
+    },
+    /// The HTTP/1.1 handshake failed.
+    Handshake {
+        authority: String,
+        source: hyper::Error,
+    },
+    /// The request could not be made from the URL.
+    Request(hyper::http::Error),
+    /// The request could not be sent, or no answer came back.
+    Send { url: String, source: hyper::Error },
+    /// The answer's body broke off or was too long.
+    Body {
+        url: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The answer was not 2xx; `body` is what the unit said (trimmed, maybe empty).
+    Status {
+        url: String,
+        status: StatusCode,
+        body: String,
+    },
+}
+
+impl fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeError::Timeout { after } => {
+                write!(f, "no answer within {} ms", after.as_millis())
+            }
+            ProbeError::Connect { authority, source } => {
+                write!(f, "cannot connect to {authority}: {source}")
+            }
+            ProbeError::Handshake { authority, source } => {
+                write!(f, "HTTP handshake with {authority}: {source}")
+            }
+            ProbeError::Request(err) => write!(f, "cannot build the request: {err}"),
+            ProbeError::Send { url, source } => write!(f, "GET {url}: {source}"),
+            ProbeError::Body { url, source } => write!(f, "GET {url}: reading the body: {source}"),
+            ProbeError::Status { url, status, body } if body.is_empty() => {
+                write!(f, "GET {url}: {status}")
+            }
+            ProbeError::Status { url, status, body } => write!(f, "GET {url}: {status}: {body}"),
+        }
+    }
+}
+
+impl std::error::Error for ProbeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ProbeError::Connect { source, .. } => Some(source),
+            ProbeError::Handshake { source, .. } | ProbeError::Send { source, .. } => Some(source),
+            ProbeError::Request(err) => Some(err),
+            ProbeError::Body { source, .. } => Some(source.as_ref()),
+            ProbeError::Timeout { .. } | ProbeError::Status { .. } => None,
+        }
+    }
+}
+
 /// Whether `url` answers 2xx within `timeout`. Every failure (refused, timeout, bad
-/// answer) is "not ready"; the reason is returned for the logs.
-pub async fn is_ready(url: &ProbeUrl, timeout: Duration) -> Result<(), String> {
+/// answer) is "not ready"; the error says why, for the logs.
+pub async fn is_ready(url: &ProbeUrl, timeout: Duration) -> Result<(), ProbeError> {
     let (status, body) = fetch(url, timeout).await?;
     if status.is_success() {
         Ok(())
     } else {
-        let body = String::from_utf8_lossy(&body);
-        let reason = body.trim();
-        if reason.is_empty() {
-            Err(format!("GET {url}: {status}"))
-        } else {
-            Err(format!("GET {url}: {status}: {reason}"))
-        }
+        Err(ProbeError::Status {
+            url: url.to_string(),
+            status,
+            body: String::from_utf8_lossy(&body).trim().to_owned(),
+        })
     }
 }
 
@@ -31,37 +97,46 @@ pub async fn is_ready(url: &ProbeUrl, timeout: Duration) -> Result<(), String> {
 const MAX_BODY: usize = 64 * 1024;
 
 /// `GET url`: the status and (up to 64 KiB of) the body, within `timeout`.
-pub async fn fetch(url: &ProbeUrl, timeout: Duration) -> Result<(StatusCode, Bytes), String> {
+pub async fn fetch(url: &ProbeUrl, timeout: Duration) -> Result<(StatusCode, Bytes), ProbeError> {
     match tokio::time::timeout(timeout, get(url)).await {
         Ok(result) => result,
-        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+        Err(_) => Err(ProbeError::Timeout { after: timeout }),
     }
 }
 
-async fn get(url: &ProbeUrl) -> Result<(StatusCode, Bytes), String> {
+async fn get(url: &ProbeUrl) -> Result<(StatusCode, Bytes), ProbeError> {
     let authority = url.authority();
-    let stream = TcpStream::connect(&authority)
-        .await
-        .map_err(|err| format!("cannot connect to {authority}: {err}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|err| format!("HTTP handshake with {authority}: {err}"))?;
+    let stream = match TcpStream::connect(&authority).await {
+        Ok(stream) => stream,
+        Err(source) => return Err(ProbeError::Connect { authority, source }),
+    };
+    let (mut sender, connection) =
+        match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+            Ok(handshake) => handshake,
+            Err(source) => return Err(ProbeError::Handshake { authority, source }),
+        };
     let driver = tokio::spawn(connection);
     let request = Request::get(url.path_and_query())
         .header(hyper::header::HOST, &authority)
         .header(hyper::header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())
-        .map_err(|err| format!("cannot build the request: {err}"))?;
+        .map_err(ProbeError::Request)?;
     let answer = async {
         let response = sender
             .send_request(request)
             .await
-            .map_err(|err| format!("GET {url}: {err}"))?;
+            .map_err(|source| ProbeError::Send {
+                url: url.to_string(),
+                source,
+            })?;
         let status = response.status();
         let body = Limited::new(response.into_body(), MAX_BODY)
             .collect()
             .await
-            .map_err(|err| format!("GET {url}: reading the body: {err}"))?
+            .map_err(|source| ProbeError::Body {
+                url: url.to_string(),
+                source,
+            })?
             .to_bytes();
         Ok((status, body))
     }
@@ -96,7 +171,8 @@ mod tests {
             listener,
             "HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nready\n",
         ));
-        assert_eq!(is_ready(&url(addr), Duration::from_secs(2)).await, Ok(()));
+        let ready = is_ready(&url(addr), Duration::from_secs(2)).await;
+        assert!(ready.is_ok(), "{ready:?}");
         server.await.expect("server");
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -109,7 +185,8 @@ mod tests {
         ));
         let err = is_ready(&url(addr), Duration::from_secs(2))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("503"), "{err}");
         server.await.expect("server");
     }
@@ -123,12 +200,14 @@ mod tests {
         // Accepted by the kernel, never answered: a hung process.
         let err = is_ready(&url(addr), Duration::from_millis(200))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no answer"), "{err}");
         drop(listener);
         let err = is_ready(&url(addr), Duration::from_millis(200))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cannot connect"), "{err}");
     }
 }
