@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::paths::{self, NodePaths};
+use crate::trust::command::TrustAction;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -19,18 +20,6 @@ pub struct Options {
     pub node_setup: bool,
     /// A `trust` command to run instead of the daemon.
     pub trust: Option<TrustAction>,
-}
-
-/// `pimesh-supervisor trust ...`: one step of the trust root's lifecycle.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TrustAction {
-    Status,
-    RotateIssuer,
-    AnchorBegin,
-    AnchorSwitch,
-    AnchorFinish { force: bool },
-    ExportAnchorKey(PathBuf),
-    ImportAnchorKey(PathBuf),
 }
 
 /// The daemon on every Pimesh node.

@@ -30,14 +30,16 @@ use std::time::{Duration, SystemTime};
 use pimesh_revision::{Mode, Rejection, Verified, Verifier};
 use pimesh_runtime::backoff::{Backoff, Retry};
 use pimesh_schema::cluster::ClusterConfig;
-use pimesh_schema::{Central, DnsLabel, OtaSettings};
+use pimesh_schema::{Central, DnsLabel, OtaSettings, Seed};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::credential::{CredentialError, CredentialFiles};
+use crate::paths::NodePaths;
 use crate::status::{OtaReport, OtaState, StatusHandle};
-use crate::trust::TrustError;
+use crate::trust::{TrustError, TrustFiles};
+use crate::units::managed_set::ManagedUnits;
 use crate::units::systemd::Systemd;
 use central_client::{CentralClient, Poll, SetupError};
 use gate::Gate;
@@ -57,7 +59,7 @@ const REFUSED_PAUSE: Duration = Duration::from_secs(30);
 pub struct OtaContext {
     pub settings: OtaSettings,
     /// The units the node keeps; they follow the active site configuration.
-    pub units: Arc<crate::units::managed_set::ManagedUnits>,
+    pub units: Arc<ManagedUnits>,
     pub site: DnsLabel,
     pub node: DnsLabel,
     pub central: Central,
@@ -65,10 +67,44 @@ pub struct OtaContext {
     pub ota_dir: PathBuf,
     pub credential: CredentialFiles,
     /// The site's issuer, on the node that holds it: signs the node's own request.
-    pub trust: crate::trust::TrustFiles,
+    pub trust: TrustFiles,
     /// `/etc/pimesh/cluster.toml`.
     pub active_config: PathBuf,
     pub status: StatusHandle,
+}
+
+impl OtaContext {
+    /// The OTA client's context on this node, when the seed names a central server and
+    /// the node's name is usable in an identity (logged when it is not).
+    pub fn for_node(
+        paths: &NodePaths,
+        seed: &Seed,
+        node_name: &str,
+        settings: OtaSettings,
+        units: Arc<ManagedUnits>,
+        status: StatusHandle,
+    ) -> Option<OtaContext> {
+        let central = seed.central.clone()?;
+        let node = match DnsLabel::try_from(node_name.to_owned()) {
+            Ok(node) => node,
+            Err(err) => {
+                warn!(node = %node_name, %err, "the node name is not usable in an identity; no OTA configuration");
+                return None;
+            }
+        };
+        Some(OtaContext {
+            settings,
+            units,
+            site: seed.site.clone(),
+            node,
+            central,
+            ota_dir: paths.ota_dir(),
+            credential: CredentialFiles::on_node(paths),
+            trust: TrustFiles::on_node(paths),
+            active_config: paths.active_site_config(),
+            status,
+        })
+    }
 }
 
 /// Runs the OTA client for the life of the supervisor.

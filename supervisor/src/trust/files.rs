@@ -15,7 +15,7 @@ use super::lifecycle;
 use super::store::{TrustState, TrustStore, ANCHOR_BUNDLE, ANCHOR_KEY, ISSUER_CERT, ISSUER_KEY};
 use crate::credential::{check_pin, CredentialFiles, SELF_ENROLLED_LIFETIME};
 use crate::paths::NodePaths;
-use crate::status::TrustReport;
+use crate::status::{StatusHandle, TrustReport};
 
 /// The trust folder as its readers see it (`dir` is the `trust` link), and the store of
 /// generations behind it.
@@ -95,6 +95,48 @@ impl TrustFiles {
         credential.install_chain(&chain)?;
         info!(%site, %node, "node certificate signed by the node's own site issuer");
         Ok(())
+    }
+
+    /// Before any unit starts: makes the node's key (the proxy's) and its signing request
+    /// when there are none, and on a node holding the site issuer signs the node's own
+    /// certificate, so that the proxy has a credential from its first start and can ask
+    /// the replicas for its leaf. On other nodes the operator signs the request (`pimeshctl
+    /// node sign`), the proxy takes the certificate up when it appears, and trusts the site
+    /// anchor the card brought in `boot_trust_dir` (checked against the join token's pin).
+    pub fn prepare_node_credential(
+        &self,
+        credential: &CredentialFiles,
+        seed: &Seed,
+        node: &DnsLabel,
+        boot_trust_dir: &Path,
+    ) -> Result<(), TrustError> {
+        credential.ensure_request(&seed.site, node)?;
+        if self.holds_issuer() {
+            self.self_enroll(credential, &seed.site, node)
+        } else {
+            credential.import_anchor(boot_trust_dir, seed)?;
+            Ok(())
+        }
+    }
+
+    /// Runs [`TrustFiles::check`] every [`CHECK_EVERY`], for the life of the supervisor,
+    /// and shows each report in the status.
+    pub async fn keep_checking(
+        self,
+        site: DnsLabel,
+        credential: CredentialFiles,
+        status: StatusHandle,
+    ) {
+        let mut every = tokio::time::interval(CHECK_EVERY);
+        loop {
+            every.tick().await;
+            let mut report = self.check(&site, &credential);
+            status.update(|status| {
+                // How the root came to be stays what the start found.
+                report.source = status.trust.source.or(report.source);
+                status.trust = report;
+            });
+        }
     }
 
     fn report(&self, source: &'static str) -> TrustReport {

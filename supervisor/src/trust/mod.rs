@@ -12,12 +12,14 @@
 //! to a complete generation `trust.d/<n>/`, swapped in one rename ([`store`]). A cut before
 //! the first swap leaves no trust folder and the next start begins again. What happens to
 //! the root after provisioning (issuer and anchor rotation, the anchor key leaving the
-//! node) is in [`lifecycle`]; provisioning and the periodic check are in [`files`].
+//! node) is in [`lifecycle`], run step by step by the operator's [`command`];
+//! provisioning and the periodic check are in [`files`].
 
+pub mod command;
 pub mod error;
 pub mod files;
 pub mod lifecycle;
 pub mod store;
 
 pub use error::TrustError;
-pub use files::{TrustFiles, CHECK_EVERY};
+pub use files::TrustFiles;
