@@ -49,7 +49,8 @@ use crate::node::facts::NodeFacts;
 use crate::node::seed::SeedState;
 use crate::status::{NodeStatus, StatusHandle};
 use crate::units::keeper::Keeper;
-use crate::units::managed_set::{ManagedUnits, Placement};
+use crate::units::managed_set::ManagedSet;
+use crate::units::placement::Placement;
 
 fn main() -> ExitCode {
     let options = match Options::from_args(std::env::args_os()) {
@@ -129,7 +130,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
     status.update(|status| status.trust = trust);
     let units = {
         let status = status.clone();
-        Arc::new(ManagedUnits::new(
+        Arc::new(ManagedSet::new(
             &supervisor_config,
             Placement {
                 holds_issuer: trust_files.holds_issuer(),

@@ -39,7 +39,7 @@ use crate::credential::{CredentialError, CredentialFiles};
 use crate::paths::NodePaths;
 use crate::status::{OtaReport, OtaState, StatusHandle};
 use crate::trust::{TrustError, TrustFiles};
-use crate::units::managed_set::ManagedUnits;
+use crate::units::managed_set::ManagedSet;
 use crate::units::systemd::Systemd;
 use central_client::{CentralClient, Poll, SetupError};
 use gate::Gate;
@@ -59,7 +59,7 @@ const REFUSED_PAUSE: Duration = Duration::from_secs(30);
 pub struct OtaContext {
     pub settings: OtaSettings,
     /// The units the node keeps; they follow the active site configuration.
-    pub units: Arc<ManagedUnits>,
+    pub units: Arc<ManagedSet>,
     pub site: DnsLabel,
     pub node: DnsLabel,
     pub central: Central,
@@ -81,7 +81,7 @@ impl OtaContext {
         seed: &Seed,
         node_name: &str,
         settings: OtaSettings,
-        units: Arc<ManagedUnits>,
+        units: Arc<ManagedSet>,
         status: StatusHandle,
     ) -> Option<OtaContext> {
         let central = seed.central.clone()?;

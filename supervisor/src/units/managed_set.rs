@@ -4,38 +4,26 @@
 //! With the default set (`supervisor.toml` lists no `[[unit]]`) a server node runs control
 //! replicas `1..=N`, N being the active site configuration's `[control] replicas` (the
 //! default set's three while there is none); a set the file lists stays as listed. Which
-//! replicas may run at all, and where the proxy finds them, is `control_plane`'s call.
+//! replicas may run at all, and where the proxy finds them, is [`placement`]'s call.
 //!
 //! Invariants: the published set, the node status's `control` report and the units'
 //! environment files always describe the same replicas; the set changes only through
-//! [`ManagedUnits::follow`], which the OTA client calls whenever it makes a site
+//! [`ManagedSet::follow`], which the OTA client calls whenever it makes a site
 //! configuration active; the keeper starts what joins the set and stops what leaves it.
 
 use pimesh_schema::cluster::ClusterConfig;
-use pimesh_schema::{DnsLabel, ManagedUnit, SupervisorConfig};
+use pimesh_schema::{ManagedUnit, SupervisorConfig};
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::paths::NodePaths;
 use crate::status::ControlReport;
-use crate::units::placement;
+use crate::units::placement::{self, Placement};
 
 /// Where each new [`ControlReport`] goes (the node status).
 pub type ReportSink = Box<dyn Fn(ControlReport) + Send + Sync>;
 
-/// What decides where this node's replicas run, fixed for the supervisor's life.
-pub struct Placement {
-    /// Whether this node holds the site issuer (a server node).
-    pub holds_issuer: bool,
-    /// The seed's `servers`, whose replicas a node without the issuer asks.
-    pub servers: Vec<String>,
-    /// The seed's site, passed to the replicas.
-    pub site: Option<DnsLabel>,
-    /// Where the units' environment files go.
-    pub paths: NodePaths,
-}
-
-pub struct ManagedUnits {
+/// The managed set: the units the keeper keeps running, as they change.
+pub struct ManagedSet {
     configured: Vec<ManagedUnit>,
     replicas_follow_site: bool,
     placement: Placement,
@@ -43,7 +31,7 @@ pub struct ManagedUnits {
     set: watch::Sender<Vec<ManagedUnit>>,
 }
 
-impl ManagedUnits {
+impl ManagedSet {
     /// The set for the site configuration `active` (the node's `cluster.toml`, if any),
     /// with its environment files written and its report given to `report`.
     pub fn new(
@@ -51,9 +39,9 @@ impl ManagedUnits {
         placement: Placement,
         active: Option<&ClusterConfig>,
         report: ReportSink,
-    ) -> ManagedUnits {
+    ) -> ManagedSet {
         let (set, _) = watch::channel(Vec::new());
-        let units = ManagedUnits {
+        let units = ManagedSet {
             configured: config.units.clone(),
             replicas_follow_site: config.replicas_follow_site,
             placement,
@@ -107,10 +95,7 @@ impl ManagedUnits {
     /// report brought in line with them.
     fn place(&self, site: Option<&ClusterConfig>) -> Vec<ManagedUnit> {
         let mut units = desired(&self.configured, self.replicas_follow_site, site);
-        let p = &self.placement;
-        let mut report = placement::place(&mut units, p.holds_issuer, &p.servers);
-        placement::write_unit_env(&p.paths, p.site.as_ref(), &mut report);
-        (self.report)(report);
+        (self.report)(self.placement.apply(&mut units));
         units
     }
 }
@@ -140,6 +125,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::paths::NodePaths;
 
     fn site(replicas: u8) -> ClusterConfig {
         let text = format!("site = \"lab\"\n[control]\nreplicas = {replicas}\n");
@@ -180,7 +166,7 @@ mod tests {
         let paths = NodePaths::under(dir.path());
         let reported = std::sync::Arc::new(std::sync::Mutex::new(ControlReport::default()));
         let sink = std::sync::Arc::clone(&reported);
-        let units = ManagedUnits::new(
+        let units = ManagedSet::new(
             &SupervisorConfig::default(),
             Placement {
                 holds_issuer: true,

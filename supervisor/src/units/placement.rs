@@ -26,6 +26,28 @@ use crate::paths::NodePaths;
 use crate::status::ControlReport;
 use crate::units::role::UnitRole;
 
+/// What decides where this node's replicas run, fixed for the supervisor's life.
+pub struct Placement {
+    /// Whether this node holds the site issuer (a server node).
+    pub holds_issuer: bool,
+    /// The seed's `servers`, whose replicas a node without the issuer asks.
+    pub servers: Vec<String>,
+    /// The seed's site, passed to the replicas.
+    pub site: Option<DnsLabel>,
+    /// Where the units' environment files go.
+    pub paths: NodePaths,
+}
+
+impl Placement {
+    /// Places the control replicas of `units` ([`place`]) and tells the proxy and the
+    /// replicas ([`write_unit_env`]); returns the status's control report.
+    pub fn apply(&self, units: &mut Vec<ManagedUnit>) -> ControlReport {
+        let mut report = place(units, self.holds_issuer, &self.servers);
+        write_unit_env(&self.paths, self.site.as_ref(), &mut report);
+        report
+    }
+}
+
 /// The replica number of a control replica unit (`pimesh-control@N.service`).
 fn replica_number(unit: &ManagedUnit) -> Option<u16> {
     match UnitRole::of(&unit.name) {
