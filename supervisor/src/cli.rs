@@ -152,12 +152,16 @@ impl Options {
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<Options, String> {
+    fn parse(args: &[&str]) -> Result<Options, clap::Error> {
         let argv = std::iter::once("pimesh-supervisor").chain(args.iter().copied());
-        Options::from_args(argv.map(OsString::from)).map_err(|err| {
-            assert_eq!(err.exit_code(), 2, "{err}");
-            err.to_string()
-        })
+        Options::from_args(argv.map(OsString::from))
+    }
+
+    /// The message of the usage error (exit status 2) that `args` are.
+    fn refused(args: &[&str]) -> String {
+        let err = parse(args).expect_err("a usage error");
+        assert_eq!(err.exit_code(), 2, "{err}");
+        err.to_string()
     }
 
     #[test]
@@ -206,30 +210,24 @@ mod tests {
             parse(&["trust", "status"]).expect("status").trust,
             Some(TrustAction::Status)
         );
-        let no_command = parse(&["trust"]).unwrap_err();
+        let no_command = refused(&["trust"]);
         assert!(
             no_command.contains("requires a subcommand") && no_command.contains("rotate-issuer"),
             "{no_command}"
         );
-        let unknown = parse(&["trust", "anchor", "rewind"]).unwrap_err();
+        let unknown = refused(&["trust", "anchor", "rewind"]);
         assert!(
             unknown.contains("rewind") && unknown.contains("trust anchor"),
             "{unknown}"
         );
-        assert!(parse(&["trust", "status", "--force"])
-            .unwrap_err()
-            .contains("--force"));
-        assert!(parse(&["--force"]).unwrap_err().contains("--force"));
+        assert!(refused(&["trust", "status", "--force"]).contains("--force"));
+        assert!(refused(&["--force"]).contains("--force"));
     }
 
     #[test]
     fn bad_options_are_named() {
-        assert!(parse(&["--status-addr", "nowhere"])
-            .unwrap_err()
-            .contains("--status-addr"));
-        assert!(parse(&["--seed"]).unwrap_err().contains("--seed"));
-        assert!(parse(&["--frobnicate"])
-            .unwrap_err()
-            .contains("--frobnicate"));
+        assert!(refused(&["--status-addr", "nowhere"]).contains("--status-addr"));
+        assert!(refused(&["--seed"]).contains("--seed"));
+        assert!(refused(&["--frobnicate"]).contains("--frobnicate"));
     }
 }
