@@ -3,8 +3,12 @@
 //!
 //! The key is made on the node and never leaves it (`node.key`, 0600); the node writes a
 //! signing request beside it (`node.csr`) and uses the certificate chain (`node.pem`) as
-//! soon as it appears there. Today the operator signs the request with the site's issuer
-//! (`pimeshctl node sign`); the control plane's identity API automates the same exchange.
+//! soon as it appears there. On the node that holds the site's issuer the trust files sign
+//! it (`trust::TrustFiles::self_enroll`); on the others the operator does (`pimeshctl node
+//! sign`). The node IDs a certificate carries are read here ([`node_ids`]).
+//!
+//! Of the supervisor's parts it depends on `paths` alone: the trust root and the OTA client
+//! use it, never the reverse.
 
 use std::collections::BTreeSet;
 use std::fmt;
