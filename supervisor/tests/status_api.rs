@@ -1,13 +1,12 @@
 //! The supervisor binary on the host: reads a seed, serves `/status`, stops on SIGTERM.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::ExitStatus;
 
 use nix::sys::signal::Signal;
 use pimesh_test_support::http::get_blocking;
 use pimesh_test_support::{free_addr, Binary, Daemon};
-use std::net::TcpStream;
 
 struct Supervisor {
     daemon: Daemon,
