@@ -81,41 +81,40 @@ qemu: $(IMAGE)
 	@echo "status: curl http://127.0.0.1:4200/status"
 	DISK_FORMAT=qcow2 BOOT_FROM=out/qemu/base.img ./image/qemu.sh out/qemu/overlay.qcow2
 
-bench-boot: $(IMAGE)
-	./tests/qemu/run.sh --bench-boot
-
-bench-heal: image-amd64
-	./tests/nspawn/run.sh --bench-heal
-
-bench: bench-heal bench-ota bench-central bench-boot bench-proxy bench-control
-
-bench-ota: image-amd64
-	./tests/nspawn/run.sh --bench-ota
-
 central:
 	./central/demo.sh
 
 clean:
 	rm -rf out target
 
+# Benchmarks: one target per figure table, all run by bench/run.sh (bench/README.md says
+# what each measures and the table every one prints).
+bench: bench-heal bench-ota bench-central bench-boot bench-proxy bench-control
+
+# kill/hang of a managed unit -> ready again, the supervisor's CPU and RSS (bench/heal.py).
+bench-heal: image-amd64
+	./bench/run.sh heal
+
+# publish -> applied and reported, bad revision -> rolled back (bench/ota.py).
+bench-ota: image-amd64
+	./bench/run.sh ota
+
+# boot to supervisor READY and multi-user, with and without Pimesh (bench/boot.py).
+bench-boot: $(IMAGE)
+	./bench/run.sh boot
+
 # The central server under 5000 long-polling mTLS nodes: memory per parked long-poll,
-# fan-out latency of one publish, requests/s (central/examples/long_poll_load.rs).
-.PHONY: bench-central
+# fan-out latency of one publish, requests/s (bench/central.rs).
 bench-central:
-	cargo build --release --locked -p pimesh-central
-	cargo run --release --locked -p pimesh-central --example long_poll_load -- --nodes 5000
+	./bench/run.sh central
 
 # The data path the mesh adds (client -> proxy A -> mTLS -> proxy B -> nginx) against two
 # HAProxy instances and direct: req/s, proxy CPU per request, conn-close req/s, p50/p99 at a
-# fixed 5000 req/s, RSS idle and with 1000 connections (tests/bench/proxy/).
-.PHONY: bench-proxy
+# fixed 5000 req/s, RSS idle and with 1000 connections (bench/proxy.py).
 bench-proxy:
-	./tests/bench/proxy/run.sh
+	./bench/run.sh proxy
 
 # Control replicas and proxies of a temporary site on 127.0.0.1: CSR -> certificate p50/p99,
-# a replica's RSS, config change -> every proxy p50/p99, failover time
-# (control/examples/control_bench.rs).
-.PHONY: bench-control
+# a replica's RSS, config change -> every proxy p50/p99, failover time (bench/control.rs).
 bench-control:
-	cargo build --release --locked -p pimesh-control -p pimesh-proxy
-	cargo run --release --locked -p pimesh-control --example control_bench
+	./bench/run.sh control

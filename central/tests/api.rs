@@ -1,170 +1,73 @@
 //! The central server binary over real TLS: an operator publishes signed revisions, nodes
 //! long-poll for them with their node certificates and report back.
 
-use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use base64::Engine as _;
-use pimesh_identity::{LeafRequest, SpiffeId, TrustRoot};
 use pimesh_revision::{Mode, Revision};
-use pimesh_schema::DnsLabel;
+use pimesh_test_support::central::{Central, CentralSite, SigningKey};
+use pimesh_test_support::Site;
 use reqwest::blocking::Client;
-use ring::signature::KeyPair as _;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-fn label(s: &str) -> DnsLabel {
-    DnsLabel::try_from(s.to_owned()).expect("label")
-}
-
+/// A site with its trust root, its anchor in a file the central server reads, and its
+/// revision signing key.
 struct TestSite {
-    name: DnsLabel,
-    root: TrustRoot,
-    signing_pkcs8: Vec<u8>,
-    public_key: String,
+    site: Site,
+    key: SigningKey,
     anchor_path: PathBuf,
 }
 
 impl TestSite {
     fn new(dir: &Path, name: &str) -> TestSite {
-        let root = TrustRoot::generate(&label(name), SystemTime::now()).expect("root");
+        let site = Site::new(name);
         let anchor_path = dir.join(format!("{name}-anchor.pem"));
-        std::fs::write(&anchor_path, root.anchor.cert_pem()).expect("anchor");
-        let rng = ring::rand::SystemRandom::new();
-        let signing_pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
-            .expect("key")
-            .as_ref()
-            .to_vec();
-        let pair = ring::signature::Ed25519KeyPair::from_pkcs8(&signing_pkcs8).expect("pair");
-        let public_key = format!(
-            "ed25519:{}",
-            base64::engine::general_purpose::STANDARD.encode(pair.public_key().as_ref())
-        );
+        std::fs::write(&anchor_path, site.root.anchor.cert_pem()).expect("anchor");
         TestSite {
-            name: label(name),
-            root,
-            signing_pkcs8,
-            public_key,
+            site,
+            key: SigningKey::generate(),
             anchor_path,
         }
     }
 
     /// PEM identity of `node` (leaf, issuer, key) for a reqwest client.
     fn node_identity(&self, node: &str) -> Vec<u8> {
-        let id = SpiffeId::node(&self.name, &label(node));
-        let request = LeafRequest::new(std::slice::from_ref(&id)).expect("request");
-        let leaf = self
-            .root
-            .issuer
-            .sign_leaf(
-                &request.csr,
-                &self.name,
-                &BTreeSet::from([id]),
-                SystemTime::now(),
-            )
-            .expect("leaf");
-        format!(
-            "{}{}{}",
-            leaf.pem,
-            self.root.issuer.cert_pem(),
-            request.key.serialize_pem()
-        )
-        .into_bytes()
+        self.site.node_identity_pem(node)
     }
 
     fn revision(&self, number: u64, config: &str) -> Vec<u8> {
-        Revision {
-            site: self.name.clone(),
-            revision: number,
-            mode: Mode::Apply,
-            config: config.to_owned(),
-        }
-        .sign(&self.signing_pkcs8)
-        .expect("sign")
-        .to_json()
+        self.key.revision(&self.site.name, number, config)
     }
 }
 
-struct Central {
-    child: Child,
-    addr: SocketAddr,
-    config: PathBuf,
-    server_pem: Vec<u8>,
+/// The central server with `sites`, long-polls held at most 30 s.
+fn start_central(dir: &Path, sites: &[&TestSite]) -> Central {
+    let sites: Vec<CentralSite<'_>> = sites
+        .iter()
+        .map(|site| CentralSite {
+            name: site.site.name.as_str(),
+            anchor: &site.anchor_path,
+            public_key: &site.key.public_key,
+        })
+        .collect();
+    Central::start(dir, "long_poll_max = \"30s\"\n", &sites)
 }
 
-impl Central {
-    fn start(dir: &Path, sites: &[&TestSite]) -> Central {
-        let server =
-            rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("server cert");
-        std::fs::write(dir.join("server.pem"), server.cert.pem()).expect("cert");
-        std::fs::write(dir.join("server.key"), server.signing_key.serialize_pem()).expect("key");
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr");
-        let mut config = format!(
-            "listen = \"{addr}\"\nstate_dir = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nlong_poll_max = \"30s\"\n",
-            dir.join("state").display(),
-            dir.join("server.pem").display(),
-            dir.join("server.key").display()
-        );
-        for site in sites {
-            config.push_str(&format!(
-                "[[sites]]\nname = \"{}\"\nanchor = \"{}\"\npublic_key = \"{}\"\n",
-                site.name,
-                site.anchor_path.display(),
-                site.public_key
-            ));
-        }
-        let config_path = dir.join("central.toml");
-        std::fs::write(&config_path, config).expect("config");
-        let mut central = Central {
-            child: spawn(&config_path),
-            addr,
-            config: config_path,
-            server_pem: server.cert.pem().into_bytes(),
-        };
-        central.wait_up();
-        central
+/// A reqwest client of `central` (which it reaches as `localhost`), with a node's
+/// `identity` when given.
+fn client(central: &Central, identity: Option<&[u8]>) -> Client {
+    let mut builder = Client::builder()
+        .use_rustls_tls()
+        .resolve("localhost", central.addr)
+        .add_root_certificate(reqwest::Certificate::from_pem(&central.server_pem).expect("root"))
+        .timeout(Duration::from_secs(40));
+    if let Some(pem) = identity {
+        builder = builder.identity(reqwest::Identity::from_pem(pem).expect("identity"));
     }
-
-    fn wait_up(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(self.addr).is_err() {
-            if let Ok(Some(exit)) = self.child.try_wait() {
-                panic!("pimesh-central exited: {exit}");
-            }
-            assert!(Instant::now() < deadline, "pimesh-central did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill_and_restart(&mut self) {
-        self.child.kill().expect("kill -9");
-        self.child.wait().expect("wait");
-        self.child = spawn(&self.config);
-        self.wait_up();
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("https://localhost:{}{path}", self.addr.port())
-    }
-
-    fn client(&self, identity: Option<&[u8]>) -> Client {
-        let mut builder = Client::builder()
-            .use_rustls_tls()
-            .resolve("localhost", self.addr)
-            .add_root_certificate(reqwest::Certificate::from_pem(&self.server_pem).expect("root"))
-            .timeout(Duration::from_secs(40));
-        if let Some(pem) = identity {
-            builder = builder.identity(reqwest::Identity::from_pem(pem).expect("identity"));
-        }
-        builder.build().expect("client")
-    }
+    builder.build().expect("client")
 }
 
 /// One kept-alive HTTP/1.1 connection over TLS: every request goes on the same connection
@@ -251,23 +154,6 @@ impl Connection {
     }
 }
 
-impl Drop for Central {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_pimesh-central"))
-        .arg("--config")
-        .arg(config)
-        .env_remove("NOTIFY_SOCKET")
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start pimesh-central")
-}
-
 const CONFIG_1: &str = "site = \"depot-7\"\n[services.web]\nport = 8080\nnodes = [\"pi-a\"]\n";
 const CONFIG_2: &str = "site = \"depot-7\"\n[services.web]\nport = 8081\nnodes = [\"pi-a\"]\n";
 
@@ -281,9 +167,9 @@ fn revision_of(body: &str) -> u64 {
 fn publish_then_nodes_long_poll_and_report() {
     let dir = tempfile::tempdir().expect("tempdir");
     let site = TestSite::new(dir.path(), "depot-7");
-    let central = Central::start(dir.path(), &[&site]);
-    let operator = central.client(None);
-    let node = central.client(Some(&site.node_identity("pi-a")));
+    let central = start_central(dir.path(), &[&site]);
+    let operator = client(&central, None);
+    let node = client(&central, Some(&site.node_identity("pi-a")));
 
     let published = operator
         .put(central.url("/v1/sites/depot-7/revisions"))
@@ -357,8 +243,8 @@ fn bad_publishes_and_strangers_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let site = TestSite::new(dir.path(), "depot-7");
     let other = TestSite::new(dir.path(), "depot-8");
-    let central = Central::start(dir.path(), &[&site, &other]);
-    let operator = central.client(None);
+    let central = start_central(dir.path(), &[&site, &other]);
+    let operator = client(&central, None);
     let put = |body: Vec<u8>| {
         operator
             .put(central.url("/v1/sites/depot-7/revisions"))
@@ -372,12 +258,12 @@ fn bad_publishes_and_strangers_are_refused() {
     assert_eq!(replay.status(), 409);
     assert!(replay.text().expect("body").contains("not newer"));
     let forged = Revision {
-        site: site.name.clone(),
+        site: site.site.name.clone(),
         revision: 2,
         mode: Mode::Apply,
         config: CONFIG_2.to_owned(),
     }
-    .sign(&other.signing_pkcs8)
+    .sign(&other.key.pkcs8)
     .expect("sign");
     assert_eq!(put(forged.to_json()).status(), 403);
     let invalid = put(site.revision(
@@ -389,8 +275,7 @@ fn bad_publishes_and_strangers_are_refused() {
     assert_eq!(put(b"{\"truncated\": ".to_vec()).status(), 400);
     // An oversized body is refused before it is read; the server then closes that
     // connection, so it goes on a client of its own.
-    let oversized = central
-        .client(None)
+    let oversized = client(&central, None)
         .put(central.url("/v1/sites/depot-7/revisions"))
         .body(vec![b' '; 2 * 1024 * 1024])
         .send()
@@ -403,7 +288,7 @@ fn bad_publishes_and_strangers_are_refused() {
         .send()
         .expect("fetch");
     assert_eq!(anonymous.status(), 401);
-    let stranger = central.client(Some(&other.node_identity("pi-a")));
+    let stranger = client(&central, Some(&other.node_identity("pi-a")));
     let refused = stranger
         .get(central.url("/v1/sites/depot-7/config?after=0"))
         .send()
@@ -411,7 +296,7 @@ fn bad_publishes_and_strangers_are_refused() {
     assert_eq!(refused.status(), 403);
     // A certificate from an anchor the server does not know fails the handshake.
     let unknown = TestSite::new(&dir.path().join(".."), "depot-7");
-    let outsider = central.client(Some(&unknown.node_identity("pi-a")));
+    let outsider = client(&central, Some(&unknown.node_identity("pi-a")));
     assert!(outsider
         .get(central.url("/v1/sites/depot-7/config?after=0"))
         .send()
@@ -431,9 +316,8 @@ fn requests_on_one_kept_alive_connection_share_its_authorization() {
     let dir = tempfile::tempdir().expect("tempdir");
     let site = TestSite::new(dir.path(), "depot-7");
     let other = TestSite::new(dir.path(), "depot-8");
-    let central = Central::start(dir.path(), &[&site, &other]);
-    let published = central
-        .client(None)
+    let central = start_central(dir.path(), &[&site, &other]);
+    let published = client(&central, None)
         .put(central.url("/v1/sites/depot-7/revisions"))
         .body(site.revision(1, CONFIG_1))
         .send()
@@ -471,8 +355,8 @@ fn requests_on_one_kept_alive_connection_share_its_authorization() {
 fn revisions_survive_a_kill_and_interrupted_writes_are_ignored() {
     let dir = tempfile::tempdir().expect("tempdir");
     let site = TestSite::new(dir.path(), "depot-7");
-    let mut central = Central::start(dir.path(), &[&site]);
-    let operator = central.client(None);
+    let mut central = start_central(dir.path(), &[&site]);
+    let operator = client(&central, None);
     for (number, config) in [(1, CONFIG_1), (2, CONFIG_2)] {
         let status = operator
             .put(central.url("/v1/sites/depot-7/revisions"))
@@ -491,7 +375,7 @@ fn revisions_survive_a_kill_and_interrupted_writes_are_ignored() {
     .expect("torn write");
     central.kill_and_restart();
 
-    let node = central.client(Some(&site.node_identity("pi-a")));
+    let node = client(&central, Some(&site.node_identity("pi-a")));
     let fetched = node
         .get(central.url("/v1/sites/depot-7/config?after=0"))
         .send()

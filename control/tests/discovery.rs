@@ -1,17 +1,17 @@
 //! The discovery API of the replica binary over real sockets and mutual TLS: proxies post
 //! heartbeats, and a watch streams the site config with the live node addresses.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{alert, client_config, temp_dir, tls_request, DiscoveryStream, Replica, TestSite};
-use common::{path, Credential};
+use pimesh_test_support::control::{DiscoveryStream, Replica};
+use pimesh_test_support::http::plain_get;
+use pimesh_test_support::tls::{alert, client_config, tls_request};
+use pimesh_test_support::{path_str, temp_dir, Credential, Site};
 
 const SITE: &str = "depot-7";
 const WEB_ON_PI_A: &str = "site = \"depot-7\"\n[services.web]\nport = 8080\nnodes = [\"pi-a\"]\n";
 
-fn heartbeat(port: u16, site: &TestSite, credential: &Credential, body: &str) -> (u16, String) {
+fn heartbeat(port: u16, site: &Site, credential: &Credential, body: &str) -> (u16, String) {
     let config = client_config(site.root.anchor.cert_der(), Some(credential));
     let response = tls_request(
         port,
@@ -25,7 +25,7 @@ fn heartbeat(port: u16, site: &TestSite, credential: &Credential, body: &str) ->
     (response.status, response.text())
 }
 
-fn watch(port: u16, site: &TestSite, credential: &Credential) -> DiscoveryStream {
+fn watch(port: u16, site: &Site, credential: &Credential) -> DiscoveryStream {
     let config = client_config(site.root.anchor.cert_der(), Some(credential));
     let stream = DiscoveryStream::open(port, config).expect("stream opened");
     assert_eq!(stream.status, 200);
@@ -36,7 +36,7 @@ fn watch(port: u16, site: &TestSite, credential: &Credential) -> DiscoveryStream
 #[test]
 fn a_heartbeat_puts_the_node_with_its_address_into_the_watch() {
     let (_dir, dir) = temp_dir();
-    let site = TestSite::new(SITE);
+    let site = Site::new(SITE);
     let replica = Replica::of_site(&dir, &site, Some(WEB_ON_PI_A));
     let pi_a = site.node_credential("pi-a");
     let mut stream = watch(replica.port, &site, &pi_a);
@@ -82,14 +82,14 @@ fn a_heartbeat_puts_the_node_with_its_address_into_the_watch() {
 #[test]
 fn a_node_whose_heartbeats_stop_leaves_after_the_ttl() {
     let (_dir, dir) = temp_dir();
-    let site = TestSite::new(SITE);
+    let site = Site::new(SITE);
     site.write_trust(&dir.join("trust"));
     std::fs::write(dir.join("cluster.toml"), WEB_ON_PI_A).expect("config");
     let mut replica = Replica::start(&[
         "--trust-dir",
-        &path(&dir.join("trust")),
+        &path_str(&dir.join("trust")),
         "--config",
-        &path(&dir.join("cluster.toml")),
+        &path_str(&dir.join("cluster.toml")),
         "--heartbeat-ttl",
         "2",
     ]);
@@ -109,7 +109,7 @@ fn a_node_whose_heartbeats_stop_leaves_after_the_ttl() {
 #[test]
 fn a_rewritten_config_streams_as_a_new_document_without_sighup() {
     let (_dir, dir) = temp_dir();
-    let site = TestSite::new(SITE);
+    let site = Site::new(SITE);
     let replica = Replica::of_site(&dir, &site, Some(WEB_ON_PI_A));
     let mut stream = watch(replica.port, &site, &site.node_credential("pi-b"));
     assert_eq!(stream.next_document()["config"], WEB_ON_PI_A);
@@ -132,9 +132,9 @@ fn a_rewritten_config_streams_as_a_new_document_without_sighup() {
 #[test]
 fn a_half_swapped_issuer_keeps_the_last_good_one_until_the_pair_matches() {
     let (_dir, dir) = temp_dir();
-    let site = TestSite::new(SITE);
+    let site = Site::new(SITE);
     let mut replica = Replica::of_site(&dir, &site, Some(WEB_ON_PI_A));
-    let next = TestSite::new(SITE);
+    let next = Site::new(SITE);
     let trust = dir.join("trust");
     // The new issuer's certificate first, its key later: in between they do not match.
     std::fs::write(trust.join("issuer.pem"), next.root.issuer.cert_pem()).expect("issuer");
@@ -143,13 +143,10 @@ fn a_half_swapped_issuer_keeps_the_last_good_one_until_the_pair_matches() {
         site.root.anchor.cert_der(),
         Some(&site.node_credential("pi-a")),
     );
-    replica.wait_for(
-        || {
-            common::plain_get(port, "/ready")
-                .is_some_and(|(_, body)| body.contains("keeping the trust loaded before"))
-        },
-        "reporting the half-swapped issuer",
-    );
+    replica.wait_for("reporting the half-swapped issuer", || {
+        plain_get(port, "/ready")
+            .is_some_and(|(_, body)| body.contains("keeping the trust loaded before"))
+    });
     let answered = tls_request(port, old_client, "GET", "/v1/stats", "", b"").expect("answers");
     assert_eq!(answered.status, 200, "still serving with the old issuer");
 
@@ -165,18 +162,15 @@ fn a_half_swapped_issuer_keeps_the_last_good_one_until_the_pair_matches() {
         next.root.anchor.cert_der(),
         Some(&site.node_credential("pi-a")),
     );
-    replica.wait_for(
-        || {
-            tls_request(port, new_client.clone(), "GET", "/v1/stats", "", b"")
-                .is_ok_and(|r| r.status == 200)
-        },
-        "serving under the new issuer",
-    );
+    replica.wait_for("serving under the new issuer", || {
+        tls_request(port, new_client.clone(), "GET", "/v1/stats", "", b"")
+            .is_ok_and(|r| r.status == 200)
+    });
 }
 
 #[test]
 fn two_replicas_with_the_same_inputs_serve_the_same_version() {
-    let site = TestSite::new(SITE);
+    let site = Site::new(SITE);
     let (_one, one_dir) = temp_dir();
     let (_two, two_dir) = temp_dir();
     let one = Replica::of_site(&one_dir, &site, Some(WEB_ON_PI_A));
@@ -199,7 +193,7 @@ fn two_replicas_with_the_same_inputs_serve_the_same_version() {
 #[test]
 fn without_a_client_certificate_there_is_no_discovery() {
     let (_dir, dir) = temp_dir();
-    let site = TestSite::new(SITE);
+    let site = Site::new(SITE);
     let replica = Replica::of_site(&dir, &site, Some(WEB_ON_PI_A));
     let anonymous = client_config(site.root.anchor.cert_der(), None);
     let err = match DiscoveryStream::open(replica.port, anonymous.clone()) {
@@ -211,7 +205,7 @@ fn without_a_client_certificate_there_is_no_discovery() {
         Some(rustls::AlertDescription::CertificateRequired),
         "{err}"
     );
-    let stranger = TestSite::new(SITE).node_credential("pi-a");
+    let stranger = Site::new(SITE).node_credential("pi-a");
     let refused = client_config(site.root.anchor.cert_der(), Some(&stranger));
     let err = tls_request(
         replica.port,

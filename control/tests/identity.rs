@@ -2,14 +2,14 @@
 //! CSR with its node credential and gets a leaf for exactly the identities the site config
 //! places on it.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::SystemTime;
 
-use common::{alert, client_config, plain_get, temp_dir, tls_exchange, tls_request};
-use common::{Credential, HttpResponse, Replica, TestSite};
 use pimesh_identity::{verify_leaf, LeafRequest, SpiffeId, Usage};
+use pimesh_test_support::control::Replica;
+use pimesh_test_support::http::{plain_get, HttpResponse};
+use pimesh_test_support::tls::{alert, client_config, tls_exchange, tls_request};
+use pimesh_test_support::{path_str, temp_dir, Credential, Site};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::CertificateDer;
 
@@ -21,7 +21,7 @@ const WEB_ON_PI_A: &str = "site = \"depot-7\"\n\
 /// POSTs a CSR for `ids` to `/v1/identity` as `credential`; the response and the key.
 fn ask(
     port: u16,
-    site: &TestSite,
+    site: &Site,
     credential: &Credential,
     ids: &[SpiffeId],
 ) -> (HttpResponse, LeafRequest) {
@@ -47,7 +47,7 @@ fn error_text(response: &HttpResponse) -> String {
 #[test]
 fn a_node_gets_its_own_and_its_placed_services_identities_and_renews_with_them() {
     let (_dir, dir) = temp_dir();
-    let site = TestSite::new(SITE);
+    let site = Site::new(SITE);
     let replica = Replica::of_site(&dir, &site, Some(WEB_ON_PI_A));
     let wanted = [site.node_id("pi-a"), site.svc_id("web")];
     let (response, request) = ask(replica.port, &site, &site.node_credential("pi-a"), &wanted);
@@ -96,7 +96,7 @@ fn a_node_gets_its_own_and_its_placed_services_identities_and_renews_with_them()
 #[test]
 fn a_service_not_placed_on_the_node_is_refused_by_name() {
     let (_dir, dir) = temp_dir();
-    let site = TestSite::new(SITE);
+    let site = Site::new(SITE);
     let replica = Replica::of_site(&dir, &site, Some(WEB_ON_PI_A));
     let pi_a = site.node_credential("pi-a");
     let (response, _) = ask(replica.port, &site, &pi_a, &[site.svc_id("db")]);
@@ -119,7 +119,7 @@ fn a_service_not_placed_on_the_node_is_refused_by_name() {
 #[test]
 fn a_node_cannot_get_another_nodes_identity() {
     let (_dir, dir) = temp_dir();
-    let site = TestSite::new(SITE);
+    let site = Site::new(SITE);
     let replica = Replica::of_site(&dir, &site, Some(WEB_ON_PI_A));
     let pi_b = site.node_credential("pi-b");
     let (response, _) = ask(replica.port, &site, &pi_b, &[site.node_id("pi-a")]);
@@ -140,7 +140,7 @@ fn a_node_cannot_get_another_nodes_identity() {
 #[test]
 fn without_a_client_certificate_the_handshake_is_refused() {
     let (_dir, dir) = temp_dir();
-    let site = TestSite::new(SITE);
+    let site = Site::new(SITE);
     let replica = Replica::of_site(&dir, &site, Some(WEB_ON_PI_A));
     let request = LeafRequest::new(&[site.node_id("pi-a")]).expect("request");
     let config = client_config(site.root.anchor.cert_der(), None);
@@ -163,16 +163,13 @@ fn without_a_client_certificate_the_handshake_is_refused() {
 #[test]
 fn a_node_of_another_site_is_refused_at_the_handshake() {
     let (_dir, dir) = temp_dir();
-    let site = TestSite::new(SITE);
+    let site = Site::new(SITE);
     let replica = Replica::of_site(&dir, &site, Some(WEB_ON_PI_A));
     // Another site's node: its chain leads to no anchor of the bundle. An impostor's own
     // anchor for this very site's name: the names chain up, the signatures do not.
     let cases = [
-        (
-            TestSite::new("depot-8"),
-            rustls::AlertDescription::UnknownCA,
-        ),
-        (TestSite::new(SITE), rustls::AlertDescription::DecryptError),
+        (Site::new("depot-8"), rustls::AlertDescription::UnknownCA),
+        (Site::new(SITE), rustls::AlertDescription::DecryptError),
     ];
     for (stranger, expected) in cases {
         let credential = stranger.node_credential("pi-a");
@@ -199,7 +196,7 @@ fn a_node_of_another_site_is_refused_at_the_handshake() {
 #[test]
 fn malformed_oversized_and_misrouted_requests_are_refused_and_the_replica_stays_up() {
     let (_dir, dir) = temp_dir();
-    let site = TestSite::new(SITE);
+    let site = Site::new(SITE);
     let replica = Replica::of_site(&dir, &site, Some(WEB_ON_PI_A));
     let pi_a = site.node_credential("pi-a");
     let config = || client_config(site.root.anchor.cert_der(), Some(&pi_a));
@@ -241,7 +238,7 @@ fn malformed_oversized_and_misrouted_requests_are_refused_and_the_replica_stays_
 #[test]
 fn readiness_and_liveness_answer_in_plain_http_on_the_same_port_until_sigterm() {
     let (_dir, dir) = temp_dir();
-    let site = TestSite::new(SITE);
+    let site = Site::new(SITE);
     let mut replica = Replica::of_site(&dir, &site, Some(WEB_ON_PI_A));
     let (status, body) = plain_get(replica.port, "/ready").expect("ready answers");
     assert_eq!(status, 200, "{body}");
@@ -253,14 +250,14 @@ fn readiness_and_liveness_answer_in_plain_http_on_the_same_port_until_sigterm() 
     assert!(body.contains("mutual TLS"), "{body}");
 
     replica.signal(nix::sys::signal::Signal::SIGTERM);
-    let exit = replica.child.wait().expect("wait");
+    let exit = replica.wait_exit();
     assert!(exit.success(), "{exit}");
 }
 
 #[test]
 fn sighup_reloads_the_placement_and_a_broken_config_keeps_the_last_good_one() {
     let (_dir, dir) = temp_dir();
-    let site = TestSite::new(SITE);
+    let site = Site::new(SITE);
     let mut replica = Replica::of_site(&dir, &site, Some(WEB_ON_PI_A));
     let pi_a = site.node_credential("pi-a");
     let db = [site.svc_id("db")];
@@ -271,20 +268,16 @@ fn sighup_reloads_the_placement_and_a_broken_config_keeps_the_last_good_one() {
     std::fs::write(&config, moved).expect("write");
     replica.signal(nix::sys::signal::Signal::SIGHUP);
     let port = replica.port;
-    replica.wait_for(
-        || {
-            let (response, _) = ask(port, &site, &pi_a, &db);
-            response.status == 200
-        },
-        "reloaded",
-    );
+    replica.wait_for("reloaded", || {
+        let (response, _) = ask(port, &site, &pi_a, &db);
+        response.status == 200
+    });
 
     std::fs::write(&config, "site = \"depot-7\"\n[services.db]\nport = \"x\"\n").expect("write");
     replica.signal(nix::sys::signal::Signal::SIGHUP);
-    replica.wait_for(
-        || plain_get(port, "/ready").is_some_and(|(_, body)| body.contains("last reload failed")),
-        "reload refused",
-    );
+    replica.wait_for("reload refused", || {
+        plain_get(port, "/ready").is_some_and(|(_, body)| body.contains("last reload failed"))
+    });
     let (status, body) = plain_get(port, "/ready").expect("ready");
     assert_eq!(status, 200, "still ready on the last good config: {body}");
     assert!(body.contains("cluster.toml"), "{body}");
@@ -294,7 +287,7 @@ fn sighup_reloads_the_placement_and_a_broken_config_keeps_the_last_good_one() {
 #[test]
 fn stats_count_issued_refused_and_refused_handshakes() {
     let (_dir, dir) = temp_dir();
-    let site = TestSite::new(SITE);
+    let site = Site::new(SITE);
     let replica = Replica::of_site(&dir, &site, Some(WEB_ON_PI_A));
     let pi_a = site.node_credential("pi-a");
     assert_eq!(
@@ -325,8 +318,8 @@ fn stats_count_issued_refused_and_refused_handshakes() {
 #[test]
 fn the_trust_bundle_is_served_to_nodes_and_leaves_live_the_leaf_lifetime() {
     let (_dir, dir) = temp_dir();
-    let site = TestSite::new(SITE);
-    let next = TestSite::new(SITE);
+    let site = Site::new(SITE);
+    let next = Site::new(SITE);
     let trust = dir.join("trust");
     site.write_trust(&trust);
     let bundle = format!(
@@ -337,9 +330,9 @@ fn the_trust_bundle_is_served_to_nodes_and_leaves_live_the_leaf_lifetime() {
     std::fs::write(trust.join("anchor.pem"), bundle).expect("bundle");
     let mut replica = Replica::start(&[
         "--trust-dir",
-        &common::path(&trust),
+        &path_str(&trust),
         "--config",
-        &common::path(&dir.join("cluster.toml")),
+        &path_str(&dir.join("cluster.toml")),
         "--site",
         SITE,
         "--leaf-lifetime",

@@ -1,10 +1,10 @@
 //! The replica binary's life: health endpoints on its one port, not ready (with the
 //! reason) until its trust folder is there, ready after SIGHUP, stops on SIGTERM.
 
-mod common;
-
-use common::{path, plain_get, temp_dir, Replica, TestSite};
 use nix::sys::signal::Signal;
+use pimesh_test_support::control::Replica;
+use pimesh_test_support::http::plain_get;
+use pimesh_test_support::{path_str, temp_dir, Binary, Site};
 
 #[test]
 fn a_replica_without_its_trust_folder_is_live_not_ready_until_provisioned() {
@@ -16,7 +16,12 @@ fn a_replica_without_its_trust_folder_is_live_not_ready_until_provisioned() {
         "site = \"depot-7\"\n[services.web]\nport = 8080\nnodes = [\"pi-a\"]\n",
     )
     .expect("config");
-    let mut replica = Replica::start(&["--trust-dir", &path(&trust), "--config", &path(&config)]);
+    let mut replica = Replica::start(&[
+        "--trust-dir",
+        &path_str(&trust),
+        "--config",
+        &path_str(&config),
+    ]);
     assert_eq!(plain_get(replica.port, "/live").map(|r| r.0), Some(200));
     let (status, body) = plain_get(replica.port, "/ready").expect("ready answers");
     assert_eq!(status, 503, "{body}");
@@ -25,12 +30,12 @@ fn a_replica_without_its_trust_folder_is_live_not_ready_until_provisioned() {
         "the reason names the file: {body}"
     );
 
-    TestSite::new("depot-7").write_trust(&trust);
+    Site::new("depot-7").write_trust(&trust);
     replica.signal(Signal::SIGHUP);
     replica.wait_ready();
 
     replica.signal(Signal::SIGTERM);
-    let exit = replica.child.wait().expect("wait");
+    let exit = replica.wait_exit();
     assert!(exit.success(), "{exit}");
 }
 
@@ -38,14 +43,14 @@ fn a_replica_without_its_trust_folder_is_live_not_ready_until_provisioned() {
 fn a_config_of_another_site_than_site_flag_is_not_ready() {
     let (_dir, dir) = temp_dir();
     let trust = dir.join("trust");
-    TestSite::new("depot-7").write_trust(&trust);
+    Site::new("depot-7").write_trust(&trust);
     let config = dir.join("cluster.toml");
     std::fs::write(&config, "site = \"depot-8\"\n").expect("config");
     let replica = Replica::start(&[
         "--trust-dir",
-        &path(&trust),
+        &path_str(&trust),
         "--config",
-        &path(&config),
+        &path_str(&config),
         "--site",
         "depot-7",
     ]);
@@ -56,7 +61,8 @@ fn a_config_of_another_site_than_site_flag_is_not_ready() {
 
 #[test]
 fn a_missing_replica_number_is_a_usage_error() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_pimesh-control"))
+    let output = Binary::Control
+        .command()
         .output()
         .expect("run pimesh-control");
     assert_eq!(output.status.code(), Some(2));

@@ -9,9 +9,12 @@ use pimesh_schema::{JoinToken, Seed};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::CertificateDer;
 
-mod common;
+use pimesh_test_support::{text, Binary};
 
-use common::{pimeshctl, text};
+/// Runs pimeshctl with `args`.
+fn pimeshctl(args: &[&str]) -> std::process::Output {
+    Binary::Ctl.output(args)
+}
 
 #[test]
 fn site_init_writes_private_keys_and_a_token_pinning_the_anchor() {

@@ -1,36 +1,13 @@
 //! pimeshctl against a real central server: publish signed revisions, read the fleet.
 
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
 
-mod common;
+use pimesh_test_support::central::{Central, CentralSite};
+use pimesh_test_support::{text, Binary};
 
-use common::{pimeshctl, text};
-
-/// The central server binary of this workspace, built when missing.
-fn central_binary() -> PathBuf {
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "pimesh-central"])
-        .status()
-        .expect("cargo build");
-    assert!(status.success(), "cannot build pimesh-central");
-    let exe = std::env::current_exe().expect("test path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
-    profile_dir.join("pimesh-central")
-}
-
-struct Central(Child);
-
-impl Drop for Central {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Runs pimeshctl with `args`.
+fn pimeshctl(args: &[&str]) -> Output {
+    Binary::Ctl.output(args)
 }
 
 #[test]
@@ -54,46 +31,18 @@ fn publish_signs_and_uploads_and_status_shows_the_fleet() {
         })
         .expect("public key printed");
 
-    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
-    let ca = dir.path().join("server.pem");
-    std::fs::write(&ca, server.cert.pem()).expect("cert");
-    std::fs::write(
-        dir.path().join("server.key"),
-        server.signing_key.serialize_pem(),
-    )
-    .expect("key");
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
-    let config = dir.path().join("central.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"{addr}\"\nstate_dir = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n[[sites]]\nname = \"depot-7\"\nanchor = \"{}\"\npublic_key = \"{public_key}\"\n",
-            dir.path().join("state").display(),
-            ca.display(),
-            dir.path().join("server.key").display(),
-            site_dir.join("anchor.pem").display(),
-        ),
-    )
-    .expect("config");
-    let _central = Central(
-        Command::new(central_binary())
-            .arg("--config")
-            .arg(&config)
-            .env_remove("NOTIFY_SOCKET")
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start central"),
+    let anchor = site_dir.join("anchor.pem");
+    let server = Central::start(
+        dir.path(),
+        "",
+        &[CentralSite {
+            name: "depot-7",
+            anchor: &anchor,
+            public_key: &public_key,
+        }],
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "central did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-
-    let central = format!("https://localhost:{}", addr.port());
+    let ca = &server.server_cert;
+    let central = format!("https://localhost:{}", server.addr.port());
     let cluster = dir.path().join("cluster.toml");
     let common = |extra: &[&str]| -> Output {
         let mut args = vec![
@@ -108,10 +57,7 @@ fn publish_signs_and_uploads_and_status_shows_the_fleet() {
             ca.to_str().expect("utf-8"),
         ];
         args.extend_from_slice(extra);
-        Command::new(env!("CARGO_BIN_EXE_pimeshctl"))
-            .args(&args)
-            .output()
-            .expect("publish")
+        pimeshctl(&args)
     };
     // `localhost` must resolve to the test server: it does on every Debian machine.
     std::fs::write(

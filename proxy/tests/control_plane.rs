@@ -6,106 +6,20 @@
 //! proxies route by their cached discovery document, even across a proxy restart), and
 //! while a replica comes back with a changed config that both proxies pick up.
 
-mod common;
-
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::*;
 use http::Request;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
-
-/// The replica binary, built next to this test's binary (`cargo test --workspace` builds
-/// it; so does `cargo build -p pimesh-control`).
-fn control_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    // target/debug/deps/control_plane-<hash> → target/debug/pimesh-control
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the target directory");
-    let binary = dir.join("pimesh-control");
-    assert!(
-        binary.is_file(),
-        "{} is missing: run `cargo build -p pimesh-control` (or `cargo test --workspace`) first",
-        binary.display()
-    );
-    binary
-}
-
-/// One replica process, killed with SIGKILL when dropped.
-struct Replica {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Replica {
-    async fn start(addr: SocketAddr, trust: &Path, config: &Path, log: &Path) -> Replica {
-        let child = Command::new(control_binary())
-            .args(["--replica", "1", "--listen", &addr.to_string()])
-            .arg("--trust-dir")
-            .arg(trust)
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "debug")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).expect("log file"))
-            .spawn()
-            .expect("start pimesh-control");
-        let mut replica = Replica { child, addr };
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        while !matches!(get_text(addr, "/ready").await, Ok((200, _))) {
-            if let Ok(Some(status)) = replica.child.try_wait() {
-                panic!("pimesh-control exited: {status}; see {}", log.display());
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "pimesh-control not ready; see {}",
-                log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        replica
-    }
-
-    /// `kill -9`.
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn wait_until<F, Fut>(what: &str, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !done().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not in time: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use pimesh_test_support::backends::Backend;
+use pimesh_test_support::control_plane::ControlPlane;
+use pimesh_test_support::http::sample;
+use pimesh_test_support::proxy::{Proxy, ProxyOptions};
+use pimesh_test_support::{free_addr, free_port, wait_until, Site};
 
 /// `GET /` with `Host: host` through the outbound port `outbound`, on a new connection:
 /// `Ok` when the backend `expected` answered 200.
@@ -243,49 +157,27 @@ async fn control_of(proxy: &Proxy) -> serde_json::Value {
 #[tokio::test]
 async fn the_mesh_keeps_serving_through_replica_failures_and_picks_up_changes_after() {
     let site = Site::new("depot");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let root = dir.path();
     let web = Backend::start("web").await;
     let api = Backend::start("api").await;
     let (a_port, b_port) = (free_port(), free_port());
-
-    let trust = root.join("trust");
-    std::fs::create_dir_all(&trust).expect("trust dir");
-    std::fs::write(trust.join("anchor.pem"), site.root.anchor.cert_pem()).expect("anchor");
-    std::fs::write(trust.join("issuer.pem"), site.root.issuer.cert_pem()).expect("issuer");
-    std::fs::write(trust.join("issuer.key"), site.root.issuer.key_pem()).expect("key");
-    let config = root.join("cluster.toml");
     let web_on_b = format!("[services.web]\nport = {}\nnodes = [\"b\"]\n", web.port);
-    replace(&config, &cluster_toml(&site, a_port, b_port, &web_on_b));
+    let config = cluster_toml(&site, a_port, b_port, &web_on_b);
+    let mut plane = ControlPlane::new(site, &config);
 
-    let addrs: Vec<SocketAddr> = (0..3)
-        .map(|_| ([127, 0, 0, 1], free_port()).into())
-        .collect();
-    let mut replicas = Vec::new();
+    // Three replicas on addresses kept for the one that comes back.
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let root = plane.path().to_path_buf();
     for (i, addr) in addrs.iter().enumerate() {
         let log = root.join(format!("replica-{i}.log"));
-        replicas.push(Replica::start(*addr, &trust, &config, &log).await);
+        let replica = plane.replica(1).listen(*addr).log(&log).start().await;
+        plane.replicas.push(replica);
     }
+    let root = root.as_path();
 
     // The proxies' own config file does not exist: everything comes from discovery.
     let no_file = root.join("no-cluster.toml");
-    let control = addrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    let a_id = site.identity_dir(root, "a", &[]);
-    let b_id = site.identity_dir(root, "b", &[]);
-    let args = |node: &str| {
-        vec![
-            "--control".to_owned(),
-            control.clone(),
-            "--state-dir".to_owned(),
-            root.join(format!("{node}-state"))
-                .to_string_lossy()
-                .into_owned(),
-        ]
-    };
+    let a_id = plane.site.identity_dir(root, "a", &[]);
+    let b_id = plane.site.identity_dir(root, "b", &[]);
     let b = Proxy::start_with(
         ProxyOptions {
             dir: root,
@@ -295,10 +187,10 @@ async fn the_mesh_keeps_serving_through_replica_failures_and_picks_up_changes_af
             inbound_port: b_port,
             local_ip: "127.0.0.2",
         },
-        &args("b"),
+        &plane.proxy_args("b"),
     )
     .await;
-    let a_args = args("a");
+    let a_args = plane.proxy_args("a");
     let start_a = || {
         Proxy::start_with(
             ProxyOptions {
@@ -329,8 +221,8 @@ async fn the_mesh_keeps_serving_through_replica_failures_and_picks_up_changes_af
     traffic.flow(50, "with three replicas").await;
 
     // kill -9 two of three: the watches on them fail over to the third.
-    let third = replicas.pop().expect("three");
-    for replica in replicas.drain(..) {
+    let third = plane.replicas.pop().expect("three");
+    for replica in plane.replicas.drain(..) {
         replica.kill();
     }
     for proxy in [&a, &b] {
@@ -373,9 +265,9 @@ async fn the_mesh_keeps_serving_through_replica_failures_and_picks_up_changes_af
         "{web_on_b}[services.api]\nport = {}\nnodes = [\"b\"]\n",
         api.port
     );
-    replace(&config, &cluster_toml(&site, a_port, b_port, &api_on_b));
+    plane.write_config(&cluster_toml(&plane.site, a_port, b_port, &api_on_b));
     let log = root.join("replica-back.log");
-    let back = Replica::start(addrs[0], &trust, &config, &log).await;
+    let back = plane.replica(1).listen(addrs[0]).log(&log).start().await;
     for proxy in [&a, &b] {
         wait_until("both proxies take the new document", || async {
             let control = control_of(proxy).await;

@@ -1,12 +1,12 @@
 //! Bad input and hostile peers against the real proxy: each is answered or closed
 //! cleanly, counted in the metrics, and the proxy keeps serving everyone else.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::*;
+use pimesh_test_support::backends::Backend;
+use pimesh_test_support::proxy::{mesh, Proxy, ProxyOptions};
+use pimesh_test_support::{free_port, Site, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 

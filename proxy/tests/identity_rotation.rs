@@ -8,102 +8,18 @@
 //! once a's proxy presents a leaf from a replica, which carries that service ID (the node
 //! credential names the node alone).
 
-mod common;
-
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use common::{free_port, get_text, replace, Backend, Proxy, ProxyOptions, Site, DEADLINE};
 use pimesh_identity::{anchor_sha256_hex, Authority};
+use pimesh_test_support::backends::Backend;
+use pimesh_test_support::control_plane::ControlPlane;
+use pimesh_test_support::http::{get_text, sample};
+use pimesh_test_support::proxy::{Proxy, ProxyOptions};
+use pimesh_test_support::{free_port, replace, wait_until, Site, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-/// The `pimesh-control` binary beside this test's (`cargo test --workspace` builds it).
-fn control_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    // target/debug/deps/identity_rotation-<hash> -> target/debug/pimesh-control
-    let debug = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test binary lives in target/<profile>/deps");
-    let binary = debug.join("pimesh-control");
-    assert!(
-        binary.exists(),
-        "{} is missing: run `cargo build -p pimesh-control` first (or `cargo test --workspace`)",
-        binary.display()
-    );
-    binary
-}
-
-/// A `pimesh-control` replica process, killed when dropped.
-struct Replica {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Replica {
-    async fn start(number: u16, trust: &Path, config: &Path, lifetime_secs: u64) -> Replica {
-        let addr: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let log = trust
-            .parent()
-            .expect("trust dir has a parent")
-            .join(format!("replica-{number}.log"));
-        let child = Command::new(control_binary())
-            .args(["--replica", &number.to_string()])
-            .args(["--listen", &addr.to_string()])
-            .arg("--trust-dir")
-            .arg(trust)
-            .arg("--config")
-            .arg(config)
-            .args(["--site", "depot"])
-            .args(["--leaf-lifetime", &lifetime_secs.to_string()])
-            .env("RUST_LOG", "info")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).expect("replica log"))
-            .spawn()
-            .expect("start pimesh-control");
-        let replica = Replica { child, addr };
-        wait_until("the replica is ready", || async {
-            matches!(get_text(addr, "/ready").await, Ok((200, _)))
-        })
-        .await;
-        replica
-    }
-
-    fn hangup(&self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls `done` until it holds, failing the test at [`DEADLINE`].
-async fn wait_until<F, Fut>(what: &str, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !done().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not in time: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// A proxy's `/config` as JSON.
 async fn config_of(proxy: &Proxy) -> serde_json::Value {
@@ -112,30 +28,9 @@ async fn config_of(proxy: &Proxy) -> serde_json::Value {
     serde_json::from_str(&body).expect("/config is JSON")
 }
 
-/// The trust folder the replicas read, with helpers to rotate it as the supervisor does
-/// (each file replaced by an atomic rename, then SIGHUP).
-struct Trust {
-    dir: PathBuf,
-}
-
-impl Trust {
-    fn write(&self, anchors: &[&Authority], issuer: &Authority) {
-        let bundle: String = anchors.iter().map(|a| a.cert_pem()).collect();
-        std::fs::create_dir_all(&self.dir).expect("trust dir");
-        replace(&self.dir.join("issuer.key"), &issuer.key_pem());
-        replace(&self.dir.join("issuer.pem"), issuer.cert_pem());
-        replace(&self.dir.join("anchor.pem"), &bundle);
-    }
-}
-
 /// Two replicas, two proxies enrolled with them, a backend on node b.
 struct Fixture {
-    dir: tempfile::TempDir,
-    site: Site,
-    trust: Trust,
-    config: PathBuf,
-    replicas: Vec<Replica>,
-    control: String,
+    plane: ControlPlane,
     a_port: u16,
     a_id: PathBuf,
     a: Proxy,
@@ -145,13 +40,8 @@ struct Fixture {
 
 impl Fixture {
     async fn start(lifetime_secs: u64) -> Fixture {
-        let dir = tempfile::tempdir().expect("temp dir");
         let site = Site::new("depot");
         let web = Backend::start("web").await;
-        let trust = Trust {
-            dir: dir.path().join("trust"),
-        };
-        trust.write(&[&site.root.anchor], &site.root.issuer);
         let (a_port, b_port) = (free_port(), free_port());
         let text = format!(
             "site = \"depot\"\n[proxy]\nmax_connections = 1000\n\
@@ -164,48 +54,23 @@ impl Fixture {
             web.port,
             free_port()
         );
-        let config = dir.path().join("cluster.toml");
-        std::fs::write(&config, text).expect("config");
-        let mut replicas = Vec::new();
-        for number in [1, 2] {
-            replicas.push(Replica::start(number, &trust.dir, &config, lifetime_secs).await);
-        }
-        let control = replicas
-            .iter()
-            .map(|r| r.addr.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        let a_id = site.identity_dir(dir.path(), "a", &[]);
-        let b_id = site.identity_dir(dir.path(), "b", &[]);
-        let b = start_proxy(
-            dir.path(),
-            "b",
-            "b",
-            &config,
-            &b_id,
-            b_port,
-            "127.0.0.2",
-            &control,
-        )
-        .await;
-        let a = start_proxy(
-            dir.path(),
-            "a",
-            "a",
-            &config,
-            &a_id,
-            a_port,
-            "127.0.0.1",
-            &control,
-        )
-        .await;
+        let mut plane = ControlPlane::new(site, &text);
+        plane
+            .start_replicas(2, |replica| {
+                replica
+                    .site("depot")
+                    .arg("--leaf-lifetime")
+                    .arg(lifetime_secs.to_string())
+                    .rust_log("info")
+            })
+            .await;
+        let dir = plane.path();
+        let a_id = plane.site.identity_dir(dir, "a", &[]);
+        let b_id = plane.site.identity_dir(dir, "b", &[]);
+        let b = start_proxy(&plane, "b", "b", &b_id, b_port, "127.0.0.2").await;
+        let a = start_proxy(&plane, "a", "a", &a_id, a_port, "127.0.0.1").await;
         let fixture = Fixture {
-            dir,
-            site,
-            trust,
-            config,
-            replicas,
-            control,
+            plane,
             a_port,
             a_id,
             a,
@@ -221,12 +86,6 @@ impl Fixture {
         fixture
     }
 
-    fn hangup_replicas(&self) {
-        for replica in &self.replicas {
-            replica.hangup();
-        }
-    }
-
     /// Waits until `check` holds for the identity in `/config` of both proxies.
     async fn wait_both(&self, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
         for proxy in [&self.a, &self.b] {
@@ -238,34 +97,26 @@ impl Fixture {
     }
 }
 
-/// Starts proxy `name` with `--control` and the state directory `<dir>/<state>-state`.
-#[allow(clippy::too_many_arguments)]
+/// Starts proxy `name` of the plane's site config, with `--control` and the state
+/// directory `<dir>/<state>-state`.
 async fn start_proxy(
-    dir: &Path,
+    plane: &ControlPlane,
     name: &str,
     state: &str,
-    config: &Path,
     identity: &Path,
     inbound_port: u16,
     local_ip: &str,
-    control: &str,
 ) -> Proxy {
-    let state = dir.join(format!("{state}-state"));
     Proxy::start_with(
         ProxyOptions {
-            dir,
+            dir: plane.path(),
             name,
-            config,
+            config: &plane.config,
             identity: Some(identity),
             inbound_port,
             local_ip,
         },
-        &[
-            "--control".to_owned(),
-            control.to_owned(),
-            "--state-dir".to_owned(),
-            state.to_string_lossy().into_owned(),
-        ],
+        &plane.proxy_args(state),
     )
     .await
 }
@@ -407,7 +258,7 @@ fn assert_no_failures(sent: u64, failures: &[String]) {
 }
 
 fn ok_renewals(metrics: &str) -> f64 {
-    common::sample(metrics, "pimesh_identity_renewals_total{result=\"ok\"}")
+    sample(metrics, "pimesh_identity_renewals_total{result=\"ok\"}")
 }
 
 #[tokio::test]
@@ -456,7 +307,10 @@ async fn leaves_are_renewed_under_load_and_no_request_fails() {
     // The leaf's key is a secret: mode 0600 in the state directory.
     use std::os::unix::fs::PermissionsExt as _;
     for name in ["a", "b"] {
-        let key = f.dir.path().join(format!("{name}-state/identity/leaf.key"));
+        let key = f
+            .plane
+            .path()
+            .join(format!("{name}-state/identity/leaf.key"));
         let mode = std::fs::metadata(&key)
             .expect("leaf.key")
             .permissions()
@@ -493,14 +347,15 @@ async fn an_issuer_rotation_under_load_fails_no_request() {
     let f = Fixture::start(6).await;
     let load = Load::start(f.a.outbound);
     let issuer = f
+        .plane
         .site
         .root
         .anchor
-        .new_issuer(&f.site.name, SystemTime::now())
+        .new_issuer(&f.plane.site.name, SystemTime::now())
         .expect("a new issuer");
     let new_sha = anchor_sha256_hex(issuer.cert_der());
-    f.trust.write(&[&f.site.root.anchor], &issuer);
-    f.hangup_replicas();
+    f.plane.rotate_trust(&[&f.plane.site.root.anchor], &issuer);
+    f.plane.hangup_replicas();
     f.wait_both("leaves from the new issuer", |identity| {
         identity["issuer_sha256"] == new_sha.as_str()
     })
@@ -513,32 +368,35 @@ async fn an_issuer_rotation_under_load_fails_no_request() {
 async fn an_anchor_rotation_under_load_fails_no_request() {
     let f = Fixture::start(6).await;
     let load = Load::start(f.a.outbound);
-    let old = &f.site.root.anchor;
+    let old = &f.plane.site.root.anchor;
     let old_sha = anchor_sha256_hex(old.cert_der());
     let now = SystemTime::now();
-    let anchor = Authority::new_anchor(&f.site.name, now).expect("a new anchor");
+    let anchor = Authority::new_anchor(&f.plane.site.name, now).expect("a new anchor");
     let new_sha = anchor_sha256_hex(anchor.cert_der());
-    let issuer = anchor.new_issuer(&f.site.name, now).expect("its issuer");
+    let issuer = anchor
+        .new_issuer(&f.plane.site.name, now)
+        .expect("its issuer");
 
     // (a) Both anchors trusted; the old issuer still signs.
-    f.trust.write(&[old, &anchor], &f.site.root.issuer);
-    f.hangup_replicas();
+    f.plane
+        .rotate_trust(&[old, &anchor], &f.plane.site.root.issuer);
+    f.plane.hangup_replicas();
     f.wait_both("bundles with both anchors", |identity| {
         identity["bundle_sha256"] == serde_json::json!([old_sha, new_sha])
     })
     .await;
 
     // (b) The new anchor's issuer signs.
-    f.trust.write(&[old, &anchor], &issuer);
-    f.hangup_replicas();
+    f.plane.rotate_trust(&[old, &anchor], &issuer);
+    f.plane.hangup_replicas();
     f.wait_both("leaves under the new anchor", |identity| {
         identity["anchor_sha256"] == new_sha.as_str()
     })
     .await;
 
     // (c) The old anchor is dropped.
-    f.trust.write(&[&anchor], &issuer);
-    f.hangup_replicas();
+    f.plane.rotate_trust(&[&anchor], &issuer);
+    f.plane.hangup_replicas();
     f.wait_both("bundles with the new anchor only", |identity| {
         identity["bundle_sha256"] == serde_json::json!([new_sha])
     })
@@ -552,18 +410,19 @@ async fn an_anchor_rotation_under_load_fails_no_request() {
 async fn a_saved_leaf_serves_after_a_restart_with_every_replica_down() {
     let mut f = Fixture::start(300).await;
     let first = config_of(&f.a).await["identity"].clone();
-    f.replicas.clear(); // every replica stops
-    let _ = f.a.child.kill();
-    let _ = f.a.child.wait();
-    f.a = start_proxy(
-        f.dir.path(),
-        "a-restarted",
-        "a",
-        &f.config,
-        &f.a_id,
-        f.a_port,
-        "127.0.0.1",
-        &f.control,
+    let args = f.plane.proxy_args("a");
+    f.plane.replicas.clear(); // every replica stops
+    f.a.daemon.kill();
+    f.a = Proxy::start_with(
+        ProxyOptions {
+            dir: f.plane.path(),
+            name: "a-restarted",
+            config: &f.plane.config,
+            identity: Some(&f.a_id),
+            inbound_port: f.a_port,
+            local_ip: "127.0.0.1",
+        },
+        &args,
     )
     .await;
     let config = config_of(&f.a).await;
@@ -590,13 +449,13 @@ async fn a_saved_leaf_serves_after_a_restart_with_every_replica_down() {
 async fn a_service_newly_placed_on_the_node_joins_its_leaf_at_once() {
     // Leaves live 5 minutes: the new one comes from the placement change, not a renewal.
     let f = Fixture::start(300).await;
-    let text = std::fs::read_to_string(&f.config).expect("config");
+    let text = std::fs::read_to_string(&f.plane.config).expect("config");
     let extra = format!(
         "[services.extra]\nport = {}\nnodes = [\"a\"]\n",
         free_port()
     );
-    replace(&f.config, &format!("{text}{extra}"));
-    f.hangup_replicas(); // replicas reload on SIGHUP; proxies see the change by polling
+    replace(&f.plane.config, &format!("{text}{extra}"));
+    f.plane.hangup_replicas(); // replicas reload on SIGHUP; proxies see the change by polling
     wait_until("svc/extra in a's leaf", || async {
         let config = config_of(&f.a).await;
         config["identity"]["ids"]
@@ -612,18 +471,8 @@ async fn a_service_newly_placed_on_the_node_joins_its_leaf_at_once() {
 async fn a_node_credential_under_another_anchor_gets_no_leaf_and_config_says_why() {
     let f = Fixture::start(60).await;
     let stranger = Site::new("depot");
-    let id = stranger.identity_dir(&f.dir.path().join("stranger"), "c", &[]);
-    let c = start_proxy(
-        f.dir.path(),
-        "c",
-        "c",
-        &f.config,
-        &id,
-        free_port(),
-        "127.0.0.3",
-        &f.control,
-    )
-    .await;
+    let id = stranger.identity_dir(&f.plane.path().join("stranger"), "c", &[]);
+    let c = start_proxy(&f.plane, "c", "c", &id, free_port(), "127.0.0.3").await;
     wait_until("an enrollment error in /config", || async {
         config_of(&c).await["enrollment"]["last_error"].is_string()
     })
@@ -639,7 +488,10 @@ async fn a_node_credential_under_another_anchor_gets_no_leaf_and_config_says_why
         "{config}"
     );
     assert!(
-        f.replicas.iter().any(|r| why.contains(&r.addr.to_string())),
+        f.plane
+            .replicas
+            .iter()
+            .any(|r| why.contains(&r.addr.to_string())),
         "names the replica: {why}"
     );
     assert_eq!(config["identity"]["source"], "node-credential", "{config}");

@@ -4,11 +4,12 @@
 //! through the mesh as if the app had used the proxy port. The app is not changed: it
 //! dials the service's address and port.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use pimesh_test_support::backends::{tcp_echo, Backend};
+use pimesh_test_support::http::get_text;
+use pimesh_test_support::proxy::mesh;
+use pimesh_test_support::{Site, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 fn run(program: &str, args: &[&str]) {

@@ -2,16 +2,17 @@
 //! every request goes client → proxy a (outbound) → mTLS HTTP/2 → proxy b (inbound) →
 //! backend, and back. Statistical assertions use bounds of six standard deviations.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::*;
 use http::{Request, Version};
 use http_body_util::{BodyExt as _, Full, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use pimesh_test_support::backends::{tcp_echo, Backend, Collector};
+use pimesh_test_support::http::sample;
+use pimesh_test_support::proxy::{mesh, mesh_with};
+use pimesh_test_support::{free_port, replace, Site, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -515,7 +516,7 @@ async fn sigterm_lets_a_request_in_flight_finish_then_exits() {
         .expect("the client task");
     assert_eq!((status, body.as_str()), (200, "web\n"));
     let exit = loop {
-        if let Some(status) = m.a.child.try_wait().expect("wait") {
+        if let Some(status) = m.a.daemon.exited() {
             break status;
         }
         assert!(Instant::now() < deadline, "still running after the drain");

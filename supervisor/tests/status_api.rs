@@ -1,20 +1,22 @@
 //! The supervisor binary on the host: reads a seed, serves `/status`, stops on SIGTERM.
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::ExitStatus;
+
+use nix::sys::signal::Signal;
+use pimesh_test_support::http::get_blocking;
+use pimesh_test_support::{free_addr, Binary, Daemon};
 
 struct Supervisor {
-    child: Child,
+    daemon: Daemon,
     addr: SocketAddr,
     _scratch: tempfile::TempDir,
 }
 
 impl Supervisor {
     fn start(seed: &Path, extra: &[&str]) -> Supervisor {
-        let addr = free_port();
+        let addr = free_addr();
         // Off a node there is no systemd to manage units with: manage none unless a test
         // names its own supervisor configuration.
         let scratch = tempfile::tempdir().expect("tempdir");
@@ -24,52 +26,28 @@ impl Supervisor {
             std::fs::write(&config, "unit = []\n").expect("supervisor config");
             own_config = vec!["--supervisor-config".into(), config.into_os_string()];
         }
-        let child = Command::new(env!("CARGO_BIN_EXE_pimesh-supervisor"))
+        let mut command = Daemon::command(Binary::Supervisor, "info");
+        command
             .arg("--seed")
             .arg(seed)
             .args(["--status-addr", &addr.to_string(), "--no-node-setup"])
             .args(own_config)
-            .args(extra)
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("NOTIFY_SOCKET")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start pimesh-supervisor");
-        let supervisor = Supervisor {
-            child,
+            .args(extra);
+        let log = scratch.path().join("supervisor.log");
+        let mut daemon = Daemon::spawn("pimesh-supervisor", command, Some(&log));
+        daemon.wait_until_blocking("the status API listening", || {
+            TcpStream::connect(addr).is_ok()
+        });
+        Supervisor {
+            daemon,
             addr,
             _scratch: scratch,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "status API did not come up on {addr}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
-        supervisor
     }
 
     fn get(&self, path: &str) -> (u16, String) {
-        let mut stream = TcpStream::connect(self.addr).expect("connect");
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .expect("send");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("read");
-        let code = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .expect("status line");
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (code, body)
+        get_blocking(self.addr, path)
+            .unwrap_or_else(|| panic!("GET {path} failed; log:\n{}", self.daemon.log_text()))
     }
 
     fn status(&self) -> serde_json::Value {
@@ -79,38 +57,11 @@ impl Supervisor {
     }
 
     /// Sends SIGTERM and returns the exit status and everything logged.
-    fn terminate(mut self) -> (std::process::ExitStatus, String) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let exit = loop {
-            if let Some(exit) = self.child.try_wait().expect("wait") {
-                break exit;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "supervisor did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut logs = String::new();
-        if let Some(mut stderr) = self.child.stderr.take() {
-            stderr.read_to_string(&mut logs).expect("logs");
-        }
-        (exit, logs)
+    fn terminate(mut self) -> (ExitStatus, String) {
+        self.daemon.signal(Signal::SIGTERM);
+        let exit = self.daemon.wait_exit();
+        (exit, self.daemon.log_text())
     }
-}
-
-impl Drop for Supervisor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
 }
 
 #[test]

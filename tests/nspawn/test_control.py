@@ -7,6 +7,9 @@ where the replicas are. The proxy gets its leaf from a replica and watches disco
 replicas killed are healed while the proxy fails over; an issuer rotation by the
 supervisor reaches the replicas without a restart, and the proxy's next leaf comes from
 the new issuer.
+
+One node serves every case; each case starts once every unit is ready and the proxy holds
+a leaf from a replica (the `node` fixture), so the cases pass in any order.
 """
 
 import base64
@@ -16,7 +19,7 @@ import os
 
 import pytest
 
-from container import Container
+from harness.container import booted
 
 PROXY = "pimesh-proxy.service"
 CONTROLS = [f"pimesh-control@{n}.service" for n in (1, 2, 3)]
@@ -25,21 +28,25 @@ TRUST = "/var/lib/pimesh/trust"
 
 
 @pytest.fixture(scope="module")
-def node():
-    container = Container()
-    container.write("/boot/firmware/pimesh.toml", SEED)
-    try:
-        container.boot()
-        container.wait_for("every unit ready", lambda: all(
-            u["ready"] for u in container.status()["units"]), timeout=60)
+def booted_node():
+    with booted(SEED) as container:
         yield container
-    finally:
-        container.shutdown()
+
+
+@pytest.fixture
+def node(booted_node):
+    """The node with every unit ready and the proxy holding a leaf from a replica (or its
+    saved copy of one)."""
+    booted_node.wait_for("every unit ready", lambda: all(
+        u["ready"] for u in booted_node.status()["units"]), timeout=60)
+    booted_node.wait_for("the proxy's leaf from a replica", lambda: (
+        (c := proxy_config(booted_node)) and c["identity"]
+        and c["identity"]["source"] in ("control", "cache")))
+    return booted_node
 
 
 def proxy_config(node):
-    code, body = node.http_get("http://127.0.0.1:4191/config")
-    return json.loads(body) if code == 200 else None
+    return node.proxy_config()
 
 
 def issuer_sha256(node):

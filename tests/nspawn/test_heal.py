@@ -2,11 +2,15 @@
 systemd-nspawn. Each case breaks a managed unit (or the supervisor, or D-Bus) the way the
 world does, and checks that the supervisor heals it through systemd and says so in /status.
 
-Three containers: `node` runs the default configuration (the proxy and control replicas
-1..3); `troubled` runs a configuration that names a unit that does not exist and a short
+Three containers, one per class: `node` runs the default configuration (the proxy and
+control replicas 1..3); `troubled` runs a configuration that names a unit that does not exist and a short
 escalation ladder, with control replica 3 made to fail at once every time (a drop-in with
 ExecStart=/bin/false); `watched` gives the supervisor a 4 s watchdog (a drop-in) to show
 that it feeds it while healthy and is restarted by systemd when it stalls.
+
+Each case starts by waiting for the health it needs, so the cases of a class pass in any
+order; what the supervisor did on its own at first boot is recorded by the `node` fixture
+before any case breaks anything.
 """
 
 import re
@@ -14,7 +18,7 @@ import time
 
 import pytest
 
-from container import Container
+from harness.container import booted
 
 PROXY = "pimesh-proxy.service"
 CONTROLS = [f"pimesh-control@{n}.service" for n in (1, 2, 3)]
@@ -44,40 +48,34 @@ SHORT_WATCHDOG = "[Service]\nWatchdogSec=4s\n"
 INIT_SEED = 'site = "lab"\nrole = "init"\nnode = "pi-a"\n'
 
 
+class FirstStart:
+    """The node once the supervisor has started every managed unit on its own: the units'
+    MainPIDs and /status at that moment."""
+
+    def __init__(self, pids, status):
+        self.pids = pids
+        self.status = status
+
+
 @pytest.fixture(scope="class")
 def node():
-    container = Container()
-    container.write("/boot/firmware/pimesh.toml", INIT_SEED)
-    try:
-        container.boot()
+    with booted(INIT_SEED) as container:
+        pids = container.wait_for("every unit ready", lambda: all_healthy(container, [PROXY, *CONTROLS]))
+        container.first_start = FirstStart(pids, container.status())
         yield container
-    finally:
-        container.shutdown()
 
 
 @pytest.fixture(scope="class")
 def troubled():
-    container = Container()
-    container.write("/boot/firmware/pimesh.toml", INIT_SEED)
-    try:
-        container.write("/etc/pimesh/supervisor.toml", TROUBLED_CONFIG)
-        container.write("/etc/systemd/system/pimesh-control@3.service.d/fail.conf", ALWAYS_FAILING)
-        container.boot()
+    with booted(INIT_SEED, {"/etc/pimesh/supervisor.toml": TROUBLED_CONFIG,
+                            "/etc/systemd/system/pimesh-control@3.service.d/fail.conf": ALWAYS_FAILING}) as container:
         yield container
-    finally:
-        container.shutdown()
 
 
 @pytest.fixture(scope="class")
 def watched():
-    container = Container()
-    container.write("/boot/firmware/pimesh.toml", INIT_SEED)
-    try:
-        container.write("/etc/systemd/system/pimesh-supervisor.service.d/watchdog.conf", SHORT_WATCHDOG)
-        container.boot()
+    with booted(INIT_SEED, {"/etc/systemd/system/pimesh-supervisor.service.d/watchdog.conf": SHORT_WATCHDOG}) as container:
         yield container
-    finally:
-        container.shutdown()
 
 
 def healthy(container, unit):
@@ -107,8 +105,7 @@ class TestDefaultNode:
     The container is powered off after the last case."""
 
     def test_the_supervisor_starts_every_managed_unit(self, node):
-        pids = node.wait_for("every unit ready", lambda: all_healthy(node, [PROXY, *CONTROLS]))
-        status = node.status()
+        pids, status = node.first_start.pids, node.first_start.status
         assert status["config_errors"] == []
         assert status["supervisor_config"]["source"] == "defaults"
         assert status["dbus"]["connected"] is True

@@ -1,7 +1,9 @@
 """Over-the-air configuration end to end: `pimeshctl` → the real `pimesh-central` → the
 supervisor on a node (the amd64 root filesystem booted in systemd-nspawn, real systemd and
-D-Bus) → its proxy and control replicas. One site and one node for the whole file; the
-cases run in order and each starts from the state the previous one left.
+D-Bus) → its proxy and control replicas. One site and one node for the whole file; each
+case first brings the node to the revision it starts from (`given`), so the cases pass in
+any order (run in file order, each starts where the one before ended, and `given` has
+nothing to publish).
 
 The node's OTA settings are shortened for the test (health deadline 15 s, settle 1 s,
 trial window 6 s, bundles up to 64 KiB); everything else is the image's default.
@@ -15,7 +17,7 @@ import time
 
 import pytest
 
-from ota_site import Site, cluster_config, sha256_hex
+from harness.ota_site import Site, cluster_config, sha256_hex
 
 PROXY = "pimesh-proxy.service"
 CONTROLS = [f"pimesh-control@{n}.service" for n in (1, 2, 3)]
@@ -26,7 +28,7 @@ QUICK_RESTART = "[Service]\nRestartSec=200ms\nRestartSteps=0\n"
 
 
 @pytest.fixture(scope="module")
-def site():
+def booted_site():
     # The site's init node (given the site's anchor and issuer): it runs the control
     # replicas whose restarts the cases below check.
     site = Site(ota=OTA, byo_init=True)
@@ -35,6 +37,24 @@ def site():
         yield site
     finally:
         site.close()
+
+
+@pytest.fixture
+def site(booted_site):
+    """The site with the real central server serving, whatever a case before left, and
+    the node's OTA client idle."""
+    booted_site.ensure_central()
+    booted_site.container.wait_for("the OTA client idle",
+                                   lambda: booted_site.ota_status()["state"] == "idle", timeout=60)
+    return booted_site
+
+
+def given(site, config):
+    """The node running `config` as its committed revision: published (and waited for)
+    unless it already does."""
+    status = site.ota_status()
+    if site.active_config() != config or status["state"] != "idle" or status["committed"] == 0:
+        site.wait_committed(site.publish(config))
 
 
 def outcome(site, state):
@@ -59,6 +79,7 @@ def test_a_published_revision_is_applied_on_the_node_and_reported(site):
 
 
 def test_only_the_units_that_read_a_change_are_touched(site):
+    given(site, cluster_config(site.name))
     proxy_pid = site.container.main_pid(PROXY)
     control_pids = [site.container.main_pid(unit) for unit in CONTROLS]
 
@@ -81,6 +102,7 @@ def test_only_the_units_that_read_a_change_are_touched(site):
 
 
 def test_the_replica_count_follows_the_site_configuration(site):
+    given(site, cluster_config(site.name, max_connections=2000, services=("web", "api")))
     proxy_pid = site.container.main_pid(PROXY)
     kept_pids = [site.container.main_pid(unit) for unit in CONTROLS[:2]]
 
@@ -112,6 +134,7 @@ def test_the_replica_count_follows_the_site_configuration(site):
 
 
 def test_a_revision_the_proxy_refuses_is_rolled_back(site):
+    given(site, cluster_config(site.name, max_connections=2000, services=("web", "api")))
     good = site.active_config()
     committed = site.ota_status()["committed"]
     # Schema-valid, but no node has the open files for it: the proxy refuses it and its
@@ -129,6 +152,7 @@ def test_a_revision_the_proxy_refuses_is_rolled_back(site):
 
 
 def test_a_trial_revision_reverts_unless_a_newer_one_confirms_it(site):
+    given(site, cluster_config(site.name, max_connections=2000, services=("web", "api")))
     good = site.active_config()
     committed = site.ota_status()["committed"]
     trial = cluster_config(site.name, max_connections=3000, services=("web", "api"))
@@ -154,6 +178,7 @@ def test_a_trial_revision_reverts_unless_a_newer_one_confirms_it(site):
 
 
 def test_reports_wait_on_disk_while_the_central_server_is_down(site):
+    given(site, cluster_config(site.name, max_connections=3000, services=("web", "api")))
     trial = cluster_config(site.name, max_connections=3500, services=("web", "api"))
     revision = site.publish(trial, try_mode=True)
     site.container.wait_for("the trial", lambda: site.ota_status()["pending"] == revision, timeout=30)
@@ -174,24 +199,27 @@ def test_reports_wait_on_disk_while_the_central_server_is_down(site):
 
 
 def test_bad_documents_are_refused_reported_and_change_nothing(site):
+    given(site, cluster_config(site.name, max_connections=3000, services=("web", "api")))
     good = site.active_config()
     committed = site.ota_status()["committed"]
     replay = open(os.path.join(site.dir, "state", site.name, "revisions", f"{committed}.json"), "rb").read()
-    valid = site.forge(good, 100)
-    tampered = json.loads(site.forge(good, 101))
+    # Claimed revisions above any published so far: 100 to 104 in file order.
+    first = max(100, site.revision + 1)
+    valid = site.forge(good, first)
+    tampered = json.loads(site.forge(good, first + 1))
     tampered["config"] = tampered["config"].replace("max_connections = 3000", "max_connections = 9")
     elsewhere = os.path.join(site.dir, "elsewhere")
     shutil.copytree(site.keys, elsewhere)  # the same signing key reused for another site
     cases = [
         ("tampered", json.dumps(tampered).encode(), "signature does not verify"),
-        ("for another site", site.forge(good.replace(f'"{site.name}"', '"elsewhere"'), 102,
+        ("for another site", site.forge(good.replace(f'"{site.name}"', '"elsewhere"'), first + 2,
                                         site="elsewhere", key_dir=elsewhere), "for site elsewhere"),
         ("replayed", replay, "not newer"),
         ("older", site.forge(good, 1), "not newer"),
         ("truncated", valid[: len(valid) // 2], "not a pimesh-revision/1 document"),
-        ("oversized", site.forge(good + "#" * 70000 + "\n", 103), "more than the 65536 allowed"),
+        ("oversized", site.forge(good + "#" * 70000 + "\n", first + 3), "more than the 65536 allowed"),
         ("garbage", os.urandom(300), "not a pimesh-revision/1 document"),
-        ("signed but invalid", site.forge(f'site = "{site.name}"\n[control]\nreplicas = 12\n', 104),
+        ("signed but invalid", site.forge(f'site = "{site.name}"\n[control]\nreplicas = 12\n', first + 4),
          "control.replicas"),
     ]
     site.start_hostile()
@@ -211,14 +239,23 @@ def test_bad_documents_are_refused_reported_and_change_nothing(site):
     finally:
         site.stop_hostile()
         site.start_central()
-    # The refused documents claimed revisions up to 104: the site moves past them.
-    site.revision = 200
+    # The refused documents claimed revisions up to first + 4: the site moves past them.
+    site.revision = first + 100
 
 
 def test_a_power_cut_during_apply_leaves_the_old_or_the_new_revision_whole(site):
     container = site.container
-    container.write("/etc/systemd/system/pimesh-supervisor.service.d/quick-restart.conf", QUICK_RESTART)
+    drop_in = "/etc/systemd/system/pimesh-supervisor.service.d/quick-restart.conf"
+    container.write(drop_in, QUICK_RESTART)
     container.systemctl("daemon-reload")
+    try:
+        power_cuts(site, container)
+    finally:
+        os.remove(site.node_path(drop_in))
+        container.systemctl("daemon-reload")
+
+
+def power_cuts(site, container):
     rng = random.Random(20261126)
     iterations = int(os.environ.get("PIMESH_POWER_CUTS", "50"))
     seen = {"old": 0, "new": 0}

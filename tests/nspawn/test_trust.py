@@ -12,15 +12,14 @@ knows the same anchor, with no enrollment by hand.
 """
 
 import hashlib
-import json
 import os
 import ssl
 import stat
 
 import pytest
 
-from container import Container
-from ota_site import Site, cluster_config, sha256_hex
+from harness.container import Container, booted
+from harness.ota_site import Site, cluster_config, sha256_hex
 
 TRUST = "/var/lib/pimesh/trust"
 
@@ -35,13 +34,14 @@ def mode(container, path):
 
 @pytest.fixture
 def init_node():
-    container = Container()
-    try:
-        container.write("/boot/firmware/pimesh.toml", 'site = "lab"\nrole = "init"\nnode = "pi-a"\n')
-        container.boot()
+    with booted('site = "lab"\nrole = "init"\nnode = "pi-a"\n') as container:
         yield container
-    finally:
-        container.shutdown()
+
+
+def proxy_identity(container):
+    """The identity in the proxy's /config, None while it does not answer."""
+    config = container.proxy_config()
+    return config.get("identity") if config else None
 
 
 def test_an_init_node_generates_the_site_root_once_and_can_give_up_the_anchor_key(init_node):
@@ -97,11 +97,7 @@ def test_an_init_node_imports_the_operators_anchor_and_enrolls_itself():
         node_key = os.path.join(container.root, "var/lib/pimesh/identity/node.key")
         assert os.stat(node_key).st_uid == proxy_uid and mode(container, "/var/lib/pimesh/identity/node.key") == 0o600
 
-        def proxy_identity():
-            code, body = container.http_get("http://127.0.0.1:4191/config")
-            return json.loads(body).get("identity") if code == 200 else None
-
-        identity = container.wait_for("the proxy's node identity", proxy_identity)
+        identity = container.wait_for("the proxy's node identity", lambda: proxy_identity(container))
         assert identity["node"] == site.node and identity["site"] == site.name
         assert f"spiffe://{site.name}/node/{site.node}" in identity["ids"]
     finally:
@@ -145,11 +141,7 @@ def test_a_joining_node_enrolled_by_hand_gives_its_proxy_the_certificate_without
                 open(os.path.join(container.root, "var/lib/pimesh/identity/anchor.pem")) as g:
             assert f.read() == g.read(), "the card's anchor, checked against the join token"
 
-        def proxy_identity():
-            code, body = container.http_get("http://127.0.0.1:4191/config")
-            return json.loads(body).get("identity") if code == 200 else None
-
-        identity = container.wait_for("the proxy's node identity", proxy_identity)
+        identity = container.wait_for("the proxy's node identity", lambda: proxy_identity(container))
         assert identity["node"] == site.node and identity["source"] == "node-credential"
         pid = container.main_pid("pimesh-proxy.service")
         started = int(container.run(["stat", "-c", "%Y", f"/proc/{pid}"]).stdout)

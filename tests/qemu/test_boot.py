@@ -1,35 +1,31 @@
 """The real arm64 Pimesh image, booted in QEMU aarch64: what a user checks after flashing.
 
 Case 1 boots with a valid seed written into the boot partition; case 2 with a broken one.
-Each powers the node off cleanly at the end.
+Each powers the node off cleanly at the end. Whichever of the two boots second checks that
+the two nodes made from one image have different host keys.
 """
 
 import json
-import os
 import re
 import subprocess
 import time
 
 import pytest
 
-from node import BOOT_OFFSET, DISK_GIB, Node, decompress, image_path, make_ssh_key
-
-FIGURES = {}
-HOST_KEYS = {}
+from harness.qemu import BOOT_OFFSET, DISK_GIB, Node
 
 
 @pytest.fixture(scope="module")
-def base_image(tmp_path_factory):
-    return decompress(image_path(), str(tmp_path_factory.mktemp("image") / "pimesh.img"))
+def host_keys():
+    """The SSH host key fingerprint each booted node presented, by case."""
+    return {}
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    return {
-        "seed": (str(d / "seed_key"), make_ssh_key(str(d / "seed_key"), "seed@e2e")),
-        "console": (str(d / "console_key"), make_ssh_key(str(d / "console_key"), "console@e2e")),
-    }
+def assert_own_host_key(host_keys, case, presented):
+    """Records `presented` for `case`, after checking that no other node had it."""
+    for other, fingerprint in host_keys.items():
+        assert presented != fingerprint, f"two nodes from one image share a host key ({other}, {case})"
+    host_keys[case] = presented
 
 
 @pytest.fixture
@@ -62,24 +58,12 @@ def wait_for_units_ready(node, also=lambda units: True, timeout=120):
     raise TimeoutError(f"managed units not all ready after {timeout}s: {json.dumps(units, indent=1)}")
 
 
-def proxy_config(node):
-    """The proxy's /config, read on the node over SSH (the image has no HTTP client; bash's
-    /dev/tcp does)."""
-    raw = node.ssh("exec 3<>/dev/tcp/127.0.0.1/4191 && printf 'GET /config HTTP/1.0\\r\\n\\r\\n' >&3 "
-                   "&& cat <&3", check=False)
-    body = raw.replace("\r\n", "\n").partition("\n\n")[2]
-    try:
-        return json.loads(body)
-    except ValueError:
-        return None
-
-
 def wait_for_proxy_identity(node, accept, timeout=120):
     """Polls the proxy's /config until its identity satisfies `accept`; returns it."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
-        config = proxy_config(node)
+        config = node.proxy_config()
         last = config and config.get("identity")
         if last and accept(last):
             return last
@@ -117,8 +101,8 @@ def test_image_ships_no_host_keys_and_a_blank_seed(base_image):
     assert "start4.elf" in files and "fixup4.dat" in files
 
 
-def test_first_boot_with_a_valid_seed(base_image, keys, node_factory):
-    seed_key, seed_pub = keys["seed"]
+def test_first_boot_with_a_valid_seed(base_image, ssh_key, node_factory, host_keys, figures):
+    seed_key, seed_pub = ssh_key("seed@e2e")
     seed = (
         'site = "e2e-site"\n'
         'role = "init"\n'
@@ -129,7 +113,7 @@ def test_first_boot_with_a_valid_seed(base_image, keys, node_factory):
     # Only the seed grants SSH access here: logging in proves the seed's keys were applied.
     node = node_factory(base_image=base_image, seed_text=seed, ssh_key=seed_key)
     image_root_bytes = root_partition_sectors(node.disk)["size"] * 512
-    FIGURES["ssh_after_s"] = node.wait_for_ssh()
+    figures["ssh_after_s"] = node.wait_for_ssh()
     node.wait_for_unit_active("pimesh-supervisor.service")
 
     status = node.wait_for_status()
@@ -155,7 +139,7 @@ def test_first_boot_with_a_valid_seed(base_image, keys, node_factory):
     keygen_log = node.ssh("journalctl -b -o cat -u pimesh-ssh-hostkeys.service")
     presented = node.host_key_fingerprint()
     assert presented in keygen_log, f"sshd presents {presented}, generated this boot: {keygen_log}"
-    HOST_KEYS["valid-seed"] = presented
+    assert_own_host_key(host_keys, "valid-seed", presented)
 
     state = node.wait_until_settled()
     failed = node.ssh("systemctl --failed --no-legend --plain")
@@ -180,12 +164,12 @@ def test_first_boot_with_a_valid_seed(base_image, keys, node_factory):
         pid = node.unit_property(unit, "MainPID")
         return int(node.ssh(f"awk '/VmRSS/ {{print $2}}' /proc/{pid}/status"))
 
-    FIGURES["supervisor_rss_kib"] = rss_kib("pimesh-supervisor.service")
-    FIGURES["proxy_rss_kib"] = rss_kib("pimesh-proxy.service")
-    FIGURES["control_replica_rss_kib"] = [rss_kib(f"pimesh-control@{n}.service") for n in (1, 2, 3)]
-    FIGURES["ready_since_kernel_s"] = int(node.unit_property(
+    figures["supervisor_rss_kib"] = rss_kib("pimesh-supervisor.service")
+    figures["proxy_rss_kib"] = rss_kib("pimesh-proxy.service")
+    figures["control_replica_rss_kib"] = [rss_kib(f"pimesh-control@{n}.service") for n in (1, 2, 3)]
+    figures["ready_since_kernel_s"] = int(node.unit_property(
         "pimesh-supervisor.service", "ActiveEnterTimestampMonotonic")) / 1e6
-    FIGURES["multi_user_since_kernel_s"] = int(node.unit_property(
+    figures["multi_user_since_kernel_s"] = int(node.unit_property(
         "multi-user.target", "ActiveEnterTimestampMonotonic")) / 1e6
 
     assert node.poweroff() == 0
@@ -193,8 +177,8 @@ def test_first_boot_with_a_valid_seed(base_image, keys, node_factory):
         assert "reboot: Power down" in f.read()
 
 
-def test_broken_seed_is_reported_and_nothing_crashes(base_image, keys, node_factory):
-    console_key, console_pub = keys["console"]
+def test_broken_seed_is_reported_and_nothing_crashes(base_image, ssh_key, node_factory, host_keys):
+    console_key, console_pub = ssh_key("console@e2e")
     broken = 'site = "e2e-site"\nrole = "captain"\n'
     # The broken seed grants nothing; the operator's way in is a systemd credential.
     node = node_factory(base_image=base_image, seed_text=broken, ssh_key=console_key,
@@ -224,16 +208,5 @@ def test_broken_seed_is_reported_and_nothing_crashes(base_image, keys, node_fact
     assert node.unit_property("pimesh-supervisor.service", "NRestarts") == "0"
     assert node.unit_property("pimesh-supervisor.service", "ActiveState") == "active"
 
-    presented = node.host_key_fingerprint()
-    if "valid-seed" in HOST_KEYS:
-        assert presented != HOST_KEYS["valid-seed"], "two nodes from one image share a host key"
+    assert_own_host_key(host_keys, "broken-seed", node.host_key_fingerprint())
     assert node.poweroff() == 0
-
-
-def teardown_module(module):
-    if FIGURES:
-        print("\nFIGURES " + json.dumps(FIGURES, sort_keys=True))
-        path = os.environ.get("PIMESH_FIGURES")
-        if path:
-            with open(path, "w") as f:
-                json.dump(FIGURES, f, indent=2, sort_keys=True)

@@ -8,19 +8,15 @@ it; the node boots again from the same disk and must hold the old or the new rev
 whole, then converge on the new one — with the proxy running exactly that configuration.
 """
 
-import json
 import os
 import random
-import shlex
-import sys
 import time
 
 import pytest
 
-from node import Node, decompress, free_port, image_path, make_ssh_key
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "nspawn"))
-from ota_site import Site, cluster_config, sha256_hex  # noqa: E402
+from harness.ota_site import Site, cluster_config, sha256_hex
+from harness.ports import free_port
+from harness.qemu import Node
 
 POWER_CUTS = int(os.environ.get("PIMESH_VM_POWER_CUTS", "3"))
 
@@ -40,12 +36,8 @@ def active_config(node):
 
 
 def proxy_sha(node):
-    """The SHA-256 of the configuration the proxy runs (its admin /config, read with bash:
-    the image has no HTTP client)."""
-    script = "exec 3<>/dev/tcp/127.0.0.1/4191; printf 'GET /config HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
-    answer = node.ssh("bash -c " + shlex.quote(script))
-    # (ssh output arrives with its line ends translated to \\n)
-    return json.loads(answer.replace("\r\n", "\n").split("\n\n", 1)[1])["sha256"]
+    """The SHA-256 of the configuration the proxy runs (its admin /config)."""
+    return node.proxy_config(check=True)["sha256"]
 
 
 def wait_committed(node, revision, timeout=240):
@@ -59,11 +51,10 @@ def wait_committed(node, revision, timeout=240):
     raise TimeoutError(f"revision {revision} not committed after {timeout}s: {ota}")
 
 
-def test_power_cuts_during_apply_leave_the_old_or_the_new_revision(site, tmp_path):
-    key = str(tmp_path / "key")
-    public = make_ssh_key(key, "ota@e2e")
+def test_power_cuts_during_apply_leave_the_old_or_the_new_revision(site, tmp_path, base_image, ssh_key):
+    key, public = ssh_key("ota@e2e")
     seed = site.seed(top=f'ssh_authorized_keys = ["{public}"]\n')
-    image = decompress(image_path(), str(tmp_path / "pimesh.img"))
+    image = base_image
     workdir = str(tmp_path / "node")
     os.makedirs(workdir)
     node = Node(workdir, image, seed, key).boot()

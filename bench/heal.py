@@ -1,4 +1,4 @@
-"""Heal benchmark (prints figures, asserts nothing): the amd64 root filesystem booted in
+"""`make bench-heal` (prints figures, asserts nothing): the amd64 root filesystem booted in
 systemd-nspawn, the default supervisor configuration.
 
 - kill -9 of a managed unit's main process → its readiness endpoint answers 200 again from
@@ -14,12 +14,12 @@ few milliseconds); kills and systemctl run through nsenter into the whole contai
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
-from container import Container
+from harness.container import booted
+from table import Table
 
 KILLS = int(os.environ.get("KILLS", "32"))
 HANGS = int(os.environ.get("HANGS", "6"))
@@ -142,27 +142,32 @@ def window(pid, seconds, during=None):
 
 
 def main():
-    container = Container()
+    table = Table("heal")
+    table.setup("the amd64 root in systemd-nspawn, default supervisor configuration; "
+                f"idle windows of {IDLE_SECONDS:.0f} s")
     # The site's init node: it holds the issuer, so it runs the control replicas.
-    container.write("/boot/firmware/pimesh.toml", 'site = "lab"\nrole = "init"\nnode = "pi-a"\n')
-    try:
-        container.boot()
+    with booted('site = "lab"\nrole = "init"\nnode = "pi-a"\n') as container:
         container.wait_for("every unit ready", lambda: all(
             u["ready"] for u in container.status()["units"]), timeout=60)
         pid = supervisor_host_pid(container)
         time.sleep(2)
         idle_cpu, idle_rss, _ = window(pid, IDLE_SECONDS)
-        print(f"supervisor idle ({IDLE_SECONDS:.0f} s): CPU {idle_cpu:.2f} %, RSS {idle_rss} KiB")
+        table.row("supervisor idle: CPU", idle_cpu, "%", ".2f")
+        table.row("supervisor idle: RSS", idle_rss, "KiB")
 
         seconds, lost = timed(container, "kill", KILLS)
-        print(f"kill -9 → ready again ({len(seconds)} kills, {lost} not back in 60 s): "
-              f"p50 {percentile(seconds, 50) * 1000:.0f} ms, p99 {percentile(seconds, 99) * 1000:.0f} ms, "
-              f"max {max(seconds) * 1000:.0f} ms")
+        table.row("kill -9 → ready again, p50", percentile(seconds, 50) * 1000, "ms", ".0f")
+        table.row("kill -9 → ready again, p99", percentile(seconds, 99) * 1000, "ms", ".0f")
+        table.row("kill -9 → ready again, max", max(seconds) * 1000, "ms", ".0f")
+        table.row("kill -9 → ready again, kills", len(seconds), "count")
+        table.row("kill -9 → not ready again within 60 s", lost, "count")
 
         seconds, lost = timed(container, "hang", HANGS)
-        print(f"SIGSTOP → detected and ready again ({len(seconds)} hangs, {lost} not back; threshold 3 s, "
-              f"probe every 1 s): p50 {percentile(seconds, 50) * 1000:.0f} ms, "
-              f"max {max(seconds) * 1000:.0f} ms")
+        table.setup("SIGSTOP: hang threshold 3 s, probe every 1 s")
+        table.row("SIGSTOP → detected and ready again, p50", percentile(seconds, 50) * 1000, "ms", ".0f")
+        table.row("SIGSTOP → detected and ready again, max", max(seconds) * 1000, "ms", ".0f")
+        table.row("SIGSTOP → detected and ready again, hangs", len(seconds), "count")
+        table.row("SIGSTOP → not ready again within 60 s", lost, "count")
 
         storm = subprocess.Popen(["nsenter", "-t", str(container.leader), "-n", sys.executable, "-c", STORM,
                                   str(container.leader), str(STORM_SECONDS), str(STORM_PERIOD), *UNITS],
@@ -171,14 +176,17 @@ def main():
         kills = storm.communicate(timeout=60)[0].strip()
         status = container.status()
         actions = sum(u["restarts_by_pimesh"] for u in status["units"])
-        print(f"supervisor during a restart storm ({kills} kills over {STORM_SECONDS:.0f} s): "
-              f"CPU {storm_cpu:.2f} %, peak RSS {storm_rss} KiB; heal actions so far {actions}")
+        table.setup(f"restart storm: every unit killed every {STORM_PERIOD} s for {STORM_SECONDS:.0f} s")
+        table.row("restart storm: kills", kills, "count")
+        table.row("restart storm: supervisor CPU", storm_cpu, "%", ".2f")
+        table.row("restart storm: supervisor peak RSS", storm_rss, "KiB")
+        table.row("restart storm: heal actions so far", actions, "count")
         container.wait_for("every unit ready again", lambda: all(
             u["ready"] for u in container.status()["units"]), timeout=120)
         after_cpu, after_rss, _ = window(pid, IDLE_SECONDS)
-        print(f"supervisor idle after the storm: CPU {after_cpu:.2f} %, RSS {after_rss} KiB")
-    finally:
-        container.shutdown()
+        table.row("supervisor idle after the storm: CPU", after_cpu, "%", ".2f")
+        table.row("supervisor idle after the storm: RSS", after_rss, "KiB")
+    table.print()
 
 
 if __name__ == "__main__":

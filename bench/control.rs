@@ -13,20 +13,18 @@
 //!   until every proxy that used it is watching another replica is taken (per proxy: p50,
 //!   max).
 //!
-//! usage: control_bench [--csrs N] [--handshakes N] [--proxies N] [--changes N]
-//!        [--bin-dir PATH]
+//! usage: cargo bench -p pimesh-bench --bench control -- [--csrs N] [--handshakes N]
+//!        [--proxies N] [--changes N] [--bin-dir PATH]
 //!
-//! The binaries come from `--bin-dir` (default: the folder of this example's own target
-//! profile, e.g. target/release), so build them first (`make bench-control` does).
+//! The binaries come from `--bin-dir` when given, else they are built (release) for the run.
 
-use std::collections::BTreeSet;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use pimesh_identity::{LeafRequest, SpiffeId, TrustRoot};
-use pimesh_schema::DnsLabel;
+use pimesh_bench::{bench_args, Table};
+use pimesh_identity::LeafRequest;
+use pimesh_test_support::{free_port, Binary};
 
 type Error = String;
 
@@ -39,18 +37,14 @@ struct Args {
     handshakes: usize,
     proxies: usize,
     changes: usize,
-    bin_dir: PathBuf,
+    control_bin: PathBuf,
+    proxy_bin: PathBuf,
 }
 
-fn parse_args() -> Result<Args, Error> {
-    let mut args = Args {
-        csrs: 1000,
-        handshakes: 200,
-        proxies: 5,
-        changes: 20,
-        bin_dir: default_bin_dir()?,
-    };
-    let mut it = std::env::args().skip(1);
+fn parse_args(argv: Vec<String>) -> Result<Args, Error> {
+    let (mut csrs, mut handshakes, mut proxies, mut changes) = (1000, 200, 5, 20);
+    let mut bin_dir: Option<PathBuf> = None;
+    let mut it = argv.into_iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         let number = |text: String| {
@@ -60,46 +54,43 @@ fn parse_args() -> Result<Args, Error> {
                 .ok_or_else(|| format!("expected a positive number, found {text:?}"))
         };
         match flag.as_str() {
-            "--csrs" => args.csrs = number(value()?)?,
-            "--handshakes" => args.handshakes = number(value()?)?,
-            "--proxies" => args.proxies = number(value()?)?,
-            "--changes" => args.changes = number(value()?)?,
-            "--bin-dir" => args.bin_dir = PathBuf::from(value()?),
+            "--csrs" => csrs = number(value()?)?,
+            "--handshakes" => handshakes = number(value()?)?,
+            "--proxies" => proxies = number(value()?)?,
+            "--changes" => changes = number(value()?)?,
+            "--bin-dir" => bin_dir = Some(PathBuf::from(value()?)),
             other => return Err(format!("unknown option {other:?}")),
         }
     }
-    Ok(args)
-}
-
-/// target/<profile>/ of this example (target/<profile>/examples/control_bench).
-fn default_bin_dir() -> Result<PathBuf, Error> {
-    let exe = std::env::current_exe().map_err(|err| format!("current_exe: {err}"))?;
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .ok_or_else(|| format!("{} has no target folder", exe.display()))
+    let binary = |binary: Binary| match &bin_dir {
+        Some(dir) => dir.join(binary.name()),
+        None => binary.path(),
+    };
+    Ok(Args {
+        csrs,
+        handshakes,
+        proxies,
+        changes,
+        control_bin: binary(Binary::Control),
+        proxy_bin: binary(Binary::Proxy),
+    })
 }
 
 fn main() -> std::process::ExitCode {
-    let result = parse_args().and_then(|args| run(&args));
+    let Some(argv) = bench_args() else {
+        return std::process::ExitCode::SUCCESS;
+    };
+    let result = parse_args(argv).and_then(|args| run(&args));
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(table) => {
+            table.print();
+            std::process::ExitCode::SUCCESS
+        }
         Err(err) => {
-            eprintln!("control_bench: {err}");
+            eprintln!("bench-control: {err}");
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-fn label(s: &str) -> Result<DnsLabel, Error> {
-    DnsLabel::try_from(s.to_owned()).map_err(|err| format!("{s}: {err}"))
-}
-
-fn free_port() -> Result<u16, Error> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|err| format!("no free port: {err}"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -108,23 +99,16 @@ fn free_port() -> Result<u16, Error> {
 /// The temporary site: trust folder, site config, node credentials.
 struct Site {
     dir: PathBuf,
-    name: DnsLabel,
-    root: TrustRoot,
+    site: pimesh_test_support::Site,
 }
 
 impl Site {
     fn new(dir: &Path) -> Result<Site, Error> {
-        let name = label(SITE)?;
-        let root = TrustRoot::generate(&name, SystemTime::now()).map_err(|e| e.to_string())?;
-        let trust = dir.join("trust");
-        std::fs::create_dir_all(&trust).map_err(|e| e.to_string())?;
-        write(&trust.join("anchor.pem"), root.anchor.cert_pem())?;
-        write(&trust.join("issuer.pem"), root.issuer.cert_pem())?;
-        write(&trust.join("issuer.key"), &root.issuer.key_pem())?;
+        let site = pimesh_test_support::Site::new(SITE);
+        site.write_trust(&dir.join("trust"));
         Ok(Site {
             dir: dir.to_path_buf(),
-            name,
-            root,
+            site,
         })
     }
 
@@ -136,28 +120,9 @@ impl Site {
         self.dir.join("cluster.toml")
     }
 
-    fn node_id(&self, node: &str) -> Result<SpiffeId, Error> {
-        Ok(SpiffeId::node(&self.name, &label(node)?))
-    }
-
     /// A node credential (chain PEM, key PEM), as `pimeshctl node sign` makes them.
     fn node_credential(&self, node: &str) -> Result<(String, String), Error> {
-        let id = self.node_id(node)?;
-        let request = LeafRequest::new(std::slice::from_ref(&id)).map_err(|e| e.to_string())?;
-        let leaf = self
-            .root
-            .issuer
-            .sign_leaf(
-                &request.csr,
-                &self.name,
-                &BTreeSet::from([id]),
-                SystemTime::now(),
-            )
-            .map_err(|e| e.to_string())?;
-        Ok((
-            format!("{}{}", leaf.pem, self.root.issuer.cert_pem()),
-            request.key.serialize_pem(),
-        ))
+        Ok(self.site.node_credential_pem(node))
     }
 }
 
@@ -189,12 +154,7 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|err| {
-                format!(
-                    "cannot start {} ({err}); build it first: cargo build --release -p pimesh-control -p pimesh-proxy",
-                    bin.display()
-                )
-            })?;
+            .map_err(|err| format!("cannot start {} ({err})", bin.display()))?;
         Ok(Daemon {
             child,
             what,
@@ -254,29 +214,6 @@ fn plain_get(url: &str) -> Option<(u16, String)> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Figures.
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-fn summary(mut samples: Vec<Duration>) -> String {
-    samples.sort();
-    let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1000.0);
-    format!(
-        "p50 {}, p99 {}, max {} (n = {})",
-        ms(percentile(&samples, 0.50)),
-        ms(percentile(&samples, 0.99)),
-        ms(samples.last().copied().unwrap_or_default()),
-        samples.len()
-    )
-}
-
-// ---------------------------------------------------------------------------------------
 // Phase A: CSR → certificate.
 
 /// An mTLS client of the identity API with a node credential; `fresh` opens a new
@@ -289,7 +226,7 @@ fn identity_client(
     let (chain, key) = site.node_credential(node)?;
     let identity = reqwest::Identity::from_pem(format!("{key}{chain}").as_bytes())
         .map_err(|err| format!("client identity: {err}"))?;
-    let anchor = reqwest::Certificate::from_pem(site.root.anchor.cert_pem().as_bytes())
+    let anchor = reqwest::Certificate::from_pem(site.site.root.anchor.cert_pem().as_bytes())
         .map_err(|err| format!("anchor: {err}"))?;
     let mut builder = reqwest::blocking::Client::builder()
         .use_rustls_tls()
@@ -329,7 +266,7 @@ fn sign_many(
 }
 
 fn csrs(site: &Site, node: &str, count: usize) -> Result<Vec<String>, Error> {
-    let id = site.node_id(node)?;
+    let id = site.site.node_id(node);
     (0..count)
         .map(|_| {
             LeafRequest::new(std::slice::from_ref(&id))
@@ -364,15 +301,21 @@ fn start_replica(
     )
 }
 
-fn run(args: &Args) -> Result<(), Error> {
+fn run(args: &Args) -> Result<Table, Error> {
+    let mut table = Table::new("control");
+    table.setup(format!(
+        "3 replicas and {} proxies of a temporary site on 127.0.0.1; {} CSRs on a kept-alive \
+         connection, {} with a new connection each; {} config changes; 5 replica kills",
+        args.proxies, args.csrs, args.handshakes, args.changes
+    ));
     let temp = tempfile::tempdir().map_err(|err| format!("tempdir: {err}"))?;
     let site = Site::new(temp.path())?;
     write(
         &site.config_path(),
         &format!("site = \"{SITE}\"\n\n[services.web]\nport = 80\nnodes = [\"node-0\"]\n"),
     )?;
-    let control_bin = args.bin_dir.join("pimesh-control");
-    let ports = [free_port()?, free_port()?, free_port()?];
+    let control_bin = &args.control_bin;
+    let ports = [free_port(), free_port(), free_port()];
     let mut replicas = Vec::new();
     for (i, port) in ports.iter().enumerate() {
         replicas.push(start_replica(
@@ -380,7 +323,7 @@ fn run(args: &Args) -> Result<(), Error> {
             temp.path(),
             i + 1,
             *port,
-            &control_bin,
+            control_bin,
         )?);
     }
     for (port, replica) in ports.iter().zip(&replicas) {
@@ -396,27 +339,24 @@ fn run(args: &Args) -> Result<(), Error> {
     let kept = identity_client(&site, "node-0", false)?;
     let requests = csrs(&site, "node-0", args.csrs)?;
     let samples = sign_many(&kept, &url, requests)?;
-    println!(
-        "A  CSR → certificate, one kept-alive mTLS connection: {}",
-        summary(samples)
+    table.row_percentiles(
+        "A CSR → certificate, one kept-alive mTLS connection",
+        &samples,
     );
     let fresh = identity_client(&site, "node-0", true)?;
     let requests = csrs(&site, "node-0", args.handshakes)?;
     let samples = sign_many(&fresh, &url, requests)?;
-    println!(
-        "A  CSR → certificate, new TCP + TLS 1.3 connection each: {}",
-        summary(samples)
+    table.row_percentiles(
+        "A CSR → certificate, new TCP + TLS 1.3 connection each",
+        &samples,
     );
 
     let after_kib = rss_kib(replicas[0].pid(), "VmRSS:")?;
     let peak_kib = rss_kib(replicas[0].pid(), "VmHWM:")?;
-    let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
-    println!(
-        "B  replica RSS: idle {}, after phase A {}, peak {}",
-        mib(idle_kib),
-        mib(after_kib),
-        mib(peak_kib)
-    );
+    let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
+    table.row("B replica RSS, idle", mib(idle_kib), "MiB");
+    table.row("B replica RSS, after phase A", mib(after_kib), "MiB");
+    table.row("B replica RSS, peak", mib(peak_kib), "MiB");
 
     let control: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let proxies = (0..args.proxies)
@@ -430,17 +370,19 @@ fn run(args: &Args) -> Result<(), Error> {
         })?;
     }
     let samples = config_changes(args, &site, &replicas, &proxies)?;
-    println!(
-        "C  config change → every one of {} proxies runs it: {}",
-        proxies.len(),
-        summary(samples)
+    table.row_percentiles(
+        &format!(
+            "C config change → every one of {} proxies runs it",
+            proxies.len()
+        ),
+        &samples,
     );
     let samples = failovers(&site, &mut replicas, &ports, &proxies, temp.path())?;
-    println!(
-        "D  replica in use killed (SIGKILL) → the proxy watches another: {}",
-        summary(samples)
+    table.row_percentiles(
+        "D replica in use killed (SIGKILL) → the proxy watches another",
+        &samples,
     );
-    Ok(())
+    Ok(table)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -474,13 +416,16 @@ impl BenchProxy {
         let (chain, key) = site.node_credential(&name)?;
         write(&identity.join("node.pem"), &chain)?;
         write(&identity.join("node.key"), &key)?;
-        write(&identity.join("anchor.pem"), site.root.anchor.cert_pem())?;
-        let admin = free_port()?;
+        write(
+            &identity.join("anchor.pem"),
+            site.site.root.anchor.cert_pem(),
+        )?;
+        let admin = free_port();
         let arg = |flag: &str, value: String| [flag.to_owned(), value];
         let argv: Vec<String> = [
             arg("--admin-addr", format!("127.0.0.1:{admin}")),
-            arg("--inbound-addr", format!("127.0.0.1:{}", free_port()?)),
-            arg("--outbound-addr", format!("127.0.0.1:{}", free_port()?)),
+            arg("--inbound-addr", format!("127.0.0.1:{}", free_port())),
+            arg("--outbound-addr", format!("127.0.0.1:{}", free_port())),
             arg("--config", dir.join("no-file.toml").display().to_string()),
             arg("--identity-dir", identity.display().to_string()),
             arg(
@@ -491,7 +436,7 @@ impl BenchProxy {
         ]
         .concat();
         let daemon = Daemon::spawn(
-            &args.bin_dir.join("pimesh-proxy"),
+            &args.proxy_bin,
             &argv,
             &dir.join(format!("{name}.log")),
             name.clone(),

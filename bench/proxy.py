@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The path a mesh adds, measured: client -> proxy A (plaintext) -> mTLS -> proxy B -> backend.
+"""`make bench-proxy`: the path a mesh adds, measured: client -> proxy A (plaintext) -> mTLS -> proxy B -> backend.
 
 Three rows, all on 127.0.0.1:
   direct   client -> nginx
@@ -38,11 +38,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
+from harness.http_helpers import get as http_get
+from harness.paths import host_binary
+from harness.ports import free_port
+from table import Table
 
 DURATION = int(os.environ.get("BENCH_DURATION", "10"))
 WRK_THREADS = 2
@@ -53,14 +52,6 @@ OHA_CONNS = 50
 IDLE_CONNS = 1000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# Fixed addresses of the pimesh wiring (the cluster.toml names them).
-PIMESH_A_INBOUND = "127.0.0.1:24143"
-PIMESH_B_INBOUND = "127.0.0.1:24243"
-PIMESH_A_OUTBOUND = "127.0.0.1:24140"
-PIMESH_B_OUTBOUND = "127.0.0.2:24140"
-PIMESH_A_ADMIN = "127.0.0.1:24191"
-PIMESH_B_ADMIN = "127.0.0.1:24291"
-PIMESH_LOCAL_PORT = 18080
 PIMESH_MAX_CONNECTIONS = 4000
 # Seconds the idle connections are held before their RSS is read.
 IDLE_SETTLE_S = 3
@@ -154,12 +145,6 @@ def rss_kib(pid):
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_port(host, port, proc, timeout=10):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -171,16 +156,6 @@ def wait_port(host, port, proc, timeout=10):
         except OSError:
             time.sleep(0.05)
     raise Unavailable(f"{proc.bench_name} did not listen on {host}:{port} within {timeout}s")
-
-
-def http_get(url, timeout=2):
-    """Status and body of one GET (no proxies from the environment)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 def check_body(url):
@@ -265,7 +240,7 @@ def start_haproxy_pair(procs, tmp, backend_port):
     d = os.path.join(tmp, "haproxy")
     make_haproxy_certs(d)
     port_a, port_b = free_port(), free_port()
-    common = f"""global
+    common = """global
     nbthread 1
     maxconn 4000
     ssl-default-bind-options ssl-min-ver TLSv1.3
@@ -371,8 +346,7 @@ def start_pimesh_pair(procs, tmp, backend_port):
     build_error = os.environ.get("PIMESH_BUILD_ERROR")
     if build_error:
         raise Unavailable(f"pimesh-proxy did not become ready: {build_error}")
-    bin_dir = os.environ.get("PIMESH_BIN_DIR") or os.path.join(
-        os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target"), "release")
+    bin_dir = os.environ.get("PIMESH_BIN_DIR") or os.path.dirname(host_binary("pimesh-proxy"))
     proxy = os.path.join(bin_dir, "pimesh-proxy")
     # The pimesh-ctl package's binary is `pimeshctl`.
     ctl = next((os.path.join(bin_dir, n) for n in ("pimeshctl", "pimesh-ctl")
@@ -384,20 +358,25 @@ def start_pimesh_pair(procs, tmp, backend_port):
         ids = make_pimesh_identities(tmp, ctl, "bench")
     except Unavailable as err:
         raise Unavailable(f"pimesh-proxy did not become ready: identity: {err}")
+    # The pimesh wiring's addresses (the cluster.toml names the inbound ones).
+    a_inbound, b_inbound = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    a_outbound, b_outbound = f"127.0.0.1:{free_port()}", f"127.0.0.2:{free_port()}"
+    a_admin, b_admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    local_port = free_port()
     conf = os.path.join(tmp, "pimesh", "cluster.toml")
     with open(conf, "w") as f:
         f.write(f"""site = "bench"
 
 [nodes.a]
-address = "{PIMESH_A_INBOUND}"
+address = "{a_inbound}"
 
 [nodes.b]
-address = "{PIMESH_B_INBOUND}"
+address = "{b_inbound}"
 
 [services.backend]
 port = {backend_port}
 nodes = ["b"]
-local_port = {PIMESH_LOCAL_PORT}
+local_port = {local_port}
 protocol = "http"
 
 # As HAProxy's maxconn here. The default (10000) needs 20064 open files, above this
@@ -409,17 +388,15 @@ max_connections = {PIMESH_MAX_CONNECTIONS}
         return [proxy, "--config", conf, "--identity-dir", ids[node],
                 "--inbound-addr", inbound, "--outbound-addr", outbound,
                 "--admin-addr", admin, "--local-ip", local_ip]
-    b = procs.start("pimesh-b", argv("b", PIMESH_B_INBOUND, PIMESH_B_OUTBOUND,
-                                     PIMESH_B_ADMIN, "127.0.0.2"),
+    b = procs.start("pimesh-b", argv("b", b_inbound, b_outbound, b_admin, "127.0.0.2"),
                     env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")})
-    a = procs.start("pimesh-a", argv("a", PIMESH_A_INBOUND, PIMESH_A_OUTBOUND,
-                                     PIMESH_A_ADMIN, "127.0.0.1"),
+    a = procs.start("pimesh-a", argv("a", a_inbound, a_outbound, a_admin, "127.0.0.1"),
                     env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")})
     try:
-        wait_ready(PIMESH_B_ADMIN, [b])
-        wait_ready(PIMESH_A_ADMIN, [a, b])
-        url = f"http://127.0.0.1:{PIMESH_LOCAL_PORT}/"
-        wait_port("127.0.0.1", PIMESH_LOCAL_PORT, a)
+        wait_ready(b_admin, [b])
+        wait_ready(a_admin, [a, b])
+        url = f"http://127.0.0.1:{local_port}/"
+        wait_port("127.0.0.1", local_port, a)
         check_body(url)
     except Unavailable as err:
         raise Unavailable(f"pimesh-proxy did not become ready: {err}")
@@ -517,7 +494,7 @@ def oha_bin():
             cand = os.path.join(base, d, "bin", "oha")
             if d.startswith("oha-") and os.access(cand, os.X_OK):
                 return cand
-    raise RuntimeError("oha not found: run tests/bench/install-load-tools.sh")
+    raise RuntimeError("oha not found: run bench/install-load-tools.sh")
 
 
 def oha_fixed_rate(url, pids):
@@ -630,53 +607,54 @@ def mib(kib):
 def print_table(rows, notes):
     direct = rows.get("direct")
     direct_p99 = direct["fixed"]["p99_ms"] if isinstance(direct, dict) else None
-    hdr = ["row", "keepalive req/s", "proxy CPU µs/req", "conn-close req/s",
-           "close CPU µs/req", f"{RATE}/s p50 ms", f"{RATE}/s p99 ms", "added p99 ms",
-           "RSS idle MiB (A+B)", f"RSS {IDLE_CONNS} conns MiB (A+B)"]
-    lines = []
+    measured = [(name, rows[name]) for name in ("direct", "haproxy", "pimesh")
+                if isinstance(rows.get(name), dict)]
+    table = Table("proxy")
+    table.setup(f"client -> A (plain) -> TLS 1.3 mTLS -> B -> nginx, 127.0.0.1, "
+                f"{os.cpu_count()} cores shared by load, backend and proxies; {DURATION}s per run")
+    table.setup(f"keepalive: wrk -t{WRK_THREADS} -c{WRK_CONNS}; conn-close: wrk -t{WRK_THREADS} "
+                f"-c{CLOSE_CONNS} -H 'Connection: close'; fixed rate: oha -q {RATE} -c{OHA_CONNS} "
+                f"--latency-correction. CPU = utime+stime of both proxy processes / requests.")
+    table.setup("conn-close: HAProxy in TCP mode makes a TLS handshake A->B per client connection; "
+                "a proxy that keeps its A->B mTLS connections open does not.")
+    figures = [
+        ("keepalive requests/s", "req/s", ".0f", lambda r: r["keepalive"]["rps"]),
+        ("keepalive proxy CPU per request, both hops", "µs", ".1f", lambda r: r["keepalive"]["cpu_us"]),
+        ("conn-close requests/s", "req/s", ".0f", lambda r: r["close"]["rps"]),
+        ("conn-close proxy CPU per request, both hops", "µs", ".1f", lambda r: r["close"]["cpu_us"]),
+        (f"{RATE} req/s latency p50", "ms", ".2f", lambda r: r["fixed"]["p50_ms"]),
+        (f"{RATE} req/s latency p99", "ms", ".2f", lambda r: r["fixed"]["p99_ms"]),
+        (f"{RATE} req/s p99 added over direct", "ms", "+.2f",
+         lambda r: None if (direct_p99 is None or r is direct) else r["fixed"]["p99_ms"] - direct_p99),
+    ]
+    for label, unit, spec, get in figures:
+        for name, r in measured:
+            value = get(r)
+            if value is not None:
+                table.row(f"{label}: {name}", value, unit, spec)
+    memory = [("rss_idle", "RSS idle"),
+              ("rss_1000_fresh", f"RSS with {IDLE_CONNS} open connections, before any load"),
+              ("rss_1000", f"RSS with {IDLE_CONNS} open connections, after the load runs")]
+    for key, label in memory:
+        for name, r in measured:
+            values = r.get(key)
+            if not values:
+                continue
+            for proxy, kib in zip("AB", values):
+                table.row(f"{label}: {name} {proxy}", mib(kib), "MiB", ".1f")
+            table.row(f"{label}: {name} A+B", mib(sum(values)), "MiB", ".1f")
     for name in ("direct", "haproxy", "pimesh"):
-        if name not in rows:
-            continue
-        r = rows[name]
-        if isinstance(r, str):
-            lines.append([name, r])
-            continue
-        ka, cl, fx = r["keepalive"], r["close"], r["fixed"]
-        added = (fx["p99_ms"] - direct_p99) if (direct_p99 is not None and name != "direct") else None
-        def rss(key):
-            v = r.get(key)
-            if not v:
-                return "-"
-            return f"{mib(sum(v)):.1f} ({' + '.join(f'{mib(x):.1f}' for x in v)})"
-        lines.append([name, f"{ka['rps']:.0f}", fmt(ka["cpu_us"], ".1f"), f"{cl['rps']:.0f}",
-                      fmt(cl["cpu_us"], ".1f"), f"{fx['p50_ms']:.2f}", f"{fx['p99_ms']:.2f}",
-                      fmt(added, "+.2f"), rss("rss_idle"), rss("rss_1000")])
-    widths = [max([len(hdr[i])] + [len(l[i]) for l in lines if len(l) == len(hdr)])
-              for i in range(len(hdr))]
-    def render(cells):
-        if len(cells) == 2 and len(hdr) > 2:
-            return f"{cells[0]:<{widths[0]}} | {cells[1]}"
-        return " | ".join(f"{c:<{widths[i]}}" if i == 0 else f"{c:>{widths[i]}}"
-                          for i, c in enumerate(cells))
-    print()
-    print(f"Proxy bench: client -> A (plain) -> TLS 1.3 mTLS -> B -> nginx, 127.0.0.1, "
-          f"{os.cpu_count()} cores shared by load, backend and proxies; {DURATION}s per run")
-    print(render(hdr))
-    print("-+-".join("-" * w for w in widths))
-    for l in lines:
-        print(render(l))
-    print()
-    print(f"keepalive: wrk -t{WRK_THREADS} -c{WRK_CONNS}; conn-close: wrk -t{WRK_THREADS} "
-          f"-c{CLOSE_CONNS} -H 'Connection: close'; fixed rate: oha -q {RATE} -c{OHA_CONNS} "
-          f"--latency-correction. CPU = utime+stime of both proxy processes / requests.")
-    print("conn-close: HAProxy in TCP mode makes a TLS handshake A->B per client connection; "
-          "a proxy that keeps its A->B mTLS connections open does not.")
-    print_goals(rows, direct_p99)
+        if isinstance(rows.get(name), str):
+            table.note(f"{name}: {rows[name]}")
+    for line in goal_lines(rows, direct_p99):
+        table.note(line)
     for n in notes:
-        print(f"note: {n}")
+        table.note(f"note: {n}")
+    table.print()
 
 
-def print_goals(rows, direct_p99):
+def goal_lines(rows, direct_p99):
+    """One line per goal: the goal, pimesh's figure and verdict, HAProxy's for reference."""
     pm, hp = rows.get("pimesh"), rows.get("haproxy")
     pm = pm if isinstance(pm, dict) else None
     hp = hp if isinstance(hp, dict) else None
@@ -708,9 +686,7 @@ def print_goals(rows, direct_p99):
          f"<= {GOALS['rss_1000_mib']:.0f} MiB",
          lambda r: mib(r["rss_1000_fresh"][0]), GOALS["rss_1000_mib"], True, "{:.1f} MiB"),
     ]
-    print()
-    print("Goals (for pimesh; HAProxy shown for reference):")
-    w = max(len(i[0]) for i in items)
+    lines = []
     for label, goal_text, get, goal, le, vf in items:
         def val(r):
             if r is None:
@@ -721,8 +697,9 @@ def print_goals(rows, direct_p99):
                 return None
         pv, hv = val(pm), val(hp)
         ok = verdict(pv, goal, le) if goal is not None else "n/a"
-        print(f"  {label:<{w}}  goal {goal_text:<22} pimesh {fmt(pv, '', 'n/a') if pv is None else vf.format(pv):>12} "
-              f"[{ok}]   haproxy {'n/a' if hv is None else vf.format(hv)}")
+        lines.append(f"goal: {label} {goal_text}: pimesh {'n/a' if pv is None else vf.format(pv)} [{ok}], "
+                     f"haproxy {'n/a' if hv is None else vf.format(hv)}")
+    return lines
 
 
 # --------------------------------------------------------------------------- main
@@ -748,7 +725,7 @@ def main():
     wanted = [r.strip() for r in os.environ.get("BENCH_ROWS", "direct,haproxy,pimesh").split(",") if r.strip()]
     for tool in ("wrk", "openssl"):
         if not shutil.which(tool):
-            sys.exit(f"bench-proxy: {tool} not found: run tests/bench/install-load-tools.sh")
+            sys.exit(f"bench-proxy: {tool} not found: run bench/install-load-tools.sh")
     oha_bin()
     raise_nofile()
 

@@ -1,10 +1,10 @@
-"""Boot figures of the arm64 image in QEMU aarch64 (TCG): `make bench-boot`.
+"""`make bench-boot`: boot figures of the arm64 image in QEMU aarch64 (TCG).
 
 Boots one disk three times: first boot, a later boot, and a later boot with Pimesh's units
 masked (the limit: the same system without Pimesh). For each: seconds from kernel start
 to the supervisor's READY and to multi-user.target (systemd's own monotonic timestamps),
 wall seconds from starting QEMU to the status API answering, and the supervisor's RSS.
-Prints a table; asserts nothing.
+Prints the figures; asserts nothing.
 """
 
 import os
@@ -12,7 +12,9 @@ import sys
 import tempfile
 import time
 
-from node import Node, decompress, image_path, make_ssh_key
+from harness.paths import image_path
+from harness.qemu import Node, decompress, make_ssh_key
+from table import Table
 
 PIMESH_UNITS = ["pimesh-supervisor.service", "pimesh-growroot.service", "pimesh-status-lan.socket"]
 
@@ -51,16 +53,20 @@ def main():
         again = Node(work, base, None, key, append=append, fresh_disk=False)
         rows.append((label, measure(again, with_pimesh)))
 
-    print(f"\nBoot figures, QEMU aarch64 TCG ({os.cpu_count()} host cores), image {os.path.basename(image_path())}")
-    print(f"{'boot':34} {'READY (s)':>10} {'multi-user (s)':>15} {'status wall (s)':>16} {'RSS (KiB)':>10}")
+    table = Table("boot")
+    table.setup(f"QEMU aarch64 TCG ({os.cpu_count()} host cores), image {os.path.basename(image_path())}")
+    table.setup("from kernel start: systemd's monotonic timestamps; wall: from starting QEMU")
     for label, row in rows:
-        def cell(key, fmt):
-            width = int(fmt.split(".")[0].rstrip("d"))
-            return format(row[key], fmt) if key in row else "-".rjust(width)
-        print(f"{label:34} {cell('ready_s', '10.1f')} {cell('multi_user_s', '15.1f')} "
-              f"{cell('status_wall_s', '16.1f')} {cell('rss_kib', '10d')}")
+        if "ready_s" in row:
+            table.row(f"{label}: supervisor READY since kernel start", row["ready_s"], "s", ".1f")
+        table.row(f"{label}: multi-user.target since kernel start", row["multi_user_s"], "s", ".1f")
+        if "status_wall_s" in row:
+            table.row(f"{label}: status API answering, wall", row["status_wall_s"], "s", ".1f")
+        if "rss_kib" in row:
+            table.row(f"{label}: supervisor RSS", row["rss_kib"], "KiB")
     for label, row in rows:
-        print(f"  {label}: {row['userspace_s']}")
+        table.note(f"{label}: {row['userspace_s']}")
+    table.print()
 
 
 if __name__ == "__main__":

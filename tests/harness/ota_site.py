@@ -1,7 +1,7 @@
 """A Pimesh site for over-the-air tests: its keys (made by the real `pimeshctl site init`),
 the real `pimesh-central` serving it, and a node container whose seed points at it.
 
-The central server and `pimeshctl` are host binaries (target/release) run inside the
+The central server and `pimeshctl` are host binaries (`make host-bins`) run inside the
 container's network namespace (nsenter -n), so the node reaches the central server on its
 own 127.0.0.1 exactly as it would reach a remote one: over TLS, with its node certificate.
 
@@ -20,11 +20,11 @@ import subprocess
 import tempfile
 import time
 
-from container import REPO, Container
+from harness.container import Container
+from harness.paths import host_binary
 
-BIN = os.path.join(REPO, "target", "release")
-PIMESHCTL = os.path.join(BIN, "pimeshctl")
-CENTRAL = os.path.join(BIN, "pimesh-central")
+PIMESHCTL = host_binary("pimeshctl")
+CENTRAL = host_binary("pimesh-central")
 PORT = 8443
 FORMAT = "pimesh-revision/1"
 HOSTILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hostile_central.py")
@@ -171,6 +171,14 @@ class Site:
         self.central = subprocess.Popen(self.in_netns([CENTRAL, "--config", self.central_config]),
                                         stdout=log, stderr=log)
         self.wait_port()
+
+    def ensure_central(self):
+        """The real central server serving, whatever a test left: the hostile one stopped,
+        the real one started when it is not running."""
+        self.stop_hostile()
+        if self.central is None or self.central.poll() is not None:
+            self.central = None
+            self.start_central()
 
     def kill_central(self):
         if self.central and self.central.poll() is None:

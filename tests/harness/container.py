@@ -9,7 +9,7 @@ container's PID 1; HTTP to the container's loopback runs the host's python3 insi
 container's network namespace only.
 """
 
-import glob
+import contextlib
 import json
 import os
 import shutil
@@ -19,18 +19,10 @@ import tempfile
 import time
 import uuid
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+from harness.paths import root_path
+from harness.wait import wait_for
+
 BOOT_TIMEOUT = float(os.environ.get("PIMESH_NSPAWN_BOOT_TIMEOUT", "60"))
-
-
-def root_path():
-    """The root filesystem under test: $PIMESH_ROOT, or the newest out/pimesh-*-amd64.root."""
-    if os.environ.get("PIMESH_ROOT"):
-        return os.environ["PIMESH_ROOT"]
-    roots = sorted(glob.glob(os.path.join(REPO, "out", "pimesh-*-amd64.root")), key=os.path.getmtime)
-    if not roots:
-        raise RuntimeError("no out/pimesh-*-amd64.root: run `make image-amd64` first")
-    return roots[-1]
 
 
 def _children(pid):
@@ -174,19 +166,29 @@ class Container:
                 return unit
         raise KeyError(name)
 
+    def proxy_config(self):
+        """The proxy's admin /config as JSON, None when it does not answer 200."""
+        code, body = self.http_get("http://127.0.0.1:4191/config")
+        return json.loads(body) if code == 200 else None
+
     def journal(self, unit):
         return self.run(["journalctl", "-u", unit, "--no-pager", "-o", "cat"], check=False).stdout
 
     def wait_for(self, what, predicate, timeout=30, interval=0.1):
         """Polls predicate() until it returns a true value (returned) or times out."""
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                last = predicate()
-                if last:
-                    return last
-            except (KeyError, RuntimeError, ValueError) as err:
-                last = err
-            time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        return wait_for(what, predicate, timeout=timeout, interval=interval)
+
+
+@contextlib.contextmanager
+def booted(seed, files=None):
+    """A container with `seed` as its boot partition's pimesh.toml and `files` (path →
+    text) written before boot, booted; powered off and deleted afterwards."""
+    container = Container()
+    try:
+        container.write("/boot/firmware/pimesh.toml", seed)
+        for path, text in (files or {}).items():
+            container.write(path, text)
+        container.boot()
+        yield container
+    finally:
+        container.shutdown()

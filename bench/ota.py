@@ -12,11 +12,10 @@ Prints figures; asserts nothing about speed.
 
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ota_site import Site, cluster_config  # noqa: E402
+from harness.ota_site import Site, cluster_config
+from table import Table
 
 PUBLISHES = int(os.environ.get("PIMESH_BENCH_PUBLISHES", "30"))
 ROLLBACKS = int(os.environ.get("PIMESH_BENCH_ROLLBACKS", "5"))
@@ -61,15 +60,18 @@ def main():
             rolled.append(time.monotonic() - start)
         pid = site.container.main_pid("pimesh-supervisor.service")
         rss = site.container.run(["grep", "VmRSS", f"/proc/{pid}/status"]).stdout.split()[1]
-        print(f"\nOTA on a node (nspawn, default settings: settle 2 s), {PUBLISHES} publishes, "
-              f"{ROLLBACKS} bad revisions")
-        print(f"  publish → applied + reported   p50 {statistics.median(applied) * 1000:7.0f} ms"
-              f"   p99 {percentile(applied, 0.99) * 1000:7.0f} ms   max {max(applied) * 1000:7.0f} ms")
-        print(f"  bad revision → rolled back     p50 {statistics.median(rolled) * 1000:7.0f} ms"
-              f"   max {max(rolled) * 1000:7.0f} ms")
-        print(f"  supervisor RSS after           {int(rss) / 1024:.1f} MiB")
     finally:
         site.close()
+    table = Table("ota")
+    table.setup(f"OTA on a node (nspawn, default settings: settle 2 s), {PUBLISHES} publishes, "
+                f"{ROLLBACKS} bad revisions")
+    table.row("publish → applied + reported, p50", statistics.median(applied) * 1000, "ms", ".0f")
+    table.row("publish → applied + reported, p99", percentile(applied, 0.99) * 1000, "ms", ".0f")
+    table.row("publish → applied + reported, max", max(applied) * 1000, "ms", ".0f")
+    table.row("bad revision → rolled back + reported, p50", statistics.median(rolled) * 1000, "ms", ".0f")
+    table.row("bad revision → rolled back + reported, max", max(rolled) * 1000, "ms", ".0f")
+    table.row("supervisor RSS after", int(rss) / 1024, "MiB", ".1f")
+    table.print()
 
 
 if __name__ == "__main__":

@@ -14,30 +14,35 @@
 //!   the revision (`after=0`, 200 with the bundle); requests/s and CPU µs per request of
 //!   central and of this load generator, which share the machine's cores.
 //!
-//! usage: long_poll_load [--nodes N] [--certs N] [--workers N] [--duration SECS]
-//!        [--handshakes N] [--phase-timeout SECS] [--bundle-kib N] [--central PATH]
+//! usage: cargo bench -p pimesh-bench --bench central -- [--nodes N] [--certs N]
+//!        [--workers N] [--duration SECS] [--handshakes N] [--phase-timeout SECS]
+//!        [--bundle-kib N] [--central PATH]
+//!
+//! `--central PATH` runs that binary; without it pimesh-central is built (release) for the
+//! run.
 //!
 //! `--bundle-kib N` pads the published configuration (configs/cluster.example.toml) with a
 //! TOML comment to about N KiB, to see what a bigger bundle costs in B and C.
 
 use std::collections::BTreeSet;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use base64::Engine as _;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use pimesh_bench::{bench_args, percentile, Table};
 use pimesh_identity::{LeafRequest, SpiffeId, TrustRoot};
 use pimesh_revision::{Mode, Revision};
 use pimesh_schema::DnsLabel;
-use ring::signature::KeyPair as _;
+use pimesh_test_support::central::SigningKey;
+use pimesh_test_support::{free_addr, Binary};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
@@ -53,8 +58,8 @@ const SITE: &str = "bench-site";
 const LONG_WAIT_SECS: u64 = 900;
 /// Deadline of any single connect or request outside the long-polls.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
-/// The central process, for the panic hook (the release profile aborts on panic, so the
-/// [`Central`] drop guard would not run).
+/// The central process, for the panic hook (a profile that aborts on panic never runs the
+/// [`Central`] drop guard).
 static CENTRAL_PID: AtomicU32 = AtomicU32::new(0);
 
 /// Command-line settings.
@@ -71,7 +76,8 @@ struct Args {
 }
 
 impl Args {
-    fn parse() -> Result<Args, Error> {
+    fn parse(argv: Vec<String>) -> Result<Args, Error> {
+        let mut central = None;
         let mut args = Args {
             nodes: 5000,
             certs: 0,
@@ -80,9 +86,9 @@ impl Args {
             handshakes: 64,
             phase_timeout: Duration::from_secs(300),
             bundle_kib: 0,
-            central: default_central_path()?,
+            central: PathBuf::new(),
         };
-        let mut it = std::env::args().skip(1);
+        let mut it = argv.into_iter();
         while let Some(flag) = it.next() {
             let value = it.next().ok_or_else(|| format!("{flag}: missing value"))?;
             let number = || {
@@ -98,7 +104,7 @@ impl Args {
                 "--handshakes" => args.handshakes = number()?,
                 "--phase-timeout" => args.phase_timeout = Duration::from_secs(number()? as u64),
                 "--bundle-kib" => args.bundle_kib = number()?,
-                "--central" => args.central = value.into(),
+                "--central" => central = Some(PathBuf::from(value)),
                 _ => return Err(format!("unknown flag {flag}")),
             }
         }
@@ -108,23 +114,17 @@ impl Args {
         if args.nodes == 0 || args.workers == 0 || args.handshakes == 0 {
             return Err("--nodes, --workers and --handshakes must be positive".to_owned());
         }
+        args.central = central.unwrap_or_else(|| Binary::Central.path());
         Ok(args)
     }
 }
 
-/// `pimesh-central` next to this example's folder: `<target>/release/pimesh-central`.
-fn default_central_path() -> Result<PathBuf, Error> {
-    let exe = std::env::current_exe().map_err(|err| format!("current exe: {err}"))?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("cannot locate the target folder")?;
-    Ok(profile_dir.join("pimesh-central"))
-}
-
 fn main() -> std::process::ExitCode {
+    let Some(argv) = bench_args() else {
+        return std::process::ExitCode::SUCCESS;
+    };
     install_panic_hook();
-    let result = Args::parse().and_then(|args| {
+    let result = Args::parse(argv).and_then(|args| {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -134,7 +134,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("long_poll_load: {err}");
+            eprintln!("bench-central: {err}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -240,7 +240,10 @@ impl BenchSite {
         let root = TrustRoot::generate(&name, SystemTime::now()).map_err(|e| e.to_string())?;
         let anchor_path = dir.join("anchor.pem");
         std::fs::write(&anchor_path, root.anchor.cert_pem()).map_err(|e| e.to_string())?;
-        let (signing_pkcs8, public_key) = signing_key()?;
+        let SigningKey {
+            pkcs8: signing_pkcs8,
+            public_key,
+        } = SigningKey::generate();
         let server = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])
             .map_err(|err| format!("server cert: {err}"))?;
         let mut roots = RootCertStore::empty();
@@ -280,7 +283,7 @@ impl BenchSite {
     /// signed.
     fn revision(&self, number: u64) -> Result<Vec<u8>, Error> {
         let mut config =
-            include_str!("../../configs/cluster.example.toml").replace("fleet-depot-7", SITE);
+            include_str!("../configs/cluster.example.toml").replace("fleet-depot-7", SITE);
         let line = format!("# {}\n", "x".repeat(61));
         while config.len() < self.bundle_kib * 1024 {
             config.push_str(&line);
@@ -295,18 +298,6 @@ impl BenchSite {
         .map_err(|err| err.to_string())?;
         Ok(signed.to_json())
     }
-}
-
-/// A fresh Ed25519 revision-signing key: PKCS#8 and `ed25519:<base64>` public key.
-fn signing_key() -> Result<(Vec<u8>, String), Error> {
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
-        .map_err(|_| "ed25519 key")?
-        .as_ref()
-        .to_vec();
-    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| "ed25519 key")?;
-    let public = base64::engine::general_purpose::STANDARD.encode(pair.public_key().as_ref());
-    Ok((pkcs8, format!("ed25519:{public}")))
 }
 
 fn client_builder(
@@ -351,9 +342,7 @@ struct Central {
 
 impl Central {
     async fn start(dir: &Path, binary: &Path, site: &BenchSite) -> Result<Central, Error> {
-        let addr = StdListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|err| format!("free port: {err}"))?;
+        let addr = free_addr();
         let config = write_config(dir, addr, site)?;
         let log = dir.join("central.log");
         let log_file = std::fs::File::create(&log).map_err(|err| format!("log: {err}"))?;
@@ -793,11 +782,6 @@ async fn futures_join_all<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<Resu
     results
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
 // ---------------------------------------------------------------------------------------
 // Phase C: requests/s on kept-alive connections.
 
@@ -929,11 +913,11 @@ async fn work(
 // The table.
 
 fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 / 1024.0)
+    format!("{:.1}", kib as f64 / 1024.0)
 }
 
 fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
 fn per(d: Duration, n: u64) -> f64 {
@@ -948,108 +932,110 @@ impl Report {
         } else {
             format!("{} node certificates shared round-robin", args.certs)
         };
-        println!(
+        let mut table = Table::new("central");
+        table.setup(format!(
             "pimesh-central under {} long-polling nodes ({certs}, one connection each)",
             args.nodes
-        );
-        println!(
+        ));
+        table.setup(format!(
             "client and server share {cores} cores; RLIMIT_NOFILE {nofile} (central inherits it)"
-        );
-        println!();
-        self.print_a(args);
-        self.print_b(args);
-        self.print_c(args);
+        ));
+        table.setup(format!(
+            "A: idle long-polls (mTLS, TLS 1.3, GET config?after=0&wait={LONG_WAIT_SECS}), \
+             {} handshakes at a time",
+            args.handshakes
+        ));
+        table.setup(format!(
+            "B: fan-out: one publish (PUT) wakes {} parked long-polls",
+            args.nodes
+        ));
+        table.setup(format!(
+            "C: {} kept-alive mTLS workers, {} s per request kind, back-to-back GET config",
+            args.workers,
+            args.duration.as_secs()
+        ));
+        self.rows_a(args, &mut table);
+        self.rows_b(args, &mut table);
+        self.rows_c(&mut table);
+        table.print();
     }
 
-    fn print_a(&self, args: &Args) {
+    fn rows_a(&self, args: &Args, table: &mut Table) {
         let a = &self.a;
         let n = args.nodes as u64;
         let per_conn = (a.rss_parked_kib as f64 - a.rss_idle_kib as f64) / n as f64;
-        println!("A  idle long-polls (mTLS, TLS 1.3, GET config?after=0&wait={LONG_WAIT_SECS})");
-        println!(
-            "   central RSS idle                         {:>12}",
-            mib(a.rss_idle_kib)
+        table.row("A central RSS idle", mib(a.rss_idle_kib), "MiB");
+        table.row(
+            format!("A central RSS with {n} parked"),
+            mib(a.rss_parked_kib),
+            "MiB",
         );
-        println!(
-            "   central RSS with {:>5} parked            {:>12}",
-            n,
-            mib(a.rss_parked_kib)
+        table.row(
+            "A RSS per parked long-poll connection",
+            format!("{per_conn:.1}"),
+            "KiB",
         );
-        println!("   RSS per parked long-poll connection      {per_conn:>8.1} KiB");
-        println!(
-            "   central open fds                         {:>12}",
-            a.central_fds
+        table.row("A central open fds", a.central_fds, "count");
+        table.row("A central CPU to accept all", ms(a.central_cpu), "ms");
+        table.row(
+            "A central CPU per connection (handshake + cert check + request)",
+            format!("{:.0}", per(a.central_cpu, n)),
+            "µs",
         );
-        println!(
-            "   central CPU to accept all                {:>12}   ({:.0} µs per connection: handshake + cert check + request)",
-            ms(a.central_cpu),
-            per(a.central_cpu, n)
+        table.row("A load generator CPU", ms(a.client_cpu), "ms");
+        table.row(
+            "A load generator CPU per connection",
+            format!("{:.0}", per(a.client_cpu, n)),
+            "µs",
         );
-        println!(
-            "   load generator CPU                       {:>12}   ({:.0} µs per connection)",
-            ms(a.client_cpu),
-            per(a.client_cpu, n)
+        table.row(
+            "A wall time to park all",
+            format!("{:.1}", a.wall.as_secs_f64()),
+            "s",
         );
-        println!(
-            "   wall time to park all ({} handshakes at a time) {:.1} s",
-            args.handshakes,
-            a.wall.as_secs_f64()
-        );
-        println!();
     }
 
-    fn print_b(&self, args: &Args) {
+    fn rows_b(&self, args: &Args, table: &mut Table) {
         let b = &self.b;
-        println!(
-            "B  fan-out: one publish (PUT) wakes {} parked long-polls",
-            args.nodes
-        );
-        println!(
-            "   PUT answered after                       {:>12}",
-            ms(b.publish_answered)
-        );
+        table.row("B PUT answered after", ms(b.publish_answered), "ms");
         for (name, p) in [("p50", 0.50), ("p99", 0.99), ("max", 1.0)] {
-            println!(
-                "   publish → 200 at node, {name}              {:>12}",
-                ms(percentile(&b.latencies, p))
+            table.row(
+                format!("B publish → 200 at node, {name}"),
+                ms(percentile(&b.latencies, p)),
+                "ms",
             );
         }
-        println!(
-            "   central CPU for the fan-out              {:>12}   ({:.0} µs per node)",
-            ms(b.central_cpu),
-            per(b.central_cpu, args.nodes as u64)
+        table.row("B central CPU for the fan-out", ms(b.central_cpu), "ms");
+        table.row(
+            "B central CPU for the fan-out per node",
+            format!("{:.0}", per(b.central_cpu, args.nodes as u64)),
+            "µs",
         );
-        println!(
-            "   central RSS after                        {:>12}",
-            mib(b.rss_after_kib)
-        );
-        println!();
+        table.row("B central RSS after", mib(b.rss_after_kib), "MiB");
     }
 
-    fn print_c(&self, args: &Args) {
-        println!(
-            "C  {} kept-alive mTLS workers, {} s per row, back-to-back GET config",
-            args.workers,
-            args.duration.as_secs()
-        );
-        println!(
-            "   request                          requests/s  central CPU µs/req  client CPU µs/req"
-        );
+    fn rows_c(&self, table: &mut Table) {
         for c in &self.c {
             let name = match c.variant {
-                Variant::Empty => "after=1&wait=0 → 204".to_owned(),
-                Variant::Bundle => format!("after=0 → 200 ({} B)", c.body_bytes),
+                Variant::Empty => "C after=1&wait=0 → 204".to_owned(),
+                Variant::Bundle => format!("C after=0 → 200 ({} B)", c.body_bytes),
             };
-            println!(
-                "   {name:<30} {:>12.0} {:>19.1} {:>18.1}",
-                c.requests as f64 / c.elapsed.as_secs_f64(),
-                per(c.central_cpu, c.requests),
-                per(c.client_cpu, c.requests)
+            table.row(
+                format!("{name}: requests/s"),
+                format!("{:.0}", c.requests as f64 / c.elapsed.as_secs_f64()),
+                "req/s",
+            );
+            table.row(
+                format!("{name}: central CPU per request"),
+                format!("{:.1}", per(c.central_cpu, c.requests)),
+                "µs",
+            );
+            table.row(
+                format!("{name}: client CPU per request"),
+                format!("{:.1}", per(c.client_cpu, c.requests)),
+                "µs",
             );
         }
-        println!(
-            "   central peak RSS (VmHWM)         {}",
-            mib(self.peak_rss_kib)
-        );
+        table.row("central peak RSS (VmHWM)", mib(self.peak_rss_kib), "MiB");
     }
 }

@@ -6,41 +6,26 @@ mount), free host ports forwarded to SSH and to the status API, and a serial con
 """
 
 import base64
-import glob
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+from harness import http_helpers
+from harness.paths import REPO
+from harness.ports import free_port
+
 BOOT_OFFSET = 4 * 1024 * 1024
 DISK_GIB = 4
 BOOT_TIMEOUT = float(os.environ.get("PIMESH_BOOT_TIMEOUT", "420"))
-
-
-def image_path():
-    """The image under test: $PIMESH_IMAGE, or the newest out/pimesh-*-arm64.img.xz."""
-    if os.environ.get("PIMESH_IMAGE"):
-        return os.environ["PIMESH_IMAGE"]
-    images = sorted(glob.glob(os.path.join(REPO, "out", "pimesh-*-arm64.img.xz")), key=os.path.getmtime)
-    if not images:
-        raise RuntimeError("no out/pimesh-*-arm64.img.xz: run `make image` first")
-    return images[-1]
 
 
 def decompress(image, dest):
     with open(dest, "wb") as out:
         subprocess.run(["xz", "-dc", "-T2", image], stdout=out, check=True)
     return dest
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_ssh_key(path, comment):
@@ -162,6 +147,11 @@ class Node:
 
     def unit_property(self, unit, prop):
         return self.ssh(f"systemctl show -p {prop} --value {unit}")
+
+    def proxy_config(self, check=False):
+        """The proxy's admin /config, read on the node over SSH with bash's /dev/tcp (the
+        image has no HTTP client); None when it does not answer JSON."""
+        return http_helpers.json_body(self.ssh(http_helpers.PROXY_CONFIG_OVER_BASH, check=check))
 
     def host_key_fingerprint(self):
         scan = subprocess.run(["ssh-keyscan", "-t", "ed25519", "-p", str(self.ssh_port), "127.0.0.1"],

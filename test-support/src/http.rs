@@ -1,0 +1,163 @@
+//! Plain HTTP/1.1 clients for the daemons' admin and readiness endpoints, and the reading
+//! of one response.
+
+use std::io::{BufRead, Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::BodyExt as _;
+use hyper_util::rt::TokioIo;
+
+/// One HTTP response as read off the wire.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Lower-case names.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Reads a response head: the status line and the headers (names in lower case).
+pub fn read_head(reader: &mut impl BufRead) -> std::io::Result<(u16, Vec<(String, String)>)> {
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP status line: {line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+        }
+    }
+    Ok((status, headers))
+}
+
+/// Reads one response: status line, headers, and a body of its `content-length`.
+pub fn read_response(reader: &mut impl BufRead) -> std::io::Result<HttpResponse> {
+    let (status, headers) = read_head(reader)?;
+    let length: usize = headers
+        .iter()
+        .find(|(name, _)| name == "content-length")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// `GET path` on a new connection to `addr` (`Connection: close`): the status and the
+/// body, `None` when nothing answers within 5 s or the answer is cut short.
+pub fn get_blocking(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    let end = response.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let (status, headers) = read_head(&mut &response[..end + 4]).ok()?;
+    let mut body = &response[end + 4..];
+    if let Some(length) = headers
+        .iter()
+        .find(|(name, _)| name == "content-length")
+        .and_then(|(_, value)| value.parse::<usize>().ok())
+    {
+        body = body.get(..length)?;
+    }
+    Some((status, String::from_utf8_lossy(body).into_owned()))
+}
+
+/// [`get_blocking`] on `127.0.0.1:port`.
+pub fn plain_get(port: u16, path: &str) -> Option<(u16, String)> {
+    get_blocking(SocketAddr::from(([127, 0, 0, 1], port)), path)
+}
+
+/// `GET http://<addr><path>` over a fresh HTTP/1.1 connection: (status, body).
+pub async fn get_text(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let request = Request::get(path)
+        .header("host", addr.to_string())
+        .body(http_body_util::Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// The value of the first Prometheus sample whose line starts with `line_start` (name and
+/// labels, exactly as exposed) followed by a space; 0 when there is no such sample yet.
+pub fn sample(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(line_start)?.strip_prefix(' ')?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sample_is_found_by_its_name_and_labels_only() {
+        let text = "# HELP x y\nx_total{a=\"1\"} 3\nx_total 7\n";
+        assert_eq!(sample(text, "x_total{a=\"1\"}"), 3.0);
+        assert_eq!(sample(text, "x_total"), 7.0);
+        assert_eq!(sample(text, "x"), 0.0);
+    }
+
+    #[test]
+    fn a_response_is_read_to_its_content_length() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n\r\nokrest";
+        let response = read_response(&mut &raw[..]).expect("a response");
+        assert_eq!(response.status, 200);
+        assert_eq!(response.header("x-a"), Some("b"));
+        assert_eq!(response.text(), "ok");
+    }
+}
