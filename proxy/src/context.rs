@@ -10,9 +10,10 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 
 use crate::metrics::{ConnectionGuard, Direction, Metrics};
-use crate::peers::{Body, Peers};
 use crate::routes::RouteTable;
 use crate::tls::Identity;
+use crate::transport::mesh_http::Body;
+use crate::transport::peers::Peers;
 
 pub struct Context {
     pub routes: watch::Receiver<Arc<RouteTable>>,

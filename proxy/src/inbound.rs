@@ -24,12 +24,14 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::context::{Admitted, Context};
-use crate::drain;
-use crate::http_util::{self, error_response, strip_hop_by_hop, DST_HEADER, PROTO_HEADER};
 use crate::metrics::Direction;
-use crate::peers::Body;
 use crate::routes::{RouteTable, ServiceRoute};
 use crate::trace;
+use crate::transport::drain;
+use crate::transport::mesh_http::Body;
+use crate::transport::mesh_http::{
+    self, error_response, strip_hop_by_hop, DST_HEADER, PROTO_HEADER,
+};
 
 /// A peer must finish the TLS handshake within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -194,7 +196,7 @@ async fn deliver(
             &format!("service {} has no port", route.name),
         );
     };
-    parts.uri = match http_util::rebase(&parts.uri, authority) {
+    parts.uri = match mesh_http::rebase(&parts.uri, authority) {
         Ok(uri) => uri,
         Err(err) => {
             return error_response(
@@ -242,16 +244,20 @@ async fn open_tunnel(
     route: &Arc<ServiceRoute>,
     app: SocketAddr,
 ) -> Response<Body> {
-    let mut server =
-        match tokio::time::timeout(crate::peers::CONNECT_TIMEOUT, TcpStream::connect(app)).await {
-            Ok(Ok(server)) => server,
-            _ => {
-                return error_response(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("service {} refused the connection at {app}", route.name),
-                )
-            }
-        };
+    let mut server = match tokio::time::timeout(
+        crate::transport::peers::CONNECT_TIMEOUT,
+        TcpStream::connect(app),
+    )
+    .await
+    {
+        Ok(Ok(server)) => server,
+        _ => {
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                &format!("service {} refused the connection at {app}", route.name),
+            )
+        }
+    };
     let _ = server.set_nodelay(true);
     let upgrade = hyper::upgrade::on(&mut request);
     let route = Arc::clone(route);
@@ -262,8 +268,8 @@ async fn open_tunnel(
         route.tcp_inbound.open();
         let mut upgraded = TokioIo::new(upgraded);
         let (read, written) =
-            crate::splice::splice(&mut upgraded, &mut server, route.idle_timeout).await;
+            crate::transport::splice::splice(&mut upgraded, &mut server, route.idle_timeout).await;
         route.tcp_inbound.close(read, written);
     });
-    Response::new(http_util::empty())
+    Response::new(mesh_http::empty())
 }

@@ -25,24 +25,18 @@ mod balance;
 mod budget;
 mod cli;
 mod context;
-mod detect;
 mod discovery;
-mod drain;
 mod enroll;
-mod http_util;
 mod inbound;
-mod listeners;
 mod metrics;
 mod node_identity;
-mod original_dst;
 mod outbound;
-mod peers;
 mod routes;
 mod site_config;
-mod splice;
 mod state;
 mod tls;
 mod trace;
+mod transport;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
@@ -62,6 +56,7 @@ use crate::site_config::SiteConfig;
 use crate::state::Snapshot;
 use crate::tls::{Identity, IdentityFiles};
 use crate::trace::SpanSink;
+use crate::transport::{drain, listeners};
 
 /// How long open connections get to finish after SIGTERM (the unit allows 10 s).
 const DRAIN_DEADLINE: Duration = Duration::from_secs(8);

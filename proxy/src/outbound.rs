@@ -27,15 +27,15 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::context::{Admitted, Context};
-use crate::detect::{detect, Detected};
-use crate::drain;
-use crate::http_util::{
-    self, error_response, strip_hop_by_hop, DST_HEADER, FAULT_HEADER, PROTO_HEADER,
-};
 use crate::metrics::{Direction, FaultKind};
-use crate::peers::Body;
 use crate::routes::{Endpoint, RouteTable, ServiceRoute};
 use crate::trace;
+use crate::transport::detect::{detect, Detected};
+use crate::transport::drain;
+use crate::transport::mesh_http::Body;
+use crate::transport::mesh_http::{
+    self, error_response, strip_hop_by_hop, DST_HEADER, FAULT_HEADER, PROTO_HEADER,
+};
 
 /// How long a client connection may stay silent before an `auto` service treats it as
 /// opaque TCP (a server-speaks-first protocol).
@@ -282,7 +282,7 @@ async fn inject_faults(route: &ServiceRoute) -> Option<Response<Body>> {
             route.outbound.fault(FaultKind::Abort);
             let status =
                 StatusCode::from_u16(abort.status.0).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            let mut response = Response::new(http_util::full(format!(
+            let mut response = Response::new(mesh_http::full(format!(
                 "fault injected by the mesh for service {}\n",
                 route.name
             )));
@@ -335,7 +335,7 @@ async fn forward(
     let authority = authority_of(&parts)
         .map(str::to_owned)
         .unwrap_or_else(|| table.mesh_name(&backend.name));
-    let uri = match http_util::rebase(&parts.uri, authority.as_str()) {
+    let uri = match mesh_http::rebase(&parts.uri, authority.as_str()) {
         Ok(uri) => uri,
         Err(err) => {
             context
@@ -415,7 +415,7 @@ async fn forward(
         };
         let this_body = match body.take() {
             Some(body) => body,
-            None => http_util::empty(),
+            None => mesh_http::empty(),
         };
         let mut attempt = Request::new(this_body);
         *attempt.method_mut() = parts.method.clone();
@@ -430,7 +430,7 @@ async fn forward(
         let mut sender = sender;
         match sender.send_request(attempt).await {
             Ok(response) => {
-                let proxy_failed = response.headers().contains_key(http_util::ERROR_HEADER)
+                let proxy_failed = response.headers().contains_key(mesh_http::ERROR_HEADER)
                     && matches!(response.status().as_u16(), 502 | 503);
                 if proxy_failed {
                     pick.failure();
@@ -517,7 +517,7 @@ async fn tunnel(
                 .method(Method::CONNECT)
                 .uri(target.as_str())
                 .header(DST_HEADER, backend.dst_header.clone())
-                .body(http_util::empty())
+                .body(mesh_http::empty())
                 .map_err(|err| err.to_string())?;
             let response = sender
                 .send_request(request)
@@ -526,7 +526,7 @@ async fn tunnel(
             if response.status() != StatusCode::OK {
                 let reason = response
                     .headers()
-                    .get(http_util::ERROR_HEADER)
+                    .get(mesh_http::ERROR_HEADER)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
                     .to_owned();
@@ -558,15 +558,18 @@ async fn tunnel(
     };
     let mut upgraded = TokioIo::new(upgraded);
     let idle = apex.idle_timeout.or(backend.idle_timeout);
-    let (read, written) = crate::splice::splice(&mut client, &mut upgraded, idle).await;
+    let (read, written) = crate::transport::splice::splice(&mut client, &mut upgraded, idle).await;
     let _ = client.shutdown().await;
     metrics.close(read, written);
 }
 
 /// A redirected connection to an address that is not a mesh service: sent on as it was.
 async fn passthrough(mut client: TcpStream, dst: SocketAddr) {
-    let Ok(Ok(mut server)) =
-        tokio::time::timeout(crate::peers::CONNECT_TIMEOUT, TcpStream::connect(dst)).await
+    let Ok(Ok(mut server)) = tokio::time::timeout(
+        crate::transport::peers::CONNECT_TIMEOUT,
+        TcpStream::connect(dst),
+    )
+    .await
     else {
         return;
     };

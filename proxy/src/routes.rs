@@ -166,7 +166,7 @@ impl RouteTable {
                 name: name.clone(),
                 protocol: service.protocol,
                 port: service.port,
-                dst_header: crate::http_util::header_value(name.as_str()),
+                dst_header: crate::transport::mesh_http::header_value(name.as_str()),
                 app_authority: service.port.and_then(|port| {
                     http::uri::Authority::try_from(format!("127.0.0.1:{port}")).ok()
                 }),

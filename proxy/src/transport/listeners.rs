@@ -16,12 +16,12 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::context::Context;
-use crate::drain;
+use crate::inbound;
 use crate::metrics::Direction;
-use crate::original_dst::original_dst;
 use crate::outbound::{self, Entry};
-use crate::routes::RouteTable;
-use crate::{inbound, routes};
+use crate::routes::{RouteTable, ServiceRoute};
+use crate::transport::drain;
+use crate::transport::original_dst::original_dst;
 
 /// Accepts on the inbound (mTLS) port until the task is dropped.
 pub async fn inbound_loop(listener: TcpListener, context: Arc<Context>, drain: drain::Watch) {
@@ -92,7 +92,7 @@ impl LocalBindings {
     /// accepted are not touched. A port that cannot be bound is logged and retried at the
     /// next reload; the other bindings still open.
     pub fn update(&mut self, table: &RouteTable, context: &Arc<Context>, drain: &drain::Watch) {
-        let wanted: BTreeMap<(u16, String), &Arc<routes::ServiceRoute>> = table
+        let wanted: BTreeMap<(u16, String), &Arc<ServiceRoute>> = table
             .local_bindings
             .iter()
             .map(|(port, route)| ((*port, route.name.to_string()), route))

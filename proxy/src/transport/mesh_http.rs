@@ -1,13 +1,16 @@
-//! What both directions of the HTTP path share: the mesh's own headers, hop-by-hop
-//! header removal, and the proxy's error responses.
+//! What both directions of the HTTP path share: the body type of every request the proxy
+//! sends on, the mesh's own headers, hop-by-hop header removal, and the proxy's error
+//! responses.
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Empty, Full};
 
-use crate::peers::Body;
+/// The body of every request the proxy sends on.
+pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Names why the proxy (not the app) answered with an error.
 pub const ERROR_HEADER: HeaderName = HeaderName::from_static("pimesh-proxy-error");

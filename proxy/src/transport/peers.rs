@@ -13,8 +13,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pimesh_meshtls::HandshakeFailure;
@@ -24,9 +22,7 @@ use tracing::{debug, warn};
 
 use crate::metrics::{Direction, Metrics};
 use crate::tls::Identity;
-
-/// The body of every request the proxy sends on.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+use crate::transport::mesh_http::Body;
 
 /// How long dialling a peer (TCP connect and TLS handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
