@@ -17,9 +17,9 @@ use tokio::sync::watch;
 
 use crate::discovery::Control;
 use crate::enroll;
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::state::Snapshot;
-use crate::tls::Identity;
 
 /// Serves the admin endpoints on `listener` until the task is dropped. Each request reads
 /// the latest snapshot, so answers never mix two configs.
@@ -162,7 +162,7 @@ fn identity_json(identity: Option<&Identity>) -> serde_json::Value {
         "issuer": identity.issuer_subject,
         "issuer_sha256": identity.issuer_sha256,
         "anchor_sha256": identity.anchor_sha256,
-        "bundle_sha256": identity.anchors().iter().map(crate::tls::sha256_hex).collect::<Vec<_>>(),
+        "bundle_sha256": identity.anchors().iter().map(crate::identity::sha256_hex).collect::<Vec<_>>(),
     })
 }
 

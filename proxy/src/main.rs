@@ -27,14 +27,13 @@ mod cli;
 mod context;
 mod discovery;
 mod enroll;
+mod identity;
 mod inbound;
 mod metrics;
-mod node_identity;
 mod outbound;
 mod routes;
 mod site_config;
 mod state;
-mod tls;
 mod trace;
 mod transport;
 
@@ -50,11 +49,11 @@ use tracing::{info, warn};
 
 use crate::context::Context;
 use crate::metrics::Metrics;
-use crate::node_identity::IdentityReloader;
+
+use crate::identity::{Identity, IdentityFiles, IdentityReloader};
 use crate::routes::RouteTable;
 use crate::site_config::SiteConfig;
 use crate::state::Snapshot;
-use crate::tls::{Identity, IdentityFiles};
 use crate::trace::SpanSink;
 use crate::transport::{drain, listeners};
 
@@ -95,7 +94,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
     let (mut reloader, mut snapshots) = state::Reloader::start(&options.config);
     let files = match &options.identity_dir {
         Some(dir) => IdentityFiles::in_dir(dir),
-        None => node_identity::default_files(),
+        None => identity::default_files(),
     };
     let (mut identity_reloader, node_credential) = IdentityReloader::start(files);
     // The site config in use (discovery's, else the file's), for what needs only that.

@@ -27,7 +27,7 @@ use pimesh_runtime::backoff::{Backoff, Jitter};
 use tracing::{debug, info, warn};
 
 use super::{Shared, Source};
-use crate::tls::Identity;
+use crate::identity::Identity;
 
 /// No line (document or keepalive) for this long: the replica is taken for dead.
 const IDLE: Duration = Duration::from_secs(25);

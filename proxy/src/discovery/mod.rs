@@ -25,9 +25,9 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::site_config::SiteConfig;
-use crate::tls::Identity;
 
 /// Where the discovery client connects and what it announces.
 #[derive(Debug, Clone)]

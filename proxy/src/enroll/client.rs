@@ -19,7 +19,7 @@ use rustls::pki_types::ServerName;
 use rustls::CertificateError;
 use tokio::net::TcpStream;
 
-use crate::tls::Identity;
+use crate::identity::Identity;
 
 /// An exchange (connect, handshake, both requests) must finish within this time.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);

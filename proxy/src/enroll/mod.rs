@@ -39,8 +39,8 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::identity::{Identity, Source};
 use crate::site_config::SiteConfig;
-use crate::tls::{Identity, Source};
 
 pub use metrics::IdentityMetrics;
 

@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::tls::{Identity, IdentityFiles, Source};
+use crate::identity::{Identity, IdentityFiles, Source};
 
 /// `<state_dir>/identity`.
 pub fn dir(state_dir: &Path) -> PathBuf {

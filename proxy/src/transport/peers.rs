@@ -20,8 +20,8 @@ use pimesh_schema::DnsLabel;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+use crate::identity::Identity;
 use crate::metrics::{Direction, Metrics};
-use crate::tls::Identity;
 use crate::transport::mesh_http::Body;
 
 /// How long dialling a peer (TCP connect and TLS handshake) may take.

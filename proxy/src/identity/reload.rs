@@ -6,37 +6,11 @@
 //! the proxy keeps serving with the one it has and logs why the new files were refused.
 //! Readers are told only of identities that loaded.
 
-use std::path::PathBuf;
-
 use pimesh_runtime::watched::{Load, Outcome, Trigger, Watched};
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::tls::{Identity, IdentityFiles};
-
-/// The site's trust folder on a node that holds it (a server node).
-const SITE_ANCHORS: &str = "/var/lib/pimesh/trust/anchor.pem";
-
-/// Where the identity files are when `--identity-dir` is not given: the unit's
-/// credentials directory (systemd `LoadCredential=`), else the supervisor's own files —
-/// the anchors of the site's trust folder on a node that has one, else those the
-/// supervisor imported beside the node credential (a joining node).
-pub fn default_files() -> IdentityFiles {
-    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-        return IdentityFiles::in_dir(&PathBuf::from(dir));
-    }
-    let identity = std::path::Path::new("/var/lib/pimesh/identity");
-    let anchors = if std::path::Path::new(SITE_ANCHORS).exists() {
-        PathBuf::from(SITE_ANCHORS)
-    } else {
-        identity.join("anchor.pem")
-    };
-    IdentityFiles {
-        chain: identity.join("node.pem"),
-        key: identity.join("node.key"),
-        anchors,
-    }
-}
+use super::{Identity, IdentityFiles};
 
 /// The only writer of the node identity in use: loads [`IdentityFiles`] through a
 /// [`Watched`] and publishes each identity that loads.
