@@ -15,11 +15,11 @@ use pimesh_runtime::serve;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::config::state::Snapshot;
 use crate::discovery::Control;
 use crate::enroll;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
-use crate::state::Snapshot;
 
 /// Serves the admin endpoints on `listener` until the task is dropped. Each request reads
 /// the latest snapshot, so answers never mix two configs.
@@ -197,7 +197,7 @@ fn text(code: StatusCode, body: String) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{InUse, Refusal};
+    use crate::config::state::{InUse, Refusal};
 
     fn snapshot(last_error: Option<&str>) -> Snapshot {
         Snapshot {

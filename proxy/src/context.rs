@@ -9,9 +9,9 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 
+use crate::config::routes::RouteTable;
 use crate::identity::Identity;
 use crate::metrics::{ConnectionGuard, Direction, Metrics};
-use crate::routes::RouteTable;
 use crate::transport::mesh_http::Body;
 use crate::transport::peers::Peers;
 

@@ -23,9 +23,9 @@ use pimesh_schema::SpiffeId;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::config::routes::{RouteTable, ServiceRoute};
 use crate::context::{Admitted, Context};
 use crate::metrics::Direction;
-use crate::routes::{RouteTable, ServiceRoute};
 use crate::trace;
 use crate::transport::drain;
 use crate::transport::mesh_http::Body;

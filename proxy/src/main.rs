@@ -24,6 +24,7 @@ mod admin;
 mod balance;
 mod budget;
 mod cli;
+mod config;
 mod context;
 mod discovery;
 mod enroll;
@@ -31,13 +32,10 @@ mod identity;
 mod inbound;
 mod metrics;
 mod outbound;
-mod routes;
-mod site_config;
-mod state;
 mod trace;
 mod transport;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,14 +45,10 @@ use pimesh_runtime::watched::Triggers;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::config::{state, Routing, SiteConfig};
 use crate::context::Context;
+use crate::identity::{IdentityFiles, IdentityReloader};
 use crate::metrics::Metrics;
-
-use crate::identity::{Identity, IdentityFiles, IdentityReloader};
-use crate::routes::RouteTable;
-use crate::site_config::SiteConfig;
-use crate::state::Snapshot;
-use crate::trace::SpanSink;
 use crate::transport::{drain, listeners};
 
 /// How long open connections get to finish after SIGTERM (the unit allows 10 s).
@@ -97,9 +91,11 @@ async fn run(options: cli::Options) -> Result<(), String> {
         None => identity::default_files(),
     };
     let (mut identity_reloader, node_credential) = IdentityReloader::start(files);
-    // The site config in use (discovery's, else the file's), for what needs only that.
-    let (site_config_tx, site_config_rx) =
-        watch::channel(snapshots.borrow().value.site_config.clone().map(Arc::new));
+    let mut routing = Routing::new(
+        options.inbound_addr,
+        Arc::clone(&metrics),
+        snapshots.borrow().value.site_config.as_ref(),
+    );
     let (mut identities, enrollment, enroll_task) = if options.control.is_empty() {
         (node_credential, None, None)
     } else {
@@ -110,7 +106,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
         let (identities, status, task) = enroll::spawn(
             settings,
             node_credential,
-            site_config_rx,
+            routing.site_configs(),
             metrics.identity.clone(),
         );
         (identities, Some(status), Some(task))
@@ -118,7 +114,6 @@ async fn run(options: cli::Options) -> Result<(), String> {
     if let Some(identity) = identities.borrow().as_ref() {
         metrics.identity.expires_at(identity.not_after);
     }
-    let own_inbound = own_inbound(options.inbound_addr);
     // Without --control, a watch that never changes: the file config is always used.
     let (_no_control, mut discovered) = watch::channel(None::<Arc<SiteConfig>>);
     let control = (!options.control.is_empty()).then(|| {
@@ -134,17 +129,13 @@ async fn run(options: cli::Options) -> Result<(), String> {
         discovered = control.configs();
         Arc::new(control)
     });
-    let mut tracing_sink = TracingSink::default();
-    let first = compile(
-        in_use(&snapshots.borrow(), &discovered.borrow()),
+    routing.compile(
+        &snapshots.borrow(),
+        &discovered.borrow(),
         &identities.borrow(),
-        own_inbound,
-        &metrics,
-        &mut tracing_sink,
     );
-    let (routes_tx, routes_rx) = watch::channel(Arc::new(first));
     let context = Arc::new(Context::new(
-        routes_rx,
+        routing.routes(),
         identities.clone(),
         Arc::clone(&metrics),
     ));
@@ -202,26 +193,11 @@ async fn run(options: cli::Options) -> Result<(), String> {
                 context.peers.clear();
             }
         }
-        let table = {
-            let snapshot = snapshots.borrow();
-            let discovered = discovered.borrow();
-            let site_config = in_use(&snapshot, &discovered);
-            site_config_tx.send_if_modified(|current| {
-                let changed = current.as_ref().map(|c| c.sha256) != site_config.map(|c| c.sha256);
-                if changed {
-                    *current = site_config.cloned().map(Arc::new);
-                }
-                changed
-            });
-            compile(
-                site_config,
-                &identities.borrow(),
-                own_inbound,
-                &metrics,
-                &mut tracing_sink,
-            )
-        };
-        routes_tx.send_replace(Arc::new(table));
+        routing.update(
+            &snapshots.borrow(),
+            &discovered.borrow(),
+            &identities.borrow(),
+        );
         bindings.update(&context.table(), &context, &drain_watch);
     };
     info!("draining");
@@ -244,76 +220,4 @@ async fn run(options: cli::Options) -> Result<(), String> {
         watchdog.abort();
     }
     result
-}
-
-/// Where this proxy's own node takes mesh traffic when the config does not say: the
-/// inbound address, with loopback for a wildcard.
-fn own_inbound(inbound: SocketAddr) -> SocketAddr {
-    if inbound.ip().is_unspecified() {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, inbound.port()))
-    } else {
-        inbound
-    }
-}
-
-/// The span exporter for the configured collector URL; restarted only when it changes.
-#[derive(Default)]
-struct TracingSink {
-    url: Option<String>,
-    sink: Option<SpanSink>,
-}
-
-/// The site config to route by: the discovered one when there is one, else the file's.
-fn in_use<'a>(
-    snapshot: &'a Snapshot,
-    discovered: &'a Option<Arc<SiteConfig>>,
-) -> Option<&'a SiteConfig> {
-    discovered
-        .as_deref()
-        .or(snapshot.value.site_config.as_ref())
-}
-
-/// The routing table for the config and identity in use.
-fn compile(
-    site_config: Option<&SiteConfig>,
-    identity: &Option<Identity>,
-    own_inbound: SocketAddr,
-    metrics: &Metrics,
-    tracing_sink: &mut TracingSink,
-) -> RouteTable {
-    let Some(loaded) = site_config else {
-        return RouteTable::empty();
-    };
-    let config = &loaded.config;
-    if tracing_sink.url != config.proxy.zipkin_url {
-        tracing_sink.url.clone_from(&config.proxy.zipkin_url);
-        tracing_sink.sink = config.proxy.zipkin_url.as_deref().and_then(|url| {
-            let counters = metrics.span_counters();
-            let service = format!(
-                "pimesh-proxy.{}",
-                identity.as_ref().map_or("unknown", |id| id.node.as_str())
-            );
-            SpanSink::spawn(
-                url,
-                service,
-                counters.exported,
-                counters.dropped,
-                counters.failed,
-            )
-            .map_err(|err| warn!(error = %err, "spans will not be exported"))
-            .ok()
-        });
-    }
-    // A config for another site than the identity's is not this proxy's to serve.
-    let node = identity
-        .as_ref()
-        .filter(|id| id.site == config.site)
-        .map(|id| &id.node);
-    RouteTable::build(
-        config,
-        node,
-        own_inbound,
-        metrics,
-        tracing_sink.sink.clone(),
-    )
 }

@@ -25,6 +25,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::trace::SpanCounters;
+
 /// The `Content-Type` of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -480,15 +482,6 @@ pub struct ControlMetrics {
     pub rejected: Counter,
     pub heartbeat_failures: Counter,
     pub connected: Gauge,
-}
-
-/// The span exporter's counters: `pimesh_spans_exported_total`, `pimesh_spans_dropped_total`,
-/// `pimesh_span_export_failures_total`.
-#[derive(Clone)]
-pub struct SpanCounters {
-    pub exported: Counter,
-    pub dropped: Counter,
-    pub failed: Counter,
 }
 
 /// Decrements `pimesh_open_connections{direction}` when dropped.

@@ -26,9 +26,9 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::config::routes::{Endpoint, RouteTable, ServiceRoute};
 use crate::context::{Admitted, Context};
 use crate::metrics::{Direction, FaultKind};
-use crate::routes::{Endpoint, RouteTable, ServiceRoute};
 use crate::trace;
 use crate::transport::detect::{detect, Detected};
 use crate::transport::drain;

@@ -2,7 +2,7 @@
 //! `{"version","site","config","nodes"}` (see the replica's `discovery` module).
 //!
 //! The `config` text goes through the very same `pimesh_schema` validator as a file
-//! config, and the node proxy's own checks (`site_config::check_runnable`); `nodes`
+//! config, and the node proxy's own checks (`config::site::check_runnable`); `nodes`
 //! (addresses from live heartbeats) then override or extend the config's `[nodes]`.
 
 use std::collections::BTreeMap;
@@ -13,7 +13,7 @@ use pimesh_schema::cluster::{ClusterConfig, Node, NodeAddress};
 use pimesh_schema::DnsLabel;
 use serde::Deserialize;
 
-use crate::site_config::{self, SiteConfig};
+use crate::config::site::{self, SiteConfig};
 
 /// A document as received, not yet checked.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -59,7 +59,7 @@ impl Document {
                 config.site
             ));
         }
-        site_config::check_runnable(file, &config).map_err(|err| err.to_string())?;
+        site::check_runnable(file, &config).map_err(|err| err.to_string())?;
         merge_nodes(&mut config, &self.nodes).map_err(|err| format!("{source}: {err}"))?;
         let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
         let mut sha256 = [0u8; 32];
@@ -135,10 +135,7 @@ mod tests {
         assert_eq!(addr("b"), "10.0.0.9:5000");
         assert_eq!(addr("c"), "10.0.0.3:4143");
         assert_eq!(addr("d"), "127.0.0.1:4143", "loopback extends");
-        assert_eq!(
-            loaded.sha256_hex(),
-            site_config::sha256_hex_of(CONFIG.as_bytes())
-        );
+        assert_eq!(loaded.sha256_hex(), site::sha256_hex_of(CONFIG.as_bytes()));
         let none = document(None, &[]).site_config("r", &label("lab"));
         assert!(matches!(none, Ok(None)), "{none:?}");
     }

@@ -25,9 +25,9 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::config::SiteConfig;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
-use crate::site_config::SiteConfig;
 
 /// Where the discovery client connects and what it announces.
 #[derive(Debug, Clone)]

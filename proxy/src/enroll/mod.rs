@@ -39,8 +39,8 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::config::SiteConfig;
 use crate::identity::{Identity, Source};
-use crate::site_config::SiteConfig;
 
 pub use metrics::IdentityMetrics;
 

@@ -139,6 +139,41 @@ impl SpanSink {
     }
 }
 
+/// The span sink for the configured collector URL: started when a URL is set, restarted
+/// only when the URL changes; none while no URL is set or the one set is refused (logged).
+#[derive(Default)]
+pub struct CollectorSink {
+    url: Option<String>,
+    sink: Option<SpanSink>,
+}
+
+impl CollectorSink {
+    /// The sink for `url`. `service_name`, asked only when a sink starts, names this proxy
+    /// in its spans.
+    pub fn update(
+        &mut self,
+        url: Option<&str>,
+        service_name: impl FnOnce() -> String,
+        counters: &SpanCounters,
+    ) -> Option<SpanSink> {
+        if self.url.as_deref() != url {
+            self.url = url.map(str::to_owned);
+            self.sink = url.and_then(|url| {
+                SpanSink::spawn(
+                    url,
+                    service_name(),
+                    counters.exported.clone(),
+                    counters.dropped.clone(),
+                    counters.failed.clone(),
+                )
+                .map_err(|err| warn!(error = %err, "spans will not be exported"))
+                .ok()
+            });
+        }
+        self.sink.clone()
+    }
+}
+
 /// Checks the collector URL: `http://host[:port][/path]`, no credentials.
 fn collector_uri(url: &str) -> Result<Uri, String> {
     if !url.contains("://") {

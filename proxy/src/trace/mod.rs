@@ -39,7 +39,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use context::{SpanId, TraceId};
 use export::FinishedSpan;
-pub use export::SpanSink;
+pub use export::{CollectorSink, SpanSink};
 
 /// Which side of the hop the proxy is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,11 +15,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::config::routes::{RouteTable, ServiceRoute};
 use crate::context::Context;
 use crate::inbound;
 use crate::metrics::Direction;
 use crate::outbound::{self, Entry};
-use crate::routes::{RouteTable, ServiceRoute};
 use crate::transport::drain;
 use crate::transport::original_dst::original_dst;
 

@@ -13,7 +13,7 @@ use pimesh_runtime::watched::{Current, Load, Outcome, Trigger, Watched};
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::site_config::{self, SiteConfig};
+use crate::config::site::{self, SiteConfig};
 
 /// The config in use: the last one that loaded, or none when the file was absent.
 #[derive(Debug)]
@@ -152,7 +152,7 @@ impl Reloader {
 /// Reads `file`; the config in use (`previous`) stays in use, with its load time, when the
 /// bytes (or the absence) are the same.
 fn load(file: &Path, previous: &Arc<InUse>) -> Load<Arc<InUse>, Refusal> {
-    match site_config::load(file) {
+    match site::load(file) {
         Ok(loaded) => {
             let unchanged = match (&previous.site_config, &loaded) {
                 (Some(old), Some(new)) => old.sha256 == new.sha256,
@@ -173,7 +173,7 @@ fn load(file: &Path, previous: &Arc<InUse>) -> Load<Arc<InUse>, Refusal> {
             message: err.to_string(),
             sha256: std::fs::read(file)
                 .ok()
-                .map(|bytes| site_config::sha256_hex_of(&bytes)),
+                .map(|bytes| site::sha256_hex_of(&bytes)),
         }),
     }
 }
