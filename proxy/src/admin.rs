@@ -16,8 +16,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::state::Snapshot;
-use crate::discovery::Control;
-use crate::enroll;
+use crate::control::discovery::Control;
+use crate::control::enroll;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 

@@ -26,8 +26,7 @@ mod budget;
 mod cli;
 mod config;
 mod context;
-mod discovery;
-mod enroll;
+mod control;
 mod identity;
 mod inbound;
 mod metrics;
@@ -47,6 +46,7 @@ use tracing::{info, warn};
 
 use crate::config::{state, Routing, SiteConfig};
 use crate::context::Context;
+use crate::control::{discovery, enroll};
 use crate::identity::{IdentityFiles, IdentityReloader};
 use crate::metrics::Metrics;
 use crate::transport::{drain, listeners};

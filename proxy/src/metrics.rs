@@ -193,7 +193,7 @@ struct Families {
 pub struct Metrics {
     registry: Registry,
     /// The identity's renewals and expiry (`enroll::metrics`).
-    pub identity: crate::enroll::IdentityMetrics,
+    pub identity: crate::control::enroll::IdentityMetrics,
     families: Families,
     spans: SpanCounters,
     /// The control plane client's metrics (see `discovery`).
@@ -342,7 +342,7 @@ impl Metrics {
             "Site config reload attempts, by result",
             f.config_reloads.clone(),
         );
-        let identity = crate::enroll::IdentityMetrics::register(&mut registry);
+        let identity = crate::control::enroll::IdentityMetrics::register(&mut registry);
         Metrics {
             registry,
             identity,
