@@ -21,8 +21,6 @@
 //! listeners close, connections finish what they carry, and the process exits.
 
 mod admin;
-mod balance;
-mod budget;
 mod cli;
 mod config;
 mod context;

@@ -15,9 +15,9 @@ use std::time::Duration;
 use pimesh_schema::cluster::{ClusterConfig, Fault, Protocol, ProxySettings, Service};
 use pimesh_schema::{DnsLabel, SpiffeId};
 
-use crate::balance::Balancer;
-use crate::budget::RetryBudget;
 use crate::metrics::{Direction, Metrics, RouteMetrics, TcpMetrics};
+use crate::outbound::balance::Balancer;
+use crate::outbound::budget::RetryBudget;
 use crate::trace::SpanSink;
 
 /// Retries allowed per second whatever the traffic, so that a quiet service can retry.

@@ -1,124 +1,35 @@
-//! The outbound side: connections from local apps — through the HTTP proxy port (routed
-//! by authority), a service's local port, or transparently redirected by iptables — sent
-//! on to the node that runs the chosen service, over the pooled mTLS HTTP/2 connection to
-//! that node's proxy.
-//!
-//! Per HTTP request, in order: route (unknown service → 503), split (weighted backend),
-//! faults (delay, then abort), trace context, endpoint choice (power of two choices over
-//! peak-EWMA latency), send with the service's timeout (→ 504), retries of connect
-//! failures and of failed idempotent bodyless requests within the retry budget, and a
-//! 502 naming the peer when the node cannot be reached. Opaque TCP rides a CONNECT stream.
+//! HTTP from a local app, request by request: route (unknown service → 503), split,
+//! faults, trace context, endpoint choice, send with the service's timeout (→ 504),
+//! retries within the retry budget, and a 502 naming the peer when no node can be reached.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use http::header::{self, HeaderValue};
+use http::header;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use pimesh_schema::cluster::Protocol;
-use pimesh_schema::DnsLabel;
-use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use super::faults::inject_faults;
+use super::{ClientProto, MAX_REDIALS};
 use crate::config::routes::{Endpoint, RouteTable, ServiceRoute};
-use crate::context::{Admitted, Context};
-use crate::metrics::{Direction, FaultKind};
+use crate::context::Context;
+use crate::metrics::Direction;
 use crate::trace;
-use crate::transport::detect::{detect, Detected};
 use crate::transport::drain;
-use crate::transport::mesh_http::Body;
 use crate::transport::mesh_http::{
-    self, error_response, strip_hop_by_hop, DST_HEADER, FAULT_HEADER, PROTO_HEADER,
+    self, error_response, strip_hop_by_hop, Body, DST_HEADER, PROTO_HEADER,
 };
 
-/// How long a client connection may stay silent before an `auto` service treats it as
-/// opaque TCP (a server-speaks-first protocol).
-pub const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// How many other endpoints a request tries when a node cannot be reached (nothing was
-/// sent, so this is safe for any request), within the retry budget.
-const MAX_REDIALS: u8 = 2;
-
-/// How a client connection reached the outbound side.
-#[derive(Debug, Clone)]
-pub enum Entry {
-    /// The HTTP proxy port: each request names its service in its authority.
-    HttpProxy,
-    /// A service's local port.
-    Binding(DnsLabel),
-    /// Redirected by iptables; the client dialled this address.
-    Intercepted(SocketAddr),
-}
-
-/// The HTTP version a client spoke; the app on the far side is spoken to in the same.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ClientProto {
-    H1,
-    H2,
-}
-
-impl ClientProto {
-    fn header(self) -> HeaderValue {
-        match self {
-            ClientProto::H1 => HeaderValue::from_static("h1"),
-            ClientProto::H2 => HeaderValue::from_static("h2"),
-        }
-    }
-}
-
-/// Serves one client connection until it closes or the drain finishes it.
-pub async fn serve(
-    context: Arc<Context>,
-    stream: TcpStream,
-    entry: Entry,
-    admitted: Admitted,
-    drain: drain::Watch,
-) {
-    let _admitted = admitted;
-    let _ = stream.set_nodelay(true);
-    let table = context.table();
-    let fixed = match &entry {
-        Entry::HttpProxy => None,
-        Entry::Binding(name) => match table.by_name(name.as_str()) {
-            Some(route) => Some(Arc::clone(route)),
-            // The binding went away in a reload between accept and here.
-            None => return,
-        },
-        Entry::Intercepted(dst) => match table.by_original_dst(*dst) {
-            Some(route) => Some(Arc::clone(route)),
-            None => return passthrough(stream, *dst).await,
-        },
-    };
-    let protocol = fixed.as_ref().map(|route| route.protocol);
-    let detected = match protocol {
-        Some(Protocol::Tcp) => Detected::Opaque,
-        _ => detect(&stream, DETECT_TIMEOUT).await,
-    };
-    // Only an `auto` service's port carries what is not HTTP as opaque TCP. On the proxy
-    // port and an `http` service's port, HTTP/1 answers garbage with 400 and silence with
-    // the header timeout.
-    let opaque_allowed = matches!(protocol, Some(Protocol::Auto | Protocol::Tcp));
-    match (detected, fixed) {
-        (Detected::Closed, _) => {}
-        // Boxed: a task's future is as large as its largest state, and each idle client
-        // connection holds one; the states differ a lot in size.
-        (Detected::Http2, fixed) => {
-            Box::pin(serve_http(context, stream, fixed, ClientProto::H2, drain)).await
-        }
-        (Detected::Opaque | Detected::Silent, Some(route)) if opaque_allowed => {
-            Box::pin(tunnel(context, &table, stream, route, drain)).await
-        }
-        (_, fixed) => Box::pin(serve_http(context, stream, fixed, ClientProto::H1, drain)).await,
-    }
-}
-
-async fn serve_http(
+/// Serves `proto` on a client connection until it closes or the drain finishes it.
+/// `fixed`: the service of a local port or an intercepted address; `None` on the proxy
+/// port, where each request names its service.
+pub async fn serve_http(
     context: Arc<Context>,
     stream: TcpStream,
     fixed: Option<Arc<ServiceRoute>>,
@@ -179,7 +90,7 @@ async fn serve_http(
 }
 
 /// The metric label for a client connection that hyper ended with `err`.
-pub fn client_error_reason(err: &hyper::Error) -> &'static str {
+fn client_error_reason(err: &hyper::Error) -> &'static str {
     if err.is_parse_too_large() {
         "header_too_large"
     } else if err.is_parse() || err.is_parse_status() {
@@ -262,38 +173,6 @@ fn authority_of(parts: &http::request::Parts) -> Option<&str> {
         .authority()
         .map(|a| a.as_str())
         .or_else(|| parts.headers.get(header::HOST)?.to_str().ok())
-}
-
-fn hit(percent: f64) -> bool {
-    percent >= 100.0 || (percent > 0.0 && fastrand::f64() * 100.0 < percent)
-}
-
-/// Applies `route`'s faults; `Some` is the response of an injected abort.
-async fn inject_faults(route: &ServiceRoute) -> Option<Response<Body>> {
-    let fault = route.fault.as_ref()?;
-    if let Some(delay) = &fault.delay {
-        if hit(delay.percent.0) {
-            route.outbound.fault(FaultKind::Delay);
-            tokio::time::sleep(delay.duration.0).await;
-        }
-    }
-    if let Some(abort) = &fault.abort {
-        if hit(abort.percent.0) {
-            route.outbound.fault(FaultKind::Abort);
-            let status =
-                StatusCode::from_u16(abort.status.0).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            let mut response = Response::new(mesh_http::full(format!(
-                "fault injected by the mesh for service {}\n",
-                route.name
-            )));
-            *response.status_mut() = status;
-            response
-                .headers_mut()
-                .insert(FAULT_HEADER, HeaderValue::from_static("abort"));
-            return Some(response);
-        }
-    }
-    None
 }
 
 fn idempotent(method: &Method) -> bool {
@@ -458,120 +337,4 @@ async fn forward(
             }
         }
     }
-}
-
-/// Carries an opaque TCP connection to `apex` (or its split's choice) through a CONNECT
-/// stream to the node that runs it.
-async fn tunnel(
-    context: Arc<Context>,
-    table: &RouteTable,
-    mut client: TcpStream,
-    apex: Arc<ServiceRoute>,
-    // Held for the tunnel's life: a drain waits for it up to the drain deadline.
-    _drain: drain::Watch,
-) {
-    let backend = apex.choose_backend();
-    if !apex.split.is_empty() {
-        context
-            .metrics
-            .split(apex.name.as_str(), backend.name.as_str());
-    }
-    if !context.has_identity() {
-        context.metrics.rejected(Direction::Outbound, "no_identity");
-        return;
-    }
-    let metrics = &apex.tcp_outbound;
-    metrics.open();
-    // Nothing has reached the app until the tunnel is up, so a failed attempt goes to
-    // another endpoint, up to the redial limit or the service's retries.
-    let max_attempts = 1 + usize::from(MAX_REDIALS.max(apex.retries).max(backend.retries));
-    let mut refused: Vec<Endpoint> = Vec::new();
-    let upgraded = loop {
-        let pick = if refused.is_empty() {
-            backend.endpoints.pick()
-        } else {
-            backend.endpoints.pick_except(&refused)
-        };
-        let Some(pick) = pick else {
-            if refused.is_empty() {
-                context
-                    .metrics
-                    .rejected(Direction::Outbound, "no_endpoints");
-            }
-            metrics.close(0, 0);
-            return;
-        };
-        let node = pick.endpoint.node.clone();
-        let target = format!(
-            "{}:{}",
-            table.mesh_name(&backend.name),
-            backend.port.unwrap_or_default()
-        );
-        let connect = async {
-            let mut sender = context
-                .peers
-                .sender(|| context.identity(), &node, pick.endpoint.addr)
-                .await
-                .map_err(|err| err.0)?;
-            let request = Request::builder()
-                .method(Method::CONNECT)
-                .uri(target.as_str())
-                .header(DST_HEADER, backend.dst_header.clone())
-                .body(mesh_http::empty())
-                .map_err(|err| err.to_string())?;
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|err| err.to_string())?;
-            if response.status() != StatusCode::OK {
-                let reason = response
-                    .headers()
-                    .get(mesh_http::ERROR_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_owned();
-                return Err(format!(
-                    "node {node} refused the tunnel: {} {reason}",
-                    response.status()
-                ));
-            }
-            hyper::upgrade::on(response)
-                .await
-                .map_err(|err| err.to_string())
-        };
-        let started = Instant::now();
-        match connect.await {
-            Ok(upgraded) => {
-                pick.success(started.elapsed());
-                break upgraded;
-            }
-            Err(err) => {
-                refused.push(pick.endpoint.clone());
-                pick.failure();
-                debug!(service = %backend.name, error = %err, "tunnel failed");
-                if refused.len() >= max_attempts {
-                    metrics.close(0, 0);
-                    return;
-                }
-            }
-        }
-    };
-    let mut upgraded = TokioIo::new(upgraded);
-    let idle = apex.idle_timeout.or(backend.idle_timeout);
-    let (read, written) = crate::transport::splice::splice(&mut client, &mut upgraded, idle).await;
-    let _ = client.shutdown().await;
-    metrics.close(read, written);
-}
-
-/// A redirected connection to an address that is not a mesh service: sent on as it was.
-async fn passthrough(mut client: TcpStream, dst: SocketAddr) {
-    let Ok(Ok(mut server)) = tokio::time::timeout(
-        crate::transport::peers::CONNECT_TIMEOUT,
-        TcpStream::connect(dst),
-    )
-    .await
-    else {
-        return;
-    };
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
 }
