@@ -19,7 +19,7 @@ use crate::config::state::Snapshot;
 use crate::control::discovery::Control;
 use crate::control::enroll;
 use crate::identity::Identity;
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Serves the admin endpoints on `listener` until the task is dropped. Each request reads
 /// the latest snapshot, so answers never mix two configs.
@@ -76,7 +76,7 @@ fn metrics_response(method: &Method, metrics: &Metrics) -> Response<Full<Bytes>>
     let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
     response.headers_mut().insert(
         CONTENT_TYPE,
-        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        HeaderValue::from_static(crate::telemetry::metrics::CONTENT_TYPE),
     );
     response
 }

@@ -27,9 +27,8 @@ mod context;
 mod control;
 mod identity;
 mod inbound;
-mod metrics;
 mod outbound;
-mod trace;
+mod telemetry;
 mod transport;
 
 use std::net::SocketAddr;
@@ -46,7 +45,7 @@ use crate::config::{state, Routing, SiteConfig};
 use crate::context::Context;
 use crate::control::{discovery, enroll};
 use crate::identity::{IdentityFiles, IdentityReloader};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 use crate::transport::{drain, listeners};
 
 /// How long open connections get to finish after SIGTERM (the unit allows 10 s).
@@ -122,7 +121,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
                 state_dir: options.state_dir.clone(),
             },
             identities.clone(),
-            Arc::clone(&metrics),
+            metrics.control.clone(),
         );
         discovered = control.configs();
         Arc::new(control)
@@ -178,7 +177,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
             }
             Ok(()) = snapshots.changed() => {
                 let ok = snapshots.borrow_and_update().problem.is_none();
-                metrics.config_reload(ok);
+                metrics.config.reload(ok);
             }
             Ok(()) = discovered.changed() => {
                 discovered.borrow_and_update();

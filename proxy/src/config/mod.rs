@@ -4,9 +4,11 @@
 //! - `state`: the file config in use, reloaded on SIGHUP and when the file changes, and
 //!   the last refusal;
 //! - `routes`: the routing table compiled from a site config;
+//! - `metrics`: reload attempts of the file, counted;
 //! - [`Routing`]: the only writer of the site config in use (discovery's, else the
 //!   file's) and of the routing table built from it.
 
+pub mod metrics;
 pub mod routes;
 pub mod site;
 pub mod state;
@@ -17,8 +19,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::identity::Identity;
-use crate::metrics::Metrics;
-use crate::trace::CollectorSink;
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::trace::CollectorSink;
 use routes::RouteTable;
 pub use site::SiteConfig;
 use state::Snapshot;
@@ -114,7 +116,7 @@ impl Routing {
                     identity.as_ref().map_or("unknown", |id| id.node.as_str())
                 )
             },
-            &self.metrics.span_counters(),
+            &self.metrics.spans,
         );
         // A config for another site than the identity's is not this proxy's to serve.
         let node = identity

@@ -15,10 +15,14 @@ use std::time::Duration;
 use pimesh_schema::cluster::{ClusterConfig, Fault, Protocol, ProxySettings, Service};
 use pimesh_schema::{DnsLabel, SpiffeId};
 
-use crate::metrics::{Direction, Metrics, RouteMetrics, TcpMetrics};
 use crate::outbound::balance::Balancer;
 use crate::outbound::budget::RetryBudget;
-use crate::trace::SpanSink;
+use crate::outbound::metrics::PolicyMetrics;
+use crate::telemetry::labels::Direction;
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::requests::RouteMetrics;
+use crate::telemetry::trace::SpanSink;
+use crate::transport::metrics::TcpMetrics;
 
 /// Retries allowed per second whatever the traffic, so that a quiet service can retry.
 const RETRY_FLOOR_PER_SECOND: u32 = 10;
@@ -62,6 +66,8 @@ pub struct ServiceRoute {
     pub endpoints: Balancer<Endpoint>,
     pub outbound: RouteMetrics,
     pub inbound: RouteMetrics,
+    /// The outbound side's faults and retries.
+    pub policy: PolicyMetrics,
     pub tcp_outbound: TcpMetrics,
     pub tcp_inbound: TcpMetrics,
 }
@@ -182,10 +188,11 @@ impl RouteTable {
                     .map(|ids| ids.iter().map(|id| id.0.clone()).collect()),
                 local: node.is_some_and(|n| service.nodes.contains(n)),
                 endpoints: Balancer::new(endpoints),
-                outbound: metrics.route(Direction::Outbound, name.as_str()),
-                inbound: metrics.route(Direction::Inbound, name.as_str()),
-                tcp_outbound: metrics.tcp(Direction::Outbound, name.as_str()),
-                tcp_inbound: metrics.tcp(Direction::Inbound, name.as_str()),
+                outbound: metrics.requests.route(Direction::Outbound, name.as_str()),
+                inbound: metrics.requests.route(Direction::Inbound, name.as_str()),
+                policy: metrics.outbound.route(name.as_str()),
+                tcp_outbound: metrics.connections.tcp(Direction::Outbound, name.as_str()),
+                tcp_inbound: metrics.connections.tcp(Direction::Inbound, name.as_str()),
             })
         };
         // Concrete services first: the schema guarantees split backends are concrete.

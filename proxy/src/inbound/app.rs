@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 use crate::config::routes::{RouteTable, ServiceRoute};
 use crate::context::Context;
-use crate::trace;
+use crate::telemetry::trace;
 use crate::transport::mesh_http::{
     self, error_response, strip_hop_by_hop, Body, DST_HEADER, PROTO_HEADER,
 };

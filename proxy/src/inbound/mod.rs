@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::context::{Admitted, Context};
-use crate::metrics::Direction;
+use crate::telemetry::labels::Direction;
 use crate::transport::drain;
 use crate::transport::mesh_http::{error_response, Body, DST_HEADER};
 use app::{deliver, open_tunnel};
@@ -48,27 +48,34 @@ pub async fn serve(
     let _ = stream.set_nodelay(true);
     let metrics = Arc::clone(&context.metrics);
     let Some(identity) = context.identity() else {
-        metrics.rejected(Direction::Inbound, "no_identity");
+        metrics
+            .connections
+            .rejected(Direction::Inbound, "no_identity");
         return;
     };
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, identity.acceptor().accept(stream))
-        .await
-    {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(err)) => {
-            let reason = HandshakeFailure::of(&err).label();
-            metrics.tls_handshake_failure(Direction::Inbound, reason);
-            debug!(error = %err, reason, "inbound TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            metrics.tls_handshake_failure(Direction::Inbound, HandshakeFailure::Timeout.label());
-            return;
-        }
-    };
+    let tls =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, identity.acceptor().accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(err)) => {
+                let reason = HandshakeFailure::of(&err).label();
+                metrics
+                    .connections
+                    .tls_handshake_failure(Direction::Inbound, reason);
+                debug!(error = %err, reason, "inbound TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                metrics
+                    .connections
+                    .tls_handshake_failure(Direction::Inbound, HandshakeFailure::Timeout.label());
+                return;
+            }
+        };
     let (_, session) = tls.get_ref();
     if session.alpn_protocol() != Some(pimesh_meshtls::ALPN_H2) {
-        metrics.tls_handshake_failure(Direction::Inbound, HandshakeFailure::Protocol.label());
+        metrics
+            .connections
+            .tls_handshake_failure(Direction::Inbound, HandshakeFailure::Protocol.label());
         return;
     }
     let caller: Arc<[SpiffeId]> = pimesh_meshtls::peer_ids(session, &identity.site).into();
@@ -120,6 +127,7 @@ async fn handle(
     let Some(route) = route else {
         context
             .metrics
+            .connections
             .rejected(Direction::Inbound, "unknown_service");
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -132,6 +140,7 @@ async fn handle(
     let (Some(port), true) = (route.port, route.local) else {
         context
             .metrics
+            .connections
             .rejected(Direction::Inbound, "not_placed_here");
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -139,7 +148,10 @@ async fn handle(
         );
     };
     if !route.allows(&caller) {
-        context.metrics.rejected(Direction::Inbound, "unauthorized");
+        context
+            .metrics
+            .connections
+            .rejected(Direction::Inbound, "unauthorized");
         let who = caller
             .first()
             .map_or_else(|| "an unnamed caller".to_owned(), ToString::to_string);

@@ -4,8 +4,8 @@
 use http::header::HeaderValue;
 use http::{Response, StatusCode};
 
+use super::metrics::FaultKind;
 use crate::config::routes::ServiceRoute;
-use crate::metrics::FaultKind;
 use crate::transport::mesh_http::{self, Body, FAULT_HEADER};
 
 fn hit(percent: f64) -> bool {
@@ -17,13 +17,13 @@ pub async fn inject_faults(route: &ServiceRoute) -> Option<Response<Body>> {
     let fault = route.fault.as_ref()?;
     if let Some(delay) = &fault.delay {
         if hit(delay.percent.0) {
-            route.outbound.fault(FaultKind::Delay);
+            route.policy.fault(FaultKind::Delay);
             tokio::time::sleep(delay.duration.0).await;
         }
     }
     if let Some(abort) = &fault.abort {
         if hit(abort.percent.0) {
-            route.outbound.fault(FaultKind::Abort);
+            route.policy.fault(FaultKind::Abort);
             let status =
                 StatusCode::from_u16(abort.status.0).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
             let mut response = Response::new(mesh_http::full(format!(

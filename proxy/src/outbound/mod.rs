@@ -13,11 +13,13 @@
 //! - `faults`: the delays and aborts a service's config injects;
 //! - `tunnel`: opaque TCP to a service, and intercepted connections to anything else;
 //! - `balance`: which endpoint of a service takes a request or connection;
-//! - `budget`: how many retries the requests of a service allow.
+//! - `budget`: how many retries the requests of a service allow;
+//! - `metrics`: splits, faults and retries, counted.
 
 pub mod balance;
 pub mod budget;
 mod faults;
+pub mod metrics;
 mod requests;
 mod tunnel;
 

@@ -19,8 +19,8 @@ use super::faults::inject_faults;
 use super::{ClientProto, MAX_REDIALS};
 use crate::config::routes::{Endpoint, RouteTable, ServiceRoute};
 use crate::context::Context;
-use crate::metrics::Direction;
-use crate::trace;
+use crate::telemetry::labels::Direction;
+use crate::telemetry::trace;
 use crate::transport::drain;
 use crate::transport::mesh_http::{
     self, error_response, strip_hop_by_hop, Body, DST_HEADER, PROTO_HEADER,
@@ -84,7 +84,7 @@ pub async fn serve_http(
     };
     if let Err(err) = result {
         let reason = client_error_reason(&err);
-        metrics.rejected(Direction::Outbound, reason);
+        metrics.connections.rejected(Direction::Outbound, reason);
         debug!(error = %err, reason, "client connection ended with an error");
     }
 }
@@ -120,6 +120,7 @@ async fn handle(
     let Some(apex) = apex else {
         context
             .metrics
+            .connections
             .rejected(Direction::Outbound, "unknown_service");
         let named = authority_of(&parts).unwrap_or("(none)").to_owned();
         return error_response(
@@ -194,6 +195,7 @@ async fn forward(
     if !apex.split.is_empty() {
         context
             .metrics
+            .outbound
             .split(apex.name.as_str(), backend.name.as_str());
         if let Some(aborted) = inject_faults(apex).await {
             return aborted;
@@ -203,7 +205,10 @@ async fn forward(
         return aborted;
     }
     if !context.has_identity() {
-        context.metrics.rejected(Direction::Outbound, "no_identity");
+        context
+            .metrics
+            .connections
+            .rejected(Direction::Outbound, "no_identity");
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "this proxy has no node identity yet, so it cannot reach other nodes",
@@ -219,6 +224,7 @@ async fn forward(
         Err(err) => {
             context
                 .metrics
+                .connections
                 .rejected(Direction::Outbound, "malformed_http");
             return error_response(
                 StatusCode::BAD_REQUEST,
@@ -252,6 +258,7 @@ async fn forward(
             }
             context
                 .metrics
+                .connections
                 .rejected(Direction::Outbound, "no_endpoints");
             return error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -266,10 +273,10 @@ async fn forward(
                 return false;
             }
             if table.budget.try_withdraw() {
-                apex.outbound.retry();
+                apex.policy.retry();
                 true
             } else {
-                apex.outbound.retry_budget_exhausted();
+                apex.policy.retry_budget_exhausted();
                 false
             }
         };

@@ -15,7 +15,7 @@ use tracing::debug;
 use super::MAX_REDIALS;
 use crate::config::routes::{Endpoint, RouteTable, ServiceRoute};
 use crate::context::Context;
-use crate::metrics::Direction;
+use crate::telemetry::labels::Direction;
 use crate::transport::drain;
 use crate::transport::mesh_http::{self, DST_HEADER};
 
@@ -33,10 +33,14 @@ pub async fn tunnel(
     if !apex.split.is_empty() {
         context
             .metrics
+            .outbound
             .split(apex.name.as_str(), backend.name.as_str());
     }
     if !context.has_identity() {
-        context.metrics.rejected(Direction::Outbound, "no_identity");
+        context
+            .metrics
+            .connections
+            .rejected(Direction::Outbound, "no_identity");
         return;
     }
     let metrics = &apex.tcp_outbound;
@@ -55,6 +59,7 @@ pub async fn tunnel(
             if refused.is_empty() {
                 context
                     .metrics
+                    .connections
                     .rejected(Direction::Outbound, "no_endpoints");
             }
             metrics.close(0, 0);

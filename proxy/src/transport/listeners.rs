@@ -18,8 +18,8 @@ use tracing::{info, warn};
 use crate::config::routes::{RouteTable, ServiceRoute};
 use crate::context::Context;
 use crate::inbound;
-use crate::metrics::Direction;
 use crate::outbound::{self, Entry};
+use crate::telemetry::labels::Direction;
 use crate::transport::drain;
 use crate::transport::original_dst::original_dst;
 

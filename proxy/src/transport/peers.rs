@@ -21,8 +21,9 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use crate::identity::Identity;
-use crate::metrics::{Direction, Metrics};
+use crate::telemetry::labels::Direction;
 use crate::transport::mesh_http::Body;
+use crate::transport::metrics::ConnectionMetrics;
 
 /// How long dialling a peer (TCP connect and TLS handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -39,11 +40,11 @@ pub struct Peers {
     /// Keyed by the peer's address alone (one node per address), so that a lookup
     /// allocates nothing.
     slots: Arc<Mutex<HashMap<SocketAddr, Slot>>>,
-    metrics: Arc<Metrics>,
+    metrics: ConnectionMetrics,
 }
 
 impl Peers {
-    pub fn new(metrics: Arc<Metrics>) -> Peers {
+    pub fn new(metrics: ConnectionMetrics) -> Peers {
         Peers {
             slots: Arc::default(),
             metrics,

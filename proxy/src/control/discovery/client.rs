@@ -65,13 +65,13 @@ async fn watch_loop(shared: Arc<Shared>) {
             return;
         };
         let outcome = watch(&shared, replica).await;
-        shared.metrics.control.connected.set(0);
+        shared.metrics.connected.set(0);
         shared.status(|status| status.replica = None);
         if outcome.documents > 0 {
             failures = 0;
             last_answer = Instant::now();
         }
-        shared.metrics.control.failovers.inc();
+        shared.metrics.failovers.inc();
         let reason = outcome.end;
         if outcome.documents > 0 {
             warn!(%replica, %reason, "discovery watch lost; failing over");
@@ -138,7 +138,7 @@ async fn watch_inner(
         return Err(refusal(response).await);
     }
     info!(%replica, "discovery watch open");
-    shared.metrics.control.connected.set(1);
+    shared.metrics.connected.set(1);
     shared.status(|status| status.replica = Some(replica));
     let source = format!("control replica {replica}");
     let mut body = response.into_body();
@@ -181,7 +181,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, replica: SocketAddr) {
             Ok(()) => debug!(%replica, "heartbeat sent"),
             Err(err) => {
                 sender = None;
-                shared.metrics.control.heartbeat_failures.inc();
+                shared.metrics.heartbeat_failures.inc();
                 debug!(%replica, error = %err, "heartbeat failed");
             }
         }

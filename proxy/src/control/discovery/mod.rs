@@ -16,6 +16,7 @@
 mod cache;
 mod client;
 mod document;
+pub mod metrics;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use tracing::{info, warn};
 
 use crate::config::SiteConfig;
 use crate::identity::Identity;
-use crate::metrics::Metrics;
+use metrics::ControlMetrics;
 
 /// Where the discovery client connects and what it announces.
 #[derive(Debug, Clone)]
@@ -101,7 +102,7 @@ pub(crate) struct Shared {
     /// The newest live document, for [`keep_cache`] to write.
     to_cache: watch::Sender<Option<Arc<[u8]>>>,
     identities: watch::Receiver<Option<Identity>>,
-    metrics: Arc<Metrics>,
+    metrics: ControlMetrics,
     configs: watch::Sender<Option<Arc<SiteConfig>>>,
     status: Mutex<Status>,
 }
@@ -126,7 +127,7 @@ impl Shared {
             Ok(checked) => checked,
             Err(err) => {
                 warn!(error = %err, "discovery document refused; keeping the one in use");
-                self.metrics.control.rejected.inc();
+                self.metrics.rejected.inc();
                 self.status(|status| status.last_error = Some(err));
                 return false;
             }
@@ -149,7 +150,7 @@ impl Shared {
             "discovery document in use"
         );
         self.configs.send_replace(config.map(Arc::new));
-        self.metrics.control.updates.inc();
+        self.metrics.updates.inc();
         self.status(|status| {
             status.source = origin;
             status.version = Some(document.version.clone());
@@ -194,7 +195,7 @@ impl Control {
     pub fn start(
         options: Options,
         identities: watch::Receiver<Option<Identity>>,
-        metrics: Arc<Metrics>,
+        metrics: ControlMetrics,
     ) -> Control {
         let cache_file = cache::file(&options.state_dir);
         let shared = Arc::new(Shared {

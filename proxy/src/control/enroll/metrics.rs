@@ -7,10 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
-struct ResultLabels {
-    result: &'static str,
-}
+use crate::telemetry::labels::ResultLabels;
 
 /// Cheap to clone: clones share their series.
 #[derive(Clone, Default)]
@@ -38,8 +35,7 @@ impl IdentityMetrics {
     }
 
     pub fn renewal(&self, ok: bool) {
-        let result = if ok { "ok" } else { "error" };
-        self.renewals.get_or_create(&ResultLabels { result }).inc();
+        self.renewals.get_or_create(&ResultLabels::of(ok)).inc();
     }
 
     pub fn expires_at(&self, at: std::time::SystemTime) {

@@ -36,6 +36,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, Method};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 
 use context::{SpanId, TraceId};
 use export::FinishedSpan;
@@ -64,6 +65,31 @@ pub struct SpanCounters {
     /// Spans in batches the collector refused, answered non-2xx to, or did not answer in
     /// time.
     pub failed: Counter,
+}
+
+impl SpanCounters {
+    /// New counters, registered in `registry` as `pimesh_spans_exported_total`,
+    /// `pimesh_spans_dropped_total` and `pimesh_span_export_failures_total`.
+    pub fn register(registry: &mut Registry) -> SpanCounters {
+        let counters = SpanCounters::default();
+        // Counter names are registered without `_total`: the encoder appends it.
+        registry.register(
+            "pimesh_spans_exported",
+            "Trace spans exported",
+            counters.exported.clone(),
+        );
+        registry.register(
+            "pimesh_spans_dropped",
+            "Trace spans dropped because the export queue was full",
+            counters.dropped.clone(),
+        );
+        registry.register(
+            "pimesh_span_export_failures",
+            "Failed span export attempts",
+            counters.failed.clone(),
+        );
+        counters
+    }
 }
 
 /// One hop's span in progress. Holds no borrowed data and is `Send`.
@@ -177,6 +203,7 @@ mod tests {
 
     use super::export::Settings;
     use super::*;
+    use crate::telemetry::metrics::testing::{assert_sample, samples};
 
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const SPAN: &str = "00f067aa0ba902b7";
@@ -338,6 +365,19 @@ mod tests {
         assert_eq!(server.trace_id, client.trace_id);
         let expected = format!("{TRACE}-{}-1-{}", server.id, client.id);
         assert_eq!(map.get(context::B3).unwrap(), expected.as_str());
+    }
+
+    #[test]
+    fn counters_are_registered_by_name() {
+        let mut registry = Registry::default();
+        let spans = SpanCounters::register(&mut registry);
+        spans.exported.inc_by(5);
+        spans.dropped.inc();
+        spans.failed.inc_by(2);
+        let s = samples(&registry);
+        assert_sample(&s, "pimesh_spans_exported_total 5");
+        assert_sample(&s, "pimesh_spans_dropped_total 1");
+        assert_sample(&s, "pimesh_span_export_failures_total 2");
     }
 
     #[test]
