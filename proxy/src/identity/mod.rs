@@ -35,6 +35,7 @@ use rustls::{ClientConfig, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 pub use files::{default_files, IdentityFiles};
+pub use load::LoadError;
 pub use reload::IdentityReloader;
 
 /// Where an identity in use came from, for `/config` and logs.

@@ -10,13 +10,13 @@ use pimesh_runtime::watched::{Load, Outcome, Trigger, Watched};
 use tokio::sync::watch;
 use tracing::info;
 
-use super::{Identity, IdentityFiles};
+use super::{Identity, IdentityFiles, LoadError};
 
 /// The only writer of the node identity in use: loads [`IdentityFiles`] through a
 /// [`Watched`] and publishes each identity that loads.
 pub struct IdentityReloader {
     files: IdentityFiles,
-    watched: Watched<Option<Identity>, String>,
+    watched: Watched<Option<Identity>, LoadError>,
     sender: watch::Sender<Option<Identity>>,
 }
 
@@ -71,6 +71,6 @@ impl IdentityReloader {
     }
 }
 
-fn load(files: &IdentityFiles) -> Load<Option<Identity>, String> {
+fn load(files: &IdentityFiles) -> Load<Option<Identity>, LoadError> {
     Identity::load(files).map(Some).into()
 }

@@ -341,7 +341,8 @@ impl Enroller {
         let key_pem = request.key.serialize_pem();
         // Chains to the bundle, valid now, one node ID, the key is the leaf's.
         let identity =
-            Identity::from_pem_named(&answer.chain_pem, &key_pem, &answer.bundle_pem, &what)?
+            Identity::from_pem_named(&answer.chain_pem, &key_pem, &answer.bundle_pem, &what)
+                .map_err(|err| err.to_string())?
                 .with_source(Source::Control);
         if identity.site != auth.site || identity.node != auth.node {
             return Err(format!(

@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::identity::{Identity, IdentityFiles, Source};
+use crate::identity::{Identity, IdentityFiles, LoadError, Source};
 
 /// `<state_dir>/identity`.
 pub fn dir(state_dir: &Path) -> PathBuf {
@@ -51,7 +51,7 @@ pub fn save(
 
 /// The saved identity, when there is one: `Ok(None)` when no set was ever saved, `Err`
 /// naming the file when one is there but not usable (expired, torn, damaged).
-pub fn load(state_dir: &Path) -> Result<Option<Identity>, String> {
+pub fn load(state_dir: &Path) -> Result<Option<Identity>, LoadError> {
     let files = files(state_dir);
     if !files.chain.exists() && !files.key.exists() {
         return Ok(None);
@@ -112,13 +112,13 @@ mod tests {
             0o600,
         )
         .expect("write");
-        let err = load(state.path()).expect_err("torn");
+        let err = load(state.path()).expect_err("torn").to_string();
         assert!(err.contains("leaf.key"), "{err}");
 
         // The leaf expired while the proxy was down.
         let (chain, key, bundle) = leaf(&root, "a", SystemTime::now() - 2 * HOUR);
         save(state.path(), &chain, &key, &bundle).expect("saved");
-        let err = load(state.path()).expect_err("expired");
+        let err = load(state.path()).expect_err("expired").to_string();
         assert!(err.contains("leaf.pem") && err.contains("expired"), "{err}");
     }
 }
