@@ -21,6 +21,7 @@
 //! published is ever published.
 
 mod client;
+mod error;
 pub mod metrics;
 mod schedule;
 mod store;
@@ -42,6 +43,7 @@ use tracing::{error, info, warn};
 use crate::config::SiteConfig;
 use crate::identity::{Identity, Source};
 
+use error::{EnrollError, LeafNamesError};
 pub use metrics::IdentityMetrics;
 
 /// While renewals fail, a warning naming the time left is logged this often.
@@ -302,14 +304,14 @@ impl Enroller {
                 self.failing_since.get_or_insert_with(SystemTime::now);
                 self.cursor = (self.cursor + 1) % self.settings.replicas.len().max(1);
                 self.status_tx
-                    .send_modify(|status| status.last_error = Some(err));
+                    .send_modify(|status| status.last_error = Some(err.to_string()));
                 SystemTime::now() + self.backoff.next_delay(fastrand::u64(..))
             }
         }
     }
 
     /// Asks `replica` for a leaf and checks the answer; the error says why not.
-    async fn enroll(&mut self, replica: SocketAddr) -> Result<Identity, String> {
+    async fn enroll(&mut self, replica: SocketAddr) -> Result<Identity, EnrollError> {
         let now = SystemTime::now();
         // Authenticate with the current leaf while valid, else with the node credential.
         let current = self
@@ -319,36 +321,34 @@ impl Enroller {
             .filter(|identity| identity.not_after > now);
         let auth = current
             .or_else(|| self.node_credential.borrow().clone())
-            .ok_or(
-                "no node credential to authenticate with (see the log for why it did not load)",
-            )?;
-        let wanted = self.wanted().ok_or("no node credential")?;
+            .ok_or(EnrollError::NoCredential)?;
+        let wanted = self.wanted().ok_or(EnrollError::NothingToAsk)?;
         let wanted_list: Vec<SpiffeId> = wanted.iter().cloned().collect();
         self.status_tx.send_modify(|status| {
             status.requested = wanted_list.iter().map(ToString::to_string).collect();
         });
-        let request = LeafRequest::new(&wanted_list)
-            .map_err(|err| format!("cannot make a signing request: {err}"))?;
+        let request = LeafRequest::new(&wanted_list).map_err(EnrollError::Request)?;
         let answer = client::exchange(replica, &auth, &request.csr_pem).await?;
         let what = format!("replica {replica}: answer");
         let anchors: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(answer.bundle_pem.as_bytes())
                 .collect::<Result<_, _>>()
-                .map_err(|err| format!("{what}: the trust bundle is not PEM: {err}"))?;
+                .map_err(|err| EnrollError::BundleNotPem { replica, err })?;
         if anchors.is_empty() {
-            return Err(format!("{what}: the trust bundle holds no certificate"));
+            return Err(EnrollError::EmptyBundle { replica });
         }
         let key_pem = request.key.serialize_pem();
         // Chains to the bundle, valid now, one node ID, the key is the leaf's.
         let identity =
             Identity::from_pem_named(&answer.chain_pem, &key_pem, &answer.bundle_pem, &what)
-                .map_err(|err| err.to_string())?
+                .map_err(EnrollError::Leaf)?
                 .with_source(Source::Control);
         if identity.site != auth.site || identity.node != auth.node {
-            return Err(format!(
-                "{what}: the leaf is for node {} of site {}, not this node {} of site {}",
-                identity.node, identity.site, auth.node, auth.site
-            ));
+            return Err(EnrollError::OtherNode {
+                replica,
+                leaf: (identity.site, identity.node),
+                this: (auth.site, auth.node),
+            });
         }
         // Every name of the leaf, of any kind or site, must be one asked for, and all of them.
         let asked: BTreeSet<String> = wanted.iter().map(ToString::to_string).collect();
@@ -357,12 +357,14 @@ impl Enroller {
             .first()
             .map(|leaf| leaf_names(leaf))
             .transpose()
-            .map_err(|why| format!("{what}: {why}"))?
+            .map_err(|err| EnrollError::LeafNames { replica, err })?
             .unwrap_or_default();
         if named != asked {
-            return Err(format!(
-                "{what}: the leaf names {named:?}, but {asked:?} was asked for"
-            ));
+            return Err(EnrollError::NamesDiffer {
+                replica,
+                named,
+                asked,
+            });
         }
         if let Err(err) = store::save(
             &self.settings.state_dir,
@@ -416,13 +418,12 @@ impl Enroller {
 
 /// Every subject alternative name of the DER certificate `leaf`: URIs as written, other
 /// kinds as `other:<value>` (never equal to a SPIFFE ID).
-fn leaf_names(leaf: &CertificateDer<'_>) -> Result<BTreeSet<String>, String> {
+fn leaf_names(leaf: &CertificateDer<'_>) -> Result<BTreeSet<String>, LeafNamesError> {
     use x509_parser::extensions::GeneralName;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
-        .map_err(|err| format!("the leaf is not X.509: {err}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(LeafNamesError::NotX509)?;
     let names = cert
         .subject_alternative_name()
-        .map_err(|err| format!("the leaf's subject alternative names are malformed: {err}"))?
+        .map_err(LeafNamesError::Malformed)?
         .map(|ext| ext.value.general_names.clone())
         .unwrap_or_default();
     Ok(names

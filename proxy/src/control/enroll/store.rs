@@ -12,6 +12,8 @@
 //! passes every check a fresh leaf passes (chain to the bundle, key of the leaf, valid
 //! now), so a set torn by a crash between two files is refused as a whole, never half used.
 
+use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::identity::{Identity, IdentityFiles, LoadError, Source};
@@ -30,21 +32,44 @@ fn files(state_dir: &Path) -> IdentityFiles {
     }
 }
 
+/// A file of the set that could not be written.
+#[derive(Debug)]
+pub struct SaveError {
+    pub path: PathBuf,
+    pub err: io::Error,
+}
+
+impl fmt::Display for SaveError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: cannot write: {}", self.path.display(), self.err)
+    }
+}
+
+impl std::error::Error for SaveError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.err)
+    }
+}
+
 /// Writes the set. The error names the file.
 pub fn save(
     state_dir: &Path,
     chain_pem: &str,
     key_pem: &str,
     bundle_pem: &str,
-) -> Result<(), String> {
+) -> Result<(), SaveError> {
     let files = files(state_dir);
     for (path, text, mode) in [
         (&files.key, key_pem, 0o600),
         (&files.anchors, bundle_pem, 0o644),
         (&files.chain, chain_pem, 0o644),
     ] {
-        pimesh_runtime::atomic_file::replace(path, text.as_bytes(), mode)
-            .map_err(|err| format!("{}: cannot write: {err}", path.display()))?;
+        pimesh_runtime::atomic_file::replace(path, text.as_bytes(), mode).map_err(|err| {
+            SaveError {
+                path: path.clone(),
+                err,
+            }
+        })?;
     }
     Ok(())
 }
