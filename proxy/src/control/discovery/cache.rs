@@ -5,11 +5,12 @@
 //! that this proxy accepted; it is replaced atomically (temporary file, fsync, rename,
 //! fsync of the folder), so a power cut leaves the old or the new document.
 
+use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::document::Document;
+use super::document::{Document, DocumentError};
 
 /// The cache file in `state_dir`.
 pub fn file(state_dir: &Path) -> PathBuf {
@@ -27,23 +28,68 @@ pub struct Cached {
     pub written: SystemTime,
 }
 
+/// Why the cached document cannot be used; shown as one line naming the file.
+#[derive(Debug)]
+pub enum CacheError {
+    Inspect {
+        file: PathBuf,
+        err: io::Error,
+    },
+    TooLarge {
+        file: PathBuf,
+        len: u64,
+    },
+    Read {
+        file: PathBuf,
+        err: io::Error,
+    },
+    /// The file holds no discovery document (the error names the file).
+    Document(DocumentError),
+}
+
+impl fmt::Display for CacheError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CacheError::Inspect { file, err } => {
+                write!(f, "{}: cannot inspect: {err}", file.display())
+            }
+            CacheError::TooLarge { file, len } => write!(
+                f,
+                "{}: expected at most {MAX_BYTES} bytes, found {len}",
+                file.display()
+            ),
+            CacheError::Read { file, err } => write!(f, "{}: cannot read: {err}", file.display()),
+            CacheError::Document(err) => err.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for CacheError {}
+
 /// Reads the cached document. `Ok(None)` when there is none; an `Err` names the file.
-pub fn load(file: &Path) -> Result<Option<Cached>, String> {
+pub fn load(file: &Path) -> Result<Option<Cached>, CacheError> {
     let meta = match std::fs::metadata(file) {
         Ok(meta) => meta,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(err) => return Err(format!("{}: cannot inspect: {err}", file.display())),
+        Err(err) => {
+            return Err(CacheError::Inspect {
+                file: file.to_path_buf(),
+                err,
+            })
+        }
     };
     if meta.len() > MAX_BYTES {
-        return Err(format!(
-            "{}: expected at most {MAX_BYTES} bytes, found {}",
-            file.display(),
-            meta.len()
-        ));
+        return Err(CacheError::TooLarge {
+            file: file.to_path_buf(),
+            len: meta.len(),
+        });
     }
-    let raw =
-        std::fs::read(file).map_err(|err| format!("{}: cannot read: {err}", file.display()))?;
-    let document = Document::parse(&file.display().to_string(), &raw)?;
+    let raw = std::fs::read(file).map_err(|err| CacheError::Read {
+        file: file.to_path_buf(),
+        err,
+    })?;
+    let document =
+        Document::parse(&file.display().to_string(), &raw).map_err(CacheError::Document)?;
     Ok(Some(Cached {
         document,
         raw,
@@ -71,7 +117,7 @@ mod tests {
         assert_eq!(cached.document.version, "v1");
         assert_eq!(cached.raw, line);
         std::fs::write(&file, "{").expect("write");
-        let err = load(&file).expect_err("broken");
+        let err = load(&file).expect_err("broken").to_string();
         assert!(err.contains("discovery.json"), "{err}");
     }
 }

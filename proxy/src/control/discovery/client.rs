@@ -14,6 +14,8 @@
 //! Every connection is mutual TLS with the node identity current when it is opened; the
 //! replica must prove `spiffe://<site>/svc/pimesh-control` (`Identity::control_connector`).
 
+use std::fmt;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -44,6 +46,62 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 const WARN_EVERY: Duration = Duration::from_secs(30);
 /// Largest document accepted on the stream.
 const MAX_LINE: usize = 4 * 1024 * 1024;
+
+/// Why a watch or a heartbeat to a replica ended; shown as one line.
+#[derive(Debug)]
+pub enum ReplicaError {
+    /// No node identity to authenticate with.
+    NoIdentity,
+    ConnectTimeout,
+    Connect(io::Error),
+    HandshakeTimeout,
+    Handshake(io::Error),
+    Http2(hyper::Error),
+    Build(http::Error),
+    /// No answer head within [`CONNECT_TIMEOUT`].
+    AnswerTimeout,
+    Request(hyper::Error),
+    /// The replica answered another status: it and the start of the body.
+    Refused {
+        status: StatusCode,
+        body: String,
+    },
+    /// No line for [`IDLE`].
+    Silent,
+    Stream(hyper::Error),
+    LineTooLong,
+    /// The replica ended the stream.
+    Ended,
+}
+
+impl fmt::Display for ReplicaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplicaError::NoIdentity => f.write_str("no node identity yet"),
+            ReplicaError::ConnectTimeout => {
+                write!(f, "cannot connect within {CONNECT_TIMEOUT:?}")
+            }
+            ReplicaError::Connect(err) => write!(f, "cannot connect: {err}"),
+            ReplicaError::HandshakeTimeout => {
+                write!(f, "no TLS handshake within {CONNECT_TIMEOUT:?}")
+            }
+            ReplicaError::Handshake(err) => write!(f, "TLS handshake failed: {err}"),
+            ReplicaError::Http2(err) => write!(f, "HTTP/2 handshake failed: {err}"),
+            ReplicaError::Build(err) => write!(f, "cannot make the request: {err}"),
+            ReplicaError::AnswerTimeout => write!(f, "no answer within {CONNECT_TIMEOUT:?}"),
+            ReplicaError::Request(err) => write!(f, "request failed: {err}"),
+            ReplicaError::Refused { status, body } => {
+                write!(f, "refused with {status}: {}", body.trim())
+            }
+            ReplicaError::Silent => write!(f, "nothing for {IDLE:?}"),
+            ReplicaError::Stream(err) => write!(f, "the stream failed: {err}"),
+            ReplicaError::LineTooLong => write!(f, "a line longer than {MAX_LINE} bytes"),
+            ReplicaError::Ended => f.write_str("the stream ended"),
+        }
+    }
+}
+
+impl std::error::Error for ReplicaError {}
 
 /// Starts the watch task and one heartbeat task per replica.
 pub fn spawn(shared: &Arc<Shared>) {
@@ -102,38 +160,35 @@ async fn watch_loop(shared: Arc<Shared>) {
 struct Outcome {
     /// Documents received (accepted or not) before the end.
     documents: u64,
-    end: String,
+    end: ReplicaError,
 }
 
 /// Watches `replica` until the stream fails.
 async fn watch(shared: &Shared, replica: SocketAddr) -> Outcome {
-    let mut outcome = Outcome {
-        documents: 0,
-        end: String::new(),
-    };
-    outcome.end = match watch_inner(shared, replica, &mut outcome.documents).await {
-        Ok(()) => "the stream ended".to_owned(),
+    let mut documents = 0;
+    let end = match watch_inner(shared, replica, &mut documents).await {
+        Ok(()) => ReplicaError::Ended,
         Err(err) => err,
     };
-    outcome
+    Outcome { documents, end }
 }
 
 async fn watch_inner(
     shared: &Shared,
     replica: SocketAddr,
     documents: &mut u64,
-) -> Result<(), String> {
+) -> Result<(), ReplicaError> {
     let identity = current_identity(shared)?;
     let mut sender = connect(replica, &identity).await?;
     let request = Request::builder()
         .method(Method::GET)
         .uri(format!("https://{replica}/v1/discovery"))
         .body(Full::new(Bytes::new()))
-        .map_err(|err| format!("cannot make the request: {err}"))?;
+        .map_err(ReplicaError::Build)?;
     let response = tokio::time::timeout(CONNECT_TIMEOUT, sender.send_request(request))
         .await
-        .map_err(|_| format!("no answer within {CONNECT_TIMEOUT:?}"))?
-        .map_err(|err| format!("request failed: {err}"))?;
+        .map_err(|_| ReplicaError::AnswerTimeout)?
+        .map_err(ReplicaError::Request)?;
     if response.status() != StatusCode::OK {
         return Err(refusal(response).await);
     }
@@ -146,11 +201,11 @@ async fn watch_inner(
     loop {
         let frame = tokio::time::timeout(IDLE, body.frame())
             .await
-            .map_err(|_| format!("nothing for {IDLE:?}"))?;
+            .map_err(|_| ReplicaError::Silent)?;
         let Some(frame) = frame else {
             return Ok(());
         };
-        let frame = frame.map_err(|err| format!("the stream failed: {err}"))?;
+        let frame = frame.map_err(ReplicaError::Stream)?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
@@ -165,7 +220,7 @@ async fn watch_inner(
             shared.accept(&source, line, Source::Live, SystemTime::now());
         }
         if pending.len() > MAX_LINE {
-            return Err(format!("a line longer than {MAX_LINE} bytes"));
+            return Err(ReplicaError::LineTooLong);
         }
     }
 }
@@ -193,7 +248,7 @@ async fn heartbeat(
     replica: SocketAddr,
     sender: &mut Option<SendRequest<Full<Bytes>>>,
     body: Bytes,
-) -> Result<(), String> {
+) -> Result<(), ReplicaError> {
     let open = match sender.take() {
         Some(open) if !open.is_closed() => open,
         _ => connect(replica, &current_identity(shared)?).await?,
@@ -204,11 +259,11 @@ async fn heartbeat(
         .uri(format!("https://{replica}/v1/heartbeat"))
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(Full::new(body))
-        .map_err(|err| format!("cannot make the request: {err}"))?;
+        .map_err(ReplicaError::Build)?;
     let response = tokio::time::timeout(CONNECT_TIMEOUT, open.send_request(request))
         .await
-        .map_err(|_| format!("no answer within {CONNECT_TIMEOUT:?}"))?
-        .map_err(|err| format!("request failed: {err}"))?;
+        .map_err(|_| ReplicaError::AnswerTimeout)?
+        .map_err(ReplicaError::Request)?;
     if response.status() != StatusCode::NO_CONTENT {
         return Err(refusal(response).await);
     }
@@ -216,23 +271,23 @@ async fn heartbeat(
     Ok(())
 }
 
-fn current_identity(shared: &Shared) -> Result<Identity, String> {
+fn current_identity(shared: &Shared) -> Result<Identity, ReplicaError> {
     shared
         .identities
         .borrow()
         .clone()
-        .ok_or_else(|| "no node identity yet".to_owned())
+        .ok_or(ReplicaError::NoIdentity)
 }
 
 /// An HTTP/2 connection over mutual TLS to `replica`.
 async fn connect(
     replica: SocketAddr,
     identity: &Identity,
-) -> Result<SendRequest<Full<Bytes>>, String> {
+) -> Result<SendRequest<Full<Bytes>>, ReplicaError> {
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(replica))
         .await
-        .map_err(|_| format!("cannot connect within {CONNECT_TIMEOUT:?}"))?
-        .map_err(|err| format!("cannot connect: {err}"))?;
+        .map_err(|_| ReplicaError::ConnectTimeout)?
+        .map_err(ReplicaError::Connect)?;
     let _ = tcp.set_nodelay(true);
     // Not checked by the control verifier; sent as SNI.
     let name = pimesh_meshtls::control_server_name();
@@ -241,15 +296,15 @@ async fn connect(
         identity.control_connector().connect(name, tcp),
     )
     .await
-    .map_err(|_| format!("no TLS handshake within {CONNECT_TIMEOUT:?}"))?
-    .map_err(|err| format!("TLS handshake failed: {err}"))?;
+    .map_err(|_| ReplicaError::HandshakeTimeout)?
+    .map_err(ReplicaError::Handshake)?;
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .handshake(TokioIo::new(tls))
         .await
-        .map_err(|err| format!("HTTP/2 handshake failed: {err}"))?;
+        .map_err(ReplicaError::Http2)?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             debug!(%replica, %err, "control connection ended");
@@ -259,14 +314,14 @@ async fn connect(
 }
 
 /// A refusal's status and the start of its body, for logs.
-async fn refusal(response: hyper::Response<hyper::body::Incoming>) -> String {
+async fn refusal(response: hyper::Response<hyper::body::Incoming>) -> ReplicaError {
     let status = response.status();
     let body = http_body_util::Limited::new(response.into_body(), 1024)
         .collect()
         .await
         .map(|collected| String::from_utf8_lossy(&collected.to_bytes()).into_owned())
         .unwrap_or_default();
-    format!("refused with {status}: {}", body.trim())
+    ReplicaError::Refused { status, body }
 }
 
 #[cfg(test)]

@@ -6,14 +6,97 @@
 //! (addresses from live heartbeats) then override or extend the config's `[nodes]`.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{AddrParseError, SocketAddr};
 use std::path::Path;
 
 use pimesh_schema::cluster::{ClusterConfig, Node, NodeAddress};
-use pimesh_schema::DnsLabel;
+use pimesh_schema::{ConfigError, DnsLabel, NameError};
 use serde::Deserialize;
 
 use crate::config::site::{self, SiteConfig};
+
+/// Why a document was refused; shown as one line naming where it came from (`origin`:
+/// the replica or the cache file) and, when the fault belongs to one, the key.
+#[derive(Debug)]
+pub enum DocumentError {
+    /// Not a discovery document.
+    NotADocument {
+        origin: String,
+        err: serde_json::Error,
+    },
+    /// The document is for another site than this proxy's.
+    OtherSite {
+        origin: String,
+        site: String,
+        this: DnsLabel,
+    },
+    /// The config text fails the schema or this node's checks; the error names `origin` as
+    /// its file.
+    Config(ConfigError),
+    /// The config names another site than this proxy's.
+    ConfigOtherSite {
+        origin: String,
+        site: DnsLabel,
+        this: DnsLabel,
+    },
+    /// A heartbeat address is not a node name and an address.
+    Node { origin: String, err: NodeError },
+}
+
+/// Why an entry of `nodes` is refused.
+#[derive(Debug)]
+pub enum NodeError {
+    Name {
+        name: String,
+        err: NameError,
+    },
+    Address {
+        name: String,
+        addr: String,
+        err: AddrParseError,
+    },
+}
+
+impl fmt::Display for DocumentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DocumentError::NotADocument { origin, err } => write!(
+                f,
+                "{origin}: expected a discovery document {{\"version\", \"site\", \"config\", \
+                 \"nodes\"}}: {err}"
+            ),
+            DocumentError::OtherSite { origin, site, this } => write!(
+                f,
+                "{origin}: the document is for site {site:?}, this proxy is of site {this}"
+            ),
+            DocumentError::Config(err) => err.fmt(f),
+            DocumentError::ConfigOtherSite { origin, site, this } => write!(
+                f,
+                "{origin}: the config names site {site}, this proxy is of site {this}"
+            ),
+            DocumentError::Node { origin, err } => write!(f, "{origin}: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for DocumentError {}
+
+impl fmt::Display for NodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodeError::Name { name, err } => {
+                write!(f, "key `nodes.{name}`: expected a node name: {err}")
+            }
+            NodeError::Address { name, addr, err } => {
+                write!(
+                    f,
+                    "key `nodes.{name}`: expected IP:PORT, found {addr:?}: {err}"
+                )
+            }
+        }
+    }
+}
 
 /// A document as received, not yet checked.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -28,12 +111,10 @@ pub struct Document {
 impl Document {
     /// Parses one line of the stream (or the cache file). `source` names where it came
     /// from in the error.
-    pub fn parse(source: &str, text: &[u8]) -> Result<Document, String> {
-        serde_json::from_slice(text).map_err(|err| {
-            format!(
-                "{source}: expected a discovery document {{\"version\", \"site\", \"config\", \
-                 \"nodes\"}}: {err}"
-            )
+    pub fn parse(source: &str, text: &[u8]) -> Result<Document, DocumentError> {
+        serde_json::from_slice(text).map_err(|err| DocumentError::NotADocument {
+            origin: source.to_owned(),
+            err,
         })
     }
 
@@ -41,26 +122,35 @@ impl Document {
     /// validated as a file config would be, with the heartbeat addresses merged into
     /// `[nodes]`. `Ok(None)`: the replica has no site config. Errors name `source` (the
     /// replica or the cache file) and the key at fault.
-    pub fn site_config(&self, source: &str, site: &DnsLabel) -> Result<Option<SiteConfig>, String> {
+    pub fn site_config(
+        &self,
+        source: &str,
+        site: &DnsLabel,
+    ) -> Result<Option<SiteConfig>, DocumentError> {
         if self.site != site.as_str() {
-            return Err(format!(
-                "{source}: the document is for site {:?}, this proxy is of site {site}",
-                self.site
-            ));
+            return Err(DocumentError::OtherSite {
+                origin: source.to_owned(),
+                site: self.site.clone(),
+                this: site.clone(),
+            });
         }
         let Some(text) = &self.config else {
             return Ok(None);
         };
         let file = Path::new(source);
-        let mut config = ClusterConfig::parse(file, text).map_err(|err| err.to_string())?;
+        let mut config = ClusterConfig::parse(file, text).map_err(DocumentError::Config)?;
         if config.site != *site {
-            return Err(format!(
-                "{source}: the config names site {}, this proxy is of site {site}",
-                config.site
-            ));
+            return Err(DocumentError::ConfigOtherSite {
+                origin: source.to_owned(),
+                site: config.site,
+                this: site.clone(),
+            });
         }
-        site::check_runnable(file, &config).map_err(|err| err.to_string())?;
-        merge_nodes(&mut config, &self.nodes).map_err(|err| format!("{source}: {err}"))?;
+        site::check_runnable(file, &config).map_err(DocumentError::Config)?;
+        merge_nodes(&mut config, &self.nodes).map_err(|err| DocumentError::Node {
+            origin: source.to_owned(),
+            err,
+        })?;
         let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(digest.as_ref());
@@ -71,12 +161,19 @@ impl Document {
 /// Heartbeat addresses override or extend the config's `[nodes]`, except that a loopback
 /// address never overrides one the config gives: a proxy that reaches a replica on its
 /// own node over loopback is seen from 127.0.0.1, an address useless to other nodes.
-fn merge_nodes(config: &mut ClusterConfig, nodes: &BTreeMap<String, String>) -> Result<(), String> {
+fn merge_nodes(
+    config: &mut ClusterConfig,
+    nodes: &BTreeMap<String, String>,
+) -> Result<(), NodeError> {
     for (name, addr) in nodes {
-        let node = DnsLabel::try_from(name.clone())
-            .map_err(|err| format!("key `nodes.{name}`: expected a node name: {err}"))?;
-        let addr: SocketAddr = addr.parse().map_err(|err| {
-            format!("key `nodes.{name}`: expected IP:PORT, found {addr:?}: {err}")
+        let node = DnsLabel::try_from(name.clone()).map_err(|err| NodeError::Name {
+            name: name.clone(),
+            err,
+        })?;
+        let addr: SocketAddr = addr.parse().map_err(|err| NodeError::Address {
+            name: name.clone(),
+            addr: addr.clone(),
+            err,
         })?;
         if addr.ip().is_loopback() && config.nodes.contains_key(&node) {
             continue;
@@ -144,17 +241,24 @@ mod tests {
     fn refusals_name_the_source_and_the_key() {
         let source = "replica 127.0.0.1:8086";
         let bad = document(Some(&CONFIG.replace("port = 8080", "port = \"x\"")), &[]);
-        let err = bad.site_config(source, &label("lab")).expect_err("refused");
+        let err = bad
+            .site_config(source, &label("lab"))
+            .expect_err("refused")
+            .to_string();
         assert!(err.contains(source) && err.contains("port"), "{err}");
         let err = document(Some(CONFIG), &[])
             .site_config(source, &label("depot"))
-            .expect_err("other site");
+            .expect_err("other site")
+            .to_string();
         assert!(err.contains(source) && err.contains("lab"), "{err}");
         let err = document(Some(CONFIG), &[("b", "nowhere")])
             .site_config(source, &label("lab"))
-            .expect_err("bad address");
+            .expect_err("bad address")
+            .to_string();
         assert!(err.contains("nodes.b") && err.contains("nowhere"), "{err}");
-        let err = Document::parse(source, b"{\"version\": 1}").expect_err("not a document");
+        let err = Document::parse(source, b"{\"version\": 1}")
+            .expect_err("not a document")
+            .to_string();
         assert!(err.contains(source), "{err}");
     }
 }

@@ -128,7 +128,7 @@ impl Shared {
             Err(err) => {
                 warn!(error = %err, "discovery document refused; keeping the one in use");
                 self.metrics.rejected.inc();
-                self.status(|status| status.last_error = Some(err));
+                self.status(|status| status.last_error = Some(err.to_string()));
                 return false;
             }
         };
