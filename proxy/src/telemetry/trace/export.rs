@@ -13,12 +13,14 @@
 //! - The task ends when every [`SpanSink`] clone is gone, after posting what it holds.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
-use http::{Method, Request, Uri};
+use http::uri::InvalidUri;
+use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -77,6 +79,90 @@ pub(super) struct FinishedSpan {
     pub status: u16,
 }
 
+/// Why no exporter was started for a collector URL; shown as one line naming the URL.
+#[derive(Debug)]
+pub enum SinkError {
+    /// The URL has no `http://` scheme.
+    NoScheme {
+        url: String,
+    },
+    Invalid {
+        url: String,
+        err: InvalidUri,
+    },
+    /// A scheme other than `http`.
+    Scheme {
+        url: String,
+        scheme: String,
+    },
+    NoHost {
+        url: String,
+    },
+    /// The URL carries credentials (`user:password@`).
+    Credentials {
+        url: String,
+    },
+    /// Not called on a tokio runtime.
+    NoRuntime {
+        url: String,
+    },
+}
+
+impl fmt::Display for SinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SinkError::NoScheme { url } => {
+                write!(f, "span collector URL {url:?} must start with http://")
+            }
+            SinkError::Invalid { url, err } => {
+                write!(f, "span collector URL {url:?} is not a valid URL: {err}")
+            }
+            SinkError::Scheme { url, scheme } => write!(
+                f,
+                "span collector URL {url:?} uses {scheme}://; only http:// is supported"
+            ),
+            SinkError::NoHost { url } => write!(f, "span collector URL {url:?} has no host"),
+            SinkError::Credentials { url } => write!(
+                f,
+                "span collector URL {url:?} carries credentials, which are not supported"
+            ),
+            SinkError::NoRuntime { url } => {
+                write!(f, "cannot export spans to {url:?}: no tokio runtime")
+            }
+        }
+    }
+}
+
+impl std::error::Error for SinkError {}
+
+/// Why a batch of spans was not exported.
+#[derive(Debug)]
+enum BatchError {
+    Encode(serde_json::Error),
+    Build(http::Error),
+    Send(hyper_util::client::legacy::Error),
+    Body(hyper::Error),
+    /// The collector answered a status other than 2xx.
+    Status(StatusCode),
+    /// No answer within the exporter's timeout.
+    Timeout(Duration),
+}
+
+impl fmt::Display for BatchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BatchError::Encode(err) => write!(f, "cannot encode the spans: {err}"),
+            BatchError::Build(err) => write!(f, "cannot build the request: {err}"),
+            BatchError::Send(err) => f.write_str(&error_chain(err)),
+            BatchError::Body(err) => f.write_str(&error_chain(err)),
+            BatchError::Status(status) => write!(f, "the collector answered {status}"),
+            BatchError::Timeout(limit) => {
+                write!(f, "no answer within {} s", limit.as_secs_f64())
+            }
+        }
+    }
+}
+
 /// The data path's handle on the exporter; cheap to clone (a queue sender and a counter).
 #[derive(Clone, Debug)]
 pub struct SpanSink {
@@ -95,7 +181,7 @@ impl SpanSink {
         exported: Counter,
         dropped: Counter,
         failed: Counter,
-    ) -> Result<SpanSink, String> {
+    ) -> Result<SpanSink, SinkError> {
         let counters = SpanCounters {
             exported,
             dropped,
@@ -109,10 +195,11 @@ impl SpanSink {
         service_name: String,
         counters: SpanCounters,
         settings: Settings,
-    ) -> Result<SpanSink, String> {
+    ) -> Result<SpanSink, SinkError> {
         let uri = collector_uri(url)?;
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| format!("cannot export spans to {url:?}: no tokio runtime"))?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| SinkError::NoRuntime {
+            url: url.to_owned(),
+        })?;
         let (queue, receiver) = mpsc::channel(settings.queue_capacity.max(1));
         let exporter = Exporter {
             client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
@@ -175,38 +262,33 @@ impl CollectorSink {
 }
 
 /// Checks the collector URL: `http://host[:port][/path]`, no credentials.
-fn collector_uri(url: &str) -> Result<Uri, String> {
+fn collector_uri(url: &str) -> Result<Uri, SinkError> {
+    let url_owned = || url.to_owned();
     if !url.contains("://") {
-        return Err(format!(
-            "span collector URL {url:?} must start with http://"
-        ));
+        return Err(SinkError::NoScheme { url: url_owned() });
     }
-    let uri: Uri = url
-        .parse()
-        .map_err(|err| format!("span collector URL {url:?} is not a valid URL: {err}"))?;
+    let uri: Uri = url.parse().map_err(|err| SinkError::Invalid {
+        url: url_owned(),
+        err,
+    })?;
     match uri.scheme_str() {
         Some("http") => {}
         Some(other) => {
-            return Err(format!(
-                "span collector URL {url:?} uses {other}://; only http:// is supported"
-            ))
+            return Err(SinkError::Scheme {
+                url: url_owned(),
+                scheme: other.to_owned(),
+            })
         }
-        None => {
-            return Err(format!(
-                "span collector URL {url:?} must start with http://"
-            ))
-        }
+        None => return Err(SinkError::NoScheme { url: url_owned() }),
     }
     let Some(authority) = uri.authority() else {
-        return Err(format!("span collector URL {url:?} has no host"));
+        return Err(SinkError::NoHost { url: url_owned() });
     };
     if authority.as_str().contains('@') {
-        return Err(format!(
-            "span collector URL {url:?} carries credentials, which are not supported"
-        ));
+        return Err(SinkError::Credentials { url: url_owned() });
     }
     if authority.host().is_empty() {
-        return Err(format!("span collector URL {url:?} has no host"));
+        return Err(SinkError::NoHost { url: url_owned() });
     }
     Ok(uri)
 }
@@ -260,7 +342,7 @@ impl Exporter {
         batch.clear();
         let result = match encoded {
             Ok(body) => self.post(body).await,
-            Err(err) => Err(format!("cannot encode the spans: {err}")),
+            Err(err) => Err(BatchError::Encode(err)),
         };
         match result {
             Ok(()) => {
@@ -273,39 +355,36 @@ impl Exporter {
         }
     }
 
-    async fn post(&self, body: Vec<u8>) -> Result<(), String> {
+    async fn post(&self, body: Vec<u8>) -> Result<(), BatchError> {
         let request = Request::post(self.uri.clone())
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
-            .map_err(|err| format!("cannot build the request: {err}"))?;
+            .map_err(BatchError::Build)?;
         let exchange = async {
             let response = self
                 .client
                 .request(request)
                 .await
-                .map_err(|err| error_chain(&err))?;
+                .map_err(BatchError::Send)?;
             let status = response.status();
             // Read the answer to its end so that the connection can be reused.
             let mut body = response.into_body();
             while let Some(frame) = body.frame().await {
-                frame.map_err(|err| error_chain(&err))?;
+                frame.map_err(BatchError::Body)?;
             }
             if status.is_success() {
                 Ok(())
             } else {
-                Err(format!("the collector answered {status}"))
+                Err(BatchError::Status(status))
             }
         };
         match tokio::time::timeout(self.settings.timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(format!(
-                "no answer within {} s",
-                self.settings.timeout.as_secs_f64()
-            )),
+            Err(_) => Err(BatchError::Timeout(self.settings.timeout)),
         }
     }
 
-    fn warn(&mut self, reason: &str, spans: u64) {
+    fn warn(&mut self, reason: &BatchError, spans: u64) {
         let now = Instant::now();
         let due = self
             .last_warning
@@ -446,7 +525,7 @@ mod tests {
             ("http://", "not a valid URL"),
             ("http://:9411/", "no host"),
         ] {
-            let err = collector_uri(url).unwrap_err();
+            let err = collector_uri(url).unwrap_err().to_string();
             assert!(err.contains(what), "{url}: {err}");
             assert!(err.contains(&format!("{url:?}")), "{url}: {err}");
         }
@@ -474,7 +553,8 @@ mod tests {
             counter(),
         )
         .unwrap_err();
-        assert!(err.contains("only http://"), "{err}");
+        assert!(matches!(err, SinkError::Scheme { .. }), "{err}");
+        assert!(err.to_string().contains("only http://"), "{err}");
     }
 
     #[test]
@@ -488,6 +568,7 @@ mod tests {
             counter(),
         )
         .unwrap_err();
-        assert!(err.contains("no tokio runtime"), "{err}");
+        assert!(matches!(err, SinkError::NoRuntime { .. }), "{err}");
+        assert!(err.to_string().contains("no tokio runtime"), "{err}");
     }
 }
