@@ -296,7 +296,7 @@ async fn forward(
                 if may_retry(redials, MAX_REDIALS) {
                     continue;
                 }
-                return error_response(StatusCode::BAD_GATEWAY, &err.0);
+                return error_response(StatusCode::BAD_GATEWAY, &err.to_string());
             }
         };
         let this_body = match body.take() {

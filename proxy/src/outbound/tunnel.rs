@@ -2,12 +2,14 @@
 //! CONNECT stream on the pooled peer connection; an intercepted connection to an address
 //! that is no mesh service is sent on as it was.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use http::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use pimesh_schema::DnsLabel;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -18,6 +20,38 @@ use crate::context::Context;
 use crate::telemetry::labels::Direction;
 use crate::transport::drain;
 use crate::transport::mesh_http::{self, DST_HEADER};
+use crate::transport::peers::DialError;
+
+/// Why a tunnel to a node could not be opened (logged at debug level; the next endpoint is
+/// tried).
+#[derive(Debug)]
+enum TunnelError {
+    Dial(DialError),
+    Request(http::Error),
+    Send(hyper::Error),
+    /// The node answered the CONNECT with `status` and the reason its proxy gave.
+    Refused {
+        node: DnsLabel,
+        status: StatusCode,
+        reason: String,
+    },
+    Upgrade(hyper::Error),
+}
+
+impl fmt::Display for TunnelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TunnelError::Dial(err) => err.fmt(f),
+            TunnelError::Request(err) => err.fmt(f),
+            TunnelError::Send(err) | TunnelError::Upgrade(err) => err.fmt(f),
+            TunnelError::Refused {
+                node,
+                status,
+                reason,
+            } => write!(f, "node {node} refused the tunnel: {status} {reason}"),
+        }
+    }
+}
 
 /// Carries an opaque TCP connection to `apex` (or its split's choice) through a CONNECT
 /// stream to the node that runs it.
@@ -76,17 +110,17 @@ pub async fn tunnel(
                 .peers
                 .sender(|| context.identity(), &node, pick.endpoint.addr)
                 .await
-                .map_err(|err| err.0)?;
+                .map_err(TunnelError::Dial)?;
             let request = Request::builder()
                 .method(Method::CONNECT)
                 .uri(target.as_str())
                 .header(DST_HEADER, backend.dst_header.clone())
                 .body(mesh_http::empty())
-                .map_err(|err| err.to_string())?;
+                .map_err(TunnelError::Request)?;
             let response = sender
                 .send_request(request)
                 .await
-                .map_err(|err| err.to_string())?;
+                .map_err(TunnelError::Send)?;
             if response.status() != StatusCode::OK {
                 let reason = response
                     .headers()
@@ -94,14 +128,15 @@ pub async fn tunnel(
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
                     .to_owned();
-                return Err(format!(
-                    "node {node} refused the tunnel: {} {reason}",
-                    response.status()
-                ));
+                return Err(TunnelError::Refused {
+                    node: node.clone(),
+                    status: response.status(),
+                    reason,
+                });
             }
             hyper::upgrade::on(response)
                 .await
-                .map_err(|err| err.to_string())
+                .map_err(TunnelError::Upgrade)
         };
         let started = Instant::now();
         match connect.await {

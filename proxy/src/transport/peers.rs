@@ -8,6 +8,7 @@
 //! request dials again.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -28,9 +29,54 @@ use crate::transport::metrics::ConnectionMetrics;
 /// How long dialling a peer (TCP connect and TLS handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Why a peer could not be reached; the data path turns it into a 502.
+/// Why node `node` at `addr` could not be reached; the data path turns it into a 502
+/// whose reason is this error's one line.
 #[derive(Debug)]
-pub struct DialError(pub String);
+pub struct DialError {
+    pub node: DnsLabel,
+    pub addr: SocketAddr,
+    pub problem: DialProblem,
+}
+
+/// What went wrong dialling a peer.
+#[derive(Debug)]
+pub enum DialProblem {
+    /// No node identity to present.
+    NoIdentity,
+    ConnectTimeout,
+    Connect(io::Error),
+    /// The handshake failed; `reason` is its `tls_handshake_failure_total` label.
+    Tls {
+        reason: &'static str,
+        err: io::Error,
+    },
+    TlsTimeout,
+    Http2(hyper::Error),
+}
+
+impl fmt::Display for DialError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (node, addr) = (&self.node, self.addr);
+        match &self.problem {
+            DialProblem::NoIdentity => {
+                write!(f, "no node identity to dial node {node} at {addr} with")
+            }
+            DialProblem::ConnectTimeout => {
+                write!(f, "connecting to node {node} at {addr} timed out")
+            }
+            DialProblem::Connect(err) => {
+                write!(f, "cannot connect to node {node} at {addr}: {err}")
+            }
+            DialProblem::Tls { reason, err } => {
+                write!(f, "TLS with node {node} at {addr} failed ({reason}): {err}")
+            }
+            DialProblem::TlsTimeout => write!(f, "TLS with node {node} at {addr} timed out"),
+            DialProblem::Http2(err) => write!(f, "HTTP/2 with node {node} at {addr}: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for DialError {}
 
 type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Body>>>>;
 
@@ -71,11 +117,7 @@ impl Peers {
             }
         }
         *current = None;
-        let identity = identity().ok_or_else(|| {
-            DialError(format!(
-                "no node identity to dial node {node} at {addr} with"
-            ))
-        })?;
+        let identity = identity().ok_or_else(|| dial_error(node, addr, DialProblem::NoIdentity))?;
         let sender = self.dial(&identity, node, addr).await?;
         *current = Some(sender.clone());
         Ok(sender)
@@ -95,8 +137,8 @@ impl Peers {
     ) -> Result<SendRequest<Body>, DialError> {
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
-            .map_err(|_| DialError(format!("connecting to node {node} at {addr} timed out")))?
-            .map_err(|err| DialError(format!("cannot connect to node {node} at {addr}: {err}")))?;
+            .map_err(|_| dial_error(node, addr, DialProblem::ConnectTimeout))?
+            .map_err(|err| dial_error(node, addr, DialProblem::Connect(err)))?;
         let _ = tcp.set_nodelay(true);
         let handshake = identity
             .connector()
@@ -107,16 +149,12 @@ impl Peers {
                 let reason = HandshakeFailure::of(&err).label();
                 self.metrics
                     .tls_handshake_failure(Direction::Outbound, reason);
-                return Err(DialError(format!(
-                    "TLS with node {node} at {addr} failed ({reason}): {err}"
-                )));
+                return Err(dial_error(node, addr, DialProblem::Tls { reason, err }));
             }
             Err(_) => {
                 self.metrics
                     .tls_handshake_failure(Direction::Outbound, HandshakeFailure::Timeout.label());
-                return Err(DialError(format!(
-                    "TLS with node {node} at {addr} timed out"
-                )));
+                return Err(dial_error(node, addr, DialProblem::TlsTimeout));
             }
         };
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
@@ -127,7 +165,7 @@ impl Peers {
             .initial_connection_window_size(4 << 20)
             .handshake(TokioIo::new(tls))
             .await
-            .map_err(|err| DialError(format!("HTTP/2 with node {node} at {addr}: {err}")))?;
+            .map_err(|err| dial_error(node, addr, DialProblem::Http2(err)))?;
         let peer = node.clone();
         tokio::spawn(async move {
             match connection.await {
@@ -140,8 +178,10 @@ impl Peers {
     }
 }
 
-impl From<DialError> for io::Error {
-    fn from(err: DialError) -> io::Error {
-        io::Error::other(err.0)
+fn dial_error(node: &DnsLabel, addr: SocketAddr, problem: DialProblem) -> DialError {
+    DialError {
+        node: node.clone(),
+        addr,
+        problem,
     }
 }
