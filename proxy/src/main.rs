@@ -31,6 +31,8 @@ mod outbound;
 mod telemetry;
 mod transport;
 
+use std::fmt;
+use std::io;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -58,17 +60,48 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(options: cli::Options) -> Result<(), String> {
+/// Why the proxy stopped before SIGTERM, or could not watch for it.
+#[derive(Debug)]
+enum Error {
+    /// The handler of `signal` could not be installed.
+    Signal {
+        signal: &'static str,
+        err: io::Error,
+    },
+    /// The port for `what` could not be opened.
+    Listen {
+        addr: SocketAddr,
+        what: &'static str,
+        err: io::Error,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Signal { signal, err } => write!(f, "cannot watch for {signal}: {err}"),
+            Error::Listen { addr, what, err } => {
+                write!(f, "cannot listen on {addr} for {what}: {err}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+async fn run(options: cli::Options) -> Result<(), Error> {
     // Before anything else: SIGHUP's default action would kill the process.
-    let mut triggers =
-        Triggers::install().map_err(|err| format!("cannot watch for SIGHUP: {err}"))?;
+    let mut triggers = Triggers::install().map_err(|err| Error::Signal {
+        signal: "SIGHUP",
+        err,
+    })?;
     let shutdown = pimesh_runtime::shutdown_signal();
     tokio::pin!(shutdown);
     // Bursts of connections must not pin their peak memory (see pimesh_runtime::memory).
     pimesh_runtime::memory::spawn_trimmer(pimesh_runtime::memory::TRIM_EVERY);
 
-    let bind = |addr: SocketAddr, what: &str| {
-        listeners::bind(addr).map_err(|err| format!("cannot listen on {addr} for {what}: {err}"))
+    let bind = |addr: SocketAddr, what: &'static str| {
+        listeners::bind(addr).map_err(|err| Error::Listen { addr, what, err })
     };
     let admin_listener = bind(options.admin_addr, "the admin endpoints")?;
     let outbound_listener = bind(options.outbound_addr, "outbound traffic")?;
@@ -169,7 +202,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
     let result = loop {
         tokio::select! {
             signalled = &mut shutdown => {
-                break signalled.map_err(|err| format!("cannot watch for SIGTERM: {err}"));
+                break signalled.map_err(|err| Error::Signal { signal: "SIGTERM", err });
             }
             trigger = triggers.next() => {
                 reloader.on(trigger);
