@@ -10,15 +10,31 @@
 //! (4191: `/live`, `/ready`, `/config`, `/metrics`).
 //!
 //! With `--control`, the identity in use is a leaf that the control replicas sign for the
-//! node and the services placed on it, renewed before it expires (`enroll`); the node
+//! node and the services placed on it, renewed before it expires (`control::enroll`); the node
 //! credential then only authenticates the first request. The config and the node identity
 //! reload on SIGHUP and when their files change
 //! (polled every 2 s), swapping the routing table without touching open connections; a
 //! refused config or identity leaves the last good one in use. With `--control`, the
-//! site config comes from the control replicas' discovery stream (`discovery`), with
+//! site config comes from the control replicas' discovery stream (`control::discovery`), with
 //! live node addresses merged in; the file config serves only until a discovery
 //! document (live, or cached from an earlier run) is accepted. SIGTERM drains:
 //! listeners close, connections finish what they carry, and the process exits.
+//!
+//! # Layout
+//!
+//! - `outbound/`, `inbound/`: the two sides of the data path, request by request and
+//!   tunnel by tunnel, with the outbound side's balancer, retry budget and faults;
+//! - `transport/`: listeners and accept loops, the pooled mTLS HTTP/2 connections to
+//!   peers, protocol detection, splicing, `SO_ORIGINAL_DST`, the drain;
+//! - `config/`: the site config in use and the routing table compiled from it;
+//! - `identity/`: the node identity, its files, its checks and its reloading;
+//! - `control/`: the clients of the control replicas (enrollment, discovery);
+//! - `telemetry/`: the metrics registry and the traces;
+//! - `admin`: the admin endpoints; `context`: what every connection handler shares;
+//!   `cli`: the command line.
+//!
+//! This file only wires them: it parses the arguments, builds the parts, spawns their
+//! tasks, feeds reloads to them, and drains on SIGTERM.
 
 mod admin;
 mod cli;
