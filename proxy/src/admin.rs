@@ -15,11 +15,11 @@ use pimesh_runtime::serve;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::discovery::Control;
-use crate::enroll;
-use crate::metrics::Metrics;
-use crate::state::Snapshot;
-use crate::tls::Identity;
+use crate::config::state::Snapshot;
+use crate::control::discovery::Control;
+use crate::control::enroll;
+use crate::identity::Identity;
+use crate::telemetry::metrics::Metrics;
 
 /// Serves the admin endpoints on `listener` until the task is dropped. Each request reads
 /// the latest snapshot, so answers never mix two configs.
@@ -76,7 +76,7 @@ fn metrics_response(method: &Method, metrics: &Metrics) -> Response<Full<Bytes>>
     let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
     response.headers_mut().insert(
         CONTENT_TYPE,
-        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        HeaderValue::from_static(crate::telemetry::metrics::CONTENT_TYPE),
     );
     response
 }
@@ -162,7 +162,7 @@ fn identity_json(identity: Option<&Identity>) -> serde_json::Value {
         "issuer": identity.issuer_subject,
         "issuer_sha256": identity.issuer_sha256,
         "anchor_sha256": identity.anchor_sha256,
-        "bundle_sha256": identity.anchors().iter().map(crate::tls::sha256_hex).collect::<Vec<_>>(),
+        "bundle_sha256": identity.anchors().iter().map(crate::identity::sha256_hex).collect::<Vec<_>>(),
     })
 }
 
@@ -197,7 +197,7 @@ fn text(code: StatusCode, body: String) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{InUse, Refusal};
+    use crate::config::state::{InUse, Refusal};
 
     fn snapshot(last_error: Option<&str>) -> Snapshot {
         Snapshot {

@@ -2,7 +2,8 @@
 //! clap with the conventions of `pimesh_runtime::cli`.
 
 use std::ffi::OsString;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::fmt;
+use std::net::{AddrParseError, IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -81,14 +82,34 @@ struct Cli {
 #[derive(Debug, Clone)]
 struct Replicas(Vec<SocketAddr>);
 
-fn parse_replicas(text: &str) -> Result<Replicas, String> {
+/// An entry of `--control`'s list that is not an address.
+#[derive(Debug)]
+struct ReplicaError {
+    entry: String,
+    err: AddrParseError,
+}
+
+impl fmt::Display for ReplicaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "expected IP:PORT[,IP:PORT...], found {:?} ({})",
+            self.entry, self.err
+        )
+    }
+}
+
+impl std::error::Error for ReplicaError {}
+
+fn parse_replicas(text: &str) -> Result<Replicas, ReplicaError> {
     text.split(',')
         .map(|addr| {
-            addr.trim()
-                .parse()
-                .map_err(|err| format!("expected IP:PORT[,IP:PORT...], found {addr:?} ({err})"))
+            addr.trim().parse().map_err(|err| ReplicaError {
+                entry: addr.to_owned(),
+                err,
+            })
         })
-        .collect::<Result<_, String>>()
+        .collect::<Result<_, _>>()
         .map(Replicas)
 }
 

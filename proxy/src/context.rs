@@ -9,10 +9,13 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 
-use crate::metrics::{ConnectionGuard, Direction, Metrics};
-use crate::peers::{Body, Peers};
-use crate::routes::RouteTable;
-use crate::tls::Identity;
+use crate::config::routes::RouteTable;
+use crate::identity::Identity;
+use crate::telemetry::labels::Direction;
+use crate::telemetry::metrics::Metrics;
+use crate::transport::mesh_http::Body;
+use crate::transport::metrics::ConnectionGuard;
+use crate::transport::peers::Peers;
 
 pub struct Context {
     pub routes: watch::Receiver<Arc<RouteTable>>,
@@ -61,7 +64,7 @@ impl Context {
         Context {
             routes,
             identity,
-            peers: Peers::new(Arc::clone(&metrics)),
+            peers: Peers::new(metrics.connections.clone()),
             metrics,
             app_h1: Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(IDLE_APP_CONNECTIONS)
@@ -105,13 +108,15 @@ impl Context {
             })
             .is_ok();
         if !admitted {
-            self.metrics.rejected(direction, "connection_limit");
+            self.metrics
+                .connections
+                .rejected(direction, "connection_limit");
             return None;
         }
         Some(Admitted {
             context: Arc::clone(self),
             direction,
-            _gauge: self.metrics.open_connection(direction),
+            _gauge: self.metrics.connections.open_connection(direction),
         })
     }
 }

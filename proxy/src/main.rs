@@ -10,41 +10,46 @@
 //! (4191: `/live`, `/ready`, `/config`, `/metrics`).
 //!
 //! With `--control`, the identity in use is a leaf that the control replicas sign for the
-//! node and the services placed on it, renewed before it expires (`enroll`); the node
+//! node and the services placed on it, renewed before it expires (`control::enroll`); the node
 //! credential then only authenticates the first request. The config and the node identity
 //! reload on SIGHUP and when their files change
 //! (polled every 2 s), swapping the routing table without touching open connections; a
 //! refused config or identity leaves the last good one in use. With `--control`, the
-//! site config comes from the control replicas' discovery stream (`discovery`), with
+//! site config comes from the control replicas' discovery stream (`control::discovery`), with
 //! live node addresses merged in; the file config serves only until a discovery
 //! document (live, or cached from an earlier run) is accepted. SIGTERM drains:
 //! listeners close, connections finish what they carry, and the process exits.
+//!
+//! # Layout
+//!
+//! - `outbound/`, `inbound/`: the two sides of the data path, request by request and
+//!   tunnel by tunnel, with the outbound side's balancer, retry budget and faults;
+//! - `transport/`: listeners and accept loops, the pooled mTLS HTTP/2 connections to
+//!   peers, protocol detection, splicing, `SO_ORIGINAL_DST`, the drain;
+//! - `config/`: the site config in use and the routing table compiled from it;
+//! - `identity/`: the node identity, its files, its checks and its reloading;
+//! - `control/`: the clients of the control replicas (enrollment, discovery);
+//! - `telemetry/`: the metrics registry and the traces;
+//! - `admin`: the admin endpoints; `context`: what every connection handler shares;
+//!   `cli`: the command line.
+//!
+//! This file only wires them: it parses the arguments, builds the parts, spawns their
+//! tasks, feeds reloads to them, and drains on SIGTERM.
 
 mod admin;
-mod balance;
-mod budget;
 mod cli;
+mod config;
 mod context;
-mod detect;
-mod discovery;
-mod drain;
-mod enroll;
-mod http_util;
+mod control;
+mod identity;
 mod inbound;
-mod listeners;
-mod metrics;
-mod node_identity;
-mod original_dst;
 mod outbound;
-mod peers;
-mod routes;
-mod site_config;
-mod splice;
-mod state;
-mod tls;
-mod trace;
+mod telemetry;
+mod transport;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,14 +59,12 @@ use pimesh_runtime::watched::Triggers;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::config::{state, Routing, SiteConfig};
 use crate::context::Context;
-use crate::metrics::Metrics;
-use crate::node_identity::IdentityReloader;
-use crate::routes::RouteTable;
-use crate::site_config::SiteConfig;
-use crate::state::Snapshot;
-use crate::tls::{Identity, IdentityFiles};
-use crate::trace::SpanSink;
+use crate::control::{discovery, enroll};
+use crate::identity::{IdentityFiles, IdentityReloader};
+use crate::telemetry::metrics::Metrics;
+use crate::transport::{drain, listeners};
 
 /// How long open connections get to finish after SIGTERM (the unit allows 10 s).
 const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
@@ -73,17 +76,48 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(options: cli::Options) -> Result<(), String> {
+/// Why the proxy stopped before SIGTERM, or could not watch for it.
+#[derive(Debug)]
+enum Error {
+    /// The handler of `signal` could not be installed.
+    Signal {
+        signal: &'static str,
+        err: io::Error,
+    },
+    /// The port for `what` could not be opened.
+    Listen {
+        addr: SocketAddr,
+        what: &'static str,
+        err: io::Error,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Signal { signal, err } => write!(f, "cannot watch for {signal}: {err}"),
+            Error::Listen { addr, what, err } => {
+                write!(f, "cannot listen on {addr} for {what}: {err}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+async fn run(options: cli::Options) -> Result<(), Error> {
     // Before anything else: SIGHUP's default action would kill the process.
-    let mut triggers =
-        Triggers::install().map_err(|err| format!("cannot watch for SIGHUP: {err}"))?;
+    let mut triggers = Triggers::install().map_err(|err| Error::Signal {
+        signal: "SIGHUP",
+        err,
+    })?;
     let shutdown = pimesh_runtime::shutdown_signal();
     tokio::pin!(shutdown);
     // Bursts of connections must not pin their peak memory (see pimesh_runtime::memory).
     pimesh_runtime::memory::spawn_trimmer(pimesh_runtime::memory::TRIM_EVERY);
 
-    let bind = |addr: SocketAddr, what: &str| {
-        listeners::bind(addr).map_err(|err| format!("cannot listen on {addr} for {what}: {err}"))
+    let bind = |addr: SocketAddr, what: &'static str| {
+        listeners::bind(addr).map_err(|err| Error::Listen { addr, what, err })
     };
     let admin_listener = bind(options.admin_addr, "the admin endpoints")?;
     let outbound_listener = bind(options.outbound_addr, "outbound traffic")?;
@@ -100,12 +134,14 @@ async fn run(options: cli::Options) -> Result<(), String> {
     let (mut reloader, mut snapshots) = state::Reloader::start(&options.config);
     let files = match &options.identity_dir {
         Some(dir) => IdentityFiles::in_dir(dir),
-        None => node_identity::default_files(),
+        None => identity::default_files(),
     };
     let (mut identity_reloader, node_credential) = IdentityReloader::start(files);
-    // The site config in use (discovery's, else the file's), for what needs only that.
-    let (site_config_tx, site_config_rx) =
-        watch::channel(snapshots.borrow().value.site_config.clone().map(Arc::new));
+    let mut routing = Routing::new(
+        options.inbound_addr,
+        Arc::clone(&metrics),
+        snapshots.borrow().value.site_config.as_ref(),
+    );
     let (mut identities, enrollment, enroll_task) = if options.control.is_empty() {
         (node_credential, None, None)
     } else {
@@ -116,7 +152,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
         let (identities, status, task) = enroll::spawn(
             settings,
             node_credential,
-            site_config_rx,
+            routing.site_configs(),
             metrics.identity.clone(),
         );
         (identities, Some(status), Some(task))
@@ -124,7 +160,6 @@ async fn run(options: cli::Options) -> Result<(), String> {
     if let Some(identity) = identities.borrow().as_ref() {
         metrics.identity.expires_at(identity.not_after);
     }
-    let own_inbound = own_inbound(options.inbound_addr);
     // Without --control, a watch that never changes: the file config is always used.
     let (_no_control, mut discovered) = watch::channel(None::<Arc<SiteConfig>>);
     let control = (!options.control.is_empty()).then(|| {
@@ -135,22 +170,18 @@ async fn run(options: cli::Options) -> Result<(), String> {
                 state_dir: options.state_dir.clone(),
             },
             identities.clone(),
-            Arc::clone(&metrics),
+            metrics.control.clone(),
         );
         discovered = control.configs();
         Arc::new(control)
     });
-    let mut tracing_sink = TracingSink::default();
-    let first = compile(
-        in_use(&snapshots.borrow(), &discovered.borrow()),
+    routing.compile(
+        &snapshots.borrow(),
+        &discovered.borrow(),
         &identities.borrow(),
-        own_inbound,
-        &metrics,
-        &mut tracing_sink,
     );
-    let (routes_tx, routes_rx) = watch::channel(Arc::new(first));
     let context = Arc::new(Context::new(
-        routes_rx,
+        routing.routes(),
         identities.clone(),
         Arc::clone(&metrics),
     ));
@@ -187,7 +218,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
     let result = loop {
         tokio::select! {
             signalled = &mut shutdown => {
-                break signalled.map_err(|err| format!("cannot watch for SIGTERM: {err}"));
+                break signalled.map_err(|err| Error::Signal { signal: "SIGTERM", err });
             }
             trigger = triggers.next() => {
                 reloader.on(trigger);
@@ -195,7 +226,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
             }
             Ok(()) = snapshots.changed() => {
                 let ok = snapshots.borrow_and_update().problem.is_none();
-                metrics.config_reload(ok);
+                metrics.config.reload(ok);
             }
             Ok(()) = discovered.changed() => {
                 discovered.borrow_and_update();
@@ -208,26 +239,11 @@ async fn run(options: cli::Options) -> Result<(), String> {
                 context.peers.clear();
             }
         }
-        let table = {
-            let snapshot = snapshots.borrow();
-            let discovered = discovered.borrow();
-            let site_config = in_use(&snapshot, &discovered);
-            site_config_tx.send_if_modified(|current| {
-                let changed = current.as_ref().map(|c| c.sha256) != site_config.map(|c| c.sha256);
-                if changed {
-                    *current = site_config.cloned().map(Arc::new);
-                }
-                changed
-            });
-            compile(
-                site_config,
-                &identities.borrow(),
-                own_inbound,
-                &metrics,
-                &mut tracing_sink,
-            )
-        };
-        routes_tx.send_replace(Arc::new(table));
+        routing.update(
+            &snapshots.borrow(),
+            &discovered.borrow(),
+            &identities.borrow(),
+        );
         bindings.update(&context.table(), &context, &drain_watch);
     };
     info!("draining");
@@ -250,76 +266,4 @@ async fn run(options: cli::Options) -> Result<(), String> {
         watchdog.abort();
     }
     result
-}
-
-/// Where this proxy's own node takes mesh traffic when the config does not say: the
-/// inbound address, with loopback for a wildcard.
-fn own_inbound(inbound: SocketAddr) -> SocketAddr {
-    if inbound.ip().is_unspecified() {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, inbound.port()))
-    } else {
-        inbound
-    }
-}
-
-/// The span exporter for the configured collector URL; restarted only when it changes.
-#[derive(Default)]
-struct TracingSink {
-    url: Option<String>,
-    sink: Option<SpanSink>,
-}
-
-/// The site config to route by: the discovered one when there is one, else the file's.
-fn in_use<'a>(
-    snapshot: &'a Snapshot,
-    discovered: &'a Option<Arc<SiteConfig>>,
-) -> Option<&'a SiteConfig> {
-    discovered
-        .as_deref()
-        .or(snapshot.value.site_config.as_ref())
-}
-
-/// The routing table for the config and identity in use.
-fn compile(
-    site_config: Option<&SiteConfig>,
-    identity: &Option<Identity>,
-    own_inbound: SocketAddr,
-    metrics: &Metrics,
-    tracing_sink: &mut TracingSink,
-) -> RouteTable {
-    let Some(loaded) = site_config else {
-        return RouteTable::empty();
-    };
-    let config = &loaded.config;
-    if tracing_sink.url != config.proxy.zipkin_url {
-        tracing_sink.url.clone_from(&config.proxy.zipkin_url);
-        tracing_sink.sink = config.proxy.zipkin_url.as_deref().and_then(|url| {
-            let counters = metrics.span_counters();
-            let service = format!(
-                "pimesh-proxy.{}",
-                identity.as_ref().map_or("unknown", |id| id.node.as_str())
-            );
-            SpanSink::spawn(
-                url,
-                service,
-                counters.exported,
-                counters.dropped,
-                counters.failed,
-            )
-            .map_err(|err| warn!(error = %err, "spans will not be exported"))
-            .ok()
-        });
-    }
-    // A config for another site than the identity's is not this proxy's to serve.
-    let node = identity
-        .as_ref()
-        .filter(|id| id.site == config.site)
-        .map(|id| &id.node);
-    RouteTable::build(
-        config,
-        node,
-        own_inbound,
-        metrics,
-        tracing_sink.sink.clone(),
-    )
 }

@@ -1,0 +1,401 @@
+//! The routing table: the site config compiled into what the data path looks up per
+//! request — services by name, their split, faults, timeouts, retries and authorization,
+//! and a balancer over the nodes each concrete service runs on.
+//!
+//! A table is immutable once built. A config reload builds a new one and swaps it in; a
+//! request or connection keeps the table it started with to the end, so a reload never
+//! changes the rules under an open stream. Balancer state (latency estimates, ejections)
+//! starts afresh with each table.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pimesh_schema::cluster::{ClusterConfig, Fault, Protocol, ProxySettings, Service};
+use pimesh_schema::{DnsLabel, SpiffeId};
+
+use crate::outbound::balance::Balancer;
+use crate::outbound::budget::RetryBudget;
+use crate::outbound::metrics::PolicyMetrics;
+use crate::telemetry::labels::Direction;
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::requests::RouteMetrics;
+use crate::telemetry::trace::SpanSink;
+use crate::transport::metrics::TcpMetrics;
+
+/// Retries allowed per second whatever the traffic, so that a quiet service can retry.
+const RETRY_FLOOR_PER_SECOND: u32 = 10;
+/// The window over which the retry budget compares retries with requests.
+const RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// The DNS suffix of mesh names: `<service>.<site>.pimesh`.
+pub const MESH_SUFFIX: &str = "pimesh";
+
+/// Where a concrete service runs: a node and that node's proxy inbound address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub node: DnsLabel,
+    pub addr: SocketAddr,
+}
+
+/// One service of the site, as the data path needs it.
+pub struct ServiceRoute {
+    pub name: DnsLabel,
+    pub protocol: Protocol,
+    /// The port the service listens on at each of its nodes (on 127.0.0.1 there).
+    pub port: Option<u16>,
+    /// `127.0.0.1:<port>`, where the inbound side reaches the app; made once here, not
+    /// per request.
+    pub app_authority: Option<http::uri::Authority>,
+    /// The name as the `pimesh-dst` header value that tells the inbound side which
+    /// service a request is for.
+    pub dst_header: http::HeaderValue,
+    /// Weighted backends (apex services); empty when the service is concrete.
+    pub split: Vec<(Arc<ServiceRoute>, u32)>,
+    split_total: u64,
+    pub fault: Option<Fault>,
+    pub timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub retries: u8,
+    /// `None`: any identity of the site may call.
+    pub allow: Option<Vec<SpiffeId>>,
+    /// Placed on this proxy's node: the inbound side may deliver to `127.0.0.1:port`.
+    pub local: bool,
+    /// The nodes with a known address; empty when placement names only unknown nodes.
+    pub endpoints: Balancer<Endpoint>,
+    pub outbound: RouteMetrics,
+    pub inbound: RouteMetrics,
+    /// The outbound side's faults and retries.
+    pub policy: PolicyMetrics,
+    pub tcp_outbound: TcpMetrics,
+    pub tcp_inbound: TcpMetrics,
+}
+
+impl ServiceRoute {
+    /// Chooses the concrete service for one request or connection: a weighted random
+    /// backend of the split, or the service itself when it has no split.
+    pub fn choose_backend(self: &Arc<Self>) -> Arc<ServiceRoute> {
+        if self.split.is_empty() {
+            return Arc::clone(self);
+        }
+        let mut ticket = fastrand::u64(0..self.split_total.max(1));
+        for (backend, weight) in &self.split {
+            let weight = u64::from(*weight);
+            if ticket < weight {
+                return Arc::clone(backend);
+            }
+            ticket -= weight;
+        }
+        // Unreachable while split_total is the sum of the weights; the last backend is a
+        // safe answer either way.
+        self.split
+            .last()
+            .map_or_else(|| Arc::clone(self), |(backend, _)| Arc::clone(backend))
+    }
+
+    /// Whether a caller holding `ids` may call this service.
+    pub fn allows(&self, ids: &[SpiffeId]) -> bool {
+        match &self.allow {
+            None => true,
+            Some(allowed) => ids.iter().any(|id| allowed.contains(id)),
+        }
+    }
+}
+
+/// The compiled site config, or the empty table before any config arrived.
+pub struct RouteTable {
+    pub site: Option<DnsLabel>,
+    pub settings: ProxySettings,
+    /// Shared by every service of the table: retries add at most
+    /// `proxy.retry_budget_percent` to the requests sent.
+    pub budget: RetryBudget,
+    /// Where finished spans go, when `proxy.zipkin_url` is set.
+    pub spans: Option<SpanSink>,
+    services: HashMap<String, Arc<ServiceRoute>>,
+    /// `(node address IP, service port)` → service, for transparently intercepted
+    /// connections; `by_port` answers when the address is not a known node's.
+    by_addr: HashMap<(IpAddr, u16), Arc<ServiceRoute>>,
+    by_port: HashMap<u16, Arc<ServiceRoute>>,
+    /// `local_port` → service: the proxy listens on each.
+    pub local_bindings: Vec<(u16, Arc<ServiceRoute>)>,
+}
+
+impl RouteTable {
+    pub fn empty() -> RouteTable {
+        let settings = ProxySettings::default();
+        RouteTable {
+            site: None,
+            budget: retry_budget(&settings),
+            settings,
+            spans: None,
+            services: HashMap::new(),
+            by_addr: HashMap::new(),
+            by_port: HashMap::new(),
+            local_bindings: Vec::new(),
+        }
+    }
+
+    /// Compiles `config` for the proxy of `node` (`None` before the proxy has an identity:
+    /// then no service counts as local). `own_inbound` is where this proxy takes mesh
+    /// traffic: the address of its own node when the config does not list it.
+    pub fn build(
+        config: &ClusterConfig,
+        node: Option<&DnsLabel>,
+        own_inbound: SocketAddr,
+        metrics: &Metrics,
+        spans: Option<SpanSink>,
+    ) -> RouteTable {
+        let address_of = |name: &DnsLabel| -> Option<SocketAddr> {
+            match config.nodes.get(name) {
+                Some(entry) => Some(entry.address.0),
+                None if Some(name) == node => Some(own_inbound),
+                None => None,
+            }
+        };
+        let compile_service = |name: &DnsLabel,
+                               service: &Service,
+                               split: Vec<(Arc<ServiceRoute>, u32)>|
+         -> Arc<ServiceRoute> {
+            let split_total = split.iter().map(|(_, w)| u64::from(*w)).sum();
+            let endpoints = service
+                .nodes
+                .iter()
+                .filter_map(|n| {
+                    address_of(n).map(|addr| Endpoint {
+                        node: n.clone(),
+                        addr,
+                    })
+                })
+                .collect();
+            Arc::new(ServiceRoute {
+                name: name.clone(),
+                protocol: service.protocol,
+                port: service.port,
+                dst_header: crate::transport::mesh_http::header_value(name.as_str()),
+                app_authority: service.port.and_then(|port| {
+                    http::uri::Authority::try_from(format!("127.0.0.1:{port}")).ok()
+                }),
+                split,
+                split_total,
+                fault: service.fault.clone(),
+                timeout: service.timeout.map(|d| d.0),
+                idle_timeout: service.idle_timeout.map(|d| d.0),
+                retries: service.retries,
+                allow: service
+                    .allow
+                    .as_ref()
+                    .map(|ids| ids.iter().map(|id| id.0.clone()).collect()),
+                local: node.is_some_and(|n| service.nodes.contains(n)),
+                endpoints: Balancer::new(endpoints),
+                outbound: metrics.requests.route(Direction::Outbound, name.as_str()),
+                inbound: metrics.requests.route(Direction::Inbound, name.as_str()),
+                policy: metrics.outbound.route(name.as_str()),
+                tcp_outbound: metrics.connections.tcp(Direction::Outbound, name.as_str()),
+                tcp_inbound: metrics.connections.tcp(Direction::Inbound, name.as_str()),
+            })
+        };
+        // Concrete services first: the schema guarantees split backends are concrete.
+        let mut services: HashMap<String, Arc<ServiceRoute>> = config
+            .services
+            .iter()
+            .filter(|(_, s)| s.split.is_empty())
+            .map(|(name, service)| {
+                (
+                    name.as_str().to_owned(),
+                    compile_service(name, service, Vec::new()),
+                )
+            })
+            .collect();
+        for (name, service) in config.services.iter().filter(|(_, s)| !s.split.is_empty()) {
+            let split: Vec<_> = service
+                .split
+                .iter()
+                .filter(|b| b.weight > 0)
+                .filter_map(|b| {
+                    services
+                        .get(b.service.as_str())
+                        .map(|route| (Arc::clone(route), b.weight))
+                })
+                .collect();
+            let apex = compile_service(name, service, split);
+            services.insert(name.as_str().to_owned(), apex);
+        }
+        let mut by_addr = HashMap::new();
+        let mut by_port = HashMap::new();
+        let mut local_bindings = Vec::new();
+        for (name, service) in &config.services {
+            let Some(route) = services.get(name.as_str()) else {
+                continue;
+            };
+            if let Some(port) = service.port {
+                by_port.entry(port).or_insert_with(|| Arc::clone(route));
+                for node in &service.nodes {
+                    if let Some(addr) = address_of(node) {
+                        by_addr.insert((addr.ip(), port), Arc::clone(route));
+                    }
+                }
+            }
+            if let Some(port) = service.local_port {
+                local_bindings.push((port, Arc::clone(route)));
+            }
+        }
+        RouteTable {
+            site: Some(config.site.clone()),
+            settings: config.proxy.clone(),
+            budget: retry_budget(&config.proxy),
+            spans,
+            services,
+            by_addr,
+            by_port,
+            local_bindings,
+        }
+    }
+
+    /// The service an HTTP authority names: `<service>`, `<service>.<site>.pimesh`, either
+    /// with an optional `:port`.
+    pub fn by_authority(&self, authority: &str) -> Option<&Arc<ServiceRoute>> {
+        let host = strip_port(authority);
+        let name = match (&self.site, host.split_once('.')) {
+            (_, None) => host,
+            (Some(site), Some((service, rest))) => {
+                let (site_part, suffix) = rest.split_once('.')?;
+                if !site_part.eq_ignore_ascii_case(site.as_str())
+                    || !suffix
+                        .trim_end_matches('.')
+                        .eq_ignore_ascii_case(MESH_SUFFIX)
+                {
+                    return None;
+                }
+                service
+            }
+            (None, Some(_)) => return None,
+        };
+        self.by_name(name)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Arc<ServiceRoute>> {
+        self.services
+            .get(name)
+            .or_else(|| self.services.get(&name.to_ascii_lowercase()))
+    }
+
+    /// The service a transparently intercepted connection was headed for.
+    pub fn by_original_dst(&self, dst: SocketAddr) -> Option<&Arc<ServiceRoute>> {
+        self.by_addr
+            .get(&(dst.ip(), dst.port()))
+            .or_else(|| self.by_port.get(&dst.port()))
+    }
+
+    /// The mesh name of `service`: `<service>.<site>.pimesh`.
+    pub fn mesh_name(&self, service: &DnsLabel) -> String {
+        match &self.site {
+            Some(site) => format!("{service}.{site}.{MESH_SUFFIX}"),
+            None => service.to_string(),
+        }
+    }
+}
+
+/// `host` of `host:port` (and of `[v6]:port`); the input unchanged when it has no port.
+fn strip_port(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split_once(']').map_or(authority, |(host, _)| host);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+fn retry_budget(settings: &ProxySettings) -> RetryBudget {
+    RetryBudget::new(
+        settings.retry_budget_percent,
+        RETRY_FLOOR_PER_SECOND,
+        RETRY_BUDGET_WINDOW,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn table(text: &str, node: &str) -> RouteTable {
+        let config = ClusterConfig::parse(Path::new("cluster.toml"), text)
+            .unwrap_or_else(|err| panic!("{err}"));
+        let node = DnsLabel::try_from(node.to_owned()).expect("label");
+        RouteTable::build(
+            &config,
+            Some(&node),
+            "127.0.0.1:4143".parse().expect("addr"),
+            &Metrics::new(),
+            None,
+        )
+    }
+
+    const SITE: &str = r#"
+site = "depot"
+[nodes.a]
+address = "10.0.0.1"
+[nodes.b]
+address = "10.0.0.2:5000"
+[services.web]
+port = 8080
+nodes = ["a", "b"]
+local_port = 18080
+[services.stable]
+port = 8082
+nodes = ["b"]
+[services.canary]
+port = 8083
+nodes = ["c"]
+[services.staff]
+split = [{ service = "stable", weight = 90 }, { service = "canary", weight = 10 }]
+"#;
+
+    #[test]
+    fn authorities_name_services_with_or_without_the_mesh_suffix() {
+        let table = table(SITE, "a");
+        for authority in ["web", "web:80", "web.depot.pimesh", "WEB.depot.pimesh:8080"] {
+            let route = table.by_authority(authority).expect(authority);
+            assert_eq!(route.name.as_str(), "web");
+        }
+        for authority in ["web.other.pimesh", "web.depot.example", "nope", "web.depot"] {
+            assert!(table.by_authority(authority).is_none(), "{authority}");
+        }
+    }
+
+    #[test]
+    fn endpoints_come_from_node_addresses() {
+        let table = table(SITE, "a");
+        let web = table.by_name("web").expect("web");
+        assert!(web.local);
+        assert_eq!(web.endpoints.len(), 2);
+        let stable = table.by_name("stable").expect("stable");
+        assert!(!stable.local);
+        let pick = stable.endpoints.pick().expect("one endpoint");
+        assert_eq!(pick.endpoint.addr, "10.0.0.2:5000".parse().expect("addr"));
+        // Node c has no address: no endpoints, but the service is known.
+        assert_eq!(table.by_name("canary").expect("canary").endpoints.len(), 0);
+        assert_eq!(table.local_bindings.len(), 1);
+        assert_eq!(
+            table
+                .by_original_dst("10.0.0.2:8082".parse().expect("addr"))
+                .map(|r| r.name.as_str()),
+            Some("stable")
+        );
+    }
+
+    #[test]
+    fn the_split_follows_the_weights() {
+        let table = table(SITE, "a");
+        let staff = table.by_name("staff").expect("staff");
+        let canary = (0..10_000)
+            .filter(|_| staff.choose_backend().name.as_str() == "canary")
+            .count();
+        // 10 % of 10 000: mean 1000, standard deviation 30; 6 sigma either side.
+        assert!((820..=1180).contains(&canary), "{canary}");
+        let web = table.by_name("web").expect("web");
+        assert_eq!(web.choose_backend().name.as_str(), "web");
+    }
+}

@@ -1,0 +1,138 @@
+//! Delivering to the app on `127.0.0.1:<port>`: each request in the HTTP version the
+//! calling app spoke, each CONNECT as a tunnel spliced to a fresh connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::config::routes::{RouteTable, ServiceRoute};
+use crate::context::Context;
+use crate::telemetry::trace;
+use crate::transport::mesh_http::{
+    self, error_response, strip_hop_by_hop, Body, DST_HEADER, PROTO_HEADER,
+};
+
+/// Sends one request to the app at `app` and its response back.
+pub async fn deliver(
+    context: &Context,
+    table: &RouteTable,
+    request: Request<Incoming>,
+    route: &Arc<ServiceRoute>,
+    app: SocketAddr,
+) -> Response<Body> {
+    let started = Instant::now();
+    route.inbound.request();
+    let (mut parts, body) = request.into_parts();
+    // Spans are made only where they can be exported: otherwise the next hop would
+    // name a parent that no collector ever receives.
+    let span = match table.spans {
+        Some(_) => trace::begin(
+            &mut parts.headers,
+            trace::Kind::Server,
+            &parts.method,
+            parts.uri.path(),
+            route.name.as_str(),
+        ),
+        None => None,
+    };
+    let h2 = parts.headers.get(PROTO_HEADER) == Some(&HeaderValue::from_static("h2"));
+    parts.headers.remove(DST_HEADER);
+    parts.headers.remove(PROTO_HEADER);
+    strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(header::HOST, value);
+            }
+        }
+    }
+    let Some(authority) = route.app_authority.clone() else {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("service {} has no port", route.name),
+        );
+    };
+    parts.uri = match mesh_http::rebase(&parts.uri, authority) {
+        Ok(uri) => uri,
+        Err(err) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                &format!("bad request target: {err}"),
+            )
+        }
+    };
+    parts.version = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    let request = Request::from_parts(parts, body.boxed());
+    let client = if h2 { &context.app_h2 } else { &context.app_h1 };
+    let response = match client.request(request).await {
+        Ok(response) => {
+            let (mut head, body) = response.into_parts();
+            strip_hop_by_hop(&mut head.headers);
+            head.version = Version::HTTP_2;
+            Response::from_parts(head, body.boxed())
+        }
+        Err(err) if err.is_connect() => error_response(
+            StatusCode::BAD_GATEWAY,
+            &format!("service {} refused the connection at {app}", route.name),
+        ),
+        Err(err) => error_response(
+            StatusCode::BAD_GATEWAY,
+            &format!("service {} at {app} failed: {err}", route.name),
+        ),
+    };
+    let status = response.status().as_u16();
+    route.inbound.response(status, started.elapsed());
+    if let Some(mut span) = span {
+        span.set_remote(app);
+        span.finish(status, table.spans.as_ref());
+    }
+    response
+}
+
+/// Answers a CONNECT: dials the app first (so a refusal is a 502, not a dead tunnel),
+/// then splices the upgraded stream to it.
+pub async fn open_tunnel(
+    mut request: Request<Incoming>,
+    route: &Arc<ServiceRoute>,
+    app: SocketAddr,
+) -> Response<Body> {
+    let mut server = match tokio::time::timeout(
+        crate::transport::peers::CONNECT_TIMEOUT,
+        TcpStream::connect(app),
+    )
+    .await
+    {
+        Ok(Ok(server)) => server,
+        _ => {
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                &format!("service {} refused the connection at {app}", route.name),
+            )
+        }
+    };
+    let _ = server.set_nodelay(true);
+    let upgrade = hyper::upgrade::on(&mut request);
+    let route = Arc::clone(route);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else {
+            return;
+        };
+        route.tcp_inbound.open();
+        let mut upgraded = TokioIo::new(upgraded);
+        let (read, written) =
+            crate::transport::splice::splice(&mut upgraded, &mut server, route.idle_timeout).await;
+        route.tcp_inbound.close(read, written);
+    });
+    Response::new(mesh_http::empty())
+}

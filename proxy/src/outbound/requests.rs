@@ -1,0 +1,347 @@
+//! HTTP from a local app, request by request: route (unknown service → 503), split,
+//! faults, trace context, endpoint choice, send with the service's timeout (→ 504),
+//! retries within the retry budget, and a 502 naming the peer when no node can be reached.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt as _;
+use hyper::body::{Body as _, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::faults::inject_faults;
+use super::{ClientProto, MAX_REDIALS};
+use crate::config::routes::{Endpoint, RouteTable, ServiceRoute};
+use crate::context::Context;
+use crate::telemetry::labels::Direction;
+use crate::telemetry::trace;
+use crate::transport::drain;
+use crate::transport::mesh_http::{
+    self, error_response, strip_hop_by_hop, Body, DST_HEADER, PROTO_HEADER,
+};
+
+/// Serves `proto` on a client connection until it closes or the drain finishes it.
+/// `fixed`: the service of a local port or an intercepted address; `None` on the proxy
+/// port, where each request names its service.
+pub async fn serve_http(
+    context: Arc<Context>,
+    stream: TcpStream,
+    fixed: Option<Arc<ServiceRoute>>,
+    proto: ClientProto,
+    mut drain: drain::Watch,
+) {
+    let settings = context.table().settings.clone();
+    let metrics = Arc::clone(&context.metrics);
+    let io = TokioIo::new(stream);
+    let service = service_fn(move |request| {
+        let context = Arc::clone(&context);
+        let fixed = fixed.clone();
+        // Boxed: hyper keeps room for one in-flight future in every HTTP/1 connection for
+        // the connection's life, and a request's future is several KiB. Boxed, an idle
+        // connection holds a pointer, and that state exists only while a request does.
+        Box::pin(async move { Ok::<_, Infallible>(handle(context, request, fixed, proto).await) })
+    });
+    let result = match proto {
+        ClientProto::H1 => {
+            let max_header = usize::try_from(settings.max_header_bytes).unwrap_or(usize::MAX);
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(settings.header_timeout.0)
+                .max_header_size(max_header)
+                // Request heads are buffered whole; bodies stream through.
+                .max_buf_size(max_header.max(8192));
+            let connection = builder.serve_connection(io, service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = drain.signaled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
+        }
+        ClientProto::H2 => {
+            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(settings.max_header_bytes)
+                .serve_connection(io, service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = drain.signaled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
+        }
+    };
+    if let Err(err) = result {
+        let reason = client_error_reason(&err);
+        metrics.connections.rejected(Direction::Outbound, reason);
+        debug!(error = %err, reason, "client connection ended with an error");
+    }
+}
+
+/// The metric label for a client connection that hyper ended with `err`.
+fn client_error_reason(err: &hyper::Error) -> &'static str {
+    if err.is_parse_too_large() {
+        "header_too_large"
+    } else if err.is_parse() || err.is_parse_status() {
+        "malformed_http"
+    } else if err.is_timeout() {
+        "header_timeout"
+    } else if err.is_incomplete_message() {
+        "incomplete_message"
+    } else {
+        "connection_error"
+    }
+}
+
+async fn handle(
+    context: Arc<Context>,
+    request: Request<Incoming>,
+    fixed: Option<Arc<ServiceRoute>>,
+    proto: ClientProto,
+) -> Response<Body> {
+    let started = Instant::now();
+    let (mut parts, body) = request.into_parts();
+    let table = context.table();
+    let apex = match fixed {
+        Some(route) => table.by_name(route.name.as_str()).cloned().or(Some(route)),
+        None => authority_of(&parts).and_then(|authority| table.by_authority(authority).cloned()),
+    };
+    let Some(apex) = apex else {
+        context
+            .metrics
+            .connections
+            .rejected(Direction::Outbound, "unknown_service");
+        let named = authority_of(&parts).unwrap_or("(none)").to_owned();
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("unknown service: the authority {named:?} names no service of this site"),
+        );
+    };
+    apex.outbound.request();
+    table.budget.deposit();
+    // Spans are made only where they can be exported: otherwise the next hop would
+    // name a parent that no collector ever receives.
+    let span = match table.spans {
+        Some(_) => trace::begin(
+            &mut parts.headers,
+            trace::Kind::Client,
+            &parts.method,
+            parts.uri.path(),
+            apex.name.as_str(),
+        ),
+        None => None,
+    };
+    let response = match apex.timeout {
+        None => forward(&context, &table, &apex, parts, body, proto).await,
+        Some(limit) => {
+            match tokio::time::timeout(limit, forward(&context, &table, &apex, parts, body, proto))
+                .await
+            {
+                Ok(response) => response,
+                Err(_) => error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!(
+                        "service {} did not answer within its timeout of {limit:?}",
+                        apex.name
+                    ),
+                ),
+            }
+        }
+    };
+    let status = response.status().as_u16();
+    apex.outbound.response(status, started.elapsed());
+    if let Some(span) = span {
+        span.finish(status, table.spans.as_ref());
+    }
+    response
+}
+
+/// The authority a request names: the URI's (absolute form, HTTP/2) or the Host header.
+fn authority_of(parts: &http::request::Parts) -> Option<&str> {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| parts.headers.get(header::HOST)?.to_str().ok())
+}
+
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+async fn forward(
+    context: &Context,
+    table: &RouteTable,
+    apex: &Arc<ServiceRoute>,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    proto: ClientProto,
+) -> Response<Body> {
+    let backend = apex.choose_backend();
+    if !apex.split.is_empty() {
+        context
+            .metrics
+            .outbound
+            .split(apex.name.as_str(), backend.name.as_str());
+        if let Some(aborted) = inject_faults(apex).await {
+            return aborted;
+        }
+    }
+    if let Some(aborted) = inject_faults(&backend).await {
+        return aborted;
+    }
+    if !context.has_identity() {
+        context
+            .metrics
+            .connections
+            .rejected(Direction::Outbound, "no_identity");
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this proxy has no node identity yet, so it cannot reach other nodes",
+        );
+    }
+
+    strip_hop_by_hop(&mut parts.headers);
+    let authority = authority_of(&parts)
+        .map(str::to_owned)
+        .unwrap_or_else(|| table.mesh_name(&backend.name));
+    let uri = match mesh_http::rebase(&parts.uri, authority.as_str()) {
+        Ok(uri) => uri,
+        Err(err) => {
+            context
+                .metrics
+                .connections
+                .rejected(Direction::Outbound, "malformed_http");
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                &format!("bad request target: {err}"),
+            );
+        }
+    };
+    parts.uri = uri;
+    parts.version = Version::HTTP_2;
+    parts.headers.insert(DST_HEADER, backend.dst_header.clone());
+    parts.headers.insert(PROTO_HEADER, proto.header());
+
+    let retryable = idempotent(&parts.method) && body.is_end_stream();
+    let max_retries = apex.retries.max(backend.retries);
+    let mut body = Some(body.boxed());
+    let mut retries = 0u8;
+    // Endpoints that could not be reached for this request; a redial goes elsewhere.
+    let mut refused: Vec<Endpoint> = Vec::new();
+    loop {
+        let pick = if refused.is_empty() {
+            backend.endpoints.pick()
+        } else {
+            backend.endpoints.pick_except(&refused)
+        };
+        let Some(pick) = pick else {
+            if !refused.is_empty() {
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("no node running service {} could be reached", backend.name),
+                );
+            }
+            context
+                .metrics
+                .connections
+                .rejected(Direction::Outbound, "no_endpoints");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "service {} has no endpoints: no node with a known address runs it",
+                    backend.name
+                ),
+            );
+        };
+        let may_retry = |done: u8, limit: u8| {
+            if done >= limit {
+                return false;
+            }
+            if table.budget.try_withdraw() {
+                apex.policy.retry();
+                true
+            } else {
+                apex.policy.retry_budget_exhausted();
+                false
+            }
+        };
+        let node = pick.endpoint.node.clone();
+        let sender = match context
+            .peers
+            .sender(|| context.identity(), &node, pick.endpoint.addr)
+            .await
+        {
+            Ok(sender) => sender,
+            Err(err) => {
+                // Nothing was sent: any request may go to another endpoint, whatever the
+                // service's `retries`.
+                let redials = u8::try_from(refused.len()).unwrap_or(u8::MAX);
+                refused.push(pick.endpoint.clone());
+                pick.failure();
+                if may_retry(redials, MAX_REDIALS) {
+                    continue;
+                }
+                return error_response(StatusCode::BAD_GATEWAY, &err.to_string());
+            }
+        };
+        let this_body = match body.take() {
+            Some(body) => body,
+            None => mesh_http::empty(),
+        };
+        let mut attempt = Request::new(this_body);
+        *attempt.method_mut() = parts.method.clone();
+        *attempt.uri_mut() = parts.uri.clone();
+        *attempt.version_mut() = Version::HTTP_2;
+        *attempt.headers_mut() = if retryable && retries < max_retries {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        let sent = Instant::now();
+        let mut sender = sender;
+        match sender.send_request(attempt).await {
+            Ok(response) => {
+                let proxy_failed = response.headers().contains_key(mesh_http::ERROR_HEADER)
+                    && matches!(response.status().as_u16(), 502 | 503);
+                if proxy_failed {
+                    pick.failure();
+                } else {
+                    pick.success(sent.elapsed());
+                }
+                let (mut head, body) = response.into_parts();
+                strip_hop_by_hop(&mut head.headers);
+                head.version = match proto {
+                    ClientProto::H1 => Version::HTTP_11,
+                    ClientProto::H2 => Version::HTTP_2,
+                };
+                return Response::from_parts(head, body.boxed());
+            }
+            Err(err) => {
+                pick.failure();
+                if retryable && may_retry(retries, max_retries) {
+                    retries += 1;
+                    continue;
+                }
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("node {node} failed the request: {err}"),
+                );
+            }
+        }
+    }
+}

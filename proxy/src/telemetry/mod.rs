@@ -1,0 +1,15 @@
+//! What the proxy tells about itself beyond its logs: Prometheus metrics and distributed
+//! traces.
+//!
+//! - `metrics`: the registry every concern registers its families in, encoded at
+//!   `/metrics`; the families themselves live with the code that records them
+//!   (`transport::metrics`, `outbound::metrics`, `config::metrics`, the control plane
+//!   clients' `metrics`, `trace`'s span counters), except the per-route HTTP families
+//!   both directions record (`requests`);
+//! - `labels`: the label values several families share;
+//! - `trace`: spans of proxied requests, exported to a Zipkin collector.
+
+pub mod labels;
+pub mod metrics;
+pub mod requests;
+pub mod trace;

@@ -1,0 +1,136 @@
+//! What both directions of the HTTP path share: the body type of every request the proxy
+//! sends on, the mesh's own headers, hop-by-hop header removal, and the proxy's error
+//! responses.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery};
+use http::{Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Empty, Full};
+
+/// The body of every request the proxy sends on.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Names why the proxy (not the app) answered with an error.
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("pimesh-proxy-error");
+/// Set by the outbound proxy on each request to a peer: the concrete service chosen.
+pub const DST_HEADER: HeaderName = HeaderName::from_static("pimesh-dst");
+/// Set by the outbound proxy: the HTTP version the client spoke (`h1` or `h2`), which the
+/// inbound proxy speaks to the app.
+pub const PROTO_HEADER: HeaderName = HeaderName::from_static("pimesh-proto");
+/// Set on responses the proxy made up because of an injected fault.
+pub const FAULT_HEADER: HeaderName = HeaderName::from_static("pimesh-fault");
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+pub fn full(text: impl Into<Bytes>) -> Body {
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A response made by the proxy: `status`, the reason in [`ERROR_HEADER`] and the body.
+pub fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
+    let mut response = Response::new(full(format!("{reason}\n")));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(ERROR_HEADER, header_value(reason));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// `text` as a header value: control characters and non-ASCII become `?`.
+pub fn header_value(text: &str) -> HeaderValue {
+    let clean: String = text
+        .chars()
+        .map(|c| {
+            if c.is_ascii() && !c.is_ascii_control() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    HeaderValue::from_str(&clean).unwrap_or_else(|_| HeaderValue::from_static("error"))
+}
+
+/// `http://<authority><path and query of uri>`: the absolute form a request takes on its
+/// next hop (HTTP/2 needs scheme and authority; the app's client needs its address).
+pub fn rebase<A>(uri: &Uri, authority: A) -> Result<Uri, http::Error>
+where
+    Authority: TryFrom<A>,
+    <Authority as TryFrom<A>>::Error: Into<http::Error>,
+{
+    let path = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+}
+
+/// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1),
+/// including those the `Connection` header names. HTTP/2 refuses them outright.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_headers_go_with_those_they_name() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-hop"),
+        );
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert("x-end", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-end"]);
+    }
+
+    #[test]
+    fn reasons_become_valid_header_values() {
+        let response = error_response(StatusCode::SERVICE_UNAVAILABLE, "no route to \"x\"\n\u{e9}");
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()[ERROR_HEADER], "no route to \"x\"??");
+    }
+}

@@ -1,0 +1,243 @@
+//! The connections' metrics: opened, closed and bytes carried per route (`tcp_*_total`,
+//! Linkerd's names), open now (`pimesh_open_connections`), TLS handshakes that failed
+//! (`tls_handshake_failure_total`) and connections or requests refused
+//! (`pimesh_rejected_total`).
+//!
+//! Cost model: [`ConnectionMetrics::tcp`] allocates its labels and is called once per
+//! route when a routing table is built; recording through its handles is an atomic add.
+//! The counters by reason allocate only for the first event with each reason. Label sets
+//! are never removed: the series are bounded by the routes and reasons the config and code
+//! can name.
+
+use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::telemetry::labels::Direction;
+use crate::telemetry::requests::RouteLabels;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct ReasonLabels {
+    direction: Direction,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct DirectionLabels {
+    direction: Direction,
+}
+
+/// The families; cheap to clone (a family clone shares its series).
+#[derive(Clone, Default)]
+pub struct ConnectionMetrics {
+    tcp_open: Family<RouteLabels, Counter>,
+    tcp_close: Family<RouteLabels, Counter>,
+    tcp_read_bytes: Family<RouteLabels, Counter>,
+    tcp_write_bytes: Family<RouteLabels, Counter>,
+    tls_failures: Family<ReasonLabels, Counter>,
+    rejected: Family<ReasonLabels, Counter>,
+    open_connections: Family<DirectionLabels, Gauge>,
+}
+
+impl ConnectionMetrics {
+    /// New families, registered in `registry`.
+    pub fn register(registry: &mut Registry) -> ConnectionMetrics {
+        let metrics = ConnectionMetrics::default();
+        // Counter names are registered without `_total`: the encoder appends it.
+        registry.register(
+            "tcp_open",
+            "Connections opened, by destination service",
+            metrics.tcp_open.clone(),
+        );
+        registry.register(
+            "tcp_close",
+            "Connections closed, by destination service",
+            metrics.tcp_close.clone(),
+        );
+        registry.register(
+            "tcp_read_bytes",
+            "Bytes read from closed connections' peers",
+            metrics.tcp_read_bytes.clone(),
+        );
+        registry.register(
+            "tcp_write_bytes",
+            "Bytes written to closed connections' peers",
+            metrics.tcp_write_bytes.clone(),
+        );
+        registry.register(
+            "tls_handshake_failure",
+            "TLS handshakes that failed, by reason",
+            metrics.tls_failures.clone(),
+        );
+        registry.register(
+            "pimesh_rejected",
+            "Connections or requests refused for bad input or limits, by reason",
+            metrics.rejected.clone(),
+        );
+        registry.register(
+            "pimesh_open_connections",
+            "Connections currently open",
+            metrics.open_connections.clone(),
+        );
+        metrics
+    }
+
+    /// Handles for opaque TCP of one (direction, dst_service). Call once and keep the
+    /// result.
+    pub fn tcp(&self, direction: Direction, dst_service: &str) -> TcpMetrics {
+        let labels = RouteLabels::new(direction, dst_service);
+        TcpMetrics {
+            inner: Arc::new(TcpInner {
+                open: self.tcp_open.get_or_create_owned(&labels),
+                close: self.tcp_close.get_or_create_owned(&labels),
+                read_bytes: self.tcp_read_bytes.get_or_create_owned(&labels),
+                write_bytes: self.tcp_write_bytes.get_or_create_owned(&labels),
+            }),
+        }
+    }
+
+    /// Counts `tls_handshake_failure_total{direction, reason}`. Does not allocate after the
+    /// first failure with this reason.
+    pub fn tls_handshake_failure(&self, direction: Direction, reason: &'static str) {
+        self.tls_failures
+            .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+
+    /// Counts `pimesh_rejected_total{direction, reason}`: bad input or a limit hit, e.g.
+    /// `malformed_http`, `header_too_large`, `header_timeout`, `connection_limit`, `not_tls`,
+    /// `unknown_service`, `no_endpoints`, `unauthorized`, `detect_timeout`. Does not allocate
+    /// after the first rejection with this reason.
+    pub fn rejected(&self, direction: Direction, reason: &'static str) {
+        self.rejected
+            .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+
+    /// Counts one open connection in `pimesh_open_connections{direction}` until the guard is
+    /// dropped.
+    pub fn open_connection(&self, direction: Direction) -> ConnectionGuard {
+        let gauge = self
+            .open_connections
+            .get_or_create_owned(&DirectionLabels { direction });
+        gauge.inc();
+        ConnectionGuard { gauge }
+    }
+}
+
+/// Decrements `pimesh_open_connections{direction}` when dropped.
+pub struct ConnectionGuard {
+    gauge: Gauge,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// One (direction, dst_service)'s connection handles (cheap to clone: one `Arc`).
+#[derive(Clone)]
+pub struct TcpMetrics {
+    inner: Arc<TcpInner>,
+}
+
+struct TcpInner {
+    open: Counter,
+    close: Counter,
+    read_bytes: Counter,
+    write_bytes: Counter,
+}
+
+impl TcpMetrics {
+    /// Counts `tcp_open_total{direction, dst_service}`.
+    pub fn open(&self) {
+        self.inner.open.inc();
+    }
+
+    /// Counts `tcp_close_total` and adds the connection's totals to `tcp_read_bytes_total`
+    /// and `tcp_write_bytes_total` (bytes read from / written to the peer).
+    pub fn close(&self, read_bytes: u64, write_bytes: u64) {
+        self.inner.close.inc();
+        self.inner.read_bytes.inc_by(read_bytes);
+        self.inner.write_bytes.inc_by(write_bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::metrics::testing::{assert_sample, samples};
+
+    #[test]
+    fn tcp_and_connections() {
+        let mut registry = Registry::default();
+        let metrics = ConnectionMetrics::register(&mut registry);
+        let db = metrics.tcp(Direction::Inbound, "db");
+        db.open();
+        db.open();
+        db.close(100, 2_000);
+        let unrouted = metrics.tcp(Direction::Inbound, "");
+        unrouted.open();
+        let a = metrics.open_connection(Direction::Inbound);
+        let b = metrics.open_connection(Direction::Inbound);
+        let c = metrics.open_connection(Direction::Outbound);
+        drop(a);
+        drop(c);
+
+        let s = samples(&registry);
+        assert_sample(
+            &s,
+            r#"tcp_open_total{direction="inbound",dst_service="db"} 2"#,
+        );
+        assert_sample(
+            &s,
+            r#"tcp_open_total{direction="inbound",dst_service=""} 1"#,
+        );
+        assert_sample(
+            &s,
+            r#"tcp_close_total{direction="inbound",dst_service="db"} 1"#,
+        );
+        assert_sample(
+            &s,
+            r#"tcp_read_bytes_total{direction="inbound",dst_service="db"} 100"#,
+        );
+        assert_sample(
+            &s,
+            r#"tcp_write_bytes_total{direction="inbound",dst_service="db"} 2000"#,
+        );
+        assert_sample(&s, r#"pimesh_open_connections{direction="inbound"} 1"#);
+        assert_sample(&s, r#"pimesh_open_connections{direction="outbound"} 0"#);
+        drop(b);
+        let s = samples(&registry);
+        assert_sample(&s, r#"pimesh_open_connections{direction="inbound"} 0"#);
+    }
+
+    #[test]
+    fn handshake_failures_and_rejections_by_reason() {
+        let mut registry = Registry::default();
+        let metrics = ConnectionMetrics::register(&mut registry);
+        metrics.tls_handshake_failure(Direction::Inbound, "no_client_cert");
+        metrics.tls_handshake_failure(Direction::Inbound, "no_client_cert");
+        metrics.rejected(Direction::Inbound, "header_too_large");
+        metrics.rejected(Direction::Outbound, "no_endpoints");
+        metrics.rejected(Direction::Outbound, "no_endpoints");
+
+        let s = samples(&registry);
+        assert_sample(
+            &s,
+            r#"tls_handshake_failure_total{direction="inbound",reason="no_client_cert"} 2"#,
+        );
+        assert_sample(
+            &s,
+            r#"pimesh_rejected_total{direction="inbound",reason="header_too_large"} 1"#,
+        );
+        assert_sample(
+            &s,
+            r#"pimesh_rejected_total{direction="outbound",reason="no_endpoints"} 2"#,
+        );
+    }
+}
