@@ -587,13 +587,16 @@ impl Progress {
     fn fail(&self, err: Error) -> Error {
         self.first_error
             .lock()
-            .expect("poisoned")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get_or_insert_with(|| err.clone());
         err
     }
 
     fn error(&self) -> Option<String> {
-        self.first_error.lock().expect("poisoned").clone()
+        self.first_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 

@@ -1,6 +1,8 @@
 //! The central server binary over real TLS: an operator publishes signed revisions, nodes
 //! long-poll for them with their node certificates and report back.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};

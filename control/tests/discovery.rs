@@ -1,6 +1,8 @@
 //! The discovery API of the replica binary over real sockets and mutual TLS: proxies post
 //! heartbeats, and a watch streams the site config with the live node addresses.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::time::Duration;
 
 use pimesh_test_support::control::{DiscoveryStream, Replica};

@@ -2,6 +2,8 @@
 //! CSR with its node credential and gets a leaf for exactly the identities the site config
 //! places on it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::collections::BTreeSet;
 use std::time::SystemTime;
 

@@ -1,6 +1,8 @@
 //! The site trust root end to end: real certificates made by the authority, checked by
 //! webpki (the verifier rustls uses).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 

@@ -1,6 +1,8 @@
 //! `Authority::issue_server_leaf`: the serving certificate a control replica makes for
 //! itself, checked by webpki (the verifier rustls uses) for names and usage.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::SystemTime;
 

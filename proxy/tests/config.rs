@@ -2,6 +2,8 @@
 //! `/config`, readiness, reload on SIGHUP and on file change. Tests wait with deadlines
 //! but never assert on speed.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -47,6 +49,8 @@ fn start_with_soft_nofile(dir: &Path, config: &Path, soft: Option<u64>) -> Proxy
                 use std::os::unix::process::CommandExt as _;
                 // SAFETY: between fork and exec only async-signal-safe calls are allowed;
                 // getrlimit and setrlimit are plain system calls that allocate nothing.
+                // The test's one `unsafe`: a child with a lower soft limit than its parent.
+                #[allow(unsafe_code)]
                 unsafe {
                     command.pre_exec(move || {
                         use nix::sys::resource::{getrlimit, setrlimit, Resource};

@@ -6,6 +6,8 @@
 //! proxies route by their cached discovery document, even across a proxy restart), and
 //! while a replica comes back with a changed config that both proxies pick up.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,8 @@
 //! Bad input and hostile peers against the real proxy: each is answered or closed
 //! cleanly, counted in the metrics, and the proxy keeps serving everyone else.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 

@@ -8,6 +8,8 @@
 //! once a's proxy presents a leaf from a replica, which carries that service ID (the node
 //! credential names the node alone).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -4,6 +4,8 @@
 //! through the mesh as if the app had used the proxy port. The app is not changed: it
 //! dials the service's address and port.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::process::Command;
 
 use pimesh_test_support::backends::{tcp_echo, Backend};

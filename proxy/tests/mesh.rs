@@ -2,6 +2,8 @@
 //! every request goes client → proxy a (outbound) → mTLS HTTP/2 → proxy b (inbound) →
 //! backend, and back. Statistical assertions use bounds of six standard deviations.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;

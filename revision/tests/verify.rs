@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 use base64::Engine as _;
 use pimesh_revision::{Mode, Rejection, Revision, Verifier};
 use pimesh_schema::{DnsLabel, SigningKey};

@@ -18,6 +18,9 @@ use std::time::Duration;
 pub const TRIM_EVERY: Duration = Duration::from_secs(2);
 
 /// Releases the free pages of every allocator arena now; returns whether any were released.
+///
+/// The workspace's one `unsafe` block: an FFI call into glibc.
+#[allow(unsafe_code)]
 pub fn trim() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

@@ -62,6 +62,7 @@ pub struct OtaSettings {
 }
 
 impl Default for OtaSettings {
+    #[expect(clippy::expect_used, reason = "the default probe URL is a constant")]
     fn default() -> Self {
         OtaSettings {
             health_deadline: Duration::from_secs(60),

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 use std::path::Path;
 use std::time::Duration;
 

@@ -1,5 +1,7 @@
 //! The supervisor binary on the host: reads a seed, serves `/status`, stops on SIGTERM.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::ExitStatus;
