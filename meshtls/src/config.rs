@@ -8,15 +8,15 @@
 //! node a client is, they ask per request, where a refusal can say why in an HTTP answer).
 
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
 use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
 use rustls::sign::SingleCertAndKey;
 use rustls::{ClientConfig, ServerConfig};
 
 use crate::credential::Credential;
+use crate::provider::provider;
 use crate::trust::{root_store, SiteTrust, TrustError};
 use crate::verifier::{Expected, SpiffeVerifier};
 
@@ -24,12 +24,6 @@ use crate::verifier::{Expected, SpiffeVerifier};
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN of HTTP/1.1, which replicas also offer operators and the central server speaks.
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
-
-/// The ring provider, made once.
-pub(crate) fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    Arc::clone(PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())))
-}
 
 /// Why a configuration cannot be built.
 #[derive(Debug)]

@@ -11,7 +11,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 use rustls::InconsistentKeys;
 
-use crate::config::provider;
+use crate::provider::provider;
 use crate::pem::{self, PemError};
 
 /// A certificate chain (leaf first, then its issuers) and the leaf's private key, loaded

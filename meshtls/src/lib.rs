@@ -41,6 +41,7 @@ mod failure;
 mod names;
 mod peer;
 pub mod pem;
+mod provider;
 mod trust;
 mod verifier;
 

@@ -31,7 +31,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 
-use crate::config::provider;
+use crate::provider::provider;
 use crate::names::{dialled_node, is_control_id, CONTROL_SERVICE};
 use crate::peer::PeerIdentity;
 use crate::trust::SiteTrust;
