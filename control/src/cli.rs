@@ -71,8 +71,8 @@ struct Cli {
     leaf_lifetime: u64,
 }
 
-fn parse_site(text: &str) -> Result<DnsLabel, String> {
-    DnsLabel::try_from(text.to_owned()).map_err(|err| err.to_string())
+fn parse_site(text: &str) -> Result<DnsLabel, pimesh_schema::NameError> {
+    DnsLabel::try_from(text.to_owned())
 }
 
 /// Parses the arguments, program name first. An `Err` is clap's message: the caller exits

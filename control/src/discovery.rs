@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -143,9 +144,9 @@ pub async fn heartbeat(
     };
     let port = match heartbeat_port(&body) {
         Ok(port) => port,
-        Err(message) => {
-            debug!(%node, %peer, "heartbeat refused: {message}");
-            return identity_api::error(StatusCode::BAD_REQUEST, &message);
+        Err(err) => {
+            debug!(%node, %peer, "heartbeat refused: {err}");
+            return identity_api::error(StatusCode::BAD_REQUEST, &err.to_string());
         }
     };
     let addr = SocketAddr::new(peer.ip().to_canonical(), port);
@@ -157,25 +158,48 @@ pub async fn heartbeat(
     response
 }
 
+/// Why a heartbeat body is refused; shown to the caller after what is expected.
+#[derive(Debug, PartialEq)]
+pub enum HeartbeatError {
+    NotJson(String),
+    NotAnObject(serde_json::Value),
+    UnknownField(String),
+    NoPort,
+    BadPort(serde_json::Value),
+}
+
+impl fmt::Display for HeartbeatError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "expected a JSON object {\"port\": P}, P the proxy's inbound port in 1..=65535; ",
+        )?;
+        match self {
+            HeartbeatError::NotJson(err) => write!(f, "the body is not JSON: {err}"),
+            HeartbeatError::NotAnObject(value) => write!(f, "found {value}"),
+            HeartbeatError::UnknownField(name) => write!(f, "found an unknown field {name:?}"),
+            HeartbeatError::NoPort => f.write_str("the field \"port\" is missing"),
+            HeartbeatError::BadPort(port) => write!(f, "found \"port\": {port}"),
+        }
+    }
+}
+
 /// The port of a heartbeat body, `{"port": P}` with P in 1..=65535 and nothing else.
-pub fn heartbeat_port(body: &[u8]) -> Result<u16, String> {
-    const EXPECTED: &str =
-        "expected a JSON object {\"port\": P}, P the proxy's inbound port in 1..=65535";
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|err| format!("{EXPECTED}; the body is not JSON: {err}"))?;
+pub fn heartbeat_port(body: &[u8]) -> Result<u16, HeartbeatError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|err| HeartbeatError::NotJson(err.to_string()))?;
     let serde_json::Value::Object(fields) = value else {
-        return Err(format!("{EXPECTED}; found {value}"));
+        return Err(HeartbeatError::NotAnObject(value));
     };
     if let Some(other) = fields.keys().find(|key| *key != "port") {
-        return Err(format!("{EXPECTED}; found an unknown field {other:?}"));
+        return Err(HeartbeatError::UnknownField(other.clone()));
     }
     match fields.get("port") {
-        None => Err(format!("{EXPECTED}; the field \"port\" is missing")),
+        None => Err(HeartbeatError::NoPort),
         Some(port) => port
             .as_u64()
             .and_then(|port| u16::try_from(port).ok())
             .filter(|port| *port != 0)
-            .ok_or_else(|| format!("{EXPECTED}; found \"port\": {port}")),
+            .ok_or_else(|| HeartbeatError::BadPort(port.clone())),
     }
 }
 
@@ -282,7 +306,7 @@ mod tests {
             (br#"{"port": 4143, "ip": "1.2.3.4"}"#, "\"ip\""),
             (b"port=4143", "not JSON"),
         ] {
-            let err = heartbeat_port(body).expect_err("refused");
+            let err = heartbeat_port(body).expect_err("refused").to_string();
             assert!(err.contains("{\"port\": P}") && err.contains(says), "{err}");
         }
     }

@@ -68,10 +68,28 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(options: cli::Options) -> Result<(), String> {
+/// Why the replica stops with a failure; each happens before it serves, or is the loss of
+/// its signal handling.
+#[derive(Debug)]
+enum Fatal {
+    /// SIGHUP or SIGTERM cannot be watched.
+    Signal(&'static str, std::io::Error),
+    /// The replica's port cannot be bound.
+    Listen(std::net::SocketAddr, std::io::Error),
+}
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fatal::Signal(signal, err) => write!(f, "cannot watch for {signal}: {err}"),
+            Fatal::Listen(addr, err) => write!(f, "cannot listen on {addr}: {err}"),
+        }
+    }
+}
+
+async fn run(options: cli::Options) -> Result<(), Fatal> {
     // Before anything else: SIGHUP's default action would kill the process.
-    let mut triggers =
-        Triggers::install().map_err(|err| format!("cannot watch for SIGHUP: {err}"))?;
+    let mut triggers = Triggers::install().map_err(|err| Fatal::Signal("SIGHUP", err))?;
     let shutdown = pimesh_runtime::shutdown_signal();
     // Bursts of connections must not pin their peak memory (see pimesh_runtime::memory).
     pimesh_runtime::memory::spawn_trimmer(pimesh_runtime::memory::TRIM_EVERY);
@@ -81,7 +99,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
     let addr = options.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|err| format!("cannot listen on {addr}: {err}"))?;
+        .map_err(|err| Fatal::Listen(addr, err))?;
     info!(replica, %addr, version = env!("CARGO_PKG_VERSION"), "listening");
 
     let mut state = State::new(
@@ -115,7 +133,7 @@ async fn run(options: cli::Options) -> Result<(), String> {
     let result = loop {
         tokio::select! {
             signalled = &mut shutdown => {
-                break signalled.map_err(|err| format!("cannot watch for SIGTERM: {err}"));
+                break signalled.map_err(|err| Fatal::Signal("SIGTERM", err));
             }
             trigger = triggers.next() => {
                 let was_ready = state.snapshot().is_some();

@@ -8,6 +8,7 @@
 //! never takes a serving replica down. Watching the files, and keeping the snapshot when a
 //! load fails, is `pimesh_runtime::watched`'s; what is loaded and checked is this module's.
 
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -15,13 +16,13 @@ use std::time::{Duration, SystemTime};
 
 use pimesh_runtime::watched::{Current, Load, Outcome, Trigger, Watched};
 use pimesh_schema::cluster::ClusterConfig;
-use pimesh_schema::DnsLabel;
+use pimesh_schema::{ConfigError, DnsLabel};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::site_config;
-use crate::tls::Serving;
-use crate::trust::Trust;
+use crate::tls::{Serving, ServingError};
+use crate::trust::{Trust, TrustError};
 
 /// Where the replica's inputs come from.
 #[derive(Debug, Clone)]
@@ -90,6 +91,114 @@ impl Counters {
     }
 }
 
+/// Why a part of the snapshot cannot be loaded.
+#[derive(Debug)]
+pub enum PartError {
+    /// The site config file is unreadable or invalid.
+    Config(ConfigError),
+    /// The site config names another site than the one this replica serves.
+    OtherSite {
+        file: PathBuf,
+        names: DnsLabel,
+        serves: DnsLabel,
+    },
+    /// Neither a site config nor `--site` says which site this is.
+    NoSite { file: PathBuf },
+    /// The trust folder is unusable.
+    Trust(TrustError),
+    /// No serving certificate can be made from the trust folder.
+    Serving(ServingError),
+}
+
+impl fmt::Display for PartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PartError::Config(err) => write!(f, "{err}"),
+            PartError::OtherSite {
+                file,
+                names,
+                serves,
+            } => write!(
+                f,
+                "{}: names site {names}, but this replica serves site {serves}",
+                file.display()
+            ),
+            PartError::NoSite { file } => write!(
+                f,
+                "no site known: {} does not exist and no --site was given",
+                file.display()
+            ),
+            PartError::Trust(err) => write!(f, "{err}"),
+            PartError::Serving(err) => write!(f, "{err}"),
+        }
+    }
+}
+
+/// The parts of a snapshot, as a failed load names what it kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    SiteConfig,
+    Trust,
+}
+
+impl fmt::Display for Part {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Part::SiteConfig => "site config",
+            Part::Trust => "trust",
+        })
+    }
+}
+
+/// What went wrong in the last load.
+///
+/// Invariant: `Kept` is never empty (a load with nothing wrong is not a problem).
+#[derive(Debug)]
+pub enum LoadProblem {
+    /// Nothing was loaded: a part failed and there was no previous version of it.
+    Failed(PartError),
+    /// These parts failed and their previous versions are still in use.
+    Kept(Vec<(PartError, Part)>),
+}
+
+impl fmt::Display for LoadProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadProblem::Failed(err) => write!(f, "{err}"),
+            LoadProblem::Kept(parts) => {
+                for (i, (err, part)) in parts.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str("; ")?;
+                    }
+                    write!(f, "{err} (keeping the {part} loaded before)")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Why the replica is not ready.
+#[derive(Debug)]
+pub enum NotReady {
+    /// No load has been attempted yet.
+    NothingLoaded,
+    /// The last load failed and no earlier one succeeded.
+    Failed(Arc<LoadProblem>),
+}
+
+impl fmt::Display for NotReady {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NotReady::NothingLoaded => f.write_str("nothing loaded yet"),
+            NotReady::Failed(problem) => write!(f, "{problem}"),
+        }
+    }
+}
+
+/// The snapshot in use, and why the last load failed (shared: readers take a copy).
+type Snapshots = Watched<Option<Arc<Snapshot>>, Arc<LoadProblem>>;
+
 pub struct State {
     pub replica: u16,
     /// How long the leaves this replica signs live (`--leaf-lifetime`); set before the
@@ -97,10 +206,10 @@ pub struct State {
     pub leaf_lifetime: Duration,
     sources: Sources,
     /// The site config and the three trust files, watched; the one writer of `current`.
-    watched: Mutex<Watched<Option<Arc<Snapshot>>, String>>,
+    watched: Mutex<Snapshots>,
     /// The snapshot in use (`None`: nothing loaded yet) and what went wrong in the last
     /// load, whole or in part (`None`: all of it loaded).
-    current: watch::Receiver<Current<Option<Arc<Snapshot>>, String>>,
+    current: watch::Receiver<Current<Option<Arc<Snapshot>>, Arc<LoadProblem>>>,
     pub counters: Counters,
 }
 
@@ -131,7 +240,7 @@ impl State {
 
     /// `Ok(status)` when ready (the status names a failed reload, if any), `Err(reason)`
     /// when not.
-    pub fn readiness(&self) -> Result<String, String> {
+    pub fn readiness(&self) -> Result<String, NotReady> {
         let current = self.current.borrow();
         match (&current.value, &current.problem) {
             (Some(snapshot), None) => Ok(snapshot.summary()),
@@ -139,9 +248,8 @@ impl State {
                 "{}; last reload failed: {problem}",
                 snapshot.summary()
             )),
-            (None, problem) => Err(problem
-                .clone()
-                .unwrap_or_else(|| "nothing loaded yet".to_owned())),
+            (None, Some(problem)) => Err(NotReady::Failed(Arc::clone(problem))),
+            (None, None) => Err(NotReady::NothingLoaded),
         }
     }
 
@@ -173,13 +281,13 @@ impl State {
         &self,
         previous: &Option<Arc<Snapshot>>,
         now: SystemTime,
-    ) -> Load<Option<Arc<Snapshot>>, String> {
+    ) -> Load<Option<Arc<Snapshot>>, Arc<LoadProblem>> {
         match assemble(&self.sources, previous.as_deref(), now) {
-            Ok((snapshot, problems)) if problems.is_empty() => {
-                Load::Loaded(Some(Arc::new(snapshot)))
+            Ok((snapshot, kept)) if kept.is_empty() => Load::Loaded(Some(Arc::new(snapshot))),
+            Ok((snapshot, kept)) => {
+                Load::Partly(Some(Arc::new(snapshot)), Arc::new(LoadProblem::Kept(kept)))
             }
-            Ok((snapshot, problems)) => Load::Partly(Some(Arc::new(snapshot)), problems.join("; ")),
-            Err(problem) => Load::Failed(problem),
+            Err(err) => Load::Failed(Arc::new(LoadProblem::Failed(err))),
         }
     }
 
@@ -193,7 +301,7 @@ impl State {
         }
     }
 
-    fn watched(&self) -> MutexGuard<'_, Watched<Option<Arc<Snapshot>>, String>> {
+    fn watched(&self) -> MutexGuard<'_, Snapshots> {
         self.watched.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -234,44 +342,50 @@ fn assemble(
     sources: &Sources,
     previous: Option<&Snapshot>,
     now: SystemTime,
-) -> Result<(Snapshot, Vec<String>), String> {
-    let mut problems = Vec::new();
-    let file = sources.config.display();
+) -> Result<(Snapshot, Vec<(PartError, Part)>), PartError> {
+    let mut kept = Vec::new();
     let fixed_site = previous
         .map(|snapshot| snapshot.site.clone())
         .or_else(|| sources.site.clone());
     let loaded = site_config::load(&sources.config)
-        .map_err(|err| err.to_string())
+        .map_err(PartError::Config)
         .and_then(|config| match (&config, &fixed_site) {
-            (Some(loaded), Some(site)) if &loaded.config.site != site => Err(format!(
-                "{file}: names site {}, but this replica serves site {site}",
-                loaded.config.site
-            )),
+            (Some(loaded), Some(site)) if &loaded.config.site != site => {
+                Err(PartError::OtherSite {
+                    file: sources.config.clone(),
+                    names: loaded.config.site.clone(),
+                    serves: site.clone(),
+                })
+            }
             _ => Ok(config),
         });
     let (config, config_text) = match (loaded, previous) {
         (Ok(Some(loaded)), _) => (Some(loaded.config), Some(loaded.text)),
         (Ok(None), _) => (None, None),
-        (Err(problem), Some(previous)) => {
-            problems.push(format!("{problem} (keeping the site config loaded before)"));
+        (Err(err), Some(previous)) => {
+            kept.push((err, Part::SiteConfig));
             (previous.config.clone(), previous.config_text.clone())
         }
-        (Err(problem), None) => return Err(problem),
+        (Err(err), None) => return Err(err),
     };
     let site = fixed_site
         .or_else(|| config.as_ref().map(|config| config.site.clone()))
-        .ok_or_else(|| format!("no site known: {file} does not exist and no --site was given"))?;
-    let fresh = Trust::load(&sources.trust_dir).and_then(|trust| {
-        let serving = Serving::issue(&trust, &site, now)?;
-        Ok((Arc::new(trust), Arc::new(serving)))
-    });
+        .ok_or_else(|| PartError::NoSite {
+            file: sources.config.clone(),
+        })?;
+    let fresh = Trust::load(&sources.trust_dir)
+        .map_err(PartError::Trust)
+        .and_then(|trust| {
+            let serving = Serving::issue(&trust, &site, now).map_err(PartError::Serving)?;
+            Ok((Arc::new(trust), Arc::new(serving)))
+        });
     let (trust, serving) = match (fresh, previous) {
         (Ok(pair), _) => pair,
-        (Err(problem), Some(previous)) => {
-            problems.push(format!("{problem} (keeping the trust loaded before)"));
+        (Err(err), Some(previous)) => {
+            kept.push((err, Part::Trust));
             (Arc::clone(&previous.trust), Arc::clone(&previous.serving))
         }
-        (Err(problem), None) => return Err(problem),
+        (Err(err), None) => return Err(err),
     };
     Ok((
         Snapshot {
@@ -281,7 +395,7 @@ fn assemble(
             trust,
             serving,
         },
-        problems,
+        kept,
     ))
 }
 
@@ -323,12 +437,12 @@ mod tests {
         let state = state(dir.path(), None);
         let now = SystemTime::now();
         state.reload("start", now);
-        let reason = state.readiness().expect_err("no site");
+        let reason = state.readiness().expect_err("no site").to_string();
         assert!(reason.contains("no site known"), "{reason}");
 
         std::fs::write(dir.path().join("cluster.toml"), WEB_ON_PI_A).expect("config");
         state.tick(now);
-        let reason = state.readiness().expect_err("no trust");
+        let reason = state.readiness().expect_err("no trust").to_string();
         assert!(reason.contains("anchor.pem"), "{reason}");
 
         write_trust(&dir.path().join("trust"), "depot-7");

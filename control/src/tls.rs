@@ -10,13 +10,14 @@
 //! `pimesh_identity::LEAF_LIFETIME` (never past the issuer) and is renewed at two thirds
 //! of its life (see `state`).
 
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use pimesh_identity::{verify_leaf, Usage};
-use pimesh_meshtls::{ConfigError, Credential};
-use pimesh_schema::DnsLabel;
+use pimesh_identity::{verify_leaf, IssueError, Usage, VerifyError};
+use pimesh_meshtls::{ConfigError, Credential, CredentialError};
+use pimesh_schema::{DnsLabel, NameError};
 use rustls::ServerConfig;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -35,11 +36,47 @@ pub struct Serving {
     pub renew_at: SystemTime,
 }
 
+/// Why a serving certificate cannot be made from a trust folder.
+#[derive(Debug)]
+pub enum ServingError {
+    /// The site's name does not make the reserved control identity.
+    Identity(NameError),
+    /// The issuer cannot sign the leaf.
+    Issue(IssueError),
+    /// The leaf does not verify under the anchors: the issuer is expired or was signed by
+    /// an anchor that is not in the bundle.
+    OutsideAnchors(VerifyError),
+    /// The leaf's key does not fit its certificate.
+    Key(CredentialError),
+    /// The server configuration cannot be built (`anchor.pem` unusable as client roots).
+    Config(ConfigError),
+}
+
+impl fmt::Display for ServingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServingError::Identity(err) => write!(f, "{err}"),
+            ServingError::Issue(err) => write!(f, "cannot issue the serving certificate: {err}"),
+            ServingError::OutsideAnchors(err) => write!(
+                f,
+                "issuer.pem is not usable under anchor.pem (expired, or signed by another anchor): {err}"
+            ),
+            ServingError::Key(err) => {
+                write!(f, "the serving key does not fit its certificate: {err}")
+            }
+            ServingError::Config(ConfigError::Trust(err)) => write!(f, "anchor.pem: {err}"),
+            ServingError::Config(err) => write!(f, "{err}"),
+        }
+    }
+}
+
+impl std::error::Error for ServingError {}
+
 impl Serving {
     /// Issues a serving certificate for `site` from `trust`'s issuer and builds the server
     /// configuration around it.
-    pub fn issue(trust: &Trust, site: &DnsLabel, now: SystemTime) -> Result<Serving, String> {
-        let id = pimesh_meshtls::control_id(site).map_err(|err| err.to_string())?;
+    pub fn issue(trust: &Trust, site: &DnsLabel, now: SystemTime) -> Result<Serving, ServingError> {
+        let id = pimesh_meshtls::control_id(site).map_err(ServingError::Identity)?;
         let ips = [
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -47,7 +84,7 @@ impl Serving {
         let (leaf, key) = trust
             .issuer
             .issue_server_leaf(&id, &dns_names(), &ips, now)
-            .map_err(|err| format!("cannot issue the serving certificate: {err}"))?;
+            .map_err(ServingError::Issue)?;
         let issuer = trust.issuer.cert_der().clone();
         verify_leaf(
             &leaf.der,
@@ -57,18 +94,11 @@ impl Serving {
             Usage::Server,
             now,
         )
-        .map_err(|err| {
-            format!("issuer.pem is not usable under anchor.pem (expired, or signed by another anchor): {err}")
-        })?;
+        .map_err(ServingError::OutsideAnchors)?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let credential = Credential::new(vec![leaf.der, issuer], key)
-            .map_err(|err| format!("the serving key does not fit its certificate: {err}"))?;
-        let config = pimesh_meshtls::control_server(&credential, &trust.anchors).map_err(
-            |err| match err {
-                ConfigError::Trust(err) => format!("anchor.pem: {err}"),
-                other => other.to_string(),
-            },
-        )?;
+        let credential = Credential::new(vec![leaf.der, issuer], key).map_err(ServingError::Key)?;
+        let config = pimesh_meshtls::control_server(&credential, &trust.anchors)
+            .map_err(ServingError::Config)?;
         let life = leaf.not_after.duration_since(now).unwrap_or_default();
         Ok(Serving {
             config: Arc::new(config),
@@ -129,7 +159,8 @@ mod tests {
         let anchors = vec![stranger.anchor.cert_der().clone()];
         let err = Serving::issue(&trust(root, anchors), &site, now)
             .err()
-            .expect("refused");
+            .expect("refused")
+            .to_string();
         assert!(
             err.contains("issuer.pem") && err.contains("anchor.pem"),
             "{err}"

@@ -6,9 +6,10 @@
 //! | `issuer.pem` | the issuer's certificate, signed by one of the anchors |
 //! | `issuer.key` | the issuer's private key (PKCS#8 PEM, mode 0600, readable by the replica) |
 
-use std::path::Path;
+use std::fmt;
+use std::path::{Path, PathBuf};
 
-use pimesh_identity::Authority;
+use pimesh_identity::{Authority, IdentityError};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::CertificateDer;
 
@@ -24,36 +25,83 @@ pub struct Trust {
     pub issuer_pem: String,
 }
 
+/// Why a trust folder cannot be used; each names the file at fault.
+#[derive(Debug)]
+pub enum TrustError {
+    /// A file of the folder cannot be read.
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// `anchor.pem` holds a block that is not a PEM certificate.
+    BadAnchors {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    /// `anchor.pem` holds no certificate at all.
+    NoAnchors { path: PathBuf },
+    /// `issuer.pem` and `issuer.key` are not a CA certificate and its key.
+    Issuer {
+        path: PathBuf,
+        source: IdentityError,
+    },
+}
+
+impl fmt::Display for TrustError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TrustError::Unreadable { path, source } => {
+                write!(f, "cannot read {}: {source}", path.display())
+            }
+            TrustError::BadAnchors { path, source } => {
+                write!(f, "{}: expected PEM certificates: {source}", path.display())
+            }
+            TrustError::NoAnchors { path } => {
+                write!(
+                    f,
+                    "{}: expected PEM certificates, found none",
+                    path.display()
+                )
+            }
+            TrustError::Issuer { path, source } => write!(f, "{}: {source}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for TrustError {}
+
 impl Trust {
     /// Reads `anchor.pem`, `issuer.pem` and `issuer.key` from `dir`. The error names the
     /// file and what is wrong with it.
     ///
     /// `dir` may be a link that the supervisor swaps to a new generation of the folder
     /// (a rotation): it is resolved once, so the three files come from one generation.
-    pub fn load(dir: &Path) -> Result<Trust, String> {
+    pub fn load(dir: &Path) -> Result<Trust, TrustError> {
         // A folder that cannot be resolved is reported below by the file it lacks.
         let resolved = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
         let dir = resolved.as_path();
         let read = |name: &str| {
             let path = dir.join(name);
-            std::fs::read_to_string(&path)
-                .map_err(|err| format!("cannot read {}: {err}", path.display()))
+            std::fs::read_to_string(&path).map_err(|source| TrustError::Unreadable { path, source })
         };
         let anchor_path = dir.join("anchor.pem");
         let anchors: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(read("anchor.pem")?.as_bytes())
                 .collect::<Result<_, _>>()
-                .map_err(|err| {
-                    let path = anchor_path.display();
-                    format!("{path}: expected PEM certificates: {err}")
+                .map_err(|source| TrustError::BadAnchors {
+                    path: anchor_path.clone(),
+                    source,
                 })?;
         if anchors.is_empty() {
-            let path = anchor_path.display();
-            return Err(format!("{path}: expected PEM certificates, found none"));
+            return Err(TrustError::NoAnchors { path: anchor_path });
         }
         let issuer_pem = read("issuer.pem")?;
-        let issuer = Authority::from_pem(&issuer_pem, &read("issuer.key")?)
-            .map_err(|err| format!("{}: {err}", dir.join("issuer.pem").display()))?;
+        let issuer = Authority::from_pem(&issuer_pem, &read("issuer.key")?).map_err(|source| {
+            TrustError::Issuer {
+                path: dir.join("issuer.pem"),
+                source,
+            }
+        })?;
         Ok(Trust {
             anchors,
             issuer,
@@ -77,19 +125,28 @@ mod tests {
         let next = TrustRoot::generate(&site, now).expect("root");
         let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text);
 
-        let err = Trust::load(dir.path()).err().expect("empty folder");
+        let err = Trust::load(dir.path())
+            .err()
+            .expect("empty folder")
+            .to_string();
         assert!(err.contains("anchor.pem"), "{err}");
         write("anchor.pem", "no certificates here\n").expect("write");
-        let err = Trust::load(dir.path()).err().expect("no anchor");
+        let err = Trust::load(dir.path())
+            .err()
+            .expect("no anchor")
+            .to_string();
         assert!(err.contains("anchor.pem") && err.contains("none"), "{err}");
 
         let bundle = format!("{}{}", root.anchor.cert_pem(), next.anchor.cert_pem());
         write("anchor.pem", &bundle).expect("write");
         write("issuer.pem", root.issuer.cert_pem()).expect("write");
-        let err = Trust::load(dir.path()).err().expect("no key");
+        let err = Trust::load(dir.path()).err().expect("no key").to_string();
         assert!(err.contains("issuer.key"), "{err}");
         write("issuer.key", &next.issuer.key_pem()).expect("write");
-        let err = Trust::load(dir.path()).err().expect("foreign key");
+        let err = Trust::load(dir.path())
+            .err()
+            .expect("foreign key")
+            .to_string();
         assert!(err.contains("issuer.pem") && err.contains("key"), "{err}");
 
         write("issuer.key", &root.issuer.key_pem()).expect("write");
