@@ -3,7 +3,7 @@ use std::path::Path;
 use pimesh_schema::cluster::ClusterConfig;
 
 /// Validates a site configuration and prints a summary of it.
-pub fn validate(file: &Path) -> Result<(), String> {
+pub fn validate(file: &Path) -> Result<(), crate::Failure> {
     let config = ClusterConfig::load(file).map_err(|err| err.to_string())?;
     println!(
         "{}: valid configuration of site {}: {} service(s), {} control replica(s), {} K3s server(s)",

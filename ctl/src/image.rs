@@ -20,7 +20,7 @@ const FAT_TYPES: [u8; 4] = [0x0b, 0x0c, 0x0e, 0x06];
 /// anchor and issuer (bring your own anchor: the one the central server knows; the node
 /// moves the keys off the boot partition), for a joining node the anchor alone (whom its
 /// proxy trusts; checked against the join token's pin).
-pub fn configure(image: &Path, seed: &Path, trust: Option<&Path>) -> Result<(), String> {
+pub fn configure(image: &Path, seed: &Path, trust: Option<&Path>) -> Result<(), crate::Failure> {
     let parsed = Seed::load(seed).map_err(|err| format!("refusing an invalid seed: {err}"))?;
     let mut trust_files = Vec::new();
     if let Some(site_dir) = trust {
@@ -43,7 +43,8 @@ pub fn configure(image: &Path, seed: &Path, trust: Option<&Path>) -> Result<(), 
             "{} is compressed: run `xz -dk {}` and configure the .img",
             image.display(),
             image.display()
-        ));
+        )
+        .into());
     }
     let mut file = OpenOptions::new()
         .read(true)
@@ -58,7 +59,8 @@ pub fn configure(image: &Path, seed: &Path, trust: Option<&Path>) -> Result<(), 
             "{}: partition 1 is not a FAT boot partition (type {:#04x})",
             image.display(),
             boot.sys
-        ));
+        )
+        .into());
     }
     let start = u64::from(boot.starting_lba) * 512;
     let end = start + u64::from(boot.sectors) * 512;

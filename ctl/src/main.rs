@@ -136,6 +136,10 @@ enum ImageCommand {
     },
 }
 
+/// Why a command failed: the message says what, naming the file, field or peer at fault.
+/// Every command's error ends here and is printed once, after `pimeshctl: `.
+pub type Failure = Box<dyn std::error::Error + Send + Sync>;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -159,9 +163,10 @@ fn main() -> ExitCode {
                     revision,
                     try_mode,
                 },
-        } => central::publish(&file, &site_dir, &central, revision, try_mode)
-            .map_err(|err| err.to_string()),
-        Command::Status { central } => central::status(&central).map_err(|err| err.to_string()),
+        } => {
+            central::publish(&file, &site_dir, &central, revision, try_mode).map_err(Failure::from)
+        }
+        Command::Status { central } => central::status(&central).map_err(Failure::from),
         Command::Node {
             command:
                 NodeCommand::Sign {

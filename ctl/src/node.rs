@@ -18,7 +18,7 @@ pub fn sign(
     node: &str,
     days: u64,
     out: Option<&Path>,
-) -> Result<(), String> {
+) -> Result<(), crate::Failure> {
     let site = site::name_of(site_dir)?;
     let node = DnsLabel::try_from(node.to_owned()).map_err(|err| format!("--node: {err}"))?;
     let read = |path: &Path| {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 /// Creates `path` with mode 0600 (0644 when `public`) and writes `contents`, refusing to
 /// overwrite an existing file: site keys are made once.
-pub fn create(path: &Path, contents: &[u8], public: bool) -> Result<(), String> {
+pub fn create(path: &Path, contents: &[u8], public: bool) -> Result<(), crate::Failure> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -14,5 +14,6 @@ pub fn create(path: &Path, contents: &[u8], public: bool) -> Result<(), String> 
         .map_err(|err| format!("cannot create {}: {err}", path.display()))?;
     file.write_all(contents)
         .and_then(|()| file.sync_all())
-        .map_err(|err| format!("cannot write {}: {err}", path.display()))
+        .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+    Ok(())
 }

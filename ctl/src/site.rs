@@ -13,7 +13,7 @@ use crate::secret_file;
 pub const SITE_NAME_FILE: &str = "site-name";
 
 /// The site a site folder belongs to.
-pub fn name_of(site_dir: &std::path::Path) -> Result<DnsLabel, String> {
+pub fn name_of(site_dir: &std::path::Path) -> Result<DnsLabel, crate::Failure> {
     let path = site_dir.join(SITE_NAME_FILE);
     let text = std::fs::read_to_string(&path).map_err(|err| {
         format!(
@@ -21,21 +21,27 @@ pub fn name_of(site_dir: &std::path::Path) -> Result<DnsLabel, String> {
             path.display()
         )
     })?;
-    DnsLabel::try_from(text.trim().to_owned()).map_err(|err| format!("{}: {err}", path.display()))
+    Ok(DnsLabel::try_from(text.trim().to_owned())
+        .map_err(|err| format!("{}: {err}", path.display()))?)
 }
 
 /// Length of the join token's secret, in letters and digits (about 143 bits).
 const SECRET_LEN: usize = 24;
 
 /// Creates a site's keys in `out` (default `./<site>`) and prints the seed values.
-pub fn init(site: &str, central_url: Option<&str>, out: Option<PathBuf>) -> Result<(), String> {
+pub fn init(
+    site: &str,
+    central_url: Option<&str>,
+    out: Option<PathBuf>,
+) -> Result<(), crate::Failure> {
     let site = DnsLabel::try_from(site.to_owned()).map_err(|err| format!("site name: {err}"))?;
     let out = out.unwrap_or_else(|| PathBuf::from(site.as_str()));
     if out.exists() {
         return Err(format!(
             "{} exists: a site is created once; choose another --out",
             out.display()
-        ));
+        )
+        .into());
     }
     std::fs::create_dir_all(&out)
         .map_err(|err| format!("cannot create {}: {err}", out.display()))?;
@@ -85,7 +91,7 @@ pub fn init(site: &str, central_url: Option<&str>, out: Option<PathBuf>) -> Resu
 }
 
 /// Letters and digits from the secure random source, without modulo bias.
-fn random_secret(rng: &SystemRandom) -> Result<String, String> {
+fn random_secret(rng: &SystemRandom) -> Result<String, crate::Failure> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut secret = String::with_capacity(SECRET_LEN);
     while secret.len() < SECRET_LEN {
