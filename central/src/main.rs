@@ -56,7 +56,10 @@ fn main() -> ExitCode {
     pimesh_runtime::run(pimesh_runtime::Threads::PerCore, run(config))
 }
 
-async fn run(config: CentralConfig) -> Result<(), String> {
+/// Why the server stops with a failure: the message names the file or address at fault.
+type Fatal = Box<dyn std::error::Error + Send + Sync>;
+
+async fn run(config: CentralConfig) -> Result<(), Fatal> {
     raise_open_file_limit();
     // Bursts of connections must not pin their peak memory (see pimesh_runtime::memory).
     pimesh_runtime::memory::spawn_trimmer(pimesh_runtime::memory::TRIM_EVERY);
@@ -68,7 +71,7 @@ async fn run(config: CentralConfig) -> Result<(), String> {
     })?);
     let mut sites = BTreeMap::new();
     for entry in &config.sites {
-        let site = Site::load(entry, storage.as_ref()).map_err(|err| err.to_string())?;
+        let site = Site::load(entry, storage.as_ref())?;
         info!(site = %site.name, latest = ?site.latest_revision(), "site loaded");
         sites.insert(site.name.clone(), site);
     }
