@@ -9,6 +9,7 @@
 use std::fmt;
 use std::time::SystemTime;
 
+use pimesh_schema::ValueError;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
 
@@ -98,17 +99,20 @@ impl AcceptedTokens {
 pub struct Digest(pub [u8; 32]);
 
 impl TryFrom<String> for Digest {
-    type Error = String;
+    type Error = ValueError;
 
-    fn try_from(text: String) -> Result<Self, String> {
+    fn try_from(text: String) -> Result<Self, ValueError> {
         let expected = "expected a SHA-256 digest as 64 hex digits";
         if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("{expected}, found {} characters", text.len()));
+            return Err(ValueError::new(format!(
+                "{expected}, found {} characters",
+                text.len()
+            )));
         }
         let mut out = [0u8; 32];
         for (i, byte) in out.iter_mut().enumerate() {
             *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
-                .map_err(|err| format!("{expected}: {err}"))?;
+                .map_err(|err| ValueError::new(format!("{expected}: {err}")))?;
         }
         Ok(Digest(out))
     }
@@ -132,13 +136,15 @@ impl fmt::Debug for Digest {
 pub struct Instant(pub SystemTime);
 
 impl TryFrom<String> for Instant {
-    type Error = String;
+    type Error = ValueError;
 
-    fn try_from(text: String) -> Result<Self, String> {
+    fn try_from(text: String) -> Result<Self, ValueError> {
         humantime::parse_rfc3339_weak(&text)
             .map(Instant)
             .map_err(|err| {
-                format!("expected a time such as \"2027-01-31T12:00:00Z\", found {text:?} ({err})")
+                ValueError::new(format!(
+                    "expected a time such as \"2027-01-31T12:00:00Z\", found {text:?} ({err})"
+                ))
             })
     }
 }

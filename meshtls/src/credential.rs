@@ -11,8 +11,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 use rustls::InconsistentKeys;
 
-use crate::provider::provider;
 use crate::pem::{self, PemError};
+use crate::provider::provider;
 
 /// A certificate chain (leaf first, then its issuers) and the leaf's private key, loaded
 /// for signing.

@@ -31,9 +31,9 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 
-use crate::provider::provider;
 use crate::names::{dialled_node, is_control_id, CONTROL_SERVICE};
 use crate::peer::PeerIdentity;
+use crate::provider::provider;
 use crate::trust::SiteTrust;
 
 /// Which identity a peer's certificate must carry, beyond chaining to the site's anchors.

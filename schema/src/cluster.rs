@@ -4,6 +4,7 @@
 //! `pimeshctl`, the central server serves it signed, and the supervisor, the control
 //! replicas and the proxies all read it through these types.
 
+use crate::ValueError;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -46,18 +47,18 @@ pub struct Node {
 pub struct NodeAddress(pub SocketAddr);
 
 impl TryFrom<String> for NodeAddress {
-    type Error = String;
+    type Error = ValueError;
 
-    fn try_from(text: String) -> Result<Self, String> {
+    fn try_from(text: String) -> Result<Self, ValueError> {
         if let Ok(addr) = text.parse::<SocketAddr>() {
             return Ok(NodeAddress(addr));
         }
         text.parse::<IpAddr>()
             .map(|ip| NodeAddress(SocketAddr::new(ip, DEFAULT_INBOUND_PORT)))
             .map_err(|_| {
-                format!(
+                ValueError(format!(
                     "expected an IP address or IP:PORT such as \"192.168.1.20\", found {text:?}"
-                )
+                ))
             })
     }
 }
@@ -204,13 +205,15 @@ pub struct Delay {
 pub struct HumanDuration(pub Duration);
 
 impl TryFrom<String> for HumanDuration {
-    type Error = String;
+    type Error = ValueError;
 
-    fn try_from(text: String) -> Result<Self, String> {
+    fn try_from(text: String) -> Result<Self, ValueError> {
         humantime::parse_duration(&text)
             .map(HumanDuration)
             .map_err(|err| {
-                format!("expected a duration such as \"250ms\" or \"5s\", found {text:?} ({err})")
+                ValueError(format!(
+                    "expected a duration such as \"250ms\" or \"5s\", found {text:?} ({err})"
+                ))
             })
     }
 }
@@ -221,15 +224,15 @@ impl TryFrom<String> for HumanDuration {
 pub struct Percent(pub f64);
 
 impl TryFrom<f64> for Percent {
-    type Error = String;
+    type Error = ValueError;
 
-    fn try_from(value: f64) -> Result<Self, String> {
+    fn try_from(value: f64) -> Result<Self, ValueError> {
         if (0.0..=100.0).contains(&value) {
             Ok(Percent(value))
         } else {
-            Err(format!(
+            Err(ValueError(format!(
                 "expected a percentage from 0 to 100, found {value}"
-            ))
+            )))
         }
     }
 }
@@ -240,15 +243,15 @@ impl TryFrom<f64> for Percent {
 pub struct ErrorStatus(pub u16);
 
 impl TryFrom<u16> for ErrorStatus {
-    type Error = String;
+    type Error = ValueError;
 
-    fn try_from(code: u16) -> Result<Self, String> {
+    fn try_from(code: u16) -> Result<Self, ValueError> {
         if (400..=599).contains(&code) {
             Ok(ErrorStatus(code))
         } else {
-            Err(format!(
+            Err(ValueError(format!(
                 "expected an HTTP error status from 400 to 599, found {code}"
-            ))
+            )))
         }
     }
 }
@@ -259,9 +262,9 @@ impl TryFrom<u16> for ErrorStatus {
 pub struct SpiffeRef(pub SpiffeId);
 
 impl TryFrom<String> for SpiffeRef {
-    type Error = String;
+    type Error = ValueError;
 
-    fn try_from(text: String) -> Result<Self, String> {
+    fn try_from(text: String) -> Result<Self, ValueError> {
         text.parse().map(SpiffeRef)
     }
 }

@@ -115,3 +115,24 @@ mod tests {
         );
     }
 }
+
+/// Why a configuration value is not of its type: what was expected, and what was found.
+///
+/// Deserializing a file turns it into a [`ConfigError`] that names the key and the place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueError(pub(crate) String);
+
+impl ValueError {
+    /// `message` says what was expected and what was found instead.
+    pub fn new(message: impl Into<String>) -> ValueError {
+        ValueError(message.into())
+    }
+}
+
+impl fmt::Display for ValueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ValueError {}

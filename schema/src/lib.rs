@@ -13,7 +13,7 @@ pub mod seed;
 mod spiffe;
 pub mod supervisor;
 
-pub use error::ConfigError;
+pub use error::{ConfigError, ValueError};
 pub use load::parse_toml;
 pub use names::{DnsLabel, NameError};
 pub use seed::{Central, JoinToken, PemCertificates, Role, Seed, SigningKey, SshPublicKey};

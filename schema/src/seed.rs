@@ -3,6 +3,7 @@
 //! It says which site the node belongs to and how it gets there. Everything else (services,
 //! policies, replica counts) comes later from the site configuration.
 
+use crate::ValueError;
 use std::fmt;
 use std::path::Path;
 
@@ -41,13 +42,15 @@ pub enum Role {
 }
 
 impl TryFrom<String> for Role {
-    type Error = String;
+    type Error = ValueError;
 
-    fn try_from(text: String) -> Result<Self, String> {
+    fn try_from(text: String) -> Result<Self, ValueError> {
         match text.as_str() {
             "init" => Ok(Role::Init),
             "join" => Ok(Role::Join),
-            _ => Err(format!("expected `init` or `join`, found {text:?}")),
+            _ => Err(ValueError(format!(
+                "expected `init` or `join`, found {text:?}"
+            ))),
         }
     }
 }
@@ -86,31 +89,33 @@ impl PemCertificates {
 }
 
 impl TryFrom<String> for PemCertificates {
-    type Error = String;
+    type Error = ValueError;
 
-    fn try_from(text: String) -> Result<Self, String> {
+    fn try_from(text: String) -> Result<Self, ValueError> {
         const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
         const END: &str = "-----END CERTIFICATE-----";
         let expected = "expected one or more PEM blocks `-----BEGIN CERTIFICATE----- ... -----END CERTIFICATE-----`";
         let mut rest = text.trim();
         let mut blocks = 0;
         while !rest.is_empty() {
-            let body = rest
-                .strip_prefix(BEGIN)
-                .ok_or_else(|| format!("{expected}, found text outside a certificate block"))?;
+            let body = rest.strip_prefix(BEGIN).ok_or_else(|| {
+                ValueError(format!(
+                    "{expected}, found text outside a certificate block"
+                ))
+            })?;
             let end = body
                 .find(END)
-                .ok_or_else(|| format!("{expected}; a block has no END line"))?;
+                .ok_or_else(|| ValueError(format!("{expected}; a block has no END line")))?;
             let (base64_lines, after) = body.split_at(end);
             let encoded: String = base64_lines.split_whitespace().collect();
             base64::engine::general_purpose::STANDARD
                 .decode(encoded)
-                .map_err(|err| format!("{expected}; a block is not base64: {err}"))?;
+                .map_err(|err| ValueError(format!("{expected}; a block is not base64: {err}")))?;
             rest = after[END.len()..].trim_start();
             blocks += 1;
         }
         if blocks == 0 {
-            return Err(format!("{expected}, found nothing"));
+            return Err(ValueError(format!("{expected}, found nothing")));
         }
         Ok(PemCertificates(text))
     }
@@ -128,21 +133,22 @@ impl CentralUrl {
 }
 
 impl TryFrom<String> for CentralUrl {
-    type Error = String;
+    type Error = ValueError;
 
-    fn try_from(text: String) -> Result<Self, String> {
-        let url = url::Url::parse(&text)
-            .map_err(|err| format!("expected an https:// URL, found {text:?} ({err})"))?;
+    fn try_from(text: String) -> Result<Self, ValueError> {
+        let url = url::Url::parse(&text).map_err(|err| {
+            ValueError(format!("expected an https:// URL, found {text:?} ({err})"))
+        })?;
         if url.scheme() != "https" {
-            return Err(format!(
+            return Err(ValueError(format!(
                 "expected an https:// URL, found scheme {:?}",
                 url.scheme()
-            ));
+            )));
         }
         if url.host_str().is_none_or(str::is_empty) {
-            return Err(format!(
+            return Err(ValueError(format!(
                 "expected an https:// URL with a host, found {text:?}"
-            ));
+            )));
         }
         Ok(CentralUrl(url))
     }
@@ -160,19 +166,19 @@ impl SigningKey {
 }
 
 impl TryFrom<String> for SigningKey {
-    type Error = String;
+    type Error = ValueError;
 
-    fn try_from(text: String) -> Result<Self, String> {
+    fn try_from(text: String) -> Result<Self, ValueError> {
         let expected = "expected `ed25519:` followed by 32 bytes in base64";
         let encoded = text
             .strip_prefix("ed25519:")
-            .ok_or_else(|| format!("{expected}, found {text:?}"))?;
+            .ok_or_else(|| ValueError(format!("{expected}, found {text:?}")))?;
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(encoded)
-            .map_err(|err| format!("{expected}: {err}"))?;
-        let key: [u8; 32] = bytes
-            .try_into()
-            .map_err(|bytes: Vec<u8>| format!("{expected}, found {} bytes", bytes.len()))?;
+            .map_err(|err| ValueError(format!("{expected}: {err}")))?;
+        let key: [u8; 32] = bytes.try_into().map_err(|bytes: Vec<u8>| {
+            ValueError(format!("{expected}, found {} bytes", bytes.len()))
+        })?;
         Ok(SigningKey(key))
     }
 }
@@ -220,29 +226,30 @@ impl JoinToken {
 }
 
 impl TryFrom<String> for JoinToken {
-    type Error = String;
+    type Error = ValueError;
 
-    fn try_from(text: String) -> Result<Self, String> {
+    fn try_from(text: String) -> Result<Self, ValueError> {
         let expected = "expected `K10<64 hex digits>::<secret of at least 16 letters or digits>`";
         let (hash, secret) = text
             .strip_prefix("K10")
             .and_then(|rest| rest.split_once("::"))
-            .ok_or_else(|| format!("{expected}, found a token of another form"))?;
+            .ok_or_else(|| ValueError(format!("{expected}, found a token of another form")))?;
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!(
+            return Err(ValueError(format!(
                 "{expected}; the anchor hash has {} characters",
                 hash.len()
-            ));
+            )));
         }
         if secret.len() < 16 || !secret.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            return Err(format!(
+            return Err(ValueError(format!(
                 "{expected}; the secret is too short or has other characters"
-            ));
+            )));
         }
         let mut anchor_sha256 = [0u8; 32];
         for (i, byte) in anchor_sha256.iter_mut().enumerate() {
             let pair = &hash[2 * i..2 * i + 2];
-            *byte = u8::from_str_radix(pair, 16).map_err(|err| format!("{expected}: {err}"))?;
+            *byte = u8::from_str_radix(pair, 16)
+                .map_err(|err| ValueError(format!("{expected}: {err}")))?;
         }
         Ok(JoinToken {
             anchor_sha256,
@@ -264,14 +271,14 @@ impl fmt::Debug for JoinToken {
 pub struct ServerAddress(String);
 
 impl TryFrom<String> for ServerAddress {
-    type Error = String;
+    type Error = ValueError;
 
-    fn try_from(text: String) -> Result<Self, String> {
+    fn try_from(text: String) -> Result<Self, ValueError> {
         let expected = "expected `host` or `host:port`";
         let url = url::Url::parse(&format!("https://{text}/"))
-            .map_err(|err| format!("{expected}, found {text:?} ({err})"))?;
+            .map_err(|err| ValueError(format!("{expected}, found {text:?} ({err})")))?;
         if url.path() != "/" || url.query().is_some() || !url.username().is_empty() {
-            return Err(format!("{expected}, found {text:?}"));
+            return Err(ValueError(format!("{expected}, found {text:?}")));
         }
         Ok(ServerAddress(text))
     }
@@ -307,25 +314,25 @@ impl SshPublicKey {
 }
 
 impl TryFrom<String> for SshPublicKey {
-    type Error = String;
+    type Error = ValueError;
 
-    fn try_from(text: String) -> Result<Self, String> {
+    fn try_from(text: String) -> Result<Self, ValueError> {
         let expected =
             "expected an OpenSSH public key line such as `ssh-ed25519 AAAA... user@host`";
         let line = text.trim();
         if line.contains('\n') {
-            return Err(format!("{expected}, found several lines"));
+            return Err(ValueError(format!("{expected}, found several lines")));
         }
         let mut parts = line.split_whitespace();
         let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
-            return Err(format!("{expected}, found {line:?}"));
+            return Err(ValueError(format!("{expected}, found {line:?}")));
         };
         if !SSH_KEY_TYPES.contains(&kind) {
-            return Err(format!("{expected}; unknown key type {kind:?}"));
+            return Err(ValueError(format!("{expected}; unknown key type {kind:?}")));
         }
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(blob)
-            .map_err(|err| format!("{expected}; the key data is not base64: {err}"))?;
+            .map_err(|err| ValueError(format!("{expected}; the key data is not base64: {err}")))?;
         // The blob starts with the key type as an SSH string: a 4-byte length, then the name.
         let declared = bytes
             .get(..4)
@@ -333,7 +340,9 @@ impl TryFrom<String> for SshPublicKey {
             .map(|len| u32::from_be_bytes(len) as usize)
             .and_then(|len| bytes.get(4..4 + len));
         if declared != Some(kind.as_bytes()) {
-            return Err(format!("{expected}; the key data is not a {kind} key"));
+            return Err(ValueError(format!(
+                "{expected}; the key data is not a {kind} key"
+            )));
         }
         Ok(SshPublicKey(line.to_owned()))
     }

@@ -1,3 +1,4 @@
+use crate::ValueError;
 use std::fmt;
 use std::str::FromStr;
 
@@ -47,26 +48,27 @@ impl fmt::Display for SpiffeId {
 }
 
 impl FromStr for SpiffeId {
-    type Err = String;
+    type Err = ValueError;
 
-    fn from_str(text: &str) -> Result<SpiffeId, String> {
+    fn from_str(text: &str) -> Result<SpiffeId, ValueError> {
         let expected = "expected spiffe://<site>/node/<name> or spiffe://<site>/svc/<name>";
         let rest = text
             .strip_prefix("spiffe://")
-            .ok_or_else(|| format!("{expected}, found {text:?}"))?;
+            .ok_or_else(|| ValueError(format!("{expected}, found {text:?}")))?;
         let mut parts = rest.split('/');
         let (Some(site), Some(kind), Some(name), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(format!("{expected}, found {text:?}"));
+            return Err(ValueError(format!("{expected}, found {text:?}")));
         };
-        let label =
-            |s: &str| DnsLabel::try_from(s.to_owned()).map_err(|err| format!("{expected}: {err}"));
+        let label = |s: &str| {
+            DnsLabel::try_from(s.to_owned()).map_err(|err| ValueError(format!("{expected}: {err}")))
+        };
         let site = label(site)?;
         let workload = match kind {
             "node" => Workload::Node(label(name)?),
             "svc" => Workload::Service(label(name)?),
-            _ => return Err(format!("{expected}, found kind {kind:?}")),
+            _ => return Err(ValueError(format!("{expected}, found kind {kind:?}"))),
         };
         Ok(SpiffeId { site, workload })
     }

@@ -5,6 +5,7 @@
 //! them. A missing file means [`SupervisorConfig::default`]; every setting has a default,
 //! so a file only holds what differs.
 
+use crate::ValueError;
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
@@ -123,14 +124,14 @@ impl UnitName {
 }
 
 impl TryFrom<String> for UnitName {
-    type Error = String;
+    type Error = ValueError;
 
-    fn try_from(text: String) -> Result<Self, String> {
+    fn try_from(text: String) -> Result<Self, ValueError> {
         const MAX_LEN: usize = 255;
         let Some(stem) = text.strip_suffix(".service") else {
-            return Err(format!(
+            return Err(ValueError(format!(
                 "expected a systemd service name ending in `.service`, found {text:?}"
-            ));
+            )));
         };
         let allowed = |c: char| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c);
         if stem.is_empty()
@@ -138,10 +139,10 @@ impl TryFrom<String> for UnitName {
             || !stem.chars().all(allowed)
             || stem.starts_with('@')
         {
-            return Err(format!(
+            return Err(ValueError(format!(
                 "expected a systemd service name (letters, digits, `:-_.\\@`, at most \
                  {MAX_LEN} characters, ending in `.service`), found {text:?}"
-            ));
+            )));
         }
         Ok(UnitName(text))
     }
@@ -186,15 +187,16 @@ impl ProbeUrl {
 }
 
 impl TryFrom<String> for ProbeUrl {
-    type Error = String;
+    type Error = ValueError;
 
-    fn try_from(text: String) -> Result<Self, String> {
-        let url = url::Url::parse(&text)
-            .map_err(|err| format!("expected an http:// URL, found {text:?} ({err})"))?;
+    fn try_from(text: String) -> Result<Self, ValueError> {
+        let url = url::Url::parse(&text).map_err(|err| {
+            ValueError(format!("expected an http:// URL, found {text:?} ({err})"))
+        })?;
         if url.scheme() != "http" || url.host_str().is_none() {
-            return Err(format!(
+            return Err(ValueError(format!(
                 "expected an http:// URL with a host, found {text:?}"
-            ));
+            )));
         }
         Ok(ProbeUrl(url))
     }
