@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{header, Method, Request, Response, StatusCode};
 use pimesh_meshtls::{Expected, Refusal as PeerRefusal, SiteTrust, SpiffeVerifier};
@@ -22,20 +22,11 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::sites::{PublishError, Registry, Site};
+use pimesh_runtime::answer::{error, json_value as json_response, read_body, Refusal};
 
 /// Largest revision accepted by publish (the nodes apply the same limit).
 const MAX_REVISION_BYTES: usize = pimesh_revision::DEFAULT_MAX_BYTES;
 const MAX_REPORT_BYTES: usize = 64 * 1024;
-
-/// A refusal: the status and what to tell the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Refusal(StatusCode, String);
-
-impl Refusal {
-    fn into_response(self) -> Response<Full<Bytes>> {
-        error(self.0, &self.1)
-    }
-}
 
 pub async fn route(
     request: Request<Incoming>,
@@ -370,38 +361,6 @@ fn fleet(registry: &Registry) -> Response<Full<Bytes>> {
             &format!("cannot encode the fleet view: {err}"),
         ),
     }
-}
-
-async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {
-    match Limited::new(request.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err)
-            if err
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            let message = format!("body larger than {limit} bytes");
-            Err(Refusal(StatusCode::PAYLOAD_TOO_LARGE, message))
-        }
-        Err(err) => {
-            let message = format!("cannot read the body: {err}");
-            Err(Refusal(StatusCode::BAD_REQUEST, message))
-        }
-    }
-}
-
-fn json_response(code: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
-    *response.status_mut() = code;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-fn error(code: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    json_response(code, &json!({ "error": message }))
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use rustls_pki_types::CertificateDer;
 use crate::discovery::{self, Body, Discovery};
 use crate::identity_api;
 use crate::state::State;
+use pimesh_runtime::answer;
 
 /// Answers one request of a connection from `peer` whose client presented `chain`.
 pub async fn route(
@@ -30,7 +31,7 @@ pub async fn route(
         }
         (&Method::GET, "/v1/discovery") => discovery::watch(&chain, &state, &discovery),
         (_, "/v1/heartbeat" | "/v1/discovery") => {
-            identity_api::error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+            answer::error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
                 .map(|body| body.boxed())
         }
         _ => identity_api::route(request, chain, state)

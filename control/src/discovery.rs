@@ -32,8 +32,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
 
 use crate::heartbeats::Heartbeats;
-use crate::identity_api::{self, Refusal};
+use crate::identity_api;
 use crate::state::{Snapshot, State};
+use pimesh_runtime::answer::{self, Refusal};
 
 /// Largest heartbeat body accepted: `{"port": 65535}` is 15 bytes.
 pub const MAX_HEARTBEAT_BYTES: usize = 4 * 1024;
@@ -132,21 +133,21 @@ pub async fn heartbeat(
     discovery: &Discovery,
 ) -> Response<Full<Bytes>> {
     let Some(snapshot) = state.snapshot() else {
-        return identity_api::error(StatusCode::SERVICE_UNAVAILABLE, "not ready");
+        return answer::error(StatusCode::SERVICE_UNAVAILABLE, "not ready");
     };
     let node = match identity_api::requesting_node(chain, &snapshot, SystemTime::now()) {
         Ok(node) => node,
-        Err(Refusal(code, message)) => return identity_api::error(code, &message),
+        Err(Refusal(code, message)) => return answer::error(code, &message),
     };
-    let body = match identity_api::read_body(request, MAX_HEARTBEAT_BYTES).await {
+    let body = match answer::read_body(request, MAX_HEARTBEAT_BYTES).await {
         Ok(body) => body,
-        Err(Refusal(code, message)) => return identity_api::error(code, &message),
+        Err(Refusal(code, message)) => return answer::error(code, &message),
     };
     let port = match heartbeat_port(&body) {
         Ok(port) => port,
         Err(err) => {
             debug!(%node, %peer, "heartbeat refused: {err}");
-            return identity_api::error(StatusCode::BAD_REQUEST, &err.to_string());
+            return answer::error(StatusCode::BAD_REQUEST, &err.to_string());
         }
     };
     let addr = SocketAddr::new(peer.ip().to_canonical(), port);
@@ -212,18 +213,15 @@ pub fn watch(
     use http_body_util::BodyExt as _;
     let whole = |response: Response<Full<Bytes>>| response.map(|body| body.boxed());
     let Some(snapshot) = state.snapshot() else {
-        return whole(identity_api::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready",
-        ));
+        return whole(answer::error(StatusCode::SERVICE_UNAVAILABLE, "not ready"));
     };
     let node = match identity_api::requesting_node(chain, &snapshot, SystemTime::now()) {
         Ok(node) => node,
-        Err(Refusal(code, message)) => return whole(identity_api::error(code, &message)),
+        Err(Refusal(code, message)) => return whole(answer::error(code, &message)),
     };
     let mut documents = discovery.current.subscribe();
     if documents.borrow().is_none() {
-        return whole(identity_api::error(
+        return whole(answer::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no discovery document yet",
         ));

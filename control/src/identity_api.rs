@@ -19,8 +19,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http_body_util::{BodyExt as _, Full, Limited};
-use hyper::body::{Body as _, Bytes, Incoming};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
 use hyper::{header, Method, Request, Response, StatusCode};
 use pimesh_identity::{IssueError, Leaf};
 use pimesh_meshtls::{Expected, Refusal as PeerRefusal, SiteTrust, SpiffeVerifier};
@@ -40,9 +40,8 @@ pub const MAX_CSR_BYTES: usize = 16 * 1024;
 /// The content type of the answer: PEM certificates, leaf first.
 pub const PEM_CONTENT_TYPE: &str = "application/x-pem-file";
 
-/// Why a request was not answered with a leaf: the status and what to tell the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal(pub StatusCode, pub String);
+use pimesh_runtime::answer::json_value as json_response;
+use pimesh_runtime::answer::{error, read_body, Refusal};
 
 /// Answers one request of a connection whose client presented `chain` (leaf first).
 pub async fn route(
@@ -239,50 +238,9 @@ fn stats(state: &State) -> Response<Full<Bytes>> {
     )
 }
 
-/// The body, or 413 when it is (or says it will be) larger than `limit`: a declared
-/// length over the limit is refused before any of the body is read, so a client that
-/// sent `Expect: 100-continue` never sends it.
-pub async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {
-    let too_large = || {
-        let message = format!("body larger than {limit} bytes");
-        Refusal(StatusCode::PAYLOAD_TOO_LARGE, message)
-    };
-    if request.body().size_hint().lower() > limit as u64 {
-        return Err(too_large());
-    }
-    match Limited::new(request.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err)
-            if err
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large())
-        }
-        Err(err) => Err(Refusal(
-            StatusCode::BAD_REQUEST,
-            format!("cannot read the body: {err}"),
-        )),
-    }
-}
-
 fn unix_seconds(at: SystemTime) -> u64 {
     at.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn json_response(code: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
-    *response.status_mut() = code;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-pub fn error(code: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    json_response(code, &json!({ "error": message }))
 }
 
 #[cfg(test)]

@@ -2,9 +2,11 @@
 //! `Type=notify` readiness, status and watchdog, shutdown on SIGTERM, the `/live` and
 //! `/ready` health endpoints, giving freed heap back to the kernel, and the mechanisms
 //! each daemon would otherwise write again: retry pauses ([`backoff`]), files reloaded when
-//! they change ([`watched`]), the HTTP accept loop with its limits ([`serve`]), the
+//! they change ([`watched`]), the HTTP accept loop with its limits ([`serve`]), JSON answers and bounded request
+//! bodies ([`answer`]), the
 //! command line's conventions ([`cli`]) and atomic file replacement ([`atomic_file`]).
 
+pub mod answer;
 pub mod atomic_file;
 pub mod backoff;
 pub mod cli;

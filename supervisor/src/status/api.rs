@@ -5,7 +5,8 @@ use std::sync::{Arc, RwLock};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::{header, Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
+use pimesh_runtime::answer::{error, json};
 use pimesh_runtime::serve;
 use tokio::net::TcpListener;
 
@@ -48,21 +49,4 @@ fn route(request: &Request<Incoming>, status: &RwLock<NodeStatus>) -> Response<F
             &format!("no such path {path:?}; try /status"),
         ),
     }
-}
-
-fn json(code: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = code;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-fn error(code: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({ "error": message })
-        .to_string()
-        .into_bytes();
-    json(code, body)
 }
