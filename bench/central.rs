@@ -75,47 +75,55 @@ struct Args {
     central: PathBuf,
 }
 
+/// The command line, as `cargo bench --bench central -- ...` passes it.
+#[derive(clap::Parser)]
+#[command(name = "bench-central", no_binary_name = true)]
+struct Cli {
+    /// Nodes that long-poll and report
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..))]
+    nodes: u32,
+    /// Distinct node certificates (0 or more than --nodes: one per node)
+    #[arg(long, default_value_t = 0)]
+    certs: usize,
+    /// Concurrent request workers
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    workers: u32,
+    /// Seconds of the request-rate phase
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    duration: u64,
+    /// TLS handshakes at most at once
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    handshakes: u32,
+    /// Seconds any one phase may take before the benchmark gives up
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    phase_timeout: u64,
+    /// Pad each revision to this many KiB (0: no padding)
+    #[arg(long, default_value_t = 0)]
+    bundle_kib: usize,
+    /// The pimesh-central binary (default: the workspace's build)
+    #[arg(long, value_name = "PATH")]
+    central: Option<PathBuf>,
+}
+
 impl Args {
     fn parse(argv: Vec<String>) -> Result<Args, Error> {
-        let mut central = None;
-        let mut args = Args {
-            nodes: 5000,
-            certs: 0,
-            workers: 256,
-            duration: Duration::from_secs(10),
-            handshakes: 64,
-            phase_timeout: Duration::from_secs(300),
-            bundle_kib: 0,
-            central: PathBuf::new(),
-        };
-        let mut it = argv.into_iter();
-        while let Some(flag) = it.next() {
-            let value = it.next().ok_or_else(|| format!("{flag}: missing value"))?;
-            let number = || {
-                value
-                    .parse::<usize>()
-                    .map_err(|_| format!("{flag}: expected a number"))
-            };
-            match flag.as_str() {
-                "--nodes" => args.nodes = number()?,
-                "--certs" => args.certs = number()?,
-                "--workers" => args.workers = number()?,
-                "--duration" => args.duration = Duration::from_secs(number()? as u64),
-                "--handshakes" => args.handshakes = number()?,
-                "--phase-timeout" => args.phase_timeout = Duration::from_secs(number()? as u64),
-                "--bundle-kib" => args.bundle_kib = number()?,
-                "--central" => central = Some(PathBuf::from(value)),
-                _ => return Err(format!("unknown flag {flag}")),
-            }
-        }
-        if args.certs == 0 || args.certs > args.nodes {
-            args.certs = args.nodes;
-        }
-        if args.nodes == 0 || args.workers == 0 || args.handshakes == 0 {
-            return Err("--nodes, --workers and --handshakes must be positive".to_owned());
-        }
-        args.central = central.unwrap_or_else(|| Binary::Central.path());
-        Ok(args)
+        use clap::Parser as _;
+        let cli = Cli::try_parse_from(argv).map_err(|err| err.to_string())?;
+        let nodes = cli.nodes as usize;
+        Ok(Args {
+            nodes,
+            certs: if cli.certs == 0 || cli.certs > nodes {
+                nodes
+            } else {
+                cli.certs
+            },
+            workers: cli.workers as usize,
+            duration: Duration::from_secs(cli.duration),
+            handshakes: cli.handshakes as usize,
+            phase_timeout: Duration::from_secs(cli.phase_timeout),
+            bundle_kib: cli.bundle_kib,
+            central: cli.central.unwrap_or_else(|| Binary::Central.path()),
+        })
     }
 }
 

@@ -41,36 +41,39 @@ struct Args {
     proxy_bin: PathBuf,
 }
 
+/// The command line, as `cargo bench --bench control -- ...` passes it.
+#[derive(clap::Parser)]
+#[command(name = "bench-control", no_binary_name = true)]
+struct Cli {
+    /// Certificate requests to sign
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    csrs: u32,
+    /// TLS handshakes at most at once
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    handshakes: u32,
+    /// Proxies that stream discovery
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    proxies: u32,
+    /// Site config changes pushed to them
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    changes: u32,
+    /// Where pimesh-control and pimesh-proxy are (default: the workspace's build)
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+}
+
 fn parse_args(argv: Vec<String>) -> Result<Args, Error> {
-    let (mut csrs, mut handshakes, mut proxies, mut changes) = (1000, 200, 5, 20);
-    let mut bin_dir: Option<PathBuf> = None;
-    let mut it = argv.into_iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
-        let number = |text: String| {
-            text.parse::<usize>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| format!("expected a positive number, found {text:?}"))
-        };
-        match flag.as_str() {
-            "--csrs" => csrs = number(value()?)?,
-            "--handshakes" => handshakes = number(value()?)?,
-            "--proxies" => proxies = number(value()?)?,
-            "--changes" => changes = number(value()?)?,
-            "--bin-dir" => bin_dir = Some(PathBuf::from(value()?)),
-            other => return Err(format!("unknown option {other:?}")),
-        }
-    }
-    let binary = |binary: Binary| match &bin_dir {
+    use clap::Parser as _;
+    let cli = Cli::try_parse_from(argv).map_err(|err| err.to_string())?;
+    let binary = |binary: Binary| match &cli.bin_dir {
         Some(dir) => dir.join(binary.name()),
         None => binary.path(),
     };
     Ok(Args {
-        csrs,
-        handshakes,
-        proxies,
-        changes,
+        csrs: cli.csrs as usize,
+        handshakes: cli.handshakes as usize,
+        proxies: cli.proxies as usize,
+        changes: cli.changes as usize,
         control_bin: binary(Binary::Control),
         proxy_bin: binary(Binary::Proxy),
     })
