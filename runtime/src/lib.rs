@@ -17,6 +17,20 @@ pub mod notify;
 pub mod serve;
 pub mod watched;
 
+/// `err` and its sources, joined by ": ": where clients such as reqwest and hyper put the
+/// useful part (the TLS alert, the refused connection) of an error whose own message is
+/// vague ("error sending request").
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Resolves on SIGTERM (systemd stopping the unit) or SIGINT (a terminal).
 pub fn shutdown_signal() -> impl std::future::Future<Output = std::io::Result<()>> {
     use tokio::signal::unix::{signal, SignalKind};

@@ -82,10 +82,18 @@ impl fmt::Display for RequestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RequestError::Unreachable { url, source } => {
-                write!(f, "cannot reach {url}: {}", chain(source))
+                write!(
+                    f,
+                    "cannot reach {url}: {}",
+                    pimesh_runtime::error_chain(source)
+                )
             }
             RequestError::Answer { url, source } => {
-                write!(f, "reading the answer of {url}: {}", chain(source))
+                write!(
+                    f,
+                    "reading the answer of {url}: {}",
+                    pimesh_runtime::error_chain(source)
+                )
             }
             RequestError::Status { url, status, body } if body.is_empty() => {
                 write!(f, "{url} answered {status}")
@@ -229,16 +237,4 @@ impl CentralClient {
             })
         }
     }
-}
-
-/// An error with its causes, which is where reqwest puts the useful part (TLS, refused).
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

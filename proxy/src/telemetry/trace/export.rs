@@ -153,8 +153,8 @@ impl fmt::Display for BatchError {
         match self {
             BatchError::Encode(err) => write!(f, "cannot encode the spans: {err}"),
             BatchError::Build(err) => write!(f, "cannot build the request: {err}"),
-            BatchError::Send(err) => f.write_str(&error_chain(err)),
-            BatchError::Body(err) => f.write_str(&error_chain(err)),
+            BatchError::Send(err) => f.write_str(&pimesh_runtime::error_chain(err)),
+            BatchError::Body(err) => f.write_str(&pimesh_runtime::error_chain(err)),
             BatchError::Status(status) => write!(f, "the collector answered {status}"),
             BatchError::Timeout(limit) => {
                 write!(f, "no answer within {} s", limit.as_secs_f64())
@@ -404,18 +404,6 @@ impl Exporter {
             self.suppressed += 1;
         }
     }
-}
-
-/// An error and its sources, joined by ": " (the client's own message alone is vague).
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The batch as a Zipkin v2 JSON array.
