@@ -174,12 +174,12 @@ mod tests {
     use tokio_rustls::TlsConnector;
 
     use super::*;
-    use crate::testing::{handshake, label, server_refusal, Site, DAY, WAIT};
+    use crate::testing::{handshake, label, server_refusal, MeshSite as _, Site, DAY, WAIT};
     use crate::{handshake_failure_reason, peer_ids, CONTROL_SERVICE};
 
     #[tokio::test]
     async fn nodes_of_a_site_handshake_both_ways_and_see_each_others_ids() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let a = site.peer("pi-a", &["staff"]);
         let b = site.peer("pi-b", &[]);
         for (client, server, server_node) in [(&a, &b, "pi-b"), (&b, &a, "pi-a")] {
@@ -213,7 +213,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_second_connection_resumes_and_keeps_the_peer_ids() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let (a, b) = (site.peer("pi-a", &[]), site.peer("pi-b", &[]));
         let (connector, acceptor) = (a.connector(), b.acceptor());
         let mut kinds = Vec::new();
@@ -243,8 +243,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_under_another_anchor_is_an_unknown_ca() {
-        let site = Site::new("depot-7");
-        let other = Site::new("depot-7"); // same name, another anchor
+        let site = Site::backdated("depot-7");
+        let other = Site::backdated("depot-7"); // same name, another anchor
         let server = site.peer("pi-a", &[]).acceptor();
         assert_eq!(
             server_refusal(&server, &other.peer("pi-b", &[]), "pi-a").await,
@@ -254,7 +254,7 @@ mod tests {
 
     #[tokio::test]
     async fn expired_and_not_yet_valid_clients_are_refused() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let server = site.peer("pi-a", &[]).acceptor();
 
         let past = site.now - 2 * DAY;
@@ -272,7 +272,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_without_a_certificate_is_refused() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let server = site.peer("pi-a", &[]);
         let config = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -295,7 +295,7 @@ mod tests {
 
     #[tokio::test]
     async fn plaintext_is_not_tls() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let server = site.peer("pi-a", &[]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -322,7 +322,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_control_replica_is_known_by_its_spiffe_id_whatever_name_is_dialled() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let client = site.peer("pi-a", &[]);
         let name = ServerName::try_from("localhost").expect("name");
         let replica = site.peer("srv", &[CONTROL_SERVICE]);
@@ -343,7 +343,7 @@ mod tests {
         assert_eq!(handshake_failure_reason(&err), "wrong_identity");
 
         // Nor is a replica of another site.
-        let other = Site::new("depot-8");
+        let other = Site::backdated("depot-8");
         let foreign = other.peer("srv", &[CONTROL_SERVICE]);
         let (connected, _) =
             handshake(&client.control_connector(), name, &foreign.acceptor()).await;
@@ -353,7 +353,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_reaching_the_wrong_node_refuses_it() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let client = site.peer("pi-a", &[]);
         let server = site.peer("c", &[]);
         let (connected, _) = handshake(
@@ -413,7 +413,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_replica_requires_a_client_of_its_bundle_and_offers_both_http_versions() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let anchors = vec![site.root.anchor.cert_der().clone()];
         let config = control_server(&serving(&site), &anchors).expect("replica config");
         assert_eq!(
@@ -435,7 +435,7 @@ mod tests {
         let err = accepted.expect_err("no client certificate");
         assert_eq!(handshake_failure_reason(&err), "no_client_cert");
 
-        let stranger = Site::new("depot-8").peer("pi-a", &[]);
+        let stranger = Site::backdated("depot-8").peer("pi-a", &[]);
         let (_, accepted) =
             handshake(&webpki_client(anchor, Some(&stranger)), name, &acceptor).await;
         let err = accepted.expect_err("another site's node");
@@ -449,7 +449,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_central_server_takes_anonymous_clients_and_nodes_of_registered_sites() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let registered = vec![site.root.anchor.cert_der().clone()];
         let credential = serving(&site);
         let config = central_server(&credential, &registered).expect("central config");
@@ -470,7 +470,7 @@ mod tests {
         let accepted = accepted.expect("a node of a registered site");
         assert_eq!(peer_ids(accepted.get_ref().1, &site.name), node.ids);
 
-        let stranger = Site::new("depot-8").peer("pi-a", &[]);
+        let stranger = Site::backdated("depot-8").peer("pi-a", &[]);
         let (_, accepted) = handshake(
             &webpki_client(anchor, Some(&stranger)),
             name.clone(),

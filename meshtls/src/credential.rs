@@ -126,7 +126,7 @@ mod tests {
 
     #[test]
     fn a_chain_and_its_own_key_make_a_credential() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let cred = site.credential("pi-a", &[], site.now, DAY);
         let credential =
             Credential::from_pem(cred.chain.as_bytes(), cred.key.as_bytes()).expect("loads");
@@ -136,7 +136,7 @@ mod tests {
 
     #[test]
     fn another_leafs_key_a_missing_key_and_no_chain_are_refused() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let cred = site.credential("pi-a", &[], site.now, DAY);
         let other = site.credential("pi-a", &[], site.now, DAY);
 

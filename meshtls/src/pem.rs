@@ -66,8 +66,8 @@ mod tests {
 
     #[test]
     fn a_bundle_gives_every_certificate_and_nothing_is_an_error() {
-        let site = Site::new("depot-7");
-        let other = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
+        let other = Site::backdated("depot-7");
         let bundle = format!(
             "{}{}",
             site.root.anchor.cert_pem(),
@@ -97,7 +97,7 @@ mod tests {
 
     #[test]
     fn a_key_is_read_and_its_absence_is_named() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let cred = site.credential("pi-a", &[], site.now, crate::testing::DAY);
         assert!(private_key(cred.key.as_bytes()).is_ok());
         let err = private_key(cred.chain.as_bytes()).expect_err("a chain is no key");

@@ -103,7 +103,7 @@ mod tests {
 
     #[test]
     fn a_bundle_needs_an_anchor_and_every_anchor_must_parse() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let err = SiteTrust::new(label("depot-7"), Vec::new()).expect_err("empty");
         assert!(matches!(err, TrustError::NoAnchor), "{err:?}");
 

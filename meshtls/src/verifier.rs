@@ -359,7 +359,9 @@ mod tests {
     use tokio_rustls::TlsAcceptor;
 
     use super::*;
-    use crate::testing::{handshake, label, server_refusal, PemCredential, Site, DAY};
+    use crate::testing::{
+        handshake, label, server_refusal, MeshSite as _, PemCredential, Site, DAY,
+    };
     use crate::{HandshakeFailure, CONTROL_SERVICE};
 
     fn chain(pem: &PemCredential) -> Vec<CertificateDer<'static>> {
@@ -397,7 +399,7 @@ mod tests {
         assert_eq!(accepted.ids(), ids);
 
         // The same IDs under an impostor's anchor for this very site name.
-        let impostor = Site::new(site.name.as_str());
+        let impostor = Site::backdated(site.name.as_str());
         let refused = check(&impostor.credential_for(ids, site.now, DAY));
         assert!(
             matches!(
@@ -408,7 +410,7 @@ mod tests {
         );
 
         // Another site's node under its own anchor.
-        let other = Site::new("depot-8");
+        let other = Site::backdated("depot-8");
         let refused = check(&other.credential("pi-a", &[], other.now, DAY));
         assert!(
             matches!(
@@ -444,7 +446,7 @@ mod tests {
 
     #[test]
     fn any_id_takes_every_identity_of_the_site() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let verifier = SpiffeVerifier::new(site.trust(), Expected::AnyId);
         let name = ServerName::try_from("localhost").expect("name");
         refuses_what_is_not_a_valid_identity_of_the_site(
@@ -462,7 +464,7 @@ mod tests {
 
     #[test]
     fn one_node_takes_a_single_node_and_names_it() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let verifier = SpiffeVerifier::new(site.trust(), Expected::OneNode);
         let name = ServerName::try_from("localhost").expect("name");
         let ids = [node(&site, "pi-a"), service(&site, "web")];
@@ -486,7 +488,7 @@ mod tests {
 
     #[test]
     fn an_exact_id_refuses_another_identity_of_the_same_site() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let expected = node(&site, "pi-a");
         let verifier = SpiffeVerifier::new(site.trust(), Expected::Id(expected.clone()));
         let name = ServerName::try_from("localhost").expect("name");
@@ -509,7 +511,7 @@ mod tests {
 
     #[test]
     fn a_control_replica_is_its_reserved_service_of_the_site() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let verifier = SpiffeVerifier::new(site.trust(), Expected::ControlReplica);
         let name = ServerName::try_from("10.0.0.1").expect("an address");
         let ids = [node(&site, "srv"), service(&site, CONTROL_SERVICE)];
@@ -532,7 +534,7 @@ mod tests {
 
     #[test]
     fn the_dialled_node_is_read_from_the_name_before_the_chain() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let verifier = SpiffeVerifier::new(site.trust(), Expected::DialledNode);
         let dialled = crate::mesh_server_name(&site.name, &label("pi-a"));
         refuses_what_is_not_a_valid_identity_of_the_site(
@@ -616,7 +618,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_expecting_node_n_takes_n_alone_and_labels_every_refusal() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let server = exact_node_server(&site, &label("pi-a"));
 
         let (connected, accepted) = {
@@ -632,12 +634,12 @@ mod tests {
 
         let b = site.peer("pi-b", &[]);
         assert_eq!(server_refusal(&server, &b, "srv").await, "wrong_identity");
-        let impostor = Site::new("depot-7");
+        let impostor = Site::backdated("depot-7");
         let forged = site.peer_with(&impostor.credential("pi-a", &[], site.now, DAY));
         assert_eq!(server_refusal(&server, &forged, "srv").await, "unknown_ca");
         // Another site's node that trusts this site's anchor, so that it is the server
         // that refuses (not the client refusing the server first).
-        let elsewhere = Site::new("depot-8");
+        let elsewhere = Site::backdated("depot-8");
         let other = site.peer_with(&elsewhere.credential("pi-a", &[], site.now, DAY));
         assert_eq!(server_refusal(&server, &other, "srv").await, "unknown_ca");
         let expired = site.peer_with(&site.credential(

@@ -35,6 +35,6 @@ pub mod wait;
 pub use binary::{text, Binary};
 pub use daemon::Daemon;
 pub use files::{path_str, replace, temp_dir};
-pub use pki::{label, Credential, Site};
+pub use pki::{label, Credential, PemCredential, Site, DAY};
 pub use ports::{free_addr, free_port};
 pub use wait::{wait_until, wait_until_blocking, DEADLINE};

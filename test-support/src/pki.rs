@@ -17,10 +17,22 @@ pub fn label(text: &str) -> DnsLabel {
     DnsLabel::try_from(text.to_owned()).unwrap_or_else(|err| panic!("{text:?}: {err}"))
 }
 
+/// A day: the life of the leaves a test makes when it does not care.
+pub const DAY: Duration = Duration::from_secs(24 * 3600);
+
 /// A site: its name and a trust root (anchor and issuer) made fresh for each test.
 pub struct Site {
     pub name: DnsLabel,
     pub root: TrustRoot,
+    /// When the site was made: the instant tests count from.
+    pub now: SystemTime,
+}
+
+/// A credential as PEM text: the chain (leaf, issuer), its key, and the site's anchor.
+pub struct PemCredential {
+    pub chain: String,
+    pub key: String,
+    pub anchors: String,
 }
 
 /// A client certificate chain (leaf, issuer) in DER and its PKCS#8 key.
@@ -34,9 +46,30 @@ impl Site {
     /// # Panics
     /// When `name` is not a DNS label or the trust root cannot be made.
     pub fn new(name: &str) -> Site {
+        Site::rooted_at(name, SystemTime::now())
+    }
+
+    /// A site whose trust root was made three days ago, so that it can also sign leaves
+    /// that are already expired.
+    ///
+    /// # Panics
+    /// As [`Site::new`].
+    pub fn backdated(name: &str) -> Site {
+        let now = SystemTime::now();
+        Site {
+            now,
+            ..Site::rooted_at(name, now - 3 * DAY)
+        }
+    }
+
+    fn rooted_at(name: &str, at: SystemTime) -> Site {
         let name = label(name);
-        let root = TrustRoot::generate(&name, SystemTime::now()).expect("a trust root");
-        Site { name, root }
+        let root = TrustRoot::generate(&name, at).expect("a trust root");
+        Site {
+            name,
+            root,
+            now: SystemTime::now(),
+        }
     }
 
     pub fn node_id(&self, node: &str) -> SpiffeId {
@@ -56,19 +89,43 @@ impl Site {
         at: SystemTime,
         lifetime: Duration,
     ) -> (String, String) {
+        let credential = self.credential(node, services, at, lifetime);
+        (credential.chain, credential.key)
+    }
+
+    /// A credential for node `node` (plus `services`), signed as of `at` for `lifetime`.
+    pub fn credential(
+        &self,
+        node: &str,
+        services: &[&str],
+        at: SystemTime,
+        lifetime: Duration,
+    ) -> PemCredential {
         let mut ids = vec![self.node_id(node)];
         ids.extend(services.iter().map(|service| self.svc_id(service)));
-        let request = LeafRequest::new(&ids).expect("a CSR");
+        self.credential_for(&ids, at, lifetime)
+    }
+
+    /// A credential for exactly `ids` (of this site or not: the issuer refuses nothing a
+    /// test asks for), signed as of `at` for `lifetime`.
+    pub fn credential_for(
+        &self,
+        ids: &[SpiffeId],
+        at: SystemTime,
+        lifetime: Duration,
+    ) -> PemCredential {
+        let request = LeafRequest::new(ids).expect("a CSR");
         let permitted: BTreeSet<SpiffeId> = ids.iter().cloned().collect();
         let leaf = self
             .root
             .issuer
             .sign_leaf_for(&request.csr, &self.name, &permitted, at, lifetime)
             .expect("a signed leaf");
-        (
-            format!("{}{}", leaf.pem, self.root.issuer.cert_pem()),
-            request.key.serialize_pem(),
-        )
+        PemCredential {
+            chain: format!("{}{}", leaf.pem, self.root.issuer.cert_pem()),
+            key: request.key.serialize_pem(),
+            anchors: self.root.anchor.cert_pem().to_owned(),
+        }
     }
 
     /// A node credential of `node` in DER, as `pimeshctl node sign` makes them.

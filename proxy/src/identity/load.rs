@@ -406,7 +406,7 @@ mod tests {
 
     #[test]
     fn expired_and_not_yet_valid_credentials_are_refused_at_load() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
 
         let past = site.now - 2 * DAY;
         let cred = site.credential("pi-b", &[], past, Duration::from_secs(3600));
@@ -425,7 +425,7 @@ mod tests {
 
     #[test]
     fn load_names_the_file_and_refuses_bad_credentials() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let dir = tempfile::tempdir().expect("temporary directory");
         let files = IdentityFiles::in_dir(dir.path());
         assert_eq!(files.chain, dir.path().join("node.pem"));
@@ -467,7 +467,7 @@ mod tests {
         assert!(err.starts_with(&files.chain.display().to_string()), "{err}");
         write(&files.chain, &cred.chain);
 
-        let elsewhere = Site::new("depot-7");
+        let elsewhere = Site::backdated("depot-7");
         write(&files.anchors, elsewhere.root.anchor.cert_pem());
         let err = Identity::load(&files)
             .expect_err("another anchor")
@@ -483,7 +483,7 @@ mod tests {
 
     #[test]
     fn a_leaf_must_name_exactly_one_node() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let ids = [SpiffeId::service(&site.name, &label("staff"))];
         let request = LeafRequest::new(&ids).expect("request");
         let leaf = site

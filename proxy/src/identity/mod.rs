@@ -161,14 +161,14 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::time::timeout;
 
-    use super::testing::{label, Site, DAY};
+    use super::testing::{label, NodeIdentity as _, Site, DAY};
     use super::*;
 
     const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
     #[tokio::test]
     async fn a_loaded_identity_names_its_node_and_its_configs_reach_a_peer() {
-        let site = Site::new("depot-7");
+        let site = Site::backdated("depot-7");
         let a_cred = site.credential("pi-a", &["staff"], site.now, DAY);
         let a = Identity::from_pem(&a_cred.chain, &a_cred.key, &a_cred.anchors).expect("a");
         let b = site.identity("pi-b");
