@@ -69,6 +69,12 @@ if [ "$ARCH" = arm64 ]; then
     # shellcheck disable=SC2086 # the pattern is a glob on purpose
     rm -rf "$stage"/$pattern
   done < <(package_list "$here/trim-arm64.txt")
+  # Every supported board: wired Ethernet in its device tree, and the drivers of its
+  # Ethernet, SD card and USB built in, in the initramfs or (Ethernet) still on the root
+  # filesystem. Before depmod, so that a module the trim removed still has its aliases.
+  log "assemble: checking the boards' device trees and drivers"
+  "$here/check-boards.py" --dtbs "$stage/boot/firmware" --root "$stage" \
+    --initrd "$stage/boot/firmware/initrd.img-$kver" >&2
   depmod -b "$stage" "$kver"
   log "assemble: trimmed $((before - $(du -sm "$stage" | cut -f1))) MiB"
 

@@ -24,7 +24,13 @@ fi
 mkdir -p "$PIMESH_CACHE/rootfs"
 include=$(package_list "$here/packages.txt" "$here/packages-$ARCH.txt" | paste -sd, -)
 components=main
-[ "$ARCH" = arm64 ] && components=main,non-free-firmware
+sources=()
+if [ "$ARCH" = arm64 ]; then
+  components=main,non-free-firmware
+  # The kernel alone comes from backports (packages-arm64.txt names it with /trixie-backports):
+  # backports' default priority keeps every other package on trixie.
+  sources+=("deb $DEBIAN_MIRROR $SUITE-backports main")
+fi
 tmp="${out%.tar}.partial-$$.tar"
 trap 'rm -f "$tmp"' EXIT
 log "rootfs: building $ARCH ($SUITE) -> $out"
@@ -53,7 +59,8 @@ mmdebstrap --mode=root --format=tar --variant=minbase --arch="$ARCH" --component
   "$SUITE" "$tmp" \
   "deb $DEBIAN_MIRROR $SUITE ${components//,/ }" \
   "deb $DEBIAN_MIRROR $SUITE-updates ${components//,/ }" \
-  "deb $DEBIAN_SECURITY_MIRROR $SUITE-security ${components//,/ }" >&2
+  "deb $DEBIAN_SECURITY_MIRROR $SUITE-security ${components//,/ }" \
+  "${sources[@]}" >&2
 mv "$tmp" "$out"
 trap - EXIT
 prune_cache "$out" "$PIMESH_CACHE/rootfs/$ARCH-$SUITE-"

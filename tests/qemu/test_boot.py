@@ -6,12 +6,14 @@ the two nodes made from one image have different host keys.
 """
 
 import json
+import os
 import re
 import subprocess
 import time
 
 import pytest
 
+from harness.paths import REPO
 from harness.qemu import BOOT_OFFSET, DISK_GIB, Node
 
 
@@ -99,6 +101,20 @@ def test_image_ships_no_host_keys_and_a_blank_seed(base_image):
     for dtb in ("bcm2711-rpi-4-b.dtb", "bcm2711-rpi-400.dtb", "bcm2711-rpi-cm4-io.dtb", "bcm2712-rpi-5-b.dtb"):
         assert dtb in files, f"{dtb} missing from the boot partition"
     assert "start4.elf" in files and "fixup4.dat" in files
+
+
+def test_every_supported_board_has_wired_ethernet_in_its_device_tree(base_image, tmp_path):
+    """The boot partition's device trees, decompiled with dtc: an enabled Ethernet node of
+    the driver each supported board needs (GENET on the Pi 4 family, the RP1's Cadence GEM
+    on the Pi 5), and the SD card and USB controller nodes."""
+    subprocess.run(["mcopy", "-n", "-i", f"{base_image}@@{BOOT_OFFSET}", "::/*.dtb", str(tmp_path)], check=True)
+    result = subprocess.run([os.path.join(REPO, "image", "check-boards.py"), "--dtbs", str(tmp_path)],
+                            capture_output=True, text=True)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for board in ("Pi 4 Model B", "Pi 400", "Compute Module 4", "Pi 5 Model B (BCM2712 C1)",
+                  "Pi 5 Model B (BCM2712 D0)"):
+        assert re.search(rf"^ok .*{re.escape(board)}.*Ethernet /", result.stdout, re.M), result.stdout
 
 
 def test_first_boot_with_a_valid_seed(base_image, ssh_key, node_factory, host_keys, figures):
