@@ -56,7 +56,7 @@ if [ -n "$k3s_bin" ]; then
 fi
 systemctl --root="$stage" --quiet enable \
   pimesh-supervisor.service pimesh-growroot.service pimesh-ssh-hostkeys.service \
-  systemd-networkd.service systemd-resolved.service systemd-timesyncd.service
+  systemd-networkd.service systemd-resolved.service chrony.service
 # A container has no partitions to fsck or remount.
 [ "$ARCH" = amd64 ] && systemctl --root="$stage" --quiet mask \
   systemd-remount-fs.service pimesh-growroot.service
