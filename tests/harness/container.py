@@ -51,7 +51,10 @@ except Exception as e:
 
 
 class Container:
-    def __init__(self, workdir=None, root=None):
+    def __init__(self, workdir=None, root=None, network="--private-network"):
+        """`network`: systemd-nspawn's network option(s); by default a private network
+        with only a loopback interface."""
+        self.network = network
         self.workdir = workdir or tempfile.mkdtemp(prefix="pimesh-nspawn-", dir="/var/tmp")
         self.root = os.path.join(self.workdir, "root")
         self.log = os.path.join(self.workdir, "console.log")
@@ -71,7 +74,7 @@ class Container:
     # --- life --------------------------------------------------------------------------
     def boot(self):
         command = (f"systemd-nspawn -D {self.root} --register=no --keep-unit -b "
-                   f"--private-network --machine={self.name}")
+                   f"{self.network} --machine={self.name}")
         self.process = subprocess.Popen(["script", "-qfc", command, self.log],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
