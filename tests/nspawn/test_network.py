@@ -6,10 +6,11 @@ played by the host's python3 and, later, a DHCP server (dnsmasq).
 
 In order, on one boot:
   1. no DHCP server: the node gives itself an IPv4 link-local address (169.254.0.0/16);
-  2. the node answers an mDNS query for <hostname>.local with that address;
-  3. a second mDNS responder on the node (bound to UDP 5353 with SO_REUSEADDR and
-     SO_REUSEPORT, as the supervisor's mdns-sd is) binds beside systemd-resolved, and both
-     see the laptop's queries: resolved still answers;
+  2. systemd-resolved holds UDP 5353 for name resolution only; a responder on the node (a
+     stand-in for the supervisor's mdns-sd: SO_REUSEADDR and SO_REUSEPORT) binds beside it
+     and answers the laptop's query for the node's name with the link-local address;
+  3. with that responder still bound, the node resolves the laptop's .local name through
+     resolved (glibc, as any program on the node would);
   4. a DHCP server appears: the node takes its lease and drops the link-local address;
   5. chrony is skipped in a container (it needs CAP_SYS_TIME) and no unit failed.
 """
@@ -93,24 +94,36 @@ while time.monotonic() < deadline:
 print("null")
 """
 
-# A second responder on the node: binds UDP 5353 the way mdns-sd does (SO_REUSEADDR and
-# SO_REUSEPORT), joins the group on IFNAME, says "bound", then waits for a query naming NAME.
-MDNS_LISTEN = r"""
+# A responder (run on the node's side and on the laptop's): binds UDP 5353 the way mdns-sd
+# does (SO_REUSEADDR and SO_REUSEPORT), joins the group on IFNAME, says "bound", then answers
+# every query for NAME (type A or ANY) with ADDRESS, by multicast, as RFC 6762 asks.
+MDNS_RESPOND = r"""
 import socket, struct, sys
-name, ifname = sys.argv[1], sys.argv[2]
+name, address, ifname = sys.argv[1].lower().rstrip("."), sys.argv[2], sys.argv[3]
+wanted = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
 s.bind(("0.0.0.0", 5353))
 mreqn = socket.inet_aton("224.0.0.251") + socket.inet_aton("0.0.0.0") + struct.pack("i", socket.if_nametoindex(ifname))
 s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
 print("bound", flush=True)
-wanted = b"".join(bytes([len(p)]) + p.encode() for p in name.lower().split("."))
 while True:
     msg, sender = s.recvfrom(9000)
-    if len(msg) > 12 and not struct.unpack("!H", msg[2:4])[0] & 0x8000 and wanted in msg.lower():
-        print("query from", sender[0], flush=True)
-        break
+    if len(msg) < 12 or struct.unpack("!H", msg[2:4])[0] & 0x8000:
+        continue  # an answer, not a query
+    at = 12
+    for _ in range(struct.unpack("!H", msg[4:6])[0]):
+        end = msg.index(b"\0", at) + 1
+        qname, (qtype, _) = msg[at:end].lower(), struct.unpack("!HH", msg[end:end + 4])
+        at = end + 4
+        if qname == wanted and qtype in (1, 255):
+            answer = (struct.pack("!6H", 0, 0x8400, 0, 1, 0, 0) + wanted
+                      + struct.pack("!HHIH", 1, 0x8001, 120, 4) + socket.inet_aton(address))
+            s.sendto(answer, ("224.0.0.251", 5353))
+            print("answered", sender[0], flush=True)
 """
 
 
@@ -130,6 +143,26 @@ def ipv4_addresses(node, ifname="eth0"):
 
 def link_local(addresses):
     return [a for a in addresses if a.ip in ipaddress.ip_network("169.254.0.0/16")]
+
+
+class Responder:
+    """MDNS_RESPOND in a network namespace, for as long as the `with` block runs."""
+
+    def __init__(self, netns, name, address, ifname):
+        self.name, self.address = name, address
+        self.argv = ["nsenter", f"--net=/run/netns/{netns}", "python3", "-c", MDNS_RESPOND, name, address, ifname]
+
+    def __enter__(self):
+        self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = self.process.stdout.readline().strip()
+        if first != "bound":
+            self.process.kill()
+            raise AssertionError(f"could not bind UDP 5353: {first!r} {self.process.stderr.read()}")
+        return self
+
+    def __exit__(self, *exc):
+        self.process.kill()
+        self.process.wait()
 
 
 def mdns_query(netns, name, local, timeout=30):
@@ -163,12 +196,30 @@ def lan(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def node(lan):
-    container = Container(network=f"--network-namespace-path=/run/netns/{lan['node']}")
+    # nspawn grants CAP_NET_ADMIN only with a network it makes itself; networkd needs it.
+    container = Container(network=f"--network-namespace-path=/run/netns/{lan['node']} "
+                                  "--capability=CAP_NET_ADMIN")
     try:
         container.boot()
         yield container
     finally:
         container.shutdown()
+
+
+@pytest.fixture(scope="module")
+def node_responder(node, lan):
+    """A stand-in for the supervisor's mDNS responder on the node, bound to UDP 5353 beside
+    systemd-resolved (which must hold it first, as at boot), answering for the node's name
+    with its link-local address."""
+    held = node.wait_for("systemd-resolved on UDP 5353",
+                         lambda: "systemd-resolve" in node.run(["ss", "-Hulpn", "sport = :5353"]).stdout,
+                         timeout=60, interval=1)
+    assert held
+    ll = node.wait_for("an IPv4 link-local address on eth0",
+                       lambda: link_local(ipv4_addresses(node)), timeout=120, interval=1)
+    name = node.run(["hostname"]).stdout.strip() + ".local"
+    with Responder(lan["node"], name, str(ll[0].ip), "eth0") as responder:
+        yield responder
 
 
 @pytest.fixture(scope="module")
@@ -201,30 +252,23 @@ class TestZeroConfigNetwork:
         print(f"\nIPv4 link-local {addresses[0]} {time.monotonic() - started:.1f}s after the node booted")
         assert addresses[0].network == ipaddress.ip_network("169.254.0.0/16")
 
-    def test_the_node_answers_mdns_with_that_address(self, node, lan):
-        ll = str(link_local(ipv4_addresses(node))[0].ip)
-        name = node.run(["hostname"]).stdout.strip() + ".local"
+    def test_a_responder_binds_beside_resolved_and_answers_for_the_node(self, node, lan, node_responder):
+        assert node.run(["resolvectl", "mdns", "eth0"]).stdout.split()[-1] == "resolve"
+        name, ll = node_responder.name, node_responder.address
         found = node.wait_for(f"an mDNS answer for {name}",
-                              lambda: mdns_query(lan["laptop"], name, LAPTOP_LL), timeout=120, interval=1)
-        assert ll in found, (ll, found)
+                              lambda: mdns_query(lan["laptop"], name, LAPTOP_LL, timeout=10), timeout=120, interval=1)
+        assert found == [ll], found
 
-    def test_a_second_mdns_responder_binds_beside_resolved_and_both_see_queries(self, node, lan):
-        held = node.run(["ss", "-Hulpn", "sport = :5353"]).stdout
-        assert "systemd-resolve" in held, f"systemd-resolved does not hold UDP 5353: {held!r}"
-        name = node.run(["hostname"]).stdout.strip() + ".local"
-        listener = subprocess.Popen(["nsenter", f"--net=/run/netns/{lan['node']}", "python3", "-c", MDNS_LISTEN,
-                                     name, "eth0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            first = listener.stdout.readline().strip()
-            assert first == "bound", f"bind beside systemd-resolved failed: {first!r} {listener.stderr.read()}"
-            ll = str(link_local(ipv4_addresses(node))[0].ip)
-            found = mdns_query(lan["laptop"], name, LAPTOP_LL)
-            assert found and ll in found, f"resolved stopped answering with a second responder bound: {found}"
-            out, _ = listener.communicate(timeout=30)
-            assert out.startswith("query from"), out
-        finally:
-            listener.kill()
-            listener.wait()
+    def test_the_node_resolves_a_laptops_local_name_through_resolved(self, node, lan, node_responder):
+        name = f"laptop-{uuid.uuid4().hex[:6]}.local"
+        with Responder(lan["laptop"], name, LAPTOP_LL, "lan0"):
+            def resolved():
+                out = node.run(["getent", "ahostsv4", name], check=False).stdout
+                return {line.split()[0] for line in out.splitlines()}
+
+            found = node.wait_for(f"{name} through glibc and systemd-resolved", resolved, timeout=120, interval=1)
+        assert found == {LAPTOP_LL}, found
+        assert node_responder.process.poll() is None, "the node's responder died"
 
     def test_a_dhcp_lease_replaces_the_link_local_address(self, node, dhcp_server):
         dhcp_server()
