@@ -24,7 +24,7 @@ import uuid
 
 import pytest
 
-from container import Container
+from harness.container import Container
 
 LAPTOP_LL = "169.254.250.1"
 DHCP_NET = ipaddress.ip_network("192.168.213.0/24")
