@@ -69,7 +69,7 @@ def test_power_cuts_during_apply_leave_the_old_or_the_new_revision(site, tmp_pat
         with open(csr, "w") as f:
             f.write(node.ssh("cat /var/lib/pimesh/identity/node.csr") + "\n")
         chain = site.sign_node(csr)
-        node.ssh(f"umask 022; cat > /var/lib/pimesh/identity/node.pem <<'EOF'\n{chain}EOF")
+        node.ssh(f"umask 022; cat > /var/lib/pimesh/identity/node.pem <<'EOF'\n{chain}EOF\nsync")
         config = cluster_config(site.name, max_connections=1000)
         wait_committed(node, site.publish(config))
         assert active_config(node) == config
