@@ -17,6 +17,7 @@
 //! | [`mesh_client`] (proxy outbound) | the node credential | the server named by the dialled name `<node>.<site>.pimesh` ([`mesh_server_name`]) |
 //! | [`control_client`] (proxy to a replica) | the node credential | `spiffe://<site>/svc/pimesh-control`, whatever address was dialled |
 //! | [`control_server`] (a replica) | its self-issued serving leaf | a client chaining to the site's anchors (which node: per request, [`SpiffeVerifier::check_client`]) |
+//! | [`join_bundle_client`], [`join_client`] (a joining node) | nothing | the bundle: any server; the join: a control replica under the anchor the join token pins |
 //! | [`central_server`] | the operator's certificate | no client certificate, or one chaining to a registered site's anchors (which site: per request) |
 //!
 //! The mesh and replica configurations offer ALPN `h2` (replicas also `http/1.1` for
@@ -38,6 +39,7 @@
 mod config;
 mod credential;
 mod failure;
+mod join;
 mod names;
 mod peer;
 pub mod pem;
@@ -51,6 +53,7 @@ pub use config::{
 };
 pub use credential::{Credential, CredentialError};
 pub use failure::{handshake_failure_reason, HandshakeFailure};
+pub use join::{join_bundle_client, join_client};
 pub use names::{control_id, control_server_name, mesh_server_name, CONTROL_SERVICE};
 pub use peer::{peer_ids, PeerIdentity};
 pub use pem::PemError;

@@ -62,7 +62,8 @@ struct Cli {
     /// The units to keep running and how
     #[arg(long, value_name = "PATH", default_value = paths::SUPERVISOR_CONFIG)]
     supervisor_config: PathBuf,
-    /// Do not set the hostname or SSH keys (for running off a node)
+    /// Do not set the hostname or SSH keys, nor announce or look for servers by mDNS
+    /// (for running off a node: no multicast leaves the host)
     #[arg(long)]
     no_node_setup: bool,
 }

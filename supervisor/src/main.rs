@@ -28,6 +28,7 @@
 mod cli;
 mod config;
 mod credential;
+mod join;
 mod node;
 mod ota;
 mod paths;
@@ -128,22 +129,70 @@ async fn run(options: Options) -> Result<(), DaemonError> {
     ));
     let trust_present = trust.present;
     status.update(|status| status.trust = trust);
+    let node_label = pimesh_schema::DnsLabel::try_from(facts.node_name.clone()).ok();
+    let credential_files = credential::CredentialFiles::on_node(paths);
+    let plan = join::plan::Plan::of(seed.seed(), &paths.join_record(), &credential_files);
+    status.update(|status| status.join = plan.report());
     let units = {
         let status = status.clone();
+        let mut placement = Placement {
+            holds_issuer: trust_files.holds_issuer(),
+            servers: seed
+                .seed()
+                .map(|seed| seed.servers.iter().cloned().map(String::from).collect())
+                .unwrap_or_default(),
+            site: seed.seed().map(|seed| seed.site.clone()),
+            node: node_label.clone(),
+            waiting_to_join: false,
+            role: None,
+            joined_replicas: Vec::new(),
+            paths: paths.clone(),
+        };
+        plan.place(&mut placement);
         Arc::new(ManagedSet::new(
             &supervisor_config,
-            Placement {
-                holds_issuer: trust_files.holds_issuer(),
-                servers: seed
-                    .seed()
-                    .map(|seed| seed.servers.iter().cloned().map(String::from).collect())
-                    .unwrap_or_default(),
-                site: seed.seed().map(|seed| seed.site.clone()),
-                paths: paths.clone(),
-            },
+            placement,
             config::active_site_config(&paths.active_site_config()).as_ref(),
             Box::new(move |report| status.update(|status| status.control = report)),
         ))
+    };
+    let site_role = join::SiteRole::new(
+        paths,
+        seed.seed(),
+        node_label.clone(),
+        options.node_setup,
+        Arc::clone(&units),
+        status.clone(),
+    );
+    if matches!(plan, join::plan::Plan::Init) || trust_files.holds_issuer() {
+        site_role.serve_as_server();
+    }
+    let join_task = match (seed.seed(), &node_label) {
+        (Some(seed), Some(node)) if plan.needs_join(trust_files.holds_issuer()) => {
+            seed.join_token.clone().map(|token| {
+                tokio::spawn(join::run(join::JoinContext {
+                    site: seed.site.clone(),
+                    node: node.clone(),
+                    token,
+                    seed_servers: seed.servers.iter().cloned().map(String::from).collect(),
+                    mdns: options.node_setup,
+                    credential: credential::CredentialFiles::on_node(paths),
+                    trust: trust::TrustFiles::on_node(paths),
+                    record_file: paths.join_record(),
+                    clock: join::clock::Clock::new(
+                        facts
+                            .image
+                            .as_ref()
+                            .and_then(|image| image.get("built_at"))
+                            .and_then(|built| built.as_str()),
+                        paths.clock_file(),
+                    ),
+                    status: status.clone(),
+                    on_joined: site_role.on_joined(),
+                }))
+            })
+        }
+        _ => None,
     };
 
     let listener = tokio::net::TcpListener::bind(options.status_addr)
@@ -201,6 +250,10 @@ async fn run(options: Options) -> Result<(), DaemonError> {
     if let Some(ota) = ota {
         ota.abort();
     }
+    if let Some(join_task) = join_task {
+        join_task.abort();
+    }
+    drop(site_role);
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }

@@ -13,6 +13,9 @@
 //!     trust -> trust.d/<n>/        the site's trust root (inside: `trust::store`)
 //!     identity/                    the node credential (inside: `credential`)
 //!     ota/                         journal, revisions, outbox (inside: `ota`)
+//!     join/state.json              the node's join: role, servers (inside: `join`)
+//!     clock                        the last sane time seen (the clock's floor)
+//! /var/lib/pimesh-control/         the control replicas' (their join records: joins.jsonl)
 //! /run/pimesh/                     what other units read at their start
 //!     proxy.env, control.env       the proxy's and the replicas' arguments
 //! /usr/share/pimesh/manifest.json  what the image holds
@@ -82,6 +85,22 @@ impl NodePaths {
     /// The OTA client's folder: journal, stored revisions, outbox.
     pub fn ota_dir(&self) -> PathBuf {
         self.state_dir.join("ota")
+    }
+
+    /// The node's join record (`join::record`).
+    pub fn join_record(&self) -> PathBuf {
+        self.state_dir.join("join").join("state.json")
+    }
+
+    /// The last sane time this node saw (`join::clock`).
+    pub fn clock_file(&self) -> PathBuf {
+        self.state_dir.join("clock")
+    }
+
+    /// The control replicas' state folder, beside the supervisor's
+    /// (`/var/lib/pimesh-control`): the joins they answered.
+    pub fn control_state_dir(&self) -> PathBuf {
+        self.state_dir.with_file_name("pimesh-control")
     }
 
     /// `PIMESH_PROXY_ARGS`, read by `pimesh-proxy.service` at its start.

@@ -45,6 +45,11 @@ pub struct NodeStatus {
     pub trust: TrustReport,
     /// Whether this node runs control replicas and where its proxy finds them.
     pub control: ControlReport,
+    /// How this node became a node of its site (plug-in join), and its role there.
+    pub join: JoinReport,
+    /// On a server node: the last joins this node's replicas answered, newest last
+    /// (`<state>/pimesh-control/joins.jsonl`); empty elsewhere.
+    pub joins: Vec<serde_json::Value>,
 }
 
 /// Which supervisor configuration is in force.
@@ -151,6 +156,8 @@ impl NodeStatus {
             },
             trust: TrustReport::default(),
             control: ControlReport::default(),
+            join: JoinReport::default(),
+            joins: Vec::new(),
         }
     }
 }
@@ -295,6 +302,56 @@ pub struct ControlReport {
     pub proxy_control: Vec<String>,
     /// Why the node runs no replicas, or what went wrong telling the proxy.
     pub note: Option<String>,
+}
+
+/// The node's join (`join` in the status).
+#[derive(Debug, Clone, Serialize)]
+pub struct JoinReport {
+    /// `server` or `agent` once known; the init node is a server.
+    pub role: Option<&'static str>,
+    /// `init` (the site's first server), `manual` (a node whose seed has no join token:
+    /// its certificate is signed by hand), `waiting-for-clock`, `discovering`, `joining`,
+    /// `fetching-issuer`, `joined`, or `refused` (the site said no for good: the seed's
+    /// token is wrong or expired; `last_error` says which).
+    pub state: &'static str,
+    /// The replica that answered the join.
+    pub via: Option<serde_json::Value>,
+    /// The site's server nodes as the join answer listed them.
+    pub servers: Vec<pimesh_join::ServerEntry>,
+    pub clock: ClockReport,
+    /// Join rounds so far (one round tries every candidate once).
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// RFC 3339.
+    pub joined_at: Option<String>,
+}
+
+impl Default for JoinReport {
+    fn default() -> Self {
+        JoinReport {
+            role: None,
+            state: "manual",
+            via: None,
+            servers: Vec::new(),
+            clock: ClockReport::default(),
+            attempts: 0,
+            last_error: None,
+            joined_at: None,
+        }
+    }
+}
+
+/// What the join waits for before it checks any certificate: a clock no earlier than the
+/// floor (the image's build time, or the last time this node saw).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClockReport {
+    pub sane: bool,
+    /// RFC 3339.
+    pub now: Option<String>,
+    /// RFC 3339.
+    pub floor: Option<String>,
+    /// Where the node takes its time from (the site's servers once known).
+    pub sources: Vec<String>,
 }
 
 #[cfg(test)]

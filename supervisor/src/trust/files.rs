@@ -207,6 +207,9 @@ impl TrustFiles {
             };
         }
         if self.dir.join(ISSUER_KEY).exists() && self.dir.join(ANCHOR_BUNDLE).exists() {
+            if let Some(seed) = seed.filter(|seed| seed.role == Role::Init) {
+                self.accept_seed_token(seed);
+            }
             return self.report("existing");
         }
         let Some(seed) = seed.filter(|seed| seed.role == Role::Init) else {
@@ -248,6 +251,7 @@ impl TrustFiles {
             anchor_key: Some(root.anchor.key_pem()),
             next_anchor_cert: None,
             next_anchor_key: None,
+            join_tokens: join_tokens_of(seed),
         })
     }
 
@@ -277,6 +281,7 @@ impl TrustFiles {
             anchor_key,
             next_anchor_cert: None,
             next_anchor_key: None,
+            join_tokens: join_tokens_of(seed),
         })?;
         // The keys have a safe home now; the boot partition is readable by anyone who
         // holds the card. (Deleting from FAT does not scrub the blocks.)
@@ -291,11 +296,79 @@ impl TrustFiles {
         Ok(())
     }
 
+    /// On the init node of a root made before join tokens were kept: adds the seed's token
+    /// to the trust folder (a new generation), so that other nodes can join. A failure is
+    /// logged; joins are then refused until the next start.
+    fn accept_seed_token(&self, seed: &Seed) {
+        let result =
+            self.store
+                .current()
+                .map_err(TrustError::from)
+                .and_then(|current| match current {
+                    Some((_, state))
+                        if state.join_tokens.is_none() && seed.join_token.is_some() =>
+                    {
+                        let n = self.store.commit(&TrustState {
+                            join_tokens: join_tokens_of(seed),
+                            ..state
+                        })?;
+                        info!(
+                            generation = n,
+                            "the seed's join token is now accepted by this site"
+                        );
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                });
+        if let Err(err) = result {
+            warn!(%err, "cannot record the seed's join token in the trust folder");
+        }
+    }
+
+    /// On a server node that joined: makes the site issuer handed over by a replica
+    /// (`pimesh_join::IssuerHandover`) this node's trust folder, as a new generation. The
+    /// node holds no anchor key (those stay on the init node or offline).
+    pub fn install_handover(
+        &self,
+        handover: &pimesh_join::IssuerHandover,
+    ) -> Result<u64, TrustError> {
+        Authority::from_pem(&handover.issuer_cert, &handover.issuer_key)
+            .map_err(TrustError::authority(Path::new("the issuer handed over")))?;
+        let tokens =
+            serde_json::to_string_pretty(&serde_json::json!({ "tokens": handover.tokens }))
+                .unwrap_or_default();
+        let _lock = self.store.lock()?;
+        let n = self.store.commit(&TrustState {
+            anchor_bundle: handover.anchors.clone(),
+            issuer_cert: handover.issuer_cert.clone(),
+            issuer_key: handover.issuer_key.clone(),
+            anchor_key: None,
+            next_anchor_cert: None,
+            next_anchor_key: None,
+            join_tokens: Some(tokens),
+        })?;
+        info!(
+            generation = n,
+            "site issuer received: this node is a server of its site"
+        );
+        Ok(n)
+    }
+
     /// Makes `state` the first generation and links it.
     fn install(&self, state: &TrustState) -> Result<(), TrustError> {
         self.store.commit(state)?;
         Ok(())
     }
+}
+
+/// `join.json` for the seed's join token: its secret's digest, without expiry.
+fn join_tokens_of(seed: &Seed) -> Option<String> {
+    let token = seed.join_token.as_ref()?;
+    let accepted = pimesh_join::AcceptedTokens(vec![pimesh_join::AcceptedToken::for_secret(
+        token.secret(),
+        None,
+    )]);
+    serde_json::to_string_pretty(&serde_json::json!({ "tokens": accepted })).ok()
 }
 
 /// How often the running supervisor checks the issuer.

@@ -448,6 +448,7 @@ pub fn anchor_finish(
         anchor_key: Some(key.clone()),
         next_anchor_cert: None,
         next_anchor_key: None,
+        join_tokens: root.state.join_tokens.clone(),
     };
     let n = store.commit(&state)?;
     info!(generation = n, "anchor rotation finished");
@@ -615,6 +616,7 @@ mod tests {
                     anchor_key: Some(root.anchor.key_pem()),
                     next_anchor_cert: None,
                     next_anchor_key: None,
+                    join_tokens: Some("{\"tokens\": []}".into()),
                 })
                 .expect("commit");
             let credential = CredentialFiles::new(dir.path().join("identity"));

@@ -9,6 +9,8 @@
 //!     anchor.key        the current anchor's key, until exported (0600, root)
 //!     anchor.next.pem   during an anchor rotation: the new anchor (0644)
 //!     anchor.next.key   during an anchor rotation: its key (0600, root)
+//!     join.json         the join tokens the site accepts, as SHA-256 digests (0644:
+//!                       the digest of a token's random secret reveals nothing usable)
 //! ```
 //!
 //! Invariants, each holding across a power cut at any instant:
@@ -41,6 +43,9 @@ pub const ISSUER_CERT: &str = "issuer.pem";
 pub const ISSUER_KEY: &str = "issuer.key";
 pub const NEXT_ANCHOR_CERT: &str = "anchor.next.pem";
 pub const NEXT_ANCHOR_KEY: &str = "anchor.next.key";
+/// `{"tokens": [{"sha256", "expires"?}]}` (`pimesh_join::AcceptedTokens`), read by the
+/// control replicas.
+pub const JOIN_TOKENS: &str = "join.json";
 
 /// The fixed system user of the control replicas, which must read the issuer key.
 pub const CONTROL_USER: &str = "pimesh-control";
@@ -123,6 +128,8 @@ pub struct TrustState {
     pub anchor_key: Option<String>,
     pub next_anchor_cert: Option<String>,
     pub next_anchor_key: Option<String>,
+    /// `join.json`: the join tokens the site accepts.
+    pub join_tokens: Option<String>,
 }
 
 impl TrustState {
@@ -137,6 +144,7 @@ impl TrustState {
             (ANCHOR_KEY, &self.anchor_key, KEY_MODE),
             (NEXT_ANCHOR_CERT, &self.next_anchor_cert, CERT_MODE),
             (NEXT_ANCHOR_KEY, &self.next_anchor_key, KEY_MODE),
+            (JOIN_TOKENS, &self.join_tokens, CERT_MODE),
         ];
         for (name, contents, mode) in optional {
             if let Some(contents) = contents {
@@ -171,6 +179,7 @@ impl TrustState {
             anchor_key: optional(ANCHOR_KEY)?,
             next_anchor_cert: optional(NEXT_ANCHOR_CERT)?,
             next_anchor_key: optional(NEXT_ANCHOR_KEY)?,
+            join_tokens: optional(JOIN_TOKENS)?,
         })
     }
 }
@@ -593,6 +602,7 @@ mod tests {
             anchor_key: Some(format!("anchor key {tag}\n")),
             next_anchor_cert: None,
             next_anchor_key: None,
+            join_tokens: None,
         }
     }
 

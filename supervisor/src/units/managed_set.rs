@@ -9,10 +9,14 @@
 //! Invariants: the published set, the node status's `control` report and the units'
 //! environment files always describe the same replicas; the set changes only through
 //! [`ManagedSet::follow`], which the OTA client calls whenever it makes a site
-//! configuration active; the keeper starts what joins the set and stops what leaves it.
+//! configuration active, and [`ManagedSet::replace_placement`], which the join calls when
+//! the node's place in its site changes; the keeper starts what joins the set and stops
+//! what leaves it.
 
 use pimesh_schema::cluster::ClusterConfig;
 use pimesh_schema::{ManagedUnit, SupervisorConfig};
+use std::sync::{Mutex, PoisonError};
+
 use tokio::sync::watch;
 use tracing::info;
 
@@ -26,7 +30,9 @@ pub type ReportSink = Box<dyn Fn(ControlReport) + Send + Sync>;
 pub struct ManagedSet {
     configured: Vec<ManagedUnit>,
     replicas_follow_site: bool,
-    placement: Placement,
+    placement: Mutex<Placement>,
+    /// The site configuration the set was last placed for.
+    active: Mutex<Option<ClusterConfig>>,
     report: ReportSink,
     set: watch::Sender<Vec<ManagedUnit>>,
 }
@@ -44,7 +50,8 @@ impl ManagedSet {
         let units = ManagedSet {
             configured: config.units.clone(),
             replicas_follow_site: config.replicas_follow_site,
-            placement,
+            placement: Mutex::new(placement),
+            active: Mutex::new(active.cloned()),
             report,
             set,
         };
@@ -71,7 +78,34 @@ impl ManagedSet {
         if !self.replicas_follow_site {
             return false;
         }
+        *self.active.lock().unwrap_or_else(PoisonError::into_inner) = site.cloned();
         let units = self.place(site);
+        self.publish(units, "the managed set follows the site configuration")
+    }
+
+    /// Changes where the units run (the node joined its site, or now holds the issuer)
+    /// and places the set again for the last site configuration. Returns whether the set
+    /// changed.
+    pub fn replace_placement(&self, change: impl FnOnce(&mut Placement)) -> bool {
+        change(
+            &mut self
+                .placement
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let active = self
+            .active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let units = self.place(active.as_ref());
+        self.publish(
+            units,
+            "the managed set follows the node's place in its site",
+        )
+    }
+
+    fn publish(&self, units: Vec<ManagedUnit>, why: &'static str) -> bool {
         let changed = self.set.send_if_modified(|current| {
             if *current == units {
                 return false;
@@ -86,7 +120,7 @@ impl ManagedSet {
                 .iter()
                 .map(|u| u.name.to_string())
                 .collect();
-            info!(units = ?names, "the managed set follows the site configuration");
+            info!(units = ?names, "{why}");
         }
         changed
     }
@@ -95,7 +129,12 @@ impl ManagedSet {
     /// report brought in line with them.
     fn place(&self, site: Option<&ClusterConfig>) -> Vec<ManagedUnit> {
         let mut units = desired(&self.configured, self.replicas_follow_site, site);
-        (self.report)(self.placement.apply(&mut units));
+        let report = self
+            .placement
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .apply(&mut units);
+        (self.report)(report);
         units
     }
 }
@@ -168,12 +207,7 @@ mod tests {
         let sink = std::sync::Arc::clone(&reported);
         let units = ManagedSet::new(
             &SupervisorConfig::default(),
-            Placement {
-                holds_issuer: true,
-                servers: Vec::new(),
-                site: None,
-                paths: paths.clone(),
-            },
+            Placement::for_tests(&paths),
             Some(&site(2)),
             Box::new(move |report| {
                 if let Ok(mut reported) = sink.lock() {

@@ -18,6 +18,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use pimesh_join::Role;
 use pimesh_schema::supervisor::CONTROL_BASE_PORT;
 use pimesh_schema::{DnsLabel, ManagedUnit};
 use tracing::{info, warn};
@@ -26,7 +27,9 @@ use crate::paths::NodePaths;
 use crate::status::ControlReport;
 use crate::units::role::UnitRole;
 
-/// What decides where this node's replicas run, fixed for the supervisor's life.
+/// What decides where this node's replicas run. It changes when the node joins its site
+/// (`crate::join`), through `ManagedSet::replace_placement`.
+#[derive(Debug, Clone)]
 pub struct Placement {
     /// Whether this node holds the site issuer (a server node).
     pub holds_issuer: bool,
@@ -34,6 +37,15 @@ pub struct Placement {
     pub servers: Vec<String>,
     /// The seed's site, passed to the replicas.
     pub site: Option<DnsLabel>,
+    /// This node's name, passed to the replicas (they count it among the site's servers).
+    pub node: Option<DnsLabel>,
+    /// A node that joins by token and has not joined yet: no unit runs (the proxy would
+    /// have no credential, the replicas no issuer).
+    pub waiting_to_join: bool,
+    /// The node's role on its site, once known: the proxy heartbeats it.
+    pub role: Option<Role>,
+    /// The replicas of the site's server nodes that the join answer listed.
+    pub joined_replicas: Vec<SocketAddr>,
     /// Where the units' environment files go.
     pub paths: NodePaths,
 }
@@ -42,8 +54,34 @@ impl Placement {
     /// Places the control replicas of `units` ([`place`]) and tells the proxy and the
     /// replicas ([`write_unit_env`]); returns the status's control report.
     pub fn apply(&self, units: &mut Vec<ManagedUnit>) -> ControlReport {
+        if self.waiting_to_join {
+            units.clear();
+            return ControlReport {
+                note: Some(
+                    "waiting to join the site (see `join` in the status): no unit runs before \
+                     the node holds its certificate"
+                        .into(),
+                ),
+                ..ControlReport::default()
+            };
+        }
         let mut report = place(units, self.holds_issuer, &self.servers);
-        write_unit_env(&self.paths, self.site.as_ref(), &mut report);
+        for addr in &self.joined_replicas {
+            let addr = addr.to_string();
+            if !report.proxy_control.contains(&addr) {
+                report.proxy_control.push(addr);
+            }
+        }
+        if self.holds_issuer {
+            // Its own replicas on loopback come first; the others' follow for failover.
+        } else if !self.joined_replicas.is_empty() {
+            report.note = Some(
+                "an agent node: it runs no control replicas; its proxy asks those of the \
+                 site's server nodes"
+                    .into(),
+            );
+        }
+        write_unit_env(self, &mut report);
         report
     }
 }
@@ -129,25 +167,42 @@ fn server_ip(server: &str) -> Option<IpAddr> {
 
 /// Writes the proxy's and the replicas' environment files (see the module doc). A
 /// failure is noted in the report; the units then start without these arguments.
-pub fn write_unit_env(paths: &NodePaths, site: Option<&DnsLabel>, report: &mut ControlReport) {
-    let proxy_args = if report.proxy_control.is_empty() {
-        String::new()
-    } else {
-        format!("--control {}", report.proxy_control.join(","))
-    };
-    let control_args = site.map_or(String::new(), |site| format!("--site {site}"));
+pub fn write_unit_env(placement: &Placement, report: &mut ControlReport) {
+    let mut proxy_args = Vec::new();
+    if !report.proxy_control.is_empty() {
+        proxy_args.push(format!("--control {}", report.proxy_control.join(",")));
+    }
+    if let Some(role) = placement.role {
+        proxy_args.push(format!("--role {role}"));
+        let own: Vec<String> = report
+            .proxy_control
+            .iter()
+            .filter_map(|addr| addr.strip_prefix("127.0.0.1:"))
+            .map(str::to_owned)
+            .collect();
+        if role == Role::Server && !own.is_empty() {
+            proxy_args.push(format!("--server-replicas {}", own.join(",")));
+        }
+    }
+    let mut control_args = Vec::new();
+    if let Some(site) = &placement.site {
+        control_args.push(format!("--site {site}"));
+    }
+    if let Some(node) = &placement.node {
+        control_args.push(format!("--node {node}"));
+    }
     let files = [
         (
-            paths.proxy_env(),
+            placement.paths.proxy_env(),
             "PIMESH_PROXY_ARGS",
             "the control replicas of this node",
-            proxy_args,
+            proxy_args.join(" "),
         ),
         (
-            paths.control_env(),
+            placement.paths.control_env(),
             "PIMESH_CONTROL_ARGS",
             "the seed's site",
-            control_args,
+            control_args.join(" "),
         ),
     ];
     for (path, variable, what, args) in files {
@@ -165,6 +220,80 @@ mod tests {
 
     fn units() -> Vec<ManagedUnit> {
         pimesh_schema::SupervisorConfig::default().units
+    }
+
+    impl Placement {
+        pub fn for_tests(paths: &NodePaths) -> Placement {
+            Placement {
+                holds_issuer: true,
+                servers: Vec::new(),
+                site: None,
+                node: None,
+                waiting_to_join: false,
+                role: None,
+                joined_replicas: Vec::new(),
+                paths: paths.clone(),
+            }
+        }
+    }
+
+    #[test]
+    fn a_node_waiting_to_join_runs_nothing_and_a_joined_agent_asks_the_servers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = NodePaths::under(dir.path());
+        let waiting = Placement {
+            holds_issuer: false,
+            waiting_to_join: true,
+            ..Placement::for_tests(&paths)
+        };
+        let mut set = units();
+        let report = waiting.apply(&mut set);
+        assert!(set.is_empty(), "{set:?}");
+        assert!(report.note.unwrap_or_default().contains("waiting to join"));
+
+        let agent = Placement {
+            holds_issuer: false,
+            role: Some(Role::Agent),
+            node: Some(DnsLabel::try_from("pi-c".to_owned()).expect("label")),
+            site: Some(DnsLabel::try_from("lab".to_owned()).expect("label")),
+            joined_replicas: vec![
+                "10.0.0.1:8086".parse().expect("addr"),
+                "10.0.0.2:8086".parse().expect("addr"),
+            ],
+            ..Placement::for_tests(&paths)
+        };
+        let mut set = units();
+        let report = agent.apply(&mut set);
+        assert_eq!(set.len(), 1, "the proxy alone");
+        assert_eq!(report.proxy_control, ["10.0.0.1:8086", "10.0.0.2:8086"]);
+        let env = std::fs::read_to_string(paths.proxy_env()).expect("written");
+        assert!(
+            env.contains("PIMESH_PROXY_ARGS=--control 10.0.0.1:8086,10.0.0.2:8086 --role agent\n"),
+            "{env}"
+        );
+        let env = std::fs::read_to_string(paths.control_env()).expect("written");
+        assert!(
+            env.contains("PIMESH_CONTROL_ARGS=--site lab --node pi-c\n"),
+            "{env}"
+        );
+
+        let server = Placement {
+            role: Some(Role::Server),
+            holds_issuer: true,
+            ..agent
+        };
+        let mut set = units();
+        let report = server.apply(&mut set);
+        assert_eq!(set.len(), 4);
+        assert_eq!(
+            report.proxy_control[..3],
+            ["127.0.0.1:8086", "127.0.0.1:8087", "127.0.0.1:8088"]
+        );
+        let env = std::fs::read_to_string(paths.proxy_env()).expect("written");
+        assert!(
+            env.contains("--role server --server-replicas 8086,8087,8088\n"),
+            "{env}"
+        );
     }
 
     #[test]
@@ -207,7 +336,11 @@ mod tests {
         let paths = NodePaths::under(dir.path());
         let mut report = report;
         let site = DnsLabel::try_from("lab".to_owned()).expect("label");
-        write_unit_env(&paths, Some(&site), &mut report);
+        let placement = Placement {
+            site: Some(site),
+            ..Placement::for_tests(&paths)
+        };
+        write_unit_env(&placement, &mut report);
         let env = std::fs::read_to_string(paths.proxy_env()).expect("written");
         assert!(env.contains(
             "PIMESH_PROXY_ARGS=--control 127.0.0.1:8086,127.0.0.1:8087,127.0.0.1:8088\n"

@@ -1,0 +1,57 @@
+//! A server node announces itself on the LAN (`_pimesh._tcp`, see
+//! `pimesh_join::Announcement`) so that joining nodes find it with nothing but their seed.
+//! The responder answers on every interface with the node's current addresses (mdns-sd's
+//! automatic addresses), for as long as the [`Announcer`] lives.
+
+use pimesh_join::{Announcement, SERVICE_TYPE};
+use tracing::info;
+
+/// A running announcement; dropping it withdraws it.
+pub struct Announcer {
+    daemon: mdns_sd::ServiceDaemon,
+}
+
+/// Why the node cannot announce itself.
+#[derive(Debug)]
+pub struct AnnounceError(mdns_sd::Error);
+
+impl std::fmt::Display for AnnounceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot announce {SERVICE_TYPE} by mDNS: {}", self.0)
+    }
+}
+
+impl std::error::Error for AnnounceError {}
+
+impl Announcer {
+    /// Starts answering for `announcement`.
+    pub fn start(announcement: &Announcement) -> Result<Announcer, AnnounceError> {
+        let daemon = mdns_sd::ServiceDaemon::new().map_err(AnnounceError)?;
+        let host = format!("{}.local.", announcement.node);
+        let txt: Vec<(String, String)> = announcement.txt();
+        let info = mdns_sd::ServiceInfo::new(
+            SERVICE_TYPE,
+            announcement.node.as_str(),
+            &host,
+            "",
+            announcement.port,
+            txt.as_slice(),
+        )
+        .map_err(AnnounceError)?
+        .enable_addr_auto();
+        daemon.register(info).map_err(AnnounceError)?;
+        info!(
+            node = %announcement.node,
+            site = %announcement.site,
+            port = announcement.port,
+            "announcing this server node on the LAN"
+        );
+        Ok(Announcer { daemon })
+    }
+}
+
+impl Drop for Announcer {
+    fn drop(&mut self) {
+        let _ = self.daemon.shutdown();
+    }
+}

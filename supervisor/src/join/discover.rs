@@ -1,0 +1,169 @@
+//! Where a joining node looks for its site's servers: the seed's `servers` when it lists
+//! any (an override: nothing else is asked), else the mDNS/DNS-SD service
+//! `_pimesh._tcp.local.` that every server node announces ([`pimesh_join::Announcement`]).
+//!
+//! An answer is a hint, never trust: a candidate whose TXT names another site or another
+//! anchor is skipped, and every candidate still has to hand out a bundle that matches the
+//! join token's pin before the node sends it anything secret (`exchange`). mDNS runs only
+//! when the seed lists no server, so a node given addresses sends no multicast at all.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use pimesh_join::{Announcement, SERVICE_TYPE};
+use pimesh_schema::supervisor::CONTROL_BASE_PORT;
+use pimesh_schema::DnsLabel;
+use tracing::{debug, info};
+
+/// A server node to try.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The server node's name, when the answer carried one.
+    pub node: Option<String>,
+    /// Its control replicas, first replica first.
+    pub replicas: Vec<SocketAddr>,
+}
+
+/// The first replica's port, where the seed's `servers` entry gives none.
+pub const DEFAULT_PORT: u16 = CONTROL_BASE_PORT + 1;
+
+/// How long one mDNS round listens for announcements.
+pub const BROWSE_FOR: Duration = Duration::from_secs(3);
+
+/// The candidates of the seed's `servers` entries (`host` or `host:port`): an IP host as
+/// is, a host name resolved (its first address). An entry that does not resolve is
+/// skipped and logged.
+pub async fn from_seed(servers: &[String]) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    for entry in servers {
+        match resolve(entry).await {
+            Some(addr) => out.push(Candidate {
+                node: None,
+                replicas: vec![addr],
+            }),
+            None => info!(server = %entry, "a server of the seed does not resolve; skipped"),
+        }
+    }
+    out
+}
+
+async fn resolve(entry: &str) -> Option<SocketAddr> {
+    if let Ok(addr) = entry.parse::<SocketAddr>() {
+        return Some(addr);
+    }
+    if let Ok(ip) = entry.parse::<IpAddr>() {
+        return Some(SocketAddr::new(ip, DEFAULT_PORT));
+    }
+    let with_port = if entry.contains(':') {
+        entry.to_owned()
+    } else {
+        format!("{entry}:{DEFAULT_PORT}")
+    };
+    tokio::net::lookup_host(with_port).await.ok()?.next()
+}
+
+/// Why the LAN could not be asked.
+#[derive(Debug)]
+pub struct BrowseError(mdns_sd::Error);
+
+impl std::fmt::Display for BrowseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot browse {SERVICE_TYPE} by mDNS: {}", self.0)
+    }
+}
+
+impl std::error::Error for BrowseError {}
+
+/// The server nodes of `site` whose anchor prefix matches `pin` that announce themselves
+/// within `listen_for`, in the order they answered.
+pub async fn browse(
+    site: &DnsLabel,
+    pin: &[u8; 32],
+    listen_for: Duration,
+) -> Result<Vec<Candidate>, BrowseError> {
+    let daemon = mdns_sd::ServiceDaemon::new().map_err(BrowseError)?;
+    let events = daemon.browse(SERVICE_TYPE).map_err(BrowseError)?;
+    let mut found: Vec<Candidate> = Vec::new();
+    let deadline = tokio::time::Instant::now() + listen_for;
+    while let Ok(Ok(event)) = tokio::time::timeout_at(deadline, events.recv_async()).await {
+        let mdns_sd::ServiceEvent::ServiceResolved(service) = event else {
+            continue;
+        };
+        let instance = service
+            .fullname
+            .strip_suffix(SERVICE_TYPE)
+            .map(|name| name.trim_end_matches('.'))
+            .unwrap_or(&service.fullname);
+        let txt = service
+            .txt_properties
+            .iter()
+            .map(|property| (property.key(), property.val_str()));
+        let announcement = match Announcement::parse(instance, service.port, txt) {
+            Ok(announcement) => announcement,
+            Err(err) => {
+                debug!(instance, %err, "an mDNS answer that is no Pimesh announcement; skipped");
+                continue;
+            }
+        };
+        if !announcement.matches(site, pin) {
+            debug!(instance, site = %announcement.site, "a server of another site or anchor; skipped");
+            continue;
+        }
+        let Some(ip) = preferred_ip(service.addresses.iter().map(|ip| ip.to_ip_addr())) else {
+            continue;
+        };
+        let replicas = announcement
+            .replica_ports()
+            .map(|port| SocketAddr::new(ip, port))
+            .collect();
+        let candidate = Candidate {
+            node: Some(announcement.node.to_string()),
+            replicas,
+        };
+        if !found.contains(&candidate) {
+            info!(node = %announcement.node, %ip, "server announced on the LAN");
+            found.push(candidate);
+        }
+    }
+    let _ = daemon.shutdown();
+    Ok(found)
+}
+
+/// IPv4 first (the mesh's addresses), then IPv6; never loopback.
+fn preferred_ip(addresses: impl Iterator<Item = IpAddr>) -> Option<IpAddr> {
+    let mut usable: Vec<IpAddr> = addresses.filter(|ip| !ip.is_loopback()).collect();
+    usable.sort_by_key(|ip| (ip.is_ipv6(), *ip));
+    usable.into_iter().next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn seed_entries_become_candidates_with_the_default_port() {
+        let found = from_seed(&["10.0.0.5".into(), "10.0.0.6:9000".into()]).await;
+        let addrs: Vec<SocketAddr> = found.iter().flat_map(|c| c.replicas.clone()).collect();
+        assert_eq!(
+            addrs,
+            [
+                "10.0.0.5:8086".parse::<SocketAddr>().expect("addr"),
+                "10.0.0.6:9000".parse().expect("addr")
+            ]
+        );
+    }
+
+    #[test]
+    fn ipv4_is_preferred_and_loopback_never_taken() {
+        let ips: Vec<IpAddr> = vec![
+            "fe80::1".parse().expect("ip"),
+            "127.0.0.1".parse().expect("ip"),
+            "169.254.3.4".parse().expect("ip"),
+        ];
+        assert_eq!(
+            preferred_ip(ips.into_iter()),
+            Some("169.254.3.4".parse().expect("ip"))
+        );
+        assert_eq!(preferred_ip(["::1".parse().expect("ip")].into_iter()), None);
+    }
+}

@@ -1,0 +1,310 @@
+//! Plug-in join: how a node whose seed holds nothing but `site`, `role = "join"` and a
+//! join token becomes a node of its site, with no step on the operator's side
+//! (the protocol is `pimesh_join`'s; the replicas' side is in `pimesh-control`).
+//!
+//! One round: wait for a sane clock ([`clock`]); find candidates ([`discover`]: the
+//! seed's `servers`, else mDNS); for each replica of each candidate fetch the bundle and
+//! check the pin, then post the join over the pinned connection ([`exchange`]); store the
+//! answer; on a server node fetch the site issuer with the new certificate. Rounds repeat
+//! with backoff until one succeeds; a refusal the site means for good (wrong or expired
+//! token, another site) is shown as `refused` and retried slowly, since the operator may
+//! publish a token that makes it right.
+//!
+//! Invariants (a power cut at any instant leaves one of these states, each of which the
+//! next start completes): nothing new; a key and request without certificate (the join
+//! retries with the same key); `node.pem` and the anchors without [`record`] (the join
+//! retries with the same key, which the site allows); the record without the issuer on a
+//! server node (the issuer is fetched again). One key, one certificate, one name.
+
+pub mod announce;
+pub mod clock;
+pub mod discover;
+pub mod exchange;
+pub mod plan;
+pub mod record;
+mod site_role;
+
+pub use site_role::SiteRole;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use pimesh_join::{JoinAnswer, JoinRequest, Role};
+use pimesh_meshtls::Credential;
+use pimesh_runtime::backoff::{Backoff, Jitter, Retry};
+use pimesh_schema::{DnsLabel, JoinToken};
+use tracing::{info, warn};
+
+use crate::credential::CredentialFiles;
+use crate::join::discover::Candidate;
+use crate::join::exchange::{ExchangeError, PinnedBundle, Replica};
+use crate::join::record::{JoinRecord, Via};
+use crate::status::StatusHandle;
+use crate::trust::TrustFiles;
+
+/// Pauses between rounds: 1 s doubling to 30 s, drawn in the upper three quarters.
+const ROUNDS: Backoff =
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(30)).with_jitter(Jitter::QUARTER);
+
+/// Called once the node holds its certificate, and again once a server node holds the
+/// issuer: the managed set re-places the units.
+pub type OnJoined = Box<dyn Fn(&JoinRecord, bool) + Send + Sync>;
+
+/// Everything a join needs, fixed for its life.
+pub struct JoinContext {
+    pub site: DnsLabel,
+    pub node: DnsLabel,
+    pub token: JoinToken,
+    /// The seed's `servers` (an override of mDNS when not empty).
+    pub seed_servers: Vec<String>,
+    /// Whether to browse mDNS when the seed lists no server.
+    pub mdns: bool,
+    pub credential: CredentialFiles,
+    pub trust: TrustFiles,
+    /// `state.json` ([`record`]).
+    pub record_file: PathBuf,
+    pub clock: clock::Clock,
+    pub status: StatusHandle,
+    pub on_joined: OnJoined,
+}
+
+/// Runs the join to its end: returns once the node holds its certificate and, on a server
+/// node, the site issuer.
+pub async fn run(context: JoinContext) {
+    let context = Arc::new(context);
+    let mut retry = Retry::new(ROUNDS);
+    loop {
+        context.clock.wait_until_sane(&context.status).await;
+        match round(&context).await {
+            Ok(()) => return,
+            Err(err) => {
+                let state = if err.is_final() {
+                    "refused"
+                } else {
+                    "discovering"
+                };
+                warn!(error = %err, "join round failed");
+                context.status.update(|status| {
+                    status.join.state = state;
+                    status.join.last_error = Some(err.to_string());
+                });
+            }
+        }
+        let pause = retry.next_delay(fastrand::u64(..));
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// One round: join when not joined yet, then fetch the issuer when the node is a server
+/// without it.
+async fn round(context: &JoinContext) -> Result<(), ExchangeError> {
+    let record = match JoinRecord::load(&context.record_file) {
+        Ok(Some(record)) if context.credential.has_certificate() => record,
+        Ok(_) => join(context).await?,
+        Err(err) => {
+            warn!(%err, "the join record is unreadable; joining again with the same key");
+            join(context).await?
+        }
+    };
+    let holds_issuer = context.trust.holds_issuer();
+    (context.on_joined)(&record, holds_issuer);
+    if record.role == Role::Server && !holds_issuer {
+        context
+            .status
+            .update(|status| status.join.state = "fetching-issuer");
+        fetch_issuer(context, &record).await?;
+        (context.on_joined)(&record, true);
+    }
+    context.status.update(|status| {
+        status.join.state = "joined";
+        status.join.last_error = None;
+    });
+    Ok(())
+}
+
+/// Finds a replica that accepts the join, and stores what it answered.
+async fn join(context: &JoinContext) -> Result<JoinRecord, ExchangeError> {
+    context.status.update(|status| {
+        status.join.state = "discovering";
+        status.join.attempts += 1;
+    });
+    let candidates = candidates(context).await;
+    if candidates.is_empty() {
+        return Err(ExchangeError::Unreachable {
+            replica: SocketAddr::from(([0, 0, 0, 0], 0)),
+            detail: if context.seed_servers.is_empty() {
+                "no server of the site announced itself on the LAN (mDNS _pimesh._tcp)".into()
+            } else {
+                "none of the seed's servers resolves".into()
+            },
+        });
+    }
+    context
+        .credential
+        .ensure_request(&context.site, &context.node)
+        .map_err(|err| ExchangeError::Setup(err.to_string()))?;
+    let csr = std::fs::read_to_string(context.credential.request())
+        .map_err(|err| ExchangeError::Setup(format!("cannot read the node's request: {err}")))?;
+    let request = JoinRequest {
+        node: context.node.clone(),
+        token_secret: context.token.secret().to_owned(),
+        csr,
+    };
+    context
+        .status
+        .update(|status| status.join.state = "joining");
+    let mut last = None;
+    for candidate in &candidates {
+        for addr in &candidate.replicas {
+            let replica = Replica { addr: *addr };
+            match try_replica(context, &replica, &request).await {
+                Ok((bundle, answer)) => {
+                    return store(context, candidate, &replica, &bundle, answer)
+                }
+                Err(err) if err.is_final() => return Err(err),
+                Err(err) => {
+                    info!(replica = %addr, error = %err, "join through this replica failed; trying the next");
+                    last = Some(err);
+                }
+            }
+        }
+    }
+    Err(last.unwrap_or(ExchangeError::Setup("no replica to try".into())))
+}
+
+async fn candidates(context: &JoinContext) -> Vec<Candidate> {
+    if !context.seed_servers.is_empty() {
+        return discover::from_seed(&context.seed_servers).await;
+    }
+    if !context.mdns {
+        return Vec::new();
+    }
+    match discover::browse(
+        &context.site,
+        context.token.anchor_sha256(),
+        discover::BROWSE_FOR,
+    )
+    .await
+    {
+        Ok(found) => found,
+        Err(err) => {
+            warn!(%err, "cannot look for servers on the LAN");
+            Vec::new()
+        }
+    }
+}
+
+async fn try_replica(
+    context: &JoinContext,
+    replica: &Replica,
+    request: &JoinRequest,
+) -> Result<(PinnedBundle, JoinAnswer), ExchangeError> {
+    let bundle = replica
+        .bundle(&context.site, context.token.anchor_sha256())
+        .await?;
+    let answer = replica.join(&bundle, request).await?;
+    Ok((bundle, answer))
+}
+
+/// Stores the answer: the anchors, then the certificate, then the record (see the module
+/// invariants for why in this order).
+fn store(
+    context: &JoinContext,
+    candidate: &Candidate,
+    replica: &Replica,
+    bundle: &PinnedBundle,
+    answer: JoinAnswer,
+) -> Result<JoinRecord, ExchangeError> {
+    let local = |what: &str, err: &dyn std::fmt::Display| {
+        ExchangeError::Setup(format!("cannot store {what}: {err}"))
+    };
+    // The anchors the node trusts are the pinned bundle, not what the answer repeats.
+    pimesh_runtime::atomic_file::replace(
+        &context.credential.anchors(),
+        bundle.pem.as_bytes(),
+        0o644,
+    )
+    .map_err(|err| local("the site's anchors", &err))?;
+    context
+        .credential
+        .install_chain(&answer.certificate)
+        .map_err(|err| local("the node certificate", &err))?;
+    let record = JoinRecord {
+        role: answer.role,
+        via: Via {
+            node: candidate.node.clone(),
+            address: replica.addr,
+        },
+        servers: answer.servers,
+        joined_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+    };
+    record
+        .store(&context.record_file)
+        .map_err(|err| local("the join record", &err))?;
+    info!(
+        role = %record.role,
+        via = %replica.addr,
+        servers = record.servers.len(),
+        "joined the site"
+    );
+    context
+        .status
+        .update(|status| show(&mut status.join, &record));
+    Ok(record)
+}
+
+/// Fetches the site issuer from the replica that answered the join, else from any
+/// replica of the site's servers.
+async fn fetch_issuer(context: &JoinContext, record: &JoinRecord) -> Result<(), ExchangeError> {
+    let credential = context
+        .credential
+        .load()
+        .ok()
+        .flatten()
+        .and_then(|c| Credential::from_pem(c.chain_pem.as_bytes(), c.key_pem.as_bytes()).ok())
+        .ok_or_else(|| ExchangeError::Setup("the node credential is not usable".into()))?;
+    let anchors = std::fs::read(context.credential.anchors())
+        .ok()
+        .and_then(|pem| pimesh_meshtls::pem::certificates(&pem).ok())
+        .unwrap_or_default();
+    let trust = pimesh_meshtls::SiteTrust::new(context.site.clone(), anchors)
+        .map_err(|err| ExchangeError::Setup(format!("the site's anchors: {err}")))?;
+    let mut replicas = vec![record.via.address];
+    for server in &record.servers {
+        for port in &server.replicas {
+            let addr = SocketAddr::new(server.address, *port);
+            if !replicas.contains(&addr) {
+                replicas.push(addr);
+            }
+        }
+    }
+    let mut last = None;
+    for addr in replicas {
+        match (Replica { addr }).issuer(&credential, &trust).await {
+            Ok(handover) => {
+                context
+                    .trust
+                    .install_handover(&handover)
+                    .map_err(|err| ExchangeError::Setup(err.to_string()))?;
+                return Ok(());
+            }
+            Err(err) => {
+                info!(replica = %addr, error = %err, "cannot fetch the issuer here; trying the next");
+                last = Some(err);
+            }
+        }
+    }
+    Err(last.unwrap_or(ExchangeError::Setup(
+        "no replica to fetch the issuer from".into(),
+    )))
+}
+
+/// Shows a stored join in the status.
+pub fn show(report: &mut crate::status::JoinReport, record: &JoinRecord) {
+    report.role = Some(record.role.as_str());
+    report.via = serde_json::to_value(&record.via).ok();
+    report.servers = record.servers.clone();
+    report.joined_at = Some(record.joined_at.clone());
+}

@@ -1,0 +1,109 @@
+//! Where a node stands in its site at the supervisor's start, and how that places its
+//! units: the init node is a server from the start; a node that joins by token runs
+//! nothing until it has joined, then runs as its [`JoinRecord`] says; a node without a
+//! token keeps to the seed's servers and a certificate signed by hand.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use pimesh_join::Role;
+use pimesh_schema::Seed;
+use tracing::warn;
+
+use crate::credential::CredentialFiles;
+use crate::join::record::JoinRecord;
+use crate::status::JoinReport;
+use crate::units::placement::Placement;
+
+/// The node's standing at start.
+#[derive(Debug, Clone)]
+pub enum Plan {
+    /// The site's first server (seed `role = "init"`).
+    Init,
+    /// A node whose seed has no join token (or no valid seed): as before plug-in join.
+    Manual,
+    /// Joined at an earlier start.
+    Joined(JoinRecord),
+    /// To join.
+    Waiting,
+}
+
+impl Plan {
+    pub fn of(seed: Option<&Seed>, record_file: &Path, credential: &CredentialFiles) -> Plan {
+        let Some(seed) = seed else {
+            return Plan::Manual;
+        };
+        if seed.role == pimesh_schema::Role::Init {
+            return Plan::Init;
+        }
+        if seed.join_token.is_none() {
+            return Plan::Manual;
+        }
+        match JoinRecord::load(record_file) {
+            Ok(Some(record)) if credential.has_certificate() => Plan::Joined(record),
+            Ok(_) => Plan::Waiting,
+            Err(err) => {
+                warn!(%err, "the join record is unreadable; the node joins again with its key");
+                Plan::Waiting
+            }
+        }
+    }
+
+    /// Whether the join task has work: joining, or fetching a server's issuer.
+    pub fn needs_join(&self, holds_issuer: bool) -> bool {
+        match self {
+            Plan::Waiting => true,
+            Plan::Joined(record) => record.role == Role::Server && !holds_issuer,
+            Plan::Init | Plan::Manual => false,
+        }
+    }
+
+    /// Sets the placement's join fields for this standing.
+    pub fn place(&self, placement: &mut Placement) {
+        match self {
+            Plan::Init => placement.role = Some(Role::Server),
+            Plan::Manual => {}
+            Plan::Joined(record) => placed(placement, record, placement.holds_issuer),
+            Plan::Waiting => placement.waiting_to_join = true,
+        }
+    }
+
+    /// The status's `join` at start.
+    pub fn report(&self) -> JoinReport {
+        let mut report = JoinReport::default();
+        match self {
+            Plan::Init => {
+                report.state = "init";
+                report.role = Some(Role::Server.as_str());
+            }
+            Plan::Manual => {}
+            Plan::Joined(record) => {
+                crate::join::show(&mut report, record);
+                report.state = "joined";
+            }
+            Plan::Waiting => report.state = "discovering",
+        }
+        report
+    }
+}
+
+/// The placement of a joined node: its role, the servers' replicas, and whether it holds
+/// the issuer (a server node does once it has fetched it).
+pub fn placed(placement: &mut Placement, record: &JoinRecord, holds_issuer: bool) {
+    placement.waiting_to_join = false;
+    placement.role = Some(record.role);
+    placement.holds_issuer = holds_issuer;
+    placement.joined_replicas = record
+        .servers
+        .iter()
+        .flat_map(|server| {
+            server
+                .replicas
+                .iter()
+                .map(move |port| SocketAddr::new(server.address, *port))
+        })
+        .collect();
+    if placement.joined_replicas.is_empty() {
+        placement.joined_replicas.push(record.via.address);
+    }
+}

@@ -1,0 +1,166 @@
+//! What the node does as a member of its site once its role is known: re-place its units
+//! (the proxy and, on a server node, the control replicas), and on a server node announce
+//! itself on the LAN and show the joins its replicas answered.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use pimesh_join::{anchor_pin, Announcement};
+use pimesh_schema::supervisor::CONTROL_BASE_PORT;
+use pimesh_schema::{DnsLabel, Seed};
+use tracing::warn;
+
+use crate::join::announce::Announcer;
+use crate::join::plan::placed;
+use crate::join::record::JoinRecord;
+use crate::join::OnJoined;
+use crate::paths::NodePaths;
+use crate::status::StatusHandle;
+use crate::units::managed_set::ManagedSet;
+use crate::units::placement;
+
+/// How often a server node reads its replicas' join records for the status.
+const JOINS_EVERY: Duration = Duration::from_secs(5);
+/// How many join records the status shows.
+const JOINS_SHOWN: usize = 50;
+
+/// The node's part in its site; cheap to clone (one shared state).
+#[derive(Clone)]
+pub struct SiteRole(Arc<Inner>);
+
+struct Inner {
+    site: Option<DnsLabel>,
+    node: Option<DnsLabel>,
+    /// The join token's pin, else none (the anchor of the trust folder is used).
+    pin: Option<[u8; 32]>,
+    trust_anchor: PathBuf,
+    joins_file: PathBuf,
+    mdns: bool,
+    units: Arc<ManagedSet>,
+    status: StatusHandle,
+    announcer: Mutex<Option<Announcer>>,
+    joins_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl SiteRole {
+    pub fn new(
+        paths: &NodePaths,
+        seed: Option<&Seed>,
+        node: Option<DnsLabel>,
+        mdns: bool,
+        units: Arc<ManagedSet>,
+        status: StatusHandle,
+    ) -> SiteRole {
+        SiteRole(Arc::new(Inner {
+            site: seed.map(|seed| seed.site.clone()),
+            node,
+            pin: seed
+                .and_then(|seed| seed.join_token.as_ref())
+                .map(|token| *token.anchor_sha256()),
+            trust_anchor: paths.state_dir.join("trust").join("anchor.pem"),
+            joins_file: paths.control_state_dir().join("joins.jsonl"),
+            mdns,
+            units,
+            status,
+            announcer: Mutex::new(None),
+            joins_task: Mutex::new(None),
+        }))
+    }
+
+    /// What the join calls when the node joined, and again when it holds the issuer.
+    pub fn on_joined(&self) -> OnJoined {
+        let role = self.clone();
+        Box::new(move |record: &JoinRecord, holds_issuer: bool| {
+            role.0
+                .units
+                .replace_placement(|placement| placed(placement, record, holds_issuer));
+            if holds_issuer {
+                role.serve_as_server();
+            }
+        })
+    }
+
+    /// On a server node: announces it on the LAN (when mDNS is on) and shows the joins
+    /// its replicas answer. Idempotent.
+    pub fn serve_as_server(&self) {
+        let inner = &self.0;
+        let mut announcer = inner
+            .announcer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if announcer.is_none() && inner.mdns {
+            match self.announcement() {
+                Some(announcement) => match Announcer::start(&announcement) {
+                    Ok(started) => *announcer = Some(started),
+                    Err(err) => warn!(%err, "joining nodes will need the seed's servers"),
+                },
+                None => warn!("no site, node name or anchor to announce this server with"),
+            }
+        }
+        let mut task = inner
+            .joins_task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if task.is_none() {
+            *task = Some(tokio::spawn(show_joins(
+                inner.joins_file.clone(),
+                inner.status.clone(),
+            )));
+        }
+    }
+
+    fn announcement(&self) -> Option<Announcement> {
+        let inner = &self.0;
+        let pin = inner.pin.or_else(|| {
+            let pem = std::fs::read(&inner.trust_anchor).ok()?;
+            let anchors = pimesh_meshtls::pem::certificates(&pem).ok()?;
+            anchors.first().map(|anchor| anchor_pin(anchor))
+        })?;
+        let replicas = inner
+            .units
+            .current()
+            .iter()
+            .filter(|unit| placement::is_replica(unit))
+            .count();
+        Some(Announcement::server(
+            inner.site.clone()?,
+            inner.node.clone()?,
+            &pin,
+            CONTROL_BASE_PORT + 1,
+            u8::try_from(replicas.max(1)).unwrap_or(u8::MAX),
+        ))
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .joins_task
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// Shows the last [`JOINS_SHOWN`] records of `file` (one JSON object per line) in the
+/// status, every [`JOINS_EVERY`]; a line that is not JSON is skipped.
+async fn show_joins(file: PathBuf, status: StatusHandle) {
+    let mut every = tokio::time::interval(JOINS_EVERY);
+    loop {
+        every.tick().await;
+        let Ok(text) = tokio::fs::read_to_string(&file).await else {
+            continue;
+        };
+        let records: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect();
+        let skip = records.len().saturating_sub(JOINS_SHOWN);
+        let records: Vec<_> = records.into_iter().skip(skip).collect();
+        status.update(|status| status.joins = records);
+    }
+}
