@@ -1,0 +1,219 @@
+//! Plug-in join on the host: a real `pimesh-supervisor` whose seed holds nothing but the
+//! site, `role = "join"`, a join token and (so that nothing is multicast from the host)
+//! the address of a real `pimesh-control` replica. The node joins with no other step,
+//! becomes a server (the site wants three), receives the issuer, and refuses a rogue
+//! server and a wrong token with a reason in its status.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use pimesh_test_support::control::Replica;
+use pimesh_test_support::http::get_blocking;
+use pimesh_test_support::pki::Site;
+use pimesh_test_support::{free_addr, Binary, Daemon};
+
+const SECRET: &str = "JoinSecret0123456789abcdef";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The token of `site` with `secret`: `K10<sha256 of the anchor>::<secret>`.
+fn token(site: &Site, secret: &str) -> String {
+    let pin = pimesh_join::anchor_pin(site.root.anchor.cert_der());
+    format!("K10{}::{secret}", hex(&pin))
+}
+
+/// A replica of `site` (replica 1 of node `pi-a`) whose trust folder accepts `SECRET`.
+fn replica_of(site: &Site, dir: &Path) -> Replica {
+    let trust = dir.join("trust");
+    site.write_trust(&trust);
+    let accepted = pimesh_join::AcceptedTokens(vec![pimesh_join::AcceptedToken::for_secret(
+        SECRET, None,
+    )]);
+    std::fs::write(
+        trust.join("join.json"),
+        serde_json::json!({ "tokens": accepted }).to_string(),
+    )
+    .unwrap();
+    Replica::options(1)
+        .trust_dir(&trust)
+        .site(site.name.as_str())
+        .arg("--node")
+        .arg("pi-a")
+        .arg("--state-dir")
+        .arg(dir.join("control-state"))
+        .start_blocking()
+}
+
+/// A joining node: the supervisor with its folders under a temporary root.
+struct Node {
+    daemon: Daemon,
+    status_addr: SocketAddr,
+    root: tempfile::TempDir,
+}
+
+impl Node {
+    fn start(seed: &str) -> Node {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("boot")).unwrap();
+        std::fs::write(root.path().join("boot/pimesh.toml"), seed).unwrap();
+        std::fs::write(root.path().join("supervisor.toml"), "unit = []\n").unwrap();
+        Node::start_in(root)
+    }
+
+    /// The supervisor on the node whose folders are under `root` (a restart keeps them).
+    fn start_in(root: tempfile::TempDir) -> Node {
+        let path = |p: &str| root.path().join(p);
+        let status_addr = free_addr();
+        let mut command = Daemon::command(Binary::Supervisor, "info");
+        command
+            .arg("--seed")
+            .arg(path("boot/pimesh.toml"))
+            .args(["--status-addr", &status_addr.to_string(), "--no-node-setup"])
+            .arg("--supervisor-config")
+            .arg(path("supervisor.toml"))
+            .arg("--etc-dir")
+            .arg(path("etc"))
+            .arg("--state-dir")
+            .arg(path("var/lib/pimesh"))
+            .arg("--run-dir")
+            .arg(path("run"))
+            .arg("--manifest")
+            .arg(path("no-manifest.json"));
+        let log = path(&format!("supervisor-{}.log", status_addr.port()));
+        let mut daemon = Daemon::spawn("pimesh-supervisor", command, Some(&log));
+        daemon.wait_until_blocking("the status API", || {
+            get_blocking(status_addr, "/status").is_some()
+        });
+        Node {
+            daemon,
+            status_addr,
+            root,
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let (code, body) = get_blocking(self.status_addr, "/status").expect("status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn file(&self, path: &str) -> PathBuf {
+        self.root.path().join(path)
+    }
+
+    fn wait_for_join_state(&mut self, state: &str) -> serde_json::Value {
+        let addr = self.status_addr;
+        let mut last = serde_json::Value::Null;
+        self.daemon.wait_until_blocking(&format!("join state {state}"), || {
+            let Some((200, body)) = get_blocking(addr, "/status") else {
+                return false;
+            };
+            last = serde_json::from_str(&body).unwrap();
+            last["join"]["state"] == state
+        });
+        last
+    }
+}
+
+fn seed(site: &Site, token: &str, node: &str, server: SocketAddr) -> String {
+    format!(
+        "site = \"{}\"\nrole = \"join\"\nnode = \"{node}\"\njoin_token = \"{token}\"\nservers = [\"{server}\"]\n",
+        site.name
+    )
+}
+
+#[test]
+fn a_node_joins_with_nothing_but_its_seed_and_becomes_a_server() {
+    let site = Site::new("lab");
+    let dir = tempfile::tempdir().unwrap();
+    let replica = replica_of(&site, dir.path());
+    let mut node = Node::start(&seed(&site, &token(&site, SECRET), "pi-b", replica.addr));
+
+    let status = node.wait_for_join_state("joined");
+    assert_eq!(status["join"]["role"], "server", "{status:#}");
+    assert_eq!(status["join"]["via"]["address"], replica.addr.to_string());
+    assert!(status["join"]["last_error"].is_null(), "{status:#}");
+
+    // The certificate is the node's, for its own key, under the site's anchor.
+    let chain = std::fs::read(node.file("var/lib/pimesh/identity/node.pem")).unwrap();
+    let certs = pimesh_meshtls::pem::certificates(&chain).unwrap();
+    let ids = pimesh_identity::verify_leaf(
+        &certs[0],
+        &certs[1..],
+        std::slice::from_ref(site.root.anchor.cert_der()),
+        &site.name,
+        pimesh_identity::Usage::Client,
+        std::time::SystemTime::now(),
+    )
+    .expect("the node certificate verifies under the site's anchor");
+    assert_eq!(ids, vec![site.node_id("pi-b")]);
+    let key = std::fs::read(node.file("var/lib/pimesh/identity/node.key")).unwrap();
+    pimesh_meshtls::Credential::from_pem(&chain, &key).expect("the certificate is of the node's key");
+    assert_eq!(
+        std::fs::read_to_string(node.file("var/lib/pimesh/identity/anchor.pem")).unwrap(),
+        site.root.anchor.cert_pem()
+    );
+
+    // A server node holds the site issuer, and its proxy says it is a server.
+    assert_eq!(
+        std::fs::read_to_string(node.file("var/lib/pimesh/trust/issuer.pem")).unwrap(),
+        site.root.issuer.cert_pem()
+    );
+    let proxy_env = std::fs::read_to_string(node.file("run/proxy.env")).unwrap();
+    assert!(proxy_env.contains("--role server"), "{proxy_env}");
+    let control_env = std::fs::read_to_string(node.file("run/control.env")).unwrap();
+    assert!(control_env.contains("--site lab --node pi-b"), "{control_env}");
+
+    // The replica recorded the join.
+    let joins = std::fs::read_to_string(dir.path().join("control-state/joins.jsonl")).unwrap();
+    assert!(joins.contains("\"pi-b\"") && joins.contains("joined"), "{joins}");
+
+    // A restart keeps the role and joins no more.
+    let record = node.file("var/lib/pimesh/join/state.json");
+    let before = std::fs::read_to_string(&record).unwrap();
+    drop(node.daemon);
+    let mut again = Node::start_in(node.root);
+    let status = again.wait_for_join_state("joined");
+    assert_eq!(status["join"]["role"], "server");
+    assert_eq!(std::fs::read_to_string(&record).unwrap(), before);
+}
+
+#[test]
+fn a_rogue_server_and_a_wrong_token_get_nothing_and_the_node_says_why() {
+    let site = Site::new("lab");
+    let dir = tempfile::tempdir().unwrap();
+    let replica = replica_of(&site, dir.path());
+
+    // A server of a site of the same name under another anchor: the pin does not match.
+    let rogue_site = Site::new("lab");
+    let rogue_dir = tempfile::tempdir().unwrap();
+    let rogue = replica_of(&rogue_site, rogue_dir.path());
+    let mut node = Node::start(&seed(&site, &token(&site, SECRET), "pi-r", rogue.addr));
+    let status = node.wait_for_join_state("discovering");
+    node.daemon.wait_until_blocking("the rogue server named", || {
+        node.status()["join"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("rogue server"))
+    });
+    assert!(!node.file("var/lib/pimesh/identity/node.pem").exists(), "{status:#}");
+    assert!(
+        !rogue_dir.path().join("control-state/joins.jsonl").exists(),
+        "the rogue server never saw a join request"
+    );
+
+    // The right server, a wrong secret: refused for good, with the replica's reason.
+    let mut wrong = Node::start(&seed(
+        &site,
+        &token(&site, "WrongSecret0123456789abcdef"),
+        "pi-w",
+        replica.addr,
+    ));
+    let status = wrong.wait_for_join_state("refused");
+    let error = status["join"]["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("wrong_token"), "{status:#}");
+    assert!(!wrong.file("var/lib/pimesh/identity/node.pem").exists());
+}
