@@ -8,6 +8,8 @@
 //!   one replica learns another server node's replica from discovery and fails over to
 //!   it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::sync::Arc;
 
 use pimesh_test_support::control::DiscoveryStream;
