@@ -99,7 +99,8 @@ struct Cli {
     local_ip: IpAddr,
     /// The site's control replicas (IP:PORT each); with them the proxy gets its workload
     /// identity from them, authenticating with the node credential, and renews it
-    /// (default: none, the node credential alone is the identity)
+    /// (default: none, the node credential alone is the identity); the replicas of the
+    /// server nodes the discovery stream lists are added to these (at most 64 in all)
     #[arg(long, value_name = "ADDR[,ADDR...]", value_parser = parse_replicas)]
     control: Option<Replicas>,
     /// Where the proxy keeps what it learnt (identity/: the last leaf, its key and the
