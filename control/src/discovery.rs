@@ -2,7 +2,7 @@
 //!
 //! | method and path | what |
 //! |---|---|
-//! | `POST /v1/heartbeat` | body `{"port": P}` (at most [`MAX_HEARTBEAT_BYTES`]): the requesting node's proxy takes mesh traffic at the connection's peer IP, port `P`; answer 204. Kept for the TTL (`--heartbeat-ttl`) |
+//! | `POST /v1/heartbeat` | body `{"port": P}` (at most [`MAX_HEARTBEAT_BYTES`]; optional `credential`, `role`, `replicas` accepted and ignored for now): the requesting node's proxy takes mesh traffic at the connection's peer IP, port `P`; answer 204. Kept for the TTL (`--heartbeat-ttl`) |
 //! | `GET /v1/discovery` | a stream, `application/x-ndjson`: one [`Document`] per line at once, a new one whenever its content changes, an empty line after [`KEEPALIVE`] without one |
 //!
 //! A document is `{"version","site","config","nodes"}`: `config` is the text of the site
@@ -184,14 +184,19 @@ impl fmt::Display for HeartbeatError {
     }
 }
 
-/// The port of a heartbeat body, `{"port": P}` with P in 1..=65535 and nothing else.
+/// The port of a heartbeat body, `{"port": P}` with P in 1..=65535. The optional fields
+/// proxies also send (`credential`, `role`, `replicas`: see the join design) are accepted
+/// and, for now, ignored; any other field is refused.
 pub fn heartbeat_port(body: &[u8]) -> Result<u16, HeartbeatError> {
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|err| HeartbeatError::NotJson(err.to_string()))?;
     let serde_json::Value::Object(fields) = value else {
         return Err(HeartbeatError::NotAnObject(value));
     };
-    if let Some(other) = fields.keys().find(|key| *key != "port") {
+    if let Some(other) = fields
+        .keys()
+        .find(|key| !matches!(key.as_str(), "port" | "credential" | "role" | "replicas"))
+    {
         return Err(HeartbeatError::UnknownField(other.clone()));
     }
     match fields.get("port") {
@@ -307,6 +312,19 @@ mod tests {
             let err = heartbeat_port(body).expect_err("refused").to_string();
             assert!(err.contains("{\"port\": P}") && err.contains(says), "{err}");
         }
+    }
+
+    #[test]
+    fn a_heartbeat_may_carry_the_credential_role_and_replicas() {
+        let body =
+            br#"{"port": 4143, "credential": "ab12", "role": "server", "replicas": [8086, 8087]}"#;
+        assert_eq!(heartbeat_port(body), Ok(4143));
+        let agent = br#"{"port": 4143, "credential": "ab12", "role": "agent"}"#;
+        assert_eq!(heartbeat_port(agent), Ok(4143));
+        let err = heartbeat_port(br#"{"port": 4143, "role": "server", "zone": 1}"#)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("\"zone\""), "{err}");
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! The command line: `pimesh-proxy [--admin-addr IP:PORT] [--config PATH] ...`, parsed by
 //! clap with the conventions of `pimesh_runtime::cli`.
+//!
+//! Invariant of the parsed [`Options`]: `server_replicas` is empty unless `role` is
+//! [`Role::Server`] (a node runs replicas only as a server).
 
 use std::ffi::OsString;
 use std::fmt;
@@ -25,6 +28,31 @@ pub struct Options {
     /// is the identity, as before they existed).
     pub control: Vec<SocketAddr>,
     pub state_dir: PathBuf,
+    /// `--role`: what the site made this node, told to the replicas in heartbeats;
+    /// `None`: not told (a node from before the join protocol).
+    pub role: Option<Role>,
+    /// `--server-replicas`: the ports of this node's own control replicas, heartbeated
+    /// with `role = "server"`; empty unless `role` is `Some(Role::Server)`.
+    pub server_replicas: Vec<u16>,
+}
+
+/// What the site made this node (join design, placement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Runs control replicas (and the k3s server).
+    Server,
+    /// Runs workloads only.
+    Agent,
+}
+
+impl Role {
+    /// As heartbeats spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Server => "server",
+            Role::Agent => "agent",
+        }
+    }
 }
 
 impl Default for Options {
@@ -38,6 +66,8 @@ impl Default for Options {
             local_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             control: Vec::new(),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            role: None,
+            server_replicas: Vec::new(),
         }
     }
 }
@@ -69,13 +99,76 @@ struct Cli {
     local_ip: IpAddr,
     /// The site's control replicas (IP:PORT each); with them the proxy gets its workload
     /// identity from them, authenticating with the node credential, and renews it
-    /// (default: none, the node credential alone is the identity)
+    /// (default: none, the node credential alone is the identity); the replicas of the
+    /// server nodes the discovery stream lists are added to these (at most 64 in all)
     #[arg(long, value_name = "ADDR[,ADDR...]", value_parser = parse_replicas)]
     control: Option<Replicas>,
     /// Where the proxy keeps what it learnt (identity/: the last leaf, its key and the
     /// trust bundle) (default $STATE_DIRECTORY, else /var/lib/pimesh-proxy)
     #[arg(long, value_name = "PATH", value_parser = NonEmptyPath)]
     state_dir: Option<PathBuf>,
+    /// What the site made this node, `server` or `agent`, sent to the replicas in every
+    /// heartbeat (default: not sent)
+    #[arg(long, value_name = "ROLE", value_parser = parse_role)]
+    role: Option<Role>,
+    /// With `--role server`: the ports of this node's own control replicas, sent in
+    /// heartbeats so that every proxy of the site learns them from discovery and fails
+    /// over to them too
+    #[arg(long, value_name = "PORT[,PORT...]", value_parser = parse_ports)]
+    server_replicas: Option<Ports>,
+}
+
+/// `--role`'s value that is neither `server` nor `agent`.
+#[derive(Debug)]
+struct RoleError(String);
+
+impl fmt::Display for RoleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "expected server or agent, found {:?}", self.0)
+    }
+}
+
+impl std::error::Error for RoleError {}
+
+fn parse_role(text: &str) -> Result<Role, RoleError> {
+    match text {
+        "server" => Ok(Role::Server),
+        "agent" => Ok(Role::Agent),
+        other => Err(RoleError(other.to_owned())),
+    }
+}
+
+/// `--server-replicas`' list, given as one comma-separated value.
+#[derive(Debug, Clone)]
+struct Ports(Vec<u16>);
+
+/// An entry of `--server-replicas`' list that is not a port in 1..=65535.
+#[derive(Debug)]
+struct PortError(String);
+
+impl fmt::Display for PortError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "expected PORT[,PORT...] (each in 1..=65535), found {:?}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for PortError {}
+
+fn parse_ports(text: &str) -> Result<Ports, PortError> {
+    text.split(',')
+        .map(|port| {
+            port.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|port| *port != 0)
+                .ok_or_else(|| PortError(port.to_owned()))
+        })
+        .collect::<Result<_, _>>()
+        .map(Ports)
 }
 
 /// `--control`'s list, given as one comma-separated value.
@@ -127,6 +220,13 @@ fn parse_with(
     state_directory: Option<OsString>,
 ) -> Result<Options, clap::Error> {
     let cli = Cli::try_parse_from(args)?;
+    let server_replicas = cli.server_replicas.map(|ports| ports.0).unwrap_or_default();
+    if !server_replicas.is_empty() && cli.role != Some(Role::Server) {
+        return Err(<Cli as clap::CommandFactory>::command().error(
+            clap::error::ErrorKind::ArgumentConflict,
+            "--server-replicas needs --role server: only a server node runs replicas",
+        ));
+    }
     let state_dir = cli
         .state_dir
         .or_else(|| {
@@ -144,6 +244,8 @@ fn parse_with(
         local_ip: cli.local_ip,
         control: cli.control.map(|replicas| replicas.0).unwrap_or_default(),
         state_dir,
+        role: cli.role,
+        server_replicas,
     })
 }
 
@@ -247,6 +349,33 @@ mod tests {
             Some(OsString::from("/var/lib/x")),
         );
         assert!(matches!(given, Ok(o) if o.state_dir == Path::new("/y")));
+    }
+
+    #[test]
+    fn role_and_server_replicas() {
+        let Ok(options) = run(&["--role", "server", "--server-replicas", "8086, 8087,8088"]) else {
+            panic!("valid flags")
+        };
+        assert_eq!(options.role, Some(Role::Server));
+        assert_eq!(options.server_replicas, vec![8086, 8087, 8088]);
+        let Ok(agent) = run(&["--role=agent"]) else {
+            panic!("valid flags")
+        };
+        assert_eq!(agent.role, Some(Role::Agent));
+        assert!(agent.server_replicas.is_empty());
+        let err = refused(&["--role", "leader"]);
+        assert!(err.contains("--role") && err.contains("leader"), "{err}");
+        let err = refused(&["--role", "server", "--server-replicas", "8086,0"]);
+        assert!(
+            err.contains("--server-replicas") && err.contains("\"0\""),
+            "{err}"
+        );
+        let err = refused(&["--role", "server", "--server-replicas", "8086,x"]);
+        assert!(err.contains("\"x\""), "{err}");
+        let err = refused(&["--role", "agent", "--server-replicas", "8086"]);
+        assert!(err.contains("--role server"), "{err}");
+        let err = refused(&["--server-replicas", "8086"]);
+        assert!(err.contains("--role server"), "{err}");
     }
 
     #[test]

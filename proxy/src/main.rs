@@ -17,7 +17,13 @@
 //! refused config or identity leaves the last good one in use. With `--control`, the
 //! site config comes from the control replicas' discovery stream (`control::discovery`), with
 //! live node addresses merged in; the file config serves only until a discovery
-//! document (live, or cached from an earlier run) is accepted. SIGTERM drains:
+//! document (live, or cached from an earlier run) is accepted. The replicas the proxy
+//! fails over between are `--control`'s plus every replica of every server node the
+//! discovery document lists (`control::replicas`, at most 64). Heartbeats tell every
+//! replica the node's inbound port, its node credential's key (SHA-256 of the
+//! SubjectPublicKeyInfo) and, with `--role server|agent`, its role — for a server with
+//! the ports of its own replicas (`--server-replicas 8086,8087,8088`), which is how the
+//! other proxies learn them. SIGTERM drains:
 //! listeners close, connections finish what they carry, and the process exits.
 //!
 //! # Layout
@@ -61,6 +67,7 @@ use tracing::{info, warn};
 
 use crate::config::{state, Routing, SiteConfig};
 use crate::context::Context;
+use crate::control::replicas::ReplicaSet;
 use crate::control::{discovery, enroll};
 use crate::identity::{IdentityFiles, IdentityReloader};
 use crate::telemetry::metrics::Metrics;
@@ -142,11 +149,16 @@ async fn run(options: cli::Options) -> Result<(), Error> {
         Arc::clone(&metrics),
         snapshots.borrow().value.site_config.as_ref(),
     );
+    let replica_set = Arc::new(ReplicaSet::new(
+        options.control.clone(),
+        metrics.control.replicas.clone(),
+    ));
+    let node_credential_files = node_credential.clone();
     let (mut identities, enrollment, enroll_task) = if options.control.is_empty() {
         (node_credential, None, None)
     } else {
         let settings = enroll::Settings {
-            replicas: options.control.clone(),
+            replicas: replica_set.subscribe(),
             state_dir: options.state_dir.clone(),
         };
         let (identities, status, task) = enroll::spawn(
@@ -165,11 +177,14 @@ async fn run(options: cli::Options) -> Result<(), Error> {
     let control = (!options.control.is_empty()).then(|| {
         let control = discovery::Control::start(
             discovery::Options {
-                replicas: options.control.clone(),
+                replicas: Arc::clone(&replica_set),
                 inbound_port: options.inbound_addr.port(),
+                role: options.role,
+                server_replicas: options.server_replicas.clone(),
                 state_dir: options.state_dir.clone(),
             },
             identities.clone(),
+            node_credential_files,
             metrics.control.clone(),
         );
         discovered = control.configs();

@@ -1,19 +1,24 @@
 //! Talking to the control replicas: one discovery watch at a time, heartbeats to all.
 //!
-//! The watch stays on one replica while it answers; on a connection error, a refusal,
-//! the end of the stream or [`IDLE`] without a line (replicas send a keepalive line every
-//! 10 s), it moves on to the next replica of the list, round robin, after a short backoff
-//! with jitter (at most 2 s, [`BACKOFF`]), so that a failover takes about a second. While
-//! no replica answers, a warning is logged every [`WARN_EVERY`] naming what is in use.
+//! The replicas are the live set of `control::replicas` (the start list and the
+//! replicas of the servers the accepted documents list), read anew at every failover.
+//! The watch stays on one replica while it answers (even one that has since left the
+//! set); on a connection error, a refusal, the end of the stream or [`IDLE`] without a
+//! line (replicas send a keepalive line every 10 s), it moves on to the replica after it
+//! in the set, round robin, after a short backoff with jitter (at most 2 s, [`BACKOFF`]),
+//! so that a failover takes about a second. While no replica answers, a warning is logged
+//! every [`WARN_EVERY`] naming what is in use.
 //!
-//! Heartbeats (`{"port": P}` every [`HEARTBEAT_EVERY`]) go to every replica
-//! independently, each over its own kept-open HTTP/2 connection, so that any replica the
-//! proxies fail over to already knows this node. Their failures are logged at debug level
-//! and counted (`pimesh_control_heartbeat_failures_total`).
+//! Heartbeats (`heartbeat::Announce`, every [`HEARTBEAT_EVERY`]) go to every replica of
+//! the set independently, one task each over its own kept-open HTTP/2 connection, so that
+//! any replica the proxies fail over to already knows this node: a replica that joins the
+//! set gets a task, one that leaves it has its task stopped. Their failures are logged at
+//! debug level and counted (`pimesh_control_heartbeat_failures_total`).
 //!
 //! Every connection is mutual TLS with the node identity current when it is opened; the
 //! replica must prove `spiffe://<site>/svc/pimesh-control` (`Identity::control_connector`).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -28,6 +33,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pimesh_runtime::backoff::{Backoff, Jitter};
 use tracing::{debug, info, warn};
 
+use super::heartbeat::Announce;
 use super::{Shared, Source};
 use crate::identity::Identity;
 
@@ -103,24 +109,32 @@ impl fmt::Display for ReplicaError {
 
 impl std::error::Error for ReplicaError {}
 
-/// Starts the watch task and one heartbeat task per replica.
+/// Starts the watch task and the task that keeps one heartbeat task per replica.
 pub fn spawn(shared: &Arc<Shared>) {
     tokio::spawn(watch_loop(Arc::clone(shared)));
-    for replica in &shared.options.replicas {
-        tokio::spawn(heartbeat_loop(Arc::clone(shared), *replica));
+    tokio::spawn(heartbeat_tasks(Arc::clone(shared)));
+}
+
+/// The index in `replicas` of the replica to try after `replica`: the one following it,
+/// or, when `replica` has left the set, the one now at its old `index`.
+fn next_index(replicas: &[SocketAddr], replica: SocketAddr, index: usize) -> usize {
+    let len = replicas.len().max(1);
+    match replicas.iter().position(|r| *r == replica) {
+        Some(at) => (at + 1) % len,
+        None => index % len,
     }
 }
 
 async fn watch_loop(shared: Arc<Shared>) {
-    let replicas = shared.options.replicas.clone();
     // A random first replica spreads the proxies of a site over the replicas.
-    let mut index = fastrand::usize(..replicas.len().max(1));
+    let mut index = fastrand::usize(..shared.options.replicas.current().len().max(1));
     let mut failures: u32 = 0;
     let mut last_answer = Instant::now();
     let mut last_warning: Option<Instant> = None;
     loop {
-        let Some(replica) = replicas.get(index).copied() else {
-            return;
+        let replicas = shared.options.replicas.current();
+        let Some(replica) = replicas.get(index % replicas.len().max(1)).copied() else {
+            return; // no replica at all: `Control::start` is only called with some
         };
         let outcome = watch(&shared, replica).await;
         shared.metrics.connected.set(0);
@@ -150,7 +164,7 @@ async fn watch_loop(shared: Arc<Shared>) {
             );
             last_warning = Some(Instant::now());
         }
-        index = (index + 1) % replicas.len();
+        index = next_index(&shared.options.replicas.current(), replica, index);
         failures = failures.saturating_add(1);
         tokio::time::sleep(BACKOFF.delay(failures, fastrand::u64(..))).await;
     }
@@ -225,14 +239,48 @@ async fn watch_inner(
     }
 }
 
+/// Keeps one [`heartbeat_loop`] running for each replica of the set, and none for a
+/// replica that left it.
+async fn heartbeat_tasks(shared: Arc<Shared>) {
+    let mut replicas = shared.options.replicas.subscribe();
+    let mut tasks: HashMap<SocketAddr, tokio::task::JoinHandle<()>> = HashMap::new();
+    loop {
+        let now: Vec<SocketAddr> = replicas.borrow_and_update().to_vec();
+        tasks.retain(|replica, task| {
+            let keep = now.contains(replica);
+            if !keep {
+                debug!(%replica, "no more heartbeats to this replica: it left the set");
+                task.abort();
+            }
+            keep
+        });
+        for replica in now {
+            tasks
+                .entry(replica)
+                .or_insert_with(|| tokio::spawn(heartbeat_loop(Arc::clone(&shared), replica)));
+        }
+        if replicas.changed().await.is_err() {
+            break;
+        }
+    }
+    for task in tasks.values() {
+        task.abort();
+    }
+}
+
 async fn heartbeat_loop(shared: Arc<Shared>, replica: SocketAddr) {
-    let body = Bytes::from(format!("{{\"port\": {}}}", shared.options.inbound_port));
+    let announce = Announce {
+        inbound_port: shared.options.inbound_port,
+        role: shared.options.role,
+        server_replicas: shared.options.server_replicas.clone(),
+    };
     let mut sender: Option<SendRequest<Full<Bytes>>> = None;
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match heartbeat(&shared, replica, &mut sender, body.clone()).await {
+        let body = announce.body(shared.node_credential.borrow().as_ref());
+        match heartbeat(&shared, replica, &mut sender, body).await {
             Ok(()) => debug!(%replica, "heartbeat sent"),
             Err(err) => {
                 sender = None;
@@ -327,6 +375,23 @@ async fn refusal(response: hyper::Response<hyper::body::Incoming>) -> ReplicaErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watch_moves_to_the_replica_after_the_failed_one() {
+        let addrs: Vec<SocketAddr> = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+            .iter()
+            .map(|a| a.parse().expect("addr"))
+            .collect();
+        assert_eq!(next_index(&addrs, addrs[0], 0), 1);
+        assert_eq!(next_index(&addrs, addrs[2], 2), 0);
+        // The set grew in front of the failed one: still the one after it.
+        assert_eq!(next_index(&addrs, addrs[1], 0), 2);
+        // The failed one left the set: the one now at its place.
+        let gone: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        assert_eq!(next_index(&addrs, gone, 1), 1);
+        assert_eq!(next_index(&addrs, gone, 7), 1);
+        assert_eq!(next_index(&[], gone, 3), 0);
+    }
 
     #[test]
     fn the_backoff_grows_to_two_seconds_with_jitter() {

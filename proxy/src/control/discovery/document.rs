@@ -1,5 +1,7 @@
 //! One discovery document, as a control replica streams it and as the cache keeps it:
-//! `{"version","site","config","nodes"}` (see the replica's `discovery` module).
+//! `{"version","site","config","nodes"}` and, from replicas that know the join protocol,
+//! `"servers": {"<node>": {"address": "IP", "replicas": [ports]}}` (see the replica's
+//! `discovery` module; a document without `servers` lists none).
 //!
 //! The `config` text goes through the very same `pimesh_schema` validator as a file
 //! config, and the node proxy's own checks (`config::site::check_runnable`); `nodes`
@@ -7,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{AddrParseError, SocketAddr};
+use std::net::{AddrParseError, IpAddr, SocketAddr};
 use std::path::Path;
 
 use pimesh_schema::cluster::{ClusterConfig, Node, NodeAddress};
@@ -106,6 +108,18 @@ pub struct Document {
     pub config: Option<String>,
     #[serde(default)]
     pub nodes: BTreeMap<String, String>,
+    /// The server nodes and their control replicas, from live server heartbeats.
+    #[serde(default)]
+    pub servers: BTreeMap<String, Server>,
+}
+
+/// A server node of the document's `servers`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Server {
+    pub address: IpAddr,
+    /// The ports of its control replicas.
+    #[serde(default)]
+    pub replicas: Vec<u16>,
 }
 
 impl Document {
@@ -116,6 +130,21 @@ impl Document {
             origin: source.to_owned(),
             err,
         })
+    }
+
+    /// Every control replica of every server the document lists, servers by node name,
+    /// ports in the order given (port 0, never a replica's, is left out).
+    pub fn server_replicas(&self) -> Vec<SocketAddr> {
+        self.servers
+            .values()
+            .flat_map(|server| {
+                server
+                    .replicas
+                    .iter()
+                    .filter(|port| **port != 0)
+                    .map(|port| SocketAddr::new(server.address, *port))
+            })
+            .collect()
     }
 
     /// The site config this document stands for, for a proxy of `site`: the config text
@@ -209,6 +238,7 @@ mod tests {
                 .iter()
                 .map(|(n, a)| ((*n).to_owned(), (*a).to_owned()))
                 .collect(),
+            servers: BTreeMap::new(),
         }
     }
 
@@ -235,6 +265,36 @@ mod tests {
         assert_eq!(loaded.sha256_hex(), site::sha256_hex_of(CONFIG.as_bytes()));
         let none = document(None, &[]).site_config("r", &label("lab"));
         assert!(matches!(none, Ok(None)), "{none:?}");
+    }
+
+    #[test]
+    fn servers_are_optional_and_list_their_replicas() {
+        let old = br#"{"version":"v1","site":"lab","config":null,"nodes":{"a":"10.0.0.1:4143"}}"#;
+        let parsed = Document::parse("r", old).expect("an old document stays valid");
+        assert!(parsed.servers.is_empty());
+        assert!(parsed.server_replicas().is_empty());
+        let new = br#"{"version":"v2","site":"lab","config":null,"nodes":{},
+            "servers":{"s2":{"address":"10.0.0.2","replicas":[8086,8087]},
+                       "s1":{"address":"fd00::1","replicas":[8086,0]},
+                       "s3":{"address":"10.0.0.3"}}}"#;
+        let parsed = Document::parse("r", new).expect("valid");
+        assert_eq!(parsed.servers.len(), 3);
+        let replicas: Vec<String> = parsed
+            .server_replicas()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            replicas,
+            ["[fd00::1]:8086", "10.0.0.2:8086", "10.0.0.2:8087"],
+            "by node name, port 0 left out"
+        );
+        let bad = br#"{"version":"v","site":"lab","config":null,
+            "servers":{"s1":{"address":"nowhere","replicas":[8086]}}}"#;
+        let err = Document::parse("replica 127.0.0.1:8086", bad)
+            .expect_err("not an address")
+            .to_string();
+        assert!(err.contains("replica 127.0.0.1:8086"), "{err}");
     }
 
     #[test]

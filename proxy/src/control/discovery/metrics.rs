@@ -1,6 +1,7 @@
 //! The discovery client's metrics: `pimesh_control_failovers_total`,
 //! `pimesh_discovery_updates_total`, `pimesh_discovery_rejected_total`,
-//! `pimesh_control_heartbeat_failures_total`, `pimesh_control_connected`.
+//! `pimesh_control_heartbeat_failures_total`, `pimesh_control_connected`,
+//! `pimesh_control_replicas`.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -14,6 +15,8 @@ pub struct ControlMetrics {
     pub rejected: Counter,
     pub heartbeat_failures: Counter,
     pub connected: Gauge,
+    /// The size of the live replica set (`control::replicas`).
+    pub replicas: Gauge,
 }
 
 impl ControlMetrics {
@@ -45,6 +48,11 @@ impl ControlMetrics {
             "pimesh_control_connected",
             "1 while a discovery watch to a control replica is open",
             metrics.connected.clone(),
+        );
+        registry.register(
+            "pimesh_control_replicas",
+            "Control replicas the proxy fails over between: its start list and the servers' replicas discovery lists",
+            metrics.replicas.clone(),
         );
         metrics
     }

@@ -3,7 +3,10 @@
 //! the config file.
 //!
 //! - `client`: one discovery watch open to one healthy replica at a time, failing over
-//!   to the next on error, end of stream or silence; heartbeats to every replica.
+//!   to the next on error, end of stream or silence; heartbeats to every replica of the
+//!   live set (`control::replicas`: the start list and the servers' replicas the
+//!   accepted documents list).
+//! - `heartbeat`: what a heartbeat says (port, node credential key, role, replicas).
 //! - `document`: a document's checks — the same schema validator as the file config.
 //! - `cache`: the last good document on disk, used at start so that a proxy serves with
 //!   every replica down.
@@ -16,6 +19,7 @@
 mod cache;
 mod client;
 mod document;
+mod heartbeat;
 pub mod metrics;
 
 use std::net::SocketAddr;
@@ -26,6 +30,8 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::replicas::ReplicaSet;
+use crate::cli::Role;
 use crate::config::SiteConfig;
 use crate::identity::Identity;
 use metrics::ControlMetrics;
@@ -33,10 +39,15 @@ use metrics::ControlMetrics;
 /// Where the discovery client connects and what it announces.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The replicas, in the order `--control` gives them; at least one.
-    pub replicas: Vec<SocketAddr>,
+    /// The replicas: the start list (`--control`, at least one) and those the accepted
+    /// documents list, which this client updates.
+    pub replicas: Arc<ReplicaSet>,
     /// The port this node's proxy takes mesh traffic on, sent in heartbeats.
     pub inbound_port: u16,
+    /// `--role`, sent in heartbeats.
+    pub role: Option<Role>,
+    /// `--server-replicas`, sent in heartbeats with `--role server`.
+    pub server_replicas: Vec<u16>,
     /// `--state-dir`: where the last good document is kept.
     pub state_dir: PathBuf,
 }
@@ -102,6 +113,8 @@ pub(crate) struct Shared {
     /// The newest live document, for [`keep_cache`] to write.
     to_cache: watch::Sender<Option<Arc<[u8]>>>,
     identities: watch::Receiver<Option<Identity>>,
+    /// The node credential as loaded from its files: its key is announced in heartbeats.
+    node_credential: watch::Receiver<Option<Identity>>,
     metrics: ControlMetrics,
     configs: watch::Sender<Option<Arc<SiteConfig>>>,
     status: Mutex<Status>,
@@ -142,6 +155,9 @@ impl Shared {
         if same {
             return true;
         }
+        self.options
+            .replicas
+            .discovered(&document.server_replicas());
         info!(
             source,
             version = %document.version,
@@ -191,16 +207,19 @@ pub struct Control {
 
 impl Control {
     /// Loads the cached document (when there is one and a node identity to check it
-    /// with) and starts the watch and heartbeat tasks.
+    /// with) and starts the watch and heartbeat tasks. `identities` is what connections
+    /// authenticate with; `node_credential` the node credential whose key heartbeats
+    /// announce.
     pub fn start(
         options: Options,
         identities: watch::Receiver<Option<Identity>>,
+        node_credential: watch::Receiver<Option<Identity>>,
         metrics: ControlMetrics,
     ) -> Control {
         let cache_file = cache::file(&options.state_dir);
         let shared = Arc::new(Shared {
             status: Mutex::new(Status {
-                replicas: options.replicas.clone(),
+                replicas: options.replicas.current().to_vec(),
                 replica: None,
                 source: Source::None,
                 version: None,
@@ -210,6 +229,7 @@ impl Control {
             options,
             to_cache: watch::Sender::new(None),
             identities,
+            node_credential,
             metrics,
             configs: watch::Sender::new(None),
         });
@@ -225,7 +245,9 @@ impl Control {
     }
 
     pub fn status(&self) -> Status {
-        self.shared.status(|status| status.clone())
+        let mut status = self.shared.status(|status| status.clone());
+        status.replicas = self.shared.options.replicas.current().to_vec();
+        status
     }
 }
 

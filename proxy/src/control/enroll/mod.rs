@@ -14,7 +14,8 @@
 //! from a replica, a leaf saved by an earlier run (`store`) while still valid, the node
 //! credential. A leaf is renewed at two thirds of its life (`schedule`); on failure the
 //! next replica is tried after a growing pause, and while renewals fail a warning names the
-//! time left every [`WARN_EVERY`]. A change of the services placed on the node re-enrolls
+//! time left every [`WARN_EVERY`]. The replicas are the live set of `control::replicas`
+//! (the start list and the servers' replicas discovery lists), read at every attempt. A change of the services placed on the node re-enrolls
 //! at once. A leaf that expires unrenewed gives way to the node credential.
 //!
 //! Invariant: only an identity that passed `Identity`'s checks at the time it was
@@ -80,8 +81,8 @@ impl Status {
 
 /// What the enrollment task needs.
 pub struct Settings {
-    /// At least one.
-    pub replicas: Vec<SocketAddr>,
+    /// The live replica set (`control::replicas`); at least one.
+    pub replicas: watch::Receiver<Arc<[SocketAddr]>>,
     pub state_dir: PathBuf,
 }
 
@@ -131,7 +132,7 @@ pub fn spawn(
     let first = cached.clone().or(credential);
     let (identity_tx, identity_rx) = watch::channel(first);
     let (status_tx, status_rx) = watch::channel(Status {
-        replicas: settings.replicas.clone(),
+        replicas: settings.replicas.borrow().to_vec(),
         ..Status::default()
     });
     let enroller = Enroller {
@@ -158,7 +159,8 @@ struct Enroller {
     status_tx: watch::Sender<Status>,
     /// The leaf in use, from a replica or the store; `None`: the node credential is used.
     leaf: Option<Identity>,
-    /// The replica to ask next: an index into `settings.replicas`.
+    /// The replica to ask next: an index into the current `settings.replicas` (modulo
+    /// its length, which may change between attempts).
     cursor: usize,
     backoff: Retry,
     /// When the first of the current run of failed attempts was made.
@@ -268,7 +270,11 @@ impl Enroller {
 
     /// One request to the next replica; returns when to try again (or renew).
     async fn attempt(&mut self) -> SystemTime {
-        let Some(&replica) = self.settings.replicas.get(self.cursor) else {
+        let replicas = self.settings.replicas.borrow().clone();
+        self.status_tx
+            .send_modify(|status| status.replicas = replicas.to_vec());
+        self.cursor %= replicas.len().max(1);
+        let Some(&replica) = replicas.get(self.cursor) else {
             // No replica at all (`spawn` is only called with some): nothing to ask.
             self.cursor = 0;
             return SystemTime::now() + schedule::BACKOFF.cap();
@@ -302,7 +308,7 @@ impl Enroller {
                 warn!(%replica, error = %err, "no leaf from this replica; trying the next");
                 self.metrics.renewal(false);
                 self.failing_since.get_or_insert_with(SystemTime::now);
-                self.cursor = (self.cursor + 1) % self.settings.replicas.len().max(1);
+                self.cursor = (self.cursor + 1) % replicas.len().max(1);
                 self.status_tx
                     .send_modify(|status| status.last_error = Some(err.to_string()));
                 SystemTime::now() + self.backoff.next_delay(fastrand::u64(..))
