@@ -11,7 +11,7 @@ IMAGE_INPUTS := $(shell git ls-files Cargo.toml Cargo.lock README.md image syste
 # The daemons that run on a node (the image's binaries).
 NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 
-.PHONY: central help deps image image-amd64 cross host-bins test test-rust test-qemu test-nspawn qemu bench-boot \
+.PHONY: central help deps image image-amd64 cross host-bins test test-rust test-qemu test-nspawn test-site qemu bench-boot \
 	bench bench-heal bench-ota bench-central bench-proxy bench-control lint clean
 
 help:
@@ -23,6 +23,7 @@ help:
 	@echo "make central      run the central server locally with a demo site"
 	@echo "make bench-boot   measure boot to supervisor READY against boot without Pimesh"
 	@echo "make test-nspawn  test the supervisor against real systemd/D-Bus (amd64 root in systemd-nspawn)"
+	@echo "make test-site    several nspawn nodes on one bridge form a site by themselves (plug-in join)"
 	@echo "make bench-heal   measure kill/hang → ready again and the supervisor's CPU and RSS"
 	@echo "make bench-ota    measure publish → applied on a node, and bad revision → rolled back"
 	@echo "make bench-central measure the central server under 5000 long-polling nodes"
@@ -53,7 +54,7 @@ image-amd64: host-bins
 	./image/host-deps.sh
 	ARCH=amd64 ./image/assemble.sh
 
-test: test-rust test-nspawn test-qemu
+test: test-rust test-nspawn test-site test-qemu
 
 # The proxy's interception test needs iptables (host-deps installs it).
 test-rust:
@@ -65,6 +66,10 @@ test-qemu: $(IMAGE) host-bins
 
 test-nspawn: image-amd64
 	./tests/nspawn/run.sh
+
+# Several nodes that form a site by themselves (plug-in join), each in its own namespace.
+test-site: image-amd64
+	./tests/site/run.sh
 
 lint:
 	cargo fmt --all -- --check

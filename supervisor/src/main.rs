@@ -131,7 +131,12 @@ async fn run(options: Options) -> Result<(), DaemonError> {
     status.update(|status| status.trust = trust);
     let node_label = pimesh_schema::DnsLabel::try_from(facts.node_name.clone()).ok();
     let credential_files = credential::CredentialFiles::on_node(paths);
-    let plan = join::plan::Plan::of(seed.seed(), &paths.join_record(), &credential_files);
+    let plan = join::plan::Plan::of(
+        seed.seed(),
+        &paths.join_record(),
+        &credential_files,
+        paths.boot_trust_dir().join("anchor.pem").exists(),
+    );
     status.update(|status| status.join = plan.report());
     let units = {
         let status = status.clone();

@@ -1,7 +1,9 @@
 //! Where a node stands in its site at the supervisor's start, and how that places its
 //! units: the init node is a server from the start; a node that joins by token runs
 //! nothing until it has joined, then runs as its [`JoinRecord`] says; a node without a
-//! token keeps to the seed's servers and a certificate signed by hand.
+//! token, or whose card brought the site's anchor (`pimesh-trust/anchor.pem`, written by
+//! `pimeshctl image configure --trust`: the operator enrolls it by hand), keeps to the
+//! seed's servers and a certificate signed by hand.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -20,7 +22,8 @@ use crate::units::placement::Placement;
 pub enum Plan {
     /// The site's first server (seed `role = "init"`).
     Init,
-    /// A node whose seed has no join token (or no valid seed): as before plug-in join.
+    /// A node whose seed has no join token, whose card brought the anchor, or without a
+    /// valid seed: enrolled by hand.
     Manual,
     /// Joined at an earlier start.
     Joined(JoinRecord),
@@ -29,14 +32,20 @@ pub enum Plan {
 }
 
 impl Plan {
-    pub fn of(seed: Option<&Seed>, record_file: &Path, credential: &CredentialFiles) -> Plan {
+    /// `boot_anchor`: whether the card brought the site's anchor.
+    pub fn of(
+        seed: Option<&Seed>,
+        record_file: &Path,
+        credential: &CredentialFiles,
+        boot_anchor: bool,
+    ) -> Plan {
         let Some(seed) = seed else {
             return Plan::Manual;
         };
         if seed.role == pimesh_schema::Role::Init {
             return Plan::Init;
         }
-        if seed.join_token.is_none() {
+        if seed.join_token.is_none() || boot_anchor {
             return Plan::Manual;
         }
         match JoinRecord::load(record_file) {
