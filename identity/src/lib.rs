@@ -10,6 +10,7 @@
 mod authority;
 mod error;
 mod request;
+mod spki;
 mod verify;
 
 pub use authority::{
@@ -19,5 +20,6 @@ pub use authority::{
 pub use error::{IdentityError, IssueError, VerifyError};
 pub use pimesh_schema::{SpiffeId, Workload};
 pub use request::LeafRequest;
+pub use spki::{certificate_key_sha256, request_key_sha256, KeyError};
 pub use verify::leaf_identities;
 pub use verify::{verify_leaf, Usage};
