@@ -15,7 +15,7 @@ mod verify;
 
 pub use authority::{
     anchor_sha256, anchor_sha256_hex, cert_validity, issued_by, Authority, Leaf, TrustRoot,
-    ISSUER_LIFETIME, LEAF_LIFETIME,
+    ISSUER_LIFETIME, LEAF_LIFETIME, NODE_LIFETIME,
 };
 pub use error::{IdentityError, IssueError, VerifyError};
 pub use pimesh_schema::{SpiffeId, Workload};
