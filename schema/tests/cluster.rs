@@ -185,9 +185,16 @@ fn node_addresses_and_local_ports_are_checked() {
 #[test]
 fn join_tokens_are_digests_with_an_optional_expiry_and_replace_only_when_said() {
     let none = parse("site = \"s\"\n").expect("minimal");
-    assert_eq!(none.join.tokens, None, "no [join]: the trust folder decides");
+    assert_eq!(
+        none.join.tokens, None,
+        "no [join]: the trust folder decides"
+    );
     let empty = parse("site = \"s\"\n[join]\ntokens = []\n").expect("empty list");
-    assert_eq!(empty.join.tokens, Some(vec![]), "an empty list accepts no token");
+    assert_eq!(
+        empty.join.tokens,
+        Some(vec![]),
+        "an empty list accepts no token"
+    );
     let digest = "AB".repeat(32);
     let text = format!(
         "site = \"s\"\n[join]\ntokens = [\n  {{ sha256 = \"{digest}\", expires = \"2027-01-31T12:00:00Z\" }},\n  {{ sha256 = \"{}\" }},\n]\n",
