@@ -254,4 +254,48 @@ mod tests {
             "others keep their own"
         );
     }
+
+    #[test]
+    fn servers_are_the_live_nodes_that_say_so_and_a_role_change_is_a_change() {
+        let beats = Heartbeats::new(Duration::from_secs(30));
+        let now = Instant::now();
+        let a: SocketAddr = "10.0.0.1:4143".parse().expect("addr");
+        let server = About {
+            credential: Some("ab".repeat(32)),
+            role: Some(Role::Server),
+            replicas: vec![8086, 8087],
+        };
+        assert!(beats.beat(&label("pi-a"), a, About::default(), now));
+        assert!(beats.servers().is_empty());
+        assert!(
+            beats.beat(&label("pi-a"), a, server.clone(), now),
+            "now a server"
+        );
+        assert_eq!(
+            beats.servers()["pi-a"],
+            Server {
+                address: a.ip(),
+                replicas: vec![8086, 8087]
+            }
+        );
+        let other_key = About {
+            credential: Some("cd".repeat(32)),
+            ..server.clone()
+        };
+        assert!(
+            !beats.beat(&label("pi-a"), a, other_key, now),
+            "the credential is not in the document"
+        );
+        assert_eq!(
+            beats
+                .about(&label("pi-a"), now)
+                .and_then(|about| about.credential),
+            Some("cd".repeat(32))
+        );
+        assert_eq!(
+            beats.about(&label("pi-a"), now + Duration::from_secs(30)),
+            None
+        );
+        assert_eq!(beats.about(&label("pi-b"), now), None);
+    }
 }
