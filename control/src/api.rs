@@ -1,6 +1,7 @@
-//! The routes of the mutual-TLS side: the identity API (`identity_api`) and the discovery
-//! API (`discovery`) on one listener. Every request arrives with the client certificate
-//! chain verified at its connection's handshake and the connection's peer address.
+//! The routes of the mutual-TLS side: the identity API (`identity_api`), the discovery
+//! API (`discovery`) and the join protocol's issuer handover (`join_api::issuer`) on one
+//! listener. Every request arrives with the client certificate chain verified at its
+//! connection's handshake and the connection's peer address.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,9 +11,10 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use rustls_pki_types::CertificateDer;
 
-use crate::discovery::{self, Body, Discovery};
+use crate::discovery::{self, Body};
 use crate::identity_api;
-use crate::state::State;
+use crate::join_api;
+use crate::server::Shared;
 use pimesh_runtime::answer;
 
 /// Answers one request of a connection from `peer` whose client presented `chain`.
@@ -20,13 +22,26 @@ pub async fn route(
     request: Request<Incoming>,
     peer: SocketAddr,
     chain: Arc<Vec<CertificateDer<'static>>>,
-    state: Arc<State>,
-    discovery: Arc<Discovery>,
+    shared: Shared,
 ) -> Response<Body> {
+    let Shared {
+        state,
+        discovery,
+        join,
+    } = shared;
     match (request.method(), request.uri().path()) {
         (&Method::POST, "/v1/heartbeat") => {
-            discovery::heartbeat(request, peer, &chain, &state, &discovery)
+            discovery::heartbeat(request, peer, &chain, &state, &discovery, &join)
                 .await
+                .map(|body| body.boxed())
+        }
+        (&Method::GET, pimesh_join::path::ISSUER) => {
+            join_api::issuer(&chain, &state, &discovery, &join)
+                .await
+                .map(|body| body.boxed())
+        }
+        (_, pimesh_join::path::ISSUER) => {
+            answer::error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
                 .map(|body| body.boxed())
         }
         (&Method::GET, "/v1/discovery") => discovery::watch(&chain, &state, &discovery),

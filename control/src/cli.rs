@@ -1,6 +1,6 @@
 //! The command line: `pimesh-control --replica N [--listen IP:PORT] [--trust-dir PATH]
-//! [--config PATH] [--site NAME] [--heartbeat-ttl SECS] [--leaf-lifetime SECS]`, parsed by
-//! clap with the conventions of `pimesh_runtime::cli`.
+//! [--config PATH] [--site NAME] [--node NAME] [--state-dir PATH] [--heartbeat-ttl SECS]
+//! [--leaf-lifetime SECS]`, parsed by clap with the conventions of `pimesh_runtime::cli`.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -26,6 +26,12 @@ pub struct Options {
     pub trust_dir: PathBuf,
     pub config: PathBuf,
     pub site: Option<DnsLabel>,
+    /// `--node`: the node this replica runs on (a server node, counted as one of the
+    /// site's servers when joins are placed); `None`: not counted.
+    pub node: Option<DnsLabel>,
+    /// `--state-dir`: the node-local folder all replicas of the node share (join grants
+    /// `servers.json`, join records `joins.jsonl`, the lock guarding both).
+    pub state_dir: PathBuf,
     /// How long a heartbeat lasts; at least a second.
     pub heartbeat_ttl: Duration,
     /// How long a signed leaf lives: at least 1 s, default [`LEAF_LIFETIME`].
@@ -62,6 +68,14 @@ struct Cli {
     /// The site, when no site config says it yet; must match the config's
     #[arg(long, value_name = "NAME", value_parser = parse_site)]
     site: Option<DnsLabel>,
+    /// The node this replica runs on: counted as one of the site's server nodes when a
+    /// join is placed (server or agent)
+    #[arg(long, value_name = "NAME", value_parser = parse_site)]
+    node: Option<DnsLabel>,
+    /// Node-local state shared by the node's replicas: servers.json (server grants),
+    /// joins.jsonl (the last 200 join attempts)
+    #[arg(long, value_name = "PATH", value_parser = NonEmptyPath, default_value = "/var/lib/pimesh-control")]
+    state_dir: PathBuf,
     /// How long a node's heartbeat keeps it in discovery, in seconds
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_HEARTBEAT_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
     heartbeat_ttl: u64,
@@ -89,6 +103,8 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Options, clap::
         trust_dir: cli.trust_dir,
         config: cli.config,
         site: cli.site,
+        node: cli.node,
+        state_dir: cli.state_dir,
         heartbeat_ttl: Duration::from_secs(cli.heartbeat_ttl),
         leaf_lifetime: Duration::from_secs(cli.leaf_lifetime),
     })
@@ -120,6 +136,8 @@ mod tests {
         assert_eq!(one.trust_dir, PathBuf::from("/var/lib/pimesh/trust"));
         assert_eq!(one.config, PathBuf::from("/etc/pimesh/cluster.toml"));
         assert_eq!(one.site, None);
+        assert_eq!(one.node, None);
+        assert_eq!(one.state_dir, PathBuf::from("/var/lib/pimesh-control"));
         assert_eq!(one.heartbeat_ttl, Duration::from_secs(30));
         assert_eq!(one.leaf_lifetime, LEAF_LIFETIME);
         assert_eq!(options(&["--replica=3"]).listen.to_string(), "0.0.0.0:8088");
@@ -139,7 +157,12 @@ mod tests {
             "--replica",
             "2",
             "--heartbeat-ttl=5",
+            "--node",
+            "pi-a",
+            "--state-dir=/tmp/s",
         ]);
+        assert_eq!(given.node.as_ref().map(DnsLabel::as_str), Some("pi-a"));
+        assert_eq!(given.state_dir, PathBuf::from("/tmp/s"));
         assert_eq!(given.heartbeat_ttl, Duration::from_secs(5));
         assert_eq!(given.replica, 2);
         assert_eq!(given.listen.to_string(), "127.0.0.1:9000");
@@ -164,6 +187,8 @@ mod tests {
         assert!(err(&["--replica", "1", "--listen", "localhost"]).contains("--listen"));
         assert!(err(&["--replica", "1", "--config", ""]).contains("empty"));
         assert!(err(&["--replica", "1", "--site", "Not A Label"]).contains("--site"));
+        assert!(err(&["--replica", "1", "--node", "Pi A"]).contains("--node"));
+        assert!(err(&["--replica", "1", "--state-dir", ""]).contains("empty"));
         assert!(err(&["--replica", "1", "--heartbeat-ttl", "0"]).contains("--heartbeat-ttl"));
         assert!(err(&["--replica", "1", "--leaf-lifetime", "0"]).contains("--leaf-lifetime"));
         assert!(err(&["--replica", "1", "--leaf-lifetime", "1h"]).contains("'1h'"));

@@ -2,13 +2,16 @@
 //!
 //! | method and path | what |
 //! |---|---|
-//! | `POST /v1/heartbeat` | body `{"port": P}` (at most [`MAX_HEARTBEAT_BYTES`]; optional `credential`, `role`, `replicas` accepted and ignored for now): the requesting node's proxy takes mesh traffic at the connection's peer IP, port `P`; answer 204. Kept for the TTL (`--heartbeat-ttl`) |
+//! | `POST /v1/heartbeat` | body `{"port": P, "credential"?: "<64 hex>", "role"?: "server"\|"agent", "replicas"?: [ports]}` (at most [`MAX_HEARTBEAT_BYTES`]): the requesting node's proxy takes mesh traffic at the connection's peer IP, port `P`; `credential` is the hex SHA-256 of its node credential's SubjectPublicKeyInfo, `role` what the node is, `replicas` a server node's control replica ports; answer 204. Kept for the TTL (`--heartbeat-ttl`); other fields are refused (400) |
 //! | `GET /v1/discovery` | a stream, `application/x-ndjson`: one [`Document`] per line at once, a new one whenever its content changes, an empty line after [`KEEPALIVE`] without one |
 //!
-//! A document is `{"version","site","config","nodes"}`: `config` is the text of the site
-//! config the replica has loaded (or null), so a proxy validates it with the very same
-//! schema as a file config; `nodes` maps each node with a live heartbeat to `IP:PORT`;
-//! `version` is the hex SHA-256 of the content (`site`, `config`, `nodes`).
+//! A document is `{"version","site","config","nodes","servers"}`: `config` is the text of
+//! the site config the replica has loaded (or null), so a proxy validates it with the very
+//! same schema as a file config; `nodes` maps each node with a live heartbeat to
+//! `IP:PORT`; `servers` maps each node whose live heartbeat says `role: server` to
+//! `{"address": IP, "replicas": [ports]}` (ordered by name; a proxy dials every listed
+//! replica); `version` is the hex SHA-256 of the content (`site`, `config`, `nodes`,
+//! `servers`).
 //!
 //! Invariant: the document depends on nothing but the site config and the live heartbeats
 //! — no replica number, no time — so two replicas with the same inputs serve the same
@@ -31,8 +34,9 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
 
-use crate::heartbeats::Heartbeats;
+use crate::heartbeats::{About, Heartbeats, Server};
 use crate::identity_api;
+use crate::join_api::Join;
 use crate::state::{Snapshot, State};
 use pimesh_runtime::answer::{self, Refusal};
 
@@ -55,12 +59,28 @@ pub struct Document {
 }
 
 impl Document {
-    /// The document for `snapshot`'s site and config and the live `nodes`.
-    pub fn new(snapshot: &Snapshot, nodes: &BTreeMap<String, String>) -> Document {
+    /// The document for `snapshot`'s site and config, the live `nodes` and the live
+    /// `servers`.
+    pub fn new(
+        snapshot: &Snapshot,
+        nodes: &BTreeMap<String, String>,
+        servers: &BTreeMap<String, Server>,
+    ) -> Document {
+        let servers: serde_json::Map<String, serde_json::Value> = servers
+            .iter()
+            .map(|(node, server)| {
+                let entry = json!({
+                    "address": server.address.to_string(),
+                    "replicas": server.replicas,
+                });
+                (node.clone(), entry)
+            })
+            .collect();
         let content = json!({
             "site": snapshot.site.as_str(),
             "config": snapshot.config_text,
             "nodes": nodes,
+            "servers": servers,
         });
         // serde_json's maps are ordered by key: the same content, the same bytes.
         let digest = ring::digest::digest(&ring::digest::SHA256, content.to_string().as_bytes());
@@ -96,7 +116,11 @@ impl Discovery {
         let Some(snapshot) = state.snapshot() else {
             return;
         };
-        let document = Document::new(&snapshot, &self.heartbeats.live());
+        let document = Document::new(
+            &snapshot,
+            &self.heartbeats.live(),
+            &self.heartbeats.servers(),
+        );
         self.current.send_if_modified(|current| {
             if current.as_ref().map(|d| &d.version) == Some(&document.version) {
                 return false;
@@ -124,13 +148,15 @@ impl Discovery {
 /// The response body of every route: whole answers and the discovery stream alike.
 pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-/// `POST /v1/heartbeat` from the node of `chain`, connected from `peer`.
+/// `POST /v1/heartbeat` from the node of `chain`, connected from `peer`. A heartbeat
+/// also keeps the node's server grant, if it has one (`join`).
 pub async fn heartbeat(
     request: Request<Incoming>,
     peer: SocketAddr,
     chain: &[CertificateDer<'static>],
     state: &State,
     discovery: &Discovery,
+    join: &Join,
 ) -> Response<Full<Bytes>> {
     let Some(snapshot) = state.snapshot() else {
         return answer::error(StatusCode::SERVICE_UNAVAILABLE, "not ready");
@@ -143,17 +169,21 @@ pub async fn heartbeat(
         Ok(body) => body,
         Err(Refusal(code, message)) => return answer::error(code, &message),
     };
-    let port = match heartbeat_port(&body) {
-        Ok(port) => port,
+    let (port, about) = match heartbeat_body(&body) {
+        Ok(read) => read,
         Err(err) => {
             debug!(%node, %peer, "heartbeat refused: {err}");
             return answer::error(StatusCode::BAD_REQUEST, &err.to_string());
         }
     };
     let addr = SocketAddr::new(peer.ip().to_canonical(), port);
-    if discovery.heartbeats.beat(&node, addr, Instant::now()) {
+    if discovery
+        .heartbeats
+        .beat(&node, addr, about, Instant::now())
+    {
         discovery.refresh(state);
     }
+    join.heard_from(&node).await;
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::NO_CONTENT;
     response
@@ -167,12 +197,17 @@ pub enum HeartbeatError {
     UnknownField(String),
     NoPort,
     BadPort(serde_json::Value),
+    BadCredential(serde_json::Value),
+    BadRole(serde_json::Value),
+    BadReplicas(serde_json::Value),
 }
 
 impl fmt::Display for HeartbeatError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(
-            "expected a JSON object {\"port\": P}, P the proxy's inbound port in 1..=65535; ",
+            "expected a JSON object {\"port\": P}, P the proxy's inbound port in 1..=65535, \
+             optionally with \"credential\" (64 hex digits), \"role\" (\"server\" or \"agent\") \
+             and \"replicas\" (ports); ",
         )?;
         match self {
             HeartbeatError::NotJson(err) => write!(f, "the body is not JSON: {err}"),
@@ -180,33 +215,68 @@ impl fmt::Display for HeartbeatError {
             HeartbeatError::UnknownField(name) => write!(f, "found an unknown field {name:?}"),
             HeartbeatError::NoPort => f.write_str("the field \"port\" is missing"),
             HeartbeatError::BadPort(port) => write!(f, "found \"port\": {port}"),
+            HeartbeatError::BadCredential(value) => write!(f, "found \"credential\": {value}"),
+            HeartbeatError::BadRole(value) => write!(f, "found \"role\": {value}"),
+            HeartbeatError::BadReplicas(value) => write!(f, "found \"replicas\": {value}"),
         }
     }
 }
 
-/// The port of a heartbeat body, `{"port": P}` with P in 1..=65535. The optional fields
-/// proxies also send (`credential`, `role`, `replicas`: see the join design) are accepted
-/// and, for now, ignored; any other field is refused.
-pub fn heartbeat_port(body: &[u8]) -> Result<u16, HeartbeatError> {
+/// The most replica ports a heartbeat may list.
+const MAX_REPLICA_PORTS: usize = 16;
+
+/// The port and the rest of a heartbeat body: `{"port": P}` with P in 1..=65535, and
+/// optionally `credential`, `role` and `replicas`; nothing else.
+pub fn heartbeat_body(body: &[u8]) -> Result<(u16, About), HeartbeatError> {
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|err| HeartbeatError::NotJson(err.to_string()))?;
     let serde_json::Value::Object(fields) = value else {
         return Err(HeartbeatError::NotAnObject(value));
     };
-    if let Some(other) = fields
-        .keys()
-        .find(|key| !matches!(key.as_str(), "port" | "credential" | "role" | "replicas"))
-    {
+    let known = ["port", "credential", "role", "replicas"];
+    if let Some(other) = fields.keys().find(|key| !known.contains(&key.as_str())) {
         return Err(HeartbeatError::UnknownField(other.clone()));
     }
-    match fields.get("port") {
-        None => Err(HeartbeatError::NoPort),
-        Some(port) => port
+    let as_port = |value: &serde_json::Value| {
+        value
             .as_u64()
             .and_then(|port| u16::try_from(port).ok())
             .filter(|port| *port != 0)
-            .ok_or_else(|| HeartbeatError::BadPort(port.clone())),
+    };
+    let port = match fields.get("port") {
+        None => return Err(HeartbeatError::NoPort),
+        Some(port) => as_port(port).ok_or_else(|| HeartbeatError::BadPort(port.clone()))?,
+    };
+    let mut about = About::default();
+    if let Some(value) = fields.get("credential") {
+        let hex = value
+            .as_str()
+            .filter(|text| text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| HeartbeatError::BadCredential(value.clone()))?;
+        about.credential = Some(hex.to_ascii_lowercase());
     }
+    if let Some(value) = fields.get("role") {
+        about.role = Some(match value.as_str() {
+            Some("server") => pimesh_join::Role::Server,
+            Some("agent") => pimesh_join::Role::Agent,
+            _ => return Err(HeartbeatError::BadRole(value.clone())),
+        });
+    }
+    if let Some(value) = fields.get("replicas") {
+        let bad = || HeartbeatError::BadReplicas(value.clone());
+        let list = value
+            .as_array()
+            .filter(|list| list.len() <= MAX_REPLICA_PORTS);
+        let mut ports = list
+            .ok_or_else(bad)?
+            .iter()
+            .map(|port| as_port(port).ok_or_else(bad))
+            .collect::<Result<Vec<u16>, _>>()?;
+        ports.sort_unstable();
+        ports.dedup();
+        about.replicas = ports;
+    }
+    Ok((port, about))
 }
 
 /// `GET /v1/discovery` from the node of `chain`: the stream of documents.
@@ -298,8 +368,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_heartbeat_is_a_port_and_nothing_else() {
-        assert_eq!(heartbeat_port(br#"{"port": 4143}"#), Ok(4143));
+    fn a_heartbeat_is_a_port_and_what_it_says_about_its_node() {
+        assert_eq!(
+            heartbeat_body(br#"{"port": 4143}"#),
+            Ok((4143, About::default()))
+        );
+        let credential = "AB".repeat(32);
+        let full = format!(
+            r#"{{"port": 4143, "credential": "{credential}", "role": "server", "replicas": [8088, 8086, 8087, 8086]}}"#
+        );
+        assert_eq!(
+            heartbeat_body(full.as_bytes()),
+            Ok((
+                4143,
+                About {
+                    credential: Some("ab".repeat(32)),
+                    role: Some(pimesh_join::Role::Server),
+                    replicas: vec![8086, 8087, 8088],
+                }
+            ))
+        );
         for (body, says) in [
             (&b"4143"[..], "found 4143"),
             (b"{}", "missing"),
@@ -308,23 +396,17 @@ mod tests {
             (br#"{"port": "4143"}"#, "\"4143\""),
             (br#"{"port": 4143, "ip": "1.2.3.4"}"#, "\"ip\""),
             (b"port=4143", "not JSON"),
+            (
+                br#"{"port": 1, "credential": "ab"}"#,
+                "\"credential\": \"ab\"",
+            ),
+            (br#"{"port": 1, "role": "boss"}"#, "\"role\": \"boss\""),
+            (br#"{"port": 1, "replicas": [0]}"#, "\"replicas\": [0]"),
+            (br#"{"port": 1, "replicas": 8086}"#, "\"replicas\": 8086"),
         ] {
-            let err = heartbeat_port(body).expect_err("refused").to_string();
+            let err = heartbeat_body(body).expect_err("refused").to_string();
             assert!(err.contains("{\"port\": P}") && err.contains(says), "{err}");
         }
-    }
-
-    #[test]
-    fn a_heartbeat_may_carry_the_credential_role_and_replicas() {
-        let body =
-            br#"{"port": 4143, "credential": "ab12", "role": "server", "replicas": [8086, 8087]}"#;
-        assert_eq!(heartbeat_port(body), Ok(4143));
-        let agent = br#"{"port": 4143, "credential": "ab12", "role": "agent"}"#;
-        assert_eq!(heartbeat_port(agent), Ok(4143));
-        let err = heartbeat_port(br#"{"port": 4143, "role": "server", "zone": 1}"#)
-            .expect_err("refused")
-            .to_string();
-        assert!(err.contains("\"zone\""), "{err}");
     }
 
     #[test]
@@ -352,7 +434,9 @@ mod tests {
                 let discovery = Discovery::new(Duration::from_secs(30));
                 let node = pimesh_schema::DnsLabel::try_from("pi-a".to_owned()).expect("label");
                 let addr: SocketAddr = "10.0.0.1:4143".parse().expect("addr");
-                discovery.heartbeats.beat(&node, addr, Instant::now());
+                discovery
+                    .heartbeats
+                    .beat(&node, addr, About::default(), Instant::now());
                 discovery.refresh(&state);
                 discovery.version()
             })

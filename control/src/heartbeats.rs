@@ -1,7 +1,10 @@
 //! Node heartbeats: soft state with a time to live.
 //!
 //! A proxy posts `{"port": P}` every few seconds; the node is the one its client
-//! certificate names and its mesh address is the connection's peer IP with port `P`.
+//! certificate names and its mesh address is the connection's peer IP with port `P`. A
+//! heartbeat may also say ([`About`]) which key the node's credential has (`credential`:
+//! what a join under the node's name is compared with), whether the node is a server or
+//! an agent (`role`), and the ports of a server's control replicas (`replicas`).
 //! Nothing is persisted: a restarted replica knows every live node again after one
 //! heartbeat interval, which is what makes replicas interchangeable.
 //!
@@ -10,16 +13,36 @@
 //! ([`Heartbeats::learn_own_ip`]), such a heartbeat is recorded at that address instead.
 //!
 //! Invariant: [`Heartbeats::live`] lists exactly the nodes whose last heartbeat is younger
-//! than the TTL as of the last [`Heartbeats::expire`] or [`Heartbeats::beat`]; a refresh
-//! that keeps a node's address does not count as a change.
+//! than the TTL as of the last [`Heartbeats::expire`] or [`Heartbeats::beat`], and
+//! [`Heartbeats::servers`] those of them whose last heartbeat said `role: server`; a
+//! refresh that keeps a node's address, role and replica ports does not count as a
+//! change (the credential is not part of the discovery document).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use pimesh_join::Role;
 use pimesh_schema::DnsLabel;
 use tracing::info;
+
+/// What a heartbeat says about its node beyond its address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct About {
+    /// Lower-case hex SHA-256 of the node credential's SubjectPublicKeyInfo.
+    pub credential: Option<String>,
+    pub role: Option<Role>,
+    /// The ports of the node's control replicas (server nodes), sorted, no duplicates.
+    pub replicas: Vec<u16>,
+}
+
+/// A live server node, as discovery lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub address: IpAddr,
+    pub replicas: Vec<u16>,
+}
 
 /// The heartbeats a replica has seen, with their expiry.
 #[derive(Debug)]
@@ -30,9 +53,10 @@ pub struct Heartbeats {
     own_ip: Mutex<Option<IpAddr>>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Beat {
     addr: SocketAddr,
+    about: About,
     expires: Instant,
 }
 
@@ -58,18 +82,38 @@ impl Heartbeats {
         }
     }
 
-    /// Records a heartbeat of `node` at `addr`; `true` when the set of live nodes or an
-    /// address changed (a node appeared or moved), `false` for a plain refresh.
-    pub fn beat(&self, node: &DnsLabel, addr: SocketAddr, now: Instant) -> bool {
+    /// This node's address as other nodes dial it, once a connection from one showed it.
+    pub fn own_ip(&self) -> Option<IpAddr> {
+        *self.own_ip.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a heartbeat of `node` at `addr` saying `about`; `true` when the set of live
+    /// nodes, an address, a role or a server's replica ports changed, `false` for a plain
+    /// refresh.
+    pub fn beat(&self, node: &DnsLabel, addr: SocketAddr, about: About, now: Instant) -> bool {
         let addr = match *self.own_ip.lock().unwrap_or_else(PoisonError::into_inner) {
             Some(own) if addr.ip().is_loopback() => SocketAddr::new(own, addr.port()),
             _ => addr,
         };
         let expires = now + self.ttl;
         let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        let previous = nodes.insert(node.clone(), Beat { addr, expires });
+        let seen = Beat {
+            addr,
+            about,
+            expires,
+        };
+        let same_listing = |beat: &Beat| {
+            beat.addr == seen.addr
+                && beat.about.role == seen.about.role
+                && beat.about.replicas == seen.about.replicas
+        };
+        let previous = nodes.insert(node.clone(), seen.clone());
         match previous {
-            Some(beat) if beat.addr == addr && beat.expires > now => false,
+            Some(beat) if same_listing(&beat) && beat.expires > now => false,
+            Some(beat) if beat.addr == addr && beat.expires > now => {
+                info!(%node, role = ?seen.about.role, replicas = ?seen.about.replicas, "node's role changed");
+                true
+            }
             Some(beat) if beat.expires > now => {
                 info!(%node, from = %beat.addr, to = %addr, "node moved");
                 true
@@ -93,6 +137,31 @@ impl Heartbeats {
             live
         });
         nodes.len() != before
+    }
+
+    /// The live server nodes (last heartbeat said `role: server`), ordered by name.
+    pub fn servers(&self) -> BTreeMap<String, Server> {
+        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes
+            .iter()
+            .filter(|(_, beat)| beat.about.role == Some(Role::Server))
+            .map(|(node, beat)| {
+                let server = Server {
+                    address: beat.addr.ip(),
+                    replicas: beat.about.replicas.clone(),
+                };
+                (node.as_str().to_owned(), server)
+            })
+            .collect()
+    }
+
+    /// What the heartbeat of `node` said, when it is younger than the TTL at `now`.
+    pub fn about(&self, node: &DnsLabel, now: Instant) -> Option<About> {
+        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes
+            .get(node)
+            .filter(|beat| beat.expires > now)
+            .map(|beat| beat.about.clone())
     }
 
     /// The live nodes and their addresses, ordered by node name.
@@ -119,9 +188,19 @@ mod tests {
         let start = Instant::now();
         let a: SocketAddr = "10.0.0.1:4143".parse().expect("addr");
         let b: SocketAddr = "10.0.0.2:4143".parse().expect("addr");
-        assert!(beats.beat(&label("pi-a"), a, start));
-        assert!(!beats.beat(&label("pi-a"), a, start + Duration::from_secs(20)));
-        assert!(beats.beat(&label("pi-a"), b, start + Duration::from_secs(21)));
+        assert!(beats.beat(&label("pi-a"), a, About::default(), start));
+        assert!(!beats.beat(
+            &label("pi-a"),
+            a,
+            About::default(),
+            start + Duration::from_secs(20)
+        ));
+        assert!(beats.beat(
+            &label("pi-a"),
+            b,
+            About::default(),
+            start + Duration::from_secs(21)
+        ));
         assert_eq!(
             beats.live(),
             BTreeMap::from([("pi-a".to_owned(), "10.0.0.2:4143".to_owned())])
@@ -130,7 +209,12 @@ mod tests {
         assert!(beats.expire(start + Duration::from_secs(51)));
         assert!(beats.live().is_empty());
         // Back after expiry: a change again.
-        assert!(beats.beat(&label("pi-a"), b, start + Duration::from_secs(52)));
+        assert!(beats.beat(
+            &label("pi-a"),
+            b,
+            About::default(),
+            start + Duration::from_secs(52)
+        ));
     }
 
     #[test]
@@ -139,7 +223,7 @@ mod tests {
         let now = Instant::now();
         let node = DnsLabel::try_from("pi-a".to_owned()).expect("label");
         let loopback: SocketAddr = "127.0.0.1:4143".parse().expect("addr");
-        assert!(beats.beat(&node, loopback, now));
+        assert!(beats.beat(&node, loopback, About::default(), now));
         assert_eq!(
             beats.live()["pi-a"],
             "127.0.0.1:4143",
@@ -151,23 +235,67 @@ mod tests {
             "127.0.0.1:8086".parse().expect("addr"),
             "127.0.0.1:50000".parse().expect("addr"),
         );
-        assert!(!beats.beat(&node, loopback, now));
+        assert!(!beats.beat(&node, loopback, About::default(), now));
         beats.learn_own_ip(
             "192.168.1.10:8086".parse().expect("addr"),
             "192.168.1.20:50000".parse().expect("addr"),
         );
         assert!(
-            beats.beat(&node, loopback, now),
+            beats.beat(&node, loopback, About::default(), now),
             "the node moved to its LAN address"
         );
         assert_eq!(beats.live()["pi-a"], "192.168.1.10:4143");
         let remote: SocketAddr = "192.168.1.20:4143".parse().expect("addr");
         let other = DnsLabel::try_from("pi-b".to_owned()).expect("label");
-        assert!(beats.beat(&other, remote, now));
+        assert!(beats.beat(&other, remote, About::default(), now));
         assert_eq!(
             beats.live()["pi-b"],
             "192.168.1.20:4143",
             "others keep their own"
         );
+    }
+
+    #[test]
+    fn servers_are_the_live_nodes_that_say_so_and_a_role_change_is_a_change() {
+        let beats = Heartbeats::new(Duration::from_secs(30));
+        let now = Instant::now();
+        let a: SocketAddr = "10.0.0.1:4143".parse().expect("addr");
+        let server = About {
+            credential: Some("ab".repeat(32)),
+            role: Some(Role::Server),
+            replicas: vec![8086, 8087],
+        };
+        assert!(beats.beat(&label("pi-a"), a, About::default(), now));
+        assert!(beats.servers().is_empty());
+        assert!(
+            beats.beat(&label("pi-a"), a, server.clone(), now),
+            "now a server"
+        );
+        assert_eq!(
+            beats.servers()["pi-a"],
+            Server {
+                address: a.ip(),
+                replicas: vec![8086, 8087]
+            }
+        );
+        let other_key = About {
+            credential: Some("cd".repeat(32)),
+            ..server.clone()
+        };
+        assert!(
+            !beats.beat(&label("pi-a"), a, other_key, now),
+            "the credential is not in the document"
+        );
+        assert_eq!(
+            beats
+                .about(&label("pi-a"), now)
+                .and_then(|about| about.credential),
+            Some("cd".repeat(32))
+        );
+        assert_eq!(
+            beats.about(&label("pi-a"), now + Duration::from_secs(30)),
+            None
+        );
+        assert_eq!(beats.about(&label("pi-b"), now), None);
     }
 }

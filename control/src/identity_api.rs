@@ -38,7 +38,7 @@ use crate::state::{Counters, Snapshot, State};
 pub const MAX_CSR_BYTES: usize = 16 * 1024;
 
 /// The content type of the answer: PEM certificates, leaf first.
-pub const PEM_CONTENT_TYPE: &str = "application/x-pem-file";
+pub const PEM_CONTENT_TYPE: &str = crate::pem::CONTENT_TYPE;
 
 use pimesh_runtime::answer::json_value as json_response;
 use pimesh_runtime::answer::{error, read_body, Refusal};
@@ -110,31 +110,13 @@ fn trust_bundle(chain: &[CertificateDer<'static>], state: &State) -> Response<Fu
     if let Err(refusal) = requesting_node(chain, &snapshot, SystemTime::now()) {
         return refused(state, None, refusal);
     }
-    let pem: String = snapshot
-        .trust
-        .anchors
-        .iter()
-        .map(|anchor| pem_certificate(anchor))
-        .collect();
+    let pem = crate::pem::anchors(&snapshot);
     let mut response = Response::new(Full::new(Bytes::from(pem)));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static(PEM_CONTENT_TYPE),
     );
     response
-}
-
-/// One DER certificate as a PEM `CERTIFICATE` block with 64-column lines.
-fn pem_certificate(der: &CertificateDer<'_>) -> String {
-    use base64::Engine as _;
-    let text = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in text.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
 }
 
 fn refused(state: &State, node: Option<&DnsLabel>, refusal: Refusal) -> Response<Full<Bytes>> {
@@ -259,16 +241,6 @@ mod tests {
         DnsLabel::try_from(s.to_owned()).expect("label")
     }
 
-    #[test]
-    fn the_bundle_is_written_as_pem_that_reads_back() {
-        let f = fixture();
-        let pem = pem_certificate(f.root.anchor.cert_der());
-        let back: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .expect("PEM");
-        assert_eq!(back, vec![f.root.anchor.cert_der().clone()]);
-    }
-
     struct Fixture {
         root: TrustRoot,
         snapshot: Snapshot,
@@ -286,6 +258,7 @@ mod tests {
             )
             .expect("issuer"),
             issuer_pem: root.issuer.cert_pem().to_owned(),
+            issuer_key_pem: root.issuer.key_pem(),
         };
         let serving = Serving::issue(&trust, &site, now).expect("serving");
         let text = "site = \"depot-7\"\n[services.web]\nport = 8080\nnodes = [\"pi-a\"]\n\
@@ -299,6 +272,7 @@ mod tests {
                 config_text: Some(text.to_owned()),
                 trust: Arc::new(trust),
                 serving: Arc::new(serving),
+                trust_tokens: Arc::default(),
             },
         }
     }

@@ -13,17 +13,33 @@
 //! - `/live` and `/ready` in plain HTTP, so the supervisor's default readiness URL
 //!   `http://127.0.0.1:(8085+N)/ready` is unchanged.
 //!
-//! The two are told apart by a connection's first byte (`server`). Plain HTTP reaches
-//! nothing but the health endpoints. This beats a second port per replica: no new port
-//! to open, reserve, or list in a proxy's replica list.
+//! - the join protocol (`join_api`): on a TLS connection whose ClientHello names
+//!   `join.pimesh.invalid`, with no client certificate asked for, `GET /v1/join/bundle`
+//!   and `POST /v1/join` and nothing else; over mutual TLS, `GET /v1/join/issuer` to
+//!   server nodes.
+//!
+//! TLS and plain HTTP are told apart by a connection's first byte, the two TLS
+//! configurations by the server name (`server`). Plain HTTP reaches nothing but the
+//! health endpoints. This beats a second port per replica: no new port to open, reserve,
+//! or list in a proxy's replica list.
 //!
 //! # Inputs
 //!
 //! - the trust folder (`--trust-dir`, default `/var/lib/pimesh/trust`): `anchor.pem`
-//!   (the bundle), `issuer.pem`, `issuer.key` (`trust`);
+//!   (the bundle), `issuer.pem`, `issuer.key` (`trust`), and `join.json`, the join tokens
+//!   accepted (`tokens`; none without it);
 //! - the site config (`--config`, default `/etc/pimesh/cluster.toml`): which services are
 //!   placed on which node; a missing file places none (`site_config`);
-//! - the site: from the site config, or `--site` while there is none.
+//! - the site: from the site config, or `--site` while there is none;
+//! - the node it runs on (`--node`; the supervisor passes it in `control.env`): counted
+//!   as a server when joins are placed (`grants`).
+//!
+//! # Node-local state
+//!
+//! `--state-dir` (default `/var/lib/pimesh-control`, systemd's
+//! `StateDirectory=pimesh-control`, shared by all replicas of the node under a `flock`):
+//! `servers.json`, the server seats this node granted (`grants`), and `joins.jsonl`, the
+//! last 200 join attempts (`join_records`).
 //!
 //! Ready (`/ready` 200, systemd status) once the site, the config (or its absence) and the
 //! issuer are loaded; until then `/ready` answers 503 with the reason and loading is
@@ -36,12 +52,19 @@
 mod api;
 mod cli;
 mod discovery;
+mod grants;
 mod heartbeats;
 mod identity_api;
+mod join_api;
+mod join_records;
+mod pem;
+mod rate_limit;
 mod server;
 mod site_config;
 mod state;
+mod state_dir;
 mod tls;
+mod tokens;
 mod trust;
 
 use std::process::ExitCode;
@@ -115,10 +138,19 @@ async fn run(options: cli::Options) -> Result<(), Fatal> {
     state.reload("start", SystemTime::now());
     let discovery = Arc::new(Discovery::new(options.heartbeat_ttl));
     discovery.refresh(&state);
+    let join = Arc::new(join_api::Join::new(
+        replica,
+        options.node,
+        options.state_dir,
+        options.heartbeat_ttl,
+    ));
     let server = tokio::spawn(server::serve(
         listener,
-        Arc::clone(&state),
-        Arc::clone(&discovery),
+        server::Shared {
+            state: Arc::clone(&state),
+            discovery: Arc::clone(&discovery),
+            join,
+        },
     ));
     // READY once the port is open, even when loading failed: the process is up, and
     // /ready and the status tell the truth.

@@ -1,11 +1,17 @@
-//! The replica's one port: mutual TLS for the identity and discovery APIs (`api`), plain
-//! HTTP for `/live` and `/ready`, told apart by the first byte a client sends (`0x16`, a
-//! TLS handshake record, or anything else: plain HTTP). The TLS side speaks HTTP/2 and
-//! HTTP/1.1 (ALPN `h2`, `http/1.1`); the plain side HTTP/1.1.
+//! The replica's one port: mutual TLS for the identity and discovery APIs (`api`), TLS
+//! without client certificates for the join routes (`join_api`), plain HTTP for `/live`
+//! and `/ready`. TLS and plain HTTP are told apart by the first byte a client sends
+//! (`0x16`, a TLS handshake record, or anything else); the two TLS configurations by the
+//! ClientHello's server name: `pimesh_join::JOIN_SERVER_NAME` picks the join
+//! configuration, anything else (or none) the mutual-TLS one. TLS speaks HTTP/2 and
+//! HTTP/1.1 (ALPN `h2`, `http/1.1`); plain HTTP HTTP/1.1.
 //!
-//! Invariant: plain HTTP never reaches the APIs — it answers `/live`, `/ready` and a 404
-//! pointing at TLS, nothing else; every TLS connection has passed the client certificate
-//! check of the snapshot current at its handshake.
+//! Invariants: plain HTTP never reaches the APIs — it answers `/live`, `/ready` and a 404
+//! pointing at TLS, nothing else; a connection on the join configuration reaches the join
+//! routes `GET /v1/join/bundle` and `POST /v1/join` and nothing else; every other TLS
+//! connection has passed the client certificate check of the snapshot current at its
+//! handshake. Only such a verified connection from another host teaches the replica its
+//! own address (`Heartbeats::learn_own_ip`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,11 +23,12 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use pimesh_runtime::serve;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 use tracing::debug;
 
 use crate::api;
 use crate::discovery::Discovery;
+use crate::join_api::{self, Join};
 use crate::state::{Counters, State};
 
 /// A client must send its first byte, and complete its TLS handshake, within this time.
@@ -29,53 +36,75 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first byte of a TLS connection: a handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
 
+/// What every connection shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub state: Arc<State>,
+    pub discovery: Arc<Discovery>,
+    pub join: Arc<Join>,
+}
+
 /// Serves `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, state: Arc<State>, discovery: Arc<Discovery>) {
+pub async fn serve(listener: TcpListener, shared: Shared) {
     let limits = serve::Limits::named("replica port");
     serve::accept_loop(listener, limits, std::future::pending(), |tcp, peer| {
         // Answers are small writes (TLS records, then headers and body): without this,
         // Nagle holds one back for the peer's delayed ACK (40 ms) on a new connection.
         let _ = tcp.set_nodelay(true);
-        connection(tcp, peer, Arc::clone(&state), Arc::clone(&discovery))
+        connection(tcp, peer, shared.clone())
     })
     .await;
 }
 
-async fn connection(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    state: Arc<State>,
-    discovery: Arc<Discovery>,
-) {
+async fn connection(tcp: TcpStream, peer: SocketAddr, shared: Shared) {
     let mut first = [0u8; 1];
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
-        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => tls(tcp, peer, state, discovery).await,
-        Ok(Ok(1)) => plain(tcp, peer, state).await,
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => tls(tcp, peer, shared).await,
+        Ok(Ok(1)) => plain(tcp, peer, shared.state).await,
         Ok(Ok(_)) => {} // closed without a byte
         Ok(Err(err)) => debug!(%peer, %err, "connection failed before its first byte"),
         Err(_) => debug!(%peer, "no first byte in time"),
     }
 }
 
-async fn tls(tcp: TcpStream, peer: SocketAddr, state: Arc<State>, discovery: Arc<Discovery>) {
-    if let Ok(local) = tcp.local_addr() {
-        discovery.heartbeats.learn_own_ip(local, peer);
-    }
+/// Which configuration a TLS connection was accepted with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Client certificate required and verified.
+    Mutual,
+    /// `JOIN_SERVER_NAME`: no client certificate; the join routes only.
+    Join,
+}
+
+async fn tls(tcp: TcpStream, peer: SocketAddr, shared: Shared) {
+    let Shared {
+        state,
+        discovery,
+        join,
+    } = shared;
+    let local = tcp.local_addr().ok();
     // The snapshot current now decides the handshake: its serving certificate and anchors.
-    let Some(config) = state
+    let Some(serving) = state
         .snapshot()
-        .map(|snapshot| Arc::clone(&snapshot.serving.config))
+        .map(|snapshot| Arc::clone(&snapshot.serving))
     else {
         debug!(%peer, "TLS connection while not ready: closed");
         return;
     };
-    let stream = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        TlsAcceptor::from(config).accept(tcp),
-    )
-    .await
-    {
-        Ok(Ok(stream)) => stream,
+    let handshake = async {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+        let side = match start.client_hello().server_name() {
+            Some(pimesh_join::JOIN_SERVER_NAME) => Side::Join,
+            _ => Side::Mutual,
+        };
+        let config = match side {
+            Side::Join => Arc::clone(&serving.join_config),
+            Side::Mutual => Arc::clone(&serving.config),
+        };
+        start.into_stream(config).await.map(|stream| (side, stream))
+    };
+    let (side, stream) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(accepted)) => accepted,
         Ok(Err(err)) => {
             Counters::count(&state.counters.handshakes_refused);
             debug!(%peer, %err, "TLS handshake refused");
@@ -87,6 +116,20 @@ async fn tls(tcp: TcpStream, peer: SocketAddr, state: Arc<State>, discovery: Arc
             return;
         }
     };
+    if side == Side::Join {
+        let local = local.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let service = hyper::service::service_fn(move |request| {
+            let state = Arc::clone(&state);
+            let discovery = Arc::clone(&discovery);
+            let join = Arc::clone(&join);
+            async move {
+                let answer = join_api::route(request, peer, local, &state, &discovery, &join).await;
+                Ok::<_, Infallible>(answer)
+            }
+        });
+        serve::http1_or_2(stream, service, peer, "replica port (TLS, join)").await;
+        return;
+    }
     let chain: Arc<Vec<_>> = Arc::new(
         stream
             .get_ref()
@@ -95,11 +138,18 @@ async fn tls(tcp: TcpStream, peer: SocketAddr, state: Arc<State>, discovery: Arc
             .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
             .unwrap_or_default(),
     );
+    // rustls verified this chain against the anchors at the handshake.
+    if let (Some(local), false) = (local, chain.is_empty()) {
+        discovery.heartbeats.learn_own_ip(local, peer);
+    }
     let service = hyper::service::service_fn(move |request| {
         let chain = Arc::clone(&chain);
-        let state = Arc::clone(&state);
-        let discovery = Arc::clone(&discovery);
-        async move { Ok::<_, Infallible>(api::route(request, peer, chain, state, discovery).await) }
+        let shared = Shared {
+            state: Arc::clone(&state),
+            discovery: Arc::clone(&discovery),
+            join: Arc::clone(&join),
+        };
+        async move { Ok::<_, Infallible>(api::route(request, peer, chain, shared).await) }
     });
     serve::http1_or_2(stream, service, peer, "replica port (TLS)").await;
 }

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use pimesh_join::AcceptedTokens;
 use pimesh_runtime::watched::{Current, Load, Outcome, Trigger, Watched};
 use pimesh_schema::cluster::ClusterConfig;
 use pimesh_schema::{ConfigError, DnsLabel};
@@ -22,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::site_config;
 use crate::tls::{Serving, ServingError};
+use crate::tokens::{self, TokensError};
 use crate::trust::{Trust, TrustError};
 
 /// Where the replica's inputs come from.
@@ -47,9 +49,17 @@ pub struct Snapshot {
     pub config_text: Option<String>,
     pub trust: Arc<Trust>,
     pub serving: Arc<Serving>,
+    /// The trust folder's `join.json` (empty without one).
+    pub trust_tokens: Arc<AcceptedTokens>,
 }
 
 impl Snapshot {
+    /// The join tokens accepted now: the site config's `[join] tokens` when it has them,
+    /// else the trust folder's.
+    pub fn accepted_tokens(&self) -> AcceptedTokens {
+        tokens::effective(self.config.as_ref(), &self.trust_tokens)
+    }
+
     /// One line for logs and systemd's status.
     pub fn summary(&self) -> String {
         let services = self.config.as_ref().map_or(0, |config| {
@@ -108,6 +118,8 @@ pub enum PartError {
     Trust(TrustError),
     /// No serving certificate can be made from the trust folder.
     Serving(ServingError),
+    /// The trust folder's `join.json` is unusable.
+    Tokens(TokensError),
 }
 
 impl fmt::Display for PartError {
@@ -130,6 +142,7 @@ impl fmt::Display for PartError {
             ),
             PartError::Trust(err) => write!(f, "{err}"),
             PartError::Serving(err) => write!(f, "{err}"),
+            PartError::Tokens(err) => write!(f, "{err}"),
         }
     }
 }
@@ -139,6 +152,8 @@ impl fmt::Display for PartError {
 pub enum Part {
     SiteConfig,
     Trust,
+    /// The trust folder's `join.json`; with no previous version, none is accepted.
+    JoinTokens,
 }
 
 impl fmt::Display for Part {
@@ -146,6 +161,7 @@ impl fmt::Display for Part {
         f.write_str(match self {
             Part::SiteConfig => "site config",
             Part::Trust => "trust",
+            Part::JoinTokens => "join tokens",
         })
     }
 }
@@ -222,6 +238,7 @@ impl State {
             trust.join("anchor.pem"),
             trust.join("issuer.pem"),
             trust.join("issuer.key"),
+            trust.join(tokens::FILE),
         ];
         let watched = Watched::new("site config and trust", files, None).retrying_failures();
         State {
@@ -324,6 +341,7 @@ impl State {
                     config_text: snapshot.config_text.clone(),
                     trust: Arc::clone(&snapshot.trust),
                     serving: Arc::new(serving),
+                    trust_tokens: Arc::clone(&snapshot.trust_tokens),
                 });
                 self.watched().update(Some(renewed));
             }
@@ -387,6 +405,15 @@ fn assemble(
         }
         (Err(err), None) => return Err(err),
     };
+    // A broken join.json never makes a replica unready: it keeps the list it had (none,
+    // at the first load), and the status and the log name the file and the fault.
+    let trust_tokens = match (tokens::load(&sources.trust_dir), previous) {
+        (Ok(tokens), _) => Arc::new(tokens),
+        (Err(err), previous) => {
+            kept.push((PartError::Tokens(err), Part::JoinTokens));
+            previous.map_or_else(Default::default, |p| Arc::clone(&p.trust_tokens))
+        }
+    };
     Ok((
         Snapshot {
             site,
@@ -394,6 +421,7 @@ fn assemble(
             config_text,
             trust,
             serving,
+            trust_tokens,
         },
         kept,
     ))

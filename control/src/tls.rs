@@ -1,6 +1,8 @@
-//! The replica's serving certificate, which it issues itself; the server configuration
-//! around it is `pimesh_meshtls::control_server` (TLS 1.3 only, a client certificate
-//! required and verified against the trust bundle at the handshake).
+//! The replica's serving certificate, which it issues itself, and the two server
+//! configurations around it: `pimesh_meshtls::control_server` (TLS 1.3 only, a client
+//! certificate required and verified against the trust bundle at the handshake) and
+//! `pimesh_meshtls::join_server` (the same certificate, no client certificate asked for:
+//! the join routes only, see `server`).
 //!
 //! The serving certificate is a leaf signed by the site's issuer (which the replica holds
 //! anyway) for `spiffe://<site>/svc/pimesh-control` (a reserved name: see
@@ -28,9 +30,11 @@ use crate::trust::Trust;
 /// Invariant: the certificate chains to one of the trust's anchors through its issuer and
 /// was valid for serving at `issued_at` (checked with `verify_leaf` when made, which also
 /// proves that the issuer belongs under the bundle); client certificates must chain to
-/// the same anchors.
+/// the same anchors. `join_config` presents the same certificate and asks for none.
 pub struct Serving {
     pub config: Arc<ServerConfig>,
+    /// For ClientHellos naming `pimesh_join::JOIN_SERVER_NAME`.
+    pub join_config: Arc<ServerConfig>,
     pub not_after: SystemTime,
     /// Two thirds into the certificate's life: make a new one from then on.
     pub renew_at: SystemTime,
@@ -99,9 +103,11 @@ impl Serving {
         let credential = Credential::new(vec![leaf.der, issuer], key).map_err(ServingError::Key)?;
         let config = pimesh_meshtls::control_server(&credential, &trust.anchors)
             .map_err(ServingError::Config)?;
+        let join_config = pimesh_meshtls::join_server(&credential).map_err(ServingError::Config)?;
         let life = leaf.not_after.duration_since(now).unwrap_or_default();
         Ok(Serving {
             config: Arc::new(config),
+            join_config: Arc::new(join_config),
             not_after: leaf.not_after,
             renew_at: now + life * 2 / 3,
         })
@@ -134,6 +140,7 @@ mod tests {
         Trust {
             anchors,
             issuer_pem: root.issuer.cert_pem().to_owned(),
+            issuer_key_pem: root.issuer.key_pem(),
             issuer: root.issuer,
         }
     }

@@ -5,6 +5,7 @@
 //! | `anchor.pem` | the trust bundle: one or more anchors (old and new during an anchor rotation) |
 //! | `issuer.pem` | the issuer's certificate, signed by one of the anchors |
 //! | `issuer.key` | the issuer's private key (PKCS#8 PEM, mode 0600, readable by the replica) |
+//! | `join.json` | the join tokens the site accepts (optional; see `tokens`) |
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,9 @@ pub struct Trust {
     pub issuer: Authority,
     /// The issuer's certificate as read, appended to every leaf issued (the chain).
     pub issuer_pem: String,
+    /// `issuer.key` as read (PKCS#8 PEM): handed to server nodes only
+    /// (`join_api`'s issuer route); never logged.
+    pub issuer_key_pem: String,
 }
 
 /// Why a trust folder cannot be used; each names the file at fault.
@@ -96,7 +100,8 @@ impl Trust {
             return Err(TrustError::NoAnchors { path: anchor_path });
         }
         let issuer_pem = read("issuer.pem")?;
-        let issuer = Authority::from_pem(&issuer_pem, &read("issuer.key")?).map_err(|source| {
+        let issuer_key_pem = read("issuer.key")?;
+        let issuer = Authority::from_pem(&issuer_pem, &issuer_key_pem).map_err(|source| {
             TrustError::Issuer {
                 path: dir.join("issuer.pem"),
                 source,
@@ -106,6 +111,7 @@ impl Trust {
             anchors,
             issuer,
             issuer_pem,
+            issuer_key_pem,
         })
     }
 }

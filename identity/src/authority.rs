@@ -19,6 +19,10 @@ pub const ANCHOR_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub const ISSUER_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How long a leaf is valid; proxies renew at two thirds of it.
 pub const LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// How long a node credential lasts (never past its issuer): what `pimeshctl node sign`
+/// makes by default, a node signs for itself, and a control replica signs for a joining
+/// node.
+pub const NODE_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Certificates start this long before they are made, so that a node whose clock is a
 /// little behind the issuer's still accepts them.
 const BACKDATE: Duration = Duration::from_secs(5 * 60);

@@ -10,14 +10,16 @@
 mod authority;
 mod error;
 mod request;
+mod spki;
 mod verify;
 
 pub use authority::{
     anchor_sha256, anchor_sha256_hex, cert_validity, issued_by, Authority, Leaf, TrustRoot,
-    ISSUER_LIFETIME, LEAF_LIFETIME,
+    ISSUER_LIFETIME, LEAF_LIFETIME, NODE_LIFETIME,
 };
 pub use error::{IdentityError, IssueError, VerifyError};
 pub use pimesh_schema::{SpiffeId, Workload};
 pub use request::LeafRequest;
+pub use spki::{certificate_key_sha256, request_key_sha256, KeyError};
 pub use verify::leaf_identities;
 pub use verify::{verify_leaf, Usage};

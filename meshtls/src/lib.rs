@@ -40,6 +40,7 @@ mod config;
 mod credential;
 mod failure;
 mod join;
+mod join_server;
 mod names;
 mod peer;
 pub mod pem;
@@ -54,6 +55,7 @@ pub use config::{
 pub use credential::{Credential, CredentialError};
 pub use failure::{handshake_failure_reason, HandshakeFailure};
 pub use join::{join_bundle_client, join_client};
+pub use join_server::join_server;
 pub use names::{control_id, control_server_name, mesh_server_name, CONTROL_SERVICE};
 pub use peer::{peer_ids, PeerIdentity};
 pub use pem::PemError;

@@ -1,6 +1,6 @@
 //! The site configuration, `cluster.toml`: the desired state of a site — its services,
 //! where they run, how traffic to them is split, delayed or aborted, who may call them —
-//! plus the control plane, K3s and proxy settings. The operator validates it with
+//! plus the control plane, K3s, join and proxy settings. The operator validates it with
 //! `pimeshctl`, the central server serves it signed, and the supervisor, the control
 //! replicas and the proxies all read it through these types.
 
@@ -24,6 +24,8 @@ pub struct ClusterConfig {
     pub control: ControlSettings,
     pub k3s: K3sSettings,
     pub proxy: ProxySettings,
+    /// `[join]`: the join tokens the site accepts, when the site config says so.
+    pub join: JoinSettings,
     /// Where each node's proxy accepts mesh traffic. A node placed in a service but absent
     /// here has no known address until discovery supplies one.
     pub nodes: BTreeMap<DnsLabel, Node>,
@@ -92,6 +94,72 @@ impl Default for K3sSettings {
             servers: 3,
             disable: vec!["traefik".to_owned()],
         }
+    }
+}
+
+/// `[join]`: how nodes join the site.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JoinSettings {
+    /// `tokens = [{ sha256 = "<hex>", expires = "RFC 3339" }]`: when present (even empty),
+    /// the join tokens the site accepts, replacing the trust folder's `join.json` list (a
+    /// rotation over the air). `None`: the site config says nothing about tokens.
+    pub tokens: Option<Vec<JoinToken>>,
+}
+
+/// One accepted join token: the SHA-256 of its secret and, optionally, when it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinToken {
+    pub sha256: TokenDigest,
+    #[serde(default)]
+    pub expires: Option<Rfc3339>,
+}
+
+/// A SHA-256 digest written as 64 hex digits (kept as written, lower-cased).
+///
+/// Invariant: exactly 64 ASCII hex digits, lower case.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct TokenDigest(String);
+
+impl TokenDigest {
+    /// The 64 lower-case hex digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TokenDigest {
+    type Error = ValueError;
+
+    fn try_from(text: String) -> Result<Self, ValueError> {
+        if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(TokenDigest(text.to_ascii_lowercase()))
+        } else {
+            Err(ValueError(format!(
+                "expected the SHA-256 of the token's secret as 64 hex digits, found {text:?}"
+            )))
+        }
+    }
+}
+
+/// An instant written in RFC 3339 (`2027-01-31T12:00:00Z`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Rfc3339(pub std::time::SystemTime);
+
+impl TryFrom<String> for Rfc3339 {
+    type Error = ValueError;
+
+    fn try_from(text: String) -> Result<Self, ValueError> {
+        humantime::parse_rfc3339_weak(&text)
+            .map(Rfc3339)
+            .map_err(|err| {
+                ValueError(format!(
+                    "expected an RFC 3339 time such as \"2027-01-31T12:00:00Z\", found {text:?} ({err})"
+                ))
+            })
     }
 }
 
@@ -280,6 +348,8 @@ struct RawCluster {
     #[serde(default)]
     proxy: ProxySettings,
     #[serde(default)]
+    join: JoinSettings,
+    #[serde(default)]
     nodes: BTreeMap<DnsLabel, Node>,
     #[serde(default)]
     services: BTreeMap<DnsLabel, Service>,
@@ -424,6 +494,7 @@ impl ClusterConfig {
             control: raw.control,
             k3s: raw.k3s,
             proxy: raw.proxy,
+            join: raw.join,
             nodes: raw.nodes,
             services: raw.services,
         })

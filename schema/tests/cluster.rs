@@ -181,3 +181,67 @@ fn node_addresses_and_local_ports_are_checked() {
     let text = err.to_string();
     assert!(text.contains("already the local port of"), "{text}");
 }
+
+#[test]
+fn join_tokens_are_digests_with_an_optional_expiry_and_replace_only_when_said() {
+    let none = parse("site = \"s\"\n").expect("minimal");
+    assert_eq!(
+        none.join.tokens, None,
+        "no [join]: the trust folder decides"
+    );
+    let empty = parse("site = \"s\"\n[join]\ntokens = []\n").expect("empty list");
+    assert_eq!(
+        empty.join.tokens,
+        Some(vec![]),
+        "an empty list accepts no token"
+    );
+    let digest = "AB".repeat(32);
+    let text = format!(
+        "site = \"s\"\n[join]\ntokens = [\n  {{ sha256 = \"{digest}\", expires = \"2027-01-31T12:00:00Z\" }},\n  {{ sha256 = \"{}\" }},\n]\n",
+        "0".repeat(64)
+    );
+    let config = parse(&text).unwrap_or_else(|err| panic!("{err}"));
+    let tokens = config.join.tokens.expect("tokens");
+    assert_eq!(tokens.len(), 2);
+    assert_eq!(tokens[0].sha256.as_str(), "ab".repeat(32), "lower-cased");
+    let expires = tokens[0].expires.expect("expiry").0;
+    assert_eq!(
+        expires
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs(),
+        1_801_396_800
+    );
+    assert_eq!(tokens[1].expires, None);
+}
+
+#[test]
+fn a_broken_join_token_names_its_field() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "site = \"s\"\n[join]\ntokens = [{ sha256 = \"abc\" }]\n",
+            "join.tokens[0].sha256",
+            "64 hex digits",
+        ),
+        (
+            "site = \"s\"\n[join]\ntokens = [{ sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\", expires = \"tomorrow\" }]\n",
+            "join.tokens[0].expires",
+            "RFC 3339",
+        ),
+        (
+            "site = \"s\"\n[join]\ntokens = [{ secret = \"x\" }]\n",
+            "join.tokens[0]",
+            "secret",
+        ),
+        ("site = \"s\"\n[join]\ntoken = []\n", "join", "token"),
+    ];
+    for (text, key, says) in cases {
+        let err = parse(text).expect_err(text);
+        assert!(
+            err.key.as_deref().is_some_and(|k| k.starts_with(key)),
+            "{text}\n{err}"
+        );
+        assert_eq!(err.line, Some(3), "{text}\n{err}");
+        assert!(err.to_string().contains(says), "{err}");
+    }
+}

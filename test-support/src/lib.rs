@@ -7,6 +7,7 @@
 //! - [`daemon`]: a binary as a child process with its log, killed when dropped.
 //! - [`pki`]: a site's trust root, node credentials, identity and trust folders.
 //! - [`tls`], [`http`]: clients for the daemons' mTLS and plain HTTP ports.
+//! - [`join`]: a joining node's client (pinned anchor, no client certificate) and `join.json`.
 //! - [`backends`]: HTTP, TCP echo and span-collector servers in the test process.
 //! - [`proxy`], [`control`], [`central`]: the daemons as fixtures.
 //! - [`control_plane`]: a site's control plane: trust folder, site config, N replicas.
@@ -26,6 +27,7 @@ pub mod control_plane;
 pub mod daemon;
 pub mod files;
 pub mod http;
+pub mod join;
 pub mod pki;
 pub mod ports;
 pub mod proxy;

@@ -1,0 +1,506 @@
+//! The join protocol's routes (`pimesh_join`).
+//!
+//! | side | method and path | what |
+//! |---|---|---|
+//! | join (TLS name `join.pimesh.invalid`, no client certificate) | `GET /v1/join/bundle` | the anchors, PEM |
+//! | join | `POST /v1/join` | a `JoinRequest` (at most `MAX_REQUEST_BYTES`) → a `JoinAnswer`, or a `Refusal` |
+//! | mutual TLS | `GET /v1/join/issuer` | → an `IssuerHandover`, to a server node only |
+//!
+//! A join is checked in this order, the first failure answering: the source's recent
+//! failures (`rate_limit`: `rate_limited`, 429 with `Retry-After`), the body (413 or 400
+//! `bad_request`), the token secret against the accepted tokens (`tokens`; constant
+//! time: `wrong_token`, `token_expired`), the CSR (a P-256 key: `bad_request`; exactly
+//! `spiffe://<site>/node/<node>`: `csr_mismatch`, or `wrong_site` for another site's
+//! ID), the name (`name_taken`: a live heartbeat of the node names another key, or this
+//! replica granted the name to another key within the heartbeat TTL). The node
+//! certificate is signed while checking the CSR and discarded when a later check fails.
+//! Then the node is placed (`grants`) and answered: the node certificate
+//! (`pimesh_identity::NODE_LIFETIME`, never past the issuer) with the issuer, the
+//! anchors, its role and the site's servers.
+//!
+//! Every attempt is recorded (`join_records`); every failure but `rate_limited` counts
+//! against its source.
+//!
+//! Invariants: the issuer's key leaves only through [`issuer`], over mutual TLS, to a
+//! node that holds a live `role: server` heartbeat or an unexpired grant; a join answer
+//! carries a certificate for exactly the node ID the request names, of the key of its CSR.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{header, Method, Request, Response, StatusCode};
+use pimesh_identity::{IssueError, SpiffeId};
+use pimesh_join::{
+    IssuerHandover, JoinAnswer, JoinRequest, Refusal, RefusalCode, Role, ServerEntry, TokenRefusal,
+};
+use pimesh_runtime::answer;
+use pimesh_schema::DnsLabel;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+use tracing::{info, warn};
+
+use crate::discovery::Discovery;
+use crate::grants::{Grants, Seats, DEFAULT_TARGET};
+use crate::identity_api;
+use crate::join_records::{Outcome, Record, Records};
+use crate::rate_limit::{self, FailureLimiter};
+use crate::state::{Snapshot, State};
+use crate::state_dir::StateDir;
+
+/// The most names remembered as recently granted (they expire after the heartbeat TTL).
+const MAX_RECENT: usize = 4096;
+
+/// The join side of a replica: its node, its state folder, its rate limit and its
+/// recent grants.
+pub struct Join {
+    replica: u16,
+    /// The node this replica runs on (`--node`).
+    node: Option<DnsLabel>,
+    ttl: Duration,
+    grants: Grants,
+    records: Records,
+    limiter: FailureLimiter,
+    /// Names this replica answered within the TTL, with the key (hex SPKI SHA-256).
+    recent: Mutex<HashMap<DnsLabel, (String, Instant)>>,
+}
+
+impl Join {
+    pub fn new(replica: u16, node: Option<DnsLabel>, state_dir: PathBuf, ttl: Duration) -> Join {
+        let dir = StateDir::new(state_dir);
+        Join {
+            replica,
+            node,
+            ttl,
+            grants: Grants::new(dir.clone()),
+            records: Records::new(dir),
+            limiter: FailureLimiter::default(),
+            recent: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A heartbeat of `node` arrived: its grant, if any, is refreshed.
+    pub async fn heard_from(&self, node: &DnsLabel) {
+        let grants = self.grants.clone();
+        let name = node.as_str().to_owned();
+        let refreshed =
+            tokio::task::spawn_blocking(move || grants.refresh(&name, SystemTime::now(), true))
+                .await;
+        if let Ok(Err(err)) = refreshed {
+            warn!(%node, %err, "cannot refresh the node's server grant");
+        }
+    }
+
+    /// Notes that `node` was answered for `key`, unless another key holds the name within
+    /// the TTL: then the key that holds it.
+    fn claim(&self, node: &DnsLabel, key: &str, now: Instant) -> Result<(), String> {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.retain(|_, (_, at)| now.saturating_duration_since(*at) < self.ttl);
+        match recent.get(node) {
+            Some((held, _)) if held != key => Err(held.clone()),
+            _ => {
+                if recent.len() >= MAX_RECENT && !recent.contains_key(node) {
+                    let oldest = recent
+                        .iter()
+                        .min_by_key(|(_, (_, at))| *at)
+                        .map(|(n, _)| n.clone());
+                    if let Some(oldest) = oldest {
+                        recent.remove(&oldest);
+                    }
+                }
+                recent.insert(node.clone(), (key.to_owned(), now));
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A refused attempt.
+struct Refused {
+    code: RefusalCode,
+    reason: String,
+    /// Instead of the code's own status (413 for a body too large).
+    status: Option<StatusCode>,
+    /// Seconds for `Retry-After`.
+    retry_after: Option<u64>,
+}
+
+impl Refused {
+    fn new(code: RefusalCode, reason: impl Into<String>) -> Refused {
+        Refused {
+            code,
+            reason: reason.into(),
+            status: None,
+            retry_after: None,
+        }
+    }
+
+    fn response(&self) -> Response<Full<Bytes>> {
+        let status = self.status.unwrap_or_else(|| {
+            StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::BAD_REQUEST)
+        });
+        let body = Refusal {
+            error: self.code,
+            reason: self.reason.clone(),
+        };
+        let text = serde_json::to_string(&body).unwrap_or_default();
+        let mut response = answer::json(status, text);
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// Answers one request of a connection on the join configuration from `peer`, accepted
+/// at `local`.
+pub async fn route(
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    state: &State,
+    discovery: &Discovery,
+    join: &Join,
+) -> Response<Full<Bytes>> {
+    use pimesh_join::path::{BUNDLE, JOIN};
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, BUNDLE) => bundle(state),
+        (&Method::POST, JOIN) => join_request(request, peer, local, state, discovery, join).await,
+        (_, BUNDLE | JOIN) => {
+            answer::error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+        }
+        _ => answer::error(
+            StatusCode::NOT_FOUND,
+            "no such resource on a join connection (TLS name join.pimesh.invalid): \
+             GET /v1/join/bundle and POST /v1/join only; everything else needs mutual TLS",
+        ),
+    }
+}
+
+/// `GET /v1/join/bundle`: the anchors, to anyone (a joining node pins one of them).
+fn bundle(state: &State) -> Response<Full<Bytes>> {
+    let Some(snapshot) = state.snapshot() else {
+        return Refused::new(RefusalCode::Unavailable, "the replica is not ready").response();
+    };
+    let mut response = Response::new(Full::new(Bytes::from(crate::pem::anchors(&snapshot))));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(crate::pem::CONTENT_TYPE),
+    );
+    response
+}
+
+/// `POST /v1/join`: checks, answers, records.
+async fn join_request(
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    state: &State,
+    discovery: &Discovery,
+    join: &Join,
+) -> Response<Full<Bytes>> {
+    let from = peer.ip().to_canonical();
+    let mut node = None;
+    let outcome = attempt(request, from, local, state, discovery, join, &mut node).await;
+    let now = SystemTime::now();
+    let (record, response) = match outcome {
+        Ok(answer) => {
+            let record = Record::new(
+                node.as_ref(),
+                from,
+                Outcome::Joined(answer.role),
+                join.replica,
+                now,
+            );
+            let text = serde_json::to_string(&answer).unwrap_or_default();
+            (record, answer::json(StatusCode::OK, text))
+        }
+        Err(refused) => {
+            if refused.code != RefusalCode::RateLimited {
+                join.limiter.failed(from, Instant::now());
+            }
+            let record = Record::new(
+                node.as_ref(),
+                from,
+                Outcome::Refused(refused.code),
+                join.replica,
+                now,
+            );
+            record.log(&refused.reason);
+            let response = refused.response();
+            write_record(join, record).await;
+            return response;
+        }
+    };
+    record.log("");
+    write_record(join, record).await;
+    response
+}
+
+async fn write_record(join: &Join, record: Record) {
+    let records = join.records.clone();
+    let written = tokio::task::spawn_blocking(move || records.append(&record)).await;
+    if let Ok(Err(err)) = written {
+        warn!(%err, "cannot append to the join records");
+    }
+}
+
+async fn attempt(
+    request: Request<Incoming>,
+    from: IpAddr,
+    local: SocketAddr,
+    state: &State,
+    discovery: &Discovery,
+    join: &Join,
+    named: &mut Option<DnsLabel>,
+) -> Result<JoinAnswer, Refused> {
+    if let Err(wait) = join.limiter.check(from, Instant::now()) {
+        let seconds = rate_limit::retry_after_seconds(wait);
+        return Err(Refused {
+            retry_after: Some(seconds),
+            ..Refused::new(
+                RefusalCode::RateLimited,
+                format!(
+                    "more than {} failed join attempts from {from} within {} s; try again in {seconds} s",
+                    rate_limit::MAX_FAILURES,
+                    rate_limit::WINDOW.as_secs()
+                ),
+            )
+        });
+    }
+    let Some(snapshot) = state.snapshot() else {
+        return Err(Refused::new(
+            RefusalCode::Unavailable,
+            "the replica is not ready",
+        ));
+    };
+    let body = answer::read_body(request, pimesh_join::MAX_REQUEST_BYTES)
+        .await
+        .map_err(|answer::Refusal(status, reason)| Refused {
+            status: Some(status),
+            ..Refused::new(RefusalCode::BadRequest, reason)
+        })?;
+    let request: JoinRequest = serde_json::from_slice(&body).map_err(|err| {
+        Refused::new(
+            RefusalCode::BadRequest,
+            format!("expected a JSON join request {{\"node\", \"token_secret\", \"csr\"}}: {err}"),
+        )
+    })?;
+    let node = request.node.clone();
+    *named = Some(node.clone());
+    let site = &snapshot.site;
+
+    let tokens = snapshot.accepted_tokens();
+    if tokens.is_empty() {
+        return Err(Refused::new(
+            RefusalCode::WrongToken,
+            format!(
+                "site {site} accepts no join tokens (no join.json in the trust folder and no \
+                 [join] tokens in the site config)"
+            ),
+        ));
+    }
+    let now = SystemTime::now();
+    tokens
+        .check(&request.token_secret, now)
+        .map_err(|refusal| {
+            let code = match refusal {
+                TokenRefusal::Wrong => RefusalCode::WrongToken,
+                TokenRefusal::Expired => RefusalCode::TokenExpired,
+            };
+            Refused::new(code, refusal.to_string())
+        })?;
+
+    let csr =
+        CertificateSigningRequestDer::from_pem_slice(request.csr.as_bytes()).map_err(|err| {
+            Refused::new(
+                RefusalCode::BadRequest,
+                format!("csr: expected a PEM CERTIFICATE REQUEST: {err}"),
+            )
+        })?;
+    let key = pimesh_identity::request_key_sha256(&csr)
+        .map_err(|err| Refused::new(RefusalCode::BadRequest, format!("csr: {err}")))?;
+    let key = pimesh_join::hex(&key);
+    let certificate = sign(&snapshot, &csr, &node, now)?;
+
+    let instant = Instant::now();
+    if let Some(held) = discovery
+        .heartbeats
+        .about(&node, instant)
+        .and_then(|about| about.credential)
+        .filter(|held| *held != key)
+    {
+        return Err(name_taken(&node, &held, "a live heartbeat", join.ttl));
+    }
+    join.claim(&node, &key, instant)
+        .map_err(|held| name_taken(&node, &held, "a join this replica answered", join.ttl))?;
+
+    let servers = discovery.heartbeats.servers();
+    let live: BTreeSet<String> = servers.keys().cloned().collect();
+    let target = snapshot
+        .config
+        .as_ref()
+        .map_or(DEFAULT_TARGET, |config| usize::from(config.k3s.servers));
+    let grants = join.grants.clone();
+    let own = join.node.as_ref().map(|n| n.as_str().to_owned());
+    let name = node.as_str().to_owned();
+    let role = tokio::task::spawn_blocking(move || {
+        let seats = Seats {
+            live_servers: &live,
+            own: own.as_deref(),
+            target,
+        };
+        grants.place(&name, &seats, now)
+    })
+    .await
+    .map_err(|err| err.to_string())
+    .and_then(|placed| placed.map_err(|err| err.to_string()))
+    .map_err(|err| {
+        Refused::new(
+            RefusalCode::Unavailable,
+            format!("cannot keep the server grants: {err}"),
+        )
+    })?;
+
+    let mut entries: Vec<ServerEntry> = servers
+        .into_iter()
+        .filter_map(|(name, server)| {
+            Some(ServerEntry {
+                node: DnsLabel::try_from(name).ok()?,
+                address: server.address,
+                replicas: server.replicas,
+            })
+        })
+        .collect();
+    if let Some(own) = &join.node {
+        if !entries.iter().any(|entry| &entry.node == own) {
+            let address = discovery
+                .heartbeats
+                .own_ip()
+                .unwrap_or_else(|| local.ip().to_canonical());
+            entries.push(ServerEntry {
+                node: own.clone(),
+                address,
+                replicas: vec![local.port()],
+            });
+            entries.sort_by(|a, b| a.node.cmp(&b.node));
+        }
+    }
+    Ok(JoinAnswer {
+        certificate,
+        anchors: crate::pem::anchors(&snapshot),
+        role,
+        servers: entries,
+        k3s_token: None,
+    })
+}
+
+/// The node certificate chain for `csr`, which must ask for exactly the node ID.
+fn sign(
+    snapshot: &Snapshot,
+    csr: &CertificateSigningRequestDer<'_>,
+    node: &DnsLabel,
+    now: SystemTime,
+) -> Result<String, Refused> {
+    let site = &snapshot.site;
+    let expected = SpiffeId::node(site, node);
+    snapshot
+        .trust
+        .issuer
+        .sign_node_chain(csr, site, node, now, pimesh_identity::NODE_LIFETIME)
+        .map_err(|err| match err {
+            IssueError::MalformedRequest(why) => {
+                Refused::new(RefusalCode::BadRequest, format!("csr: {why}"))
+            }
+            IssueError::ForeignSite(id) => Refused::new(
+                RefusalCode::WrongSite,
+                format!("the CSR asks for {id}, of another site; this is site {site}, expected {expected}"),
+            ),
+            IssueError::NotPermitted(id) | IssueError::UnsupportedName(id) => Refused::new(
+                RefusalCode::CsrMismatch,
+                format!("the CSR asks for {id}; expected {expected}"),
+            ),
+            IssueError::NoIdentity => Refused::new(
+                RefusalCode::CsrMismatch,
+                format!("the CSR asks for no identity; expected {expected}"),
+            ),
+            IssueError::Sign(why) => Refused::new(
+                RefusalCode::Unavailable,
+                format!("cannot sign the node certificate: {why}"),
+            ),
+        })
+}
+
+fn name_taken(node: &DnsLabel, held: &str, by: &str, ttl: Duration) -> Refused {
+    let short = held.get(..16).unwrap_or(held);
+    Refused::new(
+        RefusalCode::NameTaken,
+        format!(
+            "node {node} is held by another key ({short}…, from {by}); the name is free again \
+             {} s after that node's last heartbeat",
+            ttl.as_secs()
+        ),
+    )
+}
+
+/// `GET /v1/join/issuer` over mutual TLS: the issuer, to a server node of the site.
+pub async fn issuer(
+    chain: &[CertificateDer<'static>],
+    state: &State,
+    discovery: &Discovery,
+    join: &Join,
+) -> Response<Full<Bytes>> {
+    let Some(snapshot) = state.snapshot() else {
+        return Refused::new(RefusalCode::Unavailable, "the replica is not ready").response();
+    };
+    let now = SystemTime::now();
+    let node = match identity_api::requesting_node(chain, &snapshot, now) {
+        Ok(node) => node,
+        Err(answer::Refusal(status, reason)) => {
+            return Refused {
+                status: Some(status),
+                ..Refused::new(RefusalCode::NotAServer, reason)
+            }
+            .response()
+        }
+    };
+    let heartbeat_says_server = discovery
+        .heartbeats
+        .about(&node, Instant::now())
+        .is_some_and(|about| about.role == Some(Role::Server));
+    let grants = join.grants.clone();
+    let name = node.as_str().to_owned();
+    // Fetching the issuer keeps the grant, if any.
+    let granted = tokio::task::spawn_blocking(move || grants.refresh(&name, now, false))
+        .await
+        .is_ok_and(|refreshed| refreshed.unwrap_or(false));
+    if !(heartbeat_says_server || granted || join.node.as_ref() == Some(&node)) {
+        warn!(%node, "issuer refused: not a server node");
+        return Refused::new(
+            RefusalCode::NotAServer,
+            format!(
+                "node {node} is not a server node of site {}: the issuer goes to server nodes only",
+                snapshot.site
+            ),
+        )
+        .response();
+    }
+    info!(%node, "issuer handed over");
+    let handover = IssuerHandover {
+        issuer_cert: snapshot.trust.issuer_pem.clone(),
+        issuer_key: snapshot.trust.issuer_key_pem.clone(),
+        anchors: crate::pem::anchors(&snapshot),
+        tokens: (*snapshot.trust_tokens).clone(),
+        k3s_token: None,
+    };
+    answer::json(
+        StatusCode::OK,
+        serde_json::to_string(&handover).unwrap_or_default(),
+    )
+}
