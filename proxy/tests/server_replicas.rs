@@ -4,9 +4,8 @@
 //! - heartbeats carrying `credential`, `role` and `replicas` are accepted by the
 //!   replicas, and both the discovery watch and the leaf renewals fail over from the
 //!   replica that dies to the other one of the start list;
-//! - (ignored until the replicas list `servers` in discovery) a proxy started with only
-//!   one replica learns another server node's replica from discovery and fails over to
-//!   it.
+//! - a proxy started with only one replica learns another server node's replica from
+//!   discovery and fails over to it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
@@ -196,9 +195,6 @@ async fn heartbeats_with_the_role_are_accepted_and_watch_and_renewals_fail_over(
 }
 
 #[tokio::test]
-#[ignore = "needs the replicas to list `servers` in discovery from role=server heartbeats \
-            (control side of issue 13, in progress in another branch); today they accept \
-            and ignore the fields"]
 async fn a_proxy_learns_a_server_nodes_replicas_from_discovery_and_fails_over_to_them() {
     let (s1_port, a_port) = (free_port(), free_port());
     let mut plane = plane(&cluster_toml(&[("s1", s1_port), ("a", a_port)]), 2).await;
