@@ -27,8 +27,9 @@ use crate::paths::NodePaths;
 const PROXY_USER: &str = "pimesh-proxy";
 
 /// How long a certificate the node signs for itself lasts: as long as one the operator
-/// signs with `pimeshctl node sign` (never past the issuer's own expiry).
-pub const SELF_ENROLLED_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// signs with `pimeshctl node sign` or a replica signs at a join (never past the issuer's
+/// own expiry).
+pub const SELF_ENROLLED_LIFETIME: Duration = pimesh_identity::NODE_LIFETIME;
 
 /// Why the node credential could not be made, read, imported or re-signed. Each names the
 /// file concerned.
