@@ -18,6 +18,7 @@
 //! /var/lib/pimesh-control/         the control replicas' (their join records: joins.jsonl)
 //! /run/pimesh/                     what other units read at their start
 //!     proxy.env, control.env       the proxy's and the replicas' arguments
+//!     chrony/                      the site's time servers and a server's directives
 //! /usr/share/pimesh/manifest.json  what the image holds
 //! /usr/local/bin/k3s               K3s, when the image has it
 //! ```
@@ -85,6 +86,11 @@ impl NodePaths {
     /// The OTA client's folder: journal, stored revisions, outbox.
     pub fn ota_dir(&self) -> PathBuf {
         self.state_dir.join("ota")
+    }
+
+    /// chrony's `sourcedir` and `confdir` (`join::time`; see the image's chrony settings).
+    pub fn chrony_dir(&self) -> PathBuf {
+        self.run_dir.join("chrony")
     }
 
     /// The node's join record (`join::record`).

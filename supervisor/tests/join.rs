@@ -30,9 +30,8 @@ fn token(site: &Site, secret: &str) -> String {
 fn replica_of(site: &Site, dir: &Path) -> Replica {
     let trust = dir.join("trust");
     site.write_trust(&trust);
-    let accepted = pimesh_join::AcceptedTokens(vec![pimesh_join::AcceptedToken::for_secret(
-        SECRET, None,
-    )]);
+    let accepted =
+        pimesh_join::AcceptedTokens(vec![pimesh_join::AcceptedToken::for_secret(SECRET, None)]);
     std::fs::write(
         trust.join("join.json"),
         serde_json::json!({ "tokens": accepted }).to_string(),
@@ -102,13 +101,14 @@ impl Node {
     fn wait_for_join_state(&mut self, state: &str) -> serde_json::Value {
         let addr = self.status_addr;
         let mut last = serde_json::Value::Null;
-        self.daemon.wait_until_blocking(&format!("join state {state}"), || {
-            let Some((200, body)) = get_blocking(addr, "/status") else {
-                return false;
-            };
-            last = serde_json::from_str(&body).unwrap();
-            last["join"]["state"] == state
-        });
+        self.daemon
+            .wait_until_blocking(&format!("join state {state}"), || {
+                let Some((200, body)) = get_blocking(addr, "/status") else {
+                    return false;
+                };
+                last = serde_json::from_str(&body).unwrap();
+                last["join"]["state"] == state
+            });
         last
     }
 }
@@ -146,7 +146,8 @@ fn a_node_joins_with_nothing_but_its_seed_and_becomes_a_server() {
     .expect("the node certificate verifies under the site's anchor");
     assert_eq!(ids, vec![site.node_id("pi-b")]);
     let key = std::fs::read(node.file("var/lib/pimesh/identity/node.key")).unwrap();
-    pimesh_meshtls::Credential::from_pem(&chain, &key).expect("the certificate is of the node's key");
+    pimesh_meshtls::Credential::from_pem(&chain, &key)
+        .expect("the certificate is of the node's key");
     assert_eq!(
         std::fs::read_to_string(node.file("var/lib/pimesh/identity/anchor.pem")).unwrap(),
         site.root.anchor.cert_pem()
@@ -160,11 +161,17 @@ fn a_node_joins_with_nothing_but_its_seed_and_becomes_a_server() {
     let proxy_env = std::fs::read_to_string(node.file("run/proxy.env")).unwrap();
     assert!(proxy_env.contains("--role server"), "{proxy_env}");
     let control_env = std::fs::read_to_string(node.file("run/control.env")).unwrap();
-    assert!(control_env.contains("--site lab --node pi-b"), "{control_env}");
+    assert!(
+        control_env.contains("--site lab --node pi-b"),
+        "{control_env}"
+    );
 
     // The replica recorded the join.
     let joins = std::fs::read_to_string(dir.path().join("control-state/joins.jsonl")).unwrap();
-    assert!(joins.contains("\"pi-b\"") && joins.contains("joined"), "{joins}");
+    assert!(
+        joins.contains("\"pi-b\"") && joins.contains("joined"),
+        "{joins}"
+    );
 
     // A restart keeps the role and joins no more.
     let record = node.file("var/lib/pimesh/join/state.json");
@@ -189,10 +196,14 @@ fn a_rogue_server_and_a_wrong_token_get_nothing_and_the_node_says_why() {
     let mut node = Node::start(&seed(&site, &token(&site, SECRET), "pi-r", rogue.addr));
     let status = node.wait_for_join_state("discovering");
     let addr = node.status_addr;
-    node.daemon.wait_until_blocking("the rogue server named", || {
-        get_blocking(addr, "/status").is_some_and(|(_, body)| body.contains("rogue server"))
-    });
-    assert!(!node.file("var/lib/pimesh/identity/node.pem").exists(), "{status:#}");
+    node.daemon
+        .wait_until_blocking("the rogue server named", || {
+            get_blocking(addr, "/status").is_some_and(|(_, body)| body.contains("rogue server"))
+        });
+    assert!(
+        !node.file("var/lib/pimesh/identity/node.pem").exists(),
+        "{status:#}"
+    );
     assert!(
         !rogue_dir.path().join("control-state/joins.jsonl").exists(),
         "the rogue server never saw a join request"

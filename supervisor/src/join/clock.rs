@@ -21,8 +21,6 @@ const RECHECK: Duration = Duration::from_secs(2);
 pub struct Clock {
     floor: SystemTime,
     saved: PathBuf,
-    /// Where time comes from, for the status.
-    pub sources: Vec<String>,
 }
 
 impl Clock {
@@ -37,11 +35,7 @@ impl Clock {
             .chain(last)
             .max()
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        Clock {
-            floor,
-            saved,
-            sources: Vec::new(),
-        }
+        Clock { floor, saved }
     }
 
     pub fn is_sane(&self, now: SystemTime) -> bool {
@@ -59,7 +53,6 @@ impl Clock {
                 clock.sane = sane;
                 clock.now = Some(rfc3339(now));
                 clock.floor = Some(rfc3339(self.floor));
-                clock.sources.clone_from(&self.sources);
                 if !sane {
                     status.join.state = "waiting-for-clock";
                 }

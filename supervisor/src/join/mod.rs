@@ -23,6 +23,7 @@ pub mod exchange;
 pub mod plan;
 pub mod record;
 mod site_role;
+pub mod time;
 
 pub use site_role::SiteRole;
 

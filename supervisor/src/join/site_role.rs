@@ -1,6 +1,10 @@
 //! What the node does as a member of its site once its role is known: re-place its units
-//! (the proxy and, on a server node, the control replicas), and on a server node announce
-//! itself on the LAN and show the joins its replicas answered.
+//! (the proxy and, on a server node, the control replicas), take its time from the site's
+//! servers (`time`), and on a server node serve time, announce itself on the LAN and show
+//! the joins its replicas answered.
+//!
+//! Off a node (`on_node` false: the supervisor's tests on a development host) nothing
+//! leaves the process: no mDNS, no chrony restart.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -14,6 +18,7 @@ use tracing::warn;
 use crate::join::announce::Announcer;
 use crate::join::plan::placed;
 use crate::join::record::JoinRecord;
+use crate::join::time::{self, TimePlan};
 use crate::join::OnJoined;
 use crate::paths::NodePaths;
 use crate::status::StatusHandle;
@@ -36,7 +41,9 @@ struct Inner {
     pin: Option<[u8; 32]>,
     trust_anchor: PathBuf,
     joins_file: PathBuf,
-    mdns: bool,
+    on_node: bool,
+    chrony_dir: PathBuf,
+    time: Mutex<TimePlan>,
     units: Arc<ManagedSet>,
     status: StatusHandle,
     announcer: Mutex<Option<Announcer>>,
@@ -48,7 +55,7 @@ impl SiteRole {
         paths: &NodePaths,
         seed: Option<&Seed>,
         node: Option<DnsLabel>,
-        mdns: bool,
+        on_node: bool,
         units: Arc<ManagedSet>,
         status: StatusHandle,
     ) -> SiteRole {
@@ -60,7 +67,9 @@ impl SiteRole {
                 .map(|token| *token.anchor_sha256()),
             trust_anchor: paths.state_dir.join("trust").join("anchor.pem"),
             joins_file: paths.control_state_dir().join("joins.jsonl"),
-            mdns,
+            on_node,
+            chrony_dir: paths.chrony_dir(),
+            time: Mutex::new(TimePlan::default()),
             units,
             status,
             announcer: Mutex::new(None),
@@ -75,21 +84,30 @@ impl SiteRole {
             role.0
                 .units
                 .replace_placement(|placement| placed(placement, record, holds_issuer));
+            let own = role.0.node.as_ref();
+            let sources = record
+                .servers
+                .iter()
+                .filter(|server| Some(&server.node) != own)
+                .map(|server| server.address)
+                .collect();
+            role.time(|plan| plan.sources = sources);
             if holds_issuer {
                 role.serve_as_server();
             }
         })
     }
 
-    /// On a server node: announces it on the LAN (when mDNS is on) and shows the joins
+    /// On a server node: serves time, announces the node on the LAN and shows the joins
     /// its replicas answer. Idempotent.
     pub fn serve_as_server(&self) {
+        self.time(|plan| plan.serve = true);
         let inner = &self.0;
         let mut announcer = inner
             .announcer
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if announcer.is_none() && inner.mdns {
+        if announcer.is_none() && inner.on_node {
             match self.announcement() {
                 Some(announcement) => match Announcer::start(&announcement) {
                     Ok(started) => *announcer = Some(started),
@@ -107,6 +125,22 @@ impl SiteRole {
                 inner.joins_file.clone(),
                 inner.status.clone(),
             )));
+        }
+    }
+
+    /// Changes what chrony is told, shows it in the status, and (on a node) applies it.
+    fn time(&self, change: impl FnOnce(&mut TimePlan)) {
+        let inner = &self.0;
+        let plan = {
+            let mut plan = inner.time.lock().unwrap_or_else(PoisonError::into_inner);
+            change(&mut plan);
+            plan.clone()
+        };
+        inner
+            .status
+            .update(|status| status.join.clock.sources = plan.describe());
+        if inner.on_node {
+            tokio::spawn(time::apply(inner.chrony_dir.clone(), plan));
         }
     }
 

@@ -18,6 +18,9 @@ pub trait Manager {
 
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
 
+    /// Restarts the unit if it runs; does nothing otherwise.
+    fn try_restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+
     /// Asks the unit to reload its configuration (`ExecReload=`).
     fn reload_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
 
