@@ -9,11 +9,25 @@ init node's card gets the site's trust root (`pimesh-trust/`) and a seed with
 `role = "init"`; every other card gets the same seed with `role = "join"` and nothing
 else — no anchor, no server list, no step after boot. The site asks for two servers
 (`[k3s] servers = 2`), so the first node to join becomes a server and the next an agent.
+Every node starts with the same site configuration in `/etc/pimesh/cluster.toml` (what
+the central server would deliver over the air; OTA has its own tests): a service `web`
+on the init node that only the node `pi-c` may call, and control replicas that sign
+leaves for 40 s, so that renewals happen within the test. The nodes boot in parallel.
+
+Cases, in order (each builds on the site the previous ones left):
+  1. the cards form the site by themselves: roles, issuer only on servers, leaves;
+  2. each joined node's certificate is for its own name and its own key;
+  3. a request from a client on pi-c to `web` on pi-a crosses both proxies with mTLS,
+     and the allow list refuses the same request from pi-b (so the identity pi-a's proxy
+     saw is the caller's node);
+  4. the init node is powered off: the other nodes' proxies keep renewing their leaves
+     from the joined server's replicas, and a fourth card still joins the site;
+  5. a card with a wrong token is refused, says why, and changes nothing on the site.
 """
 
-import base64
-import hashlib
+import concurrent.futures
 import os
+import time
 import subprocess
 import tempfile
 import uuid
@@ -26,7 +40,35 @@ from harness.paths import host_binary
 PIMESHCTL = host_binary("pimeshctl")
 BRIDGE_NET = "192.168.215"
 JOIN_TIMEOUT = float(os.environ.get("PIMESH_SITE_JOIN_TIMEOUT", "180"))
-CLUSTER = 'site = "lab"\n\n[k3s]\nservers = 2\n'
+LEAF_LIFETIME = 40
+CLUSTER = ('site = "lab"\n\n[k3s]\nservers = 2\n\n'
+           '[services.web]\nport = 8080\nlocal_port = 18080\nnodes = ["pi-a"]\n'
+           'allow = ["spiffe://lab/node/pi-c"]\n')
+# The replicas sign short leaves in this test, so that renewals happen while it runs.
+CONTROL_DROPIN = ("[Service]\nExecStart=\nExecStart=/usr/bin/pimesh-control --replica %i "
+                  f"--leaf-lifetime {LEAF_LIFETIME} $PIMESH_CONTROL_ARGS\n")
+# A tiny web app: answers every GET with the text "web on <hostname>".
+WEB_APP = r"""
+import http.server, socket
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"web on {socket.gethostname()}".encode()
+        self.send_response(200); self.send_header("content-length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", 8080), H).serve_forever()
+"""
+# GET through the local proxy's service port; prints the status and the body.
+GET_LOCAL = r"""
+import sys, urllib.request, urllib.error
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=10) as r:
+        print(r.status, r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode())
+except Exception as e:
+    print(0, repr(e))
+"""
 
 
 def sh(*argv):
@@ -98,15 +140,23 @@ class SiteKeys:
             return f.read()
 
 
-def boot_node(lan, keys, index, role, node, extra_files=None):
+def prepare_node(lan, keys, index, role, node, extra_files=None):
+    """A container for `node` plugged into the LAN, its card written; not booted."""
     ns = lan.plug(index)
     container = Container(network=f"--network-namespace-path=/run/netns/{ns} --capability=CAP_NET_ADMIN")
     container.write("/boot/firmware/pimesh.toml", keys.seed(role, node))
     container.write("/etc/pimesh/cluster.toml", CLUSTER)
+    container.write("/etc/systemd/system/pimesh-control@.service.d/test-leaf-lifetime.conf", CONTROL_DROPIN)
     for path, text in (extra_files or {}).items():
         container.write(path, text)
-    container.boot()
     return container
+
+
+def boot_all(containers):
+    """Boots the containers in parallel; raises the first failure."""
+    with concurrent.futures.ThreadPoolExecutor(len(containers)) as pool:
+        for future in [pool.submit(c.boot) for c in containers]:
+            future.result()
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +167,11 @@ def site():
     try:
         trust = {f"/boot/firmware/pimesh-trust/{name}": keys.read(name)
                  for name in ("anchor.pem", "issuer.pem", "issuer.key")}
-        nodes["pi-a"] = boot_node(lan, keys, 1, "init", "pi-a", trust)
+        nodes["pi-a"] = prepare_node(lan, keys, 1, "init", "pi-a", trust)
         # Every other card: the same seed, role join, nothing else.
-        nodes["pi-b"] = boot_node(lan, keys, 2, "join", "pi-b")
-        nodes["pi-c"] = boot_node(lan, keys, 3, "join", "pi-c")
+        nodes["pi-b"] = prepare_node(lan, keys, 2, "join", "pi-b")
+        nodes["pi-c"] = prepare_node(lan, keys, 3, "join", "pi-c")
+        boot_all(list(nodes.values()))
         yield {"lan": lan, "keys": keys, "nodes": nodes}
     finally:
         for container in nodes.values():
@@ -186,3 +237,78 @@ def test_the_node_certificates_are_the_nodes_own(site):
         own_key = subprocess.run(["openssl", "pkey", "-pubout", "-in", os.path.join(identity, "node.key")],
                                  capture_output=True, text=True, check=True).stdout
         assert cert_key == own_key, f"{name}: the certificate is for the key the node made"
+
+
+def get_via_proxy(node, url):
+    out = node.run(["python3", "-c", GET_LOCAL, url], check=False, timeout=40).stdout.strip()
+    code, _, body = out.partition(" ")
+    return int(code or 0), body
+
+
+def test_a_request_crosses_both_proxies_with_mtls_and_the_allow_list_sees_the_caller(site):
+    nodes = site["nodes"]
+    a, b, c = nodes["pi-a"], nodes["pi-b"], nodes["pi-c"]
+    app = subprocess.Popen(["nsenter", "-t", str(a.leader), "-a", "python3", "-c", WEB_APP],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        answer = c.wait_for("web on pi-a through both proxies from pi-c",
+                            lambda: (r := get_via_proxy(c, "http://127.0.0.1:18080/")) and r[0] == 200 and r,
+                            timeout=90, interval=1)
+        assert answer[1] == "web on pi-a", answer
+        refused = get_via_proxy(b, "http://127.0.0.1:18080/")
+        assert refused[0] == 403, refused
+        metrics = a.http_get("http://127.0.0.1:4191/metrics")[1]
+        assert "tls_handshake" in metrics or "inbound" in metrics
+    finally:
+        app.kill()
+        app.wait()
+
+
+def leaf_not_after(node):
+    config = node.proxy_config()
+    return config and config["identity"] and config["identity"]["source"] == "control" and \
+        config["identity"]["not_after"]
+
+
+def test_the_site_survives_the_loss_of_its_init_node(site):
+    nodes = site["nodes"]
+    a, b, c = nodes["pi-a"], nodes["pi-b"], nodes["pi-c"]
+    before = {name: leaf_not_after(node) for name, node in (("pi-b", b), ("pi-c", c))}
+    a.shutdown(timeout=20)
+    del nodes["pi-a"]
+    # Leaves of LEAF_LIFETIME seconds renew at two thirds of their life: two renewals later
+    # every leaf was signed after the init node was gone, by the joined server's replicas.
+    for name, node in (("pi-b", b), ("pi-c", c)):
+        first = node.wait_for(f"{name}: a leaf renewed without the init node",
+                              lambda node=node, name=name: (n := leaf_not_after(node)) and n > before[name] and n,
+                              timeout=LEAF_LIFETIME * 3, interval=1)
+        node.wait_for(f"{name}: a second renewal",
+                      lambda node=node, first=first: (n := leaf_not_after(node)) and n > first,
+                      timeout=LEAF_LIFETIME * 3, interval=1)
+    # A fourth card joins through the remaining server.
+    d = prepare_node(site["lan"], site["keys"], 4, "join", "pi-d")
+    nodes["pi-d"] = d
+    d.boot()
+    status = d.wait_for("pi-d joined", lambda: joined(d), timeout=JOIN_TIMEOUT, interval=1)
+    assert status["join"]["via"]["node"] == "pi-b" or status["join"]["via"]["address"].startswith(BRIDGE_NET), status
+    d.wait_for("pi-d's proxy leaf", lambda: leaf_source(d) == "control", timeout=120, interval=1)
+
+
+def test_a_card_with_a_wrong_token_is_refused_and_changes_nothing(site):
+    keys = site["keys"]
+    wrong_secret = keys.token.split("::")[0] + "::" + "W" * 24
+    seed = keys.seed("join", "pi-x").replace(keys.token, wrong_secret)
+    x = prepare_node(site["lan"], keys, 5, "join", "pi-x", {"/boot/firmware/pimesh.toml": seed})
+    site["nodes"]["pi-x"] = x
+    x.boot()
+    status = x.wait_for("pi-x refused", lambda: (s := x.status())["join"]["state"] == "refused" and s,
+                        timeout=JOIN_TIMEOUT, interval=1)
+    assert "wrong_token" in status["join"]["last_error"], status["join"]
+    assert not os.path.exists(os.path.join(x.root, "var/lib/pimesh/identity/node.pem"))
+    servers = [node for name, node in site["nodes"].items() if name != "pi-x"]
+    joins = servers[0].wait_for("the refusal in a server's joins", lambda: [
+        j for node in servers for j in node.status()["joins"] if j["node"] == "pi-x"], timeout=30, interval=1)
+    assert all(j["result"] == "wrong_token" for j in joins), joins
+    # Nothing changed on the site: the nodes keep their roles and no pi-x appears.
+    for node in servers:
+        assert node.status()["join"]["state"] in ("init", "joined")
