@@ -31,7 +31,6 @@ const SITE_INIT_HINT: &str = "is this a folder made by `pimeshctl site init`?";
 ///
 /// Invariant: `token` is what `join-token` now holds, and `accepted` is the digest of its
 /// secret (with the expiry asked for).
-#[derive(Debug)]
 struct Rotation {
     site: DnsLabel,
     /// The new token, `K10<pin>::<secret>`.
@@ -39,6 +38,18 @@ struct Rotation {
     accepted: AcceptedToken,
     /// Where the replaced token went, when there was one.
     previous: Option<PathBuf>,
+}
+
+/// The new token's secret never appears in debug output (as with the schema's `JoinToken`).
+impl std::fmt::Debug for Rotation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rotation")
+            .field("site", &self.site)
+            .field("token", &"K10…::<redacted>")
+            .field("accepted", &self.accepted)
+            .field("previous", &self.previous)
+            .finish()
+    }
 }
 
 /// `pimeshctl site token rotate`: a new token in `site_dir`, accepted until now +
