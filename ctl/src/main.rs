@@ -7,6 +7,7 @@ mod image;
 mod node;
 mod secret_file;
 mod site;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,33 @@ enum SiteCommand {
         /// Where to write the site's keys (default: ./<site>).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// The site's join token: rotate it, or show the `[join]` block of cluster.toml that
+    /// accepts it.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a new join token for the cards flashed from now on (the previous one is kept as
+    /// join-token.previous) and print the `[join]` block for the site's cluster.toml;
+    /// publishing it makes every replica refuse the old token.
+    Rotate {
+        /// The site folder `pimeshctl site init` made (holds anchor.pem and join-token).
+        #[arg(long)]
+        site_dir: PathBuf,
+        /// Replicas refuse the new token after this long, e.g. 24h or 7d (default: never).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<std::time::Duration>,
+    },
+    /// Print the `[join]` block (without expiry) accepting the site folder's current token.
+    Show {
+        /// The site folder `pimeshctl site init` made (holds anchor.pem and join-token).
+        #[arg(long)]
+        site_dir: PathBuf,
     },
 }
 
@@ -151,6 +179,22 @@ fn main() -> ExitCode {
                     out,
                 },
         } => site::init(&site, central_url.as_deref(), out),
+        Command::Site {
+            command:
+                SiteCommand::Token {
+                    command:
+                        TokenCommand::Rotate {
+                            site_dir,
+                            expires_in,
+                        },
+                },
+        } => token::rotate(&site_dir, expires_in),
+        Command::Site {
+            command:
+                SiteCommand::Token {
+                    command: TokenCommand::Show { site_dir },
+                },
+        } => token::show(&site_dir),
         Command::Config {
             command: ConfigCommand::Validate { file },
         } => config::validate(&file),

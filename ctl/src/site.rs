@@ -11,6 +11,10 @@ use crate::secret_file;
 
 /// The file in a site folder that names the site.
 pub const SITE_NAME_FILE: &str = "site-name";
+/// The file in a site folder holding the site's trust anchor certificate (PEM).
+pub const ANCHOR_FILE: &str = "anchor.pem";
+/// The file in a site folder holding the join token for new cards' seeds (0600).
+pub const JOIN_TOKEN_FILE: &str = "join-token";
 
 /// The site a site folder belongs to.
 pub fn name_of(site_dir: &std::path::Path) -> Result<DnsLabel, crate::Failure> {
@@ -70,12 +74,12 @@ pub fn init(
     let write = |name: &str, contents: &[u8], public: bool| {
         secret_file::create(&out.join(name), contents, public)
     };
-    write("anchor.pem", root.anchor.cert_pem().as_bytes(), true)?;
+    write(ANCHOR_FILE, root.anchor.cert_pem().as_bytes(), true)?;
     write("anchor.key", root.anchor.key_pem().as_bytes(), false)?;
     write("issuer.pem", root.issuer.cert_pem().as_bytes(), true)?;
     write("issuer.key", root.issuer.key_pem().as_bytes(), false)?;
     write("signing.pk8", signing.as_ref(), false)?;
-    write("join-token", format!("{join_token}\n").as_bytes(), false)?;
+    write(JOIN_TOKEN_FILE, format!("{join_token}\n").as_bytes(), false)?;
     write(SITE_NAME_FILE, format!("{site}\n").as_bytes(), true)?;
 
     println!("Created site {site} in {}/ (keep it private; *.key, signing.pk8 and join-token are secrets).", out.display());
@@ -91,7 +95,7 @@ pub fn init(
 }
 
 /// Letters and digits from the secure random source, without modulo bias.
-fn random_secret(rng: &SystemRandom) -> Result<String, crate::Failure> {
+pub(crate) fn random_secret(rng: &SystemRandom) -> Result<String, crate::Failure> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut secret = String::with_capacity(SECRET_LEN);
     while secret.len() < SECRET_LEN {
