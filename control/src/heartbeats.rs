@@ -82,11 +82,6 @@ impl Heartbeats {
         }
     }
 
-    /// This node's address as other nodes dial it, once a connection from one showed it.
-    pub fn own_ip(&self) -> Option<IpAddr> {
-        *self.own_ip.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Records a heartbeat of `node` at `addr` saying `about`; `true` when the set of live
     /// nodes, an address, a role or a server's replica ports changed, `false` for a plain
     /// refresh.

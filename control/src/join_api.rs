@@ -368,25 +368,33 @@ async fn attempt(
         )
     })?;
 
+    // This node is named at the address the joiner reached it by: its own heartbeat may be
+    // on record at loopback (the proxy beats over 127.0.0.1 until another node has dialled
+    // this one), which no other node can dial. Another node at loopback is dropped.
+    let reached = local.ip().to_canonical();
     let mut entries: Vec<ServerEntry> = servers
         .into_iter()
         .filter_map(|(name, server)| {
+            let node = DnsLabel::try_from(name).ok()?;
+            let address = if join.node.as_ref() == Some(&node) {
+                reached
+            } else if server.address.is_loopback() || server.address.is_unspecified() {
+                return None;
+            } else {
+                server.address
+            };
             Some(ServerEntry {
-                node: DnsLabel::try_from(name).ok()?,
-                address: server.address,
+                node,
+                address,
                 replicas: server.replicas,
             })
         })
         .collect();
     if let Some(own) = &join.node {
         if !entries.iter().any(|entry| &entry.node == own) {
-            let address = discovery
-                .heartbeats
-                .own_ip()
-                .unwrap_or_else(|| local.ip().to_canonical());
             entries.push(ServerEntry {
                 node: own.clone(),
-                address,
+                address: reached,
                 replicas: vec![local.port()],
             });
             entries.sort_by(|a, b| a.node.cmp(&b.node));

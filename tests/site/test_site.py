@@ -7,21 +7,22 @@ every address is inside the test's namespaces, and mDNS stays on the test's brid
 The cards are flashed the way an operator would: `pimeshctl site init` makes the site, the
 init node's card gets the site's trust root (`pimesh-trust/`) and a seed with
 `role = "init"`; every other card gets the same seed with `role = "join"` and nothing
-else — no anchor, no server list, no step after boot. The site asks for two servers
-(`[k3s] servers = 2`), so the first node to join becomes a server and the next an agent.
+else — no anchor, no server list, no step after boot. The site asks for three servers
+(`[k3s] servers = 3`), so with four cards the init node and the first two nodes to join
+are servers and the last an agent.
 Every node starts with the same site configuration in `/etc/pimesh/cluster.toml` (what
 the central server would deliver over the air; OTA has its own tests): a service `web`
-on the init node that only the node `pi-c` may call, and control replicas that sign
+on the init node that only the node `pi-d` may call, and control replicas that sign
 leaves for 40 s, so that renewals happen within the test. The nodes boot in parallel.
 
 Cases, in order (each builds on the site the previous ones left):
   1. the cards form the site by themselves: roles, issuer only on servers, leaves;
   2. each joined node's certificate is for its own name and its own key;
-  3. a request from a client on pi-c to `web` on pi-a crosses both proxies with mTLS,
+  3. a request from a client on pi-d to `web` on pi-a crosses both proxies with mTLS,
      and the allow list refuses the same request from pi-b (so the identity pi-a's proxy
      saw is the caller's node);
   4. the init node is powered off: the other nodes' proxies keep renewing their leaves
-     from the joined server's replicas, and a fourth card still joins the site;
+     from the joined servers' replicas, and a fifth card still joins the site;
   5. a card with a wrong token is refused, says why, and changes nothing on the site.
 """
 
@@ -41,24 +42,27 @@ PIMESHCTL = host_binary("pimeshctl")
 BRIDGE_NET = "192.168.215"
 JOIN_TIMEOUT = float(os.environ.get("PIMESH_SITE_JOIN_TIMEOUT", "180"))
 LEAF_LIFETIME = 40
-CLUSTER = ('site = "lab"\n\n[k3s]\nservers = 2\n\n'
+CLUSTER = ('site = "lab"\n\n[k3s]\nservers = 3\n\n'
            '[services.web]\nport = 8080\nlocal_port = 18080\nnodes = ["pi-a"]\n'
-           'allow = ["spiffe://lab/node/pi-c"]\n')
+           'allow = ["spiffe://lab/node/pi-d"]\n')
+JOINERS = ("pi-b", "pi-c", "pi-d")
 # The replicas sign short leaves in this test, so that renewals happen while it runs.
 CONTROL_DROPIN = ("[Service]\nExecStart=\nExecStart=/usr/bin/pimesh-control --replica %i "
                   f"--leaf-lifetime {LEAF_LIFETIME} $PIMESH_CONTROL_ARGS\n")
-# A tiny web app: answers every GET with the text "web on <hostname>".
+# A tiny web app (the host's python3 in a node's network namespace: the root has none):
+# answers every GET with the text "web on <argv[1]>".
 WEB_APP = r"""
-import http.server, socket
+import http.server, sys
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = f"web on {socket.gethostname()}".encode()
+        body = f"web on {sys.argv[1]}".encode()
         self.send_response(200); self.send_header("content-length", str(len(body))); self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a): pass
 http.server.ThreadingHTTPServer(("127.0.0.1", 8080), H).serve_forever()
 """
-# GET through the local proxy's service port; prints the status and the body.
+# GET through the local proxy's service port (the host's python3 in the node's network
+# namespace); prints the status and the body.
 GET_LOCAL = r"""
 import sys, urllib.request, urllib.error
 try:
@@ -169,8 +173,8 @@ def site():
                  for name in ("anchor.pem", "issuer.pem", "issuer.key")}
         nodes["pi-a"] = prepare_node(lan, keys, 1, "init", "pi-a", trust)
         # Every other card: the same seed, role join, nothing else.
-        nodes["pi-b"] = prepare_node(lan, keys, 2, "join", "pi-b")
-        nodes["pi-c"] = prepare_node(lan, keys, 3, "join", "pi-c")
+        for index, name in enumerate(JOINERS, start=2):
+            nodes[name] = prepare_node(lan, keys, index, "join", name)
         boot_all(list(nodes.values()))
         yield {"lan": lan, "keys": keys, "nodes": nodes}
     finally:
@@ -191,40 +195,42 @@ def leaf_source(node):
 
 def test_the_cards_form_a_site_by_themselves(site):
     nodes = site["nodes"]
-    a, b, c = nodes["pi-a"], nodes["pi-b"], nodes["pi-c"]
+    a = nodes["pi-a"]
     assert a.wait_for("the init node", lambda: a.status()["join"]["state"] == "init", timeout=60)
-    # pi-b and pi-c race; the first to join is the site's second server, the other an agent.
-    statuses = {name: node.wait_for(f"{name} joined", lambda node=node: joined(node), timeout=JOIN_TIMEOUT,
-                                    interval=1)
-                for name, node in (("pi-b", b), ("pi-c", c))}
+    # The joiners race: the first two to join are the site's other servers, the last an agent.
+    statuses = {name: nodes[name].wait_for(f"{name} joined", lambda node=nodes[name]: joined(node),
+                                           timeout=JOIN_TIMEOUT, interval=1)
+                for name in JOINERS}
     roles = sorted(s["join"]["role"] for s in statuses.values())
-    assert roles == ["agent", "server"], statuses
+    assert roles == ["agent", "server", "server"], {n: s["join"] for n, s in statuses.items()}
     for name, status in statuses.items():
-        via = status["join"]["via"]
-        assert via["node"] == "pi-a" or via["node"] in nodes, status["join"]
         assert status["join"]["last_error"] is None, status["join"]
-    server = b if statuses["pi-b"]["join"]["role"] == "server" else c
-    agent = c if server is b else b
+        assert status["join"]["via"]["address"].startswith(BRIDGE_NET), status["join"]
+    servers = [nodes[n] for n, s in statuses.items() if s["join"]["role"] == "server"]
+    agent = next(nodes[n] for n, s in statuses.items() if s["join"]["role"] == "agent")
     # A server node holds the issuer and runs replicas; an agent never holds the issuer.
-    assert os.path.exists(os.path.join(server.root, "var/lib/pimesh/trust/issuer.key"))
+    for server in servers:
+        assert os.path.exists(os.path.join(server.root, "var/lib/pimesh/trust/issuer.key"))
+        server.wait_for("a joined server's replicas",
+                        lambda server=server: server.status()["control"]["runs_replicas"], timeout=60)
     assert not os.path.exists(os.path.join(agent.root, "var/lib/pimesh/trust/issuer.key"))
-    server.wait_for("the server's replicas", lambda: server.status()["control"]["runs_replicas"], timeout=60)
     assert not agent.status()["control"]["runs_replicas"]
     # Every proxy holds a leaf from a replica.
     for name, node in nodes.items():
         node.wait_for(f"{name}'s proxy leaf from a replica", lambda node=node: leaf_source(node) == "control",
                       timeout=120, interval=1)
-    # The init node's replicas recorded both joins.
-    joins = a.wait_for("both joins in the init node's status",
-                       lambda: (j := a.status()["joins"]) and {r["node"] for r in j if r["result"] == "joined"}
-                       >= {"pi-b", "pi-c"} and j, timeout=30, interval=1)
-    assert all(r["from"].startswith(BRIDGE_NET) for r in joins if r["result"] == "joined"), joins
+    # The servers' replicas recorded every join, with the joiner's address on the LAN.
+    def recorded():
+        records = [r for node in [a, *servers] for r in node.status()["joins"] if r["result"] == "joined"]
+        return {r["node"] for r in records} >= set(JOINERS) and records
+    records = a.wait_for("every join in the servers' status", recorded, timeout=30, interval=1)
+    assert all(r["from"].startswith(BRIDGE_NET) for r in records), records
 
 
 def test_the_node_certificates_are_the_nodes_own(site):
     keys = site["keys"]
     anchor = keys.read("anchor.pem")
-    for name in ("pi-b", "pi-c"):
+    for name in JOINERS:
         node = site["nodes"][name]
         identity = os.path.join(node.root, "var/lib/pimesh/identity")
         with open(os.path.join(identity, "anchor.pem")) as f:
@@ -240,19 +246,20 @@ def test_the_node_certificates_are_the_nodes_own(site):
 
 
 def get_via_proxy(node, url):
-    out = node.run(["python3", "-c", GET_LOCAL, url], check=False, timeout=40).stdout.strip()
+    out = subprocess.run(["nsenter", "-t", str(node.leader), "-n", "python3", "-c", GET_LOCAL, url],
+                         capture_output=True, text=True, timeout=40).stdout.strip()
     code, _, body = out.partition(" ")
     return int(code or 0), body
 
 
 def test_a_request_crosses_both_proxies_with_mtls_and_the_allow_list_sees_the_caller(site):
     nodes = site["nodes"]
-    a, b, c = nodes["pi-a"], nodes["pi-b"], nodes["pi-c"]
-    app = subprocess.Popen(["nsenter", "-t", str(a.leader), "-a", "python3", "-c", WEB_APP],
+    a, b, d = nodes["pi-a"], nodes["pi-b"], nodes["pi-d"]
+    app = subprocess.Popen(["nsenter", "-t", str(a.leader), "-n", "python3", "-c", WEB_APP, "pi-a"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        answer = c.wait_for("web on pi-a through both proxies from pi-c",
-                            lambda: (r := get_via_proxy(c, "http://127.0.0.1:18080/")) and r[0] == 200 and r,
+        answer = d.wait_for("web on pi-a through both proxies from pi-d",
+                            lambda: (r := get_via_proxy(d, "http://127.0.0.1:18080/")) and r[0] == 200 and r,
                             timeout=90, interval=1)
         assert answer[1] == "web on pi-a", answer
         refused = get_via_proxy(b, "http://127.0.0.1:18080/")
@@ -272,33 +279,31 @@ def leaf_not_after(node):
 
 def test_the_site_survives_the_loss_of_its_init_node(site):
     nodes = site["nodes"]
-    a, b, c = nodes["pi-a"], nodes["pi-b"], nodes["pi-c"]
-    before = {name: leaf_not_after(node) for name, node in (("pi-b", b), ("pi-c", c))}
-    a.shutdown(timeout=20)
-    del nodes["pi-a"]
+    nodes.pop("pi-a").shutdown(timeout=20)
+    before = {name: leaf_not_after(nodes[name]) for name in JOINERS}
     # Leaves of LEAF_LIFETIME seconds renew at two thirds of their life: two renewals later
-    # every leaf was signed after the init node was gone, by the joined server's replicas.
-    for name, node in (("pi-b", b), ("pi-c", c)):
+    # every leaf was signed after the init node was gone, by the joined servers' replicas.
+    for name in JOINERS:
+        node = nodes[name]
         first = node.wait_for(f"{name}: a leaf renewed without the init node",
                               lambda node=node, name=name: (n := leaf_not_after(node)) and n > before[name] and n,
                               timeout=LEAF_LIFETIME * 3, interval=1)
         node.wait_for(f"{name}: a second renewal",
                       lambda node=node, first=first: (n := leaf_not_after(node)) and n > first,
                       timeout=LEAF_LIFETIME * 3, interval=1)
-    # A fourth card joins through the remaining server.
-    d = prepare_node(site["lan"], site["keys"], 4, "join", "pi-d")
-    nodes["pi-d"] = d
-    d.boot()
-    status = d.wait_for("pi-d joined", lambda: joined(d), timeout=JOIN_TIMEOUT, interval=1)
-    assert status["join"]["via"]["node"] == "pi-b" or status["join"]["via"]["address"].startswith(BRIDGE_NET), status
-    d.wait_for("pi-d's proxy leaf", lambda: leaf_source(d) == "control", timeout=120, interval=1)
+    # A fifth card joins through the remaining servers.
+    e = prepare_node(site["lan"], site["keys"], 5, "join", "pi-e")
+    nodes["pi-e"] = e
+    e.boot()
+    e.wait_for("pi-e joined", lambda: joined(e), timeout=JOIN_TIMEOUT, interval=1)
+    e.wait_for("pi-e's proxy leaf", lambda: leaf_source(e) == "control", timeout=120, interval=1)
 
 
 def test_a_card_with_a_wrong_token_is_refused_and_changes_nothing(site):
     keys = site["keys"]
     wrong_secret = keys.token.split("::")[0] + "::" + "W" * 24
     seed = keys.seed("join", "pi-x").replace(keys.token, wrong_secret)
-    x = prepare_node(site["lan"], keys, 5, "join", "pi-x", {"/boot/firmware/pimesh.toml": seed})
+    x = prepare_node(site["lan"], keys, 6, "join", "pi-x", {"/boot/firmware/pimesh.toml": seed})
     site["nodes"]["pi-x"] = x
     x.boot()
     status = x.wait_for("pi-x refused", lambda: (s := x.status())["join"]["state"] == "refused" and s,

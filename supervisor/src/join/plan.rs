@@ -102,17 +102,21 @@ pub fn placed(placement: &mut Placement, record: &JoinRecord, holds_issuer: bool
     placement.waiting_to_join = false;
     placement.role = Some(record.role);
     placement.holds_issuer = holds_issuer;
-    placement.joined_replicas = record
-        .servers
-        .iter()
-        .flat_map(|server| {
-            server
-                .replicas
-                .iter()
-                .map(move |port| SocketAddr::new(server.address, *port))
-        })
-        .collect();
-    if placement.joined_replicas.is_empty() {
-        placement.joined_replicas.push(record.via.address);
+    // The replica that answered first, then every listed server's; a loopback address only
+    // when the node reached the replica there (a site on one host, as in tests): another
+    // node's 127.0.0.1 is this node's own.
+    let listed = record.servers.iter().flat_map(|server| {
+        server
+            .replicas
+            .iter()
+            .map(move |port| SocketAddr::new(server.address, *port))
+    });
+    placement.joined_replicas.clear();
+    let via_loopback = record.via.address.ip().is_loopback();
+    for addr in std::iter::once(record.via.address).chain(listed) {
+        let usable = via_loopback || !(addr.ip().is_loopback() || addr.ip().is_unspecified());
+        if usable && !placement.joined_replicas.contains(&addr) {
+            placement.joined_replicas.push(addr);
+        }
     }
 }
