@@ -369,23 +369,17 @@ async fn attempt(
     })?;
 
     // This node is named at the address the joiner reached it by: its own heartbeat may be
-    // on record at loopback (the proxy beats over 127.0.0.1 until another node has dialled
-    // this one), which no other node can dial. Another node at loopback is dropped.
+    // on record at loopback (its proxy beats over 127.0.0.1 until another node has dialled
+    // this one), which no other node can dial. A heartbeat over loopback is this node's.
     let reached = local.ip().to_canonical();
     let mut entries: Vec<ServerEntry> = servers
         .into_iter()
         .filter_map(|(name, server)| {
             let node = DnsLabel::try_from(name).ok()?;
-            let address = if join.node.as_ref() == Some(&node) {
-                reached
-            } else if server.address.is_loopback() || server.address.is_unspecified() {
-                return None;
-            } else {
-                server.address
-            };
+            let own = join.node.as_ref() == Some(&node) || server.address.is_loopback();
             Some(ServerEntry {
                 node,
-                address,
+                address: if own { reached } else { server.address },
                 replicas: server.replicas,
             })
         })
