@@ -35,6 +35,16 @@ mcopy -n -i "$boot_disk@@$boot_offset" ::/cmdline.txt "$scratch/cmdline.txt"
 cmdline="$(sed -e 's/console=[^ ]*//g' "$scratch/cmdline.txt" | tr -s ' ') console=ttyAMA0,115200"
 cmdline+=" systemd.wants=pimesh-status-lan.socket ${APPEND:-}"
 
+# A second network card on a site LAN shared with other VMs, when asked for: QEMU socket
+# networking over 127.0.0.1 only (LAN_LISTEN=127.0.0.1:PORT on one VM, LAN_CONNECT=the same
+# on the others; LAN_MAC tells the cards apart). Nothing on it reaches the host's network.
+lan=()
+if [ -n "${LAN_LISTEN:-}" ]; then
+  lan=(-netdev "socket,id=lan,listen=$LAN_LISTEN" -device "virtio-net-pci,netdev=lan,mac=${LAN_MAC:?}")
+elif [ -n "${LAN_CONNECT:-}" ]; then
+  lan=(-netdev "socket,id=lan,connect=$LAN_CONNECT" -device "virtio-net-pci,netdev=lan,mac=${LAN_MAC:?}")
+fi
+
 case "$CONSOLE" in
   stdio) serial=(-serial mon:stdio) ;;
   *) serial=(-serial "file:$CONSOLE" -monitor none) ;;
@@ -45,4 +55,4 @@ exec qemu-system-aarch64 -M virt -cpu cortex-a72 -smp "${CPUS:-2}" -m "${MEM:-20
   -drive "file=$disk,format=${DISK_FORMAT:-raw},if=none,id=disk,cache=${DISK_CACHE:-writeback}" -device virtio-blk-pci,drive=disk \
   -netdev "user,id=net0,hostfwd=tcp:127.0.0.1:$SSH_PORT-:22,hostfwd=tcp:127.0.0.1:$STATUS_PORT-:4201" \
   -device virtio-net-pci,netdev=net0 -device virtio-rng-pci \
-  "${serial[@]}"
+  "${lan[@]}" "${serial[@]}"

@@ -194,6 +194,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
                     ),
                     status: status.clone(),
                     on_joined: site_role.on_joined(),
+                    on_manual: site_role.on_manual(),
                 }))
             })
         }

@@ -13,6 +13,7 @@ use pimesh_test_support::control::Replica;
 use pimesh_test_support::http::get_blocking;
 use pimesh_test_support::pki::Site;
 use pimesh_test_support::{free_addr, Binary, Daemon};
+use rustls_pki_types::pem::PemObject as _;
 
 const SECRET: &str = "JoinSecret0123456789abcdef";
 
@@ -220,4 +221,34 @@ fn a_rogue_server_and_a_wrong_token_get_nothing_and_the_node_says_why() {
     let error = status["join"]["last_error"].as_str().unwrap_or_default();
     assert!(error.contains("wrong_token"), "{status:#}");
     assert!(!wrong.file("var/lib/pimesh/identity/node.pem").exists());
+}
+
+#[test]
+fn a_node_enrolled_by_hand_while_it_looks_for_servers_stops_joining() {
+    let site = Site::new("lab");
+    // Nothing listens here: the node keeps looking.
+    let nowhere = free_addr();
+    let mut node = Node::start(&seed(&site, &token(&site, SECRET), "pi-h", nowhere));
+    node.wait_for_join_state("discovering");
+    let request = node.file("var/lib/pimesh/identity/node.csr");
+    node.daemon
+        .wait_until_blocking("the node's request", || request.exists());
+    let csr = rustls_pki_types::CertificateSigningRequestDer::from_pem_file(&request).unwrap();
+    let chain = site
+        .root
+        .issuer
+        .sign_node_chain(
+            &csr,
+            &site.name,
+            &pimesh_test_support::pki::label("pi-h"),
+            std::time::SystemTime::now(),
+            pimesh_identity::NODE_LIFETIME,
+        )
+        .unwrap();
+    std::fs::write(node.file("var/lib/pimesh/identity/node.pem"), chain).unwrap();
+    let status = node.wait_for_join_state("manual");
+    assert!(status["join"]["last_error"].is_null(), "{status:#}");
+    assert!(!node.file("var/lib/pimesh/join/state.json").exists());
+    let note = status["control"]["note"].as_str().unwrap_or_default();
+    assert!(!note.contains("waiting to join"), "{status:#}");
 }

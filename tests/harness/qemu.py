@@ -36,9 +36,12 @@ def make_ssh_key(path, comment):
 
 class Node:
     def __init__(self, workdir, base_image, seed_text, ssh_key, credential_pubkey=None, append="",
-                 fresh_disk=True):
+                 fresh_disk=True, lan=None):
         """A node in `workdir`. With fresh_disk=False the disk already there (booted
-        before) is booted again as it is."""
+        before) is booted again as it is. `lan`: a second network card on a site LAN of
+        VMs, as `image/qemu.sh` takes it ({"LAN_LISTEN" or "LAN_CONNECT": "127.0.0.1:PORT",
+        "LAN_MAC": ...})."""
+        self.lan = lan or {}
         self.workdir = workdir
         self.disk = os.path.join(workdir, "disk.img")
         self.console = os.path.join(workdir, "console.log")
@@ -71,7 +74,7 @@ class Node:
 
     def boot(self):
         env = dict(os.environ, SSH_PORT=str(self.ssh_port), STATUS_PORT=str(self.status_port),
-                   CONSOLE=self.console, APPEND=self.append)
+                   CONSOLE=self.console, APPEND=self.append, **self.lan)
         self.started = time.monotonic()
         self.process = subprocess.Popen(
             [os.path.join(REPO, "image", "qemu.sh"), self.disk],

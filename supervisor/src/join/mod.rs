@@ -10,11 +10,16 @@
 //! token, another site) is shown as `refused` and retried slowly, since the operator may
 //! publish a token that makes it right.
 //!
+//! A join stores the anchors, then its [`record`], then `node.pem` last: a certificate
+//! without a record is one the operator put there by hand (`pimeshctl node sign`), and a
+//! node given one while it looks for servers stops joining and runs as a hand-enrolled
+//! node (see `plan`).
+//!
 //! Invariants (a power cut at any instant leaves one of these states, each of which the
 //! next start completes): nothing new; a key and request without certificate (the join
-//! retries with the same key); `node.pem` and the anchors without [`record`] (the join
-//! retries with the same key, which the site allows); the record without the issuer on a
-//! server node (the issuer is fetched again). One key, one certificate, one name.
+//! retries with the same key); the anchors and the record without `node.pem` (the join
+//! retries with the same key, which the site allows); the certificate without the issuer
+//! on a server node (the issuer is fetched again). One key, one certificate, one name.
 
 pub mod announce;
 pub mod clock;
@@ -53,6 +58,10 @@ const ROUNDS: Backoff =
 /// issuer: the managed set re-places the units.
 pub type OnJoined = Box<dyn Fn(&JoinRecord, bool) + Send + Sync>;
 
+/// Called when the operator enrolled the node by hand while it looked for servers: the
+/// managed set runs the node's units as a hand-enrolled node's.
+pub type OnManual = Box<dyn Fn() + Send + Sync>;
+
 /// Everything a join needs, fixed for its life.
 pub struct JoinContext {
     pub site: DnsLabel,
@@ -69,17 +78,27 @@ pub struct JoinContext {
     pub clock: clock::Clock,
     pub status: StatusHandle,
     pub on_joined: OnJoined,
+    pub on_manual: OnManual,
 }
 
 /// Runs the join to its end: returns once the node holds its certificate and, on a server
-/// node, the site issuer.
+/// node, the site issuer — or once the operator enrolled the node by hand.
 pub async fn run(context: JoinContext) {
     let context = Arc::new(context);
     let mut retry = Retry::new(ROUNDS);
     loop {
         context.clock.wait_until_sane(&context.status).await;
         match round(&context).await {
-            Ok(()) => return,
+            Ok(Finished::Joined) => return,
+            Ok(Finished::ByHand) => {
+                info!("a node certificate was put here by hand: the node stops joining by itself");
+                context.status.update(|status| {
+                    status.join.state = "manual";
+                    status.join.last_error = None;
+                });
+                (context.on_manual)();
+                return;
+            }
             Err(err) => {
                 let state = if err.is_final() {
                     "refused"
@@ -98,11 +117,20 @@ pub async fn run(context: JoinContext) {
     }
 }
 
+/// How the join ended.
+enum Finished {
+    Joined,
+    /// A certificate without a join record: the operator enrolled the node.
+    ByHand,
+}
+
 /// One round: join when not joined yet, then fetch the issuer when the node is a server
 /// without it.
-async fn round(context: &JoinContext) -> Result<(), ExchangeError> {
+async fn round(context: &JoinContext) -> Result<Finished, ExchangeError> {
+    let has_certificate = context.credential.has_certificate();
     let record = match JoinRecord::load(&context.record_file) {
-        Ok(Some(record)) if context.credential.has_certificate() => record,
+        Ok(Some(record)) if has_certificate => record,
+        Ok(None) if has_certificate => return Ok(Finished::ByHand),
         Ok(_) => join(context).await?,
         Err(err) => {
             warn!(%err, "the join record is unreadable; joining again with the same key");
@@ -122,7 +150,7 @@ async fn round(context: &JoinContext) -> Result<(), ExchangeError> {
         status.join.state = "joined";
         status.join.last_error = None;
     });
-    Ok(())
+    Ok(Finished::Joined)
 }
 
 /// Finds a replica that accepts the join, and stores what it answered.
@@ -209,7 +237,7 @@ async fn try_replica(
     Ok((bundle, answer))
 }
 
-/// Stores the answer: the anchors, then the certificate, then the record (see the module
+/// Stores the answer: the anchors, then the record, then the certificate (see the module
 /// invariants for why in this order).
 fn store(
     context: &JoinContext,
@@ -228,10 +256,6 @@ fn store(
         0o644,
     )
     .map_err(|err| local("the site's anchors", &err))?;
-    context
-        .credential
-        .install_chain(&answer.certificate)
-        .map_err(|err| local("the node certificate", &err))?;
     let record = JoinRecord {
         role: answer.role,
         via: Via {
@@ -244,6 +268,10 @@ fn store(
     record
         .store(&context.record_file)
         .map_err(|err| local("the join record", &err))?;
+    context
+        .credential
+        .install_chain(&answer.certificate)
+        .map_err(|err| local("the node certificate", &err))?;
     info!(
         role = %record.role,
         via = %replica.addr,

@@ -1,9 +1,10 @@
 //! Where a node stands in its site at the supervisor's start, and how that places its
 //! units: the init node is a server from the start; a node that joins by token runs
 //! nothing until it has joined, then runs as its [`JoinRecord`] says; a node without a
-//! token, or whose card brought the site's anchor (`pimesh-trust/anchor.pem`, written by
-//! `pimeshctl image configure --trust`: the operator enrolls it by hand), keeps to the
-//! seed's servers and a certificate signed by hand.
+//! token, whose card brought the site's anchor (`pimesh-trust/anchor.pem`, written by
+//! `pimeshctl image configure --trust`: the operator enrolls it by hand), or that holds a
+//! certificate no join gave it, keeps to the seed's servers and a certificate signed by
+//! hand.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -48,8 +49,11 @@ impl Plan {
         if seed.join_token.is_none() || boot_anchor {
             return Plan::Manual;
         }
+        // The join writes `node.pem` after its record (see `crate::join`): a certificate
+        // without a record was put there by hand.
         match JoinRecord::load(record_file) {
             Ok(Some(record)) if credential.has_certificate() => Plan::Joined(record),
+            Ok(None) if credential.has_certificate() => Plan::Manual,
             Ok(_) => Plan::Waiting,
             Err(err) => {
                 warn!(%err, "the join record is unreadable; the node joins again with its key");

@@ -1,8 +1,8 @@
 //! What a joined node keeps of its join: `/var/lib/pimesh/join/state.json`.
 //!
-//! Invariant: the file exists only once the node holds the certificate the join gave it
-//! (it is written after `node.pem` and the anchors), and the role in it never changes
-//! by itself: a node told once that it is a server stays one across reboots (and fetches
+//! Invariant: the file is written after the anchors and before `node.pem` (a certificate
+//! without this file was put there by hand; this file without a certificate is a join to
+//! finish with the same key), and the role in it never changes by itself: a node told once that it is a server stays one across reboots (and fetches
 //! the issuer again until it has it), an agent stays an agent.
 
 use std::fmt;

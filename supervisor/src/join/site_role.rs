@@ -98,6 +98,16 @@ impl SiteRole {
         })
     }
 
+    /// What the join calls when the node was enrolled by hand meanwhile.
+    pub fn on_manual(&self) -> crate::join::OnManual {
+        let role = self.clone();
+        Box::new(move || {
+            role.0
+                .units
+                .replace_placement(|placement| placement.waiting_to_join = false);
+        })
+    }
+
     /// On a server node: serves time, announces the node on the LAN and shows the joins
     /// its replicas answer. Idempotent.
     pub fn serve_as_server(&self) {
