@@ -109,19 +109,27 @@ pub async fn browse(
             debug!(instance, site = %announcement.site, "a server of another site or anchor; skipped");
             continue;
         }
-        let Some(ip) = preferred_ip(service.addresses.iter().map(|ip| ip.to_ip_addr())) else {
+        // Every address the answer gives, IPv4 first: a node with several links (or a
+        // VM with a NAT card every VM shares) may announce one that leads elsewhere, and
+        // a wrong one costs a refused connection.
+        let ips = usable_ips(service.addresses.iter().map(|ip| ip.to_ip_addr()));
+        if ips.is_empty() {
             continue;
-        };
-        let replicas = announcement
-            .replica_ports()
-            .map(|port| SocketAddr::new(ip, port))
+        }
+        let replicas = ips
+            .iter()
+            .flat_map(|ip| {
+                announcement
+                    .replica_ports()
+                    .map(move |port| SocketAddr::new(*ip, port))
+            })
             .collect();
         let candidate = Candidate {
             node: Some(announcement.node.to_string()),
             replicas,
         };
         if !found.contains(&candidate) {
-            info!(node = %announcement.node, %ip, "server announced on the LAN");
+            info!(node = %announcement.node, addresses = ?ips, "server announced on the LAN");
             found.push(candidate);
         }
     }
@@ -130,10 +138,10 @@ pub async fn browse(
 }
 
 /// IPv4 first (the mesh's addresses), then IPv6; never loopback.
-fn preferred_ip(addresses: impl Iterator<Item = IpAddr>) -> Option<IpAddr> {
+fn usable_ips(addresses: impl Iterator<Item = IpAddr>) -> Vec<IpAddr> {
     let mut usable: Vec<IpAddr> = addresses.filter(|ip| !ip.is_loopback()).collect();
     usable.sort_by_key(|ip| (ip.is_ipv6(), *ip));
-    usable.into_iter().next()
+    usable
 }
 
 #[cfg(test)]
@@ -154,16 +162,19 @@ mod tests {
     }
 
     #[test]
-    fn ipv4_is_preferred_and_loopback_never_taken() {
+    fn ipv4_comes_first_and_loopback_is_never_taken() {
         let ips: Vec<IpAddr> = vec![
             "fe80::1".parse().expect("ip"),
             "127.0.0.1".parse().expect("ip"),
             "169.254.3.4".parse().expect("ip"),
         ];
         assert_eq!(
-            preferred_ip(ips.into_iter()),
-            Some("169.254.3.4".parse().expect("ip"))
+            usable_ips(ips.into_iter()),
+            [
+                "169.254.3.4".parse::<IpAddr>().expect("ip"),
+                "fe80::1".parse().expect("ip")
+            ]
         );
-        assert_eq!(preferred_ip(["::1".parse().expect("ip")].into_iter()), None);
+        assert!(usable_ips(["::1".parse().expect("ip")].into_iter()).is_empty());
     }
 }
