@@ -11,13 +11,14 @@ IMAGE_INPUTS := $(shell git ls-files Cargo.toml Cargo.lock README.md image syste
 # The daemons that run on a node (the image's binaries).
 NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 
-.PHONY: central help deps image image-amd64 cross host-bins test test-rust test-qemu test-nspawn test-site qemu bench-boot \
+.PHONY: central help deps image image-amd64 cross host-bins test test-rust test-qemu test-nspawn test-site qemu qemu-site bench-boot \
 	bench bench-heal bench-ota bench-central bench-proxy bench-control lint clean
 
 help:
 	@echo "make image        build $(IMAGE) (the Raspberry Pi SD card image)"
 	@echo "make test         run all tests: Rust (host) and the QEMU aarch64 boot of the image"
 	@echo "make qemu         boot the image in QEMU (SSH on 127.0.0.1:2222, status on 127.0.0.1:4200)"
+	@echo "make qemu-site    two VMs of the image on one LAN: the second joins the first by itself"
 	@echo "make cross        build the aarch64 release binaries into out/bin/aarch64/"
 	@echo "make image-amd64  build the amd64 root filesystem ($(AMD64_ROOT)) for nspawn tests"
 	@echo "make central      run the central server locally with a demo site"
@@ -74,6 +75,10 @@ test-site: image-amd64
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
+
+# Two VMs of the image on one LAN: the second joins the first by itself; kept up until Ctrl-C.
+qemu-site: $(IMAGE) host-bins
+	PIMESH_QEMU_SITE_HOLD=1 ./tests/qemu/run.sh test_site.py
 
 qemu: $(IMAGE)
 	./image/host-deps.sh

@@ -11,4 +11,4 @@ cd "$here"
 if [ $# -gt 0 ]; then
   exec python3 -m pytest -v -s -p no:cacheprovider "$@"
 fi
-exec python3 -m pytest -v -s -p no:cacheprovider test_boot.py test_ota.py
+exec python3 -m pytest -v -s -p no:cacheprovider test_boot.py test_ota.py test_site.py
