@@ -20,6 +20,7 @@ import pytest
 from harness.paths import host_binary
 from harness.ports import free_port
 from harness.qemu import BOOT_OFFSET, Node
+from harness.wait import wait_for
 
 PIMESHCTL = host_binary("pimeshctl")
 JOIN_TIMEOUT = float(os.environ.get("PIMESH_QEMU_JOIN_TIMEOUT", "600"))
@@ -33,17 +34,8 @@ GET_THROUGH_MESH = ("exec 3<>/dev/tcp/127.0.0.1/14200 && "
 
 
 def wait(what, predicate, timeout, interval=3):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
-            last = err
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+    return wait_for(what, predicate, timeout=timeout, interval=interval,
+                    expected=(OSError, ValueError, KeyError, RuntimeError))
 
 
 @pytest.fixture(scope="module")
