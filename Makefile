@@ -11,7 +11,7 @@ IMAGE_INPUTS := $(shell git ls-files Cargo.toml Cargo.lock README.md image syste
 # The daemons that run on a node (the image's binaries).
 NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 
-.PHONY: central help deps image image-amd64 cross host-bins test test-rust test-qemu test-nspawn test-site qemu qemu-site bench-boot \
+.PHONY: central help deps image image-amd64 cross host-bins test test-rust test-qemu test-nspawn test-site qemu qemu-site bench-site bench-boot \
 	bench bench-heal bench-ota bench-central bench-proxy bench-control lint clean
 
 help:
@@ -25,6 +25,7 @@ help:
 	@echo "make bench-boot   measure boot to supervisor READY against boot without Pimesh"
 	@echo "make test-nspawn  test the supervisor against real systemd/D-Bus (amd64 root in systemd-nspawn)"
 	@echo "make test-site    several nspawn nodes on one bridge form a site by themselves (plug-in join)"
+	@echo "make bench-site   four nspawn nodes forming a site: start → certificate per node, daemons' memory"
 	@echo "make bench-heal   measure kill/hang → ready again and the supervisor's CPU and RSS"
 	@echo "make bench-ota    measure publish → applied on a node, and bad revision → rolled back"
 	@echo "make bench-central measure the central server under 5000 long-polling nodes"
@@ -75,6 +76,10 @@ test-site: image-amd64
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
+
+# Figures of the site harness (start → certificate per node, daemons' memory), no asserts on them.
+bench-site: image-amd64
+	./tests/site/run.sh -k cards_form | tee /dev/stderr | grep '^FIGURES' || true
 
 # Two VMs of the image on one LAN: the second joins the first by itself; kept up until Ctrl-C.
 qemu-site: $(IMAGE) host-bins

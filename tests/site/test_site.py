@@ -23,10 +23,17 @@ Cases, in order (each builds on the site the previous ones left):
      saw is the caller's node);
   4. the init node is powered off: the other nodes' proxies keep renewing their leaves
      from the joined servers' replicas, and a fifth card still joins the site;
-  5. a card with a wrong token is refused, says why, and changes nothing on the site.
+  5. a card with a wrong token is refused, says why, and changes nothing on the site;
+  6. a board re-flashed under the name of a running node (a new key) is refused that
+     name while the old board lives, and takes it once the old board is gone.
+
+Figures (printed, never asserted; `make bench-site`): seconds from the supervisor's start
+to the node's certificate, per node, and the memory of each daemon on a server and on an
+agent.
 """
 
 import concurrent.futures
+import datetime
 import os
 import time
 import subprocess
@@ -193,7 +200,18 @@ def leaf_source(node):
     return config and config["identity"] and config["identity"]["source"]
 
 
-def test_the_cards_form_a_site_by_themselves(site):
+def seconds_to_join(status):
+    """From the supervisor's start to the node's certificate (the join record's time)."""
+    joined_at = datetime.datetime.fromisoformat(status["join"]["joined_at"].replace("Z", "+00:00"))
+    return joined_at.timestamp() - status["started_at"]
+
+
+def memory_mib(node, unit):
+    value = node.show(unit, "MemoryCurrent")["MemoryCurrent"]
+    return round(int(value) / 2**20, 1) if value.isdigit() else None
+
+
+def test_the_cards_form_a_site_by_themselves(site, figures):
     nodes = site["nodes"]
     a = nodes["pi-a"]
     assert a.wait_for("the init node", lambda: a.status()["join"]["state"] == "init", timeout=60)
@@ -225,6 +243,11 @@ def test_the_cards_form_a_site_by_themselves(site):
         return {r["node"] for r in records} >= set(JOINERS) and records
     records = a.wait_for("every join in the servers' status", recorded, timeout=30, interval=1)
     assert all(r["from"].startswith(BRIDGE_NET) for r in records), records
+    for name, status in statuses.items():
+        figures[f"site_{name}_{status['join']['role']}_start_to_certificate_s"] = round(seconds_to_join(status), 1)
+    for kind, node in (("server", servers[0]), ("agent", agent)):
+        for unit in ("pimesh-supervisor.service", "pimesh-proxy.service", "pimesh-control@1.service"):
+            figures[f"site_{kind}_{unit.split('.')[0]}_memory_mib"] = memory_mib(node, unit)
 
 
 def test_the_node_certificates_are_the_nodes_own(site):
@@ -317,3 +340,32 @@ def test_a_card_with_a_wrong_token_is_refused_and_changes_nothing(site):
     # Nothing changed on the site: the nodes keep their roles and no pi-x appears.
     for node in servers:
         assert node.status()["join"]["state"] in ("init", "joined")
+
+
+def node_key_sha256(node):
+    out = subprocess.run(["openssl", "pkey", "-pubout", "-in",
+                          os.path.join(node.root, "var/lib/pimesh/identity/node.key")],
+                         capture_output=True, text=True, check=True).stdout
+    return out
+
+
+def test_a_reflashed_board_takes_its_name_back_once_the_old_one_is_gone(site):
+    nodes = site["nodes"]
+    name = next(n for n in JOINERS if nodes[n].status()["join"]["role"] == "agent")
+    old = nodes[name]
+    old_key = node_key_sha256(old)
+    # The same card, flashed again: a new root filesystem, a new key, the same name.
+    new = prepare_node(site["lan"], site["keys"], 7, "join", name)
+    nodes[f"{name}-reflashed"] = new
+    new.boot()
+    status = new.wait_for(f"the re-flashed {name} refused while the old board lives",
+                          lambda: (s := new.status())["join"]["last_error"] and "name_taken" in s["join"]["last_error"]
+                          and s, timeout=JOIN_TIMEOUT, interval=1)
+    assert status["join"]["state"] != "joined", status["join"]
+    del nodes[name]
+    old.shutdown(timeout=20)
+    status = new.wait_for(f"the re-flashed {name} joined", lambda: joined(new), timeout=JOIN_TIMEOUT, interval=1)
+    assert status["join"]["last_error"] is None, status["join"]
+    assert node_key_sha256(new) != old_key, "the re-flashed board made its own key"
+    new.wait_for(f"the re-flashed {name}'s proxy leaf", lambda: leaf_source(new) == "control",
+                 timeout=120, interval=1)
