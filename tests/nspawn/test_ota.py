@@ -116,7 +116,9 @@ def test_the_replica_count_follows_the_site_configuration(site):
     assert [unit["name"] for unit in status["units"]] == [PROXY, *CONTROLS[:2]]
     assert status["control"]["replicas"] == CONTROLS[:2]
     env = site.container.run(["cat", "/run/pimesh/proxy.env"]).stdout
-    assert "PIMESH_PROXY_ARGS=--control 127.0.0.1:8086,127.0.0.1:8087\n" in env, env
+    # The init node is a server: its proxy heartbeats that, with its replicas' ports.
+    assert ("PIMESH_PROXY_ARGS=--control 127.0.0.1:8086,127.0.0.1:8087 "
+            "--role server --server-replicas 8086,8087\n") in env, env
     assert site.container.main_pid(PROXY) == proxy_pid, "the proxy keeps running"
     assert [site.container.main_pid(u) for u in CONTROLS[:2]] == kept_pids, \
         "the replicas that stay keep running"
