@@ -11,7 +11,9 @@ proxies with mTLS: the service is the first node's own status API, so the answer
 the node that served it.
 """
 
+import json
 import os
+import re
 import subprocess
 import time
 
@@ -28,6 +30,7 @@ CLUSTER = ('site = "lab"\n\n[services.status]\nport = 4200\nlocal_port = 14200\n
            'nodes = ["pi-1"]\n')
 # GET /status through the local proxy's port for the service, with bash alone (the image
 # has no curl).
+SERVED_BY_PI_1 = re.compile(r'"name":\s*"pi-1"')
 GET_THROUGH_MESH = ("exec 3<>/dev/tcp/127.0.0.1/14200 && "
                     "printf 'GET /status HTTP/1.1\\r\\nHost: status\\r\\nConnection: close\\r\\n\\r\\n' >&3 && "
                     "timeout 20 cat <&3")
@@ -110,9 +113,18 @@ def test_a_second_board_joins_with_nothing_but_its_seed_and_a_request_crosses_bo
         for node in nodes:
             node.ssh(f"cat > /etc/pimesh/cluster.toml.new <<'EOF'\n{CLUSTER}EOF\n"
                      "mv /etc/pimesh/cluster.toml.new /etc/pimesh/cluster.toml")
-        answer = wait("pi-1's status through both proxies from pi-2",
-                      lambda: (out := second.ssh(GET_THROUGH_MESH, check=False, timeout=60))
-                      and '"name":"pi-1"' in out and out, 300)
+        try:
+            answer = wait("pi-1's status through both proxies from pi-2",
+                          lambda: (out := second.ssh(GET_THROUGH_MESH, check=False, timeout=60))
+                          and SERVED_BY_PI_1.search(out) and out, 300)
+        except AssertionError:
+            # What an operator would look at: the answer, each proxy's view, the addresses.
+            print("answer:", second.ssh(GET_THROUGH_MESH, check=False, timeout=60)[:600])
+            for node in nodes:
+                print("proxy:", json.dumps({k: (node.proxy_config() or {}).get(k)
+                                            for k in ("control", "services", "identity")})[:2000])
+                print("addresses:", node.ssh("ip -4 -br addr", check=False))
+            raise
         assert answer.startswith("HTTP/1.1 200"), answer[:200]
         figures["qemu_join_to_first_request_s"] = round(time.monotonic() - started, 1)
         if os.environ.get("PIMESH_QEMU_SITE_HOLD"):
