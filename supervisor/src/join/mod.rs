@@ -50,9 +50,11 @@ use crate::join::record::{JoinRecord, Via};
 use crate::status::StatusHandle;
 use crate::trust::TrustFiles;
 
-/// Pauses between rounds: 1 s doubling to 30 s, drawn in the upper three quarters.
+/// Pauses between rounds: 1 s doubling to 8 s, drawn in the upper three quarters. Short,
+/// because a board is usually plugged in beside servers that are still starting; a round
+/// costs a few small requests (and, without the seed's servers, a 3 s mDNS browse).
 const ROUNDS: Backoff =
-    Backoff::new(Duration::from_secs(1), Duration::from_secs(30)).with_jitter(Jitter::QUARTER);
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(8)).with_jitter(Jitter::QUARTER);
 
 /// Called once the node holds its certificate, and again once a server node holds the
 /// issuer: the managed set re-places the units.
@@ -184,7 +186,12 @@ async fn join(context: &JoinContext) -> Result<JoinRecord, ExchangeError> {
     context
         .status
         .update(|status| status.join.state = "joining");
-    let mut last = None;
+    // What the round reports when no replica accepts: what a site said (a refusal, a
+    // rogue server) over "try later" (rate limited) over a replica that could not be
+    // reached.
+    let mut said = None;
+    let mut limited = None;
+    let mut unreachable = None;
     for candidate in &candidates {
         for addr in &candidate.replicas {
             let replica = Replica { addr: *addr };
@@ -195,12 +202,23 @@ async fn join(context: &JoinContext) -> Result<JoinRecord, ExchangeError> {
                 Err(err) if err.is_final() => return Err(err),
                 Err(err) => {
                     info!(replica = %addr, error = %err, "join through this replica failed; trying the next");
-                    last = Some(err);
+                    match &err {
+                        ExchangeError::Unreachable { .. } => unreachable = Some(err),
+                        ExchangeError::Refused { refusal, .. }
+                            if refusal.error == pimesh_join::RefusalCode::RateLimited =>
+                        {
+                            limited = Some(err)
+                        }
+                        _ => said = Some(err),
+                    }
                 }
             }
         }
     }
-    Err(last.unwrap_or(ExchangeError::Setup("no replica to try".into())))
+    Err(said
+        .or(limited)
+        .or(unreachable)
+        .unwrap_or(ExchangeError::Setup("no replica to try".into())))
 }
 
 async fn candidates(context: &JoinContext) -> Vec<Candidate> {
