@@ -18,7 +18,8 @@
 //! (`pimesh_identity::NODE_LIFETIME`, never past the issuer) with the issuer, the
 //! anchors, its role and the site's servers.
 //!
-//! Every attempt is recorded (`join_records`); every failure but `rate_limited` counts
+//! Every attempt is recorded (`join_records`); every failure but `rate_limited` and
+//! `unavailable` (the replica's own state, not the client's fault) counts
 //! against its source.
 //!
 //! Invariants: the issuer's key leaves only through [`issuer`], over mutual TLS, to a
@@ -222,7 +223,11 @@ async fn join_request(
             (record, answer::json(StatusCode::OK, text))
         }
         Err(refused) => {
-            if refused.code != RefusalCode::RateLimited {
+            // The client's failures count; the replica's own ("try later") do not.
+            if !matches!(
+                refused.code,
+                RefusalCode::RateLimited | RefusalCode::Unavailable
+            ) {
                 join.limiter.failed(from, Instant::now());
             }
             let record = Record::new(

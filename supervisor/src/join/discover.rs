@@ -137,10 +137,16 @@ pub async fn browse(
     Ok(found)
 }
 
-/// IPv4 first (the mesh's addresses), then IPv6; never loopback.
+/// IPv4 first (the mesh's addresses), a leased or fixed address before a link-local one
+/// (which may be one the node held before its DHCP lease came), then IPv6; never
+/// loopback.
 fn usable_ips(addresses: impl Iterator<Item = IpAddr>) -> Vec<IpAddr> {
     let mut usable: Vec<IpAddr> = addresses.filter(|ip| !ip.is_loopback()).collect();
-    usable.sort_by_key(|ip| (ip.is_ipv6(), *ip));
+    let link_local = |ip: &IpAddr| match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    };
+    usable.sort_by_key(|ip| (ip.is_ipv6(), link_local(ip), *ip));
     usable
 }
 
@@ -167,11 +173,13 @@ mod tests {
             "fe80::1".parse().expect("ip"),
             "127.0.0.1".parse().expect("ip"),
             "169.254.3.4".parse().expect("ip"),
+            "192.168.1.7".parse().expect("ip"),
         ];
         assert_eq!(
             usable_ips(ips.into_iter()),
             [
-                "169.254.3.4".parse::<IpAddr>().expect("ip"),
+                "192.168.1.7".parse::<IpAddr>().expect("ip"),
+                "169.254.3.4".parse().expect("ip"),
                 "fe80::1".parse().expect("ip")
             ]
         );

@@ -19,6 +19,9 @@ use pimesh_schema::DnsLabel;
 
 /// How long one request may take, connection and TLS included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TCP connection may take: a replica on the LAN answers at once, and an
+/// address that went stale (an announcement made before DHCP) never does.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest answer read: a bundle, a certificate chain, an issuer handover.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
@@ -27,6 +30,9 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 pub enum ExchangeError {
     /// No answer: connection, TLS or timeout.
     Unreachable { replica: SocketAddr, detail: String },
+    /// No TCP connection at all: the address leads nowhere (the other replicas at the
+    /// same address are not worth trying this round).
+    NoConnection { replica: SocketAddr, detail: String },
     /// The bundle holds no anchor with the token's pin: a server of another site, or a
     /// rogue one. Nothing secret was sent.
     Rogue {
@@ -54,7 +60,8 @@ impl ExchangeError {
 impl fmt::Display for ExchangeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ExchangeError::Unreachable { replica, detail } => {
+            ExchangeError::Unreachable { replica, detail }
+            | ExchangeError::NoConnection { replica, detail } => {
                 write!(f, "cannot reach the replica at {replica}: {detail}")
             }
             ExchangeError::Rogue { replica, found } => {
@@ -98,6 +105,7 @@ impl Replica {
         reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .resolve(JOIN_SERVER_NAME, self.addr)
+            .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
             .http1_only()
             .no_proxy()
@@ -159,6 +167,7 @@ impl Replica {
         tls.alpn_protocols = vec![pimesh_meshtls::ALPN_HTTP1.to_vec()];
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
+            .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
             .http1_only()
             .no_proxy()
@@ -173,9 +182,19 @@ impl Replica {
 
     /// Sends `request`; the body of a 200, or the refusal the replica stated.
     async fn read(&self, request: reqwest::RequestBuilder) -> Result<Vec<u8>, ExchangeError> {
-        let unreachable = |err: reqwest::Error| ExchangeError::Unreachable {
-            replica: self.addr,
-            detail: pimesh_runtime::error_chain(&err),
+        let unreachable = |err: reqwest::Error| {
+            let detail = pimesh_runtime::error_chain(&err);
+            if err.is_connect() {
+                ExchangeError::NoConnection {
+                    replica: self.addr,
+                    detail,
+                }
+            } else {
+                ExchangeError::Unreachable {
+                    replica: self.addr,
+                    detail,
+                }
+            }
         };
         let mut response = request.send().await.map_err(unreachable)?;
         let status = response.status();

@@ -192,8 +192,12 @@ async fn join(context: &JoinContext) -> Result<JoinRecord, ExchangeError> {
     let mut said = None;
     let mut limited = None;
     let mut unreachable = None;
+    let mut dead: Vec<std::net::IpAddr> = Vec::new();
     for candidate in &candidates {
         for addr in &candidate.replicas {
+            if dead.contains(&addr.ip()) {
+                continue;
+            }
             let replica = Replica { addr: *addr };
             match try_replica(context, &replica, &request).await {
                 Ok((bundle, answer)) => {
@@ -203,6 +207,10 @@ async fn join(context: &JoinContext) -> Result<JoinRecord, ExchangeError> {
                 Err(err) => {
                     info!(replica = %addr, error = %err, "join through this replica failed; trying the next");
                     match &err {
+                        ExchangeError::NoConnection { .. } => {
+                            dead.push(addr.ip());
+                            unreachable = Some(err);
+                        }
                         ExchangeError::Unreachable { .. } => unreachable = Some(err),
                         ExchangeError::Refused { refusal, .. }
                             if refusal.error == pimesh_join::RefusalCode::RateLimited =>
