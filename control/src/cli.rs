@@ -34,6 +34,8 @@ pub struct Options {
     pub state_dir: PathBuf,
     /// How long a heartbeat lasts; at least a second.
     pub heartbeat_ttl: Duration,
+    /// Joins are answered `unavailable` until the replica has run this long.
+    pub join_warmup: Duration,
     /// How long a signed leaf lives: at least 1 s, default [`LEAF_LIFETIME`].
     pub leaf_lifetime: Duration,
 }
@@ -79,6 +81,11 @@ struct Cli {
     /// How long a node's heartbeat keeps it in discovery, in seconds
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_HEARTBEAT_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
     heartbeat_ttl: u64,
+    /// Answer joins only once the replica has run this long, in seconds: on a server node
+    /// that joined the site, long enough to have heard every live node (so that it places
+    /// a join knowing the site's servers); 0 on the site's first server
+    #[arg(long, value_name = "SECS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    join_warmup: u64,
     /// How long the leaves this replica signs live, in seconds (24 h by default; shorter
     /// for tests and benchmarks of renewal)
     #[arg(long, value_name = "SECS", default_value_t = LEAF_LIFETIME.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
@@ -106,6 +113,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Options, clap::
         node: cli.node,
         state_dir: cli.state_dir,
         heartbeat_ttl: Duration::from_secs(cli.heartbeat_ttl),
+        join_warmup: Duration::from_secs(cli.join_warmup),
         leaf_lifetime: Duration::from_secs(cli.leaf_lifetime),
     })
 }

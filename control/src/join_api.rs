@@ -66,6 +66,9 @@ pub struct Join {
     grants: Grants,
     records: Records,
     limiter: FailureLimiter,
+    /// Before this instant joins are answered `unavailable`: the replica has not heard the
+    /// site's live nodes yet.
+    answers_from: Instant,
     /// Names this replica answered within the TTL, with the key (hex SPKI SHA-256).
     recent: Mutex<HashMap<DnsLabel, (String, Instant)>>,
 }
@@ -81,7 +84,14 @@ impl Join {
             records: Records::new(dir),
             limiter: FailureLimiter::default(),
             recent: Mutex::new(HashMap::new()),
+            answers_from: Instant::now(),
         }
+    }
+
+    /// Answers joins only `warmup` from now (`--join-warmup`).
+    pub fn answering_after(mut self, warmup: Duration) -> Join {
+        self.answers_from = Instant::now() + warmup;
+        self
     }
 
     /// A heartbeat of `node` arrived: its grant, if any, is refreshed.
@@ -275,6 +285,19 @@ async fn attempt(
                     "more than {} failed join attempts from {from} within {} s; try again in {seconds} s",
                     rate_limit::MAX_FAILURES,
                     rate_limit::WINDOW.as_secs()
+                ),
+            )
+        });
+    }
+    if let Some(wait) = join.answers_from.checked_duration_since(Instant::now()) {
+        return Err(Refused {
+            retry_after: Some(wait.as_secs().max(1)),
+            ..Refused::new(
+                RefusalCode::Unavailable,
+                format!(
+                    "this server joined the site a moment ago and answers joins in {} s, once it \
+                     has heard the site's nodes; ask another server",
+                    wait.as_secs().max(1)
                 ),
             )
         });

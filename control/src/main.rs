@@ -138,12 +138,15 @@ async fn run(options: cli::Options) -> Result<(), Fatal> {
     state.reload("start", SystemTime::now());
     let discovery = Arc::new(Discovery::new(options.heartbeat_ttl));
     discovery.refresh(&state);
-    let join = Arc::new(join_api::Join::new(
-        replica,
-        options.node,
-        options.state_dir,
-        options.heartbeat_ttl,
-    ));
+    let join = Arc::new(
+        join_api::Join::new(
+            replica,
+            options.node,
+            options.state_dir,
+            options.heartbeat_ttl,
+        )
+        .answering_after(options.join_warmup),
+    );
     let server = tokio::spawn(server::serve(
         listener,
         server::Shared {

@@ -151,6 +151,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
             waiting_to_join: false,
             role: None,
             joined_replicas: Vec::new(),
+            join_warmup: false,
             paths: paths.clone(),
         };
         plan.place(&mut placement);

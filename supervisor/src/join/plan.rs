@@ -105,6 +105,7 @@ impl Plan {
 pub fn placed(placement: &mut Placement, record: &JoinRecord, holds_issuer: bool) {
     placement.waiting_to_join = false;
     placement.role = Some(record.role);
+    placement.join_warmup = true;
     placement.holds_issuer = holds_issuer;
     // The replica that answered first, then every listed server's; a loopback address only
     // when the node reached the replica there (a site on one host, as in tests): another

@@ -46,6 +46,10 @@ pub struct Placement {
     pub role: Option<Role>,
     /// The replicas of the site's server nodes that the join answer listed.
     pub joined_replicas: Vec<SocketAddr>,
+    /// A server node that joined (not the site's first): its replicas answer joins only
+    /// once they have heard the site's live nodes ([`JOIN_WARMUP_SECS`]), so that two
+    /// boards joining at once through two servers do not both take the last seat.
+    pub join_warmup: bool,
     /// Where the units' environment files go.
     pub paths: NodePaths,
 }
@@ -85,6 +89,10 @@ impl Placement {
         report
     }
 }
+
+/// `--join-warmup` of a joined server's replicas: one heartbeat TTL (three of the proxies'
+/// heartbeat intervals).
+pub const JOIN_WARMUP_SECS: u64 = 30;
 
 /// The replica number of a control replica unit (`pimesh-control@N.service`).
 fn replica_number(unit: &ManagedUnit) -> Option<u16> {
@@ -191,6 +199,9 @@ pub fn write_unit_env(placement: &Placement, report: &mut ControlReport) {
     if let Some(node) = &placement.node {
         control_args.push(format!("--node {node}"));
     }
+    if placement.join_warmup {
+        control_args.push(format!("--join-warmup {JOIN_WARMUP_SECS}"));
+    }
     let files = [
         (
             placement.paths.proxy_env(),
@@ -232,6 +243,7 @@ mod tests {
                 waiting_to_join: false,
                 role: None,
                 joined_replicas: Vec::new(),
+                join_warmup: false,
                 paths: paths.clone(),
             }
         }
@@ -280,6 +292,7 @@ mod tests {
         let server = Placement {
             role: Some(Role::Server),
             holds_issuer: true,
+            join_warmup: true,
             ..agent
         };
         let mut set = units();
