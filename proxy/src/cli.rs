@@ -36,24 +36,8 @@ pub struct Options {
     pub server_replicas: Vec<u16>,
 }
 
-/// What the site made this node (join design, placement).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Runs control replicas (and the k3s server).
-    Server,
-    /// Runs workloads only.
-    Agent,
-}
-
-impl Role {
-    /// As heartbeats spell it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Server => "server",
-            Role::Agent => "agent",
-        }
-    }
-}
+/// What the site made this node (the join protocol's placement).
+pub use pimesh_join::Role;
 
 impl Default for Options {
     fn default() -> Self {
