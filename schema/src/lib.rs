@@ -16,7 +16,9 @@ pub mod supervisor;
 pub use error::{ConfigError, ValueError};
 pub use load::parse_toml;
 pub use names::{DnsLabel, NameError};
-pub use seed::{Central, JoinToken, PemCertificates, Role, Seed, SigningKey, SshPublicKey};
+pub use seed::{
+    Central, InterfaceName, JoinToken, PemCertificates, Role, Seed, SigningKey, SshPublicKey,
+};
 pub use spiffe::{SpiffeId, Workload};
 pub use supervisor::{
     HealSettings, ManagedUnit, OtaSettings, ProbeUrl, SupervisorConfig, UnitName,

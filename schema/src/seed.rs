@@ -28,6 +28,10 @@ pub struct Seed {
     pub servers: Vec<ServerAddress>,
     pub ssh_authorized_keys: Vec<SshPublicKey>,
     pub central: Option<Central>,
+    /// The network interfaces on which the node announces itself and looks for its site's
+    /// servers by mDNS; `None`: every interface. A board with an uplink and a site LAN (or
+    /// a VM with a NAT card) keeps mDNS on the LAN.
+    pub mdns_interfaces: Option<Vec<InterfaceName>>,
 }
 
 /// What a node does on first boot.
@@ -265,6 +269,42 @@ impl fmt::Debug for JoinToken {
     }
 }
 
+/// A network interface's name as the kernel knows it (`eth0`, `end0`): 1 to 15 bytes,
+/// no `/`, no whitespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct InterfaceName(String);
+
+impl InterfaceName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for InterfaceName {
+    type Error = ValueError;
+
+    fn try_from(text: String) -> Result<Self, ValueError> {
+        let usable = (1..=15).contains(&text.len())
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+        if usable {
+            Ok(InterfaceName(text))
+        } else {
+            Err(ValueError(format!(
+                "expected a network interface name (1 to 15 letters, digits, `-`, `_` or `.`), found {text:?}"
+            )))
+        }
+    }
+}
+
+impl From<InterfaceName> for String {
+    fn from(name: InterfaceName) -> String {
+        name.0
+    }
+}
+
 /// A server to join: `host` or `host:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -361,6 +401,7 @@ struct RawSeed {
     #[serde(default)]
     ssh_authorized_keys: Vec<SshPublicKey>,
     central: Option<Central>,
+    mdns_interfaces: Option<Vec<InterfaceName>>,
 }
 
 impl Seed {
@@ -392,6 +433,7 @@ impl Seed {
             servers: raw.servers,
             ssh_authorized_keys: raw.ssh_authorized_keys,
             central: raw.central,
+            mdns_interfaces: raw.mdns_interfaces,
         })
     }
 }
@@ -429,4 +471,40 @@ pub fn read_small(file: &Path) -> Result<String, ConfigError> {
         error.column = Some(column);
         error
     })
+}
+
+#[cfg(test)]
+mod mdns_interface_tests {
+    use super::*;
+
+    #[test]
+    fn mdns_interfaces_are_interface_names() {
+        let file = Path::new("/boot/firmware/pimesh.toml");
+        let seed = Seed::parse(
+            file,
+            "site = \"s\"\nrole = \"init\"\nmdns_interfaces = [\"eth1\"]\n",
+        )
+        .expect("valid");
+        let names: Vec<&str> = seed
+            .mdns_interfaces
+            .iter()
+            .flatten()
+            .map(InterfaceName::as_str)
+            .collect();
+        assert_eq!(names, ["eth1"]);
+        let err = Seed::parse(
+            file,
+            "site = \"s\"\nrole = \"init\"\nmdns_interfaces = [\"eth 1\"]\n",
+        )
+        .expect_err("a space")
+        .to_string();
+        assert!(
+            err.contains("mdns_interfaces") && err.contains("network interface name"),
+            "{err}"
+        );
+        assert!(Seed::parse(file, "site = \"s\"\nrole = \"init\"\n")
+            .expect("valid")
+            .mdns_interfaces
+            .is_none());
+    }
 }

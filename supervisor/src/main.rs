@@ -182,6 +182,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
                     token,
                     seed_servers: seed.servers.iter().cloned().map(String::from).collect(),
                     mdns: options.node_setup,
+                    mdns_interfaces: seed.mdns_interfaces.clone(),
                     credential: credential::CredentialFiles::on_node(paths),
                     trust: trust::TrustFiles::on_node(paths),
                     record_file: paths.join_record(),

@@ -52,7 +52,10 @@ def keys(tmp_path_factory):
 
 
 def seed(keys, role, node, public):
+    # mDNS on the site LAN card only: QEMU's NAT card (eth0) relays a guest's multicast onto
+    # the host's network.
     return (f'site = "lab"\nrole = "{role}"\nnode = "{node}"\njoin_token = "{keys["token"]}"\n'
+            'mdns_interfaces = ["eth1"]\n'
             f'ssh_authorized_keys = ["{public}"]\n')
 
 

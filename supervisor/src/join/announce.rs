@@ -24,9 +24,12 @@ impl std::fmt::Display for AnnounceError {
 impl std::error::Error for AnnounceError {}
 
 impl Announcer {
-    /// Starts answering for `announcement`.
-    pub fn start(announcement: &Announcement) -> Result<Announcer, AnnounceError> {
-        let daemon = mdns_sd::ServiceDaemon::new().map_err(AnnounceError)?;
+    /// Starts answering for `announcement` on `interfaces` (`None`: every one).
+    pub fn start(
+        announcement: &Announcement,
+        interfaces: Option<&[pimesh_schema::InterfaceName]>,
+    ) -> Result<Announcer, AnnounceError> {
+        let daemon = crate::join::mdns::daemon(interfaces).map_err(AnnounceError)?;
         let host = format!("{}.local.", announcement.node);
         let txt: Vec<(String, String)> = announcement.txt();
         let info = mdns_sd::ServiceInfo::new(

@@ -75,13 +75,14 @@ impl std::fmt::Display for BrowseError {
 impl std::error::Error for BrowseError {}
 
 /// The server nodes of `site` whose anchor prefix matches `pin` that announce themselves
-/// within `listen_for`, in the order they answered.
+/// within `listen_for` on `interfaces` (`None`: every one), in the order they answered.
 pub async fn browse(
     site: &DnsLabel,
     pin: &[u8; 32],
+    interfaces: Option<&[pimesh_schema::InterfaceName]>,
     listen_for: Duration,
 ) -> Result<Vec<Candidate>, BrowseError> {
-    let daemon = mdns_sd::ServiceDaemon::new().map_err(BrowseError)?;
+    let daemon = crate::join::mdns::daemon(interfaces).map_err(BrowseError)?;
     let events = daemon.browse(SERVICE_TYPE).map_err(BrowseError)?;
     let mut found: Vec<Candidate> = Vec::new();
     let deadline = tokio::time::Instant::now() + listen_for;

@@ -25,6 +25,7 @@ pub mod announce;
 pub mod clock;
 pub mod discover;
 pub mod exchange;
+mod mdns;
 pub mod plan;
 pub mod record;
 mod site_role;
@@ -73,6 +74,8 @@ pub struct JoinContext {
     pub seed_servers: Vec<String>,
     /// Whether to browse mDNS when the seed lists no server.
     pub mdns: bool,
+    /// The seed's `mdns_interfaces` (`None`: every interface).
+    pub mdns_interfaces: Option<Vec<pimesh_schema::InterfaceName>>,
     pub credential: CredentialFiles,
     pub trust: TrustFiles,
     /// `state.json` ([`record`]).
@@ -239,6 +242,7 @@ async fn candidates(context: &JoinContext) -> Vec<Candidate> {
     match discover::browse(
         &context.site,
         context.token.anchor_sha256(),
+        context.mdns_interfaces.as_deref(),
         discover::BROWSE_FOR,
     )
     .await

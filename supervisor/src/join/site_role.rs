@@ -42,6 +42,8 @@ struct Inner {
     trust_anchor: PathBuf,
     joins_file: PathBuf,
     on_node: bool,
+    /// The seed's `mdns_interfaces`.
+    mdns_interfaces: Option<Vec<pimesh_schema::InterfaceName>>,
     chrony_dir: PathBuf,
     time: Mutex<TimePlan>,
     units: Arc<ManagedSet>,
@@ -68,6 +70,7 @@ impl SiteRole {
             trust_anchor: paths.state_dir.join("trust").join("anchor.pem"),
             joins_file: paths.control_state_dir().join("joins.jsonl"),
             on_node,
+            mdns_interfaces: seed.and_then(|seed| seed.mdns_interfaces.clone()),
             chrony_dir: paths.chrony_dir(),
             time: Mutex::new(TimePlan::default()),
             units,
@@ -119,10 +122,12 @@ impl SiteRole {
             .unwrap_or_else(PoisonError::into_inner);
         if announcer.is_none() && inner.on_node {
             match self.announcement() {
-                Some(announcement) => match Announcer::start(&announcement) {
-                    Ok(started) => *announcer = Some(started),
-                    Err(err) => warn!(%err, "joining nodes will need the seed's servers"),
-                },
+                Some(announcement) => {
+                    match Announcer::start(&announcement, inner.mdns_interfaces.as_deref()) {
+                        Ok(started) => *announcer = Some(started),
+                        Err(err) => warn!(%err, "joining nodes will need the seed's servers"),
+                    }
+                }
                 None => warn!("no site, node name or anchor to announce this server with"),
             }
         }
