@@ -35,9 +35,24 @@ def active_config(node):
     return node.ssh("cat /etc/pimesh/cluster.toml 2>/dev/null || true") + "\n"
 
 
-def proxy_sha(node):
-    """The SHA-256 of the configuration the proxy runs (its admin /config)."""
-    return node.proxy_config(check=True)["sha256"]
+def proxy_sha(node, timeout=120):
+    """The SHA-256 of the configuration the proxy runs (its admin /config), once the proxy
+    answers: after a boot the revision may be committed before the proxy is up."""
+    deadline = time.monotonic() + timeout
+    while (config := node.proxy_config()) is None:
+        assert time.monotonic() < deadline, f"the proxy's admin did not answer in {timeout}s"
+        time.sleep(2)
+    return config["sha256"]
+
+
+def wait_enrolled(node, timeout=120):
+    """Waits until the node took the certificate put there by hand: its join stops
+    (`manual`) and its proxy answers."""
+    deadline = time.monotonic() + timeout
+    while node.status()["join"]["state"] != "manual":
+        assert time.monotonic() < deadline, f"the node did not take its certificate: {node.status()['join']}"
+        time.sleep(1)
+    proxy_sha(node, timeout=max(1, deadline - time.monotonic()))
 
 
 def wait_committed(node, revision, timeout=240):
@@ -71,6 +86,7 @@ def test_power_cuts_during_apply_leave_the_old_or_the_new_revision(site, tmp_pat
             f.write(node.ssh("cat /var/lib/pimesh/identity/node.csr") + "\n")
         chain = site.sign_node(csr)
         node.ssh(f"umask 022; cat > /var/lib/pimesh/identity/node.pem <<'EOF'\n{chain}EOF\nsync")
+        wait_enrolled(node)
         config = cluster_config(site.name, max_connections=1000)
         wait_committed(node, site.publish(config))
         assert active_config(node) == config

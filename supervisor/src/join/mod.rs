@@ -118,7 +118,22 @@ pub async fn run(context: JoinContext) {
             }
         }
         let pause = retry.next_delay(fastrand::u64(..));
-        tokio::time::sleep(pause).await;
+        pause_unless_enrolled(&context.credential, pause).await;
+    }
+}
+
+/// How often a pause between rounds looks for a certificate put there by hand.
+const ENROLLED_CHECK: Duration = Duration::from_millis(500);
+
+/// Waits `pause`, or less once a certificate is there: a node the operator enrolled by
+/// hand stops joining (and runs its units) within [`ENROLLED_CHECK`], not a round later.
+async fn pause_unless_enrolled(credential: &CredentialFiles, pause: Duration) {
+    let end = tokio::time::Instant::now() + pause;
+    while tokio::time::Instant::now() < end {
+        if credential.has_certificate() {
+            return;
+        }
+        tokio::time::sleep(ENROLLED_CHECK.min(end - tokio::time::Instant::now())).await;
     }
 }
 
