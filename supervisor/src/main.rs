@@ -194,6 +194,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
                             .and_then(|built| built.as_str()),
                         paths.clock_file(),
                     ),
+                    started: std::time::Instant::now(),
                     status: status.clone(),
                     on_joined: site_role.on_joined(),
                     on_manual: site_role.on_manual(),

@@ -62,6 +62,32 @@ async fn resolve(entry: &str) -> Option<SocketAddr> {
     tokio::net::lookup_host(with_port).await.ok()?.next()
 }
 
+/// How long after the supervisor's start a node that holds only link-local IPv4
+/// addresses waits for a DHCP lease before it joins over link-local: a lease removes the
+/// 169.254 address (RFC 3927), and a site formed over addresses that vanish a minute later
+/// would have to find itself again. On a LAN without DHCP the join starts after this.
+pub const LEASE_GRACE: Duration = Duration::from_secs(60);
+
+/// Whether this node is on link-local fallback: every IPv4 address of its interfaces
+/// (loopback aside) is link-local, and it has at least one. A node with a leased or fixed
+/// address, or with none yet, is not.
+pub fn on_link_local_fallback() -> bool {
+    let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
+        return false;
+    };
+    let ipv4: Vec<std::net::Ipv4Addr> = interfaces
+        .filter_map(|interface| interface.address)
+        .filter_map(|address| address.as_sockaddr_in().map(|v4| v4.ip()))
+        .collect();
+    only_link_local(&ipv4)
+}
+
+/// Whether `ipv4`, loopback aside, holds link-local addresses and nothing else.
+fn only_link_local(ipv4: &[std::net::Ipv4Addr]) -> bool {
+    let mut outside = ipv4.iter().filter(|ip| !ip.is_loopback()).peekable();
+    outside.peek().is_some() && outside.all(std::net::Ipv4Addr::is_link_local)
+}
+
 /// Why the LAN could not be asked.
 #[derive(Debug)]
 pub struct BrowseError(mdns_sd::Error);
@@ -154,6 +180,18 @@ fn usable_ips(addresses: impl Iterator<Item = IpAddr>) -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_local_fallback_is_only_link_local_beside_loopback() {
+        let ip = |text: &str| text.parse::<std::net::Ipv4Addr>().expect("ip");
+        assert!(only_link_local(&[ip("127.0.0.1"), ip("169.254.3.4")]));
+        assert!(!only_link_local(&[ip("169.254.3.4"), ip("192.168.1.20")]));
+        assert!(
+            !only_link_local(&[ip("127.0.0.1")]),
+            "no address yet is not a fallback"
+        );
+        assert!(!only_link_local(&[]));
+    }
 
     #[tokio::test]
     async fn seed_entries_become_candidates_with_the_default_port() {

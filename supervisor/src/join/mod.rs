@@ -81,6 +81,9 @@ pub struct JoinContext {
     /// `state.json` ([`record`]).
     pub record_file: PathBuf,
     pub clock: clock::Clock,
+    /// When the supervisor started (the lease grace, [`discover::LEASE_GRACE`], counts
+    /// from it).
+    pub started: std::time::Instant,
     pub status: StatusHandle,
     pub on_joined: OnJoined,
     pub on_manual: OnManual,
@@ -179,6 +182,20 @@ async fn join(context: &JoinContext) -> Result<JoinRecord, ExchangeError> {
         status.join.state = "discovering";
         status.join.attempts += 1;
     });
+    if context.mdns
+        && context.seed_servers.is_empty()
+        && context.started.elapsed() < discover::LEASE_GRACE
+        && discover::on_link_local_fallback()
+    {
+        return Err(ExchangeError::Unreachable {
+            replica: SocketAddr::from(([0, 0, 0, 0], 0)),
+            detail: format!(
+                "this node has only a link-local address: it waits up to {} s after its start \
+                 for a DHCP lease, which would remove that address",
+                discover::LEASE_GRACE.as_secs()
+            ),
+        });
+    }
     let candidates = candidates(context).await;
     if candidates.is_empty() {
         return Err(ExchangeError::Unreachable {
