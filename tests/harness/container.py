@@ -73,6 +73,8 @@ class Container:
 
     # --- life --------------------------------------------------------------------------
     def boot(self):
+        """Boots the container (again, after `power_off`, from the same disk)."""
+        self.leader = None
         command = (f"systemd-nspawn -D {self.root} --register=no --keep-unit -b "
                    f"{self.network} --machine={self.name}")
         self.process = subprocess.Popen(["script", "-qfc", command, self.log],
@@ -109,24 +111,28 @@ class Container:
     def shutdown(self, timeout=30):
         """Powers the container off, kills it if it will not go, and deletes its copy."""
         try:
-            if self.process and self.process.poll() is None:
-                if self.leader:
-                    # systemd's "power off" signal: needs no D-Bus and cannot block us.
-                    try:
-                        os.kill(self.leader, signal.SIGRTMIN + 4)
-                    except ProcessLookupError:
-                        pass
-                try:
-                    self.process.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    for pid, group in ((self.leader, False), (self.process.pid, True)):
-                        try:
-                            (os.killpg if group else os.kill)(pid, signal.SIGKILL)
-                        except (ProcessLookupError, TypeError):
-                            pass
-                    self.process.wait(timeout=10)
+            self.power_off(timeout)
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def power_off(self, timeout=30):
+        """Powers the container off (killed if it will not go); its disk stays for `boot`."""
+        if self.process and self.process.poll() is None:
+            if self.leader:
+                # systemd's "power off" signal: needs no D-Bus and cannot block us.
+                try:
+                    os.kill(self.leader, signal.SIGRTMIN + 4)
+                except ProcessLookupError:
+                    pass
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for pid, group in ((self.leader, False), (self.process.pid, True)):
+                    try:
+                        (os.killpg if group else os.kill)(pid, signal.SIGKILL)
+                    except (ProcessLookupError, TypeError):
+                        pass
+                self.process.wait(timeout=10)
 
     # --- inside ------------------------------------------------------------------------
     def run(self, argv, check=True, timeout=30):

@@ -45,10 +45,12 @@ def cluster_config(site, max_connections=1000, services=("web",), replicas=3, ex
 
 class Site:
     def __init__(self, name="lab", node="pi-a", ota=None, address="127.0.0.1", port=PORT,
-                 byo_init=False):
+                 byo_init=False, netns=None):
         """`address`:`port` is where nodes reach the central server (a QEMU guest reaches
         the host's 127.0.0.1 as 10.0.2.2); the server listens on 127.0.0.1:`port` of the
-        network namespace it runs in (the container's, or the host's without one).
+        network namespace it runs in (the container's, or the host's without one), or with
+        `netns` on every address of that named namespace (a test's LAN, where `address` is
+        the namespace's own address on the LAN).
 
         The node joins the site and is enrolled by hand (`pimeshctl node sign`); with
         `byo_init` it is the site's init node instead, given the site's anchor and issuer
@@ -56,6 +58,7 @@ class Site:
         self.byo_init = byo_init
         self.name = name
         self.node = node
+        self.netns = netns
         self.address = address
         self.port = port
         self.dir = tempfile.mkdtemp(prefix="pimesh-site-", dir="/var/tmp")
@@ -76,7 +79,8 @@ class Site:
                        capture_output=True, check=True)
         self.central_config = os.path.join(self.dir, "central.toml")
         with open(self.central_config, "w") as f:
-            f.write(f'listen = "127.0.0.1:{port}"\nstate_dir = "{self.dir}/state"\n'
+            listen = "0.0.0.0" if netns else "127.0.0.1"
+            f.write(f'listen = "{listen}:{port}"\nstate_dir = "{self.dir}/state"\n'
                     f'tls_cert = "{self.server_cert}"\ntls_key = "{self.server_key}"\n'
                     f'long_poll_max = "60s"\n\n[[sites]]\nname = "{name}"\n'
                     f'anchor = "{self.keys}/anchor.pem"\npublic_key = "{self.public_key}"\n')
@@ -88,13 +92,18 @@ class Site:
     # --- the node ------------------------------------------------------------------------
     def seed(self, top=""):
         """The node's seed; `top` adds top-level settings (e.g. ssh_authorized_keys)."""
-        with open(self.server_cert) as f:
-            ca = f.read()
         with open(os.path.join(self.keys, "join-token")) as f:
             token = f.read().strip()
         role = "init" if self.byo_init else "join"
-        return (f'site = "{self.name}"\nrole = "{role}"\nnode = "{self.node}"\njoin_token = "{token}"\n{top}\n[central]\n'
-                f'url = "https://{self.address}:{self.port}"\npublic_key = "{self.public_key}"\n'
+        return (f'site = "{self.name}"\nrole = "{role}"\nnode = "{self.node}"\njoin_token = "{token}"\n{top}\n'
+                + self.central_table())
+
+    def central_table(self):
+        """The seed's `[central]` table: where the central server is, its CA and the
+        site's revision key."""
+        with open(self.server_cert) as f:
+            ca = f.read()
+        return (f'[central]\nurl = "https://{self.address}:{self.port}"\npublic_key = "{self.public_key}"\n'
                 f'ca = """\n{ca}"""\n')
 
     def supervisor_config(self):
@@ -161,7 +170,10 @@ class Site:
 
     # --- the central server --------------------------------------------------------------
     def in_netns(self, argv):
-        """argv in the node container's network namespace (as is, without a container)."""
+        """argv in the central server's network namespace: the named one, else the node
+        container's (as is, without either)."""
+        if self.netns:
+            return ["nsenter", f"--net=/run/netns/{self.netns}", *argv]
         if self.container is None:
             return list(argv)
         return ["nsenter", "-t", str(self.container.leader), "-n", *argv]
@@ -219,9 +231,9 @@ class Site:
                        "--central-ca", self.server_cert).stdout
         return out
 
-    def central_report(self):
-        """What the central server holds for this node (its stored report)."""
-        path = os.path.join(self.dir, "state", self.name, "reports", f"{self.node}.json")
+    def central_report(self, node=None):
+        """What the central server holds for this node (or `node`): its stored report."""
+        path = os.path.join(self.dir, "state", self.name, "reports", f"{node or self.node}.json")
         with open(path) as f:
             return json.load(f)
 

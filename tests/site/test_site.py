@@ -10,8 +10,8 @@ init node's card gets the site's trust root (`pimesh-trust/`) and a seed with
 else — no anchor, no server list, no step after boot. The site asks for three servers
 (`[k3s] servers = 3`), so with four cards the init node and the first two nodes to join
 are servers and the last an agent.
-Every node starts with the same site configuration in `/etc/pimesh/cluster.toml` (what
-the central server would deliver over the air; OTA has its own tests): a service `web`
+Every node starts with the same site configuration in `/etc/pimesh/cluster.toml` (as an
+operator may put on the cards; the revisions published later replace it): a service `web`
 on the init node that only the node `pi-d` may call, and control replicas that sign
 leaves for 40 s, so that renewals happen within the test. The nodes boot in parallel.
 
@@ -21,18 +21,31 @@ Cases, in order (each builds on the site the previous ones left):
   3. a request from a client on pi-d to `web` on pi-a crosses both proxies with mTLS,
      and the allow list refuses the same request from pi-b (so the identity pi-a's proxy
      saw is the caller's node);
-  4. the init node is powered off: the other nodes' proxies keep renewing their leaves
-     from the joined servers' replicas, and a fifth card still joins the site;
-  5. a card with a wrong token is refused, says why, and changes nothing on the site;
-  6. a board re-flashed under the name of a running node (a new key) is refused that
+  4. one publish on the real central server (in the bridge's namespace, on the LAN's
+     first address) reaches every node, and each reports it;
+  5. the init node is powered off: the other nodes' proxies keep renewing their leaves
+     from the joined servers' replicas, a fifth card still joins the site, and a revision
+     still applies on every live node;
+  6. the init node is powered on again: it takes the revision it missed, its proxy learns
+     the joined servers, and the nodes reach its service again, the one that joined while
+     it was off too;
+  7. the agent's cable is pulled for longer than its leaf's life while a revision goes
+     out, then plugged back in: the node takes a fresh leaf and the revision it missed,
+     and reaches the service again, by itself;
+  8. a card with a wrong token is refused, says why, and changes nothing on the site;
+  9. another site of the same name on the LAN: a card of ours whose seed lists the other
+     site's server first sends it nothing (its bundle fails the token's pin) and joins
+     ours; a card of the other site joins its own; neither site records the other's cards;
+ 10. a board re-flashed under the name of a running node (a new key) is refused that
      name while the old board lives, and takes it once the old board is gone.
 
 Figures (printed, never asserted; `make bench-site`): seconds from the supervisor's start
-to the node's certificate, per node, and the memory of each daemon on a server and on an
-agent.
+to the node's certificate, per node, the memory of each daemon on a server and on an
+agent, and seconds from plugging the cut-off node back in to its fresh leaf.
 """
 
 import concurrent.futures
+import contextlib
 import datetime
 import os
 import time
@@ -43,10 +56,10 @@ import uuid
 import pytest
 
 from harness.container import Container
-from harness.paths import host_binary
+from harness.ota_site import Site
 
-PIMESHCTL = host_binary("pimeshctl")
 BRIDGE_NET = "192.168.215"
+CENTRAL_PORT = 8443
 JOIN_TIMEOUT = float(os.environ.get("PIMESH_SITE_JOIN_TIMEOUT", "180"))
 LEAF_LIFETIME = 40
 CLUSTER = ('site = "lab"\n\n[k3s]\nservers = 3\n\n'
@@ -95,6 +108,7 @@ class Lan:
         self.ns = f"pm-lan-{self.tag}"
         self.dir = tempfile.mkdtemp(prefix="pimesh-lan-", dir="/var/tmp")
         self.nodes = []
+        self.ports = {}
         self.dnsmasq = None
         sh("ip", "netns", "add", self.ns)
         sh("ip", "-n", self.ns, "link", "add", "br0", "type", "bridge")
@@ -121,7 +135,25 @@ class Lan:
         sh("ip", "link", "set", outside, "netns", self.ns)
         sh("ip", "-n", self.ns, "link", "set", outside, "master", "br0")
         sh("ip", "-n", self.ns, "link", "set", outside, "up")
+        self.ports[ns] = outside
         return ns
+
+    def cut(self, ns):
+        """Unplugs the node in namespace `ns` from the bridge (its cable pulled)."""
+        sh("ip", "-n", self.ns, "link", "set", self.ports[ns], "down")
+
+    def heal(self, ns):
+        """Plugs it back in."""
+        sh("ip", "-n", self.ns, "link", "set", self.ports[ns], "up")
+
+    @staticmethod
+    def address(ns):
+        """The node's IPv4 address on the bridge (from DHCP), None while it has none."""
+        out = sh("ip", "-n", ns, "-4", "-o", "addr", "show", "dev", "eth0")
+        for word in out.split():
+            if word.startswith(BRIDGE_NET + "."):
+                return word.split("/")[0]
+        return None
 
     def close(self):
         if self.dnsmasq:
@@ -132,19 +164,24 @@ class Lan:
 
 
 class SiteKeys:
-    """The site as `pimeshctl site init` makes it."""
+    """The site as `pimeshctl site init` makes it; with `lan`, the real central server
+    serves it on the LAN's own address (the bridge's namespace) and the seeds name it."""
 
-    def __init__(self, name="lab"):
-        self.dir = tempfile.mkdtemp(prefix="pimesh-site-", dir="/var/tmp")
-        self.keys = os.path.join(self.dir, name)
-        subprocess.run([PIMESHCTL, "site", "init", name, "--out", self.keys],
-                       capture_output=True, text=True, check=True)
+    def __init__(self, name="lab", lan=None):
+        self.central = Site(name=name, address=f"{BRIDGE_NET}.1", port=CENTRAL_PORT,
+                            netns=lan.ns if lan else None)
+        self.keys = self.central.keys
         self.name = name
+        self.serving = lan is not None
         with open(os.path.join(self.keys, "join-token")) as f:
             self.token = f.read().strip()
+        if self.serving:
+            self.central.start_central()
 
-    def seed(self, role, node):
-        return f'site = "{self.name}"\nrole = "{role}"\nnode = "{node}"\njoin_token = "{self.token}"\n'
+    def seed(self, role, node, top=""):
+        seed = (f'site = "{self.name}"\nrole = "{role}"\nnode = "{node}"\n'
+                f'join_token = "{self.token}"\n{top}\n')
+        return seed + (self.central.central_table() if self.serving else "")
 
     def read(self, name):
         with open(os.path.join(self.keys, name)) as f:
@@ -155,6 +192,7 @@ def prepare_node(lan, keys, index, role, node, extra_files=None):
     """A container for `node` plugged into the LAN, its card written; not booted."""
     ns = lan.plug(index)
     container = Container(network=f"--network-namespace-path=/run/netns/{ns} --capability=CAP_NET_ADMIN")
+    container.netns = ns
     container.write("/boot/firmware/pimesh.toml", keys.seed(role, node))
     container.write("/etc/pimesh/cluster.toml", CLUSTER)
     container.write("/etc/systemd/system/pimesh-control@.service.d/test-leaf-lifetime.conf", CONTROL_DROPIN)
@@ -173,8 +211,10 @@ def boot_all(containers):
 @pytest.fixture(scope="module")
 def site():
     lan = Lan()
-    keys = SiteKeys()
+    keys = SiteKeys(lan=lan)
     nodes = {}
+    # Nodes powered off by a case (their disks kept), and the nodes of another site.
+    down, others = {}, {}
     try:
         trust = {f"/boot/firmware/pimesh-trust/{name}": keys.read(name)
                  for name in ("anchor.pem", "issuer.pem", "issuer.key")}
@@ -183,10 +223,11 @@ def site():
         for index, name in enumerate(JOINERS, start=2):
             nodes[name] = prepare_node(lan, keys, index, "join", name)
         boot_all(list(nodes.values()))
-        yield {"lan": lan, "keys": keys, "nodes": nodes}
+        yield {"lan": lan, "keys": keys, "nodes": nodes, "down": down, "others": others}
     finally:
-        for container in nodes.values():
+        for container in [*nodes.values(), *down.values(), *others.values()]:
             container.shutdown()
+        keys.central.close()
         lan.close()
 
 
@@ -279,12 +320,32 @@ def get_via_proxy(node, url):
     return int(code or 0), body
 
 
+@contextlib.contextmanager
+def serving_web(node, name):
+    """The web app on `node` (in its network namespace) while the block runs."""
+    app = subprocess.Popen(["nsenter", "-t", str(node.leader), "-n", "python3", "-c", WEB_APP, name],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        app.kill()
+        app.wait()
+
+
+def web_answer(node, name, timeout=90):
+    """The answer of `web` on pi-a to a client on `node` once pi-a's proxy answers it: 200
+    from the app for pi-d, 403 from the allow list for any other node (either needs mTLS
+    between the two proxies and pi-a's address in `node`'s discovery)."""
+    want = 200 if name == "pi-d" else 403
+    return node.wait_for(f"web on pi-a answering {name} through both proxies",
+                         lambda: (r := get_via_proxy(node, "http://127.0.0.1:18080/")) and r[0] == want and r,
+                         timeout=timeout, interval=1)
+
+
 def test_a_request_crosses_both_proxies_with_mtls_and_the_allow_list_sees_the_caller(site):
     nodes = site["nodes"]
     a, b, d = nodes["pi-a"], nodes["pi-b"], nodes["pi-d"]
-    app = subprocess.Popen(["nsenter", "-t", str(a.leader), "-n", "python3", "-c", WEB_APP, "pi-a"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with serving_web(a, "pi-a"):
         answer = d.wait_for("web on pi-a through both proxies from pi-d",
                             lambda: (r := get_via_proxy(d, "http://127.0.0.1:18080/")) and r[0] == 200 and r,
                             timeout=90, interval=1)
@@ -297,9 +358,46 @@ def test_a_request_crosses_both_proxies_with_mtls_and_the_allow_list_sees_the_ca
         assert refused[0] == 403, refused
         metrics = a.http_get("http://127.0.0.1:4191/metrics")[1]
         assert "tls_handshake" in metrics or "inbound" in metrics
-    finally:
-        app.kill()
-        app.wait()
+
+
+def revision_config(number):
+    """The site configuration of revision `number`: the cards' one and a service of its own."""
+    return CLUSTER + f'\n[services.rev{number}]\nport = {9000 + number}\nnodes = ["pi-b"]\n'
+
+
+def publish(site):
+    """Publishes the next revision through the real central server; returns its number."""
+    central = site["keys"].central
+    return central.publish(revision_config(central.revision + 1))
+
+
+def wait_revision(site, name, node, revision, timeout=180):
+    """Waits until `node` runs `revision` (committed, its cluster.toml that revision's) and
+    the central server holds its report of it."""
+    central = site["keys"].central
+
+    def applied():
+        ota = node.status()["ota"]
+        return ota["committed"] == revision and ota["state"] == "idle" and ota
+
+    node.wait_for(f"{name} on revision {revision}", applied, timeout=timeout, interval=1)
+    with open(os.path.join(node.root, "etc/pimesh/cluster.toml")) as f:
+        assert f.read() == revision_config(revision), f"{name}: cluster.toml is not revision {revision}"
+
+    def reported():
+        try:
+            return central.central_report(name)["revision"] == revision
+        except FileNotFoundError:
+            return False
+
+    node.wait_for(f"{name}'s report of revision {revision} at the central server", reported,
+                  timeout=60, interval=1)
+
+
+def test_one_publish_reaches_every_node_and_each_reports_it(site):
+    revision = publish(site)
+    for name, node in site["nodes"].items():
+        wait_revision(site, name, node, revision)
 
 
 def leaf_not_after(node):
@@ -310,7 +408,9 @@ def leaf_not_after(node):
 
 def test_the_site_survives_the_loss_of_its_init_node(site):
     nodes = site["nodes"]
-    nodes.pop("pi-a").shutdown(timeout=20)
+    a = nodes.pop("pi-a")
+    a.power_off(timeout=20)
+    site["down"]["pi-a"] = a
     before = {name: leaf_not_after(nodes[name]) for name in JOINERS}
     # Leaves of LEAF_LIFETIME seconds renew at two thirds of their life: two renewals later
     # every leaf was signed after the init node was gone, by the joined servers' replicas.
@@ -328,6 +428,67 @@ def test_the_site_survives_the_loss_of_its_init_node(site):
     e.boot()
     e.wait_for("pi-e joined", lambda: joined(e), timeout=JOIN_TIMEOUT, interval=1)
     e.wait_for("pi-e's proxy leaf", lambda: leaf_source(e) == "control", timeout=120, interval=1)
+    # A revision still applies on every live node, the new one too.
+    revision = publish(site)
+    for name, node in nodes.items():
+        wait_revision(site, name, node, revision)
+
+
+def control_replicas_known(node):
+    """How many control replicas the node's proxy knows (its start list and the servers
+    its discovery answers name)."""
+    metrics = node.http_get("http://127.0.0.1:4191/metrics")[1]
+    line = next((l for l in metrics.splitlines() if l.startswith("pimesh_control_replicas")), None)
+    return int(float(line.split()[-1])) if line else 0
+
+
+def test_the_init_node_returns_and_catches_up(site):
+    nodes = site["nodes"]
+    a = site["down"].pop("pi-a")
+    a.boot()
+    nodes["pi-a"] = a
+    a.wait_for("the init node back", lambda: a.status()["join"]["state"] == "init", timeout=60, interval=1)
+    a.wait_for("pi-a's proxy leaf from a replica", lambda: leaf_source(a) == "control", timeout=120, interval=1)
+    # It takes the revision published while it was off.
+    wait_revision(site, "pi-a", a, site["keys"].central.revision)
+    # Its proxy learns the servers that joined from the site's discovery (three replicas of
+    # its own, and the other servers' beside them).
+    a.wait_for("pi-a's proxy knows the joined servers' replicas",
+               lambda: control_replicas_known(a) > 3, timeout=120, interval=1)
+    # The nodes reach pi-a's service again, pi-e too, which joined while pi-a was off.
+    with serving_web(a, "pi-a"):
+        for name in ("pi-d", "pi-e"):
+            web_answer(nodes[name], name, timeout=120)
+
+
+def test_a_node_cut_off_longer_than_its_leaf_life_comes_back_by_itself(site, figures):
+    nodes, lan = site["nodes"], site["lan"]
+    name = next(n for n in JOINERS if nodes[n].status()["join"]["role"] == "agent")
+    node = nodes[name]
+    started_at = node.status()["started_at"]
+    lan.cut(node.netns)
+    try:
+        held = node.wait_for(f"{name}'s leaf", lambda: leaf_not_after(node), timeout=30, interval=1)
+        # The site moves on without it.
+        missed = publish(site)
+        for other in ("pi-a", "pi-e"):
+            wait_revision(site, other, nodes[other], missed)
+        # Cut off from every replica, the node cannot renew: its leaf runs out.
+        node.wait_for(f"{name}'s leaf past its end", lambda: time.time() > held + 5,
+                      timeout=LEAF_LIFETIME * 3, interval=1)
+        renewed = leaf_not_after(node)
+        assert not renewed or renewed == held, f"{name} renewed its leaf while cut off"
+    finally:
+        lan.heal(node.netns)
+    healed = time.monotonic()
+    node.wait_for(f"{name}: a fresh leaf once plugged back in",
+                  lambda: (n := leaf_not_after(node)) and n > time.time(), timeout=180, interval=1)
+    figures["site_cut_off_node_fresh_leaf_after_replug_s"] = round(time.monotonic() - healed, 1)
+    wait_revision(site, name, node, missed)
+    with serving_web(nodes["pi-a"], "pi-a"):
+        web_answer(node, name, timeout=120)
+    # It came back by itself: the same supervisor, no reboot, nothing done on the node.
+    assert node.status()["started_at"] == started_at
 
 
 def test_a_card_with_a_wrong_token_is_refused_and_changes_nothing(site):
@@ -348,6 +509,49 @@ def test_a_card_with_a_wrong_token_is_refused_and_changes_nothing(site):
     # Nothing changed on the site: the nodes keep their roles and no pi-x appears.
     for node in servers:
         assert node.status()["join"]["state"] in ("init", "joined")
+
+
+def anchor_of(node):
+    with open(os.path.join(node.root, "var/lib/pimesh/identity/anchor.pem")) as f:
+        return f.read()
+
+
+def join_names(node):
+    return {j["node"] for j in node.status()["joins"]}
+
+
+def test_another_site_on_the_lan_gets_nothing_of_ours_and_its_cards_join_their_own(site):
+    lan, keys, nodes, others = site["lan"], site["keys"], site["nodes"], site["others"]
+    # Another site with the same name (another anchor) on the same LAN: its init node
+    # announces itself like ours, and a card of that site joins it by mDNS.
+    other = SiteKeys("lab")
+    trust = {f"/boot/firmware/pimesh-trust/{name}": other.read(name)
+             for name in ("anchor.pem", "issuer.pem", "issuer.key")}
+    others["pi-r"] = r = prepare_node(lan, other, 8, "init", "pi-r", trust)
+    others["pi-s"] = s = prepare_node(lan, other, 9, "join", "pi-s")
+    boot_all([r, s])
+    r.wait_for("the other site's init node", lambda: r.status()["join"]["state"] == "init", timeout=60)
+    rogue = r.wait_for("pi-r's address", lambda: Lan.address(r.netns), timeout=60, interval=1)
+    # A card of our site whose seed lists pi-r's address first (say, an address that a
+    # device of another site took since): the rogue's bundle does not match the token's
+    # pin, so the card sends it nothing and joins through our server listed next.
+    ours = Lan.address(nodes["pi-a"].netns)
+    seed = keys.seed("join", "pi-f", top=f'servers = ["{rogue}", "{ours}"]')
+    nodes["pi-f"] = f = prepare_node(lan, keys, 10, "join", "pi-f", {"/boot/firmware/pimesh.toml": seed})
+    f.boot()
+    status = f.wait_for("pi-f joined", lambda: joined(f), timeout=JOIN_TIMEOUT, interval=1)
+    assert status["join"]["via"]["address"].startswith(ours + ":"), status["join"]
+    assert anchor_of(f) == keys.read("anchor.pem")
+    journal = f.run(["journalctl", "-u", "pimesh-supervisor.service", "--no-pager", "-o", "verbose"]).stdout
+    assert f"rogue server at {rogue}:" in journal, "pi-f never asked the rogue (the test would prove nothing)"
+    status = s.wait_for("pi-s joined its own site", lambda: joined(s), timeout=JOIN_TIMEOUT, interval=1)
+    assert status["join"]["via"]["address"].startswith(rogue + ":"), status["join"]
+    assert anchor_of(s) == other.read("anchor.pem")
+    # Neither site heard a join of the other's cards.
+    r.wait_for("pi-s in pi-r's joins", lambda: "pi-s" in join_names(r), timeout=30, interval=1)
+    assert join_names(r) == {"pi-s"}, r.status()["joins"]
+    for name, node in nodes.items():
+        assert "pi-s" not in join_names(node), (name, node.status()["joins"])
 
 
 def node_key_sha256(node):
