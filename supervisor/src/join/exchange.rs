@@ -28,7 +28,7 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// Why an exchange with a replica failed.
 #[derive(Debug)]
 pub enum ExchangeError {
-    /// No answer: connection, TLS or timeout.
+    /// No answer above TCP (a refused port, TLS, a stalled answer): this replica only.
     Unreachable { replica: SocketAddr, detail: String },
     /// No TCP connection at all: the address leads nowhere (the other replicas at the
     /// same address are not worth trying this round).
@@ -117,12 +117,39 @@ impl Replica {
         format!("https://{JOIN_SERVER_NAME}:{}{route}", self.addr.port())
     }
 
+    /// A TCP connection to the replica, closed at once. It tells an address that leads
+    /// nowhere (no connection within [`CONNECT_TIMEOUT`], no route:
+    /// [`ExchangeError::NoConnection`], whose other replicas are skipped this round) from
+    /// a port that refuses or a server that stalls above TCP (`Unreachable`: this replica
+    /// only, since the node's other replicas may answer).
+    async fn probe(&self) -> Result<(), ExchangeError> {
+        let connect = tokio::net::TcpStream::connect(self.addr);
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionRefused => {
+                Err(ExchangeError::Unreachable {
+                    replica: self.addr,
+                    detail: err.to_string(),
+                })
+            }
+            Ok(Err(err)) => Err(ExchangeError::NoConnection {
+                replica: self.addr,
+                detail: err.to_string(),
+            }),
+            Err(_) => Err(ExchangeError::NoConnection {
+                replica: self.addr,
+                detail: format!("no TCP connection within {} s", CONNECT_TIMEOUT.as_secs()),
+            }),
+        }
+    }
+
     /// Fetches the replica's bundle and keeps it only when an anchor of it hashes to `pin`.
     pub async fn bundle(
         &self,
         site: &DnsLabel,
         pin: &[u8; 32],
     ) -> Result<PinnedBundle, ExchangeError> {
+        self.probe().await?;
         let tls = pimesh_meshtls::join_bundle_client()
             .map_err(|err| ExchangeError::Setup(err.to_string()))?;
         let http = self.join_http(tls)?;
@@ -182,19 +209,11 @@ impl Replica {
 
     /// Sends `request`; the body of a 200, or the refusal the replica stated.
     async fn read(&self, request: reqwest::RequestBuilder) -> Result<Vec<u8>, ExchangeError> {
-        let unreachable = |err: reqwest::Error| {
-            let detail = pimesh_runtime::error_chain(&err);
-            if err.is_connect() {
-                ExchangeError::NoConnection {
-                    replica: self.addr,
-                    detail,
-                }
-            } else {
-                ExchangeError::Unreachable {
-                    replica: self.addr,
-                    detail,
-                }
-            }
+        // The TCP connection itself was checked by `probe`: whatever fails here (TLS, a
+        // stalled answer) is this replica's alone.
+        let unreachable = |err: reqwest::Error| ExchangeError::Unreachable {
+            replica: self.addr,
+            detail: pimesh_runtime::error_chain(&err),
         };
         let mut response = request.send().await.map_err(unreachable)?;
         let status = response.status();
