@@ -174,33 +174,31 @@ async fn run(options: Options) -> Result<(), DaemonError> {
         site_role.serve_as_server();
     }
     let join_task = match (seed.seed(), &node_label) {
-        (Some(seed), Some(node)) if plan.needs_join(trust_files.holds_issuer()) => {
-            seed.join_token.clone().map(|token| {
-                tokio::spawn(join::run(join::JoinContext {
-                    site: seed.site.clone(),
-                    node: node.clone(),
-                    token,
-                    seed_servers: seed.servers.iter().cloned().map(String::from).collect(),
-                    mdns: options.node_setup,
-                    mdns_interfaces: seed.mdns_interfaces.clone(),
-                    credential: credential::CredentialFiles::on_node(paths),
-                    trust: trust::TrustFiles::on_node(paths),
-                    record_file: paths.join_record(),
-                    clock: join::clock::Clock::new(
-                        facts
-                            .image
-                            .as_ref()
-                            .and_then(|image| image.get("built_at"))
-                            .and_then(|built| built.as_str()),
-                        paths.clock_file(),
-                    ),
-                    started: std::time::Instant::now(),
-                    status: status.clone(),
-                    on_joined: site_role.on_joined(),
-                    on_manual: site_role.on_manual(),
-                }))
-            })
-        }
+        (Some(seed), Some(node)) if plan.needs_join() => seed.join_token.clone().map(|token| {
+            tokio::spawn(join::run(join::JoinContext {
+                site: seed.site.clone(),
+                node: node.clone(),
+                token,
+                seed_servers: seed.servers.iter().cloned().map(String::from).collect(),
+                mdns: options.node_setup,
+                mdns_interfaces: seed.mdns_interfaces.clone(),
+                credential: credential::CredentialFiles::on_node(paths),
+                trust: trust::TrustFiles::on_node(paths),
+                record_file: paths.join_record(),
+                clock: join::clock::Clock::new(
+                    facts
+                        .image
+                        .as_ref()
+                        .and_then(|image| image.get("built_at"))
+                        .and_then(|built| built.as_str()),
+                    paths.clock_file(),
+                ),
+                started: std::time::Instant::now(),
+                status: status.clone(),
+                on_joined: site_role.on_joined(),
+                on_manual: site_role.on_manual(),
+            }))
+        }),
         _ => None,
     };
 

@@ -28,6 +28,7 @@ pub mod exchange;
 mod mdns;
 pub mod plan;
 pub mod record;
+mod relocate;
 mod site_role;
 pub mod time;
 
@@ -89,15 +90,33 @@ pub struct JoinContext {
     pub on_manual: OnManual,
 }
 
-/// Runs the join to its end: returns once the node holds its certificate and, on a server
-/// node, the site issuer — or once the operator enrolled the node by hand.
+impl JoinContext {
+    /// The site's server nodes announced on the LAN now ([`discover::browse`] with the
+    /// seed's site, the token's pin and the seed's interfaces).
+    async fn browse(&self) -> Result<Vec<Candidate>, discover::BrowseError> {
+        discover::browse(
+            &self.site,
+            self.token.anchor_sha256(),
+            self.mdns_interfaces.as_deref(),
+            discover::BROWSE_FOR,
+        )
+        .await
+    }
+}
+
+/// Runs the join to its end — once the node holds its certificate and, on a server node,
+/// the site issuer — and then keeps the site's servers within reach ([`relocate`]);
+/// returns once the operator enrolled the node by hand.
 pub async fn run(context: JoinContext) {
     let context = Arc::new(context);
     let mut retry = Retry::new(ROUNDS);
     loop {
         context.clock.wait_until_sane(&context.status).await;
         match round(&context).await {
-            Ok(Finished::Joined) => return,
+            Ok(Finished::Joined) => {
+                relocate::run(&context).await;
+                return;
+            }
             Ok(Finished::ByHand) => {
                 info!("a node certificate was put here by hand: the node stops joining by itself");
                 context.status.update(|status| {
@@ -271,14 +290,7 @@ async fn candidates(context: &JoinContext) -> Vec<Candidate> {
     if !context.mdns {
         return Vec::new();
     }
-    match discover::browse(
-        &context.site,
-        context.token.anchor_sha256(),
-        context.mdns_interfaces.as_deref(),
-        discover::BROWSE_FOR,
-    )
-    .await
-    {
+    match context.browse().await {
         Ok(found) => found,
         Err(err) => {
             warn!(%err, "cannot look for servers on the LAN");

@@ -62,11 +62,11 @@ impl Plan {
         }
     }
 
-    /// Whether the join task has work: joining, or fetching a server's issuer.
-    pub fn needs_join(&self, holds_issuer: bool) -> bool {
+    /// Whether the join task has work: joining, fetching a server's issuer, or keeping a
+    /// joined node's servers within reach (`crate::join::relocate`).
+    pub fn needs_join(&self) -> bool {
         match self {
-            Plan::Waiting => true,
-            Plan::Joined(record) => record.role == Role::Server && !holds_issuer,
+            Plan::Waiting | Plan::Joined(_) => true,
             Plan::Init | Plan::Manual => false,
         }
     }

@@ -87,15 +87,7 @@ pub async fn apply(dir: PathBuf, plan: TimePlan) {
         Ok(false) => {}
         Ok(true) => {
             info!(serve = plan.serve, sources = ?plan.sources, "the site's time settings changed; restarting chrony");
-            let restart = async {
-                let systemd = Systemd::connect_unsubscribed().await?;
-                systemd
-                    .manager()
-                    .try_restart_unit(CHRONY_UNIT, "replace")
-                    .await
-                    .map(drop)
-            };
-            if let Err(err) = restart.await {
+            if let Err(err) = Systemd::try_restart(CHRONY_UNIT).await {
                 warn!(%err, "cannot restart chrony; it takes the new settings at its next start");
             }
         }

@@ -64,6 +64,17 @@ impl Systemd {
         })
     }
 
+    /// Restarts `unit` if it is running (`TryRestartUnit`), over a connection of its own:
+    /// for a restart outside the keeper (a unit whose start-time input changed).
+    pub async fn try_restart(unit: &str) -> zbus::Result<()> {
+        Systemd::connect_unsubscribed()
+            .await?
+            .manager()
+            .try_restart_unit(unit, "replace")
+            .await
+            .map(drop)
+    }
+
     pub fn manager(&self) -> &ManagerProxy<'static> {
         &self.manager
     }

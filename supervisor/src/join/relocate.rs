@@ -1,0 +1,263 @@
+//! A joined node finds its site's servers again when none of the addresses it knows
+//! answers.
+//!
+//! A LAN can renumber under a site — a DHCP server that came after the boards joined over
+//! link-local, a replaced router, a lost lease that brings link-local back — and then every
+//! address a join recorded leads nowhere at once. The proxy dials the recorded replicas
+//! and learns the other servers from them, so without this it would stay cut off.
+//!
+//! Every [`CHECK_EVERY`] the node tries a TCP connection to each recorded replica of the
+//! other server nodes. When none connects it browses mDNS as a join does (the same site,
+//! the same pin; an answer is a hint, since the proxy still checks each replica's
+//! certificate), and when a server found there connects, the record takes the servers
+//! found, the units are placed for them, and the proxy is restarted to read its new list
+//! (a running proxy keeps the list it started with). With the seed's `servers` (the
+//! operator's addresses) or without mDNS, nothing is done.
+//!
+//! Invariant: the record changes only to servers of which at least one connected, so a
+//! check made while the node itself is cut off (no answer from the LAN) changes nothing.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use pimesh_join::ServerEntry;
+use pimesh_schema::DnsLabel;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::join::discover::Candidate;
+use crate::join::record::{JoinRecord, Via};
+use crate::join::JoinContext;
+use crate::units::role::PROXY;
+use crate::units::systemd::Systemd;
+
+/// How often a joined node checks that a server it knows answers.
+pub const CHECK_EVERY: Duration = Duration::from_secs(15);
+
+/// How long one TCP connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Checks, and finds the servers again when none answers, for the node's life.
+pub async fn run(context: &JoinContext) {
+    if !context.mdns || !context.seed_servers.is_empty() {
+        return;
+    }
+    let mut every = tokio::time::interval(CHECK_EVERY);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let record = match JoinRecord::load(&context.record_file) {
+            Ok(Some(record)) => record,
+            Ok(None) => continue,
+            Err(err) => {
+                warn!(%err, "cannot read the join record to check the site's servers");
+                continue;
+            }
+        };
+        let known = others_replicas(&record, &context.node);
+        if known.is_empty() || first_connecting(known).await.is_some() {
+            continue;
+        }
+        info!("none of the site's servers answers at its recorded address; looking for them on the LAN");
+        if let Some(record) = relocated(context, record).await {
+            let holds_issuer = context.trust.holds_issuer();
+            (context.on_joined)(&record, holds_issuer);
+            restart_proxy().await;
+        }
+    }
+}
+
+/// The recorded replicas of every server node but `own`, the replica that answered the
+/// join first.
+fn others_replicas(record: &JoinRecord, own: &DnsLabel) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    if record.via.node.as_deref() != Some(own.as_str()) {
+        out.push(record.via.address);
+    }
+    for server in record.servers.iter().filter(|server| &server.node != own) {
+        for port in &server.replicas {
+            let addr = SocketAddr::new(server.address, *port);
+            if !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+    }
+    out.retain(|addr| !addr.ip().is_loopback() && !addr.ip().is_unspecified());
+    out
+}
+
+/// The first of `addrs` (tried together) to take a TCP connection, if any does within
+/// [`CONNECT_TIMEOUT`].
+async fn first_connecting(addrs: Vec<SocketAddr>) -> Option<SocketAddr> {
+    let mut attempts = JoinSet::new();
+    for addr in addrs {
+        attempts.spawn(async move {
+            let connected =
+                tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await;
+            matches!(connected, Ok(Ok(_))).then_some(addr)
+        });
+    }
+    while let Some(done) = attempts.join_next().await {
+        if let Ok(Some(addr)) = done {
+            return Some(addr);
+        }
+    }
+    None
+}
+
+/// The record with the servers announced on the LAN now, stored, when one of them
+/// connects; `None` (and the record unchanged) otherwise.
+async fn relocated(context: &JoinContext, record: JoinRecord) -> Option<JoinRecord> {
+    let found = match context.browse().await {
+        Ok(found) => found,
+        Err(err) => {
+            warn!(%err, "cannot look for the site's servers on the LAN");
+            return None;
+        }
+    };
+    let servers: Vec<ServerEntry> = found
+        .iter()
+        .filter_map(server_entry)
+        .filter(|server| server.node != context.node)
+        .collect();
+    let replicas: Vec<SocketAddr> = servers
+        .iter()
+        .flat_map(|server| {
+            server
+                .replicas
+                .iter()
+                .map(|port| SocketAddr::new(server.address, *port))
+        })
+        .collect();
+    let Some(answering) = first_connecting(replicas).await else {
+        info!(
+            announced = servers.len(),
+            "no server of the site answers on the LAN yet"
+        );
+        return None;
+    };
+    let via_node = servers
+        .iter()
+        .find(|server| server.address == answering.ip())
+        .map(|server| server.node.to_string());
+    // This node's own entry stays (a server lists itself), at whatever address it had.
+    let own = record
+        .servers
+        .iter()
+        .filter(|server| server.node == context.node)
+        .cloned();
+    let record = JoinRecord {
+        via: Via {
+            node: via_node,
+            address: answering,
+        },
+        servers: own.chain(servers).collect(),
+        ..record
+    };
+    if let Err(err) = record.store(&context.record_file) {
+        warn!(%err, "cannot keep the servers found on the LAN");
+        return None;
+    }
+    info!(via = %answering, servers = ?record.servers.iter().map(|s| s.address).collect::<Vec<_>>(),
+        "the site's servers found again at new addresses");
+    Some(record)
+}
+
+/// A server node as an mDNS answer shows it: its name, its first usable address (leased
+/// before link-local, see `discover`), and its replicas' ports there.
+fn server_entry(candidate: &Candidate) -> Option<ServerEntry> {
+    let node = DnsLabel::try_from(candidate.node.clone()?).ok()?;
+    let address = candidate.replicas.first()?.ip();
+    let replicas = candidate
+        .replicas
+        .iter()
+        .filter(|replica| replica.ip() == address)
+        .map(SocketAddr::port)
+        .collect();
+    Some(ServerEntry {
+        node,
+        address,
+        replicas,
+    })
+}
+
+/// Restarts the proxy so that it reads the replicas of its new environment file; a
+/// failure is logged (the proxy takes them at its next start).
+async fn restart_proxy() {
+    if let Err(err) = Systemd::try_restart(PROXY).await {
+        warn!(%err, "cannot restart the proxy; it takes the new servers at its next start");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(text: &str) -> DnsLabel {
+        DnsLabel::try_from(text.to_owned()).expect("label")
+    }
+
+    #[test]
+    fn the_replicas_checked_are_the_other_servers_recorded() {
+        let record = JoinRecord {
+            role: pimesh_join::Role::Server,
+            via: Via {
+                node: Some("pi-a".into()),
+                address: "169.254.1.1:8086".parse().expect("addr"),
+            },
+            servers: vec![
+                ServerEntry {
+                    node: label("pi-a"),
+                    address: "169.254.1.1".parse().expect("ip"),
+                    replicas: vec![8086, 8087],
+                },
+                ServerEntry {
+                    node: label("pi-b"),
+                    address: "169.254.1.2".parse().expect("ip"),
+                    replicas: vec![8086],
+                },
+            ],
+            joined_at: "2026-12-02T06:00:00Z".into(),
+        };
+        let checked = others_replicas(&record, &label("pi-b"));
+        let want: Vec<SocketAddr> = ["169.254.1.1:8086", "169.254.1.1:8087"]
+            .iter()
+            .map(|addr| addr.parse().expect("addr"))
+            .collect();
+        assert_eq!(checked, want, "its own entry is not checked");
+    }
+
+    #[test]
+    fn an_answer_becomes_a_server_entry_at_its_first_address() {
+        let candidate = Candidate {
+            node: Some("pi-c".into()),
+            replicas: ["192.168.1.7:8086", "192.168.1.7:8087", "169.254.3.4:8086"]
+                .iter()
+                .map(|addr| addr.parse().expect("addr"))
+                .collect(),
+        };
+        let entry = server_entry(&candidate).expect("entry");
+        assert_eq!(entry.node, label("pi-c"));
+        assert_eq!(entry.address.to_string(), "192.168.1.7");
+        assert_eq!(entry.replicas, vec![8086, 8087]);
+        assert!(server_entry(&Candidate {
+            node: None,
+            replicas: candidate.replicas.clone()
+        })
+        .is_none());
+    }
+
+    #[tokio::test]
+    async fn a_listening_address_connects_and_a_closed_one_does_not() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let open = listener.local_addr().expect("addr");
+        let closed = {
+            let spare = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            spare.local_addr().expect("addr")
+        };
+        assert_eq!(first_connecting(vec![closed, open]).await, Some(open));
+        assert_eq!(first_connecting(vec![closed]).await, None);
+    }
+}
