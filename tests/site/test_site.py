@@ -394,16 +394,18 @@ def wait_revision(site, name, node, revision, timeout=180):
     central = site["keys"].central
 
     def applied():
-        ota = node.status()["ota"]
-        return ota["committed"] == revision and ota["state"] == "idle" and ota
+        status = node.status()
+        ota = status["ota"]
+        return ota["committed"] == revision and ota["state"] == "idle" and status
 
-    node.wait_for(f"{name} on revision {revision}", applied, timeout=timeout, interval=1)
+    # `name` is the test's; the central server knows the node by its own.
+    node_name = node.wait_for(f"{name} on revision {revision}", applied, timeout=timeout, interval=1)["node"]["name"]
     with open(os.path.join(node.root, "etc/pimesh/cluster.toml")) as f:
         assert f.read() == revision_config(revision), f"{name}: cluster.toml is not revision {revision}"
 
     def reported():
         try:
-            return central.central_report(name)["revision"] == revision
+            return central.central_report(node_name)["revision"] == revision
         except FileNotFoundError:
             return False
 
