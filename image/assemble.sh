@@ -78,10 +78,14 @@ if [ "$ARCH" = arm64 ]; then
   depmod -b "$stage" "$kver"
   log "assemble: trimmed $((before - $(du -sm "$stage" | cut -f1))) MiB"
 
+  # The boot partition holds the seed, without which the node cannot start: systemd waits
+  # up to 10 min for its device instead of the default 90 s before it gives up (emergency
+  # mode). On a Pi the card is there at once; under emulation on a loaded host, udev has
+  # taken longer than 90 s to make the by-partuuid link.
   cat > "$stage/etc/fstab" <<FSTAB
 # <file system>          <mount point>   <type> <options>                 <dump> <pass>
 PARTUUID=$DISK_ID-02     /               ext4   defaults,noatime,commit=30  0      1
-PARTUUID=$DISK_ID-01     /boot/firmware  vfat   defaults,noatime,umask=0022 0      0
+PARTUUID=$DISK_ID-01     /boot/firmware  vfat   defaults,noatime,umask=0022,x-systemd.device-timeout=10min 0      0
 FSTAB
   # Keep the kernel package's own boot-partition hook writing what we write below.
   printf 'ROOTPART=PARTUUID=%s-02\nCONSOLES="ttyS1,115200 tty0"\n' "$DISK_ID" \
