@@ -10,8 +10,10 @@ IMAGE_INPUTS := $(shell git ls-files Cargo.toml Cargo.lock README.md image syste
 	runtime schema identity meshtls revision join supervisor proxy control 2>/dev/null)
 # The daemons that run on a node (the image's binaries).
 NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
+# Where cargo puts host release binaries (CI shares a target folder between clones).
+HOST_RELEASE := $(or $(CARGO_TARGET_DIR),target)/release
 
-.PHONY: central help deps image image-amd64 cross host-bins test test-rust test-qemu test-nspawn test-site qemu qemu-site bench-site bench-boot \
+.PHONY: central help deps image image-amd64 cross host-bins test test-containers test-rust test-qemu test-nspawn test-site qemu qemu-site bench-site bench-boot \
 	bench bench-heal bench-ota bench-central bench-proxy bench-control lint clean
 
 help:
@@ -49,14 +51,23 @@ cross:
 # The node's daemons (for the amd64 root) and the host tools the tests drive them with.
 host-bins:
 	cargo build --release --locked $(NODE_CRATES) -p pimesh-central -p pimesh-ctl
-	install -D -m 0755 -t out/bin/x86_64 target/release/pimesh-supervisor target/release/pimesh-proxy \
-		target/release/pimesh-control
+	install -D -m 0755 -t out/bin/x86_64 $(HOST_RELEASE)/pimesh-supervisor $(HOST_RELEASE)/pimesh-proxy \
+		$(HOST_RELEASE)/pimesh-control
 
 image-amd64: host-bins
 	./image/host-deps.sh
 	ARCH=amd64 ./image/assemble.sh
 
-test: test-rust test-nspawn test-site test-qemu
+# The arm64 image (cross build and assembly, CPU-bound) is built while the container tests
+# run (they mostly wait on conditions, and must pass on a loaded machine anyway); the QEMU
+# tests then boot it.
+test: test-rust
+	$(MAKE) --no-print-directory -j2 --output-sync=recurse test-containers $(IMAGE)
+	$(MAKE) --no-print-directory test-qemu
+
+test-containers: image-amd64
+	$(MAKE) --no-print-directory test-nspawn
+	$(MAKE) --no-print-directory test-site
 
 # The proxy's interception test needs iptables (host-deps installs it).
 test-rust:
