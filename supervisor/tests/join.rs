@@ -4,7 +4,8 @@
 //! becomes a server (the site wants three), receives the issuer, and refuses a rogue
 //! server and a wrong token with a reason in its status; a server that takes the
 //! connection and never answers does not hold it; kill -9 at random instants of its join
-//! leaves one key, one certificate and one name.
+//! leaves one key, one certificate and one name; a server that joined follows the issuer
+//! and anchor rotations made where the anchor key is.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
@@ -338,4 +339,96 @@ fn power_cuts_while_joining_end_in_one_key_one_certificate_one_name() {
         assert_eq!(record["node"], "pi-k", "{line}");
         assert_eq!(record["result"], "joined", "{line}");
     }
+}
+
+/// Replaces `file` whole, as the init node's trust store swaps a generation.
+fn replace(file: &Path, text: &str) {
+    let next = file.with_extension("next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, file).unwrap();
+}
+
+/// The replica's trust folder after a lifecycle step on the node holding the anchor key.
+fn publish_trust(
+    trust: &Path,
+    issuer: &pimesh_identity::Authority,
+    anchors: &[&pimesh_identity::Authority],
+) {
+    let bundle: String = anchors.iter().map(|anchor| anchor.cert_pem()).collect();
+    replace(&trust.join("anchor.pem"), &bundle);
+    replace(&trust.join("issuer.key"), &issuer.key_pem());
+    replace(&trust.join("issuer.pem"), issuer.cert_pem());
+}
+
+#[test]
+fn a_server_that_joined_follows_issuer_and_anchor_rotation() {
+    use pimesh_identity::Authority;
+    use std::time::SystemTime;
+
+    let site = Site::new("lab");
+    let dir = tempfile::tempdir().unwrap();
+    let replica = replica_of(&site, dir.path());
+    let trust = dir.path().join("trust");
+    let mut node = Node::start(&seed(&site, &token(&site, SECRET), "pi-b", replica.addr));
+    node.wait_for_join_state("joined");
+    let issuer_file = node.file("var/lib/pimesh/trust/issuer.pem");
+    let chain_file = node.file("var/lib/pimesh/identity/node.pem");
+    let anchors_file = node.file("var/lib/pimesh/identity/anchor.pem");
+    let trust_anchors_file = node.file("var/lib/pimesh/trust/anchor.pem");
+    let mut wait_for = |what: &str, want: &dyn Fn() -> bool| {
+        // The server asks every 15 s; a loaded machine gets four chances.
+        node.daemon
+            .wait_until_blocking_for(what, std::time::Duration::from_secs(90), want);
+    };
+    let node_issuer = |chain: &Path| {
+        let pem = std::fs::read(chain).unwrap_or_default();
+        pimesh_meshtls::pem::certificates(&pem)
+            .ok()
+            .and_then(|certs| certs.get(1).cloned())
+    };
+
+    // The init node rotates its issuer and begins an anchor rotation (a next anchor joins
+    // the bundle): the server takes both, and its own certificate moves to the new issuer.
+    let a = &site.root.anchor;
+    let rotated = a.new_issuer(&site.name, SystemTime::now()).unwrap();
+    let b = Authority::new_anchor(&site.name, SystemTime::now()).unwrap();
+    publish_trust(&trust, &rotated, &[a, &b]);
+    let both = format!("{}{}", a.cert_pem(), b.cert_pem());
+    wait_for(
+        "the rotated issuer and the begun bundle on the server",
+        &|| {
+            std::fs::read_to_string(&issuer_file).ok().as_deref() == Some(rotated.cert_pem())
+                && node_issuer(&chain_file).as_ref() == Some(rotated.cert_der())
+                && std::fs::read_to_string(&anchors_file).ok() == Some(both.clone())
+        },
+    );
+
+    // The switch: a new issuer signed by the next anchor.
+    let switched = b.new_issuer(&site.name, SystemTime::now()).unwrap();
+    publish_trust(&trust, &switched, &[a, &b]);
+    wait_for("the switched issuer on the server", &|| {
+        std::fs::read_to_string(&issuer_file).ok().as_deref() == Some(switched.cert_pem())
+            && node_issuer(&chain_file).as_ref() == Some(switched.cert_der())
+    });
+
+    // The finish: the old anchor leaves the bundle; the server trusts the new one alone,
+    // and its certificate verifies under it.
+    publish_trust(&trust, &switched, &[&b]);
+    wait_for("the finished bundle on the server", &|| {
+        std::fs::read_to_string(&anchors_file).ok().as_deref() == Some(b.cert_pem())
+            && std::fs::read_to_string(&trust_anchors_file).ok().as_deref() == Some(b.cert_pem())
+    });
+    let chain = std::fs::read(&chain_file).unwrap();
+    let certs = pimesh_meshtls::pem::certificates(&chain).unwrap();
+    pimesh_identity::verify_leaf(
+        &certs[0],
+        &certs[1..],
+        std::slice::from_ref(b.cert_der()),
+        &site.name,
+        pimesh_identity::Usage::Client,
+        SystemTime::now(),
+    )
+    .expect("the node certificate verifies under the new anchor alone");
+    let status = node.wait_for_join_state("joined");
+    assert!(status["trust"]["error"].is_null(), "{status:#}");
 }

@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
@@ -149,7 +149,7 @@ impl Daemon {
     {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         while !done().await {
-            self.assert_waiting(what, tokio::time::Instant::now() < deadline);
+            self.assert_waiting(what, DEADLINE, tokio::time::Instant::now() < deadline);
             tokio::time::sleep(POLL).await;
         }
     }
@@ -158,15 +158,29 @@ impl Daemon {
     ///
     /// # Panics
     /// When the process exits first, or at [`DEADLINE`]; both with the log.
-    pub fn wait_until_blocking(&mut self, what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + DEADLINE;
+    pub fn wait_until_blocking(&mut self, what: &str, done: impl FnMut() -> bool) {
+        self.wait_until_blocking_for(what, DEADLINE, done);
+    }
+
+    /// [`Daemon::wait_until_blocking`] with a deadline of its own, for what the daemon
+    /// does on a period of its own (a check every few seconds) rather than at once.
+    ///
+    /// # Panics
+    /// When the process exits first, or at `limit`; both with the log.
+    pub fn wait_until_blocking_for(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut done: impl FnMut() -> bool,
+    ) {
+        let deadline = Instant::now() + limit;
         while !done() {
-            self.assert_waiting(what, Instant::now() < deadline);
+            self.assert_waiting(what, limit, Instant::now() < deadline);
             std::thread::sleep(POLL);
         }
     }
 
-    fn assert_waiting(&mut self, what: &str, in_time: bool) {
+    fn assert_waiting(&mut self, what: &str, limit: Duration, in_time: bool) {
         if let Some(status) = self.exited() {
             panic!(
                 "{} exited ({status}) before {what}; log:\n{}",
@@ -176,7 +190,7 @@ impl Daemon {
         }
         assert!(
             in_time,
-            "{}: not in time ({DEADLINE:?}): {what}; log:\n{}",
+            "{}: not in time ({limit:?}): {what}; log:\n{}",
             self.name,
             self.log_text()
         );

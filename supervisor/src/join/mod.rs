@@ -31,6 +31,7 @@ pub mod record;
 mod relocate;
 mod site_role;
 pub mod time;
+mod trust_sync;
 
 pub use site_role::SiteRole;
 
@@ -40,7 +41,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use pimesh_join::{JoinAnswer, JoinRequest, Role};
-use pimesh_meshtls::Credential;
+use pimesh_meshtls::{Credential, SiteTrust};
 use pimesh_runtime::backoff::{Backoff, Jitter, Retry};
 use pimesh_schema::{DnsLabel, JoinToken};
 use tracing::{info, warn};
@@ -105,7 +106,8 @@ impl JoinContext {
 }
 
 /// Runs the join to its end — once the node holds its certificate and, on a server node,
-/// the site issuer — and then keeps the site's servers within reach ([`relocate`]);
+/// the site issuer — and then keeps the site's servers within reach ([`relocate`]) and, on
+/// a server node, its issuer the site's newest ([`trust_sync`]);
 /// returns once the operator enrolled the node by hand.
 pub async fn run(context: JoinContext) {
     let context = Arc::new(context);
@@ -114,7 +116,7 @@ pub async fn run(context: JoinContext) {
         context.clock.wait_until_sane(&context.status).await;
         match round(&context).await {
             Ok(Finished::Joined) => {
-                relocate::run(&context).await;
+                tokio::join!(relocate::run(&context), trust_sync::run(&context));
                 return;
             }
             Ok(Finished::ByHand) => {
@@ -361,30 +363,9 @@ fn store(
 /// Fetches the site issuer from the replica that answered the join, else from any
 /// replica of the site's servers.
 async fn fetch_issuer(context: &JoinContext, record: &JoinRecord) -> Result<(), ExchangeError> {
-    let credential = context
-        .credential
-        .load()
-        .ok()
-        .flatten()
-        .and_then(|c| Credential::from_pem(c.chain_pem.as_bytes(), c.key_pem.as_bytes()).ok())
-        .ok_or_else(|| ExchangeError::Setup("the node credential is not usable".into()))?;
-    let anchors = std::fs::read(context.credential.anchors())
-        .ok()
-        .and_then(|pem| pimesh_meshtls::pem::certificates(&pem).ok())
-        .unwrap_or_default();
-    let trust = pimesh_meshtls::SiteTrust::new(context.site.clone(), anchors)
-        .map_err(|err| ExchangeError::Setup(format!("the site's anchors: {err}")))?;
-    let mut replicas = vec![record.via.address];
-    for server in &record.servers {
-        for port in &server.replicas {
-            let addr = SocketAddr::new(server.address, *port);
-            if !replicas.contains(&addr) {
-                replicas.push(addr);
-            }
-        }
-    }
+    let (credential, trust) = mesh_identity(context)?;
     let mut last = None;
-    for addr in replicas {
+    for addr in record.replicas_of_others(&context.node) {
         match (Replica { addr }).issuer(&credential, &trust).await {
             Ok(handover) => {
                 context
@@ -402,6 +383,40 @@ async fn fetch_issuer(context: &JoinContext, record: &JoinRecord) -> Result<(), 
     Err(last.unwrap_or(ExchangeError::Setup(
         "no replica to fetch the issuer from".into(),
     )))
+}
+
+/// The node's credential and the anchors it checks replicas against, for mutual TLS with
+/// the site's replicas: the anchors stored at the join, and on a server node those of its
+/// trust folder too (during an anchor rotation, replicas may present either anchor's
+/// chains).
+pub(crate) fn mesh_identity(
+    context: &JoinContext,
+) -> Result<(Credential, SiteTrust), ExchangeError> {
+    let credential = context
+        .credential
+        .load()
+        .ok()
+        .flatten()
+        .and_then(|c| Credential::from_pem(c.chain_pem.as_bytes(), c.key_pem.as_bytes()).ok())
+        .ok_or_else(|| ExchangeError::Setup("the node credential is not usable".into()))?;
+    let mut anchors = Vec::new();
+    for file in [
+        context.credential.anchors(),
+        context.trust.dir.join(crate::trust::store::ANCHOR_BUNDLE),
+    ] {
+        let read = std::fs::read(&file)
+            .ok()
+            .and_then(|pem| pimesh_meshtls::pem::certificates(&pem).ok())
+            .unwrap_or_default();
+        for anchor in read {
+            if !anchors.contains(&anchor) {
+                anchors.push(anchor);
+            }
+        }
+    }
+    let trust = SiteTrust::new(context.site.clone(), anchors)
+        .map_err(|err| ExchangeError::Setup(format!("the site's anchors: {err}")))?;
+    Ok((credential, trust))
 }
 
 /// Shows a stored join in the status.

@@ -7,9 +7,11 @@
 
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use pimesh_join::{Role, ServerEntry};
+use pimesh_schema::DnsLabel;
 use serde::{Deserialize, Serialize};
 
 /// The join as the node keeps it.
@@ -63,6 +65,24 @@ impl fmt::Display for RecordError {
 impl std::error::Error for RecordError {}
 
 impl JoinRecord {
+    /// The recorded replicas of every server node but `own`: first the replica that
+    /// answered the join, then the others in the order the answer listed them.
+    pub fn replicas_of_others(&self, own: &DnsLabel) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        if self.via.node.as_deref() != Some(own.as_str()) {
+            out.push(self.via.address);
+        }
+        for server in self.servers.iter().filter(|server| &server.node != own) {
+            for port in &server.replicas {
+                let addr = SocketAddr::new(server.address, *port);
+                if !out.contains(&addr) {
+                    out.push(addr);
+                }
+            }
+        }
+        out
+    }
+
     /// The record in `path`; `None` when the node has not joined.
     pub fn load(path: &Path) -> Result<Option<JoinRecord>, RecordError> {
         let text = match std::fs::read(path) {

@@ -54,7 +54,8 @@ pub async fn run(context: &JoinContext) {
                 continue;
             }
         };
-        let known = others_replicas(&record, &context.node);
+        let mut known = record.replicas_of_others(&context.node);
+        known.retain(|addr| !addr.ip().is_loopback() && !addr.ip().is_unspecified());
         if known.is_empty() || first_connecting(known).await.is_some() {
             continue;
         }
@@ -65,25 +66,6 @@ pub async fn run(context: &JoinContext) {
             restart_proxy().await;
         }
     }
-}
-
-/// The recorded replicas of every server node but `own`, the replica that answered the
-/// join first.
-fn others_replicas(record: &JoinRecord, own: &DnsLabel) -> Vec<SocketAddr> {
-    let mut out = Vec::new();
-    if record.via.node.as_deref() != Some(own.as_str()) {
-        out.push(record.via.address);
-    }
-    for server in record.servers.iter().filter(|server| &server.node != own) {
-        for port in &server.replicas {
-            let addr = SocketAddr::new(server.address, *port);
-            if !out.contains(&addr) {
-                out.push(addr);
-            }
-        }
-    }
-    out.retain(|addr| !addr.ip().is_loopback() && !addr.ip().is_unspecified());
-    out
 }
 
 /// The first of `addrs` (tried together) to take a TCP connection, if any does within
@@ -219,7 +201,7 @@ mod tests {
             ],
             joined_at: "2026-12-02T06:00:00Z".into(),
         };
-        let checked = others_replicas(&record, &label("pi-b"));
+        let checked = record.replicas_of_others(&label("pi-b"));
         let want: Vec<SocketAddr> = ["169.254.1.1:8086", "169.254.1.1:8087"]
             .iter()
             .map(|addr| addr.parse().expect("addr"))

@@ -11,8 +11,10 @@ use rustls_pki_types::CertificateDer;
 use tracing::{info, warn};
 
 use super::error::TrustError;
-use super::lifecycle;
-use super::store::{TrustState, TrustStore, ANCHOR_BUNDLE, ANCHOR_KEY, ISSUER_CERT, ISSUER_KEY};
+use super::store::{
+    TrustState, TrustStore, ANCHOR_BUNDLE, ANCHOR_KEY, ISSUER_CERT, ISSUER_KEY, NEXT_ANCHOR_KEY,
+};
+use super::{freshness, lifecycle};
 use crate::credential::{check_pin, CredentialFiles, SELF_ENROLLED_LIFETIME};
 use crate::paths::NodePaths;
 use crate::status::{StatusHandle, TrustReport};
@@ -41,6 +43,25 @@ impl TrustFiles {
     /// control replicas.
     pub fn holds_issuer(&self) -> bool {
         self.dir.join(ISSUER_KEY).exists()
+    }
+
+    /// Whether this node follows the site's trust rather than making it: it holds the
+    /// issuer (handed over when it joined as a server) and no anchor key, so it can neither
+    /// rotate the issuer nor change the bundle, and takes those changes from the holder.
+    pub fn follows_site(&self) -> bool {
+        self.holds_issuer()
+            && !self.anchor_key().exists()
+            && !self.dir.join(NEXT_ANCHOR_KEY).exists()
+    }
+
+    /// The [`freshness::Rank`] of the linked generation.
+    pub fn rank(&self) -> Result<freshness::Rank, TrustError> {
+        let dir = std::fs::canonicalize(&self.dir).map_err(TrustError::io("resolve", &self.dir))?;
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(TrustError::io("read", &path))
+        };
+        freshness::rank(&read(ISSUER_CERT)?, &read(ANCHOR_BUNDLE)?, &dir)
     }
 
     pub fn anchor_key(&self) -> PathBuf {

@@ -13,11 +13,13 @@
 //! the first swap leaves no trust folder and the next start begins again. What happens to
 //! the root after provisioning (issuer and anchor rotation, the anchor key leaving the
 //! node) is in [`lifecycle`], run step by step by the operator's [`command`];
-//! provisioning and the periodic check are in [`files`].
+//! provisioning and the periodic check are in [`files`]; how server nodes that joined
+//! tell a newer state of the site's trust from an older one is in [`freshness`].
 
 pub mod command;
 pub mod error;
 pub mod files;
+pub mod freshness;
 pub mod lifecycle;
 pub mod store;
 
