@@ -40,7 +40,10 @@ pub async fn route(
                 .await
                 .map(|body| body.boxed())
         }
-        (_, pimesh_join::path::ISSUER) => {
+        (&Method::POST, pimesh_join::path::RENEW) => join_api::renew(request, &chain, &state)
+            .await
+            .map(|body| body.boxed()),
+        (_, pimesh_join::path::ISSUER | pimesh_join::path::RENEW) => {
             answer::error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
                 .map(|body| body.boxed())
         }

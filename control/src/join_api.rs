@@ -5,6 +5,7 @@
 //! | join (TLS name `join.pimesh.invalid`, no client certificate) | `GET /v1/join/bundle` | the anchors, PEM |
 //! | join | `POST /v1/join` | a `JoinRequest` (at most `MAX_REQUEST_BYTES`) → a `JoinAnswer`, or a `Refusal` |
 //! | mutual TLS | `GET /v1/join/issuer` | → an `IssuerHandover`, to a server node only |
+//! | mutual TLS | `POST /v1/join/renew` | the node's CSR (PEM, of the key it presented) → its node certificate chain re-signed by the current issuer (200), or 204 when the one it presented is current |
 //!
 //! A join is checked in this order, the first failure answering: the source's recent
 //! failures (`rate_limit`: `rate_limited`, 429 with `Retry-After`), the body (413 or 400
@@ -24,7 +25,9 @@
 //!
 //! Invariants: the issuer's key leaves only through [`issuer`], over mutual TLS, to a
 //! node that holds a live `role: server` heartbeat or an unexpired grant; a join answer
-//! carries a certificate for exactly the node ID the request names, of the key of its CSR.
+//! carries a certificate for exactly the node ID the request names, of the key of its CSR;
+//! a renewal carries one for exactly the node ID of the certificate presented, of the key
+//! presented (the handshake proved its possession).
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -477,6 +480,101 @@ fn name_taken(node: &DnsLabel, held: &str, by: &str, ttl: Duration) -> Refused {
             ttl.as_secs()
         ),
     )
+}
+
+/// A node certificate is renewed once less than this share of its life is left (or when
+/// another issuer than the current one signed it).
+const RENEW_WHEN_LEFT: u32 = 3;
+
+/// `POST /v1/join/renew` over mutual TLS: a node that joined keeps a node certificate of
+/// the current issuer without its token (rotated since, perhaps). The node presents its
+/// node certificate and sends a CSR of the same key; the answer is the node certificate
+/// chain re-signed by the current issuer when the presented one is of another issuer or
+/// has less than a third of its life left, else 204.
+pub async fn renew(
+    request: Request<Incoming>,
+    chain: &[CertificateDer<'static>],
+    state: &State,
+) -> Response<Full<Bytes>> {
+    let Some(snapshot) = state.snapshot() else {
+        return Refused::new(RefusalCode::Unavailable, "the replica is not ready").response();
+    };
+    let now = SystemTime::now();
+    let node = match identity_api::requesting_node(chain, &snapshot, now) {
+        Ok(node) => node,
+        Err(answer::Refusal(status, reason)) => {
+            return Refused {
+                status: Some(status),
+                ..Refused::new(RefusalCode::BadRequest, reason)
+            }
+            .response()
+        }
+    };
+    let body = match answer::read_body(request, pimesh_join::MAX_REQUEST_BYTES).await {
+        Ok(body) => body,
+        Err(answer::Refusal(status, reason)) => {
+            return Refused {
+                status: Some(status),
+                ..Refused::new(RefusalCode::BadRequest, reason)
+            }
+            .response()
+        }
+    };
+    let Ok(csr) = CertificateSigningRequestDer::from_pem_slice(&body) else {
+        return Refused::new(
+            RefusalCode::BadRequest,
+            "expected a PEM CERTIFICATE REQUEST",
+        )
+        .response();
+    };
+    let presented = chain.first().map(pimesh_identity::certificate_key_sha256);
+    let requested = pimesh_identity::request_key_sha256(&csr);
+    match (presented, requested) {
+        (Some(Ok(presented)), Ok(requested)) if presented == requested => {}
+        _ => {
+            warn!(%node, "renewal refused: the CSR is not of the key presented");
+            return Refused::new(
+                RefusalCode::CsrMismatch,
+                format!("the CSR must be of the key node {node} presented"),
+            )
+            .response();
+        }
+    }
+    if !renewal_due(chain, &snapshot, now) {
+        return Response::builder()
+            .status(StatusCode::NO_CONTENT)
+            .body(Full::new(Bytes::new()))
+            .unwrap_or_default();
+    }
+    match sign(&snapshot, &csr, &node, now) {
+        Ok(certificate) => {
+            info!(%node, "node certificate renewed");
+            let mut response = Response::new(Full::new(Bytes::from(certificate)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(identity_api::PEM_CONTENT_TYPE),
+            );
+            response
+        }
+        Err(refused) => refused.response(),
+    }
+}
+
+/// Whether the presented `chain` (a node certificate and its issuer) should be re-signed:
+/// another issuer than `snapshot`'s signed it, or less than a [`RENEW_WHEN_LEFT`]th of its
+/// life is left at `now`.
+fn renewal_due(chain: &[CertificateDer<'static>], snapshot: &Snapshot, now: SystemTime) -> bool {
+    if chain.get(1) != Some(snapshot.trust.issuer.cert_der()) {
+        return true;
+    }
+    let Some(Ok((not_before, not_after))) = chain.first().map(pimesh_identity::cert_validity)
+    else {
+        return true;
+    };
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    not_after
+        .checked_sub(life / RENEW_WHEN_LEFT)
+        .is_none_or(|renew_from| now >= renew_from)
 }
 
 /// `GET /v1/join/issuer` over mutual TLS: the issuer, to a server node of the site.

@@ -503,3 +503,51 @@ fn tokens_come_from_join_json_or_the_site_config_and_follow_their_changes() {
     });
     assert!(!joins(SECRET));
 }
+
+#[test]
+fn a_joined_node_renews_its_certificate_with_its_own_key_only_when_due() {
+    let f = start("[k3s]\nservers = 1\n", Some("pi-a"), &[(SECRET, None)]);
+    let request = node_request(&f.site, "pi-b");
+    let answer = accepted(&f.join(30, "pi-b", SECRET, &request.csr_pem));
+    let renew = |csr: &str| {
+        let config = client_config(
+            f.site.root.anchor.cert_der(),
+            Some(&credential(&answer, &request)),
+        );
+        tls_request(
+            f.port(),
+            config,
+            "POST",
+            "/v1/join/renew",
+            "",
+            csr.as_bytes(),
+        )
+        .expect("answered")
+    };
+
+    // Its certificate is of the current issuer and young: nothing to renew.
+    let current = renew(&request.csr_pem);
+    assert_eq!(current.status, 204, "{}", current.text());
+
+    // A CSR of another key (another node's, or a key the caller made up) is refused.
+    let other = node_request(&f.site, "pi-b");
+    refusal(&renew(&other.csr_pem), RefusalCode::CsrMismatch);
+    refusal(&renew("not a csr"), RefusalCode::BadRequest);
+
+    // Without a client certificate nothing is answered.
+    let anonymous = client_config(f.site.root.anchor.cert_der(), None);
+    let answer_anonymous = tls_request(
+        f.port(),
+        anonymous,
+        "POST",
+        "/v1/join/renew",
+        "",
+        request.csr_pem.as_bytes(),
+    );
+    assert!(
+        answer_anonymous
+            .as_ref()
+            .map_or(true, |r| r.status != 200 && r.status != 204),
+        "an anonymous renewal was answered"
+    );
+}

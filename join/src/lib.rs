@@ -48,6 +48,12 @@ pub mod path {
     pub const JOIN: &str = "/v1/join";
     /// `GET` → [`crate::IssuerHandover`], over mutual TLS, to server nodes only.
     pub const ISSUER: &str = "/v1/join/issuer";
+    /// `POST` the node's CSR (PEM, of the key of the node certificate presented) → its
+    /// node certificate chain re-signed by the current issuer (PEM), or 204 when the one
+    /// presented is current; over mutual TLS.
+    pub const RENEW: &str = "/v1/join/renew";
+    /// `GET` → the replica's anchors (PEM), over mutual TLS (the identity API's route).
+    pub const TRUST_BUNDLE: &str = "/v1/trust-bundle";
 }
 
 /// The SHA-256 of an anchor certificate's DER: what a join token pins.

@@ -32,6 +32,12 @@ fn token(site: &Site, secret: &str) -> String {
 
 /// A replica of `site` (replica 1 of node `pi-a`) whose trust folder accepts `SECRET`.
 fn replica_of(site: &Site, dir: &Path) -> Replica {
+    replica_with(site, dir, "", Some("pi-a"))
+}
+
+/// [`replica_of`] with `config` in the site config (`site = ...` is written here), on
+/// `node` (`None`: a replica that holds no seat itself).
+fn replica_with(site: &Site, dir: &Path, config: &str, node: Option<&str>) -> Replica {
     let trust = dir.join("trust");
     site.write_trust(&trust);
     let accepted =
@@ -41,11 +47,16 @@ fn replica_of(site: &Site, dir: &Path) -> Replica {
         serde_json::json!({ "tokens": accepted }).to_string(),
     )
     .unwrap();
-    Replica::options(1)
+    let cluster = dir.join("cluster.toml");
+    std::fs::write(&cluster, format!("site = \"{}\"\n{config}", site.name)).unwrap();
+    let mut options = Replica::options(1)
         .trust_dir(&trust)
-        .site(site.name.as_str())
-        .arg("--node")
-        .arg("pi-a")
+        .config(&cluster)
+        .site(site.name.as_str());
+    if let Some(node) = node {
+        options = options.arg("--node").arg(node);
+    }
+    options
         .arg("--state-dir")
         .arg(dir.join("control-state"))
         .start_blocking()
@@ -360,75 +371,123 @@ fn publish_trust(
     replace(&trust.join("issuer.pem"), issuer.cert_pem());
 }
 
-#[test]
-fn a_server_that_joined_follows_issuer_and_anchor_rotation() {
-    use pimesh_identity::Authority;
-    use std::time::SystemTime;
+/// Reads the issuer of the chain in `file` (its second certificate).
+fn chain_issuer(file: &Path) -> Option<rustls_pki_types::CertificateDer<'static>> {
+    let pem = std::fs::read(file).ok()?;
+    pimesh_meshtls::pem::certificates(&pem)
+        .ok()?
+        .into_iter()
+        .nth(1)
+}
 
+fn text(file: &Path) -> Option<String> {
+    std::fs::read_to_string(file).ok()
+}
+
+#[test]
+fn joined_nodes_follow_issuer_and_anchor_rotation_made_where_the_anchor_key_is() {
+    use pimesh_identity::Authority;
+    use std::time::{Duration, SystemTime};
+
+    // One seat, taken by the first node to join (pi-b); pi-c is an agent.
     let site = Site::new("lab");
     let dir = tempfile::tempdir().unwrap();
-    let replica = replica_of(&site, dir.path());
+    let replica = replica_with(&site, dir.path(), "[k3s]\nservers = 1\n", None);
     let trust = dir.path().join("trust");
-    let mut node = Node::start(&seed(&site, &token(&site, SECRET), "pi-b", replica.addr));
-    node.wait_for_join_state("joined");
-    let issuer_file = node.file("var/lib/pimesh/trust/issuer.pem");
-    let chain_file = node.file("var/lib/pimesh/identity/node.pem");
-    let anchors_file = node.file("var/lib/pimesh/identity/anchor.pem");
-    let trust_anchors_file = node.file("var/lib/pimesh/trust/anchor.pem");
-    let mut wait_for = |what: &str, want: &dyn Fn() -> bool| {
-        // The server asks every 15 s; a loaded machine gets four chances.
-        node.daemon
-            .wait_until_blocking_for(what, std::time::Duration::from_secs(90), want);
+    let mut server = Node::start(&seed(&site, &token(&site, SECRET), "pi-b", replica.addr));
+    assert_eq!(
+        server.wait_for_join_state("joined")["join"]["role"],
+        "server"
+    );
+    let mut agent = Node::start(&seed(&site, &token(&site, SECRET), "pi-c", replica.addr));
+    assert_eq!(agent.wait_for_join_state("joined")["join"]["role"], "agent");
+    let files = |node: &Node| {
+        (
+            node.file("var/lib/pimesh/identity/node.pem"),
+            node.file("var/lib/pimesh/identity/anchor.pem"),
+        )
     };
-    let node_issuer = |chain: &Path| {
-        let pem = std::fs::read(chain).unwrap_or_default();
-        pimesh_meshtls::pem::certificates(&pem)
-            .ok()
-            .and_then(|certs| certs.get(1).cloned())
-    };
+    let (server_chain, server_anchors) = files(&server);
+    let (agent_chain, agent_anchors) = files(&agent);
+    let server_issuer = server.file("var/lib/pimesh/trust/issuer.pem");
+    let server_trust_anchors = server.file("var/lib/pimesh/trust/anchor.pem");
+    // A server asks every 15 s, an agent every 30 s: a loaded machine gets three chances.
+    let limit = Duration::from_secs(100);
 
     // The init node rotates its issuer and begins an anchor rotation (a next anchor joins
-    // the bundle): the server takes both, and its own certificate moves to the new issuer.
+    // the bundle): the server takes both, the agent the bundle, and both certificates move
+    // to the new issuer.
+    // Certificates count time in whole seconds: each step is made a few seconds after the
+    // one before, as an operator's steps (months apart in real life) would be.
+    let step = |n: u64| site.now + Duration::from_secs(2 * n);
     let a = &site.root.anchor;
-    let rotated = a.new_issuer(&site.name, SystemTime::now()).unwrap();
-    let b = Authority::new_anchor(&site.name, SystemTime::now()).unwrap();
+    let rotated = a.new_issuer(&site.name, step(1)).unwrap();
+    let b = Authority::new_anchor(&site.name, step(1)).unwrap();
     publish_trust(&trust, &rotated, &[a, &b]);
     let both = format!("{}{}", a.cert_pem(), b.cert_pem());
-    wait_for(
-        "the rotated issuer and the begun bundle on the server",
-        &|| {
-            std::fs::read_to_string(&issuer_file).ok().as_deref() == Some(rotated.cert_pem())
-                && node_issuer(&chain_file).as_ref() == Some(rotated.cert_der())
-                && std::fs::read_to_string(&anchors_file).ok() == Some(both.clone())
+    server.daemon.wait_until_blocking_for(
+        "the server takes the rotated issuer and the begun bundle",
+        limit,
+        || {
+            text(&server_issuer).as_deref() == Some(rotated.cert_pem())
+                && chain_issuer(&server_chain).as_ref() == Some(rotated.cert_der())
+                && text(&server_anchors).as_deref() == Some(both.as_str())
+        },
+    );
+    agent.daemon.wait_until_blocking_for(
+        "the agent's certificate by the rotated issuer, the begun bundle",
+        limit,
+        || {
+            chain_issuer(&agent_chain).as_ref() == Some(rotated.cert_der())
+                && text(&agent_anchors).as_deref() == Some(both.as_str())
         },
     );
 
     // The switch: a new issuer signed by the next anchor.
-    let switched = b.new_issuer(&site.name, SystemTime::now()).unwrap();
+    let switched = b.new_issuer(&site.name, step(2)).unwrap();
     publish_trust(&trust, &switched, &[a, &b]);
-    wait_for("the switched issuer on the server", &|| {
-        std::fs::read_to_string(&issuer_file).ok().as_deref() == Some(switched.cert_pem())
-            && node_issuer(&chain_file).as_ref() == Some(switched.cert_der())
-    });
+    server
+        .daemon
+        .wait_until_blocking_for("the switched issuer on the server", limit, || {
+            text(&server_issuer).as_deref() == Some(switched.cert_pem())
+                && chain_issuer(&server_chain).as_ref() == Some(switched.cert_der())
+        });
+    agent.daemon.wait_until_blocking_for(
+        "the agent's certificate by the switched issuer",
+        limit,
+        || chain_issuer(&agent_chain).as_ref() == Some(switched.cert_der()),
+    );
 
-    // The finish: the old anchor leaves the bundle; the server trusts the new one alone,
-    // and its certificate verifies under it.
+    // The finish: the old anchor leaves the bundle; both nodes trust the new one alone, and
+    // their certificates verify under it.
     publish_trust(&trust, &switched, &[&b]);
-    wait_for("the finished bundle on the server", &|| {
-        std::fs::read_to_string(&anchors_file).ok().as_deref() == Some(b.cert_pem())
-            && std::fs::read_to_string(&trust_anchors_file).ok().as_deref() == Some(b.cert_pem())
-    });
-    let chain = std::fs::read(&chain_file).unwrap();
-    let certs = pimesh_meshtls::pem::certificates(&chain).unwrap();
-    pimesh_identity::verify_leaf(
-        &certs[0],
-        &certs[1..],
-        std::slice::from_ref(b.cert_der()),
-        &site.name,
-        pimesh_identity::Usage::Client,
-        SystemTime::now(),
-    )
-    .expect("the node certificate verifies under the new anchor alone");
-    let status = node.wait_for_join_state("joined");
-    assert!(status["trust"]["error"].is_null(), "{status:#}");
+    server
+        .daemon
+        .wait_until_blocking_for("the finished bundle on the server", limit, || {
+            text(&server_anchors).as_deref() == Some(b.cert_pem())
+                && text(&server_trust_anchors).as_deref() == Some(b.cert_pem())
+        });
+    agent
+        .daemon
+        .wait_until_blocking_for("the finished bundle on the agent", limit, || {
+            text(&agent_anchors).as_deref() == Some(b.cert_pem())
+        });
+    for (name, chain) in [("pi-b", &server_chain), ("pi-c", &agent_chain)] {
+        let pem = std::fs::read(chain).unwrap();
+        let certs = pimesh_meshtls::pem::certificates(&pem).unwrap();
+        let ids = pimesh_identity::verify_leaf(
+            &certs[0],
+            &certs[1..],
+            std::slice::from_ref(b.cert_der()),
+            &site.name,
+            pimesh_identity::Usage::Client,
+            SystemTime::now(),
+        )
+        .unwrap_or_else(|err| panic!("{name}'s certificate under the new anchor alone: {err}"));
+        assert_eq!(ids, vec![site.node_id(name)]);
+    }
+    for node in [&mut server, &mut agent] {
+        let status = node.wait_for_join_state("joined");
+        assert!(status["trust"]["error"].is_null(), "{status:#}");
+    }
 }

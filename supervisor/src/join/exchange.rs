@@ -117,6 +117,11 @@ impl Replica {
         format!("https://{JOIN_SERVER_NAME}:{}{route}", self.addr.port())
     }
 
+    /// By address: no SNI, so the replica takes its mutual-TLS configuration.
+    fn mutual_url(&self, route: &str) -> String {
+        format!("https://{}{route}", self.addr)
+    }
+
     /// A TCP connection to the replica, closed at once. It tells an address that leads
     /// nowhere (no connection within [`CONNECT_TIMEOUT`], no route:
     /// [`ExchangeError::NoConnection`], whose other replicas are skipped this round) from
@@ -189,22 +194,66 @@ impl Replica {
         credential: &Credential,
         trust: &SiteTrust,
     ) -> Result<IssuerHandover, ExchangeError> {
+        let http = self.mutual_tls(credential, trust)?;
+        let body = self.read(http.get(self.mutual_url(path::ISSUER))).await?;
+        serde_json::from_slice(&body)
+            .map_err(|err| self.bad(&format!("not an issuer handover: {err}")))
+    }
+
+    /// Asks for the node certificate to be re-signed by the current issuer, presenting
+    /// `credential` and sending `request` (PEM, a CSR of the credential's key): the new
+    /// chain (PEM), or `None` when the one presented is current.
+    pub async fn renew(
+        &self,
+        credential: &Credential,
+        trust: &SiteTrust,
+        request: &[u8],
+    ) -> Result<Option<String>, ExchangeError> {
+        let http = self.mutual_tls(credential, trust)?;
+        let body = self
+            .read(
+                http.post(self.mutual_url(path::RENEW))
+                    .body(request.to_vec()),
+            )
+            .await?;
+        if body.is_empty() {
+            return Ok(None);
+        }
+        String::from_utf8(body)
+            .map(Some)
+            .map_err(|_| self.bad("a certificate chain that is not text"))
+    }
+
+    /// The replica's anchors (PEM), presenting `credential`.
+    pub async fn trust_bundle(
+        &self,
+        credential: &Credential,
+        trust: &SiteTrust,
+    ) -> Result<String, ExchangeError> {
+        let http = self.mutual_tls(credential, trust)?;
+        let body = self
+            .read(http.get(self.mutual_url(path::TRUST_BUNDLE)))
+            .await?;
+        String::from_utf8(body).map_err(|_| self.bad("a trust bundle that is not text"))
+    }
+
+    /// An HTTP/1 client presenting `credential` and checking the replica under `trust`.
+    fn mutual_tls(
+        &self,
+        credential: &Credential,
+        trust: &SiteTrust,
+    ) -> Result<reqwest::Client, ExchangeError> {
         let mut tls = pimesh_meshtls::control_client(credential, trust)
             .map_err(|err| ExchangeError::Setup(err.to_string()))?;
         tls.alpn_protocols = vec![pimesh_meshtls::ALPN_HTTP1.to_vec()];
-        let http = reqwest::Client::builder()
+        reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
             .http1_only()
             .no_proxy()
             .build()
-            .map_err(|err| ExchangeError::Setup(pimesh_runtime::error_chain(&err)))?;
-        // By address: no SNI, so the replica takes the mutual-TLS configuration.
-        let url = format!("https://{}{}", self.addr, path::ISSUER);
-        let body = self.read(http.get(url)).await?;
-        serde_json::from_slice(&body)
-            .map_err(|err| self.bad(&format!("not an issuer handover: {err}")))
+            .map_err(|err| ExchangeError::Setup(pimesh_runtime::error_chain(&err)))
     }
 
     /// Sends `request`; the body of a 200, or the refusal the replica stated.

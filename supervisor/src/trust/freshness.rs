@@ -10,7 +10,8 @@
 //!    after every anchor of the bundle);
 //! 3. then fewer anchors older than the one that signed the issuer (`finish` drops them).
 //!
-//! Invariant: every step of the lifecycle moves the rank strictly up and nothing else
+//! Invariant: every step of the lifecycle moves the rank strictly up (certificates count
+//! whole seconds: two issuers made within the same second rank alike) and nothing else
 //! changes it, so a node that only ever takes a strictly higher rank never goes back to a
 //! state the holder has left, whichever server it hears it from.
 
