@@ -58,10 +58,12 @@ image-amd64: host-bins
 	./image/host-deps.sh
 	ARCH=amd64 ./image/assemble.sh
 
-# The arm64 image (cross build and assembly, CPU-bound) is built while the container tests
-# run (they mostly wait on conditions, and must pass on a loaded machine anyway); the QEMU
-# tests then boot it.
+# The containers' root is built first (one cargo build at a time: two would only share
+# the cores), then the arm64 image (cross build and assembly, CPU-bound) is built while the
+# container tests run (they mostly wait on conditions, and must pass on a loaded machine
+# anyway); the QEMU tests then boot it.
 test: test-rust
+	$(MAKE) --no-print-directory image-amd64
 	$(MAKE) --no-print-directory -j2 --output-sync=recurse test-containers $(IMAGE)
 	$(MAKE) --no-print-directory test-qemu
 
