@@ -121,6 +121,10 @@ impl JoinRecord {
 mod tests {
     use super::*;
 
+    fn label(s: &str) -> DnsLabel {
+        DnsLabel::try_from(s.to_owned()).expect("label")
+    }
+
     #[test]
     fn a_record_round_trips_and_a_missing_one_is_none() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -143,5 +147,35 @@ mod tests {
             err.contains("state.json") && err.contains("not a join record"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_replicas_of_others_are_the_other_servers_recorded() {
+        let record = JoinRecord {
+            role: pimesh_join::Role::Server,
+            via: Via {
+                node: Some("pi-a".into()),
+                address: "169.254.1.1:8086".parse().expect("addr"),
+            },
+            servers: vec![
+                ServerEntry {
+                    node: label("pi-a"),
+                    address: "169.254.1.1".parse().expect("ip"),
+                    replicas: vec![8086, 8087],
+                },
+                ServerEntry {
+                    node: label("pi-b"),
+                    address: "169.254.1.2".parse().expect("ip"),
+                    replicas: vec![8086],
+                },
+            ],
+            joined_at: "2026-12-02T06:00:00Z".into(),
+        };
+        let checked = record.replicas_of_others(&label("pi-b"));
+        let want: Vec<SocketAddr> = ["169.254.1.1:8086", "169.254.1.1:8087"]
+            .iter()
+            .map(|addr| addr.parse().expect("addr"))
+            .collect();
+        assert_eq!(checked, want, "its own entry is not listed");
     }
 }

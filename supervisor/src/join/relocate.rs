@@ -180,36 +180,6 @@ mod tests {
     }
 
     #[test]
-    fn the_replicas_checked_are_the_other_servers_recorded() {
-        let record = JoinRecord {
-            role: pimesh_join::Role::Server,
-            via: Via {
-                node: Some("pi-a".into()),
-                address: "169.254.1.1:8086".parse().expect("addr"),
-            },
-            servers: vec![
-                ServerEntry {
-                    node: label("pi-a"),
-                    address: "169.254.1.1".parse().expect("ip"),
-                    replicas: vec![8086, 8087],
-                },
-                ServerEntry {
-                    node: label("pi-b"),
-                    address: "169.254.1.2".parse().expect("ip"),
-                    replicas: vec![8086],
-                },
-            ],
-            joined_at: "2026-12-02T06:00:00Z".into(),
-        };
-        let checked = record.replicas_of_others(&label("pi-b"));
-        let want: Vec<SocketAddr> = ["169.254.1.1:8086", "169.254.1.1:8087"]
-            .iter()
-            .map(|addr| addr.parse().expect("addr"))
-            .collect();
-        assert_eq!(checked, want, "its own entry is not checked");
-    }
-
-    #[test]
     fn an_answer_becomes_a_server_entry_at_its_first_address() {
         let candidate = Candidate {
             node: Some("pi-c".into()),
