@@ -153,6 +153,14 @@ impl Refused {
         }
     }
 
+    /// `code` with the status and reason of a generic refusal.
+    fn stating(code: RefusalCode, answer::Refusal(status, reason): answer::Refusal) -> Refused {
+        Refused {
+            status: Some(status),
+            ..Refused::new(code, reason)
+        }
+    }
+
     fn response(&self) -> Response<Full<Bytes>> {
         let status = self.status.unwrap_or_else(|| {
             StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::BAD_REQUEST)
@@ -313,10 +321,7 @@ async fn attempt(
     };
     let body = answer::read_body(request, pimesh_join::MAX_REQUEST_BYTES)
         .await
-        .map_err(|answer::Refusal(status, reason)| Refused {
-            status: Some(status),
-            ..Refused::new(RefusalCode::BadRequest, reason)
-        })?;
+        .map_err(|refusal| Refused::stating(RefusalCode::BadRequest, refusal))?;
     let request: JoinRequest = serde_json::from_slice(&body).map_err(|err| {
         Refused::new(
             RefusalCode::BadRequest,
@@ -482,6 +487,26 @@ fn name_taken(node: &DnsLabel, held: &str, by: &str, ttl: Duration) -> Refused {
     )
 }
 
+/// The replica's snapshot and the node that presented `chain` over mutual TLS; a refusal
+/// with `code` (and the status the check chose) for a client that is no node of the site.
+fn calling_node(
+    chain: &[CertificateDer<'static>],
+    state: &State,
+    now: SystemTime,
+    code: RefusalCode,
+) -> Result<(std::sync::Arc<Snapshot>, DnsLabel), Refused> {
+    let Some(snapshot) = state.snapshot() else {
+        return Err(Refused::new(
+            RefusalCode::Unavailable,
+            "the replica is not ready",
+        ));
+    };
+    match identity_api::requesting_node(chain, &snapshot, now) {
+        Ok(node) => Ok((snapshot, node)),
+        Err(refusal) => Err(Refused::stating(code, refusal)),
+    }
+}
+
 /// A node certificate is renewed once less than this share of its life is left (or when
 /// another issuer than the current one signed it).
 const RENEW_WHEN_LEFT: u32 = 3;
@@ -496,29 +521,14 @@ pub async fn renew(
     chain: &[CertificateDer<'static>],
     state: &State,
 ) -> Response<Full<Bytes>> {
-    let Some(snapshot) = state.snapshot() else {
-        return Refused::new(RefusalCode::Unavailable, "the replica is not ready").response();
-    };
     let now = SystemTime::now();
-    let node = match identity_api::requesting_node(chain, &snapshot, now) {
-        Ok(node) => node,
-        Err(answer::Refusal(status, reason)) => {
-            return Refused {
-                status: Some(status),
-                ..Refused::new(RefusalCode::BadRequest, reason)
-            }
-            .response()
-        }
+    let (snapshot, node) = match calling_node(chain, state, now, RefusalCode::BadRequest) {
+        Ok(caller) => caller,
+        Err(refused) => return refused.response(),
     };
     let body = match answer::read_body(request, pimesh_join::MAX_REQUEST_BYTES).await {
         Ok(body) => body,
-        Err(answer::Refusal(status, reason)) => {
-            return Refused {
-                status: Some(status),
-                ..Refused::new(RefusalCode::BadRequest, reason)
-            }
-            .response()
-        }
+        Err(refusal) => return Refused::stating(RefusalCode::BadRequest, refusal).response(),
     };
     let Ok(csr) = CertificateSigningRequestDer::from_pem_slice(&body) else {
         return Refused::new(
@@ -584,19 +594,10 @@ pub async fn issuer(
     discovery: &Discovery,
     join: &Join,
 ) -> Response<Full<Bytes>> {
-    let Some(snapshot) = state.snapshot() else {
-        return Refused::new(RefusalCode::Unavailable, "the replica is not ready").response();
-    };
     let now = SystemTime::now();
-    let node = match identity_api::requesting_node(chain, &snapshot, now) {
-        Ok(node) => node,
-        Err(answer::Refusal(status, reason)) => {
-            return Refused {
-                status: Some(status),
-                ..Refused::new(RefusalCode::NotAServer, reason)
-            }
-            .response()
-        }
+    let (snapshot, node) = match calling_node(chain, state, now, RefusalCode::NotAServer) {
+        Ok(caller) => caller,
+        Err(refused) => return refused.response(),
     };
     let heartbeat_says_server = discovery
         .heartbeats
