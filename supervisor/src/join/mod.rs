@@ -106,8 +106,9 @@ impl JoinContext {
 }
 
 /// Runs the join to its end — once the node holds its certificate and, on a server node,
-/// the site issuer — and then keeps the site's servers within reach ([`relocate`]) and, on
-/// a server node, its issuer the site's newest ([`trust_sync`]);
+/// the site issuer — and then keeps the site's servers within reach ([`relocate`]) and
+/// follows the site's trust: the newest issuer on a server node, a node certificate of the
+/// current issuer on an agent ([`trust_sync`]);
 /// returns once the operator enrolled the node by hand.
 pub async fn run(context: JoinContext) {
     let context = Arc::new(context);
