@@ -10,9 +10,14 @@
 //! other server nodes. When none connects it browses mDNS as a join does (the same site,
 //! the same pin; an answer is a hint, since the proxy still checks each replica's
 //! certificate), and when a server found there connects, the record takes the servers
-//! found, the units are placed for them, and the proxy is restarted to read its new list
-//! (a running proxy keeps the list it started with). With the seed's `servers` (the
-//! operator's addresses) or without mDNS, nothing is done.
+//! found, and the units are placed for them. With the seed's `servers` (the operator's
+//! addresses) or without mDNS, nothing is done.
+//!
+//! The proxy is restarted to read its new list only when it reaches no control replica
+//! for [`FAILOVER_GRACE`] (its `pimesh_control_connected` gauge): a proxy that learned
+//! the other servers from discovery fails over to them by itself, and a restart would
+//! break the requests it carries for nothing — the server lost was the only one this
+//! node's record named, not the only one the proxy knows.
 //!
 //! Invariant: the record changes only to servers of which at least one connected, so a
 //! check made while the node itself is cut off (no answer from the LAN) changes nothing.
@@ -21,13 +26,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use pimesh_join::ServerEntry;
-use pimesh_schema::DnsLabel;
+use pimesh_schema::{DnsLabel, ProbeUrl};
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::join::discover::Candidate;
 use crate::join::record::{JoinRecord, Via};
 use crate::join::JoinContext;
+use crate::units::probe;
 use crate::units::role::PROXY;
 use crate::units::systemd::Systemd;
 
@@ -36,6 +42,15 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(15);
 
 /// How long one TCP connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the proxy is given to reach a control replica by itself (failing over
+/// between the replicas discovery told it of) before it is restarted to read the servers
+/// found. Longer than the proxy's own failover after a replica goes silent (25 s of
+/// silence, then a connection attempt of up to 3 s).
+const FAILOVER_GRACE: Duration = Duration::from_secs(45);
+
+/// How often the proxy's gauge is read during [`FAILOVER_GRACE`].
+const GAUGE_EVERY: Duration = Duration::from_secs(1);
 
 /// Checks, and finds the servers again when none answers, for the node's life.
 pub async fn run(context: &JoinContext) {
@@ -63,7 +78,7 @@ pub async fn run(context: &JoinContext) {
         if let Some(record) = relocated(context, record).await {
             let holds_issuer = context.trust.holds_issuer();
             (context.on_joined)(&record, holds_issuer);
-            restart_proxy().await;
+            restart_proxy_if_cut_off(&context.proxy_metrics).await;
         }
     }
 }
@@ -163,12 +178,50 @@ fn server_entry(candidate: &Candidate) -> Option<ServerEntry> {
     })
 }
 
-/// Restarts the proxy so that it reads the replicas of its new environment file; a
-/// failure is logged (the proxy takes them at its next start).
-async fn restart_proxy() {
+/// Restarts the proxy so that it reads the replicas of its new environment file, unless
+/// it reaches a control replica within [`FAILOVER_GRACE`]; a failure to restart is logged
+/// (the proxy takes them at its next start).
+async fn restart_proxy_if_cut_off(metrics: &ProbeUrl) {
+    let deadline = tokio::time::Instant::now() + FAILOVER_GRACE;
+    loop {
+        match proxy_connected(metrics).await {
+            Ok(true) => {
+                info!("the proxy reaches a control replica by itself; it takes the servers found at its next start");
+                return;
+            }
+            Ok(false) => {}
+            Err(err) => debug!(%err, "cannot read whether the proxy reaches a control replica"),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(GAUGE_EVERY).await;
+    }
+    info!(
+        grace_s = FAILOVER_GRACE.as_secs(),
+        "the proxy reaches no control replica; restarting it to read the servers found"
+    );
     if let Err(err) = Systemd::try_restart(PROXY).await {
         warn!(%err, "cannot restart the proxy; it takes the new servers at its next start");
     }
+}
+
+/// Whether the proxy's `/metrics` at `url` says a discovery watch is open.
+async fn proxy_connected(url: &ProbeUrl) -> Result<bool, probe::ProbeError> {
+    let (status, body) = probe::fetch(url, CONNECT_TIMEOUT).await?;
+    Ok(status.is_success() && control_connected(&String::from_utf8_lossy(&body)))
+}
+
+/// Whether the Prometheus text `exposition` holds `pimesh_control_connected` above zero.
+fn control_connected(exposition: &str) -> bool {
+    exposition.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        fields.next() == Some("pimesh_control_connected")
+            && fields
+                .next()
+                .and_then(|value| value.parse::<f64>().ok())
+                .is_some_and(|value| value > 0.0)
+    })
 }
 
 #[cfg(test)]
@@ -197,6 +250,20 @@ mod tests {
             replicas: candidate.replicas.clone()
         })
         .is_none());
+    }
+
+    #[test]
+    fn the_connected_gauge_is_read_from_the_exposition() {
+        let exposition = "# HELP pimesh_control_connected 1 while a discovery watch is open\n\
+            # TYPE pimesh_control_connected gauge\n\
+            pimesh_control_connected_total 3\n";
+        assert!(!control_connected(exposition));
+        assert!(!control_connected(&format!(
+            "{exposition}pimesh_control_connected 0\n"
+        )));
+        assert!(control_connected(&format!(
+            "{exposition}pimesh_control_connected 1\n"
+        )));
     }
 
     #[tokio::test]
