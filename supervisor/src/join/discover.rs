@@ -27,8 +27,13 @@ pub struct Candidate {
 /// The first replica's port, where the seed's `servers` entry gives none.
 pub const DEFAULT_PORT: u16 = CONTROL_BASE_PORT + 1;
 
-/// How long one mDNS round listens for announcements.
+/// How long one mDNS round listens for announcements at most.
 pub const BROWSE_FOR: Duration = Duration::from_secs(3);
+
+/// Once a server of the site answered, how much longer the round listens for the
+/// others (they answer the same query, within milliseconds of each other on a LAN): a
+/// round ends early rather than keeping a node that could join waiting.
+pub const GATHER_AFTER_FIRST: Duration = Duration::from_millis(400);
 
 /// The candidates of the seed's `servers` entries (`host` or `host:port`): an IP host as
 /// is, a host name resolved (its first address). An entry that does not resolve is
@@ -101,7 +106,8 @@ impl std::fmt::Display for BrowseError {
 impl std::error::Error for BrowseError {}
 
 /// The server nodes of `site` whose anchor prefix matches `pin` that announce themselves
-/// within `listen_for` on `interfaces` (`None`: every one), in the order they answered.
+/// on `interfaces` (`None`: every one), in the order they answered: those heard within
+/// `listen_for`, or within [`GATHER_AFTER_FIRST`] of the first, whichever ends first.
 pub async fn browse(
     site: &DnsLabel,
     pin: &[u8; 32],
@@ -111,7 +117,7 @@ pub async fn browse(
     let daemon = crate::join::mdns::daemon(interfaces).map_err(BrowseError)?;
     let events = daemon.browse(SERVICE_TYPE).map_err(BrowseError)?;
     let mut found: Vec<Candidate> = Vec::new();
-    let deadline = tokio::time::Instant::now() + listen_for;
+    let mut deadline = tokio::time::Instant::now() + listen_for;
     while let Ok(Ok(event)) = tokio::time::timeout_at(deadline, events.recv_async()).await {
         let mdns_sd::ServiceEvent::ServiceResolved(service) = event else {
             continue;
@@ -157,6 +163,9 @@ pub async fn browse(
         };
         if !found.contains(&candidate) {
             info!(node = %announcement.node, addresses = ?ips, "server announced on the LAN");
+            if found.is_empty() {
+                deadline = deadline.min(tokio::time::Instant::now() + GATHER_AFTER_FIRST);
+            }
             found.push(candidate);
         }
     }
