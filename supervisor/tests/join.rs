@@ -4,7 +4,8 @@
 //! becomes a server (the site wants three), receives the issuer, and refuses a rogue
 //! server and a wrong token with a reason in its status; a server that takes the
 //! connection and never answers does not hold it; kill -9 at random instants of its join
-//! leaves one key, one certificate and one name; a server that joined follows the issuer
+//! leaves one key, one certificate and one name, and so does kill -9 of the server; a
+//! server that joined follows the issuer
 //! and anchor rotations made where the anchor key is.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
@@ -49,9 +50,19 @@ fn replica_with(site: &Site, dir: &Path, config: &str, node: Option<&str>) -> Re
     .unwrap();
     let cluster = dir.join("cluster.toml");
     std::fs::write(&cluster, format!("site = \"{}\"\n{config}", site.name)).unwrap();
+    replica_in(site, dir, node).start_blocking()
+}
+
+/// The options of a replica whose folders [`replica_with`] wrote under `dir`: the same
+/// ones start it again after a cut, from what its folders hold.
+fn replica_in(
+    site: &Site,
+    dir: &Path,
+    node: Option<&str>,
+) -> pimesh_test_support::control::ReplicaOptions {
     let mut options = Replica::options(1)
-        .trust_dir(&trust)
-        .config(&cluster)
+        .trust_dir(&dir.join("trust"))
+        .config(&dir.join("cluster.toml"))
         .site(site.name.as_str());
     if let Some(node) = node {
         options = options.arg("--node").arg(node);
@@ -59,7 +70,7 @@ fn replica_with(site: &Site, dir: &Path, config: &str, node: Option<&str>) -> Re
     options
         .arg("--state-dir")
         .arg(dir.join("control-state"))
-        .start_blocking()
+        .log(&dir.join("control.log"))
 }
 
 /// A joining node: the supervisor with its folders under a temporary root.
@@ -350,6 +361,49 @@ fn power_cuts_while_joining_end_in_one_key_one_certificate_one_name() {
         assert_eq!(record["node"], "pi-k", "{line}");
         assert_eq!(record["result"], "joined", "{line}");
     }
+}
+
+#[test]
+fn power_cuts_of_the_server_during_a_join_end_in_one_joined_node() {
+    let site = Site::new("lab");
+    let dir = tempfile::tempdir().unwrap();
+    let mut replica = replica_of(&site, dir.path());
+    let addr = replica.addr;
+    let mut node = Node::start(&seed(&site, &token(&site, SECRET), "pi-s", addr));
+    // kill -9 of the server at a random instant of the join, a few times; it starts again
+    // at the same address from whatever its folders hold.
+    for _ in 0..5 {
+        std::thread::sleep(std::time::Duration::from_millis(fastrand::u64(0..400)));
+        replica.kill();
+        replica = replica_in(&site, dir.path(), Some("pi-a"))
+            .listen(addr)
+            .start_blocking();
+    }
+    let status = node.wait_for_join_state("joined");
+    assert!(status["join"]["last_error"].is_null(), "{status:#}");
+    let chain = std::fs::read(node.file("var/lib/pimesh/identity/node.pem")).unwrap();
+    let key = std::fs::read(node.file("var/lib/pimesh/identity/node.key")).unwrap();
+    pimesh_meshtls::Credential::from_pem(&chain, &key)
+        .expect("the certificate is of the node's one key");
+    // The server's records survived the cuts: every line whole, and no answer it gave
+    // refused the node's name (a seat or name held by a join cut short is the node's own).
+    let joins = std::fs::read_to_string(dir.path().join("control-state/joins.jsonl")).unwrap();
+    assert!(joins.ends_with('\n'), "a record cut short: {joins}");
+    for line in joins.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(record["node"], "pi-s", "{line}");
+        assert_eq!(record["result"], "joined", "{line}");
+    }
+    let seats = std::fs::read_to_string(dir.path().join("control-state/servers.json")).unwrap();
+    let seats: serde_json::Value = serde_json::from_str(&seats).unwrap();
+    assert!(seats["grants"]["pi-s"].is_object(), "{seats:#}");
+    // Its seat is a server's: it holds the site issuer, which only a whole join gives.
+    assert_eq!(status["join"]["role"], "server", "{status:#}");
+    assert_eq!(
+        std::fs::read_to_string(node.file("var/lib/pimesh/trust/issuer.pem")).unwrap(),
+        site.root.issuer.cert_pem()
+    );
+    drop(replica);
 }
 
 /// Replaces `file` whole, as the init node's trust store swaps a generation.
