@@ -39,9 +39,51 @@ fn default_long_poll() -> HumanDuration {
     HumanDuration(Duration::from_secs(60))
 }
 
+/// `long_poll_max`'s bounds: a node's poll is held at least a second (no busy loop of
+/// polls) and at most an hour (its connection stays within common NAT idle limits).
+pub const LONG_POLL_MAX: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3_600);
+
 impl CentralConfig {
     pub fn load(file: &Path) -> Result<CentralConfig, ConfigError> {
         let text = pimesh_schema::seed::read_small(file)?;
-        parse_toml(file, &text)
+        CentralConfig::parse(file, &text)
+    }
+
+    /// Validates `text`, the contents of `file`.
+    pub fn parse(file: &Path, text: &str) -> Result<CentralConfig, ConfigError> {
+        let config: CentralConfig = parse_toml(file, text)?;
+        let wait = config.long_poll_max.0;
+        if !LONG_POLL_MAX.contains(&wait) {
+            return Err(ConfigError::at_path(
+                file,
+                text,
+                &["long_poll_max"],
+                format!("expected 1s to 1h, found {wait:?}"),
+            ));
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str =
+        "listen = \"127.0.0.1:8443\"\nstate_dir = \"/s\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\n";
+
+    #[test]
+    fn the_long_poll_is_bounded_and_the_error_names_its_line() {
+        let file = Path::new("central.toml");
+        let config = CentralConfig::parse(file, BASE).expect("the defaults are valid");
+        assert_eq!(config.long_poll_max.0, Duration::from_secs(60));
+        for wait in ["0s", "2h", "100000000000s"] {
+            let text = format!("{BASE}long_poll_max = \"{wait}\"\n");
+            let err = CentralConfig::parse(file, &text).expect_err(wait);
+            assert_eq!(err.key.as_deref(), Some("long_poll_max"), "{err}");
+            assert_eq!(err.line, Some(5), "{err}");
+            assert!(err.to_string().contains("1s to 1h"), "{err}");
+        }
     }
 }

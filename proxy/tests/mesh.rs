@@ -351,6 +351,43 @@ async fn faults_abort_and_delay_their_share_of_requests() {
     );
 }
 
+/// Every limit and duration at each end of its bounds (`pimesh_schema::cluster::limits`):
+/// a config that validates is one the proxies can run, and requests get their answer.
+#[tokio::test]
+async fn every_limit_at_the_ends_of_its_bounds_still_serves() {
+    let site = Site::new("depot");
+    let web = Backend::start("web").await;
+    let highest = (
+        "max_header_bytes = 1048576\nheader_timeout = \"10m\"",
+        "timeout = \"1day\"\nidle_timeout = \"1day\"\n\
+         fault = { delay = { duration = \"1h\", percent = 0.0 } }",
+    );
+    let lowest = (
+        "max_header_bytes = 1024\nheader_timeout = \"100ms\"",
+        "timeout = \"1ms\"\nidle_timeout = \"1s\"\n\
+         fault = { delay = { duration = \"0s\", percent = 100.0 } }",
+    );
+    for (proxy_settings, service_settings) in [highest, lowest] {
+        let mut m = mesh_with(
+            &site,
+            proxy_settings,
+            &service("web", web.port, service_settings),
+        )
+        .await;
+        let mut client = h1(m.a.outbound).await;
+        for _ in 0..20 {
+            let (status, _, body) = get(&mut client, "web", "/").await;
+            // A 1 ms deadline may pass before the answer: a timeout is an answer too.
+            assert!(
+                status == 200 || (status == 504 && service_settings.contains("1ms")),
+                "{proxy_settings} / {service_settings}: {status} {body}"
+            );
+        }
+        m.a.wait_ready().await;
+        m.b.wait_ready().await;
+    }
+}
+
 #[tokio::test]
 async fn trace_context_reaches_the_backend_and_spans_the_collector() {
     let site = Site::new("depot");

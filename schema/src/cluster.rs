@@ -366,6 +366,94 @@ const RESERVED_PORTS: &[(u16, &str)] = &[
     (4200, "the supervisor's status port"),
 ];
 
+/// The bounds of the site's limits and durations: every value inside them is one the
+/// proxies can use as it is (no overflow when added to a clock, no listener that refuses
+/// everything), so a validated revision cannot crash or silence a site.
+pub mod limits {
+    use std::ops::RangeInclusive;
+    use std::time::Duration;
+
+    /// `[proxy] max_connections` (each takes two open files).
+    pub const MAX_CONNECTIONS: RangeInclusive<u32> = 1..=262_144;
+    /// `[proxy] max_header_bytes`.
+    pub const MAX_HEADER_BYTES: RangeInclusive<u32> = 1_024..=1_048_576;
+    /// `[proxy] header_timeout`.
+    pub const HEADER_TIMEOUT: RangeInclusive<Duration> =
+        Duration::from_millis(100)..=Duration::from_secs(600);
+    /// A service's `timeout` (a whole request).
+    pub const REQUEST_TIMEOUT: RangeInclusive<Duration> =
+        Duration::from_millis(1)..=Duration::from_secs(86_400);
+    /// A service's `idle_timeout`.
+    pub const IDLE_TIMEOUT: RangeInclusive<Duration> =
+        Duration::from_secs(1)..=Duration::from_secs(86_400);
+    /// A fault's `delay.duration`.
+    pub const FAULT_DELAY: RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(3_600);
+}
+
+/// Checks every limit and duration of `raw` (read from `text` of `file`) against
+/// [`limits`].
+fn check_limits(file: &Path, text: &str, raw: &RawCluster) -> Result<(), ConfigError> {
+    let fail = |path: &[&str], message: String| ConfigError::at_path(file, text, path, message);
+    let proxy = &raw.proxy;
+    within(
+        proxy.max_connections,
+        &limits::MAX_CONNECTIONS,
+        u32::to_string,
+    )
+    .map_err(|message| fail(&["proxy", "max_connections"], message))?;
+    within(
+        proxy.max_header_bytes,
+        &limits::MAX_HEADER_BYTES,
+        u32::to_string,
+    )
+    .map_err(|message| fail(&["proxy", "max_header_bytes"], message))?;
+    within(proxy.header_timeout.0, &limits::HEADER_TIMEOUT, show)
+        .map_err(|message| fail(&["proxy", "header_timeout"], message))?;
+    for (name, service) in &raw.services {
+        let name = name.as_str();
+        if let Some(timeout) = service.timeout {
+            within(timeout.0, &limits::REQUEST_TIMEOUT, show)
+                .map_err(|message| fail(&["services", name, "timeout"], message))?;
+        }
+        if let Some(idle) = service.idle_timeout {
+            within(idle.0, &limits::IDLE_TIMEOUT, show)
+                .map_err(|message| fail(&["services", name, "idle_timeout"], message))?;
+        }
+        if let Some(delay) = service
+            .fault
+            .as_ref()
+            .and_then(|fault| fault.delay.as_ref())
+        {
+            within(delay.duration.0, &limits::FAULT_DELAY, show).map_err(|message| {
+                fail(&["services", name, "fault", "delay", "duration"], message)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// `Err("expected <low> to <high>, found <found>")` when `found` is outside `range`.
+fn within<T: PartialOrd + Copy>(
+    found: T,
+    range: &std::ops::RangeInclusive<T>,
+    show: impl Fn(&T) -> String,
+) -> Result<(), String> {
+    if range.contains(&found) {
+        return Ok(());
+    }
+    Err(format!(
+        "expected {} to {}, found {}",
+        show(range.start()),
+        show(range.end()),
+        show(&found)
+    ))
+}
+
+/// A duration as the config writes it (`10m`, `1day`).
+fn show(duration: &Duration) -> String {
+    humantime::format_duration(*duration).to_string()
+}
+
 impl ClusterConfig {
     /// Validates `text`, the contents of `file`.
     pub fn parse(file: &Path, text: &str) -> Result<ClusterConfig, ConfigError> {
@@ -394,6 +482,7 @@ impl ClusterConfig {
                 format!("expected 0 to 100, found {found}"),
             ));
         }
+        check_limits(file, text, &raw)?;
         let mut local_ports = BTreeMap::new();
         for (name, service) in &raw.services {
             let name = name.as_str();

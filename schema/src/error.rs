@@ -28,6 +28,18 @@ impl ConfigError {
         }
     }
 
+    /// An error about the key at `path` of the TOML `text` (for example
+    /// `["proxy", "header_timeout"]`), located at its line when it is written there.
+    pub fn at_path(file: &Path, text: &str, path: &[&str], message: impl Into<String>) -> Self {
+        ConfigError::at_key(
+            file,
+            text,
+            crate::load::locate(text, path),
+            &crate::load::key_name(path),
+            message,
+        )
+    }
+
     /// An error about `key`, located at byte offset `at` of `text` when known.
     pub fn at_key(
         file: &Path,

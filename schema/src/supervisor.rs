@@ -340,6 +340,36 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The most a millisecond setting may be: a day (a node that waits longer than that on
+/// one probe or one gate is not healing, and no clock arithmetic overflows below it).
+const MOST_MS: u64 = 86_400_000;
+
+/// Each bounded field of `[heal]` and `[ota]`: its key path, its value, its highest.
+fn upper_bounds(h: &RawHeal, o: &RawOta) -> [([&'static str; 2], u64, u64); 10] {
+    let bytes = u64::try_from(o.max_bundle_bytes).unwrap_or(u64::MAX);
+    [
+        (["heal", "probe_interval_ms"], h.probe_interval_ms, MOST_MS),
+        (["heal", "hang_threshold_ms"], h.hang_threshold_ms, MOST_MS),
+        (
+            ["heal", "backoff_initial_ms"],
+            h.backoff_initial_ms,
+            MOST_MS,
+        ),
+        (["heal", "backoff_max_ms"], h.backoff_max_ms, MOST_MS),
+        (
+            ["heal", "escalate_after"],
+            u64::from(h.escalate_after),
+            1_000,
+        ),
+        (["ota", "health_deadline_ms"], o.health_deadline_ms, MOST_MS),
+        (["ota", "settle_ms"], o.settle_ms, MOST_MS),
+        // A trial revision may run for a week before it must be confirmed.
+        (["ota", "try_window_ms"], o.try_window_ms, 7 * MOST_MS),
+        (["ota", "long_poll_wait_s"], o.long_poll_wait_s, 3_600),
+        (["ota", "max_bundle_bytes"], bytes, 64 * 1024 * 1024),
+    ]
+}
+
 impl SupervisorConfig {
     /// Reads `file`; a file that does not exist means the defaults.
     pub fn load(file: &Path) -> Result<SupervisorConfig, ConfigError> {
@@ -417,6 +447,11 @@ impl SupervisorConfig {
                 &["ota", "max_bundle_bytes"],
                 "expected a positive number of bytes, found 0".into(),
             ));
+        }
+        for (path, found, most) in upper_bounds(&h, &o) {
+            if found > most {
+                return Err(at(&path, format!("expected at most {most}, found {found}")));
+            }
         }
         let replicas_follow_site = raw.unit.is_none();
         let units = raw.unit.unwrap_or_else(default_units);

@@ -120,6 +120,20 @@ fn each_broken_rule_names_its_key_and_line() {
             "site s",
         ),
         ("site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\nretries = 9\n", "services.b.retries", 5, "0 to 5"),
+        // Values a proxy could not use: a listener that refuses everything, a deadline
+        // past the end of the clock, a delay that holds requests for days.
+        ("site = \"s\"\n[proxy]\nmax_connections = 0\n", "proxy.max_connections", 3, "1 to 262144"),
+        ("site = \"s\"\n[proxy]\nmax_header_bytes = 10\n", "proxy.max_header_bytes", 3, "1024 to"),
+        ("site = \"s\"\n[proxy]\nheader_timeout = \"10000000000000s\"\n", "proxy.header_timeout", 3, "100ms to 10m"),
+        ("site = \"s\"\n[proxy]\nheader_timeout = \"0s\"\n", "proxy.header_timeout", 3, "found 0s"),
+        ("site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\ntimeout = \"400days\"\n", "services.b.timeout", 5, "1ms to 1day"),
+        ("site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\nidle_timeout = \"0s\"\n", "services.b.idle_timeout", 5, "1s to 1day"),
+        (
+            "site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\nfault = { delay = { duration = \"2h\", percent = 5.0 } }\n",
+            "services.b.fault.delay.duration",
+            5,
+            "0s to 1h",
+        ),
     ];
     for (text, key, line, says) in cases {
         let err = parse(text).expect_err(text);
@@ -127,6 +141,20 @@ fn each_broken_rule_names_its_key_and_line() {
         assert_eq!(err.line, Some(*line), "{text}\n{err}");
         assert!(err.message.contains(says), "{err}");
     }
+}
+
+#[test]
+fn the_limits_bounds_are_accepted() {
+    use pimesh_schema::cluster::limits;
+    let text = format!(
+        "site = \"s\"\n[proxy]\nmax_connections = {}\nmax_header_bytes = {}\nheader_timeout = \"10m\"\n\
+         [services.b]\nport = 1\nnodes = [\"n\"]\ntimeout = \"1ms\"\nidle_timeout = \"1day\"\n",
+        limits::MAX_CONNECTIONS.end(),
+        limits::MAX_HEADER_BYTES.start()
+    );
+    let config = parse(&text).expect("the bounds themselves are valid");
+    assert_eq!(config.proxy.max_connections, *limits::MAX_CONNECTIONS.end());
+    assert_eq!(config.proxy.header_timeout.0, *limits::HEADER_TIMEOUT.end());
 }
 
 #[test]

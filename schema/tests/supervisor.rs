@@ -171,6 +171,28 @@ fn ota_settings_are_read_and_checked() {
             2,
         ),
         ("[ota]\nwindow = 3\n", "ota.window", 2),
+        // Past any sane wait: refused before a clock could overflow on it.
+        (
+            "[ota]\nhealth_deadline_ms = 18446744073709551615\n",
+            "ota.health_deadline_ms",
+            2,
+        ),
+        ("[ota]\ntry_window_ms = 604800001\n", "ota.try_window_ms", 2),
+        (
+            "[ota]\nlong_poll_wait_s = 3601\n",
+            "ota.long_poll_wait_s",
+            2,
+        ),
+        (
+            "[ota]\nmax_bundle_bytes = 67108865\n",
+            "ota.max_bundle_bytes",
+            2,
+        ),
+        (
+            "[heal]\nhang_threshold_ms = 86400001\n",
+            "heal.hang_threshold_ms",
+            2,
+        ),
     ] {
         let err = parse(text).expect_err(text);
         assert_eq!(err.key.as_deref(), Some(key), "{text}: {err}");

@@ -139,9 +139,10 @@ def test_a_revision_the_proxy_refuses_is_rolled_back(site):
     given(site, cluster_config(site.name, max_connections=2000, services=("web", "api")))
     good = site.active_config()
     committed = site.ota_status()["committed"]
-    # Schema-valid, but no node has the open files for it: the proxy refuses it and its
-    # readiness fails, so the health gate fails.
-    bad = cluster_config(site.name, max_connections=4000000000, services=("web", "api"))
+    # Schema-valid (the schema's highest), but this node lacks the open files for it
+    # (two per connection, above systemd's hard limit of 524288): the proxy refuses it
+    # and its readiness fails, so the health gate fails.
+    bad = cluster_config(site.name, max_connections=262144, services=("web", "api"))
     revision = site.publish(bad)
     status = site.container.wait_for("the rollback", lambda: outcome(site, "rolled-back"), timeout=60)
     assert status["committed"] == committed
