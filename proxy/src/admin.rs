@@ -21,6 +21,11 @@ use crate::control::enroll;
 use crate::identity::Identity;
 use crate::telemetry::metrics::Metrics;
 
+/// At most this many admin connections are served at once; more wait in the listen
+/// backlog (each open one leaves within the header timeout when idle). The admin port
+/// can then never take the descriptors mesh traffic needs.
+const MAX_CONNECTIONS: usize = 64;
+
 /// Serves the admin endpoints on `listener` until the task is dropped. Each request reads
 /// the latest snapshot, so answers never mix two configs.
 pub async fn serve(
@@ -31,7 +36,7 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     control: Option<Arc<Control>>,
 ) {
-    let limits = serve::Limits::named("admin endpoints");
+    let limits = serve::Limits::named("admin endpoints").with_max_connections(MAX_CONNECTIONS);
     serve::serve_http1(listener, limits, std::future::pending(), move |_peer| {
         let snapshots = snapshots.clone();
         let identity = identity.clone();

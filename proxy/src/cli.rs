@@ -42,7 +42,7 @@ pub use pimesh_join::Role;
 impl Default for Options {
     fn default() -> Self {
         Options {
-            admin_addr: SocketAddr::from(([0, 0, 0, 0], 4191)),
+            admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 4191)),
             config: PathBuf::from("/etc/pimesh/cluster.toml"),
             identity_dir: None,
             inbound_addr: SocketAddr::from(([0, 0, 0, 0], 4143)),
@@ -60,8 +60,9 @@ impl Default for Options {
 #[derive(Debug, Parser)]
 #[command(name = "pimesh-proxy", args_override_self = true)]
 struct Cli {
-    /// /live, /ready, /config, /metrics
-    #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:4191")]
+    /// /live, /ready, /config, /metrics; loopback unless said otherwise (a LAN scraper
+    /// is opted in with 0.0.0.0:4191: the admin port has no authentication)
+    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:4191")]
     admin_addr: SocketAddr,
     /// The site config; a missing file means no site config yet, and SIGHUP or a change
     /// reloads it
@@ -259,7 +260,11 @@ mod tests {
     fn defaults_are_the_node_paths() {
         assert_eq!(run(&[]).expect("defaults"), Options::default());
         let options = Options::default();
-        assert_eq!(options.admin_addr.to_string(), "0.0.0.0:4191");
+        assert_eq!(
+            options.admin_addr.to_string(),
+            "127.0.0.1:4191",
+            "the admin port is not on the LAN unless the operator says so"
+        );
         assert_eq!(options.config, PathBuf::from("/etc/pimesh/cluster.toml"));
     }
 

@@ -185,6 +185,49 @@ async fn the_connection_limit_refuses_new_connections_and_keeps_old_ones() {
     );
 }
 
+/// Open descriptors of process `pid`.
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the proxy's descriptors")
+        .count()
+}
+
+#[tokio::test]
+async fn idle_admin_connections_never_take_the_descriptors_of_mesh_traffic() {
+    let site = Site::new("depot");
+    let n = node(&site, "").await;
+    let before = open_descriptors(n.proxy.daemon.pid());
+    // Connections that never send a request: the admin port holds at most 64 of them
+    // open (the others wait in the listen backlog, not in the proxy's descriptors).
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(TcpStream::connect(n.proxy.admin).await.expect("connect"));
+    }
+    let deadline = Instant::now() + DEADLINE;
+    // (A descriptor or two of `before` may have been transient.)
+    while open_descriptors(n.proxy.daemon.pid()) < before + 60 {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never took the first 60: {} open, {before} before",
+            open_descriptors(n.proxy.daemon.pid())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held = open_descriptors(n.proxy.daemon.pid());
+    assert!(
+        held <= before + 64 + 8,
+        "{held} descriptors open with 300 idle admin connections, {before} before"
+    );
+    // Mesh traffic is served meanwhile.
+    let answer = exchange(
+        n.proxy.outbound,
+        b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(idle);
+}
+
 /// A TLS client that trusts any server and presents `chain`/`key`: what a stranger or a
 /// node with a bad certificate would be.
 async fn tls_attempt(addr: std::net::SocketAddr, chain: &str, key: &str) -> bool {

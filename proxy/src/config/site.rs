@@ -10,8 +10,9 @@ use tracing::info;
 
 /// Each proxied connection holds two descriptors: the client's socket and the backend's.
 pub const DESCRIPTORS_PER_CONNECTION: u64 = 2;
-/// Descriptors kept free for everything else: listeners, the admin port, logs, files.
-pub const SPARE_DESCRIPTORS: u64 = 64;
+/// Descriptors kept free for everything else: the admin port's connections (at most 64,
+/// `admin::MAX_CONNECTIONS`), and 64 for listeners, control connections, logs and files.
+pub const SPARE_DESCRIPTORS: u64 = 128;
 
 /// A site config the proxy accepted.
 ///
