@@ -304,6 +304,24 @@ fn bad_publishes_and_strangers_are_refused() {
         2 * 1024 * 1024,
     );
     assert_eq!(oversized, 413);
+    // A body declared and never sent is refused once its time is up (10 s), not held
+    // open with its memory for as long as the client likes.
+    let mut stalled = Connection::open(&central, None);
+    stalled
+        .stream
+        .get_ref()
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(40)))
+        .expect("timeout");
+    let started = std::time::Instant::now();
+    assert_eq!(
+        stalled.declare("PUT", "/v1/sites/depot-7/revisions", 1_000),
+        408
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "answered before the body's time"
+    );
 
     // Without a node certificate, or with a node certificate of another site.
     let anonymous = operator

@@ -31,6 +31,12 @@ use crate::discovery::Discovery;
 use crate::join_api::{self, Join};
 use crate::state::{Counters, State};
 
+/// The most connections the replica port holds at once (the unit's `LimitNOFILE=4096`
+/// leaves room for the rest); the clients in excess wait in the backlog.
+const MAX_CONNECTIONS: usize = 2_048;
+/// The most connections one source address holds: a node's proxy and supervisor use a
+/// handful; a host that opens more is refused the excess, not the other nodes.
+const MAX_PER_SOURCE: usize = 64;
 /// A client must send its first byte, and complete its TLS handshake, within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first byte of a TLS connection: a handshake record.
@@ -46,7 +52,9 @@ pub struct Shared {
 
 /// Serves `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, shared: Shared) {
-    let limits = serve::Limits::named("replica port");
+    let limits = serve::Limits::named("replica port")
+        .with_max_connections(MAX_CONNECTIONS)
+        .with_max_per_source(MAX_PER_SOURCE);
     serve::accept_loop(listener, limits, std::future::pending(), |tcp, peer| {
         // Answers are small writes (TLS records, then headers and body): without this,
         // Nagle holds one back for the peer's delayed ACK (40 ms) on a new connection.

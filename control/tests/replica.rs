@@ -68,3 +68,50 @@ fn a_missing_replica_number_is_a_usage_error() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--replica is required"));
 }
+
+/// Open descriptors of process `pid`.
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the replica's descriptors")
+        .count()
+}
+
+#[test]
+fn one_host_holds_at_most_its_share_of_the_replica_port() {
+    let (_dir, dir) = temp_dir();
+    let replica = Replica::of_site(&dir, &Site::new("depot-7"), None);
+    let pid = replica.daemon.pid();
+    let before = open_descriptors(pid);
+    // Silent connections from one host (no first byte): the replica keeps 64 of them
+    // open until their first-byte timeout and closes the rest at once.
+    let silent: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(replica.addr).expect("connect"))
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // Another host (127.0.0.2) is answered meanwhile.
+    let answer = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(std::net::SocketAddr::from(([127, 0, 0, 2], 0)))
+            .expect("bind the other host");
+        let mut stream = socket.connect(replica.addr).await.expect("connect");
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        stream
+            .write_all(b"GET /live HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.expect("read");
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let held = open_descriptors(pid);
+    assert!(
+        held <= before + 64 + 8,
+        "{held} descriptors open with 300 silent connections of one host, {before} before"
+    );
+    drop(silent);
+}

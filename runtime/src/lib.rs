@@ -2,7 +2,7 @@
 //! `Type=notify` readiness, status and watchdog, shutdown on SIGTERM, the `/live` and
 //! `/ready` health endpoints, giving freed heap back to the kernel, and the mechanisms
 //! each daemon would otherwise write again: retry pauses ([`backoff`]), files reloaded when
-//! they change ([`watched`]), the HTTP accept loop with its limits ([`serve`]), JSON answers and bounded request
+//! they change ([`watched`]), the HTTP accept loop with its limits ([`serve`], [`per_source`]), JSON answers and bounded request
 //! bodies ([`answer`]), the
 //! command line's conventions ([`cli`]) and atomic file replacement ([`atomic_file`]).
 
@@ -14,6 +14,7 @@ pub mod health;
 pub mod logging;
 pub mod memory;
 pub mod notify;
+pub mod per_source;
 pub mod serve;
 pub mod watched;
 

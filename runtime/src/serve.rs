@@ -11,6 +11,9 @@
 //! - with [`Limits::max_connections`] set, no more than that many connections are open at
 //!   once: the loop accepts the next only when one has ended, and the clients in excess
 //!   wait in the listen backlog;
+//! - with [`Limits::max_per_source`] set, no source address holds more than that many of
+//!   them: a connection in excess is closed as soon as it is accepted, so one host cannot
+//!   fill the listener's share and hold every other client in the backlog;
 //! - a failed accept (out of descriptors, mostly) never ends the loop and never spins it:
 //!   the loop pauses [`ACCEPT_PAUSE`] and tries again, and warns at most once per
 //!   [`ACCEPT_WARNING_INTERVAL`], with the number of failures since the last warning;
@@ -31,6 +34,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
+use crate::per_source::Sources;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A client must send its request headers within this time.
@@ -49,6 +54,8 @@ pub struct Limits {
     pub name: &'static str,
     /// `None`: no cap.
     pub max_connections: Option<usize>,
+    /// The most connections one source address holds open; `None`: no cap.
+    pub max_per_source: Option<usize>,
 }
 
 impl Limits {
@@ -57,6 +64,7 @@ impl Limits {
         Limits {
             name,
             max_connections: None,
+            max_per_source: None,
         }
     }
 
@@ -64,6 +72,14 @@ impl Limits {
     pub const fn with_max_connections(self, max: usize) -> Limits {
         Limits {
             max_connections: Some(max),
+            ..self
+        }
+    }
+
+    /// At most `max` connections open at once from one source address.
+    pub const fn with_max_per_source(self, max: usize) -> Limits {
+        Limits {
+            max_per_source: Some(max),
             ..self
         }
     }
@@ -164,6 +180,7 @@ pub async fn accept_loop<C, F>(
     let permits = limits
         .max_connections
         .map(|max| Arc::new(Semaphore::new(max)));
+    let sources = limits.max_per_source.map(Sources::new);
     let mut acceptor = Acceptor::new(listener, limits.name);
     tokio::pin!(stop);
     loop {
@@ -189,10 +206,20 @@ pub async fn accept_loop<C, F>(
                 None => continue,
             },
         };
+        let source_count = match &sources {
+            Some(sources) => match sources.admit(peer.ip()) {
+                Some(count) => Some(count),
+                None => {
+                    debug!(server = limits.name, %peer, "the source holds its share of connections: closed");
+                    continue;
+                }
+            },
+            None => None,
+        };
         let served = connection(stream, peer);
         tokio::spawn(async move {
             served.await;
-            drop(permit);
+            drop((permit, source_count));
         });
     }
 }
@@ -377,6 +404,57 @@ mod tests {
             release.notify_one();
         }
         assert_eq!(most_open.load(Ordering::SeqCst), 1, "never two at once");
+        server.abort();
+    }
+
+    /// A connection to `addr` from the local address `from`.
+    async fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::from((from, 0)))
+            .expect("bind the source");
+        socket.connect(addr).await.expect("connect")
+    }
+
+    #[tokio::test]
+    async fn one_source_in_excess_of_its_share_is_closed_and_others_are_served() {
+        let (listener, addr) = bound().await;
+        let release = Arc::new(Notify::new());
+        let server = {
+            let release = Arc::clone(&release);
+            tokio::spawn(accept_loop(
+                listener,
+                Limits::named("test")
+                    .with_max_connections(10)
+                    .with_max_per_source(2),
+                std::future::pending(),
+                move |mut stream, _peer| {
+                    let release = Arc::clone(&release);
+                    async move {
+                        let _ = stream.write_all(b"hello\n").await;
+                        release.notified().await;
+                    }
+                },
+            ))
+        };
+        let greeted = |mut stream: TcpStream| async move {
+            let mut greeting = [0u8; 6];
+            tokio::time::timeout(DEADLINE, stream.read_exact(&mut greeting))
+                .await
+                .expect("an answer or a close in time")
+                .is_ok()
+        };
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut stream = connect_from([127, 0, 0, 1], addr).await;
+            let mut greeting = [0u8; 6];
+            stream.read_exact(&mut greeting).await.expect("greeted");
+            held.push(stream);
+        }
+        let third = connect_from([127, 0, 0, 1], addr).await;
+        assert!(!greeted(third).await, "the third from one host is closed");
+        let other = connect_from([127, 0, 0, 2], addr).await;
+        assert!(greeted(other).await, "another host is served");
         server.abort();
     }
 }
