@@ -13,6 +13,7 @@ use crate::config::routes::RouteTable;
 use crate::identity::Identity;
 use crate::telemetry::labels::Direction;
 use crate::telemetry::metrics::Metrics;
+use crate::transport::handshakes::Handshakes;
 use crate::transport::mesh_http::Body;
 use crate::transport::metrics::ConnectionGuard;
 use crate::transport::peers::Peers;
@@ -30,6 +31,8 @@ pub struct Context {
     /// proxies), each limited to `proxy.max_connections` on its own, so that apps filling
     /// their limit never lock other nodes out.
     open_connections: [AtomicU32; 2],
+    /// Inbound TLS handshakes in progress (before a connection counts as open).
+    pub handshakes: Handshakes,
 }
 
 /// One accepted connection, counted against `proxy.max_connections` until dropped.
@@ -74,6 +77,7 @@ impl Context {
                 .pool_max_idle_per_host(IDLE_APP_CONNECTIONS)
                 .build(connector()),
             open_connections: [AtomicU32::new(0), AtomicU32::new(0)],
+            handshakes: Handshakes::default(),
         }
     }
 

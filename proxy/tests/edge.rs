@@ -344,6 +344,36 @@ async fn the_mesh_port_refuses_plaintext_strangers_and_bad_certificates() {
 }
 
 #[tokio::test]
+async fn half_open_handshakes_never_lock_a_node_of_the_site_out() {
+    let site = Site::new("depot");
+    let n = node(&site, "max_connections = 3").await;
+    // More connections than the limit, none of which ever starts its handshake.
+    let mut silent = Vec::new();
+    for _ in 0..10 {
+        silent.push(TcpStream::connect(n.proxy.inbound).await.expect("connect"));
+    }
+    // A node of the site finishes its handshake meanwhile: the silent ones hold
+    // handshake slots, not the connection limit.
+    let (chain, key) = site.leaf("b", &[], SystemTime::now(), Duration::from_secs(86_400));
+    assert!(
+        tls_attempt(n.proxy.inbound, &chain, &key).await,
+        "a site member is let in while 10 handshakes hang"
+    );
+    // One host cannot take the whole handshake budget either: past its share, its
+    // connections are closed at once and counted.
+    for _ in 0..40 {
+        silent.push(TcpStream::connect(n.proxy.inbound).await.expect("connect"));
+    }
+    wait_metric(
+        &n.proxy,
+        "pimesh_rejected_total{direction=\"inbound\",reason=\"handshake_limit\"}",
+        1.0,
+    )
+    .await;
+    drop(silent);
+}
+
+#[tokio::test]
 async fn a_service_allow_list_answers_others_with_403() {
     let site = Site::new("depot");
     let web = Backend::start("web").await;

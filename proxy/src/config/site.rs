@@ -165,7 +165,7 @@ mod tests {
             hard: u64::MAX,
         };
         assert_eq!(plan(descriptors_needed(u32::MAX), unlimited), Plan::Fits);
-        assert_eq!(descriptors_needed(10_000), 20_064);
+        assert_eq!(descriptors_needed(10_000), 20_128);
     }
 
     #[test]

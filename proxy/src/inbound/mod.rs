@@ -26,9 +26,10 @@ use pimesh_schema::SpiffeId;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::context::{Admitted, Context};
+use crate::context::Context;
 use crate::telemetry::labels::Direction;
 use crate::transport::drain;
+use crate::transport::handshakes::HandshakeSlot;
 use crate::transport::mesh_http::{error_response, Body, DST_HEADER};
 use app::{deliver, open_tunnel};
 
@@ -38,13 +39,15 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONCURRENT_STREAMS: u32 = 1000;
 
 /// Serves one connection from a peer proxy until it closes or the drain finishes it.
+///
+/// The connection holds `handshake` until its peer is authenticated, and then counts
+/// against `proxy.max_connections` (inbound) or is closed when that limit is reached.
 pub async fn serve(
     context: Arc<Context>,
     stream: TcpStream,
-    admitted: Admitted,
+    handshake: HandshakeSlot,
     mut drain: drain::Watch,
 ) {
-    let _admitted = admitted;
     let _ = stream.set_nodelay(true);
     let metrics = Arc::clone(&context.metrics);
     let Some(identity) = context.identity() else {
@@ -78,6 +81,10 @@ pub async fn serve(
             .tls_handshake_failure(Direction::Inbound, HandshakeFailure::Protocol.label());
         return;
     }
+    drop(handshake);
+    let Some(_admitted) = context.admit(Direction::Inbound) else {
+        return;
+    };
     let caller: Arc<[SpiffeId]> = pimesh_meshtls::peer_ids(session, &identity.site).into();
     let settings = context.table().settings.clone();
     let service = service_fn(move |request| {

@@ -1,6 +1,7 @@
 //! Accept loops: the inbound mesh port, the outbound proxy port, and one listener per
 //! service `local_port`, opened and closed as reloads change the table. Each accepted
-//! connection is admitted against the connection limit and served on its own task. A
+//! connection is admitted against the connection limit (an inbound one once its TLS
+//! handshake is done, within the handshake budget until then) and served on its own task. A
 //! failed accept is handled as on every other port (`pimesh_runtime::serve::Acceptor`:
 //! a short pause, warnings at a bounded rate); the limit is the proxy's own, per direction
 //! and counted in its metrics, and a connection over it is closed at once rather than left
@@ -27,16 +28,21 @@ use crate::transport::original_dst::original_dst;
 pub async fn inbound_loop(listener: TcpListener, context: Arc<Context>, drain: drain::Watch) {
     let mut acceptor = Acceptor::new(listener, "inbound");
     loop {
-        let Some((stream, _peer)) = acceptor.accept().await else {
+        let Some((stream, peer)) = acceptor.accept().await else {
             continue;
         };
-        let Some(admitted) = context.admit(Direction::Inbound) else {
+        // Counted against the connection limit once authenticated (`inbound::serve`).
+        let Some(handshake) = context.handshakes.begin(peer.ip()) else {
+            context
+                .metrics
+                .connections
+                .rejected(Direction::Inbound, "handshake_limit");
             continue;
         };
         tokio::spawn(inbound::serve(
             Arc::clone(&context),
             stream,
-            admitted,
+            handshake,
             drain.clone(),
         ));
     }
