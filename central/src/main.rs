@@ -95,9 +95,12 @@ async fn run(config: CentralConfig) -> Result<(), Fatal> {
         registry.sites.len(),
         config.listen
     ));
-    let watchdog = notify::spawn_watchdog();
+    let own_port = self_probe_target(&listener);
+    let accepting = notify::Heartbeat::new();
+    let watchdog = notify::spawn_watchdog_fed_by(vec![("accept loop", Arc::clone(&accepting))]);
     tokio::select! {
-        () = serve(listener, acceptor, registry) => {}
+        () = serve(listener, acceptor, registry, accepting) => {}
+        () = probe_own_port(own_port) => {}
         signal = pimesh_runtime::shutdown_signal() => {
             signal.map_err(|err| format!("cannot watch for SIGTERM: {err}"))?;
             info!("shutting down");
@@ -155,15 +158,49 @@ fn raise_open_file_limit() {
     }
 }
 
+/// How often the server connects to its own port: the accept loop beats on every
+/// accepted connection, so the watchdog is fed only while the loop accepts.
+const SELF_PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// The listener's address, an unspecified IP (all interfaces) as loopback.
+fn self_probe_target(listener: &TcpListener) -> std::net::SocketAddr {
+    let mut addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    addr
+}
+
+/// Opens (and at once closes) a connection to `addr` every [`SELF_PROBE_EVERY`], for ever.
+async fn probe_own_port(addr: std::net::SocketAddr) {
+    let mut every = tokio::time::interval(SELF_PROBE_EVERY);
+    loop {
+        every.tick().await;
+        let _ = tokio::time::timeout(SELF_PROBE_EVERY, tokio::net::TcpStream::connect(addr)).await;
+    }
+}
+
 /// Serves the API on `listener`: each connection's TLS handshake (within
 /// [`HANDSHAKE_TIMEOUT`]), then HTTP/1.1 with the client's certificate chain at hand.
-async fn serve(listener: TcpListener, acceptor: TlsAcceptor, registry: Arc<Registry>) {
+/// `accepting` beats on every accepted connection.
+async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    registry: Arc<Registry>,
+    accepting: Arc<notify::Heartbeat>,
+) {
     let limits = serve::Limits::named("central API");
     serve::accept_loop(
         listener,
         limits,
         std::future::pending(),
         |tcp, peer_addr| {
+            accepting.beat();
             let acceptor = acceptor.clone();
             let registry = Arc::clone(&registry);
             async move {

@@ -158,7 +158,10 @@ async fn run(options: cli::Options) -> Result<(), Fatal> {
     // READY once the port is open, even when loading failed: the process is up, and
     // /ready and the status tell the truth.
     notify::ready(&status_line(replica, &state));
-    let watchdog = notify::spawn_watchdog();
+    // The main loop turns at least every EXPIRE and takes the state's lock every TICK: a
+    // lock that is never released stalls it, and the watchdog then stops.
+    let main_loop = notify::Heartbeat::new();
+    let watchdog = notify::spawn_watchdog_fed_by(vec![("main loop", Arc::clone(&main_loop))]);
 
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -166,6 +169,7 @@ async fn run(options: cli::Options) -> Result<(), Fatal> {
     let mut expire = tokio::time::interval(EXPIRE);
     expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
+        main_loop.beat();
         tokio::select! {
             signalled = &mut shutdown => {
                 break signalled.map_err(|err| Fatal::Signal("SIGTERM", err));

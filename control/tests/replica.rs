@@ -1,5 +1,8 @@
 //! The replica binary's life: health endpoints on its one port, not ready (with the
-//! reason) until its trust folder is there, ready after SIGHUP, stops on SIGTERM.
+//! reason) until its trust folder is there, ready after SIGHUP, stops on SIGTERM; one
+//! host cannot take the replica port's connections from the others.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
 use nix::sys::signal::Signal;
 use pimesh_test_support::control::Replica;

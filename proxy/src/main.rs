@@ -228,9 +228,12 @@ async fn run(options: cli::Options) -> Result<(), Error> {
     // READY after the first attempt even when it failed: the process is up and /ready
     // tells the truth about the config.
     notify::ready(&state::summary(&reloader.current()));
-    let watchdog = notify::spawn_watchdog();
+    // The main loop turns at least every `watched::POLL_EVERY` (the files' poll).
+    let main_loop = notify::Heartbeat::new();
+    let watchdog = notify::spawn_watchdog_fed_by(vec![("main loop", Arc::clone(&main_loop))]);
 
     let result = loop {
+        main_loop.beat();
         tokio::select! {
             signalled = &mut shutdown => {
                 break signalled.map_err(|err| Error::Signal { signal: "SIGTERM", err });

@@ -23,23 +23,11 @@ pub fn stopping() {
     send(&[NotifyState::Stopping]);
 }
 
-/// Pings the watchdog at half its interval from the event loop, so that a stalled loop
-/// stops the pings and systemd restarts the service. `None` when no watchdog is set.
-pub fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
-    let interval = sd_notify::watchdog_enabled()? / 2;
-    Some(tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(interval);
-        loop {
-            ticker.tick().await;
-            send(&[NotifyState::Watchdog]);
-        }
-    }))
-}
-
-/// Proof that an event loop is turning: the loop calls [`Heartbeat::beat`] on every turn,
-/// and [`spawn_watchdog_fed_by`] pings systemd's watchdog only while the last beat is
-/// recent. A loop stuck on an `.await` that never completes thus gets the service
-/// restarted, even though the runtime itself still runs.
+/// Proof that a key task is turning: the task calls [`Heartbeat::beat`] on every turn,
+/// and [`spawn_watchdog_fed_by`] pings systemd's watchdog only while its last beat is
+/// recent. A task stuck on an `.await` that never completes (or in a blocking call) thus
+/// gets the service restarted, even though the runtime itself, and the timer that would
+/// otherwise feed the watchdog, still run.
 #[derive(Debug)]
 pub struct Heartbeat {
     origin: std::time::Instant,
@@ -47,6 +35,7 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
+    /// A heartbeat that counts as beaten now.
     pub fn new() -> std::sync::Arc<Heartbeat> {
         std::sync::Arc::new(Heartbeat {
             origin: std::time::Instant::now(),
@@ -69,27 +58,38 @@ impl Heartbeat {
     }
 }
 
-/// Like [`spawn_watchdog`], but pings only while `heartbeat` beat within half the
-/// watchdog interval. `None` when no watchdog is set.
-pub fn spawn_watchdog_fed_by(
-    heartbeat: std::sync::Arc<Heartbeat>,
-) -> Option<tokio::task::JoinHandle<()>> {
+/// The key tasks whose progress feeds the watchdog, each by name (for the log).
+pub type KeyTasks = Vec<(&'static str, std::sync::Arc<Heartbeat>)>;
+
+/// Pings systemd's watchdog every quarter of its interval while every one of `tasks`
+/// beat within half of it; while one has not, pings nothing and warns once, naming it.
+/// `None` when no watchdog is set. There is no timer-fed watchdog: a daemon names the
+/// tasks whose progress means it is alive.
+pub fn spawn_watchdog_fed_by(tasks: KeyTasks) -> Option<tokio::task::JoinHandle<()>> {
     let timeout = sd_notify::watchdog_enabled()?;
     Some(tokio::spawn(async move {
         let mut ticker = tokio::time::interval(timeout / 4);
         let mut starving = false;
         loop {
             ticker.tick().await;
-            let age = heartbeat.age();
-            if age < timeout / 2 {
-                send(&[NotifyState::Watchdog]);
-                starving = false;
-            } else if !starving {
-                starving = true;
-                warn!(
-                    stalled_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
-                    "event loop stalled: no longer feeding the watchdog"
-                );
+            let stalled = tasks
+                .iter()
+                .map(|(name, heartbeat)| (*name, heartbeat.age()))
+                .find(|(_, age)| *age >= timeout / 2);
+            match stalled {
+                None => {
+                    send(&[NotifyState::Watchdog]);
+                    starving = false;
+                }
+                Some((task, age)) if !starving => {
+                    starving = true;
+                    warn!(
+                        task,
+                        stalled_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+                        "a key task stalled: no longer feeding the watchdog"
+                    );
+                }
+                Some(_) => {}
             }
         }
     }))

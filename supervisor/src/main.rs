@@ -243,7 +243,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
         });
 
     notify::ready(&status_line);
-    let watchdog = notify::spawn_watchdog_fed_by(heartbeat);
+    let watchdog = notify::spawn_watchdog_fed_by(vec![("unit keeper", heartbeat)]);
 
     pimesh_runtime::shutdown_signal()
         .await
