@@ -72,19 +72,11 @@ fn a_missing_replica_number_is_a_usage_error() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("--replica is required"));
 }
 
-/// Open descriptors of process `pid`.
-fn open_descriptors(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("the replica's descriptors")
-        .count()
-}
-
 #[test]
 fn one_host_holds_at_most_its_share_of_the_replica_port() {
     let (_dir, dir) = temp_dir();
     let replica = Replica::of_site(&dir, &Site::new("depot-7"), None);
-    let pid = replica.daemon.pid();
-    let before = open_descriptors(pid);
+    let before = replica.daemon.open_descriptors();
     // Silent connections from one host (no first byte): the replica keeps 64 of them
     // open until their first-byte timeout and closes the rest at once.
     let silent: Vec<std::net::TcpStream> = (0..300)
@@ -111,7 +103,7 @@ fn one_host_holds_at_most_its_share_of_the_replica_port() {
         String::from_utf8_lossy(&answer).into_owned()
     });
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let held = open_descriptors(pid);
+    let held = replica.daemon.open_descriptors();
     assert!(
         held <= before + 64 + 8,
         "{held} descriptors open with 300 silent connections of one host, {before} before"

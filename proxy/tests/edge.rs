@@ -185,18 +185,11 @@ async fn the_connection_limit_refuses_new_connections_and_keeps_old_ones() {
     );
 }
 
-/// Open descriptors of process `pid`.
-fn open_descriptors(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("the proxy's descriptors")
-        .count()
-}
-
 #[tokio::test]
 async fn idle_admin_connections_never_take_the_descriptors_of_mesh_traffic() {
     let site = Site::new("depot");
     let n = node(&site, "").await;
-    let before = open_descriptors(n.proxy.daemon.pid());
+    let before = n.proxy.daemon.open_descriptors();
     // Connections that never send a request: the admin port holds at most 64 of them
     // open (the others wait in the listen backlog, not in the proxy's descriptors).
     let mut idle = Vec::new();
@@ -205,15 +198,15 @@ async fn idle_admin_connections_never_take_the_descriptors_of_mesh_traffic() {
     }
     let deadline = Instant::now() + DEADLINE;
     // (A descriptor or two of `before` may have been transient.)
-    while open_descriptors(n.proxy.daemon.pid()) < before + 60 {
+    while n.proxy.daemon.open_descriptors() < before + 60 {
         assert!(
             Instant::now() < deadline,
             "the proxy never took the first 60: {} open, {before} before",
-            open_descriptors(n.proxy.daemon.pid())
+            n.proxy.daemon.open_descriptors()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let held = open_descriptors(n.proxy.daemon.pid());
+    let held = n.proxy.daemon.open_descriptors();
     assert!(
         held <= before + 64 + 8,
         "{held} descriptors open with 300 idle admin connections, {before} before"

@@ -89,6 +89,17 @@ impl Daemon {
         self.child.id()
     }
 
+    /// The descriptors the process holds open now (`/proc/<pid>/fd`).
+    ///
+    /// # Panics
+    /// When the process is gone.
+    pub fn open_descriptors(&self) -> usize {
+        let dir = format!("/proc/{}/fd", self.pid());
+        std::fs::read_dir(&dir)
+            .unwrap_or_else(|err| panic!("{}: {dir}: {err}", self.name))
+            .count()
+    }
+
     /// The log file.
     pub fn log(&self) -> &Path {
         &self.log
