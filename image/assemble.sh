@@ -142,6 +142,9 @@ install -m 0644 "$repo/configs/pimesh.toml" "$boot/pimesh.toml"
 rm -f "$work/boot.img"
 mkfs.vfat -C -F 32 -n PIMESH-BOOT -i "$DISK_ID" "$work/boot.img" $((BOOT_MIB * 1024)) >/dev/null
 mcopy -s -p -m -i "$work/boot.img" "$boot"/* ::/
+# Where `pimeshctl image configure --trust` writes the site's anchor: made here, by
+# mtools, because the FAT crate pimeshctl uses writes folders fsck.vfat calls malformed.
+mmd -i "$work/boot.img" ::/pimesh-trust
 
 # --- root partition (ext4) -------------------------------------------------------------
 used_mib=$(du -sm "$stage" | cut -f1)

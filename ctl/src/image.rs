@@ -15,8 +15,8 @@ const FAT_TYPES: [u8; 4] = [0x0b, 0x0c, 0x0e, 0x06];
 /// Validates `seed` and writes it as `pimesh.toml` into the first (FAT) partition of the
 /// raw image `image`, through the FAT structures in the file: no mount, no root.
 ///
-/// With `trust` (a site folder from `pimeshctl site init`), also writes into
-/// `pimesh-trust/` what the node imports at first boot: for an `init` node the site's
+/// With `trust` (a site folder from `pimeshctl site init`), also writes into the image's
+/// `pimesh-trust/` folder what the node imports at first boot: for an `init` node the site's
 /// anchor and issuer (bring your own anchor: the one the central server knows; the node
 /// moves the keys off the boot partition), for a joining node the anchor alone (whom its
 /// proxy trusts; checked against the join token's pin).
@@ -90,12 +90,18 @@ pub fn configure(image: &Path, seed: &Path, trust: Option<&Path>) -> Result<(), 
     if !trust_files.is_empty() {
         let root = fs.root_dir();
         let joining = trust_files.len() < TRUST_FILES.len();
-        let dir = match root.open_dir(TRUST_DIR) {
-            Ok(dir) => dir,
-            Err(_) => root.create_dir(TRUST_DIR).map_err(|err| {
-                format!("cannot create {TRUST_DIR}/ in the boot partition: {err}")
-            })?,
-        };
+        // The folder comes with the image (`make image` makes it with mtools): the FAT
+        // crate writes long-name entries for a new folder's `.` and `..`, which
+        // `fsck.vfat` reports as malformed and a repair may mangle, keys and all. Files
+        // written into an existing folder are clean.
+        let dir = root.open_dir(TRUST_DIR).map_err(|_| {
+            format!(
+                "{}: the boot partition has no {TRUST_DIR}/ folder (images from `make image` \
+                 have one); make it with mtools: mmd -i '{}@@{start}' ::/{TRUST_DIR}",
+                image.display(),
+                image.display()
+            )
+        })?;
         for (name, bytes) in &trust_files {
             let mut target = dir
                 .create_file(name)

@@ -108,12 +108,55 @@ fn config_validate_accepts_the_example_and_locates_errors() {
 }
 
 /// A small disk image laid out like Pimesh's: an MBR, a FAT32 partition at 4 MiB.
-fn make_image(path: &Path) {
+/// The boot partition's place in a test image, in 512-byte sectors.
+const BOOT_START: u32 = 8192;
+const BOOT_SECTORS: u32 = 80 * 2048; // 80 MiB: large enough for FAT32
+
+/// Runs `program` with `args`, failing the test with its output when it fails.
+fn tool(program: &str, args: &[&str]) {
+    let run = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("{program}: {err} (image/host-deps.sh installs it)"));
+    assert!(
+        run.status.success(),
+        "{program} {args:?}: {}{}",
+        text(&run.stdout),
+        text(&run.stderr)
+    );
+}
+
+/// A raw image as `make image` lays it out: an MBR whose partition 1 is FAT32 made by
+/// mkfs.vfat, holding the seed template and, with `trust_folder`, an empty
+/// `pimesh-trust/` made by mtools.
+fn make_image_with(path: &Path, trust_folder: bool) {
+    let boot = path.with_extension("boot");
+    let boot_arg = boot.to_str().expect("utf-8");
+    let kib = (BOOT_SECTORS / 2).to_string();
+    tool(
+        "mkfs.vfat",
+        &["-C", "-F", "32", "-n", "PIMESH-BOOT", boot_arg, &kib],
+    );
+    if trust_folder {
+        tool("mmd", &["-i", boot_arg, "::/pimesh-trust"]);
+    }
+    let template = path.with_extension("template");
+    std::fs::write(&template, "# template\n").expect("template");
+    tool(
+        "mcopy",
+        &[
+            "-i",
+            boot_arg,
+            template.to_str().expect("utf-8"),
+            "::/pimesh.toml",
+        ],
+    );
+    let partition = std::fs::read(&boot).expect("boot partition");
+    std::fs::remove_file(&boot).expect("remove");
+
     const SECTOR: u32 = 512;
-    let boot_start = 8192u32;
-    let boot_sectors = 80 * 2048u32; // 80 MiB: large enough for FAT32
     let file = std::fs::File::create(path).expect("create");
-    file.set_len(u64::from(boot_start + boot_sectors + 2048) * u64::from(SECTOR))
+    file.set_len(u64::from(BOOT_START + BOOT_SECTORS + 2048) * u64::from(SECTOR))
         .expect("size");
     let mut file = std::fs::OpenOptions::new()
         .read(true)
@@ -126,25 +169,41 @@ fn make_image(path: &Path) {
         first_chs: mbrman::CHS::empty(),
         sys: 0x0c,
         last_chs: mbrman::CHS::empty(),
-        starting_lba: boot_start,
-        sectors: boot_sectors,
+        starting_lba: BOOT_START,
+        sectors: BOOT_SECTORS,
     };
     mbr.write_into(&mut file).expect("write mbr");
-    let start = u64::from(boot_start) * u64::from(SECTOR);
-    let end = start + u64::from(boot_sectors) * u64::from(SECTOR);
-    let mut slice = fscommon::StreamSlice::new(&mut file, start, end).expect("slice");
-    fatfs::format_volume(
-        &mut slice,
-        fatfs::FormatVolumeOptions::new().fat_type(fatfs::FatType::Fat32),
-    )
-    .expect("format");
-    let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new()).expect("fs");
-    fs.root_dir()
-        .create_file("pimesh.toml")
-        .expect("template")
-        .write_all(b"# template\n")
-        .expect("write");
-    fs.unmount().expect("unmount");
+    use std::io::{Seek as _, SeekFrom};
+    file.seek(SeekFrom::Start(u64::from(BOOT_START) * u64::from(SECTOR)))
+        .expect("seek");
+    file.write_all(&partition)
+        .expect("write the boot partition");
+}
+
+fn make_image(path: &Path) {
+    make_image_with(path, true);
+}
+
+/// Asserts that `fsck.vfat -n` finds the boot partition of `image` clean (what Windows'
+/// "scan and fix" or `fsck -a` would otherwise repair, mangling files).
+fn assert_fsck_clean(image: &Path) {
+    let bytes = std::fs::read(image).expect("image");
+    let start = usize::try_from(BOOT_START * 512).expect("small");
+    let end = start + usize::try_from(BOOT_SECTORS * 512).expect("small");
+    let boot = image.with_extension("fsck");
+    std::fs::write(&boot, &bytes[start..end]).expect("boot partition");
+    let run = std::process::Command::new("fsck.vfat")
+        .arg("-n")
+        .arg(&boot)
+        .output()
+        .expect("fsck.vfat (image/host-deps.sh installs dosfstools)");
+    let _ = std::fs::remove_file(&boot);
+    let report = format!("{}{}", text(&run.stdout), text(&run.stderr));
+    assert!(run.status.success(), "fsck.vfat -n: {report}");
+    assert!(
+        !report.to_lowercase().contains("error") && !report.contains("Long filename"),
+        "fsck.vfat -n: {report}"
+    );
 }
 
 fn read_seed(path: &Path) -> String {
@@ -161,8 +220,12 @@ fn read_boot_file_opt(path: &Path, name: &str) -> Option<String> {
         .write(true)
         .open(path)
         .expect("open");
-    let slice =
-        fscommon::StreamSlice::new(&mut file, 8192 * 512, (8192 + 80 * 2048) * 512).expect("slice");
+    let slice = fscommon::StreamSlice::new(
+        &mut file,
+        u64::from(BOOT_START) * 512,
+        u64::from(BOOT_START + BOOT_SECTORS) * 512,
+    )
+    .expect("slice");
     let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new()).expect("fs");
     let mut contents = String::new();
     let mut file = fs.root_dir().open_file(name).ok()?;
@@ -250,6 +313,7 @@ fn image_configure_with_trust_puts_anchor_and_issuer_for_the_init_node_and_the_a
         site_arg,
     ]);
     assert!(run.status.success(), "{}", text(&run.stderr));
+    assert_fsck_clean(&image);
     for name in ["anchor.pem", "issuer.pem", "issuer.key"] {
         let expected = std::fs::read_to_string(site.join(name)).expect("site file");
         assert_eq!(
@@ -278,6 +342,7 @@ fn image_configure_with_trust_puts_anchor_and_issuer_for_the_init_node_and_the_a
         site_arg,
     ]);
     assert!(run.status.success(), "{}", text(&run.stderr));
+    assert_fsck_clean(&image);
     assert_eq!(
         read_boot_file(&image, "pimesh-trust/anchor.pem"),
         std::fs::read_to_string(site.join("anchor.pem")).expect("anchor")
@@ -288,4 +353,39 @@ fn image_configure_with_trust_puts_anchor_and_issuer_for_the_init_node_and_the_a
             "a joining node gets the anchor alone, never {key}"
         );
     }
+}
+
+#[test]
+fn an_image_without_the_trust_folder_is_refused_with_the_command_that_makes_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("other.img");
+    make_image_with(&image, false);
+    let site = dir.path().join("depot-7");
+    let run = pimeshctl(&[
+        "site",
+        "init",
+        "depot-7",
+        "--out",
+        site.to_str().expect("utf-8"),
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let seed = dir.path().join("seed.toml");
+    std::fs::write(&seed, "site = \"depot-7\"\nrole = \"init\"\n").expect("seed");
+    let run = pimeshctl(&[
+        "image",
+        "configure",
+        image.to_str().expect("utf-8"),
+        "--seed",
+        seed.to_str().expect("utf-8"),
+        "--trust",
+        site.to_str().expect("utf-8"),
+    ]);
+    assert!(!run.status.success());
+    let stderr = text(&run.stderr);
+    assert!(
+        stderr.contains("no pimesh-trust/ folder") && stderr.contains("mmd -i"),
+        "{stderr}"
+    );
+    assert!(read_boot_file_opt(&image, "pimesh-trust/anchor.pem").is_none());
+    assert_fsck_clean(&image);
 }
