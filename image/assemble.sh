@@ -145,6 +145,7 @@ mcopy -s -p -m -i "$work/boot.img" "$boot"/* ::/
 # Where `pimeshctl image configure --trust` writes the site's anchor: made here, by
 # mtools, because the FAT crate pimeshctl uses writes folders fsck.vfat calls malformed.
 mmd -i "$work/boot.img" ::/pimesh-trust
+fsck.vfat -n "$work/boot.img" >/dev/null || die "the boot partition fails fsck.vfat -n"
 
 # --- root partition (ext4) -------------------------------------------------------------
 used_mib=$(du -sm "$stage" | cut -f1)
