@@ -60,6 +60,10 @@ pub struct OtaSettings {
     pub max_bundle_bytes: usize,
     /// The proxy's admin endpoint that says which configuration it runs.
     pub proxy_config_url: ProbeUrl,
+    /// The proxy's outbound port, where the gate sends a request to see that the data
+    /// path answers with the new configuration (any HTTP answer does: unknown to the
+    /// routes, it is a 503 from the proxy itself).
+    pub proxy_probe_url: ProbeUrl,
 }
 
 impl Default for OtaSettings {
@@ -73,6 +77,9 @@ impl Default for OtaSettings {
             max_bundle_bytes: 1024 * 1024,
             proxy_config_url: ProbeUrl(
                 url::Url::parse("http://127.0.0.1:4191/config").expect("a constant valid URL"),
+            ),
+            proxy_probe_url: ProbeUrl(
+                url::Url::parse("http://127.0.0.1:4140/").expect("a constant valid URL"),
             ),
         }
     }
@@ -320,6 +327,7 @@ struct RawOta {
     long_poll_wait_s: u64,
     max_bundle_bytes: usize,
     proxy_config_url: ProbeUrl,
+    proxy_probe_url: ProbeUrl,
 }
 
 impl Default for RawOta {
@@ -332,6 +340,7 @@ impl Default for RawOta {
             long_poll_wait_s: ota.long_poll_wait.as_secs(),
             max_bundle_bytes: ota.max_bundle_bytes,
             proxy_config_url: ota.proxy_config_url,
+            proxy_probe_url: ota.proxy_probe_url,
         }
     }
 }
@@ -479,6 +488,7 @@ impl SupervisorConfig {
                 long_poll_wait: Duration::from_secs(o.long_poll_wait_s),
                 max_bundle_bytes: o.max_bundle_bytes,
                 proxy_config_url: o.proxy_config_url,
+                proxy_probe_url: o.proxy_probe_url,
             },
             units,
             replicas_follow_site,

@@ -1,6 +1,8 @@
 //! The health gate: after a configuration change, every managed unit that exists must be
 //! active and answer its readiness probe, and the proxy must report that it runs exactly
-//! the new configuration — continuously for `settle`, within `deadline`. Otherwise the
+//! the new configuration and answer a request on its outbound port (a proxy that fails
+//! its traffic under the new configuration while its admin port answers does not pass) —
+//! continuously for `settle`, within `deadline`. Otherwise the
 //! change failed, and [`Unhealthy`] says which unit and why.
 
 use std::fmt;
@@ -22,6 +24,8 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 pub struct Gate<'a> {
     pub units: &'a [ManagedUnit],
     pub proxy_config_url: &'a ProbeUrl,
+    /// The proxy's outbound port ([`Gate::proxy_serves`]).
+    pub proxy_probe_url: &'a ProbeUrl,
     /// The SHA-256 (hex) the proxy must report; `None`: no configuration.
     pub expected_sha256: Option<String>,
     pub settle: Duration,
@@ -124,6 +128,8 @@ pub enum ProxyUnhealthy {
     RunsOther(Mismatch),
     /// It refused exactly the new configuration.
     Refused(Mismatch),
+    /// It runs the new configuration but its outbound port gave no HTTP answer.
+    NoTraffic(ProbeError),
 }
 
 /// The configuration the proxy runs, and the one it should.
@@ -144,6 +150,9 @@ impl fmt::Display for ProxyUnhealthy {
             ProxyUnhealthy::NotJson { url, source } => write!(f, "GET {url}: not JSON: {source}"),
             ProxyUnhealthy::RunsOther(mismatch) | ProxyUnhealthy::Refused(mismatch) => {
                 mismatch.fmt(f)
+            }
+            ProxyUnhealthy::NoTraffic(reason) => {
+                write!(f, "the proxy's outbound port gives no answer: {reason}")
             }
         }
     }
@@ -168,7 +177,7 @@ impl std::error::Error for ProxyUnhealthy {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             ProxyUnhealthy::NotJson { source, .. } => Some(source),
-            ProxyUnhealthy::Unreachable(reason) => Some(reason),
+            ProxyUnhealthy::Unreachable(reason) | ProxyUnhealthy::NoTraffic(reason) => Some(reason),
             ProxyUnhealthy::Status { .. }
             | ProxyUnhealthy::RunsOther(_)
             | ProxyUnhealthy::Refused(_) => None,
@@ -216,6 +225,7 @@ impl Gate<'_> {
         let proxy = if proxy_listed {
             match self.proxy_runs_expected().await {
                 Err(refused @ ProxyUnhealthy::Refused(_)) => return Err(Unhealthy::Proxy(refused)),
+                Ok(()) => Some(self.proxy_serves().await),
                 other => Some(other),
             }
         } else {
@@ -242,6 +252,17 @@ impl Gate<'_> {
             Some(result) if proxy_loaded => result.map_err(Unhealthy::Proxy),
             _ => Ok(()),
         }
+    }
+
+    /// Whether the proxy's outbound port answers a request with any HTTP status: the
+    /// request is for no service (its answer is the proxy's own 503), so it exercises the
+    /// accept, the HTTP parsing and the routing of the new configuration, and reaches no
+    /// app.
+    async fn proxy_serves(&self) -> Result<(), ProxyUnhealthy> {
+        probe::fetch(self.proxy_probe_url, PROBE_TIMEOUT)
+            .await
+            .map(|_| ())
+            .map_err(ProxyUnhealthy::NoTraffic)
     }
 
     async fn proxy_runs_expected(&self) -> Result<(), ProxyUnhealthy> {
@@ -351,6 +372,66 @@ mod tests {
         assert_eq!(
             inactive.to_string(),
             "pimesh-proxy.service is failed (failed)"
+        );
+    }
+
+    /// A gate whose proxy probe goes to `probe`.
+    fn probing(probe: &ProbeUrl) -> Gate<'_> {
+        Gate {
+            units: &[],
+            proxy_config_url: probe,
+            proxy_probe_url: probe,
+            expected_sha256: None,
+            settle: Duration::ZERO,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_proxy_serves_when_its_outbound_port_gives_any_http_answer() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let url = |addr: std::net::SocketAddr| {
+            ProbeUrl::try_from(format!("http://{addr}/")).expect("url")
+        };
+        // The proxy's own 503 for a request to no service: the data path works.
+        let answering = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let answering_url = url(answering.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let (mut stream, _) = answering.accept().await.expect("accept");
+            let mut buffer = [0u8; 1024];
+            let _ = stream.read(&mut buffer).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        });
+        assert!(probing(&answering_url).proxy_serves().await.is_ok());
+        // A proxy that drops every request (it crashed on it, say): no answer.
+        let dropping = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let dropping_url = url(dropping.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let (mut stream, _) = dropping.accept().await.expect("accept");
+            let mut buffer = [0u8; 1024];
+            let _ = stream.read(&mut buffer).await;
+        });
+        let dropped = probing(&dropping_url).proxy_serves().await;
+        assert!(
+            matches!(dropped, Err(ProxyUnhealthy::NoTraffic(_))),
+            "{dropped:?}"
+        );
+        // Nothing listening at all.
+        let closed = {
+            let spare = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            url(spare.local_addr().expect("addr"))
+        };
+        let refused = probing(&closed).proxy_serves().await;
+        assert!(
+            refused.as_ref().is_err_and(|err| err
+                .to_string()
+                .starts_with("the proxy's outbound port gives no answer")),
+            "{refused:?}"
         );
     }
 }

@@ -559,6 +559,7 @@ impl Ota {
         let gate = Gate {
             units: &units,
             proxy_config_url: &self.context.settings.proxy_config_url,
+            proxy_probe_url: &self.context.settings.proxy_probe_url,
             expected_sha256: target.map(|text| sha256_hex(text.as_bytes())),
             settle: self.context.settings.settle,
         };
