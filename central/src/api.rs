@@ -15,7 +15,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{header, Method, Request, Response, StatusCode};
 use pimesh_meshtls::{Expected, Refusal as PeerRefusal, SiteTrust, SpiffeVerifier};
 use pimesh_revision::path::{ConfigQuery, Route, SiteResource};
-use pimesh_revision::{FleetView, NodeReport, NodeView, RecordedReport, SiteView};
+use pimesh_revision::{NodeReport, RecordedReport};
 use pimesh_schema::DnsLabel;
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
@@ -230,6 +230,7 @@ async fn publish(
     };
     match site.publish(&body, registry.storage.as_ref()).await {
         Ok(signed) => {
+            registry.fleet.changed();
             info!(site = %site.name, revision = signed.revision, "revision published");
             json_response(
                 StatusCode::CREATED,
@@ -322,6 +323,7 @@ async fn report(
     };
     match registry.storage.record_report(&site.name, node, &recorded) {
         Ok(()) => {
+            registry.fleet.changed();
             let report = &recorded.report;
             info!(site = %site.name, %node, state = %report.state, revision = ?report.revision, "node report");
             json_response(StatusCode::OK, &json!({ "recorded": true }))
@@ -334,32 +336,9 @@ async fn report(
 }
 
 fn fleet(registry: &Registry) -> Response<Full<Bytes>> {
-    let mut sites = Vec::new();
-    for site in registry.sites.values() {
-        let reports = match registry.storage.reports(&site.name) {
-            Ok(reports) => reports,
-            Err(err) => {
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("cannot read reports: {err}"),
-                )
-            }
-        };
-        sites.push(SiteView {
-            site: site.name.clone(),
-            latest_revision: site.latest_revision(),
-            nodes: reports
-                .into_iter()
-                .map(|(node, recorded)| NodeView { node, recorded })
-                .collect(),
-        });
-    }
-    match serde_json::to_value(FleetView { sites }) {
-        Ok(view) => json_response(StatusCode::OK, &view),
-        Err(err) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("cannot encode the fleet view: {err}"),
-        ),
+    match registry.fleet.view(registry) {
+        Ok(json) => pimesh_runtime::answer::json(StatusCode::OK, json),
+        Err(message) => error(StatusCode::SERVICE_UNAVAILABLE, &message),
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod api;
 mod config;
+mod fleet;
 mod sites;
 mod storage;
 mod tls;
@@ -85,6 +86,7 @@ async fn run(config: CentralConfig) -> Result<(), Fatal> {
         sites,
         storage,
         long_poll_max: config.long_poll_max.0,
+        fleet: fleet::FleetCache::default(),
     });
     let listener = TcpListener::bind(config.listen)
         .await

@@ -147,4 +147,6 @@ pub struct Registry {
     pub sites: BTreeMap<DnsLabel, Site>,
     pub storage: Arc<dyn Storage>,
     pub long_poll_max: std::time::Duration,
+    /// The fleet view, told of every report and revision stored.
+    pub fleet: crate::fleet::FleetCache,
 }
