@@ -13,7 +13,7 @@ NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 # Where cargo puts host release binaries (CI shares a target folder between clones).
 HOST_RELEASE := $(or $(CARGO_TARGET_DIR),target)/release
 
-.PHONY: central help deps image image-amd64 cross host-bins test test-containers test-rust test-qemu test-nspawn test-site qemu qemu-site bench-site bench-boot \
+.PHONY: fuzz central help deps image image-amd64 cross host-bins test test-containers test-rust test-qemu test-nspawn test-site qemu qemu-site bench-site bench-boot \
 	bench bench-heal bench-ota bench-central bench-proxy bench-control lint clean
 
 help:
@@ -114,6 +114,12 @@ central:
 
 clean:
 	rm -rf out target
+
+# Fuzzes every parser that takes outside input for FUZZ_SECONDS each (nightly and
+# cargo-fuzz); the corpus is kept under fuzz/corpus/. Not part of CI (time).
+FUZZ_SECONDS ?= 60
+fuzz:
+	./fuzz/run.sh $(FUZZ_SECONDS)
 
 # Benchmarks: one target per figure table, all run by bench/run.sh (bench/README.md says
 # what each measures and the table every one prints).
