@@ -191,15 +191,6 @@ impl ProbeUrl {
             None => self.0.path().to_owned(),
         }
     }
-
-    /// The same scheme and authority with `path` (and no query): another endpoint of the
-    /// same local server, such as the proxy's `/metrics` beside its `/config`.
-    pub fn with_path(&self, path: &str) -> ProbeUrl {
-        let mut url = self.0.clone();
-        url.set_path(path);
-        url.set_query(None);
-        ProbeUrl(url)
-    }
 }
 
 impl TryFrom<String> for ProbeUrl {

@@ -82,8 +82,9 @@ pub struct JoinContext {
     pub trust: TrustFiles,
     /// `state.json` ([`record`]).
     pub record_file: PathBuf,
-    /// The proxy's `/metrics` (whether it reaches a control replica, [`relocate`]).
-    pub proxy_metrics: pimesh_schema::ProbeUrl,
+    /// The proxy's `/config` (which replicas it knows and whether it reaches one,
+    /// [`relocate`]).
+    pub proxy_config: pimesh_schema::ProbeUrl,
     pub clock: clock::Clock,
     /// When the supervisor started (the lease grace, [`discover::LEASE_GRACE`], counts
     /// from it).

@@ -13,11 +13,14 @@
 //! found, and the units are placed for them. With the seed's `servers` (the operator's
 //! addresses) or without mDNS, nothing is done.
 //!
-//! The proxy is restarted to read its new list only when it reaches no control replica
-//! for [`FAILOVER_GRACE`] (its `pimesh_control_connected` gauge): a proxy that learned
-//! the other servers from discovery fails over to them by itself, and a restart would
-//! break the requests it carries for nothing — the server lost was the only one this
-//! node's record named, not the only one the proxy knows.
+//! The proxy is restarted to read its new list unless it already fails over among the
+//! servers found: its `/config` lists a replica of one of them among those it knows, and
+//! it is connected to a replica within [`FAILOVER_GRACE`]. A node whose record named
+//! only the server that was lost has a proxy that learnt the others from discovery, and a
+//! restart would break the requests it carries for nothing; after a renumbering the
+//! proxy knows only the old addresses (and a server's proxy, connected to its own
+//! replicas over loopback, would never learn the other servers' new ones), so it is
+//! restarted.
 //!
 //! Invariant: the record changes only to servers of which at least one connected, so a
 //! check made while the node itself is cut off (no answer from the LAN) changes nothing.
@@ -43,14 +46,13 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(15);
 /// How long one TCP connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long the proxy is given to reach a control replica by itself (failing over
-/// between the replicas discovery told it of) before it is restarted to read the servers
-/// found. Longer than the proxy's own failover after a replica goes silent (25 s of
-/// silence, then a connection attempt of up to 3 s).
+/// How long a proxy that knows the servers found is given to reach one of their
+/// replicas by itself before it is restarted. Longer than the proxy's own failover after
+/// a replica goes silent (25 s of silence, then a connection attempt of up to 3 s).
 const FAILOVER_GRACE: Duration = Duration::from_secs(45);
 
-/// How often the proxy's gauge is read during [`FAILOVER_GRACE`].
-const GAUGE_EVERY: Duration = Duration::from_secs(1);
+/// How often the proxy's `/config` is read during [`FAILOVER_GRACE`].
+const CONFIG_EVERY: Duration = Duration::from_secs(1);
 
 /// Checks, and finds the servers again when none answers, for the node's life.
 pub async fn run(context: &JoinContext) {
@@ -78,7 +80,8 @@ pub async fn run(context: &JoinContext) {
         if let Some(record) = relocated(context, record).await {
             let holds_issuer = context.trust.holds_issuer();
             (context.on_joined)(&record, holds_issuer);
-            restart_proxy_if_cut_off(&context.proxy_metrics).await;
+            let found = record.replicas_of_others(&context.node);
+            restart_proxy_unless_it_follows(&context.proxy_config, &found).await;
         }
     }
 }
@@ -179,49 +182,78 @@ fn server_entry(candidate: &Candidate) -> Option<ServerEntry> {
 }
 
 /// Restarts the proxy so that it reads the replicas of its new environment file, unless
-/// it reaches a control replica within [`FAILOVER_GRACE`]; a failure to restart is logged
-/// (the proxy takes them at its next start).
-async fn restart_proxy_if_cut_off(metrics: &ProbeUrl) {
+/// it knows a replica of the servers `found` and is connected to a replica within
+/// [`FAILOVER_GRACE`]; a failure to restart is logged (the proxy takes them at its next
+/// start).
+async fn restart_proxy_unless_it_follows(config: &ProbeUrl, found: &[SocketAddr]) {
     let deadline = tokio::time::Instant::now() + FAILOVER_GRACE;
-    loop {
-        match proxy_connected(metrics).await {
-            Ok(true) => {
-                info!("the proxy reaches a control replica by itself; it takes the servers found at its next start");
+    let reason = loop {
+        match proxy_control(config).await {
+            Ok(control) if !control.knows_any(found) => {
+                break "the proxy knows none of the servers found";
+            }
+            Ok(control) if control.connected => {
+                info!("the proxy knows the servers found and reaches a replica by itself; it takes the new list at its next start");
                 return;
             }
-            Ok(false) => {}
-            Err(err) => debug!(%err, "cannot read whether the proxy reaches a control replica"),
+            Ok(_) => {}
+            Err(err) => debug!(%err, "cannot read which replicas the proxy knows"),
         }
         if tokio::time::Instant::now() >= deadline {
-            break;
+            break "the proxy reached no control replica";
         }
-        tokio::time::sleep(GAUGE_EVERY).await;
-    }
-    info!(
-        grace_s = FAILOVER_GRACE.as_secs(),
-        "the proxy reaches no control replica; restarting it to read the servers found"
-    );
+        tokio::time::sleep(CONFIG_EVERY).await;
+    };
+    info!(reason, "restarting the proxy to read the servers found");
     if let Err(err) = Systemd::try_restart(PROXY).await {
         warn!(%err, "cannot restart the proxy; it takes the new servers at its next start");
     }
 }
 
-/// Whether the proxy's `/metrics` at `url` says a discovery watch is open.
-async fn proxy_connected(url: &ProbeUrl) -> Result<bool, probe::ProbeError> {
-    let (status, body) = probe::fetch(url, CONNECT_TIMEOUT).await?;
-    Ok(status.is_success() && control_connected(&String::from_utf8_lossy(&body)))
+/// What the proxy's `/config` says of its control plane.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ProxyControl {
+    /// The replicas it fails over between.
+    replicas: Vec<SocketAddr>,
+    /// Whether a discovery watch is open.
+    connected: bool,
 }
 
-/// Whether the Prometheus text `exposition` holds `pimesh_control_connected` above zero.
-fn control_connected(exposition: &str) -> bool {
-    exposition.lines().any(|line| {
-        let mut fields = line.split_whitespace();
-        fields.next() == Some("pimesh_control_connected")
-            && fields
-                .next()
-                .and_then(|value| value.parse::<f64>().ok())
-                .is_some_and(|value| value > 0.0)
-    })
+impl ProxyControl {
+    /// From `/config`'s `control` object (`{"replicas": ["ip:port", ...], "connected":
+    /// bool, ...}`); absent or malformed fields count as nothing known.
+    fn of(config: &serde_json::Value) -> ProxyControl {
+        let control = &config["control"];
+        ProxyControl {
+            replicas: control["replicas"]
+                .as_array()
+                .map(|replicas| {
+                    replicas
+                        .iter()
+                        .filter_map(|replica| replica.as_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            connected: control["connected"].as_bool().unwrap_or(false),
+        }
+    }
+
+    fn knows_any(&self, found: &[SocketAddr]) -> bool {
+        self.replicas.iter().any(|replica| found.contains(replica))
+    }
+}
+
+/// The proxy's `/config` at `url`, read for its control plane.
+async fn proxy_control(url: &ProbeUrl) -> Result<ProxyControl, String> {
+    let (status, body) = probe::fetch(url, CONNECT_TIMEOUT)
+        .await
+        .map_err(|err| err.to_string())?;
+    if !status.is_success() {
+        return Err(format!("GET {url}: {status}"));
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|err| format!("GET {url}: not JSON: {err}"))?;
+    Ok(ProxyControl::of(&config))
 }
 
 #[cfg(test)]
@@ -253,17 +285,24 @@ mod tests {
     }
 
     #[test]
-    fn the_connected_gauge_is_read_from_the_exposition() {
-        let exposition = "# HELP pimesh_control_connected 1 while a discovery watch is open\n\
-            # TYPE pimesh_control_connected gauge\n\
-            pimesh_control_connected_total 3\n";
-        assert!(!control_connected(exposition));
-        assert!(!control_connected(&format!(
-            "{exposition}pimesh_control_connected 0\n"
-        )));
-        assert!(control_connected(&format!(
-            "{exposition}pimesh_control_connected 1\n"
-        )));
+    fn the_proxy_follows_the_servers_found_only_when_it_knows_one_of_their_replicas() {
+        let config = serde_json::json!({"control": {
+            "replicas": ["127.0.0.1:8086", "192.168.1.7:8086", "not an address"],
+            "replica": "192.168.1.7:8086",
+            "connected": true,
+        }});
+        let control = ProxyControl::of(&config);
+        assert!(control.connected);
+        let addr = |text: &str| text.parse::<SocketAddr>().expect("addr");
+        assert!(control.knows_any(&[addr("192.168.1.7:8086"), addr("192.168.1.9:8086")]));
+        assert!(
+            !control.knows_any(&[addr("192.168.2.7:8086")]),
+            "after a renumbering it knows only the old addresses"
+        );
+        assert_eq!(
+            ProxyControl::of(&serde_json::json!({"control": null})),
+            ProxyControl::default()
+        );
     }
 
     #[tokio::test]
