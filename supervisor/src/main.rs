@@ -185,7 +185,6 @@ async fn run(options: Options) -> Result<(), DaemonError> {
                 credential: credential::CredentialFiles::on_node(paths),
                 trust: trust::TrustFiles::on_node(paths),
                 record_file: paths.join_record(),
-                proxy_config: supervisor_config.ota.proxy_config_url.clone(),
                 clock: join::clock::Clock::new(
                     facts
                         .image

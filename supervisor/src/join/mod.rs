@@ -82,9 +82,6 @@ pub struct JoinContext {
     pub trust: TrustFiles,
     /// `state.json` ([`record`]).
     pub record_file: PathBuf,
-    /// The proxy's `/config` (which replicas it knows and whether it reaches one,
-    /// [`relocate`]).
-    pub proxy_config: pimesh_schema::ProbeUrl,
     pub clock: clock::Clock,
     /// When the supervisor started (the lease grace, [`discover::LEASE_GRACE`], counts
     /// from it).

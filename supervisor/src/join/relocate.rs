@@ -10,17 +10,9 @@
 //! other server nodes. When none connects it browses mDNS as a join does (the same site,
 //! the same pin; an answer is a hint, since the proxy still checks each replica's
 //! certificate), and when a server found there connects, the record takes the servers
-//! found, and the units are placed for them. With the seed's `servers` (the operator's
-//! addresses) or without mDNS, nothing is done.
-//!
-//! The proxy is restarted to read its new list unless it already fails over among the
-//! servers found: its `/config` lists a replica of one of them among those it knows, and
-//! it is connected to a replica within [`FAILOVER_GRACE`]. A node whose record named
-//! only the server that was lost has a proxy that learnt the others from discovery, and a
-//! restart would break the requests it carries for nothing; after a renumbering the
-//! proxy knows only the old addresses (and a server's proxy, connected to its own
-//! replicas over loopback, would never learn the other servers' new ones), so it is
-//! restarted.
+//! found, the units are placed for them, and the proxy is restarted to read its new list
+//! (a running proxy keeps the list it started with). With the seed's `servers` (the
+//! operator's addresses) or without mDNS, nothing is done.
 //!
 //! Invariant: the record changes only to servers of which at least one connected, so a
 //! check made while the node itself is cut off (no answer from the LAN) changes nothing.
@@ -29,14 +21,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use pimesh_join::ServerEntry;
-use pimesh_schema::{DnsLabel, ProbeUrl};
+use pimesh_schema::DnsLabel;
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::join::discover::Candidate;
 use crate::join::record::{JoinRecord, Via};
 use crate::join::JoinContext;
-use crate::units::probe;
 use crate::units::role::PROXY;
 use crate::units::systemd::Systemd;
 
@@ -45,14 +36,6 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(15);
 
 /// How long one TCP connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// How long a proxy that knows the servers found is given to reach one of their
-/// replicas by itself before it is restarted. Longer than the proxy's own failover after
-/// a replica goes silent (25 s of silence, then a connection attempt of up to 3 s).
-const FAILOVER_GRACE: Duration = Duration::from_secs(45);
-
-/// How often the proxy's `/config` is read during [`FAILOVER_GRACE`].
-const CONFIG_EVERY: Duration = Duration::from_secs(1);
 
 /// Checks, and finds the servers again when none answers, for the node's life.
 pub async fn run(context: &JoinContext) {
@@ -80,8 +63,7 @@ pub async fn run(context: &JoinContext) {
         if let Some(record) = relocated(context, record).await {
             let holds_issuer = context.trust.holds_issuer();
             (context.on_joined)(&record, holds_issuer);
-            let found = record.replicas_of_others(&context.node);
-            restart_proxy_unless_it_follows(&context.proxy_config, &found).await;
+            restart_proxy().await;
         }
     }
 }
@@ -181,79 +163,12 @@ fn server_entry(candidate: &Candidate) -> Option<ServerEntry> {
     })
 }
 
-/// Restarts the proxy so that it reads the replicas of its new environment file, unless
-/// it knows a replica of the servers `found` and is connected to a replica within
-/// [`FAILOVER_GRACE`]; a failure to restart is logged (the proxy takes them at its next
-/// start).
-async fn restart_proxy_unless_it_follows(config: &ProbeUrl, found: &[SocketAddr]) {
-    let deadline = tokio::time::Instant::now() + FAILOVER_GRACE;
-    let reason = loop {
-        match proxy_control(config).await {
-            Ok(control) if !control.knows_any(found) => {
-                break "the proxy knows none of the servers found";
-            }
-            Ok(control) if control.connected => {
-                info!("the proxy knows the servers found and reaches a replica by itself; it takes the new list at its next start");
-                return;
-            }
-            Ok(_) => {}
-            Err(err) => debug!(%err, "cannot read which replicas the proxy knows"),
-        }
-        if tokio::time::Instant::now() >= deadline {
-            break "the proxy reached no control replica";
-        }
-        tokio::time::sleep(CONFIG_EVERY).await;
-    };
-    info!(reason, "restarting the proxy to read the servers found");
+/// Restarts the proxy so that it reads the replicas of its new environment file; a
+/// failure is logged (the proxy takes them at its next start).
+async fn restart_proxy() {
     if let Err(err) = Systemd::try_restart(PROXY).await {
         warn!(%err, "cannot restart the proxy; it takes the new servers at its next start");
     }
-}
-
-/// What the proxy's `/config` says of its control plane.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct ProxyControl {
-    /// The replicas it fails over between.
-    replicas: Vec<SocketAddr>,
-    /// Whether a discovery watch is open.
-    connected: bool,
-}
-
-impl ProxyControl {
-    /// From `/config`'s `control` object (`{"replicas": ["ip:port", ...], "connected":
-    /// bool, ...}`); absent or malformed fields count as nothing known.
-    fn of(config: &serde_json::Value) -> ProxyControl {
-        let control = &config["control"];
-        ProxyControl {
-            replicas: control["replicas"]
-                .as_array()
-                .map(|replicas| {
-                    replicas
-                        .iter()
-                        .filter_map(|replica| replica.as_str()?.parse().ok())
-                        .collect()
-                })
-                .unwrap_or_default(),
-            connected: control["connected"].as_bool().unwrap_or(false),
-        }
-    }
-
-    fn knows_any(&self, found: &[SocketAddr]) -> bool {
-        self.replicas.iter().any(|replica| found.contains(replica))
-    }
-}
-
-/// The proxy's `/config` at `url`, read for its control plane.
-async fn proxy_control(url: &ProbeUrl) -> Result<ProxyControl, String> {
-    let (status, body) = probe::fetch(url, CONNECT_TIMEOUT)
-        .await
-        .map_err(|err| err.to_string())?;
-    if !status.is_success() {
-        return Err(format!("GET {url}: {status}"));
-    }
-    let config: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|err| format!("GET {url}: not JSON: {err}"))?;
-    Ok(ProxyControl::of(&config))
 }
 
 #[cfg(test)]
@@ -282,27 +197,6 @@ mod tests {
             replicas: candidate.replicas.clone()
         })
         .is_none());
-    }
-
-    #[test]
-    fn the_proxy_follows_the_servers_found_only_when_it_knows_one_of_their_replicas() {
-        let config = serde_json::json!({"control": {
-            "replicas": ["127.0.0.1:8086", "192.168.1.7:8086", "not an address"],
-            "replica": "192.168.1.7:8086",
-            "connected": true,
-        }});
-        let control = ProxyControl::of(&config);
-        assert!(control.connected);
-        let addr = |text: &str| text.parse::<SocketAddr>().expect("addr");
-        assert!(control.knows_any(&[addr("192.168.1.7:8086"), addr("192.168.1.9:8086")]));
-        assert!(
-            !control.knows_any(&[addr("192.168.2.7:8086")]),
-            "after a renumbering it knows only the old addresses"
-        );
-        assert_eq!(
-            ProxyControl::of(&serde_json::json!({"control": null})),
-            ProxyControl::default()
-        );
     }
 
     #[tokio::test]
