@@ -501,8 +501,9 @@ def test_the_site_survives_the_loss_of_its_init_node(site, figures, tmp_path):
     figures["site_server_loss_requests_ok"] = load.get("ok")
     figures["site_server_loss_requests_failed"] = load.get("failed")
     figures["site_server_loss_longest_gap_s"] = round(load.get("longest_gap_s") or 0, 2)
-    # Goal: none failed, met in the README's runs; the test holds the line at 1 % (one
-    # unexplained run lost a 6 s stretch) and prints pi-d's journals when any fails.
+    # Goal: none failed; a few fail in some runs (pi-d's relocation restarts its proxy,
+    # see the README's figures). The test holds the line at 1 % and prints pi-d's
+    # journals when any fails.
     def why():
         journal = lambda unit: "\n".join(d.journal(unit).splitlines()[-40:])
         return (f"{json.dumps(load)}\n--- pi-d's proxy:\n{journal('pimesh-proxy.service')}"
