@@ -30,10 +30,22 @@ pub const DEFAULT_PORT: u16 = CONTROL_BASE_PORT + 1;
 /// How long one mDNS round listens for announcements at most.
 pub const BROWSE_FOR: Duration = Duration::from_secs(3);
 
-/// Once a server of the site answered, how much longer the round listens for the
-/// others (they answer the same query, within milliseconds of each other on a LAN): a
-/// round ends early rather than keeping a node that could join waiting.
+/// For a join: once a server of the site answered, how much longer the round listens
+/// for the others (they answer the same query, within milliseconds of each other on a
+/// LAN), rather than keeping a node that could join waiting; the join's answer lists
+/// every live server anyway. A relocation listens the whole round: the servers it finds
+/// are all the node will know of them.
 pub const GATHER_AFTER_FIRST: Duration = Duration::from_millis(400);
+
+/// How long a round listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// The whole [`BROWSE_FOR`].
+    Whole,
+    /// Until [`GATHER_AFTER_FIRST`] after the first server of the site answered, at
+    /// most [`BROWSE_FOR`].
+    UntilFirst,
+}
 
 /// The candidates of the seed's `servers` entries (`host` or `host:port`): an IP host as
 /// is, a host name resolved (its first address). An entry that does not resolve is
@@ -106,18 +118,18 @@ impl std::fmt::Display for BrowseError {
 impl std::error::Error for BrowseError {}
 
 /// The server nodes of `site` whose anchor prefix matches `pin` that announce themselves
-/// on `interfaces` (`None`: every one), in the order they answered: those heard within
-/// `listen_for`, or within [`GATHER_AFTER_FIRST`] of the first, whichever ends first.
+/// on `interfaces` (`None`: every one), in the order they answered, heard as `listen`
+/// says.
 pub async fn browse(
     site: &DnsLabel,
     pin: &[u8; 32],
     interfaces: Option<&[pimesh_schema::InterfaceName]>,
-    listen_for: Duration,
+    listen: Listen,
 ) -> Result<Vec<Candidate>, BrowseError> {
     let daemon = crate::join::mdns::daemon(interfaces).map_err(BrowseError)?;
     let events = daemon.browse(SERVICE_TYPE).map_err(BrowseError)?;
     let mut found: Vec<Candidate> = Vec::new();
-    let mut deadline = tokio::time::Instant::now() + listen_for;
+    let mut deadline = tokio::time::Instant::now() + BROWSE_FOR;
     while let Ok(Ok(event)) = tokio::time::timeout_at(deadline, events.recv_async()).await {
         let mdns_sd::ServiceEvent::ServiceResolved(service) = event else {
             continue;
@@ -163,7 +175,7 @@ pub async fn browse(
         };
         if !found.contains(&candidate) {
             info!(node = %announcement.node, addresses = ?ips, "server announced on the LAN");
-            if found.is_empty() {
+            if found.is_empty() && listen == Listen::UntilFirst {
                 deadline = deadline.min(tokio::time::Instant::now() + GATHER_AFTER_FIRST);
             }
             found.push(candidate);

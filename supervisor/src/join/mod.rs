@@ -93,13 +93,16 @@ pub struct JoinContext {
 
 impl JoinContext {
     /// The site's server nodes announced on the LAN now ([`discover::browse`] with the
-    /// seed's site, the token's pin and the seed's interfaces).
-    async fn browse(&self) -> Result<Vec<Candidate>, discover::BrowseError> {
+    /// seed's site, the token's pin and the seed's interfaces), heard as `listen` says.
+    async fn browse(
+        &self,
+        listen: discover::Listen,
+    ) -> Result<Vec<Candidate>, discover::BrowseError> {
         discover::browse(
             &self.site,
             self.token.anchor_sha256(),
             self.mdns_interfaces.as_deref(),
-            discover::BROWSE_FOR,
+            listen,
         )
         .await
     }
@@ -293,7 +296,7 @@ async fn candidates(context: &JoinContext) -> Vec<Candidate> {
     if !context.mdns {
         return Vec::new();
     }
-    match context.browse().await {
+    match context.browse(discover::Listen::UntilFirst).await {
         Ok(found) => found,
         Err(err) => {
             warn!(%err, "cannot look for servers on the LAN");

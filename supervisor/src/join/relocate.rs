@@ -25,7 +25,7 @@ use pimesh_schema::DnsLabel;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::join::discover::Candidate;
+use crate::join::discover::{self, Candidate};
 use crate::join::record::{JoinRecord, Via};
 use crate::join::JoinContext;
 use crate::units::role::PROXY;
@@ -90,7 +90,8 @@ async fn first_connecting(addrs: Vec<SocketAddr>) -> Option<SocketAddr> {
 /// The record with the servers announced on the LAN now, stored, when one of them
 /// connects; `None` (and the record unchanged) otherwise.
 async fn relocated(context: &JoinContext, record: JoinRecord) -> Option<JoinRecord> {
-    let found = match context.browse().await {
+    // The whole round: the servers found are all this node will know of them.
+    let found = match context.browse(discover::Listen::Whole).await {
         Ok(found) => found,
         Err(err) => {
             warn!(%err, "cannot look for the site's servers on the LAN");
