@@ -180,6 +180,20 @@ fn make_image_with(path: &Path, trust_folder: bool) {
         .expect("write the boot partition");
 }
 
+/// `pimeshctl site init depot-7` into `dir`: the site folder.
+fn site_init(dir: &Path) -> std::path::PathBuf {
+    let site = dir.join("depot-7");
+    let run = pimeshctl(&[
+        "site",
+        "init",
+        "depot-7",
+        "--out",
+        site.to_str().expect("utf-8"),
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    site
+}
+
 fn make_image(path: &Path) {
     make_image_with(path, true);
 }
@@ -288,15 +302,7 @@ fn image_configure_with_trust_puts_anchor_and_issuer_for_the_init_node_and_the_a
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("pimesh.img");
     make_image(&image);
-    let site = dir.path().join("depot-7");
-    let run = pimeshctl(&[
-        "site",
-        "init",
-        "depot-7",
-        "--out",
-        site.to_str().expect("utf-8"),
-    ]);
-    assert!(run.status.success(), "{}", text(&run.stderr));
+    let site = site_init(dir.path());
     let seed = dir.path().join("seed.toml");
     let image_arg = image.to_str().expect("utf-8");
     let seed_arg = seed.to_str().expect("utf-8");
@@ -360,15 +366,7 @@ fn an_image_without_the_trust_folder_is_refused_with_the_command_that_makes_it()
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("other.img");
     make_image_with(&image, false);
-    let site = dir.path().join("depot-7");
-    let run = pimeshctl(&[
-        "site",
-        "init",
-        "depot-7",
-        "--out",
-        site.to_str().expect("utf-8"),
-    ]);
-    assert!(run.status.success(), "{}", text(&run.stderr));
+    let site = site_init(dir.path());
     let seed = dir.path().join("seed.toml");
     std::fs::write(&seed, "site = \"depot-7\"\nrole = \"init\"\n").expect("seed");
     let run = pimeshctl(&[
