@@ -336,9 +336,9 @@ async fn report(
 }
 
 fn fleet(registry: &Registry) -> Response<Full<Bytes>> {
-    match registry.fleet.view(registry) {
+    match registry.fleet_json() {
         Ok(json) => pimesh_runtime::answer::json(StatusCode::OK, json),
-        Err(message) => error(StatusCode::SERVICE_UNAVAILABLE, &message),
+        Err(err) => error(StatusCode::SERVICE_UNAVAILABLE, &err.to_string()),
     }
 }
 

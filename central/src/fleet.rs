@@ -11,9 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use hyper::body::Bytes;
-use pimesh_revision::{FleetView, NodeView, SiteView};
-
-use crate::sites::Registry;
 
 /// The encoded fleet view and the change it was built after.
 #[derive(Default)]
@@ -34,9 +31,9 @@ impl FleetCache {
         self.changes.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The fleet view as JSON: the one built before when nothing changed since, else a
-    /// new one. `Err` says why it cannot be built.
-    pub fn view(&self, registry: &Registry) -> Result<Bytes, String> {
+    /// The fleet view: the one built before when nothing changed since, else the one
+    /// `build` makes now (whose error is returned as it is, and nothing kept).
+    pub fn view<E>(&self, build: impl FnOnce() -> Result<Vec<u8>, E>) -> Result<Bytes, E> {
         let mut built = self.built.lock().unwrap_or_else(PoisonError::into_inner);
         let changes = self.changes.load(Ordering::Acquire);
         if let Some(current) = built.as_ref() {
@@ -44,7 +41,7 @@ impl FleetCache {
                 return Ok(current.json.clone());
             }
         }
-        let json = Bytes::from(build(registry)?);
+        let json = Bytes::from(build()?);
         *built = Some(Built {
             after_change: changes,
             json: json.clone(),
@@ -53,112 +50,38 @@ impl FleetCache {
     }
 }
 
-fn build(registry: &Registry) -> Result<Vec<u8>, String> {
-    let mut sites = Vec::new();
-    for site in registry.sites.values() {
-        let reports = registry
-            .storage
-            .reports(&site.name)
-            .map_err(|err| format!("cannot read reports: {err}"))?;
-        sites.push(SiteView {
-            site: site.name.clone(),
-            latest_revision: site.latest_revision(),
-            nodes: reports
-                .into_iter()
-                .map(|(node, recorded)| NodeView { node, recorded })
-                .collect(),
-        });
-    }
-    serde_json::to_vec(&FleetView { sites })
-        .map_err(|err| format!("cannot encode the fleet view: {err}"))
-}
-
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::io;
-    use std::sync::atomic::AtomicUsize;
-    use std::sync::Arc;
-
-    use pimesh_revision::{RecordedReport, SignedRevision};
-    use pimesh_schema::DnsLabel;
+    use std::cell::Cell;
 
     use super::*;
-    use crate::config::SiteEntry;
-    use crate::sites::Site;
-    use crate::storage::Storage;
-
-    /// Storage that holds reports in memory and counts the reads of them.
-    #[derive(Default)]
-    struct Counting {
-        reports: Mutex<BTreeMap<DnsLabel, RecordedReport>>,
-        reads: AtomicUsize,
-    }
-
-    impl Storage for Counting {
-        fn latest(&self, _: &DnsLabel) -> io::Result<Option<SignedRevision>> {
-            Ok(None)
-        }
-        fn store(&self, _: &SignedRevision) -> io::Result<()> {
-            Ok(())
-        }
-        fn record_report(
-            &self,
-            _: &DnsLabel,
-            node: &DnsLabel,
-            report: &RecordedReport,
-        ) -> io::Result<()> {
-            let mut reports = self.reports.lock().expect("lock");
-            reports.insert(node.clone(), report.clone());
-            Ok(())
-        }
-        fn reports(&self, _: &DnsLabel) -> io::Result<BTreeMap<DnsLabel, RecordedReport>> {
-            self.reads.fetch_add(1, Ordering::SeqCst);
-            Ok(self.reports.lock().expect("lock").clone())
-        }
-    }
 
     #[test]
     fn the_view_is_built_once_per_change_and_never_misses_one() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        pimesh_test_support::Site::new("depot-7").write_trust(dir.path());
-        let key = pimesh_test_support::central::SigningKey::generate();
-        let name = DnsLabel::try_from("depot-7".to_owned()).expect("label");
-        let storage = Arc::new(Counting::default());
-        let entry = SiteEntry {
-            name: name.clone(),
-            anchor: dir.path().join("anchor.pem"),
-            public_key: key.public_key.clone().try_into().expect("key"),
+        let cache = FleetCache::default();
+        let builds = Cell::new(0u32);
+        let build = || -> Result<Vec<u8>, ()> {
+            builds.set(builds.get() + 1);
+            Ok(format!("build {}", builds.get()).into_bytes())
         };
-        let site = Site::load(&entry, storage.as_ref()).expect("site");
-        let registry = Registry {
-            sites: BTreeMap::from([(name.clone(), site)]),
-            storage: Arc::clone(&storage) as Arc<dyn Storage>,
-            long_poll_max: std::time::Duration::from_secs(60),
-            fleet: FleetCache::default(),
-        };
-        let first = registry.fleet.view(&registry).expect("view");
+        let first = cache.view(build).expect("view");
         for _ in 0..100 {
-            assert_eq!(registry.fleet.view(&registry).expect("view"), first);
+            assert_eq!(cache.view(build).expect("view"), first);
         }
-        assert_eq!(
-            storage.reads.load(Ordering::SeqCst),
-            1,
-            "one build for 101 requests"
-        );
+        assert_eq!(builds.get(), 1, "one build for 101 requests");
 
-        let report: RecordedReport = serde_json::from_value(serde_json::json!({
-            "revision": 3, "state": "applied", "detail": "", "received_at": 1_800_000_000u64,
-        }))
-        .expect("report");
-        let node = DnsLabel::try_from("pi-a".to_owned()).expect("label");
-        storage
-            .record_report(&name, &node, &report)
-            .expect("record");
-        registry.fleet.changed();
-        let after = registry.fleet.view(&registry).expect("view");
-        assert_ne!(after, first, "the report is in the next answer");
-        assert!(String::from_utf8_lossy(&after).contains("pi-a"));
-        assert_eq!(storage.reads.load(Ordering::SeqCst), 2);
+        cache.changed();
+        let after = cache.view(build).expect("view");
+        assert_eq!(&after[..], b"build 2", "a change is in the next answer");
+        assert_eq!(cache.view(build).expect("view"), after);
+        assert_eq!(builds.get(), 2);
+    }
+
+    #[test]
+    fn a_failed_build_is_not_kept() {
+        let cache = FleetCache::default();
+        assert_eq!(cache.view(|| Err::<Vec<u8>, _>("disk")), Err("disk"));
+        let view = cache.view(|| Ok::<_, &str>(b"ok".to_vec())).expect("view");
+        assert_eq!(&view[..], b"ok");
     }
 }

@@ -3,10 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use pimesh_revision::{Rejection, SignedRevision, Verifier};
+use pimesh_revision::{FleetView, NodeView, Rejection, SignedRevision, SiteView, Verifier};
 use pimesh_schema::DnsLabel;
 use rustls::pki_types::pem::{self, PemObject as _};
 use rustls::pki_types::CertificateDer;
@@ -149,4 +150,143 @@ pub struct Registry {
     pub long_poll_max: std::time::Duration,
     /// The fleet view, told of every report and revision stored.
     pub fleet: crate::fleet::FleetCache,
+}
+
+/// Why the fleet view cannot be built.
+#[derive(Debug)]
+pub enum FleetError {
+    /// A site's reports cannot be read from storage.
+    Reports { site: DnsLabel, source: io::Error },
+    /// The view cannot be encoded as JSON.
+    Encode(serde_json::Error),
+}
+
+impl fmt::Display for FleetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FleetError::Reports { site, source } => {
+                write!(f, "cannot read the reports of site {site}: {source}")
+            }
+            FleetError::Encode(err) => write!(f, "cannot encode the fleet view: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for FleetError {}
+
+impl Registry {
+    /// The fleet view as JSON, from the cache unless a report or revision was stored
+    /// since it was built.
+    pub fn fleet_json(&self) -> Result<hyper::body::Bytes, FleetError> {
+        self.fleet.view(|| self.build_fleet_json())
+    }
+
+    fn build_fleet_json(&self) -> Result<Vec<u8>, FleetError> {
+        let mut sites = Vec::new();
+        for site in self.sites.values() {
+            let reports =
+                self.storage
+                    .reports(&site.name)
+                    .map_err(|source| FleetError::Reports {
+                        site: site.name.clone(),
+                        source,
+                    })?;
+            sites.push(SiteView {
+                site: site.name.clone(),
+                latest_revision: site.latest_revision(),
+                nodes: reports
+                    .into_iter()
+                    .map(|(node, recorded)| NodeView { node, recorded })
+                    .collect(),
+            });
+        }
+        serde_json::to_vec(&FleetView { sites }).map_err(FleetError::Encode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use pimesh_revision::RecordedReport;
+
+    use super::*;
+    use crate::config::SiteEntry;
+    use crate::fleet::FleetCache;
+
+    /// Storage that holds reports in memory and counts the reads of them.
+    #[derive(Default)]
+    struct Counting {
+        reports: Mutex<BTreeMap<DnsLabel, RecordedReport>>,
+        reads: AtomicUsize,
+    }
+
+    impl Storage for Counting {
+        fn latest(&self, _: &DnsLabel) -> io::Result<Option<SignedRevision>> {
+            Ok(None)
+        }
+        fn store(&self, _: &SignedRevision) -> io::Result<()> {
+            Ok(())
+        }
+        fn record_report(
+            &self,
+            _: &DnsLabel,
+            node: &DnsLabel,
+            report: &RecordedReport,
+        ) -> io::Result<()> {
+            let mut reports = self.reports.lock().expect("lock");
+            reports.insert(node.clone(), report.clone());
+            Ok(())
+        }
+        fn reports(&self, _: &DnsLabel) -> io::Result<BTreeMap<DnsLabel, RecordedReport>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            Ok(self.reports.lock().expect("lock").clone())
+        }
+    }
+
+    #[test]
+    fn the_fleet_view_reads_the_reports_once_per_change() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        pimesh_test_support::Site::new("depot-7").write_trust(dir.path());
+        let key = pimesh_test_support::central::SigningKey::generate();
+        let name = DnsLabel::try_from("depot-7".to_owned()).expect("label");
+        let storage = Arc::new(Counting::default());
+        let entry = SiteEntry {
+            name: name.clone(),
+            anchor: dir.path().join("anchor.pem"),
+            public_key: key.public_key.clone().try_into().expect("key"),
+        };
+        let site = Site::load(&entry, storage.as_ref()).expect("site");
+        let registry = Registry {
+            sites: BTreeMap::from([(name.clone(), site)]),
+            storage: Arc::clone(&storage) as Arc<dyn Storage>,
+            long_poll_max: std::time::Duration::from_secs(60),
+            fleet: FleetCache::default(),
+        };
+        let first = registry.fleet_json().expect("view");
+        for _ in 0..100 {
+            assert_eq!(registry.fleet_json().expect("view"), first);
+        }
+        assert_eq!(
+            storage.reads.load(Ordering::SeqCst),
+            1,
+            "one build for 101 requests"
+        );
+
+        let report: RecordedReport = serde_json::from_value(serde_json::json!({
+            "revision": 3, "state": "applied", "detail": "", "received_at": 1_800_000_000u64,
+        }))
+        .expect("report");
+        let node = DnsLabel::try_from("pi-a".to_owned()).expect("label");
+        storage
+            .record_report(&name, &node, &report)
+            .expect("record");
+        registry.fleet.changed();
+        let after = registry.fleet_json().expect("view");
+        assert_ne!(after, first, "the report is in the next answer");
+        assert!(String::from_utf8_lossy(&after).contains("pi-a"));
+        assert_eq!(storage.reads.load(Ordering::SeqCst), 2);
+    }
 }
