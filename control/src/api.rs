@@ -6,16 +6,25 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use rustls_pki_types::CertificateDer;
 
 use crate::discovery::{self, Body};
 use crate::identity_api;
 use crate::join_api;
-use crate::server::Shared;
+use crate::join_api::Join;
+use crate::state::State;
 use pimesh_runtime::answer;
+
+/// What every connection of the mutual-TLS side shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub state: Arc<State>,
+    pub discovery: Arc<discovery::Discovery>,
+    pub join: Arc<Join>,
+}
 
 /// Answers one request of a connection from `peer` whose client presented `chain`.
 pub async fn route(
@@ -31,9 +40,16 @@ pub async fn route(
     } = shared;
     match (request.method(), request.uri().path()) {
         (&Method::POST, "/v1/heartbeat") => {
-            discovery::heartbeat(request, peer, &chain, &state, &discovery, &join)
-                .await
-                .map(|body| body.boxed())
+            match discovery::heartbeat(request, peer, &chain, &state, &discovery).await {
+                Ok(node) => {
+                    // A heartbeat also keeps the node's server grant, if it has one.
+                    join.heard_from(&node).await;
+                    let mut response = Response::new(Full::new(Bytes::new()).boxed());
+                    *response.status_mut() = StatusCode::NO_CONTENT;
+                    response
+                }
+                Err(refusal) => refusal.map(|body| body.boxed()),
+            }
         }
         (&Method::GET, pimesh_join::path::ISSUER) => {
             join_api::issuer(&chain, &state, &discovery, &join)

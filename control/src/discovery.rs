@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 use http_body_util::Full;
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::{header, Request, Response, StatusCode};
+use pimesh_schema::DnsLabel;
 use rustls_pki_types::CertificateDer;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -36,7 +37,6 @@ use tracing::{debug, info};
 
 use crate::heartbeats::{About, Heartbeats, Server};
 use crate::identity_api;
-use crate::join_api::Join;
 use crate::state::{Snapshot, State};
 use pimesh_runtime::answer::{self, Refusal};
 
@@ -148,34 +148,27 @@ impl Discovery {
 /// The response body of every route: whole answers and the discovery stream alike.
 pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-/// `POST /v1/heartbeat` from the node of `chain`, connected from `peer`. A heartbeat
-/// also keeps the node's server grant, if it has one (`join`).
+/// `POST /v1/heartbeat` from the node of `chain`, connected from `peer`: `Ok` with the
+/// node whose heartbeat was recorded, or the refusal to answer.
 pub async fn heartbeat(
     request: Request<Incoming>,
     peer: SocketAddr,
     chain: &[CertificateDer<'static>],
     state: &State,
     discovery: &Discovery,
-    join: &Join,
-) -> Response<Full<Bytes>> {
+) -> Result<DnsLabel, Response<Full<Bytes>>> {
     let Some(snapshot) = state.snapshot() else {
-        return answer::error(StatusCode::SERVICE_UNAVAILABLE, "not ready");
+        return Err(answer::error(StatusCode::SERVICE_UNAVAILABLE, "not ready"));
     };
-    let node = match identity_api::requesting_node(chain, &snapshot, SystemTime::now()) {
-        Ok(node) => node,
-        Err(Refusal(code, message)) => return answer::error(code, &message),
-    };
-    let body = match answer::read_body(request, MAX_HEARTBEAT_BYTES).await {
-        Ok(body) => body,
-        Err(Refusal(code, message)) => return answer::error(code, &message),
-    };
-    let (port, about) = match heartbeat_body(&body) {
-        Ok(read) => read,
-        Err(err) => {
-            debug!(%node, %peer, "heartbeat refused: {err}");
-            return answer::error(StatusCode::BAD_REQUEST, &err.to_string());
-        }
-    };
+    let node = identity_api::requesting_node(chain, &snapshot, SystemTime::now())
+        .map_err(|Refusal(code, message)| answer::error(code, &message))?;
+    let body = answer::read_body(request, MAX_HEARTBEAT_BYTES)
+        .await
+        .map_err(|Refusal(code, message)| answer::error(code, &message))?;
+    let (port, about) = heartbeat_body(&body).map_err(|err| {
+        debug!(%node, %peer, "heartbeat refused: {err}");
+        answer::error(StatusCode::BAD_REQUEST, &err.to_string())
+    })?;
     let addr = SocketAddr::new(peer.ip().to_canonical(), port);
     if discovery
         .heartbeats
@@ -183,10 +176,7 @@ pub async fn heartbeat(
     {
         discovery.refresh(state);
     }
-    join.heard_from(&node).await;
-    let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() = StatusCode::NO_CONTENT;
-    response
+    Ok(node)
 }
 
 /// Why a heartbeat body is refused; shown to the caller after what is expected.

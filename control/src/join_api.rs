@@ -110,12 +110,12 @@ impl Join {
     }
 
     /// Notes that `node` was answered for `key`, unless another key holds the name within
-    /// the TTL: then the key that holds it.
-    fn claim(&self, node: &DnsLabel, key: &str, now: Instant) -> Result<(), String> {
+    /// the TTL.
+    fn claim(&self, node: &DnsLabel, key: &str, now: Instant) -> Result<(), NameHeld> {
         let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
         recent.retain(|_, (_, at)| now.saturating_duration_since(*at) < self.ttl);
         match recent.get(node) {
-            Some((held, _)) if held != key => Err(held.clone()),
+            Some((held, _)) if held != key => Err(NameHeld { key: held.clone() }),
             _ => {
                 if recent.len() >= MAX_RECENT && !recent.contains_key(node) {
                     let oldest = recent
@@ -131,6 +131,12 @@ impl Join {
             }
         }
     }
+}
+
+/// A node name held by another key: the fingerprint of that key.
+#[derive(Debug)]
+struct NameHeld {
+    key: String,
 }
 
 /// A refused attempt.
@@ -375,7 +381,7 @@ async fn attempt(
         return Err(name_taken(&node, &held, "a live heartbeat", join.ttl));
     }
     join.claim(&node, &key, instant)
-        .map_err(|held| name_taken(&node, &held, "a join this replica answered", join.ttl))?;
+        .map_err(|held| name_taken(&node, &held.key, "a join this replica answered", join.ttl))?;
 
     let servers = discovery.heartbeats.servers();
     let live: BTreeSet<String> = servers.keys().cloned().collect();

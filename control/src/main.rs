@@ -149,7 +149,7 @@ async fn run(options: cli::Options) -> Result<(), Fatal> {
     );
     let server = tokio::spawn(server::serve(
         listener,
-        server::Shared {
+        api::Shared {
             state: Arc::clone(&state),
             discovery: Arc::clone(&discovery),
             join,

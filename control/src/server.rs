@@ -26,9 +26,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::LazyConfigAcceptor;
 use tracing::debug;
 
-use crate::api;
-use crate::discovery::Discovery;
-use crate::join_api::{self, Join};
+use crate::api::{self, Shared};
+use crate::join_api;
 use crate::state::{Counters, State};
 
 /// The most connections the replica port holds at once (the unit's `LimitNOFILE=4096`
@@ -41,14 +40,6 @@ const MAX_PER_SOURCE: usize = 64;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first byte of a TLS connection: a handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
-
-/// What every connection shares.
-#[derive(Clone)]
-pub struct Shared {
-    pub state: Arc<State>,
-    pub discovery: Arc<Discovery>,
-    pub join: Arc<Join>,
-}
 
 /// Serves `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, shared: Shared) {
