@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::load::{key_name, locate};
+use crate::position::{key_name, locate};
 use crate::{parse_toml, ConfigError, DnsLabel, SpiffeId};
 
 /// A validated site configuration. Holding one means every cross-reference holds: split
@@ -393,7 +393,8 @@ pub mod limits {
 /// Checks every limit and duration of `raw` (read from `text` of `file`) against
 /// [`limits`].
 fn check_limits(file: &Path, text: &str, raw: &RawCluster) -> Result<(), ConfigError> {
-    let fail = |path: &[&str], message: String| ConfigError::at_path(file, text, path, message);
+    let fail =
+        |path: &[&str], OutOfBounds(message)| ConfigError::at_path(file, text, path, message);
     let proxy = &raw.proxy;
     within(
         proxy.max_connections,
@@ -432,21 +433,24 @@ fn check_limits(file: &Path, text: &str, raw: &RawCluster) -> Result<(), ConfigE
     Ok(())
 }
 
-/// `Err("expected <low> to <high>, found <found>")` when `found` is outside `range`.
+/// A value outside the bounds of its field.
+struct OutOfBounds(String);
+
+/// `Err` with "expected <low> to <high>, found <found>" when `found` is outside `range`.
 fn within<T: PartialOrd + Copy>(
     found: T,
     range: &std::ops::RangeInclusive<T>,
     show: impl Fn(&T) -> String,
-) -> Result<(), String> {
+) -> Result<(), OutOfBounds> {
     if range.contains(&found) {
         return Ok(());
     }
-    Err(format!(
+    Err(OutOfBounds(format!(
         "expected {} to {}, found {}",
         show(range.start()),
         show(range.end()),
         show(&found)
-    ))
+    )))
 }
 
 /// A duration as the config writes it (`10m`, `1day`).

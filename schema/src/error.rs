@@ -34,8 +34,8 @@ impl ConfigError {
         ConfigError::at_key(
             file,
             text,
-            crate::load::locate(text, path),
-            &crate::load::key_name(path),
+            crate::position::locate(text, path),
+            &crate::position::key_name(path),
             message,
         )
     }
@@ -50,7 +50,7 @@ impl ConfigError {
     ) -> Self {
         let (line, column) = match at {
             Some(offset) => {
-                let (line, column) = line_column(text, offset);
+                let (line, column) = crate::position::line_column(text, offset);
                 (Some(line), Some(column))
             }
             None => (None, None),
@@ -63,20 +63,6 @@ impl ConfigError {
             message: message.into(),
         }
     }
-}
-
-/// 1-based line and column (in characters) of byte `offset` in `text`; offsets past the end
-/// or inside a character are clamped to the nearest preceding character boundary.
-pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let column = before[line_start..].chars().count() + 1;
-    (line, column)
 }
 
 impl fmt::Display for ConfigError {
@@ -100,17 +86,6 @@ impl std::error::Error for ConfigError {}
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn line_and_column_are_one_based() {
-        let text = "a = 1\nbb = \"é2\"\n";
-        assert_eq!(line_column(text, 0), (1, 1));
-        assert_eq!(line_column(text, 6), (2, 1));
-        // the byte after 'é' (two bytes) is the 8th character of line 2
-        let after_e = text.find('2').unwrap_or_default();
-        assert_eq!(line_column(text, after_e), (2, 8));
-        assert_eq!(line_column(text, 10_000), (3, 1));
-    }
 
     #[test]
     fn display_names_file_line_key_and_message() {

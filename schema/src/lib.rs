@@ -9,6 +9,7 @@ pub mod cluster;
 mod error;
 mod load;
 mod names;
+mod position;
 pub mod seed;
 mod spiffe;
 pub mod supervisor;

@@ -7,7 +7,7 @@ use crate::ValueError;
 use std::fmt;
 use std::path::Path;
 
-use crate::load::locate;
+use crate::position::locate;
 use crate::{parse_toml, ConfigError, DnsLabel};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -466,7 +466,7 @@ pub fn read_small(file: &Path) -> Result<String, ConfigError> {
         let text = String::from_utf8_lossy(err.as_bytes()).into_owned();
         let offset = err.utf8_error().valid_up_to();
         let mut error = ConfigError::file(file, "expected UTF-8 text, found invalid bytes");
-        let (line, column) = crate::error::line_column(&text, offset);
+        let (line, column) = crate::position::line_column(&text, offset);
         error.line = Some(line);
         error.column = Some(column);
         error

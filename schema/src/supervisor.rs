@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::{key_name, locate};
+use crate::position::{key_name, locate};
 use crate::seed::read_small;
 use crate::{parse_toml, ConfigError};
 
