@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use pimesh_test_support::backends::{tcp_echo, Backend, Collector};
 use pimesh_test_support::http::sample;
 use pimesh_test_support::proxy::{mesh, mesh_with};
-use pimesh_test_support::{free_port, replace, Site, DEADLINE};
+use pimesh_test_support::{free_port, replace, wait_until, Site, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -25,6 +25,19 @@ async fn h1(addr: std::net::SocketAddr) -> H1 {
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .expect("handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+type H2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+/// A prior-knowledge HTTP/2 connection to `addr`.
+async fn h2(addr: std::net::SocketAddr) -> H2 {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(stream))
+        .await
+        .expect("h2c handshake");
     tokio::spawn(connection);
     sender
 }
@@ -358,12 +371,12 @@ async fn every_limit_at_the_ends_of_its_bounds_still_serves() {
     let site = Site::new("depot");
     let web = Backend::start("web").await;
     let highest = (
-        "max_header_bytes = 1048576\nheader_timeout = \"10m\"",
+        "max_header_bytes = 1048576\nheader_timeout = \"10m\"\ndefault_timeout = \"1day\"",
         "timeout = \"1day\"\nidle_timeout = \"1day\"\n\
          fault = { delay = { duration = \"1h\", percent = 0.0 } }",
     );
     let lowest = (
-        "max_header_bytes = 1024\nheader_timeout = \"100ms\"",
+        "max_header_bytes = 1024\nheader_timeout = \"100ms\"\ndefault_timeout = \"1ms\"",
         "timeout = \"1ms\"\nidle_timeout = \"1s\"\n\
          fault = { delay = { duration = \"0s\", percent = 100.0 } }",
     );
@@ -609,4 +622,90 @@ async fn an_unreachable_node_is_retried_elsewhere_and_a_slow_one_times_out() {
         reason.contains("timeout") && reason.contains("slow"),
         "{reason}"
     );
+}
+
+/// A service whose app stalls, called by many clients at once, takes only its share of
+/// the streams between two nodes: past its limit of requests in flight it is refused at
+/// once, the pool adds connections to the peer, and another service between the same two
+/// nodes is answered all along. A service without a timeout has the site's default.
+#[tokio::test]
+async fn a_stalled_service_cannot_take_the_streams_between_two_nodes() {
+    /// Client connections, and streams on each: under the 200 streams the outbound side
+    /// allows a client connection, and past the peer's 1000 per connection in all.
+    const CLIENTS: usize = 6;
+    const STREAMS_EACH: usize = 190;
+    /// The proxy's requests in flight per service.
+    const LIMIT: usize = 1024;
+    let site = Site::new("depot");
+    let web = Backend::start("web").await;
+    let stuck = Backend::start("stuck").await;
+    let services = service("web", web.port, "timeout = \"1day\"")
+        + &service("stuck", stuck.port, "timeout = \"1day\"")
+        + &service("stuck-default", stuck.port, "");
+    let m = mesh_with(&site, "default_timeout = \"300ms\"", &services).await;
+
+    let mut held = Vec::new();
+    for _ in 0..CLIENTS {
+        let sender = h2(m.a.outbound).await;
+        for _ in 0..STREAMS_EACH {
+            let mut sender = sender.clone();
+            held.push(tokio::spawn(async move {
+                let request = Request::get("http://stuck/held")
+                    .body(Full::new(Bytes::new()))
+                    .expect("request");
+                let response = sender.send_request(request).await.expect("response");
+                let status = response.status().as_u16();
+                let reason = response
+                    .headers()
+                    .get("pimesh-proxy-error")
+                    .map(|v| v.to_str().expect("ascii").to_owned());
+                let _ = response.into_body().collect().await;
+                (status, reason)
+            }));
+        }
+    }
+    let refused = CLIENTS * STREAMS_EACH - LIMIT;
+    let overflow = "pimesh_rejected_total{direction=\"outbound\",reason=\"service_overflow\"}";
+    wait_until(
+        "the requests past the service's limit are refused",
+        || async { m.a.metric(overflow).await == refused as f64 },
+    )
+    .await;
+
+    let mut client = h1(m.a.outbound).await;
+    let (status, _, body) = tokio::time::timeout(DEADLINE, get(&mut client, "web", "/"))
+        .await
+        .expect("another service is answered while the stalled one's requests are open");
+    assert_eq!((status, body.as_str()), (200, "web\n"));
+    let peer_connections =
+        m.b.metric("pimesh_open_connections{direction=\"inbound\"}")
+            .await;
+    assert!(
+        peer_connections >= 2.0,
+        "node a opened more connections to node b: {peer_connections}"
+    );
+
+    let (status, headers, _) = get(&mut client, "stuck-default", "/held").await;
+    let reason = headers["pimesh-proxy-error"].to_str().expect("ascii");
+    assert_eq!(status, 504, "{reason}");
+    assert!(
+        reason.contains("300ms"),
+        "the site's default_timeout: {reason}"
+    );
+
+    stuck.release();
+    let (mut answered, mut overflowed) = (0, 0);
+    for request in held {
+        match request.await.expect("request task") {
+            (200, None) => answered += 1,
+            (503, Some(reason)) if reason.contains("stuck") && reason.contains("in flight") => {
+                overflowed += 1;
+            }
+            other => panic!("a request to the stalled service ended as {other:?}"),
+        }
+    }
+    assert_eq!((answered, overflowed), (LIMIT, refused));
+    // Every held request gave its place back.
+    let (status, _, body) = get(&mut client, "stuck", "/held").await;
+    assert_eq!((status, body.as_str()), (200, "stuck\n"));
 }

@@ -175,6 +175,9 @@ pub struct ProxySettings {
     pub max_header_bytes: u32,
     /// A client must send its request head within this time.
     pub header_timeout: HumanDuration,
+    /// The `timeout` of every service that sets none: how long a request may wait for
+    /// the head of its response.
+    pub default_timeout: HumanDuration,
     /// Retries may add at most this percentage to the requests sent (0 to 100).
     pub retry_budget_percent: u8,
     /// Where spans are exported (Zipkin v2 JSON over HTTP), if anywhere.
@@ -187,6 +190,7 @@ impl Default for ProxySettings {
             max_connections: 4_096,
             max_header_bytes: 16 * 1024,
             header_timeout: HumanDuration(Duration::from_secs(10)),
+            default_timeout: HumanDuration(Duration::from_secs(30)),
             retry_budget_percent: 20,
             zipkin_url: None,
         }
@@ -213,7 +217,8 @@ pub struct Service {
     #[serde(default)]
     pub split: Vec<Backend>,
     pub fault: Option<Fault>,
-    /// Whole-request deadline.
+    /// How long a request may wait for the head of its response (`504` after);
+    /// `[proxy] default_timeout` when absent.
     pub timeout: Option<HumanDuration>,
     /// A connection idle this long is closed.
     pub idle_timeout: Option<HumanDuration>,
@@ -380,7 +385,7 @@ pub mod limits {
     /// `[proxy] header_timeout`.
     pub const HEADER_TIMEOUT: RangeInclusive<Duration> =
         Duration::from_millis(100)..=Duration::from_secs(600);
-    /// A service's `timeout` (a whole request).
+    /// A service's `timeout` and `[proxy] default_timeout` (until the response head).
     pub const REQUEST_TIMEOUT: RangeInclusive<Duration> =
         Duration::from_millis(1)..=Duration::from_secs(86_400);
     /// A service's `idle_timeout`.
@@ -410,6 +415,8 @@ fn check_limits(file: &Path, text: &str, raw: &RawCluster) -> Result<(), ConfigE
     .map_err(|message| fail(&["proxy", "max_header_bytes"], message))?;
     within(proxy.header_timeout.0, &limits::HEADER_TIMEOUT, show)
         .map_err(|message| fail(&["proxy", "header_timeout"], message))?;
+    within(proxy.default_timeout.0, &limits::REQUEST_TIMEOUT, show)
+        .map_err(|message| fail(&["proxy", "default_timeout"], message))?;
     for (name, service) in &raw.services {
         let name = name.as_str();
         if let Some(timeout) = service.timeout {

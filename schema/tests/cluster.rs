@@ -126,6 +126,8 @@ fn each_broken_rule_names_its_key_and_line() {
         ("site = \"s\"\n[proxy]\nmax_header_bytes = 10\n", "proxy.max_header_bytes", 3, "1024 to"),
         ("site = \"s\"\n[proxy]\nheader_timeout = \"10000000000000s\"\n", "proxy.header_timeout", 3, "100ms to 10m"),
         ("site = \"s\"\n[proxy]\nheader_timeout = \"0s\"\n", "proxy.header_timeout", 3, "found 0s"),
+        ("site = \"s\"\n[proxy]\ndefault_timeout = \"0s\"\n", "proxy.default_timeout", 3, "1ms to 1day"),
+        ("site = \"s\"\n[proxy]\ndefault_timeout = \"2days\"\n", "proxy.default_timeout", 3, "found 2days"),
         ("site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\ntimeout = \"400days\"\n", "services.b.timeout", 5, "1ms to 1day"),
         ("site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\nidle_timeout = \"0s\"\n", "services.b.idle_timeout", 5, "1s to 1day"),
         (
@@ -148,13 +150,17 @@ fn the_limits_bounds_are_accepted() {
     use pimesh_schema::cluster::limits;
     let text = format!(
         "site = \"s\"\n[proxy]\nmax_connections = {}\nmax_header_bytes = {}\nheader_timeout = \"10m\"\n\
-         [services.b]\nport = 1\nnodes = [\"n\"]\ntimeout = \"1ms\"\nidle_timeout = \"1day\"\n",
+         default_timeout = \"1day\"\n[services.b]\nport = 1\nnodes = [\"n\"]\ntimeout = \"1ms\"\nidle_timeout = \"1day\"\n",
         limits::MAX_CONNECTIONS.end(),
         limits::MAX_HEADER_BYTES.start()
     );
     let config = parse(&text).expect("the bounds themselves are valid");
     assert_eq!(config.proxy.max_connections, *limits::MAX_CONNECTIONS.end());
     assert_eq!(config.proxy.header_timeout.0, *limits::HEADER_TIMEOUT.end());
+    assert_eq!(
+        config.proxy.default_timeout.0,
+        *limits::REQUEST_TIMEOUT.end()
+    );
 }
 
 #[test]

@@ -28,10 +28,12 @@ pub type BackendBody = BoxBody<Bytes, hyper::Error>;
 /// An HTTP backend on 127.0.0.1 speaking HTTP/1.1 or prior-knowledge HTTP/2 (the
 /// protocol is detected per connection by hyper-util's auto builder). `GET` answers
 /// `<name>\n`; `GET /status/<code>` answers with that status; `POST /echo` streams the
-/// request body back chunk by chunk as it arrives.
+/// request body back chunk by chunk as it arrives; `GET /held` answers only once
+/// [`Backend::release`] was called (an app whose answers stall).
 pub struct Backend {
     pub port: u16,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    released: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -52,6 +54,7 @@ impl Backend {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let name: Arc<str> = name.into();
         let record = Arc::clone(&seen);
+        let (released, release_seen) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -59,10 +62,12 @@ impl Backend {
                 };
                 let name = Arc::clone(&name);
                 let record = Arc::clone(&record);
+                let release_seen = release_seen.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request: Request<Incoming>| {
                         let name = Arc::clone(&name);
                         let record = Arc::clone(&record);
+                        let mut release_seen = release_seen.clone();
                         async move {
                             record.lock().expect("lock").push(Seen {
                                 method: request.method().to_string(),
@@ -70,6 +75,9 @@ impl Backend {
                                 version: request.version(),
                                 headers: request.headers().clone(),
                             });
+                            if request.uri().path() == "/held" {
+                                let _ = release_seen.wait_for(|released| *released).await;
+                            }
                             Ok::<_, Infallible>(answer(&name, request))
                         }
                     });
@@ -79,11 +87,21 @@ impl Backend {
                 });
             }
         });
-        Backend { port, seen, task }
+        Backend {
+            port,
+            seen,
+            released,
+            task,
+        }
     }
 
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().expect("lock").clone()
+    }
+
+    /// Answers every `GET /held`, held now or later.
+    pub fn release(&self) {
+        self.released.send_replace(true);
     }
 }
 

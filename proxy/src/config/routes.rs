@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use pimesh_schema::cluster::{ClusterConfig, Fault, Protocol, ProxySettings, Service};
 use pimesh_schema::{DnsLabel, SpiffeId};
+use tokio::sync::Semaphore;
 
 use crate::outbound::balance::Balancer;
 use crate::outbound::budget::RetryBudget;
@@ -28,6 +29,11 @@ use crate::transport::metrics::TcpMetrics;
 const RETRY_FLOOR_PER_SECOND: u32 = 10;
 /// The window over which the retry budget compares retries with requests.
 const RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// Requests in flight to one service from one proxy's clients; more are answered `503`
+/// at once (Envoy's default `max_requests` per cluster). Streams to a peer node run out
+/// only past several times this (see `transport::peers`).
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 1024;
 
 /// The DNS suffix of mesh names: `<service>.<site>.pimesh`.
 pub const MESH_SUFFIX: &str = "pimesh";
@@ -55,7 +61,9 @@ pub struct ServiceRoute {
     pub split: Vec<(Arc<ServiceRoute>, u32)>,
     split_total: u64,
     pub fault: Option<Fault>,
-    pub timeout: Option<Duration>,
+    /// How long a request waits for its response's head: the service's `timeout`, else
+    /// the site's `[proxy] default_timeout`.
+    pub timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub retries: u8,
     /// `None`: any identity of the site may call.
@@ -64,6 +72,10 @@ pub struct ServiceRoute {
     pub local: bool,
     /// The nodes with a known address; empty when placement names only unknown nodes.
     pub endpoints: Balancer<Endpoint>,
+    /// Requests of this proxy's clients in flight to this (concrete) service, at most
+    /// [`MAX_REQUESTS_IN_FLIGHT`]: one service whose answers stall cannot take every
+    /// stream of the connections to its nodes from the other services.
+    pub in_flight: Arc<Semaphore>,
     pub outbound: RouteMetrics,
     pub inbound: RouteMetrics,
     /// The outbound side's faults and retries.
@@ -179,7 +191,9 @@ impl RouteTable {
                 split,
                 split_total,
                 fault: service.fault.clone(),
-                timeout: service.timeout.map(|d| d.0),
+                timeout: service
+                    .timeout
+                    .map_or(config.proxy.default_timeout.0, |d| d.0),
                 idle_timeout: service.idle_timeout.map(|d| d.0),
                 retries: service.retries,
                 allow: service
@@ -188,6 +202,7 @@ impl RouteTable {
                     .map(|ids| ids.iter().map(|id| id.0.clone()).collect()),
                 local: node.is_some_and(|n| service.nodes.contains(n)),
                 endpoints: Balancer::new(endpoints),
+                in_flight: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
                 outbound: metrics.requests.route(Direction::Outbound, name.as_str()),
                 inbound: metrics.requests.route(Direction::Inbound, name.as_str()),
                 policy: metrics.outbound.route(name.as_str()),

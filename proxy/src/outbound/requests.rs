@@ -17,14 +17,15 @@ use tracing::debug;
 
 use super::faults::inject_faults;
 use super::{ClientProto, MAX_REDIALS};
-use crate::config::routes::{Endpoint, RouteTable, ServiceRoute};
+use crate::config::routes::{Endpoint, RouteTable, ServiceRoute, MAX_REQUESTS_IN_FLIGHT};
 use crate::context::Context;
 use crate::telemetry::labels::Direction;
 use crate::telemetry::trace;
 use crate::transport::drain;
 use crate::transport::mesh_http::{
-    self, error_response, strip_hop_by_hop, Body, DST_HEADER, PROTO_HEADER,
+    self, error_response, holding, strip_hop_by_hop, Body, DST_HEADER, PROTO_HEADER,
 };
+use crate::transport::peers::Lease;
 
 /// Serves `proto` on a client connection until it closes or the drain finishes it.
 /// `fixed`: the service of a local port or an intercepted address; `None` on the proxy
@@ -142,23 +143,20 @@ async fn handle(
         ),
         None => None,
     };
-    let response = match apex.timeout {
-        None => forward(&context, &table, &apex, parts, body, proto).await,
-        Some(limit) => {
-            match tokio::time::timeout(limit, forward(&context, &table, &apex, parts, body, proto))
-                .await
-            {
-                Ok(response) => response,
-                Err(_) => error_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    &format!(
-                        "service {} did not answer within its timeout of {limit:?}",
-                        apex.name
-                    ),
+    let limit = apex.timeout;
+    let response =
+        match tokio::time::timeout(limit, forward(&context, &table, &apex, parts, body, proto))
+            .await
+        {
+            Ok(response) => response,
+            Err(_) => error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!(
+                    "service {} did not answer within its timeout of {limit:?}",
+                    apex.name
                 ),
-            }
-        }
-    };
+            ),
+        };
     let status = response.status().as_u16();
     apex.outbound.response(status, started.elapsed());
     if let Some(span) = span {
@@ -214,6 +212,23 @@ async fn forward(
             "this proxy has no node identity yet, so it cannot reach other nodes",
         );
     }
+
+    // Held until the response body ends; a service at its limit is refused at once
+    // rather than queued behind its own stalled requests.
+    let Ok(in_flight) = Arc::clone(&backend.in_flight).try_acquire_owned() else {
+        context
+            .metrics
+            .connections
+            .rejected(Direction::Outbound, "service_overflow");
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "service {} has {MAX_REQUESTS_IN_FLIGHT} requests in flight from this node, \
+                 its limit; try again later",
+                backend.name
+            ),
+        );
+    };
 
     strip_hop_by_hop(&mut parts.headers);
     let authority = authority_of(&parts)
@@ -281,12 +296,12 @@ async fn forward(
             }
         };
         let node = pick.endpoint.node.clone();
-        let sender = match context
+        let Lease { mut sender, stream } = match context
             .peers
             .sender(|| context.identity(), &node, pick.endpoint.addr)
             .await
         {
-            Ok(sender) => sender,
+            Ok(lease) => lease,
             Err(err) => {
                 // Nothing was sent: any request may go to another endpoint, whatever the
                 // service's `retries`.
@@ -313,7 +328,6 @@ async fn forward(
             std::mem::take(&mut parts.headers)
         };
         let sent = Instant::now();
-        let mut sender = sender;
         match sender.send_request(attempt).await {
             Ok(response) => {
                 let proxy_failed = response.headers().contains_key(mesh_http::ERROR_HEADER)
@@ -329,7 +343,7 @@ async fn forward(
                     ClientProto::H1 => Version::HTTP_11,
                     ClientProto::H2 => Version::HTTP_2,
                 };
-                return Response::from_parts(head, body.boxed());
+                return Response::from_parts(head, holding(body, (stream, in_flight)));
             }
             Err(err) => {
                 pick.failure();

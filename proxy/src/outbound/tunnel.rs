@@ -20,7 +20,7 @@ use crate::context::Context;
 use crate::telemetry::labels::Direction;
 use crate::transport::drain;
 use crate::transport::mesh_http::{self, DST_HEADER};
-use crate::transport::peers::DialError;
+use crate::transport::peers::{DialError, Lease};
 
 /// Why a tunnel to a node could not be opened (logged at debug level; the next endpoint is
 /// tried).
@@ -106,7 +106,7 @@ pub async fn tunnel(
             backend.port.unwrap_or_default()
         );
         let connect = async {
-            let mut sender = context
+            let Lease { mut sender, stream } = context
                 .peers
                 .sender(|| context.identity(), &node, pick.endpoint.addr)
                 .await
@@ -134,15 +134,16 @@ pub async fn tunnel(
                     reason,
                 });
             }
-            hyper::upgrade::on(response)
+            let upgraded = hyper::upgrade::on(response)
                 .await
-                .map_err(TunnelError::Upgrade)
+                .map_err(TunnelError::Upgrade)?;
+            Ok((upgraded, stream))
         };
         let started = Instant::now();
         match connect.await {
-            Ok(upgraded) => {
+            Ok(up) => {
                 pick.success(started.elapsed());
-                break upgraded;
+                break up;
             }
             Err(err) => {
                 refused.push(pick.endpoint.clone());
@@ -155,6 +156,8 @@ pub async fn tunnel(
             }
         }
     };
+    // The stream lease is held for as long as the tunnel is open.
+    let (upgraded, _stream) = upgraded;
     let mut upgraded = TokioIo::new(upgraded);
     let idle = apex.idle_timeout.or(backend.idle_timeout);
     let (read, written) = crate::transport::splice::splice(&mut client, &mut upgraded, idle).await;

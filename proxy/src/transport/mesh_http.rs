@@ -1,6 +1,9 @@
 //! What both directions of the HTTP path share: the body type of every request the proxy
-//! sends on, the mesh's own headers, hop-by-hop header removal, and the proxy's error
-//! responses.
+//! sends on, bodies that hold a resource until they end, the mesh's own headers,
+//! hop-by-hop header removal, and the proxy's error responses.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -21,6 +24,45 @@ pub const DST_HEADER: HeaderName = HeaderName::from_static("pimesh-dst");
 pub const PROTO_HEADER: HeaderName = HeaderName::from_static("pimesh-proto");
 /// Set on responses the proxy made up because of an injected fault.
 pub const FAULT_HEADER: HeaderName = HeaderName::from_static("pimesh-fault");
+
+/// `body`, keeping `held` until the body is dropped: what a response holds while its
+/// client reads it (a stream lease, a service's in-flight permit).
+pub fn holding<B, T>(body: B, held: T) -> Body
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
+    T: Send + Sync + Unpin + 'static,
+{
+    Held { body, _held: held }.boxed()
+}
+
+struct Held<B, T> {
+    body: B,
+    _held: T,
+}
+
+impl<B, T> hyper::body::Body for Held<B, T>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    T: Unpin,
+{
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()

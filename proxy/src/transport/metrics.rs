@@ -109,7 +109,7 @@ impl ConnectionMetrics {
 
     /// Counts `pimesh_rejected_total{direction, reason}`: bad input or a limit hit, e.g.
     /// `malformed_http`, `header_too_large`, `header_timeout`, `connection_limit`,
-    /// `handshake_limit`, `not_tls`,
+    /// `handshake_limit`, `not_tls`, `service_overflow`,
     /// `unknown_service`, `no_endpoints`, `unauthorized`, `detect_timeout`. Does not allocate
     /// after the first rejection with this reason.
     pub fn rejected(&self, direction: Direction, reason: &'static str) {
