@@ -12,4 +12,4 @@ cd "$here"
 if [ $# -gt 0 ]; then
   exec python3 -m pytest -v -s -p no:cacheprovider "$@"
 fi
-exec python3 -m pytest -v -s -p no:cacheprovider test_heal.py test_ota.py test_trust.py test_control.py test_network.py
+exec python3 -m pytest -v -s -p no:cacheprovider test_heal.py test_ota.py test_trust.py test_control.py test_network.py test_watchdog.py
