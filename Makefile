@@ -14,7 +14,7 @@ NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 HOST_RELEASE := $(or $(CARGO_TARGET_DIR),target)/release
 
 .PHONY: fuzz central help deps image image-amd64 cross host-bins test test-containers test-rust test-qemu test-nspawn test-site qemu qemu-site bench-site bench-boot \
-	bench bench-heal bench-ota bench-central bench-proxy bench-control lint clean
+	bench bench-heal bench-ota bench-wear bench-central bench-proxy bench-control lint clean
 
 help:
 	@echo "make image        build $(IMAGE) (the Raspberry Pi SD card image)"
@@ -123,7 +123,7 @@ fuzz:
 
 # Benchmarks: one target per figure table, all run by bench/run.sh (bench/README.md says
 # what each measures and the table every one prints).
-bench: bench-heal bench-ota bench-central bench-boot bench-proxy bench-control
+bench: bench-heal bench-ota bench-wear bench-central bench-boot bench-proxy bench-control
 
 # kill/hang of a managed unit -> ready again, the supervisor's CPU and RSS (bench/heal.py).
 bench-heal: image-amd64
@@ -132,6 +132,10 @@ bench-heal: image-amd64
 # publish -> applied and reported, bad revision -> rolled back (bench/ota.py).
 bench-ota: image-amd64
 	./bench/run.sh ota
+
+# bytes the Pimesh daemons and their journal write per day, idle and with traffic (bench/wear.py).
+bench-wear: image-amd64
+	./bench/run.sh wear
 
 # boot to supervisor READY and multi-user, with and without Pimesh (bench/boot.py).
 bench-boot: $(IMAGE)

@@ -2,11 +2,12 @@
 # Runs one benchmark; it prints its figures as one table (bench/README.md).
 #   bench/run.sh heal      kill/hang → ready again, the supervisor's CPU and RSS (nspawn)
 #   bench/run.sh ota       publish → applied, bad revision → rolled back (nspawn)
+#   bench/run.sh wear      bytes Pimesh writes to a node's storage per day (nspawn)
 #   bench/run.sh boot      boot to READY and multi-user, with and without Pimesh (QEMU)
 #   bench/run.sh central   pimesh-central under 5000 long-polling mTLS nodes
 #   bench/run.sh control   control replicas and proxies of a temporary site
 #   bench/run.sh proxy     the mesh path next to HAProxy and direct
-# heal and ota need the amd64 root (make image-amd64) and the host binaries, boot the arm64
+# heal, ota and wear need the amd64 root (make image-amd64) and the host binaries, boot the arm64
 # image (make image): `make bench-NAME` builds what each needs first. Arguments after the
 # name go to the benchmark (central, control).
 set -euo pipefail
@@ -17,7 +18,7 @@ export PYTHONPATH="$repo/tests${PYTHONPATH:+:$PYTHONPATH}"
 name="${1:-}"
 shift || true
 case "$name" in
-  heal|ota|boot)
+  heal|ota|wear|boot)
     ./image/host-deps.sh >/dev/null   # systemd-nspawn, nsenter, QEMU, python3
     exec python3 "bench/$name.py" "$@"
     ;;
