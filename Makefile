@@ -13,7 +13,7 @@ NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 # Where cargo puts host release binaries (CI shares a target folder between clones).
 HOST_RELEASE := $(or $(CARGO_TARGET_DIR),target)/release
 
-.PHONY: fuzz central help deps image image-amd64 cross host-bins test test-containers test-rust test-qemu test-nspawn test-site qemu qemu-site bench-site bench-boot \
+.PHONY: fuzz test-fuzz central help deps image image-amd64 cross host-bins test test-containers test-rust test-qemu test-nspawn test-site qemu qemu-site bench-site bench-boot \
 	bench bench-heal bench-ota bench-wear bench-central bench-proxy bench-control lint clean
 
 help:
@@ -70,6 +70,7 @@ test: test-rust
 test-containers: image-amd64
 	$(MAKE) --no-print-directory test-nspawn
 	$(MAKE) --no-print-directory test-site
+	$(MAKE) --no-print-directory test-fuzz
 
 # The proxy's interception test needs iptables (host-deps installs it).
 test-rust:
@@ -120,6 +121,12 @@ clean:
 FUZZ_SECONDS ?= 60
 fuzz:
 	./fuzz/run.sh $(FUZZ_SECONDS)
+
+# The fuzz smoke of `make test`: every target for FUZZ_SMOKE_SECONDS from its seeds, the
+# instrumented build kept under /var/cache/pimesh (about 1.5 min when cold).
+FUZZ_SMOKE_SECONDS ?= 10
+test-fuzz:
+	FUZZ_TARGET_DIR=$${PIMESH_CACHE:-/var/cache/pimesh}/fuzz-target ./fuzz/run.sh $(FUZZ_SMOKE_SECONDS)
 
 # Benchmarks: one target per figure table, all run by bench/run.sh (bench/README.md says
 # what each measures and the table every one prints).
