@@ -51,6 +51,19 @@ impl Drop for Admitted {
 }
 
 impl Context {
+    /// A request refused by this proxy: counted in `pimesh_rejected_total{direction,
+    /// reason}` and answered with `status` and `message` (see `mesh_http::error_response`).
+    pub fn refuse(
+        &self,
+        direction: Direction,
+        reason: &'static str,
+        status: http::StatusCode,
+        message: &str,
+    ) -> http::Response<Body> {
+        self.metrics.connections.rejected(direction, reason);
+        crate::transport::mesh_http::error_response(status, message)
+    }
+
     pub fn new(
         routes: watch::Receiver<Arc<RouteTable>>,
         identity: watch::Receiver<Option<Identity>>,

@@ -30,7 +30,7 @@ use crate::context::Context;
 use crate::telemetry::labels::Direction;
 use crate::transport::drain;
 use crate::transport::handshakes::HandshakeSlot;
-use crate::transport::mesh_http::{error_response, Body, DST_HEADER};
+use crate::transport::mesh_http::{Body, DST_HEADER};
 use app::{deliver, open_tunnel};
 
 /// A peer must finish the TLS handshake within this time.
@@ -132,11 +132,9 @@ async fn handle(
             .cloned()
     });
     let Some(route) = route else {
-        context
-            .metrics
-            .connections
-            .rejected(Direction::Inbound, "unknown_service");
-        return error_response(
+        return context.refuse(
+            Direction::Inbound,
+            "unknown_service",
             StatusCode::SERVICE_UNAVAILABLE,
             &format!(
                 "unknown service {:?} on this node",
@@ -145,24 +143,20 @@ async fn handle(
         );
     };
     let (Some(port), true) = (route.port, route.local) else {
-        context
-            .metrics
-            .connections
-            .rejected(Direction::Inbound, "not_placed_here");
-        return error_response(
+        return context.refuse(
+            Direction::Inbound,
+            "not_placed_here",
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("service {} is not placed on this node", route.name),
         );
     };
     if !route.allows(&caller) {
-        context
-            .metrics
-            .connections
-            .rejected(Direction::Inbound, "unauthorized");
         let who = caller
             .first()
             .map_or_else(|| "an unnamed caller".to_owned(), ToString::to_string);
-        return error_response(
+        return context.refuse(
+            Direction::Inbound,
+            "unauthorized",
             StatusCode::FORBIDDEN,
             &format!("{who} is not allowed to call service {}", route.name),
         );

@@ -119,12 +119,10 @@ async fn handle(
         None => authority_of(&parts).and_then(|authority| table.by_authority(authority).cloned()),
     };
     let Some(apex) = apex else {
-        context
-            .metrics
-            .connections
-            .rejected(Direction::Outbound, "unknown_service");
         let named = authority_of(&parts).unwrap_or("(none)").to_owned();
-        return error_response(
+        return context.refuse(
+            Direction::Outbound,
+            "unknown_service",
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("unknown service: the authority {named:?} names no service of this site"),
         );
@@ -203,11 +201,9 @@ async fn forward(
         return aborted;
     }
     if !context.has_identity() {
-        context
-            .metrics
-            .connections
-            .rejected(Direction::Outbound, "no_identity");
-        return error_response(
+        return context.refuse(
+            Direction::Outbound,
+            "no_identity",
             StatusCode::SERVICE_UNAVAILABLE,
             "this proxy has no node identity yet, so it cannot reach other nodes",
         );
@@ -216,11 +212,9 @@ async fn forward(
     // Held until the response body ends; a service at its limit is refused at once
     // rather than queued behind its own stalled requests.
     let Ok(in_flight) = Arc::clone(&backend.in_flight).try_acquire_owned() else {
-        context
-            .metrics
-            .connections
-            .rejected(Direction::Outbound, "service_overflow");
-        return error_response(
+        return context.refuse(
+            Direction::Outbound,
+            "service_overflow",
             StatusCode::SERVICE_UNAVAILABLE,
             &format!(
                 "service {} has {MAX_REQUESTS_IN_FLIGHT} requests in flight from this node, \
@@ -237,11 +231,9 @@ async fn forward(
     let uri = match mesh_http::rebase(&parts.uri, authority.as_str()) {
         Ok(uri) => uri,
         Err(err) => {
-            context
-                .metrics
-                .connections
-                .rejected(Direction::Outbound, "malformed_http");
-            return error_response(
+            return context.refuse(
+                Direction::Outbound,
+                "malformed_http",
                 StatusCode::BAD_REQUEST,
                 &format!("bad request target: {err}"),
             );
@@ -271,11 +263,9 @@ async fn forward(
                     &format!("no node running service {} could be reached", backend.name),
                 );
             }
-            context
-                .metrics
-                .connections
-                .rejected(Direction::Outbound, "no_endpoints");
-            return error_response(
+            return context.refuse(
+                Direction::Outbound,
+                "no_endpoints",
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!(
                     "service {} has no endpoints: no node with a known address runs it",
