@@ -13,7 +13,7 @@ NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 # Where cargo puts host release binaries (CI shares a target folder between clones).
 HOST_RELEASE := $(or $(CARGO_TARGET_DIR),target)/release
 
-.PHONY: fuzz test-fuzz central help deps image image-amd64 cross host-bins test test-containers test-rust test-qemu test-nspawn test-site qemu qemu-site bench-site bench-boot \
+.PHONY: fuzz test-fuzz soak-powercut central help deps image image-amd64 cross host-bins test test-containers test-rust test-qemu test-nspawn test-site qemu qemu-site bench-site bench-boot \
 	bench bench-heal bench-ota bench-wear bench-central bench-proxy bench-control lint clean
 
 help:
@@ -94,6 +94,12 @@ lint:
 # Figures of the site harness (start → certificate per node, daemons' memory), no asserts on them.
 bench-site: image-amd64
 	./tests/site/run.sh -k cards_form | tee /dev/stderr | grep '^FIGURES' || true
+
+# Power cuts at scale: the QEMU OTA test with N cuts (QEMU killed at a random instant while
+# the node applies a new revision; every boot must hold the old or the new one whole).
+N ?= 100
+soak-powercut: $(IMAGE) host-bins
+	PIMESH_VM_POWER_CUTS=$(N) ./tests/qemu/run.sh test_ota.py
 
 # Two VMs of the image on one LAN: the second joins the first by itself; kept up until Ctrl-C.
 qemu-site: $(IMAGE) host-bins
