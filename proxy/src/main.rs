@@ -3,11 +3,11 @@
 //! Local apps reach services through the outbound side (the HTTP proxy port 4140, a
 //! service's local port, or iptables redirection to 4140); the proxy routes each request
 //! or connection by the site config (`cluster.toml`) — split, faults, timeouts, retries,
-//! load balancing — and carries it over one pooled mTLS HTTP/2 connection per peer node
-//! to that node's proxy, whose inbound side (4143) checks the caller's identity and the
-//! service's policy and hands it to the app on 127.0.0.1. Trace context is propagated
-//! and spans exported; every hop is counted in Prometheus metrics on the admin port
-//! (4191: `/live`, `/ready`, `/config`, `/metrics`).
+//! load balancing — and carries it over pooled mTLS HTTP/2 connections (one per peer
+//! node, more while its streams run high) to that node's proxy, whose inbound side (4143)
+//! checks the caller's identity and the service's policy and hands it to the app on
+//! 127.0.0.1. Trace context is propagated and spans exported; every hop is counted in
+//! Prometheus metrics on the admin port (4191: `/live`, `/ready`, `/config`, `/metrics`).
 //!
 //! With `--control`, the identity in use is a leaf that the control replicas sign for the
 //! node and the services placed on it, renewed before it expires (`control::enroll`); the node

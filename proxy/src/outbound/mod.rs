@@ -1,6 +1,6 @@
 //! The outbound side: connections from local apps — through the HTTP proxy port (routed
 //! by authority), a service's local port, or transparently redirected by iptables — sent
-//! on to the node that runs the chosen service, over the pooled mTLS HTTP/2 connection to
+//! on to the node that runs the chosen service, over a pooled mTLS HTTP/2 connection to
 //! that node's proxy.
 //!
 //! Per HTTP request, in order: route (unknown service → 503), split (weighted backend),

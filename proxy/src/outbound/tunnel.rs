@@ -1,5 +1,5 @@
 //! Opaque TCP from a local app: carried to the node that runs the service through a
-//! CONNECT stream on the pooled peer connection; an intercepted connection to an address
+//! CONNECT stream on a pooled peer connection; an intercepted connection to an address
 //! that is no mesh service is sent on as it was.
 
 use std::fmt;
