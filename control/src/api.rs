@@ -6,8 +6,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http_body_util::{BodyExt as _, Full};
-use hyper::body::{Bytes, Incoming};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use rustls_pki_types::CertificateDer;
 
@@ -40,13 +40,17 @@ pub async fn route(
     } = shared;
     match (request.method(), request.uri().path()) {
         (&Method::POST, "/v1/heartbeat") => {
+            let accepts_json = request
+                .headers()
+                .get_all(hyper::header::ACCEPT)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .any(|value| value.contains("application/json"));
             match discovery::heartbeat(request, peer, &chain, &state, &discovery).await {
                 Ok(node) => {
                     // A heartbeat also keeps the node's server grant, if it has one.
                     join.heard_from(&node).await;
-                    let mut response = Response::new(Full::new(Bytes::new()).boxed());
-                    *response.status_mut() = StatusCode::NO_CONTENT;
-                    response
+                    discovery::heartbeat_answer(accepts_json, &discovery).map(|body| body.boxed())
                 }
                 Err(refusal) => refusal.map(|body| body.boxed()),
             }

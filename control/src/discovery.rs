@@ -66,16 +66,7 @@ impl Document {
         nodes: &BTreeMap<String, String>,
         servers: &BTreeMap<String, Server>,
     ) -> Document {
-        let servers: serde_json::Map<String, serde_json::Value> = servers
-            .iter()
-            .map(|(node, server)| {
-                let entry = json!({
-                    "address": server.address.to_string(),
-                    "replicas": server.replicas,
-                });
-                (node.clone(), entry)
-            })
-            .collect();
+        let servers = servers_json(servers);
         let content = json!({
             "site": snapshot.site.as_str(),
             "config": snapshot.config_text,
@@ -94,6 +85,36 @@ impl Document {
             line: Bytes::from(line),
         }
     }
+}
+
+/// `servers` as the document lists them: `{"<node>": {"address": IP, "replicas":
+/// [ports]}}`.
+fn servers_json(servers: &BTreeMap<String, Server>) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = servers
+        .iter()
+        .map(|(node, server)| {
+            let entry = json!({
+                "address": server.address.to_string(),
+                "replicas": server.replicas,
+            });
+            (node.clone(), entry)
+        })
+        .collect();
+    serde_json::Value::Object(map)
+}
+
+/// The answer to a heartbeat that accepts JSON: `200` with `{"servers": ...}`, the live
+/// server nodes this replica hears, so that a proxy learns the replicas of servers that
+/// do not heartbeat the replica it watches (a server that joined while another was
+/// away); `204` for a caller that does not ask for it.
+pub fn heartbeat_answer(accepts_json: bool, discovery: &Discovery) -> Response<Full<Bytes>> {
+    if !accepts_json {
+        let mut response = Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        return response;
+    }
+    let body = json!({ "servers": servers_json(&discovery.heartbeats.servers()) });
+    answer::json_value(StatusCode::OK, &body)
 }
 
 /// The heartbeats and the current document, shared by all connections.

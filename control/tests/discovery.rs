@@ -27,6 +27,78 @@ fn heartbeat(port: u16, site: &Site, credential: &Credential, body: &str) -> (u1
     (response.status, response.text())
 }
 
+/// A heartbeat that asks for the servers the replica hears: the status and the answer.
+fn heartbeat_asking(
+    port: u16,
+    site: &Site,
+    credential: &Credential,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let config = client_config(site.root.anchor.cert_der(), Some(credential));
+    let response = tls_request(
+        port,
+        config,
+        "POST",
+        "/v1/heartbeat",
+        "Content-Type: application/json\r\nAccept: application/json\r\n",
+        body.as_bytes(),
+    )
+    .expect("answered");
+    let text = response.text();
+    (
+        response.status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[test]
+fn a_heartbeat_that_asks_hears_which_servers_the_replica_hears() {
+    let (_dir, dir) = temp_dir();
+    let site = Site::new(SITE);
+    let replica = Replica::of_site(&dir, &site, Some(WEB_ON_PI_A));
+    let (pi_a, pi_e, pi_d) = (
+        site.node_credential("pi-a"),
+        site.node_credential("pi-e"),
+        site.node_credential("pi-d"),
+    );
+    // pi-a is a server; the agent pi-d, asking, is told of it (and only of servers).
+    let (status, _) = heartbeat_asking(
+        replica.port,
+        &site,
+        &pi_a,
+        r#"{"port": 4143, "role": "server", "replicas": [8086, 8087]}"#,
+    );
+    assert_eq!(status, 200);
+    let (status, answer) = heartbeat_asking(
+        replica.port,
+        &site,
+        &pi_d,
+        r#"{"port": 4143, "role": "agent"}"#,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        answer,
+        serde_json::json!({"servers": {"pi-a": {"address": "127.0.0.1", "replicas": [8086, 8087]}}})
+    );
+    // A server heard later is in the next answer; a caller that does not ask gets 204.
+    heartbeat_asking(
+        replica.port,
+        &site,
+        &pi_e,
+        r#"{"port": 4143, "role": "server", "replicas": [8086]}"#,
+    );
+    let (_, answer) = heartbeat_asking(replica.port, &site, &pi_d, r#"{"port": 4143}"#);
+    let servers: Vec<&String> = answer["servers"]
+        .as_object()
+        .map(|servers| servers.keys().collect())
+        .unwrap_or_default();
+    assert_eq!(servers, ["pi-a", "pi-e"]);
+    assert_eq!(
+        heartbeat(replica.port, &site, &pi_d, r#"{"port": 4143}"#).0,
+        204
+    );
+}
+
 fn watch(port: u16, site: &Site, credential: &Credential) -> DiscoveryStream {
     let config = client_config(site.root.anchor.cert_der(), Some(credential));
     let stream = DiscoveryStream::open(port, config).expect("stream opened");

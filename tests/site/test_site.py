@@ -380,8 +380,15 @@ def web_answer(node, name, timeout=90):
     from the app for pi-d, 403 from the allow list for any other node (either needs mTLS
     between the two proxies and pi-a's address in `node`'s discovery)."""
     want = 200 if name == "pi-d" else 403
-    return node.wait_for(f"web on pi-a answering {name} through both proxies",
-                         lambda: (r := get_via_proxy(node, "http://127.0.0.1:18080/")) and r[0] == want and r,
+
+    def answered():
+        code, body = get_via_proxy(node, "http://127.0.0.1:18080/")
+        if code != want:
+            # Reported as the last answer when the wait times out.
+            raise RuntimeError(f"{code} {body[:300]}")
+        return code, body
+
+    return node.wait_for(f"web on pi-a answering {name} through both proxies", answered,
                          timeout=timeout, interval=1)
 
 

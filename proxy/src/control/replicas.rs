@@ -1,17 +1,28 @@
 //! The live set of control replicas the proxy fails over between: the start list
-//! (`--control`) plus every replica of every server node the latest accepted discovery
+//! (`--control`), every replica of every server node the latest accepted discovery
 //! document lists (`servers`, see the join design: "proxies dial every server's
-//! replicas").
+//! replicas"), and every replica of the server nodes the replicas in the set last said
+//! they hear from (their heartbeat answers).
+//!
+//! The third part is what makes the site whole again after a partition: a replica lists
+//! only the servers whose proxies heartbeat it, so a server that joined while another was
+//! away and that one, once back, would each keep listing the others but never each other.
+//! Every server is heard by some replica both know, so both learn each other's replicas
+//! from that replica's answer, heartbeat them, and from then on are listed directly.
 //!
 //! Invariants: the start list entries always come first, in their order, and are never
 //! removed; the discovered entries follow in the document's order (servers by node name,
 //! then their ports), without duplicates, and are replaced as a whole by each new
-//! document; the set holds at most [`MAX_REPLICAS`] entries (or the start list alone when
-//! that is longer). The discovery watch, the heartbeats and the enrollment read the set
-//! from a `watch`, so that each sees every change.
+//! document; the heard entries follow, per answering replica in address order, each
+//! replica's part replaced by its next answer and dropped when a heartbeat to it fails or
+//! it leaves the set, so nothing is kept that no live replica vouches for; the set holds
+//! at most [`MAX_REPLICAS`] entries (or the start list alone when that is longer). The
+//! discovery watch, the heartbeats and the enrollment read the set from a `watch`, so that
+//! each sees every change.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
@@ -25,6 +36,8 @@ pub const MAX_REPLICAS: usize = 64;
 #[derive(Debug)]
 pub struct ReplicaSet {
     start: Vec<SocketAddr>,
+    /// The document's part and the heard part, from which `current` is made.
+    learned: Mutex<Learned>,
     current: watch::Sender<Arc<[SocketAddr]>>,
     /// `pimesh_control_replicas`: the size of the set.
     size: Gauge,
@@ -37,6 +50,7 @@ impl ReplicaSet {
         size.set(gauge_value(list.len()));
         ReplicaSet {
             start,
+            learned: Mutex::default(),
             current: watch::Sender::new(Arc::from(list)),
             size,
         }
@@ -55,19 +69,50 @@ impl ReplicaSet {
     /// Replaces the discovered replicas by `discovered` (those of the latest accepted
     /// document); `true` when the set changed. Changes are logged.
     pub fn discovered(&self, discovered: &[SocketAddr]) -> bool {
+        self.learn(|learned| learned.discovered = discovered.to_vec())
+    }
+
+    /// Replaces what `replica` last said it hears (the replicas of the servers its
+    /// heartbeat answer listed; empty: it said nothing, failed, or left the set); `true`
+    /// when the set changed.
+    pub fn heard(&self, replica: SocketAddr, servers: Vec<SocketAddr>) -> bool {
+        self.learn(|learned| {
+            if servers.is_empty() {
+                learned.heard.remove(&replica);
+            } else {
+                learned.heard.insert(replica, servers);
+            }
+        })
+    }
+
+    fn learn(&self, change: impl FnOnce(&mut Learned)) -> bool {
+        let mut learned = self.learned.lock().unwrap_or_else(PoisonError::into_inner);
+        change(&mut learned);
+        let discovered: Vec<SocketAddr> = learned
+            .discovered
+            .iter()
+            .chain(learned.heard.values().flatten())
+            .copied()
+            .collect();
+        // Under the lock, so that two changes publish in the order they were made.
+        self.publish(&discovered)
+    }
+
+    fn publish(&self, discovered: &[SocketAddr]) -> bool {
         let list = merge(&self.start, discovered);
+        let old = self.current();
+        if *old == *list {
+            return false;
+        }
         let wanted = merge_up_to(&self.start, discovered, usize::MAX).len();
         if list.len() < wanted {
             warn!(
                 listed = discovered.len(),
                 kept = list.len(),
                 max = MAX_REPLICAS,
-                "the discovery document lists more control replicas than are followed; ignoring the rest"
+                "the discovery document and the replicas' answers list more control replicas \
+                 than are followed; ignoring the rest"
             );
-        }
-        let old = self.current();
-        if *old == *list {
-            return false;
         }
         let added: Vec<String> = list
             .iter()
@@ -89,6 +134,15 @@ impl ReplicaSet {
         self.current.send_replace(Arc::from(list));
         true
     }
+}
+
+/// What the set learned beyond its start list.
+#[derive(Debug, Default)]
+struct Learned {
+    /// The latest accepted document's server replicas.
+    discovered: Vec<SocketAddr>,
+    /// Per answering replica, the server replicas its last heartbeat answer listed.
+    heard: BTreeMap<SocketAddr, Vec<SocketAddr>>,
 }
 
 /// `start`, then the entries of `discovered` not seen before, up to [`MAX_REPLICAS`]
@@ -166,6 +220,45 @@ mod tests {
             *addrs(&["127.0.0.1:8086", "127.0.0.1:8087"])
         );
         assert_eq!(gauge.get(), 2);
+    }
+
+    #[test]
+    fn heard_replicas_follow_the_document_and_leave_with_the_replica_that_vouched() {
+        let set = ReplicaSet::new(addrs(&["127.0.0.1:8086"]), Gauge::default());
+        set.discovered(&addrs(&["10.0.0.2:8086"]));
+        // 10.0.0.2's replica hears a server the document does not list.
+        assert!(set.heard(
+            "10.0.0.2:8086".parse().expect("addr"),
+            addrs(&["10.0.0.2:8086", "10.0.0.5:8086", "10.0.0.5:8087"])
+        ));
+        assert_eq!(
+            *set.current(),
+            *addrs(&[
+                "127.0.0.1:8086",
+                "10.0.0.2:8086",
+                "10.0.0.5:8086",
+                "10.0.0.5:8087"
+            ])
+        );
+        // A new document keeps what is heard.
+        assert!(set.discovered(&addrs(&["10.0.0.3:8086"])));
+        assert_eq!(
+            *set.current(),
+            *addrs(&[
+                "127.0.0.1:8086",
+                "10.0.0.3:8086",
+                "10.0.0.2:8086",
+                "10.0.0.5:8086",
+                "10.0.0.5:8087"
+            ])
+        );
+        // The same answer again changes nothing; a failed heartbeat forgets it.
+        assert!(!set.heard(
+            "10.0.0.2:8086".parse().expect("addr"),
+            addrs(&["10.0.0.2:8086", "10.0.0.5:8086", "10.0.0.5:8087"])
+        ));
+        assert!(set.heard("10.0.0.2:8086".parse().expect("addr"), Vec::new()));
+        assert_eq!(*set.current(), *addrs(&["127.0.0.1:8086", "10.0.0.3:8086"]));
     }
 
     #[test]

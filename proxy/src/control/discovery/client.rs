@@ -33,7 +33,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pimesh_runtime::backoff::{Backoff, Jitter};
 use tracing::{debug, info, warn};
 
-use super::heartbeat::Announce;
+use super::heartbeat::{Announce, Answer, MAX_ANSWER_BYTES};
 use super::{Shared, Source};
 use crate::identity::Identity;
 
@@ -78,6 +78,8 @@ pub enum ReplicaError {
     LineTooLong,
     /// The replica ended the stream.
     Ended,
+    /// A heartbeat answer that could not be read as `{"servers": {...}}`.
+    Answer(String),
 }
 
 impl fmt::Display for ReplicaError {
@@ -103,6 +105,10 @@ impl fmt::Display for ReplicaError {
             ReplicaError::Stream(err) => write!(f, "the stream failed: {err}"),
             ReplicaError::LineTooLong => write!(f, "a line longer than {MAX_LINE} bytes"),
             ReplicaError::Ended => f.write_str("the stream ended"),
+            ReplicaError::Answer(err) => write!(
+                f,
+                "a heartbeat answer that is not {{\"servers\": {{...}}}} of at most {MAX_ANSWER_BYTES} bytes: {err}"
+            ),
         }
     }
 }
@@ -251,6 +257,7 @@ async fn heartbeat_tasks(shared: Arc<Shared>) {
             if !keep {
                 debug!(%replica, "no more heartbeats to this replica: it left the set");
                 task.abort();
+                shared.options.replicas.heard(*replica, Vec::new());
             }
             keep
         });
@@ -281,22 +288,28 @@ async fn heartbeat_loop(shared: Arc<Shared>, replica: SocketAddr) {
         tick.tick().await;
         let body = announce.body(shared.node_credential.borrow().as_ref());
         match heartbeat(&shared, replica, &mut sender, body).await {
-            Ok(()) => debug!(%replica, "heartbeat sent"),
+            Ok(heard) => {
+                debug!(%replica, servers = heard.len(), "heartbeat sent");
+                shared.options.replicas.heard(replica, heard);
+            }
             Err(err) => {
                 sender = None;
                 shared.metrics.heartbeat_failures.inc();
                 debug!(%replica, error = %err, "heartbeat failed");
+                shared.options.replicas.heard(replica, Vec::new());
             }
         }
     }
 }
 
+/// One heartbeat to `replica`; the replicas of the servers its answer says it hears
+/// (none from a replica that answers `204`).
 async fn heartbeat(
     shared: &Shared,
     replica: SocketAddr,
     sender: &mut Option<SendRequest<Full<Bytes>>>,
     body: Bytes,
-) -> Result<(), ReplicaError> {
+) -> Result<Vec<SocketAddr>, ReplicaError> {
     let open = match sender.take() {
         Some(open) if !open.is_closed() => open,
         _ => connect(replica, &current_identity(shared)?).await?,
@@ -306,17 +319,32 @@ async fn heartbeat(
         .method(Method::POST)
         .uri(format!("https://{replica}/v1/heartbeat"))
         .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::ACCEPT, "application/json")
         .body(Full::new(body))
         .map_err(ReplicaError::Build)?;
     let response = tokio::time::timeout(CONNECT_TIMEOUT, open.send_request(request))
         .await
         .map_err(|_| ReplicaError::AnswerTimeout)?
         .map_err(ReplicaError::Request)?;
-    if response.status() != StatusCode::NO_CONTENT {
-        return Err(refusal(response).await);
-    }
+    let heard = match response.status() {
+        StatusCode::NO_CONTENT => Vec::new(),
+        StatusCode::OK => {
+            let body = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES).collect(),
+            )
+            .await
+            .map_err(|_| ReplicaError::AnswerTimeout)?
+            .map_err(|err| ReplicaError::Answer(err.to_string()))?
+            .to_bytes();
+            Answer::parse(&body)
+                .map_err(|err| ReplicaError::Answer(err.to_string()))?
+                .server_replicas()
+        }
+        _ => return Err(refusal(response).await),
+    };
     *sender = Some(open);
-    Ok(())
+    Ok(heard)
 }
 
 fn current_identity(shared: &Shared) -> Result<Identity, ReplicaError> {

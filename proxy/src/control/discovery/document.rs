@@ -135,16 +135,7 @@ impl Document {
     /// Every control replica of every server the document lists, servers by node name,
     /// ports in the order given (port 0, never a replica's, is left out).
     pub fn server_replicas(&self) -> Vec<SocketAddr> {
-        self.servers
-            .values()
-            .flat_map(|server| {
-                server
-                    .replicas
-                    .iter()
-                    .filter(|port| **port != 0)
-                    .map(|port| SocketAddr::new(server.address, *port))
-            })
-            .collect()
+        replicas_of(&self.servers)
     }
 
     /// The site config this document stands for, for a proxy of `site`: the config text
@@ -215,6 +206,21 @@ fn merge_nodes(
         );
     }
     Ok(())
+}
+
+/// Every control replica of `servers`, servers by node name, ports in the order given
+/// (port 0, never a replica's, is left out).
+pub fn replicas_of(servers: &BTreeMap<String, Server>) -> Vec<SocketAddr> {
+    servers
+        .values()
+        .flat_map(|server| {
+            server
+                .replicas
+                .iter()
+                .filter(|port| **port != 0)
+                .map(|port| SocketAddr::new(server.address, *port))
+        })
+        .collect()
 }
 
 #[cfg(test)]

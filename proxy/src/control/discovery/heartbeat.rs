@@ -13,12 +13,43 @@
 //!
 //! Invariant: the body is made at every beat from the node credential then in use, so a
 //! changed credential file is announced at the next beat.
+//!
+//! Sent with `accept: application/json`, a heartbeat is answered `200` with the server
+//! nodes the replica hears from, in the discovery document's shape ([`Answer`]); a replica
+//! that predates that answer says `204` and nothing.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 
 use hyper::body::Bytes;
 use rustls::pki_types::CertificateDer;
+use serde::Deserialize;
 
+use super::document::Server;
 use crate::cli::Role;
 use crate::identity::Identity;
+
+/// The largest heartbeat answer read: a site's servers fit in a few kilobytes.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// A replica's answer to a heartbeat: `{"servers": {"<node>": {"address": IP, "replicas":
+/// [ports]}}}`, the servers whose heartbeats it hears.
+#[derive(Debug, Deserialize)]
+pub struct Answer {
+    #[serde(default)]
+    servers: BTreeMap<String, Server>,
+}
+
+impl Answer {
+    pub fn parse(body: &[u8]) -> Result<Answer, serde_json::Error> {
+        serde_json::from_slice(body)
+    }
+
+    /// Every control replica of the listed servers (port 0, never a replica's, left out).
+    pub fn server_replicas(&self) -> Vec<SocketAddr> {
+        super::document::replicas_of(&self.servers)
+    }
+}
 
 /// This node's side of every heartbeat.
 #[derive(Debug, Clone)]
@@ -70,6 +101,28 @@ pub fn spki_sha256_hex(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_lists_the_replicas_of_the_servers_it_hears() {
+        let answer = Answer::parse(
+            br#"{"servers":{"pi-b":{"address":"10.0.0.2","replicas":[8086,0,8087]},"pi-a":{"address":"10.0.0.1","replicas":[8086]}}}"#,
+        )
+        .expect("an answer");
+        let replicas: Vec<String> = answer
+            .server_replicas()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            replicas,
+            ["10.0.0.1:8086", "10.0.0.2:8086", "10.0.0.2:8087"]
+        );
+        assert!(Answer::parse(b"{}")
+            .expect("no servers")
+            .server_replicas()
+            .is_empty());
+        assert!(Answer::parse(br#"{"servers":{"x":{"address":"not an ip"}}}"#).is_err());
+    }
     use pimesh_test_support::pki::{Site, DAY};
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::PrivatePkcs8KeyDer;
