@@ -259,6 +259,7 @@ mod tests {
             .expect("issuer"),
             issuer_pem: root.issuer.cert_pem().to_owned(),
             issuer_key_pem: root.issuer.key_pem(),
+            k3s_token: None,
         };
         let serving = Serving::issue(&trust, &site, now).expect("serving");
         let text = "site = \"depot-7\"\n[services.web]\nport = 8080\nnodes = [\"pi-a\"]\n\

@@ -441,7 +441,7 @@ async fn attempt(
         anchors: crate::pem::anchors(&snapshot),
         role,
         servers: entries,
-        k3s_token: None,
+        k3s_token: snapshot.trust.k3s_token.clone(),
     })
 }
 
@@ -632,7 +632,7 @@ pub async fn issuer(
         issuer_key: snapshot.trust.issuer_key_pem.clone(),
         anchors: crate::pem::anchors(&snapshot),
         tokens: (*snapshot.trust_tokens).clone(),
-        k3s_token: None,
+        k3s_token: snapshot.trust.k3s_token.clone(),
     };
     answer::json(
         StatusCode::OK,

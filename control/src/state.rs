@@ -239,6 +239,7 @@ impl State {
             trust.join("issuer.pem"),
             trust.join("issuer.key"),
             trust.join(tokens::FILE),
+            trust.join(crate::trust::K3S_TOKEN),
         ];
         let watched = Watched::new("site config and trust", files, None).retrying_failures();
         State {

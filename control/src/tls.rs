@@ -141,6 +141,7 @@ mod tests {
             anchors,
             issuer_pem: root.issuer.cert_pem().to_owned(),
             issuer_key_pem: root.issuer.key_pem(),
+            k3s_token: None,
             issuer: root.issuer,
         }
     }

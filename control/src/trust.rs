@@ -27,7 +27,13 @@ pub struct Trust {
     /// `issuer.key` as read (PKCS#8 PEM): handed to server nodes only
     /// (`join_api`'s issuer route); never logged.
     pub issuer_key_pem: String,
+    /// `k3s-token` (the site's K3s token, first line) when the folder has one: handed to
+    /// joining nodes and server nodes over the join exchange; never logged.
+    pub k3s_token: Option<String>,
 }
+
+/// The site's K3s token in the trust folder.
+pub const K3S_TOKEN: &str = "k3s-token";
 
 /// Why a trust folder cannot be used; each names the file at fault.
 #[derive(Debug)]
@@ -107,11 +113,18 @@ impl Trust {
                 source,
             }
         })?;
+        // Optional: a site made before K3s tokens were kept has none, and joins then
+        // carry none.
+        let k3s_token = std::fs::read_to_string(dir.join(K3S_TOKEN))
+            .ok()
+            .and_then(|text| text.lines().next().map(str::trim).map(str::to_owned))
+            .filter(|token| !token.is_empty());
         Ok(Trust {
             anchors,
             issuer,
             issuer_pem,
             issuer_key_pem,
+            k3s_token,
         })
     }
 }

@@ -56,6 +56,12 @@ struct Cli {
     /// Where K3s is installed
     #[arg(long, value_name = "PATH", default_value = paths::K3S_BIN)]
     k3s_bin: PathBuf,
+    /// K3s's configuration folder (config.yaml, the admin kubeconfig)
+    #[arg(long, value_name = "PATH", default_value = paths::RANCHER_ETC)]
+    rancher_etc: PathBuf,
+    /// K3s's data folder (the kubelet's kubeconfig)
+    #[arg(long, value_name = "PATH", default_value = paths::RANCHER_DATA)]
+    rancher_data: PathBuf,
     /// Runtime files for other units, e.g. proxy.env
     #[arg(long, value_name = "PATH", default_value = paths::RUN_DIR)]
     run_dir: PathBuf,
@@ -142,6 +148,8 @@ impl Options {
                 run_dir: cli.run_dir,
                 manifest: cli.manifest,
                 k3s_bin: cli.k3s_bin,
+                rancher_etc: cli.rancher_etc,
+                rancher_data: cli.rancher_data,
             },
             node_setup: !cli.no_node_setup,
             trust,

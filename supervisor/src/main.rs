@@ -13,22 +13,23 @@
 //!   commands);
 //! - [`units`]: the managed units, the placement of the control replicas, and the keeper
 //!   that heals them over systemd's D-Bus API;
+//! - [`k3s`]: K3s's role, config, unit, readiness and server quorum on this node;
 //! - [`ota`]: over-the-air configuration from the central server;
 //! - [`status`]: the node's status, which every part writes its section of, and its API.
 //!
 //! Dependencies run one way, down this list: `ota`; `trust` (on `credential` and `node`);
 //! `units`, `node`, `config` and `credential`; `status` and `paths`, which depend on no
 //! other part.
-//! Plug-in join (discovery by mDNS, the join exchange, the node's role) is to be `join/`,
+//! Plug-in join (discovery by mDNS, the join exchange, the node's role) is `join/`,
 //! beside `trust/` and `credential`, which it feeds with the site's anchor and the node's
-//! certificate. K3s (its configuration, its units, the server quorum) is to be `k3s/`,
-//! beside `units/`: its units join the managed set, and its quorum decides where the
-//! control replicas run.
+//! certificate. K3s is `k3s/`, beside `units/`: its unit joins the managed set through the
+//! placement, and its quorum holds back the keeper's disruptive heals.
 
 mod cli;
 mod config;
 mod credential;
 mod join;
+mod k3s;
 mod node;
 mod ota;
 mod paths;
@@ -138,8 +139,13 @@ async fn run(options: Options) -> Result<(), DaemonError> {
         paths.boot_trust_dir().join("anchor.pem").exists(),
     );
     status.update(|status| status.join = plan.report());
+    let k3s_readiness = k3s::readiness::Readiness::default();
     let units = {
         let status = status.clone();
+        let mdns_interfaces: Option<Vec<String>> = seed
+            .seed()
+            .and_then(|seed| seed.mdns_interfaces.as_ref())
+            .map(|names| names.iter().map(|name| name.as_str().to_owned()).collect());
         let mut placement = Placement {
             holds_issuer: trust_files.holds_issuer(),
             servers: seed
@@ -153,13 +159,31 @@ async fn run(options: Options) -> Result<(), DaemonError> {
             joined_replicas: Vec::new(),
             join_warmup: false,
             paths: paths.clone(),
+            k3s: k3s::K3sPlace {
+                installed: facts.k3s.present,
+                first_server: false,
+                via: None,
+                servers: Vec::new(),
+                node_ip: k3s::node_ip(mdns_interfaces.as_deref()),
+                probe_url: pimesh_schema::ProbeUrl::try_from(format!(
+                    "http://{}/k3s/ready",
+                    options.status_addr
+                ))
+                .ok(),
+                readiness: k3s_readiness.clone(),
+            },
         };
         plan.place(&mut placement);
         Arc::new(ManagedSet::new(
             &supervisor_config,
             placement,
             config::active_site_config(&paths.active_site_config()).as_ref(),
-            Box::new(move |report| status.update(|status| status.control = report)),
+            Box::new(move |report, k3s| {
+                status.update(|status| {
+                    status.control = report;
+                    status.k3s.placement = k3s;
+                });
+            }),
         ))
     };
     let site_role = join::SiteRole::new(
@@ -185,6 +209,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
                 credential: credential::CredentialFiles::on_node(paths),
                 trust: trust::TrustFiles::on_node(paths),
                 record_file: paths.join_record(),
+                k3s_token_file: paths.k3s_token(),
                 clock: join::clock::Clock::new(
                     facts
                         .image
@@ -209,7 +234,22 @@ async fn run(options: Options) -> Result<(), DaemonError> {
             source,
         })?;
     info!(addr = %options.status_addr, "status API listening");
-    let server = tokio::spawn(status::api::serve(listener, Arc::clone(&status.0)));
+    let server = tokio::spawn(status::api::serve(
+        listener,
+        Arc::clone(&status.0),
+        Arc::new(k3s_readiness.clone()),
+    ));
+    let (hold, hold_watch) = tokio::sync::watch::channel(None);
+    let quorum = tokio::spawn(
+        k3s::quorum::QuorumWatch {
+            readiness: k3s_readiness,
+            units: Arc::clone(&units),
+            admin_kubeconfig: paths.k3s_admin_kubeconfig(),
+            status: status.clone(),
+            hold,
+        }
+        .run(),
+    );
 
     let heartbeat = Heartbeat::new();
     heartbeat.beat();
@@ -218,6 +258,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
         units.subscribe(),
         status.clone(),
         Arc::clone(&heartbeat),
+        hold_watch,
     );
     let keeper = tokio::spawn(keeper.run());
     let ota = seed
@@ -250,6 +291,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
     info!("shutting down");
     notify::stopping();
     server.abort();
+    quorum.abort();
     keeper.abort();
     if let Some(check) = trust_check {
         check.abort();

@@ -21,9 +21,20 @@
 //!     chrony/                      the site's time servers and a server's directives
 //! /usr/share/pimesh/manifest.json  what the image holds
 //! /usr/local/bin/k3s               K3s, when the image has it
+//! /etc/rancher/k3s/                K3s's configuration folder (inside: `k3s`)
+//!     config.yaml                  rendered by the supervisor for the node's K3s role
+//!     config.yaml.d/               the user's own K3s settings, never written
+//!     k3s.yaml                     K3s's admin kubeconfig (written by K3s on a server)
+//! /var/lib/rancher/k3s/            K3s's data (agent/kubelet.kubeconfig on every node)
+//! /var/lib/pimesh/k3s/token        the site's K3s token on a joined node
 //! ```
 
 use std::path::{Path, PathBuf};
+
+/// K3s's configuration folder.
+pub const RANCHER_ETC: &str = "/etc/rancher/k3s";
+/// K3s's data folder.
+pub const RANCHER_DATA: &str = "/var/lib/rancher/k3s";
 
 /// The seed, on the boot partition.
 pub const SEED: &str = "/boot/firmware/pimesh.toml";
@@ -53,6 +64,10 @@ pub struct NodePaths {
     pub run_dir: PathBuf,
     pub manifest: PathBuf,
     pub k3s_bin: PathBuf,
+    /// K3s's configuration folder (`/etc/rancher/k3s`).
+    pub rancher_etc: PathBuf,
+    /// K3s's data folder (`/var/lib/rancher/k3s`).
+    pub rancher_data: PathBuf,
 }
 
 impl NodePaths {
@@ -119,6 +134,33 @@ impl NodePaths {
         self.run_dir.join("control.env")
     }
 
+    /// K3s's `config.yaml`, rendered for the node's role.
+    pub fn k3s_config(&self) -> PathBuf {
+        self.rancher_etc.join("config.yaml")
+    }
+
+    /// The admin kubeconfig K3s writes on a server.
+    pub fn k3s_admin_kubeconfig(&self) -> PathBuf {
+        self.rancher_etc.join("k3s.yaml")
+    }
+
+    /// The kubelet's kubeconfig K3s writes on every node.
+    pub fn k3s_kubelet_kubeconfig(&self) -> PathBuf {
+        self.rancher_data.join("agent").join("kubelet.kubeconfig")
+    }
+
+    /// The site's K3s token as a joined node keeps it.
+    pub fn k3s_token(&self) -> PathBuf {
+        self.state_dir.join("k3s").join("token")
+    }
+
+    /// The site's K3s token in the trust folder (server nodes, read by the replicas).
+    pub fn trust_k3s_token(&self) -> PathBuf {
+        self.state_dir
+            .join("trust")
+            .join(crate::trust::store::K3S_TOKEN)
+    }
+
     /// Every folder under `root`, laid out as on a node: for tests.
     #[cfg(test)]
     pub fn under(root: &Path) -> NodePaths {
@@ -130,6 +172,8 @@ impl NodePaths {
             run_dir: root.join("run/pimesh"),
             manifest: root.join("usr/share/pimesh/manifest.json"),
             k3s_bin: root.join("usr/local/bin/k3s"),
+            rancher_etc: root.join("etc/rancher/k3s"),
+            rancher_data: root.join("var/lib/rancher/k3s"),
         }
     }
 }

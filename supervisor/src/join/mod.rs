@@ -82,6 +82,8 @@ pub struct JoinContext {
     pub trust: TrustFiles,
     /// `state.json` ([`record`]).
     pub record_file: PathBuf,
+    /// Where the site's K3s token from the answer is kept (`crate::k3s::token`).
+    pub k3s_token_file: PathBuf,
     pub clock: clock::Clock,
     /// When the supervisor started (the lease grace, [`discover::LEASE_GRACE`], counts
     /// from it).
@@ -336,6 +338,12 @@ fn store(
         0o644,
     )
     .map_err(|err| local("the site's anchors", &err))?;
+    // Before the record: a record means the token, if the site has one, is kept.
+    if let Some(k3s_token) = answer.k3s_token {
+        crate::k3s::token::K3sToken::new(k3s_token)
+            .store(&context.k3s_token_file)
+            .map_err(|err| local("the site's K3s token", &err))?;
+    }
     let record = JoinRecord {
         role: answer.role,
         via: Via {

@@ -74,7 +74,10 @@ impl Plan {
     /// Sets the placement's join fields for this standing.
     pub fn place(&self, placement: &mut Placement) {
         match self {
-            Plan::Init => placement.role = Some(Role::Server),
+            Plan::Init => {
+                placement.role = Some(Role::Server);
+                placement.k3s.first_server = true;
+            }
             Plan::Manual => {}
             Plan::Joined(record) => placed(placement, record, placement.holds_issuer),
             Plan::Waiting => placement.waiting_to_join = true,
@@ -116,6 +119,9 @@ pub fn placed(placement: &mut Placement, record: &JoinRecord, holds_issuer: bool
             .iter()
             .map(move |port| SocketAddr::new(server.address, *port))
     });
+    // K3s's first contact is the server that answered; it learns the others from it.
+    placement.k3s.via = Some(record.via.address.ip());
+    placement.k3s.servers = record.servers.iter().map(|server| server.address).collect();
     placement.joined_replicas.clear();
     let via_loopback = record.via.address.ip().is_loopback();
     for addr in std::iter::once(record.via.address).chain(listed) {

@@ -37,7 +37,9 @@ fn consumer_of(unit: &ManagedUnit) -> Option<Consumer> {
     match UnitRole::of(&unit.name) {
         UnitRole::Proxy => Some(Consumer::Proxy),
         UnitRole::ControlReplica { .. } => Some(Consumer::Control),
-        UnitRole::Other => None,
+        // K3s reads its config.yaml only at its start; the supervisor renders it when the
+        // site configuration changes, and K3s takes it at its next start.
+        UnitRole::K3sServer | UnitRole::K3sAgent | UnitRole::Other => None,
     }
 }
 

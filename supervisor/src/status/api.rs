@@ -1,6 +1,10 @@
-//! The status API on 127.0.0.1:4200: `GET /status` (JSON), `GET /live`.
+//! The status API on 127.0.0.1:4200: `GET /status` (JSON), `GET /live`, and
+//! `GET /k3s/ready` (200 when K3s on this node answers ready through its kubeconfig, 503
+//! with the reason otherwise: the keeper's probe of the K3s unit).
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use http_body_util::Full;
@@ -12,16 +16,38 @@ use tokio::net::TcpListener;
 
 use crate::status::NodeStatus;
 
+/// What answers `GET /k3s/ready`: `Ok(detail)` when ready, `Err(reason)` when not.
+pub trait ReadyCheck: Send + Sync + 'static {
+    fn check(&self) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>>;
+}
+
 /// At most this many connections are served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 32;
 
-pub async fn serve(listener: TcpListener, status: Arc<RwLock<NodeStatus>>) {
+pub async fn serve(
+    listener: TcpListener,
+    status: Arc<RwLock<NodeStatus>>,
+    k3s: Arc<dyn ReadyCheck>,
+) {
     let limits = serve::Limits::named("status API").with_max_connections(MAX_CONNECTIONS);
     serve::serve_http1(listener, limits, std::future::pending(), move |_peer| {
         let status = Arc::clone(&status);
+        let k3s = Arc::clone(&k3s);
         hyper::service::service_fn(move |request| {
             let status = Arc::clone(&status);
-            async move { Ok::<_, Infallible>(route(&request, &status)) }
+            let k3s = Arc::clone(&k3s);
+            async move {
+                if request.method() == Method::GET && request.uri().path() == "/k3s/ready" {
+                    return Ok::<_, Infallible>(match k3s.check().await {
+                        Ok(detail) => json(
+                            StatusCode::OK,
+                            serde_json::json!({ "ready": true, "detail": detail }).to_string(),
+                        ),
+                        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, &why),
+                    });
+                }
+                Ok::<_, Infallible>(route(&request, &status))
+            }
         })
     })
     .await;

@@ -23,7 +23,7 @@ pub struct NodeStatus {
     pub version: &'static str,
     pub node: NodeInfo,
     pub seed: SeedReport,
-    pub k3s: K3sPresence,
+    pub k3s: K3sReport,
     /// The image manifest (what the image holds), `null` off a Pimesh image.
     pub image: Option<serde_json::Value>,
     /// What the supervisor changed on the node from the seed at its start.
@@ -93,6 +93,9 @@ pub struct UnitReport {
     /// How far up the heal policy's escalation ladder the current failure episode went:
     /// `none`, `dependencies`, `reboot-refused` or `reboot`.
     pub escalation: &'static str,
+    /// Why a heal is being held back (restarting a K3s server or rebooting would leave
+    /// the site's etcd without a majority); `null` when none is.
+    pub held_back: Option<String>,
     pub last_action: Option<ActionReport>,
     /// Every action taken for this unit since the supervisor started, by name
     /// (`start`, `reset-failed-and-start`, `restart`, `restart-dependencies`, `reboot`).
@@ -136,7 +139,13 @@ impl NodeStatus {
             version: env!("CARGO_PKG_VERSION"),
             node,
             seed,
-            k3s,
+            k3s: K3sReport {
+                presence: k3s,
+                placement: K3sPlacementReport::default(),
+                ready: None,
+                readiness: None,
+                quorum: QuorumReport::default(),
+            },
             image,
             setup,
             started_at: std::time::SystemTime::now()
@@ -214,6 +223,57 @@ pub struct K3sPresence {
     pub path: String,
     /// The version recorded in the image manifest when K3s is installed.
     pub version: Option<String>,
+}
+
+/// The status's `k3s`: whether K3s is installed, its role and unit here, whether it is
+/// ready, and the quorum of the site's servers.
+#[derive(Debug, Clone, Serialize)]
+pub struct K3sReport {
+    #[serde(flatten)]
+    pub presence: K3sPresence,
+    #[serde(flatten)]
+    pub placement: K3sPlacementReport,
+    /// K3s's own answer, through the node's kubeconfig; `null` while K3s does not run here.
+    pub ready: Option<bool>,
+    /// What it said, or why it is not ready.
+    pub readiness: Option<String>,
+    pub quorum: QuorumReport,
+}
+
+/// K3s's placement on this node (`crate::k3s`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct K3sPlacementReport {
+    /// `server` or `agent`, once known.
+    pub role: Option<&'static str>,
+    /// The unit that runs K3s here, when it runs.
+    pub unit: Option<String>,
+    /// The rendered config file, when written.
+    pub config: Option<String>,
+    /// Why K3s does not run here, or what went wrong writing its config.
+    pub note: Option<String>,
+}
+
+/// The site's K3s servers as this server node sees them (`crate::k3s::quorum`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct QuorumReport {
+    /// Servers of the site known to this node, itself included (0: not a server node).
+    pub servers: usize,
+    pub others_ready: usize,
+    /// Why disruptive heals (restarting K3s, rebooting) are held back; `null` when not.
+    pub hold: Option<String>,
+    pub others: Vec<ServerHealth>,
+    /// Why there is no view of the other servers yet.
+    pub note: Option<String>,
+}
+
+/// One of the site's other K3s servers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServerHealth {
+    pub address: std::net::IpAddr,
+    pub name: Option<String>,
+    pub ready: bool,
+    /// Why it does not count as ready.
+    pub error: Option<String>,
 }
 
 /// The outcome of one setup task, as shown in the status API.

@@ -273,6 +273,7 @@ impl TrustFiles {
             next_anchor_cert: None,
             next_anchor_key: None,
             join_tokens: join_tokens_of(seed),
+            k3s_token: new_k3s_token(),
         })
     }
 
@@ -303,6 +304,7 @@ impl TrustFiles {
             next_anchor_cert: None,
             next_anchor_key: None,
             join_tokens: join_tokens_of(seed),
+            k3s_token: new_k3s_token(),
         })?;
         // The keys have a safe home now; the boot partition is readable by anyone who
         // holds the card. (Deleting from FAT does not scrub the blocks.)
@@ -317,8 +319,9 @@ impl TrustFiles {
         Ok(())
     }
 
-    /// On the init node of a root made before join tokens were kept: adds the seed's token
-    /// to the trust folder (a new generation), so that other nodes can join. A failure is
+    /// On the init node of a root made before join tokens (or the K3s token) were kept:
+    /// adds the seed's token and a new K3s token to the trust folder (a new generation),
+    /// so that other nodes can join. A failure is
     /// logged; joins are then refused until the next start.
     fn accept_seed_token(&self, seed: &Seed) {
         let result =
@@ -327,15 +330,17 @@ impl TrustFiles {
                 .map_err(TrustError::from)
                 .and_then(|current| match current {
                     Some((_, state))
-                        if state.join_tokens.is_none() && seed.join_token.is_some() =>
+                        if (state.join_tokens.is_none() && seed.join_token.is_some())
+                            || state.k3s_token.is_none() =>
                     {
                         let n = self.store.commit(&TrustState {
-                            join_tokens: join_tokens_of(seed),
+                            join_tokens: state.join_tokens.clone().or_else(|| join_tokens_of(seed)),
+                            k3s_token: state.k3s_token.clone().or_else(new_k3s_token),
                             ..state
                         })?;
                         info!(
                             generation = n,
-                            "the seed's join token is now accepted by this site"
+                            "the seed's join token and a K3s token are now kept for this site"
                         );
                         Ok(())
                     }
@@ -367,6 +372,10 @@ impl TrustFiles {
             next_anchor_cert: None,
             next_anchor_key: None,
             join_tokens: Some(tokens),
+            k3s_token: handover
+                .k3s_token
+                .as_ref()
+                .map(|token| format!("{token}\n")),
         })?;
         info!(
             generation = n,
@@ -380,6 +389,15 @@ impl TrustFiles {
         self.store.commit(state)?;
         Ok(())
     }
+}
+
+/// A new K3s token for the trust folder, one line; `None` (logged) without randomness.
+fn new_k3s_token() -> Option<String> {
+    let token = crate::k3s::token::K3sToken::generate();
+    if token.is_none() {
+        warn!("no randomness for a K3s token: K3s will not be configured on this site");
+    }
+    token.map(|token| format!("{}\n", token.expose()))
 }
 
 /// `join.json` for the seed's join token: its secret's digest, without expiry.

@@ -449,6 +449,7 @@ pub fn anchor_finish(
         next_anchor_cert: None,
         next_anchor_key: None,
         join_tokens: root.state.join_tokens.clone(),
+        k3s_token: root.state.k3s_token.clone(),
     };
     let n = store.commit(&state)?;
     info!(generation = n, "anchor rotation finished");
@@ -619,6 +620,7 @@ mod tests {
                     next_anchor_cert: None,
                     next_anchor_key: None,
                     join_tokens: Some("{\"tokens\": []}".into()),
+                    k3s_token: None,
                 })
                 .expect("commit");
             let credential = CredentialFiles::new(dir.path().join("identity"));

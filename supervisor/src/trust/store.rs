@@ -11,6 +11,8 @@
 //!     anchor.next.key   during an anchor rotation: its key (0600, root)
 //!     join.json         the join tokens the site accepts, as SHA-256 digests (0644:
 //!                       the digest of a token's random secret reveals nothing usable)
+//!     k3s-token         the site's K3s token (0600, owned by `pimesh-control` like the
+//!                       issuer key: the replicas hand it to joining nodes)
 //! ```
 //!
 //! Invariants, each holding across a power cut at any instant:
@@ -46,6 +48,14 @@ pub const NEXT_ANCHOR_KEY: &str = "anchor.next.key";
 /// `{"tokens": [{"sha256", "expires"?}]}` (`pimesh_join::AcceptedTokens`), read by the
 /// control replicas.
 pub const JOIN_TOKENS: &str = "join.json";
+/// The site's K3s token (`crate::k3s::token`), read by the control replicas.
+pub const K3S_TOKEN: &str = "k3s-token";
+
+/// Whether `name` is a file the control replicas' user must own (it holds a secret they
+/// use).
+fn owned_by_control(name: &str) -> bool {
+    name == ISSUER_KEY || name == K3S_TOKEN
+}
 
 /// The fixed system user of the control replicas, which must read the issuer key.
 pub const CONTROL_USER: &str = "pimesh-control";
@@ -130,6 +140,8 @@ pub struct TrustState {
     pub next_anchor_key: Option<String>,
     /// `join.json`: the join tokens the site accepts.
     pub join_tokens: Option<String>,
+    /// `k3s-token`: the site's K3s token.
+    pub k3s_token: Option<String>,
 }
 
 impl TrustState {
@@ -145,6 +157,7 @@ impl TrustState {
             (NEXT_ANCHOR_CERT, &self.next_anchor_cert, CERT_MODE),
             (NEXT_ANCHOR_KEY, &self.next_anchor_key, KEY_MODE),
             (JOIN_TOKENS, &self.join_tokens, CERT_MODE),
+            (K3S_TOKEN, &self.k3s_token, KEY_MODE),
         ];
         for (name, contents, mode) in optional {
             if let Some(contents) = contents {
@@ -180,6 +193,7 @@ impl TrustState {
             next_anchor_cert: optional(NEXT_ANCHOR_CERT)?,
             next_anchor_key: optional(NEXT_ANCHOR_KEY)?,
             join_tokens: optional(JOIN_TOKENS)?,
+            k3s_token: optional(K3S_TOKEN)?,
         })
     }
 }
@@ -442,6 +456,7 @@ impl TrustStore {
             (ISSUER_KEY, KEY_MODE),
             (ANCHOR_KEY, KEY_MODE),
             (NEXT_ANCHOR_KEY, KEY_MODE),
+            (K3S_TOKEN, KEY_MODE),
         ] {
             let path = dir.join(name);
             if !path.exists() {
@@ -449,7 +464,7 @@ impl TrustStore {
             }
             fs::set_permissions(&path, fs::Permissions::from_mode(mode))
                 .map_err(|err| fail("set the mode of", &path, err))?;
-            if name == ISSUER_KEY {
+            if owned_by_control(name) {
                 if let Some(owner) = self.issuer_key_owner {
                     std::os::unix::fs::chown(&path, Some(owner.uid), Some(owner.gid))
                         .map_err(|err| fail("give to the control user", &path, err))?;
@@ -479,7 +494,7 @@ impl TrustStore {
         create_dir(&staging)?;
         for (name, contents, mode) in state.files() {
             let path = staging.join(name);
-            let owner = if name == ISSUER_KEY {
+            let owner = if owned_by_control(name) {
                 self.issuer_key_owner
             } else {
                 None
@@ -603,6 +618,7 @@ mod tests {
             next_anchor_cert: None,
             next_anchor_key: None,
             join_tokens: None,
+            k3s_token: None,
         }
     }
 

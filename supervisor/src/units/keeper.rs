@@ -120,6 +120,8 @@ pub struct Keeper {
     units: Vec<Managed>,
     status: StatusHandle,
     heartbeat: Arc<Heartbeat>,
+    /// Why disruptive heals are held back now (`crate::k3s::quorum`); `None`: they are not.
+    hold: watch::Receiver<Option<String>>,
     connections: u64,
 }
 
@@ -129,6 +131,7 @@ impl Keeper {
         mut desired: watch::Receiver<Vec<ManagedUnit>>,
         status: StatusHandle,
         heartbeat: Arc<Heartbeat>,
+        hold: watch::Receiver<Option<String>>,
     ) -> Self {
         let units = desired
             .borrow_and_update()
@@ -142,6 +145,7 @@ impl Keeper {
             units,
             status,
             heartbeat,
+            hold,
             connections: 0,
         }
     }
@@ -420,13 +424,16 @@ impl Keeper {
 
     /// Asks the policy about every unit and carries out what it decides.
     async fn heal_all(&mut self, bus: &Systemd) -> Result<(), Disconnected> {
+        let hold = self.hold.borrow().clone();
         for index in 0..self.units.len() {
             self.heartbeat.beat();
             let now = Instant::now();
-            let Some(decision) = self.units[index]
-                .healer
-                .decide(now, &self.settings, random())
-            else {
+            let Some(decision) = self.units[index].healer.decide_held(
+                now,
+                &self.settings,
+                random(),
+                hold.as_deref(),
+            ) else {
                 continue;
             };
             self.act(bus, index, decision).await?;
@@ -576,6 +583,7 @@ impl Managed {
             restarts_by_pimesh: self.healer.restarts_by_pimesh,
             heal_attempts: self.healer.attempts,
             escalation: self.healer.escalation.name(),
+            held_back: self.healer.held_back.clone(),
             last_action: self.last_action.clone(),
             action_counts: self.action_counts.clone(),
             error: self.error.clone(),

@@ -20,11 +20,12 @@ use std::sync::{Mutex, PoisonError};
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::k3s::K3sPlacementReport;
 use crate::status::ControlReport;
 use crate::units::placement::{self, Placement};
 
-/// Where each new [`ControlReport`] goes (the node status).
-pub type ReportSink = Box<dyn Fn(ControlReport) + Send + Sync>;
+/// Where each new [`ControlReport`] and K3s placement report go (the node status).
+pub type ReportSink = Box<dyn Fn(ControlReport, K3sPlacementReport) + Send + Sync>;
 
 /// The managed set: the units the keeper keeps running, as they change.
 pub struct ManagedSet {
@@ -65,6 +66,16 @@ impl ManagedSet {
         let mut receiver = self.set.subscribe();
         receiver.mark_changed();
         receiver
+    }
+
+    /// The K3s servers the node's join record lists.
+    pub fn k3s_servers(&self) -> Vec<std::net::IpAddr> {
+        self.placement
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .k3s
+            .servers
+            .clone()
     }
 
     /// The set now.
@@ -129,12 +140,27 @@ impl ManagedSet {
     /// report brought in line with them.
     fn place(&self, site: Option<&ClusterConfig>) -> Vec<ManagedUnit> {
         let mut units = desired(&self.configured, self.replicas_follow_site, site);
-        let report = self
+        let placement = self
             .placement
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .apply(&mut units);
-        (self.report)(report);
+            .unwrap_or_else(PoisonError::into_inner);
+        let report = placement.apply(&mut units);
+        let k3s = if placement.waiting_to_join {
+            K3sPlacementReport {
+                note: Some("waiting to join the site".into()),
+                ..K3sPlacementReport::default()
+            }
+        } else {
+            placement.k3s.apply(
+                placement.role,
+                placement.node.as_ref(),
+                site,
+                &placement.paths,
+                &mut units,
+            )
+        };
+        drop(placement);
+        (self.report)(report, k3s);
         units
     }
 }
@@ -209,7 +235,7 @@ mod tests {
             &SupervisorConfig::default(),
             Placement::for_tests(&paths),
             Some(&site(2)),
-            Box::new(move |report| {
+            Box::new(move |report, _k3s| {
                 if let Ok(mut reported) = sink.lock() {
                     *reported = report;
                 }

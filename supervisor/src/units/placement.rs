@@ -52,6 +52,8 @@ pub struct Placement {
     pub join_warmup: bool,
     /// Where the units' environment files go.
     pub paths: NodePaths,
+    /// K3s's part: whether and as what K3s runs here (`crate::k3s`).
+    pub k3s: crate::k3s::K3sPlace,
 }
 
 impl Placement {
@@ -98,7 +100,7 @@ pub const JOIN_WARMUP_SECS: u64 = 30;
 fn replica_number(unit: &ManagedUnit) -> Option<u16> {
     match UnitRole::of(&unit.name) {
         UnitRole::ControlReplica { replica } => replica,
-        UnitRole::Proxy | UnitRole::Other => None,
+        UnitRole::Proxy | UnitRole::K3sServer | UnitRole::K3sAgent | UnitRole::Other => None,
     }
 }
 
@@ -245,6 +247,7 @@ mod tests {
                 joined_replicas: Vec::new(),
                 join_warmup: false,
                 paths: paths.clone(),
+                k3s: crate::k3s::K3sPlace::default(),
             }
         }
     }

@@ -18,6 +18,12 @@
 //!
 //! A unit is *stable* once it has been active and ready for [`STABLE_AFTER`]; that ends a
 //! failure episode (attempt count and escalation go back to zero).
+//!
+//! Quorum: while the caller says disruption is held back (this node runs a K3s server and
+//! taking it down would leave the site's etcd without a majority, `crate::k3s::quorum`),
+//! the K3s server unit is not restarted and no unit escalates to a reboot; starting a unit
+//! that is down is never held back (it cannot take a member away). A held-back heal counts
+//! no attempt, and the unit's status says why it waits.
 
 use std::time::{Duration, Instant};
 
@@ -121,6 +127,10 @@ pub struct UnitHealer {
     pub escalation: Escalation,
     /// Starts and restarts of this unit done by Pimesh (not by systemd's `Restart=`).
     pub restarts_by_pimesh: u64,
+    /// A restart of this unit takes a K3s server (an etcd member) down.
+    restart_takes_a_member: bool,
+    /// Why a heal is being held back right now, if one is.
+    pub held_back: Option<String>,
 }
 
 /// Why a unit cannot be managed at all (it is not a loadable unit).
@@ -147,6 +157,9 @@ impl UnitHealer {
             awaiting_job_until: None,
             escalation: Escalation::None,
             restarts_by_pimesh: 0,
+            restart_takes_a_member: crate::units::role::UnitRole::of(&unit.name)
+                == crate::units::role::UnitRole::K3sServer,
+            held_back: None,
         }
     }
 
@@ -255,12 +268,26 @@ impl UnitHealer {
     /// Decides what to do now. `random` feeds the backoff jitter. The caller carries out
     /// the returned action and must call [`UnitHealer::decide`] again no later than
     /// [`UnitHealer::next_deadline`].
+    #[cfg(test)]
     pub fn decide(
         &mut self,
         now: Instant,
         settings: &HealSettings,
         random: u64,
     ) -> Option<Decision> {
+        self.decide_held(now, settings, random, None)
+    }
+
+    /// [`UnitHealer::decide`] while `hold` says why disruption is held back (`None`: it
+    /// is not): see the module doc's quorum rule.
+    pub fn decide_held(
+        &mut self,
+        now: Instant,
+        settings: &HealSettings,
+        random: u64,
+        hold: Option<&str>,
+    ) -> Option<Decision> {
+        self.held_back = None;
         if self.is_healthy() {
             let since = *self.healthy_since.get_or_insert(now);
             if self.attempts > 0 && now.saturating_duration_since(since) >= STABLE_AFTER {
@@ -278,6 +305,26 @@ impl UnitHealer {
         if self.next_attempt_at.is_some_and(|at| now < at) {
             return None;
         }
+        if let (Some(why), Action::Restart, true) =
+            (hold, &needed.action, self.restart_takes_a_member)
+        {
+            self.held_back = Some(format!("not restarted ({}): {why}", needed.reason));
+            return None;
+        }
+        if let Some(why) = hold {
+            if self.reboot_due(settings) && settings.allow_reboot {
+                self.held_back = Some(format!(
+                    "a reboot is due but held back: {why}; retrying the unit at the backoff cap"
+                ));
+                self.attempts = self.attempts.saturating_add(1);
+                self.next_attempt_at = Some(now + settings.backoff_max);
+                self.awaiting_job_until = Some(now + JOB_GRACE);
+                if matches!(needed.action, Action::Start { .. } | Action::Restart) {
+                    self.restarts_by_pimesh += 1;
+                }
+                return Some(needed);
+            }
+        }
         self.attempts = self.attempts.saturating_add(1);
         self.next_attempt_at = Some(
             now + Backoff::new(settings.backoff_initial, settings.backoff_max)
@@ -290,6 +337,12 @@ impl UnitHealer {
             self.restarts_by_pimesh += 1;
         }
         Some(decision)
+    }
+
+    /// Whether the next attempt reaches the reboot rung.
+    fn reboot_due(&self, settings: &HealSettings) -> bool {
+        self.attempts.saturating_add(1) > settings.escalate_after.saturating_mul(2)
+            && self.escalation < Escalation::RebootRefused
     }
 
     /// Replaces `needed` by the next escalation rung when this attempt reaches one.

@@ -1,6 +1,6 @@
 use std::time::{Duration, Instant};
 
-use pimesh_schema::{HealSettings, ManagedUnit, SupervisorConfig};
+use pimesh_schema::{HealSettings, ManagedUnit, SupervisorConfig, UnitName};
 
 use super::*;
 
@@ -319,4 +319,74 @@ fn escalation_rungs_are_named_as_the_status_shows_them() {
     ]
     .map(Escalation::name);
     assert_eq!(names, ["none", "dependencies", "reboot-refused", "reboot"]);
+}
+
+fn k3s_server() -> ManagedUnit {
+    ManagedUnit {
+        name: UnitName::try_from("k3s.service".to_owned()).expect("name"),
+        ready_url: proxy().ready_url,
+        dependencies: Vec::new(),
+    }
+}
+
+#[test]
+fn a_hung_k3s_server_is_not_restarted_while_quorum_says_hold() {
+    let settings = settings();
+    let now = Instant::now();
+    let mut healer = UnitHealer::new(&k3s_server());
+    healer.observe_state(running(10));
+    healer.observe_probe(now, false);
+    let later = now + settings.hang_threshold + Duration::from_secs(1);
+    let hold = "1 of 3 servers ready without this one; etcd needs 2";
+    assert_eq!(healer.decide_held(later, &settings, 0, Some(hold)), None);
+    assert_eq!(healer.attempts, 0, "a held-back heal counts no attempt");
+    assert!(healer
+        .held_back
+        .as_deref()
+        .is_some_and(|why| why.contains(hold)));
+    // Once quorum allows it, the restart goes ahead.
+    let decision = healer
+        .decide_held(later, &settings, 0, None)
+        .expect("a decision");
+    assert_eq!(decision.action, Action::Restart);
+    assert_eq!(healer.held_back, None);
+    // A K3s server that is down is started even while held: starting takes no member away.
+    let mut down = UnitHealer::new(&k3s_server());
+    down.observe_state(state("failed", "failed", "exit-code", 0));
+    let decision = down
+        .decide_held(now, &settings, 0, Some(hold))
+        .expect("a decision");
+    assert_eq!(decision.action, Action::Start { reset_failed: true });
+}
+
+#[test]
+fn no_unit_escalates_to_a_reboot_while_quorum_says_hold() {
+    let settings = HealSettings {
+        allow_reboot: true,
+        ..settings()
+    };
+    let mut healer = UnitHealer::new(&proxy());
+    let mut now = Instant::now();
+    let mut reboots = 0;
+    for _ in 0..(settings.escalate_after * 3 + 2) {
+        healer.observe_state(state("failed", "failed", "exit-code", 0));
+        if let Some(decision) = healer.decide_held(now, &settings, 0, Some("quorum")) {
+            if decision.action == Action::Reboot {
+                reboots += 1;
+            }
+            healer.observe_job_finished();
+        }
+        now += settings.backoff_max + Duration::from_secs(1);
+    }
+    assert_eq!(reboots, 0);
+    assert!(healer
+        .held_back
+        .as_deref()
+        .is_some_and(|why| why.contains("reboot is due but held back")));
+    // Released, the ladder goes on to the reboot.
+    healer.observe_state(state("failed", "failed", "exit-code", 0));
+    let decision = healer
+        .decide_held(now, &settings, 0, None)
+        .expect("a decision");
+    assert_eq!(decision.action, Action::Reboot);
 }

@@ -1,0 +1,284 @@
+//! K3s on this node: which role it plays, its `config.yaml`, its unit in the managed set,
+//! its readiness, and the quorum that decides whether a K3s server may be taken down.
+//!
+//! - [`config`]: the rendered `/etc/rancher/k3s/config.yaml` per role (pure);
+//! - [`token`]: the site's K3s token, made by the init node and carried by the join;
+//! - [`kubeconfig`] and [`readiness`]: K3s's own answer to "ready?", through the node's
+//!   kubeconfig, served to the keeper as a probe;
+//! - [`quorum`]: the other servers' health, and the hold on disruptive heals.
+//!
+//! K3s joins the managed set (`k3s.service` on a server, `k3s-agent.service` on an agent,
+//! as K3s's install script names them) only when all of these hold: the binary is
+//! installed, the node knows its role (the init node is the first server; a joined node
+//! is what its join record says), the site's K3s token is on the node, and the config file
+//! was written. Otherwise the status says which one is missing, and the mesh runs without
+//! K3s.
+
+pub mod config;
+pub mod kubeconfig;
+pub mod quorum;
+pub mod readiness;
+pub mod token;
+
+use std::net::IpAddr;
+
+use pimesh_join::Role;
+use pimesh_schema::cluster::{ClusterConfig, K3sSettings};
+use pimesh_schema::{DnsLabel, ManagedUnit, ProbeUrl, UnitName};
+use tracing::{info, warn};
+
+use crate::paths::NodePaths;
+pub use crate::status::K3sPlacementReport;
+use crate::units::role::{K3S_AGENT, K3S_SERVER};
+use config::{K3sInputs, K3sRole};
+use readiness::{Check, Readiness};
+use token::K3sToken;
+
+/// What the node knows of its place in K3s; part of the units' placement.
+#[derive(Debug, Clone, Default)]
+pub struct K3sPlace {
+    /// The K3s binary is installed.
+    pub installed: bool,
+    /// The node is the site's first server (seed `role = "init"`).
+    pub first_server: bool,
+    /// The server whose replica answered the join: K3s's first contact.
+    pub via: Option<IpAddr>,
+    /// Every server address the join record lists.
+    pub servers: Vec<IpAddr>,
+    /// This node's address on the site's network, when known.
+    pub node_ip: Option<IpAddr>,
+    /// The keeper's probe of K3s's readiness (the status API's `/k3s/ready`).
+    pub probe_url: Option<ProbeUrl>,
+    /// Where the status API's readiness check looks.
+    pub readiness: Readiness,
+}
+
+impl K3sPlace {
+    /// Adds the K3s unit to `units` when K3s can run here (see the module doc), writing
+    /// its config for `site`'s `[k3s]` first; says why not otherwise.
+    pub fn apply(
+        &self,
+        role: Option<Role>,
+        node: Option<&DnsLabel>,
+        site: Option<&ClusterConfig>,
+        paths: &NodePaths,
+        units: &mut Vec<ManagedUnit>,
+    ) -> K3sPlacementReport {
+        let mut report = K3sPlacementReport::default();
+        let k3s_role = match (self.first_server, role, self.via) {
+            (true, _, _) => Some(K3sRole::FirstServer),
+            (false, Some(Role::Server), Some(via)) => Some(K3sRole::Server { via }),
+            (false, Some(Role::Agent), Some(via)) => Some(K3sRole::Agent { via }),
+            _ => None,
+        };
+        report.role = k3s_role.as_ref().map(K3sRole::as_str);
+        let not_running = |report: K3sPlacementReport, note: String| {
+            self.readiness.set(None);
+            K3sPlacementReport {
+                note: Some(note),
+                ..report
+            }
+        };
+        if !self.installed {
+            return not_running(
+                report,
+                format!(
+                    "K3s is not installed in this image ({} is absent); the mesh runs without it",
+                    paths.k3s_bin.display()
+                ),
+            );
+        }
+        let (Some(k3s_role), Some(node)) = (k3s_role, node) else {
+            return not_running(
+                report,
+                "waiting for the node's role in its site (the join) before configuring K3s".into(),
+            );
+        };
+        let token = match load_token(paths, k3s_role.is_server()) {
+            Ok(Some(token)) => token,
+            Ok(None) => {
+                return not_running(
+                    report,
+                    "no K3s token on this node yet (the init node makes it; a joining node \
+                     receives it with its certificate)"
+                        .into(),
+                )
+            }
+            Err(err) => return not_running(report, err.to_string()),
+        };
+        let defaults = K3sSettings::default();
+        let settings = site.map_or(&defaults, |site| &site.k3s);
+        let mut server_addresses = self.servers.clone();
+        if k3s_role.is_server() {
+            server_addresses.extend(self.node_ip);
+        }
+        let text = config::render(&K3sInputs {
+            role: k3s_role.clone(),
+            token: &token,
+            node,
+            node_ip: self.node_ip,
+            server_addresses,
+            settings,
+        });
+        let file = paths.k3s_config();
+        match config::write(&file, &text) {
+            Ok(true) => {
+                info!(file = %file.display(), role = k3s_role.as_str(), "K3s configuration written")
+            }
+            Ok(false) => {}
+            Err(err) => {
+                warn!(file = %file.display(), %err, "cannot write the K3s configuration");
+                return not_running(report, format!("cannot write {}: {err}", file.display()));
+            }
+        }
+        report.config = Some(file.display().to_string());
+        let (unit, check) = if k3s_role.is_server() {
+            (
+                K3S_SERVER,
+                Check::Server {
+                    kubeconfig: paths.k3s_admin_kubeconfig(),
+                    node: node.clone(),
+                },
+            )
+        } else {
+            (
+                K3S_AGENT,
+                Check::Agent {
+                    kubeconfig: paths.k3s_kubelet_kubeconfig(),
+                    node: node.clone(),
+                },
+            )
+        };
+        self.readiness.set(Some(check));
+        if let Ok(name) = UnitName::try_from(unit.to_owned()) {
+            units.push(ManagedUnit {
+                name,
+                ready_url: self.probe_url.clone(),
+                dependencies: Vec::new(),
+            });
+            report.unit = Some(unit.to_owned());
+        }
+        report
+    }
+}
+
+/// The site's K3s token: the trust folder's on a server node, else the one the join gave.
+fn load_token(paths: &NodePaths, server: bool) -> Result<Option<K3sToken>, token::TokenError> {
+    if server {
+        if let Some(token) = K3sToken::load(&paths.trust_k3s_token())? {
+            return Ok(Some(token));
+        }
+    }
+    K3sToken::load(&paths.k3s_token())
+}
+
+/// This node's address on the site's network: the address of the first interface that
+/// is up, not a loopback, and not one K3s or a container runtime makes (so that K3s's
+/// own interfaces never change the answer), IPv4 first; `None` when there is none.
+pub fn node_ip(preferred_interfaces: Option<&[String]>) -> Option<IpAddr> {
+    const NOT_THE_LAN: [&str; 10] = [
+        "lo", "cni", "flannel", "veth", "vxlan", "kube", "docker", "cali", "tunl", "wg",
+    ];
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    let mut found: Vec<(bool, String, IpAddr)> = Vec::new();
+    for ifaddr in addrs {
+        if !ifaddr.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP) {
+            continue;
+        }
+        let name = ifaddr.interface_name;
+        if NOT_THE_LAN.iter().any(|prefix| name.starts_with(prefix)) {
+            continue;
+        }
+        if let Some(wanted) = preferred_interfaces {
+            if !wanted.contains(&name) {
+                continue;
+            }
+        }
+        let Some(address) = ifaddr.address else {
+            continue;
+        };
+        let ip = if let Some(v4) = address.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = address.as_sockaddr_in6() {
+            let ip = v6.ip();
+            // A link-local address needs its scope to be dialled; K3s wants a routable one.
+            if (ip.segments()[0] & 0xffc0) == 0xfe80 {
+                continue;
+            }
+            IpAddr::V6(ip)
+        } else {
+            continue;
+        };
+        if ip.is_loopback() || ip.is_unspecified() {
+            continue;
+        }
+        found.push((ip.is_ipv6(), name, ip));
+    }
+    found.sort();
+    found.first().map(|(_, _, ip)| *ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn place(dir: &std::path::Path) -> (K3sPlace, NodePaths) {
+        let paths = NodePaths::under(dir);
+        std::fs::create_dir_all(paths.k3s_bin.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&paths.k3s_bin, "").expect("k3s");
+        let place = K3sPlace {
+            installed: true,
+            first_server: false,
+            via: Some("10.0.0.1".parse().expect("ip")),
+            servers: vec!["10.0.0.1".parse().expect("ip")],
+            node_ip: Some("10.0.0.4".parse().expect("ip")),
+            probe_url: None,
+            readiness: Readiness::default(),
+        };
+        (place, paths)
+    }
+
+    #[test]
+    fn an_agent_with_its_token_runs_k3s_agent_and_one_without_says_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (place, paths) = place(dir.path());
+        let node = DnsLabel::try_from("pi-d".to_owned()).expect("label");
+        let mut units = Vec::new();
+        let report = place.apply(Some(Role::Agent), Some(&node), None, &paths, &mut units);
+        assert!(units.is_empty());
+        assert!(report.note.unwrap_or_default().contains("no K3s token"));
+        assert!(place.readiness.current().is_none());
+
+        K3sToken::new("s3cret".into())
+            .store(&paths.k3s_token())
+            .expect("stored");
+        let report = place.apply(Some(Role::Agent), Some(&node), None, &paths, &mut units);
+        assert_eq!(report.role, Some("agent"));
+        assert_eq!(report.unit.as_deref(), Some("k3s-agent.service"));
+        assert_eq!(units.len(), 1);
+        let text = std::fs::read_to_string(paths.k3s_config()).expect("written");
+        assert!(text.contains("server: https://10.0.0.1:6443"), "{text}");
+        assert!(matches!(
+            place.readiness.current(),
+            Some(Check::Agent { .. })
+        ));
+    }
+
+    #[test]
+    fn without_the_binary_or_a_role_k3s_is_left_out_and_the_status_says_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut place, paths) = place(dir.path());
+        let node = DnsLabel::try_from("pi-d".to_owned()).expect("label");
+        let mut units = Vec::new();
+        let report = place.apply(None, Some(&node), None, &paths, &mut units);
+        assert!(report
+            .note
+            .unwrap_or_default()
+            .contains("waiting for the node's role"));
+        place.installed = false;
+        let report = place.apply(Some(Role::Agent), Some(&node), None, &paths, &mut units);
+        assert!(report.note.unwrap_or_default().contains("not installed"));
+        assert!(units.is_empty());
+        assert!(!paths.k3s_config().exists());
+    }
+}
