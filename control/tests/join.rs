@@ -214,7 +214,9 @@ fn a_board_joins_with_the_token_and_gets_a_certificate_for_its_name_and_key() {
     // Once the trust folder holds the site's K3s token, joining nodes receive it.
     std::fs::write(f.dir.join("trust").join("k3s-token"), "k3s-s3cret\n").expect("k3s-token");
     pimesh_test_support::wait::wait_until_blocking("the K3s token in a join answer", || {
-        accepted(&f.join(1, "pi-b", SECRET, &request.csr_pem)).k3s_token.as_deref()
+        accepted(&f.join(1, "pi-b", SECRET, &request.csr_pem))
+            .k3s_token
+            .as_deref()
             == Some("k3s-s3cret")
     });
 }
