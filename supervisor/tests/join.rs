@@ -106,6 +106,10 @@ impl Node {
             .arg(path("var/lib/pimesh"))
             .arg("--run-dir")
             .arg(path("run"))
+            .arg("--rancher-etc")
+            .arg(path("etc/rancher/k3s"))
+            .arg("--rancher-data")
+            .arg(path("var/lib/rancher/k3s"))
             .arg("--manifest")
             .arg(path("no-manifest.json"));
         let log = path(&format!("supervisor-{}.log", status_addr.port()));

@@ -28,12 +28,26 @@ impl Supervisor {
             std::fs::write(&config, "unit = []\n").expect("supervisor config");
             own_config = vec!["--supervisor-config".into(), config.into_os_string()];
         }
+        // Every folder the supervisor writes under the scratch folder: nothing of a test
+        // lands in the host's /etc, /var/lib or /run.
+        let folders: Vec<std::ffi::OsString> = [
+            ("--etc-dir", "etc/pimesh"),
+            ("--state-dir", "var/lib/pimesh"),
+            ("--run-dir", "run/pimesh"),
+            ("--rancher-etc", "etc/rancher/k3s"),
+            ("--rancher-data", "var/lib/rancher/k3s"),
+        ]
+        .into_iter()
+        .filter(|(flag, _)| !extra.contains(flag))
+        .flat_map(|(flag, folder)| [flag.into(), scratch.path().join(folder).into_os_string()])
+        .collect();
         let mut command = Daemon::command(Binary::Supervisor, "info");
         command
             .arg("--seed")
             .arg(seed)
             .args(["--status-addr", &addr.to_string(), "--no-node-setup"])
             .args(own_config)
+            .args(folders)
             .args(extra);
         let log = scratch.path().join("supervisor.log");
         let mut daemon = Daemon::spawn("pimesh-supervisor", command, Some(&log));
@@ -45,6 +59,10 @@ impl Supervisor {
             addr,
             _scratch: scratch,
         }
+    }
+
+    fn scratch(&self) -> &Path {
+        self._scratch.path()
     }
 
     fn get(&self, path: &str) -> (u16, String) {
@@ -124,6 +142,19 @@ fn status_reports_the_seed_and_k3s_presence() {
     let status = supervisor.status();
     assert_eq!(status["k3s"]["present"], true);
     assert_eq!(status["k3s"]["version"], "v1.33.5+k3s1");
+    // The init node is the site's first K3s server: its config is written, and until K3s
+    // answers, the status and the probe say it is not ready.
+    assert_eq!(status["k3s"]["role"], "server", "{}", status["k3s"]);
+    let config = supervisor.scratch().join("etc/rancher/k3s/config.yaml");
+    let text = std::fs::read_to_string(&config).expect("config.yaml written");
+    assert!(text.contains("cluster-init: true"), "{text}");
+    assert!(text.contains("node-name: pi-a"), "{text}");
+    let (code, body) = supervisor.get("/k3s/ready");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("k3s.yaml"),
+        "names the missing kubeconfig: {body}"
+    );
 }
 
 #[test]
