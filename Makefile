@@ -13,7 +13,7 @@ NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 # Where cargo puts host release binaries (CI shares a target folder between clones).
 HOST_RELEASE := $(or $(CARGO_TARGET_DIR),target)/release
 
-.PHONY: fuzz test-fuzz soak-powercut central help deps image image-amd64 cross host-bins test test-containers test-rust test-qemu test-nspawn test-site qemu qemu-site bench-site bench-boot \
+.PHONY: fuzz test-fuzz soak-powercut central help deps image image-amd64 cross host-bins test test-containers test-rust test-qemu test-nspawn test-site test-k3s qemu qemu-site bench-site bench-boot \
 	bench bench-heal bench-ota bench-wear bench-central bench-proxy bench-control lint clean
 
 help:
@@ -27,6 +27,7 @@ help:
 	@echo "make bench-boot   measure boot to supervisor READY against boot without Pimesh"
 	@echo "make test-nspawn  test the supervisor against real systemd/D-Bus (amd64 root in systemd-nspawn)"
 	@echo "make test-site    several nspawn nodes on one bridge form a site by themselves (plug-in join)"
+	@echo "make test-k3s     the site test with K3S_BIN=<a real k3s> instead of the K3s fixture"
 	@echo "make bench-site   four nspawn nodes forming a site: start → certificate per node, daemons' memory"
 	@echo "make bench-heal   measure kill/hang → ready again and the supervisor's CPU and RSS"
 	@echo "make bench-ota    measure publish → applied on a node, and bad revision → rolled back"
@@ -50,7 +51,7 @@ cross:
 
 # The node's daemons (for the amd64 root) and the host tools the tests drive them with.
 host-bins:
-	cargo build --release --locked $(NODE_CRATES) -p pimesh-central -p pimesh-ctl
+	cargo build --release --locked $(NODE_CRATES) -p pimesh-central -p pimesh-ctl -p k3s-fixture
 	install -D -m 0755 -t out/bin/x86_64 $(HOST_RELEASE)/pimesh-supervisor $(HOST_RELEASE)/pimesh-proxy \
 		$(HOST_RELEASE)/pimesh-control
 
@@ -86,6 +87,11 @@ test-nspawn: image-amd64
 # Several nodes that form a site by themselves (plug-in join), each in its own namespace.
 test-site: image-amd64
 	./tests/site/run.sh
+
+# The same site with a real K3s on every node: K3S_BIN=/path/to/k3s make test-k3s (without
+# it, the K3s fixture runs, as in test-site).
+test-k3s: image-amd64
+	K3S_BIN="$(K3S_BIN)" ./tests/site/run.sh
 
 lint:
 	cargo fmt --all -- --check

@@ -54,53 +54,20 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     let internal_ip = settings.internal_ip()?;
 
     let upstreams = Upstreams::new(&base, agent_dir.join("etc/k3s-agent-load-balancer.json"));
-    let ca_pem = loop {
-        let mut errors = Vec::new();
-        let mut found = None;
-        for server in upstreams.snapshot() {
-            match fetch_cacerts(&format!("https://{server}"), TIMEOUT).await {
-                Ok(pem) => {
-                    found = Some(pem);
-                    break;
-                }
-                Err(err) => errors.push(err),
-            }
-        }
-        if let Some(pem) = found {
-            break pem;
-        }
-        error(&format!(
-            "k3s fixture: waiting for the server CA: {}",
-            errors.join("; ")
-        ));
-        tokio::time::sleep(RETRY).await;
-    };
+    let ca_pem = from_any_server(&upstreams, "the server CA", |server| async move {
+        fetch_cacerts(&format!("https://{server}"), TIMEOUT).await
+    })
+    .await;
     token.check_hash(&crate::token::sha256_hex(ca_pem.as_bytes()))?;
     let ca_path = agent_dir.join("server-ca.crt");
     write_atomic(&ca_path, ca_pem.as_bytes(), 0o644)?;
     let client = trusting(&ca_pem, TIMEOUT)?;
 
-    let pem = loop {
-        let mut errors = Vec::new();
-        let mut found = None;
-        for server in upstreams.snapshot() {
-            match kubelet_certificate(&client, &server, &token, &node_name, &password).await {
-                Ok(pem) => {
-                    found = Some(pem);
-                    break;
-                }
-                Err(err) => errors.push(err),
-            }
-        }
-        if let Some(pem) = found {
-            break pem;
-        }
-        error(&format!(
-            "k3s fixture: waiting for the kubelet certificate: {}",
-            errors.join("; ")
-        ));
-        tokio::time::sleep(RETRY).await;
-    };
+    let pem = from_any_server(&upstreams, "the kubelet certificate", |server| {
+        let (client, token, node_name, password) = (&client, &token, &node_name, &password);
+        async move { kubelet_certificate(client, &server, token, node_name, password).await }
+    })
+    .await;
     let key_at = pem
         .find("-----BEGIN PRIVATE KEY-----")
         .ok_or_else(|| "the kubelet certificate came without its key".to_owned())?;
@@ -255,4 +222,27 @@ async fn live_servers(
         .flatten()
         .filter_map(|v| v.as_str().map(str::to_owned))
         .collect())
+}
+
+/// The first answer of `ask` from the known servers, in order; round after round, every
+/// [`RETRY`], until one answers (logging what each said, naming `what`).
+async fn from_any_server<T, F, Fut>(upstreams: &Upstreams, what: &str, mut ask: F) -> T
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    loop {
+        let mut errors = Vec::new();
+        for server in upstreams.snapshot() {
+            match ask(server).await {
+                Ok(answer) => return answer,
+                Err(err) => errors.push(err),
+            }
+        }
+        error(&format!(
+            "k3s fixture: waiting for {what}: {}",
+            errors.join("; ")
+        ));
+        tokio::time::sleep(RETRY).await;
+    }
 }

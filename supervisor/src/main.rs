@@ -165,6 +165,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
                 via: None,
                 servers: Vec::new(),
                 node_ip: k3s::node_ip(mdns_interfaces.as_deref()),
+                interfaces: mdns_interfaces,
                 probe_url: pimesh_schema::ProbeUrl::try_from(format!(
                     "http://{}/k3s/ready",
                     options.status_addr
@@ -239,17 +240,12 @@ async fn run(options: Options) -> Result<(), DaemonError> {
         Arc::clone(&status.0),
         Arc::new(k3s_readiness.clone()),
     ));
-    let (hold, hold_watch) = tokio::sync::watch::channel(None);
-    let quorum = tokio::spawn(
-        k3s::quorum::QuorumWatch {
-            readiness: k3s_readiness,
-            units: Arc::clone(&units),
-            admin_kubeconfig: paths.k3s_admin_kubeconfig(),
-            status: status.clone(),
-            hold,
-        }
-        .run(),
+    let quorum = k3s::quorum::Quorum::new(
+        k3s_readiness,
+        Arc::clone(&units),
+        paths.k3s_admin_kubeconfig(),
     );
+    let quorum_task = tokio::spawn(quorum.clone().run(status.clone()));
 
     let heartbeat = Heartbeat::new();
     heartbeat.beat();
@@ -258,7 +254,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
         units.subscribe(),
         status.clone(),
         Arc::clone(&heartbeat),
-        hold_watch,
+        Arc::new(quorum),
     );
     let keeper = tokio::spawn(keeper.run());
     let ota = seed
@@ -291,7 +287,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
     info!("shutting down");
     notify::stopping();
     server.abort();
-    quorum.abort();
+    quorum_task.abort();
     keeper.abort();
     if let Some(check) = trust_check {
         check.abort();

@@ -6,5 +6,6 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 "$here/../../image/host-deps.sh" >/dev/null   # systemd-nspawn, nsenter, dnsmasq, python3
 python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q pytest
+python3 -c 'import yaml' 2>/dev/null || python3 -m pip install -q pyyaml
 cd "$here"
 exec python3 -m pytest -v -s -p no:cacheprovider "${@:-.}"

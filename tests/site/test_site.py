@@ -17,6 +17,9 @@ leaves for 40 s, so that renewals happen within the test. The nodes boot in para
 
 Cases, in order (each builds on the site the previous ones left):
   1. the cards form the site by themselves: roles, issuer only on servers, leaves;
+     K3s (the fixture, see below) runs on every node as its role says, with the config
+     rendered for that role, and the cluster lists every node Ready; two of the three K3s
+     servers hang and no supervisor restarts a K3s server (quorum), then all recover;
   2. each joined node's certificate is for its own name and its own key;
   3. a request from a client on pi-d to `web` on pi-a crosses both proxies with mTLS,
      and the allow list refuses the same request from pi-b (so the identity pi-a's proxy
@@ -42,6 +45,11 @@ Cases, in order (each builds on the site the previous ones left):
      the joined nodes find the servers again by mDNS, every proxy takes a fresh leaf, the
      service answers again, and a revision reaches every node.
 
+K3s cannot be had on our machines: every node runs the test fixture `k3s-fixture`
+(`k3s-fixture/`, a stand-in that accepts exactly v1.34.3+k3s1's flags and config keys and
+answers the Kubernetes API shapes the supervisor reads) as /usr/local/bin/k3s, unless
+$K3S_BIN names a real K3s binary.
+
 Figures (printed, never asserted; `make bench-site`): seconds from the supervisor's start
 to the node's certificate, per node, the memory of each daemon on a server and on an
 agent, seconds from plugging the cut-off node back in to its fresh leaf, and from the
@@ -54,14 +62,19 @@ import datetime
 import json
 import os
 import time
+import shutil
 import subprocess
 import tempfile
 import uuid
 
+import base64
+
 import pytest
+import yaml
 
 from harness.container import Container
 from harness.ota_site import Site
+from harness.paths import host_binary
 
 BRIDGE_NET = "192.168.215"
 CENTRAL_PORT = 8443
@@ -72,6 +85,8 @@ CLUSTER = ('site = "lab"\n\n[k3s]\nservers = 3\n\n'
            'allow = ["spiffe://lab/node/pi-d"]\n'
            '[services.echo]\nport = 8081\nlocal_port = 18081\nnodes = ["pi-c"]\n')
 JOINERS = ("pi-b", "pi-c", "pi-d")
+# What runs as K3s on every node: a real K3s binary, or the test fixture (`make host-bins`).
+K3S_BIN = os.environ.get("K3S_BIN") or host_binary("k3s-fixture")
 # The replicas sign short leaves in this test, so that renewals happen while it runs.
 CONTROL_DROPIN = ("[Service]\nExecStart=\nExecStart=/usr/bin/pimesh-control --replica %i "
                   f"--leaf-lifetime {LEAF_LIFETIME} $PIMESH_CONTROL_ARGS\n")
@@ -122,6 +137,16 @@ except urllib.error.HTTPError as e:
     print(e.code, e.read().decode())
 except Exception as e:
     print(0, repr(e))
+"""
+
+# GET over HTTPS with a client certificate (the host's python3 in a node's network
+# namespace): argv URL CA CERT KEY; prints the body, fails on a non-2xx answer.
+KUBE_GET = r"""
+import ssl, sys, urllib.request
+context = ssl.create_default_context(cafile=sys.argv[2])
+context.load_cert_chain(sys.argv[3], sys.argv[4])
+with urllib.request.urlopen(sys.argv[1], context=context, timeout=10) as r:
+    print(r.read().decode())
 """
 
 
@@ -239,6 +264,11 @@ def prepare_node(lan, keys, index, role, node, extra_files=None):
     container.write("/boot/firmware/pimesh.toml", keys.seed(role, node))
     container.write("/etc/pimesh/cluster.toml", CLUSTER)
     container.write("/etc/systemd/system/pimesh-control@.service.d/test-leaf-lifetime.conf", CONTROL_DROPIN)
+    # K3s: the fixture stand-in, or a real K3s given as $K3S_BIN.
+    k3s = os.path.join(container.root, "usr/local/bin/k3s")
+    os.makedirs(os.path.dirname(k3s), exist_ok=True)
+    shutil.copyfile(K3S_BIN, k3s)
+    os.chmod(k3s, 0o755)
     for path, text in (extra_files or {}).items():
         container.write(path, text)
     return container
@@ -336,6 +366,131 @@ def test_the_cards_form_a_site_by_themselves(site, figures):
     for kind, node in (("server", servers[0]), ("agent", agent)):
         for unit in ("pimesh-supervisor.service", "pimesh-proxy.service", "pimesh-control@1.service"):
             figures[f"site_{kind}_{unit.split('.')[0]}_memory_mib"] = memory_mib(node, unit)
+
+
+def k3s_ready(node):
+    status = node.status()
+    return status if status["k3s"]["ready"] else None
+
+
+def k3s_config(node):
+    """The node's rendered K3s config, and its file mode."""
+    path = os.path.join(node.root, "etc/rancher/k3s/config.yaml")
+    with open(path) as f:
+        return yaml.safe_load(f), os.stat(path).st_mode & 0o777
+
+
+def kube_get(node, path):
+    """GET `path` of the K3s API on `node` (in its network namespace) with the admin
+    kubeconfig K3s wrote there: the parsed JSON."""
+    with open(os.path.join(node.root, "etc/rancher/k3s/k3s.yaml")) as f:
+        kubeconfig = yaml.safe_load(f)
+    cluster = kubeconfig["clusters"][0]["cluster"]
+    user = kubeconfig["users"][0]["user"]
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for name, data in (("ca", cluster["certificate-authority-data"]),
+                           ("cert", user["client-certificate-data"]), ("key", user["client-key-data"])):
+            files[name] = os.path.join(tmp, name)
+            with open(files[name], "wb") as f:
+                f.write(base64.b64decode(data))
+        out = subprocess.run(["nsenter", "-t", str(node.leader), "-n", "python3", "-c", KUBE_GET,
+                              cluster["server"] + path, files["ca"], files["cert"], files["key"]],
+                             capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise RuntimeError(f"GET {path} on the K3s API: {out.stderr.strip()[-300:]}")
+    return json.loads(out.stdout)
+
+
+def k3s_unit(node, name):
+    return next(u for u in node.status()["units"] if u["name"] == name)
+
+
+def test_k3s_runs_on_every_node_configured_for_its_role_and_the_cluster_lists_them(site, figures):
+    """K3s here is the test fixture (`k3s-fixture`, a stand-in executable that accepts
+    exactly v1.34.3+k3s1's flags and config keys and serves the API shapes the supervisor
+    reads), or $K3S_BIN."""
+    nodes = site["nodes"]
+    token = None
+    servers = set()
+    for name, node in nodes.items():
+        status = node.wait_for(f"K3s ready on {name}", lambda node=node: k3s_ready(node),
+                               timeout=180, interval=1)
+        role = "server" if name == "pi-a" else status["join"]["role"]
+        k3s = status["k3s"]
+        assert k3s["present"] and k3s["role"] == role, k3s
+        assert k3s["unit"] == ("k3s.service" if role == "server" else "k3s-agent.service"), k3s
+        assert k3s_unit(node, k3s["unit"])["active_state"] == "active"
+        config, mode = k3s_config(node)
+        assert mode == 0o600, f"{name}: config.yaml holds the token: mode {mode:o}"
+        assert config["node-name"] == name
+        assert config["node-ip"] == Lan.address(node.netns), config
+        token = token or config["token"]
+        assert config["token"] == token, "one K3s token for the site"
+        if name == "pi-a":
+            # The first server of a three-server site starts embedded etcd.
+            assert config.get("cluster-init") is True and "server" not in config, config
+        else:
+            via = status["join"]["via"]["address"].rsplit(":", 1)[0]
+            assert config["server"] == f"https://{via}:6443", config
+            assert "cluster-init" not in config
+        if role == "server":
+            servers.add(name)
+            assert config["write-kubeconfig-mode"] == "0600"
+            assert config["disable"] == ["traefik"]
+            assert config["node-ip"] in config["tls-san"]
+        else:
+            # An agent fails on any server-only key.
+            assert set(config) == {"server", "token", "node-name", "node-ip"}, config
+        figures[f"site_{name}_{role}_supervisor_start_to_k3s_ready_s_fixture"] = round(
+            time.time() - status["started_at"], 1)
+    # The token never travels on the card.
+    for node in nodes.values():
+        with open(os.path.join(node.root, "boot/firmware/pimesh.toml")) as f:
+            assert token not in f.read()
+    # The cluster lists every node, Ready; the servers with the control-plane role.
+    def listed():
+        items = kube_get(nodes["pi-a"], "/api/v1/nodes")["items"]
+        ready = {n["metadata"]["name"] for n in items
+                 if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"]["conditions"])}
+        return ready >= set(nodes) and items
+    items = nodes["pi-a"].wait_for("every node Ready in the K3s API", listed, timeout=120, interval=1)
+    control_plane = {n["metadata"]["name"] for n in items
+                     if n["metadata"]["labels"].get("node-role.kubernetes.io/control-plane") == "true"}
+    assert control_plane == servers, (control_plane, servers)
+
+
+def test_k3s_servers_are_never_restarted_while_that_would_break_quorum(site):
+    """Two of the three K3s servers hang (SIGSTOP): the third loses etcd quorum and is not
+    ready, yet no supervisor restarts its K3s (that would only take another member away);
+    each says why in its status. Resumed, all three are ready again without a restart."""
+    nodes = site["nodes"]
+    servers = [name for name, node in nodes.items()
+               if name == "pi-a" or node.status()["join"]["role"] == "server"]
+    assert len(servers) == 3, servers
+    before = {name: (nodes[name].main_pid("k3s.service"),
+                     k3s_unit(nodes[name], "k3s.service")["restarts_by_pimesh"]) for name in servers}
+    hung, third = servers[1:], servers[0]
+    for name in hung:
+        nodes[name].systemctl("kill", "--signal=SIGSTOP", "k3s.service")
+    try:
+        for name in servers:
+            node = nodes[name]
+            held = node.wait_for(f"{name} holding back its K3s restart",
+                                 lambda node=node: k3s_unit(node, "k3s.service")["held_back"],
+                                 timeout=180, interval=1)
+            assert "etcd" in held, held
+        third_status = nodes[third].status()
+        assert third_status["k3s"]["ready"] is False, third_status["k3s"]
+        assert third_status["k3s"]["quorum"]["hold"], third_status["k3s"]["quorum"]
+    finally:
+        for name in hung:
+            nodes[name].systemctl("kill", "--signal=SIGCONT", "k3s.service")
+    for name in servers:
+        node = nodes[name]
+        node.wait_for(f"K3s ready again on {name}", lambda node=node: k3s_ready(node), timeout=120, interval=1)
+        after = (node.main_pid("k3s.service"), k3s_unit(node, "k3s.service")["restarts_by_pimesh"])
+        assert after == before[name], f"{name}'s K3s was restarted: {before[name]} -> {after}"
 
 
 def test_the_node_certificates_are_the_nodes_own(site):

@@ -45,8 +45,11 @@ pub struct K3sPlace {
     pub via: Option<IpAddr>,
     /// Every server address the join record lists.
     pub servers: Vec<IpAddr>,
-    /// This node's address on the site's network, when known.
+    /// This node's address on the site's network ([`node_ip`]), once it has one; K3s
+    /// waits for it (its API certificate names it, and the other nodes reach it there).
     pub node_ip: Option<IpAddr>,
+    /// The seed's `mdns_interfaces`: where [`node_ip`] looks first.
+    pub interfaces: Option<Vec<String>>,
     /// The keeper's probe of K3s's readiness (the status API's `/k3s/ready`).
     pub probe_url: Option<ProbeUrl>,
     /// Where the status API's readiness check looks.
@@ -94,6 +97,13 @@ impl K3sPlace {
                 "waiting for the node's role in its site (the join) before configuring K3s".into(),
             );
         };
+        let Some(node_ip) = self.node_ip else {
+            return not_running(
+                report,
+                "waiting for the node's address on the site's network before configuring K3s"
+                    .into(),
+            );
+        };
         let token = match load_token(paths, k3s_role.is_server()) {
             Ok(Some(token)) => token,
             Ok(None) => {
@@ -110,13 +120,13 @@ impl K3sPlace {
         let settings = site.map_or(&defaults, |site| &site.k3s);
         let mut server_addresses = self.servers.clone();
         if k3s_role.is_server() {
-            server_addresses.extend(self.node_ip);
+            server_addresses.push(node_ip);
         }
         let text = config::render(&K3sInputs {
             role: k3s_role.clone(),
             token: &token,
             node,
-            node_ip: self.node_ip,
+            node_ip: Some(node_ip),
             server_addresses,
             settings,
         });
@@ -137,7 +147,6 @@ impl K3sPlace {
                 K3S_SERVER,
                 Check::Server {
                     kubeconfig: paths.k3s_admin_kubeconfig(),
-                    node: node.clone(),
                 },
             )
         } else {
@@ -174,7 +183,8 @@ fn load_token(paths: &NodePaths, server: bool) -> Result<Option<K3sToken>, token
 
 /// This node's address on the site's network: the address of the first interface that
 /// is up, not a loopback, and not one K3s or a container runtime makes (so that K3s's
-/// own interfaces never change the answer), IPv4 first; `None` when there is none.
+/// own interfaces never change the answer), IPv4 first, link-local addresses (what an
+/// interface has before DHCP answers) never; `None` when there is none yet.
 pub fn node_ip(preferred_interfaces: Option<&[String]>) -> Option<IpAddr> {
     const NOT_THE_LAN: [&str; 10] = [
         "lo", "cni", "flannel", "veth", "vxlan", "kube", "docker", "cali", "tunl", "wg",
@@ -198,6 +208,9 @@ pub fn node_ip(preferred_interfaces: Option<&[String]>) -> Option<IpAddr> {
             continue;
         };
         let ip = if let Some(v4) = address.as_sockaddr_in() {
+            if v4.ip().is_link_local() {
+                continue;
+            }
             IpAddr::V4(v4.ip())
         } else if let Some(v6) = address.as_sockaddr_in6() {
             let ip = v6.ip();
@@ -232,6 +245,7 @@ mod tests {
             via: Some("10.0.0.1".parse().expect("ip")),
             servers: vec!["10.0.0.1".parse().expect("ip")],
             node_ip: Some("10.0.0.4".parse().expect("ip")),
+            interfaces: None,
             probe_url: None,
             readiness: Readiness::default(),
         };

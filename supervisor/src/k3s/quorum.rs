@@ -2,7 +2,8 @@
 //! etcd), taking this node's K3s down — restarting it, or rebooting the node — is held
 //! back while the site's other servers could not keep a majority without it.
 //!
-//! Every [`EVERY`], the node reads the site's servers from its own Kubernetes API
+//! Before the keeper takes a K3s server down (and every [`EVERY`] for the status), the
+//! node reads the site's servers from its own Kubernetes API
 //! (`GET /api/v1/nodes`, the nodes labelled `node-role.kubernetes.io/control-plane`, at
 //! their `InternalIP`; the last list read is kept while the API does not answer, beside
 //! the servers the join record lists) and asks each of the others `GET /readyz` with the
@@ -10,24 +11,32 @@
 //! servers, a majority is `n / 2 + 1`; the hold is on while fewer than that many others
 //! answer ready.
 //!
+//! The periodic task also looks for the node's address on the site's network every tick, so that
+//! K3s, which waits for it, is configured once DHCP has given one (and rendered again
+//! when it changes; K3s takes a new address at its next start).
+//!
 //! Invariants: the hold never blocks starting a unit that is down (the heal policy's
 //! rule); an agent, a single-server site and a node without K3s never hold; the reason is
 //! one sentence naming the counts, shown in the status of the unit held back and in the
 //! node status's `k3s.quorum`.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::config::{api_url, API_PORT};
 use super::kubeconfig::KubeClient;
 use super::readiness::{Check, Readiness};
 use crate::status::{QuorumReport, ServerHealth, StatusHandle};
+use crate::units::heal::DisruptionGuard;
+use crate::units::managed_set::ManagedSet;
 
 /// How often the site's servers are asked.
 pub const EVERY: Duration = Duration::from_secs(5);
@@ -51,49 +60,59 @@ pub fn hold_for(servers: usize, others_ready: usize) -> Option<String> {
     })
 }
 
-/// What the task reads its inputs from.
-pub struct QuorumWatch {
-    pub readiness: Readiness,
-    /// The managed set, whose placement knows the servers the join record lists.
-    pub units: std::sync::Arc<crate::units::managed_set::ManagedSet>,
-    pub admin_kubeconfig: PathBuf,
-    pub status: StatusHandle,
-    pub hold: watch::Sender<Option<String>>,
+/// The longest a heal waits for a fresh view of the quorum; without one it is held back.
+pub const HOLD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The quorum view of this node: asked afresh by the keeper before a disruptive heal, and
+/// every [`EVERY`] for the status. Cheap to clone.
+#[derive(Clone)]
+pub struct Quorum(Arc<Inner>);
+
+struct Inner {
+    readiness: Readiness,
+    /// The managed set, whose placement knows the node's address and the servers the join
+    /// record lists.
+    units: Arc<ManagedSet>,
+    admin_kubeconfig: PathBuf,
+    /// Every server seen, by address, with its node name when the API gave it: kept while
+    /// the API does not answer (a hung K3s is exactly when the view matters).
+    known: Mutex<BTreeMap<IpAddr, Option<String>>>,
 }
 
-impl QuorumWatch {
-    pub async fn run(self) {
-        let mut known: BTreeMap<IpAddr, Option<String>> = BTreeMap::new();
-        let mut own: Option<IpAddr> = None;
+impl Quorum {
+    pub fn new(readiness: Readiness, units: Arc<ManagedSet>, admin_kubeconfig: PathBuf) -> Quorum {
+        Quorum(Arc::new(Inner {
+            readiness,
+            units,
+            admin_kubeconfig,
+            known: Mutex::default(),
+        }))
+    }
+
+    /// Every [`EVERY`]: follows the node's address (K3s waits for it, and its config
+    /// follows it), and shows K3s's readiness and the quorum in the status.
+    pub async fn run(self, status: StatusHandle) {
         let mut every = tokio::time::interval(EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_hold: Option<String> = None;
         loop {
             every.tick().await;
-            let running = self.readiness.current().is_some();
-            let readiness = if running {
-                Some(self.readiness.check().await)
-            } else {
-                None
+            self.0.units.follow_node_address();
+            let readiness = match self.0.readiness.current() {
+                Some(_) => Some(self.0.readiness.check().await),
+                None => None,
             };
-            let report = match self.readiness.current() {
-                Some(Check::Server { .. }) => self.ask(&mut known, &mut own).await,
-                _ => QuorumReport::default(),
-            };
-            let hold = report.hold.clone();
-            self.hold.send_if_modified(|current| {
-                if *current == hold {
-                    return false;
-                }
-                match &hold {
+            let report = self.assess().await;
+            if report.hold != last_hold {
+                match &report.hold {
                     Some(why) => {
-                        warn!(reason = %why, "holding back K3s server restarts and reboots")
+                        warn!(reason = %why, "K3s quorum: restarts of this K3s server and reboots are held back")
                     }
-                    None => info!("K3s quorum allows heals again"),
+                    None => info!("K3s quorum: heals may take this server down again"),
                 }
-                *current = hold.clone();
-                true
-            });
-            self.status.update(|status| {
+                last_hold.clone_from(&report.hold);
+            }
+            status.update(|status| {
                 status.k3s.ready = readiness.as_ref().map(Result::is_ok);
                 status.k3s.readiness = readiness.map(|answer| answer.unwrap_or_else(|why| why));
                 status.k3s.quorum = report;
@@ -101,12 +120,13 @@ impl QuorumWatch {
         }
     }
 
-    async fn ask(
-        &self,
-        known: &mut BTreeMap<IpAddr, Option<String>>,
-        own: &mut Option<IpAddr>,
-    ) -> QuorumReport {
-        let admin = match KubeClient::load(&self.admin_kubeconfig, ASK_TIMEOUT) {
+    /// The quorum now: on a K3s server, the other servers asked now; elsewhere nothing to
+    /// hold.
+    pub async fn assess(&self) -> QuorumReport {
+        if !matches!(self.0.readiness.current(), Some(Check::Server { .. })) {
+            return QuorumReport::default();
+        }
+        let admin = match KubeClient::load(&self.0.admin_kubeconfig, ASK_TIMEOUT) {
             Ok(admin) => admin,
             // K3s has not written its kubeconfig yet: nothing runs that a heal could stop.
             Err(err) => {
@@ -117,46 +137,53 @@ impl QuorumWatch {
                 }
             }
         };
-        if let Ok((200, body)) = admin.get("/api/v1/nodes", MAX_ANSWER).await {
-            if let Ok(list) = serde_json::from_str::<NodeList>(&body) {
-                let own_name = own_node_name(&self.readiness);
-                for node in list.items.iter().filter(|n| n.is_server()) {
-                    if let Some(address) = node.internal_ip() {
-                        if Some(node.metadata.name.as_str()) == own_name.as_deref() {
-                            *own = Some(address);
-                        }
-                        known.insert(address, Some(node.metadata.name.clone()));
-                    }
+        let listed = match admin.get("/api/v1/nodes", MAX_ANSWER).await {
+            Ok((200, body)) => serde_json::from_str::<NodeList>(&body).ok(),
+            _ => None,
+        };
+        let own = self.0.units.node_address();
+        let others: Vec<(IpAddr, Option<String>)> = {
+            let mut known = self.0.known.lock().unwrap_or_else(PoisonError::into_inner);
+            for node in listed
+                .iter()
+                .flat_map(|list| &list.items)
+                .filter(|n| n.is_server())
+            {
+                if let Some(address) = node.internal_ip() {
+                    known.insert(address, Some(node.metadata.name.clone()));
                 }
             }
-        }
-        for address in self.units.k3s_servers() {
-            known.entry(address).or_insert(None);
-        }
-        let others: Vec<(IpAddr, Option<String>)> = known
-            .iter()
-            .filter(|(address, _)| Some(**address) != *own)
-            .map(|(address, name)| (*address, name.clone()))
-            .collect();
-        let mut health = Vec::new();
-        for (address, name) in others {
-            let result = match admin.for_server(api_url(address), ASK_TIMEOUT) {
-                Ok(client) => match client.get("/readyz", 4096).await {
-                    Ok((200, _)) => Ok(()),
-                    Ok((status, body)) => {
-                        Err(format!("/readyz answered {status}: {}", body.trim()))
-                    }
-                    Err(err) => Err(format!("cannot ask {address}:{API_PORT}: {err}")),
-                },
-                Err(err) => Err(err.to_string()),
-            };
-            health.push(ServerHealth {
-                address,
-                name,
-                ready: result.is_ok(),
-                error: result.err(),
-            });
-        }
+            for address in self.0.units.k3s_servers() {
+                known.entry(address).or_insert(None);
+            }
+            known
+                .iter()
+                .filter(|(address, _)| Some(**address) != own)
+                .map(|(address, name)| (*address, name.clone()))
+                .collect()
+        };
+        let asks = others.into_iter().map(|(address, name)| {
+            let admin = &admin;
+            async move {
+                let result = match admin.for_server(api_url(address), ASK_TIMEOUT) {
+                    Ok(client) => match client.get("/readyz", 4096).await {
+                        Ok((200, _)) => Ok(()),
+                        Ok((status, body)) => {
+                            Err(format!("/readyz answered {status}: {}", body.trim()))
+                        }
+                        Err(err) => Err(format!("cannot ask {address}:{API_PORT}: {err}")),
+                    },
+                    Err(err) => Err(err.to_string()),
+                };
+                ServerHealth {
+                    address,
+                    name,
+                    ready: result.is_ok(),
+                    error: result.err(),
+                }
+            }
+        });
+        let health = futures_util::future::join_all(asks).await;
         let servers = health.len() + 1;
         let others_ready = health.iter().filter(|h| h.ready).count();
         QuorumReport {
@@ -169,8 +196,18 @@ impl QuorumWatch {
     }
 }
 
-fn own_node_name(readiness: &Readiness) -> Option<String> {
-    readiness.node().map(|node| node.to_string())
+impl DisruptionGuard for Quorum {
+    fn hold(&self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
+        Box::pin(async move {
+            match tokio::time::timeout(HOLD_TIMEOUT, self.assess()).await {
+                Ok(report) => report.hold,
+                Err(_) => Some(format!(
+                    "the other K3s servers could not be asked within {} s",
+                    HOLD_TIMEOUT.as_secs()
+                )),
+            }
+        })
+    }
 }
 
 #[derive(Deserialize)]

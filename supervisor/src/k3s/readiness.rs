@@ -26,7 +26,7 @@ const MAX_ANSWER: usize = 256 * 1024;
 #[derive(Debug, Clone)]
 pub enum Check {
     /// `GET /readyz` with the admin kubeconfig.
-    Server { kubeconfig: PathBuf, node: DnsLabel },
+    Server { kubeconfig: PathBuf },
     /// Node `node` Ready, with the kubelet's kubeconfig.
     Agent { kubeconfig: PathBuf, node: DnsLabel },
 }
@@ -45,13 +45,6 @@ impl Readiness {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-    }
-
-    /// This node's name in K3s, once it has a role.
-    pub fn node(&self) -> Option<DnsLabel> {
-        match self.current()? {
-            Check::Server { node, .. } | Check::Agent { node, .. } => Some(node),
-        }
     }
 
     /// `Ok(detail)` when K3s is ready, `Err(reason)` when not (or when no K3s runs here).
@@ -75,7 +68,7 @@ impl crate::status::api::ReadyCheck for Readiness {
 impl Check {
     async fn run(&self) -> Result<String, String> {
         match self {
-            Check::Server { kubeconfig, .. } => {
+            Check::Server { kubeconfig } => {
                 let client =
                     KubeClient::load(kubeconfig, CHECK_TIMEOUT).map_err(|e| e.to_string())?;
                 let (status, body) = client

@@ -4,6 +4,10 @@
 //! its traffic under the new configuration while its admin port answers does not pass) —
 //! continuously for `settle`, within `deadline`. Otherwise the
 //! change failed, and [`Unhealthy`] says which unit and why.
+//!
+//! K3s is not judged: a revision does not restart it (its rendered config takes effect at
+//! its next start), and its readiness depends on the site's other servers, so a K3s that
+//! is down for its own reasons must not roll back every revision of the mesh.
 
 use std::fmt;
 use std::time::Duration;
@@ -233,6 +237,12 @@ impl Gate<'_> {
         };
         let mut proxy_loaded = false;
         for unit in self.units {
+            if matches!(
+                UnitRole::of(&unit.name),
+                UnitRole::K3sServer | UnitRole::K3sAgent
+            ) {
+                continue;
+            }
             let name = unit.name.as_str();
             let Some((path, _)) = bus.loaded_unit(name).await.map_err(|source| {
                 Unhealthy::Unit(UnitUnhealthy::Unreadable {

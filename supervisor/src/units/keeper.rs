@@ -120,8 +120,8 @@ pub struct Keeper {
     units: Vec<Managed>,
     status: StatusHandle,
     heartbeat: Arc<Heartbeat>,
-    /// Why disruptive heals are held back now (`crate::k3s::quorum`); `None`: they are not.
-    hold: watch::Receiver<Option<String>>,
+    /// Asked right before a heal that would take a K3s server down or reboot the node.
+    guard: Arc<dyn heal::DisruptionGuard>,
     connections: u64,
 }
 
@@ -131,7 +131,7 @@ impl Keeper {
         mut desired: watch::Receiver<Vec<ManagedUnit>>,
         status: StatusHandle,
         heartbeat: Arc<Heartbeat>,
-        hold: watch::Receiver<Option<String>>,
+        guard: Arc<dyn heal::DisruptionGuard>,
     ) -> Self {
         let units = desired
             .borrow_and_update()
@@ -145,7 +145,7 @@ impl Keeper {
             units,
             status,
             heartbeat,
-            hold,
+            guard,
             connections: 0,
         }
     }
@@ -424,7 +424,20 @@ impl Keeper {
 
     /// Asks the policy about every unit and carries out what it decides.
     async fn heal_all(&mut self, bus: &Systemd) -> Result<(), Disconnected> {
-        let hold = self.hold.borrow().clone();
+        let now = Instant::now();
+        let disruptive = self
+            .units
+            .iter()
+            .any(|unit| unit.healer.wants_disruption(now, &self.settings));
+        // Asked afresh: a view even seconds old may predate the failure being healed.
+        let hold = if disruptive {
+            self.heartbeat.beat();
+            let hold = self.guard.hold().await;
+            self.heartbeat.beat();
+            hold
+        } else {
+            None
+        };
         for index in 0..self.units.len() {
             self.heartbeat.beat();
             let now = Instant::now();

@@ -68,6 +68,34 @@ impl ManagedSet {
         receiver
     }
 
+    /// Looks for the node's address on the site's network again ([`crate::k3s::node_ip`]);
+    /// when it changed, K3s is placed again for it. Returns whether it changed.
+    pub fn follow_node_address(&self) -> bool {
+        let (current, interfaces) = {
+            let placement = self
+                .placement
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            (placement.k3s.node_ip, placement.k3s.interfaces.clone())
+        };
+        let found = crate::k3s::node_ip(interfaces.as_deref());
+        if found.is_none() || found == current {
+            return false;
+        }
+        info!(address = ?found, before = ?current, "the node's address on the site's network changed");
+        self.replace_placement(|placement| placement.k3s.node_ip = found);
+        true
+    }
+
+    /// The node's address on the site's network, once known.
+    pub fn node_address(&self) -> Option<std::net::IpAddr> {
+        self.placement
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .k3s
+            .node_ip
+    }
+
     /// The K3s servers the node's join record lists.
     pub fn k3s_servers(&self) -> Vec<std::net::IpAddr> {
         self.placement

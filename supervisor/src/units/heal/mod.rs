@@ -8,7 +8,8 @@
 //!   systemd 257 we test against keeps `Result=exit-code` rather than reporting
 //!   `start-limit-hit` when an earlier failure is recorded);
 //! - active, but its readiness probe has failed for longer than the hang threshold (a hung
-//!   process) → restart it;
+//!   process) → restart it; for K3s, failures in the first [`K3S_STARTUP_GRACE`] of a
+//!   process do not count (it takes that long to be ready after a start);
 //! - activating, deactivating, or waiting to be restarted by systemd itself → wait;
 //! - between two heal attempts, an exponential backoff with jitter, capped (each pause in
 //!   `[3/4 base, base]`);
@@ -30,6 +31,17 @@ use std::time::{Duration, Instant};
 use pimesh_runtime::backoff::{Backoff, Jitter};
 use pimesh_schema::{HealSettings, ManagedUnit, UnitName};
 use serde::Serialize;
+
+/// What says, when asked right before a disruptive heal, whether it must be held back
+/// (`Some(why)`) — `crate::k3s::quorum` on a node running K3s.
+pub trait DisruptionGuard: Send + Sync {
+    fn hold(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send + '_>>;
+}
+
+/// How long after its start K3s may stay unready before it counts as hung.
+pub const K3S_STARTUP_GRACE: Duration = Duration::from_secs(120);
 
 /// A unit healthy for this long ends its failure episode.
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
@@ -119,6 +131,12 @@ pub struct UnitHealer {
     /// The last probe answer since the unit (re)became active; `None` before the first.
     pub ready: Option<bool>,
     not_ready_since: Option<Instant>,
+    /// When the current process was first probed.
+    first_probe_at: Option<Instant>,
+    /// Probe failures within this long of the first probe of a process do not count
+    /// towards a hang: K3s takes tens of seconds to become ready after its start (etcd
+    /// joins, the API server's checks); the mesh's own daemons take none.
+    startup_grace: Duration,
     healthy_since: Option<Instant>,
     pub attempts: u32,
     next_attempt_at: Option<Instant>,
@@ -151,6 +169,12 @@ impl UnitHealer {
             state: None,
             ready: None,
             not_ready_since: None,
+            first_probe_at: None,
+            startup_grace: match crate::units::role::UnitRole::of(&unit.name) {
+                crate::units::role::UnitRole::K3sServer
+                | crate::units::role::UnitRole::K3sAgent => K3S_STARTUP_GRACE,
+                _ => Duration::ZERO,
+            },
             healthy_since: None,
             attempts: 0,
             next_attempt_at: None,
@@ -175,6 +199,7 @@ impl UnitHealer {
             // A new process (or none): earlier probe answers say nothing about it.
             self.ready = None;
             self.not_ready_since = None;
+            self.first_probe_at = None;
             self.healthy_since = None;
         }
         self.state = Some(state);
@@ -187,10 +212,13 @@ impl UnitHealer {
             return;
         }
         self.ready = Some(ready);
+        let first = *self.first_probe_at.get_or_insert(sent_at);
         if ready {
             self.not_ready_since = None;
         } else {
-            self.not_ready_since.get_or_insert(sent_at);
+            // Failures within the startup grace count from its end.
+            self.not_ready_since
+                .get_or_insert(sent_at.max(first + self.startup_grace));
         }
     }
 
@@ -337,6 +365,25 @@ impl UnitHealer {
             self.restarts_by_pimesh += 1;
         }
         Some(decision)
+    }
+
+    /// Whether deciding now would take a K3s server down or reboot the node: the caller
+    /// then asks its [`DisruptionGuard`] afresh and passes its answer to
+    /// [`UnitHealer::decide_held`].
+    pub fn wants_disruption(&self, now: Instant, settings: &HealSettings) -> bool {
+        if self.is_healthy()
+            || self.awaiting_job_until.is_some_and(|until| now < until)
+            || self.next_attempt_at.is_some_and(|at| now < at)
+        {
+            return false;
+        }
+        match self.needed(now, settings) {
+            Some(needed) => {
+                (needed.action == Action::Restart && self.restart_takes_a_member)
+                    || (self.reboot_due(settings) && settings.allow_reboot)
+            }
+            None => false,
+        }
     }
 
     /// Whether the next attempt reaches the reboot rung.

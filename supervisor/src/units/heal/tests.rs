@@ -336,7 +336,20 @@ fn a_hung_k3s_server_is_not_restarted_while_quorum_says_hold() {
     let mut healer = UnitHealer::new(&k3s_server());
     healer.observe_state(running(10));
     healer.observe_probe(now, false);
-    let later = now + settings.hang_threshold + Duration::from_secs(1);
+    // Unready within its startup grace, K3s is not hung.
+    let within = now + settings.hang_threshold + Duration::from_secs(1);
+    healer.observe_probe(within, false);
+    assert_eq!(healer.decide_held(within, &settings, 0, None), None);
+    let later = now + K3S_STARTUP_GRACE + settings.hang_threshold + Duration::from_secs(1);
+    healer.observe_probe(later, false);
+    assert!(
+        !healer.wants_disruption(within, &settings),
+        "within the grace"
+    );
+    assert!(
+        healer.wants_disruption(later, &settings),
+        "a restart takes a member"
+    );
     let hold = "1 of 3 servers ready without this one; etcd needs 2";
     assert_eq!(healer.decide_held(later, &settings, 0, Some(hold)), None);
     assert_eq!(healer.attempts, 0, "a held-back heal counts no attempt");
@@ -353,6 +366,10 @@ fn a_hung_k3s_server_is_not_restarted_while_quorum_says_hold() {
     // A K3s server that is down is started even while held: starting takes no member away.
     let mut down = UnitHealer::new(&k3s_server());
     down.observe_state(state("failed", "failed", "exit-code", 0));
+    assert!(
+        !down.wants_disruption(now, &settings),
+        "starting takes no member away"
+    );
     let decision = down
         .decide_held(now, &settings, 0, Some(hold))
         .expect("a decision");
