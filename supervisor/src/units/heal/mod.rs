@@ -24,7 +24,9 @@
 //! taking it down would leave the site's etcd without a majority, `crate::k3s::quorum`),
 //! the K3s server unit is not restarted and no unit escalates to a reboot; starting a unit
 //! that is down is never held back (it cannot take a member away). A held-back heal counts
-//! no attempt, and the unit's status says why it waits.
+//! no attempt, the unit's status says why it waits, and K3s's unreadiness starts over
+//! with its startup grace: once the other servers are back, it has that long to find its
+//! quorum again before it counts as hung.
 
 use std::time::{Duration, Instant};
 
@@ -147,7 +149,8 @@ pub struct UnitHealer {
     pub restarts_by_pimesh: u64,
     /// A restart of this unit takes a K3s server (an etcd member) down.
     restart_takes_a_member: bool,
-    /// Why a heal is being held back right now, if one is.
+    /// Why the last heal was held back; cleared once the unit is healthy or a heal goes
+    /// ahead.
     pub held_back: Option<String>,
 }
 
@@ -315,8 +318,8 @@ impl UnitHealer {
         random: u64,
         hold: Option<&str>,
     ) -> Option<Decision> {
-        self.held_back = None;
         if self.is_healthy() {
+            self.held_back = None;
             let since = *self.healthy_since.get_or_insert(now);
             if self.attempts > 0 && now.saturating_duration_since(since) >= STABLE_AFTER {
                 self.attempts = 0;
@@ -337,6 +340,11 @@ impl UnitHealer {
             (hold, &needed.action, self.restart_takes_a_member)
         {
             self.held_back = Some(format!("not restarted ({}): {why}", needed.reason));
+            // When the hold lifts (the other servers are back), K3s gets its startup grace
+            // to find its quorum again before it counts as hung, rather than a restart at
+            // once for an unreadiness that was the quorum's.
+            self.not_ready_since = None;
+            self.first_probe_at = None;
             return None;
         }
         if let Some(why) = hold {
@@ -353,6 +361,7 @@ impl UnitHealer {
                 return Some(needed);
             }
         }
+        self.held_back = None;
         self.attempts = self.attempts.saturating_add(1);
         self.next_attempt_at = Some(
             now + Backoff::new(settings.backoff_initial, settings.backoff_max)

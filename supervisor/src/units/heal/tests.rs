@@ -357,9 +357,19 @@ fn a_hung_k3s_server_is_not_restarted_while_quorum_says_hold() {
         .held_back
         .as_deref()
         .is_some_and(|why| why.contains(hold)));
-    // Once quorum allows it, the restart goes ahead.
+    // The hold lifts: K3s has its startup grace again to find its quorum.
+    healer.observe_probe(later, false);
+    let soon = later + settings.hang_threshold + Duration::from_secs(1);
+    assert_eq!(healer.decide_held(soon, &settings, 0, None), None);
+    assert!(
+        healer.held_back.is_some(),
+        "still said until healthy or healed"
+    );
+    // Still unready after the grace: the restart goes ahead.
+    let after = later + K3S_STARTUP_GRACE + settings.hang_threshold + Duration::from_secs(1);
+    healer.observe_probe(after, false);
     let decision = healer
-        .decide_held(later, &settings, 0, None)
+        .decide_held(after, &settings, 0, None)
         .expect("a decision");
     assert_eq!(decision.action, Action::Restart);
     assert_eq!(healer.held_back, None);
