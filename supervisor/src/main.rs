@@ -166,6 +166,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
                 servers: Vec::new(),
                 node_ip: k3s::node_ip(mdns_interfaces.as_deref()),
                 interfaces: mdns_interfaces,
+                trust_token: trust_files.k3s_token_file(),
                 probe_url: pimesh_schema::ProbeUrl::try_from(format!(
                     "http://{}/k3s/ready",
                     options.status_addr

@@ -154,13 +154,6 @@ impl NodePaths {
         self.state_dir.join("k3s").join("token")
     }
 
-    /// The site's K3s token in the trust folder (server nodes, read by the replicas).
-    pub fn trust_k3s_token(&self) -> PathBuf {
-        self.state_dir
-            .join("trust")
-            .join(crate::trust::store::K3S_TOKEN)
-    }
-
     /// Every folder under `root`, laid out as on a node: for tests.
     #[cfg(test)]
     pub fn under(root: &Path) -> NodePaths {

@@ -21,6 +21,7 @@ pub mod readiness;
 pub mod token;
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use pimesh_join::Role;
 use pimesh_schema::cluster::{ClusterConfig, K3sSettings};
@@ -50,6 +51,8 @@ pub struct K3sPlace {
     pub node_ip: Option<IpAddr>,
     /// The seed's `mdns_interfaces`: where [`node_ip`] looks first.
     pub interfaces: Option<Vec<String>>,
+    /// The site's K3s token in the trust folder (a server node's, read by its replicas).
+    pub trust_token: PathBuf,
     /// The keeper's probe of K3s's readiness (the status API's `/k3s/ready`).
     pub probe_url: Option<ProbeUrl>,
     /// Where the status API's readiness check looks.
@@ -104,7 +107,7 @@ impl K3sPlace {
                     .into(),
             );
         };
-        let token = match load_token(paths, k3s_role.is_server()) {
+        let token = match self.load_token(paths, k3s_role.is_server()) {
             Ok(Some(token)) => token,
             Ok(None) => {
                 return not_running(
@@ -171,14 +174,21 @@ impl K3sPlace {
     }
 }
 
-/// The site's K3s token: the trust folder's on a server node, else the one the join gave.
-fn load_token(paths: &NodePaths, server: bool) -> Result<Option<K3sToken>, token::TokenError> {
-    if server {
-        if let Some(token) = K3sToken::load(&paths.trust_k3s_token())? {
-            return Ok(Some(token));
+impl K3sPlace {
+    /// The site's K3s token: the trust folder's on a server node, else the one the join
+    /// gave.
+    fn load_token(
+        &self,
+        paths: &NodePaths,
+        server: bool,
+    ) -> Result<Option<K3sToken>, token::TokenError> {
+        if server {
+            if let Some(token) = K3sToken::load(&self.trust_token)? {
+                return Ok(Some(token));
+            }
         }
+        K3sToken::load(&paths.k3s_token())
     }
-    K3sToken::load(&paths.k3s_token())
 }
 
 /// This node's address on the site's network: the address of the first interface that
@@ -246,6 +256,7 @@ mod tests {
             servers: vec!["10.0.0.1".parse().expect("ip")],
             node_ip: Some("10.0.0.4".parse().expect("ip")),
             interfaces: None,
+            trust_token: paths.state_dir.join("trust/k3s-token"),
             probe_url: None,
             readiness: Readiness::default(),
         };

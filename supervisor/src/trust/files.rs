@@ -12,7 +12,8 @@ use tracing::{info, warn};
 
 use super::error::TrustError;
 use super::store::{
-    TrustState, TrustStore, ANCHOR_BUNDLE, ANCHOR_KEY, ISSUER_CERT, ISSUER_KEY, NEXT_ANCHOR_KEY,
+    TrustState, TrustStore, ANCHOR_BUNDLE, ANCHOR_KEY, ISSUER_CERT, ISSUER_KEY, K3S_TOKEN,
+    NEXT_ANCHOR_KEY,
 };
 use super::{freshness, lifecycle};
 use crate::credential::{check_pin, CredentialFiles, SELF_ENROLLED_LIFETIME};
@@ -37,6 +38,11 @@ impl TrustFiles {
             dir: store.link(),
             store,
         }
+    }
+
+    /// The site's K3s token in the trust folder (`crate::k3s::token`).
+    pub fn k3s_token_file(&self) -> PathBuf {
+        self.dir.join(K3S_TOKEN)
     }
 
     /// Whether this node holds the site's issuer key: a server node, which runs the
