@@ -14,17 +14,7 @@ const SITE: &str = "depot-7";
 const WEB_ON_PI_A: &str = "site = \"depot-7\"\n[services.web]\nport = 8080\nnodes = [\"pi-a\"]\n";
 
 fn heartbeat(port: u16, site: &Site, credential: &Credential, body: &str) -> (u16, String) {
-    let config = client_config(site.root.anchor.cert_der(), Some(credential));
-    let response = tls_request(
-        port,
-        config,
-        "POST",
-        "/v1/heartbeat",
-        "Content-Type: application/json\r\n",
-        body.as_bytes(),
-    )
-    .expect("answered");
-    (response.status, response.text())
+    post_heartbeat(port, site, credential, "", body)
 }
 
 /// A heartbeat that asks for the servers the replica hears: the status and the answer.
@@ -34,21 +24,33 @@ fn heartbeat_asking(
     credential: &Credential,
     body: &str,
 ) -> (u16, serde_json::Value) {
+    let (status, text) =
+        post_heartbeat(port, site, credential, "Accept: application/json\r\n", body);
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// `POST /v1/heartbeat` as `credential` with `headers` beside the content type.
+fn post_heartbeat(
+    port: u16,
+    site: &Site,
+    credential: &Credential,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
     let config = client_config(site.root.anchor.cert_der(), Some(credential));
     let response = tls_request(
         port,
         config,
         "POST",
         "/v1/heartbeat",
-        "Content-Type: application/json\r\nAccept: application/json\r\n",
+        &format!("Content-Type: application/json\r\n{headers}"),
         body.as_bytes(),
     )
     .expect("answered");
-    let text = response.text();
-    (
-        response.status,
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-    )
+    (response.status, response.text())
 }
 
 #[test]

@@ -173,20 +173,14 @@ impl ManagedSet {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let report = placement.apply(&mut units);
-        let k3s = if placement.waiting_to_join {
-            K3sPlacementReport {
-                note: Some("waiting to join the site".into()),
-                ..K3sPlacementReport::default()
-            }
-        } else {
-            placement.k3s.apply(
-                placement.role,
-                placement.node.as_ref(),
-                site,
-                &placement.paths,
-                &mut units,
-            )
-        };
+        // A node waiting to join has no role yet: K3s's placement says it waits for it.
+        let k3s = placement.k3s.apply(
+            placement.role,
+            placement.node.as_ref(),
+            site,
+            &placement.paths,
+            &mut units,
+        );
         drop(placement);
         (self.report)(report, k3s);
         units
