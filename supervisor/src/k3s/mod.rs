@@ -3,7 +3,7 @@
 //!
 //! - [`config`]: the rendered `/etc/rancher/k3s/config.yaml` per role (pure);
 //! - [`token`]: the site's K3s token, made by the init node and carried by the join;
-//! - [`kubeconfig`] and [`readiness`]: K3s's own answer to "ready?", through the node's
+//! - [`readiness`]: K3s's own answer to "ready?", through the node's
 //!   kubeconfig, served to the keeper as a probe;
 //! - [`quorum`]: the other servers' health, and the hold on disruptive heals.
 //!
@@ -15,7 +15,6 @@
 //! K3s.
 
 pub mod config;
-pub mod kubeconfig;
 pub mod quorum;
 pub mod readiness;
 pub mod token;

@@ -32,7 +32,7 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use super::config::{api_url, API_PORT};
-use super::kubeconfig::KubeClient;
+use pimesh_kube::KubeClient;
 use super::readiness::{Check, Readiness};
 use crate::status::{QuorumReport, ServerHealth, StatusHandle};
 use crate::units::heal::DisruptionGuard;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use pimesh_schema::DnsLabel;
 use serde::Deserialize;
 
-use super::kubeconfig::KubeClient;
+use pimesh_kube::KubeClient;
 
 /// A check gives up after this long (the keeper's probe timeout is about as long).
 pub const CHECK_TIMEOUT: Duration = Duration::from_millis(900);

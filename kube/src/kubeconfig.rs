@@ -239,6 +239,88 @@ impl KubeClient {
     }
 }
 
+impl KubeClient {
+    /// `GET <server><path>` answered `200` with JSON of type `T` (at most `max` bytes).
+    pub async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        max: usize,
+    ) -> Result<T, ApiError> {
+        let url = format!("{}{path}", self.server);
+        let response = self
+            .client
+            .get(&url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|source| ApiError::Transport {
+                url: url.clone(),
+                source,
+            })?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|source| ApiError::Transport {
+                url: url.clone(),
+                source,
+            })?;
+        if bytes.len() > max {
+            return Err(ApiError::TooLarge { url, max });
+        }
+        if status != 200 {
+            let end = bytes.len().min(300);
+            return Err(ApiError::Status {
+                url,
+                status,
+                body: String::from_utf8_lossy(&bytes[..end]).into_owned(),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|source| ApiError::Decode { url, source })
+    }
+}
+
+/// Why a read of the API failed; names the URL.
+#[derive(Debug)]
+pub enum ApiError {
+    Transport {
+        url: String,
+        source: reqwest::Error,
+    },
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    TooLarge {
+        url: String,
+        max: usize,
+    },
+    Decode {
+        url: String,
+        source: serde_json::Error,
+    },
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiError::Transport { url, source } => write!(f, "GET {url}: {source}"),
+            ApiError::Status { url, status, body } => {
+                write!(f, "GET {url}: answered {status}: {}", body.trim())
+            }
+            ApiError::TooLarge { url, max } => {
+                write!(f, "GET {url}: the answer is larger than {max} bytes")
+            }
+            ApiError::Decode { url, source } => {
+                write!(f, "GET {url}: not the expected object: {source}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ApiError {}
+
 fn client(
     ca_pem: &[u8],
     identity_pem: &[u8],
