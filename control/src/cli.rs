@@ -1,6 +1,6 @@
 //! The command line: `pimesh-control --replica N [--listen IP:PORT] [--trust-dir PATH]
 //! [--config PATH] [--site NAME] [--node NAME] [--state-dir PATH] [--heartbeat-ttl SECS]
-//! [--leaf-lifetime SECS]`, parsed by clap with the conventions of `pimesh_runtime::cli`.
+//! [--leaf-lifetime SECS] [--kubeconfig PATH]`, parsed by clap with the conventions of `pimesh_runtime::cli`.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -38,6 +38,9 @@ pub struct Options {
     pub join_warmup: Duration,
     /// How long a signed leaf lives: at least 1 s, default [`LEAF_LIFETIME`].
     pub leaf_lifetime: Duration,
+    /// `--kubeconfig`: where the replica reads meshed Kubernetes Services; `None`: it
+    /// carries none.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// `--heartbeat-ttl` unless given: three of the proxies' 10 s heartbeat intervals.
@@ -90,6 +93,10 @@ struct Cli {
     /// for tests and benchmarks of renewal)
     #[arg(long, value_name = "SECS", default_value_t = LEAF_LIFETIME.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     leaf_lifetime: u64,
+    /// A kubeconfig of this node's K3s: the replica carries the Services of namespaces
+    /// labelled pimesh.dev/mesh=enabled into discovery (polled; a missing file is no K3s)
+    #[arg(long, value_name = "PATH", value_parser = NonEmptyPath)]
+    kubeconfig: Option<PathBuf>,
 }
 
 fn parse_site(text: &str) -> Result<DnsLabel, pimesh_schema::NameError> {
@@ -115,6 +122,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Options, clap::
         heartbeat_ttl: Duration::from_secs(cli.heartbeat_ttl),
         join_warmup: Duration::from_secs(cli.join_warmup),
         leaf_lifetime: Duration::from_secs(cli.leaf_lifetime),
+        kubeconfig: cli.kubeconfig,
     })
 }
 

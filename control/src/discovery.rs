@@ -5,30 +5,34 @@
 //! | `POST /v1/heartbeat` | body `{"port": P, "credential"?: "<64 hex>", "role"?: "server"\|"agent", "replicas"?: [ports]}` (at most [`MAX_HEARTBEAT_BYTES`]): the requesting node's proxy takes mesh traffic at the connection's peer IP, port `P`; `credential` is the hex SHA-256 of its node credential's SubjectPublicKeyInfo, `role` what the node is, `replicas` a server node's control replica ports; answer 204. Kept for the TTL (`--heartbeat-ttl`); other fields are refused (400) |
 //! | `GET /v1/discovery` | a stream, `application/x-ndjson`: one [`Document`] per line at once, a new one whenever its content changes, an empty line after [`KEEPALIVE`] without one |
 //!
-//! A document is `{"version","site","config","nodes","servers"}`: `config` is the text of
+//! A document is `{"version","site","config","nodes","servers"}`, plus `"kube_services"`
+//! when the replica reads meshed Kubernetes Services (a list of
+//! [`pimesh_schema::kube_services::KubeService`]; absent when empty): `config` is the text of
 //! the site config the replica has loaded (or null), so a proxy validates it with the very
 //! same schema as a file config; `nodes` maps each node with a live heartbeat to
 //! `IP:PORT`; `servers` maps each node whose live heartbeat says `role: server` to
 //! `{"address": IP, "replicas": [ports]}` (ordered by name; a proxy dials every listed
 //! replica); `version` is the hex SHA-256 of the content (`site`, `config`, `nodes`,
-//! `servers`).
+//! `servers`, `kube_services`).
 //!
-//! Invariant: the document depends on nothing but the site config and the live heartbeats
-//! — no replica number, no time — so two replicas with the same inputs serve the same
-//! `version`, and a proxy may switch replicas without seeing a change.
+//! Invariant: the document depends on nothing but the site config, the live heartbeats
+//! and the meshed Kubernetes Services — no replica number, no time — so two replicas with
+//! the same inputs serve the same `version`, and a proxy may switch replicas without
+//! seeing a change.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::{header, Request, Response, StatusCode};
+use pimesh_schema::kube_services::KubeService;
 use pimesh_schema::DnsLabel;
 use rustls_pki_types::CertificateDer;
 use serde_json::json;
@@ -65,14 +69,18 @@ impl Document {
         snapshot: &Snapshot,
         nodes: &BTreeMap<String, String>,
         servers: &BTreeMap<String, Server>,
+        kube_services: &[KubeService],
     ) -> Document {
         let servers = servers_json(servers);
-        let content = json!({
+        let mut content = json!({
             "site": snapshot.site.as_str(),
             "config": snapshot.config_text,
             "nodes": nodes,
             "servers": servers,
         });
+        if !kube_services.is_empty() {
+            content["kube_services"] = json!(kube_services);
+        }
         // serde_json's maps are ordered by key: the same content, the same bytes.
         let digest = ring::digest::digest(&ring::digest::SHA256, content.to_string().as_bytes());
         let version: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
@@ -117,9 +125,11 @@ pub fn heartbeat_answer(accepts_json: bool, discovery: &Discovery) -> Response<F
     answer::json_value(StatusCode::OK, &body)
 }
 
-/// The heartbeats and the current document, shared by all connections.
+/// The heartbeats, the meshed Kubernetes Services and the current document, shared by
+/// all connections.
 pub struct Discovery {
     pub heartbeats: Heartbeats,
+    kube_services: Mutex<Arc<Vec<KubeService>>>,
     current: watch::Sender<Option<Arc<Document>>>,
 }
 
@@ -127,8 +137,39 @@ impl Discovery {
     pub fn new(ttl: Duration) -> Discovery {
         Discovery {
             heartbeats: Heartbeats::new(ttl),
+            kube_services: Mutex::new(Arc::new(Vec::new())),
             current: watch::Sender::new(None),
         }
+    }
+
+    /// Replaces the meshed Kubernetes Services; `true` (and a refreshed document) when
+    /// they changed.
+    pub fn set_kube_services(&self, services: Vec<KubeService>, state: &State) -> bool {
+        {
+            let mut current = self
+                .kube_services
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if **current == services {
+                return false;
+            }
+            *current = Arc::new(services);
+        }
+        self.refresh(state);
+        true
+    }
+
+    pub fn kube_service_count(&self) -> usize {
+        self.kube_services().len()
+    }
+
+    fn kube_services(&self) -> Arc<Vec<KubeService>> {
+        Arc::clone(
+            &self
+                .kube_services
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// Recomputes the document from `state`'s snapshot and the live heartbeats; streams
@@ -141,6 +182,7 @@ impl Discovery {
             &snapshot,
             &self.heartbeats.live(),
             &self.heartbeats.servers(),
+            &self.kube_services(),
         );
         self.current.send_if_modified(|current| {
             if current.as_ref().map(|d| &d.version) == Some(&document.version) {

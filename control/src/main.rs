@@ -32,7 +32,9 @@
 //!   placed on which node; a missing file places none (`site_config`);
 //! - the site: from the site config, or `--site` while there is none;
 //! - the node it runs on (`--node`; the supervisor passes it in `control.env`): counted
-//!   as a server when joins are placed (`grants`).
+//!   as a server when joins are placed (`grants`);
+//! - K3s's API (`--kubeconfig`, on a server node running K3s): the Services of namespaces
+//!   labelled `pimesh.dev/mesh=enabled`, carried in discovery (`kube_services`).
 //!
 //! # Node-local state
 //!
@@ -57,6 +59,7 @@ mod heartbeats;
 mod identity_api;
 mod join_api;
 mod join_records;
+mod kube_services;
 mod pem;
 mod rate_limit;
 mod server;
@@ -138,6 +141,11 @@ async fn run(options: cli::Options) -> Result<(), Fatal> {
     state.reload("start", SystemTime::now());
     let discovery = Arc::new(Discovery::new(options.heartbeat_ttl));
     discovery.refresh(&state);
+    let kube_services = options.kubeconfig.map(|path| {
+        let discovery = Arc::clone(&discovery);
+        let state = Arc::clone(&state);
+        tokio::spawn(async move { kube_services::follow(&path, discovery, state).await })
+    });
     let join = Arc::new(
         join_api::Join::new(
             replica,
@@ -196,6 +204,9 @@ async fn run(options: cli::Options) -> Result<(), Fatal> {
     info!(replica, "shutting down");
     notify::stopping();
     server.abort();
+    if let Some(task) = kube_services {
+        task.abort();
+    }
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }

@@ -231,7 +231,7 @@ pub struct Service {
 }
 
 /// How the proxy treats a service's connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Detect HTTP/1.1, HTTP/2 or opaque TCP per connection.

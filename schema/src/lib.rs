@@ -6,6 +6,7 @@
 //! without reading source code.
 
 pub mod cluster;
+pub mod kube_services;
 mod error;
 mod load;
 mod names;

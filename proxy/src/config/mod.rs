@@ -123,7 +123,14 @@ impl Routing {
             .as_ref()
             .filter(|id| id.site == config.site)
             .map(|id| &id.node);
-        RouteTable::build(config, node, self.own_inbound, &self.metrics, sink)
+        RouteTable::build(
+            config,
+            &loaded.kube_services,
+            node,
+            self.own_inbound,
+            &self.metrics,
+            sink,
+        )
     }
 }
 

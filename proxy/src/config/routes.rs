@@ -8,11 +8,12 @@
 //! starts afresh with each table.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use pimesh_schema::cluster::{ClusterConfig, Fault, Protocol, ProxySettings, Service};
+use pimesh_schema::kube_services::{KubeService, CLUSTER_DOMAIN};
 use pimesh_schema::{DnsLabel, SpiffeId};
 use tokio::sync::Semaphore;
 
@@ -45,15 +46,38 @@ pub struct Endpoint {
     pub addr: SocketAddr,
 }
 
-/// One service of the site, as the data path needs it.
+/// Where the inbound side delivers a service's traffic on this node: `127.0.0.1:<port>`
+/// for a service of the site config, a pod's address for a Kubernetes Service.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub addr: SocketAddr,
+    /// `addr` as an authority, made once here, not per request.
+    pub authority: http::uri::Authority,
+}
+
+impl App {
+    fn at(addr: SocketAddr) -> Option<App> {
+        let authority = http::uri::Authority::try_from(addr.to_string()).ok()?;
+        Some(App { addr, authority })
+    }
+}
+
+/// One service of the site (of its config, or a meshed Kubernetes Service), as the data
+/// path needs it.
 pub struct ServiceRoute {
-    pub name: DnsLabel,
+    /// The service's name in the site config, or `<service>.<namespace>[:<port>]` for a
+    /// Kubernetes Service: the name in metrics, logs and the `pimesh-dst` header.
+    pub name: String,
+    /// The host name a request or tunnel names when its client gave none:
+    /// `<service>.<site>.pimesh`, or `<service>.<namespace>.svc.cluster.local`.
+    pub host: String,
     pub protocol: Protocol,
-    /// The port the service listens on at each of its nodes (on 127.0.0.1 there).
+    /// The port the service listens on: at each of its nodes for a site config service,
+    /// the Service port (at its cluster IP) for a Kubernetes Service.
     pub port: Option<u16>,
-    /// `127.0.0.1:<port>`, where the inbound side reaches the app; made once here, not
-    /// per request.
-    pub app_authority: Option<http::uri::Authority>,
+    /// Where the inbound side delivers on this node; empty when the service does not run
+    /// here (or, placed here, has no port).
+    pub apps: Vec<App>,
     /// The name as the `pimesh-dst` header value that tells the inbound side which
     /// service a request is for.
     pub dst_header: http::HeaderValue,
@@ -68,8 +92,6 @@ pub struct ServiceRoute {
     pub retries: u8,
     /// `None`: any identity of the site may call.
     pub allow: Option<Vec<SpiffeId>>,
-    /// Placed on this proxy's node: the inbound side may deliver to `127.0.0.1:port`.
-    pub local: bool,
     /// The nodes with a known address; empty when placement names only unknown nodes.
     pub endpoints: Balancer<Endpoint>,
     /// Requests of this proxy's clients in flight to this (concrete) service, at most
@@ -104,6 +126,16 @@ impl ServiceRoute {
         self.split
             .last()
             .map_or_else(|| Arc::clone(self), |(backend, _)| Arc::clone(backend))
+    }
+
+    /// The app on this node that takes the next request or connection: one of `apps` at
+    /// random; `None` when the service does not run here.
+    pub fn local_app(&self) -> Option<&App> {
+        match self.apps.len() {
+            0 => None,
+            1 => self.apps.first(),
+            n => self.apps.get(fastrand::usize(0..n)),
+        }
     }
 
     /// Whether a caller holding `ids` may call this service.
@@ -148,11 +180,14 @@ impl RouteTable {
         }
     }
 
-    /// Compiles `config` for the proxy of `node` (`None` before the proxy has an identity:
-    /// then no service counts as local). `own_inbound` is where this proxy takes mesh
-    /// traffic: the address of its own node when the config does not list it.
+    /// Compiles `config` and the meshed Kubernetes Services `kube` for the proxy of
+    /// `node` (`None` before the proxy has an identity: then no service counts as local).
+    /// `own_inbound` is where this proxy takes mesh traffic: the address of its own node
+    /// when the config does not list it. A Kubernetes Service whose name is also a service
+    /// of the config is left out: the config's wins.
     pub fn build(
         config: &ClusterConfig,
+        kube: &[KubeService],
         node: Option<&DnsLabel>,
         own_inbound: SocketAddr,
         metrics: &Metrics,
@@ -165,11 +200,11 @@ impl RouteTable {
                 None => None,
             }
         };
+        let site = config.site.clone();
         let compile_service = |name: &DnsLabel,
                                service: &Service,
                                split: Vec<(Arc<ServiceRoute>, u32)>|
          -> Arc<ServiceRoute> {
-            let split_total = split.iter().map(|(_, w)| u64::from(*w)).sum();
             let endpoints = service
                 .nodes
                 .iter()
@@ -180,16 +215,18 @@ impl RouteTable {
                     })
                 })
                 .collect();
+            let local = node.is_some_and(|n| service.nodes.contains(n));
+            let apps = service
+                .port
+                .filter(|_| local)
+                .and_then(|port| App::at(SocketAddr::from((Ipv4Addr::LOCALHOST, port))))
+                .into_iter()
+                .collect();
             Arc::new(ServiceRoute {
-                name: name.clone(),
+                host: format!("{name}.{site}.{MESH_SUFFIX}"),
                 protocol: service.protocol,
                 port: service.port,
-                dst_header: crate::transport::mesh_http::header_value(name.as_str()),
-                app_authority: service.port.and_then(|port| {
-                    http::uri::Authority::try_from(format!("127.0.0.1:{port}")).ok()
-                }),
-                split,
-                split_total,
+                apps,
                 fault: service.fault.clone(),
                 timeout: service
                     .timeout
@@ -200,14 +237,7 @@ impl RouteTable {
                     .allow
                     .as_ref()
                     .map(|ids| ids.iter().map(|id| id.0.clone()).collect()),
-                local: node.is_some_and(|n| service.nodes.contains(n)),
-                endpoints: Balancer::new(endpoints),
-                in_flight: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
-                outbound: metrics.requests.route(Direction::Outbound, name.as_str()),
-                inbound: metrics.requests.route(Direction::Inbound, name.as_str()),
-                policy: metrics.outbound.route(name.as_str()),
-                tcp_outbound: metrics.connections.tcp(Direction::Outbound, name.as_str()),
-                tcp_inbound: metrics.connections.tcp(Direction::Inbound, name.as_str()),
+                ..ServiceRoute::bare(name.as_str(), split, endpoints, metrics)
             })
         };
         // Concrete services first: the schema guarantees split backends are concrete.
@@ -255,6 +285,18 @@ impl RouteTable {
                 local_bindings.push((port, Arc::clone(route)));
             }
         }
+        for kube_service in kube {
+            if services.contains_key(&kube_service.name) {
+                continue;
+            }
+            let route =
+                compile_kube_service(kube_service, node, &address_of, &config.proxy, metrics);
+            by_addr.insert(
+                (kube_service.cluster_ip, kube_service.port),
+                Arc::clone(&route),
+            );
+            services.insert(kube_service.name.clone(), route);
+        }
         RouteTable {
             site: Some(config.site.clone()),
             settings: config.proxy.clone(),
@@ -271,6 +313,13 @@ impl RouteTable {
     /// with an optional `:port`.
     pub fn by_authority(&self, authority: &str) -> Option<&Arc<ServiceRoute>> {
         let host = strip_port(authority);
+        if let Some(service) = host
+            .trim_end_matches('.')
+            .strip_suffix(CLUSTER_DOMAIN)
+            .and_then(|rest| rest.strip_suffix('.'))
+        {
+            return self.by_name(service);
+        }
         let name = match (&self.site, host.split_once('.')) {
             (_, None) => host,
             (Some(site), Some((service, rest))) => {
@@ -301,14 +350,77 @@ impl RouteTable {
             .get(&(dst.ip(), dst.port()))
             .or_else(|| self.by_port.get(&dst.port()))
     }
+}
 
-    /// The mesh name of `service`: `<service>.<site>.pimesh`.
-    pub fn mesh_name(&self, service: &DnsLabel) -> String {
-        match &self.site {
-            Some(site) => format!("{service}.{site}.{MESH_SUFFIX}"),
-            None => service.to_string(),
+impl ServiceRoute {
+    /// A route named `name` with the given split and endpoints, its metrics, and every
+    /// policy at its default; the caller fills in the rest.
+    fn bare(
+        name: &str,
+        split: Vec<(Arc<ServiceRoute>, u32)>,
+        endpoints: Vec<Endpoint>,
+        metrics: &Metrics,
+    ) -> ServiceRoute {
+        ServiceRoute {
+            name: name.to_owned(),
+            host: name.to_owned(),
+            protocol: Protocol::Auto,
+            port: None,
+            apps: Vec::new(),
+            dst_header: crate::transport::mesh_http::header_value(name),
+            split_total: split.iter().map(|(_, w)| u64::from(*w)).sum(),
+            split,
+            fault: None,
+            timeout: ProxySettings::default().default_timeout.0,
+            idle_timeout: None,
+            retries: 0,
+            allow: None,
+            endpoints: Balancer::new(endpoints),
+            in_flight: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
+            outbound: metrics.requests.route(Direction::Outbound, name),
+            inbound: metrics.requests.route(Direction::Inbound, name),
+            policy: metrics.outbound.route(name),
+            tcp_outbound: metrics.connections.tcp(Direction::Outbound, name),
+            tcp_inbound: metrics.connections.tcp(Direction::Inbound, name),
         }
     }
+}
+
+/// A meshed Kubernetes Service as a route: balanced over the nodes its endpoints run on,
+/// delivered on this node to its endpoints here, under the site's default timeout.
+fn compile_kube_service(
+    service: &KubeService,
+    node: Option<&DnsLabel>,
+    address_of: &dyn Fn(&DnsLabel) -> Option<SocketAddr>,
+    settings: &ProxySettings,
+    metrics: &Metrics,
+) -> Arc<ServiceRoute> {
+    let mut endpoints: Vec<Endpoint> = Vec::new();
+    for endpoint in &service.endpoints {
+        if endpoints.iter().any(|e| e.node == endpoint.node) {
+            continue;
+        }
+        if let Some(addr) = address_of(&endpoint.node) {
+            endpoints.push(Endpoint {
+                node: endpoint.node.clone(),
+                addr,
+            });
+        }
+    }
+    let apps: Vec<App> = service
+        .endpoints
+        .iter()
+        .filter(|e| Some(&e.node) == node)
+        .filter_map(|e| App::at(e.address))
+        .collect();
+    Arc::new(ServiceRoute {
+        host: service.host(),
+        protocol: service.protocol,
+        port: Some(service.port),
+        apps,
+        timeout: settings.default_timeout.0,
+        ..ServiceRoute::bare(&service.name, Vec::new(), endpoints, metrics)
+    })
 }
 
 /// `host` of `host:port` (and of `[v6]:port`); the input unchanged when it has no port.
@@ -336,11 +448,16 @@ mod tests {
     use std::path::Path;
 
     fn table(text: &str, node: &str) -> RouteTable {
+        table_with(text, &[], node)
+    }
+
+    fn table_with(text: &str, kube: &[KubeService], node: &str) -> RouteTable {
         let config = ClusterConfig::parse(Path::new("cluster.toml"), text)
             .unwrap_or_else(|err| panic!("{err}"));
         let node = DnsLabel::try_from(node.to_owned()).expect("label");
         RouteTable::build(
             &config,
+            kube,
             Some(&node),
             "127.0.0.1:4143".parse().expect("addr"),
             &Metrics::new(),
@@ -384,10 +501,13 @@ split = [{ service = "stable", weight = 90 }, { service = "canary", weight = 10 
     fn endpoints_come_from_node_addresses() {
         let table = table(SITE, "a");
         let web = table.by_name("web").expect("web");
-        assert!(web.local);
+        assert_eq!(
+            web.local_app().map(|app| app.addr),
+            Some("127.0.0.1:8080".parse().expect("addr"))
+        );
         assert_eq!(web.endpoints.len(), 2);
         let stable = table.by_name("stable").expect("stable");
-        assert!(!stable.local);
+        assert!(stable.local_app().is_none());
         let pick = stable.endpoints.pick().expect("one endpoint");
         assert_eq!(pick.endpoint.addr, "10.0.0.2:5000".parse().expect("addr"));
         // Node c has no address: no endpoints, but the service is known.
@@ -412,5 +532,44 @@ split = [{ service = "stable", weight = 90 }, { service = "canary", weight = 10 
         assert!((820..=1180).contains(&canary), "{canary}");
         let web = table.by_name("web").expect("web");
         assert_eq!(web.choose_backend().name.as_str(), "web");
+    }
+
+    fn kube_service(json: &str) -> KubeService {
+        serde_json::from_str(json).expect("a KubeService")
+    }
+
+    #[test]
+    fn kube_services_are_found_by_cluster_ip_and_cluster_name_and_delivered_to_local_pods() {
+        let tracker = kube_service(
+            r#"{"name":"tracker.fleet","cluster_ip":"10.43.100.10","port":80,"protocol":"http",
+                "endpoints":[{"node":"a","address":"10.42.0.7:8080"},
+                             {"node":"b","address":"10.42.1.7:8080"},
+                             {"node":"b","address":"10.42.1.8:8080"},
+                             {"node":"z","address":"10.42.9.9:8080"}]}"#,
+        );
+        // A Kubernetes Service named like a config service does not replace it.
+        let shadow = kube_service(
+            r#"{"name":"web","cluster_ip":"10.43.0.2","port":80,"protocol":"auto","endpoints":[]}"#,
+        );
+        let on_b = table_with(SITE, &[tracker.clone(), shadow.clone()], "b");
+        let route = on_b
+            .by_original_dst("10.43.100.10:80".parse().expect("addr"))
+            .expect("by cluster IP");
+        assert_eq!(route.name, "tracker.fleet");
+        assert_eq!(route.host, "tracker.fleet.svc.cluster.local");
+        // One endpoint per node with an address (z has none).
+        assert_eq!(route.endpoints.len(), 2);
+        let mut local: Vec<String> = route.apps.iter().map(|a| a.addr.to_string()).collect();
+        local.sort();
+        assert_eq!(local, ["10.42.1.7:8080", "10.42.1.8:8080"]);
+        assert!(on_b
+            .by_authority("tracker.fleet.svc.cluster.local:80")
+            .is_some());
+        assert!(on_b
+            .by_original_dst("10.43.0.2:80".parse().expect("addr"))
+            .is_none());
+        let on_c = table_with(SITE, &[tracker], "c");
+        let route = on_c.by_name("tracker.fleet").expect("by name");
+        assert!(route.local_app().is_none(), "no pod of it runs on c");
     }
 }

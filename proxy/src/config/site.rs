@@ -5,6 +5,7 @@ use std::io;
 use std::path::Path;
 
 use pimesh_schema::cluster::ClusterConfig;
+use pimesh_schema::kube_services::KubeService;
 use pimesh_schema::ConfigError;
 use tracing::info;
 
@@ -22,6 +23,9 @@ pub const SPARE_DESCRIPTORS: u64 = 128;
 pub struct SiteConfig {
     pub sha256: [u8; 32],
     pub config: ClusterConfig,
+    /// The meshed Kubernetes Services discovery carries beside the config; none from a
+    /// file. Not part of `sha256`, which is the config's alone.
+    pub kube_services: Vec<KubeService>,
 }
 
 impl SiteConfig {
@@ -57,7 +61,11 @@ pub fn load(file: &Path) -> Result<Option<SiteConfig>, ConfigError> {
     sha256.copy_from_slice(digest.as_ref());
     let config = ClusterConfig::parse(file, &text)?;
     check_runnable(file, &config)?;
-    Ok(Some(SiteConfig { sha256, config }))
+    Ok(Some(SiteConfig {
+        sha256,
+        config,
+        kube_services: Vec::new(),
+    }))
 }
 
 /// The checks the schema cannot make because they depend on this node and process.

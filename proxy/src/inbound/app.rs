@@ -53,10 +53,15 @@ pub async fn deliver(
             }
         }
     }
-    let Some(authority) = route.app_authority.clone() else {
+    let Some(authority) = route
+        .apps
+        .iter()
+        .find(|candidate| candidate.addr == app)
+        .map(|candidate| candidate.authority.clone())
+    else {
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            &format!("service {} has no port", route.name),
+            &format!("service {} does not run at {app}", route.name),
         );
     };
     parts.uri = match mesh_http::rebase(&parts.uri, authority) {

@@ -13,7 +13,6 @@
 mod app;
 
 use std::convert::Infallible;
-use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -142,7 +141,7 @@ async fn handle(
             ),
         );
     };
-    let (Some(port), true) = (route.port, route.local) else {
+    let Some(app) = route.local_app().map(|app| app.addr) else {
         return context.refuse(
             Direction::Inbound,
             "not_placed_here",
@@ -161,7 +160,6 @@ async fn handle(
             &format!("{who} is not allowed to call service {}", route.name),
         );
     }
-    let app = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     if request.method() == Method::CONNECT {
         return open_tunnel(request, &route, app).await;
     }

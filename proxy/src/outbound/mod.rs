@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use pimesh_schema::cluster::Protocol;
-use pimesh_schema::DnsLabel;
 use tokio::net::TcpStream;
 
 use crate::context::{Admitted, Context};
@@ -52,7 +51,7 @@ pub enum Entry {
     /// The HTTP proxy port: each request names its service in its authority.
     HttpProxy,
     /// A service's local port.
-    Binding(DnsLabel),
+    Binding(String),
     /// Redirected by iptables; the client dialled this address.
     Intercepted(SocketAddr),
 }
@@ -113,7 +112,7 @@ pub async fn serve(
             Box::pin(serve_http(context, stream, fixed, ClientProto::H2, drain)).await
         }
         (Detected::Opaque | Detected::Silent, Some(route)) if opaque_allowed => {
-            Box::pin(tunnel(context, &table, stream, route, drain)).await
+            Box::pin(tunnel(context, stream, route, drain)).await
         }
         (_, fixed) => Box::pin(serve_http(context, stream, fixed, ClientProto::H1, drain)).await,
     }

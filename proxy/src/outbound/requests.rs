@@ -227,7 +227,7 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers);
     let authority = authority_of(&parts)
         .map(str::to_owned)
-        .unwrap_or_else(|| table.mesh_name(&backend.name));
+        .unwrap_or_else(|| backend.host.clone());
     let uri = match mesh_http::rebase(&parts.uri, authority.as_str()) {
         Ok(uri) => uri,
         Err(err) => {

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::MAX_REDIALS;
-use crate::config::routes::{Endpoint, RouteTable, ServiceRoute};
+use crate::config::routes::{Endpoint, ServiceRoute};
 use crate::context::Context;
 use crate::telemetry::labels::Direction;
 use crate::transport::drain;
@@ -57,7 +57,6 @@ impl fmt::Display for TunnelError {
 /// stream to the node that runs it.
 pub async fn tunnel(
     context: Arc<Context>,
-    table: &RouteTable,
     mut client: TcpStream,
     apex: Arc<ServiceRoute>,
     // Held for the tunnel's life: a drain waits for it up to the drain deadline.
@@ -100,11 +99,7 @@ pub async fn tunnel(
             return;
         };
         let node = pick.endpoint.node.clone();
-        let target = format!(
-            "{}:{}",
-            table.mesh_name(&backend.name),
-            backend.port.unwrap_or_default()
-        );
+        let target = format!("{}:{}", backend.host, backend.port.unwrap_or_default());
         let connect = async {
             let Lease { mut sender, stream } = context
                 .peers

@@ -53,7 +53,7 @@ pub async fn inbound_loop(listener: TcpListener, context: Arc<Context>, drain: d
 /// the address its client dialled.
 pub async fn outbound_loop(
     listener: TcpListener,
-    binding: Option<pimesh_schema::DnsLabel>,
+    binding: Option<String>,
     context: Arc<Context>,
     drain: drain::Watch,
 ) {

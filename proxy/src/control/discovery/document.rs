@@ -13,6 +13,7 @@ use std::net::{AddrParseError, IpAddr, SocketAddr};
 use std::path::Path;
 
 use pimesh_schema::cluster::{ClusterConfig, Node, NodeAddress};
+use pimesh_schema::kube_services::KubeService;
 use pimesh_schema::{ConfigError, DnsLabel, NameError};
 use serde::Deserialize;
 
@@ -111,6 +112,9 @@ pub struct Document {
     /// The server nodes and their control replicas, from live server heartbeats.
     #[serde(default)]
     pub servers: BTreeMap<String, Server>,
+    /// The meshed Kubernetes Services, from replicas that read K3s's API.
+    #[serde(default)]
+    pub kube_services: Vec<KubeService>,
 }
 
 /// A server node of the document's `servers`.
@@ -174,7 +178,11 @@ impl Document {
         let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(digest.as_ref());
-        Ok(Some(SiteConfig { sha256, config }))
+        Ok(Some(SiteConfig {
+            sha256,
+            config,
+            kube_services: self.kube_services.clone(),
+        }))
     }
 }
 
@@ -245,6 +253,7 @@ mod tests {
                 .map(|(n, a)| ((*n).to_owned(), (*a).to_owned()))
                 .collect(),
             servers: BTreeMap::new(),
+            kube_services: Vec::new(),
         }
     }
 
