@@ -86,6 +86,13 @@ pub struct K3sSettings {
     pub servers: u8,
     /// Packaged K3s components to turn off (`--disable`).
     pub disable: Vec<String>,
+    /// The Kubernetes Services' addresses (every server's `service-cidr`); K3s's own
+    /// default. Every node redirects TCP to it to its proxy's outbound port.
+    pub service_cidr: Ipv4Cidr,
+    /// `[k3s.manifests]`: Kubernetes objects the site's K3s servers deploy (K3s's
+    /// auto-deploy folder), by a name of the operator's choosing. Validated by
+    /// [`ClusterConfig::parse`]: see [`K3sManifest`].
+    pub manifests: BTreeMap<DnsLabel, K3sManifest>,
 }
 
 impl Default for K3sSettings {
@@ -93,7 +100,197 @@ impl Default for K3sSettings {
         K3sSettings {
             servers: 3,
             disable: vec!["traefik".to_owned()],
+            service_cidr: Ipv4Cidr::K3S_DEFAULT_SERVICES,
+            manifests: BTreeMap::new(),
         }
+    }
+}
+
+/// The outbound port of every node's proxy (`pimesh-proxy --outbound`'s default port):
+/// where local apps, and the K3s Services' redirect, send what the mesh should carry.
+pub const PROXY_OUTBOUND_PORT: u16 = 4140;
+
+/// An IPv4 network, written `a.b.c.d/prefix`.
+///
+/// Invariant: the prefix is within [`Ipv4Cidr::PREFIXES`] and the address has no bit set
+/// past it (it is the network's first address, as K3s wants it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Ipv4Cidr {
+    address: std::net::Ipv4Addr,
+    prefix: u8,
+}
+
+impl Ipv4Cidr {
+    /// K3s's default `service-cidr`.
+    pub const K3S_DEFAULT_SERVICES: Ipv4Cidr = Ipv4Cidr {
+        address: std::net::Ipv4Addr::new(10, 43, 0, 0),
+        prefix: 16,
+    };
+
+    /// The prefixes a Services range may have: the Kubernetes API server refuses a range
+    /// wider than /12, and K3s takes the 10th address for its DNS service (so /28 at most).
+    pub const PREFIXES: std::ops::RangeInclusive<u8> = 12..=28;
+
+    /// The network's first address.
+    pub fn address(&self) -> std::net::Ipv4Addr {
+        self.address
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// Whether `ip` is in the network.
+    pub fn contains(&self, ip: std::net::Ipv4Addr) -> bool {
+        let mask = u32::MAX << (32 - u32::from(self.prefix));
+        u32::from(ip) & mask == u32::from(self.address)
+    }
+}
+
+impl std::fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix)
+    }
+}
+
+impl TryFrom<String> for Ipv4Cidr {
+    type Error = ValueError;
+
+    fn try_from(text: String) -> Result<Self, ValueError> {
+        let (low, high) = (Ipv4Cidr::PREFIXES.start(), Ipv4Cidr::PREFIXES.end());
+        let expected = format!(
+            "expected an IPv4 network such as \"10.43.0.0/16\" (prefix {low} to {high}), found {text:?}"
+        );
+        let (address, prefix) = text
+            .split_once('/')
+            .and_then(|(address, prefix)| {
+                Some((
+                    address.parse::<std::net::Ipv4Addr>().ok()?,
+                    prefix.parse::<u8>().ok()?,
+                ))
+            })
+            .ok_or_else(|| ValueError(expected.clone()))?;
+        if !Ipv4Cidr::PREFIXES.contains(&prefix) {
+            return Err(ValueError(expected));
+        }
+        let mask = u32::MAX << (32 - u32::from(prefix));
+        let network = std::net::Ipv4Addr::from(u32::from(address) & mask);
+        if network != address {
+            return Err(ValueError(format!(
+                "expected the network's first address, {network}/{prefix}, found {text:?}"
+            )));
+        }
+        Ok(Ipv4Cidr { address, prefix })
+    }
+}
+
+/// One manifest of `[k3s.manifests]`: YAML text of one or more documents (separated by
+/// `---`), kept exactly as written.
+///
+/// Invariant, once part of a [`ClusterConfig`]: the text parses as YAML, holds at least
+/// one object, and every document is empty or a mapping with string `apiVersion`, `kind`
+/// and `metadata.name` (what K3s's deploy controller needs to apply it).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct K3sManifest(String);
+
+/// What is wrong with a manifest: in document `document` (counted from 0), at `field` when
+/// one field is at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestFault {
+    pub document: usize,
+    pub field: Option<&'static str>,
+    pub message: String,
+}
+
+impl K3sManifest {
+    /// `text` as a manifest, when it holds Kubernetes objects (see the type's invariant).
+    pub fn parse(text: String) -> Result<K3sManifest, ManifestFault> {
+        check_manifest(&text)?;
+        Ok(K3sManifest(text))
+    }
+
+    /// The YAML text as written.
+    pub fn text(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Checks `text` against [`K3sManifest`]'s invariant; returns the number of objects.
+fn check_manifest(text: &str) -> Result<usize, ManifestFault> {
+    use serde::Deserialize as _;
+    use serde_yaml_ng::Value;
+    let mut objects = 0;
+    for (document, part) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let fault = |field, message| ManifestFault {
+            document,
+            field,
+            message,
+        };
+        let value = Value::deserialize(part).map_err(|err| {
+            fault(
+                None,
+                format!("expected YAML (lines counted within the manifest): {err}"),
+            )
+        })?;
+        let object = match value {
+            // An empty document (a `---` with nothing after it): nothing to deploy.
+            Value::Null => continue,
+            Value::Mapping(_) => value,
+            other => {
+                return Err(fault(
+                    None,
+                    format!(
+                        "expected a Kubernetes object (a mapping with apiVersion, kind and \
+                         metadata.name), found {}",
+                        yaml_kind(&other)
+                    ),
+                ))
+            }
+        };
+        for (field, path) in [
+            ("apiVersion", &["apiVersion"][..]),
+            ("kind", &["kind"][..]),
+            ("metadata.name", &["metadata", "name"][..]),
+        ] {
+            match path.iter().try_fold(&object, |value, key| value.get(*key)) {
+                Some(Value::String(text)) if !text.trim().is_empty() => {}
+                other => {
+                    return Err(fault(
+                        Some(field),
+                        format!(
+                            "expected a non-empty string, found {}",
+                            other.map_or("nothing", yaml_kind)
+                        ),
+                    ))
+                }
+            }
+        }
+        objects += 1;
+    }
+    if objects == 0 {
+        return Err(ManifestFault {
+            document: 0,
+            field: None,
+            message: "expected at least one Kubernetes object, found none".into(),
+        });
+    }
+    Ok(objects)
+}
+
+/// What a YAML value is, for errors.
+fn yaml_kind(value: &serde_yaml_ng::Value) -> &'static str {
+    use serde_yaml_ng::Value;
+    match value {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(text) if text.trim().is_empty() => "an empty string",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
     }
 }
 
@@ -485,6 +682,20 @@ impl ClusterConfig {
                 &["k3s", "servers"],
                 format!("expected 1, 3 or 5 servers (an odd quorum), found {found}"),
             ));
+        }
+        for (name, manifest) in &raw.k3s.manifests {
+            if let Err(fault) = check_manifest(manifest.text()) {
+                let document = fault.document.to_string();
+                let mut key = vec!["k3s", "manifests", name.as_str(), document.as_str()];
+                key.extend(fault.field.iter().flat_map(|field| field.split('.')));
+                return Err(ConfigError::at_key(
+                    file,
+                    text,
+                    locate(text, &["k3s", "manifests", name.as_str()]),
+                    &key_name(&key),
+                    fault.message,
+                ));
+            }
         }
         if raw.proxy.retry_budget_percent > 100 {
             let found = raw.proxy.retry_budget_percent;

@@ -12,6 +12,8 @@
 //! - the file holds the K3s token, so it is written mode 0600, and the user's own settings
 //!   live in `config.yaml.d/`, which K3s reads after this file and this module never
 //!   touches;
+//! - every server has the site's `service-cidr` (all servers must agree on it; agents do
+//!   not take the flag), which the nodes' redirect to the proxy (`super::redirect`) uses;
 //! - `write-kubeconfig-mode` is a quoted string: an unquoted `0600` is a YAML integer that
 //!   K3s would read as another mode.
 
@@ -90,6 +92,8 @@ struct Rendered<'a> {
     write_kubeconfig_mode: Option<&'static str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     disable: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_cidr: Option<String>,
 }
 
 const HEADER: &str = "\
@@ -129,6 +133,7 @@ pub fn render(inputs: &K3sInputs<'_>) -> String {
         } else {
             Vec::new()
         },
+        service_cidr: server.then(|| inputs.settings.service_cidr.to_string()),
     };
     // Plain strings, numbers and lists: serialising cannot fail; an empty body would
     // leave K3s with its defaults and is caught by the role's own probe.
@@ -158,6 +163,7 @@ mod tests {
         K3sSettings {
             servers,
             disable: vec!["traefik".into(), "servicelb".into()],
+            ..K3sSettings::default()
         }
     }
 
@@ -204,6 +210,7 @@ mod tests {
                 "tls-san": ["192.168.1.10", "192.168.1.11"],
                 "write-kubeconfig-mode": "0600",
                 "disable": ["traefik", "servicelb"],
+                "service-cidr": "10.43.0.0/16",
             })
         );
         assert!(
