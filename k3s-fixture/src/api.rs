@@ -9,6 +9,11 @@
 //! - `GET /api/v1/nodes`, `GET /api/v1/nodes/<name>`: NodeList, Node (404 Status);
 //! - `POST /api/v1/nodes`: fixture registration and heartbeat of a Node (body: the Node,
 //!   with its password in annotation `k3s.io/node-password`); 403 on a password mismatch;
+//! - `GET /api/v1/namespaces[/<name>]`, `GET /api/v1[/namespaces/<ns>]/services`,
+//!   `GET /api/v1/namespaces/<ns>/services/<name>`,
+//!   `GET /apis/discovery.k8s.io/v1[/namespaces/<ns>]/endpointslices[/<name>]`: the objects
+//!   of the manifests (see `objects`); lists take an equality-based `labelSelector` (400
+//!   Status when malformed);
 //! - `GET /v1-k3s/apiservers`: JSON list of `host:port` of the live servers;
 //! - `GET /v1-k3s/client-kubelet.crt` (headers `K3s-Node-Name`, `K3s-Node-Password`): a
 //!   kubelet client certificate and its key, PEM, as in K3s;
@@ -35,6 +40,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::cluster::ClusterState;
 use crate::log::now_secs;
 use crate::nodes::Refused;
+use crate::objects::{Kind, Selector};
 use crate::pki::Leaf;
 
 /// The largest request body read.
@@ -143,6 +149,12 @@ async fn handle(
             None,
         );
     }
+    if let Some((kind, namespace, name)) = crate::objects::route(&path) {
+        if method != Method::GET {
+            return method_not_allowed();
+        }
+        return objects(state, request.uri(), kind, namespace, name);
+    }
     let now = now_secs();
     match (&method, path.as_str()) {
         (&Method::GET, "/readyz" | "/v1-k3s/readyz") => match state.readiness() {
@@ -155,7 +167,7 @@ async fn handle(
             let name = &path["/api/v1/nodes/".len()..];
             match state.table().get(name, now) {
                 Some(node) => json_response(StatusCode::OK, &node),
-                None => not_found(name),
+                None => not_found("nodes", name),
             }
         }
         (&Method::GET, "/v1-k3s/apiservers") => {
@@ -175,12 +187,7 @@ async fn handle(
             )
         }
         (&Method::GET, "/v1-k3s/client-kubelet.crt") => kubelet_cert(state, &request, now),
-        (_, "/readyz" | "/api/v1/nodes" | "/v1-k3s/apiservers") => status(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "MethodNotAllowed",
-            "the server does not allow this method on the requested resource",
-            None,
-        ),
+        (_, "/readyz" | "/api/v1/nodes" | "/v1-k3s/apiservers") => method_not_allowed(),
         _ => status(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -188,6 +195,62 @@ async fn handle(
             None,
         ),
     }
+}
+
+/// A Namespace, Service or EndpointSlice, or a list of them (query `labelSelector`).
+fn objects(
+    state: &ClusterState,
+    uri: &http::Uri,
+    kind: Kind,
+    namespace: Option<&str>,
+    name: Option<&str>,
+) -> Response<Full<Bytes>> {
+    if let Some(name) = name {
+        return match state.objects().get(kind, namespace, name) {
+            Some(object) => json_response(StatusCode::OK, &object),
+            None => not_found(kind.resource(), name),
+        };
+    }
+    let selector =
+        query(uri, "labelSelector").and_then(|text| Selector::parse(&text.unwrap_or_default()));
+    match selector {
+        Ok(selector) => respond(
+            StatusCode::OK,
+            "application/json",
+            state.objects().list(kind, namespace, &selector),
+        ),
+        Err(err) => bad_request(&err),
+    }
+}
+
+/// The percent-decoded value of query parameter `name`.
+fn query(uri: &http::Uri, name: &str) -> Result<Option<String>, String> {
+    let decode = |text: &str| -> Result<String, String> {
+        let mut bytes = Vec::with_capacity(text.len());
+        let mut input = text.bytes();
+        while let Some(b) = input.next() {
+            bytes.push(match b {
+                b'+' => b' ',
+                b'%' => {
+                    let hex: Vec<u8> = input.by_ref().take(2).collect();
+                    std::str::from_utf8(&hex)
+                        .ok()
+                        .filter(|h| h.len() == 2)
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                        .ok_or_else(|| format!("invalid escape in query {text:?}"))?
+                }
+                b => b,
+            });
+        }
+        String::from_utf8(bytes).map_err(|_| format!("query {text:?} is not UTF-8"))
+    };
+    for pair in uri.query().unwrap_or_default().split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if decode(key)? == name {
+            return decode(value).map(Some);
+        }
+    }
+    Ok(None)
 }
 
 fn caller(state: &ClusterState, request: &Request<Incoming>, certified: bool) -> Caller {
@@ -259,7 +322,7 @@ async fn register(
             };
             match table.get(&name, now) {
                 Some(node) => json_response(code, &node),
-                None => not_found(&name),
+                None => not_found("nodes", &name),
             }
         }
         Err(Refused::Invalid(why)) => bad_request(&why),
@@ -347,12 +410,21 @@ fn status(
     respond(code, "application/json", body)
 }
 
-fn not_found(name: &str) -> Response<Full<Bytes>> {
+fn not_found(resource: &str, name: &str) -> Response<Full<Bytes>> {
     status(
         StatusCode::NOT_FOUND,
         "NotFound",
-        &format!("nodes \"{name}\" not found"),
-        Some(json!({"name": name, "kind": "nodes"})),
+        &format!("{resource} \"{name}\" not found"),
+        Some(json!({"name": name, "kind": resource})),
+    )
+}
+
+fn method_not_allowed() -> Response<Full<Bytes>> {
+    status(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "MethodNotAllowed",
+        "the server does not allow this method on the requested resource",
+        None,
     )
 }
 

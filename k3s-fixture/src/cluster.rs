@@ -13,6 +13,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::nodes::Table;
+use crate::objects::Store;
 use crate::pki::Ca;
 
 /// A server counts as reachable this long after its last answer to `/ping`.
@@ -31,10 +32,19 @@ pub struct ClusterState {
     pub etcd: bool,
     /// Last answer to `/ping`, per server URL.
     pings: Mutex<HashMap<String, Instant>>,
+    /// Namespaces, Services and EndpointSlices (from the manifests).
+    objects: Mutex<Store>,
 }
 
 impl ClusterState {
-    pub fn new(ca: Ca, password: String, own_name: String, own_url: String, etcd: bool) -> Self {
+    pub fn new(
+        ca: Ca,
+        password: String,
+        own_name: String,
+        own_url: String,
+        etcd: bool,
+        objects: Store,
+    ) -> Self {
         ClusterState {
             table: Mutex::new(Table::default()),
             ca,
@@ -43,7 +53,12 @@ impl ClusterState {
             own_url,
             etcd,
             pings: Mutex::new(HashMap::new()),
+            objects: Mutex::new(objects),
         }
+    }
+
+    pub fn objects(&self) -> MutexGuard<'_, Store> {
+        self.objects.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn table(&self) -> MutexGuard<'_, Table> {

@@ -4,12 +4,18 @@
 //! `Type=notify`. It is not K3s and runs no Kubernetes component: it reproduces what
 //! Pimesh's supervisor relies on — the command line and its flags, the config file and
 //! drop-ins, the token, the CA, the kubeconfigs, `/readyz`, the Node objects of the
-//! cluster's nodes, a quorum stand-in for embedded etcd, readiness notification, and
-//! stopping on SIGTERM — and says so in its version and its log.
+//! cluster's nodes, a quorum stand-in for embedded etcd, the auto-deploying manifests
+//! (for Namespaces, Services and EndpointSlices), readiness notification, and stopping on
+//! SIGTERM — and says so in its version and its log.
 //!
 //! What it simplifies (each module's documentation says more):
-//! - no Kubernetes components, containers, CNI or kubectl; the API is `/readyz`, Nodes
-//!   and a few K3s supervisor paths (`api`);
+//! - no Kubernetes components, containers, CNI or kubectl; the API is `/readyz`, Nodes,
+//!   Namespaces, Services, EndpointSlices (read only) and a few K3s supervisor paths (`api`);
+//! - `<data-dir>/server/manifests/` is applied as K3s's deploy controller applies it, but
+//!   only Namespaces, Services and EndpointSlices are stored (other kinds are logged and
+//!   ignored), in memory and per server (not replicated), re-scanned every 2 s rather than
+//!   15 s, an invalid document skipped rather than failing its file; defaulting is a part
+//!   of kube-apiserver's, Services are ClusterIP only (`manifests`, `objects`);
 //! - the "etcd" of several servers is a node table each server keeps on disk, replicated
 //!   by pulling the other servers' Node lists every 2 s, newest heartbeat winning; quorum
 //!   is "more than half of the servers answered `/ping` in the last 10 s" (`cluster`,
@@ -28,6 +34,7 @@
 //! - [`token`], [`pki`], [`kubeconfig`], [`files`]: credentials and the files K3s writes;
 //! - [`nodes`], [`cluster`], [`api`], [`peers`]: the server's node table, quorum, HTTPS
 //!   API and replication between servers;
+//! - [`manifests`], [`objects`]: the auto-deploying manifests and the objects they make;
 //! - [`server`], [`agent`], [`lb`]: the two subcommands and the agent's load balancer;
 //! - [`log`], [`notify`], [`client`]: K3s-like log lines, systemd notification, HTTPS clients.
 
@@ -42,8 +49,10 @@ mod flags;
 mod kubeconfig;
 mod lb;
 mod log;
+mod manifests;
 mod nodes;
 mod notify;
+mod objects;
 mod peers;
 mod pki;
 mod server;

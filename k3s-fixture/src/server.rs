@@ -15,7 +15,9 @@
 //!    node IPs, `--tls-san`, `--advertise-address`, the host name and node name) and the
 //!    admin client certificate; the admin kubeconfig (`--write-kubeconfig`, mode
 //!    `--write-kubeconfig-mode`, server `https://127.0.0.1:<https-listen-port>`).
-//! 5. HTTPS on `<bind-address>:<https-listen-port>` (see `api`); its own Node in its table;
+//! 5. The manifests in `<data-dir>/server/manifests/` applied once (see `manifests`; the
+//!    `kubernetes` Service gets `.1` of `--service-cidr`), then every 2 s in the background.
+//!    HTTPS on `<bind-address>:<https-listen-port>` (see `api`); its own Node in its table;
 //!    with embedded etcd (cluster-init or `--server`) the exchanges of `peers`. The node
 //!    table is kept in `<data-dir>/server/db/fixture-nodes.json` (the datastore's
 //!    stand-in) and read back on start, so a restarted server counts its cluster's
@@ -39,7 +41,9 @@ use crate::client::{base_url, fetch_cacerts, trusting};
 use crate::cluster::{url_of, ClusterState};
 use crate::files::{node_password, node_password_path, write_atomic};
 use crate::log::{info, now_secs};
+use crate::manifests::Watcher;
 use crate::nodes::{node_object, uuid, NodeInfo, Role};
+use crate::objects::{Cidr, Store};
 use crate::pki::Ca;
 use crate::settings::{Settings, DEFAULT_KUBECONFIG};
 use crate::token::Token;
@@ -67,6 +71,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     let etcd = settings.flag("cluster-init") || join.is_some();
     let node_name = settings.node_name();
     let internal_ip = settings.internal_ip()?;
+    let service_cidr = Cidr::from_flag(&settings.list("service-cidr"))?;
 
     let token = match settings.token_text()? {
         Some(text) => Token::parse(&text)?,
@@ -120,11 +125,11 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         "kubernetes.default",
         "kubernetes.default.svc",
         "kubernetes.default.svc.cluster.local",
-        "10.43.0.1",
     ]
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
+    sans.push(service_cidr.nth(1).to_string());
     sans.push(internal_ip.to_string());
     sans.push(advertise_ip.to_string());
     sans.extend(settings.list("node-ip"));
@@ -171,6 +176,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         node_name.clone(),
         own_url,
         etcd,
+        Store::new(service_cidr),
     ));
     let own = NodeInfo {
         name: node_name.clone(),
@@ -198,6 +204,9 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         .table()
         .register(node_object(&own), now_secs())
         .map_err(|err| format!("cannot register this server's node {node_name}: {err:?}"))?;
+    let mut manifests = Watcher::new(server_dir.join("manifests"), service_cidr);
+    manifests.scan(&mut state.objects());
+    tokio::spawn(manifests.run(state.clone()));
     tokio::spawn(crate::api::serve(
         listener,
         crate::api::tls_config(&ca.cert_pem, &serving)?,
