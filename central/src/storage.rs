@@ -169,6 +169,7 @@ mod tests {
                     revision: Some(3),
                     state: ReportState::RolledBack,
                     detail: "revision 4: unhealthy".to_owned(),
+                    k3s: None,
                 },
                 received_at: 1_764_000_000,
             })

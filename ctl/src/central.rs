@@ -258,20 +258,60 @@ pub fn status(args: &CentralArgs) -> Result<(), CentralError> {
             .map_or("none".to_owned(), |n| n.to_string());
         println!("site {}: newest revision {latest}", site.site);
         for node in &site.nodes {
-            let report = &node.recorded.report;
-            let revision = report.revision.map_or("-".to_owned(), |n| n.to_string());
-            println!(
-                "  {:<20} revision {:<6} {}{}",
-                node.node.as_str(),
-                revision,
-                report.state.as_str(),
-                if report.detail.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", report.detail)
-                }
-            );
+            println!("{}", node_line(node));
         }
     }
     Ok(())
+}
+
+/// One node of `pimeshctl status`: its name, revision, K3s and last outcome.
+fn node_line(node: &pimesh_revision::NodeView) -> String {
+    let report = &node.recorded.report;
+    let revision = report.revision.map_or("-".to_owned(), |n| n.to_string());
+    let k3s = report
+        .k3s
+        .as_ref()
+        .map_or_else(|| "k3s -".to_owned(), ToString::to_string);
+    let detail = if report.detail.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", report.detail)
+    };
+    format!(
+        "  {:<20} revision {revision:<6} {k3s:<18} {}{detail}",
+        node.node.as_str(),
+        report.state.as_str(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_line_shows_its_k3s_beside_its_revision() {
+        let node: pimesh_revision::NodeView = serde_json::from_str(
+            r#"{"node":"pi-b","revision":4,"state":"applied","detail":"","received_at":1,
+                "k3s":{"role":"server","ready":true}}"#,
+        )
+        .expect("a node view");
+        let line = node_line(&node);
+        assert!(
+            line.contains("pi-b") && line.contains("revision 4"),
+            "{line}"
+        );
+        assert!(
+            line.contains("k3s server ready") && line.ends_with("applied"),
+            "{line}"
+        );
+        let without: pimesh_revision::NodeView = serde_json::from_str(
+            r#"{"node":"pi-c","revision":null,"state":"rolled-back","detail":"revision 5: unhealthy"}"#,
+        )
+        .expect("a node view");
+        let line = node_line(&without);
+        assert!(
+            line.contains("k3s -") && line.ends_with("rolled-back: revision 5: unhealthy"),
+            "{line}"
+        );
+    }
 }

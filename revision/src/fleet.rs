@@ -63,6 +63,7 @@ mod tests {
                             revision: Some(12),
                             state: ReportState::Applied,
                             detail: String::new(),
+                            k3s: None,
                         },
                         received_at: 1_764_000_000,
                     },

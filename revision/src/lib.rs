@@ -22,7 +22,7 @@ pub mod report;
 pub mod signed;
 
 pub use fleet::{FleetView, NodeView, SiteView};
-pub use report::{NodeReport, RecordedReport, ReportState, UnrecognisedState};
+pub use report::{K3sSummary, NodeReport, RecordedReport, ReportState, UnrecognisedState};
 pub use signed::{
     Mode, Rejection, Revision, SignError, SignedRevision, Verified, Verifier, DEFAULT_MAX_BYTES,
     FORMAT,

@@ -4,8 +4,12 @@
 //! A node posts a [`NodeReport`] (`POST /v1/sites/<site>/reports`):
 //!
 //! ```json
-//! {"revision": 12, "state": "rolled-back", "detail": "revision 13: the proxy ..."}
+//! {"revision": 12, "state": "rolled-back", "detail": "revision 13: the proxy ...",
+//!  "k3s": {"role": "server", "ready": true}}
 //! ```
+//!
+//! `k3s` is the node's K3s as it was when the report was sent (absent while K3s does
+//! not run there); a node sends its last report again when that changes.
 //!
 //! The central server stores it as a [`RecordedReport`]: the same fields and
 //! `received_at`. A reader never loses a report over its state: a state it does not know
@@ -25,6 +29,26 @@ pub struct NodeReport {
     /// Why, for anything but [`ReportState::Applied`] (empty then).
     #[serde(default)]
     pub detail: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k3s: Option<K3sSummary>,
+}
+
+/// A node's K3s in one line: its role and K3s's own readiness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct K3sSummary {
+    /// `server` or `agent`.
+    pub role: String,
+    pub ready: bool,
+    /// K3s's version, when the image records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+impl fmt::Display for K3sSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ready = if self.ready { "ready" } else { "not ready" };
+        write!(f, "k3s {} {ready}", self.role)
+    }
 }
 
 /// A [`NodeReport`] as the central server recorded it.
@@ -147,9 +171,17 @@ mod tests {
                 revision: Some(12),
                 state: ReportState::RolledBack,
                 detail: "revision 13: the proxy refused it".to_owned(),
+                k3s: None,
             }
         );
         assert_eq!(serde_json::to_string(&report).expect("serialise"), sent);
+
+        let with_k3s =
+            r#"{"revision":3,"state":"applied","detail":"","k3s":{"role":"agent","ready":false}}"#;
+        let report: NodeReport = serde_json::from_str(with_k3s).expect("parse");
+        let k3s = report.k3s.as_ref().expect("k3s");
+        assert_eq!(k3s.to_string(), "k3s agent not ready");
+        assert_eq!(serde_json::to_string(&report).expect("serialise"), with_k3s);
 
         let first =
             r#"{"revision":null,"state":"rejected","detail":"an unreadable revision refused"}"#;

@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use pimesh_revision::{Mode, Rejection, Verified, Verifier};
+use pimesh_revision::{K3sSummary, Mode, Rejection, Verified, Verifier};
 use pimesh_runtime::backoff::{Backoff, Retry};
 use pimesh_schema::cluster::ClusterConfig;
 use pimesh_schema::{Central, DnsLabel, OtaSettings, Seed};
@@ -163,6 +163,7 @@ pub async fn run(context: OtaContext) {
         bus: None,
         last_refused: None,
         retry: Retry::new(RETRY),
+        k3s_reported: None,
     };
     ota.recover().await;
     loop {
@@ -275,11 +276,15 @@ struct Ota {
     last_refused: Option<String>,
     /// Failed attempts in a row to reach the central server, and the wait before the next.
     retry: Retry,
+    /// K3s's summary in the last report queued: when the node's differs at the next
+    /// step, the last report goes out again with the new one.
+    k3s_reported: Option<K3sSummary>,
 }
 
 impl Ota {
     /// One long-poll and what follows from it; also ends a trial whose window passed.
     async fn step(&mut self) {
+        self.report_k3s_change();
         if let Some(until) = self.trial_deadline() {
             if until <= Instant::now() {
                 let window = humantime::format_duration(self.context.settings.try_window);
@@ -638,7 +643,27 @@ impl Ota {
 
     /// Queues the report of `outcome` for the central server and shows it in the status.
     fn queue(&mut self, outcome: &Outcome) {
-        let report = outcome.report();
+        self.queue_report(outcome.report());
+    }
+
+    /// Sends the last report again when K3s's summary changed since it was queued (once
+    /// per step: within one long-poll), so that the central server's view of the node's
+    /// K3s follows it.
+    fn report_k3s_change(&mut self) {
+        let now = k3s_summary(&self.context.status);
+        if now == self.k3s_reported {
+            return;
+        }
+        if let Some(last) = self.report.last_outcome.clone() {
+            info!(k3s = ?now, "K3s changed since the last report; reporting again");
+            self.queue_report(last);
+        }
+    }
+
+    /// Queues `report`, with the node's K3s summary, and shows it in the status.
+    fn queue_report(&mut self, mut report: pimesh_revision::NodeReport) {
+        report.k3s = k3s_summary(&self.context.status);
+        self.k3s_reported = report.k3s.clone();
         if let Err(err) = self.outbox.push(&report) {
             error!(%err, "cannot queue a report");
         }
@@ -672,6 +697,21 @@ impl Ota {
     fn publish(&self) {
         publish(&self.context.status, &self.report);
     }
+}
+
+/// The node's K3s in one line, while K3s runs here (it has a unit).
+fn k3s_summary(status: &StatusHandle) -> Option<K3sSummary> {
+    let status = match status.0.read() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let k3s = &status.k3s;
+    k3s.placement.unit.as_ref()?;
+    Some(K3sSummary {
+        role: k3s.placement.role?.to_owned(),
+        ready: k3s.ready == Some(true),
+        version: k3s.presence.version.clone(),
+    })
 }
 
 /// The revision number a document claims, read without trusting it.

@@ -103,12 +103,14 @@ impl Outcome {
         }
     }
 
-    /// The report for the central server (and `/status`'s `ota.last_outcome`).
+    /// The report for the central server (and `/status`'s `ota.last_outcome`), without
+    /// K3s's summary (the OTA client adds the node's current one).
     pub fn report(&self) -> NodeReport {
         NodeReport {
             revision: self.running(),
             state: self.state(),
             detail: self.detail(),
+            k3s: None,
         }
     }
 }

@@ -440,6 +440,7 @@ mod tests {
                 revision: Some(3),
                 state: ReportState::Applied,
                 detail: String::new(),
+                k3s: None,
             }),
             queued_reports: 1,
             ..OtaReport::default()
