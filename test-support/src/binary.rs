@@ -29,6 +29,8 @@ pub enum Binary {
     Control,
     Central,
     Ctl,
+    /// The stand-in for `k3s` (a test fixture, not K3s).
+    K3sFixture,
 }
 
 impl Binary {
@@ -40,6 +42,7 @@ impl Binary {
             Binary::Control => "pimesh-control",
             Binary::Central => "pimesh-central",
             Binary::Ctl => "pimeshctl",
+            Binary::K3sFixture => "k3s-fixture",
         }
     }
 
@@ -51,6 +54,7 @@ impl Binary {
             Binary::Control => "pimesh-control",
             Binary::Central => "pimesh-central",
             Binary::Ctl => "pimesh-ctl",
+            Binary::K3sFixture => "k3s-fixture",
         }
     }
 

@@ -1,0 +1,146 @@
+//! Meshed Kubernetes Services: a replica given `--kubeconfig` reads K3s's API (here the
+//! K3s test fixture `k3s-fixture`, which applies its auto-deploy manifests as K3s does)
+//! and streams the Services of namespaces labelled for the mesh in discovery.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
+use std::time::{Duration, Instant};
+
+use pimesh_test_support::binary::Binary;
+use pimesh_test_support::control::{DiscoveryStream, Replica};
+use pimesh_test_support::ports::free_port;
+use pimesh_test_support::tls::client_config;
+use pimesh_test_support::{path_str, temp_dir, Daemon, Site};
+
+const SITE: &str = "depot-7";
+
+const MESHED: &str = "apiVersion: v1
+kind: Namespace
+metadata:
+  name: fleet
+  labels:
+    pimesh.dev/mesh: enabled
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: tracker
+  namespace: fleet
+spec:
+  clusterIP: 10.43.100.10
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+    appProtocol: http
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: tracker-1
+  namespace: fleet
+  labels:
+    kubernetes.io/service-name: tracker
+addressType: IPv4
+ports:
+- name: http
+  port: 8080
+endpoints:
+- addresses: [10.42.3.7]
+  nodeName: pi-c
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: plain
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: hidden
+  namespace: plain
+spec:
+  ports:
+  - port: 80
+";
+
+/// Reads documents until one satisfies `done` or `deadline` passes.
+fn document_where(
+    stream: &mut DiscoveryStream,
+    deadline: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let until = Instant::now() + deadline;
+    while Instant::now() < until {
+        let line = stream.next_line().expect("a line of the discovery stream");
+        if line.is_empty() {
+            continue;
+        }
+        let document: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        if done(&document) {
+            return document;
+        }
+    }
+    panic!("no such discovery document within {deadline:?}");
+}
+
+#[test]
+fn a_replica_streams_the_meshed_services_that_k3s_serves() {
+    let (_dir, dir) = temp_dir();
+    let site = Site::new(SITE);
+    let data = dir.join("k3s");
+    let manifests = data.join("server/manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(manifests.join("pimesh-fleet.yaml"), MESHED).unwrap();
+    std::fs::write(dir.join("k3s-config.yaml"), "").unwrap();
+    let kubeconfig = dir.join("k3s.yaml");
+
+    // The replica starts before K3s: no kubeconfig yet is no Services, not an error.
+    let trust = dir.join("trust");
+    site.write_trust(&trust);
+    let config = dir.join("cluster.toml");
+    std::fs::write(&config, format!("site = \"{SITE}\"\n")).unwrap();
+    let replica = Replica::options(1)
+        .trust_dir(&trust)
+        .config(&config)
+        .site(SITE)
+        .arg("--kubeconfig")
+        .arg(path_str(&kubeconfig))
+        .start_blocking();
+    let credential = site.node_credential("pi-a");
+    let mut stream = DiscoveryStream::open(
+        replica.port,
+        client_config(site.root.anchor.cert_der(), Some(&credential)),
+    )
+    .expect("stream opened");
+    let first = stream.next_document();
+    assert!(first.get("kube_services").is_none(), "{first}");
+
+    let mut k3s = Binary::K3sFixture.command();
+    k3s.env_remove("NOTIFY_SOCKET")
+        .args(["server", "--config"])
+        .arg(dir.join("k3s-config.yaml"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--node-name", "srv", "--node-ip", "127.0.0.1"])
+        .args(["--bind-address", "127.0.0.1", "--https-listen-port"])
+        .arg(free_port().to_string())
+        .arg("--write-kubeconfig")
+        .arg(&kubeconfig);
+    let _k3s = Daemon::spawn("k3s-fixture", k3s, Some(&dir.join("k3s.log")));
+
+    let document = document_where(&mut stream, Duration::from_secs(120), |d| {
+        d.get("kube_services").is_some()
+    });
+    assert_eq!(
+        document["kube_services"],
+        serde_json::json!([{
+            "name": "tracker.fleet",
+            "cluster_ip": "10.43.100.10",
+            "port": 80,
+            "protocol": "http",
+            "endpoints": [{"node": "pi-c", "address": "10.42.3.7:8080"}],
+        }]),
+        "only the meshed namespace's Service, with its endpoint's node and port"
+    );
+}
