@@ -140,6 +140,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
     );
     status.update(|status| status.join = plan.report());
     let k3s_readiness = k3s::readiness::Readiness::default();
+    let k3s_upkeep = k3s::upkeep::Upkeep::default();
     let units = {
         let status = status.clone();
         let mdns_interfaces: Option<Vec<String>> = seed
@@ -173,6 +174,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
                 ))
                 .ok(),
                 readiness: k3s_readiness.clone(),
+                upkeep: k3s_upkeep.clone(),
             },
         };
         plan.place(&mut placement);
@@ -247,6 +249,9 @@ async fn run(options: Options) -> Result<(), DaemonError> {
         paths.k3s_admin_kubeconfig(),
     );
     let quorum_task = tokio::spawn(quorum.clone().run(status.clone()));
+    // Off a node (`--no-node-setup`) the host's firewall is left alone.
+    let iptables = options.node_setup.then(k3s::redirect::Iptables::default);
+    let upkeep_task = tokio::spawn(k3s_upkeep.run(iptables, status.clone()));
 
     let heartbeat = Heartbeat::new();
     heartbeat.beat();
@@ -289,6 +294,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
     notify::stopping();
     server.abort();
     quorum_task.abort();
+    upkeep_task.abort();
     keeper.abort();
     if let Some(check) = trust_check {
         check.abort();

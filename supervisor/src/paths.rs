@@ -16,6 +16,8 @@
 //!     join/state.json              the node's join: role, servers (inside: `join`)
 //!     clock                        the last sane time seen (the clock's floor)
 //! /var/lib/pimesh-control/         the control replicas' (their join records: joins.jsonl)
+//!     kubeconfig                   on a K3s server: a copy of K3s's admin kubeconfig,
+//!                                  theirs (0600 pimesh-control; inside: `k3s::kubeconfig`)
 //! /run/pimesh/                     what other units read at their start
 //!     proxy.env, control.env       the proxy's and the replicas' arguments
 //!     chrony/                      the site's time servers and a server's directives
@@ -26,6 +28,7 @@
 //!     config.yaml.d/               the user's own K3s settings, never written
 //!     k3s.yaml                     K3s's admin kubeconfig (written by K3s on a server)
 //! /var/lib/rancher/k3s/            K3s's data (agent/kubelet.kubeconfig on every node)
+//!     server/manifests/pimesh-*    a server's: the site's [k3s.manifests] (`k3s::manifests`)
 //! /var/lib/pimesh/k3s/token        the site's K3s token on a joined node
 //! ```
 
@@ -124,6 +127,12 @@ impl NodePaths {
         self.state_dir.with_file_name("pimesh-control")
     }
 
+    /// The control replicas' copy of K3s's admin kubeconfig (`--kubeconfig` of the
+    /// replicas on a K3s server), in their state folder.
+    pub fn control_kubeconfig(&self) -> PathBuf {
+        self.control_state_dir().join("kubeconfig")
+    }
+
     /// `PIMESH_PROXY_ARGS`, read by `pimesh-proxy.service` at its start.
     pub fn proxy_env(&self) -> PathBuf {
         self.run_dir.join("proxy.env")
@@ -147,6 +156,11 @@ impl NodePaths {
     /// The kubelet's kubeconfig K3s writes on every node.
     pub fn k3s_kubelet_kubeconfig(&self) -> PathBuf {
         self.rancher_data.join("agent").join("kubelet.kubeconfig")
+    }
+
+    /// K3s's auto-deploy folder on a server, where the site's manifests go.
+    pub fn k3s_manifests_dir(&self) -> PathBuf {
+        self.rancher_data.join("server").join("manifests")
     }
 
     /// The site's K3s token as a joined node keeps it.

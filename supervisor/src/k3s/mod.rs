@@ -5,19 +5,29 @@
 //! - [`token`]: the site's K3s token, made by the init node and carried by the join;
 //! - [`readiness`]: K3s's own answer to "ready?", through the node's
 //!   kubeconfig, served to the keeper as a probe;
-//! - [`quorum`]: the other servers' health, and the hold on disruptive heals.
+//! - [`quorum`]: the other servers' health, and the hold on disruptive heals;
+//! - [`manifests`]: the site's `[k3s.manifests]` in a server's auto-deploy folder;
+//! - [`redirect`]: the node's connections to a Service address, through the proxy;
+//! - [`kubeconfig`]: the control replicas' copy of a server's admin kubeconfig;
+//! - [`upkeep`]: the task that keeps the last two, checked every few seconds.
 //!
 //! K3s joins the managed set (`k3s.service` on a server, `k3s-agent.service` on an agent,
 //! as K3s's install script names them) only when all of these hold: the binary is
 //! installed, the node knows its role (the init node is the first server; a joined node
 //! is what its join record says), the site's K3s token is on the node, and the config file
 //! was written. Otherwise the status says which one is missing, and the mesh runs without
-//! K3s.
+//! K3s. Each time the placement is applied (a join, a new site configuration over the air,
+//! a new address) a server's manifests are brought in line at once, and the upkeep is told
+//! whether to redirect the Services' range and whether the replicas get a kubeconfig.
 
 pub mod config;
+pub mod kubeconfig;
+pub mod manifests;
 pub mod quorum;
 pub mod readiness;
+pub mod redirect;
 pub mod token;
+pub mod upkeep;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -32,7 +42,9 @@ pub use crate::status::K3sPlacementReport;
 use crate::units::role::{K3S_AGENT, K3S_SERVER};
 use config::{K3sInputs, K3sRole};
 use readiness::{Check, Readiness};
+use redirect::Rules;
 use token::K3sToken;
+use upkeep::{Upkeep, Wanted};
 
 /// What the node knows of its place in K3s; part of the units' placement.
 #[derive(Debug, Clone, Default)]
@@ -56,6 +68,8 @@ pub struct K3sPlace {
     pub probe_url: Option<ProbeUrl>,
     /// Where the status API's readiness check looks.
     pub readiness: Readiness,
+    /// What the upkeep task keeps: the redirect and the replicas' kubeconfig.
+    pub upkeep: Upkeep,
 }
 
 impl K3sPlace {
@@ -70,15 +84,15 @@ impl K3sPlace {
         units: &mut Vec<ManagedUnit>,
     ) -> K3sPlacementReport {
         let mut report = K3sPlacementReport::default();
-        let k3s_role = match (self.first_server, role, self.via) {
-            (true, _, _) => Some(K3sRole::FirstServer),
-            (false, Some(Role::Server), Some(via)) => Some(K3sRole::Server { via }),
-            (false, Some(Role::Agent), Some(via)) => Some(K3sRole::Agent { via }),
-            _ => None,
-        };
+        let k3s_role = self.role(role);
         report.role = k3s_role.as_ref().map(K3sRole::as_str);
         let not_running = |report: K3sPlacementReport, note: String| {
             self.readiness.set(None);
+            self.upkeep.want(Wanted {
+                redirect: None,
+                admin_kubeconfig: None,
+                control_kubeconfig: paths.control_kubeconfig(),
+            });
             K3sPlacementReport {
                 note: Some(note),
                 ..report
@@ -144,6 +158,16 @@ impl K3sPlace {
             }
         }
         report.config = Some(file.display().to_string());
+        if k3s_role.is_server() {
+            let dir = paths.k3s_manifests_dir();
+            match manifests::sync(&dir, &settings.manifests) {
+                Ok(names) => report.manifests = names,
+                Err(err) => {
+                    warn!(%err, "cannot bring the K3s manifests in line with the site configuration");
+                    report.manifests_note = Some(err.to_string());
+                }
+            }
+        }
         let (unit, check) = if k3s_role.is_server() {
             (
                 K3S_SERVER,
@@ -161,6 +185,11 @@ impl K3sPlace {
             )
         };
         self.readiness.set(Some(check));
+        self.upkeep.want(Wanted {
+            redirect: Some(Rules::for_proxy(settings.service_cidr)),
+            admin_kubeconfig: k3s_role.is_server().then(|| paths.k3s_admin_kubeconfig()),
+            control_kubeconfig: paths.control_kubeconfig(),
+        });
         if let Ok(name) = UnitName::try_from(unit.to_owned()) {
             units.push(ManagedUnit {
                 name,
@@ -174,6 +203,23 @@ impl K3sPlace {
 }
 
 impl K3sPlace {
+    /// This node's K3s role, from the join's `role` and what the node knows of its site;
+    /// `None` while it waits for its join.
+    pub fn role(&self, role: Option<Role>) -> Option<K3sRole> {
+        match (self.first_server, role, self.via) {
+            (true, _, _) => Some(K3sRole::FirstServer),
+            (false, Some(Role::Server), Some(via)) => Some(K3sRole::Server { via }),
+            (false, Some(Role::Agent), Some(via)) => Some(K3sRole::Agent { via }),
+            _ => None,
+        }
+    }
+
+    /// Whether K3s is installed and this node is (or is about to run as) a K3s server:
+    /// its control replicas then read the Kubernetes API with [`NodePaths::control_kubeconfig`].
+    pub fn serves(&self, role: Option<Role>) -> bool {
+        self.installed && self.role(role).is_some_and(|role| role.is_server())
+    }
+
     /// The site's K3s token: the trust folder's on a server node, else the one the join
     /// gave.
     fn load_token(
@@ -258,6 +304,7 @@ mod tests {
             trust_token: paths.state_dir.join("trust/k3s-token"),
             probe_url: None,
             readiness: Readiness::default(),
+            upkeep: Upkeep::default(),
         };
         (place, paths)
     }
@@ -286,6 +333,88 @@ mod tests {
             place.readiness.current(),
             Some(Check::Agent { .. })
         ));
+    }
+
+    #[test]
+    fn a_server_deploys_the_site_manifests_and_wants_the_redirect_and_the_copy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut place, paths) = place(dir.path());
+        place.first_server = true;
+        K3sToken::new("s3cret".into())
+            .store(&place.trust_token)
+            .expect("stored");
+        let site = ClusterConfig::parse(
+            std::path::Path::new("cluster.toml"),
+            "site = \"lab\"\n[k3s]\nservice_cidr = \"10.96.0.0/12\"\n[k3s.manifests]\n\
+             web = \"apiVersion: v1\\nkind: Namespace\\nmetadata: {name: web}\\n\"\n",
+        )
+        .expect("valid");
+        let node = DnsLabel::try_from("pi-a".to_owned()).expect("label");
+        let mut units = Vec::new();
+        let report = place.apply(None, Some(&node), Some(&site), &paths, &mut units);
+        assert_eq!(report.unit.as_deref(), Some("k3s.service"), "{report:?}");
+        assert_eq!(report.manifests, ["web"]);
+        assert!(paths.k3s_manifests_dir().join("pimesh-web.yaml").exists());
+        let text = std::fs::read_to_string(paths.k3s_config()).expect("written");
+        assert!(text.contains("service-cidr: 10.96.0.0/12"), "{text}");
+        let wanted = place.upkeep.wanted().expect("wanted");
+        assert_eq!(
+            wanted.redirect.map(|rules| rules.service_cidr.to_string()),
+            Some("10.96.0.0/12".to_owned())
+        );
+        assert_eq!(wanted.admin_kubeconfig, Some(paths.k3s_admin_kubeconfig()));
+        assert!(place.serves(None));
+
+        // The manifest leaves the site configuration (over the air): its file goes.
+        let site = ClusterConfig::parse(std::path::Path::new("cluster.toml"), "site = \"lab\"\n")
+            .expect("valid");
+        let report = place.apply(None, Some(&node), Some(&site), &paths, &mut units);
+        assert!(report.manifests.is_empty());
+        assert!(!paths.k3s_manifests_dir().join("pimesh-web.yaml").exists());
+    }
+
+    #[test]
+    fn an_agent_writes_no_manifest_and_gets_no_kubeconfig_but_the_redirect() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (place, paths) = place(dir.path());
+        K3sToken::new("s3cret".into())
+            .store(&paths.k3s_token())
+            .expect("stored");
+        let site = ClusterConfig::parse(
+            std::path::Path::new("cluster.toml"),
+            "site = \"lab\"\n[k3s.manifests]\n\
+             web = \"apiVersion: v1\\nkind: Namespace\\nmetadata: {name: web}\\n\"\n",
+        )
+        .expect("valid");
+        let node = DnsLabel::try_from("pi-d".to_owned()).expect("label");
+        let mut units = Vec::new();
+        let report = place.apply(
+            Some(Role::Agent),
+            Some(&node),
+            Some(&site),
+            &paths,
+            &mut units,
+        );
+        assert_eq!(report.unit.as_deref(), Some("k3s-agent.service"));
+        assert!(report.manifests.is_empty());
+        assert!(!paths.k3s_manifests_dir().exists());
+        let text = std::fs::read_to_string(paths.k3s_config()).expect("written");
+        assert!(!text.contains("service-cidr"), "{text}");
+        let wanted = place.upkeep.wanted().expect("wanted");
+        assert!(wanted.redirect.is_some());
+        assert_eq!(wanted.admin_kubeconfig, None);
+        assert!(!place.serves(Some(Role::Agent)));
+
+        // Without its token K3s is not placed: no redirect either.
+        std::fs::remove_file(paths.k3s_token()).expect("removed");
+        place.apply(
+            Some(Role::Agent),
+            Some(&node),
+            Some(&site),
+            &paths,
+            &mut units,
+        );
+        assert_eq!(place.upkeep.wanted().and_then(|w| w.redirect), None);
     }
 
     #[test]

@@ -32,11 +32,11 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use super::config::{api_url, API_PORT};
-use pimesh_kube::KubeClient;
 use super::readiness::{Check, Readiness};
 use crate::status::{QuorumReport, ServerHealth, StatusHandle};
 use crate::units::heal::DisruptionGuard;
 use crate::units::managed_set::ManagedSet;
+use pimesh_kube::KubeClient;
 
 /// How often the site's servers are asked.
 pub const EVERY: Duration = Duration::from_secs(5);

@@ -145,6 +145,8 @@ impl NodeStatus {
                 ready: None,
                 readiness: None,
                 quorum: QuorumReport::default(),
+                redirect: None,
+                control_kubeconfig: None,
             },
             image,
             setup,
@@ -238,6 +240,33 @@ pub struct K3sReport {
     /// What it said, or why it is not ready.
     pub readiness: Option<String>,
     pub quorum: QuorumReport,
+    /// The redirect of the Services' traffic to the proxy (`crate::k3s::redirect`);
+    /// `null` while K3s is not placed here.
+    pub redirect: Option<RedirectReport>,
+    /// The control replicas' copy of the admin kubeconfig (`crate::k3s::kubeconfig`);
+    /// `null` when this node is not a K3s server.
+    pub control_kubeconfig: Option<ControlKubeconfigReport>,
+}
+
+/// The status's `k3s.redirect`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RedirectReport {
+    /// The Services' range redirected (`[k3s] service_cidr`).
+    pub service_cidr: String,
+    /// Whether the rules are in place, as checked last.
+    pub installed: bool,
+    /// Why not (iptables missing or failing).
+    pub error: Option<String>,
+}
+
+/// The status's `k3s.control_kubeconfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ControlKubeconfigReport {
+    pub path: String,
+    /// Whether it is a copy of K3s's admin kubeconfig, as checked last.
+    pub copied: bool,
+    /// Why not: K3s has not written its kubeconfig yet, or the copy failed.
+    pub note: Option<String>,
 }
 
 /// K3s's placement on this node (`crate::k3s`).
@@ -251,6 +280,10 @@ pub struct K3sPlacementReport {
     pub config: Option<String>,
     /// Why K3s does not run here, or what went wrong writing its config.
     pub note: Option<String>,
+    /// On a K3s server, the site's `[k3s.manifests]` in K3s's auto-deploy folder.
+    pub manifests: Vec<String>,
+    /// Why they are not all there.
+    pub manifests_note: Option<String>,
 }
 
 /// The site's K3s servers as this server node sees them (`crate::k3s::quorum`).

@@ -9,7 +9,8 @@
 //! The proxy learns its replicas from `/run/pimesh/proxy.env` (`PIMESH_PROXY_ARGS`, read
 //! by `pimesh-proxy.service` at its start), and the replicas the seed's site from
 //! `/run/pimesh/control.env` (`PIMESH_CONTROL_ARGS`: they serve node identities before
-//! any site config arrives), both written before any unit is started and again whenever
+//! any site config arrives, and on a K3s server read the Kubernetes API with
+//! `--kubeconfig`), both written before any unit is started and again whenever
 //! the managed set changes (`crate::units::managed_set`). Invariant: the proxy's file names
 //! exactly the replicas this node runs, or on a node without the issuer those the seed's
 //! servers run; with none it says so by an empty value, and the proxy keeps to its file
@@ -204,6 +205,14 @@ pub fn write_unit_env(placement: &Placement, report: &mut ControlReport) {
     if placement.join_warmup {
         control_args.push(format!("--join-warmup {JOIN_WARMUP_SECS}"));
     }
+    // On a K3s server the replicas read the Kubernetes API with their copy of the admin
+    // kubeconfig (`crate::k3s::kubeconfig`); they wait for it while K3s has not written it.
+    if placement.k3s.serves(placement.role) {
+        control_args.push(format!(
+            "--kubeconfig {}",
+            placement.paths.control_kubeconfig().display()
+        ));
+    }
     let files = [
         (
             placement.paths.proxy_env(),
@@ -310,6 +319,32 @@ mod tests {
             env.contains("--role server --server-replicas 8086,8087,8088\n"),
             "{env}"
         );
+        let env = std::fs::read_to_string(paths.control_env()).expect("written");
+        assert!(!env.contains("--kubeconfig"), "no K3s here: {env}");
+
+        // With K3s installed, a K3s server's replicas get their kubeconfig; an agent's none.
+        let mut k3s_server = Placement {
+            k3s: crate::k3s::K3sPlace {
+                installed: true,
+                via: Some("10.0.0.1".parse().expect("ip")),
+                ..crate::k3s::K3sPlace::default()
+            },
+            ..server
+        };
+        k3s_server.apply(&mut units());
+        let env = std::fs::read_to_string(paths.control_env()).expect("written");
+        let kubeconfig = paths.control_kubeconfig();
+        assert!(
+            env.contains(&format!(
+                "--join-warmup 30 --kubeconfig {}\n",
+                kubeconfig.display()
+            )),
+            "{env}"
+        );
+        k3s_server.role = Some(Role::Agent);
+        k3s_server.apply(&mut units());
+        let env = std::fs::read_to_string(paths.control_env()).expect("written");
+        assert!(!env.contains("--kubeconfig"), "{env}");
     }
 
     #[test]
