@@ -46,6 +46,7 @@ cp -a "$here/overlay/." "$stage/"
 install -D -m 0644 "$repo/systemd/pimesh.sysusers" "$stage/usr/lib/sysusers.d/pimesh.conf"
 # The users exist in the image itself (systemd-sysusers.service would make them at boot).
 systemd-sysusers --root="$stage" "$stage/usr/lib/sysusers.d/pimesh.conf"
+install -D -m 0644 "$repo/systemd/pimesh.tmpfiles" "$stage/usr/lib/tmpfiles.d/pimesh.conf"
 install -m 0644 "$repo/configs/pimesh.toml" "$stage/usr/share/pimesh/pimesh.toml.template"
 install -m 0644 "$repo/configs/pimesh.example.toml" "$stage/usr/share/pimesh/pimesh.example.toml"
 install -m 0644 "$repo/configs/cluster.example.toml" "$stage/usr/share/pimesh/cluster.example.toml"

@@ -9,9 +9,11 @@
 //! - manifest `<name>` is the file `pimesh-<name>.yaml`, mode 0600 (a manifest may hold a
 //!   Secret), written atomically and only when its content changed (K3s re-applies a file
 //!   whose modification time changed);
-//! - a `pimesh-*.yaml` file the configuration no longer lists is deleted; every other file
-//!   there (K3s's own packaged manifests, the user's) is never touched. K3s does not delete
-//!   the objects of a deleted file from the cluster: that stays the operator's call;
+//! - a `pimesh-*.yaml` file the configuration no longer lists is emptied (a comment and no
+//!   object), not deleted: K3s keeps the objects of a deleted file in the cluster, but
+//!   prunes those a changed file no longer holds, so a manifest dropped from the site
+//!   configuration takes its objects with it. Every other file there (K3s's own packaged
+//!   manifests, the user's) is never touched;
 //! - folders this module creates are mode 0700, as K3s makes its data folder.
 
 use std::collections::BTreeMap;
@@ -35,8 +37,14 @@ pub const MODE: u32 = 0o600;
 /// What the top of each written file says.
 const HEADER: &str = "\
 # Written by pimesh-supervisor from the site configuration's [k3s.manifests]; rewritten
-# when it changes and deleted when it no longer lists this manifest. Changes made here are
+# when it changes and emptied when it no longer lists this manifest. Changes made here are
 # lost: change cluster.toml.
+";
+
+/// The whole text of a manifest the configuration dropped.
+pub const EMPTIED: &str = "\
+# Dropped from the site configuration's [k3s.manifests] by pimesh-supervisor: emptied, so
+# that K3s deletes the objects it held (K3s keeps the objects of a deleted file).
 ";
 
 /// Why the folder could not be brought in line; names the path concerned.
@@ -73,8 +81,9 @@ pub fn rendered(manifest: &K3sManifest) -> String {
     format!("{HEADER}{text}{newline}")
 }
 
-/// Brings `dir` in line with `manifests` (see the module doc). Returns the names now in
-/// the folder, in order; stops at the first failure.
+/// Brings `dir` in line with `manifests` (see the module doc). Returns the names of the
+/// manifests now in the folder, in order (not the emptied ones); stops at the first
+/// failure.
 pub fn sync(
     dir: &Path,
     manifests: &BTreeMap<DnsLabel, K3sManifest>,
@@ -120,8 +129,11 @@ pub fn sync(
             continue;
         }
         let path = entry.path();
-        fs::remove_file(&path).map_err(fail("delete", &path))?;
-        info!(file = %path.display(), "K3s manifest deleted: the site configuration no longer lists it (its objects stay in the cluster)");
+        let emptied = pimesh_runtime::atomic_file::replace(&path, EMPTIED.as_bytes(), MODE)
+            .map_err(fail("empty", &path))?;
+        if emptied {
+            info!(file = %path.display(), "K3s manifest emptied: the site configuration no longer lists it (K3s deletes its objects)");
+        }
     }
     Ok(written)
 }
@@ -155,7 +167,7 @@ mod tests {
     }
 
     #[test]
-    fn manifests_are_written_once_and_those_dropped_are_deleted_but_no_other_file() {
+    fn manifests_are_written_once_and_those_dropped_are_emptied_but_no_other_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let folder = dir.path().join("server/manifests");
         assert_eq!(
@@ -207,13 +219,22 @@ mod tests {
                 "coredns.yaml",
                 "mine.yaml",
                 "pimesh-notes.txt",
-                "pimesh-tracker.yaml"
+                "pimesh-tracker.yaml",
+                "pimesh-web.yaml"
             ]
         );
+        let web = folder.join("pimesh-web.yaml");
+        assert_eq!(fs::read_to_string(&web).expect("web"), EMPTIED);
 
-        sync(&folder, &BTreeMap::new()).expect("emptied");
-        assert!(!tracker.exists());
-        assert!(folder.join("coredns.yaml").exists());
+        assert_eq!(
+            sync(&folder, &BTreeMap::new()).expect("emptied"),
+            Vec::<String>::new()
+        );
+        assert_eq!(fs::read_to_string(&tracker).expect("tracker"), EMPTIED);
+        assert_eq!(fs::read_to_string(folder.join("coredns.yaml")).expect("k3s's"), "kind: x\n");
+        // Back in the configuration, it is written again.
+        sync(&folder, &manifests(&["web"])).expect("again");
+        assert!(fs::read_to_string(&web).expect("web").contains("name: web"));
     }
 
     #[test]

@@ -365,12 +365,15 @@ mod tests {
         assert_eq!(wanted.admin_kubeconfig, Some(paths.k3s_admin_kubeconfig()));
         assert!(place.serves(None));
 
-        // The manifest leaves the site configuration (over the air): its file goes.
+        // The manifest leaves the site configuration (over the air): its file is emptied,
+        // so that K3s prunes its objects.
         let site = ClusterConfig::parse(std::path::Path::new("cluster.toml"), "site = \"lab\"\n")
             .expect("valid");
         let report = place.apply(None, Some(&node), Some(&site), &paths, &mut units);
         assert!(report.manifests.is_empty());
-        assert!(!paths.k3s_manifests_dir().join("pimesh-web.yaml").exists());
+        let emptied = std::fs::read_to_string(paths.k3s_manifests_dir().join("pimesh-web.yaml"))
+            .expect("still there");
+        assert_eq!(emptied, manifests::EMPTIED);
     }
 
     #[test]
