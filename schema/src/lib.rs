@@ -6,8 +6,8 @@
 //! without reading source code.
 
 pub mod cluster;
-pub mod kube_services;
 mod error;
+pub mod kube_services;
 mod load;
 mod names;
 mod position;

@@ -231,7 +231,10 @@ mod tests {
             Vec::<String>::new()
         );
         assert_eq!(fs::read_to_string(&tracker).expect("tracker"), EMPTIED);
-        assert_eq!(fs::read_to_string(folder.join("coredns.yaml")).expect("k3s's"), "kind: x\n");
+        assert_eq!(
+            fs::read_to_string(folder.join("coredns.yaml")).expect("k3s's"),
+            "kind: x\n"
+        );
         // Back in the configuration, it is written again.
         sync(&folder, &manifests(&["web"])).expect("again");
         assert!(fs::read_to_string(&web).expect("web").contains("name: web"));
