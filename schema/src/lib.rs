@@ -19,7 +19,8 @@ pub use error::{ConfigError, ValueError};
 pub use load::parse_toml;
 pub use names::{DnsLabel, NameError};
 pub use seed::{
-    Central, InterfaceName, JoinToken, PemCertificates, Role, Seed, SigningKey, SshPublicKey,
+    Central, DatastoreChoice, InterfaceName, JoinToken, PemCertificates, Role, Seed, SeedK3s,
+    SigningKey, SshPublicKey,
 };
 pub use spiffe::{SpiffeId, Workload};
 pub use supervisor::{

@@ -32,6 +32,52 @@ pub struct Seed {
     /// servers by mDNS; `None`: every interface. A board with an uplink and a site LAN (or
     /// a VM with a NAT card) keeps mDNS on the LAN.
     pub mdns_interfaces: Option<Vec<InterfaceName>>,
+    /// The seed's `[k3s]`: how K3s uses this node's disks.
+    pub k3s: SeedK3s,
+}
+
+/// The seed's `[k3s]` table: what is decided per node before K3s's first start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedK3s {
+    /// Where K3s keeps its data (`/var/lib/rancher`).
+    #[serde(default)]
+    pub datastore: DatastoreChoice,
+}
+
+/// `[k3s] datastore`: whether the supervisor may put `/var/lib/rancher` on a USB or NVMe
+/// disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", try_from = "String")]
+pub enum DatastoreChoice {
+    /// On a blank or already prepared USB/NVMe disk when there is one, else the SD card.
+    #[default]
+    Auto,
+    /// Always on the SD card: no disk is touched.
+    SdCard,
+}
+
+impl TryFrom<String> for DatastoreChoice {
+    type Error = ValueError;
+
+    fn try_from(text: String) -> Result<Self, ValueError> {
+        match text.as_str() {
+            "auto" => Ok(DatastoreChoice::Auto),
+            "sd-card" => Ok(DatastoreChoice::SdCard),
+            _ => Err(ValueError(format!(
+                "expected `auto` (a USB or NVMe disk when there is one) or `sd-card`, found {text:?}"
+            ))),
+        }
+    }
+}
+
+impl DatastoreChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatastoreChoice::Auto => "auto",
+            DatastoreChoice::SdCard => "sd-card",
+        }
+    }
 }
 
 /// What a node does on first boot.
@@ -402,6 +448,8 @@ struct RawSeed {
     ssh_authorized_keys: Vec<SshPublicKey>,
     central: Option<Central>,
     mdns_interfaces: Option<Vec<InterfaceName>>,
+    #[serde(default)]
+    k3s: SeedK3s,
 }
 
 impl Seed {
@@ -434,6 +482,7 @@ impl Seed {
             ssh_authorized_keys: raw.ssh_authorized_keys,
             central: raw.central,
             mdns_interfaces: raw.mdns_interfaces,
+            k3s: raw.k3s,
         })
     }
 }
@@ -506,5 +555,48 @@ mod mdns_interface_tests {
             .expect("valid")
             .mdns_interfaces
             .is_none());
+    }
+}
+
+#[cfg(test)]
+mod k3s_tests {
+    use super::*;
+
+    const FILE: &str = "/boot/firmware/pimesh.toml";
+
+    #[test]
+    fn the_datastore_is_auto_unless_the_seed_says_sd_card() {
+        let file = Path::new(FILE);
+        let seed = Seed::parse(file, "site = \"s\"\nrole = \"init\"\n").expect("valid");
+        assert_eq!(seed.k3s.datastore, DatastoreChoice::Auto);
+        let seed = Seed::parse(
+            file,
+            "site = \"s\"\nrole = \"init\"\n[k3s]\ndatastore = \"sd-card\"\n",
+        )
+        .expect("valid");
+        assert_eq!(seed.k3s.datastore, DatastoreChoice::SdCard);
+        assert_eq!(seed.k3s.datastore.as_str(), "sd-card");
+    }
+
+    #[test]
+    fn a_bad_datastore_names_file_line_key_and_choices() {
+        let file = Path::new(FILE);
+        let err = Seed::parse(
+            file,
+            "site = \"s\"\nrole = \"init\"\n[k3s]\ndatastore = \"usb\"\n",
+        )
+        .expect_err("not a choice");
+        assert_eq!(err.file, Path::new(FILE));
+        assert_eq!(err.line, Some(4));
+        assert_eq!(err.key.as_deref(), Some("k3s.datastore"));
+        let text = err.to_string();
+        assert!(
+            text.contains("`auto`") && text.contains("`sd-card`"),
+            "{text}"
+        );
+        let err = Seed::parse(file, "site = \"s\"\nrole = \"init\"\n[k3s]\nservers = 3\n")
+            .expect_err("not a seed key");
+        assert_eq!(err.line, Some(4), "{err}");
+        assert!(err.to_string().contains("servers"), "{err}");
     }
 }
