@@ -255,12 +255,13 @@ async fn run(options: Options) -> Result<(), DaemonError> {
 
     let heartbeat = Heartbeat::new();
     heartbeat.beat();
+    let guard: Arc<dyn units::heal::DisruptionGuard> = Arc::new(quorum);
     let keeper = Keeper::new(
         supervisor_config.heal.clone(),
         units.subscribe(),
         status.clone(),
         Arc::clone(&heartbeat),
-        Arc::new(quorum),
+        Arc::clone(&guard),
     );
     let keeper = tokio::spawn(keeper.run());
     let ota = seed
@@ -273,6 +274,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
                 supervisor_config.ota.clone(),
                 Arc::clone(&units),
                 status.clone(),
+                Arc::clone(&guard),
             )
         })
         .map(|context| tokio::spawn(ota::run(context)));

@@ -39,6 +39,7 @@ use crate::credential::{CredentialError, CredentialFiles};
 use crate::paths::NodePaths;
 use crate::status::{OtaReport, OtaState, StatusHandle};
 use crate::trust::{TrustError, TrustFiles};
+use crate::units::heal::DisruptionGuard;
 use crate::units::managed_set::ManagedSet;
 use crate::units::systemd::Systemd;
 use central_client::{CentralClient, Poll, SetupError};
@@ -71,6 +72,8 @@ pub struct OtaContext {
     /// `/etc/pimesh/cluster.toml`.
     pub active_config: PathBuf,
     pub status: StatusHandle,
+    /// What may hold back a restart that takes K3s down (the keeper's guard).
+    pub guard: Arc<dyn DisruptionGuard>,
 }
 
 impl OtaContext {
@@ -83,6 +86,7 @@ impl OtaContext {
         settings: OtaSettings,
         units: Arc<ManagedSet>,
         status: StatusHandle,
+        guard: Arc<dyn DisruptionGuard>,
     ) -> Option<OtaContext> {
         let central = seed.central.clone()?;
         let node = match DnsLabel::try_from(node_name.to_owned()) {
@@ -102,6 +106,7 @@ impl OtaContext {
             credential: CredentialFiles::on_node(paths),
             trust: TrustFiles::on_node(paths),
             active_config: paths.active_site_config(),
+            guard,
             status,
         })
     }
@@ -557,10 +562,20 @@ impl Ota {
                 .await
                 .map_err(ApplyError::Bus)?,
         };
-        if let Err(err) = rollout::touch(&bus, &plan, deadline).await {
+        if let Err(err) = rollout::touch(&bus, &plan, self.context.guard.as_ref(), deadline).await {
             self.bus = Some(bus);
             return Err(ApplyError::Touch(err));
         }
+        // A restart that waited its turn (K3s) may have used the deadline: the gate then
+        // gets a whole one of its own.
+        let deadline = if plan
+            .iter()
+            .any(|(_, touch)| *touch == rollout::Touch::Restart)
+        {
+            deadline.max(Instant::now() + self.context.settings.health_deadline)
+        } else {
+            deadline
+        };
         let gate = Gate {
             units: &units,
             proxy_config_url: &self.context.settings.proxy_config_url,

@@ -6,8 +6,15 @@
 //! discovery streams carry the new configuration to every proxy). A unit that is not
 //! running is restarted instead, and must be ready before the next one is touched:
 //! so a replica that joins the managed set with a new `[control] replicas` (see
-//! `crate::units::managed_set`) is started and ready before the health gate. Nothing else is
-//! touched.
+//! `crate::units::managed_set`) is started and ready before the health gate.
+//!
+//! K3s reads its `config.yaml` only at its start: a server's K3s is restarted when a
+//! `[k3s]` setting its config holds changed (`servers`, `disable`, `service_cidr`; an
+//! agent's config holds none of them), but only once the node's [`DisruptionGuard`]
+//! (etcd's quorum, the site's restart lease) lets it go down — so the servers of a site
+//! take a new revision one after the other — and it must be ready again (within
+//! [`K3S_STARTUP_GRACE`] at least) before the health gate. A configuration of unknown
+//! origin never restarts K3s. Nothing else is touched.
 
 use std::fmt;
 use std::time::Duration;
@@ -17,6 +24,7 @@ use pimesh_schema::{ManagedUnit, UnitName};
 use tokio::time::Instant;
 
 use super::gate::{unit_health, UnitUnhealthy};
+use crate::units::heal::{DisruptionGuard, K3S_STARTUP_GRACE};
 use crate::units::role::UnitRole;
 use crate::units::systemd::Systemd;
 
@@ -24,6 +32,8 @@ use crate::units::systemd::Systemd;
 pub enum Touch {
     /// Reload in place (SIGHUP); a unit that is not running is restarted instead.
     Reload,
+    /// Restart once the disruption guard allows it (K3s, which has no reload).
+    Restart,
 }
 
 /// The site configuration's consumers among the managed units.
@@ -31,15 +41,16 @@ pub enum Touch {
 enum Consumer {
     Proxy,
     Control,
+    K3sServer,
 }
 
 fn consumer_of(unit: &ManagedUnit) -> Option<Consumer> {
     match UnitRole::of(&unit.name) {
         UnitRole::Proxy => Some(Consumer::Proxy),
         UnitRole::ControlReplica { .. } => Some(Consumer::Control),
-        // K3s reads its config.yaml only at its start; the supervisor renders it when the
-        // site configuration changes, and K3s takes it at its next start.
-        UnitRole::K3sServer | UnitRole::K3sAgent | UnitRole::Other => None,
+        UnitRole::K3sServer => Some(Consumer::K3sServer),
+        // An agent's config.yaml holds no `[k3s]` setting.
+        UnitRole::K3sAgent | UnitRole::Other => None,
     }
 }
 
@@ -48,13 +59,23 @@ fn changes_for(
     old: Option<&ClusterConfig>,
     new: Option<&ClusterConfig>,
 ) -> bool {
+    if consumer == Consumer::K3sServer {
+        return match (old, new) {
+            (Some(old), Some(new)) => {
+                old.k3s.servers != new.k3s.servers
+                    || old.k3s.disable != new.k3s.disable
+                    || old.k3s.service_cidr != new.k3s.service_cidr
+            }
+            _ => false,
+        };
+    }
     match (old, new) {
         (Some(old), Some(new)) => {
             old.site != new.site
                 || old.services != new.services
                 || match consumer {
                     Consumer::Proxy => old.proxy != new.proxy,
-                    Consumer::Control => old.control != new.control,
+                    Consumer::Control | Consumer::K3sServer => old.control != new.control,
                 }
         }
         (None, None) => false,
@@ -73,7 +94,11 @@ pub fn plan(
         .iter()
         .filter_map(|unit| {
             let consumer = consumer_of(unit)?;
-            changes_for(consumer, old, new).then(|| (unit.clone(), Touch::Reload))
+            let touch = match consumer {
+                Consumer::K3sServer => Touch::Restart,
+                Consumer::Proxy | Consumer::Control => Touch::Reload,
+            };
+            changes_for(consumer, old, new).then(|| (unit.clone(), touch))
         })
         .collect()
 }
@@ -111,6 +136,8 @@ pub enum TouchError {
         unit: UnitName,
         last: Option<UnitUnhealthy>,
     },
+    /// The disruption guard held the restart back until the deadline.
+    Held { unit: UnitName, why: String },
 }
 
 impl fmt::Display for TouchError {
@@ -122,6 +149,12 @@ impl fmt::Display for TouchError {
                 unit,
                 source,
             } => write!(f, "cannot {} {unit}: {source}", action.as_str()),
+            TouchError::Held { unit, why } => {
+                write!(
+                    f,
+                    "{unit} could not be restarted for the new configuration: {why}"
+                )
+            }
             TouchError::NotBack { unit, last } => {
                 write!(f, "{unit} did not come back after its restart: ")?;
                 match last {
@@ -139,6 +172,7 @@ impl std::error::Error for TouchError {
             TouchError::Unreadable { source, .. } | TouchError::Failed { source, .. } => {
                 Some(source)
             }
+            TouchError::Held { .. } => None,
             TouchError::NotBack { last, .. } => last
                 .as_ref()
                 .map(|reason| reason as &(dyn std::error::Error + 'static)),
@@ -146,12 +180,17 @@ impl std::error::Error for TouchError {
     }
 }
 
-/// Reloads each planned unit (restarts it when it is not running); a restarted unit must
-/// be active and ready before the next one is touched (bounded by `deadline`). Units that
-/// do not exist are skipped (the keeper reports them).
+/// How often a held restart asks its guard again.
+const ASK_AGAIN: Duration = Duration::from_secs(5);
+
+/// Reloads each planned unit (restarts it when it is not running), or restarts it once
+/// `guard` lets it go down; a restarted unit must be active and ready before the next one
+/// is touched (bounded by `deadline`, and for K3s by [`K3S_STARTUP_GRACE`] after its
+/// restart at least). Units that do not exist are skipped (the keeper reports them).
 pub async fn touch(
     bus: &Systemd,
     plan: &[(ManagedUnit, Touch)],
+    guard: &dyn DisruptionGuard,
     deadline: Instant,
 ) -> Result<(), TouchError> {
     for (unit, touch) in plan {
@@ -167,13 +206,16 @@ pub async fn touch(
             continue;
         };
         let inactive = state.active_state != "active";
+        if *touch == Touch::Restart && !inactive {
+            wait_for_guard(unit, guard, deadline).await?;
+        }
         // A reload needs a running unit; a stopped one is started with the new file.
         let (action, result) = match touch {
             Touch::Reload if !inactive => (
                 Action::Reload,
                 bus.manager().reload_unit(name, "replace").await,
             ),
-            Touch::Reload => (
+            Touch::Reload | Touch::Restart => (
                 Action::Restart,
                 bus.manager().restart_unit(name, "replace").await,
             ),
@@ -188,11 +230,36 @@ pub async fn touch(
             action = action.as_str(),
             "unit touched for the new configuration"
         );
-        if inactive {
+        if *touch == Touch::Restart {
+            let at_least = Instant::now() + K3S_STARTUP_GRACE;
+            wait_ready(bus, unit, &path, deadline.max(at_least)).await?;
+        } else if inactive {
             wait_ready(bus, unit, &path, deadline).await?;
         }
     }
     Ok(())
+}
+
+/// Waits until `guard` no longer holds `unit`'s restart back, asking every [`ASK_AGAIN`]
+/// until `deadline`.
+async fn wait_for_guard(
+    unit: &ManagedUnit,
+    guard: &dyn DisruptionGuard,
+    deadline: Instant,
+) -> Result<(), TouchError> {
+    loop {
+        let Some(why) = guard.hold().await else {
+            return Ok(());
+        };
+        if Instant::now() + ASK_AGAIN >= deadline {
+            return Err(TouchError::Held {
+                unit: unit.name.clone(),
+                why,
+            });
+        }
+        tracing::info!(unit = unit.name.as_str(), %why, "restart for the new configuration held back; asking again");
+        tokio::time::sleep(ASK_AGAIN).await;
+    }
 }
 
 /// Waits until `unit` is active and its readiness probe answers.
@@ -248,6 +315,43 @@ mod tests {
             .iter()
             .all(|(name, touch)| name.starts_with("pimesh-control@") && *touch == Touch::Reload));
         assert!(plan(&units, Some(&base), Some(&base.clone())).is_empty());
+    }
+
+    #[test]
+    fn k3s_settings_restart_a_k3s_server_never_an_agent_and_never_from_an_unknown_origin() {
+        let server: Vec<ManagedUnit> = ["k3s.service", "pimesh-proxy.service"]
+            .iter()
+            .map(|name| ManagedUnit {
+                name: UnitName::try_from((*name).to_owned()).expect("unit"),
+                ready_url: None,
+                dependencies: Vec::new(),
+            })
+            .collect();
+        let agent: Vec<ManagedUnit> = vec![ManagedUnit {
+            name: UnitName::try_from("k3s-agent.service".to_owned()).expect("unit"),
+            ready_url: None,
+            dependencies: Vec::new(),
+        }];
+        let base = config(BASE);
+        let disabled = config(&format!(
+            "{BASE}[k3s]\ndisable = [\"traefik\", \"servicelb\"]\n"
+        ));
+        assert_eq!(
+            names(&plan(&server, Some(&base), Some(&disabled))),
+            vec![("k3s.service".to_owned(), Touch::Restart)]
+        );
+        assert!(plan(&agent, Some(&base), Some(&disabled)).is_empty());
+        assert!(plan(&server, None, Some(&disabled))
+            .iter()
+            .all(|(unit, _)| unit.name.as_str() != "k3s.service"));
+        // A service of the site is nothing to K3s.
+        let with_service = config(&format!(
+            "{BASE}[services.web]\nport = 8080\nnodes = [\"n\"]\n"
+        ));
+        assert_eq!(
+            names(&plan(&server, Some(&base), Some(&with_service))),
+            vec![("pimesh-proxy.service".to_owned(), Touch::Reload)]
+        );
     }
 
     #[test]
