@@ -182,11 +182,14 @@ impl std::error::Error for TouchError {
 
 /// How often a held restart asks its guard again.
 const ASK_AGAIN: Duration = Duration::from_secs(5);
+/// How long a restart waits for its turn at least: the site's other servers may be
+/// taking the same revision one after the other, each within K3s's startup grace.
+pub const TURN_WAIT: Duration = Duration::from_secs(600);
 
 /// Reloads each planned unit (restarts it when it is not running), or restarts it once
-/// `guard` lets it go down; a restarted unit must be active and ready before the next one
-/// is touched (bounded by `deadline`, and for K3s by [`K3S_STARTUP_GRACE`] after its
-/// restart at least). Units that do not exist are skipped (the keeper reports them).
+/// `guard` lets it go down (waiting [`TURN_WAIT`] for that at least); a restarted unit
+/// must be active and ready before the next one is touched (bounded by `deadline`, and
+/// for K3s by [`K3S_STARTUP_GRACE`] after its restart at least). Units that do not exist are skipped (the keeper reports them).
 pub async fn touch(
     bus: &Systemd,
     plan: &[(ManagedUnit, Touch)],
@@ -207,7 +210,7 @@ pub async fn touch(
         };
         let inactive = state.active_state != "active";
         if *touch == Touch::Restart && !inactive {
-            wait_for_guard(unit, guard, deadline).await?;
+            wait_for_guard(unit, guard, deadline.max(Instant::now() + TURN_WAIT)).await?;
         }
         // A reload needs a running unit; a stopped one is started with the new file.
         let (action, result) = match touch {
