@@ -246,28 +246,10 @@ impl KubeClient {
         path: &str,
         max: usize,
     ) -> Result<T, ApiError> {
-        let url = format!("{}{path}", self.server);
-        let response = self
-            .client
-            .get(&url)
-            .header(reqwest::header::ACCEPT, "application/json")
-            .send()
-            .await
-            .map_err(|source| ApiError::Transport {
-                url: url.clone(),
-                source,
-            })?;
-        let status = response.status().as_u16();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|source| ApiError::Transport {
-                url: url.clone(),
-                source,
-            })?;
-        if bytes.len() > max {
-            return Err(ApiError::TooLarge { url, max });
-        }
+        let (status, bytes) = self
+            .send_json(reqwest::Method::GET, path, None, max)
+            .await?;
+        let url = format!("GET {}{path}", self.server);
         if status != 200 {
             let end = bytes.len().min(300);
             return Err(ApiError::Status {
@@ -278,9 +260,48 @@ impl KubeClient {
         }
         serde_json::from_slice(&bytes).map_err(|source| ApiError::Decode { url, source })
     }
+
+    /// `<method> <server><path>`, with `body` as JSON when given: the status, whatever it
+    /// is, and the body (at most `max` bytes, else [`ApiError::TooLarge`]).
+    pub async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        max: usize,
+    ) -> Result<(u16, Vec<u8>), ApiError> {
+        let url = format!("{}{path}", self.server);
+        let request = format!("{method} {url}");
+        let mut builder = self
+            .client
+            .request(method, &url)
+            .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(body) = body {
+            builder = builder
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string());
+        }
+        let response = builder.send().await.map_err(|source| ApiError::Transport {
+            url: request.clone(),
+            source,
+        })?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|source| ApiError::Transport {
+                url: request.clone(),
+                source,
+            })?;
+        if bytes.len() > max {
+            return Err(ApiError::TooLarge { url: request, max });
+        }
+        Ok((status, bytes.to_vec()))
+    }
 }
 
-/// Why a read of the API failed; names the URL.
+/// Why a request to the API failed; `url` names the request, method and URL
+/// (`GET https://…`).
 #[derive(Debug)]
 pub enum ApiError {
     Transport {
@@ -305,15 +326,15 @@ pub enum ApiError {
 impl fmt::Display for ApiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ApiError::Transport { url, source } => write!(f, "GET {url}: {source}"),
+            ApiError::Transport { url, source } => write!(f, "{url}: {source}"),
             ApiError::Status { url, status, body } => {
-                write!(f, "GET {url}: answered {status}: {}", body.trim())
+                write!(f, "{url}: answered {status}: {}", body.trim())
             }
             ApiError::TooLarge { url, max } => {
-                write!(f, "GET {url}: the answer is larger than {max} bytes")
+                write!(f, "{url}: the answer is larger than {max} bytes")
             }
             ApiError::Decode { url, source } => {
-                write!(f, "GET {url}: not the expected object: {source}")
+                write!(f, "{url}: not the expected object: {source}")
             }
         }
     }
