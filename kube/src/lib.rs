@@ -4,11 +4,14 @@
 //!
 //! - [`kubeconfig`]: a kubeconfig read as an HTTPS client (its CA, its client identity);
 //! - [`objects`]: the fields of Namespaces, Services and EndpointSlices that Pimesh uses,
-//!   typed, everything else ignored.
+//!   typed, everything else ignored;
+//! - [`lease`]: one Lease as a lock (the only writes).
 //!
-//! Not a general client: no watches, no writes. Callers list and compare.
+//! Not a general client: no watches. Callers list and compare.
 
 pub mod kubeconfig;
+pub mod lease;
 pub mod objects;
 
 pub use kubeconfig::{ApiError, KubeClient, KubeconfigError};
+pub use lease::{release, try_acquire, LeaseOutcome};
