@@ -14,6 +14,11 @@
 //!   `GET /apis/discovery.k8s.io/v1[/namespaces/<ns>]/endpointslices[/<name>]`: the objects
 //!   of the manifests (see `objects`); lists take an equality-based `labelSelector` (400
 //!   Status when malformed);
+//! - `GET/POST /apis/coordination.k8s.io/v1/namespaces/<ns>/leases`,
+//!   `GET/PUT/DELETE …/leases/<name>`, `GET /apis/coordination.k8s.io/v1/leases`: Leases,
+//!   shared by all servers (see `leases`, `sitewide`);
+//! - `GET/PUT /v1-k3s/fixture-leases` (`server:<password>` only): a server's copy of the
+//!   Leases, and the leader's push of a new one (fixture-only, see `sitewide`);
 //! - `GET /v1-k3s/apiservers`: JSON list of `host:port` of the live servers;
 //! - `GET /v1-k3s/client-kubelet.crt` (headers `K3s-Node-Name`, `K3s-Node-Password`): a
 //!   kubelet client certificate and its key, PEM, as in K3s;
@@ -149,6 +154,12 @@ async fn handle(
             None,
         );
     }
+    if crate::leases::route(&path).is_some() {
+        return crate::sitewide::handle(state, request, caller == Caller::Server).await;
+    }
+    if path == crate::sitewide::REPLICA_PATH {
+        return replica(state, request, caller).await;
+    }
     if let Some((kind, namespace, name)) = crate::objects::route(&path) {
         if method != Method::GET {
             return method_not_allowed();
@@ -197,6 +208,42 @@ async fn handle(
     }
 }
 
+/// `GET`/`PUT` [`crate::sitewide::REPLICA_PATH`]: this server's copy of the Leases, or a
+/// copy the leader pushes (servers only).
+async fn replica(
+    state: &ClusterState,
+    request: Request<Incoming>,
+    caller: Caller,
+) -> Response<Full<Bytes>> {
+    if caller != Caller::Server {
+        return forbidden("only servers may read or push the Leases");
+    }
+    match *request.method() {
+        Method::GET => json_response(StatusCode::OK, &state.replica().store.snapshot()),
+        Method::PUT => {
+            let pusher = request
+                .headers()
+                .get(crate::sitewide::LEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(err) => return bad_request(&format!("cannot read the body: {err}")),
+            };
+            let snapshot = match serde_json::from_slice(&body) {
+                Ok(snapshot) => snapshot,
+                Err(err) => return bad_request(&format!("not a copy of the Leases: {err}")),
+            };
+            match crate::sitewide::accept(state, &pusher, &snapshot) {
+                Ok(()) => text(StatusCode::OK, "stored"),
+                Err(why) => status(StatusCode::CONFLICT, "Conflict", &why, None),
+            }
+        }
+        _ => method_not_allowed(),
+    }
+}
+
 /// A Namespace, Service or EndpointSlice, or a list of them (query `labelSelector`).
 fn objects(
     state: &ClusterState,
@@ -224,7 +271,7 @@ fn objects(
 }
 
 /// The percent-decoded value of query parameter `name`.
-fn query(uri: &http::Uri, name: &str) -> Result<Option<String>, String> {
+pub(crate) fn query(uri: &http::Uri, name: &str) -> Result<Option<String>, String> {
     let decode = |text: &str| -> Result<String, String> {
         let mut bytes = Vec::with_capacity(text.len());
         let mut input = text.bytes();
@@ -379,7 +426,7 @@ fn text(code: StatusCode, body: &str) -> Response<Full<Bytes>> {
     respond(code, "text/plain; charset=utf-8", body.to_owned())
 }
 
-fn json_response(code: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+pub(crate) fn json_response(code: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
     respond(code, "application/json", value.to_string())
 }
 
@@ -393,7 +440,7 @@ fn respond(code: StatusCode, content_type: &str, body: String) -> Response<Full<
 }
 
 /// A kube-apiserver `Status` (keys in kube-apiserver's order).
-fn status(
+pub(crate) fn status(
     code: StatusCode,
     reason: &str,
     message: &str,
@@ -419,7 +466,7 @@ fn not_found(resource: &str, name: &str) -> Response<Full<Bytes>> {
     )
 }
 
-fn method_not_allowed() -> Response<Full<Bytes>> {
+pub(crate) fn method_not_allowed() -> Response<Full<Bytes>> {
     status(
         StatusCode::METHOD_NOT_ALLOWED,
         "MethodNotAllowed",
@@ -432,6 +479,6 @@ fn forbidden(message: &str) -> Response<Full<Bytes>> {
     status(StatusCode::FORBIDDEN, "Forbidden", message, None)
 }
 
-fn bad_request(message: &str) -> Response<Full<Bytes>> {
+pub(crate) fn bad_request(message: &str) -> Response<Full<Bytes>> {
     status(StatusCode::BAD_REQUEST, "BadRequest", message, None)
 }

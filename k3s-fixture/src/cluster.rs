@@ -7,11 +7,16 @@
 //! with the control-plane label, at least 1) answered `/ping` within [`REACHABLE_WITHIN`]
 //! (this server counts as answered). Without embedded etcd (one server on SQLite) it is
 //! ready once listening.
+//!
+//! The Lease leader (see `sitewide`): the live server (this one, or one that answered
+//! `/ping` within [`REACHABLE_WITHIN`]) with the smallest node name, as long as this server
+//! has quorum; each server judges it from its own view.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::leases::Leases;
 use crate::nodes::Table;
 use crate::objects::Store;
 use crate::pki::Ca;
@@ -34,6 +39,27 @@ pub struct ClusterState {
     pings: Mutex<HashMap<String, Instant>>,
     /// Namespaces, Services and EndpointSlices (from the manifests).
     objects: Mutex<Store>,
+    /// This server's copy of the site's Leases.
+    leases: Mutex<Replica>,
+    /// Held by the leader through a Lease write and its replication, one at a time.
+    pub lease_writes: tokio::sync::Mutex<()>,
+    /// HTTPS client of the other servers (basic auth is added per request); `None` without
+    /// embedded etcd, where there are no other servers.
+    pub peer_client: Option<reqwest::Client>,
+}
+
+/// A server's copy of the Leases.
+pub struct Replica {
+    pub store: Leases,
+    /// This server, as leader, has made sure no server has a newer copy (see `sitewide`).
+    pub synced: bool,
+}
+
+/// A server of the cluster: its node name and `https://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    pub url: String,
 }
 
 impl ClusterState {
@@ -44,6 +70,7 @@ impl ClusterState {
         own_url: String,
         etcd: bool,
         objects: Store,
+        peer_client: Option<reqwest::Client>,
     ) -> Self {
         ClusterState {
             table: Mutex::new(Table::default()),
@@ -54,7 +81,52 @@ impl ClusterState {
             etcd,
             pings: Mutex::new(HashMap::new()),
             objects: Mutex::new(objects),
+            leases: Mutex::new(Replica {
+                store: Leases::default(),
+                synced: false,
+            }),
+            lease_writes: tokio::sync::Mutex::new(()),
+            peer_client,
         }
+    }
+
+    pub fn replica(&self) -> MutexGuard<'_, Replica> {
+        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The cluster's servers, this one included (at [`ClusterState::own_url`]), by name.
+    pub fn members(&self) -> Vec<Member> {
+        let mut members: Vec<Member> = self
+            .table()
+            .servers()
+            .into_iter()
+            .filter(|s| s.name != self.own_name)
+            .map(|s| Member {
+                name: s.name,
+                url: url_of(s.address),
+            })
+            .collect();
+        members.push(Member {
+            name: self.own_name.clone(),
+            url: self.own_url.clone(),
+        });
+        members.sort_by(|a, b| a.name.cmp(&b.name));
+        members
+    }
+
+    /// The members that answered `/ping` lately, this one included.
+    pub fn live_members(&self) -> Vec<Member> {
+        self.members()
+            .into_iter()
+            .filter(|m| m.name == self.own_name || self.reachable(&m.url))
+            .collect()
+    }
+
+    /// The Lease leader as this server sees it: the live member with the smallest name;
+    /// `None` without quorum.
+    pub fn leader(&self) -> Option<Member> {
+        self.readiness().ok()?;
+        self.live_members().into_iter().next()
     }
 
     pub fn objects(&self) -> MutexGuard<'_, Store> {

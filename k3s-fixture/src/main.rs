@@ -5,12 +5,20 @@
 //! Pimesh's supervisor relies on — the command line and its flags, the config file and
 //! drop-ins, the token, the CA, the kubeconfigs, `/readyz`, the Node objects of the
 //! cluster's nodes, a quorum stand-in for embedded etcd, the auto-deploying manifests
-//! (for Namespaces, Services and EndpointSlices), readiness notification, and stopping on
-//! SIGTERM — and says so in its version and its log.
+//! (for Namespaces, Services and EndpointSlices), `coordination.k8s.io/v1` Leases shared by
+//! all servers, readiness notification, and stopping on SIGTERM — and says so in its
+//! version and its log.
 //!
 //! What it simplifies (each module's documentation says more):
 //! - no Kubernetes components, containers, CNI or kubectl; the API is `/readyz`, Nodes,
-//!   Namespaces, Services, EndpointSlices (read only) and a few K3s supervisor paths (`api`);
+//!   Namespaces, Services, EndpointSlices (read only), Leases and a few K3s supervisor
+//!   paths (`api`);
+//! - Leases (kube-apiserver's optimistic concurrency: 409 on a stale resourceVersion or an
+//!   existing name) live in one store per cluster that stands in for etcd: the live server
+//!   with the smallest node name is its leader, the others forward Lease requests to it,
+//!   and it answers a write once a majority of the servers stored it; without quorum,
+//!   writes answer 503 and reads come from the server's own copy. It is not a consensus
+//!   protocol; `sitewide` says where it falls short (`leases`, `sitewide`);
 //! - `<data-dir>/server/manifests/` is applied as K3s's deploy controller applies it, but
 //!   only Namespaces, Services and EndpointSlices are stored (other kinds are logged and
 //!   ignored), in memory and per server (not replicated), re-scanned every 2 s rather than
@@ -35,6 +43,7 @@
 //! - [`nodes`], [`cluster`], [`api`], [`peers`]: the server's node table, quorum, HTTPS
 //!   API and replication between servers;
 //! - [`manifests`], [`objects`]: the auto-deploying manifests and the objects they make;
+//! - [`leases`], [`sitewide`]: Leases, and how the servers share them;
 //! - [`server`], [`agent`], [`lb`]: the two subcommands and the agent's load balancer;
 //! - [`log`], [`notify`], [`client`]: K3s-like log lines, systemd notification, HTTPS clients.
 
@@ -48,6 +57,7 @@ mod files;
 mod flags;
 mod kubeconfig;
 mod lb;
+mod leases;
 mod log;
 mod manifests;
 mod nodes;
@@ -57,6 +67,7 @@ mod peers;
 mod pki;
 mod server;
 mod settings;
+mod sitewide;
 mod token;
 
 use std::process::ExitCode;

@@ -381,7 +381,7 @@ fn dns_label(s: &str) -> bool {
 }
 
 /// An RFC 1123 subdomain: dot-separated labels, at most 253 characters.
-fn dns_subdomain(s: &str) -> bool {
+pub(crate) fn dns_subdomain(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(dns_label)
 }
 
@@ -747,7 +747,7 @@ impl Selector {
             .map(Selector)
     }
 
-    fn matches(&self, labels: Option<&Map<String, Value>>) -> bool {
+    pub fn matches(&self, labels: Option<&Map<String, Value>>) -> bool {
         let label = |k: &String| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
         self.0.iter().all(|r| match r {
             Requirement::Equals(k, v) => label(k) == Some(v.as_str()),

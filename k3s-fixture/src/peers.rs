@@ -5,7 +5,8 @@
 //! InternalIP and the `pimesh.fixture/https-port` annotation, plus the `--server` it
 //! joined through), a server with embedded etcd: asks `GET /ping` (an answer counts
 //! toward quorum, see `cluster`), pushes its own Node (`POST /api/v1/nodes`, its
-//! heartbeat there), and pulls `GET /api/v1/nodes`, merging entries by newest heartbeat.
+//! heartbeat there), pulls `GET /api/v1/nodes`, merging entries by newest heartbeat, and
+//! pulls its copy of the Leases, keeping it when newer (see `sitewide`).
 //! Requests use basic auth `server:<password>` and trust only the cluster CA.
 //!
 //! Every node, servers included, re-registers every 5 s; [`heartbeat`] does it for the
@@ -129,11 +130,15 @@ async fn exchange(
     }
     let list = json_value(pulled).await.map_err(|e| format!("pull: {e}"))?;
     let now = now_secs();
-    let mut table = state.table();
-    for item in list["items"].as_array().into_iter().flatten() {
-        table.merge(item.clone(), &state.own_name, now);
+    {
+        let mut table = state.table();
+        for item in list["items"].as_array().into_iter().flatten() {
+            table.merge(item.clone(), &state.own_name, now);
+        }
     }
-    Ok(())
+    crate::sitewide::catch_up(state, url)
+        .await
+        .map_err(|e| format!("pull of the Leases: {e}"))
 }
 
 /// A response body as JSON.

@@ -21,7 +21,8 @@
 //!    with embedded etcd (cluster-init or `--server`) the exchanges of `peers`. The node
 //!    table is kept in `<data-dir>/server/db/fixture-nodes.json` (the datastore's
 //!    stand-in) and read back on start, so a restarted server counts its cluster's
-//!    servers for quorum before any of them answers.
+//!    servers for quorum before any of them answers; its copy of the Leases likewise, in
+//!    `<data-dir>/server/db/fixture-leases.json` (see `sitewide`).
 //! 6. `READY=1` to systemd once listening with the kubeconfig written.
 //!
 //! Simplifications: no Kubernetes components run; no `node-token`/`agent-token`
@@ -30,7 +31,7 @@
 //! ignored.
 
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +41,7 @@ use tokio::net::TcpListener;
 use crate::client::{base_url, fetch_cacerts, trusting};
 use crate::cluster::{url_of, ClusterState};
 use crate::files::{node_password, node_password_path, write_atomic};
+use crate::leases::Leases;
 use crate::log::{info, now_secs};
 use crate::manifests::Watcher;
 use crate::nodes::{node_object, uuid, NodeInfo, Role};
@@ -170,6 +172,25 @@ pub async fn run(settings: Settings) -> Result<(), String> {
 
     let own_url = url_of(std::net::SocketAddr::new(advertise_ip, advertise_port));
     let db_path = server_dir.join("db/fixture-nodes.json");
+    let leases_path = server_dir.join("db/fixture-leases.json");
+    let leases = match std::fs::read(&leases_path) {
+        Ok(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|snapshot| Leases::restore(&snapshot))
+            .unwrap_or_else(|| {
+                crate::log::warn(&format!(
+                    "k3s fixture: ignoring {}: not a copy of the Leases",
+                    leases_path.display()
+                ));
+                Leases::default()
+            }),
+        Err(_) => Leases::default(),
+    };
+    let peer_client = if etcd {
+        Some(trusting(&ca.cert_pem, crate::peers::TIMEOUT)?)
+    } else {
+        None
+    };
     let state = Arc::new(ClusterState::new(
         ca.clone(),
         token.password.clone(),
@@ -177,7 +198,9 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         own_url,
         etcd,
         Store::new(service_cidr),
+        peer_client.clone(),
     ));
+    state.replica().store = leases;
     let own = NodeInfo {
         name: node_name.clone(),
         internal_ip,
@@ -237,9 +260,8 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     info(&format!("Wrote kubeconfig {kubeconfig_path}"));
 
     tokio::spawn(crate::peers::heartbeat(state.clone(), own.clone()));
-    tokio::spawn(keep(state.clone(), db_path));
-    if etcd {
-        let client = trusting(&ca.cert_pem, crate::peers::TIMEOUT)?;
+    tokio::spawn(keep(state.clone(), db_path, leases_path));
+    if let Some(client) = peer_client {
         tokio::spawn(crate::peers::replicate(state.clone(), client, join, own));
     }
     let datastore = if etcd {
@@ -260,11 +282,13 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     Ok(())
 }
 
-/// Writes the node table to `path` whenever it changed (checked every 2 s): the
-/// stand-in for the datastore, so that a restarted server knows its cluster's nodes and
-/// servers (and so its quorum) before any other server answers.
-async fn keep(state: Arc<ClusterState>, path: std::path::PathBuf) {
-    let mut kept = None;
+/// Writes the node table to `nodes` and this server's copy of the Leases to `leases`
+/// whenever they changed (checked every 2 s): the stand-in for the datastore, so that a
+/// restarted server knows its cluster's nodes and servers (and so its quorum) before any
+/// other server answers, and starts from the Leases it had.
+async fn keep(state: Arc<ClusterState>, nodes: PathBuf, leases: PathBuf) {
+    let mut kept_nodes = None;
+    let mut kept_leases = None;
     let mut every = tokio::time::interval(crate::peers::EXCHANGE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -273,12 +297,21 @@ async fn keep(state: Arc<ClusterState>, path: std::path::PathBuf) {
             let table = state.table();
             (table.version(), table.snapshot())
         };
-        if kept == Some(version) {
-            continue;
+        if kept_nodes != Some(version) {
+            match write_atomic(&nodes, snapshot.to_string().as_bytes(), 0o600) {
+                Ok(()) => kept_nodes = Some(version),
+                Err(err) => crate::log::warn(&format!("k3s fixture: {err}")),
+            }
         }
-        match write_atomic(&path, snapshot.to_string().as_bytes(), 0o600) {
-            Ok(()) => kept = Some(version),
-            Err(err) => crate::log::warn(&format!("k3s fixture: {err}")),
+        let (version, snapshot) = {
+            let replica = state.replica();
+            (replica.store.version(), replica.store.snapshot())
+        };
+        if kept_leases != Some(version) {
+            match write_atomic(&leases, snapshot.to_string().as_bytes(), 0o600) {
+                Ok(()) => kept_leases = Some(version),
+                Err(err) => crate::log::warn(&format!("k3s fixture: {err}")),
+            }
         }
     }
 }
