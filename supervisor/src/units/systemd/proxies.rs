@@ -34,6 +34,17 @@ pub trait Manager {
     /// unit file: its `LoadState` is then `not-found`).
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
 
+    /// Creates and starts a transient unit `name` with the settings `properties` (a unit
+    /// file's keys, e.g. `What`, `ExecStart`); it lives until it stops or the node
+    /// reboots. `aux`: further transient units started with it. Returns the start job.
+    fn start_transient_unit(
+        &self,
+        name: &str,
+        mode: &str,
+        properties: &[(&str, zbus::zvariant::Value<'_>)],
+        aux: &[(&str, Vec<(&str, zbus::zvariant::Value<'_>)>)],
+    ) -> zbus::Result<OwnedObjectPath>;
+
     /// Asks systemd to emit unit and job signals to this connection.
     fn subscribe(&self) -> zbus::Result<()>;
 
