@@ -141,6 +141,11 @@ async fn run(options: Options) -> Result<(), DaemonError> {
     status.update(|status| status.join = plan.report());
     let k3s_readiness = k3s::readiness::Readiness::default();
     let k3s_upkeep = k3s::upkeep::Upkeep::default();
+    let datastore = k3s::datastore::Datastore::new(
+        paths,
+        seed.seed().map(|seed| seed.k3s.datastore),
+        options.node_setup,
+    );
     let units = {
         let status = status.clone();
         let mdns_interfaces: Option<Vec<String>> = seed
@@ -175,6 +180,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
                 .ok(),
                 readiness: k3s_readiness.clone(),
                 upkeep: k3s_upkeep.clone(),
+                datastore: datastore.gate(),
             },
         };
         plan.place(&mut placement);
@@ -252,6 +258,17 @@ async fn run(options: Options) -> Result<(), DaemonError> {
     // Off a node (`--no-node-setup`) the host's firewall is left alone.
     let iptables = options.node_setup.then(k3s::redirect::Iptables::default);
     let upkeep_task = tokio::spawn(k3s_upkeep.run(iptables, status.clone()));
+    // K3s's data folder is settled first (a USB or NVMe disk is mounted on it), then K3s
+    // is placed again.
+    let datastore_task = {
+        let units = Arc::clone(&units);
+        tokio::spawn(datastore.run(
+            status.clone(),
+            Box::new(move || {
+                units.replace_placement(|_| {});
+            }),
+        ))
+    };
 
     let heartbeat = Heartbeat::new();
     heartbeat.beat();
@@ -297,6 +314,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
     server.abort();
     quorum_task.abort();
     upkeep_task.abort();
+    datastore_task.abort();
     keeper.abort();
     if let Some(check) = trust_check {
         check.abort();

@@ -9,18 +9,21 @@
 //! - [`manifests`]: the site's `[k3s.manifests]` in a server's auto-deploy folder;
 //! - [`redirect`]: the node's connections to a Service address, through the proxy;
 //! - [`kubeconfig`]: the control replicas' copy of a server's admin kubeconfig;
-//! - [`upkeep`]: the task that keeps the last two, checked every few seconds.
+//! - [`upkeep`]: the task that keeps the last two, checked every few seconds;
+//! - [`datastore`]: K3s's data folder on a USB or NVMe disk, and its disk's `fsync` time.
 //!
 //! K3s joins the managed set (`k3s.service` on a server, `k3s-agent.service` on an agent,
 //! as K3s's install script names them) only when all of these hold: the binary is
-//! installed, the node knows its role (the init node is the first server; a joined node
-//! is what its join record says), the site's K3s token is on the node, and the config file
-//! was written. Otherwise the status says which one is missing, and the mesh runs without
-//! K3s. Each time the placement is applied (a join, a new site configuration over the air,
-//! a new address) a server's manifests are brought in line at once, and the upkeep is told
-//! whether to redirect the Services' range and whether the replicas get a kubeconfig.
+//! installed, K3s's data folder is settled ([`datastore::Gate`]), the node knows its role
+//! (the init node is the first server; a joined node is what its join record says), the
+//! site's K3s token is on the node, and the config file was written. Otherwise the status
+//! says which one is missing, and the mesh runs without K3s. Each time the placement is
+//! applied (a join, a new site configuration over the air, a new address) a server's
+//! manifests are brought in line at once, and the upkeep is told whether to redirect the
+//! Services' range and whether the replicas get a kubeconfig.
 
 pub mod config;
+pub mod datastore;
 pub mod kubeconfig;
 pub mod manifests;
 pub mod quorum;
@@ -70,6 +73,9 @@ pub struct K3sPlace {
     pub readiness: Readiness,
     /// What the upkeep task keeps: the redirect and the replicas' kubeconfig.
     pub upkeep: Upkeep,
+    /// Open once K3s's data folder is where it stays for this boot (its own disk or the
+    /// SD card): K3s waits for it.
+    pub datastore: datastore::Gate,
 }
 
 impl K3sPlace {
@@ -105,6 +111,13 @@ impl K3sPlace {
                     "K3s is not installed in this image ({} is absent); the mesh runs without it",
                     paths.k3s_bin.display()
                 ),
+            );
+        }
+        if !self.datastore.is_open() {
+            return not_running(
+                report,
+                "waiting for the datastore disk (k3s.datastore says which) before configuring K3s"
+                    .into(),
             );
         }
         let (Some(k3s_role), Some(node)) = (k3s_role, node) else {
@@ -305,6 +318,7 @@ mod tests {
             probe_url: None,
             readiness: Readiness::default(),
             upkeep: Upkeep::default(),
+            datastore: datastore::Gate::default(),
         };
         (place, paths)
     }
@@ -434,6 +448,30 @@ mod tests {
         place.installed = false;
         let report = place.apply(Some(Role::Agent), Some(&node), None, &paths, &mut units);
         assert!(report.note.unwrap_or_default().contains("not installed"));
+        assert!(units.is_empty());
+        assert!(!paths.k3s_config().exists());
+    }
+
+    #[test]
+    fn k3s_waits_for_the_datastore_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut place, paths) = place(dir.path());
+        K3sToken::new("s3cret".into())
+            .store(&paths.k3s_token())
+            .expect("stored");
+        let datastore =
+            datastore::Datastore::new(&paths, Some(pimesh_schema::DatastoreChoice::Auto), true);
+        place.datastore = datastore.gate();
+        let node = DnsLabel::try_from("pi-d".to_owned()).expect("label");
+        let mut units = Vec::new();
+        let report = place.apply(Some(Role::Agent), Some(&node), None, &paths, &mut units);
+        assert!(
+            report
+                .note
+                .unwrap_or_default()
+                .contains("waiting for the datastore disk"),
+            "K3s is not placed before its data folder is settled"
+        );
         assert!(units.is_empty());
         assert!(!paths.k3s_config().exists());
     }

@@ -147,6 +147,7 @@ impl NodeStatus {
                 quorum: QuorumReport::default(),
                 redirect: None,
                 control_kubeconfig: None,
+                datastore: None,
             },
             image,
             setup,
@@ -246,6 +247,48 @@ pub struct K3sReport {
     /// The control replicas' copy of the admin kubeconfig (`crate::k3s::kubeconfig`);
     /// `null` when this node is not a K3s server.
     pub control_kubeconfig: Option<ControlKubeconfigReport>,
+    /// Where K3s's data folder is and how fast its disk syncs (`crate::k3s::datastore`);
+    /// `null` before the supervisor has looked.
+    pub datastore: Option<DatastoreReport>,
+}
+
+/// The status's `k3s.datastore`: the disk under `/var/lib/rancher`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DatastoreReport {
+    /// `choosing`, `preparing` (formatting or mounting a disk), `disk` (on its own USB or
+    /// NVMe disk), `sd-card` (on the disk holding `/`), or `off-node` (`--no-node-setup`:
+    /// no disk is chosen).
+    pub state: &'static str,
+    /// The whole disk holding the folder, as the supervisor sees it (`/dev/nvme0n1`;
+    /// `/dev/mmcblk0`, the root disk, on the SD card).
+    pub device: Option<String>,
+    /// The mount point of the filesystem holding the folder (`/var/lib/rancher` on its
+    /// own disk, `/` on the SD card).
+    pub mounted_at: Option<String>,
+    /// That filesystem's type (`ext4`).
+    pub filesystem: Option<String>,
+    /// Its label, as udev read it (`pimesh-data` on its own disk).
+    pub label: Option<String>,
+    /// Why this disk was taken, when it is not the SD card.
+    pub chosen_because: Option<String>,
+    /// Why K3s's data is on the SD card, or what failed preparing a disk.
+    pub note: Option<String>,
+    /// The USB and NVMe disks not used, each with why (`/dev/sda has data (...); not
+    /// touched`).
+    pub left_alone: Vec<String>,
+    /// The `fsync` probe of the folder's disk, every 60 s; `null` before the first one.
+    pub fsync_ms: Option<FsyncReport>,
+}
+
+/// The status's `k3s.datastore.fsync_ms`, in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct FsyncReport {
+    /// The last probe that finished: 4 KiB written and `fsync`ed.
+    pub last: Option<f64>,
+    /// The slowest probe of the last hour.
+    pub max_of_last_hour: Option<f64>,
+    /// Why the last probe failed or did not finish.
+    pub error: Option<String>,
 }
 
 /// The status's `k3s.redirect`.
@@ -452,6 +495,38 @@ mod tests {
     use pimesh_revision::ReportState;
 
     use super::*;
+
+    #[test]
+    fn the_datastore_report_keeps_its_shape() {
+        let report = DatastoreReport {
+            state: "disk",
+            device: Some("/dev/nvme0n1".into()),
+            mounted_at: Some("/var/lib/rancher".into()),
+            filesystem: Some("ext4".into()),
+            label: Some("pimesh-data".into()),
+            chosen_because: Some("blank NVMe disk".into()),
+            fsync_ms: Some(FsyncReport {
+                last: Some(1.25),
+                max_of_last_hour: Some(3.5),
+                error: None,
+            }),
+            ..DatastoreReport::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&report).expect("encode"),
+            serde_json::json!({
+                "state": "disk",
+                "device": "/dev/nvme0n1",
+                "mounted_at": "/var/lib/rancher",
+                "filesystem": "ext4",
+                "label": "pimesh-data",
+                "chosen_because": "blank NVMe disk",
+                "note": null,
+                "left_alone": [],
+                "fsync_ms": {"last": 1.25, "max_of_last_hour": 3.5, "error": null},
+            })
+        );
+    }
 
     #[test]
     fn the_status_report_keeps_its_field_names_and_state_strings() {

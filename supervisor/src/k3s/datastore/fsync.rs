@@ -1,0 +1,137 @@
+//! How long the datastore's disk takes to make a write durable: etcd's heartbeat and
+//! elections wait on exactly that (its WAL `fsync`s), and a worn SD card takes seconds.
+//!
+//! [`probe`] writes 4 KiB at the start of one file in the datastore folder and `fsync`s
+//! it, timed; it blocks, so the caller runs it on a blocking thread and gives up waiting
+//! after [`TIMEOUT`]. [`Window`] keeps the last hour's figures.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The probe's file, in the datastore folder (`/var/lib/rancher`); rewritten in place.
+pub const FILE_NAME: &str = ".pimesh-fsync-probe";
+
+/// How often the probe runs (besides once as soon as the datastore is settled).
+pub const EVERY: Duration = Duration::from_secs(60);
+
+/// How long the caller waits for one probe.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the window remembers.
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Why a probe failed.
+#[derive(Debug)]
+pub struct FsyncError {
+    pub file: PathBuf,
+    pub step: &'static str,
+    pub source: std::io::Error,
+}
+
+impl fmt::Display for FsyncError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cannot {} {} (the fsync probe): {}",
+            self.step,
+            self.file.display(),
+            self.source
+        )
+    }
+}
+
+impl std::error::Error for FsyncError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// Writes 4 KiB at the start of `file` (made 0600 if missing) and `fsync`s it; returns
+/// how long the write and the `fsync` took together. Blocks.
+pub fn probe(file: &Path) -> Result<Duration, FsyncError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let error = |step, source| FsyncError {
+        file: file.to_owned(),
+        step,
+        source,
+    };
+    let mut handle = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(file)
+        .map_err(|err| error("open", err))?;
+    // Not all zeros, so that no filesystem can skip the block.
+    let block = [0x5a_u8; 4096];
+    let started = Instant::now();
+    handle
+        .write_all(&block)
+        .map_err(|err| error("write", err))?;
+    handle.sync_all().map_err(|err| error("fsync", err))?;
+    Ok(started.elapsed())
+}
+
+/// The figures of the last hour.
+#[derive(Debug, Default)]
+pub struct Window {
+    samples: VecDeque<(Instant, Duration)>,
+}
+
+impl Window {
+    /// Adds the probe that ended at `at`, forgetting those more than an hour older.
+    pub fn record(&mut self, at: Instant, took: Duration) {
+        self.samples.push_back((at, took));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(then, _)| at.saturating_duration_since(*then) > HOUR)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    pub fn last(&self) -> Option<Duration> {
+        self.samples.back().map(|(_, took)| *took)
+    }
+
+    /// The slowest probe of the last hour.
+    pub fn max(&self) -> Option<Duration> {
+        self.samples.iter().map(|(_, took)| *took).max()
+    }
+}
+
+/// A duration in milliseconds, to the hundredth.
+pub fn millis(took: Duration) -> f64 {
+    (took.as_secs_f64() * 100_000.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_writes_and_syncs_one_block_and_the_window_keeps_an_hour() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join(FILE_NAME);
+        probe(&file).expect("probed");
+        probe(&file).expect("probed again");
+        assert_eq!(std::fs::metadata(&file).expect("file").len(), 4096);
+        let err = probe(&dir.path().join("missing/probe")).expect_err("no folder");
+        assert_eq!(err.step, "open");
+        assert!(err.to_string().contains("missing/probe"), "{err}");
+
+        let start = Instant::now();
+        let mut window = Window::default();
+        window.record(start, Duration::from_millis(900));
+        window.record(start + Duration::from_secs(60), Duration::from_millis(3));
+        assert_eq!(window.max(), Some(Duration::from_millis(900)));
+        window.record(start + Duration::from_secs(3700), Duration::from_millis(5));
+        assert_eq!(window.last(), Some(Duration::from_millis(5)));
+        assert_eq!(window.max(), Some(Duration::from_millis(5)));
+        assert_eq!(millis(Duration::from_micros(1234)), 1.23);
+    }
+}
