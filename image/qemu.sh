@@ -9,6 +9,8 @@
 #   CONSOLE (stdio)         `stdio`, or a file to write the serial console to
 #   APPEND                  extra kernel command line (e.g. systemd.set_credential=...)
 #   MEM (2048), CPUS (2)
+#   NVME_DISK               a raw image file attached as an NVMe disk (serial pimesh-nvme),
+#                           as a Pi 5's M.2 HAT holds one
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
@@ -45,6 +47,12 @@ elif [ -n "${LAN_CONNECT:-}" ]; then
   lan=(-netdev "socket,id=lan,connect=$LAN_CONNECT" -device "virtio-net-pci,netdev=lan,mac=${LAN_MAC:?}")
 fi
 
+nvme=()
+if [ -n "${NVME_DISK:-}" ]; then
+  [ -f "$NVME_DISK" ] || die "$NVME_DISK: no such disk image"
+  nvme=(-drive "file=$NVME_DISK,if=none,id=nv,format=raw" -device "nvme,serial=pimesh-nvme,drive=nv")
+fi
+
 case "$CONSOLE" in
   stdio) serial=(-serial mon:stdio) ;;
   *) serial=(-serial "file:$CONSOLE" -monitor none) ;;
@@ -55,4 +63,4 @@ exec qemu-system-aarch64 -M virt -cpu cortex-a72 -smp "${CPUS:-2}" -m "${MEM:-20
   -drive "file=$disk,format=${DISK_FORMAT:-raw},if=none,id=disk,cache=${DISK_CACHE:-writeback}" -device virtio-blk-pci,drive=disk \
   -netdev "user,id=net0,hostfwd=tcp:127.0.0.1:$SSH_PORT-:22,hostfwd=tcp:127.0.0.1:$STATUS_PORT-:4201" \
   -device virtio-net-pci,netdev=net0 -device virtio-rng-pci \
-  "${lan[@]}" "${serial[@]}"
+  "${lan[@]}" "${nvme[@]}" "${serial[@]}"

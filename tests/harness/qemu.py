@@ -36,12 +36,17 @@ def make_ssh_key(path, comment):
 
 class Node:
     def __init__(self, workdir, base_image, seed_text, ssh_key, credential_pubkey=None, append="",
-                 fresh_disk=True, lan=None):
+                 fresh_disk=True, lan=None, nvme_mib=None):
         """A node in `workdir`. With fresh_disk=False the disk already there (booted
         before) is booted again as it is. `lan`: a second network card on a site LAN of
         VMs, as `image/qemu.sh` takes it ({"LAN_LISTEN" or "LAN_CONNECT": "127.0.0.1:PORT",
-        "LAN_MAC": ...})."""
+        "LAN_MAC": ...}). `nvme_mib`: a blank (sparse, all zeros) NVMe disk of that size,
+        `nvme.img` in `workdir`, kept when the disk is not fresh."""
         self.lan = lan or {}
+        self.nvme = os.path.join(workdir, "nvme.img") if nvme_mib else None
+        if self.nvme and (fresh_disk or not os.path.exists(self.nvme)):
+            with open(self.nvme, "wb") as f:
+                f.truncate(nvme_mib * 1024**2)
         self.workdir = workdir
         self.disk = os.path.join(workdir, "disk.img")
         self.console = os.path.join(workdir, "console.log")
@@ -75,6 +80,8 @@ class Node:
     def boot(self):
         env = dict(os.environ, SSH_PORT=str(self.ssh_port), STATUS_PORT=str(self.status_port),
                    CONSOLE=self.console, APPEND=self.append, **self.lan)
+        if self.nvme:
+            env["NVME_DISK"] = self.nvme
         self.started = time.monotonic()
         self.process = subprocess.Popen(
             [os.path.join(REPO, "image", "qemu.sh"), self.disk],

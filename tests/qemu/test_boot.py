@@ -1,6 +1,7 @@
 """The real arm64 Pimesh image, booted in QEMU aarch64: what a user checks after flashing.
 
-Case 1 boots with a valid seed written into the boot partition; case 2 with a broken one.
+Case 1 boots with a valid seed written into the boot partition and a blank NVMe disk (K3s's
+data goes on it); case 2 with a broken one.
 Each powers the node off cleanly at the end. Whichever of the two boots second checks that
 the two nodes made from one image have different host keys.
 """
@@ -74,6 +75,18 @@ def wait_for_proxy_identity(node, accept, timeout=120):
                        f"enrollment: {config and config.get('enrollment')!r}")
 
 
+def wait_for_datastore(node, timeout=180):
+    """Polls /status until K3s's data folder is settled and its disk's fsync was timed."""
+    deadline = time.monotonic() + timeout
+    datastore = None
+    while time.monotonic() < deadline:
+        datastore = node.status()["k3s"].get("datastore")
+        if datastore and datastore["state"] in ("disk", "sd-card") and datastore["fsync_ms"]:
+            return datastore
+        time.sleep(2)
+    raise TimeoutError(f"k3s.datastore not settled after {timeout}s: {datastore!r}")
+
+
 def root_partition_sectors(disk):
     table = json.loads(subprocess.run(["sfdisk", "-J", disk], capture_output=True, text=True, check=True).stdout)
     return table["partitiontable"]["partitions"][1]
@@ -129,7 +142,7 @@ def test_first_boot_with_a_valid_seed(base_image, ssh_key, node_factory, host_ke
         f'ssh_authorized_keys = ["{seed_pub}"]\n'
     )
     # Only the seed grants SSH access here: logging in proves the seed's keys were applied.
-    node = node_factory(base_image=base_image, seed_text=seed, ssh_key=seed_key)
+    node = node_factory(base_image=base_image, seed_text=seed, ssh_key=seed_key, nvme_mib=256)
     image_root_bytes = root_partition_sectors(node.disk)["size"] * 512
     figures["ssh_after_s"] = node.wait_for_ssh()
     node.wait_for_unit_active("pimesh-supervisor.service")
@@ -147,6 +160,19 @@ def test_first_boot_with_a_valid_seed(base_image, ssh_key, node_factory, host_ke
     assert status["image"]["k3s"]["present"] is False
     assert {t["task"]: t["outcome"] for t in status["setup"]} == {
         "hostname": "changed", "ssh-authorized-keys": "changed"}
+
+    # K3s's data folder goes on the blank NVMe disk: formatted and mounted by systemd's
+    # transient units for the supervisor, and the disk's fsync timed.
+    datastore = wait_for_datastore(node)
+    assert datastore["state"] == "disk", datastore
+    assert datastore["device"] == "/dev/nvme0n1", datastore
+    assert datastore["mounted_at"] == "/var/lib/rancher", datastore
+    assert (datastore["filesystem"], datastore["label"]) == ("ext4", "pimesh-data"), datastore
+    assert datastore["fsync_ms"]["error"] is None and datastore["fsync_ms"]["last"] > 0, datastore
+    assert "NVMe" in datastore["chosen_because"], datastore
+    mount = node.ssh("findmnt -no SOURCE,FSTYPE,OPTIONS /var/lib/rancher")
+    assert mount.startswith("/dev/nvme0n1 ext4") and "noatime" in mount, mount
+    assert node.ssh("blkid -o value -s LABEL /dev/nvme0n1") == "pimesh-data"
 
     # First-boot tasks.
     assert node.ssh("hostname") == "pi-e2e"
