@@ -253,6 +253,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
         k3s_readiness,
         Arc::clone(&units),
         paths.k3s_admin_kubeconfig(),
+        facts.node_name.clone(),
     );
     let quorum_task = tokio::spawn(quorum.clone().run(status.clone()));
     // Off a node (`--no-node-setup`) the host's firewall is left alone.

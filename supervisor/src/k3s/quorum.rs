@@ -15,16 +15,26 @@
 //! K3s, which waits for it, is configured once DHCP has given one (and rendered again
 //! when it changes; K3s takes a new address at its next start).
 //!
+//! When the quorum allows it, a server node of a site with several servers also takes the
+//! site's restart lock before it goes down: the Lease [`LEASE_NAME`] in [`LEASE_NAMESPACE`]
+//! (`coordination.k8s.io/v1`), held for [`LEASE_FOR`], taken through another server's API
+//! (this node's own K3s is likely the one that hangs). Another holder holds the heal back
+//! ("pi-b is restarting its K3s server"), so two servers that both see every other one
+//! ready never go down together. The periodic task releases the lease once this node's
+//! K3s is ready again (and, after a start, a lease this node held before it stopped);
+//! unreleased, it expires.
+//!
 //! Invariants: the hold never blocks starting a unit that is down (the heal policy's
 //! rule); an agent, a single-server site and a node without K3s never hold; the reason is
-//! one sentence naming the counts, shown in the status of the unit held back and in the
-//! node status's `k3s.quorum`.
+//! one sentence naming the counts or the lease's holder, shown in the status of the unit
+//! held back and in the node status's `k3s.quorum`.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -36,6 +46,7 @@ use super::readiness::{Check, Readiness};
 use crate::status::{QuorumReport, ServerHealth, StatusHandle};
 use crate::units::heal::DisruptionGuard;
 use crate::units::managed_set::ManagedSet;
+use pimesh_kube::lease::{release, try_acquire, LeaseOutcome};
 use pimesh_kube::KubeClient;
 
 /// How often the site's servers are asked.
@@ -63,6 +74,14 @@ pub fn hold_for(servers: usize, others_ready: usize) -> Option<String> {
 /// The longest a heal waits for a fresh view of the quorum; without one it is held back.
 pub const HOLD_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The site's restart lock: a Lease in K3s's own namespace.
+pub const LEASE_NAMESPACE: &str = "kube-system";
+pub const LEASE_NAME: &str = "pimesh-k3s-restart";
+/// How long the lock lasts unreleased: K3s's startup grace and a minute, so that a node
+/// that took it and then rebooted does not hold the site for long.
+pub const LEASE_FOR: Duration =
+    Duration::from_secs(crate::units::heal::K3S_STARTUP_GRACE.as_secs() + 60);
+
 /// The quorum view of this node: asked afresh by the keeper before a disruptive heal, and
 /// every [`EVERY`] for the status. Cheap to clone.
 #[derive(Clone)]
@@ -77,15 +96,27 @@ struct Inner {
     /// Every server seen, by address, with its node name when the API gave it: kept while
     /// the API does not answer (a hung K3s is exactly when the view matters).
     known: Mutex<BTreeMap<IpAddr, Option<String>>>,
+    /// This node's name: the lease's holder identity.
+    node: String,
+    /// This node may hold the restart lease (it took it, or it has not looked since it
+    /// started): released once K3s is ready here.
+    may_hold_lease: AtomicBool,
 }
 
 impl Quorum {
-    pub fn new(readiness: Readiness, units: Arc<ManagedSet>, admin_kubeconfig: PathBuf) -> Quorum {
+    pub fn new(
+        readiness: Readiness,
+        units: Arc<ManagedSet>,
+        admin_kubeconfig: PathBuf,
+        node: String,
+    ) -> Quorum {
         Quorum(Arc::new(Inner {
             readiness,
             units,
             admin_kubeconfig,
             known: Mutex::default(),
+            node,
+            may_hold_lease: AtomicBool::new(true),
         }))
     }
 
@@ -111,6 +142,9 @@ impl Quorum {
                     None => info!("K3s quorum: heals may take this server down again"),
                 }
                 last_hold.clone_from(&report.hold);
+            }
+            if matches!(readiness, Some(Ok(_))) {
+                self.release_lease().await;
             }
             status.update(|status| {
                 status.k3s.ready = readiness.as_ref().map(Result::is_ok);
@@ -196,13 +230,99 @@ impl Quorum {
     }
 }
 
+impl Quorum {
+    /// Takes (or renews) the site's restart lease through a ready other server: `Err`
+    /// says why this server may not go down now.
+    async fn take_lease(&self, report: &QuorumReport) -> Result<(), String> {
+        let admin = KubeClient::load(&self.0.admin_kubeconfig, ASK_TIMEOUT)
+            .map_err(|err| format!("the site's restart lease cannot be taken: {err}"))?;
+        let mut last = String::from("no other K3s server is ready");
+        for other in report.others.iter().filter(|other| other.ready) {
+            let client = match admin.for_server(api_url(other.address), ASK_TIMEOUT) {
+                Ok(client) => client,
+                Err(err) => {
+                    last = err.to_string();
+                    continue;
+                }
+            };
+            match try_acquire(
+                &client,
+                LEASE_NAMESPACE,
+                LEASE_NAME,
+                &self.0.node,
+                LEASE_FOR,
+            )
+            .await
+            {
+                Ok(LeaseOutcome::Acquired { .. } | LeaseOutcome::Renewed { .. }) => {
+                    self.0.may_hold_lease.store(true, Ordering::SeqCst);
+                    info!(
+                        lease = LEASE_NAME,
+                        via = %other.address,
+                        "took the site's K3s restart lease"
+                    );
+                    return Ok(());
+                }
+                Ok(LeaseOutcome::Held { holder, until }) => {
+                    let left = until
+                        .duration_since(std::time::SystemTime::now())
+                        .unwrap_or_default()
+                        .as_secs();
+                    return Err(format!(
+                        "{holder} holds the site's K3s restart lease (another server is \
+                         restarting its K3s; at most {left} s more)"
+                    ));
+                }
+                Err(err) => last = err.to_string(),
+            }
+        }
+        Err(format!(
+            "the site's K3s restart lease cannot be taken: {last}"
+        ))
+    }
+
+    /// Gives the site's restart lease back when this node may hold it; through this
+    /// node's own API, which answers now that K3s is ready here.
+    async fn release_lease(&self) {
+        let server = matches!(self.0.readiness.current(), Some(Check::Server { .. }));
+        if !server || !self.0.may_hold_lease.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(admin) = KubeClient::load(&self.0.admin_kubeconfig, ASK_TIMEOUT) else {
+            return;
+        };
+        match release(&admin, LEASE_NAMESPACE, LEASE_NAME, &self.0.node).await {
+            Ok(released) => {
+                self.0.may_hold_lease.store(false, Ordering::SeqCst);
+                if released {
+                    info!(lease = LEASE_NAME, "released the site's K3s restart lease");
+                }
+            }
+            Err(err) => warn!(%err, "cannot release the site's K3s restart lease yet"),
+        }
+    }
+}
+
 impl DisruptionGuard for Quorum {
     fn hold(&self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
         Box::pin(async move {
-            match tokio::time::timeout(HOLD_TIMEOUT, self.assess()).await {
-                Ok(report) => report.hold,
+            let report = match tokio::time::timeout(HOLD_TIMEOUT, self.assess()).await {
+                Ok(report) => report,
+                Err(_) => {
+                    return Some(format!(
+                        "the other K3s servers could not be asked within {} s",
+                        HOLD_TIMEOUT.as_secs()
+                    ))
+                }
+            };
+            if report.hold.is_some() || report.servers <= 1 {
+                return report.hold;
+            }
+            match tokio::time::timeout(HOLD_TIMEOUT, self.take_lease(&report)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(why)) => Some(why),
                 Err(_) => Some(format!(
-                    "the other K3s servers could not be asked within {} s",
+                    "the site's K3s restart lease could not be taken within {} s",
                     HOLD_TIMEOUT.as_secs()
                 )),
             }
