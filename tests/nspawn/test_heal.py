@@ -4,8 +4,8 @@ world does, and checks that the supervisor heals it through systemd and says so 
 
 Three containers, one per class: `node` runs the default configuration (the proxy and
 control replicas 1..3); `troubled` runs a configuration that names a unit that does not exist and a short
-escalation ladder, with control replica 3 made to fail at once every time (a drop-in with
-ExecStart=/bin/false); `watched` gives the supervisor a 4 s watchdog (a drop-in) to show
+escalation ladder, with control replica 3 made to fail at once every time (a drop-in whose
+ExecStart says "unknown flag" and exits 2); `watched` gives the supervisor a 4 s watchdog (a drop-in) to show
 that it feeds it while healthy and is restarted by systemd when it stalls.
 
 Each case starts by waiting for the health it needs, so the cases of a class pass in any
@@ -41,7 +41,9 @@ dependencies = ["pimesh-control@1.service"]
 [[unit]]
 name = "pimesh-does-not-exist.service"
 """
-ALWAYS_FAILING = "[Service]\nExecStart=\nExecStart=/bin/false\n"
+# Fails at once, as a daemon given a bad flag does, saying why on stderr.
+ALWAYS_FAILING = ("[Service]\nExecStart=\n"
+                  "ExecStart=/bin/sh -c 'echo \"pimesh-control: unknown flag --no-such-flag\" >&2; exit 2'\n")
 SHORT_WATCHDOG = "[Service]\nWatchdogSec=4s\n"
 # Control replicas run only on a node holding the site issuer: each node here is its site's
 # init node, which makes the trust root on first boot.
@@ -197,6 +199,8 @@ class TestTroubledNode:
                           lambda: troubled.unit_status(unit)["escalation"] == "reboot-refused", timeout=90)
         report = troubled.unit_status(unit)
         assert "allow_reboot is false" in report["last_action"]["reason"]
+        # Why it fails is in the status: the last lines it logged, read when the heals began.
+        assert any("unknown flag --no-such-flag" in line for line in report["last_log"]), report["last_log"]
         log = troubled.journal("pimesh-supervisor.service")
         assert "reset-failed-and-start" in log
         assert "restart-dependencies" in log  # the first rung restarted control@1

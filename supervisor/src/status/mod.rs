@@ -102,6 +102,9 @@ pub struct UnitReport {
     pub action_counts: BTreeMap<&'static str, u64>,
     /// Why the unit cannot be managed (e.g. it does not exist).
     pub error: Option<String>,
+    /// The last lines the unit logged (its journal), read when its current or last
+    /// failure episode began; empty before any heal.
+    pub last_log: Vec<String>,
 }
 
 /// An action the supervisor took, why, and how systemd took it.

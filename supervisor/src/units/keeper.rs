@@ -28,6 +28,7 @@ use zbus::zvariant::OwnedObjectPath;
 
 use crate::status::{ActionReport, StatusHandle, UnitReport};
 use crate::units::heal::{self, Action, Decision, UnitHealer};
+use crate::units::journal;
 use crate::units::probe::{self, ProbeError};
 use crate::units::systemd::{BusEvent, Systemd, CALL_TIMEOUT};
 
@@ -50,6 +51,8 @@ struct Managed {
     action_counts: BTreeMap<&'static str, u64>,
     /// Why the unit cannot be managed; logged once when it appears.
     error: Option<String>,
+    /// What the unit last logged, read when the current failure episode began.
+    last_log: Vec<String>,
 }
 
 /// A readiness probe answer for the process `main_pid` of unit `index`.
@@ -472,6 +475,16 @@ impl Keeper {
             decision.action.name(),
             decision.reason
         );
+        // The first heal of an episode: why the unit failed is in what it logged last.
+        if unit.healer.attempts <= 1 {
+            self.heartbeat.beat();
+            let lines = journal::last_lines(name).await;
+            self.heartbeat.beat();
+            let unit = &mut self.units[index];
+            unit.last_log = lines;
+        }
+        let unit = &mut self.units[index];
+        let name = unit.config.name.as_str();
         let manager = bus.manager();
         let outcome: zbus::Result<()> = match &decision.action {
             Action::Start { reset_failed } => {
@@ -578,6 +591,7 @@ impl Managed {
             last_action: None,
             action_counts: BTreeMap::new(),
             error: None,
+            last_log: Vec::new(),
         }
     }
 
@@ -600,6 +614,7 @@ impl Managed {
             last_action: self.last_action.clone(),
             action_counts: self.action_counts.clone(),
             error: self.error.clone(),
+            last_log: self.last_log.clone(),
         }
     }
 }
