@@ -1,10 +1,13 @@
 //! Placement: whether a joining node becomes a server or an agent.
 //!
 //! The target is the site config's `[k3s] servers` (3 without a site config). A node X
-//! is a server when it already is one (a live heartbeat saying `role: server`, or an
-//! unexpired grant), else when fewer than the target are servers — the union of the live
-//! server heartbeats, the unexpired grants and the node this replica runs on (`--node`)
-//! — and then X is granted a seat; else X is an agent.
+//! is a server when it already is one (a live heartbeat saying `role: server`, an
+//! unexpired grant, or a K3s server node that K3s lists), else when fewer than the target
+//! are servers — the union of the live server heartbeats, the unexpired grants, the node
+//! this replica runs on (`--node`) and K3s's control-plane nodes, ready or not — and then
+//! X is granted a seat; else X is an agent. So a server that is powered off keeps its
+//! seat (K3s keeps its etcd member) until it is deleted from the cluster, and the site
+//! never grows an even number of servers while one is away.
 //!
 //! Grants are kept in `<state-dir>/servers.json`:
 //! `{"grants": {"<node>": {"refreshed": "<RFC 3339>"}}}`, changed under the state
@@ -74,6 +77,8 @@ pub struct Seats<'a> {
     pub live_servers: &'a BTreeSet<String>,
     /// The node this replica runs on, a server.
     pub own: Option<&'a str>,
+    /// K3s's control-plane nodes, as this server node's K3s lists them (empty without K3s).
+    pub k3s_servers: &'a BTreeSet<String>,
     /// `[k3s] servers`.
     pub target: usize,
 }
@@ -90,7 +95,10 @@ impl GrantsFile {
     /// when it is a server by grant.
     pub fn place(&mut self, node: &str, seats: &Seats<'_>, now: SystemTime) -> Role {
         self.expire(now);
-        if seats.own == Some(node) || seats.live_servers.contains(node) {
+        if seats.own == Some(node)
+            || seats.live_servers.contains(node)
+            || seats.k3s_servers.contains(node)
+        {
             return Role::Server;
         }
         if let Some(grant) = self.grants.get_mut(node) {
@@ -100,6 +108,7 @@ impl GrantsFile {
         let mut servers: BTreeSet<&str> = seats.live_servers.iter().map(String::as_str).collect();
         servers.extend(self.grants.keys().map(String::as_str));
         servers.extend(seats.own);
+        servers.extend(seats.k3s_servers.iter().map(String::as_str));
         if servers.len() < seats.target {
             self.grants.insert(node.to_owned(), Grant::at(now));
             Role::Server
@@ -207,6 +216,7 @@ mod tests {
         let seats = Seats {
             live_servers: &live,
             own: Some("pi-a"),
+            k3s_servers: &BTreeSet::new(),
             target: 3,
         };
         let mut file = GrantsFile::default();
@@ -221,6 +231,7 @@ mod tests {
         let one = Seats {
             live_servers: &none,
             own: Some("pi-a"),
+            k3s_servers: &BTreeSet::new(),
             target: 1,
         };
         assert_eq!(GrantsFile::default().place("pi-b", &one, now), Role::Agent);
@@ -232,12 +243,35 @@ mod tests {
     }
 
     #[test]
+    fn a_server_that_k3s_lists_keeps_its_seat_while_it_is_away() {
+        let now = SystemTime::now();
+        // pi-a is powered off: no heartbeat, but K3s still lists it (NotReady).
+        let live = set(&["pi-b"]);
+        let k3s = set(&["pi-a", "pi-b", "pi-c"]);
+        let seats = Seats {
+            live_servers: &live,
+            own: Some("pi-b"),
+            k3s_servers: &k3s,
+            target: 3,
+        };
+        let mut file = GrantsFile::default();
+        assert_eq!(file.place("pi-e", &seats, now), Role::Agent);
+        assert_eq!(
+            file.place("pi-a", &seats, now),
+            Role::Server,
+            "back as a server"
+        );
+        assert!(!file.granted("pi-e", now));
+    }
+
+    #[test]
     fn a_grant_expires_ten_minutes_after_its_last_refresh() {
         let now = SystemTime::now();
         let none = set(&[]);
         let seats = Seats {
             live_servers: &none,
             own: None,
+            k3s_servers: &BTreeSet::new(),
             target: 1,
         };
         let mut file = GrantsFile::default();
@@ -261,6 +295,7 @@ mod tests {
         let seats = Seats {
             live_servers: &none,
             own: None,
+            k3s_servers: &BTreeSet::new(),
             target: 1,
         };
         assert!(!grants.granted("pi-b", now));

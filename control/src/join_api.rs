@@ -52,6 +52,7 @@ use crate::discovery::Discovery;
 use crate::grants::{Grants, Seats, DEFAULT_TARGET};
 use crate::identity_api;
 use crate::join_records::{Outcome, Record, Records};
+use crate::kube_services::KubeServers;
 use crate::rate_limit::{self, FailureLimiter};
 use crate::state::{Snapshot, State};
 use crate::state_dir::StateDir;
@@ -74,6 +75,8 @@ pub struct Join {
     answers_from: Instant,
     /// Names this replica answered within the TTL, with the key (hex SPKI SHA-256).
     recent: Mutex<HashMap<DnsLabel, (String, Instant)>>,
+    /// K3s's server nodes, when this replica reads K3s's API: they keep their seats.
+    k3s_servers: KubeServers,
 }
 
 impl Join {
@@ -88,7 +91,14 @@ impl Join {
             limiter: FailureLimiter::default(),
             recent: Mutex::new(HashMap::new()),
             answers_from: Instant::now(),
+            k3s_servers: KubeServers::default(),
         }
+    }
+
+    /// Counts `servers` (K3s's server nodes, as the replica reads them) when placing joins.
+    pub fn counting_k3s_servers(mut self, servers: KubeServers) -> Join {
+        self.k3s_servers = servers;
+        self
     }
 
     /// Answers joins only `warmup` from now (`--join-warmup`).
@@ -392,10 +402,12 @@ async fn attempt(
     let grants = join.grants.clone();
     let own = join.node.as_ref().map(|n| n.as_str().to_owned());
     let name = node.as_str().to_owned();
+    let k3s_servers = join.k3s_servers.current();
     let role = tokio::task::spawn_blocking(move || {
         let seats = Seats {
             live_servers: &live,
             own: own.as_deref(),
+            k3s_servers: &k3s_servers,
             target,
         };
         grants.place(&name, &seats, now)

@@ -1,9 +1,11 @@
-//! The Kubernetes Services the mesh carries, read from K3s's API on this server node.
+//! What the replica reads from K3s's API on this server node: the Kubernetes Services the
+//! mesh carries, and K3s's server nodes.
 //!
-//! Every [`POLL`] the replica lists Namespaces, Services and EndpointSlices with the
-//! kubeconfig the supervisor keeps for it (`--kubeconfig`, a copy of K3s's admin
-//! kubeconfig) and [`compile`]s the Services of namespaces labelled
-//! `pimesh.dev/mesh=enabled` into the discovery document's `kube_services`.
+//! Every [`POLL`] the replica lists Namespaces, Services, EndpointSlices and Nodes with
+//! the kubeconfig the supervisor keeps for it (`--kubeconfig`, a copy of K3s's admin
+//! kubeconfig), [`compile`]s the Services of namespaces labelled
+//! `pimesh.dev/mesh=enabled` into the discovery document's `kube_services`, and keeps the
+//! control-plane nodes in [`KubeServers`] for the placement of joins (`grants`).
 //!
 //! Invariants: without a kubeconfig file (no K3s, or not yet started) the set is empty;
 //! when the API cannot be read the last set read stays (an edge site's API server
@@ -14,12 +16,12 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use pimesh_kube::objects::{
-    EndpointSlice, List, Namespace, Service, ServicePort, TargetPort, ENDPOINT_SLICES, NAMESPACES,
-    SERVICES,
+    EndpointSlice, List, Namespace, Node, Service, ServicePort, TargetPort, ENDPOINT_SLICES,
+    NAMESPACES, NODES, SERVICES,
 };
 use pimesh_kube::{ApiError, KubeClient, KubeconfigError};
 use pimesh_schema::cluster::Protocol;
@@ -144,6 +146,24 @@ fn protocol_of(app_protocol: Option<&str>) -> Protocol {
     }
 }
 
+/// K3s's server nodes (labelled control-plane, ready or not), as last read; empty without
+/// K3s. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct KubeServers(Arc<Mutex<BTreeSet<String>>>);
+
+impl KubeServers {
+    pub fn current(&self) -> BTreeSet<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, servers: BTreeSet<String>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = servers;
+    }
+}
+
 /// Why one poll read nothing.
 #[derive(Debug)]
 enum PollError {
@@ -191,7 +211,16 @@ impl Client {
     }
 }
 
-async fn read(client: &KubeClient) -> Result<Vec<KubeService>, PollError> {
+/// K3s's server nodes in a Node list.
+fn servers_of(nodes: &[Node]) -> BTreeSet<String> {
+    nodes
+        .iter()
+        .filter(|node| node.is_server())
+        .map(|node| node.metadata.name.clone())
+        .collect()
+}
+
+async fn read(client: &KubeClient) -> Result<(Vec<KubeService>, BTreeSet<String>), PollError> {
     let selector = format!(
         "{NAMESPACES}?labelSelector={}%3D{MESH_ENABLED}",
         escape(MESH_LABEL)
@@ -208,7 +237,14 @@ async fn read(client: &KubeClient) -> Result<Vec<KubeService>, PollError> {
         .get_json(ENDPOINT_SLICES, MAX_LIST_BYTES)
         .await
         .map_err(PollError::Api)?;
-    Ok(compile(&namespaces.items, &services.items, &slices.items))
+    let nodes: List<Node> = client
+        .get_json(NODES, MAX_LIST_BYTES)
+        .await
+        .map_err(PollError::Api)?;
+    Ok((
+        compile(&namespaces.items, &services.items, &slices.items),
+        servers_of(&nodes.items),
+    ))
 }
 
 /// `/` in a label key, escaped for a query string.
@@ -216,9 +252,15 @@ fn escape(key: &str) -> String {
     key.replace('/', "%2F")
 }
 
-/// Follows the meshed Services with the kubeconfig at `path` until the task is dropped,
-/// handing each new set to `discovery`.
-pub async fn follow(path: &Path, discovery: Arc<Discovery>, state: Arc<State>) {
+/// Follows the meshed Services and K3s's servers with the kubeconfig at `path` until the
+/// task is dropped, handing each new set of Services to `discovery` and the servers to
+/// `servers`.
+pub async fn follow(
+    path: &Path,
+    discovery: Arc<Discovery>,
+    state: Arc<State>,
+    servers: KubeServers,
+) {
     let mut client = Client {
         path: path.to_path_buf(),
         loaded: None,
@@ -229,12 +271,13 @@ pub async fn follow(path: &Path, discovery: Arc<Discovery>, state: Arc<State>) {
     loop {
         tick.tick().await;
         let result = match client.current() {
-            Ok(None) => Ok(Vec::new()),
+            Ok(None) => Ok((Vec::new(), BTreeSet::new())),
             Ok(Some(kube)) => read(kube).await,
             Err(err) => Err(err),
         };
         match result {
-            Ok(services) => {
+            Ok((services, k3s_servers)) => {
+                servers.set(k3s_servers);
                 if last_error.take().is_some() {
                     info!("the Kubernetes API answers again");
                 }
@@ -312,6 +355,18 @@ mod tests {
             "10.42.2.4:9999"
         );
         assert_eq!(compiled[0].protocol, Protocol::Auto);
+    }
+
+    #[test]
+    fn k3s_servers_are_its_control_plane_nodes_ready_or_not() {
+        let nodes = list::<Node>(
+            r#"{"items":[
+              {"metadata":{"name":"pi-a","labels":{"node-role.kubernetes.io/control-plane":"true"}}},
+              {"metadata":{"name":"pi-d","labels":{}}},
+              {"metadata":{"name":"pi-b","labels":{"node-role.kubernetes.io/control-plane":"true"}}}]}"#,
+        );
+        let servers: Vec<String> = servers_of(&nodes).into_iter().collect();
+        assert_eq!(servers, ["pi-a", "pi-b"]);
     }
 
     #[test]

@@ -141,10 +141,12 @@ async fn run(options: cli::Options) -> Result<(), Fatal> {
     state.reload("start", SystemTime::now());
     let discovery = Arc::new(Discovery::new(options.heartbeat_ttl));
     discovery.refresh(&state);
+    let k3s_servers = kube_services::KubeServers::default();
     let kube_services = options.kubeconfig.map(|path| {
         let discovery = Arc::clone(&discovery);
         let state = Arc::clone(&state);
-        tokio::spawn(async move { kube_services::follow(&path, discovery, state).await })
+        let servers = k3s_servers.clone();
+        tokio::spawn(async move { kube_services::follow(&path, discovery, state, servers).await })
     });
     let join = Arc::new(
         join_api::Join::new(
@@ -153,7 +155,8 @@ async fn run(options: cli::Options) -> Result<(), Fatal> {
             options.state_dir,
             options.heartbeat_ttl,
         )
-        .answering_after(options.join_warmup),
+        .answering_after(options.join_warmup)
+        .counting_k3s_servers(k3s_servers),
     );
     let server = tokio::spawn(server::serve(
         listener,

@@ -16,6 +16,10 @@ pub const NAMESPACES: &str = "/api/v1/namespaces";
 pub const SERVICES: &str = "/api/v1/services";
 /// `GET /apis/discovery.k8s.io/v1/endpointslices` (every namespace).
 pub const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+/// `GET /api/v1/nodes`.
+pub const NODES: &str = "/api/v1/nodes";
+/// The label K3s puts on its server nodes.
+pub const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -38,6 +42,22 @@ pub struct ObjectMeta {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Namespace {
     pub metadata: ObjectMeta,
+}
+
+/// A Node: its name and labels.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Node {
+    pub metadata: ObjectMeta,
+}
+
+impl Node {
+    /// A K3s server (labelled control-plane), ready or not.
+    pub fn is_server(&self) -> bool {
+        self.metadata
+            .labels
+            .get(CONTROL_PLANE_LABEL)
+            .is_some_and(|v| v == "true")
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
