@@ -23,15 +23,20 @@ Cases, in order (each builds on the site the previous ones left):
   2. each joined node's certificate is for its own name and its own key;
   3. a request from a client on pi-d to `web` on pi-a crosses both proxies with mTLS,
      and the allow list refuses the same request from pi-b (so the identity pi-a's proxy
-     saw is the caller's node);
+     saw is the caller's node); a Kubernetes Service that the site config's manifest
+     deploys (K3s servers only) is read from K3s's API by the control replicas and
+     reached at its cluster IP from pi-a, through pi-a's iptables redirect and both
+     proxies, at its endpoint on pi-c;
   4. one publish on the real central server (in the bridge's namespace, on the LAN's
-     first address) reaches every node, and each reports it;
+     first address) reaches every node, and each reports it (with its K3s); a revision
+     that changes `[k3s] disable` restarts each K3s server for its new config, in turn,
+     and leaves the agent's K3s alone;
   5. the init node is powered off: the other nodes' proxies keep renewing their leaves
      from the joined servers' replicas, a fifth card still joins the site, and a revision
      still applies on every live node;
   6. the init node is powered on again: it takes the revision it missed, its proxy learns
      the joined servers, and the nodes reach its service again, the one that joined while
-     it was off too;
+     it was off too; the site's K3s lists five nodes Ready, three servers and two agents;
   7. the agent's cable is pulled for longer than its leaf's life while a revision goes
      out, then plugged back in: the node takes a fresh leaf and the revision it missed,
      and reaches the service again, by itself;
@@ -80,7 +85,50 @@ BRIDGE_NET = "192.168.215"
 CENTRAL_PORT = 8443
 JOIN_TIMEOUT = float(os.environ.get("PIMESH_SITE_JOIN_TIMEOUT", "180"))
 LEAF_LIFETIME = 40
+# A Kubernetes Service of a namespace labelled for the mesh, as K3s's auto-deploy folder
+# takes it: a Service without a selector and its EndpointSlice, whose one endpoint (a
+# "pod" this test runs itself: the fixture runs no pods) listens at TRACKER_POD on pi-c.
+TRACKER_IP, TRACKER_POD = "10.43.100.10", "10.42.3.7"
+FLEET_MANIFEST = f"""apiVersion: v1
+kind: Namespace
+metadata:
+  name: fleet
+  labels:
+    pimesh.dev/mesh: enabled
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: tracker
+  namespace: fleet
+spec:
+  clusterIP: {TRACKER_IP}
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+    appProtocol: http
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: tracker-1
+  namespace: fleet
+  labels:
+    kubernetes.io/service-name: tracker
+addressType: IPv4
+ports:
+- name: http
+  port: 8080
+  protocol: TCP
+endpoints:
+- addresses: ["{TRACKER_POD}"]
+  nodeName: pi-c
+  conditions:
+    ready: true
+"""
 CLUSTER = ('site = "lab"\n\n[k3s]\nservers = 3\n\n'
+           f'[k3s.manifests]\nfleet = """\n{FLEET_MANIFEST}"""\n\n'
            '[services.web]\nport = 8080\nlocal_port = 18080\nnodes = ["pi-a"]\n'
            'allow = ["spiffe://lab/node/pi-d"]\n'
            '[services.echo]\nport = 8081\nlocal_port = 18081\nnodes = ["pi-c"]\n')
@@ -91,7 +139,8 @@ K3S_BIN = os.environ.get("K3S_BIN") or host_binary("k3s-fixture")
 CONTROL_DROPIN = ("[Service]\nExecStart=\nExecStart=/usr/bin/pimesh-control --replica %i "
                   f"--leaf-lifetime {LEAF_LIFETIME} $PIMESH_CONTROL_ARGS\n")
 # A tiny web app (the host's python3 in a node's network namespace: the root has none):
-# answers every GET with the text "web on <argv[1]>".
+# answers every GET with the text "web on <argv[1]>", on port argv[2] of address argv[3]
+# (127.0.0.1 when not given).
 WEB_APP = r"""
 import http.server, sys
 class H(http.server.BaseHTTPRequestHandler):
@@ -100,7 +149,8 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_response(200); self.send_header("content-length", str(len(body))); self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), H).serve_forever()
+host = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
+http.server.ThreadingHTTPServer((host, int(sys.argv[2])), H).serve_forever()
 """
 # Steady requests through the local proxy's service port, one every 50 ms, until the file
 # argv[2] exists (at most 20 minutes' worth): prints a JSON summary of what was answered.
@@ -521,9 +571,9 @@ def get_via_proxy(node, url):
 
 
 @contextlib.contextmanager
-def serving_web(node, name, port=8080):
+def serving_web(node, name, port=8080, host="127.0.0.1"):
     """The web app on `node` (in its network namespace) while the block runs."""
-    app = subprocess.Popen(["nsenter", "-t", str(node.leader), "-n", "python3", "-c", WEB_APP, name, str(port)],
+    app = subprocess.Popen(["nsenter", "-t", str(node.leader), "-n", "python3", "-c", WEB_APP, name, str(port), host],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield
@@ -567,9 +617,71 @@ def test_a_request_crosses_both_proxies_with_mtls_and_the_allow_list_sees_the_ca
         assert "tls_handshake" in metrics or "inbound" in metrics
 
 
+def proxy_metric(node, name, **labels):
+    """The sum of the proxy's metric `name` over the series with `labels`."""
+    total = 0.0
+    for line in node.http_get("http://127.0.0.1:4191/metrics")[1].splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        series, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_a_meshed_k3s_service_is_reached_from_another_node_through_both_proxies(site):
+    """The site config carries a manifest (a namespace labelled for the mesh, a Service
+    and its EndpointSlice with one endpoint on pi-c). Only the K3s servers get it in
+    their auto-deploy folder; the servers' control replicas read the Service from K3s's
+    API; a client on pi-a dials the Service's cluster IP, unchanged, and the supervisor's
+    iptables redirect hands the connection to pi-a's proxy, which carries it by mTLS to
+    pi-c's proxy, which delivers it to the endpoint's address on pi-c."""
+    nodes = site["nodes"]
+    a, c = nodes["pi-a"], nodes["pi-c"]
+    for name, node in nodes.items():
+        manifest = os.path.join(node.root, "var/lib/rancher/k3s/server/manifests/pimesh-fleet.yaml")
+        if name == "pi-a" or node.status()["join"]["role"] == "server":
+            assert node.wait_for(f"the fleet manifest in {name}'s auto-deploy folder",
+                                 lambda manifest=manifest: os.path.exists(manifest), timeout=60, interval=1)
+            with open(manifest) as f:
+                kinds = [doc["kind"] for doc in yaml.safe_load_all(f.read())]
+            assert kinds == ["Namespace", "Service", "EndpointSlice"], kinds
+        else:
+            assert not os.path.exists(manifest), f"{name} is an agent: K3s servers alone deploy manifests"
+    services = a.wait_for("the tracker Service in the K3s API",
+                          lambda: kube_get(a, "/api/v1/namespaces/fleet/services")["items"],
+                          timeout=60, interval=1)
+    assert services[0]["spec"]["clusterIP"] == TRACKER_IP, services
+    # The "pod": an address of pi-c's own (the fixture has no CNI) with the web app on it.
+    c.run(["ip", "addr", "add", f"{TRACKER_POD}/32", "dev", "lo"], check=False)
+    with serving_web(c, "tracker pod on pi-c", port=8080, host=TRACKER_POD):
+        answer = a.wait_for("the tracker Service answering pi-a at its cluster IP",
+                            lambda: (r := get_via_proxy(a, f"http://{TRACKER_IP}/positions")) and r[0] == 200 and r,
+                            timeout=120, interval=1)
+        assert answer[1] == "web on tracker pod on pi-c", answer
+        # Both proxies carried it: pi-a's outbound side and pi-c's inbound side count it.
+        sent = proxy_metric(a, "request_total", direction="outbound", dst_service="tracker.fleet")
+        received = proxy_metric(c, "request_total", direction="inbound", dst_service="tracker.fleet")
+        assert sent >= 1 and received >= 1, (sent, received)
+    # pi-a's nat table sends the Services' range to the proxy, never the proxy's own
+    # connections.
+    rules = a.run(["iptables", "-w", "-t", "nat", "-S"]).stdout
+    assert "10.43.0.0/16" in rules and "REDIRECT" in rules and "--uid-owner" in rules, rules
+
+
+# From this revision on, the site's K3s also disables servicelb: a `[k3s]` change that
+# K3s servers restart for (set by the case that publishes it).
+K3S_CHANGE = {"from_revision": None}
+K3S_DISABLE_MORE = '[k3s]\nservers = 3\ndisable = ["traefik", "servicelb"]\n'
+
+
 def revision_config(number):
     """The site configuration of revision `number`: the cards' one and a service of its own."""
-    return CLUSTER + f'\n[services.rev{number}]\nport = {9000 + number}\nnodes = ["pi-b"]\n'
+    config = CLUSTER
+    start = K3S_CHANGE["from_revision"]
+    if start is not None and number >= start:
+        config = config.replace("[k3s]\nservers = 3\n", K3S_DISABLE_MORE)
+    return config + f'\n[services.rev{number}]\nport = {9000 + number}\nnodes = ["pi-b"]\n'
 
 
 def publish(site):
@@ -605,8 +717,80 @@ def wait_revision(site, name, node, revision, timeout=180):
 
 def test_one_publish_reaches_every_node_and_each_reports_it(site):
     revision = publish(site)
+    central = site["keys"].central
     for name, node in site["nodes"].items():
         wait_revision(site, name, node, revision)
+        # The report carries the node's K3s (what `pimeshctl status` shows per node).
+        role = "server" if name == "pi-a" else node.status()["join"]["role"]
+        node_name = node.status()["node"]["name"]
+        k3s = node.wait_for(f"{name}'s K3s, ready, in its report at the central server",
+                            lambda node_name=node_name: (k := central.central_report(node_name).get("k3s"))
+                            and k["ready"] and k, timeout=120, interval=1)
+        assert k3s["role"] == role, (name, k3s)
+
+
+def k3s_unit_of(role):
+    return "k3s.service" if role == "server" else "k3s-agent.service"
+
+
+def journal_times(node, unit, text, since):
+    """When (Unix seconds) `unit` logged a message containing `text` since `since`."""
+    out = node.run(["journalctl", "-u", unit, "--no-pager", "-o", "json", "--since", f"@{int(since)}"],
+                   check=False).stdout
+    times = []
+    for line in out.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if text in str(entry.get("MESSAGE", "")):
+            times.append(int(entry["__REALTIME_TIMESTAMP"]) / 1e6)
+    return times
+
+
+def test_a_revision_that_changes_k3s_settings_restarts_each_k3s_server_in_turn(site):
+    """`[k3s] disable` changes over the air: every K3s server renders its new config and
+    restarts K3s for it, once its quorum guard lets it go down, and is ready again before
+    its health gate passes; an agent's config holds no such setting and its K3s keeps
+    running."""
+    nodes = site["nodes"]
+    roles = {name: "server" if name == "pi-a" else node.status()["join"]["role"]
+             for name, node in nodes.items()}
+    before = {name: nodes[name].main_pid(k3s_unit_of(role)) for name, role in roles.items()}
+    K3S_CHANGE["from_revision"] = site["keys"].central.revision + 1
+    published_at = time.time() - 1
+    revision = publish(site)
+    for name, node in nodes.items():
+        wait_revision(site, name, node, revision, timeout=600)
+    for name, role in roles.items():
+        node = nodes[name]
+        node.wait_for(f"K3s ready on {name}", lambda node=node: k3s_ready(node), timeout=180, interval=1)
+        config, _ = k3s_config(node)
+        pid = node.main_pid(k3s_unit_of(role))
+        if role == "server":
+            assert config["disable"] == ["traefik", "servicelb"], (name, config)
+            assert pid != before[name], f"{name}'s K3s server was not restarted for its new config"
+        else:
+            assert "disable" not in config, (name, config)
+            assert pid == before[name], f"{name}'s K3s agent was restarted for nothing"
+    # In turn: each server took the site's restart lease (a Lease in K3s's API) before its
+    # restart and gave it back once ready; no two held it at once.
+    held = {}
+    for name, role in roles.items():
+        if role != "server":
+            continue
+        node = nodes[name]
+        took = journal_times(node, "pimesh-supervisor.service", "took the site's K3s restart lease", published_at)
+        released = node.wait_for(
+            f"{name} gave the restart lease back",
+            lambda node=node: journal_times(node, "pimesh-supervisor.service",
+                                            "released the site's K3s restart lease", published_at),
+            timeout=60, interval=1)
+        assert took, f"{name} restarted its K3s server without the site's restart lease"
+        held[name] = (min(took), max(released))
+    spans = sorted(held.values())
+    for (_, first_end), (second_start, _) in zip(spans, spans[1:]):
+        assert first_end <= second_start, f"two servers held the restart lease at once: {held}"
 
 
 def leaf_not_after(node):
@@ -717,6 +901,20 @@ def test_the_init_node_returns_and_catches_up(site):
     with serving_web(a, "pi-a"):
         for name in ("pi-d", "pi-e"):
             web_answer(nodes[name], name, timeout=120)
+    # The site's K3s now has five nodes: three servers and two agents (pi-e joined as an
+    # agent while pi-a was off), every one Ready in the API of the returned init node.
+    e = nodes["pi-e"]
+    k3s = e.wait_for("K3s ready on pi-e", lambda: k3s_ready(e), timeout=180, interval=1)["k3s"]
+    assert (k3s["role"], k3s["unit"]) == ("agent", "k3s-agent.service"), k3s
+
+    def five_ready():
+        items = kube_get(a, "/api/v1/nodes")["items"]
+        ready = {n["metadata"]["name"] for n in items
+                 if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"]["conditions"])}
+        return ready >= set(nodes) and items
+    items = a.wait_for("all five nodes Ready in pi-a's K3s API", five_ready, timeout=180, interval=1)
+    servers = [n for n in items if n["metadata"]["labels"].get("node-role.kubernetes.io/control-plane") == "true"]
+    assert len(items) == 5 and len(servers) == 3, [n["metadata"]["name"] for n in servers]
 
 
 def test_a_node_cut_off_longer_than_its_leaf_life_comes_back_by_itself(site, figures):
