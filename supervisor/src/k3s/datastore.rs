@@ -264,9 +264,15 @@ impl Datastore {
         let devno = DevNo::from_st_dev(meta.dev());
         let mountinfo =
             std::fs::read_to_string(self.root.join("proc/self/mountinfo")).unwrap_or_default();
+        // The filesystem mounted whole whose mount point holds the folder (not the
+        // sandbox's bind of the folder itself).
         let mount = disks::mounts(&mountinfo)
             .into_iter()
-            .filter(|mount| mount.devno == devno && self.dir.starts_with(&mount.mount_point))
+            .filter(|mount| {
+                mount.devno == devno
+                    && mount.root == Path::new("/")
+                    && self.dir.starts_with(&mount.mount_point)
+            })
             .max_by_key(|mount| mount.mount_point.as_os_str().len());
         report.mounted_at = mount
             .as_ref()

@@ -60,6 +60,9 @@ impl fmt::Display for DevNo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {
     pub devno: DevNo,
+    /// The folder of the filesystem mounted: `/` for a filesystem mounted whole, a
+    /// sub-folder for a bind mount (as systemd makes for a sandbox's `ReadWritePaths=`).
+    pub root: PathBuf,
     pub mount_point: PathBuf,
     pub fstype: String,
     pub source: String,
@@ -75,6 +78,7 @@ pub fn mounts(mountinfo: &str) -> Vec<Mount> {
             let mut after = after.split(' ');
             Some(Mount {
                 devno: DevNo::parse(fields.get(2)?)?,
+                root: PathBuf::from(unescape(fields.get(3)?)),
                 mount_point: PathBuf::from(unescape(fields.get(4)?)),
                 fstype: after.next()?.to_owned(),
                 source: unescape(after.next()?),
@@ -108,9 +112,13 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The mount whose mount point is `dir` itself, if any.
+/// The filesystem mounted whole on `dir` itself, if any; a bind of a folder of another
+/// filesystem (the supervisor's own sandbox makes one on `/var/lib/rancher`) is not one.
 pub fn mounted_at<'a>(mounts: &'a [Mount], dir: &Path) -> Option<&'a Mount> {
-    mounts.iter().rev().find(|mount| mount.mount_point == dir)
+    mounts
+        .iter()
+        .rev()
+        .find(|mount| mount.mount_point == dir && mount.root == Path::new("/"))
 }
 
 /// How a candidate disk is attached.
@@ -759,6 +767,12 @@ mod tests {
         assert!(
             matches!(decide(&inputs).plan, Plan::SdCard { note } if note.contains("no valid seed"))
         );
+        // The sandbox's own bind of the folder (ReadWritePaths=) is no mount of a disk.
+        let sandbox = mounts(
+            "22 1 254:2 / / ro,noatime - ext4 /dev/vda2 rw\n\
+             50 22 254:2 /var/lib/rancher /var/lib/rancher rw,nosuid - ext4 /dev/vda2 rw\n",
+        );
+        assert_eq!(mounted_at(&sandbox, Path::new("/var/lib/rancher")), None);
         let all =
             mounts("40 22 259:0 / /var/lib/rancher rw,noatime shared:20 - ext4 /dev/nvme0n1 rw\n");
         inputs.mounted = mounted_at(&all, Path::new("/var/lib/rancher"));
