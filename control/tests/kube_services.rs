@@ -14,41 +14,10 @@ use pimesh_test_support::{path_str, temp_dir, Daemon, Site};
 
 const SITE: &str = "depot-7";
 
-const MESHED: &str = "apiVersion: v1
-kind: Namespace
-metadata:
-  name: fleet
-  labels:
-    pimesh.dev/mesh: enabled
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: tracker
-  namespace: fleet
-spec:
-  clusterIP: 10.43.100.10
-  ports:
-  - name: http
-    port: 80
-    targetPort: 8080
-    appProtocol: http
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: tracker-1
-  namespace: fleet
-  labels:
-    kubernetes.io/service-name: tracker
-addressType: IPv4
-ports:
-- name: http
-  port: 8080
-endpoints:
-- addresses: [10.42.3.7]
-  nodeName: pi-c
----
+/// The fleet manifest every K3s test deploys (the meshed namespace `fleet`).
+const FLEET: &str = include_str!("../../tests/k3s/fleet.yaml");
+/// A namespace not labelled for the mesh, with a Service.
+const PLAIN: &str = "---
 apiVersion: v1
 kind: Namespace
 metadata:
@@ -91,7 +60,11 @@ fn a_replica_streams_the_meshed_services_that_k3s_serves() {
     let data = dir.join("k3s");
     let manifests = data.join("server/manifests");
     std::fs::create_dir_all(&manifests).unwrap();
-    std::fs::write(manifests.join("pimesh-fleet.yaml"), MESHED).unwrap();
+    std::fs::write(
+        manifests.join("pimesh-fleet.yaml"),
+        format!("{FLEET}{PLAIN}"),
+    )
+    .unwrap();
     std::fs::write(dir.join("k3s-config.yaml"), "").unwrap();
     let kubeconfig = dir.join("k3s.yaml");
 

@@ -9,44 +9,8 @@ mod common;
 use common::{kube_client, port, server_args, strs, NodeDir};
 use serde_json::Value;
 
-const FLEET: &str = "apiVersion: v1
-kind: Namespace
-metadata:
-  name: fleet
-  labels:
-    pimesh.dev/mesh: enabled
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: tracker
-  namespace: fleet
-spec:
-  clusterIP: 10.43.100.10
-  ports:
-  - name: http
-    port: 80
-    targetPort: 8080
-    appProtocol: http
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: tracker-1
-  namespace: fleet
-  labels:
-    kubernetes.io/service-name: tracker
-addressType: IPv4
-ports:
-- name: http
-  port: 8080
-  protocol: TCP
-endpoints:
-- addresses: [\"10.42.3.7\"]
-  nodeName: pi-c
-  conditions:
-    ready: true
-";
+/// The fleet manifest every K3s test deploys.
+const FLEET: &str = include_str!("../../tests/k3s/fleet.yaml");
 
 const EXTRA: &str = "---
 apiVersion: apps/v1

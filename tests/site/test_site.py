@@ -89,44 +89,8 @@ LEAF_LIFETIME = 40
 # takes it: a Service without a selector and its EndpointSlice, whose one endpoint (a
 # "pod" this test runs itself: the fixture runs no pods) listens at TRACKER_POD on pi-c.
 TRACKER_IP, TRACKER_POD = "10.43.100.10", "10.42.3.7"
-FLEET_MANIFEST = f"""apiVersion: v1
-kind: Namespace
-metadata:
-  name: fleet
-  labels:
-    pimesh.dev/mesh: enabled
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: tracker
-  namespace: fleet
-spec:
-  clusterIP: {TRACKER_IP}
-  ports:
-  - name: http
-    port: 80
-    targetPort: 8080
-    appProtocol: http
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: tracker-1
-  namespace: fleet
-  labels:
-    kubernetes.io/service-name: tracker
-addressType: IPv4
-ports:
-- name: http
-  port: 8080
-  protocol: TCP
-endpoints:
-- addresses: ["{TRACKER_POD}"]
-  nodeName: pi-c
-  conditions:
-    ready: true
-"""
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "k3s", "fleet.yaml")) as f:
+    FLEET_MANIFEST = "".join(line for line in f if not line.startswith("#"))
 CLUSTER = ('site = "lab"\n\n[k3s]\nservers = 3\n\n'
            f'[k3s.manifests]\nfleet = """\n{FLEET_MANIFEST}"""\n\n'
            '[services.web]\nport = 8080\nlocal_port = 18080\nnodes = ["pi-a"]\n'
