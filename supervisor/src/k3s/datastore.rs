@@ -110,14 +110,23 @@ impl Datastore {
     /// Settles the datastore (see the module doc), calls `settled` (which places K3s
     /// again), then probes the folder's disk every [`fsync::EVERY`], for ever.
     pub async fn run(self, status: StatusHandle, settled: Box<dyn FnOnce() + Send>) {
-        let mut report = if self.on_node {
-            self.settle(&status).await
-        } else {
+        let mut report = if !self.on_node {
             DatastoreReport {
                 state: "off-node",
                 note: Some("no disk is chosen off a node (--no-node-setup)".into()),
                 ..DatastoreReport::default()
             }
+        } else if in_container() {
+            // A container sees its host's /sys/block: those disks are not its own.
+            DatastoreReport {
+                state: "off-node",
+                note: Some(
+                    "no disk is chosen in a container (its host's disks are not the node's)".into(),
+                ),
+                ..DatastoreReport::default()
+            }
+        } else {
+            self.settle(&status).await
         };
         self.gate.open();
         self.locate(&mut report);
@@ -360,6 +369,12 @@ fn whole_disk(root: &Path, devno: DevNo) -> Option<String> {
         &dir
     };
     disk.file_name()?.to_str().map(str::to_owned)
+}
+
+/// Whether this system runs in a container (systemd writes `/run/systemd/container` in
+/// one, nspawn's included).
+fn in_container() -> bool {
+    Path::new("/run/systemd/container").exists()
 }
 
 #[cfg(test)]
