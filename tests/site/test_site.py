@@ -343,6 +343,23 @@ def memory_mib(node, unit):
     return round(int(rss) / 1024, 1) if rss else None
 
 
+def cpu_percent(node, unit):
+    """The share of one core the unit's main process used since it started (its
+    /proc/PID/stat times over its age), or None."""
+    pid = node.main_pid(unit)
+    if not pid:
+        return None
+    stat = node.run(["cat", f"/proc/{pid}/stat"], check=False).stdout
+    uptime = node.run(["cat", "/proc/uptime"], check=False).stdout.split()
+    fields = stat.rsplit(")", 1)[-1].split()
+    if len(fields) < 20 or not uptime:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    used = (int(fields[11]) + int(fields[12])) / ticks
+    age = float(uptime[0]) - int(fields[19]) / ticks
+    return round(100 * used / age, 2) if age > 0 else None
+
+
 def test_the_cards_form_a_site_by_themselves(site, figures):
     nodes = site["nodes"]
     a = nodes["pi-a"]
@@ -458,6 +475,9 @@ def test_k3s_runs_on_every_node_configured_for_its_role_and_the_cluster_lists_th
             assert set(config) == {"server", "token", "node-name", "node-ip"}, config
         figures[f"site_{name}_{role}_supervisor_start_to_k3s_ready_s_fixture"] = round(
             time.time() - status["started_at"], 1)
+        # The supervisor's cost with K3s managed (its quorum and readiness checks included).
+        figures[f"site_{name}_{role}_supervisor_cpu_percent_with_k3s"] = cpu_percent(node, "pimesh-supervisor.service")
+        figures[f"site_{name}_{role}_supervisor_memory_mib_with_k3s"] = memory_mib(node, "pimesh-supervisor.service")
     # The token never travels on the card.
     for node in nodes.values():
         with open(os.path.join(node.root, "boot/firmware/pimesh.toml")) as f:
