@@ -46,7 +46,7 @@ impl Default for Options {
             config: PathBuf::from("/etc/pimesh/cluster.toml"),
             identity_dir: None,
             inbound_addr: SocketAddr::from(([0, 0, 0, 0], 4143)),
-            outbound_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 4140)),
+            outbound_addr: SocketAddr::from(([0, 0, 0, 0], 4140)),
             local_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             control: Vec::new(),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
@@ -76,8 +76,10 @@ struct Cli {
     /// mTLS from other nodes' proxies
     #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:4143")]
     inbound_addr: SocketAddr,
-    /// The HTTP proxy port for local apps and iptables redirects
-    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:4140")]
+    /// The HTTP proxy port for local apps, and the target of iptables redirects (from this
+    /// node's processes and from its pods' bridge): on another address than loopback only
+    /// redirected connections are served
+    #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:4140")]
     outbound_addr: SocketAddr,
     /// Where services' local ports listen
     #[arg(long, value_name = "IP", default_value = "127.0.0.1")]

@@ -601,6 +601,45 @@ def test_a_request_crosses_both_proxies_with_mtls_and_the_allow_list_sees_the_ca
         assert "tls_handshake" in metrics or "inbound" in metrics
 
 
+# Sends a plain HTTP request to argv[1]:argv[2] and prints what came back (the host's
+# python3 in a node's network namespace): nothing, when the other side just closes.
+RAW_HTTP = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"GET / HTTP/1.1\r\nHost: tracker.fleet.svc.cluster.local\r\n\r\n")
+got = b""
+try:
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+except OSError:
+    pass
+print(repr(got))
+"""
+
+
+@contextlib.contextmanager
+def pod_on(node, address, gateway):
+    """A "pod" of `node`: a network namespace of its own, wired to the node by a veth whose
+    node end is the pods' bridge `cni0` (`gateway`/24), as K3s's flannel would wire one
+    (the fixture runs no pods). Yields the namespace's name."""
+    ns = f"pm-pod-{uuid.uuid4().hex[:6]}"
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "-n", node.netns, "link", "add", "cni0", "type", "veth", "peer", "name", "eth0", "netns", ns)
+        sh("ip", "-n", node.netns, "addr", "add", f"{gateway}/24", "dev", "cni0")
+        sh("ip", "-n", node.netns, "link", "set", "cni0", "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "route", "add", "default", "via", gateway)
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
 def proxy_metric(node, name, **labels):
     """The sum of the proxy's metric `name` over the series with `labels`."""
     total = 0.0
@@ -619,7 +658,9 @@ def test_a_meshed_k3s_service_is_reached_from_another_node_through_both_proxies(
     their auto-deploy folder; the servers' control replicas read the Service from K3s's
     API; a client on pi-a dials the Service's cluster IP, unchanged, and the supervisor's
     iptables redirect hands the connection to pi-a's proxy, which carries it by mTLS to
-    pi-c's proxy, which delivers it to the endpoint's address on pi-c."""
+    pi-c's proxy, which delivers it to the endpoint's address on pi-c. A pod of pi-a
+    (behind the pods' bridge) gets the same; a host of the LAN that dials pi-a's outbound
+    port gets nothing."""
     nodes = site["nodes"]
     a, c = nodes["pi-a"], nodes["pi-c"]
     for name, node in nodes.items():
@@ -647,10 +688,26 @@ def test_a_meshed_k3s_service_is_reached_from_another_node_through_both_proxies(
         sent = proxy_metric(a, "request_total", direction="outbound", dst_service="tracker.fleet")
         received = proxy_metric(c, "request_total", direction="inbound", dst_service="tracker.fleet")
         assert sent >= 1 and received >= 1, (sent, received)
+        # A pod of pi-a (behind the pods' bridge cni0) dials the cluster IP too: redirected
+        # as it comes in, it goes the same way.
+        with pod_on(a, "10.42.9.5", "10.42.9.1") as pod:
+            out = subprocess.run(["ip", "netns", "exec", pod, "python3", "-c", GET_LOCAL,
+                                  f"http://{TRACKER_IP}/from-a-pod"],
+                                 capture_output=True, text=True, timeout=40).stdout.strip()
+            assert out == "200 web on tracker pod on pi-c", out
+        assert proxy_metric(a, "request_total", direction="outbound", dst_service="tracker.fleet") > sent
+        # A host of the LAN (pi-b) that dials pi-a's outbound port gets nothing: the port
+        # serves only this node's processes and redirected connections.
+        b = nodes["pi-b"]
+        answer = subprocess.run(["nsenter", "-t", str(b.leader), "-n", "python3", "-c", RAW_HTTP,
+                                 Lan.address(a.netns), "4140"],
+                                capture_output=True, text=True, timeout=40)
+        assert answer.stdout.strip() == "b''", (answer.stdout, answer.stderr)
     # pi-a's nat table sends the Services' range to the proxy, never the proxy's own
-    # connections.
+    # connections, and from the pods' bridge only among what comes in.
     rules = a.run(["iptables", "-w", "-t", "nat", "-S"]).stdout
     assert "10.43.0.0/16" in rules and "REDIRECT" in rules and "--uid-owner" in rules, rules
+    assert "-A PREROUTING -d 10.43.0.0/16 -i cni0 -p tcp -j PIMESH-K3S-SERVICES" in rules, rules
 
 
 # From this revision on, the site's K3s also disables servicelb: a `[k3s]` change that

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use pimesh_runtime::serve::Acceptor;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::routes::{RouteTable, ServiceRoute};
 use crate::context::Context;
@@ -51,6 +51,11 @@ pub async fn inbound_loop(listener: TcpListener, context: Arc<Context>, drain: d
 /// Accepts on the outbound port (`entry` None) or a service's local port until the task
 /// is dropped. On the outbound port a connection that iptables redirected is routed by
 /// the address its client dialled.
+///
+/// Invariant: on the outbound port, a connection that was not redirected is served only
+/// when it came to a loopback address: the port listens on every address so that a
+/// redirect from the pods' bridge reaches it, and a host of the LAN that dials it
+/// directly gets nothing (it would otherwise call the mesh with this node's identity).
 pub async fn outbound_loop(
     listener: TcpListener,
     binding: Option<String>,
@@ -59,16 +64,24 @@ pub async fn outbound_loop(
 ) {
     let mut acceptor = Acceptor::new(listener, "outbound");
     loop {
-        let Some((stream, _peer)) = acceptor.accept().await else {
-            continue;
-        };
-        let Some(admitted) = context.admit(Direction::Outbound) else {
+        let Some((stream, peer)) = acceptor.accept().await else {
             continue;
         };
         let entry = match (&binding, original_dst(&stream)) {
             (Some(service), _) => Entry::Binding(service.clone()),
             (None, Some(dst)) => Entry::Intercepted(dst),
-            (None, None) => Entry::HttpProxy,
+            (None, None) if dialled_loopback(&stream) => Entry::HttpProxy,
+            (None, None) => {
+                debug!(%peer, "outbound port dialled from off the node: refused");
+                context
+                    .metrics
+                    .connections
+                    .rejected(Direction::Outbound, "not_local");
+                continue;
+            }
+        };
+        let Some(admitted) = context.admit(Direction::Outbound) else {
+            continue;
         };
         tokio::spawn(outbound::serve(
             Arc::clone(&context),
@@ -78,6 +91,13 @@ pub async fn outbound_loop(
             drain.clone(),
         ));
     }
+}
+
+/// Whether the client dialled a loopback address (so it runs on this node).
+fn dialled_loopback(stream: &tokio::net::TcpStream) -> bool {
+    stream
+        .local_addr()
+        .is_ok_and(|local| local.ip().to_canonical().is_loopback())
 }
 
 /// The listeners of services' local ports: `(port, service)` → accept task.

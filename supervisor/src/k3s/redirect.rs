@@ -1,28 +1,31 @@
-//! Connections from this node to a Kubernetes Service address go through the mesh proxy:
-//! in table `nat`, a chain [`CHAIN`] holds one rule,
+//! Connections to a Kubernetes Service address, from this node's processes and from its
+//! pods, go through the mesh proxy: in table `nat`, a chain [`CHAIN`] holds one rule,
 //! `-p tcp -d <service_cidr> -j REDIRECT --to-ports 4140` (the proxy's outbound port,
-//! [`PROXY_OUTBOUND_PORT`]), and the first rule of `OUTPUT` jumps to it,
-//! `-p tcp -d <service_cidr> -m owner ! --uid-owner pimesh-proxy -j PIMESH-K3S-SERVICES`.
-//! The proxy reads the original destination (`SO_ORIGINAL_DST`) and routes by it.
+//! [`PROXY_OUTBOUND_PORT`]); the first rule of `OUTPUT` jumps to it,
+//! `-p tcp -d <service_cidr> -m owner ! --uid-owner pimesh-proxy -j PIMESH-K3S-SERVICES`,
+//! and so does the first rule of `PREROUTING` for what arrives from the pods' bridge
+//! ([`POD_BRIDGE`], K3s's flannel bridge), `-i cni0 -p tcp -d <service_cidr> -j ...`: a
+//! redirect there lands on the bridge's own address, where the proxy's outbound port
+//! listens too (it serves a connection on another address than loopback only when a
+//! redirect brought it). The proxy reads the original destination (`SO_ORIGINAL_DST`)
+//! and routes by it.
 //!
 //! Invariants:
 //! - the proxy's own connections are never redirected (the owner match), so it can reach
 //!   a Service address itself without a loop;
-//! - the jump is `OUTPUT`'s first rule, ahead of kube-proxy's `KUBE-SERVICES` (which would
-//!   DNAT the address to a pod first); kube-proxy only adds its jump when it is missing, so
-//!   the two never fight;
+//! - each jump is its parent chain's first rule, ahead of kube-proxy's `KUBE-SERVICES`
+//!   (which would DNAT the address to a pod first); kube-proxy only adds its jump when it
+//!   is missing, so the two never fight;
+//! - nothing from another interface than the pods' bridge is redirected: a host of the
+//!   LAN cannot reach the proxy's outbound side through a Service address;
 //! - [`Iptables::install`] is idempotent and cheap when nothing changed: the chain is made
 //!   when missing, flushed and refilled only when it holds anything but the one rule, and
 //!   the jump inserted only when `iptables -C` finds it absent or it is not first (a jump
 //!   for another range, left by an earlier `service_cidr`, is deleted);
-//!   [`Iptables::remove`] takes the jump and the chain away, touching no other rule;
+//!   [`Iptables::remove`] takes the jumps and the chain away, touching no other rule;
 //! - every `iptables` call runs with `-w` (the xtables lock) and a timeout
 //!   ([`TIMEOUT`]); a missing or failing `iptables` is an error for the status, never a
 //!   crash.
-//!
-//! Out of scope: no `PREROUTING` rule. Pods' traffic to a Service arrives on the CNI
-//! bridge, and a redirect there would need the proxy to listen on that bridge's address;
-//! pods reach Services through kube-proxy as usual.
 
 use std::fmt;
 use std::io::Read as _;
@@ -35,6 +38,11 @@ pub use pimesh_schema::cluster::PROXY_OUTBOUND_PORT;
 
 /// The chain of the redirect, in table `nat`.
 pub const CHAIN: &str = "PIMESH-K3S-SERVICES";
+/// The bridge of the node's pods (K3s's flannel CNI makes it).
+pub const POD_BRIDGE: &str = "cni0";
+/// The chains that jump to [`CHAIN`]: connections made on the node, and those that come in
+/// (from the pods' bridge).
+pub const PARENTS: [&str; 2] = ["OUTPUT", "PREROUTING"];
 /// The proxy's system user (`systemd/pimesh.sysusers`).
 pub const PROXY_USER: &str = "pimesh-proxy";
 /// The longest one `iptables` call may take.
@@ -78,13 +86,17 @@ impl Rules {
         ])
     }
 
-    /// The jump, as it follows `-I OUTPUT 1`.
-    pub fn jump_rule(&self) -> Vec<String> {
+    /// The jump from `parent` (one of [`PARENTS`]), as it follows `-I <parent> 1`.
+    pub fn jump_rule(&self, parent: &str) -> Vec<String> {
+        let cidr = self.service_cidr.to_string();
+        if parent == "PREROUTING" {
+            return strings(&["-i", POD_BRIDGE, "-p", "tcp", "-d", &cidr, "-j", CHAIN]);
+        }
         strings(&[
             "-p",
             "tcp",
             "-d",
-            &self.service_cidr.to_string(),
+            &cidr,
             "-m",
             "owner",
             "!",
@@ -114,12 +126,13 @@ fn command(verb: &str, chain: &str, rule: &[String]) -> Vec<String> {
     args
 }
 
-/// The lines of an `iptables -S OUTPUT` listing that jump to [`CHAIN`].
-pub fn jumps_in(listing: &str) -> Vec<&str> {
+/// The lines of an `iptables -S <parent>` listing that jump to [`CHAIN`].
+pub fn jumps_in<'a>(listing: &'a str, parent: &str) -> Vec<&'a str> {
+    let prefix = format!("-A {parent} ");
     listing
         .lines()
         .map(str::trim)
-        .filter(|line| line.starts_with("-A OUTPUT "))
+        .filter(|line| line.starts_with(&prefix))
         .filter(|line| {
             line.split_whitespace()
                 .collect::<Vec<_>>()
@@ -128,17 +141,18 @@ pub fn jumps_in(listing: &str) -> Vec<&str> {
         .collect()
 }
 
-/// Whether the first rule of an `iptables -S OUTPUT` listing jumps to [`CHAIN`].
-pub fn jump_is_first(listing: &str) -> bool {
+/// Whether the first rule of an `iptables -S <parent>` listing jumps to [`CHAIN`].
+pub fn jump_is_first(listing: &str, parent: &str) -> bool {
+    let prefix = format!("-A {parent} ");
     let first = listing
         .lines()
         .map(str::trim)
-        .find(|line| line.starts_with("-A OUTPUT "));
-    first.is_some_and(|line| jumps_in(line).len() == 1)
+        .find(|line| line.starts_with(&prefix));
+    first.is_some_and(|line| jumps_in(line, parent).len() == 1)
 }
 
-/// The arguments that delete the rule of listing line `line` (`-A OUTPUT ...` becomes
-/// `-D OUTPUT ...`); the rules this module lists hold no quoted words.
+/// The arguments that delete the rule of listing line `line` (`-A <chain> ...` becomes
+/// `-D <chain> ...`); the rules this module lists hold no quoted words.
 pub fn delete_args(line: &str) -> Option<Vec<String>> {
     let rest = line.trim().strip_prefix("-A ")?;
     let mut args = vec!["-D".to_owned()];
@@ -242,34 +256,38 @@ impl Iptables {
             self.must(&command("-A", CHAIN, &redirect))?;
             changed = true;
         }
-        let jump = rules.jump_rule();
-        let output = self.must(&strings(&["-S", "OUTPUT"]))?;
-        let jumps = jumps_in(&output.stdout);
-        let in_place = jumps.len() == 1
-            && jump_is_first(&output.stdout)
-            && self.present(&command("-C", "OUTPUT", &jump))?;
-        if !in_place {
-            for line in jumps {
-                if let Some(args) = delete_args(line) {
-                    self.must(&args)?;
+        for parent in PARENTS {
+            let jump = rules.jump_rule(parent);
+            let listing = self.must(&strings(&["-S", parent]))?;
+            let jumps = jumps_in(&listing.stdout, parent);
+            let in_place = jumps.len() == 1
+                && jump_is_first(&listing.stdout, parent)
+                && self.present(&command("-C", parent, &jump))?;
+            if !in_place {
+                for line in jumps {
+                    if let Some(args) = delete_args(line) {
+                        self.must(&args)?;
+                    }
                 }
+                let mut insert = strings(&["-I", parent, "1"]);
+                insert.extend(jump);
+                self.must(&insert)?;
+                changed = true;
             }
-            let mut insert = strings(&["-I", "OUTPUT", "1"]);
-            insert.extend(jump);
-            self.must(&insert)?;
-            changed = true;
         }
         Ok(changed)
     }
 
-    /// Takes the jump and the chain away, when there. Returns whether anything changed.
+    /// Takes the jumps and the chain away, when there. Returns whether anything changed.
     pub fn remove(&self) -> Result<bool, RedirectError> {
         let mut changed = false;
-        let output = self.must(&strings(&["-S", "OUTPUT"]))?;
-        for line in jumps_in(&output.stdout) {
-            if let Some(args) = delete_args(line) {
-                self.must(&args)?;
-                changed = true;
+        for parent in PARENTS {
+            let listing = self.must(&strings(&["-S", parent]))?;
+            for line in jumps_in(&listing.stdout, parent) {
+                if let Some(args) = delete_args(line) {
+                    self.must(&args)?;
+                    changed = true;
+                }
             }
         }
         if self.call(&strings(&["-S", CHAIN]))?.code == Some(0) {
@@ -385,15 +403,20 @@ mod tests {
             "-p tcp -d 10.43.0.0/16 -j REDIRECT --to-ports 4140"
         );
         assert_eq!(
-            node.jump_rule().join(" "),
+            node.jump_rule("OUTPUT").join(" "),
             "-p tcp -d 10.43.0.0/16 -m owner ! --uid-owner pimesh-proxy -j PIMESH-K3S-SERVICES"
+        );
+        // From the pods' bridge only: nothing that arrives from the LAN is redirected.
+        assert_eq!(
+            node.jump_rule("PREROUTING").join(" "),
+            "-i cni0 -p tcp -d 10.43.0.0/16 -j PIMESH-K3S-SERVICES"
         );
         assert_eq!(
             nat(&command("-A", CHAIN, &node.redirect_rule())).join(" "),
             "-w 5 -t nat -A PIMESH-K3S-SERVICES -p tcp -d 10.43.0.0/16 -j REDIRECT --to-ports 4140"
         );
         assert_eq!(
-            rules("10.96.0.0/12", "997").jump_rule()[..4].join(" "),
+            rules("10.96.0.0/12", "997").jump_rule("OUTPUT")[..4].join(" "),
             "-p tcp -d 10.96.0.0/12"
         );
     }
@@ -407,14 +430,18 @@ mod tests {
 -A OUTPUT -d 10.43.0.0/16 -p tcp -m owner ! --uid-owner 997 -j PIMESH-K3S-SERVICES
 -A OUTPUT -j PIMESH-K3S-SERVICES-NOT
 ";
-        let jumps = jumps_in(listing);
+        let jumps = jumps_in(listing, "OUTPUT");
         assert_eq!(jumps.len(), 2);
-        assert!(jump_is_first(listing));
-        assert!(!jump_is_first(&listing.replacen(
-            "-A OUTPUT -d 10.44",
-            "-A OUTPUT -j KUBE-SERVICES\n-A OUTPUT -d 10.44",
-            1
-        )));
+        assert!(jumps_in(listing, "PREROUTING").is_empty());
+        assert!(jump_is_first(listing, "OUTPUT"));
+        assert!(!jump_is_first(
+            &listing.replacen(
+                "-A OUTPUT -d 10.44",
+                "-A OUTPUT -j KUBE-SERVICES\n-A OUTPUT -d 10.44",
+                1
+            ),
+            "OUTPUT"
+        ));
         assert_eq!(
             delete_args(jumps[0]).expect("a rule").join(" "),
             "-D OUTPUT -d 10.44.0.0/16 -p tcp -m owner ! --uid-owner 997 -j PIMESH-K3S-SERVICES"
@@ -469,6 +496,12 @@ mod tests {
             );
             assert!(
                 after_install.contains(
+                    "-A PREROUTING -d 10.43.0.0/16 -i cni0 -p tcp -j PIMESH-K3S-SERVICES"
+                ),
+                "{after_install}"
+            );
+            assert!(
+                after_install.contains(
                     "-A PIMESH-K3S-SERVICES -d 10.43.0.0/16 -p tcp -j REDIRECT --to-ports 4140"
                 ),
                 "{after_install}"
@@ -510,7 +543,8 @@ mod tests {
             assert!(iptables.install(&second).expect("moved"));
             let moved = listing();
             assert!(!moved.contains("10.43.0.0/16"), "{moved}");
-            assert_eq!(jumps_in(&moved).len(), 1, "{moved}");
+            assert_eq!(jumps_in(&moved, "OUTPUT").len(), 1, "{moved}");
+            assert_eq!(jumps_in(&moved, "PREROUTING").len(), 1, "{moved}");
 
             assert!(iptables.remove().expect("removed"));
             let removed = listing();
