@@ -199,7 +199,7 @@ class TestTroubledNode:
                           lambda: troubled.unit_status(unit)["escalation"] == "reboot-refused", timeout=90)
         report = troubled.unit_status(unit)
         assert "allow_reboot is false" in report["last_action"]["reason"]
-        # Why it fails is in the status: the last lines it logged, read when the heals began.
+        # Why it fails is in the status: the last lines it logged, read as it is healed.
         assert any("unknown flag --no-such-flag" in line for line in report["last_log"]), report["last_log"]
         log = troubled.journal("pimesh-supervisor.service")
         assert "reset-failed-and-start" in log

@@ -102,8 +102,8 @@ pub struct UnitReport {
     pub action_counts: BTreeMap<&'static str, u64>,
     /// Why the unit cannot be managed (e.g. it does not exist).
     pub error: Option<String>,
-    /// The last lines the unit logged (its journal), read when its current or last
-    /// failure episode began; empty before any heal.
+    /// The last lines the unit logged (its journal), read at its last heal after a
+    /// failure or a hang; empty before any.
     pub last_log: Vec<String>,
 }
 

@@ -1,4 +1,5 @@
-//! The last lines a unit wrote to the journal, for the status of a unit being healed:
+//! The last lines a unit wrote to the journal, for the status of a unit being healed
+//! after it failed or hung:
 //! why K3s (or any unit) exited is in its own log, and an operator reading `/status`
 //! should not need a shell on the node to see it.
 //!

@@ -475,8 +475,15 @@ impl Keeper {
             decision.action.name(),
             decision.reason
         );
-        // The first heal of an episode: why the unit failed is in what it logged last.
-        if unit.healer.attempts <= 1 {
+        // Why a unit failed (or hangs) is in what it logged last: read at each heal of a
+        // unit that failed or is restarted (a first start of a unit that never ran has
+        // nothing to say), at most once per backoff.
+        let failed = unit.healer.state.as_ref().is_some_and(|state| {
+            state.active_state == "failed"
+                || state.n_restarts > 0
+                || !matches!(state.result.as_str(), "" | "success")
+        });
+        if failed || decision.action == Action::Restart {
             self.heartbeat.beat();
             let lines = journal::last_lines(name).await;
             self.heartbeat.beat();
