@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::config::routes::{RouteTable, ServiceRoute};
+use crate::config::routes::{App, RouteTable, ServiceRoute};
 use crate::context::Context;
 use crate::telemetry::trace;
 use crate::transport::mesh_http::{
@@ -25,8 +25,12 @@ pub async fn deliver(
     table: &RouteTable,
     request: Request<Incoming>,
     route: &Arc<ServiceRoute>,
-    app: SocketAddr,
+    app: App,
 ) -> Response<Body> {
+    let App {
+        addr: app,
+        authority,
+    } = app;
     let started = Instant::now();
     route.inbound.request();
     let (mut parts, body) = request.into_parts();
@@ -53,17 +57,6 @@ pub async fn deliver(
             }
         }
     }
-    let Some(authority) = route
-        .apps
-        .iter()
-        .find(|candidate| candidate.addr == app)
-        .map(|candidate| candidate.authority.clone())
-    else {
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("service {} does not run at {app}", route.name),
-        );
-    };
     parts.uri = match mesh_http::rebase(&parts.uri, authority) {
         Ok(uri) => uri,
         Err(err) => {

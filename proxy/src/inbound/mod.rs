@@ -141,7 +141,7 @@ async fn handle(
             ),
         );
     };
-    let Some(app) = route.local_app().map(|app| app.addr) else {
+    let Some(app) = route.local_app().cloned() else {
         return context.refuse(
             Direction::Inbound,
             "not_placed_here",
@@ -161,7 +161,7 @@ async fn handle(
         );
     }
     if request.method() == Method::CONNECT {
-        return open_tunnel(request, &route, app).await;
+        return open_tunnel(request, &route, app.addr).await;
     }
     deliver(&context, &table, request, &route, app).await
 }
