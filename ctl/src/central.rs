@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pimesh_revision::{path, FleetView, Mode, Revision, SignError};
-use pimesh_schema::cluster::ClusterConfig;
 use pimesh_schema::{ConfigError, DnsLabel};
 use reqwest::blocking::Client;
 use reqwest::StatusCode;
@@ -198,11 +197,10 @@ pub fn publish(
     revision: Option<u64>,
     try_mode: bool,
 ) -> Result<(), CentralError> {
-    let text = std::fs::read_to_string(file).map_err(|source| CentralError::Read {
-        path: file.to_path_buf(),
-        source,
-    })?;
-    let config = ClusterConfig::parse(file, &text).map_err(CentralError::InvalidConfig)?;
+    // The signed text is cluster.toml with the routes/ folder's files compiled in.
+    let site =
+        pimesh_schema::routes::site_folder::compile(file).map_err(CentralError::InvalidConfig)?;
+    let (config, text) = (site.config, site.text);
     let key_path = site_dir.join("signing.pk8");
     let key = std::fs::read(&key_path).map_err(|source| CentralError::SiteKey {
         path: key_path,

@@ -95,9 +95,16 @@ enum TokenCommand {
 
 #[derive(Subcommand)]
 enum ConfigCommand {
-    /// Validate a site configuration; prints what it says, or the error with file, line
-    /// and key.
+    /// Validate a site configuration (cluster.toml and the route files of the routes/
+    /// folder beside it); prints what it says, or the error with file, line and key.
     Validate { file: PathBuf },
+    /// Print a site's routes (cluster.toml's [[routes]] and routes/*.yaml) in another
+    /// form: Gateway API YAML (HTTPRoute, GRPCRoute) or cluster.toml's [[routes]] tables.
+    Convert {
+        file: PathBuf,
+        #[arg(long, value_enum)]
+        to: config::RouteForm,
+    },
     /// Validate, sign offline with the site key, and upload a revision to the central
     /// server. The revision number is one above the newest the server holds unless given.
     Publish {
@@ -198,6 +205,9 @@ fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Validate { file },
         } => config::validate(&file),
+        Command::Config {
+            command: ConfigCommand::Convert { file, to },
+        } => config::convert(&file, to),
         Command::Config {
             command:
                 ConfigCommand::Publish {

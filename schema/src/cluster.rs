@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::position::{key_name, locate};
+use crate::routes::Route;
 use crate::{parse_toml, ConfigError, DnsLabel, SpiffeId};
 
 /// A validated site configuration. Holding one means every cross-reference holds: split
@@ -30,6 +31,8 @@ pub struct ClusterConfig {
     /// here has no known address until discovery supplies one.
     pub nodes: BTreeMap<DnsLabel, Node>,
     pub services: BTreeMap<DnsLabel, Service>,
+    /// `[[routes]]`: request matching for services (see [`crate::routes`]).
+    pub routes: Vec<Route>,
 }
 
 /// The port a node's proxy accepts mTLS mesh traffic on unless its address says otherwise.
@@ -470,9 +473,15 @@ pub struct Delay {
 }
 
 /// A duration written for humans: `250ms`, `5s`, `1m 30s`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct HumanDuration(pub Duration);
+
+impl From<HumanDuration> for String {
+    fn from(duration: HumanDuration) -> String {
+        humantime::format_duration(duration.0).to_string()
+    }
+}
 
 impl TryFrom<String> for HumanDuration {
     type Error = ValueError;
@@ -555,6 +564,8 @@ struct RawCluster {
     nodes: BTreeMap<DnsLabel, Node>,
     #[serde(default)]
     services: BTreeMap<DnsLabel, Service>,
+    #[serde(default)]
+    routes: Vec<Route>,
 }
 
 /// Ports a node's own daemons hold, which a service's `local_port` must not take.
@@ -800,6 +811,15 @@ impl ClusterConfig {
                 }
             }
         }
+        let mut taken = BTreeSet::new();
+        for (i, route) in raw.routes.iter().enumerate() {
+            if let Err(fault) = crate::routes::check(route, &raw.services, &mut taken) {
+                let index = i.to_string();
+                let mut path = vec!["routes", index.as_str()];
+                path.extend(fault.field.iter().map(String::as_str));
+                return Err(fail(&path, fault.message));
+            }
+        }
         Ok(ClusterConfig {
             site: raw.site,
             control: raw.control,
@@ -808,6 +828,7 @@ impl ClusterConfig {
             join: raw.join,
             nodes: raw.nodes,
             services: raw.services,
+            routes: raw.routes,
         })
     }
 

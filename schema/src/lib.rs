@@ -11,6 +11,7 @@ pub mod kube_services;
 mod load;
 mod names;
 mod position;
+pub mod routes;
 pub mod seed;
 mod spiffe;
 pub mod supervisor;
