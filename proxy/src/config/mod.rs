@@ -4,10 +4,12 @@
 //! - `state`: the file config in use, reloaded on SIGHUP and when the file changes, and
 //!   the last refusal;
 //! - `routes`: the routing table compiled from a site config;
+//! - `http_routes`: a service's `[[routes]]` compiled: request matches and rule policies;
 //! - `metrics`: reload attempts of the file, counted;
 //! - [`Routing`]: the only writer of the site config in use (discovery's, else the
 //!   file's) and of the routing table built from it.
 
+pub mod http_routes;
 pub mod metrics;
 pub mod routes;
 pub mod site;

@@ -17,6 +17,7 @@ use pimesh_schema::kube_services::{KubeService, CLUSTER_DOMAIN};
 use pimesh_schema::{DnsLabel, SpiffeId};
 use tokio::sync::Semaphore;
 
+use super::http_routes::HttpRoutes;
 use crate::outbound::balance::Balancer;
 use crate::outbound::budget::RetryBudget;
 use crate::outbound::metrics::PolicyMetrics;
@@ -163,6 +164,9 @@ pub struct RouteTable {
     by_port: HashMap<u16, Arc<ServiceRoute>>,
     /// `local_port` → service: the proxy listens on each.
     pub local_bindings: Vec<(u16, Arc<ServiceRoute>)>,
+    /// Service name → its `[[routes]]`; a service absent here sends every request to
+    /// itself (or its split).
+    http_routes: HashMap<String, HttpRoutes>,
 }
 
 impl RouteTable {
@@ -177,6 +181,7 @@ impl RouteTable {
             by_addr: HashMap::new(),
             by_port: HashMap::new(),
             local_bindings: Vec::new(),
+            http_routes: HashMap::new(),
         }
     }
 
@@ -297,6 +302,21 @@ impl RouteTable {
             );
             services.insert(kube_service.name.clone(), route);
         }
+        let mut http_routes = HashMap::new();
+        let routed: std::collections::BTreeSet<&str> =
+            config.routes.iter().map(|r| r.service.as_str()).collect();
+        for service in routed {
+            let routes = config
+                .routes
+                .iter()
+                .filter(|r| r.service.as_str() == service);
+            let compiled = HttpRoutes::compile(
+                routes,
+                |name| services.get(name).cloned(),
+                &metrics.outbound,
+            );
+            http_routes.insert(service.to_owned(), compiled);
+        }
         RouteTable {
             site: Some(config.site.clone()),
             settings: config.proxy.clone(),
@@ -306,7 +326,13 @@ impl RouteTable {
             by_addr,
             by_port,
             local_bindings,
+            http_routes,
         }
+    }
+
+    /// The routes of service `name`, when it has any.
+    pub fn http_routes(&self, name: &str) -> Option<&HttpRoutes> {
+        self.http_routes.get(name)
     }
 
     /// The service an HTTP authority names: `<service>`, `<service>.<site>.pimesh`, either

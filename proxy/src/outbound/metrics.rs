@@ -52,6 +52,12 @@ struct SplitLabels {
     backend: Name,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct MatchedLabels {
+    service: Name,
+    route: Name,
+}
+
 /// The per-route families, cloned into the handles (a family clone shares its series).
 #[derive(Clone, Default)]
 struct RouteFamilies {
@@ -62,6 +68,7 @@ struct RouteFamilies {
 
 pub struct OutboundMetrics {
     splits: Family<SplitLabels, Counter>,
+    matched: Family<MatchedLabels, Counter>,
     route_families: RouteFamilies,
     /// `split`'s counters by apex then backend, so that a split decision looks its counter up
     /// by `&str` without allocating.
@@ -73,6 +80,7 @@ impl OutboundMetrics {
     pub fn register(registry: &mut Registry) -> OutboundMetrics {
         let metrics = OutboundMetrics {
             splits: Family::default(),
+            matched: Family::default(),
             route_families: RouteFamilies::default(),
             split_cache: Mutex::new(HashMap::new()),
         };
@@ -82,6 +90,12 @@ impl OutboundMetrics {
             "pimesh_split",
             "Traffic split decisions, by apex service and chosen backend",
             metrics.splits.clone(),
+        );
+        registry.register(
+            "pimesh_route_matched",
+            "Requests sent by a rule of a service's routes, by service and route \
+             (`<route>/<rule>` when the route has several rules)",
+            metrics.matched.clone(),
         );
         registry.register(
             "pimesh_fault_injected",
@@ -114,6 +128,15 @@ impl OutboundMetrics {
                 retries_skipped: OnceLock::new(),
             }),
         }
+    }
+
+    /// The counter of requests that `route` of `service` matched (the same series for
+    /// every call with the same names).
+    pub fn route_matched(&self, service: &str, route: &str) -> Counter {
+        self.matched.get_or_create_owned(&MatchedLabels {
+            service: Name(service.to_owned()),
+            route: Name(route.to_owned()),
+        })
     }
 
     /// Counts one split decision: `pimesh_split_total{service=apex, backend}`. Does not

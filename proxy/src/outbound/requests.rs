@@ -17,6 +17,7 @@ use tracing::debug;
 
 use super::faults::inject_faults;
 use super::{ClientProto, MAX_REDIALS};
+use crate::config::http_routes::RulePolicy;
 use crate::config::routes::{Endpoint, RouteTable, ServiceRoute, MAX_REQUESTS_IN_FLIGHT};
 use crate::context::Context;
 use crate::telemetry::labels::Direction;
@@ -127,6 +128,31 @@ async fn handle(
             &format!("unknown service: the authority {named:?} names no service of this site"),
         );
     };
+    // A service with routes sends a request by the rule whose match it meets, and
+    // answers 404 when none does (Gateway API).
+    let rule = match table.http_routes(apex.name.as_str()) {
+        None => None,
+        Some(routes) => match routes.select(&parts) {
+            Some(rule) => Some(Arc::clone(rule)),
+            None => {
+                return context.refuse(
+                    Direction::Outbound,
+                    "no_route",
+                    StatusCode::NOT_FOUND,
+                    &format!(
+                        "no route of service {} matches {} {}",
+                        apex.name,
+                        parts.method,
+                        parts.uri.path()
+                    ),
+                );
+            }
+        },
+    };
+    if let Some(rule) = &rule {
+        rule.matched.inc();
+        rule.edit(&mut parts.headers);
+    }
     apex.outbound.request();
     table.budget.deposit();
     // Spans are made only where they can be exported: otherwise the next hop would
@@ -141,20 +167,21 @@ async fn handle(
         ),
         None => None,
     };
-    let limit = apex.timeout;
-    let response =
-        match tokio::time::timeout(limit, forward(&context, &table, &apex, parts, body, proto))
-            .await
-        {
-            Ok(response) => response,
-            Err(_) => error_response(
-                StatusCode::GATEWAY_TIMEOUT,
-                &format!(
-                    "service {} did not answer within its timeout of {limit:?}",
-                    apex.name
-                ),
+    let limit = rule
+        .as_ref()
+        .and_then(|rule| rule.timeout)
+        .unwrap_or(apex.timeout);
+    let forwarded = forward(&context, &table, &apex, rule.as_deref(), parts, body, proto);
+    let response = match tokio::time::timeout(limit, forwarded).await {
+        Ok(response) => response,
+        Err(_) => error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!(
+                "service {} did not answer within its timeout of {limit:?}",
+                apex.name
             ),
-        };
+        ),
+    };
     let status = response.status().as_u16();
     apex.outbound.response(status, started.elapsed());
     if let Some(span) = span {
@@ -179,20 +206,29 @@ fn idempotent(method: &Method) -> bool {
     )
 }
 
+/// Sends one request of `apex` (by `rule`, when the service has routes) and returns the
+/// answer to give the client.
 async fn forward(
     context: &Context,
     table: &RouteTable,
     apex: &Arc<ServiceRoute>,
+    rule: Option<&RulePolicy>,
     mut parts: http::request::Parts,
     body: Incoming,
     proto: ClientProto,
 ) -> Response<Body> {
-    let backend = apex.choose_backend();
-    if !apex.split.is_empty() {
+    let (backend, splits) = match rule {
+        Some(rule) => (rule.choose(apex), rule.splits()),
+        None => (apex.choose_backend(), !apex.split.is_empty()),
+    };
+    if splits {
         context
             .metrics
             .outbound
             .split(apex.name.as_str(), backend.name.as_str());
+    }
+    // The service's own faults, then the backend's when the request goes elsewhere.
+    if !Arc::ptr_eq(&backend, apex) {
         if let Some(aborted) = inject_faults(apex).await {
             return aborted;
         }
@@ -245,7 +281,12 @@ async fn forward(
     parts.headers.insert(PROTO_HEADER, proto.header());
 
     let retryable = idempotent(&parts.method) && body.is_end_stream();
-    let max_retries = apex.retries.max(backend.retries);
+    // A route's retry settings replace its service's (as Linkerd's annotations do).
+    let route_retries = rule.filter(|rule| rule.retries > 0 || !rule.retry_on.is_empty());
+    let max_retries = route_retries
+        .map_or(apex.retries, |rule| rule.retries)
+        .max(backend.retries);
+    let attempt_limit = rule.and_then(|rule| rule.attempt_timeout);
     let mut body = Some(body.boxed());
     let mut retries = 0u8;
     // Endpoints that could not be reached for this request; a redial goes elsewhere.
@@ -318,8 +359,37 @@ async fn forward(
             std::mem::take(&mut parts.headers)
         };
         let sent = Instant::now();
-        match sender.send_request(attempt).await {
+        let answer = match attempt_limit {
+            None => Ok(sender.send_request(attempt).await),
+            Some(limit) => tokio::time::timeout(limit, sender.send_request(attempt)).await,
+        };
+        let Ok(answer) = answer else {
+            pick.failure();
+            if retryable && may_retry(retries, max_retries) {
+                retries += 1;
+                continue;
+            }
+            return error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!(
+                    "node {node} did not answer for service {} within the backend timeout \
+                     of route {}",
+                    backend.name,
+                    rule.map_or("", |rule| rule.name.as_str())
+                ),
+            );
+        };
+        match answer {
             Ok(response) => {
+                let retry_answer = route_retries.is_some_and(|rule| {
+                    rule.retries_answer(response.status().as_u16(), response.headers())
+                });
+                if retry_answer && retryable && may_retry(retries, max_retries) {
+                    // The answer is dropped unread; its stream is reset.
+                    pick.success(sent.elapsed());
+                    retries += 1;
+                    continue;
+                }
                 let proxy_failed = response.headers().contains_key(mesh_http::ERROR_HEADER)
                     && matches!(response.status().as_u16(), 502 | 503);
                 if proxy_failed {
