@@ -107,6 +107,89 @@ fn config_validate_accepts_the_example_and_locates_errors() {
     );
 }
 
+#[test]
+fn config_validate_and_convert_read_the_routes_folder() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/cluster.example.toml");
+    let run = pimeshctl(&["config", "validate", example.to_str().expect("utf-8")]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let out = text(&run.stdout);
+    assert!(
+        out.contains("routes/fleetman-webapp.yaml: 1 route(s)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("route webapp-api of fleetman-webapp: GET /api/vehicles* -> fleetman-position-tracker 1"),
+        "{out}"
+    );
+
+    // Both forms print, and each reads back as the same routes.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = pimeshctl(&[
+        "config",
+        "convert",
+        example.to_str().expect("utf-8"),
+        "--to",
+        "yaml",
+    ]);
+    assert!(yaml.status.success(), "{}", text(&yaml.stderr));
+    let toml_form = pimeshctl(&[
+        "config",
+        "convert",
+        example.to_str().expect("utf-8"),
+        "--to",
+        "toml",
+    ]);
+    assert!(toml_form.status.success(), "{}", text(&toml_form.stderr));
+    let cluster = std::fs::read_to_string(&example).expect("example");
+    let folder = dir.path().join("from-toml");
+    std::fs::create_dir(&folder).expect("mkdir");
+    std::fs::write(
+        folder.join("cluster.toml"),
+        format!("{cluster}\n{}", text(&toml_form.stdout)),
+    )
+    .expect("write");
+    let run = pimeshctl(&[
+        "config",
+        "validate",
+        folder.join("cluster.toml").to_str().expect("utf-8"),
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let folder = dir.path().join("from-yaml");
+    std::fs::create_dir_all(folder.join("routes")).expect("mkdir");
+    std::fs::write(folder.join("cluster.toml"), &cluster).expect("write");
+    std::fs::write(folder.join("routes/all.yaml"), text(&yaml.stdout)).expect("write");
+    let again = pimeshctl(&[
+        "config",
+        "convert",
+        folder.join("cluster.toml").to_str().expect("utf-8"),
+        "--to",
+        "toml",
+    ]);
+    assert_eq!(text(&again.stdout), text(&toml_form.stdout));
+
+    // A broken route file is named with its line and YAML field.
+    let bad = text(&yaml.stdout).replace("name: fleetman-position-tracker", "name: ghost");
+    std::fs::write(folder.join("routes/all.yaml"), &bad).expect("write");
+    let run = pimeshctl(&[
+        "config",
+        "validate",
+        folder.join("cluster.toml").to_str().expect("utf-8"),
+    ]);
+    assert!(!run.status.success());
+    let err = text(&run.stderr);
+    let line = bad
+        .lines()
+        .position(|l| l.contains("ghost"))
+        .expect("ghost")
+        + 1;
+    assert!(
+        err.contains(&format!("routes/all.yaml:{line}"))
+            && err.contains("spec.rules[0].backendRefs[0].name")
+            && err.contains("ghost"),
+        "{err}"
+    );
+}
+
 /// A small disk image laid out like Pimesh's: an MBR, a FAT32 partition at 4 MiB.
 /// The boot partition's place in a test image, in 512-byte sectors.
 const BOOT_START: u32 = 8192;
