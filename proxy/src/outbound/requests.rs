@@ -58,7 +58,7 @@ pub async fn serve_http(
                 .max_header_size(max_header)
                 // Request heads are buffered whole; bodies stream through.
                 .max_buf_size(max_header.max(8192));
-            let connection = builder.serve_connection(io, service);
+            let connection = builder.serve_connection(io, service).with_upgrades();
             tokio::pin!(connection);
             tokio::select! {
                 result = connection.as_mut() => result,
@@ -72,6 +72,7 @@ pub async fn serve_http(
             let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(settings.max_header_bytes)
+                .enable_connect_protocol()
                 .serve_connection(io, service);
             tokio::pin!(connection);
             tokio::select! {
@@ -224,6 +225,10 @@ async fn forward(
         );
     };
 
+    if let Some(upgrade) = super::upgrade::requested(&parts, &body, proto) {
+        return super::upgrade::forward(context, apex, &backend, parts, upgrade, proto, in_flight)
+            .await;
+    }
     strip_hop_by_hop(&mut parts.headers);
     let authority = authority_of(&parts)
         .map(str::to_owned)

@@ -22,6 +22,13 @@ pub const DST_HEADER: HeaderName = HeaderName::from_static("pimesh-dst");
 /// Set by the outbound proxy: the HTTP version the client spoke (`h1` or `h2`), which the
 /// inbound proxy speaks to the app.
 pub const PROTO_HEADER: HeaderName = HeaderName::from_static("pimesh-proto");
+/// Set by the outbound proxy on an upgrade it carries as an extended CONNECT, when the
+/// client's method was not `GET`: the method the inbound proxy sends the app.
+pub const UPGRADE_METHOD_HEADER: HeaderName = HeaderName::from_static("pimesh-upgrade-method");
+/// Set by the inbound proxy when the app refused an upgrade: the status the app answered,
+/// which the outbound proxy gives the client (the extended CONNECT's own status cannot be
+/// a 2xx, which would open the tunnel).
+pub const UPGRADE_STATUS_HEADER: HeaderName = HeaderName::from_static("pimesh-upgrade-status");
 /// Set on responses the proxy made up because of an injected fault.
 pub const FAULT_HEADER: HeaderName = HeaderName::from_static("pimesh-fault");
 
