@@ -43,10 +43,9 @@ async fn echo_app() -> u16 {
                     return;
                 };
                 while let Some(Ok(message)) = ws.next().await {
-                    if message.is_text() || message.is_binary() {
-                        if ws.send(message).await.is_err() {
-                            return;
-                        }
+                    if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err()
+                    {
+                        return;
                     }
                 }
             });
@@ -195,9 +194,9 @@ async fn a_websocket_echoes_across_two_nodes_and_closes() {
     )
     .await;
     assert_eq!(
-        m.a.metric(&format!(
-            "response_total{{direction=\"outbound\",dst_service=\"ws\",status_code=\"101\",classification=\"success\"}}"
-        ))
+        m.a.metric(
+            "response_total{direction=\"outbound\",dst_service=\"ws\",status_code=\"101\",classification=\"success\"}"
+        )
         .await,
         1.0
     );
