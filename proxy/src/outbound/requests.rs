@@ -20,7 +20,7 @@ use super::{ClientProto, MAX_REDIALS};
 use crate::config::routes::{Endpoint, RouteTable, ServiceRoute, MAX_REQUESTS_IN_FLIGHT};
 use crate::context::Context;
 use crate::telemetry::labels::Direction;
-use crate::telemetry::trace;
+use crate::telemetry::{grpc, trace};
 use crate::transport::drain;
 use crate::transport::mesh_http::{
     self, error_response, holding, strip_hop_by_hop, Body, DST_HEADER, PROTO_HEADER,
@@ -156,8 +156,8 @@ async fn handle(
                 ),
             ),
         };
+    let response = grpc::record(response, &apex.outbound, started.elapsed());
     let status = response.status().as_u16();
-    apex.outbound.response(status, started.elapsed());
     if let Some(span) = span {
         span.finish(status, table.spans.as_ref());
     }
@@ -327,18 +327,19 @@ async fn forward(
             Ok(response) => {
                 let proxy_failed = response.headers().contains_key(mesh_http::ERROR_HEADER)
                     && matches!(response.status().as_u16(), 502 | 503);
+                let (mut head, body) = response.into_parts();
+                let mut body = holding(body, (stream, in_flight));
                 if proxy_failed {
                     pick.failure();
                 } else {
-                    pick.success(sent.elapsed());
+                    body = grpc::judge(pick, sent.elapsed(), &head.headers, body);
                 }
-                let (mut head, body) = response.into_parts();
                 strip_hop_by_hop(&mut head.headers);
                 head.version = match proto {
                     ClientProto::H1 => Version::HTTP_11,
                     ClientProto::H2 => Version::HTTP_2,
                 };
-                return Response::from_parts(head, holding(body, (stream, in_flight)));
+                return Response::from_parts(head, body);
             }
             Err(err) => {
                 pick.failure();

@@ -129,7 +129,15 @@ where
 
 /// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// including those the `Connection` header names. HTTP/2 refuses them outright.
+///
+/// `TE: trailers` stays: HTTP/2 allows it, and gRPC requires it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("trailers"));
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -151,6 +159,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
 }
 
 #[cfg(test)]
@@ -174,6 +185,18 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-end"]);
+    }
+
+    #[test]
+    fn te_trailers_stays_and_other_te_goes() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers[header::TE], "trailers");
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut headers);
+        assert!(!headers.contains_key(header::TE));
     }
 
     #[test]
