@@ -420,7 +420,8 @@ pub struct Service {
     /// How long a request may wait for the head of its response (`504` after);
     /// `[proxy] default_timeout` when absent.
     pub timeout: Option<HumanDuration>,
-    /// A connection idle this long is closed.
+    /// A connection idle this long is closed: an opaque TCP tunnel (never when absent),
+    /// or an upgraded HTTP connection such as a WebSocket (an hour when absent).
     pub idle_timeout: Option<HumanDuration>,
     /// Extra attempts for idempotent requests and connect failures (0 to 5), within the
     /// site's retry budget.

@@ -25,7 +25,7 @@ use crate::telemetry::labels::Direction;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::requests::RouteMetrics;
 use crate::telemetry::trace::SpanSink;
-use crate::transport::metrics::TcpMetrics;
+use crate::transport::metrics::{TcpMetrics, UpgradeMetrics};
 
 /// Retries allowed per second whatever the traffic, so that a quiet service can retry.
 const RETRY_FLOOR_PER_SECOND: u32 = 10;
@@ -105,6 +105,10 @@ pub struct ServiceRoute {
     pub policy: PolicyMetrics,
     pub tcp_outbound: TcpMetrics,
     pub tcp_inbound: TcpMetrics,
+    /// Upgraded HTTP connections (WebSocket, extended CONNECT) from this node's clients.
+    pub upgrade_outbound: UpgradeMetrics,
+    /// Upgraded HTTP connections delivered to the app on this node.
+    pub upgrade_inbound: UpgradeMetrics,
 }
 
 impl ServiceRoute {
@@ -408,6 +412,8 @@ impl ServiceRoute {
             policy: metrics.outbound.route(name),
             tcp_outbound: metrics.connections.tcp(Direction::Outbound, name),
             tcp_inbound: metrics.connections.tcp(Direction::Inbound, name),
+            upgrade_outbound: metrics.connections.upgrades(Direction::Outbound, name),
+            upgrade_inbound: metrics.connections.upgrades(Direction::Inbound, name),
         }
     }
 }

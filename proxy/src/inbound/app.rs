@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 use crate::config::routes::{App, RouteTable, ServiceRoute};
 use crate::context::Context;
-use crate::telemetry::trace;
+use crate::telemetry::{grpc, trace};
 use crate::transport::mesh_http::{
     self, error_response, strip_hop_by_hop, Body, DST_HEADER, PROTO_HEADER,
 };
@@ -89,8 +89,8 @@ pub async fn deliver(
             &format!("service {} at {app} failed: {err}", route.name),
         ),
     };
+    let response = grpc::record(response, &route.inbound, started.elapsed());
     let status = response.status().as_u16();
-    route.inbound.response(status, started.elapsed());
     if let Some(mut span) = span {
         span.set_remote(app);
         span.finish(status, table.spans.as_ref());

@@ -8,9 +8,11 @@
 //! one) names one of the caller's identities.
 //!
 //! This module accepts the connection, checks the caller and picks the service; `app`
-//! hands each request or tunnel to the app.
+//! hands each request or tunnel to the app, `upgrade` each extended CONNECT (a WebSocket
+//! or other HTTP upgrade).
 
 mod app;
+mod upgrade;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -159,6 +161,9 @@ async fn handle(
             StatusCode::FORBIDDEN,
             &format!("{who} is not allowed to call service {}", route.name),
         );
+    }
+    if upgrade::requested(&request) {
+        return upgrade::deliver(request, &route, app).await;
     }
     if request.method() == Method::CONNECT {
         return open_tunnel(request, &route, app.addr).await;

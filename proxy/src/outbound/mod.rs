@@ -7,11 +7,14 @@
 //! faults (delay, then abort), trace context, endpoint choice (power of two choices over
 //! peak-EWMA latency), send with the service's timeout (→ 504), retries of connect
 //! failures and of failed idempotent bodyless requests within the retry budget, and a
-//! 502 naming the peer when the node cannot be reached. Opaque TCP rides a CONNECT stream.
+//! 502 naming the peer when the node cannot be reached. Opaque TCP rides a CONNECT stream,
+//! an upgrade (WebSocket) an extended CONNECT stream.
 //!
 //! - `requests`: HTTP/1 and HTTP/2 from a client, request by request;
 //! - `faults`: the delays and aborts a service's config injects;
 //! - `tunnel`: opaque TCP to a service, and intercepted connections to anything else;
+//! - `upgrade`: HTTP/1.1 upgrades (WebSocket) and HTTP/2 extended CONNECTs, carried as
+//!   extended CONNECTs to the node and copied both ways once the app switched protocols;
 //! - `balance`: which endpoint of a service takes a request or connection;
 //! - `budget`: how many retries the requests of a service allow;
 //! - `metrics`: splits, faults and retries, counted.
@@ -22,6 +25,7 @@ mod faults;
 pub mod metrics;
 mod requests;
 mod tunnel;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

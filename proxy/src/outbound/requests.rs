@@ -21,7 +21,7 @@ use crate::config::http_routes::RulePolicy;
 use crate::config::routes::{Endpoint, RouteTable, ServiceRoute, MAX_REQUESTS_IN_FLIGHT};
 use crate::context::Context;
 use crate::telemetry::labels::Direction;
-use crate::telemetry::trace;
+use crate::telemetry::{grpc, trace};
 use crate::transport::drain;
 use crate::transport::mesh_http::{
     self, error_response, holding, strip_hop_by_hop, Body, DST_HEADER, PROTO_HEADER,
@@ -59,7 +59,7 @@ pub async fn serve_http(
                 .max_header_size(max_header)
                 // Request heads are buffered whole; bodies stream through.
                 .max_buf_size(max_header.max(8192));
-            let connection = builder.serve_connection(io, service);
+            let connection = builder.serve_connection(io, service).with_upgrades();
             tokio::pin!(connection);
             tokio::select! {
                 result = connection.as_mut() => result,
@@ -73,6 +73,7 @@ pub async fn serve_http(
             let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(settings.max_header_bytes)
+                .enable_connect_protocol()
                 .serve_connection(io, service);
             tokio::pin!(connection);
             tokio::select! {
@@ -182,8 +183,8 @@ async fn handle(
             ),
         ),
     };
+    let response = grpc::record(response, &apex.outbound, started.elapsed());
     let status = response.status().as_u16();
-    apex.outbound.response(status, started.elapsed());
     if let Some(span) = span {
         span.finish(status, table.spans.as_ref());
     }
@@ -260,6 +261,10 @@ async fn forward(
         );
     };
 
+    if let Some(upgrade) = super::upgrade::requested(&parts, &body, proto) {
+        return super::upgrade::forward(context, apex, &backend, parts, upgrade, proto, in_flight)
+            .await;
+    }
     strip_hop_by_hop(&mut parts.headers);
     let authority = authority_of(&parts)
         .map(str::to_owned)
@@ -392,18 +397,19 @@ async fn forward(
                 }
                 let proxy_failed = response.headers().contains_key(mesh_http::ERROR_HEADER)
                     && matches!(response.status().as_u16(), 502 | 503);
+                let (mut head, body) = response.into_parts();
+                let mut body = holding(body, (stream, in_flight));
                 if proxy_failed {
                     pick.failure();
                 } else {
-                    pick.success(sent.elapsed());
+                    body = grpc::judge(pick, sent.elapsed(), &head.headers, body);
                 }
-                let (mut head, body) = response.into_parts();
                 strip_hop_by_hop(&mut head.headers);
                 head.version = match proto {
                     ClientProto::H1 => Version::HTTP_11,
                     ClientProto::H2 => Version::HTTP_2,
                 };
-                return Response::from_parts(head, holding(body, (stream, in_flight)));
+                return Response::from_parts(head, body);
             }
             Err(err) => {
                 pick.failure();

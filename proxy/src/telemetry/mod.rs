@@ -7,8 +7,11 @@
 //!   clients' `metrics`, `trace`'s span counters), except the per-route HTTP families
 //!   both directions record (`requests`);
 //! - `labels`: the label values several families share;
+//! - `grpc`: gRPC responses classified by their `grpc-status`, for the request metrics
+//!   and the balancer;
 //! - `trace`: spans of proxied requests, exported to a Zipkin collector.
 
+pub mod grpc;
 pub mod labels;
 pub mod metrics;
 pub mod requests;

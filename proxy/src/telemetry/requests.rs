@@ -1,6 +1,7 @@
 //! The HTTP metrics both directions record per route, named as Linkerd names them:
 //! `request_total{direction, dst_service}`, `response_total{direction, dst_service,
-//! status_code, classification}` and `response_latency_ms{direction, dst_service}`.
+//! status_code, grpc_status, classification}` (`grpc_status` for gRPC responses that
+//! carried one, see `telemetry::grpc`) and `response_latency_ms{direction, dst_service}`.
 //!
 //! Cost model: [`RequestMetrics::route`] takes the families' locks and allocates the
 //! labels; it is called once per route when a routing table is built, and the table keeps
@@ -17,7 +18,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use super::grpc::GrpcEnd;
 use super::labels::{Direction, Name};
+
+/// A response as `response_total` tells it: HTTP status (0: none), `grpc-status`,
+/// failure.
+type Outcome = (u16, Option<u32>, bool);
 
 /// `response_latency_ms` buckets (milliseconds): Linkerd's.
 const LATENCY_BUCKETS_MS: [f64; 25] = [
@@ -42,12 +48,15 @@ impl RouteLabels {
 }
 
 /// `response_total`'s labels. Like Linkerd, a request that got no response has no
-/// `status_code` label at all (rather than an empty one).
+/// `status_code` label at all (rather than an empty one), and a response without a
+/// `grpc-status` no `grpc_status` label.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct ResponseLabels {
     route: RouteLabels,
     /// `None`: no response (an error).
     status_code: Option<u16>,
+    grpc_status: Option<u32>,
+    failure: bool,
 }
 
 impl EncodeLabelSet for ResponseLabels {
@@ -56,16 +65,17 @@ impl EncodeLabelSet for ResponseLabels {
         if let Some(code) = self.status_code {
             ("status_code", code).encode(encoder.encode_label())?;
         }
-        ("classification", classification(self.status_code)).encode(encoder.encode_label())
+        if let Some(code) = self.grpc_status {
+            ("grpc_status", code).encode(encoder.encode_label())?;
+        }
+        let classification = if self.failure { "failure" } else { "success" };
+        ("classification", classification).encode(encoder.encode_label())
     }
 }
 
-/// Linkerd's default HTTP classification: a 5xx or no response is a failure.
-fn classification(status_code: Option<u16>) -> &'static str {
-    match status_code {
-        Some(code) if code < 500 => "success",
-        _ => "failure",
-    }
+/// Linkerd's default HTTP classification: a 5xx or no response (0) is a failure.
+fn http_failure(status: u16) -> bool {
+    status == 0 || status >= 500
 }
 
 type HistogramFamily<S> = Family<S, Histogram, fn() -> Histogram>;
@@ -138,9 +148,9 @@ struct RouteInner {
     families: RequestMetrics,
     requests: Counter,
     latency: OnceLock<Histogram>,
-    /// `response_total` by status code (0: no response), filled on first use. A route sees a
-    /// handful of codes, so a linear scan beats hashing.
-    statuses: Mutex<Vec<(u16, Counter)>>,
+    /// `response_total` by (status code (0: no response), grpc-status, failure), filled on
+    /// first use. A route sees a handful of these, so a linear scan beats hashing.
+    statuses: Mutex<Vec<(Outcome, Counter)>>,
 }
 
 impl RouteMetrics {
@@ -157,30 +167,53 @@ impl RouteMetrics {
     /// when it is 5xx, `success` otherwise. `latency` is time to the response headers (or to
     /// the failure).
     pub fn response(&self, status: u16, latency: Duration) {
+        self.count((status, None, http_failure(status)));
+        self.latency(latency);
+    }
+
+    /// Records `response_latency_ms{direction, dst_service}` alone: the head of a gRPC
+    /// response, whose `response_total` waits for [`RouteMetrics::grpc_end`].
+    pub fn latency(&self, latency: Duration) {
         let inner = &*self.inner;
-        {
-            let mut statuses = inner.statuses.lock().unwrap_or_else(|e| e.into_inner());
-            match statuses.iter().find(|(code, _)| *code == status) {
-                Some((_, counter)) => {
-                    counter.inc();
-                }
-                None => {
-                    let counter = inner
-                        .families
-                        .responses
-                        .get_or_create_owned(&ResponseLabels {
-                            route: inner.labels.clone(),
-                            status_code: (status != 0).then_some(status),
-                        });
-                    counter.inc();
-                    statuses.push((status, counter));
-                }
-            }
-        }
         inner
             .latency
             .get_or_init(|| inner.families.latency.get_or_create_owned(&inner.labels))
             .observe(latency.as_secs_f64() * 1_000.0);
+    }
+
+    /// Counts `response_total` for a gRPC response of HTTP `status` that ended as `end`:
+    /// a failure unless its `grpc-status` is 0, or unless the client cancelled it (then as
+    /// its HTTP status says).
+    pub fn grpc_end(&self, status: u16, end: GrpcEnd) {
+        self.count(match end {
+            GrpcEnd::Status(code) => (status, Some(code), code != 0 || http_failure(status)),
+            GrpcEnd::NoStatus | GrpcEnd::Error => (status, None, true),
+            GrpcEnd::Dropped => (status, None, http_failure(status)),
+        });
+    }
+
+    fn count(&self, outcome: Outcome) {
+        let inner = &*self.inner;
+        let mut statuses = inner.statuses.lock().unwrap_or_else(|e| e.into_inner());
+        match statuses.iter().find(|(seen, _)| *seen == outcome) {
+            Some((_, counter)) => {
+                counter.inc();
+            }
+            None => {
+                let (status, grpc_status, failure) = outcome;
+                let counter = inner
+                    .families
+                    .responses
+                    .get_or_create_owned(&ResponseLabels {
+                        route: inner.labels.clone(),
+                        status_code: (status != 0).then_some(status),
+                        grpc_status,
+                        failure,
+                    });
+                counter.inc();
+                statuses.push((outcome, counter));
+            }
+        }
     }
 }
 
@@ -251,6 +284,24 @@ mod tests {
             .filter(|l| l.starts_with("response_latency_ms_bucket{") && l.contains("outbound"))
             .count();
         assert_eq!(buckets, LATENCY_BUCKETS_MS.len() + 1);
+        // gRPC: classified by grpc-status, counted once per response.
+        web.grpc_end(200, GrpcEnd::Status(0));
+        web.grpc_end(200, GrpcEnd::Status(14));
+        web.grpc_end(200, GrpcEnd::Status(14));
+        web.grpc_end(200, GrpcEnd::Error);
+        let s = samples(&registry);
+        assert_sample(
+            &s,
+            r#"response_total{direction="outbound",dst_service="web",status_code="200",grpc_status="0",classification="success"} 1"#,
+        );
+        assert_sample(
+            &s,
+            r#"response_total{direction="outbound",dst_service="web",status_code="200",grpc_status="14",classification="failure"} 2"#,
+        );
+        assert_sample(
+            &s,
+            r#"response_total{direction="outbound",dst_service="web",status_code="200",classification="failure"} 1"#,
+        );
         // The inbound route had no response: no histogram series for it.
         assert_no_sample(
             &s,

@@ -22,6 +22,13 @@ pub const DST_HEADER: HeaderName = HeaderName::from_static("pimesh-dst");
 /// Set by the outbound proxy: the HTTP version the client spoke (`h1` or `h2`), which the
 /// inbound proxy speaks to the app.
 pub const PROTO_HEADER: HeaderName = HeaderName::from_static("pimesh-proto");
+/// Set by the outbound proxy on an upgrade it carries as an extended CONNECT, when the
+/// client's method was not `GET`: the method the inbound proxy sends the app.
+pub const UPGRADE_METHOD_HEADER: HeaderName = HeaderName::from_static("pimesh-upgrade-method");
+/// Set by the inbound proxy when the app refused an upgrade: the status the app answered,
+/// which the outbound proxy gives the client (the extended CONNECT's own status cannot be
+/// a 2xx, which would open the tunnel).
+pub const UPGRADE_STATUS_HEADER: HeaderName = HeaderName::from_static("pimesh-upgrade-status");
 /// Set on responses the proxy made up because of an injected fault.
 pub const FAULT_HEADER: HeaderName = HeaderName::from_static("pimesh-fault");
 
@@ -122,7 +129,15 @@ where
 
 /// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// including those the `Connection` header names. HTTP/2 refuses them outright.
+///
+/// `TE: trailers` stays: HTTP/2 allows it, and gRPC requires it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("trailers"));
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -144,6 +159,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
 }
 
 #[cfg(test)]
@@ -167,6 +185,18 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-end"]);
+    }
+
+    #[test]
+    fn te_trailers_stays_and_other_te_goes() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers[header::TE], "trailers");
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut headers);
+        assert!(!headers.contains_key(header::TE));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The connections' metrics: opened, closed and bytes carried per route (`tcp_*_total`,
 //! Linkerd's names), open now (`pimesh_open_connections`), TLS handshakes that failed
 //! (`tls_handshake_failure_total`) and connections or requests refused
-//! (`pimesh_rejected_total`).
+//! (`pimesh_rejected_total`), and upgraded HTTP connections (WebSocket and other
+//! `Upgrade`s, HTTP/2 extended CONNECT): opened, closed by reason and bytes carried
+//! (`pimesh_upgrade_*_total`).
 //!
 //! Cost model: [`ConnectionMetrics::tcp`] allocates its labels and is called once per
 //! route when a routing table is built; recording through its handles is an atomic add.
@@ -9,7 +11,7 @@
 //! are never removed: the series are bounded by the routes and reasons the config and code
 //! can name.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -22,6 +24,13 @@ use crate::telemetry::requests::RouteLabels;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
 struct ReasonLabels {
     direction: Direction,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct CloseLabels {
+    direction: Direction,
+    dst_service: crate::telemetry::labels::Name,
     reason: &'static str,
 }
 
@@ -40,6 +49,16 @@ pub struct ConnectionMetrics {
     tls_failures: Family<ReasonLabels, Counter>,
     rejected: Family<ReasonLabels, Counter>,
     open_connections: Family<DirectionLabels, Gauge>,
+    upgrades: UpgradeFamilies,
+}
+
+/// The upgraded connections' families, cloned into each route's handles.
+#[derive(Clone, Default)]
+struct UpgradeFamilies {
+    open: Family<RouteLabels, Counter>,
+    close: Family<CloseLabels, Counter>,
+    read_bytes: Family<RouteLabels, Counter>,
+    write_bytes: Family<RouteLabels, Counter>,
 }
 
 impl ConnectionMetrics {
@@ -82,7 +101,44 @@ impl ConnectionMetrics {
             "Connections currently open",
             metrics.open_connections.clone(),
         );
+        let upgrades = &metrics.upgrades;
+        registry.register(
+            "pimesh_upgrade_open",
+            "HTTP connections upgraded (WebSocket, extended CONNECT), by destination service",
+            upgrades.open.clone(),
+        );
+        registry.register(
+            "pimesh_upgrade_close",
+            "Upgraded HTTP connections closed, by destination service and reason \
+             (closed, idle_timeout, error)",
+            upgrades.close.clone(),
+        );
+        registry.register(
+            "pimesh_upgrade_read_bytes",
+            "Bytes read from the client side of upgraded HTTP connections, as they move",
+            upgrades.read_bytes.clone(),
+        );
+        registry.register(
+            "pimesh_upgrade_write_bytes",
+            "Bytes written to the client side of upgraded HTTP connections, as they move",
+            upgrades.write_bytes.clone(),
+        );
         metrics
+    }
+
+    /// Handles for the upgraded connections of one (direction, dst_service); each series
+    /// appears on first use. Call once per route and keep the result.
+    pub fn upgrades(&self, direction: Direction, dst_service: &str) -> UpgradeMetrics {
+        UpgradeMetrics {
+            inner: Arc::new(UpgradeInner {
+                labels: RouteLabels::new(direction, dst_service),
+                families: self.upgrades.clone(),
+                open: OnceLock::new(),
+                close: Default::default(),
+                read_bytes: OnceLock::new(),
+                write_bytes: OnceLock::new(),
+            }),
+        }
     }
 
     /// Handles for opaque TCP of one (direction, dst_service). Call once and keep the
@@ -168,6 +224,94 @@ impl TcpMetrics {
     }
 }
 
+/// Why an upgraded connection ended; label `reason` of `pimesh_upgrade_close_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpgradeEnd {
+    /// Both sides closed (or one closed and the other followed).
+    Closed,
+    /// No byte moved either way for the service's idle timeout.
+    IdleTimeout,
+    /// Reading or writing failed (a reset, a broken connection).
+    Error,
+}
+
+impl UpgradeEnd {
+    fn as_str(self) -> &'static str {
+        match self {
+            UpgradeEnd::Closed => "closed",
+            UpgradeEnd::IdleTimeout => "idle_timeout",
+            UpgradeEnd::Error => "error",
+        }
+    }
+}
+
+/// One (direction, dst_service)'s upgraded-connection handles (cheap to clone: one `Arc`).
+/// Bytes are counted as they move, so a connection open for hours shows its traffic.
+#[derive(Clone)]
+pub struct UpgradeMetrics {
+    inner: Arc<UpgradeInner>,
+}
+
+struct UpgradeInner {
+    labels: RouteLabels,
+    families: UpgradeFamilies,
+    open: OnceLock<Counter>,
+    /// Indexed by `UpgradeEnd as usize`.
+    close: [OnceLock<Counter>; 3],
+    read_bytes: OnceLock<Counter>,
+    write_bytes: OnceLock<Counter>,
+}
+
+impl UpgradeMetrics {
+    /// Counts `pimesh_upgrade_open_total{direction, dst_service}`.
+    pub fn open(&self) {
+        let inner = &*self.inner;
+        inner
+            .open
+            .get_or_init(|| inner.families.open.get_or_create_owned(&inner.labels))
+            .inc();
+    }
+
+    /// Counts `pimesh_upgrade_close_total{direction, dst_service, reason}`.
+    pub fn close(&self, end: UpgradeEnd) {
+        let inner = &*self.inner;
+        inner.close[end as usize]
+            .get_or_init(|| {
+                inner.families.close.get_or_create_owned(&CloseLabels {
+                    direction: inner.labels.direction,
+                    dst_service: inner.labels.dst_service.clone(),
+                    reason: end.as_str(),
+                })
+            })
+            .inc();
+    }
+
+    /// The counter of bytes read from the client side
+    /// (`pimesh_upgrade_read_bytes_total`).
+    pub fn read_bytes(&self) -> Counter {
+        let inner = &*self.inner;
+        inner
+            .read_bytes
+            .get_or_init(|| inner.families.read_bytes.get_or_create_owned(&inner.labels))
+            .clone()
+    }
+
+    /// The counter of bytes written to the client side
+    /// (`pimesh_upgrade_write_bytes_total`).
+    pub fn write_bytes(&self) -> Counter {
+        let inner = &*self.inner;
+        inner
+            .write_bytes
+            .get_or_init(|| {
+                inner
+                    .families
+                    .write_bytes
+                    .get_or_create_owned(&inner.labels)
+            })
+            .clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +359,43 @@ mod tests {
         drop(b);
         let s = samples(&registry);
         assert_sample(&s, r#"pimesh_open_connections{direction="inbound"} 0"#);
+    }
+
+    #[test]
+    fn upgrades_by_route_and_close_reason() {
+        let mut registry = Registry::default();
+        let metrics = ConnectionMetrics::register(&mut registry);
+        let ws = metrics.upgrades(Direction::Outbound, "ws");
+        let s = samples(&registry);
+        assert!(!s.iter().any(|l| l.starts_with("pimesh_upgrade")), "{s:?}");
+        ws.open();
+        ws.open();
+        ws.read_bytes().inc_by(10);
+        ws.write_bytes().inc_by(20);
+        ws.read_bytes().inc_by(5);
+        ws.close(UpgradeEnd::Closed);
+        ws.close(UpgradeEnd::IdleTimeout);
+        let s = samples(&registry);
+        assert_sample(
+            &s,
+            r#"pimesh_upgrade_open_total{direction="outbound",dst_service="ws"} 2"#,
+        );
+        assert_sample(
+            &s,
+            r#"pimesh_upgrade_close_total{direction="outbound",dst_service="ws",reason="closed"} 1"#,
+        );
+        assert_sample(
+            &s,
+            r#"pimesh_upgrade_close_total{direction="outbound",dst_service="ws",reason="idle_timeout"} 1"#,
+        );
+        assert_sample(
+            &s,
+            r#"pimesh_upgrade_read_bytes_total{direction="outbound",dst_service="ws"} 15"#,
+        );
+        assert_sample(
+            &s,
+            r#"pimesh_upgrade_write_bytes_total{direction="outbound",dst_service="ws"} 20"#,
+        );
     }
 
     #[test]
