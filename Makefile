@@ -14,7 +14,7 @@ NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 HOST_RELEASE := $(or $(CARGO_TARGET_DIR),target)/release
 
 .PHONY: fuzz test-fuzz soak-powercut central help deps image image-amd64 cross host-bins test test-containers test-rust test-qemu test-nspawn test-site test-k3s qemu qemu-site bench-site bench-boot \
-	bench bench-heal bench-ota bench-wear bench-central bench-proxy bench-control lint clean
+	bench bench-heal bench-ota bench-wear bench-central bench-proxy bench-proxy-instructions bench-control lint clean
 
 help:
 	@echo "make image        build $(IMAGE) (the Raspberry Pi SD card image)"
@@ -33,6 +33,7 @@ help:
 	@echo "make bench-ota    measure publish → applied on a node, and bad revision → rolled back"
 	@echo "make bench-central measure the central server under 5000 long-polling nodes"
 	@echo "make bench-proxy  measure the mesh path (two proxies, mTLS) next to two HAProxy instances and direct"
+	@echo "make bench-proxy-instructions  instructions per request of each proxy pair (callgrind)"
 	@echo "make bench-control measure CSR -> certificate, replica RSS, config change -> every proxy, failover"
 	@echo "make bench        all of the benchmarks above"
 
@@ -170,6 +171,12 @@ bench-central:
 # fixed 5000 req/s, RSS idle and with 1000 connections (bench/proxy.py).
 bench-proxy:
 	./bench/run.sh proxy
+
+# Instructions per request of each proxy pair under callgrind (HAProxy, pimesh with an
+# HTTP/1.1 client, an HTTP/2 client (h2load) and opaque TCP): figures that noise does not
+# move (bench/proxy_instructions.py).
+bench-proxy-instructions:
+	./bench/run.sh proxy-instructions
 
 # Control replicas and proxies of a temporary site on 127.0.0.1: CSR -> certificate p50/p99,
 # a replica's RSS, config change -> every proxy p50/p99, failover time (bench/control.rs).

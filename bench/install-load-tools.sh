@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the load tools and peers for `make bench-proxy` (Debian, root):
-#   wrk, haproxy, nginx-light, openssl from Debian (only those missing), and oha built with
+#   wrk, haproxy, nginx-light, openssl, h2load (nghttp2-client), valgrind from Debian (only those missing), and oha built with
 #   `cargo install` at a pinned version, cached by version under /var/cache/pimesh/tools.
 # The Debian haproxy/nginx are never left running as system services: the bench starts its
 # own instances on free ports with its own configs.
@@ -19,6 +19,8 @@ have wrk || pkgs+=(wrk)
 have haproxy || [ -x /usr/sbin/haproxy ] || pkgs+=(haproxy)
 have nginx || [ -x /usr/sbin/nginx ] || pkgs+=(nginx-light)
 have openssl || pkgs+=(openssl)
+have h2load || pkgs+=(nghttp2-client)
+have valgrind || pkgs+=(valgrind)
 have python3 || pkgs+=(python3)
 
 if [ "${#pkgs[@]}" -gt 0 ]; then

@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """`make bench-proxy`: the path a mesh adds, measured: client -> proxy A (plaintext) -> mTLS -> proxy B -> backend.
 
-Three rows, all on 127.0.0.1:
-  direct   client -> nginx
-  haproxy  client -> HAProxy A (TCP, plain) -> TLS 1.3 mTLS -> HAProxy B (TCP) -> nginx
-  pimesh   client -> pimesh-proxy A (outbound) -> mTLS -> pimesh-proxy B (inbound) -> nginx
+Four rows, all on 127.0.0.1:
+  direct      client -> nginx
+  haproxy     client -> HAProxy A (TCP, plain) -> TLS 1.3 mTLS -> HAProxy B (TCP) -> nginx
+  pimesh      client -> pimesh-proxy A (outbound) -> mTLS -> pimesh-proxy B (inbound) -> nginx
+  pimesh-tcp  the same, the service declared opaque TCP (one tunnel per client connection)
+
+Instruction counts per request (noise-free, comparable across runs) and an HTTP/2 client
+row are measured by bench/proxy_instructions.py (`make bench-proxy-instructions`).
 
 Columns: wrk keepalive req/s and the proxies' CPU per request (utime+stime of both proxy
 processes from /proc/PID/stat over the run, divided by the requests completed), wrk with
@@ -22,7 +26,8 @@ Environment (all optional):
   PIMESH_BIN_DIR      where pimesh-proxy and pimeshctl (package pimesh-ctl) are (default: target/release)
   PIMESH_BUILD_ERROR  set by the Makefile when the build failed: the pimesh row says why
   BENCH_DURATION      seconds per wrk/oha run (default 10)
-  BENCH_ROWS          comma list of rows to run (default direct,haproxy,pimesh)
+  BENCH_ROWS          comma list of rows to run (default direct,haproxy,pimesh,pimesh-tcp;
+                      pimesh-tcp: the same path with the service as opaque TCP, a tunnel)
   BENCH_KEEP_TMP=1    keep the temp dir (configs, certs, logs) for inspection
 Stops by itself; kills everything it started, also on error or SIGINT/SIGTERM.
 """
@@ -63,6 +68,10 @@ GOALS = {
     "rss_idle_mib": 10.0,   # per proxy
     "rss_1000_mib": 25.0,   # proxy A with 1000 open client connections
 }
+
+
+# Every row, in the table's order.
+ROWS = ("direct", "haproxy", "pimesh", "pimesh-tcp")
 
 
 def log(msg):
@@ -342,7 +351,11 @@ def wait_ready(admin, procs_list, timeout=15):
     raise Unavailable(f"GET {url} not 200 within {timeout}s (last: {last})")
 
 
-def start_pimesh_pair(procs, tmp, backend_port):
+def start_pimesh_pair(procs, tmp, backend_port, protocol="http"):
+    """Proxies A and B with one service `backend` (nginx) of `protocol`, reached through
+    A's local port; returns ([A, B], the URL through the pair)."""
+    tmp = os.path.join(tmp, f"pair-{protocol}")
+    os.makedirs(tmp, exist_ok=True)
     build_error = os.environ.get("PIMESH_BUILD_ERROR")
     if build_error:
         raise Unavailable(f"pimesh-proxy did not become ready: {build_error}")
@@ -377,7 +390,7 @@ address = "{b_inbound}"
 port = {backend_port}
 nodes = ["b"]
 local_port = {local_port}
-protocol = "http"
+protocol = "{protocol}"
 
 # As HAProxy's maxconn here. The default (10000) needs 20064 open files, above this
 # machine's hard limit (20000), which a sandbox without CAP_SYS_RESOURCE cannot raise.
@@ -607,8 +620,7 @@ def mib(kib):
 def print_table(rows, notes):
     direct = rows.get("direct")
     direct_p99 = direct["fixed"]["p99_ms"] if isinstance(direct, dict) else None
-    measured = [(name, rows[name]) for name in ("direct", "haproxy", "pimesh")
-                if isinstance(rows.get(name), dict)]
+    measured = [(name, rows[name]) for name in ROWS if isinstance(rows.get(name), dict)]
     table = Table("proxy")
     table.setup(f"client -> A (plain) -> TLS 1.3 mTLS -> B -> nginx, 127.0.0.1, "
                 f"{os.cpu_count()} cores shared by load, backend and proxies; {DURATION}s per run")
@@ -643,7 +655,7 @@ def print_table(rows, notes):
             for proxy, kib in zip("AB", values):
                 table.row(f"{label}: {name} {proxy}", mib(kib), "MiB", ".1f")
             table.row(f"{label}: {name} A+B", mib(sum(values)), "MiB", ".1f")
-    for name in ("direct", "haproxy", "pimesh"):
+    for name in ROWS:
         if isinstance(rows.get(name), str):
             table.note(f"{name}: {rows[name]}")
     for line in goal_lines(rows, direct_p99):
@@ -722,7 +734,7 @@ def raise_nofile():
 
 def main():
     t0 = time.monotonic()
-    wanted = [r.strip() for r in os.environ.get("BENCH_ROWS", "direct,haproxy,pimesh").split(",") if r.strip()]
+    wanted = [r.strip() for r in os.environ.get("BENCH_ROWS", "direct,haproxy,pimesh,pimesh-tcp").split(",") if r.strip()]
     for tool in ("wrk", "openssl"):
         if not shutil.which(tool):
             sys.exit(f"bench-proxy: {tool} not found: run bench/install-load-tools.sh")
@@ -753,6 +765,8 @@ def main():
                     pair, url = start_haproxy_pair(procs, tmp, backend_port)
                 elif name == "pimesh":
                     pair, url = start_pimesh_pair(procs, tmp, backend_port)
+                elif name == "pimesh-tcp":
+                    pair, url = start_pimesh_pair(procs, tmp, backend_port, protocol="tcp")
                 else:
                     raise Unavailable(f"unknown row {name!r}")
                 OWN_PIDS[:] = [nginx.pid] + [p.pid for p in pair]

@@ -7,6 +7,7 @@
 #   bench/run.sh central   pimesh-central under 5000 long-polling mTLS nodes
 #   bench/run.sh control   control replicas and proxies of a temporary site
 #   bench/run.sh proxy     the mesh path next to HAProxy and direct
+#   bench/run.sh proxy-instructions   instructions per request under callgrind
 # heal, ota and wear need the amd64 root (make image-amd64) and the host binaries, boot the arm64
 # image (make image): `make bench-NAME` builds what each needs first. Arguments after the
 # name go to the benchmark (central, control).
@@ -28,7 +29,7 @@ case "$name" in
   control)
     exec cargo bench --locked -p pimesh-bench --bench control -- "$@"
     ;;
-  proxy)
+  proxy|proxy-instructions)
     # Load tools (cached), then pimesh-proxy and pimeshctl. A pimesh build that fails does
     # not stop the bench: its row says why.
     oha_line=$(./bench/install-load-tools.sh | tail -1)
@@ -45,7 +46,11 @@ case "$name" in
       export PIMESH_BUILD_ERROR="cargo build failed: $first_error"
     fi
     export PIMESH_BIN_DIR="$target_dir/release"
-    python3 bench/proxy.py "$@"
+    if [ "$name" = proxy ]; then
+      python3 bench/proxy.py "$@"
+    else
+      python3 bench/proxy_instructions.py "$@"
+    fi
     ;;
   *)
     sed -n '2,11p' "$0" >&2
