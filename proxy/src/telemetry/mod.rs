@@ -7,7 +7,7 @@
 //!   clients' `metrics`, `trace`'s span counters), except the per-route HTTP families
 //!   both directions record (`requests`);
 //! - `labels`: the label values several families share;
-//! - `trace`: spans of proxied requests, exported to a Zipkin collector.
+//! - `trace`: spans of proxied requests, exported to Zipkin and/or OTLP collectors.
 
 pub mod labels;
 pub mod metrics;
