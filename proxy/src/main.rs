@@ -148,6 +148,7 @@ async fn run(options: cli::Options) -> Result<(), Error> {
         options.inbound_addr,
         Arc::clone(&metrics),
         snapshots.borrow().value.site_config.as_ref(),
+        options.state_dir.clone(),
     );
     let replica_set = Arc::new(ReplicaSet::new(
         options.control.clone(),

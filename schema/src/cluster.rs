@@ -7,7 +7,7 @@
 use crate::ValueError;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -382,6 +382,18 @@ pub struct ProxySettings {
     pub retry_budget_percent: u8,
     /// Where spans are exported (Zipkin v2 JSON over HTTP), if anywhere.
     pub zipkin_url: Option<String>,
+    /// Where spans are exported as OTLP/HTTP protobuf (`http://collector:4318/v1/traces`),
+    /// if anywhere; beside `zipkin_url` or instead of it. Only `http://` with a host.
+    pub otlp_url: Option<String>,
+    /// Where each proxy keeps the batches of spans its collectors do not take for now
+    /// (unreachable, 5xx, 429, no answer in time), to send them when they are back: an
+    /// absolute path on the node, writable by the proxy. Absent: `spans/` in the
+    /// proxy's state directory (`--state-dir`, the only one its unit may write).
+    pub span_queue_dir: Option<PathBuf>,
+    /// The most bytes of spans kept on disk, shared by the configured exporters; when
+    /// full the oldest batches are dropped first. 0: nothing is kept (a batch the
+    /// collector does not take is dropped).
+    pub span_queue_max_bytes: u64,
 }
 
 impl Default for ProxySettings {
@@ -393,6 +405,9 @@ impl Default for ProxySettings {
             default_timeout: HumanDuration(Duration::from_secs(30)),
             retry_budget_percent: 20,
             zipkin_url: None,
+            otlp_url: None,
+            span_queue_dir: None,
+            span_queue_max_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -602,6 +617,8 @@ pub mod limits {
         Duration::from_secs(1)..=Duration::from_secs(86_400);
     /// A fault's `delay.duration`.
     pub const FAULT_DELAY: RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(3_600);
+    /// `[proxy] span_queue_max_bytes` (1 GiB: a fair share of a Pi's SD card).
+    pub const SPAN_QUEUE_MAX_BYTES: RangeInclusive<u64> = 0..=1024 * 1024 * 1024;
 }
 
 /// Checks every limit and duration of `raw` (read from `text` of `file`) against
@@ -626,6 +643,12 @@ fn check_limits(file: &Path, text: &str, raw: &RawCluster) -> Result<(), ConfigE
         .map_err(|message| fail(&["proxy", "header_timeout"], message))?;
     within(proxy.default_timeout.0, &limits::REQUEST_TIMEOUT, show)
         .map_err(|message| fail(&["proxy", "default_timeout"], message))?;
+    within(
+        proxy.span_queue_max_bytes,
+        &limits::SPAN_QUEUE_MAX_BYTES,
+        u64::to_string,
+    )
+    .map_err(|message| fail(&["proxy", "span_queue_max_bytes"], message))?;
     for (name, service) in &raw.services {
         let name = name.as_str();
         if let Some(timeout) = service.timeout {
@@ -645,6 +668,29 @@ fn check_limits(file: &Path, text: &str, raw: &RawCluster) -> Result<(), ConfigE
                 fail(&["services", name, "fault", "delay", "duration"], message)
             })?;
         }
+    }
+    Ok(())
+}
+
+/// A span collector's URL as the proxy posts to it: `http://host[:port][/path]`, without
+/// credentials (the proxy speaks plain HTTP to a collector on the node or the LAN).
+fn check_collector_url(text: &str) -> Result<(), String> {
+    let expected =
+        "expected an http:// URL with a host, such as \"http://collector:4318/v1/traces\"";
+    let url = url::Url::parse(text).map_err(|err| format!("{expected}, found {text:?} ({err})"))?;
+    if url.scheme() != "http" {
+        return Err(format!(
+            "{expected}, found scheme {:?} (only http:// is supported)",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{expected}, found {text:?}"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "{expected}, found credentials in {text:?}, which are not supported"
+        ));
     }
     Ok(())
 }
@@ -717,6 +763,17 @@ impl ClusterConfig {
             ));
         }
         check_limits(file, text, &raw)?;
+        if let Some(url) = &raw.proxy.otlp_url {
+            check_collector_url(url).map_err(|message| fail(&["proxy", "otlp_url"], message))?;
+        }
+        if let Some(dir) = &raw.proxy.span_queue_dir {
+            if !dir.is_absolute() {
+                return Err(fail(
+                    &["proxy", "span_queue_dir"],
+                    format!("expected an absolute path, found {:?}", dir.display()),
+                ));
+            }
+        }
         let mut local_ports = BTreeMap::new();
         for (name, service) in &raw.services {
             let name = name.as_str();

@@ -85,6 +85,9 @@ fn defaults_fill_what_is_not_said() {
     assert_eq!(config.control.replicas, 3);
     assert_eq!(config.k3s.disable, ["traefik"]);
     assert_eq!(config.proxy.retry_budget_percent, 20);
+    assert_eq!(config.proxy.otlp_url, None);
+    assert_eq!(config.proxy.span_queue_dir, None);
+    assert_eq!(config.proxy.span_queue_max_bytes, 16 * 1024 * 1024);
     assert!(config.services.is_empty());
 }
 
@@ -129,6 +132,12 @@ fn each_broken_rule_names_its_key_and_line() {
         ("site = \"s\"\n[proxy]\ndefault_timeout = \"0s\"\n", "proxy.default_timeout", 3, "1ms to 1day"),
         ("site = \"s\"\n[proxy]\ndefault_timeout = \"2days\"\n", "proxy.default_timeout", 3, "found 2days"),
         ("site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\ntimeout = \"400days\"\n", "services.b.timeout", 5, "1ms to 1day"),
+        ("site = \"s\"\n[proxy]\notlp_url = \"https://c:4318/v1/traces\"\n", "proxy.otlp_url", 3, "only http://"),
+        ("site = \"s\"\n[proxy]\notlp_url = \"collector:4318\"\n", "proxy.otlp_url", 3, "http:// URL"),
+        ("site = \"s\"\n[proxy]\notlp_url = \"http://u:p@c/v1/traces\"\n", "proxy.otlp_url", 3, "credentials"),
+        ("site = \"s\"\n[proxy]\notlp_url = \"not a url\"\n", "proxy.otlp_url", 3, "http:// URL"),
+        ("site = \"s\"\n[proxy]\nspan_queue_dir = \"spans\"\n", "proxy.span_queue_dir", 3, "absolute path"),
+        ("site = \"s\"\n[proxy]\nspan_queue_max_bytes = 2147483648\n", "proxy.span_queue_max_bytes", 3, "0 to 1073741824"),
         ("site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\nidle_timeout = \"0s\"\n", "services.b.idle_timeout", 5, "1s to 1day"),
         (
             "site = \"s\"\n[services.b]\nport = 1\nnodes = [\"n\"]\nfault = { delay = { duration = \"2h\", percent = 5.0 } }\n",
@@ -278,4 +287,23 @@ fn a_broken_join_token_names_its_field() {
         assert_eq!(err.line, Some(3), "{text}\n{err}");
         assert!(err.to_string().contains(says), "{err}");
     }
+}
+
+#[test]
+fn span_export_settings_are_read() {
+    let config = parse(
+        "site = \"s\"\n[proxy]\nzipkin_url = \"http://zipkin:9411/api/v2/spans\"\n\
+         otlp_url = \"http://collector:4318/v1/traces\"\nspan_queue_dir = \"/var/lib/spans\"\n\
+         span_queue_max_bytes = 0\n",
+    )
+    .expect("valid");
+    assert_eq!(
+        config.proxy.otlp_url.as_deref(),
+        Some("http://collector:4318/v1/traces")
+    );
+    assert_eq!(
+        config.proxy.span_queue_dir.as_deref(),
+        Some(Path::new("/var/lib/spans"))
+    );
+    assert_eq!(config.proxy.span_queue_max_bytes, 0);
 }

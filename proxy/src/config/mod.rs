@@ -16,13 +16,14 @@ pub mod site;
 pub mod state;
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
 use crate::identity::Identity;
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::trace::CollectorSink;
+use crate::telemetry::trace::{CollectorSink, ExportSettings};
 use routes::RouteTable;
 pub use site::SiteConfig;
 use state::Snapshot;
@@ -37,6 +38,8 @@ pub struct Routing {
     /// Where this proxy's own node takes mesh traffic when the config does not say.
     own_inbound: SocketAddr,
     metrics: Arc<Metrics>,
+    /// `--state-dir`: the span disk queue's folder is `spans/` in it unless the config says.
+    state_dir: PathBuf,
     spans: CollectorSink,
     site_config: watch::Sender<Option<Arc<SiteConfig>>>,
     routes: watch::Sender<Arc<RouteTable>>,
@@ -44,16 +47,18 @@ pub struct Routing {
 
 impl Routing {
     /// `inbound` is the proxy's inbound address; `file_config` the file's config at start,
-    /// published until the first [`Routing::update`]. The table is empty until the first
-    /// [`Routing::compile`].
+    /// published until the first [`Routing::update`]; `state_dir` the proxy's
+    /// `--state-dir`. The table is empty until the first [`Routing::compile`].
     pub fn new(
         inbound: SocketAddr,
         metrics: Arc<Metrics>,
         file_config: Option<&SiteConfig>,
+        state_dir: PathBuf,
     ) -> Routing {
         Routing {
             own_inbound: own_inbound(inbound),
             metrics,
+            state_dir,
             spans: CollectorSink::default(),
             site_config: watch::Sender::new(file_config.cloned().map(Arc::new)),
             routes: watch::Sender::new(Arc::new(RouteTable::empty())),
@@ -110,13 +115,23 @@ impl Routing {
             return RouteTable::empty();
         };
         let config = &loaded.config;
+        let export = ExportSettings {
+            zipkin_url: config.proxy.zipkin_url.clone(),
+            otlp_url: config.proxy.otlp_url.clone(),
+            queue_dir: config
+                .proxy
+                .span_queue_dir
+                .clone()
+                .unwrap_or_else(|| self.state_dir.join("spans")),
+            queue_max_bytes: config.proxy.span_queue_max_bytes,
+        };
         let sink = self.spans.update(
-            config.proxy.zipkin_url.as_deref(),
+            &export,
             || {
-                format!(
-                    "pimesh-proxy.{}",
-                    identity.as_ref().map_or("unknown", |id| id.node.as_str())
-                )
+                identity
+                    .as_ref()
+                    .map_or("unknown", |id| id.node.as_str())
+                    .to_owned()
             },
             &self.metrics.spans,
         );

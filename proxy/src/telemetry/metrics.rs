@@ -176,6 +176,7 @@ mod tests {
         policy.retry_budget_exhausted();
         metrics.config.reload(true);
         metrics.identity.renewal(true);
+        metrics.spans.exporter("otlp");
         let text = metrics.encode();
         let types: Vec<&str> = text
             .lines()
@@ -211,6 +212,9 @@ mod tests {
             "pimesh_spans_exported counter",
             "pimesh_spans_dropped counter",
             "pimesh_span_export_failures counter",
+            "pimesh_spans_kept counter",
+            "pimesh_span_queue_corrupt_files counter",
+            "pimesh_span_queue_spans gauge",
             "pimesh_open_connections gauge",
             "pimesh_config_reloads counter",
             "pimesh_identity_renewals counter",

@@ -9,7 +9,7 @@
 //! - `labels`: the label values several families share;
 //! - `grpc`: gRPC responses classified by their `grpc-status`, for the request metrics
 //!   and the balancer;
-//! - `trace`: spans of proxied requests, exported to a Zipkin collector.
+//! - `trace`: spans of proxied requests, exported to Zipkin and/or OTLP collectors.
 
 pub mod grpc;
 pub mod labels;

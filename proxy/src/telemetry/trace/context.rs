@@ -47,6 +47,12 @@ impl TraceId {
         (value != 0).then_some(TraceId { value, wide })
     }
 
+    /// The id as OTLP carries it: 16 bytes, big-endian; a 64-bit id fills the low 8
+    /// (zero-padded on the left, as OpenTelemetry's B3 propagator does).
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.value.to_be_bytes()
+    }
+
     /// Whether both ids name the same trace: equal, or a 64-bit id equal to the low 64
     /// bits of a 128-bit one (Zipkin's rule for mixed-width instrumentation).
     fn same_trace(self, other: TraceId) -> bool {
@@ -81,6 +87,11 @@ impl SpanId {
         }
         let value = parse_hex(text, uppercase_ok)?;
         (value != 0).then_some(SpanId(value as u64))
+    }
+
+    /// The id as OTLP carries it: 8 bytes, big-endian.
+    pub fn to_bytes(self) -> [u8; 8] {
+        self.0.to_be_bytes()
     }
 
     /// A random, non-zero span id different from `other` (the incoming span id, so that a
@@ -358,6 +369,22 @@ fn parse_hex(text: &str, uppercase_ok: bool) -> Option<u128> {
         value = (value << 4) | u128::from(digit);
     }
     Some(value)
+}
+
+#[cfg(test)]
+impl TraceId {
+    /// `text` (16 or 32 lowercase hex digits) as a trace id, for other modules' tests.
+    pub fn parse_for_test(text: &str) -> TraceId {
+        TraceId::parse(text, false).expect("a trace id")
+    }
+}
+
+#[cfg(test)]
+impl SpanId {
+    /// `text` (16 lowercase hex digits) as a span id, for other modules' tests.
+    pub fn parse_for_test(text: &str) -> SpanId {
+        SpanId::parse(text, false).expect("a span id")
+    }
 }
 
 #[cfg(test)]

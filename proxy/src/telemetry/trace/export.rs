@@ -1,20 +1,38 @@
-//! Span export: a bounded queue from the data path to one background task that posts
-//! batches to a Zipkin v2 JSON endpoint.
+//! Span export: from the data path through a bounded in-memory queue to one background
+//! task per exporter, which posts batches to its collector, as Zipkin v2 JSON
+//! (`[proxy] zipkin_url`, [`super::zipkin`]) or OTLP/HTTP protobuf (`[proxy] otlp_url`,
+//! [`super::otlp`]); either or both. A batch the collector does not take for now
+//! (unreachable, 5xx, 429, no answer within the timeout) is kept in the exporter's disk
+//! queue ([`super::queue`], `<span_queue_dir>/<exporter>/`) and sent again, oldest first,
+//! with exponential backoff and jitter, when the collector is back.
 //!
 //! Invariants:
-//! - The data path never waits: [`SpanSink::submit`] is a `try_send`; when the queue is
-//!   full (or the task is gone) the span is dropped and `dropped` counts it.
-//! - Every span that entered the queue is counted exactly once, by `exported` (the
-//!   collector answered 2xx) or `failed` (the batch was refused, answered non-2xx, timed
-//!   out or could not be encoded). So `exported + dropped + failed` = spans finished with a
-//!   sink, once the queue is drained. All three count spans, not batches.
-//! - A failed batch is dropped, never retried; the warning about it is logged at most once
-//!   per `warn_interval` (the others are counted in the next warning's `suppressed`).
-//! - The task ends when every [`SpanSink`] clone is gone, after posting what it holds.
+//! - The data path never waits: [`SpanSink::submit`] is a `try_send` per exporter; when an
+//!   exporter's queue is full (or its task is gone) the span is dropped for that exporter
+//!   and counted (`dropped`, reason `queue_full`).
+//! - Every span that entered an exporter's queue is counted exactly once in the end, in
+//!   spans, not batches ([`super::SpanCounters`]): `exported` (the collector answered 2xx,
+//!   at once or from the disk queue), `failed` (refused: a 4xx other than 429, or it could
+//!   not be encoded: never retried), or `dropped` (`disk_full`: the disk queue's oldest
+//!   batch made room for a newer one, or a batch larger than the bound; `corrupt`: its
+//!   file did not read back as written; `not_kept`: it could not be kept on disk). Until
+//!   then it is in memory or on disk (`queued`). `kept` counts those that went to disk.
+//! - While the collector is failing (a retry is pending), new batches go to the disk
+//!   queue without a request of their own: one request per backoff step probes the
+//!   collector with the oldest batch. A success sends the rest back to back.
+//! - A collector that accepts the connection and never answers holds one batch for at
+//!   most `timeout`; the batch is then kept for a retry.
+//! - Disk I/O runs on tokio's blocking threads, never on the runtime's own.
+//! - One exporter task per format at a time holds the disk queue: a replaced exporter
+//!   (its URL or queue changed) ends, after posting or keeping what it holds, before its
+//!   successor opens the folder; the data path's handles ([`SpanSink`]) share one cell,
+//!   so every route table, old or new, feeds the exporters in use.
+//! - Warnings about a failing collector are logged at most once per `warn_interval` per
+//!   exporter (the others are counted in the next warning's `suppressed`).
 
-use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,15 +43,16 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use prometheus_client::metrics::counter::Counter;
-use serde::Serialize;
+use pimesh_runtime::backoff::{Backoff, Jitter, Retry};
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
 
 use super::context::{SpanId, TraceId};
-use super::{Kind, SpanCounters};
+use super::queue::{DiskQueue, Oldest};
+use super::{otlp, zipkin, ExporterCounters, Kind, SpanCounters};
 
-/// Tuning of the exporter; [`Settings::default`] holds the production values.
+/// Tuning of an exporter; [`Settings::default`] holds the production values.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Settings {
     /// Spans waiting for the exporter; more are dropped.
@@ -46,6 +65,9 @@ pub(super) struct Settings {
     pub timeout: Duration,
     /// At most one warning about a failing collector per interval.
     pub warn_interval: Duration,
+    /// The pauses between attempts to send the disk queue's oldest batch while the
+    /// collector fails.
+    pub retry: Backoff,
 }
 
 impl Default for Settings {
@@ -56,12 +78,16 @@ impl Default for Settings {
             flush_interval: Duration::from_secs(1),
             timeout: Duration::from_secs(5),
             warn_interval: Duration::from_secs(10),
+            // 1 s doubling to a minute, in the upper half: a collector that restarts is
+            // found within a minute, a site's proxies do not return in lock-step.
+            retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60))
+                .with_jitter(Jitter::HALF),
         }
     }
 }
 
-/// A finished span on its way to the collector.
-#[derive(Debug)]
+/// A finished span on its way to the collectors.
+#[derive(Clone, Debug)]
 pub(super) struct FinishedSpan {
     pub trace_id: TraceId,
     pub id: SpanId,
@@ -70,13 +96,56 @@ pub(super) struct FinishedSpan {
     pub method: Method,
     pub path: String,
     pub dst_service: String,
-    pub remote: Option<SocketAddr>,
+    pub remote: Option<std::net::SocketAddr>,
     /// Start, in microseconds since the Unix epoch.
     pub timestamp_us: u64,
     /// At least 1 (Zipkin reads 0 as "unknown").
     pub duration_us: u64,
     /// The response status; 0 when there was no response.
     pub status: u16,
+}
+
+/// The wire format of an exporter, and so its config key, label and queue folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Format {
+    /// Zipkin v2 JSON (`[proxy] zipkin_url`).
+    Zipkin,
+    /// OTLP/HTTP protobuf (`[proxy] otlp_url`).
+    Otlp,
+}
+
+impl Format {
+    /// The `exporter` label, and the name of its folder in the queue directory.
+    pub fn label(self) -> &'static str {
+        match self {
+            Format::Zipkin => "zipkin",
+            Format::Otlp => "otlp",
+        }
+    }
+
+    /// The site config key of its URL.
+    fn key(self) -> &'static str {
+        match self {
+            Format::Zipkin => "proxy.zipkin_url",
+            Format::Otlp => "proxy.otlp_url",
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Format::Zipkin => "application/json",
+            Format::Otlp => "application/x-protobuf",
+        }
+    }
+
+    /// `batch` as a request body; `node` names this proxy's node.
+    fn encode(self, batch: &[FinishedSpan], node: &str) -> Result<Vec<u8>, String> {
+        match self {
+            Format::Zipkin => zipkin::encode(batch, &format!("{}.{node}", otlp::SERVICE_NAME))
+                .map_err(|err| err.to_string()),
+            Format::Otlp => Ok(otlp::encode(batch, node)),
+        }
+    }
 }
 
 /// Why no exporter was started for a collector URL; shown as one line naming the URL.
@@ -138,7 +207,7 @@ impl std::error::Error for SinkError {}
 /// Why a batch of spans was not exported.
 #[derive(Debug)]
 enum BatchError {
-    Encode(serde_json::Error),
+    Encode(String),
     Build(http::Error),
     Send(hyper_util::client::legacy::Error),
     Body(hyper::Error),
@@ -146,6 +215,21 @@ enum BatchError {
     Status(StatusCode),
     /// No answer within the exporter's timeout.
     Timeout(Duration),
+}
+
+impl BatchError {
+    /// Whether the same batch may succeed later: the collector could not be reached or
+    /// did not answer, was overloaded (429) or failed (5xx). Anything else is a refusal
+    /// of this batch, which a retry would only repeat.
+    fn is_transient(&self) -> bool {
+        match self {
+            BatchError::Send(_) | BatchError::Body(_) | BatchError::Timeout(_) => true,
+            BatchError::Status(status) => {
+                *status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+            }
+            BatchError::Encode(_) | BatchError::Build(_) => false,
+        }
+    }
 }
 
 impl fmt::Display for BatchError {
@@ -163,102 +247,245 @@ impl fmt::Display for BatchError {
     }
 }
 
-/// The data path's handle on the exporter; cheap to clone (a queue sender and a counter).
+/// One exporter's end of the data path: its queue and its `queue_full` counter.
+#[derive(Clone, Debug)]
+struct Feed {
+    queue: mpsc::Sender<FinishedSpan>,
+    dropped: prometheus_client::metrics::counter::Counter,
+}
+
+/// The data path's handle on the exporters in use; cheap to clone (one `Arc`). Every
+/// clone sees the exporters [`CollectorSink`] last set, whichever route table holds it.
 #[derive(Clone, Debug)]
 pub struct SpanSink {
-    queue: mpsc::Sender<FinishedSpan>,
-    dropped: Counter,
+    feeds: Arc<RwLock<Vec<Feed>>>,
 }
 
 impl SpanSink {
-    /// Starts the exporter task on the current tokio runtime, posting to `url` (a Zipkin
-    /// v2 endpoint such as `http://zipkin:9411/api/v2/spans`) with `service_name` as every
-    /// span's `localEndpoint.serviceName`. Err names the URL and what is wrong with it
-    /// (only `http://` is accepted), or says that there is no runtime.
-    pub fn spawn(
-        url: &str,
-        service_name: String,
-        exported: Counter,
-        dropped: Counter,
-        failed: Counter,
-    ) -> Result<SpanSink, SinkError> {
-        let counters = SpanCounters {
-            exported,
-            dropped,
-            failed,
-        };
-        SpanSink::spawn_with(url, service_name, counters, Settings::default())
-    }
-
-    pub(super) fn spawn_with(
-        url: &str,
-        service_name: String,
-        counters: SpanCounters,
-        settings: Settings,
-    ) -> Result<SpanSink, SinkError> {
-        let uri = collector_uri(url)?;
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| SinkError::NoRuntime {
-            url: url.to_owned(),
-        })?;
-        let (queue, receiver) = mpsc::channel(settings.queue_capacity.max(1));
-        let exporter = Exporter {
-            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
-            uri,
-            service_name,
-            counters: counters.clone(),
-            settings,
-            last_warning: None,
-            suppressed: 0,
-        };
-        runtime.spawn(exporter.run(receiver));
-        Ok(SpanSink {
-            queue,
-            dropped: counters.dropped,
-        })
-    }
-
-    /// Queues `span` without waiting; drops and counts it when the queue is full or the
-    /// exporter is gone.
+    /// Queues `span` for every exporter without waiting; for an exporter whose queue is
+    /// full (or that is gone) it is dropped and counted.
     pub(super) fn submit(&self, span: FinishedSpan) {
-        if self.queue.try_send(span).is_err() {
-            self.dropped.inc();
+        let feeds = self.feeds.read().unwrap_or_else(PoisonError::into_inner);
+        let Some((last, others)) = feeds.split_last() else {
+            return;
+        };
+        for feed in others {
+            if feed.queue.try_send(span.clone()).is_err() {
+                feed.dropped.inc();
+            }
+        }
+        if last.queue.try_send(span).is_err() {
+            last.dropped.inc();
         }
     }
 }
 
-/// The span sink for the configured collector URL: started when a URL is set, restarted
-/// only when the URL changes; none while no URL is set or the one set is refused (logged).
+/// Where the disk queue of each exporter lives, and its bound.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct QueueSpec {
+    /// The exporter's own folder (`<span_queue_dir>/<exporter>`).
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+}
+
+/// What [`CollectorSink::update`] exports to, from the site config's `[proxy]` table and
+/// the proxy's state directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExportSettings {
+    pub zipkin_url: Option<String>,
+    pub otlp_url: Option<String>,
+    /// The folder holding each exporter's disk queue.
+    pub queue_dir: PathBuf,
+    /// The bound of all disk queues together; 0: none.
+    pub queue_max_bytes: u64,
+}
+
+/// One exporter as started: what it was started for, and its task.
+struct Running {
+    url: String,
+    queue: Option<QueueSpec>,
+    feed: Feed,
+    task: JoinHandle<()>,
+}
+
+/// One format's exporter, if any, and those it replaced that may still be ending.
+#[derive(Default)]
+struct Slot {
+    running: Option<Running>,
+    /// Replaced (or stopped) exporters of this format not yet awaited by a successor.
+    retired: Vec<JoinHandle<()>>,
+}
+
+/// The exporters for the configured collector URLs: each started when its URL is set,
+/// restarted only when its URL or disk queue changes; none while no URL is set or the one
+/// set is refused (logged with its key).
 #[derive(Default)]
 pub struct CollectorSink {
-    url: Option<String>,
-    sink: Option<SpanSink>,
+    feeds: Arc<RwLock<Vec<Feed>>>,
+    zipkin: Slot,
+    otlp: Slot,
+    settings: Settings,
 }
 
 impl CollectorSink {
-    /// The sink for `url`. `service_name`, asked only when a sink starts, names this proxy
-    /// in its spans.
+    /// The sink for `settings`, `None` when no exporter runs. `node`, asked only when an
+    /// exporter starts, names this proxy's node in its spans.
     pub fn update(
         &mut self,
-        url: Option<&str>,
-        service_name: impl FnOnce() -> String,
+        settings: &ExportSettings,
+        node: impl FnOnce() -> String,
         counters: &SpanCounters,
     ) -> Option<SpanSink> {
-        if self.url.as_deref() != url {
-            self.url = url.map(str::to_owned);
-            self.sink = url.and_then(|url| {
-                SpanSink::spawn(
-                    url,
-                    service_name(),
-                    counters.exported.clone(),
-                    counters.dropped.clone(),
-                    counters.failed.clone(),
-                )
-                .map_err(|err| warn!(error = %err, "spans will not be exported"))
-                .ok()
+        let wanted = [
+            (Format::Zipkin, settings.zipkin_url.as_deref()),
+            (Format::Otlp, settings.otlp_url.as_deref()),
+        ];
+        // The disk bound is shared by the exporters configured.
+        let exporters = wanted.iter().filter(|(_, url)| url.is_some()).count() as u64;
+        let mut node = Some(node);
+        let mut node_name = None::<String>;
+        let mut changed = false;
+        for (format, url) in wanted {
+            let queue = (settings.queue_max_bytes > 0 && exporters > 0).then(|| QueueSpec {
+                dir: settings.queue_dir.join(format.label()),
+                max_bytes: settings.queue_max_bytes / exporters,
             });
+            let slot = match format {
+                Format::Zipkin => &mut self.zipkin,
+                Format::Otlp => &mut self.otlp,
+            };
+            let same = match (&slot.running, url) {
+                (Some(running), Some(url)) => running.url == url && running.queue == queue,
+                (None, None) => true,
+                _ => false,
+            };
+            if same {
+                continue;
+            }
+            changed = true;
+            if let Some(previous) = slot.running.take() {
+                // Its successor waits for it to let go of its folder.
+                slot.retired.push(previous.task);
+            }
+            slot.retired.retain(|task| !task.is_finished());
+            let Some(url) = url else {
+                continue;
+            };
+            let name = node_name
+                .get_or_insert_with(|| node.take().map_or_else(String::new, |node| node()))
+                .clone();
+            match spawn(
+                format,
+                url,
+                name,
+                counters.exporter(format.label()),
+                self.settings,
+                queue.clone(),
+                std::mem::take(&mut slot.retired),
+            ) {
+                Ok((feed, task)) => {
+                    slot.running = Some(Running {
+                        url: url.to_owned(),
+                        queue,
+                        feed,
+                        task,
+                    });
+                }
+                Err((err, waits)) => {
+                    slot.retired = waits;
+                    warn!(key = format.key(), error = %err, "spans will not be exported there");
+                }
+            }
         }
-        self.sink.clone()
+        if changed {
+            let feeds: Vec<Feed> = [&self.zipkin, &self.otlp]
+                .into_iter()
+                .filter_map(|slot| slot.running.as_ref())
+                .map(|running| running.feed.clone())
+                .collect();
+            // Dropping the old feeds closes the replaced exporters' queues: they end.
+            *self.feeds.write().unwrap_or_else(PoisonError::into_inner) = feeds;
+        }
+        let any = self.zipkin.running.is_some() || self.otlp.running.is_some();
+        any.then(|| SpanSink {
+            feeds: Arc::clone(&self.feeds),
+        })
     }
+}
+
+/// Starts an exporter on the current runtime once the tasks in `waits` have ended (an
+/// exporter it replaces, holding its folder). Err gives `waits` back.
+#[allow(clippy::type_complexity)]
+fn spawn(
+    format: Format,
+    url: &str,
+    node: String,
+    counters: ExporterCounters,
+    settings: Settings,
+    queue: Option<QueueSpec>,
+    waits: Vec<JoinHandle<()>>,
+) -> Result<(Feed, JoinHandle<()>), (SinkError, Vec<JoinHandle<()>>)> {
+    let uri = match collector_uri(url) {
+        Ok(uri) => uri,
+        Err(err) => return Err((err, waits)),
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let err = SinkError::NoRuntime {
+            url: url.to_owned(),
+        };
+        return Err((err, waits));
+    };
+    let (sender, receiver) = mpsc::channel(settings.queue_capacity.max(1));
+    let feed = Feed {
+        queue: sender,
+        dropped: counters.dropped_queue_full.clone(),
+    };
+    let exporter = Exporter {
+        format,
+        client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        uri,
+        node,
+        retry: Retry::new(settings.retry),
+        counters,
+        settings,
+        queue_spec: queue,
+        queue: None,
+        next_attempt: None,
+        last_warning: None,
+        suppressed: 0,
+    };
+    let task = runtime.spawn(async move {
+        for previous in waits {
+            let _ = previous.await;
+        }
+        exporter.run(receiver).await;
+    });
+    Ok((feed, task))
+}
+
+/// Test access: one exporter and its sink, outside a [`CollectorSink`].
+#[cfg(test)]
+pub(super) fn spawn_for_test(
+    format: Format,
+    url: &str,
+    counters: ExporterCounters,
+    settings: Settings,
+    queue: Option<QueueSpec>,
+) -> Result<(SpanSink, JoinHandle<()>), SinkError> {
+    let (feed, task) = spawn(
+        format,
+        url,
+        "node-a".into(),
+        counters,
+        settings,
+        queue,
+        Vec::new(),
+    )
+    .map_err(|(err, _)| err)?;
+    let sink = SpanSink {
+        feeds: Arc::new(RwLock::new(vec![feed])),
+    };
+    Ok((sink, task))
 }
 
 /// Checks the collector URL: `http://host[:port][/path]`, no credentials.
@@ -294,24 +521,37 @@ fn collector_uri(url: &str) -> Result<Uri, SinkError> {
 }
 
 struct Exporter {
+    format: Format,
     client: Client<HttpConnector, Full<Bytes>>,
     uri: Uri,
-    service_name: String,
-    counters: SpanCounters,
+    node: String,
+    counters: ExporterCounters,
     settings: Settings,
+    /// Failures of the collector in a row; above 0, new batches go to disk directly.
+    retry: Retry,
+    /// `None`: nothing is ever kept on disk.
+    queue_spec: Option<QueueSpec>,
+    /// Open once a batch had to be kept, or at the start when the folder exists.
+    queue: Option<DiskQueue>,
+    /// When to send the disk queue's oldest batch; `None` while it is empty.
+    next_attempt: Option<tokio::time::Instant>,
     last_warning: Option<Instant>,
-    /// Failed batches not warned about since the last warning.
+    /// Warnings not logged since the last one.
     suppressed: u64,
 }
 
 impl Exporter {
     async fn run(mut self, mut queue: mpsc::Receiver<FinishedSpan>) {
+        // Batches a previous process (or exporter) left are sent first.
+        self.open_queue(false).await;
+        self.schedule_now_if_queued();
         let batch_size = self.settings.batch_size.max(1);
         let mut batch = Vec::with_capacity(batch_size);
         let mut tick = tokio::time::interval(self.settings.flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let room = batch_size - batch.len();
+            let next_attempt = self.next_attempt;
             tokio::select! {
                 received = queue.recv_many(&mut batch, room) => {
                     if received == 0 {
@@ -319,7 +559,7 @@ impl Exporter {
                         if !batch.is_empty() {
                             self.flush(&mut batch).await;
                         }
-                        debug!(collector = %self.uri, "span exporter stopped");
+                        debug!(exporter = self.format.label(), collector = %self.uri, "span exporter stopped");
                         return;
                     }
                     if batch.len() >= batch_size {
@@ -331,34 +571,247 @@ impl Exporter {
                         self.flush(&mut batch).await;
                     }
                 }
+                () = sleep_until(next_attempt), if next_attempt.is_some() => {
+                    self.resend_oldest().await;
+                }
             }
         }
     }
 
-    /// Posts `batch` and empties it; counts its spans as exported or failed.
+    /// Posts `batch` (or keeps it on disk while the collector is failing) and empties it.
     async fn flush(&mut self, batch: &mut Vec<FinishedSpan>) {
         let spans = batch.len() as u64;
-        let encoded = encode(batch, &self.service_name);
+        let encoded = self.format.encode(batch, &self.node);
         batch.clear();
-        let result = match encoded {
-            Ok(body) => self.post(body).await,
-            Err(err) => Err(BatchError::Encode(err)),
+        let body = match encoded {
+            Ok(body) => Bytes::from(body),
+            Err(err) => {
+                self.counters.failed.inc_by(spans);
+                self.warn(&BatchError::Encode(err), spans, "dropped the batch");
+                return;
+            }
         };
-        match result {
+        if self.retry.failures() > 0 && self.queue.is_some() {
+            // The collector is failing: the oldest batch on disk probes it at the next
+            // attempt; this one waits its turn behind it.
+            self.keep(body, spans).await;
+            return;
+        }
+        match self.post(body.clone()).await {
             Ok(()) => {
                 self.counters.exported.inc_by(spans);
+                self.succeeded();
+            }
+            Err(reason) if reason.is_transient() => {
+                let kept = self.keep(body, spans).await;
+                self.failed_now(&reason, spans, kept);
             }
             Err(reason) => {
                 self.counters.failed.inc_by(spans);
-                self.warn(&reason, spans);
+                self.warn(
+                    &reason,
+                    spans,
+                    "the collector refused the batch; dropped it",
+                );
             }
         }
     }
 
-    async fn post(&self, body: Vec<u8>) -> Result<(), BatchError> {
+    /// Sends the disk queue's oldest batch; on success (or a refusal, or a corrupt file)
+    /// the next one is due at once, on a transient failure after the next backoff pause.
+    async fn resend_oldest(&mut self) {
+        let oldest = self.with_queue(DiskQueue::oldest).await.flatten();
+        match oldest {
+            None => {}
+            Some(Oldest::Corrupt { spans, reason }) => {
+                self.counters.dropped_corrupt.inc_by(spans);
+                self.counters.corrupt_files.inc();
+                warn!(
+                    exporter = self.format.label(),
+                    %reason,
+                    spans,
+                    "dropped a corrupt batch file of the span queue"
+                );
+            }
+            Some(Oldest::Batch { body, spans }) => match self.post(Bytes::from(body)).await {
+                Ok(()) => {
+                    self.with_queue(DiskQueue::remove_oldest).await;
+                    self.counters.exported.inc_by(spans);
+                    if self.retry.failures() > 0 {
+                        info!(
+                            exporter = self.format.label(),
+                            collector = %self.uri,
+                            queued = self.queue.as_ref().map_or(0, DiskQueue::spans),
+                            "the span collector is back; sending the spans kept"
+                        );
+                    }
+                    self.retry.reset();
+                }
+                Err(reason) if reason.is_transient() => {
+                    self.failed_now(&reason, spans, true);
+                    self.update_gauge();
+                    return;
+                }
+                Err(reason) => {
+                    self.with_queue(DiskQueue::remove_oldest).await;
+                    self.counters.failed.inc_by(spans);
+                    self.warn(
+                        &reason,
+                        spans,
+                        "the collector refused a kept batch; dropped it",
+                    );
+                }
+            },
+        }
+        self.update_gauge();
+        self.next_attempt = None;
+        self.schedule_now_if_queued();
+    }
+
+    /// After a success: back to sending at once.
+    fn succeeded(&mut self) {
+        self.retry.reset();
+        self.schedule_now_if_queued();
+    }
+
+    /// After a transient failure of a batch of `spans` (`kept` on disk or not): the next
+    /// attempt waits the next backoff pause.
+    fn failed_now(&mut self, reason: &BatchError, spans: u64, kept: bool) {
+        let pause = self.retry.next_delay(fastrand::u64(..));
+        if self.queue.as_ref().is_some_and(|queue| !queue.is_empty()) {
+            self.next_attempt = Some(tokio::time::Instant::now() + pause);
+        }
+        let what = if kept {
+            "kept the batch on disk for a retry"
+        } else {
+            "could not keep the batch; dropped it"
+        };
+        self.warn(reason, spans, what);
+    }
+
+    fn schedule_now_if_queued(&mut self) {
+        if self.next_attempt.is_none() && self.queue.as_ref().is_some_and(|q| !q.is_empty()) {
+            self.next_attempt = Some(tokio::time::Instant::now());
+        }
+    }
+
+    /// Writes the batch to the disk queue; counts it `kept`, or dropped when it cannot
+    /// be. Whether it is on disk.
+    async fn keep(&mut self, body: Bytes, spans: u64) -> bool {
+        if !self.open_queue(true).await {
+            self.counters.dropped_not_kept.inc_by(spans);
+            return false;
+        }
+        let pushed = self
+            .with_queue(move |queue: &mut DiskQueue| queue.push(&body, spans))
+            .await;
+        let Some(pushed) = pushed else {
+            self.counters.dropped_not_kept.inc_by(spans);
+            return false;
+        };
+        self.counters.dropped_disk_full.inc_by(pushed.evicted_spans);
+        if pushed.kept {
+            self.counters.kept.inc_by(spans);
+        } else if let Some(err) = pushed.error {
+            self.counters.dropped_not_kept.inc_by(spans);
+            self.warn_disk(&err.to_string());
+        } else {
+            // Larger than the whole bound.
+            self.counters.dropped_disk_full.inc_by(spans);
+        }
+        self.update_gauge();
+        if pushed.kept && self.next_attempt.is_none() {
+            // A batch kept while no retry was pending (the first failure): retry after
+            // the current backoff pause.
+            let pause = self
+                .settings
+                .retry
+                .delay(self.retry.failures(), fastrand::u64(..));
+            self.next_attempt = Some(tokio::time::Instant::now() + pause);
+        }
+        pushed.kept
+    }
+
+    /// Opens the disk queue unless it is open; with `create` false only when its folder
+    /// exists. Whether it is open.
+    async fn open_queue(&mut self, create: bool) -> bool {
+        if self.queue.is_some() {
+            return true;
+        }
+        let Some(spec) = self.queue_spec.clone() else {
+            return false;
+        };
+        let opened = tokio::task::spawn_blocking(move || {
+            if !create && !spec.dir.is_dir() {
+                return Ok(None);
+            }
+            DiskQueue::open(&spec.dir, spec.max_bytes).map(Some)
+        })
+        .await;
+        match opened {
+            Ok(Ok(Some((queue, opened)))) => {
+                self.counters.corrupt_files.inc_by(opened.corrupt_files);
+                if !queue.is_empty() {
+                    info!(
+                        exporter = self.format.label(),
+                        dir = %self.queue_spec.as_ref().map_or_else(String::new, |s| s.dir.display().to_string()),
+                        batches = queue.len(),
+                        spans = queue.spans(),
+                        "found kept spans to send"
+                    );
+                }
+                self.queue = Some(queue);
+                self.update_gauge();
+                true
+            }
+            Ok(Ok(None)) => false,
+            Ok(Err(err)) => {
+                self.warn_disk(&err.to_string());
+                false
+            }
+            Err(err) => {
+                self.warn_disk(&err.to_string());
+                false
+            }
+        }
+    }
+
+    /// Runs `f` on the open disk queue on a blocking thread; `None` when it is not open
+    /// (or the thread panicked, which closes it).
+    async fn with_queue<R, F>(&mut self, f: F) -> Option<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut DiskQueue) -> R + Send + 'static,
+    {
+        let mut queue = self.queue.take()?;
+        let done = tokio::task::spawn_blocking(move || {
+            let result = f(&mut queue);
+            (queue, result)
+        })
+        .await;
+        match done {
+            Ok((queue, result)) => {
+                self.queue = Some(queue);
+                Some(result)
+            }
+            Err(err) => {
+                self.warn_disk(&err.to_string());
+                None
+            }
+        }
+    }
+
+    fn update_gauge(&self) {
+        let spans = self.queue.as_ref().map_or(0, DiskQueue::spans);
+        self.counters
+            .queued
+            .set(i64::try_from(spans).unwrap_or(i64::MAX));
+    }
+
+    async fn post(&self, body: Bytes) -> Result<(), BatchError> {
         let request = Request::post(self.uri.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
+            .header(CONTENT_TYPE, self.format.content_type())
+            .body(Full::new(body))
             .map_err(BatchError::Build)?;
         let exchange = async {
             let response = self
@@ -384,114 +837,57 @@ impl Exporter {
         }
     }
 
-    fn warn(&mut self, reason: &BatchError, spans: u64) {
+    fn warn_due(&mut self) -> bool {
         let now = Instant::now();
         let due = self
             .last_warning
             .is_none_or(|last| now.duration_since(last) >= self.settings.warn_interval);
         if due {
-            // `suppressed`: failed batches since the last warning that were not logged.
+            self.last_warning = Some(now);
+        } else {
+            self.suppressed += 1;
+        }
+        due
+    }
+
+    fn warn(&mut self, reason: &BatchError, spans: u64, what: &'static str) {
+        if self.warn_due() {
+            // `suppressed`: warnings since the last one that were not logged.
             warn!(
+                exporter = self.format.label(),
                 collector = %self.uri,
                 %reason,
                 spans,
                 suppressed = self.suppressed,
-                "cannot export spans; dropped the batch"
+                "cannot export spans; {what}"
             );
-            self.last_warning = Some(now);
             self.suppressed = 0;
-        } else {
-            self.suppressed += 1;
+        }
+    }
+
+    fn warn_disk(&mut self, error: &str) {
+        if self.warn_due() {
+            let dir = self
+                .queue_spec
+                .as_ref()
+                .map_or_else(String::new, |spec| spec.dir.display().to_string());
+            warn!(
+                exporter = self.format.label(),
+                %dir,
+                %error,
+                suppressed = self.suppressed,
+                "the span disk queue cannot be used; spans the collector does not take are dropped"
+            );
+            self.suppressed = 0;
         }
     }
 }
 
-/// The batch as a Zipkin v2 JSON array.
-fn encode(batch: &[FinishedSpan], service_name: &str) -> Result<Vec<u8>, serde_json::Error> {
-    let spans: Vec<ZipkinSpan<'_>> = batch
-        .iter()
-        .map(|span| ZipkinSpan::new(span, service_name))
-        .collect();
-    serde_json::to_vec(&spans)
-}
-
-/// One span in Zipkin's v2 model (<https://zipkin.io/zipkin-api/#/default/post_spans>).
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ZipkinSpan<'a> {
-    trace_id: String,
-    id: String,
-    parent_id: String,
-    name: &'a str,
-    kind: &'static str,
-    timestamp: u64,
-    duration: u64,
-    local_endpoint: Endpoint<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    remote_endpoint: Option<Endpoint<'a>>,
-    tags: BTreeMap<&'static str, String>,
-}
-
-#[derive(Serialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct Endpoint<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    service_name: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ipv4: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ipv6: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    port: Option<u16>,
-}
-
-impl<'a> ZipkinSpan<'a> {
-    fn new(span: &'a FinishedSpan, service_name: &'a str) -> ZipkinSpan<'a> {
-        let mut tags = BTreeMap::new();
-        tags.insert("http.method", span.method.as_str().to_string());
-        tags.insert("http.path", span.path.clone());
-        tags.insert("pimesh.dst_service", span.dst_service.clone());
-        if span.status != 0 {
-            tags.insert("http.status_code", span.status.to_string());
-        }
-        if span.status == 0 {
-            tags.insert("error", "no response".to_string());
-        } else if span.status >= 500 {
-            tags.insert("error", span.status.to_string());
-        }
-        ZipkinSpan {
-            trace_id: span.trace_id.to_string(),
-            id: span.id.to_string(),
-            parent_id: span.parent_id.to_string(),
-            // The method alone: paths carry ids, and span names are indexed by the
-            // collector, so they must stay few. The path is in `http.path`.
-            name: span.method.as_str(),
-            kind: match span.kind {
-                Kind::Server => "SERVER",
-                Kind::Client => "CLIENT",
-            },
-            timestamp: span.timestamp_us,
-            duration: span.duration_us.max(1),
-            local_endpoint: Endpoint {
-                service_name: Some(service_name),
-                ..Endpoint::default()
-            },
-            remote_endpoint: span.remote.map(remote_endpoint),
-            tags,
-        }
-    }
-}
-
-fn remote_endpoint<'a>(addr: SocketAddr) -> Endpoint<'a> {
-    let (ipv4, ipv6) = match addr.ip().to_canonical() {
-        std::net::IpAddr::V4(ip) => (Some(ip.to_string()), None),
-        std::net::IpAddr::V6(ip) => (None, Some(ip.to_string())),
-    };
-    Endpoint {
-        service_name: None,
-        ipv4,
-        ipv6,
-        port: Some(addr.port()),
+/// Sleeps until `at`; forever when `None` (the `select!` branch is disabled then).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -520,42 +916,45 @@ mod tests {
     }
 
     #[test]
-    fn remote_endpoint_uses_the_address_family() {
-        let v4 = serde_json::to_value(remote_endpoint("10.0.0.1:80".parse().unwrap())).unwrap();
-        assert_eq!(v4, serde_json::json!({"ipv4": "10.0.0.1", "port": 80}));
-        let mapped =
-            serde_json::to_value(remote_endpoint("[::ffff:10.0.0.1]:80".parse().unwrap())).unwrap();
-        assert_eq!(mapped, serde_json::json!({"ipv4": "10.0.0.1", "port": 80}));
-        let v6 = serde_json::to_value(remote_endpoint("[fd00::1]:443".parse().unwrap())).unwrap();
-        assert_eq!(v6, serde_json::json!({"ipv6": "fd00::1", "port": 443}));
+    fn transient_failures_are_retried_and_refusals_not() {
+        for status in [429, 500, 502, 503, 504] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert!(BatchError::Status(status).is_transient(), "{status}");
+        }
+        for status in [400, 401, 403, 404, 413, 415, 301] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert!(!BatchError::Status(status).is_transient(), "{status}");
+        }
+        assert!(BatchError::Timeout(Duration::from_secs(1)).is_transient());
+        assert!(!BatchError::Encode("x".into()).is_transient());
     }
 
     #[tokio::test]
     async fn spawn_outside_http_is_an_error() {
-        let counter = Counter::default;
-        let err = SpanSink::spawn(
-            "https://zipkin/api/v2/spans",
-            "svc".into(),
-            counter(),
-            counter(),
-            counter(),
-        )
-        .unwrap_err();
+        let Err(err) = spawn_for_test(
+            Format::Otlp,
+            "https://collector:4318/v1/traces",
+            ExporterCounters::default(),
+            Settings::default(),
+            None,
+        ) else {
+            panic!("https accepted");
+        };
         assert!(matches!(err, SinkError::Scheme { .. }), "{err}");
         assert!(err.to_string().contains("only http://"), "{err}");
     }
 
     #[test]
     fn spawn_without_runtime_is_an_error() {
-        let counter = Counter::default;
-        let err = SpanSink::spawn(
+        let Err(err) = spawn_for_test(
+            Format::Zipkin,
             "http://zipkin/api/v2/spans",
-            "svc".into(),
-            counter(),
-            counter(),
-            counter(),
-        )
-        .unwrap_err();
+            ExporterCounters::default(),
+            Settings::default(),
+            None,
+        ) else {
+            panic!("started without a runtime");
+        };
         assert!(matches!(err, SinkError::NoRuntime { .. }), "{err}");
         assert!(err.to_string().contains("no tokio runtime"), "{err}");
     }
