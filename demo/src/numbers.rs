@@ -108,8 +108,17 @@ struct Counters {
     latency_sum: f64,
     /// `(le, cumulative count)`, by `le`.
     buckets: Vec<(f64, f64)>,
+    tcp_open: f64,
+    tcp_close: f64,
     tcp_bytes: f64,
-    tcp: bool,
+}
+
+impl Counters {
+    /// Opaque TCP: connections opened and no HTTP request (every route has `tcp_*` series,
+    /// at zero when unused).
+    fn is_tcp(&self) -> bool {
+        self.tcp_open > 0.0 && self.requests == 0.0 && self.success + self.failure == 0.0
+    }
 }
 
 /// What one scrape says.
@@ -179,10 +188,10 @@ impl Scrape {
                     }
                 }
                 "tcp_read_bytes_total" | "tcp_write_bytes_total" => {
-                    counters.tcp = true;
                     counters.tcp_bytes += sample.value;
                 }
-                "tcp_open_total" => counters.tcp = true,
+                "tcp_open_total" => counters.tcp_open += sample.value,
+                "tcp_close_total" => counters.tcp_close += sample.value,
                 _ => {}
             }
         }
@@ -204,7 +213,10 @@ pub struct ServiceView {
     pub latency_ms_p95: Option<f64>,
     pub requests_total: f64,
     pub failures_in_window: f64,
-    /// Bytes both ways per second, for an opaque TCP service.
+    /// Connections open now, for an opaque TCP service.
+    pub tcp_connections_open: Option<f64>,
+    /// Bytes both ways per second, for an opaque TCP service (the proxy counts a
+    /// connection's bytes when it closes).
     pub tcp_bytes_per_second: Option<f64>,
 }
 
@@ -355,8 +367,11 @@ impl Window {
                 latency_ms_p95: quantile(0.95, &now.buckets, &then.buckets),
                 requests_total: now.requests,
                 failures_in_window: failure,
+                tcp_connections_open: now
+                    .is_tcp()
+                    .then_some((now.tcp_open - now.tcp_close).max(0.0)),
                 tcp_bytes_per_second: now
-                    .tcp
+                    .is_tcp()
                     .then(|| per_second(increase(now.tcp_bytes, then.tcp_bytes))),
             });
         }
@@ -421,6 +436,8 @@ response_latency_ms_bucket{le="+Inf",direction="outbound",dst_service="staff"} 1
 pimesh_split_total{service="staff",backend="stable"} 90
 pimesh_split_total{service="staff",backend="error-injector"} 10
 tcp_read_bytes_total{direction="outbound",dst_service="queue"} 1000
+tcp_open_total{direction="outbound",dst_service="queue"} 1
+tcp_open_total{direction="outbound",dst_service="staff"} 0
 "#;
 
     const AFTER: &str = r#"request_total{direction="outbound",dst_service="staff"} 300
@@ -438,6 +455,9 @@ pimesh_split_total{service="staff",backend="error-injector"} 30
 pimesh_fault_injected_total{dst_service="web",kind="abort"} 3
 tcp_read_bytes_total{direction="outbound",dst_service="queue"} 3000
 tcp_write_bytes_total{direction="outbound",dst_service="queue"} 1000
+tcp_open_total{direction="outbound",dst_service="queue"} 3
+tcp_close_total{direction="outbound",dst_service="queue"} 1
+tcp_open_total{direction="outbound",dst_service="staff"} 0
 "#;
 
     #[test]
@@ -479,6 +499,7 @@ tcp_write_bytes_total{direction="outbound",dst_service="queue"} 1000
         assert_eq!(staff.tcp_bytes_per_second, None);
         let queue = view.services.iter().find(|s| s.service == "queue").unwrap();
         assert_eq!(queue.tcp_bytes_per_second, Some(300.0));
+        assert_eq!(queue.tcp_connections_open, Some(2.0));
         assert_eq!(queue.success_rate, None);
         let canary = view
             .splits
