@@ -9,7 +9,8 @@ have() { command -v "$1" >/dev/null 2>&1; }
 # qemu 10, mmdebstrap 1.5 and e2fsprogs 1.47 (mkfs.ext4 -d from a tarball) come from
 # bookworm-backports; the rest from bookworm.
 for tool in mmdebstrap qemu-system-aarch64 qemu-system-x86_64 qemu-aarch64-static mcopy mkfs.vfat \
-            sfdisk depmod dtc xz unshare systemd-nspawn ssh-keygen ssh script curl jq python3 zstd openssl nsenter iptables ip systemd-sysusers dnsmasq; do
+            sfdisk depmod dtc xz unshare systemd-nspawn ssh-keygen ssh script curl jq python3 zstd openssl nsenter iptables ip systemd-sysusers dnsmasq \
+            chromium; do
   have "$tool" || need+=("$tool")
 done
 e2fs_ok() { mke2fs -V 2>&1 | grep -qE 'mke2fs 1\.(47|48|49)'; }
@@ -38,6 +39,9 @@ SRC
     mtools dosfstools fdisk xz-utils util-linux systemd-container openssh-client \
     bsdutils curl jq python3 zstd ca-certificates binfmt-support arch-test openssl iptables iproute2 \
     debian-archive-keyring gpg kmod systemd device-tree-compiler dnsmasq-base
+  # Headless Chromium drives the demo's page in demo/tests/page.rs; the fonts make its
+  # screenshots legible.
+  apt-get install -y -q --no-install-recommends chromium fonts-liberation
 fi
 
 # Run arm64 programs (the rootfs' maintainer scripts, cross-built binaries) transparently.

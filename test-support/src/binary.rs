@@ -31,6 +31,8 @@ pub enum Binary {
     Ctl,
     /// The stand-in for `k3s` (a test fixture, not K3s).
     K3sFixture,
+    /// The demo app, every part of it (`demo/`).
+    Demo,
 }
 
 impl Binary {
@@ -43,6 +45,7 @@ impl Binary {
             Binary::Central => "pimesh-central",
             Binary::Ctl => "pimeshctl",
             Binary::K3sFixture => "k3s-fixture",
+            Binary::Demo => "pimesh-demo",
         }
     }
 
@@ -55,6 +58,7 @@ impl Binary {
             Binary::Central => "pimesh-central",
             Binary::Ctl => "pimesh-ctl",
             Binary::K3sFixture => "k3s-fixture",
+            Binary::Demo => "pimesh-demo",
         }
     }
 
