@@ -487,7 +487,13 @@ async fn the_page_shows_moving_vehicles_the_split_and_an_injected_fault() {
     let hops = page
         .eval("document.getElementById('feed-mode').textContent")
         .await;
-    eprintln!("feed hops: {hops}");
+    // Both relays carry the feed as WebSockets through the mesh (an Upgrade crossing
+    // proxy a -> mTLS -> proxy b), not by their polling fallback.
+    let hops = hops.as_str().unwrap_or_default().to_owned();
+    assert!(
+        hops.matches(": websocket").count() == 2 && !hops.contains("polling"),
+        "feed hops: {hops}"
+    );
 
     // The staff panel: ≥ 2000 calls through the 90/10 split; 10 % ± 3 points are errors.
     wait_for!(format!("{STAFF_CALLS} staff calls"), page, parts, {
