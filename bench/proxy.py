@@ -354,8 +354,7 @@ def wait_ready(admin, procs_list, timeout=15):
 def start_pimesh_pair(procs, tmp, backend_port, protocol="http"):
     """Proxies A and B with one service `backend` (nginx) of `protocol`, reached through
     A's local port; returns ([A, B], the URL through the pair)."""
-    tmp = os.path.join(tmp, f"pair-{protocol}")
-    os.makedirs(tmp, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f"pair-{protocol}-", dir=tmp)
     build_error = os.environ.get("PIMESH_BUILD_ERROR")
     if build_error:
         raise Unavailable(f"pimesh-proxy did not become ready: {build_error}")

@@ -50,11 +50,12 @@ class CallgrindProcs(bench.Procs):
         return super().start(name, argv, **kw)
 
 
-def callgrind_control(flag, pid):
-    r = subprocess.run(["callgrind_control", flag, str(pid)], capture_output=True, text=True,
+def callgrind_control(pid, *flags):
+    r = subprocess.run(["callgrind_control", *flags, str(pid)], capture_output=True, text=True,
                        timeout=120)
     if r.returncode != 0:
-        raise RuntimeError(f"callgrind_control {flag} {pid}: {(r.stderr or r.stdout).strip()}")
+        raise RuntimeError(f"callgrind_control {' '.join(flags)} {pid}: "
+                           f"{(r.stderr or r.stdout).strip()}")
 
 
 def dumped_ir(tmp, name):
@@ -99,12 +100,13 @@ def h2_requests(url, n):
 def measure(procs, tmp, name, pair, url, send):
     send(url, WARMUP)
     for p in pair:
-        callgrind_control("-z", p.pid)
+        callgrind_control(p.pid, "-z")
     started = time.monotonic()
     send(url, REQUESTS)
     seconds = time.monotonic() - started
     for p in pair:
-        callgrind_control("-d", p.pid)
+        callgrind_control(p.pid, "--dump")
+        callgrind_control(p.pid, "--instr=off")
     irs = []
     for p in pair:
         # The dump is written asynchronously: wait for it.
@@ -150,7 +152,7 @@ def main():
                 else:
                     raise bench.Unavailable(f"unknown row {name!r}")
                 for p in pair:
-                    callgrind_control("-i", p.pid)  # toggles: on
+                    callgrind_control(p.pid, "--instr=on")
                 rows[name] = measure(procs, tmp, name, pair, url, send)
             except bench.Unavailable as err:
                 rows[name] = f"n/a ({err})"
