@@ -172,7 +172,17 @@ async fn handle(
         .as_ref()
         .and_then(|rule| rule.timeout)
         .unwrap_or(apex.timeout);
-    let forwarded = forward(&context, &table, &apex, rule.as_deref(), parts, body, proto);
+    // Boxed: `forward`'s state is several KiB, and a future is moved by value into
+    // `timeout` (and again as they are polled); a box moves as one pointer.
+    let forwarded = Box::pin(forward(
+        &context,
+        &table,
+        &apex,
+        rule.as_deref(),
+        parts,
+        body,
+        proto,
+    ));
     let response = match tokio::time::timeout(limit, forwarded).await {
         Ok(response) => response,
         Err(_) => error_response(

@@ -132,6 +132,10 @@ where
 ///
 /// `TE: trailers` stays: HTTP/2 allows it, and gRPC requires it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (no hashing) settles that.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let te_trailers = headers
         .get_all(header::TE)
         .iter()
@@ -148,20 +152,30 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::TE,
-        header::PROXY_AUTHORIZATION,
-    ] {
+    // Only the names present: a removal of an absent name still hashes it.
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    for name in present {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// Whether `name` is one of the headers [`strip_hop_by_hop`] removes by name. A header
+/// that `Connection` names is found through `Connection` itself.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TE
+        || name == header::PROXY_AUTHORIZATION
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 #[cfg(test)]
