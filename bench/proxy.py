@@ -175,8 +175,10 @@ def check_body(url):
 
 # --------------------------------------------------------------------------- the backend
 
-def start_nginx(procs, tmp, port):
-    d = os.path.join(tmp, "nginx")
+def start_nginx(procs, tmp, port, http2=False):
+    """nginx answering `ok` on 127.0.0.1:`port`: HTTP/1.1, or with `http2` HTTP/2 (h2c, prior
+    knowledge) as well."""
+    d = os.path.join(tmp, "nginx-h2" if http2 else "nginx")
     os.makedirs(d)
     conf = os.path.join(d, "nginx.conf")
     with open(conf, "w") as f:
@@ -197,7 +199,7 @@ http {{
     keepalive_requests 1000000;
     keepalive_timeout 120s;
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port} backlog=4096{" http2" if http2 else ""};
         location / {{
             default_type text/plain;
             return 200 "ok\\n";
@@ -206,7 +208,7 @@ http {{
 }}
 """)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    p = procs.start("nginx", [nginx, "-p", d, "-c", conf, "-e", f"{d}/error.log"])
+    p = procs.start("nginx-h2" if http2 else "nginx", [nginx, "-p", d, "-c", conf, "-e", f"{d}/error.log"])
     wait_port("127.0.0.1", port, p)
     return p
 
@@ -351,9 +353,10 @@ def wait_ready(admin, procs_list, timeout=15):
     raise Unavailable(f"GET {url} not 200 within {timeout}s (last: {last})")
 
 
-def start_pimesh_pair(procs, tmp, backend_port, protocol="http"):
+def start_pimesh_pair(procs, tmp, backend_port, protocol="http", check=True):
     """Proxies A and B with one service `backend` (nginx) of `protocol`, reached through
-    A's local port; returns ([A, B], the URL through the pair)."""
+    A's local port; returns ([A, B], the URL through the pair). `check`: GET it once over
+    HTTP/1.1 (not for a backend that speaks only HTTP/2)."""
     tmp = tempfile.mkdtemp(prefix=f"pair-{protocol}-", dir=tmp)
     build_error = os.environ.get("PIMESH_BUILD_ERROR")
     if build_error:
@@ -409,7 +412,8 @@ max_connections = {PIMESH_MAX_CONNECTIONS}
         wait_ready(a_admin, [a, b])
         url = f"http://127.0.0.1:{local_port}/"
         wait_port("127.0.0.1", local_port, a)
-        check_body(url)
+        if check:
+            check_body(url)
     except Unavailable as err:
         raise Unavailable(f"pimesh-proxy did not become ready: {err}")
     return [a, b], url

@@ -94,7 +94,7 @@ def h2_requests(url, n):
                        capture_output=True, text=True, timeout=1800)
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", r.stdout)
     if r.returncode != 0 or not done or int(done.group(2)) != n:
-        raise RuntimeError(f"h2load: {r.stdout[-400:]} {r.stderr[-200:]}")
+        raise RuntimeError(f"h2load exited {r.returncode}: {r.stdout[:600]} {r.stderr[-200:]}")
 
 
 def measure(procs, tmp, name, pair, url, send):
@@ -143,9 +143,15 @@ def main():
                 if name == "haproxy":
                     pair, url = bench.start_haproxy_pair(procs, tmp, backend_port)
                     send = keepalive_requests
-                elif name in ("pimesh-h1", "pimesh-h2"):
+                elif name == "pimesh-h1":
                     pair, url = bench.start_pimesh_pair(procs, tmp, backend_port)
-                    send = h2_requests if name == "pimesh-h2" else keepalive_requests
+                    send = keepalive_requests
+                elif name == "pimesh-h2":
+                    # The proxy delivers in the client's HTTP version: an h2c backend.
+                    h2_port = bench.free_port()
+                    bench.start_nginx(procs, tmp, h2_port, http2=True)
+                    pair, url = bench.start_pimesh_pair(procs, tmp, h2_port, check=False)
+                    send = h2_requests
                 elif name == "pimesh-tcp":
                     pair, url = bench.start_pimesh_pair(procs, tmp, backend_port, protocol="tcp")
                     send = keepalive_requests

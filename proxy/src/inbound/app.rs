@@ -50,7 +50,12 @@ pub async fn deliver(
     parts.headers.remove(DST_HEADER);
     parts.headers.remove(PROTO_HEADER);
     strip_hop_by_hop(&mut parts.headers);
-    if !parts.headers.contains_key(header::HOST) {
+    if h2 {
+        // HTTP/2 names the authority in `:authority` (the app's address, below); a `host`
+        // header that says otherwise makes the request malformed (RFC 9113 §8.3.1), and
+        // strict servers (nginx) refuse it.
+        parts.headers.remove(header::HOST);
+    } else if !parts.headers.contains_key(header::HOST) {
         if let Some(authority) = parts.uri.authority() {
             if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
                 parts.headers.insert(header::HOST, value);
