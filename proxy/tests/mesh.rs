@@ -13,21 +13,11 @@ use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pimesh_test_support::backends::{tcp_echo, Backend, Collector};
 use pimesh_test_support::http::sample;
+use pimesh_test_support::http::{h1, H1};
 use pimesh_test_support::proxy::{mesh, mesh_with};
 use pimesh_test_support::{free_port, replace, wait_until, Site, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-
-type H1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
-
-async fn h1(addr: std::net::SocketAddr) -> H1 {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(connection);
-    sender
-}
 
 type H2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
 

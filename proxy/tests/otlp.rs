@@ -28,10 +28,11 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use pimesh_test_support::backends::{Backend, Collector as ZipkinCollector};
+use pimesh_test_support::http::{h1, H1};
 use pimesh_test_support::proxy::{Proxy, ProxyOptions};
 use pimesh_test_support::{free_port, Site, DEADLINE};
 use prost::Message as _;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// One span as the collector received it, with its resource's `host.name`.
 #[derive(Clone, Debug)]
@@ -245,17 +246,6 @@ const QUEUED: &str = "pimesh_span_queue_spans{exporter=\"otlp\"}";
 const DISK_FULL: &str = "pimesh_spans_dropped_total{exporter=\"otlp\",reason=\"disk_full\"}";
 const CORRUPT: &str = "pimesh_spans_dropped_total{exporter=\"otlp\",reason=\"corrupt\"}";
 const CORRUPT_FILES: &str = "pimesh_span_queue_corrupt_files_total{exporter=\"otlp\"}";
-
-type H1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
-
-async fn h1(addr: SocketAddr) -> H1 {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(connection);
-    sender
-}
 
 /// A sampled `GET path` to `web` through proxy a, with a fresh trace; returns the trace
 /// id (32 hex digits).

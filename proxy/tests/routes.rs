@@ -11,20 +11,10 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pimesh_schema::routes::{gateway, site_folder};
 use pimesh_test_support::backends::Backend;
+use pimesh_test_support::http::{h1, H1};
 use pimesh_test_support::proxy::{mesh, Mesh};
 use pimesh_test_support::Site;
 use tokio::net::TcpStream;
-
-type H1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
-
-async fn h1(addr: std::net::SocketAddr) -> H1 {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(connection);
-    sender
-}
 
 /// `method path` to `host` with `headers`: (status, body).
 async fn send(

@@ -140,6 +140,22 @@ pub fn sample(text: &str, line_start: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A kept-alive HTTP/1.1 client connection (hyper's), for tests that send many requests.
+pub type H1 = hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>;
+
+/// Opens an HTTP/1.1 connection to `addr`; its driver runs on the test's runtime.
+///
+/// # Panics
+/// When the connection or the handshake fails.
+pub async fn h1(addr: SocketAddr) -> H1 {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    sender
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
