@@ -55,7 +55,7 @@ Cases, in order (each builds on the site the previous ones left):
      spans to a Zipkin collector the test runs on the bridge; each part is a transient
      unit of its node. `pimesh-demo page-check` drives the page in headless Chromium in the
      LAN's namespace: eight vehicles move, the live feed crosses both relays as
-     WebSockets, ~10 % of 1000+ staff calls fail (the 90/10 split), and a fault published
+     WebSockets, ~10 % of 2000+ staff calls fail (the 90/10 split), and a fault published
      on the tracker shows on the page's mesh panel. A sampled request leaves a CLIENT and
      a SERVER span per mesh hop at the collector. `make demo` runs this case alone (the
      site boots for it), PIMESH_DEMO_HOLD=1 keeps it up with the page on 127.0.0.1:8080.
@@ -1374,7 +1374,7 @@ def test_the_fleetman_demo_runs_across_the_site(site, figures, tmp_path):
         shots = str(tmp_path / "demo-screenshots")
         checker = subprocess.Popen(
             ["ip", "netns", "exec", lan.ns, binary, "page-check", "--url", page + "?staff_hz=100",
-             "--screenshots", shots, "--staff-calls", "1000", "--fault-on", "fleetman-position-tracker",
+             "--screenshots", shots, "--staff-calls", "2000", "--fault-on", "fleetman-position-tracker",
              "--timeout", "300"],
             stdout=subprocess.PIPE, stderr=open(str(tmp_path / "page-check.log"), "w"), text=True)
         watchdog = threading.Timer(1800, checker.kill)
@@ -1402,7 +1402,8 @@ def test_the_fleetman_demo_runs_across_the_site(site, figures, tmp_path):
         feed = phases["moving"]["feed"]
         assert feed.count(": websocket") == 2 and "polling" not in feed, feed
         staff = phases["staff"]
-        assert staff["calls"] >= 1000, staff
+        # Binomial(2000, 0.1): a standard deviation of 0.67 points, so ± 3 is 4.5 of them.
+        assert staff["calls"] >= 2000, staff
         assert 0.07 <= staff["share"] <= 0.13, staff
         assert "fault" in phases, phases
         figures["demo_staff_calls"] = staff["calls"]
@@ -1444,14 +1445,17 @@ def hold(lan, webapp, shots):
     """Keeps the demo up until Ctrl-C, the page forwarded to 127.0.0.1:8080 of this machine."""
     forward = subprocess.Popen(
         ["socat", "TCP-LISTEN:8080,bind=127.0.0.1,fork,reuseaddr",
-         f"EXEC:ip netns exec {lan.ns} socat STDIO TCP\\:{webapp}\\:8080"])
+         f"EXEC:ip netns exec {lan.ns} socat STDIO TCP\\:{webapp}\\:8080"],
+        start_new_session=True)  # Ctrl-C is the test's to take
     print(f"\n\nThe demo runs: open http://127.0.0.1:8080/ on this machine (forwarded into the site's "
           f"LAN to pi-a's webapp at {webapp}:8080; from another machine: ssh -L 8080:127.0.0.1:8080 "
-          f"<this machine>). Screenshots: {shots}. Ctrl-C stops it.\n", flush=True)
+          f"<this machine>). The tracker keeps the fault the case published (half its requests "
+          f"answered 503). Screenshots: {shots}. Ctrl-C stops it.\n", flush=True)
     try:
-        while forward.poll() is None:
+        while True:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                forward.wait(timeout=60)
+                code = forward.wait(timeout=60)
+                raise AssertionError(f"the forwarder on 127.0.0.1:8080 exited ({code}): is the port taken?")
     except KeyboardInterrupt:
         pass
     finally:
