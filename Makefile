@@ -13,7 +13,7 @@ NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 # Where cargo puts host release binaries (CI shares a target folder between clones).
 HOST_RELEASE := $(or $(CARGO_TARGET_DIR),target)/release
 
-.PHONY: fuzz test-fuzz soak-powercut central help deps image image-amd64 cross host-bins test test-containers test-rust test-qemu test-nspawn test-site test-k3s qemu qemu-site bench-site bench-boot \
+.PHONY: fuzz test-fuzz soak-powercut central help deps image image-amd64 cross host-bins test test-containers test-rust test-qemu test-nspawn test-site test-k3s demo qemu qemu-site bench-site bench-boot \
 	bench bench-heal bench-ota bench-wear bench-central bench-proxy bench-proxy-instructions bench-control lint clean
 
 help:
@@ -28,6 +28,8 @@ help:
 	@echo "make test-nspawn  test the supervisor against real systemd/D-Bus (amd64 root in systemd-nspawn)"
 	@echo "make test-site    several nspawn nodes on one bridge form a site by themselves (plug-in join)"
 	@echo "make test-k3s     the site test with K3S_BIN=<a real k3s> instead of the K3s fixture"
+	@echo "make demo         the Fleetman demo across a site of nspawn nodes, its page checked in headless"
+	@echo "                  Chromium (PIMESH_DEMO_HOLD=1: then kept up on http://127.0.0.1:8080/ until Ctrl-C)"
 	@echo "make bench-site   four nspawn nodes forming a site: start → certificate per node, daemons' memory"
 	@echo "make bench-heal   measure kill/hang → ready again and the supervisor's CPU and RSS"
 	@echo "make bench-ota    measure publish → applied on a node, and bad revision → rolled back"
@@ -50,9 +52,10 @@ $(IMAGE): $(IMAGE_INPUTS)
 cross:
 	./image/cross.sh
 
-# The node's daemons (for the amd64 root) and the host tools the tests drive them with.
+# The node's daemons (for the amd64 root) and the host tools the tests drive them with
+# (pimesh-demo: the site test copies it into its nodes and drives the page with it).
 host-bins:
-	cargo build --release --locked $(NODE_CRATES) -p pimesh-central -p pimesh-ctl -p k3s-fixture
+	cargo build --release --locked $(NODE_CRATES) -p pimesh-central -p pimesh-ctl -p k3s-fixture -p pimesh-demo
 	install -D -m 0755 -t out/bin/x86_64 $(HOST_RELEASE)/pimesh-supervisor $(HOST_RELEASE)/pimesh-proxy \
 		$(HOST_RELEASE)/pimesh-control
 
@@ -88,6 +91,12 @@ test-nspawn: image-amd64
 # Several nodes that form a site by themselves (plug-in join), each in its own namespace.
 test-site: image-amd64
 	./tests/site/run.sh
+
+# The Fleetman demo (demo/) across a site of nspawn nodes: the site test's demo case alone
+# (the site boots for it). PIMESH_DEMO_HOLD=1 keeps it up after its checks, the page
+# forwarded to http://127.0.0.1:8080/ of this machine, until Ctrl-C.
+demo: image-amd64
+	./tests/site/run.sh -k demo
 
 # The same site with a real K3s on every node: K3S_BIN=/path/to/k3s make test-k3s (without
 # it, the K3s fixture runs, as in test-site).

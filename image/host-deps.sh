@@ -10,7 +10,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 # bookworm-backports; the rest from bookworm.
 for tool in mmdebstrap qemu-system-aarch64 qemu-system-x86_64 qemu-aarch64-static mcopy mkfs.vfat \
             sfdisk depmod dtc xz unshare systemd-nspawn ssh-keygen ssh script curl jq python3 zstd openssl nsenter iptables ip systemd-sysusers dnsmasq \
-            chromium; do
+            chromium socat; do
   have "$tool" || need+=("$tool")
 done
 e2fs_ok() { mke2fs -V 2>&1 | grep -qE 'mke2fs 1\.(47|48|49)'; }
@@ -42,6 +42,8 @@ SRC
   # Headless Chromium drives the demo's page in demo/tests/page.rs; the fonts make its
   # screenshots legible.
   apt-get install -y -q --no-install-recommends chromium fonts-liberation
+  # `make demo` forwards 127.0.0.1:8080 of this machine into the site test's LAN.
+  apt-get install -y -q --no-install-recommends socat
 fi
 
 # Run arm64 programs (the rootfs' maintainer scripts, cross-built binaries) transparently.

@@ -1,32 +1,18 @@
 //! `pimesh-demo`: a Fleetman-style app for the mesh, one subcommand per part. Every part
 //! serves plain HTTP (the queue: TCP) on loopback and calls the others only through the
-//! local mesh proxy; see `demo/README.md`.
-
-mod gateway;
-mod mesh;
-mod net;
-mod numbers;
-mod position;
-mod queue;
-mod simulator;
-mod staff;
-mod trace;
-mod tracker;
-mod webapp;
-mod ws;
+//! local mesh proxy; see `demo/README.md`. `page-check` drives the page in headless
+//! Chromium and reports what it sees.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::{Args, Parser, Subcommand};
+use pimesh_demo::{
+    check, gateway, mesh, net, numbers, queue, simulator, staff, tracker, webapp, GATEWAY, TRACKER,
+    WEBAPP,
+};
 use tracing::error;
-
-/// The mesh's service names (as in `configs/cluster.example.toml`).
-pub const WEBAPP: &str = "fleetman-webapp";
-pub const GATEWAY: &str = "fleetman-api-gateway";
-pub const TRACKER: &str = "fleetman-position-tracker";
-pub const STAFF: &str = "fleetman-staff-service";
 
 #[derive(Parser)]
 #[command(
@@ -96,6 +82,26 @@ enum Part {
         #[arg(long, default_value = "http://127.0.0.1:4191/metrics")]
         proxy_admin: String,
     },
+    /// Opens the page in headless Chromium and prints one JSON line per phase it sees:
+    /// loaded, moving, staff, then (with --fault-on) waiting-fault and fault.
+    PageCheck {
+        /// The page, e.g. `http://192.168.1.10:8080/?staff_hz=100`.
+        #[arg(long)]
+        url: String,
+        /// Where screenshots (and Chromium's log) go.
+        #[arg(long)]
+        screenshots: std::path::PathBuf,
+        /// Staff calls counted before the error share is reported.
+        #[arg(long, default_value_t = 1000)]
+        staff_calls: u64,
+        /// After the staff phase, wait for this service's success rate to fall below
+        /// 95 % (or its fault count to rise) on the mesh panel.
+        #[arg(long)]
+        fault_on: Option<String>,
+        /// The deadline of each phase, in seconds.
+        #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        timeout: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -128,6 +134,23 @@ fn main() -> ExitCode {
 }
 
 async fn run(part: Part) -> Result<(), String> {
+    if let Part::PageCheck {
+        url,
+        screenshots,
+        staff_calls,
+        fault_on,
+        timeout,
+    } = part
+    {
+        let options = check::Options {
+            url,
+            screenshots,
+            staff_calls,
+            fault_on,
+            timeout: std::time::Duration::from_secs(timeout),
+        };
+        return check::run(&options, |phase| println!("{phase}")).await;
+    }
     let shutdown = net::Shutdown::on_signals()?;
     match part {
         Part::Simulator { queue, vehicles } => {
@@ -198,6 +221,7 @@ async fn run(part: Part) -> Result<(), String> {
             .await;
             let _ = scraper.await;
         }
+        Part::PageCheck { .. } => {}
     }
     tracing::info!("stopped");
     Ok(())

@@ -12,19 +12,14 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use base64::Engine as _;
-use futures_util::{SinkExt as _, StreamExt as _};
 use nix::sys::signal::Signal;
+use pimesh_demo::browser::{chromium, Browser};
 use pimesh_test_support::http::get_text;
 use pimesh_test_support::proxy::{mesh, Mesh};
 use pimesh_test_support::{free_port, replace, Binary, Daemon, Site};
-use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
+use serde_json::json;
 
 /// Generous: the proxies and the parts are debug builds sharing two cores with Chromium.
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -173,218 +168,6 @@ impl Parts {
     }
 }
 
-/// Chromium, headless, with its DevTools port; killed when dropped.
-struct Browser {
-    child: Child,
-    port: u16,
-    _profile: tempfile::TempDir,
-}
-
-fn chromium() -> PathBuf {
-    if let Some(path) = std::env::var_os("CHROMIUM") {
-        return PathBuf::from(path);
-    }
-    std::env::var_os("PATH")
-        .and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join("chromium"))
-                .find(|candidate| candidate.is_file())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "this test drives the page in headless Chromium, and `chromium` is not on PATH: \
-                 install Debian's `chromium` package (`apt-get install -y chromium`; \
-                 image/host-deps.sh installs it), or set CHROMIUM to its path"
-            )
-        })
-}
-
-impl Browser {
-    async fn launch(log: &Path) -> Browser {
-        let program = chromium();
-        let profile = tempfile::tempdir().expect("a profile folder");
-        let log_file = std::fs::File::create(log).expect("chromium log");
-        let child = Command::new(&program)
-            .args([
-                "--headless=new",
-                "--remote-debugging-port=0",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--no-first-run",
-                "--no-default-browser-check",
-                "--disable-extensions",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--metrics-recording-only",
-                "--window-size=1280,900",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg("about:blank")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {}: {err}", program.display()));
-        let mut browser = Browser {
-            child,
-            port: 0,
-            _profile: profile,
-        };
-        // Chromium writes the port it chose into the profile once it listens.
-        let active = browser._profile.path().join("DevToolsActivePort");
-        let started = tokio::time::Instant::now();
-        browser.port = loop {
-            if let Some(port) = std::fs::read_to_string(&active)
-                .ok()
-                .and_then(|text| text.lines().next()?.trim().parse().ok())
-            {
-                break port;
-            }
-            if let Ok(Some(status)) = browser.child.try_wait() {
-                panic!(
-                    "chromium exited ({status}) before opening its DevTools port; log:\n{}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-            assert!(
-                started.elapsed() < DEADLINE,
-                "chromium opened no DevTools port; log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-            tokio::time::sleep(POLL).await;
-        };
-        browser
-    }
-
-    /// The DevTools connection of the browser's first page.
-    async fn page(&self) -> Page {
-        let devtools = local(self.port);
-        let started = tokio::time::Instant::now();
-        let url = loop {
-            if let Ok((200, body)) = get_text(devtools, "/json/list").await {
-                let targets: Value = serde_json::from_str(&body).expect("/json/list is JSON");
-                if let Some(url) = targets.as_array().and_then(|targets| {
-                    targets
-                        .iter()
-                        .find(|t| t["type"] == "page")
-                        .and_then(|t| t["webSocketDebuggerUrl"].as_str())
-                }) {
-                    break url.to_owned();
-                }
-            }
-            assert!(
-                started.elapsed() < DEADLINE,
-                "chromium shows no page target"
-            );
-            tokio::time::sleep(POLL).await;
-        };
-        let stream = TcpStream::connect(devtools).await.expect("DevTools port");
-        let (socket, _) = tokio_tungstenite::client_async(url.as_str(), stream)
-            .await
-            .unwrap_or_else(|err| panic!("DevTools WebSocket {url}: {err}"));
-        Page { socket, next: 0 }
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A minimal DevTools-protocol client for one page.
-struct Page {
-    socket: WebSocketStream<TcpStream>,
-    next: u64,
-}
-
-impl Page {
-    /// Sends `method` and returns its result, skipping the events that arrive meanwhile.
-    async fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next += 1;
-        let id = self.next;
-        let request = json!({ "id": id, "method": method, "params": params });
-        self.socket
-            .send(Message::text(request.to_string()))
-            .await
-            .unwrap_or_else(|err| panic!("DevTools {method}: {err}"));
-        let answer = tokio::time::timeout(DEADLINE, async {
-            loop {
-                let message = self
-                    .socket
-                    .next()
-                    .await
-                    .unwrap_or_else(|| panic!("DevTools closed during {method}"))
-                    .unwrap_or_else(|err| panic!("DevTools {method}: {err}"));
-                let Message::Text(text) = message else {
-                    continue;
-                };
-                let value: Value = serde_json::from_str(&text).expect("DevTools sends JSON");
-                if value["id"] == id {
-                    break value;
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("DevTools gave no answer to {method}"));
-        assert!(
-            answer.get("error").is_none(),
-            "DevTools {method}: {}",
-            answer["error"]
-        );
-        answer["result"].clone()
-    }
-
-    /// The value of a JavaScript expression in the page.
-    async fn eval(&mut self, expression: &str) -> Value {
-        let result = self
-            .call(
-                "Runtime.evaluate",
-                json!({ "expression": expression, "returnByValue": true, "awaitPromise": true }),
-            )
-            .await;
-        assert!(
-            result.get("exceptionDetails").is_none(),
-            "{expression}: {}",
-            result["exceptionDetails"]
-        );
-        result["result"]["value"].clone()
-    }
-
-    /// The `data-value` of element `id` as a number; `None` when it is absent or empty.
-    async fn value(&mut self, id: &str) -> Option<f64> {
-        let expression = format!(
-            "(() => {{ const e = document.getElementById({}); return e ? e.getAttribute('data-value') : null; }})()",
-            json!(id)
-        );
-        self.eval(&expression).await.as_str()?.parse().ok()
-    }
-
-    /// The page's visible text, for failure messages.
-    async fn text(&mut self) -> String {
-        self.eval("document.body ? document.body.innerText : ''")
-            .await
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
-    }
-
-    async fn screenshot(&mut self, file: &Path) {
-        let result = self
-            .call("Page.captureScreenshot", json!({ "format": "png" }))
-            .await;
-        let png = base64::engine::general_purpose::STANDARD
-            .decode(result["data"].as_str().expect("screenshot data"))
-            .expect("screenshot is base64");
-        std::fs::create_dir_all(file.parent().expect("a folder")).expect("screenshot folder");
-        std::fs::write(file, png).unwrap_or_else(|err| panic!("{}: {err}", file.display()));
-        eprintln!("screenshot: {}", file.display());
-    }
-}
-
 /// Where screenshots go: `target/demo-screenshots/`.
 fn screenshots() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -404,7 +187,10 @@ macro_rules! wait_for {
             }
             if started.elapsed() > DEADLINE {
                 let text = $page.text().await;
-                $page.screenshot(&screenshots().join("failed.png")).await;
+                $page
+                    .screenshot(&screenshots().join("failed.png"))
+                    .await
+                    .unwrap();
                 panic!(
                     "{} did not happen within {DEADLINE:?}\npage:\n{text}\nlogs:\n{}",
                     $what,
@@ -418,7 +204,7 @@ macro_rules! wait_for {
 
 #[tokio::test]
 async fn the_page_shows_moving_vehicles_the_split_and_an_injected_fault() {
-    let chromium_path = chromium(); // fail first, and clearly, without Chromium
+    let chromium_path = chromium().unwrap(); // fail first, and clearly, without Chromium
     let site = Site::new("depot");
     let ports = Ports::free();
     let services = ports.services();
@@ -443,21 +229,26 @@ async fn the_page_shows_moving_vehicles_the_split_and_an_injected_fault() {
         }
     }
 
-    let browser = Browser::launch(&logs.path().join("chromium.log")).await;
-    let mut page = browser.page().await;
-    page.call("Page.enable", json!({})).await;
+    let browser = Browser::launch(&logs.path().join("chromium.log"), DEADLINE)
+        .await
+        .unwrap();
+    let mut page = browser.page().await.unwrap();
+    page.call("Page.enable", json!({})).await.unwrap();
     let url = format!("http://{}/?staff_hz={STAFF_HZ}", local(ports.webapp));
-    page.call("Page.navigate", json!({ "url": url })).await;
+    page.call("Page.navigate", json!({ "url": url }))
+        .await
+        .unwrap();
 
     // The page loads, and the simulator's eight vehicles arrive through queue and tracker.
     wait_for!("the page loading", page, parts, {
-        let title = page.eval("document.title").await;
+        let title = page.eval("document.title").await.unwrap();
         (title == "Fleetman on Pimesh").then_some(())
     });
     wait_for!("eight vehicles on the map", page, parts, {
         let count = page
             .eval("document.querySelectorAll('[data-vehicle]').length")
-            .await;
+            .await
+            .unwrap();
         (count.as_u64() >= Some(8)).then_some(())
     });
     eprintln!("using {}", chromium_path.display());
@@ -465,28 +256,31 @@ async fn the_page_shows_moving_vehicles_the_split_and_an_injected_fault() {
     // A vehicle moves: its position changes between two reads, as feed messages arrive.
     let position = "(() => { const v = document.querySelector('[data-vehicle=\"truck-01\"]'); \
                     return v ? v.getAttribute('data-lat') + ',' + v.getAttribute('data-lon') : null; })()";
-    let first = page.eval(position).await;
+    let first = page.eval(position).await.unwrap();
     assert!(first.is_string(), "truck-01 is on the map: {first}");
     let feed_before = page
         .eval("Number(document.getElementById('feed-messages').textContent)")
         .await
+        .unwrap()
         .as_f64()
         .unwrap_or(0.0);
     wait_for!("truck-01 moving", page, parts, {
-        let now = page.eval(position).await;
+        let now = page.eval(position).await.unwrap();
         (now.is_string() && now != first).then_some(())
     });
     wait_for!("the live feed carrying messages", page, parts, {
         let now = page
             .eval("Number(document.getElementById('feed-messages').textContent)")
             .await
+            .unwrap()
             .as_f64()
             .unwrap_or(0.0);
         (now >= feed_before + 3.0).then_some(())
     });
     let hops = page
         .eval("document.getElementById('feed-mode').textContent")
-        .await;
+        .await
+        .unwrap();
     // Both relays carry the feed as WebSockets through the mesh (an Upgrade crossing
     // proxy a -> mTLS -> proxy b), not by their polling fallback.
     let hops = hops.as_str().unwrap_or_default().to_owned();
@@ -499,13 +293,19 @@ async fn the_page_shows_moving_vehicles_the_split_and_an_injected_fault() {
     wait_for!(format!("{STAFF_CALLS} staff calls"), page, parts, {
         page.value("staff-calls")
             .await
+            .unwrap()
             .filter(|calls| *calls >= STAFF_CALLS)
     });
-    let ok = page.value("staff-ok").await.expect("#staff-ok");
-    let errors = page.value("staff-errors").await.expect("#staff-errors");
+    let ok = page.value("staff-ok").await.unwrap().expect("#staff-ok");
+    let errors = page
+        .value("staff-errors")
+        .await
+        .unwrap()
+        .expect("#staff-errors");
     let share = page
         .value("staff-error-share")
         .await
+        .unwrap()
         .expect("#staff-error-share");
     assert!(
         (share - errors / (ok + errors)).abs() < 0.01,
@@ -523,6 +323,7 @@ async fn the_page_shows_moving_vehicles_the_split_and_an_injected_fault() {
     let staff_success = wait_for!("the staff service's success rate", page, parts, {
         page.value("mesh-fleetman-staff-service-success")
             .await
+            .unwrap()
             .filter(|rate| *rate < 1.0)
     });
     assert!(
@@ -532,24 +333,31 @@ async fn the_page_shows_moving_vehicles_the_split_and_an_injected_fault() {
     let to_injector = wait_for!("the split count for error-injector", page, parts, {
         page.value("split-fleetman-staff-service-error-injector")
             .await
+            .unwrap()
             .filter(|count| *count > 0.0)
     });
     let to_stable = page
         .value("split-fleetman-staff-service-fleetman-staff-service-stable")
         .await
+        .unwrap()
         .expect("the stable backend's split count");
     assert!(
         to_stable > to_injector * 4.0,
         "{to_stable} vs {to_injector}"
     );
-    let tracker_before = page.value("mesh-fleetman-position-tracker-success").await;
+    let tracker_before = page
+        .value("mesh-fleetman-position-tracker-success")
+        .await
+        .unwrap();
     assert_eq!(
         tracker_before,
         Some(1.0),
         "the tracker answers everything before the fault\n{}",
         page.text().await
     );
-    page.screenshot(&screenshots().join("fleetman.png")).await;
+    page.screenshot(&screenshots().join("fleetman.png"))
+        .await
+        .unwrap();
 
     // A fault injected by rewriting the site config the proxies watch.
     let config = std::fs::read_to_string(&m.config).expect("site config");
@@ -568,16 +376,19 @@ async fn the_page_shows_moving_vehicles_the_split_and_an_injected_fault() {
     let tracker_success = wait_for!("the injected fault on the mesh panel", page, parts, {
         page.value("mesh-fleetman-position-tracker-success")
             .await
+            .unwrap()
             .filter(|rate| *rate < 0.95)
     });
     let aborted = wait_for!("the fault count on the mesh panel", page, parts, {
         page.value("fault-fleetman-position-tracker-abort")
             .await
+            .unwrap()
             .filter(|count| *count > 0.0)
     });
     eprintln!("with the fault: tracker success {tracker_success}, {aborted} aborted in the window");
     page.screenshot(&screenshots().join("fleetman-fault.png"))
-        .await;
+        .await
+        .unwrap();
 
     // Every part stops cleanly on SIGTERM, the browser's WebSocket still open.
     parts.stop();
