@@ -741,7 +741,7 @@ def demo_config(number):
     fault = DEMO["fault_from"] is not None and number >= DEMO["fault_from"]
     tracker_fault = 'fault = { abort = { status = 503, percent = 50.0 } }\n' if fault else ""
     return (f'\n[proxy]\nzipkin_url = "{DEMO["zipkin_url"]}"\n'
-            '\n[services.fleetman-webapp]\nport = 8080\nnodes = ["pi-a"]\n'
+            '\n[services.fleetman-webapp]\nport = 8090\nnodes = ["pi-a"]\n'
             '[services.fleetman-api-gateway]\nport = 8084\nnodes = ["pi-a"]\n'
             '[services.fleetman-staff-service-stable]\nport = 8082\nnodes = ["pi-a"]\n'
             f'[services.fleetman-position-tracker]\nport = 8081\nnodes = ["pi-b"]\n{tracker_fault}'
@@ -1191,7 +1191,7 @@ try:
 except urllib.error.HTTPError as e:
     print(e.code)
 """
-# argv[3] requests per second to http://argv[1]:8080argv[2] for argv[4] seconds, from
+# argv[3] requests per second to http://argv[1]:8090argv[2] for argv[4] seconds, from
 # four keep-alive connections (the host's python3 in the LAN's namespace); prints a JSON
 # summary: how many, how many answered 200, the rate reached, p50/p95/max milliseconds.
 STEADY_LOAD = r"""
@@ -1213,7 +1213,7 @@ def work(index):
         n += 1
         began = time.monotonic()
         try:
-            conn = conn or http.client.HTTPConnection(host, 8080, timeout=10)
+            conn = conn or http.client.HTTPConnection(host, 8090, timeout=10)
             conn.request("GET", path)
             response = conn.getresponse()
             response.read()
@@ -1244,11 +1244,11 @@ DEMO_PARTS = [
     ("pi-b", "injector", []),
     ("pi-a", "staff", []),
     ("pi-a", "api-gateway", []),
-    ("pi-a", "webapp", ["--listen", "0.0.0.0:8080"]),
+    ("pi-a", "webapp", ["--listen", "0.0.0.0:8090"]),
     ("pi-c", "simulator", ["--queue", "127.0.0.1:16161"]),
 ]
 DEMO_HEALTH = {"queue": None, "tracker": 8081, "injector": 8083, "staff": 8082, "api-gateway": 8084,
-               "webapp": 8080, "simulator": None}
+               "webapp": 8090, "simulator": None}
 
 
 def demo_node(nodes, name):
@@ -1339,7 +1339,7 @@ def test_the_fleetman_demo_runs_across_the_site(site, figures, tmp_path):
                               lambda node=node, port=port: node.http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200,
                               timeout=60, interval=0.5)
         webapp = Lan.address(parts_nodes["pi-a"].netns)
-        page = f"http://{webapp}:8080/"
+        page = f"http://{webapp}:8090/"
 
         # One sampled trace from the LAN through the page's API: the proxies join it and
         # send a CLIENT and a SERVER span per mesh hop to the collector.
@@ -1445,10 +1445,10 @@ def hold(lan, webapp, shots):
     """Keeps the demo up until Ctrl-C, the page forwarded to 127.0.0.1:8080 of this machine."""
     forward = subprocess.Popen(
         ["socat", "TCP-LISTEN:8080,bind=127.0.0.1,fork,reuseaddr",
-         f"EXEC:ip netns exec {lan.ns} socat STDIO TCP\\:{webapp}\\:8080"],
+         f"EXEC:ip netns exec {lan.ns} socat STDIO TCP\\:{webapp}\\:8090"],
         start_new_session=True)  # Ctrl-C is the test's to take
     print(f"\n\nThe demo runs: open http://127.0.0.1:8080/ on this machine (forwarded into the site's "
-          f"LAN to pi-a's webapp at {webapp}:8080; from another machine: ssh -L 8080:127.0.0.1:8080 "
+          f"LAN to pi-a's webapp at {webapp}:8090; from another machine: ssh -L 8080:127.0.0.1:8080 "
           f"<this machine>). The tracker keeps the fault the case published (half its requests "
           f"answered 503). Screenshots: {shots}. Ctrl-C stops it.\n", flush=True)
     try:
