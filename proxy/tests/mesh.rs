@@ -13,7 +13,7 @@ use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pimesh_test_support::backends::{tcp_echo, Backend, Collector};
 use pimesh_test_support::http::sample;
-use pimesh_test_support::http::{h1, H1};
+use pimesh_test_support::http::{h1, send, H1};
 use pimesh_test_support::proxy::{mesh, mesh_with};
 use pimesh_test_support::{free_port, replace, wait_until, Site, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -43,22 +43,7 @@ async fn get_with(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, http::HeaderMap, String) {
-    let mut request = Request::get(path).header("host", host);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request.body(Full::new(Bytes::new())).expect("request");
-    sender.ready().await.expect("connection ready");
-    let response = sender.send_request(request).await.expect("response");
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    (status, headers, String::from_utf8_lossy(&body).into_owned())
+    send(sender, "GET", host, path, headers).await
 }
 
 fn service(name: &str, port: u16, extra: &str) -> String {

@@ -16,31 +16,16 @@ use pimesh_test_support::proxy::{mesh, Mesh};
 use pimesh_test_support::Site;
 use tokio::net::TcpStream;
 
-/// `method path` to `host` with `headers`: (status, body).
+/// `method path` to the service `staff` with `headers`: (status, body).
 async fn send(
     sender: &mut H1,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
-    let mut request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "staff");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request.body(Full::new(Bytes::new())).expect("request");
-    sender.ready().await.expect("connection ready");
-    let response = sender.send_request(request).await.expect("response");
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    let (status, _, body) =
+        pimesh_test_support::http::send(sender, method, "staff", path, headers).await;
+    (status, body)
 }
 
 fn service(name: &str, port: u16) -> String {

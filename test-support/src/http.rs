@@ -156,6 +156,41 @@ pub async fn h1(addr: SocketAddr) -> H1 {
     sender
 }
 
+/// Sends `method path` with `Host: host` and `headers` on `sender`, reads the whole
+/// answer: (status, headers, body as text).
+///
+/// # Panics
+/// When the connection fails or the answer cannot be read.
+pub async fn send(
+    sender: &mut H1,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, http::HeaderMap, String) {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(http_body_util::Full::new(Bytes::new()))
+        .expect("request");
+    sender.ready().await.expect("connection ready");
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -336,6 +336,10 @@ impl RouteTable {
 
     /// The routes of service `name`, when it has any.
     pub fn http_routes(&self, name: &str) -> Option<&HttpRoutes> {
+        // Most sites have no routes: no hashing of the name on every request then.
+        if self.http_routes.is_empty() {
+            return None;
+        }
         self.http_routes.get(name)
     }
 
