@@ -22,7 +22,9 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
@@ -43,13 +45,18 @@ struct Received {
 }
 
 /// An OTLP/HTTP collector on a fixed port. `hang`: accepts and reads every request and
-/// never answers. Stops listening when dropped.
+/// never answers. Once [`OtlpCollector::reject_one_per_batch`] is called, each answer is
+/// a `partial_success` that rejects one span. Stops listening when dropped.
 struct OtlpCollector {
     spans: Arc<Mutex<Vec<Received>>>,
     requests: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
     hanging: Arc<AtomicBool>,
+    rejecting: Arc<AtomicBool>,
 }
+
+/// The reason the collector gives for the span it rejects.
+const REJECTION: &str = "span too old for this collector";
 
 impl Drop for OtlpCollector {
     fn drop(&mut self) {
@@ -72,22 +79,29 @@ impl OtlpCollector {
         let spans: Arc<Mutex<Vec<Received>>> = Arc::default();
         let requests: Arc<Mutex<Vec<String>>> = Arc::default();
         let hanging = Arc::new(AtomicBool::new(false));
+        let rejecting = Arc::new(AtomicBool::new(false));
         let (record, seen, hung) = (
             Arc::clone(&spans),
             Arc::clone(&requests),
             Arc::clone(&hanging),
         );
+        let reject = Arc::clone(&rejecting);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (record, seen, hung) =
-                    (Arc::clone(&record), Arc::clone(&seen), Arc::clone(&hung));
+                let (record, seen, hung, reject) = (
+                    Arc::clone(&record),
+                    Arc::clone(&seen),
+                    Arc::clone(&hung),
+                    Arc::clone(&reject),
+                );
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                         let (record, seen, hung) =
                             (Arc::clone(&record), Arc::clone(&seen), Arc::clone(&hung));
+                        let reject = reject.load(Ordering::SeqCst);
                         async move {
                             let content_type = request
                                 .headers()
@@ -117,7 +131,18 @@ impl OtlpCollector {
                                     }
                                 }
                             }
-                            let mut response = Response::new(Full::new(Bytes::new()));
+                            let answer = if reject {
+                                ExportTraceServiceResponse {
+                                    partial_success: Some(ExportTracePartialSuccess {
+                                        rejected_spans: 1,
+                                        error_message: REJECTION.to_owned(),
+                                    }),
+                                }
+                                .encode_to_vec()
+                            } else {
+                                Vec::new()
+                            };
+                            let mut response = Response::new(Full::new(Bytes::from(answer)));
                             *response.status_mut() = StatusCode::OK;
                             Ok::<_, Infallible>(response)
                         }
@@ -133,7 +158,12 @@ impl OtlpCollector {
             requests,
             task,
             hanging,
+            rejecting,
         }
+    }
+
+    fn reject_one_per_batch(&self) {
+        self.rejecting.store(true, Ordering::SeqCst);
     }
 
     fn spans(&self) -> Vec<Received> {
@@ -241,6 +271,7 @@ impl Mesh {
 }
 
 const KEPT: &str = "pimesh_spans_kept_total{exporter=\"otlp\"}";
+const FAILED: &str = "pimesh_span_export_failures_total{exporter=\"otlp\"}";
 const EXPORTED: &str = "pimesh_spans_exported_total{exporter=\"otlp\"}";
 const QUEUED: &str = "pimesh_span_queue_spans{exporter=\"otlp\"}";
 const DISK_FULL: &str = "pimesh_spans_dropped_total{exporter=\"otlp\",reason=\"disk_full\"}";
@@ -392,6 +423,50 @@ async fn spans_of_two_hops_arrive_at_the_otlp_collector_linked_and_described() {
     assert_eq!(zipkin_ids, unique_ids(&spans));
     mesh.wait_total(EXPORTED, 2.0).await;
     assert_eq!(mesh.total(KEPT).await, 0.0);
+}
+
+#[tokio::test]
+async fn spans_a_collector_rejects_in_a_partial_success_are_counted_failed_not_exported() {
+    let site = Site::new("depot");
+    let web = Backend::start("web").await;
+    let port = free_port();
+    let otlp = OtlpCollector::start(port, false).await;
+    otlp.reject_one_per_batch();
+    let settings = format!("otlp_url = \"http://127.0.0.1:{port}/v1/traces\"");
+    let mesh = Mesh::start(&site, &settings, web.port).await;
+    let mut client = h1(mesh.a.outbound).await;
+    for i in 0..4 {
+        traced_get(&mut client, &format!("/rejected/{i}")).await;
+    }
+    // Each proxy's spans reach the collector in one or more batches; each batch loses
+    // one span to the collector's verdict, and no span is counted twice or resent.
+    let deadline = Instant::now() + DEADLINE * 2;
+    loop {
+        let settled = mesh.total(EXPORTED).await + mesh.total(FAILED).await;
+        if settled >= 8.0 {
+            assert_eq!(settled, 8.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "{settled} of 8 spans settled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let batches = otlp.requests.lock().unwrap().len() as f64;
+    assert_eq!(
+        mesh.total(FAILED).await,
+        batches,
+        "one span rejected per batch"
+    );
+    assert_eq!(
+        otlp.spans().len(),
+        8,
+        "the collector received every span once"
+    );
+    assert_eq!(mesh.total(KEPT).await, 0.0, "a rejection is not retried");
+    let logs = format!("{}{}", mesh.a.log_text(), mesh.b.log_text());
+    assert!(
+        logs.contains(REJECTION),
+        "the collector's reason is logged:\n{logs}"
+    );
 }
 
 #[tokio::test]

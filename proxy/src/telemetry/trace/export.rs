@@ -12,7 +12,8 @@
 //!   and counted (`dropped`, reason `queue_full`).
 //! - Every span that entered an exporter's queue is counted exactly once in the end, in
 //!   spans, not batches ([`super::SpanCounters`]): `exported` (the collector answered 2xx,
-//!   at once or from the disk queue), `failed` (refused: a 4xx other than 429, or it could
+//!   at once or from the disk queue), `failed` (refused: a 4xx other than 429, the spans
+//!   an OTLP collector's 2xx answer says it rejected (`partial_success`), or it could
 //!   not be encoded: never retried), or `dropped` (`disk_full`: the disk queue's oldest
 //!   batch made room for a newer one, or a batch larger than the bound; `corrupt`: its
 //!   file did not read back as written; `not_kept`: it could not be kept on disk). Until
@@ -139,6 +140,16 @@ impl Format {
     }
 
     /// `batch` as a request body; `node` names this proxy's node.
+    /// The spans a collector's 2xx `answer` says it rejected, and why: OTLP's
+    /// `partial_success` (an answer that does not decode rejects nothing); Zipkin has no
+    /// such answer.
+    fn rejected(self, answer: &[u8]) -> Option<(u64, String)> {
+        match self {
+            Format::Zipkin => None,
+            Format::Otlp => otlp::rejected(answer),
+        }
+    }
+
     fn encode(self, batch: &[FinishedSpan], node: &str) -> Result<Vec<u8>, String> {
         match self {
             Format::Zipkin => zipkin::encode(batch, &format!("{}.{node}", otlp::SERVICE_NAME))
@@ -204,6 +215,10 @@ impl fmt::Display for SinkError {
 
 impl std::error::Error for SinkError {}
 
+/// The most of a collector's answer read: an OTLP answer with a `partial_success` is a
+/// few hundred bytes.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
 /// Why a batch of spans was not exported.
 #[derive(Debug)]
 enum BatchError {
@@ -215,6 +230,9 @@ enum BatchError {
     Status(StatusCode),
     /// No answer within the exporter's timeout.
     Timeout(Duration),
+    /// A 2xx answer that rejects some of the spans (OTLP `partial_success`), with the
+    /// collector's reason.
+    Rejected(String),
 }
 
 impl BatchError {
@@ -227,7 +245,7 @@ impl BatchError {
             BatchError::Status(status) => {
                 *status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
             }
-            BatchError::Encode(_) | BatchError::Build(_) => false,
+            BatchError::Encode(_) | BatchError::Build(_) | BatchError::Rejected(_) => false,
         }
     }
 }
@@ -242,6 +260,9 @@ impl fmt::Display for BatchError {
             BatchError::Status(status) => write!(f, "the collector answered {status}"),
             BatchError::Timeout(limit) => {
                 write!(f, "no answer within {} s", limit.as_secs_f64())
+            }
+            BatchError::Rejected(reason) => {
+                write!(f, "the collector rejected spans: {reason:?}")
             }
         }
     }
@@ -598,8 +619,8 @@ impl Exporter {
             return;
         }
         match self.post(body.clone()).await {
-            Ok(()) => {
-                self.counters.exported.inc_by(spans);
+            Ok(answer) => {
+                self.delivered(spans, &answer);
                 self.succeeded();
             }
             Err(reason) if reason.is_transient() => {
@@ -634,9 +655,9 @@ impl Exporter {
                 );
             }
             Some(Oldest::Batch { body, spans }) => match self.post(Bytes::from(body)).await {
-                Ok(()) => {
+                Ok(answer) => {
                     self.with_queue(DiskQueue::remove_oldest).await;
-                    self.counters.exported.inc_by(spans);
+                    self.delivered(spans, &answer);
                     if self.retry.failures() > 0 {
                         info!(
                             exporter = self.format.label(),
@@ -666,6 +687,25 @@ impl Exporter {
         self.update_gauge();
         self.next_attempt = None;
         self.schedule_now_if_queued();
+    }
+
+    /// Counts a batch of `spans` the collector took with the 2xx body `answer`: exported,
+    /// but for those an OTLP `partial_success` says it rejected, which are failed (the
+    /// collector judged them: a retry would repeat the verdict).
+    fn delivered(&mut self, spans: u64, answer: &[u8]) {
+        let rejected = self.format.rejected(answer);
+        let refused = rejected
+            .as_ref()
+            .map_or(0, |(count, _)| (*count).min(spans));
+        self.counters.exported.inc_by(spans - refused);
+        if let (Some((_, reason)), true) = (rejected, refused > 0) {
+            self.counters.failed.inc_by(refused);
+            self.warn(
+                &BatchError::Rejected(reason),
+                refused,
+                "the collector took the batch but rejected these spans",
+            );
+        }
     }
 
     /// After a success: back to sending at once.
@@ -808,7 +848,8 @@ impl Exporter {
             .set(i64::try_from(spans).unwrap_or(i64::MAX));
     }
 
-    async fn post(&self, body: Bytes) -> Result<(), BatchError> {
+    /// Posts one batch: the body of a 2xx answer (its first [`MAX_ANSWER_BYTES`]).
+    async fn post(&self, body: Bytes) -> Result<Vec<u8>, BatchError> {
         let request = Request::post(self.uri.clone())
             .header(CONTENT_TYPE, self.format.content_type())
             .body(Full::new(body))
@@ -822,11 +863,16 @@ impl Exporter {
             let status = response.status();
             // Read the answer to its end so that the connection can be reused.
             let mut body = response.into_body();
+            let mut answer = Vec::new();
             while let Some(frame) = body.frame().await {
-                frame.map_err(BatchError::Body)?;
+                let frame = frame.map_err(BatchError::Body)?;
+                if let Some(data) = frame.data_ref() {
+                    let room = MAX_ANSWER_BYTES.saturating_sub(answer.len());
+                    answer.extend_from_slice(&data[..data.len().min(room)]);
+                }
             }
             if status.is_success() {
-                Ok(())
+                Ok(answer)
             } else {
                 Err(BatchError::Status(status))
             }

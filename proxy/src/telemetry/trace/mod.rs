@@ -150,7 +150,8 @@ impl SpanCounters {
         );
         registry.register(
             "pimesh_span_export_failures",
-            "Trace spans the collector refused (4xx other than 429) or that could not be encoded",
+            "Trace spans the collector refused (4xx other than 429, or rejected in an OTLP \
+             partial_success) or that could not be encoded",
             counters.failed.clone(),
         );
         registry.register(

@@ -6,7 +6,9 @@
 //! OpenTelemetry HTTP semantic conventions; what the Zipkin exporter puts in tags, this
 //! one puts in attributes and the span status.
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -27,6 +29,19 @@ const SAMPLED: u32 = 0x01;
 /// `batch` as an encoded `ExportTraceServiceRequest`; `node` names this proxy's node.
 pub(super) fn encode(batch: &[FinishedSpan], node: &str) -> Vec<u8> {
     request(batch, node).encode_to_vec()
+}
+
+/// The spans a collector's 2xx answer (an encoded `ExportTraceServiceResponse`) rejects
+/// through `partial_success`, and its message; `None` when it rejects none, or when the
+/// answer is not such a message (an empty body, as many collectors send, takes them all).
+pub(super) fn rejected(answer: &[u8]) -> Option<(u64, String)> {
+    let partial = ExportTraceServiceResponse::decode(answer)
+        .ok()?
+        .partial_success?;
+    let count = u64::try_from(partial.rejected_spans)
+        .ok()
+        .filter(|n| *n > 0)?;
+    Some((count, partial.error_message))
 }
 
 fn request(batch: &[FinishedSpan], node: &str) -> ExportTraceServiceRequest {
@@ -257,5 +272,24 @@ mod tests {
         let status = span.status.as_ref().unwrap();
         assert_eq!(status.code, StatusCode::Error as i32);
         assert_eq!(status.message, "no response");
+    }
+
+    #[test]
+    fn a_partial_success_names_the_rejected_spans_and_anything_else_rejects_none() {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTracePartialSuccess;
+        let answer = |rejected_spans: i64| {
+            ExportTraceServiceResponse {
+                partial_success: Some(ExportTracePartialSuccess {
+                    rejected_spans,
+                    error_message: "span too old".to_owned(),
+                }),
+            }
+            .encode_to_vec()
+        };
+        assert_eq!(rejected(&answer(2)), Some((2, "span too old".to_owned())));
+        assert_eq!(rejected(&answer(0)), None, "a warning without rejections");
+        assert_eq!(rejected(&answer(-1)), None);
+        assert_eq!(rejected(b""), None, "an empty 2xx body takes every span");
+        assert_eq!(rejected(b"{\"partialSuccess\":{}}\xff"), None);
     }
 }
