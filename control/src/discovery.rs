@@ -7,13 +7,15 @@
 //!
 //! A document is `{"version","site","config","nodes","servers"}`, plus `"kube_services"`
 //! when the replica reads meshed Kubernetes Services (a list of
-//! [`pimesh_schema::kube_services::KubeService`]; absent when empty): `config` is the text of
+//! [`pimesh_schema::kube_services::KubeService`]; absent when empty) and `"kube_routes"`
+//! when it reads Gateway API routes of their namespaces (a list of
+//! [`pimesh_schema::kube_services::KubeRoute`]; absent when empty): `config` is the text of
 //! the site config the replica has loaded (or null), so a proxy validates it with the very
 //! same schema as a file config; `nodes` maps each node with a live heartbeat to
 //! `IP:PORT`; `servers` maps each node whose live heartbeat says `role: server` to
 //! `{"address": IP, "replicas": [ports]}` (ordered by name; a proxy dials every listed
 //! replica); `version` is the hex SHA-256 of the content (`site`, `config`, `nodes`,
-//! `servers`, `kube_services`).
+//! `servers`, `kube_services`, `kube_routes`).
 //!
 //! Invariant: the document depends on nothing but the site config, the live heartbeats
 //! and the meshed Kubernetes Services — no replica number, no time — so two replicas with
@@ -32,7 +34,7 @@ use std::time::{Duration, Instant, SystemTime};
 use http_body_util::Full;
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::{header, Request, Response, StatusCode};
-use pimesh_schema::kube_services::KubeService;
+use pimesh_schema::kube_services::KubeMesh;
 use pimesh_schema::DnsLabel;
 use rustls_pki_types::CertificateDer;
 use serde_json::json;
@@ -69,7 +71,7 @@ impl Document {
         snapshot: &Snapshot,
         nodes: &BTreeMap<String, String>,
         servers: &BTreeMap<String, Server>,
-        kube_services: &[KubeService],
+        kube: &KubeMesh,
     ) -> Document {
         let servers = servers_json(servers);
         let mut content = json!({
@@ -78,8 +80,11 @@ impl Document {
             "nodes": nodes,
             "servers": servers,
         });
-        if !kube_services.is_empty() {
-            content["kube_services"] = json!(kube_services);
+        if !kube.services.is_empty() {
+            content["kube_services"] = json!(kube.services);
+        }
+        if !kube.routes.is_empty() {
+            content["kube_routes"] = json!(kube.routes);
         }
         // serde_json's maps are ordered by key: the same content, the same bytes.
         let digest = ring::digest::digest(&ring::digest::SHA256, content.to_string().as_bytes());
@@ -125,11 +130,11 @@ pub fn heartbeat_answer(accepts_json: bool, discovery: &Discovery) -> Response<F
     answer::json_value(StatusCode::OK, &body)
 }
 
-/// The heartbeats, the meshed Kubernetes Services and the current document, shared by
-/// all connections.
+/// The heartbeats, the meshed Kubernetes Services and routes, and the current document,
+/// shared by all connections.
 pub struct Discovery {
     pub heartbeats: Heartbeats,
-    kube_services: Mutex<Arc<Vec<KubeService>>>,
+    kube: Mutex<Arc<KubeMesh>>,
     current: watch::Sender<Option<Arc<Document>>>,
 }
 
@@ -137,36 +142,32 @@ impl Discovery {
     pub fn new(ttl: Duration) -> Discovery {
         Discovery {
             heartbeats: Heartbeats::new(ttl),
-            kube_services: Mutex::new(Arc::new(Vec::new())),
+            kube: Mutex::new(Arc::new(KubeMesh::default())),
             current: watch::Sender::new(None),
         }
     }
 
-    /// Replaces the meshed Kubernetes Services; `true` (and a refreshed document) when
-    /// they changed.
-    pub fn set_kube_services(&self, services: Vec<KubeService>, state: &State) -> bool {
+    /// Replaces the meshed Kubernetes Services and routes; `true` (and a refreshed
+    /// document) when they changed.
+    pub fn set_kube(&self, kube: KubeMesh, state: &State) -> bool {
         {
             let mut current = self
-                .kube_services
+                .kube
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if **current == services {
+            if **current == kube {
                 return false;
             }
-            *current = Arc::new(services);
+            *current = Arc::new(kube);
         }
         self.refresh(state);
         true
     }
 
-    pub fn kube_service_count(&self) -> usize {
-        self.kube_services().len()
-    }
-
-    fn kube_services(&self) -> Arc<Vec<KubeService>> {
+    pub fn kube(&self) -> Arc<KubeMesh> {
         Arc::clone(
             &self
-                .kube_services
+                .kube
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
@@ -182,7 +183,7 @@ impl Discovery {
             &snapshot,
             &self.heartbeats.live(),
             &self.heartbeats.servers(),
-            &self.kube_services(),
+            &self.kube(),
         );
         self.current.send_if_modified(|current| {
             if current.as_ref().map(|d| &d.version) == Some(&document.version) {

@@ -1,16 +1,21 @@
 //! What the replica reads from K3s's API on this server node: the Kubernetes Services the
-//! mesh carries, and K3s's server nodes.
+//! mesh carries, the Gateway API routes of their namespaces, and K3s's server nodes.
 //!
-//! Every [`POLL`] the replica lists Namespaces, Services, EndpointSlices and Nodes with
-//! the kubeconfig the supervisor keeps for it (`--kubeconfig`, a copy of K3s's admin
-//! kubeconfig), [`compile`]s the Services of namespaces labelled
-//! `pimesh.dev/mesh=enabled` into the discovery document's `kube_services`, and keeps the
-//! control-plane nodes in [`KubeServers`] for the placement of joins (`grants`).
+//! Every [`POLL`] the replica lists Namespaces, Services, EndpointSlices, HTTPRoutes,
+//! GRPCRoutes and Nodes with the kubeconfig the supervisor keeps for it (`--kubeconfig`,
+//! a copy of K3s's admin kubeconfig), [`compile`]s the Services of namespaces labelled
+//! `pimesh.dev/mesh=enabled` into the discovery document's `kube_services` and
+//! [`compile_routes`] the routes of those namespaces into its `kube_routes`, and keeps
+//! the control-plane nodes in [`KubeServers`] for the placement of joins (`grants`).
 //!
 //! Invariants: without a kubeconfig file (no K3s, or not yet started) the set is empty;
 //! when the API cannot be read the last set read stays (an edge site's API server
 //! restarting must not take routes away from the proxies), and the failure is logged
-//! once per distinct cause. Lists, not watches: a change reaches the proxies within one
+//! once per distinct cause. A cluster without the Gateway API's CRDs (K3s ships none)
+//! has no routes, not an error. A route the proxies could not follow (a parent or
+//! backend that is not a meshed Service of its namespace, a form not supported) is left
+//! out and logged, with the object and field, once per distinct refusal; the others of
+//! its Service still apply. Lists, not watches: a change reaches the proxies within one
 //! poll.
 
 use std::collections::BTreeSet;
@@ -21,11 +26,14 @@ use std::time::Duration;
 
 use pimesh_kube::objects::{
     EndpointSlice, List, Namespace, Node, Service, ServicePort, TargetPort, ENDPOINT_SLICES,
-    NAMESPACES, NODES, SERVICES,
+    GATEWAY_V1, GRPC_ROUTES, HTTP_ROUTES, NAMESPACES, NODES, SERVICES,
 };
 use pimesh_kube::{ApiError, KubeClient, KubeconfigError};
 use pimesh_schema::cluster::Protocol;
-use pimesh_schema::kube_services::{KubeEndpoint, KubeService, MESH_ENABLED, MESH_LABEL};
+use pimesh_schema::kube_services::{
+    KubeEndpoint, KubeMesh, KubeRoute, KubeService, NamespaceServices, MESH_ENABLED, MESH_LABEL,
+};
+use pimesh_schema::routes::{self, gateway};
 use pimesh_schema::DnsLabel;
 use tracing::{info, warn};
 
@@ -39,6 +47,15 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest list read.
 const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
 
+/// The names of the namespaces labelled for the mesh.
+fn meshed_namespaces(namespaces: &[Namespace]) -> BTreeSet<&str> {
+    namespaces
+        .iter()
+        .filter(|ns| ns.metadata.labels.get(MESH_LABEL).map(String::as_str) == Some(MESH_ENABLED))
+        .map(|ns| ns.metadata.name.as_str())
+        .collect()
+}
+
 /// The meshed Services of `namespaces`, `services` and `slices` (see the module doc and
 /// [`KubeService`]'s invariant).
 pub fn compile(
@@ -46,11 +63,7 @@ pub fn compile(
     services: &[Service],
     slices: &[EndpointSlice],
 ) -> Vec<KubeService> {
-    let meshed: BTreeSet<&str> = namespaces
-        .iter()
-        .filter(|ns| ns.metadata.labels.get(MESH_LABEL).map(String::as_str) == Some(MESH_ENABLED))
-        .map(|ns| ns.metadata.name.as_str())
-        .collect();
+    let meshed = meshed_namespaces(namespaces);
     let mut compiled = Vec::new();
     for service in services {
         let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
@@ -100,6 +113,74 @@ pub fn compile(
     }
     compiled.sort_by(|a, b| a.name.cmp(&b.name));
     compiled
+}
+
+/// The routes among `objects` (HTTPRoutes and GRPCRoutes as the API lists them) of the
+/// namespaces of `namespaces` labelled for the mesh, checked against the meshed
+/// `services` of their own namespace; and, for each route left out, why (the object, the
+/// field, what was expected). Ordered by namespace, parent and name.
+pub fn compile_routes(
+    namespaces: &[Namespace],
+    services: &[KubeService],
+    objects: &[serde_json::Value],
+) -> (Vec<KubeRoute>, Vec<String>) {
+    let meshed = meshed_namespaces(namespaces);
+    let mut routes = Vec::new();
+    let mut refused = Vec::new();
+    let mut taken = std::collections::BTreeMap::<String, BTreeSet<_>>::new();
+    for object in objects {
+        let text = |field: &str| object.get(field).and_then(serde_json::Value::as_str);
+        let meta = |field: &str| {
+            object
+                .get("metadata")
+                .and_then(|m| m.get(field))
+                .and_then(serde_json::Value::as_str)
+        };
+        let namespace = meta("namespace").unwrap_or("default");
+        if !meshed.contains(namespace) {
+            continue;
+        }
+        let origin = format!(
+            "{} {namespace}/{}",
+            text("kind").unwrap_or("route").to_ascii_lowercase(),
+            meta("name").unwrap_or("?")
+        );
+        let parsed = gateway::parse_object(std::path::Path::new(&origin), &object.to_string());
+        let (namespace, parsed) = match parsed {
+            Ok(read) => read,
+            Err(err) => {
+                refused.push(err.to_string());
+                continue;
+            }
+        };
+        let set = NamespaceServices {
+            namespace: &namespace,
+            services,
+        };
+        let taken = taken.entry(namespace.to_string()).or_default();
+        for route in parsed {
+            if let Err(fault) = routes::check(&route, &set, taken) {
+                refused.push(format!(
+                    "{origin}: {}: {}",
+                    fault.field.join("."),
+                    fault.message
+                ));
+                continue;
+            }
+            routes.push(KubeRoute {
+                namespace: namespace.clone(),
+                route,
+            });
+        }
+    }
+    routes.sort_by(|a, b| {
+        (&a.namespace, &a.route.service, &a.route.name).cmp(&(
+            &b.namespace,
+            &b.route.service,
+            &b.route.name,
+        ))
+    });
+    (routes, refused)
 }
 
 /// The ready endpoints of `slice` for the Service port `port`, on named nodes.
@@ -220,7 +301,15 @@ fn servers_of(nodes: &[Node]) -> BTreeSet<String> {
         .collect()
 }
 
-async fn read(client: &KubeClient) -> Result<(Vec<KubeService>, BTreeSet<String>), PollError> {
+/// One poll's reading of the API.
+struct Read {
+    mesh: KubeMesh,
+    /// Why each route left out was.
+    refused: Vec<String>,
+    servers: BTreeSet<String>,
+}
+
+async fn read(client: &KubeClient) -> Result<Read, PollError> {
     let selector = format!(
         "{NAMESPACES}?labelSelector={}%3D{MESH_ENABLED}",
         escape(MESH_LABEL)
@@ -237,14 +326,47 @@ async fn read(client: &KubeClient) -> Result<(Vec<KubeService>, BTreeSet<String>
         .get_json(ENDPOINT_SLICES, MAX_LIST_BYTES)
         .await
         .map_err(PollError::Api)?;
+    let mut route_objects = route_list(client, HTTP_ROUTES, "HTTPRoute").await?;
+    route_objects.extend(route_list(client, GRPC_ROUTES, "GRPCRoute").await?);
     let nodes: List<Node> = client
         .get_json(NODES, MAX_LIST_BYTES)
         .await
         .map_err(PollError::Api)?;
-    Ok((
-        compile(&namespaces.items, &services.items, &slices.items),
-        servers_of(&nodes.items),
-    ))
+    let services = compile(&namespaces.items, &services.items, &slices.items);
+    let (routes, refused) = compile_routes(&namespaces.items, &services, &route_objects);
+    Ok(Read {
+        mesh: KubeMesh { services, routes },
+        refused,
+        servers: servers_of(&nodes.items),
+    })
+}
+
+/// The routes of the list at `path`, each with its `kind` and `apiVersion` (a list may
+/// serve its items without them); none when the cluster does not serve the resource (no
+/// Gateway API CRDs: 404).
+async fn route_list(
+    client: &KubeClient,
+    path: &str,
+    kind: &str,
+) -> Result<Vec<serde_json::Value>, PollError> {
+    let list: List<serde_json::Value> = match client.get_json(path, MAX_LIST_BYTES).await {
+        Ok(list) => list,
+        Err(ApiError::Status { status: 404, .. }) => return Ok(Vec::new()),
+        Err(err) => return Err(PollError::Api(err)),
+    };
+    Ok(list
+        .items
+        .into_iter()
+        .map(|mut item| {
+            if let Some(object) = item.as_object_mut() {
+                object.entry("kind").or_insert_with(|| kind.into());
+                object
+                    .entry("apiVersion")
+                    .or_insert_with(|| GATEWAY_V1.into());
+            }
+            item
+        })
+        .collect())
 }
 
 /// `/` in a label key, escaped for a query string.
@@ -266,25 +388,42 @@ pub async fn follow(
         loaded: None,
     };
     let mut last_error: Option<String> = None;
+    let mut last_refused: Vec<String> = Vec::new();
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let result = match client.current() {
-            Ok(None) => Ok((Vec::new(), BTreeSet::new())),
+            Ok(None) => Ok(Read {
+                mesh: KubeMesh::default(),
+                refused: Vec::new(),
+                servers: BTreeSet::new(),
+            }),
             Ok(Some(kube)) => read(kube).await,
             Err(err) => Err(err),
         };
         match result {
-            Ok((services, k3s_servers)) => {
-                servers.set(k3s_servers);
+            Ok(read) => {
+                servers.set(read.servers);
                 if last_error.take().is_some() {
                     info!("the Kubernetes API answers again");
                 }
-                if discovery.set_kube_services(services, &state) {
+                if read.refused != last_refused {
+                    for why in read
+                        .refused
+                        .iter()
+                        .filter(|why| !last_refused.contains(why))
+                    {
+                        warn!(refusal = %why, "a Kubernetes route is left out");
+                    }
+                    last_refused = read.refused;
+                }
+                if discovery.set_kube(read.mesh, &state) {
+                    let kube = discovery.kube();
                     info!(
-                        services = discovery.kube_service_count(),
-                        "meshed Kubernetes Services changed"
+                        services = kube.services.len(),
+                        routes = kube.routes.len(),
+                        "meshed Kubernetes Services or routes changed"
                     );
                 }
             }
@@ -380,5 +519,58 @@ mod tests {
         std::fs::write(dir.path().join("kubeconfig"), "clusters: [").expect("write");
         let err = client.current().expect_err("not a kubeconfig");
         assert!(err.to_string().contains("kubeconfig"), "{err}");
+    }
+
+    #[test]
+    fn routes_of_meshed_namespaces_are_carried_and_the_others_named_as_left_out() {
+        let namespaces = list::<Namespace>(
+            r#"{"items":[{"metadata":{"name":"fleet","labels":{"pimesh.dev/mesh":"enabled"}}},
+                {"metadata":{"name":"other"}}]}"#,
+        );
+        let service = |name: &str| KubeService {
+            name: name.to_owned(),
+            cluster_ip: "10.43.100.10".parse().expect("ip"),
+            port: 80,
+            protocol: Protocol::Http,
+            endpoints: Vec::new(),
+        };
+        let services = [service("tracker.fleet"), service("tracker-canary.fleet")];
+        let route = |namespace: &str, name: &str, backend: &str| {
+            serde_json::json!({
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": {"name": name, "namespace": namespace, "resourceVersion": "7"},
+                "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "tracker"}],
+                         "rules": [{"matches": [{"headers": [{"name": "x-canary", "value": "1"}]}],
+                                    "backendRefs": [{"name": backend, "port": 80}]},
+                                   {"backendRefs": [{"name": "tracker", "port": 80}]}]}})
+        };
+        let grpc = serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+            "metadata": {"name": "by-method", "namespace": "fleet"},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "tracker"}],
+                     "rules": [{"matches": [{"method": {"service": "fleet.v1.Tracker"}}],
+                                "backendRefs": [{"name": "tracker-canary"}]}]}});
+        let objects = [
+            route("fleet", "canary", "tracker-canary"),
+            route("other", "ignored", "tracker-canary"),
+            route("fleet", "dangling", "tracker-v9"),
+            grpc,
+        ];
+        let (routes, refused) = compile_routes(&namespaces, &services, &objects);
+        let names: Vec<String> = routes
+            .iter()
+            .map(|r| format!("{}/{}", r.namespace, r.route.name))
+            .collect();
+        assert_eq!(names, ["fleet/by-method", "fleet/canary"]);
+        assert_eq!(
+            routes[1].mesh_name(&routes[1].route.service),
+            "tracker.fleet"
+        );
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(
+            refused[0].starts_with("httproute fleet/dangling: rules.0.backends.0.service:")
+                && refused[0].contains("tracker-v9"),
+            "{refused:?}"
+        );
     }
 }

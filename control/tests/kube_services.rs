@@ -1,6 +1,7 @@
 //! Meshed Kubernetes Services: a replica given `--kubeconfig` reads K3s's API (here the
 //! K3s test fixture `k3s-fixture`, which applies its auto-deploy manifests as K3s does)
-//! and streams the Services of namespaces labelled for the mesh in discovery.
+//! and streams the Services of namespaces labelled for the mesh, and the Gateway API
+//! routes of those namespaces, in discovery.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
@@ -16,6 +17,8 @@ const SITE: &str = "depot-7";
 
 /// The fleet manifest every K3s test deploys (the meshed namespace `fleet`).
 const FLEET: &str = include_str!("../../tests/k3s/fleet.yaml");
+/// Gateway API CRDs, a canary Service and an HTTPRoute of `fleet` to it.
+const GATEWAY: &str = include_str!("../../tests/k3s/gateway.yaml");
 /// A namespace not labelled for the mesh, with a Service.
 const PLAIN: &str = "---
 apiVersion: v1
@@ -73,7 +76,7 @@ fn a_replica_streams_the_meshed_services_that_k3s_serves() {
     site.write_trust(&trust);
     let config = dir.join("cluster.toml");
     std::fs::write(&config, format!("site = \"{SITE}\"\n")).unwrap();
-    let replica = Replica::options(1)
+    let mut replica = Replica::options(1)
         .trust_dir(&trust)
         .config(&config)
         .site(SITE)
@@ -115,5 +118,55 @@ fn a_replica_streams_the_meshed_services_that_k3s_serves() {
             "endpoints": [{"node": "pi-c", "address": "10.42.3.7:8080"}],
         }]),
         "only the meshed namespace's Service, with its endpoint's node and port"
+    );
+
+    // K3s ships no Gateway API CRDs: the routes' API answers 404 until they are
+    // installed, which is no routes rather than an error (the Services still stream).
+    let gateway = manifests.join("pimesh-gateway.yaml");
+    let without_definitions: Vec<&str> = GATEWAY
+        .split("\n---\n")
+        .filter(|doc| !doc.contains("kind: CustomResourceDefinition"))
+        .collect();
+    std::fs::write(&gateway, without_definitions.join("\n---\n")).unwrap();
+    let document = document_where(&mut stream, Duration::from_secs(120), |d| {
+        d["kube_services"].as_array().map(Vec::len) == Some(2)
+    });
+    assert!(document.get("kube_routes").is_none(), "{document}");
+
+    // A route to a Service the namespace does not have is left out, and named in the log.
+    let dangling = GATEWAY.replace(
+        "    - name: tracker-canary\n      port: 80",
+        "    - name: tracker-v9\n      port: 80",
+    );
+    std::fs::write(&gateway, dangling).unwrap();
+    let log = replica.daemon.log().to_path_buf();
+    replica.daemon.wait_until_blocking_for(
+        "the dangling route named in the log",
+        Duration::from_secs(120),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("httproute fleet/tracker-canary: rules.0.backends.0.service")
+        },
+    );
+    std::fs::write(&gateway, GATEWAY).unwrap();
+    let document = document_where(&mut stream, Duration::from_secs(120), |d| {
+        d.get("kube_routes").is_some()
+    });
+    assert_eq!(
+        document["kube_routes"],
+        serde_json::json!([{
+            "namespace": "fleet",
+            "route": {
+                "name": "tracker-canary",
+                "service": "tracker",
+                "rules": [
+                    {"matches": [{"headers": {"x-canary": "1"}}],
+                     "backends": [{"service": "tracker-canary", "weight": 1}]},
+                    {"backends": [{"service": "tracker", "weight": 1}]},
+                ],
+            },
+        }]),
+        "the route of the meshed namespace, in the model the proxies read"
     );
 }

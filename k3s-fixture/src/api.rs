@@ -11,9 +11,11 @@
 //!   with its password in annotation `k3s.io/node-password`); 403 on a password mismatch;
 //! - `GET /api/v1/namespaces[/<name>]`, `GET /api/v1[/namespaces/<ns>]/services`,
 //!   `GET /api/v1/namespaces/<ns>/services/<name>`,
-//!   `GET /apis/discovery.k8s.io/v1[/namespaces/<ns>]/endpointslices[/<name>]`: the objects
-//!   of the manifests (see `objects`); lists take an equality-based `labelSelector` (400
-//!   Status when malformed);
+//!   `GET /apis/discovery.k8s.io/v1[/namespaces/<ns>]/endpointslices[/<name>]`,
+//!   `GET /apis/apiextensions.k8s.io/v1/customresourcedefinitions[/<name>]`,
+//!   `GET /apis/gateway.networking.k8s.io/v1[/namespaces/<ns>]/{httproutes,grpcroutes}[/<name>]`
+//!   (404 while their CRD is not stored): the objects of the manifests (see `objects`);
+//!   lists take an equality-based `labelSelector` (400 Status when malformed);
 //! - `GET/POST /apis/coordination.k8s.io/v1/namespaces/<ns>/leases`,
 //!   `GET/PUT/DELETE …/leases/<name>`, `GET /apis/coordination.k8s.io/v1/leases`: Leases,
 //!   shared by all servers (see `leases`, `sitewide`);
@@ -244,7 +246,7 @@ async fn replica(
     }
 }
 
-/// A Namespace, Service or EndpointSlice, or a list of them (query `labelSelector`).
+/// An object of the manifests, or a list of them (query `labelSelector`).
 fn objects(
     state: &ClusterState,
     uri: &http::Uri,
@@ -252,6 +254,14 @@ fn objects(
     namespace: Option<&str>,
     name: Option<&str>,
 ) -> Response<Full<Bytes>> {
+    if !state.objects().serves(kind) {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+            None,
+        );
+    }
     if let Some(name) = name {
         return match state.objects().get(kind, namespace, name) {
             Some(object) => json_response(StatusCode::OK, &object),

@@ -10,7 +10,14 @@
 //!   `clusterIPs`, port `protocol` TCP, `targetPort` = `port`, `sessionAffinity` None,
 //!   single-stack IPv4;
 //! - EndpointSlice: `addressType` and each endpoint's `addresses` required; port
-//!   `protocol` TCP and `name` "" by default; the rest kept as given.
+//!   `protocol` TCP and `name` "" by default; the rest kept as given;
+//! - CustomResourceDefinition (`apiextensions.k8s.io/v1`): `spec.group`,
+//!   `spec.names.plural` and `spec.scope` required, the name `<plural>.<group>`;
+//! - HTTPRoute and GRPCRoute (`gateway.networking.k8s.io/v1`, custom resources: K3s ships
+//!   no Gateway API CRDs): `spec` kept as given (kube-apiserver would check it against
+//!   the CRD's schema; the fixture does not), served — get and list, with `kind` and
+//!   `apiVersion` in list items as for every custom resource — only while the CRD
+//!   `<resource>.gateway.networking.k8s.io` is stored, 404 before, as without the CRDs.
 //!
 //! The store starts with the four system namespaces and the `kubernetes` Service. An
 //! object whose namespace has no Namespace object is stored all the same (kube-apiserver
@@ -30,6 +37,9 @@ pub enum Kind {
     Namespace,
     Service,
     EndpointSlice,
+    CustomResourceDefinition,
+    HttpRoute,
+    GrpcRoute,
 }
 
 impl Kind {
@@ -38,6 +48,9 @@ impl Kind {
             "Namespace" => Some(Kind::Namespace),
             "Service" => Some(Kind::Service),
             "EndpointSlice" => Some(Kind::EndpointSlice),
+            "CustomResourceDefinition" => Some(Kind::CustomResourceDefinition),
+            "HTTPRoute" => Some(Kind::HttpRoute),
+            "GRPCRoute" => Some(Kind::GrpcRoute),
             _ => None,
         }
     }
@@ -47,13 +60,18 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::CustomResourceDefinition => "CustomResourceDefinition",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
         }
     }
 
     pub fn api_version(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
-            _ => "v1",
+            Kind::CustomResourceDefinition => "apiextensions.k8s.io/v1",
+            Kind::HttpRoute | Kind::GrpcRoute => "gateway.networking.k8s.io/v1",
+            Kind::Namespace | Kind::Service => "v1",
         }
     }
 
@@ -63,11 +81,25 @@ impl Kind {
             Kind::Namespace => "namespaces",
             Kind::Service => "services",
             Kind::EndpointSlice => "endpointslices",
+            Kind::CustomResourceDefinition => "customresourcedefinitions",
+            Kind::HttpRoute => "httproutes",
+            Kind::GrpcRoute => "grpcroutes",
         }
     }
 
     fn namespaced(self) -> bool {
-        self != Kind::Namespace
+        !matches!(self, Kind::Namespace | Kind::CustomResourceDefinition)
+    }
+
+    /// The CustomResourceDefinition a custom resource is served under; `None` for the
+    /// kinds kube-apiserver serves itself.
+    pub fn definition(self) -> Option<String> {
+        match self {
+            Kind::HttpRoute | Kind::GrpcRoute => {
+                Some(format!("{}.gateway.networking.k8s.io", self.resource()))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -134,8 +166,8 @@ pub fn parse(doc: Value, cidr: &Cidr) -> Result<Parsed, Invalid> {
         .ok_or_else(|| invalid("metadata.name", "Required value"))?
         .to_owned();
     let name_ok = match kind {
-        Kind::EndpointSlice => dns_subdomain(&name),
-        _ => dns_label(&name),
+        Kind::Namespace | Kind::Service => dns_label(&name),
+        _ => dns_subdomain(&name),
     };
     if !name_ok {
         return Err(invalid("metadata.name", format!("invalid name {name:?}")));
@@ -177,6 +209,14 @@ pub fn parse(doc: Value, cidr: &Cidr) -> Result<Parsed, Invalid> {
         }
         Kind::Service => service(&doc, &mut object, cidr)?,
         Kind::EndpointSlice => endpoint_slice(&doc, &mut object)?,
+        Kind::CustomResourceDefinition => definition(&doc, &name, &mut object)?,
+        Kind::HttpRoute | Kind::GrpcRoute => {
+            let spec = doc
+                .get("spec")
+                .filter(|spec| spec.is_object())
+                .ok_or_else(|| invalid("spec", "Required value"))?;
+            object.insert("spec".into(), spec.clone());
+        }
     }
     Ok(Parsed::Object(Object {
         kind,
@@ -184,6 +224,45 @@ pub fn parse(doc: Value, cidr: &Cidr) -> Result<Parsed, Invalid> {
         name,
         value: Value::Object(object),
     }))
+}
+
+/// A CustomResourceDefinition: its group, plural and scope, and the name they make.
+fn definition(
+    doc: &Map<String, Value>,
+    name: &str,
+    object: &mut Map<String, Value>,
+) -> Result<(), Invalid> {
+    let spec = doc
+        .get("spec")
+        .and_then(Value::as_object)
+        .ok_or_else(|| invalid("spec", "Required value"))?;
+    let text = |value: Option<&Value>, field: &str| {
+        value
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| invalid(field, "Required value"))
+    };
+    let group = text(spec.get("group"), "spec.group")?;
+    let plural = text(
+        spec.get("names").and_then(|n| n.get("plural")),
+        "spec.names.plural",
+    )?;
+    let scope = text(spec.get("scope"), "spec.scope")?;
+    if scope != "Namespaced" && scope != "Cluster" {
+        return Err(invalid(
+            "spec.scope",
+            format!("Unsupported value {scope:?}"),
+        ));
+    }
+    if name != format!("{plural}.{group}") {
+        return Err(invalid(
+            "metadata.name",
+            format!("must be spec.names.plural+\".\"+spec.group: {plural}.{group}"),
+        ));
+    }
+    object.insert("spec".into(), Value::Object(spec.clone()));
+    Ok(())
 }
 
 fn service(
@@ -648,6 +727,15 @@ impl Store {
         }
     }
 
+    /// Whether the API serves `kind`: always, but for a custom resource whose
+    /// CustomResourceDefinition is not stored.
+    pub fn serves(&self, kind: Kind) -> bool {
+        kind.definition().is_none_or(|name| {
+            self.entries
+                .contains_key(&(Kind::CustomResourceDefinition, String::new(), name))
+        })
+    }
+
     /// One object, with its `kind` and `apiVersion`.
     pub fn get(&self, kind: Kind, namespace: Option<&str>, name: &str) -> Option<Value> {
         let key = (
@@ -665,7 +753,7 @@ impl Store {
 
     /// A `<Kind>List` body: the objects of `kind` (in `namespace`, when given) that
     /// `selector` selects, sorted by namespace and name, without `kind`/`apiVersion` of
-    /// their own, as kube-apiserver serves typed lists.
+    /// their own as kube-apiserver serves typed lists (with them, for custom resources).
     pub fn list(&self, kind: Kind, namespace: Option<&str>, selector: &Selector) -> String {
         let items: Vec<Value> = self
             .entries
@@ -675,7 +763,14 @@ impl Store {
                     && namespace.is_none_or(|ns| key.1 == ns)
                     && selector.matches(entry.object["metadata"]["labels"].as_object())
             })
-            .map(|(_, entry)| entry.object.clone())
+            .map(|(_, entry)| {
+                let mut object = entry.object.clone();
+                if let (Some(_), Some(map)) = (kind.definition(), object.as_object_mut()) {
+                    map.insert("kind".into(), kind.name().into());
+                    map.insert("apiVersion".into(), kind.api_version().into());
+                }
+                object
+            })
             .collect();
         format!(
             "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":{{\"resourceVersion\":\"{}\"}},\"items\":{}}}",
@@ -770,14 +865,24 @@ fn label_part(s: &str, min: usize) -> bool {
 
 /// The kind, namespace and name an API path names: `None` for paths of other resources.
 pub fn route(path: &str) -> Option<(Kind, Option<&str>, Option<&str>)> {
-    let (core, rest) = match path.strip_prefix("/api/v1/") {
-        Some(rest) => (true, rest),
-        None => (false, path.strip_prefix("/apis/discovery.k8s.io/v1/")?),
-    };
-    let kind = |resource: &str| match (core, resource) {
-        (true, "namespaces") => Some(Kind::Namespace),
-        (true, "services") => Some(Kind::Service),
-        (false, "endpointslices") => Some(Kind::EndpointSlice),
+    let groups = [
+        "/api/v1/",
+        "/apis/discovery.k8s.io/v1/",
+        "/apis/apiextensions.k8s.io/v1/",
+        "/apis/gateway.networking.k8s.io/v1/",
+    ];
+    let (group, rest) = groups
+        .iter()
+        .enumerate()
+        .find_map(|(i, prefix)| Some((i, path.strip_prefix(prefix)?)))?;
+    let core = group == 0;
+    let kind = |resource: &str| match (group, resource) {
+        (0, "namespaces") => Some(Kind::Namespace),
+        (0, "services") => Some(Kind::Service),
+        (1, "endpointslices") => Some(Kind::EndpointSlice),
+        (2, "customresourcedefinitions") => Some(Kind::CustomResourceDefinition),
+        (3, "httproutes") => Some(Kind::HttpRoute),
+        (3, "grpcroutes") => Some(Kind::GrpcRoute),
         _ => None,
     };
     let parts: Vec<&str> = rest.split('/').collect();
@@ -785,6 +890,9 @@ pub fn route(path: &str) -> Option<(Kind, Option<&str>, Option<&str>)> {
         [resource] => Some((kind(resource)?, None, None)),
         ["namespaces", name] if core && !name.is_empty() => {
             Some((Kind::Namespace, None, Some(name)))
+        }
+        ["customresourcedefinitions", name] if group == 2 && !name.is_empty() => {
+            Some((Kind::CustomResourceDefinition, None, Some(name)))
         }
         ["namespaces", ns, resource] if *resource != "namespaces" => {
             Some((kind(resource)?, Some(ns), None))

@@ -191,3 +191,92 @@ async fn manifests_become_objects_that_follow_their_files() {
         })
         .await;
 }
+
+/// The Gateway API resources of tests/k3s/gateway.yaml, without their CRDs.
+fn gateway_without_definitions() -> String {
+    GATEWAY
+        .split("\n---\n")
+        .filter(|doc| !doc.contains("kind: CustomResourceDefinition"))
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
+const GATEWAY: &str = include_str!("../../tests/k3s/gateway.yaml");
+
+#[tokio::test]
+async fn gateway_routes_are_served_once_their_definitions_are_installed() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeDir::new(dir.path(), "srv-gateway");
+    let manifests = node.data_dir().join("server/manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(manifests.join("pimesh-fleet.yaml"), FLEET).unwrap();
+    let gateway = manifests.join("pimesh-gateway.yaml");
+    std::fs::write(&gateway, gateway_without_definitions()).unwrap();
+    let args = server_args(&node, port());
+    let mut server = node.spawn("server", &strs(&args));
+    let kubeconfig = node.kubeconfig();
+    server
+        .wait_until("the server answers", || async {
+            common::nodes(&kubeconfig).await.is_some()
+        })
+        .await;
+    let (client, url) = kube_client(&kubeconfig).unwrap();
+    server
+        .wait_until("the canary Service is applied", || async {
+            let (_, services) = get_json(&client, &url, "/api/v1/namespaces/fleet/services").await;
+            names(&services) == ["tracker", "tracker-canary"]
+        })
+        .await;
+    // K3s ships no Gateway API CRDs: without them the routes' API is not there.
+    let routes = "/apis/gateway.networking.k8s.io/v1/httproutes";
+    let (status, missing) = get_json(&client, &url, routes).await;
+    assert_eq!(
+        (status, &missing["reason"]),
+        (404, &"NotFound".into()),
+        "{missing}"
+    );
+
+    std::fs::write(&gateway, GATEWAY).unwrap();
+    server
+        .wait_until("the routes are served", || async {
+            get_json(&client, &url, routes).await.0 == 200
+        })
+        .await;
+    let (_, list) = get_json(&client, &url, routes).await;
+    assert_eq!(list["kind"], "HTTPRouteList");
+    assert_eq!(names(&list), ["tracker-canary"]);
+    let item = &list["items"][0];
+    // Custom resources are listed with their kind and apiVersion, spec as applied.
+    assert_eq!(item["kind"], "HTTPRoute");
+    assert_eq!(item["apiVersion"], "gateway.networking.k8s.io/v1");
+    assert_eq!(item["metadata"]["namespace"], "fleet");
+    assert_eq!(item["spec"]["parentRefs"][0]["name"], "tracker");
+    assert_eq!(
+        item["spec"]["rules"][0]["backendRefs"][0]["name"],
+        "tracker-canary"
+    );
+    let (status, one) = get_json(
+        &client,
+        &url,
+        "/apis/gateway.networking.k8s.io/v1/namespaces/fleet/httproutes/tracker-canary",
+    )
+    .await;
+    assert_eq!((status, &one["kind"]), (200, &"HTTPRoute".into()));
+    let (status, grpc) = get_json(
+        &client,
+        &url,
+        "/apis/gateway.networking.k8s.io/v1/grpcroutes",
+    )
+    .await;
+    assert_eq!((status, names(&grpc).len()), (200, 0));
+    let (status, crd) = get_json(
+        &client,
+        &url,
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/httproutes.gateway.networking.k8s.io",
+    )
+    .await;
+    assert_eq!(
+        (status, &crd["spec"]["names"]["plural"]),
+        (200, &"httproutes".into())
+    );
+}

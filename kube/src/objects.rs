@@ -16,6 +16,13 @@ pub const NAMESPACES: &str = "/api/v1/namespaces";
 pub const SERVICES: &str = "/api/v1/services";
 /// `GET /apis/discovery.k8s.io/v1/endpointslices` (every namespace).
 pub const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+/// `GET /apis/gateway.networking.k8s.io/v1/httproutes` (every namespace; served once the
+/// Gateway API's CRDs are installed, 404 before).
+pub const HTTP_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
+/// `GET /apis/gateway.networking.k8s.io/v1/grpcroutes` (as [`HTTP_ROUTES`]).
+pub const GRPC_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/grpcroutes";
+/// The `apiVersion` of the Gateway API's routes.
+pub const GATEWAY_V1: &str = "gateway.networking.k8s.io/v1";
 /// `GET /api/v1/nodes`.
 pub const NODES: &str = "/api/v1/nodes";
 /// The label K3s puts on its server nodes.

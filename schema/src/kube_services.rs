@@ -13,6 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::Protocol;
+use crate::routes::{Route, ServiceSet};
 use crate::DnsLabel;
 
 /// The namespace label that puts a namespace's Services into the mesh.
@@ -43,6 +44,76 @@ pub struct KubeService {
 pub struct KubeEndpoint {
     pub node: DnsLabel,
     pub address: SocketAddr,
+}
+
+/// What the replicas read from the cluster for the proxies: the meshed Services and the
+/// routes of their namespaces, each in its invariant order (Services by `name`, routes by
+/// `(namespace, route.service, route.name)`), so equal inputs give equal documents.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KubeMesh {
+    pub services: Vec<KubeService>,
+    pub routes: Vec<KubeRoute>,
+}
+
+/// A route read from the cluster: an `HTTPRoute` or `GRPCRoute` of a meshed namespace.
+///
+/// Invariant: `route.service` and every backend name a Service of `namespace` (a
+/// Kubernetes name, not a mesh name: see [`KubeRoute::mesh_name`]), and the route passed
+/// [`crate::routes::check`] against that namespace's meshed Services when the replica
+/// read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeRoute {
+    pub namespace: DnsLabel,
+    pub route: Route,
+}
+
+impl KubeRoute {
+    /// The name [`KubeService`] gives the Service `service` of this route's namespace:
+    /// `<service>.<namespace>` (the port suffix of a Service with several ports aside).
+    pub fn mesh_name(&self, service: &DnsLabel) -> String {
+        format!("{service}.{}", self.namespace)
+    }
+}
+
+/// The meshed Services of one namespace, as the routes of that namespace may name them.
+pub struct NamespaceServices<'a> {
+    pub namespace: &'a DnsLabel,
+    pub services: &'a [KubeService],
+}
+
+impl NamespaceServices<'_> {
+    fn has(&self, name: &DnsLabel) -> bool {
+        let base = format!("{name}.{}", self.namespace);
+        self.services.iter().any(|s| {
+            s.name == base
+                || s.name
+                    .strip_prefix(base.as_str())
+                    .is_some_and(|rest| rest.starts_with(':'))
+        })
+    }
+}
+
+impl ServiceSet for NamespaceServices<'_> {
+    fn parent(&self, name: &DnsLabel) -> Result<(), String> {
+        if self.has(name) {
+            Ok(())
+        } else {
+            Err(format!(
+                "expected a Service with a cluster IP in the meshed namespace {}, found {name}",
+                self.namespace
+            ))
+        }
+    }
+
+    /// A Service sends to its endpoints, however many are ready right now.
+    fn parent_placed(&self, _name: &DnsLabel) -> bool {
+        true
+    }
+
+    fn backend(&self, name: &DnsLabel) -> Result<(), String> {
+        self.parent(name)
+    }
 }
 
 impl KubeService {

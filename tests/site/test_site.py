@@ -103,10 +103,20 @@ LEAF_LIFETIME = 40
 # takes it: a Service without a selector and its EndpointSlice, whose one endpoint (a
 # "pod" this test runs itself: the fixture runs no pods) listens at TRACKER_POD on pi-c.
 TRACKER_IP, TRACKER_POD = "10.43.100.10", "10.42.3.7"
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "k3s", "fleet.yaml")) as f:
-    FLEET_MANIFEST = "".join(line for line in f if not line.startswith("#"))
+# The Gateway API's CRDs, a canary of the tracker (its one endpoint at CANARY_POD on pi-c)
+# and an HTTPRoute that sends the tracker's requests marked `x-canary: 1` to it.
+CANARY_POD = "10.42.3.8"
+
+
+def k3s_manifest(name):
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "k3s", name)) as f:
+        return "".join(line for line in f if not line.startswith("#"))
+
+
+FLEET_MANIFEST, GATEWAY_MANIFEST = k3s_manifest("fleet.yaml"), k3s_manifest("gateway.yaml")
 CLUSTER = ('site = "lab"\n\n[k3s]\nservers = 3\n\n'
-           f'[k3s.manifests]\nfleet = """\n{FLEET_MANIFEST}"""\n\n'
+           f'[k3s.manifests]\nfleet = """\n{FLEET_MANIFEST}"""\n'
+           f'gateway = """\n{GATEWAY_MANIFEST}"""\n\n'
            '[services.web]\nport = 8080\nlocal_port = 18080\nnodes = ["pi-a"]\n'
            'allow = ["spiffe://lab/node/pi-d"]\n'
            '[services.echo]\nport = 8081\nlocal_port = 18081\nnodes = ["pi-c"]\n')
@@ -158,8 +168,9 @@ print(json.dumps({"ok": ok, "failed": failed, "longest_gap_s": gap, "last_errors
 # namespace); prints the status and the body.
 GET_LOCAL = r"""
 import sys, urllib.request, urllib.error
+headers = dict(h.split(": ", 1) for h in sys.argv[2:])
 try:
-    with urllib.request.urlopen(sys.argv[1], timeout=10) as r:
+    with urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers=headers), timeout=10) as r:
         print(r.status, r.read().decode())
 except urllib.error.HTTPError as e:
     print(e.code, e.read().decode())
@@ -561,8 +572,9 @@ def test_the_node_certificates_are_the_nodes_own(site):
         assert cert_key == own_key, f"{name}: the certificate is for the key the node made"
 
 
-def get_via_proxy(node, url):
-    out = subprocess.run(["nsenter", "-t", str(node.leader), "-n", "python3", "-c", GET_LOCAL, url],
+def get_via_proxy(node, url, headers=()):
+    """GET `url` from `node`'s network namespace; `headers` as "name: value" strings."""
+    out = subprocess.run(["nsenter", "-t", str(node.leader), "-n", "python3", "-c", GET_LOCAL, url, *headers],
                          capture_output=True, text=True, timeout=40).stdout.strip()
     code, _, body = out.partition(" ")
     return int(code or 0), body
@@ -674,7 +686,9 @@ def test_a_meshed_k3s_service_is_reached_from_another_node_through_both_proxies(
     iptables redirect hands the connection to pi-a's proxy, which carries it by mTLS to
     pi-c's proxy, which delivers it to the endpoint's address on pi-c. A pod of pi-a
     (behind the pods' bridge) gets the same; a host of the LAN that dials pi-a's outbound
-    port gets nothing."""
+    port gets nothing. An HTTPRoute deployed the same way (with the Gateway API's CRDs)
+    sends the tracker's requests marked `x-canary: 1` to its canary on pi-c, the rest to
+    the tracker."""
     nodes = site["nodes"]
     a, c = nodes["pi-a"], nodes["pi-c"]
     for name, node in nodes.items():
@@ -710,6 +724,19 @@ def test_a_meshed_k3s_service_is_reached_from_another_node_through_both_proxies(
                                  capture_output=True, text=True, timeout=40).stdout.strip()
             assert out == "200 web on tracker pod on pi-c", out
         assert proxy_metric(a, "request_total", direction="outbound", dst_service="tracker.fleet") > sent
+        # The HTTPRoute from the cluster: marked requests go to the canary, the rest stay.
+        c.run(["ip", "addr", "add", f"{CANARY_POD}/32", "dev", "lo"], check=False)
+        with serving_web(c, "tracker canary on pi-c", port=8080, host=CANARY_POD):
+            canary = a.wait_for("the tracker's marked requests answered by its canary",
+                                lambda: (r := get_via_proxy(a, f"http://{TRACKER_IP}/positions", ["x-canary: 1"]))
+                                and r == (200, "web on tracker canary on pi-c") and r,
+                                timeout=120, interval=1)
+            assert canary == (200, "web on tracker canary on pi-c"), canary
+            for _ in range(5):
+                plain = get_via_proxy(a, f"http://{TRACKER_IP}/positions")
+                assert plain == (200, "web on tracker pod on pi-c"), plain
+            matched = proxy_metric(a, "pimesh_route_matched_total", service="tracker.fleet", route="tracker-canary/0")
+            assert matched >= 1, matched
         # A host of the LAN (pi-b) that dials pi-a's outbound port gets nothing: the port
         # serves only this node's processes and redirected connections.
         b = nodes["pi-b"]

@@ -53,11 +53,13 @@ struct Matcher {
 }
 
 impl HttpRoutes {
-    /// Compiles `routes` (all of one service, in config order); `service` resolves a
-    /// backend's name to its concrete route. A header or backend the schema should have
-    /// refused is left out rather than trusted.
+    /// Compiles `routes` (all of the service named `parent` in metrics, in config order);
+    /// `service` resolves a backend's name, as the routes write it, to its concrete route.
+    /// A header or backend the schema should have refused is left out rather than
+    /// trusted.
     pub fn compile<'a>(
         routes: impl IntoIterator<Item = &'a Route>,
+        parent: &str,
         service: impl Fn(&str) -> Option<Arc<ServiceRoute>>,
         metrics: &OutboundMetrics,
     ) -> HttpRoutes {
@@ -95,7 +97,7 @@ impl HttpRoutes {
                     route.name.to_string()
                 };
                 let policy = Arc::new(RulePolicy {
-                    matched: metrics.route_matched(route.service.as_str(), &name),
+                    matched: metrics.route_matched(parent, &name),
                     name,
                     total_weight: backends.iter().map(|(_, w)| u64::from(*w)).sum(),
                     backends,

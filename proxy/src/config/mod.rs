@@ -142,7 +142,7 @@ impl Routing {
             .map(|id| &id.node);
         RouteTable::build(
             config,
-            &loaded.kube_services,
+            &loaded.kube,
             node,
             self.own_inbound,
             &self.metrics,

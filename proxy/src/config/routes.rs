@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pimesh_schema::cluster::{ClusterConfig, Fault, Protocol, ProxySettings, Service};
-use pimesh_schema::kube_services::{KubeService, CLUSTER_DOMAIN};
+use pimesh_schema::kube_services::{KubeMesh, KubeService, CLUSTER_DOMAIN};
+use pimesh_schema::routes::Route;
 use pimesh_schema::{DnsLabel, SpiffeId};
 use tokio::sync::Semaphore;
 
@@ -189,14 +190,17 @@ impl RouteTable {
         }
     }
 
-    /// Compiles `config` and the meshed Kubernetes Services `kube` for the proxy of
-    /// `node` (`None` before the proxy has an identity: then no service counts as local).
-    /// `own_inbound` is where this proxy takes mesh traffic: the address of its own node
-    /// when the config does not list it. A Kubernetes Service whose name is also a service
-    /// of the config is left out: the config's wins.
+    /// Compiles `config` and the meshed Kubernetes Services and routes `kube` for the
+    /// proxy of `node` (`None` before the proxy has an identity: then no service counts
+    /// as local). `own_inbound` is where this proxy takes mesh traffic: the address of its
+    /// own node when the config does not list it. A Kubernetes Service whose name is also
+    /// a service of the config is left out, and so are its routes: the config's wins. A
+    /// Kubernetes route applies to every port of its parent Service (a `parentRef`
+    /// without a port); a backend is the Service of that name in the route's namespace,
+    /// on the same port when it has several.
     pub fn build(
         config: &ClusterConfig,
-        kube: &[KubeService],
+        kube: &KubeMesh,
         node: Option<&DnsLabel>,
         own_inbound: SocketAddr,
         metrics: &Metrics,
@@ -294,10 +298,12 @@ impl RouteTable {
                 local_bindings.push((port, Arc::clone(route)));
             }
         }
-        for kube_service in kube {
+        let mut kube_names = Vec::new();
+        for kube_service in &kube.services {
             if services.contains_key(&kube_service.name) {
                 continue;
             }
+            kube_names.push((kube_service.name.clone(), kube_service.port));
             let route =
                 compile_kube_service(kube_service, node, &address_of, &config.proxy, metrics);
             by_addr.insert(
@@ -316,10 +322,36 @@ impl RouteTable {
                 .filter(|r| r.service.as_str() == service);
             let compiled = HttpRoutes::compile(
                 routes,
+                service,
                 |name| services.get(name).cloned(),
                 &metrics.outbound,
             );
             http_routes.insert(service.to_owned(), compiled);
+        }
+        for (name, port) in &kube_names {
+            let base = name.split(':').next().unwrap_or(name);
+            let routes: Vec<(&Route, &DnsLabel)> = kube
+                .routes
+                .iter()
+                .filter(|r| r.mesh_name(&r.route.service) == base)
+                .map(|r| (&r.route, &r.namespace))
+                .collect();
+            let Some((_, namespace)) = routes.first() else {
+                continue;
+            };
+            let compiled = HttpRoutes::compile(
+                routes.iter().map(|(route, _)| *route),
+                name,
+                |backend| {
+                    let base = format!("{backend}.{namespace}");
+                    services
+                        .get(&base)
+                        .or_else(|| services.get(&format!("{base}:{port}")))
+                        .cloned()
+                },
+                &metrics.outbound,
+            );
+            http_routes.insert(name.clone(), compiled);
         }
         RouteTable {
             site: Some(config.site.clone()),
@@ -488,6 +520,14 @@ mod tests {
     }
 
     fn table_with(text: &str, kube: &[KubeService], node: &str) -> RouteTable {
+        let kube = KubeMesh {
+            services: kube.to_vec(),
+            routes: Vec::new(),
+        };
+        table_with_routes(text, &kube, node)
+    }
+
+    fn table_with_routes(text: &str, kube: &KubeMesh, node: &str) -> RouteTable {
         let config = ClusterConfig::parse(Path::new("cluster.toml"), text)
             .unwrap_or_else(|err| panic!("{err}"));
         let node = DnsLabel::try_from(node.to_owned()).expect("label");
@@ -607,5 +647,57 @@ split = [{ service = "stable", weight = 90 }, { service = "canary", weight = 10 
         let on_c = table_with(SITE, &[tracker], "c");
         let route = on_c.by_name("tracker.fleet").expect("by name");
         assert!(route.local_app().is_none(), "no pod of it runs on c");
+    }
+
+    #[test]
+    fn kube_routes_decide_for_every_port_of_their_parent_with_backends_of_its_namespace() {
+        let service = |name: &str, ip: &str, port: u16| {
+            kube_service(&format!(
+                r#"{{"name":"{name}","cluster_ip":"{ip}","port":{port},"protocol":"http",
+                    "endpoints":[{{"node":"a","address":"10.42.0.7:8080"}}]}}"#
+            ))
+        };
+        let route: pimesh_schema::kube_services::KubeRoute = serde_json::from_str(
+            r#"{"namespace":"fleet","route":{"name":"canary","service":"tracker",
+                "rules":[{"matches":[{"headers":{"x-canary":"1"}}],
+                          "backends":[{"service":"tracker-canary"}]},
+                         {"backends":[{"service":"tracker"}]}]}}"#,
+        )
+        .expect("a KubeRoute");
+        let kube = KubeMesh {
+            services: vec![
+                service("tracker.fleet:80", "10.43.100.10", 80),
+                service("tracker.fleet:81", "10.43.100.10", 81),
+                service("tracker-canary.fleet:80", "10.43.100.11", 80),
+                service("tracker-canary.fleet:81", "10.43.100.11", 81),
+                // The same name in another namespace is not the route's backend.
+                service("tracker-canary.shop", "10.43.100.12", 80),
+            ],
+            routes: vec![route],
+        };
+        let table = table_with_routes(SITE, &kube, "b");
+        for port in [80, 81] {
+            let parent_name = format!("tracker.fleet:{port}");
+            let parent = table.by_name(&parent_name).expect("the parent");
+            let routes = table.http_routes(&parent_name).expect("routed");
+            let request = |canary: bool| {
+                let mut builder = http::Request::get("/positions");
+                if canary {
+                    builder = builder.header("x-canary", "1");
+                }
+                builder.body(()).expect("request").into_parts().0
+            };
+            let chosen = routes
+                .select(&request(true))
+                .expect("the canary rule")
+                .choose(parent);
+            assert_eq!(chosen.name, format!("tracker-canary.fleet:{port}"));
+            let chosen = routes
+                .select(&request(false))
+                .expect("the default rule")
+                .choose(parent);
+            assert_eq!(chosen.name, parent_name);
+        }
+        assert!(table.http_routes("tracker-canary.fleet:80").is_none());
     }
 }

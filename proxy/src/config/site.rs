@@ -5,7 +5,7 @@ use std::io;
 use std::path::Path;
 
 use pimesh_schema::cluster::ClusterConfig;
-use pimesh_schema::kube_services::KubeService;
+use pimesh_schema::kube_services::KubeMesh;
 use pimesh_schema::ConfigError;
 use tracing::info;
 
@@ -23,9 +23,9 @@ pub const SPARE_DESCRIPTORS: u64 = 128;
 pub struct SiteConfig {
     pub sha256: [u8; 32],
     pub config: ClusterConfig,
-    /// The meshed Kubernetes Services discovery carries beside the config; none from a
-    /// file. Not part of `sha256`, which is the config's alone.
-    pub kube_services: Vec<KubeService>,
+    /// The meshed Kubernetes Services and their routes, which discovery carries beside
+    /// the config; none from a file. Not part of `sha256`, which is the config's alone.
+    pub kube: KubeMesh,
 }
 
 impl SiteConfig {
@@ -64,7 +64,7 @@ pub fn load(file: &Path) -> Result<Option<SiteConfig>, ConfigError> {
     Ok(Some(SiteConfig {
         sha256,
         config,
-        kube_services: Vec::new(),
+        kube: KubeMesh::default(),
     }))
 }
 

@@ -329,6 +329,99 @@ pub fn parse(
     Ok(routes)
 }
 
+/// One `HTTPRoute` or `GRPCRoute` object as a Kubernetes API server serves it (JSON,
+/// which YAML reads, with its `kind` and `apiVersion`): its namespace and its routes,
+/// whose parent and backends name Services of that namespace. Not yet checked against
+/// any services: the caller runs [`check`] with the Services it knows. `origin` names
+/// the object in errors (`httproute fleet/tracker-canary`).
+///
+/// Refused besides what [`parse`] refuses: a parent or backend in another namespace
+/// (Gateway API's consumer routes and ReferenceGrants are not supported), and SMI
+/// `TrafficSplit`s (the cluster form of a split is an `HTTPRoute`).
+pub fn parse_object(origin: &Path, text: &str) -> Result<(DnsLabel, Vec<Route>), ConfigError> {
+    let value: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(text).map_err(|err| yaml_error(origin, &err, None))?;
+    let field = |name: &str| value.get(name).and_then(|v| v.as_str()).unwrap_or("");
+    let (api_version, kind) = (field("apiVersion").to_owned(), field("kind").to_owned());
+    let at = |fault: Fault| place(origin, text, 1, fault);
+    match (kind.as_str(), api_version.as_str()) {
+        ("HTTPRoute", GATEWAY_V1) => {
+            let doc = typed::<HttpRouteSpec>(origin, text, 0)?;
+            let namespace = object_namespace(&doc.metadata).map_err(at)?;
+            same_namespace(&namespace, &doc.spec.parent_refs, |rule| {
+                doc.spec.rules.get(rule).map(|r| r.backend_refs.as_slice())
+            })
+            .map_err(at)?;
+            Ok((namespace, from_http_route(doc).map_err(at)?))
+        }
+        ("GRPCRoute", GATEWAY_V1) => {
+            let doc = typed::<GrpcRouteSpec>(origin, text, 0)?;
+            let namespace = object_namespace(&doc.metadata).map_err(at)?;
+            same_namespace(&namespace, &doc.spec.parent_refs, |rule| {
+                doc.spec.rules.get(rule).map(|r| r.backend_refs.as_slice())
+            })
+            .map_err(at)?;
+            Ok((namespace, from_grpc_route(doc).map_err(at)?))
+        }
+        _ => Err(at(Fault::new(
+            "kind",
+            format!(
+                "expected HTTPRoute or GRPCRoute ({GATEWAY_V1}), found {kind:?} of {api_version:?}"
+            ),
+        ))),
+    }
+}
+
+/// The namespace of an object (`default` when the API left it out).
+fn object_namespace(metadata: &Metadata) -> Result<DnsLabel, Fault> {
+    let namespace = metadata.namespace.as_deref().unwrap_or("default");
+    DnsLabel::try_from(namespace.to_owned()).map_err(|err| {
+        Fault::new(
+            "metadata.namespace",
+            format!("expected a namespace name, found {namespace:?}: {err}"),
+        )
+    })
+}
+
+/// Every parent and every backend of rule 0, 1, ... (`backends(rule)` until `None`) is
+/// in `namespace`, or names none.
+fn same_namespace<'a>(
+    namespace: &DnsLabel,
+    parents: &[ParentRef],
+    backends: impl Fn(usize) -> Option<&'a [BackendRef]>,
+) -> Result<(), Fault> {
+    let foreign = |given: Option<&str>| given.is_some_and(|ns| ns != namespace.as_str());
+    for (i, parent) in parents.iter().enumerate() {
+        if foreign(parent.namespace.as_deref()) {
+            return Err(Fault::new(
+                format!("spec.parentRefs[{i}].namespace"),
+                format!(
+                    "expected a Service of the route's namespace {namespace} (routes for \
+                     another namespace's Service are not supported), found {:?}",
+                    parent.namespace.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
+    }
+    let mut rule = 0;
+    while let Some(refs) = backends(rule) {
+        for (b, backend) in refs.iter().enumerate() {
+            if foreign(backend.namespace.as_deref()) {
+                return Err(Fault::new(
+                    format!("spec.rules[{rule}].backendRefs[{b}].namespace"),
+                    format!(
+                        "expected a Service of the route's namespace {namespace} \
+                         (ReferenceGrants are not supported), found {:?}",
+                        backend.namespace.as_deref().unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        rule += 1;
+    }
+    Ok(())
+}
+
 /// Document `index` of `text` as a `Document<S>`, errors located by serde.
 fn typed<S: serde::de::DeserializeOwned>(
     file: &Path,

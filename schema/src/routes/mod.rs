@@ -35,7 +35,7 @@ use crate::cluster::{limits, HumanDuration, Service};
 use crate::{DnsLabel, ValueError};
 
 /// One route: the rules for requests to `service`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// Unique among the routes of its service; named in metrics and errors.
@@ -89,7 +89,7 @@ fn is_zero(n: &u8) -> bool {
 
 /// Requests that match one of `matches` (or every request, when there are none) go to
 /// `backends` after `request_headers` is applied.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -366,32 +366,63 @@ impl RouteFault {
     }
 }
 
+/// The services a route may name, wherever they come from: the site's `[services]`, or
+/// the meshed Kubernetes Services of the route's namespace.
+pub trait ServiceSet {
+    /// `Err(why)` when `name` cannot be a route's parent.
+    fn parent(&self, name: &DnsLabel) -> Result<(), String>;
+    /// Whether the parent `name` runs somewhere: a rule without backends sends to it.
+    fn parent_placed(&self, name: &DnsLabel) -> bool;
+    /// `Err(why)` when `name` cannot be a backend.
+    fn backend(&self, name: &DnsLabel) -> Result<(), String>;
+}
+
+impl ServiceSet for BTreeMap<DnsLabel, Service> {
+    fn parent(&self, name: &DnsLabel) -> Result<(), String> {
+        let Some(parent) = self.get(name) else {
+            return Err(format!(
+                "expected the name of a service of the site, found {name}"
+            ));
+        };
+        if !parent.split.is_empty() {
+            return Err(format!(
+                "{name} has a `split`; a service takes a split or routes, not both (a split is \
+                 a route with one rule)"
+            ));
+        }
+        Ok(())
+    }
+
+    fn parent_placed(&self, name: &DnsLabel) -> bool {
+        self.get(name).is_some_and(|s| !s.nodes.is_empty())
+    }
+
+    fn backend(&self, name: &DnsLabel) -> Result<(), String> {
+        let Some(target) = self.get(name) else {
+            return Err(format!(
+                "expected the name of a service of the site, found {name}"
+            ));
+        };
+        if !target.split.is_empty() || target.nodes.is_empty() {
+            return Err(format!(
+                "{name} is placed on no node (a backend must be a service that runs \
+                 somewhere, not a split)"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Checks `route` against `services` (see the module's invariants). `taken` holds the
 /// `(service, name)` pairs of the routes checked before; this route's is added.
 pub fn check(
     route: &Route,
-    services: &BTreeMap<DnsLabel, Service>,
+    services: &impl ServiceSet,
     taken: &mut BTreeSet<(DnsLabel, DnsLabel)>,
 ) -> Result<(), RouteFault> {
-    let Some(parent) = services.get(&route.service) else {
-        return Err(RouteFault::at(
-            &["service"],
-            format!(
-                "expected the name of a service of the site, found {}",
-                route.service
-            ),
-        ));
-    };
-    if !parent.split.is_empty() {
-        return Err(RouteFault::at(
-            &["service"],
-            format!(
-                "{} has a `split`; a service takes a split or routes, not both (a split is \
-                 a route with one rule)",
-                route.service
-            ),
-        ));
-    }
+    services
+        .parent(&route.service)
+        .map_err(|why| RouteFault::at(&["service"], why))?;
     if !taken.insert((route.service.clone(), route.name.clone())) {
         return Err(RouteFault::at(
             &["name"],
@@ -428,7 +459,7 @@ pub fn check(
         };
         check_duration(&at(&["timeout"]), rule.timeout)?;
         check_duration(&at(&["backend_timeout"]), rule.backend_timeout)?;
-        if rule.backends.is_empty() && parent.nodes.is_empty() {
+        if rule.backends.is_empty() && !services.parent_placed(&route.service) {
             return Err(RouteFault::at(
                 &at(&["backends"]),
                 format!(
@@ -441,25 +472,9 @@ pub fn check(
         for (b, backend) in rule.backends.iter().enumerate() {
             let b = b.to_string();
             let field = at(&["backends", b.as_str(), "service"]);
-            let Some(target) = services.get(&backend.service) else {
-                return Err(RouteFault::at(
-                    &field,
-                    format!(
-                        "expected the name of a service of the site, found {}",
-                        backend.service
-                    ),
-                ));
-            };
-            if !target.split.is_empty() || target.nodes.is_empty() {
-                return Err(RouteFault::at(
-                    &field,
-                    format!(
-                        "{} is placed on no node (a backend must be a service that runs \
-                         somewhere, not a split)",
-                        backend.service
-                    ),
-                ));
-            }
+            services
+                .backend(&backend.service)
+                .map_err(|why| RouteFault::at(&field, why))?;
             if !seen.insert(&backend.service) {
                 return Err(RouteFault::at(
                     &field,

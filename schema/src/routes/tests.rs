@@ -368,3 +368,109 @@ fn a_site_folder_compiles_its_route_files_into_the_text_nodes_receive() {
     assert!(err.file.ends_with("routes/b.yaml"), "{err}");
     assert!(err.line.is_some());
 }
+
+/// An HTTPRoute as kube-apiserver serves it: defaults filled in, server-side metadata,
+/// a status written by a controller.
+const SERVED_ROUTE: &str = r#"{"apiVersion":"gateway.networking.k8s.io/v1","kind":"HTTPRoute",
+ "metadata":{"name":"tracker-canary","namespace":"fleet","uid":"5d1c","resourceVersion":"812",
+   "generation":1,"creationTimestamp":"2026-12-03T10:00:00Z",
+   "annotations":{"retry.linkerd.io/http":"5xx","retry.linkerd.io/limit":"2"}},
+ "spec":{"parentRefs":[{"group":"","kind":"Service","name":"tracker","port":80}],
+   "rules":[{"matches":[{"path":{"type":"PathPrefix","value":"/"},
+                          "headers":[{"type":"Exact","name":"x-canary","value":"1"}]}],
+             "backendRefs":[{"group":"","kind":"Service","name":"tracker-canary","port":80,"weight":1}]},
+            {"matches":[{"path":{"type":"PathPrefix","value":"/"}}],
+             "backendRefs":[{"group":"","kind":"Service","name":"tracker","namespace":"fleet","port":80,"weight":1}]}]},
+ "status":{"parents":[]}}"#;
+
+fn meshed(names: &[&str]) -> Vec<crate::kube_services::KubeService> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| crate::kube_services::KubeService {
+            name: (*name).to_owned(),
+            cluster_ip: std::net::IpAddr::from([10, 43, 100, 10 + i as u8]),
+            port: 80,
+            protocol: crate::cluster::Protocol::Http,
+            endpoints: Vec::new(),
+        })
+        .collect()
+}
+
+#[test]
+fn a_served_http_route_reads_into_the_model_for_its_namespace() {
+    let origin = Path::new("httproute fleet/tracker-canary");
+    let (namespace, routes) = gateway::parse_object(origin, SERVED_ROUTE).unwrap();
+    assert_eq!(namespace.as_str(), "fleet");
+    assert_eq!(routes.len(), 1);
+    let route = &routes[0];
+    assert_eq!(route.service.as_str(), "tracker");
+    assert_eq!(route.retries, 2);
+    assert_eq!(
+        route.rules[0].backends[0].service.as_str(),
+        "tracker-canary"
+    );
+    assert_eq!(route.rules[0].matches[0].headers["x-canary"], "1");
+    // Checked against the namespace's meshed Services, ports of several-port ones too.
+    let services = meshed(&[
+        "tracker.fleet:80",
+        "tracker.fleet:81",
+        "tracker-canary.fleet",
+    ]);
+    let set = crate::kube_services::NamespaceServices {
+        namespace: &namespace,
+        services: &services,
+    };
+    check(route, &set, &mut BTreeSet::new()).unwrap();
+    let without_canary = meshed(&["tracker.fleet", "tracker-canary.other"]);
+    let set = crate::kube_services::NamespaceServices {
+        namespace: &namespace,
+        services: &without_canary,
+    };
+    let fault = check(route, &set, &mut BTreeSet::new()).unwrap_err();
+    assert_eq!(fault.field, ["rules", "0", "backends", "0", "service"]);
+    assert!(
+        fault.message.contains("meshed namespace fleet"),
+        "{}",
+        fault.message
+    );
+}
+
+#[test]
+fn a_served_route_naming_another_namespace_or_not_a_route_is_refused_with_the_field() {
+    let origin = Path::new("httproute fleet/tracker-canary");
+    let other_parent = SERVED_ROUTE.replace(
+        r#""name":"tracker","port":80}]"#,
+        r#""name":"tracker","namespace":"shop","port":80}]"#,
+    );
+    let err = gateway::parse_object(origin, &other_parent).unwrap_err();
+    assert_eq!(
+        err.key.as_deref(),
+        Some("spec.parentRefs[0].namespace"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("httproute fleet/tracker-canary"),
+        "{err}"
+    );
+    let other_backend = SERVED_ROUTE.replace(
+        r#""namespace":"fleet","port""#,
+        r#""namespace":"shop","port""#,
+    );
+    let err = gateway::parse_object(origin, &other_backend).unwrap_err();
+    assert_eq!(
+        err.key.as_deref(),
+        Some("spec.rules[1].backendRefs[0].namespace"),
+        "{err}"
+    );
+    let regex = SERVED_ROUTE.replace(
+        r#""type":"PathPrefix","value":"/"}}]"#,
+        r#""type":"RegularExpression","value":"/"}}]"#,
+    );
+    let err = gateway::parse_object(origin, &regex).unwrap_err();
+    assert!(err.message.contains("PathPrefix or Exact"), "{err}");
+    let split = r#"{"apiVersion":"split.smi-spec.io/v1alpha2","kind":"TrafficSplit","metadata":{"name":"s"},"spec":{"service":"a","backends":[]}}"#;
+    let err = gateway::parse_object(origin, split).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("kind"), "{err}");
+    assert!(gateway::parse_object(origin, "{not json").is_err());
+}

@@ -13,7 +13,7 @@ use std::net::{AddrParseError, IpAddr, SocketAddr};
 use std::path::Path;
 
 use pimesh_schema::cluster::{ClusterConfig, Node, NodeAddress};
-use pimesh_schema::kube_services::KubeService;
+use pimesh_schema::kube_services::{KubeMesh, KubeRoute, KubeService};
 use pimesh_schema::{ConfigError, DnsLabel, NameError};
 use serde::Deserialize;
 
@@ -115,6 +115,9 @@ pub struct Document {
     /// The meshed Kubernetes Services, from replicas that read K3s's API.
     #[serde(default)]
     pub kube_services: Vec<KubeService>,
+    /// The Gateway API routes of their namespaces, from the same replicas.
+    #[serde(default)]
+    pub kube_routes: Vec<KubeRoute>,
 }
 
 /// A server node of the document's `servers`.
@@ -181,7 +184,10 @@ impl Document {
         Ok(Some(SiteConfig {
             sha256,
             config,
-            kube_services: self.kube_services.clone(),
+            kube: KubeMesh {
+                services: self.kube_services.clone(),
+                routes: self.kube_routes.clone(),
+            },
         }))
     }
 }
@@ -254,6 +260,7 @@ mod tests {
                 .collect(),
             servers: BTreeMap::new(),
             kube_services: Vec::new(),
+            kube_routes: Vec::new(),
         }
     }
 
