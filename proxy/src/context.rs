@@ -13,6 +13,7 @@ use crate::config::routes::RouteTable;
 use crate::identity::Identity;
 use crate::telemetry::labels::Direction;
 use crate::telemetry::metrics::Metrics;
+use crate::transport::drain;
 use crate::transport::handshakes::Handshakes;
 use crate::transport::mesh_http::Body;
 use crate::transport::metrics::ConnectionGuard;
@@ -33,6 +34,9 @@ pub struct Context {
     open_connections: [AtomicU32; 2],
     /// Inbound TLS handshakes in progress (before a connection counts as open).
     pub handshakes: Handshakes,
+    /// The drain, for the upgraded connections requests turn into: each holds a
+    /// [`drain::Watch`] for its life, as the accepted connections do.
+    pub drain: drain::WeakWatch,
 }
 
 /// One accepted connection, counted against `proxy.max_connections` until dropped.
@@ -68,6 +72,7 @@ impl Context {
         routes: watch::Receiver<Arc<RouteTable>>,
         identity: watch::Receiver<Option<Identity>>,
         metrics: Arc<Metrics>,
+        drain: drain::WeakWatch,
     ) -> Context {
         let connector = || {
             let mut connector = HttpConnector::new();
@@ -91,6 +96,7 @@ impl Context {
                 .build(connector()),
             open_connections: [AtomicU32::new(0), AtomicU32::new(0)],
             handshakes: Handshakes::default(),
+            drain,
         }
     }
 

@@ -196,13 +196,14 @@ async fn run(options: cli::Options) -> Result<(), Error> {
         &discovered.borrow(),
         &identities.borrow(),
     );
+    let (drain_signal, drain_watch) = drain::channel();
     let context = Arc::new(Context::new(
         routing.routes(),
         identities.clone(),
         Arc::clone(&metrics),
+        drain_watch.downgrade(),
     ));
 
-    let (drain_signal, drain_watch) = drain::channel();
     let mut bindings = listeners::LocalBindings::new(options.local_ip);
     bindings.update(&context.table(), &context, &drain_watch);
     let accept_loops = [

@@ -2,7 +2,7 @@
 //! WebSocket client → proxy a (outbound) → extended CONNECT over mTLS HTTP/2 → proxy b
 //! (inbound) → HTTP/1.1 upgrade to the app on b, and back; the same from an HTTP/2 client
 //! using extended CONNECT (RFC 8441); refused upgrades; a peer that stops reading; the
-//! idle timeout.
+//! idle timeout; a SIGTERM drain that waits for an open WebSocket.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
@@ -15,6 +15,7 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use nix::sys::signal::Signal;
 use pimesh_test_support::backends::Backend;
 use pimesh_test_support::proxy::{mesh, Mesh};
 use pimesh_test_support::{wait_until, Site, DEADLINE};
@@ -199,6 +200,52 @@ async fn a_websocket_echoes_across_two_nodes_and_closes() {
         )
         .await,
         1.0
+    );
+}
+
+#[tokio::test]
+async fn a_sigterm_drain_waits_for_an_open_websocket_and_exits_once_it_closes() {
+    let site = Site::new("depot");
+    let app = echo_app().await;
+    let mut m = mesh(&site, &service("ws", app, "")).await;
+    let (mut ws, _) = websocket(&m, "ws").await;
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Message::text("before"));
+
+    m.a.signal(Signal::SIGTERM);
+    wait_until("proxy a drains", || async {
+        m.a.log_text().contains("draining")
+    })
+    .await;
+    // The upgraded connection is carried on through the drain, not cut.
+    for i in 0..3 {
+        let text = format!("during the drain {i}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(next_message(&mut ws).await, Message::text(text));
+    }
+    assert!(m.a.daemon.exited().is_none(), "{}", m.a.log_text());
+    ws.close(None).await.unwrap();
+    let _ = tokio::time::timeout(DEADLINE, async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    drop(ws);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let exit = loop {
+        if let Some(status) = m.a.daemon.exited() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after the WebSocket closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit}\n{}", m.a.log_text());
+    assert!(
+        m.a.log_text().contains("all connections finished"),
+        "the drain ended with the WebSocket, before its deadline:\n{}",
+        m.a.log_text()
     );
 }
 

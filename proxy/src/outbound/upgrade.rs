@@ -216,9 +216,10 @@ pub async fn forward(
             .unwrap_or(DEFAULT_IDLE_TIMEOUT);
         let metrics = apex.upgrade_outbound.clone();
         let service = apex.name.clone();
+        let drain = context.drain.upgrade();
         tokio::spawn(async move {
-            // Held for the upgraded connection's life.
-            let _held = (stream, in_flight);
+            // Held for the upgraded connection's life: a SIGTERM drain waits for it.
+            let _held = (stream, in_flight, drain);
             let (client, peer) = match tokio::try_join!(on_client, on_peer) {
                 Ok(both) => both,
                 Err(err) => {

@@ -2,7 +2,8 @@
 //! finish what it carries and close, and the process waits for them up to a deadline.
 //!
 //! Invariant: [`Signal::drain`] returns only when every [`Watch`] has been dropped (each
-//! connection holds one for its whole life) or the deadline passed.
+//! connection holds one for its whole life, an upgraded connection's copy task too) or
+//! the deadline passed. A [`WeakWatch`] never holds the drain up.
 
 use std::time::Duration;
 
@@ -19,6 +20,24 @@ pub struct Signal {
 pub struct Watch {
     draining: watch::Receiver<bool>,
     _alive: mpsc::Sender<std::convert::Infallible>,
+}
+
+/// Held by what makes connections outside an accept loop (the proxy's context, for the
+/// upgraded connections its requests turn into); does not keep the drain waiting.
+#[derive(Clone)]
+pub struct WeakWatch {
+    draining: watch::Receiver<bool>,
+    alive: mpsc::WeakSender<std::convert::Infallible>,
+}
+
+impl WeakWatch {
+    /// A [`Watch`] for a new connection; `None` once the drain has finished.
+    pub fn upgrade(&self) -> Option<Watch> {
+        Some(Watch {
+            draining: self.draining.clone(),
+            _alive: self.alive.upgrade()?,
+        })
+    }
 }
 
 pub fn channel() -> (Signal, Watch) {
@@ -48,6 +67,13 @@ impl Signal {
 }
 
 impl Watch {
+    pub fn downgrade(&self) -> WeakWatch {
+        WeakWatch {
+            draining: self.draining.clone(),
+            alive: self._alive.downgrade(),
+        }
+    }
+
     /// Completes when the drain starts (never, if it never does).
     pub async fn signaled(&mut self) {
         if self.draining.wait_for(|draining| *draining).await.is_err() {
@@ -82,5 +108,27 @@ mod tests {
         });
         assert!(!signal.drain(Duration::from_millis(20)).await);
         stuck.abort();
+    }
+
+    #[tokio::test]
+    async fn a_weak_watch_holds_nothing_up_and_its_upgrades_do() {
+        let (signal, watch) = channel();
+        let weak = watch.downgrade();
+        let upgraded = weak.upgrade().expect("the drain has not finished");
+        drop(watch);
+        let connection = tokio::spawn(async move {
+            let mut held = upgraded;
+            held.signaled().await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        });
+        assert!(signal.drain(Duration::from_secs(5)).await);
+        assert!(
+            connection.is_finished(),
+            "the drain waited for the upgraded watch"
+        );
+        assert!(
+            weak.upgrade().is_none(),
+            "no new connection after the drain"
+        );
     }
 }
