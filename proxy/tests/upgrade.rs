@@ -2,7 +2,7 @@
 //! WebSocket client → proxy a (outbound) → extended CONNECT over mTLS HTTP/2 → proxy b
 //! (inbound) → HTTP/1.1 upgrade to the app on b, and back; the same from an HTTP/2 client
 //! using extended CONNECT (RFC 8441); refused upgrades; a peer that stops reading; the
-//! idle timeout; a SIGTERM drain that waits for an open WebSocket.
+//! idle timeout; a SIGTERM drain that waits for an open WebSocket; the spans of an upgrade.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
@@ -16,11 +16,12 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use nix::sys::signal::Signal;
-use pimesh_test_support::backends::Backend;
-use pimesh_test_support::proxy::{mesh, Mesh};
+use pimesh_test_support::backends::{Backend, Collector};
+use pimesh_test_support::proxy::{mesh, mesh_with, Mesh};
 use pimesh_test_support::{wait_until, Site, DEADLINE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -247,6 +248,55 @@ async fn a_sigterm_drain_waits_for_an_open_websocket_and_exits_once_it_closes() 
         "the drain ended with the WebSocket, before its deadline:\n{}",
         m.a.log_text()
     );
+}
+
+#[tokio::test]
+async fn a_sampled_upgrade_leaves_a_client_and_a_server_span() {
+    let site = Site::new("depot");
+    let app = echo_app().await;
+    let collector = Collector::start().await;
+    let zipkin = format!("zipkin_url = \"{}\"", collector.url);
+    let m = mesh_with(&site, &zipkin, &service("ws", app, "")).await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4737";
+    let mut request = "ws://ws/chat".into_client_request().unwrap();
+    request.headers_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .unwrap(),
+    );
+    let stream = TcpStream::connect(m.a.outbound).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .expect("WebSocket handshake through the mesh");
+    ws.send(Message::text("traced")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Message::text("traced"));
+
+    let mut spans = Vec::new();
+    wait_until("both hops' spans of the upgrade at the collector", || {
+        spans = collector
+            .spans()
+            .into_iter()
+            .filter(|s| s["traceId"] == trace_id)
+            .collect();
+        let done = spans.len() >= 2;
+        async move { done }
+    })
+    .await;
+    let client_side = spans
+        .iter()
+        .find(|s| s["kind"] == "CLIENT")
+        .expect("a's span");
+    let server_side = spans
+        .iter()
+        .find(|s| s["kind"] == "SERVER")
+        .expect("b's span");
+    assert_eq!(server_side["parentId"], client_side["id"], "{spans:?}");
+    for span in [client_side, server_side] {
+        assert_eq!(span["tags"]["http.status_code"], "101", "{span}");
+        assert_eq!(span["tags"]["http.method"], "GET", "{span}");
+        assert_eq!(span["tags"]["http.path"], "/chat", "{span}");
+    }
 }
 
 #[tokio::test]

@@ -163,7 +163,7 @@ async fn handle(
         );
     }
     if upgrade::requested(&request) {
-        return upgrade::deliver(request, &route, app).await;
+        return upgrade::deliver(&table, request, &route, app).await;
     }
     if request.method() == Method::CONNECT {
         return open_tunnel(request, &route, app.addr).await;

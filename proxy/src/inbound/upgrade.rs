@@ -26,7 +26,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::config::routes::{App, ServiceRoute};
+use crate::config::routes::{App, RouteTable, ServiceRoute};
+use crate::telemetry::trace;
 use crate::transport::mesh_http::{
     self, error_response, strip_hop_by_hop, Body, DST_HEADER, PROTO_HEADER, UPGRADE_METHOD_HEADER,
     UPGRADE_STATUS_HEADER,
@@ -40,14 +41,36 @@ pub fn requested(request: &Request<Incoming>) -> bool {
     request.method() == Method::CONNECT && request.extensions().get::<Protocol>().is_some()
 }
 
-/// Hands the upgrade `request` to the app at `app` (see the module's doc).
+/// Hands the upgrade `request` to the app at `app` (see the module's doc), with a SERVER
+/// span of the upgrade's request (its method as the calling app sent it) when the table
+/// exports spans.
 pub async fn deliver(
+    table: &RouteTable,
     mut request: Request<Incoming>,
     route: &Arc<ServiceRoute>,
     app: App,
 ) -> Response<Body> {
     let started = Instant::now();
     route.inbound.request();
+    let app_addr = app.addr;
+    let span = match table.spans {
+        Some(_) => {
+            let method = request
+                .headers()
+                .get(UPGRADE_METHOD_HEADER)
+                .and_then(|value| Method::from_bytes(value.as_bytes()).ok())
+                .unwrap_or(Method::GET);
+            let path = request.uri().path().to_owned();
+            trace::begin(
+                request.headers_mut(),
+                trace::Kind::Server,
+                &method,
+                &path,
+                route.name.as_str(),
+            )
+        }
+        None => None,
+    };
     let response = upgrade_app(&mut request, route, app).await;
     // Counted as the app answered: 101 when it switched protocols.
     let status = match response.headers().get(UPGRADE_STATUS_HEADER) {
@@ -60,6 +83,10 @@ pub async fn deliver(
         None => response.status().as_u16(),
     };
     route.inbound.response(status, started.elapsed());
+    if let Some(mut span) = span {
+        span.set_remote(app_addr);
+        span.finish(status, table.spans.as_ref());
+    }
     response
 }
 
