@@ -6,6 +6,7 @@
 //! | `GET /v1/sites/<site>/config?after=<n>&wait=<s>` | node of `<site>` (mTLS) | the newest revision when newer than `n`, else wait up to `s` seconds, then 204 |
 //! | `POST /v1/sites/<site>/reports` | node of `<site>` (mTLS) | what the node applied; recorded under the node name of its certificate |
 //! | `GET /v1/fleet` | anyone reaching the server | every site's newest revision and node reports |
+//! | `GET /v1/version` | anyone reaching the server | `{"version": "<this build's version>"}` |
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -36,6 +37,10 @@ pub async fn route(
     let path = request.uri().path().to_owned();
     match (request.method().clone(), Route::parse(&path)) {
         (Method::GET, Some(Route::Fleet)) => fleet(&registry),
+        (Method::GET, Some(Route::Version)) => json_response(
+            StatusCode::OK,
+            &json!({ "version": env!("CARGO_PKG_VERSION") }),
+        ),
         (method, Some(Route::Site { site, resource })) => {
             let Some(site) = DnsLabel::try_from(site.to_owned())
                 .ok()

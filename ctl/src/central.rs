@@ -1,4 +1,7 @@
-//! Talking to the central server: publishing signed revisions and reading the fleet view.
+//! Talking to the central server: publishing signed revisions, reading the fleet view and
+//! the server's version. A failure names its real cause (an unknown CA, a certificate for
+//! another name, a refused connection, a timeout, the server's own reason for an error
+//! status), not only that the request failed.
 
 use std::fmt;
 use std::io;
@@ -10,7 +13,11 @@ use pimesh_schema::{ConfigError, DnsLabel};
 use reqwest::blocking::Client;
 use reqwest::StatusCode;
 
-use crate::CentralArgs;
+use crate::status::{FleetStatus, UNHEALTHY_EXIT};
+use crate::{CentralArgs, OutputFormat};
+
+/// How long one request to the central server may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why talking to the central server failed.
 #[derive(Debug)]
@@ -88,12 +95,14 @@ impl fmt::Display for CentralError {
                 )
             }
             CentralError::Tls(source) => write!(f, "cannot set up TLS: {source}"),
-            CentralError::Unreachable { url, source } => write!(f, "cannot reach {url}: {source}"),
+            CentralError::Unreachable { url, source } => {
+                write!(f, "cannot reach {url}: {}", cause(source))
+            }
             CentralError::Answer { url, source } => {
-                write!(f, "cannot read the answer of {url}: {source}")
+                write!(f, "cannot read the answer of {url}: {}", cause(source))
             }
             CentralError::Status { url, status, body } => {
-                write!(f, "{url} answered {status}: {body}")
+                write!(f, "{url} answered {status}: {}", reason(body))
             }
             CentralError::NotFleetView { url, source } => write!(
                 f,
@@ -111,7 +120,8 @@ impl fmt::Display for CentralError {
                 body,
             } => write!(
                 f,
-                "the central server refused revision {revision} of site {site} ({status}): {body}"
+                "the central server refused revision {revision} of site {site} ({status}): {}",
+                reason(body)
             ),
         }
     }
@@ -138,10 +148,110 @@ impl std::error::Error for CentralError {
     }
 }
 
+/// The real cause of a failed request, as an operator would look for it.
+fn cause(err: &reqwest::Error) -> String {
+    use rustls::{CertificateError, Error as Tls};
+    if err.is_timeout() {
+        return format!(
+            "timed out: no answer within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        );
+    }
+    let tls = |tls: &Tls| -> String {
+        match tls {
+            Tls::InvalidCertificate(CertificateError::UnknownIssuer) => {
+                "unknown CA: the server's certificate is not signed by a CA this command \
+                 trusts (give the central server's CA with --central-ca)"
+                    .to_owned()
+            }
+            Tls::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            ) => "name mismatch: the server's certificate is not for the host named in \
+                  --central"
+                .to_owned(),
+            Tls::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            ) => {
+                "the server's certificate has expired (or this machine's clock is wrong)".to_owned()
+            }
+            other => format!("TLS failed: {other}"),
+        }
+    };
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(error) = next {
+        if let Some(found) = error.downcast_ref::<Tls>() {
+            return tls(found);
+        }
+        if let Some(io) = error.downcast_ref::<io::Error>() {
+            // An I/O error made of another error shows that one through `get_ref`, not
+            // through `source`.
+            if let Some(found) = io.get_ref().and_then(|inner| inner.downcast_ref::<Tls>()) {
+                return tls(found);
+            }
+            match io.kind() {
+                io::ErrorKind::ConnectionRefused => {
+                    return "connection refused: nothing listens at that address and port"
+                        .to_owned()
+                }
+                io::ErrorKind::TimedOut => return "timed out connecting".to_owned(),
+                _ => {}
+            }
+        }
+        next = error.source();
+    }
+    // Some layers carry the TLS or I/O error only as text: read the whole chain.
+    let mut text = err.to_string();
+    let mut next = std::error::Error::source(err);
+    while let Some(error) = next {
+        let part = error.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        next = error.source();
+    }
+    let named = [
+        (
+            "UnknownIssuer",
+            Tls::InvalidCertificate(CertificateError::UnknownIssuer),
+        ),
+        (
+            "NotValidForName",
+            Tls::InvalidCertificate(CertificateError::NotValidForName),
+        ),
+        (
+            "not valid for name",
+            Tls::InvalidCertificate(CertificateError::NotValidForName),
+        ),
+        (
+            "Expired",
+            Tls::InvalidCertificate(CertificateError::Expired),
+        ),
+        (
+            "certificate expired",
+            Tls::InvalidCertificate(CertificateError::Expired),
+        ),
+    ];
+    if let Some((_, found)) = named.iter().find(|(word, _)| text.contains(word)) {
+        return tls(found);
+    }
+    if text.contains("Connection refused") {
+        return "connection refused: nothing listens at that address and port".to_owned();
+    }
+    // DNS failures, resets, protocol errors: the chain says it best.
+    text
+}
+
+/// The server's reason in an error answer: the `error` of its JSON body, else the body.
+fn reason(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| body.trim().to_owned())
+}
+
 fn client(args: &CentralArgs) -> Result<Client, CentralError> {
-    let mut builder = Client::builder()
-        .use_rustls_tls()
-        .timeout(Duration::from_secs(30));
+    let mut builder = Client::builder().use_rustls_tls().timeout(REQUEST_TIMEOUT);
     if let Some(ca) = &args.central_ca {
         let pem = std::fs::read(ca).map_err(|source| CentralError::Read {
             path: ca.clone(),
@@ -172,6 +282,12 @@ fn url(args: &CentralArgs, path: &str) -> String {
 
 fn fleet(client: &Client, args: &CentralArgs) -> Result<FleetView, CentralError> {
     let url = url(args, path::FLEET);
+    let body = get(client, url.clone())?;
+    serde_json::from_str(&body).map_err(|source| CentralError::NotFleetView { url, source })
+}
+
+/// `GET url`: the body of a 2xx answer.
+fn get(client: &Client, url: String) -> Result<String, CentralError> {
     let response = client
         .get(&url)
         .send()
@@ -187,7 +303,23 @@ fn fleet(client: &Client, args: &CentralArgs) -> Result<FleetView, CentralError>
     if !status.is_success() {
         return Err(CentralError::Status { url, status, body });
     }
-    serde_json::from_str(&body).map_err(|source| CentralError::NotFleetView { url, source })
+    Ok(body)
+}
+
+/// The central server's version, from `GET /v1/version`.
+pub fn server_version(args: &CentralArgs) -> Result<String, CentralError> {
+    let url = url(args, path::VERSION);
+    let body = get(&client(args)?, url.clone())?;
+    let answer: serde_json::Value =
+        serde_json::from_str(&body).map_err(|source| CentralError::NotFleetView {
+            url: url.clone(),
+            source,
+        })?;
+    Ok(answer
+        .get("version")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("unknown")
+        .to_owned())
 }
 
 pub fn publish(
@@ -248,38 +380,16 @@ pub fn publish(
     Ok(())
 }
 
-pub fn status(args: &CentralArgs) -> Result<(), CentralError> {
+/// `pimeshctl status`: the fleet judged ([`FleetStatus`]) and printed as `output` says;
+/// the exit code is [`UNHEALTHY_EXIT`] when the fleet is not healthy.
+pub fn status(args: &CentralArgs, output: OutputFormat) -> Result<u8, crate::Failure> {
     let fleet = fleet(&client(args)?, args)?;
-    for site in &fleet.sites {
-        let latest = site
-            .latest_revision
-            .map_or("none".to_owned(), |n| n.to_string());
-        println!("site {}: newest revision {latest}", site.site);
-        for node in &site.nodes {
-            println!("{}", node_line(node));
-        }
-    }
-    Ok(())
-}
-
-/// One node of `pimeshctl status`: its name, revision, K3s and last outcome.
-fn node_line(node: &pimesh_revision::NodeView) -> String {
-    let report = &node.recorded.report;
-    let revision = report.revision.map_or("-".to_owned(), |n| n.to_string());
-    let k3s = report
-        .k3s
-        .as_ref()
-        .map_or_else(|| "k3s -".to_owned(), ToString::to_string);
-    let detail = if report.detail.is_empty() {
-        String::new()
-    } else {
-        format!(": {}", report.detail)
-    };
-    format!(
-        "  {:<20} revision {revision:<6} {k3s:<18} {}{detail}",
-        node.node.as_str(),
-        report.state.as_str(),
-    )
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let status = FleetStatus::of(&fleet, now);
+    print!("{}", output.render(&status, FleetStatus::table)?);
+    Ok(if status.healthy { 0 } else { UNHEALTHY_EXIT })
 }
 
 #[cfg(test)]
@@ -287,29 +397,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_node_line_shows_its_k3s_beside_its_revision() {
-        let node: pimesh_revision::NodeView = serde_json::from_str(
-            r#"{"node":"pi-b","revision":4,"state":"applied","detail":"","received_at":1,
-                "k3s":{"role":"server","ready":true}}"#,
-        )
-        .expect("a node view");
-        let line = node_line(&node);
-        assert!(
-            line.contains("pi-b") && line.contains("revision 4"),
-            "{line}"
+    fn the_reason_of_an_error_answer_is_its_json_error() {
+        assert_eq!(
+            reason(r#"{"error":"revision 1 is not newer than 2"}"#),
+            "revision 1 is not newer than 2"
         );
-        assert!(
-            line.contains("k3s server ready") && line.ends_with("applied"),
-            "{line}"
-        );
-        let without: pimesh_revision::NodeView = serde_json::from_str(
-            r#"{"node":"pi-c","revision":null,"state":"rolled-back","detail":"revision 5: unhealthy"}"#,
-        )
-        .expect("a node view");
-        let line = node_line(&without);
-        assert!(
-            line.contains("k3s -") && line.ends_with("rolled-back: revision 5: unhealthy"),
-            "{line}"
-        );
+        assert_eq!(reason("plain text\n"), "plain text");
     }
 }

@@ -1,18 +1,25 @@
 //! `pimeshctl`: what an operator runs on a laptop to create a site, check its
-//! configuration and prepare SD card images.
+//! configuration, prepare SD card images and watch the fleet.
+//!
+//! Exit codes: 0 success; 1 the command failed (the message says why); 2 the command line
+//! is wrong (clap's); 3 `status` answered and the fleet is not healthy.
 
 mod central;
 mod config;
 mod image;
 mod node;
+mod output;
 mod secret_file;
 mod site;
+mod status;
 mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
+
+pub use output::OutputFormat;
 
 #[derive(Parser)]
 #[command(name = "pimeshctl", version, about = "Operate Pimesh sites")]
@@ -33,10 +40,25 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Show every site's newest revision and what each node reported.
+    /// Show every site's newest revision, how many nodes run it and what the others did;
+    /// exits 3 when a node is not on its site's newest revision.
     Status {
         #[command(flatten)]
         central: CentralArgs,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Print a completion script for a shell, e.g.
+    /// `pimeshctl completion bash > /etc/bash_completion.d/pimeshctl`.
+    Completion { shell: clap_complete::Shell },
+    /// Print this pimeshctl's version, and the central server's when one is given.
+    Version {
+        /// The central server (or PIMESH_CENTRAL).
+        #[arg(long, env = "PIMESH_CENTRAL")]
+        central: Option<String>,
+        /// A PEM CA certificate to trust for it (or PIMESH_CENTRAL_CA).
+        #[arg(long, env = "PIMESH_CENTRAL_CA")]
+        central_ca: Option<PathBuf>,
     },
     /// Enroll nodes.
     Node {
@@ -79,7 +101,7 @@ enum TokenCommand {
     /// publishing it makes every replica refuse the old token.
     Rotate {
         /// The site folder `pimeshctl site init` made (holds anchor.pem and join-token).
-        #[arg(long)]
+        #[arg(long, env = "PIMESH_SITE_DIR")]
         site_dir: PathBuf,
         /// Replicas refuse the new token after this long, e.g. 24h or 7d (default: never).
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -88,7 +110,7 @@ enum TokenCommand {
     /// Print the `[join]` block (without expiry) accepting the site folder's current token.
     Show {
         /// The site folder `pimeshctl site init` made (holds anchor.pem and join-token).
-        #[arg(long)]
+        #[arg(long, env = "PIMESH_SITE_DIR")]
         site_dir: PathBuf,
     },
 }
@@ -110,7 +132,7 @@ enum ConfigCommand {
     Publish {
         file: PathBuf,
         /// The site folder `pimeshctl site init` made (holds signing.pk8).
-        #[arg(long)]
+        #[arg(long, env = "PIMESH_SITE_DIR")]
         site_dir: PathBuf,
         #[command(flatten)]
         central: CentralArgs,
@@ -126,10 +148,10 @@ enum ConfigCommand {
 #[derive(clap::Args)]
 pub struct CentralArgs {
     /// The central server, e.g. https://central.example.net:8443
-    #[arg(long)]
+    #[arg(long, env = "PIMESH_CENTRAL")]
     pub central: String,
     /// A PEM CA certificate to trust for the central server (default: the system's roots).
-    #[arg(long)]
+    #[arg(long, env = "PIMESH_CENTRAL_CA")]
     pub central_ca: Option<PathBuf>,
 }
 
@@ -141,7 +163,7 @@ enum NodeCommand {
         /// The node's request (PEM).
         csr: PathBuf,
         /// The site folder `pimeshctl site init` made (holds issuer.pem and issuer.key).
-        #[arg(long)]
+        #[arg(long, env = "PIMESH_SITE_DIR")]
         site_dir: PathBuf,
         /// The node's name: the request must ask for exactly spiffe://<site>/node/<node>.
         #[arg(long)]
@@ -220,7 +242,25 @@ fn main() -> ExitCode {
         } => {
             central::publish(&file, &site_dir, &central, revision, try_mode).map_err(Failure::from)
         }
-        Command::Status { central } => central::status(&central).map_err(Failure::from),
+        Command::Status { central, output } => {
+            return match central::status(&central, output) {
+                Ok(code) => ExitCode::from(code),
+                Err(message) => failed(&message),
+            }
+        }
+        Command::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "pimeshctl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Version {
+            central,
+            central_ca,
+        } => version(central, central_ca),
         Command::Node {
             command:
                 NodeCommand::Sign {
@@ -237,9 +277,25 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("pimeshctl: {message}");
-            ExitCode::FAILURE
-        }
+        Err(message) => failed(&message),
     }
+}
+
+fn failed(message: &Failure) -> ExitCode {
+    eprintln!("pimeshctl: {message}");
+    ExitCode::FAILURE
+}
+
+/// `pimeshctl version`: this build's, then the central server's when one is named.
+fn version(central: Option<String>, central_ca: Option<PathBuf>) -> Result<(), Failure> {
+    println!("pimeshctl {}", env!("CARGO_PKG_VERSION"));
+    if let Some(central) = central {
+        let args = CentralArgs {
+            central,
+            central_ca,
+        };
+        let server = central::server_version(&args)?;
+        println!("pimesh-central {server} at {}", args.central);
+    }
+    Ok(())
 }

@@ -1,9 +1,12 @@
-//! pimeshctl against a real central server: publish signed revisions, read the fleet.
+//! pimeshctl against a real central server: publish signed revisions, read and judge the
+//! fleet, name the cause of a failure to reach the server.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
 use std::process::Output;
 
-use pimesh_test_support::central::{Central, CentralSite};
-use pimesh_test_support::{text, Binary};
+use pimesh_test_support::central::{Central, CentralSite, SigningKey};
+use pimesh_test_support::{text, Binary, Site};
 
 /// Runs pimeshctl with `args`.
 fn pimeshctl(args: &[&str]) -> Output {
@@ -113,4 +116,183 @@ fn publish_signs_and_uploads_and_status_shows_the_fleet() {
         "{}",
         text(&status.stdout)
     );
+}
+
+/// A reqwest client of `central` as `localhost`, with `identity` (PEM chain and key).
+fn client_of(central: &Central, identity: Option<&[u8]>) -> reqwest::blocking::Client {
+    let mut builder = reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .resolve("localhost", central.addr)
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&central.server_pem).expect("the server's cert"),
+        );
+    if let Some(pem) = identity {
+        builder = builder.identity(reqwest::Identity::from_pem(pem).expect("identity"));
+    }
+    builder.build().expect("client")
+}
+
+/// pimeshctl with the central server given by `PIMESH_CENTRAL`/`PIMESH_CENTRAL_CA`.
+fn pimeshctl_at(central: &Central, args: &[&str]) -> Output {
+    Binary::Ctl
+        .command()
+        .args(args)
+        .env(
+            "PIMESH_CENTRAL",
+            format!("https://localhost:{}", central.addr.port()),
+        )
+        .env("PIMESH_CENTRAL_CA", &central.server_cert)
+        .output()
+        .expect("pimeshctl runs")
+}
+
+#[test]
+fn status_judges_the_fleet_in_every_output_and_says_it_in_its_exit_code() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = Site::new("depot-7");
+    let key = SigningKey::generate();
+    let anchor = dir.path().join("anchor.pem");
+    std::fs::write(&anchor, site.root.anchor.cert_pem()).expect("anchor");
+    let central = Central::start(
+        dir.path(),
+        "",
+        &[CentralSite {
+            name: "depot-7",
+            anchor: &anchor,
+            public_key: &key.public_key,
+        }],
+    );
+    // Nothing published, nobody reported: nothing is wrong.
+    let empty = pimeshctl_at(&central, &["status"]);
+    assert_eq!(empty.status.code(), Some(0), "{}", text(&empty.stderr));
+    assert!(
+        text(&empty.stdout).contains("site depot-7: newest revision none: no revision published"),
+        "{}",
+        text(&empty.stdout)
+    );
+
+    let operator = client_of(&central, None);
+    for number in [1, 2] {
+        let config = format!(
+            "site = \"depot-7\"\n[services.web]\nport = {}\nnodes = [\"pi-a\"]\n",
+            8080 + number
+        );
+        let published = operator
+            .put(central.url("/v1/sites/depot-7/revisions"))
+            .body(key.revision(&site.name, number, &config))
+            .send()
+            .expect("publish");
+        assert_eq!(published.status(), 201);
+    }
+    let report = |node: &str, body: &str| {
+        let client = client_of(&central, Some(&site.node_identity_pem(node)));
+        let answer = client
+            .post(central.url("/v1/sites/depot-7/reports"))
+            .body(body.to_owned())
+            .send()
+            .expect("report");
+        assert_eq!(answer.status(), 200, "{node}");
+    };
+    report("pi-a", r#"{"revision":2,"state":"applied","detail":""}"#);
+    report(
+        "pi-b",
+        r#"{"revision":1,"state":"rolled-back","detail":"revision 2: unhealthy: web did not answer"}"#,
+    );
+
+    let table = pimeshctl_at(&central, &["status"]);
+    assert_eq!(
+        table.status.code(),
+        Some(3),
+        "a node rolled back: {}",
+        text(&table.stderr)
+    );
+    let out = text(&table.stdout);
+    assert!(
+        out.contains("site depot-7: newest revision 2: 1/2 on revision 2, 1 rolled back"),
+        "{out}"
+    );
+    assert!(out.contains("NODE") && out.contains("LAST REPORT"), "{out}");
+    assert!(
+        out.contains("revision 2: unhealthy: web did not answer"),
+        "{out}"
+    );
+
+    let json = pimeshctl_at(&central, &["status", "-o", "json"]);
+    assert_eq!(json.status.code(), Some(3));
+    let parsed: serde_json::Value = serde_json::from_str(&text(&json.stdout)).expect("JSON");
+    assert_eq!(parsed["healthy"], false);
+    let depot = &parsed["sites"][0];
+    assert_eq!(depot["newest_revision"], 2);
+    assert_eq!(depot["counts"]["on_newest"], 1);
+    assert_eq!(depot["counts"]["rolled_back"], 1);
+    assert_eq!(depot["nodes"][1]["node"], "pi-b");
+    assert_eq!(depot["nodes"][1]["healthy"], false);
+    assert!(
+        depot["nodes"][0]["last_report_age_seconds"]
+            .as_u64()
+            .is_some(),
+        "{depot}"
+    );
+
+    let yaml = pimeshctl_at(&central, &["status", "--output", "yaml"]);
+    let parsed: serde_json::Value = serde_yaml_ng::from_str(&text(&yaml.stdout)).expect("YAML");
+    assert_eq!(
+        parsed["sites"][0]["summary"],
+        "1/2 on revision 2, 1 rolled back"
+    );
+
+    // pi-b takes revision 2 after all: the fleet is healthy again.
+    report("pi-b", r#"{"revision":2,"state":"applied","detail":""}"#);
+    let healthy = pimeshctl_at(&central, &["status"]);
+    assert_eq!(healthy.status.code(), Some(0), "{}", text(&healthy.stdout));
+    assert!(text(&healthy.stdout).contains("2/2 on revision 2"));
+
+    let version = pimeshctl_at(&central, &["version"]);
+    assert!(version.status.success(), "{}", text(&version.stderr));
+    let out = text(&version.stdout);
+    assert!(out.starts_with("pimeshctl 0."), "{out}");
+    assert!(out.contains("pimesh-central 0."), "{out}");
+}
+
+#[test]
+fn failures_to_reach_the_central_server_name_their_real_cause() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let central = Central::start(dir.path(), "", &[]);
+    let port = central.addr.port();
+    let ca = central.server_cert.to_str().expect("utf-8").to_owned();
+    let status = |url: String, ca: Option<&str>| -> String {
+        let mut args = vec!["status".to_owned(), "--central".to_owned(), url];
+        if let Some(ca) = ca {
+            args.extend(["--central-ca".to_owned(), ca.to_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = pimeshctl(&args);
+        assert_eq!(out.status.code(), Some(1));
+        text(&out.stderr)
+    };
+    // Its certificate is self-signed: unknown without --central-ca.
+    let err = status(format!("https://localhost:{port}"), None);
+    assert!(err.contains("unknown CA"), "{err}");
+    // Its certificate is for localhost, not 127.0.0.1.
+    let err = status(format!("https://127.0.0.1:{port}"), Some(&ca));
+    assert!(err.contains("name mismatch"), "{err}");
+    let closed = pimesh_test_support::free_port();
+    let err = status(format!("https://localhost:{closed}"), Some(&ca));
+    assert!(err.contains("connection refused"), "{err}");
+    // An error answer is shown with the server's reason.
+    let err = status(format!("https://localhost:{port}/nowhere"), Some(&ca));
+    assert!(err.contains("404 Not Found: no such resource"), "{err}");
+}
+
+#[test]
+fn completion_scripts_are_printed_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = pimeshctl(&["completion", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        assert!(
+            script.contains("pimeshctl") && script.contains("status"),
+            "{shell}: {script}"
+        );
+    }
 }

@@ -7,6 +7,7 @@
 //! | `/v1/sites/<site>/config?after=<n>&wait=<s>` | [`config`] and [`ConfigQuery`]: a node's long-poll (`GET`) |
 //! | `/v1/sites/<site>/reports` | [`reports`]: a node's report (`POST`) |
 //! | `/v1/fleet` | [`FLEET`]: the fleet view (`GET`) |
+//! | `/v1/version` | [`VERSION`]: the server's version, `{"version": "<semver>"}` (`GET`) |
 
 use std::fmt;
 use std::time::Duration;
@@ -15,6 +16,9 @@ use pimesh_schema::DnsLabel;
 
 /// The fleet view.
 pub const FLEET: &str = "/v1/fleet";
+
+/// The server's version.
+pub const VERSION: &str = "/v1/version";
 
 /// What a path under `/v1/sites/<site>/` addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +75,8 @@ pub fn reports(site_name: &DnsLabel) -> String {
 pub enum Route<'a> {
     /// [`FLEET`].
     Fleet,
+    /// [`VERSION`].
+    Version,
     /// `/v1/sites/<site>/<segment>`; `resource` is `None` when the segment names none.
     /// The site is as written in the path: not yet checked to be a name.
     Site {
@@ -85,6 +91,7 @@ impl<'a> Route<'a> {
         let segments: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
         match segments.as_slice() {
             ["v1", "fleet"] => Some(Route::Fleet),
+            ["v1", "version"] => Some(Route::Version),
             ["v1", "sites", site, segment] => Some(Route::Site {
                 site,
                 resource: SiteResource::from_segment(segment),
@@ -178,6 +185,7 @@ mod tests {
             );
         }
         assert_eq!(Route::parse(FLEET), Some(Route::Fleet));
+        assert_eq!(Route::parse(VERSION), Some(Route::Version));
     }
 
     #[test]

@@ -226,10 +226,13 @@ class Site:
         self.ctl(*args, *(["--try"] if try_mode else []))
         return self.revision
 
-    def fleet_node(self):
-        out = self.ctl("status", "--central", f"https://127.0.0.1:{self.port}",
-                       "--central-ca", self.server_cert).stdout
-        return out
+    def fleet_status(self):
+        """`pimeshctl status -o json` and its exit code (0 healthy, 3 not)."""
+        result = self.ctl("status", "-o", "json", "--central", f"https://127.0.0.1:{self.port}",
+                          "--central-ca", self.server_cert, check=False)
+        if result.returncode not in (0, 3):
+            raise AssertionError(f"pimeshctl status: {result.stderr}")
+        return json.loads(result.stdout), result.returncode
 
     def central_report(self, node=None):
         """What the central server holds for this node (or `node`): its stored report."""

@@ -74,9 +74,11 @@ def test_a_published_revision_is_applied_on_the_node_and_reported(site):
     assert site.proxy_config()["sha256"] == sha256_hex(config)
     report = site.central_report()
     assert (report["revision"], report["state"]) == (revision, "applied")
-    fleet = " ".join(site.fleet_node().split())
-    # No K3s on this node: `k3s -` between the revision and the outcome.
-    assert f"{site.node} revision {revision} k3s - applied" in fleet, fleet
+    fleet, code = site.fleet_status()
+    assert code == 0 and fleet["healthy"], fleet
+    node = next(n for s in fleet["sites"] for n in s["nodes"] if n["node"] == site.node)
+    # No K3s on this node.
+    assert (node["revision"], node["state"], node["k3s"], node["healthy"]) == (revision, "applied", None, True), node
 
 
 def test_only_the_units_that_read_a_change_are_touched(site):
