@@ -6,6 +6,7 @@
 
 mod central;
 mod config;
+mod context;
 mod image;
 mod node;
 mod output;
@@ -44,9 +45,14 @@ enum Command {
     /// exits 3 when a node is not on its site's newest revision.
     Status {
         #[command(flatten)]
-        central: CentralArgs,
+        central: CentralFlags,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
+    },
+    /// Save and choose contexts (central server, its CA, site folder), as kubeconfig does.
+    Context {
+        #[command(subcommand)]
+        command: ContextCommand,
     },
     /// Print a completion script for a shell, e.g.
     /// `pimeshctl completion bash > /etc/bash_completion.d/pimeshctl`.
@@ -102,7 +108,7 @@ enum TokenCommand {
     Rotate {
         /// The site folder `pimeshctl site init` made (holds anchor.pem and join-token).
         #[arg(long, env = "PIMESH_SITE_DIR")]
-        site_dir: PathBuf,
+        site_dir: Option<PathBuf>,
         /// Replicas refuse the new token after this long, e.g. 24h or 7d (default: never).
         #[arg(long, value_parser = humantime::parse_duration)]
         expires_in: Option<std::time::Duration>,
@@ -111,7 +117,7 @@ enum TokenCommand {
     Show {
         /// The site folder `pimeshctl site init` made (holds anchor.pem and join-token).
         #[arg(long, env = "PIMESH_SITE_DIR")]
-        site_dir: PathBuf,
+        site_dir: Option<PathBuf>,
     },
 }
 
@@ -133,9 +139,9 @@ enum ConfigCommand {
         file: PathBuf,
         /// The site folder `pimeshctl site init` made (holds signing.pk8).
         #[arg(long, env = "PIMESH_SITE_DIR")]
-        site_dir: PathBuf,
+        site_dir: Option<PathBuf>,
         #[command(flatten)]
-        central: CentralArgs,
+        central: CentralFlags,
         #[arg(long)]
         revision: Option<u64>,
         /// Nodes revert this revision unless it is confirmed within the window.
@@ -144,15 +150,84 @@ enum ConfigCommand {
     },
 }
 
-/// How to reach the central server.
+/// How to reach the central server, as given on the command line or in the environment.
 #[derive(clap::Args)]
-pub struct CentralArgs {
-    /// The central server, e.g. https://central.example.net:8443
+pub struct CentralFlags {
+    /// The central server, e.g. https://central.example.net:8443 (default: the current
+    /// context's).
     #[arg(long, env = "PIMESH_CENTRAL")]
-    pub central: String,
-    /// A PEM CA certificate to trust for the central server (default: the system's roots).
+    pub central: Option<String>,
+    /// A PEM CA certificate to trust for the central server (default: the current
+    /// context's, else the system's roots).
     #[arg(long, env = "PIMESH_CENTRAL_CA")]
     pub central_ca: Option<PathBuf>,
+}
+
+impl CentralFlags {
+    /// The central server to talk to: the flags' (or environment's), else the current
+    /// context's. The context's CA goes with the context's server only.
+    pub fn resolve(self) -> Result<CentralArgs, Failure> {
+        let context = context::current()?;
+        let (central, from_context) = match self.central {
+            Some(central) => (central, false),
+            None => (
+                context.central.clone().ok_or(
+                    "no central server: give --central, set PIMESH_CENTRAL, or save one with \
+                     `pimeshctl context add NAME --central URL`",
+                )?,
+                true,
+            ),
+        };
+        let central_ca = self
+            .central_ca
+            .or_else(|| context.central_ca.filter(|_| from_context));
+        Ok(CentralArgs {
+            central,
+            central_ca,
+        })
+    }
+}
+
+/// The site folder: `given` (flag or `PIMESH_SITE_DIR`), else the current context's.
+fn resolve_site_dir(given: Option<PathBuf>) -> Result<PathBuf, Failure> {
+    match given {
+        Some(dir) => Ok(dir),
+        None => context::current()?.site_dir.ok_or_else(|| {
+            "no site folder: give --site-dir, set PIMESH_SITE_DIR, or save one with \
+             `pimeshctl context add NAME --site-dir DIR`"
+                .into()
+        }),
+    }
+}
+
+/// How to reach the central server, resolved.
+pub struct CentralArgs {
+    pub central: String,
+    pub central_ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ContextCommand {
+    /// Save a context (replacing one of the same name); the first saved becomes current.
+    Add {
+        name: String,
+        /// The central server, e.g. https://central.example.net:8443
+        #[arg(long)]
+        central: Option<String>,
+        /// A PEM CA certificate to trust for it.
+        #[arg(long)]
+        central_ca: Option<PathBuf>,
+        /// The site folder `pimeshctl site init` made.
+        #[arg(long)]
+        site_dir: Option<PathBuf>,
+    },
+    /// Make a saved context the current one.
+    Use { name: String },
+    /// List the saved contexts (`*` marks the current one).
+    List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
 }
 
 #[derive(Subcommand)]
@@ -164,7 +239,7 @@ enum NodeCommand {
         csr: PathBuf,
         /// The site folder `pimeshctl site init` made (holds issuer.pem and issuer.key).
         #[arg(long, env = "PIMESH_SITE_DIR")]
-        site_dir: PathBuf,
+        site_dir: Option<PathBuf>,
         /// The node's name: the request must ask for exactly spiffe://<site>/node/<node>.
         #[arg(long)]
         node: String,
@@ -217,13 +292,13 @@ fn main() -> ExitCode {
                             expires_in,
                         },
                 },
-        } => token::rotate(&site_dir, expires_in),
+        } => resolve_site_dir(site_dir).and_then(|dir| token::rotate(&dir, expires_in)),
         Command::Site {
             command:
                 SiteCommand::Token {
                     command: TokenCommand::Show { site_dir },
                 },
-        } => token::show(&site_dir),
+        } => resolve_site_dir(site_dir).and_then(|dir| token::show(&dir)),
         Command::Config {
             command: ConfigCommand::Validate { file },
         } => config::validate(&file),
@@ -239,11 +314,15 @@ fn main() -> ExitCode {
                     revision,
                     try_mode,
                 },
-        } => {
-            central::publish(&file, &site_dir, &central, revision, try_mode).map_err(Failure::from)
-        }
+        } => resolve_site_dir(site_dir).and_then(|dir| {
+            central::publish(&file, &dir, &central.resolve()?, revision, try_mode)
+                .map_err(Failure::from)
+        }),
         Command::Status { central, output } => {
-            return match central::status(&central, output) {
+            return match central
+                .resolve()
+                .and_then(|central| central::status(&central, output))
+            {
                 Ok(code) => ExitCode::from(code),
                 Err(message) => failed(&message),
             }
@@ -260,7 +339,34 @@ fn main() -> ExitCode {
         Command::Version {
             central,
             central_ca,
-        } => version(central, central_ca),
+        } => version(CentralFlags {
+            central,
+            central_ca,
+        }),
+        Command::Context {
+            command:
+                ContextCommand::Add {
+                    name,
+                    central,
+                    central_ca,
+                    site_dir,
+                },
+        } => absolute(central_ca).and_then(|central_ca| {
+            context::add(
+                &name,
+                context::Context {
+                    central,
+                    central_ca,
+                    site_dir: absolute(site_dir)?,
+                },
+            )
+        }),
+        Command::Context {
+            command: ContextCommand::Use { name },
+        } => context::use_context(&name),
+        Command::Context {
+            command: ContextCommand::List { output },
+        } => context::list(output),
         Command::Node {
             command:
                 NodeCommand::Sign {
@@ -270,7 +376,8 @@ fn main() -> ExitCode {
                     days,
                     out,
                 },
-        } => node::sign(&csr, &site_dir, &node, days, out.as_deref()),
+        } => resolve_site_dir(site_dir)
+            .and_then(|dir| node::sign(&csr, &dir, &node, days, out.as_deref())),
         Command::Image {
             command: ImageCommand::Configure { image, seed, trust },
         } => image::configure(&image, &seed, trust.as_deref()),
@@ -286,16 +393,22 @@ fn failed(message: &Failure) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// `pimeshctl version`: this build's, then the central server's when one is named.
-fn version(central: Option<String>, central_ca: Option<PathBuf>) -> Result<(), Failure> {
+/// `pimeshctl version`: this build's, then the central server's when one is named (or the
+/// current context names one).
+fn version(flags: CentralFlags) -> Result<(), Failure> {
     println!("pimeshctl {}", env!("CARGO_PKG_VERSION"));
-    if let Some(central) = central {
-        let args = CentralArgs {
-            central,
-            central_ca,
-        };
+    let named = flags.central.is_some() || context::current()?.central.is_some();
+    if named {
+        let args = flags.resolve()?;
         let server = central::server_version(&args)?;
         println!("pimesh-central {server} at {}", args.central);
     }
     Ok(())
+}
+
+/// `path` made absolute against the working directory, so that a saved context means the
+/// same folder from anywhere.
+fn absolute(path: Option<PathBuf>) -> Result<Option<PathBuf>, Failure> {
+    path.map(|p| std::path::absolute(&p).map_err(|err| format!("{}: {err}", p.display()).into()))
+        .transpose()
 }

@@ -296,3 +296,118 @@ fn completion_scripts_are_printed_for_each_shell() {
         );
     }
 }
+
+#[test]
+fn a_saved_context_stands_in_for_the_flags_and_the_command_line_wins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let central = Central::start(dir.path(), "", &[]);
+    let config = dir.path().join("config/contexts.toml");
+    let ctl = |args: &[&str]| -> Output {
+        Binary::Ctl
+            .command()
+            .args(args)
+            .env("PIMESH_CONFIG", &config)
+            .env_remove("PIMESH_CENTRAL")
+            .env_remove("PIMESH_CENTRAL_CA")
+            .current_dir(dir.path())
+            .output()
+            .expect("pimeshctl runs")
+    };
+    let none = ctl(&["status"]);
+    assert_eq!(none.status.code(), Some(1));
+    assert!(
+        text(&none.stderr).contains("pimeshctl context add"),
+        "{}",
+        text(&none.stderr)
+    );
+
+    let url = format!("https://localhost:{}", central.addr.port());
+    let added = ctl(&[
+        "context",
+        "add",
+        "lab",
+        "--central",
+        &url,
+        "--central-ca",
+        "server.pem",
+    ]);
+    assert!(added.status.success(), "{}", text(&added.stderr));
+    assert!(text(&added.stdout).contains("added context lab (current)"));
+    // The relative CA path was saved absolute: it works from any folder.
+    let saved = std::fs::read_to_string(&config).expect("saved");
+    assert!(
+        saved.contains(&central.server_cert.display().to_string()),
+        "{saved}"
+    );
+    let status = ctl(&["status"]);
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
+    let version = ctl(&["version"]);
+    assert!(
+        text(&version.stdout).contains("pimesh-central"),
+        "{}",
+        text(&version.stdout)
+    );
+
+    // A second context; `use` switches, an unknown name is refused with the known ones.
+    let other = ctl(&[
+        "context",
+        "add",
+        "elsewhere",
+        "--central",
+        "https://localhost:1",
+    ]);
+    assert!(
+        text(&other.stdout).starts_with("added context elsewhere in "),
+        "{}",
+        text(&other.stdout)
+    );
+    let unknown = ctl(&["context", "use", "nowhere"]);
+    assert!(
+        text(&unknown.stderr).contains("known: elsewhere, lab"),
+        "{}",
+        text(&unknown.stderr)
+    );
+    assert!(ctl(&["context", "use", "elsewhere"]).status.success());
+    let listed = ctl(&["context", "list", "-o", "json"]);
+    let parsed: serde_json::Value = serde_json::from_str(&text(&listed.stdout)).expect("JSON");
+    assert_eq!(parsed["current"], "elsewhere");
+    assert_eq!(parsed["contexts"]["lab"]["central"], url.as_str());
+    let refused = ctl(&["status"]);
+    assert!(
+        text(&refused.stderr).contains("connection refused"),
+        "{}",
+        text(&refused.stderr)
+    );
+    // The command line wins over the context.
+    let flagged = ctl(&["status", "--central", &url, "--central-ca", "server.pem"]);
+    assert_eq!(flagged.status.code(), Some(0), "{}", text(&flagged.stderr));
+
+    // A plain-HTTP central server is refused where it would be saved.
+    let plain = ctl(&[
+        "context",
+        "add",
+        "plain",
+        "--central",
+        "http://central.example",
+    ]);
+    assert!(!plain.status.success());
+    assert!(
+        text(&plain.stderr).contains("TLS only"),
+        "{}",
+        text(&plain.stderr)
+    );
+    let site = ctl(&[
+        "site",
+        "init",
+        "depot-9",
+        "--central-url",
+        "http://central.example",
+    ]);
+    assert!(!site.status.success());
+    assert!(
+        text(&site.stderr).contains("--central-url"),
+        "{}",
+        text(&site.stderr)
+    );
+    assert!(!dir.path().join("depot-9").exists(), "nothing written");
+}
