@@ -112,6 +112,11 @@ impl Site {
         })
     }
 
+    /// The key revisions of this site are checked with, `ed25519:<base64>`.
+    pub fn public_key(&self) -> String {
+        self.verifier.key.to_string()
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Latest>>> {
         self.latest.subscribe()
     }
@@ -194,6 +199,7 @@ impl Registry {
             sites.push(SiteView {
                 site: site.name.clone(),
                 latest_revision: site.latest_revision(),
+                public_key: Some(site.public_key()),
                 nodes: reports
                     .into_iter()
                     .map(|(node, recorded)| NodeView { node, recorded })

@@ -301,12 +301,20 @@ fn url(args: &CentralArgs, path: &str) -> String {
 
 fn fleet(client: &Client, args: &CentralArgs) -> Result<FleetView, CentralError> {
     let url = url(args, path::FLEET);
-    let body = get(client, url.clone())?;
+    let body = get(client, url.clone())?.0;
     serde_json::from_str(&body).map_err(|source| CentralError::NotFleetView { url, source })
 }
 
-/// `GET url`: the body of a 2xx answer.
-fn get(client: &Client, url: String) -> Result<String, CentralError> {
+/// The fleet view, for commands beside `status`.
+pub fn fleet_view(args: &CentralArgs) -> Result<FleetView, CentralError> {
+    fleet(&client(args)?, args)
+}
+
+/// `GET url`: the body of a 2xx answer, and the server's clock (its `Date` header).
+fn get(
+    client: &Client,
+    url: String,
+) -> Result<(String, Option<std::time::SystemTime>), CentralError> {
     let response = client
         .get(&url)
         .send()
@@ -315,6 +323,11 @@ fn get(client: &Client, url: String) -> Result<String, CentralError> {
             source,
         })?;
     let status = response.status();
+    let date = response
+        .headers()
+        .get(reqwest::header::DATE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| httpdate::parse_http_date(text).ok());
     let body = response.text().map_err(|source| CentralError::Answer {
         url: url.clone(),
         source,
@@ -322,32 +335,54 @@ fn get(client: &Client, url: String) -> Result<String, CentralError> {
     if !status.is_success() {
         return Err(CentralError::Status { url, status, body });
     }
-    Ok(body)
+    Ok((body, date))
 }
 
 /// The central server's version, from `GET /v1/version`.
 pub fn server_version(args: &CentralArgs) -> Result<String, CentralError> {
+    Ok(server_version_and_clock(args)?.0)
+}
+
+/// The central server's version and its clock when it answered.
+pub fn server_version_and_clock(
+    args: &CentralArgs,
+) -> Result<(String, Option<std::time::SystemTime>), CentralError> {
     let url = url(args, path::VERSION);
-    let body = get(&client(args)?, url.clone())?;
+    let (body, date) = get(&client(args)?, url.clone())?;
     let answer: serde_json::Value =
         serde_json::from_str(&body).map_err(|source| CentralError::NotFleetView {
             url: url.clone(),
             source,
         })?;
-    Ok(answer
+    let version = answer
         .get("version")
         .and_then(serde_json::Value::as_str)
         .unwrap_or("unknown")
-        .to_owned())
+        .to_owned();
+    Ok((version, date))
+}
+
+/// How to publish.
+pub struct Publish {
+    /// The revision number (default: one above the newest the server holds).
+    pub revision: Option<u64>,
+    /// Nodes revert it unless it is confirmed in time.
+    pub try_mode: bool,
+    /// Validate and sign, print what would go, upload nothing.
+    pub dry_run: bool,
 }
 
 pub fn publish(
     file: &Path,
     site_dir: &Path,
     args: &CentralArgs,
-    revision: Option<u64>,
-    try_mode: bool,
+    how: Publish,
 ) -> Result<(), CentralError> {
+    let Publish {
+        revision,
+        try_mode,
+        dry_run,
+    } = how;
     // The signed text is cluster.toml with the routes/ folder's files compiled in.
     let site =
         pimesh_schema::routes::site_folder::compile(file).map_err(CentralError::InvalidConfig)?;
@@ -378,6 +413,19 @@ pub fn publish(
     }
     .sign(&key)
     .map_err(CentralError::Sign)?;
+    if dry_run {
+        let json = signed.to_json();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &json);
+        let sha256: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        println!(
+            "would publish revision {number} of site {} ({}, {} bytes signed, sha256 {sha256}); \
+             nothing uploaded (--dry-run)",
+            config.site,
+            if try_mode { "try" } else { "apply" },
+            json.len()
+        );
+        return Ok(());
+    }
     let url = url(args, &path::revisions(&config.site));
     let response = client
         .put(&url)

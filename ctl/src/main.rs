@@ -5,6 +5,7 @@
 //! is wrong (clap's); 3 `status` answered and the fleet is not healthy.
 
 mod central;
+mod check;
 mod config;
 mod context;
 mod image;
@@ -48,6 +49,17 @@ enum Command {
         central: CentralFlags,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
+    },
+    /// Check what the fleet relies on, as `linkerd check` does: the central server over
+    /// TLS, the clocks, the site's key (with a site folder), every node's last report.
+    /// Exits 3 when a check fails.
+    Check {
+        #[command(flatten)]
+        central: CentralFlags,
+        /// The site folder to check against the server (default: the current context's,
+        /// else none).
+        #[arg(long, env = "PIMESH_SITE_DIR")]
+        site_dir: Option<PathBuf>,
     },
     /// Save and choose contexts (central server, its CA, site folder), as kubeconfig does.
     Context {
@@ -147,6 +159,9 @@ enum ConfigCommand {
         /// Nodes revert this revision unless it is confirmed within the window.
         #[arg(long = "try")]
         try_mode: bool,
+        /// Validate and sign, say what would be published, upload nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -313,11 +328,32 @@ fn main() -> ExitCode {
                     central,
                     revision,
                     try_mode,
+                    dry_run,
                 },
         } => resolve_site_dir(site_dir).and_then(|dir| {
-            central::publish(&file, &dir, &central.resolve()?, revision, try_mode)
-                .map_err(Failure::from)
+            let publish = central::Publish {
+                revision,
+                try_mode,
+                dry_run,
+            };
+            central::publish(&file, &dir, &central.resolve()?, publish).map_err(Failure::from)
         }),
+        Command::Check { central, site_dir } => {
+            let site_dir = match site_dir {
+                Some(dir) => Some(dir),
+                None => match context::current() {
+                    Ok(context) => context.site_dir,
+                    Err(message) => return failed(&message),
+                },
+            };
+            return match central
+                .resolve()
+                .and_then(|central| check::check(&central, site_dir.as_deref()))
+            {
+                Ok(code) => ExitCode::from(code),
+                Err(message) => failed(&message),
+            };
+        }
         Command::Status { central, output } => {
             return match central
                 .resolve()

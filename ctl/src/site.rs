@@ -5,7 +5,6 @@ use base64::Engine as _;
 use pimesh_identity::{anchor_sha256_hex, TrustRoot};
 use pimesh_schema::DnsLabel;
 use ring::rand::{SecureRandom as _, SystemRandom};
-use ring::signature::KeyPair as _;
 
 use crate::secret_file;
 
@@ -59,15 +58,8 @@ pub fn init(
     let rng = SystemRandom::new();
     let signing = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
         .map_err(|_| "cannot generate the site signing key".to_owned())?;
-    let public = ring::signature::Ed25519KeyPair::from_pkcs8(signing.as_ref())
-        .map_err(|_| "cannot read back the site signing key".to_owned())?
-        .public_key()
-        .as_ref()
-        .to_vec();
-    let public_key = format!(
-        "ed25519:{}",
-        base64::engine::general_purpose::STANDARD.encode(&public)
-    );
+    let public_key = public_key_of_pkcs8(signing.as_ref())
+        .ok_or_else(|| "cannot read back the site signing key".to_owned())?;
     let join_token = format!(
         "K10{}::{}",
         anchor_sha256_hex(root.anchor.cert_der()),
@@ -95,6 +87,26 @@ pub fn init(
         println!("# central public_key = \"{public_key}\"");
     }
     Ok(())
+}
+
+/// The public half of an Ed25519 PKCS#8 key, as sites and seeds write it:
+/// `ed25519:<base64>`.
+fn public_key_of_pkcs8(pkcs8: &[u8]) -> Option<String> {
+    use ring::signature::KeyPair as _;
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8).ok()?;
+    Some(format!(
+        "ed25519:{}",
+        base64::engine::general_purpose::STANDARD.encode(pair.public_key().as_ref())
+    ))
+}
+
+/// The public key of the site folder's revision-signing key (`signing.pk8`).
+pub fn public_key_of(site_dir: &std::path::Path) -> Result<String, crate::Failure> {
+    let path = site_dir.join("signing.pk8");
+    let pkcs8 =
+        std::fs::read(&path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+    public_key_of_pkcs8(&pkcs8)
+        .ok_or_else(|| format!("{}: not an Ed25519 PKCS#8 key", path.display()).into())
 }
 
 /// Letters and digits from the secure random source, without modulo bias.

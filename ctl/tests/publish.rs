@@ -116,6 +116,83 @@ fn publish_signs_and_uploads_and_status_shows_the_fleet() {
         "{}",
         text(&status.stdout)
     );
+
+    // A dry run says what would go and uploads nothing.
+    std::fs::write(
+        &cluster,
+        "site = \"depot-7\"\n[services.web]\nport = 8082\nnodes = [\"pi-a\"]\n",
+    )
+    .expect("cluster");
+    let dry = common(&["--dry-run"]);
+    assert!(dry.status.success(), "{}", text(&dry.stderr));
+    assert!(
+        text(&dry.stdout).contains("would publish revision 3 of site depot-7 (apply, "),
+        "{}",
+        text(&dry.stdout)
+    );
+    let ca_path = ca.to_str().expect("utf-8");
+    let after = pimeshctl(&["status", "--central", &central, "--central-ca", ca_path]);
+    assert!(
+        text(&after.stdout).contains("newest revision 2"),
+        "{}",
+        text(&after.stdout)
+    );
+
+    // `check` with the site folder: the server checks revisions with its key.
+    let site_path = site_dir.to_str().expect("utf-8");
+    let check = |folder: &str| {
+        pimeshctl(&[
+            "check",
+            "--central",
+            &central,
+            "--central-ca",
+            ca_path,
+            "--site-dir",
+            folder,
+        ])
+    };
+    let good = check(site_path);
+    let out = text(&good.stdout);
+    assert_eq!(good.status.code(), Some(0), "{out}{}", text(&good.stderr));
+    assert!(
+        out.contains("√ the central server https://localhost:"),
+        "{out}"
+    );
+    assert!(
+        out.contains("√ this machine's clock agrees with the server's"),
+        "{out}"
+    );
+    assert!(out.contains("√ site depot-7 is served"), "{out}");
+    assert!(
+        out.contains("√ the server checks site depot-7's revisions with the key of"),
+        "{out}"
+    );
+    assert!(
+        out.contains("√ site depot-7: no node has reported yet"),
+        "{out}"
+    );
+    assert!(out.ends_with("all checks passed\n"), "{out}");
+    // Another folder of the same site name holds another key: every publish would fail.
+    let other = dir.path().join("other");
+    let init = pimeshctl(&[
+        "site",
+        "init",
+        "depot-7",
+        "--out",
+        other.to_str().expect("utf-8"),
+    ]);
+    assert!(init.status.success());
+    let bad = check(other.to_str().expect("utf-8"));
+    let out = text(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(3), "{out}");
+    assert!(
+        out.contains("× the server checks site depot-7's revisions with ed25519:"),
+        "{out}"
+    );
+    assert!(
+        out.contains("every publish from here would be refused"),
+        "{out}"
+    );
 }
 
 /// A reqwest client of `central` as `localhost`, with `identity` (PEM chain and key).
@@ -233,6 +310,20 @@ fn status_judges_the_fleet_in_every_output_and_says_it_in_its_exit_code() {
             .is_some(),
         "{depot}"
     );
+
+    let check = pimeshctl_at(&central, &["check"]);
+    let out = text(&check.stdout);
+    assert_eq!(check.status.code(), Some(3), "{out}");
+    assert!(
+        out.contains("√ depot-7/pi-a: applied revision 2 (last report "),
+        "{out}"
+    );
+    assert!(
+        out.contains("× depot-7/pi-b: rolled-back revision 1 (last report ")
+            && out.contains("revision 2: unhealthy: web did not answer"),
+        "{out}"
+    );
+    assert!(out.ends_with("some checks failed\n"), "{out}");
 
     let yaml = pimeshctl_at(&central, &["status", "--output", "yaml"]);
     let parsed: serde_json::Value = serde_yaml_ng::from_str(&text(&yaml.stdout)).expect("YAML");

@@ -22,6 +22,10 @@ pub struct SiteView {
     pub site: DnsLabel,
     /// The newest stored revision (`None`: none published yet).
     pub latest_revision: Option<u64>,
+    /// The key the server checks the site's revisions with, `ed25519:<base64>` (absent
+    /// from servers older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
     /// The site's nodes that reported, by name.
     pub nodes: Vec<NodeView>,
 }
@@ -56,6 +60,7 @@ mod tests {
             sites: vec![SiteView {
                 site: label("depot-7"),
                 latest_revision: Some(12),
+                public_key: None,
                 nodes: vec![NodeView {
                     node: label("pi-a"),
                     recorded: RecordedReport {
