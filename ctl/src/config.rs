@@ -1,5 +1,8 @@
 use std::path::Path;
 
+use std::collections::BTreeMap;
+
+use pimesh_schema::cluster::ClusterConfig;
 use pimesh_schema::routes::{gateway, site_folder, PathMatch, Route};
 
 /// The forms `config convert` writes routes in.
@@ -20,6 +23,78 @@ pub fn convert(file: &Path, form: RouteForm) -> Result<(), crate::Failure> {
     };
     print!("{text}");
     Ok(())
+}
+
+/// `pimeshctl seed validate`: the seed checked as a node reads it, and what it says.
+pub fn validate_seed(file: &Path) -> Result<(), crate::Failure> {
+    let seed = pimesh_schema::Seed::load(file).map_err(|err| err.to_string())?;
+    let node = seed
+        .node
+        .as_ref()
+        .map_or_else(|| "named by the node".to_owned(), ToString::to_string);
+    let servers = if seed.servers.is_empty() {
+        "found by mDNS".to_owned()
+    } else {
+        format!("{} listed", seed.servers.len())
+    };
+    println!(
+        "{}: valid seed of site {}: role {}, node {node}, join token {}, servers {servers}, \
+         central {}",
+        file.display(),
+        seed.site,
+        seed.role.as_str(),
+        if seed.join_token.is_some() {
+            "set"
+        } else {
+            "none"
+        },
+        seed.central
+            .as_ref()
+            .map_or_else(|| "none".to_owned(), |c| c.url.as_url().to_string())
+    );
+    Ok(())
+}
+
+/// What is valid but likely not meant: services sharing a port of one node (named
+/// requests reach the one app there, but a connection intercepted to that port goes to
+/// one of them only), and services placed on nodes `[nodes]` does not list while it lists
+/// some (they run only once such a node joins and reports its address).
+pub fn notes(config: &ClusterConfig) -> Vec<String> {
+    let mut notes = Vec::new();
+    let mut ports: BTreeMap<(&str, u16), Vec<&str>> = BTreeMap::new();
+    for (name, service) in &config.services {
+        if let Some(port) = service.port {
+            for node in &service.nodes {
+                ports
+                    .entry((node.as_str(), port))
+                    .or_default()
+                    .push(name.as_str());
+            }
+        }
+    }
+    for ((node, port), services) in ports.iter().filter(|(_, s)| s.len() > 1) {
+        notes.push(format!(
+            "port {port} of node {node} serves {}: they reach one app there, and a connection \
+             intercepted to that port goes to {} alone",
+            services.join(" and "),
+            services[0]
+        ));
+    }
+    if !config.nodes.is_empty() {
+        for (name, service) in &config.services {
+            for node in service
+                .nodes
+                .iter()
+                .filter(|n| !config.nodes.contains_key(*n))
+            {
+                notes.push(format!(
+                    "service {name} is placed on {node}, which [nodes] does not list: it runs \
+                     there only once {node} joins and reports its address"
+                ));
+            }
+        }
+    }
+    notes
 }
 
 /// One line about a route: its service, and per rule what it matches and where it sends.
@@ -74,8 +149,21 @@ fn describe(route: &Route) -> String {
 
 /// Validates a site configuration and prints a summary of it.
 pub fn validate(file: &Path) -> Result<(), crate::Failure> {
+    // Every error of cluster.toml at once; then the route files, which need it valid.
+    let text = pimesh_schema::seed::read_small(file).map_err(|err| err.to_string())?;
+    if let Err(errors) = ClusterConfig::parse_all(file, &text) {
+        for error in &errors {
+            eprintln!("{error}");
+        }
+        let count = errors.len();
+        let what = if count == 1 { "error" } else { "errors" };
+        return Err(format!("{}: {count} {what}", file.display()).into());
+    }
     let site = site_folder::compile(file).map_err(|err| err.to_string())?;
     let config = site.config;
+    for note in notes(&config) {
+        println!("note: {note}");
+    }
     println!(
         "{}: valid configuration of site {}: {} service(s), {} control replica(s), {} K3s server(s)",
         file.display(),

@@ -24,6 +24,7 @@ pub fn configure(image: &Path, seed: &Path, trust: Option<&Path>) -> Result<(), 
     let parsed = Seed::load(seed).map_err(|err| format!("refusing an invalid seed: {err}"))?;
     let mut trust_files = Vec::new();
     if let Some(site_dir) = trust {
+        agree(&parsed, seed, site_dir)?;
         let names: &[&str] = if parsed.role == pimesh_schema::Role::Init {
             &TRUST_FILES
         } else {
@@ -87,6 +88,7 @@ pub fn configure(image: &Path, seed: &Path, trust: Option<&Path>) -> Result<(), 
             .and_then(|()| target.flush())
             .map_err(|err| format!("cannot write {SEED_NAME} in the boot partition: {err}"))?;
     }
+    let mut written = Vec::new();
     if !trust_files.is_empty() {
         let root = fs.root_dir();
         let joining = trust_files.len() < TRUST_FILES.len();
@@ -103,6 +105,7 @@ pub fn configure(image: &Path, seed: &Path, trust: Option<&Path>) -> Result<(), 
             )
         })?;
         for (name, bytes) in &trust_files {
+            written.push(format!("{TRUST_DIR}/{name}{}", about(name)));
             let mut target = dir
                 .create_file(name)
                 .map_err(|err| format!("cannot create {TRUST_DIR}/{name}: {err}"))?;
@@ -133,5 +136,71 @@ pub fn configure(image: &Path, seed: &Path, trust: Option<&Path>) -> Result<(), 
         parsed.site,
         parsed.role.as_str()
     );
+    for line in written {
+        println!("{}: wrote {line}", image.display());
+    }
+    Ok(())
+}
+
+/// What a trust file written to the card is, for the operator's eyes.
+fn about(name: &str) -> &'static str {
+    match name {
+        "issuer.key" => {
+            " (a private key: the site issuer's; the node moves it off the boot partition at \
+             first boot — keep the card safe until then)"
+        }
+        "issuer.pem" => " (the site issuer's certificate)",
+        _ => " (the site's trust anchor)",
+    }
+}
+
+/// Checks that the seed and the site folder `site_dir` are of one site: the same name, the
+/// join token pinning the folder's anchor, the central key the folder's signing key.
+fn agree(seed: &Seed, seed_path: &Path, site_dir: &Path) -> Result<(), crate::Failure> {
+    let folder_site = crate::site::name_of(site_dir)?;
+    if folder_site != seed.site {
+        return Err(format!(
+            "{} is for site {}, the site folder {} for site {}: a card must get its own site's trust",
+            seed_path.display(),
+            seed.site,
+            site_dir.display(),
+            folder_site
+        )
+        .into());
+    }
+    let anchor_path = site_dir.join("anchor.pem");
+    let anchor_pem = std::fs::read(&anchor_path)
+        .map_err(|err| format!("cannot read {}: {err}", anchor_path.display()))?;
+    let anchor = pimesh_meshtls::pem::certificates(&anchor_pem)
+        .ok()
+        .and_then(|certs| certs.into_iter().next())
+        .ok_or_else(|| format!("{}: expected a PEM certificate", anchor_path.display()))?;
+    let anchor_hash = pimesh_identity::anchor_sha256_hex(&anchor);
+    if let Some(token) = &seed.join_token {
+        if token.anchor_sha256_hex() != anchor_hash {
+            return Err(format!(
+                "{}: join_token pins the anchor {}…, but {} is {}…: the token is of another \
+                 site folder (or the folder's anchor was replaced)",
+                seed_path.display(),
+                &token.anchor_sha256_hex()[..16],
+                anchor_path.display(),
+                &anchor_hash[..16]
+            )
+            .into());
+        }
+    }
+    if let Some(central) = &seed.central {
+        let key = crate::site::public_key_of(site_dir)?;
+        if central.public_key.to_string() != key {
+            return Err(format!(
+                "{}: central.public_key is {}, but the site folder's signing key is {key}: the \
+                 node would refuse every revision published from {}",
+                seed_path.display(),
+                central.public_key,
+                site_dir.display()
+            )
+            .into());
+        }
+    }
     Ok(())
 }

@@ -61,6 +61,11 @@ enum Command {
         #[arg(long, env = "PIMESH_SITE_DIR")]
         site_dir: Option<PathBuf>,
     },
+    /// Check a node's seed (pimesh.toml) on its own.
+    Seed {
+        #[command(subcommand)]
+        command: SeedCommand,
+    },
     /// Save and choose contexts (central server, its CA, site folder), as kubeconfig does.
     Context {
         #[command(subcommand)]
@@ -219,6 +224,12 @@ fn resolve_site_dir(given: Option<PathBuf>) -> Result<PathBuf, Failure> {
 pub struct CentralArgs {
     pub central: String,
     pub central_ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum SeedCommand {
+    /// Validate a seed; prints what it says, or the error with file, line and key.
+    Validate { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -400,6 +411,9 @@ fn main() -> ExitCode {
         Command::Context {
             command: ContextCommand::Use { name },
         } => context::use_context(&name),
+        Command::Seed {
+            command: SeedCommand::Validate { file },
+        } => config::validate_seed(&file),
         Command::Context {
             command: ContextCommand::List { output },
         } => context::list(output),

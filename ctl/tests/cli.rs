@@ -402,6 +402,12 @@ fn image_configure_with_trust_puts_anchor_and_issuer_for_the_init_node_and_the_a
         site_arg,
     ]);
     assert!(run.status.success(), "{}", text(&run.stderr));
+    let said = text(&run.stdout);
+    assert!(
+        said.contains("wrote pimesh-trust/issuer.key (a private key"),
+        "every file written is said, the private key as one: {said}"
+    );
+    assert!(said.contains("wrote pimesh-trust/anchor.pem"), "{said}");
     assert_fsck_clean(&image);
     for name in ["anchor.pem", "issuer.pem", "issuer.key"] {
         let expected = std::fs::read_to_string(site.join(name)).expect("site file");
@@ -469,4 +475,130 @@ fn an_image_without_the_trust_folder_is_refused_with_the_command_that_makes_it()
     );
     assert!(read_boot_file_opt(&image, "pimesh-trust/anchor.pem").is_none());
     assert_fsck_clean(&image);
+}
+
+#[test]
+fn image_configure_refuses_a_seed_and_a_site_folder_that_disagree() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("pimesh.img");
+    make_image(&image);
+    let site = site_init(dir.path());
+    let other = dir.path().join("other");
+    let run = pimeshctl(&[
+        "site",
+        "init",
+        "depot-7",
+        "--out",
+        other.to_str().expect("utf-8"),
+    ]);
+    assert!(run.status.success());
+    let seed = dir.path().join("seed.toml");
+    let configure = |folder: &Path| {
+        pimeshctl(&[
+            "image",
+            "configure",
+            image.to_str().expect("utf-8"),
+            "--seed",
+            seed.to_str().expect("utf-8"),
+            "--trust",
+            folder.to_str().expect("utf-8"),
+        ])
+    };
+    // Another site's name.
+    std::fs::write(&seed, "site = \"depot-8\"\nrole = \"init\"\n").expect("seed");
+    let run = configure(&site);
+    assert!(!run.status.success());
+    assert!(
+        text(&run.stderr).contains("is for site depot-8, the site folder"),
+        "{}",
+        text(&run.stderr)
+    );
+    // The token of one folder with the trust of another.
+    let token = std::fs::read_to_string(site.join("join-token")).expect("token");
+    std::fs::write(
+        &seed,
+        format!(
+            "site = \"depot-7\"\nrole = \"join\"\njoin_token = \"{}\"\n",
+            token.trim()
+        ),
+    )
+    .expect("seed");
+    let run = configure(&other);
+    assert!(!run.status.success());
+    assert!(
+        text(&run.stderr).contains("join_token pins the anchor"),
+        "{}",
+        text(&run.stderr)
+    );
+    assert!(
+        read_boot_file_opt(&image, "pimesh-trust/anchor.pem").is_none(),
+        "nothing written when refused"
+    );
+    assert!(
+        configure(&site).status.success(),
+        "the matching folder is taken"
+    );
+}
+
+#[test]
+fn config_validate_reports_every_error_and_notes_what_is_likely_not_meant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("cluster.toml");
+    std::fs::write(
+        &file,
+        "site = \"depot\"\n[proxy]\nzipkin_url = \"zipkin:9411\"\nmax_connections = 0\n\
+         [services.web]\nport = 4191\nnodes = [\"a\"]\n[services.api]\nnodes = [\"b\"]\n",
+    )
+    .expect("cluster");
+    let run = pimeshctl(&["config", "validate", file.to_str().expect("utf-8")]);
+    assert!(!run.status.success());
+    let err = text(&run.stderr);
+    for key in [
+        "proxy.max_connections",
+        "proxy.zipkin_url",
+        "services.api.nodes",
+        "services.web.port",
+    ] {
+        assert!(err.contains(&format!("key `{key}`")), "{key}: {err}");
+    }
+    assert!(err.contains("cluster.toml: 4 errors"), "{err}");
+    assert!(err.contains("the proxy's admin port"), "{err}");
+
+    std::fs::write(
+        &file,
+        "site = \"depot\"\n[nodes.a]\naddress = \"10.0.0.1\"\n\
+         [services.web]\nport = 8080\nnodes = [\"a\"]\n\
+         [services.web-alias]\nport = 8080\nnodes = [\"a\", \"c\"]\n",
+    )
+    .expect("cluster");
+    let run = pimeshctl(&["config", "validate", file.to_str().expect("utf-8")]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let out = text(&run.stdout);
+    assert!(
+        out.contains("note: port 8080 of node a serves web and web-alias"),
+        "{out}"
+    );
+    assert!(
+        out.contains("note: service web-alias is placed on c, which [nodes] does not list"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_seed_is_validated_on_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seed = dir.path().join("pimesh.toml");
+    std::fs::write(&seed, "site = \"depot-7\"\nrole = \"init\"\n").expect("seed");
+    let run = pimeshctl(&["seed", "validate", seed.to_str().expect("utf-8")]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert!(
+        text(&run.stdout).contains("valid seed of site depot-7: role init"),
+        "{}",
+        text(&run.stdout)
+    );
+    std::fs::write(&seed, "site = \"depot-7\"\nrole = \"server\"\n").expect("seed");
+    let run = pimeshctl(&["seed", "validate", seed.to_str().expect("utf-8")]);
+    assert!(!run.status.success());
+    let err = text(&run.stderr);
+    assert!(err.contains("pimesh.toml:2"), "file and line: {err}");
 }

@@ -623,53 +623,53 @@ pub mod limits {
 
 /// Checks every limit and duration of `raw` (read from `text` of `file`) against
 /// [`limits`].
-fn check_limits(file: &Path, text: &str, raw: &RawCluster) -> Result<(), ConfigError> {
-    let fail =
-        |path: &[&str], OutOfBounds(message)| ConfigError::at_path(file, text, path, message);
+fn check_limits(file: &Path, text: &str, raw: &RawCluster, errors: &mut Vec<ConfigError>) {
+    let mut fail = |path: &[&str], OutOfBounds(message)| {
+        errors.push(ConfigError::at_path(file, text, path, message));
+    };
     let proxy = &raw.proxy;
     within(
         proxy.max_connections,
         &limits::MAX_CONNECTIONS,
         u32::to_string,
     )
-    .map_err(|message| fail(&["proxy", "max_connections"], message))?;
+    .unwrap_or_else(|message| fail(&["proxy", "max_connections"], message));
     within(
         proxy.max_header_bytes,
         &limits::MAX_HEADER_BYTES,
         u32::to_string,
     )
-    .map_err(|message| fail(&["proxy", "max_header_bytes"], message))?;
+    .unwrap_or_else(|message| fail(&["proxy", "max_header_bytes"], message));
     within(proxy.header_timeout.0, &limits::HEADER_TIMEOUT, show)
-        .map_err(|message| fail(&["proxy", "header_timeout"], message))?;
+        .unwrap_or_else(|message| fail(&["proxy", "header_timeout"], message));
     within(proxy.default_timeout.0, &limits::REQUEST_TIMEOUT, show)
-        .map_err(|message| fail(&["proxy", "default_timeout"], message))?;
+        .unwrap_or_else(|message| fail(&["proxy", "default_timeout"], message));
     within(
         proxy.span_queue_max_bytes,
         &limits::SPAN_QUEUE_MAX_BYTES,
         u64::to_string,
     )
-    .map_err(|message| fail(&["proxy", "span_queue_max_bytes"], message))?;
+    .unwrap_or_else(|message| fail(&["proxy", "span_queue_max_bytes"], message));
     for (name, service) in &raw.services {
         let name = name.as_str();
         if let Some(timeout) = service.timeout {
             within(timeout.0, &limits::REQUEST_TIMEOUT, show)
-                .map_err(|message| fail(&["services", name, "timeout"], message))?;
+                .unwrap_or_else(|message| fail(&["services", name, "timeout"], message));
         }
         if let Some(idle) = service.idle_timeout {
             within(idle.0, &limits::IDLE_TIMEOUT, show)
-                .map_err(|message| fail(&["services", name, "idle_timeout"], message))?;
+                .unwrap_or_else(|message| fail(&["services", name, "idle_timeout"], message));
         }
         if let Some(delay) = service
             .fault
             .as_ref()
             .and_then(|fault| fault.delay.as_ref())
         {
-            within(delay.duration.0, &limits::FAULT_DELAY, show).map_err(|message| {
+            within(delay.duration.0, &limits::FAULT_DELAY, show).unwrap_or_else(|message| {
                 fail(&["services", name, "fault", "delay", "duration"], message)
-            })?;
+            });
         }
     }
-    Ok(())
 }
 
 /// A span collector's URL as the proxy posts to it: `http://host[:port][/path]`, without
@@ -721,22 +721,35 @@ fn show(duration: &Duration) -> String {
 }
 
 impl ClusterConfig {
-    /// Validates `text`, the contents of `file`.
+    /// Validates `text`, the contents of `file`: the first error found.
     pub fn parse(file: &Path, text: &str) -> Result<ClusterConfig, ConfigError> {
-        let raw: RawCluster = parse_toml(file, text)?;
+        ClusterConfig::parse_all(file, text).map_err(|errors| {
+            errors
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| ConfigError::file(file, "invalid site configuration"))
+        })
+    }
+
+    /// Validates `text`, the contents of `file`, reporting every error found (at least one
+    /// when `Err`), in the order of the checks: a file that is not TOML of the right
+    /// shape stops at that one error.
+    pub fn parse_all(file: &Path, text: &str) -> Result<ClusterConfig, Vec<ConfigError>> {
+        let raw: RawCluster = parse_toml(file, text).map_err(|err| vec![err])?;
         let fail = |path: &[&str], message: String| {
             ConfigError::at_key(file, text, locate(text, path), &key_name(path), message)
         };
+        let mut errors: Vec<ConfigError> = Vec::new();
         if !(1..=MAX_REPLICAS).contains(&raw.control.replicas) {
             let found = raw.control.replicas;
-            return Err(fail(
+            errors.push(fail(
                 &["control", "replicas"],
                 format!("expected 1 to {MAX_REPLICAS} replicas, found {found}"),
             ));
         }
         if ![1, 3, 5].contains(&raw.k3s.servers) {
             let found = raw.k3s.servers;
-            return Err(fail(
+            errors.push(fail(
                 &["k3s", "servers"],
                 format!("expected 1, 3 or 5 servers (an odd quorum), found {found}"),
             ));
@@ -746,7 +759,7 @@ impl ClusterConfig {
                 let document = fault.document.to_string();
                 let mut key = vec!["k3s", "manifests", name.as_str(), document.as_str()];
                 key.extend(fault.field.iter().flat_map(|field| field.split('.')));
-                return Err(ConfigError::at_key(
+                errors.push(ConfigError::at_key(
                     file,
                     text,
                     locate(text, &["k3s", "manifests", name.as_str()]),
@@ -757,18 +770,23 @@ impl ClusterConfig {
         }
         if raw.proxy.retry_budget_percent > 100 {
             let found = raw.proxy.retry_budget_percent;
-            return Err(fail(
+            errors.push(fail(
                 &["proxy", "retry_budget_percent"],
                 format!("expected 0 to 100, found {found}"),
             ));
         }
-        check_limits(file, text, &raw)?;
-        if let Some(url) = &raw.proxy.otlp_url {
-            check_collector_url(url).map_err(|message| fail(&["proxy", "otlp_url"], message))?;
+        check_limits(file, text, &raw, &mut errors);
+        for (key, url) in [
+            ("otlp_url", &raw.proxy.otlp_url),
+            ("zipkin_url", &raw.proxy.zipkin_url),
+        ] {
+            if let Some(Err(message)) = url.as_deref().map(check_collector_url) {
+                errors.push(fail(&["proxy", key], message));
+            }
         }
         if let Some(dir) = &raw.proxy.span_queue_dir {
             if !dir.is_absolute() {
-                return Err(fail(
+                errors.push(fail(
                     &["proxy", "span_queue_dir"],
                     format!("expected an absolute path, found {:?}", dir.display()),
                 ));
@@ -780,33 +798,42 @@ impl ClusterConfig {
             if let Some(port) = service.local_port {
                 let at = ["services", name, "local_port"];
                 if let Some((_, owner)) = RESERVED_PORTS.iter().find(|(p, _)| *p == port) {
-                    return Err(fail(&at, format!("port {port} is {owner}")));
+                    errors.push(fail(&at, format!("port {port} is {owner}")));
                 }
                 let replicas = crate::supervisor::CONTROL_BASE_PORT + 1
                     ..=crate::supervisor::CONTROL_BASE_PORT + u16::from(MAX_REPLICAS);
                 if replicas.contains(&port) || port == 0 {
                     let (first, last) = (replicas.start(), replicas.end());
-                    return Err(fail(
+                    errors.push(fail(
                         &at,
                         format!("expected a free port (1 to 65535, not {first} to {last} of the control replicas), found {port}"),
                     ));
                 }
                 if let Some(other) = local_ports.insert(port, name) {
-                    return Err(fail(
+                    errors.push(fail(
                         &at,
                         format!("port {port} is already the local port of {other}"),
                     ));
                 }
             }
+            if let Some(port) = service.port {
+                let at = ["services", name, "port"];
+                if let Some((_, owner)) = RESERVED_PORTS.iter().find(|(p, _)| *p == port) {
+                    errors.push(fail(
+                        &at,
+                        format!("port {port} is {owner}: the service's app cannot listen there"),
+                    ));
+                }
+            }
             let has_endpoints = !service.nodes.is_empty();
             if has_endpoints && service.port.is_none() {
-                return Err(fail(
+                errors.push(fail(
                     &["services", name, "nodes"],
                     "a service placed on nodes needs a `port`".into(),
                 ));
             }
             if !has_endpoints && service.split.is_empty() {
-                return Err(fail(
+                errors.push(fail(
                     &["services", name],
                     "expected `nodes` and `port` (where it runs) or `split` (the services it sends to)".into(),
                 ));
@@ -814,14 +841,14 @@ impl ClusterConfig {
             let mut seen_nodes = BTreeSet::new();
             for (i, node) in service.nodes.iter().enumerate() {
                 if !seen_nodes.insert(node) {
-                    return Err(fail(
+                    errors.push(fail(
                         &["services", name, "nodes", &i.to_string()],
                         format!("node {node} is listed twice"),
                     ));
                 }
             }
             if service.retries > 5 {
-                return Err(fail(
+                errors.push(fail(
                     &["services", name, "retries"],
                     format!("expected 0 to 5, found {}", service.retries),
                 ));
@@ -830,39 +857,40 @@ impl ClusterConfig {
             for (i, backend) in service.split.iter().enumerate() {
                 let at = ["services", name, "split", &i.to_string(), "service"];
                 let Some(target) = raw.services.get(&backend.service) else {
-                    return Err(fail(
+                    errors.push(fail(
                         &at,
                         format!(
                             "expected the name of a service in this file, found {}",
                             backend.service
                         ),
                     ));
+                    continue;
                 };
                 if !target.split.is_empty() {
-                    return Err(fail(
+                    errors.push(fail(
                         &at,
                         format!("{} has a split itself; splits do not nest", backend.service),
                     ));
                 }
                 if target.nodes.is_empty() {
-                    return Err(fail(
+                    errors.push(fail(
                         &at,
                         format!("{} is placed on no node", backend.service),
                     ));
                 }
                 if !seen_backends.insert(&backend.service) {
-                    return Err(fail(&at, format!("{} is listed twice", backend.service)));
+                    errors.push(fail(&at, format!("{} is listed twice", backend.service)));
                 }
             }
             if !service.split.is_empty() && service.split.iter().all(|b| b.weight == 0) {
-                return Err(fail(
+                errors.push(fail(
                     &["services", name, "split"],
                     "expected at least one backend with a weight above 0".into(),
                 ));
             }
             for (i, id) in service.allow.iter().flatten().enumerate() {
                 if id.0.site != raw.site {
-                    return Err(fail(
+                    errors.push(fail(
                         &["services", name, "allow", &i.to_string()],
                         format!("expected an identity of site {}, found {}", raw.site, id.0),
                     ));
@@ -875,8 +903,11 @@ impl ClusterConfig {
                 let index = i.to_string();
                 let mut path = vec!["routes", index.as_str()];
                 path.extend(fault.field.iter().map(String::as_str));
-                return Err(fail(&path, fault.message));
+                errors.push(fail(&path, fault.message));
             }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
         }
         Ok(ClusterConfig {
             site: raw.site,

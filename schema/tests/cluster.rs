@@ -307,3 +307,44 @@ fn span_export_settings_are_read() {
     );
     assert_eq!(config.proxy.span_queue_max_bytes, 0);
 }
+
+#[test]
+fn every_error_is_reported_not_only_the_first() {
+    let text = "site = \"depot\"\n\
+                [proxy]\n\
+                zipkin_url = \"zipkin:9411\"\n\
+                max_connections = 0\n\
+                [services.web]\n\
+                port = 4143\n\
+                nodes = [\"a\"]\n\
+                [services.api]\n\
+                nodes = [\"b\"]\n";
+    let errors = ClusterConfig::parse_all(Path::new(FILE), text)
+        .map(|_| ())
+        .expect_err("four faults");
+    let keys: Vec<String> = errors
+        .iter()
+        .map(|e| e.key.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "proxy.max_connections",
+            "proxy.zipkin_url",
+            "services.api.nodes",
+            "services.web.port",
+        ],
+        "{errors:?}"
+    );
+    let port = &errors[3];
+    assert_eq!(port.line, Some(6));
+    assert!(port.message.contains("the proxy's inbound port"), "{port}");
+    assert!(
+        errors[1].message.contains("expected an http:// URL"),
+        "{}",
+        errors[1]
+    );
+    // `parse` reports the first of them.
+    let first = parse(text).map(|_| ()).expect_err("invalid");
+    assert_eq!(first.key.as_deref(), Some("proxy.max_connections"));
+}
