@@ -7,6 +7,7 @@
 //! | `POST /v1/sites/<site>/reports` | node of `<site>` (mTLS) | what the node applied; recorded under the node name of its certificate |
 //! | `GET /v1/fleet` | anyone reaching the server | every site's newest revision and node reports |
 //! | `GET /v1/version` | anyone reaching the server | `{"version": "<this build's version>"}` |
+//! | `GET /metrics` | anyone reaching the server | Prometheus metrics (see `metrics`) |
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -22,6 +23,7 @@ use rustls::pki_types::CertificateDer;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use crate::metrics::{AnswerLabels, CentralMetrics, PublishLabels};
 use crate::sites::{PublishError, Registry, Site};
 use pimesh_runtime::answer::{error, json_value as json_response, read_body, Refusal};
 
@@ -35,6 +37,9 @@ pub async fn route(
     registry: Arc<Registry>,
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path().to_owned();
+    if path == "/metrics" && request.method() == Method::GET {
+        return metrics(&registry);
+    }
     match (request.method().clone(), Route::parse(&path)) {
         (Method::GET, Some(Route::Fleet)) => fleet(&registry),
         (Method::GET, Some(Route::Version)) => json_response(
@@ -233,8 +238,19 @@ async fn publish(
         Ok(body) => body,
         Err(refusal) => return refusal.into_response(),
     };
+    let outcome = |outcome| {
+        registry
+            .metrics
+            .publishes
+            .get_or_create(&PublishLabels {
+                site: site.name.to_string(),
+                outcome,
+            })
+            .inc();
+    };
     match site.publish(&body, registry.storage.as_ref()).await {
         Ok(signed) => {
+            outcome("stored");
             registry.fleet.changed();
             info!(site = %site.name, revision = signed.revision, "revision published");
             json_response(
@@ -243,6 +259,7 @@ async fn publish(
             )
         }
         Err(PublishError::Rejected(rejection)) => {
+            outcome("refused");
             use pimesh_revision::Rejection::*;
             let code = match rejection {
                 BadSignature | WrongSite { .. } => StatusCode::FORBIDDEN,
@@ -254,6 +271,7 @@ async fn publish(
             error(code, &rejection.to_string())
         }
         Err(PublishError::Storage(err)) => {
+            outcome("failed");
             warn!(site = %site.name, %err, "cannot store revision");
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -276,10 +294,24 @@ async fn config(
     let mut latest = site.subscribe();
     let deadline = tokio::time::sleep(wait);
     tokio::pin!(deadline);
+    let label = CentralMetrics::site(&site.name);
+    // Counted down again however the wait ends, the connection dropped included.
+    let _waiting = Waiting::new(registry.metrics.long_polls.get_or_create(&label).clone());
+    let answered = |answer| {
+        registry
+            .metrics
+            .long_poll_answers
+            .get_or_create(&AnswerLabels {
+                site: site.name.to_string(),
+                answer,
+            })
+            .inc();
+    };
     loop {
         if let Some(current) = latest.borrow_and_update().clone() {
             if current.revision > after {
                 debug!(site = %site.name, %node, revision = current.revision, "serving revision");
+                answered("revision");
                 let mut response = Response::new(Full::new(Bytes::from(current.json.clone())));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -293,6 +325,7 @@ async fn config(
                 return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
             },
             () = &mut deadline => {
+                answered("nothing_newer");
                 let mut response = Response::new(Full::new(Bytes::new()));
                 *response.status_mut() = StatusCode::NO_CONTENT;
                 return response;
@@ -329,6 +362,11 @@ async fn report(
     match registry.storage.record_report(&site.name, node, &recorded) {
         Ok(()) => {
             registry.fleet.changed();
+            registry
+                .metrics
+                .reports
+                .get_or_create(&CentralMetrics::site(&site.name))
+                .inc();
             let report = &recorded.report;
             info!(site = %site.name, %node, state = %report.state, revision = ?report.revision, "node report");
             json_response(StatusCode::OK, &json!({ "recorded": true }))
@@ -336,6 +374,39 @@ async fn report(
         Err(err) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("cannot store the report: {err}"),
+        ),
+    }
+}
+
+/// A node counted in `pimesh_central_long_polls` for as long as this lives.
+struct Waiting(prometheus_client::metrics::gauge::Gauge);
+
+impl Waiting {
+    fn new(gauge: prometheus_client::metrics::gauge::Gauge) -> Waiting {
+        gauge.inc();
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn metrics(registry: &Registry) -> Response<Full<Bytes>> {
+    match registry.metrics.encode() {
+        Ok(text) => {
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            response
+        }
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot encode the metrics",
         ),
     }
 }

@@ -5,6 +5,7 @@
 mod api;
 mod config;
 mod fleet;
+mod metrics;
 mod sites;
 mod storage;
 mod tls;
@@ -87,7 +88,9 @@ async fn run(config: CentralConfig) -> Result<(), Fatal> {
         storage,
         long_poll_max: config.long_poll_max.0,
         fleet: fleet::FleetCache::default(),
+        metrics: metrics::CentralMetrics::default(),
     });
+    registry.metrics.watch(&registry);
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|err| format!("cannot listen on {}: {err}", config.listen))?;

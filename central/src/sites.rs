@@ -155,6 +155,7 @@ pub struct Registry {
     pub long_poll_max: std::time::Duration,
     /// The fleet view, told of every report and revision stored.
     pub fleet: crate::fleet::FleetCache,
+    pub metrics: crate::metrics::CentralMetrics,
 }
 
 /// Why the fleet view cannot be built.
@@ -270,6 +271,7 @@ mod tests {
             storage: Arc::clone(&storage) as Arc<dyn Storage>,
             long_poll_max: std::time::Duration::from_secs(60),
             fleet: FleetCache::default(),
+            metrics: crate::metrics::CentralMetrics::default(),
         };
         let first = registry.fleet_json().expect("view");
         for _ in 0..100 {

@@ -258,6 +258,61 @@ fn publish_then_nodes_long_poll_and_report() {
     assert_eq!(fleet["sites"][0]["nodes"][0]["node"], "pi-a");
     assert_eq!(fleet["sites"][0]["nodes"][0]["revision"], 2);
     assert_eq!(fleet["sites"][0]["nodes"][0]["state"], "applied");
+
+    // The metrics say the same, and count a long-poll while it waits.
+    let metrics = |client: &Client| -> String {
+        let response = client.get(central.url("/metrics")).send().expect("metrics");
+        assert_eq!(response.status(), 200);
+        assert!(response.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("application/openmetrics-text"));
+        response.text().expect("body")
+    };
+    let text = metrics(&operator);
+    for line in [
+        "pimesh_central_reports_total{site=\"depot-7\"} 1",
+        "pimesh_central_publishes_total{site=\"depot-7\",outcome=\"stored\"} 2",
+        "pimesh_central_long_poll_answers_total{site=\"depot-7\",answer=\"revision\"} 2",
+        "pimesh_central_long_poll_answers_total{site=\"depot-7\",answer=\"nothing_newer\"} 1",
+        "pimesh_central_site_revision{site=\"depot-7\"} 2",
+        "pimesh_central_site_nodes{site=\"depot-7\"} 1",
+        "pimesh_central_site_nodes_behind{site=\"depot-7\"} 0",
+        "pimesh_central_long_polls{site=\"depot-7\"} 0",
+    ] {
+        assert!(text.contains(line), "{line}:\n{text}");
+    }
+    assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
+    let waiting = {
+        let url = central.url("/v1/sites/depot-7/config?after=2&wait=20");
+        let node = node.clone();
+        std::thread::spawn(move || node.get(url).send().expect("long-poll").status())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !metrics(&operator).contains("pimesh_central_long_polls{site=\"depot-7\"} 1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the long-poll is never counted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A third revision wakes it; the node has not reported it: one node behind.
+    let published = operator
+        .put(central.url("/v1/sites/depot-7/revisions"))
+        .body(site.revision(3, CONFIG_1))
+        .send()
+        .expect("publish 3");
+    assert_eq!(published.status(), 201);
+    assert_eq!(waiting.join().expect("long-poll thread"), 200);
+    let text = metrics(&operator);
+    assert!(
+        text.contains("pimesh_central_site_nodes_behind{site=\"depot-7\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("pimesh_central_long_polls{site=\"depot-7\"} 0"),
+        "{text}"
+    );
 }
 
 #[test]

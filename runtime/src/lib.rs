@@ -4,7 +4,8 @@
 //! each daemon would otherwise write again: retry pauses ([`backoff`]), files reloaded when
 //! they change ([`watched`]), the HTTP accept loop with its limits ([`serve`], [`per_source`]), JSON answers and bounded request
 //! bodies ([`answer`]), the
-//! command line's conventions ([`cli`]) and atomic file replacement ([`atomic_file`]).
+//! command line's conventions ([`cli`]), atomic file replacement ([`atomic_file`]) and the
+//! `process_*` metrics ([`process_metrics`]).
 
 pub mod answer;
 pub mod atomic_file;
@@ -15,6 +16,7 @@ pub mod logging;
 pub mod memory;
 pub mod notify;
 pub mod per_source;
+pub mod process_metrics;
 pub mod serve;
 pub mod watched;
 

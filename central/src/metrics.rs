@@ -1,0 +1,195 @@
+//! `GET /metrics`: the central server in Prometheus' OpenMetrics text.
+//!
+//! | metric | what |
+//! |---|---|
+//! | `pimesh_central_reports_total{site}` | node reports stored |
+//! | `pimesh_central_publishes_total{site,outcome}` | publishes: `stored`, `refused`, `failed` (storage) |
+//! | `pimesh_central_long_polls{site}` | nodes waiting in a long-poll now |
+//! | `pimesh_central_long_poll_answers_total{site,answer}` | long-polls answered: `revision` or `nothing_newer` |
+//! | `pimesh_central_site_revision{site}` | the newest revision (absent before the first) |
+//! | `pimesh_central_site_nodes{site}` | nodes that reported |
+//! | `pimesh_central_site_nodes_behind{site}` | of those, not on the newest revision: the site's revision lag |
+//! | `process_*` | see `pimesh_runtime::process_metrics` |
+//!
+//! Invariant: the per-site gauges are computed at scrape time from the fleet view the
+//! server already keeps (rebuilt only when a report or revision was stored), so a scrape
+//! never reads storage more than a fleet request would.
+
+use std::sync::{Arc, OnceLock, Weak};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry as Metrics;
+
+use crate::sites::Registry;
+
+/// The OpenMetrics text's content type.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteLabel {
+    pub site: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PublishLabels {
+    pub site: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnswerLabels {
+    pub site: String,
+    pub answer: &'static str,
+}
+
+/// The server's counters and gauges, and the registry that encodes them.
+pub struct CentralMetrics {
+    registry: Metrics,
+    pub reports: Family<SiteLabel, Counter>,
+    pub publishes: Family<PublishLabels, Counter>,
+    pub long_polls: Family<SiteLabel, Gauge>,
+    pub long_poll_answers: Family<AnswerLabels, Counter>,
+    /// The sites' registry, for the per-site gauges; set once it exists.
+    sites: Arc<OnceLock<Weak<Registry>>>,
+}
+
+impl Default for CentralMetrics {
+    fn default() -> Self {
+        let mut registry = Metrics::default();
+        let reports = Family::<SiteLabel, Counter>::default();
+        let publishes = Family::<PublishLabels, Counter>::default();
+        let long_polls = Family::<SiteLabel, Gauge>::default();
+        let long_poll_answers = Family::<AnswerLabels, Counter>::default();
+        // Counter names are registered without `_total`: the encoder appends it.
+        registry.register(
+            "pimesh_central_reports",
+            "Node reports stored, by site",
+            reports.clone(),
+        );
+        registry.register(
+            "pimesh_central_publishes",
+            "Publishes, by site and outcome (stored, refused, failed)",
+            publishes.clone(),
+        );
+        registry.register(
+            "pimesh_central_long_polls",
+            "Nodes waiting in a long-poll now, by site",
+            long_polls.clone(),
+        );
+        registry.register(
+            "pimesh_central_long_poll_answers",
+            "Long-polls answered, by site and answer (revision, nothing_newer)",
+            long_poll_answers.clone(),
+        );
+        let sites = Arc::new(OnceLock::new());
+        registry.register_collector(Box::new(SiteGauges {
+            sites: Arc::clone(&sites),
+        }));
+        registry.register_collector(Box::new(pimesh_runtime::process_metrics::ProcessCollector));
+        CentralMetrics {
+            registry,
+            reports,
+            publishes,
+            long_polls,
+            long_poll_answers,
+            sites,
+        }
+    }
+}
+
+impl CentralMetrics {
+    /// Ties the per-site gauges to the server's sites (once; later calls do nothing).
+    pub fn watch(&self, sites: &Arc<Registry>) {
+        let _ = self.sites.set(Arc::downgrade(sites));
+    }
+
+    pub fn site(site: &impl ToString) -> SiteLabel {
+        SiteLabel {
+            site: site.to_string(),
+        }
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+/// The per-site gauges, from the fleet view at scrape time.
+#[derive(Debug)]
+struct SiteGauges {
+    sites: Arc<OnceLock<Weak<Registry>>>,
+}
+
+impl Collector for SiteGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(registry) = self.sites.get().and_then(Weak::upgrade) else {
+            return Ok(());
+        };
+        let Some(fleet) = registry
+            .fleet_json()
+            .ok()
+            .and_then(|json| serde_json::from_slice::<pimesh_revision::FleetView>(&json).ok())
+        else {
+            return Ok(());
+        };
+        let mut revision = Vec::new();
+        let mut nodes = Vec::new();
+        let mut behind = Vec::new();
+        for site in &fleet.sites {
+            let label = CentralMetrics::site(&site.site);
+            if let Some(newest) = site.latest_revision {
+                revision.push((label.clone(), i64::try_from(newest).unwrap_or(i64::MAX)));
+            }
+            let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            nodes.push((label.clone(), count(site.nodes.len())));
+            let lagging = site
+                .nodes
+                .iter()
+                .filter(|node| {
+                    site.latest_revision.is_some()
+                        && node.recorded.report.revision != site.latest_revision
+                })
+                .count();
+            behind.push((label, count(lagging)));
+        }
+        for (name, help, values) in [
+            (
+                "pimesh_central_site_revision",
+                "The newest revision of each site",
+                revision,
+            ),
+            (
+                "pimesh_central_site_nodes",
+                "Nodes that reported, by site",
+                nodes,
+            ),
+            (
+                "pimesh_central_site_nodes_behind",
+                "Nodes not on their site's newest revision (the revision lag), by site",
+                behind,
+            ),
+        ] {
+            if values.is_empty() {
+                continue;
+            }
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (label, value) in values {
+                let gauge = ConstGauge::new(value);
+                gauge.encode(family.encode_family(&label)?)?;
+            }
+        }
+        Ok(())
+    }
+}
