@@ -263,6 +263,19 @@ fn make_image_with(path: &Path, trust_folder: bool) {
         .expect("write the boot partition");
 }
 
+/// A joining node's seed at `seed`, with the join token of the site folder `site`.
+fn write_join_seed(seed: &Path, site: &Path) {
+    let token = std::fs::read_to_string(site.join("join-token")).expect("token");
+    std::fs::write(
+        seed,
+        format!(
+            "site = \"depot-7\"\nrole = \"join\"\njoin_token = \"{}\"\n",
+            token.trim()
+        ),
+    )
+    .expect("seed");
+}
+
 /// `pimeshctl site init depot-7` into `dir`: the site folder.
 fn site_init(dir: &Path) -> std::path::PathBuf {
     let site = dir.join("depot-7");
@@ -418,15 +431,7 @@ fn image_configure_with_trust_puts_anchor_and_issuer_for_the_init_node_and_the_a
     }
 
     // A joining node takes the anchor alone; the init node's issuer leaves the image.
-    let token = std::fs::read_to_string(site.join("join-token")).expect("token");
-    std::fs::write(
-        &seed,
-        format!(
-            "site = \"depot-7\"\nrole = \"join\"\njoin_token = \"{}\"\n",
-            token.trim()
-        ),
-    )
-    .expect("seed");
+    write_join_seed(&seed, &site);
     let run = pimeshctl(&[
         "image",
         "configure",
@@ -514,15 +519,7 @@ fn image_configure_refuses_a_seed_and_a_site_folder_that_disagree() {
         text(&run.stderr)
     );
     // The token of one folder with the trust of another.
-    let token = std::fs::read_to_string(site.join("join-token")).expect("token");
-    std::fs::write(
-        &seed,
-        format!(
-            "site = \"depot-7\"\nrole = \"join\"\njoin_token = \"{}\"\n",
-            token.trim()
-        ),
-    )
-    .expect("seed");
+    write_join_seed(&seed, &site);
     let run = configure(&other);
     assert!(!run.status.success());
     assert!(

@@ -27,6 +27,21 @@ spec:
   - port: 80
 ";
 
+/// The fixture server of `node`, once it answers, with a client of its API and the API's
+/// URL.
+async fn start_server(node: &NodeDir) -> (pimesh_test_support::Daemon, reqwest::Client, String) {
+    let args = server_args(node, port());
+    let mut server = node.spawn("server", &strs(&args));
+    let kubeconfig = node.kubeconfig();
+    server
+        .wait_until("the server answers", || async {
+            common::nodes(&kubeconfig).await.is_some()
+        })
+        .await;
+    let (client, url) = kube_client(&kubeconfig).unwrap();
+    (server, client, url)
+}
+
 /// `GET <url><path>`: the status and the body as JSON.
 async fn get_json(client: &reqwest::Client, url: &str, path: &str) -> (u16, Value) {
     let (status, body) = common::get(client, &format!("{url}{path}")).await.unwrap();
@@ -62,15 +77,7 @@ async fn manifests_become_objects_that_follow_their_files() {
     )
     .unwrap();
     std::fs::write(manifests.join("pimesh-off.yaml.skip"), "").unwrap();
-    let args = server_args(&node, port());
-    let mut server = node.spawn("server", &strs(&args));
-    let kubeconfig = node.kubeconfig();
-    server
-        .wait_until("the server answers", || async {
-            common::nodes(&kubeconfig).await.is_some()
-        })
-        .await;
-    let (client, url) = kube_client(&kubeconfig).unwrap();
+    let (mut server, client, url) = start_server(&node).await;
 
     let (status, mesh) = get_json(
         &client,
@@ -212,15 +219,7 @@ async fn gateway_routes_are_served_once_their_definitions_are_installed() {
     std::fs::write(manifests.join("pimesh-fleet.yaml"), FLEET).unwrap();
     let gateway = manifests.join("pimesh-gateway.yaml");
     std::fs::write(&gateway, gateway_without_definitions()).unwrap();
-    let args = server_args(&node, port());
-    let mut server = node.spawn("server", &strs(&args));
-    let kubeconfig = node.kubeconfig();
-    server
-        .wait_until("the server answers", || async {
-            common::nodes(&kubeconfig).await.is_some()
-        })
-        .await;
-    let (client, url) = kube_client(&kubeconfig).unwrap();
+    let (mut server, client, url) = start_server(&node).await;
     server
         .wait_until("the canary Service is applied", || async {
             let (_, services) = get_json(&client, &url, "/api/v1/namespaces/fleet/services").await;
