@@ -17,6 +17,8 @@
 
 use std::sync::{Arc, OnceLock, Weak};
 
+use hyper::body::Bytes;
+
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
@@ -24,7 +26,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry as Metrics;
 
-use crate::sites::Registry;
+/// Where the per-site gauges come from: the fleet view's JSON, as `GET /v1/fleet` serves
+/// it (`None` when it cannot be built now).
+pub trait FleetSource: Send + Sync + 'static {
+    fn fleet_view_json(&self) -> Option<Bytes>;
+}
 
 /// The OpenMetrics text's content type.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -53,8 +59,8 @@ pub struct CentralMetrics {
     pub publishes: Family<PublishLabels, Counter>,
     pub long_polls: Family<SiteLabel, Gauge>,
     pub long_poll_answers: Family<AnswerLabels, Counter>,
-    /// The sites' registry, for the per-site gauges; set once it exists.
-    sites: Arc<OnceLock<Weak<Registry>>>,
+    /// The fleet view, for the per-site gauges; set once it exists.
+    sites: Arc<OnceLock<Weak<dyn FleetSource>>>,
 }
 
 impl Default for CentralMetrics {
@@ -102,9 +108,11 @@ impl Default for CentralMetrics {
 }
 
 impl CentralMetrics {
-    /// Ties the per-site gauges to the server's sites (once; later calls do nothing).
-    pub fn watch(&self, sites: &Arc<Registry>) {
-        let _ = self.sites.set(Arc::downgrade(sites));
+    /// Ties the per-site gauges to the server's fleet view (once; later calls do
+    /// nothing). Held weakly: the source owns these metrics.
+    pub fn watch<S: FleetSource>(&self, source: &Arc<S>) {
+        let weak: Weak<S> = Arc::downgrade(source);
+        let _ = self.sites.set(weak);
     }
 
     pub fn site(site: &impl ToString) -> SiteLabel {
@@ -122,19 +130,23 @@ impl CentralMetrics {
 }
 
 /// The per-site gauges, from the fleet view at scrape time.
-#[derive(Debug)]
 struct SiteGauges {
-    sites: Arc<OnceLock<Weak<Registry>>>,
+    sites: Arc<OnceLock<Weak<dyn FleetSource>>>,
+}
+
+impl std::fmt::Debug for SiteGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SiteGauges")
+    }
 }
 
 impl Collector for SiteGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(registry) = self.sites.get().and_then(Weak::upgrade) else {
+        let Some(source) = self.sites.get().and_then(Weak::upgrade) else {
             return Ok(());
         };
-        let Some(fleet) = registry
-            .fleet_json()
-            .ok()
+        let Some(fleet) = source
+            .fleet_view_json()
             .and_then(|json| serde_json::from_slice::<pimesh_revision::FleetView>(&json).ok())
         else {
             return Ok(());

@@ -158,6 +158,12 @@ pub struct Registry {
     pub metrics: crate::metrics::CentralMetrics,
 }
 
+impl crate::metrics::FleetSource for Registry {
+    fn fleet_view_json(&self) -> Option<hyper::body::Bytes> {
+        self.fleet_json().ok()
+    }
+}
+
 /// Why the fleet view cannot be built.
 #[derive(Debug)]
 pub enum FleetError {
