@@ -60,6 +60,7 @@ mod identity_api;
 mod join_api;
 mod join_records;
 mod kube_services;
+mod metrics;
 mod pem;
 mod rate_limit;
 mod server;

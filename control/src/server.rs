@@ -1,13 +1,13 @@
 //! The replica's one port: mutual TLS for the identity and discovery APIs (`api`), TLS
-//! without client certificates for the join routes (`join_api`), plain HTTP for `/live`
-//! and `/ready`. TLS and plain HTTP are told apart by the first byte a client sends
+//! without client certificates for the join routes (`join_api`), plain HTTP for `/live`,
+//! `/ready` and `/metrics` (`metrics`). TLS and plain HTTP are told apart by the first byte a client sends
 //! (`0x16`, a TLS handshake record, or anything else); the two TLS configurations by the
 //! ClientHello's server name: `pimesh_join::JOIN_SERVER_NAME` picks the join
 //! configuration, anything else (or none) the mutual-TLS one. TLS speaks HTTP/2 and
 //! HTTP/1.1 (ALPN `h2`, `http/1.1`); plain HTTP HTTP/1.1.
 //!
-//! Invariants: plain HTTP never reaches the APIs — it answers `/live`, `/ready` and a 404
-//! pointing at TLS, nothing else; a connection on the join configuration reaches the join
+//! Invariants: plain HTTP never reaches the APIs — it answers `/live`, `/ready`,
+//! `/metrics` and a 404 pointing at TLS, nothing else; a connection on the join configuration reaches the join
 //! routes `GET /v1/join/bundle` and `POST /v1/join` and nothing else; every other TLS
 //! connection has passed the client certificate check of the snapshot current at its
 //! handshake. Only such a verified connection from another host teaches the replica its
@@ -27,6 +27,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use tracing::debug;
 
 use crate::api::{self, Shared};
+use crate::discovery::Discovery;
 use crate::join_api;
 use crate::state::{Counters, State};
 
@@ -59,7 +60,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, shared: Shared) {
     let mut first = [0u8; 1];
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
         Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => tls(tcp, peer, shared).await,
-        Ok(Ok(1)) => plain(tcp, peer, shared.state).await,
+        Ok(Ok(1)) => plain(tcp, peer, shared.state, shared.discovery).await,
         Ok(Ok(_)) => {} // closed without a byte
         Ok(Err(err)) => debug!(%peer, %err, "connection failed before its first byte"),
         Err(_) => debug!(%peer, "no first byte in time"),
@@ -153,12 +154,35 @@ async fn tls(tcp: TcpStream, peer: SocketAddr, shared: Shared) {
     serve::http1_or_2(stream, service, peer, "replica port (TLS)").await;
 }
 
-async fn plain(tcp: TcpStream, peer: SocketAddr, state: Arc<State>) {
+async fn plain(tcp: TcpStream, peer: SocketAddr, state: Arc<State>, discovery: Arc<Discovery>) {
     let service = hyper::service::service_fn(move |request| {
-        let answer = health(&request, &state);
+        let answer = if request.method() == Method::GET && request.uri().path() == "/metrics" {
+            metrics(&state, &discovery)
+        } else {
+            health(&request, &state)
+        };
         async move { Ok::<_, Infallible>(answer) }
     });
     serve::http1(tcp, service, peer, "replica port (plain)").await;
+}
+
+/// `GET /metrics` (see `crate::metrics`).
+fn metrics(state: &Arc<State>, discovery: &Arc<Discovery>) -> Response<Full<Bytes>> {
+    let (code, body, content_type) = match crate::metrics::encode(state, discovery) {
+        Ok(text) => (StatusCode::OK, text, crate::metrics::CONTENT_TYPE),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot encode the metrics\n".to_owned(),
+            "text/plain",
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
 }
 
 /// `/live` (the process answers) and `/ready` (it can issue: 503 with the reason when
@@ -179,7 +203,7 @@ fn health(request: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
         ),
         _ => (
             StatusCode::NOT_FOUND,
-            "not found: plain HTTP serves /live and /ready; the identity API needs mutual TLS on this port\n"
+            "not found: plain HTTP serves /live, /ready and /metrics; the identity API needs mutual TLS on this port\n"
                 .to_owned(),
         ),
     };

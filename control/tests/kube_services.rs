@@ -169,4 +169,18 @@ fn a_replica_streams_the_meshed_services_that_k3s_serves() {
         }]),
         "the route of the meshed namespace, in the model the proxies read"
     );
+
+    // The replica's metrics (plain HTTP, beside /ready) count what it read from K3s.
+    let (status, text) =
+        pimesh_test_support::http::plain_get(replica.port, "/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    for line in [
+        "\npimesh_control_ready 1\n",
+        "\npimesh_control_kube_services 2\n",
+        "\npimesh_control_kube_routes 1\n",
+        "\npimesh_control_certificates_issued_total ",
+        "\nprocess_open_fds ",
+    ] {
+        assert!(text.contains(line), "{line:?}:\n{text}");
+    }
 }
