@@ -123,6 +123,19 @@ fn status_reports_the_seed_and_k3s_presence() {
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
     let (code, _) = supervisor.get("/nowhere");
     assert_eq!(code, 404);
+    // The same status as metrics: no central server in the seed, so OTA is disabled.
+    let (code, metrics) = supervisor.get("/metrics");
+    assert_eq!(code, 200, "{metrics}");
+    assert!(
+        metrics.contains("pimesh_supervisor_ota_state{state=\"disabled\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pimesh_supervisor_ota_state{state=\"idle\"} 0"),
+        "{metrics}"
+    );
+    // (Units and their heals are counted under systemd: tests/nspawn/test_heal.py.)
+    assert!(metrics.contains("\nprocess_resident_memory_bytes "), "{metrics}");
     let (exit, _) = supervisor.terminate();
     assert!(exit.success(), "clean exit on SIGTERM: {exit}");
 

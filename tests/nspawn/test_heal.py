@@ -139,6 +139,12 @@ class TestDefaultNode:
         assert report["restarts_by_pimesh"] == before + 1
         assert report["last_action"]["action"] == "restart"
         assert "hung" in report["last_action"]["reason"]
+        # The supervisor's metrics say the same: the restart counted, the unit up again.
+        code, metrics = node.http_get("http://127.0.0.1:4200/metrics")
+        assert code == 200, metrics
+        restarts = report["action_counts"]["restart"]
+        assert f'pimesh_supervisor_heal_actions_total{{unit="{unit}",action="restart"}} {restarts}' in metrics, metrics
+        assert f'pimesh_supervisor_unit_up{{unit="{unit}"}} 1' in metrics, metrics
         # Never before the 3 s threshold; that it was the probe and not systemd's watchdog
         # is what the reason above says.
         assert took >= 3, took

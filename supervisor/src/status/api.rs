@@ -1,4 +1,5 @@
-//! The status API on 127.0.0.1:4200: `GET /status` (JSON), `GET /live`, and
+//! The status API on 127.0.0.1:4200: `GET /status` (JSON), `GET /metrics` (OpenMetrics, see
+//! `super::metrics`), `GET /live`, and
 //! `GET /k3s/ready` (200 when K3s on this node answers ready through its kubeconfig, 503
 //! with the reason otherwise: the keeper's probe of the K3s unit).
 
@@ -68,8 +69,30 @@ fn route(request: &Request<Incoming>, status: &RwLock<NodeStatus>) -> Response<F
                 ),
             }
         }
+        (&Method::GET, "/metrics") => {
+            let text = match status.read() {
+                Ok(status) => super::metrics::encode(&status),
+                Err(poisoned) => super::metrics::encode(&poisoned.into_inner()),
+            };
+            match text {
+                Ok(text) => {
+                    let mut response = Response::new(Full::new(Bytes::from(text)));
+                    response.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static(super::metrics::CONTENT_TYPE),
+                    );
+                    response
+                }
+                Err(_) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "cannot encode the metrics",
+                ),
+            }
+        }
         (&Method::GET, "/live") => json(StatusCode::OK, b"{\"live\":true}".to_vec()),
-        (_, "/status" | "/live") => error(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed"),
+        (_, "/status" | "/live" | "/metrics") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed")
+        }
         (_, path) => error(
             StatusCode::NOT_FOUND,
             &format!("no such path {path:?}; try /status"),

@@ -9,6 +9,7 @@
 //! contract with `pimeshctl`, the system tests and operators' scripts.
 
 pub mod api;
+pub mod metrics;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
