@@ -544,7 +544,7 @@ fn config_validate_reports_every_error_and_notes_what_is_likely_not_meant() {
     std::fs::write(
         &file,
         "site = \"depot\"\n[proxy]\nzipkin_url = \"zipkin:9411\"\nmax_connections = 0\n\
-         [services.web]\nport = 4191\nnodes = [\"a\"]\n[services.api]\nnodes = [\"b\"]\n",
+         [services.web]\nport = 4140\nnodes = [\"a\"]\n[services.api]\nnodes = [\"b\"]\n",
     )
     .expect("cluster");
     let run = pimeshctl(&["config", "validate", file.to_str().expect("utf-8")]);
@@ -559,7 +559,7 @@ fn config_validate_reports_every_error_and_notes_what_is_likely_not_meant() {
         assert!(err.contains(&format!("key `{key}`")), "{key}: {err}");
     }
     assert!(err.contains("cluster.toml: 4 errors"), "{err}");
-    assert!(err.contains("the proxy's admin port"), "{err}");
+    assert!(err.contains("the proxy's outbound port"), "{err}");
 
     std::fs::write(
         &file,

@@ -584,10 +584,11 @@ struct RawCluster {
     routes: Vec<Route>,
 }
 
-/// Ports a node's own daemons hold, which a service's `local_port` must not take.
 /// The most control replicas a server node runs (`[control] replicas`).
 pub const MAX_REPLICAS: u8 = 9;
 
+/// Ports a node's own daemons hold, which a service's `local_port` must not take; the
+/// proxy's two traffic ports first (no service's `port` either).
 const RESERVED_PORTS: &[(u16, &str)] = &[
     (4140, "the proxy's outbound port"),
     (4143, "the proxy's inbound port"),
@@ -818,10 +819,17 @@ impl ClusterConfig {
             }
             if let Some(port) = service.port {
                 let at = ["services", name, "port"];
-                if let Some((_, owner)) = RESERVED_PORTS.iter().find(|(p, _)| *p == port) {
+                // The proxy's traffic ports would deliver a request back into the proxy.
+                // Its admin port and the supervisor's status port are HTTP APIs that a
+                // service may mesh (a site's status pages, its proxies' metrics).
+                let looping = RESERVED_PORTS[..2].iter().find(|(p, _)| *p == port);
+                if let Some((_, owner)) = looping {
                     errors.push(fail(
                         &at,
-                        format!("port {port} is {owner}: the service's app cannot listen there"),
+                        format!(
+                            "port {port} is {owner}: requests delivered there would come back \
+                             into the proxy"
+                        ),
                     ));
                 }
             }

@@ -348,3 +348,16 @@ fn every_error_is_reported_not_only_the_first() {
     let first = parse(text).map(|_| ()).expect_err("invalid");
     assert_eq!(first.key.as_deref(), Some("proxy.max_connections"));
 }
+
+#[test]
+fn a_daemons_http_api_may_be_meshed_but_not_the_proxys_traffic_ports() {
+    // The supervisor's status API of pi-1, reached from other nodes through the mesh.
+    let status =
+        "site = \"lab\"\n[services.status]\nport = 4200\nlocal_port = 14200\nnodes = [\"pi-1\"]\n";
+    parse(status).unwrap_or_else(|err| panic!("{err}"));
+    let metrics = status.replace("4200\n", "4191\n");
+    parse(&metrics).unwrap_or_else(|err| panic!("{err}"));
+    let looping = status.replace("port = 4200\n", "port = 4140\n");
+    let err = parse(&looping).map(|_| ()).expect_err("a loop");
+    assert!(err.message.contains("come back into the proxy"), "{err}");
+}

@@ -135,7 +135,10 @@ fn status_reports_the_seed_and_k3s_presence() {
         "{metrics}"
     );
     // (Units and their heals are counted under systemd: tests/nspawn/test_heal.py.)
-    assert!(metrics.contains("\nprocess_resident_memory_bytes "), "{metrics}");
+    assert!(
+        metrics.contains("\nprocess_resident_memory_bytes "),
+        "{metrics}"
+    );
     let (exit, _) = supervisor.terminate();
     assert!(exit.success(), "clean exit on SIGTERM: {exit}");
 
