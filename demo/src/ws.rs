@@ -31,6 +31,13 @@ pub type ServerSocket = WebSocketStream<TokioIo<Upgraded>>;
 /// How often the fallback polls.
 pub const POLL_EVERY: Duration = Duration::from_millis(500);
 
+/// How many times a relay tries to open its upstream WebSocket, [`OPEN_RETRY_EVERY`]
+/// apart, before it polls instead: a part that starts before the mesh carries its
+/// upstream (a proxy still loading its routes, a peer proxy not yet reached) gets its
+/// WebSocket a moment later rather than polling for the connection's whole life.
+const OPEN_ATTEMPTS: u32 = 10;
+const OPEN_RETRY_EVERY: Duration = Duration::from_secs(1);
+
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers
         .get(UPGRADE)
@@ -111,19 +118,31 @@ fn mode_message(upstream: &Upstream, mode: &str) -> Message {
     Message::text(text)
 }
 
-/// Relays `client` to the upstream WebSocket, or polls, until either side closes or
-/// shutdown.
+/// Relays `client` to the upstream WebSocket (tried [`OPEN_ATTEMPTS`] times), or polls,
+/// until either side closes or shutdown.
 pub async fn relay(
     mut client: ServerSocket,
     upstream: Upstream,
     trace: TraceContext,
-    shutdown: Shutdown,
+    mut shutdown: Shutdown,
 ) {
-    match upstream
+    let mut opened = upstream
         .mesh
         .websocket(upstream.service, upstream.ws_path, &trace)
-        .await
-    {
+        .await;
+    for _ in 1..OPEN_ATTEMPTS {
+        let Err(err) = &opened else { break };
+        debug!("{err}; trying again in {OPEN_RETRY_EVERY:?}");
+        tokio::select! {
+            () = tokio::time::sleep(OPEN_RETRY_EVERY) => {}
+            () = shutdown.wait() => return,
+        }
+        opened = upstream
+            .mesh
+            .websocket(upstream.service, upstream.ws_path, &trace)
+            .await;
+    }
+    match opened {
         Ok(server) => {
             debug!(
                 "relaying a WebSocket to {} {}",
