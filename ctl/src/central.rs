@@ -150,56 +150,42 @@ impl std::error::Error for CentralError {
 
 /// The real cause of a failed request, as an operator would look for it.
 fn cause(err: &reqwest::Error) -> String {
-    use rustls::{CertificateError, Error as Tls};
     if err.is_timeout() {
         return format!(
             "timed out: no answer within {} s",
             REQUEST_TIMEOUT.as_secs()
         );
     }
-    let tls = |tls: &Tls| -> String {
-        match tls {
-            Tls::InvalidCertificate(CertificateError::UnknownIssuer) => {
-                "unknown CA: the server's certificate is not signed by a CA this command \
-                 trusts (give the central server's CA with --central-ca)"
-                    .to_owned()
-            }
-            Tls::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            ) => "name mismatch: the server's certificate is not for the host named in \
-                  --central"
-                .to_owned(),
-            Tls::InvalidCertificate(
-                CertificateError::Expired | CertificateError::ExpiredContext { .. },
-            ) => {
-                "the server's certificate has expired (or this machine's clock is wrong)".to_owned()
-            }
-            other => format!("TLS failed: {other}"),
-        }
-    };
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(error) = next {
-        if let Some(found) = error.downcast_ref::<Tls>() {
-            return tls(found);
-        }
-        if let Some(io) = error.downcast_ref::<io::Error>() {
-            // An I/O error made of another error shows that one through `get_ref`, not
-            // through `source`.
-            if let Some(found) = io.get_ref().and_then(|inner| inner.downcast_ref::<Tls>()) {
-                return tls(found);
-            }
-            match io.kind() {
-                io::ErrorKind::ConnectionRefused => {
-                    return "connection refused: nothing listens at that address and port"
-                        .to_owned()
-                }
-                io::ErrorKind::TimedOut => return "timed out connecting".to_owned(),
-                _ => {}
-            }
-        }
-        next = error.source();
-    }
-    // Some layers carry the TLS or I/O error only as text: read the whole chain.
+    // reqwest carries rustls' and the socket's errors inside boxed layers that do not
+    // downcast back to their types: the chain's text is what names them.
+    let text = error_chain(err);
+    let causes = [
+        (
+            &["UnknownIssuer"][..],
+            "unknown CA: the server's certificate is not signed by a CA this command trusts \
+             (give the central server's CA with --central-ca)",
+        ),
+        (
+            &["NotValidForName", "not valid for name"][..],
+            "name mismatch: the server's certificate is not for the host named in --central",
+        ),
+        (
+            &["Expired", "certificate expired"][..],
+            "the server's certificate has expired (or this machine's clock is wrong)",
+        ),
+        (
+            &["Connection refused", "ConnectionRefused"][..],
+            "connection refused: nothing listens at that address and port",
+        ),
+    ];
+    causes
+        .iter()
+        .find(|(words, _)| words.iter().any(|word| text.contains(word)))
+        .map_or(text.clone(), |(_, named)| (*named).to_owned())
+}
+
+/// `err` and its sources, each once, joined by ": ".
+fn error_chain(err: &reqwest::Error) -> String {
     let mut text = err.to_string();
     let mut next = std::error::Error::source(err);
     while let Some(error) = next {
@@ -210,35 +196,6 @@ fn cause(err: &reqwest::Error) -> String {
         }
         next = error.source();
     }
-    let named = [
-        (
-            "UnknownIssuer",
-            Tls::InvalidCertificate(CertificateError::UnknownIssuer),
-        ),
-        (
-            "NotValidForName",
-            Tls::InvalidCertificate(CertificateError::NotValidForName),
-        ),
-        (
-            "not valid for name",
-            Tls::InvalidCertificate(CertificateError::NotValidForName),
-        ),
-        (
-            "Expired",
-            Tls::InvalidCertificate(CertificateError::Expired),
-        ),
-        (
-            "certificate expired",
-            Tls::InvalidCertificate(CertificateError::Expired),
-        ),
-    ];
-    if let Some((_, found)) = named.iter().find(|(word, _)| text.contains(word)) {
-        return tls(found);
-    }
-    if text.contains("Connection refused") {
-        return "connection refused: nothing listens at that address and port".to_owned();
-    }
-    // DNS failures, resets, protocol errors: the chain says it best.
     text
 }
 

@@ -42,17 +42,8 @@ struct ActionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
-    state: &'static str,
+    state: String,
 }
-
-const OTA_STATES: [(OtaState, &str); 6] = [
-    (OtaState::Disabled, "disabled"),
-    (OtaState::WaitingForCredential, "waiting-for-credential"),
-    (OtaState::Idle, "idle"),
-    (OtaState::Applying, "applying"),
-    (OtaState::Trying, "trying"),
-    (OtaState::RollingBack, "rolling-back"),
-];
 
 /// `status` as OpenMetrics text.
 pub fn encode(status: &NodeStatus) -> Result<String, fmt::Error> {
@@ -104,7 +95,14 @@ pub fn encode(status: &NodeStatus) -> Result<String, fmt::Error> {
         actions,
     );
     let ota = Family::<StateLabel, Gauge>::default();
-    for (state, name) in OTA_STATES {
+    for state in OtaState::ALL {
+        // The label is the state as `/status` writes it.
+        let Some(name) = serde_json::to_value(state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+        else {
+            continue;
+        };
         ota.get_or_create(&StateLabel { state: name })
             .set(i64::from(status.ota.state == state));
     }

@@ -379,6 +379,18 @@ pub enum OtaState {
     RollingBack,
 }
 
+impl OtaState {
+    /// Every state, in the order of the enum.
+    pub const ALL: [OtaState; 6] = [
+        OtaState::Disabled,
+        OtaState::WaitingForCredential,
+        OtaState::Idle,
+        OtaState::Applying,
+        OtaState::Trying,
+        OtaState::RollingBack,
+    ];
+}
+
 /// What `GET /status` shows about over-the-air configuration.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct OtaReport {
