@@ -5,6 +5,9 @@
 //! | `PUT /v1/sites/<site>/revisions` | operator (the signature is the authority) | publish a signed revision |
 //! | `GET /v1/sites/<site>/config?after=<n>&wait=<s>` | node of `<site>` (mTLS) | the newest revision when newer than `n`, else wait up to `s` seconds, then 204 |
 //! | `POST /v1/sites/<site>/reports` | node of `<site>` (mTLS) | what the node applied; recorded under the node name of its certificate |
+//! | `GET /v1/sites/<site>/rollouts?limit=<n>` | operator of `<site>` (signed with its key) | the site's rollouts, newest first |
+//! | `GET /v1/sites/<site>/revisions/<n>` | operator of `<site>` | stored revision `n` as published |
+//! | `POST /v1/sites/<site>/rollouts/<n>/{pause,resume,abort}` | operator of `<site>`, newer than its last command | change the rollout of revision `n` |
 //! | `GET /v1/fleet` | anyone reaching the server | every site's newest revision and node reports |
 //! | `GET /v1/version` | anyone reaching the server | `{"version": "<this build's version>"}` |
 //! | `GET /metrics` | anyone reaching the server | Prometheus metrics (see `metrics`) |
@@ -24,6 +27,8 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{AnswerLabels, CentralMetrics, PublishLabels};
+use crate::offers::unix_now;
+use crate::operator;
 use crate::sites::{PublishError, Registry, Site};
 use pimesh_runtime::answer::{error, json_value as json_response, read_body, Refusal};
 
@@ -47,14 +52,8 @@ pub async fn route(
             &json!({ "version": env!("CARGO_PKG_VERSION") }),
         ),
         (method, Some(Route::Site { site, resource })) => {
-            let Some(site) = DnsLabel::try_from(site.to_owned())
-                .ok()
-                .and_then(|s| registry.sites.get(&s))
-            else {
-                return error(
-                    StatusCode::NOT_FOUND,
-                    &format!("no site {site:?} on this server"),
-                );
+            let Some(site) = served_site(&registry, site) else {
+                return no_site(site);
             };
             match (method, resource) {
                 (Method::PUT, Some(SiteResource::Revisions)) => {
@@ -72,12 +71,71 @@ pub async fn route(
                         Err(refusal) => refusal.into_response(),
                     }
                 }
+                (Method::GET, Some(SiteResource::Rollouts)) => {
+                    match operator::authorize(&request, site, b"") {
+                        Ok(_) => operator::rollouts(request.uri().query(), site, &registry),
+                        Err(refusal) => refusal.into_response(),
+                    }
+                }
                 (_, Some(_)) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here"),
                 (_, None) => error(StatusCode::NOT_FOUND, "no such resource"),
             }
         }
+        (method, Some(Route::Revision { site, revision })) => {
+            let Some(site) = served_site(&registry, site) else {
+                return no_site(site);
+            };
+            if method != Method::GET {
+                return error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here");
+            }
+            let Some(revision) = revision else {
+                return error(StatusCode::NOT_FOUND, "a revision is a whole number");
+            };
+            match operator::authorize(&request, site, b"") {
+                Ok(_) => operator::revision(site, revision, &registry),
+                Err(refusal) => refusal.into_response(),
+            }
+        }
+        (
+            method,
+            Some(Route::RolloutCommand {
+                site,
+                revision,
+                command,
+            }),
+        ) => {
+            let Some(site) = served_site(&registry, site) else {
+                return no_site(site);
+            };
+            if method != Method::POST {
+                return error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here");
+            }
+            let (Some(revision), Some(command)) = (revision, command) else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "expected /v1/sites/<site>/rollouts/<revision>/{pause,resume,abort}",
+                );
+            };
+            match operator::authorize(&request, site, b"") {
+                Ok(at_ms) => operator::command(site, revision, command, at_ms, &registry),
+                Err(refusal) => refusal.into_response(),
+            }
+        }
         _ => error(StatusCode::NOT_FOUND, "no such resource; see /v1/fleet"),
     }
+}
+
+fn served_site<'r>(registry: &'r Registry, site: &str) -> Option<&'r Site> {
+    DnsLabel::try_from(site.to_owned())
+        .ok()
+        .and_then(|s| registry.sites.get(&s))
+}
+
+fn no_site(site: &str) -> Response<Full<Bytes>> {
+    error(
+        StatusCode::NOT_FOUND,
+        &format!("no site {site:?} on this server"),
+    )
 }
 
 /// How long one connection reuses an answer at most, even when no certificate of its chain
@@ -291,7 +349,8 @@ async fn config(
         Ok(query) => (query.after, query.wait.min(registry.long_poll_max)),
         Err(err) => return error(StatusCode::BAD_REQUEST, &err.to_string()),
     };
-    let mut latest = site.subscribe();
+    let mut changes = site.offers.subscribe();
+    let _parked = site.offers.park(node, unix_now());
     let deadline = tokio::time::sleep(wait);
     tokio::pin!(deadline);
     let label = CentralMetrics::site(&site.name);
@@ -308,20 +367,19 @@ async fn config(
             .inc();
     };
     loop {
-        if let Some(current) = latest.borrow_and_update().clone() {
-            if current.revision > after {
-                debug!(site = %site.name, %node, revision = current.revision, "serving revision");
-                answered("revision");
-                let mut response = Response::new(Full::new(Bytes::from(current.json.clone())));
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static("application/json"),
-                );
-                return response;
-            }
+        changes.borrow_and_update();
+        if let Some(current) = site.offers.offer(node, after) {
+            debug!(site = %site.name, %node, revision = current.revision, "serving revision");
+            answered("revision");
+            let mut response = Response::new(Full::new(Bytes::from(current.json.clone())));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            return response;
         }
         tokio::select! {
-            changed = latest.changed() => if changed.is_err() {
+            changed = changes.changed() => if changed.is_err() {
                 return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
             },
             () = &mut deadline => {
@@ -362,6 +420,8 @@ async fn report(
     match registry.storage.record_report(&site.name, node, &recorded) {
         Ok(()) => {
             registry.fleet.changed();
+            site.offers
+                .reported(node, &recorded, registry.storage.as_ref(), unix_now());
             registry
                 .metrics
                 .reports

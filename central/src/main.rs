@@ -6,6 +6,9 @@ mod api;
 mod config;
 mod fleet;
 mod metrics;
+mod offers;
+mod operator;
+mod rollout;
 mod sites;
 mod storage;
 mod tls;
@@ -102,8 +105,13 @@ async fn run(config: CentralConfig) -> Result<(), Fatal> {
     ));
     let own_port = self_probe_target(&listener);
     let accepting = notify::Heartbeat::new();
-    let watchdog = notify::spawn_watchdog_fed_by(vec![("accept loop", Arc::clone(&accepting))]);
+    let rollouts_ticking = notify::Heartbeat::new();
+    let watchdog = notify::spawn_watchdog_fed_by(vec![
+        ("accept loop", Arc::clone(&accepting)),
+        ("rollout clock", Arc::clone(&rollouts_ticking)),
+    ]);
     tokio::select! {
+        () = rollout_clock(Arc::clone(&registry), rollouts_ticking) => {}
         () = serve(listener, acceptor, registry, accepting) => {}
         () = probe_own_port(own_port) => {}
         signal = pimesh_runtime::shutdown_signal() => {
@@ -179,6 +187,24 @@ fn self_probe_target(listener: &TcpListener) -> std::net::SocketAddr {
         });
     }
     addr
+}
+
+/// How often rollouts look at the time (a node of a wave going offline).
+const ROLLOUT_TICK: Duration = Duration::from_secs(2);
+
+/// Advances every site's rollouts every [`ROLLOUT_TICK`], for ever; `ticking` beats each
+/// round.
+async fn rollout_clock(registry: Arc<Registry>, ticking: Arc<notify::Heartbeat>) {
+    let mut every = tokio::time::interval(ROLLOUT_TICK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let now = offers::unix_now();
+        for site in registry.sites.values() {
+            site.offers.tick(registry.storage.as_ref(), now);
+        }
+        ticking.beat();
+    }
 }
 
 /// Opens (and at once closes) a connection to `addr` every [`SELF_PROBE_EVERY`], for ever.

@@ -7,13 +7,14 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use pimesh_revision::{FleetView, NodeView, Rejection, SignedRevision, SiteView, Verifier};
+use pimesh_revision::{FleetView, NodeView, Plan, Rejection, SignedRevision, SiteView, Verifier};
 use pimesh_schema::DnsLabel;
 use rustls::pki_types::pem::{self, PemObject as _};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{watch, Mutex};
 
 use crate::config::SiteEntry;
+use crate::offers::{unix_now, Offers};
 use crate::storage::Storage;
 
 /// The newest revision of a site, serialised once for every node that fetches it.
@@ -28,6 +29,8 @@ pub struct Site {
     pub anchor: CertificateDer<'static>,
     verifier: Verifier,
     latest: watch::Sender<Option<Arc<Latest>>>,
+    /// Which revision each node is offered, by the rollouts of the site's revisions.
+    pub offers: Offers,
     /// Serialises publishes of this site so that revision order is checked and stored as
     /// one step.
     publishing: Mutex<()>,
@@ -91,25 +94,32 @@ impl Site {
                 source,
             }
         })?;
-        let latest = storage
-            .latest(&entry.name)
-            .map_err(|source| SiteLoadError::Storage {
-                site: entry.name.clone(),
-                source,
-            })?
-            .map(|revision| {
-                Arc::new(Latest {
-                    revision: revision.revision,
-                    json: revision.to_json(),
-                })
-            });
+        let storage_error = |source| SiteLoadError::Storage {
+            site: entry.name.clone(),
+            source,
+        };
+        let newest = storage.latest(&entry.name).map_err(storage_error)?;
+        let offers = Offers::load(&entry.name, newest.as_ref(), storage, unix_now())
+            .map_err(storage_error)?;
+        let latest = newest.map(|revision| {
+            Arc::new(Latest {
+                revision: revision.revision,
+                json: revision.to_json(),
+            })
+        });
         Ok(Site {
             name: entry.name.clone(),
             anchor,
             verifier: Verifier::new(entry.name.clone(), entry.public_key.clone()),
             latest: watch::Sender::new(latest),
+            offers,
             publishing: Mutex::new(()),
         })
+    }
+
+    /// The site's key: it signs the site's revisions and its operator's requests.
+    pub fn verifier_key(&self) -> &pimesh_schema::SigningKey {
+        &self.verifier.key
     }
 
     /// The key revisions of this site are checked with, `ed25519:<base64>`.
@@ -117,16 +127,13 @@ impl Site {
         self.verifier.key.to_string()
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Latest>>> {
-        self.latest.subscribe()
-    }
-
     pub fn latest_revision(&self) -> Option<u64> {
         self.latest.borrow().as_ref().map(|latest| latest.revision)
     }
 
     /// Verifies `bytes` as the next revision (signature, site, order, configuration),
-    /// stores it durably, then wakes every waiting node.
+    /// stores it durably, then starts its rollout (which wakes the waiting nodes it
+    /// offers the revision to).
     pub async fn publish(
         &self,
         bytes: &[u8],
@@ -145,6 +152,12 @@ impl Site {
             revision: verified.signed.revision,
             json,
         })));
+        self.offers.published(
+            &verified.signed,
+            Plan::from(&verified.config.rollout),
+            storage,
+            unix_now(),
+        );
         Ok(verified.signed)
     }
 }
@@ -257,6 +270,15 @@ mod tests {
             self.reads.fetch_add(1, Ordering::SeqCst);
             Ok(self.reports.lock().expect("lock").clone())
         }
+        fn revision(&self, _: &DnsLabel, _: u64) -> io::Result<Option<SignedRevision>> {
+            Ok(None)
+        }
+        fn store_rollout(&self, _: &pimesh_revision::Rollout) -> io::Result<()> {
+            Ok(())
+        }
+        fn rollouts(&self, _: &DnsLabel) -> io::Result<BTreeMap<u64, pimesh_revision::Rollout>> {
+            Ok(BTreeMap::new())
+        }
     }
 
     #[test]
@@ -279,12 +301,13 @@ mod tests {
             fleet: FleetCache::default(),
             metrics: crate::metrics::CentralMetrics::default(),
         };
+        let loaded = storage.reads.load(Ordering::SeqCst);
         let first = registry.fleet_json().expect("view");
         for _ in 0..100 {
             assert_eq!(registry.fleet_json().expect("view"), first);
         }
         assert_eq!(
-            storage.reads.load(Ordering::SeqCst),
+            storage.reads.load(Ordering::SeqCst) - loaded,
             1,
             "one build for 101 requests"
         );
@@ -301,6 +324,6 @@ mod tests {
         let after = registry.fleet_json().expect("view");
         assert_ne!(after, first, "the report is in the next answer");
         assert!(String::from_utf8_lossy(&after).contains("pi-a"));
-        assert_eq!(storage.reads.load(Ordering::SeqCst), 2);
+        assert_eq!(storage.reads.load(Ordering::SeqCst) - loaded, 2);
     }
 }

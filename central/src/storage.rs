@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use pimesh_revision::{RecordedReport, SignedRevision};
+use pimesh_revision::{RecordedReport, Rollout, SignedRevision};
 use pimesh_runtime::atomic_file;
 use pimesh_schema::DnsLabel;
 use tracing::warn;
@@ -27,9 +27,17 @@ pub trait Storage: Send + Sync {
     ) -> io::Result<()>;
     /// The latest report of each node of `site`.
     fn reports(&self, site: &DnsLabel) -> io::Result<BTreeMap<DnsLabel, RecordedReport>>;
+    /// Revision `number` of `site`, when stored.
+    fn revision(&self, site: &DnsLabel, number: u64) -> io::Result<Option<SignedRevision>>;
+    /// Keeps `rollout` as its revision's rollout, replacing the one before; returns once it
+    /// survives a power cut.
+    fn store_rollout(&self, rollout: &Rollout) -> io::Result<()>;
+    /// Every stored rollout of `site`, by revision.
+    fn rollouts(&self, site: &DnsLabel) -> io::Result<BTreeMap<u64, Rollout>>;
 }
 
-/// `<root>/<site>/revisions/<n>.json` and `<root>/<site>/reports/<node>.json`.
+/// `<root>/<site>/revisions/<n>.json`, `<root>/<site>/rollouts/<n>.json` and
+/// `<root>/<site>/reports/<node>.json`.
 pub struct FileStorage {
     root: PathBuf,
 }
@@ -48,6 +56,27 @@ impl FileStorage {
 
     fn reports_dir(&self, site: &DnsLabel) -> PathBuf {
         self.root.join(site.as_str()).join("reports")
+    }
+
+    fn rollouts_dir(&self, site: &DnsLabel) -> PathBuf {
+        self.root.join(site.as_str()).join("rollouts")
+    }
+}
+
+/// The JSON document at `path`, when it exists; a file that does not parse is logged and
+/// read as absent (an interrupted write never leaves one: every write is atomic).
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    match serde_json::from_slice(&bytes) {
+        Ok(value) => Ok(Some(value)),
+        Err(err) => {
+            warn!(file = %path.display(), %err, "stored document unreadable; skipped");
+            Ok(None)
+        }
     }
 }
 
@@ -128,6 +157,34 @@ impl Storage for FileStorage {
             }
         }
         Ok(reports)
+    }
+
+    fn revision(&self, site: &DnsLabel, number: u64) -> io::Result<Option<SignedRevision>> {
+        let path = self.revisions_dir(site).join(format!("{number}.json"));
+        Ok(read_json::<SignedRevision>(&path)?.filter(|revision| revision.revision == number))
+    }
+
+    fn store_rollout(&self, rollout: &Rollout) -> io::Result<()> {
+        let path = self
+            .rollouts_dir(&rollout.site)
+            .join(format!("{}.json", rollout.revision));
+        let bytes = serde_json::to_vec(rollout).map_err(io::Error::other)?;
+        atomic_file::replace(&path, &bytes, 0o644).map(drop)
+    }
+
+    fn rollouts(&self, site: &DnsLabel) -> io::Result<BTreeMap<u64, Rollout>> {
+        let mut rollouts = BTreeMap::new();
+        for (stem, path) in json_files(&self.rollouts_dir(site))? {
+            let Ok(number) = stem.parse::<u64>() else {
+                continue;
+            };
+            if let Some(rollout) = read_json::<Rollout>(&path)? {
+                if rollout.revision == number && &rollout.site == site {
+                    rollouts.insert(number, rollout);
+                }
+            }
+        }
+        Ok(rollouts)
     }
 }
 

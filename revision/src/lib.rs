@@ -12,17 +12,22 @@
 //!   [`ReportState`]) and what the central server records of it ([`RecordedReport`]).
 //! - [`fleet`]: the central server's view of every site and node ([`FleetView`]).
 //! - [`path`]: the central server's URL paths, built by the clients and parsed by the server.
+//! - [`rollout`]: how the central server hands a revision to a site's nodes in waves.
+//! - [`operator`]: requests only the site's operator may make, signed with the site key.
 //!
 //! Each wire type is serde-typed on both ends, so the server and its clients cannot drift
 //! apart on a field name or a state string.
 
 pub mod fleet;
+pub mod operator;
 pub mod path;
 pub mod report;
+pub mod rollout;
 pub mod signed;
 
 pub use fleet::{FleetView, NodeView, SiteView};
 pub use report::{K3sSummary, NodeReport, RecordedReport, ReportState, UnrecognisedState};
+pub use rollout::{Plan, Rollout, RolloutState, Wave};
 pub use signed::{
     Mode, Rejection, Revision, SignError, SignedRevision, Verified, Verifier, DEFAULT_MAX_BYTES,
     FORMAT,

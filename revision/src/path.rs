@@ -6,6 +6,9 @@
 //! | `/v1/sites/<site>/revisions` | [`revisions`]: publish a signed revision (`PUT`) |
 //! | `/v1/sites/<site>/config?after=<n>&wait=<s>` | [`config`] and [`ConfigQuery`]: a node's long-poll (`GET`) |
 //! | `/v1/sites/<site>/reports` | [`reports`]: a node's report (`POST`) |
+//! | `/v1/sites/<site>/revisions/<n>` | [`revision`]: one stored revision (`GET`, operator) |
+//! | `/v1/sites/<site>/rollouts` | [`rollouts`]: the site's rollouts, newest first (`GET`, operator) |
+//! | `/v1/sites/<site>/rollouts/<n>/<command>` | [`rollout_command`]: pause, resume or abort (`POST`, operator) |
 //! | `/v1/fleet` | [`FLEET`]: the fleet view (`GET`) |
 //! | `/v1/version` | [`VERSION`]: the server's version, `{"version": "<semver>"}` (`GET`) |
 
@@ -13,6 +16,8 @@ use std::fmt;
 use std::time::Duration;
 
 use pimesh_schema::DnsLabel;
+
+use crate::rollout::Command;
 
 /// The fleet view.
 pub const FLEET: &str = "/v1/fleet";
@@ -26,6 +31,7 @@ pub enum SiteResource {
     Revisions,
     Config,
     Reports,
+    Rollouts,
 }
 
 impl SiteResource {
@@ -35,6 +41,7 @@ impl SiteResource {
             SiteResource::Revisions => "revisions",
             SiteResource::Config => "config",
             SiteResource::Reports => "reports",
+            SiteResource::Rollouts => "rollouts",
         }
     }
 
@@ -43,6 +50,7 @@ impl SiteResource {
             SiteResource::Revisions,
             SiteResource::Config,
             SiteResource::Reports,
+            SiteResource::Rollouts,
         ]
         .into_iter()
         .find(|resource| resource.segment() == segment)
@@ -69,6 +77,21 @@ pub fn reports(site_name: &DnsLabel) -> String {
     site(site_name, SiteResource::Reports)
 }
 
+/// `/v1/sites/<site>/rollouts`.
+pub fn rollouts(site_name: &DnsLabel) -> String {
+    site(site_name, SiteResource::Rollouts)
+}
+
+/// `/v1/sites/<site>/revisions/<n>`.
+pub fn revision(site_name: &DnsLabel, number: u64) -> String {
+    format!("{}/{number}", revisions(site_name))
+}
+
+/// `/v1/sites/<site>/rollouts/<n>/<command>`.
+pub fn rollout_command(site_name: &DnsLabel, number: u64, command: Command) -> String {
+    format!("{}/{number}/{}", rollouts(site_name), command.as_str())
+}
+
 /// A path the server answers, parsed. Only whole paths match: no trailing `/`, no extra
 /// segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +106,17 @@ pub enum Route<'a> {
         site: &'a str,
         resource: Option<SiteResource>,
     },
+    /// `/v1/sites/<site>/revisions/<n>`; `revision` is `None` when not a whole number.
+    Revision {
+        site: &'a str,
+        revision: Option<u64>,
+    },
+    /// `/v1/sites/<site>/rollouts/<n>/<command>`; `None` where a part names nothing.
+    RolloutCommand {
+        site: &'a str,
+        revision: Option<u64>,
+        command: Option<Command>,
+    },
 }
 
 impl<'a> Route<'a> {
@@ -95,6 +129,15 @@ impl<'a> Route<'a> {
             ["v1", "sites", site, segment] => Some(Route::Site {
                 site,
                 resource: SiteResource::from_segment(segment),
+            }),
+            ["v1", "sites", site, "revisions", number] => Some(Route::Revision {
+                site,
+                revision: number.parse().ok(),
+            }),
+            ["v1", "sites", site, "rollouts", number, command] => Some(Route::RolloutCommand {
+                site,
+                revision: number.parse().ok(),
+                command: Command::from_segment(command),
             }),
             _ => None,
         }
@@ -184,6 +227,30 @@ mod tests {
                 })
             );
         }
+        assert_eq!(rollouts(&depot), "/v1/sites/depot-7/rollouts");
+        assert_eq!(
+            Route::parse(&revision(&depot, 12)),
+            Some(Route::Revision {
+                site: "depot-7",
+                revision: Some(12)
+            })
+        );
+        assert_eq!(
+            Route::parse(&rollout_command(&depot, 12, Command::Abort)),
+            Some(Route::RolloutCommand {
+                site: "depot-7",
+                revision: Some(12),
+                command: Some(Command::Abort)
+            })
+        );
+        assert_eq!(
+            Route::parse("/v1/sites/depot-7/rollouts/x/delete"),
+            Some(Route::RolloutCommand {
+                site: "depot-7",
+                revision: None,
+                command: None
+            })
+        );
         assert_eq!(Route::parse(FLEET), Some(Route::Fleet));
         assert_eq!(Route::parse(VERSION), Some(Route::Version));
     }

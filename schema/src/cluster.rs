@@ -33,6 +33,8 @@ pub struct ClusterConfig {
     pub services: BTreeMap<DnsLabel, Service>,
     /// `[[routes]]`: request matching for services (see [`crate::routes`]).
     pub routes: Vec<Route>,
+    /// `[rollout]`: how the central server hands this revision to the site's nodes.
+    pub rollout: RolloutSettings,
 }
 
 /// The port a node's proxy accepts mTLS mesh traffic on unless its address says otherwise.
@@ -363,6 +365,46 @@ impl TryFrom<String> for Rfc3339 {
     }
 }
 
+/// `[rollout]`: the waves in which the central server offers a revision to the site's
+/// nodes. Nodes never read it; the central server reads it from the revision it serves.
+///
+/// Invariant (after [`ClusterConfig::parse`]): `waves` is non-empty, strictly increasing,
+/// each within 1 to 100, and ends at 100; `canary` names no node twice; `offline_after`
+/// is within [`limits::ROLLOUT_OFFLINE_AFTER`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutSettings {
+    /// Nodes that take the revision first, before any percentage wave.
+    pub canary: Vec<DnsLabel>,
+    /// Then the share of the site's nodes holding the revision after each wave, in
+    /// percent, cumulative: `[10, 50, 100]`. The default, `[100]`, is every node at once.
+    pub waves: Vec<u8>,
+    /// More nodes than this rolling the revision back, reverting it or refusing it halts
+    /// the rollout: no further wave starts and no node that does not hold it yet gets it.
+    pub max_failed: u32,
+    /// A node of a started wave that the central server has not heard from for this long
+    /// does not hold its wave back; it takes the revision when it returns.
+    pub offline_after: HumanDuration,
+}
+
+impl Default for RolloutSettings {
+    fn default() -> Self {
+        RolloutSettings {
+            canary: Vec::new(),
+            waves: vec![100],
+            max_failed: 0,
+            offline_after: HumanDuration(Duration::from_secs(600)),
+        }
+    }
+}
+
+impl RolloutSettings {
+    /// Whether every node takes the revision at once (no canary, one wave).
+    pub fn is_all_at_once(&self) -> bool {
+        self.canary.is_empty() && self.waves.len() == 1
+    }
+}
+
 /// Limits and defaults of every proxy on the site.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -582,6 +624,8 @@ struct RawCluster {
     services: BTreeMap<DnsLabel, Service>,
     #[serde(default)]
     routes: Vec<Route>,
+    #[serde(default)]
+    rollout: RolloutSettings,
 }
 
 /// The most control replicas a server node runs (`[control] replicas`).
@@ -620,6 +664,9 @@ pub mod limits {
     pub const FAULT_DELAY: RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(3_600);
     /// `[proxy] span_queue_max_bytes` (1 GiB: a fair share of a Pi's SD card).
     pub const SPAN_QUEUE_MAX_BYTES: RangeInclusive<u64> = 0..=1024 * 1024 * 1024;
+    /// `[rollout] offline_after`.
+    pub const ROLLOUT_OFFLINE_AFTER: RangeInclusive<Duration> =
+        Duration::from_secs(10)..=Duration::from_secs(7 * 86_400);
 }
 
 /// Checks every limit and duration of `raw` (read from `text` of `file`) against
@@ -651,6 +698,12 @@ fn check_limits(file: &Path, text: &str, raw: &RawCluster, errors: &mut Vec<Conf
         u64::to_string,
     )
     .unwrap_or_else(|message| fail(&["proxy", "span_queue_max_bytes"], message));
+    within(
+        raw.rollout.offline_after.0,
+        &limits::ROLLOUT_OFFLINE_AFTER,
+        show,
+    )
+    .unwrap_or_else(|message| fail(&["rollout", "offline_after"], message));
     for (name, service) in &raw.services {
         let name = name.as_str();
         if let Some(timeout) = service.timeout {
@@ -669,6 +722,39 @@ fn check_limits(file: &Path, text: &str, raw: &RawCluster, errors: &mut Vec<Conf
             within(delay.duration.0, &limits::FAULT_DELAY, show).unwrap_or_else(|message| {
                 fail(&["services", name, "fault", "delay", "duration"], message)
             });
+        }
+    }
+}
+
+/// Checks `[rollout]`'s waves and canaries (its duration is checked with the limits).
+fn check_rollout(rollout: &RolloutSettings, fail: &mut dyn FnMut(&[&str], String)) {
+    let expected =
+        "expected increasing percentages of 1 to 100 ending at 100, such as [10, 50, 100]";
+    match rollout.waves.last() {
+        None => fail(&["rollout", "waves"], format!("{expected}, found none")),
+        Some(&last) if last != 100 => fail(
+            &["rollout", "waves"],
+            format!("{expected}, found a last wave of {last}"),
+        ),
+        Some(_) => {}
+    }
+    let mut before = 0;
+    for (i, &percent) in rollout.waves.iter().enumerate() {
+        if percent == 0 || percent > 100 || percent <= before {
+            fail(
+                &["rollout", "waves", &i.to_string()],
+                format!("{expected}, found {percent} after {before}"),
+            );
+        }
+        before = percent;
+    }
+    let mut seen = BTreeSet::new();
+    for (i, node) in rollout.canary.iter().enumerate() {
+        if !seen.insert(node) {
+            fail(
+                &["rollout", "canary", &i.to_string()],
+                format!("node {node} is listed twice"),
+            );
         }
     }
 }
@@ -914,6 +1000,9 @@ impl ClusterConfig {
                 errors.push(fail(&path, fault.message));
             }
         }
+        check_rollout(&raw.rollout, &mut |path, message| {
+            errors.push(fail(path, message))
+        });
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -926,6 +1015,7 @@ impl ClusterConfig {
             nodes: raw.nodes,
             services: raw.services,
             routes: raw.routes,
+            rollout: raw.rollout,
         })
     }
 

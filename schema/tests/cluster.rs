@@ -145,6 +145,12 @@ fn each_broken_rule_names_its_key_and_line() {
             5,
             "0s to 1h",
         ),
+        ("site = \"s\"\n[rollout]\nwaves = []\n", "rollout.waves", 3, "found none"),
+        ("site = \"s\"\n[rollout]\nwaves = [10, 50]\n", "rollout.waves", 3, "last wave of 50"),
+        ("site = \"s\"\n[rollout]\nwaves = [50, 10, 100]\n", "rollout.waves[1]", 3, "found 10 after 50"),
+        ("site = \"s\"\n[rollout]\nwaves = [0, 100]\n", "rollout.waves[0]", 3, "1 to 100"),
+        ("site = \"s\"\n[rollout]\ncanary = [\"pi-a\", \"pi-a\"]\n", "rollout.canary[1]", 3, "twice"),
+        ("site = \"s\"\n[rollout]\noffline_after = \"1s\"\n", "rollout.offline_after", 3, "10s to 7days"),
     ];
     for (text, key, line, says) in cases {
         let err = parse(text).expect_err(text);
@@ -152,6 +158,22 @@ fn each_broken_rule_names_its_key_and_line() {
         assert_eq!(err.line, Some(*line), "{text}\n{err}");
         assert!(err.message.contains(says), "{err}");
     }
+}
+
+#[test]
+fn a_rollout_plan_is_read_and_its_absence_means_every_node_at_once() {
+    let plain = parse("site = \"s\"\n").unwrap();
+    assert!(plain.rollout.is_all_at_once());
+    assert_eq!(plain.rollout.waves, vec![100]);
+    let staged = parse(
+        "site = \"s\"\n[rollout]\ncanary = [\"pi-a\"]\nwaves = [10, 50, 100]\nmax_failed = 1\noffline_after = \"2m\"\n",
+    )
+    .unwrap();
+    assert!(!staged.rollout.is_all_at_once());
+    assert_eq!(staged.rollout.canary, vec![label("pi-a")]);
+    assert_eq!(staged.rollout.waves, vec![10, 50, 100]);
+    assert_eq!(staged.rollout.max_failed, 1);
+    assert_eq!(staged.rollout.offline_after.0, Duration::from_secs(120));
 }
 
 #[test]

@@ -1,0 +1,458 @@
+//! Which revision each node of a site is offered: the newest revision whose rollout
+//! offers to that node ([`Rollout::offers_to`]), with the rollouts kept up to date as
+//! reports arrive, time passes and the operator pauses, resumes or aborts them.
+//!
+//! Invariants: every change to a rollout is written to storage as it is made (a failed
+//! write is logged and made again with the rollout's next change; an operator's command
+//! is refused unless stored); the newest
+//! stored revision always has a rollout here (one is started from its own `[rollout]`
+//! plan when the server finds none, e.g. after a power cut between storing the revision
+//! and its rollout); `live` holds every rollout whose revision may still be offered to a
+//! node: the newest that offers to every node and the ones above it; long-polls are woken
+//! (`changes`) after every change of a live rollout.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use pimesh_revision::rollout::Command;
+use pimesh_revision::{Plan, RecordedReport, Rollout, RolloutState, SignedRevision, Wave};
+use pimesh_schema::cluster::{ClusterConfig, RolloutSettings};
+use pimesh_schema::DnsLabel;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::rollout::{self, Observed};
+use crate::sites::Latest;
+use crate::storage::Storage;
+
+pub struct Offers {
+    state: Mutex<State>,
+    /// Bumped after every change of a live rollout.
+    changes: watch::Sender<u64>,
+}
+
+struct State {
+    site: DnsLabel,
+    live: BTreeMap<u64, Live>,
+    reports: BTreeMap<DnsLabel, RecordedReport>,
+    /// When each node was last heard from (a report, or the end of a long-poll).
+    heard: BTreeMap<DnsLabel, u64>,
+    /// Long-polls parked now, per node.
+    parked: BTreeMap<DnsLabel, usize>,
+    /// The server's start: no node counts as offline before it.
+    heard_floor: u64,
+}
+
+struct Live {
+    rollout: Rollout,
+    revision: Arc<Latest>,
+}
+
+/// Why an operator's command was refused.
+#[derive(Debug)]
+pub enum CommandError {
+    /// The site has no rollout of that revision.
+    NotFound(u64),
+    /// The rollout's state does not allow the command.
+    Conflict(String),
+    /// The command is not newer than one already accepted (a replay, or a clock set back).
+    Replayed {
+        at_ms: u64,
+        last_ms: u64,
+    },
+    Storage(io::Error),
+}
+
+impl fmt::Display for CommandError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CommandError::NotFound(revision) => {
+                write!(f, "no rollout of revision {revision} on this site")
+            }
+            CommandError::Conflict(why) => f.write_str(why),
+            CommandError::Replayed { at_ms, last_ms } => write!(
+                f,
+                "the command was signed at {at_ms} ms, not after the last accepted one \
+                 ({last_ms} ms): a replay, or this machine's clock went back"
+            ),
+            CommandError::Storage(err) => write!(f, "cannot store the rollout: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for CommandError {}
+
+/// Seconds since the Unix epoch (0 before it).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A rollout's plan as its revision's configuration says (every node at once when the
+/// configuration does not parse, which a stored revision's always does).
+pub fn plan_of(revision: &SignedRevision) -> Plan {
+    let source = format!("cluster.toml (revision {})", revision.revision);
+    ClusterConfig::parse(Path::new(&source), &revision.config)
+        .map(|config| Plan::from(&config.rollout))
+        .unwrap_or_else(|_| Plan::from(&RolloutSettings::default()))
+}
+
+fn served(revision: &SignedRevision) -> Arc<Latest> {
+    Arc::new(Latest {
+        revision: revision.revision,
+        json: revision.to_json(),
+    })
+}
+
+impl Offers {
+    /// The site's offers as storage holds them, `latest` being its newest revision.
+    pub fn load(
+        site: &DnsLabel,
+        latest: Option<&SignedRevision>,
+        storage: &dyn Storage,
+        now: u64,
+    ) -> io::Result<Offers> {
+        let mut stored = storage.rollouts(site)?;
+        let reports = storage.reports(site)?;
+        let mut live = BTreeMap::new();
+        if let Some(latest) = latest {
+            let rollout = stored.remove(&latest.revision).unwrap_or_else(|| {
+                info!(%site, revision = latest.revision, "no rollout stored for the newest revision; starting its plan");
+                rollout::new(site.clone(), latest.revision, plan_of(latest), now)
+            });
+            let mut covers_all = offers_to_all(&rollout);
+            live.insert(
+                latest.revision,
+                Live {
+                    rollout,
+                    revision: served(latest),
+                },
+            );
+            let mut below = latest.revision;
+            while !covers_all && below > 1 {
+                below -= 1;
+                let Some(revision) = storage.revision(site, below)? else {
+                    continue;
+                };
+                // A revision stored before rollouts existed went to every node at once.
+                let rollout = stored
+                    .remove(&below)
+                    .unwrap_or_else(|| everyone(site, below));
+                covers_all = offers_to_all(&rollout);
+                live.insert(
+                    below,
+                    Live {
+                        rollout,
+                        revision: served(&revision),
+                    },
+                );
+            }
+        }
+        let (changes, _) = watch::channel(0);
+        Ok(Offers {
+            state: Mutex::new(State {
+                site: site.clone(),
+                live,
+                reports,
+                heard: BTreeMap::new(),
+                parked: BTreeMap::new(),
+                heard_floor: now,
+            }),
+            changes,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Woken after every change that may change an offer.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn wake(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The revision to offer `node`, when newer than `after`.
+    pub fn offer(&self, node: &DnsLabel, after: u64) -> Option<Arc<Latest>> {
+        let state = self.lock();
+        state
+            .live
+            .values()
+            .rev()
+            .find(|live| live.rollout.offers_to(node))
+            .filter(|live| live.rollout.revision > after)
+            .map(|live| Arc::clone(&live.revision))
+    }
+
+    /// Counts `node` as heard from while the returned guard lives (a parked long-poll).
+    pub fn park(&self, node: &DnsLabel, now: u64) -> Parked<'_> {
+        let mut state = self.lock();
+        *state.parked.entry(node.clone()).or_default() += 1;
+        state.heard.insert(node.clone(), now);
+        Parked {
+            offers: self,
+            node: node.clone(),
+        }
+    }
+
+    /// A newly stored revision: its rollout starts, rollouts still running below it are
+    /// superseded.
+    pub fn published(
+        &self,
+        revision: &SignedRevision,
+        plan: Plan,
+        storage: &dyn Storage,
+        now: u64,
+    ) {
+        let mut state = self.lock();
+        let site = state.site.clone();
+        let mut rollout = rollout::new(site.clone(), revision.revision, plan, now);
+        state.advance(&mut rollout, now);
+        for live in state.live.values_mut() {
+            if matches!(
+                live.rollout.state,
+                RolloutState::Running | RolloutState::Paused
+            ) {
+                live.rollout.state = RolloutState::Superseded;
+                live.rollout.reason = Some(format!("revision {} published", revision.revision));
+                live.rollout.updated_at = now;
+                store(storage, &live.rollout);
+            }
+        }
+        store(storage, &rollout);
+        info!(%site, revision = revision.revision, waves = ?rollout.plan.stages(), state = %rollout.state, "rollout started");
+        state.live.insert(
+            revision.revision,
+            Live {
+                rollout,
+                revision: served(revision),
+            },
+        );
+        state.prune();
+        drop(state);
+        self.wake();
+    }
+
+    /// A node's report, recorded.
+    pub fn reported(
+        &self,
+        node: &DnsLabel,
+        recorded: &RecordedReport,
+        storage: &dyn Storage,
+        now: u64,
+    ) {
+        let mut state = self.lock();
+        state.reports.insert(node.clone(), recorded.clone());
+        state.heard.insert(node.clone(), now);
+        let changed = state.advance_all(storage, now);
+        drop(state);
+        if changed {
+            self.wake();
+        }
+    }
+
+    /// Time passed: nodes may have gone offline.
+    pub fn tick(&self, storage: &dyn Storage, now: u64) {
+        let changed = self.lock().advance_all(storage, now);
+        if changed {
+            self.wake();
+        }
+    }
+
+    /// The operator's `command` on the rollout of `revision`, signed at `at_ms`.
+    pub fn command(
+        &self,
+        revision: u64,
+        command: Command,
+        at_ms: u64,
+        storage: &dyn Storage,
+        now: u64,
+    ) -> Result<Rollout, CommandError> {
+        let mut state = self.lock();
+        let mut rollout = match state.live.get(&revision) {
+            Some(live) => live.rollout.clone(),
+            None => storage
+                .rollouts(&state.site)
+                .map_err(CommandError::Storage)?
+                .remove(&revision)
+                .ok_or(CommandError::NotFound(revision))?,
+        };
+        if at_ms <= rollout.last_command_ms {
+            return Err(CommandError::Replayed {
+                at_ms,
+                last_ms: rollout.last_command_ms,
+            });
+        }
+        let refused = |rollout: &Rollout| {
+            CommandError::Conflict(format!(
+                "the rollout of revision {revision} is {}: it cannot be {}",
+                rollout.state,
+                match command {
+                    Command::Pause => "paused",
+                    Command::Resume => "resumed",
+                    Command::Abort => "aborted",
+                }
+            ))
+        };
+        rollout.state = match (command, rollout.state) {
+            (Command::Pause, RolloutState::Running) => RolloutState::Paused,
+            (Command::Resume, RolloutState::Paused) => RolloutState::Running,
+            (
+                Command::Abort,
+                RolloutState::Running
+                | RolloutState::Paused
+                | RolloutState::Halted
+                | RolloutState::Superseded,
+            ) => RolloutState::Aborted,
+            _ => return Err(refused(&rollout)),
+        };
+        rollout.reason = Some(format!("{} by the operator", rollout.state));
+        rollout.last_command_ms = at_ms;
+        rollout.updated_at = now;
+        if rollout.state == RolloutState::Running {
+            state.advance(&mut rollout, now);
+        }
+        storage
+            .store_rollout(&rollout)
+            .map_err(CommandError::Storage)?;
+        info!(site = %rollout.site, revision, command = command.as_str(), state = %rollout.state, "rollout command");
+        if let Some(live) = state.live.get_mut(&revision) {
+            live.rollout = rollout.clone();
+        }
+        state.prune();
+        drop(state);
+        self.wake();
+        Ok(rollout)
+    }
+
+    /// The site's rollouts, newest first, at most `limit`: the live ones as they are now,
+    /// the others as stored.
+    pub fn rollouts(&self, storage: &dyn Storage, limit: usize) -> io::Result<Vec<Rollout>> {
+        let state = self.lock();
+        let mut all = storage.rollouts(&state.site)?;
+        for (revision, live) in &state.live {
+            all.insert(*revision, live.rollout.clone());
+        }
+        Ok(all.into_values().rev().take(limit).collect())
+    }
+}
+
+/// A long-poll of `node`, counted as hearing from it until dropped.
+pub struct Parked<'a> {
+    offers: &'a Offers,
+    node: DnsLabel,
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        let mut state = self.offers.lock();
+        let now = unix_now();
+        state.heard.insert(self.node.clone(), now);
+        if let Some(count) = state.parked.get_mut(&self.node) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                state.parked.remove(&self.node);
+            }
+        }
+    }
+}
+
+impl State {
+    /// Advances `rollout` by what is known now; whether it changed.
+    fn advance(&self, rollout: &mut Rollout, now: u64) -> bool {
+        let mut heard = self.heard.clone();
+        for node in self.parked.keys() {
+            heard.insert(node.clone(), now);
+        }
+        rollout::advance(
+            rollout,
+            &Observed {
+                reports: &self.reports,
+                heard: &heard,
+                heard_floor: self.heard_floor,
+                now,
+            },
+        )
+    }
+
+    /// Advances every live rollout that can still change, storing the changed ones.
+    fn advance_all(&mut self, storage: &dyn Storage, now: u64) -> bool {
+        let mut changed = false;
+        let revisions: Vec<u64> = self.live.keys().copied().collect();
+        for revision in revisions {
+            let Some(mut rollout) = self.live.get(&revision).map(|live| live.rollout.clone())
+            else {
+                continue;
+            };
+            if matches!(
+                rollout.state,
+                RolloutState::Complete | RolloutState::Halted | RolloutState::Aborted
+            ) {
+                continue;
+            }
+            let before = rollout.state;
+            if self.advance(&mut rollout, now) {
+                if rollout.state != before {
+                    info!(site = %rollout.site, revision, state = %rollout.state, reason = ?rollout.reason, "rollout state");
+                }
+                store(storage, &rollout);
+                if let Some(live) = self.live.get_mut(&revision) {
+                    live.rollout = rollout;
+                }
+                changed = true;
+            }
+        }
+        if changed {
+            self.prune();
+        }
+        changed
+    }
+
+    /// Drops the live rollouts below the newest one that offers to every node.
+    fn prune(&mut self) {
+        let floor = self
+            .live
+            .iter()
+            .rev()
+            .find(|(_, live)| offers_to_all(&live.rollout))
+            .map(|(revision, _)| *revision);
+        if let Some(floor) = floor {
+            self.live.retain(|revision, _| *revision >= floor);
+        }
+    }
+}
+
+fn offers_to_all(rollout: &Rollout) -> bool {
+    rollout.last_wave_started() && !rollout.state.is_stopped()
+}
+
+/// The rollout of a revision stored before rollouts existed: every node at once, done.
+fn everyone(site: &DnsLabel, revision: u64) -> Rollout {
+    let mut rollout = rollout::new(
+        site.clone(),
+        revision,
+        Plan::from(&RolloutSettings::default()),
+        0,
+    );
+    rollout.state = RolloutState::Complete;
+    rollout.waves.push(Wave {
+        percent: Some(100),
+        nodes: Default::default(),
+        started_at: 0,
+    });
+    rollout
+}
+
+/// Stores `rollout`, logging a failure (the next change stores it again).
+fn store(storage: &dyn Storage, rollout: &Rollout) {
+    if let Err(err) = storage.store_rollout(rollout) {
+        warn!(site = %rollout.site, revision = rollout.revision, %err, "cannot store the rollout; kept in memory");
+    }
+}

@@ -1,0 +1,436 @@
+//! Staged rollouts through the central server binary over real TLS: nodes long-poll with
+//! their node certificates and report as the supervisor's OTA client does; the operator
+//! reads and steers rollouts with requests signed by the site key.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pimesh_revision::path;
+use pimesh_revision::rollout::Command;
+use pimesh_revision::{Rollout, RolloutState};
+use pimesh_schema::DnsLabel;
+use pimesh_test_support::central::{Central, CentralSite, SigningKey};
+use pimesh_test_support::Site;
+use reqwest::blocking::Client;
+
+struct TestSite {
+    site: Site,
+    key: SigningKey,
+    anchor_path: PathBuf,
+}
+
+impl TestSite {
+    fn new(dir: &Path, name: &str) -> TestSite {
+        let site = Site::new(name);
+        let anchor_path = dir.join(format!("{name}-anchor.pem"));
+        std::fs::write(&anchor_path, site.root.anchor.cert_pem()).expect("anchor");
+        TestSite {
+            site,
+            key: SigningKey::generate(),
+            anchor_path,
+        }
+    }
+
+    fn name(&self) -> &DnsLabel {
+        &self.site.name
+    }
+}
+
+fn start(dir: &Path, sites: &[&TestSite]) -> Central {
+    let sites: Vec<CentralSite<'_>> = sites
+        .iter()
+        .map(|site| CentralSite {
+            name: site.site.name.as_str(),
+            anchor: &site.anchor_path,
+            public_key: &site.key.public_key,
+        })
+        .collect();
+    Central::start(dir, "long_poll_max = \"30s\"\n", &sites)
+}
+
+fn client(central: &Central, identity: Option<&[u8]>) -> Client {
+    let mut builder = Client::builder()
+        .use_rustls_tls()
+        .resolve("localhost", central.addr)
+        .add_root_certificate(reqwest::Certificate::from_pem(&central.server_pem).expect("root"))
+        .timeout(Duration::from_secs(60));
+    if let Some(pem) = identity {
+        builder = builder.identity(reqwest::Identity::from_pem(pem).expect("identity"));
+    }
+    builder.build().expect("client")
+}
+
+/// A node of the site, speaking the protocol of the supervisor's OTA client.
+struct Node {
+    name: &'static str,
+    http: Client,
+    url: String,
+    reports: String,
+}
+
+impl Node {
+    fn new(central: &Central, site: &TestSite, name: &'static str) -> Node {
+        Node {
+            name,
+            http: client(central, Some(&site.site.node_identity_pem(name))),
+            url: central.url(&path::config(site.name())),
+            reports: central.url(&path::reports(site.name())),
+        }
+    }
+
+    /// The revision offered after `after` within `wait` seconds, if any.
+    fn poll(&self, after: u64, wait: u64) -> Option<u64> {
+        let response = self
+            .http
+            .get(format!("{}?after={after}&wait={wait}", self.url))
+            .send()
+            .expect("long-poll");
+        match response.status().as_u16() {
+            204 => None,
+            200 => {
+                let body: serde_json::Value = response.json().expect("revision");
+                Some(body["revision"].as_u64().expect("number"))
+            }
+            other => panic!("{}: long-poll answered {other}", self.name),
+        }
+    }
+
+    fn report(&self, revision: u64, state: &str, detail: &str) {
+        let body = serde_json::json!({"revision": revision, "state": state, "detail": detail});
+        let status = self
+            .http
+            .post(&self.reports)
+            .json(&body)
+            .send()
+            .expect("report")
+            .status();
+        assert_eq!(status, 200, "{} report", self.name);
+    }
+}
+
+/// The site's operator: publishes revisions and signs its requests with the site key.
+struct Operator<'a> {
+    http: Client,
+    central: &'a Central,
+    site: &'a TestSite,
+    key: &'a SigningKey,
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_millis(),
+    )
+    .expect("ms")
+}
+
+impl Operator<'_> {
+    fn publish(&self, number: u64, config: &str) {
+        let status = self
+            .http
+            .put(self.central.url(&path::revisions(self.site.name())))
+            .body(self.key.revision(self.site.name(), number, config))
+            .send()
+            .expect("publish")
+            .status();
+        assert_eq!(status, 201, "publish {number}");
+    }
+
+    fn signed(&self, method: &str, path: &str) -> String {
+        pimesh_revision::operator::authorization(
+            &self.key.pkcs8,
+            self.site.name(),
+            method,
+            path,
+            now_ms(),
+            b"",
+        )
+        .expect("sign")
+    }
+
+    fn rollouts(&self) -> Vec<Rollout> {
+        let path = path::rollouts(self.site.name());
+        let response = self
+            .http
+            .get(self.central.url(&path))
+            .header("authorization", self.signed("GET", &path))
+            .send()
+            .expect("rollouts");
+        assert_eq!(response.status(), 200);
+        response.json().expect("rollouts")
+    }
+
+    fn rollout(&self, revision: u64) -> Rollout {
+        self.rollouts()
+            .into_iter()
+            .find(|rollout| rollout.revision == revision)
+            .unwrap_or_else(|| panic!("no rollout of revision {revision}"))
+    }
+
+    fn command(&self, revision: u64, command: Command) -> (u16, String) {
+        let path = path::rollout_command(self.site.name(), revision, command);
+        let response = self
+            .http
+            .post(self.central.url(&path))
+            .header("authorization", self.signed("POST", &path))
+            .send()
+            .expect("command");
+        (response.status().as_u16(), response.text().expect("body"))
+    }
+
+    /// Waits (generously) until the rollout of `revision` satisfies `done`.
+    fn wait_for(&self, revision: u64, what: &str, done: impl Fn(&Rollout) -> bool) -> Rollout {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let rollout = self.rollout(revision);
+            if done(&rollout) {
+                return rollout;
+            }
+            assert!(Instant::now() < deadline, "{what}: {rollout:#?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+const PLAIN: &str = "site = \"depot-7\"\n";
+const STAGED: &str =
+    "site = \"depot-7\"\n[rollout]\ncanary = [\"pi-c\"]\nwaves = [60, 100]\nmax_failed = 0\n";
+
+fn names(nodes: &std::collections::BTreeSet<DnsLabel>) -> Vec<&str> {
+    nodes.iter().map(DnsLabel::as_str).collect()
+}
+
+#[test]
+fn a_staged_rollout_goes_wave_by_wave_and_halts_on_the_first_failure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = TestSite::new(dir.path(), "depot-7");
+    let mut central = start(dir.path(), &[&site]);
+    let operator = Operator {
+        http: client(&central, None),
+        central: &central,
+        site: &site,
+        key: &site.key,
+    };
+    let nodes: Vec<Node> = ["pi-a", "pi-b", "pi-c", "pi-d", "pi-e"]
+        .into_iter()
+        .map(|name| Node::new(&central, &site, name))
+        .collect();
+    let node = |name: &str| nodes.iter().find(|n| n.name == name).expect("node");
+
+    // Revision 1 says nothing of rollouts: every node at once.
+    operator.publish(1, PLAIN);
+    for node in &nodes {
+        assert_eq!(node.poll(0, 5), Some(1), "{}", node.name);
+        node.report(1, "applied", "");
+    }
+    operator.wait_for(1, "revision 1 completes", |r| {
+        r.state == RolloutState::Complete
+    });
+
+    // Revision 2: the canary first, alone.
+    operator.publish(2, STAGED);
+    assert_eq!(node("pi-c").poll(1, 5), Some(2));
+    for other in ["pi-a", "pi-b", "pi-d", "pi-e"] {
+        assert_eq!(
+            node(other).poll(1, 1),
+            None,
+            "{other} is not in the canary wave"
+        );
+    }
+    let rollout = operator.rollout(2);
+    assert_eq!(rollout.state, RolloutState::Running);
+    assert_eq!(rollout.waves.len(), 1);
+    assert_eq!(names(&rollout.waves[0].nodes), ["pi-c"]);
+
+    // A node parked in a long-poll is woken when its wave starts: 60 % of 5 nodes is 3,
+    // the canary and the first two by name.
+    let parked = {
+        let pi_a = Node::new(&central, &site, "pi-a");
+        std::thread::spawn(move || pi_a.poll(1, 30))
+    };
+    node("pi-c").report(2, "applied", "");
+    assert_eq!(parked.join().expect("parked poll"), Some(2));
+    let rollout = operator.wait_for(2, "the 60 % wave starts", |r| r.waves.len() == 2);
+    assert_eq!(names(&rollout.waves[1].nodes), ["pi-a", "pi-b"]);
+    assert_eq!(node("pi-b").poll(1, 5), Some(2));
+    assert_eq!(node("pi-d").poll(1, 1), None);
+
+    // pi-a's health gate fails: the rollout halts; nobody else is offered revision 2.
+    node("pi-a").report(1, "rolled-back", "revision 2: unhealthy: pimesh-proxy");
+    let halted = operator.wait_for(2, "the rollout halts", |r| r.state == RolloutState::Halted);
+    assert!(halted
+        .failed
+        .contains_key(&DnsLabel::try_from("pi-a".to_owned()).unwrap()));
+    let reason = halted.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("pi-a (rolled-back: revision 2: unhealthy"),
+        "{reason}"
+    );
+    for other in ["pi-b", "pi-d", "pi-e"] {
+        assert_eq!(node(other).poll(1, 1), None, "{other}: halted");
+    }
+    // (A report is taken into account before it is answered.)
+    node("pi-b").report(2, "applied", "");
+    assert_eq!(
+        operator.rollout(2).waves.len(),
+        2,
+        "a halted rollout never starts a wave"
+    );
+
+    // The plan, its progress and the halt survive a crash of the server.
+    central.kill_and_restart();
+    let operator = Operator {
+        http: client(&central, None),
+        central: &central,
+        site: &site,
+        key: &site.key,
+    };
+    let nodes: Vec<Node> = ["pi-a", "pi-b", "pi-c", "pi-d", "pi-e"]
+        .into_iter()
+        .map(|name| Node::new(&central, &site, name))
+        .collect();
+    let node = |name: &str| nodes.iter().find(|n| n.name == name).expect("node");
+    let after_restart = operator.rollout(2);
+    assert_eq!(after_restart.state, RolloutState::Halted);
+    assert_eq!(after_restart.waves, halted.waves);
+    assert_eq!(node("pi-d").poll(1, 1), None);
+    let (status, body) = operator.command(2, Command::Resume);
+    assert_eq!(status, 409, "a halted rollout is not resumed: {body}");
+
+    // The fix goes out to every node at once; the halted rollout stays in the history.
+    operator.publish(3, PLAIN);
+    for node in &nodes {
+        assert_eq!(node.poll(2, 5), Some(3), "{}", node.name);
+    }
+    let history = operator.rollouts();
+    let revisions: Vec<(u64, RolloutState)> =
+        history.iter().map(|r| (r.revision, r.state)).collect();
+    assert_eq!(
+        revisions,
+        [
+            (3, RolloutState::Running),
+            (2, RolloutState::Halted),
+            (1, RolloutState::Complete)
+        ]
+    );
+}
+
+#[test]
+fn the_operator_pauses_resumes_and_aborts_and_no_one_else_can() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = TestSite::new(dir.path(), "depot-7");
+    let other = TestSite::new(dir.path(), "depot-8");
+    let central = start(dir.path(), &[&site, &other]);
+    let operator = Operator {
+        http: client(&central, None),
+        central: &central,
+        site: &site,
+        key: &site.key,
+    };
+    let nodes: Vec<Node> = ["pi-a", "pi-b", "pi-c"]
+        .into_iter()
+        .map(|name| Node::new(&central, &site, name))
+        .collect();
+    operator.publish(1, PLAIN);
+    for node in &nodes {
+        assert_eq!(node.poll(0, 5), Some(1));
+        node.report(1, "applied", "");
+    }
+    operator.publish(2, STAGED);
+
+    // Another site's operator, a node, and anyone else: refused.
+    let intruder = Operator {
+        http: client(&central, None),
+        central: &central,
+        site: &site,
+        key: &other.key,
+    };
+    let (status, body) = intruder.command(2, Command::Abort);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("does not verify"), "{body}");
+    let rollouts_url = central.url(&path::rollouts(site.name()));
+    let anonymous = client(&central, None)
+        .get(&rollouts_url)
+        .send()
+        .expect("get");
+    assert_eq!(anonymous.status(), 401);
+    let as_node = nodes[0].http.get(&rollouts_url).send().expect("get");
+    assert_eq!(as_node.status(), 401, "a node certificate is no operator");
+    let revision_url = central.url(&path::revision(site.name(), 2));
+    let response = client(&central, None)
+        .get(&revision_url)
+        .send()
+        .expect("get");
+    assert_eq!(response.status(), 401);
+    let response = operator
+        .http
+        .get(&revision_url)
+        .header(
+            "authorization",
+            operator.signed("GET", &path::revision(site.name(), 2)),
+        )
+        .send()
+        .expect("get");
+    assert_eq!(response.status(), 200);
+    let stored: serde_json::Value = response.json().expect("revision");
+    assert_eq!(stored["config"], STAGED);
+
+    // Paused: the canary applies, and no wave follows.
+    let (status, body) = operator.command(2, Command::Pause);
+    assert_eq!(status, 200, "{body}");
+    let canary = nodes.iter().find(|n| n.name == "pi-c").expect("canary");
+    assert_eq!(
+        canary.poll(1, 5),
+        Some(2),
+        "a paused rollout keeps its started waves"
+    );
+    canary.report(2, "applied", "");
+    assert_eq!(operator.rollout(2).waves.len(), 1);
+    assert_eq!(nodes[0].poll(1, 1), None);
+
+    // A captured command replayed: refused.
+    let path = path::rollout_command(site.name(), 2, Command::Pause);
+    let replay = operator.signed("POST", &path);
+    let first = operator
+        .http
+        .post(central.url(&path))
+        .header("authorization", &replay)
+        .send()
+        .expect("post");
+    assert_eq!(first.status(), 409, "already paused");
+    let (status, _) = operator.command(2, Command::Resume);
+    assert_eq!(status, 200);
+    let again = operator
+        .http
+        .post(central.url(&path))
+        .header("authorization", &replay)
+        .send()
+        .expect("post");
+    assert_eq!(again.status(), 409);
+    assert!(again.text().expect("body").contains("replay"));
+
+    // Resumed: the next wave starts; aborted: nobody is offered the revision any more.
+    operator.wait_for(2, "the next wave starts", |r| r.waves.len() == 2);
+    assert_eq!(nodes[0].poll(1, 5), Some(2));
+    let (status, body) = operator.command(2, Command::Abort);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(nodes[1].poll(1, 1), None);
+    assert_eq!(
+        canary.poll(1, 1),
+        None,
+        "not even to the canary that asks again"
+    );
+    let aborted = operator.rollout(2);
+    assert_eq!(aborted.state, RolloutState::Aborted);
+    assert_eq!(
+        operator.command(2, Command::Resume).0,
+        409,
+        "an aborted rollout stays aborted"
+    );
+    let (status, body) = operator.command(9, Command::Pause);
+    assert_eq!(status, 404, "{body}");
+}

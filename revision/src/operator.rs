@@ -1,0 +1,284 @@
+//! Operator requests: what only the holder of a site's signing key may ask of the central
+//! server (its rollouts, its stored revisions, pausing or aborting a rollout). The site key
+//! that signs revisions is the operator's credential for the site; each request carries
+//!
+//! ```text
+//! Authorization: Pimesh-Operator t=<milliseconds since the epoch>,sig=<base64 Ed25519>
+//! ```
+//!
+//! The signature covers a domain-separated, length-prefixed encoding of the site, the
+//! method, the path with its query, the time and the SHA-256 of the body (see [`payload`]),
+//! so a signature for one site, resource, body or time is worth nothing for another. The
+//! server accepts a time within [`MAX_SKEW_MS`] of its clock; requests that change state
+//! must also be newer than the last one it accepted (the caller keeps that), so a captured
+//! request cannot be replayed.
+
+use std::fmt;
+
+use base64::Engine as _;
+use pimesh_schema::{DnsLabel, SigningKey};
+
+use crate::signed::SignError;
+
+/// The `Authorization` scheme.
+pub const SCHEME: &str = "Pimesh-Operator";
+/// How far the request's time may be from the server's clock.
+pub const MAX_SKEW_MS: u64 = 5 * 60 * 1000;
+const DOMAIN: &[u8] = b"pimesh-operator/1\0";
+
+/// The bytes an operator request's signature covers.
+pub fn payload(
+    site: &DnsLabel,
+    method: &str,
+    path_and_query: &str,
+    at_ms: u64,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(128);
+    payload.extend_from_slice(DOMAIN);
+    for part in [
+        site.as_str().as_bytes(),
+        method.as_bytes(),
+        path_and_query.as_bytes(),
+    ] {
+        payload.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        payload.extend_from_slice(part);
+    }
+    payload.extend_from_slice(&at_ms.to_be_bytes());
+    payload.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, body).as_ref());
+    payload
+}
+
+/// The `Authorization` header value for a request, signed with the site key (PKCS#8, as
+/// `pimeshctl site init` writes it).
+pub fn authorization(
+    site_key_pkcs8: &[u8],
+    site: &DnsLabel,
+    method: &str,
+    path_and_query: &str,
+    at_ms: u64,
+    body: &[u8],
+) -> Result<String, SignError> {
+    let key = ring::signature::Ed25519KeyPair::from_pkcs8(site_key_pkcs8)
+        .map_err(SignError::NotEd25519Pkcs8)?;
+    let signature = key.sign(&payload(site, method, path_and_query, at_ms, body));
+    let signature = base64::engine::general_purpose::STANDARD.encode(signature.as_ref());
+    Ok(format!("{SCHEME} t={at_ms},sig={signature}"))
+}
+
+/// Why an operator request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No `Authorization` header, or not of this scheme.
+    Missing,
+    /// The header is not `Pimesh-Operator t=<ms>,sig=<base64>`.
+    Malformed,
+    /// The signature does not verify with the site's key.
+    BadSignature,
+    /// The request's time is too far from the server's clock.
+    Stale { at_ms: u64, now_ms: u64 },
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Missing => write!(
+                f,
+                "this needs the site's operator: an Authorization: {SCHEME} header signed with \
+                 the site key (pimeshctl sends it with --site-dir)"
+            ),
+            Refusal::Malformed => write!(
+                f,
+                "expected Authorization: {SCHEME} t=<milliseconds>,sig=<base64 signature>"
+            ),
+            Refusal::BadSignature => f.write_str(
+                "the operator signature does not verify with this site's key (another \
+                 site's key, or a changed request)",
+            ),
+            Refusal::Stale { at_ms, now_ms } => write!(
+                f,
+                "the request was signed at {at_ms} ms and the server's clock reads {now_ms} ms: \
+                 more than {} s apart (check this machine's clock)",
+                MAX_SKEW_MS / 1000
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// Checks an operator request's `Authorization` header against the site's `key` at
+/// `now_ms`; returns the request's time.
+pub fn verify(
+    header: Option<&str>,
+    key: &SigningKey,
+    site: &DnsLabel,
+    method: &str,
+    path_and_query: &str,
+    body: &[u8],
+    now_ms: u64,
+) -> Result<u64, Refusal> {
+    let credentials = header
+        .and_then(|value| value.strip_prefix(SCHEME))
+        .and_then(|rest| rest.strip_prefix(' '))
+        .ok_or(Refusal::Missing)?;
+    let (mut at_ms, mut signature) = (None, None);
+    for part in credentials.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", value)) => at_ms = value.parse::<u64>().ok(),
+            Some(("sig", value)) => signature = Some(value),
+            _ => return Err(Refusal::Malformed),
+        }
+    }
+    let (Some(at_ms), Some(signature)) = (at_ms, signature) else {
+        return Err(Refusal::Malformed);
+    };
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(signature)
+        .map_err(|_| Refusal::Malformed)?;
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key.as_bytes())
+        .verify(
+            &payload(site, method, path_and_query, at_ms, body),
+            &signature,
+        )
+        .map_err(|_| Refusal::BadSignature)?;
+    if at_ms.abs_diff(now_ms) > MAX_SKEW_MS {
+        return Err(Refusal::Stale { at_ms, now_ms });
+    }
+    Ok(at_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(s: &str) -> DnsLabel {
+        DnsLabel::try_from(s.to_owned()).expect("label")
+    }
+
+    fn key() -> (Vec<u8>, SigningKey) {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).expect("key");
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("pair");
+        let public = format!(
+            "ed25519:{}",
+            base64::engine::general_purpose::STANDARD
+                .encode(ring::signature::KeyPair::public_key(&pair).as_ref())
+        );
+        (
+            pkcs8.as_ref().to_vec(),
+            public.try_into().expect("public key"),
+        )
+    }
+
+    #[test]
+    fn a_signed_request_verifies_and_nothing_else_does() {
+        let (pkcs8, public) = key();
+        let (_, other) = key();
+        let site = label("depot-7");
+        let path = "/v1/sites/depot-7/rollouts/4/abort";
+        let now = 1_800_000_000_000;
+        let header = authorization(&pkcs8, &site, "POST", path, now, b"").expect("sign");
+        assert!(header.starts_with("Pimesh-Operator t=1800000000000,sig="));
+        let check = |header: Option<&str>,
+                     key: &SigningKey,
+                     site: &DnsLabel,
+                     method,
+                     path,
+                     body: &[u8],
+                     at| { verify(header, key, site, method, path, body, at) };
+        assert_eq!(
+            check(Some(&header), &public, &site, "POST", path, b"", now),
+            Ok(now)
+        );
+        assert_eq!(
+            check(
+                Some(&header),
+                &public,
+                &site,
+                "POST",
+                path,
+                b"",
+                now + MAX_SKEW_MS
+            ),
+            Ok(now)
+        );
+        assert_eq!(
+            check(Some(&header), &other, &site, "POST", path, b"", now),
+            Err(Refusal::BadSignature),
+            "another site's key"
+        );
+        assert_eq!(
+            check(
+                Some(&header),
+                &public,
+                &label("depot-8"),
+                "POST",
+                path,
+                b"",
+                now
+            ),
+            Err(Refusal::BadSignature)
+        );
+        assert_eq!(
+            check(Some(&header), &public, &site, "GET", path, b"", now),
+            Err(Refusal::BadSignature)
+        );
+        assert_eq!(
+            check(
+                Some(&header),
+                &public,
+                &site,
+                "POST",
+                "/v1/sites/depot-7/rollouts/4/resume",
+                b"",
+                now
+            ),
+            Err(Refusal::BadSignature)
+        );
+        assert_eq!(
+            check(Some(&header), &public, &site, "POST", path, b"x", now),
+            Err(Refusal::BadSignature)
+        );
+        assert_eq!(
+            check(
+                Some(&header),
+                &public,
+                &site,
+                "POST",
+                path,
+                b"",
+                now + MAX_SKEW_MS + 1
+            ),
+            Err(Refusal::Stale {
+                at_ms: now,
+                now_ms: now + MAX_SKEW_MS + 1
+            })
+        );
+        assert_eq!(
+            check(None, &public, &site, "POST", path, b"", now),
+            Err(Refusal::Missing)
+        );
+        assert_eq!(
+            check(Some("Bearer abc"), &public, &site, "POST", path, b"", now),
+            Err(Refusal::Missing)
+        );
+        let forged = header.replace("t=1800000000000", "t=1800000000001");
+        assert_eq!(
+            check(Some(&forged), &public, &site, "POST", path, b"", now),
+            Err(Refusal::BadSignature)
+        );
+        for malformed in [
+            "Pimesh-Operator t=1",
+            "Pimesh-Operator t=x,sig=AAAA",
+            "Pimesh-Operator sig=%%%,t=1",
+            "Pimesh-Operator u=1",
+        ] {
+            assert_eq!(
+                check(Some(malformed), &public, &site, "POST", path, b"", now),
+                Err(Refusal::Malformed),
+                "{malformed}"
+            );
+        }
+    }
+}
