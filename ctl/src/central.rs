@@ -8,7 +8,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pimesh_revision::{path, FleetView, Mode, Revision, SignError};
+use pimesh_revision::rollout::Command;
+use pimesh_revision::{path, FleetView, Mode, Revision, Rollout, SignError, SignedRevision};
 use pimesh_schema::{ConfigError, DnsLabel};
 use reqwest::blocking::Client;
 use reqwest::StatusCode;
@@ -63,6 +64,12 @@ pub enum CentralError {
         url: String,
         source: serde_json::Error,
     },
+    /// The server's answer is not the document asked for (`what`).
+    Unexpected {
+        url: String,
+        what: &'static str,
+        source: serde_json::Error,
+    },
     InvalidConfig(ConfigError),
     SiteNotServed(DnsLabel),
     Sign(SignError),
@@ -108,6 +115,9 @@ impl fmt::Display for CentralError {
                 f,
                 "{url} answered something other than the fleet view: {source}"
             ),
+            CentralError::Unexpected { url, what, source } => {
+                write!(f, "{url} answered something other than {what}: {source}")
+            }
             CentralError::InvalidConfig(err) => err.fmt(f),
             CentralError::SiteNotServed(site) => {
                 write!(f, "the central server does not serve site {site}")
@@ -137,7 +147,9 @@ impl std::error::Error for CentralError {
             | CentralError::Tls(source)
             | CentralError::Unreachable { source, .. }
             | CentralError::Answer { source, .. } => Some(source),
-            CentralError::NotFleetView { source, .. } => Some(source),
+            CentralError::NotFleetView { source, .. } | CentralError::Unexpected { source, .. } => {
+                Some(source)
+            }
             CentralError::CaBundle { source, .. } => Some(source),
             CentralError::InvalidConfig(err) => Some(err),
             CentralError::Sign(err) => Some(err),
@@ -383,7 +395,18 @@ pub fn publish(
         );
         return Ok(());
     }
-    let url = url(args, &path::revisions(&config.site));
+    put_revision(&client, args, &signed)?;
+    println!("published revision {number} of site {}", config.site);
+    Ok(())
+}
+
+/// Uploads `signed`; the server's refusal, with its reason, is an error.
+fn put_revision(
+    client: &Client,
+    args: &CentralArgs,
+    signed: &SignedRevision,
+) -> Result<(), CentralError> {
+    let url = url(args, &path::revisions(&signed.site));
     let response = client
         .put(&url)
         .header("content-type", "application/json")
@@ -394,14 +417,114 @@ pub fn publish(
     let body = response.text().unwrap_or_default();
     if !status.is_success() {
         return Err(CentralError::Refused {
-            revision: number,
-            site: config.site,
+            revision: signed.revision,
+            site: signed.site.clone(),
             status,
             body,
         });
     }
-    println!("published revision {number} of site {}", config.site);
     Ok(())
+}
+
+/// The site's operator at the central server: requests signed with the site key of a
+/// site folder (`pimesh_revision::operator`).
+pub struct Operator<'a> {
+    client: Client,
+    args: &'a CentralArgs,
+    pub site: DnsLabel,
+    key: Vec<u8>,
+}
+
+impl<'a> Operator<'a> {
+    /// The operator of the site of `site_dir` (its `site-name` and `signing.pk8`).
+    pub fn open(args: &'a CentralArgs, site_dir: &Path) -> Result<Operator<'a>, crate::Failure> {
+        let site = crate::site::name_of(site_dir)?;
+        let key_path = site_dir.join("signing.pk8");
+        let key = std::fs::read(&key_path).map_err(|source| CentralError::SiteKey {
+            path: key_path,
+            source,
+        })?;
+        Ok(Operator {
+            client: client(args)?,
+            args,
+            site,
+            key,
+        })
+    }
+
+    /// `method path` signed now, its 2xx answer's body read as `what`.
+    fn request<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        what: &'static str,
+    ) -> Result<T, CentralError> {
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let authorization = pimesh_revision::operator::authorization(
+            &self.key,
+            &self.site,
+            method.as_str(),
+            path,
+            at_ms,
+            b"",
+        )
+        .map_err(CentralError::Sign)?;
+        let url = url(self.args, path);
+        let response = self
+            .client
+            .request(method, &url)
+            .header(reqwest::header::AUTHORIZATION, authorization)
+            .send()
+            .map_err(|source| CentralError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        let status = response.status();
+        let body = response.text().map_err(|source| CentralError::Answer {
+            url: url.clone(),
+            source,
+        })?;
+        if !status.is_success() {
+            return Err(CentralError::Status { url, status, body });
+        }
+        serde_json::from_str(&body).map_err(|source| CentralError::Unexpected { url, what, source })
+    }
+
+    /// The site's rollouts, newest first (at most `limit`).
+    pub fn rollouts(&self, limit: usize) -> Result<Vec<Rollout>, CentralError> {
+        let path = format!("{}?limit={limit}", path::rollouts(&self.site));
+        self.request(reqwest::Method::GET, &path, "a list of rollouts")
+    }
+
+    /// Stored revision `number` of the site.
+    pub fn revision(&self, number: u64) -> Result<SignedRevision, CentralError> {
+        let path = path::revision(&self.site, number);
+        self.request(reqwest::Method::GET, &path, "a signed revision")
+    }
+
+    /// Pauses, resumes or aborts the rollout of `revision`; the rollout as it is after.
+    pub fn command(&self, revision: u64, command: Command) -> Result<Rollout, CentralError> {
+        let path = path::rollout_command(&self.site, revision, command);
+        self.request(reqwest::Method::POST, &path, "a rollout")
+    }
+
+    /// Signs `revision` with the site key and publishes it.
+    pub fn publish(&self, revision: Revision) -> Result<SignedRevision, CentralError> {
+        let signed = revision.sign(&self.key).map_err(CentralError::Sign)?;
+        put_revision(&self.client, self.args, &signed)?;
+        Ok(signed)
+    }
+
+    /// The site's newest revision number at the server (`None`: none published).
+    pub fn latest_revision(&self) -> Result<Option<u64>, CentralError> {
+        let fleet = fleet(&self.client, self.args)?;
+        Ok(fleet
+            .site(&self.site)
+            .ok_or_else(|| CentralError::SiteNotServed(self.site.clone()))?
+            .latest_revision)
+    }
 }
 
 /// `pimeshctl status`: the fleet judged ([`FleetStatus`]) and printed as `output` says;

@@ -202,3 +202,62 @@ pub fn validate(file: &Path) -> Result<(), crate::Failure> {
     }
     Ok(())
 }
+
+/// `pimeshctl config diff`: the site folder of `file` (compiled as `publish` signs it)
+/// against the newest revision the central server holds, as a unified diff; returns the
+/// exit code: 0 when they are the same, [`crate::status::UNHEALTHY_EXIT`] when they
+/// differ (as `diff` and `kubectl diff` tell the two apart).
+pub fn diff(file: &Path, operator: &crate::central::Operator<'_>) -> Result<u8, crate::Failure> {
+    let local = site_folder::compile(file).map_err(|err| err.to_string())?;
+    if local.config.site != operator.site {
+        return Err(format!(
+            "{} is for site {}, the site folder for site {}",
+            file.display(),
+            local.config.site,
+            operator.site
+        )
+        .into());
+    }
+    let (published, label) = match operator.latest_revision()? {
+        Some(number) => (
+            operator.revision(number)?.config,
+            format!("revision {number} (central)"),
+        ),
+        None => (String::new(), "nothing published (central)".to_owned()),
+    };
+    let text = unified_diff(&published, &label, &local.text, &file.display().to_string());
+    if text.is_empty() {
+        println!("{} is what {label} holds", file.display());
+        return Ok(0);
+    }
+    print!("{text}");
+    Ok(crate::status::UNHEALTHY_EXIT)
+}
+
+/// `old` → `new` as a unified diff with 3 lines of context; empty when they are equal.
+fn unified_diff(old: &str, old_label: &str, new: &str, new_label: &str) -> String {
+    if old == new {
+        return String::new();
+    }
+    similar::TextDiff::from_lines(old, new)
+        .unified_diff()
+        .context_radius(3)
+        .header(old_label, new_label)
+        .to_string()
+}
+
+#[cfg(test)]
+mod diff_tests {
+    use super::unified_diff;
+
+    #[test]
+    fn a_diff_shows_the_changed_lines_with_context_and_nothing_when_equal() {
+        let old = "site = \"s\"\n[proxy]\nmax_connections = 100\n";
+        let new = "site = \"s\"\n[proxy]\nmax_connections = 200\n";
+        assert_eq!(unified_diff(old, "a", old, "b"), "");
+        assert_eq!(
+            unified_diff(old, "revision 3 (central)", new, "cluster.toml"),
+            "--- revision 3 (central)\n+++ cluster.toml\n@@ -1,3 +1,3 @@\n site = \"s\"\n [proxy]\n-max_connections = 100\n+max_connections = 200\n"
+        );
+    }
+}

@@ -11,6 +11,7 @@ mod context;
 mod image;
 mod node;
 mod output;
+mod rollout;
 mod secret_file;
 mod site;
 mod status;
@@ -59,6 +60,17 @@ enum Command {
         /// The site folder to check against the server (default: the current context's,
         /// else none).
         #[arg(long, env = "PIMESH_SITE_DIR")]
+        site_dir: Option<PathBuf>,
+    },
+    /// Follow and steer the staged rollouts of the site's revisions (needs the site folder:
+    /// its key signs the requests).
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+        #[command(flatten)]
+        central: CentralFlags,
+        /// The site folder `pimeshctl site init` made (holds site-name and signing.pk8).
+        #[arg(long, env = "PIMESH_SITE_DIR", global = true)]
         site_dir: Option<PathBuf>,
     },
     /// Check a node's seed (pimesh.toml) on its own.
@@ -150,6 +162,16 @@ enum ConfigCommand {
         #[arg(long, value_enum)]
         to: config::RouteForm,
     },
+    /// Show how a site configuration differs from the newest revision the central server
+    /// holds (a unified diff); exits 3 when they differ.
+    Diff {
+        file: PathBuf,
+        /// The site folder `pimeshctl site init` made (its key signs the request).
+        #[arg(long, env = "PIMESH_SITE_DIR")]
+        site_dir: Option<PathBuf>,
+        #[command(flatten)]
+        central: CentralFlags,
+    },
     /// Validate, sign offline with the site key, and upload a revision to the central
     /// server. The revision number is one above the newest the server holds unless given.
     Publish {
@@ -224,6 +246,46 @@ fn resolve_site_dir(given: Option<PathBuf>) -> Result<PathBuf, Failure> {
 pub struct CentralArgs {
     pub central: String,
     pub central_ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// The rollout of the newest revision (or --revision): each wave, its nodes, how many
+    /// applied, failed or are offline; exits 3 when it halted or was aborted.
+    Status {
+        #[arg(long)]
+        revision: Option<u64>,
+        /// Print it again on every change until it completes, halts or is aborted.
+        #[arg(short, long)]
+        watch: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// The site's rollouts, newest first.
+    History {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Start no further wave of the rollout (its started waves go on).
+    Pause {
+        #[arg(long)]
+        revision: Option<u64>,
+    },
+    /// Let a paused rollout go on.
+    Resume {
+        #[arg(long)]
+        revision: Option<u64>,
+    },
+    /// Stop the rollout: no node is offered its revision any more.
+    Abort {
+        #[arg(long)]
+        revision: Option<u64>,
+    },
+    /// Publish the configuration of the last revision whose rollout completed, as a new
+    /// revision.
+    Undo,
 }
 
 #[derive(Subcommand)]
@@ -365,6 +427,56 @@ fn main() -> ExitCode {
                 Err(message) => failed(&message),
             };
         }
+        Command::Rollout {
+            command,
+            central,
+            site_dir,
+        } => {
+            return exit_code(resolve_site_dir(site_dir).and_then(|dir| {
+                let args = central.resolve()?;
+                let operator = central::Operator::open(&args, &dir)?;
+                let done = |result: Result<(), Failure>| result.map(|()| 0);
+                match command {
+                    RolloutCommand::Status {
+                        revision,
+                        watch,
+                        output,
+                    } => rollout::status(&operator, revision, watch, output),
+                    RolloutCommand::History { limit, output } => {
+                        done(rollout::history(&operator, limit, output))
+                    }
+                    RolloutCommand::Pause { revision } => done(rollout::command(
+                        &operator,
+                        revision,
+                        pimesh_revision::rollout::Command::Pause,
+                    )),
+                    RolloutCommand::Resume { revision } => done(rollout::command(
+                        &operator,
+                        revision,
+                        pimesh_revision::rollout::Command::Resume,
+                    )),
+                    RolloutCommand::Abort { revision } => done(rollout::command(
+                        &operator,
+                        revision,
+                        pimesh_revision::rollout::Command::Abort,
+                    )),
+                    RolloutCommand::Undo => done(rollout::undo(&operator)),
+                }
+            }));
+        }
+        Command::Config {
+            command:
+                ConfigCommand::Diff {
+                    file,
+                    site_dir,
+                    central,
+                },
+        } => {
+            return exit_code(resolve_site_dir(site_dir).and_then(|dir| {
+                let args = central.resolve()?;
+                config::diff(&file, &central::Operator::open(&args, &dir)?)
+            }));
+        }
         Command::Status { central, output } => {
             return match central
                 .resolve()
@@ -434,6 +546,14 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(message) => failed(&message),
+    }
+}
+
+/// The exit code a command chose, or 1 with its error printed.
+fn exit_code(result: Result<u8, Failure>) -> ExitCode {
+    match result {
+        Ok(code) => ExitCode::from(code),
         Err(message) => failed(&message),
     }
 }
