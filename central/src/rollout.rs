@@ -7,7 +7,8 @@
 //!   and at least one of them holds it (an empty wave is done at once): offline nodes do
 //!   not hold a wave back, but a wave is never passed on no evidence at all;
 //! - a node of a started wave fails it by reporting `rolled-back`, `reverted` or
-//!   `rejected` after its wave started; more failed nodes than the plan's `max_failed`
+//!   `rejected` about its revision (a node that does not say which revision its report is
+//!   about: any such report received since its wave started); more failed nodes than the plan's `max_failed`
 //!   halt the rollout, whatever its state but aborted or complete;
 //! - a percentage wave takes the site's nodes not yet in a wave, in name order, until
 //!   that share of the site's nodes (those the server heard from, and the canaries) is in
@@ -58,14 +59,19 @@ impl Observed<'_> {
         })
     }
 
-    /// The node's failure report, when it came after `since`.
-    fn failure_since(&self, node: &DnsLabel, since: u64) -> Option<String> {
+    /// The node's report of failing `revision`: one that names it (`about`), or, from a
+    /// node that names none, one received since `since` (the second it was offered).
+    fn failure_of(&self, node: &DnsLabel, revision: u64, since: u64) -> Option<String> {
         let recorded = self.reports.get(node)?;
         let failed = matches!(
             recorded.report.state,
             ReportState::RolledBack | ReportState::Reverted | ReportState::Rejected
         );
-        (failed && recorded.received_at >= since).then(|| {
+        let of_this = match recorded.report.about {
+            Some(about) => about == revision,
+            None => recorded.received_at >= since,
+        };
+        (failed && of_this).then(|| {
             let detail = recorded.report.detail.trim();
             if detail.is_empty() {
                 recorded.report.state.to_string()
@@ -175,7 +181,7 @@ fn record_progress(rollout: &mut Rollout, observed: &Observed<'_>, known: &BTree
         if rollout.applied.contains(node) || rollout.failed.contains_key(node) {
             continue;
         }
-        if let Some(why) = observed.failure_since(node, offered_at(rollout, node)) {
+        if let Some(why) = observed.failure_of(node, revision, offered_at(rollout, node)) {
             rollout.failed.insert(node.clone(), why);
         }
     }
@@ -334,6 +340,10 @@ mod tests {
         }
 
         fn report(&mut self, node: &str, revision: u64, state: ReportState) {
+            let about = match state {
+                ReportState::Applied | ReportState::Trying => revision,
+                _ => revision + 1,
+            };
             self.reports.insert(
                 label(node),
                 RecordedReport {
@@ -341,6 +351,7 @@ mod tests {
                         revision: Some(revision),
                         state,
                         detail: "revision 2: unhealthy".to_owned(),
+                        about: Some(about),
                         k3s: None,
                     },
                     received_at: self.now,
@@ -443,16 +454,36 @@ mod tests {
     }
 
     #[test]
-    fn a_failure_reported_before_the_wave_started_is_not_this_rollouts() {
+    fn a_failure_of_another_revision_is_not_this_rollouts() {
+        let mut site = Site::new(3);
+        // pi-01 failed revision 2 in the very second revision 3 goes out.
+        site.report("pi-01", 1, ReportState::RolledBack);
+        let mut rollout = new(label("s"), 3, plan(&["pi-00"], &[100], 0), site.now);
+        site.now -= 1;
+        site.advance(&mut rollout);
+        site.report("pi-00", 3, ReportState::Applied);
+        site.advance(&mut rollout);
+        assert!(rollout.failed.is_empty(), "{:?}", rollout.failed);
+        assert_eq!(rollout.state, RolloutState::Running);
+
+        // From a node that does not say which revision: counted only from its offer on.
         let mut site = Site::new(2);
         site.report("pi-01", 1, ReportState::RolledBack);
+        if let Some(recorded) = site.reports.get_mut(&label("pi-01")) {
+            recorded.report.about = None;
+        }
         site.now += 10;
         let mut rollout = new(label("s"), 2, plan(&["pi-00"], &[100], 0), site.now);
         site.advance(&mut rollout);
         site.report("pi-00", 2, ReportState::Applied);
         site.advance(&mut rollout);
         assert!(rollout.failed.is_empty(), "{:?}", rollout.failed);
-        assert_eq!(rollout.state, RolloutState::Running);
+        site.report("pi-01", 1, ReportState::RolledBack);
+        if let Some(recorded) = site.reports.get_mut(&label("pi-01")) {
+            recorded.report.about = None;
+        }
+        site.advance(&mut rollout);
+        assert!(rollout.failed.contains_key(&label("pi-01")));
     }
 
     #[test]

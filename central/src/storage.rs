@@ -226,6 +226,7 @@ mod tests {
                     revision: Some(3),
                     state: ReportState::RolledBack,
                     detail: "revision 4: unhealthy".to_owned(),
+                    about: None,
                     k3s: None,
                 },
                 received_at: 1_764_000_000,

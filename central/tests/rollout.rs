@@ -97,8 +97,16 @@ impl Node {
         }
     }
 
+    /// A report about revision `about`, the node running `revision` after it.
     fn report(&self, revision: u64, state: &str, detail: &str) {
-        let body = serde_json::json!({"revision": revision, "state": state, "detail": detail});
+        let about = if state == "applied" {
+            revision
+        } else {
+            revision + 1
+        };
+        let body = serde_json::json!({
+            "revision": revision, "state": state, "detail": detail, "about": about,
+        });
         let status = self
             .http
             .post(&self.reports)

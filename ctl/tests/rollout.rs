@@ -107,9 +107,14 @@ impl Fixture {
 
     fn report(&self, node: &str, revision: u64, state: &str) {
         let url = self.central.url("/v1/sites/depot-7/reports");
-        let body = format!(
-            r#"{{"revision":{revision},"state":"{state}","detail":"revision {}: unhealthy"}}"#,
+        // As the supervisor reports: `about` names the revision applied or gone back from.
+        let about = if state == "applied" {
+            revision
+        } else {
             revision + 1
+        };
+        let body = format!(
+            r#"{{"revision":{revision},"state":"{state}","detail":"revision {about}: unhealthy","about":{about}}}"#
         );
         let status = self
             .node(node)

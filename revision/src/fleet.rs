@@ -68,6 +68,7 @@ mod tests {
                             revision: Some(12),
                             state: ReportState::Applied,
                             detail: String::new(),
+                            about: None,
                             k3s: None,
                         },
                         received_at: 1_764_000_000,

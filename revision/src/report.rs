@@ -29,6 +29,10 @@ pub struct NodeReport {
     /// Why, for anything but [`ReportState::Applied`] (empty then).
     #[serde(default)]
     pub detail: String,
+    /// The revision the event is about: the one applied, tried, refused or gone back from
+    /// (`None`: not known, as for an unreadable offer or a node older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub about: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub k3s: Option<K3sSummary>,
 }
@@ -171,6 +175,7 @@ mod tests {
                 revision: Some(12),
                 state: ReportState::RolledBack,
                 detail: "revision 13: the proxy refused it".to_owned(),
+                about: None,
                 k3s: None,
             }
         );

@@ -226,6 +226,16 @@ class Site:
         self.ctl(*args, *(["--try"] if try_mode else []))
         return self.revision
 
+    def rollout(self, revision):
+        """`pimeshctl rollout status --revision N -o json` (signed with the site folder's
+        key) and its exit code (0, or 3 when halted or aborted)."""
+        result = self.ctl("rollout", "status", "--revision", str(revision), "-o", "json",
+                          "--site-dir", self.keys, "--central", f"https://127.0.0.1:{self.port}",
+                          "--central-ca", self.server_cert, check=False)
+        if result.returncode not in (0, 3):
+            raise AssertionError(f"pimeshctl rollout status: {result.stderr}")
+        return json.loads(result.stdout), result.returncode
+
     def fleet_status(self):
         """`pimeshctl status -o json` and its exit code (0 healthy, 3 not)."""
         result = self.ctl("status", "-o", "json", "--central", f"https://127.0.0.1:{self.port}",

@@ -779,6 +779,11 @@ def demo_config(number):
             '  { service = "error-injector", weight = 10 },\n]\n')
 
 
+# Revision `revision` goes to `canary` (a node's own name) first, then to every node (set
+# by the case that publishes it).
+ROLLOUT = {"revision": None, "canary": None}
+
+
 def revision_config(number):
     """The site configuration of revision `number`: the cards' one and a service of its own
     (and the demo's services once the demo case publishes them)."""
@@ -788,6 +793,8 @@ def revision_config(number):
         config = config.replace("[k3s]\nservers = 3\n", K3S_DISABLE_MORE)
     if DEMO["from_revision"] is not None and number >= DEMO["from_revision"]:
         config += demo_config(number)
+    if ROLLOUT["revision"] == number:
+        config += f'\n[rollout]\ncanary = ["{ROLLOUT["canary"]}"]\nwaves = [100]\n'
     return config + f'\n[services.rev{number}]\nport = {9000 + number}\nnodes = ["pi-b"]\n'
 
 
@@ -823,10 +830,35 @@ def wait_revision(site, name, node, revision, timeout=180):
 
 
 def test_one_publish_reaches_every_node_and_each_reports_it(site):
-    revision = publish(site)
+    """The revision is staged: pi-c's node first (the plan's canary), then every node once
+    the canary reported it applied, as the central server's rollout says."""
     central = site["keys"].central
+    canary = site["nodes"]["pi-c"].status()["node"]["name"]
+    ROLLOUT.update(revision=central.revision + 1, canary=canary)
+    published_at = time.time() - 1
+    revision = publish(site)
+    wait_revision(site, "pi-c", site["nodes"]["pi-c"], revision)
     for name, node in site["nodes"].items():
         wait_revision(site, name, node, revision)
+    rollout = site["nodes"]["pi-a"].wait_for(
+        f"the rollout of revision {revision} complete",
+        lambda: (r := central.rollout(revision)[0])["state"] == "complete" and r,
+        timeout=120, interval=1)
+    assert [w["nodes"] for w in rollout["waves"]][0] == [canary], rollout
+    assert central.central_report(canary)["about"] == revision
+    # Every other node began applying it only after the canary committed it (the
+    # supervisors' journals, one clock).
+    supervisor = "pimesh-supervisor.service"
+    committed = journal_times(site["nodes"]["pi-c"], supervisor, "revision committed", published_at)
+    assert committed, "the canary's journal says it committed the revision"
+    for name, node in site["nodes"].items():
+        node_name = node.status()["node"]["name"]
+        assert node_name in rollout["applied"], (name, rollout)
+        if name == "pi-c":
+            continue
+        began = journal_times(node, supervisor, "applying a new revision", published_at)
+        assert began and min(began) > min(committed), (name, began, committed)
+    for name, node in site["nodes"].items():
         # The report carries the node's K3s (what `pimeshctl status` shows per node).
         role = "server" if name == "pi-a" else node.status()["join"]["role"]
         node_name = node.status()["node"]["name"]

@@ -126,6 +126,7 @@ mod tests {
             revision: Some(n),
             state: ReportState::Applied,
             detail: String::new(),
+            about: None,
             k3s: None,
         }
     }

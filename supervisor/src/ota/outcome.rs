@@ -103,6 +103,17 @@ impl Outcome {
         }
     }
 
+    /// The revision the outcome is about: the one applied, tried, refused or gone back
+    /// from (`None`: an offer whose number could not be read).
+    pub fn about(&self) -> Option<u64> {
+        match self {
+            Outcome::Applied { revision }
+            | Outcome::OnTrial { revision, .. }
+            | Outcome::WentBack { revision, .. } => Some(*revision),
+            Outcome::Refused { offered, .. } => *offered,
+        }
+    }
+
     /// The report for the central server (and `/status`'s `ota.last_outcome`), without
     /// K3s's summary (the OTA client adds the node's current one).
     pub fn report(&self) -> NodeReport {
@@ -110,6 +121,7 @@ impl Outcome {
             revision: self.running(),
             state: self.state(),
             detail: self.detail(),
+            about: self.about(),
             k3s: None,
         }
     }

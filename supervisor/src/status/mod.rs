@@ -564,6 +564,7 @@ mod tests {
                 revision: Some(3),
                 state: ReportState::Applied,
                 detail: String::new(),
+                about: None,
                 k3s: None,
             }),
             queued_reports: 1,
