@@ -8,6 +8,9 @@
 //! | `GET /v1/sites/<site>/rollouts?limit=<n>` | operator of `<site>` (signed with its key) | the site's rollouts, newest first |
 //! | `GET /v1/sites/<site>/revisions/<n>` | operator of `<site>` | stored revision `n` as published |
 //! | `POST /v1/sites/<site>/rollouts/<n>/{pause,resume,abort}` | operator of `<site>`, newer than its last command | change the rollout of revision `n` |
+//! | `POST /v1/sites/<site>/sessions?ttl=<s>` | operator of `<site>` | a dashboard session token for the site |
+//! | `GET /v1/sites/<site>/overview` | a session of `<site>` (`Bearer`) or its operator | the site's nodes, newest revision and rollouts |
+//! | `GET /dashboard` (and its `.js`, `.css`) | anyone | the dashboard page, which holds no data |
 //! | `GET /v1/fleet` | anyone reaching the server | every site's newest revision and node reports |
 //! | `GET /v1/version` | anyone reaching the server | `{"version": "<this build's version>"}` |
 //! | `GET /metrics` | anyone reaching the server | Prometheus metrics (see `metrics`) |
@@ -45,6 +48,11 @@ pub async fn route(
     if path == "/metrics" && request.method() == Method::GET {
         return metrics(&registry);
     }
+    if request.method() == Method::GET {
+        if let Some(file) = crate::dashboard::file(&path) {
+            return file;
+        }
+    }
     match (request.method().clone(), Route::parse(&path)) {
         (Method::GET, Some(Route::Fleet)) => fleet(&registry),
         (Method::GET, Some(Route::Version)) => json_response(
@@ -68,6 +76,18 @@ pub async fn route(
                 (Method::POST, Some(SiteResource::Reports)) => {
                     match peer.authorize(&site.name, &site.anchor, SystemTime::now()) {
                         Ok(node) => report(request, site, &node, &registry).await,
+                        Err(refusal) => refusal.into_response(),
+                    }
+                }
+                (Method::POST, Some(SiteResource::Sessions)) => {
+                    match operator::authorize(&request, site, b"") {
+                        Ok(_) => operator::session(request.uri().query(), site, &registry),
+                        Err(refusal) => refusal.into_response(),
+                    }
+                }
+                (Method::GET, Some(SiteResource::Overview)) => {
+                    match operator::authorize_reader(&request, site, &registry) {
+                        Ok(()) => operator::overview(site, &registry),
                         Err(refusal) => refusal.into_response(),
                     }
                 }

@@ -4,11 +4,13 @@
 
 mod api;
 mod config;
+mod dashboard;
 mod fleet;
 mod metrics;
 mod offers;
 mod operator;
 mod rollout;
+mod sessions;
 mod sites;
 mod storage;
 mod tls;
@@ -92,6 +94,7 @@ async fn run(config: CentralConfig) -> Result<(), Fatal> {
         long_poll_max: config.long_poll_max.0,
         fleet: fleet::FleetCache::default(),
         metrics: metrics::CentralMetrics::default(),
+        sessions: sessions::Sessions::default(),
     });
     registry.metrics.watch(&registry);
     let listener = TcpListener::bind(config.listen)

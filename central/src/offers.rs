@@ -332,6 +332,11 @@ impl Offers {
         Ok(rollout)
     }
 
+    /// Each node's latest report.
+    pub fn reports(&self) -> BTreeMap<DnsLabel, RecordedReport> {
+        self.lock().reports.clone()
+    }
+
     /// The site's rollouts, newest first, at most `limit`: the live ones as they are now,
     /// the others as stored.
     pub fn rollouts(&self, storage: &dyn Storage, limit: usize) -> io::Result<Vec<Rollout>> {
@@ -391,10 +396,9 @@ impl State {
             else {
                 continue;
             };
-            if matches!(
-                rollout.state,
-                RolloutState::Complete | RolloutState::Halted | RolloutState::Aborted
-            ) {
+            // A complete rollout still counts the nodes that take it (those that appear
+            // after it completed); a stopped one is over.
+            if rollout.state.is_stopped() {
                 continue;
             }
             let before = rollout.state;

@@ -10,10 +10,11 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{header, Request, Response, StatusCode};
 use pimesh_revision::operator;
 use pimesh_revision::rollout::Command;
-use pimesh_runtime::answer::{error, json, Refusal};
+use pimesh_runtime::answer::{error, json, json_value, Refusal};
 use tracing::warn;
 
 use crate::offers::{unix_now, CommandError};
+use crate::sessions;
 use crate::sites::{Registry, Site};
 
 /// Rollouts listed when the request names no `limit`, and the most it may name.
@@ -51,6 +52,111 @@ pub fn authorize(request: &Request<Incoming>, site: &Site, body: &[u8]) -> Resul
         };
         Refusal(code, refusal.to_string())
     })
+}
+
+/// Whether the request may read `site`'s overview: a live session token of that site
+/// (`Authorization: Bearer <token>`), or the operator's signature.
+pub fn authorize_reader(
+    request: &Request<Incoming>,
+    site: &Site,
+    registry: &Registry,
+) -> Result<(), Refusal> {
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    match bearer {
+        Some(token) => registry
+            .sessions
+            .check(token.trim(), &site.name, unix_now())
+            .map_err(|err| Refusal(StatusCode::FORBIDDEN, err.to_string())),
+        None => authorize(request, site, b"").map(drop),
+    }
+}
+
+/// `POST /v1/sites/<site>/sessions?ttl=<seconds>`: a dashboard session for the site.
+pub fn session(query: Option<&str>, site: &Site, registry: &Registry) -> Response<Full<Bytes>> {
+    let mut ttl = sessions::DEFAULT_TTL_SECS;
+    for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if key == "ttl" {
+            match value.parse::<u64>() {
+                Ok(secs) if (60..=sessions::MAX_TTL_SECS).contains(&secs) => ttl = secs,
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!(
+                            "ttl must be a whole number of seconds from 60 to {}",
+                            sessions::MAX_TTL_SECS
+                        ),
+                    )
+                }
+            }
+        }
+    }
+    let now = unix_now();
+    match registry.sessions.open(&site.name, ttl, now) {
+        Ok(token) => {
+            tracing::info!(site = %site.name, ttl, "dashboard session opened");
+            json_value(
+                StatusCode::CREATED,
+                &serde_json::json!({
+                    "site": site.name.as_str(), "token": token, "expires_at": now + ttl,
+                }),
+            )
+        }
+        Err(err @ sessions::SessionError::Full) => {
+            error(StatusCode::TOO_MANY_REQUESTS, &err.to_string())
+        }
+        Err(err) => error(StatusCode::SERVICE_UNAVAILABLE, &err.to_string()),
+    }
+}
+
+/// What the dashboard shows of a site.
+#[derive(serde::Serialize)]
+struct Overview {
+    site: String,
+    latest_revision: Option<u64>,
+    /// The server's clock, for the reports' ages.
+    now: u64,
+    nodes: Vec<pimesh_revision::NodeView>,
+    /// The newest rollouts, newest first.
+    rollouts: Vec<pimesh_revision::Rollout>,
+}
+
+/// How many rollouts the overview carries.
+const OVERVIEW_ROLLOUTS: usize = 10;
+
+/// `GET /v1/sites/<site>/overview`.
+pub fn overview(site: &Site, registry: &Registry) -> Response<Full<Bytes>> {
+    let rollouts = match site
+        .offers
+        .rollouts(registry.storage.as_ref(), OVERVIEW_ROLLOUTS)
+    {
+        Ok(rollouts) => rollouts,
+        Err(err) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("cannot read the stored rollouts: {err}"),
+            )
+        }
+    };
+    let overview = Overview {
+        site: site.name.to_string(),
+        latest_revision: site.latest_revision(),
+        now: unix_now(),
+        nodes: site
+            .offers
+            .reports()
+            .into_iter()
+            .map(|(node, recorded)| pimesh_revision::NodeView { node, recorded })
+            .collect(),
+        rollouts,
+    };
+    match serde_json::to_vec(&overview) {
+        Ok(body) => json(StatusCode::OK, body),
+        Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
+    }
 }
 
 /// `GET /v1/sites/<site>/rollouts?limit=<n>`.

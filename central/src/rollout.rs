@@ -46,16 +46,14 @@ impl Observed<'_> {
             .collect()
     }
 
+    /// Whether the node runs `revision` or a newer one, as its latest report says (a
+    /// report's `revision` is what the node runs after the event, whatever the event).
     fn holds(&self, node: &DnsLabel, revision: u64) -> bool {
         self.reports.get(node).is_some_and(|recorded| {
             recorded
                 .report
                 .revision
                 .is_some_and(|held| held >= revision)
-                && matches!(
-                    recorded.report.state,
-                    ReportState::Applied | ReportState::Trying
-                )
         })
     }
 

@@ -169,6 +169,8 @@ pub struct Registry {
     /// The fleet view, told of every report and revision stored.
     pub fleet: crate::fleet::FleetCache,
     pub metrics: crate::metrics::CentralMetrics,
+    /// The dashboard's sessions.
+    pub sessions: crate::sessions::Sessions,
 }
 
 impl crate::metrics::FleetSource for Registry {
@@ -300,6 +302,7 @@ mod tests {
             long_poll_max: std::time::Duration::from_secs(60),
             fleet: FleetCache::default(),
             metrics: crate::metrics::CentralMetrics::default(),
+            sessions: crate::sessions::Sessions::default(),
         };
         let loaded = storage.reads.load(Ordering::SeqCst);
         let first = registry.fleet_json().expect("view");

@@ -510,6 +510,27 @@ impl<'a> Operator<'a> {
         self.request(reqwest::Method::POST, &path, "a rollout")
     }
 
+    /// A dashboard session for the site, valid `ttl`: the URL that opens the dashboard
+    /// with it, and when it expires (seconds since the epoch).
+    pub fn dashboard(&self, ttl: Duration) -> Result<(String, u64), CentralError> {
+        #[derive(serde::Deserialize)]
+        struct Session {
+            token: String,
+            expires_at: u64,
+        }
+        let path = format!(
+            "{}?ttl={}",
+            path::site(&self.site, path::SiteResource::Sessions),
+            ttl.as_secs()
+        );
+        let session: Session = self.request(reqwest::Method::POST, &path, "a session")?;
+        let page = url(self.args, "/dashboard");
+        Ok((
+            format!("{page}#site={}&token={}", self.site, session.token),
+            session.expires_at,
+        ))
+    }
+
     /// Signs `revision` with the site key and publishes it.
     pub fn publish(&self, revision: Revision) -> Result<SignedRevision, CentralError> {
         let signed = revision.sign(&self.key).map_err(CentralError::Sign)?;

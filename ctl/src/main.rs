@@ -73,6 +73,18 @@ enum Command {
         #[arg(long, env = "PIMESH_SITE_DIR", global = true)]
         site_dir: Option<PathBuf>,
     },
+    /// Print the URL of the site's dashboard at the central server, with a session token
+    /// (signed for with the site folder's key) that opens it for a while.
+    Dashboard {
+        #[command(flatten)]
+        central: CentralFlags,
+        /// The site folder `pimeshctl site init` made (holds site-name and signing.pk8).
+        #[arg(long, env = "PIMESH_SITE_DIR")]
+        site_dir: Option<PathBuf>,
+        /// How long the session lasts (1m to 7d).
+        #[arg(long = "for", value_parser = humantime::parse_duration, default_value = "12h")]
+        ttl: std::time::Duration,
+    },
     /// Check a node's seed (pimesh.toml) on its own.
     Seed {
         #[command(subcommand)]
@@ -197,11 +209,11 @@ enum ConfigCommand {
 pub struct CentralFlags {
     /// The central server, e.g. https://central.example.net:8443 (default: the current
     /// context's).
-    #[arg(long, env = "PIMESH_CENTRAL")]
+    #[arg(long, env = "PIMESH_CENTRAL", global = true)]
     pub central: Option<String>,
     /// A PEM CA certificate to trust for the central server (default: the current
     /// context's, else the system's roots).
-    #[arg(long, env = "PIMESH_CENTRAL_CA")]
+    #[arg(long, env = "PIMESH_CENTRAL_CA", global = true)]
     pub central_ca: Option<PathBuf>,
 }
 
@@ -477,6 +489,24 @@ fn main() -> ExitCode {
                 config::diff(&file, &central::Operator::open(&args, &dir)?)
             }));
         }
+        Command::Dashboard {
+            central,
+            site_dir,
+            ttl,
+        } => resolve_site_dir(site_dir).and_then(|dir| {
+            let args = central.resolve()?;
+            let operator = central::Operator::open(&args, &dir)?;
+            let (url, expires_at) = operator.dashboard(ttl)?;
+            let expires = std::time::UNIX_EPOCH + std::time::Duration::from_secs(expires_at);
+            println!("{url}");
+            eprintln!(
+                "the dashboard of site {} opens with this URL until {} (keep it private: it \
+                 reads the site)",
+                operator.site,
+                humantime::format_rfc3339_seconds(expires)
+            );
+            Ok(())
+        }),
         Command::Status { central, output } => {
             return match central
                 .resolve()

@@ -247,6 +247,37 @@ fn pause_and_abort_answer_with_the_new_state_and_another_sites_key_is_refused() 
     );
     assert_eq!(site.ctl(&["rollout", "status"]).status.code(), Some(3));
 
+    // The dashboard's URL carries a session token that reads this site's overview.
+    let dashboard = site.ctl(&["dashboard", "--for", "10m"]);
+    assert!(dashboard.status.success(), "{}", text(&dashboard.stderr));
+    let url = text(&dashboard.stdout).trim().to_owned();
+    let prefix = format!(
+        "https://localhost:{}/dashboard#site=depot-7&token=",
+        site.central.addr.port()
+    );
+    let token = url.strip_prefix(&prefix).unwrap_or_else(|| panic!("{url}"));
+    assert!(
+        text(&dashboard.stderr).contains("until"),
+        "{}",
+        text(&dashboard.stderr)
+    );
+    let overview = reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .resolve("localhost", site.central.addr)
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&site.central.server_pem).expect("server cert"),
+        )
+        .build()
+        .expect("client")
+        .get(site.central.url("/v1/sites/depot-7/overview"))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .expect("overview");
+    assert_eq!(overview.status(), 200);
+    let view: serde_json::Value =
+        serde_json::from_str(&overview.text().expect("body")).expect("json");
+    assert_eq!(view["rollouts"][0]["state"], "aborted");
+
     let stranger = SigningKey::generate();
     let dir = tempfile::tempdir().expect("tempdir");
     let folder = site_folder(dir.path(), "depot-7", &stranger);

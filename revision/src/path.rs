@@ -9,6 +9,8 @@
 //! | `/v1/sites/<site>/revisions/<n>` | [`revision`]: one stored revision (`GET`, operator) |
 //! | `/v1/sites/<site>/rollouts` | [`rollouts`]: the site's rollouts, newest first (`GET`, operator) |
 //! | `/v1/sites/<site>/rollouts/<n>/<command>` | [`rollout_command`]: pause, resume or abort (`POST`, operator) |
+//! | `/v1/sites/<site>/sessions?ttl=<s>` | a dashboard session token (`POST`, operator) |
+//! | `/v1/sites/<site>/overview` | the dashboard's view of the site (`GET`, operator or session) |
 //! | `/v1/fleet` | [`FLEET`]: the fleet view (`GET`) |
 //! | `/v1/version` | [`VERSION`]: the server's version, `{"version": "<semver>"}` (`GET`) |
 
@@ -32,6 +34,8 @@ pub enum SiteResource {
     Config,
     Reports,
     Rollouts,
+    Sessions,
+    Overview,
 }
 
 impl SiteResource {
@@ -42,6 +46,8 @@ impl SiteResource {
             SiteResource::Config => "config",
             SiteResource::Reports => "reports",
             SiteResource::Rollouts => "rollouts",
+            SiteResource::Sessions => "sessions",
+            SiteResource::Overview => "overview",
         }
     }
 
@@ -51,6 +57,8 @@ impl SiteResource {
             SiteResource::Config,
             SiteResource::Reports,
             SiteResource::Rollouts,
+            SiteResource::Sessions,
+            SiteResource::Overview,
         ]
         .into_iter()
         .find(|resource| resource.segment() == segment)

@@ -1,0 +1,302 @@
+//! The dashboard in headless Chromium against the central server binary over real TLS:
+//! the operator opens a session with the site key, the page shows what the nodes
+//! reported and the rollout, escapes what they sent, and follows a new revision live.
+//!
+//! Chromium is Debian's `chromium` package (`image/host-deps.sh` installs it); without it
+//! this test fails, naming the package.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pimesh_demo::browser::{Browser, Page};
+use pimesh_revision::path;
+use pimesh_schema::DnsLabel;
+use pimesh_test_support::central::{Central, CentralSite, SigningKey};
+use pimesh_test_support::Site;
+use reqwest::blocking::Client;
+use serde_json::{json, Value};
+
+/// Generous: a debug server and Chromium sharing two cores.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+struct TestSite {
+    site: Site,
+    key: SigningKey,
+    anchor: PathBuf,
+}
+
+impl TestSite {
+    fn new(dir: &Path, name: &str) -> TestSite {
+        let site = Site::new(name);
+        let anchor = dir.join(format!("{name}-anchor.pem"));
+        std::fs::write(&anchor, site.root.anchor.cert_pem()).expect("anchor");
+        TestSite {
+            site,
+            key: SigningKey::generate(),
+            anchor,
+        }
+    }
+
+    fn name(&self) -> &DnsLabel {
+        &self.site.name
+    }
+}
+
+fn client(central: &Central, identity: Option<&[u8]>) -> Client {
+    let mut builder = Client::builder()
+        .use_rustls_tls()
+        .resolve("localhost", central.addr)
+        .add_root_certificate(reqwest::Certificate::from_pem(&central.server_pem).expect("root"))
+        .timeout(Duration::from_secs(60));
+    if let Some(pem) = identity {
+        builder = builder.identity(reqwest::Identity::from_pem(pem).expect("identity"));
+    }
+    builder.build().expect("client")
+}
+
+fn publish(central: &Central, site: &TestSite, number: u64, config: &str) {
+    let status = client(central, None)
+        .put(central.url(&path::revisions(site.name())))
+        .body(site.key.revision(site.name(), number, config))
+        .send()
+        .expect("publish")
+        .status();
+    assert_eq!(status, 201);
+}
+
+/// `node` of `site` takes what it is offered after `after` and reports `state` about it.
+fn node_takes(
+    central: &Central,
+    site: &TestSite,
+    node: &str,
+    after: u64,
+    state: &str,
+    detail: &str,
+) {
+    let http = client(central, Some(&site.site.node_identity_pem(node)));
+    let url = central.url(&format!(
+        "{}?after={after}&wait=5",
+        path::config(site.name())
+    ));
+    let offered = http.get(url).send().expect("poll");
+    assert_eq!(offered.status(), 200, "{node} is offered a revision");
+    let revision = serde_json::from_str::<Value>(&offered.text().expect("body")).expect("json")
+        ["revision"]
+        .as_u64()
+        .expect("number");
+    let running = if state == "applied" { revision } else { after };
+    let report = json!({"revision": running, "state": state, "detail": detail, "about": revision});
+    let status = http
+        .post(central.url(&path::reports(site.name())))
+        .body(report.to_string())
+        .send()
+        .expect("report")
+        .status();
+    assert_eq!(status, 200);
+}
+
+fn session(central: &Central, site: &TestSite, key: &SigningKey) -> reqwest::blocking::Response {
+    let path = format!(
+        "{}?ttl=600",
+        path::site(site.name(), path::SiteResource::Sessions)
+    );
+    let at_ms = u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let authorization = pimesh_revision::operator::authorization(
+        &key.pkcs8,
+        site.name(),
+        "POST",
+        &path,
+        at_ms,
+        b"",
+    )
+    .expect("sign");
+    client(central, None)
+        .post(central.url(&path))
+        .header("authorization", authorization)
+        .send()
+        .expect("session")
+}
+
+/// Waits until `expression` is true in the page.
+async fn until(page: &mut Page, what: &str, expression: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if page.eval(expression).await.ok() == Some(Value::Bool(true)) {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("{what}: the page shows\n{}", page.text().await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[test]
+fn the_dashboard_shows_the_site_escapes_what_nodes_sent_and_follows_a_rollout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = TestSite::new(dir.path(), "depot-7");
+    let other = TestSite::new(dir.path(), "depot-8");
+    let central = Central::start(
+        dir.path(),
+        "long_poll_max = \"30s\"\n",
+        &[
+            CentralSite {
+                name: "depot-7",
+                anchor: &site.anchor,
+                public_key: &site.key.public_key,
+            },
+            CentralSite {
+                name: "depot-8",
+                anchor: &other.anchor,
+                public_key: &other.key.public_key,
+            },
+        ],
+    );
+    publish(&central, &site, 1, "site = \"depot-7\"\n");
+    for node in ["pi-a", "pi-b", "pi-c"] {
+        node_takes(&central, &site, node, 0, "applied", "");
+    }
+    publish(
+        &central,
+        &site,
+        2,
+        "site = \"depot-7\"\n[rollout]\ncanary = [\"pi-c\"]\nwaves = [100]\n",
+    );
+    let hostile = "revision 2: <img src=x onerror=\"document.title='pwned'\"> unhealthy";
+    node_takes(&central, &site, "pi-c", 1, "rolled-back", hostile);
+
+    // Only the site's operator opens a session, and a session opens its own site only.
+    assert_eq!(session(&central, &site, &other.key).status(), 403);
+    let opened = session(&central, &site, &site.key);
+    assert_eq!(opened.status(), 201);
+    let token = opened.json::<Value>().expect("json")["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let overview = |site_name: &DnsLabel, token: Option<&str>| {
+        let mut request = client(&central, None)
+            .get(central.url(&path::site(site_name, path::SiteResource::Overview)));
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        request.send().expect("overview").status().as_u16()
+    };
+    assert_eq!(overview(site.name(), Some(&token)), 200);
+    assert_eq!(overview(site.name(), None), 401);
+    assert_eq!(overview(other.name(), Some(&token)), 403, "another site");
+    assert_eq!(overview(site.name(), Some("0123")), 403);
+
+    // Multi-threaded, so that the blocking clients may run inside it (`block_in_place`).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
+    std::fs::create_dir_all(&shots).expect("screenshots folder");
+    runtime.block_on(async {
+        let browser = Browser::launch(&shots.join("chromium.log"), DEADLINE)
+            .await
+            .expect("chromium");
+        let mut page = browser.page().await.expect("page");
+        page.call(
+            "Security.setIgnoreCertificateErrors",
+            json!({ "ignore": true }),
+        )
+        .await
+        .expect("the test server's self-signed certificate");
+        page.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({ "width": 1000, "height": 760, "deviceScaleFactor": 1, "mobile": false }),
+        )
+        .await
+        .expect("viewport");
+        let url = central.url(&format!("/dashboard#site=depot-7&token={token}"));
+        let started = Instant::now();
+        page.call("Page.navigate", json!({ "url": url }))
+            .await
+            .expect("navigate");
+        until(
+            &mut page,
+            "the three nodes",
+            "document.querySelectorAll('#nodes tbody tr').length === 3",
+        )
+        .await;
+        eprintln!(
+            "FIGURES dashboard_first_render_ms={}",
+            started.elapsed().as_millis()
+        );
+
+        let summary = page.text_of("summary").await.expect("summary");
+        assert_eq!(summary.as_deref(), Some("0/3 on revision 2, 1 failed"));
+        assert_eq!(
+            page.text_of("rollout-state")
+                .await
+                .expect("state")
+                .as_deref(),
+            Some("halted")
+        );
+        let detail = page
+            .eval("document.querySelector('tr[data-node=\"pi-c\"] td.detail').textContent")
+            .await
+            .expect("detail");
+        assert_eq!(detail, json!(hostile), "shown as text");
+        assert_eq!(
+            page.eval("document.querySelectorAll('img').length")
+                .await
+                .expect("imgs"),
+            json!(0)
+        );
+        assert_eq!(
+            page.eval("document.title").await.expect("title"),
+            json!("Pimesh")
+        );
+        assert_eq!(
+            page.eval("location.href.includes('token')")
+                .await
+                .expect("href"),
+            json!(false),
+            "the token leaves the address bar"
+        );
+        page.screenshot(&shots.join("halted.png"))
+            .await
+            .expect("screenshot");
+
+        // A fix goes out; the page follows without a reload.
+        tokio::task::block_in_place(|| {
+            publish(&central, &site, 3, "site = \"depot-7\"\n");
+            for node in ["pi-a", "pi-b", "pi-c"] {
+                node_takes(&central, &site, node, 1, "applied", "");
+            }
+        });
+        until(
+            &mut page,
+            "every node on revision 3",
+            "document.getElementById('summary').textContent === '3/3 on revision 3'",
+        )
+        .await;
+        until(
+            &mut page,
+            "the rollout of revision 3 complete",
+            "document.getElementById('rollout-state').textContent === 'complete'",
+        )
+        .await;
+        let history = page
+            .eval("document.querySelector('#history tbody').innerText")
+            .await
+            .expect("history");
+        let history = history.as_str().unwrap_or_default();
+        assert!(history.contains("2\thalted"), "{history}");
+        page.screenshot(&shots.join("dashboard.png"))
+            .await
+            .expect("screenshot");
+    });
+}
