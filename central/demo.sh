@@ -36,6 +36,9 @@ Central server on https://localhost:8443 with site demo-site. In another termina
   sed 's/fleet-depot-7/demo-site/' configs/cluster.example.toml > /tmp/demo-cluster.toml
   $bin/pimeshctl config publish /tmp/demo-cluster.toml --site-dir $demo/demo-site \\
       --central https://localhost:8443 --central-ca $demo/server.pem
-  $bin/pimeshctl status --central https://localhost:8443 --central-ca $demo/server.pem
+  $bin/pimeshctl status --site-dir $demo/demo-site \\
+      --central https://localhost:8443 --central-ca $demo/server.pem
+  $bin/pimeshctl dashboard --site-dir $demo/demo-site \\
+      --central https://localhost:8443 --central-ca $demo/server.pem   # open the URL it prints
 HELP
 exec "$bin/pimesh-central" --config "$demo/central.toml"

@@ -11,7 +11,7 @@
 //! | `POST /v1/sites/<site>/sessions?ttl=<s>` | operator of `<site>` | a dashboard session token for the site |
 //! | `GET /v1/sites/<site>/overview` | a session of `<site>` (`Bearer`) or its operator | the site's nodes, newest revision and rollouts |
 //! | `GET /dashboard` (and its `.js`, `.css`) | anyone | the dashboard page, which holds no data |
-//! | `GET /v1/fleet` | anyone reaching the server | every site's newest revision and node reports |
+//! | `GET /v1/fleet` | operator of the site its signature names (`site=`) | that site's newest revision and node reports, in the fleet view's shape |
 //! | `GET /v1/version` | anyone reaching the server | `{"version": "<this build's version>"}` |
 //! | `GET /metrics` | anyone reaching the server | Prometheus metrics (see `metrics`) |
 
@@ -54,7 +54,25 @@ pub async fn route(
         }
     }
     match (request.method().clone(), Route::parse(&path)) {
-        (Method::GET, Some(Route::Fleet)) => fleet(&registry),
+        (Method::GET, Some(Route::Fleet)) => {
+            let header = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|value| value.to_str().ok());
+            let Some(claimed) = pimesh_revision::operator::claimed_site(header) else {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    &pimesh_revision::operator::Refusal::Missing.to_string(),
+                );
+            };
+            let Some(site) = served_site(&registry, claimed) else {
+                return no_site(claimed);
+            };
+            match operator::authorize(&request, site, b"") {
+                Ok(_) => operator::fleet(site),
+                Err(refusal) => refusal.into_response(),
+            }
+        }
         (Method::GET, Some(Route::Version)) => json_response(
             StatusCode::OK,
             &json!({ "version": env!("CARGO_PKG_VERSION") }),
@@ -488,13 +506,6 @@ fn metrics(registry: &Registry) -> Response<Full<Bytes>> {
             StatusCode::INTERNAL_SERVER_ERROR,
             "cannot encode the metrics",
         ),
-    }
-}
-
-fn fleet(registry: &Registry) -> Response<Full<Bytes>> {
-    match registry.fleet_json() {
-        Ok(json) => pimesh_runtime::answer::json(StatusCode::OK, json),
-        Err(err) => error(StatusCode::SERVICE_UNAVAILABLE, &err.to_string()),
     }
 }
 

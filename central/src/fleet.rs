@@ -1,11 +1,13 @@
-//! `GET /v1/fleet`: every site's newest revision and node reports, built once and served
-//! to every request until something changed.
+//! The whole fleet's view (every site's newest revision and node reports), which the
+//! metrics' per-site gauges are read from at each scrape, built once and shared until
+//! something changed. (`GET /v1/fleet` answers one site's operator with that site alone,
+//! see `operator::fleet`.)
 //!
-//! Invariants: the answer is rebuilt only when a report or a revision was stored since the
+//! Invariants: the view is rebuilt only when a report or a revision was stored since the
 //! last build ([`FleetCache::changed`]), so its cost follows the reports that arrive, not
-//! the requests; requests in between share the one encoded answer (no copy per request);
-//! parallel requests wait for one build instead of making one each; an answer never
-//! misses a change stored before the request arrived.
+//! the scrapes; scrapes in between share the one encoded view (no copy per scrape);
+//! parallel scrapes wait for one build instead of making one each; a view never misses a
+//! change stored before the scrape arrived.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};

@@ -2,14 +2,17 @@
 //! offers to that node ([`Rollout::offers_to`]), with the rollouts kept up to date as
 //! reports arrive, time passes and the operator pauses, resumes or aborts them.
 //!
-//! Invariants: every change to a rollout is written to storage as it is made (a failed
-//! write is logged and made again with the rollout's next change; an operator's command
-//! is refused unless stored); the newest
+//! Invariants: every change to a rollout's state, waves or failures is written to storage
+//! as it is made (a failed write is logged and made again with the rollout's next such
+//! change; an operator's command is refused unless stored) — its progress (`applied`,
+//! `offline`, `reason`) is recomputed from the reports at every step, so it is stored
+//! only along with those; the newest
 //! stored revision always has a rollout here (one is started from its own `[rollout]`
 //! plan when the server finds none, e.g. after a power cut between storing the revision
 //! and its rollout); `live` holds every rollout whose revision may still be offered to a
 //! node: the newest that offers to every node and the ones above it; long-polls are woken
-//! (`changes`) after every change of a live rollout.
+//! (`changes`) after every change of a live rollout's state or waves (nothing else
+//! changes an offer).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -30,7 +33,7 @@ use crate::storage::Storage;
 
 pub struct Offers {
     state: Mutex<State>,
-    /// Bumped after every change of a live rollout.
+    /// Bumped after every change of a live rollout's state or waves.
     changes: watch::Sender<u64>,
 }
 
@@ -387,7 +390,10 @@ impl State {
         )
     }
 
-    /// Advances every live rollout that can still change, storing the changed ones.
+    /// Advances every live rollout that can still change; stores those whose durable part
+    /// changed (state, waves, failures: what the progress fields are recomputed from
+    /// reports for at every step, so a restart loses none of it) and says whether any did
+    /// (only those changes can change an offer).
     fn advance_all(&mut self, storage: &dyn Storage, now: u64) -> bool {
         let mut changed = false;
         let revisions: Vec<u64> = self.live.keys().copied().collect();
@@ -401,16 +407,19 @@ impl State {
             if rollout.state.is_stopped() {
                 continue;
             }
-            let before = rollout.state;
-            if self.advance(&mut rollout, now) {
-                if rollout.state != before {
+            let before = durable(&rollout);
+            if !self.advance(&mut rollout, now) {
+                continue;
+            }
+            if durable(&rollout) != before {
+                if rollout.state != before.0 {
                     info!(site = %rollout.site, revision, state = %rollout.state, reason = ?rollout.reason, "rollout state");
                 }
                 store(storage, &rollout);
-                if let Some(live) = self.live.get_mut(&revision) {
-                    live.rollout = rollout;
-                }
                 changed = true;
+            }
+            if let Some(live) = self.live.get_mut(&revision) {
+                live.rollout = rollout;
             }
         }
         if changed {
@@ -431,6 +440,11 @@ impl State {
             self.live.retain(|revision, _| *revision >= floor);
         }
     }
+}
+
+/// What of a rollout is stored: what cannot be recomputed from the nodes' reports.
+fn durable(rollout: &Rollout) -> (RolloutState, Vec<Wave>, BTreeMap<DnsLabel, String>) {
+    (rollout.state, rollout.waves.clone(), rollout.failed.clone())
 }
 
 fn offers_to_all(rollout: &Rollout) -> bool {

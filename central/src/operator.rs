@@ -1,5 +1,5 @@
-//! The operator's requests: a site's rollouts, its stored revisions, and the commands that
-//! pause, resume or abort a rollout. Each is authorized by a signature of the site's key
+//! The operator's requests: a site's fleet view, rollouts, stored revisions, dashboard
+//! sessions and overview, and the commands that pause, resume or abort a rollout. Each is authorized by a signature of the site's key
 //! over the request (`pimesh_revision::operator`): the operator of one site can neither
 //! read nor steer another, and a node's certificate is worth nothing here.
 
@@ -109,6 +109,27 @@ pub fn session(query: Option<&str>, site: &Site, registry: &Registry) -> Respons
             error(StatusCode::TOO_MANY_REQUESTS, &err.to_string())
         }
         Err(err) => error(StatusCode::SERVICE_UNAVAILABLE, &err.to_string()),
+    }
+}
+
+/// `GET /v1/fleet` for the operator of `site`: the fleet view of that site alone.
+pub fn fleet(site: &Site) -> Response<Full<Bytes>> {
+    let view = pimesh_revision::FleetView {
+        sites: vec![pimesh_revision::SiteView {
+            site: site.name.clone(),
+            latest_revision: site.latest_revision(),
+            public_key: Some(site.public_key()),
+            nodes: site
+                .offers
+                .reports()
+                .into_iter()
+                .map(|(node, recorded)| pimesh_revision::NodeView { node, recorded })
+                .collect(),
+        }],
+    };
+    match serde_json::to_vec(&view) {
+        Ok(body) => json(StatusCode::OK, body),
+        Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
     }
 }
 

@@ -245,15 +245,42 @@ fn publish_then_nodes_long_poll_and_report() {
         .send()
         .expect("report");
     assert_eq!(report.status(), 200);
+    // Only the site's operator reads it: a request signed with the site key.
+    assert_eq!(
+        operator
+            .get(central.url("/v1/fleet"))
+            .send()
+            .expect("fleet")
+            .status(),
+        401
+    );
+    let at_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis(),
+    )
+    .expect("ms");
+    let signed = pimesh_revision::operator::authorization(
+        &site.key.pkcs8,
+        &site.site.name,
+        "GET",
+        "/v1/fleet",
+        at_ms,
+        b"",
+    )
+    .expect("sign");
     let fleet: serde_json::Value = serde_json::from_str(
         &operator
             .get(central.url("/v1/fleet"))
+            .header("authorization", signed)
             .send()
             .expect("fleet")
             .text()
             .expect("body"),
     )
     .expect("json");
+    assert_eq!(fleet["sites"].as_array().map(Vec::len), Some(1));
     assert_eq!(fleet["sites"][0]["latest_revision"], 2);
     assert_eq!(fleet["sites"][0]["nodes"][0]["node"], "pi-a");
     assert_eq!(fleet["sites"][0]["nodes"][0]["revision"], 2);
@@ -444,7 +471,12 @@ fn requests_on_one_kept_alive_connection_share_its_authorization() {
     for _ in 0..2 {
         assert_eq!(anonymous.get("/v1/sites/depot-7/config?after=0"), 401);
     }
-    assert_eq!(anonymous.get("/v1/fleet"), 200);
+    assert_eq!(
+        anonymous.get("/v1/fleet"),
+        401,
+        "the fleet view is the operators'"
+    );
+    assert_eq!(node.get("/v1/fleet"), 401, "not a node's");
 }
 
 #[test]

@@ -268,17 +268,6 @@ fn url(args: &CentralArgs, path: &str) -> String {
     format!("{}{path}", args.central.trim_end_matches('/'))
 }
 
-fn fleet(client: &Client, args: &CentralArgs) -> Result<FleetView, CentralError> {
-    let url = url(args, path::FLEET);
-    let body = get(client, url.clone())?.0;
-    serde_json::from_str(&body).map_err(|source| CentralError::NotFleetView { url, source })
-}
-
-/// The fleet view, for commands beside `status`.
-pub fn fleet_view(args: &CentralArgs) -> Result<FleetView, CentralError> {
-    fleet(&client(args)?, args)
-}
-
 /// `GET url`: the body of a 2xx answer, and the server's clock (its `Date` header).
 fn get(
     client: &Client,
@@ -346,7 +335,7 @@ pub fn publish(
     site_dir: &Path,
     args: &CentralArgs,
     how: Publish,
-) -> Result<(), CentralError> {
+) -> Result<(), crate::Failure> {
     let Publish {
         revision,
         try_mode,
@@ -356,34 +345,32 @@ pub fn publish(
     let site =
         pimesh_schema::routes::site_folder::compile(file).map_err(CentralError::InvalidConfig)?;
     let (config, text) = (site.config, site.text);
-    let key_path = site_dir.join("signing.pk8");
-    let key = std::fs::read(&key_path).map_err(|source| CentralError::SiteKey {
-        path: key_path,
-        source,
-    })?;
-    let client = client(args)?;
+    let operator = Operator::open(args, site_dir)?;
+    if config.site != operator.site {
+        return Err(format!(
+            "{} is for site {}, the site folder {} for site {}",
+            file.display(),
+            config.site,
+            site_dir.display(),
+            operator.site
+        )
+        .into());
+    }
     let number = match revision {
         Some(number) => number,
-        None => {
-            let fleet = fleet(&client, args)?;
-            let latest = fleet
-                .site(&config.site)
-                .ok_or_else(|| CentralError::SiteNotServed(config.site.clone()))?
-                .latest_revision
-                .unwrap_or(0);
-            latest + 1
-        }
+        None => operator.latest_revision()?.unwrap_or(0) + 1,
     };
-    let signed = Revision {
+    let unsigned = Revision {
         site: config.site.clone(),
         revision: number,
         mode: if try_mode { Mode::Try } else { Mode::Apply },
         config: text,
-    }
-    .sign(&key)
-    .map_err(CentralError::Sign)?;
+    };
     if dry_run {
-        let json = signed.to_json();
+        let json = unsigned
+            .sign(&operator.key)
+            .map_err(CentralError::Sign)?
+            .to_json();
         let digest = ring::digest::digest(&ring::digest::SHA256, &json);
         let sha256: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         println!(
@@ -395,7 +382,7 @@ pub fn publish(
         );
         return Ok(());
     }
-    put_revision(&client, args, &signed)?;
+    operator.publish(unsigned)?;
     println!("published revision {number} of site {}", config.site);
     Ok(())
 }
@@ -432,6 +419,7 @@ pub struct Operator<'a> {
     client: Client,
     args: &'a CentralArgs,
     pub site: DnsLabel,
+    /// The site's signing key, PKCS#8.
     key: Vec<u8>,
 }
 
@@ -538,9 +526,14 @@ impl<'a> Operator<'a> {
         Ok(signed)
     }
 
+    /// The fleet view as the server shows it to this site's operator: this site alone.
+    pub fn fleet(&self) -> Result<FleetView, CentralError> {
+        self.request(reqwest::Method::GET, path::FLEET, "the fleet view")
+    }
+
     /// The site's newest revision number at the server (`None`: none published).
     pub fn latest_revision(&self) -> Result<Option<u64>, CentralError> {
-        let fleet = fleet(&self.client, self.args)?;
+        let fleet = self.fleet()?;
         Ok(fleet
             .site(&self.site)
             .ok_or_else(|| CentralError::SiteNotServed(self.site.clone()))?
@@ -548,10 +541,14 @@ impl<'a> Operator<'a> {
     }
 }
 
-/// `pimeshctl status`: the fleet judged ([`FleetStatus`]) and printed as `output` says;
-/// the exit code is [`UNHEALTHY_EXIT`] when the fleet is not healthy.
-pub fn status(args: &CentralArgs, output: OutputFormat) -> Result<u8, crate::Failure> {
-    let fleet = fleet(&client(args)?, args)?;
+/// `pimeshctl status`: the site's fleet view judged ([`FleetStatus`]) and printed as
+/// `output` says; the exit code is [`UNHEALTHY_EXIT`] when the site is not healthy.
+pub fn status(
+    args: &CentralArgs,
+    site_dir: &Path,
+    output: OutputFormat,
+) -> Result<u8, crate::Failure> {
+    let fleet = Operator::open(args, site_dir)?.fleet()?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

@@ -3,9 +3,10 @@
 //! whether anything is broken.
 //!
 //! Checked in order: the central server answers over TLS (its certificate trusted and for
-//! the host named); this machine's clock agrees with the server's; with a site folder, the
-//! server serves that site and checks its revisions with the folder's key; every node's
-//! last report: its state, revision and age. A check that cannot run because an earlier
+//! the host named); this machine's clock agrees with the server's; the server serves the
+//! site of the site folder (which the server shows only to a request signed with its key)
+//! and checks its revisions with the folder's key; every node's last report: its state,
+//! revision and age. A check that cannot run because an earlier
 //! one failed is not printed.
 
 use std::path::Path;
@@ -13,6 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use pimesh_revision::ReportState;
 
+use crate::central::CentralError;
 use crate::status::{FleetStatus, UNHEALTHY_EXIT};
 use crate::{central, site, CentralArgs, Failure};
 
@@ -83,54 +85,80 @@ pub fn check(args: &CentralArgs, site_dir: Option<&Path>) -> Result<u8, Failure>
             findings.note(verdict, text);
         }
     }
-    let fleet = match central::fleet_view(args) {
+    let Some(dir) = site_dir else {
+        findings.note(
+            Verdict::Broken,
+            "no site folder: the server shows a site to its operator only (give --site-dir, \
+             set PIMESH_SITE_DIR, or save one in the context)",
+        );
+        return Ok(UNHEALTHY_EXIT);
+    };
+    let name = site::name_of(dir)?;
+    let key = site::public_key_of(dir)?;
+    let fleet = match central::Operator::open(args, dir)?.fleet() {
         Ok(fleet) => fleet,
+        Err(CentralError::Status { status, .. }) if status == reqwest::StatusCode::NOT_FOUND => {
+            findings.note(
+                Verdict::Broken,
+                format!(
+                    "site {name} (from {}) is served by the central server: it is not; \
+                     add it to the server's [[sites]]",
+                    dir.display()
+                ),
+            );
+            return Ok(UNHEALTHY_EXIT);
+        }
+        Err(CentralError::Status { status, body, .. })
+            if status == reqwest::StatusCode::FORBIDDEN && body.contains("does not verify") =>
+        {
+            findings.note(
+                Verdict::Broken,
+                format!(
+                    "the server checks site {name}'s revisions and operator with another key \
+                     than the one of {} ({key}): every publish from here would be refused",
+                    dir.display()
+                ),
+            );
+            return Ok(UNHEALTHY_EXIT);
+        }
         Err(err) => {
             findings.note(Verdict::Broken, format!("the fleet view: {err}"));
             return Ok(UNHEALTHY_EXIT);
         }
     };
     let mut sites: Vec<_> = fleet.sites.iter().collect();
-    if let Some(dir) = site_dir {
-        let name = site::name_of(dir)?;
-        let key = site::public_key_of(dir)?;
-        match fleet.site(&name) {
-            None => {
-                findings.note(
-                    Verdict::Broken,
+    match fleet.site(&name) {
+        None => {
+            findings.note(
+                Verdict::Broken,
+                format!("the server's fleet view has no site {name}"),
+            );
+            sites.clear();
+        }
+        Some(view) => {
+            findings.note(Verdict::Holds, format!("site {name} is served"));
+            match &view.public_key {
+                Some(served) if *served == key => findings.note(
+                    Verdict::Holds,
                     format!(
-                        "site {name} (from {}) is served by the central server: it is not; \
-                         add it to the server's [[sites]]",
+                        "the server checks site {name}'s revisions with the key of {}",
                         dir.display()
                     ),
-                );
-                sites.clear();
+                ),
+                Some(served) => findings.note(
+                    Verdict::Broken,
+                    format!(
+                        "the server checks site {name}'s revisions with {served}, not with \
+                         the key of {} ({key}): every publish from here would be refused",
+                        dir.display()
+                    ),
+                ),
+                None => findings.note(
+                    Verdict::Warning,
+                    "the server does not say which key it checks revisions with (older server)",
+                ),
             }
-            Some(view) => {
-                findings.note(Verdict::Holds, format!("site {name} is served"));
-                match &view.public_key {
-                    Some(served) if *served == key => findings.note(
-                        Verdict::Holds,
-                        format!(
-                            "the server checks site {name}'s revisions with the key of {}",
-                            dir.display()
-                        ),
-                    ),
-                    Some(served) => findings.note(
-                        Verdict::Broken,
-                        format!(
-                            "the server checks site {name}'s revisions with {served}, not with \
-                             the key of {} ({key}): every publish from here would be refused",
-                            dir.display()
-                        ),
-                    ),
-                    None => findings.note(
-                        Verdict::Warning,
-                        "the server does not say which key it checks revisions with (older server)",
-                    ),
-                }
-                sites.retain(|s| s.site == name);
-            }
+            sites.retain(|s| s.site == name);
         }
     }
     let now = SystemTime::now()

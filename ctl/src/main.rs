@@ -43,11 +43,15 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Show every site's newest revision, how many nodes run it and what the others did;
-    /// exits 3 when a node is not on its site's newest revision.
+    /// Show the site's newest revision, how many nodes run it and what the others did;
+    /// exits 3 when a node is not on the newest revision.
     Status {
         #[command(flatten)]
         central: CentralFlags,
+        /// The site folder `pimeshctl site init` made: its key signs the request (the
+        /// server shows a site to its operator only).
+        #[arg(long, env = "PIMESH_SITE_DIR")]
+        site_dir: Option<PathBuf>,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
@@ -421,7 +425,7 @@ fn main() -> ExitCode {
                 try_mode,
                 dry_run,
             };
-            central::publish(&file, &dir, &central.resolve()?, publish).map_err(Failure::from)
+            central::publish(&file, &dir, &central.resolve()?, publish)
         }),
         Command::Check { central, site_dir } => {
             let site_dir = match site_dir {
@@ -507,11 +511,16 @@ fn main() -> ExitCode {
             );
             Ok(())
         }),
-        Command::Status { central, output } => {
-            return match central
-                .resolve()
-                .and_then(|central| central::status(&central, output))
-            {
+        Command::Status {
+            central,
+            site_dir,
+            output,
+        } => {
+            return match resolve_site_dir(site_dir).and_then(|dir| {
+                central
+                    .resolve()
+                    .and_then(|central| central::status(&central, &dir, output))
+            }) {
                 Ok(code) => ExitCode::from(code),
                 Err(message) => failed(&message),
             }

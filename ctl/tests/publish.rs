@@ -109,6 +109,8 @@ fn publish_signs_and_uploads_and_status_shows_the_fleet() {
         &central,
         "--central-ca",
         ca.to_str().expect("utf-8"),
+        "--site-dir",
+        site_dir.to_str().expect("utf-8"),
     ]);
     assert!(status.status.success(), "{}", text(&status.stderr));
     assert!(
@@ -131,7 +133,16 @@ fn publish_signs_and_uploads_and_status_shows_the_fleet() {
         text(&dry.stdout)
     );
     let ca_path = ca.to_str().expect("utf-8");
-    let after = pimeshctl(&["status", "--central", &central, "--central-ca", ca_path]);
+    let site_path = site_dir.to_str().expect("utf-8");
+    let after = pimeshctl(&[
+        "status",
+        "--central",
+        &central,
+        "--central-ca",
+        ca_path,
+        "--site-dir",
+        site_path,
+    ]);
     assert!(
         text(&after.stdout).contains("newest revision 2"),
         "{}",
@@ -139,7 +150,6 @@ fn publish_signs_and_uploads_and_status_shows_the_fleet() {
     );
 
     // `check` with the site folder: the server checks revisions with its key.
-    let site_path = site_dir.to_str().expect("utf-8");
     let check = |folder: &str| {
         pimeshctl(&[
             "check",
@@ -186,7 +196,10 @@ fn publish_signs_and_uploads_and_status_shows_the_fleet() {
     let out = text(&bad.stdout);
     assert_eq!(bad.status.code(), Some(3), "{out}");
     assert!(
-        out.contains("× the server checks site depot-7's revisions with ed25519:"),
+        out.contains(
+            "× the server checks site depot-7's revisions and operator with another key than \
+             the one of"
+        ),
         "{out}"
     );
     assert!(
@@ -209,6 +222,15 @@ fn client_of(central: &Central, identity: Option<&[u8]>) -> reqwest::blocking::C
     builder.build().expect("client")
 }
 
+/// A site folder as far as operator commands read it: the site's name and signing key.
+fn site_folder(dir: &std::path::Path, site: &str, key: &SigningKey) -> std::path::PathBuf {
+    let folder = dir.join(format!("{site}-folder"));
+    std::fs::create_dir_all(&folder).expect("folder");
+    std::fs::write(folder.join("site-name"), format!("{site}\n")).expect("site-name");
+    std::fs::write(folder.join("signing.pk8"), &key.pkcs8).expect("signing.pk8");
+    folder
+}
+
 /// pimeshctl with the central server given by `PIMESH_CENTRAL`/`PIMESH_CENTRAL_CA`.
 fn pimeshctl_at(central: &Central, args: &[&str]) -> Output {
     Binary::Ctl
@@ -219,6 +241,22 @@ fn pimeshctl_at(central: &Central, args: &[&str]) -> Output {
             format!("https://localhost:{}", central.addr.port()),
         )
         .env("PIMESH_CENTRAL_CA", &central.server_cert)
+        .env_remove("PIMESH_SITE_DIR")
+        .output()
+        .expect("pimeshctl runs")
+}
+
+/// [`pimeshctl_at`] as the operator of the site folder `folder` (`PIMESH_SITE_DIR`).
+fn pimeshctl_as(central: &Central, folder: &std::path::Path, args: &[&str]) -> Output {
+    Binary::Ctl
+        .command()
+        .args(args)
+        .env(
+            "PIMESH_CENTRAL",
+            format!("https://localhost:{}", central.addr.port()),
+        )
+        .env("PIMESH_CENTRAL_CA", &central.server_cert)
+        .env("PIMESH_SITE_DIR", folder)
         .output()
         .expect("pimeshctl runs")
 }
@@ -239,8 +277,9 @@ fn status_judges_the_fleet_in_every_output_and_says_it_in_its_exit_code() {
             public_key: &key.public_key,
         }],
     );
+    let folder = site_folder(dir.path(), "depot-7", &key);
     // Nothing published, nobody reported: nothing is wrong.
-    let empty = pimeshctl_at(&central, &["status"]);
+    let empty = pimeshctl_as(&central, &folder, &["status"]);
     assert_eq!(empty.status.code(), Some(0), "{}", text(&empty.stderr));
     assert!(
         text(&empty.stdout).contains("site depot-7: newest revision none: no revision published"),
@@ -276,7 +315,7 @@ fn status_judges_the_fleet_in_every_output_and_says_it_in_its_exit_code() {
         r#"{"revision":1,"state":"rolled-back","detail":"revision 2: unhealthy: web did not answer"}"#,
     );
 
-    let table = pimeshctl_at(&central, &["status"]);
+    let table = pimeshctl_as(&central, &folder, &["status"]);
     assert_eq!(
         table.status.code(),
         Some(3),
@@ -294,7 +333,7 @@ fn status_judges_the_fleet_in_every_output_and_says_it_in_its_exit_code() {
         "{out}"
     );
 
-    let json = pimeshctl_at(&central, &["status", "-o", "json"]);
+    let json = pimeshctl_as(&central, &folder, &["status", "-o", "json"]);
     assert_eq!(json.status.code(), Some(3));
     let parsed: serde_json::Value = serde_json::from_str(&text(&json.stdout)).expect("JSON");
     assert_eq!(parsed["healthy"], false);
@@ -311,7 +350,7 @@ fn status_judges_the_fleet_in_every_output_and_says_it_in_its_exit_code() {
         "{depot}"
     );
 
-    let check = pimeshctl_at(&central, &["check"]);
+    let check = pimeshctl_as(&central, &folder, &["check"]);
     let out = text(&check.stdout);
     assert_eq!(check.status.code(), Some(3), "{out}");
     assert!(
@@ -325,7 +364,7 @@ fn status_judges_the_fleet_in_every_output_and_says_it_in_its_exit_code() {
     );
     assert!(out.ends_with("some checks failed\n"), "{out}");
 
-    let yaml = pimeshctl_at(&central, &["status", "--output", "yaml"]);
+    let yaml = pimeshctl_as(&central, &folder, &["status", "--output", "yaml"]);
     let parsed: serde_json::Value = serde_yaml_ng::from_str(&text(&yaml.stdout)).expect("YAML");
     assert_eq!(
         parsed["sites"][0]["summary"],
@@ -334,7 +373,7 @@ fn status_judges_the_fleet_in_every_output_and_says_it_in_its_exit_code() {
 
     // pi-b takes revision 2 after all: the fleet is healthy again.
     report("pi-b", r#"{"revision":2,"state":"applied","detail":""}"#);
-    let healthy = pimeshctl_at(&central, &["status"]);
+    let healthy = pimeshctl_as(&central, &folder, &["status"]);
     assert_eq!(healthy.status.code(), Some(0), "{}", text(&healthy.stdout));
     assert!(text(&healthy.stdout).contains("2/2 on revision 2"));
 
@@ -351,8 +390,15 @@ fn failures_to_reach_the_central_server_name_their_real_cause() {
     let central = Central::start(dir.path(), "", &[]);
     let port = central.addr.port();
     let ca = central.server_cert.to_str().expect("utf-8").to_owned();
+    let folder = site_folder(dir.path(), "depot-7", &SigningKey::generate());
     let status = |url: String, ca: Option<&str>| -> String {
-        let mut args = vec!["status".to_owned(), "--central".to_owned(), url];
+        let mut args = vec![
+            "status".to_owned(),
+            "--site-dir".to_owned(),
+            folder.to_str().expect("utf-8").to_owned(),
+            "--central".to_owned(),
+            url,
+        ];
         if let Some(ca) = ca {
             args.extend(["--central-ca".to_owned(), ca.to_owned()]);
         }
@@ -400,6 +446,7 @@ fn a_saved_context_stands_in_for_the_flags_and_the_command_line_wins() {
             .env("PIMESH_CONFIG", &config)
             .env_remove("PIMESH_CENTRAL")
             .env_remove("PIMESH_CENTRAL_CA")
+            .env_remove("PIMESH_SITE_DIR")
             .current_dir(dir.path())
             .output()
             .expect("pimeshctl runs")
@@ -430,9 +477,8 @@ fn a_saved_context_stands_in_for_the_flags_and_the_command_line_wins() {
         saved.contains(&central.server_cert.display().to_string()),
         "{saved}"
     );
-    let status = ctl(&["status"]);
-    assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
     let version = ctl(&["version"]);
+    assert_eq!(version.status.code(), Some(0), "{}", text(&version.stderr));
     assert!(
         text(&version.stdout).contains("pimesh-central"),
         "{}",
@@ -463,14 +509,14 @@ fn a_saved_context_stands_in_for_the_flags_and_the_command_line_wins() {
     let parsed: serde_json::Value = serde_json::from_str(&text(&listed.stdout)).expect("JSON");
     assert_eq!(parsed["current"], "elsewhere");
     assert_eq!(parsed["contexts"]["lab"]["central"], url.as_str());
-    let refused = ctl(&["status"]);
+    let refused = ctl(&["version"]);
     assert!(
         text(&refused.stderr).contains("connection refused"),
         "{}",
         text(&refused.stderr)
     );
     // The command line wins over the context.
-    let flagged = ctl(&["status", "--central", &url, "--central-ca", "server.pem"]);
+    let flagged = ctl(&["version", "--central", &url, "--central-ca", "server.pem"]);
     assert_eq!(flagged.status.code(), Some(0), "{}", text(&flagged.stderr));
 
     // A plain-HTTP central server is refused where it would be saved.

@@ -3,8 +3,11 @@
 //! that signs revisions is the operator's credential for the site; each request carries
 //!
 //! ```text
-//! Authorization: Pimesh-Operator t=<milliseconds since the epoch>,sig=<base64 Ed25519>
+//! Authorization: Pimesh-Operator site=<site>,t=<milliseconds since the epoch>,sig=<base64 Ed25519>
 //! ```
+//!
+//! `site` names the site whose key signed, for resources whose path names none (the
+//! fleet view); where the path names a site, that one counts.
 //!
 //! The signature covers a domain-separated, length-prefixed encoding of the site, the
 //! method, the path with its query, the time and the SHA-256 of the body (see [`payload`]),
@@ -63,7 +66,17 @@ pub fn authorization(
         .map_err(SignError::NotEd25519Pkcs8)?;
     let signature = key.sign(&payload(site, method, path_and_query, at_ms, body));
     let signature = base64::engine::general_purpose::STANDARD.encode(signature.as_ref());
-    Ok(format!("{SCHEME} t={at_ms},sig={signature}"))
+    Ok(format!("{SCHEME} site={site},t={at_ms},sig={signature}"))
+}
+
+/// The site an operator request's header names (`site=`), unchecked: the signature of
+/// that site's key is checked by [`verify`].
+pub fn claimed_site(header: Option<&str>) -> Option<&str> {
+    header?
+        .strip_prefix(SCHEME)?
+        .strip_prefix(' ')?
+        .split(',')
+        .find_map(|part| part.trim().strip_prefix("site="))
 }
 
 /// Why an operator request was refused.
@@ -89,7 +102,7 @@ impl fmt::Display for Refusal {
             ),
             Refusal::Malformed => write!(
                 f,
-                "expected Authorization: {SCHEME} t=<milliseconds>,sig=<base64 signature>"
+                "expected Authorization: {SCHEME} site=<site>,t=<milliseconds>,sig=<base64 signature>"
             ),
             Refusal::BadSignature => f.write_str(
                 "the operator signature does not verify with this site's key (another \
@@ -127,6 +140,7 @@ pub fn verify(
         match part.trim().split_once('=') {
             Some(("t", value)) => at_ms = value.parse::<u64>().ok(),
             Some(("sig", value)) => signature = Some(value),
+            Some(("site", _)) => {}
             _ => return Err(Refusal::Malformed),
         }
     }
@@ -179,7 +193,9 @@ mod tests {
         let path = "/v1/sites/depot-7/rollouts/4/abort";
         let now = 1_800_000_000_000;
         let header = authorization(&pkcs8, &site, "POST", path, now, b"").expect("sign");
-        assert!(header.starts_with("Pimesh-Operator t=1800000000000,sig="));
+        assert!(header.starts_with("Pimesh-Operator site=depot-7,t=1800000000000,sig="));
+        assert_eq!(claimed_site(Some(&header)), Some("depot-7"));
+        assert_eq!(claimed_site(Some("Bearer x")), None);
         let check = |header: Option<&str>,
                      key: &SigningKey,
                      site: &DnsLabel,

@@ -238,7 +238,8 @@ class Site:
 
     def fleet_status(self):
         """`pimeshctl status -o json` and its exit code (0 healthy, 3 not)."""
-        result = self.ctl("status", "-o", "json", "--central", f"https://127.0.0.1:{self.port}",
+        result = self.ctl("status", "-o", "json", "--site-dir", self.keys,
+                          "--central", f"https://127.0.0.1:{self.port}",
                           "--central-ca", self.server_cert, check=False)
         if result.returncode not in (0, 3):
             raise AssertionError(f"pimeshctl status: {result.stderr}")

@@ -80,17 +80,17 @@ def wait_quietly(predicate, timeout):
     return False
 
 
-def fleet_status(container):
-    """The status of GET /v1/fleet from inside the container, over TLS checked against
+def version_status(container):
+    """The status of GET /v1/version from inside the container, over TLS checked against
     the server's certificate; 0 when nothing answered."""
     out = subprocess.run(["nsenter", "-t", str(container.leader), "-n", "python3", "-c", FETCH,
-                          "https://127.0.0.1:8443/v1/fleet", container.site.server_cert],
+                          "https://127.0.0.1:8443/v1/version", container.site.server_cert],
                          capture_output=True, text=True, timeout=30).stdout
     return int(out.split()[0]) if out.split() else 0
 
 
 def test_a_stalled_accept_loop_gets_the_central_server_restarted_by_its_watchdog(central):
-    if not wait_quietly(lambda: fleet_status(central) == 200, timeout=180):
+    if not wait_quietly(lambda: version_status(central) == 200, timeout=180):
         pytest.fail("the central server does not serve:\n"
                     + central.systemctl("status", UNIT, check=False).stdout
                     + central.journal(UNIT)[-3000:])
@@ -109,7 +109,7 @@ def test_a_stalled_accept_loop_gets_the_central_server_restarted_by_its_watchdog
         assert "a key task stalled" in journal, journal[-2000:]
         assert "Watchdog timeout" in journal, journal[-2000:]
         assert central.wait_for("the restarted server serving",
-                                lambda: fleet_status(central) == 200, timeout=60)
+                                lambda: version_status(central) == 200, timeout=60)
         assert central.show(UNIT, "NRestarts")["NRestarts"] == "1"
         central.wait_for("the stopped thread's process to be gone", frozen.ended, timeout=30)
     finally:
