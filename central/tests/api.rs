@@ -5,56 +5,18 @@
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use pimesh_revision::{Mode, Revision};
-use pimesh_test_support::central::{Central, CentralSite, SigningKey};
-use pimesh_test_support::Site;
+use pimesh_test_support::central::{Central, OperatedSite};
 use reqwest::blocking::Client;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-/// A site with its trust root, its anchor in a file the central server reads, and its
-/// revision signing key.
-struct TestSite {
-    site: Site,
-    key: SigningKey,
-    anchor_path: PathBuf,
-}
-
-impl TestSite {
-    fn new(dir: &Path, name: &str) -> TestSite {
-        let site = Site::new(name);
-        let anchor_path = dir.join(format!("{name}-anchor.pem"));
-        std::fs::write(&anchor_path, site.root.anchor.cert_pem()).expect("anchor");
-        TestSite {
-            site,
-            key: SigningKey::generate(),
-            anchor_path,
-        }
-    }
-
-    /// PEM identity of `node` (leaf, issuer, key) for a reqwest client.
-    fn node_identity(&self, node: &str) -> Vec<u8> {
-        self.site.node_identity_pem(node)
-    }
-
-    fn revision(&self, number: u64, config: &str) -> Vec<u8> {
-        self.key.revision(&self.site.name, number, config)
-    }
-}
-
 /// The central server with `sites`, long-polls held at most 30 s.
-fn start_central(dir: &Path, sites: &[&TestSite]) -> Central {
-    let sites: Vec<CentralSite<'_>> = sites
-        .iter()
-        .map(|site| CentralSite {
-            name: site.site.name.as_str(),
-            anchor: &site.anchor_path,
-            public_key: &site.key.public_key,
-        })
-        .collect();
+fn start_central(dir: &Path, sites: &[&OperatedSite]) -> Central {
+    let sites: Vec<_> = sites.iter().map(|site| site.central_site()).collect();
     Central::start(dir, "long_poll_max = \"30s\"\n", &sites)
 }
 
@@ -188,10 +150,10 @@ fn revision_of(body: &str) -> u64 {
 #[test]
 fn publish_then_nodes_long_poll_and_report() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let site = TestSite::new(dir.path(), "depot-7");
+    let site = OperatedSite::new(dir.path(), "depot-7");
     let central = start_central(dir.path(), &[&site]);
     let operator = client(&central, None);
-    let node = client(&central, Some(&site.node_identity("pi-a")));
+    let node = client(&central, Some(&site.site.node_identity_pem("pi-a")));
 
     let published = operator
         .put(central.url("/v1/sites/depot-7/revisions"))
@@ -254,22 +216,7 @@ fn publish_then_nodes_long_poll_and_report() {
             .status(),
         401
     );
-    let at_ms = u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_millis(),
-    )
-    .expect("ms");
-    let signed = pimesh_revision::operator::authorization(
-        &site.key.pkcs8,
-        &site.site.name,
-        "GET",
-        "/v1/fleet",
-        at_ms,
-        b"",
-    )
-    .expect("sign");
+    let signed = site.authorization("GET", "/v1/fleet");
     let fleet: serde_json::Value = serde_json::from_str(
         &operator
             .get(central.url("/v1/fleet"))
@@ -345,8 +292,8 @@ fn publish_then_nodes_long_poll_and_report() {
 #[test]
 fn bad_publishes_and_strangers_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let site = TestSite::new(dir.path(), "depot-7");
-    let other = TestSite::new(dir.path(), "depot-8");
+    let site = OperatedSite::new(dir.path(), "depot-7");
+    let other = OperatedSite::new(dir.path(), "depot-8");
     let central = start_central(dir.path(), &[&site, &other]);
     let operator = client(&central, None);
     let put = |body: Vec<u8>| {
@@ -411,15 +358,15 @@ fn bad_publishes_and_strangers_are_refused() {
         .send()
         .expect("fetch");
     assert_eq!(anonymous.status(), 401);
-    let stranger = client(&central, Some(&other.node_identity("pi-a")));
+    let stranger = client(&central, Some(&other.site.node_identity_pem("pi-a")));
     let refused = stranger
         .get(central.url("/v1/sites/depot-7/config?after=0"))
         .send()
         .expect("fetch");
     assert_eq!(refused.status(), 403);
     // A certificate from an anchor the server does not know fails the handshake.
-    let unknown = TestSite::new(&dir.path().join(".."), "depot-7");
-    let outsider = client(&central, Some(&unknown.node_identity("pi-a")));
+    let unknown = OperatedSite::new(&dir.path().join(".."), "depot-7");
+    let outsider = client(&central, Some(&unknown.site.node_identity_pem("pi-a")));
     assert!(outsider
         .get(central.url("/v1/sites/depot-7/config?after=0"))
         .send()
@@ -437,8 +384,8 @@ fn bad_publishes_and_strangers_are_refused() {
 #[test]
 fn requests_on_one_kept_alive_connection_share_its_authorization() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let site = TestSite::new(dir.path(), "depot-7");
-    let other = TestSite::new(dir.path(), "depot-8");
+    let site = OperatedSite::new(dir.path(), "depot-7");
+    let other = OperatedSite::new(dir.path(), "depot-8");
     let central = start_central(dir.path(), &[&site, &other]);
     let published = client(&central, None)
         .put(central.url("/v1/sites/depot-7/revisions"))
@@ -448,7 +395,7 @@ fn requests_on_one_kept_alive_connection_share_its_authorization() {
     assert_eq!(published.status(), 201);
 
     // A node: its certificate is checked by the first request, the next ones reuse that.
-    let mut node = Connection::open(&central, Some(&site.node_identity("pi-a")));
+    let mut node = Connection::open(&central, Some(&site.site.node_identity_pem("pi-a")));
     let (status, body) = node.request("GET", "/v1/sites/depot-7/config?after=0", "");
     assert_eq!(status, 200);
     assert_eq!(revision_of(&body), 1);
@@ -459,7 +406,7 @@ fn requests_on_one_kept_alive_connection_share_its_authorization() {
 
     // A node of another site: refused on every request, while the same connection remains
     // a node of its own site.
-    let mut stranger = Connection::open(&central, Some(&other.node_identity("pi-b")));
+    let mut stranger = Connection::open(&central, Some(&other.site.node_identity_pem("pi-b")));
     for _ in 0..2 {
         assert_eq!(stranger.get("/v1/sites/depot-7/config?after=0"), 403);
     }
@@ -482,7 +429,7 @@ fn requests_on_one_kept_alive_connection_share_its_authorization() {
 #[test]
 fn revisions_survive_a_kill_and_interrupted_writes_are_ignored() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let site = TestSite::new(dir.path(), "depot-7");
+    let site = OperatedSite::new(dir.path(), "depot-7");
     let mut central = start_central(dir.path(), &[&site]);
     let operator = client(&central, None);
     for (number, config) in [(1, CONFIG_1), (2, CONFIG_2)] {
@@ -503,7 +450,7 @@ fn revisions_survive_a_kill_and_interrupted_writes_are_ignored() {
     .expect("torn write");
     central.kill_and_restart();
 
-    let node = client(&central, Some(&site.node_identity("pi-a")));
+    let node = client(&central, Some(&site.site.node_identity_pem("pi-a")));
     let fetched = node
         .get(central.url("/v1/sites/depot-7/config?after=0"))
         .send()

@@ -7,42 +7,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use pimesh_demo::browser::{Browser, Page};
 use pimesh_revision::path;
 use pimesh_schema::DnsLabel;
-use pimesh_test_support::central::{Central, CentralSite, SigningKey};
-use pimesh_test_support::Site;
+use pimesh_test_support::central::{Central, OperatedSite, SigningKey};
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
 
 /// Generous: a debug server and Chromium sharing two cores.
 const DEADLINE: Duration = Duration::from_secs(120);
-
-struct TestSite {
-    site: Site,
-    key: SigningKey,
-    anchor: PathBuf,
-}
-
-impl TestSite {
-    fn new(dir: &Path, name: &str) -> TestSite {
-        let site = Site::new(name);
-        let anchor = dir.join(format!("{name}-anchor.pem"));
-        std::fs::write(&anchor, site.root.anchor.cert_pem()).expect("anchor");
-        TestSite {
-            site,
-            key: SigningKey::generate(),
-            anchor,
-        }
-    }
-
-    fn name(&self) -> &DnsLabel {
-        &self.site.name
-    }
-}
 
 fn client(central: &Central, identity: Option<&[u8]>) -> Client {
     let mut builder = Client::builder()
@@ -56,7 +32,7 @@ fn client(central: &Central, identity: Option<&[u8]>) -> Client {
     builder.build().expect("client")
 }
 
-fn publish(central: &Central, site: &TestSite, number: u64, config: &str) {
+fn publish(central: &Central, site: &OperatedSite, number: u64, config: &str) {
     let status = client(central, None)
         .put(central.url(&path::revisions(site.name())))
         .body(site.key.revision(site.name(), number, config))
@@ -69,7 +45,7 @@ fn publish(central: &Central, site: &TestSite, number: u64, config: &str) {
 /// `node` of `site` takes what it is offered after `after` and reports `state` about it.
 fn node_takes(
     central: &Central,
-    site: &TestSite,
+    site: &OperatedSite,
     node: &str,
     after: u64,
     state: &str,
@@ -97,27 +73,16 @@ fn node_takes(
     assert_eq!(status, 200);
 }
 
-fn session(central: &Central, site: &TestSite, key: &SigningKey) -> reqwest::blocking::Response {
+fn session(
+    central: &Central,
+    site: &OperatedSite,
+    key: &SigningKey,
+) -> reqwest::blocking::Response {
     let path = format!(
         "{}?ttl=600",
         path::site(site.name(), path::SiteResource::Sessions)
     );
-    let at_ms = u64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap();
-    let authorization = pimesh_revision::operator::authorization(
-        &key.pkcs8,
-        site.name(),
-        "POST",
-        &path,
-        at_ms,
-        b"",
-    )
-    .expect("sign");
+    let authorization = site.authorization_with(key, "POST", &path);
     client(central, None)
         .post(central.url(&path))
         .header("authorization", authorization)
@@ -142,23 +107,12 @@ async fn until(page: &mut Page, what: &str, expression: &str) {
 #[test]
 fn the_dashboard_shows_the_site_escapes_what_nodes_sent_and_follows_a_rollout() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let site = TestSite::new(dir.path(), "depot-7");
-    let other = TestSite::new(dir.path(), "depot-8");
+    let site = OperatedSite::new(dir.path(), "depot-7");
+    let other = OperatedSite::new(dir.path(), "depot-8");
     let central = Central::start(
         dir.path(),
         "long_poll_max = \"30s\"\n",
-        &[
-            CentralSite {
-                name: "depot-7",
-                anchor: &site.anchor,
-                public_key: &site.key.public_key,
-            },
-            CentralSite {
-                name: "depot-8",
-                anchor: &other.anchor,
-                public_key: &other.key.public_key,
-            },
-        ],
+        &[site.central_site(), other.central_site()],
     );
     publish(&central, &site, 1, "site = \"depot-7\"\n");
     for node in ["pi-a", "pi-b", "pi-c"] {

@@ -4,49 +4,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use pimesh_revision::path;
 use pimesh_revision::rollout::Command;
 use pimesh_revision::{Rollout, RolloutState};
 use pimesh_schema::DnsLabel;
-use pimesh_test_support::central::{Central, CentralSite, SigningKey};
-use pimesh_test_support::Site;
+use pimesh_test_support::central::{Central, OperatedSite, SigningKey};
 use reqwest::blocking::Client;
 
-struct TestSite {
-    site: Site,
-    key: SigningKey,
-    anchor_path: PathBuf,
-}
-
-impl TestSite {
-    fn new(dir: &Path, name: &str) -> TestSite {
-        let site = Site::new(name);
-        let anchor_path = dir.join(format!("{name}-anchor.pem"));
-        std::fs::write(&anchor_path, site.root.anchor.cert_pem()).expect("anchor");
-        TestSite {
-            site,
-            key: SigningKey::generate(),
-            anchor_path,
-        }
-    }
-
-    fn name(&self) -> &DnsLabel {
-        &self.site.name
-    }
-}
-
-fn start(dir: &Path, sites: &[&TestSite]) -> Central {
-    let sites: Vec<CentralSite<'_>> = sites
-        .iter()
-        .map(|site| CentralSite {
-            name: site.site.name.as_str(),
-            anchor: &site.anchor_path,
-            public_key: &site.key.public_key,
-        })
-        .collect();
+fn start(dir: &Path, sites: &[&OperatedSite]) -> Central {
+    let sites: Vec<_> = sites.iter().map(|site| site.central_site()).collect();
     Central::start(dir, "long_poll_max = \"30s\"\n", &sites)
 }
 
@@ -71,7 +40,7 @@ struct Node {
 }
 
 impl Node {
-    fn new(central: &Central, site: &TestSite, name: &'static str) -> Node {
+    fn new(central: &Central, site: &OperatedSite, name: &'static str) -> Node {
         Node {
             name,
             http: client(central, Some(&site.site.node_identity_pem(name))),
@@ -122,18 +91,8 @@ impl Node {
 struct Operator<'a> {
     http: Client,
     central: &'a Central,
-    site: &'a TestSite,
+    site: &'a OperatedSite,
     key: &'a SigningKey,
-}
-
-fn now_ms() -> u64 {
-    u64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("clock")
-            .as_millis(),
-    )
-    .expect("ms")
 }
 
 impl Operator<'_> {
@@ -149,15 +108,7 @@ impl Operator<'_> {
     }
 
     fn signed(&self, method: &str, path: &str) -> String {
-        pimesh_revision::operator::authorization(
-            &self.key.pkcs8,
-            self.site.name(),
-            method,
-            path,
-            now_ms(),
-            b"",
-        )
-        .expect("sign")
+        self.site.authorization_with(self.key, method, path)
     }
 
     fn rollouts(&self) -> Vec<Rollout> {
@@ -215,7 +166,7 @@ fn names(nodes: &std::collections::BTreeSet<DnsLabel>) -> Vec<&str> {
 #[test]
 fn a_staged_rollout_goes_wave_by_wave_and_halts_on_the_first_failure() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let site = TestSite::new(dir.path(), "depot-7");
+    let site = OperatedSite::new(dir.path(), "depot-7");
     let mut central = start(dir.path(), &[&site]);
     let operator = Operator {
         http: client(&central, None),
@@ -330,8 +281,8 @@ fn a_staged_rollout_goes_wave_by_wave_and_halts_on_the_first_failure() {
 #[test]
 fn the_operator_pauses_resumes_and_aborts_and_no_one_else_can() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let site = TestSite::new(dir.path(), "depot-7");
-    let other = TestSite::new(dir.path(), "depot-8");
+    let site = OperatedSite::new(dir.path(), "depot-7");
+    let other = OperatedSite::new(dir.path(), "depot-8");
     let central = start(dir.path(), &[&site, &other]);
     let operator = Operator {
         http: client(&central, None),

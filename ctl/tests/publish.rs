@@ -5,7 +5,7 @@
 
 use std::process::Output;
 
-use pimesh_test_support::central::{Central, CentralSite, SigningKey};
+use pimesh_test_support::central::{site_folder, Central, CentralSite, SigningKey};
 use pimesh_test_support::{text, Binary, Site};
 
 /// Runs pimeshctl with `args`.
@@ -220,15 +220,6 @@ fn client_of(central: &Central, identity: Option<&[u8]>) -> reqwest::blocking::C
         builder = builder.identity(reqwest::Identity::from_pem(pem).expect("identity"));
     }
     builder.build().expect("client")
-}
-
-/// A site folder as far as operator commands read it: the site's name and signing key.
-fn site_folder(dir: &std::path::Path, site: &str, key: &SigningKey) -> std::path::PathBuf {
-    let folder = dir.join(format!("{site}-folder"));
-    std::fs::create_dir_all(&folder).expect("folder");
-    std::fs::write(folder.join("site-name"), format!("{site}\n")).expect("site-name");
-    std::fs::write(folder.join("signing.pk8"), &key.pkcs8).expect("signing.pk8");
-    folder
 }
 
 /// pimeshctl with the central server given by `PIMESH_CENTRAL`/`PIMESH_CENTRAL_CA`.

@@ -3,21 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
-use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use pimesh_test_support::central::{Central, CentralSite, SigningKey};
+use pimesh_test_support::central::{site_folder, Central, CentralSite, SigningKey};
 use pimesh_test_support::{text, Binary, Site};
-
-/// A site folder as `pimeshctl site init` leaves it, as far as operator commands read it.
-fn site_folder(dir: &Path, site: &str, key: &SigningKey) -> std::path::PathBuf {
-    let folder = dir.join(format!("{site}-folder"));
-    std::fs::create_dir_all(&folder).expect("folder");
-    std::fs::write(folder.join("site-name"), format!("{site}\n")).expect("site-name");
-    std::fs::write(folder.join("signing.pk8"), &key.pkcs8).expect("signing.pk8");
-    folder
-}
 
 struct Fixture {
     _dir: tempfile::TempDir,

@@ -56,6 +56,87 @@ impl SigningKey {
     }
 }
 
+/// A site as a central server's tests use it: its trust root (node identities), its anchor
+/// in a file the server reads, and the operator's signing key.
+pub struct OperatedSite {
+    pub site: crate::Site,
+    pub key: SigningKey,
+    pub anchor: PathBuf,
+}
+
+impl OperatedSite {
+    /// A new site `name`, its anchor written into `dir`.
+    ///
+    /// # Panics
+    /// When the anchor cannot be written.
+    pub fn new(dir: &Path, name: &str) -> OperatedSite {
+        let site = crate::Site::new(name);
+        let anchor = dir.join(format!("{name}-anchor.pem"));
+        std::fs::write(&anchor, site.root.anchor.cert_pem()).expect("the site's anchor");
+        OperatedSite {
+            site,
+            key: SigningKey::generate(),
+            anchor,
+        }
+    }
+
+    pub fn name(&self) -> &DnsLabel {
+        &self.site.name
+    }
+
+    /// The site as the central server's config names it.
+    pub fn central_site(&self) -> CentralSite<'_> {
+        CentralSite {
+            name: self.site.name.as_str(),
+            anchor: &self.anchor,
+            public_key: &self.key.public_key,
+        }
+    }
+
+    /// Revision `number` with `config`, signed (see [`SigningKey::revision`]).
+    pub fn revision(&self, number: u64, config: &str) -> Vec<u8> {
+        self.key.revision(&self.site.name, number, config)
+    }
+
+    /// The `Authorization` header of an operator request `method path` signed now with
+    /// `key` (the site's own, or another to be refused).
+    ///
+    /// # Panics
+    /// When signing fails.
+    pub fn authorization_with(&self, key: &SigningKey, method: &str, path: &str) -> String {
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        pimesh_revision::operator::authorization(
+            &key.pkcs8,
+            &self.site.name,
+            method,
+            path,
+            at_ms,
+            b"",
+        )
+        .expect("a signed operator request")
+    }
+
+    /// [`OperatedSite::authorization_with`] the site's own key.
+    pub fn authorization(&self, method: &str, path: &str) -> String {
+        self.authorization_with(&self.key, method, path)
+    }
+}
+
+/// A site folder (as `pimeshctl site init` makes one) as far as operator commands read
+/// it: `site-name` and `signing.pk8` of `key`, in `dir/<site>-folder`.
+///
+/// # Panics
+/// When the files cannot be written.
+pub fn site_folder(dir: &Path, site: &str, key: &SigningKey) -> PathBuf {
+    let folder = dir.join(format!("{site}-folder"));
+    std::fs::create_dir_all(&folder).expect("the site folder");
+    std::fs::write(folder.join("site-name"), format!("{site}\n")).expect("site-name");
+    std::fs::write(folder.join("signing.pk8"), &key.pkcs8).expect("signing.pk8");
+    folder
+}
+
 /// A site as the central server's config names it.
 pub struct CentralSite<'a> {
     pub name: &'a str,
