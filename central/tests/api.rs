@@ -20,20 +20,6 @@ fn start_central(dir: &Path, sites: &[&OperatedSite]) -> Central {
     Central::start(dir, "long_poll_max = \"30s\"\n", &sites)
 }
 
-/// A reqwest client of `central` (which it reaches as `localhost`), with a node's
-/// `identity` when given.
-fn client(central: &Central, identity: Option<&[u8]>) -> Client {
-    let mut builder = Client::builder()
-        .use_rustls_tls()
-        .resolve("localhost", central.addr)
-        .add_root_certificate(reqwest::Certificate::from_pem(&central.server_pem).expect("root"))
-        .timeout(Duration::from_secs(40));
-    if let Some(pem) = identity {
-        builder = builder.identity(reqwest::Identity::from_pem(pem).expect("identity"));
-    }
-    builder.build().expect("client")
-}
-
 /// One kept-alive HTTP/1.1 connection over TLS: every request goes on the same connection
 /// (reqwest pools, so it cannot show that).
 struct Connection {
@@ -152,8 +138,8 @@ fn publish_then_nodes_long_poll_and_report() {
     let dir = tempfile::tempdir().expect("tempdir");
     let site = OperatedSite::new(dir.path(), "depot-7");
     let central = start_central(dir.path(), &[&site]);
-    let operator = client(&central, None);
-    let node = client(&central, Some(&site.site.node_identity_pem("pi-a")));
+    let operator = central.client(None);
+    let node = central.client(Some(&site.site.node_identity_pem("pi-a")));
 
     let published = operator
         .put(central.url("/v1/sites/depot-7/revisions"))
@@ -295,7 +281,7 @@ fn bad_publishes_and_strangers_are_refused() {
     let site = OperatedSite::new(dir.path(), "depot-7");
     let other = OperatedSite::new(dir.path(), "depot-8");
     let central = start_central(dir.path(), &[&site, &other]);
-    let operator = client(&central, None);
+    let operator = central.client(None);
     let put = |body: Vec<u8>| {
         operator
             .put(central.url("/v1/sites/depot-7/revisions"))
@@ -358,7 +344,7 @@ fn bad_publishes_and_strangers_are_refused() {
         .send()
         .expect("fetch");
     assert_eq!(anonymous.status(), 401);
-    let stranger = client(&central, Some(&other.site.node_identity_pem("pi-a")));
+    let stranger = central.client(Some(&other.site.node_identity_pem("pi-a")));
     let refused = stranger
         .get(central.url("/v1/sites/depot-7/config?after=0"))
         .send()
@@ -366,7 +352,7 @@ fn bad_publishes_and_strangers_are_refused() {
     assert_eq!(refused.status(), 403);
     // A certificate from an anchor the server does not know fails the handshake.
     let unknown = OperatedSite::new(&dir.path().join(".."), "depot-7");
-    let outsider = client(&central, Some(&unknown.site.node_identity_pem("pi-a")));
+    let outsider = central.client(Some(&unknown.site.node_identity_pem("pi-a")));
     assert!(outsider
         .get(central.url("/v1/sites/depot-7/config?after=0"))
         .send()
@@ -387,7 +373,8 @@ fn requests_on_one_kept_alive_connection_share_its_authorization() {
     let site = OperatedSite::new(dir.path(), "depot-7");
     let other = OperatedSite::new(dir.path(), "depot-8");
     let central = start_central(dir.path(), &[&site, &other]);
-    let published = client(&central, None)
+    let published = central
+        .client(None)
         .put(central.url("/v1/sites/depot-7/revisions"))
         .body(site.revision(1, CONFIG_1))
         .send()
@@ -431,7 +418,7 @@ fn revisions_survive_a_kill_and_interrupted_writes_are_ignored() {
     let dir = tempfile::tempdir().expect("tempdir");
     let site = OperatedSite::new(dir.path(), "depot-7");
     let mut central = start_central(dir.path(), &[&site]);
-    let operator = client(&central, None);
+    let operator = central.client(None);
     for (number, config) in [(1, CONFIG_1), (2, CONFIG_2)] {
         let status = operator
             .put(central.url("/v1/sites/depot-7/revisions"))
@@ -450,7 +437,7 @@ fn revisions_survive_a_kill_and_interrupted_writes_are_ignored() {
     .expect("torn write");
     central.kill_and_restart();
 
-    let node = client(&central, Some(&site.site.node_identity_pem("pi-a")));
+    let node = central.client(Some(&site.site.node_identity_pem("pi-a")));
     let fetched = node
         .get(central.url("/v1/sites/depot-7/config?after=0"))
         .send()

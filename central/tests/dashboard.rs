@@ -14,26 +14,14 @@ use pimesh_demo::browser::{Browser, Page};
 use pimesh_revision::path;
 use pimesh_schema::DnsLabel;
 use pimesh_test_support::central::{Central, OperatedSite, SigningKey};
-use reqwest::blocking::Client;
 use serde_json::{json, Value};
 
 /// Generous: a debug server and Chromium sharing two cores.
 const DEADLINE: Duration = Duration::from_secs(120);
 
-fn client(central: &Central, identity: Option<&[u8]>) -> Client {
-    let mut builder = Client::builder()
-        .use_rustls_tls()
-        .resolve("localhost", central.addr)
-        .add_root_certificate(reqwest::Certificate::from_pem(&central.server_pem).expect("root"))
-        .timeout(Duration::from_secs(60));
-    if let Some(pem) = identity {
-        builder = builder.identity(reqwest::Identity::from_pem(pem).expect("identity"));
-    }
-    builder.build().expect("client")
-}
-
 fn publish(central: &Central, site: &OperatedSite, number: u64, config: &str) {
-    let status = client(central, None)
+    let status = central
+        .client(None)
         .put(central.url(&path::revisions(site.name())))
         .body(site.key.revision(site.name(), number, config))
         .send()
@@ -51,7 +39,7 @@ fn node_takes(
     state: &str,
     detail: &str,
 ) {
-    let http = client(central, Some(&site.site.node_identity_pem(node)));
+    let http = central.client(Some(&site.site.node_identity_pem(node)));
     let url = central.url(&format!(
         "{}?after={after}&wait=5",
         path::config(site.name())
@@ -83,7 +71,8 @@ fn session(
         path::site(site.name(), path::SiteResource::Sessions)
     );
     let authorization = site.authorization_with(key, "POST", &path);
-    client(central, None)
+    central
+        .client(None)
         .post(central.url(&path))
         .header("authorization", authorization)
         .send()
@@ -136,7 +125,8 @@ fn the_dashboard_shows_the_site_escapes_what_nodes_sent_and_follows_a_rollout() 
         .expect("token")
         .to_owned();
     let overview = |site_name: &DnsLabel, token: Option<&str>| {
-        let mut request = client(&central, None)
+        let mut request = central
+            .client(None)
             .get(central.url(&path::site(site_name, path::SiteResource::Overview)));
         if let Some(token) = token {
             request = request.header("authorization", format!("Bearer {token}"));

@@ -19,18 +19,6 @@ fn start(dir: &Path, sites: &[&OperatedSite]) -> Central {
     Central::start(dir, "long_poll_max = \"30s\"\n", &sites)
 }
 
-fn client(central: &Central, identity: Option<&[u8]>) -> Client {
-    let mut builder = Client::builder()
-        .use_rustls_tls()
-        .resolve("localhost", central.addr)
-        .add_root_certificate(reqwest::Certificate::from_pem(&central.server_pem).expect("root"))
-        .timeout(Duration::from_secs(60));
-    if let Some(pem) = identity {
-        builder = builder.identity(reqwest::Identity::from_pem(pem).expect("identity"));
-    }
-    builder.build().expect("client")
-}
-
 /// A node of the site, speaking the protocol of the supervisor's OTA client.
 struct Node {
     name: &'static str,
@@ -43,7 +31,7 @@ impl Node {
     fn new(central: &Central, site: &OperatedSite, name: &'static str) -> Node {
         Node {
             name,
-            http: client(central, Some(&site.site.node_identity_pem(name))),
+            http: central.client(Some(&site.site.node_identity_pem(name))),
             url: central.url(&path::config(site.name())),
             reports: central.url(&path::reports(site.name())),
         }
@@ -169,7 +157,7 @@ fn a_staged_rollout_goes_wave_by_wave_and_halts_on_the_first_failure() {
     let site = OperatedSite::new(dir.path(), "depot-7");
     let mut central = start(dir.path(), &[&site]);
     let operator = Operator {
-        http: client(&central, None),
+        http: central.client(None),
         central: &central,
         site: &site,
         key: &site.key,
@@ -243,7 +231,7 @@ fn a_staged_rollout_goes_wave_by_wave_and_halts_on_the_first_failure() {
     // The plan, its progress and the halt survive a crash of the server.
     central.kill_and_restart();
     let operator = Operator {
-        http: client(&central, None),
+        http: central.client(None),
         central: &central,
         site: &site,
         key: &site.key,
@@ -285,7 +273,7 @@ fn the_operator_pauses_resumes_and_aborts_and_no_one_else_can() {
     let other = OperatedSite::new(dir.path(), "depot-8");
     let central = start(dir.path(), &[&site, &other]);
     let operator = Operator {
-        http: client(&central, None),
+        http: central.client(None),
         central: &central,
         site: &site,
         key: &site.key,
@@ -303,7 +291,7 @@ fn the_operator_pauses_resumes_and_aborts_and_no_one_else_can() {
 
     // Another site's operator, a node, and anyone else: refused.
     let intruder = Operator {
-        http: client(&central, None),
+        http: central.client(None),
         central: &central,
         site: &site,
         key: &other.key,
@@ -312,18 +300,12 @@ fn the_operator_pauses_resumes_and_aborts_and_no_one_else_can() {
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("does not verify"), "{body}");
     let rollouts_url = central.url(&path::rollouts(site.name()));
-    let anonymous = client(&central, None)
-        .get(&rollouts_url)
-        .send()
-        .expect("get");
+    let anonymous = central.client(None).get(&rollouts_url).send().expect("get");
     assert_eq!(anonymous.status(), 401);
     let as_node = nodes[0].http.get(&rollouts_url).send().expect("get");
     assert_eq!(as_node.status(), 401, "a node certificate is no operator");
     let revision_url = central.url(&path::revision(site.name(), 2));
-    let response = client(&central, None)
-        .get(&revision_url)
-        .send()
-        .expect("get");
+    let response = central.client(None).get(&revision_url).send().expect("get");
     assert_eq!(response.status(), 401);
     let response = operator
         .http

@@ -208,20 +208,6 @@ fn publish_signs_and_uploads_and_status_shows_the_fleet() {
     );
 }
 
-/// A reqwest client of `central` as `localhost`, with `identity` (PEM chain and key).
-fn client_of(central: &Central, identity: Option<&[u8]>) -> reqwest::blocking::Client {
-    let mut builder = reqwest::blocking::Client::builder()
-        .use_rustls_tls()
-        .resolve("localhost", central.addr)
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(&central.server_pem).expect("the server's cert"),
-        );
-    if let Some(pem) = identity {
-        builder = builder.identity(reqwest::Identity::from_pem(pem).expect("identity"));
-    }
-    builder.build().expect("client")
-}
-
 /// pimeshctl with the central server given by `PIMESH_CENTRAL`/`PIMESH_CENTRAL_CA`.
 fn pimeshctl_at(central: &Central, args: &[&str]) -> Output {
     Binary::Ctl
@@ -278,7 +264,7 @@ fn status_judges_the_fleet_in_every_output_and_says_it_in_its_exit_code() {
         text(&empty.stdout)
     );
 
-    let operator = client_of(&central, None);
+    let operator = central.client(None);
     for number in [1, 2] {
         let config = format!(
             "site = \"depot-7\"\n[services.web]\nport = {}\nnodes = [\"pi-a\"]\n",
@@ -292,7 +278,7 @@ fn status_judges_the_fleet_in_every_output_and_says_it_in_its_exit_code() {
         assert_eq!(published.status(), 201);
     }
     let report = |node: &str, body: &str| {
-        let client = client_of(&central, Some(&site.node_identity_pem(node)));
+        let client = central.client(Some(&site.node_identity_pem(node)));
         let answer = client
             .post(central.url("/v1/sites/depot-7/reports"))
             .body(body.to_owned())

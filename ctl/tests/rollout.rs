@@ -69,16 +69,8 @@ impl Fixture {
     }
 
     fn node(&self, name: &str) -> reqwest::blocking::Client {
-        reqwest::blocking::Client::builder()
-            .use_rustls_tls()
-            .resolve("localhost", self.central.addr)
-            .add_root_certificate(
-                reqwest::Certificate::from_pem(&self.central.server_pem).expect("server cert"),
-            )
-            .identity(reqwest::Identity::from_pem(&self.site.node_identity_pem(name)).expect("id"))
-            .timeout(Duration::from_secs(60))
-            .build()
-            .expect("client")
+        self.central
+            .client(Some(&self.site.node_identity_pem(name)))
     }
 
     /// `node` long-polls after `after`: the revision it is offered within `wait` s.
@@ -251,14 +243,9 @@ fn pause_and_abort_answer_with_the_new_state_and_another_sites_key_is_refused() 
         "{}",
         text(&dashboard.stderr)
     );
-    let overview = reqwest::blocking::Client::builder()
-        .use_rustls_tls()
-        .resolve("localhost", site.central.addr)
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(&site.central.server_pem).expect("server cert"),
-        )
-        .build()
-        .expect("client")
+    let overview = site
+        .central
+        .client(None)
         .get(site.central.url("/v1/sites/depot-7/overview"))
         .header("authorization", format!("Bearer {token}"))
         .send()

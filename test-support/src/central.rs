@@ -212,6 +212,24 @@ impl Central {
         self.wait_listening();
     }
 
+    /// A client of this server (which it reaches as `localhost`, trusting its certificate),
+    /// presenting `identity` (PEM chain and key) when given; requests time out after 60 s.
+    ///
+    /// # Panics
+    /// When the client cannot be built.
+    pub fn client(&self, identity: Option<&[u8]>) -> reqwest::blocking::Client {
+        let root = reqwest::Certificate::from_pem(&self.server_pem).expect("the server's cert");
+        let mut builder = reqwest::blocking::Client::builder()
+            .use_rustls_tls()
+            .resolve("localhost", self.addr)
+            .add_root_certificate(root)
+            .timeout(std::time::Duration::from_secs(60));
+        if let Some(pem) = identity {
+            builder = builder.identity(reqwest::Identity::from_pem(pem).expect("an identity"));
+        }
+        builder.build().expect("a client")
+    }
+
     /// `https://localhost:<port><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("https://localhost:{}{path}", self.addr.port())
