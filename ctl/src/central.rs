@@ -273,13 +273,19 @@ fn get(
     client: &Client,
     url: String,
 ) -> Result<(String, Option<std::time::SystemTime>), CentralError> {
-    let response = client
-        .get(&url)
-        .send()
-        .map_err(|source| CentralError::Unreachable {
-            url: url.clone(),
-            source,
-        })?;
+    send(client.get(&url), url)
+}
+
+/// Sends `request` to `url`: the body of a 2xx answer and the server's clock (its `Date`
+/// header); any other answer is [`CentralError::Status`] with the server's reason.
+fn send(
+    request: reqwest::blocking::RequestBuilder,
+    url: String,
+) -> Result<(String, Option<std::time::SystemTime>), CentralError> {
+    let response = request.send().map_err(|source| CentralError::Unreachable {
+        url: url.clone(),
+        source,
+    })?;
     let status = response.status();
     let date = response
         .headers()
@@ -460,23 +466,11 @@ impl<'a> Operator<'a> {
         )
         .map_err(CentralError::Sign)?;
         let url = url(self.args, path);
-        let response = self
+        let request = self
             .client
             .request(method, &url)
-            .header(reqwest::header::AUTHORIZATION, authorization)
-            .send()
-            .map_err(|source| CentralError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
-        let status = response.status();
-        let body = response.text().map_err(|source| CentralError::Answer {
-            url: url.clone(),
-            source,
-        })?;
-        if !status.is_success() {
-            return Err(CentralError::Status { url, status, body });
-        }
+            .header(reqwest::header::AUTHORIZATION, authorization);
+        let (body, _) = send(request, url.clone())?;
         serde_json::from_str(&body).map_err(|source| CentralError::Unexpected { url, what, source })
     }
 
