@@ -147,6 +147,27 @@ const PLAIN: &str = "site = \"depot-7\"\n";
 const STAGED: &str =
     "site = \"depot-7\"\n[rollout]\ncanary = [\"pi-c\"]\nwaves = [60, 100]\nmax_failed = 0\n";
 
+const FIVE: [&str; 5] = ["pi-a", "pi-b", "pi-c", "pi-d", "pi-e"];
+
+/// The site's operator and its nodes `names`, at `central`.
+fn operator_and_nodes<'a>(
+    central: &'a Central,
+    site: &'a OperatedSite,
+    names: &[&'static str],
+) -> (Operator<'a>, Vec<Node>) {
+    let operator = Operator {
+        http: central.client(None),
+        central,
+        site,
+        key: &site.key,
+    };
+    let nodes = names
+        .iter()
+        .map(|name| Node::new(central, site, name))
+        .collect();
+    (operator, nodes)
+}
+
 fn names(nodes: &std::collections::BTreeSet<DnsLabel>) -> Vec<&str> {
     nodes.iter().map(DnsLabel::as_str).collect()
 }
@@ -156,16 +177,7 @@ fn a_staged_rollout_goes_wave_by_wave_and_halts_on_the_first_failure() {
     let dir = tempfile::tempdir().expect("tempdir");
     let site = OperatedSite::new(dir.path(), "depot-7");
     let mut central = start(dir.path(), &[&site]);
-    let operator = Operator {
-        http: central.client(None),
-        central: &central,
-        site: &site,
-        key: &site.key,
-    };
-    let nodes: Vec<Node> = ["pi-a", "pi-b", "pi-c", "pi-d", "pi-e"]
-        .into_iter()
-        .map(|name| Node::new(&central, &site, name))
-        .collect();
+    let (operator, nodes) = operator_and_nodes(&central, &site, &FIVE);
     let node = |name: &str| nodes.iter().find(|n| n.name == name).expect("node");
 
     // Revision 1 says nothing of rollouts: every node at once.
@@ -230,16 +242,7 @@ fn a_staged_rollout_goes_wave_by_wave_and_halts_on_the_first_failure() {
 
     // The plan, its progress and the halt survive a crash of the server.
     central.kill_and_restart();
-    let operator = Operator {
-        http: central.client(None),
-        central: &central,
-        site: &site,
-        key: &site.key,
-    };
-    let nodes: Vec<Node> = ["pi-a", "pi-b", "pi-c", "pi-d", "pi-e"]
-        .into_iter()
-        .map(|name| Node::new(&central, &site, name))
-        .collect();
+    let (operator, nodes) = operator_and_nodes(&central, &site, &FIVE);
     let node = |name: &str| nodes.iter().find(|n| n.name == name).expect("node");
     let after_restart = operator.rollout(2);
     assert_eq!(after_restart.state, RolloutState::Halted);
@@ -272,16 +275,7 @@ fn the_operator_pauses_resumes_and_aborts_and_no_one_else_can() {
     let site = OperatedSite::new(dir.path(), "depot-7");
     let other = OperatedSite::new(dir.path(), "depot-8");
     let central = start(dir.path(), &[&site, &other]);
-    let operator = Operator {
-        http: central.client(None),
-        central: &central,
-        site: &site,
-        key: &site.key,
-    };
-    let nodes: Vec<Node> = ["pi-a", "pi-b", "pi-c"]
-        .into_iter()
-        .map(|name| Node::new(&central, &site, name))
-        .collect();
+    let (operator, nodes) = operator_and_nodes(&central, &site, &["pi-a", "pi-b", "pi-c"]);
     operator.publish(1, PLAIN);
     for node in &nodes {
         assert_eq!(node.poll(0, 5), Some(1));

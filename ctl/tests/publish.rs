@@ -210,32 +210,28 @@ fn publish_signs_and_uploads_and_status_shows_the_fleet() {
 
 /// pimeshctl with the central server given by `PIMESH_CENTRAL`/`PIMESH_CENTRAL_CA`.
 fn pimeshctl_at(central: &Central, args: &[&str]) -> Output {
-    Binary::Ctl
-        .command()
-        .args(args)
-        .env(
-            "PIMESH_CENTRAL",
-            format!("https://localhost:{}", central.addr.port()),
-        )
-        .env("PIMESH_CENTRAL_CA", &central.server_cert)
-        .env_remove("PIMESH_SITE_DIR")
-        .output()
-        .expect("pimeshctl runs")
+    ctl_of(central, None, args)
 }
 
 /// [`pimeshctl_at`] as the operator of the site folder `folder` (`PIMESH_SITE_DIR`).
 fn pimeshctl_as(central: &Central, folder: &std::path::Path, args: &[&str]) -> Output {
-    Binary::Ctl
-        .command()
+    ctl_of(central, Some(folder), args)
+}
+
+fn ctl_of(central: &Central, folder: Option<&std::path::Path>, args: &[&str]) -> Output {
+    let mut command = Binary::Ctl.command();
+    command
         .args(args)
         .env(
             "PIMESH_CENTRAL",
             format!("https://localhost:{}", central.addr.port()),
         )
-        .env("PIMESH_CENTRAL_CA", &central.server_cert)
-        .env("PIMESH_SITE_DIR", folder)
-        .output()
-        .expect("pimeshctl runs")
+        .env("PIMESH_CENTRAL_CA", &central.server_cert);
+    match folder {
+        Some(folder) => command.env("PIMESH_SITE_DIR", folder),
+        None => command.env_remove("PIMESH_SITE_DIR"),
+    };
+    command.output().expect("pimeshctl runs")
 }
 
 #[test]
