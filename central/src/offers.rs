@@ -88,6 +88,10 @@ impl fmt::Display for CommandError {
 
 impl std::error::Error for CommandError {}
 
+/// How many revision numbers below the newest [`Offers::load`] looks through at most for
+/// the revisions that may still be offered.
+const MAX_REVISION_SCAN: u64 = 10_000;
+
 /// Seconds since the Unix epoch (0 before it).
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -135,8 +139,11 @@ impl Offers {
                     revision: served(latest),
                 },
             );
+            // Down to the newest revision that went to every node; numbers are usually
+            // consecutive, the scan is bounded for those that are not.
             let mut below = latest.revision;
-            while !covers_all && below > 1 {
+            let floor = latest.revision.saturating_sub(MAX_REVISION_SCAN).max(1);
+            while !covers_all && below > floor {
                 below -= 1;
                 let Some(revision) = storage.revision(site, below)? else {
                     continue;
@@ -153,6 +160,9 @@ impl Offers {
                         revision: served(&revision),
                     },
                 );
+            }
+            if !covers_all && floor > 1 {
+                warn!(%site, scanned = MAX_REVISION_SCAN, "no revision below the newest that went to every node was found; nodes outside the newest one's waves are offered nothing until it reaches them");
             }
         }
         let (changes, _) = watch::channel(0);

@@ -369,3 +369,28 @@ fn the_operator_pauses_resumes_and_aborts_and_no_one_else_can() {
     let (status, body) = operator.command(9, Command::Pause);
     assert_eq!(status, 404, "{body}");
 }
+
+#[test]
+fn a_revision_stored_without_its_rollout_starts_its_plan_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = OperatedSite::new(dir.path(), "depot-7");
+    let mut central = start(dir.path(), &[&site]);
+    let (operator, nodes) = operator_and_nodes(&central, &site, &["pi-a", "pi-b", "pi-c"]);
+    operator.publish(1, PLAIN);
+    for node in &nodes {
+        assert_eq!(node.poll(0, 5), Some(1));
+        node.report(1, "applied", "");
+    }
+    operator.publish(2, STAGED);
+    // What a power cut between storing revision 2 and its rollout leaves.
+    let stored = dir.path().join("state/depot-7/rollouts/2.json");
+    std::fs::remove_file(&stored).expect("the rollout's file");
+    central.kill_and_restart();
+
+    let (operator, nodes) = operator_and_nodes(&central, &site, &["pi-a", "pi-b", "pi-c"]);
+    let rollout = operator.wait_for(2, "the plan started again", |r| !r.waves.is_empty());
+    assert_eq!(names(&rollout.waves[0].nodes), ["pi-c"], "the canary first");
+    assert_eq!(nodes[2].poll(1, 5), Some(2));
+    assert_eq!(nodes[0].poll(1, 1), None, "pi-a waits for the canary");
+    assert_eq!(operator.rollout(1).state, RolloutState::Complete);
+}
