@@ -345,9 +345,16 @@ impl Offers {
         Ok(rollout)
     }
 
-    /// Each node's latest report.
-    pub fn reports(&self) -> BTreeMap<DnsLabel, RecordedReport> {
-        self.lock().reports.clone()
+    /// Each node's latest report, by node name, as the fleet view and the overview show it.
+    pub fn node_views(&self) -> Vec<pimesh_revision::NodeView> {
+        self.lock()
+            .reports
+            .iter()
+            .map(|(node, recorded)| pimesh_revision::NodeView {
+                node: node.clone(),
+                recorded: recorded.clone(),
+            })
+            .collect()
     }
 
     /// The site's rollouts, newest first, at most `limit`: the live ones as they are now,

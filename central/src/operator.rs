@@ -119,18 +119,10 @@ pub fn fleet(site: &Site) -> Response<Full<Bytes>> {
             site: site.name.clone(),
             latest_revision: site.latest_revision(),
             public_key: Some(site.public_key()),
-            nodes: site
-                .offers
-                .reports()
-                .into_iter()
-                .map(|(node, recorded)| pimesh_revision::NodeView { node, recorded })
-                .collect(),
+            nodes: site.offers.node_views(),
         }],
     };
-    match serde_json::to_vec(&view) {
-        Ok(body) => json(StatusCode::OK, body),
-        Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
-    }
+    encoded(&view)
 }
 
 /// What the dashboard shows of a site.
@@ -166,18 +158,10 @@ pub fn overview(site: &Site, registry: &Registry) -> Response<Full<Bytes>> {
         site: site.name.to_string(),
         latest_revision: site.latest_revision(),
         now: unix_now(),
-        nodes: site
-            .offers
-            .reports()
-            .into_iter()
-            .map(|(node, recorded)| pimesh_revision::NodeView { node, recorded })
-            .collect(),
+        nodes: site.offers.node_views(),
         rollouts,
     };
-    match serde_json::to_vec(&overview) {
-        Ok(body) => json(StatusCode::OK, body),
-        Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
-    }
+    encoded(&overview)
 }
 
 /// `GET /v1/sites/<site>/rollouts?limit=<n>`.
@@ -197,10 +181,7 @@ pub fn rollouts(query: Option<&str>, site: &Site, registry: &Registry) -> Respon
         }
     }
     match site.offers.rollouts(registry.storage.as_ref(), limit) {
-        Ok(rollouts) => match serde_json::to_vec(&rollouts) {
-            Ok(body) => json(StatusCode::OK, body),
-            Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
-        },
+        Ok(rollouts) => encoded(&rollouts),
         Err(err) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("cannot read the stored rollouts: {err}"),
@@ -240,10 +221,7 @@ pub fn command(
     ) {
         Ok(rollout) => {
             registry.fleet.changed();
-            match serde_json::to_vec(&rollout) {
-                Ok(body) => json(StatusCode::OK, body),
-                Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
-            }
+            encoded(&rollout)
         }
         Err(err) => {
             let code = match err {
@@ -253,5 +231,13 @@ pub fn command(
             };
             error(code, &err.to_string())
         }
+    }
+}
+
+/// `value` as a 200 JSON answer (a 500 should it not encode, which typed values do).
+fn encoded<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec(value) {
+        Ok(body) => json(StatusCode::OK, body),
+        Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
     }
 }
