@@ -13,6 +13,8 @@ for tool in mmdebstrap qemu-system-aarch64 qemu-system-x86_64 qemu-aarch64-stati
             chromium socat; do
   have "$tool" || need+=("$tool")
 done
+# The central server's replica tests start Debian's PostgreSQL server themselves.
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need+=(postgresql)
 e2fs_ok() { mke2fs -V 2>&1 | grep -qE 'mke2fs 1\.(47|48|49)'; }
 e2fs_ok || need+=(e2fsprogs-backports)
 
@@ -42,6 +44,11 @@ SRC
   # Headless Chromium drives the demo's page in demo/tests/page.rs; the fonts make its
   # screenshots legible.
   apt-get install -y -q --no-install-recommends chromium fonts-liberation
+  # PostgreSQL's server for central/tests/replicas.rs, which starts its own in a
+  # temporary folder: the package's default cluster (a server on port 5432) is not made.
+  mkdir -p /etc/postgresql-common/createcluster.d
+  echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/pimesh.conf
+  apt-get install -y -q --no-install-recommends postgresql
   # `make demo` forwards 127.0.0.1:8080 of this machine into the site test's LAN.
   apt-get install -y -q --no-install-recommends socat
 fi

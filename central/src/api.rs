@@ -388,7 +388,9 @@ async fn config(
         Err(err) => return error(StatusCode::BAD_REQUEST, &err.to_string()),
     };
     let mut changes = site.offers.subscribe();
-    let _parked = site.offers.park(node, unix_now());
+    let _parked = site
+        .offers
+        .park(node, registry.storage.as_ref(), unix_now());
     let deadline = tokio::time::sleep(wait);
     tokio::pin!(deadline);
     let label = CentralMetrics::site(&site.name);

@@ -14,7 +14,12 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct CentralConfig {
     pub listen: SocketAddr,
-    pub state_dir: PathBuf,
+    /// Where the embedded storage keeps its files; exactly one of this and `[postgres]`.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// The PostgreSQL database that several central replicas share.
+    #[serde(default)]
+    pub postgres: Option<PostgresEntry>,
     /// The server's certificate chain and key (PEM).
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
@@ -23,6 +28,22 @@ pub struct CentralConfig {
     pub long_poll_max: HumanDuration,
     #[serde(default)]
     pub sites: Vec<SiteEntry>,
+}
+
+/// `[postgres]`: the database the replicas share.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresEntry {
+    /// A libpq connection string (`host=/run/postgresql dbname=pimesh user=pimesh`, or a
+    /// `postgresql://` URL); the connection is not encrypted, so the database is reached
+    /// over a Unix socket or a network the replicas trust.
+    pub connect: String,
+}
+
+/// Where the server keeps its state.
+pub enum StorageChoice<'a> {
+    Files(&'a Path),
+    Postgres(&'a str),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -53,6 +74,35 @@ impl CentralConfig {
     /// Validates `text`, the contents of `file`.
     pub fn parse(file: &Path, text: &str) -> Result<CentralConfig, ConfigError> {
         let config: CentralConfig = parse_toml(file, text)?;
+        match (&config.state_dir, &config.postgres) {
+            (Some(_), None) => {}
+            (None, Some(postgres)) => {
+                if let Err(err) = crate::storage::connection_config(&postgres.connect) {
+                    return Err(ConfigError::at_path(
+                        file,
+                        text,
+                        &["postgres", "connect"],
+                        format!("expected a libpq connection string or URL: {err}"),
+                    ));
+                }
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::at_path(
+                    file,
+                    text,
+                    &["postgres"],
+                    "expected either state_dir (embedded storage) or [postgres], not both",
+                ))
+            }
+            (None, None) => {
+                return Err(ConfigError::at_path(
+                    file,
+                    text,
+                    &[],
+                    "expected state_dir (embedded storage, one server) or [postgres] (replicas)",
+                ))
+            }
+        }
         let wait = config.long_poll_max.0;
         if !LONG_POLL_MAX.contains(&wait) {
             return Err(ConfigError::at_path(
@@ -63,6 +113,17 @@ impl CentralConfig {
             ));
         }
         Ok(config)
+    }
+}
+
+impl CentralConfig {
+    /// The storage the configuration names (it names exactly one: [`Self::parse`]).
+    pub fn storage(&self) -> StorageChoice<'_> {
+        match (&self.postgres, &self.state_dir) {
+            (Some(postgres), _) => StorageChoice::Postgres(&postgres.connect),
+            (None, Some(dir)) => StorageChoice::Files(dir),
+            (None, None) => StorageChoice::Files(Path::new("/var/lib/pimesh-central")),
+        }
     }
 }
 
@@ -85,5 +146,24 @@ mod tests {
             assert_eq!(err.line, Some(5), "{err}");
             assert!(err.to_string().contains("1s to 1h"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_storage_is_the_state_folder_or_postgres_never_both_nor_neither() {
+        let file = Path::new("central.toml");
+        let head = "listen = \"127.0.0.1:8443\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\n";
+        let pg = "[postgres]\nconnect = \"host=/run/postgresql dbname=pimesh\"\n";
+        let config = CentralConfig::parse(file, &format!("{head}{pg}")).expect("postgres");
+        assert!(matches!(config.storage(), StorageChoice::Postgres(c) if c.contains("dbname")));
+        let config = CentralConfig::parse(file, BASE).expect("files");
+        assert!(matches!(config.storage(), StorageChoice::Files(dir) if dir == Path::new("/s")));
+
+        let both = CentralConfig::parse(file, &format!("{BASE}{pg}")).expect_err("both");
+        assert!(both.to_string().contains("not both"), "{both}");
+        let neither = CentralConfig::parse(file, head).expect_err("neither");
+        assert!(neither.to_string().contains("state_dir"), "{neither}");
+        let broken = "[postgres]\nconnect = \"host='unclosed\"\n";
+        let err = CentralConfig::parse(file, &format!("{head}{broken}")).expect_err("bad");
+        assert_eq!(err.key.as_deref(), Some("postgres.connect"), "{err}");
     }
 }

@@ -9,6 +9,7 @@ mod fleet;
 mod metrics;
 mod offers;
 mod operator;
+mod replication;
 mod rollout;
 mod sessions;
 mod sites;
@@ -29,9 +30,9 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::config::CentralConfig;
+use crate::config::{CentralConfig, StorageChoice};
 use crate::sites::{Registry, Site};
-use crate::storage::FileStorage;
+use crate::storage::{FileStorage, PgStorage, ReplicaId, Storage};
 
 /// A client must complete its TLS handshake within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,12 +71,7 @@ async fn run(config: CentralConfig) -> Result<(), Fatal> {
     raise_open_file_limit();
     // Bursts of connections must not pin their peak memory (see pimesh_runtime::memory).
     pimesh_runtime::memory::spawn_trimmer(pimesh_runtime::memory::TRIM_EVERY);
-    let storage = Arc::new(FileStorage::new(&config.state_dir).map_err(|err| {
-        format!(
-            "{}: cannot use as state folder: {err}",
-            config.state_dir.display()
-        )
-    })?);
+    let (storage, replication) = open_storage(&config)?;
     let mut sites = BTreeMap::new();
     for entry in &config.sites {
         let site = Site::load(entry, storage.as_ref())?;
@@ -97,6 +93,13 @@ async fn run(config: CentralConfig) -> Result<(), Fatal> {
         sessions: sessions::Sessions::default(),
     });
     registry.metrics.watch(&registry);
+    let replicas = Arc::clone(&registry);
+    let replicating = async move {
+        match replication {
+            Some(changes) => replication::apply(replicas, changes).await,
+            None => std::future::pending().await,
+        }
+    };
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|err| format!("cannot listen on {}: {err}", config.listen))?;
@@ -115,6 +118,7 @@ async fn run(config: CentralConfig) -> Result<(), Fatal> {
     ]);
     tokio::select! {
         () = rollout_clock(Arc::clone(&registry), rollouts_ticking) => {}
+        () = replicating => return Err("the PostgreSQL listener stopped".into()),
         () = serve(listener, acceptor, registry, accepting) => {}
         () = probe_own_port(own_port) => {}
         signal = pimesh_runtime::shutdown_signal() => {
@@ -127,6 +131,33 @@ async fn run(config: CentralConfig) -> Result<(), Fatal> {
         watchdog.abort();
     }
     Ok(())
+}
+
+/// What the other replicas stored, as the PostgreSQL listener hears it.
+type Changes = tokio::sync::mpsc::UnboundedReceiver<replication::Change>;
+
+/// The storage the configuration names and, on PostgreSQL, the changes the other replicas
+/// make to it.
+fn open_storage(config: &CentralConfig) -> Result<(Arc<dyn Storage>, Option<Changes>), Fatal> {
+    match config.storage() {
+        StorageChoice::Files(dir) => {
+            let storage = FileStorage::new(dir)
+                .map_err(|err| format!("{}: cannot use as state folder: {err}", dir.display()))?;
+            Ok((Arc::new(storage), None))
+        }
+        StorageChoice::Postgres(connect) => {
+            let connection = storage::connection_config(connect)
+                .map_err(|err| format!("[postgres] connect: {err}"))?;
+            let me = ReplicaId::random();
+            // Listening first: nothing stored while the sites load is missed.
+            let (changes, applied) = tokio::sync::mpsc::unbounded_channel();
+            replication::spawn_listener(connection.clone(), me, changes)
+                .map_err(|err| format!("cannot start the PostgreSQL listener: {err}"))?;
+            let storage = PgStorage::open(connection, me)
+                .map_err(|err| format!("[postgres] cannot use the database: {err}"))?;
+            Ok((Arc::new(storage), Some(applied)))
+        }
+    }
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit: each node holds a connection (one
@@ -204,7 +235,11 @@ async fn rollout_clock(registry: Arc<Registry>, ticking: Arc<notify::Heartbeat>)
         every.tick().await;
         let now = offers::unix_now();
         for site in registry.sites.values() {
-            site.offers.tick(registry.storage.as_ref(), now);
+            site.offers.tick(
+                registry.storage.as_ref(),
+                now,
+                registry.long_poll_max.as_secs(),
+            );
         }
         ticking.beat();
     }

@@ -25,7 +25,7 @@ use pimesh_revision::{Plan, RecordedReport, Rollout, RolloutState, SignedRevisio
 use pimesh_schema::cluster::{ClusterConfig, RolloutSettings};
 use pimesh_schema::DnsLabel;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::rollout::{self, Observed};
 use crate::sites::Latest;
@@ -43,6 +43,9 @@ struct State {
     reports: BTreeMap<DnsLabel, RecordedReport>,
     /// When each node was last heard from (a report, or the end of a long-poll).
     heard: BTreeMap<DnsLabel, u64>,
+    /// When other replicas last heard from each node, as storage said at the last tick
+    /// (a node parked in a long-poll there counts as heard for the longest poll).
+    heard_elsewhere: BTreeMap<DnsLabel, u64>,
     /// Long-polls parked now, per node.
     parked: BTreeMap<DnsLabel, usize>,
     /// The server's start: no node counts as offline before it.
@@ -172,6 +175,7 @@ impl Offers {
                 live,
                 reports,
                 heard: BTreeMap::new(),
+                heard_elsewhere: BTreeMap::new(),
                 parked: BTreeMap::new(),
                 heard_floor: now,
             }),
@@ -204,8 +208,13 @@ impl Offers {
             .map(|live| Arc::clone(&live.revision))
     }
 
-    /// Counts `node` as heard from while the returned guard lives (a parked long-poll).
-    pub fn park(&self, node: &DnsLabel, now: u64) -> Parked<'_> {
+    /// Counts `node` as heard from while the returned guard lives (a parked long-poll),
+    /// and tells the other replicas through `storage`.
+    pub fn park(&self, node: &DnsLabel, storage: &dyn Storage, now: u64) -> Parked<'_> {
+        let site = self.lock().site.clone();
+        if let Err(err) = storage.record_heard(&site, node, now) {
+            debug!(%site, %node, %err, "cannot note the long-poll for the other replicas");
+        }
         let mut state = self.lock();
         *state.parked.entry(node.clone()).or_default() += 1;
         state.heard.insert(node.clone(), now);
@@ -215,8 +224,9 @@ impl Offers {
         }
     }
 
-    /// A newly stored revision: its rollout starts, rollouts still running below it are
-    /// superseded.
+    /// A newly stored revision (stored here or by another replica): its rollout starts
+    /// (or, when another replica started it, is taken as stored), rollouts still running
+    /// below it are superseded. A revision already live here is left as it is.
     pub fn published(
         &self,
         revision: &SignedRevision,
@@ -226,28 +236,107 @@ impl Offers {
     ) {
         let mut state = self.lock();
         let site = state.site.clone();
-        let mut rollout = rollout::new(site.clone(), revision.revision, plan, now);
-        state.advance(&mut rollout, now);
-        for live in state.live.values_mut() {
-            if matches!(
-                live.rollout.state,
-                RolloutState::Running | RolloutState::Paused
-            ) {
-                live.rollout.state = RolloutState::Superseded;
-                live.rollout.reason = Some(format!("revision {} published", revision.revision));
-                live.rollout.updated_at = now;
-                store(storage, &live.rollout);
+        let number = revision.revision;
+        if state.live.contains_key(&number) {
+            return;
+        }
+        let mut fresh = rollout::new(site.clone(), number, plan, now);
+        match state.live.keys().next_back() {
+            Some(newer) if *newer > number => {
+                fresh.state = RolloutState::Superseded;
+                fresh.reason = Some(format!("revision {newer} published"));
+            }
+            _ => {
+                state.advance(&mut fresh, now);
             }
         }
-        store(storage, &rollout);
-        info!(%site, revision = revision.revision, waves = ?rollout.plan.stages(), state = %rollout.state, "rollout started");
+        let rollout = change(
+            storage,
+            &fresh,
+            |_| {},
+            |stored| stored.is_none().then(|| fresh.clone()),
+        );
+        let below: Vec<u64> = state.live.range(..number).map(|(n, _)| *n).collect();
+        for older in below {
+            let Some(current) = state.live.get(&older).map(|live| live.rollout.clone()) else {
+                continue;
+            };
+            let superseded = change(
+                storage,
+                &current,
+                |rollout| {
+                    supersede(rollout, number, now);
+                },
+                |stored| {
+                    let mut rollout = stored.cloned().unwrap_or_else(|| current.clone());
+                    supersede(&mut rollout, number, now).then_some(rollout)
+                },
+            );
+            if let Some(live) = state.live.get_mut(&older) {
+                live.rollout = superseded;
+            }
+        }
+        info!(%site, revision = number, waves = ?rollout.plan.stages(), state = %rollout.state, "rollout started");
         state.live.insert(
-            revision.revision,
+            number,
             Live {
                 rollout,
                 revision: served(revision),
             },
         );
+        state.prune();
+        drop(state);
+        self.wake();
+    }
+
+    /// Another replica changed the stored rollout of `revision`: the live one follows.
+    pub fn refresh(&self, revision: u64, storage: &dyn Storage, now: u64) {
+        let site = self.lock().site.clone();
+        let stored = match storage.rollout(&site, revision) {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return,
+            Err(err) => {
+                warn!(%site, revision, %err, "cannot read the rollout another replica changed");
+                return;
+            }
+        };
+        let mut state = self.lock();
+        let Some(live) = state.live.get_mut(&revision) else {
+            return;
+        };
+        live.rollout = stored;
+        state.advance_all(storage, now);
+        state.prune();
+        drop(state);
+        self.wake();
+    }
+
+    /// Everything as storage holds it now (after this replica lost touch with the
+    /// others): every node's report and every live rollout.
+    pub fn resync(&self, storage: &dyn Storage, now: u64) {
+        let site = self.lock().site.clone();
+        let reports = match storage.reports(&site) {
+            Ok(reports) => reports,
+            Err(err) => {
+                warn!(%site, %err, "cannot read the reports to catch up with the other replicas");
+                return;
+            }
+        };
+        let mut state = self.lock();
+        state.reports.extend(reports);
+        let revisions: Vec<u64> = state.live.keys().copied().collect();
+        for revision in revisions {
+            match storage.rollout(&site, revision) {
+                Ok(Some(stored)) => {
+                    if let Some(live) = state.live.get_mut(&revision) {
+                        live.rollout = stored;
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => warn!(%site, revision, %err, "cannot read a rollout to catch up"),
+            }
+        }
+        state.advance_all(storage, now);
         state.prune();
         drop(state);
         self.wake();
@@ -271,9 +360,26 @@ impl Offers {
         }
     }
 
-    /// Time passed: nodes may have gone offline.
-    pub fn tick(&self, storage: &dyn Storage, now: u64) {
-        let changed = self.lock().advance_all(storage, now);
+    /// Time passed: nodes may have gone offline. `longest_poll` is how long a node's
+    /// long-poll may be parked on another replica, heard from all the while.
+    pub fn tick(&self, storage: &dyn Storage, now: u64, longest_poll: u64) {
+        let site = self.lock().site.clone();
+        let elsewhere = match storage.heard(&site) {
+            Ok(heard) => Some(heard),
+            Err(err) => {
+                warn!(%site, %err, "cannot read when the other replicas heard from the nodes");
+                None
+            }
+        };
+        let mut state = self.lock();
+        if let Some(heard) = elsewhere {
+            state.heard_elsewhere = heard
+                .into_iter()
+                .map(|(node, at)| (node, at.saturating_add(longest_poll).min(now)))
+                .collect();
+        }
+        let changed = state.advance_all(storage, now);
+        drop(state);
         if changed {
             self.wake();
         }
@@ -288,53 +394,29 @@ impl Offers {
         storage: &dyn Storage,
         now: u64,
     ) -> Result<Rollout, CommandError> {
-        let mut state = self.lock();
-        let mut rollout = match state.live.get(&revision) {
-            Some(live) => live.rollout.clone(),
-            None => storage
-                .rollouts(&state.site)
-                .map_err(CommandError::Storage)?
-                .remove(&revision)
-                .ok_or(CommandError::NotFound(revision))?,
-        };
-        if at_ms <= rollout.last_command_ms {
-            return Err(CommandError::Replayed {
-                at_ms,
-                last_ms: rollout.last_command_ms,
-            });
-        }
-        let refused = |rollout: &Rollout| {
-            CommandError::Conflict(format!(
-                "the rollout of revision {revision} is {}: it cannot be {}",
-                rollout.state,
-                match command {
-                    Command::Pause => "paused",
-                    Command::Resume => "resumed",
-                    Command::Abort => "aborted",
-                }
-            ))
-        };
-        rollout.state = match (command, rollout.state) {
-            (Command::Pause, RolloutState::Running) => RolloutState::Paused,
-            (Command::Resume, RolloutState::Paused) => RolloutState::Running,
-            (
-                Command::Abort,
-                RolloutState::Running
-                | RolloutState::Paused
-                | RolloutState::Halted
-                | RolloutState::Superseded,
-            ) => RolloutState::Aborted,
-            _ => return Err(refused(&rollout)),
-        };
-        rollout.reason = Some(format!("{} by the operator", rollout.state));
-        rollout.last_command_ms = at_ms;
-        rollout.updated_at = now;
-        if rollout.state == RolloutState::Running {
-            state.advance(&mut rollout, now);
-        }
+        let state = self.lock();
+        let site = state.site.clone();
+        let fallback = state.live.get(&revision).map(|live| live.rollout.clone());
+        let mut outcome = Err(CommandError::NotFound(revision));
         storage
-            .store_rollout(&rollout)
+            .update_rollout(&site, revision, &mut |stored| {
+                let Some(mut rollout) = stored.cloned().or_else(|| fallback.clone()) else {
+                    outcome = Err(CommandError::NotFound(revision));
+                    return None;
+                };
+                if let Err(err) = steer(&mut rollout, command, at_ms, now) {
+                    outcome = Err(err);
+                    return None;
+                }
+                if rollout.state == RolloutState::Running {
+                    state.advance(&mut rollout, now);
+                }
+                outcome = Ok(rollout.clone());
+                Some(rollout)
+            })
             .map_err(CommandError::Storage)?;
+        let rollout = outcome?;
+        let mut state = state;
         info!(site = %rollout.site, revision, command = command.as_str(), state = %rollout.state, "rollout command");
         if let Some(live) = state.live.get_mut(&revision) {
             live.rollout = rollout.clone();
@@ -392,7 +474,11 @@ impl Drop for Parked<'_> {
 impl State {
     /// Advances `rollout` by what is known now; whether it changed.
     fn advance(&self, rollout: &mut Rollout, now: u64) -> bool {
-        let mut heard = self.heard.clone();
+        let mut heard = self.heard_elsewhere.clone();
+        for (node, at) in &self.heard {
+            let entry = heard.entry(node.clone()).or_default();
+            *entry = (*entry).max(*at);
+        }
         for node in self.parked.keys() {
             heard.insert(node.clone(), now);
         }
@@ -415,28 +501,43 @@ impl State {
         let mut changed = false;
         let revisions: Vec<u64> = self.live.keys().copied().collect();
         for revision in revisions {
-            let Some(mut rollout) = self.live.get(&revision).map(|live| live.rollout.clone())
-            else {
+            let Some(current) = self.live.get(&revision).map(|live| live.rollout.clone()) else {
                 continue;
             };
             // A complete rollout still counts the nodes that take it (those that appear
             // after it completed); a stopped one is over.
-            if rollout.state.is_stopped() {
+            if current.state.is_stopped() {
                 continue;
             }
-            let before = durable(&rollout);
-            if !self.advance(&mut rollout, now) {
+            let mut next = current.clone();
+            if !self.advance(&mut next, now) {
                 continue;
             }
-            if durable(&rollout) != before {
-                if rollout.state != before.0 {
-                    info!(site = %rollout.site, revision, state = %rollout.state, reason = ?rollout.reason, "rollout state");
+            if durable(&next) != durable(&current) {
+                // Made again on the stored version: another replica may have moved it.
+                next = change(
+                    storage,
+                    &current,
+                    |rollout| {
+                        self.advance(rollout, now);
+                    },
+                    |stored| {
+                        let mut rollout = stored.cloned().unwrap_or_else(|| current.clone());
+                        if rollout.state.is_stopped() {
+                            return None;
+                        }
+                        let before = durable(&rollout);
+                        self.advance(&mut rollout, now);
+                        (durable(&rollout) != before).then_some(rollout)
+                    },
+                );
+                if next.state != current.state {
+                    info!(site = %next.site, revision, state = %next.state, reason = ?next.reason, "rollout state");
                 }
-                store(storage, &rollout);
                 changed = true;
             }
             if let Some(live) = self.live.get_mut(&revision) {
-                live.rollout = rollout;
+                live.rollout = next;
             }
         }
         if changed {
@@ -485,9 +586,75 @@ fn everyone(site: &DnsLabel, revision: u64) -> Rollout {
     rollout
 }
 
-/// Stores `rollout`, logging a failure (the next change stores it again).
-fn store(storage: &dyn Storage, rollout: &Rollout) {
-    if let Err(err) = storage.store_rollout(rollout) {
-        warn!(site = %rollout.site, revision = rollout.revision, %err, "cannot store the rollout; kept in memory");
+/// Makes `changed` on the stored version of `current`'s rollout and returns the rollout
+/// as stored afterwards. When storage fails, the failure is logged and `in_memory` is
+/// made on `current` instead (kept in memory; the next change stores it again).
+fn change(
+    storage: &dyn Storage,
+    current: &Rollout,
+    in_memory: impl FnOnce(&mut Rollout),
+    mut changed: impl FnMut(Option<&Rollout>) -> Option<Rollout> + Send,
+) -> Rollout {
+    match storage.update_rollout(&current.site, current.revision, &mut changed) {
+        Ok(Some(stored)) => stored,
+        Ok(None) => current.clone(),
+        Err(err) => {
+            warn!(site = %current.site, revision = current.revision, %err, "cannot store the rollout; kept in memory");
+            let mut rollout = current.clone();
+            in_memory(&mut rollout);
+            rollout
+        }
     }
+}
+
+/// Marks a running or paused `rollout` superseded by revision `by`; whether it was.
+fn supersede(rollout: &mut Rollout, by: u64, now: u64) -> bool {
+    if !matches!(rollout.state, RolloutState::Running | RolloutState::Paused) {
+        return false;
+    }
+    rollout.state = RolloutState::Superseded;
+    rollout.reason = Some(format!("revision {by} published"));
+    rollout.updated_at = now;
+    true
+}
+
+/// The operator's `command`, signed at `at_ms`, applied to `rollout` at `now`.
+fn steer(
+    rollout: &mut Rollout,
+    command: Command,
+    at_ms: u64,
+    now: u64,
+) -> Result<(), CommandError> {
+    let revision = rollout.revision;
+    if at_ms <= rollout.last_command_ms {
+        return Err(CommandError::Replayed {
+            at_ms,
+            last_ms: rollout.last_command_ms,
+        });
+    }
+    rollout.state = match (command, rollout.state) {
+        (Command::Pause, RolloutState::Running) => RolloutState::Paused,
+        (Command::Resume, RolloutState::Paused) => RolloutState::Running,
+        (
+            Command::Abort,
+            RolloutState::Running
+            | RolloutState::Paused
+            | RolloutState::Halted
+            | RolloutState::Superseded,
+        ) => RolloutState::Aborted,
+        (_, state) => {
+            return Err(CommandError::Conflict(format!(
+                "the rollout of revision {revision} is {state}: it cannot be {}",
+                match command {
+                    Command::Pause => "paused",
+                    Command::Resume => "resumed",
+                    Command::Abort => "aborted",
+                }
+            )))
+        }
+    };
+    rollout.reason = Some(format!("{} by the operator", rollout.state));
+    rollout.last_command_ms = at_ms;
+    rollout.updated_at = now;
+    Ok(())
 }

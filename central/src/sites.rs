@@ -144,14 +144,18 @@ impl Site {
             .verifier
             .verify(bytes, self.latest_revision())
             .map_err(PublishError::Rejected)?;
-        storage
-            .store(&verified.signed)
-            .map_err(PublishError::Storage)?;
-        let json = verified.signed.to_json();
-        self.latest.send_replace(Some(Arc::new(Latest {
-            revision: verified.signed.revision,
-            json,
-        })));
+        if let Err(err) = storage.store(&verified.signed) {
+            if err.kind() != io::ErrorKind::AlreadyExists {
+                return Err(PublishError::Storage(err));
+            }
+            // Another replica stored this number or a higher one meanwhile.
+            self.catch_up(storage, unix_now());
+            return Err(PublishError::Rejected(Rejection::NotNewer {
+                current: self.latest_revision().unwrap_or(verified.signed.revision),
+                offered: verified.signed.revision,
+            }));
+        }
+        self.serve_newest(&verified.signed);
         self.offers.published(
             &verified.signed,
             Plan::from(&verified.config.rollout),
@@ -159,6 +163,44 @@ impl Site {
             unix_now(),
         );
         Ok(verified.signed)
+    }
+}
+
+impl Site {
+    /// Serves `revision` to the long-polls unless a newer one is served already; whether
+    /// it now is.
+    fn serve_newest(&self, revision: &SignedRevision) -> bool {
+        self.latest.send_if_modified(|latest| {
+            if latest
+                .as_ref()
+                .is_some_and(|latest| latest.revision >= revision.revision)
+            {
+                return false;
+            }
+            *latest = Some(Arc::new(Latest {
+                revision: revision.revision,
+                json: revision.to_json(),
+            }));
+            true
+        })
+    }
+
+    /// Takes the newest revision storage holds (stored by another replica) when it is
+    /// newer than the one served here: served, and its rollout followed.
+    pub fn catch_up(&self, storage: &dyn Storage, now: u64) {
+        let newest = match storage.latest(&self.name) {
+            Ok(Some(newest)) => newest,
+            Ok(None) => return,
+            Err(err) => {
+                tracing::warn!(site = %self.name, %err, "cannot read the newest revision");
+                return;
+            }
+        };
+        if self.serve_newest(&newest) {
+            tracing::info!(site = %self.name, revision = newest.revision, "revision published on another replica");
+            self.offers
+                .published(&newest, crate::offers::plan_of(&newest), storage, now);
+        }
     }
 }
 
@@ -202,6 +244,46 @@ impl fmt::Display for FleetError {
 impl std::error::Error for FleetError {}
 
 impl Registry {
+    /// Applies what another replica stored.
+    pub fn apply(&self, change: crate::replication::Change, now: u64) {
+        use crate::replication::Change;
+        use crate::storage::Notice;
+        let storage = self.storage.as_ref();
+        match change {
+            Change::CatchUp => {
+                for site in self.sites.values() {
+                    site.catch_up(storage, now);
+                    site.offers.resync(storage, now);
+                }
+            }
+            Change::Notice(Notice::Revision { site, .. }) => {
+                if let Some(site) = self.sites.get(&site) {
+                    site.catch_up(storage, now);
+                }
+            }
+            Change::Notice(Notice::Rollout { site, revision }) => {
+                if let Some(site) = self.sites.get(&site) {
+                    site.offers.refresh(revision, storage, now);
+                }
+                return;
+            }
+            Change::Notice(Notice::Report { site, node }) => {
+                let Some(site) = self.sites.get(&site) else {
+                    return;
+                };
+                match storage.report(&site.name, &node) {
+                    Ok(Some(recorded)) => site.offers.reported(&node, &recorded, storage, now),
+                    Ok(None) => return,
+                    Err(err) => {
+                        tracing::warn!(site = %site.name, %node, %err, "cannot read a report stored by another replica");
+                        return;
+                    }
+                }
+            }
+        }
+        self.fleet.changed();
+    }
+
     /// The fleet view as JSON, from the cache unless a report or revision was stored
     /// since it was built.
     pub fn fleet_json(&self) -> Result<hyper::body::Bytes, FleetError> {
@@ -272,11 +354,22 @@ mod tests {
             self.reads.fetch_add(1, Ordering::SeqCst);
             Ok(self.reports.lock().expect("lock").clone())
         }
+        fn report(&self, _: &DnsLabel, node: &DnsLabel) -> io::Result<Option<RecordedReport>> {
+            Ok(self.reports.lock().expect("lock").get(node).cloned())
+        }
         fn revision(&self, _: &DnsLabel, _: u64) -> io::Result<Option<SignedRevision>> {
             Ok(None)
         }
-        fn store_rollout(&self, _: &pimesh_revision::Rollout) -> io::Result<()> {
-            Ok(())
+        fn update_rollout(
+            &self,
+            _: &DnsLabel,
+            _: u64,
+            change: &mut crate::storage::RolloutChange<'_>,
+        ) -> io::Result<Option<pimesh_revision::Rollout>> {
+            Ok(change(None))
+        }
+        fn rollout(&self, _: &DnsLabel, _: u64) -> io::Result<Option<pimesh_revision::Rollout>> {
+            Ok(None)
         }
         fn rollouts(&self, _: &DnsLabel) -> io::Result<BTreeMap<u64, pimesh_revision::Rollout>> {
             Ok(BTreeMap::new())

@@ -5,143 +5,20 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use pimesh_revision::path;
 use pimesh_revision::rollout::Command;
-use pimesh_revision::{Rollout, RolloutState};
+use pimesh_revision::RolloutState;
 use pimesh_schema::DnsLabel;
-use pimesh_test_support::central::{Central, OperatedSite, SigningKey};
-use reqwest::blocking::Client;
+use pimesh_test_support::central::{Central, FleetNode, OperatedSite, SiteOperator};
 
 fn start(dir: &Path, sites: &[&OperatedSite]) -> Central {
     let sites: Vec<_> = sites.iter().map(|site| site.central_site()).collect();
     Central::start(dir, "long_poll_max = \"30s\"\n", &sites)
 }
 
-/// A node of the site, speaking the protocol of the supervisor's OTA client.
-struct Node {
-    name: &'static str,
-    http: Client,
-    url: String,
-    reports: String,
-}
-
-impl Node {
-    fn new(central: &Central, site: &OperatedSite, name: &'static str) -> Node {
-        Node {
-            name,
-            http: central.client(Some(&site.site.node_identity_pem(name))),
-            url: central.url(&path::config(site.name())),
-            reports: central.url(&path::reports(site.name())),
-        }
-    }
-
-    /// The revision offered after `after` within `wait` seconds, if any.
-    fn poll(&self, after: u64, wait: u64) -> Option<u64> {
-        let response = self
-            .http
-            .get(format!("{}?after={after}&wait={wait}", self.url))
-            .send()
-            .expect("long-poll");
-        match response.status().as_u16() {
-            204 => None,
-            200 => {
-                let body: serde_json::Value = response.json().expect("revision");
-                Some(body["revision"].as_u64().expect("number"))
-            }
-            other => panic!("{}: long-poll answered {other}", self.name),
-        }
-    }
-
-    /// A report about revision `about`, the node running `revision` after it.
-    fn report(&self, revision: u64, state: &str, detail: &str) {
-        let about = if state == "applied" {
-            revision
-        } else {
-            revision + 1
-        };
-        let body = serde_json::json!({
-            "revision": revision, "state": state, "detail": detail, "about": about,
-        });
-        let status = self
-            .http
-            .post(&self.reports)
-            .json(&body)
-            .send()
-            .expect("report")
-            .status();
-        assert_eq!(status, 200, "{} report", self.name);
-    }
-}
-
-/// The site's operator: publishes revisions and signs its requests with the site key.
-struct Operator<'a> {
-    http: Client,
-    central: &'a Central,
-    site: &'a OperatedSite,
-    key: &'a SigningKey,
-}
-
-impl Operator<'_> {
-    fn publish(&self, number: u64, config: &str) {
-        let status = self
-            .http
-            .put(self.central.url(&path::revisions(self.site.name())))
-            .body(self.key.revision(self.site.name(), number, config))
-            .send()
-            .expect("publish")
-            .status();
-        assert_eq!(status, 201, "publish {number}");
-    }
-
-    fn signed(&self, method: &str, path: &str) -> String {
-        self.site.authorization_with(self.key, method, path)
-    }
-
-    fn rollouts(&self) -> Vec<Rollout> {
-        let path = path::rollouts(self.site.name());
-        let response = self
-            .http
-            .get(self.central.url(&path))
-            .header("authorization", self.signed("GET", &path))
-            .send()
-            .expect("rollouts");
-        assert_eq!(response.status(), 200);
-        response.json().expect("rollouts")
-    }
-
-    fn rollout(&self, revision: u64) -> Rollout {
-        self.rollouts()
-            .into_iter()
-            .find(|rollout| rollout.revision == revision)
-            .unwrap_or_else(|| panic!("no rollout of revision {revision}"))
-    }
-
-    fn command(&self, revision: u64, command: Command) -> (u16, String) {
-        let path = path::rollout_command(self.site.name(), revision, command);
-        let response = self
-            .http
-            .post(self.central.url(&path))
-            .header("authorization", self.signed("POST", &path))
-            .send()
-            .expect("command");
-        (response.status().as_u16(), response.text().expect("body"))
-    }
-
-    /// Waits (generously) until the rollout of `revision` satisfies `done`.
-    fn wait_for(&self, revision: u64, what: &str, done: impl Fn(&Rollout) -> bool) -> Rollout {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let rollout = self.rollout(revision);
-            if done(&rollout) {
-                return rollout;
-            }
-            assert!(Instant::now() < deadline, "{what}: {rollout:#?}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
+type Node = FleetNode;
+type Operator<'a> = SiteOperator<'a>;
 
 const PLAIN: &str = "site = \"depot-7\"\n";
 const STAGED: &str =
@@ -155,12 +32,7 @@ fn operator_and_nodes<'a>(
     site: &'a OperatedSite,
     names: &[&'static str],
 ) -> (Operator<'a>, Vec<Node>) {
-    let operator = Operator {
-        http: central.client(None),
-        central,
-        site,
-        key: &site.key,
-    };
+    let operator = Operator::new(central, site);
     let nodes = names
         .iter()
         .map(|name| Node::new(central, site, name))
@@ -296,7 +168,7 @@ fn the_operator_pauses_resumes_and_aborts_and_no_one_else_can() {
     let rollouts_url = central.url(&path::rollouts(site.name()));
     let anonymous = central.client(None).get(&rollouts_url).send().expect("get");
     assert_eq!(anonymous.status(), 401);
-    let as_node = nodes[0].http.get(&rollouts_url).send().expect("get");
+    let as_node = nodes[0].http().get(&rollouts_url).send().expect("get");
     assert_eq!(as_node.status(), 401, "a node certificate is no operator");
     let revision_url = central.url(&path::revision(site.name(), 2));
     let response = central.client(None).get(&revision_url).send().expect("get");

@@ -165,6 +165,28 @@ impl Central {
     /// # Panics
     /// When the files cannot be written or the server does not come up.
     pub fn start(dir: &Path, settings: &str, sites: &[CentralSite<'_>]) -> Central {
+        let state = format!("state_dir = \"{}\"\n", dir.join("state").display());
+        Central::start_with(dir, &state, settings, sites)
+    }
+
+    /// [`Central::start`] as a replica on the PostgreSQL database of `connect` (a libpq
+    /// connection string), with no state folder.
+    ///
+    /// # Panics
+    /// When the files cannot be written or the server does not come up.
+    pub fn start_on_postgres(
+        dir: &Path,
+        connect: &str,
+        settings: &str,
+        sites: &[CentralSite<'_>],
+    ) -> Central {
+        let storage = format!("{settings}[postgres]\nconnect = \"{connect}\"\n");
+        Central::start_with(dir, "", &storage, sites)
+    }
+
+    /// Starts a server whose config holds `storage` lines, then `settings` (which may end
+    /// with tables), then `sites`.
+    fn start_with(dir: &Path, storage: &str, settings: &str, sites: &[CentralSite<'_>]) -> Central {
         let server = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
             .expect("a server certificate");
         let server_cert = dir.join("server.pem");
@@ -173,8 +195,7 @@ impl Central {
         std::fs::write(&server_key, server.signing_key.serialize_pem()).expect("server.key");
         let addr = free_addr();
         let mut config = format!(
-            "listen = \"{addr}\"\nstate_dir = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{settings}",
-            dir.join("state").display(),
+            "listen = \"{addr}\"\n{storage}tls_cert = \"{}\"\ntls_key = \"{}\"\n{settings}",
             server_cert.display(),
             server_key.display()
         );
@@ -241,4 +262,227 @@ fn spawn(config: &Path) -> Daemon {
     command.arg("--config").arg(config);
     let log = config.with_file_name("central.log");
     Daemon::spawn("pimesh-central", command, Some(&log))
+}
+
+/// One replica of the central server as a node reaches it.
+struct NodeEndpoint {
+    http: reqwest::blocking::Client,
+    config: String,
+    reports: String,
+}
+
+/// A node of a site speaking the protocol of the supervisor's OTA client (long-polls
+/// with its node certificate, reports), to one central server or to several replicas:
+/// it stays with the replica that answers and moves to the next one when a request gets
+/// no answer, as the supervisor does with the seed's list of central URLs.
+pub struct FleetNode {
+    pub name: String,
+    replicas: Vec<NodeEndpoint>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+impl FleetNode {
+    /// Node `name` of `site`, at `central`.
+    pub fn new(central: &Central, site: &OperatedSite, name: &str) -> FleetNode {
+        FleetNode::of_replicas(&[central], site, name)
+    }
+
+    /// Node `name` of `site`, trying `replicas` in turn, the first one first.
+    pub fn of_replicas(replicas: &[&Central], site: &OperatedSite, name: &str) -> FleetNode {
+        let identity = site.site.node_identity_pem(name);
+        FleetNode {
+            name: name.to_owned(),
+            replicas: replicas
+                .iter()
+                .map(|central| NodeEndpoint {
+                    http: central.client(Some(&identity)),
+                    config: central.url(&pimesh_revision::path::config(site.name())),
+                    reports: central.url(&pimesh_revision::path::reports(site.name())),
+                })
+                .collect(),
+            current: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The index of the replica the node talks to now.
+    pub fn replica(&self) -> usize {
+        self.current.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The node's HTTPS client for the replica it talks to now.
+    pub fn http(&self) -> &reqwest::blocking::Client {
+        &self.replicas[self.replica()].http
+    }
+
+    /// `send` to the replica of the moment, then to the next ones while none answers.
+    fn exchange(
+        &self,
+        what: &str,
+        send: impl Fn(&NodeEndpoint) -> reqwest::Result<reqwest::blocking::Response>,
+    ) -> reqwest::blocking::Response {
+        let count = self.replicas.len();
+        let mut errors = Vec::new();
+        for step in 0..count {
+            let index = (self.replica() + step) % count;
+            match send(&self.replicas[index]) {
+                Ok(response) => {
+                    self.current
+                        .store(index, std::sync::atomic::Ordering::SeqCst);
+                    return response;
+                }
+                Err(err) => errors.push(format!("replica {index}: {err}")),
+            }
+        }
+        panic!("{}: {what}: no replica answered: {errors:?}", self.name)
+    }
+
+    /// The revision offered after `after` within `wait` seconds, if any.
+    pub fn poll(&self, after: u64, wait: u64) -> Option<u64> {
+        let response = self.exchange("long-poll", |replica| {
+            replica
+                .http
+                .get(format!("{}?after={after}&wait={wait}", replica.config))
+                .send()
+        });
+        match response.status().as_u16() {
+            204 => None,
+            200 => {
+                let body: serde_json::Value =
+                    serde_json::from_slice(&response.bytes().expect("the revision"))
+                        .expect("a revision");
+                Some(body["revision"].as_u64().expect("a revision number"))
+            }
+            other => panic!("{}: long-poll answered {other}", self.name),
+        }
+    }
+
+    /// A report about revision `about` (`revision` when applied, the next one else), the
+    /// node running `revision` after it.
+    pub fn report(&self, revision: u64, state: &str, detail: &str) {
+        let about = if state == "applied" {
+            revision
+        } else {
+            revision + 1
+        };
+        let body = serde_json::json!({
+            "revision": revision, "state": state, "detail": detail, "about": about,
+        })
+        .to_string();
+        let response = self.exchange("report", |replica| {
+            replica
+                .http
+                .post(&replica.reports)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+        });
+        assert_eq!(response.status(), 200, "{} report", self.name);
+    }
+}
+
+/// A site's operator at one central server: publishes revisions and signs its requests
+/// with `key` (the site's own, or another to play an intruder).
+pub struct SiteOperator<'a> {
+    pub http: reqwest::blocking::Client,
+    pub central: &'a Central,
+    pub site: &'a OperatedSite,
+    pub key: &'a SigningKey,
+}
+
+impl<'a> SiteOperator<'a> {
+    /// The site's own operator at `central`.
+    pub fn new(central: &'a Central, site: &'a OperatedSite) -> SiteOperator<'a> {
+        SiteOperator {
+            http: central.client(None),
+            central,
+            site,
+            key: &site.key,
+        }
+    }
+
+    /// Publishes revision `number` of `config`: the status and the server's answer.
+    pub fn try_publish(&self, number: u64, config: &str) -> (u16, String) {
+        let response = self
+            .http
+            .put(
+                self.central
+                    .url(&pimesh_revision::path::revisions(self.site.name())),
+            )
+            .body(self.key.revision(self.site.name(), number, config))
+            .send()
+            .expect("publish");
+        (
+            response.status().as_u16(),
+            response.text().unwrap_or_default(),
+        )
+    }
+
+    /// Publishes revision `number` of `config`, which must be stored.
+    pub fn publish(&self, number: u64, config: &str) {
+        let (status, body) = self.try_publish(number, config);
+        assert_eq!(status, 201, "publish {number}: {body}");
+    }
+
+    /// The `authorization` header of `method path`, signed with the operator's key.
+    pub fn signed(&self, method: &str, path: &str) -> String {
+        self.site.authorization_with(self.key, method, path)
+    }
+
+    /// The site's rollouts, newest first.
+    pub fn rollouts(&self) -> Vec<pimesh_revision::Rollout> {
+        let path = pimesh_revision::path::rollouts(self.site.name());
+        let response = self
+            .http
+            .get(self.central.url(&path))
+            .header("authorization", self.signed("GET", &path))
+            .send()
+            .expect("rollouts");
+        assert_eq!(response.status(), 200);
+        serde_json::from_slice(&response.bytes().expect("rollouts")).expect("rollouts")
+    }
+
+    /// The rollout of `revision`.
+    pub fn rollout(&self, revision: u64) -> pimesh_revision::Rollout {
+        self.rollouts()
+            .into_iter()
+            .find(|rollout| rollout.revision == revision)
+            .unwrap_or_else(|| panic!("no rollout of revision {revision}"))
+    }
+
+    /// Sends `command` about the rollout of `revision`: the status and the answer.
+    pub fn command(
+        &self,
+        revision: u64,
+        command: pimesh_revision::rollout::Command,
+    ) -> (u16, String) {
+        let path = pimesh_revision::path::rollout_command(self.site.name(), revision, command);
+        let response = self
+            .http
+            .post(self.central.url(&path))
+            .header("authorization", self.signed("POST", &path))
+            .send()
+            .expect("command");
+        (
+            response.status().as_u16(),
+            response.text().unwrap_or_default(),
+        )
+    }
+
+    /// Waits (generously) until the rollout of `revision` satisfies `done`.
+    pub fn wait_for(
+        &self,
+        revision: u64,
+        what: &str,
+        done: impl Fn(&pimesh_revision::Rollout) -> bool,
+    ) -> pimesh_revision::Rollout {
+        let deadline = std::time::Instant::now() + 2 * crate::wait::DEADLINE;
+        loop {
+            let rollout = self.rollout(revision);
+            if done(&rollout) {
+                return rollout;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: {rollout:#?}");
+            std::thread::sleep(crate::wait::POLL);
+        }
+    }
 }

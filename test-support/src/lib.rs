@@ -12,6 +12,7 @@
 //! - [`proxy`], [`control`], [`central`]: the daemons as fixtures.
 //! - [`control_plane`]: a site's control plane: trust folder, site config, N replicas.
 //! - [`files`]: files changed as the supervisor changes them.
+//! - [`postgres`]: a real PostgreSQL server in a temporary folder, on a Unix socket only.
 //!
 //! Every fixture panics with a message naming what failed (and the daemon's log): a
 //! fixture that cannot set up fails the test that asked for it.
@@ -30,6 +31,7 @@ pub mod http;
 pub mod join;
 pub mod pki;
 pub mod ports;
+pub mod postgres;
 pub mod proxy;
 pub mod tls;
 pub mod wait;

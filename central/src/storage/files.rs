@@ -1,45 +1,25 @@
-//! Where revisions and node reports live. [`Storage`] is what the API needs; [`FileStorage`]
-//! is the embedded default: one file per revision and per node report, each written
-//! atomically, so a crash or power cut during a publish leaves the revision either whole
-//! or absent — never half-stored. A PostgreSQL implementation can follow for several
-//! central replicas behind a load balancer.
+//! The embedded storage of a single central server: one file per revision, rollout and
+//! node report, each written atomically, so that a crash or power cut during a publish
+//! leaves the revision either whole or absent — never half-stored.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use pimesh_revision::{RecordedReport, Rollout, SignedRevision};
 use pimesh_runtime::atomic_file;
 use pimesh_schema::DnsLabel;
 use tracing::warn;
 
-pub trait Storage: Send + Sync {
-    /// The newest stored revision of `site`.
-    fn latest(&self, site: &DnsLabel) -> io::Result<Option<SignedRevision>>;
-    /// Stores a revision durably; returns once it survives a power cut.
-    fn store(&self, revision: &SignedRevision) -> io::Result<()>;
-    /// Keeps `report` as `node`'s latest, replacing the one before.
-    fn record_report(
-        &self,
-        site: &DnsLabel,
-        node: &DnsLabel,
-        report: &RecordedReport,
-    ) -> io::Result<()>;
-    /// The latest report of each node of `site`.
-    fn reports(&self, site: &DnsLabel) -> io::Result<BTreeMap<DnsLabel, RecordedReport>>;
-    /// Revision `number` of `site`, when stored.
-    fn revision(&self, site: &DnsLabel, number: u64) -> io::Result<Option<SignedRevision>>;
-    /// Keeps `rollout` as its revision's rollout, replacing the one before; returns once it
-    /// survives a power cut.
-    fn store_rollout(&self, rollout: &Rollout) -> io::Result<()>;
-    /// Every stored rollout of `site`, by revision.
-    fn rollouts(&self, site: &DnsLabel) -> io::Result<BTreeMap<u64, Rollout>>;
-}
+use super::{RolloutChange, Storage};
 
 /// `<root>/<site>/revisions/<n>.json`, `<root>/<site>/rollouts/<n>.json` and
 /// `<root>/<site>/reports/<node>.json`.
 pub struct FileStorage {
     root: PathBuf,
+    /// Held through each rollout change: one at a time.
+    rollout_changes: Mutex<()>,
 }
 
 impl FileStorage {
@@ -47,6 +27,7 @@ impl FileStorage {
         std::fs::create_dir_all(root)?;
         Ok(FileStorage {
             root: root.to_path_buf(),
+            rollout_changes: Mutex::new(()),
         })
     }
 
@@ -60,6 +41,10 @@ impl FileStorage {
 
     fn rollouts_dir(&self, site: &DnsLabel) -> PathBuf {
         self.root.join(site.as_str()).join("rollouts")
+    }
+
+    fn rollout_file(&self, site: &DnsLabel, revision: u64) -> PathBuf {
+        self.rollouts_dir(site).join(format!("{revision}.json"))
     }
 }
 
@@ -125,6 +110,11 @@ impl Storage for FileStorage {
     }
 
     fn store(&self, revision: &SignedRevision) -> io::Result<()> {
+        if let Some(newest) = self.latest(&revision.site)? {
+            if newest.revision >= revision.revision {
+                return Err(super::already_stored(&revision.site, newest.revision));
+            }
+        }
         let path = self
             .revisions_dir(&revision.site)
             .join(format!("{}.json", revision.revision));
@@ -159,17 +149,37 @@ impl Storage for FileStorage {
         Ok(reports)
     }
 
+    fn report(&self, site: &DnsLabel, node: &DnsLabel) -> io::Result<Option<RecordedReport>> {
+        read_json(&self.reports_dir(site).join(format!("{node}.json")))
+    }
+
     fn revision(&self, site: &DnsLabel, number: u64) -> io::Result<Option<SignedRevision>> {
         let path = self.revisions_dir(site).join(format!("{number}.json"));
         Ok(read_json::<SignedRevision>(&path)?.filter(|revision| revision.revision == number))
     }
 
-    fn store_rollout(&self, rollout: &Rollout) -> io::Result<()> {
-        let path = self
-            .rollouts_dir(&rollout.site)
-            .join(format!("{}.json", rollout.revision));
-        let bytes = serde_json::to_vec(rollout).map_err(io::Error::other)?;
-        atomic_file::replace(&path, &bytes, 0o644).map(drop)
+    fn update_rollout(
+        &self,
+        site: &DnsLabel,
+        revision: u64,
+        change: &mut RolloutChange<'_>,
+    ) -> io::Result<Option<Rollout>> {
+        let _one_at_a_time = self
+            .rollout_changes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let stored = self.rollout(site, revision)?;
+        let Some(changed) = change(stored.as_ref()) else {
+            return Ok(stored);
+        };
+        let bytes = serde_json::to_vec(&changed).map_err(io::Error::other)?;
+        atomic_file::replace(&self.rollout_file(site, revision), &bytes, 0o644)?;
+        Ok(Some(changed))
+    }
+
+    fn rollout(&self, site: &DnsLabel, revision: u64) -> io::Result<Option<Rollout>> {
+        Ok(read_json::<Rollout>(&self.rollout_file(site, revision))?
+            .filter(|rollout| rollout.revision == revision && &rollout.site == site))
     }
 
     fn rollouts(&self, site: &DnsLabel) -> io::Result<BTreeMap<u64, Rollout>> {
