@@ -83,6 +83,7 @@ pub fn init(
     println!("join_token = \"{join_token}\"");
     if let Some(url) = central_url {
         println!("\n[central]\nurl = \"{url}\"\npublic_key = \"{public_key}\"");
+        println!("# fallback_urls = [\"https://...\"]  # more central replicas, tried in turn");
     } else {
         println!("# central public_key = \"{public_key}\"");
     }

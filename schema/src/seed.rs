@@ -119,11 +119,22 @@ impl Role {
 #[serde(deny_unknown_fields)]
 pub struct Central {
     pub url: CentralUrl,
+    /// More replicas of the same central server, tried in order when the ones before
+    /// them give no answer.
+    #[serde(default)]
+    pub fallback_urls: Vec<CentralUrl>,
     pub public_key: SigningKey,
     /// The certificate authority that signed the central server's TLS certificate, when it
     /// is not one of the public roots the node ships with.
     #[serde(default)]
     pub ca: Option<PemCertificates>,
+}
+
+impl Central {
+    /// Every URL of the central server, `url` first.
+    pub fn urls(&self) -> impl Iterator<Item = &CentralUrl> {
+        std::iter::once(&self.url).chain(&self.fallback_urls)
+    }
 }
 
 /// One or more PEM `CERTIFICATE` blocks, as text. Holding one means the text has at least
@@ -472,6 +483,24 @@ impl Seed {
                 "missing: a node with role `join` needs the site's join token \
                  (`pimeshctl site init` prints it); set role = \"init\" for the site's first server",
             ));
+        }
+        if let Some(central) = &raw.central {
+            let urls: Vec<&CentralUrl> = central.urls().collect();
+            if let Some(twice) = urls
+                .iter()
+                .enumerate()
+                .find_map(|(i, url)| urls[..i].contains(url).then_some(url))
+            {
+                return Err(ConfigError::at_path(
+                    file,
+                    text,
+                    &["central", "fallback_urls"],
+                    format!(
+                        "expected each central URL once, found {} twice",
+                        twice.as_url()
+                    ),
+                ));
+            }
         }
         Ok(Seed {
             site: raw.site,

@@ -166,6 +166,40 @@ fn each_malformed_value_is_refused_at_its_key() {
 }
 
 #[test]
+fn fallback_central_urls_follow_the_first_and_none_is_listed_twice() {
+    let key = base64::engine::general_purpose::STANDARD.encode([1u8; 32]);
+    let seed = parse(&format!(
+        "site = \"s\"\nrole = \"init\"\n[central]\nurl = \"https://a:8443\"\n\
+         fallback_urls = [\"https://b:8443\", \"https://c:8443\"]\npublic_key = \"ed25519:{key}\"\n"
+    ))
+    .expect("valid");
+    let urls: Vec<String> = seed
+        .central
+        .expect("central")
+        .urls()
+        .map(|url| url.as_url().to_string())
+        .collect();
+    assert_eq!(
+        urls,
+        ["https://a:8443/", "https://b:8443/", "https://c:8443/"]
+    );
+
+    let err = parse(&format!(
+        "site = \"s\"\nrole = \"init\"\n[central]\nurl = \"https://a:8443\"\n\
+         fallback_urls = [\"https://a:8443\"]\npublic_key = \"ed25519:{key}\"\n"
+    ))
+    .expect_err("twice");
+    assert_eq!(err.key.as_deref(), Some("central.fallback_urls"), "{err}");
+    assert!(err.to_string().contains("https://a:8443/ twice"), "{err}");
+    let err = parse(&format!(
+        "site = \"s\"\nrole = \"init\"\n[central]\nurl = \"https://a\"\n\
+         fallback_urls = [\"http://b\"]\npublic_key = \"ed25519:{key}\"\n"
+    ))
+    .expect_err("http");
+    assert!(err.to_string().contains("https://"), "{err}");
+}
+
+#[test]
 fn a_central_ca_in_pem_is_kept() {
     let key = base64::engine::general_purpose::STANDARD.encode([1u8; 32]);
     let pem = "-----BEGIN CERTIFICATE-----\nAQID\n-----END CERTIFICATE-----\n";

@@ -1,6 +1,11 @@
 //! The node's HTTPS client for its central server: long-polls for revisions and delivers
 //! reports, authenticated both ways (the server by the seed's CA or the public roots, the
 //! node by its node certificate).
+//!
+//! Failover: the seed may name several replicas of the central server (`url`, then
+//! `fallback_urls`). The client stays with the replica that answered last; when it gives
+//! no answer (connection, TLS, a broken-off answer, a 5xx status) the same request goes at
+//! once to the next one, each tried at most once per request.
 
 use std::fmt;
 use std::time::Duration;
@@ -24,6 +29,14 @@ pub enum Poll {
 
 pub struct CentralClient {
     http: reqwest::Client,
+    replicas: Vec<Replica>,
+    /// The replica that answered last.
+    current: std::sync::atomic::AtomicUsize,
+}
+
+/// One replica's URLs for this node's site.
+struct Replica {
+    base: String,
     config_url: String,
     reports_url: String,
 }
@@ -105,6 +118,26 @@ impl fmt::Display for RequestError {
     }
 }
 
+/// The error of a client with no URL to try (a seed always has one).
+fn no_central_url() -> RequestError {
+    RequestError::Status {
+        url: String::new(),
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        body: "no central server URL".to_owned(),
+    }
+}
+
+impl RequestError {
+    /// Whether the replica gave no usable answer (worth asking another one): no
+    /// connection, a broken-off answer, or a server error.
+    fn is_no_answer(&self) -> bool {
+        match self {
+            RequestError::Unreachable { .. } | RequestError::Answer { .. } => true,
+            RequestError::Status { status, .. } => status.is_server_error(),
+        }
+    }
+}
+
 impl std::error::Error for RequestError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
@@ -144,17 +177,58 @@ impl CentralClient {
             }
         }
         let http = builder.build().map_err(SetupError::Tls)?;
-        let base = central
-            .url
-            .as_url()
-            .as_str()
-            .trim_end_matches('/')
-            .to_owned();
+        let replicas = central
+            .urls()
+            .map(|url| {
+                let base = url.as_url().as_str().trim_end_matches('/').to_owned();
+                Replica {
+                    config_url: format!("{base}{}", path::config(site)),
+                    reports_url: format!("{base}{}", path::reports(site)),
+                    base,
+                }
+            })
+            .collect();
         Ok(CentralClient {
             http,
-            config_url: format!("{base}{}", path::config(site)),
-            reports_url: format!("{base}{}", path::reports(site)),
+            replicas,
+            current: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// The URL of the replica that answered last (the first before any answered).
+    pub fn current_url(&self) -> &str {
+        &self.replicas[self.current()].base
+    }
+
+    fn current(&self) -> usize {
+        self.current
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(self.replicas.len().saturating_sub(1))
+    }
+
+    /// The replicas in the order to try them: the one of the moment first.
+    fn in_turn(&self) -> impl Iterator<Item = (usize, &Replica)> {
+        let first = self.current();
+        let count = self.replicas.len();
+        (0..count).map(move |step| {
+            let index = (first + step) % count;
+            (index, &self.replicas[index])
+        })
+    }
+
+    /// Replica `index` answered: the next requests go to it first.
+    fn answered(&self, index: usize) {
+        self.current
+            .store(index, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Replica `index` gave no answer (`err`); the error kept when no replica answers.
+    fn no_answer(&self, index: usize, err: RequestError) -> RequestError {
+        let count = self.replicas.len();
+        if count > 1 {
+            tracing::info!(%err, next = %self.replicas[(index + 1) % count].base, "central replica gave no answer; trying the next");
+        }
+        err
     }
 
     /// `GET config?after=&wait=`: returns at once when the server has something newer,
@@ -165,10 +239,30 @@ impl CentralClient {
         wait: Duration,
         max_bytes: usize,
     ) -> Result<Poll, RequestError> {
+        let mut last = None;
+        for (index, replica) in self.in_turn() {
+            match self.poll_replica(replica, after, wait, max_bytes).await {
+                Err(err) if err.is_no_answer() => last = Some(self.no_answer(index, err)),
+                outcome => {
+                    self.answered(index);
+                    return outcome;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(no_central_url))
+    }
+
+    async fn poll_replica(
+        &self,
+        replica: &Replica,
+        after: u64,
+        wait: Duration,
+        max_bytes: usize,
+    ) -> Result<Poll, RequestError> {
         let query = ConfigQuery { after, wait };
-        let url = format!("{}?{}", self.config_url, query.encode());
+        let url = format!("{}?{}", replica.config_url, query.encode());
         let unreachable = |source| RequestError::Unreachable {
-            url: self.config_url.clone(),
+            url: replica.config_url.clone(),
             source,
         };
         let mut response = self.http.get(&url).send().await.map_err(unreachable)?;
@@ -178,7 +272,7 @@ impl CentralClient {
             status => {
                 let body = response.text().await.unwrap_or_default();
                 return Err(RequestError::Status {
-                    url: self.config_url.clone(),
+                    url: replica.config_url.clone(),
                     status,
                     body: body.trim().to_owned(),
                 });
@@ -196,7 +290,7 @@ impl CentralClient {
             .chunk()
             .await
             .map_err(|source| RequestError::Answer {
-                url: self.config_url.clone(),
+                url: replica.config_url.clone(),
                 source,
             })?
         {
@@ -211,15 +305,33 @@ impl CentralClient {
     /// Delivers one report. `Ok(true)`: taken; `Ok(false)`: refused for good (4xx, the
     /// report is dropped); `Err`: try again later.
     pub async fn send_report(&self, report: &NodeReport) -> Result<bool, RequestError> {
+        let mut last = None;
+        for (index, replica) in self.in_turn() {
+            match self.report_to(replica, report).await {
+                Err(err) if err.is_no_answer() => last = Some(self.no_answer(index, err)),
+                outcome => {
+                    self.answered(index);
+                    return outcome;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(no_central_url))
+    }
+
+    async fn report_to(
+        &self,
+        replica: &Replica,
+        report: &NodeReport,
+    ) -> Result<bool, RequestError> {
         let response = self
             .http
-            .post(&self.reports_url)
+            .post(&replica.reports_url)
             .timeout(Duration::from_secs(30))
             .json(report)
             .send()
             .await
             .map_err(|source| RequestError::Unreachable {
-                url: self.reports_url.clone(),
+                url: replica.reports_url.clone(),
                 source,
             })?;
         let status = response.status();
@@ -227,14 +339,95 @@ impl CentralClient {
             Ok(true)
         } else if status.is_client_error() {
             let body = response.text().await.unwrap_or_default();
-            tracing::warn!(url = %self.reports_url, %status, body = body.trim(), "report refused");
+            tracing::warn!(url = %replica.reports_url, %status, body = body.trim(), "report refused");
             Ok(false)
         } else {
             Err(RequestError::Status {
-                url: self.reports_url.clone(),
+                url: replica.reports_url.clone(),
                 status,
                 body: String::new(),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pimesh_schema::Seed;
+    use pimesh_test_support::central::{Central, OperatedSite, SiteOperator};
+    use pimesh_test_support::ports::free_addr;
+
+    use super::*;
+
+    /// The seed's `[central]` naming `urls` in order, trusting `servers`' certificates.
+    fn central(
+        site: &OperatedSite,
+        urls: &[String],
+        servers: &[&Central],
+    ) -> pimesh_schema::Central {
+        let ca: String = servers
+            .iter()
+            .map(|server| String::from_utf8_lossy(&server.server_pem).into_owned())
+            .collect();
+        let fallbacks: Vec<String> = urls[1..].iter().map(|url| format!("{url:?}")).collect();
+        let text = format!(
+            "site = \"depot-7\"\nrole = \"init\"\n[central]\nurl = {:?}\nfallback_urls = [{}]\n\
+             public_key = \"{}\"\nca = \"\"\"\n{ca}\"\"\"\n",
+            urls[0],
+            fallbacks.join(", "),
+            site.key.public_key
+        );
+        Seed::parse(std::path::Path::new("seed.toml"), &text)
+            .expect("seed")
+            .central
+            .expect("central")
+    }
+
+    #[test]
+    fn a_replica_that_gives_no_answer_is_passed_over_for_the_next_one() {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let site = OperatedSite::new(dir.path(), "depot-7");
+        let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&a_dir).expect("a");
+        std::fs::create_dir_all(&b_dir).expect("b");
+        let mut a = Central::start(&a_dir, "", &[site.central_site()]);
+        let b = Central::start(&b_dir, "", &[site.central_site()]);
+        SiteOperator::new(&b, &site).publish(1, "site = \"depot-7\"\n");
+        let dead = format!("https://localhost:{}", free_addr().port());
+        let url = |server: &Central| format!("https://localhost:{}", server.addr.port());
+        let (chain_pem, key_pem) = site.site.node_credential_pem("pi-a");
+        let credential = NodeCredential { chain_pem, key_pem };
+        let seed = central(&site, &[dead.clone(), url(&a), url(&b)], &[&a, &b]);
+        let client = CentralClient::new(&seed, site.name(), &credential, Duration::from_secs(5))
+            .expect("client");
+        let poll_once = |client: &CentralClient| {
+            runtime.block_on(client.poll(0, Duration::from_secs(1), 1 << 20))
+        };
+
+        // Nothing listens at the first URL: a answers (nothing published there).
+        let poll = poll_once(&client);
+        assert!(matches!(poll, Ok(Poll::Nothing)), "a answered");
+        assert_eq!(client.current_url(), url(&a));
+
+        // a dies: the next poll goes to b, which has revision 1, and stays there.
+        a.daemon.kill();
+        let poll = poll_once(&client);
+        assert!(matches!(poll, Ok(Poll::Offered(_))), "b offered revision 1");
+        assert_eq!(client.current_url(), url(&b));
+        let report: NodeReport =
+            serde_json::from_str(r#"{"revision":1,"state":"applied","detail":"","about":1}"#)
+                .expect("report");
+        assert!(runtime
+            .block_on(client.send_report(&report))
+            .expect("b takes the report"));
+        assert_eq!(client.current_url(), url(&b));
+
+        // None answers: the error names the last URL tried.
+        drop(b);
+        let err = runtime
+            .block_on(client.send_report(&report))
+            .expect_err("no replica answers");
+        assert!(err.to_string().contains("cannot reach"), "{err}");
     }
 }

@@ -116,7 +116,15 @@ impl OtaContext {
 pub async fn run(context: OtaContext) {
     let mut report = OtaReport {
         state: OtaState::WaitingForCredential,
-        central: Some(context.central.url.as_url().to_string()),
+        central: Some(
+            context
+                .central
+                .url
+                .as_url()
+                .as_str()
+                .trim_end_matches('/')
+                .to_owned(),
+        ),
         ..OtaReport::default()
     };
     let client = loop {
@@ -349,7 +357,12 @@ impl Ota {
 
     fn reached(&mut self) {
         self.retry.reset();
-        if self.report.last_error.take().is_some() {
+        let replica = self.client.current_url();
+        let moved = self.report.central.as_deref() != Some(replica);
+        if moved {
+            self.report.central = Some(replica.to_owned());
+        }
+        if self.report.last_error.take().is_some() || moved {
             self.publish();
         }
     }
