@@ -14,7 +14,7 @@ NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 HOST_RELEASE := $(or $(CARGO_TARGET_DIR),target)/release
 
 .PHONY: fuzz test-fuzz soak-powercut central help deps image image-amd64 cross host-bins test test-containers test-rust test-qemu test-nspawn test-site test-k3s demo qemu qemu-site bench-site bench-boot \
-	bench bench-heal bench-ota bench-wear bench-central bench-rollouts bench-proxy bench-proxy-instructions bench-control lint clean
+	bench bench-heal bench-ota bench-wear bench-central bench-rollouts bench-replicas bench-proxy bench-proxy-instructions bench-control lint clean
 
 help:
 	@echo "make image        build $(IMAGE) (the Raspberry Pi SD card image)"
@@ -152,7 +152,7 @@ test-fuzz:
 
 # Benchmarks: one target per figure table, all run by bench/run.sh (bench/README.md says
 # what each measures and the table every one prints).
-bench: bench-heal bench-ota bench-wear bench-central bench-rollouts bench-boot bench-proxy bench-control
+bench: bench-heal bench-ota bench-wear bench-central bench-rollouts bench-replicas bench-boot bench-proxy bench-control
 
 # kill/hang of a managed unit -> ready again, the supervisor's CPU and RSS (bench/heal.py).
 bench-heal: image-amd64
@@ -179,6 +179,10 @@ bench-central:
 # complete, and a bad report → halted (bench/rollouts.rs).
 bench-rollouts:
 	./bench/run.sh rollouts
+
+# Two central replicas on one PostgreSQL server: publish on one → long-polls on both answered.
+bench-replicas:
+	./bench/run.sh replicas
 
 # The data path the mesh adds (client -> proxy A -> mTLS -> proxy B -> nginx) against two
 # HAProxy instances and direct: req/s, proxy CPU per request, conn-close req/s, p50/p99 at a

@@ -7,6 +7,7 @@
 #   bench/run.sh central   pimesh-central under 5000 long-polling mTLS nodes
 #   bench/run.sh control   control replicas and proxies of a temporary site
 #   bench/run.sh rollouts  staged rollouts: 50 sites × 100 long-polling mTLS nodes
+#   bench/run.sh replicas  two central replicas on PostgreSQL: publish → long-polls on both
 #   bench/run.sh proxy     the mesh path next to HAProxy and direct
 #   bench/run.sh proxy-instructions   instructions per request under callgrind
 # heal, ota and wear need the amd64 root (make image-amd64) and the host binaries, boot the arm64
@@ -32,6 +33,10 @@ case "$name" in
     ;;
   rollouts)
     exec cargo bench --locked -p pimesh-bench --bench rollouts -- "$@"
+    ;;
+  replicas)
+    ./image/host-deps.sh >/dev/null   # Debian's PostgreSQL server
+    exec cargo bench --locked -p pimesh-bench --bench replicas -- "$@"
     ;;
   proxy|proxy-instructions)
     # Load tools (cached), then pimesh-proxy and pimeshctl. A pimesh build that fails does
