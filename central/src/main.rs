@@ -71,7 +71,8 @@ async fn run(config: CentralConfig) -> Result<(), Fatal> {
     raise_open_file_limit();
     // Bursts of connections must not pin their peak memory (see pimesh_runtime::memory).
     pimesh_runtime::memory::spawn_trimmer(pimesh_runtime::memory::TRIM_EVERY);
-    let (storage, replication) = open_storage(&config)?;
+    let mut metrics = metrics::CentralMetrics::default();
+    let (storage, replication) = open_storage(&config, &mut metrics)?;
     let mut sites = BTreeMap::new();
     for entry in &config.sites {
         let site = Site::load(entry, storage.as_ref())?;
@@ -89,7 +90,7 @@ async fn run(config: CentralConfig) -> Result<(), Fatal> {
         storage,
         long_poll_max: config.long_poll_max.0,
         fleet: fleet::FleetCache::default(),
-        metrics: metrics::CentralMetrics::default(),
+        metrics,
         sessions: sessions::Sessions::default(),
     });
     registry.metrics.watch(&registry);
@@ -138,7 +139,10 @@ type Changes = tokio::sync::mpsc::UnboundedReceiver<replication::Change>;
 
 /// The storage the configuration names and, on PostgreSQL, the changes the other replicas
 /// make to it.
-fn open_storage(config: &CentralConfig) -> Result<(Arc<dyn Storage>, Option<Changes>), Fatal> {
+fn open_storage(
+    config: &CentralConfig,
+    metrics: &mut metrics::CentralMetrics,
+) -> Result<(Arc<dyn Storage>, Option<Changes>), Fatal> {
     match config.storage() {
         StorageChoice::Files(dir) => {
             let storage = FileStorage::new(dir)
@@ -151,8 +155,13 @@ fn open_storage(config: &CentralConfig) -> Result<(Arc<dyn Storage>, Option<Chan
             let me = ReplicaId::random();
             // Listening first: nothing stored while the sites load is missed.
             let (changes, applied) = tokio::sync::mpsc::unbounded_channel();
-            replication::spawn_listener(connection.clone(), me, changes)
-                .map_err(|err| format!("cannot start the PostgreSQL listener: {err}"))?;
+            replication::spawn_listener(
+                connection.clone(),
+                me,
+                changes,
+                metrics.replication_gauge(),
+            )
+            .map_err(|err| format!("cannot start the PostgreSQL listener: {err}"))?;
             let storage = PgStorage::open(connection, me)
                 .map_err(|err| format!("[postgres] cannot use the database: {err}"))?;
             Ok((Arc::new(storage), Some(applied)))

@@ -9,6 +9,8 @@
 //! | `pimesh_central_site_revision{site}` | the newest revision (absent before the first) |
 //! | `pimesh_central_site_nodes{site}` | nodes that reported |
 //! | `pimesh_central_site_nodes_behind{site}` | of those, not on the newest revision: the site's revision lag |
+//! | `pimesh_central_rollouts{site,state}` | the site's live rollouts (the newest, and those still offered), by state: `running`, `paused`, `halted`, … |
+//! | `pimesh_central_replication_listening` | on PostgreSQL: 1 while this replica hears the others' notices, 0 while it reconnects |
 //! | `process_*` | see `pimesh_runtime::process_metrics` |
 //!
 //! Invariant: the per-site gauges are computed at scrape time from the fleet view the
@@ -30,6 +32,8 @@ use prometheus_client::registry::Registry as Metrics;
 /// it (`None` when it cannot be built now).
 pub trait FleetSource: Send + Sync + 'static {
     fn fleet_view_json(&self) -> Option<Bytes>;
+    /// Each site's live rollouts: `(site, state)`, one entry per rollout.
+    fn live_rollouts(&self) -> Vec<(String, pimesh_revision::RolloutState)>;
 }
 
 /// The OpenMetrics text's content type.
@@ -44,6 +48,12 @@ pub struct SiteLabel {
 pub struct PublishLabels {
     pub site: String,
     pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct RolloutLabels {
+    site: String,
+    state: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -108,6 +118,17 @@ impl Default for CentralMetrics {
 }
 
 impl CentralMetrics {
+    /// `pimesh_central_replication_listening`, registered for a replica on PostgreSQL.
+    pub fn replication_gauge(&mut self) -> Gauge {
+        let listening = Gauge::default();
+        self.registry.register(
+            "pimesh_central_replication_listening",
+            "1 while this replica hears the other replicas' notices (PostgreSQL LISTEN), 0 while it reconnects",
+            listening.clone(),
+        );
+        listening
+    }
+
     /// Ties the per-site gauges to the server's fleet view (once; later calls do
     /// nothing). Held weakly: the source owns these metrics.
     pub fn watch<S: FleetSource>(&self, source: &Arc<S>) {
@@ -170,6 +191,26 @@ impl Collector for SiteGauges {
                 })
                 .count();
             behind.push((label, count(lagging)));
+        }
+        let mut rollouts: std::collections::BTreeMap<RolloutLabels, i64> = Default::default();
+        for (site, state) in source.live_rollouts() {
+            *rollouts
+                .entry(RolloutLabels {
+                    site,
+                    state: state.to_string(),
+                })
+                .or_default() += 1;
+        }
+        if !rollouts.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "pimesh_central_rollouts",
+                "Live rollouts (the newest, and those still offered), by site and state",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (labels, count) in rollouts {
+                ConstGauge::new(count).encode(family.encode_family(&labels)?)?;
+            }
         }
         for (name, help, values) in [
             (

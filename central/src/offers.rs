@@ -427,6 +427,15 @@ impl Offers {
         Ok(rollout)
     }
 
+    /// The states of the live rollouts, oldest first.
+    pub fn live_states(&self) -> Vec<RolloutState> {
+        self.lock()
+            .live
+            .values()
+            .map(|live| live.rollout.state)
+            .collect()
+    }
+
     /// Each node's latest report, by node name, as the fleet view and the overview show it.
     pub fn node_views(&self) -> Vec<pimesh_revision::NodeView> {
         self.lock()

@@ -14,6 +14,7 @@ use std::time::Duration;
 use pimesh_runtime::backoff::{Backoff, Jitter, Retry};
 use postgres::fallible_iterator::FallibleIterator as _;
 use postgres::NoTls;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -42,13 +43,16 @@ pub fn spawn_listener(
     config: postgres::Config,
     me: ReplicaId,
     changes: mpsc::UnboundedSender<Change>,
+    listening: Gauge,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("pg-listen".to_owned())
         .spawn(move || {
             let mut retry = Retry::new(RECONNECT);
             while !changes.is_closed() {
-                if let Err(err) = listen(&config, me, &changes, &mut retry) {
+                let outcome = listen(&config, me, &changes, &mut retry, &listening);
+                listening.set(0);
+                if let Err(err) = outcome {
                     let wait = retry.next_delay(fastrand::u64(..));
                     warn!(err = %pimesh_runtime::error_chain(&err), ?wait, "not listening for the other replicas' changes; connecting again");
                     std::thread::sleep(wait);
@@ -64,10 +68,12 @@ fn listen(
     me: ReplicaId,
     changes: &mpsc::UnboundedSender<Change>,
     retry: &mut Retry,
+    listening: &Gauge,
 ) -> Result<(), postgres::Error> {
     let mut client = config.connect(NoTls)?;
     client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
     retry.reset();
+    listening.set(1);
     info!(
         channel = CHANNEL,
         "listening for the other replicas' changes"

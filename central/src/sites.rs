@@ -219,6 +219,18 @@ impl crate::metrics::FleetSource for Registry {
     fn fleet_view_json(&self) -> Option<hyper::body::Bytes> {
         self.fleet_json().ok()
     }
+
+    fn live_rollouts(&self) -> Vec<(String, pimesh_revision::RolloutState)> {
+        self.sites
+            .values()
+            .flat_map(|site| {
+                site.offers
+                    .live_states()
+                    .into_iter()
+                    .map(|state| (site.name.to_string(), state))
+            })
+            .collect()
+    }
 }
 
 /// Why the fleet view cannot be built.

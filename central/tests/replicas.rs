@@ -30,8 +30,8 @@ fn replica(dir: &Path, name: &str, postgres: &Postgres, site: &OperatedSite) -> 
     )
 }
 
-/// Long-polls parked on `central` now, as its metrics say.
-fn parked(central: &Central) -> u64 {
+/// The value of the metric `name` (with its labels) in `central`'s `/metrics`.
+fn metric(central: &Central, name: &str) -> Option<f64> {
     let text = central
         .client(None)
         .get(central.url("/metrics"))
@@ -39,9 +39,13 @@ fn parked(central: &Central) -> u64 {
         .and_then(|response| response.text())
         .expect("metrics");
     text.lines()
-        .find_map(|line| line.strip_prefix("pimesh_central_long_polls{site=\"depot-7\"} "))
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0)
+}
+
+/// Long-polls parked on `central` now, as its metrics say.
+fn parked(central: &Central) -> u64 {
+    metric(central, "pimesh_central_long_polls{site=\"depot-7\"}").unwrap_or(0.0) as u64
 }
 
 /// The nodes' latest reports as the operator reads them at `operator`'s replica.
@@ -197,6 +201,10 @@ fn a_halt_on_one_replica_holds_on_the_other_and_a_publish_without_the_database_i
         at_a.command(2, pimesh_revision::rollout::Command::Resume).0,
         409
     );
+    let halted_metric = "pimesh_central_rollouts{site=\"depot-7\",state=\"halted\"}";
+    assert_eq!(metric(&a, halted_metric), Some(1.0));
+    let listening = "pimesh_central_replication_listening";
+    assert_eq!(metric(&b, listening), Some(1.0));
 
     // The database is down: a publish is refused and leaves nothing behind.
     postgres.stop();
@@ -204,7 +212,11 @@ fn a_halt_on_one_replica_holds_on_the_other_and_a_publish_without_the_database_i
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("PostgreSQL"), "{body}");
     assert_eq!(pi_a.poll(2, 1), None, "nothing was published");
+    wait_until_blocking("b notices the database is gone", || {
+        metric(&b, listening) == Some(0.0)
+    });
     postgres.restart();
+    wait_until_blocking("b listens again", || metric(&b, listening) == Some(1.0));
 
     // Back: the same number is published (nothing of the refused one was stored), and
     // the nodes of both replicas converge on it.
