@@ -74,7 +74,13 @@ fn main() {
         }
     };
     let postgres = Postgres::start();
-    if let Err(err) = runtime.block_on(run(&args, &postgres)) {
+    // The blocking client runs outside the runtime.
+    let version = postgres
+        .client()
+        .query_one("SHOW server_version", &[])
+        .map(|row| row.get::<_, String>(0))
+        .unwrap_or_default();
+    if let Err(err) = runtime.block_on(run(&args, &postgres, &version)) {
         eprintln!("bench-replicas: {err}");
         std::process::exit(1);
     }
@@ -83,7 +89,7 @@ fn main() {
 /// When each node's long-poll answered with each revision: `(revision, node, at)`.
 type Answers = Arc<Mutex<Vec<(u64, usize, Instant)>>>;
 
-async fn run(args: &Args, postgres: &Postgres) -> Result<(), Error> {
+async fn run(args: &Args, postgres: &Postgres, version: &str) -> Result<(), Error> {
     let mut table = Table::new("replicas");
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let site = OperatedSite::new(dir.path(), "depot-7");
@@ -101,8 +107,7 @@ async fn run(args: &Args, postgres: &Postgres) -> Result<(), Error> {
     table.setup(format!(
         "2 pimesh-central replicas (release) on one PostgreSQL {} server (Unix socket, fsync \
          off), {} nodes each holding an mTLS long-poll, half on each replica; all on this machine",
-        postgres_version(postgres),
-        args.nodes
+        version, args.nodes
     ));
     let operators: Vec<reqwest::Client> = replicas
         .iter()
@@ -192,14 +197,6 @@ async fn run(args: &Args, postgres: &Postgres) -> Result<(), Error> {
     ));
     table.print();
     Ok(())
-}
-
-fn postgres_version(postgres: &Postgres) -> String {
-    postgres
-        .client()
-        .query_one("SHOW server_version", &[])
-        .map(|row| row.get::<_, String>(0))
-        .unwrap_or_default()
 }
 
 fn client(central: &Central, identity: Option<&[u8]>) -> Result<reqwest::Client, Error> {
