@@ -351,6 +351,7 @@ mod tests {
                         detail: "revision 2: unhealthy".to_owned(),
                         about: Some(about),
                         k3s: None,
+                        certificates: None,
                     },
                     received_at: self.now,
                 },

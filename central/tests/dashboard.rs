@@ -30,7 +30,18 @@ fn publish(central: &Central, site: &OperatedSite, number: u64, config: &str) {
     assert_eq!(status, 201);
 }
 
-/// `node` of `site` takes what it is offered after `after` and reports `state` about it.
+/// Certificate dates as a node reports them: its own certificate expiring in `days`, the
+/// issuer in 200 days, the anchor in ten years.
+fn expiring_in(days: u64) -> Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    json!({"node": now + days * 86_400 + 3_600, "issuer": now + 200 * 86_400, "anchor": now + 3_650 * 86_400})
+}
+
+/// `node` of `site` takes what it is offered after `after` and reports `state` about it
+/// (with `certificates`, when given).
 fn node_takes(
     central: &Central,
     site: &OperatedSite,
@@ -38,6 +49,7 @@ fn node_takes(
     after: u64,
     state: &str,
     detail: &str,
+    certificates: Option<Value>,
 ) {
     let http = central.client(Some(&site.site.node_identity_pem(node)));
     let url = central.url(&format!(
@@ -51,7 +63,11 @@ fn node_takes(
         .as_u64()
         .expect("number");
     let running = if state == "applied" { revision } else { after };
-    let report = json!({"revision": running, "state": state, "detail": detail, "about": revision});
+    let mut report =
+        json!({"revision": running, "state": state, "detail": detail, "about": revision});
+    if let Some(dates) = certificates {
+        report["certificates"] = dates;
+    }
     let status = http
         .post(central.url(&path::reports(site.name())))
         .body(report.to_string())
@@ -104,8 +120,17 @@ fn the_dashboard_shows_the_site_escapes_what_nodes_sent_and_follows_a_rollout() 
         &[site.central_site(), other.central_site()],
     );
     publish(&central, &site, 1, "site = \"depot-7\"\n");
-    for node in ["pi-a", "pi-b", "pi-c"] {
-        node_takes(&central, &site, node, 0, "applied", "");
+    node_takes(
+        &central,
+        &site,
+        "pi-a",
+        0,
+        "applied",
+        "",
+        Some(expiring_in(60)),
+    );
+    for node in ["pi-b", "pi-c"] {
+        node_takes(&central, &site, node, 0, "applied", "", None);
     }
     publish(
         &central,
@@ -114,7 +139,15 @@ fn the_dashboard_shows_the_site_escapes_what_nodes_sent_and_follows_a_rollout() 
         "site = \"depot-7\"\n[rollout]\ncanary = [\"pi-c\"]\nwaves = [100]\n",
     );
     let hostile = "revision 2: <img src=x onerror=\"document.title='pwned'\"> unhealthy";
-    node_takes(&central, &site, "pi-c", 1, "rolled-back", hostile);
+    node_takes(
+        &central,
+        &site,
+        "pi-c",
+        1,
+        "rolled-back",
+        hostile,
+        Some(expiring_in(3)),
+    );
 
     // Only the site's operator opens a session, and a session opens its own site only.
     assert_eq!(session(&central, &site, &other.key).status(), 403);
@@ -210,6 +243,37 @@ fn the_dashboard_shows_the_site_escapes_what_nodes_sent_and_follows_a_rollout() 
             json!(false),
             "the token leaves the address bar"
         );
+        // Certificate dates: the first to expire, red within a week, each in the title.
+        let certificate = |node: &str, what: &str| {
+            format!("document.querySelector('tr[data-node=\"{node}\"] td:nth-child(5)').{what}")
+        };
+        for (node, text, class) in [
+            ("pi-a", "node in 60 d", "good"),
+            ("pi-b", "", ""),
+            ("pi-c", "node in 3 d", "bad"),
+        ] {
+            let shown = page
+                .eval(&certificate(node, "textContent"))
+                .await
+                .expect("cell");
+            assert_eq!(shown, json!(text), "{node}");
+            let shown = page
+                .eval(&certificate(node, "className"))
+                .await
+                .expect("class");
+            assert_eq!(shown, json!(class), "{node}");
+        }
+        let title = page
+            .eval(&certificate("pi-c", "title"))
+            .await
+            .expect("title");
+        let title = title.as_str().unwrap_or_default();
+        assert!(
+            title.starts_with("node: 20")
+                && title.contains(", issuer: 20")
+                && title.contains(", anchor: 20"),
+            "{title}"
+        );
         page.screenshot(&shots.join("halted.png"))
             .await
             .expect("screenshot");
@@ -217,8 +281,9 @@ fn the_dashboard_shows_the_site_escapes_what_nodes_sent_and_follows_a_rollout() 
         // A fix goes out; the page follows without a reload.
         tokio::task::block_in_place(|| {
             publish(&central, &site, 3, "site = \"depot-7\"\n");
-            for node in ["pi-a", "pi-b", "pi-c"] {
-                node_takes(&central, &site, node, 1, "applied", "");
+            for (node, days) in [("pi-a", 60), ("pi-b", 45), ("pi-c", 20)] {
+                let dates = Some(expiring_in(days));
+                node_takes(&central, &site, node, 1, "applied", "", dates);
             }
         });
         until(

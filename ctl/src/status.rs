@@ -59,6 +59,9 @@ pub struct NodeStatus {
     pub state: String,
     pub detail: String,
     pub k3s: Option<K3sSummary>,
+    /// When the node's certificate, its issuer and the earliest anchor it trusts expire
+    /// (`not_after`, seconds since the Unix epoch), as its last report said.
+    pub certificates: Option<pimesh_revision::CertificateDates>,
     /// Seconds since the Unix epoch when the central server received the node's last
     /// report (`null`: not known).
     pub last_report_at: Option<u64>,
@@ -194,6 +197,7 @@ fn node_status(node: &NodeView, newest: Option<u64>, now: u64) -> NodeStatus {
         state: report.state.as_str().to_owned(),
         detail: report.detail.clone(),
         k3s: report.k3s.clone(),
+        certificates: report.certificates,
         last_report_at: received,
         last_report_age_seconds: received.map(|at| now.saturating_sub(at)),
         healthy: on_newest && matches!(report.state, ReportState::Applied | ReportState::Trying),

@@ -70,6 +70,7 @@ mod tests {
                             detail: String::new(),
                             about: None,
                             k3s: None,
+                            certificates: None,
                         },
                         received_at: 1_764_000_000,
                     },

@@ -26,7 +26,9 @@ pub mod rollout;
 pub mod signed;
 
 pub use fleet::{FleetView, NodeView, SiteView};
-pub use report::{K3sSummary, NodeReport, RecordedReport, ReportState, UnrecognisedState};
+pub use report::{
+    CertificateDates, K3sSummary, NodeReport, RecordedReport, ReportState, UnrecognisedState,
+};
 pub use rollout::{Plan, Rollout, RolloutState, Wave};
 pub use signed::{
     Mode, Rejection, Revision, SignError, SignedRevision, Verified, Verifier, DEFAULT_MAX_BYTES,

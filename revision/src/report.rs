@@ -35,6 +35,24 @@ pub struct NodeReport {
     pub about: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub k3s: Option<K3sSummary>,
+    /// When the node's certificates expire, as it knows them at the time of the report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<CertificateDates>,
+}
+
+/// When a node's certificates expire (`not_after`, seconds since the Unix epoch); a
+/// date the node cannot read is left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateDates {
+    /// The node's own certificate (its mesh and central identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<u64>,
+    /// The site issuer that signed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<u64>,
+    /// The earliest of the site anchors the node trusts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<u64>,
 }
 
 /// A node's K3s in one line: its role and K3s's own readiness.
@@ -177,6 +195,7 @@ mod tests {
                 detail: "revision 13: the proxy refused it".to_owned(),
                 about: None,
                 k3s: None,
+                certificates: None,
             }
         );
         assert_eq!(serde_json::to_string(&report).expect("serialise"), sent);

@@ -866,6 +866,11 @@ def test_one_publish_reaches_every_node_and_each_reports_it(site):
                             lambda node_name=node_name: (k := central.central_report(node_name).get("k3s"))
                             and k["ready"] and k, timeout=120, interval=1)
         assert k3s["role"] == role, (name, k3s)
+        # And when its certificates expire (the dashboard's column): its own, the issuer's
+        # and the anchor's, each in the future, none outliving the one that signed it.
+        dates = central.central_report(node_name).get("certificates") or {}
+        assert set(dates) == {"node", "issuer", "anchor"}, (name, dates)
+        assert time.time() < dates["node"] <= dates["issuer"] <= dates["anchor"], (name, dates)
 
 
 def k3s_unit_of(role):

@@ -41,6 +41,21 @@ function age(seconds) {
   return Math.round(seconds / 3600) + " h ago";
 }
 
+// The certificate of `dates` (node, issuer, anchor: seconds since the epoch) that expires
+// first, in days from `now`; its cell is "bad" within a week, "warn" within a month, and its
+// title lists each date.
+function certificates(row, dates, now) {
+  if (!dates) return cell(row, "");
+  const named = ["node", "issuer", "anchor"].filter((name) => Number.isFinite(dates[name]));
+  if (!named.length) return cell(row, "");
+  const first = named.reduce((a, b) => (dates[b] < dates[a] ? b : a));
+  const days = Math.floor((dates[first] - now) / 86400);
+  const text = days < 0 ? `${first} expired` : `${first} in ${days} d`;
+  const td = cell(row, text, days < 7 ? "bad" : days < 30 ? "warn" : "good");
+  td.title = named.map((name) => `${name}: ${new Date(dates[name] * 1000).toISOString().slice(0, 10)}`).join(", ");
+  return td;
+}
+
 function fill(id, rows) {
   const body = document.querySelector("#" + id + " tbody");
   body.replaceChildren(...rows);
@@ -66,6 +81,7 @@ function render(view) {
     cell(row, node.revision === null ? "none" : node.revision);
     cell(row, node.state, HEALTHY.has(node.state) ? "good" : "bad");
     cell(row, node.k3s ? `${node.k3s.role} ${node.k3s.ready ? "ready" : "not ready"}` : "");
+    certificates(row, node.certificates, view.now);
     cell(row, node.received_at ? age(Math.max(0, view.now - node.received_at)) : "");
     cell(row, node.detail, "detail");
     return row;

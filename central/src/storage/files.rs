@@ -238,6 +238,7 @@ mod tests {
                     detail: "revision 4: unhealthy".to_owned(),
                     about: None,
                     k3s: None,
+                    certificates: None,
                 },
                 received_at: 1_764_000_000,
             })

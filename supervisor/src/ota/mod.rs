@@ -15,6 +15,7 @@
 //! or roll back), so a power cut anywhere leaves the old or the new revision, complete.
 
 pub mod central_client;
+mod certificates;
 mod gate;
 mod journal;
 mod outbox;
@@ -27,7 +28,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use pimesh_revision::{K3sSummary, Mode, Rejection, Verified, Verifier};
+use pimesh_revision::{CertificateDates, K3sSummary, Mode, Rejection, Verified, Verifier};
 use pimesh_runtime::backoff::{Backoff, Retry};
 use pimesh_schema::cluster::ClusterConfig;
 use pimesh_schema::{Central, DnsLabel, OtaSettings, Seed};
@@ -176,7 +177,7 @@ pub async fn run(context: OtaContext) {
         bus: None,
         last_refused: None,
         retry: Retry::new(RETRY),
-        k3s_reported: None,
+        facts_reported: NodeFacts::default(),
     };
     ota.recover().await;
     loop {
@@ -289,15 +290,15 @@ struct Ota {
     last_refused: Option<String>,
     /// Failed attempts in a row to reach the central server, and the wait before the next.
     retry: Retry,
-    /// K3s's summary in the last report queued: when the node's differs at the next
-    /// step, the last report goes out again with the new one.
-    k3s_reported: Option<K3sSummary>,
+    /// K3s's summary and the certificate dates in the last report queued: when the
+    /// node's differ at the next step, the last report goes out again with the new ones.
+    facts_reported: NodeFacts,
 }
 
 impl Ota {
     /// One long-poll and what follows from it; also ends a trial whose window passed.
     async fn step(&mut self) {
-        self.report_k3s_change();
+        self.report_facts_change();
         if let Some(until) = self.trial_deadline() {
             if until <= Instant::now() {
                 let window = humantime::format_duration(self.context.settings.try_window);
@@ -674,24 +675,39 @@ impl Ota {
         self.queue_report(outcome.report());
     }
 
-    /// Sends the last report again when K3s's summary changed since it was queued (once
-    /// per step: within one long-poll), so that the central server's view of the node's
-    /// K3s follows it.
-    fn report_k3s_change(&mut self) {
-        let now = k3s_summary(&self.context.status);
-        if now == self.k3s_reported {
+    /// What the node's reports say of it beside the outcome, now.
+    fn facts(&self) -> NodeFacts {
+        NodeFacts {
+            k3s: k3s_summary(&self.context.status),
+            certificates: certificates::dates(&self.context.credential, &self.context.trust),
+        }
+    }
+
+    /// Sends the last report again when K3s's summary or a certificate date changed since
+    /// it was queued (once per step: within one long-poll), so that the central server's
+    /// view of the node follows it.
+    fn report_facts_change(&mut self) {
+        let now = self.facts();
+        if now == self.facts_reported {
             return;
         }
         if let Some(last) = self.report.last_outcome.clone() {
-            info!(k3s = ?now, "K3s changed since the last report; reporting again");
+            let node_days = now
+                .certificates
+                .and_then(|dates| dates.node)
+                .map(|at| certificates::days_left(at, SystemTime::now()));
+            info!(k3s = ?now.k3s, node_certificate_days_left = ?node_days, "K3s or a certificate changed since the last report; reporting again");
             self.queue_report(last);
         }
     }
 
-    /// Queues `report`, with the node's K3s summary, and shows it in the status.
+    /// Queues `report`, with the node's K3s summary and certificate dates, and shows it in
+    /// the status.
     fn queue_report(&mut self, mut report: pimesh_revision::NodeReport) {
-        report.k3s = k3s_summary(&self.context.status);
-        self.k3s_reported = report.k3s.clone();
+        let facts = self.facts();
+        report.k3s = facts.k3s.clone();
+        report.certificates = facts.certificates;
+        self.facts_reported = facts;
         if let Err(err) = self.outbox.push(&report) {
             error!(%err, "cannot queue a report");
         }
@@ -725,6 +741,13 @@ impl Ota {
     fn publish(&self) {
         publish(&self.context.status, &self.report);
     }
+}
+
+/// What a report says of the node beside its outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct NodeFacts {
+    k3s: Option<K3sSummary>,
+    certificates: Option<CertificateDates>,
 }
 
 /// The node's K3s in one line, while K3s runs here (it has a unit).

@@ -128,6 +128,7 @@ mod tests {
             detail: String::new(),
             about: None,
             k3s: None,
+            certificates: None,
         }
     }
 

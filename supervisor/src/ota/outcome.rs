@@ -115,7 +115,8 @@ impl Outcome {
     }
 
     /// The report for the central server (and `/status`'s `ota.last_outcome`), without
-    /// K3s's summary (the OTA client adds the node's current one).
+    /// K3s's summary and the certificate dates (the OTA client adds the node's current
+    /// ones).
     pub fn report(&self) -> NodeReport {
         NodeReport {
             revision: self.running(),
@@ -123,6 +124,7 @@ impl Outcome {
             detail: self.detail(),
             about: self.about(),
             k3s: None,
+            certificates: None,
         }
     }
 }

@@ -566,6 +566,7 @@ mod tests {
                 detail: String::new(),
                 about: None,
                 k3s: None,
+                certificates: None,
             }),
             queued_reports: 1,
             ..OtaReport::default()
