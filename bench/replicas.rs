@@ -33,19 +33,12 @@ fn parse(argv: &[String]) -> Result<Args, Error> {
         nodes: 2000,
         rounds: 6,
     };
-    let mut it = argv.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || -> Result<usize, Error> {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| format!("{flag} needs a whole number"))
-        };
-        match flag.as_str() {
-            "--nodes" => args.nodes = value()?,
-            "--rounds" => args.rounds = value()? as u64,
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
+    let mut rounds = 6;
+    pimesh_bench::whole_number_flags(
+        argv,
+        &mut [("--nodes", &mut args.nodes), ("--rounds", &mut rounds)],
+    )?;
+    args.rounds = rounds as u64;
     if args.nodes < 2 || args.rounds == 0 {
         return Err("--nodes needs at least 2 and --rounds at least 1".to_owned());
     }

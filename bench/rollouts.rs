@@ -43,19 +43,10 @@ fn parse(argv: &[String]) -> Result<Args, Error> {
         sites: 50,
         nodes: 100,
     };
-    let mut it = argv.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || -> Result<usize, Error> {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| format!("{flag} needs a whole number"))
-        };
-        match flag.as_str() {
-            "--sites" => args.sites = value()?,
-            "--nodes" => args.nodes = value()?,
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
+    pimesh_bench::whole_number_flags(
+        argv,
+        &mut [("--sites", &mut args.sites), ("--nodes", &mut args.nodes)],
+    )?;
     Ok(args)
 }
 

@@ -136,9 +136,44 @@ pub fn bench_args() -> Option<Vec<String>> {
     Some(args.into_iter().filter(|arg| arg != "--bench").collect())
 }
 
+/// Reads `argv` as `--name N` pairs into `counts` (each a flag and where its whole
+/// number goes); an unknown flag, or a flag without a whole number, is an error naming it.
+pub fn whole_number_flags(
+    argv: &[String],
+    counts: &mut [(&str, &mut usize)],
+) -> Result<(), String> {
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        let Some((_, slot)) = counts.iter_mut().find(|(name, _)| name == flag) else {
+            return Err(format!("unknown argument {flag}"));
+        };
+        **slot = it
+            .next()
+            .and_then(|value| value.parse().ok())
+            .ok_or_else(|| format!("{flag} needs a whole number"))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flags_take_whole_numbers_and_name_what_is_wrong() {
+        let argv = |text: &str| text.split(' ').map(str::to_owned).collect::<Vec<_>>();
+        let (mut nodes, mut rounds) = (1, 2);
+        whole_number_flags(
+            &argv("--nodes 30"),
+            &mut [("--nodes", &mut nodes), ("--rounds", &mut rounds)],
+        )
+        .expect("valid");
+        assert_eq!((nodes, rounds), (30, 2));
+        let err = whole_number_flags(&argv("--nodes x"), &mut [("--nodes", &mut nodes)]);
+        assert_eq!(err, Err("--nodes needs a whole number".to_owned()));
+        let err = whole_number_flags(&argv("--sites 3"), &mut [("--nodes", &mut nodes)]);
+        assert_eq!(err, Err("unknown argument --sites".to_owned()));
+    }
 
     #[test]
     fn a_table_has_its_header_setup_rows_and_notes_in_that_order() {
