@@ -111,13 +111,6 @@ pub fn plan_of(revision: &SignedRevision) -> Plan {
         .unwrap_or_else(|_| Plan::from(&RolloutSettings::default()))
 }
 
-fn served(revision: &SignedRevision) -> Arc<Latest> {
-    Arc::new(Latest {
-        revision: revision.revision,
-        json: revision.to_json(),
-    })
-}
-
 impl Offers {
     /// The site's offers as storage holds them, `latest` being its newest revision.
     pub fn load(
@@ -139,7 +132,7 @@ impl Offers {
                 latest.revision,
                 Live {
                     rollout,
-                    revision: served(latest),
+                    revision: Latest::of(latest),
                 },
             );
             // Down to the newest revision that went to every node; numbers are usually
@@ -160,7 +153,7 @@ impl Offers {
                     below,
                     Live {
                         rollout,
-                        revision: served(&revision),
+                        revision: Latest::of(&revision),
                     },
                 );
             }
@@ -281,7 +274,7 @@ impl Offers {
             number,
             Live {
                 rollout,
-                revision: served(revision),
+                revision: Latest::of(revision),
             },
         );
         state.prune();

@@ -24,6 +24,16 @@ pub struct Latest {
     pub json: Vec<u8>,
 }
 
+impl Latest {
+    /// `revision`, serialised for the nodes.
+    pub fn of(revision: &SignedRevision) -> Arc<Latest> {
+        Arc::new(Latest {
+            revision: revision.revision,
+            json: revision.to_json(),
+        })
+    }
+}
+
 pub struct Site {
     pub name: DnsLabel,
     pub anchor: CertificateDer<'static>,
@@ -101,12 +111,7 @@ impl Site {
         let newest = storage.latest(&entry.name).map_err(storage_error)?;
         let offers = Offers::load(&entry.name, newest.as_ref(), storage, unix_now())
             .map_err(storage_error)?;
-        let latest = newest.map(|revision| {
-            Arc::new(Latest {
-                revision: revision.revision,
-                json: revision.to_json(),
-            })
-        });
+        let latest = newest.as_ref().map(Latest::of);
         Ok(Site {
             name: entry.name.clone(),
             anchor,
@@ -164,9 +169,7 @@ impl Site {
         );
         Ok(verified.signed)
     }
-}
 
-impl Site {
     /// Serves `revision` to the long-polls unless a newer one is served already; whether
     /// it now is.
     fn serve_newest(&self, revision: &SignedRevision) -> bool {
@@ -177,10 +180,7 @@ impl Site {
             {
                 return false;
             }
-            *latest = Some(Arc::new(Latest {
-                revision: revision.revision,
-                json: revision.to_json(),
-            }));
+            *latest = Some(Latest::of(revision));
             true
         })
     }
