@@ -203,7 +203,7 @@ async fn grpc_trailers_cross_and_non_zero_statuses_are_failures() {
     );
 
     for (proxy, direction) in [(&m.a, "outbound"), (&m.b, "inbound")] {
-        let labels = format!("direction=\"{direction}\",dst_service=\"grpc\",status_code=\"200\"");
+        let labels = format!("direction=\"{direction}\",dst_service=\"grpc\",namespace=\"depot\",tls=\"true\",status_code=\"200\"");
         let ok = format!("response_total{{{labels},grpc_status=\"0\",classification=\"success\"}}");
         let unavailable =
             format!("response_total{{{labels},grpc_status=\"14\",classification=\"failure\"}}");

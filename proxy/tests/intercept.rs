@@ -92,7 +92,7 @@ async fn scenario() {
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].path, "/intercepted");
     assert_eq!(
-        a.metric("request_total{direction=\"outbound\",dst_service=\"web\"}")
+        a.metric("request_total{direction=\"outbound\",dst_service=\"web\",namespace=\"depot\",tls=\"true\"}")
             .await,
         1.0,
         "it went through the mesh"

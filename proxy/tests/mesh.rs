@@ -81,19 +81,19 @@ async fn http1_crosses_the_mesh_by_authority_and_by_local_port() {
     );
 
     // The metrics count what was sent, on both sides of the hop.
-    let labels = "{direction=\"outbound\",dst_service=\"web\"}";
+    let labels = "{direction=\"outbound\",dst_service=\"web\",namespace=\"depot\",tls=\"true\"}";
     assert_eq!(m.a.metric(&format!("request_total{labels}")).await, 4.0);
-    let inbound = "{direction=\"inbound\",dst_service=\"web\"}";
+    let inbound = "{direction=\"inbound\",dst_service=\"web\",namespace=\"depot\",tls=\"true\"}";
     assert_eq!(m.b.metric(&format!("request_total{inbound}")).await, 4.0);
     let metrics = m.a.metrics().await;
     assert!(
-        metrics.contains("response_total{direction=\"outbound\",dst_service=\"web\",status_code=\"200\",classification=\"success\"} 4"),
+        metrics.contains("response_total{direction=\"outbound\",dst_service=\"web\",namespace=\"depot\",tls=\"true\",status_code=\"200\",classification=\"success\"} 4"),
         "{metrics}"
     );
     assert_eq!(
         sample(
             &metrics,
-            "response_latency_ms_count{direction=\"outbound\",dst_service=\"web\"}"
+            "response_latency_ms_count{direction=\"outbound\",dst_service=\"web\",namespace=\"depot\",tls=\"true\"}"
         ),
         4.0
     );
@@ -239,7 +239,7 @@ async fn opaque_tcp_rides_a_tunnel() {
 
     // Counted when the tunnel closes.
     let deadline = Instant::now() + DEADLINE;
-    let labels = "{direction=\"outbound\",dst_service=\"queue\"}";
+    let labels = "{direction=\"outbound\",dst_service=\"queue\",namespace=\"depot\",tls=\"true\"}";
     while m.a.metric(&format!("tcp_close_total{labels}")).await < 1.0 {
         assert!(Instant::now() < deadline, "{}", m.a.metrics().await);
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -585,7 +585,7 @@ async fn an_unreachable_node_is_retried_elsewhere_and_a_slow_one_times_out() {
         assert_eq!((status, body.as_str()), (200, "web\n"), "{headers:?}");
     }
     let retried =
-        m.a.metric("pimesh_retry_total{direction=\"outbound\",dst_service=\"web\"}")
+        m.a.metric("pimesh_retry_total{direction=\"outbound\",dst_service=\"web\",namespace=\"depot\",tls=\"true\"}")
             .await;
     assert!(
         retried >= 1.0,

@@ -166,13 +166,13 @@ async fn a_websocket_echoes_across_two_nodes_and_closes() {
     // are done with the upgraded connection.
     drop(ws);
 
-    let outbound = "{direction=\"outbound\",dst_service=\"ws\"}";
+    let outbound = "{direction=\"outbound\",dst_service=\"ws\",namespace=\"depot\",tls=\"true\"}";
     assert_eq!(
         m.a.metric(&format!("pimesh_upgrade_open_total{outbound}"))
             .await,
         1.0
     );
-    let inbound = "{direction=\"inbound\",dst_service=\"ws\"}";
+    let inbound = "{direction=\"inbound\",dst_service=\"ws\",namespace=\"depot\",tls=\"true\"}";
     assert_eq!(
         m.b.metric(&format!("pimesh_upgrade_open_total{inbound}"))
             .await,
@@ -197,7 +197,7 @@ async fn a_websocket_echoes_across_two_nodes_and_closes() {
     .await;
     assert_eq!(
         m.a.metric(
-            "response_total{direction=\"outbound\",dst_service=\"ws\",status_code=\"101\",classification=\"success\"}"
+            "response_total{direction=\"outbound\",dst_service=\"ws\",namespace=\"depot\",tls=\"true\",status_code=\"101\",classification=\"success\"}"
         )
         .await,
         1.0

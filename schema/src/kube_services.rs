@@ -122,4 +122,10 @@ impl KubeService {
         let base = self.name.split(':').next().unwrap_or(&self.name);
         format!("{base}.{CLUSTER_DOMAIN}")
     }
+
+    /// The Service's namespace: what `name` holds between its first `.` and a `:`.
+    pub fn namespace(&self) -> &str {
+        let base = self.name.split(':').next().unwrap_or(&self.name);
+        base.split_once('.').map_or("", |(_, namespace)| namespace)
+    }
 }

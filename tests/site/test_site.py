@@ -712,9 +712,11 @@ def test_a_meshed_k3s_service_is_reached_from_another_node_through_both_proxies(
                             lambda: (r := get_via_proxy(a, f"http://{TRACKER_IP}/positions")) and r[0] == 200 and r,
                             timeout=120, interval=1)
         assert answer[1] == "web on tracker pod on pi-c", answer
-        # Both proxies carried it: pi-a's outbound side and pi-c's inbound side count it.
+        # Both proxies carried it: pi-a's outbound side and pi-c's inbound side count it,
+        # labelled as Linkerd's dashboards select (the Service's namespace, mTLS).
         sent = proxy_metric(a, "request_total", direction="outbound", dst_service="tracker.fleet")
-        received = proxy_metric(c, "request_total", direction="inbound", dst_service="tracker.fleet")
+        received = proxy_metric(c, "request_total", direction="inbound", dst_service="tracker.fleet",
+                                namespace="fleet", tls="true")
         assert sent >= 1 and received >= 1, (sent, received)
         # A pod of pi-a (behind the pods' bridge cni0) dials the cluster IP too: redirected
         # as it comes in, it goes the same way.

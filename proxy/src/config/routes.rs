@@ -24,7 +24,7 @@ use crate::outbound::budget::RetryBudget;
 use crate::outbound::metrics::PolicyMetrics;
 use crate::telemetry::labels::Direction;
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::requests::RouteMetrics;
+use crate::telemetry::requests::{RouteMetrics, RouteName};
 use crate::telemetry::trace::SpanSink;
 use crate::transport::metrics::{TcpMetrics, UpgradeMetrics};
 
@@ -250,7 +250,15 @@ impl RouteTable {
                     .allow
                     .as_ref()
                     .map(|ids| ids.iter().map(|id| id.0.clone()).collect()),
-                ..ServiceRoute::bare(name.as_str(), split, endpoints, metrics)
+                ..ServiceRoute::bare(
+                    RouteName {
+                        namespace: site.as_str(),
+                        service: name.as_str(),
+                    },
+                    split,
+                    endpoints,
+                    metrics,
+                )
             })
         };
         // Concrete services first: the schema guarantees split backends are concrete.
@@ -422,11 +430,12 @@ impl ServiceRoute {
     /// A route named `name` with the given split and endpoints, its metrics, and every
     /// policy at its default; the caller fills in the rest.
     fn bare(
-        name: &str,
+        route: RouteName<'_>,
         split: Vec<(Arc<ServiceRoute>, u32)>,
         endpoints: Vec<Endpoint>,
         metrics: &Metrics,
     ) -> ServiceRoute {
+        let name = route.service;
         ServiceRoute {
             name: name.to_owned(),
             host: name.to_owned(),
@@ -443,13 +452,13 @@ impl ServiceRoute {
             allow: None,
             endpoints: Balancer::new(endpoints),
             in_flight: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
-            outbound: metrics.requests.route(Direction::Outbound, name),
-            inbound: metrics.requests.route(Direction::Inbound, name),
-            policy: metrics.outbound.route(name),
-            tcp_outbound: metrics.connections.tcp(Direction::Outbound, name),
-            tcp_inbound: metrics.connections.tcp(Direction::Inbound, name),
-            upgrade_outbound: metrics.connections.upgrades(Direction::Outbound, name),
-            upgrade_inbound: metrics.connections.upgrades(Direction::Inbound, name),
+            outbound: metrics.requests.route(Direction::Outbound, route),
+            inbound: metrics.requests.route(Direction::Inbound, route),
+            policy: metrics.outbound.route(route),
+            tcp_outbound: metrics.connections.tcp(Direction::Outbound, route),
+            tcp_inbound: metrics.connections.tcp(Direction::Inbound, route),
+            upgrade_outbound: metrics.connections.upgrades(Direction::Outbound, route),
+            upgrade_inbound: metrics.connections.upgrades(Direction::Inbound, route),
         }
     }
 }
@@ -487,7 +496,15 @@ fn compile_kube_service(
         port: Some(service.port),
         apps,
         timeout: settings.default_timeout.0,
-        ..ServiceRoute::bare(&service.name, Vec::new(), endpoints, metrics)
+        ..ServiceRoute::bare(
+            RouteName {
+                namespace: service.namespace(),
+                service: &service.name,
+            },
+            Vec::new(),
+            endpoints,
+            metrics,
+        )
     })
 }
 
@@ -647,6 +664,33 @@ split = [{ service = "stable", weight = 90 }, { service = "canary", weight = 10 
         let on_c = table_with(SITE, &[tracker], "c");
         let route = on_c.by_name("tracker.fleet").expect("by name");
         assert!(route.local_app().is_none(), "no pod of it runs on c");
+    }
+
+    #[test]
+    fn route_series_carry_the_namespace_and_tls_labels_linkerd_dashboards_select_on() {
+        let tracker = kube_service(
+            r#"{"name":"tracker.fleet:8080","cluster_ip":"10.43.100.10","port":8080,
+                "protocol":"http","endpoints":[]}"#,
+        );
+        let config = ClusterConfig::parse(Path::new("cluster.toml"), SITE).expect("config");
+        let metrics = Metrics::new();
+        let kube = KubeMesh {
+            services: vec![tracker],
+            routes: Vec::new(),
+        };
+        let node = DnsLabel::try_from("b".to_owned()).expect("label");
+        let own: SocketAddr = "127.0.0.1:4143".parse().expect("addr");
+        let table = RouteTable::build(&config, &kube, Some(&node), own, &metrics, None);
+        for name in ["web", "tracker.fleet:8080"] {
+            table.by_name(name).expect("a route").inbound.request();
+        }
+        let text = metrics.encode();
+        for series in [
+            r#"request_total{direction="inbound",dst_service="web",namespace="depot",tls="true"} 1"#,
+            r#"request_total{direction="inbound",dst_service="tracker.fleet:8080",namespace="fleet",tls="true"} 1"#,
+        ] {
+            assert!(text.contains(series), "{series} not in:\n{text}");
+        }
     }
 
     #[test]

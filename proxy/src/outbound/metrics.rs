@@ -15,7 +15,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use crate::telemetry::labels::{Direction, Name};
-use crate::telemetry::requests::RouteLabels;
+use crate::telemetry::requests::{RouteLabels, RouteName};
 
 /// An injected fault; label `kind="abort"|"delay"`.
 #[derive(Clone, Copy, Debug)]
@@ -118,10 +118,10 @@ impl OutboundMetrics {
     /// Handles for one service's faults and retries: call once per service and keep the
     /// result. Calling it again (e.g. after a config reload) returns handles to the same
     /// series.
-    pub fn route(&self, dst_service: &str) -> PolicyMetrics {
+    pub fn route(&self, route: RouteName<'_>) -> PolicyMetrics {
         PolicyMetrics {
             inner: Arc::new(PolicyInner {
-                labels: RouteLabels::new(Direction::Outbound, dst_service),
+                labels: RouteLabels::new(Direction::Outbound, route),
                 families: self.route_families.clone(),
                 faults: [OnceLock::new(), OnceLock::new()],
                 retries: OnceLock::new(),
@@ -222,12 +222,13 @@ impl PolicyMetrics {
 mod tests {
     use super::*;
     use crate::telemetry::metrics::testing::{assert_no_sample, assert_sample, samples};
+    use crate::telemetry::requests::testing::lab;
 
     #[test]
     fn faults_and_retries() {
         let mut registry = Registry::default();
         let metrics = OutboundMetrics::register(&mut registry);
-        let api = metrics.route("api");
+        let api = metrics.route(lab("api"));
         let s = samples(&registry);
         assert_no_sample(&s, "pimesh_fault_injected_total");
         assert_no_sample(&s, "pimesh_retry_total");
@@ -250,7 +251,7 @@ mod tests {
         );
         assert_sample(
             &s,
-            r#"pimesh_retry_total{direction="outbound",dst_service="api"} 2"#,
+            r#"pimesh_retry_total{direction="outbound",dst_service="api",namespace="lab",tls="true"} 2"#,
         );
         assert_sample(
             &s,

@@ -26,6 +26,18 @@ impl EncodeLabelValue for Direction {
     }
 }
 
+/// `tls="true"`, as Linkerd labels mutually authenticated traffic: a route's traffic always
+/// crosses the mesh's mutual TLS (inbound is accepted only over it, and outbound is sent
+/// to other proxies only over it), so no route series has another value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MeshTls;
+
+impl EncodeLabelValue for MeshTls {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        encoder.write_str("true")
+    }
+}
+
 /// A label value from the config (service names): escaped as the exposition format requires
 /// (`\\`, `\"`, `\n`), since prometheus-client writes label values verbatim.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

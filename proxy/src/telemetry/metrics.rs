@@ -119,6 +119,7 @@ pub mod testing {
 
 #[cfg(test)]
 mod tests {
+    use crate::telemetry::requests::testing::lab;
     use std::time::Duration;
 
     use super::*;
@@ -130,7 +131,7 @@ mod tests {
         let metrics = Metrics::new();
         let route = metrics
             .requests
-            .route(Direction::Outbound, "we\"ird\\svc\n");
+            .route(Direction::Outbound, lab("we\"ird\\svc\n"));
         route.request();
         route.response(200, Duration::from_millis(1));
         let _open = metrics.connections.open_connection(Direction::Inbound);
@@ -146,7 +147,7 @@ mod tests {
         );
         testing::assert_sample(
             &testing::samples(&metrics.registry),
-            r#"request_total{direction="outbound",dst_service="we\"ird\\svc\n"} 1"#,
+            r#"request_total{direction="outbound",dst_service="we\"ird\\svc\n",namespace="lab",tls="true"} 1"#,
         );
     }
 
@@ -154,14 +155,17 @@ mod tests {
     fn every_family_is_registered_once_with_its_type() {
         // Families without a series are left out of the exposition: record in each.
         let metrics = Metrics::new();
-        let route = metrics.requests.route(Direction::Outbound, "web");
+        let route = metrics.requests.route(Direction::Outbound, lab("web"));
         route.request();
         route.response(200, Duration::from_millis(1));
         metrics
             .connections
-            .tcp(Direction::Outbound, "web")
+            .tcp(Direction::Outbound, lab("web"))
             .close(1, 1);
-        metrics.connections.tcp(Direction::Inbound, "web").open();
+        metrics
+            .connections
+            .tcp(Direction::Inbound, lab("web"))
+            .open();
         metrics
             .connections
             .tls_handshake_failure(Direction::Inbound, "no_client_cert");
@@ -170,7 +174,7 @@ mod tests {
             .rejected(Direction::Inbound, "unauthorized");
         let _open = metrics.connections.open_connection(Direction::Inbound);
         metrics.outbound.split("web", "web-v1");
-        let policy = metrics.outbound.route("web");
+        let policy = metrics.outbound.route(lab("web"));
         policy.fault(FaultKind::Abort);
         policy.retry();
         policy.retry_budget_exhausted();

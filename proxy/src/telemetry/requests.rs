@@ -1,7 +1,8 @@
-//! The HTTP metrics both directions record per route, named as Linkerd names them:
-//! `request_total{direction, dst_service}`, `response_total{direction, dst_service,
-//! status_code, grpc_status, classification}` (`grpc_status` for gRPC responses that
-//! carried one, see `telemetry::grpc`) and `response_latency_ms{direction, dst_service}`.
+//! The HTTP metrics both directions record per route, named and labelled as Linkerd's:
+//! `request_total{direction, dst_service, namespace, tls}`, `response_total{direction,
+//! dst_service, namespace, tls, status_code, grpc_status, classification}` (`grpc_status`
+//! for gRPC responses that carried one, see `telemetry::grpc`) and
+//! `response_latency_ms{direction, dst_service, namespace, tls}`.
 //!
 //! Cost model: [`RequestMetrics::route`] takes the families' locks and allocates the
 //! labels; it is called once per route when a routing table is built, and the table keeps
@@ -19,7 +20,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::grpc::GrpcEnd;
-use super::labels::{Direction, Name};
+use super::labels::{Direction, MeshTls, Name};
 
 /// A response as `response_total` tells it: HTTP status (0: none), `grpc-status`,
 /// failure.
@@ -31,18 +32,32 @@ const LATENCY_BUCKETS_MS: [f64; 25] = [
     1_000.0, 2_000.0, 3_000.0, 4_000.0, 5_000.0, 10_000.0, 20_000.0, 30_000.0, 40_000.0, 50_000.0,
 ];
 
-/// A route's labels: `direction` and `dst_service`.
+/// Which service a route's series are of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteName<'a> {
+    /// The Kubernetes namespace of a meshed Service, else the site's name.
+    pub namespace: &'a str,
+    /// The service's name (`dst_service`).
+    pub service: &'a str,
+}
+
+/// A route's labels: `direction`, `dst_service`, and the two Linkerd's dashboards filter
+/// every query on: `namespace` (see [`RouteName`]) and `tls`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
 pub struct RouteLabels {
     pub direction: Direction,
     pub dst_service: Name,
+    pub namespace: Name,
+    pub tls: MeshTls,
 }
 
 impl RouteLabels {
-    pub fn new(direction: Direction, dst_service: &str) -> RouteLabels {
+    pub fn new(direction: Direction, route: RouteName<'_>) -> RouteLabels {
         RouteLabels {
             direction,
-            dst_service: Name(dst_service.to_owned()),
+            dst_service: Name(route.service.to_owned()),
+            namespace: Name(route.namespace.to_owned()),
+            tls: MeshTls,
         }
     }
 }
@@ -119,10 +134,10 @@ impl RequestMetrics {
         metrics
     }
 
-    /// Handles for one route: call once per (direction, dst_service) and keep the result.
+    /// Handles for one route: call once per (direction, route) and keep the result.
     /// Calling it again (e.g. after a config reload) returns handles to the same series.
-    pub fn route(&self, direction: Direction, dst_service: &str) -> RouteMetrics {
-        let labels = RouteLabels::new(direction, dst_service);
+    pub fn route(&self, direction: Direction, route: RouteName<'_>) -> RouteMetrics {
+        let labels = RouteLabels::new(direction, route);
         RouteMetrics {
             inner: Arc::new(RouteInner {
                 requests: self.requests.get_or_create_owned(&labels),
@@ -217,8 +232,23 @@ impl RouteMetrics {
     }
 }
 
+/// Routes for the tests of every concern's metrics.
+#[cfg(test)]
+pub mod testing {
+    use super::RouteName;
+
+    /// The route of `service` of the site `lab`.
+    pub fn lab(service: &str) -> RouteName<'_> {
+        RouteName {
+            namespace: "lab",
+            service,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::lab;
     use super::*;
     use crate::telemetry::metrics::testing::{assert_no_sample, assert_sample, samples};
 
@@ -226,7 +256,7 @@ mod tests {
     fn requests_and_responses() {
         let mut registry = Registry::default();
         let metrics = RequestMetrics::register(&mut registry);
-        let web = metrics.route(Direction::Outbound, "web");
+        let web = metrics.route(Direction::Outbound, lab("web"));
         for _ in 0..3 {
             web.request();
         }
@@ -235,33 +265,33 @@ mod tests {
         web.response(503, Duration::from_millis(250));
         web.response(0, Duration::from_secs(60));
         // A second lookup of the same route shares the series.
-        metrics.route(Direction::Outbound, "web").request();
-        metrics.route(Direction::Inbound, "web").request();
+        metrics.route(Direction::Outbound, lab("web")).request();
+        metrics.route(Direction::Inbound, lab("web")).request();
 
         let s = samples(&registry);
         assert_sample(
             &s,
-            r#"request_total{direction="outbound",dst_service="web"} 4"#,
+            r#"request_total{direction="outbound",dst_service="web",namespace="lab",tls="true"} 4"#,
         );
         assert_sample(
             &s,
-            r#"request_total{direction="inbound",dst_service="web"} 1"#,
+            r#"request_total{direction="inbound",dst_service="web",namespace="lab",tls="true"} 1"#,
         );
         assert_sample(
             &s,
-            r#"response_total{direction="outbound",dst_service="web",status_code="200",classification="success"} 2"#,
+            r#"response_total{direction="outbound",dst_service="web",namespace="lab",tls="true",status_code="200",classification="success"} 2"#,
         );
         assert_sample(
             &s,
-            r#"response_total{direction="outbound",dst_service="web",status_code="503",classification="failure"} 1"#,
+            r#"response_total{direction="outbound",dst_service="web",namespace="lab",tls="true",status_code="503",classification="failure"} 1"#,
         );
         assert_sample(
             &s,
-            r#"response_total{direction="outbound",dst_service="web",classification="failure"} 1"#,
+            r#"response_total{direction="outbound",dst_service="web",namespace="lab",tls="true",classification="failure"} 1"#,
         );
         let bucket = |le: &str, n: u64| {
             format!(
-                r#"response_latency_ms_bucket{{le="{le}",direction="outbound",dst_service="web"}} {n}"#
+                r#"response_latency_ms_bucket{{le="{le}",direction="outbound",dst_service="web",namespace="lab",tls="true"}} {n}"#
             )
         };
         assert_sample(&s, &bucket("1.0", 1));
@@ -273,11 +303,11 @@ mod tests {
         assert_sample(&s, &bucket("+Inf", 4));
         assert_sample(
             &s,
-            r#"response_latency_ms_count{direction="outbound",dst_service="web"} 4"#,
+            r#"response_latency_ms_count{direction="outbound",dst_service="web",namespace="lab",tls="true"} 4"#,
         );
         assert_sample(
             &s,
-            r#"response_latency_ms_sum{direction="outbound",dst_service="web"} 60257.5"#,
+            r#"response_latency_ms_sum{direction="outbound",dst_service="web",namespace="lab",tls="true"} 60257.5"#,
         );
         let buckets = s
             .iter()
@@ -292,20 +322,20 @@ mod tests {
         let s = samples(&registry);
         assert_sample(
             &s,
-            r#"response_total{direction="outbound",dst_service="web",status_code="200",grpc_status="0",classification="success"} 1"#,
+            r#"response_total{direction="outbound",dst_service="web",namespace="lab",tls="true",status_code="200",grpc_status="0",classification="success"} 1"#,
         );
         assert_sample(
             &s,
-            r#"response_total{direction="outbound",dst_service="web",status_code="200",grpc_status="14",classification="failure"} 2"#,
+            r#"response_total{direction="outbound",dst_service="web",namespace="lab",tls="true",status_code="200",grpc_status="14",classification="failure"} 2"#,
         );
         assert_sample(
             &s,
-            r#"response_total{direction="outbound",dst_service="web",status_code="200",classification="failure"} 1"#,
+            r#"response_total{direction="outbound",dst_service="web",namespace="lab",tls="true",status_code="200",classification="failure"} 1"#,
         );
         // The inbound route had no response: no histogram series for it.
         assert_no_sample(
             &s,
-            r#"response_latency_ms_count{direction="inbound",dst_service="web"}"#,
+            r#"response_latency_ms_count{direction="inbound",dst_service="web",namespace="lab",tls="true"}"#,
         );
     }
 }

@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::telemetry::labels::Direction;
-use crate::telemetry::requests::RouteLabels;
+use crate::telemetry::requests::{RouteLabels, RouteName};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
 struct ReasonLabels {
@@ -128,10 +128,10 @@ impl ConnectionMetrics {
 
     /// Handles for the upgraded connections of one (direction, dst_service); each series
     /// appears on first use. Call once per route and keep the result.
-    pub fn upgrades(&self, direction: Direction, dst_service: &str) -> UpgradeMetrics {
+    pub fn upgrades(&self, direction: Direction, route: RouteName<'_>) -> UpgradeMetrics {
         UpgradeMetrics {
             inner: Arc::new(UpgradeInner {
-                labels: RouteLabels::new(direction, dst_service),
+                labels: RouteLabels::new(direction, route),
                 families: self.upgrades.clone(),
                 open: OnceLock::new(),
                 close: Default::default(),
@@ -143,8 +143,8 @@ impl ConnectionMetrics {
 
     /// Handles for opaque TCP of one (direction, dst_service). Call once and keep the
     /// result.
-    pub fn tcp(&self, direction: Direction, dst_service: &str) -> TcpMetrics {
-        let labels = RouteLabels::new(direction, dst_service);
+    pub fn tcp(&self, direction: Direction, route: RouteName<'_>) -> TcpMetrics {
+        let labels = RouteLabels::new(direction, route);
         TcpMetrics {
             inner: Arc::new(TcpInner {
                 open: self.tcp_open.get_or_create_owned(&labels),
@@ -316,16 +316,17 @@ impl UpgradeMetrics {
 mod tests {
     use super::*;
     use crate::telemetry::metrics::testing::{assert_sample, samples};
+    use crate::telemetry::requests::testing::lab;
 
     #[test]
     fn tcp_and_connections() {
         let mut registry = Registry::default();
         let metrics = ConnectionMetrics::register(&mut registry);
-        let db = metrics.tcp(Direction::Inbound, "db");
+        let db = metrics.tcp(Direction::Inbound, lab("db"));
         db.open();
         db.open();
         db.close(100, 2_000);
-        let unrouted = metrics.tcp(Direction::Inbound, "");
+        let unrouted = metrics.tcp(Direction::Inbound, lab(""));
         unrouted.open();
         let a = metrics.open_connection(Direction::Inbound);
         let b = metrics.open_connection(Direction::Inbound);
@@ -336,23 +337,23 @@ mod tests {
         let s = samples(&registry);
         assert_sample(
             &s,
-            r#"tcp_open_total{direction="inbound",dst_service="db"} 2"#,
+            r#"tcp_open_total{direction="inbound",dst_service="db",namespace="lab",tls="true"} 2"#,
         );
         assert_sample(
             &s,
-            r#"tcp_open_total{direction="inbound",dst_service=""} 1"#,
+            r#"tcp_open_total{direction="inbound",dst_service="",namespace="lab",tls="true"} 1"#,
         );
         assert_sample(
             &s,
-            r#"tcp_close_total{direction="inbound",dst_service="db"} 1"#,
+            r#"tcp_close_total{direction="inbound",dst_service="db",namespace="lab",tls="true"} 1"#,
         );
         assert_sample(
             &s,
-            r#"tcp_read_bytes_total{direction="inbound",dst_service="db"} 100"#,
+            r#"tcp_read_bytes_total{direction="inbound",dst_service="db",namespace="lab",tls="true"} 100"#,
         );
         assert_sample(
             &s,
-            r#"tcp_write_bytes_total{direction="inbound",dst_service="db"} 2000"#,
+            r#"tcp_write_bytes_total{direction="inbound",dst_service="db",namespace="lab",tls="true"} 2000"#,
         );
         assert_sample(&s, r#"pimesh_open_connections{direction="inbound"} 1"#);
         assert_sample(&s, r#"pimesh_open_connections{direction="outbound"} 0"#);
@@ -365,7 +366,7 @@ mod tests {
     fn upgrades_by_route_and_close_reason() {
         let mut registry = Registry::default();
         let metrics = ConnectionMetrics::register(&mut registry);
-        let ws = metrics.upgrades(Direction::Outbound, "ws");
+        let ws = metrics.upgrades(Direction::Outbound, lab("ws"));
         let s = samples(&registry);
         assert!(!s.iter().any(|l| l.starts_with("pimesh_upgrade")), "{s:?}");
         ws.open();
@@ -378,7 +379,7 @@ mod tests {
         let s = samples(&registry);
         assert_sample(
             &s,
-            r#"pimesh_upgrade_open_total{direction="outbound",dst_service="ws"} 2"#,
+            r#"pimesh_upgrade_open_total{direction="outbound",dst_service="ws",namespace="lab",tls="true"} 2"#,
         );
         assert_sample(
             &s,
@@ -390,11 +391,11 @@ mod tests {
         );
         assert_sample(
             &s,
-            r#"pimesh_upgrade_read_bytes_total{direction="outbound",dst_service="ws"} 15"#,
+            r#"pimesh_upgrade_read_bytes_total{direction="outbound",dst_service="ws",namespace="lab",tls="true"} 15"#,
         );
         assert_sample(
             &s,
-            r#"pimesh_upgrade_write_bytes_total{direction="outbound",dst_service="ws"} 20"#,
+            r#"pimesh_upgrade_write_bytes_total{direction="outbound",dst_service="ws",namespace="lab",tls="true"} 20"#,
         );
     }
 

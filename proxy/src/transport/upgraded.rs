@@ -137,11 +137,12 @@ where
 mod tests {
     use super::*;
     use crate::telemetry::labels::Direction;
+    use crate::telemetry::requests::testing::lab;
     use crate::transport::metrics::ConnectionMetrics;
 
     #[tokio::test]
     async fn bytes_flow_both_ways_and_closes_pass_on() {
-        let metrics = ConnectionMetrics::default().upgrades(Direction::Outbound, "ws");
+        let metrics = ConnectionMetrics::default().upgrades(Direction::Outbound, lab("ws"));
         let (client, mut client_far) = tokio::io::duplex(64);
         let (server, mut server_far) = tokio::io::duplex(64);
         let pumping =
@@ -168,7 +169,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_connection_is_closed() {
-        let metrics = ConnectionMetrics::default().upgrades(Direction::Inbound, "ws");
+        let metrics = ConnectionMetrics::default().upgrades(Direction::Inbound, lab("ws"));
         let (client, _client_far) = tokio::io::duplex(64);
         let (server, _server_far) = tokio::io::duplex(64);
         let end = pump(client, server, Duration::from_millis(100), &metrics).await;
