@@ -7,7 +7,7 @@ pub mod check;
 pub mod gateway;
 pub mod mesh;
 pub mod net;
-pub mod numbers;
+pub use pimesh_meshstats as numbers;
 pub mod position;
 pub mod queue;
 pub mod simulator;

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use pimesh_demo::{
@@ -13,6 +14,9 @@ use pimesh_demo::{
     WEBAPP,
 };
 use tracing::error;
+
+/// The span the page's live mesh numbers cover.
+const MESH_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Parser)]
 #[command(
@@ -202,7 +206,7 @@ async fn run(part: Part) -> Result<(), String> {
                 .parse()
                 .map_err(|err| format!("--proxy-admin {proxy_admin:?}: not a URL: {err}"))?;
             let listener = net::bind(listen, WEBAPP).await?;
-            let numbers = Arc::new(Mutex::new(numbers::Window::new(&proxy_admin)));
+            let numbers = Arc::new(Mutex::new(numbers::Window::new(&proxy_admin, MESH_WINDOW)));
             let scraper = tokio::spawn(webapp::scrape(
                 admin,
                 Arc::clone(&numbers),

@@ -1,6 +1,7 @@
-//! The mesh's live numbers for the page: the local proxy's admin `/metrics` (Prometheus
-//! text format) scraped every second, and rates over the last ~10 s from successive
-//! scrapes.
+//! A mesh proxy's numbers read back from its admin `/metrics` (Prometheus text format):
+//! successive scrapes kept over a window, and per service the rates, success and latency
+//! quantiles between the window's first and last scrape. The demo's page shows them live;
+//! the supervisor sends them with its node's reports.
 //!
 //! Read, per destination service, from the proxy's outbound series:
 //! `request_total`, `response_total{classification}` (Linkerd's: 5xx or no answer is a
@@ -11,9 +12,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-
-/// The span rates are computed over.
-pub const WINDOW: Duration = Duration::from_secs(10);
 
 /// One sample line: name, labels, value.
 #[derive(Debug, Clone, PartialEq)]
@@ -211,6 +209,7 @@ pub struct ServiceView {
     pub latency_ms_mean: Option<f64>,
     pub latency_ms_p50: Option<f64>,
     pub latency_ms_p95: Option<f64>,
+    pub latency_ms_p99: Option<f64>,
     pub requests_total: f64,
     pub failures_in_window: f64,
     /// Connections open now, for an opaque TCP service.
@@ -252,9 +251,13 @@ pub struct MeshView {
     pub faults: Vec<FaultView>,
 }
 
-/// The scrapes of the last [`WINDOW`].
+/// The scrapes of the last `span`.
+///
+/// Invariant: the first scrape kept is the newest one at least `span` older than the
+/// last (or the oldest there is), so the view covers at least `span` once it can.
 pub struct Window {
     proxy: String,
+    span: Duration,
     scrapes: VecDeque<Scrape>,
     error: Option<String>,
 }
@@ -307,9 +310,10 @@ fn quantile(q: f64, new: &[(f64, f64)], old: &[(f64, f64)]) -> Option<f64> {
 }
 
 impl Window {
-    pub fn new(proxy: &str) -> Window {
+    pub fn new(proxy: &str, span: Duration) -> Window {
         Window {
             proxy: proxy.to_owned(),
+            span,
             scrapes: VecDeque::new(),
             error: None,
         }
@@ -318,13 +322,13 @@ impl Window {
     pub fn push(&mut self, scrape: Scrape) {
         self.error = None;
         self.scrapes.push_back(scrape);
-        // Keep the newest scrape at least WINDOW older than the latest, and none older.
+        // Keep the newest scrape at least `span` older than the latest, and none older.
         while self.scrapes.len() > 2
             && self
                 .scrapes
                 .back()
                 .zip(self.scrapes.get(1))
-                .is_some_and(|(latest, second)| latest.at.duration_since(second.at) >= WINDOW)
+                .is_some_and(|(latest, second)| latest.at.duration_since(second.at) >= self.span)
         {
             self.scrapes.pop_front();
         }
@@ -365,6 +369,7 @@ impl Window {
                 latency_ms_mean: (count > 0.0).then(|| sum / count),
                 latency_ms_p50: quantile(0.5, &now.buckets, &then.buckets),
                 latency_ms_p95: quantile(0.95, &now.buckets, &then.buckets),
+                latency_ms_p99: quantile(0.99, &now.buckets, &then.buckets),
                 requests_total: now.requests,
                 failures_in_window: failure,
                 tcp_connections_open: now
@@ -482,7 +487,7 @@ tcp_open_total{direction="outbound",dst_service="staff"} 0
     #[test]
     fn rates_success_latency_and_splits_over_the_window() {
         let start = Instant::now();
-        let mut window = Window::new("http://proxy/metrics");
+        let mut window = Window::new("http://proxy/metrics", Duration::from_secs(10));
         assert!(window.view().services.is_empty());
         window.push(Scrape::of(BEFORE, start));
         window.push(Scrape::of(AFTER, start + Duration::from_secs(10)));
@@ -496,6 +501,7 @@ tcp_open_total{direction="outbound",dst_service="staff"} 0
         // 100 new in (1, 5], 100 in (5, 10]: the median is at 5.
         assert_eq!(staff.latency_ms_p50, Some(5.0));
         assert_eq!(staff.latency_ms_p95, Some(9.5));
+        assert_eq!(staff.latency_ms_p99, Some(9.9));
         assert_eq!(staff.tcp_bytes_per_second, None);
         let queue = view.services.iter().find(|s| s.service == "queue").unwrap();
         assert_eq!(queue.tcp_bytes_per_second, Some(300.0));
@@ -522,7 +528,7 @@ tcp_open_total{direction="outbound",dst_service="staff"} 0
     #[test]
     fn keeps_only_the_last_window_of_scrapes() {
         let start = Instant::now();
-        let mut window = Window::new("p");
+        let mut window = Window::new("p", Duration::from_secs(10));
         for second in 0..30 {
             window.push(Scrape::of(BEFORE, start + Duration::from_secs(second)));
         }
