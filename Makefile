@@ -7,7 +7,7 @@ IMAGE := out/pimesh-$(VERSION)-arm64.img.xz
 AMD64_ROOT := out/pimesh-$(VERSION)-amd64.root
 # Everything the image is made of: a change to any of these rebuilds it.
 IMAGE_INPUTS := $(shell git ls-files Cargo.toml Cargo.lock README.md image systemd configs \
-	runtime schema identity meshtls revision join kube supervisor proxy control 2>/dev/null)
+	runtime schema identity meshtls revision join kube meshstats supervisor proxy control 2>/dev/null)
 # The daemons that run on a node (the image's binaries).
 NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 # Where cargo puts host release binaries (CI shares a target folder between clones).
@@ -115,7 +115,8 @@ bench-site: image-amd64
 # the node applies a new revision; every boot must hold the old or the new one whole).
 N ?= 100
 soak-powercut: $(IMAGE) host-bins
-	PIMESH_VM_POWER_CUTS=$(N) ./tests/qemu/run.sh test_ota.py
+	PIMESH_VM_POWER_CUTS=$$(( ($(N) + 2) / 3 )) PIMESH_VM_SITE_POWER_CUTS=$$(( $(N) - ($(N) + 2) / 3 )) \
+		./tests/qemu/run.sh test_ota.py test_powercut_site.py
 
 # Two VMs of the image on one LAN: the second joins the first by itself; kept up until Ctrl-C.
 qemu-site: $(IMAGE) host-bins

@@ -38,8 +38,9 @@ cmdline="$(sed -e 's/console=[^ ]*//g' "$scratch/cmdline.txt" | tr -s ' ') conso
 cmdline+=" systemd.wants=pimesh-status-lan.socket ${APPEND:-}"
 
 # A second network card on a site LAN shared with other VMs, when asked for: QEMU socket
-# networking over 127.0.0.1 only (LAN_LISTEN=127.0.0.1:PORT on one VM, LAN_CONNECT=the same
-# on the others; LAN_MAC tells the cards apart). Nothing on it reaches the host's network.
+# networking over 127.0.0.1 only: LAN_CONNECT=127.0.0.1:PORT of a hub (as the tests run,
+# tests/harness/lan_hub.py) or of a VM started with LAN_LISTEN=127.0.0.1:PORT; LAN_MAC
+# tells the cards apart. Nothing on it reaches the host's network.
 lan=()
 if [ -n "${LAN_LISTEN:-}" ]; then
   lan=(-netdev "socket,id=lan,listen=$LAN_LISTEN" -device "virtio-net-pci,netdev=lan,mac=${LAN_MAC:?}")
