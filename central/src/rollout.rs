@@ -352,6 +352,7 @@ mod tests {
                         about: Some(about),
                         k3s: None,
                         certificates: None,
+                        traffic: None,
                     },
                     received_at: self.now,
                 },

@@ -40,8 +40,8 @@ fn expiring_in(days: u64) -> Value {
     json!({"node": now + days * 86_400 + 3_600, "issuer": now + 200 * 86_400, "anchor": now + 3_650 * 86_400})
 }
 
-/// `node` of `site` takes what it is offered after `after` and reports `state` about it
-/// (with `certificates`, when given).
+/// `node` of `site` takes what it is offered after `after` and reports `state` about it,
+/// with the report fields of `extra` (an object: `certificates`, `traffic`).
 fn node_takes(
     central: &Central,
     site: &OperatedSite,
@@ -49,7 +49,7 @@ fn node_takes(
     after: u64,
     state: &str,
     detail: &str,
-    certificates: Option<Value>,
+    extra: Value,
 ) {
     let http = central.client(Some(&site.site.node_identity_pem(node)));
     let url = central.url(&format!(
@@ -65,8 +65,8 @@ fn node_takes(
     let running = if state == "applied" { revision } else { after };
     let mut report =
         json!({"revision": running, "state": state, "detail": detail, "about": revision});
-    if let Some(dates) = certificates {
-        report["certificates"] = dates;
+    if let (Some(report), Some(extra)) = (report.as_object_mut(), extra.as_object()) {
+        report.extend(extra.clone());
     }
     let status = http
         .post(central.url(&path::reports(site.name())))
@@ -127,10 +127,19 @@ fn the_dashboard_shows_the_site_escapes_what_nodes_sent_and_follows_a_rollout() 
         0,
         "applied",
         "",
-        Some(expiring_in(60)),
+        json!({
+            "certificates": expiring_in(60),
+            // What pi-a's proxy carried: a healthy service, one failing, and a service
+            // name with HTML in it.
+            "traffic": {"window_s": 60, "services": [
+                {"service": "api", "requests": 120, "answered": 120, "failures": 0,
+                 "p50_us": 2500, "p99_us": 48000},
+                {"service": "<b>staff</b>", "requests": 30, "answered": 30, "failures": 6}
+            ]}
+        }),
     );
     for node in ["pi-b", "pi-c"] {
-        node_takes(&central, &site, node, 0, "applied", "", None);
+        node_takes(&central, &site, node, 0, "applied", "", json!({}));
     }
     publish(
         &central,
@@ -146,7 +155,7 @@ fn the_dashboard_shows_the_site_escapes_what_nodes_sent_and_follows_a_rollout() 
         1,
         "rolled-back",
         hostile,
-        Some(expiring_in(3)),
+        json!({"certificates": expiring_in(3)}),
     );
 
     // Only the site's operator opens a session, and a session opens its own site only.
@@ -274,6 +283,38 @@ fn the_dashboard_shows_the_site_escapes_what_nodes_sent_and_follows_a_rollout() 
                 && title.contains(", anchor: 20"),
             "{title}"
         );
+        // Mesh traffic: one line per service, the failing one marks the cell.
+        let traffic = |what: &str| {
+            format!(
+                "Array.from(document.querySelectorAll('tr[data-node=\"pi-a\"] td.traffic div'), d => d.{what})"
+            )
+        };
+        assert_eq!(
+            page.eval(&traffic("textContent")).await.expect("traffic"),
+            json!([
+                "api · 2.00 rps · 100.0 % ok · p50 2.5 ms · p99 48 ms",
+                "<b>staff</b> · 0.50 rps · 80.0 % ok"
+            ]),
+            "shown as text"
+        );
+        assert_eq!(
+            page.eval("document.querySelectorAll('b').length")
+                .await
+                .expect("bold"),
+            json!(0)
+        );
+        assert_eq!(
+            page.eval("document.querySelector('tr[data-node=\"pi-a\"] td.traffic').className")
+                .await
+                .expect("class"),
+            json!("traffic bad")
+        );
+        assert_eq!(
+            page.eval("document.querySelector('tr[data-node=\"pi-b\"] td:nth-child(6)').textContent")
+                .await
+                .expect("no traffic"),
+            json!("")
+        );
         page.screenshot(&shots.join("halted.png"))
             .await
             .expect("screenshot");
@@ -282,8 +323,16 @@ fn the_dashboard_shows_the_site_escapes_what_nodes_sent_and_follows_a_rollout() 
         tokio::task::block_in_place(|| {
             publish(&central, &site, 3, "site = \"depot-7\"\n");
             for (node, days) in [("pi-a", 60), ("pi-b", 45), ("pi-c", 20)] {
-                let dates = Some(expiring_in(days));
-                node_takes(&central, &site, node, 1, "applied", "", dates);
+                let mut extra = json!({"certificates": expiring_in(days)});
+                if node == "pi-a" {
+                    extra["traffic"] = json!({"window_s": 300, "services": [
+                        {"service": "api", "requests": 1500, "answered": 1500, "failures": 3,
+                         "p50_us": 2100, "p99_us": 31000},
+                        {"service": "staff", "requests": 600, "answered": 600, "failures": 0,
+                         "p50_us": 800, "p95_us": 2000, "p99_us": 4400}
+                    ]});
+                }
+                node_takes(&central, &site, node, 1, "applied", "", extra);
             }
         });
         until(

@@ -62,6 +62,9 @@ pub struct NodeStatus {
     /// When the node's certificate, its issuer and the earliest anchor it trusts expire
     /// (`not_after`, seconds since the Unix epoch), as its last report said.
     pub certificates: Option<pimesh_revision::CertificateDates>,
+    /// What the node's proxy carried for its apps over the window before its last report
+    /// (requests, answers and failures per service, latency quantiles in microseconds).
+    pub traffic: Option<pimesh_revision::MeshTraffic>,
     /// Seconds since the Unix epoch when the central server received the node's last
     /// report (`null`: not known).
     pub last_report_at: Option<u64>,
@@ -198,6 +201,7 @@ fn node_status(node: &NodeView, newest: Option<u64>, now: u64) -> NodeStatus {
         detail: report.detail.clone(),
         k3s: report.k3s.clone(),
         certificates: report.certificates,
+        traffic: report.traffic.clone(),
         last_report_at: received,
         last_report_age_seconds: received.map(|at| now.saturating_sub(at)),
         healthy: on_newest && matches!(report.state, ReportState::Applied | ReportState::Trying),

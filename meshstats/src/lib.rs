@@ -211,6 +211,9 @@ pub struct ServiceView {
     pub latency_ms_p95: Option<f64>,
     pub latency_ms_p99: Option<f64>,
     pub requests_total: f64,
+    pub requests_in_window: f64,
+    /// Answers (or failures to answer) in the window, successes and failures.
+    pub answered_in_window: f64,
     pub failures_in_window: f64,
     /// Connections open now, for an opaque TCP service.
     pub tcp_connections_open: Option<f64>,
@@ -371,6 +374,8 @@ impl Window {
                 latency_ms_p95: quantile(0.95, &now.buckets, &then.buckets),
                 latency_ms_p99: quantile(0.99, &now.buckets, &then.buckets),
                 requests_total: now.requests,
+                requests_in_window: increase(now.requests, then.requests),
+                answered_in_window: answered,
                 failures_in_window: failure,
                 tcp_connections_open: now
                     .is_tcp()
@@ -495,6 +500,14 @@ tcp_open_total{direction="outbound",dst_service="staff"} 0
         assert_eq!(view.window_seconds, 10.0);
         let staff = view.services.iter().find(|s| s.service == "staff").unwrap();
         assert_eq!(staff.requests_per_second, 20.0);
+        assert_eq!(
+            (
+                staff.requests_in_window,
+                staff.answered_in_window,
+                staff.failures_in_window
+            ),
+            (200.0, 200.0, 40.0)
+        );
         // 160 successes, 20 + 20 failures (one without an answer).
         assert_eq!(staff.success_rate, Some(0.8));
         assert_eq!(staff.latency_ms_mean, Some(5.0));

@@ -71,6 +71,7 @@ mod tests {
                             about: None,
                             k3s: None,
                             certificates: None,
+                            traffic: None,
                         },
                         received_at: 1_764_000_000,
                     },

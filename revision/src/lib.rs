@@ -27,7 +27,8 @@ pub mod signed;
 
 pub use fleet::{FleetView, NodeView, SiteView};
 pub use report::{
-    CertificateDates, K3sSummary, NodeReport, RecordedReport, ReportState, UnrecognisedState,
+    CertificateDates, K3sSummary, MeshTraffic, NodeReport, RecordedReport, ReportState,
+    ServiceTraffic, UnrecognisedState,
 };
 pub use rollout::{Plan, Rollout, RolloutState, Wave};
 pub use signed::{

@@ -9,7 +9,9 @@
 //! ```
 //!
 //! `k3s` is the node's K3s as it was when the report was sent (absent while K3s does
-//! not run there); a node sends its last report again when that changes.
+//! not run there), `certificates` its certificates' expiry dates and `traffic` what its
+//! proxy carried over the last window ([`MeshTraffic`]); a node sends its last report
+//! again when any of them changes.
 //!
 //! The central server stores it as a [`RecordedReport`]: the same fields and
 //! `received_at`. A reader never loses a report over its state: a state it does not know
@@ -38,6 +40,65 @@ pub struct NodeReport {
     /// When the node's certificates expire, as it knows them at the time of the report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificates: Option<CertificateDates>,
+    /// The node's mesh traffic over the window before the report (absent: not measured,
+    /// as on a node without a proxy or before its second scrape).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<MeshTraffic>,
+}
+
+/// What a node's proxy carried for its local apps over a window: per service they
+/// called, as they saw it (the proxy's outbound side, Linkerd's `direction="outbound"`).
+///
+/// Invariant (as a node sends it): at most [`MeshTraffic::MAX_SERVICES`] services, the
+/// busiest, in name order; `failures <= answered` for each.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshTraffic {
+    /// The seconds the counts cover.
+    pub window_s: u64,
+    pub services: Vec<ServiceTraffic>,
+}
+
+impl MeshTraffic {
+    /// The most services a report carries (the busiest), which keeps a report far below
+    /// the central server's size limit.
+    pub const MAX_SERVICES: usize = 64;
+}
+
+/// One service's requests and answers in a [`MeshTraffic`] window.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceTraffic {
+    pub service: String,
+    /// Requests sent in the window.
+    pub requests: u64,
+    /// Answers in the window (or failures to answer), successes and failures.
+    pub answered: u64,
+    /// Failed answers in the window: 5xx, none, or a failing gRPC status (Linkerd's
+    /// classification).
+    pub failures: u64,
+    /// Latency quantiles in microseconds (from the proxy's histogram), when there were
+    /// answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p95_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_us: Option<u64>,
+}
+
+impl ServiceTraffic {
+    /// Requests per second over `window_s` (0 for an empty window).
+    pub fn requests_per_second(&self, window_s: u64) -> f64 {
+        if window_s == 0 {
+            return 0.0;
+        }
+        self.requests as f64 / window_s as f64
+    }
+
+    /// The share of answers that succeeded; `None` without answers.
+    pub fn success_rate(&self) -> Option<f64> {
+        (self.answered > 0)
+            .then(|| self.answered.saturating_sub(self.failures) as f64 / self.answered as f64)
+    }
 }
 
 /// When a node's certificates expire (`not_after`, seconds since the Unix epoch); a
@@ -183,6 +244,26 @@ mod tests {
     }
 
     #[test]
+    fn traffic_travels_with_a_report_and_gives_rates_and_success() {
+        let sent = r#"{"revision":4,"state":"applied","detail":"","traffic":{"window_s":60,"services":[{"service":"web","requests":120,"answered":100,"failures":5,"p50_us":2500,"p99_us":40000}]}}"#;
+        let report: NodeReport = serde_json::from_str(sent).expect("parse");
+        let traffic = report.traffic.clone().expect("traffic");
+        let web = &traffic.services[0];
+        assert_eq!(web.requests_per_second(traffic.window_s), 2.0);
+        assert_eq!(web.success_rate(), Some(0.95));
+        assert_eq!(
+            (web.p50_us, web.p95_us, web.p99_us),
+            (Some(2500), None, Some(40000))
+        );
+        assert_eq!(serde_json::to_string(&report).expect("serialise"), sent);
+        let idle = ServiceTraffic::default();
+        assert_eq!(
+            (idle.requests_per_second(0), idle.success_rate()),
+            (0.0, None)
+        );
+    }
+
+    #[test]
     fn a_report_as_a_node_writes_it_parses_and_writes_back_the_same() {
         let sent =
             r#"{"revision":12,"state":"rolled-back","detail":"revision 13: the proxy refused it"}"#;
@@ -196,6 +277,7 @@ mod tests {
                 about: None,
                 k3s: None,
                 certificates: None,
+                traffic: None,
             }
         );
         assert_eq!(serde_json::to_string(&report).expect("serialise"), sent);

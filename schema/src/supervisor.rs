@@ -64,6 +64,12 @@ pub struct OtaSettings {
     /// path answers with the new configuration (any HTTP answer does: unknown to the
     /// routes, it is a 503 from the proxy itself).
     pub proxy_probe_url: ProbeUrl,
+    /// The proxy's Prometheus metrics, scraped every `traffic_every` for the mesh traffic
+    /// the node's reports carry.
+    pub proxy_metrics_url: ProbeUrl,
+    /// How often the mesh traffic is measured, and so the window its numbers cover; a
+    /// report carries it again when it changed (`None`: not measured, nor reported).
+    pub traffic_every: Option<Duration>,
 }
 
 impl Default for OtaSettings {
@@ -81,6 +87,10 @@ impl Default for OtaSettings {
             proxy_probe_url: ProbeUrl(
                 url::Url::parse("http://127.0.0.1:4140/").expect("a constant valid URL"),
             ),
+            proxy_metrics_url: ProbeUrl(
+                url::Url::parse("http://127.0.0.1:4191/metrics").expect("a constant valid URL"),
+            ),
+            traffic_every: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -319,6 +329,8 @@ struct RawOta {
     max_bundle_bytes: usize,
     proxy_config_url: ProbeUrl,
     proxy_probe_url: ProbeUrl,
+    proxy_metrics_url: ProbeUrl,
+    traffic_every_s: u64,
 }
 
 impl Default for RawOta {
@@ -332,6 +344,8 @@ impl Default for RawOta {
             max_bundle_bytes: ota.max_bundle_bytes,
             proxy_config_url: ota.proxy_config_url,
             proxy_probe_url: ota.proxy_probe_url,
+            proxy_metrics_url: ota.proxy_metrics_url,
+            traffic_every_s: ota.traffic_every.map_or(0, |every| every.as_secs()),
         }
     }
 }
@@ -345,7 +359,7 @@ fn millis(duration: Duration) -> u64 {
 const MOST_MS: u64 = 86_400_000;
 
 /// Each bounded field of `[heal]` and `[ota]`: its key path, its value, its highest.
-fn upper_bounds(h: &RawHeal, o: &RawOta) -> [([&'static str; 2], u64, u64); 10] {
+fn upper_bounds(h: &RawHeal, o: &RawOta) -> [([&'static str; 2], u64, u64); 11] {
     let bytes = u64::try_from(o.max_bundle_bytes).unwrap_or(u64::MAX);
     [
         (["heal", "probe_interval_ms"], h.probe_interval_ms, MOST_MS),
@@ -367,6 +381,7 @@ fn upper_bounds(h: &RawHeal, o: &RawOta) -> [([&'static str; 2], u64, u64); 10] 
         (["ota", "try_window_ms"], o.try_window_ms, 7 * MOST_MS),
         (["ota", "long_poll_wait_s"], o.long_poll_wait_s, 3_600),
         (["ota", "max_bundle_bytes"], bytes, 64 * 1024 * 1024),
+        (["ota", "traffic_every_s"], o.traffic_every_s, 86_400),
     ]
 }
 
@@ -480,6 +495,9 @@ impl SupervisorConfig {
                 max_bundle_bytes: o.max_bundle_bytes,
                 proxy_config_url: o.proxy_config_url,
                 proxy_probe_url: o.proxy_probe_url,
+                proxy_metrics_url: o.proxy_metrics_url,
+                traffic_every: (o.traffic_every_s > 0)
+                    .then(|| Duration::from_secs(o.traffic_every_s)),
             },
             units,
             replicas_follow_site,

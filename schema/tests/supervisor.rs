@@ -199,3 +199,18 @@ fn ota_settings_are_read_and_checked() {
         assert_eq!(err.line, Some(line), "{text}: {err}");
     }
 }
+
+#[test]
+fn mesh_traffic_is_measured_every_five_minutes_unless_turned_off() {
+    let ota = SupervisorConfig::default().ota;
+    assert_eq!(ota.traffic_every, Some(Duration::from_secs(300)));
+    assert_eq!(
+        ota.proxy_metrics_url.to_string(),
+        "http://127.0.0.1:4191/metrics"
+    );
+    let off = parse("[ota]\ntraffic_every_s = 0\n").expect("valid");
+    assert_eq!(off.ota.traffic_every, None);
+    let err = parse("[ota]\ntraffic_every_s = 86401\n").expect_err("too long");
+    let text = err.to_string();
+    assert!(text.contains("traffic_every_s"), "{text}");
+}

@@ -296,6 +296,15 @@ async fn run(options: Options) -> Result<(), DaemonError> {
             )
         })
         .map(|context| tokio::spawn(ota::run(context)));
+    // Only a node that reports to a central server measures its mesh traffic.
+    let traffic_task = match (&ota, supervisor_config.ota.traffic_every) {
+        (Some(_), Some(every)) => Some(tokio::spawn(ota::traffic::keep_measuring(
+            supervisor_config.ota.proxy_metrics_url.clone(),
+            every,
+            status.clone(),
+        ))),
+        _ => None,
+    };
     let trust_check = trust_present
         .then(|| seed.seed().map(|seed| seed.site.clone()))
         .flatten()
@@ -322,6 +331,9 @@ async fn run(options: Options) -> Result<(), DaemonError> {
     }
     if let Some(ota) = ota {
         ota.abort();
+    }
+    if let Some(traffic) = traffic_task {
+        traffic.abort();
     }
     if let Some(join_task) = join_task {
         join_task.abort();

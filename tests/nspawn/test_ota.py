@@ -6,13 +6,15 @@ any order (run in file order, each starts where the one before ended, and `given
 nothing to publish).
 
 The node's OTA settings are shortened for the test (health deadline 15 s, settle 1 s,
-trial window 6 s, bundles up to 64 KiB); everything else is the image's default.
+trial window 6 s, bundles up to 64 KiB, mesh traffic measured every 2 s); everything else
+is the image's default.
 """
 
 import json
 import os
 import random
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -22,7 +24,32 @@ from harness.ota_site import Site, cluster_config, sha256_hex
 PROXY = "pimesh-proxy.service"
 CONTROLS = [f"pimesh-control@{n}.service" for n in (1, 2, 3)]
 OTA = {"health_deadline_ms": 15000, "settle_ms": 1000, "try_window_ms": 6000,
-       "long_poll_wait_s": 20, "max_bundle_bytes": 65536}
+       "long_poll_wait_s": 20, "max_bundle_bytes": 65536, "traffic_every_s": 2}
+# The `web` app of the site configuration (port 8080 on the node): 200, or 500 for /fail.
+WEB_APP = r"""
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        code = 500 if self.path.startswith("/fail") else 200
+        self.send_response(code); self.send_header("content-length", "2"); self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", 8080), H).serve_forever()
+"""
+# Requests to `web` through the node's proxy (its outbound port as an HTTP proxy), one in
+# four to /fail, one every 50 ms until the file argv[1] exists (at most 5 minutes' worth).
+CALL_WEB = r"""
+import os, sys, time, urllib.request, urllib.error
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": "http://127.0.0.1:4140"}))
+for n in range(6000):
+    if os.path.exists(sys.argv[1]):
+        break
+    try:
+        opener.open("http://web/fail" if n % 4 == 3 else "http://web/", timeout=5).read()
+    except (urllib.error.URLError, OSError):
+        pass
+    time.sleep(0.05)
+"""
 # Power-cut iterations restart the supervisor at once, not after systemd's growing delay.
 QUICK_RESTART = "[Service]\nRestartSec=200ms\nRestartSteps=0\n"
 
@@ -247,6 +274,41 @@ def test_bad_documents_are_refused_reported_and_change_nothing(site):
         site.start_central()
     # The refused documents claimed revisions up to first + 4: the site moves past them.
     site.revision = first + 100
+
+
+def test_the_nodes_mesh_traffic_reaches_the_central_server_with_its_reports(site):
+    given(site, cluster_config(site.name))
+    in_netns = ["nsenter", "-t", str(site.container.leader), "-n", "python3", "-c"]
+    stop = os.path.join(site.dir, "stop-calling-web")
+    app = subprocess.Popen(in_netns + [WEB_APP], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    calls = subprocess.Popen(in_netns + [CALL_WEB, stop], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def reported_web():
+            traffic = site.central_report().get("traffic") or {}
+            web = [s for s in traffic.get("services", []) if s["service"] == "web"]
+            return web and web[0]["answered"] >= 8 and web[0]["failures"] > 0 and (traffic, web[0])
+        traffic, web = site.container.wait_for("the node's report carrying web's traffic", reported_web,
+                                               timeout=90, interval=0.5)
+    finally:
+        with open(stop, "w"):
+            pass
+        calls.wait(timeout=30)
+        app.kill()
+        app.wait()
+    # One call in four fails (500): the window's success rate says so, give or take the
+    # calls in flight at its edges.
+    success = (web["answered"] - web["failures"]) / web["answered"]
+    assert 0.5 <= success <= 0.9, web
+    assert web["requests"] >= web["answered"] - 1, web
+    assert 1 <= traffic["window_s"] <= 10, traffic
+    assert web["p50_us"] > 0 and web["p99_us"] >= web["p50_us"], web
+    # The node's own status shows what it measured.
+    measured = site.container.status()["traffic"]
+    assert measured is None or measured["services"][0]["service"] == "web", measured
+    # The operator's view of the fleet carries it too.
+    fleet, _ = site.fleet_status()
+    node = next(n for s in fleet["sites"] for n in s["nodes"] if n["node"] == site.node)
+    assert node["traffic"]["services"], node
 
 
 def test_a_power_cut_during_apply_leaves_the_old_or_the_new_revision_whole(site):

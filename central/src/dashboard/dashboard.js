@@ -56,6 +56,41 @@ function certificates(row, dates, now) {
   return td;
 }
 
+// A success rate's class: "bad" below 90 %, "warn" below 99 %.
+function health(success) {
+  return success < 0.9 ? "bad" : success < 0.99 ? "warn" : "good";
+}
+
+// One line per service the node's apps called, from the report's `traffic` (counts over
+// `window_s` seconds): requests per second, success rate, p50 and p99 latency, each line of
+// its service's health and the cell of the worst.
+function traffic(row, measured) {
+  if (!measured || !measured.services.length) return cell(row, "");
+  const td = cell(row, "", "traffic");
+  let worst = 1;
+  for (const s of measured.services) {
+    const line = document.createElement("div");
+    line.className = "service";
+    line.dataset.service = s.service;
+    const rps = measured.window_s > 0 ? s.requests / measured.window_s : 0;
+    const parts = [s.service, `${rps.toFixed(rps < 10 ? 2 : 1)} rps`];
+    if (s.answered > 0) {
+      const success = (s.answered - s.failures) / s.answered;
+      worst = Math.min(worst, success);
+      parts.push(`${(100 * success).toFixed(1)} % ok`);
+      line.className += " " + health(success);
+    }
+    const ms = (us) => (us < 10000 ? (us / 1000).toFixed(1) : Math.round(us / 1000)) + " ms";
+    if (Number.isFinite(s.p50_us)) parts.push(`p50 ${ms(s.p50_us)}`);
+    if (Number.isFinite(s.p99_us)) parts.push(`p99 ${ms(s.p99_us)}`);
+    line.textContent = parts.join(" · ");
+    td.appendChild(line);
+  }
+  td.className = "traffic " + health(worst);
+  td.title = `over the ${measured.window_s} s before the report`;
+  return td;
+}
+
 function fill(id, rows) {
   const body = document.querySelector("#" + id + " tbody");
   body.replaceChildren(...rows);
@@ -82,6 +117,7 @@ function render(view) {
     cell(row, node.state, HEALTHY.has(node.state) ? "good" : "bad");
     cell(row, node.k3s ? `${node.k3s.role} ${node.k3s.ready ? "ready" : "not ready"}` : "");
     certificates(row, node.certificates, view.now);
+    traffic(row, node.traffic);
     cell(row, node.received_at ? age(Math.max(0, view.now - node.received_at)) : "");
     cell(row, node.detail, "detail");
     return row;

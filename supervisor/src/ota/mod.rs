@@ -22,19 +22,22 @@ mod outbox;
 mod outcome;
 mod revisions;
 mod rollout;
+pub mod traffic;
 
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use pimesh_revision::{CertificateDates, K3sSummary, Mode, Rejection, Verified, Verifier};
+use pimesh_revision::{
+    CertificateDates, K3sSummary, MeshTraffic, Mode, Rejection, Verified, Verifier,
+};
 use pimesh_runtime::backoff::{Backoff, Retry};
 use pimesh_schema::cluster::ClusterConfig;
 use pimesh_schema::{Central, DnsLabel, OtaSettings, Seed};
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::credential::{CredentialError, CredentialFiles};
 use crate::paths::NodePaths;
@@ -680,12 +683,14 @@ impl Ota {
         NodeFacts {
             k3s: k3s_summary(&self.context.status),
             certificates: certificates::dates(&self.context.credential, &self.context.trust),
+            traffic: measured_traffic(&self.context.status),
         }
     }
 
-    /// Sends the last report again when K3s's summary or a certificate date changed since
-    /// it was queued (once per step: within one long-poll), so that the central server's
-    /// view of the node follows it.
+    /// Sends the last report again when K3s's summary, a certificate date or the mesh
+    /// traffic changed since it was queued (once per step: within one long-poll; the
+    /// traffic changes at most once per measurement), so that the central server's view
+    /// of the node follows it.
     fn report_facts_change(&mut self) {
         let now = self.facts();
         if now == self.facts_reported {
@@ -696,7 +701,14 @@ impl Ota {
                 .certificates
                 .and_then(|dates| dates.node)
                 .map(|at| certificates::days_left(at, SystemTime::now()));
-            info!(k3s = ?now.k3s, node_certificate_days_left = ?node_days, "K3s or a certificate changed since the last report; reporting again");
+            if now.k3s != self.facts_reported.k3s
+                || now.certificates != self.facts_reported.certificates
+            {
+                info!(k3s = ?now.k3s, node_certificate_days_left = ?node_days, "K3s or a certificate changed since the last report; reporting again");
+            } else {
+                // The traffic alone: routine, not worth a journal line at info.
+                debug!("the mesh traffic changed since the last report; reporting again");
+            }
             self.queue_report(last);
         }
     }
@@ -707,6 +719,7 @@ impl Ota {
         let facts = self.facts();
         report.k3s = facts.k3s.clone();
         report.certificates = facts.certificates;
+        report.traffic = facts.traffic.clone();
         self.facts_reported = facts;
         if let Err(err) = self.outbox.push(&report) {
             error!(%err, "cannot queue a report");
@@ -748,6 +761,15 @@ impl Ota {
 struct NodeFacts {
     k3s: Option<K3sSummary>,
     certificates: Option<CertificateDates>,
+    traffic: Option<MeshTraffic>,
+}
+
+/// The mesh traffic last measured (`traffic::keep_measuring`).
+fn measured_traffic(status: &StatusHandle) -> Option<MeshTraffic> {
+    match status.0.read() {
+        Ok(guard) => guard.traffic.clone(),
+        Err(poisoned) => poisoned.into_inner().traffic.clone(),
+    }
 }
 
 /// The node's K3s in one line, while K3s runs here (it has a unit).

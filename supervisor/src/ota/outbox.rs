@@ -129,6 +129,7 @@ mod tests {
             about: None,
             k3s: None,
             certificates: None,
+            traffic: None,
         }
     }
 

@@ -125,6 +125,7 @@ impl Outcome {
             about: self.about(),
             k3s: None,
             certificates: None,
+            traffic: None,
         }
     }
 }

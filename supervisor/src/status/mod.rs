@@ -51,6 +51,9 @@ pub struct NodeStatus {
     /// On a server node: the last joins this node's replicas answered, newest last
     /// (`<state>/pimesh-control/joins.jsonl`); empty elsewhere.
     pub joins: Vec<serde_json::Value>,
+    /// What the node's proxy carried for its apps over the last window (`ota::traffic`);
+    /// `null` until measured.
+    pub traffic: Option<pimesh_revision::MeshTraffic>,
 }
 
 /// Which supervisor configuration is in force.
@@ -174,6 +177,7 @@ impl NodeStatus {
             control: ControlReport::default(),
             join: JoinReport::default(),
             joins: Vec::new(),
+            traffic: None,
         }
     }
 }
@@ -567,6 +571,7 @@ mod tests {
                 about: None,
                 k3s: None,
                 certificates: None,
+                traffic: None,
             }),
             queued_reports: 1,
             ..OtaReport::default()

@@ -98,13 +98,23 @@ const MAX_BODY: usize = 64 * 1024;
 
 /// `GET url`: the status and (up to 64 KiB of) the body, within `timeout`.
 pub async fn fetch(url: &ProbeUrl, timeout: Duration) -> Result<(StatusCode, Bytes), ProbeError> {
-    match tokio::time::timeout(timeout, get(url)).await {
+    fetch_up_to(url, timeout, MAX_BODY).await
+}
+
+/// `GET url`: the status and the body, within `timeout`; a body longer than `max_body`
+/// bytes is an error.
+pub async fn fetch_up_to(
+    url: &ProbeUrl,
+    timeout: Duration,
+    max_body: usize,
+) -> Result<(StatusCode, Bytes), ProbeError> {
+    match tokio::time::timeout(timeout, get(url, max_body)).await {
         Ok(result) => result,
         Err(_) => Err(ProbeError::Timeout { after: timeout }),
     }
 }
 
-async fn get(url: &ProbeUrl) -> Result<(StatusCode, Bytes), ProbeError> {
+async fn get(url: &ProbeUrl, max_body: usize) -> Result<(StatusCode, Bytes), ProbeError> {
     let authority = url.authority();
     let stream = match TcpStream::connect(&authority).await {
         Ok(stream) => stream,
@@ -130,7 +140,7 @@ async fn get(url: &ProbeUrl) -> Result<(StatusCode, Bytes), ProbeError> {
                 source,
             })?;
         let status = response.status();
-        let body = Limited::new(response.into_body(), MAX_BODY)
+        let body = Limited::new(response.into_body(), max_body)
             .collect()
             .await
             .map_err(|source| ProbeError::Body {
