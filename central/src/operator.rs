@@ -69,8 +69,18 @@ pub fn authorize_reader(
     match bearer {
         Some(token) => registry
             .sessions
-            .check(token.trim(), &site.name, unix_now())
-            .map_err(|err| Refusal(StatusCode::FORBIDDEN, err.to_string())),
+            .check(
+                registry.storage.as_ref(),
+                token.trim(),
+                &site.name,
+                unix_now(),
+            )
+            .map_err(|err| match err {
+                sessions::SessionError::Storage(_) => {
+                    Refusal(StatusCode::SERVICE_UNAVAILABLE, err.to_string())
+                }
+                _ => Refusal(StatusCode::FORBIDDEN, err.to_string()),
+            }),
         None => authorize(request, site, b"").map(drop),
     }
 }
@@ -95,7 +105,10 @@ pub fn session(query: Option<&str>, site: &Site, registry: &Registry) -> Respons
         }
     }
     let now = unix_now();
-    match registry.sessions.open(&site.name, ttl, now) {
+    match registry
+        .sessions
+        .open(registry.storage.as_ref(), &site.name, ttl, now)
+    {
         Ok(token) => {
             tracing::info!(site = %site.name, ttl, "dashboard session opened");
             json_value(

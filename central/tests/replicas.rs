@@ -1,8 +1,9 @@
 //! Two `pimesh-central` replicas on one real PostgreSQL server (Debian's, started by the
 //! test in a folder of its own, on a Unix socket only): a publish on either reaches the
 //! long-polls parked on both, reports and rollout steps taken by one are the other's, a
-//! replica killed during a rollout loses nothing (its nodes fail over to the other), and
-//! a publish while the database is down is refused whole.
+//! replica killed during a rollout loses nothing (its nodes fail over to the other), a
+//! dashboard session opened at one reads the overview at the other, and a publish while
+//! the database is down is refused whole.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
@@ -41,6 +42,40 @@ fn metric(central: &Central, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
+}
+
+/// A dashboard session of the site opened at `operator`'s replica: its token.
+fn open_session(operator: &SiteOperator<'_>) -> String {
+    let path = format!(
+        "{}?ttl=600",
+        pimesh_revision::path::site(
+            operator.site.name(),
+            pimesh_revision::path::SiteResource::Sessions
+        )
+    );
+    let response = operator
+        .http
+        .post(operator.central.url(&path))
+        .header("authorization", operator.signed("POST", &path))
+        .send()
+        .expect("session");
+    assert_eq!(response.status(), 201);
+    let answer: serde_json::Value = response.json().expect("json");
+    answer["token"].as_str().expect("token").to_owned()
+}
+
+/// The status of the site's overview read at `central` with the session `token`.
+fn overview(central: &Central, site: &OperatedSite, token: &str) -> u16 {
+    let path =
+        pimesh_revision::path::site(site.name(), pimesh_revision::path::SiteResource::Overview);
+    central
+        .client(None)
+        .get(central.url(&path))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .expect("overview")
+        .status()
+        .as_u16()
 }
 
 /// Long-polls parked on `central` now, as its metrics say.
@@ -206,12 +241,23 @@ fn a_halt_on_one_replica_holds_on_the_other_and_a_publish_without_the_database_i
     let listening = "pimesh_central_replication_listening";
     assert_eq!(metric(&b, listening), Some(1.0));
 
+    // A dashboard session opened at a reads the overview at b too (the session is in the
+    // database); an unknown token is refused at both.
+    let token = open_session(&at_a);
+    assert_eq!(overview(&b, &site, &token), 200, "a's session at b");
+    assert_eq!(overview(&a, &site, &token), 200);
+    let unknown = "0".repeat(64);
+    assert_eq!(overview(&b, &site, &unknown), 403);
+    assert_eq!(overview(&a, &site, &unknown), 403);
+
     // The database is down: a publish is refused and leaves nothing behind.
     postgres.stop();
     let (status, body) = at_a.try_publish(3, PLAIN);
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("PostgreSQL"), "{body}");
     assert_eq!(pi_a.poll(2, 1), None, "nothing was published");
+    // b cannot tell whether an unknown token is another replica's session: it says so.
+    assert_eq!(overview(&b, &site, &unknown), 503);
     wait_until_blocking("b notices the database is gone", || {
         metric(&b, listening) == Some(0.0)
     });

@@ -66,6 +66,23 @@ pub trait Storage: Send + Sync {
     fn heard(&self, _site: &DnsLabel) -> io::Result<BTreeMap<DnsLabel, u64>> {
         Ok(BTreeMap::new())
     }
+    /// Keeps a dashboard session for the other replicas — the SHA-256 of its token, its
+    /// site, its expiry — and drops the sessions expired at `now`; a storage that serves
+    /// one replica keeps nothing (the replica's memory holds its sessions).
+    fn record_session(
+        &self,
+        _digest: &[u8; 32],
+        _site: &DnsLabel,
+        _expires_at: u64,
+        _now: u64,
+    ) -> io::Result<()> {
+        Ok(())
+    }
+    /// The site and expiry of the session whose token's SHA-256 is `digest`, as any
+    /// replica recorded it ([`Self::record_session`]).
+    fn session(&self, _digest: &[u8; 32]) -> io::Result<Option<(DnsLabel, u64)>> {
+        Ok(None)
+    }
 }
 
 /// The error of storing a revision of `site` at or below `newest`, already stored.

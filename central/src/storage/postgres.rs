@@ -47,6 +47,8 @@ CREATE TABLE IF NOT EXISTS pimesh_reports (
 CREATE TABLE IF NOT EXISTS pimesh_heard (
     site text NOT NULL, node text NOT NULL, at bigint NOT NULL,
     PRIMARY KEY (site, node));
+CREATE TABLE IF NOT EXISTS pimesh_sessions (
+    digest bytea PRIMARY KEY, site text NOT NULL, expires_at bigint NOT NULL);
 ";
 
 /// This replica's name in its notifications (random per start), so that it skips its own.
@@ -452,6 +454,44 @@ impl Storage for PgStorage {
             )
         })
         .map(drop)
+    }
+
+    fn record_session(
+        &self,
+        digest: &[u8; 32],
+        site: &DnsLabel,
+        expires_at: u64,
+        now: u64,
+    ) -> io::Result<()> {
+        let expires_at =
+            i64::try_from(expires_at).map_err(|_| invalid("time", "beyond 2^63 - 1"))?;
+        let now = i64::try_from(now).map_err(|_| invalid("time", "beyond 2^63 - 1"))?;
+        self.with_client(|client| {
+            let mut transaction = client.transaction()?;
+            transaction.execute(
+                "DELETE FROM pimesh_sessions WHERE expires_at <= $1",
+                &[&now],
+            )?;
+            transaction.execute(
+                "INSERT INTO pimesh_sessions (digest, site, expires_at) VALUES ($1, $2, $3)",
+                &[&digest.as_slice(), &site.as_str(), &expires_at],
+            )?;
+            transaction.commit()
+        })
+    }
+
+    fn session(&self, digest: &[u8; 32]) -> io::Result<Option<(DnsLabel, u64)>> {
+        let row = self.with_client(|client| {
+            client.query_opt(
+                "SELECT site, expires_at FROM pimesh_sessions WHERE digest = $1",
+                &[&digest.as_slice()],
+            )
+        })?;
+        Ok(row.and_then(|row| {
+            let site = DnsLabel::try_from(row.get::<_, String>(0)).ok()?;
+            let expires_at = u64::try_from(row.get::<_, i64>(1)).ok()?;
+            Some((site, expires_at))
+        }))
     }
 
     fn heard(&self, site: &DnsLabel) -> io::Result<BTreeMap<DnsLabel, u64>> {
