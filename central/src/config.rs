@@ -35,15 +35,20 @@ pub struct CentralConfig {
 #[serde(deny_unknown_fields)]
 pub struct PostgresEntry {
     /// A libpq connection string (`host=/run/postgresql dbname=pimesh user=pimesh`, or a
-    /// `postgresql://` URL); the connection is not encrypted, so the database is reached
-    /// over a Unix socket or a network the replicas trust.
+    /// `postgresql://` URL).
     pub connect: String,
+    /// The CA (PEM) of the database server's certificate: with it the connection is TLS
+    /// (required; the certificate must name the host dialled), to a TCP host. Without it
+    /// the connection is not encrypted, so the database is reached over a Unix socket or
+    /// a network the replicas trust.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
 }
 
 /// Where the server keeps its state.
 pub enum StorageChoice<'a> {
     Files(&'a Path),
-    Postgres(&'a str),
+    Postgres(&'a PostgresEntry),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +90,16 @@ impl CentralConfig {
                         format!("expected a libpq connection string or URL: {err}"),
                     ));
                 }
+                // The CA file itself is read at the start.
+                let tls = postgres.ca.is_some();
+                if let Err(err) = crate::storage::Database::settings(&postgres.connect, tls) {
+                    return Err(ConfigError::at_path(
+                        file,
+                        text,
+                        &["postgres", "connect"],
+                        err,
+                    ));
+                }
             }
             (Some(_), Some(_)) => {
                 return Err(ConfigError::at_path(
@@ -120,7 +135,7 @@ impl CentralConfig {
     /// The storage the configuration names (it names exactly one: [`Self::parse`]).
     pub fn storage(&self) -> StorageChoice<'_> {
         match (&self.postgres, &self.state_dir) {
-            (Some(postgres), _) => StorageChoice::Postgres(&postgres.connect),
+            (Some(postgres), _) => StorageChoice::Postgres(postgres),
             (None, Some(dir)) => StorageChoice::Files(dir),
             (None, None) => StorageChoice::Files(Path::new("/var/lib/pimesh-central")),
         }
@@ -154,7 +169,9 @@ mod tests {
         let head = "listen = \"127.0.0.1:8443\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\n";
         let pg = "[postgres]\nconnect = \"host=/run/postgresql dbname=pimesh\"\n";
         let config = CentralConfig::parse(file, &format!("{head}{pg}")).expect("postgres");
-        assert!(matches!(config.storage(), StorageChoice::Postgres(c) if c.contains("dbname")));
+        assert!(
+            matches!(config.storage(), StorageChoice::Postgres(c) if c.connect.contains("dbname"))
+        );
         let config = CentralConfig::parse(file, BASE).expect("files");
         assert!(matches!(config.storage(), StorageChoice::Files(dir) if dir == Path::new("/s")));
 
@@ -165,5 +182,25 @@ mod tests {
         let broken = "[postgres]\nconnect = \"host='unclosed\"\n";
         let err = CentralConfig::parse(file, &format!("{head}{broken}")).expect_err("bad");
         assert_eq!(err.key.as_deref(), Some("postgres.connect"), "{err}");
+    }
+
+    #[test]
+    fn tls_to_postgres_needs_its_ca_and_a_tcp_host() {
+        let file = Path::new("central.toml");
+        let head = "listen = \"127.0.0.1:8443\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\n";
+        let parse =
+            |postgres: &str| CentralConfig::parse(file, &format!("{head}[postgres]\n{postgres}"));
+        let tcp = "connect = \"host=db.example port=5432 dbname=pimesh\"\n";
+        let config = parse(&format!("{tcp}ca = \"/etc/pimesh/db-ca.pem\"\n")).expect("TLS");
+        assert!(matches!(config.storage(), StorageChoice::Postgres(p) if p.ca.is_some()));
+
+        let unix = "connect = \"host=/run/postgresql dbname=pimesh\"\nca = \"/ca.pem\"\n";
+        let err = parse(unix).expect_err("a socket cannot be TLS");
+        assert_eq!(err.key.as_deref(), Some("postgres.connect"), "{err}");
+        assert!(err.to_string().contains("Unix sockets"), "{err}");
+
+        let required = "connect = \"host=db.example dbname=pimesh sslmode=require\"\n";
+        let err = parse(required).expect_err("TLS without a CA");
+        assert!(err.to_string().contains("set [postgres] ca"), "{err}");
     }
 }

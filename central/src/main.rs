@@ -149,9 +149,20 @@ fn open_storage(
                 .map_err(|err| format!("{}: cannot use as state folder: {err}", dir.display()))?;
             Ok((Arc::new(storage), None))
         }
-        StorageChoice::Postgres(connect) => {
-            let connection = storage::connection_config(connect)
-                .map_err(|err| format!("[postgres] connect: {err}"))?;
+        StorageChoice::Postgres(settings) => {
+            let ca = match &settings.ca {
+                Some(path) => Some(std::fs::read(path).map_err(|err| {
+                    format!("[postgres] ca: {}: cannot read: {err}", path.display())
+                })?),
+                None => None,
+            };
+            let connection =
+                storage::Database::new(&settings.connect, ca.as_deref()).map_err(|err| {
+                    match &settings.ca {
+                        Some(path) => format!("[postgres] ca ({}): {err}", path.display()),
+                        None => format!("[postgres] connect: {err}"),
+                    }
+                })?;
             let me = ReplicaId::random();
             // Listening first: nothing stored while the sites load is missed.
             let (changes, applied) = tokio::sync::mpsc::unbounded_channel();

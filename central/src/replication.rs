@@ -13,14 +13,13 @@ use std::time::Duration;
 
 use pimesh_runtime::backoff::{Backoff, Jitter, Retry};
 use postgres::fallible_iterator::FallibleIterator as _;
-use postgres::NoTls;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::offers::unix_now;
 use crate::sites::Registry;
-use crate::storage::{Notice, ReplicaId, CHANNEL};
+use crate::storage::{Database, Notice, ReplicaId, CHANNEL};
 
 /// Waits before connecting again: from 1 s, doubling, at most 30 s.
 const RECONNECT: Backoff =
@@ -40,7 +39,7 @@ pub enum Change {
 
 /// Listens on its own thread (the client blocks) for as long as `changes` is open.
 pub fn spawn_listener(
-    config: postgres::Config,
+    database: Database,
     me: ReplicaId,
     changes: mpsc::UnboundedSender<Change>,
     listening: Gauge,
@@ -50,7 +49,7 @@ pub fn spawn_listener(
         .spawn(move || {
             let mut retry = Retry::new(RECONNECT);
             while !changes.is_closed() {
-                let outcome = listen(&config, me, &changes, &mut retry, &listening);
+                let outcome = listen(&database, me, &changes, &mut retry, &listening);
                 listening.set(0);
                 if let Err(err) = outcome {
                     let wait = retry.next_delay(fastrand::u64(..));
@@ -64,13 +63,13 @@ pub fn spawn_listener(
 /// One connection's life: `LISTEN`, catch up, then pass on notices until it breaks or
 /// nobody takes them.
 fn listen(
-    config: &postgres::Config,
+    database: &Database,
     me: ReplicaId,
     changes: &mpsc::UnboundedSender<Change>,
     retry: &mut Retry,
     listening: &Gauge,
 ) -> Result<(), postgres::Error> {
-    let mut client = config.connect(NoTls)?;
+    let mut client = database.connect()?;
     client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
     retry.reset();
     listening.set(1);

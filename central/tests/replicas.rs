@@ -291,3 +291,86 @@ fn a_halt_on_one_replica_holds_on_the_other_and_a_publish_without_the_database_i
         [(2, RolloutState::Halted), (1, RolloutState::Complete)]
     );
 }
+
+#[test]
+fn replicas_reach_the_database_over_tls_only_with_its_servers_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let postgres = Postgres::start_with_tls();
+    let tls = postgres.tls().expect("a server with TLS");
+    let ca = dir.path().join("database-ca.pem");
+    std::fs::write(&ca, &tls.ca_pem).expect("the database's CA");
+    let connect = postgres.tcp_connect_string();
+    assert!(
+        postgres::Client::connect(&connect, postgres::NoTls).is_err(),
+        "the server refuses plaintext on TCP"
+    );
+    let site = OperatedSite::new(dir.path(), "depot-7");
+    let replica = |name: &str| {
+        let home = dir.path().join(name);
+        std::fs::create_dir_all(&home).expect("replica folder");
+        Central::start_on_postgres_over_tls(
+            &home,
+            &connect,
+            &ca,
+            "long_poll_max = \"30s\"\n",
+            &[site.central_site()],
+        )
+    };
+    let (a, b) = (replica("a"), replica("b"));
+
+    // A publish on a reaches a node parked on b: storage and notifications over TLS.
+    let pi_a = FleetNode::of_replicas(&[&b], &site, "pi-a");
+    SiteOperator::new(&a, &site).publish(1, PLAIN);
+    assert_eq!(pi_a.poll(0, 10), Some(1));
+    let encrypted: Vec<bool> = postgres
+        .client()
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'pimesh-central'",
+            &[],
+        )
+        .expect("the server's view of its connections")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        encrypted.len() >= 4 && encrypted.iter().all(|ssl| *ssl),
+        "every connection of both replicas (storage and listener) is TLS: {encrypted:?}"
+    );
+
+    // A replica that trusts another CA sends nothing and says why.
+    let other_ca = rcgen_ca();
+    let home = dir.path().join("c");
+    std::fs::create_dir_all(&home).expect("replica folder");
+    let wrong = home.join("other-ca.pem");
+    std::fs::write(&wrong, other_ca).expect("another CA");
+    let config = std::fs::read_to_string(&a.config)
+        .expect("a's config")
+        .replace(&ca.display().to_string(), &wrong.display().to_string())
+        .replace(
+            &a.addr.to_string(),
+            &pimesh_test_support::free_addr().to_string(),
+        );
+    let config_path = home.join("central.toml");
+    std::fs::write(&config_path, config).expect("c's config");
+    let output = pimesh_test_support::Daemon::command(pimesh_test_support::Binary::Central, "info")
+        .arg("--config")
+        .arg(&config_path)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run c");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("[postgres]") && stderr.contains("UnknownIssuer"),
+        "names the database and the certificate: {stderr}"
+    );
+}
+
+/// A CA certificate (PEM) nobody's certificate chains to.
+fn rcgen_ca() -> String {
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.self_signed(&key).expect("a CA").pem()
+}

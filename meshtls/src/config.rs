@@ -164,6 +164,20 @@ pub fn central_server(
     Ok(config)
 }
 
+/// A client of an ordinary TLS server outside the mesh (the central server's PostgreSQL
+/// database): accepts only a server certificate for the dialled name that chains to one of
+/// `anchors` (WebPKI rules); presents no certificate. TLS 1.3 only.
+pub fn named_server_client(
+    anchors: &[CertificateDer<'static>],
+) -> Result<ClientConfig, ConfigError> {
+    let roots = root_store(anchors).map_err(ConfigError::Trust)?;
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(ConfigError::Protocol)?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

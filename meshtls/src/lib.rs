@@ -49,8 +49,8 @@ mod trust;
 mod verifier;
 
 pub use config::{
-    central_server, control_client, control_server, mesh_client, mesh_server, ConfigError, ALPN_H2,
-    ALPN_HTTP1,
+    central_server, control_client, control_server, mesh_client, mesh_server, named_server_client,
+    ConfigError, ALPN_H2, ALPN_HTTP1,
 };
 pub use credential::{Credential, CredentialError};
 pub use failure::{handshake_failure_reason, HandshakeFailure};

@@ -184,6 +184,25 @@ impl Central {
         Central::start_with(dir, "", &storage, sites)
     }
 
+    /// [`Central::start_on_postgres`] over TLS: the database server's certificate must
+    /// chain to the CA in the file `ca`.
+    ///
+    /// # Panics
+    /// When the files cannot be written or the server does not come up.
+    pub fn start_on_postgres_over_tls(
+        dir: &Path,
+        connect: &str,
+        ca: &Path,
+        settings: &str,
+        sites: &[CentralSite<'_>],
+    ) -> Central {
+        let storage = format!(
+            "{settings}[postgres]\nconnect = \"{connect}\"\nca = \"{}\"\n",
+            ca.display()
+        );
+        Central::start_with(dir, "", &storage, sites)
+    }
+
     /// Starts a server whose config holds `storage` lines, then `settings` (which may end
     /// with tables), then `sites`.
     fn start_with(dir: &Path, storage: &str, settings: &str, sites: &[CentralSite<'_>]) -> Central {

@@ -18,7 +18,7 @@ use pimesh_revision::{RecordedReport, Rollout, SignedRevision};
 use pimesh_schema::DnsLabel;
 
 pub use self::files::FileStorage;
-pub use self::postgres::{connection_config, Notice, PgStorage, ReplicaId, CHANNEL};
+pub use self::postgres::{connection_config, Database, Notice, PgStorage, ReplicaId, CHANNEL};
 
 /// A change to a stored rollout: given the version stored now (if any), the version to
 /// store instead, or `None` to leave it as it is.

@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use pimesh_revision::{RecordedReport, Rollout, SignedRevision};
 use pimesh_schema::DnsLabel;
+use postgres::config::{Host, SslMode};
 use postgres::{Client, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{info, warn};
 
 use super::{RolloutChange, Storage};
@@ -133,8 +135,78 @@ pub fn connection_config(connect: &str) -> Result<postgres::Config, postgres::Er
     Ok(config)
 }
 
-pub struct PgStorage {
+/// How a replica reaches the database: the connection settings and, when the
+/// configuration names the CA of the database server's certificate, TLS.
+///
+/// Invariant: with TLS the connection is TLS or nothing (`sslmode=require`), the server's
+/// certificate must chain to that CA and name the host dialled, and every host is a TCP
+/// one (PostgreSQL does not encrypt its Unix sockets); without it, the connection string
+/// asks for no TLS.
+#[derive(Clone)]
+pub struct Database {
     config: postgres::Config,
+    tls: Option<MakeRustlsConnect>,
+}
+
+impl Database {
+    /// `connect` (a libpq connection string or URL, see [`connection_config`]), over TLS
+    /// to a server whose certificate chains to `ca_pem` when it is given.
+    pub fn new(connect: &str, ca_pem: Option<&[u8]>) -> Result<Database, String> {
+        let mut config = Database::settings(connect, ca_pem.is_some())?;
+        let Some(ca_pem) = ca_pem else {
+            return Ok(Database { config, tls: None });
+        };
+        let anchors = pimesh_meshtls::pem::certificates(ca_pem).map_err(|err| err.to_string())?;
+        let client =
+            pimesh_meshtls::named_server_client(&anchors).map_err(|err| err.to_string())?;
+        config.ssl_mode(SslMode::Require);
+        Ok(Database {
+            config,
+            tls: Some(MakeRustlsConnect::new(client)),
+        })
+    }
+
+    /// The connection settings of `connect`, checked for a connection with TLS (`tls`) or
+    /// without: TLS needs TCP hosts, and `sslmode=require` needs TLS.
+    pub fn settings(connect: &str, tls: bool) -> Result<postgres::Config, String> {
+        let config = connection_config(connect).map_err(|err| err.to_string())?;
+        if tls
+            && config
+                .get_hosts()
+                .iter()
+                .any(|host| matches!(host, Host::Unix(_)))
+        {
+            return Err(
+                "TLS needs a TCP host (host=<name or address>): PostgreSQL does not \
+                        encrypt Unix sockets"
+                    .to_owned(),
+            );
+        }
+        if !tls && config.get_ssl_mode() == SslMode::Require {
+            return Err(
+                "sslmode=require needs the CA of the server's certificate: set [postgres] ca"
+                    .to_owned(),
+            );
+        }
+        Ok(config)
+    }
+
+    /// A new connection.
+    pub fn connect(&self) -> Result<Client, postgres::Error> {
+        match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()),
+            None => self.config.connect(NoTls),
+        }
+    }
+
+    /// Whether the connection is TLS.
+    pub fn encrypted(&self) -> bool {
+        self.tls.is_some()
+    }
+}
+
+pub struct PgStorage {
+    database: Database,
     replica: ReplicaId,
     /// The connection, made at the first call after it broke.
     client: Mutex<Option<Client>>,
@@ -176,9 +248,10 @@ fn blocking<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 
 impl PgStorage {
     /// Connects, makes the tables that are missing, and returns the storage.
-    pub fn open(config: postgres::Config, replica: ReplicaId) -> io::Result<PgStorage> {
+    pub fn open(database: Database, replica: ReplicaId) -> io::Result<PgStorage> {
+        let encrypted = database.encrypted();
         let storage = PgStorage {
-            config,
+            database,
             replica,
             client: Mutex::new(None),
         };
@@ -191,7 +264,7 @@ impl PgStorage {
             tx.batch_execute(SCHEMA)?;
             tx.commit()
         })?;
-        info!(replica = %replica, "PostgreSQL storage ready");
+        info!(replica = %replica, tls = encrypted, "PostgreSQL storage ready");
         Ok(storage)
     }
 
@@ -204,7 +277,7 @@ impl PgStorage {
             let mut slot = self.client.lock().unwrap_or_else(PoisonError::into_inner);
             if slot.as_ref().is_none_or(Client::is_closed) {
                 *slot = None;
-                let client = self.config.connect(NoTls).map_err(db_error)?;
+                let client = self.database.connect().map_err(db_error)?;
                 *slot = Some(client);
             }
             let Some(client) = slot.as_mut() else {
