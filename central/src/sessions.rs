@@ -90,13 +90,27 @@ impl Sessions {
             expires_at: now.saturating_add(ttl_secs.min(MAX_TTL_SECS)),
         };
         let key = digest(&token);
-        if self.live(now) >= MAX_SESSIONS {
-            return Err(SessionError::Full);
+        let expires_at = session.expires_at;
+        {
+            // Room is checked and taken under one lock: two sessions opened at once never
+            // both pass the bound.
+            let mut sessions = self
+                .by_digest
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            sessions.retain(|_, session| session.expires_at > now);
+            if sessions.len() >= MAX_SESSIONS {
+                return Err(SessionError::Full);
+            }
+            sessions.insert(key, session);
         }
-        storage
-            .record_session(&key, site, session.expires_at, now)
-            .map_err(|err| SessionError::Storage(err.to_string()))?;
-        self.keep(key, session, now);
+        if let Err(err) = storage.record_session(&key, site, expires_at, now) {
+            self.by_digest
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&key);
+            return Err(SessionError::Storage(err.to_string()));
+        }
         Ok(token)
     }
 
@@ -139,17 +153,8 @@ impl Sessions {
         }
     }
 
-    /// The sessions live at `now` in this replica's memory (expired ones dropped).
-    fn live(&self, now: u64) -> usize {
-        let mut sessions = self
-            .by_digest
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        sessions.retain(|_, session| session.expires_at > now);
-        sessions.len()
-    }
-
-    /// Keeps `session` in memory while there is room for it.
+    /// Keeps `session` (another replica's) in memory while there is room for it; without
+    /// room it is looked up in the storage again next time.
     fn keep(&self, key: [u8; 32], session: Session, now: u64) {
         let mut sessions = self
             .by_digest
