@@ -11,7 +11,9 @@
 
 use std::fmt::Write as _;
 
-use pimesh_revision::{FleetView, K3sSummary, NodeView, ReportState, SiteView};
+use pimesh_revision::{
+    FleetView, K3sSummary, MeshTraffic, NodeView, ReportState, ServiceTraffic, SiteView,
+};
 use serde::Serialize;
 
 /// `pimeshctl status`'s exit code when the fleet answered and is not healthy (1 is any
@@ -101,7 +103,7 @@ impl FleetStatus {
             if site.nodes.is_empty() {
                 continue;
             }
-            let rows: Vec<[String; 6]> = site
+            let rows: Vec<[String; 7]> = site
                 .nodes
                 .iter()
                 .map(|n| {
@@ -112,14 +114,23 @@ impl FleetStatus {
                         n.k3s
                             .as_ref()
                             .map_or_else(|| "-".to_owned(), |k| k.to_string().replace("k3s ", "")),
+                        n.traffic.as_ref().map_or_else(|| "-".to_owned(), traffic),
                         n.last_report_age_seconds
                             .map_or_else(|| "-".to_owned(), |age| format!("{} ago", ago(age))),
                         n.detail.clone(),
                     ]
                 })
                 .collect();
-            let header = ["NODE", "REVISION", "STATE", "K3S", "LAST REPORT", "DETAIL"];
-            let widths: Vec<usize> = (0..5)
+            let header = [
+                "NODE",
+                "REVISION",
+                "STATE",
+                "K3S",
+                "TRAFFIC",
+                "LAST REPORT",
+                "DETAIL",
+            ];
+            let widths: Vec<usize> = (0..6)
                 .map(|c| {
                     rows.iter()
                         .map(|r| r[c].chars().count())
@@ -128,12 +139,12 @@ impl FleetStatus {
                         .unwrap_or(0)
                 })
                 .collect();
-            let line = |cells: [&str; 6]| {
+            let line = |cells: [&str; 7]| {
                 let mut text = String::new();
-                for (c, cell) in cells.iter().enumerate().take(5) {
+                for (c, cell) in cells.iter().enumerate().take(6) {
                     let _ = write!(text, "{cell:<width$}  ", width = widths[c]);
                 }
-                text.push_str(cells[5]);
+                text.push_str(cells[6]);
                 text.trim_end().to_owned()
             };
             let _ = writeln!(out, "  {}", line(header));
@@ -145,6 +156,7 @@ impl FleetStatus {
                     row[3].as_str(),
                     row[4].as_str(),
                     row[5].as_str(),
+                    row[6].as_str(),
                 ];
                 let _ = writeln!(out, "  {}", line(cells));
             }
@@ -154,6 +166,25 @@ impl FleetStatus {
         }
         out
     }
+}
+
+/// A node's mesh traffic in one cell: requests per second over every service its apps
+/// called, and the share of answers that succeeded ("12.5 rps 99.2% ok").
+fn traffic(traffic: &MeshTraffic) -> String {
+    let requests: u64 = traffic.services.iter().map(|s| s.requests).sum();
+    let answered: u64 = traffic.services.iter().map(|s| s.answered).sum();
+    let failures: u64 = traffic.services.iter().map(|s| s.failures).sum();
+    let all = ServiceTraffic {
+        requests,
+        answered,
+        failures,
+        ..ServiceTraffic::default()
+    };
+    let mut cell = format!("{:.1} rps", all.requests_per_second(traffic.window_s));
+    if let Some(success) = all.success_rate() {
+        let _ = write!(cell, " {:.1}% ok", 100.0 * success);
+    }
+    cell
 }
 
 fn site_status(site: &SiteView, now: u64) -> SiteStatus {
@@ -256,7 +287,10 @@ mod tests {
     const FLEET: &str = r#"{"sites":[
       {"site":"depot-7","latest_revision":12,"nodes":[
         {"node":"pi-a","revision":12,"state":"applied","detail":"","received_at":990,
-         "k3s":{"role":"server","ready":true}},
+         "k3s":{"role":"server","ready":true},
+         "traffic":{"window_s":60,"services":[
+           {"service":"api","requests":600,"answered":600,"failures":6},
+           {"service":"web","requests":150,"answered":140,"failures":0}]}},
         {"node":"pi-b","revision":12,"state":"trying","detail":"","received_at":400},
         {"node":"pi-c","revision":11,"state":"rolled-back","detail":"revision 12: unhealthy","received_at":995},
         {"node":"pi-d","revision":11,"state":"applied","detail":"","received_at":0},
@@ -306,11 +340,11 @@ mod tests {
             "{table}"
         );
         assert!(
-            table.contains("NODE  REVISION  STATE    K3S  LAST REPORT  DETAIL"),
+            table.contains("NODE  REVISION  STATE    K3S  TRAFFIC  LAST REPORT  DETAIL"),
             "{table}"
         );
         assert!(
-            table.contains("pi-a  3         applied  -    60s ago"),
+            table.contains("pi-a  3         applied  -    -        60s ago"),
             "{table}"
         );
     }
@@ -320,6 +354,8 @@ mod tests {
         let status = FleetStatus::of(&fleet(FLEET), 1000);
         let table = status.table();
         assert!(table.contains("server ready"), "{table}");
+        // 750 requests in 60 s; 734 of 740 answers succeeded.
+        assert!(table.contains("12.5 rps 99.2% ok"), "{table}");
         assert!(table.contains("10m ago"), "{table}");
         assert!(table.contains("revision 12: unhealthy"), "{table}");
         assert!(
@@ -331,6 +367,14 @@ mod tests {
         assert_eq!(json["sites"][0]["newest_revision"], 12);
         assert_eq!(json["sites"][0]["counts"]["rolled_back"], 1);
         assert_eq!(json["sites"][0]["nodes"][0]["k3s"]["role"], "server");
+        assert_eq!(
+            json["sites"][0]["nodes"][0]["traffic"]["services"][1]["service"],
+            "web"
+        );
+        assert_eq!(
+            json["sites"][0]["nodes"][1]["traffic"],
+            serde_json::Value::Null
+        );
         assert_eq!(
             json["sites"][0]["nodes"][3]["last_report_at"],
             serde_json::Value::Null
