@@ -5,13 +5,13 @@
 //! | `PUT /v1/sites/<site>/revisions` | operator (the signature is the authority) | publish a signed revision |
 //! | `GET /v1/sites/<site>/config?after=<n>&wait=<s>` | node of `<site>` (mTLS) | the newest revision when newer than `n`, else wait up to `s` seconds, then 204 |
 //! | `POST /v1/sites/<site>/reports` | node of `<site>` (mTLS) | what the node applied; recorded under the node name of its certificate |
-//! | `GET /v1/sites/<site>/rollouts?limit=<n>` | operator of `<site>` (signed with its key) | the site's rollouts, newest first |
-//! | `GET /v1/sites/<site>/revisions/<n>` | operator of `<site>` | stored revision `n` as published |
-//! | `POST /v1/sites/<site>/rollouts/<n>/{pause,resume,abort}` | operator of `<site>`, newer than its last command | change the rollout of revision `n` |
-//! | `POST /v1/sites/<site>/sessions?ttl=<s>` | operator of `<site>` | a dashboard session token for the site |
+//! | `GET /v1/sites/<site>/rollouts?limit=<n>` | reader of `<site>` (signed with its key, or a listed person's) | the site's rollouts, newest first |
+//! | `GET /v1/sites/<site>/revisions/<n>` | reader of `<site>` | stored revision `n` as published |
+//! | `POST /v1/sites/<site>/rollouts/<n>/{pause,resume,abort}` | operator of `<site>` (its key, or a person with the operator role), newer than its last command | change the rollout of revision `n` |
+//! | `POST /v1/sites/<site>/sessions?ttl=<s>` | reader of `<site>` | a dashboard session token for the site |
 //! | `GET /v1/sites/<site>/overview` | a session of `<site>` (`Bearer`) or its operator | the site's nodes, newest revision and rollouts |
 //! | `GET /dashboard` (and its `.js`, `.css`) | anyone | the dashboard page, which holds no data |
-//! | `GET /v1/fleet` | operator of the site its signature names (`site=`) | that site's newest revision and node reports, in the fleet view's shape |
+//! | `GET /v1/fleet` | reader of the site its signature names (`site=`) | that site's newest revision and node reports, in the fleet view's shape |
 //! | `GET /v1/version` | anyone reaching the server | `{"version": "<this build's version>"}` |
 //! | `GET /metrics` | anyone reaching the server | Prometheus metrics (see `metrics`) |
 
@@ -29,6 +29,7 @@ use rustls::pki_types::CertificateDer;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use crate::config::Role;
 use crate::metrics::{AnswerLabels, CentralMetrics, PublishLabels};
 use crate::offers::unix_now;
 use crate::operator;
@@ -68,7 +69,7 @@ pub async fn route(
             let Some(site) = served_site(&registry, claimed) else {
                 return no_site(claimed);
             };
-            match operator::authorize(&request, site, b"") {
+            match operator::authorize(&request, site, b"", Role::Reader) {
                 Ok(_) => operator::fleet(site),
                 Err(refusal) => refusal.into_response(),
             }
@@ -98,7 +99,7 @@ pub async fn route(
                     }
                 }
                 (Method::POST, Some(SiteResource::Sessions)) => {
-                    match operator::authorize(&request, site, b"") {
+                    match operator::authorize(&request, site, b"", Role::Reader) {
                         Ok(_) => operator::session(request.uri().query(), site, &registry),
                         Err(refusal) => refusal.into_response(),
                     }
@@ -110,7 +111,7 @@ pub async fn route(
                     }
                 }
                 (Method::GET, Some(SiteResource::Rollouts)) => {
-                    match operator::authorize(&request, site, b"") {
+                    match operator::authorize(&request, site, b"", Role::Reader) {
                         Ok(_) => operator::rollouts(request.uri().query(), site, &registry),
                         Err(refusal) => refusal.into_response(),
                     }
@@ -129,7 +130,7 @@ pub async fn route(
             let Some(revision) = revision else {
                 return error(StatusCode::NOT_FOUND, "a revision is a whole number");
             };
-            match operator::authorize(&request, site, b"") {
+            match operator::authorize(&request, site, b"", Role::Reader) {
                 Ok(_) => operator::revision(site, revision, &registry),
                 Err(refusal) => refusal.into_response(),
             }
@@ -154,7 +155,7 @@ pub async fn route(
                     "expected /v1/sites/<site>/rollouts/<revision>/{pause,resume,abort}",
                 );
             };
-            match operator::authorize(&request, site, b"") {
+            match operator::authorize(&request, site, b"", Role::Operator) {
                 Ok(at_ms) => operator::command(site, revision, command, at_ms, &registry),
                 Err(refusal) => refusal.into_response(),
             }

@@ -59,6 +59,39 @@ pub struct SiteEntry {
     pub anchor: PathBuf,
     /// The site's revision-signing public key, `ed25519:<base64>`.
     pub public_key: SigningKey,
+    /// People with keys of their own for the site's operator requests (the site key
+    /// stays the site's own credential, and alone signs revisions).
+    #[serde(default)]
+    pub operators: Vec<OperatorEntry>,
+}
+
+/// `[[sites.operators]]`: a person, their public key and what they may do at the site.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorEntry {
+    pub name: DnsLabel,
+    /// `ed25519:<base64>`, as `pimeshctl operator keygen` prints it.
+    pub public_key: SigningKey,
+    pub role: Role,
+}
+
+/// What a person may do at a site; each role may do what the ones before it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read the site: its fleet view, rollouts, stored revisions, dashboard sessions.
+    Reader,
+    /// Also steer its rollouts: pause, resume, abort.
+    Operator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Reader => "reader",
+            Role::Operator => "operator",
+        }
+    }
 }
 
 fn default_long_poll() -> HumanDuration {
@@ -116,6 +149,28 @@ impl CentralConfig {
                     &[],
                     "expected state_dir (embedded storage, one server) or [postgres] (replicas)",
                 ))
+            }
+        }
+        for (index, site) in config.sites.iter().enumerate() {
+            let mut names = std::collections::BTreeSet::new();
+            for (person, operator) in site.operators.iter().enumerate() {
+                if !names.insert(&operator.name) {
+                    return Err(ConfigError::at_path(
+                        file,
+                        text,
+                        &[
+                            "sites",
+                            &index.to_string(),
+                            "operators",
+                            &person.to_string(),
+                            "name",
+                        ],
+                        format!(
+                            "operator {} is listed twice for site {}",
+                            operator.name, site.name
+                        ),
+                    ));
+                }
             }
         }
         let wait = config.long_poll_max.0;
@@ -182,6 +237,42 @@ mod tests {
         let broken = "[postgres]\nconnect = \"host='unclosed\"\n";
         let err = CentralConfig::parse(file, &format!("{head}{broken}")).expect_err("bad");
         assert_eq!(err.key.as_deref(), Some("postgres.connect"), "{err}");
+    }
+
+    #[test]
+    fn a_sites_operators_have_a_role_and_one_entry_each() {
+        let file = Path::new("central.toml");
+        let key = "ed25519:11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=";
+        let site =
+            format!("[[sites]]\nname = \"depot-7\"\nanchor = \"/a.pem\"\npublic_key = \"{key}\"\n");
+        let person = |name: &str, role: &str| {
+            format!("[[sites.operators]]\nname = \"{name}\"\npublic_key = \"{key}\"\nrole = \"{role}\"\n")
+        };
+        let config = CentralConfig::parse(
+            file,
+            &format!(
+                "{BASE}{site}{}{}",
+                person("alice", "reader"),
+                person("bob", "operator")
+            ),
+        )
+        .expect("two people");
+        let roles: Vec<Role> = config.sites[0].operators.iter().map(|o| o.role).collect();
+        assert_eq!(roles, [Role::Reader, Role::Operator]);
+        assert!(Role::Reader < Role::Operator);
+        let twice = format!(
+            "{BASE}{site}{}{}",
+            person("alice", "reader"),
+            person("alice", "operator")
+        );
+        let err = CentralConfig::parse(file, &twice).expect_err("twice");
+        assert!(
+            err.to_string().contains("operator alice is listed twice"),
+            "{err}"
+        );
+        let err = CentralConfig::parse(file, &format!("{BASE}{site}{}", person("eve", "admin")))
+            .expect_err("no such role");
+        assert!(err.to_string().contains("role"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The operator's requests: a site's fleet view, rollouts, stored revisions, dashboard
-//! sessions and overview, and the commands that pause, resume or abort a rollout. Each is authorized by a signature of the site's key
-//! over the request (`pimesh_revision::operator`): the operator of one site can neither
-//! read nor steer another, and a node's certificate is worth nothing here.
+//! sessions and overview, and the commands that pause, resume or abort a rollout. Each is
+//! authorized by a signature over the request (`pimesh_revision::operator`) of the site's
+//! key, or of a person the site lists with a role ([`Role`]: readers read, operators also
+//! steer): the operator of one site can neither read nor steer another, and a node's
+//! certificate is worth nothing here.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -11,8 +13,9 @@ use hyper::{header, Request, Response, StatusCode};
 use pimesh_revision::operator;
 use pimesh_revision::rollout::Command;
 use pimesh_runtime::answer::{error, json, json_value, Refusal};
-use tracing::warn;
+use tracing::{info, warn};
 
+use crate::config::Role;
 use crate::offers::{unix_now, CommandError};
 use crate::sessions;
 use crate::sites::{Registry, Site};
@@ -21,9 +24,15 @@ use crate::sites::{Registry, Site};
 const DEFAULT_LIMIT: usize = 20;
 const MAX_LIMIT: usize = 1_000;
 
-/// The request's signing time when it carries a valid signature of `site`'s key over its
-/// method, path, query and `body`.
-pub fn authorize(request: &Request<Incoming>, site: &Site, body: &[u8]) -> Result<u64, Refusal> {
+/// The request's signing time when it carries a valid signature over its method, path,
+/// query and `body` of `site`'s key, or of a person the site lists whose role is at least
+/// `needs`.
+pub fn authorize(
+    request: &Request<Incoming>,
+    site: &Site,
+    body: &[u8],
+    needs: Role,
+) -> Result<u64, Refusal> {
     let header = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -35,9 +44,23 @@ pub fn authorize(request: &Request<Incoming>, site: &Site, body: &[u8]) -> Resul
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    operator::verify(
+    let person = match operator::claimed_operator(header) {
+        None => None,
+        Some(name) => match site.operators.iter().find(|o| o.name.as_str() == name) {
+            Some(person) => Some(person),
+            None => {
+                warn!(site = %site.name, operator = name, "operator request refused: unknown operator");
+                return Err(Refusal(
+                    StatusCode::FORBIDDEN,
+                    format!("{name} is not an operator of site {}", site.name),
+                ));
+            }
+        },
+    };
+    let key = person.map_or_else(|| site.verifier_key(), |person| &person.public_key);
+    let at_ms = operator::verify(
         header,
-        site.verifier_key(),
+        key,
         &site.name,
         request.method().as_str(),
         path,
@@ -45,13 +68,30 @@ pub fn authorize(request: &Request<Incoming>, site: &Site, body: &[u8]) -> Resul
         now_ms,
     )
     .map_err(|refusal| {
-        warn!(site = %site.name, %refusal, "operator request refused");
+        warn!(site = %site.name, operator = ?person.map(|p| p.name.as_str()), %refusal, "operator request refused");
         let code = match refusal {
             operator::Refusal::Missing | operator::Refusal::Malformed => StatusCode::UNAUTHORIZED,
             _ => StatusCode::FORBIDDEN,
         };
         Refusal(code, refusal.to_string())
-    })
+    })?;
+    if let Some(person) = person {
+        if person.role < needs {
+            warn!(site = %site.name, operator = %person.name, role = person.role.as_str(), "operator request refused: role");
+            return Err(Refusal(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{} is a {} of site {}: this needs the {} role",
+                    person.name,
+                    person.role.as_str(),
+                    site.name,
+                    needs.as_str()
+                ),
+            ));
+        }
+        info!(site = %site.name, operator = %person.name, method = %request.method(), path, "operator request");
+    }
+    Ok(at_ms)
 }
 
 /// Whether the request may read `site`'s overview: a live session token of that site
@@ -81,7 +121,7 @@ pub fn authorize_reader(
                 }
                 _ => Refusal(StatusCode::FORBIDDEN, err.to_string()),
             }),
-        None => authorize(request, site, b"").map(drop),
+        None => authorize(request, site, b"", Role::Reader).map(drop),
     }
 }
 

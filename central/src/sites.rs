@@ -37,6 +37,8 @@ impl Latest {
 pub struct Site {
     pub name: DnsLabel,
     pub anchor: CertificateDer<'static>,
+    /// The people with keys of their own for the site's operator requests.
+    pub operators: Vec<crate::config::OperatorEntry>,
     verifier: Verifier,
     latest: watch::Sender<Option<Arc<Latest>>>,
     /// Which revision each node is offered, by the rollouts of the site's revisions.
@@ -115,6 +117,7 @@ impl Site {
         Ok(Site {
             name: entry.name.clone(),
             anchor,
+            operators: entry.operators.clone(),
             verifier: Verifier::new(entry.name.clone(), entry.public_key.clone()),
             latest: watch::Sender::new(latest),
             offers,
@@ -399,6 +402,7 @@ mod tests {
             name: name.clone(),
             anchor: dir.path().join("anchor.pem"),
             public_key: key.public_key.clone().try_into().expect("key"),
+            operators: Vec::new(),
         };
         let site = Site::load(&entry, storage.as_ref()).expect("site");
         let registry = Registry {

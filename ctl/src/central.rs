@@ -352,6 +352,13 @@ pub fn publish(
         pimesh_schema::routes::site_folder::compile(file).map_err(CentralError::InvalidConfig)?;
     let (config, text) = (site.config, site.text);
     let operator = Operator::open(args, site_dir)?;
+    if operator.key.is_empty() {
+        return Err(format!(
+            "publishing needs the site key, which signs revisions: {} has none",
+            site_dir.join("signing.pk8").display()
+        )
+        .into());
+    }
     if config.site != operator.site {
         return Err(format!(
             "{} is for site {}, the site folder {} for site {}",
@@ -420,29 +427,66 @@ fn put_revision(
 }
 
 /// The site's operator at the central server: requests signed with the site key of a
-/// site folder (`pimesh_revision::operator`).
+/// site folder, or with a person's own key (`pimesh_revision::operator`).
 pub struct Operator<'a> {
     client: Client,
     args: &'a CentralArgs,
     pub site: DnsLabel,
-    /// The site's signing key, PKCS#8.
+    /// The site's signing key, PKCS#8: it signs revisions.
     key: Vec<u8>,
+    /// The person who signs the requests instead of the site key: their name and key
+    /// (PKCS#8), from `PIMESH_OPERATOR` and `PIMESH_OPERATOR_KEY`.
+    person: Option<(String, Vec<u8>)>,
 }
 
+/// The environment variables that name the person signing operator requests.
+pub const OPERATOR_ENV: &str = "PIMESH_OPERATOR";
+pub const OPERATOR_KEY_ENV: &str = "PIMESH_OPERATOR_KEY";
+
 impl<'a> Operator<'a> {
-    /// The operator of the site of `site_dir` (its `site-name` and `signing.pk8`).
+    /// The operator of the site of `site_dir` (its `site-name`, and `signing.pk8` unless a
+    /// person signs: `PIMESH_OPERATOR` and `PIMESH_OPERATOR_KEY`, when a site folder may
+    /// hold its `site-name` alone).
     pub fn open(args: &'a CentralArgs, site_dir: &Path) -> Result<Operator<'a>, crate::Failure> {
         let site = crate::site::name_of(site_dir)?;
+        let person = match (
+            std::env::var(OPERATOR_ENV).ok().filter(|v| !v.is_empty()),
+            std::env::var_os(OPERATOR_KEY_ENV).filter(|v| !v.is_empty()),
+        ) {
+            (Some(name), Some(path)) => {
+                let path = PathBuf::from(path);
+                let key = std::fs::read(&path)
+                    .map_err(|source| CentralError::SiteKey { path, source })?;
+                Some((name, key))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(format!(
+                    "{OPERATOR_ENV} and {OPERATOR_KEY_ENV} go together: a person's name and \
+                     the key (PKCS#8) `pimeshctl operator keygen` made for them"
+                )
+                .into())
+            }
+        };
         let key_path = site_dir.join("signing.pk8");
-        let key = std::fs::read(&key_path).map_err(|source| CentralError::SiteKey {
-            path: key_path,
-            source,
-        })?;
+        let key = match std::fs::read(&key_path) {
+            Ok(key) => key,
+            // A person needs the site key only to publish (see `publish`).
+            Err(_) if person.is_some() => Vec::new(),
+            Err(source) => {
+                return Err(CentralError::SiteKey {
+                    path: key_path,
+                    source,
+                }
+                .into())
+            }
+        };
         Ok(Operator {
             client: client(args)?,
             args,
             site,
             key,
+            person,
         })
     }
 
@@ -456,8 +500,13 @@ impl<'a> Operator<'a> {
         let at_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let authorization = pimesh_revision::operator::authorization(
-            &self.key,
+        let (op, key) = match &self.person {
+            Some((name, key)) => (Some(name.as_str()), key.as_slice()),
+            None => (None, self.key.as_slice()),
+        };
+        let authorization = pimesh_revision::operator::authorization_as(
+            key,
+            op,
             &self.site,
             method.as_str(),
             path,

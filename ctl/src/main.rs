@@ -94,6 +94,11 @@ enum Command {
         #[command(subcommand)]
         command: SeedCommand,
     },
+    /// People's own keys for a site's operator requests.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
     /// Save and choose contexts (central server, its CA, site folder), as kubeconfig does.
     Context {
         #[command(subcommand)]
@@ -302,6 +307,24 @@ enum RolloutCommand {
     /// Publish the configuration of the last revision whose rollout completed, as a new
     /// revision.
     Undo,
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// Make a person's key (PKCS#8, 0600) and print the central server's entry for it.
+    Keygen {
+        /// The person's name (a DNS label), as their requests will carry it.
+        name: String,
+        /// The site the key is for.
+        #[arg(long)]
+        site: String,
+        /// reader (read the site) or operator (also pause, resume, abort).
+        #[arg(long, default_value = "reader")]
+        role: String,
+        /// Where to write the key.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -565,6 +588,15 @@ fn main() -> ExitCode {
         Command::Seed {
             command: SeedCommand::Validate { file },
         } => config::validate_seed(&file),
+        Command::Operator {
+            command:
+                OperatorCommand::Keygen {
+                    name,
+                    site,
+                    role,
+                    out,
+                },
+        } => site::operator_keygen(&name, &site, &role, &out),
         Command::Context {
             command: ContextCommand::List { output },
         } => context::list(output),

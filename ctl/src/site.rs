@@ -90,6 +90,52 @@ pub fn init(
     Ok(())
 }
 
+/// `pimeshctl operator keygen NAME --site SITE`: a person's own key for a site's operator
+/// requests, written to `out` (0600); prints the central server's `[[sites.operators]]`
+/// entry for it and how to use it.
+pub fn operator_keygen(
+    name: &str,
+    site: &str,
+    role: &str,
+    out: &std::path::Path,
+) -> Result<(), crate::Failure> {
+    let name =
+        DnsLabel::try_from(name.to_owned()).map_err(|err| format!("operator name: {err}"))?;
+    let site = DnsLabel::try_from(site.to_owned()).map_err(|err| format!("--site: {err}"))?;
+    if !matches!(role, "reader" | "operator") {
+        return Err(format!("--role: expected reader or operator, found {role:?}").into());
+    }
+    if out.exists() {
+        return Err(format!("{} exists: choose another --out", out.display()).into());
+    }
+    let rng = SystemRandom::new();
+    let key = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+        .map_err(|_| "cannot generate the operator key".to_owned())?;
+    let public_key = public_key_of_pkcs8(key.as_ref())
+        .ok_or_else(|| "cannot read back the operator key".to_owned())?;
+    secret_file::create(out, key.as_ref(), false)?;
+    println!(
+        "Wrote {name}'s key to {} (a secret: it stays with {name}).",
+        out.display()
+    );
+    println!(
+        "Add to the site's entry in the central server's central.toml:
+"
+    );
+    println!("[[sites.operators]]    # of site {site}");
+    println!("name = \"{name}\"");
+    println!("public_key = \"{public_key}\"");
+    println!(
+        "role = \"{role}\"       # reader: read the site; operator: also pause, resume, abort"
+    );
+    println!(
+        "\n{name} then signs with it: PIMESH_OPERATOR={name} PIMESH_OPERATOR_KEY={} pimeshctl ... \
+         (a site folder holding only site-name is enough; publishing still needs the site key)",
+        out.display()
+    );
+    Ok(())
+}
+
 /// The public half of an Ed25519 PKCS#8 key, as sites and seeds write it:
 /// `ed25519:<base64>`.
 fn public_key_of_pkcs8(pkcs8: &[u8]) -> Option<String> {

@@ -1,13 +1,16 @@
-//! Operator requests: what only the holder of a site's signing key may ask of the central
-//! server (its rollouts, its stored revisions, pausing or aborting a rollout). The site key
-//! that signs revisions is the operator's credential for the site; each request carries
+//! Operator requests: what only a site's operators may ask of the central server (its
+//! rollouts, its stored revisions, pausing or aborting a rollout). The site key that signs
+//! revisions is the site's own operator credential; a person may also have a key of their
+//! own, which the central server's configuration names with a role for that site. Each
+//! request carries
 //!
 //! ```text
-//! Authorization: Pimesh-Operator site=<site>,t=<milliseconds since the epoch>,sig=<base64 Ed25519>
+//! Authorization: Pimesh-Operator site=<site>[,op=<name>],t=<milliseconds since the epoch>,sig=<base64 Ed25519>
 //! ```
 //!
-//! `site` names the site whose key signed, for resources whose path names none (the
-//! fleet view); where the path names a site, that one counts.
+//! `site` names the site, for resources whose path names none (the fleet view); where the
+//! path names a site, that one counts. `op` names the person whose key signed; without it
+//! the site key signed.
 //!
 //! The signature covers a domain-separated, length-prefixed encoding of the site, the
 //! method, the path with its query, the time and the SHA-256 of the body (see [`payload`]),
@@ -28,22 +31,34 @@ pub const SCHEME: &str = "Pimesh-Operator";
 /// How far the request's time may be from the server's clock.
 pub const MAX_SKEW_MS: u64 = 5 * 60 * 1000;
 const DOMAIN: &[u8] = b"pimesh-operator/1\0";
+/// A person's signature: the person's name is covered too, so a signature cannot be passed
+/// off as another person's (nor as the site key's).
+const PERSON_DOMAIN: &[u8] = b"pimesh-operator-person/1\0";
 
-/// The bytes an operator request's signature covers.
+/// The bytes an operator request's signature covers; `op`: the person who signs, `None`
+/// for the site key.
 pub fn payload(
     site: &DnsLabel,
+    op: Option<&str>,
     method: &str,
     path_and_query: &str,
     at_ms: u64,
     body: &[u8],
 ) -> Vec<u8> {
     let mut payload = Vec::with_capacity(128);
-    payload.extend_from_slice(DOMAIN);
-    for part in [
+    let mut parts = vec![
         site.as_str().as_bytes(),
         method.as_bytes(),
         path_and_query.as_bytes(),
-    ] {
+    ];
+    match op {
+        Some(op) => {
+            payload.extend_from_slice(PERSON_DOMAIN);
+            parts.insert(0, op.as_bytes());
+        }
+        None => payload.extend_from_slice(DOMAIN),
+    }
+    for part in parts {
         payload.extend_from_slice(&(part.len() as u64).to_be_bytes());
         payload.extend_from_slice(part);
     }
@@ -62,11 +77,46 @@ pub fn authorization(
     at_ms: u64,
     body: &[u8],
 ) -> Result<String, SignError> {
-    let key = ring::signature::Ed25519KeyPair::from_pkcs8(site_key_pkcs8)
+    authorization_as(
+        site_key_pkcs8,
+        None,
+        site,
+        method,
+        path_and_query,
+        at_ms,
+        body,
+    )
+}
+
+/// [`authorization`] with the key (PKCS#8) of the person `op`, or of the site when `op` is
+/// `None`.
+pub fn authorization_as(
+    key_pkcs8: &[u8],
+    op: Option<&str>,
+    site: &DnsLabel,
+    method: &str,
+    path_and_query: &str,
+    at_ms: u64,
+    body: &[u8],
+) -> Result<String, SignError> {
+    let key = ring::signature::Ed25519KeyPair::from_pkcs8(key_pkcs8)
         .map_err(SignError::NotEd25519Pkcs8)?;
-    let signature = key.sign(&payload(site, method, path_and_query, at_ms, body));
+    let signature = key.sign(&payload(site, op, method, path_and_query, at_ms, body));
     let signature = base64::engine::general_purpose::STANDARD.encode(signature.as_ref());
-    Ok(format!("{SCHEME} site={site},t={at_ms},sig={signature}"))
+    let person = op.map(|op| format!(",op={op}")).unwrap_or_default();
+    Ok(format!(
+        "{SCHEME} site={site}{person},t={at_ms},sig={signature}"
+    ))
+}
+
+/// The person an operator request's header says signed it (`op=`), unchecked: `None` for
+/// the site key. The caller picks that person's key for [`verify`].
+pub fn claimed_operator(header: Option<&str>) -> Option<&str> {
+    header?
+        .strip_prefix(SCHEME)?
+        .strip_prefix(' ')?
+        .split(',')
+        .find_map(|part| part.trim().strip_prefix("op="))
 }
 
 /// The site an operator request's header names (`site=`), unchecked: the signature of
@@ -120,8 +170,9 @@ impl fmt::Display for Refusal {
 
 impl std::error::Error for Refusal {}
 
-/// Checks an operator request's `Authorization` header against the site's `key` at
-/// `now_ms`; returns the request's time.
+/// Checks an operator request's `Authorization` header against `key` (the site's, or that
+/// of the person the header names: [`claimed_operator`]) at `now_ms`; returns the
+/// request's time.
 pub fn verify(
     header: Option<&str>,
     key: &SigningKey,
@@ -135,11 +186,12 @@ pub fn verify(
         .and_then(|value| value.strip_prefix(SCHEME))
         .and_then(|rest| rest.strip_prefix(' '))
         .ok_or(Refusal::Missing)?;
-    let (mut at_ms, mut signature) = (None, None);
+    let (mut at_ms, mut signature, mut op) = (None, None, None);
     for part in credentials.split(',') {
         match part.trim().split_once('=') {
             Some(("t", value)) => at_ms = value.parse::<u64>().ok(),
             Some(("sig", value)) => signature = Some(value),
+            Some(("op", value)) => op = Some(value),
             Some(("site", _)) => {}
             _ => return Err(Refusal::Malformed),
         }
@@ -152,7 +204,7 @@ pub fn verify(
         .map_err(|_| Refusal::Malformed)?;
     ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key.as_bytes())
         .verify(
-            &payload(site, method, path_and_query, at_ms, body),
+            &payload(site, op, method, path_and_query, at_ms, body),
             &signature,
         )
         .map_err(|_| Refusal::BadSignature)?;
@@ -283,6 +335,29 @@ mod tests {
         assert_eq!(
             check(Some(&forged), &public, &site, "POST", path, b"", now),
             Err(Refusal::BadSignature)
+        );
+        // A person's signature: good under that person's name and key only.
+        let (alice_key, alice) = key();
+        let signed = authorization_as(&alice_key, Some("alice"), &site, "POST", path, now, b"")
+            .expect("sign");
+        assert!(signed.starts_with("Pimesh-Operator site=depot-7,op=alice,t="));
+        assert_eq!(claimed_operator(Some(&signed)), Some("alice"));
+        assert_eq!(claimed_operator(Some(&header)), None);
+        assert_eq!(
+            check(Some(&signed), &alice, &site, "POST", path, b"", now),
+            Ok(now)
+        );
+        let renamed = signed.replace("op=alice", "op=bob");
+        assert_eq!(
+            check(Some(&renamed), &alice, &site, "POST", path, b"", now),
+            Err(Refusal::BadSignature),
+            "passed off as another person's"
+        );
+        let unnamed = signed.replace(",op=alice", "");
+        assert_eq!(
+            check(Some(&unnamed), &alice, &site, "POST", path, b"", now),
+            Err(Refusal::BadSignature),
+            "passed off as the site key's"
         );
         for malformed in [
             "Pimesh-Operator t=1",
