@@ -11,6 +11,13 @@
 //!   0`, and the node of its 1 % wave rolls it back: the time from that report leaving the
 //!   node until the site's rollout reads `halted` (p50, max), and how many nodes beyond the
 //!   first wave were offered the revision (the halt works if none were).
+//! * **C, fleet release**: every site publishes a revision of one release whose sites go in
+//!   fleet waves of 1 %, 10 % and 100 % of the sites (each site's nodes in waves of 1 %,
+//!   10 %, 100 % as in A): the time from the publishes until the last site of each fleet
+//!   wave is complete.
+//! * **D, fleet halt**: the next release, and the 1 % wave's node of the first site rolls
+//!   it back: the time from that report until every other site's rollout reads `halted`,
+//!   and how many nodes were offered the revision (one if the halt held the fleet).
 //!
 //! usage: cargo bench -p pimesh-bench --bench rollouts -- [--sites N] [--nodes N]
 
@@ -250,11 +257,97 @@ async fn run(args: &Args) -> Result<(), Error> {
         offers3,
         "nodes",
     );
+    fleet_release(&mut table, &operator, &central, &sites, &behaviour).await?;
     table.note(format!(
         "A reads each site's rollouts every {} ms (signed GET), so its times are that coarse",
         WATCH_EVERY.as_millis()
     ));
     table.print();
+    Ok(())
+}
+
+/// C and D: releases across the fleet (revisions 4 and 5 of every site).
+async fn fleet_release(
+    table: &mut Table,
+    operator: &reqwest::Client,
+    central: &Central,
+    sites: &[BenchSite],
+    behaviour: &Behaviour,
+) -> Result<(), Error> {
+    let plan = |release: &str| {
+        format!("[rollout]\n{WAVES}max_failed = 0\nrelease = \"{release}\"\nfleet_waves = [1, 10, 100]\n")
+    };
+    // Sites in name order: the first 1 % (at least one site), then up to 10 %, then all.
+    let first = sites.len().div_ceil(100);
+    let tenth = (sites.len() * 10).div_ceil(100);
+    let published = Instant::now();
+    for site in sites {
+        publish(operator, central, site, 4, &plan("bench-c")).await?;
+    }
+    let completed = watch(operator, central, sites, 4, RolloutState::Complete).await?;
+    let latest = |range: std::ops::Range<usize>| {
+        completed[range]
+            .iter()
+            .map(|at| at.duration_since(published))
+            .max()
+            .unwrap_or_default()
+    };
+    let waves = [
+        ("1 %", 0..first),
+        ("10 %", first..tenth),
+        ("100 %", tenth..sites.len()),
+    ];
+    for (name, range) in waves {
+        if range.is_empty() {
+            continue; // a share of too few sites to hold one more
+        }
+        let count = range.len();
+        table.row_ms(
+            format!("C: publish → fleet wave {name} complete (its {count} site(s))"),
+            latest(range),
+        );
+    }
+
+    let canary = &sites[0];
+    behaviour
+        .fail
+        .lock()
+        .map_err(|_| "poisoned".to_owned())?
+        .insert((canary.name.to_string(), "n000".to_owned(), 5), None);
+    for site in sites {
+        publish(operator, central, site, 5, &plan("bench-d")).await?;
+    }
+    let halted = watch(operator, central, sites, 5, RolloutState::Halted).await?;
+    let sent = behaviour
+        .fail
+        .lock()
+        .map_err(|_| "poisoned".to_owned())?
+        .get(&(canary.name.to_string(), "n000".to_owned(), 5))
+        .copied()
+        .flatten()
+        .ok_or("the first site's failing node never reported")?;
+    let slowest = halted
+        .iter()
+        .map(|at| at.saturating_duration_since(sent))
+        .max()
+        .unwrap_or_default();
+    table.row_ms(
+        "D: bad report at the first site → every site's rollout halted",
+        slowest,
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let offered = behaviour
+        .offers
+        .lock()
+        .map_err(|_| "poisoned".to_owned())?
+        .get(&5)
+        .copied()
+        .unwrap_or(0);
+    table.row(
+        "D: nodes offered the halted release (the first site's first wave only: one)",
+        offered,
+        "nodes",
+    );
     Ok(())
 }
 

@@ -9,6 +9,7 @@ mod fleet;
 mod metrics;
 mod offers;
 mod operator;
+mod release;
 mod replication;
 mod rollout;
 mod sessions;
@@ -74,8 +75,11 @@ async fn run(config: CentralConfig) -> Result<(), Fatal> {
     let mut metrics = metrics::CentralMetrics::default();
     let (storage, replication) = open_storage(&config, &mut metrics)?;
     let mut sites = BTreeMap::new();
+    let releases = Arc::new(release::Releases::new(
+        config.sites.iter().map(|entry| entry.name.clone()),
+    ));
     for entry in &config.sites {
-        let site = Site::load(entry, storage.as_ref())?;
+        let site = Site::load(entry, storage.as_ref(), Arc::clone(&releases))?;
         info!(site = %site.name, latest = ?site.latest_revision(), "site loaded");
         sites.insert(site.name.clone(), site);
     }
@@ -87,6 +91,7 @@ async fn run(config: CentralConfig) -> Result<(), Fatal> {
     )?);
     let registry = Arc::new(Registry {
         sites,
+        releases,
         storage,
         long_poll_max: config.long_poll_max.0,
         fleet: fleet::FleetCache::default(),
@@ -246,13 +251,18 @@ fn self_probe_target(listener: &TcpListener) -> std::net::SocketAddr {
 /// How often rollouts look at the time (a node of a wave going offline).
 const ROLLOUT_TICK: Duration = Duration::from_secs(2);
 
-/// Advances every site's rollouts every [`ROLLOUT_TICK`], for ever; `ticking` beats each
-/// round.
+/// Advances every site's rollouts every [`ROLLOUT_TICK`] and whenever a site's rollout of a
+/// release changes state (it may open or halt another site's), for ever; `ticking` beats
+/// each round.
 async fn rollout_clock(registry: Arc<Registry>, ticking: Arc<notify::Heartbeat>) {
     let mut every = tokio::time::interval(ROLLOUT_TICK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut releases = registry.releases.subscribe();
     loop {
-        every.tick().await;
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = releases.changed() => {}
+        }
         let now = offers::unix_now();
         for site in registry.sites.values() {
             site.offers.tick(

@@ -12,7 +12,8 @@
 //! and its rollout); `live` holds every rollout whose revision may still be offered to a
 //! node: the newest that offers to every node and the ones above it; long-polls are woken
 //! (`changes`) after every change of a live rollout's state or waves (nothing else
-//! changes an offer).
+//! changes an offer); the fleet's [`Releases`] are told of every live rollout after each
+//! change, and of every stored one at load.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -27,6 +28,7 @@ use pimesh_schema::DnsLabel;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::release::{FleetGate, Releases};
 use crate::rollout::{self, Observed};
 use crate::sites::Latest;
 use crate::storage::Storage;
@@ -50,6 +52,8 @@ struct State {
     parked: BTreeMap<DnsLabel, usize>,
     /// The server's start: no node counts as offline before it.
     heard_floor: u64,
+    /// Every site's rollouts of each release, which hold back or halt this site's.
+    releases: Arc<Releases>,
 }
 
 struct Live {
@@ -112,14 +116,19 @@ pub fn plan_of(revision: &SignedRevision) -> Plan {
 }
 
 impl Offers {
-    /// The site's offers as storage holds them, `latest` being its newest revision.
+    /// The site's offers as storage holds them, `latest` being its newest revision; its
+    /// stored rollouts are noted in `releases`.
     pub fn load(
         site: &DnsLabel,
         latest: Option<&SignedRevision>,
         storage: &dyn Storage,
+        releases: Arc<Releases>,
         now: u64,
     ) -> io::Result<Offers> {
         let mut stored = storage.rollouts(site)?;
+        for rollout in stored.values() {
+            releases.note(rollout);
+        }
         let reports = storage.reports(site)?;
         let mut live = BTreeMap::new();
         if let Some(latest) = latest {
@@ -162,16 +171,19 @@ impl Offers {
             }
         }
         let (changes, _) = watch::channel(0);
+        let state = State {
+            site: site.clone(),
+            live,
+            reports,
+            heard: BTreeMap::new(),
+            heard_elsewhere: BTreeMap::new(),
+            parked: BTreeMap::new(),
+            heard_floor: now,
+            releases,
+        };
+        state.note_live();
         Ok(Offers {
-            state: Mutex::new(State {
-                site: site.clone(),
-                live,
-                reports,
-                heard: BTreeMap::new(),
-                heard_elsewhere: BTreeMap::new(),
-                parked: BTreeMap::new(),
-                heard_floor: now,
-            }),
+            state: Mutex::new(state),
             changes,
         })
     }
@@ -484,6 +496,13 @@ impl State {
         for node in self.parked.keys() {
             heard.insert(node.clone(), now);
         }
+        // Only a rollout that has not started is held by the fleet.
+        let fleet = if rollout.waves.is_empty() {
+            self.releases
+                .gate(&self.site, &rollout.plan, rollout.created_at)
+        } else {
+            FleetGate::Open
+        };
         rollout::advance(
             rollout,
             &Observed {
@@ -491,8 +510,16 @@ impl State {
                 heard: &heard,
                 heard_floor: self.heard_floor,
                 now,
+                fleet,
             },
         )
+    }
+
+    /// Tells the fleet's releases of every live rollout.
+    fn note_live(&self) {
+        for live in self.live.values() {
+            self.releases.note(&live.rollout);
+        }
     }
 
     /// Advances every live rollout that can still change; stores those whose durable part
@@ -548,8 +575,10 @@ impl State {
         changed
     }
 
-    /// Drops the live rollouts below the newest one that offers to every node.
+    /// Tells the fleet's releases of every live rollout, then drops the live rollouts
+    /// below the newest one that offers to every node.
     fn prune(&mut self) {
+        self.note_live();
         let floor = self
             .live
             .iter()

@@ -16,12 +16,17 @@
 //! - a rollout completes when its last wave has started and every node of the site holds
 //!   the revision, failed it or is offline;
 //! - only a running rollout starts waves; a paused or superseded one still counts
-//!   failures.
+//!   failures;
+//! - a rollout whose release waits for earlier sites of the fleet starts no wave; one whose
+//!   release halted at an earlier site halts (running or paused) before its first wave;
+//!   once a wave started, the fleet no longer holds it (see [`crate::release`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use pimesh_revision::{Plan, RecordedReport, ReportState, Rollout, RolloutState, Wave};
 use pimesh_schema::DnsLabel;
+
+use crate::release::FleetGate;
 
 /// What the server knows of a site's nodes at one instant.
 pub struct Observed<'a> {
@@ -34,6 +39,8 @@ pub struct Observed<'a> {
     /// restarted server within seconds, not before it starts).
     pub heard_floor: u64,
     pub now: u64,
+    /// Whether the fleet lets the rollout start its first wave.
+    pub fleet: FleetGate,
 }
 
 impl Observed<'_> {
@@ -137,7 +144,24 @@ pub fn advance(rollout: &mut Rollout, observed: &Observed<'_>) -> bool {
             failed.join(", ")
         ));
     }
-    if rollout.state == RolloutState::Running {
+    let held_by_fleet = rollout.waves.is_empty()
+        && match &observed.fleet {
+            FleetGate::Open => false,
+            FleetGate::Waiting(why) => {
+                if rollout.state == RolloutState::Running {
+                    rollout.reason = Some(why.clone());
+                }
+                true
+            }
+            FleetGate::Halted(why) => {
+                if matches!(rollout.state, RolloutState::Running | RolloutState::Paused) {
+                    rollout.state = RolloutState::Halted;
+                    rollout.reason = Some(why.clone());
+                }
+                true
+            }
+        };
+    if rollout.state == RolloutState::Running && !held_by_fleet {
         start_waves(rollout, observed, &known);
     }
     let changed = *rollout != before;
@@ -314,6 +338,7 @@ mod tests {
             waves: waves.to_vec(),
             max_failed,
             offline_after_secs: 60,
+            fleet: None,
         }
     }
 
@@ -322,6 +347,7 @@ mod tests {
         reports: BTreeMap<DnsLabel, RecordedReport>,
         heard: BTreeMap<DnsLabel, u64>,
         now: u64,
+        fleet: FleetGate,
     }
 
     impl Site {
@@ -330,6 +356,7 @@ mod tests {
                 reports: BTreeMap::new(),
                 heard: BTreeMap::new(),
                 now: 1_000,
+                fleet: FleetGate::Open,
             };
             for i in 0..n {
                 site.report(&format!("pi-{i:02}"), 1, ReportState::Applied);
@@ -372,6 +399,7 @@ mod tests {
                     heard: &self.heard,
                     heard_floor: 0,
                     now: self.now,
+                    fleet: self.fleet.clone(),
                 },
             )
         }
@@ -587,5 +615,39 @@ mod tests {
         let all: Vec<&DnsLabel> = rollout.members().collect();
         let unique: BTreeSet<&DnsLabel> = all.iter().copied().collect();
         assert_eq!(all.len(), unique.len());
+    }
+
+    #[test]
+    fn the_fleet_holds_the_first_wave_and_halts_a_rollout_that_has_not_started() {
+        let mut site = Site::new(4);
+        let mut rollout = new(label("s"), 2, plan(&["pi-00"], &[100], 0), site.now);
+        site.fleet = FleetGate::Waiting("fleet wave 50% of release r waits for site(s) a".into());
+        assert!(site.advance(&mut rollout));
+        assert!(rollout.waves.is_empty(), "no wave while the fleet waits");
+        assert_eq!(rollout.state, RolloutState::Running);
+        assert_eq!(
+            rollout.reason.as_deref(),
+            Some("fleet wave 50% of release r waits for site(s) a")
+        );
+        site.fleet = FleetGate::Open;
+        site.advance(&mut rollout);
+        assert_eq!(wave_names(&rollout), vec![vec!["pi-00"]]);
+        site.fleet = FleetGate::Halted("release r halted at site a (revision 3)".into());
+        site.advance(&mut rollout);
+        assert_eq!(
+            rollout.state,
+            RolloutState::Running,
+            "a started rollout is its own site's"
+        );
+
+        let mut paused = new(label("s"), 3, plan(&[], &[100], 0), site.now);
+        paused.state = RolloutState::Paused;
+        site.advance(&mut paused);
+        assert_eq!(paused.state, RolloutState::Halted);
+        assert_eq!(
+            paused.reason.as_deref(),
+            Some("release r halted at site a (revision 3)")
+        );
+        assert!(!paused.offers_to(&label("pi-01")));
     }
 }

@@ -98,7 +98,13 @@ impl std::error::Error for SiteLoadError {
 }
 
 impl Site {
-    pub fn load(entry: &SiteEntry, storage: &dyn Storage) -> Result<Site, SiteLoadError> {
+    /// The site `entry` as `storage` holds it, its rollouts ordered among the fleet's by
+    /// `releases`.
+    pub fn load(
+        entry: &SiteEntry,
+        storage: &dyn Storage,
+        releases: Arc<crate::release::Releases>,
+    ) -> Result<Site, SiteLoadError> {
         let anchor = CertificateDer::from_pem_file(&entry.anchor).map_err(|source| {
             SiteLoadError::Anchor {
                 site: entry.name.clone(),
@@ -111,7 +117,7 @@ impl Site {
             source,
         };
         let newest = storage.latest(&entry.name).map_err(storage_error)?;
-        let offers = Offers::load(&entry.name, newest.as_ref(), storage, unix_now())
+        let offers = Offers::load(&entry.name, newest.as_ref(), storage, releases, unix_now())
             .map_err(storage_error)?;
         let latest = newest.as_ref().map(Latest::of);
         Ok(Site {
@@ -209,6 +215,8 @@ impl Site {
 
 pub struct Registry {
     pub sites: BTreeMap<DnsLabel, Site>,
+    /// The releases the sites' rollouts carry across the fleet.
+    pub releases: Arc<crate::release::Releases>,
     pub storage: Arc<dyn Storage>,
     pub long_poll_max: std::time::Duration,
     /// The fleet view, told of every report and revision stored.
@@ -404,9 +412,11 @@ mod tests {
             public_key: key.public_key.clone().try_into().expect("key"),
             operators: Vec::new(),
         };
-        let site = Site::load(&entry, storage.as_ref()).expect("site");
+        let releases = Arc::new(crate::release::Releases::new([name.clone()]));
+        let site = Site::load(&entry, storage.as_ref(), Arc::clone(&releases)).expect("site");
         let registry = Registry {
             sites: BTreeMap::from([(name.clone(), site)]),
+            releases,
             storage: Arc::clone(&storage) as Arc<dyn Storage>,
             long_poll_max: std::time::Duration::from_secs(60),
             fleet: FleetCache::default(),

@@ -266,3 +266,123 @@ fn a_revision_stored_without_its_rollout_starts_its_plan_after_a_restart() {
     assert_eq!(nodes[0].poll(1, 1), None, "pi-a waits for the canary");
     assert_eq!(operator.rollout(1).state, RolloutState::Complete);
 }
+
+/// Revision `number` of `site` carrying `release`: the canary site `depot-2`, then half
+/// of the fleet, then all of it.
+fn release(site: &str, release: &str) -> String {
+    format!(
+        "site = \"{site}\"\n[rollout]\nrelease = \"{release}\"\nfleet_canary = [\"depot-2\"]\n\
+         fleet_waves = [50, 100]\n"
+    )
+}
+
+/// Each site's operator and its one node, `pi-a`.
+fn site_nodes<'a>(central: &'a Central, sites: &'a [OperatedSite]) -> Vec<(Operator<'a>, Node)> {
+    sites
+        .iter()
+        .map(|site| {
+            let (operator, mut nodes) = operator_and_nodes(central, site, &["pi-a"]);
+            (operator, nodes.remove(0))
+        })
+        .collect()
+}
+
+#[test]
+fn a_release_reaches_the_fleet_site_wave_by_site_wave_and_a_canary_sites_halt_stops_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let names = ["depot-1", "depot-2", "depot-3"];
+    let sites: Vec<OperatedSite> = names
+        .iter()
+        .map(|name| OperatedSite::new(dir.path(), name))
+        .collect();
+    let mut central = start(dir.path(), &sites.iter().collect::<Vec<_>>());
+    let fleet = site_nodes(&central, &sites);
+    let [(op1, node1), (op2, node2), (op3, node3)] = &fleet[..] else {
+        unreachable!()
+    };
+
+    // Every node is known to its site (a site without nodes completes at once).
+    for (_, node) in &fleet {
+        assert_eq!(node.poll(0, 1), None);
+    }
+
+    // Published to the later sites first: they wait for the canary site.
+    op1.publish(1, &release("depot-1", "2026.12-a"));
+    op3.publish(1, &release("depot-3", "2026.12-a"));
+    assert_eq!(node1.poll(0, 1), None, "depot-1 waits for the canary site");
+    assert_eq!(node3.poll(0, 1), None, "depot-3 waits for the first half");
+    let waiting = op1.rollout(1);
+    assert!(waiting.waves.is_empty());
+    let reason = waiting.reason.unwrap_or_default();
+    assert!(
+        reason.contains("fleet wave 50% of release 2026.12-a waits for a site before it"),
+        "{reason}"
+    );
+    op2.publish(1, &release("depot-2", "2026.12-a"));
+    assert_eq!(node2.poll(0, 5), Some(1), "the canary site goes first");
+    assert_eq!(node1.poll(0, 1), None, "until the canary site completes");
+    op3.wait_for(1, "depot-3 waits for the sites before it", |r| {
+        r.reason.as_deref()
+            == Some("fleet wave 100% of release 2026.12-a waits for site(s) depot-2, depot-1 to complete it")
+    });
+    node2.report(1, "applied", "");
+
+    // The canary site complete: the first half of the fleet (depot-1) takes it, then the rest.
+    op1.wait_for(1, "depot-1's wave starts", |r| !r.waves.is_empty());
+    assert_eq!(node1.poll(0, 5), Some(1));
+    assert_eq!(node3.poll(0, 1), None, "depot-3 waits for depot-1");
+    node1.report(1, "applied", "");
+    op3.wait_for(1, "depot-3's wave starts", |r| !r.waves.is_empty());
+    assert_eq!(node3.poll(0, 5), Some(1));
+    node3.report(1, "applied", "");
+    op3.wait_for(1, "depot-3 completes", |r| {
+        r.state == RolloutState::Complete
+    });
+
+    // The next release fails at the canary site: no other site's node is ever offered it.
+    for (i, (operator, _)) in fleet.iter().enumerate() {
+        operator.publish(2, &release(names[i], "2026.12-b"));
+    }
+    assert_eq!(node2.poll(1, 5), Some(2));
+    node2.report(1, "rolled-back", "revision 2: unhealthy: pimesh-proxy");
+    for operator in [op1, op3] {
+        let halted = operator.wait_for(2, "the release halts at the later sites", |r| {
+            r.state == RolloutState::Halted
+        });
+        let reason = halted.reason.unwrap_or_default();
+        assert!(
+            reason.starts_with(
+                "release 2026.12-b halted at site depot-2 (revision 2): 1 node(s) failed"
+            ),
+            "{reason}"
+        );
+        assert!(halted.waves.is_empty());
+    }
+    assert_eq!(node1.poll(1, 1), None);
+    assert_eq!(node3.poll(1, 1), None);
+
+    // The halt survives a crash of the server; the fix, published again under the same
+    // release, goes to the canary site alone first.
+    drop(fleet);
+    central.kill_and_restart();
+    let fleet = site_nodes(&central, &sites);
+    let [(op1, node1), (_, node2), (op3, node3)] = &fleet[..] else {
+        unreachable!()
+    };
+    assert_eq!(op1.rollout(2).state, RolloutState::Halted);
+    assert_eq!(node1.poll(1, 1), None);
+    for (i, (operator, _)) in fleet.iter().enumerate() {
+        operator.publish(3, &release(names[i], "2026.12-b"));
+    }
+    assert_eq!(node2.poll(1, 5), Some(3));
+    assert_eq!(
+        node1.poll(1, 1),
+        None,
+        "depot-1 waits for the fix at the canary site"
+    );
+    assert_eq!(node3.poll(1, 1), None);
+    node2.report(3, "applied", "");
+    op1.wait_for(3, "depot-1's wave starts", |r| !r.waves.is_empty());
+    assert_eq!(node1.poll(1, 5), Some(3));
+    assert_eq!(op3.rollout(3).state, RolloutState::Running);
+}

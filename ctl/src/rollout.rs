@@ -150,8 +150,13 @@ fn bar(done: usize, of: usize) -> String {
 
 /// The rollout as a person reads it.
 fn table(rollout: &Rollout) -> String {
+    let release = rollout
+        .plan
+        .fleet
+        .as_ref()
+        .map_or_else(String::new, |fleet| format!(" · release {}", fleet.release));
     let mut text = format!(
-        "site {} · revision {} · {}\n",
+        "site {} · revision {}{release} · {}\n",
         rollout.site, rollout.revision, rollout.state
     );
     text.push_str(&format!(
@@ -260,6 +265,7 @@ mod tests {
                 waves: vec![50, 100],
                 max_failed: 0,
                 offline_after_secs: 600,
+                fleet: None,
             },
             waves: vec![
                 Wave {
@@ -295,10 +301,18 @@ mod tests {
         );
         assert!(text.contains("100%         -  not started"), "{text}");
         assert!(text.contains("failed: pi-b: rolled-back"), "{text}");
-        let history = history_table(&[rollout]);
+        let history = history_table(std::slice::from_ref(&rollout));
         assert!(
             history.contains("12        halted     canary,50%,100% (2/3)       2      1"),
             "{history}"
         );
+        let mut of_a_release = rollout;
+        of_a_release.plan.fleet = Some(pimesh_revision::FleetPlan {
+            release: "2026.12-a".to_owned(),
+            canary: vec![label("depot-2")],
+            waves: vec![100],
+        });
+        assert!(table(&of_a_release)
+            .starts_with("site depot-7 · revision 12 · release 2026.12-a · halted\n"));
     }
 }

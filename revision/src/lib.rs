@@ -30,7 +30,7 @@ pub use report::{
     CertificateDates, K3sSummary, MeshTraffic, NodeReport, RecordedReport, ReportState,
     ServiceTraffic, UnrecognisedState,
 };
-pub use rollout::{Plan, Rollout, RolloutState, Wave};
+pub use rollout::{FleetPlan, Plan, Rollout, RolloutState, Wave};
 pub use signed::{
     Mode, Rejection, Revision, SignError, SignedRevision, Verified, Verifier, DEFAULT_MAX_BYTES,
     FORMAT,

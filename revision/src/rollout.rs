@@ -83,6 +83,32 @@ pub struct Plan {
     pub waves: Vec<u8>,
     pub max_failed: u32,
     pub offline_after_secs: u64,
+    /// The release this revision carries across the fleet, and the order of the sites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetPlan>,
+}
+
+/// Where a site stands among the sites of the central server that carry one release.
+///
+/// Invariant: `waves` is non-empty, increasing, ends at 100; sites are ordered by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetPlan {
+    pub release: String,
+    /// Sites that take the release first.
+    pub canary: Vec<DnsLabel>,
+    /// Cumulative percentages of the central server's sites, ending at 100.
+    pub waves: Vec<u8>,
+}
+
+impl FleetPlan {
+    /// The fleet's waves in order: `None` for the canary sites, else the percentage.
+    pub fn stages(&self) -> Vec<Option<u8>> {
+        let canary = (!self.canary.is_empty()).then_some(None);
+        canary
+            .into_iter()
+            .chain(self.waves.iter().map(|&percent| Some(percent)))
+            .collect()
+    }
 }
 
 impl From<&RolloutSettings> for Plan {
@@ -92,6 +118,11 @@ impl From<&RolloutSettings> for Plan {
             waves: settings.waves.clone(),
             max_failed: settings.max_failed,
             offline_after_secs: settings.offline_after.0.as_secs(),
+            fleet: settings.release.as_ref().map(|release| FleetPlan {
+                release: release.clone(),
+                canary: settings.fleet_canary.clone(),
+                waves: settings.fleet_waves.clone(),
+            }),
         }
     }
 }
@@ -222,6 +253,7 @@ mod tests {
                 waves: waves.to_vec(),
                 max_failed: 0,
                 offline_after_secs: 600,
+                fleet: None,
             },
             waves: Vec::new(),
             applied: BTreeSet::new(),

@@ -370,7 +370,9 @@ impl TryFrom<String> for Rfc3339 {
 ///
 /// Invariant (after [`ClusterConfig::parse`]): `waves` is non-empty, strictly increasing,
 /// each within 1 to 100, and ends at 100; `canary` names no node twice; `offline_after`
-/// is within [`limits::ROLLOUT_OFFLINE_AFTER`].
+/// is within [`limits::ROLLOUT_OFFLINE_AFTER`]; `fleet_waves` obeys the rules of `waves`,
+/// `fleet_canary` names no site twice, and either names a `release` unless both are left
+/// at their defaults; `release` is 1 to 64 of `A-Z a-z 0-9 . _ -`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RolloutSettings {
@@ -385,6 +387,16 @@ pub struct RolloutSettings {
     /// A node of a started wave that the central server has not heard from for this long
     /// does not hold its wave back; it takes the revision when it returns.
     pub offline_after: HumanDuration,
+    /// The name of the change this revision carries on every site it is published to (each
+    /// site's revision signed with its own key): the central server orders the sites that
+    /// carry it by `fleet_canary` and `fleet_waves`.
+    pub release: Option<String>,
+    /// Sites that take the release first, before any percentage of the fleet.
+    pub fleet_canary: Vec<DnsLabel>,
+    /// Then the share of the central server's sites offered the release, in percent,
+    /// cumulative, sites in name order: a site's first node wave starts only when the sites
+    /// before it completed the release. The default, `[100]`, is every site at once.
+    pub fleet_waves: Vec<u8>,
 }
 
 impl Default for RolloutSettings {
@@ -394,6 +406,9 @@ impl Default for RolloutSettings {
             waves: vec![100],
             max_failed: 0,
             offline_after: HumanDuration(Duration::from_secs(600)),
+            release: None,
+            fleet_canary: Vec::new(),
+            fleet_waves: vec![100],
         }
     }
 }
@@ -726,34 +741,84 @@ fn check_limits(file: &Path, text: &str, raw: &RawCluster, errors: &mut Vec<Conf
     }
 }
 
-/// Checks `[rollout]`'s waves and canaries (its duration is checked with the limits).
+/// Checks `[rollout]`'s waves, canaries and release (its duration is checked with the
+/// limits).
 fn check_rollout(rollout: &RolloutSettings, fail: &mut dyn FnMut(&[&str], String)) {
+    check_waves(&rollout.waves, "waves", fail);
+    check_no_twice(&rollout.canary, "canary", "node", fail);
+    check_waves(&rollout.fleet_waves, "fleet_waves", fail);
+    check_no_twice(&rollout.fleet_canary, "fleet_canary", "site", fail);
+    match &rollout.release {
+        Some(release) => {
+            let fits = (1..=64).contains(&release.len())
+                && release
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if !fits {
+                fail(
+                    &["rollout", "release"],
+                    format!(
+                        "expected 1 to 64 letters, digits, '.', '_' or '-', such as \
+                         \"2026.12-tls\", found {release:?}"
+                    ),
+                );
+            }
+        }
+        None => {
+            if !rollout.fleet_canary.is_empty() || rollout.fleet_waves != [100] {
+                let field = if rollout.fleet_canary.is_empty() {
+                    "fleet_waves"
+                } else {
+                    "fleet_canary"
+                };
+                fail(
+                    &["rollout", field],
+                    "a fleet rollout needs a `release` name, the same on every site it is \
+                     published to"
+                        .to_owned(),
+                );
+            }
+        }
+    }
+}
+
+/// Checks cumulative wave percentages (`[rollout] <field>`).
+fn check_waves(waves: &[u8], field: &str, fail: &mut dyn FnMut(&[&str], String)) {
     let expected =
         "expected increasing percentages of 1 to 100 ending at 100, such as [10, 50, 100]";
-    match rollout.waves.last() {
-        None => fail(&["rollout", "waves"], format!("{expected}, found none")),
+    match waves.last() {
+        None => fail(&["rollout", field], format!("{expected}, found none")),
         Some(&last) if last != 100 => fail(
-            &["rollout", "waves"],
+            &["rollout", field],
             format!("{expected}, found a last wave of {last}"),
         ),
         Some(_) => {}
     }
     let mut before = 0;
-    for (i, &percent) in rollout.waves.iter().enumerate() {
+    for (i, &percent) in waves.iter().enumerate() {
         if percent == 0 || percent > 100 || percent <= before {
             fail(
-                &["rollout", "waves", &i.to_string()],
+                &["rollout", field, &i.to_string()],
                 format!("{expected}, found {percent} after {before}"),
             );
         }
         before = percent;
     }
+}
+
+/// Checks that `[rollout] <field>` names no `what` (node, site) twice.
+fn check_no_twice(
+    names: &[DnsLabel],
+    field: &str,
+    what: &str,
+    fail: &mut dyn FnMut(&[&str], String),
+) {
     let mut seen = BTreeSet::new();
-    for (i, node) in rollout.canary.iter().enumerate() {
-        if !seen.insert(node) {
+    for (i, name) in names.iter().enumerate() {
+        if !seen.insert(name) {
             fail(
-                &["rollout", "canary", &i.to_string()],
-                format!("node {node} is listed twice"),
+                &["rollout", field, &i.to_string()],
+                format!("{what} {name} is listed twice"),
             );
         }
     }

@@ -151,6 +151,11 @@ fn each_broken_rule_names_its_key_and_line() {
         ("site = \"s\"\n[rollout]\nwaves = [0, 100]\n", "rollout.waves[0]", 3, "1 to 100"),
         ("site = \"s\"\n[rollout]\ncanary = [\"pi-a\", \"pi-a\"]\n", "rollout.canary[1]", 3, "twice"),
         ("site = \"s\"\n[rollout]\noffline_after = \"1s\"\n", "rollout.offline_after", 3, "10s to 7days"),
+        ("site = \"s\"\n[rollout]\nfleet_waves = [10, 100]\n", "rollout.fleet_waves", 3, "needs a `release`"),
+        ("site = \"s\"\n[rollout]\nfleet_canary = [\"depot-1\"]\n", "rollout.fleet_canary", 3, "needs a `release`"),
+        ("site = \"s\"\n[rollout]\nrelease = \"a b\"\n", "rollout.release", 3, "found \"a b\""),
+        ("site = \"s\"\n[rollout]\nrelease = \"r\"\nfleet_waves = [50, 20, 100]\n", "rollout.fleet_waves[1]", 4, "found 20 after 50"),
+        ("site = \"s\"\n[rollout]\nrelease = \"r\"\nfleet_canary = [\"d-1\", \"d-1\"]\n", "rollout.fleet_canary[1]", 4, "site d-1 is listed twice"),
     ];
     for (text, key, line, says) in cases {
         let err = parse(text).expect_err(text);
@@ -174,6 +179,15 @@ fn a_rollout_plan_is_read_and_its_absence_means_every_node_at_once() {
     assert_eq!(staged.rollout.waves, vec![10, 50, 100]);
     assert_eq!(staged.rollout.max_failed, 1);
     assert_eq!(staged.rollout.offline_after.0, Duration::from_secs(120));
+    assert_eq!(staged.rollout.release, None);
+    assert_eq!(staged.rollout.fleet_waves, vec![100]);
+    let fleet = parse(
+        "site = \"s\"\n[rollout]\nrelease = \"2026.12-tls\"\nfleet_canary = [\"depot-1\"]\nfleet_waves = [10, 100]\n",
+    )
+    .unwrap();
+    assert_eq!(fleet.rollout.release.as_deref(), Some("2026.12-tls"));
+    assert_eq!(fleet.rollout.fleet_canary, vec![label("depot-1")]);
+    assert_eq!(fleet.rollout.fleet_waves, vec![10, 100]);
 }
 
 #[test]

@@ -124,7 +124,8 @@ function render(view) {
   }));
 
   const rollout = view.rollouts[0];
-  document.getElementById("rollout-revision").textContent = rollout ? `of revision ${rollout.revision}` : "";
+  const release = rollout && rollout.plan.fleet ? `, release ${rollout.plan.fleet.release}` : "";
+  document.getElementById("rollout-revision").textContent = rollout ? `of revision ${rollout.revision}${release}` : "";
   const state = document.getElementById("rollout-state");
   state.textContent = rollout ? rollout.state : "none";
   state.className = rollout && (rollout.state === "halted" || rollout.state === "aborted") ? "bad" : "";
