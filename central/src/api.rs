@@ -22,7 +22,7 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{header, Method, Request, Response, StatusCode};
 use pimesh_meshtls::{Expected, Refusal as PeerRefusal, SiteTrust, SpiffeVerifier};
-use pimesh_revision::path::{ConfigQuery, Route, SiteResource};
+use pimesh_revision::path::{ConfigQuery, Route, SiteResource, TRIAL_STOPPED_HEADER};
 use pimesh_revision::{NodeReport, RecordedReport};
 use pimesh_schema::DnsLabel;
 use rustls::pki_types::CertificateDer;
@@ -384,8 +384,12 @@ async fn config(
     node: &DnsLabel,
     registry: &Registry,
 ) -> Response<Full<Bytes>> {
-    let (after, wait) = match ConfigQuery::parse(query) {
-        Ok(query) => (query.after, query.wait.min(registry.long_poll_max)),
+    let (after, wait, trial) = match ConfigQuery::parse(query) {
+        Ok(query) => (
+            query.after,
+            query.wait.min(registry.long_poll_max),
+            query.trial,
+        ),
         Err(err) => return error(StatusCode::BAD_REQUEST, &err.to_string()),
     };
     let mut changes = site.offers.subscribe();
@@ -416,6 +420,17 @@ async fn config(
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("application/json"),
+            );
+            return response;
+        }
+        if let Some(stopped) = trial.and_then(|trial| site.offers.stopped(trial)) {
+            debug!(site = %site.name, %node, trial = ?trial, state = %stopped, "the node's trial revision's rollout stopped");
+            answered("trial_stopped");
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            response.headers_mut().insert(
+                TRIAL_STOPPED_HEADER,
+                header::HeaderValue::from_static(stopped.as_str()),
             );
             return response;
         }

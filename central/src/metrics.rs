@@ -5,7 +5,7 @@
 //! | `pimesh_central_reports_total{site}` | node reports stored |
 //! | `pimesh_central_publishes_total{site,outcome}` | publishes: `stored`, `refused`, `failed` (storage) |
 //! | `pimesh_central_long_polls{site}` | nodes waiting in a long-poll now |
-//! | `pimesh_central_long_poll_answers_total{site,answer}` | long-polls answered: `revision` or `nothing_newer` |
+//! | `pimesh_central_long_poll_answers_total{site,answer}` | long-polls answered: `revision`, `nothing_newer` or `trial_stopped` |
 //! | `pimesh_central_site_revision{site}` | the newest revision (absent before the first) |
 //! | `pimesh_central_site_nodes{site}` | nodes that reported |
 //! | `pimesh_central_site_nodes_behind{site}` | of those, not on the newest revision: the site's revision lag |
@@ -98,7 +98,7 @@ impl Default for CentralMetrics {
         );
         registry.register(
             "pimesh_central_long_poll_answers",
-            "Long-polls answered, by site and answer (revision, nothing_newer)",
+            "Long-polls answered, by site and answer (revision, nothing_newer, trial_stopped)",
             long_poll_answers.clone(),
         );
         let sites = Arc::new(OnceLock::new());

@@ -213,6 +213,16 @@ impl Offers {
             .map(|live| Arc::clone(&live.revision))
     }
 
+    /// The state of `revision`'s rollout when it is halted or aborted (its nodes on trial
+    /// go back), as far as the live rollouts tell.
+    pub fn stopped(&self, revision: u64) -> Option<RolloutState> {
+        self.lock()
+            .live
+            .get(&revision)
+            .map(|live| live.rollout.state)
+            .filter(|state| state.is_stopped())
+    }
+
     /// Counts `node` as heard from while the returned guard lives (a parked long-poll),
     /// and tells the other replicas through `storage`.
     pub fn park(&self, node: &DnsLabel, storage: &dyn Storage, now: u64) -> Parked<'_> {

@@ -299,7 +299,8 @@ enum RolloutCommand {
         #[arg(long)]
         revision: Option<u64>,
     },
-    /// Stop the rollout: no node is offered its revision any more.
+    /// Stop the rollout: no node is offered its revision any more, and nodes running it on
+    /// trial (published with `--try`) go back at once.
     Abort {
         #[arg(long)]
         revision: Option<u64>,

@@ -4,7 +4,7 @@
 //! | path | resource |
 //! |---|---|
 //! | `/v1/sites/<site>/revisions` | [`revisions`]: publish a signed revision (`PUT`) |
-//! | `/v1/sites/<site>/config?after=<n>&wait=<s>` | [`config`] and [`ConfigQuery`]: a node's long-poll (`GET`) |
+//! | `/v1/sites/<site>/config?after=<n>&wait=<s>[&trial=<n>]` | [`config`] and [`ConfigQuery`]: a node's long-poll (`GET`) |
 //! | `/v1/sites/<site>/reports` | [`reports`]: a node's report (`POST`) |
 //! | `/v1/sites/<site>/revisions/<n>` | [`revision`]: one stored revision (`GET`, operator) |
 //! | `/v1/sites/<site>/rollouts` | [`rollouts`]: the site's rollouts, newest first (`GET`, operator) |
@@ -153,12 +153,20 @@ impl<'a> Route<'a> {
 }
 
 /// The query of a configuration long-poll: answer with a revision newer than `after`, or
-/// wait up to `wait` (whole seconds) for one.
+/// wait up to `wait` (whole seconds) for one. A node that runs a `try` revision on trial
+/// names it (`trial`): when that revision's rollout is halted or aborted, the server
+/// answers `204` at once with [`TRIAL_STOPPED_HEADER`] naming the state, and the node
+/// reverts without waiting for the end of its trial.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ConfigQuery {
     pub after: u64,
     pub wait: Duration,
+    pub trial: Option<u64>,
 }
+
+/// The header of a long-poll's `204` telling a node on trial that its trial revision's
+/// rollout stopped: `halted` or `aborted`.
+pub const TRIAL_STOPPED_HEADER: &str = "pimesh-trial-rollout";
 
 /// A [`ConfigQuery`] parameter that is not a whole number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,11 +186,15 @@ impl std::error::Error for QueryError {}
 impl ConfigQuery {
     const AFTER: &'static str = "after";
     const WAIT: &'static str = "wait";
+    const TRIAL: &'static str = "trial";
 
-    /// `after=<n>&wait=<s>`, the part of the URL after `?`.
+    /// `after=<n>&wait=<s>[&trial=<n>]`, the part of the URL after `?`.
     pub fn encode(&self) -> String {
+        let trial = self
+            .trial
+            .map_or_else(String::new, |trial| format!("&{}={trial}", Self::TRIAL));
         format!(
-            "{}={}&{}={}",
+            "{}={}&{}={}{trial}",
             Self::AFTER,
             self.after,
             Self::WAIT,
@@ -190,8 +202,9 @@ impl ConfigQuery {
         )
     }
 
-    /// Reads `after` and `wait` from a URL query (`None`: no query); a missing one is 0,
-    /// other parameters are ignored, the last of a repeated one counts.
+    /// Reads `after`, `wait` and `trial` from a URL query (`None`: no query); a missing
+    /// `after` or `wait` is 0, a missing `trial` none, other parameters are ignored, the
+    /// last of a repeated one counts.
     pub fn parse(query: Option<&str>) -> Result<ConfigQuery, QueryError> {
         let number =
             |key: &'static str, value: &str| value.parse::<u64>().map_err(|_| QueryError { key });
@@ -200,6 +213,7 @@ impl ConfigQuery {
             match key.as_ref() {
                 Self::AFTER => parsed.after = number(Self::AFTER, &value)?,
                 Self::WAIT => parsed.wait = Duration::from_secs(number(Self::WAIT, &value)?),
+                Self::TRIAL => parsed.trial = Some(number(Self::TRIAL, &value)?),
                 _ => {}
             }
         }
@@ -291,17 +305,27 @@ mod tests {
         let query = ConfigQuery {
             after: 12,
             wait: Duration::from_secs(50),
+            trial: None,
         };
         assert_eq!(query.encode(), "after=12&wait=50");
         assert_eq!(ConfigQuery::parse(Some(&query.encode())), Ok(query));
+        let on_trial = ConfigQuery {
+            trial: Some(12),
+            ..query
+        };
+        assert_eq!(on_trial.encode(), "after=12&wait=50&trial=12");
+        assert_eq!(ConfigQuery::parse(Some(&on_trial.encode())), Ok(on_trial));
         assert_eq!(ConfigQuery::parse(None), Ok(ConfigQuery::default()));
         assert_eq!(
             ConfigQuery::parse(Some("wait=5&other=x")),
             Ok(ConfigQuery {
                 after: 0,
-                wait: Duration::from_secs(5)
+                wait: Duration::from_secs(5),
+                trial: None,
             })
         );
+        let err = ConfigQuery::parse(Some("trial=x")).expect_err("words");
+        assert_eq!(err.to_string(), "trial must be a whole number");
         let err = ConfigQuery::parse(Some("after=-1")).expect_err("negative");
         assert_eq!(err.to_string(), "after must be a whole number");
         let err = ConfigQuery::parse(Some("after=1&wait=soon")).expect_err("words");

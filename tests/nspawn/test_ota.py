@@ -6,7 +6,7 @@ any order (run in file order, each starts where the one before ended, and `given
 nothing to publish).
 
 The node's OTA settings are shortened for the test (health deadline 15 s, settle 1 s,
-trial window 6 s, bundles up to 64 KiB, mesh traffic measured every 2 s); everything else
+trial window 12 s, bundles up to 64 KiB, mesh traffic measured every 2 s); everything else
 is the image's default.
 """
 
@@ -23,7 +23,7 @@ from harness.ota_site import Site, cluster_config, sha256_hex
 
 PROXY = "pimesh-proxy.service"
 CONTROLS = [f"pimesh-control@{n}.service" for n in (1, 2, 3)]
-OTA = {"health_deadline_ms": 15000, "settle_ms": 1000, "try_window_ms": 6000,
+OTA = {"health_deadline_ms": 15000, "settle_ms": 1000, "try_window_ms": 12000,
        "long_poll_wait_s": 20, "max_bundle_bytes": 65536, "traffic_every_s": 2}
 # The `web` app of the site configuration (port 8080 on the node): 200, or 500 for /fail.
 WEB_APP = r"""
@@ -194,7 +194,8 @@ def test_a_trial_revision_reverts_unless_a_newer_one_confirms_it(site):
                             and site.ota_status()["pending"] == revision, timeout=30)
     assert site.active_config() == trial
     assert site.central_report()["state"] == "trying"
-    status = site.container.wait_for("the revert", lambda: outcome(site, "reverted"), timeout=30)
+    status = site.container.wait_for("the revert", lambda: outcome(site, "reverted"), timeout=60)
+    assert "not confirmed by a newer revision within 12s" in status["last_outcome"]["detail"], status
     assert status["committed"] == committed
     assert site.active_config() == good
     assert site.proxy_config()["sha256"] == sha256_hex(good)
@@ -205,9 +206,35 @@ def test_a_trial_revision_reverts_unless_a_newer_one_confirms_it(site):
                             and site.ota_status()["pending"] == revision, timeout=30)
     confirmed = site.publish(trial)
     site.wait_committed(confirmed)
-    time.sleep(7)  # past the first trial's window: nothing reverts any more
+    time.sleep(13)  # past the first trial's window: nothing reverts any more
     assert site.ota_status()["committed"] == confirmed
     assert site.active_config() == trial
+
+
+def test_a_trial_revision_goes_back_at_once_when_its_rollout_is_aborted(site):
+    given(site, cluster_config(site.name, max_connections=3000, services=("web", "api")))
+    good = site.active_config()
+    committed = site.ota_status()["committed"]
+    # The canary wave also waits for `pi-late` (not heard from yet, not offline for 10
+    # minutes): the rollout runs while the node is on trial.
+    rollout = f'[rollout]\ncanary = ["{site.node}", "pi-late"]\noffline_after = "10m"\n'
+    trial = cluster_config(site.name, max_connections=3200, services=("web", "api"), extra=rollout)
+    revision = site.publish(trial, try_mode=True)
+    site.container.wait_for("the trial", lambda: site.ota_status()["state"] == "trying"
+                            and site.ota_status()["pending"] == revision, timeout=30)
+    site.ctl("rollout", "abort", "--revision", str(revision), "--site-dir", site.keys,
+             "--central", f"https://127.0.0.1:{site.port}", "--central-ca", site.server_cert)
+    status = site.container.wait_for("the revert", lambda: outcome(site, "reverted"), timeout=60)
+    # Told by the central server, not at the end of the 12 s window.
+    detail = status["last_outcome"]["detail"]
+    assert f"the rollout of revision {revision} was aborted at the central server" in detail, status
+    assert status["committed"] == committed
+    assert site.active_config() == good
+    assert site.proxy_config()["sha256"] == sha256_hex(good)
+    rollout, code = site.rollout(revision)
+    assert (rollout["state"], code) == ("aborted", 3)
+    site.container.wait_for("the revert reported", lambda: site.central_report()["state"] == "reverted",
+                            timeout=60)
 
 
 def test_reports_wait_on_disk_while_the_central_server_is_down(site):
@@ -217,7 +244,7 @@ def test_reports_wait_on_disk_while_the_central_server_is_down(site):
     site.container.wait_for("the trial", lambda: site.ota_status()["pending"] == revision, timeout=30)
     site.kill_central()
     site.container.wait_for("the revert with the central server down",
-                            lambda: outcome(site, "reverted"), timeout=30)
+                            lambda: outcome(site, "reverted"), timeout=60)
     assert site.ota_status()["queued_reports"] >= 1
     outbox = site.node_path("/var/lib/pimesh/ota/outbox")
     assert os.listdir(outbox), "the report is on disk"

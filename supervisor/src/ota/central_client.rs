@@ -21,6 +21,9 @@ use crate::credential::NodeCredential;
 pub enum Poll {
     /// Nothing newer within the wait.
     Nothing,
+    /// Nothing newer, and the rollout of the revision the node runs on trial was stopped
+    /// (`halted` or `aborted`, as the server says).
+    TrialStopped(String),
     /// A document the server offers as the next revision (not yet verified).
     Offered(Vec<u8>),
     /// The document is larger than allowed: refused unread.
@@ -233,15 +236,10 @@ impl CentralClient {
 
     /// `GET config?after=&wait=`: returns at once when the server has something newer,
     /// else after `wait`. Reads at most `max_bytes`.
-    pub async fn poll(
-        &self,
-        after: u64,
-        wait: Duration,
-        max_bytes: usize,
-    ) -> Result<Poll, RequestError> {
+    pub async fn poll(&self, query: ConfigQuery, max_bytes: usize) -> Result<Poll, RequestError> {
         let mut last = None;
         for (index, replica) in self.in_turn() {
-            match self.poll_replica(replica, after, wait, max_bytes).await {
+            match self.poll_replica(replica, query, max_bytes).await {
                 Err(err) if err.is_no_answer() => last = Some(self.no_answer(index, err)),
                 outcome => {
                     self.answered(index);
@@ -255,11 +253,9 @@ impl CentralClient {
     async fn poll_replica(
         &self,
         replica: &Replica,
-        after: u64,
-        wait: Duration,
+        query: ConfigQuery,
         max_bytes: usize,
     ) -> Result<Poll, RequestError> {
-        let query = ConfigQuery { after, wait };
         let url = format!("{}?{}", replica.config_url, query.encode());
         let unreachable = |source| RequestError::Unreachable {
             url: replica.config_url.clone(),
@@ -267,7 +263,17 @@ impl CentralClient {
         };
         let mut response = self.http.get(&url).send().await.map_err(unreachable)?;
         match response.status() {
-            StatusCode::NO_CONTENT => return Ok(Poll::Nothing),
+            StatusCode::NO_CONTENT => {
+                let stopped = response
+                    .headers()
+                    .get(path::TRIAL_STOPPED_HEADER)
+                    .and_then(|value| value.to_str().ok())
+                    .filter(|state| matches!(*state, "halted" | "aborted"));
+                return Ok(match stopped {
+                    Some(state) if query.trial.is_some() => Poll::TrialStopped(state.to_owned()),
+                    _ => Poll::Nothing,
+                });
+            }
             StatusCode::OK => {}
             status => {
                 let body = response.text().await.unwrap_or_default();
@@ -402,7 +408,12 @@ mod tests {
         let client = CentralClient::new(&seed, site.name(), &credential, Duration::from_secs(5))
             .expect("client");
         let poll_once = |client: &CentralClient| {
-            runtime.block_on(client.poll(0, Duration::from_secs(1), 1 << 20))
+            let query = ConfigQuery {
+                after: 0,
+                wait: Duration::from_secs(1),
+                trial: None,
+            };
+            runtime.block_on(client.poll(query, 1 << 20))
         };
 
         // Nothing listens at the first URL: a answers (nothing published there).
@@ -429,5 +440,48 @@ mod tests {
             .block_on(client.send_report(&report))
             .expect_err("no replica answers");
         assert!(err.to_string().contains("cannot reach"), "{err}");
+    }
+
+    #[test]
+    fn a_node_on_trial_hears_at_once_that_its_revisions_rollout_was_stopped() {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let site = OperatedSite::new(dir.path(), "depot-7");
+        let server = Central::start(dir.path(), "", &[site.central_site()]);
+        let operator = SiteOperator::new(&server, &site);
+        let url = format!("https://localhost:{}", server.addr.port());
+        let (chain_pem, key_pem) = site.site.node_credential_pem("pi-a");
+        let credential = NodeCredential { chain_pem, key_pem };
+        let seed = central(&site, &[url], &[&server]);
+        let client = CentralClient::new(&seed, site.name(), &credential, Duration::from_secs(5))
+            .expect("client");
+        let poll = |after, trial| {
+            let query = ConfigQuery {
+                after,
+                wait: Duration::from_secs(1),
+                trial,
+            };
+            runtime.block_on(client.poll(query, 1 << 20))
+        };
+        assert!(matches!(poll(0, None), Ok(Poll::Nothing)), "pi-a is known");
+        operator.publish(
+            1,
+            "site = \"depot-7\"\n[rollout]\ncanary = [\"pi-a\"]\nwaves = [100]\n",
+        );
+        assert!(matches!(poll(0, None), Ok(Poll::Offered(_))), "the canary");
+        assert!(
+            matches!(poll(1, Some(1)), Ok(Poll::Nothing)),
+            "the rollout runs: the trial goes on"
+        );
+        let (status, body) = operator.command(1, pimesh_revision::rollout::Command::Abort);
+        assert_eq!(status, 200, "{body}");
+        match poll(1, Some(1)) {
+            Ok(Poll::TrialStopped(state)) => assert_eq!(state, "aborted"),
+            _ => panic!("the node on trial is told its rollout was aborted"),
+        }
+        assert!(
+            matches!(poll(1, None), Ok(Poll::Nothing)),
+            "a node not on trial is told nothing"
+        );
     }
 }

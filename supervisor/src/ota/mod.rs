@@ -29,6 +29,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use pimesh_revision::path::ConfigQuery;
 use pimesh_revision::{
     CertificateDates, K3sSummary, MeshTraffic, Mode, Rejection, Verified, Verifier,
 };
@@ -315,9 +316,12 @@ impl Ota {
         }
         self.set_state();
         let wait = self.context.settings.long_poll_wait;
-        let poll = self
-            .client
-            .poll(self.journal.poll_after, wait, self.verifier.max_bytes);
+        let query = ConfigQuery {
+            after: self.journal.poll_after,
+            wait,
+            trial: self.trial_revision(),
+        };
+        let poll = self.client.poll(query, self.verifier.max_bytes);
         let answer = match self.trial_deadline() {
             Some(until) => tokio::select! {
                 answer = poll => answer,
@@ -327,6 +331,18 @@ impl Ota {
         };
         match answer {
             Ok(Poll::Nothing) => self.reached(),
+            Ok(Poll::TrialStopped(state)) => {
+                self.reached();
+                let Some(trial) = self.trial_revision() else {
+                    return;
+                };
+                warn!(revision = trial, %state, "the trial revision's rollout stopped at the central server; going back");
+                self.roll_back(
+                    Rollback::Unconfirmed,
+                    format!("the rollout of revision {trial} was {state} at the central server"),
+                )
+                .await;
+            }
             Ok(Poll::TooLarge { size }) => {
                 self.reached();
                 let max = self.verifier.max_bytes;
@@ -384,6 +400,18 @@ impl Ota {
         }
     }
 
+    /// The revision on trial, if any.
+    fn trial_revision(&self) -> Option<u64> {
+        match &self.journal.pending {
+            Some(Pending {
+                revision,
+                phase: Phase::Trying { .. },
+                ..
+            }) => Some(*revision),
+            _ => None,
+        }
+    }
+
     /// Sleeps for `duration`, but not past the end of a trial.
     async fn pause(&self, duration: Duration) {
         let mut until = Instant::now() + duration;
@@ -395,14 +423,7 @@ impl Ota {
 
     /// The revision the node runs now: on trial, or committed.
     fn running(&self) -> Option<u64> {
-        match &self.journal.pending {
-            Some(Pending {
-                revision,
-                phase: Phase::Trying { .. },
-                ..
-            }) => Some(*revision),
-            _ => self.journal.committed,
-        }
+        self.trial_revision().or(self.journal.committed)
     }
 
     /// A refused offer: reported once, never applied, and not asked for again.
