@@ -103,12 +103,17 @@ pub struct FleetPlan {
 impl FleetPlan {
     /// The fleet's waves in order: `None` for the canary sites, else the percentage.
     pub fn stages(&self) -> Vec<Option<u8>> {
-        let canary = (!self.canary.is_empty()).then_some(None);
-        canary
-            .into_iter()
-            .chain(self.waves.iter().map(|&percent| Some(percent)))
-            .collect()
+        stages(&self.canary, &self.waves)
     }
+}
+
+/// Waves in order: `None` for a canary wave when there are canaries, then each percentage.
+fn stages<T>(canary: &[T], waves: &[u8]) -> Vec<Option<u8>> {
+    let canary = (!canary.is_empty()).then_some(None);
+    canary
+        .into_iter()
+        .chain(waves.iter().map(|&percent| Some(percent)))
+        .collect()
 }
 
 impl From<&RolloutSettings> for Plan {
@@ -130,11 +135,7 @@ impl From<&RolloutSettings> for Plan {
 impl Plan {
     /// The plan's waves in order: `None` for the canary wave, else the percentage.
     pub fn stages(&self) -> Vec<Option<u8>> {
-        let canary = (!self.canary.is_empty()).then_some(None);
-        canary
-            .into_iter()
-            .chain(self.waves.iter().map(|&percent| Some(percent)))
-            .collect()
+        stages(&self.canary, &self.waves)
     }
 }
 
