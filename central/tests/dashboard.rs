@@ -145,7 +145,7 @@ fn the_dashboard_shows_the_site_escapes_what_nodes_sent_and_follows_a_rollout() 
         &central,
         &site,
         2,
-        "site = \"depot-7\"\n[rollout]\ncanary = [\"pi-c\"]\nwaves = [100]\n",
+        "site = \"depot-7\"\n[rollout]\ncanary = [\"pi-c\"]\nwaves = [100]\nrelease = \"2026.12-a\"\n",
     );
     let hostile = "revision 2: <img src=x onerror=\"document.title='pwned'\"> unhealthy";
     node_takes(
@@ -229,6 +229,13 @@ fn the_dashboard_shows_the_site_escapes_what_nodes_sent_and_follows_a_rollout() 
                 .expect("state")
                 .as_deref(),
             Some("halted")
+        );
+        assert_eq!(
+            page.text_of("rollout-revision")
+                .await
+                .expect("revision")
+                .as_deref(),
+            Some("of revision 2, release 2026.12-a")
         );
         let detail = page
             .eval("document.querySelector('tr[data-node=\"pi-c\"] td.detail').textContent")
