@@ -3,6 +3,11 @@
 # Idempotent: does nothing when every tool is already present at a usable version.
 set -euo pipefail
 
+# `make -j` runs several targets that call this script at once: one installs at a time,
+# the others wait and then find everything present.
+exec 9>/run/lock/pimesh-host-deps.lock
+flock 9
+
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 
@@ -15,7 +20,9 @@ for tool in mmdebstrap qemu-system-aarch64 qemu-system-x86_64 qemu-aarch64-stati
 done
 # The central server's replica tests start Debian's PostgreSQL server themselves.
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need+=(postgresql)
-e2fs_ok() { mke2fs -V 2>&1 | grep -qE 'mke2fs 1\.(47|48|49)'; }
+# Read the whole version text first: `grep -q` closing the pipe early would fail mke2fs
+# with SIGPIPE, which pipefail reports as a missing tool.
+e2fs_ok() { local v; v=$(mke2fs -V 2>&1) || true; [[ $v =~ mke2fs\ 1\.(47|48|49) ]]; }
 e2fs_ok || need+=(e2fsprogs-backports)
 
 if [ "${#need[@]}" -gt 0 ]; then
@@ -34,23 +41,23 @@ SRC
   else
     bpo=()
   fi
-  apt-get update -q
-  apt-get install -y -q --no-install-recommends "${bpo[@]}" \
+  apt-get -o DPkg::Lock::Timeout=600 update -q
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${bpo[@]}" \
     mmdebstrap qemu-system-arm qemu-system-x86 qemu-user-static qemu-utils e2fsprogs
-  apt-get install -y -q --no-install-recommends \
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends \
     mtools dosfstools fdisk xz-utils util-linux systemd-container openssh-client \
     bsdutils curl jq python3 zstd ca-certificates binfmt-support arch-test openssl iptables iproute2 \
     debian-archive-keyring gpg kmod systemd device-tree-compiler dnsmasq-base
   # Headless Chromium drives the demo's page in demo/tests/page.rs; the fonts make its
   # screenshots legible.
-  apt-get install -y -q --no-install-recommends chromium fonts-liberation
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends chromium fonts-liberation
   # PostgreSQL's server for central/tests/replicas.rs, which starts its own in a
   # temporary folder: the package's default cluster (a server on port 5432) is not made.
   mkdir -p /etc/postgresql-common/createcluster.d
   echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/pimesh.conf
-  apt-get install -y -q --no-install-recommends postgresql
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends postgresql
   # `make demo` forwards 127.0.0.1:8080 of this machine into the site test's LAN.
-  apt-get install -y -q --no-install-recommends socat
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends socat
 fi
 
 # Run arm64 programs (the rootfs' maintainer scripts, cross-built binaries) transparently.
