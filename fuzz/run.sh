@@ -34,7 +34,7 @@ for target in "${targets[@]}"; do
   fi
   execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
   corpus=$(find "corpus/$target" -type f | wc -l)
-  printf 'fuzz %-22s %s s  %12s executions  corpus %5s  %s\n' "$target" "$seconds" "${execs:-?}" "$corpus" "$result"
+  printf 'fuzz %-26s %s s  %12s executions  corpus %5s  %s\n' "$target" "$seconds" "${execs:-?}" "$corpus" "$result"
   rm -f "$log"
 done
 exit $status

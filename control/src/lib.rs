@@ -50,10 +50,16 @@
 //! (`state`). Heartbeats are soft state: nothing is written to disk. SIGTERM stops
 //! accepting and exits; a request cut short is simply retried by the proxy (issuing is
 //! idempotent).
+//!
+//! The binary (`main.rs`) calls [`main`]; the library exists for that and for
+//! [`fuzzing`], the fuzz targets' entry points into the parsers of outside input. Nothing
+//! else is public.
 
 mod api;
 mod cli;
 mod discovery;
+#[doc(hidden)]
+pub mod fuzzing;
 mod grants;
 mod heartbeats;
 mod identity_api;
@@ -88,7 +94,8 @@ const TICK: Duration = Duration::from_secs(5);
 /// How often expired heartbeats are dropped: an expiry shows within this of the TTL.
 const EXPIRE: Duration = Duration::from_millis(500);
 
-fn main() -> ExitCode {
+/// Runs the replica with the process's arguments until SIGTERM (or a fatal error).
+pub fn main() -> ExitCode {
     match cli::parse(std::env::args_os()) {
         Ok(options) => pimesh_runtime::run(pimesh_runtime::Threads::One, run(options)),
         Err(err) => err.exit(),

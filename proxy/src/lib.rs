@@ -40,13 +40,17 @@
 //!   `cli`: the command line.
 //!
 //! This file only wires them: it parses the arguments, builds the parts, spawns their
-//! tasks, feeds reloads to them, and drains on SIGTERM.
+//! tasks, feeds reloads to them, and drains on SIGTERM. The binary (`main.rs`) calls
+//! [`main`]; the library exists for that and for [`fuzzing`], the fuzz targets' entry
+//! points into the parsers of outside input. Nothing else is public.
 
 mod admin;
 mod cli;
 mod config;
 mod context;
 mod control;
+#[doc(hidden)]
+pub mod fuzzing;
 mod identity;
 mod inbound;
 mod outbound;
@@ -76,7 +80,8 @@ use crate::transport::{drain, listeners};
 /// How long open connections get to finish after SIGTERM (the unit allows 10 s).
 const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
 
-fn main() -> ExitCode {
+/// Runs the proxy with the process's arguments until SIGTERM (or a fatal error).
+pub fn main() -> ExitCode {
     match cli::parse(std::env::args_os()) {
         Ok(options) => pimesh_runtime::run(pimesh_runtime::Threads::One, run(options)),
         Err(err) => err.exit(),

@@ -18,7 +18,7 @@
 
 mod cache;
 mod client;
-mod document;
+pub(crate) mod document;
 mod heartbeat;
 pub mod metrics;
 

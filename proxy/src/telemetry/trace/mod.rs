@@ -30,7 +30,7 @@
 //! Caller's contract: call [`begin`] only when tracing is configured (a sink exists).
 //! Otherwise the next hop's parent would be a span that no collector ever receives.
 
-mod context;
+pub(crate) mod context;
 mod export;
 mod otlp;
 mod queue;
