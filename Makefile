@@ -111,12 +111,12 @@ lint:
 bench-site: image-amd64
 	./tests/site/run.sh -k cards_form | tee /dev/stderr | grep '^FIGURES' || true
 
-# Power cuts at scale: the QEMU OTA test with N cuts (QEMU killed at a random instant while
-# the node applies a new revision; every boot must hold the old or the new one whole).
+# Power cuts at scale: N QEMU kills at random instants, a third during OTA applies (every
+# boot holds the old or the new revision whole), the rest during issuer rotations and joins
+# on a two-board site (every credential whole); the two soaks run side by side.
 N ?= 100
 soak-powercut: $(IMAGE) host-bins
-	PIMESH_VM_POWER_CUTS=$$(( ($(N) + 2) / 3 )) PIMESH_VM_SITE_POWER_CUTS=$$(( $(N) - ($(N) + 2) / 3 )) \
-		./tests/qemu/run.sh test_ota.py test_powercut_site.py
+	./tests/qemu/soak.sh $$(( ($(N) + 2) / 3 )) $$(( $(N) - ($(N) + 2) / 3 ))
 
 # Two VMs of the image on one LAN: the second joins the first by itself; kept up until Ctrl-C.
 qemu-site: $(IMAGE) host-bins

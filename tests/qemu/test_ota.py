@@ -4,10 +4,14 @@ The central server runs on the host (127.0.0.1, reached by the guest as 10.0.2.2
 site made by `pimeshctl site init`; the node boots with a seed naming it, is enrolled
 with `pimeshctl node sign`, and takes a revision. Then, a few times: a new revision is
 published and QEMU is killed (the power cut) at a random instant while the node applies
-it; the node boots again from the same disk and must hold the old or the new revision
-whole, then converge on the new one — with the proxy running exactly that configuration.
+it — a log-uniform delay after the publish, 10 ms to 4 s: the node's long-poll answers at
+once, so as many cuts land in the first tenth of a second as between 0.4 and 4 s, over the
+apply, the trial and the commit. The node boots again from the same disk and must hold the
+old or the new revision whole, then converge on the new one — with the proxy running
+exactly that configuration.
 """
 
+import math
 import os
 import random
 import time
@@ -98,7 +102,7 @@ def test_power_cuts_during_apply_leave_the_old_or_the_new_revision(site, tmp_pat
             old, new = config, cluster_config(site.name, max_connections=1001 + cut,
                                               services=("web", f"svc{cut}"))
             revision = site.publish(new)
-            time.sleep(rng.uniform(0.0, 3.0))
+            time.sleep(math.exp(rng.uniform(math.log(0.01), math.log(4.0))))
             node.kill()  # the power cut
             node = Node(workdir, image, None, key, fresh_disk=False).boot()
             node.wait_for_ssh()

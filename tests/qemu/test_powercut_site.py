@@ -12,14 +12,20 @@ PIMESH_VM_SITE_POWER_CUTS cuts (QEMU killed: no shutdown, no sync), alternating:
   issuer key is its certificate's, the certificate verifies under the site's anchor), so
   is pi-1's node credential, and pi-2 reaches pi-1's service through both proxies again.
 - **join**: a new board, fresh from the image with the join seed, is cut at a random
-  instant of its join (from the first state its status shows until a while after it says
-  joined). After the boot it ends joined, with a certificate for the key it holds, naming
-  it, under the site's anchor; and pi-1's join records show it joined.
+  instant of its join: its status is polled from power-on, and the cut comes a
+  log-uniform delay (10 ms to JOIN_WINDOW_S) after the status first answers — the join
+  starts with the status server and takes about a second in QEMU here, so about half of
+  the cuts land inside it and the rest in what follows. After the boot it ends joined,
+  with a certificate for the key it holds, naming it, under the site's anchor; and pi-1's
+  join records show it joined. Each cut is reported with the states seen before it and
+  whether the board had to join again after the boot (its join was not yet whole on disk).
 """
 
+import math
 import os
 import random
 import shutil
+import threading
 import time
 
 import pytest
@@ -31,9 +37,8 @@ from harness.qemu_site import (SITE, boot_first_two, check_pair, give_cluster_co
 
 CUTS = int(os.environ.get("PIMESH_VM_SITE_POWER_CUTS", "0"))
 JOIN_TIMEOUT = float(os.environ.get("PIMESH_QEMU_JOIN_TIMEOUT", "600"))
-# The seconds after a new board's status first answers in which its join is cut: its join
-# takes about half of it in QEMU here, so some cuts land after it says joined.
-JOIN_WINDOW_S = 40.0
+# The longest delay after a new board's status first answers before its join is cut.
+JOIN_WINDOW_S = 20.0
 ROTATION_WINDOW_S = 6.0
 ROTATE_IN_A_LOOP = ("setsid sh -c 'while :; do pimesh-supervisor trust rotate-issuer; done' "
                     ">/dev/null 2>&1 </dev/null &")
@@ -62,11 +67,43 @@ def check_credential(node, name, anchor, joined=False):
         assert read(node, f"{identity}/anchor.pem") == anchor, f"{name}: another anchor in its identity"
 
 
-def join_state(node):
+def join_status(node):
     try:
-        return node.status()["join"]["state"]
+        return node.status()["join"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def join_state(node):
+    return (join_status(node) or {}).get("state")
+
+
+def log_uniform(rng, low, high):
+    """A delay between low and high whose logarithm is uniform: as many cuts in the first
+    tenth of a second as between one and ten seconds, for work whose length is not known."""
+    return math.exp(rng.uniform(math.log(low), math.log(high)))
+
+
+def cut_during_join(board, delay, timeout=420):
+    """Polls the board's join state from its power-on and kills it `delay` seconds after
+    its status first answers (a timer, so a slow status request does not move the cut).
+    Returns the states seen before the cut: [(seconds since the first answer, state)]."""
+    deadline = time.monotonic() + timeout
+    while (state := join_state(board)) is None:
+        board.assert_running()
+        assert time.monotonic() < deadline, f"no status from the board within {timeout}s"
+        time.sleep(0.1)
+    first = time.monotonic()
+    seen = [(0.0, state)]
+    cut = threading.Timer(delay, board.kill)  # the power cut
+    cut.start()
+    while cut.is_alive():
+        state = join_state(board)
+        if cut.is_alive() and state and state != seen[-1][1]:
+            seen.append((round(time.monotonic() - first, 2), state))
+        time.sleep(0.05)
+    cut.join()
+    return seen
 
 
 def test_power_cuts_during_rotations_and_joins_leave_whole_credentials(base_image, ssh_key, tmp_path):
@@ -112,21 +149,20 @@ def test_power_cuts_during_rotations_and_joins_leave_whole_credentials(base_imag
                 board = Node(folder, base_image, seed(keys, "join", name, public), key,
                              lan=lan_card(lan, boards)).boot()
                 try:
-                    board.wait_for_ssh()
-                    state = wait(f"{name}'s status", lambda: join_state(board), 120, 0.3)
-                    until = time.monotonic() + rng.uniform(0.0, JOIN_WINDOW_S)
-                    while time.monotonic() < until:
-                        state = join_state(board) or state
-                        time.sleep(0.3)
-                    board.kill()  # the power cut
+                    delay = log_uniform(rng, 0.01, JOIN_WINDOW_S)
+                    seen = cut_during_join(board, delay)
                     board = Node(folder, base_image, None, key, fresh_disk=False, lan=lan_card(lan, boards)).boot()
                     board.wait_for_ssh()
-                    wait(f"cut {cut}: {name} joined after the cut", lambda: join_state(board) == "joined",
-                         JOIN_TIMEOUT)
+                    after = wait(f"cut {cut}: {name} joined after the cut",
+                                 lambda: (j := join_status(board)) and j["state"] == "joined" and j, JOIN_TIMEOUT)
                     check_credential(board, name, anchor, joined=True)
                     wait(f"cut {cut}: {name}'s join in a server's records", lambda: [
                         j for server in (first, second) for j in server.status()["joins"]
                         if j["node"] == name and j["result"] == "joined"], 60)
+                    state = ("joined again after the boot" if after["attempts"] > 0
+                             else "whole on disk before the cut")
+                    print(f"cut {cut}: {name} cut {delay:.2f} s after its status answered, "
+                          f"having shown {seen}; its join was {state}", flush=True)
                 finally:
                     board.kill()
                     shutil.rmtree(folder, ignore_errors=True)

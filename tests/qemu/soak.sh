@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The power-cut soak (make soak-powercut N=...): the OTA cuts (one VM, test_ota.py) and the
+# site's rotation and join cuts (two to three VMs, test_powercut_site.py) run side by side,
+# each line prefixed with its soak; fails when either fails.
+#   tests/qemu/soak.sh OTA_CUTS SITE_CUTS
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+ota_cuts=$1 site_cuts=$2
+start=$(date +%s)
+(PIMESH_VM_POWER_CUTS=$ota_cuts "$here/run.sh" test_ota.py -k power_cuts 2>&1 | sed -u 's/^/ota:  /') &
+ota=$!
+(PIMESH_VM_SITE_POWER_CUTS=$site_cuts "$here/run.sh" test_powercut_site.py 2>&1 | sed -u 's/^/site: /') &
+site=$!
+wait $ota; ota_rc=$?
+wait $site; site_rc=$?
+echo "soak: $ota_cuts OTA cuts (exit $ota_rc), $site_cuts site cuts (exit $site_rc) in $(( $(date +%s) - start )) s"
+[ $ota_rc -eq 0 ] && [ $site_rc -eq 0 ]
