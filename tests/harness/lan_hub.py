@@ -7,6 +7,9 @@ new QEMU connects again) without the others losing their LAN, which a LAN of VMs
 to one another directly (one listening, the others connecting) cannot give.
 
 QEMU's stream socket framing: each frame is a 4-byte big-endian length, then the frame.
+
+A test can watch the frames (`watch`): the power-cut soak starts its timer when a joining
+board opens its first TCP connection (`tcp_open_from`), the join's first exchange.
 """
 
 import socket
@@ -31,6 +34,9 @@ class LanHub:
         self._lock = threading.Lock()
         self._closed = False
         self.frames = 0
+        # Callables given every frame (by the thread that relays it, outside the lock);
+        # one that returns True is done and removed.
+        self._watchers = []
         threading.Thread(target=self._accept, name="lan-hub", daemon=True).start()
 
     def _accept(self):
@@ -58,6 +64,10 @@ class LanHub:
                 with self._lock:
                     self.frames += 1
                     others = [(b, lock) for b, lock in self._boards.items() if b is not board]
+                    watchers = list(self._watchers)
+                for watcher in watchers:
+                    if watcher(frame):
+                        self.unwatch(watcher)
                 for other, lock in others:
                     try:
                         with lock:
@@ -68,6 +78,16 @@ class LanHub:
             return
         finally:
             self._drop(board)
+
+    def watch(self, watcher):
+        """Gives `watcher` every frame from now on, until it returns True."""
+        with self._lock:
+            self._watchers.append(watcher)
+
+    def unwatch(self, watcher):
+        with self._lock:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
 
     def _drop(self, board):
         with self._lock:
@@ -81,6 +101,32 @@ class LanHub:
             boards, self._boards = list(self._boards), {}
         for board in boards:
             board.close()
+
+
+def mac_bytes(mac):
+    return bytes(int(part, 16) for part in mac.split(":"))
+
+
+def tcp_open_from(frame, mac):
+    """Whether `frame` is a TCP SYN (a connection being opened, no ACK) sent by the card
+    with MAC address `mac` (bytes), over IPv4 or IPv6 (no extension headers)."""
+    if len(frame) < 14 or frame[6:12] != mac:
+        return False
+    (ethertype,) = struct.unpack("!H", frame[12:14])
+    if ethertype == 0x0800 and len(frame) >= 14 + 20:
+        if frame[14 + 9] != 6:
+            return False
+        tcp = 14 + (frame[14] & 0x0F) * 4
+    elif ethertype == 0x86DD and len(frame) >= 14 + 40:
+        if frame[14 + 6] != 6:
+            return False
+        tcp = 14 + 40
+    else:
+        return False
+    if len(frame) < tcp + 14:
+        return False
+    flags = frame[tcp + 13]
+    return bool(flags & 0x02) and not flags & 0x10
 
 
 def _read_exactly(sock, n):

@@ -4,16 +4,17 @@ The central server runs on the host (127.0.0.1, reached by the guest as 10.0.2.2
 site made by `pimeshctl site init`; the node boots with a seed naming it, is enrolled
 with `pimeshctl node sign`, and takes a revision. Then, a few times: a new revision is
 published and QEMU is killed (the power cut) at a random instant while the node applies
-it — a log-uniform delay after the publish, 10 ms to 4 s: the node's long-poll answers at
-once, so as many cuts land in the first tenth of a second as between 0.4 and 4 s, over the
-apply, the trial and the commit. The node boots again from the same disk and must hold the
-old or the new revision whole, then converge on the new one — with the proxy running
-exactly that configuration.
+it — on a timer started with the publish, a log-uniform delay of 10 ms to 4 s (as many
+cuts in the first tenth of a second as between 0.4 and 4 s), so some come before the node
+has the revision, some during its apply and the rest in its trial and commit. The node
+boots again from the same disk and must hold the old or the new revision whole, then
+converge on the new one — with the proxy running exactly that configuration.
 """
 
 import math
 import os
 import random
+import threading
 import time
 
 import pytest
@@ -101,16 +102,18 @@ def test_power_cuts_during_apply_leave_the_old_or_the_new_revision(site, tmp_pat
         for cut in range(POWER_CUTS):
             old, new = config, cluster_config(site.name, max_connections=1001 + cut,
                                               services=("web", f"svc{cut}"))
+            cut_in = math.exp(rng.uniform(math.log(0.01), math.log(4.0)))
+            power_cut = threading.Timer(cut_in, node.kill)  # the power cut
+            power_cut.start()
             revision = site.publish(new)
-            time.sleep(math.exp(rng.uniform(math.log(0.01), math.log(4.0))))
-            node.kill()  # the power cut
+            power_cut.join()
             node = Node(workdir, image, None, key, fresh_disk=False).boot()
             node.wait_for_ssh()
             on_disk = active_config(node)
             assert on_disk in (old, new), f"cut {cut}: cluster.toml is neither revision:\n{on_disk}"
             which = "new" if on_disk == new else "old"
             held[which] += 1
-            print(f"cut {cut}: after the cut the node held the {which} revision")
+            print(f"cut {cut}: cut {cut_in:.3f} s after the publish began, the node held the {which} revision")
             node.wait_for_status()
             wait_committed(node, revision)
             assert active_config(node) == new

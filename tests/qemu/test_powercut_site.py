@@ -12,13 +12,13 @@ PIMESH_VM_SITE_POWER_CUTS cuts (QEMU killed: no shutdown, no sync), alternating:
   issuer key is its certificate's, the certificate verifies under the site's anchor), so
   is pi-1's node credential, and pi-2 reaches pi-1's service through both proxies again.
 - **join**: a new board, fresh from the image with the join seed, is cut at a random
-  instant of its join: its status is polled from power-on, and the cut comes a
-  log-uniform delay (10 ms to JOIN_WINDOW_S) after the status first answers — the join
-  starts with the status server and takes about a second in QEMU here, so about half of
-  the cuts land inside it and the rest in what follows. After the boot it ends joined,
-  with a certificate for the key it holds, naming it, under the site's anchor; and pi-1's
-  join records show it joined. Each cut is reported with the states seen before it and
-  whether the board had to join again after the boot (its join was not yet whole on disk).
+  instant of its join: a log-uniform delay (5 ms to JOIN_WINDOW_S) after it opens its
+  first TCP connection on the site LAN (seen at the LAN hub: the join's first exchange,
+  the trust bundle fetched from a server; its key and request are made just before), so
+  the cuts spread over the exchange, the stores that follow and what comes after. After
+  the boot it ends joined, with a certificate for the key it holds, naming it, under the
+  site's anchor; and pi-1's join records show it joined. Each cut says whether the board
+  had to join again after the boot (its join was not yet whole on disk) or not.
 """
 
 import math
@@ -30,15 +30,15 @@ import time
 
 import pytest
 
-from harness.lan_hub import LanHub
+from harness.lan_hub import LanHub, mac_bytes, tcp_open_from
 from harness.qemu import Node
 from harness.qemu_site import (SITE, boot_first_two, check_pair, give_cluster_config, lan_card,
                                seed, served_through_mesh, site_keys, wait)
 
 CUTS = int(os.environ.get("PIMESH_VM_SITE_POWER_CUTS", "0"))
 JOIN_TIMEOUT = float(os.environ.get("PIMESH_QEMU_JOIN_TIMEOUT", "600"))
-# The longest delay after a new board's status first answers before its join is cut.
-JOIN_WINDOW_S = 20.0
+# The longest delay after a new board's first connection on the LAN before its join is cut.
+JOIN_WINDOW_S = 5.0
 ROTATION_WINDOW_S = 6.0
 ROTATE_IN_A_LOOP = ("setsid sh -c 'while :; do pimesh-supervisor trust rotate-issuer; done' "
                     ">/dev/null 2>&1 </dev/null &")
@@ -84,26 +84,37 @@ def log_uniform(rng, low, high):
     return math.exp(rng.uniform(math.log(low), math.log(high)))
 
 
-def cut_during_join(board, delay, timeout=420):
-    """Polls the board's join state from its power-on and kills it `delay` seconds after
-    its status first answers (a timer, so a slow status request does not move the cut).
-    Returns the states seen before the cut: [(seconds since the first answer, state)]."""
-    deadline = time.monotonic() + timeout
-    while (state := join_state(board)) is None:
-        board.assert_running()
-        assert time.monotonic() < deadline, f"no status from the board within {timeout}s"
-        time.sleep(0.1)
-    first = time.monotonic()
-    seen = [(0.0, state)]
+def cut_during_join(board, hub, mac, delay, timeout=420):
+    """Kills the board `delay` seconds after it opens its first TCP connection on the site
+    LAN (a timer, so nothing the test does meanwhile moves the cut). Returns the join state
+    its status showed last before the cut (None: it never answered)."""
+    opened = threading.Event()
+    mac = mac_bytes(mac)
+
+    def watcher(frame):
+        if tcp_open_from(frame, mac):
+            opened.set()
+            return True
+        return False
+
+    hub.watch(watcher)
+    try:
+        while not opened.wait(1):
+            board.assert_running()
+            assert time.monotonic() < board.started + timeout, \
+                f"the board opened no connection on the site LAN within {timeout}s"
+    finally:
+        hub.unwatch(watcher)
     cut = threading.Timer(delay, board.kill)  # the power cut
     cut.start()
+    shown = None
     while cut.is_alive():
         state = join_state(board)
-        if cut.is_alive() and state and state != seen[-1][1]:
-            seen.append((round(time.monotonic() - first, 2), state))
+        if state and cut.is_alive():
+            shown = state
         time.sleep(0.05)
     cut.join()
-    return seen
+    return shown
 
 
 def test_power_cuts_during_rotations_and_joins_leave_whole_credentials(base_image, ssh_key, tmp_path):
@@ -149,8 +160,8 @@ def test_power_cuts_during_rotations_and_joins_leave_whole_credentials(base_imag
                 board = Node(folder, base_image, seed(keys, "join", name, public), key,
                              lan=lan_card(lan, boards)).boot()
                 try:
-                    delay = log_uniform(rng, 0.01, JOIN_WINDOW_S)
-                    seen = cut_during_join(board, delay)
+                    delay = log_uniform(rng, 0.005, JOIN_WINDOW_S)
+                    shown = cut_during_join(board, lan, lan_card(lan, boards)["LAN_MAC"], delay)
                     board = Node(folder, base_image, None, key, fresh_disk=False, lan=lan_card(lan, boards)).boot()
                     board.wait_for_ssh()
                     after = wait(f"cut {cut}: {name} joined after the cut",
@@ -161,8 +172,8 @@ def test_power_cuts_during_rotations_and_joins_leave_whole_credentials(base_imag
                         if j["node"] == name and j["result"] == "joined"], 60)
                     state = ("joined again after the boot" if after["attempts"] > 0
                              else "whole on disk before the cut")
-                    print(f"cut {cut}: {name} cut {delay:.2f} s after its status answered, "
-                          f"having shown {seen}; its join was {state}", flush=True)
+                    print(f"cut {cut}: {name} cut {delay:.3f} s after its first connection on the LAN "
+                          f"(its status: {shown or 'not answering yet'}); its join was {state}", flush=True)
                 finally:
                     board.kill()
                     shutil.rmtree(folder, ignore_errors=True)
