@@ -15,7 +15,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 # bookworm-backports; the rest from bookworm.
 for tool in mmdebstrap qemu-system-aarch64 qemu-system-x86_64 qemu-aarch64-static mcopy mkfs.vfat \
             sfdisk depmod dtc xz unshare systemd-nspawn ssh-keygen ssh script curl jq python3 zstd openssl nsenter iptables ip systemd-sysusers dnsmasq \
-            chromium socat; do
+            chromium socat nbdkit; do
   have "$tool" || need+=("$tool")
 done
 # The central server's replica tests start Debian's PostgreSQL server themselves.
@@ -56,8 +56,9 @@ SRC
   mkdir -p /etc/postgresql-common/createcluster.d
   echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/pimesh.conf
   apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends postgresql
-  # `make demo` forwards 127.0.0.1:8080 of this machine into the site test's LAN.
-  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends socat
+  # `make demo` forwards 127.0.0.1:8080 of this machine into the site test's LAN; the
+  # power-cut soak gives its VMs a disk with a volatile write cache (nbdkit's cache filter).
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends socat nbdkit
 fi
 
 # Run arm64 programs (the rootfs' maintainer scripts, cross-built binaries) transparently.

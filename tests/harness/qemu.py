@@ -3,6 +3,12 @@
 Each node gets its own sparse copy of the image (grown to DISK_GIB, so first boot has
 room to grow into), its own seed written into the FAT boot partition with mtools (no
 mount), free host ports forwarded to SSH and to the status API, and a serial console log.
+
+With PIMESH_QEMU_VOLATILE_CACHE=1 (the power-cut soak) the disk is served to QEMU by
+nbdkit with its cache filter in writeback mode: a disk with a volatile write cache, which
+keeps what the guest wrote and did not flush in that cache only, so a power cut (`kill`:
+QEMU, then nbdkit) loses it as an SD card's controller may. Without it, a kill of QEMU
+loses only the guest's page cache: every write the guest sent reaches the file.
 """
 
 import base64
@@ -20,6 +26,7 @@ from harness.ports import free_port
 BOOT_OFFSET = 4 * 1024 * 1024
 DISK_GIB = 4
 BOOT_TIMEOUT = float(os.environ.get("PIMESH_BOOT_TIMEOUT", "420"))
+VOLATILE_CACHE = os.environ.get("PIMESH_QEMU_VOLATILE_CACHE") == "1"
 
 
 def decompress(image, dest):
@@ -54,6 +61,7 @@ class Node:
         self.ssh_port = free_port()
         self.status_port = free_port()
         self.process = None
+        self.disk_server = None
         if fresh_disk or not os.path.exists(self.disk):
             shutil.copyfile(base_image, self.disk)
             os.truncate(self.disk, DISK_GIB * 1024**3)
@@ -82,6 +90,8 @@ class Node:
                    CONSOLE=self.console, APPEND=self.append, **self.lan)
         if self.nvme:
             env["NVME_DISK"] = self.nvme
+        if VOLATILE_CACHE:
+            env["DISK_NBD"] = self._serve_disk()
         self.started = time.monotonic()
         self.process = subprocess.Popen(
             [os.path.join(REPO, "image", "qemu.sh"), self.disk],
@@ -89,6 +99,24 @@ class Node:
             stdout=open(os.path.join(self.workdir, "qemu.out"), "w"), stderr=subprocess.STDOUT,
         )
         return self
+
+    def _serve_disk(self):
+        """Starts nbdkit serving the disk with a volatile write cache; returns its socket."""
+        socket_path = os.path.join(self.workdir, "disk.sock")
+        if os.path.exists(socket_path):
+            os.unlink(socket_path)
+        self.disk_server = subprocess.Popen(
+            ["nbdkit", "--foreground", "--unix", socket_path, "--filter=cache", "file", self.disk,
+             "cache=writeback"],
+            stdin=subprocess.DEVNULL, stdout=open(os.path.join(self.workdir, "nbdkit.log"), "w"),
+            stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(socket_path):
+            if self.disk_server.poll() is not None:
+                raise RuntimeError(f"nbdkit exited with {self.disk_server.returncode}: see {self.workdir}/nbdkit.log")
+            assert time.monotonic() < deadline, "nbdkit made no socket in 30 s"
+            time.sleep(0.05)
+        return socket_path
 
     # --- reaching the node ------------------------------------------------------------
     def ssh(self, command, check=True, timeout=60):
@@ -175,14 +203,23 @@ class Node:
         """Powers the node off from inside and returns QEMU's exit code."""
         self.ssh("systemctl poweroff --no-block", check=False)
         try:
-            return self.process.wait(timeout=timeout)
+            code = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"the node did not power off within {timeout}s:\n{self.console_tail()}")
+        if self.disk_server:
+            # The guest flushed its disk as it shut down: nothing is left in the cache.
+            self.disk_server.terminate()
+            self.disk_server.wait()
+        return code
 
     def kill(self):
+        """The power cut: QEMU killed, then the disk's server with what its cache held."""
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        if self.disk_server and self.disk_server.poll() is None:
+            self.disk_server.kill()
+            self.disk_server.wait()
 
     def assert_running(self):
         if self.process.poll() is not None:
