@@ -79,8 +79,8 @@ def join_state(node):
 
 
 def log_uniform(rng, low, high):
-    """A delay between low and high whose logarithm is uniform: as many cuts in the first
-    tenth of a second as between one and ten seconds, for work whose length is not known."""
+    """A delay between low and high whose logarithm is uniform: every tenfold span of delays
+    (10-100 ms, 0.1-1 s, ...) gets the same share of cuts, for work whose length is not known."""
     return math.exp(rng.uniform(math.log(low), math.log(high)))
 
 
