@@ -13,7 +13,6 @@ boot), and must hold the old or the new revision whole, then converge on the new
 with the proxy running exactly that configuration.
 """
 
-import math
 import os
 import random
 import threading
@@ -23,6 +22,7 @@ import pytest
 
 from harness.ota_site import Site, cluster_config, sha256_hex
 from harness.ports import free_port
+from harness.power_cut import log_uniform
 from harness.qemu import Node
 from harness.wait import wait_for
 
@@ -105,7 +105,7 @@ def test_power_cuts_during_apply_leave_the_old_or_the_new_revision(site, tmp_pat
         for cut in range(POWER_CUTS):
             old, new = config, cluster_config(site.name, max_connections=1001 + cut,
                                               services=("web", f"svc{cut}"))
-            cut_in = math.exp(rng.uniform(math.log(0.01), math.log(4.0)))
+            cut_in = log_uniform(rng, 0.01, 4.0)
             power_cut = threading.Timer(cut_in, node.kill)  # the power cut
             power_cut.start()
             revision = site.publish(new)

@@ -21,7 +21,6 @@ PIMESH_VM_SITE_POWER_CUTS cuts (QEMU killed: no shutdown, no sync), alternating:
   had to join again after the boot (its join was not yet whole on disk) or not.
 """
 
-import math
 import os
 import random
 import shutil
@@ -31,6 +30,7 @@ import time
 import pytest
 
 from harness.lan_hub import LanHub, mac_bytes, tcp_open_from
+from harness.power_cut import log_uniform
 from harness.qemu import Node
 from harness.qemu_site import (SITE, boot_first_two, check_pair, give_cluster_config, lan_card,
                                seed, served_through_mesh, site_keys, wait)
@@ -76,12 +76,6 @@ def join_status(node):
 
 def join_state(node):
     return (join_status(node) or {}).get("state")
-
-
-def log_uniform(rng, low, high):
-    """A delay between low and high whose logarithm is uniform: every tenfold span of delays
-    (10-100 ms, 0.1-1 s, ...) gets the same share of cuts, for work whose length is not known."""
-    return math.exp(rng.uniform(math.log(low), math.log(high)))
 
 
 def cut_during_join(board, hub, mac, delay, timeout=420):
