@@ -110,7 +110,11 @@ def boot_first_two(base_image, keys, ssh_key, public, folder, hub):
 
 
 def give_cluster_config(nodes):
-    """Writes CLUSTER as each node's active site configuration (whole, by a rename)."""
+    """Writes CLUSTER as each node's active site configuration, whole and durable as the
+    supervisor writes a revision: the new file synced, renamed over the old, the folder
+    synced (a rename alone may reach the disk before the data: a power cut soon after
+    leaves an empty file)."""
     for node in nodes:
         node.ssh(f"cat > /etc/pimesh/cluster.toml.new <<'EOF'\n{CLUSTER}EOF\n"
-                 "mv /etc/pimesh/cluster.toml.new /etc/pimesh/cluster.toml")
+                 "sync /etc/pimesh/cluster.toml.new && "
+                 "mv /etc/pimesh/cluster.toml.new /etc/pimesh/cluster.toml && sync /etc/pimesh")

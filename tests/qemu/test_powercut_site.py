@@ -32,7 +32,7 @@ import pytest
 from harness.lan_hub import LanHub, mac_bytes, tcp_open_from
 from harness.power_cut import log_uniform
 from harness.qemu import Node
-from harness.qemu_site import (SITE, boot_first_two, check_pair, give_cluster_config, lan_card,
+from harness.qemu_site import (CLUSTER, SITE, boot_first_two, check_pair, give_cluster_config, lan_card,
                                seed, served_through_mesh, site_keys, wait)
 
 CUTS = int(os.environ.get("PIMESH_VM_SITE_POWER_CUTS", "0"))
@@ -144,6 +144,8 @@ def test_power_cuts_during_rotations_and_joins_leave_whole_credentials(base_imag
                 # The old generation or a newer one, whole either way.
                 after = first.ssh("readlink /var/lib/pimesh/trust")
                 check_trust_root(first, anchor)
+                assert read(first, "/etc/pimesh/cluster.toml") == CLUSTER, \
+                    f"cut {cut}: pi-1's site configuration is not the one it was given"
                 wait(f"cut {cut}: pi-1's service through both proxies", lambda: served_through_mesh(second), 300)
                 kind, state = "rotation", ("a newer generation" if after != before else "the same generation")
             else:
@@ -176,7 +178,23 @@ def test_power_cuts_during_rotations_and_joins_leave_whole_credentials(base_imag
             print(f"cut {cut}: {kind} cut ({state}); every credential whole after the boot", flush=True)
         print(f"SITE POWER CUTS {CUTS}: after the rotation cuts pi-1 held {seen['rotation']}; "
               f"the join cuts came while the board was {seen['join']}; every credential whole")
+    except BaseException:
+        keep_journals(live)
+        raise
     finally:
         for node in live:
             node.kill()
         lan.close()
+
+
+def keep_journals(nodes):
+    """Each live board's journal of this boot, in its folder (journal.txt), read before
+    the boards are killed: the kill loses what the disk's volatile cache held."""
+    for node in nodes:
+        try:
+            journal = node.ssh("journalctl -b --no-pager -o short-precise", check=False, timeout=120)
+        except Exception as err:  # the board may be the one that failed
+            journal = f"(no journal: {err})"
+        with open(os.path.join(node.workdir, "journal.txt"), "w") as f:
+            f.write(journal)
+        print(f"{node.workdir}/journal.txt: the board's journal of this boot", flush=True)
