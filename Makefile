@@ -115,10 +115,11 @@ bench-site: image-amd64
 # boot holds the old or the new revision whole), the rest during issuer rotations and joins
 # on a two-board site (every credential whole); the two soaks run side by side.
 N ?= 100
-# 4 of 7 cuts during OTA applies, the rest on the site: a site cut costs about 4/3 of an OTA
-# cut (a boot or two of a board beside two others), so the two soaks end about together.
+# 5 of 8 cuts during OTA applies, the rest on the site: side by side a site cut costs about
+# 1.6 OTA cuts (3.7 and 2.3 min: a boot or two of a board beside two others), so the two
+# soaks end about together.
 soak-powercut: $(IMAGE) host-bins
-	./tests/qemu/soak.sh $$(( (4 * $(N) + 3) / 7 )) $$(( $(N) - (4 * $(N) + 3) / 7 ))
+	./tests/qemu/soak.sh $$(( (5 * $(N) + 4) / 8 )) $$(( $(N) - (5 * $(N) + 4) / 8 ))
 
 # Two VMs of the image on one LAN: the second joins the first by itself; kept up until Ctrl-C.
 qemu-site: $(IMAGE) host-bins
