@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The power-cut soak (make soak-powercut N=...): the OTA cuts (one VM, test_ota.py) and the
 # site's rotation and join cuts (two to three VMs, test_powercut_site.py) run side by side,
-# each line prefixed with the time and its soak; fails when either fails. The VMs' disks have a volatile
-# write cache (tests/harness/qemu.py): a cut loses what the guest wrote and did not flush.
+# each line prefixed with the time and its soak; fails when either fails. The VMs' disks
+# have a volatile write cache (tests/harness/qemu.py): a cut loses what the guest wrote and
+# did not flush.
 #   tests/qemu/soak.sh OTA_CUTS SITE_CUTS
 set -uo pipefail
 export PIMESH_QEMU_VOLATILE_CACHE=${PIMESH_QEMU_VOLATILE_CACHE:-1}

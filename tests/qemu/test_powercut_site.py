@@ -170,9 +170,12 @@ def test_power_cuts_during_rotations_and_joins_leave_whole_credentials(base_imag
                              else "whole on disk before the cut")
                     print(f"cut {cut}: {name} cut {delay:.3f} s after its first connection on the LAN "
                           f"(its status: {shown or 'not answering yet'}); its join was {state}", flush=True)
+                except BaseException:
+                    keep_journals([board])  # its folder (disk, console, journal) is kept
+                    raise
                 finally:
                     board.kill()
-                    shutil.rmtree(folder, ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)
                 kind = "join"
             seen[kind][state] = seen[kind].get(state, 0) + 1
             print(f"cut {cut}: {kind} cut ({state}); every credential whole after the boot", flush=True)
@@ -188,8 +191,8 @@ def test_power_cuts_during_rotations_and_joins_leave_whole_credentials(base_imag
 
 
 def keep_journals(nodes):
-    """Each live board's journal of this boot, in its folder (journal.txt), read before
-    the boards are killed: the kill loses what the disk's volatile cache held."""
+    """Each board's journal of this boot, in its folder (journal.txt), read before the
+    boards are killed: the kill loses what the disk's volatile cache held."""
     for node in nodes:
         try:
             journal = node.ssh("journalctl -b --no-pager -o short-precise", check=False, timeout=120)
