@@ -113,9 +113,8 @@ bench-site: image-amd64
 
 # Power cuts at scale: N QEMU kills at random instants, 5 in 8 during OTA applies (every
 # boot holds the old or the new revision whole), the rest during issuer rotations and joins
-# on a two-board site (every credential whole). The two soaks run side by side, where a
-# site cut (a boot or two of a board beside two others) costs about 1.6 OTA cuts (3.7 and
-# 2.3 min): with that split they end about together.
+# on a two-board site (every credential whole). The two soaks run one after the other:
+# emulated VMs side by side on two cores cost more than they save (tests/qemu/soak.sh).
 N ?= 100
 soak-powercut: $(IMAGE) host-bins
 	./tests/qemu/soak.sh $$(( (5 * $(N) + 4) / 8 )) $$(( $(N) - (5 * $(N) + 4) / 8 ))
