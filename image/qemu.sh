@@ -38,6 +38,11 @@ mcopy -n -i "$boot_disk@@$boot_offset" "::/$initrd" "$scratch/initrd"
 mcopy -n -i "$boot_disk@@$boot_offset" ::/cmdline.txt "$scratch/cmdline.txt"
 # The Pi's console settings swapped for QEMU virt's PL011 UART.
 cmdline="$(sed -e 's/console=[^ ]*//g' "$scratch/cmdline.txt" | tr -s ' ') console=ttyAMA0,115200"
+# Emulation only: with KASLR on a Cortex-A72 the kernel forces page table isolation, and
+# TCG flushes its whole software TLB on each of KPTI's address-space switches (every entry
+# to the kernel): boots take twice as long. An emulated CPU has no side channels to close,
+# so QEMU boots without KPTI and the Spectre mitigations; the card's cmdline.txt keeps both.
+cmdline+=" kpti=0 mitigations=off"
 cmdline+=" systemd.wants=pimesh-status-lan.socket ${APPEND:-}"
 
 # A second network card on a site LAN shared with other VMs, when asked for: QEMU socket
