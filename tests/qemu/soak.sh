@@ -2,9 +2,10 @@
 # The power-cut soak (make soak-powercut N=...): the OTA cuts (one VM, test_ota.py), then
 # the site's rotation and join cuts (two to three VMs, test_powercut_site.py), each line
 # prefixed with the time and its soak; fails when either fails. One after the other, not
-# side by side: the VMs are emulated (TCG), and three or four of them on two cores slow
-# every boot more than the second soak gains. The VMs' disks have a volatile write cache
-# (tests/harness/qemu.py): a cut loses what the guest wrote and did not flush.
+# side by side: the emulated VMs (TCG) are CPU-bound, so on two cores the two soaks take
+# as long in all side by side, and each cut's time says less. The VMs' disks have a
+# volatile write cache (tests/harness/qemu.py): a cut loses what the guest wrote and did
+# not flush.
 #   tests/qemu/soak.sh OTA_CUTS SITE_CUTS
 set -uo pipefail
 export PIMESH_QEMU_VOLATILE_CACHE=${PIMESH_QEMU_VOLATILE_CACHE:-1}
