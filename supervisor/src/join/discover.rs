@@ -173,16 +173,43 @@ pub async fn browse(
             node: Some(announcement.node.to_string()),
             replicas,
         };
-        if !found.contains(&candidate) {
+        let first = found.is_empty();
+        if take_answer(&mut found, candidate) {
             info!(node = %announcement.node, addresses = ?ips, "server announced on the LAN");
-            if found.is_empty() && listen == Listen::UntilFirst {
+            if first && listen == Listen::UntilFirst {
                 deadline = deadline.min(tokio::time::Instant::now() + GATHER_AFTER_FIRST);
             }
-            found.push(candidate);
         }
     }
     let _ = daemon.shutdown();
     Ok(found)
+}
+
+/// Adds an mDNS answer to `found`, one candidate per server node: a node that answers
+/// again (mDNS resolves a service anew as its addresses come in) keeps its place and
+/// gains the replicas it did not have, in [`usable_ips`] order. Whether `found` changed.
+fn take_answer(found: &mut Vec<Candidate>, candidate: Candidate) -> bool {
+    let Some(known) = found
+        .iter_mut()
+        .find(|known| known.node.is_some() && known.node == candidate.node)
+    else {
+        found.push(candidate);
+        return true;
+    };
+    let before = known.replicas.len();
+    for replica in candidate.replicas {
+        if !known.replicas.contains(&replica) {
+            known.replicas.push(replica);
+        }
+    }
+    if known.replicas.len() == before {
+        return false;
+    }
+    let order = usable_ips(known.replicas.iter().map(SocketAddr::ip));
+    known
+        .replicas
+        .sort_by_key(|replica| order.iter().position(|ip| *ip == replica.ip()));
+    true
 }
 
 /// IPv4 first (the mesh's addresses), a leased or fixed address before a link-local one
@@ -225,6 +252,44 @@ mod tests {
                 "10.0.0.6:9000".parse().expect("addr")
             ]
         );
+    }
+
+    #[test]
+    fn a_node_that_answers_again_stays_one_candidate_with_every_address() {
+        let addrs = |list: &[&str]| -> Vec<SocketAddr> {
+            list.iter()
+                .map(|addr| addr.parse().expect("addr"))
+                .collect()
+        };
+        let answer = |node: &str, replicas: &[&str]| Candidate {
+            node: Some(node.into()),
+            replicas: addrs(replicas),
+        };
+        let mut found = Vec::new();
+        assert!(take_answer(
+            &mut found,
+            answer("pi-a", &["169.254.3.4:8086", "169.254.3.4:8087"])
+        ));
+        assert!(take_answer(
+            &mut found,
+            answer("pi-b", &["192.168.1.8:8086"])
+        ));
+        assert!(take_answer(
+            &mut found,
+            answer("pi-a", &["169.254.3.4:8086", "192.168.1.7:8086"])
+        ));
+        assert!(
+            !take_answer(&mut found, answer("pi-b", &["192.168.1.8:8086"])),
+            "the same answer again changes nothing"
+        );
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].node.as_deref(), Some("pi-a"));
+        assert_eq!(
+            found[0].replicas,
+            addrs(&["192.168.1.7:8086", "169.254.3.4:8086", "169.254.3.4:8087"]),
+            "a leased address before link-local, the first replica first"
+        );
+        assert_eq!(found[1].replicas, addrs(&["192.168.1.8:8086"]));
     }
 
     #[test]
