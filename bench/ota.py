@@ -14,6 +14,7 @@ import os
 import statistics
 import time
 
+from harness import scratch
 from harness.ota_site import Site, cluster_config
 from table import Table
 
@@ -42,6 +43,7 @@ def percentile(values, q):
 
 def main():
     site = Site(ota={})
+    passed = False
     try:
         site.boot_node()
         site.wait_committed(site.publish(cluster_config(site.name)))
@@ -60,8 +62,10 @@ def main():
             rolled.append(time.monotonic() - start)
         pid = site.container.main_pid("pimesh-supervisor.service")
         rss = site.container.run(["grep", "VmRSS", f"/proc/{pid}/status"]).stdout.split()[1]
+        passed = True
     finally:
         site.close()
+        scratch.finish(passed)
     table = Table("ota")
     table.setup(f"OTA on a node (nspawn, default settings: settle 2 s), {PUBLISHES} publishes, "
                 f"{ROLLBACKS} bad revisions")

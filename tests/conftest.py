@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from harness import scratch
 from harness.paths import image_path
 from harness.qemu import decompress, make_ssh_key
 
@@ -40,3 +41,8 @@ def figures():
         if path:
             with open(path, "w") as f:
                 json.dump(taken, f, indent=2, sort_keys=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's scratch folders go when every test passed and stay after a failure."""
+    scratch.finish(passed=exitstatus == pytest.ExitCode.OK)

@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import time
 
+from harness import scratch
 from harness.container import Container
 from harness.paths import host_binary
 
@@ -61,7 +62,7 @@ class Site:
         self.netns = netns
         self.address = address
         self.port = port
-        self.dir = tempfile.mkdtemp(prefix="pimesh-site-", dir="/var/tmp")
+        self.dir = scratch.folder("pimesh-site-")
         self.keys = os.path.join(self.dir, name)
         self.container = None
         out = subprocess.run([PIMESHCTL, "site", "init", name, "--central-url",

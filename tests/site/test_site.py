@@ -90,6 +90,7 @@ import base64
 import pytest
 import yaml
 
+from harness import scratch
 from harness.container import Container
 from harness.ota_site import Site
 from harness.paths import host_binary
@@ -200,7 +201,7 @@ class Lan:
     def __init__(self):
         self.tag = uuid.uuid4().hex[:6]
         self.ns = f"pm-lan-{self.tag}"
-        self.dir = tempfile.mkdtemp(prefix="pimesh-lan-", dir="/var/tmp")
+        self.dir = scratch.folder("pimesh-lan-")
         self.nodes = []
         self.ports = {}
         self.dnsmasq = None
