@@ -114,7 +114,7 @@ bench-site: image-amd64
 # Power cuts at scale: N QEMU kills at random instants, 5 in 8 during OTA applies (every
 # boot holds the old or the new revision whole), the rest during issuer rotations and joins
 # on a two-board site (every credential whole). The two soaks run one after the other
-# (tests/qemu/soak.sh says why); N=100 takes about 2.2 h from a built image.
+# (tests/qemu/soak.sh says why); N=100 took 2 h from a built image (6 Dec).
 N ?= 100
 soak-powercut: $(IMAGE) host-bins
 	./tests/qemu/soak.sh $$(( (5 * $(N) + 4) / 8 )) $$(( $(N) - (5 * $(N) + 4) / 8 ))
