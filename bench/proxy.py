@@ -66,7 +66,7 @@ GOALS = {
     "added_p99_ms": 0.5,    # at 5000 req/s, over direct
     "close_x_haproxy": 5.0, # conn-close req/s at least this many times HAProxy's
     "rss_idle_mib": 10.0,   # per proxy
-    "rss_1000_mib": 25.0,   # proxy A with 1000 open client connections
+    "rss_1000_mib": 20.0,   # proxy A with 1000 open client connections
 }
 
 
