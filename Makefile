@@ -10,8 +10,14 @@ IMAGE_INPUTS := $(shell git ls-files Cargo.toml Cargo.lock README.md image syste
 	runtime schema identity meshtls revision join kube meshstats supervisor proxy control 2>/dev/null)
 # The daemons that run on a node (the image's binaries).
 NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
-# Where cargo puts host release binaries (CI shares a target folder between clones).
-HOST_RELEASE := $(or $(CARGO_TARGET_DIR),target)/release
+# The cargo profile of the host's daemons and tools (the amd64 root, the tests' central
+# server and pimeshctl): `host`, release without link-time optimisation (Cargo.toml), for
+# the tests; `release`, as the image's, for the benchmarks that measure those daemons.
+HOST_PROFILE := host
+# Where cargo puts them (CI shares a target folder between clones); the tests' harness
+# finds them through PIMESH_HOST_PROFILE (tests/harness/paths.py).
+HOST_BIN = $(or $(CARGO_TARGET_DIR),target)/$(HOST_PROFILE)
+export PIMESH_HOST_PROFILE = $(HOST_PROFILE)
 
 .PHONY: fuzz test-fuzz soak-powercut central help deps image image-amd64 cross host-bins test test-containers test-rust test-qemu test-nspawn test-site test-k3s demo qemu qemu-site bench-site bench-boot \
 	bench bench-heal bench-ota bench-wear bench-central bench-rollouts bench-replicas bench-proxy bench-proxy-instructions bench-control lint clean
@@ -55,9 +61,9 @@ cross:
 # The node's daemons (for the amd64 root) and the host tools the tests drive them with
 # (pimesh-demo: the site test copies it into its nodes and drives the page with it).
 host-bins:
-	cargo build --release --locked $(NODE_CRATES) -p pimesh-central -p pimesh-ctl -p k3s-fixture -p pimesh-demo
-	install -D -m 0755 -t out/bin/x86_64 $(HOST_RELEASE)/pimesh-supervisor $(HOST_RELEASE)/pimesh-proxy \
-		$(HOST_RELEASE)/pimesh-control
+	cargo build --profile $(HOST_PROFILE) --locked $(NODE_CRATES) -p pimesh-central -p pimesh-ctl -p k3s-fixture -p pimesh-demo
+	install -D -m 0755 -t out/bin/x86_64 $(HOST_BIN)/pimesh-supervisor $(HOST_BIN)/pimesh-proxy \
+		$(HOST_BIN)/pimesh-control
 
 image-amd64: host-bins
 	./image/host-deps.sh
@@ -155,6 +161,10 @@ test-fuzz:
 # Benchmarks: one target per figure table, all run by bench/run.sh (bench/README.md says
 # what each measures and the table every one prints).
 bench: bench-heal bench-ota bench-wear bench-central bench-rollouts bench-replicas bench-boot bench-proxy bench-control
+
+# The benchmarks that measure the amd64 root's daemons measure them built as the image's
+# are (a target's variables hold for what it builds first).
+bench-heal bench-ota bench-wear bench-site: HOST_PROFILE = release
 
 # kill/hang of a managed unit -> ready again, the supervisor's CPU and RSS (bench/heal.py).
 bench-heal: image-amd64

@@ -8,10 +8,12 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def host_binary(name):
-    """A release binary built on the host: $CARGO_TARGET_DIR/release/NAME, or
-    target/release/NAME."""
+    """A binary built on the host by `make host-bins`: $CARGO_TARGET_DIR/PROFILE/NAME, or
+    target/PROFILE/NAME, PROFILE being $PIMESH_HOST_PROFILE (set by the Makefile: `host`
+    for the tests, `release` for the benchmarks of the amd64 root's daemons)."""
     target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target")
-    return os.path.join(os.path.abspath(target), "release", name)
+    profile = os.environ.get("PIMESH_HOST_PROFILE") or "host"
+    return os.path.join(os.path.abspath(target), profile, name)
 
 
 def _newest(pattern, variable, make):

@@ -2,7 +2,7 @@
 key task makes progress, not from a timer.
 
 The central server runs as its shipped unit (`pimesh-central.service`, the host's
-release binary copied into the container, the watchdog shortened by a drop-in). Its
+binary (`make host-bins`) copied into the container, the watchdog shortened by a drop-in). Its
 accept loop runs on the thread that drives the runtime's main future, its watchdog task
 on the runtime's worker threads. The test stops that one thread (ptrace: the other
 threads run on, so a timer-fed watchdog would go on feeding systemd) and sees systemd
