@@ -11,8 +11,10 @@ IMAGE_INPUTS := $(shell git ls-files Cargo.toml Cargo.lock README.md image syste
 # The daemons that run on a node (the image's binaries).
 NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 # The cargo profile of the host's daemons and tools (the amd64 root, the tests' central
-# server and pimeshctl): `host`, release without link-time optimisation (Cargo.toml), for
-# the tests; `release`, as the image's, for the benchmarks that measure those daemons.
+# server and pimeshctl) and of `cargo test`: `host` (Cargo.toml: dependencies optimised,
+# the workspace's crates as in a debug build), one build shared by the unit tests and the
+# daemons the other tests run; `release`, as the image's, for the benchmarks that measure
+# those daemons.
 HOST_PROFILE := host
 # Where cargo puts them (CI shares a target folder between clones); the tests' harness
 # finds them through PIMESH_HOST_PROFILE (tests/harness/paths.py).
@@ -86,7 +88,7 @@ test-containers: image-amd64
 # The proxy's interception test needs iptables (host-deps installs it).
 test-rust:
 	./image/host-deps.sh
-	cargo test --locked --workspace
+	cargo test --profile $(HOST_PROFILE) --locked --workspace
 
 test-qemu: $(IMAGE) host-bins
 	./tests/qemu/run.sh

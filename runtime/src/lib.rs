@@ -63,12 +63,19 @@ pub enum Threads {
 
 /// Runs a daemon: installs logging, starts the async runtime, and drives `main` to the
 /// end. A failure is logged, shown as the unit's status, and exits with status 1.
+///
+/// A panic anywhere in the daemon, on any thread or task, ends the process (systemd then
+/// restarts it), whether it was built to unwind or to abort: a task that panicked never
+/// leaves a daemon running without it.
 pub fn run<F, E>(threads: Threads, main: F) -> std::process::ExitCode
 where
     F: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     logging::init();
+    // Not in this crate's own tests, which call `run` inside the test harness's process.
+    #[cfg(not(test))]
+    end_process_on_panic();
     let runtime = match threads {
         Threads::One => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -95,6 +102,19 @@ where
     }
 }
 
+/// Makes every panic of this process fatal: the message and location go to the log (the
+/// journal on a node), then the process aborts. Under `panic = "abort"` that is what
+/// happens anyway; under unwinding, tokio would otherwise catch a task's panic and the
+/// daemon would go on without that task.
+fn end_process_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!(panic = %info, "the daemon panicked; ending the process");
+        report(info);
+        std::process::abort();
+    }));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +132,45 @@ mod tests {
             Err::<(), Box<dyn std::error::Error + Send + Sync>>("no seed".into())
         });
         assert_eq!(code(boxed), code(std::process::ExitCode::FAILURE));
+    }
+
+    /// Set in the copy of this test binary that [`a_panicking_task_ends_the_daemon`] runs.
+    const PANIC_CHILD: &str = "PIMESH_RUNTIME_TEST_PANIC_CHILD";
+
+    #[test]
+    fn a_panicking_task_ends_the_daemon() {
+        if std::env::var_os(PANIC_CHILD).is_some() {
+            // The daemon: a task panics while the main future goes on. Without the hook
+            // (this test binary unwinds) tokio would catch the panic and the process would
+            // live on, to exit 0 after the pause.
+            end_process_on_panic();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                let _ = tokio::spawn(async { panic!("a key task failed") }).await;
+                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            });
+            std::process::exit(0);
+        }
+        let output = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "tests::a_panicking_task_ends_the_daemon",
+                "--nocapture",
+            ])
+            .env(PANIC_CHILD, "1")
+            .output()
+            .expect("run the test binary");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            output.status.signal(),
+            Some(libc::SIGABRT),
+            "{:?}, stderr: {stderr}",
+            output.status
+        );
+        assert!(stderr.contains("a key task failed"), "stderr: {stderr}");
     }
 }
