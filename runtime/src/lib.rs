@@ -102,14 +102,13 @@ where
     }
 }
 
-/// Makes every panic of this process fatal: the message and location go to the log (the
-/// journal on a node), then the process aborts. Under `panic = "abort"` that is what
-/// happens anyway; under unwinding, tokio would otherwise catch a task's panic and the
-/// daemon would go on without that task.
+/// Makes every panic of this process fatal: the standard hook reports the message and
+/// location on stderr (which systemd writes to the journal), then the process aborts.
+/// Under `panic = "abort"` that is what happens anyway; under unwinding, tokio would
+/// otherwise catch a task's panic and the daemon would go on without that task.
 fn end_process_on_panic() {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        tracing::error!(panic = %info, "the daemon panicked; ending the process");
         report(info);
         std::process::abort();
     }));
