@@ -7,7 +7,7 @@ IMAGE := out/pimesh-$(VERSION)-arm64.img.xz
 AMD64_ROOT := out/pimesh-$(VERSION)-amd64.root
 # Everything the image is made of: a change to any of these rebuilds it.
 IMAGE_INPUTS := $(shell git ls-files Cargo.toml Cargo.lock README.md image systemd configs \
-	runtime schema identity meshtls revision join kube meshstats supervisor proxy control 2>/dev/null)
+	runtime schema identity meshtls revision join kube meshstats supervisor proxy control third_party 2>/dev/null)
 # The daemons that run on a node (the image's binaries).
 NODE_CRATES := -p pimesh-supervisor -p pimesh-proxy -p pimesh-control
 # The cargo profile of the host's daemons and tools (the amd64 root, the tests' central

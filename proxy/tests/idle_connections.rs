@@ -1,0 +1,122 @@
+//! What an idle client connection costs the proxy. Apps keep HTTP/1.1 connections to their
+//! local proxy open between requests (connection pools), so a node's proxy holds hundreds
+//! of idle keep-alive connections; each must cost a few KiB of memory, not the two 8 KiB
+//! buffers an HTTP/1 connection works with (the patched hyper in `third_party/hyper`
+//! releases them while a connection waits).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
+use pimesh_test_support::backends::Backend;
+use pimesh_test_support::proxy::mesh_with;
+use pimesh_test_support::{free_port, wait_until, Site};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// Idle keep-alive connections held open through proxy A.
+const IDLE_CONNECTIONS: usize = 300;
+/// The most an idle connection may add to the proxy's anonymous memory. With hyper's
+/// buffers held (8 KiB each way) a connection costs about 20 KiB.
+const MAX_KIB_PER_CONNECTION: u64 = 10;
+
+/// The proxy's resident anonymous memory (heap and stacks, not the mapped binary), KiB.
+fn rss_anon_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("RssAnon:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("RssAnon in /proc/PID/status")
+}
+
+/// Sends one keep-alive GET on `stream` and reads its whole response; returns the status
+/// line.
+async fn get(stream: &mut TcpStream, host: &str) -> String {
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let read = stream.read(&mut chunk).await.expect("read");
+        assert!(read > 0, "the proxy closed a keep-alive connection");
+        seen.extend_from_slice(&chunk[..read]);
+        let text = String::from_utf8_lossy(&seen);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().ok())?
+                })
+                .expect("content-length");
+            if body.len() >= length {
+                return head.lines().next().unwrap_or_default().to_owned();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_costs_a_few_kib() {
+    let site = Site::new("depot");
+    let web = Backend::start("web").await;
+    let local = free_port();
+    // Idle connections are closed at the header timeout; this test holds them longer.
+    let m = mesh_with(
+        &site,
+        "header_timeout = \"10m\"",
+        &format!(
+            "[services.web]\nport = {}\nnodes = [\"b\"]\nlocal_port = {local}\n",
+            web.port
+        ),
+    )
+    .await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], local));
+    let host = format!("127.0.0.1:{local}");
+    let pid = m.a.daemon.pid();
+
+    // Warm up: the pooled connection to b, the route table, the allocator's first arenas.
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        assert!(get(&mut stream, &host).await.contains(" 200 "));
+    }
+    let before = rss_anon_kib(pid);
+
+    let mut held = Vec::with_capacity(IDLE_CONNECTIONS);
+    for _ in 0..IDLE_CONNECTIONS {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let status = get(&mut stream, &host).await;
+        assert!(status.contains(" 200 "), "answered {status:?}");
+        held.push(stream);
+    }
+
+    // The memory the requests themselves used is given back within a trim interval.
+    let limit = before + MAX_KIB_PER_CONNECTION * IDLE_CONNECTIONS as u64;
+    let measured = std::cell::Cell::new(0);
+    wait_until(
+        &format!(
+            "proxy a's anonymous memory with {IDLE_CONNECTIONS} idle connections at most \
+             {limit} KiB ({before} KiB before them, {MAX_KIB_PER_CONNECTION} KiB each; \
+             the last measured values are printed above)"
+        ),
+        || {
+            let now = rss_anon_kib(pid);
+            if now > limit && now != measured.get() {
+                eprintln!("proxy a: {now} KiB of anonymous memory, above {limit} KiB");
+            }
+            measured.set(now);
+            async move { now <= limit }
+        },
+    )
+    .await;
+    eprintln!(
+        "{IDLE_CONNECTIONS} idle connections: {before} KiB -> {} KiB of anonymous memory",
+        measured.get()
+    );
+
+    // Idle connections still serve their next request.
+    for stream in held.iter_mut().step_by(30) {
+        let status = get(stream, &host).await;
+        assert!(status.contains(" 200 "), "answered {status:?} after idling");
+    }
+}
