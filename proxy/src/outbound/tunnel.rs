@@ -170,5 +170,5 @@ pub async fn passthrough(mut client: TcpStream, dst: SocketAddr) {
     else {
         return;
     };
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    crate::transport::splice::splice(&mut client, &mut server, None).await;
 }

@@ -225,23 +225,13 @@ impl TcpMetrics {
 }
 
 /// Why an upgraded connection ended; label `reason` of `pimesh_upgrade_close_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UpgradeEnd {
-    /// Both sides closed (or one closed and the other followed).
-    Closed,
-    /// No byte moved either way for the service's idle timeout.
-    IdleTimeout,
-    /// Reading or writing failed (a reset, a broken connection).
-    Error,
-}
+pub use crate::transport::splice::End as UpgradeEnd;
 
-impl UpgradeEnd {
-    fn as_str(self) -> &'static str {
-        match self {
-            UpgradeEnd::Closed => "closed",
-            UpgradeEnd::IdleTimeout => "idle_timeout",
-            UpgradeEnd::Error => "error",
-        }
+fn end_label(end: UpgradeEnd) -> &'static str {
+    match end {
+        UpgradeEnd::Closed => "closed",
+        UpgradeEnd::IdleTimeout => "idle_timeout",
+        UpgradeEnd::Error => "error",
     }
 }
 
@@ -280,7 +270,7 @@ impl UpgradeMetrics {
                 inner.families.close.get_or_create_owned(&CloseLabels {
                     direction: inner.labels.direction,
                     dst_service: inner.labels.dst_service.clone(),
-                    reason: end.as_str(),
+                    reason: end_label(end),
                 })
             })
             .inc();
