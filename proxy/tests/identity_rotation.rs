@@ -18,9 +18,9 @@ use std::time::{Duration, SystemTime};
 use pimesh_identity::{anchor_sha256_hex, Authority};
 use pimesh_test_support::backends::Backend;
 use pimesh_test_support::control_plane::ControlPlane;
-use pimesh_test_support::http::{get_text, sample};
+use pimesh_test_support::http::{get_text, raw_get, sample};
 use pimesh_test_support::proxy::{Proxy, ProxyOptions};
-use pimesh_test_support::{free_port, replace, wait_until, Site, DEADLINE};
+use pimesh_test_support::{free_port, replace, wait_until, Site};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// A proxy's `/config` as JSON.
@@ -197,50 +197,7 @@ impl Load {
 /// `GET /` with `Host: web` on `stream`; `Err` describes anything but `200` and `web\n`.
 async fn one_request(stream: &mut tokio::net::TcpStream, keep_alive: bool) -> Result<(), String> {
     let connection = if keep_alive { "keep-alive" } else { "close" };
-    let request = format!("GET / HTTP/1.1\r\nHost: web\r\nConnection: {connection}\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|err| format!("write: {err}"))?;
-    // Read the head, then exactly the body its Content-Length announces.
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
-        }
-        let n = tokio::time::timeout(DEADLINE, stream.read(&mut chunk))
-            .await
-            .map_err(|_| "no answer in time".to_owned())?
-            .map_err(|err| format!("read: {err}"))?;
-        if n == 0 {
-            return Err(format!(
-                "connection closed after {:?}",
-                String::from_utf8_lossy(&buf)
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let length: usize = head
-        .lines()
-        .find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())?
-        })
-        .ok_or_else(|| format!("no Content-Length in {head:?}"))?;
-    while buf.len() < head_end + length {
-        let n = tokio::time::timeout(DEADLINE, stream.read(&mut chunk))
-            .await
-            .map_err(|_| "body not in time".to_owned())?
-            .map_err(|err| format!("read body: {err}"))?;
-        if n == 0 {
-            return Err(format!("body cut short after {head:?}"));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).into_owned();
+    let (head, body) = raw_get(stream, "web", connection).await?;
     if head.starts_with("HTTP/1.1 200") && body == "web\n" {
         Ok(())
     } else {

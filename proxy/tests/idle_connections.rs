@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
 use pimesh_test_support::backends::{tcp_echo, Backend};
+use pimesh_test_support::http::raw_get;
 use pimesh_test_support::proxy::{mesh, mesh_with};
 use pimesh_test_support::{free_port, wait_until, Site};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -60,29 +61,10 @@ async fn wait_for_cost(pid: u32, before: u64, what: &str) {
 /// Sends one keep-alive GET on `stream` and reads its whole response; returns the status
 /// line.
 async fn get(stream: &mut TcpStream, host: &str) -> String {
-    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut seen = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        let read = stream.read(&mut chunk).await.expect("read");
-        assert!(read > 0, "the proxy closed a keep-alive connection");
-        seen.extend_from_slice(&chunk[..read]);
-        let text = String::from_utf8_lossy(&seen);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (name, value) = l.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse().ok())?
-                })
-                .expect("content-length");
-            if body.len() >= length {
-                return head.lines().next().unwrap_or_default().to_owned();
-            }
-        }
-    }
+    let (head, _) = raw_get(stream, host, "keep-alive")
+        .await
+        .unwrap_or_else(|err| panic!("keep-alive GET through the proxy: {err}"));
+    head.lines().next().unwrap_or_default().to_owned()
 }
 
 #[tokio::test]

@@ -129,6 +129,59 @@ pub async fn get_text(addr: SocketAddr, path: &str) -> Result<(u16, String), Str
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// Sends `GET /` with `Host: host` and `Connection: connection` on an open stream, and reads
+/// the head and exactly the body its `Content-Length` announces, so that the stream can
+/// carry the next request: (head with its final blank line, body). `Err` describes a
+/// closed stream, a missing length or [`DEADLINE`](crate::DEADLINE) passing.
+pub async fn raw_get(
+    stream: &mut tokio::net::TcpStream,
+    host: &str,
+    connection: &str,
+) -> Result<(String, String), String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: {connection}\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|err| format!("write: {err}"))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut head_end = None;
+    let mut length = 0;
+    loop {
+        if head_end.is_none() {
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..at + 4]).into_owned();
+                length = head
+                    .lines()
+                    .find_map(|line| {
+                        let (name, value) = line.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse().ok())?
+                    })
+                    .ok_or_else(|| format!("no Content-Length in {head:?}"))?;
+                head_end = Some(at + 4);
+            }
+        }
+        if let Some(end) = head_end.filter(|end| buf.len() >= end + length) {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let body = String::from_utf8_lossy(&buf[end..end + length]).into_owned();
+            return Ok((head, body));
+        }
+        let n = tokio::time::timeout(crate::DEADLINE, stream.read(&mut chunk))
+            .await
+            .map_err(|_| "no answer in time".to_owned())?
+            .map_err(|err| format!("read: {err}"))?;
+        if n == 0 {
+            return Err(format!(
+                "connection closed after {:?}",
+                String::from_utf8_lossy(&buf)
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// The value of the first Prometheus sample whose line starts with `line_start` (name and
 /// labels, exactly as exposed) followed by a space; 0 when there is no such sample yet.
 pub fn sample(text: &str, line_start: &str) -> f64 {
