@@ -5,16 +5,20 @@
 //!   replicas, and both the discovery watch and the leaf renewals fail over from the
 //!   replica that dies to the other one of the start list;
 //! - a proxy started with only one replica learns another server node's replica from
-//!   discovery and fails over to it.
+//!   discovery and fails over to it;
+//! - a replica that stops answering (its server lost power) does not hold up a renewal:
+//!   the leaf never runs out.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use pimesh_test_support::control::DiscoveryStream;
 use pimesh_test_support::control_plane::ControlPlane;
 use pimesh_test_support::http::sample;
 use pimesh_test_support::proxy::{Proxy, ProxyOptions};
+use pimesh_test_support::relay::Relay;
 use pimesh_test_support::tls::client_config;
 use pimesh_test_support::{free_port, wait_until, Site};
 
@@ -31,13 +35,18 @@ fn cluster_toml(nodes: &[(&str, u16)]) -> String {
 
 /// A control plane of `count` replicas issuing short leaves.
 async fn plane(config: &str, count: u16) -> ControlPlane {
+    plane_with_leaves_of(config, count, LEAF_LIFETIME_SECS).await
+}
+
+/// A control plane of `count` replicas issuing leaves of `lifetime` seconds.
+async fn plane_with_leaves_of(config: &str, count: u16, lifetime: &str) -> ControlPlane {
     let mut plane = ControlPlane::new(Site::new("depot"), config);
     plane
         .start_replicas(count, |replica| {
             replica
                 .site("depot")
                 .arg("--leaf-lifetime")
-                .arg(LEAF_LIFETIME_SECS)
+                .arg(lifetime)
                 .rust_log("info")
         })
         .await;
@@ -256,4 +265,51 @@ async fn a_proxy_learns_a_server_nodes_replicas_from_discovery_and_fails_over_to
         },
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_replica_that_stops_answering_does_not_let_the_leaf_run_out() {
+    let a_port = free_port();
+    // Leaves of 15 s are renewed about 10 s into their life: 5 s to get the next one, more
+    // than a dead replica's exchange timeout would leave.
+    let plane = plane_with_leaves_of(&cluster_toml(&[("a", a_port)]), 2, "15").await;
+    // The first replica of the start list is reached through a relay that will swallow
+    // every connection, as a server that lost power does.
+    let relay = Relay::start(plane.replicas[0].addr).await;
+    let survivor = plane.replicas[1].addr.to_string();
+    let args = [
+        "--control".to_owned(),
+        format!("{},{survivor}", relay.addr()),
+        "--role".to_owned(),
+        "agent".to_owned(),
+    ];
+    let a = start_proxy(&plane, "a", a_port, "127.0.0.1", &args).await;
+    let relayed = relay.addr().to_string();
+    wait_until("a leaf signed through the relay", || async {
+        let config = config_of(&a).await;
+        config["identity"]["source"] == "control"
+            && config["enrollment"]["signed_by"] == relayed.as_str()
+    })
+    .await;
+
+    relay.swallow();
+    let before = ok_renewals(&a.metrics().await);
+    let sources = std::cell::RefCell::new(BTreeSet::new());
+    wait_until("two renewals by the replica that still answers", || async {
+        let config = config_of(&a).await;
+        sources
+            .borrow_mut()
+            .insert(config["identity"]["source"].to_string());
+        ok_renewals(&a.metrics().await) >= before + 2.0
+            && config["enrollment"]["signed_by"] == survivor.as_str()
+    })
+    .await;
+    // The leaf was renewed before it ran out: the proxy never fell back to its node
+    // credential (its services would have lost their identities).
+    assert_eq!(
+        sources.into_inner(),
+        BTreeSet::from(["\"control\"".to_owned()]),
+        "{}",
+        a.log_text()
+    );
 }

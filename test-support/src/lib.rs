@@ -11,6 +11,7 @@
 //! - [`backends`]: HTTP, TCP echo and span-collector servers in the test process.
 //! - [`proxy`], [`control`], [`central`]: the daemons as fixtures.
 //! - [`control_plane`]: a site's control plane: trust folder, site config, N replicas.
+//! - [`relay`]: a TCP relay that can swallow connections, as a dead or hung server does.
 //! - [`files`]: files changed as the supervisor changes them.
 //! - [`postgres`]: a real PostgreSQL server in a temporary folder, on a Unix socket only.
 //!
@@ -33,6 +34,7 @@ pub mod pki;
 pub mod ports;
 pub mod postgres;
 pub mod proxy;
+pub mod relay;
 pub mod tls;
 pub mod wait;
 

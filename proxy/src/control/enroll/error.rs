@@ -34,8 +34,10 @@ pub enum EnrollError {
     /// The leaf is for another node than this one.
     OtherNode {
         replica: SocketAddr,
-        leaf: (DnsLabel, DnsLabel),
-        this: (DnsLabel, DnsLabel),
+        /// (site, node) of the leaf, boxed to keep the error small.
+        leaf: Box<(DnsLabel, DnsLabel)>,
+        /// (site, node) of this node.
+        this: Box<(DnsLabel, DnsLabel)>,
     },
     /// The leaf's names cannot be read.
     LeafNames {
@@ -77,12 +79,15 @@ impl fmt::Display for EnrollError {
             EnrollError::Leaf(err) => err.fmt(f),
             EnrollError::OtherNode {
                 replica,
-                leaf: (leaf_site, leaf_node),
-                this: (site, node),
-            } => write!(
+                leaf,
+                this,
+            } => {
+                let ((leaf_site, leaf_node), (site, node)) = (&**leaf, &**this);
+                write!(
                 f,
                 "replica {replica}: answer: the leaf is for node {leaf_node} of site {leaf_site}, not this node {node} of site {site}"
-            ),
+            )
+            }
             EnrollError::LeafNames { replica, err } => {
                 write!(f, "replica {replica}: answer: {err}")
             }

@@ -12,8 +12,10 @@
 //! The identity in use is published on a `watch`: new connections use the newest, open
 //! ones keep the one they were made with. It is, in order of preference: the latest leaf
 //! from a replica, a leaf saved by an earlier run (`store`) while still valid, the node
-//! credential. A leaf is renewed at two thirds of its life (`schedule`); on failure the
-//! next replica is tried after a growing pause, and while renewals fail a warning names the
+//! credential. A leaf is renewed at two thirds of its life (`schedule`). Each round asks
+//! the replicas in turn, starting with the last that signed, without waiting on one that
+//! does not answer (`hedge`); when none signs, the next round comes after a growing pause,
+//! and while renewals fail a warning names the
 //! time left every [`WARN_EVERY`]. The replicas are the live set of `control::replicas`
 //! (the start list and the servers' replicas discovery lists), read at every attempt. A change of the services placed on the node re-enrolls
 //! at once. A leaf that expires unrenewed gives way to the node credential.
@@ -23,6 +25,7 @@
 
 mod client;
 mod error;
+mod hedge;
 pub mod metrics;
 mod schedule;
 mod store;
@@ -49,6 +52,21 @@ pub use metrics::IdentityMetrics;
 
 /// While renewals fail, a warning naming the time left is logged this often.
 pub const WARN_EVERY: Duration = Duration::from_secs(30);
+
+/// When none of the replicas asked for a leaf has answered for this long, the next one is
+/// asked too (`hedge`): a healthy replica answers in well under a second, even on a busy
+/// board, and a dead one costs a renewal no more than this.
+pub const HEDGE_AFTER: Duration = Duration::from_secs(2);
+
+/// One leaf request, as sent to every replica of a round.
+struct Prepared {
+    /// The identity the proxy authenticates with.
+    auth: Identity,
+    /// The identities asked for.
+    wanted: BTreeSet<SpiffeId>,
+    /// The new key and its signing request.
+    leaf: LeafRequest,
+}
 
 /// What `/config` shows of the enrollment.
 #[derive(Debug, Clone, Default)]
@@ -268,19 +286,31 @@ impl Enroller {
         Some(ids)
     }
 
-    /// One request to the next replica; returns when to try again (or renew).
+    /// One round of requests to the replicas, starting with the one at the cursor (the
+    /// last that signed); returns when to try again (or renew).
     async fn attempt(&mut self) -> SystemTime {
         let replicas = self.settings.replicas.borrow().clone();
         self.status_tx
             .send_modify(|status| status.replicas = replicas.to_vec());
         self.cursor %= replicas.len().max(1);
-        let Some(&replica) = replicas.get(self.cursor) else {
+        if replicas.is_empty() {
             // No replica at all (`spawn` is only called with some): nothing to ask.
-            self.cursor = 0;
             return SystemTime::now() + schedule::BACKOFF.cap();
+        }
+        let order: Vec<SocketAddr> = replicas[self.cursor..]
+            .iter()
+            .chain(&replicas[..self.cursor])
+            .copied()
+            .collect();
+        let signed = match self.prepare() {
+            Ok(request) => self.ask_in_turn(&order, &request).await,
+            Err(err) => {
+                self.failed(None, &err);
+                None
+            }
         };
-        match self.enroll(replica).await {
-            Ok(identity) => {
+        match signed {
+            Some((replica, identity)) => {
                 let now = SystemTime::now();
                 let renew_at = schedule::renew_at(now, identity.not_after, jitter());
                 info!(
@@ -297,6 +327,10 @@ impl Enroller {
                 self.publish();
                 self.backoff.reset();
                 self.failing_since = None;
+                self.cursor = replicas
+                    .iter()
+                    .position(|r| *r == replica)
+                    .unwrap_or(self.cursor);
                 self.status_tx.send_modify(|status| {
                     status.renewals += 1;
                     status.signed_by = Some(replica);
@@ -304,20 +338,57 @@ impl Enroller {
                 });
                 renew_at
             }
-            Err(err) => {
-                warn!(%replica, error = %err, "no leaf from this replica; trying the next");
-                self.metrics.renewal(false);
+            None => {
                 self.failing_since.get_or_insert_with(SystemTime::now);
-                self.cursor = (self.cursor + 1) % replicas.len().max(1);
-                self.status_tx
-                    .send_modify(|status| status.last_error = Some(err.to_string()));
+                // The next round starts one further, so that no replica is always first.
+                self.cursor = (self.cursor + 1) % replicas.len();
                 SystemTime::now() + self.backoff.next_delay(fastrand::u64(..))
             }
         }
     }
 
-    /// Asks `replica` for a leaf and checks the answer; the error says why not.
-    async fn enroll(&mut self, replica: SocketAddr) -> Result<Identity, EnrollError> {
+    /// Asks the replicas of `order` for `request` (see `hedge`), checking each answer;
+    /// the first good leaf and the replica that signed it.
+    async fn ask_in_turn(
+        &self,
+        order: &[SocketAddr],
+        request: &Prepared,
+    ) -> Option<(SocketAddr, Identity)> {
+        let auth = request.auth.clone();
+        let csr_pem: Arc<str> = Arc::from(request.leaf.csr_pem.as_str());
+        hedge::first_accepted(
+            order,
+            HEDGE_AFTER,
+            |replica| {
+                let (auth, csr_pem) = (auth.clone(), Arc::clone(&csr_pem));
+                async move {
+                    client::exchange(replica, &auth, &csr_pem)
+                        .await
+                        .map_err(EnrollError::from)
+                }
+            },
+            |replica, answer| self.check_answer(request, replica, &answer),
+            |replica, err| self.failed(Some(replica), &err),
+        )
+        .await
+    }
+
+    /// Records a failed exchange (or a request that could not be made: no replica).
+    fn failed(&self, replica: Option<SocketAddr>, err: &EnrollError) {
+        match replica {
+            Some(replica) => {
+                warn!(%replica, error = %err, "no leaf from this replica; trying the next")
+            }
+            None => warn!(error = %err, "cannot ask the control replicas for a leaf"),
+        }
+        self.metrics.renewal(false);
+        self.status_tx
+            .send_modify(|status| status.last_error = Some(err.to_string()));
+    }
+
+    /// The credential to authenticate with, the identities to ask for and a new key's
+    /// signing request for them.
+    fn prepare(&self) -> Result<Prepared, EnrollError> {
         let now = SystemTime::now();
         // Authenticate with the current leaf while valid, else with the node credential.
         let current = self
@@ -333,8 +404,18 @@ impl Enroller {
         self.status_tx.send_modify(|status| {
             status.requested = wanted_list.iter().map(ToString::to_string).collect();
         });
-        let request = LeafRequest::new(&wanted_list).map_err(EnrollError::Request)?;
-        let answer = client::exchange(replica, &auth, &request.csr_pem).await?;
+        let leaf = LeafRequest::new(&wanted_list).map_err(EnrollError::Request)?;
+        Ok(Prepared { auth, wanted, leaf })
+    }
+
+    /// Checks what `replica` answered to `request`, and saves the leaf when it passes.
+    fn check_answer(
+        &self,
+        request: &Prepared,
+        replica: SocketAddr,
+        answer: &client::Answer,
+    ) -> Result<Identity, EnrollError> {
+        let Prepared { auth, wanted, leaf } = request;
         let what = format!("replica {replica}: answer");
         let anchors: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(answer.bundle_pem.as_bytes())
@@ -343,7 +424,7 @@ impl Enroller {
         if anchors.is_empty() {
             return Err(EnrollError::EmptyBundle { replica });
         }
-        let key_pem = request.key.serialize_pem();
+        let key_pem = leaf.key.serialize_pem();
         // Chains to the bundle, valid now, one node ID, the key is the leaf's.
         let identity =
             Identity::from_pem_named(&answer.chain_pem, &key_pem, &answer.bundle_pem, &what)
@@ -352,8 +433,8 @@ impl Enroller {
         if identity.site != auth.site || identity.node != auth.node {
             return Err(EnrollError::OtherNode {
                 replica,
-                leaf: (identity.site, identity.node),
-                this: (auth.site, auth.node),
+                leaf: Box::new((identity.site, identity.node)),
+                this: Box::new((auth.site.clone(), auth.node.clone())),
             });
         }
         // Every name of the leaf, of any kind or site, must be one asked for, and all of them.
