@@ -32,7 +32,8 @@ Cases, in order (each builds on the site the previous ones left):
      that changes `[k3s] disable` restarts each K3s server for its new config, in turn,
      and leaves the agent's K3s alone;
   5. the init node is powered off: the other nodes' proxies keep renewing their leaves
-     from the joined servers' replicas, a fifth card still joins the site, and a revision
+     from the joined servers' replicas before they run out (asking the lost node's
+     replicas first costs no more than a hedging delay), a fifth card still joins the site, and a revision
      still applies on every live node;
   6. the init node is powered on again: it takes the revision it missed, its proxy learns
      the joined servers, and the nodes reach its service again, the one that joined while
@@ -974,6 +975,7 @@ def test_the_site_survives_the_loss_of_its_init_node(site, figures, tmp_path):
         # Traffic between two other nodes while one of the three servers is lost: none of
         # it may fail (the data path does not cross the lost node, and each proxy's
         # control plane fails over to the remaining servers' replicas).
+        expiries_before = {name: leaf_expiries(nodes[name]) for name in JOINERS}
         with steady_requests(d, "http://127.0.0.1:18081/", str(tmp_path)) as load:
             started = time.monotonic()
             a = nodes.pop("pi-a")
@@ -1005,9 +1007,17 @@ def test_the_site_survives_the_loss_of_its_init_node(site, figures, tmp_path):
         journal = lambda unit: "\n".join(d.journal(unit).splitlines()[-40:])
         return (f"{json.dumps(load)}\n--- pi-d's proxy:\n{journal('pimesh-proxy.service')}"
                 f"\n--- pi-d's supervisor:\n{journal('pimesh-supervisor.service')}")
-    assert load.get("ok", 0) > 100, why()
-    assert load.get("failed", 0) * 20 <= load.get("ok", 0), why()
-    assert (load.get("longest_gap_s") or 0) <= 5, why()
+    broken = [what for held, what in (
+        (load.get("ok", 0) > 100, "100 requests or fewer succeeded"),
+        (load.get("failed", 0) * 20 <= load.get("ok", 0), "more than 5 % of the requests failed"),
+        ((load.get("longest_gap_s") or 0) <= 5, "an outage longer than 5 s"),
+    ) if not held]
+    # No proxy's leaf ran out: the replicas of the servers still up renewed every one in
+    # time, however many of the lost node's replicas were asked first.
+    ran_out = [name for name in JOINERS if leaf_expiries(nodes[name]) > expiries_before[name]]
+    if ran_out:
+        broken.append(f"the leaves of {', '.join(ran_out)} ran out unrenewed")
+    journals = why() if broken else ""
     print(f"server loss: {load}")
     # A fifth card joins through the remaining servers.
     e = prepare_node(site["lan"], site["keys"], 5, "join", "pi-e")
@@ -1021,6 +1031,15 @@ def test_the_site_survives_the_loss_of_its_init_node(site, figures, tmp_path):
     revision = publish(site)
     for name, node in nodes.items():
         wait_revision(site, name, node, revision)
+    # Asserted only now, so that the tests after this one find the site they build on
+    # (pi-e joined) and fail only for their own reasons.
+    assert not broken, f"while the init node was lost, {' and '.join(broken)}: {journals}"
+
+
+def leaf_expiries(node):
+    """How often the node's proxy logged that its leaf ran out before a renewal."""
+    return node.journal("pimesh-proxy.service").count(
+        "the leaf expired before any control replica renewed it")
 
 
 def control_replicas_known(node):
