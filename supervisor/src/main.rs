@@ -232,6 +232,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
                 status: status.clone(),
                 on_joined: site_role.on_joined(),
                 on_manual: site_role.on_manual(),
+                proxy_config_url: supervisor_config.ota.proxy_config_url.clone(),
             }))
         }),
         _ => None,

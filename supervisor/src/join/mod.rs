@@ -91,6 +91,9 @@ pub struct JoinContext {
     pub status: StatusHandle,
     pub on_joined: OnJoined,
     pub on_manual: OnManual,
+    /// The proxy's `/config` (the supervisor config's `[ota] proxy_config_url`): the
+    /// control replicas the running proxy knows.
+    pub proxy_config_url: pimesh_schema::ProbeUrl,
 }
 
 impl JoinContext {

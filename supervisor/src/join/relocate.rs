@@ -10,24 +10,31 @@
 //! other server nodes. When none connects it browses mDNS as a join does (the same site,
 //! the same pin; an answer is a hint, since the proxy still checks each replica's
 //! certificate), and when a server found there connects, the record takes the servers
-//! found, the units are placed for them, and the proxy is restarted to read its new list
-//! (a running proxy keeps the list it started with). With the seed's `servers` (the
-//! operator's addresses) or without mDNS, nothing is done.
+//! found and the units are placed for them. A running proxy keeps the replica list it
+//! started with, plus the replicas discovery told it of: when it already knows one of the
+//! servers found (the site lost the server its node joined through, and the proxy learnt
+//! the others from discovery) it fails over by itself and reads the new list at its next
+//! start; otherwise (the LAN renumbered: every address it knows is stale) it is restarted
+//! to read it now. With the seed's `servers` (the operator's addresses) or without mDNS,
+//! nothing is done.
 //!
-//! Invariant: the record changes only to servers of which at least one connected, so a
-//! check made while the node itself is cut off (no answer from the LAN) changes nothing.
+//! Invariants: the record changes only to servers of which at least one connected, so a
+//! check made while the node itself is cut off (no answer from the LAN) changes nothing;
+//! the proxy is restarted unless its `/config` names a replica of a server found.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use pimesh_join::ServerEntry;
 use pimesh_schema::DnsLabel;
+use pimesh_schema::ProbeUrl;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::join::discover::{self, Candidate};
 use crate::join::record::{JoinRecord, Via};
 use crate::join::JoinContext;
+use crate::units::probe;
 use crate::units::role::PROXY;
 use crate::units::systemd::Systemd;
 
@@ -36,6 +43,9 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(15);
 
 /// How long one TCP connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long reading the proxy's `/config` may take.
+const PROXY_CONFIG_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Checks, and finds the servers again when none answers, for the node's life.
 pub async fn run(context: &JoinContext) {
@@ -63,7 +73,18 @@ pub async fn run(context: &JoinContext) {
         if let Some(record) = relocated(context, record).await {
             let holds_issuer = context.trust.holds_issuer();
             (context.on_joined)(&record, holds_issuer);
-            restart_proxy().await;
+            let found = record.replicas_of_others(&context.node);
+            match proxy_knows_one_of(&context.proxy_config_url, &found).await {
+                Ok(Some(replica)) => info!(
+                    %replica,
+                    "the proxy already knows a server found again: it fails over by itself and takes the new list at its next start"
+                ),
+                Ok(None) => restart_proxy().await,
+                Err(err) => {
+                    debug!(url = %context.proxy_config_url, %err, "cannot read the replicas the proxy knows");
+                    restart_proxy().await;
+                }
+            }
         }
     }
 }
@@ -164,6 +185,56 @@ fn server_entry(candidate: &Candidate) -> Option<ServerEntry> {
     })
 }
 
+/// The first of `found` that the running proxy's `/config` at `url` lists among the
+/// control replicas it knows (`control.replicas`), if any.
+async fn proxy_knows_one_of(
+    url: &ProbeUrl,
+    found: &[SocketAddr],
+) -> Result<Option<SocketAddr>, ProxyConfigError> {
+    let (status, body) = probe::fetch(url, PROXY_CONFIG_TIMEOUT)
+        .await
+        .map_err(ProxyConfigError::Unreachable)?;
+    if !status.is_success() {
+        return Err(ProxyConfigError::Status(status));
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&body).map_err(ProxyConfigError::NotJson)?;
+    Ok(known_of(&config, found))
+}
+
+/// Why the proxy's `/config` could not be read.
+#[derive(Debug)]
+enum ProxyConfigError {
+    Unreachable(probe::ProbeError),
+    Status(hyper::StatusCode),
+    NotJson(serde_json::Error),
+}
+
+impl std::fmt::Display for ProxyConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProxyConfigError::Unreachable(err) => err.fmt(f),
+            ProxyConfigError::Status(status) => write!(f, "answered {status}"),
+            ProxyConfigError::NotJson(err) => write!(f, "not JSON: {err}"),
+        }
+    }
+}
+
+/// The first of `found` listed in the proxy's `config` (its `/config` answer) under
+/// `control.replicas`.
+fn known_of(config: &serde_json::Value, found: &[SocketAddr]) -> Option<SocketAddr> {
+    let known: Vec<SocketAddr> = config
+        .pointer("/control/replicas")
+        .and_then(serde_json::Value::as_array)
+        .map(|list| {
+            list.iter()
+                .filter_map(|entry| entry.as_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    found.iter().copied().find(|addr| known.contains(addr))
+}
+
 /// Restarts the proxy so that it reads the replicas of its new environment file; a
 /// failure is logged (the proxy takes them at its next start).
 async fn restart_proxy() {
@@ -178,6 +249,28 @@ mod tests {
 
     fn label(text: &str) -> DnsLabel {
         DnsLabel::try_from(text.to_owned()).expect("label")
+    }
+
+    #[test]
+    fn the_proxy_knows_a_server_found_when_its_config_lists_one_of_its_replicas() {
+        let addr = |text: &str| -> SocketAddr { text.parse().expect("addr") };
+        let found = [addr("192.168.1.7:8086"), addr("192.168.1.8:8086")];
+        // Lost the init node (.5): the proxy learnt .8 from discovery.
+        let config = serde_json::json!({"control": {"replicas": [
+            "192.168.1.5:8086", "192.168.1.5:8087", "192.168.1.8:8086"
+        ]}});
+        assert_eq!(known_of(&config, &found), Some(found[1]));
+        // The LAN renumbered: every address the proxy knows is stale.
+        let stale = serde_json::json!({"control": {"replicas": ["10.0.0.5:8086"]}});
+        assert_eq!(known_of(&stale, &found), None);
+        // Not the shape expected, or no list: not known (the caller restarts the proxy).
+        for odd in [
+            serde_json::json!({}),
+            serde_json::json!({"control": {"replicas": "192.168.1.8:8086"}}),
+            serde_json::json!({"control": {"replicas": [8086, "not an address"]}}),
+        ] {
+            assert_eq!(known_of(&odd, &found), None, "{odd}");
+        }
     }
 
     #[test]
