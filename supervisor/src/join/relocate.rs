@@ -26,8 +26,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use pimesh_join::ServerEntry;
-use pimesh_schema::DnsLabel;
-use pimesh_schema::ProbeUrl;
+use pimesh_schema::{DnsLabel, ProbeUrl};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -190,34 +189,9 @@ fn server_entry(candidate: &Candidate) -> Option<ServerEntry> {
 async fn proxy_knows_one_of(
     url: &ProbeUrl,
     found: &[SocketAddr],
-) -> Result<Option<SocketAddr>, ProxyConfigError> {
-    let (status, body) = probe::fetch(url, PROXY_CONFIG_TIMEOUT)
-        .await
-        .map_err(ProxyConfigError::Unreachable)?;
-    if !status.is_success() {
-        return Err(ProxyConfigError::Status(status));
-    }
-    let config: serde_json::Value =
-        serde_json::from_slice(&body).map_err(ProxyConfigError::NotJson)?;
+) -> Result<Option<SocketAddr>, probe::JsonProbeError> {
+    let config = probe::fetch_json(url, PROXY_CONFIG_TIMEOUT).await?;
     Ok(known_of(&config, found))
-}
-
-/// Why the proxy's `/config` could not be read.
-#[derive(Debug)]
-enum ProxyConfigError {
-    Unreachable(probe::ProbeError),
-    Status(hyper::StatusCode),
-    NotJson(serde_json::Error),
-}
-
-impl std::fmt::Display for ProxyConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ProxyConfigError::Unreachable(err) => err.fmt(f),
-            ProxyConfigError::Status(status) => write!(f, "answered {status}"),
-            ProxyConfigError::NotJson(err) => write!(f, "not JSON: {err}"),
-        }
-    }
 }
 
 /// The first of `found` listed in the proxy's `config` (its `/config` answer) under

@@ -12,12 +12,11 @@
 use std::fmt;
 use std::time::Duration;
 
-use hyper::StatusCode;
 use pimesh_schema::{ManagedUnit, ProbeUrl, UnitName};
 use tokio::time::Instant;
 use zbus::zvariant::OwnedObjectPath;
 
-use crate::units::probe::{self, ProbeError};
+use crate::units::probe::{self, JsonProbeError, ProbeError};
 use crate::units::role::UnitRole;
 use crate::units::systemd::Systemd;
 
@@ -119,15 +118,8 @@ impl std::error::Error for UnitUnhealthy {
 /// Why the proxy does not count as running the new configuration.
 #[derive(Debug)]
 pub enum ProxyUnhealthy {
-    /// Its configuration endpoint did not answer; the probe says why.
-    Unreachable(ProbeError),
-    /// Its configuration endpoint answered with an error status.
-    Status { url: String, status: StatusCode },
-    /// Its configuration endpoint answered something other than JSON.
-    NotJson {
-        url: String,
-        source: serde_json::Error,
-    },
+    /// Its configuration endpoint gave no JSON document.
+    Config(JsonProbeError),
     /// It runs another configuration (so far).
     RunsOther(Mismatch),
     /// It refused exactly the new configuration.
@@ -149,9 +141,7 @@ pub struct Mismatch {
 impl fmt::Display for ProxyUnhealthy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ProxyUnhealthy::Unreachable(reason) => reason.fmt(f),
-            ProxyUnhealthy::Status { url, status } => write!(f, "GET {url}: {status}"),
-            ProxyUnhealthy::NotJson { url, source } => write!(f, "GET {url}: not JSON: {source}"),
+            ProxyUnhealthy::Config(reason) => reason.fmt(f),
             ProxyUnhealthy::RunsOther(mismatch) | ProxyUnhealthy::Refused(mismatch) => {
                 mismatch.fmt(f)
             }
@@ -180,11 +170,9 @@ impl fmt::Display for Mismatch {
 impl std::error::Error for ProxyUnhealthy {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            ProxyUnhealthy::NotJson { source, .. } => Some(source),
-            ProxyUnhealthy::Unreachable(reason) | ProxyUnhealthy::NoTraffic(reason) => Some(reason),
-            ProxyUnhealthy::Status { .. }
-            | ProxyUnhealthy::RunsOther(_)
-            | ProxyUnhealthy::Refused(_) => None,
+            ProxyUnhealthy::Config(reason) => Some(reason),
+            ProxyUnhealthy::NoTraffic(reason) => Some(reason),
+            ProxyUnhealthy::RunsOther(_) | ProxyUnhealthy::Refused(_) => None,
         }
     }
 }
@@ -276,21 +264,9 @@ impl Gate<'_> {
     }
 
     async fn proxy_runs_expected(&self) -> Result<(), ProxyUnhealthy> {
-        let url = self.proxy_config_url;
-        let (status, body) = probe::fetch(url, PROBE_TIMEOUT)
+        let answer = probe::fetch_json(self.proxy_config_url, PROBE_TIMEOUT)
             .await
-            .map_err(ProxyUnhealthy::Unreachable)?;
-        if !status.is_success() {
-            return Err(ProxyUnhealthy::Status {
-                url: url.to_string(),
-                status,
-            });
-        }
-        let answer: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|source| ProxyUnhealthy::NotJson {
-                url: url.to_string(),
-                source,
-            })?;
+            .map_err(ProxyUnhealthy::Config)?;
         let text = |field: &str| answer.get(field).and_then(|value| value.as_str());
         let running = text("sha256");
         if running == self.expected_sha256.as_deref() {

@@ -101,6 +101,60 @@ pub async fn fetch(url: &ProbeUrl, timeout: Duration) -> Result<(StatusCode, Byt
     fetch_up_to(url, timeout, MAX_BODY).await
 }
 
+/// Why a JSON endpoint (the proxy's `/config`) gave no JSON document.
+#[derive(Debug)]
+pub enum JsonProbeError {
+    /// It did not answer; the probe says why.
+    Unreachable(ProbeError),
+    /// It answered with an error status.
+    Status { url: String, status: StatusCode },
+    /// It answered something other than JSON.
+    NotJson {
+        url: String,
+        source: serde_json::Error,
+    },
+}
+
+impl fmt::Display for JsonProbeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JsonProbeError::Unreachable(reason) => reason.fmt(f),
+            JsonProbeError::Status { url, status } => write!(f, "GET {url}: {status}"),
+            JsonProbeError::NotJson { url, source } => write!(f, "GET {url}: not JSON: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for JsonProbeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            JsonProbeError::Unreachable(reason) => Some(reason),
+            JsonProbeError::NotJson { source, .. } => Some(source),
+            JsonProbeError::Status { .. } => None,
+        }
+    }
+}
+
+/// `GET url` within `timeout`: the body of a 2xx answer as JSON.
+pub async fn fetch_json(
+    url: &ProbeUrl,
+    timeout: Duration,
+) -> Result<serde_json::Value, JsonProbeError> {
+    let (status, body) = fetch(url, timeout)
+        .await
+        .map_err(JsonProbeError::Unreachable)?;
+    if !status.is_success() {
+        return Err(JsonProbeError::Status {
+            url: url.to_string(),
+            status,
+        });
+    }
+    serde_json::from_slice(&body).map_err(|source| JsonProbeError::NotJson {
+        url: url.to_string(),
+        source,
+    })
+}
+
 /// `GET url`: the status and the body, within `timeout`; a body longer than `max_body`
 /// bytes is an error.
 pub async fn fetch_up_to(
