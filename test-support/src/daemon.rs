@@ -210,6 +210,16 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // A test failing because its daemon died says so, with the daemon's last words.
+        if std::thread::panicking() {
+            if let Some(status) = self.exited() {
+                eprintln!(
+                    "{} had exited ({status}) when the test failed; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+        }
         self.kill();
     }
 }
