@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::config::routes::RouteTable;
 use crate::identity::Identity;
+use crate::inbound::app_pool::AppPool;
 use crate::telemetry::labels::Direction;
 use crate::telemetry::metrics::Metrics;
 use crate::transport::drain;
@@ -25,7 +26,7 @@ pub struct Context {
     pub peers: Peers,
     pub metrics: Arc<Metrics>,
     /// Pooled keep-alive HTTP/1.1 connections to the apps on this node.
-    pub app_h1: Client<HttpConnector, Body>,
+    pub app_h1: Arc<AppPool>,
     /// Pooled prior-knowledge HTTP/2 connections to the apps on this node.
     pub app_h2: Client<HttpConnector, Body>,
     /// Open connections per direction (outbound: from local apps; inbound: from peer
@@ -74,11 +75,8 @@ impl Context {
         metrics: Arc<Metrics>,
         drain: drain::WeakWatch,
     ) -> Context {
-        let connector = || {
-            let mut connector = HttpConnector::new();
-            connector.set_nodelay(true);
-            connector
-        };
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
         // A burst of requests opens as many app connections as it needs; afterwards only
         // this many per app stay pooled, so a burst does not leave its size in memory.
         const IDLE_APP_CONNECTIONS: usize = 128;
@@ -87,13 +85,11 @@ impl Context {
             identity,
             peers: Peers::new(metrics.connections.clone()),
             metrics,
-            app_h1: Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(IDLE_APP_CONNECTIONS)
-                .build(connector()),
+            app_h1: AppPool::new(IDLE_APP_CONNECTIONS),
             app_h2: Client::builder(TokioExecutor::new())
                 .http2_only(true)
                 .pool_max_idle_per_host(IDLE_APP_CONNECTIONS)
-                .build(connector()),
+                .build(connector),
             open_connections: [AtomicU32::new(0), AtomicU32::new(0)],
             handshakes: Handshakes::default(),
             drain,

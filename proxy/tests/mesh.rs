@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -97,6 +99,89 @@ async fn http1_crosses_the_mesh_by_authority_and_by_local_port() {
         ),
         4.0
     );
+}
+
+/// An HTTP/1.1 app on 127.0.0.1 that answers every `GET` with `ok`, closing each
+/// connection after its answer when `close` is set (saying so in `connection: close`).
+/// Returns its port and how many connections and requests it took.
+async fn counting_app(
+    close: bool,
+) -> (
+    u16,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (connections, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (accepted, answered) = (Arc::clone(&connections), Arc::clone(&requests));
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let answered = Arc::clone(&answered);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    let Ok(read) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if read == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..read]);
+                    while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        head.drain(..end + 4);
+                        answered.fetch_add(1, Ordering::SeqCst);
+                        let connection = if close { "close" } else { "keep-alive" };
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: {connection}\r\n\r\nok\n"
+                        );
+                        if stream.write_all(answer.as_bytes()).await.is_err() || close {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, connections, requests, task)
+}
+
+/// Apps on HTTP/1.1 are called over kept-alive connections: sequential requests share
+/// one, an app that closes each connection after its answer gets every request on a new
+/// one, and each request reaches its app once.
+#[tokio::test]
+async fn app_connections_are_kept_alive_until_the_app_closes_them() {
+    const REQUESTS: usize = 20;
+    let site = Site::new("depot");
+    let (keeps, keeps_connections, keeps_requests, _keeps) = counting_app(false).await;
+    let (closes, closes_connections, closes_requests, _closes) = counting_app(true).await;
+    let m = mesh(
+        &site,
+        &format!(
+            "{}{}",
+            service("keeps", keeps, ""),
+            service("closes", closes, "")
+        ),
+    )
+    .await;
+    let mut client = h1(m.a.outbound).await;
+    for _ in 0..REQUESTS {
+        for app in ["keeps", "closes"] {
+            let (status, _, body) = get(&mut client, app, "/").await;
+            assert_eq!((status, body.as_str()), (200, "ok\n"), "{app}");
+        }
+    }
+    assert_eq!(keeps_requests.load(Ordering::SeqCst), REQUESTS);
+    assert_eq!(
+        keeps_connections.load(Ordering::SeqCst),
+        1,
+        "one kept-alive connection"
+    );
+    assert_eq!(closes_requests.load(Ordering::SeqCst), REQUESTS);
+    assert_eq!(closes_connections.load(Ordering::SeqCst), REQUESTS);
 }
 
 #[tokio::test]

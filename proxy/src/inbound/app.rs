@@ -7,11 +7,12 @@ use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::BodyExt as _;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::app_pool::AppError;
 use crate::config::routes::{App, RouteTable, ServiceRoute};
 use crate::context::Context;
 use crate::telemetry::{grpc, trace};
@@ -62,34 +63,48 @@ pub async fn deliver(
             }
         }
     }
-    parts.uri = match mesh_http::rebase(&parts.uri, authority) {
-        Ok(uri) => uri,
-        Err(err) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                &format!("bad request target: {err}"),
-            )
+    if h2 {
+        parts.uri = match mesh_http::rebase(&parts.uri, authority) {
+            Ok(uri) => uri,
+            Err(err) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("bad request target: {err}"),
+                )
+            }
+        };
+        parts.version = Version::HTTP_2;
+    } else {
+        // HTTP/1.1 to an origin server: the target in origin form, the authority in `Host`.
+        parts.uri = mesh_http::origin_form(&parts.uri);
+        parts.version = Version::HTTP_11;
+    }
+    let request = Request::from_parts(parts, body.boxed());
+    let answer = if h2 {
+        match context.app_h2.request(request).await {
+            Ok(response) => Ok(response.map(BodyExt::boxed)),
+            Err(err) if err.is_connect() => Err(Undelivered::Refused),
+            Err(err) => Err(Undelivered::Failed(err.to_string())),
+        }
+    } else {
+        match context.app_h1.send(app, request).await {
+            Ok(response) => Ok(response),
+            Err(AppError::Connect(_)) => Err(Undelivered::Refused),
+            Err(err) => Err(Undelivered::Failed(err.to_string())),
         }
     };
-    parts.version = if h2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
-    let request = Request::from_parts(parts, body.boxed());
-    let client = if h2 { &context.app_h2 } else { &context.app_h1 };
-    let response = match client.request(request).await {
+    let response = match answer {
         Ok(response) => {
             let (mut head, body) = response.into_parts();
             strip_hop_by_hop(&mut head.headers);
             head.version = Version::HTTP_2;
-            Response::from_parts(head, body.boxed())
+            Response::from_parts(head, body)
         }
-        Err(err) if err.is_connect() => error_response(
+        Err(Undelivered::Refused) => error_response(
             StatusCode::BAD_GATEWAY,
             &format!("service {} refused the connection at {app}", route.name),
         ),
-        Err(err) => error_response(
+        Err(Undelivered::Failed(err)) => error_response(
             StatusCode::BAD_GATEWAY,
             &format!("service {} at {app} failed: {err}", route.name),
         ),
@@ -101,6 +116,14 @@ pub async fn deliver(
         span.finish(status, table.spans.as_ref());
     }
     response
+}
+
+/// Why an app gave no answer.
+enum Undelivered {
+    /// Nothing accepted a connection on the app's address.
+    Refused,
+    /// The app broke off the exchange; the client's error says how.
+    Failed(String),
 }
 
 /// Answers a CONNECT: dials the app first (so a refusal is a 502, not a dead tunnel),

@@ -12,6 +12,7 @@
 //! or other HTTP upgrade).
 
 mod app;
+pub mod app_pool;
 mod upgrade;
 
 use std::convert::Infallible;

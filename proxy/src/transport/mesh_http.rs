@@ -127,6 +127,13 @@ where
         .build()
 }
 
+/// The origin form of `uri` (its path and query, `/` when empty): the request target an
+/// HTTP/1.1 request to an origin server carries (RFC 9112 §3.2.1).
+pub fn origin_form(uri: &Uri) -> Uri {
+    uri.path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |path| Uri::from(path.clone()))
+}
+
 /// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// including those the `Connection` header names. HTTP/2 refuses them outright.
 ///
