@@ -92,7 +92,9 @@ pub async fn serve(
     let service = service_fn(move |request| {
         let context = Arc::clone(&context);
         let caller = Arc::clone(&caller);
-        async move { Ok::<_, Infallible>(handle(context, request, caller).await) }
+        // Boxed: hyper spawns a task per stream holding this future, and moves it as the
+        // task is made and ends; a request's future is several KiB, a box one pointer.
+        Box::pin(async move { Ok::<_, Infallible>(handle(context, request, caller).await) })
     });
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
