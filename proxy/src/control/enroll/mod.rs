@@ -15,10 +15,11 @@
 //! credential. A leaf is renewed at two thirds of its life (`schedule`). Each round asks
 //! the replicas in turn, starting with the last that signed, without waiting on one that
 //! does not answer (`hedge`); when none signs, the next round comes after a growing pause,
-//! and while renewals fail a warning names the
-//! time left every [`WARN_EVERY`]. The replicas are the live set of `control::replicas`
-//! (the start list and the servers' replicas discovery lists), read at every attempt. A change of the services placed on the node re-enrolls
-//! at once. A leaf that expires unrenewed gives way to the node credential.
+//! and while renewals fail a warning names the time left every [`WARN_EVERY`]. The
+//! replicas are the live set of `control::replicas` (the start list and the servers'
+//! replicas discovery lists), read at every attempt. A change of the services placed on
+//! the node re-enrolls at once. A leaf that expires unrenewed gives way to the node
+//! credential.
 //!
 //! Invariant: only an identity that passed `Identity`'s checks at the time it was
 //! published is ever published.
