@@ -47,23 +47,19 @@ pub async fn deliver(
         ),
         None => None,
     };
-    let h2 = parts.headers.get(PROTO_HEADER) == Some(&HeaderValue::from_static("h2"));
+    // The protocol header is read and removed in one lookup (the request path hashes
+    // each header name it touches).
+    let h2 = parts
+        .headers
+        .remove(PROTO_HEADER)
+        .is_some_and(|proto| proto == "h2");
     parts.headers.remove(DST_HEADER);
-    parts.headers.remove(PROTO_HEADER);
     strip_hop_by_hop(&mut parts.headers);
-    if h2 {
-        // HTTP/2 names the authority in `:authority` (the app's address, below); a `host`
+    let answer = if h2 {
+        // HTTP/2 names the authority in `:authority` (the app's address); a `host`
         // header that says otherwise makes the request malformed (RFC 9113 §8.3.1), and
         // strict servers (nginx) refuse it.
         parts.headers.remove(header::HOST);
-    } else if !parts.headers.contains_key(header::HOST) {
-        if let Some(authority) = parts.uri.authority() {
-            if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
-                parts.headers.insert(header::HOST, value);
-            }
-        }
-    }
-    if h2 {
         parts.uri = match mesh_http::rebase(&parts.uri, authority) {
             Ok(uri) => uri,
             Err(err) => {
@@ -74,19 +70,24 @@ pub async fn deliver(
             }
         };
         parts.version = Version::HTTP_2;
-    } else {
-        // HTTP/1.1 to an origin server: the target in origin form, the authority in `Host`.
-        parts.uri = mesh_http::origin_form(&parts.uri);
-        parts.version = Version::HTTP_11;
-    }
-    let request = Request::from_parts(parts, body.boxed());
-    let answer = if h2 {
+        let request = Request::from_parts(parts, body.boxed());
         match context.app_h2.request(request).await {
             Ok(response) => Ok(response.map(BodyExt::boxed)),
             Err(err) if err.is_connect() => Err(Undelivered::Refused),
             Err(err) => Err(Undelivered::Failed(err.to_string())),
         }
     } else {
+        // HTTP/1.1 to an origin server: the target in origin form, the authority in `Host`.
+        if !parts.headers.contains_key(header::HOST) {
+            if let Some(authority) = parts.uri.authority() {
+                if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+                    parts.headers.insert(header::HOST, value);
+                }
+            }
+        }
+        parts.uri = mesh_http::origin_form(&parts.uri);
+        parts.version = Version::HTTP_11;
+        let request = Request::from_parts(parts, body.boxed());
         match context.app_h1.send(app, request).await {
             Ok(response) => Ok(response),
             Err(AppError::Connect(_)) => Err(Undelivered::Refused),

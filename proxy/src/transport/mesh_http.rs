@@ -116,22 +116,24 @@ where
     Authority: TryFrom<A>,
     <Authority as TryFrom<A>>::Error: Into<http::Error>,
 {
-    let path = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     Uri::builder()
         .scheme("http")
         .authority(authority)
-        .path_and_query(path)
+        .path_and_query(path_of(uri))
         .build()
 }
 
-/// The origin form of `uri` (its path and query, `/` when empty): the request target an
-/// HTTP/1.1 request to an origin server carries (RFC 9112 §3.2.1).
+/// The origin form of `uri`: the request target an HTTP/1.1 request to an origin server
+/// carries (RFC 9112 §3.2.1).
 pub fn origin_form(uri: &Uri) -> Uri {
+    Uri::from(path_of(uri))
+}
+
+/// The path and query of `uri`, `/` when it has none.
+fn path_of(uri: &Uri) -> PathAndQuery {
     uri.path_and_query()
-        .map_or_else(|| Uri::from_static("/"), |path| Uri::from(path.clone()))
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
 /// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1),

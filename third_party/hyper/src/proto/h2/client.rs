@@ -190,6 +190,7 @@ where
     };
 
     exec.execute_h2_future(H2ClientFuture::Task {
+        // Pimesh patch: boxed (see `H2ClientFuture::Task`).
         task: Box::pin(ConnTask::new(conn, conn_drop_rx, cancel_tx)),
     });
 
@@ -405,6 +406,7 @@ where
         match this {
             H2ClientFutureProject::Pipe { pipe } => pipe.poll(cx),
             H2ClientFutureProject::Send { send_when } => send_when.poll(cx),
+            // Pimesh patch: the task is boxed.
             H2ClientFutureProject::Task { task } => task.as_mut().poll(cx),
         }
     }
