@@ -163,6 +163,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
             waiting_to_join: false,
             role: None,
             joined_replicas: Vec::new(),
+            announced_replicas: Vec::new(),
             join_warmup: false,
             paths: paths.clone(),
             k3s: k3s::K3sPlace {
@@ -203,6 +204,7 @@ async fn run(options: Options) -> Result<(), DaemonError> {
         options.node_setup,
         Arc::clone(&units),
         status.clone(),
+        supervisor_config.ota.proxy_config_url.clone(),
     );
     if matches!(plan, join::plan::Plan::Init) || trust_files.holds_issuer() {
         site_role.serve_as_server();

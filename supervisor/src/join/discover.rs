@@ -175,7 +175,7 @@ pub async fn browse(
         };
         let first = found.is_empty();
         if take_answer(&mut found, candidate) {
-            info!(node = %announcement.node, addresses = ?ips, "server announced on the LAN");
+            debug!(node = %announcement.node, addresses = ?ips, "server announced on the LAN");
             if first && listen == Listen::UntilFirst {
                 deadline = deadline.min(tokio::time::Instant::now() + GATHER_AFTER_FIRST);
             }

@@ -25,8 +25,10 @@ pub mod announce;
 pub mod clock;
 pub mod discover;
 pub mod exchange;
+mod in_touch;
 mod mdns;
 pub mod plan;
+mod reach;
 pub mod record;
 mod relocate;
 mod site_role;
@@ -302,7 +304,12 @@ async fn candidates(context: &JoinContext) -> Vec<Candidate> {
         return Vec::new();
     }
     match context.browse(discover::Listen::UntilFirst).await {
-        Ok(found) => found,
+        Ok(found) => {
+            for candidate in &found {
+                info!(node = ?candidate.node, replicas = ?candidate.replicas, "server announced on the LAN");
+            }
+            found
+        }
         Err(err) => {
             warn!(%err, "cannot look for servers on the LAN");
             Vec::new()

@@ -1,7 +1,8 @@
 //! What the node does as a member of its site once its role is known: re-place its units
 //! (the proxy and, on a server node, the control replicas), take its time from the site's
-//! servers (`time`), and on a server node serve time, announce itself on the LAN and show
-//! the joins its replicas answered.
+//! servers (`time`), and on a server node serve time, announce itself on the LAN, keep its
+//! proxy in touch with the other servers announced there (`in_touch`) and show the joins
+//! its replicas answered.
 //!
 //! Off a node (`on_node` false: the supervisor's tests on a development host) nothing
 //! leaves the process: no mDNS, no chrony restart.
@@ -12,10 +13,11 @@ use std::time::Duration;
 
 use pimesh_join::{anchor_pin, Announcement};
 use pimesh_schema::supervisor::CONTROL_BASE_PORT;
-use pimesh_schema::{DnsLabel, Seed};
+use pimesh_schema::{DnsLabel, ProbeUrl, Seed};
 use tracing::warn;
 
 use crate::join::announce::Announcer;
+use crate::join::in_touch::InTouch;
 use crate::join::plan::placed;
 use crate::join::record::JoinRecord;
 use crate::join::time::{self, TimePlan};
@@ -44,12 +46,18 @@ struct Inner {
     on_node: bool,
     /// The seed's `mdns_interfaces`.
     mdns_interfaces: Option<Vec<pimesh_schema::InterfaceName>>,
+    /// Whether the seed lists the site's servers (then the operator's addresses are kept
+    /// to, and the LAN is not browsed).
+    seed_lists_servers: bool,
+    /// The proxy's `/config`, which lists the control replicas it knows.
+    proxy_config_url: ProbeUrl,
     chrony_dir: PathBuf,
     time: Mutex<TimePlan>,
     units: Arc<ManagedSet>,
     status: StatusHandle,
     announcer: Mutex<Option<Announcer>>,
     joins_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    in_touch_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl SiteRole {
@@ -60,6 +68,7 @@ impl SiteRole {
         on_node: bool,
         units: Arc<ManagedSet>,
         status: StatusHandle,
+        proxy_config_url: ProbeUrl,
     ) -> SiteRole {
         SiteRole(Arc::new(Inner {
             site: seed.map(|seed| seed.site.clone()),
@@ -71,12 +80,15 @@ impl SiteRole {
             joins_file: paths.control_state_dir().join("joins.jsonl"),
             on_node,
             mdns_interfaces: seed.and_then(|seed| seed.mdns_interfaces.clone()),
+            seed_lists_servers: seed.is_some_and(|seed| !seed.servers.is_empty()),
+            proxy_config_url,
             chrony_dir: paths.chrony_dir(),
             time: Mutex::new(TimePlan::default()),
             units,
             status,
             announcer: Mutex::new(None),
             joins_task: Mutex::new(None),
+            in_touch_task: Mutex::new(None),
         }))
     }
 
@@ -111,8 +123,9 @@ impl SiteRole {
         })
     }
 
-    /// On a server node: serves time, announces the node on the LAN and shows the joins
-    /// its replicas answer. Idempotent.
+    /// On a server node: serves time, announces the node on the LAN, keeps its proxy in
+    /// touch with the other servers announced there and shows the joins its replicas
+    /// answer. Idempotent.
     pub fn serve_as_server(&self) {
         self.time(|plan| plan.serve = true);
         let inner = &self.0;
@@ -131,6 +144,7 @@ impl SiteRole {
                 None => warn!("no site, node name or anchor to announce this server with"),
             }
         }
+        drop(announcer);
         let mut task = inner
             .joins_task
             .lock()
@@ -141,6 +155,41 @@ impl SiteRole {
                 inner.status.clone(),
             )));
         }
+        drop(task);
+        if inner.on_node && !inner.seed_lists_servers {
+            let mut task = inner
+                .in_touch_task
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if task.is_none() {
+                *task = self.in_touch().map(|check| tokio::spawn(check.run()));
+            }
+        }
+    }
+
+    /// The check that keeps the proxy in touch with the other servers; `None` without a
+    /// site, node name or anchor.
+    fn in_touch(&self) -> Option<InTouch> {
+        let inner = &self.0;
+        Some(InTouch {
+            site: inner.site.clone()?,
+            node: inner.node.clone()?,
+            pin: self.pin()?,
+            interfaces: inner.mdns_interfaces.clone(),
+            units: Arc::clone(&inner.units),
+            proxy_config_url: inner.proxy_config_url.clone(),
+        })
+    }
+
+    /// The SHA-256 of the site's anchor: the join token's pin, else that of the trust
+    /// folder's anchor.
+    fn pin(&self) -> Option<[u8; 32]> {
+        let inner = &self.0;
+        inner.pin.or_else(|| {
+            let pem = std::fs::read(&inner.trust_anchor).ok()?;
+            let anchors = pimesh_meshtls::pem::certificates(&pem).ok()?;
+            anchors.first().map(|anchor| anchor_pin(anchor))
+        })
     }
 
     /// Changes what chrony is told, shows it in the status, and (on a node) applies it.
@@ -161,11 +210,7 @@ impl SiteRole {
 
     fn announcement(&self) -> Option<Announcement> {
         let inner = &self.0;
-        let pin = inner.pin.or_else(|| {
-            let pem = std::fs::read(&inner.trust_anchor).ok()?;
-            let anchors = pimesh_meshtls::pem::certificates(&pem).ok()?;
-            anchors.first().map(|anchor| anchor_pin(anchor))
-        })?;
+        let pin = self.pin()?;
         let replicas = inner
             .units
             .current()
@@ -184,13 +229,14 @@ impl SiteRole {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(task) = self
-            .joins_task
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            task.abort();
+        for task in [&mut self.joins_task, &mut self.in_touch_task] {
+            if let Some(task) = task
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+            {
+                task.abort();
+            }
         }
     }
 }

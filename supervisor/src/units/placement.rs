@@ -47,6 +47,10 @@ pub struct Placement {
     pub role: Option<Role>,
     /// The replicas of the site's server nodes that the join answer listed.
     pub joined_replicas: Vec<SocketAddr>,
+    /// On a server node: the replicas of the other servers announced on the LAN, once its
+    /// proxy was found not to know one of them (`crate::join::in_touch`); not kept across
+    /// a reboot, where the check finds them again.
+    pub announced_replicas: Vec<SocketAddr>,
     /// A server node that joined (not the site's first): its replicas answer joins only
     /// once they have heard the site's live nodes ([`JOIN_WARMUP_SECS`]), so that two
     /// boards joining at once through two servers do not both take the last seat.
@@ -73,7 +77,7 @@ impl Placement {
             };
         }
         let mut report = place(units, self.holds_issuer, &self.servers);
-        for addr in &self.joined_replicas {
+        for addr in self.joined_replicas.iter().chain(&self.announced_replicas) {
             let addr = addr.to_string();
             if !report.proxy_control.contains(&addr) {
                 report.proxy_control.push(addr);
@@ -254,6 +258,7 @@ mod tests {
                 waiting_to_join: false,
                 role: None,
                 joined_replicas: Vec::new(),
+                announced_replicas: Vec::new(),
                 join_warmup: false,
                 paths: paths.clone(),
                 k3s: crate::k3s::K3sPlace::default(),
@@ -318,6 +323,19 @@ mod tests {
         assert!(
             env.contains("--role server --server-replicas 8086,8087,8088\n"),
             "{env}"
+        );
+        // The servers announced on the LAN follow the join's, once each.
+        let in_touch = Placement {
+            announced_replicas: vec![
+                "10.0.0.2:8086".parse().expect("addr"),
+                "10.0.0.3:8086".parse().expect("addr"),
+            ],
+            ..server.clone()
+        };
+        let report = in_touch.apply(&mut units());
+        assert_eq!(
+            report.proxy_control[3..],
+            ["10.0.0.1:8086", "10.0.0.2:8086", "10.0.0.3:8086"]
         );
         let env = std::fs::read_to_string(paths.control_env()).expect("written");
         assert!(!env.contains("--kubeconfig"), "no K3s here: {env}");
