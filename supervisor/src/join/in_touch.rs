@@ -59,6 +59,7 @@ impl InTouch {
     /// Checks every [`CHECK_EVERY`], for the node's life.
     pub async fn run(self) {
         let mut every = tokio::time::interval(CHECK_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         every.tick().await;
         let mut last_restart: Option<tokio::time::Instant> = None;
         loop {
@@ -111,7 +112,7 @@ impl InTouch {
             if let Some(server) = reach::reachable(candidate).await {
                 announced_replicas.extend(reach::replicas_of(&server));
                 if !knows(&known, candidate) {
-                    unknown_reachable.push(server);
+                    unknown_reachable.push((server, candidate));
                 }
             }
         }
@@ -122,9 +123,7 @@ impl InTouch {
         // have told the replicas (and so this proxy) of it: give discovery its time.
         tokio::time::sleep(CONFIRM_AFTER).await;
         match reach::proxy_replicas(&self.proxy_config_url).await {
-            Ok(known) => unknown_reachable.retain(|server| {
-                !reach::replicas_of(server).any(|replica| known.contains(&replica))
-            }),
+            Ok(known) => unknown_reachable.retain(|(_, candidate)| !knows(&known, candidate)),
             Err(err) => {
                 debug!(url = %self.proxy_config_url, %err, "cannot read the replicas the proxy knows");
                 return false;
@@ -134,7 +133,7 @@ impl InTouch {
             return false;
         }
         info!(
-            servers = ?unknown_reachable.iter().map(|s| format!("{}@{}", s.node, s.address)).collect::<Vec<_>>(),
+            servers = ?unknown_reachable.iter().map(|(s, _)| format!("{}@{}", s.node, s.address)).collect::<Vec<_>>(),
             "servers announced on the LAN that this node's proxy does not know: it is restarted to heartbeat them"
         );
         self.units

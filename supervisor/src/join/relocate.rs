@@ -12,12 +12,12 @@
 //! certificate), and when a server found there connects, the record takes the servers
 //! found, each at the address where one of its replicas connected (`reach::reachable`:
 //! an answer may still carry an address its server held before), and the units are
-//! placed for them. A running proxy keeps the replica list it
-//! started with, plus the replicas discovery told it of: when it already knows one of the
-//! servers found (the site lost the server its node joined through, and the proxy learnt
-//! the others from discovery) it fails over by itself and reads the new list at its next
-//! start; otherwise (the LAN renumbered: every address it knows is stale) it is restarted
-//! to read it now. A server the round missed is found by the servers themselves
+//! placed for them. A running proxy keeps the replica list it started with, plus the
+//! replicas discovery told it of: when it already knows one of the servers found (the
+//! site lost the server its node joined through, and the proxy learnt the others from
+//! discovery) it fails over by itself and reads the new list at its next start;
+//! otherwise (the LAN renumbered: every address it knows is stale) it is restarted to
+//! read it now. A server the round missed is found by the servers themselves
 //! (`in_touch`). With the seed's `servers` (the operator's addresses) or without mDNS,
 //! nothing is done.
 //!
@@ -25,15 +25,17 @@
 //! check made while the node itself is cut off (no answer from the LAN) changes nothing;
 //! the proxy is restarted unless its `/config` names a replica of a server found.
 
+use std::time::Duration;
+
 use pimesh_join::ServerEntry;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::join::reach::{self, first_connecting};
 use crate::join::record::{JoinRecord, Via};
 use crate::join::{discover, JoinContext};
 
 /// How often a joined node checks that a server it knows answers.
-pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+pub const CHECK_EVERY: Duration = Duration::from_secs(15);
 
 /// Checks, and finds the servers again when none answers, for the node's life.
 pub async fn run(context: &JoinContext) {
@@ -71,7 +73,7 @@ pub async fn run(context: &JoinContext) {
                     None => reach::restart_proxy().await,
                 },
                 Err(err) => {
-                    tracing::debug!(url = %context.proxy_config_url, %err, "cannot read the replicas the proxy knows");
+                    debug!(url = %context.proxy_config_url, %err, "cannot read the replicas the proxy knows");
                     reach::restart_proxy().await;
                 }
             }
