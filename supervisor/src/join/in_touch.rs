@@ -62,19 +62,21 @@ impl InTouch {
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         every.tick().await;
         let mut last_restart: Option<tokio::time::Instant> = None;
+        let mut browse_failing = false;
         loop {
             every.tick().await;
             if last_restart.is_some_and(|at| at.elapsed() < RESTART_AT_MOST_EVERY) {
                 continue;
             }
-            if self.check().await {
+            if self.check(&mut browse_failing).await {
                 last_restart = Some(tokio::time::Instant::now());
             }
         }
     }
 
-    /// One check; `true` when the proxy was restarted.
-    async fn check(&self) -> bool {
+    /// One check; `true` when the proxy was restarted. `browse_failing` says whether the
+    /// last browse failed (a failure is a warning once, then debug until one succeeds).
+    async fn check(&self, browse_failing: &mut bool) -> bool {
         let announced = match discover::browse(
             &self.site,
             &self.pin,
@@ -83,9 +85,17 @@ impl InTouch {
         )
         .await
         {
-            Ok(found) => found,
+            Ok(found) => {
+                *browse_failing = false;
+                found
+            }
             Err(err) => {
-                warn!(%err, "cannot look for the site's other servers on the LAN");
+                if *browse_failing {
+                    debug!(%err, "cannot look for the site's other servers on the LAN");
+                } else {
+                    warn!(%err, "cannot look for the site's other servers on the LAN (said once until it can)");
+                }
+                *browse_failing = true;
                 return false;
             }
         };
