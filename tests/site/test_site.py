@@ -327,11 +327,12 @@ def boot_all(containers):
 @pytest.fixture(scope="module")
 def site():
     lan = Lan()
-    keys = SiteKeys(lan=lan)
+    keys = None
     nodes = {}
     # Nodes powered off by a case (their disks kept), and the nodes of another site.
     down, others = {}, {}
     try:
+        keys = SiteKeys(lan=lan)
         trust = {f"/boot/firmware/pimesh-trust/{name}": keys.read(name)
                  for name in ("anchor.pem", "issuer.pem", "issuer.key")}
         nodes["pi-a"] = prepare_node(lan, keys, 1, "init", "pi-a", trust)
@@ -343,7 +344,8 @@ def site():
     finally:
         for container in [*nodes.values(), *down.values(), *others.values()]:
             container.shutdown()
-        keys.central.close()
+        if keys is not None:
+            keys.central.close()
         lan.close()
 
 
