@@ -38,7 +38,7 @@ help:
 	@echo "make test-k3s     the site test with K3S_BIN=<a real k3s> instead of the K3s fixture"
 	@echo "make demo         the Fleetman demo across a site of nspawn nodes, its page checked in headless"
 	@echo "                  Chromium (PIMESH_DEMO_HOLD=1: then kept up on http://127.0.0.1:8080/ until Ctrl-C)"
-	@echo "make bench-site   four nspawn nodes forming a site: start → certificate per node, daemons' memory"
+	@echo "make bench-site   four nspawn nodes forming a site: start/lease → certificate per node, daemons' memory"
 	@echo "make bench-heal   measure kill/hang → ready again and the supervisor's CPU and RSS"
 	@echo "make bench-ota    measure publish → applied on a node, and bad revision → rolled back"
 	@echo "make bench-central measure the central server under 5000 long-polling nodes"
@@ -115,9 +115,12 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 
-# Figures of the site harness (start → certificate per node, daemons' memory), no asserts on them.
+# Figures of the site harness (start → certificate and lease → certificate per node,
+# daemons' memory), no asserts on them: once with the LAN's DHCP server checking each
+# address by ping before offering it (dnsmasq's default: leases ~3 s apart), once without.
 bench-site: image-amd64
 	./tests/site/run.sh -k cards_form | tee /dev/stderr | grep '^FIGURES' || true
+	PIMESH_SITE_DHCP_PING=0 ./tests/site/run.sh -k cards_form | tee /dev/stderr | grep '^FIGURES' || true
 
 # Power cuts at scale: N QEMU kills at random instants, 5 in 8 during OTA applies (every
 # boot holds the old or the new revision whole), the rest during issuer rotations and joins

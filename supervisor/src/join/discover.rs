@@ -89,14 +89,45 @@ pub const LEASE_GRACE: Duration = Duration::from_secs(60);
 /// (loopback aside) is link-local, and it has at least one. A node with a leased or fixed
 /// address, or with none yet, is not.
 pub fn on_link_local_fallback() -> bool {
+    only_link_local(&own_ipv4())
+}
+
+/// This node's IPv4 addresses now, in order (empty when the interfaces cannot be read).
+pub fn own_ipv4() -> Vec<std::net::Ipv4Addr> {
     let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
-        return false;
+        return Vec::new();
     };
-    let ipv4: Vec<std::net::Ipv4Addr> = interfaces
+    let mut ipv4: Vec<std::net::Ipv4Addr> = interfaces
         .filter_map(|interface| interface.address)
         .filter_map(|address| address.as_sockaddr_in().map(|v4| v4.ip()))
         .collect();
-    only_link_local(&ipv4)
+    ipv4.sort_unstable();
+    ipv4.dedup();
+    ipv4
+}
+
+/// On a node that holds a leased or fixed IPv4 address, drops the servers' link-local
+/// IPv4 replicas, and the candidates left with none. The LAN has a DHCP server, so a
+/// server announcing a 169.254 address is one whose own lease is still coming, and that
+/// address goes away with it (RFC 3927): a join through it would record a server the node
+/// must find again a minute later. The join applies this during [`LEASE_GRACE`] only, so a
+/// server that never gets a lease is still reached.
+pub fn skip_link_local_while_leased(
+    candidates: &mut Vec<Candidate>,
+    own_ipv4: &[std::net::Ipv4Addr],
+) {
+    let leased = own_ipv4
+        .iter()
+        .any(|ip| !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified());
+    if !leased {
+        return;
+    }
+    for candidate in candidates.iter_mut() {
+        candidate
+            .replicas
+            .retain(|replica| !matches!(replica.ip(), IpAddr::V4(v4) if v4.is_link_local()));
+    }
+    candidates.retain(|candidate| !candidate.replicas.is_empty());
 }
 
 /// Whether `ipv4`, loopback aside, holds link-local addresses and nothing else.
@@ -214,14 +245,17 @@ fn take_answer(found: &mut Vec<Candidate>, candidate: Candidate) -> bool {
 
 /// IPv4 first (the mesh's addresses), a leased or fixed address before a link-local one
 /// (which may be one the node held before its DHCP lease came), then IPv6; never
-/// loopback.
+/// loopback, and never an IPv6 link-local address: an answer gives it without the
+/// interface it is reachable through, and without one it cannot be dialled.
 fn usable_ips(addresses: impl Iterator<Item = IpAddr>) -> Vec<IpAddr> {
-    let mut usable: Vec<IpAddr> = addresses.filter(|ip| !ip.is_loopback()).collect();
-    let link_local = |ip: &IpAddr| match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
-    };
-    usable.sort_by_key(|ip| (ip.is_ipv6(), link_local(ip), *ip));
+    let mut usable: Vec<IpAddr> = addresses
+        .filter(|ip| !ip.is_loopback())
+        .filter(|ip| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()))
+        .collect();
+    usable.sort_by_key(|ip| {
+        let link_local = matches!(ip, IpAddr::V4(v4) if v4.is_link_local());
+        (ip.is_ipv6(), link_local, *ip)
+    });
     usable
 }
 
@@ -239,6 +273,34 @@ mod tests {
             "no address yet is not a fallback"
         );
         assert!(!only_link_local(&[]));
+    }
+
+    #[test]
+    fn a_leased_node_skips_the_link_local_replicas_of_servers_still_waiting_for_a_lease() {
+        let ip = |text: &str| text.parse::<std::net::Ipv4Addr>().expect("ip");
+        let candidate = |node: &str, replicas: &[&str]| Candidate {
+            node: Some(node.into()),
+            replicas: replicas
+                .iter()
+                .map(|addr| addr.parse().expect("addr"))
+                .collect(),
+        };
+        let found = vec![
+            candidate("pi-a", &["169.254.6.45:8086", "169.254.6.45:8087"]),
+            candidate("pi-b", &["192.168.1.8:8086", "169.254.9.9:8086"]),
+        ];
+        let mut leased = found.clone();
+        skip_link_local_while_leased(&mut leased, &[ip("127.0.0.1"), ip("192.168.1.20")]);
+        assert_eq!(leased, vec![candidate("pi-b", &["192.168.1.8:8086"])]);
+        // A node on link-local itself (or with no address yet) takes every candidate.
+        for own in [
+            vec![ip("127.0.0.1"), ip("169.254.1.2")],
+            vec![ip("127.0.0.1")],
+        ] {
+            let mut kept = found.clone();
+            skip_link_local_while_leased(&mut kept, &own);
+            assert_eq!(kept, found);
+        }
     }
 
     #[tokio::test]
@@ -295,7 +357,7 @@ mod tests {
     #[test]
     fn ipv4_comes_first_and_loopback_is_never_taken() {
         let ips: Vec<IpAddr> = vec![
-            "fe80::1".parse().expect("ip"),
+            "fd00::7".parse().expect("ip"),
             "127.0.0.1".parse().expect("ip"),
             "169.254.3.4".parse().expect("ip"),
             "192.168.1.7".parse().expect("ip"),
@@ -305,9 +367,21 @@ mod tests {
             [
                 "192.168.1.7".parse::<IpAddr>().expect("ip"),
                 "169.254.3.4".parse().expect("ip"),
-                "fe80::1".parse().expect("ip")
+                "fd00::7".parse().expect("ip")
             ]
         );
         assert!(usable_ips(["::1".parse().expect("ip")].into_iter()).is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_link_local_address_is_never_a_candidate() {
+        // An answer's fe80:: address comes without its interface: dialling it fails
+        // with EINVAL, and the round would report that instead of the real cause.
+        let ips = ["fe80::24f9:33ff:fe4e:3dbf", "169.254.3.4"]
+            .map(|ip| ip.parse::<IpAddr>().expect("ip"));
+        assert_eq!(
+            usable_ips(ips.into_iter()),
+            ["169.254.3.4".parse::<IpAddr>().expect("ip")]
+        );
     }
 }

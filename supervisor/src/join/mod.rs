@@ -153,23 +153,36 @@ pub async fn run(context: JoinContext) {
             }
         }
         let pause = retry.next_delay(fastrand::u64(..));
-        pause_unless_enrolled(&context.credential, pause).await;
+        if pause_between_rounds(&context.credential, pause).await {
+            // A new address is a new start: the servers may need a moment to hear of it.
+            retry.reset();
+        }
     }
 }
 
-/// How often a pause between rounds looks for a certificate put there by hand.
-const ENROLLED_CHECK: Duration = Duration::from_millis(500);
+/// How often a pause between rounds looks for a certificate put there by hand and for a
+/// change of the node's addresses.
+const PAUSE_CHECK: Duration = Duration::from_millis(500);
 
-/// Waits `pause`, or less once a certificate is there: a node the operator enrolled by
-/// hand stops joining (and runs its units) within [`ENROLLED_CHECK`], not a round later.
-async fn pause_unless_enrolled(credential: &CredentialFiles, pause: Duration) {
+/// Waits `pause`, or less: a node the operator enrolled by hand stops joining (and runs
+/// its units) within [`PAUSE_CHECK`], not a round later; and a node whose IPv4 addresses
+/// changed meanwhile (its DHCP lease came: boards that boot together wait for one, and
+/// every round before it failed) starts its next round within [`PAUSE_CHECK`], not at the
+/// end of a backoff of up to 8 s. Returns whether the addresses changed.
+async fn pause_between_rounds(credential: &CredentialFiles, pause: Duration) -> bool {
+    let addresses = discover::own_ipv4();
     let end = tokio::time::Instant::now() + pause;
     while tokio::time::Instant::now() < end {
         if credential.has_certificate() {
-            return;
+            return false;
         }
-        tokio::time::sleep(ENROLLED_CHECK.min(end - tokio::time::Instant::now())).await;
+        if discover::own_ipv4() != addresses {
+            info!("this node's addresses changed: looking for the site's servers again");
+            return true;
+        }
+        tokio::time::sleep(PAUSE_CHECK.min(end - tokio::time::Instant::now())).await;
     }
+    false
 }
 
 /// How the join ended.
@@ -214,21 +227,24 @@ async fn join(context: &JoinContext) -> Result<JoinRecord, ExchangeError> {
         status.join.state = "discovering";
         status.join.attempts += 1;
     });
-    if context.mdns
-        && context.seed_servers.is_empty()
-        && context.started.elapsed() < discover::LEASE_GRACE
-        && discover::on_link_local_fallback()
-    {
+    waiting_for_a_lease(context)?;
+    let mut candidates = candidates(context).await;
+    let announced = !candidates.is_empty();
+    if awaits_leases(context) {
+        // Again: the node's own link-local address may have come during the browse.
+        waiting_for_a_lease(context)?;
+        discover::skip_link_local_while_leased(&mut candidates, &discover::own_ipv4());
+    }
+    if candidates.is_empty() && announced {
         return Err(ExchangeError::Unreachable {
             replica: SocketAddr::from(([0, 0, 0, 0], 0)),
             detail: format!(
-                "this node has only a link-local address: it waits up to {} s after its start \
-                 for a DHCP lease, which would remove that address",
+                "the site's servers announce only link-local addresses while this node holds a \
+                 leased one: it waits up to {} s after its start for their DHCP leases",
                 discover::LEASE_GRACE.as_secs()
             ),
         });
     }
-    let candidates = candidates(context).await;
     if candidates.is_empty() {
         return Err(ExchangeError::Unreachable {
             replica: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -294,6 +310,30 @@ async fn join(context: &JoinContext) -> Result<JoinRecord, ExchangeError> {
         .or(limited)
         .or(unreachable)
         .unwrap_or(ExchangeError::Setup("no replica to try".into())))
+}
+
+/// Whether the join still waits for DHCP leases rather than use link-local addresses:
+/// within [`discover::LEASE_GRACE`] of the start, when the servers are found by mDNS.
+fn awaits_leases(context: &JoinContext) -> bool {
+    context.mdns
+        && context.seed_servers.is_empty()
+        && context.started.elapsed() < discover::LEASE_GRACE
+}
+
+/// Refuses the round while [`awaits_leases`] and this node holds only a link-local IPv4
+/// address.
+fn waiting_for_a_lease(context: &JoinContext) -> Result<(), ExchangeError> {
+    if awaits_leases(context) && discover::on_link_local_fallback() {
+        return Err(ExchangeError::Unreachable {
+            replica: SocketAddr::from(([0, 0, 0, 0], 0)),
+            detail: format!(
+                "this node has only a link-local address: it waits up to {} s after its start \
+                 for a DHCP lease, which would remove that address",
+                discover::LEASE_GRACE.as_secs()
+            ),
+        });
+    }
+    Ok(())
 }
 
 async fn candidates(context: &JoinContext) -> Vec<Candidate> {
