@@ -364,24 +364,12 @@ def leaf_source(node):
     return config and config["identity"] and config["identity"]["source"]
 
 
-def journal_time(node, unit, needle):
-    """When `unit`'s own program (not systemd about it) on `node` first logged a message
-    containing `needle` (epoch seconds, microsecond precision from the journal); None when
-    it did not."""
-    out = node.run(["journalctl", "-u", unit, "-o", "json", "--no-pager"], check=False).stdout
-    for line in out.splitlines():
-        entry = json.loads(line)
-        if entry.get("SYSLOG_IDENTIFIER") == unit and needle in str(entry.get("MESSAGE", "")):
-            return int(entry["__REALTIME_TIMESTAMP"]) / 1e6
-    return None
-
-
 def seconds_to_join_from(node, unit, needle):
     """From the first message of `unit` containing `needle` to the supervisor's "joined
     the site", by the node's journal; None without either."""
-    since = journal_time(node, unit, needle)
-    joined = journal_time(node, "pimesh-supervisor", "joined the site")
-    return round(joined - since, 1) if since is not None and joined is not None else None
+    since = journal_times(node, unit, needle, program=unit)
+    joined = journal_times(node, "pimesh-supervisor", "joined the site", program="pimesh-supervisor")
+    return round(joined[0] - since[0], 1) if since and joined else None
 
 
 def memory_mib(node, unit, field="VmRSS"):
@@ -914,8 +902,10 @@ def k3s_unit_of(role):
     return "k3s.service" if role == "server" else "k3s-agent.service"
 
 
-def journal_times(node, unit, text, since):
-    """When (Unix seconds) `unit` logged a message containing `text` since `since`."""
+def journal_times(node, unit, text, since=0, program=None):
+    """When (Unix seconds, microsecond precision) `unit` logged a message containing
+    `text` since `since`, oldest first; with `program`, only what that program logged
+    (not systemd about the unit)."""
     out = node.run(["journalctl", "-u", unit, "--no-pager", "-o", "json", "--since", f"@{int(since)}"],
                    check=False).stdout
     times = []
@@ -923,6 +913,8 @@ def journal_times(node, unit, text, since):
         try:
             entry = json.loads(line)
         except ValueError:
+            continue
+        if program is not None and entry.get("SYSLOG_IDENTIFIER") != program:
             continue
         if text in str(entry.get("MESSAGE", "")):
             times.append(int(entry["__REALTIME_TIMESTAMP"]) / 1e6)

@@ -85,13 +85,6 @@ async fn resolve(entry: &str) -> Option<SocketAddr> {
 /// would have to find itself again. On a LAN without DHCP the join starts after this.
 pub const LEASE_GRACE: Duration = Duration::from_secs(60);
 
-/// Whether this node is on link-local fallback: every IPv4 address of its interfaces
-/// (loopback aside) is link-local, and it has at least one. A node with a leased or fixed
-/// address, or with none yet, is not.
-pub fn on_link_local_fallback() -> bool {
-    only_link_local(&own_ipv4())
-}
-
 /// This node's IPv4 addresses now, in order (empty when the interfaces cannot be read).
 pub fn own_ipv4() -> Vec<std::net::Ipv4Addr> {
     let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
@@ -130,8 +123,10 @@ pub fn skip_link_local_while_leased(
     candidates.retain(|candidate| !candidate.replicas.is_empty());
 }
 
-/// Whether `ipv4`, loopback aside, holds link-local addresses and nothing else.
-fn only_link_local(ipv4: &[std::net::Ipv4Addr]) -> bool {
+/// Whether a node with the IPv4 addresses `ipv4` is on link-local fallback: loopback
+/// aside, it holds link-local addresses and nothing else. A node with a leased or fixed
+/// address, or with none yet, is not.
+pub fn only_link_local(ipv4: &[std::net::Ipv4Addr]) -> bool {
     let mut outside = ipv4.iter().filter(|ip| !ip.is_loopback()).peekable();
     outside.peek().is_some() && outside.all(std::net::Ipv4Addr::is_link_local)
 }

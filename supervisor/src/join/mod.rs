@@ -227,13 +227,18 @@ async fn join(context: &JoinContext) -> Result<JoinRecord, ExchangeError> {
         status.join.state = "discovering";
         status.join.attempts += 1;
     });
-    waiting_for_a_lease(context)?;
+    let grace = awaits_leases(context);
+    if grace {
+        refuse_on_link_local(&discover::own_ipv4())?;
+    }
     let mut candidates = candidates(context).await;
     let announced = !candidates.is_empty();
-    if awaits_leases(context) {
-        // Again: the node's own link-local address may have come during the browse.
-        waiting_for_a_lease(context)?;
-        discover::skip_link_local_while_leased(&mut candidates, &discover::own_ipv4());
+    if grace {
+        // Again, with the addresses after the browse: the node's own link-local address
+        // may have come during it.
+        let own = discover::own_ipv4();
+        refuse_on_link_local(&own)?;
+        discover::skip_link_local_while_leased(&mut candidates, &own);
     }
     if candidates.is_empty() && announced {
         return Err(ExchangeError::Unreachable {
@@ -320,10 +325,10 @@ fn awaits_leases(context: &JoinContext) -> bool {
         && context.started.elapsed() < discover::LEASE_GRACE
 }
 
-/// Refuses the round while [`awaits_leases`] and this node holds only a link-local IPv4
-/// address.
-fn waiting_for_a_lease(context: &JoinContext) -> Result<(), ExchangeError> {
-    if awaits_leases(context) && discover::on_link_local_fallback() {
+/// Refuses the round, while [`awaits_leases`], when this node's IPv4 addresses `own` are
+/// link-local only.
+fn refuse_on_link_local(own: &[std::net::Ipv4Addr]) -> Result<(), ExchangeError> {
+    if discover::only_link_local(own) {
         return Err(ExchangeError::Unreachable {
             replica: SocketAddr::from(([0, 0, 0, 0], 0)),
             detail: format!(
