@@ -8,6 +8,7 @@
 //! | `anchor` | the first 16 hex digits of the anchor's SHA-256 (the join token's pin) |
 //! | `role` | `server` |
 //! | `replicas` | how many control replicas it runs (ports `port`, `port+1`, ...) |
+//! | `dhcp` | `none` when the node's LAN has shown no DHCP server (see [`Announcement::lan_without_dhcp`]); absent otherwise |
 //!
 //! An announcement is a hint, never trust: a joining node still checks the pin on the
 //! bundle the server hands out before it sends anything secret. The TXT only saves it
@@ -37,6 +38,11 @@ pub struct Announcement {
     /// The first control replica's port (the SRV port).
     pub port: u16,
     pub replicas: u8,
+    /// The node has held only an IPv4 link-local address on the LAN for the whole lease
+    /// grace a joining board would wait: the LAN has no DHCP server, and a board plugged
+    /// in may join over its link-local address at once. Read leniently: a `dhcp` value
+    /// other than `none` (a later version's) means false.
+    pub lan_without_dhcp: bool,
 }
 
 /// Why a DNS-SD answer is not a usable announcement.
@@ -69,17 +75,22 @@ impl Announcement {
             role: Role::Server,
             port,
             replicas,
+            lan_without_dhcp: false,
         }
     }
 
     /// The TXT record's key/value pairs.
     pub fn txt(&self) -> Vec<(String, String)> {
-        vec![
+        let mut txt = vec![
             ("site".into(), self.site.as_str().to_owned()),
             ("anchor".into(), self.anchor_prefix.clone()),
             ("role".into(), self.role.as_str().to_owned()),
             ("replicas".into(), self.replicas.to_string()),
-        ]
+        ];
+        if self.lan_without_dhcp {
+            txt.push(("dhcp".into(), "none".into()));
+        }
+        txt
     }
 
     /// Reads an answer: the instance's node name, its SRV port and TXT pairs.
@@ -125,6 +136,7 @@ impl Announcement {
             role,
             port,
             replicas,
+            lan_without_dhcp: txt.get("dhcp") == Some(&"none"),
         })
     }
 
@@ -162,6 +174,28 @@ mod tests {
             read.replica_ports().collect::<Vec<_>>(),
             vec![8086, 8087, 8088]
         );
+        assert!(!read.lan_without_dhcp);
+        assert!(!txt.iter().any(|(key, _)| key == "dhcp"));
+    }
+
+    #[test]
+    fn a_lan_without_dhcp_is_announced_and_other_values_read_as_unknown() {
+        let mut sent = Announcement::server(label("depot-7"), label("pi-a"), &[0xab; 32], 8086, 3);
+        sent.lan_without_dhcp = true;
+        let txt = sent.txt();
+        assert!(txt.contains(&("dhcp".to_owned(), "none".to_owned())));
+        let pairs = txt.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        assert_eq!(Announcement::parse("pi-a", 8086, pairs), Ok(sent.clone()));
+        let later = txt.iter().map(|(k, v)| {
+            let v = if k == "dhcp" {
+                "some-later-value"
+            } else {
+                v.as_str()
+            };
+            (k.as_str(), v)
+        });
+        let read = Announcement::parse("pi-a", 8086, later).expect("parse");
+        assert!(!read.lan_without_dhcp);
     }
 
     #[test]

@@ -97,15 +97,21 @@ def check_pair(cert_pem, key_pem, anchor_pem, what, uri=None):
             assert f"URI:{uri}" in names, f"{what}: {names}"
 
 
-def boot_first_two(base_image, keys, ssh_key, public, folder, hub):
-    """Boots pi-1 (the init node, the site's trust on its card) and pi-2 (the join seed and
-    nothing else) on the LAN of `hub`; returns (pi-1, pi-2)."""
+def first_two(base_image, keys, ssh_key, public, folder, hub):
+    """pi-1 (the init node, the site's trust on its card) and pi-2 (the join seed and
+    nothing else) on the LAN of `hub`, not yet powered on; returns (pi-1, pi-2)."""
     dirs = [os.path.join(folder, name) for name in ("pi-1", "pi-2")]
     for d in dirs:
         os.makedirs(d)
     first = Node(dirs[0], base_image, seed(keys, "init", "pi-1", public), ssh_key, lan=lan_card(hub, 1))
     put_trust_on_card(first, keys)
     second = Node(dirs[1], base_image, seed(keys, "join", "pi-2", public), ssh_key, lan=lan_card(hub, 2))
+    return first, second
+
+
+def boot_first_two(base_image, keys, ssh_key, public, folder, hub):
+    """Powers on both boards of `first_two` at once; returns (pi-1, pi-2)."""
+    first, second = first_two(base_image, keys, ssh_key, public, folder, hub)
     return first.boot(), second.boot()
 
 

@@ -6,10 +6,13 @@ LAN).
 
 The first card is the site's init node (the seed and the site's trust root from
 `pimeshctl site init`); the second has the same seed with `role = "join"` and nothing
-else. The second board finds the first by mDNS, joins, and becomes a server (the site
-wants three). Then a request from the second board to a service on the first crosses both
-proxies with mTLS: the service is the first node's own status API, so the answer names
-the node that served it.
+else. The first board runs alone until it announces that its LAN has no DHCP server (it
+held only a link-local address for the whole lease grace); then the second is plugged in
+(powered on), finds the first by mDNS, joins at once over its link-local address instead
+of waiting out its own lease grace, and becomes a server (the site wants three). Then a
+request from the second board to a service on the first crosses both proxies with mTLS:
+the service is the first node's own status API, so the answer names the node that
+served it.
 """
 
 import json
@@ -19,10 +22,13 @@ import time
 import pytest
 
 from harness.lan_hub import LanHub
-from harness.qemu_site import (GET_THROUGH_MESH, boot_first_two, give_cluster_config,
+from harness.qemu_site import (GET_THROUGH_MESH, first_two, give_cluster_config,
                                served_through_mesh, site_keys, wait)
 
 JOIN_TIMEOUT = float(os.environ.get("PIMESH_QEMU_JOIN_TIMEOUT", "600"))
+# What pi-2's supervisor logs when it joins over link-local because pi-1 said the LAN has
+# no DHCP server (without that word it would wait out its 60 s lease grace first).
+JOINED_OVER_LINK_LOCAL = "joining over this node's link-local address"
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +54,23 @@ def test_a_second_board_joins_with_nothing_but_its_seed_and_a_request_crosses_bo
         base_image, ssh_key, keys, tmp_path, figures):
     key, public = ssh_key("site@qemu")
     hub = LanHub()
-    first, second = boot_first_two(base_image, keys, key, public, str(tmp_path), hub)
+    first, second = first_two(base_image, keys, key, public, str(tmp_path), hub)
     nodes = [first, second]
     try:
+        first.boot()
+        first.wait_for_ssh()
+        wait("pi-1 announcing a LAN without DHCP",
+             lambda: first.status()["join"]["lan_without_dhcp"] is True, JOIN_TIMEOUT)
+        second.boot()  # plugged in
         started = second.started
-        for node in nodes:
-            node.wait_for_ssh()
+        second.wait_for_ssh()
         status = wait("pi-2 joined", lambda: (s := second.status())["join"]["state"] == "joined" and s,
                       JOIN_TIMEOUT)
         figures["qemu_second_board_joined_s"] = round(time.monotonic() - started, 1)
+        said = second.ssh(f"journalctl -b -u pimesh-supervisor --no-pager -o cat | grep -F \"{JOINED_OVER_LINK_LOCAL}\"",
+                          check=False)
+        assert JOINED_OVER_LINK_LOCAL in said, \
+            f"pi-2 did not join on pi-1's word that the LAN has no DHCP: {status['join']}"
         assert status["join"]["role"] == "server", status["join"]
         assert status["join"]["via"]["node"] == "pi-1", status["join"]
         assert status["join"]["via"]["address"].startswith("169.254."), status["join"]

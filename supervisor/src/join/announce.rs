@@ -30,19 +30,9 @@ impl Announcer {
         interfaces: Option<&[pimesh_schema::InterfaceName]>,
     ) -> Result<Announcer, AnnounceError> {
         let daemon = crate::join::mdns::daemon(interfaces).map_err(AnnounceError)?;
-        let host = format!("{}.local.", announcement.node);
-        let txt: Vec<(String, String)> = announcement.txt();
-        let info = mdns_sd::ServiceInfo::new(
-            SERVICE_TYPE,
-            announcement.node.as_str(),
-            &host,
-            "",
-            announcement.port,
-            txt.as_slice(),
-        )
-        .map_err(AnnounceError)?
-        .enable_addr_auto();
-        daemon.register(info).map_err(AnnounceError)?;
+        daemon
+            .register(service_info(announcement)?)
+            .map_err(AnnounceError)?;
         info!(
             node = %announcement.node,
             site = %announcement.site,
@@ -51,6 +41,30 @@ impl Announcer {
         );
         Ok(Announcer { daemon })
     }
+
+    /// Answers for `announcement` from now on, in place of what was announced (the same
+    /// instance: mDNS caches take the new TXT record at once, it is a unique record).
+    pub fn update(&self, announcement: &Announcement) -> Result<(), AnnounceError> {
+        self.daemon
+            .register(service_info(announcement)?)
+            .map_err(AnnounceError)
+    }
+}
+
+/// The DNS-SD instance of `announcement`, answered with the node's current addresses.
+fn service_info(announcement: &Announcement) -> Result<mdns_sd::ServiceInfo, AnnounceError> {
+    let host = format!("{}.local.", announcement.node);
+    let txt: Vec<(String, String)> = announcement.txt();
+    let info = mdns_sd::ServiceInfo::new(
+        SERVICE_TYPE,
+        announcement.node.as_str(),
+        &host,
+        "",
+        announcement.port,
+        txt.as_slice(),
+    )
+    .map_err(AnnounceError)?;
+    Ok(info.enable_addr_auto())
 }
 
 impl Drop for Announcer {

@@ -22,6 +22,9 @@ pub struct Candidate {
     pub node: Option<String>,
     /// Its control replicas, first replica first.
     pub replicas: Vec<SocketAddr>,
+    /// Its announcement said that its LAN has no DHCP server (`dhcp=none`; see
+    /// `join::lease`); false for the seed's servers.
+    pub lan_without_dhcp: bool,
 }
 
 /// The first replica's port, where the seed's `servers` entry gives none.
@@ -57,6 +60,7 @@ pub async fn from_seed(servers: &[String]) -> Vec<Candidate> {
             Some(addr) => out.push(Candidate {
                 node: None,
                 replicas: vec![addr],
+                lan_without_dhcp: false,
             }),
             None => info!(server = %entry, "a server of the seed does not resolve; skipped"),
         }
@@ -77,58 +81,6 @@ async fn resolve(entry: &str) -> Option<SocketAddr> {
         format!("{entry}:{DEFAULT_PORT}")
     };
     tokio::net::lookup_host(with_port).await.ok()?.next()
-}
-
-/// How long after the supervisor's start a node that holds only link-local IPv4
-/// addresses waits for a DHCP lease before it joins over link-local: a lease removes the
-/// 169.254 address (RFC 3927), and a site formed over addresses that vanish a minute later
-/// would have to find itself again. On a LAN without DHCP the join starts after this.
-pub const LEASE_GRACE: Duration = Duration::from_secs(60);
-
-/// This node's IPv4 addresses now, in order (empty when the interfaces cannot be read).
-pub fn own_ipv4() -> Vec<std::net::Ipv4Addr> {
-    let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    let mut ipv4: Vec<std::net::Ipv4Addr> = interfaces
-        .filter_map(|interface| interface.address)
-        .filter_map(|address| address.as_sockaddr_in().map(|v4| v4.ip()))
-        .collect();
-    ipv4.sort_unstable();
-    ipv4.dedup();
-    ipv4
-}
-
-/// On a node that holds a leased or fixed IPv4 address, drops the servers' link-local
-/// IPv4 replicas, and the candidates left with none. The LAN has a DHCP server, so a
-/// server announcing a 169.254 address is one whose own lease is still coming, and that
-/// address goes away with it (RFC 3927): a join through it would record a server the node
-/// must find again a minute later. The join applies this during [`LEASE_GRACE`] only, so a
-/// server that never gets a lease is still reached.
-pub fn skip_link_local_while_leased(
-    candidates: &mut Vec<Candidate>,
-    own_ipv4: &[std::net::Ipv4Addr],
-) {
-    let leased = own_ipv4
-        .iter()
-        .any(|ip| !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified());
-    if !leased {
-        return;
-    }
-    for candidate in candidates.iter_mut() {
-        candidate
-            .replicas
-            .retain(|replica| !matches!(replica.ip(), IpAddr::V4(v4) if v4.is_link_local()));
-    }
-    candidates.retain(|candidate| !candidate.replicas.is_empty());
-}
-
-/// Whether a node with the IPv4 addresses `ipv4` is on link-local fallback: loopback
-/// aside, it holds link-local addresses and nothing else. A node with a leased or fixed
-/// address, or with none yet, is not.
-pub fn only_link_local(ipv4: &[std::net::Ipv4Addr]) -> bool {
-    let mut outside = ipv4.iter().filter(|ip| !ip.is_loopback()).peekable();
-    outside.peek().is_some() && outside.all(std::net::Ipv4Addr::is_link_local)
 }
 
 /// Why the LAN could not be asked.
@@ -198,6 +150,7 @@ pub async fn browse(
         let candidate = Candidate {
             node: Some(announcement.node.to_string()),
             replicas,
+            lan_without_dhcp: announcement.lan_without_dhcp,
         };
         let first = found.is_empty();
         if take_answer(&mut found, candidate) {
@@ -213,7 +166,8 @@ pub async fn browse(
 
 /// Adds an mDNS answer to `found`, one candidate per server node: a node that answers
 /// again (mDNS resolves a service anew as its addresses come in) keeps its place and
-/// gains the replicas it did not have, in [`usable_ips`] order. Whether `found` changed.
+/// gains the replicas it did not have, in [`usable_ips`] order, and its latest word on the
+/// LAN's DHCP. Whether `found` gained a candidate or a replica.
 fn take_answer(found: &mut Vec<Candidate>, candidate: Candidate) -> bool {
     let Some(known) = found
         .iter_mut()
@@ -222,6 +176,7 @@ fn take_answer(found: &mut Vec<Candidate>, candidate: Candidate) -> bool {
         found.push(candidate);
         return true;
     };
+    known.lan_without_dhcp = candidate.lan_without_dhcp;
     let before = known.replicas.len();
     for replica in candidate.replicas {
         if !known.replicas.contains(&replica) {
@@ -258,46 +213,6 @@ fn usable_ips(addresses: impl Iterator<Item = IpAddr>) -> Vec<IpAddr> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn link_local_fallback_is_only_link_local_beside_loopback() {
-        let ip = |text: &str| text.parse::<std::net::Ipv4Addr>().expect("ip");
-        assert!(only_link_local(&[ip("127.0.0.1"), ip("169.254.3.4")]));
-        assert!(!only_link_local(&[ip("169.254.3.4"), ip("192.168.1.20")]));
-        assert!(
-            !only_link_local(&[ip("127.0.0.1")]),
-            "no address yet is not a fallback"
-        );
-        assert!(!only_link_local(&[]));
-    }
-
-    #[test]
-    fn a_leased_node_skips_the_link_local_replicas_of_servers_still_waiting_for_a_lease() {
-        let ip = |text: &str| text.parse::<std::net::Ipv4Addr>().expect("ip");
-        let candidate = |node: &str, replicas: &[&str]| Candidate {
-            node: Some(node.into()),
-            replicas: replicas
-                .iter()
-                .map(|addr| addr.parse().expect("addr"))
-                .collect(),
-        };
-        let found = vec![
-            candidate("pi-a", &["169.254.6.45:8086", "169.254.6.45:8087"]),
-            candidate("pi-b", &["192.168.1.8:8086", "169.254.9.9:8086"]),
-        ];
-        let mut leased = found.clone();
-        skip_link_local_while_leased(&mut leased, &[ip("127.0.0.1"), ip("192.168.1.20")]);
-        assert_eq!(leased, vec![candidate("pi-b", &["192.168.1.8:8086"])]);
-        // A node on link-local itself (or with no address yet) takes every candidate.
-        for own in [
-            vec![ip("127.0.0.1"), ip("169.254.1.2")],
-            vec![ip("127.0.0.1")],
-        ] {
-            let mut kept = found.clone();
-            skip_link_local_while_leased(&mut kept, &own);
-            assert_eq!(kept, found);
-        }
-    }
-
     #[tokio::test]
     async fn seed_entries_become_candidates_with_the_default_port() {
         let found = from_seed(&["10.0.0.5".into(), "10.0.0.6:9000".into()]).await;
@@ -321,6 +236,7 @@ mod tests {
         let answer = |node: &str, replicas: &[&str]| Candidate {
             node: Some(node.into()),
             replicas: addrs(replicas),
+            lan_without_dhcp: false,
         };
         let mut found = Vec::new();
         assert!(take_answer(

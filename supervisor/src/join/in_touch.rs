@@ -172,6 +172,7 @@ mod tests {
         let candidate = Candidate {
             node: Some("pi-b".into()),
             replicas: vec![addr("192.168.1.8:8086"), addr("10.9.0.8:8086")],
+            lan_without_dhcp: false,
         };
         assert!(knows(
             &[addr("127.0.0.1:8086"), addr("10.9.0.8:8086")],

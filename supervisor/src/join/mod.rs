@@ -26,6 +26,7 @@ pub mod clock;
 pub mod discover;
 pub mod exchange;
 mod in_touch;
+pub mod lease;
 mod mdns;
 pub mod plan;
 mod reach;
@@ -87,8 +88,8 @@ pub struct JoinContext {
     /// Where the site's K3s token from the answer is kept (`crate::k3s::token`).
     pub k3s_token_file: PathBuf,
     pub clock: clock::Clock,
-    /// When the supervisor started (the lease grace, [`discover::LEASE_GRACE`], counts
-    /// from it).
+    /// When the supervisor started (the lease grace, [`lease::LEASE_GRACE`], counts from
+    /// it).
     pub started: std::time::Instant,
     pub status: StatusHandle,
     pub on_joined: OnJoined,
@@ -125,6 +126,7 @@ pub async fn run(context: JoinContext) {
     let mut retry = Retry::new(ROUNDS);
     loop {
         context.clock.wait_until_sane(&context.status).await;
+        let addresses = lease::own_ipv4(context.mdns_interfaces.as_deref());
         match round(&context).await {
             Ok(Finished::Joined) => {
                 tokio::join!(relocate::run(&context), trust_sync::run(&context));
@@ -153,7 +155,7 @@ pub async fn run(context: JoinContext) {
             }
         }
         let pause = retry.next_delay(fastrand::u64(..));
-        if pause_between_rounds(&context.credential, pause).await {
+        if pause_between_rounds(&context, pause, &addresses).await {
             // A new address is a new start: the servers may need a moment to hear of it.
             retry.reset();
         }
@@ -166,23 +168,32 @@ const PAUSE_CHECK: Duration = Duration::from_millis(500);
 
 /// Waits `pause`, or less: a node the operator enrolled by hand stops joining (and runs
 /// its units) within [`PAUSE_CHECK`], not a round later; and a node whose IPv4 addresses
-/// changed meanwhile (its DHCP lease came: boards that boot together wait for one, and
-/// every round before it failed) starts its next round within [`PAUSE_CHECK`], not at the
-/// end of a backoff of up to 8 s. Returns whether the addresses changed.
-async fn pause_between_rounds(credential: &CredentialFiles, pause: Duration) -> bool {
-    let addresses = discover::own_ipv4();
+/// on the site LAN differ from `addresses`, read before the round (its DHCP lease came:
+/// boards that boot together wait for one, and every round before it failed; or it came
+/// during the round's browse, which then heard nothing), starts its next round within
+/// [`PAUSE_CHECK`], not at the end of a backoff of up to 8 s. Returns whether the
+/// addresses changed.
+async fn pause_between_rounds(
+    context: &JoinContext,
+    pause: Duration,
+    addresses: &[std::net::Ipv4Addr],
+) -> bool {
+    let interfaces = context.mdns_interfaces.as_deref();
     let end = tokio::time::Instant::now() + pause;
-    while tokio::time::Instant::now() < end {
-        if credential.has_certificate() {
+    loop {
+        if context.credential.has_certificate() {
             return false;
         }
-        if discover::own_ipv4() != addresses {
+        if lease::own_ipv4(interfaces) != addresses {
             info!("this node's addresses changed: looking for the site's servers again");
             return true;
         }
-        tokio::time::sleep(PAUSE_CHECK.min(end - tokio::time::Instant::now())).await;
+        let now = tokio::time::Instant::now();
+        if now >= end {
+            return false;
+        }
+        tokio::time::sleep(PAUSE_CHECK.min(end - now)).await;
     }
-    false
 }
 
 /// How the join ended.
@@ -227,28 +238,40 @@ async fn join(context: &JoinContext) -> Result<JoinRecord, ExchangeError> {
         status.join.state = "discovering";
         status.join.attempts += 1;
     });
-    let grace = awaits_leases(context);
-    if grace {
-        refuse_on_link_local(&discover::own_ipv4())?;
-    }
     let mut candidates = candidates(context).await;
-    let announced = !candidates.is_empty();
-    if grace {
-        // Again, with the addresses after the browse: the node's own link-local address
-        // may have come during it.
-        let own = discover::own_ipv4();
-        refuse_on_link_local(&own)?;
-        discover::skip_link_local_while_leased(&mut candidates, &own);
-    }
-    if candidates.is_empty() && announced {
-        return Err(ExchangeError::Unreachable {
-            replica: SocketAddr::from(([0, 0, 0, 0], 0)),
-            detail: format!(
-                "the site's servers announce only link-local addresses while this node holds a \
-                 leased one: it waits up to {} s after its start for their DHCP leases",
-                discover::LEASE_GRACE.as_secs()
+    if awaits_leases(context) {
+        // The addresses after the browse: a lease or a link-local address may have come
+        // during it.
+        let own = lease::own_ipv4(context.mdns_interfaces.as_deref());
+        let grace = lease::LEASE_GRACE.as_secs();
+        match lease::in_grace(&own, &mut candidates) {
+            lease::InGrace::Join => {}
+            lease::InGrace::OverLinkLocal { told_by } => info!(
+                server = %told_by,
+                "joining over this node's link-local address: the server has held only a \
+                 link-local address for the whole lease grace, so the LAN has no DHCP server"
             ),
-        });
+            lease::InGrace::AwaitOwnLease => {
+                return Err(ExchangeError::Unreachable {
+                    replica: SocketAddr::from(([0, 0, 0, 0], 0)),
+                    detail: format!(
+                        "this node has only a link-local address: it waits up to {grace} s \
+                         after its start for a DHCP lease, which would remove that address \
+                         (or for a server of the site to announce that the LAN has none)"
+                    ),
+                })
+            }
+            lease::InGrace::AwaitServersLeases => {
+                return Err(ExchangeError::Unreachable {
+                    replica: SocketAddr::from(([0, 0, 0, 0], 0)),
+                    detail: format!(
+                        "the site's servers announce only link-local addresses while this \
+                         node holds a leased one: it waits up to {grace} s after its start \
+                         for their DHCP leases"
+                    ),
+                })
+            }
+        }
     }
     if candidates.is_empty() {
         return Err(ExchangeError::Unreachable {
@@ -318,27 +341,11 @@ async fn join(context: &JoinContext) -> Result<JoinRecord, ExchangeError> {
 }
 
 /// Whether the join still waits for DHCP leases rather than use link-local addresses:
-/// within [`discover::LEASE_GRACE`] of the start, when the servers are found by mDNS.
+/// within [`lease::LEASE_GRACE`] of the start, when the servers are found by mDNS.
 fn awaits_leases(context: &JoinContext) -> bool {
     context.mdns
         && context.seed_servers.is_empty()
-        && context.started.elapsed() < discover::LEASE_GRACE
-}
-
-/// Refuses the round, while [`awaits_leases`], when this node's IPv4 addresses `own` are
-/// link-local only.
-fn refuse_on_link_local(own: &[std::net::Ipv4Addr]) -> Result<(), ExchangeError> {
-    if discover::only_link_local(own) {
-        return Err(ExchangeError::Unreachable {
-            replica: SocketAddr::from(([0, 0, 0, 0], 0)),
-            detail: format!(
-                "this node has only a link-local address: it waits up to {} s after its start \
-                 for a DHCP lease, which would remove that address",
-                discover::LEASE_GRACE.as_secs()
-            ),
-        });
-    }
-    Ok(())
+        && context.started.elapsed() < lease::LEASE_GRACE
 }
 
 async fn candidates(context: &JoinContext) -> Vec<Candidate> {

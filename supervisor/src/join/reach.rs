@@ -179,6 +179,7 @@ mod tests {
                 SocketAddr::new("127.0.0.2".parse().expect("ip"), port),
                 SocketAddr::new("127.0.0.1".parse().expect("ip"), port),
             ],
+            lan_without_dhcp: false,
         };
         let entry = reachable(&candidate).await.expect("reachable");
         assert_eq!(entry.node.as_str(), "pi-c");
@@ -189,6 +190,7 @@ mod tests {
         let unnamed = Candidate {
             node: None,
             replicas: candidate.replicas.clone(),
+            lan_without_dhcp: false,
         };
         assert!(reachable(&unnamed).await.is_none());
     }

@@ -1,8 +1,8 @@
 //! What the node does as a member of its site once its role is known: re-place its units
 //! (the proxy and, on a server node, the control replicas), take its time from the site's
-//! servers (`time`), and on a server node serve time, announce itself on the LAN, keep its
-//! proxy in touch with the other servers announced there (`in_touch`) and show the joins
-//! its replicas answered.
+//! servers (`time`), and on a server node serve time, announce itself on the LAN (saying
+//! so when the LAN shows no DHCP server, `lease`), keep its proxy in touch with the other
+//! servers announced there (`in_touch`) and show the joins its replicas answered.
 //!
 //! Off a node (`on_node` false: the supervisor's tests on a development host) nothing
 //! leaves the process: no mDNS, no chrony restart.
@@ -14,10 +14,11 @@ use std::time::Duration;
 use pimesh_join::{anchor_pin, Announcement};
 use pimesh_schema::supervisor::CONTROL_BASE_PORT;
 use pimesh_schema::{DnsLabel, ProbeUrl, Seed};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::join::announce::Announcer;
 use crate::join::in_touch::InTouch;
+use crate::join::lease::{self, LinkLocalClock};
 use crate::join::plan::placed;
 use crate::join::record::JoinRecord;
 use crate::join::time::{self, TimePlan};
@@ -31,6 +32,8 @@ use crate::units::placement;
 const JOINS_EVERY: Duration = Duration::from_secs(5);
 /// How many join records the status shows.
 const JOINS_SHOWN: usize = 50;
+/// How often a server node reads its addresses to tell whether its LAN has DHCP.
+const LAN_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// The node's part in its site; cheap to clone (one shared state).
 #[derive(Clone)]
@@ -55,7 +58,9 @@ struct Inner {
     time: Mutex<TimePlan>,
     units: Arc<ManagedSet>,
     status: StatusHandle,
-    announcer: Mutex<Option<Announcer>>,
+    /// The announcement's task ([`announce`]), which owns the responder: ending it
+    /// withdraws the announcement.
+    announce_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     joins_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     in_touch_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -86,7 +91,7 @@ impl SiteRole {
             time: Mutex::new(TimePlan::default()),
             units,
             status,
-            announcer: Mutex::new(None),
+            announce_task: Mutex::new(None),
             joins_task: Mutex::new(None),
             in_touch_task: Mutex::new(None),
         }))
@@ -129,22 +134,29 @@ impl SiteRole {
     pub fn serve_as_server(&self) {
         self.time(|plan| plan.serve = true);
         let inner = &self.0;
-        let mut announcer = inner
-            .announcer
+        let mut announce_task = inner
+            .announce_task
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if announcer.is_none() && inner.on_node {
+        if announce_task.is_none() && inner.on_node {
             match self.announcement() {
                 Some(announcement) => {
                     match Announcer::start(&announcement, inner.mdns_interfaces.as_deref()) {
-                        Ok(started) => *announcer = Some(started),
+                        Ok(announcer) => {
+                            *announce_task = Some(tokio::spawn(announce(
+                                announcer,
+                                announcement,
+                                inner.mdns_interfaces.clone(),
+                                inner.status.clone(),
+                            )));
+                        }
                         Err(err) => warn!(%err, "joining nodes will need the seed's servers"),
                     }
                 }
                 None => warn!("no site, node name or anchor to announce this server with"),
             }
         }
-        drop(announcer);
+        drop(announce_task);
         let mut task = inner
             .joins_task
             .lock()
@@ -229,7 +241,11 @@ impl SiteRole {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        for task in [&mut self.joins_task, &mut self.in_touch_task] {
+        for task in [
+            &mut self.announce_task,
+            &mut self.joins_task,
+            &mut self.in_touch_task,
+        ] {
             if let Some(task) = task
                 .get_mut()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -238,6 +254,46 @@ impl Drop for Inner {
                 task.abort();
             }
         }
+    }
+}
+
+/// Keeps `announced` on the LAN through `announcer`, reading the node's addresses on
+/// `interfaces` every [`LAN_CHECK_EVERY`]: when whether the LAN has shown a DHCP server
+/// changes ([`LinkLocalClock`]), announces it and shows it in the status.
+async fn announce(
+    announcer: Announcer,
+    mut announced: Announcement,
+    interfaces: Option<Vec<pimesh_schema::InterfaceName>>,
+    status: StatusHandle,
+) {
+    let mut clock = LinkLocalClock::default();
+    let mut every = tokio::time::interval(LAN_CHECK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let addresses = lease::addresses(interfaces.as_deref());
+        let without_dhcp = clock.observe(std::time::Instant::now(), &addresses);
+        if without_dhcp == announced.lan_without_dhcp {
+            continue;
+        }
+        let mut changed = announced.clone();
+        changed.lan_without_dhcp = without_dhcp;
+        if let Err(err) = announcer.update(&changed) {
+            // Tried again at the next check.
+            warn!(%err, "cannot announce whether the LAN has DHCP");
+            continue;
+        }
+        announced = changed;
+        if without_dhcp {
+            info!(
+                grace_s = lease::LEASE_GRACE.as_secs(),
+                "the LAN has shown no DHCP server for the lease grace: announcing it, so \
+                 boards plugged in join over link-local at once"
+            );
+        } else {
+            info!("a DHCP lease came: no longer announcing a LAN without DHCP");
+        }
+        status.update(|status| status.join.lan_without_dhcp = without_dhcp);
     }
 }
 

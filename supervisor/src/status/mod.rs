@@ -480,6 +480,10 @@ pub struct JoinReport {
     pub last_error: Option<String>,
     /// RFC 3339.
     pub joined_at: Option<String>,
+    /// On a server node: it has held only a link-local IPv4 address on the site LAN for
+    /// the whole lease grace and announces that the LAN has no DHCP server (`dhcp=none`),
+    /// so that boards plugged in later join over link-local at once.
+    pub lan_without_dhcp: bool,
 }
 
 impl Default for JoinReport {
@@ -493,6 +497,7 @@ impl Default for JoinReport {
             attempts: 0,
             last_error: None,
             joined_at: None,
+            lan_without_dhcp: false,
         }
     }
 }
