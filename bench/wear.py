@@ -15,6 +15,12 @@ service on the node, over the proxy's own mTLS inbound). For each window:
   Pimesh's logging costs);
 
 each extrapolated to a day. The goal for Pimesh itself is at most 10 MB per day.
+
+Then the same two windows on a node of a site with the real central server (`pimesh-central`
+in the node's network namespace, the harness of the OTA tests): the node long-polls it for
+revisions and queues its reports on disk before it sends them, among them its mesh traffic
+every `traffic_every` (300 s by default) when the traffic changed. `WEAR_NODES=alone` or
+`central` measures one of the two.
 """
 
 import json
@@ -25,11 +31,13 @@ import time
 
 from harness.container import booted
 from harness.freeze import host_pid
+from harness.ota_site import Site
 from table import Table
 
 SECONDS = float(os.environ.get("WEAR_SECONDS", "600"))
 SETTLE = float(os.environ.get("WEAR_SETTLE", "60"))
 RATE = int(os.environ.get("RATE", "50"))
+NODES = os.environ.get("WEAR_NODES", "alone,central").split(",")
 DAY = 86_400
 
 SEED = 'site = "lab"\nrole = "init"\nnode = "pi-a"\n'
@@ -172,34 +180,60 @@ def report(table, label, measured, seconds):
                   "MB/day", ".2f")
 
 
+def measure(table, container, label=""):
+    """The figures of `container`, a node whose site configuration places the `web`
+    service on it: from its start, then an idle window and one with traffic."""
+    backend = in_netns(container, BACKEND)
+    try:
+        container.wait_for("every unit ready", lambda: all(
+            container.http_get(url)[0] == 200 for url in (
+                "http://127.0.0.1:4191/ready",
+                *[f"http://127.0.0.1:{8085 + n}/ready" for n in (1, 2, 3)])), timeout=180)
+        container.wait_for("the web service through the proxy", lambda: container.http_get(
+            "http://127.0.0.1:8180/", timeout=5)[0] == 200, timeout=120)
+        time.sleep(SETTLE)
+        since_start(container, table)
+        idle, seconds = window(container, SECONDS)
+        report(table, f"{label}idle", idle, seconds)
+        load = in_netns(container, LOAD, RATE, SECONDS + 5, stdout=subprocess.PIPE, text=True)
+        time.sleep(2)
+        busy, seconds = window(container, SECONDS)
+        ok, failed = map(int, load.communicate(timeout=SECONDS + 120)[0].split())
+        report(table, f"{label}{RATE} req/s", busy, seconds)
+        table.note(f"{label}traffic: {ok} requests answered 200, {failed} not")
+    finally:
+        backend.kill()
+        backend.wait()
+
+
+def with_central(table):
+    """`measure` on the init node of a site whose configuration came from the real
+    central server, which it keeps long-polling and reporting to."""
+    site = Site(byo_init=True)
+    try:
+        container = site.boot_node()
+        revision = site.publish(CLUSTER)
+        site.wait_committed(revision, timeout=120)
+        measure(table, container, label="with central: ")
+        reports = site.central_report()
+        table.note(f"with central: the node's last report at the central server: state "
+                   f"{reports.get('state')}, revision {reports.get('revision')}, traffic "
+                   f"{'reported' if reports.get('traffic') else 'none'}")
+    finally:
+        site.close()
+
+
 def main():
     table = Table("wear")
     table.setup(f"an init node in systemd-nspawn (supervisor, proxy, 3 replicas); windows of "
                 f"{SECONDS:.0f} s after {SETTLE:.0f} s of settling; traffic {RATE} req/s")
     table.setup("write_bytes from /proc/<pid>/io; journal bytes as journalctl -o export; "
                 "extrapolated to a day")
-    with booted(SEED, {"/etc/pimesh/cluster.toml": CLUSTER}) as container:
-        backend = in_netns(container, BACKEND)
-        try:
-            container.wait_for("every unit ready", lambda: all(
-                container.http_get(url)[0] == 200 for url in (
-                    "http://127.0.0.1:4191/ready",
-                    *[f"http://127.0.0.1:{8085 + n}/ready" for n in (1, 2, 3)])), timeout=180)
-            container.wait_for("the web service through the proxy", lambda: container.http_get(
-                "http://127.0.0.1:8180/", timeout=5)[0] == 200, timeout=120)
-            time.sleep(SETTLE)
-            since_start(container, table)
-            idle, seconds = window(container, SECONDS)
-            report(table, "idle", idle, seconds)
-            load = in_netns(container, LOAD, RATE, SECONDS + 5, stdout=subprocess.PIPE, text=True)
-            time.sleep(2)
-            busy, seconds = window(container, SECONDS)
-            ok, failed = map(int, load.communicate(timeout=SECONDS + 120)[0].split())
-            report(table, f"{RATE} req/s", busy, seconds)
-            table.note(f"traffic: {ok} requests answered 200, {failed} not")
-        finally:
-            backend.kill()
-            backend.wait()
+    if "alone" in NODES:
+        with booted(SEED, {"/etc/pimesh/cluster.toml": CLUSTER}) as container:
+            measure(table, container)
+    if "central" in NODES:
+        with_central(table)
     table.print()
 
 
