@@ -18,25 +18,12 @@ use http::Response;
 use http_body_util::BodyExt as _;
 use hyper::body::{Frame, SizeHint};
 
-use super::requests::RouteMetrics;
+use super::requests::{GrpcEnd, RouteMetrics};
 use crate::outbound::balance::Pick;
 use crate::transport::mesh_http::Body;
 
 /// The trailer (or header) carrying a gRPC call's status.
 pub const GRPC_STATUS: &str = "grpc-status";
-
-/// How a gRPC response ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GrpcEnd {
-    /// With this `grpc-status`.
-    Status(u32),
-    /// Its body ended without a `grpc-status`: a protocol error.
-    NoStatus,
-    /// Its body failed: reset, or the connection was cut.
-    Error,
-    /// Dropped unfinished by the proxy's client (a cancelled call).
-    Dropped,
-}
 
 /// Whether `headers` are a gRPC message's.
 pub fn is_grpc(headers: &HeaderMap) -> bool {

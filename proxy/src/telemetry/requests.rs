@@ -19,8 +19,21 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use super::grpc::GrpcEnd;
 use super::labels::{Direction, MeshTls, Name};
+
+/// How a gRPC response ended (`telemetry::grpc` tells), as [`RouteMetrics::grpc_end`]
+/// counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrpcEnd {
+    /// With this `grpc-status`.
+    Status(u32),
+    /// Its body ended without a `grpc-status`: a protocol error.
+    NoStatus,
+    /// Its body failed: reset, or the connection was cut.
+    Error,
+    /// Dropped unfinished by the proxy's client (a cancelled call).
+    Dropped,
+}
 
 /// A response as `response_total` tells it: HTTP status (0: none), `grpc-status`,
 /// failure.

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::uri::InvalidUri;
-use http::{Method, Request, StatusCode, Uri};
+use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -49,9 +49,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::context::{SpanId, TraceId};
+use super::finished::FinishedSpan;
 use super::queue::{DiskQueue, Oldest};
-use super::{otlp, zipkin, ExporterCounters, Kind, SpanCounters};
+use super::{otlp, zipkin, ExporterCounters, SpanCounters};
 
 /// Tuning of an exporter; [`Settings::default`] holds the production values.
 #[derive(Clone, Copy, Debug)]
@@ -85,25 +85,6 @@ impl Default for Settings {
                 .with_jitter(Jitter::HALF),
         }
     }
-}
-
-/// A finished span on its way to the collectors.
-#[derive(Clone, Debug)]
-pub(super) struct FinishedSpan {
-    pub trace_id: TraceId,
-    pub id: SpanId,
-    pub parent_id: SpanId,
-    pub kind: Kind,
-    pub method: Method,
-    pub path: String,
-    pub dst_service: String,
-    pub remote: Option<std::net::SocketAddr>,
-    /// Start, in microseconds since the Unix epoch.
-    pub timestamp_us: u64,
-    /// At least 1 (Zipkin reads 0 as "unknown").
-    pub duration_us: u64,
-    /// The response status; 0 when there was no response.
-    pub status: u16,
 }
 
 /// The wire format of an exporter, and so its config key, label and queue folder.

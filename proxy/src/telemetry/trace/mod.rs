@@ -32,6 +32,7 @@
 
 pub(crate) mod context;
 mod export;
+mod finished;
 mod otlp;
 mod queue;
 mod zipkin;
@@ -46,8 +47,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use context::{SpanId, TraceId};
-use export::FinishedSpan;
 pub use export::{CollectorSink, ExportSettings, SpanSink};
+use finished::FinishedSpan;
 
 /// Which side of the hop the proxy is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -944,7 +945,7 @@ mod tests {
         let one_batch = {
             let mut map = sampled_headers();
             let span = begin(&mut map, Kind::Server, &Method::GET, "/", "web").unwrap();
-            let finished = export::FinishedSpan {
+            let finished = FinishedSpan {
                 trace_id: span.trace_id,
                 id: span.id,
                 parent_id: span.parent_id,

@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, SpanFlags, Status};
 use prost::Message as _;
 
-use super::export::FinishedSpan;
+use super::finished::FinishedSpan;
 use super::Kind;
 
 /// `service.name` of every span this proxy exports.

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use super::export::FinishedSpan;
+use super::finished::FinishedSpan;
 use super::Kind;
 
 /// The batch as a Zipkin v2 JSON array.
