@@ -211,25 +211,6 @@ fn error_chain(err: &reqwest::Error) -> String {
     text
 }
 
-/// Checks that `url` is a central server's URL: `https://host[:port]`. Configuration goes
-/// to nodes and reports come back over it, so plain `http://` is refused.
-pub fn check_url(url: &str) -> Result<(), crate::Failure> {
-    let parsed = reqwest::Url::parse(url)
-        .map_err(|err| format!("{url:?}: expected https://host[:port]: {err}"))?;
-    if parsed.scheme() != "https" {
-        return Err(format!(
-            "{url:?}: expected https://host[:port]: the central server is reached over TLS only, \
-             found the scheme {:?}",
-            parsed.scheme()
-        )
-        .into());
-    }
-    if parsed.host_str().is_none_or(str::is_empty) {
-        return Err(format!("{url:?}: expected https://host[:port]: no host").into());
-    }
-    Ok(())
-}
-
 /// The server's reason in an error answer: the `error` of its JSON body, else the body.
 fn reason(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)

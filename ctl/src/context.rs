@@ -112,7 +112,7 @@ pub fn add(name: &str, context: Context) -> Result<(), Failure> {
         return Err("a context needs a name".into());
     }
     if let Some(url) = &context.central {
-        crate::central::check_url(url)?;
+        crate::central_url::check_url(url)?;
     }
     let path = file();
     let mut contexts = Contexts::load(&path)?;

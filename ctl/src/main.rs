@@ -5,6 +5,7 @@
 //! is wrong (clap's); 3 `status` answered and the fleet is not healthy.
 
 mod central;
+mod central_url;
 mod check;
 mod config;
 mod context;

@@ -39,7 +39,7 @@ pub fn init(
 ) -> Result<(), crate::Failure> {
     let site = DnsLabel::try_from(site.to_owned()).map_err(|err| format!("site name: {err}"))?;
     if let Some(url) = central_url {
-        crate::central::check_url(url).map_err(|err| format!("--central-url {err}"))?;
+        crate::central_url::check_url(url).map_err(|err| format!("--central-url {err}"))?;
     }
     let out = out.unwrap_or_else(|| PathBuf::from(site.as_str()));
     if out.exists() {
