@@ -215,7 +215,7 @@ async fn live_servers(
         .send()
         .await
         .map_err(|e| e.to_string())?;
-    let value = crate::peers::json_value(response).await?;
+    let value = crate::client::json_value(response).await?;
     Ok(value
         .as_array()
         .into_iter()

@@ -51,6 +51,12 @@ pub fn base_url(server: &str) -> Result<String, String> {
     Ok(format!("https://{host}"))
 }
 
+/// A response body as JSON.
+pub async fn json_value(response: reqwest::Response) -> Result<serde_json::Value, String> {
+    let bytes = response.bytes().await.map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,6 +48,7 @@
 //! - [`log`], [`notify`], [`client`]: K3s-like log lines, systemd notification, HTTPS clients.
 
 mod agent;
+mod answers;
 mod api;
 mod cli;
 mod client;

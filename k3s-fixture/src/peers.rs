@@ -128,7 +128,9 @@ async fn exchange(
     if !pulled.status().is_success() {
         return Err(format!("pull: {}", pulled.status()));
     }
-    let list = json_value(pulled).await.map_err(|e| format!("pull: {e}"))?;
+    let list = crate::client::json_value(pulled)
+        .await
+        .map_err(|e| format!("pull: {e}"))?;
     let now = now_secs();
     {
         let mut table = state.table();
@@ -139,10 +141,4 @@ async fn exchange(
     crate::sitewide::catch_up(state, url)
         .await
         .map_err(|e| format!("pull of the Leases: {e}"))
-}
-
-/// A response body as JSON.
-pub async fn json_value(response: reqwest::Response) -> Result<Value, String> {
-    let bytes = response.bytes().await.map_err(|e| e.to_string())?;
-    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }

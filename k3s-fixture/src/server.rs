@@ -370,7 +370,7 @@ async fn try_fetch_cluster_ca(url: &str, token: &Token) -> Result<Ca, Failure> {
     if !code.is_success() {
         return Err(Failure::Retry(format!("GET {bootstrap_url}: {code}")));
     }
-    let data = crate::peers::json_value(response)
+    let data = crate::client::json_value(response)
         .await
         .map_err(|e| Failure::Retry(format!("GET {bootstrap_url}: {e}")))?;
     let field = |name: &str| -> Result<String, Failure> {

@@ -126,18 +126,18 @@ pub async fn handle(
         .map_or(path.clone(), |p| p.as_str().to_owned());
     let forwarded = from_server && request.headers().contains_key(FORWARDED);
     let Some((namespace, name)) = crate::leases::route(&path) else {
-        return crate::api::method_not_allowed();
+        return crate::answers::method_not_allowed();
     };
     let (namespace, name) = (namespace.map(str::to_owned), name.map(str::to_owned));
-    let selector = match crate::api::query(request.uri(), "labelSelector")
+    let selector = match crate::answers::query(request.uri(), "labelSelector")
         .and_then(|text| Selector::parse(&text.unwrap_or_default()))
     {
         Ok(selector) => selector,
-        Err(err) => return crate::api::bad_request(&err),
+        Err(err) => return crate::answers::bad_request(&err),
     };
     let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
         Ok(body) => body.to_bytes(),
-        Err(err) => return crate::api::bad_request(&format!("cannot read the body: {err}")),
+        Err(err) => return crate::answers::bad_request(&format!("cannot read the body: {err}")),
     };
     let json = || -> Result<Value, String> {
         serde_json::from_slice(&body)
@@ -148,20 +148,20 @@ pub async fn handle(
         (&Method::GET, Some(namespace), Some(name)) => Op::Get(namespace, name),
         (&Method::POST, Some(namespace), None) => match json() {
             Ok(body) => Op::Create(namespace, body),
-            Err(err) => return crate::api::bad_request(&err),
+            Err(err) => return crate::answers::bad_request(&err),
         },
         (&Method::PUT, Some(namespace), Some(name)) => match json() {
             Ok(body) => Op::Update(namespace, name, body),
-            Err(err) => return crate::api::bad_request(&err),
+            Err(err) => return crate::answers::bad_request(&err),
         },
         (&Method::DELETE, Some(namespace), Some(name)) if body.is_empty() => {
             Op::Delete(namespace, name, None)
         }
         (&Method::DELETE, Some(namespace), Some(name)) => match json() {
             Ok(options) => Op::Delete(namespace, name, Some(options)),
-            Err(err) => return crate::api::bad_request(&err),
+            Err(err) => return crate::answers::bad_request(&err),
         },
-        _ => return crate::api::method_not_allowed(),
+        _ => return crate::answers::method_not_allowed(),
     };
     match state.leader() {
         Some(leader) if leader.name == state.own_name => lead(state, &op).await,
@@ -191,11 +191,11 @@ fn local(state: &ClusterState, op: &Op) -> Response<Full<Bytes>> {
 
 fn respond(answer: Answer) -> Response<Full<Bytes>> {
     match answer {
-        Ok((code, body)) => crate::api::json_response(code, &body),
+        Ok((code, body)) => crate::answers::json_response(code, &body),
         Err(failure) => {
             let code =
                 StatusCode::from_u16(failure.code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            crate::api::status(
+            crate::answers::status(
                 code,
                 failure.reason(),
                 &failure.message(),
@@ -206,7 +206,7 @@ fn respond(answer: Answer) -> Response<Full<Bytes>> {
 }
 
 fn unavailable(why: &str) -> Response<Full<Bytes>> {
-    crate::api::status(
+    crate::answers::status(
         StatusCode::SERVICE_UNAVAILABLE,
         "ServiceUnavailable",
         &format!("k3s fixture: Leases cannot be written now: {why}"),
@@ -320,7 +320,7 @@ async fn fetch(request: reqwest::RequestBuilder) -> Result<Leases, String> {
     if !response.status().is_success() {
         return Err(format!("answered {}", response.status()));
     }
-    let snapshot = crate::peers::json_value(response).await?;
+    let snapshot = crate::client::json_value(response).await?;
     Leases::restore(&snapshot).ok_or_else(|| "not a copy of the Leases".to_owned())
 }
 
