@@ -30,7 +30,6 @@ use tracing::{debug, info, warn};
 
 use crate::release::{FleetGate, Releases};
 use crate::rollout::{self, Observed};
-use crate::sites::Latest;
 use crate::storage::Storage;
 
 pub struct Offers {
@@ -94,6 +93,23 @@ impl fmt::Display for CommandError {
 }
 
 impl std::error::Error for CommandError {}
+
+/// The newest revision of a site, serialised once for every node that fetches it.
+#[derive(Debug)]
+pub struct Latest {
+    pub revision: u64,
+    pub json: Vec<u8>,
+}
+
+impl Latest {
+    /// `revision`, serialised for the nodes.
+    pub fn of(revision: &SignedRevision) -> Arc<Latest> {
+        Arc::new(Latest {
+            revision: revision.revision,
+            json: revision.to_json(),
+        })
+    }
+}
 
 /// How many revision numbers below the newest [`Offers::load`] looks through at most for
 /// the revisions that may still be offered.

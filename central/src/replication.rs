@@ -114,6 +114,9 @@ fn listen(
 /// Applies every change as it arrives, for as long as the listener runs.
 pub async fn apply(registry: Arc<Registry>, mut changes: mpsc::UnboundedReceiver<Change>) {
     while let Some(change) = changes.recv().await {
-        registry.apply(change, unix_now());
+        match change {
+            Change::CatchUp => registry.catch_up(unix_now()),
+            Change::Notice(notice) => registry.notice(notice, unix_now()),
+        }
     }
 }

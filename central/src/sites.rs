@@ -14,25 +14,8 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::{watch, Mutex};
 
 use crate::config::SiteEntry;
-use crate::offers::{unix_now, Offers};
+use crate::offers::{unix_now, Latest, Offers};
 use crate::storage::Storage;
-
-/// The newest revision of a site, serialised once for every node that fetches it.
-#[derive(Debug)]
-pub struct Latest {
-    pub revision: u64,
-    pub json: Vec<u8>,
-}
-
-impl Latest {
-    /// `revision`, serialised for the nodes.
-    pub fn of(revision: &SignedRevision) -> Arc<Latest> {
-        Arc::new(Latest {
-            revision: revision.revision,
-            json: revision.to_json(),
-        })
-    }
-}
 
 pub struct Site {
     pub name: DnsLabel,
@@ -267,30 +250,34 @@ impl fmt::Display for FleetError {
 impl std::error::Error for FleetError {}
 
 impl Registry {
-    /// Applies what another replica stored.
-    pub fn apply(&self, change: crate::replication::Change, now: u64) {
-        use crate::replication::Change;
+    /// Reads again everything other replicas may have stored (notices may have been
+    /// missed: a first connection, or after a lost one).
+    pub fn catch_up(&self, now: u64) {
+        let storage = self.storage.as_ref();
+        for site in self.sites.values() {
+            site.catch_up(storage, now);
+            site.offers.resync(storage, now);
+        }
+        self.fleet.changed();
+    }
+
+    /// Applies what another replica stored, as its `notice` says.
+    pub fn notice(&self, notice: crate::storage::Notice, now: u64) {
         use crate::storage::Notice;
         let storage = self.storage.as_ref();
-        match change {
-            Change::CatchUp => {
-                for site in self.sites.values() {
-                    site.catch_up(storage, now);
-                    site.offers.resync(storage, now);
-                }
-            }
-            Change::Notice(Notice::Revision { site, .. }) => {
+        match notice {
+            Notice::Revision { site, .. } => {
                 if let Some(site) = self.sites.get(&site) {
                     site.catch_up(storage, now);
                 }
             }
-            Change::Notice(Notice::Rollout { site, revision }) => {
+            Notice::Rollout { site, revision } => {
                 if let Some(site) = self.sites.get(&site) {
                     site.offers.refresh(revision, storage, now);
                 }
                 return;
             }
-            Change::Notice(Notice::Report { site, node }) => {
+            Notice::Report { site, node } => {
                 let Some(site) = self.sites.get(&site) else {
                     return;
                 };
