@@ -10,8 +10,15 @@
 //!   (same method, path, query and body; basic auth `server:<password>`; header
 //!   [`FORWARDED`]) and passes the answer back. A forwarded request is never forwarded
 //!   again. When there is no leader, or it cannot be reached, or a forwarded request
-//!   reaches a server that is not the leader in its own view, writes answer 503 (etcd
-//!   without quorum cannot write) and reads answer from this server's copy.
+//!   reaches a server that is not the leader in its own view, or the leader cannot sync,
+//!   writes answer 503 (etcd without quorum cannot write), and so do reads, unless they
+//!   ask for `resourceVersion=0`, which answer from this server's copy. This is the API's
+//!   contract (Kubernetes' "Resource versions" semantics): a GET or LIST without a
+//!   `resourceVersion` is a "most recent" read, served by kube-apiserver as a quorum read
+//!   from etcd, never from a copy that may be old; `resourceVersion=0` is "any", which
+//!   may be served from the API server's cache. A server that has just restarted holds
+//!   an old copy (its disk copy is written every 2 s), so answering it as "most recent"
+//!   would show a Lease written moments before the restart as never written.
 //! - The leader serialises writes. Before its first write as leader (and after any sign
 //!   that another server wrote) it **syncs**: it reads the copy of every live server and
 //!   keeps the newest (highest store version), and needs answers from a majority of the
@@ -135,6 +142,10 @@ pub async fn handle(
         Ok(selector) => selector,
         Err(err) => return crate::answers::bad_request(&err),
     };
+    let any_version = match crate::answers::query(request.uri(), "resourceVersion") {
+        Ok(version) => version.as_deref() == Some("0"),
+        Err(err) => return crate::answers::bad_request(&err),
+    };
     let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
         Ok(body) => body.to_bytes(),
         Err(err) => return crate::answers::bad_request(&format!("cannot read the body: {err}")),
@@ -163,28 +174,30 @@ pub async fn handle(
         },
         _ => return crate::answers::method_not_allowed(),
     };
+    if any_version && !op.writes() {
+        return local(state, &op);
+    }
     match state.leader() {
         Some(leader) if leader.name == state.own_name => lead(state, &op).await,
         Some(leader) if !forwarded => {
             match forward(state, &leader, &method, &path_and_query, body).await {
                 Ok(response) => response,
-                Err(err) if op.writes() => unavailable(&format!(
+                Err(err) => unavailable(&format!(
                     "cannot reach the leader {} at {}: {err}",
                     leader.name, leader.url
                 )),
-                Err(_) => local(state, &op),
             }
         }
-        Some(leader) if op.writes() => unavailable(&format!(
-            "a forwarded write reached {}, which is not the leader ({} is)",
+        Some(leader) => unavailable(&format!(
+            "a forwarded request reached {}, which is not the leader ({} is)",
             state.own_name, leader.name
         )),
-        None if op.writes() => unavailable("etcdserver: no quorum (no Lease leader)"),
-        _ => local(state, &op),
+        None => unavailable("etcdserver: no quorum (no Lease leader)"),
     }
 }
 
-/// A read answered from this server's copy.
+/// A read answered from this server's copy: by the leader once synced, or for
+/// `resourceVersion=0`.
 fn local(state: &ClusterState, op: &Op) -> Response<Full<Bytes>> {
     respond(read(&state.replica().store, op))
 }
@@ -209,7 +222,7 @@ fn unavailable(why: &str) -> Response<Full<Bytes>> {
     crate::answers::status(
         StatusCode::SERVICE_UNAVAILABLE,
         "ServiceUnavailable",
-        &format!("k3s fixture: Leases cannot be written now: {why}"),
+        &format!("k3s fixture: Leases cannot be read or written now: {why}"),
         None,
     )
 }
@@ -220,10 +233,7 @@ async fn lead(state: &ClusterState, op: &Op) -> Response<Full<Bytes>> {
     let synced = state.replica().synced;
     if !synced {
         if let Err(err) = sync(state).await {
-            if op.writes() {
-                return unavailable(&err);
-            }
-            return local(state, op);
+            return unavailable(&err);
         }
     }
     if !op.writes() {

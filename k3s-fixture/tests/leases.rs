@@ -3,7 +3,8 @@
 //! two writes racing from the same read through two servers exactly one wins, and
 //! pimesh-kube's Lease lock holds across servers. With the leader (the smallest node
 //! name) killed, the others go on from its last state; restarted with an old copy on
-//! disk, it does not accept a write made from that old copy.
+//! disk, it never answers a most-recent read from that copy, and does not accept a write
+//! made from it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -375,7 +376,7 @@ async fn leases_are_site_wide_and_optimistic() {
 
     // The leader goes: once srv-2 and srv-3 agree it is gone, they write on from its
     // last state. Read from the leader itself: a follower that briefly lost sight of it
-    // (a loaded machine) answers from its own copy, which may lack the last write.
+    // (a loaded machine) refuses a read (503) until it sees a leader again.
     let (_, before) = apis[0].get("restart").await.unwrap();
     srv1.kill();
     let (status, after) = put_settled(
@@ -447,4 +448,48 @@ async fn leases_are_site_wide_and_optimistic() {
         LeaseOutcome::Held { holder, .. } => assert_eq!(holder, "srv-3"),
         other => panic!("srv-1 got {other:?} while srv-3 holds the Lease"),
     }
+
+    // srv-1 goes, srv-2 and srv-3 write on, and go too; srv-1 comes back alone with its
+    // old copy: without quorum it cannot know the newest, so a "most recent" read (no
+    // resourceVersion) is refused, never answered from that copy; a
+    // `resourceVersion=0` read ("any") is answered from it.
+    let (_, newest) = apis[0].get("restart").await.unwrap();
+    srv1.kill();
+    let (status, written) = put_settled(
+        "a write through srv-2 with srv-1 gone again",
+        &apis[1],
+        &held_by(&newest, "srv-2d"),
+        &mut [&mut srv2, &mut srv3],
+    )
+    .await;
+    assert_eq!(status, 200, "{written}");
+    srv2.kill();
+    srv3.kill();
+    let mut srv1 = dirs[0].spawn("server", &strs(&args[0]));
+    let (status, any) = until(
+        "the lone srv-1 answers a resourceVersion=0 read",
+        LIMIT,
+        &mut [&mut srv1],
+        || async {
+            apis[0]
+                .send(
+                    reqwest::Method::GET,
+                    &format!("{LEASES}/restart?resourceVersion=0"),
+                    None,
+                )
+                .await
+        },
+    )
+    .await;
+    // Its own copy: the Lease as it last knew it, or none.
+    match status {
+        200 => assert_ne!(rv(&any), rv(&written), "{any}"),
+        404 => {}
+        other => panic!("a resourceVersion=0 read answered {other}: {any}"),
+    }
+    let (status, refused) = apis[0].get("restart").await.unwrap();
+    assert_eq!(
+        status, 503,
+        "a most-recent read without quorum must not answer from an old copy: {refused}"
+    );
 }
