@@ -20,9 +20,13 @@
 //! (`coordination.k8s.io/v1`), held for [`LEASE_FOR`], taken through another server's API
 //! (this node's own K3s is likely the one that hangs). Another holder holds the heal back
 //! ("pi-b is restarting its K3s server"), so two servers that both see every other one
-//! ready never go down together. The periodic task releases the lease once this node's
-//! K3s is ready again (and, after a start, a lease this node held before it stopped);
-//! unreleased, it expires.
+//! ready never go down together. The lease is given back (by the periodic task, through
+//! this node's own API) once the keeper has seen a K3s process that it first probed
+//! after the take answer its readiness probe ([`DisruptionGuard::back_up`]): the process
+//! that was restarted, never the one still running when the lease was taken. After the
+//! supervisor starts, a lease this node may have held before is given back once any K3s
+//! process here is ready. A release that fails is tried again every [`EVERY`];
+//! unreleased, the lease expires.
 //!
 //! Invariants: the hold never blocks starting a unit that is down (the heal policy's
 //! rule); an agent, a single-server site and a node without K3s never hold; the reason is
@@ -34,9 +38,8 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tracing::{info, warn};
@@ -98,9 +101,35 @@ struct Inner {
     known: Mutex<BTreeMap<IpAddr, Option<String>>>,
     /// This node's name: the lease's holder identity.
     node: String,
-    /// This node may hold the restart lease (it took it, or it has not looked since it
-    /// started): released once K3s is ready here.
-    may_hold_lease: AtomicBool,
+    /// Where this node stands with the site's restart lease.
+    lease: Mutex<LeaseHold>,
+    /// Held through every take and release: a release never undoes a take made while it
+    /// was under way.
+    lease_calls: tokio::sync::Mutex<()>,
+}
+
+/// This node's part in the site's restart lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseHold {
+    /// Not held (as far as this node knows).
+    Free,
+    /// The supervisor started: a lease taken before may still be held.
+    MaybeFromBefore,
+    /// Taken at `at` for a restart that has not come back ready yet.
+    Taken { at: Instant },
+    /// The restarted K3s is ready: to be given back.
+    Due,
+}
+
+impl LeaseHold {
+    /// The state once a K3s process first probed at `first_probed` answered ready.
+    fn back_up(self, first_probed: Instant) -> LeaseHold {
+        match self {
+            LeaseHold::MaybeFromBefore => LeaseHold::Due,
+            LeaseHold::Taken { at } if first_probed > at => LeaseHold::Due,
+            other => other,
+        }
+    }
 }
 
 impl Quorum {
@@ -116,7 +145,8 @@ impl Quorum {
             admin_kubeconfig,
             known: Mutex::default(),
             node,
-            may_hold_lease: AtomicBool::new(true),
+            lease: Mutex::new(LeaseHold::MaybeFromBefore),
+            lease_calls: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -143,7 +173,7 @@ impl Quorum {
                 }
                 last_hold.clone_from(&report.hold);
             }
-            if matches!(readiness, Some(Ok(_))) {
+            if matches!(readiness, Some(Ok(_))) && self.lease() == LeaseHold::Due {
                 self.release_lease().await;
             }
             status.update(|status| {
@@ -234,6 +264,7 @@ impl Quorum {
     /// Takes (or renews) the site's restart lease through a ready other server: `Err`
     /// says why this server may not go down now.
     async fn take_lease(&self, report: &QuorumReport) -> Result<(), String> {
+        let _call = self.0.lease_calls.lock().await;
         let admin = KubeClient::load(&self.0.admin_kubeconfig, ASK_TIMEOUT)
             .map_err(|err| format!("the site's restart lease cannot be taken: {err}"))?;
         let mut last = String::from("no other K3s server is ready");
@@ -255,7 +286,7 @@ impl Quorum {
             .await
             {
                 Ok(LeaseOutcome::Acquired { .. } | LeaseOutcome::Renewed { .. }) => {
-                    self.0.may_hold_lease.store(true, Ordering::SeqCst);
+                    self.set_lease(LeaseHold::Taken { at: Instant::now() });
                     info!(
                         lease = LEASE_NAME,
                         via = %other.address,
@@ -281,19 +312,34 @@ impl Quorum {
         ))
     }
 
-    /// Gives the site's restart lease back when this node may hold it; through this
-    /// node's own API, which answers now that K3s is ready here.
+    fn lease(&self) -> LeaseHold {
+        *self.0.lease.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_lease(&self, hold: LeaseHold) {
+        *self.0.lease.lock().unwrap_or_else(PoisonError::into_inner) = hold;
+    }
+
+    /// Gives the site's restart lease back (it is due); through this node's own API,
+    /// which answers now that K3s is ready here. Stays due when the API cannot say.
     async fn release_lease(&self) {
-        let server = matches!(self.0.readiness.current(), Some(Check::Server { .. }));
-        if !server || !self.0.may_hold_lease.load(Ordering::SeqCst) {
+        if !matches!(self.0.readiness.current(), Some(Check::Server { .. })) {
             return;
         }
-        let Ok(admin) = KubeClient::load(&self.0.admin_kubeconfig, ASK_TIMEOUT) else {
-            return;
+        let _call = self.0.lease_calls.lock().await;
+        if self.lease() != LeaseHold::Due {
+            return; // taken again meanwhile
+        }
+        let admin = match KubeClient::load(&self.0.admin_kubeconfig, ASK_TIMEOUT) {
+            Ok(admin) => admin,
+            Err(err) => {
+                warn!(%err, "cannot release the site's K3s restart lease yet");
+                return;
+            }
         };
         match release(&admin, LEASE_NAMESPACE, LEASE_NAME, &self.0.node).await {
             Ok(released) => {
-                self.0.may_hold_lease.store(false, Ordering::SeqCst);
+                self.set_lease(LeaseHold::Free);
                 if released {
                     info!(lease = LEASE_NAME, "released the site's K3s restart lease");
                 }
@@ -304,6 +350,11 @@ impl Quorum {
 }
 
 impl DisruptionGuard for Quorum {
+    fn back_up(&self, first_probed: Instant) {
+        let mut hold = self.0.lease.lock().unwrap_or_else(PoisonError::into_inner);
+        *hold = hold.back_up(first_probed);
+    }
+
     fn hold(&self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
         Box::pin(async move {
             let report = match tokio::time::timeout(HOLD_TIMEOUT, self.assess()).await {
@@ -383,6 +434,26 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lease_is_due_back_only_once_a_process_started_after_the_take_is_ready() {
+        let start = Instant::now();
+        let taken = LeaseHold::Taken {
+            at: start + Duration::from_secs(10),
+        };
+        // The process that was running when the lease was taken answers ready: that is
+        // not the restart coming back.
+        assert_eq!(taken.back_up(start), taken);
+        assert_eq!(taken.back_up(start + Duration::from_secs(10)), taken);
+        assert_eq!(
+            taken.back_up(start + Duration::from_secs(11)),
+            LeaseHold::Due
+        );
+        // After the supervisor starts, any ready K3s gives back what may have been held.
+        assert_eq!(LeaseHold::MaybeFromBefore.back_up(start), LeaseHold::Due);
+        assert_eq!(LeaseHold::Free.back_up(start), LeaseHold::Free);
+        assert_eq!(LeaseHold::Due.back_up(start), LeaseHold::Due);
+    }
 
     #[test]
     fn a_majority_of_the_servers_must_stay_without_this_one() {

@@ -397,6 +397,11 @@ impl Keeper {
         }
         unit.healer
             .observe_probe(answer.sent_at, answer.result.is_ok());
+        if answer.result.is_ok() && unit.healer.restart_takes_a_member() {
+            if let Some(first_probed) = unit.healer.first_probed_at() {
+                self.guard.back_up(first_probed);
+            }
+        }
     }
 
     /// Probes every active unit that has a readiness URL, concurrently.

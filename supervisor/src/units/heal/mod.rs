@@ -37,9 +37,17 @@ use serde::Serialize;
 /// What says, when asked right before a disruptive heal, whether it must be held back
 /// (`Some(why)`) — `crate::k3s::quorum` on a node running K3s.
 pub trait DisruptionGuard: Send + Sync {
+    /// `None` when the disruption may go ahead now; what the guard takes for it (the
+    /// site's restart lease) is then held until [`DisruptionGuard::back_up`] says that a
+    /// process started after this answer is ready.
     fn hold(
         &self,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send + '_>>;
+
+    /// A unit whose restart takes a K3s server down answered its readiness probe; the
+    /// process answering was first probed at `first_probed` (after the keeper saw it
+    /// start). Called on every passing probe; cheap.
+    fn back_up(&self, first_probed: Instant);
 }
 
 /// How long after its start K3s may stay unready before it counts as hung.
@@ -206,6 +214,16 @@ impl UnitHealer {
             self.healthy_since = None;
         }
         self.state = Some(state);
+    }
+
+    /// When the current process was first probed (it started before), if it has been.
+    pub fn first_probed_at(&self) -> Option<Instant> {
+        self.first_probe_at
+    }
+
+    /// Whether a restart of this unit takes a K3s server (an etcd member) down.
+    pub fn restart_takes_a_member(&self) -> bool {
+        self.restart_takes_a_member
     }
 
     /// Records a readiness probe answer to a probe sent at `sent_at`. Ignored unless the
