@@ -43,6 +43,15 @@ def figures():
                 json.dump(taken, f, indent=2, sort_keys=True)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Notes a failed test, so that containers shut down after it keep their journals."""
+    report = yield
+    if report.failed:
+        scratch.note_failure(item.nodeid)
+    return report
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The session's scratch folders go when every test passed and stay after a failure."""
     scratch.finish(passed=exitstatus == pytest.ExitCode.OK)

@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 
+from harness import scratch
 from harness.paths import root_path
 from harness.wait import wait_for
 
@@ -51,14 +52,16 @@ except Exception as e:
 
 
 class Container:
-    def __init__(self, workdir=None, root=None, network="--private-network"):
+    def __init__(self, workdir=None, root=None, network="--private-network", label=None):
         """`network`: systemd-nspawn's network option(s); by default a private network
-        with only a loopback interface."""
+        with only a loopback interface. `label` names the container in kept logs (its
+        machine name by default)."""
         self.network = network
         self.workdir = workdir or tempfile.mkdtemp(prefix="pimesh-nspawn-", dir="/var/tmp")
         self.root = os.path.join(self.workdir, "root")
         self.log = os.path.join(self.workdir, "console.log")
         self.name = "pimesh-" + uuid.uuid4().hex[:8]
+        self.label = label or self.name
         self.process = None
         self.leader = None
         subprocess.run(["cp", "-a", "--reflink=auto", root or root_path(), self.root], check=True)
@@ -109,7 +112,9 @@ class Container:
         return None
 
     def shutdown(self, timeout=30):
-        """Powers the container off, kills it if it will not go, and deletes its copy."""
+        """Powers the container off, kills it if it will not go, and deletes its copy
+        (after a failed test, its journal is kept first: `scratch.keep_journal`)."""
+        scratch.keep_journal(self, self.label)
         try:
             self.power_off(timeout)
         finally:

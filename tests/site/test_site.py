@@ -307,7 +307,8 @@ class SiteKeys:
 def prepare_node(lan, keys, index, role, node, extra_files=None):
     """A container for `node` plugged into the LAN, its card written; not booted."""
     ns = lan.plug(index)
-    container = Container(network=f"--network-namespace-path=/run/netns/{ns} --capability=CAP_NET_ADMIN")
+    container = Container(network=f"--network-namespace-path=/run/netns/{ns} --capability=CAP_NET_ADMIN",
+                          label=node)
     container.netns = ns
     container.write("/boot/firmware/pimesh.toml", keys.seed(role, node))
     container.write("/etc/pimesh/cluster.toml", CLUSTER)
