@@ -36,20 +36,15 @@ pub const LEASE_GRACE: Duration = Duration::from_secs(60);
 /// The IPv4 addresses of `interfaces` (`None`: every interface) now, with the interface
 /// each is on, sorted; empty when the interfaces cannot be read.
 pub fn addresses(interfaces: Option<&[InterfaceName]>) -> Vec<(String, Ipv4Addr)> {
-    let Ok(all) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    let mut found: Vec<(String, Ipv4Addr)> = all
-        .filter(|interface| {
-            interfaces.is_none_or(|names| {
-                names
-                    .iter()
-                    .any(|name| name.as_str() == interface.interface_name)
-            })
+    let mut found: Vec<(String, Ipv4Addr)> = crate::node::interfaces::addresses()
+        .into_iter()
+        .filter(|address| {
+            interfaces
+                .is_none_or(|names| names.iter().any(|name| name.as_str() == address.interface))
         })
-        .filter_map(|interface| {
-            let ip = interface.address?.as_sockaddr_in()?.ip();
-            Some((interface.interface_name, ip))
+        .filter_map(|address| match address.ip {
+            IpAddr::V4(ip) => Some((address.interface, ip)),
+            IpAddr::V6(_) => None,
         })
         .collect();
     found.sort_unstable();

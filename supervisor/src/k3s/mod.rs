@@ -257,40 +257,22 @@ pub fn node_ip(preferred_interfaces: Option<&[String]>) -> Option<IpAddr> {
     const NOT_THE_LAN: [&str; 10] = [
         "lo", "cni", "flannel", "veth", "vxlan", "kube", "docker", "cali", "tunl", "wg",
     ];
-    let addrs = nix::ifaddrs::getifaddrs().ok()?;
     let mut found: Vec<(bool, String, IpAddr)> = Vec::new();
-    for ifaddr in addrs {
-        if !ifaddr.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP) {
+    for address in crate::node::interfaces::addresses() {
+        let name = address.interface;
+        if !address.up || NOT_THE_LAN.iter().any(|prefix| name.starts_with(prefix)) {
             continue;
         }
-        let name = ifaddr.interface_name;
-        if NOT_THE_LAN.iter().any(|prefix| name.starts_with(prefix)) {
+        if preferred_interfaces.is_some_and(|wanted| !wanted.contains(&name)) {
             continue;
         }
-        if let Some(wanted) = preferred_interfaces {
-            if !wanted.contains(&name) {
-                continue;
-            }
-        }
-        let Some(address) = ifaddr.address else {
-            continue;
-        };
-        let ip = if let Some(v4) = address.as_sockaddr_in() {
-            if v4.ip().is_link_local() {
-                continue;
-            }
-            IpAddr::V4(v4.ip())
-        } else if let Some(v6) = address.as_sockaddr_in6() {
-            let ip = v6.ip();
+        let ip = address.ip;
+        let link_local = match ip {
+            IpAddr::V4(v4) => v4.is_link_local(),
             // A link-local address needs its scope to be dialled; K3s wants a routable one.
-            if (ip.segments()[0] & 0xffc0) == 0xfe80 {
-                continue;
-            }
-            IpAddr::V6(ip)
-        } else {
-            continue;
+            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
         };
-        if ip.is_loopback() || ip.is_unspecified() {
+        if link_local || ip.is_loopback() || ip.is_unspecified() {
             continue;
         }
         found.push((ip.is_ipv6(), name, ip));
