@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 
+from harness import scratch
 from harness.container import booted
 from harness.freeze import host_pid
 from harness.ota_site import Site
@@ -213,6 +214,7 @@ def with_central(table):
     """`measure` on the init node of a site whose configuration came from the real
     central server, which it keeps long-polling and reporting to."""
     site = Site(byo_init=True)
+    passed = False
     try:
         container = site.boot_node()
         revision = site.publish(CLUSTER)
@@ -222,8 +224,12 @@ def with_central(table):
         table.note(f"with central: the node's last report at the central server: state "
                    f"{reports.get('state')}, revision {reports.get('revision')}, traffic "
                    f"{'reported' if reports.get('traffic') else 'none'}")
+        passed = True
     finally:
         site.close()
+        # The site's scratch folder (keys, the central server's state and log) goes
+        # unless the run failed.
+        scratch.finish(passed)
 
 
 def main():
