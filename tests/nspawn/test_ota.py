@@ -10,6 +10,7 @@ trial window 12 s, bundles up to 64 KiB, mesh traffic measured every 2 s); every
 is the image's default.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -303,25 +304,39 @@ def test_bad_documents_are_refused_reported_and_change_nothing(site):
     site.revision = first + 100
 
 
-def test_the_nodes_mesh_traffic_reaches_the_central_server_with_its_reports(site):
-    given(site, cluster_config(site.name))
+def web_traffic(site):
+    """`web`'s line in the traffic of the node's last report at the central server, with
+    the traffic, when `web` is in it."""
+    traffic = site.central_report().get("traffic") or {}
+    web = [s for s in traffic.get("services", []) if s["service"] == "web"]
+    return (traffic, web[0]) if web else None
+
+
+@contextlib.contextmanager
+def calling_web(site, name):
+    """The `web` app on the node, called through its proxy while the block runs."""
     in_netns = ["nsenter", "-t", str(site.container.leader), "-n", "python3", "-c"]
-    stop = os.path.join(site.dir, "stop-calling-web")
+    stop = os.path.join(site.dir, f"stop-calling-web-{name}")
     app = subprocess.Popen(in_netns + [WEB_APP], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     calls = subprocess.Popen(in_netns + [CALL_WEB, stop], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        def reported_web():
-            traffic = site.central_report().get("traffic") or {}
-            web = [s for s in traffic.get("services", []) if s["service"] == "web"]
-            return web and web[0]["answered"] >= 8 and web[0]["failures"] > 0 and (traffic, web[0])
-        traffic, web = site.container.wait_for("the node's report carrying web's traffic", reported_web,
-                                               timeout=90, interval=0.5)
+        yield
     finally:
         with open(stop, "w"):
             pass
         calls.wait(timeout=30)
         app.kill()
         app.wait()
+
+
+def test_the_nodes_mesh_traffic_reaches_the_central_server_with_its_reports(site):
+    given(site, cluster_config(site.name))
+    with calling_web(site, "first"):
+        def reported_web():
+            found = web_traffic(site)
+            return found and found[1]["answered"] >= 8 and found[1]["failures"] > 0 and found
+        traffic, web = site.container.wait_for("the node's report carrying web's traffic", reported_web,
+                                               timeout=90, interval=0.5)
     # One call in four fails (500): the window's success rate says so, give or take the
     # calls in flight at its edges.
     success = (web["answered"] - web["failures"]) / web["answered"]
@@ -336,6 +351,19 @@ def test_the_nodes_mesh_traffic_reaches_the_central_server_with_its_reports(site
     fleet, _ = site.fleet_status()
     node = next(n for s in fleet["sites"] for n in s["nodes"] if n["node"] == site.node)
     assert node["traffic"]["services"], node
+    # The calls stopped: a window without them leaves the traffic out of the next report.
+    site.container.wait_for("a report without web's traffic", lambda: web_traffic(site) is None,
+                            timeout=90, interval=0.5)
+    committed = site.central_report()
+    # A supervisor that restarts with nothing to apply still refreshes its last outcome
+    # when the traffic comes back.
+    site.container.kill(site.container.main_pid("pimesh-supervisor.service"))
+    site.container.wait_for("the supervisor back", lambda: site.ota_status()["state"] == "idle", timeout=60)
+    with calling_web(site, "after-restart"):
+        site.container.wait_for("web's traffic reported after the restart", lambda: web_traffic(site),
+                                timeout=90, interval=0.5)
+    again = site.central_report()
+    assert (again["state"], again["revision"]) == (committed["state"], committed["revision"]), again
 
 
 def test_a_power_cut_during_apply_leaves_the_old_or_the_new_revision_whole(site):

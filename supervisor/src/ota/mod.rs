@@ -7,7 +7,9 @@
 //! holds a health gate. Healthy: the revision is committed (or, for `try` revisions, kept
 //! on trial until a newer revision confirms it). Unhealthy: the node goes back to the
 //! committed revision by itself. Every outcome is reported to the central server through
-//! an on-disk outbox that survives outages and restarts.
+//! an on-disk outbox that survives outages and restarts; the node's facts (K3s, certificate
+//! dates, mesh traffic) refresh the last outcome from memory whenever they change, also
+//! after a restart.
 //!
 //! Crash safety comes from ordering and the [`journal`]: the journal records a pending
 //! revision before the active file changes and drops it only after the outcome is queued
@@ -155,9 +157,12 @@ pub async fn run(context: OtaContext) {
     let client = Arc::new(client);
     let wake = Arc::new(Notify::new());
     let outbox = Outbox::new(&context.ota_dir);
+    // Refreshed with the node's facts at the first step, so that the central server's
+    // view follows a node that restarted with nothing to apply.
+    report.last_outcome = outbox.last_outcome();
     tokio::spawn(deliver_reports(
         Arc::clone(&client),
-        Outbox::new(&context.ota_dir),
+        outbox.clone(),
         Arc::clone(&wake),
         context.status.clone(),
     ));
@@ -251,7 +256,7 @@ fn publish(status: &StatusHandle, report: &OtaReport) {
     });
 }
 
-/// Sends queued reports, oldest first, whenever there are some and the server answers.
+/// Sends waiting reports, oldest first, whenever there are some and the server answers.
 async fn deliver_reports(
     client: Arc<CentralClient>,
     outbox: Outbox,
@@ -262,13 +267,13 @@ async fn deliver_reports(
     loop {
         let queued = outbox.len();
         status.update(|status| status.ota.queued_reports = queued);
-        let Some((path, report)) = outbox.oldest() else {
+        let Some(next) = outbox.next() else {
             wake.notified().await;
             continue;
         };
-        match client.send_report(&report).await {
+        match client.send_report(next.report()).await {
             Ok(_) => {
-                outbox.remove(&path);
+                outbox.delivered(&next);
                 retry.reset();
             }
             Err(err) => {
@@ -294,8 +299,9 @@ struct Ota {
     last_refused: Option<String>,
     /// Failed attempts in a row to reach the central server, and the wait before the next.
     retry: Retry,
-    /// K3s's summary and the certificate dates in the last report queued: when the
-    /// node's differ at the next step, the last report goes out again with the new ones.
+    /// K3s's summary, the certificate dates and the mesh traffic in the last report
+    /// queued (none after a start): when the node's differ at the next step, the last
+    /// outcome goes out again with the new ones.
     facts_reported: NodeFacts,
 }
 
@@ -696,7 +702,7 @@ impl Ota {
 
     /// Queues the report of `outcome` for the central server and shows it in the status.
     fn queue(&mut self, outcome: &Outcome) {
-        self.queue_report(outcome.report());
+        self.queue_report(outcome.report(), Kind::Outcome);
     }
 
     /// What the node's reports say of it beside the outcome, now.
@@ -730,20 +736,25 @@ impl Ota {
                 // The traffic alone: routine, not worth a journal line at info.
                 debug!("the mesh traffic changed since the last report; reporting again");
             }
-            self.queue_report(last);
+            self.queue_report(last, Kind::Refresh);
         }
     }
 
-    /// Queues `report`, with the node's K3s summary and certificate dates, and shows it in
-    /// the status.
-    fn queue_report(&mut self, mut report: pimesh_revision::NodeReport) {
+    /// Queues `report`, with the node's K3s summary, certificate dates and mesh traffic,
+    /// and shows it in the status.
+    fn queue_report(&mut self, mut report: pimesh_revision::NodeReport, kind: Kind) {
         let facts = self.facts();
         report.k3s = facts.k3s.clone();
         report.certificates = facts.certificates;
         report.traffic = facts.traffic.clone();
         self.facts_reported = facts;
-        if let Err(err) = self.outbox.push(&report) {
-            error!(%err, "cannot queue a report");
+        match kind {
+            Kind::Outcome => {
+                if let Err(err) = self.outbox.push(&report) {
+                    error!(%err, "cannot queue a report on disk; keeping it in memory");
+                }
+            }
+            Kind::Refresh => self.outbox.refresh(report.clone()),
         }
         self.report.last_outcome = Some(report);
         self.wake.notify_one();
@@ -775,6 +786,15 @@ impl Ota {
     fn publish(&self) {
         publish(&self.context.status, &self.report);
     }
+}
+
+/// Why a report is queued (`outbox`: an outcome waits on disk, a refresh in memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Something happened to a revision.
+    Outcome,
+    /// The last outcome again, with the node's facts as they are now.
+    Refresh,
 }
 
 /// What a report says of the node beside its outcome.
