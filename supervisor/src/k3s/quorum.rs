@@ -25,7 +25,8 @@
 //! after the take answer its readiness probe ([`DisruptionGuard::back_up`]): the process
 //! that was restarted, never the one still running when the lease was taken. After the
 //! supervisor starts, a lease this node may have held before is given back once any K3s
-//! process here is ready. A release that fails is tried again every [`EVERY`];
+//! process here is ready; so is a lease taken for a restart that did not happen
+//! ([`DisruptionGuard::not_taken_down`]). A release that fails is tried again every [`EVERY`];
 //! unreleased, the lease expires.
 //!
 //! Invariants: the hold never blocks starting a unit that is down (the heal policy's
@@ -115,8 +116,12 @@ enum LeaseHold {
     Free,
     /// The supervisor started: a lease taken before may still be held.
     MaybeFromBefore,
-    /// Taken at `at` for a restart that has not come back ready yet.
-    Taken { at: Instant },
+    /// Taken (or renewed) at `at` for a restart that has not come back ready yet;
+    /// `earlier`: when it was taken for a restart still pending when it was renewed.
+    Taken {
+        at: Instant,
+        earlier: Option<Instant>,
+    },
     /// The restarted K3s is ready: to be given back.
     Due,
 }
@@ -126,7 +131,18 @@ impl LeaseHold {
     fn back_up(self, first_probed: Instant) -> LeaseHold {
         match self {
             LeaseHold::MaybeFromBefore => LeaseHold::Due,
-            LeaseHold::Taken { at } if first_probed > at => LeaseHold::Due,
+            LeaseHold::Taken { at, .. } if first_probed > at => LeaseHold::Due,
+            other => other,
+        }
+    }
+
+    /// The state once the disruption of the latest take did not happen.
+    fn not_taken_down(self) -> LeaseHold {
+        match self {
+            LeaseHold::Taken {
+                earlier: Some(at), ..
+            } => LeaseHold::Taken { at, earlier: None },
+            LeaseHold::Taken { earlier: None, .. } => LeaseHold::Due,
             other => other,
         }
     }
@@ -286,7 +302,14 @@ impl Quorum {
             .await
             {
                 Ok(LeaseOutcome::Acquired { .. } | LeaseOutcome::Renewed { .. }) => {
-                    self.set_lease(LeaseHold::Taken { at: Instant::now() });
+                    let earlier = match self.lease() {
+                        LeaseHold::Taken { at, .. } => Some(at),
+                        _ => None,
+                    };
+                    self.set_lease(LeaseHold::Taken {
+                        at: Instant::now(),
+                        earlier,
+                    });
                     info!(
                         lease = LEASE_NAME,
                         via = %other.address,
@@ -353,6 +376,11 @@ impl DisruptionGuard for Quorum {
     fn back_up(&self, first_probed: Instant) {
         let mut hold = self.0.lease.lock().unwrap_or_else(PoisonError::into_inner);
         *hold = hold.back_up(first_probed);
+    }
+
+    fn not_taken_down(&self) {
+        let mut hold = self.0.lease.lock().unwrap_or_else(PoisonError::into_inner);
+        *hold = hold.not_taken_down();
     }
 
     fn hold(&self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
@@ -440,6 +468,7 @@ mod tests {
         let start = Instant::now();
         let taken = LeaseHold::Taken {
             at: start + Duration::from_secs(10),
+            earlier: None,
         };
         // The process that was running when the lease was taken answers ready: that is
         // not the restart coming back.
@@ -453,6 +482,26 @@ mod tests {
         assert_eq!(LeaseHold::MaybeFromBefore.back_up(start), LeaseHold::Due);
         assert_eq!(LeaseHold::Free.back_up(start), LeaseHold::Free);
         assert_eq!(LeaseHold::Due.back_up(start), LeaseHold::Due);
+    }
+
+    #[test]
+    fn a_take_whose_restart_did_not_happen_is_given_back_unless_one_is_pending() {
+        let start = Instant::now();
+        let later = start + Duration::from_secs(30);
+        let alone = LeaseHold::Taken {
+            at: start,
+            earlier: None,
+        };
+        assert_eq!(alone.not_taken_down(), LeaseHold::Due);
+        // Renewed while an earlier restart had not come back: that one still holds it.
+        let renewed = LeaseHold::Taken {
+            at: later,
+            earlier: Some(start),
+        };
+        assert_eq!(renewed.not_taken_down(), alone);
+        for other in [LeaseHold::Free, LeaseHold::MaybeFromBefore, LeaseHold::Due] {
+            assert_eq!(other.not_taken_down(), other);
+        }
     }
 
     #[test]

@@ -223,11 +223,16 @@ pub async fn touch(
                 bus.manager().restart_unit(name, "replace").await,
             ),
         };
-        result.map_err(|source| TouchError::Failed {
-            action,
-            unit: unit.name.clone(),
-            source,
-        })?;
+        if let Err(source) = result {
+            if *touch == Touch::Restart && !inactive {
+                guard.not_taken_down();
+            }
+            return Err(TouchError::Failed {
+                action,
+                unit: unit.name.clone(),
+                source,
+            });
+        }
         tracing::info!(
             unit = name,
             action = action.as_str(),

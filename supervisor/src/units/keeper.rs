@@ -446,28 +446,40 @@ impl Keeper {
         } else {
             None
         };
+        let mut taken_down = false;
+        let mut result = Ok(());
         for index in 0..self.units.len() {
             self.heartbeat.beat();
             let now = Instant::now();
-            let Some(decision) = self.units[index].healer.decide_held(
-                now,
-                &self.settings,
-                random(),
-                hold.as_deref(),
-            ) else {
+            let healer = &mut self.units[index].healer;
+            let Some(decision) = healer.decide_held(now, &self.settings, random(), hold.as_deref())
+            else {
                 continue;
             };
-            self.act(bus, index, decision).await?;
+            let disrupts = decision.action == Action::Reboot
+                || (decision.action == Action::Restart && healer.restart_takes_a_member());
+            match self.act(bus, index, decision).await {
+                Ok(accepted) => taken_down |= accepted && disrupts,
+                Err(disconnected) => {
+                    result = Err(disconnected);
+                    break;
+                }
+            }
         }
-        Ok(())
+        if disruptive && hold.is_none() && !taken_down {
+            self.guard.not_taken_down();
+        }
+        result
     }
 
+    /// Carries out `decision` for the unit at `index`: `Ok(true)` when systemd took the
+    /// job, `Ok(false)` when it refused it.
     async fn act(
         &mut self,
         bus: &Systemd,
         index: usize,
         decision: Decision,
-    ) -> Result<(), Disconnected> {
+    ) -> Result<bool, Disconnected> {
         let unit = &mut self.units[index];
         let name = unit.config.name.as_str();
         info!(
@@ -531,6 +543,7 @@ impl Keeper {
                     .map(drop)
             }
         };
+        let accepted = outcome.is_ok();
         let outcome = match outcome {
             Ok(()) => "ok".to_owned(),
             Err(err) => {
@@ -558,7 +571,7 @@ impl Keeper {
             at_ms: unix_millis(),
             outcome,
         });
-        Ok(())
+        Ok(accepted)
     }
 
     fn set_bus(&self, connected: bool, error: Option<String>) {

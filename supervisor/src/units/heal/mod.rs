@@ -48,6 +48,12 @@ pub trait DisruptionGuard: Send + Sync {
     /// process answering was first probed at `first_probed` (after the keeper saw it
     /// start). Called on every passing probe; cheap.
     fn back_up(&self, first_probed: Instant);
+
+    /// The disruption that the last [`DisruptionGuard::hold`] let go ahead did not happen
+    /// (the unit came back by itself, or systemd refused the job): what the guard took
+    /// for it is given back once the node's K3s answers ready, unless an earlier
+    /// disruption still waits for its process to come back.
+    fn not_taken_down(&self);
 }
 
 /// How long after its start K3s may stay unready before it counts as hung.
