@@ -18,8 +18,8 @@ each extrapolated to a day. The goal for Pimesh itself is at most 10 MB per day.
 
 Then the same two windows on a node of a site with the real central server (`pimesh-central`
 in the node's network namespace, the harness of the OTA tests): the node long-polls it for
-revisions and queues its reports on disk before it sends them, among them its mesh traffic
-every `traffic_every` (300 s by default) when the traffic changed. `WEAR_NODES=alone` or
+revisions, queues its outcome reports on disk before it sends them, and sends its mesh
+traffic from memory every `traffic_every` (300 s by default) when the traffic changed. `WEAR_NODES=alone` or
 `central` measures one of the two.
 """
 
