@@ -224,7 +224,7 @@ pub async fn touch(
             ),
         };
         if let Err(source) = result {
-            if *touch == Touch::Restart && !inactive {
+            if *touch == Touch::Restart && !inactive && crate::units::systemd::refused(&source) {
                 guard.not_taken_down();
             }
             return Err(TouchError::Failed {

@@ -30,7 +30,7 @@ use crate::status::{ActionReport, StatusHandle, UnitReport};
 use crate::units::heal::{self, Action, Decision, UnitHealer};
 use crate::units::journal;
 use crate::units::probe::{self, ProbeError};
-use crate::units::systemd::{BusEvent, Systemd, CALL_TIMEOUT};
+use crate::units::systemd::{self, BusEvent, Systemd, CALL_TIMEOUT};
 
 /// The loop turns (and beats) at least this often.
 const MAX_TURN: Duration = Duration::from_secs(1);
@@ -459,8 +459,11 @@ impl Keeper {
             let disrupts = decision.action == Action::Reboot
                 || (decision.action == Action::Restart && healer.restart_takes_a_member());
             match self.act(bus, index, decision).await {
-                Ok(accepted) => taken_down |= accepted && disrupts,
+                Ok(refused) => taken_down |= disrupts && !refused,
                 Err(disconnected) => {
+                    // Whether the job was queued is unknown: the lease stays until the
+                    // keeper sees a new K3s ready, or expires.
+                    taken_down |= disrupts;
                     result = Err(disconnected);
                     break;
                 }
@@ -472,8 +475,8 @@ impl Keeper {
         result
     }
 
-    /// Carries out `decision` for the unit at `index`: `Ok(true)` when systemd took the
-    /// job, `Ok(false)` when it refused it.
+    /// Carries out `decision` for the unit at `index`: `Ok(true)` when systemd refused
+    /// the job (nothing was queued).
     async fn act(
         &mut self,
         bus: &Systemd,
@@ -543,7 +546,7 @@ impl Keeper {
                     .map(drop)
             }
         };
-        let accepted = outcome.is_ok();
+        let refused = outcome.as_ref().is_err_and(systemd::refused);
         let outcome = match outcome {
             Ok(()) => "ok".to_owned(),
             Err(err) => {
@@ -571,7 +574,7 @@ impl Keeper {
             at_ms: unix_millis(),
             outcome,
         });
-        Ok(accepted)
+        Ok(refused)
     }
 
     fn set_bus(&self, connected: bool, error: Option<String>) {

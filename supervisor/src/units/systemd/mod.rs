@@ -23,6 +23,12 @@ pub use proxies::{ManagerProxy, ServiceProxy, UnitProxy};
 /// Every D-Bus call gives up after this long: a stuck bus must not stall the event loop.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Whether `err` is systemd's own answer to a call (it refused the job: nothing was
+/// queued), rather than a call whose fate is unknown (the bus lost, the call timed out).
+pub fn refused(err: &zbus::Error) -> bool {
+    matches!(err, zbus::Error::MethodError(..) | zbus::Error::FDO(_))
+}
+
 /// What the watchers report to the event loop.
 #[derive(Debug)]
 pub enum BusEvent {
