@@ -129,6 +129,23 @@ def journal_entries(container, since, until):
     return entries, len(out.encode())
 
 
+def journal_writers(container, since, until, top=3):
+    """The units (or syslog identifiers) with the most journal entries of every unit between
+    two epoch times, as (name, entries), busiest first: who journald writes for."""
+    out = container.run(["journalctl", "--no-pager", "-o", "json", f"--since=@{since:.0f}",
+                         f"--until=@{until:.0f}", "--output-fields=_SYSTEMD_UNIT,SYSLOG_IDENTIFIER"],
+                        check=False, timeout=120).stdout
+    counts = {}
+    for line in out.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        name = entry.get("_SYSTEMD_UNIT") or entry.get("SYSLOG_IDENTIFIER") or "?"
+        counts[name] = counts.get(name, 0) + 1
+    return sorted(counts.items(), key=lambda item: -item[1])[:top]
+
+
 def since_start(container, table):
     """Rows: what each daemon wrote from its start to now (first-boot keys, certificates
     and state), which also shows that the counters see the daemons' writes."""
@@ -156,6 +173,7 @@ def window(container, seconds):
         restarted = after_pids.get(unit) != pid
         result[unit] = None if start is None or end is None or restarted else end - start
     result["journal"] = journal_entries(container, since, until)
+    result["writers"] = journal_writers(container, since, until)
     return result, until - since
 
 
@@ -182,6 +200,8 @@ def report(table, label, measured, seconds):
     if journald is not None:
         table.row(f"{label}: journald writes, every unit", per_day(journald, seconds),
                   "MB/day", ".2f")
+    writers = ", ".join(f"{name} {count}" for name, count in measured["writers"]) or "none"
+    table.note(f"{label}: the journal's busiest writers (entries in the window): {writers}")
 
 
 def measure(table, container, label=""):
