@@ -136,6 +136,15 @@ impl LeaseHold {
         }
     }
 
+    /// The state once the lease was taken (or renewed) at `at`.
+    fn taken(self, at: Instant) -> LeaseHold {
+        let earlier = match self {
+            LeaseHold::Taken { at, .. } => Some(at),
+            _ => None,
+        };
+        LeaseHold::Taken { at, earlier }
+    }
+
     /// The state once the disruption of the latest take did not happen.
     fn not_taken_down(self) -> LeaseHold {
         match self {
@@ -302,14 +311,10 @@ impl Quorum {
             .await
             {
                 Ok(LeaseOutcome::Acquired { .. } | LeaseOutcome::Renewed { .. }) => {
-                    let earlier = match self.lease() {
-                        LeaseHold::Taken { at, .. } => Some(at),
-                        _ => None,
-                    };
-                    self.set_lease(LeaseHold::Taken {
-                        at: Instant::now(),
-                        earlier,
-                    });
+                    {
+                        let mut hold = self.0.lease.lock().unwrap_or_else(PoisonError::into_inner);
+                        *hold = hold.taken(Instant::now());
+                    }
                     info!(
                         lease = LEASE_NAME,
                         via = %other.address,
@@ -494,10 +499,16 @@ mod tests {
         };
         assert_eq!(alone.not_taken_down(), LeaseHold::Due);
         // Renewed while an earlier restart had not come back: that one still holds it.
-        let renewed = LeaseHold::Taken {
-            at: later,
-            earlier: Some(start),
-        };
+        assert_eq!(LeaseHold::Free.taken(start), alone);
+        assert_eq!(LeaseHold::Due.taken(start), alone);
+        let renewed = alone.taken(later);
+        assert_eq!(
+            renewed,
+            LeaseHold::Taken {
+                at: later,
+                earlier: Some(start),
+            }
+        );
         assert_eq!(renewed.not_taken_down(), alone);
         for other in [LeaseHold::Free, LeaseHold::MaybeFromBefore, LeaseHold::Due] {
             assert_eq!(other.not_taken_down(), other);
