@@ -21,6 +21,7 @@ use pimesh_schema::{DnsLabel, Seed, SpiffeId, Workload};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 
+use crate::file_error::FileError;
 use crate::paths::NodePaths;
 
 /// The proxy's system user (systemd/pimesh.sysusers): the node key is its.
@@ -36,11 +37,7 @@ pub const SELF_ENROLLED_LIFETIME: Duration = pimesh_identity::NODE_LIFETIME;
 #[derive(Debug)]
 pub enum CredentialError {
     /// A file could not be read or written: `action` says which.
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io(FileError),
     /// A file is not the PEM it should be: `problem` says what was expected.
     NotPem {
         path: PathBuf,
@@ -64,12 +61,8 @@ pub enum CredentialError {
 
 impl CredentialError {
     fn io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CredentialError {
-        let path = path.to_path_buf();
-        move |source| CredentialError::Io {
-            action,
-            path,
-            source,
-        }
+        let on = FileError::on(action, path);
+        move |source| CredentialError::Io(on(source))
     }
 
     fn not_pem(
@@ -88,11 +81,7 @@ impl CredentialError {
 impl fmt::Display for CredentialError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CredentialError::Io {
-                action,
-                path,
-                source,
-            } => write!(f, "cannot {action} {}: {source}", path.display()),
+            CredentialError::Io(err) => err.fmt(f),
             CredentialError::NotPem {
                 path,
                 problem,
@@ -122,7 +111,7 @@ impl fmt::Display for CredentialError {
 impl std::error::Error for CredentialError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            CredentialError::Io { source, .. } => Some(source),
+            CredentialError::Io(err) => Some(&err.source),
             CredentialError::NotPem { source, .. } => Some(source),
             CredentialError::Pin(mismatch) => Some(mismatch),
             CredentialError::MakeKey(err) => Some(err),

@@ -28,6 +28,7 @@
 mod cli;
 mod config;
 mod credential;
+mod file_error;
 mod join;
 mod k3s;
 mod node;

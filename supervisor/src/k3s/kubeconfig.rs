@@ -13,14 +13,14 @@
 //!   left as it is;
 //! - on a node that is not a K3s server there is no copy: [`remove`] deletes it.
 
-use std::fmt;
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tracing::info;
 
+use crate::file_error::FileError;
 use crate::trust::store::KeyOwner;
 
 /// The copy's mode: it holds the cluster's admin credentials.
@@ -35,51 +35,20 @@ pub enum Kept {
     Copied { changed: bool },
 }
 
-/// Why the copy could not be made or removed; names the path concerned.
-#[derive(Debug)]
-pub struct KubeconfigError {
-    pub action: &'static str,
-    pub path: PathBuf,
-    pub source: io::Error,
-}
-
-impl fmt::Display for KubeconfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "cannot {} {}: {}",
-            self.action,
-            self.path.display(),
-            self.source
-        )
-    }
-}
-
-impl std::error::Error for KubeconfigError {}
-
-fn fail(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> KubeconfigError {
-    let path = path.to_path_buf();
-    move |source| KubeconfigError {
-        action,
-        path,
-        source,
-    }
-}
-
 /// Makes `copy` a copy of `admin` owned by `owner` (see the module doc).
-pub fn keep(admin: &Path, copy: &Path, owner: Option<KeyOwner>) -> Result<Kept, KubeconfigError> {
+pub fn keep(admin: &Path, copy: &Path, owner: Option<KeyOwner>) -> Result<Kept, FileError> {
     let bytes = match fs::read(admin) {
         Ok(bytes) => bytes,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Kept::Waiting),
-        Err(err) => return Err(fail("read", admin)(err)),
+        Err(err) => return Err(FileError::on("read", admin)(err)),
     };
-    let changed =
-        pimesh_runtime::atomic_file::replace(copy, &bytes, MODE).map_err(fail("write", copy))?;
+    let changed = pimesh_runtime::atomic_file::replace(copy, &bytes, MODE)
+        .map_err(FileError::on("write", copy))?;
     if let Some(owner) = owner {
-        let meta = fs::metadata(copy).map_err(fail("inspect", copy))?;
+        let meta = fs::metadata(copy).map_err(FileError::on("inspect", copy))?;
         if (meta.uid(), meta.gid()) != (owner.uid, owner.gid) {
             std::os::unix::fs::chown(copy, Some(owner.uid), Some(owner.gid))
-                .map_err(fail("give to the control user", copy))?;
+                .map_err(FileError::on("give to the control user", copy))?;
         }
     }
     if changed {
@@ -89,14 +58,14 @@ pub fn keep(admin: &Path, copy: &Path, owner: Option<KeyOwner>) -> Result<Kept, 
 }
 
 /// Deletes `copy` when it is there; `Ok(true)` when it was.
-pub fn remove(copy: &Path) -> Result<bool, KubeconfigError> {
+pub fn remove(copy: &Path) -> Result<bool, FileError> {
     match fs::remove_file(copy) {
         Ok(()) => {
             info!(file = %copy.display(), "the control replicas' kubeconfig removed: this node is not a K3s server");
             Ok(true)
         }
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(err) => Err(fail("remove", copy)(err)),
+        Err(err) => Err(FileError::on("remove", copy)(err)),
     }
 }
 

@@ -17,7 +17,6 @@
 //! - folders this module creates are mode 0700, as K3s makes its data folder.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::fs::{self, DirBuilder};
 use std::io;
 use std::os::unix::fs::DirBuilderExt as _;
@@ -26,6 +25,8 @@ use std::path::{Path, PathBuf};
 use pimesh_schema::cluster::K3sManifest;
 use pimesh_schema::DnsLabel;
 use tracing::info;
+
+use crate::file_error::FileError;
 
 /// The prefix of every file this module owns in the folder.
 pub const PREFIX: &str = "pimesh-";
@@ -47,28 +48,6 @@ pub const EMPTIED: &str = "\
 # that K3s deletes the objects it held (K3s keeps the objects of a deleted file).
 ";
 
-/// Why the folder could not be brought in line; names the path concerned.
-#[derive(Debug)]
-pub struct ManifestError {
-    pub action: &'static str,
-    pub path: PathBuf,
-    pub source: io::Error,
-}
-
-impl fmt::Display for ManifestError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "cannot {} {}: {}",
-            self.action,
-            self.path.display(),
-            self.source
-        )
-    }
-}
-
-impl std::error::Error for ManifestError {}
-
 /// The file of manifest `name` in `dir`.
 pub fn file_of(dir: &Path, name: &DnsLabel) -> PathBuf {
     dir.join(format!("{PREFIX}{name}{SUFFIX}"))
@@ -87,15 +66,8 @@ pub fn rendered(manifest: &K3sManifest) -> String {
 pub fn sync(
     dir: &Path,
     manifests: &BTreeMap<DnsLabel, K3sManifest>,
-) -> Result<Vec<String>, ManifestError> {
-    let fail = |action, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ManifestError {
-            action,
-            path,
-            source,
-        }
-    };
+) -> Result<Vec<String>, FileError> {
+    let fail = FileError::on;
     if !manifests.is_empty() {
         DirBuilder::new()
             .recursive(true)

@@ -11,6 +11,7 @@ use pimesh_identity::{IdentityError, IssueError, LEAF_LIFETIME};
 
 use super::store::StoreError;
 use crate::credential::{CredentialError, PinMismatch};
+use crate::file_error::FileError;
 
 /// Why the trust root could not be provisioned, read, changed or used.
 #[derive(Debug)]
@@ -23,11 +24,7 @@ pub enum TrustError {
     Credential(CredentialError),
     /// A file outside the store (on the boot partition, an exported key, the resolved
     /// trust folder) could not be used: `action` says how.
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io(FileError),
     /// A file is not the PEM it should be: `expected` says what it should hold.
     NotPem {
         path: PathBuf,
@@ -176,11 +173,7 @@ impl fmt::Display for TrustError {
             TrustError::Refused(refusal) => refusal.fmt(f),
             TrustError::Store(err) => err.fmt(f),
             TrustError::Credential(err) => err.fmt(f),
-            TrustError::Io {
-                action,
-                path,
-                source,
-            } => write!(f, "cannot {action} {}: {source}", path.display()),
+            TrustError::Io(err) => err.fmt(f),
             TrustError::NotPem {
                 path,
                 expected,
@@ -247,7 +240,7 @@ impl std::error::Error for TrustError {
             | TrustError::UnusableSeed { .. } => None,
             TrustError::Store(err) => Some(err),
             TrustError::Credential(err) => Some(err),
-            TrustError::Io { source, .. } => Some(source),
+            TrustError::Io(err) => Some(&err.source),
             TrustError::NotPem { source, .. } => Some(source),
             TrustError::Authority { source, .. } | TrustError::Generate { source, .. } => {
                 Some(source)
@@ -282,12 +275,8 @@ impl From<CredentialError> for TrustError {
 impl TrustError {
     /// What to map an I/O error on `path` to, for `map_err`.
     pub fn io(action: &'static str, path: &std::path::Path) -> impl FnOnce(io::Error) -> Self {
-        let path = path.to_path_buf();
-        move |source| TrustError::Io {
-            action,
-            path,
-            source,
-        }
+        let on = FileError::on(action, path);
+        move |source| TrustError::Io(on(source))
     }
 
     /// What to map a certificate or authority error of `path` to, for `map_err`.

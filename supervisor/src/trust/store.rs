@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use tracing::{debug, info, warn};
 
+use crate::file_error::FileError;
 use crate::paths::NodePaths;
 
 pub const ANCHOR_BUNDLE: &str = "anchor.pem";
@@ -68,11 +69,7 @@ const KEY_MODE: u32 = 0o600;
 #[derive(Debug)]
 pub enum StoreError {
     /// A file-system call failed: `action` is what it was to do to `path`.
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io(FileError),
     /// A file that every generation holds could not be read.
     Unreadable {
         path: PathBuf,
@@ -90,11 +87,7 @@ pub enum StoreError {
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StoreError::Io {
-                action,
-                path,
-                source,
-            } => write!(f, "cannot {action} {}: {source}", path.display()),
+            StoreError::Io(err) => err.fmt(f),
             StoreError::Unreadable { path, name, source } => write!(
                 f,
                 "cannot read {} (a trust folder holds {name}): {source}",
@@ -121,7 +114,9 @@ impl fmt::Display for StoreError {
 impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            StoreError::Io { source, .. } | StoreError::Unreadable { source, .. } => Some(source),
+            StoreError::Io(FileError { source, .. }) | StoreError::Unreadable { source, .. } => {
+                Some(source)
+            }
             StoreError::Lock { source, .. } => Some(source),
             StoreError::NotAGeneration { .. } | StoreError::NotALink { .. } => None,
         }
@@ -241,11 +236,7 @@ pub struct TrustStore {
 }
 
 fn fail(action: &'static str, path: &Path, source: io::Error) -> StoreError {
-    StoreError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
+    StoreError::Io(FileError::on(action, path)(source))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
