@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Checks that the image gives every supported board its wired Ethernet, SD card and USB.
+"""Checks that the image gives every supported board its wired Ethernet, SD card, USB and
+hardware watchdog.
 
     check-boards.py --dtbs DIR
         The device trees in DIR (the boot partition's files): each supported board's tree
         (decompiled with `dtc -I dtb -O dts`) has an enabled Ethernet node of the driver that
-        board needs, and its SD card and USB controller nodes.
+        board needs, its SD card and USB controller nodes, and its watchdog.
 
     check-boards.py --dtbs DIR --root ROOT --initrd FILE
         And the drivers behind those nodes, found through ROOT's module aliases (device-tree
@@ -13,7 +14,8 @@
         and interrupt controllers its properties point at):
           - what the root filesystem needs (SD card, USB) is built into the kernel or in the
             initramfs FILE;
-          - what wired Ethernet needs is built in, in the initramfs, or in ROOT's modules.
+          - what wired Ethernet and the watchdog need is built in, in the initramfs, or in
+            ROOT's modules.
         Run it after trimming ROOT's modules and before re-indexing them: the aliases then
         still name every driver the kernel was built with, so a trimmed one shows as missing.
 
@@ -60,6 +62,11 @@ BOARDS = (
     Board("Raspberry Pi 5 Model B (BCM2712 C1)", "bcm2712-rpi-5-b.dtb", RP1_GEM, PI5_SD, PI5_EXTRA),
     Board("Raspberry Pi 5 Model B (BCM2712 D0)", "bcm2712-d-rpi-5-b.dtb", RP1_GEM, PI5_SD, PI5_EXTRA),
 )
+
+# Every board's hardware watchdog is in the SoC's power-management block (BCM2711, BCM2712),
+# whose driver creates the watchdog as a platform device the device tree cannot name.
+WATCHDOG = ("brcm,bcm2835-pm-wdt",)
+WATCHDOG_DRIVERS = ("bcm2835_wdt",)
 
 # Every board: the root filesystem, and a USB disk (SCSI disk over USB mass storage or UAS).
 ROOT_DRIVERS = ("ext4", "sd_mod", "usb_storage", "uas")
@@ -329,8 +336,12 @@ def check_board(board, dtbs, modules):
         problems.append(f"{board.dtb}: no enabled SD card controller ({' or '.join(board.sd)})")
     if not usb:
         problems.append(f"{board.dtb}: no enabled USB controller (`usb` node)")
-    summary = (f"Ethernet {enabled[0].path} ({enabled[0].strings('compatible')[0]})" if enabled
-               else "no Ethernet") + f", {len(sd)} SD and {len(usb)} USB controllers"
+    watchdogs = [n for n in nodes.values() if set(n.strings("compatible")) & set(WATCHDOG) and n.enabled()]
+    if not watchdogs:
+        problems.append(f"{board.dtb}: no enabled hardware watchdog ({' or '.join(WATCHDOG)})")
+    summary = ((f"Ethernet {enabled[0].path} ({enabled[0].strings('compatible')[0]})" if enabled
+                else "no Ethernet") + f", {len(sd)} SD and {len(usb)} USB controllers, "
+               + (f"watchdog {watchdogs[0].path}" if watchdogs else "no watchdog"))
     if modules is None:
         return summary, problems
 
@@ -344,13 +355,17 @@ def check_board(board, dtbs, modules):
 
     root = needed(sd + usb) | set(board.root_drivers) | set(ROOT_DRIVERS)
     ethernet = needed(enabled) | set(ETHERNET_DRIVERS)
+    watchdog = needed(watchdogs) | set(WATCHDOG_DRIVERS)
     for module in modules.missing(root, "initrd"):
         problems.append(f"{board.dtb}: the root filesystem (SD card, USB) needs {module}")
     for module in modules.missing(ethernet, "root"):
         problems.append(f"{board.dtb}: wired Ethernet needs {module}")
+    for module in modules.missing(watchdog, "root"):
+        problems.append(f"{board.dtb}: the hardware watchdog needs {module}")
     summary += (f"; root drivers: {', '.join(sorted(m for m in root if m not in modules.builtin))} "
                 f"(+{len(root & modules.builtin)} built in); Ethernet drivers: "
-                f"{', '.join(sorted(m for m in ethernet if m not in modules.builtin))}")
+                f"{', '.join(sorted(m for m in ethernet if m not in modules.builtin))}; watchdog "
+                f"drivers: {', '.join(sorted(m for m in watchdog if m not in modules.builtin))}")
     return summary, problems
 
 

@@ -11,6 +11,9 @@
 #   MEM (2048), CPUS (2)
 #   NVME_DISK               a raw image file attached as an NVMe disk (serial pimesh-nvme),
 #                           as a Pi 5's M.2 HAT holds one
+#   WATCHDOG                1: an Intel 6300ESB watchdog card (QEMU's PCI watchdog, a
+#                           stand-in for the Pi's own) that resets the VM when it fires;
+#                           with -no-reboot, as every boot here, QEMU then exits
 #   DISK_NBD                a unix socket where an NBD server serves DISK (the power-cut
 #                           soak's disk with a volatile write cache): the VM's disk is that
 #                           server's, DISK is only read for the kernel and initrd
@@ -62,6 +65,11 @@ if [ -n "${NVME_DISK:-}" ]; then
   nvme=(-drive "file=$NVME_DISK,if=none,id=nv,format=raw" -device "nvme,serial=pimesh-nvme,drive=nv")
 fi
 
+watchdog=()
+if [ "${WATCHDOG:-0}" = 1 ]; then
+  watchdog=(-device i6300esb -action watchdog=reset)
+fi
+
 drive="file=$disk,format=${DISK_FORMAT:-raw}"
 if [ -n "${DISK_NBD:-}" ]; then
   drive="file=nbd+unix:///?socket=$DISK_NBD,format=raw"
@@ -77,4 +85,4 @@ exec qemu-system-aarch64 -M virt -cpu cortex-a72 -smp "${CPUS:-2}" -m "${MEM:-20
   -drive "$drive,if=none,id=disk,cache=${DISK_CACHE:-writeback}" -device virtio-blk-pci,drive=disk \
   -netdev "user,id=net0,hostfwd=tcp:127.0.0.1:$SSH_PORT-:22,hostfwd=tcp:127.0.0.1:$STATUS_PORT-:4201" \
   -device virtio-net-pci,netdev=net0 -device virtio-rng-pci \
-  "${lan[@]}" "${nvme[@]}" "${serial[@]}"
+  "${lan[@]}" "${nvme[@]}" "${watchdog[@]}" "${serial[@]}"

@@ -43,12 +43,13 @@ def make_ssh_key(path, comment):
 
 class Node:
     def __init__(self, workdir, base_image, seed_text, ssh_key, credential_pubkey=None, append="",
-                 fresh_disk=True, lan=None, nvme_mib=None):
+                 fresh_disk=True, lan=None, nvme_mib=None, watchdog=False):
         """A node in `workdir`. With fresh_disk=False the disk already there (booted
         before) is booted again as it is. `lan`: a second network card on a site LAN of
         VMs, as `image/qemu.sh` takes it ({"LAN_LISTEN" or "LAN_CONNECT": "127.0.0.1:PORT",
         "LAN_MAC": ...}). `nvme_mib`: a blank (sparse, all zeros) NVMe disk of that size,
-        `nvme.img` in `workdir`, kept when the disk is not fresh."""
+        `nvme.img` in `workdir`, kept when the disk is not fresh. `watchdog`: a hardware
+        watchdog card (QEMU's i6300esb) whose firing ends QEMU (every boot is -no-reboot)."""
         self.lan = lan or {}
         self.nvme = os.path.join(workdir, "nvme.img") if nvme_mib else None
         if self.nvme and (fresh_disk or not os.path.exists(self.nvme)):
@@ -71,6 +72,7 @@ class Node:
                 f.write(seed_text)
             self.write_boot_file(seed, "pimesh.toml")
         self.append = append
+        self.watchdog = watchdog
         if credential_pubkey:
             # systemd's own provisioning (tmpfiles.d/provision.conf) installs this as root's
             # authorized key: a way in that does not depend on the seed.
@@ -90,6 +92,8 @@ class Node:
                    CONSOLE=self.console, APPEND=self.append, **self.lan)
         if self.nvme:
             env["NVME_DISK"] = self.nvme
+        if self.watchdog:
+            env["WATCHDOG"] = "1"
         if VOLATILE_CACHE:
             env["DISK_NBD"] = self._serve_disk()
         self.started = time.monotonic()

@@ -3,7 +3,8 @@
 Case 1 boots with a valid seed written into the boot partition and a blank NVMe disk (K3s's
 data goes on it); case 2 with a broken one.
 Each powers the node off cleanly at the end. Whichever of the two boots second checks that
-the two nodes made from one image have different host keys.
+the two nodes made from one image have different host keys. Case 3 boots with a hardware
+watchdog card and hangs its init.
 """
 
 import json
@@ -116,10 +117,11 @@ def test_image_ships_no_host_keys_and_a_blank_seed(base_image):
     assert "start4.elf" in files and "fixup4.dat" in files
 
 
-def test_every_supported_board_has_wired_ethernet_in_its_device_tree(base_image, tmp_path):
+def test_every_supported_board_has_wired_ethernet_and_a_watchdog_in_its_device_tree(base_image, tmp_path):
     """The boot partition's device trees, decompiled with dtc: an enabled Ethernet node of
     the driver each supported board needs (GENET on the Pi 4 family, the RP1's Cadence GEM
-    on the Pi 5), and the SD card and USB controller nodes."""
+    on the Pi 5), the SD card and USB controller nodes, and the hardware watchdog that
+    systemd feeds (the power-management block's)."""
     subprocess.run(["mcopy", "-n", "-i", f"{base_image}@@{BOOT_OFFSET}", "::/*.dtb", str(tmp_path)], check=True)
     result = subprocess.run([os.path.join(REPO, "image", "check-boards.py"), "--dtbs", str(tmp_path)],
                             capture_output=True, text=True)
@@ -127,7 +129,7 @@ def test_every_supported_board_has_wired_ethernet_in_its_device_tree(base_image,
     assert result.returncode == 0, result.stdout + result.stderr
     for board in ("Pi 4 Model B", "Pi 400", "Compute Module 4", "Pi 5 Model B (BCM2712 C1)",
                   "Pi 5 Model B (BCM2712 D0)"):
-        assert re.search(rf"^ok .*{re.escape(board)}.*Ethernet /", result.stdout, re.M), result.stdout
+        assert re.search(rf"^ok .*{re.escape(board)}.*Ethernet /.*watchdog /", result.stdout, re.M), result.stdout
 
 
 def test_first_boot_with_a_valid_seed(base_image, ssh_key, node_factory, host_keys, figures):
@@ -254,3 +256,55 @@ def test_broken_seed_is_reported_and_nothing_crashes(base_image, ssh_key, node_f
 
     assert_own_host_key(host_keys, "broken-seed", node.host_key_fingerprint())
     assert node.poweroff() == 0
+
+
+def test_a_node_whose_init_hangs_is_reset_by_its_hardware_watchdog(base_image, ssh_key, node_factory):
+    """The image has systemd feed the board's hardware watchdog (`RuntimeWatchdogSec=15s`);
+    QEMU's i6300esb card stands in for the Pi's bcm2835 one. While PID 1 runs, the node
+    stays up well past the watchdog's timeout; once PID 1 is frozen (its crash handler
+    freezes it on SIGSEGV, as on a real crash) nothing feeds the watchdog and it resets the
+    board: here QEMU exits, every boot of these tests being -no-reboot."""
+    key, public = ssh_key("watchdog@e2e")
+    node = node_factory(base_image=base_image, seed_text=None, ssh_key=key,
+                        credential_pubkey=public, watchdog=True)
+    node.wait_for_ssh()
+    assert node.ssh("systemctl show -p RuntimeWatchdogUSec --value") == "15s"
+
+    # systemd opens the device once its driver has loaded (udev, during boot).
+    device = "/sys/class/watchdog/watchdog0"
+    deadline = time.monotonic() + 180
+    while node.ssh(f"cat {device}/state 2>/dev/null || true") != "active":
+        node.assert_running()
+        assert time.monotonic() < deadline, node.ssh(f"ls -l {device}/ 2>&1; journalctl -b -o cat | grep -i watchdog", check=False)
+        time.sleep(2)
+    assert node.ssh(f"cat {device}/identity") == "i6300ESB timer"
+    assert node.ssh(f"cat {device}/timeout") == "15"
+
+    # Fed: still up three timeouts later (by the node's own clock).
+    def uptime():
+        return float(node.ssh("cut -d' ' -f1 /proc/uptime"))
+
+    armed_at = uptime()
+    while uptime() < armed_at + 45:
+        node.assert_running()
+        time.sleep(3)
+
+    # Not fed: PID 1 frozen, the watchdog resets the node. An orderly reboot or power-off
+    # (systemd's, or its emergency one) would print the kernel's `reboot:` line; a reset
+    # by the watchdog card prints nothing.
+    def console_bytes():
+        with open(node.console, "rb") as f:
+            return f.read()
+
+    before = len(console_bytes())
+    frozen_at = time.monotonic()
+    node.ssh("kill -SEGV 1", check=False, timeout=30)
+    try:
+        code = node.process.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the watchdog did not reset the node in 240 s:\n{node.console_tail()}")
+    assert code == 0, code
+    after = console_bytes()[before:].decode(errors="replace")
+    assert "reboot:" not in after, f"the node shut down by itself, not by the watchdog:\n{after}"
+    assert "Kernel panic" not in after, after
+    print(f"FIGURES watchdog: reset {time.monotonic() - frozen_at:.0f} s after PID 1 froze")
