@@ -28,6 +28,11 @@ Environment (all optional):
   BENCH_DURATION      seconds per wrk/oha run (default 10)
   BENCH_ROWS          comma list of rows to run (default direct,haproxy,pimesh,pimesh-tcp;
                       pimesh-tcp: the same path with the service as opaque TCP, a tunnel)
+  BENCH_P99_ROUNDS    paired fixed-rate rounds (default 5; 0: none): after the rows, direct,
+                      HAProxy and Pimesh all stand ready and each round runs oha against
+                      each of them in turn (the order rotating): the added p99 is taken
+                      within a round, so drift between rounds (other load, the host's
+                      clock speed) cancels; the median and the range are reported
   BENCH_KEEP_TMP=1    keep the temp dir (configs, certs, logs) for inspection
 Stops by itself; kills everything it started, also on error or SIGINT/SIGTERM.
 """
@@ -49,6 +54,7 @@ from harness.ports import free_port
 from table import Table
 
 DURATION = int(os.environ.get("BENCH_DURATION", "10"))
+P99_ROUNDS = int(os.environ.get("BENCH_P99_ROUNDS", "5"))
 WRK_THREADS = 2
 WRK_CONNS = 50
 CLOSE_CONNS = 20
@@ -612,6 +618,44 @@ def rss_with_idle_connections(name, url, pids):
 
 # --------------------------------------------------------------------------- the table
 
+def paired_p99_rounds(procs, tmp, nginx, backend_port, direct_url, wanted):
+    """BENCH_P99_ROUNDS rounds of oha at the fixed rate against direct and each proxy pair
+    in `wanted` (HAProxy, Pimesh), all started once and left idle between runs; returns
+    {name: [p99 added over direct, one per round]}. Each round's order is rotated, so no
+    target always runs first or after the same one."""
+    tmp = os.path.join(tmp, "rounds")  # the pairs' own configs, keys and logs
+    os.makedirs(tmp)
+    targets = [("direct", direct_url, [])]
+    if "haproxy" in wanted:
+        pair, url = start_haproxy_pair(procs, tmp, backend_port)
+        targets.append(("haproxy", url, pair))
+    if "pimesh" in wanted:
+        pair, url = start_pimesh_pair(procs, tmp, backend_port)
+        targets.append(("pimesh", url, pair))
+    added = {name: [] for name, _, _ in targets[1:]}
+    for round_no in range(P99_ROUNDS):
+        shift = round_no % len(targets)
+        order = targets[shift:] + targets[:shift]
+        p99 = {}
+        for name, url, pair in order:
+            CURRENT_ROW[0] = f"rounds:{name}"
+            OWN_PIDS[:] = [nginx.pid] + [p.pid for p in pair]
+            log(f"p99 round {round_no + 1}/{P99_ROUNDS}: {name}")
+            p99[name] = oha_fixed_rate(url, [p.pid for p in pair])["p99_ms"]
+            time.sleep(1)
+        for name in added:
+            added[name].append(p99[name] - p99["direct"])
+        log("p99 round " + f"{round_no + 1}: direct {p99['direct']:.2f} ms, "
+            + ", ".join(f"{name} {v[-1]:+.2f} ms" for name, v in added.items()))
+    return added
+
+
+def median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def fmt(v, spec, na="-"):
     return na if v is None else format(v, spec)
 
@@ -620,7 +664,7 @@ def mib(kib):
     return kib / 1024.0
 
 
-def print_table(rows, notes):
+def print_table(rows, notes, rounds):
     direct = rows.get("direct")
     direct_p99 = direct["fixed"]["p99_ms"] if isinstance(direct, dict) else None
     measured = [(name, rows[name]) for name in ROWS if isinstance(rows.get(name), dict)]
@@ -658,11 +702,24 @@ def print_table(rows, notes):
             for proxy, kib in zip("AB", values):
                 table.row(f"{label}: {name} {proxy}", mib(kib), "MiB", ".1f")
             table.row(f"{label}: {name} A+B", mib(sum(values)), "MiB", ".1f")
+    for name, values in rounds.items():
+        if values:
+            table.row(f"{RATE} req/s p99 added over direct, median of {len(values)} paired rounds: {name}",
+                      median(values), "ms", "+.2f")
     for name in ROWS:
         if isinstance(rows.get(name), str):
             table.note(f"{name}: {rows[name]}")
     for line in goal_lines(rows, direct_p99):
         table.note(line)
+    if rounds.get("pimesh"):
+        pm = rounds["pimesh"]
+        hp = rounds.get("haproxy") or []
+        verdict = "PASS" if median(pm) <= GOALS["added_p99_ms"] else "FAIL"
+        table.note(f"goal: added p99 at {RATE} req/s over direct <= {GOALS['added_p99_ms']} ms, "
+                   f"median of {len(pm)} paired rounds: pimesh {median(pm):+.2f} ms [{verdict}] "
+                   f"(rounds {', '.join(f'{v:+.2f}' for v in pm)}; {sum(v <= GOALS['added_p99_ms'] for v in pm)} "
+                   f"of {len(pm)} within the goal)"
+                   + (f", haproxy {median(hp):+.2f} ms (rounds {', '.join(f'{v:+.2f}' for v in hp)})" if hp else ""))
     for n in notes:
         table.note(f"note: {n}")
     table.print()
@@ -800,7 +857,25 @@ def main():
                 # Everything this row started, also what a failed start left behind.
                 for p in list(procs.procs[mark:]):
                     procs.stop(p)
-        print_table(rows, notes)
+        rounds = {}
+        if P99_ROUNDS > 0 and "direct" in wanted and ({"haproxy", "pimesh"} & set(wanted)):
+            mark = len(procs.procs)
+            try:
+                rounds = paired_p99_rounds(procs, tmp, nginx, backend_port, direct_url, wanted)
+            except Unavailable as err:
+                notes.append(f"paired p99 rounds not run: {err}")
+            except (RuntimeError, OSError, subprocess.TimeoutExpired, KeyError, ValueError) as err:
+                notes.append(f"paired p99 rounds failed: {err}")
+            finally:
+                for p in list(procs.procs[mark:]):
+                    procs.stop(p)
+            for name in rounds:
+                busy = NOISE.get(f"rounds:{name}")
+                if busy and busy[1]:
+                    share = 100.0 * busy[0] / busy[1]
+                    notes.append(f"paired rounds, {name}: other processes took {share:.0f}% of the CPU"
+                                 + (" (noisy: figures less reliable)" if share > 10 else ""))
+        print_table(rows, notes, rounds)
         log(f"done in {time.monotonic() - t0:.0f}s")
     finally:
         procs.stop_all()
