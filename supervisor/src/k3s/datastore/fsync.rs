@@ -6,10 +6,11 @@
 //! after [`TIMEOUT`]. [`Window`] keeps the last hour's figures.
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+use crate::file_error::FileError;
 
 /// The probe's file, in the datastore folder (`/var/lib/rancher`); rewritten in place.
 pub const FILE_NAME: &str = ".pimesh-fsync-probe";
@@ -26,55 +27,25 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// What the window remembers.
 const HOUR: Duration = Duration::from_secs(3600);
 
-/// Why a probe failed.
-#[derive(Debug)]
-pub struct FsyncError {
-    pub file: PathBuf,
-    pub step: &'static str,
-    pub source: std::io::Error,
-}
-
-impl fmt::Display for FsyncError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "cannot {} {} (the fsync probe): {}",
-            self.step,
-            self.file.display(),
-            self.source
-        )
-    }
-}
-
-impl std::error::Error for FsyncError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
-    }
-}
-
 /// Writes 4 KiB at the start of `file` (made 0600 if missing) and `fsync`s it; returns
 /// how long the write and the `fsync` took together. Blocks.
-pub fn probe(file: &Path) -> Result<Duration, FsyncError> {
+/// A failure names the step and the file (whose name, [`FILE_NAME`], says it is the probe's).
+pub fn probe(file: &Path) -> Result<Duration, FileError> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let error = |step, source| FsyncError {
-        file: file.to_owned(),
-        step,
-        source,
-    };
     let mut handle = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
         .open(file)
-        .map_err(|err| error("open", err))?;
+        .map_err(FileError::on("open", file))?;
     // Not all zeros, so that no filesystem can skip the block.
     let block = [0x5a_u8; 4096];
     let started = Instant::now();
     handle
         .write_all(&block)
-        .map_err(|err| error("write", err))?;
-    handle.sync_all().map_err(|err| error("fsync", err))?;
+        .map_err(FileError::on("write", file))?;
+    handle.sync_all().map_err(FileError::on("fsync", file))?;
     Ok(started.elapsed())
 }
 
@@ -124,7 +95,7 @@ mod tests {
         probe(&file).expect("probed again");
         assert_eq!(std::fs::metadata(&file).expect("file").len(), 4096);
         let err = probe(&dir.path().join("missing/probe")).expect_err("no folder");
-        assert_eq!(err.step, "open");
+        assert_eq!(err.action, "open");
         assert!(err.to_string().contains("missing/probe"), "{err}");
 
         let start = Instant::now();
