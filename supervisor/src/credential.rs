@@ -60,7 +60,10 @@ pub enum CredentialError {
 }
 
 impl CredentialError {
-    fn io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CredentialError {
+    fn io<'p>(
+        action: &'static str,
+        path: &'p Path,
+    ) -> impl FnOnce(io::Error) -> CredentialError + 'p {
         let on = FileError::on(action, path);
         move |source| CredentialError::Io(on(source))
     }

@@ -18,12 +18,14 @@ pub struct FileError {
 }
 
 impl FileError {
-    /// The `map_err` adapter for `action` on `path`.
-    pub fn on(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FileError {
-        let path = path.to_path_buf();
+    /// The `map_err` adapter for `action` on `path`; the path is copied only on failure.
+    pub fn on<'p>(
+        action: &'static str,
+        path: &'p Path,
+    ) -> impl FnOnce(io::Error) -> FileError + 'p {
         move |source| FileError {
             action,
-            path,
+            path: path.to_path_buf(),
             source,
         }
     }

@@ -274,7 +274,10 @@ impl From<CredentialError> for TrustError {
 
 impl TrustError {
     /// What to map an I/O error on `path` to, for `map_err`.
-    pub fn io(action: &'static str, path: &std::path::Path) -> impl FnOnce(io::Error) -> Self {
+    pub fn io<'p>(
+        action: &'static str,
+        path: &'p std::path::Path,
+    ) -> impl FnOnce(io::Error) -> Self + 'p {
         let on = FileError::on(action, path);
         move |source| TrustError::Io(on(source))
     }

@@ -29,6 +29,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 /// Writes 4 KiB at the start of `file` (made 0600 if missing) and `fsync`s it; returns
 /// how long the write and the `fsync` took together. Blocks.
+///
 /// A failure names the step and the file (whose name, [`FILE_NAME`], says it is the probe's).
 pub fn probe(file: &Path) -> Result<Duration, FileError> {
     use std::os::unix::fs::OpenOptionsExt as _;
