@@ -1001,8 +1001,14 @@ def test_the_site_survives_the_loss_of_its_init_node(site, figures, tmp_path):
     nodes = site["nodes"]
     c, d = nodes["pi-c"], nodes["pi-d"]
     with serving_web(c, "pi-c", port=8081):
-        d.wait_for("echo on pi-c through both proxies from pi-d",
-                   lambda: get_via_proxy(d, "http://127.0.0.1:18081/")[0] == 200, timeout=90, interval=1)
+        def echoed():
+            code, body = get_via_proxy(d, "http://127.0.0.1:18081/")
+            if code != 200:
+                # Reported as the last answer when the wait times out.
+                raise RuntimeError(f"{code} {body[:300]}")
+            return True
+
+        d.wait_for("echo on pi-c through both proxies from pi-d", echoed, timeout=90, interval=1)
         # Traffic between two other nodes while one of the three servers is lost: none of
         # it may fail (the data path does not cross the lost node, and each proxy's
         # control plane fails over to the remaining servers' replicas).
