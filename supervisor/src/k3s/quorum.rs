@@ -311,10 +311,7 @@ impl Quorum {
             .await
             {
                 Ok(LeaseOutcome::Acquired { .. } | LeaseOutcome::Renewed { .. }) => {
-                    {
-                        let mut hold = self.0.lease.lock().unwrap_or_else(PoisonError::into_inner);
-                        *hold = hold.taken(Instant::now());
-                    }
+                    self.update_lease(|hold| hold.taken(Instant::now()));
                     info!(
                         lease = LEASE_NAME,
                         via = %other.address,
@@ -345,7 +342,13 @@ impl Quorum {
     }
 
     fn set_lease(&self, hold: LeaseHold) {
-        *self.0.lease.lock().unwrap_or_else(PoisonError::into_inner) = hold;
+        self.update_lease(|_| hold);
+    }
+
+    /// Moves the lease state by `step`, under one lock.
+    fn update_lease(&self, step: impl FnOnce(LeaseHold) -> LeaseHold) {
+        let mut hold = self.0.lease.lock().unwrap_or_else(PoisonError::into_inner);
+        *hold = step(*hold);
     }
 
     /// Gives the site's restart lease back (it is due); through this node's own API,
@@ -379,13 +382,11 @@ impl Quorum {
 
 impl DisruptionGuard for Quorum {
     fn back_up(&self, first_probed: Instant) {
-        let mut hold = self.0.lease.lock().unwrap_or_else(PoisonError::into_inner);
-        *hold = hold.back_up(first_probed);
+        self.update_lease(|hold| hold.back_up(first_probed));
     }
 
     fn not_taken_down(&self) {
-        let mut hold = self.0.lease.lock().unwrap_or_else(PoisonError::into_inner);
-        *hold = hold.not_taken_down();
+        self.update_lease(LeaseHold::not_taken_down);
     }
 
     fn hold(&self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
