@@ -650,6 +650,16 @@ def paired_p99_rounds(procs, tmp, nginx, backend_port, direct_url, wanted):
     return added
 
 
+def noise_note(key, label):
+    """The note on how much of the machine other processes took while `key`'s runs ran."""
+    busy = NOISE.get(key)
+    if not (busy and busy[1]):
+        return []
+    share = 100.0 * busy[0] / busy[1]
+    return [f"{label}: other processes on the machine took {share:.0f}% of its CPU during the runs"
+            + (" (noisy: figures less reliable)" if share > 10 else "")]
+
+
 def median(values):
     ordered = sorted(values)
     middle = len(ordered) // 2
@@ -838,12 +848,7 @@ def main():
                         kinds = r.get("error_kinds")
                         notes.append(f"{name} {part}: {errs} failed requests (not counted)"
                                      + (f": {kinds}" if kinds else ""))
-                busy = NOISE.get(name)
-                if busy and busy[1]:
-                    share = 100.0 * busy[0] / busy[1]
-                    notes.append(f"{name}: other processes on the machine took {share:.0f}% of "
-                                 f"its CPU during the runs"
-                                 + (" (noisy: figures less reliable)" if share > 10 else ""))
+                notes += noise_note(name, name)
                 if rows[name]["fixed"]["rps"] and rows[name]["fixed"]["rps"] < RATE * 0.95:
                     notes.append(f"{name}: oha reached only {rows[name]['fixed']['rps']:.0f} "
                                  f"of {RATE} req/s")
@@ -870,11 +875,7 @@ def main():
                 for p in list(procs.procs[mark:]):
                     procs.stop(p)
             for name in rounds:
-                busy = NOISE.get(f"rounds:{name}")
-                if busy and busy[1]:
-                    share = 100.0 * busy[0] / busy[1]
-                    notes.append(f"paired rounds, {name}: other processes took {share:.0f}% of the CPU"
-                                 + (" (noisy: figures less reliable)" if share > 10 else ""))
+                notes += noise_note(f"rounds:{name}", f"paired rounds, {name}")
         print_table(rows, notes, rounds)
         log(f"done in {time.monotonic() - t0:.0f}s")
     finally:
